@@ -1,0 +1,35 @@
+"""What the engine hands back to callers after each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # alternative token id -> logprob
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """State of one request after a step. `new_text`/`new_token_ids` are the delta since
+    the previous output of the same request (for streaming); `outputs[0].text` is cumulative."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    new_text: str = ""
+    new_token_ids: list[int] = field(default_factory=list)
+    routed_chunks: list[int] | None = None  # last step's chunks chosen (MoSKA), for debugging
