@@ -1,0 +1,59 @@
+"""Engine settings: one frozen dataclass, validated on construction, never mutated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an engine runs a model.
+
+    model: a local Hugging Face model directory, or None for the built-in tiny model.
+    device: "cuda", "cpu" or "auto" (CUDA when available).
+    dtype: "auto" (the checkpoint's own), "bfloat16", "float16" or "float32".
+    attention: "auto" (Triton kernels on CUDA, plain PyTorch on CPU), "triton" or "torch".
+    num_kv_blocks: unique-KV blocks to allocate; None sizes them from memory.
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    library_root: str | None = None
+    default_top_k_chunks: int = 8
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(
+                f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}"
+            )
+        if self.attention not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention must be auto, triton or torch, got {self.attention!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be positive")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.98:
+            raise ValueError("gpu_memory_utilization must be between 0.05 and 0.98")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.default_top_k_chunks < 1:
+            raise ValueError("default_top_k_chunks must be positive")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
