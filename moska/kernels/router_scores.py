@@ -1,0 +1,264 @@
+"""Chunk scoring kernels of the router, each with a plain-PyTorch reference.
+
+Two kernels:
+
+- ``_summary_scores_kernel`` scores every (request, KV head, chunk) against a per-chunk
+  summary: the mean key (one dot product) or the Quest min/max bound. The bound
+  ``sum_d max(q_d * kmin_d, q_d * kmax_d)`` equals ``relu(q) . kmax + min(q, 0) . kmin``
+  because ``kmin <= kmax``, so it is two dot products as well.
+- ``_keymax_scores_kernel`` runs over a work list of tiles, each tile = one chunk and up to
+  BLOCK_B (request, chunk) pairs of that chunk, the way a fused MoE kernel runs over
+  (expert, token tile). It projects the tile's query rows onto the head's basis, streams the
+  chunk's low-rank keys in blocks of BLOCK_N and keeps a running max of the logits, so no
+  [rows, S_total] matrix ever exists.
+
+Query rows of a tile are (request, group head) pairs laid out as BLOCK_B x BLOCK_G (the GQA
+group G padded to a power of two); the max over the group is a reshape + max. All tl.dot
+dimensions are padded to >= 16.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_q_rows(q_ptr, stride_qb, stride_qh, req, row_ok, h, G, D,
+                 BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Returns q rows [BLOCK_B * BLOCK_G, BLOCK_D] of KV head h for requests `req` [BLOCK_B].
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = (q_ptr + req[:, None, None] * stride_qb
+            + (h * G + offs_g)[None, :, None] * stride_qh + offs_d[None, None, :])
+    mask = row_ok[:, None, None] & (offs_g < G)[None, :, None] & (offs_d < D)[None, None, :]
+    rows = tl.load(ptrs, mask=mask, other=0.0)
+    return tl.reshape(rows, (BLOCK_B * BLOCK_G, BLOCK_D))
+
+
+@triton.jit
+def _group_max(s, G, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    # s [BLOCK_B * BLOCK_G, BLOCK_C] -> max over the G real heads of each group [BLOCK_B, BLOCK_C]
+    s = tl.reshape(s, (BLOCK_B, BLOCK_G, BLOCK_C))
+    g_ok = (tl.arange(0, BLOCK_G) < G)[None, :, None]
+    return tl.max(tl.where(g_ok, s, float("-inf")), axis=1)
+
+
+@triton.jit
+def _summary_scores_kernel(
+    q_ptr,  # [B, Hq, D]
+    a_ptr,  # [C, Hkv, D] mean keys, or key_max for the bound
+    b_ptr,  # [C, Hkv, D] key_min (bound only)
+    out_ptr,  # [B, Hkv, C] fp32
+    B, C, G, D,
+    stride_qb, stride_qh, stride_ac, stride_ah, stride_ob, stride_oh,
+    BOUND: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    h = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    req = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    req_ok = req < B
+    q = _load_q_rows(q_ptr, stride_qb, stride_qh, req, req_ok, h, G, D, BLOCK_B, BLOCK_G, BLOCK_D)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    # summaries loaded transposed: [BLOCK_D, BLOCK_C]
+    s_off = offs_c[None, :] * stride_ac + h * stride_ah + offs_d[:, None]
+    s_mask = (offs_c < C)[None, :] & (offs_d < D)[:, None]
+    a = tl.load(a_ptr + s_off, mask=s_mask, other=0.0)
+    if BOUND:
+        b = tl.load(b_ptr + s_off, mask=s_mask, other=0.0)
+        zero = tl.zeros_like(q)
+        s = tl.dot(tl.maximum(q, zero), a, input_precision=PRECISION)
+        s += tl.dot(tl.minimum(q, zero), b, input_precision=PRECISION)
+    else:
+        s = tl.dot(q, a, input_precision=PRECISION)
+    best = _group_max(s, G, BLOCK_B, BLOCK_G, BLOCK_C)  # [BLOCK_B, BLOCK_C]
+    o_ptrs = out_ptr + req[:, None] * stride_ob + h * stride_oh + offs_c[None, :]
+    tl.store(o_ptrs, best, mask=req_ok[:, None] & (offs_c < C)[None, :])
+
+
+@triton.jit
+def _keymax_scores_kernel(
+    q_ptr,  # [B, Hq, D]
+    basis_ptr,  # [Hkv, D, R]
+    lk_ptr,  # [S_total, Hkv, R] low-rank keys
+    offsets_ptr,  # [C + 1] int32
+    pair_req_ptr,  # [P] int32, pairs sorted by chunk
+    tile_start_ptr,  # [T] int32 first pair of each tile (P for an empty tile)
+    tile_end_ptr,  # [T] int32 one past the last pair of each tile
+    tile_chunk_ptr,  # [T] int32
+    out_ptr,  # [P, Hkv] fp32
+    G, D, R,
+    stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh, stride_op,
+    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(tile_start_ptr + t)
+    end = tl.load(tile_end_ptr + t)
+    chunk = tl.load(tile_chunk_ptr + t)
+    pair = start + tl.arange(0, BLOCK_B)
+    pair_ok = pair < end
+    req = tl.load(pair_req_ptr + pair, mask=pair_ok, other=0)
+    q = _load_q_rows(q_ptr, stride_qb, stride_qh, req, pair_ok, h, G, D, BLOCK_B, BLOCK_G, BLOCK_D)
+    # project onto the head's basis: [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_R]
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    basis = tl.load(
+        basis_ptr + h * stride_bh + offs_d[:, None] * stride_bd + offs_r[None, :],
+        mask=(offs_d < D)[:, None] & (offs_r < R)[None, :], other=0.0)
+    qr = tl.dot(q, basis, input_precision=PRECISION).to(basis.dtype)
+    lo = tl.load(offsets_ptr + chunk)
+    hi = tl.load(offsets_ptr + chunk + 1)
+    hi = tl.where(end > start, hi, lo)  # empty tile: skip the key loop
+    best = tl.full((BLOCK_B * BLOCK_G,), float("-inf"), tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        keys = n0 + offs_n
+        key_ok = keys < hi
+        # low-rank keys loaded transposed: [BLOCK_R, BLOCK_N]
+        lk = tl.load(
+            lk_ptr + keys[None, :].to(tl.int64) * stride_ks + h * stride_kh + offs_r[:, None],
+            mask=key_ok[None, :] & (offs_r < R)[:, None], other=0.0)
+        s = tl.dot(qr, lk, input_precision=PRECISION)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        best = tl.maximum(best, tl.max(s, axis=1))
+    best = tl.reshape(best, (BLOCK_B, BLOCK_G))
+    best = tl.max(tl.where((tl.arange(0, BLOCK_G) < G)[None, :], best, float("-inf")), axis=1)
+    tl.store(out_ptr + pair * stride_op + h, best, mask=pair_ok)
+
+
+def _pow2(x: int, floor: int = 1) -> int:
+    return max(floor, triton.next_power_of_2(x))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 pools are for exactness tests: keep them IEEE instead of TF32 on the tensor cores
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(q: torch.Tensor, table: torch.Tensor, Hkv: int, D: int) -> tuple[int, int]:
+    """Validate q [B, Hq, D] against an index table with Hkv KV heads; returns (B, Hq)."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if q.dtype != table.dtype or q.device != table.device:
+        raise ValueError(f"q ({q.dtype}, {q.device}) must match the routing index "
+                         f"({table.dtype}, {table.device}); cast q first")
+    B, Hq, Dq = q.shape
+    if Hq % Hkv != 0 or Dq != D:
+        raise ValueError(f"q [B, Hq={Hq}, D={Dq}] does not fit an index with Hkv={Hkv}, D={D}")
+    assert q.stride(2) == 1 and table.stride(-1) == 1
+    return B, Hq
+
+
+def summary_scores(q: torch.Tensor, summary: torch.Tensor, key_min: torch.Tensor | None = None,
+                   block_b: int = 16, block_c: int = 64) -> torch.Tensor:
+    """Mean scores (key_min None: ``summary`` = mean keys) or Quest bound scores (``summary``
+    = key_max). q [B, Hq, D], summary/key_min [C, Hkv, D] -> [B, Hkv, C] fp32."""
+    q = q.contiguous()
+    C, Hkv, D = summary.shape
+    B, Hq = _check(q, summary, Hkv, D)
+    G = Hq // Hkv
+    out = torch.empty(B, Hkv, C, dtype=torch.float32, device=q.device)
+    if B == 0 or C == 0:
+        return out
+    summary = summary.contiguous()
+    bound = key_min is not None
+    key_min = key_min.contiguous() if bound else summary
+    assert key_min.shape == summary.shape
+    block_g = _pow2(G)
+    block_b = max(min(_pow2(block_b), _pow2(B)), _pow2(16 // block_g))
+    block_c = max(min(_pow2(block_c), _pow2(C)), 16)
+    grid = (triton.cdiv(C, block_c), Hkv, triton.cdiv(B, block_b))
+    _summary_scores_kernel[grid](
+        q, summary, key_min, out, B, C, G, D,
+        q.stride(0), q.stride(1), summary.stride(0), summary.stride(1),
+        out.stride(0), out.stride(1),
+        BOUND=bound, PRECISION=_precision(q.dtype),
+        BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=_pow2(D, 16))
+    return out
+
+
+def keymax_pair_scores(q: torch.Tensor, basis: torch.Tensor, lowrank_keys: torch.Tensor,
+                       chunk_offsets: torch.Tensor, pair_req: torch.Tensor,
+                       pair_chunk: torch.Tensor, block_b: int = 16,
+                       block_n: int = 64) -> torch.Tensor:
+    """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
+
+    q [B, Hq, D]; basis [Hkv, D, R]; lowrank_keys [S_total, Hkv, R]; chunk_offsets [C+1]
+    int32; pair_req, pair_chunk [P] int32 sorted by chunk -> [P, Hkv] fp32.
+    """
+    q, basis = q.contiguous(), basis.contiguous()
+    Hkv, D, R = basis.shape
+    B, Hq = _check(q, basis, Hkv, D)
+    G = Hq // Hkv
+    assert lowrank_keys.dim() == 3 and lowrank_keys.shape[1:] == (Hkv, R)
+    assert lowrank_keys.stride(2) == 1 and basis.stride(2) == 1
+    assert pair_req.shape == pair_chunk.shape and pair_req.dtype == torch.int32
+    P = pair_req.numel()
+    C = chunk_offsets.numel() - 1
+    out = torch.empty(P, Hkv, dtype=torch.float32, device=q.device)
+    if P == 0:
+        return out
+    block_g = _pow2(G)
+    block_b = max(min(_pow2(block_b), _pow2(P)), _pow2(16 // block_g))
+    # Work list: a tile starts at every BLOCK_B-th pair of a chunk. The tile count is bounded
+    # by cdiv(P, BLOCK_B) + C, so the grid is sized without a host sync; spare tiles are empty.
+    first = torch.searchsorted(pair_chunk, torch.arange(C + 1, device=q.device, dtype=torch.int32))
+    pos = torch.arange(P, device=q.device)
+    chunk64 = pair_chunk.long()
+    is_start = (pos - first[chunk64]) % block_b == 0
+    T = triton.cdiv(P, block_b) + C
+    tile_id = torch.where(is_start, torch.cumsum(is_start, 0) - 1, T)
+    tile_start = torch.full((T + 1,), P, dtype=torch.int32, device=q.device)
+    tile_start.scatter_(0, tile_id, pos.to(torch.int32))
+    tile_chunk = torch.zeros(T + 1, dtype=torch.int32, device=q.device)
+    tile_chunk.scatter_(0, tile_id, pair_chunk)
+    chunk_end = first[1:][tile_chunk.long()]
+    tile_end = torch.minimum(tile_start + block_b, chunk_end).to(torch.int32)
+    tile_end = torch.where(tile_start < P, tile_end, tile_start)
+    _keymax_scores_kernel[(T, Hkv)](
+        q, basis, lowrank_keys, chunk_offsets, pair_req, tile_start, tile_end, tile_chunk, out,
+        G, D, R,
+        q.stride(0), q.stride(1), basis.stride(0), basis.stride(1),
+        lowrank_keys.stride(0), lowrank_keys.stride(1), out.stride(0),
+        PRECISION=_precision(q.dtype),
+        BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
+        BLOCK_N=_pow2(block_n, 16))
+    return out
+
+
+# ---- plain-PyTorch references (fp32, obviously correct, slow) ----
+
+
+def mean_scores_ref(q: torch.Tensor, mean_keys: torch.Tensor) -> torch.Tensor:
+    B, Hq, D = q.shape
+    C, Hkv, _ = mean_keys.shape
+    qg = q.float().view(B, Hkv, Hq // Hkv, D)
+    return torch.einsum("bhgd,chd->bhgc", qg, mean_keys.float()).amax(dim=2)
+
+
+def bound_scores_ref(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
+    B, Hq, D = q.shape
+    C, Hkv, _ = key_min.shape
+    qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)
+    lo = qg * key_min.float().permute(1, 0, 2)[None, :, None]  # [B, Hkv, G, C, D]
+    hi = qg * key_max.float().permute(1, 0, 2)[None, :, None]
+    return torch.maximum(lo, hi).sum(-1).amax(dim=2)
+
+
+def keymax_scores_ref(q: torch.Tensor, basis: torch.Tensor, lowrank_keys: torch.Tensor,
+                      chunk_offsets: torch.Tensor) -> torch.Tensor:
+    B, Hq, D = q.shape
+    Hkv = basis.shape[0]
+    qr = torch.einsum("bhgd,hdr->bhgr", q.float().view(B, Hkv, Hq // Hkv, D), basis.float())
+    offs = chunk_offsets.tolist()
+    out = torch.empty(B, Hkv, len(offs) - 1, dtype=torch.float32, device=q.device)
+    for c in range(len(offs) - 1):
+        keys = lowrank_keys[offs[c]:offs[c + 1]].float()  # [L, Hkv, R]
+        logits = torch.einsum("bhgr,lhr->bhgl", qr, keys)
+        out[:, :, c] = logits.amax(dim=(2, 3))
+    return out
