@@ -1,0 +1,122 @@
+"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3) with delegated attention.
+
+The model owns projections, norms, RoPE and the MLP; the caller owns the KV cache. Each layer
+calls `attn(layer_idx, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> o [T, Hq, D]` with q and
+k already normed (Qwen3) and rotated; `attn` must store k/v and scale scores by
+`config.sm_scale` (head_dim ** -0.5).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from moska.model.config import ModelConfig
+from moska.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+
+
+class AttentionFn(Protocol):
+    def __call__(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class Attention(nn.Module):
+    """Fused qkv projection [q_size + 2 * kv_size, H], optional per-head q/k norm, o_proj."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype=None, device=None) -> None:
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_size, self.kv_size = c.q_size, c.kv_size
+        kw = dict(dtype=dtype, device=device)
+        self.qkv_proj = nn.Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.qkv_bias, **kw)
+        self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.o_bias, **kw)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attn(self.layer_idx, q, k, v)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype=None, device=None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.self_attn = Attention(config, layer_idx, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, **kw)
+
+    def forward(self, x, cos, sin, attn: AttentionFn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. Parameter names follow HF except the fused `qkv_proj`/`gate_up_proj`."""
+
+    def __init__(self, config: ModelConfig, *, dtype=None, device=None) -> None:
+        super().__init__()
+        self.config = config
+        kw = dict(dtype=dtype, device=device)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, **kw) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.rope_scaling, device=device
+        )
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H]: the embedding matrix when embeddings are tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn
+    ) -> torch.Tensor:
+        """input_ids [T] int64, positions [T] int64 -> final-normed hidden [T, H]."""
+        assert input_ids.dim() == 1 and positions.shape == input_ids.shape, (
+            f"input_ids {tuple(input_ids.shape)} and positions {tuple(positions.shape)} "
+            "must both be [T]"
+        )
+        x = self.embed_tokens(input_ids)  # [T, H]
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, D] each
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] (rows to sample from) -> logits [N, V] fp32."""
+        return torch.nn.functional.linear(hidden, self.lm_head_weight).float()
