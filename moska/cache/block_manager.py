@@ -1,0 +1,216 @@
+"""Per-request KV block bookkeeping for the scheduler: block tables + prefix reuse.
+
+Plain Python, no torch: this module only decides which block ids hold which tokens of
+which request. The KV tensors themselves (`[num_blocks, block_size, Hkv, D]` per layer)
+live with the model runner, which reads `request.block_table`.
+
+Lifecycle of one request (the scheduler drives it):
+1. `n = match_prefix(req)` on admission: tokens whose KV is already cached, in full
+   blocks, never the last token (its logits must be computed to sample).
+2. `allocate_slots(req, num_new, num_cached_tokens=n)` takes those cached blocks (shared,
+   ref count + 1), appends fresh blocks for the new tokens and sets
+   `req.num_computed_tokens = n`; later steps call `allocate_slots(req, num_new)`.
+3. After each step `cache_full_blocks(req)` registers the blocks that became full.
+4. `free(req)` on finish, abort or preemption: full registered blocks with no other user
+   stay reusable in the LRU cached pool until an allocation needs to evict them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from moska.cache.block_allocator import BlockAllocator
+from moska.cache.prefix_cache import CachedBlock, HashFn, PrefixCache, hash_block
+from moska.engine.request import Request
+
+
+def cache_namespace(request: Request) -> Hashable:
+    """What a request's unique KV depends on besides its tokens: the shared library in
+    front of it and how many of its chunks are routed per step."""
+    return (request.library, request.top_k_chunks)
+
+
+@dataclass
+class _RequestState:
+    hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
+    chain: list[CachedBlock] = field(default_factory=list)  # entries for blocks 0..len-1
+    broken: bool = False  # a collision stopped registration for this request
+
+
+class BlockManager:
+    """Owns the block allocator and the prefix cache; edits `request.block_table`."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        hash_fn: HashFn = hash_block,
+    ) -> None:
+        self.prefix_cache = PrefixCache(block_size, hash_fn)
+        self.allocator = BlockAllocator(num_blocks, block_size, self.prefix_cache.remove_block)
+        self.enable_prefix_caching = enable_prefix_caching
+        self._states: dict[str, _RequestState] = {}
+        self._holders: dict[str, Request] = {}  # requests whose block table is not empty
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.allocator.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can get now: free plus evictable cached."""
+        return self.allocator.num_available
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests (cached blocks count as free)."""
+        return self.allocator.num_used / self.allocator.num_blocks
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _state(self, request: Request) -> _RequestState:
+        state = self._states.get(request.request_id)
+        if state is None:
+            state = self._states[request.request_id] = _RequestState()
+        return state
+
+    def _match(self, request: Request, max_blocks: int) -> list[CachedBlock]:
+        if not self.enable_prefix_caching or max_blocks <= 0:
+            return []
+        tokens = request.all_token_ids
+        namespace = cache_namespace(request)
+        hashes = self.prefix_cache.extend_hashes(self._state(request).hashes, tokens, namespace)
+        return self.prefix_cache.match(hashes, tokens, namespace, max_blocks)
+
+    def match_prefix(self, request: Request) -> int:
+        """Number of leading tokens of a request without blocks whose KV is cached.
+
+        A multiple of block_size, at most `num_tokens - 1` rounded down. Changes nothing.
+        """
+        assert not request.block_table and request.num_computed_tokens == 0, request.request_id
+        return len(self._match(request, (request.num_tokens - 1) // self.block_size)) * (
+            self.block_size
+        )
+
+    def _plan(
+        self, request: Request, num_new_tokens: int, num_cached_tokens: int
+    ) -> tuple[list[CachedBlock], int] | None:
+        """(cached entries to take, fresh blocks to allocate), or None if they do not fit."""
+        assert num_new_tokens >= 0 and num_cached_tokens >= 0
+        chain: list[CachedBlock] = []
+        if num_cached_tokens:
+            assert not request.block_table and request.num_computed_tokens == 0
+            assert num_cached_tokens % self.block_size == 0, num_cached_tokens
+            chain = self._match(request, num_cached_tokens // self.block_size)
+            assert len(chain) * self.block_size == num_cached_tokens, (
+                "the prefix cache changed between match_prefix and allocate_slots"
+            )
+        total = request.num_computed_tokens + num_cached_tokens + num_new_tokens
+        assert total <= request.num_tokens, (total, request.num_tokens)
+        need = max(0, self.num_blocks_for(total) - len(request.block_table) - len(chain))
+        revived = sum(1 for e in chain if self.allocator.is_cached(e.block_id))
+        if need > self.allocator.num_available - revived:
+            return None
+        return chain, need
+
+    def can_allocate(
+        self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0
+    ) -> bool:
+        return self._plan(request, num_new_tokens, num_cached_tokens) is not None
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0
+    ) -> bool:
+        """Make room for tokens `[computed, computed + num_new_tokens)`; False changes nothing.
+
+        With `num_cached_tokens` (the value `match_prefix` just returned for a request
+        without blocks) the cached blocks are taken first and `request.num_computed_tokens`
+        is set to it.
+        """
+        plan = self._plan(request, num_new_tokens, num_cached_tokens)
+        if plan is None:
+            return False
+        chain, need = plan
+        for entry in chain:
+            self.allocator.incref(entry.block_id)
+            request.block_table.append(entry.block_id)
+        request.block_table.extend(self.allocator.allocate(need))
+        if chain:
+            self._state(request).chain = list(chain)
+            request.num_computed_tokens = num_cached_tokens
+        if request.block_table:
+            self._holders[request.request_id] = request
+        return True
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's blocks that are full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        state = self._state(request)
+        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
+        if state.broken or num_full <= len(state.chain):
+            return
+        tokens = request.all_token_ids
+        namespace = cache_namespace(request)
+        hashes = self.prefix_cache.extend_hashes(state.hashes, tokens, namespace)
+        for i in range(len(state.chain), num_full):
+            parent = state.chain[-1] if state.chain else None
+            block_tokens = self.prefix_cache.block_tokens(tokens, i)
+            same = self.prefix_cache.lookup(hashes[i], parent, block_tokens, namespace)
+            if same is not None:
+                # Another request registered identical KV first; ours stays unhashed.
+                assert same.block_id != request.block_table[i]
+                state.chain.append(same)
+                continue
+            block_id = request.block_table[i]
+            entry = self.prefix_cache.insert(block_id, hashes[i], parent, block_tokens, namespace)
+            if entry is None:  # hash collision with a different block: stop the chain here
+                state.broken = True
+                return
+            self.allocator.set_hashed(block_id, True)
+            state.chain.append(entry)
+
+    def free(self, request: Request) -> None:
+        """Release all blocks of a request (finish, abort or preemption). Tail blocks are
+        released first so they are evicted before the prefix they extend."""
+        for block_id in reversed(request.block_table):
+            self.allocator.decref(block_id)
+        request.block_table.clear()
+        self._states.pop(request.request_id, None)
+        self._holders.pop(request.request_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. after a library was replaced under its name)."""
+        for block_id in self.prefix_cache.block_ids():
+            self.prefix_cache.remove_block(block_id)
+            self.allocator.set_hashed(block_id, False)
+        for state in self._states.values():
+            state.chain.clear()
+            state.broken = True
+
+    def check_integrity(self) -> None:
+        """Allocator states, hash table and every holder's block table agree."""
+        self.allocator.check_integrity()
+        self.prefix_cache.check_integrity()
+        hashed = {b for b in range(self.num_blocks) if self.allocator.is_hashed(b)}
+        assert hashed == set(self.prefix_cache.block_ids()), "hashed flags != hash table"
+        refs: Counter[int] = Counter()
+        for request in self._holders.values():
+            table = request.block_table
+            assert len(set(table)) == len(table), f"{request.request_id} holds a block twice"
+            assert len(table) >= self.num_blocks_for(request.num_computed_tokens)
+            refs.update(table)
+        for block_id in range(self.num_blocks):
+            assert self.allocator.ref_count(block_id) == refs[block_id], (
+                block_id,
+                self.allocator.ref_count(block_id),
+                refs[block_id],
+            )

@@ -1,0 +1,267 @@
+"""Continuous-batching scheduler (plain Python, no torch).
+
+One token budget per step, no separate prefill and decode phases: each request's
+`num_computed_tokens` catches up with its `num_tokens`. A step gives running requests
+their tokens first (a decode is 1 token, an unfinished prefill its next chunk), in
+admission order, then admits waiting requests first-in first-out, applying prefix-cache
+hits on admission. When KV blocks run out, the most recently admitted running request is
+preempted by recompute: its blocks are freed, its computed count reset to 0, and it goes
+back to the front of the waiting queue (its full blocks usually stay in the prefix cache,
+so recomputing is mostly a cache hit).
+
+Stop tokens: an end-of-sequence token (unless `ignore_eos`) or one of `stop_token_ids`
+finishes the request with FINISHED_STOPPED once `min_tokens` tokens were generated before
+it, and is NOT appended to `output_token_ids` (`stop_reason` is None for eos, the token id
+otherwise). Before `min_tokens` such a token is kept as an ordinary token. Stop strings are
+the engine's: it calls `finish_request` after detokenizing.
+
+Call order per step: `schedule()`, run the model on the scheduled tokens, then
+`update_from_output()` before the next `schedule()`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from moska.cache.block_manager import BlockManager
+from moska.engine.request import Request, RequestStatus
+from moska.engine.scheduler_config import SchedulerConfig
+
+
+class RequestTooLarge(ValueError):
+    """The request can never be scheduled with this cache and budget."""
+
+
+@dataclass
+class ScheduledRequest:
+    """Compute tokens `[request.num_computed_tokens, + num_new_tokens)` this step."""
+
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the request's last token, so a token is sampled.
+        Valid between `schedule()` and `update_from_output()`."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # grouped by library (stable)
+    preempted: list[Request]  # lost their KV this step; back in the waiting queue
+    num_batched_tokens: int
+    finished_request_ids: list[str] = field(default_factory=list)  # since the last schedule()
+
+
+def _library_key(s: ScheduledRequest) -> tuple[bool, str]:
+    return (s.request.library is not None, s.request.library or "")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self._requests: dict[str, Request] = {}  # unfinished, waiting or running
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # admission order
+        self._waiting_tokens = 0
+        self._finished_ids: list[str] = []
+        self._awaiting_update = False
+
+    # --- queries ------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def waiting_prefill_tokens(self) -> int:
+        """Tokens still to compute for the waiting queue (before prefix-cache hits)."""
+        return self._waiting_tokens
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # --- queue helpers ------------------------------------------------------------------
+    def _push_waiting(self, request: Request, front: bool = False) -> None:
+        assert request.num_computed_tokens == 0 and not request.block_table
+        if front:
+            self._waiting.appendleft(request)
+        else:
+            self._waiting.append(request)
+        self._waiting_tokens += request.num_tokens
+
+    def _pop_waiting(self) -> Request:
+        request = self._waiting.popleft()
+        self._waiting_tokens -= request.num_tokens
+        return request
+
+    # --- requests in and out ------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a new request; raises RequestTooLarge if it could never run."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {request.request_id!r} is not a new request")
+        bm = self.block_manager
+        # The last sampled token's KV is never computed.
+        max_kv_tokens = request.num_prompt_tokens + request.sampling_params.max_tokens - 1
+        if bm.num_blocks_for(max_kv_tokens) > bm.num_blocks:
+            raise RequestTooLarge(
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                f"({request.sampling_params.max_tokens}) exceeds the KV cache capacity "
+                f"({bm.num_blocks * bm.block_size} tokens); shorten the prompt, lower "
+                "max_tokens or give the engine more KV cache memory"
+            )
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and request.num_prompt_tokens > budget:
+            raise RequestTooLarge(
+                f"prompt ({request.num_prompt_tokens} tokens) exceeds max_num_batched_tokens "
+                f"({budget}) and chunked prefill is disabled; enable chunked prefill or raise "
+                "max_num_batched_tokens"
+            )
+        self._requests[request.request_id] = request
+        self._push_waiting(request)
+
+    def finish_request(
+        self, request_id: str, status: RequestStatus, reason: int | str | None = None
+    ) -> Request | None:
+        """End a request wherever it is and free its blocks; None if it is not unfinished."""
+        if not status.finished:
+            raise ValueError(f"{status} is not a finished status")
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        request.status = status
+        request.stop_reason = reason
+        self._release(request)
+        return request
+
+    def abort_request(self, request_id: str) -> Request | None:
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def _release(self, request: Request) -> None:
+        if request in self._running:
+            self._running.remove(request)
+        elif request in self._waiting:
+            self._waiting.remove(request)
+            self._waiting_tokens -= request.num_tokens
+        self.block_manager.free(request)
+        del self._requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self._push_waiting(request, front=True)
+
+    # --- one step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        assert not self._awaiting_update, "update_from_output() must follow each schedule()"
+        finished_ids, self._finished_ids = self._finished_ids, []
+        bm = self.block_manager
+        if not self._requests:
+            bm.check_integrity()
+            assert bm.allocator.num_used == 0, "blocks held with no unfinished request"
+            return SchedulerOutput([], [], 0, finished_ids)
+
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self._running) and budget > 0:
+            request = self._running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert num_new > 0, request.request_id
+            while not bm.allocate_slots(request, num_new):
+                victim = self._running.pop()  # most recently admitted; never one before i
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted (it was the last running one)
+
+        while (
+            not preempted
+            and self._waiting
+            and budget > 0
+            and len(self._running) < self.config.max_num_seqs
+        ):
+            request = self._waiting[0]
+            num_cached = bm.match_prefix(request)
+            remaining = request.num_tokens - num_cached
+            num_new = min(remaining, budget)
+            resumed = request.status is RequestStatus.PREEMPTED
+            if num_new < remaining and not self.config.enable_chunked_prefill and not resumed:
+                break
+            if not bm.allocate_slots(request, num_new, num_cached_tokens=num_cached):
+                break
+            self._pop_waiting()
+            request.status = RequestStatus.RUNNING
+            self._running.append(request)
+            scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+        scheduled.sort(key=_library_key)
+        self._awaiting_update = bool(scheduled)
+        num_batched = self.config.max_num_batched_tokens - budget
+        return SchedulerOutput(scheduled, preempted, num_batched, finished_ids)
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, apply stop rules, free finished
+        requests. Returns the requests that sampled a token this step (finished or not)."""
+        self._awaiting_update = False
+        bm = self.block_manager
+        got_token: list[Request] = []
+        for item in output.scheduled:
+            request = item.request
+            if request.is_finished:  # aborted between schedule() and now
+                continue
+            request.num_computed_tokens += item.num_new_tokens
+            request.check_invariants()
+            if request.num_computed_tokens == request.num_tokens:
+                if request.request_id not in sampled:
+                    raise KeyError(f"no sampled token for request {request.request_id!r}")
+                self._append_token(request, sampled[request.request_id])
+                got_token.append(request)
+            else:
+                assert request.request_id not in sampled, request.request_id
+            bm.cache_full_blocks(request)
+            if request.is_finished:
+                self._release(request)
+        return got_token
+
+    def _append_token(self, request: Request, token: int) -> None:
+        params = request.sampling_params
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        if request.num_output_tokens >= params.min_tokens:
+            eos = request.eos_token_id
+            if eos is not None and token == eos and not params.ignore_eos:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = None
+                return
+            if token in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token
+                return
+        request.output_token_ids.append(token)
+        if request.num_output_tokens >= params.max_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH
