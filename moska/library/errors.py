@@ -1,0 +1,65 @@
+"""Typed errors of the shared KV library. Every message says what to do next."""
+
+from __future__ import annotations
+
+
+class LibraryError(ValueError):
+    """Base class of every library error (a ValueError: it is about user input)."""
+
+
+class InvalidLibraryNameError(LibraryError):
+    def __init__(self, name: object) -> None:
+        super().__init__(
+            f"invalid library name {name!r}: use 1-64 characters from letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit (no path separators)"
+        )
+        self.name = name
+
+
+class LibraryNotFoundError(LibraryError):
+    def __init__(self, name: str, root: object) -> None:
+        super().__init__(
+            f"no library named {name!r} under {root}: list the libraries with "
+            "`moska library ls`, or build it with `moska library build`"
+        )
+        self.name = name
+
+
+class LibraryExistsError(LibraryError):
+    def __init__(self, name: str, root: object) -> None:
+        super().__init__(
+            f"a library named {name!r} already exists under {root}: choose another name, "
+            "or delete it first with `moska library rm`"
+        )
+        self.name = name
+
+
+class DocumentError(LibraryError):
+    """A document could not be read (missing, unreadable, empty, malformed)."""
+
+
+class FingerprintMismatchError(LibraryError):
+    def __init__(self, name: str, built_for: str, loaded: str, fields: list[str]) -> None:
+        super().__init__(
+            f"library {name!r} was built for model [{built_for}] but the loaded model is "
+            f"[{loaded}] (differs in: {', '.join(fields)}): serve the model it was built for, "
+            "or rebuild the library with this model"
+        )
+        self.name = name
+        self.fields = fields
+
+
+class CorruptLibraryError(LibraryError):
+    """A library file is missing, malformed or inconsistent with its manifest."""
+
+    def __init__(self, name: str, file: str, reason: str) -> None:
+        super().__init__(
+            f"library {name!r} is damaged: {file}: {reason}; delete it with "
+            "`moska library rm` and build it again"
+        )
+        self.name = name
+        self.file = file
+
+
+class ChecksumMismatchError(CorruptLibraryError):
+    """A file's sha256 differs from the one recorded in the manifest (truncated or altered)."""

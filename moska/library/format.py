@@ -1,0 +1,299 @@
+"""On-disk layout of a library, its manifest, the model fingerprint. Plain Python, no torch.
+
+A library lives in ``<root>/<name>/``::
+
+    manifest.json              # Manifest below; written last
+    layer_000.safetensors      # k, v [S_total, Hkv, D] and the layer's routing index
+    layer_001.safetensors      #   tensors ("index.<field>"), one file per layer
+    ...
+
+Builds write into ``<root>/.<name>.tmp-<uuid>/`` (with a ``BUILDING`` file naming the
+owner pid), fsync every file and the directory, then rename it to ``<root>/<name>/``: an
+interrupted build leaves only a hidden tmp directory, which listing ignores and the
+manager removes once its owner is gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moska.library.errors import CorruptLibraryError, InvalidLibraryNameError
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+BUILDING_FILE = "BUILDING"
+TMP_MARKER = ".tmp-"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODES = ("prefix", "independent")
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid library name, else raise InvalidLibraryNameError."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise InvalidLibraryNameError(name)
+    return name
+
+
+def layer_file(layer: int) -> str:
+    return f"layer_{layer:03d}.safetensors"
+
+
+def is_tmp_dir(dirname: str) -> bool:
+    """True for a build's temporary directory (hidden, never a library)."""
+    return dirname.startswith(".") and TMP_MARKER in dirname
+
+
+def tmp_dir_name(name: str, token: str) -> str:
+    return f".{name}{TMP_MARKER}{token}"
+
+
+# ---------------------------------------------------------------- model fingerprint
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a library's KV depends on. ``weights_hash`` identifies the checkpoint.
+
+    ``weights_hash`` is a sha256 over ``config.json`` and, for every ``*.safetensors``
+    file, its name, size and JSON header (tensor names, dtypes, shapes, offsets). It is
+    fast (kilobytes read, not the 16+ GB of weights) and tells checkpoints apart by
+    architecture and layout; it does not prove the weight values are intact (two
+    checkpoints with identical layout but different values, e.g. two fine-tunes saved
+    the same way, hash alike only if their config.json is also identical). ``None`` when
+    the model has no files (random weights built in memory).
+    """
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str
+    weights_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelFingerprint:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def mismatches(self, other: ModelFingerprint) -> list[str]:
+        """Names of the fields in which ``other`` differs from ``self``."""
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+    def describe(self) -> str:
+        h = (self.weights_hash or "no files")[:12]
+        return (
+            f"{self.architecture} hidden={self.hidden_size} layers={self.num_layers} "
+            f"heads={self.num_heads}/{self.num_kv_heads} head_dim={self.head_dim} "
+            f"vocab={self.vocab_size} {self.dtype} weights={h}"
+        )
+
+
+def _cfg(config: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def weights_hash(path: str | os.PathLike | None) -> str | None:
+    """sha256 over config.json and the safetensors headers + sizes (see ModelFingerprint)."""
+    if path is None:
+        return None
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if not files and not config.exists():
+        return None
+    h = hashlib.sha256()
+    if config.exists():
+        h.update(b"config.json\0" + config.read_bytes())
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            header = fh.read(min(n, 100_000_000))
+        h.update(f"{f.name}\0{size}\0".encode() + header)
+    return h.hexdigest()
+
+
+def model_fingerprint(loaded_model: Any) -> ModelFingerprint:
+    """Fingerprint of a ``LoadedModel(model, config, tokenizer, path)``."""
+    config = loaded_model.config
+    model = loaded_model.model
+    dtype = _cfg(config, "dtype", "torch_dtype")
+    params = getattr(model, "parameters", None)
+    if params is not None:
+        first = next(iter(params()), None)
+        if first is not None:
+            dtype = first.dtype
+    num_heads = int(_cfg(config, "num_attention_heads", "num_heads"))
+    hidden = int(config.hidden_size)
+    return ModelFingerprint(
+        architecture=str(_cfg(config, "architecture", "model_type", default="unknown")),
+        hidden_size=hidden,
+        num_layers=int(_cfg(config, "num_hidden_layers", "num_layers")),
+        num_heads=num_heads,
+        num_kv_heads=int(_cfg(config, "num_key_value_heads", "num_kv_heads", default=num_heads)),
+        head_dim=int(_cfg(config, "head_dim", default=hidden // num_heads)),
+        vocab_size=int(_cfg(config, "vocab_size", default=0)),
+        dtype=_dtype_name(dtype),
+        weights_hash=weights_hash(getattr(loaded_model, "path", None)),
+    )
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """Chunk ``chunk`` is rows ``start:end`` of every layer's pool, at positions
+    ``pos_start .. pos_start + end - start - 1``; ``document`` holds its first token."""
+
+    chunk: int
+    document: int
+    start: int
+    end: int
+    pos_start: int
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.start < self.end and self.pos_start >= 0, self
+
+
+@dataclass(frozen=True)
+class DocumentEntry:
+    """Document ``name`` is rows ``start:end`` of the pool (its separator included)."""
+
+    name: str
+    num_tokens: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    created: str  # ISO 8601, UTC
+    model: ModelFingerprint
+    mode: str  # "prefix" | "independent"
+    chunk_size: int
+    num_tokens: int  # S_total, rows of every layer's pool
+    position_offset: int  # position of a request's first own token
+    begins_with_bos: bool
+    chunks: tuple[ChunkEntry, ...]
+    documents: tuple[DocumentEntry, ...]
+    routing_rank: int
+    files: dict[str, str]  # filename -> sha256 hex
+    build: dict[str, float] = field(default_factory=dict)  # seconds, tokens_per_s, ...
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        validate_name(self.name)
+        bounds = [c.start for c in self.chunks] + [self.num_tokens]
+        assert bounds[0] == 0 and all(c.end == b for c, b in zip(self.chunks, bounds[1:])), (
+            "chunk table must tile [0, num_tokens)"
+        )
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_layers
+
+    @property
+    def chunk_offsets(self) -> list[int]:
+        return [c.start for c in self.chunks] + [self.num_tokens]
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["chunks"] = [dataclasses.asdict(c) for c in self.chunks]
+        d["documents"] = [dataclasses.asdict(x) for x in self.documents]
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        d = json.loads(text)
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"format version {version!r} is not supported (this moska reads "
+                f"{FORMAT_VERSION})"
+            )
+        d["model"] = ModelFingerprint.from_dict(d["model"])
+        d["chunks"] = tuple(ChunkEntry(**c) for c in d["chunks"])
+        d["documents"] = tuple(DocumentEntry(**x) for x in d["documents"])
+        return cls(**d)
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Parse ``directory/manifest.json``; CorruptLibraryError if missing or malformed."""
+    path = directory / MANIFEST_FILE
+    try:
+        return Manifest.from_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CorruptLibraryError(directory.name, str(path), "manifest missing") from e
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise CorruptLibraryError(directory.name, str(path), f"unreadable manifest ({e})") from e
+
+
+# ---------------------------------------------------------------- durable files
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not support fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, on_bytes: Any = None, block: int = 1 << 24) -> str:
+    """sha256 hex of a file, streaming; ``on_bytes(n)`` is called as blocks are read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+            if on_bytes is not None:
+                on_bytes(len(data))
+    return h.hexdigest()
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())

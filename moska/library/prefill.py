@@ -1,0 +1,180 @@
+"""Prefill a tokenized corpus into per-layer KV pools with the model's own forward.
+
+The model calls ``attn(layer, q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D]) -> o [T,Hq,D]`` per
+layer; our callable stores k, v into the layer's pool and attends causally over every
+row of the same sequence prefilled so far. Memory stays bounded by ``prefill_tokens``
+tokens of activations per forward; the pools [S_total, Hkv, D] live on the model's device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moska.library.chunking import TokenizedCorpus, plan_pieces
+
+POOL_BLOCK = 64  # rows; pools are padded to a multiple so the paged kernel can view them
+
+
+def causal_attention_ref(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [L, Hkv, D], L >= T; query j sits at position L - T + j
+    v: torch.Tensor,  # [L, Hkv, D]
+    sm_scale: float,
+    key_block: int | None = None,
+) -> torch.Tensor:  # [T, Hq, D] q.dtype
+    """Causal GQA attention in fp32 over key blocks (online softmax); bounded memory."""
+    T, Hq, D = q.shape
+    L, Hkv, _ = k.shape
+    assert L >= T and Hq % Hkv == 0, (q.shape, k.shape)
+    G = Hq // Hkv
+    if key_block is None:  # keep the [T, Hq, block] fp32 scores under ~256 MiB
+        key_block = max(64, (1 << 26) // max(1, T * Hq))
+    qf = q.float().view(T, Hkv, G, D) * sm_scale
+    qpos = torch.arange(L - T, L, device=q.device)  # [T]
+    m = torch.full((T, Hkv, G), -math.inf, device=q.device)
+    den = torch.zeros((T, Hkv, G), device=q.device)
+    acc = torch.zeros((T, Hkv, G, D), device=q.device)
+    for k0 in range(0, L, key_block):
+        k1 = min(L, k0 + key_block)
+        s = torch.einsum("thgd,bhd->thgb", qf, k[k0:k1].float())  # [T, Hkv, G, b]
+        kpos = torch.arange(k0, k1, device=q.device)
+        s = s.masked_fill((kpos[None, :] > qpos[:, None])[:, None, None, :], -math.inf)
+        m_new = torch.maximum(m, s.amax(-1))
+        alpha = torch.exp(m - m_new).nan_to_num(0.0)
+        p = torch.exp(s - m_new[..., None]).nan_to_num(0.0)
+        den = den * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("thgb,bhd->thgd", p, v[k0:k1].float())
+        m = m_new
+    return (acc / den[..., None]).view(T, Hq, D).to(q.dtype)
+
+
+def _paged_kernel() -> Callable | None:
+    try:
+        from moska.kernels.paged_attention import paged_prefill_attention
+    except ImportError:
+        return None
+    return paged_prefill_attention
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Square causal attention (T == L) with torch SDPA (flash on CUDA)."""
+    G = q.shape[1] // k.shape[1]
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale
+    )
+    return o.transpose(0, 1)
+
+
+class _PoolAttention:
+    """The ``attn`` callable of one forward: writes KV rows, attends causally per segment."""
+
+    def __init__(self, pools: _Pools, segments: list[tuple[int, int, int]], sm_scale: float,
+                 kernel: Callable | None) -> None:
+        self.pools, self.segments, self.sm_scale, self.kernel = pools, segments, sm_scale, kernel
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        kp, vp = self.pools.get(layer, k)  # [S_pad, Hkv, D]
+        o = torch.empty_like(q)
+        t = 0
+        for seq_start, lo, hi in self.segments:
+            n = hi - lo
+            kp[seq_start + lo : seq_start + hi] = k[t : t + n]
+            vp[seq_start + lo : seq_start + hi] = v[t : t + n]
+            o[t : t + n] = self._attend(q[t : t + n], kp, vp, seq_start, hi)
+            t += n
+        assert t == q.shape[0], (t, q.shape)
+        return o
+
+    def _attend(self, q, kp, vp, seq_start: int, hi: int) -> torch.Tensor:
+        T = q.shape[0]
+        if self.kernel is not None and q.is_cuda and seq_start % POOL_BLOCK == 0:
+            nb = -(-hi // POOL_BLOCK)
+            rows = slice(seq_start, seq_start + nb * POOL_BLOCK)
+            shape = (nb, POOL_BLOCK) + tuple(kp.shape[1:])
+            dev = q.device
+            o, _ = self.kernel(
+                q,
+                kp[rows].view(shape),  # [nb, POOL_BLOCK, Hkv, D]
+                vp[rows].view(shape),
+                torch.arange(nb, dtype=torch.int32, device=dev)[None],  # [1, nb]
+                torch.tensor([0, T], dtype=torch.int32, device=dev),  # cu_q_lens [2]
+                torch.tensor([hi], dtype=torch.int32, device=dev),  # seq_lens [1]
+                self.sm_scale,
+            )
+            return o
+        keys, values = kp[seq_start : seq_start + hi], vp[seq_start : seq_start + hi]
+        if T == hi:
+            return _sdpa_causal(q, keys, values, self.sm_scale)
+        return causal_attention_ref(q, keys, values, self.sm_scale)
+
+
+class _Pools:
+    """Per-layer KV pools, allocated on first use with the dtype/device of the model's k."""
+
+    def __init__(self, num_layers: int, num_tokens: int) -> None:
+        self.padded = -(-num_tokens // POOL_BLOCK) * POOL_BLOCK + POOL_BLOCK
+        self.num_tokens = num_tokens
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    def get(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is None:
+            shape = (self.padded,) + tuple(like.shape[1:])  # [S_pad, Hkv, D]
+            self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self.k[layer], self.v[layer]
+
+    def finish(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        assert all(t is not None for t in self.k), "the model skipped a layer"
+        S = self.num_tokens
+        return [t[:S] for t in self.k], [t[:S] for t in self.v]  # [S_total, Hkv, D] views
+
+
+def model_device(model: Any) -> torch.device:
+    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
+
+
+def prefill_corpus(
+    model: Any,
+    corpus: TokenizedCorpus,
+    num_layers: int,
+    head_dim: int,
+    prefill_tokens: int = 4096,
+    progress: bool = True,
+    sm_scale: float | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """Run the model over the corpus; return (k_pools, v_pools, seconds), pools per layer
+    ``[S_total, Hkv, D]`` on the model's device in the model's KV dtype."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    scale = sm_scale if sm_scale is not None else head_dim**-0.5
+    kernel = _paged_kernel() if device.type == "cuda" else None
+    pools = _Pools(num_layers, corpus.num_tokens)
+    ids = torch.tensor(corpus.token_ids, dtype=torch.int64, device=device)  # [S_total]
+    bar = tqdm(total=corpus.num_tokens, unit="tok", unit_scale=True, desc="prefill",
+               disable=not progress, dynamic_ncols=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), bar:
+        for segments in plan_pieces(corpus.sequences, prefill_tokens):
+            rows = torch.cat([torch.arange(s + lo, s + hi) for s, lo, hi in segments])
+            positions = torch.cat([torch.arange(lo, hi) for _, lo, hi in segments])
+            model.forward(ids[rows.to(device)], positions.to(device),
+                          _PoolAttention(pools, segments, scale, kernel))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            bar.update(len(rows))
+    seconds = time.perf_counter() - t0
+    k_pools, v_pools = pools.finish()
+    return k_pools, v_pools, seconds
