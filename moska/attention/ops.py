@@ -1,0 +1,40 @@
+"""Which implementation of each attention kernel a run uses: Triton kernels on CUDA, their
+plain-PyTorch references on CPU (or when asked). One table, chosen once per engine."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+
+class AttentionOps(NamedTuple):
+    name: str
+    paged_decode: Callable
+    paged_prefill: Callable
+    grouped_shared: Callable
+    merge_selections: Callable
+    use_triton: bool
+
+
+def get_attention_ops(kind: str) -> AttentionOps:
+    """kind: "triton" or "torch"."""
+    from moska.kernels import merge, paged_attention, shared_attention
+
+    if kind == "triton":
+        return AttentionOps(
+            name="triton",
+            paged_decode=paged_attention.paged_decode_attention,
+            paged_prefill=paged_attention.paged_prefill_attention,
+            grouped_shared=shared_attention.grouped_shared_attention,
+            merge_selections=merge.merge_selections,
+            use_triton=True,
+        )
+    if kind == "torch":
+        return AttentionOps(
+            name="torch",
+            paged_decode=paged_attention.paged_decode_attention_ref,
+            paged_prefill=paged_attention.paged_prefill_attention_ref,
+            grouped_shared=shared_attention.grouped_shared_attention_ref,
+            merge_selections=merge.merge_selections_ref,
+            use_triton=False,
+        )
+    raise ValueError(f"unknown attention implementation {kind!r}; use 'triton' or 'torch'")

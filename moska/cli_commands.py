@@ -1,0 +1,77 @@
+"""Bodies of the `moska generate` and `moska library` commands (kept apart from argument
+parsing so `moska --help` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def run_generate(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    from moska.engine.llm_engine import LLMEngine
+    from moska.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine.from_model(args.model, **engine_kwargs)
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    engine.add_request("cli", prompt, params, library=args.library, top_k_chunks=args.top_k_chunks)
+    t0 = time.perf_counter()
+    n = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+            n += len(out.new_token_ids)
+    dt = time.perf_counter() - t0
+    print(f"\n[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def run_library(args: argparse.Namespace) -> int:
+    from moska.library.manager import LibraryManager, default_library_root
+
+    root = args.library_root or default_library_root()
+    if args.library_command == "ls":
+        mgr = LibraryManager(root, None, "cpu")
+        infos = mgr.list()
+        if not infos:
+            print(f"no libraries in {root}")
+        for info in infos:
+            print(f"{info.name}\t{info.num_tokens} tokens\t{info.num_chunks} chunks\t{info.mode}")
+        return 0
+    if args.library_command == "info":
+        mgr = LibraryManager(root, None, "cpu")
+        info = mgr.info(args.name)
+        for key, value in vars(info).items():
+            print(f"{key}: {value}")
+        return 0
+    if args.library_command == "rm":
+        LibraryManager(root, None, "cpu").delete(args.name)
+        print(f"removed {args.name}")
+        return 0
+    if args.library_command == "build":
+        from moska.engine.llm_engine import LLMEngine
+        from moska.library.documents import read_documents
+
+        kwargs = {
+            "device": args.device,
+            "dtype": args.dtype,
+            "attention": args.attention,
+            "library_root": str(root),
+            "num_kv_blocks": 16,
+        }
+        engine = LLMEngine.from_model(args.model, **kwargs)
+        docs = read_documents(args.files, jsonl_field=args.jsonl_field)
+        info = engine.libraries.build(args.name, docs, chunk_size=args.chunk_size, mode=args.mode)
+        print(f"built {info.name}: {info.num_tokens} tokens in {info.num_chunks} chunks")
+        return 0
+    raise ValueError(f"unknown library action {args.library_command!r}")

@@ -1,0 +1,310 @@
+"""LLMEngine: requests in, one scheduled step at a time, RequestOutputs out.
+
+add_request -> Scheduler (waiting) -> step(): schedule -> ModelRunner.execute (router ->
+shared -> unique -> merge inside attention) -> Scheduler.update_from_output -> detokenize,
+stop strings -> RequestOutput deltas.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moska.cache.block_manager import BlockManager
+from moska.config import EngineConfig
+from moska.engine.errors import DuplicateRequestError, PromptTooLongError, RequestError
+from moska.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from moska.engine.request import Request, RequestStatus
+from moska.engine.runner import ModelRunner
+from moska.engine.sampling_params import SamplingParams
+from moska.engine.scheduler import Scheduler
+from moska.engine.scheduler_config import SchedulerConfig
+from moska.model.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    waiting_prefill_tokens: int
+    kv_usage: float
+    num_kv_blocks: int
+    steps: int
+    generated_tokens: int
+    prompt_tokens_computed: int
+    last_step_seconds: float
+    chunks_routed: int
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detok: IncrementalDetokenizer | None
+    emitted: int = 0  # characters of text already returned
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    routed_chunks: list[int] | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded, libraries=None) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_config = loaded.config
+        self.device = next(loaded.model.parameters()).device
+        self.model_name = config.model or "moska-tiny"
+        self.max_model_len = min(
+            config.max_model_len or loaded.config.max_position_embeddings,
+            loaded.config.max_position_embeddings,
+        )
+        self.runner = ModelRunner(loaded, config, self.device)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                max_model_len=self.max_model_len,
+            ),
+            self.block_manager,
+        )
+        self.libraries = libraries
+        self._tracked: dict[str, _Tracked] = {}
+        self._steps = 0
+        self._generated = 0
+        self._prompt_computed = 0
+        self._last_step_s = 0.0
+        self._chunks_routed = 0
+
+    @classmethod
+    def from_model(cls, model: str | None = None, **kwargs) -> "LLMEngine":
+        """Load `model` (an HF directory; None for the built-in tiny model) and build an engine.
+        Keyword arguments are EngineConfig fields."""
+        from moska.model import load_model
+        from moska.model.default import DEFAULT_MODEL_NAME, default_model_dir
+
+        config = EngineConfig(model=model, **kwargs)
+        path = model if model is not None else default_model_dir()
+        dtype = None if config.dtype == "auto" else config.dtype
+        device = config.resolved_device()
+        if str(device).startswith("cuda") and dtype is None and model is None:
+            dtype = "bfloat16"
+        loaded = load_model(path, dtype=dtype, device=device)
+        if loaded.tokenizer is None:
+            logger.warning("no tokenizer: only token-id prompts are accepted")
+        libraries = _make_library_manager(config, loaded, device)
+        engine = cls(config, loaded, libraries)
+        if model is None:
+            engine.model_name = DEFAULT_MODEL_NAME
+        return engine
+
+    # ---- requests -------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        library: str | None = None,
+        top_k_chunks: int | None = None,
+    ) -> None:
+        """Queue a request. Raises RequestError (a ValueError) or LibraryNotFoundError."""
+        if request_id in self._tracked:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in use")
+        if params.n != 1:
+            raise RequestError("LLMEngine takes n=1 per request; submit n requests instead")
+        if top_k_chunks is not None and top_k_chunks < 1:
+            raise RequestError("top_k_chunks must be a positive number of chunks")
+        offset = 0
+        if library is not None:
+            if self.libraries is None:
+                raise RequestError("this engine has no library manager")
+            offset = self.libraries.get(library).position_offset
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer; send token ids")
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=library is None)
+        else:
+            prompt_ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+                raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        total = offset + len(prompt_ids) + params.max_tokens
+        if offset + len(prompt_ids) >= self.max_model_len or total > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({len(prompt_ids)} tokens"
+                + (f" after a {offset}-token library" if offset else "")
+                + f") plus max_tokens ({params.max_tokens}) exceeds the model's context "
+                f"length {self.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        eos = None
+        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
+            eos = min(self.tokenizer.eos_token_ids)
+        elif self.model_config.eos_token_ids:
+            eos = self.model_config.eos_token_ids[0]
+        stop_ids = tuple(params.stop_token_ids)
+        extra_eos = set(self.model_config.eos_token_ids) - ({eos} if eos is not None else set())
+        if extra_eos and not params.ignore_eos:
+            stop_ids = tuple(sorted(set(stop_ids) | extra_eos))
+            params = _replace(params, stop_token_ids=stop_ids)
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling_params=params,
+            eos_token_id=eos,
+            library=library,
+            top_k_chunks=top_k_chunks,
+        )
+        self.scheduler.add_request(req)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        self._tracked[request_id] = _Tracked(req, detok)
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id in self._tracked:
+            self.scheduler.abort_request(request_id)
+            self._drop(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self._tracked)
+
+    # ---- one step -------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        t0 = time.perf_counter()
+        result = self.runner.execute(out.scheduled, self._get_library, self.config.default_top_k_chunks)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._last_step_s = time.perf_counter() - t0
+        self._steps += 1
+        for item in out.scheduled:
+            r = item.request
+            self._prompt_computed += max(0, min(item.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens))
+        for rid, chunks in result.routed_chunks.items():
+            self._chunks_routed += len(chunks)
+            if rid in self._tracked:
+                self._tracked[rid].routed_chunks = chunks
+        updated = self.scheduler.update_from_output(out, result.sampled)
+        outputs = []
+        for req in updated:
+            tr = self._tracked.get(req.request_id)
+            if tr is None:
+                continue
+            self._generated += 1
+            lp = result.logprobs.get(req.request_id)
+            if lp is not None and req.output_token_ids:
+                tr.logprobs.append(TokenLogprob(req.output_token_ids[-1], lp[0], lp[1]))
+            outputs.append(self._make_output(tr))
+        return outputs
+
+    def _make_output(self, tr: _Tracked) -> RequestOutput:
+        req = tr.request
+        params = req.sampling_params
+        if tr.detok is not None:
+            new_ids = req.output_token_ids[len(tr.detok.ids) - req.num_prompt_tokens:]
+            if new_ids:
+                tr.detok.add(new_ids)
+            if req.is_finished:
+                tr.detok.finish()
+            text = tr.detok.text
+        else:
+            text = ""
+        if params.stop and not req.is_finished:
+            hit = _find_stop(text, params.stop, tr.emitted)
+            if hit is not None:
+                idx, s = hit
+                text = text[:idx]
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED, s)
+                req.stop_reason = s
+        elif params.stop and req.is_finished:
+            hit = _find_stop(text, params.stop, tr.emitted)
+            if hit is not None:
+                text = text[: hit[0]]
+        # Hold back a tail that could still grow into a stop string.
+        visible = len(text)
+        if params.stop and not req.is_finished:
+            hold = max(len(s) for s in params.stop) - 1
+            visible = max(tr.emitted, len(text) - hold)
+        new_text = text[tr.emitted:visible]
+        prev_tokens = getattr(tr, "_sent_tokens", 0)
+        tr._sent_tokens = req.num_output_tokens  # type: ignore[attr-defined]
+        tr.emitted = visible
+        finish = req.status.value if req.is_finished else None
+        completion = CompletionOutput(
+            index=0,
+            text=text[:visible] if not req.is_finished else text,
+            token_ids=list(req.output_token_ids),
+            finish_reason=finish,
+            logprobs=list(tr.logprobs) if params.logprobs is not None else None,
+        )
+        output = RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[completion],
+            finished=req.is_finished,
+            new_text=new_text,
+            new_token_ids=list(req.output_token_ids[prev_tokens:]),
+            routed_chunks=tr.routed_chunks,
+        )
+        if req.is_finished:
+            self._drop(req.request_id)
+        return output
+
+    def _drop(self, request_id: str) -> None:
+        self._tracked.pop(request_id, None)
+        self.runner.release(request_id)
+
+    def _get_library(self, name: str):
+        return self.libraries.get(name)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            waiting_prefill_tokens=self.scheduler.waiting_prefill_tokens,
+            kv_usage=self.block_manager.usage,
+            num_kv_blocks=self.runner.num_blocks,
+            steps=self._steps,
+            generated_tokens=self._generated,
+            prompt_tokens_computed=self._prompt_computed,
+            last_step_seconds=self._last_step_s,
+            chunks_routed=self._chunks_routed,
+        )
+
+
+def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> tuple[int, str] | None:
+    start = max(0, emitted - max(len(s) for s in stops))
+    best = None
+    for s in stops:
+        i = text.find(s, start)
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
+def _replace(params: SamplingParams, **changes) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, **changes)
+
+
+def _make_library_manager(config: EngineConfig, loaded, device):
+    try:
+        from moska.library.manager import LibraryManager, default_library_root
+    except ImportError:  # the library package is optional for plain generation
+        return None
+    root = config.library_root or default_library_root()
+    return LibraryManager(root, loaded, device)

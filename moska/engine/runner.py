@@ -1,0 +1,178 @@
+"""The model runner: turns one scheduler decision into tensors, runs the model once over
+all scheduled tokens (prefill chunks and decodes together), and samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from moska.attention.backend import PagedAttention
+from moska.attention.kv_cache import PagedKVCache
+from moska.attention.metadata import AttentionMetadata, LibraryGroup
+from moska.attention.ops import get_attention_ops
+from moska.config import EngineConfig
+from moska.engine.request import Request
+from moska.engine.sampler import Sampler
+
+_CPU_KV_BUDGET_BYTES = 1 << 30
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]  # request_id -> new token (only requests that finished their tokens)
+    logprobs: dict[str, tuple[float, dict[int, float]]]
+    routed_chunks: dict[str, list[int]]  # request_id -> chunks of the last layer (when asked)
+
+
+class ModelRunner:
+    def __init__(self, loaded, config: EngineConfig, device: torch.device) -> None:
+        self.model = loaded.model
+        self.mcfg = loaded.config
+        self.config = config
+        self.device = device
+        self.dtype = next(self.model.parameters()).dtype
+        self.block_size = config.block_size
+        num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        self.cache = PagedKVCache(
+            self.mcfg.num_layers,
+            num_blocks,
+            self.block_size,
+            self.mcfg.num_kv_heads,
+            self.mcfg.head_dim,
+            self.dtype,
+            device,
+        )
+        kind = config.attention
+        if kind == "auto":
+            kind = "triton" if device.type == "cuda" else "torch"
+        self.ops = get_attention_ops(kind)
+        self.attention = PagedAttention(self.cache, self.ops, self.mcfg.sm_scale)
+        self.sampler = Sampler(config.seed)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.cache.num_blocks
+
+    def _auto_num_blocks(self) -> int:
+        per_block = PagedKVCache.bytes_per_block(
+            self.mcfg.num_layers,
+            self.block_size,
+            self.mcfg.num_kv_heads,
+            self.mcfg.head_dim,
+            self.dtype,
+        )
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # Half of the budget for the unique cache; libraries and activations take the rest.
+            budget = int(free * self.config.gpu_memory_utilization * 0.5)
+        else:
+            budget = _CPU_KV_BUDGET_BYTES
+        return max(16, budget // per_block)
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        scheduled: list,  # [ScheduledRequest(request, num_new_tokens)]
+        get_library: Callable[[str], object],
+        top_k_default: int,
+    ) -> StepResult:
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu_q = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        lib_rows: dict[str, list[int]] = {}
+        lib_topk: dict[str, int] = {}
+        record_reqs: dict[str, list[tuple[Request, int]]] = {}
+        for item in scheduled:
+            req: Request = item.request
+            start, n = req.num_computed_tokens, item.num_new_tokens
+            end = start + n
+            assert 0 < n and end <= req.num_tokens
+            all_ids = req.all_token_ids
+            offset = 0
+            if req.library is not None:
+                lib = get_library(req.library)
+                offset = lib.position_offset
+                first = len(token_ids)
+                lib_rows.setdefault(req.library, []).extend(range(first, first + n))
+                k = req.top_k_chunks or top_k_default
+                lib_topk[req.library] = max(lib_topk.get(req.library, 0), k)
+            token_ids.extend(all_ids[start:end])
+            positions.extend(range(offset + start, offset + end))
+            table = req.block_table
+            slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
+            cu_q.append(len(token_ids))
+            seq_lens.append(end)
+            if end == req.num_tokens:
+                sample_rows.append(len(token_ids) - 1)
+                sample_reqs.append(req)
+                if req.library is not None:
+                    record_reqs.setdefault(req.library, []).append((req, len(token_ids) - 1))
+        max_blocks = max((s + bs - 1) // bs for s in seq_lens)
+        tables = [
+            it.request.block_table[:max_blocks] + [0] * (max_blocks - len(it.request.block_table))
+            for it in scheduled
+        ]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            cu_q_lens=torch.tensor(cu_q, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
+            decode_only=len(token_ids) == len(scheduled),
+        )
+        for name, rows in lib_rows.items():
+            lib = get_library(name)
+            meta.groups.append(
+                LibraryGroup(
+                    library=lib,
+                    rows=torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True),
+                    top_k=lib_topk[name],
+                    scorer=getattr(lib, "default_scorer", "keymax"),
+                    record=name in record_reqs,
+                )
+            )
+        ids_t = torch.tensor(token_ids, dtype=torch.int64).to(dev, non_blocking=True)
+        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        hidden = self.model(ids_t, pos_t, self.attention.bind(meta))
+        result = StepResult(sampled={}, logprobs={}, routed_chunks={})
+        if not sample_rows:
+            return result
+        rows_t = torch.tensor(sample_rows, dtype=torch.int64).to(dev)
+        logits = self.model.compute_logits(hidden.index_select(0, rows_t))
+        out = self.sampler(
+            logits, [r.sampling_params for r in sample_reqs], [r.request_id for r in sample_reqs]
+        )
+        for req, tok, lp in zip(sample_reqs, out.token_ids, out.logprobs):
+            result.sampled[req.request_id] = tok
+            if lp is not None:
+                result.logprobs[req.request_id] = lp
+        for group, name in zip(meta.groups, lib_rows):
+            _record_routes(group, lib_rows[name], record_reqs.get(name, []), result)
+        return result
+
+    def release(self, request_id: str) -> None:
+        self.sampler.release(request_id)
+
+
+def _record_routes(group: LibraryGroup, rows: list[int], reqs, result: StepResult) -> None:
+    """The chunks each sampled row read at the last recorded layer (KV head 0)."""
+    if not group.recorded or not reqs:
+        return
+    sel = group.recorded[max(group.recorded)]
+    local = {row: i for i, row in enumerate(rows)}
+    req_ids = sel.req.tolist()
+    heads = sel.kv_head.tolist()
+    chunks = sel.chunk.tolist()
+    by_row: dict[int, list[int]] = {}
+    for r, h, c in zip(req_ids, heads, chunks):
+        if h == 0:
+            by_row.setdefault(r, []).append(c)
+    for req, row in reqs:
+        result.routed_chunks[req.request_id] = sorted(by_row.get(local[row], []))

@@ -1,0 +1,103 @@
+"""Token sampling for one step: temperature, top-k, top-p, per-request seeds, logprobs.
+
+Sampling draws by dividing probabilities by exponential noise and taking the argmax (the
+Gumbel-max trick in exponential form): no host sync and no multinomial kernel. Requests
+with a seed draw their noise from their own generator, so their output does not depend on
+what else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moska.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[tuple[float, dict[int, float]] | None]  # (sampled logprob, top alternatives)
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self._seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+        self._default: dict[str, torch.Generator] = {}
+
+    def _generator(self, request_id: str, params: SamplingParams, device: torch.device):
+        if params.seed is None:
+            gen = self._default.get(str(device))
+            if gen is None:
+                gen = torch.Generator(device=device).manual_seed(self._seed)
+                self._default[str(device)] = gen
+            return gen
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(params.seed)
+            self._generators[request_id] = gen
+        return gen
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [N, V] float32
+        params: list[SamplingParams],
+        request_ids: list[str],
+    ) -> SamplerOutput:
+        assert logits.shape[0] == len(params) == len(request_ids)
+        logits = logits.float()
+        n = logits.shape[0]
+        temps = torch.tensor([p.temperature for p in params], device=logits.device)
+        greedy = temps == 0
+        scaled = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)
+        scaled = _apply_top_k(scaled, [p.top_k for p in params])
+        scaled = _apply_top_p(scaled, [p.top_p for p in params])
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs)
+        for i, (p, rid) in enumerate(zip(params, request_ids)):
+            if p.temperature > 0:
+                noise[i].exponential_(generator=self._generator(rid, p, logits.device))
+            else:
+                noise[i].fill_(1.0)
+        sampled = torch.where(greedy, logits.argmax(-1), (probs / noise).argmax(-1))
+        token_ids = sampled.tolist()
+        logprobs: list[tuple[float, dict[int, float]] | None] = [None] * n
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            lp = torch.log_softmax(logits[want], dim=-1)
+            k = max(params[i].logprobs for i in want)
+            top_v, top_i = lp.topk(max(k, 1), dim=-1)
+            chosen = lp.gather(1, sampled[want].unsqueeze(1)).squeeze(1).tolist()
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            for j, i in enumerate(want):
+                kk = params[i].logprobs
+                logprobs[i] = (chosen[j], dict(zip(top_i[j][:kk], top_v[j][:kk])))
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+
+def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in top_ks]
+    if all(k == vocab for k in ks):
+        return logits
+    k_t = torch.tensor(ks, device=logits.device)
+    sorted_desc = logits.sort(dim=-1, descending=True).values
+    kth = sorted_desc.gather(1, (k_t - 1).unsqueeze(1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    if all(p >= 1.0 for p in top_ps):
+        return logits
+    p_t = torch.tensor(top_ps, device=logits.device, dtype=logits.dtype)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    # Drop a token when the mass before it already reaches top_p (the first always stays).
+    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= p_t.unsqueeze(1)
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
