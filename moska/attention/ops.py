@@ -31,10 +31,27 @@ def get_attention_ops(kind: str) -> AttentionOps:
     if kind == "torch":
         return AttentionOps(
             name="torch",
-            paged_decode=paged_attention.paged_decode_attention_ref,
-            paged_prefill=paged_attention.paged_prefill_attention_ref,
+            paged_decode=_paged_decode_ref,
+            paged_prefill=_paged_prefill_ref,
             grouped_shared=shared_attention.grouped_shared_attention_ref,
             merge_selections=merge.merge_selections_ref,
             use_triton=False,
         )
     raise ValueError(f"unknown attention implementation {kind!r}; use 'triton' or 'torch'")
+
+
+def _paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, sm_scale):
+    import torch
+
+    from moska.kernels.paged_attention import paged_attention_ref
+
+    cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    o, lse = paged_attention_ref(q, k_cache, v_cache, block_tables, cu, seq_lens, sm_scale)
+    return o.to(q.dtype), lse
+
+
+def _paged_prefill_ref(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale):
+    from moska.kernels.paged_attention import paged_attention_ref
+
+    o, lse = paged_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale)
+    return o.to(q.dtype), lse

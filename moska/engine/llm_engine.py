@@ -69,7 +69,6 @@ class LLMEngine:
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 enable_chunked_prefill=config.enable_chunked_prefill,
-                max_model_len=self.max_model_len,
             ),
             self.block_manager,
         )
