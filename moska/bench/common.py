@@ -1,0 +1,97 @@
+"""Shared pieces of the benchmarks: random models of real shapes (no download), the
+environment record every JSON carries, and CUDA-event timing."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+
+def random_loaded_model(hf_config: dict, dtype: torch.dtype, device: str, seed: int = 0):
+    """A LoadedModel with random weights of the given HF config, built on `device`."""
+    from moska.model.config import ModelConfig
+    from moska.model.llama import CausalLM
+    from moska.model.loader import LoadedModel
+
+    config = ModelConfig.from_dict(hf_config)
+    torch.manual_seed(seed)
+    model = CausalLM(config, dtype=dtype, device="meta").to_empty(device=device)
+    model.rotary.reset_inv_freq()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    model.requires_grad_(False).eval()
+    return LoadedModel(model, config, None, Path("random"))
+
+
+def environment(argv: list[str] | None = None) -> dict:
+    import triton
+
+    env = {
+        "command": " ".join(["python", "-m", *(argv or sys.argv)]),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def cuda_time_ms(fn, iters: int = 10, warmup: int = 2) -> float:
+    """Median milliseconds of fn() measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
