@@ -35,13 +35,13 @@ def shared_attention_for_group(
     sm_scale: float,
 ):
     lib = group.library
-    k_pool, v_pool = lib.k_pool[layer], lib.v_pool[layer]  # [S, Hkv, D]
+    k_pool, v_pool = lib.k_pools[layer], lib.v_pools[layer]  # [S, Hkv, D]
     num_kv_heads = k_pool.shape[1]
     if group.top_k >= lib.num_chunks:
         sel = all_chunk_selections(q_rows.shape[0], num_kv_heads, lib.num_chunks, q_rows.device)
     else:
         from moska.kernels.router import route
 
-        sel = route(q_rows, lib.index[layer], group.top_k, scorer=group.scorer)
+        sel = route(q_rows, lib.routing[layer], group.top_k, scorer=group.scorer)
     o_sel, lse_sel = ops.grouped_shared(q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale)
     return o_sel, lse_sel, sel

@@ -1,0 +1,265 @@
+"""End-to-end decode benchmark at Llama-3.1-8B dims (random bf16 weights, no download).
+
+A 512K-token shared library in chunks of 4096, B concurrent requests with 1K unique tokens
+each. Three modes timed in the same run, per decode step (model forward + logits + argmax):
+  moska      routing (top-k chunks) + grouped shared attention + paged unique + LSE merge
+  all        sharing without routing: every request reads every chunk, still batched per chunk
+  dense      each request reads the shared KV itself through its block table (what vLLM /
+             SGLang prefix caching do: shared physical blocks, one attention pass per request)
+The library KV and every request's KV are random (their values do not change the cost), laid
+out in one paged cache so that the dense baseline's block tables point at the same shared
+blocks the library pool views. Also: the library build rate (tokens/s, MFU) through the real
+builder on a shorter library, and the roofline step estimate.
+
+    python -m moska.bench.decode [--batch 64 128 256] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moska.attention.backend import PagedAttention
+from moska.attention.kv_cache import PagedKVCache
+from moska.attention.metadata import AttentionMetadata, LibraryGroup
+from moska.attention.ops import get_attention_ops
+from moska.bench.common import LLAMA_3_1_8B, cuda_time_ms, environment, random_loaded_model
+from moska.bench.common import write_json
+
+
+@dataclass(eq=False)
+class BenchLibrary:
+    """The runtime view a LibraryGroup needs, over a region of the paged cache."""
+
+    k_pools: list
+    v_pools: list
+    routing: list
+    chunk_offsets: torch.Tensor
+    num_chunks: int
+    position_offset: int
+
+
+def measure_ceilings() -> dict:
+    x = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")  # 2 GiB
+    y = torch.empty_like(x)
+    ms = cuda_time_ms(lambda: y.copy_(x), iters=10)
+    bw = 2 * x.numel() * 2 / (ms / 1e3)
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = cuda_time_ms(lambda: a @ b, iters=10)
+    return {"copy_bytes_per_s": bw, "gemm_flops_per_s": 2 * 8192**3 / (ms / 1e3)}
+
+
+def build_library_view(cache: PagedKVCache, lib_tokens: int, chunk: int, scorer: str, bs: int):
+    from moska.kernels.router import build_routing_index
+
+    nblk = lib_tokens // bs
+    L, _, _, hkv, d = cache.k.shape
+    offsets = torch.arange(0, lib_tokens + 1, chunk, dtype=torch.int32, device="cuda")
+    k_pools = [cache.k[l, :nblk].view(lib_tokens, hkv, d) for l in range(L)]
+    v_pools = [cache.v[l, :nblk].view(lib_tokens, hkv, d) for l in range(L)]
+    routing = []
+    if scorer != "all":
+        routing = [build_routing_index(k_pools[l], offsets) for l in range(L)]
+    return BenchLibrary(k_pools, v_pools, routing, offsets, lib_tokens // chunk, lib_tokens)
+
+
+def decode_metadata(b: int, unique: int, lib_blocks: int, bs: int, dense: bool):
+    """Block tables for B requests: request i owns blocks after the library's; dense mode
+    puts the library's blocks in front (shared physical blocks, as prefix caching does)."""
+    per_req = math.ceil((unique + 1) / bs)
+    own = lib_blocks + torch.arange(b * per_req, device="cuda").view(b, per_req)
+    if dense:
+        shared = torch.arange(lib_blocks, device="cuda").expand(b, lib_blocks)
+        tables = torch.cat([shared, own], dim=1)
+        ctx = lib_blocks * bs + unique + 1
+    else:
+        tables = own
+        ctx = unique + 1
+    new_pos = ctx - 1  # the new token's slot in its own table
+    slot = tables[:, new_pos // bs].long() * bs + new_pos % bs
+    return AttentionMetadata(
+        slot_mapping=slot,
+        cu_q_lens=torch.arange(b + 1, dtype=torch.int32, device="cuda"),
+        seq_lens=torch.full((b,), ctx, dtype=torch.int32, device="cuda"),
+        block_tables=tables.to(torch.int32).contiguous(),
+        decode_only=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--library-tokens", type=int, default=512 * 1024)
+    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--unique-tokens", type=int, default=1024)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--scorer", default="two_stage")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
+    ap.add_argument("--build-tokens", type=int, default=16384)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default="bench/results/decode.json")
+    ap.add_argument("--quick", action="store_true", help="small shapes for a fast check")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the decode benchmark needs a CUDA GPU")
+    if args.quick:
+        args.library_tokens, args.batch, args.layers, args.build_tokens = 65536, [64], 4, 4096
+    cfg = dict(LLAMA_3_1_8B)
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    bs = 16
+    ceilings = measure_ceilings()
+    loaded = random_loaded_model(cfg, torch.bfloat16, "cuda")
+    model, mcfg = loaded.model, loaded.config
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = n_params * 2
+
+    build = library_build_rate(loaded, args.build_tokens, args.chunk_size, ceilings, n_params)
+    torch.cuda.empty_cache()
+
+    lib_blocks = args.library_tokens // bs
+    per_req = math.ceil((args.unique_tokens + 1) / bs)
+    num_blocks = lib_blocks + max(args.batch) * per_req
+    cache = PagedKVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim,
+                         torch.bfloat16, "cuda")
+    for t in (cache.k, cache.v):
+        for l in range(t.shape[0]):
+            t[l].normal_()
+    lib = build_library_view(cache, args.library_tokens, args.chunk_size, args.scorer, bs)
+    attention = PagedAttention(cache, get_attention_ops("triton"), mcfg.sm_scale)
+    kv_token_bytes = 2 * mcfg.num_kv_heads * mcfg.head_dim * 2  # k+v, bf16, one layer
+
+    rows = []
+    for b in args.batch:
+        ids = torch.randint(0, mcfg.vocab_size, (b,), device="cuda")
+        for mode in ("moska", "all", "dense"):
+            meta = decode_metadata(b, args.unique_tokens, lib_blocks, bs, mode == "dense")
+            pos = torch.full((b,), args.library_tokens + args.unique_tokens, device="cuda")
+            if mode != "dense":
+                top_k = args.top_k if mode == "moska" else lib.num_chunks
+                meta.groups.append(LibraryGroup(
+                    library=lib, rows=torch.arange(b, device="cuda"), top_k=top_k,
+                    scorer=args.scorer, record=mode == "moska"))
+            bound = attention.bind(meta)
+
+            def step():
+                h = model(ids, pos, bound)
+                return model.compute_logits(h).argmax(-1)
+
+            iters = 2 if mode == "dense" else args.iters
+            ms = cuda_time_ms(step, iters=iters, warmup=1)
+            row = {"batch": b, "mode": mode, "step_ms": ms, "decode_tokens_per_s": b / (ms / 1e3)}
+            if mode == "moska" and meta.groups[0].recorded:
+                sel = next(iter(meta.groups[0].recorded.values()))
+                row["chunks_touched"] = int(torch.unique(sel.chunk).numel())
+            rows.append(row)
+            print(f"B={b:4d} {mode:6s} {ms:9.2f} ms  {b / (ms / 1e3):10.1f} tok/s", flush=True)
+        touched = next(r for r in rows if r["batch"] == b and r["mode"] == "moska")
+        t_c = touched.get("chunks_touched", lib.num_chunks)
+        L = mcfg.num_layers
+        lib_bytes = t_c * args.chunk_size * kv_token_bytes * L
+        uniq_bytes = b * (args.unique_tokens + 1) * kv_token_bytes * L
+        rank = mcfg.head_dim // 4
+        router_bytes = (L * args.library_tokens * mcfg.num_kv_heads * rank * 2
+                        if args.scorer in ("keymax", "two_stage") else 0)
+        flops = 2 * n_params * b + 4 * b * mcfg.num_heads * mcfg.head_dim * L * (
+            args.top_k * args.chunk_size + args.unique_tokens + 1)
+        t_mem = (weight_bytes + lib_bytes + uniq_bytes + router_bytes) / ceilings[
+            "copy_bytes_per_s"]
+        t_flop = flops / ceilings["gemm_flops_per_s"]
+        floor_ms = 1e3 * max(t_mem, t_flop)
+        for r in rows:
+            if r["batch"] == b:
+                r["roofline_ms"] = floor_ms
+                r["roofline_fraction"] = floor_ms / r["step_ms"]
+    summary = summarize(rows, build)
+    payload = {
+        "environment": environment(),
+        "shapes": {"model": "Llama-3.1-8B dims, random bf16", "layers": mcfg.num_layers,
+                   "library_tokens": args.library_tokens, "chunk_size": args.chunk_size,
+                   "unique_tokens": args.unique_tokens, "top_k": args.top_k,
+                   "scorer": args.scorer, "block_size": bs},
+        "ceilings": ceilings,
+        "library_build": build,
+        "rows": rows,
+        "summary": summary,
+    }
+    out = write_json(args.out, payload)
+    plot(rows, out.with_suffix(".png"))
+    print(f"\n{'B':>5} {'mode':>6} {'step ms':>9} {'tok/s':>10} {'roofline':>9}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['mode']:>6} {r['step_ms']:>9.2f} "
+              f"{r['decode_tokens_per_s']:>10.1f} {r['roofline_fraction']:>9.2f}")
+    print("summary:", summary)
+
+
+def library_build_rate(loaded, tokens: int, chunk: int, ceilings: dict, n_params: int) -> dict:
+    """Prefill a prefix-mode library of `tokens` random tokens with the real builder."""
+    import tempfile
+
+    from moska.library.builder import build_library
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, loaded.config.vocab_size, (tokens,), generator=g).tolist()
+    with tempfile.TemporaryDirectory() as root:
+        t0 = time.perf_counter()
+        info = build_library(loaded, [("random", ids)], "bench", root,
+                             chunk_size=min(chunk, tokens), mode="prefix", progress=False)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    c = loaded.config
+    flops = 2 * n_params * tokens + 2 * tokens * tokens * c.num_heads * c.head_dim * c.num_layers
+    stats = getattr(info, "build_stats", None)
+    compute_s = getattr(stats, "seconds", None) or seconds
+    return {"tokens": tokens, "seconds_total": seconds, "seconds_prefill": compute_s,
+            "tokens_per_s": tokens / compute_s,
+            "mfu": flops / compute_s / ceilings["gemm_flops_per_s"]}
+
+
+def summarize(rows: list[dict], build: dict) -> dict:
+    def get(b, mode):
+        return next((r for r in rows if r["batch"] == b and r["mode"] == mode), None)
+
+    b = 256 if get(256, "moska") else max(r["batch"] for r in rows)
+    m, a, d = get(b, "moska"), get(b, "all"), get(b, "dense")
+    return {
+        "batch": b,
+        "speedup_vs_dense_b256": d["step_ms"] / m["step_ms"],
+        "speedup_routing_vs_all_chunks_b256": a["step_ms"] / m["step_ms"],
+        "roofline_fraction_b256": m["roofline_fraction"],
+        "decode_tokens_per_s_b256": m["decode_tokens_per_s"],
+        "library_build_mfu": build["mfu"],
+    }
+
+
+def plot(rows: list[dict], path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in ("moska", "all", "dense"):
+        pts = [(r["batch"], r["decode_tokens_per_s"]) for r in rows if r["mode"] == mode]
+        ax.plot(*zip(*pts), marker="o", label=mode)
+    roof = sorted({(r["batch"], r["batch"] / (r["roofline_ms"] / 1e3)) for r in rows})
+    ax.plot(*zip(*roof), linestyle="--", color="gray", label="roofline (moska)")
+    ax.set_xlabel("concurrent requests B")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.set_title("Decode at Llama-3.1-8B dims, 512K shared tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
