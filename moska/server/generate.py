@@ -1,0 +1,269 @@
+"""POST /v1/completions and /v1/chat/completions: validate, admit, submit, answer.
+
+One HTTP request becomes `len(prompts) * n` engine requests with ids `{id}-{k}`, k the
+choice index; with a seed, choice j of a prompt samples with seed + j.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from moska.engine.outputs import RequestOutput
+from moska.engine.sampling_params import SamplingParams
+from moska.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from moska.server.errors import APIError, from_engine_error
+from moska.server.protocol import (
+    LIBRARY_NAME_RE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    UsageInfo,
+)
+from moska.server.state import ServerState
+
+_LONG_PROMPT_CHARS = 20_000  # tokenize longer prompts off the event loop
+
+
+@dataclass
+class Generation:
+    """A validated, admitted and submitted HTTP request."""
+
+    request_id: str
+    created: int
+    model: str
+    streams: list[RequestStream]
+    queue: asyncio.Queue
+    choice_of: dict[str, int]
+    params: SamplingParams  # of choice 0; logprobs etc. are the same for all
+    num_prompts: int
+    prompt_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> tokens
+    n: int = 1
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [s.request_id for s in self.streams]
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) until every choice has finished."""
+        remaining = set(self.choice_of)
+        while remaining:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise APIError(500, str(item), code="engine_error") from item
+            idx = self.choice_of[item.request_id]
+            self.prompt_tokens.setdefault(idx // self.n, len(item.prompt_token_ids))
+            if item.finished:
+                remaining.discard(item.request_id)
+            yield idx, item
+
+    async def final_outputs(self) -> dict[int, RequestOutput]:
+        last: dict[int, RequestOutput] = {}
+        async for idx, out in self.outputs():
+            last[idx] = out
+        return last
+
+    def usage(self, completion_tokens: int) -> UsageInfo:
+        prompt = sum(self.prompt_tokens.values())
+        return UsageInfo(
+            prompt_tokens=prompt,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt + completion_tokens,
+        )
+
+
+def check_model(state: ServerState, model: str) -> None:
+    if model != state.model_name:
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this server serves '{state.model_name}'",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def check_library(state: ServerState, library: str | None) -> None:
+    if library is None:
+        return
+    if not LIBRARY_NAME_RE.match(library):
+        raise APIError(
+            400,
+            f"invalid library name {library!r}: use 1-64 characters of letters, digits, "
+            "'.', '_' and '-', starting with a letter or digit",
+            param="library",
+            code="invalid_library_name",
+        )
+    if getattr(state.engine, "libraries", None) is None:
+        raise APIError(404, f"library {library!r} not found", param="library",
+                       code="library_not_found")
+
+
+async def tokenize(state: ServerState, prompt: str | list[int]) -> int:
+    """Number of tokens of a prompt; checks token ids against the vocabulary."""
+    tok = state.engine.tokenizer
+    if isinstance(prompt, list):
+        vocab = getattr(tok, "vocab_size", None)
+        if vocab is not None and any(t >= vocab for t in prompt):
+            raise APIError(400, f"token ids must be below the vocabulary size {vocab}",
+                           param="prompt")
+        return len(prompt)
+    try:
+        if len(prompt) > _LONG_PROMPT_CHARS:
+            ids = await asyncio.to_thread(tok.encode, prompt)
+        else:
+            ids = tok.encode(prompt)
+    except Exception as exc:  # noqa: BLE001 - odd input the tokenizer refuses
+        raise APIError(400, f"could not tokenize the prompt: {exc}", param="prompt") from exc
+    return len(ids)
+
+
+def resolve_max_tokens(state: ServerState, num_prompt: int, max_tokens: int | None) -> int:
+    limit = state.max_model_len
+    if num_prompt == 0:
+        raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+    if num_prompt >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens; the prompt has "
+            f"{num_prompt} tokens. Shorten the prompt.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        return limit - num_prompt
+    if num_prompt + max_tokens > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens; you requested "
+            f"{num_prompt + max_tokens} ({num_prompt} in the prompt, {max_tokens} for the "
+            "completion). Reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def sampling_params(
+    body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None, j: int
+) -> SamplingParams:
+    seed = None if body.seed is None else (body.seed + j) % 2**63
+    try:
+        return SamplingParams(
+            n=1,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=0 if body.top_k is None else body.top_k,
+            max_tokens=max_tokens,
+            min_tokens=min(body.min_tokens, max_tokens),
+            stop=body.stop if body.stop is not None else (),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            seed=seed,
+            logprobs=logprobs,
+        )
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+
+
+async def submit(
+    state: ServerState,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompts: list[str | list[int]],
+    prefix: str,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> Generation:
+    """Validate lengths, ask admission, and hand every choice to the engine."""
+    check_model(state, body.model)
+    check_library(state, body.library)
+    n = body.n
+    if n > state.settings.max_n:
+        raise APIError(400, f"n must be at most {state.settings.max_n}", param="n")
+    counts = [await tokenize(state, p) for p in prompts]
+    resolved = [resolve_max_tokens(state, c, max_tokens) for c in counts]
+    params = [[sampling_params(body, mt, logprobs, j) for j in range(n)] for mt in resolved]
+
+    aengine: AsyncEngine = state.async_engine
+    if not aengine.accepting:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    decision = state.admission.decide(max(counts), aengine.load(), n * len(prompts))
+    if not decision.accepted:
+        state.metrics.rejections.labels(decision.verdict.value).inc()
+        raise APIError(
+            429,
+            f"server overloaded ({decision.verdict.value}, predicted time to first token "
+            f"{decision.predicted_ttft_s:.2f}s); retry after {decision.retry_after_s}s",
+            code=decision.verdict.value,
+            headers={"Retry-After": str(decision.retry_after_s)},
+        )
+
+    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    queue: asyncio.Queue = asyncio.Queue()
+    streams: list[RequestStream] = []
+    try:
+        for i, (prompt, count) in enumerate(zip(prompts, counts)):
+            ids = [f"{request_id}-{i * n + j}" for j in range(n)]
+            streams += await aengine.add_requests(
+                ids, prompt, params[i], count, library=body.library,
+                top_k_chunks=body.top_k_chunks, queue=queue,
+            )
+    except BaseException as exc:
+        aengine.abort([s.request_id for s in streams])
+        if isinstance(exc, EngineDeadError):
+            raise APIError(503, str(exc), code="shutting_down") from exc
+        if isinstance(exc, Exception) and not isinstance(exc, APIError):
+            raise from_engine_error(exc) from exc
+        raise
+    for count in counts:
+        state.metrics.prompt_tokens.inc(count * n)
+    return Generation(
+        request_id=request_id,
+        created=int(time.time()),
+        model=state.model_name,
+        streams=streams,
+        queue=queue,
+        choice_of={s.request_id: k for k, s in enumerate(streams)},
+        params=params[0][0],
+        num_prompts=len(prompts),
+        n=n,
+    )
+
+
+def token_text(state: ServerState, token_id: int) -> str:
+    try:
+        return state.engine.tokenizer.decode([token_id])
+    except Exception:  # noqa: BLE001
+        return f"<{token_id}>"
+
+
+def completion_logprobs(state: ServerState, entries: list[Any], offset: int) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        text = token_text(state, e.token_id)
+        tokens.append(text)
+        lps.append(float(e.logprob))
+        tops.append({token_text(state, t): float(lp) for t, lp in e.top.items()} or None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(state: ServerState, entries: list[Any], top_n: int) -> dict:
+    content = []
+    for e in entries:
+        text = token_text(state, e.token_id)
+        top = sorted(e.top.items(), key=lambda kv: -kv[1])[:top_n]
+        content.append({
+            "token": text,
+            "logprob": float(e.logprob),
+            "bytes": list(text.encode("utf-8")),
+            "top_logprobs": [
+                {"token": (s := token_text(state, t)), "logprob": float(lp),
+                 "bytes": list(s.encode("utf-8"))}
+                for t, lp in top
+            ],
+        })
+    return {"content": content}

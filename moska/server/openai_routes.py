@@ -1,0 +1,209 @@
+"""OpenAI routes: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from moska.server.errors import APIError, error_body
+from moska.server.generate import (
+    Generation,
+    chat_logprobs,
+    completion_logprobs,
+    submit,
+)
+from moska.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from moska.server.state import ServerState, get_state
+from moska.server.streaming import (
+    SSE_DONE,
+    ClientDisconnected,
+    SSEResponse,
+    sse,
+    unless_disconnected,
+)
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+_STREAM = {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"}
+
+
+@router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
+    return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.max_model_len)])
+
+
+@router.post(
+    "/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: _STREAM}
+)
+async def create_completion(
+    body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)
+):
+    if body.echo:
+        raise APIError(400, "echo is not supported", param="echo")
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompts: list = [prompt]
+    else:
+        prompts = list(prompt)
+    gen = await submit(state, body, prompts, "cmpl", body.max_tokens, body.logprobs)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(state, gen, _completion_chunks(state, gen, include_usage))
+    last = await _collect(request, state, gen)
+    choices, completion_tokens = [], 0
+    for idx in sorted(last):
+        out = last[idx].outputs[0]
+        completion_tokens += len(out.token_ids)
+        lp = None
+        if gen.params.logprobs is not None:
+            lp = completion_logprobs(state, out.logprobs or [], 0)
+        choices.append(
+            {"index": idx, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+        )
+    return CompletionResponse(
+        id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
+        usage=gen.usage(completion_tokens),
+    )
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**_ERRORS, 200: _STREAM},
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
+):
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        prompt = state.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - a template that refuses these messages
+        raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
+    if not isinstance(prompt, str):  # some tokenizers return ids
+        prompt = list(prompt)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    gen = await submit(state, body, [prompt], "chatcmpl", max_tokens, logprobs)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(state, gen, _chat_chunks(state, gen, include_usage, body.top_logprobs or 0))
+    last = await _collect(request, state, gen)
+    choices, completion_tokens = [], 0
+    for idx in sorted(last):
+        out = last[idx].outputs[0]
+        completion_tokens += len(out.token_ids)
+        lp = None
+        if logprobs is not None:
+            lp = chat_logprobs(state, out.logprobs or [], body.top_logprobs or 0)
+        choices.append({
+            "index": idx,
+            "message": {"role": "assistant", "content": out.text},
+            "logprobs": lp,
+            "finish_reason": out.finish_reason,
+        })
+    return ChatCompletionResponse(
+        id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
+        usage=gen.usage(completion_tokens),
+    )
+
+
+async def _collect(request: Request, state: ServerState, gen: Generation) -> dict:
+    try:
+        return await unless_disconnected(request, gen.final_outputs())
+    except ClientDisconnected:
+        state.async_engine.abort(gen.request_ids)
+        return {}
+    except BaseException:
+        state.async_engine.abort(gen.request_ids)
+        raise
+
+
+def _sse(state: ServerState, gen: Generation, chunks: AsyncIterator[bytes]) -> SSEResponse:
+    ids = gen.request_ids
+    return SSEResponse(chunks, on_close=lambda: state.async_engine.abort(ids))
+
+
+async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Ends every stream with [DONE]; an engine failure mid-stream becomes an error event."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as exc:
+        yield sse(error_body(exc.status, exc.message, code=exc.code))
+    yield SSE_DONE
+
+
+def _completion_chunks(
+    state: ServerState, gen: Generation, include_usage: bool
+) -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncIterator[bytes]:
+        offsets: dict[int, int] = {}
+        sent_lp: dict[int, int] = {}
+        completion_tokens = 0
+        base = {"id": gen.request_id, "object": "text_completion", "created": gen.created,
+                "model": gen.model}
+        async for idx, out in gen.outputs():
+            completion_tokens += len(out.new_token_ids)
+            reason = out.outputs[0].finish_reason if out.finished else None
+            lp = None
+            if gen.params.logprobs is not None:
+                all_lp = out.outputs[0].logprobs or []
+                new = all_lp[sent_lp.get(idx, 0):]
+                sent_lp[idx] = len(all_lp)
+                lp = completion_logprobs(state, new, offsets.get(idx, 0))
+            if not out.new_text and reason is None and not (lp and lp["tokens"]):
+                continue
+            offsets[idx] = offsets.get(idx, 0) + len(out.new_text)
+            choice = {"index": idx, "text": out.new_text, "logprobs": lp, "finish_reason": reason}
+            yield sse({**base, "choices": [choice], "usage": None})
+        if include_usage:
+            usage = gen.usage(completion_tokens).model_dump()
+            yield sse({**base, "choices": [], "usage": usage})
+
+    return _guarded(chunks())
+
+
+def _chat_chunks(
+    state: ServerState, gen: Generation, include_usage: bool, top_n: int
+) -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncIterator[bytes]:
+        base = {"id": gen.request_id, "object": "chat.completion.chunk",
+                "created": gen.created, "model": gen.model}
+        for idx in range(len(gen.streams)):
+            choice = {"index": idx, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}
+            yield sse({**base, "choices": [choice], "usage": None})
+        sent_lp: dict[int, int] = {}
+        completion_tokens = 0
+        async for idx, out in gen.outputs():
+            completion_tokens += len(out.new_token_ids)
+            reason = out.outputs[0].finish_reason if out.finished else None
+            lp = None
+            if gen.params.logprobs is not None:
+                all_lp = out.outputs[0].logprobs or []
+                new = all_lp[sent_lp.get(idx, 0):]
+                sent_lp[idx] = len(all_lp)
+                lp = chat_logprobs(state, new, top_n)
+            if not out.new_text and reason is None and not (lp and lp["content"]):
+                continue
+            delta = {"content": out.new_text} if out.new_text else {}
+            choice = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            yield sse({**base, "choices": [choice], "usage": None})
+        if include_usage:
+            usage = gen.usage(completion_tokens).model_dump()
+            yield sse({**base, "choices": [], "usage": usage})
+
+    return _guarded(chunks())

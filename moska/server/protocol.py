@@ -1,0 +1,264 @@
+"""Request and response bodies in the OpenAI shape (pydantic).
+
+moska's own fields ride in the request body next to OpenAI's, as vLLM's extra parameters
+do, so the official client sends them with `extra_body={"library": ..., "top_k_chunks": ...}`.
+Unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+LIBRARY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+LIBRARY_NAME_RE = re.compile(LIBRARY_NAME_PATTERN)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP = 16
+
+LibraryName = Annotated[str, StringConstraints(pattern=LIBRARY_NAME_PATTERN)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Request):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str
+    n: int = Field(1, ge=1, le=128)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    user: str | None = None
+    # vLLM-style extras
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
+    # moska extras
+    library: str | None = Field(None, max_length=256, description="shared KV library name")
+    top_k_chunks: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="library chunks routed per step"
+    )
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: (
+        Annotated[str, StringConstraints(max_length=10_000_000)]
+        | Annotated[list[str], Field(min_length=1, max_length=64)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)]
+    )
+    max_tokens: int | None = Field(16, ge=1, le=2**31 - 1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class ContentPart(_Request):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ---------------------------------------------------------------- responses
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "moska"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------- libraries
+
+
+class LibraryDocument(_Request):
+    name: str = Field(min_length=1, max_length=256)
+    text: str = Field(min_length=1)
+
+
+class LibraryBuildRequest(_Request):
+    name: LibraryName
+    documents: list[LibraryDocument] = Field(min_length=1, max_length=100_000)
+    chunk_size: int | None = Field(None, ge=1, le=1 << 20)
+    mode: Literal["prefix", "independent"] = "prefix"
+
+
+class LibraryObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    object: Literal["library"] = "library"
+    name: str
+    num_tokens: int | None = None
+    num_chunks: int | None = None
+    chunk_size: int | None = None
+    mode: str | None = None
+    model: str | None = None
+    created: Any = None
+
+
+class LibraryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LibraryObject]
+
+
+class LibraryJob(BaseModel):
+    id: str
+    object: Literal["library.job"] = "library.job"
+    name: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    created: int
+    finished: int | None = None
+    error: str | None = None
+    library: LibraryObject | None = None
+
+
+class LibraryDeleted(BaseModel):
+    object: Literal["library.deleted"] = "library.deleted"
+    name: str
+    deleted: bool = True

@@ -1,0 +1,45 @@
+"""Server settings: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # library uploads ride in JSON bodies
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the HTTP server runs. The engine's own settings live with the engine.
+
+    `ttft_slo` (seconds): a new request whose predicted time to first token exceeds it is
+    rejected with 429 (None: no SLO check). `max_queue`: requests waiting for their first
+    step beyond which new ones are rejected (None: unbounded). `served_model_name`: the
+    name clients send as `model` (None: the engine's `model_name`).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    ttft_slo: float | None = None
+    max_queue: int | None = 256
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    served_model_name: str | None = None
+    max_n: int = 16
+    shutdown_drain_s: float = 30.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be non-empty when set; pass None to disable auth")
+        if self.ttft_slo is not None and self.ttft_slo <= 0:
+            raise ValueError(f"ttft_slo must be positive seconds, got {self.ttft_slo}")
+        if self.max_queue is not None and self.max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1, got {self.max_queue}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be at least 1, got {self.max_n}")
+        if self.shutdown_drain_s < 0:
+            raise ValueError("shutdown_drain_s must be >= 0")

@@ -1,0 +1,35 @@
+"""What every route needs: the engine, its loop thread, settings, metrics, admission."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from moska.server.admission import AdmissionController
+from moska.server.async_engine import AsyncEngine
+from moska.server.metrics import ServerMetrics
+from moska.server.settings import ServerSettings
+
+
+@dataclass
+class ServerState:
+    engine: Any
+    settings: ServerSettings
+    metrics: ServerMetrics
+    admission: AdmissionController
+    async_engine: AsyncEngine
+    jobs: dict[str, Any] = field(default_factory=dict)  # library build jobs by id
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name or str(self.engine.model_name)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.max_model_len)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.moska
