@@ -1,0 +1,334 @@
+"""Grouped shared-chunk attention: the MoSKA kernel.
+
+Every selection i = (req, kv_head, chunk) asks for the attention of the G query heads of
+KV head `kv_head` of request `req` over the keys of chunk `chunk` (no mask). Selections are
+sorted by (chunk, kv_head, req), so the selections of one (chunk, kv_head) pair, a *group*,
+are contiguous and their query rows are rows `start*G : (start+n)*G` of the flat output
+[N*G, D]. A group's rows are cut into tiles of BLOCK_M rows (a tile may end inside a
+request when G does not divide BLOCK_M: rows are independent), so one K/V block read from
+the chunk serves BLOCK_M query rows through a matrix product, as a fused MoE kernel serves
+an expert's token tile.
+
+One launch runs over a work list of items (group, row tile, split). A long chunk with few
+tiles is split along the sequence (split-KV) so that the launch still has enough programs
+to fill the GPU; the partial states of a split tile go to a scratch buffer and a second,
+small kernel merges them exactly by log-sum-exp. The work list is built on the device with
+torch ops and one host sync (the number of items).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _chunk_attn_inner(
+    acc, m_i, l_i, q,  # [BLOCK_M, D] fp32, [BLOCK_M], [BLOCK_M], [BLOCK_M, D]
+    k_ptrs, v_ptrs,  # [D, BLOCK_N] and [BLOCK_N, D] pointers to the block at `lo`
+    lo, hi, qk_scale, stride_kn, stride_vn,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # Online softmax over keys [lo, hi) in blocks of BLOCK_N; scores in the log2 domain.
+    # Unmasked calls need (hi - lo) % BLOCK_N == 0; masked calls run one partial block.
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        if MASKED:
+            n_ok = (start + offs_n) < hi
+            k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _grouped_shared_attention_kernel(
+    q_ptr,  # [B, Hq, D]
+    k_ptr,  # [S_total, Hkv, D]
+    v_ptr,  # [S_total, Hkv, D]
+    offsets_ptr,  # [C + 1] int32
+    sel_req_ptr,  # [N] int32
+    sel_kv_ptr,  # [N] int32
+    sel_chunk_ptr,  # [N] int32
+    work_ptr,  # [4, W] int32: group start, group selections, row tile, split
+    nsplit_ptr,  # [W] int32: splits of the item's tile
+    o_ptr,  # [N * G, D] q.dtype
+    lse_ptr,  # [N * G] fp32
+    o_part_ptr,  # [W, BLOCK_M, D] fp32 (only items of split tiles)
+    lse_part_ptr,  # [W, BLOCK_M] fp32
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    W, split_len, qk_scale,
+    G: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    w = tl.program_id(0)
+    start = tl.load(work_ptr + w)
+    n_sel = tl.load(work_ptr + W + w)
+    tile = tl.load(work_ptr + 2 * W + w)
+    split = tl.load(work_ptr + 3 * W + w)
+    n_split = tl.load(nsplit_ptr + w)
+    chunk = tl.load(sel_chunk_ptr + start)
+    kv = tl.load(sel_kv_ptr + start)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    rows = tile * BLOCK_M + offs_m  # row of the group: selection rows // G, head rows % G
+    row_ok = rows < n_sel * G
+    req = tl.load(sel_req_ptr + start + rows // G, mask=row_ok, other=0)
+    head = kv * G + rows % G
+    q = tl.load(
+        q_ptr + req[:, None].to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None], other=0.0,
+    )
+
+    c_lo = tl.load(offsets_ptr + chunk)
+    c_hi = tl.load(offsets_ptr + chunk + 1)
+    lo = c_lo + split * split_len
+    hi = tl.minimum(lo + split_len, c_hi)
+    full_hi = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
+    k_ptrs = k_ptr + lo.to(tl.int64) * stride_kn + kv * stride_kh + (offs_n[None, :] * stride_kn + offs_d[:, None])
+    v_ptrs = v_ptr + lo.to(tl.int64) * stride_vn + kv * stride_vh + (offs_n[:, None] * stride_vn + offs_d[None, :])
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc, m_i, l_i = _chunk_attn_inner(
+        acc, m_i, l_i, q, k_ptrs, v_ptrs, lo, full_hi, qk_scale, stride_kn, stride_vn,
+        BLOCK_N, False, PRECISION,
+    )
+    if full_hi < hi:
+        k_ptrs += (full_hi - lo).to(tl.int64) * stride_kn
+        v_ptrs += (full_hi - lo).to(tl.int64) * stride_vn
+        acc, m_i, l_i = _chunk_attn_inner(
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, full_hi, hi, qk_scale, stride_kn, stride_vn,
+            BLOCK_N, True, PRECISION,
+        )
+
+    empty = l_i == 0.0  # only for an empty chunk or split
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if n_split == 1:
+        out_rows = (start * G + rows).to(tl.int64)
+        tl.store(o_ptr + out_rows[:, None] * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptr + out_rows, lse, mask=row_ok)
+    else:
+        part = w.to(tl.int64) * BLOCK_M + offs_m
+        tl.store(o_part_ptr + part[:, None] * D + offs_d[None, :], o)
+        tl.store(lse_part_ptr + part, lse)
+
+
+@triton.jit
+def _merge_tile_splits_kernel(
+    work_ptr,  # [4, W] int32
+    nsplit_ptr,  # [W] int32
+    o_part_ptr,  # [W, BLOCK_M, D] fp32
+    lse_part_ptr,  # [W, BLOCK_M] fp32
+    o_ptr,  # [N * G, D]
+    lse_ptr,  # [N * G] fp32
+    W,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # One program per item; the first split of a split tile merges the tile's partials,
+    # which are the consecutive items w .. w + n_split - 1.
+    w = tl.program_id(0)
+    n_split = tl.load(nsplit_ptr + w)
+    split = tl.load(work_ptr + 3 * W + w)
+    if (split == 0) & (n_split > 1):
+        start = tl.load(work_ptr + w)
+        n_sel = tl.load(work_ptr + W + w)
+        tile = tl.load(work_ptr + 2 * W + w)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        rows = tile * BLOCK_M + offs_m
+        row_ok = rows < n_sel * G
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for s in range(n_split):
+            part = (w + s).to(tl.int64) * BLOCK_M + offs_m
+            lse2 = tl.load(lse_part_ptr + part) * 1.4426950408889634
+            ok = lse2 != float("-inf")
+            o = tl.load(o_part_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            m_new = tl.maximum(m_i, lse2)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_sub)
+            wt = tl.math.exp2(lse2 - m_sub)
+            acc = acc * alpha[:, None] + wt[:, None] * o
+            l_i = l_i * alpha + wt
+            m_i = m_new
+        empty = l_i == 0.0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        out_rows = (start * G + rows).to(tl.int64)
+        tl.store(o_ptr + out_rows[:, None] * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptr + out_rows, lse, mask=row_ok)
+
+
+def _default_config(d: int, device: torch.device) -> dict:
+    if device.type != "cuda":  # interpreter: few, large programs
+        return dict(block_m=64, block_n=64, num_warps=4, num_stages=1, target_programs=8, min_split=64)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    block_n = 64 if d >= 128 else 128
+    return dict(block_m=128, block_n=block_n, num_warps=8, num_stages=3,
+                target_programs=2 * sms, min_split=512)
+
+
+def build_work_list(
+    sel,  # Selections [N]
+    chunk_offsets: torch.Tensor,  # [C + 1] int32
+    num_kv_heads: int, group: int, block_m: int, block_n: int, target_programs: int, min_split: int,
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """Builds the (group, row tile, split) items on the device; one host sync.
+
+    Returns (work [4, W] int32, n_split [W] int32, W, split_len, max splits of a tile).
+    split_len is chosen so that the total work (tiles x tokens) spreads over about
+    `target_programs` items, never below `min_split` tokens, rounded to BLOCK_N.
+    """
+    n = sel.req.numel()
+    dev = sel.req.device
+    key = sel.chunk.long() * num_kv_heads + sel.kv_head.long()  # [N]
+    idx = torch.arange(n, device=dev)
+    is_start = torch.ones(n, dtype=torch.bool, device=dev)
+    is_start[1:] = key[1:] != key[:-1]
+    is_end = torch.ones(n, dtype=torch.bool, device=dev)
+    is_end[:-1] = is_start[1:]
+    start_of = torch.cummax(torch.where(is_start, idx, 0), 0).values  # [N]
+    end_of = torch.cummin(torch.where(is_end, idx, n - 1).flip(0), 0).values.flip(0)  # [N]
+    n_sel = end_of - start_of + 1
+    offs = chunk_offsets.long()
+    chunk = sel.chunk.long()
+    lens = offs[chunk + 1] - offs[chunk]  # [N]
+    tiles = (n_sel * group + block_m - 1) // block_m
+    work_total = torch.where(is_start, tiles * lens, 0).sum()
+    split_len = torch.clamp((work_total + target_programs - 1) // target_programs, min=min_split)
+    split_len = (split_len + block_n - 1) // block_n * block_n
+    n_split = torch.clamp((lens + split_len - 1) // split_len, min=1)  # [N]
+    items = torch.where(is_start, tiles * n_split, 0)
+    cum = torch.cumsum(items, 0)
+    total, max_split, split_len_h = torch.stack([cum[-1], n_split.max(), split_len]).tolist()
+    j = torch.arange(total, device=dev)
+    owner = torch.searchsorted(cum, j, right=True)  # group start selection of item j
+    local = j - (cum[owner] - items[owner])
+    ns = n_split[owner]
+    work = torch.stack([owner, n_sel[owner], local // ns, local % ns]).to(torch.int32).contiguous()
+    return work, ns.to(torch.int32), total, split_len_h, max_split
+
+
+def _check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
+    if q.dim() != 3 or k_pool.dim() != 3:
+        raise ValueError(f"q must be [B,Hq,D] and k_pool [S_total,Hkv,D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}")
+    if v_pool.shape != k_pool.shape:
+        raise ValueError(f"v_pool {tuple(v_pool.shape)} must match k_pool {tuple(k_pool.shape)}")
+    if q.shape[2] != k_pool.shape[2]:
+        raise ValueError(f"head_dim differs: q {q.shape[2]}, k_pool {k_pool.shape[2]}")
+    d = q.shape[2]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
+    if k_pool.shape[1] == 0 or q.shape[1] % k_pool.shape[1]:
+        raise ValueError(f"Hq={q.shape[1]} must be a multiple of Hkv={k_pool.shape[1]}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {q.dtype}")
+    if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
+        if t.stride(2) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1)")
+    if chunk_offsets.dtype != torch.int32 or chunk_offsets.dim() != 1:
+        raise ValueError(f"chunk_offsets must be 1-D int32 [C+1], got {chunk_offsets.dtype} {tuple(chunk_offsets.shape)}")
+    n = sel.req.shape
+    for name in ("req", "kv_head", "chunk"):
+        t = getattr(sel, name)
+        if t.dtype != torch.int32 or t.dim() != 1 or t.shape != n:
+            raise ValueError(f"sel.{name} must be int32 [N] like sel.req; got {t.dtype} {tuple(t.shape)}")
+    devs = {t.device for t in (q, k_pool, v_pool, chunk_offsets, sel.req, sel.kv_head, sel.chunk)}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {devs}")
+
+
+def grouped_shared_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_pool: torch.Tensor,  # [S_total, Hkv, D]
+    v_pool: torch.Tensor,  # [S_total, Hkv, D]
+    chunk_offsets: torch.Tensor,  # [C + 1] int32
+    sel,  # Selections: req, kv_head, chunk [N] int32, sorted by (chunk, kv_head, req)
+    sm_scale: float,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    target_programs: int | None = None,
+    min_split: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32)."""
+    _check_inputs(q, k_pool, v_pool, chunk_offsets, sel)
+    _, hq, d = q.shape
+    hkv = k_pool.shape[1]
+    g = hq // hkv
+    n = sel.req.numel()
+    o = torch.empty(n, g, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(n, g, device=q.device, dtype=torch.float32)
+    if n == 0:
+        return o, lse
+    cfg = _default_config(d, q.device)
+    for k_, v_ in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
+                   ("num_stages", num_stages), ("target_programs", target_programs), ("min_split", min_split)):
+        if v_ is not None:
+            cfg[k_] = v_
+    work, n_split, total, split_len, max_split = build_work_list(
+        sel, chunk_offsets, hkv, g, cfg["block_m"], cfg["block_n"], cfg["target_programs"], cfg["min_split"]
+    )
+    if max_split > 1:
+        o_part = torch.empty(total, cfg["block_m"], d, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(total, cfg["block_m"], device=q.device, dtype=torch.float32)
+    else:
+        o_part, lse_part = o, lse  # never written
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _grouped_shared_attention_kernel[(total,)](
+        q, k_pool, v_pool, chunk_offsets, sel.req, sel.kv_head, sel.chunk, work, n_split,
+        o, lse, o_part, lse_part,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
+        total, split_len, sm_scale * LOG2E,
+        G=g, D=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if max_split > 1:
+        _merge_tile_splits_kernel[(total,)](
+            work, n_split, o_part, lse_part, o, lse, total, G=g, D=d, BLOCK_M=cfg["block_m"],
+            num_warps=4,
+        )
+    return o, lse
+
+
+def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale):
+    """Plain-PyTorch reference, one selection at a time in fp32: (o [N,G,D] fp32, lse [N,G] fp32)."""
+    n = sel.req.numel()
+    hq, d = q.shape[1], q.shape[2]
+    g = hq // k_pool.shape[1]
+    o = torch.zeros(n, g, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((n, g), float("-inf"), dtype=torch.float32, device=q.device)
+    offs = chunk_offsets.tolist()
+    for i, (r, h, c) in enumerate(zip(sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist())):
+        k = k_pool[offs[c] : offs[c + 1], h].float()  # [L, D]
+        v = v_pool[offs[c] : offs[c + 1], h].float()
+        if k.shape[0] == 0:
+            continue
+        s = q[r, h * g : (h + 1) * g].float() @ k.T * sm_scale  # [G, L]
+        lse[i] = torch.logsumexp(s, -1)
+        o[i] = torch.softmax(s, -1) @ v
+    return o, lse
