@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from moska.server.admission import AdmissionController
@@ -16,7 +16,7 @@ from moska.server.metrics import ServerMetrics
 from moska.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from moska.server.openai_routes import router as openai_router
 from moska.server.settings import ServerSettings
-from moska.server.state import ServerState, get_state
+from moska.server.state import ServerState, StateDep
 
 
 def create_app(
@@ -61,12 +61,12 @@ def create_app(
     app.include_router(library_router)
 
     @app.get("/health")
-    async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
+    async def health(state: StateDep) -> JSONResponse:
         ok = state.async_engine.alive and state.async_engine.accepting
         return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
 
     @app.get("/metrics", response_class=Response)
-    async def metrics_route(state: ServerState = Depends(get_state)) -> Response:
+    async def metrics_route(state: StateDep) -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     return app

@@ -287,14 +287,14 @@ class AsyncEngine:
     def _engine_abort(self, request_id: str) -> None:
         try:
             self.engine.abort_request(request_id)
-        except Exception:  # noqa: BLE001 - an abort of a finished request may raise
+        except Exception:
             logger.debug("abort_request(%s) raised", request_id, exc_info=True)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # noqa: BLE001 - keep serving; fail the requests in flight
+        except Exception as exc:
             logger.exception("engine.step() failed; failing %d requests", len(self._streams))
             self._abort_all(EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}"))
             return
@@ -355,7 +355,7 @@ class AsyncEngine:
                 int(getattr(stats, "num_running", 0)),
                 int(getattr(stats, "waiting_prefill_tokens", 0)),
             )
-        except Exception:  # noqa: BLE001 - stats are advisory
+        except Exception:
             logger.debug("engine.stats() failed", exc_info=True)
             return
         with self._lock:

@@ -97,8 +97,9 @@ def check_library(state: ServerState, library: str | None) -> None:
             code="invalid_library_name",
         )
     if getattr(state.engine, "libraries", None) is None:
-        raise APIError(404, f"library {library!r} not found", param="library",
-                       code="library_not_found")
+        raise APIError(
+            404, f"library {library!r} not found", param="library", code="library_not_found"
+        )
 
 
 async def tokenize(state: ServerState, prompt: str | list[int]) -> int:
@@ -107,15 +108,16 @@ async def tokenize(state: ServerState, prompt: str | list[int]) -> int:
     if isinstance(prompt, list):
         vocab = getattr(tok, "vocab_size", None)
         if vocab is not None and any(t >= vocab for t in prompt):
-            raise APIError(400, f"token ids must be below the vocabulary size {vocab}",
-                           param="prompt")
+            raise APIError(
+                400, f"token ids must be below the vocabulary size {vocab}", param="prompt"
+            )
         return len(prompt)
     try:
         if len(prompt) > _LONG_PROMPT_CHARS:
             ids = await asyncio.to_thread(tok.encode, prompt)
         else:
             ids = tok.encode(prompt)
-    except Exception as exc:  # noqa: BLE001 - odd input the tokenizer refuses
+    except Exception as exc:
         raise APIError(400, f"could not tokenize the prompt: {exc}", param="prompt") from exc
     return len(ids)
 
@@ -207,8 +209,13 @@ async def submit(
         for i, (prompt, count) in enumerate(zip(prompts, counts)):
             ids = [f"{request_id}-{i * n + j}" for j in range(n)]
             streams += await aengine.add_requests(
-                ids, prompt, params[i], count, library=body.library,
-                top_k_chunks=body.top_k_chunks, queue=queue,
+                ids,
+                prompt,
+                params[i],
+                count,
+                library=body.library,
+                top_k_chunks=body.top_k_chunks,
+                queue=queue,
             )
     except BaseException as exc:
         aengine.abort([s.request_id for s in streams])
@@ -256,14 +263,19 @@ def chat_logprobs(state: ServerState, entries: list[Any], top_n: int) -> dict:
     for e in entries:
         text = token_text(state, e.token_id)
         top = sorted(e.top.items(), key=lambda kv: -kv[1])[:top_n]
-        content.append({
-            "token": text,
-            "logprob": float(e.logprob),
-            "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [
-                {"token": (s := token_text(state, t)), "logprob": float(lp),
-                 "bytes": list(s.encode("utf-8"))}
-                for t, lp in top
-            ],
-        })
+        content.append(
+            {
+                "token": text,
+                "logprob": float(e.logprob),
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [
+                    {
+                        "token": (s := token_text(state, t)),
+                        "logprob": float(lp),
+                        "bytes": list(s.encode("utf-8")),
+                    }
+                    for t, lp in top
+                ],
+            }
+        )
     return {"content": content}

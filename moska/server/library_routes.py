@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Response
 
 from moska.server.errors import APIError, from_engine_error
 from moska.server.protocol import (
@@ -24,7 +24,7 @@ from moska.server.protocol import (
     LibraryList,
     LibraryObject,
 )
-from moska.server.state import ServerState, get_state
+from moska.server.state import ServerState, StateDep
 
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -73,18 +73,20 @@ async def _call(state: ServerState, fn) -> Any:
         return await state.async_engine.call(fn)
     except APIError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise from_engine_error(exc) from exc
 
 
 @router.post("/v1/libraries", status_code=202, response_model=LibraryJob, responses=_ERRORS)
 async def build_library(
-    body: LibraryBuildRequest, response: Response, state: ServerState = Depends(get_state)
+    body: LibraryBuildRequest, response: Response, state: StateDep
 ) -> LibraryJob:
     manager = _manager(state)
     _check_name(body.name)
     job = LibraryJob(
-        id=f"libjob-{uuid.uuid4().hex}", name=body.name, status="queued",
+        id=f"libjob-{uuid.uuid4().hex}",
+        name=body.name,
+        status="queued",
         created=int(time.time()),
     )
     state.jobs[job.id] = job
@@ -119,7 +121,7 @@ def _forget_old_jobs(state: ServerState) -> None:
 
 
 @router.get("/v1/libraries/jobs/{job_id}", response_model=LibraryJob, responses=_ERRORS)
-async def get_job(job_id: str, state: ServerState = Depends(get_state)) -> LibraryJob:
+async def get_job(job_id: str, state: StateDep) -> LibraryJob:
     job = state.jobs.get(job_id)
     if job is None:
         raise APIError(404, f"library job {job_id!r} not found", code="job_not_found")
@@ -127,21 +129,21 @@ async def get_job(job_id: str, state: ServerState = Depends(get_state)) -> Libra
 
 
 @router.get("/v1/libraries", response_model=LibraryList, responses=_ERRORS)
-async def list_libraries(state: ServerState = Depends(get_state)) -> LibraryList:
+async def list_libraries(state: StateDep) -> LibraryList:
     manager = _manager(state)
     infos = await _call(state, manager.list)
     return LibraryList(data=[to_object(i) for i in infos])
 
 
 @router.get("/v1/libraries/{name}", response_model=LibraryObject, responses=_ERRORS)
-async def get_library(name: str, state: ServerState = Depends(get_state)) -> LibraryObject:
+async def get_library(name: str, state: StateDep) -> LibraryObject:
     manager = _manager(state)
     _check_name(name)
     return to_object(await _call(state, lambda: manager.info(name)))
 
 
 @router.delete("/v1/libraries/{name}", response_model=LibraryDeleted, responses=_ERRORS)
-async def delete_library(name: str, state: ServerState = Depends(get_state)) -> LibraryDeleted:
+async def delete_library(name: str, state: StateDep) -> LibraryDeleted:
     manager = _manager(state)
     _check_name(name)
     await _call(state, lambda: manager.delete(name))

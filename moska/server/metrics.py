@@ -6,8 +6,14 @@ from __future__ import annotations
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -64,7 +70,9 @@ class ServerMetrics:
             "moska_chunks_routed", "Library chunks routed to, summed over steps", registry=r
         )
         self.step_seconds = Histogram(
-            "moska_engine_step_seconds", "Duration of one engine step", buckets=_ITL_BUCKETS,
+            "moska_engine_step_seconds",
+            "Duration of one engine step",
+            buckets=_ITL_BUCKETS,
             registry=r,
         )
         self._window_s = tps_window_s

@@ -92,7 +92,11 @@ class APIKeyMiddleware:
                 break
         if not hmac.compare_digest(given, self._expected):
             msg = "missing API key" if not given else "invalid API key"
-            await _send_error(send, 401, msg + ": send 'Authorization: Bearer <key>'",
-                              [(b"www-authenticate", b"Bearer")])
+            await _send_error(
+                send,
+                401,
+                msg + ": send 'Authorization: Bearer <key>'",
+                [(b"www-authenticate", b"Bearer")],
+            )
             return
         await self.app(scope, receive, send)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from moska.server.errors import APIError, error_body
 from moska.server.generate import (
@@ -23,7 +23,7 @@ from moska.server.protocol import (
     ModelCard,
     ModelList,
 )
-from moska.server.state import ServerState, get_state
+from moska.server.state import ServerState, StateDep
 from moska.server.streaming import (
     SSE_DONE,
     ClientDisconnected,
@@ -41,16 +41,14 @@ _STREAM = {"content": {"text/event-stream": {}}, "description": "JSON, or SSE wi
 
 
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
-async def list_models(state: ServerState = Depends(get_state)) -> ModelList:
+async def list_models(state: StateDep) -> ModelList:
     return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.max_model_len)])
 
 
 @router.post(
     "/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: _STREAM}
 )
-async def create_completion(
-    body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)
-):
+async def create_completion(body: CompletionRequest, request: Request, state: StateDep):
     if body.echo:
         raise APIError(400, "echo is not supported", param="echo")
     prompt = body.prompt
@@ -74,7 +72,10 @@ async def create_completion(
             {"index": idx, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
         )
     return CompletionResponse(
-        id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
+        id=gen.request_id,
+        created=gen.created,
+        model=gen.model,
+        choices=choices,
         usage=gen.usage(completion_tokens),
     )
 
@@ -84,13 +85,11 @@ async def create_completion(
     response_model=ChatCompletionResponse,
     responses={**_ERRORS, 200: _STREAM},
 )
-async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)
-):
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep):
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
         prompt = state.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as exc:  # noqa: BLE001 - a template that refuses these messages
+    except Exception as exc:
         raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
     if not isinstance(prompt, str):  # some tokenizers return ids
         prompt = list(prompt)
@@ -108,14 +107,19 @@ async def create_chat_completion(
         lp = None
         if logprobs is not None:
             lp = chat_logprobs(state, out.logprobs or [], body.top_logprobs or 0)
-        choices.append({
-            "index": idx,
-            "message": {"role": "assistant", "content": out.text},
-            "logprobs": lp,
-            "finish_reason": out.finish_reason,
-        })
+        choices.append(
+            {
+                "index": idx,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": lp,
+                "finish_reason": out.finish_reason,
+            }
+        )
     return ChatCompletionResponse(
-        id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
+        id=gen.request_id,
+        created=gen.created,
+        model=gen.model,
+        choices=choices,
         usage=gen.usage(completion_tokens),
     )
 
@@ -153,15 +157,19 @@ def _completion_chunks(
         offsets: dict[int, int] = {}
         sent_lp: dict[int, int] = {}
         completion_tokens = 0
-        base = {"id": gen.request_id, "object": "text_completion", "created": gen.created,
-                "model": gen.model}
+        base = {
+            "id": gen.request_id,
+            "object": "text_completion",
+            "created": gen.created,
+            "model": gen.model,
+        }
         async for idx, out in gen.outputs():
             completion_tokens += len(out.new_token_ids)
             reason = out.outputs[0].finish_reason if out.finished else None
             lp = None
             if gen.params.logprobs is not None:
                 all_lp = out.outputs[0].logprobs or []
-                new = all_lp[sent_lp.get(idx, 0):]
+                new = all_lp[sent_lp.get(idx, 0) :]
                 sent_lp[idx] = len(all_lp)
                 lp = completion_logprobs(state, new, offsets.get(idx, 0))
             if not out.new_text and reason is None and not (lp and lp["tokens"]):
@@ -180,11 +188,19 @@ def _chat_chunks(
     state: ServerState, gen: Generation, include_usage: bool, top_n: int
 ) -> AsyncIterator[bytes]:
     async def chunks() -> AsyncIterator[bytes]:
-        base = {"id": gen.request_id, "object": "chat.completion.chunk",
-                "created": gen.created, "model": gen.model}
+        base = {
+            "id": gen.request_id,
+            "object": "chat.completion.chunk",
+            "created": gen.created,
+            "model": gen.model,
+        }
         for idx in range(len(gen.streams)):
-            choice = {"index": idx, "delta": {"role": "assistant", "content": ""},
-                      "logprobs": None, "finish_reason": None}
+            choice = {
+                "index": idx,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
             yield sse({**base, "choices": [choice], "usage": None})
         sent_lp: dict[int, int] = {}
         completion_tokens = 0
@@ -194,7 +210,7 @@ def _chat_chunks(
             lp = None
             if gen.params.logprobs is not None:
                 all_lp = out.outputs[0].logprobs or []
-                new = all_lp[sent_lp.get(idx, 0):]
+                new = all_lp[sent_lp.get(idx, 0) :]
                 sent_lp[idx] = len(all_lp)
                 lp = chat_logprobs(state, new, top_n)
             if not out.new_text and reason is None and not (lp and lp["content"]):

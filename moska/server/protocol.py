@@ -60,7 +60,9 @@ class CompletionRequest(_SamplingFields):
         Annotated[str, StringConstraints(max_length=10_000_000)]
         | Annotated[list[str], Field(min_length=1, max_length=64)]
         | Annotated[list[TokenId], Field(min_length=1)]
-        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)]
+        | Annotated[
+            list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)
+        ]
     )
     max_tokens: int | None = Field(16, ge=1, le=2**31 - 1)
     logprobs: int | None = Field(None, ge=0, le=20)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from moska.server.admission import AdmissionController
 from moska.server.async_engine import AsyncEngine
@@ -33,3 +33,6 @@ class ServerState:
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.moska
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 import uvicorn
+from fake_engine import FakeEngine, FakeLibraryManager
 
 from moska.server.app import create_app
 from moska.server.settings import ServerSettings
-from fake_engine import FakeEngine, FakeLibraryManager
 
 
 @contextlib.contextmanager
@@ -24,8 +24,7 @@ def running_server(app, startup_timeout: float = 30.0) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -65,5 +64,5 @@ def fake_server():
         yield url, app, engine
 
 
-def pytest_configure(config):  # noqa: D103
+def pytest_configure(config):
     config.addinivalue_line("markers", "server: HTTP server tests")

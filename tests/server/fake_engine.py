@@ -7,7 +7,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from moska.engine.errors import PromptTooLongError, RequestError
 from moska.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -21,7 +21,7 @@ class FakeTokenizer:
     """Bytes are tokens; 256 is BOS, 257 EOS."""
 
     vocab_size = 260
-    eos_token_ids = {EOS}
+    eos_token_ids = frozenset({EOS})
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
@@ -75,8 +75,13 @@ class FakeLibraryManager:
         size = chunk_size or 64
         tokens = sum(len(text.encode()) for _, text in documents)
         info = FakeLibraryInfo(
-            name, tokens, -(-tokens // size), size, mode, "fake-model",
-            datetime.now(timezone.utc).isoformat(),
+            name,
+            tokens,
+            -(-tokens // size),
+            size,
+            mode,
+            "fake-model",
+            datetime.now(UTC).isoformat(),
         )
         self._libs[name] = info
         return info
@@ -111,8 +116,13 @@ class FakeEngine:
     one; tokens are lowercase letters chosen by the request's seed (or the prompt when
     greedy). `step_delay` seconds of sleep per step simulate a slow model."""
 
-    def __init__(self, *, step_delay: float = 0.0, max_model_len: int = 512,
-                 libraries: FakeLibraryManager | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        step_delay: float = 0.0,
+        max_model_len: int = 512,
+        libraries: FakeLibraryManager | None = None,
+    ) -> None:
         self.tokenizer = FakeTokenizer()
         self.model_name = "fake-model"
         self.max_model_len = max_model_len
@@ -152,8 +162,9 @@ class FakeEngine:
 
     def stats(self) -> FakeStats:
         waiting = [r for r in self._reqs.values() if not r.started]
-        return FakeStats(len(waiting), len(self._reqs) - len(waiting),
-                         sum(len(r.prompt) for r in waiting))
+        return FakeStats(
+            len(waiting), len(self._reqs) - len(waiting), sum(len(r.prompt) for r in waiting)
+        )
 
     def step(self) -> list[RequestOutput]:
         self.step_threads.add(threading.get_ident())
@@ -178,18 +189,26 @@ class FakeEngine:
                     break
             if reason is None and len(req.out) >= req.params.max_tokens:
                 reason = "length"
-            new_text = text[req.sent_text:]
+            new_text = text[req.sent_text :]
             req.sent_text = len(text)
             if reason is not None:
                 del self._reqs[req.rid]
-            outputs.append(RequestOutput(
-                request_id=req.rid,
-                prompt_token_ids=req.prompt,
-                outputs=[CompletionOutput(0, text, list(req.out), reason,
-                                          list(req.logprobs) if req.params.logprobs is not None
-                                          else None)],
-                finished=reason is not None,
-                new_text=new_text,
-                new_token_ids=[token],
-            ))
+            outputs.append(
+                RequestOutput(
+                    request_id=req.rid,
+                    prompt_token_ids=req.prompt,
+                    outputs=[
+                        CompletionOutput(
+                            0,
+                            text,
+                            list(req.out),
+                            reason,
+                            list(req.logprobs) if req.params.logprobs is not None else None,
+                        )
+                    ],
+                    finished=reason is not None,
+                    new_text=new_text,
+                    new_token_ids=[token],
+                )
+            )
         return outputs

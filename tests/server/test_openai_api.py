@@ -53,10 +53,11 @@ def test_chat(client, model):
 
 
 def test_streaming_matches_non_streaming(client, model):
-    kw = dict(model=model, prompt="Once upon", max_tokens=12, temperature=0)
+    kw = {"model": model, "prompt": "Once upon", "max_tokens": 12, "temperature": 0}
     full = client.completions.create(**kw).choices[0].text
-    chunks = list(client.completions.create(**kw, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
@@ -64,7 +65,10 @@ def test_streaming_matches_non_streaming(client, model):
 
 def test_chat_streaming(client, model):
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True,
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        stream=True,
         temperature=0,
     )
     chunks = list(stream)
@@ -78,26 +82,29 @@ def test_chat_streaming(client, model):
 
 
 def test_n_and_seed(client, model):
-    kw = dict(model=model, prompt="x", max_tokens=8, temperature=1.0, n=3, seed=1234)
+    kw = {"model": model, "prompt": "x", "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 1234}
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert [c.index for c in a.choices] == [0, 1, 2]
-    assert a.usage.completion_tokens == sum(
-        len(c.text.encode()) for c in a.choices
-    ) or a.usage.completion_tokens > 0
+    assert (
+        a.usage.completion_tokens == sum(len(c.text.encode()) for c in a.choices)
+        or a.usage.completion_tokens > 0
+    )
 
 
 def test_logprobs(client, model):
-    r = client.completions.create(model=model, prompt="ab", max_tokens=4, logprobs=2,
-                                  temperature=0)
+    r = client.completions.create(model=model, prompt="ab", max_tokens=4, logprobs=2, temperature=0)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert all(v <= 0 for v in lp.token_logprobs)
     assert all(1 <= len(t) <= 2 for t in lp.top_logprobs)
     r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-        logprobs=True, top_logprobs=2,
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
     )
     content = r.choices[0].logprobs.content
     assert len(content) == 3 and all(len(c.top_logprobs) <= 2 for c in content)
@@ -107,26 +114,29 @@ def test_stop(client, model, real_engine):
     base = client.completions.create(model=model, prompt="s", max_tokens=20, temperature=0)
     text = base.choices[0].text
     # Pick a stop string from the middle of the greedy continuation.
-    stop = next((text[i:i + 1] for i in range(2, len(text)) if text[i:i + 1].strip()), None)
+    stop = next((text[i : i + 1] for i in range(2, len(text)) if text[i : i + 1].strip()), None)
     if stop is None:
         pytest.skip("greedy output has no printable character to stop at")
-    r = client.completions.create(model=model, prompt="s", max_tokens=20, temperature=0,
-                                  stop=[stop])
+    r = client.completions.create(
+        model=model, prompt="s", max_tokens=20, temperature=0, stop=[stop]
+    )
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].text == text[: text.index(stop)]
 
 
 def test_extra_body_library_unknown(client, model):
     with pytest.raises(openai.NotFoundError) as e:
-        client.completions.create(model=model, prompt="x", max_tokens=2,
-                                  extra_body={"library": "nope", "top_k_chunks": 2})
+        client.completions.create(
+            model=model, prompt="x", max_tokens=2, extra_body={"library": "nope", "top_k_chunks": 2}
+        )
     assert e.value.status_code == 404
 
 
 def test_extra_body_library_bad_name(client, model):
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model, prompt="x", max_tokens=2,
-                                  extra_body={"library": "../x"})
+        client.completions.create(
+            model=model, prompt="x", max_tokens=2, extra_body={"library": "../x"}
+        )
     assert e.value.body["code"] == "invalid_library_name"
 
 
@@ -137,8 +147,9 @@ def test_unknown_model(client):
 
 def test_prompt_too_long(client, model, real_engine):
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=model, prompt="a" * (real_engine.max_model_len + 5),
-                                  max_tokens=2)
+        client.completions.create(
+            model=model, prompt="a" * (real_engine.max_model_len + 5), max_tokens=2
+        )
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=model, prompt="a", max_tokens=10**6)
@@ -146,8 +157,9 @@ def test_prompt_too_long(client, model, real_engine):
 
 def test_validation_errors_are_400(real_server):
     url, _ = real_server
-    r = httpx.post(f"{url}/v1/completions", content=b"{not json",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "x", "n": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
@@ -167,8 +179,9 @@ def test_oversized_body(real_server):
         for _ in range(100):
             yield b"x" * 1024
 
-    r = httpx.post(f"{url}/v1/completions", content=chunks(),
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{url}/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413
 
 
@@ -177,24 +190,31 @@ def test_health_and_metrics(real_server, client, model):
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     client.completions.create(model=model, prompt="m", max_tokens=3)
     text = httpx.get(f"{url}/metrics").text
-    for name in ("moska_queue_length", "moska_running_requests", "moska_generated_tokens_total",
-                 "moska_time_to_first_token_seconds_bucket",
-                 "moska_inter_token_latency_seconds_bucket", "moska_rejections",
-                 "moska_chunks_routed_total", "moska_generation_tokens_per_second"):
+    for name in (
+        "moska_queue_length",
+        "moska_running_requests",
+        "moska_generated_tokens_total",
+        "moska_time_to_first_token_seconds_bucket",
+        "moska_inter_token_latency_seconds_bucket",
+        "moska_rejections",
+        "moska_chunks_routed_total",
+        "moska_generation_tokens_per_second",
+    ):
         assert name in text, name
 
 
 def test_disconnect_mid_stream_frees_request(real_server, real_engine, model):
     url, _ = real_server
-    body = {"model": model, "prompt": "long", "max_tokens": 900, "stream": True,
-            "ignore_eos": True}
-    with httpx.Client(timeout=30) as http:
-        with http.stream("POST", f"{url}/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            got = [next(lines) for _ in range(6)]
-            assert any(line.startswith("data: ") for line in got)
-            assert real_engine.has_unfinished_requests()
+    body = {"model": model, "prompt": "long", "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{url}/v1/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert real_engine.has_unfinished_requests()
     deadline = time.monotonic() + 10
     while real_engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.02)
