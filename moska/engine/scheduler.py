@@ -151,11 +151,15 @@ class Scheduler:
         return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
     def _release(self, request: Request) -> None:
-        if request in self._running:
-            self._running.remove(request)
-        elif request in self._waiting:
-            self._waiting.remove(request)
-            self._waiting_tokens -= request.num_tokens
+        # Identity, not ==: Request is a dataclass whose == compares every field.
+        running = [r for r in self._running if r is not request]
+        if len(running) < len(self._running):
+            self._running = running
+        else:
+            waiting = deque(r for r in self._waiting if r is not request)
+            if len(waiting) < len(self._waiting):
+                self._waiting = waiting
+                self._waiting_tokens -= request.num_tokens
         self.block_manager.free(request)
         del self._requests[request.request_id]
         self._finished_ids.append(request.request_id)
