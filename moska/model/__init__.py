@@ -1,6 +1,6 @@
 """HF-format Llama-family models: config, loader, decoder with delegated attention, tokenizer."""
 
-from moska.model.config import ModelConfig, RopeScaling, SUPPORTED_ARCHITECTURES, parse_dtype
+from moska.model.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling, parse_dtype
 from moska.model.errors import (
     CorruptCheckpointError,
     MissingFileError,

@@ -10,8 +10,12 @@ from typing import Any
 
 import torch
 
-from moska.model.errors import CorruptCheckpointError, MissingFileError, ModelLoadError
-from moska.model.errors import UnsupportedArchitectureError
+from moska.model.errors import (
+    CorruptCheckpointError,
+    MissingFileError,
+    ModelLoadError,
+    UnsupportedArchitectureError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +113,16 @@ class ModelConfig:
                 f"config.json: architecture {self.architecture!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                     "intermediate_size", "vocab_size", "max_position_embeddings"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelLoadError(f"config.json: {name} must be a positive int, got {value!r}")
@@ -120,7 +132,9 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
         if self.head_dim % 2:
-            raise ModelLoadError(f"config.json: head_dim must be even for RoPE, got {self.head_dim}")
+            raise ModelLoadError(
+                f"config.json: head_dim must be even for RoPE, got {self.head_dim}"
+            )
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ModelLoadError("config.json: rms_norm_eps and rope_theta must be > 0")
 

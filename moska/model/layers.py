@@ -84,7 +84,7 @@ class SwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int, *, dtype=None, device=None) -> None:
         super().__init__()
         self.intermediate = intermediate
-        kw = dict(bias=False, dtype=dtype, device=device)
+        kw = {"bias": False, "dtype": dtype, "device": device}
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, **kw)
         self.down_proj = nn.Linear(intermediate, hidden, **kw)
 

@@ -32,7 +32,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_size, self.kv_size = c.q_size, c.kv_size
-        kw = dict(dtype=dtype, device=device)
+        kw = {"dtype": dtype, "device": device}
         self.qkv_proj = nn.Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.qkv_bias, **kw)
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.o_bias, **kw)
         if c.qk_norm:
@@ -59,7 +59,7 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype=None, device=None) -> None:
         super().__init__()
-        kw = dict(dtype=dtype, device=device)
+        kw = {"dtype": dtype, "device": device}
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.self_attn = Attention(config, layer_idx, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
@@ -76,11 +76,9 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, *, dtype=None, device=None) -> None:
         super().__init__()
         self.config = config
-        kw = dict(dtype=dtype, device=device)
+        kw = {"dtype": dtype, "device": device}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, **kw) for i in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(config, i, **kw) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.rotary = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, device=device

@@ -89,8 +89,10 @@ def _expected_tensors(model: CausalLM, config: ModelConfig) -> dict[str, torch.T
     """HF tensor name -> the destination view inside the model (fused params are sliced)."""
     c = config
     q, kv, inter = c.q_size, c.kv_size, c.intermediate_size
-    out = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight":
-           model.norm.weight}
+    out = {
+        "model.embed_tokens.weight": model.embed_tokens.weight,
+        "model.norm.weight": model.norm.weight,
+    }
     if model.lm_head is not None:
         out["lm_head.weight"] = model.lm_head.weight
     for i, layer in enumerate(model.layers):
@@ -121,7 +123,9 @@ def _load_weights(
 ) -> None:
     expected = _expected_tensors(model, config)
     # A tied checkpoint may still carry lm_head.weight; it must match but is not used.
-    optional = {"lm_head.weight": (config.vocab_size, config.hidden_size)} if model.lm_head is None else {}
+    optional = (
+        {"lm_head.weight": (config.vocab_size, config.hidden_size)} if model.lm_head is None else {}
+    )
     loaded: dict[str, Path] = {}
     device = str(model.device)
     shards = tqdm(files.items(), desc="Loading shards", unit="shard", disable=len(files) < 2)
@@ -169,5 +173,7 @@ def _load_weights(
     missing = sorted(set(expected) - set(loaded))
     if missing:
         where = ", ".join(f.name for f in files)
-        shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        shown = ", ".join(missing[:8]) + (
+            f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+        )
         raise CorruptCheckpointError(f"{where}: missing tensors: {shown}")

@@ -107,9 +107,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id
-        if add_special_tokens and self.add_bos_token and bos is not None:
-            if not ids or ids[0] != bos:
-                ids = [bos, *ids]
+        wants_bos = add_special_tokens and self.add_bos_token and bos is not None
+        if wants_bos and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -155,8 +155,9 @@ def _compile_template(source: str):
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -196,7 +197,7 @@ class IncrementalDetokenizer:
         full = self._decode(self.prefix_offset)
         if len(full) <= len(prefix) or full.endswith(_REPLACEMENT):
             return ""
-        delta = full[len(prefix):]
+        delta = full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self.text += delta
         return delta
@@ -205,7 +206,7 @@ class IncrementalDetokenizer:
         """Flush text held back at the end (an incomplete character decodes to U+FFFD)."""
         prefix = self._decode(self.prefix_offset, self.read_offset)
         full = self._decode(self.prefix_offset)
-        delta = full[len(prefix):] if len(full) > len(prefix) else ""
+        delta = full[len(prefix) :] if len(full) > len(prefix) else ""
         self.prefix_offset = self.read_offset = len(self.ids)
         self.text += delta
         return delta

@@ -11,18 +11,18 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=256,
-    max_position_embeddings=512,
-    initializer_range=0.1,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+BASE = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.1,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "rope_theta": 10000.0,
@@ -34,20 +34,25 @@ LLAMA3_ROPE = {
 
 # name -> (transformers class names, config overrides)
 CASES: dict[str, tuple[str, str, dict]] = {
-    "llama3_scaled": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=LLAMA3_ROPE)),
-    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
-    "llama_mha": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=4)),
+    "llama3_scaled": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama_mha": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4}),
     "llama_gqa3": (
         "LlamaConfig",
         "LlamaForCausalLM",
-        dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, attention_bias=True),
+        {
+            "hidden_size": 96,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "attention_bias": True,
+        },
     ),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(head_dim=16)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1e6)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"head_dim": 16}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"rope_theta": 1e6}),
     "qwen3": (
         "Qwen3Config",
         "Qwen3ForCausalLM",
-        dict(head_dim=32, num_key_value_heads=1, tie_word_embeddings=True),
+        {"head_dim": 32, "num_key_value_heads": 1, "tie_word_embeddings": True},
     ),
 }
 

@@ -11,7 +11,13 @@ from moska.model import DenseAttention, greedy_generate, load_model
 
 # Must match the checkpoints built in conftest.py (checked below).
 ALL_CASES = [
-    "llama3_scaled", "llama_tied", "llama_mha", "llama_gqa3", "mistral", "qwen2", "qwen3",
+    "llama3_scaled",
+    "llama_tied",
+    "llama_mha",
+    "llama_gqa3",
+    "mistral",
+    "qwen2",
+    "qwen3",
     "qwen2_sharded",
 ]
 PROMPT_LEN, DECODE_STEPS, GEN_TOKENS = 24, 6, 12
@@ -60,8 +66,11 @@ def test_greedy_generation_matches_transformers(checkpoints, case):
     model = load_model(path).model
     prompt = torch.randint(3, 256, (10,), generator=torch.Generator().manual_seed(7))
     ref = hf.generate(
-        prompt[None], attention_mask=torch.ones(1, 10, dtype=torch.long), do_sample=False,
-        max_new_tokens=GEN_TOKENS, min_new_tokens=GEN_TOKENS,
+        prompt[None],
+        attention_mask=torch.ones(1, 10, dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=GEN_TOKENS,
+        min_new_tokens=GEN_TOKENS,
     )[0, 10:].tolist()
     assert greedy_generate(model, prompt.tolist(), GEN_TOKENS) == ref
 
@@ -104,7 +113,7 @@ def test_low_precision_load(checkpoints, dtype):
 
 
 def test_auto_dtype_follows_checkpoint(tmp_path, checkpoints):
-    path, hf = checkpoints["llama_mha"]
+    _path, hf = checkpoints["llama_mha"]
     hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     hf.to(torch.float32)
     loaded = load_model(tmp_path / "bf16", dtype="auto")
