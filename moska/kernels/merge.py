@@ -190,15 +190,24 @@ def merge_splits(
     o_part: torch.Tensor,  # [S, R, D] fp32
     lse_part: torch.Tensor,  # [S, R] fp32
     out_dtype: torch.dtype,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merges S split-KV partial states of R rows into (o [R, D] out_dtype, lse [R] fp32)."""
+    """Merges S split-KV partial states of R rows into (o [R, D] out_dtype, lse [R] fp32).
+
+    `out` = (o [R, D], lse [R]) contiguous views to write into, optional.
+    """
     if o_part.dim() != 3 or lse_part.shape != o_part.shape[:2]:
         raise ValueError(f"merge_splits: need o [S,R,D], lse [S,R]; got {tuple(o_part.shape)}, {tuple(lse_part.shape)}")
     _check_state("merge_splits", o_part, lse_part)
     s, rows, d = o_part.shape
     o_part, lse_part = o_part.contiguous(), lse_part.contiguous()
-    o = torch.empty(rows, d, device=o_part.device, dtype=out_dtype)
-    lse = torch.empty(rows, device=o_part.device, dtype=torch.float32)
+    if out is None:
+        o = torch.empty(rows, d, device=o_part.device, dtype=out_dtype)
+        lse = torch.empty(rows, device=o_part.device, dtype=torch.float32)
+    else:
+        o, lse = out
+        if o.shape != (rows, d) or lse.shape != (rows,) or not (o.is_contiguous() and lse.is_contiguous()):
+            raise ValueError(f"merge_splits: out must be contiguous [R,D]=({rows},{d}) and [R]")
     if rows:
         block_r = 16 if o_part.is_cuda else 64
         _merge_splits_kernel[(triton.cdiv(rows, block_r),)](

@@ -165,8 +165,20 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens) -> None:
         raise ValueError(f"all tensors must be on one device, got {devs}")
 
 
+def _outputs(out, t_total, hq, d, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if out is None:
+        return (torch.empty(t_total, hq, d, device=device, dtype=dtype),
+                torch.empty(t_total, hq, device=device, dtype=torch.float32))
+    o, lse = out
+    if o.shape != (t_total, hq, d) or o.dtype != dtype or not o.is_contiguous():
+        raise ValueError(f"out o must be contiguous {dtype} [{t_total},{hq},{d}], got {o.dtype} {tuple(o.shape)}")
+    if lse.shape != (t_total, hq) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"out lse must be contiguous float32 [{t_total},{hq}], got {lse.dtype} {tuple(lse.shape)}")
+    return o, lse
+
+
 def _launch(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, max_q_len,
-            num_splits, block_m, block_n, num_warps, num_stages):
+            num_splits, block_m, block_n, num_warps, num_stages, out):
     t_total, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     b = block_tables.shape[0]
@@ -174,14 +186,14 @@ def _launch(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, ma
     max_ctx = block_tables.shape[1] * bs
     split_len = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_ctx, split_len))
+    o_out, lse_out = _outputs(out, t_total, hq, d, q.dtype, q.device)
     if num_splits == 1:
-        o = torch.empty(t_total, hq, d, device=q.device, dtype=q.dtype)
-        lse = torch.empty(t_total, hq, device=q.device, dtype=torch.float32)
+        o, lse = o_out, lse_out
     else:
         o = torch.empty(num_splits, t_total, hq, d, device=q.device, dtype=torch.float32)
         lse = torch.empty(num_splits, t_total, hq, device=q.device, dtype=torch.float32)
     if t_total == 0 or b == 0:
-        return o.view(t_total, hq, d), lse.view(t_total, hq)
+        return o_out, lse_out
     grid = (triton.cdiv(max_q_len * g, block_m), b * hkv, num_splits)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, o, lse,
@@ -194,8 +206,9 @@ def _launch(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, ma
     )
     if num_splits == 1:
         return o, lse
-    o_m, lse_m = merge_splits(o.view(num_splits, t_total * hq, d), lse.view(num_splits, -1), q.dtype)
-    return o_m.view(t_total, hq, d), lse_m.view(t_total, hq)
+    merge_splits(o.view(num_splits, t_total * hq, d), lse.view(num_splits, -1), q.dtype,
+                 out=(o_out.view(t_total * hq, d), lse_out.view(t_total * hq)))
+    return o_out, lse_out
 
 
 def paged_decode_attention(
@@ -210,6 +223,7 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query token per sequence over its whole context: (o [B,Hq,D] q.dtype, lse [B,Hq] fp32).
 
@@ -231,7 +245,7 @@ def paged_decode_attention(
     cu_q_lens = torch.arange(b + 1, device=q.device, dtype=torch.int32)
     return _launch(
         q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, 1, num_splits,
-        max(16, triton.next_power_of_2(g)), block_n, num_warps or 4, num_stages or (3 if cuda else 1),
+        max(16, triton.next_power_of_2(g)), block_n, num_warps or 4, num_stages or (3 if cuda else 1), out,
     )
 
 
@@ -248,6 +262,7 @@ def paged_prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of packed queries over paged KV: (o [T,Hq,D] q.dtype, lse [T,Hq] fp32).
 
@@ -263,7 +278,7 @@ def paged_prefill_attention(
     return _launch(
         q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, max(max_q_len, 1), 1,
         block_m or (128 if cuda else 64), block_n or (64 if cuda else 32),
-        num_warps or (8 if cuda else 4), num_stages or (3 if cuda else 1),
+        num_warps or (8 if cuda else 4), num_stages or (3 if cuda else 1), out,
     )
 
 

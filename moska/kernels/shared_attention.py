@@ -229,6 +229,17 @@ def build_work_list(
     return work, ns.to(torch.int32), total, split_len_h, max_split
 
 
+def _outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if out is None:
+        return torch.empty(shape, device=device, dtype=dtype), torch.empty(shape[:-1], device=device, dtype=torch.float32)
+    o, lse = out
+    if o.shape != shape or o.dtype != dtype or not o.is_contiguous() or o.device != device:
+        raise ValueError(f"out o must be contiguous {dtype} {shape} on {device}, got {o.dtype} {tuple(o.shape)}")
+    if lse.shape != shape[:-1] or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"out lse must be contiguous float32 {shape[:-1]}, got {lse.dtype} {tuple(lse.shape)}")
+    return o, lse
+
+
 def _check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
     if q.dim() != 3 or k_pool.dim() != 3:
         raise ValueError(f"q must be [B,Hq,D] and k_pool [S_total,Hkv,D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}")
@@ -274,15 +285,20 @@ def grouped_shared_attention(
     num_stages: int | None = None,
     target_programs: int | None = None,
     min_split: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32)."""
+    """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
+
+    `out` = (o, lse) preallocated contiguous outputs, optional. Block sizes, warps, stages
+    and the split heuristic (`target_programs` items, splits of at least `min_split` tokens)
+    may be overridden, e.g. by tests and benchmarks.
+    """
     _check_inputs(q, k_pool, v_pool, chunk_offsets, sel)
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
     n = sel.req.numel()
-    o = torch.empty(n, g, d, device=q.device, dtype=q.dtype)
-    lse = torch.empty(n, g, device=q.device, dtype=torch.float32)
+    o, lse = _outputs(out, (n, g, d), q.dtype, q.device)
     if n == 0:
         return o, lse
     cfg = _default_config(d, q.device)

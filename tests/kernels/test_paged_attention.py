@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from kernel_util import TOL, rel_err
+from moska.kernels.paged_attention import (
+    paged_attention_ref,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
+
+
+def _cache(seq, hkv, d, bs, dtype):
+    """Random paged cache with shuffled blocks and padded block tables."""
+    need = [(s + bs - 1) // bs for s in seq]
+    max_blocks = max(need) + 1
+    num_blocks = sum(need) + 2
+    perm = torch.randperm(num_blocks).int()
+    bt = torch.full((len(seq), max_blocks), num_blocks - 1, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(need):
+        bt[b, :n] = perm[i : i + n]
+        i += n
+    k = torch.randn(num_blocks, bs, hkv, d, dtype=dtype)
+    return k, torch.randn_like(k), bt, torch.tensor(seq, dtype=torch.int32)
+
+
+def _poison(t, hq, d, dtype):
+    return torch.full((t, hq, d), float("nan"), dtype=dtype), torch.full((t, hq), float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("g", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_decode(dtype, g, bs):
+    hkv, d = 2, 64
+    seq = [1, 37, 150, 64]
+    k, v, bt, sl = _cache(seq, hkv, d, bs, dtype)
+    q = torch.randn(len(seq), hkv * g, d, dtype=dtype)
+    out = _poison(len(seq), hkv * g, d, dtype)
+    o, lse = paged_decode_attention(q, k, v, bt, sl, 0.125, num_splits=3, block_n=32, out=out)
+    ro, rl = paged_attention_ref(q, k, v, bt, torch.arange(len(seq) + 1, dtype=torch.int32), sl, 0.125)
+    assert rel_err(o, ro) < TOL[dtype] and rel_err(lse, rl) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,g", [(torch.float16, 4), (torch.float32, 6)])
+def test_decode_head_dim_128_default_splits(dtype, g):
+    hkv, d = 1, 128
+    seq = [200, 3]
+    k, v, bt, sl = _cache(seq, hkv, d, 16, dtype)
+    q = torch.randn(2, hkv * g, d, dtype=dtype)
+    o, lse = paged_decode_attention(q, k, v, bt, sl, 0.1, out=_poison(2, hkv * g, d, dtype))
+    ro, rl = paged_attention_ref(q, k, v, bt, torch.arange(3, dtype=torch.int32), sl, 0.1)
+    assert rel_err(o, ro) < TOL[dtype] and rel_err(lse, rl) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("g", [1, 3, 4])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_prefill_causal_varlen(dtype, g, bs):
+    hkv, d = 2, 64
+    seq = [5, 90, 64, 33]
+    q_lens = [5, 20, 1, 33]  # whole prompt, chunked prefill, one token, whole prompt
+    k, v, bt, sl = _cache(seq, hkv, d, bs, dtype)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    t = int(cu[-1])
+    q = torch.randn(t, hkv * g, d, dtype=dtype)
+    o, lse = paged_prefill_attention(q, k, v, bt, cu, sl, 0.125, block_m=32, block_n=32,
+                                     out=_poison(t, hkv * g, d, dtype))
+    ro, rl = paged_attention_ref(q, k, v, bt, cu, sl, 0.125)
+    assert rel_err(o, ro) < TOL[dtype] and rel_err(lse, rl) < 1e-4
+
+
+def test_prefill_head_dim_128():
+    hkv, g, d = 1, 2, 128
+    seq, q_lens = [40, 17], [40, 7]
+    k, v, bt, sl = _cache(seq, hkv, d, 16, torch.float16)
+    cu = torch.tensor([0, 40, 47], dtype=torch.int32)
+    q = torch.randn(47, hkv * g, d, dtype=torch.float16)
+    o, lse = paged_prefill_attention(q, k, v, bt, cu, sl, 0.1, out=_poison(47, hkv * g, d, torch.float16))
+    ro, rl = paged_attention_ref(q, k, v, bt, cu, sl, 0.1)
+    assert rel_err(o, ro) < 1e-2 and rel_err(lse, rl) < 1e-4
+
+
+def test_rejects_bad_input():
+    k, v, bt, sl = _cache([10], 2, 64, 16, torch.float32)
+    q = torch.randn(1, 4, 64)
+    with pytest.raises(ValueError, match="block_size"):
+        paged_decode_attention(q, k[:, :12], v[:, :12], bt, sl, 0.1)
+    with pytest.raises(ValueError, match="seq_lens"):
+        paged_decode_attention(q, k, v, bt, sl.long(), 0.1)
+    with pytest.raises(ValueError, match="cu_q_lens"):
+        paged_prefill_attention(q, k, v, bt, torch.tensor([0, 1]), sl, 0.1)

@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from kernel_util import TOL, rel_err
+from moska.kernels.merge import merge_selections
+from moska.kernels.paged_attention import paged_decode_attention
+from moska.kernels.selections import Selections
+from moska.kernels.shared_attention import (
+    build_work_list,
+    grouped_shared_attention,
+    grouped_shared_attention_ref,
+)
+
+# Small blocks and splits so that the interpreter runs few programs yet covers row tiles
+# that end inside a request, several tiles per group, and split-KV with a ragged last split.
+SMALL = dict(block_m=16, block_n=32, target_programs=6, min_split=32)
+
+
+def _offsets(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _selections(triples):
+    t = torch.tensor(sorted(set(triples)), dtype=torch.int32).reshape(-1, 3)  # (chunk, kv, req)
+    return Selections(t[:, 2].contiguous(), t[:, 1].contiguous(), t[:, 0].contiguous())
+
+
+def _run(q, k, v, offs, sel, scale, **kw):
+    n, g, d = sel.req.numel(), q.shape[1] // k.shape[1], q.shape[2]
+    o = torch.full((n, g, d), float("nan"), dtype=q.dtype)  # poison: every element is written
+    lse = torch.full((n, g), float("nan"))
+    return grouped_shared_attention(q, k, v, offs, sel, scale, out=(o, lse), **kw)
+
+
+def _check(q, k, v, offs, sel, **kw):
+    scale = q.shape[-1] ** -0.5
+    o, lse = _run(q, k, v, offs, sel, scale, **kw)
+    ro, rl = grouped_shared_attention_ref(q, k, v, offs, sel, scale)
+    assert o.dtype == q.dtype and lse.dtype == torch.float32
+    assert rel_err(o, ro) < TOL[q.dtype]
+    assert rel_err(lse, rl) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("g", [1, 2, 3, 4, 6, 8])
+def test_ragged_chunks_random_selection(dtype, g):
+    b, hkv, d = 5, 2, 64
+    lens = [1, 70, 200, 33, 64]
+    offs = _offsets(lens)
+    s = int(offs[-1])
+    q = torch.randn(b, hkv * g, d, dtype=dtype)
+    k, v = torch.randn(s, hkv, d, dtype=dtype), torch.randn(s, hkv, d, dtype=dtype)
+    triples = [(c, h, r) for c in range(len(lens)) for h in range(hkv) for r in range(b)
+               if torch.rand(()) < 0.6]
+    _check(q, k, v, offs, _selections(triples), **SMALL)
+
+
+@pytest.mark.parametrize("dtype,g", [(torch.float16, 4), (torch.float32, 3)])
+def test_head_dim_128(dtype, g):
+    b, hkv, d = 3, 2, 128
+    offs = _offsets([40, 97])
+    s = int(offs[-1])
+    q = torch.randn(b, hkv * g, d, dtype=dtype)
+    k, v = torch.randn(s, hkv, d, dtype=dtype), torch.randn(s, hkv, d, dtype=dtype)
+    triples = [(c, h, r) for c in range(2) for h in range(hkv) for r in range(b) if (c + r) % 2 == 0]
+    _check(q, k, v, offs, _selections(triples), **SMALL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_chunk_chosen_by_every_request(dtype):
+    # One long chunk, 40 rows (e.g. 40 queries of one request in prefill): tiles and splits.
+    b, hkv, g, d = 40, 1, 2, 64
+    offs = _offsets([300])
+    q = torch.randn(b, hkv * g, d, dtype=dtype)
+    k, v = torch.randn(300, hkv, d, dtype=dtype), torch.randn(300, hkv, d, dtype=dtype)
+    sel = _selections([(0, 0, r) for r in range(b)])
+    _check(q, k, v, offs, sel, block_m=32, block_n=64, target_programs=8, min_split=64)
+    work, n_split, total, split_len, max_split = build_work_list(sel, offs, hkv, g, 32, 64, 8, 64)
+    assert max_split > 1 and total == 3 * max_split  # 80 rows = 3 tiles, each split
+
+
+def test_default_config_and_one_token_chunks():
+    b, hkv, g, d = 4, 2, 2, 64
+    offs = _offsets([1, 1, 5])
+    q = torch.randn(b, hkv * g, d)
+    k, v = torch.randn(7, hkv, d), torch.randn(7, hkv, d)
+    triples = [(c, h, r) for c in range(3) for h in range(hkv) for r in range(b) if r != c]
+    _check(q, k, v, offs, _selections(triples))
+
+
+def test_empty_selections():
+    q, k = torch.randn(2, 4, 64), torch.randn(10, 2, 64)
+    e = torch.zeros(0, dtype=torch.int32)
+    o, lse = grouped_shared_attention(q, k, k, _offsets([10]), Selections(e, e, e), 0.1)
+    assert o.shape == (0, 2, 64) and lse.shape == (0, 2)
+
+
+def test_rejects_bad_input():
+    q, k = torch.randn(2, 4, 64), torch.randn(10, 2, 64)
+    sel = _selections([(0, 0, 0)])
+    with pytest.raises(ValueError, match="dtypes differ"):
+        grouped_shared_attention(q.half(), k, k, _offsets([10]), sel, 0.1)
+    with pytest.raises(ValueError, match="multiple"):
+        grouped_shared_attention(torch.randn(2, 3, 64), k, k, _offsets([10]), sel, 0.1)
+    with pytest.raises(ValueError, match="int32"):
+        grouped_shared_attention(q, k, k, _offsets([10]).long(), sel, 0.1)
+    with pytest.raises(ValueError, match="sel.chunk"):
+        grouped_shared_attention(q, k, k, _offsets([10]), Selections(sel.req, sel.kv_head, sel.chunk.long()), 0.1)
+
+
+@pytest.mark.parametrize("dtype,g,d", [(torch.float32, 4, 64), (torch.float16, 3, 64), (torch.float32, 1, 128)])
+def test_all_chunks_plus_unique_equals_dense(dtype, g, d):
+    # Exactness identity: shared attention over ALL chunks merged with paged decode over the
+    # unique KV equals one softmax over concat(shared, unique).
+    b, hkv, bs = 3, 2, 16
+    lens = [50, 1, 77]
+    offs = _offsets(lens)
+    s = int(offs[-1])
+    q = torch.randn(b, hkv * g, d, dtype=dtype)
+    k_pool, v_pool = torch.randn(s, hkv, d, dtype=dtype), torch.randn(s, hkv, d, dtype=dtype)
+    seq = [9, 40, 16]
+    max_blocks = 3
+    k_cache = torch.randn(b * max_blocks + 1, bs, hkv, d, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    block_tables = (torch.randperm(b * max_blocks + 1)[: b * max_blocks]).view(b, max_blocks).int()
+    seq_lens = torch.tensor(seq, dtype=torch.int32)
+    sel = _selections([(c, h, r) for c in range(len(lens)) for h in range(hkv) for r in range(b)])
+    scale = d**-0.5
+    o_s, lse_s = _run(q, k_pool, v_pool, offs, sel, scale, **SMALL)
+    o_u, lse_u = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=2)
+    o, lse = merge_selections(o_u, lse_u, o_s, lse_s, sel)
+    for r in range(b):
+        uk = k_cache[block_tables[r].long()].reshape(-1, hkv, d)[: seq[r]]
+        uv = v_cache[block_tables[r].long()].reshape(-1, hkv, d)[: seq[r]]
+        kk = torch.cat([k_pool, uk]).float().repeat_interleave(g, 1)  # [L, Hq, D]
+        vv = torch.cat([v_pool, uv]).float().repeat_interleave(g, 1)
+        sc = torch.einsum("hd,lhd->hl", q[r].float(), kk) * scale
+        ref = torch.einsum("hl,lhd->hd", torch.softmax(sc, -1), vv)
+        assert rel_err(o[r], ref) < TOL[dtype]
+        assert rel_err(lse[r], torch.logsumexp(sc, -1)) < 1e-4
