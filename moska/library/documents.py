@@ -94,7 +94,7 @@ def _read_file(file: Path, text_field: str) -> list[Document]:
         if not isinstance(record, dict) or text_field not in record:
             raise DocumentError(
                 f"{where}: no field {text_field!r}; add it or choose the field that holds "
-                "the text (--text-field)"
+                "the text (--jsonl-field)"
             )
         value = record[text_field]
         if not isinstance(value, str):

@@ -1,0 +1,146 @@
+"""Build a library: documents -> tokens -> prefill KV -> routing index -> (disk).
+
+``build_in_memory`` / ``build_from_corpus`` return a ``LoadedLibrary`` without touching
+disk (benchmarks use them with random tokens); ``build_library`` also saves it atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moska.library.chunking import TokenizedCorpus, tokenize_documents
+from moska.library.errors import LibraryError, LibraryExistsError
+from moska.library.format import Manifest, model_fingerprint, validate_name
+from moska.library.info import BuildStats, LibraryInfo
+from moska.library.loaded import LoadedLibrary
+from moska.library.prefill import prefill_corpus
+
+DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_PREFILL_TOKENS = 4096
+
+
+def _cfg(config: Any, *names: str) -> Any:
+    for n in names:
+        if getattr(config, n, None) is not None:
+            return getattr(config, n)
+    raise AttributeError(f"model config has none of {names}")
+
+
+def build_from_corpus(
+    loaded_model: Any,
+    corpus: TokenizedCorpus,
+    name: str,
+    *,
+    prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+    routing_rank: int | None = None,
+    progress: bool = True,
+) -> tuple[LoadedLibrary, BuildStats]:
+    """Prefill ``corpus`` with the model and build each layer's routing index, in memory
+    on the model's device."""
+    from moska.kernels.router import build_routing_index
+
+    validate_name(name)
+    config = loaded_model.config
+    num_layers = int(_cfg(config, "num_layers", "num_hidden_layers"))
+    head_dim = int(_cfg(config, "head_dim"))
+    sm_scale = getattr(config, "sm_scale", None)
+    if routing_rank is not None and not 1 <= routing_rank <= head_dim:
+        raise LibraryError(f"routing_rank must be in [1, head_dim={head_dim}], got {routing_rank}")
+    t0 = time.perf_counter()
+    k_pools, v_pools, prefill_s = prefill_corpus(
+        loaded_model.model, corpus, num_layers, head_dim, prefill_tokens, progress, sm_scale
+    )
+    t1 = time.perf_counter()
+    device = k_pools[0].device
+    offsets = torch.tensor(corpus.chunk_offsets, dtype=torch.int32, device=device)  # [C+1]
+    with torch.inference_mode():
+        routing = [build_routing_index(k, offsets, routing_rank) for k in k_pools]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
+    stats = BuildStats(corpus.num_tokens, t2 - t0, prefill_s, t2 - t1)
+    manifest = Manifest(
+        name=name,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        model=model_fingerprint(loaded_model),
+        mode=corpus.mode,
+        chunk_size=corpus.chunk_size,
+        num_tokens=corpus.num_tokens,
+        position_offset=corpus.position_offset,
+        begins_with_bos=corpus.begins_with_bos,
+        chunks=corpus.chunks,
+        documents=corpus.documents,
+        routing_rank=int(routing[0].basis.shape[-1]),
+        files={},
+        build=stats.to_dict(),
+    )
+    token_ids = torch.tensor(corpus.token_ids, dtype=torch.int32)  # [S_total]
+    return LoadedLibrary(manifest, offsets, k_pools, v_pools, routing, token_ids), stats
+
+
+def build_in_memory(
+    loaded_model: Any,
+    documents: Sequence[tuple[str, str]],
+    name: str,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    mode: str = "prefix",
+    prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+    routing_rank: int | None = None,
+    progress: bool = True,
+) -> tuple[LoadedLibrary, BuildStats]:
+    """Tokenize ``(name, text)`` documents and build the library in memory."""
+    if loaded_model.tokenizer is None:
+        raise LibraryError("the model has no tokenizer (tokenizer.json); cannot tokenize "
+                           "documents: add a tokenizer to the model directory")
+    corpus = tokenize_documents(loaded_model.tokenizer, documents, mode, chunk_size)
+    return build_from_corpus(loaded_model, corpus, name, prefill_tokens=prefill_tokens,
+                             routing_rank=routing_rank, progress=progress)
+
+
+def build_library(
+    loaded_model: Any,
+    documents: Sequence[tuple[str, str]],
+    name: str,
+    root: str | os.PathLike,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    mode: str = "prefix",
+    prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+    routing_rank: int | None = None,
+    progress: bool = True,
+) -> LibraryInfo:
+    """Build the library and write it to ``<root>/<name>/`` atomically."""
+    info, _ = build_and_save(loaded_model, documents, name, root, chunk_size=chunk_size,
+                             mode=mode, prefill_tokens=prefill_tokens,
+                             routing_rank=routing_rank, progress=progress)
+    return info
+
+
+def build_and_save(
+    loaded_model: Any,
+    documents: Sequence[tuple[str, str]],
+    name: str,
+    root: str | os.PathLike,
+    **kwargs: Any,
+) -> tuple[LibraryInfo, LoadedLibrary]:
+    """``build_library`` that also returns the in-memory library (the manager keeps it)."""
+    from moska.library.store import save_library
+
+    root = Path(root)
+    if (root / validate_name(name)).exists():  # fail before spending the prefill
+        raise LibraryExistsError(name, root)
+    library, stats = build_in_memory(loaded_model, documents, name, **kwargs)
+    t0 = time.perf_counter()
+    library.manifest = save_library(library, root, kwargs.get("progress", True))
+    save_s = time.perf_counter() - t0
+    stats = BuildStats(stats.num_tokens, stats.seconds + save_s, stats.prefill_seconds,
+                       stats.routing_seconds, save_s)
+    info = LibraryInfo.from_manifest(library.manifest, root / name, library.manifest.model, stats)
+    return info, library

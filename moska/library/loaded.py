@@ -1,0 +1,201 @@
+"""LoadedLibrary, the runtime form of a library, and `load_library` (verify, then load)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moska.library.errors import (
+    ChecksumMismatchError,
+    CorruptLibraryError,
+    FingerprintMismatchError,
+    LibraryNotFoundError,
+)
+from moska.library.format import (
+    ChunkEntry,
+    Manifest,
+    ModelFingerprint,
+    layer_file,
+    read_manifest,
+    sha256_file,
+    validate_name,
+)
+
+TOKENS_FILE = "tokens.safetensors"
+INDEX_PREFIX = "index."
+
+
+@dataclass(eq=False)
+class LoadedLibrary:
+    """A library in memory. Layer ``l``'s KV is ``k_pools[l], v_pools[l]`` [S_total, Hkv, D];
+    chunk ``c`` is rows ``chunk_offsets[c] : chunk_offsets[c+1]``. A request's own tokens
+    start at position ``position_offset`` (prefix: S_total; independent: chunk_size)."""
+
+    manifest: Manifest
+    chunk_offsets: torch.Tensor  # [C + 1] int32, on device
+    k_pools: list[torch.Tensor]  # per layer [S_total, Hkv, D]
+    v_pools: list[torch.Tensor]  # per layer [S_total, Hkv, D]
+    routing: list[Any]  # per layer moska.kernels.router.RoutingIndex, on device
+    token_ids: torch.Tensor  # [S_total] int32, CPU: the library's tokens (prefix: in order)
+
+    def __post_init__(self) -> None:
+        m = self.manifest
+        S, C, L = m.num_tokens, m.num_chunks, m.num_layers
+        assert self.chunk_offsets.shape == (C + 1,) and self.chunk_offsets.dtype == torch.int32
+        assert len(self.k_pools) == len(self.v_pools) == len(self.routing) == L
+        shape = (S, m.model.num_kv_heads, m.model.head_dim)
+        for k, v in zip(self.k_pools, self.v_pools):
+            assert tuple(k.shape) == shape and tuple(v.shape) == shape, (k.shape, shape)
+        assert self.token_ids.shape == (S,)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def mode(self) -> str:
+        return self.manifest.mode
+
+    @property
+    def position_offset(self) -> int:
+        return self.manifest.position_offset
+
+    @property
+    def num_chunks(self) -> int:
+        return self.manifest.num_chunks
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest.num_tokens
+
+    @property
+    def num_layers(self) -> int:
+        return self.manifest.num_layers
+
+    @property
+    def chunk_size(self) -> int:
+        return self.manifest.chunk_size
+
+    @property
+    def chunks(self) -> tuple[ChunkEntry, ...]:
+        return self.manifest.chunks
+
+    @property
+    def device(self) -> torch.device:
+        return self.k_pools[0].device
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held: KV pools plus routing indexes."""
+        n = sum(t.numel() * t.element_size() for t in (*self.k_pools, *self.v_pools))
+        for index in self.routing:
+            n += sum(t.numel() * t.element_size() for t in index if isinstance(t, torch.Tensor))
+        return n
+
+
+def check_fingerprint(manifest: Manifest, fingerprint: ModelFingerprint | None) -> None:
+    if fingerprint is None:
+        return
+    fields = manifest.model.mismatches(fingerprint)
+    if fields:
+        raise FingerprintMismatchError(
+            manifest.name, manifest.model.describe(), fingerprint.describe(), fields
+        )
+
+
+def verify_files(directory: Path, manifest: Manifest, progress: bool = True) -> None:
+    """Every file the manifest needs exists and matches its sha256, else a typed error."""
+    from tqdm.auto import tqdm
+
+    needed = [layer_file(i) for i in range(manifest.num_layers)] + [TOKENS_FILE]
+    for f in needed:
+        if f not in manifest.files:
+            raise CorruptLibraryError(manifest.name, f, "not listed in manifest.json")
+    paths = [directory / f for f in manifest.files]
+    for p in paths:
+        if not p.is_file():
+            raise CorruptLibraryError(manifest.name, str(p), "file missing")
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {manifest.name}",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for p in paths:
+            digest = sha256_file(p, bar.update)
+            if digest != manifest.files[p.name]:
+                raise ChecksumMismatchError(
+                    manifest.name, str(p),
+                    f"sha256 {digest[:16]}... differs from the manifest's "
+                    f"{manifest.files[p.name][:16]}... (truncated or altered)",
+                )
+
+
+def _load_file(directory: Path, manifest: Manifest, fname: str, device: torch.device) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(directory / fname), device=str(device))
+    except Exception as e:  # safetensors raises its own error types
+        raise CorruptLibraryError(manifest.name, str(directory / fname), f"unreadable ({e})") from e
+
+
+def load_library(
+    root: str | os.PathLike,
+    name: str,
+    model_fingerprint: ModelFingerprint | None,
+    device: str | torch.device = "cpu",
+    *,
+    verify_checksums: bool = True,
+    progress: bool = True,
+) -> LoadedLibrary:
+    """Load ``<root>/<name>`` onto ``device``.
+
+    Checks, before anything is built: the manifest parses; the model fingerprint matches
+    (``FingerprintMismatchError``; skipped when ``model_fingerprint`` is None); every file
+    exists with its recorded sha256 (``ChecksumMismatchError`` naming the file). Then loads
+    layer by layer, checking names, shapes and dtypes (``CorruptLibraryError``).
+    """
+    from tqdm.auto import tqdm
+
+    from moska.kernels.router import RoutingIndex
+
+    directory = Path(root) / validate_name(name)
+    if not directory.is_dir():
+        raise LibraryNotFoundError(name, root)
+    manifest = read_manifest(directory)
+    check_fingerprint(manifest, model_fingerprint)
+    if verify_checksums:
+        verify_files(directory, manifest, progress)
+
+    device = torch.device(device)
+    m = manifest.model
+    shape = (manifest.num_tokens, m.num_kv_heads, m.head_dim)
+    dtype = getattr(torch, m.dtype, None)
+    offsets = torch.tensor(manifest.chunk_offsets, dtype=torch.int32, device=device)
+    tokens = _load_file(directory, manifest, TOKENS_FILE, torch.device("cpu")).get("token_ids")
+    if tokens is None or tokens.shape != (manifest.num_tokens,):
+        raise CorruptLibraryError(name, TOKENS_FILE, "token_ids missing or of the wrong shape")
+    k_pools, v_pools, routing = [], [], []
+    for i in tqdm(range(manifest.num_layers), desc=f"load {name}", unit="layer",
+                  disable=not progress, dynamic_ncols=True):
+        fname = layer_file(i)
+        t = _load_file(directory, manifest, fname, device)
+        for key in ("k", "v"):
+            if key not in t or tuple(t[key].shape) != shape or t[key].dtype != dtype:
+                got = (tuple(t[key].shape), t[key].dtype) if key in t else "missing"
+                raise CorruptLibraryError(name, fname, f"{key}: expected {shape} {m.dtype}, "
+                                          f"got {got}")
+        fields = {}
+        for f in RoutingIndex._fields:
+            if f == "chunk_offsets":
+                fields[f] = offsets
+            elif INDEX_PREFIX + f in t:
+                fields[f] = t[INDEX_PREFIX + f]
+            else:
+                raise CorruptLibraryError(name, fname, f"routing index field {f!r} missing")
+        k_pools.append(t["k"])
+        v_pools.append(t["v"])
+        routing.append(RoutingIndex(**fields))
+    return LoadedLibrary(manifest, offsets, k_pools, v_pools, routing, tokens)

@@ -1,0 +1,150 @@
+"""LibraryManager: list, inspect, build, delete and load (with caching) the libraries
+under one root directory, for one model. Used by the server, the engine and the CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moska.library.builder import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_TOKENS, build_and_save
+from moska.library.errors import CorruptLibraryError, LibraryError, LibraryNotFoundError
+from moska.library.format import ModelFingerprint, model_fingerprint, read_manifest, validate_name
+from moska.library.info import LibraryInfo
+from moska.library.loaded import LoadedLibrary, load_library
+from moska.library.store import delete_library_dir, remove_stale_tmp_dirs
+
+logger = logging.getLogger(__name__)
+
+
+def default_library_root() -> Path:
+    """``$MOSKA_HOME/libraries``, else ``~/.cache/moska/libraries``."""
+    from moska.paths import moska_home
+
+    return moska_home() / "libraries"
+
+
+class LibraryManager:
+    """Libraries under ``root`` for ``loaded_model`` (a ``LoadedModel``; None for listing
+    and deleting only). Thread-safe: the cache of loaded libraries is guarded by a lock.
+
+    - ``list()`` / ``info(name)`` read manifests only; ``compatible`` says whether a library
+      was built for this model (None without a model).
+    - ``get(name)`` loads on first use (fingerprint and checksums verified) and caches.
+    - ``build(...)`` writes atomically and keeps the built library loaded.
+    - ``delete(name)`` unloads, then removes the directory.
+    Stale temporary directories of interrupted builds are removed on construction.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        loaded_model: Any = None,
+        device: str | torch.device = "cpu",
+        *,
+        progress: bool = True,
+    ) -> None:
+        self.root = Path(root) if root is not None else default_library_root()
+        self.loaded_model = loaded_model
+        self.device = torch.device(device)
+        self.progress = progress
+        self._fingerprint: ModelFingerprint | None = None
+        self._loaded: dict[str, LoadedLibrary] = {}
+        self._lock = threading.RLock()
+        remove_stale_tmp_dirs(self.root)
+
+    @property
+    def fingerprint(self) -> ModelFingerprint | None:
+        if self._fingerprint is None and self.loaded_model is not None:
+            self._fingerprint = model_fingerprint(self.loaded_model)
+        return self._fingerprint
+
+    def _dir(self, name: str) -> Path:
+        path = self.root / validate_name(name)
+        if not path.is_dir():
+            raise LibraryNotFoundError(name, self.root)
+        return path
+
+    def list(self) -> list[LibraryInfo]:
+        """Every whole library under the root, by name. Damaged ones are skipped (logged);
+        hidden directories (builds in progress) are never listed."""
+        if not self.root.is_dir():
+            return []
+        infos = []
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".") or not p.is_dir():
+                continue
+            try:
+                validate_name(p.name)
+                infos.append(LibraryInfo.from_manifest(read_manifest(p), p, self.fingerprint))
+            except LibraryError as e:
+                logger.warning("skipping %s: %s", p, e)
+        return infos
+
+    def info(self, name: str) -> LibraryInfo:
+        path = self._dir(name)
+        return LibraryInfo.from_manifest(read_manifest(path), path, self.fingerprint)
+
+    def exists(self, name: str) -> bool:
+        return (self.root / validate_name(name)).is_dir()
+
+    def build(
+        self,
+        name: str,
+        documents: Sequence[tuple[str, str]],
+        chunk_size: int | None = None,
+        mode: str = "prefix",
+        *,
+        prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+        routing_rank: int | None = None,
+        keep_loaded: bool = True,
+    ) -> LibraryInfo:
+        """Build ``name`` from ``(name, text)`` documents; LibraryExistsError if taken."""
+        if self.loaded_model is None:
+            raise LibraryError("building a library needs a model: start the manager with one")
+        info, library = build_and_save(
+            self.loaded_model, documents, name, self.root,
+            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, mode=mode,
+            prefill_tokens=prefill_tokens, routing_rank=routing_rank, progress=self.progress,
+        )
+        if keep_loaded and library.device == self.device:
+            with self._lock:
+                self._loaded[name] = library
+        return info
+
+    def get(self, name: str) -> LoadedLibrary:
+        """The loaded library ``name``, loading it on first use (the lock is held while
+        loading, so concurrent callers load once)."""
+        with self._lock:
+            library = self._loaded.get(name)
+            if library is None:
+                self._dir(name)
+                library = load_library(self.root, name, self.fingerprint, self.device,
+                                       progress=self.progress)
+                self._loaded[name] = library
+            return library
+
+    def unload(self, name: str) -> bool:
+        with self._lock:
+            return self._loaded.pop(name, None) is not None
+
+    def loaded_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._loaded)
+
+    def delete(self, name: str) -> None:
+        """Unload and remove ``name``; LibraryNotFoundError if there is none."""
+        with self._lock:
+            self._dir(name)
+            self._loaded.pop(name, None)
+            try:
+                delete_library_dir(self.root, name)
+            except FileNotFoundError as e:
+                raise LibraryNotFoundError(name, self.root) from e
+            except OSError as e:
+                raise CorruptLibraryError(name, str(self.root / name), f"cannot delete ({e})") from e
