@@ -309,13 +309,13 @@ def test_simulated_engine_loop(seed):
     for i in range(120):
         prompt = rng.choice(stems)[: rng.randint(1, 40)] + [rng.randrange(10, 60)]
         specs.append(
-            dict(
-                rid=f"r{i}",
-                prompt=prompt,
-                library=rng.choice([None, "a", "b"]),
-                max_tokens=rng.randint(1, 30),
-                stop_token_ids=(rng.randrange(100, 197),) if i % 5 == 0 else (),
-            )
+            {
+                "rid": f"r{i}",
+                "prompt": prompt,
+                "library": rng.choice([None, "a", "b"]),
+                "max_tokens": rng.randint(1, 30),
+                "stop_token_ids": (rng.randrange(100, 197),) if i % 5 == 0 else (),
+            }
         )
 
     def run(num_blocks, budget, max_seqs, abort):
