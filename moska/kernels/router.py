@@ -63,9 +63,15 @@ class RoutingIndex(NamedTuple):
 
 
 @torch.no_grad()
-def build_routing_index(k_pool: torch.Tensor, chunk_offsets: torch.Tensor,
-                        rank: int | None = None, *, block_rows: int = 1 << 16,
-                        max_fit_rows: int = 1 << 16, seed: int = 0) -> RoutingIndex:
+def build_routing_index(
+    k_pool: torch.Tensor,
+    chunk_offsets: torch.Tensor,
+    rank: int | None = None,
+    *,
+    block_rows: int = 1 << 16,
+    max_fit_rows: int = 1 << 16,
+    seed: int = 0,
+) -> RoutingIndex:
     """Build the routing index of one layer from its key pool [S_total, Hkv, D].
 
     Runs on the pool's device in blocks of ``block_rows`` keys (fp32 accumulation), so
@@ -82,8 +88,10 @@ def build_routing_index(k_pool: torch.Tensor, chunk_offsets: torch.Tensor,
     offs = chunk_offsets.detach().to("cpu", torch.int64)
     lens = offs[1:] - offs[:-1]
     if offs.dim() != 1 or offs.numel() < 2 or offs[0] != 0 or offs[-1] != S or (lens <= 0).any():
-        raise ValueError("chunk_offsets must be [C+1], start at 0, end at S_total = "
-                         f"{S} and strictly increase (no empty chunk); got {offs.tolist()[:8]}...")
+        raise ValueError(
+            "chunk_offsets must be [C+1], start at 0, end at S_total = "
+            f"{S} and strictly increase (no empty chunk); got {offs.tolist()[:8]}..."
+        )
     dev, dtype = k_pool.device, k_pool.dtype
     offsets = offs.to(dev, torch.int32)
     C = lens.numel()
@@ -128,10 +136,12 @@ def _all_pairs(B: int, C: int, device: torch.device) -> tuple[torch.Tensor, torc
     return pair_req, pair_chunk
 
 
-def _keymax_pairs(q: torch.Tensor, index: RoutingIndex, pair_req: torch.Tensor,
-                  pair_chunk: torch.Tensor) -> torch.Tensor:
-    return keymax_pair_scores(q, index.basis, index.lowrank_keys, index.chunk_offsets,
-                              pair_req, pair_chunk)  # [P, Hkv]
+def _keymax_pairs(
+    q: torch.Tensor, index: RoutingIndex, pair_req: torch.Tensor, pair_chunk: torch.Tensor
+) -> torch.Tensor:
+    return keymax_pair_scores(
+        q, index.basis, index.lowrank_keys, index.chunk_offsets, pair_req, pair_chunk
+    )  # [P, Hkv]
 
 
 def score_chunks(q: torch.Tensor, index: RoutingIndex, scorer: str = "keymax") -> torch.Tensor:
@@ -150,8 +160,13 @@ def score_chunks(q: torch.Tensor, index: RoutingIndex, scorer: str = "keymax") -
     raise ValueError(f"score_chunks: scorer must be 'keymax', 'mean' or 'bound', got {scorer!r}")
 
 
-def _two_stage_scores(q: torch.Tensor, index: RoutingIndex, top_k: int, shortlist_factor: int,
-                      always: torch.Tensor | None) -> torch.Tensor:
+def _two_stage_scores(
+    q: torch.Tensor,
+    index: RoutingIndex,
+    top_k: int,
+    shortlist_factor: int,
+    always: torch.Tensor | None,
+) -> torch.Tensor:
     """Key-max scores on a bound shortlist, -inf elsewhere: [B, Hkv, C] fp32."""
     B, C, Hkv = q.shape[0], index.num_chunks, index.num_kv_heads
     cheap = score_chunks(q, index, "bound").sum(dim=1)  # [B, C]
@@ -173,32 +188,46 @@ def _always_mask(always, B: int, C: int, top_k: int, device: torch.device) -> to
         return None
     if isinstance(always, torch.Tensor):
         if always.dtype != torch.bool or tuple(always.shape) != (B, C):
-            raise ValueError(f"always must be a [B={B}, C={C}] bool tensor or a list of chunk "
-                             f"ids, got {always.dtype} {tuple(always.shape)}")
+            raise ValueError(
+                f"always must be a [B={B}, C={C}] bool tensor or a list of chunk "
+                f"ids, got {always.dtype} {tuple(always.shape)}"
+            )
         return always.to(device)
     ids = sorted({int(c) for c in always})
     if ids and not (0 <= ids[0] and ids[-1] < C):
         raise ValueError(f"always: chunk ids must be in [0, {C}), got {ids}")
     if len(ids) > top_k:
-        raise ValueError(f"always lists {len(ids)} chunks but top_k is {top_k}; they count "
-                         "toward top_k, so raise top_k or shorten the list")
+        raise ValueError(
+            f"always lists {len(ids)} chunks but top_k is {top_k}; they count "
+            "toward top_k, so raise top_k or shorten the list"
+        )
     mask = torch.zeros(C, dtype=torch.bool, device=device)
     mask[ids] = True
     return mask.expand(B, C)
 
 
-def _sorted_selections(req: torch.Tensor, head: torch.Tensor, chunk: torch.Tensor, B: int,
-                       Hkv: int) -> Selections:
+def _sorted_selections(
+    req: torch.Tensor, head: torch.Tensor, chunk: torch.Tensor, B: int, Hkv: int
+) -> Selections:
     """Flatten broadcastable (req, head, chunk) index tensors into sorted Selections."""
     key = ((chunk.long() * Hkv + head) * B + req).flatten()
     key = torch.sort(key).values
-    return Selections(req=(key % B).to(torch.int32),
-                      kv_head=((key // B) % Hkv).to(torch.int32),
-                      chunk=(key // (B * Hkv)).to(torch.int32))
+    return Selections(
+        req=(key % B).to(torch.int32),
+        kv_head=((key // B) % Hkv).to(torch.int32),
+        chunk=(key // (B * Hkv)).to(torch.int32),
+    )
 
 
-def route(q: torch.Tensor, index: RoutingIndex, top_k: int, scorer: str = "keymax",
-          per_kv_head: bool = False, always=None, shortlist_factor: int = 4) -> Selections:
+def route(
+    q: torch.Tensor,
+    index: RoutingIndex,
+    top_k: int,
+    scorer: str = "keymax",
+    per_kv_head: bool = False,
+    always=None,
+    shortlist_factor: int = 4,
+) -> Selections:
     """Top-k chunks per request (or per request and KV head) for q [B, Hq, D].
 
     ``always``: [B, C] bool tensor or a list of chunk ids (for every request) of chunks that
@@ -209,8 +238,9 @@ def route(q: torch.Tensor, index: RoutingIndex, top_k: int, scorer: str = "keyma
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
     if top_k < 0 or shortlist_factor < 1:
-        raise ValueError(f"need top_k >= 0 and shortlist_factor >= 1, got {top_k}, "
-                         f"{shortlist_factor}")
+        raise ValueError(
+            f"need top_k >= 0 and shortlist_factor >= 1, got {top_k}, {shortlist_factor}"
+        )
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     B, C, Hkv, dev = q.shape[0], index.num_chunks, index.num_kv_heads, q.device

@@ -22,14 +22,20 @@ import triton
 import triton.language as tl
 
 
+# fmt: off
 @triton.jit
 def _load_q_rows(q_ptr, stride_qb, stride_qh, req, row_ok, h, G, D,
                  BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    # fmt: on
     # Returns q rows [BLOCK_B * BLOCK_G, BLOCK_D] of KV head h for requests `req` [BLOCK_B].
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = (q_ptr + req[:, None, None] * stride_qb
-            + (h * G + offs_g)[None, :, None] * stride_qh + offs_d[None, None, :])
+    ptrs = (
+        q_ptr
+        + req[:, None, None] * stride_qb
+        + (h * G + offs_g)[None, :, None] * stride_qh
+        + offs_d[None, None, :]
+    )
     mask = row_ok[:, None, None] & (offs_g < G)[None, :, None] & (offs_d < D)[None, None, :]
     rows = tl.load(ptrs, mask=mask, other=0.0)
     return tl.reshape(rows, (BLOCK_B * BLOCK_G, BLOCK_D))
@@ -43,6 +49,7 @@ def _group_max(s, G, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.c
     return tl.max(tl.where(g_ok, s, float("-inf")), axis=1)
 
 
+# fmt: off
 @triton.jit
 def _summary_scores_kernel(
     q_ptr,  # [B, Hq, D]
@@ -54,6 +61,7 @@ def _summary_scores_kernel(
     BOUND: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # fmt: on
     pid_c = tl.program_id(0)
     h = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -78,6 +86,7 @@ def _summary_scores_kernel(
     tl.store(o_ptrs, best, mask=req_ok[:, None] & (offs_c < C)[None, :])
 
 
+# fmt: off
 @triton.jit
 def _keymax_scores_kernel(
     q_ptr,  # [B, Hq, D]
@@ -95,6 +104,7 @@ def _keymax_scores_kernel(
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # fmt: on
     t = tl.program_id(0)
     h = tl.program_id(1)
     start = tl.load(tile_start_ptr + t)
@@ -109,7 +119,9 @@ def _keymax_scores_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     basis = tl.load(
         basis_ptr + h * stride_bh + offs_d[:, None] * stride_bd + offs_r[None, :],
-        mask=(offs_d < D)[:, None] & (offs_r < R)[None, :], other=0.0)
+        mask=(offs_d < D)[:, None] & (offs_r < R)[None, :],
+        other=0.0,
+    )
     qr = tl.dot(q, basis, input_precision=PRECISION).to(basis.dtype)
     lo = tl.load(offsets_ptr + chunk)
     hi = tl.load(offsets_ptr + chunk + 1)
@@ -122,7 +134,9 @@ def _keymax_scores_kernel(
         # low-rank keys loaded transposed: [BLOCK_R, BLOCK_N]
         lk = tl.load(
             lk_ptr + keys[None, :].to(tl.int64) * stride_ks + h * stride_kh + offs_r[:, None],
-            mask=key_ok[None, :] & (offs_r < R)[:, None], other=0.0)
+            mask=key_ok[None, :] & (offs_r < R)[:, None],
+            other=0.0,
+        )
         s = tl.dot(qr, lk, input_precision=PRECISION)
         s = tl.where(key_ok[None, :], s, float("-inf"))
         best = tl.maximum(best, tl.max(s, axis=1))
@@ -145,8 +159,10 @@ def _check(q: torch.Tensor, table: torch.Tensor, Hkv: int, D: int) -> tuple[int,
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     if q.dtype != table.dtype or q.device != table.device:
-        raise ValueError(f"q ({q.dtype}, {q.device}) must match the routing index "
-                         f"({table.dtype}, {table.device}); cast q first")
+        raise ValueError(
+            f"q ({q.dtype}, {q.device}) must match the routing index "
+            f"({table.dtype}, {table.device}); cast q first"
+        )
     B, Hq, Dq = q.shape
     if Hq % Hkv != 0 or Dq != D:
         raise ValueError(f"q [B, Hq={Hq}, D={Dq}] does not fit an index with Hkv={Hkv}, D={D}")
@@ -154,8 +170,13 @@ def _check(q: torch.Tensor, table: torch.Tensor, Hkv: int, D: int) -> tuple[int,
     return B, Hq
 
 
-def summary_scores(q: torch.Tensor, summary: torch.Tensor, key_min: torch.Tensor | None = None,
-                   block_b: int = 16, block_c: int = 64) -> torch.Tensor:
+def summary_scores(
+    q: torch.Tensor,
+    summary: torch.Tensor,
+    key_min: torch.Tensor | None = None,
+    block_b: int = 16,
+    block_c: int = 64,
+) -> torch.Tensor:
     """Mean scores (key_min None: ``summary`` = mean keys) or Quest bound scores (``summary``
     = key_max). q [B, Hq, D], summary/key_min [C, Hkv, D] -> [B, Hkv, C] fp32."""
     q = q.contiguous()
@@ -173,19 +194,28 @@ def summary_scores(q: torch.Tensor, summary: torch.Tensor, key_min: torch.Tensor
     block_b = max(min(_pow2(block_b), _pow2(B)), _pow2(16 // block_g))
     block_c = max(min(_pow2(block_c), _pow2(C)), 16)
     grid = (triton.cdiv(C, block_c), Hkv, triton.cdiv(B, block_b))
+    # fmt: off
     _summary_scores_kernel[grid](
         q, summary, key_min, out, B, C, G, D,
         q.stride(0), q.stride(1), summary.stride(0), summary.stride(1),
         out.stride(0), out.stride(1),
         BOUND=bound, PRECISION=_precision(q.dtype),
-        BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=_pow2(D, 16))
+        BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_D=_pow2(D, 16),
+    )
+    # fmt: on
     return out
 
 
-def keymax_pair_scores(q: torch.Tensor, basis: torch.Tensor, lowrank_keys: torch.Tensor,
-                       chunk_offsets: torch.Tensor, pair_req: torch.Tensor,
-                       pair_chunk: torch.Tensor, block_b: int = 16,
-                       block_n: int = 64) -> torch.Tensor:
+def keymax_pair_scores(
+    q: torch.Tensor,
+    basis: torch.Tensor,
+    lowrank_keys: torch.Tensor,
+    chunk_offsets: torch.Tensor,
+    pair_req: torch.Tensor,
+    pair_chunk: torch.Tensor,
+    block_b: int = 16,
+    block_n: int = 64,
+) -> torch.Tensor:
     """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
 
     q [B, Hq, D]; basis [Hkv, D, R]; lowrank_keys [S_total, Hkv, R]; chunk_offsets [C+1]
@@ -193,7 +223,7 @@ def keymax_pair_scores(q: torch.Tensor, basis: torch.Tensor, lowrank_keys: torch
     """
     q, basis = q.contiguous(), basis.contiguous()
     Hkv, D, R = basis.shape
-    B, Hq = _check(q, basis, Hkv, D)
+    _, Hq = _check(q, basis, Hkv, D)
     G = Hq // Hkv
     assert lowrank_keys.dim() == 3 and lowrank_keys.shape[1:] == (Hkv, R)
     assert lowrank_keys.stride(2) == 1 and basis.stride(2) == 1
@@ -220,6 +250,7 @@ def keymax_pair_scores(q: torch.Tensor, basis: torch.Tensor, lowrank_keys: torch
     chunk_end = first[1:][tile_chunk.long()]
     tile_end = torch.minimum(tile_start + block_b, chunk_end).to(torch.int32)
     tile_end = torch.where(tile_start < P, tile_end, tile_start)
+    # fmt: off
     _keymax_scores_kernel[(T, Hkv)](
         q, basis, lowrank_keys, chunk_offsets, pair_req, tile_start, tile_end, tile_chunk, out,
         G, D, R,
@@ -227,7 +258,9 @@ def keymax_pair_scores(q: torch.Tensor, basis: torch.Tensor, lowrank_keys: torch
         lowrank_keys.stride(0), lowrank_keys.stride(1), out.stride(0),
         PRECISION=_precision(q.dtype),
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
-        BLOCK_N=_pow2(block_n, 16))
+        BLOCK_N=_pow2(block_n, 16),
+    )
+    # fmt: on
     return out
 
 
@@ -236,29 +269,30 @@ def keymax_pair_scores(q: torch.Tensor, basis: torch.Tensor, lowrank_keys: torch
 
 def mean_scores_ref(q: torch.Tensor, mean_keys: torch.Tensor) -> torch.Tensor:
     B, Hq, D = q.shape
-    C, Hkv, _ = mean_keys.shape
+    Hkv = mean_keys.shape[1]
     qg = q.float().view(B, Hkv, Hq // Hkv, D)
     return torch.einsum("bhgd,chd->bhgc", qg, mean_keys.float()).amax(dim=2)
 
 
 def bound_scores_ref(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
     B, Hq, D = q.shape
-    C, Hkv, _ = key_min.shape
+    Hkv = key_min.shape[1]
     qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)
     lo = qg * key_min.float().permute(1, 0, 2)[None, :, None]  # [B, Hkv, G, C, D]
     hi = qg * key_max.float().permute(1, 0, 2)[None, :, None]
     return torch.maximum(lo, hi).sum(-1).amax(dim=2)
 
 
-def keymax_scores_ref(q: torch.Tensor, basis: torch.Tensor, lowrank_keys: torch.Tensor,
-                      chunk_offsets: torch.Tensor) -> torch.Tensor:
+def keymax_scores_ref(
+    q: torch.Tensor, basis: torch.Tensor, lowrank_keys: torch.Tensor, chunk_offsets: torch.Tensor
+) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = basis.shape[0]
     qr = torch.einsum("bhgd,hdr->bhgr", q.float().view(B, Hkv, Hq // Hkv, D), basis.float())
     offs = chunk_offsets.tolist()
     out = torch.empty(B, Hkv, len(offs) - 1, dtype=torch.float32, device=q.device)
     for c in range(len(offs) - 1):
-        keys = lowrank_keys[offs[c]:offs[c + 1]].float()  # [L, Hkv, R]
+        keys = lowrank_keys[offs[c] : offs[c + 1]].float()  # [L, Hkv, R]
         logits = torch.einsum("bhgr,lhr->bhgl", qr, keys)
         out[:, :, c] = logits.amax(dim=(2, 3))
     return out
