@@ -172,7 +172,8 @@ def _load_weights(
                     raise CorruptCheckpointError(f"{file}: cannot read tensor {name} ({e})") from e
     missing = sorted(set(expected) - set(loaded))
     if missing:
-        where = ", ".join(f.name for f in files)
+        first = next(iter(files))
+        where = str(first) if len(files) == 1 else f"{first.parent} ({len(files)} shards)"
         shown = ", ".join(missing[:8]) + (
             f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
         )
