@@ -3,42 +3,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
-from collections.abc import Iterator
-
 import pytest
-import uvicorn
 from fake_engine import FakeEngine, FakeLibraryManager
 
 from moska.server.app import create_app
+from moska.server.background import background_server
 from moska.server.settings import ServerSettings
 
-
-@contextlib.contextmanager
-def running_server(app, startup_timeout: float = 30.0) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1 at a free port; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+running_server = background_server
 
 
 @pytest.fixture(scope="session")
