@@ -98,11 +98,19 @@ def build_in_memory(
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Tokenize ``(name, text)`` documents and build the library in memory."""
     if loaded_model.tokenizer is None:
-        raise LibraryError("the model has no tokenizer (tokenizer.json); cannot tokenize "
-                           "documents: add a tokenizer to the model directory")
+        raise LibraryError(
+            "the model has no tokenizer (tokenizer.json); cannot tokenize "
+            "documents: add a tokenizer to the model directory"
+        )
     corpus = tokenize_documents(loaded_model.tokenizer, documents, mode, chunk_size)
-    return build_from_corpus(loaded_model, corpus, name, prefill_tokens=prefill_tokens,
-                             routing_rank=routing_rank, progress=progress)
+    return build_from_corpus(
+        loaded_model,
+        corpus,
+        name,
+        prefill_tokens=prefill_tokens,
+        routing_rank=routing_rank,
+        progress=progress,
+    )
 
 
 def build_library(
@@ -117,9 +125,17 @@ def build_library(
     progress: bool = True,
 ) -> LibraryInfo:
     """Build the library and write it to ``<root>/<name>/`` atomically."""
-    info, _ = build_and_save(loaded_model, documents, name, root, chunk_size=chunk_size,
-                             mode=mode, prefill_tokens=prefill_tokens,
-                             routing_rank=routing_rank, progress=progress)
+    info, _ = build_and_save(
+        loaded_model,
+        documents,
+        name,
+        root,
+        chunk_size=chunk_size,
+        mode=mode,
+        prefill_tokens=prefill_tokens,
+        routing_rank=routing_rank,
+        progress=progress,
+    )
     return info
 
 
@@ -140,7 +156,12 @@ def build_and_save(
     t0 = time.perf_counter()
     library.manifest = save_library(library, root, kwargs.get("progress", True))
     save_s = time.perf_counter() - t0
-    stats = BuildStats(stats.num_tokens, stats.seconds + save_s, stats.prefill_seconds,
-                       stats.routing_seconds, save_s)
+    stats = BuildStats(
+        stats.num_tokens,
+        stats.seconds + save_s,
+        stats.prefill_seconds,
+        stats.routing_seconds,
+        save_s,
+    )
     info = LibraryInfo.from_manifest(library.manifest, root / name, library.manifest.model, stats)
     return info, library

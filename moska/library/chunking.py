@@ -92,8 +92,9 @@ def corpus_from_token_ids(
             while documents[doc].end <= s:
                 doc += 1
             chunks.append(ChunkEntry(len(chunks), doc, s, min(s + chunk_size, len(token_ids)), s))
-    return TokenizedCorpus(mode, chunk_size, token_ids, tuple(chunks), tuple(documents),
-                           begins_with_bos)
+    return TokenizedCorpus(
+        mode, chunk_size, token_ids, tuple(chunks), tuple(documents), begins_with_bos
+    )
 
 
 def tokenize_documents(

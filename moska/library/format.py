@@ -243,8 +243,7 @@ class Manifest:
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
-                f"format version {version!r} is not supported (this moska reads "
-                f"{FORMAT_VERSION})"
+                f"format version {version!r} is not supported (this moska reads {FORMAT_VERSION})"
             )
         d["model"] = ModelFingerprint.from_dict(d["model"])
         d["chunks"] = tuple(ChunkEntry(**c) for c in d["chunks"])

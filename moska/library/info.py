@@ -37,8 +37,13 @@ class BuildStats:
     def from_dict(cls, d: dict[str, float]) -> BuildStats | None:
         if not d:
             return None
-        return cls(int(d["num_tokens"]), d["seconds"], d["prefill_seconds"],
-                   d.get("routing_seconds", 0.0), d.get("save_seconds", 0.0))
+        return cls(
+            int(d["num_tokens"]),
+            d["seconds"],
+            d["prefill_seconds"],
+            d.get("routing_seconds", 0.0),
+            d.get("save_seconds", 0.0),
+        )
 
 
 @dataclass(frozen=True)

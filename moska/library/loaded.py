@@ -120,13 +120,20 @@ def verify_files(directory: Path, manifest: Manifest, progress: bool = True) -> 
         if not p.is_file():
             raise CorruptLibraryError(manifest.name, str(p), "file missing")
     total = sum(p.stat().st_size for p in paths)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {manifest.name}",
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=f"verify {manifest.name}",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for p in paths:
             digest = sha256_file(p, bar.update)
             if digest != manifest.files[p.name]:
                 raise ChecksumMismatchError(
-                    manifest.name, str(p),
+                    manifest.name,
+                    str(p),
                     f"sha256 {digest[:16]}... differs from the manifest's "
                     f"{manifest.files[p.name][:16]}... (truncated or altered)",
                 )
@@ -178,15 +185,21 @@ def load_library(
     if tokens is None or tokens.shape != (manifest.num_tokens,):
         raise CorruptLibraryError(name, TOKENS_FILE, "token_ids missing or of the wrong shape")
     k_pools, v_pools, routing = [], [], []
-    for i in tqdm(range(manifest.num_layers), desc=f"load {name}", unit="layer",
-                  disable=not progress, dynamic_ncols=True):
+    for i in tqdm(
+        range(manifest.num_layers),
+        desc=f"load {name}",
+        unit="layer",
+        disable=not progress,
+        dynamic_ncols=True,
+    ):
         fname = layer_file(i)
         t = _load_file(directory, manifest, fname, device)
         for key in ("k", "v"):
             if key not in t or tuple(t[key].shape) != shape or t[key].dtype != dtype:
                 got = (tuple(t[key].shape), t[key].dtype) if key in t else "missing"
-                raise CorruptLibraryError(name, fname, f"{key}: expected {shape} {m.dtype}, "
-                                          f"got {got}")
+                raise CorruptLibraryError(
+                    name, fname, f"{key}: expected {shape} {m.dtype}, got {got}"
+                )
         fields = {}
         for f in RoutingIndex._fields:
             if f == "chunk_offsets":

@@ -52,6 +52,8 @@ class LibraryManager:
         self.root = Path(root) if root is not None else default_library_root()
         self.loaded_model = loaded_model
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.progress = progress
         self._fingerprint: ModelFingerprint | None = None
         self._loaded: dict[str, LoadedLibrary] = {}
@@ -108,9 +110,15 @@ class LibraryManager:
         if self.loaded_model is None:
             raise LibraryError("building a library needs a model: start the manager with one")
         info, library = build_and_save(
-            self.loaded_model, documents, name, self.root,
-            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, mode=mode,
-            prefill_tokens=prefill_tokens, routing_rank=routing_rank, progress=self.progress,
+            self.loaded_model,
+            documents,
+            name,
+            self.root,
+            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+            mode=mode,
+            prefill_tokens=prefill_tokens,
+            routing_rank=routing_rank,
+            progress=self.progress,
         )
         if keep_loaded and library.device == self.device:
             with self._lock:
@@ -124,8 +132,9 @@ class LibraryManager:
             library = self._loaded.get(name)
             if library is None:
                 self._dir(name)
-                library = load_library(self.root, name, self.fingerprint, self.device,
-                                       progress=self.progress)
+                library = load_library(
+                    self.root, name, self.fingerprint, self.device, progress=self.progress
+                )
                 self._loaded[name] = library
             return library
 
@@ -147,4 +156,6 @@ class LibraryManager:
             except FileNotFoundError as e:
                 raise LibraryNotFoundError(name, self.root) from e
             except OSError as e:
-                raise CorruptLibraryError(name, str(self.root / name), f"cannot delete ({e})") from e
+                raise CorruptLibraryError(
+                    name, str(self.root / name), f"cannot delete ({e})"
+                ) from e

@@ -76,8 +76,13 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 class _PoolAttention:
     """The ``attn`` callable of one forward: writes KV rows, attends causally per segment."""
 
-    def __init__(self, pools: _Pools, segments: list[tuple[int, int, int]], sm_scale: float,
-                 kernel: Callable | None) -> None:
+    def __init__(
+        self,
+        pools: _Pools,
+        segments: list[tuple[int, int, int]],
+        sm_scale: float,
+        kernel: Callable | None,
+    ) -> None:
         self.pools, self.segments, self.sm_scale, self.kernel = pools, segments, sm_scale, kernel
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -161,8 +166,14 @@ def prefill_corpus(
     kernel = _paged_kernel() if device.type == "cuda" else None
     pools = _Pools(num_layers, corpus.num_tokens)
     ids = torch.tensor(corpus.token_ids, dtype=torch.int64, device=device)  # [S_total]
-    bar = tqdm(total=corpus.num_tokens, unit="tok", unit_scale=True, desc="prefill",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=corpus.num_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc="prefill",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -170,8 +181,11 @@ def prefill_corpus(
         for segments in plan_pieces(corpus.sequences, prefill_tokens):
             rows = torch.cat([torch.arange(s + lo, s + hi) for s, lo, hi in segments])
             positions = torch.cat([torch.arange(lo, hi) for _, lo, hi in segments])
-            model.forward(ids[rows.to(device)], positions.to(device),
-                          _PoolAttention(pools, segments, scale, kernel))
+            model.forward(
+                ids[rows.to(device)],
+                positions.to(device),
+                _PoolAttention(pools, segments, scale, kernel),
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             bar.update(len(rows))

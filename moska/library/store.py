@@ -56,7 +56,9 @@ def _write(directory: Path, fname: str, data: bytes, files: dict[str, str]) -> N
     files[fname] = hashlib.sha256(data).hexdigest()
 
 
-def save_library(library: LoadedLibrary, root: str | os.PathLike, progress: bool = True) -> Manifest:
+def save_library(
+    library: LoadedLibrary, root: str | os.PathLike, progress: bool = True
+) -> Manifest:
     """Write ``library`` to ``<root>/<name>/`` atomically; return the manifest written
     (with file checksums). Raises LibraryExistsError if the name is taken. On any error
     the temporary directory is removed and nothing appears under the library's name."""
@@ -74,10 +76,19 @@ def save_library(library: LoadedLibrary, root: str | os.PathLike, progress: bool
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         (tmp / BUILDING_FILE).write_text(json.dumps(owner))
         files: dict[str, str] = {}
-        _write(tmp, TOKENS_FILE, _serialize({"token_ids": library.token_ids.to(torch.int32)},
-                                            {"name": name}), files)
-        for i in tqdm(range(library.num_layers), desc=f"save {name}", unit="layer",
-                      disable=not progress, dynamic_ncols=True):
+        _write(
+            tmp,
+            TOKENS_FILE,
+            _serialize({"token_ids": library.token_ids.to(torch.int32)}, {"name": name}),
+            files,
+        )
+        for i in tqdm(
+            range(library.num_layers),
+            desc=f"save {name}",
+            unit="layer",
+            disable=not progress,
+            dynamic_ncols=True,
+        ):
             tensors = {"k": library.k_pools[i], "v": library.v_pools[i]}
             for field, value in library.routing[i]._asdict().items():
                 if field != "chunk_offsets":

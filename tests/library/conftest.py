@@ -11,18 +11,18 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    vocab_size=261,
-    bos_token_id=256,
-    eos_token_id=257,
-    initializer_range=0.2,
-)
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "vocab_size": 261,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
+    "initializer_range": 0.2,
+}
 
 
 def make_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
@@ -58,10 +58,3 @@ def other_model(tmp_path_factory):
 
     path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "other", seed=1, rope_theta=500.0)
     return load_model(path, dtype="float32")
-
-
-DOCS = [
-    ("a.md", "# Alpha\nThe quick brown fox jumps over the lazy dog. " * 3),
-    ("b.txt", "Bravo: pack my box with five dozen liquor jugs."),
-    ("c.md", "Charlie " * 20),
-]

@@ -1,9 +1,13 @@
 """Build, exactness, save/load, integrity checks, interrupted builds, manager."""
 
+import itertools
+import json
+import os
+import socket
+
 import pytest
 import torch
 
-from conftest import DOCS
 from moska.library import (
     ChecksumMismatchError,
     CorruptLibraryError,
@@ -19,6 +23,12 @@ from moska.library import (
 )
 from moska.library.prefill import causal_attention_ref
 from moska.model import DenseAttention
+
+DOCS = [
+    ("a.md", "# Alpha\nThe quick brown fox jumps over the lazy dog. " * 3),
+    ("b.txt", "Bravo: pack my box with five dozen liquor jugs."),
+    ("c.md", "Charlie " * 20),
+]
 
 
 def dense_kv(model, token_ids):
@@ -47,8 +57,9 @@ def test_causal_attention_ref_matches_dense(T, L, block):
 
 @pytest.mark.parametrize("prefill_tokens", [37, 4096])
 def test_prefix_kv_equals_single_pass_prefill(tiny_model, prefill_tokens):
-    lib, stats = build_in_memory(tiny_model, DOCS, "p", chunk_size=32,
-                                 prefill_tokens=prefill_tokens, progress=False)
+    lib, stats = build_in_memory(
+        tiny_model, DOCS, "p", chunk_size=32, prefill_tokens=prefill_tokens, progress=False
+    )
     tokens = lib.token_ids.tolist()
     tok = tiny_model.tokenizer
     # BOS once at the very start, documents separated by a newline
@@ -63,8 +74,9 @@ def test_prefix_kv_equals_single_pass_prefill(tiny_model, prefill_tokens):
 
 
 def test_independent_chunks_are_prefilled_alone(tiny_model):
-    lib, _ = build_in_memory(tiny_model, DOCS, "i", chunk_size=24, mode="independent",
-                             prefill_tokens=50, progress=False)
+    lib, _ = build_in_memory(
+        tiny_model, DOCS, "i", chunk_size=24, mode="independent", prefill_tokens=50, progress=False
+    )
     assert lib.position_offset == 24
     offs = lib.chunk_offsets.tolist()
     for c in lib.chunks:
@@ -73,24 +85,34 @@ def test_independent_chunks_are_prefilled_alone(tiny_model):
         assert doc.start <= c.start and c.end <= doc.end  # never spans documents
         k_ref, v_ref = dense_kv(tiny_model.model, lib.token_ids[c.start : c.end].tolist())
         for layer in range(lib.num_layers):
-            assert rel_err(lib.k_pools[layer][offs[c.chunk] : offs[c.chunk + 1]],
-                           k_ref[layer]) < 1e-4
+            assert (
+                rel_err(lib.k_pools[layer][offs[c.chunk] : offs[c.chunk + 1]], k_ref[layer]) < 1e-4
+            )
             assert rel_err(lib.v_pools[layer][c.start : c.end], v_ref[layer]) < 1e-4
     assert lib.token_ids[0] != tiny_model.tokenizer.bos_token_id
 
 
 @pytest.mark.parametrize("mode", ["prefix", "independent"])
 def test_chunk_table_covers_all_tokens_and_round_trips(tiny_model, tmp_path, mode):
-    info = build_library(tiny_model, DOCS, "lib", tmp_path, chunk_size=16, mode=mode,
-                         prefill_tokens=40, progress=False)
+    info = build_library(
+        tiny_model,
+        DOCS,
+        "lib",
+        tmp_path,
+        chunk_size=16,
+        mode=mode,
+        prefill_tokens=40,
+        progress=False,
+    )
     assert info.compatible and info.build.tokens_per_s > 0 and info.size_bytes > 0
     lib = load_library(tmp_path, "lib", model_fingerprint(tiny_model), progress=False)
     offs = lib.chunk_offsets.tolist()
     assert offs[0] == 0 and offs[-1] == lib.num_tokens == info.num_tokens
-    assert all(b > a for a, b in zip(offs, offs[1:])) and len(offs) == info.num_chunks + 1
+    assert all(b > a for a, b in itertools.pairwise(offs)) and len(offs) == info.num_chunks + 1
     assert sum(d.num_tokens for d in lib.manifest.documents) == lib.num_tokens
-    mem, _ = build_in_memory(tiny_model, DOCS, "lib", chunk_size=16, mode=mode,
-                             prefill_tokens=40, progress=False)
+    mem, _ = build_in_memory(
+        tiny_model, DOCS, "lib", chunk_size=16, mode=mode, prefill_tokens=40, progress=False
+    )
     assert torch.equal(mem.token_ids, lib.token_ids)
     for layer in range(lib.num_layers):
         assert torch.equal(mem.k_pools[layer], lib.k_pools[layer])
@@ -144,7 +166,7 @@ def test_missing_file_and_bad_manifest(saved, tiny_model):
 
 
 def test_interrupted_build_leaves_no_library(tiny_model, tmp_path, monkeypatch):
-    import moska.library.store as store
+    from moska.library import store
 
     def boom(*a, **k):
         raise KeyboardInterrupt("power cut")
@@ -169,14 +191,15 @@ def test_interrupted_build_leaves_no_library(tiny_model, tmp_path, monkeypatch):
 def test_stale_tmp_dir_is_ignored_and_cleaned(saved, tiny_model):
     stale = saved / ".x.tmp-dead"
     stale.mkdir()
-    (stale / "BUILDING").write_text('{"pid": 999999999, "host": "%s", "started": 0}'
-                                    % __import__("socket").gethostname())
+    (stale / "BUILDING").write_text(
+        json.dumps({"pid": 999999999, "host": socket.gethostname(), "started": 0})
+    )
     (stale / "manifest.json").write_text("{}")
     live = saved / ".y.tmp-live"
     live.mkdir()
-    (live / "BUILDING").write_text('{"pid": %d, "host": "%s", "started": 0}'
-                                   % (__import__("os").getpid(),
-                                      __import__("socket").gethostname()))
+    (live / "BUILDING").write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0})
+    )
     mgr = LibraryManager(saved, tiny_model)
     assert [i.name for i in mgr.list()] == ["lib"]
     assert not stale.exists() and live.exists()

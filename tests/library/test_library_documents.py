@@ -14,8 +14,12 @@ def test_reads_text_markdown_jsonl_and_directories(tmp_path):
     lines = [json.dumps({"text": "one"}), "", json.dumps({"body": "two", "text": "two"})]
     (tmp_path / "x.jsonl").write_text("\n".join(lines))
     docs = read_documents([tmp_path / "d", tmp_path / "x.jsonl"])
-    assert docs == [("a.txt", "ay"), ("b.md", "# B\nbee"), ("x.jsonl:1", "one"),
-                    ("x.jsonl:3", "two")]
+    assert docs == [
+        ("a.txt", "ay"),
+        ("b.md", "# B\nbee"),
+        ("x.jsonl:1", "one"),
+        ("x.jsonl:3", "two"),
+    ]
 
 
 def test_jsonl_custom_field_and_missing_field_names_line(tmp_path):

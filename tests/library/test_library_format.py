@@ -66,8 +66,20 @@ def test_plan_pieces_cover_every_row_once_within_budget(budget):
 
 def test_manifest_json_round_trip():
     c = corpus_from_token_ids([("a", [1] * 10), ("b", [2] * 7)], "prefix", 4)
-    m = Manifest("lib", "2026-01-01T00:00:00+00:00", FP, "prefix", 4, 17, 17, False, c.chunks,
-                 c.documents, 4, {"layer_000.safetensors": "00"})
+    m = Manifest(
+        "lib",
+        "2026-01-01T00:00:00+00:00",
+        FP,
+        "prefix",
+        4,
+        17,
+        17,
+        False,
+        c.chunks,
+        c.documents,
+        4,
+        {"layer_000.safetensors": "00"},
+    )
     m2 = Manifest.from_json(m.to_json())
     assert m2 == m
     with pytest.raises(ValueError, match="format version"):
