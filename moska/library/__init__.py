@@ -2,6 +2,7 @@
 
 from moska.library.builder import build_from_corpus, build_in_memory, build_library
 from moska.library.chunking import TokenizedCorpus, corpus_from_token_ids, tokenize_documents
+from moska.library.demo import ensure_demo_library
 from moska.library.documents import demo_documents, read_documents
 from moska.library.errors import (
     ChecksumMismatchError,
@@ -42,6 +43,7 @@ __all__ = [
     "corpus_from_token_ids",
     "default_library_root",
     "demo_documents",
+    "ensure_demo_library",
     "load_library",
     "model_fingerprint",
     "read_documents",

@@ -87,7 +87,7 @@ def build_from_corpus(
 
 def build_in_memory(
     loaded_model: Any,
-    documents: Sequence[tuple[str, str]],
+    documents: Sequence[tuple[str, str | Sequence[int]]],
     name: str,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -96,12 +96,8 @@ def build_in_memory(
     routing_rank: int | None = None,
     progress: bool = True,
 ) -> tuple[LoadedLibrary, BuildStats]:
-    """Tokenize ``(name, text)`` documents and build the library in memory."""
-    if loaded_model.tokenizer is None:
-        raise LibraryError(
-            "the model has no tokenizer (tokenizer.json); cannot tokenize "
-            "documents: add a tokenizer to the model directory"
-        )
+    """Tokenize ``(name, text)`` documents (``(name, token_ids)`` ones are taken verbatim)
+    and build the library in memory."""
     corpus = tokenize_documents(loaded_model.tokenizer, documents, mode, chunk_size)
     return build_from_corpus(
         loaded_model,
@@ -115,7 +111,7 @@ def build_in_memory(
 
 def build_library(
     loaded_model: Any,
-    documents: Sequence[tuple[str, str]],
+    documents: Sequence[tuple[str, str | Sequence[int]]],
     name: str,
     root: str | os.PathLike,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -141,7 +137,7 @@ def build_library(
 
 def build_and_save(
     loaded_model: Any,
-    documents: Sequence[tuple[str, str]],
+    documents: Sequence[tuple[str, str | Sequence[int]]],
     name: str,
     root: str | os.PathLike,
     **kwargs: Any,

@@ -99,26 +99,40 @@ def corpus_from_token_ids(
 
 def tokenize_documents(
     tokenizer: Any,
-    documents: Sequence[tuple[str, str]],
+    documents: Sequence[tuple[str, str | Sequence[int]]],
     mode: str = "prefix",
     chunk_size: int = 4096,
 ) -> TokenizedCorpus:
-    """Tokenize ``(name, text)`` documents and chunk them (see the module docstring)."""
+    """Tokenize ``(name, text)`` documents and chunk them (see the module docstring).
+
+    A document given as a sequence of token ids instead of text is used verbatim (no BOS,
+    no separator added); ``tokenizer`` may then be None.
+    """
     check_mode(mode, chunk_size)
     if not documents:
         raise LibraryError("a library needs at least one document")
+
+    def encode(text: str, special: bool) -> list[int]:
+        if tokenizer is None:
+            raise LibraryError(
+                "the model has no tokenizer (tokenizer.json): add one to the model directory "
+                "or pass documents as token ids"
+            )
+        return list(tokenizer.encode(text, add_special_tokens=special))
+
     docs: list[tuple[str, list[int]]] = []
-    if mode == "prefix":
-        sep = list(tokenizer.encode("\n", add_special_tokens=False))
-        for i, (name, text) in enumerate(documents):
-            ids = list(tokenizer.encode(text, add_special_tokens=(i == 0)))
-            if i + 1 < len(documents):
-                ids += sep
+    for i, (name, text) in enumerate(documents):
+        if not isinstance(text, str):
+            docs.append((name, [int(t) for t in text]))
+        elif mode == "prefix":
+            ids = encode(text, i == 0)
+            if i + 1 < len(documents) and isinstance(documents[i + 1][1], str):
+                ids += encode("\n", False)
             docs.append((name, ids))
-    else:
-        docs = [(n, list(tokenizer.encode(t, add_special_tokens=False))) for n, t in documents]
+        else:
+            docs.append((name, encode(text, False)))
     bos = getattr(tokenizer, "bos_token_id", None)
-    first = next((ids[0] for _, ids in docs if ids), None)
+    first = docs[0][1][0] if docs[0][1] else None
     begins_with_bos = mode == "prefix" and bos is not None and first == bos
     return corpus_from_token_ids(docs, mode, chunk_size, begins_with_bos)
 

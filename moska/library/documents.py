@@ -20,11 +20,11 @@ Document = tuple[str, str]  # (name, text)
 
 
 def read_documents(
-    paths: list[str | os.PathLike] | str | os.PathLike, *, text_field: str = "text"
+    paths: list[str | os.PathLike] | str | os.PathLike, *, jsonl_field: str = "text"
 ) -> list[Document]:
     """Read every document under ``paths`` (files or directories) in order.
 
-    ``.jsonl`` files give one document per non-blank line, from the field ``text_field``;
+    ``.jsonl`` files give one document per non-blank line, from the field ``jsonl_field``;
     their names are ``file:line``. Raises ``DocumentError`` if a path is missing or
     unreadable, a file is empty or of an unsupported type, or a JSONL line lacks the field.
     """
@@ -35,7 +35,7 @@ def read_documents(
     documents: list[Document] = []
     for path in map(Path, paths):
         for file in _expand(path):
-            documents.extend(_read_file(file, text_field))
+            documents.extend(_read_file(file, jsonl_field))
     return documents
 
 
@@ -70,7 +70,7 @@ def _read_text(file: Path) -> str:
         raise DocumentError(f"{file}: cannot read ({e.strerror}); check its permissions") from e
 
 
-def _read_file(file: Path, text_field: str) -> list[Document]:
+def _read_file(file: Path, jsonl_field: str) -> list[Document]:
     suffix = file.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DocumentError(
@@ -91,16 +91,16 @@ def _read_file(file: Path, text_field: str) -> list[Document]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DocumentError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from e
-        if not isinstance(record, dict) or text_field not in record:
+        if not isinstance(record, dict) or jsonl_field not in record:
             raise DocumentError(
-                f"{where}: no field {text_field!r}; add it or choose the field that holds "
+                f"{where}: no field {jsonl_field!r}; add it or choose the field that holds "
                 "the text (--jsonl-field)"
             )
-        value = record[text_field]
+        value = record[jsonl_field]
         if not isinstance(value, str):
-            raise DocumentError(f"{where}: field {text_field!r} is not a string")
+            raise DocumentError(f"{where}: field {jsonl_field!r} is not a string")
         if not value.strip():
-            raise DocumentError(f"{where}: field {text_field!r} is empty")
+            raise DocumentError(f"{where}: field {jsonl_field!r} is empty")
         documents.append((f"{file.name}:{lineno}", value))
     return documents
 

@@ -98,7 +98,7 @@ class LibraryManager:
     def build(
         self,
         name: str,
-        documents: Sequence[tuple[str, str]],
+        documents: Sequence[tuple[str, str | Sequence[int]]],
         chunk_size: int | None = None,
         mode: str = "prefix",
         *,
@@ -106,7 +106,8 @@ class LibraryManager:
         routing_rank: int | None = None,
         keep_loaded: bool = True,
     ) -> LibraryInfo:
-        """Build ``name`` from ``(name, text)`` documents; LibraryExistsError if taken."""
+        """Build ``name`` from ``(name, text)`` (or ``(name, token_ids)``) documents;
+        LibraryExistsError if the name is taken."""
         if self.loaded_model is None:
             raise LibraryError("building a library needs a model: start the manager with one")
         info, library = build_and_save(

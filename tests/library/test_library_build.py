@@ -241,3 +241,20 @@ def test_default_root_follows_moska_home(monkeypatch, tmp_path):
     monkeypatch.setenv("MOSKA_HOME", str(tmp_path))
     assert default_library_root() == tmp_path / "libraries"
     assert LibraryManager().root == tmp_path / "libraries"
+
+
+def test_token_id_documents_are_taken_verbatim(tiny_model, tmp_path):
+    ids = list(range(10, 50))
+    info = build_library(tiny_model, [("ids", ids)], "t", tmp_path, chunk_size=16, progress=False)
+    lib = load_library(tmp_path, "t", model_fingerprint(tiny_model), progress=False)
+    assert lib.token_ids.tolist() == ids and info.num_chunks == 3
+
+
+def test_demo_library_is_built_once(tiny_model, tmp_path, monkeypatch):
+    from moska.library import demo
+
+    monkeypatch.setattr(demo, "demo_documents", lambda: [("d.md", "moska demo " * 5)])
+    mgr = LibraryManager(tmp_path, tiny_model, progress=False)
+    first = demo.ensure_demo_library(mgr)
+    assert first.name == "demo" and first.compatible
+    assert demo.ensure_demo_library(mgr).created == first.created

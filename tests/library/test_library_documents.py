@@ -27,9 +27,9 @@ def test_jsonl_custom_field_and_missing_field_names_line(tmp_path):
     f.write_text(json.dumps({"body": "x"}) + "\n" + json.dumps({"text": "y"}) + "\n")
     g = tmp_path / "ok.jsonl"
     g.write_text(json.dumps({"body": "x"}) + "\n")
-    assert read_documents(g, text_field="body") == [("ok.jsonl:1", "x")]
+    assert read_documents(g, jsonl_field="body") == [("ok.jsonl:1", "x")]
     with pytest.raises(DocumentError, match=r"r\.jsonl:2: no field 'body'"):
-        read_documents(f, text_field="body")
+        read_documents(f, jsonl_field="body")
     with pytest.raises(DocumentError, match=r"r\.jsonl:1: no field 'text'"):
         read_documents(f)
 
