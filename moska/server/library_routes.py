@@ -60,6 +60,7 @@ def to_object(info: Any) -> LibraryObject:
     else:
         data = dict(vars(info))
     data.pop("object", None)
+    data.pop("path", None)  # the server's file system is none of the client's business
     if "model" not in data:
         for key in ("model_fingerprint", "fingerprint"):
             if key in data:

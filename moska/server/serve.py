@@ -73,5 +73,4 @@ def prepare_libraries(engine: Any, names: Sequence[str], *, demo: bool) -> None:
         else:
             ensure_demo_library(manager)
     for name in names:
-        load = getattr(manager, "load", None) or manager.info
-        load(name)
+        manager.get(name)  # loads it now (checksums, fingerprint) rather than on first use

@@ -219,3 +219,63 @@ def test_disconnect_mid_stream_frees_request(real_server, real_engine, model):
     while real_engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not real_engine.has_unfinished_requests()
+
+
+def _build_library(url: str, name: str) -> dict:
+    docs = [
+        {"name": f"d{i}.txt", "text": f"Document {i}. " + "The cat sat on the mat. " * 8}
+        for i in range(3)
+    ]
+    r = httpx.post(f"{url}/v1/libraries", json={"name": name, "documents": docs, "chunk_size": 64})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 30
+    while True:
+        job = httpx.get(f"{url}/v1/libraries/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.05)
+
+
+def test_library_lifecycle_real_engine(real_server):
+    url, _ = real_server
+    job = _build_library(url, "kb-life")
+    assert job["status"] == "succeeded", job
+    assert job["library"]["num_chunks"] >= 2 and "path" not in job["library"]
+    names = [x["name"] for x in httpx.get(f"{url}/v1/libraries").json()["data"]]
+    assert "kb-life" in names
+    assert httpx.get(f"{url}/v1/libraries/kb-life").json()["chunk_size"] == 64
+    assert httpx.delete(f"{url}/v1/libraries/kb-life").status_code == 200
+    assert httpx.get(f"{url}/v1/libraries/kb-life").status_code == 404
+    assert httpx.delete(f"{url}/v1/libraries/kb-life").status_code == 404
+
+
+@pytest.mark.xfail(
+    reason="engine bug: moska/kernels/router_scores.py keymax_pair_scores launches a Triton "
+    "kernel on CPU tensors ('0 active drivers'), so library decode fails on CPU",
+    strict=False,
+)
+def test_generate_with_library_real_engine(real_server, client, model):
+    url, _ = real_server
+    assert _build_library(url, "kb-gen")["status"] == "succeeded"
+    try:
+        r = client.completions.create(
+            model=model,
+            prompt="Where did the cat sit?",
+            max_tokens=4,
+            extra_body={"library": "kb-gen", "top_k_chunks": 2},
+        )
+        assert r.choices[0].finish_reason in ("length", "stop")
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "cat?"}],
+            max_tokens=3,
+            stream=True,
+            extra_body={"library": "kb-gen"},
+        )
+        assert list(stream)[-1].choices[0].finish_reason in ("length", "stop")
+        metrics = httpx.get(f"{url}/metrics").text
+        routed = [x for x in metrics.splitlines() if x.startswith("moska_chunks_routed_total")]
+        assert routed and float(routed[0].split()[-1]) > 0
+    finally:
+        httpx.delete(f"{url}/v1/libraries/kb-gen")

@@ -41,6 +41,35 @@ def _steer(body: dict, model: str) -> None:
                 body[key] = min(body[key], 8)
 
 
+def _fuzz(operation, mode, url: str, served: str, statuses, failures: list[str]) -> int:
+    calls = 0
+
+    @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+    @hypothesis.settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    def check(case) -> None:
+        nonlocal calls
+        calls += 1
+        if mode is schemathesis.GenerationMode.POSITIVE and isinstance(case.body, dict):
+            _steer(case.body, served)
+        response = case.call(base_url=url, timeout=30)
+        statuses[(case.method, case.path, response.status_code)] += 1
+        if response.status_code >= 500:
+            failures.append(
+                f"{case.method} {case.formatted_path} -> {response.status_code}: "
+                f"{response.text[:300]}\n{case.as_curl_command()}"
+            )
+
+    check()
+    return calls
+
+
 def test_openapi_fuzz_finds_no_server_error(fuzz_server):
     url, engine = fuzz_server
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
@@ -51,37 +80,14 @@ def test_openapi_fuzz_finds_no_server_error(fuzz_server):
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-
-            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-            @hypothesis.settings(
-                max_examples=MAX_EXAMPLES,
-                deadline=None,
-                database=None,
-                derandomize=True,
-                phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=list(HealthCheck),
-            )
-            def check(case) -> None:
-                nonlocal seen
-                seen += 1
-                if mode is schemathesis.GenerationMode.POSITIVE and isinstance(case.body, dict):
-                    _steer(case.body, served)
-                response = case.call(base_url=url, timeout=30)
-                statuses[(case.method, case.path, response.status_code)] += 1
-                if response.status_code >= 500:
-                    failures.append(
-                        f"{case.method} {case.formatted_path} -> {response.status_code}: "
-                        f"{response.text[:300]}\n{case.as_curl_command()}"
-                    )
-
             try:
-                check()
+                seen += _fuzz(operation, mode, url, served, statuses, failures)
             except hypothesis.errors.Unsatisfiable:
                 # nothing to make invalid (an operation without parameters or body)
                 assert mode is schemathesis.GenerationMode.NEGATIVE
+    assert not failures, "\n\n".join(failures[:5])
     assert seen > 0
     # the fuzzing reached the engine, not only the validators
     assert statuses[("POST", "/v1/completions", 200)] > 0, statuses
     assert statuses[("POST", "/v1/chat/completions", 200)] > 0, statuses
-    assert not failures, "\n\n".join(failures[:5])
     assert not engine.has_unfinished_requests()
