@@ -74,7 +74,7 @@ def ceilings():
     x = torch.randn(1 << 30, device=DEV, dtype=DT)
     y = torch.empty_like(x)
     tc = bench(lambda: y.copy_(x))
-    bw = 2 * x.numel() * 2 / tc / 1e9  # GB/s counting read + write
+    bw = 2 * x.numel() * 2 / tc / 1e6  # GB/s counting read + write (tc in ms)
     del a, b, x, y
     return peak, bw
 
@@ -152,8 +152,9 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
                         best = (name, t)
                 except Exception as e:  # a config that does not compile (e.g. shared memory)
                     row[f"ours_{name}_err"] = repr(e)[:200]
-            row["ours_ms"], row["ours_cfg"] = best[1], best[0]
-            o = grouped_shared_attention(q, k, v, offs, sel, SCALE, **configs[best[0]])
+            row["ours_ms"] = row.get("ours_default_ms", best[1])  # what a caller gets
+            row["ours_best_ms"], row["ours_best_cfg"] = best[1], best[0]
+            o, _ = grouped_shared_attention(q, k, v, offs, sel, SCALE, **configs[best[0]])
             for be_name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                 try:
                     with sdpa_kernel(be):
@@ -162,7 +163,7 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
                     row[f"{be_name}_relerr_vs_ours"] = rel(o.view(1, HKV, B * G, D), ref)
                 except Exception as e:
                     row[f"{be_name}_err"] = repr(e)[:200]
-            for key in ("ours", "flash", "cudnn"):
+            for key in ("ours", "ours_best", "flash", "cudnn"):
                 if f"{key}_ms" in row:
                     row[f"{key}_tflops"] = flops / row[f"{key}_ms"] / 1e9
             log(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}))
@@ -266,7 +267,7 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                         row[f"ours_with_router_{scorer}_ms"] = bench(step)
                         row[f"router_{scorer}_touched"] = int(torch.unique(router.route(q, index, topk, scorer=scorer).chunk).numel())
                     except Exception as e:
-                        row[f"router_{scorer}_err"] = repr(e)[:300]
+                        row[f"router_{scorer}_err"] = repr(e)[-600:]
             kv_bytes = (row["touched_chunks"] * L + B * U) * HKV * D * 2 * 2
             flops = 4 * (B * topk * L + B * U) * HQ * D
             row["floor_ms"] = max(kv_bytes / bw / 1e6, flops / peak / 1e9)
@@ -293,7 +294,23 @@ def case_paged(B_list, ctx=131072):
         sl = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
         q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
         o, _ = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-        row = dict(B=B, ctx=ctx, ours_ms=bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE)))
+        row = dict(B=B, ctx=ctx, ours_default_ms=bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE)))
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        best_cfg = ("default", row["ours_default_ms"])
+        for bn in (64, 128):
+            for st in (2, 4):
+                for mult in (2, 4):
+                    ns = max(1, triton.cdiv(mult * sms, B * HKV))
+                    name = f"n{bn}s{st}x{mult}"
+                    try:
+                        t = bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE, num_splits=ns, block_n=bn, num_stages=st))
+                        row[f"ours_{name}_ms"] = t
+                        if t < best_cfg[1]:
+                            best_cfg = (name, t)
+                    except Exception as e:
+                        row[f"ours_{name}_err"] = repr(e)[:200]
+        row["ours_ms"] = row["ours_default_ms"]
+        row["ours_best_cfg"], row["ours_best_ms"] = best_cfg
         # SDPA on contiguous KV (same bytes): [B, ctx, Hkv, D]
         kd = kc[bt.long()].view(B, ctx, HKV, D)
         vd = vc[bt.long()].view(B, ctx, HKV, D)
@@ -357,12 +374,15 @@ def main(argv=None):
     if bad:
         raise SystemExit(f"correctness failed: {bad}")
     configs = {
+        "default": {},
         "m128n64w8s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
-        "m128n128w8s2": dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
-        "m64n64w4s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+        "m64n64w4s4": dict(block_m=64, block_n=64, num_warps=4, num_stages=4),
+        "m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
+        "m128n64w4s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
+        "m64n64w4s3_t4": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, target_programs=528),
     }
     if args.quick:
-        configs = {"m128n64w8s3": configs["m128n64w8s3"]}
+        configs = {"default": {}}
     B_single = [16, 64, 256, 1024]
     res["single_chunk"] = case_single(k_pool, v_pool, [131072, 1 << 20], B_single, configs)
     B_grouped = [64, 256] if args.quick else [64, 256, 1024]
@@ -408,15 +428,15 @@ def main(argv=None):
 def print_table(res):
     f = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))  # noqa: E731
     log(f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  GEMM peak {res['gemm_peak_tflops']:.0f} TFLOP/s  copy {res['copy_GBps']:.0f} GB/s")
-    log("single chunk (TFLOP/s):   S        B   ours  flash  cudnn  cfg")
+    log("single chunk (TFLOP/s):   S        B   ours  flash  cudnn  best-cfg")
     for r in res["single_chunk"]:
-        log(f"  {r['S']:>24} {r['B']:>5} {f(r.get('ours_tflops')):>6} {f(r.get('flash_tflops')):>6} {f(r.get('cudnn_tflops')):>6}  {r.get('ours_cfg')}")
+        log(f"  {r['S']:>24} {r['B']:>5} {f(r.get('ours_tflops')):>6} {f(r.get('flash_tflops')):>6} {f(r.get('cudnn_tflops')):>6}  {f(r.get('ours_best_tflops'))} {r.get('ours_best_cfg')}")
     log("grouped step (ms):      B routing  ours  +router(mean/2stage)  torch  dense(extrap)  floor  roofline")
     for r in res["grouped"]:
         log(f"  {r['B']:>22} {r['routing']:>7} {f(r['ours_ms']):>6} {f(r.get('ours_with_router_mean_ms')):>6}/{f(r.get('ours_with_router_two_stage_ms')):<6} {f(r.get('torch_ms')):>9} {f(r['dense_ms_extrapolated']):>9} {f(r['floor_ms']):>8} {f(r['roofline_fraction']):>6}")
     log("paged decode 128K (ms):  B  ours  sdpa_best  ours/sdpa speed")
     for r in res["paged_decode"]:
-        log(f"  {r['B']:>22} {f(r['ours_ms'])} {f(r['sdpa_best_ms'])} ({r['sdpa_best']}) {f(r['ours_vs_sdpa'])}")
+        log(f"  {r['B']:>22} {f(r['ours_ms'])} {f(r['sdpa_best_ms'])} ({r['sdpa_best']}) {f(r['ours_vs_sdpa'])}  best {f(r['ours_best_ms'])} {r['ours_best_cfg']}")
     log("summary:", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res["summary"].items()}))
 
 

@@ -13,7 +13,8 @@ One launch runs over a work list of items (group, row tile, split). A long chunk
 tiles is split along the sequence (split-KV) so that the launch still has enough programs
 to fill the GPU; the partial states of a split tile go to a scratch buffer and a second,
 small kernel merges them exactly by log-sum-exp. The work list is built on the device with
-torch ops and one host sync (the number of items).
+torch ops and no host sync: the grid is an upper bound on the number of items computed
+from host-known sizes, and programs past the last item return at once (CUDA-graph safe).
 """
 
 import torch
@@ -64,23 +65,26 @@ def _grouped_shared_attention_kernel(
     sel_req_ptr,  # [N] int32
     sel_kv_ptr,  # [N] int32
     sel_chunk_ptr,  # [N] int32
-    work_ptr,  # [4, W] int32: group start, group selections, row tile, split
-    nsplit_ptr,  # [W] int32: splits of the item's tile
+    work_ptr,  # [5, W_max] int32: group start, group selections, row tile, split, splits
+    meta_ptr,  # [2] int32: items W, split_len
     o_ptr,  # [N * G, D] q.dtype
     lse_ptr,  # [N * G] fp32
-    o_part_ptr,  # [W, BLOCK_M, D] fp32 (only items of split tiles)
-    lse_part_ptr,  # [W, BLOCK_M] fp32
+    o_part_ptr,  # [W_max, BLOCK_M, D] fp32 (only items of split tiles)
+    lse_part_ptr,  # [W_max, BLOCK_M] fp32
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    W, split_len, qk_scale,
+    W, qk_scale,
     G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     w = tl.program_id(0)
+    if w >= tl.load(meta_ptr):  # past the last item: the grid is an upper bound
+        return
+    split_len = tl.load(meta_ptr + 1)
     start = tl.load(work_ptr + w)
     n_sel = tl.load(work_ptr + W + w)
     tile = tl.load(work_ptr + 2 * W + w)
     split = tl.load(work_ptr + 3 * W + w)
-    n_split = tl.load(nsplit_ptr + w)
+    n_split = tl.load(work_ptr + 4 * W + w)
     chunk = tl.load(sel_chunk_ptr + start)
     kv = tl.load(sel_kv_ptr + start)
 
@@ -134,10 +138,10 @@ def _grouped_shared_attention_kernel(
 
 @triton.jit
 def _merge_tile_splits_kernel(
-    work_ptr,  # [4, W] int32
-    nsplit_ptr,  # [W] int32
-    o_part_ptr,  # [W, BLOCK_M, D] fp32
-    lse_part_ptr,  # [W, BLOCK_M] fp32
+    work_ptr,  # [5, W_max] int32
+    meta_ptr,  # [2] int32: items W, split_len
+    o_part_ptr,  # [W_max, BLOCK_M, D] fp32
+    lse_part_ptr,  # [W_max, BLOCK_M] fp32
     o_ptr,  # [N * G, D]
     lse_ptr,  # [N * G] fp32
     W,
@@ -146,9 +150,9 @@ def _merge_tile_splits_kernel(
     # One program per item; the first split of a split tile merges the tile's partials,
     # which are the consecutive items w .. w + n_split - 1.
     w = tl.program_id(0)
-    n_split = tl.load(nsplit_ptr + w)
+    n_split = tl.load(work_ptr + 4 * W + w)
     split = tl.load(work_ptr + 3 * W + w)
-    if (split == 0) & (n_split > 1):
+    if (w < tl.load(meta_ptr)) & (split == 0) & (n_split > 1):
         start = tl.load(work_ptr + w)
         n_sel = tl.load(work_ptr + W + w)
         tile = tl.load(work_ptr + 2 * W + w)
@@ -192,41 +196,44 @@ def build_work_list(
     sel,  # Selections [N]
     chunk_offsets: torch.Tensor,  # [C + 1] int32
     num_kv_heads: int, group: int, block_m: int, block_n: int, target_programs: int, min_split: int,
-) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-    """Builds the (group, row tile, split) items on the device; one host sync.
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Builds the (group, row tile, split) items on the device, with no host sync.
 
-    Returns (work [4, W] int32, n_split [W] int32, W, split_len, max splits of a tile).
-    split_len is chosen so that the total work (tiles x tokens) spreads over about
-    `target_programs` items, never below `min_split` tokens, rounded to BLOCK_N.
+    Returns (work [5, W_max] int32, meta [2] int32 = (items W, split_len), W_max). Rows of
+    work: group start selection, group selections, row tile, split, splits of the tile.
+    split_len spreads the total work (tiles x tokens) over about `target_programs` items,
+    never below `min_split` tokens, rounded to BLOCK_N. Since each group's splits are
+    ceil(L / split_len) <= L / split_len + 1, W <= target_programs + total tiles, and total
+    tiles <= N*G/BLOCK_M + groups: W_max bounds W from host-known sizes.
     """
     n = sel.req.numel()
     dev = sel.req.device
-    key = sel.chunk.long() * num_kv_heads + sel.kv_head.long()  # [N]
-    idx = torch.arange(n, device=dev)
+    num_chunks = chunk_offsets.numel() - 1
+    w_max = target_programs + n * group // block_m + min(n, num_chunks * num_kv_heads) + 1
+    key = sel.chunk * num_kv_heads + sel.kv_head  # [N] int32
     is_start = torch.ones(n, dtype=torch.bool, device=dev)
-    is_start[1:] = key[1:] != key[:-1]
-    is_end = torch.ones(n, dtype=torch.bool, device=dev)
-    is_end[:-1] = is_start[1:]
-    start_of = torch.cummax(torch.where(is_start, idx, 0), 0).values  # [N]
-    end_of = torch.cummin(torch.where(is_end, idx, n - 1).flip(0), 0).values.flip(0)  # [N]
-    n_sel = end_of - start_of + 1
+    torch.ne(key[1:], key[:-1], out=is_start[1:])
+    idx = torch.arange(n, device=dev)
+    start_of = torch.cummax(idx * is_start, 0).values  # [N] first selection of the group
+    is_end = torch.roll(is_start, -1)
+    end_of = torch.cummin(torch.where(is_end, idx, n - 1).flip(0), 0).values.flip(0)
+    n_sel = end_of - start_of + 1  # [N]
     offs = chunk_offsets.long()
-    chunk = sel.chunk.long()
-    lens = offs[chunk + 1] - offs[chunk]  # [N]
+    lens = offs[sel.chunk + 1] - offs[sel.chunk]  # [N]
     tiles = (n_sel * group + block_m - 1) // block_m
-    work_total = torch.where(is_start, tiles * lens, 0).sum()
+    work_total = (tiles * lens * is_start).sum()
     split_len = torch.clamp((work_total + target_programs - 1) // target_programs, min=min_split)
     split_len = (split_len + block_n - 1) // block_n * block_n
     n_split = torch.clamp((lens + split_len - 1) // split_len, min=1)  # [N]
-    items = torch.where(is_start, tiles * n_split, 0)
-    cum = torch.cumsum(items, 0)
-    total, max_split, split_len_h = torch.stack([cum[-1], n_split.max(), split_len]).tolist()
-    j = torch.arange(total, device=dev)
-    owner = torch.searchsorted(cum, j, right=True)  # group start selection of item j
+    items = tiles * n_split * is_start
+    cum = torch.cumsum(items, 0)  # [N]
+    j = torch.arange(w_max, device=dev)
+    owner = torch.searchsorted(cum, j, right=True).clamp_(max=n - 1)  # group start of item j
     local = j - (cum[owner] - items[owner])
     ns = n_split[owner]
-    work = torch.stack([owner, n_sel[owner], local // ns, local % ns]).to(torch.int32).contiguous()
-    return work, ns.to(torch.int32), total, split_len_h, max_split
+    work = torch.stack([owner, n_sel[owner], local // ns, local % ns, ns]).to(torch.int32)
+    meta = torch.stack([cum[-1], split_len]).to(torch.int32)
+    return work, meta, w_max
 
 
 def _outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,28 +313,23 @@ def grouped_shared_attention(
                    ("num_stages", num_stages), ("target_programs", target_programs), ("min_split", min_split)):
         if v_ is not None:
             cfg[k_] = v_
-    work, n_split, total, split_len, max_split = build_work_list(
+    work, meta, w_max = build_work_list(
         sel, chunk_offsets, hkv, g, cfg["block_m"], cfg["block_n"], cfg["target_programs"], cfg["min_split"]
     )
-    if max_split > 1:
-        o_part = torch.empty(total, cfg["block_m"], d, device=q.device, dtype=torch.float32)
-        lse_part = torch.empty(total, cfg["block_m"], device=q.device, dtype=torch.float32)
-    else:
-        o_part, lse_part = o, lse  # never written
+    o_part = torch.empty(w_max, cfg["block_m"], d, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(w_max, cfg["block_m"], device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _grouped_shared_attention_kernel[(total,)](
-        q, k_pool, v_pool, chunk_offsets, sel.req, sel.kv_head, sel.chunk, work, n_split,
+    _grouped_shared_attention_kernel[(w_max,)](
+        q, k_pool, v_pool, chunk_offsets, sel.req, sel.kv_head, sel.chunk, work, meta,
         o, lse, o_part, lse_part,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        total, split_len, sm_scale * LOG2E,
+        w_max, sm_scale * LOG2E,
         G=g, D=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], PRECISION=precision,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if max_split > 1:
-        _merge_tile_splits_kernel[(total,)](
-            work, n_split, o_part, lse_part, o, lse, total, G=g, D=d, BLOCK_M=cfg["block_m"],
-            num_warps=4,
-        )
+    _merge_tile_splits_kernel[(w_max,)](
+        work, meta, o_part, lse_part, o, lse, w_max, G=g, D=d, BLOCK_M=cfg["block_m"], num_warps=4
+    )
     return o, lse
 
 
