@@ -35,3 +35,19 @@ def test_cuda_build_matches_dense_bf16(tiny_dir, mode):
             ):
                 err = (got.float() - want.float()).norm() / want.float().norm()
                 assert err < 2e-2, (layer, err.item())
+
+
+def test_cuda_manager_round_trip(tiny_dir, tmp_path):
+    from moska.library import LibraryManager
+
+    lm = load_model(tiny_dir, dtype="bfloat16", device="cuda")
+    mgr = LibraryManager(tmp_path, lm, "cuda", progress=False)
+    mgr.build("g", DOCS, chunk_size=32)
+    built = mgr.get("g")
+    assert built.device.type == "cuda" and mgr.loaded_names() == ["g"]
+    mgr.unload("g")
+    loaded = mgr.get("g")
+    assert loaded is not built and loaded.device.type == "cuda"
+    for a, b in zip(built.k_pools, loaded.k_pools, strict=True):
+        assert torch.equal(a, b)
+    assert all(t.is_cuda for t in loaded.routing[0])
