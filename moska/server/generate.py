@@ -102,8 +102,9 @@ def check_library(state: ServerState, library: str | None) -> None:
         )
 
 
-async def tokenize(state: ServerState, prompt: str | list[int]) -> int:
-    """Number of tokens of a prompt; checks token ids against the vocabulary."""
+async def tokenize(state: ServerState, prompt: str | list[int], special: bool = True) -> int:
+    """Number of tokens of a prompt (as the engine will count it: `special` says whether
+    it adds special tokens such as BOS); checks token ids against the vocabulary."""
     tok = state.engine.tokenizer
     if isinstance(prompt, list):
         vocab = getattr(tok, "vocab_size", None)
@@ -114,9 +115,9 @@ async def tokenize(state: ServerState, prompt: str | list[int]) -> int:
         return len(prompt)
     try:
         if len(prompt) > _LONG_PROMPT_CHARS:
-            ids = await asyncio.to_thread(tok.encode, prompt)
+            ids = await asyncio.to_thread(tok.encode, prompt, special)
         else:
-            ids = tok.encode(prompt)
+            ids = tok.encode(prompt, special)
     except Exception as exc:
         raise APIError(400, f"could not tokenize the prompt: {exc}", param="prompt") from exc
     return len(ids)
@@ -184,7 +185,8 @@ async def submit(
     n = body.n
     if n > state.settings.max_n:
         raise APIError(400, f"n must be at most {state.settings.max_n}", param="n")
-    counts = [await tokenize(state, p) for p in prompts]
+    # The engine adds BOS to text prompts unless they follow a library.
+    counts = [await tokenize(state, p, body.library is None) for p in prompts]
     resolved = [resolve_max_tokens(state, c, max_tokens) for c in counts]
     params = [[sampling_params(body, mt, logprobs, j) for j in range(n)] for mt in resolved]
 

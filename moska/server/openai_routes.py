@@ -91,7 +91,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         prompt = state.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as exc:
         raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
-    if not isinstance(prompt, str):  # some tokenizers return ids
+    if isinstance(prompt, str):
+        # The template writes its own special tokens (BOS): send ids so none is added twice.
+        try:
+            prompt = state.engine.tokenizer.encode(prompt, add_special_tokens=False)
+        except Exception as exc:
+            raise APIError(400, f"could not tokenize the messages: {exc}") from exc
+    else:  # some tokenizers return ids
         prompt = list(prompt)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens

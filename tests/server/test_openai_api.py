@@ -206,6 +206,7 @@ def test_health_and_metrics(real_server, client, model):
 def test_disconnect_mid_stream_frees_request(real_server, real_engine, model):
     url, _ = real_server
     body = {"model": model, "prompt": "long", "max_tokens": 900, "stream": True, "ignore_eos": True}
+    aborted = _aborted(url)
     with (
         httpx.Client(timeout=30) as http,
         http.stream("POST", f"{url}/v1/completions", json=body) as r,
@@ -219,6 +220,27 @@ def test_disconnect_mid_stream_frees_request(real_server, real_engine, model):
     while real_engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not real_engine.has_unfinished_requests()
+    assert _aborted(url) == aborted + 1
+
+
+def test_disconnect_while_waiting_non_streaming(real_server, real_engine, model):
+    url, _ = real_server
+    body = {"model": model, "prompt": "wait", "max_tokens": 900, "ignore_eos": True}
+    aborted = _aborted(url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while real_engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not real_engine.has_unfinished_requests()
+    assert _aborted(url) == aborted + 1  # freed by the abort, not by running to the end
+
+
+def _aborted(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith('moska_requests_total{finish_reason="abort"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def _build_library(url: str, name: str) -> dict:
