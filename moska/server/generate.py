@@ -52,6 +52,8 @@ class Generation:
         remaining = set(self.choice_of)
         while remaining:
             item = await self.queue.get()
+            if isinstance(item, EngineDeadError):
+                raise APIError(503, str(item), code="shutting_down") from item
             if isinstance(item, BaseException):
                 raise APIError(500, str(item), code="engine_error") from item
             idx = self.choice_of[item.request_id]
