@@ -245,7 +245,7 @@ def paged_decode_attention(
     cu_q_lens = torch.arange(b + 1, device=q.device, dtype=torch.int32)
     return _launch(
         q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, 1, num_splits,
-        max(16, triton.next_power_of_2(g)), block_n, num_warps or 4, num_stages or (3 if cuda else 1), out,
+        max(16, triton.next_power_of_2(g)), block_n, num_warps or 4, num_stages or (2 if cuda else 1), out,
     )
 
 
