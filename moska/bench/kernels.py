@@ -262,6 +262,17 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                 o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
                 return merge_selections(o_u, lse_u, o_s, lse_s, sel)
 
+            side = torch.cuda.Stream()
+
+            def ours_overlap():
+                # unique KV (memory-bound) on a side stream, overlapping shared attention (GEMM)
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
+                o_s, lse_s = grouped_shared_attention(q, k, v, offs, sel, SCALE)
+                torch.cuda.current_stream().wait_stream(side)
+                return merge_selections(o_u, lse_u, o_s, lse_s, sel)
+
             def comp():
                 return torch_composition(q, k, v, offs, pair_req, pair_chunk, k_u, v_u, C, topk)
 
@@ -278,7 +289,13 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                 row["ours_graph_ms"] = bench_graph(ours)
             except Exception as e:
                 row["ours_graph_err"] = repr(e)[-300:]
-            row["ours_ms"] = min(row["ours_eager_ms"], row.get("ours_graph_ms", 1e30))
+            row["ours_overlap_ms"] = bench(ours_overlap)
+            row["ours_overlap_relerr"] = rel(ours_overlap()[0], o1)
+            try:
+                row["ours_overlap_graph_ms"] = bench_graph(ours_overlap)
+            except Exception as e:
+                row["ours_overlap_graph_err"] = repr(e)[-300:]
+            row["ours_ms"] = min(row[k_] for k_ in ("ours_eager_ms", "ours_graph_ms", "ours_overlap_ms", "ours_overlap_graph_ms") if k_ in row)
             for bm in (32, 64, 128):
                 row[f"ours_shared_only_bm{bm}_ms"] = bench(lambda: grouped_shared_attention(
                     q, k, v, offs, sel, SCALE, block_m=bm, num_warps=8 if bm == 128 else 4))
@@ -444,6 +461,7 @@ def main(argv=None):
     )
     res["notes"] = [
         "ours_ms = min(eager call, CUDA-graph replay of the same call); both are in each row (the launcher is sync-free, so it is graph-capturable; eager includes ~0.5-1 ms of host launch overhead of the work-list torch ops)",
+        "grouped ours_ms = best of sequential / overlapped (paged unique on a side stream while grouped shared runs) x eager / CUDA graph; all four are in each row",
         "single_chunk: SDPA gets the same packed rows (batch 1, heads=Hkv, q_len=B*G), K/V strided views of the pool",
         "grouped: uniform routing = random top-8 per request; zipf = multinomial without replacement, weights 1/rank^1.1",
         "grouped ours_ms/roofline/speedups are the attention step (grouped shared + paged unique + merge) on given selections; "
