@@ -83,7 +83,10 @@ def sorted_sel(req, chunk, b):
 
 
 def ceilings():
-    a, b = torch.randn(8192, 8192, device=DEV, dtype=DT), torch.randn(8192, 8192, device=DEV, dtype=DT)
+    a, b = (
+        torch.randn(8192, 8192, device=DEV, dtype=DT),
+        torch.randn(8192, 8192, device=DEV, dtype=DT),
+    )
     t = bench(lambda: a @ b)
     peak = 2 * 8192**3 / t / 1e9
     x = torch.randn(1 << 30, device=DEV, dtype=DT)
@@ -111,12 +114,18 @@ def correctness(k_pool, v_pool):
     # one long chunk chosen by 16 requests (split-KV path) vs fp32 math
     S = 131072
     q = torch.randn(16, HQ, D, device=DEV, dtype=DT)
-    sel = sorted_sel(torch.arange(16, device=DEV), torch.zeros(16, dtype=torch.int32, device=DEV), 16)
-    o, lse = grouped_shared_attention(q, k_pool[:S], v_pool[:S], torch.tensor([0, S], dtype=torch.int32, device=DEV), sel, SCALE)
+    sel = sorted_sel(
+        torch.arange(16, device=DEV), torch.zeros(16, dtype=torch.int32, device=DEV), 16
+    )
+    o, lse = grouped_shared_attention(
+        q, k_pool[:S], v_pool[:S], torch.tensor([0, S], dtype=torch.int32, device=DEV), sel, SCALE
+    )
     qr = q.view(16, HKV, G, D).transpose(0, 1).reshape(HKV, 16 * G, D).float()
     sc = qr @ k_pool[:S].float().transpose(0, 1).transpose(1, 2) * SCALE  # [Hkv, rows, S]
     ref = torch.softmax(sc, -1) @ v_pool[:S].float().transpose(0, 1)  # [Hkv, rows, D]
-    out["shared_131k_b16"] = max(rel(o.view(HKV, 16 * G, D), ref), rel(lse.view(HKV, 16 * G), torch.logsumexp(sc, -1)))
+    out["shared_131k_b16"] = max(
+        rel(o.view(HKV, 16 * G, D), ref), rel(lse.view(HKV, 16 * G), torch.logsumexp(sc, -1))
+    )
     del sc
     # paged decode and prefill
     seq = [1, 77, 5000, 2048]
@@ -134,7 +143,9 @@ def correctness(k_pool, v_pool):
     sl = torch.tensor(seq, dtype=torch.int32, device=DEV)
     q = torch.randn(len(seq), HQ, D, device=DEV, dtype=DT)
     o, lse = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-    ro, rl = paged_attention_ref(q, kc, vc, bt, torch.arange(len(seq) + 1, dtype=torch.int32, device=DEV), sl, SCALE)
+    ro, rl = paged_attention_ref(
+        q, kc, vc, bt, torch.arange(len(seq) + 1, dtype=torch.int32, device=DEV), sl, SCALE
+    )
     out["paged_decode"] = max(rel(o, ro), rel(lse, rl))
     ql = [1, 77, 300, 2048]
     cu = torch.tensor([0] + torch.tensor(ql).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
@@ -154,7 +165,9 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
         vt = v.unsqueeze(0).transpose(1, 2)
         for B in B_list:
             q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
-            sel = sorted_sel(torch.arange(B, device=DEV), torch.zeros(B, dtype=torch.int32, device=DEV), B)
+            sel = sorted_sel(
+                torch.arange(B, device=DEV), torch.zeros(B, dtype=torch.int32, device=DEV), B
+            )
             qp = q.view(B, HKV, G, D).transpose(0, 1).reshape(1, HKV, B * G, D)  # packed rows
             flops = 4 * B * G * S * D * HKV
             row = dict(S=S, B=B, rows_per_kv_head=B * G)
@@ -169,24 +182,35 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
                     row[f"ours_{name}_err"] = repr(e)[:200]
             row["ours_eager_ms"] = row.get("ours_default_ms", best[1])  # what a caller gets
             try:
-                row["ours_graph_ms"] = bench_graph(lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE))
+                row["ours_graph_ms"] = bench_graph(
+                    lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE)
+                )
             except Exception as e:
                 row["ours_graph_err"] = repr(e)[-300:]
             row["ours_ms"] = min(row["ours_eager_ms"], row.get("ours_graph_ms", 1e30))
             row["ours_best_ms"], row["ours_best_cfg"] = best[1], best[0]
             o, _ = grouped_shared_attention(q, k, v, offs, sel, SCALE, **configs[best[0]])
-            for be_name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            for be_name, be in (
+                ("flash", SDPBackend.FLASH_ATTENTION),
+                ("cudnn", SDPBackend.CUDNN_ATTENTION),
+            ):
                 try:
                     with sdpa_kernel(be):
                         ref = F.scaled_dot_product_attention(qp, kt, vt, scale=SCALE)
-                        row[f"{be_name}_ms"] = bench(lambda: F.scaled_dot_product_attention(qp, kt, vt, scale=SCALE))
+                        row[f"{be_name}_ms"] = bench(
+                            lambda: F.scaled_dot_product_attention(qp, kt, vt, scale=SCALE)
+                        )
                     row[f"{be_name}_relerr_vs_ours"] = rel(o.view(1, HKV, B * G, D), ref)
                 except Exception as e:
                     row[f"{be_name}_err"] = repr(e)[:200]
             for key in ("ours", "ours_eager", "ours_best", "flash", "cudnn"):
                 if f"{key}_ms" in row:
                     row[f"{key}_tflops"] = flops / row[f"{key}_ms"] / 1e9
-            log(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}))
+            log(
+                json.dumps(
+                    {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}
+                )
+            )
             rows_out.append(row)
     return rows_out
 
@@ -208,9 +232,11 @@ def torch_composition(q, k_pool, v_pool, offs, pair_req, pair_chunk, k_u, v_u, C
     max_q = int(counts.max())
     qs = q[pair_req]  # [P, Hq, D]
     o_s, lse_s = torch.ops.aten._flash_attention_forward(
-        qs, k_pool, v_pool, cu_q, offs, max_q, 4096, 0.0, False, False, scale=SCALE)[:2]
+        qs, k_pool, v_pool, cu_q, offs, max_q, 4096, 0.0, False, False, scale=SCALE
+    )[:2]
     o_u, lse_u = torch.ops.aten._flash_attention_forward(
-        q.unsqueeze(1), k_u, v_u, None, None, 1, k_u.shape[1], 0.0, False, False, scale=SCALE)[:2]
+        q.unsqueeze(1), k_u, v_u, None, None, 1, k_u.shape[1], 0.0, False, False, scale=SCALE
+    )[:2]
     # merge: each request has exactly topk pairs
     order = torch.argsort(pair_req, stable=True)
     lse_s = lse_s.t()[order].view(B, topk, HQ)  # [B, k, Hq]
@@ -235,8 +261,12 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
     q1 = torch.randn(1, 1, HQ, D, device=DEV, dtype=DT)
     kd = torch.cat([k, torch.randn(U, HKV, D, device=DEV, dtype=DT)]).unsqueeze(0)
     vd = torch.cat([v, torch.randn(U, HKV, D, device=DEV, dtype=DT)]).unsqueeze(0)
-    t_dense1 = bench(lambda: torch.ops.aten._flash_attention_forward(
-        q1, kd, vd, None, None, 1, S + U, 0.0, False, False, scale=SCALE), rep=50)
+    t_dense1 = bench(
+        lambda: torch.ops.aten._flash_attention_forward(
+            q1, kd, vd, None, None, 1, S + U, 0.0, False, False, scale=SCALE
+        ),
+        rep=50,
+    )
     del kd, vd
     torch.cuda.empty_cache()
     for B in B_list:
@@ -295,22 +325,42 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                 row["ours_overlap_graph_ms"] = bench_graph(ours_overlap)
             except Exception as e:
                 row["ours_overlap_graph_err"] = repr(e)[-300:]
-            row["ours_ms"] = min(row[k_] for k_ in ("ours_eager_ms", "ours_graph_ms", "ours_overlap_ms", "ours_overlap_graph_ms") if k_ in row)
+            row["ours_ms"] = min(
+                row[k_]
+                for k_ in (
+                    "ours_eager_ms",
+                    "ours_graph_ms",
+                    "ours_overlap_ms",
+                    "ours_overlap_graph_ms",
+                )
+                if k_ in row
+            )
             for bm in (32, 64, 128):
-                row[f"ours_shared_only_bm{bm}_ms"] = bench(lambda: grouped_shared_attention(
-                    q, k, v, offs, sel, SCALE, block_m=bm, num_warps=8 if bm == 128 else 4))
-            row["ours_shared_only_ms"] = bench(lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE))
-            row["ours_unique_only_ms"] = bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE))
+                row[f"ours_shared_only_bm{bm}_ms"] = bench(
+                    lambda: grouped_shared_attention(
+                        q, k, v, offs, sel, SCALE, block_m=bm, num_warps=8 if bm == 128 else 4
+                    )
+                )
+            row["ours_shared_only_ms"] = bench(
+                lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE)
+            )
+            row["ours_unique_only_ms"] = bench(
+                lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE)
+            )
             if routing == "uniform":
                 for scorer in ("mean", "two_stage"):
+
                     def step(scorer=scorer):
                         s_ = router.route(q, index, topk, scorer=scorer)
                         o_s, lse_s = grouped_shared_attention(q, k, v, offs, s_, SCALE)
                         o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
                         return merge_selections(o_u, lse_u, o_s, lse_s, s_)
+
                     try:
                         row[f"ours_with_router_{scorer}_ms"] = bench(step)
-                        row[f"router_{scorer}_touched"] = int(torch.unique(router.route(q, index, topk, scorer=scorer).chunk).numel())
+                        row[f"router_{scorer}_touched"] = int(
+                            torch.unique(router.route(q, index, topk, scorer=scorer).chunk).numel()
+                        )
                     except Exception as e:
                         row[f"router_{scorer}_err"] = repr(e)[-600:]
             kv_bytes = (row["touched_chunks"] * L + B * U) * HKV * D * 2 * 2
@@ -321,7 +371,11 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
             row["speedup_vs_dense"] = row["dense_ms_extrapolated"] / row["ours_ms"]
             if "torch_ms" in row:
                 row["speedup_vs_torch"] = row["torch_ms"] / row["ours_ms"]
-            log(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}))
+            log(
+                json.dumps(
+                    {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}
+                )
+            )
             rows_out.append(row)
         del kc, vc, k_u, v_u
         torch.cuda.empty_cache()
@@ -339,7 +393,11 @@ def case_paged(B_list, ctx=131072):
         sl = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
         q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
         o, _ = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-        row = dict(B=B, ctx=ctx, ours_default_ms=bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE)))
+        row = dict(
+            B=B,
+            ctx=ctx,
+            ours_default_ms=bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE)),
+        )
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         best_cfg = ("default", row["ours_default_ms"])
         for bn in (64, 128):
@@ -348,7 +406,11 @@ def case_paged(B_list, ctx=131072):
                     ns = max(1, triton.cdiv(mult * sms, B * HKV))
                     name = f"n{bn}s{st}x{mult}"
                     try:
-                        t = bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE, num_splits=ns, block_n=bn, num_stages=st))
+                        t = bench(
+                            lambda: paged_decode_attention(
+                                q, kc, vc, bt, sl, SCALE, num_splits=ns, block_n=bn, num_stages=st
+                            )
+                        )
                         row[f"ours_{name}_ms"] = t
                         if t < best_cfg[1]:
                             best_cfg = (name, t)
@@ -356,7 +418,9 @@ def case_paged(B_list, ctx=131072):
                         row[f"ours_{name}_err"] = repr(e)[:200]
         row["ours_eager_ms"] = row["ours_default_ms"]
         try:
-            row["ours_graph_ms"] = bench_graph(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE))
+            row["ours_graph_ms"] = bench_graph(
+                lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE)
+            )
         except Exception as e:
             row["ours_graph_err"] = repr(e)[-300:]
         row["ours_ms"] = min(row["ours_eager_ms"], row.get("ours_graph_ms", 1e30))
@@ -369,8 +433,12 @@ def case_paged(B_list, ctx=131072):
         kt, vt = kd.transpose(1, 2), vd.transpose(1, 2)
         best = None
         for name, fn in (
-            ("flash_varlen_op", lambda: torch.ops.aten._flash_attention_forward(
-                q.unsqueeze(1), kd, vd, None, None, 1, ctx, 0.0, False, False, scale=SCALE)[0]),
+            (
+                "flash_varlen_op",
+                lambda: torch.ops.aten._flash_attention_forward(
+                    q.unsqueeze(1), kd, vd, None, None, 1, ctx, 0.0, False, False, scale=SCALE
+                )[0],
+            ),
             ("sdpa_flash", lambda: _sdpa(SDPBackend.FLASH_ATTENTION, q4, kt, vt)),
             ("sdpa_cudnn", lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q4, kt, vt)),
             ("sdpa_efficient", lambda: _sdpa(SDPBackend.EFFICIENT_ATTENTION, q4, kt, vt)),
@@ -386,7 +454,11 @@ def case_paged(B_list, ctx=131072):
         row["sdpa_best"], row["sdpa_best_ms"] = best
         row["ours_vs_sdpa"] = best[1] / row["ours_ms"]  # >1: ours faster
         row["ours_GBps"] = B * ctx * HKV * D * 4 / row["ours_ms"] / 1e6
-        log(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}))
+        log(
+            json.dumps(
+                {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}
+            )
+        )
         rows_out.append(row)
         del kd, vd
         torch.cuda.empty_cache()
@@ -408,9 +480,15 @@ def main(argv=None):
     torch.manual_seed(0)
     t_start = time.time()
     res = dict(
-        command=" ".join([os.path.basename(sys.executable), "-m", "moska.bench.kernels"] + sys.argv[1:]),
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        python=platform.python_version(), dtype="bfloat16", shapes=dict(Hq=HQ, Hkv=HKV, D=D),
+        command=" ".join(
+            [os.path.basename(sys.executable), "-m", "moska.bench.kernels"] + sys.argv[1:]
+        ),
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        dtype="bfloat16",
+        shapes=dict(Hq=HQ, Hkv=HKV, D=D),
     )
     peak, bw = ceilings()
     res["gemm_peak_tflops"], res["copy_GBps"] = peak, bw
@@ -428,15 +506,19 @@ def main(argv=None):
         "m128n64w8s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
         "m64n64w4s4": dict(block_m=64, block_n=64, num_warps=4, num_stages=4),
         "m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
-        "m128n64w4s3": dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
-        "m64n64w4s3_t4": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, target_programs=528),
+        "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
+        "m64n64w4s3_t4": dict(
+            block_m=64, block_n=64, num_warps=4, num_stages=3, target_programs=528
+        ),
     }
     if args.quick:
         configs = {"default": {}}
     B_single = [16, 64, 256, 1024]
     res["single_chunk"] = case_single(k_pool, v_pool, [131072, 1 << 20], B_single, configs)
     B_grouped = [64, 256] if args.quick else [64, 256, 1024]
-    res["grouped"], res["dense_one_request_ms"] = case_grouped(k_pool, v_pool, B_grouped, peak, bw, args.quick)
+    res["grouped"], res["dense_one_request_ms"] = case_grouped(
+        k_pool, v_pool, B_grouped, peak, bw, args.quick
+    )
     del k_pool, v_pool
     torch.cuda.empty_cache()
     res["paged_decode"] = case_paged([1, 8])
@@ -447,7 +529,10 @@ def main(argv=None):
                 return r
         return {}
 
-    g64, g1024 = pick(res["grouped"], B=64, routing="uniform"), pick(res["grouped"], B=1024, routing="uniform")
+    g64, g1024 = (
+        pick(res["grouped"], B=64, routing="uniform"),
+        pick(res["grouped"], B=1024, routing="uniform"),
+    )
     res["summary"] = dict(
         shared_tflops_b256_s1m=pick(res["single_chunk"], S=1 << 20, B=256).get("ours_tflops"),
         shared_tflops_b1024_s1m=pick(res["single_chunk"], S=1 << 20, B=1024).get("ours_tflops"),
@@ -479,17 +564,32 @@ def main(argv=None):
 
 def print_table(res):
     f = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))  # noqa: E731
-    log(f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  GEMM peak {res['gemm_peak_tflops']:.0f} TFLOP/s  copy {res['copy_GBps']:.0f} GB/s")
+    log(
+        f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  GEMM peak {res['gemm_peak_tflops']:.0f} TFLOP/s  copy {res['copy_GBps']:.0f} GB/s"
+    )
     log("single chunk (TFLOP/s):   S        B   ours  flash  cudnn  best-cfg")
     for r in res["single_chunk"]:
-        log(f"  {r['S']:>24} {r['B']:>5} {f(r.get('ours_tflops')):>6} {f(r.get('flash_tflops')):>6} {f(r.get('cudnn_tflops')):>6}  {f(r.get('ours_best_tflops'))} {r.get('ours_best_cfg')}")
-    log("grouped step (ms):      B routing  ours  +router(mean/2stage)  torch  dense(extrap)  floor  roofline")
+        log(
+            f"  {r['S']:>24} {r['B']:>5} {f(r.get('ours_tflops')):>6} {f(r.get('flash_tflops')):>6} {f(r.get('cudnn_tflops')):>6}  {f(r.get('ours_best_tflops'))} {r.get('ours_best_cfg')}"
+        )
+    log(
+        "grouped step (ms):      B routing  ours  +router(mean/2stage)  torch  dense(extrap)  floor  roofline"
+    )
     for r in res["grouped"]:
-        log(f"  {r['B']:>22} {r['routing']:>7} {f(r['ours_ms']):>6} {f(r.get('ours_with_router_mean_ms')):>6}/{f(r.get('ours_with_router_two_stage_ms')):<6} {f(r.get('torch_ms')):>9} {f(r['dense_ms_extrapolated']):>9} {f(r['floor_ms']):>8} {f(r['roofline_fraction']):>6}")
+        log(
+            f"  {r['B']:>22} {r['routing']:>7} {f(r['ours_ms']):>6} {f(r.get('ours_with_router_mean_ms')):>6}/{f(r.get('ours_with_router_two_stage_ms')):<6} {f(r.get('torch_ms')):>9} {f(r['dense_ms_extrapolated']):>9} {f(r['floor_ms']):>8} {f(r['roofline_fraction']):>6}"
+        )
     log("paged decode 128K (ms):  B  ours  sdpa_best  ours/sdpa speed")
     for r in res["paged_decode"]:
-        log(f"  {r['B']:>22} {f(r['ours_ms'])} {f(r['sdpa_best_ms'])} ({r['sdpa_best']}) {f(r['ours_vs_sdpa'])}  best {f(r['ours_best_ms'])} {r['ours_best_cfg']}")
-    log("summary:", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res["summary"].items()}))
+        log(
+            f"  {r['B']:>22} {f(r['ours_ms'])} {f(r['sdpa_best_ms'])} ({r['sdpa_best']}) {f(r['ours_vs_sdpa'])}  best {f(r['ours_best_ms'])} {r['ours_best_cfg']}"
+        )
+    log(
+        "summary:",
+        json.dumps(
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res["summary"].items()}
+        ),
+    )
 
 
 if __name__ == "__main__":

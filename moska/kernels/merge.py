@@ -42,7 +42,9 @@ def _merge_finish(m_i, l_i, acc):
     # Returns (o [R, D], lse [R]) in natural log; an empty state gives (0, -inf).
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(
+        empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    )
     return o, lse
 
 
@@ -78,7 +80,11 @@ def _merge_states_kernel(
     o, lse2 = _load_state(o_b_ptr, lse_b_ptr, rows, row_ok, offs_d, D)
     m_i, l_i, acc = _merge_step(m_i, l_i, acc, lse2, o)
     o, lse = _merge_finish(m_i, l_i, acc)
-    tl.store(o_ptr + rows[:, None] * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        o_ptr + rows[:, None] * D + offs_d[None, :],
+        o.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
@@ -108,7 +114,11 @@ def _merge_splits_kernel(
         o_part += stride_os
         lse_part += R
     o, lse = _merge_finish(m_i, l_i, acc)
-    tl.store(o_ptr + rows[:, None] * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        o_ptr + rows[:, None] * D + offs_d[None, :],
+        o.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
@@ -145,7 +155,11 @@ def _merge_selections_kernel(
         m_i, l_i, acc = _merge_step(m_i, l_i, acc, lse2, o)
     o, lse = _merge_finish(m_i, l_i, acc)
     out_rows = pid * G + offs_g
-    tl.store(o_ptr + out_rows[:, None] * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+    tl.store(
+        o_ptr + out_rows[:, None] * D + offs_d[None, :],
+        o.to(o_ptr.dtype.element_ty),
+        mask=g_ok[:, None],
+    )
     tl.store(lse_ptr + out_rows, lse, mask=g_ok)
 
 
@@ -197,7 +211,9 @@ def merge_splits(
     `out` = (o [R, D], lse [R]) contiguous views to write into, optional.
     """
     if o_part.dim() != 3 or lse_part.shape != o_part.shape[:2]:
-        raise ValueError(f"merge_splits: need o [S,R,D], lse [S,R]; got {tuple(o_part.shape)}, {tuple(lse_part.shape)}")
+        raise ValueError(
+            f"merge_splits: need o [S,R,D], lse [S,R]; got {tuple(o_part.shape)}, {tuple(lse_part.shape)}"
+        )
     _check_state("merge_splits", o_part, lse_part)
     s, rows, d = o_part.shape
     o_part, lse_part = o_part.contiguous(), lse_part.contiguous()
@@ -206,7 +222,11 @@ def merge_splits(
         lse = torch.empty(rows, device=o_part.device, dtype=torch.float32)
     else:
         o, lse = out
-        if o.shape != (rows, d) or lse.shape != (rows,) or not (o.is_contiguous() and lse.is_contiguous()):
+        if (
+            o.shape != (rows, d)
+            or lse.shape != (rows,)
+            or not (o.is_contiguous() and lse.is_contiguous())
+        ):
             raise ValueError(f"merge_splits: out must be contiguous [R,D]=({rows},{d}) and [R]")
     if rows:
         block_r = 16 if o_part.is_cuda else 64
@@ -231,9 +251,13 @@ def merge_selections(
     b, hq, d = o_base.shape
     n, g, d_sel = o_sel.shape
     if d_sel != d or g == 0 or hq % g:
-        raise ValueError(f"merge_selections: o_sel {tuple(o_sel.shape)} does not fit o_base {tuple(o_base.shape)}")
+        raise ValueError(
+            f"merge_selections: o_sel {tuple(o_sel.shape)} does not fit o_base {tuple(o_base.shape)}"
+        )
     if sel.req.shape != (n,) or sel.kv_head.shape != (n,):
-        raise ValueError(f"merge_selections: sel must have [N]={n} entries, got {tuple(sel.req.shape)}")
+        raise ValueError(
+            f"merge_selections: sel must have [N]={n} entries, got {tuple(sel.req.shape)}"
+        )
     hkv = hq // g
     key = sel.req.long() * hkv + sel.kv_head.long()  # [N]
     key_sorted, order = torch.sort(key, stable=True)
@@ -242,8 +266,18 @@ def merge_selections(
     lse = torch.empty(b, hq, device=o_base.device, dtype=torch.float32)
     if b * hkv:
         _merge_selections_kernel[(b * hkv,)](
-            o_base.contiguous(), lse_base.contiguous(), o_sel.contiguous(), lse_sel.contiguous(),
-            order, seg, o, lse, hq, G=g, D=d, BLOCK_G=max(2, triton.next_power_of_2(g)),
+            o_base.contiguous(),
+            lse_base.contiguous(),
+            o_sel.contiguous(),
+            lse_sel.contiguous(),
+            order,
+            seg,
+            o,
+            lse,
+            hq,
+            G=g,
+            D=d,
+            BLOCK_G=max(2, triton.next_power_of_2(g)),
         )
     return o, lse
 
@@ -266,5 +300,7 @@ def merge_selections_ref(o_base, lse_base, o_sel, lse_sel, sel):
     for i in range(sel.req.numel()):
         r, h = int(sel.req[i]), int(sel.kv_head[i])
         heads = slice(h * g, (h + 1) * g)
-        o[r, heads], lse[r, heads] = merge_states_ref(o[r, heads], lse[r, heads], o_sel[i], lse_sel[i])
+        o[r, heads], lse[r, heads] = merge_states_ref(
+            o[r, heads], lse[r, heads], o_sel[i], lse_sel[i]
+        )
     return o, lse

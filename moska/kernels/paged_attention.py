@@ -23,13 +23,26 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _paged_attn_inner(
-    acc, m_i, l_i, q,  # [BLOCK_M, D] fp32, [BLOCK_M], [BLOCK_M], [BLOCK_M, D]
-    k_base, v_base,  # k_cache / v_cache + kv_head * stride_h
+    acc,
+    m_i,
+    l_i,
+    q,  # [BLOCK_M, D] fp32, [BLOCK_M], [BLOCK_M], [BLOCK_M, D]
+    k_base,
+    v_base,  # k_cache / v_cache + kv_head * stride_h
     bt_ptr,  # [max_blocks] int32 block table row of this sequence
     pos,  # [BLOCK_M] int32 position of each query row
-    lo, hi, qk_scale, stride_kb, stride_kt, stride_vb, stride_vt,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    lo,
+    hi,
+    qk_scale,
+    stride_kb,
+    stride_kt,
+    stride_vb,
+    stride_vt,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    D: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; scores in the log2 domain.
     # Unmasked calls need every key of [lo, hi) visible to every row and full blocks.
@@ -43,8 +56,12 @@ def _paged_attn_inner(
         else:
             blk = tl.load(bt_ptr + n // BLOCK_SIZE).to(tl.int64)
         slot = n % BLOCK_SIZE
-        k_ptrs = k_base + (blk * stride_kb + slot * stride_kt)[None, :] + offs_d[:, None]  # [D, BLOCK_N]
-        v_ptrs = v_base + (blk * stride_vb + slot * stride_vt)[:, None] + offs_d[None, :]  # [BLOCK_N, D]
+        k_ptrs = (
+            k_base + (blk * stride_kb + slot * stride_kt)[None, :] + offs_d[:, None]
+        )  # [D, BLOCK_N]
+        v_ptrs = (
+            v_base + (blk * stride_vb + slot * stride_vt)[:, None] + offs_d[None, :]
+        )  # [BLOCK_N, D]
         if MASKED:
             k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
@@ -77,11 +94,27 @@ def _paged_attention_kernel(
     seq_lens_ptr,  # [B] int32
     o_ptr,  # [S, T, Hq, D] (S = 1: the output itself; else fp32 partials)
     lse_ptr,  # [S, T, Hq] fp32
-    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bt, stride_os, stride_ls,
-    Hkv, Hq, split_len, qk_scale,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_os,
+    stride_ls,
+    Hkv,
+    Hq,
+    split_len,
+    qk_scale,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     b = tl.program_id(1) // Hkv
@@ -101,7 +134,8 @@ def _paged_attention_kernel(
         pos = seq_len - q_len + j  # [BLOCK_M]
         q = tl.load(
             q_ptr + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None], other=0.0,
+            mask=row_ok[:, None],
+            other=0.0,
         )
         lo = split * split_len
         hi = tl.minimum(tl.minimum(lo + split_len, seq_len), tl.max(pos, 0) + 1)
@@ -114,20 +148,61 @@ def _paged_attention_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         acc, m_i, l_i = _paged_attn_inner(
-            acc, m_i, l_i, q, k_base, v_base, bt_row, pos, lo, full_hi, qk_scale,
-            stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, BLOCK_SIZE, D, False, PRECISION,
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            bt_row,
+            pos,
+            lo,
+            full_hi,
+            qk_scale,
+            stride_kb,
+            stride_kt,
+            stride_vb,
+            stride_vt,
+            BLOCK_N,
+            BLOCK_SIZE,
+            D,
+            False,
+            PRECISION,
         )
         acc, m_i, l_i = _paged_attn_inner(
-            acc, m_i, l_i, q, k_base, v_base, bt_row, pos, tl.maximum(full_hi, lo), hi, qk_scale,
-            stride_kb, stride_kt, stride_vb, stride_vt, BLOCK_N, BLOCK_SIZE, D, True, PRECISION,
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            bt_row,
+            pos,
+            tl.maximum(full_hi, lo),
+            hi,
+            qk_scale,
+            stride_kb,
+            stride_kt,
+            stride_vb,
+            stride_vt,
+            BLOCK_N,
+            BLOCK_SIZE,
+            D,
+            True,
+            PRECISION,
         )
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        lse = tl.where(
+            empty,
+            float("-inf"),
+            (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
+        )
         out = t * Hq + head  # [BLOCK_M] row of [T * Hq]
         tl.store(
             o_ptr + split.to(tl.int64) * stride_os + out[:, None] * D + offs_d[None, :],
-            o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None],
+            o.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
         )
         tl.store(lse_ptr + split.to(tl.int64) * stride_ls + out, lse, mask=row_ok)
 
@@ -138,7 +213,9 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens) -> None:
             f"q must be [T,Hq,D] and k_cache [num_blocks,block_size,Hkv,D]; got {tuple(q.shape)}, {tuple(k_cache.shape)}"
         )
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}"
+        )
     d, bs, hkv = q.shape[2], k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[3] != d:
         raise ValueError(f"head_dim differs: q {d}, k_cache {k_cache.shape[3]}")
@@ -151,15 +228,21 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be fp16, bf16 or fp32, got {q.dtype}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(
+            f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1)")
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.stride(1) != 1:
-        raise ValueError(f"block_tables must be a row-major int32 [B, max_blocks], got {block_tables.dtype}")
+        raise ValueError(
+            f"block_tables must be a row-major int32 [B, max_blocks], got {block_tables.dtype}"
+        )
     b = block_tables.shape[0]
     if seq_lens.dtype != torch.int32 or seq_lens.shape != (b,):
-        raise ValueError(f"seq_lens must be int32 [B]={b}, got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+        raise ValueError(
+            f"seq_lens must be int32 [B]={b}, got {seq_lens.dtype} {tuple(seq_lens.shape)}"
+        )
     devs = {t.device for t in (q, k_cache, v_cache, block_tables, seq_lens)}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device, got {devs}")
@@ -167,18 +250,38 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens) -> None:
 
 def _outputs(out, t_total, hq, d, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     if out is None:
-        return (torch.empty(t_total, hq, d, device=device, dtype=dtype),
-                torch.empty(t_total, hq, device=device, dtype=torch.float32))
+        return (
+            torch.empty(t_total, hq, d, device=device, dtype=dtype),
+            torch.empty(t_total, hq, device=device, dtype=torch.float32),
+        )
     o, lse = out
     if o.shape != (t_total, hq, d) or o.dtype != dtype or not o.is_contiguous():
-        raise ValueError(f"out o must be contiguous {dtype} [{t_total},{hq},{d}], got {o.dtype} {tuple(o.shape)}")
+        raise ValueError(
+            f"out o must be contiguous {dtype} [{t_total},{hq},{d}], got {o.dtype} {tuple(o.shape)}"
+        )
     if lse.shape != (t_total, hq) or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(f"out lse must be contiguous float32 [{t_total},{hq}], got {lse.dtype} {tuple(lse.shape)}")
+        raise ValueError(
+            f"out lse must be contiguous float32 [{t_total},{hq}], got {lse.dtype} {tuple(lse.shape)}"
+        )
     return o, lse
 
 
-def _launch(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, max_q_len,
-            num_splits, block_m, block_n, num_warps, num_stages, out):
+def _launch(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    cu_q_lens,
+    seq_lens,
+    sm_scale,
+    max_q_len,
+    num_splits,
+    block_m,
+    block_n,
+    num_warps,
+    num_stages,
+    out,
+):
     t_total, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     b = block_tables.shape[0]
@@ -196,18 +299,46 @@ def _launch(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, ma
         return o_out, lse_out
     grid = (triton.cdiv(max_q_len * g, block_m), b * hkv, num_splits)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, o, lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        t_total * hq * d, t_total * hq, hkv, hq, split_len, sm_scale * LOG2E,
-        G=g, D=d, BLOCK_SIZE=bs, BLOCK_M=block_m, BLOCK_N=block_n,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_q_lens,
+        seq_lens,
+        o,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        t_total * hq * d,
+        t_total * hq,
+        hkv,
+        hq,
+        split_len,
+        sm_scale * LOG2E,
+        G=g,
+        D=d,
+        BLOCK_SIZE=bs,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits == 1:
         return o, lse
-    merge_splits(o.view(num_splits, t_total * hq, d), lse.view(num_splits, -1), q.dtype,
-                 out=(o_out.view(t_total * hq, d), lse_out.view(t_total * hq)))
+    merge_splits(
+        o.view(num_splits, t_total * hq, d),
+        lse.view(num_splits, -1),
+        q.dtype,
+        out=(o_out.view(t_total * hq, d), lse_out.view(t_total * hq)),
+    )
     return o_out, lse_out
 
 
@@ -244,8 +375,20 @@ def paged_decode_attention(
         num_splits = max(1, min(want, max_ctx // (1024 if cuda else 64)))
     cu_q_lens = torch.arange(b + 1, device=q.device, dtype=torch.int32)
     return _launch(
-        q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, 1, num_splits,
-        max(16, triton.next_power_of_2(g)), block_n, num_warps or 4, num_stages or (2 if cuda else 1), out,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_q_lens,
+        seq_lens,
+        sm_scale,
+        1,
+        num_splits,
+        max(16, triton.next_power_of_2(g)),
+        block_n,
+        num_warps or 4,
+        num_stages or (2 if cuda else 1),
+        out,
     )
 
 
@@ -272,13 +415,26 @@ def paged_prefill_attention(
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     b = block_tables.shape[0]
     if cu_q_lens.dtype != torch.int32 or cu_q_lens.shape != (b + 1,):
-        raise ValueError(f"cu_q_lens must be int32 [B+1]={b + 1}, got {cu_q_lens.dtype} {tuple(cu_q_lens.shape)}")
+        raise ValueError(
+            f"cu_q_lens must be int32 [B+1]={b + 1}, got {cu_q_lens.dtype} {tuple(cu_q_lens.shape)}"
+        )
     max_q_len = int((cu_q_lens[1:] - cu_q_lens[:-1]).max()) if b else 0
     cuda = q.is_cuda
     return _launch(
-        q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale, max(max_q_len, 1), 1,
-        block_m or (128 if cuda else 64), block_n or (64 if cuda else 32),
-        num_warps or (8 if cuda else 4), num_stages or (3 if cuda else 1), out,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_q_lens,
+        seq_lens,
+        sm_scale,
+        max(max_q_len, 1),
+        1,
+        block_m or (128 if cuda else 64),
+        block_n or (64 if cuda else 32),
+        num_warps or (8 if cuda else 4),
+        num_stages or (3 if cuda else 1),
+        out,
     )
 
 
@@ -296,12 +452,16 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, 
             continue
         n_blk = triton.cdiv(seq_len, bs)
         blocks = block_tables[b, :n_blk].long()
-        k = k_cache[blocks].reshape(-1, hkv, d)[:seq_len].float().repeat_interleave(g, 1)  # [L, Hq, D]
+        k = (
+            k_cache[blocks].reshape(-1, hkv, d)[:seq_len].float().repeat_interleave(g, 1)
+        )  # [L, Hq, D]
         v = v_cache[blocks].reshape(-1, hkv, d)[:seq_len].float().repeat_interleave(g, 1)
         qb = q[cu[b] : cu[b + 1]].float()  # [q_len, Hq, D]
         s = torch.einsum("qhd,khd->hqk", qb, k) * sm_scale  # [Hq, q_len, L]
         pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        s = s.masked_fill(torch.arange(seq_len, device=q.device)[None, :] > pos[:, None], float("-inf"))
+        s = s.masked_fill(
+            torch.arange(seq_len, device=q.device)[None, :] > pos[:, None], float("-inf")
+        )
         lse[cu[b] : cu[b + 1]] = torch.logsumexp(s, -1).T
         o[cu[b] : cu[b + 1]] = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v)
     return o, lse

@@ -26,10 +26,20 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _chunk_attn_inner(
-    acc, m_i, l_i, q,  # [BLOCK_M, D] fp32, [BLOCK_M], [BLOCK_M], [BLOCK_M, D]
-    k_ptrs, v_ptrs,  # [D, BLOCK_N] and [BLOCK_N, D] pointers to the block at `lo`
-    lo, hi, qk_scale, stride_kn, stride_vn,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,  # [BLOCK_M, D] fp32, [BLOCK_M], [BLOCK_M], [BLOCK_M, D]
+    k_ptrs,
+    v_ptrs,  # [D, BLOCK_N] and [BLOCK_N, D] pointers to the block at `lo`
+    lo,
+    hi,
+    qk_scale,
+    stride_kn,
+    stride_vn,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; scores in the log2 domain.
     # Unmasked calls need (hi - lo) % BLOCK_N == 0; masked calls run one partial block.
@@ -71,10 +81,19 @@ def _grouped_shared_attention_kernel(
     lse_ptr,  # [N * G] fp32
     o_part_ptr,  # [W_max, BLOCK_M, D] fp32 (only items of split tiles)
     lse_part_ptr,  # [W_max, BLOCK_M] fp32
-    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    W, qk_scale,
-    G: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    W,
+    qk_scale,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     w = tl.program_id(0)
     if w >= tl.load(meta_ptr):  # past the last item: the grid is an upper bound
@@ -97,7 +116,8 @@ def _grouped_shared_attention_kernel(
     head = kv * G + rows % G
     q = tl.load(
         q_ptr + req[:, None].to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None], other=0.0,
+        mask=row_ok[:, None],
+        other=0.0,
     )
 
     c_lo = tl.load(offsets_ptr + chunk)
@@ -105,30 +125,70 @@ def _grouped_shared_attention_kernel(
     lo = c_lo + split * split_len
     hi = tl.minimum(lo + split_len, c_hi)
     full_hi = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
-    k_ptrs = k_ptr + lo.to(tl.int64) * stride_kn + kv * stride_kh + (offs_n[None, :] * stride_kn + offs_d[:, None])
-    v_ptrs = v_ptr + lo.to(tl.int64) * stride_vn + kv * stride_vh + (offs_n[:, None] * stride_vn + offs_d[None, :])
+    k_ptrs = (
+        k_ptr
+        + lo.to(tl.int64) * stride_kn
+        + kv * stride_kh
+        + (offs_n[None, :] * stride_kn + offs_d[:, None])
+    )
+    v_ptrs = (
+        v_ptr
+        + lo.to(tl.int64) * stride_vn
+        + kv * stride_vh
+        + (offs_n[:, None] * stride_vn + offs_d[None, :])
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     acc, m_i, l_i = _chunk_attn_inner(
-        acc, m_i, l_i, q, k_ptrs, v_ptrs, lo, full_hi, qk_scale, stride_kn, stride_vn,
-        BLOCK_N, False, PRECISION,
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        lo,
+        full_hi,
+        qk_scale,
+        stride_kn,
+        stride_vn,
+        BLOCK_N,
+        False,
+        PRECISION,
     )
     if full_hi < hi:
         k_ptrs += (full_hi - lo).to(tl.int64) * stride_kn
         v_ptrs += (full_hi - lo).to(tl.int64) * stride_vn
         acc, m_i, l_i = _chunk_attn_inner(
-            acc, m_i, l_i, q, k_ptrs, v_ptrs, full_hi, hi, qk_scale, stride_kn, stride_vn,
-            BLOCK_N, True, PRECISION,
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            full_hi,
+            hi,
+            qk_scale,
+            stride_kn,
+            stride_vn,
+            BLOCK_N,
+            True,
+            PRECISION,
         )
 
     empty = l_i == 0.0  # only for an empty chunk or split
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(
+        empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    )
     if n_split == 1:
         out_rows = (start * G + rows).to(tl.int64)
-        tl.store(o_ptr + out_rows[:, None] * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(
+            o_ptr + out_rows[:, None] * D + offs_d[None, :],
+            o.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
         tl.store(lse_ptr + out_rows, lse, mask=row_ok)
     else:
         part = w.to(tl.int64) * BLOCK_M + offs_m
@@ -145,7 +205,9 @@ def _merge_tile_splits_kernel(
     o_ptr,  # [N * G, D]
     lse_ptr,  # [N * G] fp32
     W,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     # One program per item; the first split of a split tile merges the tile's partials,
     # which are the consecutive items w .. w + n_split - 1.
@@ -167,7 +229,9 @@ def _merge_tile_splits_kernel(
             part = (w + s).to(tl.int64) * BLOCK_M + offs_m
             lse2 = tl.load(lse_part_ptr + part) * 1.4426950408889634
             ok = lse2 != float("-inf")
-            o = tl.load(o_part_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            o = tl.load(
+                o_part_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0
+            )
             m_new = tl.maximum(m_i, lse2)
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_sub)
@@ -177,83 +241,261 @@ def _merge_tile_splits_kernel(
             m_i = m_new
         empty = l_i == 0.0
         o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        lse = tl.where(
+            empty,
+            float("-inf"),
+            (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
+        )
         out_rows = (start * G + rows).to(tl.int64)
-        tl.store(o_ptr + out_rows[:, None] * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(
+            o_ptr + out_rows[:, None] * D + offs_d[None, :],
+            o.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
         tl.store(lse_ptr + out_rows, lse, mask=row_ok)
 
 
 def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict:
     if device.type != "cuda":  # interpreter: few, large programs
-        return dict(block_m=64, block_n=64, num_warps=4, num_stages=1, target_programs=8, min_split=64)
+        return dict(
+            block_m=64, block_n=64, num_warps=4, num_stages=1, target_programs=8, min_split=64
+        )
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     block_n = 64 if d >= 128 else 128
     # Measured on H200, bf16, D=128 (bench/results/kernels.json): 64 x 64 tiles, 4 warps,
     # 3 stages, ~2 items per SM was best or within 3% of the best at every B, single chunk
     # and grouped (32-row tiles: up to 30% slower; 128-row tiles with 8 warps: 0-10% slower).
     del rows_per_group  # kept in the signature for shape-dependent tuning
-    return dict(block_m=64, block_n=block_n, num_warps=4, num_stages=3,
-                target_programs=2 * sms, min_split=512)
+    return dict(
+        block_m=64,
+        block_n=block_n,
+        num_warps=4,
+        num_stages=3,
+        target_programs=2 * sms,
+        min_split=512,
+    )
+
+
+@triton.jit
+def _lower_bound(sel_chunk_ptr, sel_kv_ptr, k, N, Hkv, steps):
+    # First selection index whose key chunk * Hkv + kv_head is >= k, for each k [BLOCK].
+    lo = tl.zeros_like(k)
+    hi = tl.zeros_like(k) + N
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        c = tl.load(sel_chunk_ptr + mid, mask=active, other=0)
+        h = tl.load(sel_kv_ptr + mid, mask=active, other=0)
+        right = active & (c * Hkv + h < k)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _plan_groups_kernel(
+    sel_chunk_ptr,  # [N] int32
+    sel_kv_ptr,  # [N] int32
+    offsets_ptr,  # [C + 1] int32
+    start_ptr,  # [K] int32 out: first selection of group k = chunk * Hkv + kv_head
+    nsel_ptr,  # [K] int32 out: selections of group k
+    work_ptr,  # [K] int64 out: row tiles x tokens of group k
+    N,
+    K,
+    Hkv,
+    steps,
+    G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = k < K
+    start = _lower_bound(sel_chunk_ptr, sel_kv_ptr, k, N, Hkv, steps)
+    n_sel = _lower_bound(sel_chunk_ptr, sel_kv_ptr, k + 1, N, Hkv, steps) - start
+    c = k // Hkv
+    lens = tl.load(offsets_ptr + c + 1, mask=ok, other=0) - tl.load(
+        offsets_ptr + c, mask=ok, other=0
+    )
+    tiles = (n_sel * G + BLOCK_M - 1) // BLOCK_M
+    tl.store(start_ptr + k, start, mask=ok)
+    tl.store(nsel_ptr + k, n_sel, mask=ok)
+    tl.store(work_ptr + k, tiles.to(tl.int64) * lens, mask=ok)
+
+
+@triton.jit
+def _plan_splits_kernel(
+    offsets_ptr,  # [C + 1] int32
+    nsel_ptr,  # [K] int32
+    total_work_ptr,  # [] int64: sum of the groups' work
+    nsplit_ptr,  # [K] int32 out: splits of each tile of group k
+    items_ptr,  # [K] int32 out: items of group k (tiles x splits)
+    meta_ptr,  # [2] int32 out: meta[1] = split_len
+    K,
+    Hkv,
+    target_programs,
+    min_split,
+    G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = k < K
+    total = tl.load(total_work_ptr)
+    split_len = tl.maximum((total + target_programs - 1) // target_programs, min_split)
+    split_len = ((split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N).to(tl.int32)
+    c = k // Hkv
+    lens = tl.load(offsets_ptr + c + 1, mask=ok, other=0) - tl.load(
+        offsets_ptr + c, mask=ok, other=0
+    )
+    n_sel = tl.load(nsel_ptr + k, mask=ok, other=0)
+    n_split = tl.maximum((lens + split_len - 1) // split_len, 1)
+    tl.store(nsplit_ptr + k, n_split, mask=ok)
+    tl.store(items_ptr + k, (n_sel * G + BLOCK_M - 1) // BLOCK_M * n_split, mask=ok)
+    if tl.program_id(0) == 0:
+        tl.store(meta_ptr + 1, split_len)
+
+
+@triton.jit
+def _plan_items_kernel(
+    cum_ptr,  # [K] int32 inclusive cumsum of items
+    items_ptr,  # [K] int32
+    start_ptr,  # [K] int32
+    nsel_ptr,  # [K] int32
+    nsplit_ptr,  # [K] int32
+    work_ptr,  # [5, W_max] int32 out
+    meta_ptr,  # [2] int32 out: meta[0] = number of items W
+    K,
+    W_max,
+    steps,
+    BLOCK: tl.constexpr,
+):
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = j < W_max
+    lo = tl.zeros_like(j)  # owner group: first k with cum[k] > j
+    hi = tl.zeros_like(j) + K
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        right = active & (tl.load(cum_ptr + mid, mask=active, other=0) <= j)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    owner = tl.minimum(lo, K - 1)
+    local = j - (tl.load(cum_ptr + owner) - tl.load(items_ptr + owner))
+    ns = tl.load(nsplit_ptr + owner)
+    tl.store(work_ptr + j, tl.load(start_ptr + owner), mask=ok)
+    tl.store(work_ptr + W_max + j, tl.load(nsel_ptr + owner), mask=ok)
+    tl.store(work_ptr + 2 * W_max + j, local // ns, mask=ok)
+    tl.store(work_ptr + 3 * W_max + j, local % ns, mask=ok)
+    tl.store(work_ptr + 4 * W_max + j, ns, mask=ok)
+    if tl.program_id(0) == 0:
+        tl.store(meta_ptr, tl.load(cum_ptr + K - 1))
 
 
 def build_work_list(
     sel,  # Selections [N]
     chunk_offsets: torch.Tensor,  # [C + 1] int32
-    num_kv_heads: int, group: int, block_m: int, block_n: int, target_programs: int, min_split: int,
+    num_kv_heads: int,
+    group: int,
+    block_m: int,
+    block_n: int,
+    target_programs: int,
+    min_split: int,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Builds the (group, row tile, split) items on the device, with no host sync.
 
     Returns (work [5, W_max] int32, meta [2] int32 = (items W, split_len), W_max). Rows of
     work: group start selection, group selections, row tile, split, splits of the tile.
-    split_len spreads the total work (tiles x tokens) over about `target_programs` items,
-    never below `min_split` tokens, rounded to BLOCK_N. Since each group's splits are
+    Groups are indexed by key k = chunk * Hkv + kv_head (K = C * Hkv of them, most maybe
+    empty); their bounds in the sorted selections come from a binary search. split_len
+    spreads the total work (tiles x tokens) over about `target_programs` items, never below
+    `min_split` tokens, rounded to BLOCK_N. Since each group's splits are
     ceil(L / split_len) <= L / split_len + 1, W <= target_programs + total tiles, and total
     tiles <= N*G/BLOCK_M + groups: W_max bounds W from host-known sizes.
+    Five launches (three small Triton kernels, a sum and a cumsum).
     """
     n = sel.req.numel()
     dev = sel.req.device
-    num_chunks = chunk_offsets.numel() - 1
-    w_max = target_programs + n * group // block_m + min(n, num_chunks * num_kv_heads) + 1
-    key = sel.chunk * num_kv_heads + sel.kv_head  # [N] int32
-    is_start = torch.ones(n, dtype=torch.bool, device=dev)
-    torch.ne(key[1:], key[:-1], out=is_start[1:])
-    idx = torch.arange(n, device=dev)
-    start_of = torch.cummax(idx * is_start, 0).values  # [N] first selection of the group
-    is_end = torch.roll(is_start, -1)
-    end_of = torch.cummin(torch.where(is_end, idx, n - 1).flip(0), 0).values.flip(0)
-    n_sel = end_of - start_of + 1  # [N]
-    offs = chunk_offsets.long()
-    lens = offs[sel.chunk + 1] - offs[sel.chunk]  # [N]
-    tiles = (n_sel * group + block_m - 1) // block_m
-    work_total = (tiles * lens * is_start).sum()
-    split_len = torch.clamp((work_total + target_programs - 1) // target_programs, min=min_split)
-    split_len = (split_len + block_n - 1) // block_n * block_n
-    n_split = torch.clamp((lens + split_len - 1) // split_len, min=1)  # [N]
-    items = tiles * n_split * is_start
-    cum = torch.cumsum(items, 0)  # [N]
-    j = torch.arange(w_max, device=dev)
-    owner = torch.searchsorted(cum, j, right=True).clamp_(max=n - 1)  # group start of item j
-    local = j - (cum[owner] - items[owner])
-    ns = n_split[owner]
-    work = torch.stack([owner, n_sel[owner], local // ns, local % ns, ns]).to(torch.int32)
-    meta = torch.stack([cum[-1], split_len]).to(torch.int32)
+    k_groups = (chunk_offsets.numel() - 1) * num_kv_heads
+    w_max = target_programs + n * group // block_m + min(n, k_groups) + 1
+    i32 = dict(device=dev, dtype=torch.int32)
+    start, n_sel = torch.empty(k_groups, **i32), torch.empty(k_groups, **i32)
+    group_work = torch.empty(k_groups, device=dev, dtype=torch.int64)
+    n_split, items = torch.empty(k_groups, **i32), torch.empty(k_groups, **i32)
+    work, meta = torch.empty(5, w_max, **i32), torch.empty(2, **i32)
+    block = 1024 if dev.type == "cuda" else 256
+    grid_k = (triton.cdiv(k_groups, block),)
+    _plan_groups_kernel[grid_k](
+        sel.chunk,
+        sel.kv_head,
+        chunk_offsets,
+        start,
+        n_sel,
+        group_work,
+        n,
+        k_groups,
+        num_kv_heads,
+        n.bit_length() + 1,
+        G=group,
+        BLOCK_M=block_m,
+        BLOCK=block,
+    )
+    total_work = group_work.sum()
+    _plan_splits_kernel[grid_k](
+        chunk_offsets,
+        n_sel,
+        total_work,
+        n_split,
+        items,
+        meta,
+        k_groups,
+        num_kv_heads,
+        target_programs,
+        min_split,
+        G=group,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK=block,
+    )
+    cum = torch.cumsum(items, 0, dtype=torch.int32)
+    _plan_items_kernel[(triton.cdiv(w_max, block),)](
+        cum,
+        items,
+        start,
+        n_sel,
+        n_split,
+        work,
+        meta,
+        k_groups,
+        w_max,
+        k_groups.bit_length() + 1,
+        BLOCK=block,
+    )
     return work, meta, w_max
 
 
 def _outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     if out is None:
-        return torch.empty(shape, device=device, dtype=dtype), torch.empty(shape[:-1], device=device, dtype=torch.float32)
+        return torch.empty(shape, device=device, dtype=dtype), torch.empty(
+            shape[:-1], device=device, dtype=torch.float32
+        )
     o, lse = out
     if o.shape != shape or o.dtype != dtype or not o.is_contiguous() or o.device != device:
-        raise ValueError(f"out o must be contiguous {dtype} {shape} on {device}, got {o.dtype} {tuple(o.shape)}")
+        raise ValueError(
+            f"out o must be contiguous {dtype} {shape} on {device}, got {o.dtype} {tuple(o.shape)}"
+        )
     if lse.shape != shape[:-1] or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(f"out lse must be contiguous float32 {shape[:-1]}, got {lse.dtype} {tuple(lse.shape)}")
+        raise ValueError(
+            f"out lse must be contiguous float32 {shape[:-1]}, got {lse.dtype} {tuple(lse.shape)}"
+        )
     return o, lse
 
 
 def _check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
     if q.dim() != 3 or k_pool.dim() != 3:
-        raise ValueError(f"q must be [B,Hq,D] and k_pool [S_total,Hkv,D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}")
+        raise ValueError(
+            f"q must be [B,Hq,D] and k_pool [S_total,Hkv,D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}"
+        )
     if v_pool.shape != k_pool.shape:
         raise ValueError(f"v_pool {tuple(v_pool.shape)} must match k_pool {tuple(k_pool.shape)}")
     if q.shape[2] != k_pool.shape[2]:
@@ -266,17 +508,23 @@ def _check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be fp16, bf16 or fp32, got {q.dtype}")
     if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
-        raise ValueError(f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
+        raise ValueError(
+            f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, {v_pool.dtype}"
+        )
     for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
         if t.stride(2) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1)")
     if chunk_offsets.dtype != torch.int32 or chunk_offsets.dim() != 1:
-        raise ValueError(f"chunk_offsets must be 1-D int32 [C+1], got {chunk_offsets.dtype} {tuple(chunk_offsets.shape)}")
+        raise ValueError(
+            f"chunk_offsets must be 1-D int32 [C+1], got {chunk_offsets.dtype} {tuple(chunk_offsets.shape)}"
+        )
     n = sel.req.shape
     for name in ("req", "kv_head", "chunk"):
         t = getattr(sel, name)
         if t.dtype != torch.int32 or t.dim() != 1 or t.shape != n:
-            raise ValueError(f"sel.{name} must be int32 [N] like sel.req; got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"sel.{name} must be int32 [N] like sel.req; got {t.dtype} {tuple(t.shape)}"
+            )
     devs = {t.device for t in (q, k_pool, v_pool, chunk_offsets, sel.req, sel.kv_head, sel.chunk)}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device, got {devs}")
@@ -314,23 +562,58 @@ def grouped_shared_attention(
         return o, lse
     # average rows of a (chunk, kv_head) group if every pair were touched: host-known sizes only
     cfg = _default_config(d, q.device, n * g / max(1, min(n, (chunk_offsets.numel() - 1) * hkv)))
-    for k_, v_ in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
-                   ("num_stages", num_stages), ("target_programs", target_programs), ("min_split", min_split)):
+    for k_, v_ in (
+        ("block_m", block_m),
+        ("block_n", block_n),
+        ("num_warps", num_warps),
+        ("num_stages", num_stages),
+        ("target_programs", target_programs),
+        ("min_split", min_split),
+    ):
         if v_ is not None:
             cfg[k_] = v_
     work, meta, w_max = build_work_list(
-        sel, chunk_offsets, hkv, g, cfg["block_m"], cfg["block_n"], cfg["target_programs"], cfg["min_split"]
+        sel,
+        chunk_offsets,
+        hkv,
+        g,
+        cfg["block_m"],
+        cfg["block_n"],
+        cfg["target_programs"],
+        cfg["min_split"],
     )
     o_part = torch.empty(w_max, cfg["block_m"], d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(w_max, cfg["block_m"], device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _grouped_shared_attention_kernel[(w_max,)](
-        q, k_pool, v_pool, chunk_offsets, sel.req, sel.kv_head, sel.chunk, work, meta,
-        o, lse, o_part, lse_part,
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
-        w_max, sm_scale * LOG2E,
-        G=g, D=d, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], PRECISION=precision,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q,
+        k_pool,
+        v_pool,
+        chunk_offsets,
+        sel.req,
+        sel.kv_head,
+        sel.chunk,
+        work,
+        meta,
+        o,
+        lse,
+        o_part,
+        lse_part,
+        q.stride(0),
+        q.stride(1),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        v_pool.stride(0),
+        v_pool.stride(1),
+        w_max,
+        sm_scale * LOG2E,
+        G=g,
+        D=d,
+        BLOCK_M=cfg["block_m"],
+        BLOCK_N=cfg["block_n"],
+        PRECISION=precision,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     _merge_tile_splits_kernel[(w_max,)](
         work, meta, o_part, lse_part, o, lse, w_max, G=g, D=d, BLOCK_M=cfg["block_m"], num_warps=4

@@ -64,8 +64,15 @@ def test_merge_splits_with_empty():
 @pytest.mark.parametrize("g", [1, 3, 4])
 def test_merge_selections(dtype, g):
     b, hkv, c, d = 4, 2, 5, 64
-    trip = sorted({(ci, h, r) for ci in range(c) for h in range(hkv) for r in range(b - 1)
-                   if torch.rand(()) < 0.5})  # request b-1 has no selections
+    trip = sorted(
+        {
+            (ci, h, r)
+            for ci in range(c)
+            for h in range(hkv)
+            for r in range(b - 1)
+            if torch.rand(()) < 0.5
+        }
+    )  # request b-1 has no selections
     t = torch.tensor(trip, dtype=torch.int32).reshape(-1, 3)
     sel = Selections(t[:, 2].contiguous(), t[:, 1].contiguous(), t[:, 0].contiguous())
     n = len(trip)
@@ -86,12 +93,16 @@ def test_merge_selections_empty_and_all_inf():
     o_base = torch.zeros(b, hq, d)
     lse_base = torch.full((b, hq), INF)
     e = torch.zeros(0, dtype=torch.int32)
-    o, lse = merge_selections(o_base, lse_base, torch.zeros(0, 2, d), torch.zeros(0, 2), Selections(e, e, e))
+    o, lse = merge_selections(
+        o_base, lse_base, torch.zeros(0, 2, d), torch.zeros(0, 2), Selections(e, e, e)
+    )
     assert torch.all(o == 0) and torch.all(lse == INF)
 
 
 def test_merge_rejects_bad_input():
     with pytest.raises(ValueError):
-        merge_states(torch.randn(2, 64), torch.randn(2).double(), torch.randn(2, 64), torch.randn(2))
+        merge_states(
+            torch.randn(2, 64), torch.randn(2).double(), torch.randn(2, 64), torch.randn(2)
+        )
     with pytest.raises(ValueError):
         merge_states(torch.randn(2, 64), torch.randn(2), torch.randn(3, 64), torch.randn(3))

@@ -38,7 +38,9 @@ def test_decode(dtype, g, bs):
     q = torch.randn(len(seq), hkv * g, d, dtype=dtype)
     out = _poison(len(seq), hkv * g, d, dtype)
     o, lse = paged_decode_attention(q, k, v, bt, sl, 0.125, num_splits=3, block_n=32, out=out)
-    ro, rl = paged_attention_ref(q, k, v, bt, torch.arange(len(seq) + 1, dtype=torch.int32), sl, 0.125)
+    ro, rl = paged_attention_ref(
+        q, k, v, bt, torch.arange(len(seq) + 1, dtype=torch.int32), sl, 0.125
+    )
     assert rel_err(o, ro) < TOL[dtype] and rel_err(lse, rl) < 1e-4
 
 
@@ -64,8 +66,9 @@ def test_prefill_causal_varlen(dtype, g, bs):
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
     t = int(cu[-1])
     q = torch.randn(t, hkv * g, d, dtype=dtype)
-    o, lse = paged_prefill_attention(q, k, v, bt, cu, sl, 0.125, block_m=32, block_n=32,
-                                     out=_poison(t, hkv * g, d, dtype))
+    o, lse = paged_prefill_attention(
+        q, k, v, bt, cu, sl, 0.125, block_m=32, block_n=32, out=_poison(t, hkv * g, d, dtype)
+    )
     ro, rl = paged_attention_ref(q, k, v, bt, cu, sl, 0.125)
     assert rel_err(o, ro) < TOL[dtype] and rel_err(lse, rl) < 1e-4
 
@@ -76,7 +79,9 @@ def test_prefill_head_dim_128():
     k, v, bt, sl = _cache(seq, hkv, d, 16, torch.float16)
     cu = torch.tensor([0, 40, 47], dtype=torch.int32)
     q = torch.randn(47, hkv * g, d, dtype=torch.float16)
-    o, lse = paged_prefill_attention(q, k, v, bt, cu, sl, 0.1, out=_poison(47, hkv * g, d, torch.float16))
+    o, lse = paged_prefill_attention(
+        q, k, v, bt, cu, sl, 0.1, out=_poison(47, hkv * g, d, torch.float16)
+    )
     ro, rl = paged_attention_ref(q, k, v, bt, cu, sl, 0.1)
     assert rel_err(o, ro) < 1e-2 and rel_err(lse, rl) < 1e-4
 

@@ -50,8 +50,13 @@ def test_ragged_chunks_random_selection(dtype, g):
     s = int(offs[-1])
     q = torch.randn(b, hkv * g, d, dtype=dtype)
     k, v = torch.randn(s, hkv, d, dtype=dtype), torch.randn(s, hkv, d, dtype=dtype)
-    triples = [(c, h, r) for c in range(len(lens)) for h in range(hkv) for r in range(b)
-               if torch.rand(()) < 0.6]
+    triples = [
+        (c, h, r)
+        for c in range(len(lens))
+        for h in range(hkv)
+        for r in range(b)
+        if torch.rand(()) < 0.6
+    ]
     _check(q, k, v, offs, _selections(triples), **SMALL)
 
 
@@ -62,7 +67,9 @@ def test_head_dim_128(dtype, g):
     s = int(offs[-1])
     q = torch.randn(b, hkv * g, d, dtype=dtype)
     k, v = torch.randn(s, hkv, d, dtype=dtype), torch.randn(s, hkv, d, dtype=dtype)
-    triples = [(c, h, r) for c in range(2) for h in range(hkv) for r in range(b) if (c + r) % 2 == 0]
+    triples = [
+        (c, h, r) for c in range(2) for h in range(hkv) for r in range(b) if (c + r) % 2 == 0
+    ]
     _check(q, k, v, offs, _selections(triples), **SMALL)
 
 
@@ -108,10 +115,14 @@ def test_rejects_bad_input():
     with pytest.raises(ValueError, match="int32"):
         grouped_shared_attention(q, k, k, _offsets([10]).long(), sel, 0.1)
     with pytest.raises(ValueError, match="sel.chunk"):
-        grouped_shared_attention(q, k, k, _offsets([10]), Selections(sel.req, sel.kv_head, sel.chunk.long()), 0.1)
+        grouped_shared_attention(
+            q, k, k, _offsets([10]), Selections(sel.req, sel.kv_head, sel.chunk.long()), 0.1
+        )
 
 
-@pytest.mark.parametrize("dtype,g,d", [(torch.float32, 4, 64), (torch.float16, 3, 64), (torch.float32, 1, 128)])
+@pytest.mark.parametrize(
+    "dtype,g,d", [(torch.float32, 4, 64), (torch.float16, 3, 64), (torch.float32, 1, 128)]
+)
 def test_all_chunks_plus_unique_equals_dense(dtype, g, d):
     # Exactness identity: shared attention over ALL chunks merged with paged decode over the
     # unique KV equals one softmax over concat(shared, unique).
@@ -130,7 +141,9 @@ def test_all_chunks_plus_unique_equals_dense(dtype, g, d):
     sel = _selections([(c, h, r) for c in range(len(lens)) for h in range(hkv) for r in range(b)])
     scale = d**-0.5
     o_s, lse_s = _run(q, k_pool, v_pool, offs, sel, scale, **SMALL)
-    o_u, lse_u = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=2)
+    o_u, lse_u = paged_decode_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=2
+    )
     o, lse = merge_selections(o_u, lse_u, o_s, lse_s, sel)
     for r in range(b):
         uk = k_cache[block_tables[r].long()].reshape(-1, hkv, d)[: seq[r]]
@@ -141,3 +154,29 @@ def test_all_chunks_plus_unique_equals_dense(dtype, g, d):
         ref = torch.einsum("hl,lhd->hd", torch.softmax(sc, -1), vv)
         assert rel_err(o[r], ref) < TOL[dtype]
         assert rel_err(lse[r], torch.logsumexp(sc, -1)) < 1e-4
+
+
+def test_work_list_covers_every_tile_split_once():
+    hkv, g, bm = 3, 3, 16
+    lens = [5, 300, 1, 128, 64, 700]
+    offs = _offsets(lens)
+    triples = [
+        (c, h, r)
+        for c in range(len(lens))
+        for h in range(hkv)
+        for r in range(20)
+        if torch.rand(()) < 0.4
+    ]
+    sel = _selections(triples)
+    work, meta, w_max = build_work_list(sel, offs, hkv, g, bm, 32, 10, 32)
+    total, split_len = meta.tolist()
+    assert 0 < total <= w_max and split_len % 32 == 0
+    got = sorted(tuple(x) for x in work[:, :total].T.tolist())
+    want = []
+    keys = (sel.chunk * hkv + sel.kv_head).tolist()
+    for k in sorted(set(keys)):
+        start, n = keys.index(k), keys.count(k)
+        ns = max(1, -(-lens[k // hkv] // split_len))
+        for tile in range(-(-n * g // bm)):
+            want += [(start, n, tile, s, ns) for s in range(ns)]
+    assert got == sorted(want)
