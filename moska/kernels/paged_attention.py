@@ -359,7 +359,8 @@ def paged_decode_attention(
     """One query token per sequence over its whole context: (o [B,Hq,D] q.dtype, lse [B,Hq] fp32).
 
     No host sync. The context is split along the sequence into `num_splits` parts (by
-    default enough for B * Hkv * splits to fill the GPU, each split >= 1024 tokens).
+    default enough for B * Hkv * splits to cover two programs per SM, each split >= 1024
+    tokens); the splits are merged exactly by `merge_splits`.
     """
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     b, hq, _ = q.shape
@@ -367,12 +368,14 @@ def paged_decode_attention(
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for B={b} queries")
     g = hq // k_cache.shape[2]
     cuda = q.is_cuda
-    block_n = block_n or (64 if cuda else 32)
     if num_splits is None:
         max_ctx = block_tables.shape[1] * k_cache.shape[1]
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else 2
         want = triton.cdiv(2 * sms, max(b * k_cache.shape[2], 1))
         num_splits = max(1, min(want, max_ctx // (1024 if cuda else 64)))
+    # Measured on H200 at 128K context (bench/results/kernels.json): 128-token blocks when
+    # each sequence is cut into many splits (B=1: 33 splits), 64 when few (B=8: 5 splits).
+    block_n = block_n or ((128 if num_splits >= 16 else 64) if cuda else 32)
     cu_q_lens = torch.arange(b + 1, device=q.device, dtype=torch.int32)
     return _launch(
         q,
