@@ -34,7 +34,7 @@ class RequestStatus(enum.Enum):
         )
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_token_ids: list[int]

@@ -17,6 +17,8 @@ group G padded to a power of two); the max over the group is a reshape + max. Al
 dimensions are padded to >= 16.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -77,8 +79,9 @@ def _summary_scores_kernel(
     if BOUND:
         b = tl.load(b_ptr + s_off, mask=s_mask, other=0.0)
         zero = tl.zeros_like(q)
-        s = tl.dot(tl.maximum(q, zero), a, input_precision=PRECISION)
-        s += tl.dot(tl.minimum(q, zero), b, input_precision=PRECISION)
+        # Triton 3.6 promotes bf16 max/min to fp32: cast back so both dot operands match.
+        s = tl.dot(tl.maximum(q, zero).to(a.dtype), a, input_precision=PRECISION)
+        s += tl.dot(tl.minimum(q, zero).to(b.dtype), b, input_precision=PRECISION)
     else:
         s = tl.dot(q, a, input_precision=PRECISION)
     best = _group_max(s, G, BLOCK_B, BLOCK_G, BLOCK_C)  # [BLOCK_B, BLOCK_C]
@@ -149,6 +152,12 @@ def _pow2(x: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(x))
 
 
+def _triton_runs_on(t: torch.Tensor) -> bool:
+    """Triton launches on CUDA tensors, or anywhere under its interpreter; otherwise the
+    launchers fall back to the PyTorch references (CPU serving without the interpreter)."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 pools are for exactness tests: keep them IEEE instead of TF32 on the tensor cores
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -186,6 +195,10 @@ def summary_scores(
     out = torch.empty(B, Hkv, C, dtype=torch.float32, device=q.device)
     if B == 0 or C == 0:
         return out
+    if not _triton_runs_on(q):
+        if key_min is None:
+            return mean_scores_ref(q, summary)
+        return bound_scores_ref(q, key_min, summary)
     summary = summary.contiguous()
     bound = key_min is not None
     key_min = key_min.contiguous() if bound else summary
@@ -233,6 +246,9 @@ def keymax_pair_scores(
     out = torch.empty(P, Hkv, dtype=torch.float32, device=q.device)
     if P == 0:
         return out
+    if not _triton_runs_on(q):
+        full = keymax_scores_ref(q, basis, lowrank_keys, chunk_offsets)  # [B, Hkv, C]
+        return full[pair_req.long(), :, pair_chunk.long()]
     block_g = _pow2(G)
     block_b = max(min(_pow2(block_b), _pow2(P)), _pow2(16 // block_g))
     # Work list: a tile starts at every BLOCK_B-th pair of a chunk. The tile count is bounded
