@@ -272,11 +272,6 @@ def test_library_lifecycle_real_engine(real_server):
     assert httpx.delete(f"{url}/v1/libraries/kb-life").status_code == 404
 
 
-@pytest.mark.xfail(
-    reason="engine bug: moska/kernels/router_scores.py keymax_pair_scores launches a Triton "
-    "kernel on CPU tensors ('0 active drivers'), so library decode fails on CPU",
-    strict=False,
-)
 def test_generate_with_library_real_engine(real_server, client, model):
     url, _ = real_server
     assert _build_library(url, "kb-gen")["status"] == "succeeded"
