@@ -53,7 +53,7 @@ def random_loaded_model(hf_config: dict, dtype: torch.dtype, device: str, seed: 
             else:
                 p.normal_(0.0, 0.02)
     model.requires_grad_(False).eval()
-    return LoadedModel(model, config, None, Path("random"))
+    return LoadedModel(model, config, None, None)  # no files: no weights hash
 
 
 def environment(argv: list[str] | None = None) -> dict:
@@ -86,6 +86,21 @@ def cuda_time_ms(fn, iters: int = 10, warmup: int = 2) -> float:
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_ms(fn, iters: int = 10, warmup: int = 2) -> float:
+    """Median milliseconds: CUDA events on a GPU, the host clock otherwise."""
+    if torch.cuda.is_available():
+        return cuda_time_ms(fn, iters, warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
 

@@ -27,8 +27,10 @@ from moska.attention.backend import PagedAttention
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import get_attention_ops
-from moska.bench.common import LLAMA_3_1_8B, cuda_time_ms, environment, random_loaded_model
+from moska.bench.common import LLAMA_3_1_8B, cuda_time_ms, time_ms, environment, random_loaded_model
 from moska.bench.common import write_json
+
+DEV = "cuda"  # --cpu-dry-run switches the whole harness to CPU with a tiny model
 
 
 @dataclass(eq=False)
@@ -44,13 +46,13 @@ class BenchLibrary:
 
 
 def measure_ceilings() -> dict:
-    x = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")  # 2 GiB
+    x = torch.randn(1 << 30, dtype=torch.bfloat16, device=DEV)  # 2 GiB
     y = torch.empty_like(x)
     ms = cuda_time_ms(lambda: y.copy_(x), iters=10)
     bw = 2 * x.numel() * 2 / (ms / 1e3)
     del x, y
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
     ms = cuda_time_ms(lambda: a @ b, iters=10)
     return {"copy_bytes_per_s": bw, "gemm_flops_per_s": 2 * 8192**3 / (ms / 1e3)}
 
@@ -60,7 +62,7 @@ def build_library_view(cache: PagedKVCache, lib_tokens: int, chunk: int, scorer:
 
     nblk = lib_tokens // bs
     L, _, _, hkv, d = cache.k.shape
-    offsets = torch.arange(0, lib_tokens + 1, chunk, dtype=torch.int32, device="cuda")
+    offsets = torch.arange(0, lib_tokens + 1, chunk, dtype=torch.int32, device=DEV)
     k_pools = [cache.k[l, :nblk].view(lib_tokens, hkv, d) for l in range(L)]
     v_pools = [cache.v[l, :nblk].view(lib_tokens, hkv, d) for l in range(L)]
     routing = []
@@ -73,9 +75,9 @@ def decode_metadata(b: int, unique: int, lib_blocks: int, bs: int, dense: bool):
     """Block tables for B requests: request i owns blocks after the library's; dense mode
     puts the library's blocks in front (shared physical blocks, as prefix caching does)."""
     per_req = math.ceil((unique + 1) / bs)
-    own = lib_blocks + torch.arange(b * per_req, device="cuda").view(b, per_req)
+    own = lib_blocks + torch.arange(b * per_req, device=DEV).view(b, per_req)
     if dense:
-        shared = torch.arange(lib_blocks, device="cuda").expand(b, lib_blocks)
+        shared = torch.arange(lib_blocks, device=DEV).expand(b, lib_blocks)
         tables = torch.cat([shared, own], dim=1)
         ctx = lib_blocks * bs + unique + 1
     else:
@@ -85,8 +87,8 @@ def decode_metadata(b: int, unique: int, lib_blocks: int, bs: int, dense: bool):
     slot = tables[:, new_pos // bs].long() * bs + new_pos % bs
     return AttentionMetadata(
         slot_mapping=slot,
-        cu_q_lens=torch.arange(b + 1, dtype=torch.int32, device="cuda"),
-        seq_lens=torch.full((b,), ctx, dtype=torch.int32, device="cuda"),
+        cu_q_lens=torch.arange(b + 1, dtype=torch.int32, device=DEV),
+        seq_lens=torch.full((b,), ctx, dtype=torch.int32, device=DEV),
         block_tables=tables.to(torch.int32).contiguous(),
         decode_only=True,
     )
@@ -105,29 +107,54 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="bench/results/decode.json")
     ap.add_argument("--quick", action="store_true", help="small shapes for a fast check")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="check the harness on CPU")
     args = ap.parse_args(argv)
+    global DEV
+    if args.cpu_dry_run:
+        return cpu_dry_run(args)
     if not torch.cuda.is_available():
-        raise SystemExit("the decode benchmark needs a CUDA GPU")
+        raise SystemExit("the decode benchmark needs a CUDA GPU (or --cpu-dry-run)")
     if args.quick:
         args.library_tokens, args.batch, args.layers, args.build_tokens = 65536, [64], 4, 4096
     cfg = dict(LLAMA_3_1_8B)
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
+    run_bench(args, cfg, torch.bfloat16)
+
+
+def cpu_dry_run(args) -> None:
+    """The same harness on CPU at toy dims through the Triton interpreter (slow, tiny)."""
+    import os
+
+    global DEV
+    DEV = "cpu"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from moska.model.default import CONFIG
+
+    cfg = dict(CONFIG, num_hidden_layers=2)
+    args.library_tokens, args.chunk_size, args.unique_tokens = 512, 64, 32
+    args.batch, args.top_k, args.build_tokens, args.iters = [4], 2, 256, 1
+    run_bench(args, cfg, torch.float32)
+
+
+def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     bs = 16
-    ceilings = measure_ceilings()
-    loaded = random_loaded_model(cfg, torch.bfloat16, "cuda")
+    ceilings = measure_ceilings() if DEV == "cuda" else {
+        "copy_bytes_per_s": 1e10, "gemm_flops_per_s": 1e11}
+    loaded = random_loaded_model(cfg, dtype, DEV)
     model, mcfg = loaded.model, loaded.config
     n_params = sum(p.numel() for p in model.parameters())
     weight_bytes = n_params * 2
 
     build = library_build_rate(loaded, args.build_tokens, args.chunk_size, ceilings, n_params)
-    torch.cuda.empty_cache()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
     lib_blocks = args.library_tokens // bs
     per_req = math.ceil((args.unique_tokens + 1) / bs)
     num_blocks = lib_blocks + max(args.batch) * per_req
     cache = PagedKVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim,
-                         torch.bfloat16, "cuda")
+                         dtype, DEV)
     for t in (cache.k, cache.v):
         for l in range(t.shape[0]):
             t[l].normal_()
@@ -136,15 +163,16 @@ def main(argv: list[str] | None = None) -> None:
     kv_token_bytes = 2 * mcfg.num_kv_heads * mcfg.head_dim * 2  # k+v, bf16, one layer
 
     rows = []
+    check: dict[str, torch.Tensor] = {}
     for b in args.batch:
-        ids = torch.randint(0, mcfg.vocab_size, (b,), device="cuda")
+        ids = torch.randint(0, mcfg.vocab_size, (b,), device=DEV)
         for mode in ("moska", "all", "dense"):
             meta = decode_metadata(b, args.unique_tokens, lib_blocks, bs, mode == "dense")
-            pos = torch.full((b,), args.library_tokens + args.unique_tokens, device="cuda")
+            pos = torch.full((b,), args.library_tokens + args.unique_tokens, device=DEV)
             if mode != "dense":
                 top_k = args.top_k if mode == "moska" else lib.num_chunks
                 meta.groups.append(LibraryGroup(
-                    library=lib, rows=torch.arange(b, device="cuda"), top_k=top_k,
+                    library=lib, rows=torch.arange(b, device=DEV), top_k=top_k,
                     scorer=args.scorer, record=mode == "moska"))
             bound = attention.bind(meta)
 
@@ -152,8 +180,12 @@ def main(argv: list[str] | None = None) -> None:
                 h = model(ids, pos, bound)
                 return model.compute_logits(h).argmax(-1)
 
+            if b == args.batch[0] and mode in ("all", "dense"):
+                # Exactness rule: all chunks + unique, merged, equals dense attention.
+                with torch.no_grad():
+                    check[mode] = model.compute_logits(model(ids, pos, bound)).float()
             iters = 2 if mode == "dense" else args.iters
-            ms = cuda_time_ms(step, iters=iters, warmup=1)
+            ms = time_ms(step, iters=iters, warmup=1)
             row = {"batch": b, "mode": mode, "step_ms": ms, "decode_tokens_per_s": b / (ms / 1e3)}
             if mode == "moska" and meta.groups[0].recorded:
                 sel = next(iter(meta.groups[0].recorded.values()))
@@ -178,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
             if r["batch"] == b:
                 r["roofline_ms"] = floor_ms
                 r["roofline_fraction"] = floor_ms / r["step_ms"]
+    exact_err = float((check["all"] - check["dense"]).norm() / check["dense"].norm())
+    print(f"exactness: all-chunks vs dense logits rel err {exact_err:.2e}", flush=True)
     summary = summarize(rows, build)
+    summary["exactness_all_vs_dense_rel_err"] = exact_err
     payload = {
         "environment": environment(),
         "shapes": {"model": "Llama-3.1-8B dims, random bf16", "layers": mcfg.num_layers,
@@ -200,26 +235,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def library_build_rate(loaded, tokens: int, chunk: int, ceilings: dict, n_params: int) -> dict:
-    """Prefill a prefix-mode library of `tokens` random tokens with the real builder."""
-    import tempfile
-
-    from moska.library.builder import build_library
+    """Prefill a prefix-mode library of `tokens` random tokens with the real builder (in
+    memory: at 8B dims a library takes 128 KiB per token on disk). A short warm-up build
+    first keeps Triton's compile time out of the figure."""
+    from moska.library.builder import build_in_memory
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, loaded.config.vocab_size, (tokens,), generator=g).tolist()
-    with tempfile.TemporaryDirectory() as root:
-        t0 = time.perf_counter()
-        info = build_library(loaded, [("random", ids)], "bench", root,
-                             chunk_size=min(chunk, tokens), mode="prefix", progress=False)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+    build_in_memory(loaded, [("warm", ids[:1024])], "warm", chunk_size=512, progress=False)
+    lib, stats = build_in_memory(loaded, [("random", ids)], "bench",
+                                 chunk_size=min(chunk, tokens), mode="prefix", progress=False)
+    del lib
     c = loaded.config
     flops = 2 * n_params * tokens + 2 * tokens * tokens * c.num_heads * c.head_dim * c.num_layers
-    stats = getattr(info, "build_stats", None)
-    compute_s = getattr(stats, "seconds", None) or seconds
-    return {"tokens": tokens, "seconds_total": seconds, "seconds_prefill": compute_s,
-            "tokens_per_s": tokens / compute_s,
-            "mfu": flops / compute_s / ceilings["gemm_flops_per_s"]}
+    return {"tokens": tokens, "seconds_total": stats.seconds,
+            "seconds_prefill": stats.prefill_seconds, "tokens_per_s": stats.tokens_per_s,
+            "mfu": flops / stats.prefill_seconds / ceilings["gemm_flops_per_s"]}
 
 
 def summarize(rows: list[dict], build: dict) -> dict:
