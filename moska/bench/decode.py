@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="bench/results/decode.json")
     ap.add_argument("--quick", action="store_true", help="small shapes for a fast check")
+    ap.add_argument("--profile", action="store_true", help="kernel table of one moska step")
     ap.add_argument("--cpu-dry-run", action="store_true", help="check the harness on CPU")
     args = ap.parse_args(argv)
     global DEV
@@ -184,6 +185,8 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
                 # Exactness rule: all chunks + unique, merged, equals dense attention.
                 with torch.no_grad():
                     check[mode] = model.compute_logits(model(ids, pos, bound)).float()
+            if args.profile and mode == "moska" and b == args.batch[-1]:
+                profile_step(step, args.out)
             iters = 2 if mode == "dense" else args.iters
             ms = time_ms(step, iters=iters, warmup=1)
             row = {"batch": b, "mode": mode, "step_ms": ms, "decode_tokens_per_s": b / (ms / 1e3)}
@@ -232,6 +235,21 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
         print(f"{r['batch']:>5} {r['mode']:>6} {r['step_ms']:>9.2f} "
               f"{r['decode_tokens_per_s']:>10.1f} {r['roofline_fraction']:>9.2f}")
     print("summary:", summary)
+
+
+def profile_step(step, out: str) -> None:
+    """Print and save the CUDA kernels of one moska step, most time first."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    print(table, flush=True)
+    Path(out).with_suffix(".profile.txt").write_text(table)
 
 
 def library_build_rate(loaded, tokens: int, chunk: int, ceilings: dict, n_params: int) -> dict:
