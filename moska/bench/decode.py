@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="bench/results/decode.json")
     ap.add_argument("--quick", action="store_true", help="small shapes for a fast check")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time each mode's step as one captured CUDA graph (no launch gaps)")
     ap.add_argument("--profile", action="store_true", help="kernel table of one moska step")
     ap.add_argument("--cpu-dry-run", action="store_true", help="check the harness on CPU")
     args = ap.parse_args(argv)
@@ -188,8 +190,12 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
             if args.profile and mode == "moska" and b == args.batch[-1]:
                 profile_step(step, args.out)
             iters = 2 if mode == "dense" else args.iters
-            ms = time_ms(step, iters=iters, warmup=1)
-            row = {"batch": b, "mode": mode, "step_ms": ms, "decode_tokens_per_s": b / (ms / 1e3)}
+            graphed = None
+            if args.cuda_graph and DEV == "cuda":
+                graphed = capture(step)
+            ms = time_ms(graphed or step, iters=iters, warmup=1)
+            row = {"batch": b, "mode": mode, "step_ms": ms, "decode_tokens_per_s": b / (ms / 1e3),
+                   "cuda_graph": graphed is not None}
             if mode == "moska" and meta.groups[0].recorded:
                 sel = next(iter(meta.groups[0].recorded.values()))
                 row["chunks_touched"] = int(torch.unique(sel.chunk).numel())
@@ -235,6 +241,24 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
         print(f"{r['batch']:>5} {r['mode']:>6} {r['step_ms']:>9.2f} "
               f"{r['decode_tokens_per_s']:>10.1f} {r['roofline_fraction']:>9.2f}")
     print("summary:", summary)
+
+
+def capture(step):
+    """One decode step captured as a CUDA graph; None when something in it cannot be."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
+    except Exception as e:  # noqa: BLE001 - report and time eagerly instead
+        print(f"CUDA graph capture failed, timing eagerly: {e!r}"[:300], flush=True)
+        torch.cuda.synchronize()
+        return None
 
 
 def profile_step(step, out: str) -> None:
