@@ -9,7 +9,7 @@ import torch
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import AttentionOps
-from moska.attention.shared import shared_attention_for_group
+from moska.attention.shared import routing_coverage, shared_attention_for_group
 
 
 class PagedAttention:
@@ -63,6 +63,9 @@ def _merge_group(
     o_sel, lse_sel, sel = shared_attention_for_group(p.ops, layer, q_rows, group, p.sm_scale)
     if group.record:
         group.recorded[layer] = sel
+    if layer in group.coverage_layers:
+        group.coverage[layer] = routing_coverage(p.ops, layer, q_rows, group, lse_sel, sel,
+                                                 p.sm_scale)
     o_rows, _ = p.ops.merge_selections(
         o.index_select(0, rows), lse.index_select(0, rows), o_sel, lse_sel, sel
     )

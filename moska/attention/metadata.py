@@ -24,6 +24,8 @@ class LibraryGroup:
     scorer: str = "keymax"
     record: bool = False  # keep the last layer's selections for reporting
     recorded: dict[int, Any] = field(default_factory=dict)  # layer -> Selections
+    coverage_layers: frozenset[int] = frozenset()  # layers that measure routing coverage
+    coverage: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n] fraction
 
 
 @dataclass

@@ -45,3 +45,29 @@ def shared_attention_for_group(
         sel = route(q_rows, lib.routing[layer], group.top_k, scorer=group.scorer)
     o_sel, lse_sel = ops.grouped_shared(q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale)
     return o_sel, lse_sel, sel
+
+
+def routing_coverage(
+    ops: AttentionOps,
+    layer: int,
+    q_rows: torch.Tensor,  # [n, Hq, D]
+    group: LibraryGroup,
+    lse_sel: torch.Tensor,  # [N, G] float32, the routed chunks' LSE
+    sel: Selections,
+    sm_scale: float,
+) -> torch.Tensor:  # [n] float32
+    """Share of each row's shared-library attention mass that its routed chunks hold,
+    averaged over query heads: sum over routed chunks of exp(lse_c) over the same sum over
+    every chunk. Costs one all-chunks pass of this layer (debugging only)."""
+    lib = group.library
+    n, num_kv_heads = q_rows.shape[0], lib.k_pools[layer].shape[1]
+    every = all_chunk_selections(n, num_kv_heads, lib.num_chunks, q_rows.device)
+    _, lse_all = ops.grouped_shared(
+        q_rows, lib.k_pools[layer], lib.v_pools[layer], lib.chunk_offsets, every, sm_scale
+    )
+    g = lse_all.shape[1]
+    total = torch.logsumexp(lse_all.view(lib.num_chunks, num_kv_heads, n, g), dim=0)
+    share = torch.exp(lse_sel - total[sel.kv_head.long(), sel.req.long()])  # [N, G]
+    covered = torch.zeros(n, dtype=torch.float32, device=q_rows.device)
+    covered.index_add_(0, sel.req.long(), share.sum(dim=1))
+    return covered / (num_kv_heads * g)

@@ -34,6 +34,7 @@ class LLM:
         *,
         library: str | None = None,
         top_k_chunks: int | None = None,
+        report_routing: bool = False,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns one RequestOutput per prompt, in order, with
@@ -49,7 +50,12 @@ class LLM:
                 seed = None if params.seed is None else params.seed + i
                 child = replace(params, n=1, seed=seed)
                 self.engine.add_request(
-                    rid, prompt, child, library=library, top_k_chunks=top_k_chunks
+                    rid,
+                    prompt,
+                    child,
+                    library=library,
+                    top_k_chunks=top_k_chunks,
+                    report_routing=report_routing,
                 )
                 ids.append(rid)
             groups.append(ids)
@@ -76,6 +82,7 @@ class LLM:
                     outputs=completions,
                     finished=True,
                     routed_chunks=outs[0].routed_chunks,
+                    routing_coverage=outs[0].routing_coverage,
                 )
             )
         return results

@@ -48,6 +48,7 @@ class _Tracked:
     emitted: int = 0  # characters of text already returned
     logprobs: list[TokenLogprob] = field(default_factory=list)
     routed_chunks: list[int] | None = None
+    coverage: float | None = None
 
 
 class LLMEngine:
@@ -111,8 +112,11 @@ class LLMEngine:
         *,
         library: str | None = None,
         top_k_chunks: int | None = None,
+        report_routing: bool = False,
     ) -> None:
-        """Queue a request. Raises RequestError (a ValueError) or LibraryNotFoundError."""
+        """Queue a request. report_routing: also measure, each step, the share of the
+        library's attention mass its routed chunks cover (costs an all-chunks pass on three
+        layers; for debugging routing). Raises RequestError (a ValueError) or LibraryNotFoundError."""
         if request_id in self._tracked:
             raise DuplicateRequestError(f"request id {request_id!r} is already in use")
         if params.n != 1:
@@ -160,6 +164,7 @@ class LLMEngine:
             eos_token_id=eos,
             library=library,
             top_k_chunks=top_k_chunks,
+            report_routing=report_routing,
         )
         self.scheduler.add_request(req)
         detok = None
@@ -196,6 +201,9 @@ class LLMEngine:
             self._chunks_routed += len(chunks)
             if rid in self._tracked:
                 self._tracked[rid].routed_chunks = chunks
+        for rid, cov in result.coverage.items():
+            if rid in self._tracked:
+                self._tracked[rid].coverage = cov
         updated = self.scheduler.update_from_output(out, result.sampled)
         outputs = []
         for req in updated:
@@ -257,6 +265,7 @@ class LLMEngine:
             new_text=new_text,
             new_token_ids=list(req.output_token_ids[prev_tokens:]),
             routed_chunks=tr.routed_chunks,
+            routing_coverage=tr.coverage,
         )
         if req.is_finished:
             self._drop(req.request_id)

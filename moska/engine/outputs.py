@@ -33,3 +33,6 @@ class RequestOutput:
     new_text: str = ""
     new_token_ids: list[int] = field(default_factory=list)
     routed_chunks: list[int] | None = None  # last step's chunks chosen (MoSKA), for debugging
+    # With report_routing: share of the library's attention mass the routed chunks held,
+    # averaged over sampled layers (first, middle, last) and query heads, last step.
+    routing_coverage: float | None = None

@@ -42,6 +42,7 @@ class Request:
     eos_token_id: int | None = None
     library: str | None = None  # name of a loaded shared KV library, or None
     top_k_chunks: int | None = None  # chunks routed per step; None = library default
+    report_routing: bool = False  # measure the attention mass the routed chunks cover
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -3,7 +3,7 @@ all scheduled tokens (prefill chunks and decodes together), and samples."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -23,7 +23,8 @@ _CPU_KV_BUDGET_BYTES = 1 << 30
 class StepResult:
     sampled: dict[str, int]  # request_id -> new token (only requests that finished their tokens)
     logprobs: dict[str, tuple[float, dict[int, float]]]
-    routed_chunks: dict[str, list[int]]  # request_id -> chunks of the last layer (when asked)
+    routed_chunks: dict[str, list[int]]  # request_id -> chunks of the last layer
+    coverage: dict[str, float] = field(default_factory=dict)  # report_routing only
 
 
 class ModelRunner:
@@ -127,8 +128,11 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
             decode_only=len(token_ids) == len(scheduled),
         )
+        num_layers = self.mcfg.num_layers
+        sampled_layers = frozenset({0, num_layers // 2, num_layers - 1})
         for name, rows in lib_rows.items():
             lib = get_library(name)
+            wants = any(r.report_routing for r, _ in record_reqs.get(name, []))
             meta.groups.append(
                 LibraryGroup(
                     library=lib,
@@ -136,12 +140,13 @@ class ModelRunner:
                     top_k=lib_topk[name],
                     scorer=getattr(lib, "default_scorer", "keymax"),
                     record=name in record_reqs,
+                    coverage_layers=sampled_layers if wants else frozenset(),
                 )
             )
         ids_t = torch.tensor(token_ids, dtype=torch.int64).to(dev, non_blocking=True)
         pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
         hidden = self.model(ids_t, pos_t, self.attention.bind(meta))
-        result = StepResult(sampled={}, logprobs={}, routed_chunks={})
+        result = StepResult(sampled={}, logprobs={}, routed_chunks={}, coverage={})
         if not sample_rows:
             return result
         rows_t = torch.tensor(sample_rows, dtype=torch.int64).to(dev)
@@ -176,3 +181,8 @@ def _record_routes(group: LibraryGroup, rows: list[int], reqs, result: StepResul
             by_row.setdefault(r, []).append(c)
     for req, row in reqs:
         result.routed_chunks[req.request_id] = sorted(by_row.get(local[row], []))
+    if group.coverage:
+        mean = torch.stack(list(group.coverage.values())).mean(dim=0).tolist()  # [n]
+        for req, row in reqs:
+            if req.report_routing:
+                result.coverage[req.request_id] = mean[local[row]]

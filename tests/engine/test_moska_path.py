@@ -97,3 +97,15 @@ def test_triton_kernels_in_the_engine_match(tmp_path):
     assert out.outputs[0].token_ids == greedy_generate(llm.engine.loaded.model, lib_ids + p, 3)
     routed = llm.generate([p], params, library="docs", top_k_chunks=1)[0]
     assert len(routed.outputs[0].token_ids) == 3
+
+
+def test_routing_coverage_reported(llm):
+    p = [3, 1, 4, 1, 5]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    full = llm.generate([p], params, library="docs", top_k_chunks=10**6, report_routing=True)[0]
+    assert abs(full.routing_coverage - 1.0) < 1e-5  # every chunk routed: all the mass
+    part = llm.generate([p], params, library="docs", top_k_chunks=1, report_routing=True)[0]
+    assert 0.0 < part.routing_coverage < 1.0
+    assert len(part.routed_chunks) == 1
+    plain = llm.generate([p], params, library="docs", top_k_chunks=1)[0]
+    assert plain.routing_coverage is None
