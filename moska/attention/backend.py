@@ -18,7 +18,7 @@ class PagedAttention:
         self.ops = ops
         self.sm_scale = sm_scale
 
-    def bind(self, meta: AttentionMetadata) -> "BoundAttention":
+    def bind(self, meta: AttentionMetadata) -> BoundAttention:
         return BoundAttention(self, meta)
 
 
@@ -64,8 +64,9 @@ def _merge_group(
     if group.record:
         group.recorded[layer] = sel
     if layer in group.coverage_layers:
-        group.coverage[layer] = routing_coverage(p.ops, layer, q_rows, group, lse_sel, sel,
-                                                 p.sm_scale)
+        group.coverage[layer] = routing_coverage(
+            p.ops, layer, q_rows, group, lse_sel, sel, p.sm_scale
+        )
     o_rows, _ = p.ops.merge_selections(
         o.index_select(0, rows), lse.index_select(0, rows), o_sel, lse_sel, sel
     )

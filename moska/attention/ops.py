@@ -3,7 +3,8 @@ plain-PyTorch references on CPU (or when asked). One table, chosen once per engi
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 
 class AttentionOps(NamedTuple):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +26,14 @@ from moska.attention.backend import PagedAttention
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import get_attention_ops
-from moska.bench.common import LLAMA_3_1_8B, cuda_time_ms, time_ms, environment, random_loaded_model
-from moska.bench.common import write_json
+from moska.bench.common import (
+    LLAMA_3_1_8B,
+    cuda_time_ms,
+    environment,
+    random_loaded_model,
+    time_ms,
+    write_json,
+)
 
 DEV = "cuda"  # --cpu-dry-run switches the whole harness to CPU with a tiny model
 
@@ -50,7 +55,6 @@ def measure_ceilings() -> dict:
     y = torch.empty_like(x)
     ms = cuda_time_ms(lambda: y.copy_(x), iters=10)
     bw = 2 * x.numel() * 2 / (ms / 1e3)
-    del x, y
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
     ms = cuda_time_ms(lambda: a @ b, iters=10)
@@ -107,12 +111,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="bench/results/decode.json")
     ap.add_argument("--quick", action="store_true", help="small shapes for a fast check")
-    ap.add_argument("--cuda-graph", action="store_true",
-                    help="time each mode's step as one captured CUDA graph (no launch gaps)")
+    ap.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="time each mode's step as one captured CUDA graph (no launch gaps)",
+    )
     ap.add_argument("--profile", action="store_true", help="kernel table of one moska step")
     ap.add_argument("--cpu-dry-run", action="store_true", help="check the harness on CPU")
     args = ap.parse_args(argv)
-    global DEV
     if args.cpu_dry_run:
         return cpu_dry_run(args)
     if not torch.cuda.is_available():
@@ -142,8 +148,11 @@ def cpu_dry_run(args) -> None:
 
 def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     bs = 16
-    ceilings = measure_ceilings() if DEV == "cuda" else {
-        "copy_bytes_per_s": 1e10, "gemm_flops_per_s": 1e11}
+    ceilings = (
+        measure_ceilings()
+        if DEV == "cuda"
+        else {"copy_bytes_per_s": 1e10, "gemm_flops_per_s": 1e11}
+    )
     loaded = random_loaded_model(cfg, dtype, DEV)
     model, mcfg = loaded.model, loaded.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -156,8 +165,9 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     lib_blocks = args.library_tokens // bs
     per_req = math.ceil((args.unique_tokens + 1) / bs)
     num_blocks = lib_blocks + max(args.batch) * per_req
-    cache = PagedKVCache(mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim,
-                         dtype, DEV)
+    cache = PagedKVCache(
+        mcfg.num_layers, num_blocks, bs, mcfg.num_kv_heads, mcfg.head_dim, dtype, DEV
+    )
     for t in (cache.k, cache.v):
         for l in range(t.shape[0]):
             t[l].normal_()
@@ -174,9 +184,15 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
             pos = torch.full((b,), args.library_tokens + args.unique_tokens, device=DEV)
             if mode != "dense":
                 top_k = args.top_k if mode == "moska" else lib.num_chunks
-                meta.groups.append(LibraryGroup(
-                    library=lib, rows=torch.arange(b, device=DEV), top_k=top_k,
-                    scorer=args.scorer, record=mode == "moska"))
+                meta.groups.append(
+                    LibraryGroup(
+                        library=lib,
+                        rows=torch.arange(b, device=DEV),
+                        top_k=top_k,
+                        scorer=args.scorer,
+                        record=mode == "moska",
+                    )
+                )
             bound = attention.bind(meta)
 
             def step():
@@ -194,8 +210,13 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
             if args.cuda_graph and DEV == "cuda":
                 graphed = capture(step)
             ms = time_ms(graphed or step, iters=iters, warmup=1)
-            row = {"batch": b, "mode": mode, "step_ms": ms, "decode_tokens_per_s": b / (ms / 1e3),
-                   "cuda_graph": graphed is not None}
+            row = {
+                "batch": b,
+                "mode": mode,
+                "step_ms": ms,
+                "decode_tokens_per_s": b / (ms / 1e3),
+                "cuda_graph": graphed is not None,
+            }
             if mode == "moska" and meta.groups[0].recorded:
                 sel = next(iter(meta.groups[0].recorded.values()))
                 row["chunks_touched"] = int(torch.unique(sel.chunk).numel())
@@ -207,12 +228,17 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
         lib_bytes = t_c * args.chunk_size * kv_token_bytes * L
         uniq_bytes = b * (args.unique_tokens + 1) * kv_token_bytes * L
         rank = mcfg.head_dim // 4
-        router_bytes = (L * args.library_tokens * mcfg.num_kv_heads * rank * 2
-                        if args.scorer in ("keymax", "two_stage") else 0)
+        router_bytes = (
+            L * args.library_tokens * mcfg.num_kv_heads * rank * 2
+            if args.scorer in ("keymax", "two_stage")
+            else 0
+        )
         flops = 2 * n_params * b + 4 * b * mcfg.num_heads * mcfg.head_dim * L * (
-            args.top_k * args.chunk_size + args.unique_tokens + 1)
+            args.top_k * args.chunk_size + args.unique_tokens + 1
+        )
         t_mem = (weight_bytes + lib_bytes + uniq_bytes + router_bytes) / ceilings[
-            "copy_bytes_per_s"]
+            "copy_bytes_per_s"
+        ]
         t_flop = flops / ceilings["gemm_flops_per_s"]
         floor_ms = 1e3 * max(t_mem, t_flop)
         for r in rows:
@@ -225,10 +251,16 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     summary["exactness_all_vs_dense_rel_err"] = exact_err
     payload = {
         "environment": environment(),
-        "shapes": {"model": "Llama-3.1-8B dims, random bf16", "layers": mcfg.num_layers,
-                   "library_tokens": args.library_tokens, "chunk_size": args.chunk_size,
-                   "unique_tokens": args.unique_tokens, "top_k": args.top_k,
-                   "scorer": args.scorer, "block_size": bs},
+        "shapes": {
+            "model": "Llama-3.1-8B dims, random bf16",
+            "layers": mcfg.num_layers,
+            "library_tokens": args.library_tokens,
+            "chunk_size": args.chunk_size,
+            "unique_tokens": args.unique_tokens,
+            "top_k": args.top_k,
+            "scorer": args.scorer,
+            "block_size": bs,
+        },
         "ceilings": ceilings,
         "library_build": build,
         "rows": rows,
@@ -238,8 +270,10 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     plot(rows, out.with_suffix(".png"))
     print(f"\n{'B':>5} {'mode':>6} {'step ms':>9} {'tok/s':>10} {'roofline':>9}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['mode']:>6} {r['step_ms']:>9.2f} "
-              f"{r['decode_tokens_per_s']:>10.1f} {r['roofline_fraction']:>9.2f}")
+        print(
+            f"{r['batch']:>5} {r['mode']:>6} {r['step_ms']:>9.2f} "
+            f"{r['decode_tokens_per_s']:>10.1f} {r['roofline_fraction']:>9.2f}"
+        )
     print("summary:", summary)
 
 
@@ -285,14 +319,24 @@ def library_build_rate(loaded, tokens: int, chunk: int, ceilings: dict, n_params
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, loaded.config.vocab_size, (tokens,), generator=g).tolist()
     build_in_memory(loaded, [("warm", ids[:1024])], "warm", chunk_size=512, progress=False)
-    lib, stats = build_in_memory(loaded, [("random", ids)], "bench",
-                                 chunk_size=min(chunk, tokens), mode="prefix", progress=False)
+    lib, stats = build_in_memory(
+        loaded,
+        [("random", ids)],
+        "bench",
+        chunk_size=min(chunk, tokens),
+        mode="prefix",
+        progress=False,
+    )
     del lib
     c = loaded.config
     flops = 2 * n_params * tokens + 2 * tokens * tokens * c.num_heads * c.head_dim * c.num_layers
-    return {"tokens": tokens, "seconds_total": stats.seconds,
-            "seconds_prefill": stats.prefill_seconds, "tokens_per_s": stats.tokens_per_s,
-            "mfu": flops / stats.prefill_seconds / ceilings["gemm_flops_per_s"]}
+    return {
+        "tokens": tokens,
+        "seconds_total": stats.seconds,
+        "seconds_prefill": stats.prefill_seconds,
+        "tokens_per_s": stats.tokens_per_s,
+        "mfu": flops / stats.prefill_seconds / ceilings["gemm_flops_per_s"],
+    }
 
 
 def summarize(rows: list[dict], build: dict) -> dict:

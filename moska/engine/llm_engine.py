@@ -82,7 +82,7 @@ class LLMEngine:
         self._chunks_routed = 0
 
     @classmethod
-    def from_model(cls, model: str | None = None, **kwargs) -> "LLMEngine":
+    def from_model(cls, model: str | None = None, **kwargs) -> LLMEngine:
         """Load `model` (an HF directory; None for the built-in tiny model) and build an engine.
         Keyword arguments are EngineConfig fields."""
         from moska.model import load_model
@@ -189,14 +189,18 @@ class LLMEngine:
         if not out.scheduled:
             return []
         t0 = time.perf_counter()
-        result = self.runner.execute(out.scheduled, self._get_library, self.config.default_top_k_chunks)
+        result = self.runner.execute(
+            out.scheduled, self._get_library, self.config.default_top_k_chunks
+        )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._last_step_s = time.perf_counter() - t0
         self._steps += 1
         for item in out.scheduled:
             r = item.request
-            self._prompt_computed += max(0, min(item.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens))
+            self._prompt_computed += max(
+                0, min(item.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens)
+            )
         for rid, chunks in result.routed_chunks.items():
             self._chunks_routed += len(chunks)
             if rid in self._tracked:
@@ -221,7 +225,7 @@ class LLMEngine:
         req = tr.request
         params = req.sampling_params
         if tr.detok is not None:
-            new_ids = req.output_token_ids[len(tr.detok.ids) - req.num_prompt_tokens:]
+            new_ids = req.output_token_ids[len(tr.detok.ids) - req.num_prompt_tokens :]
             if new_ids:
                 tr.detok.add(new_ids)
             if req.is_finished:
@@ -245,7 +249,7 @@ class LLMEngine:
         if params.stop and not req.is_finished:
             hold = max(len(s) for s in params.stop) - 1
             visible = max(tr.emitted, len(text) - hold)
-        new_text = text[tr.emitted:visible]
+        new_text = text[tr.emitted : visible]
         prev_tokens = getattr(tr, "_sent_tokens", 0)
         tr._sent_tokens = req.num_output_tokens  # type: ignore[attr-defined]
         tr.emitted = visible

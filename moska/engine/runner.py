@@ -3,8 +3,8 @@ all scheduled tokens (prefill chunks and decodes together), and samples."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
