@@ -90,6 +90,19 @@ def cuda_time_ms(fn, iters: int = 10, warmup: int = 2) -> float:
     return times[len(times) // 2]
 
 
+def capture_graph(fn):
+    """fn captured as a CUDA graph after one warm-up on a side stream; returns replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def time_ms(fn, iters: int = 10, warmup: int = 2) -> float:
     """Median milliseconds: CUDA events on a GPU, the host clock otherwise."""
     if torch.cuda.is_available():

@@ -280,15 +280,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
 def capture(step):
     """One decode step captured as a CUDA graph; None when something in it cannot be."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return graph.replay
+        return capture_graph(step)
     except Exception as e:  # noqa: BLE001 - report and time eagerly instead
         print(f"CUDA graph capture failed, timing eagerly: {e!r}"[:300], flush=True)
         torch.cuda.synchronize()

@@ -30,6 +30,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
+from moska.bench.common import capture_graph
 from moska.kernels.merge import merge_selections
 from moska.kernels.paged_attention import (
     paged_attention_ref,
@@ -57,16 +58,9 @@ def bench(fn, rep=100):
 
 def bench_graph(fn):
     """Median ms of fn captured in a CUDA graph (no host launch overhead), as a decode step runs."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    t = bench(g.replay)
-    del g
+    replay = capture_graph(fn)
+    t = bench(replay)
+    del replay
     return t
 
 
