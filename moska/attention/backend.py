@@ -70,6 +70,5 @@ def _merge_group(
     o_rows, _ = p.ops.merge_selections(
         o.index_select(0, rows), lse.index_select(0, rows), o_sel, lse_sel, sel
     )
-    o = o.clone() if o.requires_grad else o
     o.index_copy_(0, rows, o_rows.to(o.dtype))
     return o

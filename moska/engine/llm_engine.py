@@ -46,6 +46,7 @@ class _Tracked:
     request: Request
     detok: IncrementalDetokenizer | None
     emitted: int = 0  # characters of text already returned
+    sent_tokens: int = 0  # output tokens already returned
     logprobs: list[TokenLogprob] = field(default_factory=list)
     routed_chunks: list[int] | None = None
     coverage: float | None = None
@@ -225,38 +226,34 @@ class LLMEngine:
         req = tr.request
         params = req.sampling_params
         if tr.detok is not None:
-            new_ids = req.output_token_ids[len(tr.detok.ids) - req.num_prompt_tokens :]
-            if new_ids:
-                tr.detok.add(new_ids)
+            pending = req.output_token_ids[len(tr.detok.ids) - req.num_prompt_tokens :]
+            if pending:
+                tr.detok.add(pending)
             if req.is_finished:
                 tr.detok.finish()
             text = tr.detok.text
         else:
             text = ""
-        if params.stop and not req.is_finished:
+        if params.stop:
             hit = _find_stop(text, params.stop, tr.emitted)
-            if hit is not None:
-                idx, s = hit
-                text = text[:idx]
-                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED, s)
-                req.stop_reason = s
-        elif params.stop and req.is_finished:
-            hit = _find_stop(text, params.stop, tr.emitted)
-            if hit is not None:
+            if hit is not None:  # cut at the stop string; it ends the request even at its length
                 text = text[: hit[0]]
+                if not req.is_finished:
+                    self.scheduler.finish_request(
+                        req.request_id, RequestStatus.FINISHED_STOPPED, hit[1]
+                    )
+                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, hit[1]
         # Hold back a tail that could still grow into a stop string.
         visible = len(text)
         if params.stop and not req.is_finished:
-            hold = max(len(s) for s in params.stop) - 1
-            visible = max(tr.emitted, len(text) - hold)
+            visible = max(tr.emitted, len(text) - max(len(s) for s in params.stop) + 1)
         new_text = text[tr.emitted : visible]
-        prev_tokens = getattr(tr, "_sent_tokens", 0)
-        tr._sent_tokens = req.num_output_tokens  # type: ignore[attr-defined]
-        tr.emitted = visible
+        new_ids = req.output_token_ids[tr.sent_tokens :]
+        tr.emitted, tr.sent_tokens = visible, req.num_output_tokens
         finish = req.status.value if req.is_finished else None
         completion = CompletionOutput(
             index=0,
-            text=text[:visible] if not req.is_finished else text,
+            text=text[:visible],
             token_ids=list(req.output_token_ids),
             finish_reason=finish,
             logprobs=list(tr.logprobs) if params.logprobs is not None else None,
@@ -267,7 +264,7 @@ class LLMEngine:
             outputs=[completion],
             finished=req.is_finished,
             new_text=new_text,
-            new_token_ids=list(req.output_token_ids[prev_tokens:]),
+            new_token_ids=list(new_ids),
             routed_chunks=tr.routed_chunks,
             routing_coverage=tr.coverage,
         )
