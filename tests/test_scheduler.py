@@ -1,6 +1,7 @@
 """Scheduler: one token budget, chunked prefill, FIFO admission, preemption, stop rules."""
 
 import random
+import zlib
 
 import pytest
 
@@ -23,7 +24,9 @@ def make_scheduler(num_blocks=64, block_size=4, budget=64, max_seqs=16, chunked=
 def make_request(rid, prompt, library=None, eos=None, **params):
     params.setdefault("max_tokens", 4)
     if isinstance(prompt, int):
-        prompt = [(hash(rid) + i) % 50 + 10 for i in range(prompt)]
+        # zlib.crc32, not hash(): str hashes change per process, and two ids whose prompts
+        # happened to share a first block would hit the prefix cache in some runs only.
+        prompt = [(zlib.crc32(rid.encode()) + i) % 50 + 10 for i in range(prompt)]
     return Request(
         request_id=rid,
         prompt_token_ids=list(prompt),
