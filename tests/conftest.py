@@ -3,6 +3,10 @@
 import os
 import tempfile
 
+# Triton picks its interpreter when it is imported, for its own library functions too, so
+# set it before any test module imports moska: kernels then run on the CPU everywhere.
+os.environ["TRITON_INTERPRET"] = "1"
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "MOSKA_HOME" not in os.environ:

@@ -7,24 +7,15 @@ import torch
 
 from moska.attention.metadata import LibraryGroup
 from moska.attention.ops import AttentionOps
-from moska.kernels.selections import Selections
+from moska.kernels.selections import Selections, from_topk
 
 
 def all_chunk_selections(
     num_rows: int, num_kv_heads: int, num_chunks: int, device: torch.device
 ) -> Selections:
     """Every row reads every chunk with every KV head, sorted by (chunk, kv_head, req)."""
-    c, h, r = torch.meshgrid(
-        torch.arange(num_chunks, device=device),
-        torch.arange(num_kv_heads, device=device),
-        torch.arange(num_rows, device=device),
-        indexing="ij",
-    )
-    return Selections(
-        req=r.reshape(-1).to(torch.int32),
-        kv_head=h.reshape(-1).to(torch.int32),
-        chunk=c.reshape(-1).to(torch.int32),
-    )
+    every = torch.arange(num_chunks, device=device).expand(num_rows, 1, num_chunks)
+    return from_topk(every, num_kv_heads, num_chunks)
 
 
 def shared_attention_for_group(

@@ -128,8 +128,8 @@ def _merge_selections_kernel(
     lse_base_ptr,  # [B, Hq] fp32
     o_sel_ptr,  # [N, G, D]
     lse_sel_ptr,  # [N, G] fp32
-    order_ptr,  # [N] int64: selections sorted by (req, kv_head)
-    seg_ptr,  # [B * Hkv + 1] int64: segment of (req, kv_head) in order
+    order_ptr,  # [N] int32/int64: selection indices grouped by (req, kv_head)
+    seg_ptr,  # [B * Hkv + 1] int32/int64: segment of each (req, kv_head) in order
     o_ptr,  # [B, Hq, D]
     lse_ptr,  # [B, Hq] fp32
     Hq,
@@ -259,9 +259,14 @@ def merge_selections(
             f"merge_selections: sel must have [N]={n} entries, got {tuple(sel.req.shape)}"
         )
     hkv = hq // g
-    key = sel.req.long() * hkv + sel.kv_head.long()  # [N]
-    key_sorted, order = torch.sort(key, stable=True)
-    seg = torch.searchsorted(key_sorted, torch.arange(b * hkv + 1, device=key.device))  # [B*Hkv+1]
+    if sel.row_order is not None and sel.row_offsets is not None:
+        order, seg = sel.row_order, sel.row_offsets  # from the router: no sort needed
+        if seg.shape != (b * hkv + 1,):
+            raise ValueError(f"merge_selections: row_offsets must be [B*Hkv+1]={b * hkv + 1}")
+    else:
+        key = sel.req.long() * hkv + sel.kv_head.long()  # [N]
+        key_sorted, order = torch.sort(key, stable=True)
+        seg = torch.searchsorted(key_sorted, torch.arange(b * hkv + 1, device=key.device))
     o = torch.empty_like(o_base, memory_format=torch.contiguous_format)
     lse = torch.empty(b, hq, device=o_base.device, dtype=torch.float32)
     if b * hkv:

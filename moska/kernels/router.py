@@ -25,8 +25,8 @@ constant shift of the logits (heads differ in logit scale and offset; key-max on
 PCA basis drops a per-head constant), whereas a max lets the head with the largest offset
 decide alone.
 
-``route`` returns ``Selections`` sorted by (chunk, kv_head, req) without a host sync and with
-no Python loop over requests.
+``route`` returns ``Selections`` sorted by (chunk, kv_head, req), with their (req, kv_head)
+order for the merge, without a host sync, a sort or a Python loop over requests.
 """
 
 from typing import NamedTuple
@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from .router_scores import keymax_pair_scores, summary_scores
-from .selections import Selections
+from .selections import Selections, from_topk
 
 SCORERS = ("keymax", "mean", "bound", "two_stage")
 
@@ -174,9 +174,8 @@ def _two_stage_scores(
         cheap = cheap.masked_fill(always, float("inf"))
     n_short = min(C, shortlist_factor * top_k)
     short = cheap.topk(n_short, dim=-1).indices  # [B, n_short] int64
-    req = torch.arange(B, device=q.device)[:, None]
-    key = torch.sort((short * B + req).flatten()).values  # group pairs by chunk
-    pair_req, pair_chunk = (key % B).to(torch.int32), (key // B).to(torch.int32)
+    pairs = from_topk(short[:, None, :], 1, C)  # (req, chunk) pairs grouped by chunk
+    pair_req, pair_chunk = pairs.req, pairs.chunk
     scores = _keymax_pairs(q, index, pair_req, pair_chunk)  # [P, Hkv]
     full = torch.full((B, C, Hkv), float("-inf"), dtype=torch.float32, device=q.device)
     full[pair_req.long(), pair_chunk.long()] = scores
@@ -206,19 +205,6 @@ def _always_mask(always, B: int, C: int, top_k: int, device: torch.device) -> to
     return mask.expand(B, C)
 
 
-def _sorted_selections(
-    req: torch.Tensor, head: torch.Tensor, chunk: torch.Tensor, B: int, Hkv: int
-) -> Selections:
-    """Flatten broadcastable (req, head, chunk) index tensors into sorted Selections."""
-    key = ((chunk.long() * Hkv + head) * B + req).flatten()
-    key = torch.sort(key).values
-    return Selections(
-        req=(key % B).to(torch.int32),
-        kv_head=((key // B) % Hkv).to(torch.int32),
-        chunk=(key // (B * Hkv)).to(torch.int32),
-    )
-
-
 def route(
     q: torch.Tensor,
     index: RoutingIndex,
@@ -245,11 +231,8 @@ def route(
         raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
     B, C, Hkv, dev = q.shape[0], index.num_chunks, index.num_kv_heads, q.device
     always_mask = _always_mask(always, B, C, top_k, dev)
-    req = torch.arange(B, device=dev)[:, None, None]  # [B, 1, 1]
-    head = torch.arange(Hkv, device=dev)[None, :, None]  # [1, Hkv, 1]
     if top_k >= C:
-        chunk = torch.arange(C, device=dev)[None, None, :]
-        return _sorted_selections(req, head, chunk.expand(B, Hkv, C), B, Hkv)
+        return from_topk(torch.arange(C, device=dev).expand(B, 1, C), Hkv, C)
     if scorer == "two_stage":
         scores = _two_stage_scores(q, index, top_k, shortlist_factor, always_mask)
     else:
@@ -258,8 +241,7 @@ def route(
         scores = scores.sum(dim=1, keepdim=True)  # [B, 1, C]
     if always_mask is not None:
         scores = scores.masked_fill(always_mask[:, None, :], float("inf"))
-    chunk = scores.topk(top_k, dim=-1).indices.expand(B, Hkv, top_k)  # [B, Hkv, k]
-    return _sorted_selections(req, head, chunk, B, Hkv)
+    return from_topk(scores.topk(top_k, dim=-1).indices, Hkv, C)  # scores [B, Hr, C]
 
 
 def selections_to_lists(sel: Selections, B: int, num_kv_heads: int | None = None) -> list:
@@ -267,7 +249,7 @@ def selections_to_lists(sel: Selections, B: int, num_kv_heads: int | None = None
 
     With ``num_kv_heads``: ``lists[b][h]`` is the sorted chunk list of request b, KV head h.
     """
-    req, head, chunk = (t.tolist() for t in sel)
+    req, head, chunk = sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist()
     if num_kv_heads is None:
         sets = [set() for _ in range(B)]
         for b, c in zip(req, chunk):

@@ -17,11 +17,11 @@ group G padded to a power of two); the max over the group is a reshape + max. Al
 dimensions are padded to >= 16.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .runtime import triton_runs_on
 
 
 # fmt: off
@@ -152,12 +152,6 @@ def _pow2(x: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(x))
 
 
-def _triton_runs_on(t: torch.Tensor) -> bool:
-    """Triton launches on CUDA tensors, or anywhere under its interpreter; otherwise the
-    launchers fall back to the PyTorch references (CPU serving without the interpreter)."""
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _precision(dtype: torch.dtype) -> str:
     # fp32 pools are for exactness tests: keep them IEEE instead of TF32 on the tensor cores
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -195,7 +189,7 @@ def summary_scores(
     out = torch.empty(B, Hkv, C, dtype=torch.float32, device=q.device)
     if B == 0 or C == 0:
         return out
-    if not _triton_runs_on(q):
+    if not triton_runs_on(q.device, _summary_scores_kernel):
         if key_min is None:
             return mean_scores_ref(q, summary)
         return bound_scores_ref(q, key_min, summary)
@@ -246,7 +240,7 @@ def keymax_pair_scores(
     out = torch.empty(P, Hkv, dtype=torch.float32, device=q.device)
     if P == 0:
         return out
-    if not _triton_runs_on(q):
+    if not triton_runs_on(q.device, _keymax_scores_kernel):
         full = keymax_scores_ref(q, basis, lowrank_keys, chunk_offsets)  # [B, Hkv, C]
         return full[pair_req.long(), :, pair_chunk.long()]
     block_g = _pow2(G)

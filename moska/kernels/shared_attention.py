@@ -20,6 +20,9 @@ from host-known sizes, and programs past the last item return at once (CUDA-grap
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .shared_work_list import build_work_list
 
 LOG2E = 1.4426950408889634
 
@@ -31,7 +34,10 @@ def _chunk_attn_inner(
     l_i,
     q,  # [BLOCK_M, D] fp32, [BLOCK_M], [BLOCK_M], [BLOCK_M, D]
     k_ptrs,
-    v_ptrs,  # [D, BLOCK_N] and [BLOCK_N, D] pointers to the block at `lo`
+    v_ptrs,  # [D, BLOCK_N] and [BLOCK_N, D] pointers to the block at `lo` (pointer path)
+    k_desc,
+    v_desc,  # TMA descriptors of the pools as [S_total, Hkv * D] (TMA path)
+    col,  # first column of this KV head in the descriptors' rows
     lo,
     hi,
     qk_scale,
@@ -39,30 +45,40 @@ def _chunk_attn_inner(
     stride_vn,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; scores in the log2 domain.
     # Unmasked calls need (hi - lo) % BLOCK_N == 0; masked calls run one partial block.
+    # A TMA block may run past `hi` into the next chunk (or zero padding past the pool's
+    # end): those keys get score -inf and their values weight 0.
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
-        if MASKED:
-            n_ok = (start + offs_n) < hi
-            k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        if USE_TMA:
+            k = k_desc.load([start, col])  # [BLOCK_N, D]
+            v = v_desc.load([start, col])
+            s = tl.dot(q, k.T, input_precision=PRECISION)
+            if MASKED:
+                s = tl.where(((start + offs_n) < hi)[None, :], s, float("-inf"))
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        if MASKED:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+            if MASKED:
+                n_ok = (start + offs_n) < hi
+                k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            s = tl.dot(q, k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            if MASKED:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
     return acc, m_i, l_i
 
 
@@ -71,6 +87,8 @@ def _grouped_shared_attention_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [S_total, Hkv, D]
     v_ptr,  # [S_total, Hkv, D]
+    k_desc,  # TMA descriptors of k/v as [S_total, Hkv * D], or None
+    v_desc,
     offsets_ptr,  # [C + 1] int32
     sel_req_ptr,  # [N] int32
     sel_kv_ptr,  # [N] int32
@@ -93,6 +111,7 @@ def _grouped_shared_attention_kernel(
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     w = tl.program_id(0)
@@ -148,6 +167,9 @@ def _grouped_shared_attention_kernel(
         q,
         k_ptrs,
         v_ptrs,
+        k_desc,
+        v_desc,
+        kv * D,
         lo,
         full_hi,
         qk_scale,
@@ -155,6 +177,7 @@ def _grouped_shared_attention_kernel(
         stride_vn,
         BLOCK_N,
         False,
+        USE_TMA,
         PRECISION,
     )
     if full_hi < hi:
@@ -167,6 +190,9 @@ def _grouped_shared_attention_kernel(
             q,
             k_ptrs,
             v_ptrs,
+            k_desc,
+            v_desc,
+            kv * D,
             full_hi,
             hi,
             qk_scale,
@@ -174,6 +200,7 @@ def _grouped_shared_attention_kernel(
             stride_vn,
             BLOCK_N,
             True,
+            USE_TMA,
             PRECISION,
         )
 
@@ -258,7 +285,13 @@ def _merge_tile_splits_kernel(
 def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict:
     if device.type != "cuda":  # interpreter: few, large programs
         return dict(
-            block_m=64, block_n=64, num_warps=4, num_stages=1, target_programs=8, min_split=64
+            block_m=64,
+            block_n=64,
+            num_warps=4,
+            num_stages=1,
+            target_programs=8,
+            min_split=64,
+            use_tma=False,
         )
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     block_n = 64 if d >= 128 else 128
@@ -273,205 +306,8 @@ def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict
         num_stages=3,
         target_programs=2 * sms,
         min_split=512,
+        use_tma=False,
     )
-
-
-@triton.jit
-def _lower_bound(sel_chunk_ptr, sel_kv_ptr, k, N, Hkv, steps):
-    # First selection index whose key chunk * Hkv + kv_head is >= k, for each k [BLOCK].
-    lo = tl.zeros_like(k)
-    hi = tl.zeros_like(k) + N
-    for _ in range(steps):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        c = tl.load(sel_chunk_ptr + mid, mask=active, other=0)
-        h = tl.load(sel_kv_ptr + mid, mask=active, other=0)
-        right = active & (c * Hkv + h < k)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
-    return lo
-
-
-@triton.jit
-def _plan_groups_kernel(
-    sel_chunk_ptr,  # [N] int32
-    sel_kv_ptr,  # [N] int32
-    offsets_ptr,  # [C + 1] int32
-    start_ptr,  # [K] int32 out: first selection of group k = chunk * Hkv + kv_head
-    nsel_ptr,  # [K] int32 out: selections of group k
-    work_ptr,  # [K] int64 out: row tiles x tokens of group k
-    N,
-    K,
-    Hkv,
-    steps,
-    G: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = k < K
-    start = _lower_bound(sel_chunk_ptr, sel_kv_ptr, k, N, Hkv, steps)
-    n_sel = _lower_bound(sel_chunk_ptr, sel_kv_ptr, k + 1, N, Hkv, steps) - start
-    c = k // Hkv
-    lens = tl.load(offsets_ptr + c + 1, mask=ok, other=0) - tl.load(
-        offsets_ptr + c, mask=ok, other=0
-    )
-    tiles = (n_sel * G + BLOCK_M - 1) // BLOCK_M
-    tl.store(start_ptr + k, start, mask=ok)
-    tl.store(nsel_ptr + k, n_sel, mask=ok)
-    tl.store(work_ptr + k, tiles.to(tl.int64) * lens, mask=ok)
-
-
-@triton.jit
-def _plan_splits_kernel(
-    offsets_ptr,  # [C + 1] int32
-    nsel_ptr,  # [K] int32
-    total_work_ptr,  # [] int64: sum of the groups' work
-    nsplit_ptr,  # [K] int32 out: splits of each tile of group k
-    items_ptr,  # [K] int32 out: items of group k (tiles x splits)
-    meta_ptr,  # [2] int32 out: meta[1] = split_len
-    K,
-    Hkv,
-    target_programs,
-    min_split,
-    G: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = k < K
-    total = tl.load(total_work_ptr)
-    split_len = tl.maximum((total + target_programs - 1) // target_programs, min_split)
-    split_len = ((split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N).to(tl.int32)
-    c = k // Hkv
-    lens = tl.load(offsets_ptr + c + 1, mask=ok, other=0) - tl.load(
-        offsets_ptr + c, mask=ok, other=0
-    )
-    n_sel = tl.load(nsel_ptr + k, mask=ok, other=0)
-    n_split = tl.maximum((lens + split_len - 1) // split_len, 1)
-    tl.store(nsplit_ptr + k, n_split, mask=ok)
-    tl.store(items_ptr + k, (n_sel * G + BLOCK_M - 1) // BLOCK_M * n_split, mask=ok)
-    if tl.program_id(0) == 0:
-        tl.store(meta_ptr + 1, split_len)
-
-
-@triton.jit
-def _plan_items_kernel(
-    cum_ptr,  # [K] int32 inclusive cumsum of items
-    items_ptr,  # [K] int32
-    start_ptr,  # [K] int32
-    nsel_ptr,  # [K] int32
-    nsplit_ptr,  # [K] int32
-    work_ptr,  # [5, W_max] int32 out
-    meta_ptr,  # [2] int32 out: meta[0] = number of items W
-    K,
-    W_max,
-    steps,
-    BLOCK: tl.constexpr,
-):
-    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = j < W_max
-    lo = tl.zeros_like(j)  # owner group: first k with cum[k] > j
-    hi = tl.zeros_like(j) + K
-    for _ in range(steps):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        right = active & (tl.load(cum_ptr + mid, mask=active, other=0) <= j)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
-    owner = tl.minimum(lo, K - 1)
-    local = j - (tl.load(cum_ptr + owner) - tl.load(items_ptr + owner))
-    ns = tl.load(nsplit_ptr + owner)
-    tl.store(work_ptr + j, tl.load(start_ptr + owner), mask=ok)
-    tl.store(work_ptr + W_max + j, tl.load(nsel_ptr + owner), mask=ok)
-    tl.store(work_ptr + 2 * W_max + j, local // ns, mask=ok)
-    tl.store(work_ptr + 3 * W_max + j, local % ns, mask=ok)
-    tl.store(work_ptr + 4 * W_max + j, ns, mask=ok)
-    if tl.program_id(0) == 0:
-        tl.store(meta_ptr, tl.load(cum_ptr + K - 1))
-
-
-def build_work_list(
-    sel,  # Selections [N]
-    chunk_offsets: torch.Tensor,  # [C + 1] int32
-    num_kv_heads: int,
-    group: int,
-    block_m: int,
-    block_n: int,
-    target_programs: int,
-    min_split: int,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Builds the (group, row tile, split) items on the device, with no host sync.
-
-    Returns (work [5, W_max] int32, meta [2] int32 = (items W, split_len), W_max). Rows of
-    work: group start selection, group selections, row tile, split, splits of the tile.
-    Groups are indexed by key k = chunk * Hkv + kv_head (K = C * Hkv of them, most maybe
-    empty); their bounds in the sorted selections come from a binary search. split_len
-    spreads the total work (tiles x tokens) over about `target_programs` items, never below
-    `min_split` tokens, rounded to BLOCK_N. Since each group's splits are
-    ceil(L / split_len) <= L / split_len + 1, W <= target_programs + total tiles, and total
-    tiles <= N*G/BLOCK_M + groups: W_max bounds W from host-known sizes.
-    Five launches (three small Triton kernels, a sum and a cumsum).
-    """
-    n = sel.req.numel()
-    dev = sel.req.device
-    k_groups = (chunk_offsets.numel() - 1) * num_kv_heads
-    w_max = target_programs + n * group // block_m + min(n, k_groups) + 1
-    i32 = dict(device=dev, dtype=torch.int32)
-    start, n_sel = torch.empty(k_groups, **i32), torch.empty(k_groups, **i32)
-    group_work = torch.empty(k_groups, device=dev, dtype=torch.int64)
-    n_split, items = torch.empty(k_groups, **i32), torch.empty(k_groups, **i32)
-    work, meta = torch.empty(5, w_max, **i32), torch.empty(2, **i32)
-    block = 1024 if dev.type == "cuda" else 256
-    grid_k = (triton.cdiv(k_groups, block),)
-    _plan_groups_kernel[grid_k](
-        sel.chunk,
-        sel.kv_head,
-        chunk_offsets,
-        start,
-        n_sel,
-        group_work,
-        n,
-        k_groups,
-        num_kv_heads,
-        n.bit_length() + 1,
-        G=group,
-        BLOCK_M=block_m,
-        BLOCK=block,
-    )
-    total_work = group_work.sum()
-    _plan_splits_kernel[grid_k](
-        chunk_offsets,
-        n_sel,
-        total_work,
-        n_split,
-        items,
-        meta,
-        k_groups,
-        num_kv_heads,
-        target_programs,
-        min_split,
-        G=group,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK=block,
-    )
-    cum = torch.cumsum(items, 0, dtype=torch.int32)
-    _plan_items_kernel[(triton.cdiv(w_max, block),)](
-        cum,
-        items,
-        start,
-        n_sel,
-        n_split,
-        work,
-        meta,
-        k_groups,
-        w_max,
-        k_groups.bit_length() + 1,
-        BLOCK=block,
-    )
-    return work, meta, w_max
 
 
 def _outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -530,6 +366,25 @@ def _check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
         raise ValueError(f"all tensors must be on one device, got {devs}")
 
 
+def _tma_ok(k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
+    """TMA needs each token's heads contiguous (a 2-D [S, Hkv*D] view) and 16-byte alignment."""
+    if k_pool.device.type == "cuda" and torch.cuda.get_device_capability(k_pool.device)[0] < 9:
+        return False
+    d, hkv, el = k_pool.shape[2], k_pool.shape[1], k_pool.element_size()
+    return (
+        all(
+            t.stride(1) == d and (t.stride(0) * el) % 16 == 0 and t.data_ptr() % 16 == 0
+            for t in (k_pool, v_pool)
+        )
+        and k_pool.stride(0) >= hkv * d
+    )
+
+
+def _pool_descriptor(pool: torch.Tensor, block_n: int) -> TensorDescriptor:
+    s, hkv, d = pool.shape
+    return TensorDescriptor(pool, [s, hkv * d], [pool.stride(0), 1], [block_n, d])
+
+
 def grouped_shared_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_pool: torch.Tensor,  # [S_total, Hkv, D]
@@ -544,6 +399,7 @@ def grouped_shared_attention(
     num_stages: int | None = None,
     target_programs: int | None = None,
     min_split: int | None = None,
+    use_tma: bool | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
@@ -569,6 +425,7 @@ def grouped_shared_attention(
         ("num_stages", num_stages),
         ("target_programs", target_programs),
         ("min_split", min_split),
+        ("use_tma", use_tma),
     ):
         if v_ is not None:
             cfg[k_] = v_
@@ -585,10 +442,16 @@ def grouped_shared_attention(
     o_part = torch.empty(w_max, cfg["block_m"], d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(w_max, cfg["block_m"], device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    k_desc = v_desc = None
+    if cfg["use_tma"] and _tma_ok(k_pool, v_pool):
+        k_desc = _pool_descriptor(k_pool, cfg["block_n"])
+        v_desc = _pool_descriptor(v_pool, cfg["block_n"])
     _grouped_shared_attention_kernel[(w_max,)](
         q,
         k_pool,
         v_pool,
+        k_desc,
+        v_desc,
         chunk_offsets,
         sel.req,
         sel.kv_head,
@@ -611,6 +474,7 @@ def grouped_shared_attention(
         D=d,
         BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"],
+        USE_TMA=k_desc is not None,
         PRECISION=precision,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],

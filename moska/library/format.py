@@ -123,7 +123,9 @@ def weights_hash(path: str | os.PathLike | None) -> str | None:
     if path is None:
         return None
     path = Path(path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    files = (
+        sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    )
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not files and not config.exists():
         return None

@@ -75,8 +75,10 @@ def test_text_prompt_stop_string_and_max_tokens(llm):
     text = full.text
     stop = text[5:8]
     if stop and stop not in text[:5]:
-        cut = llm.generate("Hello moska", SamplingParams(
-            temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]))[0].outputs[0]
+        cut = llm.generate(
+            "Hello moska",
+            SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]),
+        )[0].outputs[0]
         assert cut.finish_reason == "stop"
         assert cut.text == text[: text.index(stop)]
 
@@ -86,8 +88,10 @@ def test_stop_token_ids(llm):
     toks = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
     stop_tok = toks[4]
     first = toks.index(stop_tok)
-    out = llm.generate([[5, 6, 7]], SamplingParams(
-        temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_tok]))[0].outputs[0]
+    out = llm.generate(
+        [[5, 6, 7]],
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_tok]),
+    )[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids[:first] == toks[:first]
     assert stop_tok not in out.token_ids[:first]
 
@@ -111,7 +115,9 @@ def test_logprobs_reported(llm):
 
 def test_streaming_deltas_add_up(llm):
     eng = llm.engine
-    eng.add_request("s1", "stream me", SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))
+    eng.add_request(
+        "s1", "stream me", SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)
+    )
     text, toks, final = "", [], None
     while eng.has_unfinished_requests():
         for out in eng.step():

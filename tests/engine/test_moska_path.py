@@ -23,8 +23,14 @@ DOCS = [
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     root = tmp_path_factory.mktemp("libs")
-    llm = LLM(None, device="cpu", dtype="float32", attention="torch", num_kv_blocks=256,
-              library_root=str(root))
+    llm = LLM(
+        None,
+        device="cpu",
+        dtype="float32",
+        attention="torch",
+        num_kv_blocks=256,
+        library_root=str(root),
+    )
     llm.engine.libraries.build("docs", DOCS, chunk_size=32, mode="prefix")
     return llm
 
@@ -87,8 +93,14 @@ def test_unknown_library_is_a_typed_error(llm):
 
 def test_triton_kernels_in_the_engine_match(tmp_path):
     """The same exactness with the Triton kernels (interpreter on CPU) behind attention."""
-    llm = LLM(None, device="cpu", dtype="float32", attention="triton", num_kv_blocks=64,
-              library_root=str(tmp_path))
+    llm = LLM(
+        None,
+        device="cpu",
+        dtype="float32",
+        attention="triton",
+        num_kv_blocks=64,
+        library_root=str(tmp_path),
+    )
     llm.engine.libraries.build("docs", DOCS[1:], chunk_size=32, mode="prefix")
     lib_ids = llm.engine.libraries.get("docs").token_ids.tolist()
     p = [7, 8, 9, 10]

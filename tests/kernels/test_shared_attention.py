@@ -180,3 +180,23 @@ def test_work_list_covers_every_tile_split_once():
         for tile in range(-(-n * g // bm)):
             want += [(start, n, tile, s, ns) for s in range(ns)]
     assert got == sorted(want)
+
+
+@pytest.mark.parametrize("dtype,g", [(torch.float16, 4), (torch.float32, 3), (torch.float16, 1)])
+def test_tma_path_matches_reference(dtype, g):
+    """TMA loads: ragged chunks whose last block runs into the next chunk or past the pool's
+    end (zero padding) must mask those keys; split-KV and multi-tile groups included."""
+    b, hkv, d = 6, 2, 64
+    lens = [1, 70, 200, 33, 45]  # the last chunk ends mid-block at the pool's end
+    offs = _offsets(lens)
+    s = int(offs[-1])
+    q = torch.randn(b, hkv * g, d, dtype=dtype)
+    k, v = torch.randn(s, hkv, d, dtype=dtype), torch.randn(s, hkv, d, dtype=dtype)
+    triples = [
+        (c, h, r)
+        for c in range(len(lens))
+        for h in range(hkv)
+        for r in range(b)
+        if (c * 7 + h * 3 + r) % 3 != 0
+    ]
+    _check(q, k, v, offs, _selections(triples), use_tma=True, **SMALL)
