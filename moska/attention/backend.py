@@ -59,7 +59,7 @@ def _merge_group(
     group: LibraryGroup,
 ) -> torch.Tensor:
     rows = group.rows
-    q_rows = q.index_select(0, rows)
+    q_rows = q if group.all_rows else q.index_select(0, rows)
     o_sel, lse_sel, sel = shared_attention_for_group(p.ops, layer, q_rows, group, p.sm_scale)
     if group.record:
         group.recorded[layer] = sel
@@ -67,6 +67,8 @@ def _merge_group(
         group.coverage[layer] = routing_coverage(
             p.ops, layer, q_rows, group, lse_sel, sel, p.sm_scale
         )
+    if group.all_rows:
+        return p.ops.merge_selections(o, lse, o_sel, lse_sel, sel)[0].to(o.dtype)
     o_rows, _ = p.ops.merge_selections(
         o.index_select(0, rows), lse.index_select(0, rows), o_sel, lse_sel, sel
     )

@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from dataclasses import dataclass
 
-import torch
+if "--cpu-dry-run" in sys.argv:  # Triton picks its interpreter when it is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 from moska.attention.backend import PagedAttention
 from moska.attention.kv_cache import PagedKVCache
@@ -133,11 +138,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def cpu_dry_run(args) -> None:
     """The same harness on CPU at toy dims through the Triton interpreter (slow, tiny)."""
-    import os
-
     global DEV
     DEV = "cpu"
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     from moska.model.default import CONFIG
 
     cfg = dict(CONFIG, num_hidden_layers=2)
@@ -190,6 +192,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
                         rows=torch.arange(b, device=DEV),
                         top_k=top_k,
                         scorer=args.scorer,
+                        all_rows=True,
                         record=mode == "moska",
                     )
                 )

@@ -37,7 +37,7 @@ from moska.kernels.paged_attention import (
     paged_decode_attention,
     paged_prefill_attention,
 )
-from moska.kernels.selections import Selections
+from moska.kernels.selections import Selections, from_topk, from_topk_ref
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 
 HQ, HKV, D = 32, 8, 128
@@ -68,8 +68,14 @@ def log(*a):
     print(*a, flush=True)
 
 
-def sorted_sel(req, chunk, b):
-    """Selections for every KV head of (req, chunk) pairs [P], sorted by (chunk, kv_head, req)."""
+def sorted_sel(chunk_idx, num_chunks):
+    """Selections for every KV head of each request's chunks [B, k], as the router makes
+    them: sorted by (chunk, kv_head, req), with the (req, kv_head) order for the merge."""
+    return from_topk(chunk_idx.view(chunk_idx.shape[0], 1, -1), HKV, num_chunks)
+
+
+def pairs_sel(req, chunk, b):
+    """Selections for every KV head of ragged (req, chunk) pairs [P], by a sort."""
     head = torch.arange(HKV, device=req.device)
     key = ((chunk.long()[:, None] * HKV + head[None, :]) * b + req.long()[:, None]).flatten()
     key = torch.sort(key).values
@@ -101,25 +107,35 @@ def correctness(k_pool, v_pool):
     q = torch.randn(b, HQ, D, device=DEV, dtype=DT)
     pairs = torch.rand(b, len(lens), device=DEV) < 0.5
     r, c = pairs.nonzero(as_tuple=True)
-    sel = sorted_sel(r, c, b)
-    o, lse = grouped_shared_attention(q, k_pool[:s], v_pool[:s], offs, sel, SCALE)
+    sel = pairs_sel(r, c, b)
     ro, rl = grouped_shared_attention_ref(q, k_pool[:s], v_pool[:s], offs, sel, SCALE)
-    out["shared_ragged"] = max(rel(o, ro), rel(lse, rl))
+    for tma in (False, True):
+        o, lse = grouped_shared_attention(q, k_pool[:s], v_pool[:s], offs, sel, SCALE, use_tma=tma)
+        out["shared_ragged" + ("_tma" if tma else "")] = max(rel(o, ro), rel(lse, rl))
+    # sort-free selections vs the sort
+    idx = torch.rand(300, 8, 256, device=DEV).topk(8, -1).indices
+    got, want = from_topk(idx, HKV, 256), from_topk_ref(idx, HKV)
+    out["from_topk_mismatches"] = float(
+        sum(
+            int((getattr(got, n) != getattr(want, n)).sum())
+            for n in ("req", "kv_head", "chunk", "row_order")
+        )
+    )
     # one long chunk chosen by 16 requests (split-KV path) vs fp32 math
     S = 131072
     q = torch.randn(16, HQ, D, device=DEV, dtype=DT)
-    sel = sorted_sel(
-        torch.arange(16, device=DEV), torch.zeros(16, dtype=torch.int32, device=DEV), 16
-    )
-    o, lse = grouped_shared_attention(
-        q, k_pool[:S], v_pool[:S], torch.tensor([0, S], dtype=torch.int32, device=DEV), sel, SCALE
-    )
+    sel = sorted_sel(torch.zeros(16, 1, dtype=torch.long, device=DEV), 1)
     qr = q.view(16, HKV, G, D).transpose(0, 1).reshape(HKV, 16 * G, D).float()
     sc = qr @ k_pool[:S].float().transpose(0, 1).transpose(1, 2) * SCALE  # [Hkv, rows, S]
     ref = torch.softmax(sc, -1) @ v_pool[:S].float().transpose(0, 1)  # [Hkv, rows, D]
-    out["shared_131k_b16"] = max(
-        rel(o.view(HKV, 16 * G, D), ref), rel(lse.view(HKV, 16 * G), torch.logsumexp(sc, -1))
-    )
+    offs1 = torch.tensor([0, S], dtype=torch.int32, device=DEV)
+    for tma in (False, True):
+        o, lse = grouped_shared_attention(
+            q, k_pool[:S], v_pool[:S], offs1, sel, SCALE, use_tma=tma, block_m=128, num_warps=8
+        )
+        out["shared_131k_b16" + ("_tma" if tma else "")] = max(
+            rel(o.view(HKV, 16 * G, D), ref), rel(lse.view(HKV, 16 * G), torch.logsumexp(sc, -1))
+        )
     del sc
     # paged decode and prefill
     seq = [1, 77, 5000, 2048]
@@ -159,9 +175,7 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
         vt = v.unsqueeze(0).transpose(1, 2)
         for B in B_list:
             q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
-            sel = sorted_sel(
-                torch.arange(B, device=DEV), torch.zeros(B, dtype=torch.int32, device=DEV), B
-            )
+            sel = sorted_sel(torch.zeros(B, 1, dtype=torch.long, device=DEV), 1)
             qp = q.view(B, HKV, G, D).transpose(0, 1).reshape(1, HKV, B * G, D)  # packed rows
             flops = 4 * B * G * S * D * HKV
             row = dict(S=S, B=B, rows_per_kv_head=B * G)
@@ -277,7 +291,7 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                 pc = scores.topk(topk, -1).indices.flatten()
             else:
                 pr, pc = zipf_pairs(B, C, topk)
-            sel = sorted_sel(pr, pc, B)
+            sel = sorted_sel(pc.view(B, topk), C)
             o_c = torch.sort(pc * B + pr).values
             pair_req, pair_chunk = o_c % B, o_c // B
 
@@ -341,6 +355,8 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
             row["ours_unique_only_ms"] = bench(
                 lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE)
             )
+            kv_bytes = (row["touched_chunks"] * L + B * U) * HKV * D * 2 * 2
+            flops = 4 * (B * topk * L + B * U) * HQ * D
             if routing == "uniform":
                 for scorer in ("mean", "two_stage"):
 
@@ -350,15 +366,45 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                         o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
                         return merge_selections(o_u, lse_u, o_s, lse_s, s_)
 
+                    def step_overlap(scorer=scorer):
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
+                        s_ = router.route(q, index, topk, scorer=scorer)
+                        o_s, lse_s = grouped_shared_attention(q, k, v, offs, s_, SCALE)
+                        torch.cuda.current_stream().wait_stream(side)
+                        return merge_selections(o_u, lse_u, o_s, lse_s, s_)
+
                     try:
-                        row[f"ours_with_router_{scorer}_ms"] = bench(step)
-                        row[f"router_{scorer}_touched"] = int(
+                        times = {
+                            "eager": bench(step),
+                            "overlap": bench(step_overlap),
+                            "graph": bench_graph(step),
+                            "overlap_graph": bench_graph(step_overlap),
+                        }
+                        for k_, t_ in times.items():
+                            row[f"ours_with_router_{scorer}_{k_}_ms"] = t_
+                        row[f"ours_with_router_{scorer}_ms"] = min(times.values())
+                        touched = int(
                             torch.unique(router.route(q, index, topk, scorer=scorer).chunk).numel()
+                        )
+                        row[f"router_{scorer}_touched"] = touched
+                        # the router's own reads: summaries; two-stage also the low-rank keys
+                        # of every chunk some request shortlisted (all of them at these B)
+                        r_bytes = 2 * C * HKV * D * 2
+                        r_flops = 0
+                        if scorer == "two_stage":
+                            r_bytes += S * HKV * index.rank * 2
+                            r_flops = 2 * B * 4 * topk * L * HQ * index.rank
+                        floor_r = max(
+                            (kv_bytes + r_bytes) / bw / 1e6, (flops + r_flops) / peak / 1e9
+                        )
+                        row[f"floor_with_router_{scorer}_ms"] = floor_r
+                        row[f"roofline_fraction_with_router_{scorer}"] = (
+                            floor_r / row[f"ours_with_router_{scorer}_ms"]
                         )
                     except Exception as e:
                         row[f"router_{scorer}_err"] = repr(e)[-600:]
-            kv_bytes = (row["touched_chunks"] * L + B * U) * HKV * D * 2 * 2
-            flops = 4 * (B * topk * L + B * U) * HQ * D
             row["floor_ms"] = max(kv_bytes / bw / 1e6, flops / peak / 1e9)
             row["roofline_fraction"] = row["floor_ms"] / row["ours_ms"]
             row["dense_ms_extrapolated"] = t_dense1 * B
@@ -504,6 +550,12 @@ def main(argv=None):
         "m64n64w4s3_t4": dict(
             block_m=64, block_n=64, num_warps=4, num_stages=3, target_programs=528
         ),
+        "tma_m64n64w4s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, use_tma=True),
+        "tma_m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=True),
+        "tma_m128n64w8s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=True),
+        "tma_m128n64w8s4": dict(block_m=128, block_n=64, num_warps=8, num_stages=4, use_tma=True),
+        "tma_m128n128w8s2": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True),
+        "tma_m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True),
     }
     if args.quick:
         configs = {"default": {}}
@@ -536,6 +588,18 @@ def main(argv=None):
         grouped_speedup_vs_torch_b1024=g1024.get("speedup_vs_torch"),
         grouped_roofline_fraction_b64=g64.get("roofline_fraction"),
         grouped_roofline_fraction_b1024=g1024.get("roofline_fraction"),
+        grouped_roofline_fraction_with_router_mean_b64=g64.get(
+            "roofline_fraction_with_router_mean"
+        ),
+        grouped_roofline_fraction_with_router_mean_b1024=g1024.get(
+            "roofline_fraction_with_router_mean"
+        ),
+        grouped_roofline_fraction_with_router_two_stage_b64=g64.get(
+            "roofline_fraction_with_router_two_stage"
+        ),
+        grouped_roofline_fraction_with_router_two_stage_b1024=g1024.get(
+            "roofline_fraction_with_router_two_stage"
+        ),
         paged_decode_vs_sdpa_128k=pick(res["paged_decode"], B=8).get("ours_vs_sdpa"),
     )
     res["notes"] = [
@@ -544,7 +608,8 @@ def main(argv=None):
         "single_chunk: SDPA gets the same packed rows (batch 1, heads=Hkv, q_len=B*G), K/V strided views of the pool",
         "grouped: uniform routing = random top-8 per request; zipf = multinomial without replacement, weights 1/rank^1.1",
         "grouped ours_ms/roofline/speedups are the attention step (grouped shared + paged unique + merge) on given selections; "
-        "ours_with_router_*_ms adds moska.kernels.router.route in front",
+        "ours_with_router_{scorer}_ms adds moska.kernels.router.route in front (best of eager/graph x sequential/overlapped); "
+        "its floor adds the router's reads (chunk summaries; for two_stage also the low-rank key copy of the shortlisted chunks, all of them at these B) and the key-max FLOPs",
         "dense_ms_extrapolated = one request's flash pass over 1M+4096 tokens (measured) times B (memory-bound: each request reads its own KV)",
         "torch composition: aten._flash_attention_forward varlen over all 256 chunks (untouched chunks have 0 query rows) + dense flash for unique + torch LSE merge; metadata (bincount, max) inside the timing",
         "paged_decode: SDPA baselines run on contiguous KV gathered from the paged cache (same bytes)",

@@ -139,6 +139,7 @@ class ModelRunner:
                     rows=torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True),
                     top_k=lib_topk[name],
                     scorer=getattr(lib, "default_scorer", "keymax"),
+                    all_rows=rows == list(range(len(token_ids))),
                     record=name in record_reqs,
                     coverage_layers=sampled_layers if wants else frozenset(),
                 )
