@@ -32,6 +32,7 @@ from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import get_attention_ops
 from moska.bench.common import (
+    capture_graph,
     LLAMA_3_1_8B,
     cuda_time_ms,
     environment,

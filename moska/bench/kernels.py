@@ -344,11 +344,22 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                 if k_ in row
             )
             for bm in (32, 64, 128):
-                row[f"ours_shared_only_bm{bm}_ms"] = bench(
-                    lambda: grouped_shared_attention(
-                        q, k, v, offs, sel, SCALE, block_m=bm, num_warps=8 if bm == 128 else 4
+                for tma in (False, True):
+                    row[f"ours_shared_only_bm{bm}{'_tma' if tma else ''}_ms"] = bench(
+                        lambda: grouped_shared_attention(
+                            q,
+                            k,
+                            v,
+                            offs,
+                            sel,
+                            SCALE,
+                            block_m=bm,
+                            block_n=64,
+                            num_warps=8 if bm == 128 else 4,
+                            num_stages=3,
+                            use_tma=tma,
+                        )
                     )
-                )
             row["ours_shared_only_ms"] = bench(
                 lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE)
             )
@@ -543,19 +554,27 @@ def main(argv=None):
         raise SystemExit(f"correctness failed: {bad}")
     configs = {
         "default": {},
-        "m128n64w8s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
-        "m64n64w4s4": dict(block_m=64, block_n=64, num_warps=4, num_stages=4),
-        "m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3),
-        "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3),
-        "m64n64w4s3_t4": dict(
-            block_m=64, block_n=64, num_warps=4, num_stages=3, target_programs=528
-        ),
+        "m64n64w4s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, use_tma=False),
+        "m128n64w8s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=False),
+        "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=False),
         "tma_m64n64w4s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, use_tma=True),
-        "tma_m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=True),
         "tma_m128n64w8s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=True),
-        "tma_m128n64w8s4": dict(block_m=128, block_n=64, num_warps=8, num_stages=4, use_tma=True),
-        "tma_m128n128w8s2": dict(block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True),
+        "tma_m128n64w8s5": dict(block_m=128, block_n=64, num_warps=8, num_stages=5, use_tma=True),
         "tma_m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True),
+        "tma_m128n128w8s3_ws": dict(
+            block_m=128,
+            block_n=128,
+            num_warps=8,
+            num_stages=3,
+            use_tma=True,
+            warp_specialize=True,
+        ),
+        "tma_m128n128w8s3_t1": dict(
+            block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, target_programs=132
+        ),
+        "tma_m128n128w8s3_t4": dict(
+            block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, target_programs=528
+        ),
     }
     if args.quick:
         configs = {"default": {}}

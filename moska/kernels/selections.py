@@ -105,7 +105,9 @@ def from_topk(chunk_idx: torch.Tensor, num_kv_heads: int, num_chunks: int) -> Se
     idx = chunk_idx.contiguous()
     mask = torch.zeros(num_chunks * Hr * B, **i32)
     n = idx.numel()
-    block = 1024 if dev.type == "cuda" else max(16, triton.next_power_of_2(n))
+    block = (
+        128 if dev.type == "cuda" else max(16, triton.next_power_of_2(n))
+    )  # many small programs: latency-bound scatters
     grid = (triton.cdiv(n, block),)
     _mark_kernel[grid](idx, mask, n, B, Hr, K=K, BLOCK=block)
     cum = torch.cumsum(mask, 0, dtype=torch.int32)

@@ -46,6 +46,7 @@ def _chunk_attn_inner(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; scores in the log2 domain.
@@ -53,7 +54,7 @@ def _chunk_attn_inner(
     # A TMA block may run past `hi` into the next chunk (or zero padding past the pool's
     # end): those keys get score -inf and their values weight 0.
     offs_n = tl.arange(0, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         if USE_TMA:
             k = k_desc.load([start, col])  # [BLOCK_N, D]
             v = v_desc.load([start, col])
@@ -112,6 +113,7 @@ def _grouped_shared_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     w = tl.program_id(0)
@@ -178,6 +180,7 @@ def _grouped_shared_attention_kernel(
         BLOCK_N,
         False,
         USE_TMA,
+        WARP_SPEC,
         PRECISION,
     )
     if full_hi < hi:
@@ -201,6 +204,7 @@ def _grouped_shared_attention_kernel(
             BLOCK_N,
             True,
             USE_TMA,
+            False,
             PRECISION,
         )
 
@@ -283,31 +287,20 @@ def _merge_tile_splits_kernel(
 
 
 def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict:
+    base = dict(min_split=512, use_tma=False, warp_specialize=False)
     if device.type != "cuda":  # interpreter: few, large programs
         return dict(
-            block_m=64,
-            block_n=64,
-            num_warps=4,
-            num_stages=1,
-            target_programs=8,
-            min_split=64,
-            use_tma=False,
+            base, block_m=64, block_n=64, num_warps=4, num_stages=1, target_programs=8, min_split=64
         )
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    block_n = 64 if d >= 128 else 128
-    # Measured on H200, bf16, D=128 (bench/results/kernels.json): 64 x 64 tiles, 4 warps,
-    # 3 stages, ~2 items per SM was best or within 3% of the best at every B, single chunk
-    # and grouped (32-row tiles: up to 30% slower; 128-row tiles with 8 warps: 0-10% slower).
-    del rows_per_group  # kept in the signature for shape-dependent tuning
-    return dict(
-        block_m=64,
-        block_n=block_n,
-        num_warps=4,
-        num_stages=3,
-        target_programs=2 * sms,
-        min_split=512,
-        use_tma=False,
-    )
+    base["target_programs"] = 2 * sms
+    # Measured on H200, bf16, D=128 (bench/results/kernels.json). Groups of >= 256 rows
+    # (a chunk read by >= 64 requests with G=4): 128 x 128 tiles, 8 warps, 3 stages with TMA
+    # loads were best, 7-17% over 64 x 64 pointer loads. Smaller groups (routed decode,
+    # ~16-64 rows per chunk): 64 x 64 tiles, 4 warps, 3 stages, ~2 items per SM.
+    if rows_per_group >= 256 and d == 128:
+        return dict(base, block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True)
+    return dict(base, block_m=64, block_n=64 if d >= 128 else 128, num_warps=4, num_stages=3)
 
 
 def _outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,6 +393,7 @@ def grouped_shared_attention(
     target_programs: int | None = None,
     min_split: int | None = None,
     use_tma: bool | None = None,
+    warp_specialize: bool | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
@@ -426,6 +420,7 @@ def grouped_shared_attention(
         ("target_programs", target_programs),
         ("min_split", min_split),
         ("use_tma", use_tma),
+        ("warp_specialize", warp_specialize),
     ):
         if v_ is not None:
             cfg[k_] = v_
@@ -475,6 +470,7 @@ def grouped_shared_attention(
         BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"],
         USE_TMA=k_desc is not None,
+        WARP_SPEC=cfg["warp_specialize"],
         PRECISION=precision,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],

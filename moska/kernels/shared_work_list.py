@@ -159,7 +159,7 @@ def build_work_list(
     group_work = torch.empty(k_groups, device=dev, dtype=torch.int64)
     n_split, items = torch.empty(k_groups, **i32), torch.empty(k_groups, **i32)
     work, meta = torch.empty(5, w_max, **i32), torch.empty(2, **i32)
-    block = 1024 if dev.type == "cuda" else 256
+    block = 256  # several programs: the binary searches are chains of dependent loads
     grid_k = (triton.cdiv(k_groups, block),)
     _plan_groups_kernel[grid_k](
         sel.chunk,
