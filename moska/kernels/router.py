@@ -139,8 +139,19 @@ def _all_pairs(B: int, C: int, device: torch.device) -> tuple[torch.Tensor, torc
 def _keymax_pairs(
     q: torch.Tensor, index: RoutingIndex, pair_req: torch.Tensor, pair_chunk: torch.Tensor
 ) -> torch.Tensor:
+    # Tiles of up to 64 pairs of one chunk: each tile reads the chunk's low-rank keys once,
+    # so large batches (many pairs per chunk) want large tiles.
+    per_chunk = -(-pair_req.numel() // max(1, index.num_chunks))
+    block_b = min(64, max(16, 1 << max(0, per_chunk - 1).bit_length()))
     return keymax_pair_scores(
-        q, index.basis, index.lowrank_keys, index.chunk_offsets, pair_req, pair_chunk
+        q,
+        index.basis,
+        index.lowrank_keys,
+        index.chunk_offsets,
+        pair_req,
+        pair_chunk,
+        block_b=block_b,
+        num_warps=8 if block_b >= 64 else 4,
     )  # [P, Hkv]
 
 

@@ -222,6 +222,7 @@ def keymax_pair_scores(
     pair_chunk: torch.Tensor,
     block_b: int = 16,
     block_n: int = 64,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
 
@@ -268,7 +269,7 @@ def keymax_pair_scores(
         lowrank_keys.stride(0), lowrank_keys.stride(1), out.stride(0),
         PRECISION=_precision(q.dtype),
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
-        BLOCK_N=_pow2(block_n, 16),
+        BLOCK_N=_pow2(block_n, 16), num_warps=num_warps,
     )
     # fmt: on
     return out

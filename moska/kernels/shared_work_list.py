@@ -93,6 +93,54 @@ def _plan_splits_kernel(
 
 
 @triton.jit
+def _plan_fused_kernel(
+    sel_chunk_ptr,  # [N] int32
+    sel_kv_ptr,  # [N] int32
+    offsets_ptr,  # [C + 1] int32
+    start_ptr,  # [K] int32 out
+    nsel_ptr,  # [K] int32 out
+    nsplit_ptr,  # [K] int32 out
+    items_ptr,  # [K] int32 out
+    cum_ptr,  # [K] int32 out: inclusive cumsum of items
+    meta_ptr,  # [2] int32 out: (items W, split_len)
+    N,
+    K,
+    Hkv,
+    steps,
+    target_programs,
+    min_split,
+    G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # The three planning steps (group bounds, split length, item counts) in one program
+    # over all K groups, with the sum and the prefix sum in registers: one launch, not four.
+    k = tl.arange(0, BLOCK_K)
+    ok = k < K
+    start = _lower_bound(sel_chunk_ptr, sel_kv_ptr, k, N, Hkv, steps)
+    n_sel = _lower_bound(sel_chunk_ptr, sel_kv_ptr, k + 1, N, Hkv, steps) - start
+    n_sel = tl.where(ok, n_sel, 0)
+    c = k // Hkv
+    lens = tl.load(offsets_ptr + c + 1, mask=ok, other=0) - tl.load(
+        offsets_ptr + c, mask=ok, other=0
+    )
+    tiles = (n_sel * G + BLOCK_M - 1) // BLOCK_M
+    total = tl.sum(tiles.to(tl.int64) * lens, 0)
+    split_len = tl.maximum((total + target_programs - 1) // target_programs, min_split)
+    split_len = ((split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N).to(tl.int32)
+    n_split = tl.maximum((lens + split_len - 1) // split_len, 1)
+    items = tiles * n_split
+    cum = tl.cumsum(items, 0)
+    tl.store(start_ptr + k, start, mask=ok)
+    tl.store(nsel_ptr + k, n_sel, mask=ok)
+    tl.store(nsplit_ptr + k, n_split, mask=ok)
+    tl.store(items_ptr + k, items, mask=ok)
+    tl.store(cum_ptr + k, cum, mask=ok)
+    tl.store(meta_ptr + 1, split_len)
+
+
+@triton.jit
 def _plan_items_kernel(
     cum_ptr,  # [K] int32 inclusive cumsum of items
     items_ptr,  # [K] int32
@@ -137,6 +185,7 @@ def build_work_list(
     block_n: int,
     target_programs: int,
     min_split: int,
+    max_fused_groups: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Builds the (group, row tile, split) items on the device, with no host sync.
 
@@ -148,7 +197,8 @@ def build_work_list(
     `min_split` tokens, rounded to BLOCK_N. Since each group's splits are
     ceil(L / split_len) <= L / split_len + 1, W <= target_programs + total tiles, and total
     tiles <= N*G/BLOCK_M + groups: W_max bounds W from host-known sizes.
-    Five launches (three small Triton kernels, a sum and a cumsum).
+    Two launches when K <= max_fused_groups (one program plans every group, then the items
+    are written), else five (three small Triton kernels, a sum and a cumsum).
     """
     n = sel.req.numel()
     dev = sel.req.device
@@ -160,6 +210,32 @@ def build_work_list(
     n_split, items = torch.empty(k_groups, **i32), torch.empty(k_groups, **i32)
     work, meta = torch.empty(5, w_max, **i32), torch.empty(2, **i32)
     block = 256  # several programs: the binary searches are chains of dependent loads
+    if k_groups <= max_fused_groups:
+        cum = torch.empty(k_groups, **i32)
+        block_k = max(16, triton.next_power_of_2(k_groups))
+        _plan_fused_kernel[(1,)](
+            sel.chunk,
+            sel.kv_head,
+            chunk_offsets,
+            start,
+            n_sel,
+            n_split,
+            items,
+            cum,
+            meta,
+            n,
+            k_groups,
+            num_kv_heads,
+            n.bit_length() + 1,
+            target_programs,
+            min_split,
+            G=group,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=8 if block_k >= 2048 else 4,
+        )
+        return _write_items(cum, items, start, n_sel, n_split, work, meta, k_groups, w_max, block)
     grid_k = (triton.cdiv(k_groups, block),)
     _plan_groups_kernel[grid_k](
         sel.chunk,
@@ -194,6 +270,10 @@ def build_work_list(
         BLOCK=block,
     )
     cum = torch.cumsum(items, 0, dtype=torch.int32)
+    return _write_items(cum, items, start, n_sel, n_split, work, meta, k_groups, w_max, block)
+
+
+def _write_items(cum, items, start, n_sel, n_split, work, meta, k_groups, w_max, block):
     _plan_items_kernel[(triton.cdiv(w_max, block),)](
         cum,
         items,

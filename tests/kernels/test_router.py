@@ -66,9 +66,17 @@ def test_scores_match_reference(dtype, G, scorer):
     assert rel_err(got, want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("G", [1, 3])
-def test_keymax_work_list(dtype, G):
+@pytest.mark.parametrize(
+    "dtype,G,block_b",
+    [
+        (torch.float32, 1, 16),
+        (torch.float16, 1, 16),
+        (torch.float32, 3, 16),
+        (torch.float16, 3, 16),
+        (torch.float16, 3, 32),
+    ],
+)
+def test_keymax_work_list(dtype, G, block_b):
     """Ragged work list: chunks with 0, 1 and more than BLOCK_B pairs; keys over many blocks."""
     Hkv, D, R, B = 2, 32, 16, 40
     offsets = ragged_offsets([1, 70, 5, 33, 17, 2])
@@ -79,7 +87,9 @@ def test_keymax_work_list(dtype, G):
     counts = [3, 0, B, 1, 20, 7]  # chunk 2 with 40 pairs needs several tiles of 16
     pair_chunk = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)]).int()
     pair_req = torch.cat([torch.randperm(B)[:n].sort().values for n in counts]).int()
-    got = keymax_pair_scores(q, basis, lowrank, offsets, pair_req, pair_chunk, block_n=32)
+    got = keymax_pair_scores(
+        q, basis, lowrank, offsets, pair_req, pair_chunk, block_b=block_b, block_n=32
+    )
     want = keymax_scores_ref(q, basis, lowrank, offsets)  # [B, Hkv, C]
     want = want[pair_req.long(), :, pair_chunk.long()]  # [P, Hkv]
     assert got.shape == want.shape

@@ -156,7 +156,8 @@ def test_all_chunks_plus_unique_equals_dense(dtype, g, d):
         assert rel_err(lse[r], torch.logsumexp(sc, -1)) < 1e-4
 
 
-def test_work_list_covers_every_tile_split_once():
+@pytest.mark.parametrize("fused", [True, False])
+def test_work_list_covers_every_tile_split_once(fused):
     hkv, g, bm = 3, 3, 16
     lens = [5, 300, 1, 128, 64, 700]
     offs = _offsets(lens)
@@ -168,7 +169,9 @@ def test_work_list_covers_every_tile_split_once():
         if torch.rand(()) < 0.4
     ]
     sel = _selections(triples)
-    work, meta, w_max = build_work_list(sel, offs, hkv, g, bm, 32, 10, 32)
+    work, meta, w_max = build_work_list(
+        sel, offs, hkv, g, bm, 32, 10, 32, max_fused_groups=4096 if fused else 0
+    )
     total, split_len = meta.tolist()
     assert 0 < total <= w_max and split_len % 32 == 0
     got = sorted(tuple(x) for x in work[:, :total].T.tolist())
