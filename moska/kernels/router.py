@@ -139,19 +139,10 @@ def _all_pairs(B: int, C: int, device: torch.device) -> tuple[torch.Tensor, torc
 def _keymax_pairs(
     q: torch.Tensor, index: RoutingIndex, pair_req: torch.Tensor, pair_chunk: torch.Tensor
 ) -> torch.Tensor:
-    # Tiles of up to 64 pairs of one chunk: each tile reads the chunk's low-rank keys once,
-    # so large batches (many pairs per chunk) want large tiles.
-    per_chunk = -(-pair_req.numel() // max(1, index.num_chunks))
-    block_b = min(64, max(16, 1 << max(0, per_chunk - 1).bit_length()))
+    # Tiles of 16 pairs (the launcher's default): 64-pair tiles with 8 warps, which read
+    # each chunk's low-rank keys 4x less often, measured 2-4% slower on H200 at B=256-1024.
     return keymax_pair_scores(
-        q,
-        index.basis,
-        index.lowrank_keys,
-        index.chunk_offsets,
-        pair_req,
-        pair_chunk,
-        block_b=block_b,
-        num_warps=8 if block_b >= 64 else 4,
+        q, index.basis, index.lowrank_keys, index.chunk_offsets, pair_req, pair_chunk
     )  # [P, Hkv]
 
 
