@@ -17,3 +17,5 @@ echo "decode mean rc=$?"; tail -13 "$LOG"
 timeout 150 python3 -m moska.bench.decode --scorer two_stage --cuda-graph --out "$OUT/decode_two_stage.json" >> "$LOG" 2>&1
 echo "decode two_stage rc=$?"; tail -6 "$LOG"
 ls "$OUT"
+timeout 180 python3 -m moska.bench.smoke --out "$OUT/smoke.json" >> "$LOG" 2>&1
+echo "smoke rc=$?"; tail -6 "$LOG"
