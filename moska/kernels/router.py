@@ -139,10 +139,19 @@ def _all_pairs(B: int, C: int, device: torch.device) -> tuple[torch.Tensor, torc
 def _keymax_pairs(
     q: torch.Tensor, index: RoutingIndex, pair_req: torch.Tensor, pair_chunk: torch.Tensor
 ) -> torch.Tensor:
-    # Tiles of 16 pairs (the launcher's default): 64-pair tiles with 8 warps, which read
-    # each chunk's low-rank keys 4x less often, measured 2-4% slower on H200 at B=256-1024.
+    # Tile size by pairs per chunk, from the sweep in bench/results/kernels.json
+    # (keymax_tiles, H200): 32-pair tiles were 11% faster at 128 pairs per chunk (B=1024,
+    # shortlist 32 of 256), 16-pair tiles 3% faster at 32 pairs per chunk; 64-pair tiles and
+    # 128-key blocks were slower at both.
+    per_chunk = pair_req.numel() // max(1, index.num_chunks)
     return keymax_pair_scores(
-        q, index.basis, index.lowrank_keys, index.chunk_offsets, pair_req, pair_chunk
+        q,
+        index.basis,
+        index.lowrank_keys,
+        index.chunk_offsets,
+        pair_req,
+        pair_chunk,
+        block_b=32 if per_chunk >= 128 else 16,
     )  # [P, Hkv]
 
 
