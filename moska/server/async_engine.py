@@ -68,6 +68,7 @@ class _Add:
     params: list[SamplingParams]
     library: str | None
     top_k_chunks: int | None
+    report_routing: bool
     future: asyncio.Future
 
 
@@ -149,6 +150,7 @@ class AsyncEngine:
         *,
         library: str | None = None,
         top_k_chunks: int | None = None,
+        report_routing: bool = False,
         queue: asyncio.Queue | None = None,
     ) -> list[RequestStream]:
         """Hand a group of requests (the n choices of one HTTP request) to the engine.
@@ -169,7 +171,9 @@ class AsyncEngine:
         with self._lock:
             self._pending_requests += len(streams)
             self._pending_tokens += num_prompt_tokens * len(streams)
-        self._commands.put(_Add(streams, prompt, list(params), library, top_k_chunks, future))
+        self._commands.put(
+            _Add(streams, prompt, list(params), library, top_k_chunks, report_routing, future)
+        )
         try:
             await future
         except asyncio.CancelledError:
@@ -257,6 +261,7 @@ class AsyncEngine:
                         params,
                         library=cmd.library,
                         top_k_chunks=cmd.top_k_chunks,
+                        report_routing=cmd.report_routing,
                     )
                     added.append(stream.request_id)
             except Exception as exc:  # noqa: BLE001 - handed back to the caller

@@ -1,7 +1,8 @@
 """POST /v1/completions and /v1/chat/completions: validate, admit, submit, answer.
 
 One HTTP request becomes `len(prompts) * n` engine requests with ids `{id}-{k}`, k the
-choice index; with a seed, choice j of a prompt samples with seed + j.
+choice index; with a seed, choice j of a prompt samples with seed + j. With
+`report_routing` (and a library), each choice's last output carries its routing report.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class Generation:
     num_prompts: int
     prompt_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> tokens
     n: int = 1
+    report_routing: bool = False
+
+    def routing(self, out: RequestOutput) -> dict | None:
+        """The `moska_routing` of a choice's final output, or None when not asked for."""
+        return routing_report(out) if self.report_routing and out.finished else None
 
     @property
     def request_ids(self) -> list[str]:
@@ -102,6 +108,26 @@ def check_library(state: ServerState, library: str | None) -> None:
         raise APIError(
             404, f"library {library!r} not found", param="library", code="library_not_found"
         )
+
+
+def check_report_routing(body: CompletionRequest | ChatCompletionRequest) -> None:
+    if body.report_routing and body.library is None:
+        raise APIError(
+            400,
+            "report_routing needs a library: the routing report says which library chunks "
+            "each step read",
+            param="report_routing",
+            code="report_routing_requires_library",
+        )
+
+
+def routing_report(out: RequestOutput) -> dict:
+    """{"chunks": routed chunk ids, "coverage": share of library attention mass in [0, 1]
+    or None}, both of the request's last step."""
+    coverage = out.routing_coverage
+    if coverage is not None:
+        coverage = min(1.0, max(0.0, float(coverage)))  # float error around a share
+    return {"chunks": [int(c) for c in out.routed_chunks or []], "coverage": coverage}
 
 
 async def tokenize(state: ServerState, prompt: str | list[int], special: bool = True) -> int:
@@ -184,6 +210,7 @@ async def submit(
     """Validate lengths, ask admission, and hand every choice to the engine."""
     check_model(state, body.model)
     check_library(state, body.library)
+    check_report_routing(body)
     n = body.n
     if n > state.settings.max_n:
         raise APIError(400, f"n must be at most {state.settings.max_n}", param="n")
@@ -219,6 +246,7 @@ async def submit(
                 count,
                 library=body.library,
                 top_k_chunks=body.top_k_chunks,
+                report_routing=body.report_routing,
                 queue=queue,
             )
     except BaseException as exc:
@@ -240,6 +268,7 @@ async def submit(
         params=params[0][0],
         num_prompts=len(prompts),
         n=n,
+        report_routing=body.report_routing,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from moska.engine.outputs import RequestOutput
 from moska.server.errors import APIError, error_body
 from moska.server.generate import (
     Generation,
@@ -69,7 +70,13 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
         if gen.params.logprobs is not None:
             lp = completion_logprobs(state, out.logprobs or [], 0)
         choices.append(
-            {"index": idx, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+            {
+                "index": idx,
+                "text": out.text,
+                "logprobs": lp,
+                "finish_reason": out.finish_reason,
+                "moska_routing": gen.routing(last[idx]),
+            }
         )
     return CompletionResponse(
         id=gen.request_id,
@@ -119,6 +126,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                 "message": {"role": "assistant", "content": out.text},
                 "logprobs": lp,
                 "finish_reason": out.finish_reason,
+                "moska_routing": gen.routing(last[idx]),
             }
         )
     return ChatCompletionResponse(
@@ -156,6 +164,12 @@ async def _guarded(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield SSE_DONE
 
 
+def _with_routing(gen: Generation, choice: dict, out: RequestOutput) -> dict:
+    """A stream choice, plus `moska_routing` on a choice's final chunk when asked for."""
+    report = gen.routing(out)
+    return choice if report is None else {**choice, "moska_routing": report}
+
+
 def _completion_chunks(
     state: ServerState, gen: Generation, include_usage: bool
 ) -> AsyncIterator[bytes]:
@@ -182,7 +196,7 @@ def _completion_chunks(
                 continue
             offsets[idx] = offsets.get(idx, 0) + len(out.new_text)
             choice = {"index": idx, "text": out.new_text, "logprobs": lp, "finish_reason": reason}
-            yield sse({**base, "choices": [choice], "usage": None})
+            yield sse({**base, "choices": [_with_routing(gen, choice, out)], "usage": None})
         if include_usage:
             usage = gen.usage(completion_tokens).model_dump()
             yield sse({**base, "choices": [], "usage": usage})
@@ -223,7 +237,7 @@ def _chat_chunks(
                 continue
             delta = {"content": out.new_text} if out.new_text else {}
             choice = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason}
-            yield sse({**base, "choices": [choice], "usage": None})
+            yield sse({**base, "choices": [_with_routing(gen, choice, out)], "usage": None})
         if include_usage:
             usage = gen.usage(completion_tokens).model_dump()
             yield sse({**base, "choices": [], "usage": usage})

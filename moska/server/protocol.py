@@ -2,7 +2,8 @@
 
 moska's own fields ride in the request body next to OpenAI's, as vLLM's extra parameters
 do, so the official client sends them with `extra_body={"library": ..., "top_k_chunks": ...}`.
-Unknown fields are ignored, as OpenAI-compatible servers do.
+Unknown fields are ignored, as OpenAI-compatible servers do. moska's own response field
+(`moska_routing` on a choice) is left out of the JSON unless the request asked for it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+)
 
 LIBRARY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 LIBRARY_NAME_RE = re.compile(LIBRARY_NAME_PATTERN)
@@ -52,6 +60,10 @@ class _SamplingFields(_Request):
     library: str | None = Field(None, max_length=256, description="shared KV library name")
     top_k_chunks: int | None = Field(
         None, ge=1, le=2**31 - 1, description="library chunks routed per step"
+    )
+    report_routing: bool = Field(
+        False,
+        description="add each choice's routing report (`moska_routing`); needs `library`",
     )
 
 
@@ -111,11 +123,42 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
-class CompletionChoice(BaseModel):
+class RoutingReport(BaseModel):
+    """Where a choice's library attention went at its last step, the one that sampled its
+    last token (sent when the request has `report_routing`)."""
+
+    chunks: list[int] = Field(
+        description="library chunk ids routed to at the last step (last layer, KV head 0), "
+        "ascending"
+    )
+    coverage: float | None = Field(
+        ge=0.0,
+        le=1.0,
+        description="share of the library's attention mass those chunks held at the last "
+        "step, mean over the first, middle and last layers and the query heads; null if "
+        "nothing was measured",
+    )
+
+
+class _Choice(BaseModel):
+    """A choice whose `moska_routing` field is left out of the JSON when it is None."""
+
+    # No return annotation on purpose: with one, pydantic would document the choice as a
+    # bare object in the OpenAPI spec instead of by its fields.
+    @model_serializer(mode="wrap")
+    def _omit_absent_routing(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("moska_routing") is None:
+            data.pop("moska_routing", None)
+        return data
+
+
+class CompletionChoice(_Choice):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    moska_routing: RoutingReport | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -146,11 +189,12 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_Choice):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    moska_routing: RoutingReport | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -167,11 +211,12 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_Choice):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    moska_routing: RoutingReport | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -133,7 +133,9 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.step_threads: set[int] = set()
 
-    def add_request(self, request_id, prompt, params, *, library=None, top_k_chunks=None):
+    def add_request(
+        self, request_id, prompt, params, *, library=None, top_k_chunks=None, report_routing=False
+    ):
         if request_id in self._reqs:
             raise RequestError(f"duplicate request id {request_id}")
         if library is not None:
