@@ -1,6 +1,13 @@
 """The attention the model calls at every layer: write the new tokens' KV into the paged
 unique cache, attend over each request's own KV, and — for rows that read a shared
-library — route to chunks, attend to them in one grouped launch and merge by LSE."""
+library — route to chunks, attend to them in one grouped launch and merge by LSE.
+
+On CUDA the routing and the shared-chunk attention (compute-heavy: one matrix product per
+chunk for all its readers) run on a high-priority side stream while the unique attention
+(memory-bound: every request streams its own KV) runs on the current stream, so the two
+share the GPU instead of taking turns; the merge waits for both. CUDA-graph capturable
+(the side stream forks from and joins the current one inside each layer).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +20,23 @@ from moska.attention.shared import routing_coverage, shared_attention_for_group
 
 
 class PagedAttention:
-    def __init__(self, cache: PagedKVCache, ops: AttentionOps, sm_scale: float) -> None:
+    def __init__(
+        self, cache: PagedKVCache, ops: AttentionOps, sm_scale: float, overlap: bool = True
+    ) -> None:
         self.cache = cache
         self.ops = ops
         self.sm_scale = sm_scale
+        self.overlap = overlap  # shared attention on a side stream (CUDA only)
+        self._side: torch.cuda.Stream | None = None
+
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if not (self.overlap and device.type == "cuda"):
+            return None
+        if self._side is None or self._side.device != device:
+            # the highest priority: its blocks go first as the unique attention's retire
+            high = torch.cuda.Stream.priority_range()[1]
+            self._side = torch.cuda.Stream(device=device, priority=high)
+        return self._side
 
     def bind(self, meta: AttentionMetadata) -> BoundAttention:
         return BoundAttention(self, meta)
@@ -38,28 +58,33 @@ class BoundAttention:
     ) -> torch.Tensor:  # [T, Hq, D]
         p, m = self.p, self.meta
         p.cache.write(layer, k, v, m.slot_mapping)
-        kc, vc = p.cache.k[layer], p.cache.v[layer]
-        if m.decode_only:
-            o, lse = p.ops.paged_decode(q, kc, vc, m.block_tables, m.seq_lens, p.sm_scale)
-        else:
-            o, lse = p.ops.paged_prefill(
-                q, kc, vc, m.block_tables, m.cu_q_lens, m.seq_lens, p.sm_scale
-            )
-        for group in m.groups:
-            o = _merge_group(p, layer, q, o, lse, group)
+        side = p.side_stream(q.device) if m.groups else None
+        if side is None:
+            o, lse = self._unique(layer, q)
+            for group in m.groups:
+                o = _merge_group(p, o, lse, group, _shared_group(p, layer, q, group))
+            return o
+        cur = torch.cuda.current_stream(q.device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            shared = [_shared_group(p, layer, q, group) for group in m.groups]
+        o, lse = self._unique(layer, q)
+        cur.wait_stream(side)
+        for group, states in zip(m.groups, shared):
+            o = _merge_group(p, o, lse, group, states)
         return o
 
+    def _unique(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p, m = self.p, self.meta
+        kc, vc = p.cache.k[layer], p.cache.v[layer]
+        if m.decode_only:
+            return p.ops.paged_decode(q, kc, vc, m.block_tables, m.seq_lens, p.sm_scale)
+        return p.ops.paged_prefill(q, kc, vc, m.block_tables, m.cu_q_lens, m.seq_lens, p.sm_scale)
 
-def _merge_group(
-    p: PagedAttention,
-    layer: int,
-    q: torch.Tensor,  # [T, Hq, D]
-    o: torch.Tensor,  # [T, Hq, D]
-    lse: torch.Tensor,  # [T, Hq] float32
-    group: LibraryGroup,
-) -> torch.Tensor:
-    rows = group.rows
-    q_rows = q if group.all_rows else q.index_select(0, rows)
+
+def _shared_group(p: PagedAttention, layer: int, q: torch.Tensor, group: LibraryGroup):
+    """Routed shared-chunk states of a group's rows: (o_sel, lse_sel, sel)."""
+    q_rows = q if group.all_rows else q.index_select(0, group.rows)
     o_sel, lse_sel, sel = shared_attention_for_group(p.ops, layer, q_rows, group, p.sm_scale)
     if group.record:
         group.recorded[layer] = sel
@@ -67,8 +92,20 @@ def _merge_group(
         group.coverage[layer] = routing_coverage(
             p.ops, layer, q_rows, group, lse_sel, sel, p.sm_scale
         )
+    return o_sel, lse_sel, sel
+
+
+def _merge_group(
+    p: PagedAttention,
+    o: torch.Tensor,  # [T, Hq, D]
+    lse: torch.Tensor,  # [T, Hq] float32
+    group: LibraryGroup,
+    states: tuple,  # (o_sel, lse_sel, sel) of the group's rows
+) -> torch.Tensor:
+    o_sel, lse_sel, sel = states
     if group.all_rows:
         return p.ops.merge_selections(o, lse, o_sel, lse_sel, sel)[0].to(o.dtype)
+    rows = group.rows
     o_rows, _ = p.ops.merge_selections(
         o.index_select(0, rows), lse.index_select(0, rows), o_sel, lse_sel, sel
     )

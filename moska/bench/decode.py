@@ -182,11 +182,13 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     check: dict[str, torch.Tensor] = {}
     for b in args.batch:
         ids = torch.randint(0, mcfg.vocab_size, (b,), device=DEV)
-        for mode in ("moska", "all", "dense"):
+        for mode in ("moska", "serial", "all", "dense"):
+            # serial: moska with the shared attention on the current stream (no overlap)
+            attention.overlap = mode != "serial"
             meta = decode_metadata(b, args.unique_tokens, lib_blocks, bs, mode == "dense")
             pos = torch.full((b,), args.library_tokens + args.unique_tokens, device=DEV)
             if mode != "dense":
-                top_k = args.top_k if mode == "moska" else lib.num_chunks
+                top_k = lib.num_chunks if mode == "all" else args.top_k
                 meta.groups.append(
                     LibraryGroup(
                         library=lib,
@@ -345,6 +347,7 @@ def summarize(rows: list[dict], build: dict) -> dict:
         "batch": b,
         "speedup_vs_dense_b256": d["step_ms"] / m["step_ms"],
         "speedup_routing_vs_all_chunks_b256": a["step_ms"] / m["step_ms"],
+        "overlap_speedup_vs_serial_b256": get(b, "serial")["step_ms"] / m["step_ms"],
         "roofline_fraction_b256": m["roofline_fraction"],
         "decode_tokens_per_s_b256": m["decode_tokens_per_s"],
         "library_build_mfu": build["mfu"],

@@ -109,9 +109,24 @@ def correctness(k_pool, v_pool):
     r, c = pairs.nonzero(as_tuple=True)
     sel = pairs_sel(r, c, b)
     ro, rl = grouped_shared_attention_ref(q, k_pool[:s], v_pool[:s], offs, sel, SCALE)
-    for tma in (False, True):
-        o, lse = grouped_shared_attention(q, k_pool[:s], v_pool[:s], offs, sel, SCALE, use_tma=tma)
-        out["shared_ragged" + ("_tma" if tma else "")] = max(rel(o, ro), rel(lse, rl))
+    for name, kw in (
+        ("", dict(use_tma=False)),
+        ("_tma", dict(use_tma=True)),
+        ("_tma_pipe", dict(use_tma=True, pipeline_qk=True, block_m=128, block_n=128, num_warps=8)),
+    ):
+        o, lse = grouped_shared_attention(q, k_pool[:s], v_pool[:s], offs, sel, SCALE, **kw)
+        out["shared_ragged" + name] = max(rel(o, ro), rel(lse, rl))
+    # key-max pair scores (ragged pairs) vs the fp32 reference
+    from moska.kernels.router import build_routing_index
+    from moska.kernels.router_scores import keymax_pair_scores, keymax_scores_ref
+
+    index = build_routing_index(k_pool[:s], offs)
+    pr, pc = r.int(), c.int()
+    order = torch.argsort(pc * b + pr)
+    pr, pc = pr[order].contiguous(), pc[order].contiguous()
+    got = keymax_pair_scores(q, index.basis, index.lowrank_keys, offs, pr, pc)
+    want = keymax_scores_ref(q, index.basis, index.lowrank_keys, offs)[pr.long(), :, pc.long()]
+    out["keymax_pairs"] = rel(got, want)
     # sort-free selections vs the sort
     idx = torch.rand(300, 8, 256, device=DEV).topk(8, -1).indices
     got, want = from_topk(idx, HKV, 256), from_topk_ref(idx, HKV)
@@ -129,11 +144,14 @@ def correctness(k_pool, v_pool):
     sc = qr @ k_pool[:S].float().transpose(0, 1).transpose(1, 2) * SCALE  # [Hkv, rows, S]
     ref = torch.softmax(sc, -1) @ v_pool[:S].float().transpose(0, 1)  # [Hkv, rows, D]
     offs1 = torch.tensor([0, S], dtype=torch.int32, device=DEV)
-    for tma in (False, True):
-        o, lse = grouped_shared_attention(
-            q, k_pool[:S], v_pool[:S], offs1, sel, SCALE, use_tma=tma, block_m=128, num_warps=8
-        )
-        out["shared_131k_b16" + ("_tma" if tma else "")] = max(
+    for name, kw in (
+        ("", dict(use_tma=False, block_m=128, num_warps=8)),
+        ("_tma", dict(use_tma=True, block_m=128, num_warps=8)),
+        ("_tma_pipe", dict(use_tma=True, block_m=128, block_n=128, num_warps=8, pipeline_qk=True)),
+        ("_default", {}),  # 64-row tiles, ~32 splits each: the merge of split tiles
+    ):
+        o, lse = grouped_shared_attention(q, k_pool[:S], v_pool[:S], offs1, sel, SCALE, **kw)
+        out["shared_131k_b16" + name] = max(
             rel(o.view(HKV, 16 * G, D), ref), rel(lse.view(HKV, 16 * G), torch.logsumexp(sc, -1))
         )
     del sc
@@ -180,8 +198,13 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
             flops = 4 * B * G * S * D * HKV
             row = dict(S=S, B=B, rows_per_kv_head=B * G)
             best = None
+            o_def, _ = grouped_shared_attention(q, k, v, offs, sel, SCALE)
             for name, cfg in configs.items():
                 try:
+                    o_cfg, _ = grouped_shared_attention(q, k, v, offs, sel, SCALE, **cfg)
+                    err = row[f"ours_{name}_relerr"] = rel(o_cfg, o_def)
+                    if not err < 1e-2:
+                        raise RuntimeError(f"{name} differs from the default config: {err}")
                     t = bench(lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE, **cfg))
                     row[f"ours_{name}_ms"] = t
                     if best is None or t < best[1]:
@@ -301,6 +324,17 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                 return merge_selections(o_u, lse_u, o_s, lse_s, sel)
 
             side = torch.cuda.Stream()
+            high = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])
+
+            def ours_prio():
+                # as the engine runs it: shared attention on a high-priority side stream,
+                # unique KV on the current stream
+                high.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(high):
+                    o_s, lse_s = grouped_shared_attention(q, k, v, offs, sel, SCALE)
+                o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
+                torch.cuda.current_stream().wait_stream(high)
+                return merge_selections(o_u, lse_u, o_s, lse_s, sel)
 
             def ours_overlap():
                 # unique KV (memory-bound) on a side stream, overlapping shared attention (GEMM)
@@ -333,6 +367,12 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                 row["ours_overlap_graph_ms"] = bench_graph(ours_overlap)
             except Exception as e:
                 row["ours_overlap_graph_err"] = repr(e)[-300:]
+            row["ours_prio_ms"] = bench(ours_prio)
+            row["ours_prio_relerr"] = rel(ours_prio()[0], o1)
+            try:
+                row["ours_prio_graph_ms"] = bench_graph(ours_prio)
+            except Exception as e:
+                row["ours_prio_graph_err"] = repr(e)[-300:]
             row["ours_ms"] = min(
                 row[k_]
                 for k_ in (
@@ -340,6 +380,8 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                     "ours_graph_ms",
                     "ours_overlap_ms",
                     "ours_overlap_graph_ms",
+                    "ours_prio_ms",
+                    "ours_prio_graph_ms",
                 )
                 if k_ in row
             )
@@ -386,12 +428,24 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                         torch.cuda.current_stream().wait_stream(side)
                         return merge_selections(o_u, lse_u, o_s, lse_s, s_)
 
+                    def step_prio(scorer=scorer):
+                        # the engine's order: router + shared on a high-priority side stream
+                        high.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(high):
+                            s_ = router.route(q, index, topk, scorer=scorer)
+                            o_s, lse_s = grouped_shared_attention(q, k, v, offs, s_, SCALE)
+                        o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
+                        torch.cuda.current_stream().wait_stream(high)
+                        return merge_selections(o_u, lse_u, o_s, lse_s, s_)
+
                     try:
                         times = {
                             "eager": bench(step),
                             "overlap": bench(step_overlap),
                             "graph": bench_graph(step),
                             "overlap_graph": bench_graph(step_overlap),
+                            "prio": bench(step_prio),
+                            "prio_graph": bench_graph(step_prio),
                         }
                         for k_, t_ in times.items():
                             row[f"ours_with_router_{scorer}_{k_}_ms"] = t_
@@ -623,6 +677,26 @@ def main(argv=None):
         ),
         "tma_m128n128w8s3_t4": dict(
             block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, target_programs=528
+        ),
+        "tma_m128n128w8s3_pipe": dict(
+            block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, pipeline_qk=True
+        ),
+        "tma_m128n128w8s2_pipe": dict(
+            block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True, pipeline_qk=True
+        ),
+        "tma_m128n128w8s3_pipe_t1": dict(
+            block_m=128,
+            block_n=128,
+            num_warps=8,
+            num_stages=3,
+            use_tma=True,
+            pipeline_qk=True,
+            target_programs=132,
+        ),
+        "m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=False),
+        "tma_m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=True),
+        "m64n64w4s4_t4": dict(
+            block_m=64, block_n=64, num_warps=4, num_stages=4, use_tma=False, target_programs=528
         ),
     }
     if args.quick:

@@ -9,8 +9,8 @@ Two kernels:
 - ``_keymax_scores_kernel`` runs over a work list of tiles, each tile = one chunk and up to
   BLOCK_B (request, chunk) pairs of that chunk, the way a fused MoE kernel runs over
   (expert, token tile). It projects the tile's query rows onto the head's basis, streams the
-  chunk's low-rank keys in blocks of BLOCK_N and keeps a running max of the logits, so no
-  [rows, S_total] matrix ever exists.
+  chunk's low-rank keys in blocks of BLOCK_N and keeps an elementwise running max of the
+  logits over a [rows, BLOCK_N] tile, so no [rows, S_total] matrix ever exists.
 
 Query rows of a tile are (request, group head) pairs laid out as BLOCK_B x BLOCK_G (the GQA
 group G padded to a power of two); the max over the group is a reshape + max. All tl.dot
@@ -103,7 +103,7 @@ def _keymax_scores_kernel(
     out_ptr,  # [P, Hkv] fp32
     G, D, R,
     stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh, stride_op,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_R: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -129,20 +129,35 @@ def _keymax_scores_kernel(
     lo = tl.load(offsets_ptr + chunk)
     hi = tl.load(offsets_ptr + chunk + 1)
     hi = tl.where(end > start, hi, lo)  # empty tile: skip the key loop
-    best = tl.full((BLOCK_B * BLOCK_G,), float("-inf"), tl.float32)
+    # Running max kept elementwise over a [rows, BLOCK_N] tile (one max per score, no
+    # cross-thread reduction per block); reduced over the keys once at the end. Full blocks
+    # load unmasked; only the chunk's last partial block is masked.
+    best = tl.full((BLOCK_B * BLOCK_G, BLOCK_N), float("-inf"), tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(lo, hi, BLOCK_N):
-        keys = n0 + offs_n
-        key_ok = keys < hi
-        # low-rank keys loaded transposed: [BLOCK_R, BLOCK_N]
+    lk_ptrs = (
+        lk_ptr
+        + lo.to(tl.int64) * stride_ks
+        + h * stride_kh
+        + (offs_n[None, :] * stride_ks + offs_r[:, None])
+    )  # [BLOCK_R, BLOCK_N]: keys loaded transposed
+    full_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    for _ in range(lo, full_hi, BLOCK_N):
+        if EVEN_R:
+            lk = tl.load(lk_ptrs)
+        else:
+            lk = tl.load(lk_ptrs, mask=(offs_r < R)[:, None])
+        best = tl.maximum(best, tl.dot(qr, lk, input_precision=PRECISION))
+        lk_ptrs += BLOCK_N * stride_ks
+    if full_hi < hi:
+        key_ok = (full_hi + offs_n) < hi
         lk = tl.load(
-            lk_ptr + keys[None, :].to(tl.int64) * stride_ks + h * stride_kh + offs_r[:, None],
+            lk_ptrs,
             mask=key_ok[None, :] & (offs_r < R)[:, None],
             other=0.0,
         )
         s = tl.dot(qr, lk, input_precision=PRECISION)
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        best = tl.maximum(best, tl.max(s, axis=1))
+        best = tl.maximum(best, tl.where(key_ok[None, :], s, float("-inf")))
+    best = tl.max(best, axis=1)
     best = tl.reshape(best, (BLOCK_B, BLOCK_G))
     best = tl.max(tl.where((tl.arange(0, BLOCK_G) < G)[None, :], best, float("-inf")), axis=1)
     tl.store(out_ptr + pair * stride_op + h, best, mask=pair_ok)
@@ -267,7 +282,7 @@ def keymax_pair_scores(
         G, D, R,
         q.stride(0), q.stride(1), basis.stride(0), basis.stride(1),
         lowrank_keys.stride(0), lowrank_keys.stride(1), out.stride(0),
-        PRECISION=_precision(q.dtype),
+        PRECISION=_precision(q.dtype), EVEN_R=_pow2(R, 16) == R,
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
         BLOCK_N=_pow2(block_n, 16), num_warps=num_warps,
     )

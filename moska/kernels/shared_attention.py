@@ -74,13 +74,39 @@ def _chunk_attn_inner(
                 s = tl.where(n_ok[None, :], s, float("-inf"))
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr):
+    # One online-softmax step: scores s [BLOCK_M, BLOCK_N] (unscaled), values v [BLOCK_N, D].
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _chunk_attn_inner_pipelined(
+    acc, m_i, l_i, q, k_desc, v_desc, col, lo, hi, qk_scale,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # TMA path, software-pipelined: the scores of key block j + 1 are issued (an async
+    # wgmma on Hopper) before the softmax of block j, so the tensor cores can work during
+    # the exponentials. Needs hi - lo a positive multiple of BLOCK_N (no mask).
+    k = k_desc.load([lo, col])
+    s = tl.dot(q, k.T, input_precision=PRECISION)
+    for start in tl.range(lo + BLOCK_N, hi, BLOCK_N):
+        k = k_desc.load([start, col])
+        s_next = tl.dot(q, k.T, input_precision=PRECISION)
+        v = v_desc.load([start - BLOCK_N, col])
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION)
+        s = s_next
+    v = v_desc.load([hi - BLOCK_N, col])
+    return _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION)
 
 
 @triton.jit
@@ -114,12 +140,12 @@ def _grouped_shared_attention_kernel(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr,
+    PIPELINE_QK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     w = tl.program_id(0)
     if w >= tl.load(meta_ptr):  # past the last item: the grid is an upper bound
         return
-    split_len = tl.load(meta_ptr + 1)
     start = tl.load(work_ptr + w)
     n_sel = tl.load(work_ptr + W + w)
     tile = tl.load(work_ptr + 2 * W + w)
@@ -143,7 +169,9 @@ def _grouped_shared_attention_kernel(
 
     c_lo = tl.load(offsets_ptr + chunk)
     c_hi = tl.load(offsets_ptr + chunk + 1)
-    lo = c_lo + split * split_len
+    # this group's split length: the chunk cut into n_split parts, rounded up to BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(c_hi - c_lo, n_split), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(c_lo + split * split_len, c_hi)
     hi = tl.minimum(lo + split_len, c_hi)
     full_hi = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
     k_ptrs = (
@@ -162,27 +190,33 @@ def _grouped_shared_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    acc, m_i, l_i = _chunk_attn_inner(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_ptrs,
-        v_ptrs,
-        k_desc,
-        v_desc,
-        kv * D,
-        lo,
-        full_hi,
-        qk_scale,
-        stride_kn,
-        stride_vn,
-        BLOCK_N,
-        False,
-        USE_TMA,
-        WARP_SPEC,
-        PRECISION,
-    )
+    if PIPELINE_QK:  # set by the launcher only with TMA descriptors
+        if full_hi > lo:
+            acc, m_i, l_i = _chunk_attn_inner_pipelined(
+                acc, m_i, l_i, q, k_desc, v_desc, kv * D, lo, full_hi, qk_scale, BLOCK_N, PRECISION
+            )
+    else:
+        acc, m_i, l_i = _chunk_attn_inner(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_ptrs,
+            v_ptrs,
+            k_desc,
+            v_desc,
+            kv * D,
+            lo,
+            full_hi,
+            qk_scale,
+            stride_kn,
+            stride_vn,
+            BLOCK_N,
+            False,
+            USE_TMA,
+            WARP_SPEC,
+            PRECISION,
+        )
     if full_hi < hi:
         k_ptrs += (full_hi - lo).to(tl.int64) * stride_kn
         v_ptrs += (full_hi - lo).to(tl.int64) * stride_vn
@@ -239,58 +273,81 @@ def _merge_tile_splits_kernel(
     G: tl.constexpr,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    MERGE_M: tl.constexpr,
+    SPLIT_B: tl.constexpr,
 ):
-    # One program per item; the first split of a split tile merges the tile's partials,
-    # which are the consecutive items w .. w + n_split - 1.
+    # One program per item. The partials of a split tile are the consecutive items
+    # first .. first + n_split - 1; the tile's rows are cut into sub-blocks of MERGE_M rows
+    # and split s merges sub-blocks s, s + n_split, ..., so up to BLOCK_M / MERGE_M programs
+    # share a tile's merge. Each loads SPLIT_B partials at once: the loads of a step are
+    # independent, so a long split list is not a chain of one memory latency per split.
     w = tl.program_id(0)
     n_split = tl.load(work_ptr + 4 * W + w)
-    split = tl.load(work_ptr + 3 * W + w)
-    if (w < tl.load(meta_ptr)) & (split == 0) & (n_split > 1):
+    if (w < tl.load(meta_ptr)) & (n_split > 1):
+        split = tl.load(work_ptr + 3 * W + w)
+        first = w - split
         start = tl.load(work_ptr + w)
         n_sel = tl.load(work_ptr + W + w)
         tile = tl.load(work_ptr + 2 * W + w)
-        offs_m = tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, MERGE_M)
+        offs_s = tl.arange(0, SPLIT_B)
         offs_d = tl.arange(0, D)
-        rows = tile * BLOCK_M + offs_m
-        row_ok = rows < n_sel * G
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for s in range(n_split):
-            part = (w + s).to(tl.int64) * BLOCK_M + offs_m
-            lse2 = tl.load(lse_part_ptr + part) * 1.4426950408889634
-            ok = lse2 != float("-inf")
-            o = tl.load(
-                o_part_ptr + part[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0
+        for sub in range(split, BLOCK_M // MERGE_M, n_split):
+            r = sub * MERGE_M + offs_r  # rows of the tile
+            rows = tile * BLOCK_M + r
+            row_ok = rows < n_sel * G
+            m_i = tl.full([MERGE_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([MERGE_M], tl.float32)
+            acc = tl.zeros([MERGE_M, D], tl.float32)
+            for s0 in range(0, n_split, SPLIT_B):
+                s_ok = (s0 + offs_s) < n_split
+                part = (first + s0 + offs_s).to(tl.int64)[:, None] * BLOCK_M + r[None, :]
+                lse2 = tl.load(lse_part_ptr + part, mask=s_ok[:, None], other=float("-inf"))
+                lse2 = lse2 * 1.4426950408889634  # [SPLIT_B, MERGE_M]
+                ok = lse2 != float("-inf")
+                o = tl.load(
+                    o_part_ptr + part[:, :, None] * D + offs_d[None, None, :],
+                    mask=ok[:, :, None],
+                    other=0.0,
+                )
+                m_new = tl.maximum(m_i, tl.max(lse2, 0))
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_sub)
+                wt = tl.math.exp2(lse2 - m_sub[None, :])
+                acc = acc * alpha[:, None] + tl.sum(wt[:, :, None] * o, 0)
+                l_i = l_i * alpha + tl.sum(wt, 0)
+                m_i = m_new
+            empty = l_i == 0.0
+            o_t = acc / tl.where(empty, 1.0, l_i)[:, None]
+            lse = tl.where(
+                empty,
+                float("-inf"),
+                (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
             )
-            m_new = tl.maximum(m_i, lse2)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_sub)
-            wt = tl.math.exp2(lse2 - m_sub)
-            acc = acc * alpha[:, None] + wt[:, None] * o
-            l_i = l_i * alpha + wt
-            m_i = m_new
-        empty = l_i == 0.0
-        o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(
-            empty,
-            float("-inf"),
-            (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
-        )
-        out_rows = (start * G + rows).to(tl.int64)
-        tl.store(
-            o_ptr + out_rows[:, None] * D + offs_d[None, :],
-            o.to(o_ptr.dtype.element_ty),
-            mask=row_ok[:, None],
-        )
-        tl.store(lse_ptr + out_rows, lse, mask=row_ok)
+            out_rows = (start * G + rows).to(tl.int64)
+            tl.store(
+                o_ptr + out_rows[:, None] * D + offs_d[None, :],
+                o_t.to(o_ptr.dtype.element_ty),
+                mask=row_ok[:, None],
+            )
+            tl.store(lse_ptr + out_rows, lse, mask=row_ok)
 
 
 def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict:
-    base = dict(min_split=512, use_tma=False, warp_specialize=False)
+    base = dict(
+        min_split=512, use_tma=False, warp_specialize=False, pipeline_qk=False, merge_m=8, split_b=8
+    )
     if device.type != "cuda":  # interpreter: few, large programs
         return dict(
-            base, block_m=64, block_n=64, num_warps=4, num_stages=1, target_programs=8, min_split=64
+            base,
+            block_m=64,
+            block_n=64,
+            num_warps=4,
+            num_stages=1,
+            target_programs=8,
+            min_split=64,
+            merge_m=64,
+            split_b=4,
         )
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     base["target_programs"] = 2 * sms
@@ -394,13 +451,18 @@ def grouped_shared_attention(
     min_split: int | None = None,
     use_tma: bool | None = None,
     warp_specialize: bool | None = None,
+    pipeline_qk: bool | None = None,
+    merge_m: int | None = None,
+    split_b: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
 
     `out` = (o, lse) preallocated contiguous outputs, optional. Block sizes, warps, stages
     and the split heuristic (`target_programs` items, splits of at least `min_split` tokens)
-    may be overridden, e.g. by tests and benchmarks.
+    may be overridden, e.g. by tests and benchmarks. `pipeline_qk` (TMA path) issues the
+    scores of the next key block before the softmax of the current one. `merge_m` rows and
+    `split_b` partials per step set the shape of the merge of split tiles.
     """
     _check_inputs(q, k_pool, v_pool, chunk_offsets, sel)
     _, hq, d = q.shape
@@ -421,9 +483,15 @@ def grouped_shared_attention(
         ("min_split", min_split),
         ("use_tma", use_tma),
         ("warp_specialize", warp_specialize),
+        ("pipeline_qk", pipeline_qk),
+        ("merge_m", merge_m),
+        ("split_b", split_b),
     ):
         if v_ is not None:
             cfg[k_] = v_
+    for k_ in ("block_m", "block_n", "merge_m", "split_b"):
+        if cfg[k_] < 1 or cfg[k_] & (cfg[k_] - 1):
+            raise ValueError(f"{k_} must be a power of two, got {cfg[k_]}")
     work, meta, w_max = build_work_list(
         sel,
         chunk_offsets,
@@ -471,12 +539,25 @@ def grouped_shared_attention(
         BLOCK_N=cfg["block_n"],
         USE_TMA=k_desc is not None,
         WARP_SPEC=cfg["warp_specialize"],
+        PIPELINE_QK=bool(cfg["pipeline_qk"]) and k_desc is not None,
         PRECISION=precision,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     _merge_tile_splits_kernel[(w_max,)](
-        work, meta, o_part, lse_part, o, lse, w_max, G=g, D=d, BLOCK_M=cfg["block_m"], num_warps=4
+        work,
+        meta,
+        o_part,
+        lse_part,
+        o,
+        lse,
+        w_max,
+        G=g,
+        D=d,
+        BLOCK_M=cfg["block_m"],
+        MERGE_M=min(cfg["merge_m"], cfg["block_m"]),
+        SPLIT_B=cfg["split_b"],
+        num_warps=4,
     )
     return o, lse
 

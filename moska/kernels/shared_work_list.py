@@ -85,7 +85,7 @@ def _plan_splits_kernel(
         offsets_ptr + c, mask=ok, other=0
     )
     n_sel = tl.load(nsel_ptr + k, mask=ok, other=0)
-    n_split = tl.maximum((lens + split_len - 1) // split_len, 1)
+    n_split = tl.maximum(lens // split_len, 1)
     tl.store(nsplit_ptr + k, n_split, mask=ok)
     tl.store(items_ptr + k, (n_sel * G + BLOCK_M - 1) // BLOCK_M * n_split, mask=ok)
     if tl.program_id(0) == 0:
@@ -129,7 +129,7 @@ def _plan_fused_kernel(
     total = tl.sum(tiles.to(tl.int64) * lens, 0)
     split_len = tl.maximum((total + target_programs - 1) // target_programs, min_split)
     split_len = ((split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N).to(tl.int32)
-    n_split = tl.maximum((lens + split_len - 1) // split_len, 1)
+    n_split = tl.maximum(lens // split_len, 1)
     items = tiles * n_split
     cum = tl.cumsum(items, 0)
     tl.store(start_ptr + k, start, mask=ok)
@@ -194,9 +194,14 @@ def build_work_list(
     Groups are indexed by key k = chunk * Hkv + kv_head (K = C * Hkv of them, most maybe
     empty); their bounds in the sorted selections come from a binary search. split_len
     spreads the total work (tiles x tokens) over about `target_programs` items, never below
-    `min_split` tokens, rounded to BLOCK_N. Since each group's splits are
-    ceil(L / split_len) <= L / split_len + 1, W <= target_programs + total tiles, and total
-    tiles <= N*G/BLOCK_M + groups: W_max bounds W from host-known sizes.
+    `min_split` tokens, rounded to BLOCK_N; a group of L tokens gets floor(L / split_len)
+    splits (at least 1) of ceil(L / splits) tokens rounded up to BLOCK_N, which the
+    attention kernel recomputes from the chunk length and the split count. Flooring keeps W
+    at or below the target when the work divides (a ceil overshot it: 64 tiles of a 128K
+    chunk on 132 programs became 192 items, 1.45 waves of one-CTA-per-SM programs, instead
+    of 128). Since each group's splits are <= L / split_len + 1, W <= target_programs +
+    total tiles, and total tiles <= N*G/BLOCK_M + groups: W_max bounds W from host-known
+    sizes.
     Two launches when K <= max_fused_groups (one program plans every group, then the items
     are written), else five (three small Triton kernels, a sum and a cumsum).
     """

@@ -86,7 +86,9 @@ def test_chunk_chosen_by_every_request(dtype):
     total, split_len = meta.tolist()
     n_split = int(work[4, 0])
     assert n_split > 1 and total == 3 * n_split <= w_max  # 80 rows = 3 tiles, each split
-    assert split_len * (n_split - 1) < 300 <= split_len * n_split
+    # floor(300 / split_len) splits: 3 tiles x 2 splits = 6 items fit the target of 8
+    # (a ceil would give 3 x 3 = 9, one more wave's worth than asked for)
+    assert n_split == 300 // split_len and total <= 8
 
 
 def test_default_config_and_one_token_chunks():
@@ -179,7 +181,7 @@ def test_work_list_covers_every_tile_split_once(fused):
     keys = (sel.chunk * hkv + sel.kv_head).tolist()
     for k in sorted(set(keys)):
         start, n = keys.index(k), keys.count(k)
-        ns = max(1, -(-lens[k // hkv] // split_len))
+        ns = max(1, lens[k // hkv] // split_len)
         for tile in range(-(-n * g // bm)):
             want += [(start, n, tile, s, ns) for s in range(ns)]
     assert got == sorted(want)
@@ -203,3 +205,34 @@ def test_tma_path_matches_reference(dtype, g):
         if (c * 7 + h * 3 + r) % 3 != 0
     ]
     _check(q, k, v, offs, _selections(triples), use_tma=True, **SMALL)
+
+
+@pytest.mark.parametrize("dtype,g", [(torch.float16, 4), (torch.float32, 3)])
+def test_pipelined_qk_matches_reference(dtype, g):
+    """The software-pipelined TMA loop (scores of block j+1 before the softmax of block j):
+    chunks of one block, of several, with a masked tail, split and not."""
+    b, hkv, d = 5, 2, 64
+    lens = [32, 200, 96, 45, 1]
+    offs = _offsets(lens)
+    s = int(offs[-1])
+    q = torch.randn(b, hkv * g, d, dtype=dtype)
+    k, v = torch.randn(s, hkv, d, dtype=dtype), torch.randn(s, hkv, d, dtype=dtype)
+    triples = [(c, h, r) for c in range(len(lens)) for h in range(hkv) for r in range(b) if r != c]
+    _check(q, k, v, offs, _selections(triples), use_tma=True, pipeline_qk=True, **SMALL)
+
+
+@pytest.mark.parametrize("merge_m,split_b", [(4, 2), (8, 8), (16, 4)])
+def test_split_merge_shared_by_split_programs(merge_m, split_b):
+    """Many splits of a few tiles: each tile's rows are merged in sub-blocks of merge_m rows
+    by its split programs, split_b partials per step (ragged last step, some empty splits)."""
+    b, hkv, g, d = 6, 1, 4, 32
+    offs = _offsets([1000])
+    q = torch.randn(b, hkv * g, d)
+    k, v = torch.randn(1000, hkv, d), torch.randn(1000, hkv, d)
+    sel = _selections([(0, 0, r) for r in range(b)])
+    kw = dict(block_m=16, block_n=32, target_programs=40, min_split=32)
+    work, meta, _ = build_work_list(sel, offs, hkv, g, 16, 32, 40, 32)
+    assert int(work[4, 0]) >= 16 // merge_m  # enough splits to share the merge
+    _check(q, k, v, offs, sel, merge_m=merge_m, split_b=split_b, **kw)
+    with pytest.raises(ValueError, match="split_b must be a power of two"):
+        grouped_shared_attention(q, k, v, offs, sel, 1.0, split_b=3, **kw)
