@@ -112,7 +112,10 @@ def correctness(k_pool, v_pool):
     for name, kw in (
         ("", dict(use_tma=False)),
         ("_tma", dict(use_tma=True)),
-        ("_tma_pipe", dict(use_tma=True, pipeline_qk=True, block_m=128, block_n=128, num_warps=8)),
+        (
+            "_tma_pipe",
+            dict(use_tma=True, pipeline_qk=True, block_m=128, block_n=128, num_warps=8, num_stages=2),
+        ),
     ):
         o, lse = grouped_shared_attention(q, k_pool[:s], v_pool[:s], offs, sel, SCALE, **kw)
         out["shared_ragged" + name] = max(rel(o, ro), rel(lse, rl))
@@ -147,7 +150,10 @@ def correctness(k_pool, v_pool):
     for name, kw in (
         ("", dict(use_tma=False, block_m=128, num_warps=8)),
         ("_tma", dict(use_tma=True, block_m=128, num_warps=8)),
-        ("_tma_pipe", dict(use_tma=True, block_m=128, block_n=128, num_warps=8, pipeline_qk=True)),
+        (
+            "_tma_pipe",
+            dict(use_tma=True, block_m=128, block_n=128, num_warps=8, num_stages=2, pipeline_qk=True),
+        ),
         ("_default", {}),  # 64-row tiles, ~32 splits each: the merge of split tiles
     ):
         o, lse = grouped_shared_attention(q, k_pool[:S], v_pool[:S], offs1, sel, SCALE, **kw)
@@ -678,17 +684,17 @@ def main(argv=None):
         "tma_m128n128w8s3_t4": dict(
             block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, target_programs=528
         ),
-        "tma_m128n128w8s3_pipe": dict(
-            block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, pipeline_qk=True
-        ),
         "tma_m128n128w8s2_pipe": dict(
             block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True, pipeline_qk=True
         ),
-        "tma_m128n128w8s3_pipe_t1": dict(
+        "tma_m128n64w8s3_pipe": dict(
+            block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=True, pipeline_qk=True
+        ),
+        "tma_m128n128w8s2_pipe_t1": dict(
             block_m=128,
             block_n=128,
             num_warps=8,
-            num_stages=3,
+            num_stages=2,
             use_tma=True,
             pipeline_qk=True,
             target_programs=132,
