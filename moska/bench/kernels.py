@@ -112,10 +112,6 @@ def correctness(k_pool, v_pool):
     for name, kw in (
         ("", dict(use_tma=False)),
         ("_tma", dict(use_tma=True)),
-        (
-            "_tma_pipe",
-            dict(use_tma=True, pipeline_qk=True, block_m=128, block_n=128, num_warps=8, num_stages=2),
-        ),
     ):
         o, lse = grouped_shared_attention(q, k_pool[:s], v_pool[:s], offs, sel, SCALE, **kw)
         out["shared_ragged" + name] = max(rel(o, ro), rel(lse, rl))
@@ -150,10 +146,6 @@ def correctness(k_pool, v_pool):
     for name, kw in (
         ("", dict(use_tma=False, block_m=128, num_warps=8)),
         ("_tma", dict(use_tma=True, block_m=128, num_warps=8)),
-        (
-            "_tma_pipe",
-            dict(use_tma=True, block_m=128, block_n=128, num_warps=8, num_stages=2, pipeline_qk=True),
-        ),
         ("_default", {}),  # 64-row tiles, ~32 splits each: the merge of split tiles
     ):
         o, lse = grouped_shared_attention(q, k_pool[:S], v_pool[:S], offs1, sel, SCALE, **kw)
@@ -211,13 +203,25 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
                     err = row[f"ours_{name}_relerr"] = rel(o_cfg, o_def)
                     if not err < 1e-2:
                         raise RuntimeError(f"{name} differs from the default config: {err}")
-                    t = bench(lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE, **cfg))
+                    # CUDA-graph replay: the small calls are host-bound when eager
+                    t = bench_graph(
+                        lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE, **cfg)
+                    )
                     row[f"ours_{name}_ms"] = t
                     if best is None or t < best[1]:
                         best = (name, t)
                 except Exception as e:  # a config that does not compile (e.g. shared memory)
                     row[f"ours_{name}_err"] = repr(e)[:200]
-            row["ours_eager_ms"] = row.get("ours_default_ms", best[1])  # what a caller gets
+            row["ours_eager_ms"] = bench(
+                lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE)
+            )
+            if B == B_list[0]:
+                try:
+                    row["ours_kernels_us"] = kernel_breakdown(
+                        lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE)
+                    )
+                except Exception as e:
+                    row["ours_kernels_err"] = repr(e)[:200]
             try:
                 row["ours_graph_ms"] = bench_graph(
                     lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE)
@@ -250,6 +254,23 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
             )
             rows_out.append(row)
     return rows_out
+
+
+def kernel_breakdown(fn, reps=20):
+    """Mean GPU time per call of each kernel fn launches (us), from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.count:
+            out[e.key[:60]] = round(e.device_time_total / reps, 2)
+    return out
 
 
 def zipf_pairs(b, c, k, s=1.1):
@@ -684,20 +705,9 @@ def main(argv=None):
         "tma_m128n128w8s3_t4": dict(
             block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, target_programs=528
         ),
-        "tma_m128n128w8s2_pipe": dict(
-            block_m=128, block_n=128, num_warps=8, num_stages=2, use_tma=True, pipeline_qk=True
-        ),
-        "tma_m128n64w8s3_pipe": dict(
-            block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=True, pipeline_qk=True
-        ),
-        "tma_m128n128w8s2_pipe_t1": dict(
-            block_m=128,
-            block_n=128,
-            num_warps=8,
-            num_stages=2,
-            use_tma=True,
-            pipeline_qk=True,
-            target_programs=132,
+        "tma_m256n64w16s3": dict(block_m=256, block_n=64, num_warps=16, num_stages=3, use_tma=True),
+        "tma_m256n128w16s2": dict(
+            block_m=256, block_n=128, num_warps=16, num_stages=2, use_tma=True
         ),
         "m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=False),
         "tma_m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=True),

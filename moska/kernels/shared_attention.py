@@ -90,26 +90,6 @@ def _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _chunk_attn_inner_pipelined(
-    acc, m_i, l_i, q, k_desc, v_desc, col, lo, hi, qk_scale,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    # TMA path, software-pipelined: the scores of key block j + 1 are issued (an async
-    # wgmma on Hopper) before the softmax of block j, so the tensor cores can work during
-    # the exponentials. Needs hi - lo a positive multiple of BLOCK_N (no mask).
-    k = k_desc.load([lo, col])
-    s = tl.dot(q, k.T, input_precision=PRECISION)
-    for start in tl.range(lo + BLOCK_N, hi, BLOCK_N):
-        k = k_desc.load([start, col])
-        s_next = tl.dot(q, k.T, input_precision=PRECISION)
-        v = v_desc.load([start - BLOCK_N, col])
-        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION)
-        s = s_next
-    v = v_desc.load([hi - BLOCK_N, col])
-    return _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION)
-
-
-@triton.jit
 def _grouped_shared_attention_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [S_total, Hkv, D]
@@ -140,7 +120,6 @@ def _grouped_shared_attention_kernel(
     BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr,
-    PIPELINE_QK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     w = tl.program_id(0)
@@ -190,33 +169,27 @@ def _grouped_shared_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if PIPELINE_QK:  # set by the launcher only with TMA descriptors
-        if full_hi > lo:
-            acc, m_i, l_i = _chunk_attn_inner_pipelined(
-                acc, m_i, l_i, q, k_desc, v_desc, kv * D, lo, full_hi, qk_scale, BLOCK_N, PRECISION
-            )
-    else:
-        acc, m_i, l_i = _chunk_attn_inner(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_ptrs,
-            v_ptrs,
-            k_desc,
-            v_desc,
-            kv * D,
-            lo,
-            full_hi,
-            qk_scale,
-            stride_kn,
-            stride_vn,
-            BLOCK_N,
-            False,
-            USE_TMA,
-            WARP_SPEC,
-            PRECISION,
-        )
+    acc, m_i, l_i = _chunk_attn_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        k_desc,
+        v_desc,
+        kv * D,
+        lo,
+        full_hi,
+        qk_scale,
+        stride_kn,
+        stride_vn,
+        BLOCK_N,
+        False,
+        USE_TMA,
+        WARP_SPEC,
+        PRECISION,
+    )
     if full_hi < hi:
         k_ptrs += (full_hi - lo).to(tl.int64) * stride_kn
         v_ptrs += (full_hi - lo).to(tl.int64) * stride_vn
@@ -335,7 +308,7 @@ def _merge_tile_splits_kernel(
 
 def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict:
     base = dict(
-        min_split=512, use_tma=False, warp_specialize=False, pipeline_qk=False, merge_m=8, split_b=8
+        min_split=512, use_tma=False, warp_specialize=False, merge_m=8, split_b=8
     )
     if device.type != "cuda":  # interpreter: few, large programs
         return dict(
@@ -354,10 +327,13 @@ def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict
     # Measured on H200, bf16, D=128 (bench/results/kernels.json). Groups of >= 256 rows
     # (a chunk read by >= 64 requests with G=4): 128 x 128 tiles, 8 warps, 3 stages with TMA
     # loads were best, 7-17% over 64 x 64 pointer loads. Smaller groups (routed decode,
-    # ~16-64 rows per chunk): 64 x 64 tiles, 4 warps, 3 stages, ~2 items per SM.
+    # ~16-128 rows per chunk): 64 x 64 tiles, 4 warps, 3 stages, ~2 items per SM; TMA loads
+    # were 5-10% faster at 128 rows per group (grouped step, B=1024) and even below.
     if rows_per_group >= 256 and d == 128:
         return dict(base, block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True)
-    return dict(base, block_m=64, block_n=64 if d >= 128 else 128, num_warps=4, num_stages=3)
+    return dict(
+        base, block_m=64, block_n=64 if d >= 128 else 128, num_warps=4, num_stages=3, use_tma=True
+    )
 
 
 def _outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,7 +427,6 @@ def grouped_shared_attention(
     min_split: int | None = None,
     use_tma: bool | None = None,
     warp_specialize: bool | None = None,
-    pipeline_qk: bool | None = None,
     merge_m: int | None = None,
     split_b: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -460,9 +435,8 @@ def grouped_shared_attention(
 
     `out` = (o, lse) preallocated contiguous outputs, optional. Block sizes, warps, stages
     and the split heuristic (`target_programs` items, splits of at least `min_split` tokens)
-    may be overridden, e.g. by tests and benchmarks. `pipeline_qk` (TMA path) issues the
-    scores of the next key block before the softmax of the current one. `merge_m` rows and
-    `split_b` partials per step set the shape of the merge of split tiles.
+    may be overridden, e.g. by tests and benchmarks. `merge_m` rows and `split_b` partials
+    per step set the shape of the merge of split tiles.
     """
     _check_inputs(q, k_pool, v_pool, chunk_offsets, sel)
     _, hq, d = q.shape
@@ -483,7 +457,6 @@ def grouped_shared_attention(
         ("min_split", min_split),
         ("use_tma", use_tma),
         ("warp_specialize", warp_specialize),
-        ("pipeline_qk", pipeline_qk),
         ("merge_m", merge_m),
         ("split_b", split_b),
     ):
@@ -539,7 +512,6 @@ def grouped_shared_attention(
         BLOCK_N=cfg["block_n"],
         USE_TMA=k_desc is not None,
         WARP_SPEC=cfg["warp_specialize"],
-        PIPELINE_QK=bool(cfg["pipeline_qk"]) and k_desc is not None,
         PRECISION=precision,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],

@@ -207,20 +207,6 @@ def test_tma_path_matches_reference(dtype, g):
     _check(q, k, v, offs, _selections(triples), use_tma=True, **SMALL)
 
 
-@pytest.mark.parametrize("dtype,g", [(torch.float16, 4), (torch.float32, 3)])
-def test_pipelined_qk_matches_reference(dtype, g):
-    """The software-pipelined TMA loop (scores of block j+1 before the softmax of block j):
-    chunks of one block, of several, with a masked tail, split and not."""
-    b, hkv, d = 5, 2, 64
-    lens = [32, 200, 96, 45, 1]
-    offs = _offsets(lens)
-    s = int(offs[-1])
-    q = torch.randn(b, hkv * g, d, dtype=dtype)
-    k, v = torch.randn(s, hkv, d, dtype=dtype), torch.randn(s, hkv, d, dtype=dtype)
-    triples = [(c, h, r) for c in range(len(lens)) for h in range(hkv) for r in range(b) if r != c]
-    _check(q, k, v, offs, _selections(triples), use_tma=True, pipeline_qk=True, **SMALL)
-
-
 @pytest.mark.parametrize("merge_m,split_b", [(4, 2), (8, 8), (16, 4)])
 def test_split_merge_shared_by_split_programs(merge_m, split_b):
     """Many splits of a few tiles: each tile's rows are merged in sub-blocks of merge_m rows
