@@ -705,10 +705,6 @@ def main(argv=None):
         "tma_m128n128w8s3_t4": dict(
             block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, target_programs=528
         ),
-        "tma_m256n64w16s3": dict(block_m=256, block_n=64, num_warps=16, num_stages=3, use_tma=True),
-        "tma_m256n128w16s2": dict(
-            block_m=256, block_n=128, num_warps=16, num_stages=2, use_tma=True
-        ),
         "m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=False),
         "tma_m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=True),
         "m64n64w4s4_t4": dict(
