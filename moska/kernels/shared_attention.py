@@ -20,8 +20,9 @@ from host-known sizes, and programs past the last item return at once (CUDA-grap
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .shared_inputs import check_inputs, outputs, pool_descriptor, tma_ok
+from .shared_split_merge import merge_tile_splits
 from .shared_work_list import build_work_list
 
 LOG2E = 1.4426950408889634
@@ -234,79 +235,6 @@ def _grouped_shared_attention_kernel(
         tl.store(lse_part_ptr + part, lse)
 
 
-@triton.jit
-def _merge_tile_splits_kernel(
-    work_ptr,  # [5, W_max] int32
-    meta_ptr,  # [2] int32: items W, split_len
-    o_part_ptr,  # [W_max, BLOCK_M, D] fp32
-    lse_part_ptr,  # [W_max, BLOCK_M] fp32
-    o_ptr,  # [N * G, D]
-    lse_ptr,  # [N * G] fp32
-    W,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    MERGE_M: tl.constexpr,
-    SPLIT_B: tl.constexpr,
-):
-    # One program per item. The partials of a split tile are the consecutive items
-    # first .. first + n_split - 1; the tile's rows are cut into sub-blocks of MERGE_M rows
-    # and split s merges sub-blocks s, s + n_split, ..., so up to BLOCK_M / MERGE_M programs
-    # share a tile's merge. Each loads SPLIT_B partials at once: the loads of a step are
-    # independent, so a long split list is not a chain of one memory latency per split.
-    w = tl.program_id(0)
-    n_split = tl.load(work_ptr + 4 * W + w)
-    if (w < tl.load(meta_ptr)) & (n_split > 1):
-        split = tl.load(work_ptr + 3 * W + w)
-        first = w - split
-        start = tl.load(work_ptr + w)
-        n_sel = tl.load(work_ptr + W + w)
-        tile = tl.load(work_ptr + 2 * W + w)
-        offs_r = tl.arange(0, MERGE_M)
-        offs_s = tl.arange(0, SPLIT_B)
-        offs_d = tl.arange(0, D)
-        for sub in range(split, BLOCK_M // MERGE_M, n_split):
-            r = sub * MERGE_M + offs_r  # rows of the tile
-            rows = tile * BLOCK_M + r
-            row_ok = rows < n_sel * G
-            m_i = tl.full([MERGE_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([MERGE_M], tl.float32)
-            acc = tl.zeros([MERGE_M, D], tl.float32)
-            for s0 in range(0, n_split, SPLIT_B):
-                s_ok = (s0 + offs_s) < n_split
-                part = (first + s0 + offs_s).to(tl.int64)[:, None] * BLOCK_M + r[None, :]
-                lse2 = tl.load(lse_part_ptr + part, mask=s_ok[:, None], other=float("-inf"))
-                lse2 = lse2 * 1.4426950408889634  # [SPLIT_B, MERGE_M]
-                # every split wrote its partial (an empty one o = 0, lse = -inf), so this
-                # load need not wait for lse: both loads of a step are in flight together
-                o = tl.load(
-                    o_part_ptr + part[:, :, None] * D + offs_d[None, None, :],
-                    mask=s_ok[:, None, None],
-                    other=0.0,
-                )
-                m_new = tl.maximum(m_i, tl.max(lse2, 0))
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.math.exp2(m_i - m_sub)
-                wt = tl.math.exp2(lse2 - m_sub[None, :])
-                acc = acc * alpha[:, None] + tl.sum(wt[:, :, None] * o, 0)
-                l_i = l_i * alpha + tl.sum(wt, 0)
-                m_i = m_new
-            empty = l_i == 0.0
-            o_t = acc / tl.where(empty, 1.0, l_i)[:, None]
-            lse = tl.where(
-                empty,
-                float("-inf"),
-                (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
-            )
-            out_rows = (start * G + rows).to(tl.int64)
-            tl.store(
-                o_ptr + out_rows[:, None] * D + offs_d[None, :],
-                o_t.to(o_ptr.dtype.element_ty),
-                mask=row_ok[:, None],
-            )
-            tl.store(lse_ptr + out_rows, lse, mask=row_ok)
-
-
 def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict:
     # merge of split tiles: 4 rows x 32 partials per step; measured 7 us where 8 x 8 took
     # 27 us (one 128K chunk read by 16 requests: 8 tiles of 32 splits; bench/merge_sweep.py)
@@ -337,81 +265,6 @@ def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict
     )
 
 
-def _outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    if out is None:
-        return torch.empty(shape, device=device, dtype=dtype), torch.empty(
-            shape[:-1], device=device, dtype=torch.float32
-        )
-    o, lse = out
-    if o.shape != shape or o.dtype != dtype or not o.is_contiguous() or o.device != device:
-        raise ValueError(
-            f"out o must be contiguous {dtype} {shape} on {device}, got {o.dtype} {tuple(o.shape)}"
-        )
-    if lse.shape != shape[:-1] or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(
-            f"out lse must be contiguous float32 {shape[:-1]}, got {lse.dtype} {tuple(lse.shape)}"
-        )
-    return o, lse
-
-
-def _check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
-    if q.dim() != 3 or k_pool.dim() != 3:
-        raise ValueError(
-            f"q must be [B,Hq,D] and k_pool [S_total,Hkv,D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}"
-        )
-    if v_pool.shape != k_pool.shape:
-        raise ValueError(f"v_pool {tuple(v_pool.shape)} must match k_pool {tuple(k_pool.shape)}")
-    if q.shape[2] != k_pool.shape[2]:
-        raise ValueError(f"head_dim differs: q {q.shape[2]}, k_pool {k_pool.shape[2]}")
-    d = q.shape[2]
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
-    if k_pool.shape[1] == 0 or q.shape[1] % k_pool.shape[1]:
-        raise ValueError(f"Hq={q.shape[1]} must be a multiple of Hkv={k_pool.shape[1]}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {q.dtype}")
-    if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
-        raise ValueError(
-            f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, {v_pool.dtype}"
-        )
-    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
-        if t.stride(2) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (stride 1)")
-    if chunk_offsets.dtype != torch.int32 or chunk_offsets.dim() != 1:
-        raise ValueError(
-            f"chunk_offsets must be 1-D int32 [C+1], got {chunk_offsets.dtype} {tuple(chunk_offsets.shape)}"
-        )
-    n = sel.req.shape
-    for name in ("req", "kv_head", "chunk"):
-        t = getattr(sel, name)
-        if t.dtype != torch.int32 or t.dim() != 1 or t.shape != n:
-            raise ValueError(
-                f"sel.{name} must be int32 [N] like sel.req; got {t.dtype} {tuple(t.shape)}"
-            )
-    devs = {t.device for t in (q, k_pool, v_pool, chunk_offsets, sel.req, sel.kv_head, sel.chunk)}
-    if len(devs) != 1:
-        raise ValueError(f"all tensors must be on one device, got {devs}")
-
-
-def _tma_ok(k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
-    """TMA needs each token's heads contiguous (a 2-D [S, Hkv*D] view) and 16-byte alignment."""
-    if k_pool.device.type == "cuda" and torch.cuda.get_device_capability(k_pool.device)[0] < 9:
-        return False
-    d, hkv, el = k_pool.shape[2], k_pool.shape[1], k_pool.element_size()
-    return (
-        all(
-            t.stride(1) == d and (t.stride(0) * el) % 16 == 0 and t.data_ptr() % 16 == 0
-            for t in (k_pool, v_pool)
-        )
-        and k_pool.stride(0) >= hkv * d
-    )
-
-
-def _pool_descriptor(pool: torch.Tensor, block_n: int) -> TensorDescriptor:
-    s, hkv, d = pool.shape
-    return TensorDescriptor(pool, [s, hkv * d], [pool.stride(0), 1], [block_n, d])
-
-
 def grouped_shared_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_pool: torch.Tensor,  # [S_total, Hkv, D]
@@ -439,12 +292,12 @@ def grouped_shared_attention(
     may be overridden, e.g. by tests and benchmarks. `merge_m` rows and `split_b` partials
     per step set the shape of the merge of split tiles.
     """
-    _check_inputs(q, k_pool, v_pool, chunk_offsets, sel)
+    check_inputs(q, k_pool, v_pool, chunk_offsets, sel)
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
     n = sel.req.numel()
-    o, lse = _outputs(out, (n, g, d), q.dtype, q.device)
+    o, lse = outputs(out, (n, g, d), q.dtype, q.device)
     if n == 0:
         return o, lse
     # average rows of a (chunk, kv_head) group if every pair were touched: host-known sizes only
@@ -480,9 +333,9 @@ def grouped_shared_attention(
     lse_part = torch.empty(w_max, cfg["block_m"], device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     k_desc = v_desc = None
-    if cfg["use_tma"] and _tma_ok(k_pool, v_pool):
-        k_desc = _pool_descriptor(k_pool, cfg["block_n"])
-        v_desc = _pool_descriptor(v_pool, cfg["block_n"])
+    if cfg["use_tma"] and tma_ok(k_pool, v_pool):
+        k_desc = pool_descriptor(k_pool, cfg["block_n"])
+        v_desc = pool_descriptor(v_pool, cfg["block_n"])
     _grouped_shared_attention_kernel[(w_max,)](
         q,
         k_pool,
@@ -517,20 +370,8 @@ def grouped_shared_attention(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    _merge_tile_splits_kernel[(w_max,)](
-        work,
-        meta,
-        o_part,
-        lse_part,
-        o,
-        lse,
-        w_max,
-        G=g,
-        D=d,
-        BLOCK_M=cfg["block_m"],
-        MERGE_M=min(cfg["merge_m"], cfg["block_m"]),
-        SPLIT_B=cfg["split_b"],
-        num_warps=4,
+    merge_tile_splits(
+        work, meta, o_part, lse_part, o, lse, g, cfg["block_m"], cfg["merge_m"], cfg["split_b"]
     )
     return o, lse
 

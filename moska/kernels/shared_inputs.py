@@ -1,0 +1,79 @@
+"""Input checks, output buffers and TMA descriptors of the grouped shared-chunk attention."""
+
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+def outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if out is None:
+        return torch.empty(shape, device=device, dtype=dtype), torch.empty(
+            shape[:-1], device=device, dtype=torch.float32
+        )
+    o, lse = out
+    if o.shape != shape or o.dtype != dtype or not o.is_contiguous() or o.device != device:
+        raise ValueError(
+            f"out o must be contiguous {dtype} {shape} on {device}, got {o.dtype} {tuple(o.shape)}"
+        )
+    if lse.shape != shape[:-1] or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(
+            f"out lse must be contiguous float32 {shape[:-1]}, got {lse.dtype} {tuple(lse.shape)}"
+        )
+    return o, lse
+
+
+def check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
+    if q.dim() != 3 or k_pool.dim() != 3:
+        raise ValueError(
+            f"q must be [B,Hq,D] and k_pool [S_total,Hkv,D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}"
+        )
+    if v_pool.shape != k_pool.shape:
+        raise ValueError(f"v_pool {tuple(v_pool.shape)} must match k_pool {tuple(k_pool.shape)}")
+    if q.shape[2] != k_pool.shape[2]:
+        raise ValueError(f"head_dim differs: q {q.shape[2]}, k_pool {k_pool.shape[2]}")
+    d = q.shape[2]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
+    if k_pool.shape[1] == 0 or q.shape[1] % k_pool.shape[1]:
+        raise ValueError(f"Hq={q.shape[1]} must be a multiple of Hkv={k_pool.shape[1]}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {q.dtype}")
+    if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
+        raise ValueError(
+            f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, {v_pool.dtype}"
+        )
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
+        if t.stride(2) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1)")
+    if chunk_offsets.dtype != torch.int32 or chunk_offsets.dim() != 1:
+        raise ValueError(
+            f"chunk_offsets must be 1-D int32 [C+1], got {chunk_offsets.dtype} {tuple(chunk_offsets.shape)}"
+        )
+    n = sel.req.shape
+    for name in ("req", "kv_head", "chunk"):
+        t = getattr(sel, name)
+        if t.dtype != torch.int32 or t.dim() != 1 or t.shape != n:
+            raise ValueError(
+                f"sel.{name} must be int32 [N] like sel.req; got {t.dtype} {tuple(t.shape)}"
+            )
+    devs = {t.device for t in (q, k_pool, v_pool, chunk_offsets, sel.req, sel.kv_head, sel.chunk)}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {devs}")
+
+
+def tma_ok(k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
+    """TMA needs each token's heads contiguous (a 2-D [S, Hkv*D] view) and 16-byte alignment."""
+    if k_pool.device.type == "cuda" and torch.cuda.get_device_capability(k_pool.device)[0] < 9:
+        return False
+    d, hkv, el = k_pool.shape[2], k_pool.shape[1], k_pool.element_size()
+    return (
+        all(
+            t.stride(1) == d and (t.stride(0) * el) % 16 == 0 and t.data_ptr() % 16 == 0
+            for t in (k_pool, v_pool)
+        )
+        and k_pool.stride(0) >= hkv * d
+    )
+
+
+def pool_descriptor(pool: torch.Tensor, block_n: int) -> TensorDescriptor:
+    s, hkv, d = pool.shape
+    return TensorDescriptor(pool, [s, hkv * d], [pool.stride(0), 1], [block_n, d])
