@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from moska.bench.kernels_util import DEV, DT, HQ, D, bench, log, rel
+from moska.bench.kernels_util import DEV, DT, HQ, D, bench, kernel_breakdown, log, rel
 from moska.kernels.selections import from_topk
 
 
@@ -47,6 +47,12 @@ def case_keymax_tiles(k_pool, B_list):
             except Exception as e:
                 row[f"b{bb}n{bn}w{nw}_err"] = repr(e)[-200:]
         row["route_two_stage_ms"] = bench(lambda: router.route(q, index, topk, "two_stage"))
+        try:  # where the two-stage router's time goes, per kernel
+            row["route_two_stage_kernels_us"] = kernel_breakdown(
+                lambda: router.route(q, index, topk, "two_stage")
+            )
+        except Exception as e:
+            row["route_two_stage_kernels_err"] = repr(e)[:200]
         row["route_mean_ms"] = bench(lambda: router.route(q, index, topk, "mean"))
         log(
             json.dumps(
