@@ -3,7 +3,7 @@
 import json
 import os
 import torch
-from moska.bench.kernels import kernel_breakdown, rel, sorted_sel, HQ, HKV, D, DT, SCALE
+from moska.bench.kernels_util import D, DT, HKV, HQ, SCALE, kernel_breakdown, rel, sorted_sel
 from moska.kernels.shared_attention import grouped_shared_attention
 
 res = []
