@@ -38,8 +38,9 @@ def _merge_step(m_i, l_i, acc, lse2, o):
 
 
 @triton.jit
-def _merge_finish(m_i, l_i, acc):
-    # Returns (o [R, D], lse [R]) in natural log; an empty state gives (0, -inf).
+def merge_finish(m_i, l_i, acc):
+    # Returns (o [R, D], lse [R]) in natural log from a running state whose max m_i is in
+    # the log2 domain; an empty state gives (0, -inf). Shared by every attention kernel.
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(
@@ -79,7 +80,7 @@ def _merge_states_kernel(
     m_i, l_i, acc = _merge_step(m_i, l_i, acc, lse2, o)
     o, lse2 = _load_state(o_b_ptr, lse_b_ptr, rows, row_ok, offs_d, D)
     m_i, l_i, acc = _merge_step(m_i, l_i, acc, lse2, o)
-    o, lse = _merge_finish(m_i, l_i, acc)
+    o, lse = merge_finish(m_i, l_i, acc)
     tl.store(
         o_ptr + rows[:, None] * D + offs_d[None, :],
         o.to(o_ptr.dtype.element_ty),
@@ -113,7 +114,7 @@ def _merge_splits_kernel(
         m_i, l_i, acc = _merge_step(m_i, l_i, acc, lse2, o)
         o_part += stride_os
         lse_part += R
-    o, lse = _merge_finish(m_i, l_i, acc)
+    o, lse = merge_finish(m_i, l_i, acc)
     tl.store(
         o_ptr + rows[:, None] * D + offs_d[None, :],
         o.to(o_ptr.dtype.element_ty),
@@ -153,7 +154,7 @@ def _merge_selections_kernel(
         s = tl.load(order_ptr + i)
         o, lse2 = _load_state(o_sel_ptr, lse_sel_ptr, s * G + offs_g, g_ok, offs_d, D)
         m_i, l_i, acc = _merge_step(m_i, l_i, acc, lse2, o)
-    o, lse = _merge_finish(m_i, l_i, acc)
+    o, lse = merge_finish(m_i, l_i, acc)
     out_rows = pid * G + offs_g
     tl.store(
         o_ptr + out_rows[:, None] * D + offs_d[None, :],

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .merge import merge_splits
+from .merge import merge_finish, merge_splits
 
 LOG2E = 1.4426950408889634
 
@@ -191,13 +191,7 @@ def _paged_attention_kernel(
             True,
             PRECISION,
         )
-        empty = l_i == 0.0
-        o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(
-            empty,
-            float("-inf"),
-            (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
-        )
+        o, lse = merge_finish(m_i, l_i, acc)
         out = t * Hq + head  # [BLOCK_M] row of [T * Hq]
         tl.store(
             o_ptr + split.to(tl.int64) * stride_os + out[:, None] * D + offs_d[None, :],

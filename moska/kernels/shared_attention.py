@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .merge import merge_finish
 from .shared_inputs import check_inputs, outputs, pool_descriptor, tma_ok
 from .shared_split_merge import merge_tile_splits
 from .shared_work_list import build_work_list
@@ -216,11 +217,7 @@ def _grouped_shared_attention_kernel(
             PRECISION,
         )
 
-    empty = l_i == 0.0  # only for an empty chunk or split
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(
-        empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
-    )
+    o, lse = merge_finish(m_i, l_i, acc)  # an empty chunk or split gives (0, -inf)
     if n_split == 1:
         out_rows = (start * G + rows).to(tl.int64)
         tl.store(

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .merge import merge_finish
+
 
 @triton.jit
 def _merge_tile_splits_kernel(
@@ -69,13 +71,7 @@ def _merge_tile_splits_kernel(
                 acc = acc * alpha[:, None] + tl.sum(wt[:, :, None] * o, 0)
                 l_i = l_i * alpha + tl.sum(wt, 0)
                 m_i = m_new
-            empty = l_i == 0.0
-            o_t = acc / tl.where(empty, 1.0, l_i)[:, None]
-            lse = tl.where(
-                empty,
-                float("-inf"),
-                (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
-            )
+            o_t, lse = merge_finish(m_i, l_i, acc)
             out_rows = (start * G + rows).to(tl.int64)
             tl.store(
                 o_ptr + out_rows[:, None] * D + offs_d[None, :],
