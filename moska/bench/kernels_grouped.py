@@ -96,32 +96,59 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
             o_c = torch.sort(pc * B + pr).values
             pair_req, pair_chunk = o_c % B, o_c // B
 
-            def ours():
-                o_s, lse_s = grouped_shared_attention(q, k, v, offs, sel, SCALE)
-                o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-                return merge_selections(o_u, lse_u, o_s, lse_s, sel)
-
             side = torch.cuda.Stream()
             high = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])
 
-            def ours_prio():
-                # as the engine runs it: shared attention on a high-priority side stream,
-                # unique KV on the current stream
-                high.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(high):
-                    o_s, lse_s = grouped_shared_attention(q, k, v, offs, sel, SCALE)
-                o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-                torch.cuda.current_stream().wait_stream(high)
-                return merge_selections(o_u, lse_u, o_s, lse_s, sel)
+            def make_step(mode, route_fn):
+                """One attention step on the selections route_fn() gives. serial: all on the
+                current stream; overlap: unique KV (memory-bound) on a side stream beside the
+                shared attention; prio: as the engine runs it, routing + shared attention on a
+                high-priority side stream, unique KV on the current stream."""
 
-            def ours_overlap():
-                # unique KV (memory-bound) on a side stream, overlapping shared attention (GEMM)
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-                o_s, lse_s = grouped_shared_attention(q, k, v, offs, sel, SCALE)
-                torch.cuda.current_stream().wait_stream(side)
-                return merge_selections(o_u, lse_u, o_s, lse_s, sel)
+                def shared():
+                    s_ = route_fn()
+                    return (*grouped_shared_attention(q, k, v, offs, s_, SCALE), s_)
+
+                def unique():
+                    return paged_decode_attention(q, kc, vc, bt, sl, SCALE)
+
+                def run():
+                    cur = torch.cuda.current_stream()
+                    if mode == "serial":
+                        o_s, lse_s, s_ = shared()
+                        o_u, lse_u = unique()
+                    elif mode == "overlap":
+                        side.wait_stream(cur)
+                        with torch.cuda.stream(side):
+                            o_u, lse_u = unique()
+                        o_s, lse_s, s_ = shared()
+                        cur.wait_stream(side)
+                    else:
+                        high.wait_stream(cur)
+                        with torch.cuda.stream(high):
+                            o_s, lse_s, s_ = shared()
+                        o_u, lse_u = unique()
+                        cur.wait_stream(high)
+                    return merge_selections(o_u, lse_u, o_s, lse_s, s_)
+
+                return run
+
+            def time_modes(route_fn, prefix, row):
+                """Eager and CUDA-graph times of every mode: {prefix}_{mode}[_graph]_ms."""
+                times = {}
+                for mode, name in (("serial", "eager"), ("overlap", "overlap"), ("prio", "prio")):
+                    fn = make_step(mode, route_fn)
+                    times[name] = bench(fn)
+                    graph = "graph" if mode == "serial" else f"{name}_graph"
+                    try:
+                        times[graph] = bench_graph(fn)
+                    except Exception as e:
+                        row[f"{prefix}_{graph}_err"] = repr(e)[-300:]
+                for k_, t_ in times.items():
+                    row[f"{prefix}_{k_}_ms"] = t_
+                return min(times.values())
+
+            ours = make_step("serial", lambda: sel)
 
             def comp():
                 return torch_composition(q, k, v, offs, pair_req, pair_chunk, k_u, v_u, C, topk)
@@ -134,35 +161,9 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
                 row["torch_ms"] = bench(comp)
             except Exception as e:
                 row["torch_err"] = repr(e)[:300]
-            row["ours_eager_ms"] = bench(ours)
-            try:
-                row["ours_graph_ms"] = bench_graph(ours)
-            except Exception as e:
-                row["ours_graph_err"] = repr(e)[-300:]
-            row["ours_overlap_ms"] = bench(ours_overlap)
-            row["ours_overlap_relerr"] = rel(ours_overlap()[0], o1)
-            try:
-                row["ours_overlap_graph_ms"] = bench_graph(ours_overlap)
-            except Exception as e:
-                row["ours_overlap_graph_err"] = repr(e)[-300:]
-            row["ours_prio_ms"] = bench(ours_prio)
-            row["ours_prio_relerr"] = rel(ours_prio()[0], o1)
-            try:
-                row["ours_prio_graph_ms"] = bench_graph(ours_prio)
-            except Exception as e:
-                row["ours_prio_graph_err"] = repr(e)[-300:]
-            row["ours_ms"] = min(
-                row[k_]
-                for k_ in (
-                    "ours_eager_ms",
-                    "ours_graph_ms",
-                    "ours_overlap_ms",
-                    "ours_overlap_graph_ms",
-                    "ours_prio_ms",
-                    "ours_prio_graph_ms",
-                )
-                if k_ in row
-            )
+            row["ours_ms"] = time_modes(lambda: sel, "ours", row)
+            for mode in ("overlap", "prio"):
+                row[f"ours_{mode}_relerr"] = rel(make_step(mode, lambda: sel)()[0], o1)
             for bm in (32, 64, 128):
                 for tma in (False, True):
                     row[f"ours_shared_only_bm{bm}{'_tma' if tma else ''}_ms"] = bench(
@@ -191,43 +192,12 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
             if routing == "uniform":
                 for scorer in ("mean", "two_stage"):
 
-                    def step(scorer=scorer):
-                        s_ = router.route(q, index, topk, scorer=scorer)
-                        o_s, lse_s = grouped_shared_attention(q, k, v, offs, s_, SCALE)
-                        o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-                        return merge_selections(o_u, lse_u, o_s, lse_s, s_)
-
-                    def step_overlap(scorer=scorer):
-                        side.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(side):
-                            o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-                        s_ = router.route(q, index, topk, scorer=scorer)
-                        o_s, lse_s = grouped_shared_attention(q, k, v, offs, s_, SCALE)
-                        torch.cuda.current_stream().wait_stream(side)
-                        return merge_selections(o_u, lse_u, o_s, lse_s, s_)
-
-                    def step_prio(scorer=scorer):
-                        # the engine's order: router + shared on a high-priority side stream
-                        high.wait_stream(torch.cuda.current_stream())
-                        with torch.cuda.stream(high):
-                            s_ = router.route(q, index, topk, scorer=scorer)
-                            o_s, lse_s = grouped_shared_attention(q, k, v, offs, s_, SCALE)
-                        o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-                        torch.cuda.current_stream().wait_stream(high)
-                        return merge_selections(o_u, lse_u, o_s, lse_s, s_)
+                    def route_fn(scorer=scorer):
+                        return router.route(q, index, topk, scorer=scorer)
 
                     try:
-                        times = {
-                            "eager": bench(step),
-                            "overlap": bench(step_overlap),
-                            "graph": bench_graph(step),
-                            "overlap_graph": bench_graph(step_overlap),
-                            "prio": bench(step_prio),
-                            "prio_graph": bench_graph(step_prio),
-                        }
-                        for k_, t_ in times.items():
-                            row[f"ours_with_router_{scorer}_{k_}_ms"] = t_
-                        row[f"ours_with_router_{scorer}_ms"] = min(times.values())
+                        prefix = f"ours_with_router_{scorer}"
+                        row[f"{prefix}_ms"] = time_modes(route_fn, prefix, row)
                         touched = int(
                             torch.unique(router.route(q, index, topk, scorer=scorer).chunk).numel()
                         )
