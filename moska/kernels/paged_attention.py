@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .merge import merge_finish, merge_splits
+from .paged_inputs import check_inputs, outputs
 
 LOG2E = 1.4426950408889634
 
@@ -201,65 +202,6 @@ def _paged_attention_kernel(
         tl.store(lse_ptr + split.to(tl.int64) * stride_ls + out, lse, mask=row_ok)
 
 
-def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens) -> None:
-    if q.dim() != 3 or k_cache.dim() != 4:
-        raise ValueError(
-            f"q must be [T,Hq,D] and k_cache [num_blocks,block_size,Hkv,D]; got {tuple(q.shape)}, {tuple(k_cache.shape)}"
-        )
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}"
-        )
-    d, bs, hkv = q.shape[2], k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[3] != d:
-        raise ValueError(f"head_dim differs: q {d}, k_cache {k_cache.shape[3]}")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
-    if bs < 1 or bs & (bs - 1):
-        raise ValueError(f"block_size must be a power of two, got {bs}")
-    if hkv == 0 or q.shape[1] % hkv:
-        raise ValueError(f"Hq={q.shape[1]} must be a multiple of Hkv={hkv}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(
-            f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
-        )
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (stride 1)")
-    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.stride(1) != 1:
-        raise ValueError(
-            f"block_tables must be a row-major int32 [B, max_blocks], got {block_tables.dtype}"
-        )
-    b = block_tables.shape[0]
-    if seq_lens.dtype != torch.int32 or seq_lens.shape != (b,):
-        raise ValueError(
-            f"seq_lens must be int32 [B]={b}, got {seq_lens.dtype} {tuple(seq_lens.shape)}"
-        )
-    devs = {t.device for t in (q, k_cache, v_cache, block_tables, seq_lens)}
-    if len(devs) != 1:
-        raise ValueError(f"all tensors must be on one device, got {devs}")
-
-
-def _outputs(out, t_total, hq, d, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    if out is None:
-        return (
-            torch.empty(t_total, hq, d, device=device, dtype=dtype),
-            torch.empty(t_total, hq, device=device, dtype=torch.float32),
-        )
-    o, lse = out
-    if o.shape != (t_total, hq, d) or o.dtype != dtype or not o.is_contiguous():
-        raise ValueError(
-            f"out o must be contiguous {dtype} [{t_total},{hq},{d}], got {o.dtype} {tuple(o.shape)}"
-        )
-    if lse.shape != (t_total, hq) or lse.dtype != torch.float32 or not lse.is_contiguous():
-        raise ValueError(
-            f"out lse must be contiguous float32 [{t_total},{hq}], got {lse.dtype} {tuple(lse.shape)}"
-        )
-    return o, lse
-
-
 def _launch(
     q,
     k_cache,
@@ -283,7 +225,7 @@ def _launch(
     max_ctx = block_tables.shape[1] * bs
     split_len = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(max_ctx, split_len))
-    o_out, lse_out = _outputs(out, t_total, hq, d, q.dtype, q.device)
+    o_out, lse_out = outputs(out, t_total, hq, d, q.dtype, q.device)
     if num_splits == 1:
         o, lse = o_out, lse_out
     else:
@@ -356,7 +298,7 @@ def paged_decode_attention(
     default enough for B * Hkv * splits to cover two programs per SM, each split >= 1024
     tokens); the splits are merged exactly by `merge_splits`.
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     b, hq, _ = q.shape
     if block_tables.shape[0] != b:
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows for B={b} queries")
@@ -409,7 +351,7 @@ def paged_prefill_attention(
     Query j of sequence b sits at position seq_lens[b] - q_len_b + j. One host sync
     (the longest query length, which sizes the grid).
     """
-    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
+    check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     b = block_tables.shape[0]
     if cu_q_lens.dtype != torch.int32 or cu_q_lens.shape != (b + 1,):
         raise ValueError(
