@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 from fake_engine import FakeEngine, FakeLibraryManager
 
@@ -34,6 +35,17 @@ def fake_server():
     app = create_app(engine, ServerSettings(api_key="sekret", max_body_bytes=64 * 1024))
     with running_server(app) as url:
         yield url, app, engine
+
+
+@pytest.fixture
+def client(real_server):
+    url, _ = real_server
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture
+def model(client):
+    return client.models.list().data[0].id
 
 
 def pytest_configure(config):
