@@ -8,6 +8,38 @@ from moska.bench.kernels_util import DEV, DT, HQ, D, bench, kernel_breakdown, lo
 from moska.kernels.selections import from_topk
 
 
+def _topk_changed(scores, ref, pairs, B: int, C: int, topk: int) -> float:
+    """Fraction of (request, top-k slot) choices that differ when routing on ``scores`` instead
+    of ``ref`` (both [P, Hkv] over the same shortlist pairs; summed over KV heads)."""
+    picks = []
+    for sc in (scores, ref):
+        full = torch.full((B, C), float("-inf"), device=sc.device)
+        full[pairs.req.long(), pairs.chunk.long()] = sc.sum(1)
+        picks.append(
+            torch.zeros(B, C, dtype=torch.bool, device=sc.device).scatter_(
+                1, full.topk(topk, -1).indices, True
+            )
+        )
+    return float((picks[0] & ~picks[1]).sum()) / (B * topk)
+
+
+def _fp32_pair_scores(q, basis, k_chunks, pairs, C: int) -> torch.Tensor:
+    """Exact key-max scores of the pairs: fp32 queries and fp32 low-rank keys -> [P, Hkv]."""
+    B, Hq, Dq = q.shape
+    Hkv = basis.shape[0]
+    qr = torch.einsum("bhgd,hdr->bhgr", q.float().view(B, Hkv, Hq // Hkv, Dq), basis.float())
+    out = torch.empty(pairs.req.numel(), Hkv, device=q.device)
+    bounds = torch.searchsorted(
+        pairs.chunk, torch.arange(C + 1, device=q.device, dtype=torch.int32)
+    )
+    for c, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        if b > a:
+            lk = torch.einsum("lhd,hdr->lhr", k_chunks[c].float(), basis.float())
+            logits = torch.einsum("nhgr,lhr->nhgl", qr[pairs.req[a:b].long()], lk)
+            out[a:b] = logits.amax(dim=(2, 3))
+    return out
+
+
 def case_keymax_tiles(k_pool, B_list):
     """Key-max pair scoring of the two-stage router alone, over tile shapes (for tuning)."""
     from moska.kernels import router
@@ -23,29 +55,66 @@ def case_keymax_tiles(k_pool, B_list):
         short = router.score_chunks(q, index, "bound").sum(1).topk(4 * topk, -1).indices
         pairs = from_topk(short[:, None, :], 1, C)
         row = {"B": B, "pairs": int(pairs.req.numel())}
+        # fp32-accumulated scores on bf16 low-rank keys (the path before fp16 keys) are the
+        # reference: rel err of the fp16 path, and how many routed chunks change
+        lk_bf16 = index.lowrank_keys.to(DT)
         ref = None
-        for bb, bn, nw in ((16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 8), (64, 64, 8)):
+        # at B = 256 also the exact scores (fp32 queries and low-rank keys, torch): how many
+        # routed chunks each low-precision path changes against exact routing
+        exact = None
+        if B <= 256:
+            exact = _fp32_pair_scores(q, index.basis, k.view(C, L, *k.shape[1:]), pairs, C)
+        variants = [("bf16", lk_bf16, 16, 64, 4), ("bf16", lk_bf16, 32, 64, 4)]
+        variants += [
+            ("f16", index.lowrank_keys, bb, bn, nw)
+            for bb, bn, nw in (
+                (16, 64, 4),
+                (32, 64, 4),
+                (16, 128, 4),
+                (32, 128, 4),
+                (32, 128, 8),
+                (64, 64, 8),
+                (64, 128, 8),
+            )
+        ]
+        variants += [
+            ("f16", index.lowrank_keys, 16, 64, 4, 4),
+            ("f16", index.lowrank_keys, 16, 64, 4, 2),
+            ("f16", index.lowrank_keys, 16, 128, 4, 4),
+            ("f16", index.lowrank_keys, 32, 64, 4, 5),
+            ("f16", index.lowrank_keys, 32, 64, 4, 4),
+            ("f16", index.lowrank_keys, 32, 128, 4, 4),
+            ("f16", index.lowrank_keys, 16, 128, 4, 5),
+        ]
+        for name, lk, bb, bn, nw, *st in variants:
+            ns = st[0] if st else 3
+            key = f"{name}_b{bb}n{bn}w{nw}" + (f"s{ns}" if st else "")
 
-            def fn(bb=bb, bn=bn, nw=nw):
+            def fn(lk=lk, bb=bb, bn=bn, nw=nw, ns=ns):
                 return keymax_pair_scores(
                     q,
                     index.basis,
-                    index.lowrank_keys,
+                    lk,
                     offs,
                     pairs.req,
                     pairs.chunk,
                     block_b=bb,
                     block_n=bn,
                     num_warps=nw,
+                    num_stages=ns,
                 )
 
             try:
                 out = fn()
                 ref = out if ref is None else ref
-                row[f"b{bb}n{bn}w{nw}_relerr"] = rel(out, ref)
-                row[f"b{bb}n{bn}w{nw}_ms"] = bench(fn)
+                row[f"{key}_relerr"] = rel(out, ref)
+                row[f"{key}_topk_changed"] = _topk_changed(out, ref, pairs, B, C, topk)
+                if exact is not None:
+                    row[f"{key}_relerr_exact"] = rel(out, exact)
+                    row[f"{key}_topk_changed_exact"] = _topk_changed(out, exact, pairs, B, C, topk)
+                row[f"{key}_ms"] = bench(fn)
             except Exception as e:
-                row[f"b{bb}n{bn}w{nw}_err"] = repr(e)[-200:]
+                row[f"{key}_err"] = repr(e)[-200:]
         row["route_two_stage_ms"] = bench(lambda: router.route(q, index, topk, "two_stage"))
         try:  # where the two-stage router's time goes, per kernel
             row["route_two_stage_kernels_us"] = kernel_breakdown(

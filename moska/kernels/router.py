@@ -47,7 +47,7 @@ class RoutingIndex(NamedTuple):
     key_min: torch.Tensor  # [C, Hkv, D] pool dtype, elementwise min over the chunk's keys
     key_max: torch.Tensor  # [C, Hkv, D] pool dtype, elementwise max
     basis: torch.Tensor  # [Hkv, D, r] pool dtype, orthonormal columns (top-r PCA per head)
-    lowrank_keys: torch.Tensor  # [S_total, Hkv, r] pool dtype, keys @ basis[h]
+    lowrank_keys: torch.Tensor  # [S_total, Hkv, r] keys @ basis[h]; fp16 (fp32 for fp32 pools)
 
     @property
     def num_chunks(self) -> int:
@@ -77,7 +77,9 @@ def build_routing_index(
     Runs on the pool's device in blocks of ``block_rows`` keys (fp32 accumulation), so
     millions of keys fit. The basis is the top-``rank`` principal directions (centred PCA)
     of each KV head's keys, fitted on at most ``max_fit_rows`` randomly sampled keys.
-    ``rank`` defaults to D // 4.
+    ``rank`` defaults to D // 4. The low-rank keys are stored in fp16 for half-precision
+    pools (bf16 too: fp16 keeps 3 more mantissa bits, and the key-max kernel can then
+    accumulate logits in fp16 and take packed maxima), clamped to fp16's range.
     """
     if k_pool.dim() != 3:
         raise ValueError(f"k_pool must be [S_total, Hkv, D], got shape {tuple(k_pool.shape)}")
@@ -114,7 +116,7 @@ def build_routing_index(
     sums = torch.zeros(C, Hkv, D, dtype=torch.float32, device=dev)
     kmin = torch.full((C, Hkv, D), float("inf"), dtype=torch.float32, device=dev)
     kmax = torch.full((C, Hkv, D), float("-inf"), dtype=torch.float32, device=dev)
-    lowrank = torch.empty(S, Hkv, rank, dtype=dtype, device=dev)
+    lowrank = torch.empty(S, Hkv, rank, dtype=lowrank_dtype(dtype), device=dev)
     for r0 in range(0, S, block_rows):
         r1 = min(S, r0 + block_rows)
         blk = k_pool[r0:r1].float()  # [n, Hkv, D]
@@ -124,9 +126,23 @@ def build_routing_index(
         idx = cid[:, None, None].expand_as(blk)
         kmin.scatter_reduce_(0, idx, blk, "amin")
         kmax.scatter_reduce_(0, idx, blk, "amax")
-        lowrank[r0:r1] = torch.einsum("nhd,hdr->nhr", blk, basis32).to(dtype)
+        lowrank[r0:r1] = to_lowrank_dtype(torch.einsum("nhd,hdr->nhr", blk, basis32), dtype)
     mean = sums / lens.to(dev, torch.float32)[:, None, None]
     return RoutingIndex(offsets, mean.to(dtype), kmin.to(dtype), kmax.to(dtype), basis, lowrank)
+
+
+def lowrank_dtype(pool_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the low-rank keys for a pool dtype: fp32 stays fp32, half precision -> fp16."""
+    return torch.float32 if pool_dtype == torch.float32 else torch.float16
+
+
+def to_lowrank_dtype(x: torch.Tensor, pool_dtype: torch.dtype) -> torch.Tensor:
+    """Cast low-rank keys (fp32, or an older library's bf16) to ``lowrank_dtype(pool_dtype)``,
+    clamped to fp16's finite range."""
+    dtype = lowrank_dtype(pool_dtype)
+    if dtype == torch.float16:
+        x = x.float().clamp(-65504.0, 65504.0)
+    return x.to(dtype)
 
 
 def _all_pairs(B: int, C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,11 +155,13 @@ def _all_pairs(B: int, C: int, device: torch.device) -> tuple[torch.Tensor, torc
 def _keymax_pairs(
     q: torch.Tensor, index: RoutingIndex, pair_req: torch.Tensor, pair_chunk: torch.Tensor
 ) -> torch.Tensor:
-    # Tile size by pairs per chunk, from the sweep in bench/results/kernels.json
-    # (keymax_tiles, H200): 32-pair tiles were 11% faster at 128 pairs per chunk (B=1024,
-    # shortlist 32 of 256), 16-pair tiles 3% faster at 32 pairs per chunk; 64-pair tiles and
-    # 128-key blocks were slower at both.
+    # Tile shape by pairs per chunk, from the sweep in bench/results/keymax_sweep.json (H200,
+    # fp16 low-rank keys, shortlist 32 of 256 chunks of 4096): at 128 pairs per chunk
+    # (B = 1024) 32-pair tiles with 5 stages took 0.62 ms, 16-pair tiles 0.69 ms; at 32 pairs
+    # per chunk (B = 256) 16-pair tiles over 128-key blocks, 4 stages, took 0.31 ms where
+    # 64-key blocks took 0.57 ms.
     per_chunk = pair_req.numel() // max(1, index.num_chunks)
+    big = per_chunk >= 128
     return keymax_pair_scores(
         q,
         index.basis,
@@ -151,7 +169,9 @@ def _keymax_pairs(
         index.chunk_offsets,
         pair_req,
         pair_chunk,
-        block_b=32 if per_chunk >= 128 else 16,
+        block_b=32 if big else 16,
+        block_n=64 if big else 128,
+        num_stages=5 if big else 4,
     )  # [P, Hkv]
 
 

@@ -10,7 +10,11 @@ Two kernels:
   BLOCK_B (request, chunk) pairs of that chunk, the way a fused MoE kernel runs over
   (expert, token tile). It projects the tile's query rows onto the head's basis, streams the
   chunk's low-rank keys in blocks of BLOCK_N and keeps an elementwise running max of the
-  logits over a [rows, BLOCK_N] tile, so no [rows, S_total] matrix ever exists.
+  logits over a [rows, BLOCK_N] tile, so no [rows, S_total] matrix ever exists. With fp16
+  low-rank keys (what ``build_routing_index`` makes for half-precision pools) the logits
+  are accumulated in fp16 and the running max is a packed fp16x2 max: a K = r product gives
+  only 2r FLOPs per logit, so the one max per logit is as much work for the SM as the
+  product itself, and packing halves it.
 
 Query rows of a tile are (request, group head) pairs laid out as BLOCK_B x BLOCK_G (the GQA
 group G padded to a power of two); the max over the group is a reshape + max. All tl.dot
@@ -103,7 +107,7 @@ def _keymax_scores_kernel(
     out_ptr,  # [P, Hkv] fp32
     G, D, R,
     stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh, stride_op,
-    PRECISION: tl.constexpr, EVEN_R: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -125,14 +129,21 @@ def _keymax_scores_kernel(
         mask=(offs_d < D)[:, None] & (offs_r < R)[None, :],
         other=0.0,
     )
-    qr = tl.dot(q, basis, input_precision=PRECISION).to(basis.dtype)
+    qr = tl.dot(q, basis, input_precision=PRECISION)  # fp32
+    if F16_ACC:
+        # fp16 operands and logits: clamp so no operand is inf (inf * 0 would make a NaN)
+        qr = tl.minimum(tl.maximum(qr, -65504.0), 65504.0)
+        acc_dtype = tl.float16
+    else:
+        acc_dtype = tl.float32
+    qr = qr.to(lk_ptr.dtype.element_ty)
     lo = tl.load(offsets_ptr + chunk)
     hi = tl.load(offsets_ptr + chunk + 1)
     hi = tl.where(end > start, hi, lo)  # empty tile: skip the key loop
     # Running max kept elementwise over a [rows, BLOCK_N] tile (one max per score, no
     # cross-thread reduction per block); reduced over the keys once at the end. Full blocks
     # load unmasked; only the chunk's last partial block is masked.
-    best = tl.full((BLOCK_B * BLOCK_G, BLOCK_N), float("-inf"), tl.float32)
+    best = tl.full((BLOCK_B * BLOCK_G, BLOCK_N), float("-inf"), acc_dtype)
     offs_n = tl.arange(0, BLOCK_N)
     lk_ptrs = (
         lk_ptr
@@ -146,7 +157,7 @@ def _keymax_scores_kernel(
             lk = tl.load(lk_ptrs)
         else:
             lk = tl.load(lk_ptrs, mask=(offs_r < R)[:, None])
-        best = tl.maximum(best, tl.dot(qr, lk, input_precision=PRECISION))
+        best = tl.maximum(best, tl.dot(qr, lk, input_precision=PRECISION, out_dtype=acc_dtype))
         lk_ptrs += BLOCK_N * stride_ks
     if full_hi < hi:
         key_ok = (full_hi + offs_n) < hi
@@ -155,9 +166,9 @@ def _keymax_scores_kernel(
             mask=key_ok[None, :] & (offs_r < R)[:, None],
             other=0.0,
         )
-        s = tl.dot(qr, lk, input_precision=PRECISION)
+        s = tl.dot(qr, lk, input_precision=PRECISION, out_dtype=acc_dtype)
         best = tl.maximum(best, tl.where(key_ok[None, :], s, float("-inf")))
-    best = tl.max(best, axis=1)
+    best = tl.max(best.to(tl.float32), axis=1)
     best = tl.reshape(best, (BLOCK_B, BLOCK_G))
     best = tl.max(tl.where((tl.arange(0, BLOCK_G) < G)[None, :], best, float("-inf")), axis=1)
     tl.store(out_ptr + pair * stride_op + h, best, mask=pair_ok)
@@ -238,11 +249,13 @@ def keymax_pair_scores(
     block_b: int = 16,
     block_n: int = 64,
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
 
     q [B, Hq, D]; basis [Hkv, D, R]; lowrank_keys [S_total, Hkv, R]; chunk_offsets [C+1]
-    int32; pair_req, pair_chunk [P] int32 sorted by chunk -> [P, Hkv] fp32.
+    int32; pair_req, pair_chunk [P] int32 sorted by chunk -> [P, Hkv] fp32. Low-rank keys
+    may be fp16 whatever q's dtype (then logits are fp16, saturating at +-65504) or q's dtype.
     """
     q, basis = q.contiguous(), basis.contiguous()
     Hkv, D, R = basis.shape
@@ -250,6 +263,8 @@ def keymax_pair_scores(
     G = Hq // Hkv
     assert lowrank_keys.dim() == 3 and lowrank_keys.shape[1:] == (Hkv, R)
     assert lowrank_keys.stride(2) == 1 and basis.stride(2) == 1
+    if lowrank_keys.dtype not in (torch.float16, q.dtype):
+        raise ValueError(f"lowrank_keys must be fp16 or {q.dtype}, got {lowrank_keys.dtype}")
     assert pair_req.shape == pair_chunk.shape and pair_req.dtype == torch.int32
     P = pair_req.numel()
     C = chunk_offsets.numel() - 1
@@ -283,8 +298,9 @@ def keymax_pair_scores(
         q.stride(0), q.stride(1), basis.stride(0), basis.stride(1),
         lowrank_keys.stride(0), lowrank_keys.stride(1), out.stride(0),
         PRECISION=_precision(q.dtype), EVEN_R=_pow2(R, 16) == R,
+        F16_ACC=lowrank_keys.dtype == torch.float16,
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
-        BLOCK_N=_pow2(block_n, 16), num_warps=num_warps,
+        BLOCK_N=_pow2(block_n, 16), num_warps=num_warps, num_stages=num_stages,
     )
     # fmt: on
     return out

@@ -166,7 +166,7 @@ def load_library(
     """
     from tqdm.auto import tqdm
 
-    from moska.kernels.router import RoutingIndex
+    from moska.kernels.router import RoutingIndex, to_lowrank_dtype
 
     directory = Path(root) / validate_name(name)
     if not directory.is_dir():
@@ -208,6 +208,8 @@ def load_library(
                 fields[f] = t[INDEX_PREFIX + f]
             else:
                 raise CorruptLibraryError(name, fname, f"routing index field {f!r} missing")
+        # libraries built before fp16 low-rank keys stored them in the pool dtype
+        fields["lowrank_keys"] = to_lowrank_dtype(fields["lowrank_keys"], dtype)
         k_pools.append(t["k"])
         v_pools.append(t["v"])
         routing.append(RoutingIndex(**fields))

@@ -13,6 +13,7 @@ from moska.kernels.router import (
     route,
     score_chunks,
     selections_to_lists,
+    to_lowrank_dtype,
 )
 from moska.kernels.router_scores import (
     bound_scores_ref,
@@ -21,7 +22,7 @@ from moska.kernels.router_scores import (
     mean_scores_ref,
 )
 
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2}
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -96,14 +97,16 @@ def test_keymax_work_list(dtype, G, block_b):
     assert rel_err(got, want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])  # pure torch: bf16 is fine on CPU
 def test_build_routing_index(dtype):
     Hkv, D = 2, 16
     offsets = ragged_offsets([3, 1, 50, 9, 30])
     k_pool = torch.randn(int(offsets[-1]), Hkv, D).to(dtype)
     index = build_routing_index(k_pool, offsets, rank=4, block_rows=7, max_fit_rows=40)
     assert index.basis.shape == (Hkv, D, 4) and index.lowrank_keys.shape == (93, Hkv, 4)
-    assert all(t.dtype == dtype for t in index[1:]) and index.chunk_offsets.dtype == torch.int32
+    assert all(t.dtype == dtype for t in index[1:5]) and index.chunk_offsets.dtype == torch.int32
+    # low-rank keys: fp16 for half pools (the key-max kernel accumulates them in fp16)
+    assert index.lowrank_keys.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
     for c in range(5):
         keys = k_pool[offsets[c] : offsets[c + 1]].float()
         torch.testing.assert_close(index.mean_keys[c].float(), keys.mean(0), **_tol(dtype))
@@ -117,7 +120,18 @@ def test_build_routing_index(dtype):
 
 
 def _tol(dtype):
-    return {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
+    if dtype == torch.float32:
+        return {"atol": 1e-5, "rtol": 1e-5}
+    return {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {"atol": 2e-2, "rtol": 2e-2}
+
+
+def test_lowrank_keys_cast_to_fp16_with_clamp():
+    """An older library's bf16 low-rank keys load as fp16, clamped to fp16's finite range."""
+    x = torch.tensor([1.5, -3.0e5, 7.0e4, 0.0]).to(torch.bfloat16)
+    y = to_lowrank_dtype(x, torch.bfloat16)
+    assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())
+    assert y.tolist() == [1.5, -65504.0, 65504.0, 0.0]
+    assert to_lowrank_dtype(torch.randn(3), torch.float32).dtype == torch.float32
 
 
 def test_pca_basis_captures_key_subspace():
