@@ -1,4 +1,5 @@
 """One-off: a single key-max pair-scoring launch at B = 1024 (for a profiler to look at)."""
+
 # Usage on the GPU machine: PYTHONPATH=. ncu ... python3 bench/keymax_one.py [fp16|bf16]
 import sys
 

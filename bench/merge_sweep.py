@@ -1,4 +1,5 @@
 """One-off: GPU time of the split-tile merge of grouped shared attention by merge shape."""
+
 # Usage on the GPU machine: PYTHONPATH=. python3 bench/merge_sweep.py  (JSON under $OUT)
 import json
 import os

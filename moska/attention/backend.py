@@ -27,6 +27,11 @@ class PagedAttention:
         self.ops = ops
         self.sm_scale = sm_scale
         self.overlap = overlap  # shared attention on a side stream (CUDA only)
+        # Overlapped, the key-max router launch gets this many programs per SM (None: one per
+        # tile) so that it runs beside the unique attention instead of queueing behind it:
+        # two-stage step at B = 1024 on an H200, 6.57 -> 6.04 ms as a CUDA graph
+        # (bench/results/kernels.json, ours_with_router_two_stage[_p1]_prio_graph_ms).
+        self.keymax_programs_per_sm: int | None = 1
         self._side: torch.cuda.Stream | None = None
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
@@ -66,8 +71,12 @@ class BoundAttention:
             return o
         cur = torch.cuda.current_stream(q.device)
         side.wait_stream(cur)
+        programs = None
+        if p.keymax_programs_per_sm is not None:
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            programs = p.keymax_programs_per_sm * sms
         with torch.cuda.stream(side):
-            shared = [_shared_group(p, layer, q, group) for group in m.groups]
+            shared = [_shared_group(p, layer, q, group, programs) for group in m.groups]
         o, lse = self._unique(layer, q)
         cur.wait_stream(side)
         for group, states in zip(m.groups, shared):
@@ -82,10 +91,18 @@ class BoundAttention:
         return p.ops.paged_prefill(q, kc, vc, m.block_tables, m.cu_q_lens, m.seq_lens, p.sm_scale)
 
 
-def _shared_group(p: PagedAttention, layer: int, q: torch.Tensor, group: LibraryGroup):
+def _shared_group(
+    p: PagedAttention,
+    layer: int,
+    q: torch.Tensor,
+    group: LibraryGroup,
+    keymax_programs: int | None = None,
+):
     """Routed shared-chunk states of a group's rows: (o_sel, lse_sel, sel)."""
     q_rows = q if group.all_rows else q.index_select(0, group.rows)
-    o_sel, lse_sel, sel = shared_attention_for_group(p.ops, layer, q_rows, group, p.sm_scale)
+    o_sel, lse_sel, sel = shared_attention_for_group(
+        p.ops, layer, q_rows, group, p.sm_scale, keymax_programs
+    )
     if group.record:
         group.recorded[layer] = sel
     if layer in group.coverage_layers:

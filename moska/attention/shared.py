@@ -24,6 +24,7 @@ def shared_attention_for_group(
     q_rows: torch.Tensor,  # [n, Hq, D]
     group: LibraryGroup,
     sm_scale: float,
+    keymax_programs: int | None = None,
 ):
     lib = group.library
     k_pool, v_pool = lib.k_pools[layer], lib.v_pools[layer]  # [S, Hkv, D]
@@ -33,7 +34,13 @@ def shared_attention_for_group(
     else:
         from moska.kernels.router import route
 
-        sel = route(q_rows, lib.routing[layer], group.top_k, scorer=group.scorer)
+        sel = route(
+            q_rows,
+            lib.routing[layer],
+            group.top_k,
+            scorer=group.scorer,
+            keymax_programs=keymax_programs,
+        )
     o_sel, lse_sel = ops.grouped_shared(q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale)
     return o_sel, lse_sel, sel
 

@@ -182,9 +182,14 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     check: dict[str, torch.Tensor] = {}
     for b in args.batch:
         ids = torch.randint(0, mcfg.vocab_size, (b,), device=DEV)
-        for mode in ("moska", "serial", "all", "dense"):
-            # serial: moska with the shared attention on the current stream (no overlap)
+        modes = ("moska", "serial", "all", "dense")
+        if args.scorer in ("keymax", "two_stage"):
+            modes = ("moska", "uncapped", "serial", "all", "dense")
+        for mode in modes:
+            # serial: moska with the shared attention on the current stream (no overlap);
+            # uncapped: overlapped, but the key-max launch not capped at one program per SM
             attention.overlap = mode != "serial"
+            attention.keymax_programs_per_sm = None if mode == "uncapped" else 1
             meta = decode_metadata(b, args.unique_tokens, lib_blocks, bs, mode == "dense")
             pos = torch.full((b,), args.library_tokens + args.unique_tokens, device=DEV)
             if mode != "dense":
@@ -348,6 +353,11 @@ def summarize(rows: list[dict], build: dict) -> dict:
         "speedup_vs_dense_b256": d["step_ms"] / m["step_ms"],
         "speedup_routing_vs_all_chunks_b256": a["step_ms"] / m["step_ms"],
         "overlap_speedup_vs_serial_b256": get(b, "serial")["step_ms"] / m["step_ms"],
+        **(
+            {"keymax_cap_speedup_vs_uncapped_b256": get(b, "uncapped")["step_ms"] / m["step_ms"]}
+            if get(b, "uncapped")
+            else {}
+        ),
         "roofline_fraction_b256": m["roofline_fraction"],
         "decode_tokens_per_s_b256": m["decode_tokens_per_s"],
         "library_build_mfu": build["mfu"],

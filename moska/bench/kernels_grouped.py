@@ -190,23 +190,29 @@ def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
             kv_bytes = (row["touched_chunks"] * L + B * U) * HKV * D * 2 * 2
             flops = 4 * (B * topk * L + B * U) * HQ * D
             if routing == "uniform":
-                for scorer in ("mean", "two_stage"):
+                sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+                # two_stage_p{n}: the key-max launch capped at n programs per SM, so that it
+                # can sit beside the unique attention (memory-bound) instead of after it
+                for scorer, progs in (
+                    ("mean", None),
+                    ("two_stage", None),
+                    ("two_stage_p1", sms),
+                    ("two_stage_p2", 2 * sms),
+                ):
 
-                    def route_fn(scorer=scorer):
-                        return router.route(q, index, topk, scorer=scorer)
+                    def route_fn(scorer=scorer.split("_p")[0], progs=progs):
+                        return router.route(q, index, topk, scorer=scorer, keymax_programs=progs)
 
                     try:
                         prefix = f"ours_with_router_{scorer}"
                         row[f"{prefix}_ms"] = time_modes(route_fn, prefix, row)
-                        touched = int(
-                            torch.unique(router.route(q, index, topk, scorer=scorer).chunk).numel()
-                        )
+                        touched = int(torch.unique(route_fn().chunk).numel())
                         row[f"router_{scorer}_touched"] = touched
                         # the router's own reads: summaries; two-stage also the low-rank keys
                         # of every chunk some request shortlisted (all of them at these B)
                         r_bytes = 2 * C * HKV * D * 2
                         r_flops = 0
-                        if scorer == "two_stage":
+                        if scorer.startswith("two_stage"):
                             r_bytes += S * HKV * index.rank * 2
                             r_flops = 2 * B * 4 * topk * L * HQ * index.rank
                         floor_r = max(

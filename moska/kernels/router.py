@@ -153,7 +153,11 @@ def _all_pairs(B: int, C: int, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def _keymax_pairs(
-    q: torch.Tensor, index: RoutingIndex, pair_req: torch.Tensor, pair_chunk: torch.Tensor
+    q: torch.Tensor,
+    index: RoutingIndex,
+    pair_req: torch.Tensor,
+    pair_chunk: torch.Tensor,
+    max_programs: int | None = None,
 ) -> torch.Tensor:
     # Tile shape by pairs per chunk, from the sweep in bench/results/keymax_sweep.json (H200,
     # fp16 low-rank keys, shortlist 32 of 256 chunks of 4096): at 128 pairs per chunk
@@ -172,6 +176,7 @@ def _keymax_pairs(
         block_b=32 if big else 16,
         block_n=64 if big else 128,
         num_stages=5 if big else 4,
+        max_programs=max_programs,
     )  # [P, Hkv]
 
 
@@ -197,6 +202,7 @@ def _two_stage_scores(
     top_k: int,
     shortlist_factor: int,
     always: torch.Tensor | None,
+    keymax_programs: int | None,
 ) -> torch.Tensor:
     """Key-max scores on a bound shortlist, -inf elsewhere: [B, Hkv, C] fp32."""
     B, C, Hkv = q.shape[0], index.num_chunks, index.num_kv_heads
@@ -207,7 +213,7 @@ def _two_stage_scores(
     short = cheap.topk(n_short, dim=-1).indices  # [B, n_short] int64
     pairs = from_topk(short[:, None, :], 1, C)  # (req, chunk) pairs grouped by chunk
     pair_req, pair_chunk = pairs.req, pairs.chunk
-    scores = _keymax_pairs(q, index, pair_req, pair_chunk)  # [P, Hkv]
+    scores = _keymax_pairs(q, index, pair_req, pair_chunk, keymax_programs)  # [P, Hkv]
     full = torch.full((B, C, Hkv), float("-inf"), dtype=torch.float32, device=q.device)
     full[pair_req.long(), pair_chunk.long()] = scores
     return full.permute(0, 2, 1)
@@ -244,12 +250,14 @@ def route(
     per_kv_head: bool = False,
     always=None,
     shortlist_factor: int = 4,
+    keymax_programs: int | None = None,
 ) -> Selections:
     """Top-k chunks per request (or per request and KV head) for q [B, Hq, D].
 
     ``always``: [B, C] bool tensor or a list of chunk ids (for every request) of chunks that
     are always selected; they count toward top_k (a tensor row with more than top_k of them
     keeps an arbitrary top_k). ``top_k >= C`` selects every chunk without scoring.
+    ``keymax_programs`` caps the two-stage key-max launch's grid (see keymax_pair_scores).
     Returns Selections sorted by (chunk, kv_head, req), int32, on q's device.
     """
     if scorer not in SCORERS:
@@ -265,7 +273,7 @@ def route(
     if top_k >= C:
         return from_topk(torch.arange(C, device=dev).expand(B, 1, C), Hkv, C)
     if scorer == "two_stage":
-        scores = _two_stage_scores(q, index, top_k, shortlist_factor, always_mask)
+        scores = _two_stage_scores(q, index, top_k, shortlist_factor, always_mask, keymax_programs)
     else:
         scores = score_chunks(q, index, scorer)  # [B, Hkv, C]
     if not per_kv_head:

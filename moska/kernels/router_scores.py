@@ -105,15 +105,40 @@ def _keymax_scores_kernel(
     tile_end_ptr,  # [T] int32 one past the last pair of each tile
     tile_chunk_ptr,  # [T] int32
     out_ptr,  # [P, Hkv] fp32
-    G, D, R,
+    T, Hkv, G, D, R,
     stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh, stride_op,
     PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # fmt: on
-    t = tl.program_id(0)
-    h = tl.program_id(1)
+    # Items (tile t, head h) in launch order t fastest, so programs running together read
+    # the same chunk's keys (L2 reuse). A grid smaller than T * Hkv loops over the items, so
+    # the kernel can be given a few programs per SM and leave room beside it for a concurrent
+    # memory-bound kernel.
+    for w in range(tl.program_id(0), T * Hkv, tl.num_programs(0)):
+        # fmt: off
+        _keymax_tile(
+            q_ptr, basis_ptr, lk_ptr, offsets_ptr, pair_req_ptr, tile_start_ptr, tile_end_ptr,
+            tile_chunk_ptr, out_ptr, w % T, w // T, G, D, R,
+            stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh, stride_op,
+            PRECISION, EVEN_R, F16_ACC, BLOCK_B, BLOCK_G, BLOCK_D, BLOCK_R, BLOCK_N,
+        )
+        # fmt: on
+
+
+# fmt: off
+@triton.jit
+def _keymax_tile(
+    q_ptr, basis_ptr, lk_ptr, offsets_ptr, pair_req_ptr, tile_start_ptr, tile_end_ptr,
+    tile_chunk_ptr, out_ptr, t, h, G, D, R,
+    stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh, stride_op,
+    PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # fmt: on
+    # Key-max scores of tile t (up to BLOCK_B pairs of one chunk) for KV head h.
     start = tl.load(tile_start_ptr + t)
     end = tl.load(tile_end_ptr + t)
     chunk = tl.load(tile_chunk_ptr + t)
@@ -250,8 +275,12 @@ def keymax_pair_scores(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
+    max_programs: int | None = None,
 ) -> torch.Tensor:
     """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
+
+    ``max_programs`` caps the grid (the programs then loop over the tiles), e.g. to one or
+    two programs per SM when the kernel runs beside a memory-bound kernel on another stream.
 
     q [B, Hq, D]; basis [Hkv, D, R]; lowrank_keys [S_total, Hkv, R]; chunk_offsets [C+1]
     int32; pair_req, pair_chunk [P] int32 sorted by chunk -> [P, Hkv] fp32. Low-rank keys
@@ -292,9 +321,11 @@ def keymax_pair_scores(
     tile_end = torch.minimum(tile_start + block_b, chunk_end).to(torch.int32)
     tile_end = torch.where(tile_start < P, tile_end, tile_start)
     # fmt: off
-    _keymax_scores_kernel[(T, Hkv)](
+    items = T * Hkv
+    grid = (items if max_programs is None else max(1, min(items, max_programs)),)
+    _keymax_scores_kernel[grid](
         q, basis, lowrank_keys, chunk_offsets, pair_req, tile_start, tile_end, tile_chunk, out,
-        G, D, R,
+        T, Hkv, G, D, R,
         q.stride(0), q.stride(1), basis.stride(0), basis.stride(1),
         lowrank_keys.stride(0), lowrank_keys.stride(1), out.stride(0),
         PRECISION=_precision(q.dtype), EVEN_R=_pow2(R, 16) == R,

@@ -68,16 +68,17 @@ def test_scores_match_reference(dtype, G, scorer):
 
 
 @pytest.mark.parametrize(
-    "dtype,G,block_b",
+    "dtype,G,block_b,max_programs",
     [
-        (torch.float32, 1, 16),
-        (torch.float16, 1, 16),
-        (torch.float32, 3, 16),
-        (torch.float16, 3, 16),
-        (torch.float16, 3, 32),
+        (torch.float32, 1, 16, None),
+        (torch.float16, 1, 16, None),
+        (torch.float32, 3, 16, None),
+        (torch.float16, 3, 16, None),
+        (torch.float16, 3, 32, None),
+        (torch.float16, 3, 16, 5),  # 5 programs loop over all (tile, head) items
     ],
 )
-def test_keymax_work_list(dtype, G, block_b):
+def test_keymax_work_list(dtype, G, block_b, max_programs):
     """Ragged work list: chunks with 0, 1 and more than BLOCK_B pairs; keys over many blocks."""
     Hkv, D, R, B = 2, 32, 16, 40
     offsets = ragged_offsets([1, 70, 5, 33, 17, 2])
@@ -89,7 +90,15 @@ def test_keymax_work_list(dtype, G, block_b):
     pair_chunk = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)]).int()
     pair_req = torch.cat([torch.randperm(B)[:n].sort().values for n in counts]).int()
     got = keymax_pair_scores(
-        q, basis, lowrank, offsets, pair_req, pair_chunk, block_b=block_b, block_n=32
+        q,
+        basis,
+        lowrank,
+        offsets,
+        pair_req,
+        pair_chunk,
+        block_b=block_b,
+        block_n=32,
+        max_programs=max_programs,
     )
     want = keymax_scores_ref(q, basis, lowrank, offsets)  # [B, Hkv, C]
     want = want[pair_req.long(), :, pair_chunk.long()]  # [P, Hkv]
