@@ -27,11 +27,13 @@ class PagedAttention:
         self.ops = ops
         self.sm_scale = sm_scale
         self.overlap = overlap  # shared attention on a side stream (CUDA only)
-        # Overlapped, the key-max router launch gets this many programs per SM (None: one per
-        # tile) so that it runs beside the unique attention instead of queueing behind it:
-        # two-stage step at B = 1024 on an H200, 6.57 -> 6.04 ms as a CUDA graph
-        # (bench/results/kernels.json, ours_with_router_two_stage[_p1]_prio_graph_ms).
-        self.keymax_programs_per_sm: int | None = 1
+        # Overlapped, the key-max router launch may be capped at this many programs per SM,
+        # so that it runs beside the unique attention instead of queueing behind it. It pays
+        # when the unique attention is long: grouped two-stage step at B = 1024 with 4096
+        # unique tokens, 6.57 -> 6.04 ms as a CUDA graph (bench/results/kernels.json). With
+        # 1K unique tokens (bench/results/decode_two_stage.json) the decode step got slower,
+        # 47.1 -> 51.1 ms at B = 256, so it is off (None) by default.
+        self.keymax_programs_per_sm: int | None = None
         self._side: torch.cuda.Stream | None = None
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream | None:

@@ -180,7 +180,12 @@ def _keymax_pairs(
     )  # [P, Hkv]
 
 
-def score_chunks(q: torch.Tensor, index: RoutingIndex, scorer: str = "keymax") -> torch.Tensor:
+def score_chunks(
+    q: torch.Tensor,
+    index: RoutingIndex,
+    scorer: str = "keymax",
+    keymax_programs: int | None = None,
+) -> torch.Tensor:
     """Scores of every chunk for every request and KV head: q [B, Hq, D] -> [B, Hkv, C] fp32.
 
     ``scorer`` is "keymax", "mean" or "bound" (two_stage needs top_k: use ``route``).
@@ -192,7 +197,8 @@ def score_chunks(q: torch.Tensor, index: RoutingIndex, scorer: str = "keymax") -
     if scorer == "keymax":
         B, C, Hkv = q.shape[0], index.num_chunks, index.num_kv_heads
         pair_req, pair_chunk = _all_pairs(B, C, q.device)
-        return _keymax_pairs(q, index, pair_req, pair_chunk).view(C, B, Hkv).permute(1, 2, 0)
+        scores = _keymax_pairs(q, index, pair_req, pair_chunk, keymax_programs)
+        return scores.view(C, B, Hkv).permute(1, 2, 0)
     raise ValueError(f"score_chunks: scorer must be 'keymax', 'mean' or 'bound', got {scorer!r}")
 
 
@@ -257,7 +263,7 @@ def route(
     ``always``: [B, C] bool tensor or a list of chunk ids (for every request) of chunks that
     are always selected; they count toward top_k (a tensor row with more than top_k of them
     keeps an arbitrary top_k). ``top_k >= C`` selects every chunk without scoring.
-    ``keymax_programs`` caps the two-stage key-max launch's grid (see keymax_pair_scores).
+    ``keymax_programs`` caps the key-max launch's grid (see keymax_pair_scores).
     Returns Selections sorted by (chunk, kv_head, req), int32, on q's device.
     """
     if scorer not in SCORERS:
@@ -275,7 +281,7 @@ def route(
     if scorer == "two_stage":
         scores = _two_stage_scores(q, index, top_k, shortlist_factor, always_mask, keymax_programs)
     else:
-        scores = score_chunks(q, index, scorer)  # [B, Hkv, C]
+        scores = score_chunks(q, index, scorer, keymax_programs)  # [B, Hkv, C]
     if not per_kv_head:
         scores = scores.sum(dim=1, keepdim=True)  # [B, 1, C]
     if always_mask is not None:

@@ -26,11 +26,17 @@ def test_overlap_matches_serial(tmp_path, top_k):
     attention = llm.engine.runner.attention
     assert attention.overlap and attention.side_stream(torch.device("cuda")) is not None
     outs = {}
-    for overlap in (True, False):
-        attention.overlap = overlap
-        outs[overlap] = llm.generate(prompts, params, library="docs", top_k_chunks=top_k)
-    for a, b in zip(outs[True], outs[False]):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            for tok, lp in la.top.items():
-                assert abs(lp - lb.top[tok]) < 1e-4
+    # overlapped, overlapped with the key-max grid capped at one program per SM, serial
+    for name, overlap, cap in (
+        ("overlap", True, None),
+        ("capped", True, 1),
+        ("serial", False, None),
+    ):
+        attention.overlap, attention.keymax_programs_per_sm = overlap, cap
+        outs[name] = llm.generate(prompts, params, library="docs", top_k_chunks=top_k)
+    for name in ("overlap", "capped"):
+        for a, b in zip(outs[name], outs["serial"]):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                for tok, lp in la.top.items():
+                    assert abs(lp - lb.top[tok]) < 1e-4
