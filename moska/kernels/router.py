@@ -159,13 +159,10 @@ def _keymax_pairs(
     pair_chunk: torch.Tensor,
     max_programs: int | None = None,
 ) -> torch.Tensor:
-    # Tile shape by pairs per chunk, from the sweep in bench/results/keymax_sweep.json (H200,
-    # fp16 low-rank keys, shortlist 32 of 256 chunks of 4096): at 128 pairs per chunk
-    # (B = 1024) 32-pair tiles with 5 stages took 0.62 ms, 16-pair tiles 0.69 ms; at 32 pairs
-    # per chunk (B = 256) 16-pair tiles over 128-key blocks, 4 stages, took 0.31 ms where
-    # 64-key blocks took 0.57 ms.
-    per_chunk = pair_req.numel() // max(1, index.num_chunks)
-    big = per_chunk >= 128
+    # Tile shape from the sweep in bench/results/keymax_sweep.json (H200, fp16 low-rank keys,
+    # shortlist 32 of 256 chunks of 4096, CUDA-graph timing): 32-pair tiles over 64-key
+    # blocks with 5 stages were the fastest or tied at both 32 pairs per chunk (B = 256,
+    # 0.31 ms) and 128 (B = 1024, 0.62 ms; 16-pair tiles 0.88 ms).
     return keymax_pair_scores(
         q,
         index.basis,
@@ -173,9 +170,9 @@ def _keymax_pairs(
         index.chunk_offsets,
         pair_req,
         pair_chunk,
-        block_b=32 if big else 16,
-        block_n=64 if big else 128,
-        num_stages=5 if big else 4,
+        block_b=32,
+        block_n=64,
+        num_stages=5,
         max_programs=max_programs,
     )  # [P, Hkv]
 
