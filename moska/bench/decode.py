@@ -257,9 +257,16 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
                 r["roofline_ms"] = floor_ms
                 r["roofline_fraction"] = floor_ms / r["step_ms"]
     exact_err = float((check["all"] - check["dense"]).norm() / check["dense"].norm())
-    print(f"exactness: all-chunks vs dense logits rel err {exact_err:.2e}", flush=True)
+    top1 = float((check["all"].argmax(-1) == check["dense"].argmax(-1)).float().mean())
+    print(f"exactness: all-chunks vs dense logits rel err {exact_err:.2e}, top-1 {top1:.3f}")
     summary = summarize(rows, build)
     summary["exactness_all_vs_dense_rel_err"] = exact_err
+    summary["exactness_all_vs_dense_top1_agreement"] = top1
+    summary["exactness_note"] = (
+        "logits after every layer of a random bf16 model: rounding differences of the two "
+        "summation orders compound layer by layer; the identity itself is tested in fp32 "
+        "(tests/engine/test_moska_path.py, tests/kernels/test_shared_attention.py)"
+    )
     payload = {
         "environment": environment(),
         "shapes": {
