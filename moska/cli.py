@@ -23,6 +23,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--library-root", default=None, help="where libraries live")
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)",
+    )
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -33,6 +38,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         num_kv_blocks=args.num_kv_blocks,
         library_root=args.library_root,
+        enforce_eager=args.enforce_eager,
     )
 
 

@@ -14,6 +14,7 @@ class EngineConfig:
     dtype: "auto" (the checkpoint's own), "bfloat16", "float16" or "float32".
     attention: "auto" (Triton kernels on CUDA, plain PyTorch on CPU), "triton" or "torch".
     num_kv_blocks: unique-KV blocks to allocate; None sizes them from memory.
+    enforce_eager: never replay decode steps from CUDA graphs (on CUDA they are by default).
     """
 
     model: str | None = None
@@ -30,6 +31,7 @@ class EngineConfig:
     seed: int = 0
     library_root: str | None = None
     default_top_k_chunks: int = 8
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -57,24 +57,45 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("the smoke benchmark needs a CUDA GPU")
     loaded = random_loaded_model(LLAMA_3_1_8B, torch.bfloat16, "cuda")
-    config = EngineConfig(
-        model="random-llama-3.1-8b", device="cuda", num_kv_blocks=8192, max_num_batched_tokens=8192
-    )
-    engine = LLMEngine(config, loaded)
-    run(engine, 2, 64, 4)  # warm-up: Triton compiles here
-    rows = [run(engine, b, args.prompt_len, args.max_tokens) for b in args.batch]
+    rows = []
+    for mode in ("eager", "graph"):  # decode steps run eagerly, or replay CUDA graphs
+        config = EngineConfig(
+            model="random-llama-3.1-8b",
+            device="cuda",
+            num_kv_blocks=8192,
+            max_num_batched_tokens=8192,
+            enforce_eager=mode == "eager",
+        )
+        engine = LLMEngine(config, loaded)
+        for b in args.batch:  # warm-up: Triton compiles and graphs are captured here
+            run(engine, b, 64, 3)
+        for b in args.batch:
+            rows.append({"mode": mode, **run(engine, b, args.prompt_len, args.max_tokens)})
+        del engine
+        torch.cuda.empty_cache()
+    speedup = {}
+    for b in args.batch:
+        e, g = (
+            next(r for r in rows if r["mode"] == m and r["batch"] == b) for m in ("eager", "graph")
+        )
+        if e["decode_tokens_per_s"] and g["decode_tokens_per_s"]:
+            speedup[f"graph_decode_speedup_b{b}"] = (
+                g["decode_tokens_per_s"] / e["decode_tokens_per_s"]
+            )
     payload = {
         "environment": environment(),
         "model": "Llama-3.1-8B shape, random bf16",
         "rows": rows,
+        "summary": speedup,
     }
     write_json(args.out, payload)
-    print(f"{'batch':>6} {'TTFT s':>8} {'tok/s':>10} {'decode tok/s':>13}")
+    print(f"{'mode':>6} {'batch':>6} {'TTFT s':>8} {'tok/s':>10} {'decode tok/s':>13}")
     for r in rows:
         print(
-            f"{r['batch']:>6} {r['time_to_first_token_s']:>8.3f} {r['tokens_per_s']:>10.1f} "
-            f"{r['decode_tokens_per_s'] or 0:>13.1f}"
+            f"{r['mode']:>6} {r['batch']:>6} {r['time_to_first_token_s']:>8.3f} "
+            f"{r['tokens_per_s']:>10.1f} {r['decode_tokens_per_s'] or 0:>13.1f}"
         )
+    print("summary:", speedup)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ all scheduled tokens (prefill chunks and decodes together), and samples."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -13,10 +14,13 @@ from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import get_attention_ops
 from moska.config import EngineConfig
+from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpec
 from moska.engine.request import Request
 from moska.engine.sampler import Sampler
 
 _CPU_KV_BUDGET_BYTES = 1 << 30
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,9 +40,10 @@ class ModelRunner:
         self.dtype = next(self.model.parameters()).dtype
         self.block_size = config.block_size
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        use_graphs = device.type == "cuda" and not config.enforce_eager
         self.cache = PagedKVCache(
             self.mcfg.num_layers,
-            num_blocks,
+            num_blocks + int(use_graphs),  # + the CUDA graphs' scratch block, owned by no request
             self.block_size,
             self.mcfg.num_kv_heads,
             self.mcfg.head_dim,
@@ -51,10 +56,27 @@ class ModelRunner:
         self.ops = get_attention_ops(kind)
         self.attention = PagedAttention(self.cache, self.ops, self.mcfg.sm_scale)
         self.sampler = Sampler(config.seed)
+        self._num_blocks = num_blocks
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            max_len = min(
+                config.max_model_len or self.mcfg.max_position_embeddings,
+                self.mcfg.max_position_embeddings,
+            )
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.attention,
+                scratch_block=num_blocks,
+                block_size=self.block_size,
+                max_blocks=-(-max_len // self.block_size),
+                max_batch=config.max_num_seqs,
+                device=device,
+            )
 
     @property
     def num_blocks(self) -> int:
-        return self.cache.num_blocks
+        """KV blocks requests may own (the CUDA graphs' scratch block is not one of them)."""
+        return self._num_blocks
 
     def _auto_num_blocks(self) -> int:
         per_block = PagedKVCache.bytes_per_block(
@@ -120,6 +142,23 @@ class ModelRunner:
             it.request.block_table[:max_blocks] + [0] * (max_blocks - len(it.request.block_table))
             for it in scheduled
         ]
+        spec = self._graph_spec(scheduled, token_ids, lib_rows, lib_topk, record_reqs, get_library)
+        if spec is not False:
+            try:
+                hidden, group = self.graphs.run(
+                    torch.tensor(token_ids, dtype=torch.int64),
+                    torch.tensor(positions, dtype=torch.int64),
+                    torch.tensor(slots, dtype=torch.int64),
+                    torch.tensor(seq_lens, dtype=torch.int32),
+                    torch.tensor(tables, dtype=torch.int32),
+                    spec,
+                )
+            except GraphCaptureError as e:
+                logger.warning("%s; decode steps run eagerly from now on", e)
+                self.graphs = None
+            else:
+                groups = [group] if group is not None else []
+                return self._sample(hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
@@ -147,10 +186,31 @@ class ModelRunner:
         ids_t = torch.tensor(token_ids, dtype=torch.int64).to(dev, non_blocking=True)
         pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
         hidden = self.model(ids_t, pos_t, self.attention.bind(meta))
+        return self._sample(hidden, sample_rows, sample_reqs, meta.groups, lib_rows, record_reqs)
+
+    def _graph_spec(self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, get_library):
+        """False when this step runs eagerly; else None (no library) or the LibrarySpec of
+        the one library every row reads, for a CUDA-graph replay."""
+        g = self.graphs
+        if g is None or len(token_ids) != len(scheduled) or g.bucket(len(scheduled)) is None:
+            return False
+        if not lib_rows:
+            return None
+        if len(lib_rows) > 1:
+            return False
+        ((name, rows),) = lib_rows.items()
+        reqs = record_reqs.get(name, [])
+        if len(rows) != len(token_ids) or any(r.report_routing for r, _ in reqs):
+            return False
+        lib = get_library(name)
+        scorer = getattr(lib, "default_scorer", "keymax")
+        return LibrarySpec(name, lib, lib_topk[name], scorer, record=bool(reqs))
+
+    def _sample(self, hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs):
         result = StepResult(sampled={}, logprobs={}, routed_chunks={}, coverage={})
         if not sample_rows:
             return result
-        rows_t = torch.tensor(sample_rows, dtype=torch.int64).to(dev)
+        rows_t = torch.tensor(sample_rows, dtype=torch.int64).to(self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows_t))
         out = self.sampler(
             logits, [r.sampling_params for r in sample_reqs], [r.request_id for r in sample_reqs]
@@ -159,7 +219,7 @@ class ModelRunner:
             result.sampled[req.request_id] = tok
             if lp is not None:
                 result.logprobs[req.request_id] = lp
-        for group, name in zip(meta.groups, lib_rows):
+        for group, name in zip(groups, lib_rows):
             _record_routes(group, lib_rows[name], record_reqs.get(name, []), result)
         return result
 

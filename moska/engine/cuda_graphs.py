@@ -1,0 +1,196 @@
+"""CUDA graphs for decode steps: one captured model forward per batch-size bucket.
+
+A decode step of B requests is padded to the next bucket b >= B (1, 2, 4, ..., max_batch)
+and replayed from a graph captured on first use, so the step costs one graph launch instead
+of a few hundred kernel launches from Python. The graph reads static input buffers (token
+ids, positions, KV slots, context lengths, block tables); a step copies its inputs into the
+first B rows and points the padding rows at a scratch KV block that no request owns, so
+they write and read nothing live. Steps with a shared library are graphed too when every
+row reads the same library (keyed by library, top_k and scorer); anything else, and steps
+larger than the largest bucket, run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moska.attention.backend import PagedAttention
+from moska.attention.metadata import AttentionMetadata, LibraryGroup
+
+logger = logging.getLogger(__name__)
+
+
+class GraphCaptureError(RuntimeError):
+    """A decode step could not be captured; the runner then stays eager."""
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor  # [b] int64
+    pos: torch.Tensor  # [b] int64
+    slots: torch.Tensor  # [b] int64
+    seq_lens: torch.Tensor  # [b] int32
+    tables: torch.Tensor  # [b, W] int32
+    hidden: torch.Tensor  # [b, H], written by each replay
+    group: LibraryGroup | None  # its `recorded` selections are written by each replay
+    library: Any = None  # weakref to the library the graph reads, or None
+    keep: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LibrarySpec:
+    """The one library every row of a decode step reads."""
+
+    name: str
+    library: Any  # LoadedLibrary
+    top_k: int
+    scorer: str
+    record: bool
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model,
+        attention: PagedAttention,
+        scratch_block: int,
+        block_size: int,
+        max_blocks: int,
+        max_batch: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.attention = attention
+        self.scratch_block = scratch_block
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.device = device
+        self.buckets = []
+        b = 1
+        while b < max_batch:
+            self.buckets.append(b)
+            b *= 2
+        self.buckets.append(max_batch)
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = None
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def run(
+        self,
+        ids: torch.Tensor,  # [B] int64, CPU
+        pos: torch.Tensor,  # [B] int64, CPU
+        slots: torch.Tensor,  # [B] int64, CPU
+        seq_lens: torch.Tensor,  # [B] int32, CPU
+        tables: torch.Tensor,  # [B, max_blocks_now] int32, CPU
+        spec: LibrarySpec | None,
+    ) -> tuple[torch.Tensor, LibraryGroup | None]:
+        """Hidden states [B, H] of one decode step, and the library group whose `recorded`
+        selections the step wrote (rows past B are padding)."""
+        n = ids.numel()
+        b = self.bucket(n)
+        assert b is not None and tables.shape[1] <= self.max_blocks
+        key = (b,)
+        if spec is not None:
+            key = (b, spec.name, id(spec.library), spec.top_k, spec.scorer, spec.record)
+        g = self._graphs.get(key)
+        if g is not None and g.library is not None and g.library() is not spec.library:
+            g = None  # the library was reloaded: recapture
+        if g is None:
+            self._prune()
+            try:
+                g = self._capture(b, spec)
+            except Exception as e:  # noqa: BLE001 - reported, and the runner goes eager
+                raise GraphCaptureError(f"CUDA graph capture of decode batch {b} failed: {e!r}")
+            self._graphs[key] = g
+        self._pad(g, n)
+        g.ids[:n].copy_(ids, non_blocking=True)
+        g.pos[:n].copy_(pos, non_blocking=True)
+        g.slots[:n].copy_(slots, non_blocking=True)
+        g.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        g.tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
+        g.graph.replay()
+        return g.hidden[:n], g.group
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def _prune(self) -> None:
+        dead = [k for k, g in self._graphs.items() if g.library is not None and g.library() is None]
+        for k in dead:
+            del self._graphs[k]
+
+    def _pad(self, g: _Graph, n: int) -> None:
+        # padding rows: token 0 at position 0, written to and read from the scratch block
+        g.ids[n:].zero_()
+        g.pos[n:].zero_()
+        g.slots[n:].fill_(self.scratch_block * self.block_size)
+        g.seq_lens[n:].fill_(1)
+        g.tables[n:].fill_(self.scratch_block)
+
+    def _capture(self, b: int, spec: LibrarySpec | None) -> _Graph:
+        dev = self.device
+        i64 = {"dtype": torch.int64, "device": dev}
+        ids, pos, slots = (torch.zeros(b, **i64) for _ in range(3))
+        seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
+        tables = torch.full((b, self.max_blocks), self.scratch_block, dtype=torch.int32, device=dev)
+        slots.fill_(self.scratch_block * self.block_size)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            cu_q_lens=torch.arange(b + 1, dtype=torch.int32, device=dev),
+            seq_lens=seq_lens,
+            block_tables=tables,
+            decode_only=True,
+        )
+        group = None
+        if spec is not None:
+            group = LibraryGroup(
+                library=spec.library,
+                rows=torch.arange(b, **i64),
+                top_k=spec.top_k,
+                scorer=spec.scorer,
+                all_rows=True,
+                record=spec.record,
+            )
+            meta.groups.append(group)
+        bound = self.attention.bind(meta)
+        logger.info(
+            "capturing a CUDA graph for decode batch %d%s",
+            b,
+            "" if spec is None else f" with library {spec.name!r}",
+        )
+        side = torch.cuda.Stream(device=dev)  # warm-up (Triton compiles) off the capture
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self.model(ids, pos, bound)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        group_recorded = None
+        with torch.cuda.graph(graph, pool=self._pool):
+            if group is not None:
+                group.recorded.clear()
+            hidden = self.model(ids, pos, bound)
+        if group is not None:
+            group_recorded = group
+            group.library = None  # the graph must not keep an unloaded library alive
+        return _Graph(
+            graph,
+            ids,
+            pos,
+            slots,
+            seq_lens,
+            tables,
+            hidden,
+            group_recorded,
+            None if spec is None else weakref.ref(spec.library),
+            keep=[meta, bound],
+        )
