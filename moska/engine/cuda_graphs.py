@@ -79,6 +79,7 @@ class DecodeGraphs:
         self.buckets.append(max_batch)
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = None
+        self.captures = 0  # graphs captured so far
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -110,6 +111,7 @@ class DecodeGraphs:
             except Exception as e:  # noqa: BLE001 - reported, and the runner goes eager
                 raise GraphCaptureError(f"CUDA graph capture of decode batch {b} failed: {e!r}")
             self._graphs[key] = g
+            self.captures += 1
         self._pad(g, n)
         g.ids[:n].copy_(ids, non_blocking=True)
         g.pos[:n].copy_(pos, non_blocking=True)

@@ -81,6 +81,7 @@ class LLMEngine:
         self._prompt_computed = 0
         self._last_step_s = 0.0
         self._chunks_routed = 0
+        self.last_step_captured_graph = False  # the last step paid a CUDA graph capture
 
     @classmethod
     def from_model(cls, model: str | None = None, **kwargs) -> LLMEngine:
@@ -190,9 +191,12 @@ class LLMEngine:
         if not out.scheduled:
             return []
         t0 = time.perf_counter()
+        graphs = self.runner.graphs
+        captures = 0 if graphs is None else graphs.captures
         result = self.runner.execute(
             out.scheduled, self._get_library, self.config.default_top_k_chunks
         )
+        self.last_step_captured_graph = graphs is not None and graphs.captures != captures
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._last_step_s = time.perf_counter() - t0

@@ -80,10 +80,13 @@ class AdmissionController:
     def decode_step_s(self) -> float:
         return self._decode_step_s
 
-    def observe_step(self, duration_s: float, prefill_tokens: int, num_decode: int) -> None:
+    def observe_step(
+        self, duration_s: float, prefill_tokens: int, num_decode: int, warmup: bool = False
+    ) -> None:
         """Fold one measured engine step into the estimates. `prefill_tokens`: prompt
-        tokens computed in the step; `num_decode`: requests that decoded a token in it."""
-        if duration_s <= 0 or not math.isfinite(duration_s):
+        tokens computed in the step; `num_decode`: requests that decoded a token in it;
+        `warmup`: the step paid a one-off cost (a CUDA graph capture) and is not folded in."""
+        if warmup or duration_s <= 0 or not math.isfinite(duration_s):
             return
         a = self.alpha
         with self._lock:

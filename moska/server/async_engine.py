@@ -337,7 +337,9 @@ class AsyncEngine:
                 m.e2e.observe(now - stream.arrival)
             deliveries.append((stream, out))
         m.add_generated(new_tokens, now)
-        self.admission.observe_step(duration, prefill_tokens, num_decode)
+        # a step that captured a CUDA graph is a one-off: it must not raise the step estimate
+        warmup = bool(getattr(self.engine, "last_step_captured_graph", False))
+        self.admission.observe_step(duration, prefill_tokens, num_decode, warmup)
         self._publish_stats()
         if deliveries:
             self._post(_deliver, deliveries)

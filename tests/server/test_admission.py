@@ -70,3 +70,13 @@ def test_bad_arguments():
         AdmissionController(1.0, 1, prior_prefill_tps=0)
     with pytest.raises(ValueError):
         AdmissionController(1.0, 1, alpha=0)
+
+
+def test_warmup_steps_are_not_folded_in():
+    """A step that captured a CUDA graph (a one-off second) leaves the estimates alone."""
+    a = AdmissionController(None, None, prior_prefill_tps=1000.0, prior_decode_step_s=0.01)
+    a.observe_step(1.5, 0, 8, warmup=True)
+    a.observe_step(1.5, 100, 8, warmup=True)
+    assert a.decode_step_s == 0.01 and a.prefill_tps == 1000.0
+    a.observe_step(1.5, 0, 8)
+    assert a.decode_step_s > 0.01
