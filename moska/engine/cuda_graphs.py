@@ -118,7 +118,8 @@ class DecodeGraphs:
         g.slots[:n].copy_(slots, non_blocking=True)
         g.seq_lens[:n].copy_(seq_lens, non_blocking=True)
         g.tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
-        g.graph.replay()
+        with torch.cuda.device(self.device):
+            g.graph.replay()
         return g.hidden[:n], g.group
 
     def clear(self) -> None:
@@ -168,19 +169,21 @@ class DecodeGraphs:
             b,
             "" if spec is None else f" with library {spec.name!r}",
         )
-        side = torch.cuda.Stream(device=dev)  # warm-up (Triton compiles) off the capture
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            self.model(ids, pos, bound)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(dev):
+            side = torch.cuda.Stream(device=dev)  # warm-up (Triton compiles) off the capture
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                self.model(ids, pos, bound)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the server's other threads may touch CUDA while this one captures
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                if group is not None:
+                    group.recorded.clear()
+                hidden = self.model(ids, pos, bound)
         group_recorded = None
-        with torch.cuda.graph(graph, pool=self._pool):
-            if group is not None:
-                group.recorded.clear()
-            hidden = self.model(ids, pos, bound)
         if group is not None:
             group_recorded = group
             group.library = None  # the graph must not keep an unloaded library alive
