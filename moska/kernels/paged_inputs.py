@@ -2,34 +2,18 @@
 
 import torch
 
+from .qkv_checks import check_qkv
+
 
 def check_inputs(q, k_cache, v_cache, block_tables, seq_lens) -> None:
     if q.dim() != 3 or k_cache.dim() != 4:
         raise ValueError(
             f"q must be [T,Hq,D] and k_cache [num_blocks,block_size,Hkv,D]; got {tuple(q.shape)}, {tuple(k_cache.shape)}"
         )
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}"
-        )
-    d, bs, hkv = q.shape[2], k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[3] != d:
-        raise ValueError(f"head_dim differs: q {d}, k_cache {k_cache.shape[3]}")
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
+    check_qkv(q, k_cache, v_cache, "k_cache", "v_cache")
+    bs = k_cache.shape[1]
     if bs < 1 or bs & (bs - 1):
         raise ValueError(f"block_size must be a power of two, got {bs}")
-    if hkv == 0 or q.shape[1] % hkv:
-        raise ValueError(f"Hq={q.shape[1]} must be a multiple of Hkv={hkv}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(
-            f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
-        )
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (stride 1)")
     if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.stride(1) != 1:
         raise ValueError(
             f"block_tables must be a row-major int32 [B, max_blocks], got {block_tables.dtype}"

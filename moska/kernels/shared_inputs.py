@@ -3,6 +3,8 @@
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .qkv_checks import check_qkv
+
 
 def outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     if out is None:
@@ -26,24 +28,7 @@ def check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
         raise ValueError(
             f"q must be [B,Hq,D] and k_pool [S_total,Hkv,D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}"
         )
-    if v_pool.shape != k_pool.shape:
-        raise ValueError(f"v_pool {tuple(v_pool.shape)} must match k_pool {tuple(k_pool.shape)}")
-    if q.shape[2] != k_pool.shape[2]:
-        raise ValueError(f"head_dim differs: q {q.shape[2]}, k_pool {k_pool.shape[2]}")
-    d = q.shape[2]
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
-    if k_pool.shape[1] == 0 or q.shape[1] % k_pool.shape[1]:
-        raise ValueError(f"Hq={q.shape[1]} must be a multiple of Hkv={k_pool.shape[1]}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {q.dtype}")
-    if k_pool.dtype != q.dtype or v_pool.dtype != q.dtype:
-        raise ValueError(
-            f"q, k_pool, v_pool dtypes differ: {q.dtype}, {k_pool.dtype}, {v_pool.dtype}"
-        )
-    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
-        if t.stride(2) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (stride 1)")
+    check_qkv(q, k_pool, v_pool, "k_pool", "v_pool")
     if chunk_offsets.dtype != torch.int32 or chunk_offsets.dim() != 1:
         raise ValueError(
             f"chunk_offsets must be 1-D int32 [C+1], got {chunk_offsets.dtype} {tuple(chunk_offsets.shape)}"
