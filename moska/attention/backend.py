@@ -35,6 +35,7 @@ class PagedAttention:
         # 47.1 -> 51.1 ms at B = 256, so it is off (None) by default.
         self.keymax_programs_per_sm: int | None = None
         self._side: torch.cuda.Stream | None = None
+        self._sms = 0  # SMs of the side stream's device
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         if not (self.overlap and device.type == "cuda"):
@@ -43,7 +44,14 @@ class PagedAttention:
             # the highest priority: its blocks go first as the unique attention's retire
             high = torch.cuda.Stream.priority_range()[1]
             self._side = torch.cuda.Stream(device=device, priority=high)
+            self._sms = torch.cuda.get_device_properties(device).multi_processor_count
         return self._side
+
+    def keymax_programs(self) -> int | None:
+        """The key-max grid cap for the side stream's launches (None: uncapped)."""
+        if self.keymax_programs_per_sm is None:
+            return None
+        return self.keymax_programs_per_sm * self._sms
 
     def bind(self, meta: AttentionMetadata) -> BoundAttention:
         return BoundAttention(self, meta)
@@ -73,10 +81,7 @@ class BoundAttention:
             return o
         cur = torch.cuda.current_stream(q.device)
         side.wait_stream(cur)
-        programs = None
-        if p.keymax_programs_per_sm is not None:
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            programs = p.keymax_programs_per_sm * sms
+        programs = p.keymax_programs()
         with torch.cuda.stream(side):
             shared = [_shared_group(p, layer, q, group, programs) for group in m.groups]
         o, lse = self._unique(layer, q)

@@ -37,7 +37,7 @@ class _Graph:
     slots: torch.Tensor  # [b] int64
     seq_lens: torch.Tensor  # [b] int32
     tables: torch.Tensor  # [b, W] int32
-    hidden: torch.Tensor  # [b, H], written by each replay
+    hidden: torch.Tensor | None  # [b, H], written by each replay
     group: LibraryGroup | None  # its `recorded` selections are written by each replay
     library: Any = None  # weakref to the library the graph reads, or None
     keep: list = field(default_factory=list)
@@ -122,9 +122,6 @@ class DecodeGraphs:
             g.graph.replay()
         return g.hidden[:n], g.group
 
-    def clear(self) -> None:
-        self._graphs.clear()
-
     def _prune(self) -> None:
         dead = [k for k, g in self._graphs.items() if g.library is not None and g.library() is None]
         for k in dead:
@@ -141,20 +138,26 @@ class DecodeGraphs:
     def _capture(self, b: int, spec: LibrarySpec | None) -> _Graph:
         dev = self.device
         i64 = {"dtype": torch.int64, "device": dev}
-        ids, pos, slots = (torch.zeros(b, **i64) for _ in range(3))
-        seq_lens = torch.ones(b, dtype=torch.int32, device=dev)
-        tables = torch.full((b, self.max_blocks), self.scratch_block, dtype=torch.int32, device=dev)
-        slots.fill_(self.scratch_block * self.block_size)
+        g = _Graph(
+            graph=torch.cuda.CUDAGraph(),
+            ids=torch.empty(b, **i64),
+            pos=torch.empty(b, **i64),
+            slots=torch.empty(b, **i64),
+            seq_lens=torch.empty(b, dtype=torch.int32, device=dev),
+            tables=torch.empty((b, self.max_blocks), dtype=torch.int32, device=dev),
+            hidden=None,
+            group=None,
+        )
+        self._pad(g, 0)  # warm-up and capture touch only the scratch block
         meta = AttentionMetadata(
-            slot_mapping=slots,
+            slot_mapping=g.slots,
             cu_q_lens=torch.arange(b + 1, dtype=torch.int32, device=dev),
-            seq_lens=seq_lens,
-            block_tables=tables,
+            seq_lens=g.seq_lens,
+            block_tables=g.tables,
             decode_only=True,
         )
-        group = None
         if spec is not None:
-            group = LibraryGroup(
+            g.group = LibraryGroup(
                 library=spec.library,
                 rows=torch.arange(b, **i64),
                 top_k=spec.top_k,
@@ -162,7 +165,8 @@ class DecodeGraphs:
                 all_rows=True,
                 record=spec.record,
             )
-            meta.groups.append(group)
+            meta.groups.append(g.group)
+            g.library = weakref.ref(spec.library)
         bound = self.attention.bind(meta)
         logger.info(
             "capturing a CUDA graph for decode batch %d%s",
@@ -173,29 +177,16 @@ class DecodeGraphs:
             side = torch.cuda.Stream(device=dev)  # warm-up (Triton compiles) off the capture
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                self.model(ids, pos, bound)
+                self.model(g.ids, g.pos, bound)
             torch.cuda.current_stream(dev).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
             # thread_local: the server's other threads may touch CUDA while this one captures
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                if group is not None:
-                    group.recorded.clear()
-                hidden = self.model(ids, pos, bound)
-        group_recorded = None
-        if group is not None:
-            group_recorded = group
-            group.library = None  # the graph must not keep an unloaded library alive
-        return _Graph(
-            graph,
-            ids,
-            pos,
-            slots,
-            seq_lens,
-            tables,
-            hidden,
-            group_recorded,
-            None if spec is None else weakref.ref(spec.library),
-            keep=[meta, bound],
-        )
+            with torch.cuda.graph(g.graph, pool=self._pool, capture_error_mode="thread_local"):
+                if g.group is not None:
+                    g.group.recorded.clear()
+                g.hidden = self.model(g.ids, g.pos, bound)
+        if g.group is not None:
+            g.group.library = None  # the graph must not keep an unloaded library alive
+        g.keep = [meta, bound]
+        return g
