@@ -234,39 +234,19 @@ def _launch(
     if t_total == 0 or b == 0:
         return o_out, lse_out
     grid = (triton.cdiv(max_q_len * g, block_m), b * hkv, num_splits)
+    # fmt: off
     _paged_attention_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        cu_q_lens,
-        seq_lens,
-        o,
-        lse,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        t_total * hq * d,
-        t_total * hq,
-        hkv,
-        hq,
-        split_len,
+        q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, o, lse,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), t_total * hq * d, t_total * hq, hkv, hq, split_len,
         sm_scale * LOG2E,
-        G=g,
-        D=d,
-        BLOCK_SIZE=bs,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        G=g, D=d, BLOCK_SIZE=bs, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
+    # fmt: on
     if num_splits == 1:
         return o, lse
     merge_splits(
