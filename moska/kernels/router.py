@@ -138,8 +138,11 @@ def lowrank_dtype(pool_dtype: torch.dtype) -> torch.dtype:
 
 def to_lowrank_dtype(x: torch.Tensor, pool_dtype: torch.dtype) -> torch.Tensor:
     """Cast low-rank keys (fp32, or an older library's bf16) to ``lowrank_dtype(pool_dtype)``,
-    clamped to fp16's finite range."""
+    clamped to fp16's finite range. Keys already in that dtype are returned as they are
+    (no copy when a library loads)."""
     dtype = lowrank_dtype(pool_dtype)
+    if x.dtype == dtype:
+        return x
     if dtype == torch.float16:
         x = x.float().clamp(-65504.0, 65504.0)
     return x.to(dtype)

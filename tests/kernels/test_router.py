@@ -141,6 +141,8 @@ def test_lowrank_keys_cast_to_fp16_with_clamp():
     assert y.dtype == torch.float16 and bool(torch.isfinite(y).all())
     assert y.tolist() == [1.5, -65504.0, 65504.0, 0.0]
     assert to_lowrank_dtype(torch.randn(3), torch.float32).dtype == torch.float32
+    done = torch.randn(4).half()
+    assert to_lowrank_dtype(done, torch.bfloat16) is done  # nothing to convert on load
 
 
 def test_pca_basis_captures_key_subspace():
