@@ -18,3 +18,4 @@ def test_cpu_runner_is_eager_and_owns_every_block():
     runner = llm.engine.runner
     assert runner.graphs is None
     assert runner.num_blocks == runner.cache.num_blocks == 64
+    assert llm.engine.capture_graphs(progress=False) == 0  # serve's pre-capture: a no-op here

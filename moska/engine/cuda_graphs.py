@@ -1,7 +1,8 @@
 """CUDA graphs for decode steps: one captured model forward per batch-size bucket.
 
 A decode step of B requests is padded to the next bucket b >= B (1, 2, 4, ..., max_batch)
-and replayed from a graph captured on first use, so the step costs one graph launch instead
+and replayed from a graph captured on first use (or ahead of traffic by `capture`, as
+`moska serve` does at startup), so the step costs one graph launch instead
 of a few hundred kernel launches from Python. The graph reads static input buffers (token
 ids, positions, KV slots, context lengths, block tables); a step copies its inputs into the
 first B rows and points the padding rows at a scratch KV block that no request owns, so
@@ -98,20 +99,7 @@ class DecodeGraphs:
         n = ids.numel()
         b = self.bucket(n)
         assert b is not None and tables.shape[1] <= self.max_blocks
-        key = (b,)
-        if spec is not None:
-            key = (b, spec.name, id(spec.library), spec.top_k, spec.scorer, spec.record)
-        g = self._graphs.get(key)
-        if g is not None and g.library is not None and g.library() is not spec.library:
-            g = None  # the library was reloaded: recapture
-        if g is None:
-            self._prune()
-            try:
-                g = self._capture(b, spec)
-            except Exception as e:  # noqa: BLE001 - reported, and the runner goes eager
-                raise GraphCaptureError(f"CUDA graph capture of decode batch {b} failed: {e!r}")
-            self._graphs[key] = g
-            self.captures += 1
+        g = self._get(b, spec)
         self._pad(g, n)
         g.ids[:n].copy_(ids, non_blocking=True)
         g.pos[:n].copy_(pos, non_blocking=True)
@@ -121,6 +109,42 @@ class DecodeGraphs:
         with torch.cuda.device(self.device):
             g.graph.replay()
         return g.hidden[:n], g.group
+
+    def capture(self, specs: list[LibrarySpec | None], progress: bool = True) -> int:
+        """Capture, ahead of traffic, every bucket for each spec (None: steps without a
+        library) that has no graph yet; largest bucket first, so the smaller graphs reuse
+        its memory pool. Returns how many graphs were captured. Raises GraphCaptureError."""
+        from tqdm.auto import tqdm
+
+        todo = [(b, s) for s in specs for b in reversed(self.buckets) if self._find(b, s) is None]
+        before = self.captures
+        for b, s in tqdm(todo, desc="Capturing CUDA graphs", unit="graph", disable=not progress):
+            self._get(b, s)
+        return self.captures - before
+
+    def _key(self, b: int, spec: LibrarySpec | None) -> tuple:
+        if spec is None:
+            return (b,)
+        return (b, spec.name, id(spec.library), spec.top_k, spec.scorer, spec.record)
+
+    def _find(self, b: int, spec: LibrarySpec | None) -> _Graph | None:
+        g = self._graphs.get(self._key(b, spec))
+        if g is not None and g.library is not None and g.library() is not spec.library:
+            return None  # the library was reloaded: recapture
+        return g
+
+    def _get(self, b: int, spec: LibrarySpec | None) -> _Graph:
+        """The graph of bucket b for spec, captured now if there is none."""
+        g = self._find(b, spec)
+        if g is None:
+            self._prune()
+            try:
+                g = self._capture(b, spec)
+            except Exception as e:  # noqa: BLE001 - reported, and the runner goes eager
+                raise GraphCaptureError(f"CUDA graph capture of decode batch {b} failed: {e!r}")
+            self._graphs[self._key(b, spec)] = g
+            self.captures += 1
+        return g
 
     def _prune(self) -> None:
         dead = [k for k, g in self._graphs.items() if g.library is not None and g.library() is None]

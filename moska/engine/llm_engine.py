@@ -105,6 +105,15 @@ class LLMEngine:
             engine.model_name = DEFAULT_MODEL_NAME
         return engine
 
+    def capture_graphs(self, progress: bool = True) -> int:
+        """Capture the CUDA graphs of decode steps now rather than on each batch size's
+        first step: plain decode and decode over each library loaded so far. Returns how
+        many were captured (0 on CPU or with enforce_eager)."""
+        libs = {}
+        if self.libraries is not None:
+            libs = {name: self.libraries.get(name) for name in self.libraries.loaded_names()}
+        return self.runner.capture_graphs(libs, self.config.default_top_k_chunks, progress)
+
     # ---- requests -------------------------------------------------------------------
     def add_request(
         self,

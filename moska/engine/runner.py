@@ -188,6 +188,26 @@ class ModelRunner:
         hidden = self.model(ids_t, pos_t, self.attention.bind(meta))
         return self._sample(hidden, sample_rows, sample_reqs, meta.groups, lib_rows, record_reqs)
 
+    def capture_graphs(
+        self, libraries: dict[str, object], top_k: int, progress: bool = True
+    ) -> int:
+        """Capture the decode graphs ahead of traffic: every bucket without a library and
+        with each of `libraries` (name -> loaded library, read with `top_k` and its default
+        scorer). Returns how many were captured; 0 without graphs. A capture failure logs a
+        warning and leaves the runner eager, as it would on first use."""
+        if self.graphs is None:
+            return 0
+        specs: list[LibrarySpec | None] = [None]
+        for name, lib in libraries.items():
+            scorer = getattr(lib, "default_scorer", "keymax")
+            specs.append(LibrarySpec(name, lib, top_k, scorer, record=True))
+        try:
+            return self.graphs.capture(specs, progress=progress)
+        except GraphCaptureError as e:
+            logger.warning("%s; decode steps run eagerly from now on", e)
+            self.graphs = None
+            return 0
+
     def _graph_spec(self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, get_library):
         """False when this step runs eagerly; else None (no library) or the LibrarySpec of
         the one library every row reads, for a CUDA-graph replay."""

@@ -46,6 +46,9 @@ def serve(
     )
     engine = LLMEngine.from_model(model, **(engine_kwargs or {}))
     prepare_libraries(engine, libraries, demo=demo_library and model is None)
+    captured = engine.capture_graphs()  # 0 on CPU and with --enforce-eager
+    if captured:
+        logger.info("captured %d decode CUDA graphs", captured)
     app = create_app(engine, settings)
     logger.info("moska serving %s on http://%s:%d", engine.model_name, host, port)
     uvicorn.run(
@@ -71,6 +74,6 @@ def prepare_libraries(engine: Any, names: Sequence[str], *, demo: bool) -> None:
         except ImportError:
             logger.info("no demo library available in this build")
         else:
-            ensure_demo_library(manager)
+            manager.get(ensure_demo_library(manager).name)  # loaded now: graphs capture it
     for name in names:
         manager.get(name)  # loads it now (checksums, fingerprint) rather than on first use

@@ -17,7 +17,7 @@ DOCS = [
 ]
 
 
-def _generate(tmp_path, enforce_eager: bool, library, top_k):
+def _generate(tmp_path, enforce_eager: bool, library, top_k, precapture=False):
     llm = LLM(
         None,
         device="cuda",
@@ -28,6 +28,13 @@ def _generate(tmp_path, enforce_eager: bool, library, top_k):
     )
     if library is not None and not llm.engine.libraries.exists(library):
         llm.engine.libraries.build(library, DOCS, chunk_size=32, mode="prefix")
+    engine = llm.engine
+    if precapture:
+        if library is not None:
+            engine.libraries.get(library)  # loaded: pre-capture covers loaded libraries
+        n = engine.capture_graphs(progress=False)
+        buckets = len(engine.runner.graphs.buckets)
+        assert n == buckets * (1 if library is None else 2)
     rng = random.Random(0)
     outs = []
     # 11 requests with different lengths: the batch goes 11 -> ... -> 1 (buckets 16..1)
@@ -35,7 +42,6 @@ def _generate(tmp_path, enforce_eager: bool, library, top_k):
         prompt = [rng.randrange(0, 256) for _ in range(rng.randrange(3, 20))]
         params = SamplingParams(temperature=0, max_tokens=3 + i, ignore_eos=True, logprobs=3)
         outs.append((prompt, params))
-    engine = llm.engine
     for i, (prompt, params) in enumerate(outs):
         engine.add_request(f"r{i}", prompt, params, library=library, top_k_chunks=top_k)
     done = {}
@@ -44,13 +50,18 @@ def _generate(tmp_path, enforce_eager: bool, library, top_k):
             if o.finished:
                 done[o.request_id] = o
     graphs = engine.runner.graphs
+    if precapture:  # every step replayed a graph captured ahead of it
+        assert graphs is not None and graphs.captures == n
     return done, (0 if graphs is None else len(graphs._graphs))
 
 
-@pytest.mark.parametrize("library,top_k", [(None, None), ("docs", 2), ("docs", 10**6)])
-def test_graph_replay_matches_eager(tmp_path, library, top_k):
+@pytest.mark.parametrize(
+    "library,top_k,precapture",
+    [(None, None, False), ("docs", 2, False), ("docs", 10**6, False), ("docs", None, True)],
+)
+def test_graph_replay_matches_eager(tmp_path, library, top_k, precapture):
     eager, n_eager = _generate(tmp_path, True, library, top_k)
-    graphed, n_graphs = _generate(tmp_path, False, library, top_k)
+    graphed, n_graphs = _generate(tmp_path, False, library, top_k, precapture)
     assert n_eager == 0 and n_graphs >= 4  # several buckets were captured and replayed
     assert eager.keys() == graphed.keys() and len(eager) == 11
     for rid, a in eager.items():
