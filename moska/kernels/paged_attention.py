@@ -10,6 +10,9 @@ by token through the block table: token n lives in physical block
 
 Decode splits the context along the sequence (split-KV) so that a single long request
 still fills the GPU; each split writes a partial state and `merge_splits` combines them.
+The grid fixes the number of splits; each sequence cuts its own context (read on the
+device) into that many parts, so a short context in a CUDA graph sized for the longest
+one still spreads over many programs instead of leaving all but the first split empty.
 """
 
 import torch
@@ -108,7 +111,6 @@ def _paged_attention_kernel(
     stride_ls,
     Hkv,
     Hq,
-    split_len,
     qk_scale,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -138,6 +140,9 @@ def _paged_attention_kernel(
             mask=row_ok[:, None],
             other=0.0,
         )
+        # this sequence's own split length: its context (not the table width, which in a
+        # CUDA graph is the longest context the model allows) cut into the grid's splits
+        split_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
         lo = split * split_len
         hi = tl.minimum(tl.minimum(lo + split_len, seq_len), tl.max(pos, 0) + 1)
         full_hi = tl.minimum(hi, tl.min(pos, 0) + 1)
@@ -240,7 +245,7 @@ def _launch(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), t_total * hq * d, t_total * hq, hkv, hq, split_len,
+        block_tables.stride(0), t_total * hq * d, t_total * hq, hkv, hq,
         sm_scale * LOG2E,
         G=g, D=d, BLOCK_SIZE=bs, BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -275,8 +280,9 @@ def paged_decode_attention(
     """One query token per sequence over its whole context: (o [B,Hq,D] q.dtype, lse [B,Hq] fp32).
 
     No host sync. The context is split along the sequence into `num_splits` parts (by
-    default enough for B * Hkv * splits to cover two programs per SM, each split >= 1024
-    tokens); the splits are merged exactly by `merge_splits`.
+    default enough for B * Hkv * splits to cover two programs per SM, each split >= 128
+    tokens of the table width); each sequence cuts its own context into that many parts,
+    and the splits are merged exactly by `merge_splits`.
     """
     check_inputs(q, k_cache, v_cache, block_tables, seq_lens)
     b, hq, _ = q.shape
@@ -288,7 +294,7 @@ def paged_decode_attention(
         max_ctx = block_tables.shape[1] * k_cache.shape[1]
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else 2
         want = triton.cdiv(2 * sms, max(b * k_cache.shape[2], 1))
-        num_splits = max(1, min(want, max_ctx // (1024 if cuda else 64)))
+        num_splits = max(1, min(want, max_ctx // (128 if cuda else 64)))
     # Measured on H200 at 128K context (bench/results/kernels.json): 128-token blocks when
     # each sequence is cut into many splits (B=1: 33 splits), 64 when few (B=8: 5 splits).
     block_n = block_n or ((128 if num_splits >= 16 else 64) if cuda else 32)

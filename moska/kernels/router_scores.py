@@ -343,14 +343,14 @@ def keymax_pair_scores(
 def mean_scores_ref(q: torch.Tensor, mean_keys: torch.Tensor) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = mean_keys.shape[1]
-    qg = q.float().view(B, Hkv, Hq // Hkv, D)
+    qg = q.float().reshape(B, Hkv, Hq // Hkv, D)
     return torch.einsum("bhgd,chd->bhgc", qg, mean_keys.float()).amax(dim=2)
 
 
 def bound_scores_ref(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = key_min.shape[1]
-    qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)
+    qg = q.float().reshape(B, Hkv, Hq // Hkv, 1, D)
     lo = qg * key_min.float().permute(1, 0, 2)[None, :, None]  # [B, Hkv, G, C, D]
     hi = qg * key_max.float().permute(1, 0, 2)[None, :, None]
     return torch.maximum(lo, hi).sum(-1).amax(dim=2)
@@ -361,7 +361,7 @@ def keymax_scores_ref(
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = basis.shape[0]
-    qr = torch.einsum("bhgd,hdr->bhgr", q.float().view(B, Hkv, Hq // Hkv, D), basis.float())
+    qr = torch.einsum("bhgd,hdr->bhgr", q.float().reshape(B, Hkv, Hq // Hkv, D), basis.float())
     offs = chunk_offsets.tolist()
     out = torch.empty(B, Hkv, len(offs) - 1, dtype=torch.float32, device=q.device)
     for c in range(len(offs) - 1):

@@ -12,7 +12,10 @@ from moska.model.config import RopeScaling
 
 
 class RMSNorm(nn.Module):
-    """y = w * (x / rms(x)), normalised in fp32 and cast back before the weight (as HF does)."""
+    """y = w * (x / rms(x)), normalised in fp32 and cast back before the weight (as HF does).
+
+    `fused(x, residual)` is the decoder's form: (norm(x + residual), x + residual), one
+    Triton kernel on CUDA (`kernels/rms_norm.py`)."""
 
     def __init__(self, dim: int, eps: float, *, dtype=None, device=None) -> None:
         super().__init__()
@@ -24,6 +27,18 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(in_dtype)
+
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None, triton: bool):
+        """(norm(x + residual), x + residual); residual None means zero (the first layer)."""
+        if triton:
+            from moska.kernels.rms_norm import rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps), x
+            return rms_norm(x, self.weight, self.eps, residual=residual)
+        if residual is not None:
+            x = x + residual
+        return self(x), x
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -64,6 +79,11 @@ class RotaryEmbedding(nn.Module):
         fresh = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         self.inv_freq = fresh.to(self.inv_freq.device)
 
+    def cos_sin_half(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] int -> (cos, sin) each [T, D/2] fp32, for `kernels/rotary.py`."""
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
+        return freqs.cos(), freqs.sin()
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """positions [T] int -> (cos, sin) each [T, 1, D] in `dtype` (computed in fp32)."""
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
@@ -88,6 +108,11 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, **kw)
         self.down_proj = nn.Linear(intermediate, hidden, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)  # [T, I] each
+    def forward(self, x: torch.Tensor, triton: bool = False) -> torch.Tensor:
+        gu = self.gate_up_proj(x)  # [T, 2I]: gate ++ up
+        if triton:
+            from moska.kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gu))
+        gate, up = gu.split(self.intermediate, dim=-1)  # [T, I] each
         return self.down_proj(F.silu(gate) * up)

@@ -42,8 +42,14 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionFn
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionFn,
+        triton: bool = False,
     ) -> torch.Tensor:
+        """cos/sin: [T, 1, D] in x's dtype, or [T, D/2] fp32 with `triton` (kernels)."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
@@ -51,7 +57,12 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if triton:  # in place on the projection's fresh output (or the norms')
+            from moska.kernels.rotary import rotary_inplace
+
+            rotary_inplace(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attn(self.layer_idx, q, k, v)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -65,9 +76,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, **kw)
 
-    def forward(self, x, cos, sin, attn: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, attn: AttentionFn, triton: bool = False):
+        """The residual stream is carried beside the layer's output: returns (out, residual)
+        with hidden = out + residual, so each norm also does the add before it (fused on
+        CUDA). residual None: x is the embedding (the first layer)."""
+        h, residual = self.input_layernorm.fused(x, residual, triton)
+        h = self.self_attn(h, cos, sin, attn, triton)
+        h, residual = self.post_attention_layernorm.fused(h, residual, triton)
+        return self.mlp(h, triton), residual
 
 
 class CausalLM(nn.Module):
@@ -83,6 +99,8 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, device=device
         )
+        # norms, RoPE and SiLU-and-mul as Triton kernels (`kernels/`): None = on CUDA
+        self.triton_layers: bool | None = None
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -110,10 +128,15 @@ class CausalLM(nn.Module):
             "must both be [T]"
         )
         x = self.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, D] each
+        triton = self.triton_layers if self.triton_layers is not None else x.is_cuda
+        if triton:
+            cos, sin = self.rotary.cos_sin_half(positions)  # [T, D/2] fp32 each
+        else:
+            cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, D] each
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn, triton)
+        return self.norm.fused(x, residual, triton)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (rows to sample from) -> logits [N, V] fp32."""

@@ -44,6 +44,26 @@ def test_decode(dtype, g, bs):
     assert rel_err(o, ro) < TOL[dtype] and rel_err(lse, rl) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decode_wide_table_splits_each_context(dtype):
+    # a CUDA graph's table is as wide as the longest context allowed: each sequence cuts
+    # its own (shorter) context into the grid's splits, some of which stay empty
+    hkv, g, d, bs = 2, 4, 64, 16
+    seq = [1, 37, 150, 64, 33]
+    k, v, bt, sl = _cache(seq, hkv, d, bs, dtype)
+    wide = torch.full((len(seq), 64), bt.max().item(), dtype=torch.int32)
+    wide[:, : bt.shape[1]] = bt
+    q = torch.randn(len(seq), hkv * g, d, dtype=dtype)
+    cu = torch.arange(len(seq) + 1, dtype=torch.int32)
+    ro, rl = paged_attention_ref(q, k, v, bt, cu, sl, 0.125)
+    for splits in (5, 8):
+        out = _poison(len(seq), hkv * g, d, dtype)
+        o, lse = paged_decode_attention(
+            q, k, v, wide, sl, 0.125, num_splits=splits, block_n=32, out=out
+        )
+        assert rel_err(o, ro) < TOL[dtype] and rel_err(lse, rl) < 1e-4
+
+
 @pytest.mark.parametrize("dtype,g", [(torch.float16, 4), (torch.float32, 6)])
 def test_decode_head_dim_128_default_splits(dtype, g):
     hkv, d = 1, 128
