@@ -27,13 +27,17 @@ class Sampler:
         self._generators: dict[str, torch.Generator] = {}
         self._default: dict[str, torch.Generator] = {}
 
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of requests without a seed (one per device, seeded by the engine)."""
+        gen = self._default.get(str(device))
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(self._seed)
+            self._default[str(device)] = gen
+        return gen
+
     def _generator(self, request_id: str, params: SamplingParams, device: torch.device):
         if params.seed is None:
-            gen = self._default.get(str(device))
-            if gen is None:
-                gen = torch.Generator(device=device).manual_seed(self._seed)
-                self._default[str(device)] = gen
-            return gen
+            return self._shared_generator(device)
         gen = self._generators.get(request_id)
         if gen is None:
             gen = torch.Generator(device=device).manual_seed(params.seed)
@@ -52,19 +56,10 @@ class Sampler:
         assert logits.shape[0] == len(params) == len(request_ids)
         logits = logits.float()
         n = logits.shape[0]
-        temps = torch.tensor([p.temperature for p in params], device=logits.device)
-        greedy = temps == 0
-        scaled = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)
-        scaled = _apply_top_k(scaled, [p.top_k for p in params])
-        scaled = _apply_top_p(scaled, [p.top_p for p in params])
-        probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probs)
-        for i, (p, rid) in enumerate(zip(params, request_ids)):
-            if p.temperature > 0:
-                noise[i].exponential_(generator=self._generator(rid, p, logits.device))
-            else:
-                noise[i].fill_(1.0)
-        sampled = torch.where(greedy, logits.argmax(-1), (probs / noise).argmax(-1))
+        if all(p.temperature == 0 for p in params):  # greedy batch: one argmax, nothing else
+            sampled = logits.argmax(-1)
+        else:
+            sampled = self._sample(logits, params, request_ids)
         token_ids = sampled.tolist()
         logprobs: list[tuple[float, dict[int, float]] | None] = [None] * n
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -78,6 +73,30 @@ class Sampler:
                 kk = params[i].logprobs
                 logprobs[i] = (chosen[j], dict(zip(top_i[j][:kk], top_v[j][:kk])))
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    def _sample(self, logits, params, request_ids) -> torch.Tensor:
+        dev = logits.device
+        temps = torch.tensor([p.temperature for p in params], device=dev)
+        greedy = temps == 0
+        scaled = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)
+        scaled = _apply_top_k(scaled, [p.top_k for p in params])
+        scaled = _apply_top_p(scaled, [p.top_p for p in params])
+        probs = torch.softmax(scaled, dim=-1)
+        # exponential noise: unseeded rows in one draw from the shared generator, seeded rows
+        # each from their own (so their tokens do not depend on the batch); greedy rows 1
+        noise = torch.ones_like(probs)
+        free = [i for i, p in enumerate(params) if p.temperature > 0 and p.seed is None]
+        if free:
+            gen = self._shared_generator(dev)
+            draw = torch.empty(len(free), probs.shape[1], device=dev).exponential_(generator=gen)
+            if len(free) == len(params):
+                noise = draw
+            else:
+                noise[torch.tensor(free, device=dev)] = draw
+        for i, (p, rid) in enumerate(zip(params, request_ids)):
+            if p.temperature > 0 and p.seed is not None:
+                noise[i].exponential_(generator=self._generator(rid, p, dev))
+        return torch.where(greedy, logits.argmax(-1), (probs / noise).argmax(-1))
 
 
 def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:

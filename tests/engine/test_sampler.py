@@ -63,3 +63,21 @@ def test_logprobs_match_log_softmax():
     assert math.isclose(chosen, lp[0].max().item(), rel_tol=1e-5)
     assert len(top) == 3 and out.logprobs[1] is None
     assert list(top) == lp[0].topk(3).indices.tolist()
+
+
+def test_mixed_batch_greedy_seeded_and_unseeded_rows():
+    # greedy rows stay argmax, a seeded row keeps its batch-independent draw, and the
+    # unseeded rows (one shared draw) follow their distribution
+    logits = _logits(n=4, v=1000)
+    seeded = SamplingParams(temperature=1.0, seed=11)
+    params = [SamplingParams(temperature=0), seeded, SamplingParams(temperature=1.0)] + [
+        SamplingParams(temperature=0)
+    ]
+    out = Sampler(seed=5)(logits, params, ["g", "s", "u", "g2"]).token_ids
+    assert out[0] == int(logits[0].argmax()) and out[3] == int(logits[3].argmax())
+    alone = Sampler(seed=9)(logits[1:2], [seeded], ["s"]).token_ids
+    assert out[1] == alone[0]
+    peaked = torch.full((2, 5), -30.0)
+    peaked[0, 2] = peaked[1, 4] = 30.0  # unseeded rows: nearly one-hot distributions
+    two = [SamplingParams(temperature=1.0)] * 2
+    assert Sampler()(peaked, two, ["a", "b"]).token_ids == [2, 4]
