@@ -154,8 +154,7 @@ class ModelRunner:
                     spec,
                 )
             except GraphCaptureError as e:
-                logger.warning("%s; decode steps run eagerly from now on", e)
-                self.graphs = None
+                self._go_eager(e)
             else:
                 groups = [group] if group is not None else []
                 return self._sample(hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs)
@@ -177,7 +176,7 @@ class ModelRunner:
                     library=lib,
                     rows=torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True),
                     top_k=lib_topk[name],
-                    scorer=getattr(lib, "default_scorer", "keymax"),
+                    scorer=_scorer(lib),
                     all_rows=rows == list(range(len(token_ids))),
                     record=name in record_reqs,
                     coverage_layers=sampled_layers if wants else frozenset(),
@@ -199,14 +198,16 @@ class ModelRunner:
             return 0
         specs: list[LibrarySpec | None] = [None]
         for name, lib in libraries.items():
-            scorer = getattr(lib, "default_scorer", "keymax")
-            specs.append(LibrarySpec(name, lib, top_k, scorer, record=True))
+            specs.append(LibrarySpec(name, lib, top_k, _scorer(lib), record=True))
         try:
             return self.graphs.capture(specs, progress=progress)
         except GraphCaptureError as e:
-            logger.warning("%s; decode steps run eagerly from now on", e)
-            self.graphs = None
+            self._go_eager(e)
             return 0
+
+    def _go_eager(self, e: GraphCaptureError) -> None:
+        logger.warning("%s; decode steps run eagerly from now on", e)
+        self.graphs = None
 
     def _graph_spec(self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, get_library):
         """False when this step runs eagerly; else None (no library) or the LibrarySpec of
@@ -223,8 +224,7 @@ class ModelRunner:
         if len(rows) != len(token_ids) or any(r.report_routing for r, _ in reqs):
             return False
         lib = get_library(name)
-        scorer = getattr(lib, "default_scorer", "keymax")
-        return LibrarySpec(name, lib, lib_topk[name], scorer, record=bool(reqs))
+        return LibrarySpec(name, lib, lib_topk[name], _scorer(lib), record=bool(reqs))
 
     def _sample(self, hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs):
         result = StepResult(sampled={}, logprobs={}, routed_chunks={}, coverage={})
@@ -245,6 +245,11 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
+
+
+def _scorer(lib) -> str:
+    """The router scorer a library's rows use (its own default, else key-max)."""
+    return getattr(lib, "default_scorer", "keymax")
 
 
 def _record_routes(group: LibraryGroup, rows: list[int], reqs, result: StepResult) -> None:

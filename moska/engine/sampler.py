@@ -84,14 +84,14 @@ class Sampler:
         probs = torch.softmax(scaled, dim=-1)
         # exponential noise: unseeded rows in one draw from the shared generator, seeded rows
         # each from their own (so their tokens do not depend on the batch); greedy rows 1
-        noise = torch.ones_like(probs)
         free = [i for i, p in enumerate(params) if p.temperature > 0 and p.seed is None]
-        if free:
-            gen = self._shared_generator(dev)
-            draw = torch.empty(len(free), probs.shape[1], device=dev).exponential_(generator=gen)
-            if len(free) == len(params):
-                noise = draw
-            else:
+        if len(free) == len(params):
+            noise = torch.empty_like(probs).exponential_(generator=self._shared_generator(dev))
+        else:
+            noise = torch.ones_like(probs)
+            if free:
+                draw = torch.empty(len(free), probs.shape[1], device=dev)
+                draw.exponential_(generator=self._shared_generator(dev))
                 noise[torch.tensor(free, device=dev)] = draw
         for i, (p, rid) in enumerate(zip(params, request_ids)):
             if p.temperature > 0 and p.seed is not None:
