@@ -14,7 +14,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # compiled kernels (not the interpreter) for the tests that need CUDA
   TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider \
     tests/engine/test_overlap_cuda.py tests/engine/test_cuda_graphs_cuda.py \
-    tests/library/test_library_cuda.py >> "$LOG" 2>&1
+    tests/library/test_library_cuda.py tests/engine/test_step_kernels_cuda.py >> "$LOG" 2>&1
   echo "cuda tests rc=$? at ${SECONDS}s"; tail -3 "$LOG"
 fi
 if [ "${SKIP_KERNELS:-0}" != 1 ]; then

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moska.kernels.kv_write import kv_write, kv_write_ref
+
 
 class PagedKVCache:
     def __init__(
@@ -37,5 +39,7 @@ class PagedKVCache:
         assert k.shape == v.shape and k.shape[0] == slot_mapping.shape[0]
         kc = self.k[layer].view(-1, *self.k.shape[-2:])  # [blocks * bs, Hkv, D]
         vc = self.v[layer].view(-1, *self.v.shape[-2:])
-        kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
+        if kc.is_cuda:  # one Triton launch for both (two index_copy_ launches otherwise)
+            kv_write(k, v, kc, vc, slot_mapping)
+        else:
+            kv_write_ref(k, v, kc, vc, slot_mapping)

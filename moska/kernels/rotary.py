@@ -15,23 +15,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_kernel(
-    x_ptr,  # [T, H, D]
-    cos_ptr,  # [T, D/2] fp32
-    sin_ptr,
-    H,
-    stride_xt,
-    stride_xh,
-    stride_c,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+def _rotate(x_ptr, t, offs_h, H, stride_xt, stride_xh, c, s, HALF: tl.constexpr):
     offs_i = tl.arange(0, HALF)
     ok = (offs_h < H)[:, None]
-    c = tl.load(cos_ptr + t * stride_c + offs_i)[None, :]
-    s = tl.load(sin_ptr + t * stride_c + offs_i)[None, :]
     p1 = x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_i[None, :]
     p2 = p1 + HALF
     x1 = tl.load(p1, mask=ok, other=0.0).to(tl.float32)
@@ -40,19 +26,35 @@ def _rope_kernel(
     tl.store(p2, (x2 * c + x1 * s).to(x_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    t, h, d = x.shape
-    if x.stride(2) != 1:
-        raise ValueError("rotary_inplace needs the head dimension of q and k contiguous")
-    if d % 2 or d & (d - 1):
-        raise ValueError(f"rotary_inplace supports power-of-two head dims, got {d}")
-    if t == 0:
-        return
-    block_h = min(triton.next_power_of_2(h), max(1, 4096 // d))
-    grid = (t, triton.cdiv(h, block_h))
-    _rope_kernel[grid](
-        x, cos, sin, h, x.stride(0), x.stride(1), cos.stride(0), HALF=d // 2, BLOCK_H=block_h
-    )
+@triton.jit
+def _rope_kernel(
+    q_ptr,  # [T, Hq, D]
+    k_ptr,  # [T, Hkv, D]
+    cos_ptr,  # [T, D/2] fp32
+    sin_ptr,
+    HQ,
+    HKV,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_c,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # program (t, j): head block j of q for j < cdiv(HQ, BLOCK_H), else of k
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    q_blocks = tl.cdiv(HQ, BLOCK_H)
+    offs_i = tl.arange(0, HALF)
+    c = tl.load(cos_ptr + t * stride_c + offs_i)[None, :]
+    s = tl.load(sin_ptr + t * stride_c + offs_i)[None, :]
+    if j < q_blocks:
+        offs_h = j * BLOCK_H + tl.arange(0, BLOCK_H)
+        _rotate(q_ptr, t, offs_h, HQ, stride_qt, stride_qh, c, s, HALF)
+    else:
+        offs_h = (j - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        _rotate(k_ptr, t, offs_h, HKV, stride_kt, stride_kh, c, s, HALF)
 
 
 def rotary_inplace(
@@ -61,18 +63,29 @@ def rotary_inplace(
     cos: torch.Tensor,  # [T, D/2] fp32
     sin: torch.Tensor,  # [T, D/2] fp32
 ) -> None:
-    """Rotate q and k in place by the per-token angles whose cos/sin are given."""
-    t, _, d = q.shape
-    if k.shape[0] != t or k.shape[2] != d:
+    """Rotate q and k in place by the per-token angles whose cos/sin are given (one launch)."""
+    t, hq, d = q.shape
+    if k.dim() != 3 or k.shape[0] != t or k.shape[2] != d:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree")
+    if q.stride(2) != 1 or k.stride(2) != 1:
+        raise ValueError("rotary_inplace needs the head dimension of q and k contiguous")
+    if d % 2 or d & (d - 1):
+        raise ValueError(f"rotary_inplace supports power-of-two head dims, got {d}")
     for name, c in (("cos", cos), ("sin", sin)):
         if c.shape != (t, d // 2) or c.dtype != torch.float32 or c.stride(1) != 1:
             raise ValueError(f"{name} must be fp32 [T, D/2] = [{t}, {d // 2}], got "
                              f"{c.dtype} {tuple(c.shape)}")  # fmt: skip
     if cos.stride() != sin.stride():
         raise ValueError("cos and sin must have the same strides")
-    _launch(q, cos, sin)
-    _launch(k, cos, sin)
+    if t == 0:
+        return
+    hkv = k.shape[1]
+    block_h = min(triton.next_power_of_2(max(hq, hkv)), max(1, 4096 // d))
+    grid = (t, triton.cdiv(hq, block_h) + triton.cdiv(hkv, block_h))
+    _rope_kernel[grid](
+        q, k, cos, sin, hq, hkv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        cos.stride(0), HALF=d // 2, BLOCK_H=block_h,
+    )  # fmt: skip
 
 
 def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

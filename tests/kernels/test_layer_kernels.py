@@ -107,3 +107,42 @@ def test_model_with_triton_layers_matches_torch_layers(arch):
         model.triton_layers = True
         out = model(ids, pos, attn)
     assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (40, 8)])
+def test_rotary_inplace_head_blocks(dtype, hq, hkv):
+    # d = 128: at most 32 heads per program, so 40 query heads take two blocks of q
+    from moska.kernels.rotary import rotary_inplace, rotary_ref
+
+    t, d = 3, 128
+    q, k = torch.randn(t, hq, d, dtype=dtype), torch.randn(t, hkv, d, dtype=dtype)
+    cos, sin = torch.rand(t, d // 2) * 2 - 1, torch.rand(t, d // 2) * 2 - 1
+    ref_q, ref_k = rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
+    rotary_inplace(q, k, cos, sin)
+    assert rel_err(q, ref_q) < TOL[dtype] and rel_err(k, ref_k) < TOL[dtype]
+    strided = torch.randn(t, hq, 2 * d, dtype=dtype)[:, :, ::2]  # [T, Hq, D], stride 2
+    with pytest.raises(ValueError, match="contiguous"):
+        rotary_inplace(strided, k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kv_write_strided_views_and_cast(dtype):
+    from moska.kernels.kv_write import kv_write, kv_write_ref
+
+    t, hq, hkv, d, slots = 5, 4, 2, 64, 40
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, dtype=dtype)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    slot = torch.randperm(slots)[:t]
+    kc, vc = torch.randn(slots, hkv, d), torch.randn(slots, hkv, d)  # fp32 cache: a cast
+    rk, rv = kc.clone(), vc.clone()
+    kv_write(k, v, kc, vc, slot)
+    kv_write_ref(k, v, rk, rv, slot)
+    assert torch.equal(kc, rk) and torch.equal(vc, rv)  # untouched slots stay as they were
+    kv_write(k[:0], v[:0], kc, vc, slot[:0])  # no tokens: nothing to do
+    with pytest.raises(ValueError, match="disagree"):
+        kv_write(k, v, kc, vc, slot[:3])
+    wide = torch.randn(slots, hkv, 2 * d)
+    with pytest.raises(ValueError, match="contiguous"):
+        kv_write(k, v, wide[:, :, ::2], wide[:, :, 1::2], slot)

@@ -60,6 +60,25 @@ def test_merge_splits_with_empty():
     assert lse[20] == INF and torch.all(o[20] == 0)
 
 
+@pytest.mark.parametrize("num_splits", [1, 5, 37])
+def test_merge_splits_many(num_splits):
+    # 37 splits take two load rounds of 32; some partials and one whole row are empty
+    o_part = torch.randn(num_splits, 9, 64)
+    lse_part = torch.randn(num_splits, 9) * 4
+    lse_part[num_splits // 2, 2] = INF
+    o_part[num_splits // 2, 2] = float("nan")
+    lse_part[:, 7] = INF
+    o, lse = merge_splits(o_part, lse_part, torch.float16)
+    w = torch.softmax(lse_part, dim=0).nan_to_num(0.0)  # row 7: all -inf
+    ro = (w[..., None] * o_part.nan_to_num(0.0)).sum(0)
+    rl = torch.logsumexp(lse_part, dim=0)
+    assert o.dtype == torch.float16 and lse.dtype == torch.float32
+    assert rel_err(o.float(), ro) < TOL[torch.float16]
+    fin = torch.isfinite(rl)
+    assert torch.allclose(lse[fin], rl[fin], atol=1e-5)
+    assert lse[7] == INF and torch.all(o[7] == 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("g", [1, 3, 4])
 def test_merge_selections(dtype, g):

@@ -95,7 +95,7 @@ def test_prefill_causal_varlen(dtype, g, bs):
 
 def test_prefill_head_dim_128():
     hkv, g, d = 1, 2, 128
-    seq, q_lens = [40, 17], [40, 7]
+    seq = [40, 17]  # 40 prompt tokens of the first, 7 new tokens of the second
     k, v, bt, sl = _cache(seq, hkv, d, 16, torch.float16)
     cu = torch.tensor([0, 40, 47], dtype=torch.int32)
     q = torch.randn(47, hkv * g, d, dtype=torch.float16)
