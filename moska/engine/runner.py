@@ -230,8 +230,14 @@ class ModelRunner:
         result = StepResult(sampled={}, logprobs={}, routed_chunks={}, coverage={})
         if not sample_rows:
             return result
-        rows_t = torch.tensor(sample_rows, dtype=torch.int64).to(self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows_t))
+        if len(sample_rows) == hidden.shape[0]:  # every row samples (a decode step)
+            last = hidden
+        else:  # a non-blocking copy: the host queues the sampler behind the forward
+            rows_t = torch.tensor(sample_rows, dtype=torch.int64)
+            if self.device.type == "cuda":
+                rows_t = rows_t.pin_memory()
+            last = hidden.index_select(0, rows_t.to(self.device, non_blocking=True))
+        logits = self.model.compute_logits(last)
         out = self.sampler(
             logits, [r.sampling_params for r in sample_reqs], [r.request_id for r in sample_reqs]
         )
