@@ -295,9 +295,10 @@ def paged_decode_attention(
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else 2
         want = triton.cdiv(2 * sms, max(b * k_cache.shape[2], 1))
         num_splits = max(1, min(want, max_ctx // (128 if cuda else 64)))
-    # Measured on H200 at 128K context (bench/results/kernels.json): 128-token blocks when
-    # each sequence is cut into many splits (B=1: 33 splits), 64 when few (B=8: 5 splits).
-    block_n = block_n or ((128 if num_splits >= 16 else 64) if cuda else 32)
+    # Measured on H200 at 128K context (bench/results/kernels.json): 128-token blocks with
+    # many splits (B=1: 33 splits) and with few (B=8: 5 splits: 1.00 ms vs 1.08 ms with 64
+    # in this session's run, 1.02 vs 1.09 in the one before).
+    block_n = block_n or (128 if cuda else 32)
     cu_q_lens = torch.arange(b + 1, device=q.device, dtype=torch.int32)
     return _launch(
         q,
