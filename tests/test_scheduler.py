@@ -356,3 +356,15 @@ def test_simulated_engine_loop(seed):
         assert tight[rid].status is r.status
     aborted, _ = run(num_blocks=40, budget=48, max_seqs=12, abort=True)
     assert any(r.status is RequestStatus.FINISHED_ABORTED for r in aborted.values())
+
+
+def test_token_ids_slice_matches_all_token_ids():
+    from moska.engine.request import Request
+    from moska.engine.sampling_params import SamplingParams
+
+    req = Request("r", [5, 6, 7, 8], SamplingParams(max_tokens=8))
+    req.output_token_ids.extend([9, 10, 11])
+    full = req.all_token_ids
+    for start in range(len(full) + 1):
+        for end in range(start, len(full) + 1):
+            assert req.token_ids_slice(start, end) == full[start:end], (start, end)

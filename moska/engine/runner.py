@@ -117,7 +117,6 @@ class ModelRunner:
             start, n = req.num_computed_tokens, item.num_new_tokens
             end = start + n
             assert 0 < n and end <= req.num_tokens
-            all_ids = req.all_token_ids
             offset = 0
             if req.library is not None:
                 lib = get_library(req.library)
@@ -126,7 +125,7 @@ class ModelRunner:
                 lib_rows.setdefault(req.library, []).extend(range(first, first + n))
                 k = req.top_k_chunks or top_k_default
                 lib_topk[req.library] = max(lib_topk.get(req.library, 0), k)
-            token_ids.extend(all_ids[start:end])
+            token_ids.extend(req.token_ids_slice(start, end))
             positions.extend(range(offset + start, offset + end))
             table = req.block_table
             slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
