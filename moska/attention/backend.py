@@ -72,7 +72,7 @@ class BoundAttention:
         v: torch.Tensor,  # [T, Hkv, D]
     ) -> torch.Tensor:  # [T, Hq, D]
         p, m = self.p, self.meta
-        p.cache.write(layer, k, v, m.slot_mapping)
+        p.cache.write(layer, k, v, m.slot_mapping, p.ops.kv_write)
         side = p.side_stream(q.device) if m.groups else None
         if side is None:
             o, lse = self._unique(layer, q)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moska.kernels.kv_write import kv_write, kv_write_ref
+from moska.kernels.kv_write import kv_write_ref
 
 
 class PagedKVCache:
@@ -35,11 +35,9 @@ class PagedKVCache:
         k: torch.Tensor,  # [T, Hkv, D]
         v: torch.Tensor,  # [T, Hkv, D]
         slot_mapping: torch.Tensor,  # [T] int64
+        write_fn=kv_write_ref,  # the attention ops' kv_write (one Triton launch on CUDA)
     ) -> None:
         assert k.shape == v.shape and k.shape[0] == slot_mapping.shape[0]
         kc = self.k[layer].view(-1, *self.k.shape[-2:])  # [blocks * bs, Hkv, D]
         vc = self.v[layer].view(-1, *self.v.shape[-2:])
-        if kc.is_cuda:  # one Triton launch for both (two index_copy_ launches otherwise)
-            kv_write(k, v, kc, vc, slot_mapping)
-        else:
-            kv_write_ref(k, v, kc, vc, slot_mapping)
+        write_fn(k, v, kc, vc, slot_mapping)

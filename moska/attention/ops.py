@@ -13,12 +13,13 @@ class AttentionOps(NamedTuple):
     paged_prefill: Callable
     grouped_shared: Callable
     merge_selections: Callable
+    kv_write: Callable  # (k, v, k_cache, v_cache, slot_mapping): new K/V into the cache
     use_triton: bool
 
 
 def get_attention_ops(kind: str) -> AttentionOps:
     """kind: "triton" or "torch"."""
-    from moska.kernels import merge, paged_attention, shared_attention
+    from moska.kernels import kv_write, merge, paged_attention, shared_attention
 
     if kind == "triton":
         return AttentionOps(
@@ -27,6 +28,7 @@ def get_attention_ops(kind: str) -> AttentionOps:
             paged_prefill=paged_attention.paged_prefill_attention,
             grouped_shared=shared_attention.grouped_shared_attention,
             merge_selections=merge.merge_selections,
+            kv_write=kv_write.kv_write,
             use_triton=True,
         )
     if kind == "torch":
@@ -36,6 +38,7 @@ def get_attention_ops(kind: str) -> AttentionOps:
             paged_prefill=_paged_prefill_ref,
             grouped_shared=shared_attention.grouped_shared_attention_ref,
             merge_selections=merge.merge_selections_ref,
+            kv_write=kv_write.kv_write_ref,
             use_triton=False,
         )
     raise ValueError(f"unknown attention implementation {kind!r}; use 'triton' or 'torch'")
