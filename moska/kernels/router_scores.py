@@ -276,11 +276,14 @@ def keymax_pair_scores(
     num_warps: int = 4,
     num_stages: int = 3,
     max_programs: int | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
 
     ``max_programs`` caps the grid (the programs then loop over the tiles), e.g. to one or
     two programs per SM when the kernel runs beside a memory-bound kernel on another stream.
+    ``maxnreg`` caps the registers per thread (CUDA), so that its programs fit on an SM
+    beside that kernel's.
 
     q [B, Hq, D]; basis [Hkv, D, R]; lowrank_keys [S_total, Hkv, R]; chunk_offsets [C+1]
     int32; pair_req, pair_chunk [P] int32 sorted by chunk -> [P, Hkv] fp32. Low-rank keys
@@ -332,6 +335,7 @@ def keymax_pair_scores(
         F16_ACC=lowrank_keys.dtype == torch.float16,
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
         BLOCK_N=_pow2(block_n, 16), num_warps=num_warps, num_stages=num_stages,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     # fmt: on
     return out

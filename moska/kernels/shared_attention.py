@@ -123,10 +123,45 @@ def _grouped_shared_attention_kernel(
     USE_TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr,
     PRECISION: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    w = tl.program_id(0)
-    if w >= tl.load(meta_ptr):  # past the last item: the grid is an upper bound
-        return
+    # One work item per program; PERSISTENT: a capped grid whose programs loop over the
+    # items, so the kernel can leave room on each SM for a concurrent kernel.
+    n_items = tl.load(meta_ptr)  # the grid is an upper bound on the items
+    if PERSISTENT:
+        for w in range(tl.program_id(0), n_items, tl.num_programs(0)):
+            # fmt: off
+            _shared_item(
+                w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, offsets_ptr, sel_req_ptr, sel_kv_ptr,
+                sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+                stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+                G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
+            )
+            # fmt: on
+    else:
+        w = tl.program_id(0)
+        if w < n_items:
+            # fmt: off
+            _shared_item(
+                w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, offsets_ptr, sel_req_ptr, sel_kv_ptr,
+                sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+                stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+                G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
+            )
+            # fmt: on
+
+
+@triton.jit
+def _shared_item(
+    # fmt: off
+    w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, offsets_ptr, sel_req_ptr, sel_kv_ptr,
+    sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
+    # fmt: on
+):
+    # work item w: one row tile of one (chunk, KV head) group, over one split of the chunk
     start = tl.load(work_ptr + w)
     n_sel = tl.load(work_ptr + W + w)
     tile = tl.load(work_ptr + 2 * W + w)
@@ -280,6 +315,7 @@ def grouped_shared_attention(
     warp_specialize: bool | None = None,
     merge_m: int | None = None,
     split_b: int | None = None,
+    max_programs: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
@@ -287,7 +323,8 @@ def grouped_shared_attention(
     `out` = (o, lse) preallocated contiguous outputs, optional. Block sizes, warps, stages
     and the split heuristic (`target_programs` items, splits of at least `min_split` tokens)
     may be overridden, e.g. by tests and benchmarks. `merge_m` rows and `split_b` partials
-    per step set the shape of the merge of split tiles.
+    per step set the shape of the merge of split tiles. `max_programs` caps the grid (its
+    programs then loop over the work items), to leave room beside a concurrent kernel.
     """
     check_inputs(q, k_pool, v_pool, chunk_offsets, sel)
     _, hq, d = q.shape
@@ -333,7 +370,8 @@ def grouped_shared_attention(
     if cfg["use_tma"] and tma_ok(k_pool, v_pool):
         k_desc = pool_descriptor(k_pool, cfg["block_n"])
         v_desc = pool_descriptor(v_pool, cfg["block_n"])
-    _grouped_shared_attention_kernel[(w_max,)](
+    grid = w_max if max_programs is None else max(1, min(w_max, max_programs))
+    _grouped_shared_attention_kernel[(grid,)](
         q,
         k_pool,
         v_pool,
@@ -364,6 +402,7 @@ def grouped_shared_attention(
         USE_TMA=k_desc is not None,
         WARP_SPEC=cfg["warp_specialize"],
         PRECISION=precision,
+        PERSISTENT=max_programs is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

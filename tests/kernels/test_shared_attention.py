@@ -222,3 +222,26 @@ def test_split_merge_shared_by_split_programs(merge_m, split_b):
     _check(q, k, v, offs, sel, merge_m=merge_m, split_b=split_b, **kw)
     with pytest.raises(ValueError, match="split_b must be a power of two"):
         grouped_shared_attention(q, k, v, offs, sel, 1.0, split_b=3, **kw)
+
+
+@pytest.mark.parametrize("programs,use_tma", [(1, False), (3, True)])
+def test_capped_grid_loops_over_every_item(programs, use_tma):
+    """max_programs: a grid smaller than the work list; each program loops over items
+    (multi-tile groups and split items included) and every output row is still written."""
+    b, hkv, g, d = 6, 2, 4, 64
+    lens = [1, 70, 200, 33, 45]
+    offs = _offsets(lens)
+    s = int(offs[-1])
+    q = torch.randn(b, hkv * g, d, dtype=torch.float16)
+    k, v = torch.randn(s, hkv, d, dtype=torch.float16), torch.randn(s, hkv, d, dtype=torch.float16)
+    triples = [
+        (c, h, r)
+        for c in range(len(lens))
+        for h in range(hkv)
+        for r in range(b)
+        if (c * 5 + h + r) % 4 != 1
+    ]
+    sel = _selections(triples)
+    _, meta, _ = build_work_list(sel, offs, hkv, g, 16, 32, 6, 32)
+    assert int(meta[0]) > 3 * programs  # each program runs several items
+    _check(q, k, v, offs, sel, max_programs=programs, use_tma=use_tma, **SMALL)
