@@ -28,6 +28,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)",
     )
+    p.add_argument(
+        "--no-async-scheduling",
+        dest="async_scheduling",
+        action="store_false",
+        default=None,
+        help="wait for each step's tokens before scheduling the next (async is on on CUDA)",
+    )
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -39,6 +46,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         num_kv_blocks=args.num_kv_blocks,
         library_root=args.library_root,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -15,6 +15,9 @@ class EngineConfig:
     attention: "auto" (Triton kernels on CUDA, plain PyTorch on CPU), "triton" or "torch".
     num_kv_blocks: unique-KV blocks to allocate; None sizes them from memory.
     enforce_eager: never replay decode steps from CUDA graphs (on CUDA they are by default).
+    async_scheduling: schedule and queue the next step before this step's tokens reach the
+        host, hiding the host's work between steps (None: on CUDA, off on CPU). Steps that
+        read a library still wait for their tokens (their routing reports are read back).
     """
 
     model: str | None = None
@@ -32,6 +35,7 @@ class EngineConfig:
     library_root: str | None = None
     default_top_k_chunks: int = 8
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

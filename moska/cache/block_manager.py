@@ -158,7 +158,8 @@ class BlockManager:
         num_full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
         if state.broken or num_full <= len(state.chain):
             return
-        tokens = request.all_token_ids
+        # only computed tokens: the last one may still be a placeholder (async scheduling)
+        tokens = request.all_token_ids[: num_full * self.block_size]
         namespace = cache_namespace(request)
         hashes = self.prefix_cache.extend_hashes(state.hashes, tokens, namespace)
         for i in range(len(state.chain), num_full):

@@ -93,15 +93,19 @@ class DecodeGraphs:
         seq_lens: torch.Tensor,  # [B] int32, CPU
         tables: torch.Tensor,  # [B, max_blocks_now] int32, CPU
         spec: LibrarySpec | None,
+        device_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, LibraryGroup | None]:
         """Hidden states [B, H] of one decode step, and the library group whose `recorded`
-        selections the step wrote (rows past B are padding)."""
+        selections the step wrote (rows past B are padding). `device_ids` = (rows, tokens)
+        on the device overwrite those rows of `ids` (tokens the host does not have yet)."""
         n = ids.numel()
         b = self.bucket(n)
         assert b is not None and tables.shape[1] <= self.max_blocks
         g = self._get(b, spec)
         self._pad(g, n)
         g.ids[:n].copy_(ids, non_blocking=True)
+        if device_ids is not None:
+            g.ids.index_copy_(0, *device_ids)
         g.pos[:n].copy_(pos, non_blocking=True)
         g.slots[:n].copy_(slots, non_blocking=True)
         g.seq_lens[:n].copy_(seq_lens, non_blocking=True)

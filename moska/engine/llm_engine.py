@@ -18,9 +18,9 @@ from moska.config import EngineConfig
 from moska.engine.errors import DuplicateRequestError, PromptTooLongError, RequestError
 from moska.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from moska.engine.request import Request, RequestStatus
-from moska.engine.runner import ModelRunner
+from moska.engine.runner import ModelRunner, PendingStep, StepResult
 from moska.engine.sampling_params import SamplingParams
-from moska.engine.scheduler import Scheduler
+from moska.engine.scheduler import Scheduler, SchedulerOutput
 from moska.engine.scheduler_config import SchedulerConfig
 from moska.model.tokenizer import IncrementalDetokenizer
 
@@ -82,6 +82,13 @@ class LLMEngine:
         self._last_step_s = 0.0
         self._chunks_routed = 0
         self.last_step_captured_graph = False  # the last step paid a CUDA graph capture
+        self.async_scheduling = (
+            self.device.type == "cuda"
+            if config.async_scheduling is None
+            else config.async_scheduling
+        )
+        # the step queued on the device whose tokens the host has not read yet
+        self._in_flight: tuple[SchedulerOutput, PendingStep, float] | None = None
 
     @classmethod
     def from_model(cls, model: str | None = None, **kwargs) -> LLMEngine:
@@ -196,25 +203,49 @@ class LLMEngine:
 
     # ---- one step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; returns the outputs of the tokens that reached the host.
+
+        With asynchronous scheduling a step is queued on the device and its tokens are read
+        during the next call, after that call has queued its own step: the host's work
+        (scheduling, inputs, detokenizing) overlaps the device's. Until the tokens arrive
+        the scheduler holds placeholders (see Scheduler); a request that turns out to have
+        stopped had one extra step computed, which is dropped.
+        """
         out = self.scheduler.schedule()
+        prev = self._in_flight
+        self._in_flight = None
         if not out.scheduled:
-            return []
+            return self._finish(*prev) if prev is not None else []
         t0 = time.perf_counter()
         graphs = self.runner.graphs
         captures = 0 if graphs is None else graphs.captures
-        result = self.runner.execute(
-            out.scheduled, self._get_library, self.config.default_top_k_chunks
+        pending = self.runner.launch(
+            out.scheduled,
+            self._get_library,
+            self.config.default_top_k_chunks,
+            prev[1] if prev is not None else None,
         )
         self.last_step_captured_graph = graphs is not None and graphs.captures != captures
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._last_step_s = time.perf_counter() - t0
         self._steps += 1
         for item in out.scheduled:
             r = item.request
             self._prompt_computed += max(
                 0, min(item.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens)
             )
+        outputs = self._finish(*prev) if prev is not None else []
+        if self.async_scheduling and not pending.reads_library:
+            self.scheduler.update_from_output(out, None, placeholders=True)
+            self._in_flight = (out, pending, t0)
+            return outputs
+        return outputs + self._finish(out, pending, t0, placeholders=False)
+
+    def _finish(
+        self, out: SchedulerOutput, pending: PendingStep, t0: float, placeholders: bool = True
+    ) -> list[RequestOutput]:
+        """Wait for a queued step's tokens and turn them into outputs. `placeholders`: the
+        scheduler was already updated with placeholders, which get the real tokens now."""
+        result: StepResult = pending.result()
+        self._last_step_s = time.perf_counter() - t0
         for rid, chunks in result.routed_chunks.items():
             self._chunks_routed += len(chunks)
             if rid in self._tracked:
@@ -222,7 +253,15 @@ class LLMEngine:
         for rid, cov in result.coverage.items():
             if rid in self._tracked:
                 self._tracked[rid].coverage = cov
-        updated = self.scheduler.update_from_output(out, result.sampled)
+        if placeholders:
+            updated = []
+            for req in pending.sample_reqs:
+                if req.request_id not in self._tracked:  # aborted or stopped meanwhile
+                    continue
+                self.scheduler.resolve_placeholder(req, result.sampled[req.request_id])
+                updated.append(req)
+        else:
+            updated = self.scheduler.update_from_output(out, result.sampled)
         outputs = []
         for req in updated:
             tr = self._tracked.get(req.request_id)

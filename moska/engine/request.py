@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from moska.engine.sampling_params import SamplingParams
 
 
+# Stands in an output list for a token sampled by a step still in flight (asynchronous
+# scheduling); the engine replaces it once the token reaches the host. Never a real id.
+PLACEHOLDER_TOKEN = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -15,8 +15,8 @@ from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import get_attention_ops
 from moska.config import EngineConfig
 from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpec
-from moska.engine.request import Request
-from moska.engine.sampler import Sampler
+from moska.engine.request import PLACEHOLDER_TOKEN, Request
+from moska.engine.sampler import SampledBatch, Sampler
 
 _CPU_KV_BUDGET_BYTES = 1 << 30
 
@@ -29,6 +29,39 @@ class StepResult:
     logprobs: dict[str, tuple[float, dict[int, float]]]
     routed_chunks: dict[str, list[int]]  # request_id -> chunks of the last layer
     coverage: dict[str, float] = field(default_factory=dict)  # report_routing only
+
+
+@dataclass
+class PendingStep:
+    """A step whose forward and sampling are queued on the device; ``result()`` waits for
+    its tokens. ``tokens`` (on the device) can feed the next step before that."""
+
+    sample_reqs: list[Request]
+    batch: SampledBatch | None
+    groups: list
+    lib_rows: dict[str, list[int]]
+    record_reqs: dict
+
+    @property
+    def reads_library(self) -> bool:
+        return bool(self.lib_rows)
+
+    def token_index(self) -> dict[str, int]:
+        """request id -> row of ``batch.tokens`` holding its new token."""
+        return {r.request_id: i for i, r in enumerate(self.sample_reqs)}
+
+    def result(self) -> StepResult:
+        result = StepResult(sampled={}, logprobs={}, routed_chunks={}, coverage={})
+        if self.batch is None:
+            return result
+        out = self.batch.to_host()
+        for req, tok, lp in zip(self.sample_reqs, out.token_ids, out.logprobs):
+            result.sampled[req.request_id] = tok
+            if lp is not None:
+                result.logprobs[req.request_id] = lp
+        for group, name in zip(self.groups, self.lib_rows):
+            _record_routes(group, self.lib_rows[name], self.record_reqs.get(name, []), result)
+        return result
 
 
 class ModelRunner:
@@ -94,13 +127,26 @@ class ModelRunner:
             budget = _CPU_KV_BUDGET_BYTES
         return max(16, budget // per_block)
 
-    @torch.inference_mode()
     def execute(
         self,
         scheduled: list,  # [ScheduledRequest(request, num_new_tokens)]
         get_library: Callable[[str], object],
         top_k_default: int,
     ) -> StepResult:
+        """Run one step and wait for its tokens."""
+        return self.launch(scheduled, get_library, top_k_default).result()
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        scheduled: list,  # [ScheduledRequest(request, num_new_tokens)]
+        get_library: Callable[[str], object],
+        top_k_default: int,
+        prev: PendingStep | None = None,
+    ) -> PendingStep:
+        """Queue one step on the device without waiting for it. Input tokens that are still
+        placeholders (sampled by ``prev``, not yet on the host) are read from ``prev``'s
+        device tokens."""
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -112,6 +158,7 @@ class ModelRunner:
         lib_rows: dict[str, list[int]] = {}
         lib_topk: dict[str, int] = {}
         record_reqs: dict[str, list[tuple[Request, int]]] = {}
+        pending: list[tuple[int, str]] = []  # (row, request id) whose input is on the device
         for item in scheduled:
             req: Request = item.request
             start, n = req.num_computed_tokens, item.num_new_tokens
@@ -126,6 +173,8 @@ class ModelRunner:
                 k = req.top_k_chunks or top_k_default
                 lib_topk[req.library] = max(lib_topk.get(req.library, 0), k)
             token_ids.extend(req.token_ids_slice(start, end))
+            if token_ids[-1] == PLACEHOLDER_TOKEN:
+                pending.append((len(token_ids) - 1, req.request_id))
             positions.extend(range(offset + start, offset + end))
             table = req.block_table
             slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
@@ -141,16 +190,18 @@ class ModelRunner:
             it.request.block_table[:max_blocks] + [0] * (max_blocks - len(it.request.block_table))
             for it in scheduled
         ]
+        device_ids = self._device_inputs(pending, prev)
         spec = self._graph_spec(scheduled, token_ids, lib_rows, lib_topk, record_reqs, get_library)
         if spec is not False:
             try:
                 hidden, group = self.graphs.run(
-                    torch.tensor(token_ids, dtype=torch.int64),
-                    torch.tensor(positions, dtype=torch.int64),
-                    torch.tensor(slots, dtype=torch.int64),
-                    torch.tensor(seq_lens, dtype=torch.int32),
-                    torch.tensor(tables, dtype=torch.int32),
+                    self._host(token_ids, torch.int64),
+                    self._host(positions, torch.int64),
+                    self._host(slots, torch.int64),
+                    self._host(seq_lens, torch.int32),
+                    self._host(tables, torch.int32),
                     spec,
+                    device_ids,
                 )
             except GraphCaptureError as e:
                 self._go_eager(e)
@@ -159,10 +210,10 @@ class ModelRunner:
                 return self._sample(hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs)
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            cu_q_lens=torch.tensor(cu_q, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=torch.tensor(tables, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=self._host(slots, torch.int64).to(dev, non_blocking=True),
+            cu_q_lens=self._host(cu_q, torch.int32).to(dev, non_blocking=True),
+            seq_lens=self._host(seq_lens, torch.int32).to(dev, non_blocking=True),
+            block_tables=self._host(tables, torch.int32).to(dev, non_blocking=True),
             decode_only=len(token_ids) == len(scheduled),
         )
         num_layers = self.mcfg.num_layers
@@ -173,7 +224,7 @@ class ModelRunner:
             meta.groups.append(
                 LibraryGroup(
                     library=lib,
-                    rows=torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True),
+                    rows=self._host(rows, torch.int64).to(dev, non_blocking=True),
                     top_k=lib_topk[name],
                     scorer=_scorer(lib),
                     all_rows=rows == list(range(len(token_ids))),
@@ -181,8 +232,10 @@ class ModelRunner:
                     coverage_layers=sampled_layers if wants else frozenset(),
                 )
             )
-        ids_t = torch.tensor(token_ids, dtype=torch.int64).to(dev, non_blocking=True)
-        pos_t = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
+        ids_t = self._host(token_ids, torch.int64).to(dev, non_blocking=True)
+        if device_ids is not None:
+            ids_t.index_copy_(0, *device_ids)
+        pos_t = self._host(positions, torch.int64).to(dev, non_blocking=True)
         hidden = self.model(ids_t, pos_t, self.attention.bind(meta))
         return self._sample(hidden, sample_rows, sample_reqs, meta.groups, lib_rows, record_reqs)
 
@@ -208,6 +261,25 @@ class ModelRunner:
         logger.warning("%s; decode steps run eagerly from now on", e)
         self.graphs = None
 
+    def _host(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor for a copy to the device; pinned on CUDA, so that the copy is queued
+        behind the work in flight instead of blocking the host until it ends."""
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory() if self.device.type == "cuda" else t
+
+    def _device_inputs(self, pending: list[tuple[int, str]], prev: PendingStep | None):
+        """(rows, tokens) on the device for the input tokens that are placeholders, or None."""
+        if not pending:
+            return None
+        index = prev.token_index() if prev is not None and prev.batch is not None else {}
+        missing = [rid for _, rid in pending if rid not in index]
+        if missing:
+            raise RuntimeError(f"placeholder input tokens with no step in flight: {missing[:4]}")
+        rows = self._host([row for row, _ in pending], torch.int64).to(self.device, non_blocking=True)
+        src = self._host([index[rid] for _, rid in pending], torch.int64)
+        src = src.to(self.device, non_blocking=True)
+        return rows, prev.batch.tokens.index_select(0, src)
+
     def _graph_spec(self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, get_library):
         """False when this step runs eagerly; else None (no library) or the LibrarySpec of
         the one library every row reads, for a CUDA-graph replay."""
@@ -226,27 +298,19 @@ class ModelRunner:
         return LibrarySpec(name, lib, lib_topk[name], _scorer(lib), record=bool(reqs))
 
     def _sample(self, hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs):
-        result = StepResult(sampled={}, logprobs={}, routed_chunks={}, coverage={})
+        step = PendingStep(sample_reqs, None, groups, lib_rows, record_reqs)
         if not sample_rows:
-            return result
+            return step
         if len(sample_rows) == hidden.shape[0]:  # every row samples (a decode step)
             last = hidden
         else:  # a non-blocking copy: the host queues the sampler behind the forward
-            rows_t = torch.tensor(sample_rows, dtype=torch.int64)
-            if self.device.type == "cuda":
-                rows_t = rows_t.pin_memory()
+            rows_t = self._host(sample_rows, torch.int64)
             last = hidden.index_select(0, rows_t.to(self.device, non_blocking=True))
         logits = self.model.compute_logits(last)
-        out = self.sampler(
+        step.batch = self.sampler.sample(
             logits, [r.sampling_params for r in sample_reqs], [r.request_id for r in sample_reqs]
         )
-        for req, tok, lp in zip(sample_reqs, out.token_ids, out.logprobs):
-            result.sampled[req.request_id] = tok
-            if lp is not None:
-                result.logprobs[req.request_id] = lp
-        for group, name in zip(groups, lib_rows):
-            _record_routes(group, lib_rows[name], record_reqs.get(name, []), result)
-        return result
+        return step
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)

@@ -21,6 +21,54 @@ class SamplerOutput:
     logprobs: list[tuple[float, dict[int, float]] | None]  # (sampled logprob, top alternatives)
 
 
+class SampledBatch:
+    """One step's samples, still on their way to the host.
+
+    ``tokens`` stays on the device (the next step can read its input tokens from it before
+    the host has them); the host copies are queued at once, non-blocking into pinned memory
+    on CUDA, and ``to_host()`` waits only for them, not for work queued after them.
+    """
+
+    def __init__(self, tokens: torch.Tensor, logprob_rows: list[int], logprob_ks: list[int],
+                 chosen: torch.Tensor | None, top_v: torch.Tensor | None,
+                 top_i: torch.Tensor | None) -> None:  # fmt: skip
+        self.tokens = tokens  # [N] int64, on the logits' device
+        self._rows, self._ks = logprob_rows, logprob_ks
+        self._host = [_to_host_async(t) for t in (tokens, chosen, top_v, top_i)]
+        self._event = None
+        if tokens.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._out: SamplerOutput | None = None
+
+    def to_host(self) -> SamplerOutput:
+        if self._out is None:
+            if self._event is not None:
+                self._event.synchronize()
+            tokens, chosen, top_v, top_i = (None if t is None else t.tolist() for t in self._host)
+            logprobs: list[tuple[float, dict[int, float]] | None] = [None] * len(tokens)
+            for j, (i, k) in enumerate(zip(self._rows, self._ks)):
+                logprobs[i] = (chosen[j], dict(zip(top_i[j][:k], top_v[j][:k])))
+            self._out = SamplerOutput(token_ids=tokens, logprobs=logprobs)
+        return self._out
+
+
+def _on_device(values: list, device: torch.device, dtype: torch.dtype | None = None):
+    """A small host list on the device without blocking the host: a pageable copy would
+    wait for the work already queued (the forward), a pinned one is queued behind it."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _to_host_async(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self._seed = seed
@@ -53,30 +101,35 @@ class Sampler:
         params: list[SamplingParams],
         request_ids: list[str],
     ) -> SamplerOutput:
+        return self.sample(logits, params, request_ids).to_host()
+
+    def sample(
+        self,
+        logits: torch.Tensor,  # [N, V] float32
+        params: list[SamplingParams],
+        request_ids: list[str],
+    ) -> SampledBatch:
+        """Queue the sampling of one step without waiting for it (see SampledBatch)."""
         assert logits.shape[0] == len(params) == len(request_ids)
         logits = logits.float()
-        n = logits.shape[0]
         if all(p.temperature == 0 for p in params):  # greedy batch: one argmax, nothing else
             sampled = logits.argmax(-1)
         else:
             sampled = self._sample(logits, params, request_ids)
-        token_ids = sampled.tolist()
-        logprobs: list[tuple[float, dict[int, float]] | None] = [None] * n
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        chosen = top_v = top_i = None
         if want:
-            lp = torch.log_softmax(logits[want], dim=-1)
+            rows = _on_device(want, logits.device)
+            lp = torch.log_softmax(logits[rows], dim=-1)
             k = max(params[i].logprobs for i in want)
             top_v, top_i = lp.topk(max(k, 1), dim=-1)
-            chosen = lp.gather(1, sampled[want].unsqueeze(1)).squeeze(1).tolist()
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-            for j, i in enumerate(want):
-                kk = params[i].logprobs
-                logprobs[i] = (chosen[j], dict(zip(top_i[j][:kk], top_v[j][:kk])))
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+            chosen = lp.gather(1, sampled[rows].unsqueeze(1)).squeeze(1)
+        ks = [params[i].logprobs for i in want]
+        return SampledBatch(sampled, want, ks, chosen, top_v, top_i)
 
     def _sample(self, logits, params, request_ids) -> torch.Tensor:
         dev = logits.device
-        temps = torch.tensor([p.temperature for p in params], device=dev)
+        temps = _on_device([p.temperature for p in params], dev, torch.float32)
         greedy = temps == 0
         scaled = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)
         scaled = _apply_top_k(scaled, [p.top_k for p in params])
@@ -92,7 +145,7 @@ class Sampler:
             if free:
                 draw = torch.empty(len(free), probs.shape[1], device=dev)
                 draw.exponential_(generator=self._shared_generator(dev))
-                noise[torch.tensor(free, device=dev)] = draw
+                noise[_on_device(free, dev)] = draw
         for i, (p, rid) in enumerate(zip(params, request_ids)):
             if p.temperature > 0 and p.seed is not None:
                 noise[i].exponential_(generator=self._generator(rid, p, dev))
@@ -104,7 +157,7 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     ks = [k if 0 < k < vocab else vocab for k in top_ks]
     if all(k == vocab for k in ks):
         return logits
-    k_t = torch.tensor(ks, device=logits.device)
+    k_t = _on_device(ks, logits.device)
     sorted_desc = logits.sort(dim=-1, descending=True).values
     kth = sorted_desc.gather(1, (k_t - 1).unsqueeze(1))
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -113,7 +166,7 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
 def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     if all(p >= 1.0 for p in top_ps):
         return logits
-    p_t = torch.tensor(top_ps, device=logits.device, dtype=logits.dtype)
+    p_t = _on_device(top_ps, logits.device, logits.dtype)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     # Drop a token when the mass before it already reaches top_p (the first always stays).

@@ -17,6 +17,11 @@ the engine's: it calls `finish_request` after detokenizing.
 
 Call order per step: `schedule()`, run the model on the scheduled tokens, then
 `update_from_output()` before the next `schedule()`.
+
+Asynchronous scheduling: `update_from_output(output, placeholders=True)` right after the
+step is queued appends PLACEHOLDER_TOKEN for each sampled token (length limits apply; stop
+tokens cannot, the token is unknown), so the next step can be scheduled while this one
+runs. `resolve_placeholder()` later puts the real token in and applies the stop tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from moska.cache.block_manager import BlockManager
-from moska.engine.request import Request, RequestStatus
+from moska.engine.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 from moska.engine.scheduler_config import SchedulerConfig
 
 
@@ -228,9 +233,13 @@ class Scheduler:
         num_batched = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, preempted, num_batched, finished_ids)
 
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, int] | None, placeholders: bool = False
+    ) -> list[Request]:
         """Advance computed counts, append sampled tokens, apply stop rules, free finished
-        requests. Returns the requests that sampled a token this step (finished or not)."""
+        requests. Returns the requests that sampled a token this step (finished or not).
+        With `placeholders` (and `sampled` None) the tokens are not known yet: see the
+        module docstring."""
         self._awaiting_update = False
         bm = self.block_manager
         got_token: list[Request] = []
@@ -241,31 +250,58 @@ class Scheduler:
             request.num_computed_tokens += item.num_new_tokens
             request.check_invariants()
             if request.num_computed_tokens == request.num_tokens:
-                if request.request_id not in sampled:
+                if placeholders:
+                    self._append_token(request, PLACEHOLDER_TOKEN)
+                elif request.request_id not in sampled:
                     raise KeyError(f"no sampled token for request {request.request_id!r}")
-                self._append_token(request, sampled[request.request_id])
+                else:
+                    self._append_token(request, sampled[request.request_id])
                 got_token.append(request)
             else:
-                assert request.request_id not in sampled, request.request_id
+                assert placeholders or request.request_id not in sampled, request.request_id
             bm.cache_full_blocks(request)
             if request.is_finished:
                 self._release(request)
         return got_token
 
+    def resolve_placeholder(self, request: Request, token: int) -> None:
+        """Put the real token in place of the request's last output token, a placeholder,
+        and apply the stop tokens to it: a stop token is removed and ends the request
+        (FINISHED_STOPPED, also over a FINISHED_LENGTH the placeholder reached)."""
+        out = request.output_token_ids
+        assert out and out[-1] == PLACEHOLDER_TOKEN, request.request_id
+        stop = self._stop_reason(request, token, request.num_output_tokens - 1)
+        if stop is False:
+            out[-1] = token
+            return
+        if request.request_id in self._requests:  # release it as it was queued, then drop
+            self.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, stop)
+        else:  # already released (it reached its length with the placeholder)
+            request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        out.pop()
+
+    @staticmethod
+    def _stop_reason(request: Request, token: int, num_before: int):
+        """False if `token` does not stop the request, else its stop_reason (None for eos)."""
+        params = request.sampling_params
+        if num_before < params.min_tokens:
+            return False
+        eos = request.eos_token_id
+        if eos is not None and token == eos and not params.ignore_eos:
+            return None
+        if token in params.stop_token_ids:
+            return token
+        return False
+
     def _append_token(self, request: Request, token: int) -> None:
         params = request.sampling_params
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
-        if request.num_output_tokens >= params.min_tokens:
-            eos = request.eos_token_id
-            if eos is not None and token == eos and not params.ignore_eos:
-                request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = None
-                return
-            if token in params.stop_token_ids:
-                request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = token
-                return
+        stop = self._stop_reason(request, token, request.num_output_tokens)
+        if stop is not False:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = stop
+            return
         request.output_token_ids.append(token)
         if request.num_output_tokens >= params.max_tokens:
             request.status = RequestStatus.FINISHED_LENGTH
