@@ -11,7 +11,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from moska.cache.block_manager import BlockManager
 from moska.config import EngineConfig

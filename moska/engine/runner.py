@@ -275,7 +275,8 @@ class ModelRunner:
         missing = [rid for _, rid in pending if rid not in index]
         if missing:
             raise RuntimeError(f"placeholder input tokens with no step in flight: {missing[:4]}")
-        rows = self._host([row for row, _ in pending], torch.int64).to(self.device, non_blocking=True)
+        rows = self._host([row for row, _ in pending], torch.int64)
+        rows = rows.to(self.device, non_blocking=True)
         src = self._host([index[rid] for _, rid in pending], torch.int64)
         src = src.to(self.device, non_blocking=True)
         return rows, prev.batch.tokens.index_select(0, src)

@@ -102,9 +102,13 @@ def test_logprobs_seeds_and_streaming(engines):
     a, b = sync.generate("abc", p)[0], asyn.generate("abc", p)[0]
     _same([a], [b])
     for ca, cb in zip(a.outputs, b.outputs):
-        assert [(x.token_id, x.top) for x in ca.logprobs] == [(x.token_id, x.top) for x in cb.logprobs]
+        assert [(x.token_id, x.top) for x in ca.logprobs] == [
+            (x.token_id, x.top) for x in cb.logprobs
+        ]
     eng = asyn.engine
-    eng.add_request("s1", "stream me", SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))
+    eng.add_request(
+        "s1", "stream me", SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)
+    )
     toks, text, final, steps = [], "", None, 0
     while eng.has_unfinished_requests():
         steps += 1
@@ -123,7 +127,9 @@ def test_abort_while_a_step_is_in_flight(engines):
     eng = asyn.engine
     params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
     eng.add_request("ab", list(range(40)), params)
-    eng.add_request("keep", list(range(7)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    eng.add_request(
+        "keep", list(range(7)), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    )
     eng.step()
     eng.step()
     assert eng._in_flight is not None
