@@ -30,7 +30,7 @@ if [ "${SKIP_TWO_STAGE:-0}" != 1 ]; then
   echo "decode two_stage rc=$? at ${SECONDS}s"; tail -8 "$LOG"
 fi
 if [ "${SKIP_SMOKE:-0}" != 1 ]; then
-  timeout 180 python3 -m moska.bench.smoke --out "$OUT/smoke.json" >> "$LOG" 2>&1
+  timeout 300 python3 -m moska.bench.smoke --out "$OUT/smoke.json" >> "$LOG" 2>&1
   echo "smoke rc=$? at ${SECONDS}s"; tail -6 "$LOG"
 fi
 ls "$OUT"

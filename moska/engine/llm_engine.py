@@ -204,11 +204,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and run one step; returns the outputs of the tokens that reached the host.
 
-        With asynchronous scheduling a step is queued on the device and its tokens are read
-        during the next call, after that call has queued its own step: the host's work
-        (scheduling, inputs, detokenizing) overlaps the device's. Until the tokens arrive
-        the scheduler holds placeholders (see Scheduler); a request that turns out to have
-        stopped had one extra step computed, which is dropped.
+        With asynchronous scheduling a decode step is queued on the device and its tokens
+        are read during the next call, after that call has queued its own step: the host's
+        work (scheduling, inputs, detokenizing) overlaps the device's. Until the tokens
+        arrive the scheduler holds placeholders (see Scheduler); a request that turns out
+        to have stopped had one extra step computed, which is dropped.
         """
         out = self.scheduler.schedule()
         prev = self._in_flight
@@ -232,7 +232,10 @@ class LLMEngine:
                 0, min(item.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens)
             )
         outputs = self._finish(*prev) if prev is not None else []
-        if self.async_scheduling and not pending.reads_library:
+        # Only decode steps run ahead: a step with prompt tokens may wait on the device inside
+        # its forward, so its tokens would reach the host a whole step later (time to first
+        # token doubled in the smoke run), and a library step reads its routing back.
+        if self.async_scheduling and pending.decode_only and not pending.reads_library:
             self.scheduler.update_from_output(out, None, placeholders=True)
             self._in_flight = (out, pending, t0)
             return outputs

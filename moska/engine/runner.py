@@ -41,6 +41,7 @@ class PendingStep:
     groups: list
     lib_rows: dict[str, list[int]]
     record_reqs: dict
+    decode_only: bool = False  # every row is one request's single new token
 
     @property
     def reads_library(self) -> bool:
@@ -207,7 +208,9 @@ class ModelRunner:
                 self._go_eager(e)
             else:
                 groups = [group] if group is not None else []
-                return self._sample(hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs)
+                step = self._sample(hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs)
+                step.decode_only = True
+                return step
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=self._host(slots, torch.int64).to(dev, non_blocking=True),
@@ -237,7 +240,9 @@ class ModelRunner:
             ids_t.index_copy_(0, *device_ids)
         pos_t = self._host(positions, torch.int64).to(dev, non_blocking=True)
         hidden = self.model(ids_t, pos_t, self.attention.bind(meta))
-        return self._sample(hidden, sample_rows, sample_reqs, meta.groups, lib_rows, record_reqs)
+        step = self._sample(hidden, sample_rows, sample_reqs, meta.groups, lib_rows, record_reqs)
+        step.decode_only = meta.decode_only
+        return step
 
     def capture_graphs(
         self, libraries: dict[str, object], top_k: int, progress: bool = True

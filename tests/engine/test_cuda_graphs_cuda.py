@@ -17,7 +17,7 @@ DOCS = [
 ]
 
 
-def _generate(tmp_path, enforce_eager: bool, library, top_k, precapture=False):
+def _generate(tmp_path, enforce_eager: bool, library, top_k, precapture=False, asyn=None):
     llm = LLM(
         None,
         device="cuda",
@@ -25,6 +25,7 @@ def _generate(tmp_path, enforce_eager: bool, library, top_k, precapture=False):
         num_kv_blocks=512,
         library_root=str(tmp_path),
         enforce_eager=enforce_eager,
+        async_scheduling=asyn,
     )
     if library is not None and not llm.engine.libraries.exists(library):
         llm.engine.libraries.build(library, DOCS, chunk_size=32, mode="prefix")
@@ -71,3 +72,19 @@ def test_graph_replay_matches_eager(tmp_path, library, top_k, precapture):
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             for tok, lp in la.top.items():
                 assert abs(lp - lb.top[tok]) < 1e-4
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_async_scheduling_matches_sync(tmp_path, enforce_eager):
+    """Async scheduling on CUDA (input tokens read from the device, pinned host copies)
+    gives the tokens and logprobs of the synchronous engine, graphs or not."""
+    sync, _ = _generate(tmp_path, enforce_eager, None, None, asyn=False)
+    asyn, _ = _generate(tmp_path, enforce_eager, None, None, asyn=True)
+    assert sync.keys() == asyn.keys() and len(sync) == 11
+    for rid, a in sync.items():
+        b = asyn[rid]
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, rid
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert la.token_id == lb.token_id
+            for tok, lp in la.top.items():
+                assert abs(lp - lb.top[tok]) < 1e-5
