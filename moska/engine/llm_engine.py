@@ -236,7 +236,7 @@ class LLMEngine:
         # its forward, so its tokens would reach the host a whole step later (time to first
         # token doubled in the smoke run), and a library step reads its routing back.
         if self.async_scheduling and pending.decode_only and not pending.reads_library:
-            self.scheduler.update_from_output(out, None, placeholders=True)
+            self.scheduler.update_from_output(out, None)  # placeholders
             self._in_flight = (out, pending, t0)
             return outputs
         return outputs + self._finish(out, pending, t0, placeholders=False)

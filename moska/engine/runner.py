@@ -17,6 +17,7 @@ from moska.config import EngineConfig
 from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpec
 from moska.engine.request import PLACEHOLDER_TOKEN, Request
 from moska.engine.sampler import SampledBatch, Sampler
+from moska.engine.transfer import host_tensor, to_device
 
 _CPU_KV_BUDGET_BYTES = 1 << 30
 
@@ -196,11 +197,11 @@ class ModelRunner:
         if spec is not False:
             try:
                 hidden, group = self.graphs.run(
-                    self._host(token_ids, torch.int64),
-                    self._host(positions, torch.int64),
-                    self._host(slots, torch.int64),
-                    self._host(seq_lens, torch.int32),
-                    self._host(tables, torch.int32),
+                    host_tensor(token_ids, torch.int64, self.device),
+                    host_tensor(positions, torch.int64, self.device),
+                    host_tensor(slots, torch.int64, self.device),
+                    host_tensor(seq_lens, torch.int32, self.device),
+                    host_tensor(tables, torch.int32, self.device),
                     spec,
                     device_ids,
                 )
@@ -213,10 +214,10 @@ class ModelRunner:
                 return step
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=self._host(slots, torch.int64).to(dev, non_blocking=True),
-            cu_q_lens=self._host(cu_q, torch.int32).to(dev, non_blocking=True),
-            seq_lens=self._host(seq_lens, torch.int32).to(dev, non_blocking=True),
-            block_tables=self._host(tables, torch.int32).to(dev, non_blocking=True),
+            slot_mapping=to_device(slots, dev, torch.int64),
+            cu_q_lens=to_device(cu_q, dev, torch.int32),
+            seq_lens=to_device(seq_lens, dev, torch.int32),
+            block_tables=to_device(tables, dev, torch.int32),
             decode_only=len(token_ids) == len(scheduled),
         )
         num_layers = self.mcfg.num_layers
@@ -227,7 +228,7 @@ class ModelRunner:
             meta.groups.append(
                 LibraryGroup(
                     library=lib,
-                    rows=self._host(rows, torch.int64).to(dev, non_blocking=True),
+                    rows=to_device(rows, dev, torch.int64),
                     top_k=lib_topk[name],
                     scorer=_scorer(lib),
                     all_rows=rows == list(range(len(token_ids))),
@@ -235,10 +236,10 @@ class ModelRunner:
                     coverage_layers=sampled_layers if wants else frozenset(),
                 )
             )
-        ids_t = self._host(token_ids, torch.int64).to(dev, non_blocking=True)
+        ids_t = to_device(token_ids, dev, torch.int64)
         if device_ids is not None:
             ids_t.index_copy_(0, *device_ids)
-        pos_t = self._host(positions, torch.int64).to(dev, non_blocking=True)
+        pos_t = to_device(positions, dev, torch.int64)
         hidden = self.model(ids_t, pos_t, self.attention.bind(meta))
         step = self._sample(hidden, sample_rows, sample_reqs, meta.groups, lib_rows, record_reqs)
         step.decode_only = meta.decode_only
@@ -266,12 +267,6 @@ class ModelRunner:
         logger.warning("%s; decode steps run eagerly from now on", e)
         self.graphs = None
 
-    def _host(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """A host tensor for a copy to the device; pinned on CUDA, so that the copy is queued
-        behind the work in flight instead of blocking the host until it ends."""
-        t = torch.tensor(values, dtype=dtype)
-        return t.pin_memory() if self.device.type == "cuda" else t
-
     def _device_inputs(self, pending: list[tuple[int, str]], prev: PendingStep | None):
         """(rows, tokens) on the device for the input tokens that are placeholders, or None."""
         if not pending:
@@ -280,10 +275,8 @@ class ModelRunner:
         missing = [rid for _, rid in pending if rid not in index]
         if missing:
             raise RuntimeError(f"placeholder input tokens with no step in flight: {missing[:4]}")
-        rows = self._host([row for row, _ in pending], torch.int64)
-        rows = rows.to(self.device, non_blocking=True)
-        src = self._host([index[rid] for _, rid in pending], torch.int64)
-        src = src.to(self.device, non_blocking=True)
+        rows = to_device([row for row, _ in pending], self.device, torch.int64)
+        src = to_device([index[rid] for _, rid in pending], self.device, torch.int64)
         return rows, prev.batch.tokens.index_select(0, src)
 
     def _graph_spec(self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, get_library):
@@ -310,8 +303,7 @@ class ModelRunner:
         if len(sample_rows) == hidden.shape[0]:  # every row samples (a decode step)
             last = hidden
         else:  # a non-blocking copy: the host queues the sampler behind the forward
-            rows_t = self._host(sample_rows, torch.int64)
-            last = hidden.index_select(0, rows_t.to(self.device, non_blocking=True))
+            last = hidden.index_select(0, to_device(sample_rows, self.device, torch.int64))
         logits = self.model.compute_logits(last)
         step.batch = self.sampler.sample(
             logits, [r.sampling_params for r in sample_reqs], [r.request_id for r in sample_reqs]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moska.engine.sampling_params import SamplingParams
+from moska.engine.transfer import to_device, to_host_async
 
 
 @dataclass
@@ -34,7 +35,7 @@ class SampledBatch:
                  top_i: torch.Tensor | None) -> None:  # fmt: skip
         self.tokens = tokens  # [N] int64, on the logits' device
         self._rows, self._ks = logprob_rows, logprob_ks
-        self._host = [_to_host_async(t) for t in (tokens, chosen, top_v, top_i)]
+        self._host = [to_host_async(t) for t in (tokens, chosen, top_v, top_i)]
         self._event = None
         if tokens.is_cuda:
             self._event = torch.cuda.Event()
@@ -51,22 +52,6 @@ class SampledBatch:
                 logprobs[i] = (chosen[j], dict(zip(top_i[j][:k], top_v[j][:k])))
             self._out = SamplerOutput(token_ids=tokens, logprobs=logprobs)
         return self._out
-
-
-def _on_device(values: list, device: torch.device, dtype: torch.dtype | None = None):
-    """A small host list on the device without blocking the host: a pageable copy would
-    wait for the work already queued (the forward), a pinned one is queued behind it."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def _to_host_async(t: torch.Tensor | None) -> torch.Tensor | None:
-    if t is None or not t.is_cuda:
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
 
 
 class Sampler:
@@ -119,7 +104,7 @@ class Sampler:
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         chosen = top_v = top_i = None
         if want:
-            rows = _on_device(want, logits.device)
+            rows = to_device(want, logits.device)
             lp = torch.log_softmax(logits[rows], dim=-1)
             k = max(params[i].logprobs for i in want)
             top_v, top_i = lp.topk(max(k, 1), dim=-1)
@@ -129,7 +114,7 @@ class Sampler:
 
     def _sample(self, logits, params, request_ids) -> torch.Tensor:
         dev = logits.device
-        temps = _on_device([p.temperature for p in params], dev, torch.float32)
+        temps = to_device([p.temperature for p in params], dev, torch.float32)
         greedy = temps == 0
         scaled = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)
         scaled = _apply_top_k(scaled, [p.top_k for p in params])
@@ -145,7 +130,7 @@ class Sampler:
             if free:
                 draw = torch.empty(len(free), probs.shape[1], device=dev)
                 draw.exponential_(generator=self._shared_generator(dev))
-                noise[_on_device(free, dev)] = draw
+                noise[to_device(free, dev)] = draw
         for i, (p, rid) in enumerate(zip(params, request_ids)):
             if p.temperature > 0 and p.seed is not None:
                 noise[i].exponential_(generator=self._generator(rid, p, dev))
@@ -157,7 +142,7 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     ks = [k if 0 < k < vocab else vocab for k in top_ks]
     if all(k == vocab for k in ks):
         return logits
-    k_t = _on_device(ks, logits.device)
+    k_t = to_device(ks, logits.device)
     sorted_desc = logits.sort(dim=-1, descending=True).values
     kth = sorted_desc.gather(1, (k_t - 1).unsqueeze(1))
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -166,7 +151,7 @@ def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
 def _apply_top_p(logits: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     if all(p >= 1.0 for p in top_ps):
         return logits
-    p_t = _on_device(top_ps, logits.device, logits.dtype)
+    p_t = to_device(top_ps, logits.device, logits.dtype)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     # Drop a token when the mass before it already reaches top_p (the first always stays).

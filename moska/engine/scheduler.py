@@ -18,7 +18,7 @@ the engine's: it calls `finish_request` after detokenizing.
 Call order per step: `schedule()`, run the model on the scheduled tokens, then
 `update_from_output()` before the next `schedule()`.
 
-Asynchronous scheduling: `update_from_output(output, placeholders=True)` right after the
+Asynchronous scheduling: `update_from_output(output, None)` right after the
 step is queued appends PLACEHOLDER_TOKEN for each sampled token (length limits apply; stop
 tokens cannot, the token is unknown), so the next step can be scheduled while this one
 runs. `resolve_placeholder()` later puts the real token in and applies the stop tokens.
@@ -234,12 +234,12 @@ class Scheduler:
         return SchedulerOutput(scheduled, preempted, num_batched, finished_ids)
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled: dict[str, int] | None, placeholders: bool = False
+        self, output: SchedulerOutput, sampled: dict[str, int] | None
     ) -> list[Request]:
         """Advance computed counts, append sampled tokens, apply stop rules, free finished
         requests. Returns the requests that sampled a token this step (finished or not).
-        With `placeholders` (and `sampled` None) the tokens are not known yet: see the
-        module docstring."""
+        `sampled` None: the tokens are not known yet, placeholders stand in (see the module
+        docstring)."""
         self._awaiting_update = False
         bm = self.block_manager
         got_token: list[Request] = []
@@ -250,7 +250,7 @@ class Scheduler:
             request.num_computed_tokens += item.num_new_tokens
             request.check_invariants()
             if request.num_computed_tokens == request.num_tokens:
-                if placeholders:
+                if sampled is None:
                     self._append_token(request, PLACEHOLDER_TOKEN)
                 elif request.request_id not in sampled:
                     raise KeyError(f"no sampled token for request {request.request_id!r}")
@@ -258,7 +258,7 @@ class Scheduler:
                     self._append_token(request, sampled[request.request_id])
                 got_token.append(request)
             else:
-                assert placeholders or request.request_id not in sampled, request.request_id
+                assert sampled is None or request.request_id not in sampled, request.request_id
             bm.cache_full_blocks(request)
             if request.is_finished:
                 self._release(request)
