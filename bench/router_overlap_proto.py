@@ -50,6 +50,7 @@ from moska.kernels.selections import from_topk
 from moska.kernels.shared_attention import grouped_shared_attention
 
 C, L, TOPK, U, B = 256, 4096, 8, 4096, 1024
+S = C * L  # shared tokens
 
 
 def resources(fn):
@@ -94,26 +95,52 @@ def timeline(fn, path):
     return [r for r in rows if r[1] > 5]  # the big kernels only
 
 
-def main():
-    t_start = time.time()
-    out_dir = os.environ.get("OUT", "/tmp/out")
-    os.makedirs(out_dir, exist_ok=True)
+def _start(**fields):
+    """Seed, ceilings, the shared library (1M tokens in 4096-token chunks) and its routing
+    index: (k, v, offsets, index, SMs, copy GB/s, res); `res` starts the JSON with the
+    environment and `fields`."""
     torch.manual_seed(0)
     peak, bw = ceilings()
-    S = C * L
     k = torch.randn(S, HKV, D, device=DEV, dtype=DT)
     v = torch.randn_like(k)
     offs = torch.arange(0, S + 1, L, dtype=torch.int32, device=DEV)
-    index = router.build_routing_index(k, offs)
-    q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
-    kc = torch.randn(B * U // 16, 16, HKV, D, device=DEV, dtype=DT)
-    vc = torch.randn_like(kc)
-    bt = torch.arange(B * U // 16, dtype=torch.int32, device=DEV).view(B, U // 16)
-    sl = torch.full((B,), U, dtype=torch.int32, device=DEV)
+    res = dict(
+        command="PYTHONPATH=. python3 " + " ".join(sys.argv), **fields, C=C, L=L, U=U,
+        topk=TOPK, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+        triton=triton.__version__, dtype="bf16", gemm_peak_tflops=peak, copy_GBps=bw,
+    )  # fmt: skip
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    # the two-stage shortlist's (request, chunk) pairs, as router.route makes them
+    return k, v, offs, router.build_routing_index(k, offs), sms, bw, res
+
+
+def _requests(b):
+    """b queries and their unique KV: U tokens each in 16-token pages (identity tables)."""
+    q = torch.randn(b, HQ, D, device=DEV, dtype=DT)
+    kc = torch.randn(b * U // 16, 16, HKV, D, device=DEV, dtype=DT)
+    bt = torch.arange(b * U // 16, dtype=torch.int32, device=DEV).view(b, U // 16)
+    sl = torch.full((b,), U, dtype=torch.int32, device=DEV)
+    return q, kc, torch.randn_like(kc), bt, sl
+
+
+def _shortlist_pairs(q, index):
+    """The two-stage shortlist's (request, chunk) pairs, as router.route makes them."""
     cheap = router.score_chunks(q, index, "bound").sum(dim=1)
-    pairs = from_topk(cheap.topk(4 * TOPK, dim=-1).indices[:, None, :], 1, C)
+    return from_topk(cheap.topk(4 * TOPK, dim=-1).indices[:, None, :], 1, C)
+
+
+def _save(res, name, t_start):
+    out_dir = os.environ.get("OUT", "/tmp/out")
+    os.makedirs(out_dir, exist_ok=True)
+    res["wall_s"] = time.time() - t_start
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def main():
+    t_start = time.time()
+    k, v, offs, index, sms, bw, res = _start(B=B)
+    q, kc, vc, bt, sl = _requests(B)
+    pairs = _shortlist_pairs(q, index)
 
     def km(progs=None, stages=5):
         return keymax_pair_scores(
@@ -123,13 +150,6 @@ def main():
 
     def un(**kw):
         return paged_decode_attention(q, kc, vc, bt, sl, SCALE, **kw)
-
-    res = dict(
-        command="PYTHONPATH=. python3 " + " ".join(sys.argv),
-        B=B, C=C, L=L, U=U, topk=TOPK, gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__, triton=triton.__version__, dtype="bf16",
-        gemm_peak_tflops=peak, copy_GBps=bw,
-    )  # fmt: skip
 
     # correctness: every variant against the default call
     ref_k, ref_u = km(), un()[0]
@@ -236,9 +256,7 @@ def main():
     floor = kv_bytes / bw / 1e6
     res["floor_two_stage_ms"] = floor
     res["times_ms"] = t
-    res["wall_s"] = time.time() - t_start
-    with open(os.path.join(out_dir, "router_overlap_proto.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    _save(res, "router_overlap_proto.json", t_start)
     for r in res["timeline_both_eager"]:
         log("both", r)
     for r in res["timeline_step_prio_eager"]:
@@ -251,29 +269,9 @@ def main():
 
 def sweep():
     t_start = time.time()
-    out_dir = os.environ.get("OUT", "/tmp/out")
-    os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(0)
-    peak, bw = ceilings()
-    S = C * L
-    k = torch.randn(S, HKV, D, device=DEV, dtype=DT)
-    v = torch.randn_like(k)
-    offs = torch.arange(0, S + 1, L, dtype=torch.int32, device=DEV)
-    index = router.build_routing_index(k, offs)
-    q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
-    kc = torch.randn(B * U // 16, 16, HKV, D, device=DEV, dtype=DT)
-    vc = torch.randn_like(kc)
-    bt = torch.arange(B * U // 16, dtype=torch.int32, device=DEV).view(B, U // 16)
-    sl = torch.full((B,), U, dtype=torch.int32, device=DEV)
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    cheap = router.score_chunks(q, index, "bound").sum(dim=1)
-    pairs = from_topk(cheap.topk(4 * TOPK, dim=-1).indices[:, None, :], 1, C)
-    res = dict(
-        command="PYTHONPATH=. python3 " + " ".join(sys.argv),
-        B=B, C=C, L=L, U=U, topk=TOPK, gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__, triton=triton.__version__, dtype="bf16",
-        gemm_peak_tflops=peak, copy_GBps=bw,
-    )  # fmt: skip
+    k, v, offs, index, sms, bw, res = _start(B=B)
+    q, kc, vc, bt, sl = _requests(B)
+    pairs = _shortlist_pairs(q, index)
     # key-max variants: (block_b, block_n, warps, stages, maxnreg)
     KM = {
         "km_default": (32, 64, 4, 5, None),
@@ -389,9 +387,7 @@ def sweep():
     res["step_ms"] = steps
     res["floor_two_stage_ms"] = floor
     res["step_floor_fraction"] = {n: floor / ms for n, ms in steps.items()}
-    res["wall_s"] = time.time() - t_start
-    with open(os.path.join(out_dir, "router_overlap_sweep.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    _save(res, "router_overlap_sweep.json", t_start)
     log(f"floor {floor:.3f} ms; alone: " + ", ".join(f"{n} {ms:.3f}" for n, ms in t.items()))
     for n in ranked:
         log(f"both {n:36s} {both[n]:.3f}")
@@ -401,27 +397,8 @@ def sweep():
 
 def shared_cap():
     t_start = time.time()
-    out_dir = os.environ.get("OUT", "/tmp/out")
-    os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(0)
-    peak, bw = ceilings()
-    S = C * L
-    k = torch.randn(S, HKV, D, device=DEV, dtype=DT)
-    v = torch.randn_like(k)
-    offs = torch.arange(0, S + 1, L, dtype=torch.int32, device=DEV)
-    index = router.build_routing_index(k, offs)
-    q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
-    kc = torch.randn(B * U // 16, 16, HKV, D, device=DEV, dtype=DT)
-    vc = torch.randn_like(kc)
-    bt = torch.arange(B * U // 16, dtype=torch.int32, device=DEV).view(B, U // 16)
-    sl = torch.full((B,), U, dtype=torch.int32, device=DEV)
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    res = dict(
-        command="PYTHONPATH=. python3 " + " ".join(sys.argv),
-        B=B, C=C, L=L, U=U, topk=TOPK, gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__, triton=triton.__version__, dtype="bf16",
-        gemm_peak_tflops=peak, copy_GBps=bw,
-    )  # fmt: skip
+    k, v, offs, index, sms, bw, res = _start(B=B)
+    q, kc, vc, bt, sl = _requests(B)
     fixed = sorted_sel(torch.rand(B, C, device=DEV).topk(TOPK, -1).indices, C)
     high = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])
     CAPS = (None, 1, 2, 3)
@@ -487,9 +464,7 @@ def shared_cap():
     res.update(check_relerr=check, step_relerr=errs, alone_ms=t, step_ms=steps, floors_ms=floors)
     res["step_floor_fraction"] = {n: floors[n.split("_p")[0].split("_prio")[0].split("_serial")[0]]
                                   / ms for n, ms in steps.items()}  # fmt: skip
-    res["wall_s"] = time.time() - t_start
-    with open(os.path.join(out_dir, "router_overlap_shared_cap.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    _save(res, "router_overlap_shared_cap.json", t_start)
     log("errs", json.dumps(errs))
     log("alone: " + ", ".join(f"{n} {ms:.3f}" for n, ms in t.items()))
     for n, ms in steps.items():
@@ -498,30 +473,12 @@ def shared_cap():
 
 def repeat(rounds=5):
     t_start = time.time()
-    out_dir = os.environ.get("OUT", "/tmp/out")
-    os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(0)
-    peak, bw = ceilings()
-    S = C * L
-    k = torch.randn(S, HKV, D, device=DEV, dtype=DT)
-    v = torch.randn_like(k)
-    offs = torch.arange(0, S + 1, L, dtype=torch.int32, device=DEV)
-    index = router.build_routing_index(k, offs)
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    k, v, offs, index, sms, bw, res = _start(rounds=rounds, rows=[])
     high = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])
-    res = dict(
-        command="PYTHONPATH=. python3 " + " ".join(sys.argv), rounds=rounds, C=C, L=L, U=U,
-        topk=TOPK, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-        triton=triton.__version__, dtype="bf16", gemm_peak_tflops=peak, copy_GBps=bw, rows=[],
-    )  # fmt: skip
     # (shared attention programs per SM, key-max programs per SM); None = uncapped
     CANDIDATES = [(None, None), (2, 1), (2, None), (None, 1), (2, 2)]
     for b in (256, 1024):
-        q = torch.randn(b, HQ, D, device=DEV, dtype=DT)
-        kc = torch.randn(b * U // 16, 16, HKV, D, device=DEV, dtype=DT)
-        vc = torch.randn_like(kc)
-        bt = torch.arange(b * U // 16, dtype=torch.int32, device=DEV).view(b, U // 16)
-        sl = torch.full((b,), U, dtype=torch.int32, device=DEV)
+        q, kc, vc, bt, sl = _requests(b)
 
         def step(scorer, sh_cap, km_cap):
             def run():
@@ -531,9 +488,7 @@ def repeat(rounds=5):
                     kp = None if km_cap is None else km_cap * sms
                     s_ = router.route(q, index, TOPK, scorer=scorer, keymax_programs=kp)
                     sp = None if sh_cap is None else sh_cap * sms
-                    o_s, lse_s = grouped_shared_attention(
-                        q, k, v, offs, s_, SCALE, max_programs=sp
-                    )
+                    o_s, lse_s = grouped_shared_attention(q, k, v, offs, s_, SCALE, max_programs=sp)
                 o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
                 cur.wait_stream(high)
                 return merge_selections(o_u, lse_u, o_s, lse_s, s_)
@@ -572,9 +527,7 @@ def repeat(rounds=5):
             spread = max(times[n]) - min(times[n])
             log(f"B={b:5d} {n:28s} {ms:.3f} ms (spread {spread:.3f})  "
                 f"floor fraction {row['floor_fraction'][n]:.3f}")  # fmt: skip
-    res["wall_s"] = time.time() - t_start
-    with open(os.path.join(out_dir, "router_overlap_repeat.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    _save(res, "router_overlap_repeat.json", t_start)
 
 
 if __name__ == "__main__":
