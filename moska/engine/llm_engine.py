@@ -234,8 +234,14 @@ class LLMEngine:
         outputs = self._finish(*prev) if prev is not None else []
         # Only decode steps run ahead: a step with prompt tokens may wait on the device inside
         # its forward, so its tokens would reach the host a whole step later (time to first
-        # token doubled in the smoke run), and a library step reads its routing back.
-        if self.async_scheduling and pending.decode_only and not pending.reads_library:
+        # token doubled in the smoke run), a library step reads its routing back, and a step
+        # whose sampler reads token ids (penalties, logits processors) needs them all real.
+        if (
+            self.async_scheduling
+            and pending.decode_only
+            and not pending.reads_library
+            and not pending.needs_history
+        ):
             self.scheduler.update_from_output(out, None)  # placeholders
             self._in_flight = (out, pending, t0)
             return outputs

@@ -43,6 +43,9 @@ class PendingStep:
     lib_rows: dict[str, list[int]]
     record_reqs: dict
     decode_only: bool = False  # every row is one request's single new token
+    # a row's sampler reads its token ids (penalties, logits processors): the next step
+    # must not be scheduled before this one's tokens reach the host
+    needs_history: bool = False
 
     @property
     def reads_library(self) -> bool:
@@ -305,8 +308,14 @@ class ModelRunner:
         else:  # a non-blocking copy: the host queues the sampler behind the forward
             last = hidden.index_select(0, to_device(sample_rows, self.device, torch.int64))
         logits = self.model.compute_logits(last)
+        params = [r.sampling_params for r in sample_reqs]
+        step.needs_history = any(p.needs_history for p in params)
+        prompts = outputs = None
+        if step.needs_history:  # the lists themselves, not copies: read before they change
+            prompts = [r.prompt_token_ids for r in sample_reqs]
+            outputs = [r.output_token_ids for r in sample_reqs]
         step.batch = self.sampler.sample(
-            logits, [r.sampling_params for r in sample_reqs], [r.request_id for r in sample_reqs]
+            logits, params, [r.request_id for r in sample_reqs], prompts, outputs
         )
         return step
 

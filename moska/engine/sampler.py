@@ -1,4 +1,5 @@
-"""Token sampling for one step: temperature, top-k, top-p, per-request seeds, logprobs.
+"""Token sampling for one step: logit bias, logits processors, penalties (engine/penalties.py),
+temperature, min-p, top-k, top-p, per-request seeds, logprobs.
 
 Sampling draws by dividing probabilities by exponential noise and taking the argmax (the
 Gumbel-max trick in exponential form): no host sync and no multinomial kernel. Requests
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moska.engine.penalties import apply_logit_bias, apply_penalties, apply_processors
 from moska.engine.sampling_params import SamplingParams
 from moska.engine.transfer import to_device, to_host_async
 
@@ -85,18 +87,29 @@ class Sampler:
         logits: torch.Tensor,  # [N, V] float32
         params: list[SamplingParams],
         request_ids: list[str],
+        prompt_token_ids: list[list[int]] | None = None,
+        output_token_ids: list[list[int]] | None = None,
     ) -> SamplerOutput:
-        return self.sample(logits, params, request_ids).to_host()
+        return self.sample(
+            logits, params, request_ids, prompt_token_ids, output_token_ids
+        ).to_host()
 
     def sample(
         self,
         logits: torch.Tensor,  # [N, V] float32
         params: list[SamplingParams],
         request_ids: list[str],
+        prompt_token_ids: list[list[int]] | None = None,
+        output_token_ids: list[list[int]] | None = None,
     ) -> SampledBatch:
-        """Queue the sampling of one step without waiting for it (see SampledBatch)."""
+        """Queue the sampling of one step without waiting for it (see SampledBatch).
+
+        `prompt_token_ids` / `output_token_ids`: each row's tokens so far, read by the
+        penalties and logits processors (None: empty histories). Logprobs are those of the
+        raw `logits`, before biases, processors and penalties."""
         assert logits.shape[0] == len(params) == len(request_ids)
-        logits = logits.float()
+        raw = logits.float()
+        logits = self._process(raw, params, prompt_token_ids, output_token_ids)
         if all(p.temperature == 0 for p in params):  # greedy batch: one argmax, nothing else
             sampled = logits.argmax(-1)
         else:
@@ -105,18 +118,31 @@ class Sampler:
         chosen = top_v = top_i = None
         if want:
             rows = to_device(want, logits.device)
-            lp = torch.log_softmax(logits[rows], dim=-1)
+            lp = torch.log_softmax(raw[rows], dim=-1)
             k = max(params[i].logprobs for i in want)
             top_v, top_i = lp.topk(max(k, 1), dim=-1)
             chosen = lp.gather(1, sampled[rows].unsqueeze(1)).squeeze(1)
         ks = [params[i].logprobs for i in want]
         return SampledBatch(sampled, want, ks, chosen, top_v, top_i)
 
+    @staticmethod
+    def _process(logits, params, prompt_token_ids, output_token_ids) -> torch.Tensor:
+        """logit_bias, logits processors, penalties: on a copy of `logits` when any apply."""
+        if not any(p.logit_bias or p.needs_history for p in params):
+            return logits
+        n = len(params)
+        prompts = prompt_token_ids if prompt_token_ids is not None else [[]] * n
+        outputs = output_token_ids if output_token_ids is not None else [[]] * n
+        x = apply_logit_bias(logits.clone(), params)
+        x = apply_processors(x, params, outputs)
+        return apply_penalties(x, params, prompts, outputs)
+
     def _sample(self, logits, params, request_ids) -> torch.Tensor:
         dev = logits.device
         temps = to_device([p.temperature for p in params], dev, torch.float32)
         greedy = temps == 0
         scaled = logits / torch.where(greedy, 1.0, temps).unsqueeze(1)
+        scaled = _apply_min_p(scaled, [p.min_p for p in params])
         scaled = _apply_top_k(scaled, [p.top_k for p in params])
         scaled = _apply_top_p(scaled, [p.top_p for p in params])
         probs = torch.softmax(scaled, dim=-1)
@@ -135,6 +161,16 @@ class Sampler:
             if p.temperature > 0 and p.seed is not None:
                 noise[i].exponential_(generator=self._generator(rid, p, dev))
         return torch.where(greedy, logits.argmax(-1), (probs / noise).argmax(-1))
+
+
+def _apply_min_p(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's (vLLM)."""
+    if all(p <= 0.0 for p in min_ps):
+        return logits
+    p_t = to_device(min_ps, logits.device, logits.dtype).unsqueeze(1)  # [N, 1]
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * p_t
+    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def _apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
