@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # `import moska` (and `moska --help`) must not pay torch's import
+    import torch
 
 # A logits processor (vLLM's two-argument form): called once per step for each request that
 # lists it, with the request's output token ids so far and its row of logits [V] float32;
 # returns the row to sample from (it may modify and return the one it was given). The
 # sampler applies it after logit_bias and before the penalties and temperature.
-LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+LogitsProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]
 
 MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default max_logprobs)
 
