@@ -1,6 +1,12 @@
-"""Typed errors of the shared KV library. Every message says what to do next."""
+"""Typed errors of the shared KV library. Every message says what to do next.
+
+Messages name the library (and a file by its name inside the library), never a path on
+the machine that holds the store: the server returns them to clients as they are.
+"""
 
 from __future__ import annotations
+
+import os
 
 
 class LibraryError(ValueError):
@@ -17,19 +23,35 @@ class InvalidLibraryNameError(LibraryError):
 
 
 class LibraryNotFoundError(LibraryError):
-    def __init__(self, name: str, root: object) -> None:
+    """``root`` is kept as an attribute for local callers (the CLI); it is not in the
+    message."""
+
+    def __init__(self, name: str, root: object = None) -> None:
         super().__init__(
-            f"no library named {name!r} under {root}: list the libraries with "
-            "`moska library ls`, or build it with `moska library build`"
+            f"no library named {name!r}: list the libraries with `moska library ls` "
+            "(GET /v1/libraries), or build it with `moska library build`"
         )
         self.name = name
+        self.root = root
 
 
 class LibraryExistsError(LibraryError):
-    def __init__(self, name: str, root: object) -> None:
+    def __init__(self, name: str, root: object = None) -> None:
         super().__init__(
-            f"a library named {name!r} already exists under {root}: choose another name, "
+            f"a library named {name!r} already exists: choose another name, "
             "or delete it first with `moska library rm`"
+        )
+        self.name = name
+        self.root = root
+
+
+class LibraryBusyError(LibraryError):
+    """Another build of the same name is running (in this process or another one)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"a library named {name!r} is being built right now: wait for that build to "
+            "finish (or cancel it), or choose another name"
         )
         self.name = name
 
@@ -50,15 +72,18 @@ class FingerprintMismatchError(LibraryError):
 
 
 class CorruptLibraryError(LibraryError):
-    """A library file is missing, malformed or inconsistent with its manifest."""
+    """A library file is missing, malformed or inconsistent with its manifest. ``file`` is
+    a name inside the library's folder (an absolute path is cut to its last part)."""
 
     def __init__(self, name: str, file: str, reason: str) -> None:
+        file = os.path.basename(file) if os.path.isabs(file) else file
         super().__init__(
             f"library {name!r} is damaged: {file}: {reason}; delete it with "
             "`moska library rm` and build it again"
         )
         self.name = name
         self.file = file
+        self.reason = reason
 
 
 class ChecksumMismatchError(CorruptLibraryError):

@@ -23,12 +23,13 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from moska.library.errors import CorruptLibraryError, InvalidLibraryNameError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+TOKENS_FILE = "tokens.safetensors"
 BUILDING_FILE = "BUILDING"
 TMP_MARKER = ".tmp-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -40,6 +41,28 @@ def validate_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise InvalidLibraryNameError(name)
     return name
+
+
+def validate_file_name(fname: object) -> str:
+    """Return ``fname`` if it may name a file of a library's folder, else raise ValueError.
+
+    A manifest is data read from disk, so its file names are checked before any is opened:
+    a plain name (no path separator, not absolute, not hidden, not ``..``) can only point
+    inside the library's folder; ``../../x`` or ``/etc/x`` would point outside it.
+    """
+    if (
+        not isinstance(fname, str)
+        or not fname
+        or len(fname) > 255
+        or fname.startswith(".")
+        or "/" in fname
+        or "\\" in fname
+        or "\0" in fname
+        or os.path.isabs(fname)
+        or Path(fname).name != fname
+    ):
+        raise ValueError(f"file name {fname!r} is not a plain name inside the library folder")
+    return fname
 
 
 def layer_file(layer: int) -> str:
@@ -173,10 +196,11 @@ def model_fingerprint(loaded_model: Any) -> ModelFingerprint:
 @dataclass(frozen=True)
 class ChunkEntry:
     """Chunk ``chunk`` is rows ``start:end`` of every layer's pool, at positions
-    ``pos_start .. pos_start + end - start - 1``; ``document`` holds its first token."""
+    ``pos_start .. pos_start + end - start - 1``; document ``document`` (an index into the
+    manifest's documents) holds its first token; None when the manifest does not say."""
 
     chunk: int
-    document: int
+    document: int | None
     start: int
     end: int
     pos_start: int
@@ -191,6 +215,17 @@ class DocumentEntry:
 
     name: str
     num_tokens: int
+    start: int
+    end: int
+
+
+class ChunkSpan(NamedTuple):
+    """Where chunk ``chunk`` came from, for a person reading a routing report: the name of
+    the document holding its first token (None when the manifest predates document spans)
+    and its token span ``[start, end)`` in the library's token stream (pool rows)."""
+
+    chunk: int
+    document: str | None
     start: int
     end: int
 
@@ -216,6 +251,8 @@ class Manifest:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         validate_name(self.name)
+        for fname in self.files:
+            validate_file_name(fname)
         bounds = [c.start for c in self.chunks] + [self.num_tokens]
         assert bounds[0] == 0 and all(c.end == b for c, b in zip(self.chunks, bounds[1:])), (
             "chunk table must tile [0, num_tokens)"
@@ -233,6 +270,15 @@ class Manifest:
     def chunk_offsets(self) -> list[int]:
         return [c.start for c in self.chunks] + [self.num_tokens]
 
+    def chunk_span(self, chunk: int) -> ChunkSpan:
+        """The document and token span of chunk ``chunk`` (IndexError if there is none)."""
+        if not 0 <= chunk < len(self.chunks):
+            raise IndexError(f"chunk {chunk} out of range [0, {len(self.chunks)})")
+        c = self.chunks[chunk]
+        doc = c.document
+        known = doc is not None and 0 <= doc < len(self.documents)
+        return ChunkSpan(chunk, self.documents[doc].name if known else None, c.start, c.end)
+
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
         d["chunks"] = [dataclasses.asdict(c) for c in self.chunks]
@@ -248,8 +294,9 @@ class Manifest:
                 f"format version {version!r} is not supported (this moska reads {FORMAT_VERSION})"
             )
         d["model"] = ModelFingerprint.from_dict(d["model"])
-        d["chunks"] = tuple(ChunkEntry(**c) for c in d["chunks"])
-        d["documents"] = tuple(DocumentEntry(**x) for x in d["documents"])
+        d["chunks"] = tuple(ChunkEntry(**{"document": None, **c}) for c in d["chunks"])
+        # manifests that predate document spans load without them (reports say null)
+        d["documents"] = tuple(DocumentEntry(**x) for x in d.get("documents") or ())
         return cls(**d)
 
 
@@ -259,9 +306,33 @@ def read_manifest(directory: Path) -> Manifest:
     try:
         return Manifest.from_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise CorruptLibraryError(directory.name, str(path), "manifest missing") from e
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        raise CorruptLibraryError(directory.name, str(path), f"unreadable manifest ({e})") from e
+        raise CorruptLibraryError(directory.name, MANIFEST_FILE, "manifest missing") from e
+    except OSError as e:  # its str() holds the path: keep only the reason
+        reason = f"unreadable manifest ({e.strerror or type(e).__name__})"
+        raise CorruptLibraryError(directory.name, MANIFEST_FILE, reason) from e
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        reason = f"unreadable manifest ({type(e).__name__}: {e})"
+        raise CorruptLibraryError(directory.name, MANIFEST_FILE, reason) from e
+
+
+def library_files(directory: Path, manifest: Manifest) -> list[Path]:
+    """The paths of the files the manifest lists, each checked to lie inside ``directory``
+    (names are validated when the manifest is parsed; this also refuses a symbolic link
+    that leads out of the folder). CorruptLibraryError for a missing or outside file."""
+    needed = [layer_file(i) for i in range(manifest.num_layers)] + [TOKENS_FILE]
+    for f in needed:
+        if f not in manifest.files:
+            raise CorruptLibraryError(manifest.name, f, "not listed in manifest.json")
+    inside = directory.resolve()
+    paths = []
+    for f in manifest.files:
+        p = directory / validate_file_name(f)
+        if p.resolve().parent != inside:
+            raise CorruptLibraryError(manifest.name, f, "leads outside the library folder")
+        if not p.is_file():
+            raise CorruptLibraryError(manifest.name, f, "file missing")
+        paths.append(p)
+    return paths
 
 
 # ---------------------------------------------------------------- durable files

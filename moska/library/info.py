@@ -5,7 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from moska.library.format import Manifest, ModelFingerprint, dir_size
+from moska.library.errors import CorruptLibraryError
+from moska.library.format import (
+    Manifest,
+    ModelFingerprint,
+    dir_size,
+    library_files,
+    read_manifest,
+)
+
+
+def _size(path: Path) -> int:
+    try:
+        return dir_size(path) if path.is_dir() else 0
+    except OSError:  # a file vanished or is unreadable: the size is a hint only
+        return 0
 
 
 @dataclass(frozen=True)
@@ -46,23 +60,67 @@ class BuildStats:
         )
 
 
+OK = "ok"
+DAMAGED = "damaged"
+
+
 @dataclass(frozen=True)
 class LibraryInfo:
+    """What ``ls``/``info`` show. ``status`` is ``"ok"``, or ``"damaged"`` when the manifest
+    is missing or unreadable or a file it lists is missing or outside the folder; a damaged
+    library is still listed (so it can be seen and removed) with ``reason`` saying why, and
+    the fields its manifest would have given are None. Checksums are checked on load only.
+    """
+
     name: str
-    num_tokens: int
-    num_chunks: int
-    chunk_size: int
-    mode: str  # "prefix" | "independent"
+    num_tokens: int | None
+    num_chunks: int | None
+    chunk_size: int | None
+    mode: str | None  # "prefix" | "independent"
     compatible: bool | None  # built for the manager's model? None when no model is given
-    created: str  # ISO 8601, UTC
+    created: str | None  # ISO 8601, UTC
     size_bytes: int
-    num_documents: int
-    num_layers: int
-    position_offset: int
-    routing_rank: int
-    model: str  # the fingerprint of the model it was built for, in words
+    num_documents: int | None
+    num_layers: int | None
+    position_offset: int | None
+    routing_rank: int | None
+    model: str | None  # the fingerprint of the model it was built for, in words
     path: str
     build: BuildStats | None = None
+    status: str = OK  # OK | DAMAGED
+    reason: str | None = None  # why it is damaged
+
+    @classmethod
+    def damaged(cls, name: str, path: Path, reason: str) -> LibraryInfo:
+        return cls(
+            name=name,
+            num_tokens=None,
+            num_chunks=None,
+            chunk_size=None,
+            mode=None,
+            compatible=None,
+            created=None,
+            size_bytes=_size(path),
+            num_documents=None,
+            num_layers=None,
+            position_offset=None,
+            routing_rank=None,
+            model=None,
+            path=str(path),
+            status=DAMAGED,
+            reason=reason,
+        )
+
+    @classmethod
+    def from_dir(cls, path: Path, fingerprint: ModelFingerprint | None = None) -> LibraryInfo:
+        """The info of the library in folder ``path``, damaged rather than an error when
+        its manifest or files are (reads the manifest and stats the files, no checksums)."""
+        try:
+            manifest = read_manifest(path)
+            library_files(path, manifest)
+        except CorruptLibraryError as e:
+            return cls.damaged(path.name, path, f"{e.file}: {e.reason}")
+        return cls.from_manifest(manifest, path, fingerprint)
 
     @classmethod
     def from_manifest(
@@ -81,7 +139,7 @@ class LibraryInfo:
             mode=manifest.mode,
             compatible=compatible,
             created=manifest.created,
-            size_bytes=dir_size(path) if path.is_dir() else 0,
+            size_bytes=_size(path),
             num_documents=len(manifest.documents),
             num_layers=manifest.num_layers,
             position_offset=manifest.position_offset,

@@ -16,16 +16,19 @@ from moska.library.errors import (
     LibraryNotFoundError,
 )
 from moska.library.format import (
+    TOKENS_FILE,
     ChunkEntry,
+    ChunkSpan,
     Manifest,
     ModelFingerprint,
     layer_file,
+    library_files,
     read_manifest,
     sha256_file,
+    validate_file_name,
     validate_name,
 )
 
-TOKENS_FILE = "tokens.safetensors"
 INDEX_PREFIX = "index."
 
 
@@ -88,6 +91,11 @@ class LoadedLibrary:
     def device(self) -> torch.device:
         return self.k_pools[0].device
 
+    def chunk_span(self, chunk: int) -> ChunkSpan:
+        """The document (by name; None for manifests without document spans) and token span
+        ``[start, end)`` of chunk ``chunk``: what a routing report shows a person."""
+        return self.manifest.chunk_span(chunk)
+
     @property
     def nbytes(self) -> int:
         """Device bytes held: KV pools plus routing indexes."""
@@ -108,17 +116,11 @@ def check_fingerprint(manifest: Manifest, fingerprint: ModelFingerprint | None) 
 
 
 def verify_files(directory: Path, manifest: Manifest, progress: bool = True) -> None:
-    """Every file the manifest needs exists and matches its sha256, else a typed error."""
+    """Every file the manifest needs exists inside ``directory`` and matches its sha256,
+    else a typed error."""
     from tqdm.auto import tqdm
 
-    needed = [layer_file(i) for i in range(manifest.num_layers)] + [TOKENS_FILE]
-    for f in needed:
-        if f not in manifest.files:
-            raise CorruptLibraryError(manifest.name, f, "not listed in manifest.json")
-    paths = [directory / f for f in manifest.files]
-    for p in paths:
-        if not p.is_file():
-            raise CorruptLibraryError(manifest.name, str(p), "file missing")
+    paths = library_files(directory, manifest)
     total = sum(p.stat().st_size for p in paths)
     with tqdm(
         total=total,
@@ -133,7 +135,7 @@ def verify_files(directory: Path, manifest: Manifest, progress: bool = True) -> 
             if digest != manifest.files[p.name]:
                 raise ChecksumMismatchError(
                     manifest.name,
-                    str(p),
+                    p.name,
                     f"sha256 {digest[:16]}... differs from the manifest's "
                     f"{manifest.files[p.name][:16]}... (truncated or altered)",
                 )
@@ -142,10 +144,12 @@ def verify_files(directory: Path, manifest: Manifest, progress: bool = True) -> 
 def _load_file(directory: Path, manifest: Manifest, fname: str, device: torch.device) -> dict:
     from safetensors.torch import load_file
 
+    path = directory / validate_file_name(fname)
     try:
-        return load_file(str(directory / fname), device=str(device))
-    except Exception as e:  # safetensors raises its own error types
-        raise CorruptLibraryError(manifest.name, str(directory / fname), f"unreadable ({e})") from e
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors raises its own error types; keep paths out
+        reason = str(e).replace(str(path), fname).replace(str(directory), manifest.name)
+        raise CorruptLibraryError(manifest.name, fname, f"unreadable ({reason})") from e
 
 
 def load_library(
@@ -175,6 +179,8 @@ def load_library(
     check_fingerprint(manifest, model_fingerprint)
     if verify_checksums:
         verify_files(directory, manifest, progress)
+    else:
+        library_files(directory, manifest)  # inside the folder, present
 
     device = torch.device(device)
     m = manifest.model

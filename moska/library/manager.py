@@ -13,11 +13,25 @@ from typing import Any
 import torch
 
 from moska.library.builder import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_TOKENS, build_and_save
-from moska.library.errors import CorruptLibraryError, LibraryError, LibraryNotFoundError
-from moska.library.format import ModelFingerprint, model_fingerprint, read_manifest, validate_name
+from moska.library.errors import (
+    CorruptLibraryError,
+    LibraryError,
+    LibraryExistsError,
+    LibraryNotFoundError,
+)
+from moska.library.format import (
+    ModelFingerprint,
+    model_fingerprint,
+    validate_name,
+)
 from moska.library.info import LibraryInfo
 from moska.library.loaded import LoadedLibrary, load_library
-from moska.library.store import delete_library_dir, remove_stale_tmp_dirs
+from moska.library.store import (
+    BuildLock,
+    delete_library_dir,
+    lock_build,
+    remove_stale_tmp_dirs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +48,10 @@ class LibraryManager:
     and deleting only). Thread-safe: the cache of loaded libraries is guarded by a lock.
 
     - ``list()`` / ``info(name)`` read manifests only; ``compatible`` says whether a library
-      was built for this model (None without a model).
+      was built for this model (None without a model); a damaged one has status "damaged".
     - ``get(name)`` loads on first use (fingerprint and checksums verified) and caches.
-    - ``build(...)`` writes atomically and keeps the built library loaded.
+    - ``reserve(name)`` / ``build(...)``: one build per name at a time (LibraryBusyError
+      at once for a second one); writes atomically and keeps the built library loaded.
     - ``delete(name)`` unloads, then removes the directory.
     Stale temporary directories of interrupted builds are removed on construction.
     """
@@ -73,8 +88,10 @@ class LibraryManager:
         return path
 
     def list(self) -> list[LibraryInfo]:
-        """Every whole library under the root, by name. Damaged ones are skipped (logged);
-        hidden directories (builds in progress) are never listed."""
+        """Every library under the root, by name; a damaged one (manifest or a file missing
+        or unreadable) is listed with status "damaged" and its reason, so it can be seen and
+        removed. Hidden directories (builds in progress) and folders whose name is not a
+        valid library name are never listed."""
         if not self.root.is_dir():
             return []
         infos = []
@@ -83,14 +100,29 @@ class LibraryManager:
                 continue
             try:
                 validate_name(p.name)
-                infos.append(LibraryInfo.from_manifest(read_manifest(p), p, self.fingerprint))
             except LibraryError as e:
                 logger.warning("skipping %s: %s", p, e)
+                continue
+            infos.append(LibraryInfo.from_dir(p, self.fingerprint))
         return infos
 
     def info(self, name: str) -> LibraryInfo:
-        path = self._dir(name)
-        return LibraryInfo.from_manifest(read_manifest(path), path, self.fingerprint)
+        """What ``list()`` says of ``name`` (status "damaged" rather than an error when its
+        manifest or files are); LibraryNotFoundError if there is no such library."""
+        return LibraryInfo.from_dir(self._dir(name), self.fingerprint)
+
+    def reserve(self, name: str) -> BuildLock:
+        """Reserve ``name`` for a build starting now, before any prefill is spent:
+        LibraryExistsError if the library exists, LibraryBusyError if another build (a
+        thread of this process or another process) holds the name. Pass the reservation to
+        ``build``, or ``release()`` it if the build never starts (a cancelled job)."""
+        if self.exists(name):
+            raise LibraryExistsError(name, self.root)
+        lock = lock_build(self.root, name)
+        if self.exists(name):  # a build finished between the check and the lock
+            lock.release()
+            raise LibraryExistsError(name, self.root)
+        return lock
 
     def exists(self, name: str) -> bool:
         return (self.root / validate_name(name)).is_dir()
@@ -105,22 +137,30 @@ class LibraryManager:
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         routing_rank: int | None = None,
         keep_loaded: bool = True,
+        reservation: BuildLock | None = None,
     ) -> LibraryInfo:
         """Build ``name`` from ``(name, text)`` (or ``(name, token_ids)``) documents;
-        LibraryExistsError if the name is taken."""
+        LibraryExistsError if the name is taken, LibraryBusyError at once if it is being
+        built. ``reservation`` (from ``reserve(name)``) is taken over; either way the name
+        is released when the build ends (success, failure or cancel)."""
         if self.loaded_model is None:
+            if reservation is not None:
+                reservation.release()
             raise LibraryError("building a library needs a model: start the manager with one")
-        info, library = build_and_save(
-            self.loaded_model,
-            documents,
-            name,
-            self.root,
-            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-            mode=mode,
-            prefill_tokens=prefill_tokens,
-            routing_rank=routing_rank,
-            progress=self.progress,
-        )
+        lock = reservation if reservation is not None else self.reserve(name)
+        with lock:
+            assert lock.name == name, (lock.name, name)
+            info, library = build_and_save(
+                self.loaded_model,
+                documents,
+                name,
+                self.root,
+                chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+                mode=mode,
+                prefill_tokens=prefill_tokens,
+                routing_rank=routing_rank,
+                progress=self.progress,
+            )
         if keep_loaded and library.device == self.device:
             with self._lock:
                 self._loaded[name] = library

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moska.library.errors import LibraryExistsError
+from moska.library.errors import LibraryBusyError, LibraryExistsError
 from moska.library.format import (
     BUILDING_FILE,
     MANIFEST_FILE,
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DELETE_MARKER = f"{TMP_MARKER}del-"
+LOCK_TOKEN = "lock"  # a build's name reservation: .<name>.tmp-lock (see BuildLock)
 STALE_UNOWNED_S = 3600.0  # tmp dir without a live owner we can check: stale after an hour
 STALE_FOREIGN_S = 86400.0  # tmp dir owned by another host: stale after a day
 
@@ -145,6 +146,51 @@ def remove_stale_tmp_dirs(root: str | os.PathLike) -> list[Path]:
             logger.info("removed stale library build directory %s", p)
             removed.append(p)
     return removed
+
+
+class BuildLock:
+    """A name reserved for one build, across processes: the folder ``<root>/.<name>.tmp-lock``
+    made with ``mkdir`` (atomic, fails if it exists) holding the owner's ``BUILDING`` file.
+    A lock whose owner died is stale and removed like an interrupted build's directory.
+    ``release()`` is idempotent."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.name = name
+        self.path = root / tmp_dir_name(name, LOCK_TOKEN)
+        self._held = False
+
+    def acquire(self) -> BuildLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                self.path.mkdir()
+            except FileExistsError:
+                if _owner_alive(self.path, time.time()):
+                    raise LibraryBusyError(self.name) from None
+                shutil.rmtree(self.path, ignore_errors=True)  # its build died: take it over
+                continue
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+            (self.path / BUILDING_FILE).write_text(json.dumps(owner))
+            self._held = True
+            return self
+        raise LibraryBusyError(self.name)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> BuildLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_build(root: str | os.PathLike, name: str) -> BuildLock:
+    """Reserve ``name`` for a build under ``root``: LibraryBusyError if a live build (of
+    this process or another) holds it."""
+    return BuildLock(Path(root), validate_name(name)).acquire()
 
 
 def delete_library_dir(root: str | os.PathLike, name: str) -> None:

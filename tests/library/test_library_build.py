@@ -162,7 +162,8 @@ def test_missing_file_and_bad_manifest(saved, tiny_model):
     (saved / "lib" / "manifest.json").write_text("{")
     with pytest.raises(CorruptLibraryError, match="manifest"):
         load_library(saved, "lib", None, progress=False)
-    assert LibraryManager(saved, tiny_model).list() == []  # damaged: skipped by ls
+    (listed,) = LibraryManager(saved, tiny_model).list()  # damaged: listed as such by ls
+    assert (listed.name, listed.status) == ("lib", "damaged") and "manifest" in listed.reason
 
 
 def test_interrupted_build_leaves_no_library(tiny_model, tmp_path, monkeypatch):
