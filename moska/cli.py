@@ -1,12 +1,21 @@
-"""The `moska` command: generate, serve, library management, benchmarks."""
+"""The `moska` command: generate, serve, library management, benchmarks.
+
+Engine flags are generated from `moska.config.EngineConfig`, one per field and named as
+vLLM names them (`max_num_seqs` -> `--max-num-seqs`), so no engine setting is unreachable
+from the command line; tests/test_cli_engine_args.py fails when a field has no flag.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import sys
+import typing
 
 from moska import __version__
+from moska.config import EngineConfig
 
 _BENCHES = {
     "kernels": "moska.bench.kernels",
@@ -15,39 +24,91 @@ _BENCHES = {
     "load": "moska.bench.load",
 }
 
+# Help for each EngineConfig field's flag. A field missing here still gets a flag (with a
+# generic help); the test asks for an entry so that a new field is documented.
+ENGINE_FLAG_HELP: dict[str, str] = {
+    "device": "auto, cpu, cuda or cuda:N",
+    "dtype": "auto (the checkpoint's), bfloat16, float16 or float32 (also half, float, bf16)",
+    "attention": "auto (Triton on CUDA, PyTorch on CPU), triton or torch",
+    "block_size": "tokens per KV block (a power of two)",
+    "num_kv_blocks": "unique-KV blocks to allocate (default: sized from memory)",
+    "gpu_memory_utilization": "share of free GPU memory the engine may use (0.05-0.98)",
+    "max_model_len": "context length in tokens (default: the model's)",
+    "max_num_seqs": "requests in one step at most",
+    "max_num_batched_tokens": "tokens in one step at most (the step's token budget)",
+    "enable_chunked_prefill": "split long prompts across steps",
+    "seed": "the engine's random seed (requests without a seed sample from it)",
+    "library_root": "where libraries live (default: $MOSKA_HOME/libraries)",
+    "default_top_k_chunks": "library chunks routed per step when a request names none",
+    "enforce_eager": "run decode steps eagerly instead of replaying CUDA graphs (CUDA only)",
+    "async_scheduling": "queue the next step before this step's tokens reach the host "
+    "(default: on on CUDA, off on CPU)",
+    "enable_prefix_caching": "reuse the KV blocks of prompt prefixes earlier requests computed",
+}
+_NOT_FLAGS = {"model"}  # positional / --model, per subcommand
+_DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
+                  "bf16": "bfloat16"}  # fmt: skip
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    p.add_argument("--attention", default="auto", help="auto, triton or torch")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--library-root", default=None, help="where libraries live")
-    p.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)",
-    )
-    p.add_argument(
-        "--no-async-scheduling",
-        dest="async_scheduling",
-        action="store_false",
-        default=None,
-        help="wait for each step's tokens before scheduling the next (async is on on CUDA)",
-    )
+
+def engine_fields() -> list[dataclasses.Field]:
+    """EngineConfig's fields that become flags (every field but the model)."""
+    return [f for f in dataclasses.fields(EngineConfig) if f.name not in _NOT_FLAGS]
+
+
+def _flag_type(hint: typing.Any) -> typing.Any:
+    """bool, int, float or str for a field's type hint (`X | None` -> X)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _dtype(value: str) -> str:
+    return _DTYPE_ALIASES.get(value, value)
+
+
+def _add_engine_args(p: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
+    group = p.add_argument_group("engine (moska.config.EngineConfig)")
+    hints = typing.get_type_hints(EngineConfig)
+    for f in engine_fields():
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _flag_type(hints[f.name])
+        help_ = ENGINE_FLAG_HELP.get(f.name, f.name.replace("_", " "))
+        if kind is bool:
+            action = argparse.BooleanOptionalAction
+            group.add_argument(flag, action=action, default=f.default, help=help_)
+            continue
+        to_value = _dtype if f.name == "dtype" else kind
+        shown = "" if f.default is None else " (default: %(default)s)"
+        group.add_argument(flag, type=to_value, default=f.default, help=help_ + shown)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        device=args.device,
-        dtype=args.dtype,
-        attention=args.attention,
-        max_model_len=args.max_model_len,
-        num_kv_blocks=args.num_kv_blocks,
-        library_root=args.library_root,
-        enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling,
-    )
+    """EngineConfig keyword arguments (every field but the model) from parsed flags."""
+    return {f.name: getattr(args, f.name) for f in engine_fields() if hasattr(args, f.name)}
+
+
+def _ttft_slo(value: str) -> float | None:
+    """--ttft-slo: seconds; 0, none or off turns SLO rejection off."""
+    if value.strip().lower() in ("0", "0.0", "none", "off"):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, 0 or none, got {value!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError("must be positive seconds, or 0/none to turn it off")
+    return seconds
+
+
+def _byte_size(value: str) -> int:
+    """--max-body-size: bytes, or a number with K, M or G (powers of 1024)."""
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 16M, got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,21 +126,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="the engine's and the request's seed")
     g.add_argument("--library", default=None, help="name of a shared KV library to read")
     g.add_argument("--top-k-chunks", type=int, default=None)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    _add_engine_args(g)
+    g.add_argument("--chat-template", default=None, help="a Jinja file or inline template")
+    _add_engine_args(g, skip=frozenset({"seed"}))
 
     s = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
     s.add_argument("model", nargs="?", default=None, help="HF model directory (default: tiny)")
+    s.add_argument("--model", dest="model_flag", default=None, help="the same as MODEL")
+    s.add_argument("--served-model-name", default=None, help="the id clients send as model")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("MOSKA_API_KEY"))
     s.add_argument("--library", action="append", default=[], help="library to load (repeat)")
-    s.add_argument("--ttft-slo", type=float, default=5.0, help="reject when TTFT would exceed")
+    s.add_argument(
+        "--ttft-slo",
+        type=_ttft_slo,
+        default=5.0,
+        help="reject a request whose predicted time to first token exceeds this many seconds "
+        "(0 or none: never)",
+    )
     s.add_argument("--max-queue", type=int, default=256, help="reject beyond this many waiting")
+    s.add_argument(
+        "--max-body-size",
+        type=_byte_size,
+        default=None,
+        help="largest request body in bytes, or with K, M or G (default: 16M)",
+    )
+    s.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template replacing the model's: a Jinja file path or the template itself",
+    )
     s.add_argument("--no-demo-library", action="store_true", help="skip the demo library")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_engine_args(s)
 
     lib = sub.add_parser("library", help="build, list, inspect and remove shared KV libraries")
@@ -105,6 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    if args.model and args.model_flag and args.model != args.model_flag:
+        parser.error(f"two models given: {args.model!r} and --model {args.model_flag!r}")
+    return args.model or args.model_flag
+
+
+class _UvicornStyle(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname + ':':<10}{record.getMessage()}"
+
+
+def _log_to_stderr(level: str) -> None:
+    """moska's own log lines (startup report) in uvicorn's style: 'INFO:     message'."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_UvicornStyle())
+    root = logging.getLogger("moska")
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -115,12 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             from moska.cli_commands import run_generate
 
-            return run_generate(args, _engine_kwargs(args))
+            kwargs = _engine_kwargs(args)
+            if args.seed is not None:
+                kwargs["seed"] = args.seed
+            return run_generate(args, kwargs)
         if args.command == "serve":
             from moska.server.serve import serve
 
+            _log_to_stderr(args.log_level)
+            body = {} if args.max_body_size is None else {"max_body_bytes": args.max_body_size}
             serve(
-                model=args.model,
+                model=_serve_model(parser, args),
                 host=args.host,
                 port=args.port,
                 api_key=args.api_key,
@@ -129,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                 max_queue=args.max_queue,
                 demo_library=not args.no_demo_library,
                 engine_kwargs=_engine_kwargs(args),
+                served_model_name=args.served_model_name,
+                **body,
+                chat_template=args.chat_template,
+                log_level=args.log_level,
             )
             return 0
         if args.command == "library":

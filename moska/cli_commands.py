@@ -6,16 +6,30 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
+
+
+def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` as one user message in the chat template. The template writes
+    its own special tokens (BOS), so the rendered text is encoded without adding them."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so --chat cannot apply a chat template")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return tokenizer.encode(rendered, add_special_tokens=False)
 
 
 def run_generate(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    from moska.config import EngineConfig
     from moska.engine.llm_engine import LLMEngine
     from moska.engine.sampling_params import SamplingParams
 
+    EngineConfig(model=args.model, **engine_kwargs).check_device()  # before the model loads
     engine = LLMEngine.from_model(args.model, **engine_kwargs)
-    prompt = args.prompt
+    if getattr(args, "chat_template", None):
+        engine.tokenizer.set_chat_template(args.chat_template)
+    prompt: str | list[int] = args.prompt
     if args.chat:
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = chat_prompt_ids(engine.tokenizer, args.prompt)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class DeviceUnavailableError(ValueError):
+    """The configured device or attention backend does not exist on this machine."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How an engine runs a model.
@@ -18,6 +22,10 @@ class EngineConfig:
     async_scheduling: schedule and queue the next step before this step's tokens reach the
         host, hiding the host's work between steps (None: on CUDA, off on CPU). Steps that
         read a library still wait for their tokens (their routing reports are read back).
+    enable_prefix_caching: reuse the KV blocks of a prompt prefix an earlier request computed.
+
+    Every field is reachable from the command line (`moska serve --help`): the CLI builds
+    its engine flags from this class and a test fails when a field has none.
     """
 
     model: str | None = None
@@ -36,6 +44,7 @@ class EngineConfig:
     default_top_k_chunks: int = 8
     enforce_eager: bool = False
     async_scheduling: bool | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -56,6 +65,24 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.default_top_k_chunks < 1:
             raise ValueError("default_top_k_chunks must be positive")
+
+    def check_device(self) -> None:
+        """Raise DeviceUnavailableError when the asked-for device or attention backend
+        cannot run on this machine: fail in one line before a model is loaded."""
+        if self.device == "cpu" and self.attention != "triton":
+            return
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+        if self.device.startswith("cuda") and not has_cuda:
+            raise DeviceUnavailableError(
+                f"--device {self.device} asks for CUDA but torch sees no CUDA GPU here "
+                f"(torch {torch.__version__}); use --device cpu or auto"
+            )
+        if self.attention == "triton" and (self.device == "cpu" or not has_cuda):
+            raise DeviceUnavailableError(
+                "--attention triton needs a CUDA GPU; use --attention torch (or auto) on CPU"
+            )
 
     def resolved_device(self) -> str:
         if self.device != "auto":

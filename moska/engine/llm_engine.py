@@ -8,6 +8,7 @@ stop strings -> RequestOutput deltas.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -58,13 +59,18 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.device = next(loaded.model.parameters()).device
-        self.model_name = config.model or "moska-tiny"
+        # the id clients send as `model`: the directory's name, not the server's path
+        self.model_name = (
+            os.path.basename(os.path.normpath(config.model)) if config.model else "moska-tiny"
+        )
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_position_embeddings,
             loaded.config.max_position_embeddings,
         )
         self.runner = ModelRunner(loaded, config, self.device)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,

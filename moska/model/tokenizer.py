@@ -105,7 +105,9 @@ class Tokenizer:
         return None if token is None else self._tok.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode holds it: a 10 MB text
+        # then stalls every other thread, the server's event loop included, for seconds)
+        ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         bos = self.bos_token_id
         wants_bos = add_special_tokens and self.add_bos_token and bos is not None
         if wants_bos and (not ids or ids[0] != bos):
@@ -137,6 +139,39 @@ class Tokenizer:
             messages=messages,
             add_generation_prompt=add_generation_prompt,
         )
+
+    def set_chat_template(self, template: str) -> None:
+        """Replace the model's chat template (`--chat-template`): `template` is a path to a
+        Jinja file or the Jinja source itself. Compiled now, so a broken template fails at
+        startup rather than on the first chat request. Raises ChatTemplateError."""
+        source = load_chat_template(template)
+        from jinja2 import TemplateError
+
+        try:
+            compiled = _compile_template(source)
+        except TemplateError as e:
+            raise ChatTemplateError(f"the chat template does not compile: {e}") from e
+        self.chat_template, self._compiled_template = source, compiled
+
+
+class ChatTemplateError(ValueError):
+    """A chat template given by the user cannot be read or compiled."""
+
+
+def load_chat_template(value: str) -> str:
+    """A chat template from a file path or inline Jinja (vLLM's `--chat-template` takes
+    both): text with Jinja delimiters is the template, anything else must be a file."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ChatTemplateError(
+            f"chat template {value!r} is neither a file nor Jinja text (no '{{{{' or '{{%')"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChatTemplateError(f"cannot read the chat template file {value!r}: {e}") from e
 
 
 def _compile_template(source: str):

@@ -1,14 +1,45 @@
-"""`moska serve`: build the engine and the app, run uvicorn until interrupted."""
+"""`moska serve`: check the address and the device, build the engine and the app, report
+what was loaded, run uvicorn until interrupted.
+
+The port is bound before anything slow happens, so a busy port (or a missing GPU) fails in
+one line in a second rather than after the model has loaded.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from moska.server.settings import DEFAULT_MAX_BODY_BYTES, ServerSettings
 
 logger = logging.getLogger(__name__)
+
+
+class AddressInUseError(ValueError):
+    """The host:port `moska serve` should listen on is taken or cannot be bound."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: one the OS picks), not yet listening:
+    uvicorn listens on it once the app is ready. Raises AddressInUseError."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise AddressInUseError(f"cannot resolve --host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = "; stop the other server or pass another --port" if port else ""
+        raise AddressInUseError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
+    return sock
 
 
 def serve(
@@ -24,15 +55,16 @@ def serve(
     engine_kwargs: dict[str, Any] | None = None,
     served_model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    chat_template: str | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve `model` (None: the built-in tiny model) over HTTP. `libraries` must exist
     (built with `moska library build` or POST /v1/libraries); with no model and
-    `demo_library`, the demo library from the bundled documents is built if missing."""
+    `demo_library`, the demo library from the bundled documents is built if missing.
+    `chat_template`: a Jinja file or inline template replacing the model's."""
     import uvicorn
 
-    from moska.engine.llm_engine import LLMEngine
-    from moska.server.app import create_app
+    from moska.config import EngineConfig
 
     settings = ServerSettings(
         host=host,
@@ -44,20 +76,103 @@ def serve(
         served_model_name=served_model_name,
         log_level=log_level,
     )
-    engine = LLMEngine.from_model(model, **(engine_kwargs or {}))
+    engine_kwargs = engine_kwargs or {}
+    sock = bind_socket(host, port)  # first: a busy port fails in a fraction of a second
+    try:
+        EngineConfig(model=model, **engine_kwargs).check_device()  # before the model loads
+        app = _build_app(model, settings, libraries, demo_library, engine_kwargs, chat_template)
+        bound_port = sock.getsockname()[1]
+        logger.info(
+            "serving %s on http://%s:%d (OpenAI API under /v1, docs at /docs)",
+            app.state.moska.model_name,
+            host,
+            bound_port,
+        )
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=bound_port,
+            log_level=log_level,
+            timeout_graceful_shutdown=int(settings.shutdown_drain_s),
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def _build_app(
+    model: str | None,
+    settings: ServerSettings,
+    libraries: Sequence[str],
+    demo_library: bool,
+    engine_kwargs: dict[str, Any],
+    chat_template: str | None,
+) -> Any:
+    from moska.engine.llm_engine import LLMEngine
+    from moska.server.app import create_app
+
+    logger.info("loading model %s", model or "moska-tiny (built in, random weights)")
+    t0 = time.perf_counter()
+    engine = LLMEngine.from_model(model, **engine_kwargs)
+    if chat_template is not None:
+        if engine.tokenizer is None:
+            raise ValueError("--chat-template needs a model with a tokenizer (tokenizer.json)")
+        engine.tokenizer.set_chat_template(chat_template)
+    log_engine(engine, time.perf_counter() - t0)
     prepare_libraries(engine, libraries, demo=demo_library and model is None)
-    captured = engine.capture_graphs()  # 0 on CPU and with --enforce-eager
+    captured = engine.capture_graphs()  # a labelled progress bar; 0 on CPU / --enforce-eager
     if captured:
         logger.info("captured %d decode CUDA graphs", captured)
-    app = create_app(engine, settings)
-    logger.info("moska serving %s on http://%s:%d", engine.model_name, host, port)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_drain_s),
+    return create_app(engine, settings)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def log_engine(engine: Any, load_seconds: float) -> None:
+    """Log what was loaded: path, architecture, dtype, parameters, device, memory."""
+    params = list(engine.loaded.model.parameters())
+    num_params = sum(p.numel() for p in params)
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    cfg = engine.model_config
+    logger.info(
+        "model %s: %s, %s, %s parameters, loaded in %.1f s",
+        engine.loaded.path,
+        getattr(cfg, "architecture", "?"),
+        str(params[0].dtype).removeprefix("torch."),
+        _count(num_params),
+        load_seconds,
     )
+    cache = engine.runner.cache
+    kv_bytes = cache.k.nbytes + cache.v.nbytes
+    logger.info(
+        "device %s; weights %s, KV cache %s (%d blocks of %d tokens = %d tokens), "
+        "context %d tokens, up to %d requests per step",
+        _device_name(engine.device),
+        _gib(weight_bytes),
+        _gib(kv_bytes),
+        engine.runner.num_blocks,
+        engine.config.block_size,
+        engine.runner.num_blocks * engine.config.block_size,
+        engine.max_model_len,
+        engine.config.max_num_seqs,
+    )
+
+
+def _device_name(device: Any) -> str:
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def prepare_libraries(engine: Any, names: Sequence[str], *, demo: bool) -> None:
@@ -70,10 +185,28 @@ def prepare_libraries(engine: Any, names: Sequence[str], *, demo: bool) -> None:
         return
     if demo:
         try:
-            from moska.library.demo import ensure_demo_library
+            from moska.library.demo import DEMO_LIBRARY_NAME, ensure_demo_library
         except ImportError:
             logger.info("no demo library available in this build")
         else:
-            manager.get(ensure_demo_library(manager).name)  # loaded now: graphs capture it
+            _ensure_demo(manager, ensure_demo_library, DEMO_LIBRARY_NAME)
     for name in names:
         manager.get(name)  # loads it now (checksums, fingerprint) rather than on first use
+    for name in manager.loaded_names():
+        lib = manager.get(name)
+        size = _gib(lib.nbytes) if hasattr(lib, "nbytes") else "?"
+        logger.info(
+            "library %s: %d tokens in %d chunks, %s", name, lib.num_tokens, lib.num_chunks, size
+        )
+    if not manager.loaded_names():
+        logger.info("no libraries loaded (root %s)", getattr(manager, "root", "?"))
+
+
+def _ensure_demo(manager: Any, ensure: Any, name: str) -> None:
+    from tqdm.auto import tqdm
+
+    first = not manager.exists(name)
+    desc = "building the demo library (first start only)" if first else "loading the demo library"
+    with tqdm(total=1, desc=desc, unit="library", leave=True) as bar:
+        manager.get(ensure(manager).name)  # loaded now: graphs capture it
+        bar.update()
