@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
+from moska import __version__
 from moska.server.admission import AdmissionController
 from moska.server.async_engine import AsyncEngine
 from moska.server.errors import install_error_handlers
@@ -15,8 +17,10 @@ from moska.server.library_routes import router as library_router
 from moska.server.metrics import ServerMetrics
 from moska.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from moska.server.openai_routes import router as openai_router
+from moska.server.protocol import LIBRARY_NAME_PATTERN
 from moska.server.settings import ServerSettings
 from moska.server.state import ServerState, StateDep
+from moska.server.util_routes import router as util_router
 
 
 def create_app(
@@ -49,7 +53,7 @@ def create_app(
     app = FastAPI(
         title="moska",
         summary="OpenAI-compatible server for shared long-context inference (MoSKA)",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
     )
     app.state.moska = state
@@ -59,6 +63,8 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(openai_router)
     app.include_router(library_router)
+    app.include_router(util_router)
+    app.openapi = _openapi_with_limits(app.openapi, settings)  # type: ignore[method-assign]
 
     @app.get("/health")
     async def health(state: StateDep) -> JSONResponse:
@@ -70,3 +76,36 @@ def create_app(
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
     return app
+
+
+def _openapi_with_limits(
+    build: Callable[[], dict[str, Any]], settings: ServerSettings
+) -> Callable[[], dict[str, Any]]:
+    """FastAPI's `app.openapi`, with this server's real limits where the request models are
+    looser than the checks the routes make: `n` up to `settings.max_n`, and library names
+    (a request's `library`, the `{name}` in a path) matching the library name pattern.
+    Clients and fuzzers generating from the schema then send what the server accepts."""
+    patched: list[dict[str, Any]] = []
+
+    def openapi() -> dict[str, Any]:
+        if patched:
+            return patched[0]
+        schema = build()  # FastAPI caches it in app.openapi_schema; patched in place
+        for model in schema.get("components", {}).get("schemas", {}).values():
+            props = model.get("properties", {})
+            if not {"prompt", "messages"} & props.keys():
+                continue  # only generation and tokenize requests
+            if "n" in props:
+                props["n"]["maximum"] = settings.max_n
+            for option in props.get("library", {}).get("anyOf", []):
+                if option.get("type") == "string":
+                    option["pattern"] = LIBRARY_NAME_PATTERN
+        for path, operations in schema.get("paths", {}).items():
+            for op in operations.values():
+                for param in op.get("parameters", []):
+                    if path.startswith("/v1/libraries/{name}") and param.get("name") == "name":
+                        param["schema"]["pattern"] = LIBRARY_NAME_PATTERN
+        patched.append(schema)
+        return schema
+
+    return openapi

@@ -12,6 +12,7 @@ from moska.server.errors import APIError, error_body
 from moska.server.generate import (
     Generation,
     chat_logprobs,
+    check_model,
     completion_logprobs,
     submit,
 )
@@ -44,6 +45,13 @@ _STREAM = {"content": {"text/event-stream": {}}, "description": "JSON, or SSE wi
 @router.get("/v1/models", response_model=ModelList, responses=_ERRORS)
 async def list_models(state: StateDep) -> ModelList:
     return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.max_model_len)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+async def retrieve_model(model_id: str, state: StateDep) -> ModelCard:
+    """The served model's card; 404 `model_not_found` for any other id."""
+    check_model(state, model_id)
+    return ModelCard(id=state.model_name, max_model_len=state.max_model_len)
 
 
 @router.post(
