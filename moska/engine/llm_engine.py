@@ -333,6 +333,7 @@ class LLMEngine:
             new_token_ids=list(new_ids),
             routed_chunks=tr.routed_chunks,
             routing_coverage=tr.coverage,
+            library=req.library,
         )
         if req.is_finished:
             self._drop(req.request_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -36,3 +37,6 @@ class RequestOutput:
     # With report_routing: share of the library's attention mass the routed chunks held,
     # averaged over sampled layers (first, middle, last) and query heads, last step.
     routing_coverage: float | None = None
+    # The library build the request reads (its handle, held from admission to the end; a
+    # `LoadedLibrary`): routing reports name each routed chunk's document and span from it.
+    library: Any = None

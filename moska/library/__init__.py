@@ -10,11 +10,18 @@ from moska.library.errors import (
     DocumentError,
     FingerprintMismatchError,
     InvalidLibraryNameError,
+    LibraryBusyError,
     LibraryError,
     LibraryExistsError,
     LibraryNotFoundError,
 )
-from moska.library.format import ChunkEntry, Manifest, ModelFingerprint, model_fingerprint
+from moska.library.format import (
+    ChunkEntry,
+    ChunkSpan,
+    Manifest,
+    ModelFingerprint,
+    model_fingerprint,
+)
 from moska.library.info import BuildStats, LibraryInfo
 from moska.library.loaded import LoadedLibrary, load_library
 from moska.library.manager import LibraryManager, default_library_root
@@ -24,10 +31,12 @@ __all__ = [
     "BuildStats",
     "ChecksumMismatchError",
     "ChunkEntry",
+    "ChunkSpan",
     "CorruptLibraryError",
     "DocumentError",
     "FingerprintMismatchError",
     "InvalidLibraryNameError",
+    "LibraryBusyError",
     "LibraryError",
     "LibraryExistsError",
     "LibraryInfo",

@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moska.library.errors import CorruptLibraryError, LibraryExistsError
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -65,13 +67,21 @@ def error_response(
 
 def from_engine_error(exc: Exception) -> APIError:
     """Map an exception raised by `engine.add_request` (or the library manager) to an
-    APIError: '*NotFound*' / 'Unknown*' classes and KeyError are 404, other ValueErrors 400."""
+    APIError: '*NotFound*' / 'Unknown*' classes and KeyError are 404; a damaged library, a
+    name taken or being built and a library in use are 409; other ValueErrors 400. No
+    message carries a server path (library errors name the library; OSErrors lose theirs)."""
     name = type(exc).__name__
+    if isinstance(exc, CorruptLibraryError):  # ChecksumMismatchError too
+        return APIError(409, str(exc), code="library_damaged")
+    if isinstance(exc, LibraryExistsError):
+        return APIError(409, str(exc), code="library_exists")
     if "NotFound" in name or name.startswith("Unknown") or isinstance(exc, KeyError):
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         return APIError(404, str(msg), code="not_found")
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), code=_snake(name))
+    if isinstance(exc, OSError):  # its text names server paths
+        return APIError(500, f"internal error: {name}: {exc.strerror}", code="internal_error")
     return APIError(500, f"internal error: {name}: {exc}", code="internal_error")
 
 

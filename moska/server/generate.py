@@ -122,12 +122,25 @@ def check_report_routing(body: CompletionRequest | ChatCompletionRequest) -> Non
 
 
 def routing_report(out: RequestOutput) -> dict:
-    """{"chunks": routed chunk ids, "coverage": share of library attention mass in [0, 1]
-    or None}, both of the request's last step."""
+    """{"chunks": [{"chunk", "document", "start", "end"}], "coverage": share of library
+    attention mass in [0, 1] or None}, both of the request's last step. Each chunk's
+    document (the one it starts in) and token span come from the manifest of the library
+    build the request read (`out.library`); without one they are null."""
     coverage = out.routing_coverage
     if coverage is not None:
         coverage = min(1.0, max(0.0, float(coverage)))  # float error around a share
-    return {"chunks": [int(c) for c in out.routed_chunks or []], "coverage": coverage}
+    return {
+        "chunks": [_routed_chunk(out.library, int(c)) for c in out.routed_chunks or []],
+        "coverage": coverage,
+    }
+
+
+def _routed_chunk(library: Any, chunk: int) -> dict:
+    try:
+        span = library.chunk_span(chunk)
+    except (AttributeError, IndexError):  # no library handle, or not one of its chunks
+        return {"chunk": chunk, "document": None, "start": None, "end": None}
+    return {"chunk": chunk, "document": span.document, "start": span.start, "end": span.end}
 
 
 async def tokenize(state: ServerState, prompt: str | list[int], special: bool = True) -> int:

@@ -123,13 +123,29 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class RoutedChunk(BaseModel):
+    """One routed chunk, where it came from: the document holding its first token and its
+    token span in the library (from the library's manifest)."""
+
+    chunk: int = Field(description="chunk id")
+    document: str | None = Field(
+        description="name of the document the chunk starts in (a chunk of a prefix-mode "
+        "library may run on into the next documents); null for a library whose manifest "
+        "predates document spans"
+    )
+    start: int | None = Field(
+        description="first token of the chunk in the library's token stream (pool row)"
+    )
+    end: int | None = Field(description="one past the chunk's last token, same numbering")
+
+
 class RoutingReport(BaseModel):
     """Where a choice's library attention went at its last step, the one that sampled its
     last token (sent when the request has `report_routing`)."""
 
-    chunks: list[int] = Field(
-        description="library chunk ids routed to at the last step (last layer, KV head 0), "
-        "ascending"
+    chunks: list[RoutedChunk] = Field(
+        description="library chunks routed to at the last step (last layer, KV head 0), "
+        "ascending by chunk id"
     )
     coverage: float | None = Field(
         ge=0.0,
@@ -287,6 +303,10 @@ class LibraryObject(BaseModel):
     mode: str | None = None
     model: str | None = None
     created: Any = None
+    status: Literal["ok", "damaged"] = Field(
+        "ok", description='"damaged" when a file of the library is missing or unreadable'
+    )
+    reason: str | None = Field(None, description="why the library is damaged")
 
 
 class LibraryList(BaseModel):

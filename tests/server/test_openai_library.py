@@ -84,11 +84,21 @@ def _routing(choice) -> dict | None:
     return (choice.model_extra or {}).get("moska_routing")
 
 
+_DOC_NAMES = ["d0.txt", "d1.txt", "d2.txt"]  # _build_library's documents, in order
+
+
 def _check_report(report: dict, num_chunks: int, top_k: int) -> None:
+    """Each routed chunk names the document it starts in and its token span (chunk_size 64:
+    chunk c is tokens [64c, 64c + 64), the last one shorter)."""
     assert set(report) == {"chunks", "coverage"}
-    chunks = report["chunks"]
-    assert len(chunks) == min(top_k, num_chunks) and chunks == sorted(set(chunks))
-    assert all(isinstance(c, int) and 0 <= c < num_chunks for c in chunks)
+    ids = [c["chunk"] for c in report["chunks"]]
+    assert len(ids) == min(top_k, num_chunks) and ids == sorted(set(ids))
+    for c in report["chunks"]:
+        assert set(c) == {"chunk", "document", "start", "end"}
+        assert isinstance(c["chunk"], int) and 0 <= c["chunk"] < num_chunks
+        assert c["document"] in _DOC_NAMES and c["start"] == 64 * c["chunk"]
+        assert 0 < c["end"] - c["start"] <= 64
+        assert c["end"] - c["start"] == 64 or c["chunk"] == num_chunks - 1
     assert 0.0 <= report["coverage"] <= 1.0
 
 
@@ -107,7 +117,10 @@ def test_report_routing_completion(client, model, routing_library):
     for choice in r.choices:
         report = _routing(choice)
         _check_report(report, num_chunks, num_chunks)
-        assert report["chunks"] == list(range(num_chunks))
+        assert [c["chunk"] for c in report["chunks"]] == list(range(num_chunks))
+        docs = [c["document"] for c in report["chunks"]]  # documents in order, each ~205 tokens
+        assert docs[0] == "d0.txt" and set(docs) == set(_DOC_NAMES)
+        assert docs == sorted(docs, key=_DOC_NAMES.index)
         assert report["coverage"] == pytest.approx(1.0, abs=1e-4)  # every chunk: all the mass
 
 
