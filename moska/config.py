@@ -69,7 +69,10 @@ class EngineConfig:
     def check_device(self) -> None:
         """Raise DeviceUnavailableError when the asked-for device or attention backend
         cannot run on this machine: fail in one line before a model is loaded."""
-        if self.device == "cpu" and self.attention != "triton":
+        triton_help = "--attention triton needs a CUDA GPU; use --attention torch (or auto) on CPU"
+        if self.device == "cpu":
+            if self.attention == "triton":
+                raise DeviceUnavailableError(triton_help)
             return
         import torch
 
@@ -79,10 +82,8 @@ class EngineConfig:
                 f"--device {self.device} asks for CUDA but torch sees no CUDA GPU here "
                 f"(torch {torch.__version__}); use --device cpu or auto"
             )
-        if self.attention == "triton" and (self.device == "cpu" or not has_cuda):
-            raise DeviceUnavailableError(
-                "--attention triton needs a CUDA GPU; use --attention torch (or auto) on CPU"
-            )
+        if self.attention == "triton" and not has_cuda:
+            raise DeviceUnavailableError(triton_help)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -62,8 +62,6 @@ def serve(
     (built with `moska library build` or POST /v1/libraries); with no model and
     `demo_library`, the demo library from the bundled documents is built if missing.
     `chat_template`: a Jinja file or inline template replacing the model's."""
-    import uvicorn
-
     from moska.config import EngineConfig
 
     settings = ServerSettings(
@@ -80,6 +78,8 @@ def serve(
     sock = bind_socket(host, port)  # first: a busy port fails in a fraction of a second
     try:
         EngineConfig(model=model, **engine_kwargs).check_device()  # before the model loads
+        import uvicorn
+
         app = _build_app(model, settings, libraries, demo_library, engine_kwargs, chat_template)
         bound_port = sock.getsockname()[1]
         logger.info(

@@ -1,0 +1,148 @@
+"""`moska serve` as a person runs it (subprocesses of the installed `moska` script): a busy
+port, a missing GPU or a Triton backend without one fail in one line with exit code 2 before
+any model loads; a good start logs what was loaded and where it listens."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+MOSKA = Path(sys.executable).parent / "moska"
+FAIL_FAST_S = 60  # generous for a loaded CI box; a model load would also need the weights
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(HF_HUB_OFFLINE="1", MOSKA_HOME=str(tmp_path_factory.mktemp("moska-home")))
+    return env
+
+
+def _fails_in_one_line(env: dict, *args: str) -> str:
+    proc = subprocess.run(
+        [str(MOSKA), "serve", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=FAIL_FAST_S,
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "loading model" not in proc.stderr  # it failed before the model load began
+    assert lines[0].startswith("moska: error: ")
+    return lines[0]
+
+
+def test_busy_port_fails_before_the_model_loads(env):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = _fails_in_one_line(env, "--port", str(port))
+    assert f"127.0.0.1:{port}" in line and "in use" in line
+
+
+def test_cuda_without_cuda_fails_in_one_line(env):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    line = _fails_in_one_line(env, "--port", "0", "--device", "cuda")
+    assert "CUDA" in line and "--device cpu" in line
+
+
+def test_triton_attention_without_a_gpu_fails_in_one_line(env):
+    line = _fails_in_one_line(env, "--port", "0", "--device", "cpu", "--attention", "triton")
+    assert "triton" in line and "GPU" in line
+
+
+def test_startup_logs_what_was_loaded_and_the_address(env):
+    args = ["serve", "--port", "0", "--no-demo-library", "--num-kv-blocks", "64"]
+    args += ["--served-model-name", "tiny", "--ttft-slo", "0", "--max-model-len", "256"]
+    proc = subprocess.Popen(
+        [str(MOSKA), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        url = None
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()  # blocks until the server writes a line
+            if not line:
+                break  # exited
+            lines.append(line.rstrip())
+            if m := re.search(r"serving tiny on (http://127\.0\.0\.1:\d+)", line):
+                url = m.group(1)
+        log = "\n".join(lines)
+        assert url is not None, log
+        assert re.search(r"model \S+moska-tiny\S*: LlamaForCausalLM, float32, [\d.]+M param", log)
+        assert re.search(r"device cpu; weights [\d.]+ MiB, KV cache [\d.]+ MiB \(64 blocks", log)
+        assert "context 256 tokens" in log
+        assert "no libraries loaded" in log
+        deadline = time.monotonic() + 60
+        while True:  # uvicorn listens on the bound socket once the app has started
+            try:
+                r = httpx.get(f"{url}/v1/models", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+        assert r.json()["data"][0]["id"] == "tiny"
+        assert r.json()["data"][0]["max_model_len"] == 256
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode in (0, 130), proc.returncode  # 130: uvicorn re-raises Ctrl-C
+    assert "Traceback" not in proc.stderr.read()
+
+
+def test_demo_library_build_has_a_labelled_progress_bar(capsys, monkeypatch):
+    from moska.server.serve import prepare_libraries
+
+    class Manager:
+        def __init__(self) -> None:
+            self.built: list[str] = []
+
+        def exists(self, name):
+            return name in self.built
+
+        def get(self, name):
+            assert name in self.built
+            return type("Lib", (), {"num_tokens": 10, "num_chunks": 2, "nbytes": 1 << 20})()
+
+        def loaded_names(self):
+            return list(self.built)
+
+    class Engine:
+        libraries = Manager()
+
+    def ensure(manager):
+        manager.built.append("demo")
+        return type("Info", (), {"name": "demo"})()
+
+    import moska.library.demo as demo
+
+    monkeypatch.setattr(demo, "ensure_demo_library", ensure)
+    prepare_libraries(Engine(), [], demo=True)
+    assert "building the demo library (first start only)" in capsys.readouterr().err
+    prepare_libraries(Engine(), [], demo=True)  # the second start finds it built
+    assert "first start only" not in capsys.readouterr().err
