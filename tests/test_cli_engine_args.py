@@ -5,6 +5,7 @@ is the model directory's name."""
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import typing
 
 import pytest
@@ -73,12 +74,12 @@ def test_defaults_are_the_engine_configs():
 
 
 def test_vllm_style_serve_command_line():
-    argv = (
+    argv = shlex.split(
         "serve /models/Llama-3.1-8B-Instruct --served-model-name llama --max-model-len 2048 "
         "--max-num-seqs 8 --max-num-batched-tokens 512 --gpu-memory-utilization 0.5 --seed 3 "
         "--chat-template t.jinja --no-enable-prefix-caching --dtype half --max-body-size 1M "
         "--ttft-slo none"
-    ).split()
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     kwargs = _engine_kwargs(args)

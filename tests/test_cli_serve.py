@@ -30,6 +30,7 @@ def env(tmp_path_factory):
 def _fails_in_one_line(env: dict, *args: str) -> str:
     proc = subprocess.run(
         [str(MOSKA), "serve", *args],
+        check=False,
         env=env,
         capture_output=True,
         text=True,
@@ -139,7 +140,7 @@ def test_demo_library_build_has_a_labelled_progress_bar(capsys, monkeypatch):
         manager.built.append("demo")
         return type("Info", (), {"name": "demo"})()
 
-    import moska.library.demo as demo
+    from moska.library import demo
 
     monkeypatch.setattr(demo, "ensure_demo_library", ensure)
     prepare_libraries(Engine(), [], demo=True)
