@@ -60,13 +60,17 @@ def run_library(args: argparse.Namespace) -> int:
         if not infos:
             print(f"no libraries in {root}")
         for info in infos:
+            if info.status != "ok":  # listed so it can be seen and removed (`library rm`)
+                print(f"{info.name}\t{info.status}: {info.reason}")
+                continue
             print(f"{info.name}\t{info.num_tokens} tokens\t{info.num_chunks} chunks\t{info.mode}")
         return 0
     if args.library_command == "info":
         mgr = LibraryManager(root, None, "cpu")
         info = mgr.info(args.name)
         for key, value in vars(info).items():
-            print(f"{key}: {value}")
+            if value is not None or info.status == "ok":  # damaged: only what is known
+                print(f"{key}: {value}")
         return 0
     if args.library_command == "rm":
         LibraryManager(root, None, "cpu").delete(args.name)

@@ -251,6 +251,10 @@ class Manifest:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         validate_name(self.name)
+        if not isinstance(self.files, dict) or not all(
+            isinstance(v, str) for v in self.files.values()
+        ):
+            raise ValueError("files must map file names to sha256 hex digests")
         for fname in self.files:
             validate_file_name(fname)
         bounds = [c.start for c in self.chunks] + [self.num_tokens]
@@ -288,6 +292,8 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError(f"a manifest is a JSON object, not {type(d).__name__}")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -310,7 +316,7 @@ def read_manifest(directory: Path) -> Manifest:
     except OSError as e:  # its str() holds the path: keep only the reason
         reason = f"unreadable manifest ({e.strerror or type(e).__name__})"
         raise CorruptLibraryError(directory.name, MANIFEST_FILE, reason) from e
-    except (ValueError, KeyError, TypeError, AssertionError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
         reason = f"unreadable manifest ({type(e).__name__}: {e})"
         raise CorruptLibraryError(directory.name, MANIFEST_FILE, reason) from e
 

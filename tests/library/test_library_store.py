@@ -133,6 +133,27 @@ def test_manifest_pointing_outside_is_damaged_and_never_read(store, tiny_model, 
     assert digest not in str(e.value) and digest not in info.reason
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.__setitem__("files", ["tokens.safetensors"]),
+        lambda m: m.__setitem__("files", {"tokens.safetensors": 3}),
+        lambda m: m.__setitem__("model", "llama"),
+        lambda m: m.__setitem__("chunks", [1, 2]),
+        lambda m: m.__setitem__("num_tokens", "many"),
+        lambda m: m.__setitem__("documents", [{"name": "a"}]),
+        lambda m: m.clear(),
+    ],
+)
+def test_malformed_manifests_are_damaged_not_crashes(store, tiny_model, edit):
+    _edit_manifest(store / "lib", edit)
+    mgr = LibraryManager(store, tiny_model, progress=False)
+    (info,) = mgr.list()
+    assert info.status == "damaged" and info.reason.startswith("manifest.json: unreadable")
+    with pytest.raises(CorruptLibraryError):
+        mgr.get("lib")
+
+
 # ---------------------------------------------------------------- messages
 
 
@@ -193,6 +214,20 @@ def test_damaged_libraries_are_listed_with_a_reason(store, built, tiny_model):
         assert str(store) not in listed[name].reason
         mgr.delete(name)  # a damaged library can be removed
     assert [i.name for i in mgr.list()] == ["lib"]
+
+
+def test_cli_ls_and_info_show_damaged_libraries(store, capsys):
+    from moska.cli import main
+
+    (store / "junk").mkdir()
+    (store / "junk" / "manifest.json").write_text("[]")
+    assert main(["library", "ls", "--library-root", str(store)]) == 0
+    lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["junk"].startswith("damaged: manifest.json: unreadable manifest")
+    assert "tokens" in lines["lib"] and "chunks" in lines["lib"]
+    assert main(["library", "info", "junk", "--library-root", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "status: damaged" in out and "reason: manifest.json" in out and "None" not in out
 
 
 # ---------------------------------------------------------------- build reservation
