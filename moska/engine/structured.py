@@ -224,7 +224,7 @@ class GrammarCompiler:
         regex = grammar.to_regex()
         try:
             index = outlines_core.Index(regex, vocab)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # whatever outlines raises, the input was the user's
             what = "regex" if grammar.kind is GrammarKind.REGEX else "grammar"
             raise GrammarError(grammar.param, f"{grammar.param}: invalid {what}: {exc}") from exc
         with self._lock:

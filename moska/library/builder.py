@@ -20,7 +20,7 @@ from moska.library.errors import LibraryError, LibraryExistsError
 from moska.library.format import Manifest, model_fingerprint, validate_name
 from moska.library.info import BuildStats, LibraryInfo
 from moska.library.loaded import LoadedLibrary
-from moska.library.prefill import prefill_corpus
+from moska.library.prefill import ProgressHook, prefill_corpus
 
 DEFAULT_CHUNK_SIZE = 4096
 DEFAULT_PREFILL_TOKENS = 4096
@@ -41,9 +41,11 @@ def build_from_corpus(
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
     routing_rank: int | None = None,
     progress: bool = True,
+    on_progress: ProgressHook | None = None,
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Prefill ``corpus`` with the model and build each layer's routing index, in memory
-    on the model's device."""
+    on the model's device. ``on_progress(done, total)`` sees the prefill's progress and
+    may raise to stop the build (see ``prefill_corpus``)."""
     from moska.kernels.router import build_routing_index
 
     validate_name(name)
@@ -55,7 +57,14 @@ def build_from_corpus(
         raise LibraryError(f"routing_rank must be in [1, head_dim={head_dim}], got {routing_rank}")
     t0 = time.perf_counter()
     k_pools, v_pools, prefill_s = prefill_corpus(
-        loaded_model.model, corpus, num_layers, head_dim, prefill_tokens, progress, sm_scale
+        loaded_model.model,
+        corpus,
+        num_layers,
+        head_dim,
+        prefill_tokens,
+        progress,
+        sm_scale,
+        on_progress,
     )
     t1 = time.perf_counter()
     device = k_pools[0].device
@@ -95,6 +104,7 @@ def build_in_memory(
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
     routing_rank: int | None = None,
     progress: bool = True,
+    on_progress: ProgressHook | None = None,
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Tokenize ``(name, text)`` documents (``(name, token_ids)`` ones are taken verbatim)
     and build the library in memory."""
@@ -106,6 +116,7 @@ def build_in_memory(
         prefill_tokens=prefill_tokens,
         routing_rank=routing_rank,
         progress=progress,
+        on_progress=on_progress,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import asyncio
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from moska import __version__
 from moska.server.admission import AdmissionController
 from moska.server.async_engine import AsyncEngine
+from moska.server.build_worker import BuildWorker
 from moska.server.errors import install_error_handlers
 from moska.server.library_routes import router as library_router
 from moska.server.metrics import ServerMetrics
@@ -20,6 +22,7 @@ from moska.server.openai_routes import router as openai_router
 from moska.server.protocol import LIBRARY_NAME_PATTERN
 from moska.server.settings import ServerSettings
 from moska.server.state import ServerState, StateDep
+from moska.server.tokenizer_pool import TokenizerPool
 from moska.server.util_routes import router as util_router
 
 
@@ -40,15 +43,33 @@ def create_app(
         metrics=metrics,
         admission=admission,
         async_engine=AsyncEngine(engine, metrics=metrics, admission=admission),
+        tokenizers=TokenizerPool(
+            engine.tokenizer,
+            int(engine.max_model_len),
+            workers=settings.tokenizer_workers,
+            max_prompt_chars=settings.max_prompt_chars,
+            max_pending_chars=settings.max_tokenize_pending_chars,
+        ),
     )
+    if getattr(engine, "libraries", None) is not None:
+        state.builds = BuildWorker(
+            engine.libraries,
+            max_tokens=settings.max_build_tokens,
+            max_concurrent=settings.max_concurrent_builds,
+            max_queued=settings.max_queued_builds,
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         state.async_engine.start()
+        state.tokenizers.warm()
         try:
             yield
         finally:
+            if state.builds is not None:  # running builds stop at their next prefill piece
+                await asyncio.to_thread(state.builds.shutdown)
             await state.async_engine.shutdown(settings.shutdown_drain_s)
+            state.tokenizers.shutdown()
 
     app = FastAPI(
         title="moska",

@@ -26,8 +26,6 @@ from moska.server.protocol import (
 )
 from moska.server.state import ServerState
 
-_LONG_PROMPT_CHARS = 20_000  # tokenize longer prompts off the event loop
-
 
 @dataclass
 class Generation:
@@ -145,20 +143,20 @@ def _routed_chunk(library: Any, chunk: int) -> dict:
 
 async def tokenize(state: ServerState, prompt: str | list[int], special: bool = True) -> int:
     """Number of tokens of a prompt (as the engine will count it: `special` says whether
-    it adds special tokens such as BOS); checks token ids against the vocabulary."""
+    it adds special tokens such as BOS); checks token ids against the vocabulary. Text is
+    encoded on the tokenizer pool, off the event loop, within its bounds (400 / 429)."""
     tok = state.engine.tokenizer
     if isinstance(prompt, list):
         vocab = getattr(tok, "vocab_size", None)
-        if vocab is not None and any(t >= vocab for t in prompt):
+        if vocab is not None and prompt and max(prompt) >= vocab:
             raise APIError(
                 400, f"token ids must be below the vocabulary size {vocab}", param="prompt"
             )
         return len(prompt)
     try:
-        if len(prompt) > _LONG_PROMPT_CHARS:
-            ids = await asyncio.to_thread(tok.encode, prompt, special)
-        else:
-            ids = tok.encode(prompt, special)
+        ids = await state.tokenizers.run(lambda: tok.encode(prompt, special), len(prompt), "prompt")
+    except APIError:
+        raise
     except Exception as exc:
         raise APIError(400, f"could not tokenize the prompt: {exc}", param="prompt") from exc
     return len(ids)

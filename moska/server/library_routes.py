@@ -1,19 +1,20 @@
-"""Library management: build (a background job on the engine thread), list, show, delete.
+"""Library management: build (a job of the build worker), list, show, delete.
 
-Every call into `engine.libraries` runs on the engine thread, between steps, so a build or
-delete never races a decode step that reads the library.
+Builds run on the build worker's threads (`server/build_worker.py`), beside the engine:
+a build only writes its own KV pools, and the manager registers the finished library under
+its lock. Every other call into `engine.libraries` runs on the engine thread, between
+steps, so a delete never races a decode step that reads the library.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Response
 
+from moska.server.build_worker import BuildJob, BuildQueueFullError, BuildWorker
 from moska.server.errors import APIError, from_engine_error
 from moska.server.protocol import (
     LIBRARY_NAME_RE,
@@ -30,8 +31,6 @@ router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 501, 503)
 }
-_MAX_JOBS = 1000  # finished jobs beyond this are forgotten, oldest first
-_tasks: set[asyncio.Task] = set()  # keep background tasks alive until done
 
 
 def _manager(state: ServerState) -> Any:
@@ -78,55 +77,88 @@ async def _call(state: ServerState, fn) -> Any:
         raise from_engine_error(exc) from exc
 
 
-@router.post("/v1/libraries", status_code=202, response_model=LibraryJob, responses=_ERRORS)
+def _builds(state: ServerState) -> BuildWorker:
+    _manager(state)
+    assert state.builds is not None  # created with the app when the engine has a manager
+    return state.builds
+
+
+def to_job(job: BuildJob) -> LibraryJob:
+    return LibraryJob(
+        id=job.id,
+        name=job.name,
+        status=job.status.value,
+        created=job.created,
+        finished=job.finished,
+        error=job.error,
+        library=None if job.info is None else to_object(job.info),
+        prefilled_tokens=job.prefilled_tokens,
+        total_tokens=job.total_tokens,
+    )
+
+
+@router.post(
+    "/v1/libraries",
+    status_code=202,
+    response_model=LibraryJob,
+    responses={**_ERRORS, 409: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+)
 async def build_library(
     body: LibraryBuildRequest, response: Response, state: StateDep
 ) -> LibraryJob:
-    manager = _manager(state)
+    """Queue a build; it runs beside the engine (streams go on) and is polled at
+    `/v1/libraries/jobs/{id}`. A name that exists or is being built fails here, at once."""
+    builds = _builds(state)
     _check_name(body.name)
-    job = LibraryJob(
-        id=f"libjob-{uuid.uuid4().hex}",
+    job = BuildJob(
         name=body.name,
-        status="queued",
-        created=int(time.time()),
+        documents=[(d.name, d.text) for d in body.documents],
+        chunk_size=body.chunk_size,
+        mode=body.mode,
     )
-    state.jobs[job.id] = job
-    _forget_old_jobs(state)
-    documents = [(d.name, d.text) for d in body.documents]
-
-    def run() -> Any:
-        job.status = "running"
-        return manager.build(body.name, documents, body.chunk_size, body.mode)
-
-    async def watch() -> None:
+    reserve = getattr(builds.manager, "reserve", None)
+    if reserve is not None:
         try:
-            info = await state.async_engine.call(run)
-            job.library = to_object(info)
-            job.status = "succeeded"
-        except Exception as exc:  # noqa: BLE001 - reported through the job
-            job.error = f"{type(exc).__name__}: {exc}"
-            job.status = "failed"
-        job.finished = int(time.time())
-
-    task = asyncio.create_task(watch())
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+            job.reservation = await asyncio.to_thread(reserve, body.name)
+        except Exception as exc:
+            raise from_engine_error(exc) from exc
+    try:
+        builds.submit(job)
+    except BuildQueueFullError as exc:
+        if job.reservation is not None:
+            job.reservation.release()
+        raise APIError(
+            429, str(exc), code="build_queue_full", headers={"Retry-After": "5"}
+        ) from exc
     response.headers["Location"] = f"/v1/libraries/jobs/{job.id}"
+    return to_job(job)
+
+
+def _job(state: ServerState, job_id: str) -> BuildJob:
+    job = _builds(state).get(job_id)
+    if job is None:
+        raise APIError(404, f"library job {job_id!r} not found", code="job_not_found")
     return job
-
-
-def _forget_old_jobs(state: ServerState) -> None:
-    done = [k for k, j in state.jobs.items() if j.status in ("succeeded", "failed")]
-    for key in done[: max(0, len(state.jobs) - _MAX_JOBS)]:
-        del state.jobs[key]
 
 
 @router.get("/v1/libraries/jobs/{job_id}", response_model=LibraryJob, responses=_ERRORS)
 async def get_job(job_id: str, state: StateDep) -> LibraryJob:
-    job = state.jobs.get(job_id)
-    if job is None:
-        raise APIError(404, f"library job {job_id!r} not found", code="job_not_found")
-    return job
+    return to_job(_job(state, job_id))
+
+
+@router.post("/v1/libraries/jobs/{job_id}/cancel", response_model=LibraryJob, responses=_ERRORS)
+async def cancel_job(job_id: str, state: StateDep) -> LibraryJob:
+    """Cancel a build: a queued one is `cancelled` at once; a running one stops at its next
+    prefill piece (poll the job for `cancelled`) and writes nothing. A finished job is
+    returned as it is."""
+    _job(state, job_id)
+    return to_job(_builds(state).cancel(job_id))
+
+
+@router.delete("/v1/libraries/jobs/{job_id}", response_model=LibraryJob, responses=_ERRORS)
+async def delete_job(job_id: str, state: StateDep) -> LibraryJob:
+    """The same as `POST /v1/libraries/jobs/{id}/cancel`."""
+    return await cancel_job(job_id, state)
 
 
 @router.get("/v1/libraries", response_model=LibraryList, responses=_ERRORS)

@@ -102,18 +102,25 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep):
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        prompt = state.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as exc:
-        raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
-    if isinstance(prompt, str):
+    tokenizer = state.engine.tokenizer
+
+    def render() -> list[int]:  # on the tokenizer pool: a long message must not block the loop
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as exc:
+            msg = f"could not apply the chat template: {exc}"
+            raise APIError(400, msg, param="messages") from exc
+        if not isinstance(text, str):  # some tokenizers return ids
+            return list(text)
         # The template writes its own special tokens (BOS): send ids so none is added twice.
         try:
-            prompt = state.engine.tokenizer.encode(prompt, add_special_tokens=False)
+            return tokenizer.encode(text, add_special_tokens=False)
         except Exception as exc:
-            raise APIError(400, f"could not tokenize the messages: {exc}") from exc
-    else:  # some tokenizers return ids
-        prompt = list(prompt)
+            msg = f"could not tokenize the messages: {exc}"
+            raise APIError(400, msg, param="messages") from exc
+
+    num_chars = sum(len(m["content"] or "") for m in messages)
+    prompt = await state.tokenizers.run(render, num_chars, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     gen = await submit(state, body, [prompt], "chatcmpl", max_tokens, logprobs)

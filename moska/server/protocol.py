@@ -315,14 +315,19 @@ class LibraryList(BaseModel):
 
 
 class LibraryJob(BaseModel):
+    """A library build. `prefilled_tokens` of `total_tokens` (None until the documents are
+    tokenized) say how far its prefill is."""
+
     id: str
     object: Literal["library.job"] = "library.job"
     name: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     created: int
     finished: int | None = None
     error: str | None = None
     library: LibraryObject | None = None
+    prefilled_tokens: int = 0
+    total_tokens: int | None = None
 
 
 class LibraryDeleted(BaseModel):

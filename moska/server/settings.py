@@ -15,6 +15,13 @@ class ServerSettings:
     rejected with 429 (None: no SLO check). `max_queue`: requests waiting for their first
     step beyond which new ones are rejected (None: unbounded). `served_model_name`: the
     name clients send as `model` (None: the engine's `model_name`).
+
+    Library builds over HTTP (`POST /v1/libraries`) run beside the engine, not on its
+    thread: `max_build_tokens` per build, `max_concurrent_builds` at once, at most
+    `max_queued_builds` waiting (beyond: 429). Tokenization and chat templating run on
+    `tokenizer_workers` threads; a prompt of more than `max_prompt_chars` characters is a
+    400 (None: the most that the context can hold, from the longest token), and more than
+    `max_tokenize_pending_chars` characters waiting to be encoded is a 429.
     """
 
     host: str = "127.0.0.1"
@@ -27,6 +34,12 @@ class ServerSettings:
     max_n: int = 16
     shutdown_drain_s: float = 30.0
     log_level: str = "info"
+    max_build_tokens: int = 1 << 20
+    max_concurrent_builds: int = 1
+    max_queued_builds: int = 16
+    tokenizer_workers: int = 2
+    max_prompt_chars: int | None = None
+    max_tokenize_pending_chars: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -43,3 +56,14 @@ class ServerSettings:
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.shutdown_drain_s < 0:
             raise ValueError("shutdown_drain_s must be >= 0")
+        for name in (
+            "max_build_tokens",
+            "max_concurrent_builds",
+            "max_queued_builds",
+            "tokenizer_workers",
+            "max_tokenize_pending_chars",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be at least 1, got {self.max_prompt_chars}")

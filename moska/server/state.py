@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from moska.server.admission import AdmissionController
 from moska.server.async_engine import AsyncEngine
+from moska.server.build_worker import BuildWorker
 from moska.server.metrics import ServerMetrics
 from moska.server.settings import ServerSettings
+from moska.server.tokenizer_pool import TokenizerPool
 
 
 @dataclass
@@ -20,7 +22,8 @@ class ServerState:
     metrics: ServerMetrics
     admission: AdmissionController
     async_engine: AsyncEngine
-    jobs: dict[str, Any] = field(default_factory=dict)  # library build jobs by id
+    tokenizers: TokenizerPool  # tokenization and chat templating, off the event loop
+    builds: BuildWorker | None = None  # library builds, off the engine thread (None: no manager)
 
     @property
     def model_name(self) -> str:

@@ -51,6 +51,7 @@ class FakeLibraryManager:
         self._libs: dict[str, FakeLibraryInfo] = {}
         self.build_seconds = build_seconds
         self.thread_ids: set[int] = set()  # threads that called in (must be the engine's)
+        self.build_thread_ids: set[int] = set()  # threads that built (the build worker's)
 
     def _touch(self) -> None:
         self.thread_ids.add(threading.get_ident())
@@ -67,13 +68,18 @@ class FakeLibraryManager:
 
     get = info
 
-    def build(self, name, documents, chunk_size, mode):
-        self._touch()
+    def build(self, name, documents, chunk_size, mode, *, on_progress=None):
+        """Takes `build_seconds`, in ten pieces; `on_progress(done, total)` after each
+        (it may raise to stop the build, as the real builder's prefill hook)."""
+        self.build_thread_ids.add(threading.get_ident())
         if name in self._libs:
             raise LibraryExistsError(name, "/fake")
-        time.sleep(self.build_seconds)
-        size = chunk_size or 64
         tokens = sum(len(text.encode()) for _, text in documents)
+        for piece in range(10):
+            if on_progress is not None:
+                on_progress(tokens * piece // 10, tokens)
+            time.sleep(self.build_seconds / 10)
+        size = chunk_size or 64
         info = FakeLibraryInfo(
             name,
             tokens,
