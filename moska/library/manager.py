@@ -26,6 +26,7 @@ from moska.library.format import (
 )
 from moska.library.info import LibraryInfo
 from moska.library.loaded import LoadedLibrary, load_library
+from moska.library.prefill import ProgressHook
 from moska.library.store import (
     BuildLock,
     delete_library_dir,
@@ -138,11 +139,13 @@ class LibraryManager:
         routing_rank: int | None = None,
         keep_loaded: bool = True,
         reservation: BuildLock | None = None,
+        on_progress: ProgressHook | None = None,
     ) -> LibraryInfo:
         """Build ``name`` from ``(name, text)`` (or ``(name, token_ids)``) documents;
         LibraryExistsError if the name is taken, LibraryBusyError at once if it is being
         built. ``reservation`` (from ``reserve(name)``) is taken over; either way the name
-        is released when the build ends (success, failure or cancel)."""
+        is released when the build ends (success, failure or cancel). ``on_progress(done,
+        total)`` sees the prefill and may raise to stop it (``prefill_corpus``)."""
         if self.loaded_model is None:
             if reservation is not None:
                 reservation.release()
@@ -160,6 +163,7 @@ class LibraryManager:
                 prefill_tokens=prefill_tokens,
                 routing_rank=routing_rank,
                 progress=self.progress,
+                on_progress=on_progress,
             )
         if keep_loaded and library.device == self.device:
             with self._lock:

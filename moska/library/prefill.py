@@ -4,6 +4,10 @@ The model calls ``attn(layer, q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D]) -> o [T,Hq,D
 layer; our callable stores k, v into the layer's pool and attends causally over every
 row of the same sequence prefilled so far. Memory stays bounded by ``prefill_tokens``
 tokens of activations per forward; the pools [S_total, Hkv, D] live on the model's device.
+
+``on_progress(done, total)`` is called before the first piece and after each one: a server
+shows it as the build's progress and stops a build (cancel, quota) by raising from it, so a
+build stops at the next piece boundary with nothing written anywhere.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch.nn.functional as F
 from moska.library.chunking import TokenizedCorpus, plan_pieces
 
 POOL_BLOCK = 64  # rows; pools are padded to a multiple so the paged kernel can view them
+
+ProgressHook = Callable[[int, int], None]  # (tokens prefilled, total tokens); may raise
 
 
 def causal_attention_ref(
@@ -156,9 +162,14 @@ def prefill_corpus(
     prefill_tokens: int = 4096,
     progress: bool = True,
     sm_scale: float | None = None,
+    on_progress: ProgressHook | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
     """Run the model over the corpus; return (k_pools, v_pools, seconds), pools per layer
-    ``[S_total, Hkv, D]`` on the model's device in the model's KV dtype."""
+    ``[S_total, Hkv, D]`` on the model's device in the model's KV dtype. An exception
+    raised by ``on_progress`` stops the prefill and propagates (the pools are dropped).
+
+    On CUDA it waits on the current stream only, so a build on its own stream (the
+    server's build worker) does not wait for the engine's decode steps."""
     from tqdm.auto import tqdm
 
     device = model_device(model)
@@ -174,8 +185,12 @@ def prefill_corpus(
         disable=not progress,
         dynamic_ncols=True,
     )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    if stream is not None:
+        stream.synchronize()
+    done = 0
+    if on_progress is not None:
+        on_progress(done, corpus.num_tokens)
     t0 = time.perf_counter()
     with torch.inference_mode(), bar:
         for segments in plan_pieces(corpus.sequences, prefill_tokens):
@@ -186,9 +201,12 @@ def prefill_corpus(
                 positions.to(device),
                 _PoolAttention(pools, segments, scale, kernel),
             )
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if stream is not None:
+                stream.synchronize()
             bar.update(len(rows))
+            done += len(rows)
+            if on_progress is not None:
+                on_progress(done, corpus.num_tokens)
     seconds = time.perf_counter() - t0
     k_pools, v_pools = pools.finish()
     return k_pools, v_pools, seconds
