@@ -79,6 +79,9 @@ def test_damaged_libraries_are_listed_and_shown(damaged):
         assert r.status_code == 200 and r.json()["status"] == "damaged", r.text
         assert r.json()["num_chunks"] is None and "path" not in r.json()
         _no_paths(r.text, root)
+    body = {"name": "kb-junk", "documents": [{"name": "a.txt", "text": "hello"}]}
+    r = httpx.post(f"{url}/v1/libraries", json=body)  # the name is taken, damaged or not
+    assert r.status_code == 409 and r.json()["error"]["code"] == "library_exists", r.text
 
 
 @pytest.mark.parametrize("name", ["kb-junk", "kb-outside"])
