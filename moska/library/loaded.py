@@ -165,6 +165,7 @@ def load_library(
 
     Checks, before anything is built: the manifest parses; the model fingerprint matches
     (``FingerprintMismatchError``; skipped when ``model_fingerprint`` is None); every file
+    it lists is a plain name inside the library's folder (nothing outside is opened) and
     exists with its recorded sha256 (``ChecksumMismatchError`` naming the file). Then loads
     layer by layer, checking names, shapes and dtypes (``CorruptLibraryError``).
     """

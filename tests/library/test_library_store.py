@@ -396,3 +396,17 @@ def test_manifest_json_round_trips_document_spans():
     bad["files"] = {"../x": "0" * 64}
     with pytest.raises(ValueError, match="not a plain name"):
         Manifest.from_json(json.dumps(bad))
+
+
+def test_a_damaged_demo_library_is_rebuilt(tiny_model, tmp_path, monkeypatch):
+    from moska.library import demo
+
+    monkeypatch.setattr(demo, "demo_documents", lambda: [("d.md", "moska demo " * 5)])
+    mgr = LibraryManager(tmp_path, tiny_model, progress=False)
+    demo.ensure_demo_library(mgr, chunk_size=16)
+    mgr.unload("demo")
+    (tmp_path / "demo" / "tokens.safetensors").unlink()
+    assert mgr.info("demo").status == "damaged"
+    rebuilt = demo.ensure_demo_library(mgr, chunk_size=16)
+    assert rebuilt.status == "ok" and mgr.info("demo").status == "ok"
+    assert mgr.get("demo").num_tokens == rebuilt.num_tokens
