@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="chat template replacing the model's: a Jinja file path or the template itself",
     )
+    s.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=None,
+        help="max_tokens of a request that gives none: what is left of the context after the "
+        "library and the prompt, at most this (default: no cap)",
+    )
     s.add_argument("--no-demo-library", action="store_true", help="skip the demo library")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_engine_args(s)
@@ -239,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 served_model_name=args.served_model_name,
                 **body,
                 chat_template=args.chat_template,
+                max_tokens_default=args.max_tokens_default,
                 log_level=args.log_level,
             )
             return 0

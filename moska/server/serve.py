@@ -56,12 +56,14 @@ def serve(
     served_model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     chat_template: str | None = None,
+    max_tokens_default: int | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve `model` (None: the built-in tiny model) over HTTP. `libraries` must exist
     (built with `moska library build` or POST /v1/libraries); with no model and
     `demo_library`, the demo library from the bundled documents is built if missing.
-    `chat_template`: a Jinja file or inline template replacing the model's."""
+    `chat_template`: a Jinja file or inline template replacing the model's.
+    `max_tokens_default`: the cap on max_tokens when a request gives none."""
     from moska.config import EngineConfig
 
     settings = ServerSettings(
@@ -72,6 +74,7 @@ def serve(
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
         served_model_name=served_model_name,
+        max_tokens_default=max_tokens_default,
         log_level=log_level,
     )
     engine_kwargs = engine_kwargs or {}
