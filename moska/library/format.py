@@ -293,7 +293,7 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         d = json.loads(text)
         if not isinstance(d, dict):
-            raise ValueError(f"a manifest is a JSON object, not {type(d).__name__}")
+            raise TypeError(f"a manifest is a JSON object, not {type(d).__name__}")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(

@@ -12,7 +12,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import torch
 
@@ -180,7 +180,7 @@ class BuildLock:
             self._held = False
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def __enter__(self) -> BuildLock:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

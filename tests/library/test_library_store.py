@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
@@ -355,7 +356,7 @@ def test_chunk_span_names_the_document_the_chunk_starts_in(mode):
     spans = [manifest.chunk_span(c) for c in range(manifest.num_chunks)]
     assert [s.chunk for s in spans] == list(range(len(spans)))
     assert spans[0].start == 0 and spans[-1].end == 20
-    for s, nxt in zip(spans, spans[1:]):
+    for s, nxt in itertools.pairwise(spans):
         assert s.end == nxt.start and 0 < s.end - s.start <= 4
     for s in spans:
         (doc,) = [n for n, lo, hi in bounds if lo <= s.start < hi]
