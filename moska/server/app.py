@@ -103,8 +103,9 @@ def _openapi_with_limits(
     build: Callable[[], dict[str, Any]], settings: ServerSettings
 ) -> Callable[[], dict[str, Any]]:
     """FastAPI's `app.openapi`, with this server's real limits where the request models are
-    looser than the checks the routes make: `n` up to `settings.max_n`, and library names
-    (a request's `library`, the `{name}` in a path) matching the library name pattern.
+    looser than the checks the routes make: `n` and `best_of` up to `settings.max_n`, and
+    library names (a request's `library`, the `{name}` in a path) matching the library name
+    pattern.
     Clients and fuzzers generating from the schema then send what the server accepts."""
     patched: list[dict[str, Any]] = []
 
@@ -116,8 +117,8 @@ def _openapi_with_limits(
             props = model.get("properties", {})
             if not {"prompt", "messages"} & props.keys():
                 continue  # only generation and tokenize requests
-            if "n" in props:
-                props["n"]["maximum"] = settings.max_n
+            for name in ("n", "best_of"):
+                _set_maximum(props.get(name), settings.max_n)
             for option in props.get("library", {}).get("anyOf", []):
                 if option.get("type") == "string":
                     option["pattern"] = LIBRARY_NAME_PATTERN
@@ -130,3 +131,9 @@ def _openapi_with_limits(
         return schema
 
     return openapi
+
+
+def _set_maximum(prop: dict[str, Any] | None, maximum: int) -> None:
+    for option in (prop or {}).get("anyOf", [prop] if prop else []):
+        if option.get("type") == "integer":
+            option["maximum"] = maximum

@@ -135,11 +135,16 @@ def test_schema_n_maximum_is_the_servers(schema, real_server, client, model):
     max_n = app.state.moska.settings.max_n
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         assert _props(schema, name)["n"]["maximum"] == max_n
+    best_of = _props(schema, "CompletionRequest")["best_of"]["anyOf"]
+    assert next(o for o in best_of if o.get("type") == "integer")["maximum"] == max_n
     ok = client.completions.create(model=model, prompt="a", n=max_n, max_tokens=1)
     assert len(ok.choices) == max_n
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt="a", n=max_n + 1, max_tokens=1)
     assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="a", best_of=max_n + 1, max_tokens=1)
+    assert e.value.body["param"] == "best_of"
 
 
 def test_schema_library_names_carry_the_servers_pattern(schema, http, model):
