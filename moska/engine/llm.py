@@ -83,6 +83,7 @@ class LLM:
                     finished=True,
                     routed_chunks=outs[0].routed_chunks,
                     routing_coverage=outs[0].routing_coverage,
+                    prompt_logprobs=outs[0].prompt_logprobs,
                 )
             )
         return results

@@ -19,7 +19,7 @@ from moska.engine.errors import DuplicateRequestError, PromptTooLongError, Reque
 from moska.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from moska.engine.request import Request, RequestStatus
 from moska.engine.runner import ModelRunner, PendingStep, StepResult
-from moska.engine.sampling_params import SamplingParams
+from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.scheduler import Scheduler, SchedulerOutput
 from moska.engine.scheduler_config import SchedulerConfig
 from moska.model.tokenizer import IncrementalDetokenizer
@@ -50,6 +50,8 @@ class _Tracked:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     routed_chunks: list[int] | None = None
     coverage: float | None = None
+    # with prompt_logprobs: one entry per prompt token scored so far (the first has none)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
 
 
 class LLMEngine:
@@ -162,6 +164,13 @@ class LLMEngine:
                 raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         if not prompt_ids:
             raise RequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t, _ in params.logit_bias if t >= vocab]
+        if bad:
+            raise SamplingParamsError(
+                "logit_bias",
+                f"logit_bias names token ids outside the vocabulary [0, {vocab}): {bad[:4]}",
+            )
         total = offset + len(prompt_ids) + params.max_tokens
         if offset + len(prompt_ids) >= self.max_model_len or total > self.max_model_len:
             raise PromptTooLongError(
@@ -267,6 +276,14 @@ class LLMEngine:
         for rid, cov in result.coverage.items():
             if rid in self._tracked:
                 self._tracked[rid].coverage = cov
+        for rid, (pos, entries) in result.prompt_logprobs.items():
+            tr = self._tracked.get(rid)
+            if tr is None:
+                continue
+            prompt = tr.request.prompt_token_ids
+            for j, (lp, top) in enumerate(entries):
+                if pos + j == len(tr.prompt_logprobs):  # a recompute (preemption) repeats some
+                    tr.prompt_logprobs.append(TokenLogprob(prompt[pos + j], lp, top))
         if placeholders:
             updated = []
             for req in pending.sample_reqs:
@@ -334,6 +351,9 @@ class LLMEngine:
             routed_chunks=tr.routed_chunks,
             routing_coverage=tr.coverage,
             library=req.library,
+            # complete from the first output on (the prompt is computed before any sample),
+            # so the list itself is handed out, not a copy per output
+            prompt_logprobs=tr.prompt_logprobs if params.prompt_logprobs is not None else None,
         )
         if req.is_finished:
             self._drop(req.request_id)

@@ -40,3 +40,6 @@ class RequestOutput:
     # The library build the request reads (its handle, held from admission to the end; a
     # `LoadedLibrary`): routing reports name each routed chunk's document and span from it.
     library: Any = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
+    # (nothing before it to predict it from), as vLLM returns them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None

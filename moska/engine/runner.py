@@ -14,7 +14,9 @@ from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import get_attention_ops
 from moska.config import EngineConfig
+from moska.engine import prompt_logprobs
 from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpec
+from moska.engine.prompt_logprobs import PromptLogprobBatch
 from moska.engine.request import PLACEHOLDER_TOKEN, Request
 from moska.engine.sampler import SampledBatch, Sampler
 from moska.engine.transfer import host_tensor, to_device
@@ -30,6 +32,9 @@ class StepResult:
     logprobs: dict[str, tuple[float, dict[int, float]]]
     routed_chunks: dict[str, list[int]]  # request_id -> chunks of the last layer
     coverage: dict[str, float] = field(default_factory=dict)  # report_routing only
+    # request id -> (prompt position of its first scored token, [(logprob, top)]); only
+    # requests with prompt_logprobs whose prompt rows this step computed
+    prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class PendingStep:
     # a row's sampler reads its token ids (penalties, logits processors): the next step
     # must not be scheduled before this one's tokens reach the host
     needs_history: bool = False
+    prompt_lp: PromptLogprobBatch | None = None  # prompt_logprobs of this step's prompt rows
 
     @property
     def reads_library(self) -> bool:
@@ -57,6 +63,8 @@ class PendingStep:
 
     def result(self) -> StepResult:
         result = StepResult(sampled={}, logprobs={}, routed_chunks={}, coverage={})
+        if self.prompt_lp is not None:
+            result.prompt_logprobs = self.prompt_lp.to_host()
         if self.batch is None:
             return result
         out = self.batch.to_host()
@@ -164,6 +172,7 @@ class ModelRunner:
         lib_topk: dict[str, int] = {}
         record_reqs: dict[str, list[tuple[Request, int]]] = {}
         pending: list[tuple[int, str]] = []  # (row, request id) whose input is on the device
+        prompt_rows: list[prompt_logprobs.PromptRows] = []
         for item in scheduled:
             req: Request = item.request
             start, n = req.num_computed_tokens, item.num_new_tokens
@@ -177,6 +186,12 @@ class ModelRunner:
                 lib_rows.setdefault(req.library, []).extend(range(first, first + n))
                 k = req.top_k_chunks or top_k_default
                 lib_topk[req.library] = max(lib_topk.get(req.library, 0), k)
+            rows = prompt_logprobs.rows_of(
+                req.request_id, req.prompt_token_ids, start, end, len(token_ids),
+                req.sampling_params.prompt_logprobs,
+            )  # fmt: skip
+            if rows is not None:
+                prompt_rows.append(rows)
             token_ids.extend(req.token_ids_slice(start, end))
             if token_ids[-1] == PLACEHOLDER_TOKEN:
                 pending.append((len(token_ids) - 1, req.request_id))
@@ -213,6 +228,7 @@ class ModelRunner:
             else:
                 groups = [group] if group is not None else []
                 step = self._sample(hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs)
+                step.prompt_lp = prompt_logprobs.compute(self.model, hidden, prompt_rows)
                 step.decode_only = True
                 return step
         dev = self.device
@@ -245,6 +261,7 @@ class ModelRunner:
         pos_t = to_device(positions, dev, torch.int64)
         hidden = self.model(ids_t, pos_t, self.attention.bind(meta))
         step = self._sample(hidden, sample_rows, sample_reqs, meta.groups, lib_rows, record_reqs)
+        step.prompt_lp = prompt_logprobs.compute(self.model, hidden, prompt_rows)
         step.decode_only = meta.decode_only
         return step
 

@@ -94,9 +94,7 @@ class SamplingParams:
                 "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}"
             )
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise SamplingParamsError(
-                "min_tokens", "min_tokens must be between 0 and max_tokens"
-            )
+            raise SamplingParamsError("min_tokens", "min_tokens must be between 0 and max_tokens")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
@@ -155,7 +153,9 @@ def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
                 "logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {key!r}"
             ) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SamplingParamsError("logit_bias", f"logit_bias values must be numbers, got {value!r}")
+            raise SamplingParamsError(
+                "logit_bias", f"logit_bias values must be numbers, got {value!r}"
+            )
         if not -100.0 <= value <= 100.0:
             raise SamplingParamsError(
                 "logit_bias", f"logit_bias values must be in [-100, 100], got {value} for {token}"

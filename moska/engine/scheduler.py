@@ -214,7 +214,12 @@ class Scheduler:
             and len(self._running) < self.config.max_num_seqs
         ):
             request = self._waiting[0]
-            num_cached = bm.match_prefix(request)
+            # prompt_logprobs need logits at every prompt position: no prefix-cache hits
+            num_cached = (
+                0
+                if request.sampling_params.prompt_logprobs is not None
+                else (bm.match_prefix(request))
+            )
             remaining = request.num_tokens - num_cached
             num_new = min(remaining, budget)
             resumed = request.status is RequestStatus.PREEMPTED
