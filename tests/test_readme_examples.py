@@ -111,6 +111,13 @@ def _for_server(code: str, url: str) -> str:
 
 def _check_json_response(body: dict) -> None:
     assert "error" not in body, body
+    if "tokens" in body:  # /tokenize
+        assert body["count"] == len(body["tokens"]) > 0
+        assert all(isinstance(t, int) for t in body["tokens"])
+        return
+    if "prompt" in body:  # /detokenize
+        assert isinstance(body["prompt"], str) and body["prompt"]
+        return
     assert body["object"] in ("text_completion", "chat.completion", "list"), body
     if body["object"] != "list":
         assert body["choices"], body
