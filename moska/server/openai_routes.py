@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from moska.engine.outputs import RequestOutput
+from moska.server.completion_echo import Echo, make_echo, pick_best
+from moska.server.completion_echo import choice as choice_body
 from moska.server.errors import APIError, error_body
 from moska.server.generate import (
     Generation,
@@ -25,6 +27,7 @@ from moska.server.protocol import (
     ModelCard,
     ModelList,
 )
+from moska.server.sampling_fields import choices_per_prompt
 from moska.server.state import ServerState, StateDep
 from moska.server.streaming import (
     SSE_DONE,
@@ -58,31 +61,33 @@ async def retrieve_model(model_id: str, state: StateDep) -> ModelCard:
     "/v1/completions", response_model=CompletionResponse, responses={**_ERRORS, 200: _STREAM}
 )
 async def create_completion(body: CompletionRequest, request: Request, state: StateDep):
-    if body.echo:
-        raise APIError(400, "echo is not supported", param="echo")
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompts: list = [prompt]
     else:
         prompts = list(prompt)
-    gen = await submit(state, body, prompts, "cmpl", body.max_tokens, body.logprobs)
+    candidates = choices_per_prompt(body)
+    # best_of ranks candidates by their cumulative logprob: the engine reports it always
+    engine_lp = 0 if body.logprobs is None and candidates > body.n else body.logprobs
+    gen = await submit(state, body, prompts, "cmpl", body.max_tokens, engine_lp)
+    echo = await make_echo(state, body, prompts)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(state, gen, _completion_chunks(state, gen, include_usage))
+        return _sse(state, gen, _completion_chunks(state, gen, include_usage, echo))
     last = await _collect(request, state, gen)
     choices, completion_tokens = [], 0
+    if echo is None or not echo.score_only:
+        completion_tokens = sum(len(o.outputs[0].token_ids) for o in last.values())
+    if candidates > body.n:
+        last = pick_best(last, candidates, body.n)
     for idx in sorted(last):
-        out = last[idx].outputs[0]
-        completion_tokens += len(out.token_ids)
-        lp = None
-        if gen.params.logprobs is not None:
-            lp = completion_logprobs(state, out.logprobs or [], 0)
+        text, lp, _ = choice_body(state, idx, last[idx], echo, body.logprobs is not None)
         choices.append(
             {
                 "index": idx,
-                "text": out.text,
+                "text": text,
                 "logprobs": lp,
-                "finish_reason": out.finish_reason,
+                "finish_reason": last[idx].outputs[0].finish_reason,
                 "moska_routing": gen.routing(last[idx]),
             }
         )
@@ -186,10 +191,11 @@ def _with_routing(gen: Generation, choice: dict, out: RequestOutput) -> dict:
 
 
 def _completion_chunks(
-    state: ServerState, gen: Generation, include_usage: bool
+    state: ServerState, gen: Generation, include_usage: bool, echo: Echo | None = None
 ) -> AsyncIterator[bytes]:
     async def chunks() -> AsyncIterator[bytes]:
         offsets: dict[int, int] = {}
+        echoed: set[int] = set()
         sent_lp: dict[int, int] = {}
         completion_tokens = 0
         base = {
@@ -199,8 +205,20 @@ def _completion_chunks(
             "model": gen.model,
         }
         async for idx, out in gen.outputs():
-            completion_tokens += len(out.new_token_ids)
             reason = out.outputs[0].finish_reason if out.finished else None
+            if echo is not None and idx not in echoed:  # the prompt first, in its own chunk
+                echoed.add(idx)
+                text = echo.prompt_text(idx)
+                offsets[idx] = len(text)
+                lp = echo.prompt_logprobs(state, out)
+                choice = {"index": idx, "text": text, "logprobs": lp, "finish_reason": None}
+                yield sse({**base, "choices": [choice], "usage": None})
+            if echo is not None and echo.score_only:  # max_tokens 0: only the finish
+                if reason is not None:
+                    choice = {"index": idx, "text": "", "logprobs": None, "finish_reason": reason}
+                    yield sse({**base, "choices": [_with_routing(gen, choice, out)], "usage": None})
+                continue
+            completion_tokens += len(out.new_token_ids)
             lp = None
             if gen.params.logprobs is not None:
                 all_lp = out.outputs[0].logprobs or []

@@ -25,6 +25,7 @@ LIBRARY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 LIBRARY_NAME_RE = re.compile(LIBRARY_NAME_PATTERN)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP = 16
+MAX_LOGIT_BIAS = 1024  # entries of a request's logit_bias
 
 LibraryName = Annotated[str, StringConstraints(pattern=LIBRARY_NAME_PATTERN)]
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
@@ -51,11 +52,32 @@ class _SamplingFields(_Request):
     stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None,
+        max_length=MAX_LOGIT_BIAS,
+        description="token id (as a string) -> bias in [-100, 100] added to its logit",
+    )
     # vLLM-style extras
     top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=1e6, allow_inf_nan=False)
     min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
+    # vLLM fields moska does not implement: only their defaults are accepted (a 400 names
+    # any other value; see moska.server.sampling_fields)
+    use_beam_search: bool = Field(False, description="not supported: only false")
+    length_penalty: float = Field(1.0, description="not supported: only 1.0")
+    include_stop_str_in_output: bool = Field(False, description="not supported: only false")
+    skip_special_tokens: bool = Field(True, description="not supported: only true")
+    truncate_prompt_tokens: int | None = Field(None, description="not supported: only null")
+    prompt_logprobs: int | None = Field(
+        None, description="not supported: use echo with logprobs on /v1/completions"
+    )
+    allowed_token_ids: list[TokenId] | None = Field(None, description="not supported")
+    bad_words: list[str] | None = Field(None, description="not supported")
     # moska extras
     library: str | None = Field(None, max_length=256, description="shared KV library name")
     top_k_chunks: int | None = Field(
@@ -76,9 +98,15 @@ class CompletionRequest(_SamplingFields):
             list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)
         ]
     )
-    max_tokens: int | None = Field(16, ge=1, le=2**31 - 1)
+    max_tokens: int | None = Field(
+        16, ge=0, le=2**31 - 1, description="0 only with echo: score the prompt, generate nothing"
+    )
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = Field(False, description="return the prompt (and, with logprobs, its logprobs)")
+    best_of: int | None = Field(
+        None, ge=1, le=128, description="candidates per prompt; the n most likely are returned"
+    )
+    suffix: str | None = Field(None, description="not supported: only null or empty")
 
 
 class ContentPart(_Request):
