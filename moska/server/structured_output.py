@@ -3,7 +3,7 @@ choice (moska/engine/structured.py does the grammar work).
 
 `response_format` (OpenAI) and vLLM's `guided_json`, `guided_regex`, `guided_choice` are
 read here; a request may use one of them. Compiling runs on the grammar compiler's own
-thread, never on the event loop; the compiler (vocabulary and LRU of compiled grammars) is
+threads, never on the event loop, within COMPILE_TIMEOUT_S; the compiler (vocabulary and LRU of compiled grammars) is
 made once per server, on first use.
 """
 
@@ -19,6 +19,9 @@ from moska.engine.structured import Grammar, GrammarCompiler, GrammarError, Gram
 from moska.server.errors import APIError
 
 _FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+# A grammar that takes longer is refused (its compile goes on and is cached if it ends):
+# e.g. `.{0,5000}` takes ~35 s on an 8k vocabulary, `[a-z]{1,1000}` ~1 s.
+COMPILE_TIMEOUT_S = 30.0
 
 
 def grammar_of(body: Any) -> Grammar | None:
@@ -61,14 +64,15 @@ def _is_set(body: Any, field: str) -> bool:
 
 
 class ServerGrammars:
-    """The server's grammar compiler and the one thread it compiles on."""
+    """The server's grammar compiler and the threads it compiles on."""
 
     def __init__(self, engine: Any) -> None:
         tok = engine.tokenizer
         eos = set(getattr(tok, "eos_token_ids", ()) or ())
         eos |= set(getattr(getattr(engine, "model_config", None), "eos_token_ids", ()) or ())
         self.compiler = GrammarCompiler(tok, eos) if tok is not None and eos else None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moska-grammar")
+        # two threads: one slow grammar does not hold up every other request's
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moska-grammar")
 
     async def processors(self, grammar: Grammar, count: int) -> list[GrammarProcessor]:
         """`count` fresh processors for `grammar` (compiled off the event loop, or cached)."""
@@ -81,9 +85,20 @@ class ServerGrammars:
             )
         loop = asyncio.get_running_loop()
         try:
-            index = await loop.run_in_executor(self._pool, self.compiler.compile, grammar)
+            index = await asyncio.wait_for(
+                loop.run_in_executor(self._pool, self.compiler.compile, grammar),
+                COMPILE_TIMEOUT_S,
+            )
         except GrammarError as exc:
             raise APIError(400, str(exc), param=exc.param, code="invalid_grammar") from exc
+        except TimeoutError as exc:
+            raise APIError(
+                400,
+                f"{grammar.param}: the grammar did not compile within {COMPILE_TIMEOUT_S:.0f} s;"
+                " bound it more tightly (shorter repetitions, maxLength on strings)",
+                param=grammar.param,
+                code="grammar_too_complex",
+            ) from exc
         eos = self.compiler.eos_token_ids
         return [GrammarProcessor(index, eos) for _ in range(count)]
 

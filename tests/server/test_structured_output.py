@@ -132,3 +132,15 @@ def test_bad_grammar_is_a_400_naming_the_field(client, model, kwargs, param):
     body = err.value.body
     assert body["param"] == (param or "response_format"), body
     assert (param or "response_format") in body["message"]
+
+
+def test_grammar_that_compiles_too_long_is_a_400(client, model, monkeypatch):
+    from moska.server import structured_output
+
+    monkeypatch.setattr(structured_output, "COMPILE_TIMEOUT_S", 1e-4)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(
+            model=model, prompt="x", max_tokens=4, extra_body={"guided_regex": "[a-z]{1,400}q"}
+        )
+    assert err.value.body["param"] == "guided_regex"
+    assert err.value.body["code"] == "grammar_too_complex"
