@@ -77,16 +77,14 @@ def run_library(args: argparse.Namespace) -> int:
         print(f"removed {args.name}")
         return 0
     if args.library_command == "build":
+        from moska.cli import _engine_kwargs
+        from moska.config import EngineConfig
         from moska.engine.llm_engine import LLMEngine
         from moska.library.documents import read_documents
 
-        kwargs = {
-            "device": args.device,
-            "dtype": args.dtype,
-            "attention": args.attention,
-            "library_root": str(root),
-            "num_kv_blocks": 16,
-        }
+        kwargs = {**_engine_kwargs(args), "library_root": str(root)}
+        kwargs["num_kv_blocks"] = kwargs.get("num_kv_blocks") or 16  # a build needs few
+        EngineConfig(model=args.model, **kwargs).check_device()
         engine = LLMEngine.from_model(args.model, **kwargs)
         docs = read_documents(args.files, jsonl_field=args.jsonl_field)
         info = engine.libraries.build(args.name, docs, chunk_size=args.chunk_size, mode=args.mode)
