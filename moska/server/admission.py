@@ -1,18 +1,25 @@
-"""Early rejection, as in Mooncake: refuse work that would miss its TTFT SLO.
+"""Early rejection, as in Mooncake: refuse work that would miss its TTFT SLO, and say when
+to come back.
 
-Plain Python, no clock of its own: the engine loop reports each step
-(`observe_step`), the HTTP side asks `decide` before it submits a request.
+Plain Python (numpy for one 5x5 solve), no clock of its own: the engine loop reports each
+step (`observe_step`) and each first token (`observe_ttft`); the HTTP side asks `decide`
+before it submits a request.
 
-Model of one engine step: `step_s = prefill_tokens / prefill_tps + decode_step_s`
-(the decode part only when requests are running). A new request's time to first token is
-predicted as the time to prefill every prompt token queued ahead of it plus its own, plus
-one decode step per request ahead of it and its own (each step that prefills also
-decodes the running batch):
+Why a queue model: under a burst the time to first token is not "my prefill", it is the
+work of everything ahead of me in the FIFO. The scheduler (moska/engine/scheduler.py)
+gives each step `max_num_batched_tokens`: running requests decode one token each first,
+then waiting requests are admitted in order while fewer than `max_num_seqs` run; a
+request admitted when the batch is full waits for running requests to *finish*, so their
+remaining decode tokens are part of my wait. `predict` replays that loop over the known
+queue (requests handed over but without a first token, then the new one) and the running
+requests' remaining tokens, charging each step the learned step time.
 
-    ttft = (queued_prefill_tokens + prompt_tokens) / prefill_tps
-           + (num_waiting + 1) * decode_step_s * (num_running > 0)
-
-Both rates are exponential moving averages of measured steps, starting from a prior.
+Step time is linear in what a step does (`StepFeatures`): a fixed cost, prompt tokens,
+library attention (each library row attends to top-k chunks of the library: tokens x
+attended library tokens), decode rows, and requests handed to the engine in that loop
+iteration (tokenization, bookkeeping). The coefficients are a ridge least-squares fit,
+pulled toward a prior, over the last `window` observed steps. A request whose library is
+not loaded yet also pays its load (a learned tokens/s rate).
 """
 
 from __future__ import annotations
@@ -20,7 +27,12 @@ from __future__ import annotations
 import enum
 import math
 import threading
-from dataclasses import dataclass
+from bisect import insort
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
 
 
 class Verdict(enum.Enum):
@@ -34,6 +46,7 @@ class Decision:
     verdict: Verdict
     predicted_ttft_s: float
     retry_after_s: int  # whole seconds a client should wait before retrying; 0 if accepted
+    drain_s: float = 0.0  # predicted seconds until a request like this one would be admitted
 
     @property
     def accepted(self) -> bool:
@@ -41,84 +54,350 @@ class Decision:
 
 
 @dataclass(frozen=True)
-class Load:
-    """The engine's load as the admission sees it (engine queue + not yet handed over)."""
+class RequestCost:
+    """What one engine request will cost. `library_attend`: library tokens each of its
+    rows attends to (top-k chunks x chunk size; 0 without a library). `library_load_tokens`:
+    tokens of its library still to be loaded from disk (0 when loaded)."""
 
-    num_waiting: int
-    num_running: int
-    waiting_prefill_tokens: int
+    prompt_tokens: int
+    max_tokens: int = 16
+    library_attend: int = 0
+    library_load_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Load:
+    """The engine's load as admission sees it. `waiting`: requests without a first token,
+    in FIFO order (handed over or not yet); `running`: (decode tokens left, library_attend)
+    of requests that have their first token."""
+
+    waiting: tuple[RequestCost, ...] = ()
+    running: tuple[tuple[int, int], ...] = ()
+    num_pending: int = 0  # of `waiting`, submitted but not yet handed to the engine
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def waiting_prefill_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.waiting)
+
+
+class StepFeatures(NamedTuple):
+    """What one engine loop iteration did (see `_x` for units)."""
+
+    prefill_tokens: int = 0
+    library_pairs: int = 0  # sum over library rows of attended library tokens
+    num_decode: int = 0
+    num_added: int = 0
+
+
+def _x(f: StepFeatures) -> np.ndarray:
+    # Units keep the fit well conditioned: s, s/1K tokens, s/1M pairs, s/100 rows, s/100 adds
+    return np.array(
+        [1.0, f.prefill_tokens / 1e3, f.library_pairs / 1e6, f.num_decode / 1e2, f.num_added / 1e2]
+    )
+
+
+# Seconds per unit of `_x`, a CPU-sized guess (the tiny model on two cores); the first few
+# dozen steps replace it. Erring slow rejects early work rather than admitting misses.
+DEFAULT_PRIOR = (0.01, 0.3, 0.5, 0.5, 0.05)
+
+
+class StepModel:
+    """Ridge least squares over the last `window` (features, seconds) observations,
+    coefficients kept non-negative. Not thread-safe (the controller locks)."""
+
+    def __init__(self, prior: tuple[float, ...] = DEFAULT_PRIOR, window: int = 256,
+                 prior_weight: float = 1.0) -> None:
+        if len(prior) != 5 or any(p < 0 for p in prior):
+            raise ValueError("the step-time prior needs 5 non-negative coefficients")
+        self.prior = np.array(prior, dtype=float)
+        self._obs: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self._weight = prior_weight
+        self._coef = self.prior.copy()
+        self._dirty = False
+
+    def observe(self, features: StepFeatures, seconds: float) -> None:
+        self._obs.append((_x(features), seconds))
+        self._dirty = True
+
+    @property
+    def coef(self) -> np.ndarray:
+        if self._dirty:
+            self._coef = self._fit()
+            self._dirty = False
+        return self._coef
+
+    def _fit(self) -> np.ndarray:
+        X = np.array([x for x, _ in self._obs])
+        y = np.array([s for _, s in self._obs])
+        # ridge toward the prior, scaled so each coefficient's penalty is relative to it
+        scale = 1.0 / np.maximum(self.prior, 1e-4) ** 2 * 1e-4
+        free = np.ones(5, dtype=bool)
+        coef = np.zeros(5)
+        for _ in range(5):  # active set: pin negative coefficients at 0 and refit the rest
+            idx = np.flatnonzero(free)
+            A = X[:, idx].T @ X[:, idx] + self._weight * np.diag(scale[idx])
+            b = X[:, idx].T @ y + self._weight * scale[idx] * self.prior[idx]
+            sol = np.linalg.solve(A, b)
+            if (sol >= 0).all():
+                coef[:] = 0.0
+                coef[idx] = sol
+                return coef
+            free[idx[sol < 0]] = False
+        return self.prior.copy()
+
+    def step_s(self, f: StepFeatures) -> float:
+        return float(_x(f) @ self.coef)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The scheduler's limits the queue replay needs."""
+
+    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 256
+
+    @classmethod
+    def of(cls, engine: Any) -> EngineLimits:
+        config = getattr(engine, "config", None)
+        return cls(
+            int(getattr(config, "max_num_batched_tokens", cls.max_num_batched_tokens)),
+            int(getattr(config, "max_num_seqs", cls.max_num_seqs)),
+        )
+
+
+class Prediction(NamedTuple):
+    ttft_s: float  # until the new requests' first token
+    queue_s: float  # until at most `queue_target` requests wait (inf if never simulated)
+
+
+@dataclass
+class _Outcomes:
+    """Recent (predicted, observed) TTFT pairs of admitted requests, for reports."""
+
+    pairs: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
 
 class AdmissionController:
-    """Predicts TTFT from measured rates and decides accept / reject. Thread-safe."""
+    """Predicts TTFT by replaying the queue and decides accept / reject. Thread-safe.
+
+    `ttft_slo` None or 0: never reject for the SLO (predictions are still made and
+    scored). `max_queue`: waiting requests beyond which new ones are rejected.
+    `headroom`: admit when the prediction is within `headroom * ttft_slo`.
+    """
 
     def __init__(
         self,
         ttft_slo: float | None,
         max_queue: int | None,
         *,
-        prior_prefill_tps: float = 2000.0,
-        prior_decode_step_s: float = 0.02,
-        alpha: float = 0.2,
+        limits: EngineLimits | None = None,
+        prior: tuple[float, ...] = DEFAULT_PRIOR,
+        prior_load_tps: float = 20_000.0,
+        window: int = 256,
+        headroom: float = 0.85,
+        alpha: float = 0.1,
+        max_sim_steps: int = 20_000,
     ) -> None:
-        if prior_prefill_tps <= 0 or prior_decode_step_s <= 0:
-            raise ValueError("priors must be positive")
+        if ttft_slo is not None and ttft_slo < 0:
+            raise ValueError(f"ttft_slo must be >= 0 seconds (0 or None: off), got {ttft_slo}")
+        if prior_load_tps <= 0:
+            raise ValueError("prior_load_tps must be positive")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        self.ttft_slo = ttft_slo
+        if not 0.0 < headroom <= 1.0:
+            raise ValueError(f"headroom must be in (0, 1], got {headroom}")
+        self.ttft_slo = ttft_slo or None
         self.max_queue = max_queue
+        self.limits = limits or EngineLimits()
+        self.headroom = headroom
         self.alpha = alpha
-        self._prefill_tps = prior_prefill_tps
-        self._decode_step_s = prior_decode_step_s
+        self.max_sim_steps = max_sim_steps
+        self.model = StepModel(prior, window)
+        self._load_tps = prior_load_tps
+        self.outcomes = _Outcomes()
         self._lock = threading.Lock()
 
     @property
-    def prefill_tps(self) -> float:
-        return self._prefill_tps
+    def load_tps(self) -> float:
+        return self._load_tps
 
-    @property
-    def decode_step_s(self) -> float:
-        return self._decode_step_s
+    # ---------------------------------------------------------------- learning
 
-    def observe_step(
-        self, duration_s: float, prefill_tokens: int, num_decode: int, warmup: bool = False
-    ) -> None:
-        """Fold one measured engine step into the estimates. `prefill_tokens`: prompt
-        tokens computed in the step; `num_decode`: requests that decoded a token in it;
-        `warmup`: the step paid a one-off cost (a CUDA graph capture) and is not folded in."""
-        if warmup or duration_s <= 0 or not math.isfinite(duration_s):
+    def observe_step(self, seconds: float, features: StepFeatures, warmup: bool = False) -> None:
+        """Fold one engine loop iteration in. `warmup`: it paid a one-off (a CUDA graph
+        capture, a library load) and must not move the estimates."""
+        if warmup or not seconds > 0 or not math.isfinite(seconds):
             return
-        a = self.alpha
+        if features == StepFeatures():
+            return
         with self._lock:
-            if prefill_tokens <= 0:
-                if num_decode > 0:
-                    self._decode_step_s += a * (duration_s - self._decode_step_s)
-                return
-            decode_part = self._decode_step_s if num_decode > 0 else 0.0
-            # Never let a step faster than the decode estimate imply an infinite rate.
-            prefill_s = max(duration_s - decode_part, 0.25 * duration_s)
-            self._prefill_tps += a * (prefill_tokens / prefill_s - self._prefill_tps)
+            self.model.observe(features, seconds)
 
-    def predict_ttft(self, prompt_tokens: int, load: Load) -> float:
+    def observe_library_load(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens > 0 and seconds > 0:
+            with self._lock:
+                self._load_tps += self.alpha * (num_tokens / seconds - self._load_tps)
+
+    def observe_ttft(self, predicted_s: float, observed_s: float) -> None:
+        """An admitted request got its first token: kept for reports (`outcomes`). Not fed
+        back into predictions: the first requests of a burst are always under-predicted
+        (the requests after them join their prefill step), a correction learned from them
+        would inflate every long prediction."""
+        if predicted_s > 0 and observed_s > 0:
+            with self._lock:
+                self.outcomes.pairs.append((predicted_s, observed_s))
+
+    # ---------------------------------------------------------------- prediction
+
+    def step_s(self, features: StepFeatures) -> float:
         with self._lock:
-            tps, step_s = self._prefill_tps, self._decode_step_s
-        prefill = (load.waiting_prefill_tokens + prompt_tokens) / tps
-        decode = (load.num_waiting + 1) * step_s if load.num_running > 0 else step_s
-        return prefill + decode
+            return self.model.step_s(features)
 
-    def decide(self, prompt_tokens: int, load: Load, num_requests: int = 1) -> Decision:
-        """Accept or reject `num_requests` requests of `prompt_tokens` each (n > 1 choices
-        of one HTTP request are admitted together)."""
-        total = prompt_tokens * num_requests
-        ttft = self.predict_ttft(total, load)
-        if self.max_queue is not None and load.num_waiting + num_requests > self.max_queue:
-            # The queue drains at roughly one waiting request per step.
-            wait = (load.num_waiting + num_requests - self.max_queue) * self._decode_step_s
-            return Decision(Verdict.QUEUE_FULL, ttft, _retry_after(wait + ttft))
-        if self.ttft_slo is not None and ttft > self.ttft_slo:
-            return Decision(Verdict.SLO, ttft, _retry_after(ttft - self.ttft_slo))
-        return Decision(Verdict.ACCEPT, ttft, 0)
+    def predict(self, new: RequestCost, load: Load, num_requests: int = 1,
+                queue_target: int | None = None) -> Prediction:
+        """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end.
+        `queue_s`: when the waiting count ahead first drops to `queue_target`."""
+        with self._lock:
+            coef = self.model.coef.copy()
+            load_tps = self._load_tps
+        budget, max_seqs = self.limits.max_num_batched_tokens, self.limits.max_num_seqs
+
+        def step_s(prefill: int, pairs: int, decode: int) -> float:
+            return float(_x(StepFeatures(prefill, pairs, decode, 0)) @ coef)
+
+        queue = deque([c.prompt_tokens, c] for c in load.waiting)
+        queue.extend([new.prompt_tokens, new] for _ in range(num_requests))
+        target = len(load.waiting) if queue_target is None else queue_target
+        # library loads ahead (once per library size) and the new request's own
+        loads = {c.library_load_tokens for c in load.waiting if c.library_load_tokens}
+        if new.library_load_tokens:
+            loads.add(new.library_load_tokens)
+        t = sum(loads) / load_tps
+        # handing requests to the engine (tokenization, bookkeeping) before its next step
+        t += coef[4] * (load.num_pending + num_requests) / 1e2
+        finish = sorted(n for n, _ in load.running)  # step offsets at which running ones end
+        lib_running = [(n, a) for n, a in load.running if a]
+        step, ttft, queue_s = 0, math.inf, 0.0 if len(load.waiting) <= target else math.inf
+        first_new = len(load.waiting)
+        served = 0  # queue entries that got their first token
+        prefilling = 0  # admitted entries without a first token (hold a seq slot)
+        while step < self.max_sim_steps:
+            while finish and finish[0] <= step:
+                finish.pop(0)
+            num_decode = len(finish)
+            lib_pairs = sum(a for n, a in lib_running if n > step)
+            slots = max_seqs - num_decode - prefilling
+            tokens = budget - num_decode
+            if not queue or (slots <= 0 and prefilling == 0) or tokens <= 0:
+                if not queue or not finish:
+                    break
+                # nothing can enter until a running request ends: jump there
+                k = max(1, finish[0] - step)
+                t += k * step_s(0, lib_pairs, num_decode)
+                step += k
+                continue
+            prefill = 0
+            done: list[RequestCost] = []
+            i = 0
+            while i < len(queue) and tokens > 0:
+                entry = queue[i]
+                fresh = entry[0] == entry[1].prompt_tokens
+                if fresh and slots <= 0:
+                    break
+                if fresh:
+                    slots -= 1
+                    prefilling += 1
+                take = min(entry[0], tokens)
+                entry[0] -= take
+                tokens -= take
+                prefill += take
+                lib_pairs += take * entry[1].library_attend
+                if entry[0] == 0:
+                    done.append(entry[1])
+                    i += 1
+                else:
+                    break
+            t += step_s(prefill, lib_pairs, num_decode)
+            step += 1
+            for cost in done:
+                queue.popleft()
+                prefilling -= 1
+                served += 1
+                insort(finish, step + max(cost.max_tokens - 1, 0))
+                if cost.library_attend:
+                    lib_running.append((step + max(cost.max_tokens - 1, 0), cost.library_attend))
+                if served >= first_new + num_requests:
+                    ttft = t
+            if math.isinf(queue_s) and len(load.waiting) - min(served, first_new) <= target:
+                queue_s = t
+            if not math.isinf(ttft):
+                break
+        return Prediction(ttft, queue_s)
+
+    def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:
+        cost = RequestCost(new) if isinstance(new, int) else new
+        return self.predict(cost, load, num_requests).ttft_s
+
+    def decide(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> Decision:
+        """Accept or reject `num_requests` requests like `new` (the n choices and prompts
+        of one HTTP request are admitted together). A rejection's Retry-After is the
+        predicted time until a request like this would be admitted."""
+        cost = RequestCost(new) if isinstance(new, int) else new
+        queue_full = (
+            self.max_queue is not None and load.num_waiting + num_requests > self.max_queue
+        )
+        target = max(0, self.max_queue - num_requests) if queue_full else None
+        pred = self.predict(cost, load, num_requests, target)
+        if queue_full:
+            return Decision(Verdict.QUEUE_FULL, pred.ttft_s, _retry_after(pred.queue_s),
+                            pred.queue_s)
+        if self.ttft_slo is not None and pred.ttft_s > self.headroom * self.ttft_slo:
+            # FIFO: arriving later, the same work ahead ends at the same time, so the
+            # wait until the prediction fits the SLO is the overshoot
+            drain = pred.ttft_s - self.headroom * self.ttft_slo
+            return Decision(Verdict.SLO, pred.ttft_s, _retry_after(drain), drain)
+        return Decision(Verdict.ACCEPT, pred.ttft_s, 0)
+
+
+def request_cost(
+    engine: Any,
+    prompt_tokens: int,
+    max_tokens: int,
+    library: str | None = None,
+    top_k_chunks: int | None = None,
+) -> RequestCost:
+    """The cost of one request on `engine`: with a library, the library tokens each row
+    attends to (top-k chunks of it) and, if it is not loaded yet, its size to load. Reads
+    the manifest only (no load); an unknown library costs nothing here (the engine rejects
+    it)."""
+    if library is None or getattr(engine, "libraries", None) is None:
+        return RequestCost(prompt_tokens, max_tokens)
+    manager = engine.libraries
+    try:
+        loaded_names = manager.loaded_names() if hasattr(manager, "loaded_names") else None
+        loaded = loaded_names is None or library in loaded_names
+        info = manager.get(library) if loaded else manager.info(library)
+        chunks, size, total = info.num_chunks, info.chunk_size, info.num_tokens
+    except Exception:  # noqa: BLE001 - not found or damaged: the engine's error says so
+        return RequestCost(prompt_tokens, max_tokens)
+    if not (chunks and size and total):
+        return RequestCost(prompt_tokens, max_tokens)
+    top_k = top_k_chunks or int(getattr(getattr(engine, "config", None), "default_top_k_chunks", 8))
+    attend = min(total, min(top_k, chunks) * size)
+    return RequestCost(prompt_tokens, max_tokens, attend, 0 if loaded else int(total))
 
 
 def _retry_after(seconds: float) -> int:
-    return max(1, math.ceil(seconds))
+    """Whole seconds for the header: rounded (the drain estimate is the point, ceil would
+    double a one-second drain), at least 1."""
+    if not math.isfinite(seconds):
+        return 3600
+    return max(1, round(seconds))

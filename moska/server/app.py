@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from moska import __version__
-from moska.server.admission import AdmissionController
+from moska.server.admission import AdmissionController, EngineLimits
 from moska.server.async_engine import AsyncEngine
 from moska.server.build_worker import BuildWorker
 from moska.server.errors import install_error_handlers
@@ -36,7 +36,9 @@ def create_app(
     and stops (draining in-flight requests) when the app shuts down."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
-    admission = admission or AdmissionController(settings.ttft_slo, settings.max_queue)
+    admission = admission or AdmissionController(
+        settings.ttft_slo, settings.max_queue, limits=EngineLimits.of(engine)
+    )
     state = ServerState(
         engine=engine,
         settings=settings,
@@ -89,8 +91,15 @@ def create_app(
 
     @app.get("/health")
     async def health(state: StateDep) -> JSONResponse:
-        ok = state.async_engine.alive and state.async_engine.accepting
-        return JSONResponse({"status": "ok" if ok else "unavailable"}, 200 if ok else 503)
+        aengine = state.async_engine
+        ok = aengine.alive and aengine.accepting
+        load = aengine.load()
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "num_waiting": load.num_waiting,
+            "num_running": load.num_running,
+        }
+        return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/metrics", response_class=Response)
     async def metrics_route(state: StateDep) -> Response:

@@ -17,13 +17,14 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from moska.engine.outputs import RequestOutput
 from moska.engine.sampling_params import SamplingParams
-from moska.server.admission import AdmissionController, Load
+from moska.server.admission import AdmissionController, Load, RequestCost, StepFeatures
 from moska.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class RequestStream:
     first_token_time: float | None = None  # set by the engine thread
     last_token_time: float | None = None
     finished: bool = False
+    cost: RequestCost | None = None  # what admission counted for it
+    predicted_ttft_s: float | None = None  # what admission predicted for it
+    generated: int = 0  # tokens delivered so far (engine thread)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while not self.finished:
@@ -107,9 +111,12 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._pending_requests = 0  # submitted, not yet handed to the engine
-        self._pending_tokens = 0
-        self._snapshot = Load(0, 0, 0)
+        self._pending: deque[RequestCost] = deque()  # submitted, not yet handed over
+        self._snapshot = Load()
+        self._added = 0  # requests handed to the engine since the last step (engine thread)
+        self._iter_start = 0.0  # when the engine loop stopped waiting for work
+        self._iter_warmup = False  # this iteration paid a one-off (a library load)
+        self._prompt_computed: int | None = None  # engine.stats().prompt_tokens_computed
         self._num_in_flight = 0  # accepted and unfinished, engine thread writes
         self.accepting = True
 
@@ -135,11 +142,7 @@ class AsyncEngine:
         since (not yet seen by the engine)."""
         with self._lock:
             s = self._snapshot
-            return Load(
-                s.num_waiting + self._pending_requests,
-                s.num_running,
-                s.waiting_prefill_tokens + self._pending_tokens,
-            )
+            return Load(s.waiting + tuple(self._pending), s.running, len(self._pending))
 
     async def add_requests(
         self,
@@ -152,6 +155,8 @@ class AsyncEngine:
         top_k_chunks: int | None = None,
         report_routing: bool = False,
         queue: asyncio.Queue | None = None,
+        cost: RequestCost | None = None,
+        predicted_ttft_s: float | None = None,
     ) -> list[RequestStream]:
         """Hand a group of requests (the n choices of one HTTP request) to the engine.
         All are added or none: the engine's ValueError for one aborts the others and is
@@ -168,9 +173,11 @@ class AsyncEngine:
             RequestStream(rid, num_prompt_tokens, shared if shared is not None else asyncio.Queue())
             for rid in request_ids
         ]
+        cost = cost or RequestCost(num_prompt_tokens)
+        for stream in streams:
+            stream.cost, stream.predicted_ttft_s = cost, predicted_ttft_s
         with self._lock:
-            self._pending_requests += len(streams)
-            self._pending_tokens += num_prompt_tokens * len(streams)
+            self._pending.extend(cost for _ in streams)
         self._commands.put(
             _Add(streams, prompt, list(params), library, top_k_chunks, report_routing, future)
         )
@@ -224,6 +231,7 @@ class AsyncEngine:
                 commands = [first]
             except queue.Empty:
                 commands = []
+            self._iter_start = time.perf_counter()
             while True:
                 try:
                     commands.append(self._commands.get_nowait())
@@ -247,11 +255,13 @@ class AsyncEngine:
         engine = self.engine
         if isinstance(cmd, _Add):
             with self._lock:
-                self._pending_requests -= len(cmd.streams)
-                self._pending_tokens -= cmd.streams[0].num_prompt_tokens * len(cmd.streams)
+                for _ in cmd.streams:
+                    self._pending.popleft()
             if cmd.future.cancelled():
                 return
             added: list[str] = []
+            load_tokens = _library_to_load(engine, cmd.library, cmd.streams[0].cost)
+            t_add = time.perf_counter()
             try:
                 for stream, params in zip(cmd.streams, cmd.params):
                     self._streams[stream.request_id] = stream
@@ -272,6 +282,10 @@ class AsyncEngine:
                 self._post(_set_exception, cmd.future, exc)
                 return
             self._num_in_flight += len(cmd.streams)
+            self._added += len(cmd.streams)
+            if load_tokens:  # this add loaded its library: time it, keep it out of step times
+                self.admission.observe_library_load(load_tokens, time.perf_counter() - t_add)
+                self._iter_warmup = True
             self._post(_set_result, cmd.future, None)
         elif isinstance(cmd, _Abort):
             for rid in cmd.request_ids:
@@ -308,20 +322,28 @@ class AsyncEngine:
         m = self.metrics
         m.step_seconds.observe(duration)
         deliveries: list[tuple[RequestStream, RequestOutput]] = []
-        prefill_tokens = num_decode = new_tokens = 0
+        prefill_tokens = num_decode = new_tokens = library_pairs = 0
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted meanwhile
                 continue
             n_new = len(out.new_token_ids)
             new_tokens += n_new
+            stream.generated += n_new
+            attend = stream.cost.library_attend if stream.cost is not None else 0
             if n_new:
                 if stream.first_token_time is None:
                     stream.first_token_time = now
                     prefill_tokens += stream.num_prompt_tokens
+                    library_pairs += attend * stream.num_prompt_tokens
                     m.ttft.observe(now - stream.arrival)
+                    if stream.predicted_ttft_s is not None:
+                        observed = now - stream.arrival
+                        m.ttft_prediction_error.observe(observed - stream.predicted_ttft_s)
+                        self.admission.observe_ttft(stream.predicted_ttft_s, observed)
                 else:
                     num_decode += 1
+                    library_pairs += attend * n_new
                     assert stream.last_token_time is not None
                     gap = (now - stream.last_token_time) / n_new
                     for _ in range(n_new):
@@ -337,10 +359,18 @@ class AsyncEngine:
                 m.e2e.observe(now - stream.arrival)
             deliveries.append((stream, out))
         m.add_generated(new_tokens, now)
+        # What the admission learns from is the whole loop iteration (handing requests over
+        # included), not the step alone: that is what the queue waits for.
+        stats = self._publish_stats()
+        computed = getattr(stats, "prompt_tokens_computed", None)
+        if isinstance(computed, int) and self._prompt_computed is not None:
+            prefill_tokens = computed - self._prompt_computed  # chunks of unfinished prompts too
+        self._prompt_computed = computed if isinstance(computed, int) else None
         # a step that captured a CUDA graph is a one-off: it must not raise the step estimate
-        warmup = bool(getattr(self.engine, "last_step_captured_graph", False))
-        self.admission.observe_step(duration, prefill_tokens, num_decode, warmup)
-        self._publish_stats()
+        warmup = self._iter_warmup or bool(getattr(self.engine, "last_step_captured_graph", False))
+        features = StepFeatures(prefill_tokens, library_pairs, num_decode, self._added)
+        self.admission.observe_step(time.perf_counter() - self._iter_start, features, warmup)
+        self._added, self._iter_warmup = 0, False
         if deliveries:
             self._post(_deliver, deliveries)
 
@@ -354,22 +384,39 @@ class AsyncEngine:
             self._post(_deliver, [(s, exc) for s in streams])
         self._publish_stats()
 
-    def _publish_stats(self) -> None:
+    def _publish_stats(self) -> Any:
+        """Refresh the admission's view of the queue (from the streams: each one's cost and
+        tokens so far) and the gauges; returns engine.stats() (None if it failed)."""
+        waiting, running = [], []
+        for s in self._streams.values():
+            cost = s.cost or RequestCost(s.num_prompt_tokens)
+            if s.first_token_time is None:
+                waiting.append(cost)
+            else:
+                running.append((max(0, cost.max_tokens - s.generated), cost.library_attend))
+        with self._lock:
+            self._snapshot = Load(tuple(waiting), tuple(running))
+            pending = len(self._pending)
         try:
             stats = self.engine.stats()
-            snap = Load(
-                int(getattr(stats, "num_waiting", 0)),
-                int(getattr(stats, "num_running", 0)),
-                int(getattr(stats, "waiting_prefill_tokens", 0)),
-            )
         except Exception:
             logger.debug("engine.stats() failed", exc_info=True)
-            return
-        with self._lock:
-            self._snapshot = snap
-            pending = self._pending_requests
-        self.metrics.queue_length.set(snap.num_waiting + pending)
-        self.metrics.running.set(snap.num_running)
+            stats = None
+        m = self.metrics
+        m.queue_length.set(int(getattr(stats, "num_waiting", len(waiting))) + pending)
+        m.running.set(int(getattr(stats, "num_running", len(running))))
+        kv = getattr(stats, "kv_usage", None)
+        if isinstance(kv, int | float):
+            m.kv_usage.set(float(kv))
+        return stats
+
+
+def _library_to_load(engine: Any, library: str | None, cost: RequestCost | None) -> int:
+    """Tokens of `library` that adding a request will load (0 if it is loaded)."""
+    if library is None or cost is None or not cost.library_load_tokens:
+        return 0
+    names = getattr(getattr(engine, "libraries", None), "loaded_names", None)
+    return 0 if names is None or library in names() else cost.library_load_tokens
 
 
 def _deliver(items: list[tuple[RequestStream, Any]]) -> None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moska.engine.outputs import RequestOutput
-from moska.engine.sampling_params import SamplingParams, SamplingParamsError
-from moska.server import sampling_fields
+from moska.engine.sampling_params import SamplingParams
+from moska.server.admission import RequestCost, request_cost
 from moska.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from moska.server.errors import APIError, from_engine_error
 from moska.server.protocol import (
@@ -163,6 +163,18 @@ async def tokenize(state: ServerState, prompt: str | list[int], special: bool = 
     return len(ids)
 
 
+async def admission_cost(
+    state: ServerState, prompt_tokens: int, max_tokens: int, body: Any
+) -> RequestCost:
+    """What admission charges one of the request's choices (its library's attention and
+    load included; the manifest is read off the event loop)."""
+    if body.library is None:
+        return RequestCost(prompt_tokens, max_tokens)
+    return await asyncio.to_thread(
+        request_cost, state.engine, prompt_tokens, max_tokens, body.library, body.top_k_chunks
+    )
+
+
 def resolve_max_tokens(state: ServerState, num_prompt: int, max_tokens: int | None) -> int:
     limit = state.max_model_len
     if num_prompt == 0:
@@ -190,25 +202,15 @@ def resolve_max_tokens(state: ServerState, num_prompt: int, max_tokens: int | No
 
 
 def sampling_params(
-    body: CompletionRequest | ChatCompletionRequest,
-    max_tokens: int,
-    logprobs: int | None,
-    j: int,
-    bias: dict[int, float] | None = None,
+    body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None, j: int
 ) -> SamplingParams:
-    """Choice j's engine settings. With echo, the prompt's logprobs are asked for too (as
-    many alternatives as `logprobs`); max_tokens 0 (echo only) generates one token that the
-    route drops, since the engine samples at least one."""
     seed = None if body.seed is None else (body.seed + j) % 2**63
-    echo = getattr(body, "echo", False)
-    max_tokens = max(1, max_tokens)
     try:
         return SamplingParams(
             n=1,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=0 if body.top_k is None else body.top_k,
-            min_p=body.min_p,
             max_tokens=max_tokens,
             min_tokens=min(body.min_tokens, max_tokens),
             stop=body.stop if body.stop is not None else (),
@@ -216,14 +218,7 @@ def sampling_params(
             ignore_eos=body.ignore_eos,
             seed=seed,
             logprobs=logprobs,
-            prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty,
-            logit_bias=bias or {},
         )
-    except SamplingParamsError as exc:
-        raise APIError(400, str(exc), param=exc.param) from exc
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
 
@@ -240,28 +235,27 @@ async def submit(
     check_model(state, body.model)
     check_library(state, body.library)
     check_report_routing(body)
-    sampling_fields.check_fields(body)
-    n = sampling_fields.choices_per_prompt(body)  # best_of candidates when given
+    n = body.n
     if n > state.settings.max_n:
-        param = "n" if n == body.n else "best_of"
-        raise APIError(400, f"{param} must be at most {state.settings.max_n}", param=param)
-    config = getattr(state.engine, "model_config", None)
-    bias = sampling_fields.logit_bias(body, getattr(config, "vocab_size", None))
+        raise APIError(400, f"n must be at most {state.settings.max_n}", param="n")
     # The engine adds BOS to text prompts unless they follow a library.
     counts = [await tokenize(state, p, body.library is None) for p in prompts]
     resolved = [resolve_max_tokens(state, c, max_tokens) for c in counts]
-    params = [[sampling_params(body, mt, logprobs, j, bias) for j in range(n)] for mt in resolved]
+    params = [[sampling_params(body, mt, logprobs, j) for j in range(n)] for mt in resolved]
 
     aengine: AsyncEngine = state.async_engine
     if not aengine.accepting:
         raise APIError(503, "the server is shutting down", code="shutting_down")
-    decision = state.admission.decide(max(counts), aengine.load(), n * len(prompts))
+    cost = await admission_cost(state, max(counts), max(resolved), body)
+    decision = state.admission.decide(cost, aengine.load(), n * len(prompts))
+    state.metrics.predicted_ttft.observe(decision.predicted_ttft_s)
     if not decision.accepted:
         state.metrics.rejections.labels(decision.verdict.value).inc()
         raise APIError(
             429,
             f"server overloaded ({decision.verdict.value}, predicted time to first token "
-            f"{decision.predicted_ttft_s:.2f}s); retry after {decision.retry_after_s}s",
+            f"{decision.predicted_ttft_s:.2f}s); retry after {decision.retry_after_s}s "
+            f"(predicted drain {decision.drain_s:.2f}s)",
             code=decision.verdict.value,
             headers={"Retry-After": str(decision.retry_after_s)},
         )
@@ -281,6 +275,8 @@ async def submit(
                 top_k_chunks=body.top_k_chunks,
                 report_routing=body.report_routing,
                 queue=queue,
+                cost=cost,
+                predicted_ttft_s=decision.predicted_ttft_s,
             )
     except BaseException as exc:
         aengine.abort([s.request_id for s in streams])
@@ -313,18 +309,12 @@ def token_text(state: ServerState, token_id: int) -> str:
 
 
 def completion_logprobs(state: ServerState, entries: list[Any], offset: int) -> dict:
-    """OpenAI's completions logprobs of `entries` (token_id, logprob, top), text offsets
-    from `offset`. An entry whose logprob is None (a prompt's first token) has null ones."""
     tokens, lps, tops, offsets = [], [], [], []
     for e in entries:
         text = token_text(state, e.token_id)
         tokens.append(text)
-        if e.logprob is None:
-            lps.append(None)
-            tops.append(None)
-        else:
-            lps.append(float(e.logprob))
-            tops.append({token_text(state, t): float(lp) for t, lp in e.top.items()} or None)
+        lps.append(float(e.logprob))
+        tops.append({token_text(state, t): float(lp) for t, lp in e.top.items()} or None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}

@@ -16,6 +16,11 @@ from prometheus_client import (
 )
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ERROR_BUCKETS = (
+    *(-b for b in (10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05)),
+    0,
+    *(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -68,6 +73,22 @@ class ServerMetrics:
         )
         self.chunks_routed = Counter(
             "moska_chunks_routed", "Library chunks routed to, summed over steps", registry=r
+        )
+        self.kv_usage = Gauge(
+            "moska_kv_cache_usage", "Share of the unique KV-cache blocks in use, 0..1", registry=r
+        )
+        self.ttft_prediction_error = Histogram(
+            "moska_ttft_prediction_error_seconds",
+            "Observed minus predicted time to first token of admitted requests (server side; "
+            "positive: the predictor was optimistic)",
+            buckets=_ERROR_BUCKETS,
+            registry=r,
+        )
+        self.predicted_ttft = Histogram(
+            "moska_predicted_ttft_seconds",
+            "Time to first token admission predicted for each request it decided on",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.step_seconds = Histogram(
             "moska_engine_step_seconds",
