@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moska.engine.outputs import RequestOutput
-from moska.engine.sampling_params import SamplingParams
+from moska.engine.sampling_params import SamplingParams, SamplingParamsError
+from moska.server import sampling_fields
 from moska.server.admission import RequestCost, request_cost
 from moska.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from moska.server.errors import APIError, from_engine_error
@@ -202,15 +203,25 @@ def resolve_max_tokens(state: ServerState, num_prompt: int, max_tokens: int | No
 
 
 def sampling_params(
-    body: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None, j: int
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    j: int,
+    bias: dict[int, float] | None = None,
 ) -> SamplingParams:
+    """Choice j's engine settings. With echo, the prompt's logprobs are asked for too (as
+    many alternatives as `logprobs`); max_tokens 0 (echo only) generates one token that the
+    route drops, since the engine samples at least one."""
     seed = None if body.seed is None else (body.seed + j) % 2**63
+    echo = getattr(body, "echo", False)
+    max_tokens = max(1, max_tokens)
     try:
         return SamplingParams(
             n=1,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=0 if body.top_k is None else body.top_k,
+            min_p=body.min_p,
             max_tokens=max_tokens,
             min_tokens=min(body.min_tokens, max_tokens),
             stop=body.stop if body.stop is not None else (),
@@ -218,7 +229,14 @@ def sampling_params(
             ignore_eos=body.ignore_eos,
             seed=seed,
             logprobs=logprobs,
+            prompt_logprobs=body.logprobs if echo and body.logprobs is not None else None,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias=bias or {},
         )
+    except SamplingParamsError as exc:
+        raise APIError(400, str(exc), param=exc.param) from exc
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
 
@@ -235,13 +253,17 @@ async def submit(
     check_model(state, body.model)
     check_library(state, body.library)
     check_report_routing(body)
-    n = body.n
+    sampling_fields.check_fields(body)
+    n = sampling_fields.choices_per_prompt(body)  # best_of candidates when given
     if n > state.settings.max_n:
-        raise APIError(400, f"n must be at most {state.settings.max_n}", param="n")
+        param = "n" if n == body.n else "best_of"
+        raise APIError(400, f"{param} must be at most {state.settings.max_n}", param=param)
+    config = getattr(state.engine, "model_config", None)
+    bias = sampling_fields.logit_bias(body, getattr(config, "vocab_size", None))
     # The engine adds BOS to text prompts unless they follow a library.
     counts = [await tokenize(state, p, body.library is None) for p in prompts]
     resolved = [resolve_max_tokens(state, c, max_tokens) for c in counts]
-    params = [[sampling_params(body, mt, logprobs, j) for j in range(n)] for mt in resolved]
+    params = [[sampling_params(body, mt, logprobs, j, bias) for j in range(n)] for mt in resolved]
 
     aengine: AsyncEngine = state.async_engine
     if not aengine.accepting:
@@ -309,12 +331,18 @@ def token_text(state: ServerState, token_id: int) -> str:
 
 
 def completion_logprobs(state: ServerState, entries: list[Any], offset: int) -> dict:
+    """OpenAI's completions logprobs of `entries` (token_id, logprob, top), text offsets
+    from `offset`. An entry whose logprob is None (a prompt's first token) has null ones."""
     tokens, lps, tops, offsets = [], [], [], []
     for e in entries:
         text = token_text(state, e.token_id)
         tokens.append(text)
-        lps.append(float(e.logprob))
-        tops.append({token_text(state, t): float(lp) for t, lp in e.top.items()} or None)
+        if e.logprob is None:
+            lps.append(None)
+            tops.append(None)
+        else:
+            lps.append(float(e.logprob))
+            tops.append({token_text(state, t): float(lp) for t, lp in e.top.items()} or None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
