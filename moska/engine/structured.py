@@ -235,16 +235,23 @@ class GrammarCompiler:
 
     def processor(self, grammar: Grammar) -> GrammarProcessor:
         """A fresh per-request processor (compiles, or takes the cached index)."""
-        return GrammarProcessor(self.compile(grammar), self.eos_token_ids)
+        return GrammarProcessor(self.compile(grammar), self.eos_token_ids, self.vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.vocab_size
 
 
 class GrammarProcessor:
     """One request's grammar state, as a logits processor `(output_token_ids, logits[V]) ->
     logits[V]`. Stateful: feeds the tokens it has not seen yet to its guide, then masks."""
 
-    def __init__(self, index: outlines_core.Index, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, index: outlines_core.Index, eos_token_ids: tuple[int, ...], vocab_size: int
+    ) -> None:
         self._index = index
         self._eos = eos_token_ids
+        self._vocab_size = vocab_size  # the tokenizer's: the model's logits may be longer
         self._guide = outlines_core.Guide(index)
         self._seen = 0
         self._words: torch.Tensor | None = None  # [ceil(V / 32)] int32, the guide's bitmask
@@ -268,7 +275,8 @@ class GrammarProcessor:
         self._advance(output_token_ids)
         vocab = logits.shape[-1]
         if self._words is None:
-            self._words = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
+            size = max(vocab, self._vocab_size)
+            self._words = torch.zeros((size + 31) // 32, dtype=torch.int32)
         words = self._words
         if self.failed:
             words.zero_()

@@ -99,8 +99,8 @@ class ServerGrammars:
                 param=grammar.param,
                 code="grammar_too_complex",
             ) from exc
-        eos = self.compiler.eos_token_ids
-        return [GrammarProcessor(index, eos) for _ in range(count)]
+        eos, vocab = self.compiler.eos_token_ids, self.compiler.vocab_size
+        return [GrammarProcessor(index, eos, vocab) for _ in range(count)]
 
 
 def grammars(state: Any) -> ServerGrammars:

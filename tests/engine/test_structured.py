@@ -195,3 +195,14 @@ def test_token_bytes_sentencepiece_style():
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback()])
     tb = token_bytes(Tokenizer(hf, {"eos_token": "</s>"}))
     assert tb == {3: b"\n", 4: b" hi", 5: b"a"}
+
+
+@pytest.mark.parametrize("extra", [-5, 0, 64])
+def test_logits_longer_or_shorter_than_the_vocabulary(tokenizer, compiler, extra):
+    """A model's logits may be padded past the tokenizer's vocabulary (or cut short)."""
+    vocab = tokenizer.vocab_size + extra
+    proc = compiler.processor(Grammar.regex("[0-9]+", "guided_regex"))
+    masked = proc([], torch.zeros(vocab))
+    allowed = torch.nonzero(masked > float("-inf")).flatten().tolist()
+    assert masked.shape == (vocab,) and allowed and max(allowed) < tokenizer.vocab_size
+    assert all(tokenizer.decode([t]).isdigit() for t in allowed)
