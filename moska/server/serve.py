@@ -111,12 +111,16 @@ def _build_app(
     engine_kwargs: dict[str, Any],
     chat_template: str | None,
 ) -> Any:
+    from tqdm.auto import tqdm
+
     from moska.engine.llm_engine import LLMEngine
     from moska.server.app import create_app
 
     logger.info("loading model %s", model or "moska-tiny (built in, random weights)")
     t0 = time.perf_counter()
-    engine = LLMEngine.from_model(model, **engine_kwargs)
+    with tqdm(total=1, desc="loading the model", unit="model") as bar:  # shards: a bar inside
+        engine = LLMEngine.from_model(model, **engine_kwargs)
+        bar.update()
     if chat_template is not None:
         if engine.tokenizer is None:
             raise ValueError("--chat-template needs a model with a tokenizer (tokenizer.json)")
