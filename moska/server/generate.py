@@ -16,7 +16,8 @@ from typing import Any
 
 from moska.engine.outputs import RequestOutput
 from moska.engine.sampling_params import SamplingParams, SamplingParamsError
-from moska.server import sampling_fields
+from moska.engine.structured import Grammar
+from moska.server import sampling_fields, structured_output
 from moska.server.admission import RequestCost, request_cost
 from moska.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from moska.server.errors import APIError, from_engine_error
@@ -27,6 +28,7 @@ from moska.server.protocol import (
     UsageInfo,
 )
 from moska.server.state import ServerState
+from moska.server.structured_output import grammar_of
 
 
 @dataclass
@@ -248,8 +250,10 @@ async def submit(
     prefix: str,
     max_tokens: int | None,
     logprobs: int | None,
+    grammar: Grammar | None = None,
 ) -> Generation:
-    """Validate lengths, ask admission, and hand every choice to the engine."""
+    """Validate lengths, ask admission, and hand every choice to the engine. Output follows
+    `grammar` if given (tool calls), else the request's structured-output fields."""
     check_model(state, body.model)
     check_library(state, body.library)
     check_report_routing(body)
@@ -264,6 +268,7 @@ async def submit(
     counts = [await tokenize(state, p, body.library is None) for p in prompts]
     resolved = [resolve_max_tokens(state, c, max_tokens) for c in counts]
     params = [[sampling_params(body, mt, logprobs, j, bias) for j in range(n)] for mt in resolved]
+    params = await structured_output.constrain(state, grammar or grammar_of(body), params)
 
     aengine: AsyncEngine = state.async_engine
     if not aengine.accepting:

@@ -36,6 +36,13 @@ from moska.server.streaming import (
     sse,
     unless_disconnected,
 )
+from moska.server.tools import (
+    ToolReplies,
+    template_messages,
+    template_tools,
+    tool_call_grammar,
+    tool_format,
+)
 
 router = APIRouter()
 
@@ -106,12 +113,16 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     responses={**_ERRORS, 200: _STREAM},
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep):
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = template_messages(body)  # 400 for a non-text content part
+    tools = template_tools(body)  # None without tools or with tool_choice "none"
     tokenizer = state.engine.tokenizer
+    fmt = tool_format(getattr(tokenizer, "chat_template", None))
+    replies = ToolReplies(fmt) if tools else None
+    extra = {"tools": tools} if tools else {}
 
     def render() -> list[int]:  # on the tokenizer pool: a long message must not block the loop
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
         except Exception as exc:
             msg = f"could not apply the chat template: {exc}"
             raise APIError(400, msg, param="messages") from exc
@@ -128,10 +139,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     prompt = await state.tokenizers.run(render, num_chars, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    gen = await submit(state, body, [prompt], "chatcmpl", max_tokens, logprobs)
+    grammar = tool_call_grammar(body, fmt)
+    gen = await submit(state, body, [prompt], "chatcmpl", max_tokens, logprobs, grammar)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _sse(state, gen, _chat_chunks(state, gen, include_usage, body.top_logprobs or 0))
+        top_n = body.top_logprobs or 0
+        return _sse(state, gen, _chat_chunks(state, gen, include_usage, top_n, replies))
     last = await _collect(request, state, gen)
     choices, completion_tokens = [], 0
     for idx in sorted(last):
@@ -140,12 +153,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         lp = None
         if logprobs is not None:
             lp = chat_logprobs(state, out.logprobs or [], body.top_logprobs or 0)
+        message, reason = {"role": "assistant", "content": out.text}, out.finish_reason
+        if replies is not None:
+            message, reason = replies.message(out.text, reason)
         choices.append(
             {
                 "index": idx,
-                "message": {"role": "assistant", "content": out.text},
+                "message": message,
                 "logprobs": lp,
-                "finish_reason": out.finish_reason,
+                "finish_reason": reason,
                 "moska_routing": gen.routing(last[idx]),
             }
         )
@@ -238,7 +254,11 @@ def _completion_chunks(
 
 
 def _chat_chunks(
-    state: ServerState, gen: Generation, include_usage: bool, top_n: int
+    state: ServerState,
+    gen: Generation,
+    include_usage: bool,
+    top_n: int,
+    replies: ToolReplies | None = None,
 ) -> AsyncIterator[bytes]:
     async def chunks() -> AsyncIterator[bytes]:
         base = {
@@ -266,9 +286,15 @@ def _chat_chunks(
                 new = all_lp[sent_lp.get(idx, 0) :]
                 sent_lp[idx] = len(all_lp)
                 lp = chat_logprobs(state, new, top_n)
-            if not out.new_text and reason is None and not (lp and lp["content"]):
+            new_text = out.new_text
+            if replies is not None:  # with tools, the text is held until the choice ends
+                replies.hold(idx, new_text)
+                new_text = ""
+            if not new_text and reason is None and not (lp and lp["content"]):
                 continue
-            delta = {"content": out.new_text} if out.new_text else {}
+            delta = {"content": new_text} if new_text else {}
+            if replies is not None and reason is not None:
+                delta, reason = replies.final_delta(idx, reason)
             choice = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason}
             yield sse({**base, "choices": [_with_routing(gen, choice, out)], "usage": None})
         if include_usage:

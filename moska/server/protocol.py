@@ -40,6 +40,20 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -78,6 +92,15 @@ class _SamplingFields(_Request):
     )
     allowed_token_ids: list[TokenId] | None = Field(None, description="not supported")
     bad_words: list[str] | None = Field(None, description="not supported")
+    # structured output (OpenAI's response_format and vLLM's guided_* extras; one at most)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="JSON schema (object or JSON text) the output must match"
+    )
+    guided_regex: str | None = Field(None, description="regex the output must match")
+    guided_choice: list[str] | None = Field(
+        None, max_length=1024, description="the output is exactly one of these strings"
+    )
     # moska extras
     library: str | None = Field(None, max_length=256, description="shared KV library name")
     top_k_chunks: int | None = Field(
@@ -110,21 +133,58 @@ class CompletionRequest(_SamplingFields):
 
 
 class ContentPart(_Request):
-    type: Literal["text"] = "text"
-    text: str
+    """A part of a message's content. Any type parses; only "text" is served (the chat
+    route answers 400 naming any other type, e.g. image_url or input_audio)."""
+
+    type: str = Field("text", max_length=64)
+    text: str | None = None
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message's answer to that call
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -133,6 +193,13 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description="default auto with tools; required or a named function constrain "
+        "the output to one call",
+    )
+    parallel_tool_calls: bool | None = None
 
 
 # ---------------------------------------------------------------- responses
@@ -231,6 +298,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Choice):

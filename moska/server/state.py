@@ -24,6 +24,7 @@ class ServerState:
     async_engine: AsyncEngine
     tokenizers: TokenizerPool  # tokenization and chat templating, off the event loop
     builds: BuildWorker | None = None  # library builds, off the engine thread (None: no manager)
+    grammars: Any = None  # structured output's compiler (server/structured_output.py), lazily
 
     @property
     def model_name(self) -> str:
