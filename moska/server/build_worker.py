@@ -5,8 +5,10 @@ its own attention callable and KV pools: it never touches the engine's KV cache 
 scheduler, so it need not run between engine steps. Running it on the engine thread froze
 every stream for the whole prefill; here it runs on the worker's own threads instead
 (`max_concurrent` of them), on CUDA on a stream of its own, so decode steps go on beside
-it. On CPU torch releases the GIL inside its ops, so the engine thread keeps stepping
-(slower: both share the cores).
+it. On CPU torch releases the GIL inside its ops, so the engine thread keeps stepping; the
+build threads run at a lower priority (Linux niceness) and prefill in pieces of
+`CPU_PREFILL_TOKENS`, so that the decode steps keep most of the cores (a 4,096-token piece
+is one attention op of many seconds on CPU, and decode steps stalled behind it for seconds).
 
 Quota: at most `max_concurrent` builds run at once and `max_queued` wait; a build of more
 than `max_tokens` tokens fails before its prefill. A cancelled job that is queued never
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import os
 import threading
 import time
 import uuid
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BUILD_TOKENS = 1 << 20
 DEFAULT_MAX_CONCURRENT_BUILDS = 1
 DEFAULT_MAX_QUEUED_BUILDS = 16
+CPU_PREFILL_TOKENS = 512  # tokens per prefill forward of a build on CPU
+BUILD_NICENESS = 10  # build threads yield the CPU to the engine thread (Linux)
 _MAX_FINISHED_JOBS = 1000  # finished jobs beyond this are forgotten, oldest first
 
 
@@ -102,14 +107,22 @@ class BuildWorker:
         max_tokens: int = DEFAULT_MAX_BUILD_TOKENS,
         max_concurrent: int = DEFAULT_MAX_CONCURRENT_BUILDS,
         max_queued: int = DEFAULT_MAX_QUEUED_BUILDS,
+        prefill_tokens: int | None = None,
     ) -> None:
+        """`prefill_tokens`: tokens per prefill forward (None: the builder's default on
+        CUDA, `CPU_PREFILL_TOKENS` on CPU); a cancel takes effect between two of them."""
         self.manager = manager
         self.max_tokens = max_tokens
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
+        if prefill_tokens is None and _device_type(manager) != "cuda":
+            prefill_tokens = CPU_PREFILL_TOKENS
+        self.prefill_tokens = prefill_tokens
         self.jobs: dict[str, BuildJob] = {}
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="moska-build")
+        self._executor = ThreadPoolExecutor(
+            max_concurrent, thread_name_prefix="moska-build", initializer=_lower_priority
+        )
         self._closed = False
 
     # ------------------------------------------------------------ event-loop side
@@ -188,6 +201,8 @@ class BuildWorker:
 
     def _build_kwargs(self, job: BuildJob) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"on_progress": self._hook(job)}
+        if self.prefill_tokens is not None:
+            kwargs["prefill_tokens"] = self.prefill_tokens
         if job.reservation is not None:
             kwargs["reservation"] = job.reservation
             job.reservation = None  # the manager releases it from now on
@@ -216,6 +231,20 @@ class BuildWorker:
         done = [k for k, j in self.jobs.items() if j.status.done]
         for key in done[: max(0, len(self.jobs) - _MAX_FINISHED_JOBS)]:
             del self.jobs[key]
+
+
+def _device_type(manager: Any) -> str:
+    device = getattr(manager, "device", None)
+    return str(getattr(device, "type", device or "cpu"))
+
+
+def _lower_priority() -> None:
+    """Run this thread at a lower priority than the engine's: Linux schedules each thread
+    by its own niceness (elsewhere this does nothing)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICENESS)
+    except (AttributeError, OSError):
+        logger.debug("could not lower the build thread's priority", exc_info=True)
 
 
 @contextlib.contextmanager

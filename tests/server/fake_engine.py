@@ -68,7 +68,7 @@ class FakeLibraryManager:
 
     get = info
 
-    def build(self, name, documents, chunk_size, mode, *, on_progress=None):
+    def build(self, name, documents, chunk_size, mode, *, on_progress=None, **_):
         """Takes `build_seconds`, in ten pieces; `on_progress(done, total)` after each
         (it may raise to stop the build, as the real builder's prefill hook)."""
         self.build_thread_ids.add(threading.get_ident())

@@ -1,0 +1,121 @@
+"""Decode tok/s of a running stream without and during a library build over HTTP.
+
+Serves the built-in tiny model (CPU by default) on a free port, in a fresh MOSKA_HOME.
+One streaming completion decodes (ignore_eos) throughout; the script counts its tokens over
+a window with no build, then over the whole of a `POST /v1/libraries` build of about
+--build-tokens tokens, and prints both rates, the longest gap between two tokens in each
+window and the build's duration. A build that ran on the engine thread would show no tokens
+(a gap as long as the build) in the second window.
+
+Usage: .venv/bin/python bench/build_during_decode.py [--build-tokens 4000] [--window 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+
+
+def _stream(url: str, model: str, stamps: list[float], stop: threading.Event) -> None:
+    body = {
+        "model": model,
+        "prompt": "Once upon a time",
+        "max_tokens": 3500,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if stop.is_set():
+                    return  # closing the response aborts the request
+                if line.startswith("data: {"):
+                    stamps.append(time.perf_counter())
+    except httpx.HTTPError:
+        if not stop.is_set():  # after the measurement, the server may stop first
+            raise
+
+
+def _rate(stamps: list[float], t0: float, t1: float) -> tuple[float, float]:
+    """(tokens/s, longest gap in s) of the tokens that arrived in [t0, t1]."""
+    inside = [t for t in stamps if t0 <= t <= t1]
+    edges = [t0, *inside, t1]
+    gap = max(b - a for a, b in itertools.pairwise(edges))
+    return len(inside) / (t1 - t0), gap
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build-tokens", type=int, default=4000)
+    ap.add_argument("--window", type=float, default=3.0, help="seconds of the no-build window")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    os.environ["MOSKA_HOME"] = tempfile.mkdtemp(prefix="moska-bench-home-")
+
+    from moska.engine.llm_engine import LLMEngine
+    from moska.server.app import create_app
+    from moska.server.background import background_server
+    from moska.server.settings import ServerSettings
+
+    engine = LLMEngine.from_model(None, device=args.device, max_model_len=4096)
+    app = create_app(engine, ServerSettings())
+    with background_server(app) as url:
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        stamps: list[float] = []
+        stop = threading.Event()
+        streamer = threading.Thread(target=_stream, args=(url, model, stamps, stop), daemon=True)
+        streamer.start()
+        deadline = time.monotonic() + 60
+        while len(stamps) < 20:  # past the prefill and the first steps
+            if time.monotonic() > deadline or not streamer.is_alive():
+                sys.exit("the stream did not start")
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        time.sleep(args.window)
+        base_rate, base_gap = _rate(stamps, t0, time.perf_counter())
+
+        text = ("The quick brown fox jumps over the lazy dog. " * (args.build_tokens // 40 + 1))[
+            : args.build_tokens
+        ]
+        body = {"name": "bench-build", "documents": [{"name": "a.txt", "text": text}]}
+        b0 = time.perf_counter()
+        job = httpx.post(f"{url}/v1/libraries", json=body).json()
+        while job["status"] in ("queued", "running"):
+            time.sleep(0.02)
+            job = httpx.get(f"{url}/v1/libraries/jobs/{job['id']}").json()
+        b1 = time.perf_counter()
+        stop.set()
+        if job["status"] != "succeeded":
+            sys.exit(f"the build did not succeed: {job}")
+        build_rate, build_gap = _rate(stamps, b0, b1)
+        streamer.join(30)
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "device": args.device,
+        "build_tokens": job["total_tokens"],
+        "build_seconds": round(b1 - b0, 3),
+        "decode_tok_s_no_build": round(base_rate, 1),
+        "decode_tok_s_during_build": round(build_rate, 1),
+        "max_gap_s_no_build": round(base_gap, 4),
+        "max_gap_s_during_build": round(build_gap, 4),
+    }
+    print(f"decode without a build: {base_rate:.1f} tok/s (longest gap {base_gap * 1e3:.0f} ms)")
+    print(
+        f"decode during a {job['total_tokens']}-token build ({b1 - b0:.2f} s): "
+        f"{build_rate:.1f} tok/s (longest gap {build_gap * 1e3:.0f} ms)"
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
