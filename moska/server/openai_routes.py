@@ -287,14 +287,13 @@ def _chat_chunks(
                 sent_lp[idx] = len(all_lp)
                 lp = chat_logprobs(state, new, top_n)
             new_text = out.new_text
-            if replies is not None:  # with tools, the text is held until the choice ends
-                replies.hold(idx, new_text)
-                new_text = ""
+            if replies is not None and reason is None:  # a call's text is held to the end
+                new_text = replies.feed(idx, new_text)
             if not new_text and reason is None and not (lp and lp["content"]):
                 continue
             delta = {"content": new_text} if new_text else {}
             if replies is not None and reason is not None:
-                delta, reason = replies.final_delta(idx, reason)
+                delta, reason = replies.final_delta(idx, new_text, reason)
             choice = {"index": idx, "delta": delta, "logprobs": lp, "finish_reason": reason}
             yield sse({**base, "choices": [_with_routing(gen, choice, out)], "usage": None})
         if include_usage:

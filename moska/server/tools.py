@@ -219,13 +219,16 @@ def _openai_call(name: str, args: Any) -> dict[str, Any]:
 
 
 class ToolReplies:
-    """Turns a choice's finished text into its message (or final stream delta) and finish
-    reason. Streamed replies are held back until the choice ends: only then is it known
-    whether the text is a tool call."""
+    """Turns a choice's text into its message, or its stream into deltas, and its finish
+    reason. Streamed text goes out as content as soon as it cannot be part of a call: in
+    Qwen2.5's format everything before a `<tool_call>` (a possible start of one is held
+    back), in Llama 3.1's a reply that does not open with `{`; a call is held until the
+    choice ends and then sent whole as one `tool_calls` delta."""
 
     def __init__(self, fmt: ToolFormat) -> None:
         self.fmt = fmt
-        self._held: dict[int, str] = {}
+        self._held: dict[int, str] = {}  # text not sent yet
+        self._calling: set[int] = set()  # choices whose held text holds a call
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
         content, calls = parse_tool_calls(text, self.fmt)
@@ -234,11 +237,41 @@ class ToolReplies:
         msg = {"role": "assistant", "content": content, "tool_calls": calls}
         return msg, "tool_calls"
 
-    def hold(self, index: int, new_text: str) -> None:
-        self._held[index] = self._held.get(index, "") + new_text
+    def feed(self, index: int, new_text: str) -> str:
+        """The part of the choice's text that can be sent as content now."""
+        held = self._held.get(index, "") + new_text
+        if index in self._calling:
+            self._held[index] = held
+            return ""
+        if self.fmt is ToolFormat.LLAMA_JSON:
+            start = held.lstrip()
+            if not start:  # undecided yet
+                self._held[index] = held
+                return ""
+            if start.startswith(("{", _PYTHON_TAG)):
+                self._calling.add(index)
+                self._held[index] = held
+                return ""
+            self._held[index] = ""
+            return held
+        tag = "<tool_call>"
+        at = held.find(tag)
+        if at >= 0:
+            self._calling.add(index)
+        else:  # hold back a suffix that may grow into the tag
+            at = next((k for k in range(max(0, len(held) - len(tag) + 1), len(held))
+                       if tag.startswith(held[k:])), len(held))  # fmt: skip
+        self._held[index] = held[at:]
+        return held[:at]
 
-    def final_delta(self, index: int, finish_reason: str) -> tuple[dict, str]:
-        content, calls = parse_tool_calls(self._held.pop(index, ""), self.fmt)
+    def final_delta(self, index: int, new_text: str, finish_reason: str) -> tuple[dict, str]:
+        """The choice's last delta (its last text and what was held) and finish reason."""
+        sendable = self.feed(index, new_text)
+        held = self._held.pop(index, "")
+        calling = index in self._calling
+        self._calling.discard(index)
+        content, calls = parse_tool_calls(held, self.fmt) if calling else (held, [])
+        content = sendable + (content or "")
         delta: dict[str, Any] = {"content": content} if content else {}
         if not calls:
             return delta, finish_reason

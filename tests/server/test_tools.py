@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from moska.model.default import default_model_dir
-from moska.server.tools import ToolFormat, parse_tool_calls, tool_format
+from moska.server.tools import ToolFormat, ToolReplies, parse_tool_calls, tool_format
 
 pytestmark = pytest.mark.server
 
@@ -131,6 +131,29 @@ def test_parse_llama_json():
     assert [c["function"]["name"] for c in calls] == ["add", "get_weather"]
     for plain in ("The answer is 3", '{"no_name": 1}', '{"name": "add", "parameters": {'):
         assert parse_tool_calls(plain, ToolFormat.LLAMA_JSON) == (plain, [])
+
+
+def test_stream_sends_content_at_once_and_calls_whole():
+    replies = ToolReplies(ToolFormat.HERMES)
+    pieces = ["Sure", ", checking <to", 'ol_call>\n{"name": "add", ', '"arguments": {"a": 1}}']
+    sent = [replies.feed(0, p) for p in pieces]
+    assert sent == ["Sure", ", checking ", "", ""]  # "<to" held: it may open a call
+    delta, reason = replies.final_delta(0, "", "stop")
+    assert reason == "tool_calls" and "content" not in delta
+    assert delta["tool_calls"][0]["index"] == 0
+    assert delta["tool_calls"][0]["function"]["name"] == "add"
+    # a held "<" that turns out not to be a tag goes out with the next piece
+    assert [replies.feed(1, p) for p in ["a <", "b> c"]] == ["a ", "<b> c"]
+    assert replies.final_delta(1, " end", "length") == ({"content": " end"}, "length")
+
+    replies = ToolReplies(ToolFormat.LLAMA_JSON)
+    assert [replies.feed(0, p) for p in [" ", "Hi", " there"]] == ["", " Hi", " there"]
+    assert [replies.feed(1, p) for p in [" {", '"name": "add", "parameters": {}}']] == ["", ""]
+    delta, reason = replies.final_delta(1, "", "stop")
+    assert reason == "tool_calls" and delta["tool_calls"][0]["function"]["name"] == "add"
+    # JSON that is not a call comes out as content at the end
+    replies.feed(2, '{"x": ')
+    assert replies.final_delta(2, "1}", "stop") == ({"content": '{"x": 1}'}, "stop")
 
 
 # ---------------------------------------------------------------- real servers
@@ -272,3 +295,16 @@ def test_text_parts_still_work(client, model):
     )  # fmt: skip
     assert r.choices[0].message.content == joined.choices[0].message.content
     assert r.usage.prompt_tokens == joined.usage.prompt_tokens
+
+
+def test_auto_stream_matches_the_whole_reply(tool_server):
+    """With tools and no call in the reply, streamed content adds up to the whole reply."""
+    client, model, _ = tool_server
+    kw = {"model": model, "messages": MESSAGES, "tools": TOOLS, "max_tokens": 24}
+    whole = client.chat.completions.create(**kw, temperature=0).choices[0]
+    text = ""
+    for chunk in client.chat.completions.create(**kw, temperature=0, stream=True):
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            assert not c.delta.tool_calls
+    assert whole.message.tool_calls is None and text == whole.message.content
