@@ -24,6 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import outlines_core
 
 if TYPE_CHECKING:
@@ -254,7 +255,7 @@ class GrammarProcessor:
         self._vocab_size = vocab_size  # the tokenizer's: the model's logits may be longer
         self._guide = outlines_core.Guide(index)
         self._seen = 0
-        self._words: torch.Tensor | None = None  # [ceil(V / 32)] int32, the guide's bitmask
+        self._words: np.ndarray | None = None  # [ceil(V / 32)] int32, the guide's bitmask
         self.failed = False  # a token outside the grammar arrived: only EOS is allowed now
 
     def _advance(self, output_token_ids: list[int]) -> None:
@@ -276,16 +277,19 @@ class GrammarProcessor:
         vocab = logits.shape[-1]
         if self._words is None:
             size = max(vocab, self._vocab_size)
-            self._words = torch.zeros((size + 31) // 32, dtype=torch.int32)
+            self._words = np.zeros((size + 31) // 32, dtype=np.int32)
         words = self._words
         if self.failed:
-            words.zero_()
+            words[:] = 0
         else:
-            self._guide.write_mask_into(words.data_ptr(), words.numel(), 4)
-        eos_ok = self.failed or bool((int(words[self._eos[0] // 32]) >> (self._eos[0] % 32)) & 1)
-        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-        bits = (words.to(logits.device).unsqueeze(1) >> shifts) & 1  # [ceil(V / 32), 32]
-        allowed = bits.view(-1)[:vocab].bool()  # [V]
-        if eos_ok:
-            allowed[[t for t in self._eos if t < vocab]] = True
+            self._guide.write_mask_into(words.ctypes.data, words.size, 4)
+        first = self._eos[0]
+        if self.failed or (words[first // 32] >> (first % 32)) & 1:
+            unsigned = words.view(np.uint32)
+            for t in self._eos:  # any end-of-sequence token the engine stops on
+                if t < 32 * words.size:
+                    unsigned[t // 32] |= np.uint32(1 << (t % 32))
+        # bit i of word w is token 32 w + i (little-endian words, so bytes in order)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab]  # [V] uint8
+        allowed = torch.from_numpy(bits).to(logits.device).bool()  # [V]
         return logits.masked_fill(~allowed, float("-inf"))
