@@ -1,6 +1,7 @@
 """BlockManager + PrefixCache: prefix hits, namespaces, collisions, LRU eviction, integrity."""
 
 import random
+from typing import NamedTuple
 
 import pytest
 
@@ -9,7 +10,17 @@ from moska.engine.request import Request
 from moska.engine.sampling_params import SamplingParams
 
 
+class Lib(NamedTuple):
+    """A library handle as a request holds it: the build id is what caches key on."""
+
+    name: str
+    build_id: str
+    position_offset: int = 0
+
+
 def make_request(rid, tokens, library=None, top_k_chunks=None):
+    if isinstance(library, str):
+        library = Lib(library, f"{library}-build1")
     return Request(
         request_id=rid,
         prompt_token_ids=list(tokens),
@@ -35,13 +46,16 @@ def test_prefix_hit_shares_blocks():
     bm = BlockManager(num_blocks=16, block_size=4)
     a = make_request("a", range(10))
     assert admit(bm, a) == 0
-    assert len(a.block_table) == 3 and len(bm.prefix_cache) == 2
+    assert len(bm.block_table(a.request_id)) == 3 and len(bm.prefix_cache) == 2
     b = make_request("b", list(range(9)) + [99, 98])
     assert admit(bm, b) == 8
-    assert b.block_table[:2] == a.block_table[:2] and b.block_table[2] != a.block_table[2]
-    assert [bm.allocator.ref_count(x) for x in a.block_table[:2]] == [2, 2]
+    assert (
+        bm.block_table(b.request_id)[:2] == bm.block_table(a.request_id)[:2]
+        and bm.block_table(b.request_id)[2] != bm.block_table(a.request_id)[2]
+    )
+    assert [bm.allocator.ref_count(x) for x in bm.block_table(a.request_id)[:2]] == [2, 2]
     bm.free(a)
-    assert [bm.allocator.ref_count(x) for x in b.block_table[:2]] == [1, 1]
+    assert [bm.allocator.ref_count(x) for x in bm.block_table(b.request_id)[:2]] == [1, 1]
     bm.free(b)
     assert bm.usage == 0.0 and bm.num_free_blocks == 16
     assert bm.allocator.num_cached == 2  # the shared full blocks; partial ones are free
@@ -76,7 +90,10 @@ def test_no_hit_across_libraries_or_routing():
     assert bm.match_prefix(make_request("c", range(10), library="code")) == 0
     assert bm.match_prefix(make_request("d", range(10))) == 0
     assert bm.match_prefix(make_request("e", range(10), library="docs", top_k_chunks=2)) == 0
-    assert cache_namespace(make_request("f", [1], library="docs")) == ("docs", None)
+    assert cache_namespace(make_request("f", [1], library="docs")) == ("docs-build1", None)
+    # a rebuild under the same name is a new build: no hit on the old build's KV
+    rebuilt = Lib("docs", "docs-build2")
+    assert bm.match_prefix(make_request("g", range(10), library=rebuilt)) == 0
     bm.check_integrity()
 
 
@@ -88,10 +105,10 @@ def test_forced_collision_never_reuses_wrong_kv():
     assert len(bm.prefix_cache) == 1  # block 1 collided with block 0: chain stops there
     b = make_request("b", [7, 7, 7, 7, 7, 7, 7, 7, 7])
     assert admit(bm, b) == 0
-    assert not set(b.block_table) & set(a.block_table)
+    assert not set(bm.block_table(b.request_id)) & set(bm.block_table(a.request_id))
     c = make_request("c", range(10))
     assert admit(bm, c) == 4  # the genuine block 0 still hits
-    assert c.block_table[0] == a.block_table[0]
+    assert bm.block_table(c.request_id)[0] == bm.block_table(a.request_id)[0]
     bm.check_integrity()
 
 
@@ -133,7 +150,7 @@ def test_lru_eviction_order():
     b = make_request("b", [6, 7, 8, 9, 10])
     admit(bm, a)
     admit(bm, b)
-    a_full, b_full = a.block_table[:2], b.block_table[:2]
+    a_full, b_full = bm.block_table(a.request_id)[:2], bm.block_table(b.request_id)[:2]
     bm.free(a)
     bm.free(b)
     # Released tail first, so a request's later blocks are evicted before its earlier ones.
@@ -142,7 +159,7 @@ def test_lru_eviction_order():
     c = make_request("c", list(range(20, 28)))
     cached = bm.match_prefix(c)
     assert cached == 0 and bm.allocate_slots(c, 7)  # 4 blocks: 2 free + evict a's 2
-    assert set(c.block_table) >= set(a_full)
+    assert set(bm.block_table(c.request_id)) >= set(a_full)
     assert bm.match_prefix(make_request("a2", [1, 2, 3, 4, 5])) == 0
     assert bm.match_prefix(make_request("b2", [6, 7, 8, 9, 10])) == 4
     bm.check_integrity()
@@ -173,7 +190,7 @@ def test_allocate_slots_refuses_without_side_effects():
     b = make_request("b", range(100, 108))
     assert not bm.can_allocate(b, 8)
     assert not bm.allocate_slots(b, 8)
-    assert b.block_table == [] and bm.num_free_blocks == 1
+    assert bm.block_table(b.request_id) == [] and bm.num_free_blocks == 1
     assert bm.can_allocate(b, 4) and bm.allocate_slots(b, 4)
     bm.check_integrity()
 
@@ -227,7 +244,7 @@ def test_random_operations_keep_integrity_and_correct_kv(seed):
         tokens = req.all_token_ids
         ns = cache_namespace(req)
         for i in range(start // bs, req.num_computed_tokens // bs):
-            kv[req.block_table[i]] = (ns, tuple(tokens[: (i + 1) * bs]))
+            kv[bm.block_table(req.request_id)[i]] = (ns, tuple(tokens[: (i + 1) * bs]))
         bm.cache_full_blocks(req)
 
     for _ in range(3000):
@@ -243,11 +260,14 @@ def test_random_operations_keep_integrity_and_correct_kv(seed):
             if bm.allocate_slots(req, num_new, num_cached_tokens=cached):
                 ns, tokens = cache_namespace(req), req.all_token_ids
                 for i in range(cached // bs):
-                    assert kv[req.block_table[i]] == (ns, tuple(tokens[: (i + 1) * bs]))
+                    assert kv[bm.block_table(req.request_id)[i]] == (
+                        ns,
+                        tuple(tokens[: (i + 1) * bs]),
+                    )
                 compute(req, num_new)
                 live.append(req)
             else:
-                assert req.block_table == [] and req.num_computed_tokens == 0
+                assert bm.block_table(req.request_id) == [] and req.num_computed_tokens == 0
                 bm.free(req)  # drops the memoized hashes
         elif op < 0.75:
             req = rng.choice(live)

@@ -2,6 +2,7 @@
 
 import random
 import zlib
+from typing import NamedTuple
 
 import pytest
 
@@ -32,8 +33,14 @@ def make_request(rid, prompt, library=None, eos=None, **params):
         prompt_token_ids=list(prompt),
         sampling_params=SamplingParams(**params),
         eos_token_id=eos,
-        library=library,
+        library=Lib(library, f"{library}-b1") if isinstance(library, str) else library,
     )
+
+
+class Lib(NamedTuple):
+    name: str
+    build_id: str
+    position_offset: int = 0
 
 
 def fake_token(req: Request) -> int:
@@ -51,9 +58,9 @@ def step(sched: Scheduler, token_fn=fake_token) -> tuple[SchedulerOutput, list[R
     for s in out.scheduled:
         r = s.request
         assert r.status is RequestStatus.RUNNING and s.num_new_tokens > 0
-        assert len(r.block_table) * sched.block_manager.block_size >= (
-            r.num_computed_tokens + s.num_new_tokens
-        )
+        assert len(
+            sched.block_manager.block_table(r.request_id)
+        ) * sched.block_manager.block_size >= (r.num_computed_tokens + s.num_new_tokens)
     sampled = {s.request.request_id: token_fn(s.request) for s in out.scheduled if s.samples}
     got = sched.update_from_output(out, sampled)
     sched.block_manager.check_integrity()
@@ -94,7 +101,7 @@ def test_chunked_prefill_then_decode():
         assert (got == [req]) == (sum(chunks) >= 100)
     assert chunks == [32, 32, 32, 4, 1, 1]
     assert req.status is RequestStatus.FINISHED_LENGTH and req.num_output_tokens == 3
-    assert req.first_token_time is not None and req.block_table == []
+    assert req.first_token_time is not None and not sched.block_manager.block_table(req.request_id)
 
 
 def test_without_chunked_prefill_prompts_are_admitted_whole():
@@ -190,7 +197,7 @@ def test_preemption_picks_the_most_recently_admitted():
             break
     assert seen is not None and seen.preempted == [b]
     assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
-    assert b.block_table == [] and sched.num_waiting == 1
+    assert not sched.block_manager.block_table(b.request_id) and sched.num_waiting == 1
     assert new_tokens(seen) == {"a": 1}
     run_to_end(sched)
     assert a.num_output_tokens == b.num_output_tokens == 12
@@ -205,9 +212,9 @@ def test_abort_frees_blocks_wherever_the_request_is():
     step(sched)  # a whole, b partially; c waits
     assert sched.num_running == 2 and sched.num_waiting == 1
     assert sched.abort_request("b").status is RequestStatus.FINISHED_ABORTED
-    assert sched.abort_request("c").block_table == []
+    assert sched.abort_request("c").is_finished and not bm.block_table("c")
     assert sched.num_waiting == 0 and sched.waiting_prefill_tokens == 0
-    assert bm.allocator.num_used == len(sched.get_request("a").block_table)
+    assert bm.allocator.num_used == len(bm.block_table("a"))
     assert sched.abort_request("b") is None  # unknown / already finished: ignored
     out = sched.schedule()
     assert set(out.finished_request_ids) == {"b", "c"}
@@ -224,7 +231,11 @@ def test_finish_request_for_stop_strings():
     sched.add_request(req)
     step(sched)
     sched.finish_request("a", RequestStatus.FINISHED_STOPPED, "###")
-    assert req.stop_reason == "###" and req.block_table == [] and not sched.has_unfinished
+    assert (
+        req.stop_reason == "###"
+        and not sched.block_manager.block_table("a")
+        and not sched.has_unfinished
+    )
     with pytest.raises(ValueError):
         sched.finish_request("a", RequestStatus.RUNNING)
 
@@ -344,7 +355,10 @@ def test_simulated_engine_loop(seed):
             if abort and sched.num_running and rng.random() < 0.05:
                 sched.abort_request(rng.choice([s.request.request_id for s in out.scheduled]))
         sched.schedule()
-        assert all(r.is_finished and r.block_table == [] for r in reqs.values())
+        assert all(
+            r.is_finished and not sched.block_manager.block_table(r.request_id)
+            for r in reqs.values()
+        )
         assert sched.block_manager.usage == 0.0
         return reqs, preemptions
 

@@ -2,7 +2,7 @@
 
 Plain Python, no torch: this module only decides which block ids hold which tokens of
 which request. The KV tensors themselves (`[num_blocks, block_size, Hkv, D]` per layer)
-live with the model runner, which reads `request.block_table`.
+live with the model runner, which reads `block_table(request_id)`.
 
 Lifecycle of one request (the scheduler drives it):
 1. `n = match_prefix(req)` on admission: tokens whose KV is already cached, in full
@@ -20,16 +20,32 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from moska.cache.block_allocator import BlockAllocator
 from moska.cache.prefix_cache import CachedBlock, HashFn, PrefixCache, hash_block
-from moska.engine.request import Request
 
 
-def cache_namespace(request: Request) -> Hashable:
-    """What a request's unique KV depends on besides its tokens: the shared library in
-    front of it and how many of its chunks are routed per step."""
-    return (request.library, request.top_k_chunks)
+class CacheRequest(Protocol):
+    """What the block manager reads of a request (an `engine.request.Request`)."""
+
+    request_id: str
+    num_computed_tokens: int
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def all_token_ids(self) -> list[int]: ...
+
+    @property
+    def cache_namespace(self) -> Hashable: ...
+
+
+def cache_namespace(request: CacheRequest) -> Hashable:
+    """What a request's unique KV depends on besides its tokens: the shared library build
+    in front of it and how many of its chunks are routed per step."""
+    return request.cache_namespace
 
 
 @dataclass
@@ -40,7 +56,7 @@ class _RequestState:
 
 
 class BlockManager:
-    """Owns the block allocator and the prefix cache; edits `request.block_table`."""
+    """Owns the block allocator, the prefix cache and every request's block table."""
 
     def __init__(
         self,
@@ -53,7 +69,13 @@ class BlockManager:
         self.allocator = BlockAllocator(num_blocks, block_size, self.prefix_cache.remove_block)
         self.enable_prefix_caching = enable_prefix_caching
         self._states: dict[str, _RequestState] = {}
-        self._holders: dict[str, Request] = {}  # requests whose block table is not empty
+        self._holders: dict[str, CacheRequest] = {}  # requests whose block table is not empty
+        self._tables: dict[str, list[int]] = {}  # request id -> its blocks, in order
+
+    def block_table(self, request_id: str) -> list[int]:
+        """The blocks holding a request's KV, in token order (empty if it holds none). The
+        list is the manager's own: read it, never change it."""
+        return self._tables.get(request_id, _EMPTY)
 
     @property
     def num_blocks(self) -> int:
@@ -76,13 +98,13 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _state(self, request: Request) -> _RequestState:
+    def _state(self, request: CacheRequest) -> _RequestState:
         state = self._states.get(request.request_id)
         if state is None:
             state = self._states[request.request_id] = _RequestState()
         return state
 
-    def _match(self, request: Request, max_blocks: int) -> list[CachedBlock]:
+    def _match(self, request: CacheRequest, max_blocks: int) -> list[CachedBlock]:
         if not self.enable_prefix_caching or max_blocks <= 0:
             return []
         tokens = request.all_token_ids
@@ -90,24 +112,27 @@ class BlockManager:
         hashes = self.prefix_cache.extend_hashes(self._state(request).hashes, tokens, namespace)
         return self.prefix_cache.match(hashes, tokens, namespace, max_blocks)
 
-    def match_prefix(self, request: Request) -> int:
+    def match_prefix(self, request: CacheRequest) -> int:
         """Number of leading tokens of a request without blocks whose KV is cached.
 
         A multiple of block_size, at most `num_tokens - 1` rounded down. Changes nothing.
         """
-        assert not request.block_table and request.num_computed_tokens == 0, request.request_id
+        assert not self.block_table(request.request_id) and request.num_computed_tokens == 0, (
+            request.request_id
+        )
         return len(self._match(request, (request.num_tokens - 1) // self.block_size)) * (
             self.block_size
         )
 
     def _plan(
-        self, request: Request, num_new_tokens: int, num_cached_tokens: int
+        self, request: CacheRequest, num_new_tokens: int, num_cached_tokens: int
     ) -> tuple[list[CachedBlock], int] | None:
         """(cached entries to take, fresh blocks to allocate), or None if they do not fit."""
         assert num_new_tokens >= 0 and num_cached_tokens >= 0
         chain: list[CachedBlock] = []
         if num_cached_tokens:
-            assert not request.block_table and request.num_computed_tokens == 0
+            assert not self.block_table(request.request_id)
+            assert request.num_computed_tokens == 0
             assert num_cached_tokens % self.block_size == 0, num_cached_tokens
             chain = self._match(request, num_cached_tokens // self.block_size)
             assert len(chain) * self.block_size == num_cached_tokens, (
@@ -115,19 +140,20 @@ class BlockManager:
             )
         total = request.num_computed_tokens + num_cached_tokens + num_new_tokens
         assert total <= request.num_tokens, (total, request.num_tokens)
-        need = max(0, self.num_blocks_for(total) - len(request.block_table) - len(chain))
+        held = len(self.block_table(request.request_id))
+        need = max(0, self.num_blocks_for(total) - held - len(chain))
         revived = sum(1 for e in chain if self.allocator.is_cached(e.block_id))
         if need > self.allocator.num_available - revived:
             return None
         return chain, need
 
     def can_allocate(
-        self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0
+        self, request: CacheRequest, num_new_tokens: int, num_cached_tokens: int = 0
     ) -> bool:
         return self._plan(request, num_new_tokens, num_cached_tokens) is not None
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0
+        self, request: CacheRequest, num_new_tokens: int, num_cached_tokens: int = 0
     ) -> bool:
         """Make room for tokens `[computed, computed + num_new_tokens)`; False changes nothing.
 
@@ -139,23 +165,27 @@ class BlockManager:
         if plan is None:
             return False
         chain, need = plan
+        table = self._tables.setdefault(request.request_id, [])
         for entry in chain:
             self.allocator.incref(entry.block_id)
-            request.block_table.append(entry.block_id)
-        request.block_table.extend(self.allocator.allocate(need))
+            table.append(entry.block_id)
+        table.extend(self.allocator.allocate(need))
         if chain:
             self._state(request).chain = list(chain)
             request.num_computed_tokens = num_cached_tokens
-        if request.block_table:
+        if table:
             self._holders[request.request_id] = request
+        else:
+            del self._tables[request.request_id]
         return True
 
-    def cache_full_blocks(self, request: Request) -> None:
+    def cache_full_blocks(self, request: CacheRequest) -> None:
         """Register the request's blocks that are full of computed tokens."""
         if not self.enable_prefix_caching:
             return
         state = self._state(request)
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
+        table = self.block_table(request.request_id)
+        num_full = min(request.num_computed_tokens // self.block_size, len(table))
         if state.broken or num_full <= len(state.chain):
             return
         # only computed tokens: the last one may still be a placeholder (async scheduling)
@@ -168,10 +198,10 @@ class BlockManager:
             same = self.prefix_cache.lookup(hashes[i], parent, block_tokens, namespace)
             if same is not None:
                 # Another request registered identical KV first; ours stays unhashed.
-                assert same.block_id != request.block_table[i]
+                assert same.block_id != table[i]
                 state.chain.append(same)
                 continue
-            block_id = request.block_table[i]
+            block_id = table[i]
             entry = self.prefix_cache.insert(block_id, hashes[i], parent, block_tokens, namespace)
             if entry is None:  # hash collision with a different block: stop the chain here
                 state.broken = True
@@ -179,17 +209,17 @@ class BlockManager:
             self.allocator.set_hashed(block_id, True)
             state.chain.append(entry)
 
-    def free(self, request: Request) -> None:
+    def free(self, request: CacheRequest) -> None:
         """Release all blocks of a request (finish, abort or preemption). Tail blocks are
         released first so they are evicted before the prefix they extend."""
-        for block_id in reversed(request.block_table):
+        for block_id in reversed(self._tables.pop(request.request_id, ())):
             self.allocator.decref(block_id)
-        request.block_table.clear()
         self._states.pop(request.request_id, None)
         self._holders.pop(request.request_id, None)
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (e.g. after a library was replaced under its name)."""
+        """Forget every cached prefix. (Not needed when a library is rebuilt: its new build
+        has a new build id, hence a new namespace.)"""
         for block_id in self.prefix_cache.block_ids():
             self.prefix_cache.remove_block(block_id)
             self.allocator.set_hashed(block_id, False)
@@ -204,8 +234,9 @@ class BlockManager:
         hashed = {b for b in range(self.num_blocks) if self.allocator.is_hashed(b)}
         assert hashed == set(self.prefix_cache.block_ids()), "hashed flags != hash table"
         refs: Counter[int] = Counter()
+        assert set(self._tables) == set(self._holders), "block tables without a holder"
         for request in self._holders.values():
-            table = request.block_table
+            table = self._tables[request.request_id]
             assert len(set(table)) == len(table), f"{request.request_id} holds a block twice"
             assert len(table) >= self.num_blocks_for(request.num_computed_tokens)
             refs.update(table)
@@ -215,3 +246,6 @@ class BlockManager:
                 self.allocator.ref_count(block_id),
                 refs[block_id],
             )
+
+
+_EMPTY: list[int] = []

@@ -48,7 +48,7 @@ class _Graph:
 class LibrarySpec:
     """The one library every row of a decode step reads."""
 
-    name: str
+    name: str  # the build id: graphs are keyed by build, never by library name
     library: Any  # LoadedLibrary
     top_k: int
     scorer: str

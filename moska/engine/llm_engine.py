@@ -12,10 +12,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
-
 from moska.cache.block_manager import BlockManager
 from moska.config import EngineConfig
-from moska.engine.errors import DuplicateRequestError, PromptTooLongError, RequestError
+from moska.engine.errors import (
+    DuplicateRequestError,
+    PromptTooLongError,
+    RequestError,
+    StepFailedError,
+)
 from moska.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from moska.engine.request import Request, RequestStatus
 from moska.engine.runner import ModelRunner, PendingStep, StepResult
@@ -39,6 +43,7 @@ class EngineStats:
     prompt_tokens_computed: int
     last_step_seconds: float
     chunks_routed: int
+    failed_steps: int = 0
 
 
 @dataclass
@@ -88,6 +93,7 @@ class LLMEngine:
         self._prompt_computed = 0
         self._last_step_s = 0.0
         self._chunks_routed = 0
+        self._failed_steps = 0
         self.last_step_captured_graph = False  # the last step paid a CUDA graph capture
         self.async_scheduling = (
             self.device.type == "cuda"
@@ -148,11 +154,20 @@ class LLMEngine:
             raise RequestError("LLMEngine takes n=1 per request; submit n requests instead")
         if top_k_chunks is not None and top_k_chunks < 1:
             raise RequestError("top_k_chunks must be a positive number of chunks")
-        offset = 0
-        if library is not None:
-            if self.libraries is None:
-                raise RequestError("this engine has no library manager")
-            offset = self.libraries.get(library).position_offset
+        if library is not None and self.libraries is None:
+            raise RequestError("this engine has no library manager")
+        # The request holds its library's build from here to its end (released in _drop).
+        handle = self.libraries.acquire(library) if library is not None else None
+        try:
+            self._add(request_id, prompt, params, handle, top_k_chunks, report_routing)
+        except BaseException:
+            if handle is not None:
+                self.libraries.release(handle)
+            raise
+
+    def _add(self, request_id, prompt, params, handle, top_k_chunks, report_routing) -> None:
+        library = None if handle is None else handle.name
+        offset = 0 if handle is None else handle.position_offset
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer; send token ids")
@@ -194,7 +209,7 @@ class LLMEngine:
             prompt_token_ids=prompt_ids,
             sampling_params=params,
             eos_token_id=eos,
-            library=library,
+            library=handle,
             top_k_chunks=top_k_chunks,
             report_routing=report_routing,
         )
@@ -224,10 +239,35 @@ class LLMEngine:
         work (scheduling, inputs, detokenizing) overlaps the device's. Until the tokens
         arrive the scheduler holds placeholders (see Scheduler); a request that turns out
         to have stopped had one extra step computed, which is dropped.
+
+        If the step raises, the scheduler rolls it back (Scheduler.recover_step): its
+        requests are recomputed, each alone first, and one that fails alone ends as aborted;
+        StepFailedError names those ended (none when the step was shared). Requests outside
+        the step are untouched.
         """
         out = self.scheduler.schedule()
         prev = self._in_flight
         self._in_flight = None
+        try:
+            return self._run_step(out, prev)
+        except Exception as exc:
+            self._in_flight = None
+            extra = [] if prev is None else [item.request for item in prev[0].scheduled]
+            culprits = self.scheduler.recover_step(out, extra)
+            ids = [r.request_id for r in culprits if r.request_id in self._tracked]
+            for rid in ids:
+                self._drop(rid)
+            self._failed_steps += 1
+            logger.exception(
+                "step failed; %d request(s) ended (%s), the others run again, each alone first",
+                len(ids),
+                ids[:8],
+            )
+            raise StepFailedError(ids, exc) from exc
+
+    def _run_step(
+        self, out: SchedulerOutput, prev: tuple[SchedulerOutput, PendingStep, float] | None
+    ) -> list[RequestOutput]:
         if not out.scheduled:
             return self._finish(*prev) if prev is not None else []
         t0 = time.perf_counter()
@@ -235,7 +275,7 @@ class LLMEngine:
         captures = 0 if graphs is None else graphs.captures
         pending = self.runner.launch(
             out.scheduled,
-            self._get_library,
+            self.block_manager.block_table,
             self.config.default_top_k_chunks,
             prev[1] if prev is not None else None,
         )
@@ -351,6 +391,7 @@ class LLMEngine:
             routed_chunks=tr.routed_chunks,
             routing_coverage=tr.coverage,
             library=req.library,
+            num_cached_tokens=req.num_cached_tokens,
             # complete from the first output on (the prompt is computed before any sample),
             # so the list itself is handed out, not a copy per output
             prompt_logprobs=tr.prompt_logprobs if params.prompt_logprobs is not None else None,
@@ -360,11 +401,10 @@ class LLMEngine:
         return output
 
     def _drop(self, request_id: str) -> None:
-        self._tracked.pop(request_id, None)
+        tracked = self._tracked.pop(request_id, None)
         self.runner.release(request_id)
-
-    def _get_library(self, name: str):
-        return self.libraries.get(name)
+        if tracked is not None and tracked.request.library is not None:
+            self.libraries.release(tracked.request.library)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -378,6 +418,7 @@ class LLMEngine:
             prompt_tokens_computed=self._prompt_computed,
             last_step_seconds=self._last_step_s,
             chunks_routed=self._chunks_routed,
+            failed_steps=self._failed_steps,
         )
 
 

@@ -40,6 +40,7 @@ class RequestOutput:
     # The library build the request reads (its handle, held from admission to the end; a
     # `LoadedLibrary`): routing reports name each routed chunk's document and span from it.
     library: Any = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
     # (nothing before it to predict it from), as vLLM returns them.
     prompt_logprobs: list[TokenLogprob | None] | None = None

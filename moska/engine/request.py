@@ -12,9 +12,26 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from moska.engine.sampling_params import SamplingParams
+
+
+class LibraryHandle(Protocol):
+    """What a request holds of its shared library from admission to its end (a
+    `moska.library.loaded.LoadedLibrary`): the build it reads, never a name to look up
+    again, so deleting or rebuilding the name cannot change what a running request reads."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def build_id(self) -> str: ...
+
+    @property
+    def position_offset(self) -> int: ...
 
 
 # Stands in an output list for a token sampled by a step still in flight (asynchronous
@@ -45,13 +62,13 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_id: int | None = None
-    library: str | None = None  # name of a loaded shared KV library, or None
+    library: LibraryHandle | None = None  # the shared KV library build it reads, or None
     top_k_chunks: int | None = None  # chunks routed per step; None = library default
     report_routing: bool = False  # measure the attention mass the routed chunks cover
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     first_token_time: float | None = None
@@ -59,6 +76,17 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
+
+    @property
+    def library_name(self) -> str | None:
+        return None if self.library is None else self.library.name
+
+    @property
+    def cache_namespace(self) -> Hashable:
+        """What the request's unique KV depends on besides its tokens: the library build in
+        front of it (by build id, never by name) and how many of its chunks are routed."""
+        build = None if self.library is None else self.library.build_id
+        return (build, self.top_k_chunks)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -143,23 +143,24 @@ class ModelRunner:
     def execute(
         self,
         scheduled: list,  # [ScheduledRequest(request, num_new_tokens)]
-        get_library: Callable[[str], object],
+        block_table: Callable[[str], list[int]],
         top_k_default: int,
     ) -> StepResult:
         """Run one step and wait for its tokens."""
-        return self.launch(scheduled, get_library, top_k_default).result()
+        return self.launch(scheduled, block_table, top_k_default).result()
 
     @torch.inference_mode()
     def launch(
         self,
         scheduled: list,  # [ScheduledRequest(request, num_new_tokens)]
-        get_library: Callable[[str], object],
+        block_table: Callable[[str], list[int]],  # request id -> its KV blocks
         top_k_default: int,
         prev: PendingStep | None = None,
     ) -> PendingStep:
         """Queue one step on the device without waiting for it. Input tokens that are still
         placeholders (sampled by ``prev``, not yet on the host) are read from ``prev``'s
-        device tokens."""
+        device tokens. Each request reads the library build it holds (``request.library``);
+        rows are grouped by build id."""
         bs = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
@@ -168,7 +169,8 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sample_reqs: list[Request] = []
-        lib_rows: dict[str, list[int]] = {}
+        libs: dict[str, object] = {}  # build id -> library
+        lib_rows: dict[str, list[int]] = {}  # by build id
         lib_topk: dict[str, int] = {}
         record_reqs: dict[str, list[tuple[Request, int]]] = {}
         pending: list[tuple[int, str]] = []  # (row, request id) whose input is on the device
@@ -179,13 +181,15 @@ class ModelRunner:
             end = start + n
             assert 0 < n and end <= req.num_tokens
             offset = 0
-            if req.library is not None:
-                lib = get_library(req.library)
+            lib = req.library
+            if lib is not None:
+                bid = lib.build_id
+                libs[bid] = lib
                 offset = lib.position_offset
                 first = len(token_ids)
-                lib_rows.setdefault(req.library, []).extend(range(first, first + n))
+                lib_rows.setdefault(bid, []).extend(range(first, first + n))
                 k = req.top_k_chunks or top_k_default
-                lib_topk[req.library] = max(lib_topk.get(req.library, 0), k)
+                lib_topk[bid] = max(lib_topk.get(bid, 0), k)
             rows = prompt_logprobs.rows_of(
                 req.request_id, req.prompt_token_ids, start, end, len(token_ids),
                 req.sampling_params.prompt_logprobs,
@@ -196,22 +200,22 @@ class ModelRunner:
             if token_ids[-1] == PLACEHOLDER_TOKEN:
                 pending.append((len(token_ids) - 1, req.request_id))
             positions.extend(range(offset + start, offset + end))
-            table = req.block_table
+            table = block_table(req.request_id)
             slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
             cu_q.append(len(token_ids))
             seq_lens.append(end)
             if end == req.num_tokens:
                 sample_rows.append(len(token_ids) - 1)
                 sample_reqs.append(req)
-                if req.library is not None:
-                    record_reqs.setdefault(req.library, []).append((req, len(token_ids) - 1))
+                if lib is not None:
+                    record_reqs.setdefault(lib.build_id, []).append((req, len(token_ids) - 1))
         max_blocks = max((s + bs - 1) // bs for s in seq_lens)
-        tables = [
-            it.request.block_table[:max_blocks] + [0] * (max_blocks - len(it.request.block_table))
-            for it in scheduled
-        ]
+        tables = []
+        for it in scheduled:
+            table = block_table(it.request.request_id)
+            tables.append(table[:max_blocks] + [0] * (max_blocks - len(table)))
         device_ids = self._device_inputs(pending, prev)
-        spec = self._graph_spec(scheduled, token_ids, lib_rows, lib_topk, record_reqs, get_library)
+        spec = self._graph_spec(scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs)
         if spec is not False:
             try:
                 hidden, group = self.graphs.run(
@@ -242,7 +246,7 @@ class ModelRunner:
         num_layers = self.mcfg.num_layers
         sampled_layers = frozenset({0, num_layers // 2, num_layers - 1})
         for name, rows in lib_rows.items():
-            lib = get_library(name)
+            lib = libs[name]
             wants = any(r.report_routing for r, _ in record_reqs.get(name, []))
             meta.groups.append(
                 LibraryGroup(
@@ -276,7 +280,7 @@ class ModelRunner:
             return 0
         specs: list[LibrarySpec | None] = [None]
         for name, lib in libraries.items():
-            specs.append(LibrarySpec(name, lib, top_k, _scorer(lib), record=True))
+            specs.append(LibrarySpec(lib.build_id, lib, top_k, _scorer(lib), record=True))
         try:
             return self.graphs.capture(specs, progress=progress)
         except GraphCaptureError as e:
@@ -299,7 +303,7 @@ class ModelRunner:
         src = to_device([index[rid] for _, rid in pending], self.device, torch.int64)
         return rows, prev.batch.tokens.index_select(0, src)
 
-    def _graph_spec(self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, get_library):
+    def _graph_spec(self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs):
         """False when this step runs eagerly; else None (no library) or the LibrarySpec of
         the one library every row reads, for a CUDA-graph replay."""
         g = self.graphs
@@ -313,7 +317,7 @@ class ModelRunner:
         reqs = record_reqs.get(name, [])
         if len(rows) != len(token_ids) or any(r.report_routing for r, _ in reqs):
             return False
-        lib = get_library(name)
+        lib = libs[name]
         return LibrarySpec(name, lib, lib_topk[name], _scorer(lib), record=bool(reqs))
 
     def _sample(self, hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from moska.cache.block_manager import BlockManager
@@ -62,7 +63,8 @@ class SchedulerOutput:
 
 
 def _library_key(s: ScheduledRequest) -> tuple[bool, str]:
-    return (s.request.library is not None, s.request.library or "")
+    lib = s.request.library
+    return (lib is not None, "" if lib is None else lib.build_id)
 
 
 class Scheduler:
@@ -75,6 +77,7 @@ class Scheduler:
         self._waiting_tokens = 0
         self._finished_ids: list[str] = []
         self._awaiting_update = False
+        self._suspects: set[str] = set()  # ids that run alone after a failed step
 
     # --- queries ------------------------------------------------------------------------
     @property
@@ -99,7 +102,8 @@ class Scheduler:
 
     # --- queue helpers ------------------------------------------------------------------
     def _push_waiting(self, request: Request, front: bool = False) -> None:
-        assert request.num_computed_tokens == 0 and not request.block_table
+        assert request.num_computed_tokens == 0
+        assert not self.block_manager.block_table(request.request_id)
         if front:
             self._waiting.appendleft(request)
         else:
@@ -183,7 +187,10 @@ class Scheduler:
         if not self._requests:
             bm.check_integrity()
             assert bm.allocator.num_used == 0, "blocks held with no unfinished request"
+            self._suspects.clear()
             return SchedulerOutput([], [], 0, finished_ids)
+        if self._suspects and (alone := self._schedule_suspect(finished_ids)) is not None:
+            return alone
 
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
@@ -228,6 +235,8 @@ class Scheduler:
             if not bm.allocate_slots(request, num_new, num_cached_tokens=num_cached):
                 break
             self._pop_waiting()
+            if not resumed:
+                request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self._running.append(request)
             scheduled.append(ScheduledRequest(request, num_new))
@@ -250,6 +259,7 @@ class Scheduler:
         got_token: list[Request] = []
         for item in output.scheduled:
             request = item.request
+            self._suspects.discard(request.request_id)  # its step went through
             if request.is_finished:  # aborted between schedule() and now
                 continue
             request.num_computed_tokens += item.num_new_tokens
@@ -268,6 +278,63 @@ class Scheduler:
             if request.is_finished:
                 self._release(request)
         return got_token
+
+    def recover_step(self, output: SchedulerOutput, extra: Sequence[Request] = ()) -> list[Request]:
+        """Roll back a step that raised (the runner, a kernel, the sampler) so the next
+        `schedule()` starts from a consistent state, and find the request that made it fail.
+
+        The step's requests (and `extra`: those of a step still in flight, whose tokens are
+        placeholders) are preempted by recompute and become *suspects*; each suspect then
+        runs one step alone before it batches with others again. A request whose step
+        fails while it ran alone is the culprit: it ends as aborted and is returned (with
+        any that cannot be recovered: one that reached its length on a placeholder). So a
+        poisoned request fails alone and every other request goes on."""
+        self._awaiting_update = False
+        reqs = list(
+            {id(r): r for r in [i.request for i in output.scheduled] + list(extra)}.values()
+        )
+        alone = len(reqs) == 1
+        failed: list[Request] = []
+        for request in reversed(reqs):  # pushed to the front: keep their order
+            if request.output_token_ids and request.output_token_ids[-1] == PLACEHOLDER_TOKEN:
+                request.output_token_ids.pop()  # never reached the host: sampled again
+                if request.request_id not in self._requests:  # released at its length
+                    failed.append(request)
+                    continue
+            if request.request_id not in self._requests:
+                continue  # finished before this step failed (a stop token resolved)
+            if alone:
+                self.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED)
+                failed.append(request)
+                continue
+            if request.status is RequestStatus.RUNNING:  # else already back in the queue
+                self._running = [r for r in self._running if r is not request]
+                self._preempt(request)
+            self._suspects.add(request.request_id)
+        self.block_manager.check_integrity()
+        return failed
+
+    def _schedule_suspect(self, finished_ids: list[str]) -> SchedulerOutput | None:
+        """A step of the first suspect alone (see `recover_step`), or None (no suspect left
+        waiting, or no room for it: then scheduling goes on as usual)."""
+        suspect = next((r for r in self._waiting if r.request_id in self._suspects), None)
+        if suspect is None:
+            self._suspects.clear()
+            return None
+        bm = self.block_manager
+        num_cached = bm.match_prefix(suspect)
+        num_new = min(suspect.num_tokens - num_cached, self.config.max_num_batched_tokens)
+        if len(self._running) >= self.config.max_num_seqs or not bm.allocate_slots(
+            suspect, num_new, num_cached_tokens=num_cached
+        ):
+            self._suspects.clear()
+            return None
+        self._waiting = deque(r for r in self._waiting if r is not suspect)
+        self._waiting_tokens -= suspect.num_tokens
+        suspect.status = RequestStatus.RUNNING
+        self._running.append(suspect)
+        self._awaiting_update = True
+        return SchedulerOutput([ScheduledRequest(suspect, num_new)], [], num_new, finished_ids)
 
     def resolve_placeholder(self, request: Request, token: int) -> None:
         """Put the real token in place of the request's last output token, a placeholder,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ def build_from_corpus(
         routing_rank=int(routing[0].basis.shape[-1]),
         files={},
         build=stats.to_dict(),
+        build_id=uuid.uuid4().hex,
     )
     token_ids = torch.tensor(corpus.token_ids, dtype=torch.int32)  # [S_total]
     return LoadedLibrary(manifest, offsets, k_pools, v_pools, routing, token_ids), stats

@@ -88,3 +88,30 @@ class CorruptLibraryError(LibraryError):
 
 class ChecksumMismatchError(CorruptLibraryError):
     """A file's sha256 differs from the one recorded in the manifest (truncated or altered)."""
+
+
+class LibraryInUseError(LibraryError):
+    """A delete (or rebuild) of a library that requests are reading, or that another
+    process (a running server) has loaded. ``num_requests`` is None for another process."""
+
+    def __init__(self, name: str, num_requests: int | None) -> None:
+        if num_requests is None:
+            what = "is loaded by another moska process (a running server)"
+            todo = "delete it through that server (DELETE /v1/libraries/{name}) or stop it"
+        else:
+            what = f"is in use by {num_requests} running request(s)"
+            todo = "retry when they have finished, or delete with ?wait=true to wait for them"
+        super().__init__(f"library {name!r} {what}: {todo.replace('{name}', name)}")
+        self.name = name
+        self.num_requests = num_requests
+
+
+class LibraryDeletingError(LibraryError):
+    """A request named a library whose delete is waiting for its last users."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"library {name!r} is being deleted: it takes no new requests; build it again "
+            "under this name once the delete has finished, or use another library"
+        )
+        self.name = name

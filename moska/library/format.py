@@ -246,6 +246,10 @@ class Manifest:
     files: dict[str, str]  # filename -> sha256 hex
     build: dict[str, float] = field(default_factory=dict)  # seconds, tokens_per_s, ...
     format_version: int = FORMAT_VERSION
+    # A fresh id per build: caches (prefix cache, CUDA graphs) key on it, never on the name,
+    # so a library rebuilt under the same name never reuses the old build's KV. Manifests
+    # written before build ids existed get one derived from their file checksums on load.
+    build_id: str = ""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

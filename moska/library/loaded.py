@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,19 @@ class LoadedLibrary:
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def build_id(self) -> str:
+        """Identifies this build of the library (a new one for every build, even under the
+        same name): what caches key on. Older manifests get one from their file checksums;
+        a library built in memory and never saved without one gets its object id."""
+        m = self.manifest
+        if m.build_id:
+            return m.build_id
+        if m.files:
+            digest = hashlib.sha256(json.dumps(m.files, sort_keys=True).encode()).hexdigest()
+            return f"sha-{digest[:24]}"
+        return f"mem-{id(self):x}"
 
     @property
     def mode(self) -> str:

@@ -3,9 +3,11 @@ under one root directory, for one model. Used by the server, the engine and the 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,14 @@ import torch
 from moska.library.builder import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_TOKENS, build_and_save
 from moska.library.errors import (
     CorruptLibraryError,
+    LibraryDeletingError,
     LibraryError,
     LibraryExistsError,
+    LibraryInUseError,
     LibraryNotFoundError,
 )
 from moska.library.format import (
+    MANIFEST_FILE,
     ModelFingerprint,
     model_fingerprint,
     validate_name,
@@ -74,6 +79,10 @@ class LibraryManager:
         self._fingerprint: ModelFingerprint | None = None
         self._loaded: dict[str, LoadedLibrary] = {}
         self._lock = threading.RLock()
+        self._released = threading.Condition(self._lock)  # a request released a library
+        self._refs: dict[str, int] = {}  # build id -> requests holding it
+        self._lock_fds: dict[str, int] = {}  # name -> descriptor holding its shared lock
+        self._deleting: set[str] = set()  # names a delete is waiting on
         remove_stale_tmp_dirs(self.root)
 
     @property
@@ -167,40 +176,115 @@ class LibraryManager:
             )
         if keep_loaded and library.device == self.device:
             with self._lock:
-                self._loaded[name] = library
+                self._register(name, library)
         return info
 
     def get(self, name: str) -> LoadedLibrary:
         """The loaded library ``name``, loading it on first use (the lock is held while
-        loading, so concurrent callers load once)."""
+        loading, so concurrent callers load once). Requests should ``acquire`` instead."""
         with self._lock:
+            if name in self._deleting:
+                raise LibraryDeletingError(name)
             library = self._loaded.get(name)
             if library is None:
                 self._dir(name)
                 library = load_library(
                     self.root, name, self.fingerprint, self.device, progress=self.progress
                 )
-                self._loaded[name] = library
+                self._register(name, library)
             return library
+
+    def acquire(self, name: str) -> LoadedLibrary:
+        """``get(name)`` for a request that will read it until ``release``: while any
+        request holds it, ``delete(name)`` refuses (LibraryInUseError) instead of pulling
+        the KV from under running requests."""
+        with self._lock:
+            library = self.get(name)
+            self._refs[library.build_id] = self._refs.get(library.build_id, 0) + 1
+            return library
+
+    def release(self, library: LoadedLibrary) -> None:
+        """A request that acquired ``library`` has ended."""
+        with self._lock:
+            n = self._refs.get(library.build_id, 0) - 1
+            assert n >= 0, f"release of {library.name!r} without acquire"
+            if n:
+                self._refs[library.build_id] = n
+            else:
+                self._refs.pop(library.build_id, None)
+            self._released.notify_all()
+
+    def num_users(self, name: str) -> int:
+        """Requests holding the loaded build of ``name`` now (0 when it is not loaded)."""
+        with self._lock:
+            library = self._loaded.get(name)
+            return 0 if library is None else self._refs.get(library.build_id, 0)
+
+    def _register(self, name: str, library: LoadedLibrary) -> None:
+        """Keep ``library`` loaded under ``name`` and hold a shared lock on its manifest,
+        so that another process (``moska library rm``) cannot delete it meanwhile."""
+        self._unregister(name)
+        self._loaded[name] = library
+        try:
+            fd = os.open(self.root / name / MANIFEST_FILE, os.O_RDONLY)
+        except OSError:  # built in memory only, or a store without locking
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # another process is deleting it: serve what we loaded anyway
+            os.close(fd)
+            return
+        self._lock_fds[name] = fd
+
+    def _unregister(self, name: str) -> bool:
+        fd = self._lock_fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the shared lock
+        return self._loaded.pop(name, None) is not None
 
     def unload(self, name: str) -> bool:
         with self._lock:
-            return self._loaded.pop(name, None) is not None
+            return self._unregister(name)
 
     def loaded_names(self) -> list[str]:
         with self._lock:
             return sorted(self._loaded)
 
-    def delete(self, name: str) -> None:
-        """Unload and remove ``name``; LibraryNotFoundError if there is none."""
+    def delete(self, name: str, wait_s: float = 0.0) -> None:
+        """Unload and remove ``name``. LibraryNotFoundError if there is none;
+        LibraryInUseError if requests still read it (after waiting up to ``wait_s`` seconds
+        for them to end; new requests are refused meanwhile) or another process has it
+        loaded. A refused delete changes nothing."""
+        deadline = time.monotonic() + max(0.0, wait_s)
         with self._lock:
             self._dir(name)
-            self._loaded.pop(name, None)
+            self._deleting.add(name)
             try:
-                delete_library_dir(self.root, name)
-            except FileNotFoundError as e:
-                raise LibraryNotFoundError(name, self.root) from e
-            except OSError as e:
-                raise CorruptLibraryError(
-                    name, str(self.root / name), f"cannot delete ({e})"
-                ) from e
+                while (users := self.num_users(name)) and time.monotonic() < deadline:
+                    self._released.wait(timeout=deadline - time.monotonic())
+                if users:
+                    raise LibraryInUseError(name, users)
+                self._unregister(name)
+                self._delete_files(name)
+            finally:
+                self._deleting.discard(name)
+
+    def _delete_files(self, name: str) -> None:
+        try:
+            fd = os.open(self.root / name / MANIFEST_FILE, os.O_RDONLY)
+        except OSError:
+            fd = None  # no manifest (a damaged library): nothing can hold it loaded
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    raise LibraryInUseError(name, None) from e
+            delete_library_dir(self.root, name)
+        except FileNotFoundError as e:
+            raise LibraryNotFoundError(name, self.root) from e
+        except OSError as e:
+            raise CorruptLibraryError(name, name, f"cannot delete ({e})") from e
+        finally:
+            if fd is not None:
+                os.close(fd)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import asyncio
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -59,6 +59,7 @@ def create_app(
             max_tokens=settings.max_build_tokens,
             max_concurrent=settings.max_concurrent_builds,
             max_queued=settings.max_queued_builds,
+            prefill_tokens=settings.build_prefill_tokens,
         )
 
     @asynccontextmanager
@@ -93,12 +94,9 @@ def create_app(
     async def health(state: StateDep) -> JSONResponse:
         aengine = state.async_engine
         ok = aengine.alive and aengine.accepting
+        body = {"status": "ok" if ok else "unavailable", "failed_steps": aengine.failed_steps}
         load = aengine.load()
-        body = {
-            "status": "ok" if ok else "unavailable",
-            "num_waiting": load.num_waiting,
-            "num_running": load.num_running,
-        }
+        body |= {"num_waiting": load.num_waiting, "num_running": load.num_running}
         return JSONResponse(body, 200 if ok else 503)
 
     @app.get("/metrics", response_class=Response)

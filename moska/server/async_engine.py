@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from moska.engine.errors import StepFailedError
 from moska.engine.outputs import RequestOutput
 from moska.engine.sampling_params import SamplingParams
 from moska.server.admission import AdmissionController, Load, RequestCost, StepFeatures
@@ -118,6 +119,7 @@ class AsyncEngine:
         self._iter_warmup = False  # this iteration paid a one-off (a library load)
         self._prompt_computed: int | None = None  # engine.stats().prompt_tokens_computed
         self._num_in_flight = 0  # accepted and unfinished, engine thread writes
+        self.failed_steps = 0  # steps that raised (their requests got an error)
         self.accepting = True
 
     # ------------------------------------------------------------ event-loop side
@@ -313,7 +315,14 @@ class AsyncEngine:
         t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception as exc:
+        except StepFailedError as exc:  # the engine ended that step's requests, nothing else
+            self.failed_steps += 1
+            self.metrics.step_failures.inc()
+            self._fail(exc.request_ids, EngineStepError(str(exc)))
+            return
+        except Exception as exc:  # the engine could not contain it: fail everything in flight
+            self.failed_steps += 1
+            self.metrics.step_failures.inc()
             logger.exception("engine.step() failed; failing %d requests", len(self._streams))
             self._abort_all(EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}"))
             return
@@ -373,6 +382,16 @@ class AsyncEngine:
         self._added, self._iter_warmup = 0, False
         if deliveries:
             self._post(_deliver, deliveries)
+
+    def _fail(self, request_ids: Sequence[str], exc: BaseException) -> None:
+        """End these requests' streams with `exc` (the engine has already ended them)."""
+        failed = [s for rid in request_ids if (s := self._streams.pop(rid, None)) is not None]
+        self._num_in_flight -= len(failed)
+        for _ in failed:
+            self.metrics.requests.labels("error").inc()
+        if failed:
+            self._post(_deliver, [(s, exc) for s in failed])
+        self._publish_stats()
 
     def _abort_all(self, exc: BaseException) -> None:
         streams = list(self._streams.values())

@@ -75,6 +75,8 @@ def from_engine_error(exc: Exception) -> APIError:
         return APIError(409, str(exc), code="library_damaged")
     if isinstance(exc, LibraryExistsError):
         return APIError(409, str(exc), code="library_exists")
+    if name in ("LibraryInUseError", "LibraryBusyError", "LibraryDeletingError"):
+        return APIError(409, str(exc), code=_snake(name))
     if "NotFound" in name or name.startswith("Unknown") or isinstance(exc, KeyError):
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         return APIError(404, str(msg), code="not_found")

@@ -25,6 +25,7 @@ from moska.server.protocol import (
     LIBRARY_NAME_RE,
     ChatCompletionRequest,
     CompletionRequest,
+    PromptTokensDetails,
     UsageInfo,
 )
 from moska.server.state import ServerState
@@ -44,6 +45,8 @@ class Generation:
     params: SamplingParams  # of choice 0; logprobs etc. are the same for all
     num_prompts: int
     prompt_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> tokens
+    cached_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> cache hits
+    library_tokens: int = 0  # of the library in front of every prompt
     n: int = 1
     report_routing: bool = False
 
@@ -66,6 +69,10 @@ class Generation:
                 raise APIError(500, str(item), code="engine_error") from item
             idx = self.choice_of[item.request_id]
             self.prompt_tokens.setdefault(idx // self.n, len(item.prompt_token_ids))
+            if item.finished or item.num_cached_tokens:
+                self.cached_tokens.setdefault(idx // self.n, item.num_cached_tokens)
+            if item.library is not None:
+                self.library_tokens = int(item.library.num_tokens)
             if item.finished:
                 remaining.discard(item.request_id)
             yield idx, item
@@ -82,6 +89,10 @@ class Generation:
             prompt_tokens=prompt,
             completion_tokens=completion_tokens,
             total_tokens=prompt + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(self.cached_tokens.values()),
+                library_tokens=self.library_tokens * len(self.prompt_tokens),
+            ),
         )
 
 
@@ -166,6 +177,19 @@ async def tokenize(state: ServerState, prompt: str | list[int], special: bool = 
     return len(ids)
 
 
+async def library_offset(state: ServerState, library: str | None) -> int:
+    """Positions the library takes in front of a request's own tokens (0 without one),
+    from its manifest, read off the event loop. A missing library is a 404 here."""
+    manager = getattr(state.engine, "libraries", None)
+    if library is None or manager is None:
+        return 0
+    try:
+        info = await asyncio.to_thread(manager.info, library)
+    except Exception as exc:
+        raise from_engine_error(exc) from exc
+    return int(getattr(info, "position_offset", None) or 0)
+
+
 async def admission_cost(
     state: ServerState, prompt_tokens: int, max_tokens: int, body: Any
 ) -> RequestCost:
@@ -178,25 +202,32 @@ async def admission_cost(
     )
 
 
-def resolve_max_tokens(state: ServerState, num_prompt: int, max_tokens: int | None) -> int:
+def resolve_max_tokens(
+    state: ServerState, num_prompt: int, max_tokens: int | None, library_tokens: int = 0
+) -> int:
+    """max_tokens as given (checked against the context), or when absent what is left of
+    the context after the library and the prompt, capped by `max_tokens_default`."""
     limit = state.max_model_len
+    used = library_tokens + num_prompt
+    lib = f"the library's {library_tokens} tokens + " if library_tokens else ""
     if num_prompt == 0:
         raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
-    if num_prompt >= limit:
+    if used >= limit:
         raise APIError(
             400,
-            f"This model's maximum context length is {limit} tokens; the prompt has "
-            f"{num_prompt} tokens. Shorten the prompt.",
+            f"This model's maximum context length is {limit} tokens; {lib}the prompt's "
+            f"{num_prompt} tokens leave no room for a completion. Shorten the prompt.",
             param="prompt",
             code="context_length_exceeded",
         )
     if max_tokens is None:
-        return limit - num_prompt
-    if num_prompt + max_tokens > limit:
+        cap = state.settings.max_tokens_default
+        return limit - used if cap is None else min(cap, limit - used)
+    if used + max_tokens > limit:
         raise APIError(
             400,
             f"This model's maximum context length is {limit} tokens; you requested "
-            f"{num_prompt + max_tokens} ({num_prompt} in the prompt, {max_tokens} for the "
+            f"{used + max_tokens} ({lib}{num_prompt} in the prompt, {max_tokens} for the "
             "completion). Reduce the prompt or max_tokens.",
             param="max_tokens",
             code="context_length_exceeded",
@@ -266,7 +297,8 @@ async def submit(
     bias = sampling_fields.logit_bias(body, getattr(config, "vocab_size", None))
     # The engine adds BOS to text prompts unless they follow a library.
     counts = [await tokenize(state, p, body.library is None) for p in prompts]
-    resolved = [resolve_max_tokens(state, c, max_tokens) for c in counts]
+    offset = await library_offset(state, body.library)
+    resolved = [resolve_max_tokens(state, c, max_tokens, offset) for c in counts]
     params = [[sampling_params(body, mt, logprobs, j, bias) for j in range(n)] for mt in resolved]
     params = await structured_output.constrain(state, grammar or grammar_of(body), params)
 

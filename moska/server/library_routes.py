@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from moska.server.build_worker import BuildJob, BuildQueueFullError, BuildWorker
 from moska.server.errors import APIError, from_engine_error
@@ -175,9 +175,26 @@ async def get_library(name: str, state: StateDep) -> LibraryObject:
     return to_object(await _call(state, lambda: manager.info(name)))
 
 
-@router.delete("/v1/libraries/{name}", response_model=LibraryDeleted, responses=_ERRORS)
-async def delete_library(name: str, state: StateDep) -> LibraryDeleted:
+_DELETE_ERRORS = {**_ERRORS, 409: {"model": ErrorResponse}}
+
+
+@router.delete("/v1/libraries/{name}", response_model=LibraryDeleted, responses=_DELETE_ERRORS)
+async def delete_library(
+    name: str,
+    state: StateDep,
+    wait: bool = Query(False, description="wait for the requests reading it to finish"),
+    timeout: float = Query(300.0, ge=0.0, le=3600.0, description="seconds to wait at most"),
+) -> LibraryDeleted:
+    """Delete a library. Requests in flight hold the build they read: while any does, the
+    answer is 409 (naming how many), or with `wait=true` the delete waits for them (new
+    requests for it are refused meanwhile) up to `timeout` seconds. Never disturbs them."""
     manager = _manager(state)
     _check_name(name)
-    await _call(state, lambda: manager.delete(name))
+    wait_s = timeout if wait else 0.0
+    try:  # off the engine thread: a waiting delete must not stop the steps it waits for
+        await asyncio.to_thread(manager.delete, name, wait_s)
+    except APIError:
+        raise
+    except Exception as exc:
+        raise from_engine_error(exc) from exc
     return LibraryDeleted(name=name)

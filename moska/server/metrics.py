@@ -74,6 +74,11 @@ class ServerMetrics:
         self.chunks_routed = Counter(
             "moska_chunks_routed", "Library chunks routed to, summed over steps", registry=r
         )
+        self.step_failures = Counter(
+            "moska_step_failures",
+            "Engine steps that raised; their requests ended with an error, others went on",
+            registry=r,
+        )
         self.kv_usage = Gauge(
             "moska_kv_cache_usage", "Share of the unique KV-cache blocks in use, 0..1", registry=r
         )

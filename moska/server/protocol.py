@@ -205,10 +205,22 @@ class ChatCompletionRequest(_SamplingFields):
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        0, description="prompt tokens whose KV came from the prefix cache (not computed)"
+    )
+    library_tokens: int = Field(
+        0,
+        description="tokens of the shared library in front of the prompt (moska): not in "
+        "prompt_tokens; each step attends to its routed chunks of them",
+    )
+
+
 class UsageInfo(BaseModel):
-    prompt_tokens: int = 0
+    prompt_tokens: int = Field(0, description="the request's own prompt tokens")
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -18,10 +18,11 @@ class ServerSettings:
 
     Library builds over HTTP (`POST /v1/libraries`) run beside the engine, not on its
     thread: `max_build_tokens` per build, `max_concurrent_builds` at once, at most
-    `max_queued_builds` waiting (beyond: 429). Tokenization and chat templating run on
-    `tokenizer_workers` threads; a prompt of more than `max_prompt_chars` characters is a
-    400 (None: the most that the context can hold, from the longest token), and more than
-    `max_tokenize_pending_chars` characters waiting to be encoded is a 429.
+    `max_queued_builds` waiting (beyond: 429), prefilling `build_prefill_tokens` tokens per
+    forward (None: the build worker's default for the device). Tokenization and chat
+    templating run on `tokenizer_workers` threads; a prompt of more than `max_prompt_chars`
+    characters is a 400 (None: the most that the context can hold, from the longest token),
+    and more than `max_tokenize_pending_chars` characters waiting to be encoded is a 429.
     """
 
     host: str = "127.0.0.1"
@@ -37,9 +38,13 @@ class ServerSettings:
     max_build_tokens: int = 1 << 20
     max_concurrent_builds: int = 1
     max_queued_builds: int = 16
+    build_prefill_tokens: int | None = None
     tokenizer_workers: int = 2
     max_prompt_chars: int | None = None
     max_tokenize_pending_chars: int = 64 * 1024 * 1024
+    # max_tokens when a request leaves it out: what is left of the context after the
+    # library and the prompt, capped by this (None: no cap, as vLLM)
+    max_tokens_default: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -52,6 +57,8 @@ class ServerSettings:
             raise ValueError(f"max_queue must be at least 1, got {self.max_queue}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.max_tokens_default is not None and self.max_tokens_default < 1:
+            raise ValueError(f"max_tokens_default must be >= 1, got {self.max_tokens_default}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.shutdown_drain_s < 0:
@@ -65,5 +72,9 @@ class ServerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.build_prefill_tokens is not None and self.build_prefill_tokens < 1:
+            raise ValueError(
+                f"build_prefill_tokens must be at least 1, got {self.build_prefill_tokens}"
+            )
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
             raise ValueError(f"max_prompt_chars must be at least 1, got {self.max_prompt_chars}")

@@ -92,7 +92,7 @@ class FakeLibraryManager:
         self._libs[name] = info
         return info
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, wait_s: float = 0.0) -> None:
         self._touch()
         if self._libs.pop(name, None) is None:
             raise LibraryNotFoundError(name, "/fake")
