@@ -3,6 +3,7 @@ real one cannot give cheaply: slow steps (overload), a library manager, forced f
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -50,11 +51,17 @@ class FakeLibraryManager:
     def __init__(self, build_seconds: float = 0.0) -> None:
         self._libs: dict[str, FakeLibraryInfo] = {}
         self.build_seconds = build_seconds
-        self.thread_ids: set[int] = set()  # threads that called in (must be the engine's)
+        self.thread_ids: set[int] = set()  # threads that called in (any but the event loop)
         self.build_thread_ids: set[int] = set()  # threads that built (the build worker's)
+        self.loop_calls = 0  # calls made on a thread running an event loop
 
     def _touch(self) -> None:
         self.thread_ids.add(threading.get_ident())
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.loop_calls += 1  # called on an event loop thread
 
     def list(self):
         self._touch()

@@ -71,8 +71,8 @@ def test_library_lifecycle(fake_server):
         extra_body={"library": "handbook", "top_k_chunks": 2},
     )
     assert r.choices[0].finish_reason == "length"
-    # every library manager call ran on the engine thread, the one that steps
-    assert engine.libraries.thread_ids == engine.step_threads
+    # no library manager call ran on the event loop (they may block: file reads, locks)
+    assert engine.libraries.loop_calls == 0
     assert threading.get_ident() not in engine.step_threads
 
     # building it again fails inside the job
@@ -154,7 +154,11 @@ def test_shutdown_drains_accepted_requests():
         threads = [threading.Thread(target=call) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.15)
+        aengine = app.state.moska.async_engine
+        deadline = time.monotonic() + 20
+        while aengine.num_in_flight < 4:  # all four accepted before the server stops
+            assert time.monotonic() < deadline, "the requests were not accepted"
+            time.sleep(0.005)
     for t in threads:
         t.join(10)
     assert len(results) == 4

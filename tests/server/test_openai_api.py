@@ -176,7 +176,9 @@ def test_oversized_body(real_server):
 
 def test_health_and_metrics(real_server, client, model):
     url, _ = real_server
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["num_waiting"] == health["num_running"] == 0
+    assert isinstance(health["failed_steps"], int)
     client.completions.create(model=model, prompt="m", max_tokens=3)
     text = httpx.get(f"{url}/metrics").text
     for name in (
