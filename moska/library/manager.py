@@ -284,7 +284,8 @@ class LibraryManager:
         except FileNotFoundError as e:
             raise LibraryNotFoundError(name, self.root) from e
         except OSError as e:
-            raise CorruptLibraryError(name, name, f"cannot delete ({e})") from e
+            reason = e.strerror or type(e).__name__  # never the server path
+            raise CorruptLibraryError(name, name, f"cannot delete ({reason})") from e
         finally:
             if fd is not None:
                 os.close(fd)
