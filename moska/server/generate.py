@@ -156,10 +156,11 @@ def _routed_chunk(library: Any, chunk: int) -> dict:
     return {"chunk": chunk, "document": span.document, "start": span.start, "end": span.end}
 
 
-async def tokenize(state: ServerState, prompt: str | list[int], special: bool = True) -> int:
-    """Number of tokens of a prompt (as the engine will count it: `special` says whether
-    it adds special tokens such as BOS); checks token ids against the vocabulary. Text is
-    encoded on the tokenizer pool, off the event loop, within its bounds (400 / 429)."""
+async def tokenize(state: ServerState, prompt: str | list[int], special: bool = True) -> list[int]:
+    """A prompt's token ids, as the engine would encode it (`special`: whether it adds
+    special tokens such as BOS); checks token ids against the vocabulary. Text is encoded
+    on the tokenizer pool, off the event loop and the engine thread, within its bounds
+    (400 / 429); the engine then receives the ids."""
     tok = state.engine.tokenizer
     if isinstance(prompt, list):
         vocab = getattr(tok, "vocab_size", None)
@@ -167,14 +168,14 @@ async def tokenize(state: ServerState, prompt: str | list[int], special: bool = 
             raise APIError(
                 400, f"token ids must be below the vocabulary size {vocab}", param="prompt"
             )
-        return len(prompt)
+        return prompt
     try:
         ids = await state.tokenizers.run(lambda: tok.encode(prompt, special), len(prompt), "prompt")
     except APIError:
         raise
     except Exception as exc:
         raise APIError(400, f"could not tokenize the prompt: {exc}", param="prompt") from exc
-    return len(ids)
+    return list(ids)
 
 
 async def library_offset(state: ServerState, library: str | None) -> int:
@@ -296,7 +297,9 @@ async def submit(
     config = getattr(state.engine, "model_config", None)
     bias = sampling_fields.logit_bias(body, getattr(config, "vocab_size", None))
     # The engine adds BOS to text prompts unless they follow a library.
-    counts = [await tokenize(state, p, body.library is None) for p in prompts]
+    # Text is encoded here, on the tokenizer pool; the engine thread gets the ids.
+    prompts = [await tokenize(state, p, body.library is None) for p in prompts]
+    counts = [len(p) for p in prompts]
     offset = await library_offset(state, body.library)
     resolved = [resolve_max_tokens(state, c, max_tokens, offset) for c in counts]
     params = [[sampling_params(body, mt, logprobs, j, bias) for j in range(n)] for mt in resolved]
