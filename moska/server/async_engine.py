@@ -1,13 +1,16 @@
 """The engine loop in one background thread, bridged to asyncio.
 
 One thread owns the engine: it alone calls `add_request`, `abort_request`, `step` and any
-function submitted with `call` (library builds run there, between steps). The event loop
-talks to it through a thread-safe command queue; outputs go back to per-request asyncio
-queues with `loop.call_soon_threadsafe`, one call per step.
+function submitted with `call` (short library reads; builds run on the build worker,
+`server/build_worker.py`). The event loop talks to it through a thread-safe command queue;
+outputs go back to per-request asyncio queues with `loop.call_soon_threadsafe`, one call
+per step.
 
 Guarantees: a request accepted by the engine is stepped until it finishes or its client
-aborts it (no output is dropped); an abort frees the request's KV in the engine; shutdown
-drains in-flight requests (bounded), then aborts what is left and joins the thread.
+aborts it (no output is dropped); an abort frees the request's KV in the engine; a step
+that raises ends only the requests the engine names (`StepFailedError`: the culprit of a
+rolled-back step), the others go on; shutdown drains in-flight requests (bounded), then
+aborts what is left and joins the thread.
 """
 
 from __future__ import annotations
