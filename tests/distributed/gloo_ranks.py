@@ -1,0 +1,98 @@
+"""Runs a function on N CPU processes joined by a gloo process group, with a deadline.
+
+Each test file spawns its processes once and runs all its cases inside them (spawning and
+importing torch costs seconds per process on a 2-core machine). A rank that hangs or dies
+fails the caller within ``timeout_s``: the processes are killed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import tempfile
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _entry(fn, rank: int, world: int, store: str, results, collective_s: float, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{store}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=collective_s),
+        )
+        results.put((rank, True, fn(rank, world, *args)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args, timeout_s: float = 60.0, collective_s: float = 20.0):
+    """``fn(rank, world, *args)`` on ``world`` gloo ranks; returns their results by rank.
+
+    ``fn`` must be importable (module level). The children run the kernels' PyTorch
+    references (TRITON_INTERPRET=0: launchers fall back to them on the CPU), which is much
+    faster than Triton's interpreter at these shapes. Raises AssertionError naming the rank
+    on a failure, and TimeoutError when ``timeout_s`` passes first.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = os.path.join(tempfile.mkdtemp(prefix="moska-gloo-"), "store")
+    procs = []
+    saved, restored, finished = os.environ.get("TRITON_INTERPRET"), False, False
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        for rank in range(world):
+            p = ctx.Process(
+                target=_entry, args=(fn, rank, world, store, results, collective_s, args)
+            )
+            p.start()
+            procs.append(p)
+        _restore(saved)
+        restored = True
+        out: dict[int, object] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(out) < world:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"ranks {sorted(set(range(world)) - set(out))} did not finish")
+            try:
+                rank, ok, value = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                dead = [i for i in dead if i not in out]
+                if dead:
+                    raise AssertionError(f"rank(s) {dead} died (exit codes) without a result")
+                continue
+            if not ok:
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+        finished = True
+        return [out[r] for r in range(world)]
+    finally:
+        if not restored:
+            _restore(saved)
+        for p in procs:  # after a failure the others may wait in a collective: no grace
+            p.join(timeout=10 if finished else 0)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def _restore(saved: str | None) -> None:
+    if saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = saved

@@ -1,0 +1,191 @@
+"""Shared-KV ranks on 4 gloo processes: every case runs inside one spawn (module fixture).
+
+Exactness: at top_k = all against dense attention over (library ++ the row's own KV) in one
+process; at top_k < all against the single-process routed path (route, grouped attention,
+merge_selections). fp32, relative error < 1e-4. Cases cover 1 + 3 and 2 + 2 and 3 + 1
+layouts, chunk counts that do not divide by the shared ranks, a shared rank that holds no
+chunk, one that no row selects, a unique rank with no rows, replicated hot chunks, and
+several layers served by ``serve_forever`` until ``stop``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gloo_ranks import run_ranks
+
+WORLD = 4
+HQ, HKV, D = 4, 2, 16
+CASES = {
+    # name: (unique ranks, chunks, top_k or None for all, rows per unique rank, options)
+    "1+3 all chunks, 7 chunks": (1, 7, None, [5], {}),
+    "1+3 top-2 routed": (1, 7, 2, [6], {}),
+    "1+3 two chunks (a rank holds none)": (1, 2, None, [3], {}),
+    "1+3 rank 2 selected by no row": (1, 7, 2, [4], {"chunks": [0, 1, 3, 4]}),
+    "2+2 top-3, second unique rank empty": (2, 5, 3, [5, 0], {}),
+    "2+2 all chunks": (2, 5, None, [3, 4], {}),
+    "3+1 top-1": (3, 4, 1, [2, 3, 1], {}),
+    "1+3 replicated hot chunks": (1, 7, 3, [8], {"replicas": 2}),
+}
+LAYERS = 2
+
+
+def _data(num_chunks: int, rows: list[int], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(3, 9, (num_chunks,), generator=g)
+    offs = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+    s = int(offs[-1])
+    k = [torch.randn(s, HKV, D, generator=g) for _ in range(LAYERS)]
+    v = [torch.randn(s, HKV, D, generator=g) for _ in range(LAYERS)]
+    q = [[torch.randn(b, HQ, D, generator=g) for b in rows] for _ in range(LAYERS)]
+    # each row's own KV, dense: [rows, L_u, Hkv, D] with per-row lengths
+    uniq = []
+    for b in rows:
+        ln = torch.randint(1, 7, (b,), generator=g)
+        uniq.append(
+            (
+                ln,
+                [torch.randn(LAYERS, int(n), HKV, D, generator=g) for n in ln],
+                [torch.randn(LAYERS, int(n), HKV, D, generator=g) for n in ln],
+            )
+        )
+    return offs, k, v, q, uniq
+
+
+def _dense(q, keys, vals, scale):
+    """q [Hq, D], keys/vals [L, Hkv, D] -> (o [Hq, D], lse [Hq])."""
+    kk = keys.repeat_interleave(HQ // HKV, 1)  # [L, Hq, D]
+    s = torch.einsum("hd,lhd->hl", q.double(), kk.double()) * scale
+    o = torch.einsum(
+        "hl,lhd->hd", torch.softmax(s, -1), vals.repeat_interleave(HQ // HKV, 1).double()
+    )
+    return o, torch.logsumexp(s, -1)
+
+
+def _cases(rank: int, world: int):
+    import torch.distributed as dist
+
+    from moska.attention.ops import get_attention_ops
+    from moska.distributed.partition import ChunkPlacement
+    from moska.distributed.shared_kv import (
+        SharedKVClient,
+        SharedKVLayout,
+        SharedKVServer,
+        SharedKVSpec,
+        shard_library,
+    )
+    from moska.kernels.router import build_routing_index, route
+    from moska.kernels.selections import from_topk
+
+    ops = get_attention_ops("torch")
+    scale = D**-0.5
+    spec = SharedKVSpec(HQ, HKV, D, torch.float32, scale)
+    out = {}
+    for i, (name, (u, nc, top_k, rows, opt)) in enumerate(CASES.items()):
+        lay = SharedKVLayout(u, world - u)
+        offs, k, v, q, uniq = _data(nc, rows, seed=i)
+        placement = ChunkPlacement.by_chunk_id(nc, lay.num_shared)
+        if "replicas" in opt:
+            hot = [10.0 / (c + 1) for c in range(nc)]  # Zipf-like: chunk 0 hottest
+            placement = placement.with_replicas(hot, opt["replicas"])
+        if lay.is_shared(rank):
+            shard = shard_library(k, v, offs, placement, lay.shared_index(rank))
+            server = SharedKVServer(spec, lay, shard, ops)
+            served = server.serve_forever()
+            out[name] = {"served": served, "loads": server.loads, "chunks": shard.chunks}
+            continue
+        client = SharedKVClient(spec, lay, placement, ops)
+        errs, b = [], rows[rank]
+        lens, ku, vu = uniq[rank]
+        for layer in range(LAYERS):
+            qr = q[layer][rank]
+            # the unique part: dense over each row's own KV
+            o_u = torch.zeros(b, HQ, D)
+            lse_u = torch.zeros(b, HQ)
+            for r in range(b):
+                o_r, l_r = _dense(qr[r], ku[r][layer], vu[r][layer], scale)
+                o_u[r], lse_u[r] = o_r.float(), l_r.float()
+            index = build_routing_index(k[layer], offs)
+            if "chunks" in opt:
+                pick = torch.tensor(opt["chunks"])[torch.randperm(len(opt["chunks"]))[:top_k]]
+                sel = from_topk(pick.expand(b, 1, top_k), HKV, nc)
+            else:
+                sel = route(qr, index, nc if top_k is None else top_k)
+            o, lse = client.attend(layer, qr, o_u, lse_u, sel)
+            if top_k is None:  # dense over library ++ own KV
+                ref = (
+                    torch.stack(
+                        [
+                            _dense(
+                                qr[r],
+                                torch.cat([k[layer], ku[r][layer]]),
+                                torch.cat([v[layer], vu[r][layer]]),
+                                scale,
+                            )[0]
+                            for r in range(b)
+                        ]
+                    )
+                    if b
+                    else torch.zeros(0, HQ, D)
+                )
+            else:  # the single-process routed path
+                o_s, l_s = ops.grouped_shared(qr, k[layer], v[layer], offs, sel, scale)
+                ref, _ = ops.merge_selections(o_u, lse_u, o_s, l_s, sel)
+            err = float((o.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+            errs.append(err if b else 0.0)
+            errs.append(bool(torch.isfinite(lse).all()))
+        client.stop()
+        out[name] = {"errs": errs, "rows": b}
+    dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(_cases, WORLD, timeout_s=90)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", list(CASES))
+def test_exact_against_one_process(results, name):
+    u = CASES[name][0]
+    for rank in range(u):
+        errs = results[rank][name]["errs"]
+        for layer in range(LAYERS):
+            assert errs[2 * layer] < 1e-4, (name, rank, layer, errs)
+            assert errs[2 * layer + 1] is True, "lse not finite"
+    for rank in range(u, WORLD):
+        assert results[rank][name]["served"] == LAYERS  # every layer, then the stop
+
+
+def test_rank_without_chunks_and_without_selections(results):
+    # 2 chunks over 3 shared ranks: the third holds none and receives nothing
+    r = results[3]["1+3 two chunks (a rank holds none)"]
+    assert r["chunks"] == ()
+    assert all(rows == 0 for _, rows, _ in r["loads"])
+    # chunks 0, 1, 3, 4 are on shared ranks 0 and 1 (c % 3): shared rank 2 (group rank 3)
+    # gets no query row although it holds chunks 2 and 5
+    r = results[3]["1+3 rank 2 selected by no row"]
+    assert r["chunks"] == (2, 5)
+    assert all(rows == 0 for _, rows, _ in r["loads"])
+    busy = results[1]["1+3 rank 2 selected by no row"]["loads"]
+    assert all(rows > 0 for _, rows, _ in busy)
+
+
+def test_all_chunks_load(results):
+    # top_k = all: every shared rank gets every row once, and one selection per held
+    # (chunk, kv head, row)
+    name = "1+3 all chunks, 7 chunks"
+    rows = CASES[name][3][0]
+    for rank in range(1, WORLD):
+        r = results[rank][name]
+        for _, got_rows, sels in r["loads"]:
+            assert got_rows == rows
+            assert sels == len(r["chunks"]) * HKV * rows
+
+
+def test_replicas_hold_the_hot_chunk(results):
+    name = "1+3 replicated hot chunks"
+    holders = [rank for rank in range(1, WORLD) if 0 in results[rank][name]["chunks"]]
+    assert len(holders) >= 2, holders
