@@ -45,6 +45,8 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "(default: on on CUDA, off on CPU)",
     "enable_prefix_caching": "reuse the KV blocks of prompt prefixes earlier requests computed",
 }
+    "tensor_parallel_size": "split the model over N ranks, one process each (rank 0 serves "
+    "HTTP and schedules; on one host)",
 _NOT_FLAGS = {"model"}  # positional / --model, per subcommand
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                   "bf16": "bfloat16"}  # fmt: skip

@@ -23,6 +23,8 @@ class EngineConfig:
         host, hiding the host's work between steps (None: on CUDA, off on CPU). Steps that
         read a library still wait for their tokens (their routing reports are read back).
     enable_prefix_caching: reuse the KV blocks of a prompt prefix an earlier request computed.
+    tensor_parallel_size: ranks the model is split over (one process each, on one host; see
+        docs/distributed.md). Rank 0 is the calling process and starts the others.
 
     Every field is reachable from the command line (`moska serve --help`): the CLI builds
     its engine flags from this class and a test fails when a field has none.
@@ -45,6 +47,7 @@ class EngineConfig:
     enforce_eager: bool = False
     async_scheduling: bool | None = None
     enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -65,6 +68,11 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.default_top_k_chunks < 1:
             raise ValueError("default_top_k_chunks must be positive")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be a positive number of ranks, "
+                f"got {self.tensor_parallel_size}"
+            )
 
     def check_device(self) -> None:
         """Raise DeviceUnavailableError when the asked-for device or attention backend

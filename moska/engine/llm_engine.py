@@ -102,6 +102,8 @@ class LLMEngine:
         )
         # the step queued on the device whose tokens the host has not read yet
         self._in_flight: tuple[SchedulerOutput, PendingStep, float] | None = None
+        # tensor parallelism: the other ranks (distributed/runtime.py); set by from_model
+        self.dist = None
 
     @classmethod
     def from_model(cls, model: str | None = None, **kwargs) -> LLMEngine:
@@ -116,14 +118,41 @@ class LLMEngine:
         device = config.resolved_device()
         if str(device).startswith("cuda") and dtype is None and model is None:
             dtype = "bfloat16"
-        loaded = load_model(path, dtype=dtype, device=device)
+        if config.tensor_parallel_size > 1:
+            from moska.distributed.launch import start_tensor_parallel
+
+            # ranks 1..N-1 in their own processes; None here means this process served as
+            # one of them (under torchrun) and rank 0 has stopped
+            started = start_tensor_parallel(config, path, dtype, device)
+            if started is None:
+                raise SystemExit(0)
+            loaded, runtime = started
+            libraries = None  # library (shared KV) requests do not run with TP yet
+        else:
+            loaded, runtime = load_model(path, dtype=dtype, device=device), None
+            libraries = _make_library_manager(config, loaded, device)
         if loaded.tokenizer is None:
             logger.warning("no tokenizer: only token-id prompts are accepted")
-        libraries = _make_library_manager(config, loaded, device)
-        engine = cls(config, loaded, libraries)
+        try:
+            engine = cls(config, loaded, libraries)
+        except Exception as exc:
+            if runtime is None:
+                raise
+            failed = runtime.failure_after(exc)  # a rank that died while loading
+            runtime.shutdown()
+            if failed is not None:
+                raise failed from exc
+            raise
+        engine.dist = runtime
         if model is None:
             engine.model_name = DEFAULT_MODEL_NAME
         return engine
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one rank). The engine
+        cannot run steps afterwards."""
+        if self.dist is not None:
+            self.dist.shutdown()
 
     def capture_graphs(self, progress: bool = True) -> int:
         """Capture the CUDA graphs of decode steps now rather than on each batch size's
@@ -154,6 +183,13 @@ class LLMEngine:
             raise RequestError("LLMEngine takes n=1 per request; submit n requests instead")
         if top_k_chunks is not None and top_k_chunks < 1:
             raise RequestError("top_k_chunks must be a positive number of chunks")
+        if self.dist is not None:
+            self.dist.raise_if_failed()
+            if library is not None:
+                raise RequestError(
+                    "library (shared KV) requests do not run with tensor parallelism yet; "
+                    "send the request without a library or serve with tensor_parallel_size=1"
+                )
         if library is not None and self.libraries is None:
             raise RequestError("this engine has no library manager")
         # The request holds its library's build from here to its end (released in _drop).
@@ -245,6 +281,8 @@ class LLMEngine:
         StepFailedError names those ended (none when the step was shared). Requests outside
         the step are untouched.
         """
+        if self.dist is not None:
+            self.dist.raise_if_failed()  # a dead rank: every step would fail
         out = self.scheduler.schedule()
         prev = self._in_flight
         self._in_flight = None
@@ -252,12 +290,15 @@ class LLMEngine:
             return self._run_step(out, prev)
         except Exception as exc:
             self._in_flight = None
+            failed = None if self.dist is None else self.dist.failure_after(exc)
             extra = [] if prev is None else [item.request for item in prev[0].scheduled]
             culprits = self.scheduler.recover_step(out, extra)
             ids = [r.request_id for r in culprits if r.request_id in self._tracked]
             for rid in ids:
                 self._drop(rid)
             self._failed_steps += 1
+            if failed is not None:  # not the step's fault: the engine cannot step any more
+                raise failed from exc
             logger.exception(
                 "step failed; %d request(s) ended (%s), the others run again, each alone first",
                 len(ids),

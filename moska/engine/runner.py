@@ -85,13 +85,22 @@ class ModelRunner:
         self.device = device
         self.dtype = next(self.model.parameters()).dtype
         self.block_size = config.block_size
+        # tensor parallelism (distributed/tensor_parallel.py): the model is this rank's
+        # slice, its config counts this rank's KV heads; every rank takes the same number
+        # of blocks (the fewest any can hold), and steps run eagerly
+        self.tensor_parallel_size = getattr(self.model, "tensor_parallel_size", 1)
+        self.num_kv_heads = self.model.config.num_kv_heads
         num_blocks = config.num_kv_blocks or self._auto_num_blocks()
-        use_graphs = device.type == "cuda" and not config.enforce_eager
+        if self.tensor_parallel_size > 1:
+            num_blocks = self.model.agree_num_blocks(num_blocks)
+        use_graphs = (
+            device.type == "cuda" and not config.enforce_eager and self.tensor_parallel_size == 1
+        )
         self.cache = PagedKVCache(
             self.mcfg.num_layers,
             num_blocks + int(use_graphs),  # + the CUDA graphs' scratch block, owned by no request
             self.block_size,
-            self.mcfg.num_kv_heads,
+            self.num_kv_heads,
             self.mcfg.head_dim,
             self.dtype,
             device,
@@ -128,7 +137,7 @@ class ModelRunner:
         per_block = PagedKVCache.bytes_per_block(
             self.mcfg.num_layers,
             self.block_size,
-            self.mcfg.num_kv_heads,
+            self.num_kv_heads,
             self.mcfg.head_dim,
             self.dtype,
         )

@@ -32,13 +32,20 @@ class LoadedModel(NamedTuple):
 
 
 def load_model(
-    path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    tensor_parallel=None,
 ) -> LoadedModel:
     """Load config, weights (single or sharded safetensors) and tokenizer from `path`.
 
     dtype: None or "auto" -> the checkpoint's dtype (float32 if config.json states none);
     otherwise bfloat16/float16/float32 (or bf16/fp16/fp32). Raises ModelLoadError subclasses.
     """
+    tensor_parallel: a `distributed.tensor_parallel.TensorParallel`: build this rank's slice
+    of the model and read only its slice of each tensor (LoadedModel.config stays the
+    checkpoint's; the model's own config is the slice's).
     path = Path(path)
     if not path.is_dir():
         raise MissingFileError(f"{path}: model directory not found")
@@ -49,10 +56,16 @@ def load_model(
     device = torch.device(device)
 
     files = _weight_files(path)
-    model = CausalLM(config, dtype=dtype, device="meta").to_empty(device=device)
+    if tensor_parallel is None:
+        model = CausalLM(config, dtype=dtype, device="meta")
+        slices = {}
+    else:
+        model = tensor_parallel.make_model(config, dtype=dtype, device="meta")
+        slices = tensor_parallel.tensor_slices(config)
+    model = model.to_empty(device=device)
     model.rotary.reset_inv_freq()
     model.requires_grad_(False).eval()
-    _load_weights(model, config, files, dtype)
+    _load_weights(model, config, files, dtype, slices)
 
     tokenizer = None
     if (path / "tokenizer.json").is_file():
@@ -119,9 +132,14 @@ def _expected_tensors(model: CausalLM, config: ModelConfig) -> dict[str, torch.T
 
 @torch.no_grad()
 def _load_weights(
-    model: CausalLM, config: ModelConfig, files: dict[Path, set[str] | None], dtype: torch.dtype
+    model: CausalLM,
+    config: ModelConfig,
+    files: dict[Path, set[str] | None],
+    dtype: torch.dtype,
+    slices: dict | None = None,  # name -> TensorSlice: read only that part (tensor parallel)
 ) -> None:
-    expected = _expected_tensors(model, config)
+    slices = slices or {}
+    expected = _expected_tensors(model, model.config)  # the model's own (a slice's) sizes
     # A tied checkpoint may still carry lm_head.weight; it must match but is not used.
     optional = (
         {"lm_head.weight": (config.vocab_size, config.hidden_size)} if model.lm_head is None else {}
@@ -165,9 +183,15 @@ def _load_weights(
                     loaded[name] = file
                     if dest is None:
                         continue
-                    dest.copy_(f.get_tensor(name).to(dtype))
+                    whole = cut is None
+                    dest.copy_(
+                        (f.get_tensor(name) if whole else f.get_slice(name)[cut.index]).to(dtype)
+                    )
                 except CorruptCheckpointError:
                     raise
+                cut = slices.get(name) if dest is not None else None
+                if cut is not None:  # the checkpoint holds the whole tensor
+                    want = want[: cut.dim] + (cut.full,) + want[cut.dim + 1 :]
                 except Exception as e:
                     raise CorruptCheckpointError(f"{file}: cannot read tensor {name} ({e})") from e
     missing = sorted(set(expected) - set(loaded))

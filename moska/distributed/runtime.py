@@ -1,0 +1,332 @@
+"""The process group of a tensor-parallel engine: who starts the ranks, how they meet, and
+how rank 0 notices one that died.
+
+Layout (one host): rank 0 is the calling process — it owns the scheduler, and in `moska
+serve` the HTTP server; ranks 1..N-1 are worker processes that only run forwards
+(`distributed/worker.py`). Rank 0 starts them with torch.multiprocessing (spawn), unless
+the process was launched by `torchrun` (RANK / WORLD_SIZE / MASTER_ADDR in the
+environment), in which case every rank is already running and ranks other than 0 become
+workers.
+
+They meet on a TCPStore (rank 0 binds a free port; under torchrun the launcher's). Two
+groups: the *model* group (NCCL on GPUs, gloo on CPU or when ranks share a GPU) carries the
+collectives of the forward, each with the group's timeout (MOSKA_DIST_TIMEOUT_S, 60 s by
+default: a long first step may compile kernels); the gloo *control* group carries each
+step's command header, and the workers wait on it for as long as rank 0 is idle.
+
+Failure: each worker bumps a heartbeat counter in the store every 0.5 s; a monitor thread
+on rank 0 watches the counters (stale for HEARTBEAT_STALE_S = 5 s: failed) and, for the
+workers it spawned, their process handles (a dead process is seen at once). A failed rank
+is logged by rank, and the engine raises RankFailedError naming it at its next step or
+request. A collective with a dead peer raises at once on gloo (the peer's socket closes);
+on NCCL the monitor aborts the model group so that a collective blocked on the dead rank
+returns an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing.connection
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moska.distributed.comm import Collectives
+from moska.distributed.errors import RankFailedError
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5
+HEARTBEAT_STALE_S = 5.0
+_IDLE_TIMEOUT = timedelta(days=30)  # the control group: workers wait on it while rank 0 idles
+
+
+def collective_timeout_s() -> float:
+    return float(os.environ.get("MOSKA_DIST_TIMEOUT_S", "60"))
+
+
+def torchrun_rank() -> int | None:
+    """This process's rank when `torchrun` launched it (None otherwise)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
+def pick_backend(device: torch.device, world_size: int) -> str:
+    """NCCL when each rank has a GPU of its own; gloo on CPU or when ranks share a GPU
+    (NCCL refuses two ranks on one device). MOSKA_DIST_BACKEND overrides."""
+    forced = os.environ.get("MOSKA_DIST_BACKEND")
+    if forced:
+        return forced
+    if device.type == "cuda" and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    """Rank r's device: cuda:(r mod visible GPUs) on CUDA (several ranks share a GPU when
+    there are fewer GPUs than ranks: a logic run), else the CPU."""
+    if not str(device).startswith("cuda"):
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return torch.device("cuda", local % max(1, torch.cuda.device_count()))
+
+
+@dataclass
+class Rendezvous:
+    """Where the ranks meet and how they talk (picklable: handed to spawned workers)."""
+
+    world_size: int
+    host: str
+    port: int
+    backend: str
+    use_agent_store: bool = False  # torchrun's agent hosts the store
+
+
+@dataclass
+class ProcessGroups:
+    """One rank's membership: model collectives, control group, store."""
+
+    rank: int
+    world_size: int
+    comm: Collectives
+    control: object
+    store: object
+    backend: str
+
+    @classmethod
+    def join(cls, rdv: Rendezvous, rank: int, *, host_store: bool = False) -> ProcessGroups:
+        timeout = timedelta(seconds=collective_timeout_s())
+        store = dist.TCPStore(
+            rdv.host,
+            rdv.port,
+            rdv.world_size,
+            is_master=host_store,
+            timeout=timedelta(seconds=max(120.0, collective_timeout_s())),
+            wait_for_workers=False,
+        )
+        return cls._init(rdv, rank, store, timeout)
+
+    @classmethod
+    def _init(cls, rdv: Rendezvous, rank: int, store, timeout: timedelta) -> ProcessGroups:
+        if rdv.backend == "nccl":
+            torch.cuda.set_device(rank_device("cuda", rank))
+        dist.init_process_group(
+            rdv.backend,
+            store=dist.PrefixStore("moska/pg", store),
+            rank=rank,
+            world_size=rdv.world_size,
+            timeout=timeout,
+        )
+        control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+        # every rank is up and answering (gloo names a rank that is not)
+        dist.monitored_barrier(control, timeout=timeout, wait_all_ranks=True)
+        comm = Collectives(None, rank, rdv.world_size, rdv.backend)
+        return cls(rank, rdv.world_size, comm, control, store, rdv.backend)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a broken group cannot be torn down cleanly
+                logger.debug("destroy_process_group failed", exc_info=True)
+
+
+@dataclass
+class Monitor:
+    """Rank 0's watch over the other ranks (see the module docstring)."""
+
+    groups: ProcessGroups
+    procs: dict[int, mp.Process] = field(default_factory=dict)  # spawned workers by rank
+    failure: RankFailedError | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="moska-rank-monitor", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        store = self.groups.store
+        ranks = range(1, self.groups.world_size)
+        seen = {r: (-1, time.monotonic()) for r in ranks}
+        while not self._stop.is_set() and self.failure is None:
+            sentinels = {p.sentinel: r for r, p in self.procs.items()}
+            if sentinels:
+                ready = multiprocessing.connection.wait(list(sentinels), timeout=HEARTBEAT_S)
+            else:
+                ready = []
+                self._stop.wait(HEARTBEAT_S)
+            for s in ready:
+                r = sentinels[s]
+                self.procs[r].join(1.0)  # reap it: its exit code (-9: killed by SIGKILL)
+                self._fail(r, f"its process exited (exit code {self.procs[r].exitcode})")
+                return
+            now = time.monotonic()
+            for r in ranks:
+                try:
+                    beats = store.add(f"moska/heartbeat/{r}", 0)
+                except Exception as e:  # noqa: BLE001 - the store itself is gone
+                    self._fail(r, f"the rendezvous store stopped answering ({e})")
+                    return
+                if beats != seen[r][0]:
+                    seen[r] = (beats, now)
+                elif beats >= 0 and now - seen[r][1] > HEARTBEAT_STALE_S:
+                    self._fail(r, f"no heartbeat for {now - seen[r][1]:.1f} s")
+                    return
+
+    def _fail(self, rank: int, reason: str) -> None:
+        with self._lock:
+            if self.failure is not None:
+                return
+            key = f"moska/error/{rank}"
+            try:  # get() would wait for the key: check first
+                if self.groups.store.check([key]):
+                    reason = f"{reason}: {self.groups.store.get(key).decode()}"
+            except Exception:  # noqa: BLE001 - the store is gone with rank 0's peers
+                pass
+            self.failure = RankFailedError(rank, reason)
+        logger.error("tensor-parallel rank %d failed: %s", rank, reason)
+        if self.groups.backend == "nccl":  # unblock a collective waiting on the dead rank
+            try:
+                dist.distributed_c10d._abort_process_group()
+            except Exception:  # noqa: BLE001 - best effort; the NCCL watchdog times out too
+                logger.debug("aborting the NCCL group failed", exc_info=True)
+
+
+class DistributedRuntime:
+    """Rank 0's side of a tensor-parallel engine: start (or join) the ranks, watch them,
+    stop them."""
+
+    def __init__(self, groups: ProcessGroups, monitor: Monitor) -> None:
+        self.groups = groups
+        self.monitor = monitor
+        self.channel = None  # the StepChannel, set once the model is loaded
+        self._closed = False
+        atexit.register(self.shutdown)
+
+    @property
+    def world_size(self) -> int:
+        return self.groups.world_size
+
+    @property
+    def worker_pids(self) -> dict[int, int]:
+        """rank -> pid of the workers this process spawned."""
+        return {r: p.pid for r, p in self.monitor.procs.items()}
+
+    @classmethod
+    def start(cls, world_size: int, device: str, worker_args: tuple) -> DistributedRuntime:
+        """Rank 0: spawn ranks 1..world_size-1 running worker.run_worker(rdv, rank,
+        *worker_args) (or, under torchrun, join the ranks it started) and form the groups."""
+        from moska.distributed.worker import run_worker
+
+        backend = pick_backend(rank_device(device, 0), world_size)
+        launched = torchrun_rank()
+        procs: dict[int, mp.Process] = {}
+        if launched is not None:
+            rdv = _torchrun_rendezvous(world_size, backend)
+            groups = ProcessGroups.join(rdv, 0, host_store=not rdv.use_agent_store)
+        else:
+            store = dist.TCPStore(
+                "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                timeout=timedelta(seconds=max(120.0, collective_timeout_s())),
+            )  # fmt: skip
+            rdv = Rendezvous(world_size, "127.0.0.1", store.port, backend)
+            ctx = mp.get_context("spawn")
+            for rank in range(1, world_size):
+                p = ctx.Process(
+                    target=run_worker,
+                    args=(rdv, rank, os.getpid(), *worker_args),
+                    name=f"moska-tp-rank{rank}",
+                    daemon=True,
+                )
+                p.start()
+                procs[rank] = p
+            try:
+                groups = ProcessGroups._init(
+                    rdv, 0, store, timedelta(seconds=collective_timeout_s())
+                )
+            except BaseException:
+                _stop_procs(procs, 0.0)
+                raise
+        monitor = Monitor(groups, procs)
+        monitor.start()
+        return cls(groups, monitor)
+
+    def raise_if_failed(self) -> None:
+        if self.monitor.failure is not None:
+            raise self.monitor.failure
+
+    def failure_after(self, exc: BaseException, wait_s: float = 3.0) -> RankFailedError | None:
+        """After a step raised `exc`: the rank failure behind it, waiting up to `wait_s` for
+        the monitor to name the rank; None when `exc` is not a distributed failure."""
+        if isinstance(exc, RankFailedError):
+            return exc
+        if not isinstance(exc, RuntimeError | dist.DistError):
+            return None
+        deadline = time.monotonic() + wait_s
+        while self.monitor.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.monitor.failure is None and _looks_distributed(exc):
+            self.monitor.failure = RankFailedError(None, f"a collective failed ({exc})")
+            logger.error("tensor-parallel collective failed with no rank known dead: %s", exc)
+        return self.monitor.failure
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the workers (a STOP command, then kill what has not exited within
+        `timeout_s`) and leave the process group. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.monitor.stop()
+        if self.monitor.failure is None and self.channel is not None:
+            try:
+                self.channel.send_stop()
+            except Exception:  # noqa: BLE001 - a worker died meanwhile: they are killed below
+                logger.debug("sending STOP failed", exc_info=True)
+        _stop_procs(self.monitor.procs, timeout_s)
+        self.groups.close()
+
+
+def _looks_distributed(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, dist.DistError) or any(
+        w in text for w in ("gloo", "nccl", "connection", "peer", "timed out", "timeout")
+    )
+
+
+def _stop_procs(procs: dict[int, mp.Process], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for p in procs.values():
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs.values():
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)
+
+
+def _torchrun_rendezvous(world_size: int, backend: str) -> Rendezvous:
+    env_world = int(os.environ["WORLD_SIZE"])
+    if env_world != world_size:
+        from moska.distributed.errors import TensorParallelConfigError
+
+        raise TensorParallelConfigError(
+            f"torchrun started {env_world} processes but tensor_parallel_size is "
+            f"{world_size}; pass --nproc-per-node {world_size}"
+        )
+    return Rendezvous(
+        world_size,
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        backend,
+        use_agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+    )

@@ -1,0 +1,107 @@
+"""A rank other than 0: load its slice of the model, then run every forward rank 0 sends.
+
+It owns no scheduler and no requests: each step's inputs and block tables arrive over the
+StepChannel, its KV cache (its KV heads only) is written at the slots rank 0 chose, and it
+takes part in the logits gather but never samples. It stops on STOP, or when rank 0 goes
+away (its socket closes, or — for a spawned worker — its parent process is gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import torch
+
+from moska.distributed.runtime import (
+    HEARTBEAT_S,
+    ProcessGroups,
+    Rendezvous,
+    _torchrun_rendezvous,
+    pick_backend,
+    rank_device,
+    torchrun_rank,
+)
+from moska.distributed.step_channel import Command, StepChannel
+from moska.distributed.tensor_parallel import TensorParallel
+
+logger = logging.getLogger(__name__)
+
+
+def run_worker(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
+    """Entry point of a spawned worker process."""
+    logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(message)s")
+    dev = rank_device(device, rank)
+    if dev.type == "cpu":  # ranks share the host's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rdv.world_size))
+    groups = ProcessGroups.join(rdv, rank)
+    _serve(groups, model_path, dtype, dev, config, parent_pid)
+
+
+def run_worker_from_env(model_path, dtype, device: str, config) -> None:
+    """Ranks other than 0 under torchrun: serve steps until rank 0 stops, then return."""
+    rank = torchrun_rank()
+    assert rank is not None and rank != 0
+    world = config.tensor_parallel_size
+    rdv = _torchrun_rendezvous(world, pick_backend(rank_device(device, rank), world))
+    groups = ProcessGroups.join(rdv, rank, host_store=False)
+    _serve(groups, model_path, dtype, rank_device(device, rank), config, None)
+
+
+def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, config, parent_pid):
+    from moska.engine.runner import ModelRunner
+    from moska.model import load_model
+
+    stop = threading.Event()
+    beat = threading.Thread(
+        target=_heartbeat, args=(groups, parent_pid, stop), name="moska-heartbeat", daemon=True
+    )
+    beat.start()
+    try:
+        loaded = load_model(
+            model_path, dtype=dtype, device=device, tensor_parallel=TensorParallel(groups.comm)
+        )
+        model = loaded.model
+        runner = ModelRunner(loaded, config, device)  # its KV cache: this rank's heads
+        channel = StepChannel(groups.comm, groups.control, device, model.config.hidden_size, model.dtype)
+        serve_steps(model, runner.attention, channel)
+    except BaseException as e:
+        try:
+            groups.store.set(f"moska/error/{groups.rank}", f"{type(e).__name__}: {e}")
+        except Exception:  # noqa: BLE001 - rank 0 (the store) is gone: nobody to tell
+            pass
+        raise
+    finally:
+        stop.set()
+        groups.close()
+
+
+@torch.inference_mode()
+def serve_steps(model, attention, channel: StepChannel) -> None:
+    """Run the commands rank 0 sends until STOP."""
+    last = None  # the last forward's hidden states [T, H]
+    while True:
+        msg = channel.recv()
+        if msg.command is Command.STOP:
+            return
+        if msg.command is Command.FORWARD:
+            last = model(msg.input_ids, msg.positions, attention.bind(msg.meta))
+        elif msg.command is Command.LOGITS_LAST:
+            assert last is not None, "LOGITS_LAST before any forward"
+            model.compute_logits(last)
+        elif msg.command is Command.LOGITS_ROWS:
+            model.compute_logits(msg.hidden)
+
+
+def _heartbeat(groups: ProcessGroups, parent_pid: int | None, stop: threading.Event) -> None:
+    """Bump this rank's counter in the store (rank 0's monitor watches it); leave the
+    process when the parent that spawned it is gone (nobody will send STOP)."""
+    key = f"moska/heartbeat/{groups.rank}"
+    while not stop.wait(HEARTBEAT_S):
+        if parent_pid is not None and os.getppid() != parent_pid:
+            os._exit(1)
+        try:
+            groups.store.add(key, 1)
+        except Exception:  # noqa: BLE001 - the store lives in rank 0: it is gone
+            os._exit(1)
