@@ -1,4 +1,4 @@
-"""The `moska` command: generate, serve, library management, benchmarks.
+"""The `moska` command: generate, serve, library management, convert, benchmarks.
 
 Engine flags are generated from `moska.config.EngineConfig`, one per field and named as
 vLLM names them (`max_num_seqs` -> `--max-num-seqs`), so no engine setting is unreachable
@@ -15,6 +15,7 @@ import sys
 import typing
 
 from moska import __version__
+from moska.cli_convert import add_convert_parser, run_convert
 from moska.config import EngineConfig
 
 _BENCHES = {
@@ -44,9 +45,9 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "async_scheduling": "queue the next step before this step's tokens reach the host "
     "(default: on on CUDA, off on CPU)",
     "enable_prefix_caching": "reuse the KV blocks of prompt prefixes earlier requests computed",
-}
     "tensor_parallel_size": "split the model over N ranks, one process each (rank 0 serves "
     "HTTP and schedules; on one host)",
+}
 _NOT_FLAGS = {"model"}  # positional / --model, per subcommand
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                   "bf16": "bfloat16"}  # fmt: skip
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--model", default=None)
         c.add_argument("--library-root", default=None)
 
+    add_convert_parser(sub)
+
     bench = sub.add_parser("bench", help="run a benchmark (GPU benchmarks need CUDA)")
     bench.add_argument("which", choices=sorted(_BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -258,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.library_command is None:
                 parser.parse_args(["library", "--help"])
             return run_library(args)
+        if args.command == "convert":
+            return run_convert(parser, args)
         if args.command == "bench":
             import runpy
 

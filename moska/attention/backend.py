@@ -68,11 +68,12 @@ class BoundAttention:
         self,
         layer: int,
         q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
+        k: torch.Tensor | None,  # [T, Hkv, D]; None: an MLKV layer reading its source's KV
+        v: torch.Tensor | None,  # [T, Hkv, D]
     ) -> torch.Tensor:  # [T, Hq, D]
         p, m = self.p, self.meta
-        p.cache.write(layer, k, v, m.slot_mapping, p.ops.kv_write)
+        if k is not None:  # `layer` is the KV slot (model/llama.py)
+            p.cache.write(layer, k, v, m.slot_mapping, p.ops.kv_write)
         side = p.side_stream(q.device) if m.groups else None
         if side is None:
             o, lse = self._unique(layer, q)

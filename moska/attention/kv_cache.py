@@ -8,6 +8,10 @@ from moska.kernels.kv_write import kv_write_ref
 
 
 class PagedKVCache:
+    """K and V [num_layers, blocks, block_size, Hkv, D]. ``num_layers`` counts the layers
+    that own KV (``ModelConfig.num_kv_layers``): an MLKV model's sharing layers read their
+    source layer's slot, so they take no memory here."""
+
     def __init__(
         self,
         num_layers: int,
@@ -23,6 +27,10 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:

@@ -97,7 +97,7 @@ class ModelRunner:
             device.type == "cuda" and not config.enforce_eager and self.tensor_parallel_size == 1
         )
         self.cache = PagedKVCache(
-            self.mcfg.num_layers,
+            self.mcfg.num_kv_layers,  # one per layer that owns KV (fewer under MLKV)
             num_blocks + int(use_graphs),  # + the CUDA graphs' scratch block, owned by no request
             self.block_size,
             self.num_kv_heads,
@@ -135,7 +135,7 @@ class ModelRunner:
 
     def _auto_num_blocks(self) -> int:
         per_block = PagedKVCache.bytes_per_block(
-            self.mcfg.num_layers,
+            self.mcfg.num_kv_layers,
             self.block_size,
             self.num_kv_heads,
             self.mcfg.head_dim,
@@ -252,7 +252,7 @@ class ModelRunner:
             block_tables=to_device(tables, dev, torch.int32),
             decode_only=len(token_ids) == len(scheduled),
         )
-        num_layers = self.mcfg.num_layers
+        num_layers = self.mcfg.num_kv_layers  # attention layers index KV slots
         sampled_layers = frozenset({0, num_layers // 2, num_layers - 1})
         for name, rows in lib_rows.items():
             lib = libs[name]

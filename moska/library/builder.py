@@ -51,7 +51,8 @@ def build_from_corpus(
 
     validate_name(name)
     config = loaded_model.config
-    num_layers = int(_cfg(config, "num_layers", "num_hidden_layers"))
+    # one pool per layer that owns KV (an MLKV model's sharing layers read their source's)
+    num_layers = int(_cfg(config, "num_kv_layers", "num_layers", "num_hidden_layers"))
     head_dim = int(_cfg(config, "head_dim"))
     sm_scale = getattr(config, "sm_scale", None)
     if routing_rank is not None and not 1 <= routing_rank <= head_dim:

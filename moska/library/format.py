@@ -103,6 +103,8 @@ class ModelFingerprint:
     vocab_size: int
     dtype: str
     weights_hash: str | None = None
+    # MLKV models: layers that own KV (one library file each); None: every layer
+    num_kv_layers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,7 +189,15 @@ def model_fingerprint(loaded_model: Any) -> ModelFingerprint:
         vocab_size=int(_cfg(config, "vocab_size", default=0)),
         dtype=_dtype_name(dtype),
         weights_hash=weights_hash(getattr(loaded_model, "path", None)),
+        num_kv_layers=_num_kv_layers(config),
     )
+
+
+def _num_kv_layers(config: Any) -> int | None:
+    """The KV layers of an MLKV model; None when every layer has KV (older manifests)."""
+    kv = getattr(config, "num_kv_layers", None)
+    layers = _cfg(config, "num_hidden_layers", "num_layers")
+    return int(kv) if kv is not None and kv != layers else None
 
 
 # ---------------------------------------------------------------- manifest
@@ -275,6 +285,11 @@ class Manifest:
         return self.model.num_layers
 
     @property
+    def num_kv_layers(self) -> int:
+        """Layers of KV stored, one file each (fewer than num_layers for an MLKV model)."""
+        return self.model.num_kv_layers or self.model.num_layers
+
+    @property
     def chunk_offsets(self) -> list[int]:
         return [c.start for c in self.chunks] + [self.num_tokens]
 
@@ -329,7 +344,7 @@ def library_files(directory: Path, manifest: Manifest) -> list[Path]:
     """The paths of the files the manifest lists, each checked to lie inside ``directory``
     (names are validated when the manifest is parsed; this also refuses a symbolic link
     that leads out of the folder). CorruptLibraryError for a missing or outside file."""
-    needed = [layer_file(i) for i in range(manifest.num_layers)] + [TOKENS_FILE]
+    needed = [layer_file(i) for i in range(manifest.num_kv_layers)] + [TOKENS_FILE]
     for f in needed:
         if f not in manifest.files:
             raise CorruptLibraryError(manifest.name, f, "not listed in manifest.json")

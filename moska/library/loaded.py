@@ -36,7 +36,8 @@ INDEX_PREFIX = "index."
 
 @dataclass(eq=False)
 class LoadedLibrary:
-    """A library in memory. Layer ``l``'s KV is ``k_pools[l], v_pools[l]`` [S_total, Hkv, D];
+    """A library in memory. KV slot ``l``'s KV (layer ``l``'s, unless MLKV: model/mlkv.py)
+    is ``k_pools[l], v_pools[l]`` [S_total, Hkv, D];
     chunk ``c`` is rows ``chunk_offsets[c] : chunk_offsets[c+1]``. A request's own tokens
     start at position ``position_offset`` (prefix: S_total; independent: chunk_size)."""
 
@@ -49,7 +50,7 @@ class LoadedLibrary:
 
     def __post_init__(self) -> None:
         m = self.manifest
-        S, C, L = m.num_tokens, m.num_chunks, m.num_layers
+        S, C, L = m.num_tokens, m.num_chunks, m.num_kv_layers
         assert self.chunk_offsets.shape == (C + 1,) and self.chunk_offsets.dtype == torch.int32
         assert len(self.k_pools) == len(self.v_pools) == len(self.routing) == L
         shape = (S, m.model.num_kv_heads, m.model.head_dim)
@@ -93,6 +94,11 @@ class LoadedLibrary:
     @property
     def num_layers(self) -> int:
         return self.manifest.num_layers
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers of KV held (pools are indexed by KV slot; fewer than layers under MLKV)."""
+        return self.manifest.num_kv_layers
 
     @property
     def chunk_size(self) -> int:
@@ -208,7 +214,7 @@ def load_library(
         raise CorruptLibraryError(name, TOKENS_FILE, "token_ids missing or of the wrong shape")
     k_pools, v_pools, routing = [], [], []
     for i in tqdm(
-        range(manifest.num_layers),
+        range(manifest.num_kv_layers),
         desc=f"load {name}",
         unit="layer",
         disable=not progress,

@@ -91,14 +91,18 @@ class _PoolAttention:
     ) -> None:
         self.pools, self.segments, self.sm_scale, self.kernel = pools, segments, sm_scale, kernel
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
+    ) -> torch.Tensor:
+        """layer: the KV slot; k/v None: an MLKV layer reading the rows its source wrote."""
         kp, vp = self.pools.get(layer, k)  # [S_pad, Hkv, D]
         o = torch.empty_like(q)
         t = 0
         for seq_start, lo, hi in self.segments:
             n = hi - lo
-            kp[seq_start + lo : seq_start + hi] = k[t : t + n]
-            vp[seq_start + lo : seq_start + hi] = v[t : t + n]
+            if k is not None:
+                kp[seq_start + lo : seq_start + hi] = k[t : t + n]
+                vp[seq_start + lo : seq_start + hi] = v[t : t + n]
             o[t : t + n] = self._attend(q[t : t + n], kp, vp, seq_start, hi)
             t += n
         assert t == q.shape[0], (t, q.shape)
@@ -128,7 +132,8 @@ class _PoolAttention:
 
 
 class _Pools:
-    """Per-layer KV pools, allocated on first use with the dtype/device of the model's k."""
+    """Per-KV-layer pools (one per source layer of an MLKV model), allocated on first use
+    with the dtype/device of the model's k."""
 
     def __init__(self, num_layers: int, num_tokens: int) -> None:
         self.padded = -(-num_tokens // POOL_BLOCK) * POOL_BLOCK + POOL_BLOCK
@@ -136,8 +141,9 @@ class _Pools:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
 
-    def get(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, layer: int, like: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is None:
+            assert like is not None, f"KV slot {layer} read before its source layer wrote it"
             shape = (self.padded,) + tuple(like.shape[1:])  # [S_pad, Hkv, D]
             self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
             self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
@@ -164,7 +170,8 @@ def prefill_corpus(
     sm_scale: float | None = None,
     on_progress: ProgressHook | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
-    """Run the model over the corpus; return (k_pools, v_pools, seconds), pools per layer
+    """Run the model over the corpus; return (k_pools, v_pools, seconds), pools per KV
+    layer (``num_layers``: the model's KV layers, fewer than its layers under MLKV)
     ``[S_total, Hkv, D]`` on the model's device in the model's KV dtype. An exception
     raised by ``on_progress`` stops the prefill and propagates (the pools are dropped).
 

@@ -84,7 +84,7 @@ def save_library(
             files,
         )
         for i in tqdm(
-            range(library.num_layers),
+            range(library.num_kv_layers),
             desc=f"save {name}",
             unit="layer",
             disable=not progress,

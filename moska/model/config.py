@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from moska.model import mlkv
 from moska.model.errors import (
     CorruptCheckpointError,
     MissingFileError,
@@ -106,6 +107,9 @@ class ModelConfig:
     torch_dtype: torch.dtype | None = None  # the checkpoint's dtype, if stated
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # MLKV: layer i attends to the KV of layer kv_source_layers[i]; () = every layer its own
+    # (model/mlkv.py: the formats read from config.json)
+    kv_source_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -137,6 +141,8 @@ class ModelConfig:
             )
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ModelLoadError("config.json: rms_norm_eps and rope_theta must be > 0")
+        if self.kv_source_layers:
+            mlkv.validate_sources(self.kv_source_layers, self.num_layers)
 
     # Derived sizes.
     @property
@@ -151,6 +157,30 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        """The layers that own KV (all of them unless MLKV); slot j is kv_layers[j]."""
+        return mlkv.kv_layers(self.kv_source_layers, self.num_layers)
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Layers of KV a cache holds per token (< num_layers for an MLKV model)."""
+        return len(self.kv_layers)
+
+    @property
+    def kv_slots(self) -> tuple[int, ...]:
+        """Layer i -> the KV slot (index into kv_layers) it reads."""
+        return mlkv.kv_slots(self.kv_source_layers, self.num_layers)
+
+    def owns_kv(self, layer: int) -> bool:
+        """Whether `layer` has k/v projections and writes KV (False: it shares a source's)."""
+        return not self.kv_source_layers or self.kv_source_layers[layer] == layer
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of K and V one token takes in a cache of `dtype`, over all KV layers."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_kv_layers * self.kv_size * elem
 
     @property
     def sm_scale(self) -> float:
@@ -231,6 +261,7 @@ class ModelConfig:
             torch_dtype=torch_dtype,
             bos_token_id=_single_id(raw.get("bos_token_id")),
             eos_token_ids=_id_tuple(raw.get("eos_token_id")),
+            kv_source_layers=mlkv.parse_sources(raw, layers),
         )
 
 

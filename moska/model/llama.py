@@ -4,6 +4,11 @@ The model owns projections, norms, RoPE and the MLP; the caller owns the KV cach
 calls `attn(layer_idx, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> o [T, Hq, D]` with q and
 k already normed (Qwen3) and rotated; `attn` must store k/v and scale scores by
 `config.sm_scale` (head_dim ** -0.5).
+
+The first argument is the layer's KV *slot*: its own index, except in an MLKV model
+(`model/mlkv.py`), where slot j is the j-th layer that owns KV. A layer that shares an
+earlier layer's KV has no k/v projections and calls `attn(slot, q, None, None)`: attend to
+the slot's KV (this step's tokens already written by its source layer), write nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from moska.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
 
 class AttentionFn(Protocol):
     def __call__(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
     ) -> torch.Tensor: ...
 
 
@@ -32,12 +37,15 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.q_size, self.kv_size = c.q_size, c.kv_size
+        # MLKV: a layer that shares a source layer's KV has only the q rows of qkv_proj
+        self.kv_slot, self.owns_kv = c.kv_slots[layer_idx], c.owns_kv(layer_idx)
+        kv_rows = 2 * c.kv_size if self.owns_kv else 0
         kw = {"dtype": dtype, "device": device}
-        self.qkv_proj = nn.Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.qkv_bias, **kw)
+        self.qkv_proj = nn.Linear(c.hidden_size, c.q_size + kv_rows, bias=c.qkv_bias, **kw)
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.o_bias, **kw)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
-            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if self.owns_kv else None
         else:
             self.q_norm = self.k_norm = None
 
@@ -51,6 +59,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """cos/sin: [T, 1, D] in x's dtype, or [T, D/2] fp32 with `triton` (kernels)."""
         t = x.shape[0]
+        if not self.owns_kv:  # MLKV: reads the KV its source layer wrote
+            return self._forward_shared(x, cos, sin, attn, triton)
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -63,7 +73,22 @@ class Attention(nn.Module):
             rotary_inplace(q, k, cos, sin)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attn(self.layer_idx, q, k, v)  # [T, Hq, D]
+        o = attn(self.kv_slot, q, k, v)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, self.q_size))
+
+    def _forward_shared(self, x, cos, sin, attn: AttentionFn, triton: bool) -> torch.Tensor:
+        """An MLKV layer without k/v: q only, then attention over its KV slot."""
+        t = x.shape[0]
+        q = self.qkv_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if triton:
+            from moska.kernels.rotary import rotary_inplace
+
+            rotary_inplace(q, q[:, :0], cos, sin)  # no k: an empty [T, 0, D] view
+        else:
+            q = apply_rope(q, cos, sin)
+        o = attn(self.kv_slot, q, None, None)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.q_size))
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from moska.model import mlkv
 from moska.model.config import ModelConfig, parse_dtype
 from moska.model.errors import CorruptCheckpointError, MissingFileError
 from moska.model.llama import CausalLM
@@ -42,10 +43,10 @@ def load_model(
 
     dtype: None or "auto" -> the checkpoint's dtype (float32 if config.json states none);
     otherwise bfloat16/float16/float32 (or bf16/fp16/fp32). Raises ModelLoadError subclasses.
-    """
     tensor_parallel: a `distributed.tensor_parallel.TensorParallel`: build this rank's slice
     of the model and read only its slice of each tensor (LoadedModel.config stays the
     checkpoint's; the model's own config is the slice's).
+    """
     path = Path(path)
     if not path.is_dir():
         raise MissingFileError(f"{path}: model directory not found")
@@ -73,6 +74,19 @@ def load_model(
     else:
         logger.warning("%s: no tokenizer.json; only token-id prompts can be served", path)
     return LoadedModel(model, config, tokenizer, path)
+
+
+def model_from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> CausalLM:
+    """A CausalLM whose parameters *are* `tensors` (a model's `state_dict()`; no copy), on
+    their device and dtype. A library build process (`server/build_process.py`) rebuilds the
+    server's model around the weights it received through shared memory (CPU) or CUDA IPC
+    instead of loading them again."""
+    first = next(iter(tensors.values()))
+    model = CausalLM(config, dtype=first.dtype, device="meta")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.rotary.to_empty(device=first.device)  # its buffer is not in the state dict
+    model.rotary.reset_inv_freq()
+    return model.requires_grad_(False).eval()
 
 
 def _weight_files(path: Path) -> dict[Path, set[str] | None]:
@@ -112,6 +126,8 @@ def _expected_tensors(model: CausalLM, config: ModelConfig) -> dict[str, torch.T
         p = f"model.layers.{i}."
         attn, mlp = layer.self_attn, layer.mlp
         qkv = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, None)}
+        if not c.owns_kv(i):  # MLKV: reads an earlier layer's KV, has no k/v of its own
+            qkv = {"q_proj": slice(0, q)}
         for name, rows in qkv.items():
             out[p + f"self_attn.{name}.weight"] = attn.qkv_proj.weight[rows]
             if c.qkv_bias:
@@ -121,7 +137,8 @@ def _expected_tensors(model: CausalLM, config: ModelConfig) -> dict[str, torch.T
             out[p + "self_attn.o_proj.bias"] = attn.o_proj.bias
         if c.qk_norm:
             out[p + "self_attn.q_norm.weight"] = attn.q_norm.weight
-            out[p + "self_attn.k_norm.weight"] = attn.k_norm.weight
+            if attn.k_norm is not None:
+                out[p + "self_attn.k_norm.weight"] = attn.k_norm.weight
         out[p + "mlp.gate_proj.weight"] = mlp.gate_up_proj.weight[:inter]
         out[p + "mlp.up_proj.weight"] = mlp.gate_up_proj.weight[inter:]
         out[p + "mlp.down_proj.weight"] = mlp.down_proj.weight
@@ -144,6 +161,7 @@ def _load_weights(
     optional = (
         {"lm_head.weight": (config.vocab_size, config.hidden_size)} if model.lm_head is None else {}
     )
+    optional.update(mlkv.unused_kv_tensors(config))  # an MLKV sharer's k/v: ignored
     loaded: dict[str, Path] = {}
     device = str(model.device)
     shards = tqdm(files.items(), desc="Loading shards", unit="shard", disable=len(files) < 2)
@@ -168,6 +186,9 @@ def _load_weights(
                     )
                 dest = expected.get(name)
                 want = tuple(dest.shape) if dest is not None else optional.get(name)
+                cut = slices.get(name) if dest is not None else None
+                if cut is not None:  # the checkpoint holds the whole tensor
+                    want = want[: cut.dim] + (cut.full,) + want[cut.dim + 1 :]
                 if want is None:
                     raise CorruptCheckpointError(
                         f"{file}: unexpected tensor {name} for {config.architecture} "
@@ -189,9 +210,6 @@ def _load_weights(
                     )
                 except CorruptCheckpointError:
                     raise
-                cut = slices.get(name) if dest is not None else None
-                if cut is not None:  # the checkpoint holds the whole tensor
-                    want = want[: cut.dim] + (cut.full,) + want[cut.dim + 1 :]
                 except Exception as e:
                     raise CorruptCheckpointError(f"{file}: cannot read tensor {name} ({e})") from e
     missing = sorted(set(expected) - set(loaded))
