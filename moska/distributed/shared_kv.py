@@ -134,17 +134,18 @@ def shard_library(
 def _all_to_all(
     send: torch.Tensor, send_counts: list[int], recv_counts: list[int], group
 ) -> torch.Tensor:
-    """Variable-size all-to-all along dim 0 (counts in rows)."""
-    out = send.new_empty((sum(recv_counts), *send.shape[1:]))
-    dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=group)
-    return out
+    """Variable-size all-to-all along dim 0 (counts in rows). Gloo with CUDA tensors (several
+    ranks on one GPU, a logic run) stages through host memory."""
+    host = send.is_cuda and dist.get_backend(group) == "gloo"
+    buf = send.cpu() if host else send.contiguous()
+    out = buf.new_empty((sum(recv_counts), *send.shape[1:]))
+    dist.all_to_all_single(out, buf, recv_counts, send_counts, group=group)
+    return out.to(send.device) if host else out
 
 
 def _exchange_headers(send: torch.Tensor, group) -> torch.Tensor:
     """send [W, _HEADER] int64, row d for destination d -> row s: what source s sends here."""
-    out = torch.empty_like(send)
-    dist.all_to_all_single(out, send, group=group)
-    return out
+    return _all_to_all(send, [1] * send.shape[0], [1] * send.shape[0], group)
 
 
 class SharedKVClient:
@@ -229,7 +230,8 @@ class SharedKVClient:
         _exchange_headers(header.to(self._device()), self.group)
 
     def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if _nccl(self.group) else "cpu"
+        nccl = dist.get_backend(self.group) == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 class SharedKVServer:
@@ -250,7 +252,7 @@ class SharedKVServer:
 
     def serve_layer(self) -> int:
         """Serves one layer for every unique rank; returns that layer, or STOP."""
-        s, lay, sh, dev = self.spec, self.layout, self.shard, self.device
+        s, lay, dev = self.spec, self.layout, self.device
         w = lay.world_size
         header = _exchange_headers(
             torch.zeros(w, _HEADER, dtype=torch.int64, device=dev), self.group
@@ -315,7 +317,3 @@ class SharedKVServer:
         )
         o, lse = self.ops.merge_selections(o, lse, o_sel, lse_sel, sel)  # per (row, kv_head)
         return o, lse
-
-
-def _nccl(group) -> bool:
-    return dist.get_backend(group) == "nccl"
