@@ -73,8 +73,8 @@ class ChunkPlacement:
 
         ``chunk_load[c]``: how many readers chunk c had over some window (e.g. the counts of
         a few steps' selections). A chunk's load is split evenly over its holders; each round
-        copies the chunk with the largest load per holder to the least-loaded rank that has a
-        free slot and lacks it, while that lowers the busiest rank's load.
+        copies one of the busiest rank's chunks (the largest load per holder that helps) to the
+        least-loaded rank with a free slot that lacks it, while that lowers the busiest load.
         """
         if len(chunk_load) != self.num_chunks:
             raise PlacementError(
@@ -95,26 +95,22 @@ class ChunkPlacement:
 
         while True:
             loads = rank_loads()
-            best = None  # (load per holder, chunk, target rank)
+            busiest = max(range(self.num_ranks), key=lambda x: loads[x])
+            candidates = []  # (load per holder, chunk, target rank), largest share first
             for c, hs in enumerate(holders):
                 targets = [r for r in range(self.num_ranks) if free[r] and r not in hs]
-                if not targets or load[c] == 0:
-                    continue
-                r = min(targets, key=lambda x: (loads[x], x))
-                share = load[c] / len(hs)
-                if best is None or share > best[0]:
-                    best = (share, c, r)
-            if best is None:
+                if busiest in hs and targets and load[c] > 0:
+                    r = min(targets, key=lambda x: (loads[x], x))
+                    candidates.append((load[c] / len(hs), c, r))
+            for _, c, r in sorted(candidates, reverse=True):
+                holders[c].append(r)
+                after = rank_loads()
+                if max(after) <= max(loads) and after[busiest] < loads[busiest]:
+                    free[r] -= 1
+                    break
+                holders[c].pop()  # no gain: try the next chunk
+            else:
                 break
-            _, c, r = best
-            trial = [hs[:] for hs in holders]
-            trial[c].append(r)
-            before = max(loads)
-            saved, holders = holders, trial
-            if max(rank_loads()) >= before:  # no gain: undo and stop
-                holders = saved
-                break
-            free[r] -= 1
         return ChunkPlacement(self.num_chunks, self.num_ranks, tuple(tuple(h) for h in holders))
 
 

@@ -189,3 +189,34 @@ def test_replicas_hold_the_hot_chunk(results):
     name = "1+3 replicated hot chunks"
     holders = [rank for rank in range(1, WORLD) if 0 in results[rank][name]["chunks"]]
     assert len(holders) >= 2, holders
+
+
+def test_placement_by_chunk_id_and_errors():
+    from moska.distributed.partition import ChunkPlacement, PlacementError
+
+    p = ChunkPlacement.by_chunk_id(7, 3)
+    assert [p.chunks_of(r) for r in range(3)] == [(0, 3, 6), (1, 4), (2, 5)]
+    with pytest.raises(PlacementError, match="distinct ranks"):
+        ChunkPlacement(2, 2, ((0,), (0, 0)))
+    with pytest.raises(PlacementError, match="chunk_load has 3 entries"):
+        p.with_replicas([1.0, 2.0, 3.0], 1)
+
+
+def test_replicas_spread_readers_and_lower_zipf_imbalance():
+    from moska.bench.shared_kv_load import load_report
+    from moska.distributed.partition import ChunkPlacement, destinations
+    from moska.kernels.selections import from_topk
+
+    # chunk 0 on all three ranks: its 9 readers are dealt 3 + 3 + 3, each row's KV heads
+    # to one rank
+    p = ChunkPlacement(3, 3, ((0, 1, 2), (1,), (2,)))
+    sel = from_topk(torch.zeros(9, 1, 1, dtype=torch.int64), 2, 3)
+    d = destinations(sel, 9, p)
+    assert torch.bincount(d.rank, minlength=3).tolist() == [6, 6, 6]
+    assert d.pairs.numel() == 9
+    r = load_report(num_chunks=16, num_ranks=3, batch=32, top_k=4, num_kv_heads=2, steps=4)
+    assert r["replicas"], r
+    assert r["replicated"]["imbalance_mean_step"] < r["by_id"]["imbalance_mean_step"]
+    assert sum(r["replicated"]["selections_per_rank_per_step"]) == pytest.approx(
+        sum(r["by_id"]["selections_per_rank_per_step"])
+    )
