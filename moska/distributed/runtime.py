@@ -112,6 +112,7 @@ class ProcessGroups:
             timeout=timedelta(seconds=max(120.0, collective_timeout_s())),
             wait_for_workers=False,
         )
+        store.set(f"moska/up/{rank}", "1")  # rank 0 waits for this, watching the process
         return cls._init(rdv, rank, store, timeout)
 
     @classmethod
@@ -252,6 +253,7 @@ class DistributedRuntime:
                 p.start()
                 procs[rank] = p
             try:
+                _wait_until_up(store, procs)
                 groups = ProcessGroups._init(
                     rdv, 0, store, timedelta(seconds=collective_timeout_s())
                 )
@@ -302,6 +304,24 @@ def _looks_distributed(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or any(
         w in text for w in ("gloo", "nccl", "connection", "peer", "timed out", "timeout")
     )
+
+
+def _wait_until_up(store, procs: dict[int, mp.Process]) -> None:
+    """Wait until every spawned worker has reached the store (imports done), failing at
+    once, with the rank, when one exits first (init_process_group would wait its timeout)."""
+    deadline = time.monotonic() + max(120.0, collective_timeout_s())
+    waiting = set(procs)
+    while waiting:
+        for rank in sorted(waiting):
+            p = procs[rank]
+            if store.check([f"moska/up/{rank}"]):
+                waiting.discard(rank)
+            elif not p.is_alive():
+                p.join(1.0)
+                raise RankFailedError(rank, f"it exited while starting (exit code {p.exitcode})")
+        if time.monotonic() > deadline:
+            raise RankFailedError(min(waiting), "it did not start within its timeout")
+        time.sleep(0.05)
 
 
 def _stop_procs(procs: dict[int, mp.Process], timeout_s: float) -> None:

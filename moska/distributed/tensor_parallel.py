@@ -81,12 +81,7 @@ class ShardPlan:
         else:  # each KV head is replicated on the ranks that share its query heads
             head = next(h for h in range(hkv) if span(size, hkv, h)[1] > rank)
             first, stop = span(size, hkv, head)
-            if stop - first > group:
-                raise TensorParallelConfigError(
-                    f"tensor_parallel_size {size}: {stop - first} ranks would share KV head "
-                    f"{head}, which has only {group} query heads; use a size that is at most "
-                    f"{hkv * group} and spreads evenly over the {hkv} KV heads"
-                )
+            assert stop - first <= group  # size <= hq spreads at most `group` ranks per head
             lo, hi = span(group, stop - first, rank - first)
             kv = (head, head + 1)
             q = (head * group + lo, head * group + hi)

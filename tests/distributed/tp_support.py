@@ -1,0 +1,134 @@
+"""Helpers of the tensor-parallel tests: tiny checkpoints, a forward through an engine's
+model, the devices to run on (CPU with gloo; CUDA where present, several ranks on one GPU
+through gloo, or NCCL with a GPU per rank)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BASE = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "initializer_range": 0.1,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+    ),
+]
+
+
+def build_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random fp32 Llama checkpoint (config.json + model.safetensors, HF names) with
+    non-trivial norms and biases. Written directly: importing transformers costs seconds."""
+    from safetensors.torch import save_file
+
+    c = {**BASE, **overrides}
+    h, hq, hkv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    d, inter, v = h // hq, c["intermediate_size"], c["vocab_size"]
+    bias = c.get("attention_bias", False)
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, std=0.1):
+        return torch.randn(*shape, generator=g) * std
+
+    def norm(n):
+        return torch.rand(n, generator=g) + 0.5
+
+    t = {"model.embed_tokens.weight": w(v, h), "model.norm.weight": norm(h)}
+    if not c.get("tie_word_embeddings", False):
+        t["lm_head.weight"] = w(v, h)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for name, rows in (("q_proj", hq * d), ("k_proj", hkv * d), ("v_proj", hkv * d)):
+            t[p + f"self_attn.{name}.weight"] = w(rows, h)
+            if bias:
+                t[p + f"self_attn.{name}.bias"] = w(rows, std=0.5)
+        t[p + "self_attn.o_proj.weight"] = w(h, hq * d)
+        if bias:
+            t[p + "self_attn.o_proj.bias"] = w(h, std=0.5)
+        t[p + "mlp.gate_proj.weight"] = w(inter, h)
+        t[p + "mlp.up_proj.weight"] = w(inter, h)
+        t[p + "mlp.down_proj.weight"] = w(h, inter)
+        t[p + "input_layernorm.weight"] = norm(h)
+        t[p + "post_attention_layernorm.weight"] = norm(h)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path / "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "torch_dtype": "float32", **c}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def engine_kwargs(device: str, **extra) -> dict:
+    # no prefix caching: prefill_logits writes blocks the block manager does not know of
+    return {"device": device, "dtype": "float32", "num_kv_blocks": 64, "enforce_eager": True,
+            "enable_prefix_caching": False, **extra}  # fmt: skip
+
+
+@torch.inference_mode()
+def prefill_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
+    """Logits [sum of prompt lengths, V] fp32 of one prefill forward of `prompts` through
+    the engine's model and paged attention (blocks 0.. in order; the engine must be idle)."""
+    from moska.attention.metadata import AttentionMetadata
+
+    runner, bs = engine.runner, engine.config.block_size
+    dev = runner.device
+    ids, pos, slots, cu, lens, tables = [], [], [], [0], [], []
+    block = 0
+    width = max(-(-len(p) // bs) for p in prompts)
+    for p in prompts:
+        n = -(-len(p) // bs)
+        table = list(range(block, block + n))
+        block += n
+        ids += p
+        pos += range(len(p))
+        slots += [table[i // bs] * bs + i % bs for i in range(len(p))]
+        cu.append(len(ids))
+        lens.append(len(p))
+        tables.append(table + [0] * (width - n))
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+        cu_q_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+        decode_only=False,
+    )
+    ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
+    hidden = runner.model(ids_t, torch.tensor(pos, device=dev), runner.attention.bind(meta))
+    return runner.model.compute_logits(hidden)
+
+
+def greedy(engine, prompts: list[list[int]], max_tokens: int) -> dict[str, list[int]]:
+    """Greedy completions of `prompts` run together through engine.step()."""
+    from moska.engine.sampling_params import SamplingParams
+
+    for i, p in enumerate(prompts):
+        params = SamplingParams(max_tokens=max_tokens + i, temperature=0.0, ignore_eos=True)
+        engine.add_request(f"g{i}", p, params)
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = list(o.outputs[0].token_ids)
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
