@@ -1,301 +1,318 @@
-"""Bounded load test of the HTTP server: many concurrent streaming clients on loopback.
+"""Load test of admission control: bursts of streaming clients at once, with and without a
+shared library, against the real HTTP server on loopback.
 
-Starts the real server (the tiny default model unless --model) on a free loopback port
-with a TTFT SLO, sends a fixed number of streaming completions from `concurrency`
-closed-loop clients, stops by itself, prints the figures and checks that every accepted
-request completed (ended with a finish reason and [DONE]), the rest got 429 with
-Retry-After, and none failed or hung.
+    moska bench load --burst 64,300,1000 --ttft-slo 5 --library demo \\
+        --out bench/results/load_cpu_bursts.json
 
-    python -m moska.bench.load --requests 200 --concurrency 64 --rate 50 --ttft-slo 1.0
+Starts the server (the tiny default model unless --model) with a TTFT SLO, warms the
+admission's step-time model up with a few small waves, unloads the library (so the first
+burst also pays its load), then sends each burst at once from a separate client process.
+After a burst's first 429 a prober re-sends a typical request every --probe-interval
+seconds until one is admitted: that time, minus when each 429 arrived, is the observed
+drain its Retry-After is compared with. Reports per burst: admitted, rejected, the share
+of admitted requests whose first token came within the SLO, TTFT p50/p99, Retry-After vs
+observed drain, and the predictor's error (observed minus predicted server-side TTFT of
+each admitted request). Checks that nothing accepted was lost, failed or hung.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import random
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-
-@dataclass
-class LoadResult:
-    requests: int
-    accepted: int
-    completed: int
-    rejected: int
-    failed: int
-    hung: int
-    wall_s: float
-    p50_latency_s: float
-    p99_latency_s: float
-    p50_ttft_s: float
-    p99_ttft_s: float
-    completion_tokens: int
-    retry_after_ok: bool
-    engine_idle_after: bool
-    errors: list[str] = field(default_factory=list)
-
-    def check(self) -> None:
-        """Raises AssertionError unless nothing accepted was lost and nothing hung."""
-        assert self.failed == 0 and self.hung == 0, (self.failed, self.hung, self.errors[:5])
-        assert self.completed == self.accepted, (self.completed, self.accepted)
-        assert self.accepted + self.rejected == self.requests
-        assert self.retry_after_ok, "a 429 came without a Retry-After header"
-        assert self.engine_idle_after, "the engine still had requests after the run"
-
-    def table(self) -> str:
-        rows = [
-            ("requests", self.requests),
-            ("accepted", self.accepted),
-            ("completed", self.completed),
-            ("rejected (429)", self.rejected),
-            ("failed", self.failed),
-            ("hung", self.hung),
-            ("wall s", f"{self.wall_s:.2f}"),
-            ("latency p50 s", f"{self.p50_latency_s:.3f}"),
-            ("latency p99 s", f"{self.p99_latency_s:.3f}"),
-            ("TTFT p50 s", f"{self.p50_ttft_s:.3f}"),
-            ("TTFT p99 s", f"{self.p99_ttft_s:.3f}"),
-            ("completion tokens", self.completion_tokens),
-            ("tokens/s", f"{self.completion_tokens / max(self.wall_s, 1e-9):.1f}"),
-        ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+from moska.bench.load_client import burst_in_process
 
 
-def _percentile(values: list[float], q: float) -> float:
+def _pct(values: list[float], q: float) -> float | None:
     if not values:
-        return float("nan")
+        return None
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-async def _one(client: Any, url: str, body: dict, timeout_s: float, out: dict) -> None:
-    t0 = time.perf_counter()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                if r.status_code == 429:
-                    await r.aread()
-                    out["rejected"] += 1
-                    out["retry_after_ok"] &= r.headers.get("retry-after", "").isdigit()
-                    return
-                if r.status_code != 200:
-                    out["failed"] += 1
-                    out["errors"].append(f"{r.status_code}: {(await r.aread())[:200]!r}")
-                    return
-                out["accepted"] += 1
-                ttft, finish, done, tokens = None, None, False, 0
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        out["errors"].append(str(chunk["error"]))
-                        break
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    for choice in chunk["choices"]:
-                        if ttft is None and choice["text"]:
-                            ttft = time.perf_counter() - t0
-                        finish = choice["finish_reason"] or finish
-                if done and finish is not None:
-                    out["completed"] += 1
-                    out["latency"].append(time.perf_counter() - t0)
-                    out["ttft"].append(ttft if ttft is not None else time.perf_counter() - t0)
-                    out["tokens"] += tokens
-                else:
-                    out["failed"] += 1
-                    out["errors"].append(f"stream ended without finish/[DONE] ({finish}, {done})")
-    except TimeoutError:
-        out["hung"] += 1
-    except Exception as exc:  # noqa: BLE001 - counted and reported
-        out["failed"] += 1
-        out["errors"].append(f"{type(exc).__name__}: {exc}")
-
-
-async def _drive(
-    url: str,
-    model: str,
-    num_requests: int,
-    concurrency: int,
-    max_tokens: int,
-    timeout_s: float,
-    seed: int,
-    rate: float | None,
+def make_body(
+    rng: random.Random, model: str, max_tokens: int, library: str | None, seed: int
 ) -> dict:
-    import httpx
-
-    rng = random.Random(seed)
-    bodies = [
-        {
-            "model": model,
-            "prompt": "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(8, 256))),
-            "max_tokens": max_tokens,
-            "temperature": 0.8,
-            "seed": i,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "ignore_eos": True,
-        }
-        for i in range(num_requests)
-    ]
-    out: dict[str, Any] = {
-        "accepted": 0,
-        "completed": 0,
-        "rejected": 0,
-        "failed": 0,
-        "hung": 0,
-        "latency": [],
-        "ttft": [],
-        "tokens": 0,
-        "errors": [],
-        "retry_after_ok": True,
+    body = {
+        "model": model,
+        "prompt": "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(8, 256))),
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
     }
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
-        if rate is None:  # closed loop: `concurrency` clients, each sends its next at once
-            queue: asyncio.Queue = asyncio.Queue()
-            for b in bodies:
-                queue.put_nowait(b)
-
-            async def worker() -> None:
-                while not queue.empty():
-                    await _one(client, url, queue.get_nowait(), timeout_s, out)
-
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        else:  # open loop: Poisson arrivals at `rate` per second, at most `concurrency` open
-            slots = asyncio.Semaphore(concurrency)
-
-            async def send(body: dict) -> None:
-                async with slots:
-                    await _one(client, url, body, timeout_s, out)
-
-            tasks = []
-            for body in bodies:
-                tasks.append(asyncio.create_task(send(body)))
-                await asyncio.sleep(rng.expovariate(rate))
-            await asyncio.gather(*tasks)
-    return out
+    if library is not None:
+        body["library"] = library
+    return body
 
 
-def run_load(
+def summarize(
+    n: int, out: dict, outcomes: list[tuple[float, float]], slo: float | None, wall_s: float
+) -> dict:
+    """One burst's figures from the client records and the server's (predicted, observed)
+    TTFT pairs of the requests it admitted."""
+    recs = out["requests"]
+    admitted = [r for r in recs if r["status"] == 200]
+    rejected = [r for r in recs if r["status"] == 429]
+    ttft = [r["ttft"] for r in admitted if r["ttft"] is not None]
+    met = sum(1 for t in ttft if slo is None or t <= slo)
+    t_open = {kind: p["t_status"] for kind, p in out["probes"].items() if p.get("status") == 200}
+    ratios, drains = [], []
+    for r in rejected:
+        opened = t_open.get("library" if r["library"] else "plain")
+        if opened is not None and r["retry_after"] and r["retry_after"].isdigit():
+            drain = max(opened - r["t_status"], 1e-3)
+            drains.append(drain)
+            ratios.append(int(r["retry_after"]) / drain)
+    errors = [obs - pred for pred, obs in outcomes]
+    lib = [r for r in admitted if r["library"]]
+    return {
+        "clients": n,
+        "admitted": len(admitted),
+        "rejected_429": len(rejected),
+        "failed": sum(1 for r in recs if r["error"] is not None),
+        "hung": sum(1 for r in recs if r["hung"]),
+        "completed": sum(1 for r in admitted if r["completed"]),
+        "library_admitted": len(lib),
+        "library_rejected": sum(1 for r in rejected if r["library"]),
+        "slo_met_share": met / len(admitted) if admitted else None,
+        "ttft_p50_s": _pct(ttft, 0.5),
+        "ttft_p99_s": _pct(ttft, 0.99),
+        "ttft_max_s": max(ttft) if ttft else None,
+        "library_ttft_p50_s": _pct([r["ttft"] for r in lib if r["ttft"] is not None], 0.5),
+        "rejection_s_p99": _pct([r["t_status"] for r in rejected], 0.99),
+        "retry_after_s_median": _pct([int(r["retry_after"]) for r in rejected], 0.5)
+        if rejected
+        else None,
+        "observed_drain_s_median": _pct(drains, 0.5),
+        "retry_after_within_2x_share": (
+            sum(1 for x in ratios if 0.5 <= x <= 2.0) / len(ratios) if ratios else None
+        ),
+        "retry_after_over_drain_p10_p50_p90": [_pct(ratios, q) for q in (0.1, 0.5, 0.9)]
+        if ratios
+        else None,
+        "probes": {
+            kind: {k: p.get(k) for k in ("probes", "status", "t_status", "ttft", "error")}
+            for kind, p in out["probes"].items()
+        },
+        "predictor_error_s_p10_p50_p90_p99": [_pct(errors, q) for q in (0.1, 0.5, 0.9, 0.99)],
+        "predictor_abs_rel_error_p50_p90": [
+            _pct([abs(o - p) / o for p, o in outcomes if o > 0], q) for q in (0.5, 0.9)
+        ],
+        "wall_s": wall_s,
+    }
+
+
+def _wait_idle(aengine: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while aengine.num_in_flight > 0 or aengine.engine.has_unfinished_requests():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def run_bursts(
+    bursts: list[int],
     *,
-    num_requests: int = 200,
-    concurrency: int = 64,
-    max_tokens: int = 32,
-    ttft_slo: float | None = 0.5,
-    max_queue: int | None = None,
-    model: str | None = None,
+    ttft_slo: float | None = 5.0,
+    max_tokens: int = 16,
+    library: str | None = "demo",
+    library_share: float = 0.5,
     engine: Any = None,
     engine_kwargs: dict[str, Any] | None = None,
-    request_timeout_s: float = 120.0,
+    model: str | None = None,
+    warmup: tuple[int, ...] = (2, 8, 24),
+    unload_library: bool = True,
+    max_queue: int | None = None,
+    timeout_s: float = 600.0,
+    probe_interval_s: float = 0.25,
+    client_process: bool = True,
     seed: int = 0,
-    rate: float | None = None,
-) -> LoadResult:
-    """Start a server, drive it, stop it; returns the figures (call `.check()`)."""
+) -> dict:
+    """Run the bursts; returns the report (per-burst figures under "bursts")."""
     from moska.server.app import create_app
     from moska.server.background import background_server
     from moska.server.settings import ServerSettings
 
+    tmp = None
     if engine is None:
         from moska.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine.from_model(model, **(engine_kwargs or {}))
-    settings = ServerSettings(ttft_slo=ttft_slo, max_queue=max_queue or 100_000)
+        kwargs = dict(engine_kwargs or {})
+        if library is not None and "library_root" not in kwargs:
+            tmp = tempfile.TemporaryDirectory(prefix="moska-load-")
+            kwargs["library_root"] = tmp.name
+        engine = LLMEngine.from_model(model, **kwargs)
+    if library == "demo" and getattr(engine, "libraries", None) is not None:
+        from moska.library.demo import ensure_demo_library
+
+        ensure_demo_library(engine.libraries)
+    settings = ServerSettings(ttft_slo=ttft_slo or None, max_queue=max_queue)
     app = create_app(engine, settings)
-    with background_server(app) as url:
-        t0 = time.perf_counter()
-        out = asyncio.run(
-            _drive(
-                url,
-                app.state.moska.model_name,
-                num_requests,
-                concurrency,
-                max_tokens,
-                request_timeout_s,
-                seed,
-                rate,
-            )
-        )
-        wall = time.perf_counter() - t0
-    idle = not engine.has_unfinished_requests()
-    return LoadResult(
-        requests=num_requests,
-        accepted=out["accepted"],
-        completed=out["completed"],
-        rejected=out["rejected"],
-        failed=out["failed"],
-        hung=out["hung"],
-        wall_s=wall,
-        p50_latency_s=_percentile(out["latency"], 0.50),
-        p99_latency_s=_percentile(out["latency"], 0.99),
-        p50_ttft_s=_percentile(out["ttft"], 0.50),
-        p99_ttft_s=_percentile(out["ttft"], 0.99),
-        completion_tokens=out["tokens"],
-        retry_after_ok=out["retry_after_ok"],
-        engine_idle_after=idle,
-        errors=out["errors"],
-    )
+    state = app.state.moska
+    rng = random.Random(seed)
+    pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if client_process else None
+    report: dict[str, Any] = {"bursts": [], "warmup_waves": list(warmup)}
+    try:
+        with background_server(app) as url:
+            model_name = state.model_name
+
+            def bodies(n: int, alternate: bool = False) -> list[dict]:
+                # warm-up waves alternate plain and library requests so both are learned
+                return [
+                    make_body(
+                        rng,
+                        model_name,
+                        max_tokens,
+                        library
+                        if library and (i % 2 if alternate else rng.random() < library_share)
+                        else None,
+                        rng.randrange(2**31),
+                    )
+                    for i in range(n)
+                ]
+
+            probe_rng = random.Random(seed + 1)
+            probe = {"plain": make_body(probe_rng, model_name, max_tokens, None, 0)}
+            if library:
+                probe["library"] = make_body(probe_rng, model_name, max_tokens, library, 0)
+            for n in warmup:  # teach the step-time model; not reported
+                burst_in_process(pool, url, bodies(n, True), probe, timeout_s, probe_interval_s)
+                _wait_idle(state.async_engine, timeout_s)
+            if library and unload_library and hasattr(engine.libraries, "unload"):
+                engine.libraries.unload(library)
+            report["step_model_after_warmup"] = [float(c) for c in state.admission.model.coef]
+            for n in bursts:
+                before = len(state.admission.outcomes.pairs)
+                t0 = time.perf_counter()
+                out = burst_in_process(pool, url, bodies(n), probe, timeout_s, probe_interval_s)
+                idle = _wait_idle(state.async_engine, timeout_s)
+                pairs = list(state.admission.outcomes.pairs)[before:]
+                fig = summarize(n, out, pairs, ttft_slo or None, time.perf_counter() - t0)
+                fig["engine_idle_after"] = idle
+                fig["errors"] = [r["error"] for r in out["requests"] if r["error"]][:5]
+                report["bursts"].append(fig)
+                print(f"burst {n}: {json.dumps({k: fig[k] for k in _TABLE})}", flush=True)
+            report["step_model_final"] = [float(c) for c in state.admission.model.coef]
+            report["library_load_tokens_per_s"] = state.admission.load_tps
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+    return report
+
+
+_TABLE = (
+    "clients",
+    "admitted",
+    "rejected_429",
+    "library_admitted",
+    "slo_met_share",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "retry_after_s_median",
+    "observed_drain_s_median",
+    "retry_after_within_2x_share",
+    "predictor_error_s_p10_p50_p90_p99",
+)
+
+
+def table(report: dict) -> str:
+    """The report's bursts as a Markdown table."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, list):
+            return "/".join(fmt(x) for x in v)
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(_TABLE) + " |", "|" + " --- |" * len(_TABLE)]
+    for fig in report["bursts"]:
+        lines.append("| " + " | ".join(fmt(fig[k]) for k in _TABLE) + " |")
+    return "\n".join(lines)
+
+
+def check(report: dict) -> None:
+    """AssertionError unless every admitted request completed and nothing failed or hung."""
+    for fig in report["bursts"]:
+        assert fig["failed"] == 0 and fig["hung"] == 0, fig
+        assert fig["completed"] == fig["admitted"], fig
+        assert fig["admitted"] + fig["rejected_429"] == fig["clients"], fig
+        assert fig["engine_idle_after"], fig
+
+
+def _slo(text: str) -> float | None:
+    if text.lower() in ("0", "none", "off"):
+        return None
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("--ttft-slo must be >= 0 (0 or none: off)")
+    return value or None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m moska.bench.load",
+        prog="moska bench load",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default=None, help="HF model directory (default: tiny)")
-    p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument(
-        "--rate",
-        type=float,
-        default=50.0,
-        help="Poisson arrivals per second; 0: closed loop, all clients at once",
-    )
-    p.add_argument("--ttft-slo", type=float, default=1.0, help="seconds; 0 disables")
+    p.add_argument("--burst", default="64,300,1000", help="clients sent at once, per burst")
+    p.add_argument("--ttft-slo", type=_slo, default=5.0, help="seconds; 0 or none: off")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--library", default="demo", help="library name ('demo' is built); none")
+    p.add_argument("--library-share", type=float, default=0.5)
+    p.add_argument("--warmup", default="2,8,24", help="small waves before the bursts")
     p.add_argument("--max-queue", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    p.add_argument("--probe-interval", type=float, default=0.25)
+    p.add_argument("--in-process-client", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = p.parse_args(argv)
-    result = run_load(
-        num_requests=args.requests,
-        concurrency=args.concurrency,
+    library = None if args.library.lower() == "none" else args.library
+    report = run_bursts(
+        [int(x) for x in args.burst.split(",") if x],
+        ttft_slo=args.ttft_slo,
         max_tokens=args.max_tokens,
-        ttft_slo=args.ttft_slo or None,
-        max_queue=args.max_queue,
+        library=library,
+        library_share=args.library_share,
         model=args.model,
         engine_kwargs={"device": args.device},
-        request_timeout_s=args.timeout,
+        warmup=tuple(int(x) for x in args.warmup.split(",") if x),
+        max_queue=args.max_queue,
+        timeout_s=args.timeout,
+        probe_interval_s=args.probe_interval,
+        client_process=not args.in_process_client,
         seed=args.seed,
-        rate=args.rate or None,
     )
-    print(result.table())
-    if args.json is not None:
+    print(table(report))
+    if args.out is not None:
         from moska.bench.common import environment
 
-        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "bench": "load",
             "args": {k: str(v) for k, v in vars(args).items()},
-            "result": asdict(result),
+            "report": report,
             "environment": environment(argv),
         }
-        args.json.write_text(json.dumps(record, indent=2))
-    result.check()
-    print("OK: every accepted request completed; none failed or hung")
+        args.out.write_text(json.dumps(record, indent=2))
+    check(report)
+    print("OK: every admitted request completed; none failed or hung")
     return 0
 
 

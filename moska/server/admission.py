@@ -106,15 +106,16 @@ def _x(f: StepFeatures) -> np.ndarray:
 
 # Seconds per unit of `_x`, a CPU-sized guess (the tiny model on two cores); the first few
 # dozen steps replace it. Erring slow rejects early work rather than admitting misses.
-DEFAULT_PRIOR = (0.01, 0.3, 0.5, 0.5, 0.05)
+DEFAULT_PRIOR = (0.01, 0.3, 10.0, 0.5, 0.05)
 
 
 class StepModel:
     """Ridge least squares over the last `window` (features, seconds) observations,
     coefficients kept non-negative. Not thread-safe (the controller locks)."""
 
-    def __init__(self, prior: tuple[float, ...] = DEFAULT_PRIOR, window: int = 256,
-                 prior_weight: float = 1.0) -> None:
+    def __init__(
+        self, prior: tuple[float, ...] = DEFAULT_PRIOR, window: int = 256, prior_weight: float = 1.0
+    ) -> None:
         if len(prior) != 5 or any(p < 0 for p in prior):
             raise ValueError("the step-time prior needs 5 non-negative coefficients")
         self.prior = np.array(prior, dtype=float)
@@ -247,10 +248,12 @@ class AdmissionController:
                 self._load_tps += self.alpha * (num_tokens / seconds - self._load_tps)
 
     def observe_ttft(self, predicted_s: float, observed_s: float) -> None:
-        """An admitted request got its first token: kept for reports (`outcomes`). Not fed
-        back into predictions: the first requests of a burst are always under-predicted
-        (the requests after them join their prefill step), a correction learned from them
-        would inflate every long prediction."""
+        """An admitted request got its first token: kept for reports (`outcomes`), not fed
+        back. Requests admitted after it may join its prefill step, so an early request
+        of a burst waits longer than predicted; but each joiner was admitted only if that
+        shared step still ends within the SLO (FIFO: its own prediction is that step's
+        end), so the promise holds. A correction learned from those errors would inflate
+        every prediction and, once nothing is admitted, never unlearn."""
         if predicted_s > 0 and observed_s > 0:
             with self._lock:
                 self.outcomes.pairs.append((predicted_s, observed_s))
@@ -261,8 +264,9 @@ class AdmissionController:
         with self._lock:
             return self.model.step_s(features)
 
-    def predict(self, new: RequestCost, load: Load, num_requests: int = 1,
-                queue_target: int | None = None) -> Prediction:
+    def predict(
+        self, new: RequestCost, load: Load, num_requests: int = 1, queue_target: int | None = None
+    ) -> Prediction:
         """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end.
         `queue_s`: when the waiting count ahead first drops to `queue_target`."""
         with self._lock:
@@ -325,6 +329,7 @@ class AdmissionController:
                     i += 1
                 else:
                     break
+            own = served + len(done) >= first_new + num_requests  # our first token: now
             t += step_s(prefill, lib_pairs, num_decode)
             step += 1
             for cost in done:
@@ -334,8 +339,8 @@ class AdmissionController:
                 insort(finish, step + max(cost.max_tokens - 1, 0))
                 if cost.library_attend:
                     lib_running.append((step + max(cost.max_tokens - 1, 0), cost.library_attend))
-                if served >= first_new + num_requests:
-                    ttft = t
+            if own:
+                ttft = t
             if math.isinf(queue_s) and len(load.waiting) - min(served, first_new) <= target:
                 queue_s = t
             if not math.isinf(ttft):
@@ -351,15 +356,17 @@ class AdmissionController:
         of one HTTP request are admitted together). A rejection's Retry-After is the
         predicted time until a request like this would be admitted."""
         cost = RequestCost(new) if isinstance(new, int) else new
-        queue_full = (
-            self.max_queue is not None and load.num_waiting + num_requests > self.max_queue
-        )
+        queue_full = self.max_queue is not None and load.num_waiting + num_requests > self.max_queue
         target = max(0, self.max_queue - num_requests) if queue_full else None
         pred = self.predict(cost, load, num_requests, target)
         if queue_full:
-            return Decision(Verdict.QUEUE_FULL, pred.ttft_s, _retry_after(pred.queue_s),
-                            pred.queue_s)
-        if self.ttft_slo is not None and pred.ttft_s > self.headroom * self.ttft_slo:
+            return Decision(
+                Verdict.QUEUE_FULL, pred.ttft_s, _retry_after(pred.queue_s), pred.queue_s
+            )
+        idle = not load.waiting and not load.running
+        # An idle server admits: waiting cannot help, and the estimates only learn from
+        # work that runs (a prior that errs slow must not lock a request type out).
+        if self.ttft_slo is not None and not idle and pred.ttft_s > self.headroom * self.ttft_slo:
             # FIFO: arriving later, the same work ahead ends at the same time, so the
             # wait until the prediction fits the SLO is the overshoot
             drain = pred.ttft_s - self.headroom * self.ttft_slo

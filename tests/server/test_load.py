@@ -1,44 +1,87 @@
-"""The bounded load test, small: tight SLO so some requests get 429; every accepted one
-completes; none fails or hangs."""
+"""The burst load bench, small: a small engine under a burst rejects early with 429 and a
+Retry-After, admitted requests complete within the SLO, and the report carries the
+figures the closing note quotes. In-process client, seconds."""
 
 from __future__ import annotations
 
 import pytest
 
-from moska.bench.load import run_load
+from moska.bench.load import check, run_bursts, summarize, table
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_load_small_real_engine():
+def test_burst_on_a_small_engine_rejects_early_and_keeps_the_slo():
+    """The tiny model with a 256-token step budget and 8 sequences: a burst of 48 queues
+    several seconds of prefill, more than the SLO."""
     from moska.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine.from_model(None, device="cpu", max_model_len=1024, num_kv_blocks=1024)
-    result = run_load(
-        num_requests=40,
-        concurrency=40,
-        max_tokens=8,
-        ttft_slo=0.3,
-        engine=engine,
-        request_timeout_s=60,
+    slo = 1.0
+    engine = LLMEngine.from_model(
+        None,
+        device="cpu",
+        max_model_len=512,
+        num_kv_blocks=512,
+        max_num_batched_tokens=256,
+        max_num_seqs=8,
     )
-    print(result.table())
-    result.check()
-    assert result.accepted > 0 and result.rejected > 0
+    report = run_bursts(
+        [48],
+        ttft_slo=slo,
+        max_tokens=8,
+        library=None,
+        engine=engine,
+        warmup=(2,),
+        timeout_s=60,
+        probe_interval_s=0.1,
+        client_process=False,
+    )
+    check(report)
+    (fig,) = report["bursts"]
+    assert fig["admitted"] > 0 and fig["rejected_429"] > 0, fig
+    # Whether the admitted ones met the SLO depends on what else runs on the machine's
+    # cores (the client shares the server's interpreter here); the promise itself is
+    # tested on a virtual clock in test_admission.py. Here: it is measured and reported.
+    assert 0.0 <= fig["slo_met_share"] <= 1.0 and fig["ttft_p50_s"] > 0
+    assert fig["probes"]["plain"]["status"] == 200  # admission reopened after the burst
+    assert fig["retry_after_s_median"] >= 1
+    assert len(fig["predictor_error_s_p10_p50_p90_p99"]) == 4
+    assert "| 48 |" in table(report)
 
 
-def test_overload_slow_engine_rejects_with_retry_after():
-    """A slow engine (50 ms per step): the measured step time makes admission reject."""
+def test_no_slo_admits_the_whole_burst():
     from fake_engine import FakeEngine
 
-    engine = FakeEngine(step_delay=0.05)
-    result = run_load(
-        num_requests=40,
-        concurrency=40,
-        max_tokens=10,
-        ttft_slo=0.2,
-        engine=engine,
-        request_timeout_s=30,
+    report = run_bursts(
+        [24],
+        ttft_slo=None,
+        max_tokens=4,
+        library=None,
+        engine=FakeEngine(step_delay=0.02),
+        warmup=(),
+        timeout_s=60,
+        client_process=False,
     )
-    result.check()
-    assert result.rejected > 0 and result.accepted > 0
+    check(report)
+    assert report["bursts"][0]["rejected_429"] == 0
+
+
+def test_summary_compares_retry_after_with_its_kinds_drain():
+    rec = {"hung": False, "error": None, "completed": True, "tokens": 4}
+    out = {
+        "requests": [
+            rec | {"status": 200, "ttft": 0.5, "library": False, "t_status": 0.01},
+            rec | {"status": 429, "retry_after": "2", "library": False, "t_status": 0.1},
+            rec | {"status": 429, "retry_after": "9", "library": True, "t_status": 0.1},
+        ],
+        "probes": {
+            "plain": {"status": 200, "t_status": 2.1},
+            "library": {"status": 200, "t_status": 3.1},
+        },
+    }
+    fig = summarize(3, out, [(0.4, 0.5)], 1.0, 1.0)
+    assert fig["admitted"] == 1 and fig["rejected_429"] == 2
+    assert fig["slo_met_share"] == 1.0
+    # plain: 2 s vs 2.0 s observed (in 2x); library: 9 s vs 3.0 s (3x, out)
+    assert fig["retry_after_within_2x_share"] == 0.5
+    assert fig["predictor_error_s_p10_p50_p90_p99"][1] == pytest.approx(0.1)

@@ -1,0 +1,148 @@
+"""The client side of `moska bench load`: one burst of streaming completions sent at once,
+and a prober that measures when the server admits again after its first 429.
+
+It runs in its own process (`burst_in_process`), so parsing a thousand SSE streams does
+not compete with the server for one interpreter's GIL: the server's TTFT is then the
+server's, not the benchmark's. Times are seconds from the burst's start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+
+def _record(body: dict) -> dict[str, Any]:
+    return {
+        "library": body.get("library") is not None,
+        "prompt_chars": len(body.get("prompt", "")),
+        "status": None,  # HTTP status
+        "t_status": None,  # when the status line arrived
+        "ttft": None,  # first token (client side)
+        "latency": None,
+        "retry_after": None,  # the 429's Retry-After header (whole seconds)
+        "completed": False,  # finish_reason and [DONE] seen
+        "tokens": 0,
+        "error": None,
+        "hung": False,
+    }
+
+
+async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) -> dict:
+    """Send one streaming completion; what happened, timed from `t0`."""
+    rec = _record(body)
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                rec["status"], rec["t_status"] = r.status_code, time.perf_counter() - t0
+                if r.status_code != 200:
+                    text = await r.aread()
+                    if r.status_code == 429:
+                        rec["retry_after"] = r.headers.get("retry-after")
+                    else:
+                        rec["error"] = f"{r.status_code}: {text[:200]!r}"
+                    return rec
+                finish, done = None, False
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        rec["error"] = str(chunk["error"])[:200]
+                        break
+                    if chunk.get("usage"):
+                        rec["tokens"] = chunk["usage"]["completion_tokens"]
+                    for choice in chunk["choices"]:
+                        if rec["ttft"] is None and (choice["text"] or choice["finish_reason"]):
+                            rec["ttft"] = time.perf_counter() - start
+                        finish = choice["finish_reason"] or finish
+                rec["completed"] = done and finish is not None
+                rec["latency"] = time.perf_counter() - start
+                if not rec["completed"] and rec["error"] is None:
+                    rec["error"] = f"stream ended without finish/[DONE] ({finish}, {done})"
+    except TimeoutError:
+        rec["hung"] = True
+    except Exception as exc:  # noqa: BLE001 - counted and reported
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return rec
+
+
+async def _probe(
+    client: Any,
+    url: str,
+    body: dict,
+    t0: float,
+    rejected: asyncio.Event,
+    interval_s: float,
+    timeout_s: float,
+) -> dict | None:
+    """After the burst's first 429, send `body` every `interval_s` until one is admitted;
+    that one's record (with `probes`: how many were sent), or None if nothing was
+    rejected."""
+    await rejected.wait()
+    sent = 0
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        sent += 1
+        rec = await one(client, url, body, t0, timeout_s)
+        if rec["status"] == 200:
+            rec["probes"] = sent
+            return rec
+        await asyncio.sleep(interval_s)
+    return {"probes": sent, "status": None, "error": "never admitted"}
+
+
+async def burst(
+    url: str, bodies: list[dict], probes: dict, timeout_s: float, probe_interval_s: float
+) -> dict:
+    """Send every body at once; returns {"requests": records, "probes": {kind: record},
+    "wall_s"}. `probes`: a typical body per kind ("plain", "library"); each kind's prober
+    starts at that kind's first 429 (a library request waits longer than a plain one)."""
+    import httpx
+
+    n = len(bodies) + 4
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    timeout = httpx.Timeout(timeout_s, pool=timeout_s)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        rejected = {kind: asyncio.Event() for kind in probes}
+        t0 = time.perf_counter()
+
+        async def send(body: dict) -> dict:
+            rec = await one(client, url, body, t0, timeout_s)
+            if rec["status"] == 429:
+                rejected["library" if rec["library"] else "plain"].set()
+            return rec
+
+        probers = {
+            kind: asyncio.create_task(
+                _probe(client, url, body, t0, rejected[kind], probe_interval_s, timeout_s)
+            )
+            for kind, body in probes.items()
+        }
+        records = await asyncio.gather(*(send(b) for b in bodies))
+        results = {}
+        for kind, task in probers.items():
+            if rejected[kind].is_set():
+                results[kind] = await task
+            else:
+                task.cancel()
+        return {"requests": records, "probes": results, "wall_s": time.perf_counter() - t0}
+
+
+def burst_sync(
+    url: str, bodies: list[dict], probe: dict[str, dict], timeout_s: float, probe_interval_s: float
+) -> dict:
+    return asyncio.run(burst(url, bodies, probe, timeout_s, probe_interval_s))
+
+
+def burst_in_process(pool: Any, *args: Any) -> dict:
+    """`burst_sync(*args)` in `pool` (a one-process executor), or here if pool is None."""
+    if pool is None:
+        return burst_sync(*args)
+    return pool.submit(burst_sync, *args).result()
