@@ -71,6 +71,8 @@ def from_engine_error(exc: Exception) -> APIError:
     name taken or being built and a library in use are 409; other ValueErrors 400. No
     message carries a server path (library errors name the library; OSErrors lose theirs)."""
     name = type(exc).__name__
+    if name == "RankFailedError":  # a tensor-parallel rank died: the engine is gone
+        return APIError(503, str(exc), code="rank_failed")
     if isinstance(exc, CorruptLibraryError):  # ChecksumMismatchError too
         return APIError(409, str(exc), code="library_damaged")
     if isinstance(exc, LibraryExistsError):

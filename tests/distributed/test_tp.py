@@ -4,6 +4,10 @@ equal one process's; library requests refused; each rank's cache holds its KV he
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 from tp_support import DEVICES, build_checkpoint, engine_kwargs, greedy, prefill_logits, rel_err
@@ -58,3 +62,32 @@ def test_library_request_is_refused(engines):
     with pytest.raises(RequestError, match="tensor parallelism"):
         tp.add_request("lib", [1, 2, 3], SamplingParams(max_tokens=2), library="handbook")
     assert not tp.has_unfinished_requests()
+
+
+def test_server_answers_errors_when_a_rank_dies(engines, caplog):
+    """Last in this file: it kills rank 1. A request in flight ends with an error JSON, the
+    next is a 503 naming the rank, within 10 s, and the log names the rank."""
+    import httpx
+
+    from moska.server.app import create_app
+    from moska.server.background import background_server
+    from moska.server.settings import ServerSettings
+
+    _, tp = engines
+    app = create_app(tp, ServerSettings())
+    body = {"model": tp.model_name, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        ok = client.post("/v1/completions", json=body)
+        assert ok.status_code == 200, ok.text
+        assert len(ok.json()["choices"][0]["text"]) >= 0
+        os.kill(tp.dist.worker_pids[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        failed = client.post("/v1/completions", json={**body, "max_tokens": 300, "ignore_eos": True})
+        after = client.post("/v1/completions", json=body)
+        assert time.monotonic() - t0 < 10
+    assert failed.status_code in (500, 503), failed.text
+    assert "error" in failed.json()
+    assert after.status_code == 503, after.text
+    assert after.json()["error"]["code"] == "rank_failed"
+    assert "rank 1" in after.json()["error"]["message"]
+    assert any("rank 1" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
