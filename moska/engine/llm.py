@@ -17,11 +17,23 @@ class LLM:
 
     model: an HF model directory, or None for the built-in tiny model. Other keyword
     arguments are EngineConfig fields (device, dtype, attention, num_kv_blocks, ...).
+    With tensor_parallel_size=N it starts N-1 worker processes; `shutdown()` (or leaving a
+    `with LLM(...)` block, or the interpreter's exit) stops them.
     """
 
     def __init__(self, model: str | None = None, **engine_kwargs) -> None:
         self.engine = LLMEngine.from_model(model, **engine_kwargs)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self):

@@ -8,6 +8,7 @@ one line in a second rather than after the model has loaded.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Sequence
@@ -78,6 +79,13 @@ def serve(
         log_level=log_level,
     )
     engine_kwargs = engine_kwargs or {}
+    if engine_kwargs.get("tensor_parallel_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
+        # torchrun started this process as a rank other than 0: no socket and no HTTP; it
+        # runs the forwards rank 0 sends and exits when rank 0 stops (distributed/worker.py)
+        from moska.engine.llm_engine import LLMEngine
+
+        LLMEngine.from_model(model, **engine_kwargs)
+        return
     sock = bind_socket(host, port)  # first: a busy port fails in a fraction of a second
     try:
         EngineConfig(model=model, **engine_kwargs).check_device()  # before the model loads
