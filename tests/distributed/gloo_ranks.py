@@ -25,8 +25,11 @@ def _entry(fn, rank: int, world: int, store: str, results, collective_s: float, 
 
     torch.set_num_threads(1)
     try:
+        backend = os.environ.get("MOSKA_TEST_BACKEND", "gloo")  # nccl: a logic run on a GPU
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"file://{store}",
             rank=rank,
             world_size=world,
@@ -45,7 +48,9 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 60.0, collective_s: floa
 
     ``fn`` must be importable (module level). The children run the kernels' PyTorch
     references (TRITON_INTERPRET=0, also for the forkserver started here: launchers fall back to them on the CPU), which is much
-    faster than Triton's interpreter at these shapes. Raises AssertionError naming the rank
+    faster than Triton's interpreter at these shapes. On a GPU machine,
+    MOSKA_TEST_DEVICE=cuda (and MOSKA_TEST_BACKEND=nccl) run the cases on CUDA tensors
+    with the Triton kernels. Raises AssertionError naming the rank
     on a failure, and TimeoutError when ``timeout_s`` passes first.
     """
     ctx = mp.get_context("forkserver")

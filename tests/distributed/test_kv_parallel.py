@@ -8,6 +8,7 @@ holding everything (fp32, relative error < 1e-4).
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from moska.distributed.kv_parallel import KVBudgetError, place_blocks
 WORLD = 3
 HQ, HKV, D, BS = 6, 2, 16, 4
 LENS = [5, 37, 13, 1]  # tokens per request; 37 needs 10 blocks
+DEV = torch.device(os.environ.get("MOSKA_TEST_DEVICE", "cpu"))  # cuda: a logic run on a GPU
 CAPACITY = 9  # blocks per rank: the 37-token request (10 blocks) cannot fit on one rank
 
 
@@ -46,7 +48,7 @@ def _cache(k, v, blocks_per_request):
     """A paged cache holding, for each request, the given logical blocks in order; returns
     (k_cache, v_cache, physical ids per request)."""
     total = sum(len(b) for b in blocks_per_request)
-    kc = torch.zeros(max(1, total), BS, HKV, D)
+    kc = torch.zeros(max(1, total), BS, HKV, D, device=DEV)
     vc = torch.zeros_like(kc)
     phys, nxt = [], 0
     for kb, vb, blocks in zip(k, v, blocks_per_request):
@@ -63,7 +65,9 @@ def _cache(k, v, blocks_per_request):
 
 def _table(rows_ids):
     width = max(1, max(len(r) for r in rows_ids))
-    return torch.tensor([r + [0] * (width - len(r)) for r in rows_ids], dtype=torch.int32)
+    return torch.tensor(
+        [r + [0] * (width - len(r)) for r in rows_ids], dtype=torch.int32, device=DEV
+    )
 
 
 def _cases(rank: int, world: int):
@@ -77,7 +81,7 @@ def _cases(rank: int, world: int):
     )
     from moska.kernels.paged_attention import paged_attention_ref
 
-    ops = get_attention_ops("torch")
+    ops = get_attention_ops("triton" if DEV.type == "cuda" else "torch")
     scale = D**-0.5
     pair = dist.new_group([0, 1])  # every rank must create it
     out = {}
@@ -92,14 +96,14 @@ def _cases(rank: int, world: int):
         kc, vc, phys = _cache(k, v, [pl.blocks_of(rank) for pl in places])
         # one rank holding everything: the reference
         kg, vg, pg = _cache(k, v, [range(math.ceil(n / BS)) for n in LENS])
-        seq = torch.tensor(LENS, dtype=torch.int32)
+        seq = torch.tensor(LENS, dtype=torch.int32, device=DEV)
 
         # decode: one row per request at its last position
-        q = torch.randn(len(LENS), HQ, D, generator=g)
+        q = torch.randn(len(LENS), HQ, D, generator=g).to(DEV)
         vis = torch.cat(
             [visible_lens(pl, rank, BS, n, torch.tensor([n - 1])) for pl, n in zip(places, LENS)]
-        )
-        cu = torch.arange(len(LENS) + 1, dtype=torch.int32)
+        ).to(DEV)
+        cu = torch.arange(len(LENS) + 1, dtype=torch.int32, device=DEV)
         ref, ref_lse = paged_attention_ref(q, kg, vg, _table(pg), cu, seq, scale)
         o, lse = kv_parallel_attention(q, kc, vc, _table(phys), vis, scale, ops, group)
         res = {
@@ -117,7 +121,7 @@ def _cases(rank: int, world: int):
             res[f"helix mb={mb}"] = max(_rel(o_h, ref[:, heads]), _rel(lse_h, ref_lse[:, heads]))
         # the tensor-parallel layout after Helix: a row-parallel o-projection over the
         # head slice plus an all-reduce equals the whole projection
-        w = torch.randn(8, HQ * D, generator=g)
+        w = torch.randn(8, HQ * D, generator=g).to(DEV)
         part = o_h.reshape(len(LENS), hs * D) @ w[:, rank * hs * D : (rank + 1) * hs * D].T
         dist.all_reduce(part, group=group)
         res["o_proj"] = _rel(part, ref.reshape(len(LENS), HQ * D) @ w.T)
@@ -125,12 +129,12 @@ def _cases(rank: int, world: int):
         # prefill: the last 7 tokens of the long request, causal over all its KV
         b, n = 1, LENS[1]
         pos = torch.arange(n - 7, n)
-        qp = torch.randn(7, HQ, D, generator=g)
-        vis_p = visible_lens(places[b], rank, BS, n, pos)
+        qp = torch.randn(7, HQ, D, generator=g).to(DEV)
+        vis_p = visible_lens(places[b], rank, BS, n, pos).to(DEV)
         tab_p = _table([phys[b]] * 7)
         ref_p, _ = paged_attention_ref(
-            qp, kg, vg, _table([pg[b]]), torch.tensor([0, 7], dtype=torch.int32),
-            torch.tensor([n], dtype=torch.int32), scale,
+            qp, kg, vg, _table([pg[b]]), torch.tensor([0, 7], dtype=torch.int32, device=DEV),
+            torch.tensor([n], dtype=torch.int32, device=DEV), scale,
         )  # fmt: skip
         o_p, _ = kv_parallel_attention(qp, kc, vc, tab_p, vis_p, scale, ops, group)
         res["prefill"] = _rel(o_p, ref_p)

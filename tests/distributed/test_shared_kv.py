@@ -10,6 +10,8 @@ several layers served by ``serve_forever`` until ``stop``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from gloo_ranks import run_ranks
@@ -52,6 +54,12 @@ def _data(num_chunks: int, rows: list[int], seed: int):
     return offs, k, v, q, uniq
 
 
+def _to(x, dev):
+    if isinstance(x, torch.Tensor):
+        return x.to(dev)
+    return type(x)(_to(y, dev) for y in x)
+
+
 def _dense(q, keys, vals, scale):
     """q [Hq, D], keys/vals [L, Hkv, D] -> (o [Hq, D], lse [Hq])."""
     kk = keys.repeat_interleave(HQ // HKV, 1)  # [L, Hq, D]
@@ -77,13 +85,14 @@ def _cases(rank: int, world: int):
     from moska.kernels.router import build_routing_index, route
     from moska.kernels.selections import from_topk
 
-    ops = get_attention_ops("torch")
+    dev = torch.device(os.environ.get("MOSKA_TEST_DEVICE", "cpu"))
+    ops = get_attention_ops("triton" if dev.type == "cuda" else "torch")
     scale = D**-0.5
     spec = SharedKVSpec(HQ, HKV, D, torch.float32, scale)
     out = {}
     for i, (name, (u, nc, top_k, rows, opt)) in enumerate(CASES.items()):
         lay = SharedKVLayout(u, world - u)
-        offs, k, v, q, uniq = _data(nc, rows, seed=i)
+        offs, k, v, q, uniq = _to(_data(nc, rows, seed=i), dev)
         placement = ChunkPlacement.by_chunk_id(nc, lay.num_shared)
         if "replicas" in opt:
             hot = [10.0 / (c + 1) for c in range(nc)]  # Zipf-like: chunk 0 hottest
@@ -100,14 +109,14 @@ def _cases(rank: int, world: int):
         for layer in range(LAYERS):
             qr = q[layer][rank]
             # the unique part: dense over each row's own KV
-            o_u = torch.zeros(b, HQ, D)
-            lse_u = torch.zeros(b, HQ)
+            o_u = torch.zeros(b, HQ, D, device=dev)
+            lse_u = torch.zeros(b, HQ, device=dev)
             for r in range(b):
                 o_r, l_r = _dense(qr[r], ku[r][layer], vu[r][layer], scale)
                 o_u[r], lse_u[r] = o_r.float(), l_r.float()
             index = build_routing_index(k[layer], offs)
             if "chunks" in opt:
-                pick = torch.tensor(opt["chunks"])  # every row reads these
+                pick = torch.tensor(opt["chunks"], device=dev)  # every row reads these
                 sel = from_topk(pick.expand(b, 1, top_k), HKV, nc)
             else:
                 sel = route(qr, index, nc if top_k is None else top_k)
