@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import math
 import threading
+import time
 from bisect import insort
 from collections import deque
 from dataclasses import dataclass, field
@@ -225,6 +226,8 @@ class AdmissionController:
         self._load_tps = prior_load_tps
         self.outcomes = _Outcomes()
         self._lock = threading.Lock()
+        self.shed_ttl_s = 0.05
+        self._shed_memo: tuple[float, Decision | None] | None = None
 
     @property
     def load_tps(self) -> float:
@@ -351,27 +354,48 @@ class AdmissionController:
         cost = RequestCost(new) if isinstance(new, int) else new
         return self.predict(cost, load, num_requests).ttft_s
 
-    def decide(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> Decision:
+    def decide(
+        self, new: RequestCost | int, load: Load, num_requests: int = 1, elapsed_s: float = 0.0
+    ) -> Decision:
         """Accept or reject `num_requests` requests like `new` (the n choices and prompts
-        of one HTTP request are admitted together). A rejection's Retry-After is the
-        predicted time until a request like this would be admitted."""
+        of one HTTP request are admitted together). `elapsed_s`: time the request already
+        spent in the server before this decision (reading, validating, tokenizing); it
+        counts against the SLO and is part of the predicted TTFT. A rejection's
+        Retry-After is the predicted time until a request like this would be admitted."""
         cost = RequestCost(new) if isinstance(new, int) else new
         queue_full = self.max_queue is not None and load.num_waiting + num_requests > self.max_queue
         target = max(0, self.max_queue - num_requests) if queue_full else None
         pred = self.predict(cost, load, num_requests, target)
+        ttft = pred.ttft_s + max(0.0, elapsed_s)
         if queue_full:
-            return Decision(
-                Verdict.QUEUE_FULL, pred.ttft_s, _retry_after(pred.queue_s), pred.queue_s
-            )
+            return Decision(Verdict.QUEUE_FULL, ttft, _retry_after(pred.queue_s), pred.queue_s)
         idle = not load.waiting and not load.running
         # An idle server admits: waiting cannot help, and the estimates only learn from
         # work that runs (a prior that errs slow must not lock a request type out).
-        if self.ttft_slo is not None and not idle and pred.ttft_s > self.headroom * self.ttft_slo:
+        if self.ttft_slo is not None and not idle and ttft > self.headroom * self.ttft_slo:
             # FIFO: arriving later, the same work ahead ends at the same time, so the
-            # wait until the prediction fits the SLO is the overshoot
-            drain = pred.ttft_s - self.headroom * self.ttft_slo
-            return Decision(Verdict.SLO, pred.ttft_s, _retry_after(drain), drain)
-        return Decision(Verdict.ACCEPT, pred.ttft_s, 0)
+            # wait until the prediction fits the SLO is the overshoot (the time this one
+            # spent at the door is not a retry's)
+            drain = max(0.0, pred.ttft_s - self.headroom * self.ttft_slo)
+            return Decision(Verdict.SLO, ttft, _retry_after(drain), drain)
+        return Decision(Verdict.ACCEPT, ttft, 0)
+
+    def shed(self, load: Load) -> Decision | None:
+        """The rejection that the smallest request (one prompt token) would get now, or
+        None: when even it would miss the SLO, the front end answers 429 before reading a
+        body. Memoized for `shed_ttl_s`, so a burst costs one prediction per interval."""
+        if self.ttft_slo is None and self.max_queue is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            cached = self._shed_memo
+        if cached is not None and now - cached[0] < self.shed_ttl_s:
+            return cached[1]
+        decision = self.decide(RequestCost(1, 1), load)
+        result = None if decision.accepted else decision
+        with self._lock:
+            self._shed_memo = (now, result)
+        return result
 
 
 def request_cost(

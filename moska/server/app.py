@@ -17,6 +17,7 @@ from moska.server.build_worker import BuildWorker
 from moska.server.errors import install_error_handlers
 from moska.server.library_routes import router as library_router
 from moska.server.metrics import ServerMetrics
+from moska.server.load_shedding import LoadSheddingMiddleware
 from moska.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from moska.server.openai_routes import router as openai_router
 from moska.server.protocol import LIBRARY_NAME_PATTERN
@@ -60,6 +61,7 @@ def create_app(
             max_concurrent=settings.max_concurrent_builds,
             max_queued=settings.max_queued_builds,
             prefill_tokens=settings.build_prefill_tokens,
+            in_process=settings.build_in_process,
         )
 
     @asynccontextmanager
@@ -85,6 +87,8 @@ def create_app(
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # outermost: under a burst, a 429 costs neither the body limit's reads nor auth
+    app.add_middleware(LoadSheddingMiddleware, shed=lambda: _shed(state))
     app.include_router(openai_router)
     app.include_router(library_router)
     app.include_router(util_router)
@@ -144,3 +148,13 @@ def _set_maximum(prop: dict[str, Any] | None, maximum: int) -> None:
     for option in (prop or {}).get("anyOf", [prop] if prop else []):
         if option.get("type") == "integer":
             option["maximum"] = maximum
+
+
+def _shed(state: ServerState):
+    """The door's 429 (see load_shedding), counted like admission's own rejections."""
+    if not state.async_engine.accepting:
+        return None  # shutting down: the route answers 503
+    decision = state.admission.shed(state.async_engine.load())
+    if decision is not None:
+        state.metrics.rejections.labels(decision.verdict.value).inc()
+    return decision

@@ -162,6 +162,7 @@ class AsyncEngine:
         queue: asyncio.Queue | None = None,
         cost: RequestCost | None = None,
         predicted_ttft_s: float | None = None,
+        arrival: float | None = None,
     ) -> list[RequestStream]:
         """Hand a group of requests (the n choices of one HTTP request) to the engine.
         All are added or none: the engine's ValueError for one aborts the others and is
@@ -181,6 +182,8 @@ class AsyncEngine:
         cost = cost or RequestCost(num_prompt_tokens)
         for stream in streams:
             stream.cost, stream.predicted_ttft_s = cost, predicted_ttft_s
+            if arrival is not None:  # when the HTTP request arrived: TTFT counts from there
+                stream.arrival = arrival
         with self._lock:
             self._pending.extend(cost for _ in streams)
         self._commands.put(

@@ -19,6 +19,7 @@ from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.structured import Grammar
 from moska.server import sampling_fields, structured_output
 from moska.server.admission import RequestCost, request_cost
+from moska.server.load_shedding import ARRIVAL, elapsed_since_arrival
 from moska.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from moska.server.errors import APIError, from_engine_error
 from moska.server.protocol import (
@@ -309,7 +310,9 @@ async def submit(
     if not aengine.accepting:
         raise APIError(503, "the server is shutting down", code="shutting_down")
     cost = await admission_cost(state, max(counts), max(resolved), body)
-    decision = state.admission.decide(cost, aengine.load(), n * len(prompts))
+    decision = state.admission.decide(
+        cost, aengine.load(), n * len(prompts), elapsed_s=elapsed_since_arrival()
+    )
     state.metrics.predicted_ttft.observe(decision.predicted_ttft_s)
     if not decision.accepted:
         state.metrics.rejections.labels(decision.verdict.value).inc()
@@ -339,6 +342,7 @@ async def submit(
                 queue=queue,
                 cost=cost,
                 predicted_ttft_s=decision.predicted_ttft_s,
+                arrival=ARRIVAL.get(),
             )
     except BaseException as exc:
         aengine.abort([s.request_id for s in streams])

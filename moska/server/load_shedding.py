@@ -1,0 +1,72 @@
+"""Admission at the door: the arrival time of each generation request, and 429s that cost
+almost nothing under a burst.
+
+Under a burst of hundreds of clients on one process the front end itself becomes the
+queue: reading, validating and tokenizing every body before admission decides took
+seconds, which the engine-side prediction never saw, so admitted requests missed the SLO
+and rejections were not early. This middleware stamps each generation request's arrival
+(`ARRIVAL`, read by `generate.submit`, which charges the time already spent against the
+SLO) and, when admission says that even the smallest request would miss the SLO now,
+answers 429 before the body is read, parsed or tokenized.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from moska.server.admission import Decision
+from moska.server.errors import error_body
+
+GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+# monotonic time at which the current generation request reached the app (None elsewhere)
+ARRIVAL: ContextVar[float | None] = ContextVar("moska_arrival", default=None)
+
+
+def elapsed_since_arrival() -> float:
+    """Seconds the current request has spent in the server so far (0 outside one)."""
+    arrival = ARRIVAL.get()
+    return 0.0 if arrival is None else max(0.0, time.monotonic() - arrival)
+
+
+class LoadSheddingMiddleware:
+    """For POST to the generation routes: stamp the arrival, and answer 429 at once when
+    `shed()` returns a rejection (it sees the engine's load, not the request)."""
+
+    def __init__(self, app: ASGIApp, shed: Callable[[], Decision | None]) -> None:
+        self.app = app
+        self.shed = shed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or scope.get("path") not in GENERATE_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        token = ARRIVAL.set(time.monotonic())
+        try:
+            decision = self.shed()
+            if decision is None:
+                await self.app(scope, receive, send)
+                return
+            message = (
+                f"server overloaded ({decision.verdict.value}, predicted time to first token "
+                f"{decision.predicted_ttft_s:.2f}s); retry after {decision.retry_after_s}s"
+            )
+            body = json.dumps(error_body(429, message, code=decision.verdict.value)).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(decision.retry_after_s).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 429, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        finally:
+            ARRIVAL.reset(token)
