@@ -2,7 +2,8 @@
 
 This module holds what every conversion shares — reading a Hugging Face directory's tensors
 lazily (single file or shards), writing the result in the same layout, copying the
-tokenizer. Each conversion lives in its own module: `convert_mlkv.py` (layers share KV);
+tokenizer. Each conversion lives in its own module: `convert_mlkv.py` (layers share KV),
+`convert_kv_heads.py` (fewer KV heads);
 the `moska convert` command is `moska/cli_convert.py`.
 """
 
