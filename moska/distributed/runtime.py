@@ -136,7 +136,7 @@ class ProcessGroups:
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - a broken group cannot be torn down cleanly
+            except Exception:  # a broken group cannot be torn down cleanly
                 logger.debug("destroy_process_group failed", exc_info=True)
 
 
@@ -193,14 +193,14 @@ class Monitor:
             try:  # get() would wait for the key: check first
                 if self.groups.store.check([key]):
                     reason = f"{reason}: {self.groups.store.get(key).decode()}"
-            except Exception:  # noqa: BLE001 - the store is gone with rank 0's peers
-                pass
+            except Exception:  # the store is gone with rank 0's peers
+                logger.debug("reading rank %d's error failed", rank, exc_info=True)
             self.failure = RankFailedError(rank, reason)
         logger.error("tensor-parallel rank %d failed: %s", rank, reason)
         if self.groups.backend == "nccl":  # unblock a collective waiting on the dead rank
             try:
                 dist.distributed_c10d._abort_process_group()
-            except Exception:  # noqa: BLE001 - best effort; the NCCL watchdog times out too
+            except Exception:  # best effort; the NCCL watchdog times out too
                 logger.debug("aborting the NCCL group failed", exc_info=True)
 
 
@@ -293,7 +293,7 @@ class DistributedRuntime:
         if self.monitor.failure is None and self.channel is not None:
             try:
                 self.channel.send_stop()
-            except Exception:  # noqa: BLE001 - a worker died meanwhile: they are killed below
+            except Exception:  # a worker died meanwhile: they are killed below
                 logger.debug("sending STOP failed", exc_info=True)
         _stop_procs(self.monitor.procs, timeout_s)
         self.groups.close()

@@ -174,8 +174,9 @@ class TensorParallelCausalLM(CausalLM):
         self.embed_tokens = VocabParallelEmbedding(*plan.vocab, config.hidden_size, comm, **kw)
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.o_proj = RowParallelLinear(local.q_size, config.hidden_size, config.o_bias, comm, **kw)
-            mlp.down_proj = RowParallelLinear(mlp.intermediate, config.hidden_size, False, comm, **kw)
+            h = config.hidden_size
+            attn.o_proj = RowParallelLinear(local.q_size, h, config.o_bias, comm, **kw)
+            mlp.down_proj = RowParallelLinear(mlp.intermediate, h, False, comm, **kw)
         self.driver = None  # rank 0: a StepChannel
         self._last_hidden: torch.Tensor | None = None
 
@@ -190,13 +191,15 @@ class TensorParallelCausalLM(CausalLM):
         """hidden [N, H] -> logits [N, V] fp32 on rank 0 (None on the others)."""
         if self.driver is not None:
             self.driver.send_logits(hidden, same_as_forward=hidden is self._last_hidden)
-        local = F.linear(hidden, self.lm_head_weight).float()  # [N, V_local]
+        # gathered in the model's dtype and cast after, as one rank casts its product
+        local = F.linear(hidden, self.lm_head_weight)  # [N, V_local]
         pad = self.plan.vocab_shard - local.shape[1]
         parts = self.comm.gather(F.pad(local, (0, pad)) if pad else local)
         if parts is None:
             return None
         v, n = self.full_config.vocab_size, self.plan.size
-        return torch.cat([p[:, : span(v, n, r)[1] - span(v, n, r)[0]] for r, p in enumerate(parts)], 1)
+        sizes = [span(v, n, r)[1] - span(v, n, r)[0] for r in range(n)]
+        return torch.cat([p[:, :k] for p, k in zip(parts, sizes)], dim=1).float()  # [N, V]
 
     def agree_num_blocks(self, num_blocks: int) -> int:
         """The KV blocks every rank can hold (the fewest any rank can)."""
@@ -213,7 +216,8 @@ class TensorParallel:
         return ShardPlan.build(config, self.comm.rank, self.comm.world_size)
 
     def make_model(self, config: ModelConfig, *, dtype, device) -> TensorParallelCausalLM:
-        return TensorParallelCausalLM(config, self.plan(config), self.comm, dtype=dtype, device=device)
+        plan = self.plan(config)
+        return TensorParallelCausalLM(config, plan, self.comm, dtype=dtype, device=device)
 
     def tensor_slices(self, config: ModelConfig) -> dict[str, TensorSlice]:
         return self.plan(config).tensor_slices(config)

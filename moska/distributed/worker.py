@@ -64,13 +64,15 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
         )
         model = loaded.model
         runner = ModelRunner(loaded, config, device)  # its KV cache: this rank's heads
-        channel = StepChannel(groups.comm, groups.control, device, model.config.hidden_size, model.dtype)
+        channel = StepChannel(
+            groups.comm, groups.control, device, model.config.hidden_size, model.dtype
+        )
         serve_steps(model, runner.attention, channel)
     except BaseException as e:
         try:
             groups.store.set(f"moska/error/{groups.rank}", f"{type(e).__name__}: {e}")
-        except Exception:  # noqa: BLE001 - rank 0 (the store) is gone: nobody to tell
-            pass
+        except Exception:  # rank 0 (the store) is gone: nobody to tell
+            logger.debug("reporting the error to rank 0 failed", exc_info=True)
         raise
     finally:
         stop.set()

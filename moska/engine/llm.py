@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from typing import Self
 
 from tqdm.auto import tqdm
 
@@ -29,7 +30,7 @@ class LLM:
         """Stop the tensor-parallel worker processes, if any."""
         self.engine.shutdown()
 
-    def __enter__(self) -> LLM:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

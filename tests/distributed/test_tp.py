@@ -82,7 +82,9 @@ def test_server_answers_errors_when_a_rank_dies(engines, caplog):
         assert len(ok.json()["choices"][0]["text"]) >= 0
         os.kill(tp.dist.worker_pids[1], signal.SIGKILL)
         t0 = time.monotonic()
-        failed = client.post("/v1/completions", json={**body, "max_tokens": 300, "ignore_eos": True})
+        failed = client.post(
+            "/v1/completions", json={**body, "max_tokens": 300, "ignore_eos": True}
+        )
         after = client.post("/v1/completions", json=body)
         assert time.monotonic() - t0 < 10
     assert failed.status_code in (500, 503), failed.text

@@ -3,6 +3,8 @@ head it reads; plain Python, no processes."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from moska.distributed.errors import TensorParallelConfigError
@@ -56,11 +58,11 @@ def test_plan_covers_everything_once(hq, hkv, n):
     for field, total in (("intermediate", 100), ("vocab", 101)):
         spans = [getattr(p, field) for p in plans]
         assert spans[0][0] == 0 and spans[-1][1] == total
-        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 def test_span_sizes_differ_by_at_most_one():
-    for n in range(0, 20):
+    for n in range(20):
         for parts in range(1, 7):
             sizes = [span(n, parts, i)[1] - span(n, parts, i)[0] for i in range(parts)]
             assert sum(sizes) == n and max(sizes) - min(sizes) <= 1

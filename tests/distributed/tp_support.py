@@ -70,8 +70,14 @@ def build_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
         t[p + "post_attention_layernorm.weight"] = norm(h)
     path.mkdir(parents=True, exist_ok=True)
     save_file(t, str(path / "model.safetensors"))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "torch_dtype": "float32", **c}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "torch_dtype": "float32",
+        **c,
+    }
     (path / "config.json").write_text(json.dumps(config))
     return path
 
