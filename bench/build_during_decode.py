@@ -8,7 +8,13 @@ window and the build's duration. A build that ran on the engine thread would sho
 (a gap as long as the build) in the second window. A small build runs first, unmeasured, so
 that one-off costs (Triton compiling the prefill kernel on CUDA) stay out of the figures.
 
+It measures each build mode in turn (`--modes process,thread`), each on a fresh engine and
+server: `process` builds in a child process that shares the weights
+(`ServerSettings.build_in_process=True`), `thread` on a thread of the server. A process
+build's seconds include starting the child (importing torch and moska).
+
 Usage: .venv/bin/python bench/build_during_decode.py [--build-tokens 4000] [--window 3]
+       [--device cpu|cuda] [--modes process,thread]
 """
 
 from __future__ import annotations
@@ -73,26 +79,23 @@ def _build(url: str, name: str, num_tokens: int) -> dict:
     return {**job, "prefill_done": prefill_done or time.perf_counter()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--build-tokens", type=int, default=4000)
-    ap.add_argument("--window", type=float, default=3.0, help="seconds of the no-build window")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument(
-        "--prefill-tokens", type=int, default=None, help="tokens per prefill piece of a build"
-    )
-    args = ap.parse_args()
-    os.environ["MOSKA_HOME"] = tempfile.mkdtemp(prefix="moska-bench-home-")
-
+def _measure(args: argparse.Namespace, mode: str) -> dict:
+    """One mode on a fresh engine and server: the result row."""
     from moska.engine.llm_engine import LLMEngine
     from moska.server.app import create_app
     from moska.server.background import background_server
     from moska.server.settings import ServerSettings
 
     engine = LLMEngine.from_model(None, device=args.device, max_model_len=4096)
-    app = create_app(engine, ServerSettings(build_prefill_tokens=args.prefill_tokens))
+    settings = ServerSettings(
+        build_prefill_tokens=args.prefill_tokens, build_in_process=mode == "process"
+    )
+    app = create_app(engine, settings)
+    builds = app.state.moska.builds
+    if builds.mode != mode:
+        sys.exit(f"asked for {mode} builds, the server builds on a {builds.mode}")
     with background_server(app) as url:
-        _build(url, "bench-warmup", 600)
+        _build(url, f"bench-warmup-{mode}", 600)
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         stamps: list[float] = []
         stop = threading.Event()
@@ -109,30 +112,53 @@ def main() -> None:
 
         b0 = time.perf_counter()
         try:
-            job = _build(url, "bench-build", args.build_tokens)
+            job = _build(url, f"bench-build-{mode}", args.build_tokens)
         finally:
             stop.set()
         b1 = time.perf_counter()
         build_rate, build_gap, gap_at = _rate(stamps, b0, b1)
         streamer.join(30)
-    result = {
-        "command": "python " + " ".join(sys.argv),
-        "device": args.device,
+    return {
+        "mode": mode,
         "build_tokens": job["total_tokens"],
         "build_seconds": round(b1 - b0, 3),
         "prefill_seconds": round(job["prefill_done"] - b0, 3),
-        "prefill_tokens_per_piece": app.state.moska.builds.prefill_tokens,
+        "prefill_tokens_per_piece": builds.prefill_tokens,
         "decode_tok_s_no_build": round(base_rate, 1),
         "decode_tok_s_during_build": round(build_rate, 1),
         "max_gap_s_no_build": round(base_gap, 4),
         "max_gap_s_during_build": round(build_gap, 4),
         "max_gap_starts_s_after_post": round(gap_at, 3),
     }
-    print(f"decode without a build: {base_rate:.1f} tok/s (longest gap {base_gap * 1e3:.0f} ms)")
-    print(
-        f"decode during a {job['total_tokens']}-token build ({b1 - b0:.2f} s): "
-        f"{build_rate:.1f} tok/s (longest gap {build_gap * 1e3:.0f} ms)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--build-tokens", type=int, default=4000)
+    ap.add_argument("--window", type=float, default=3.0, help="seconds of the no-build window")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--prefill-tokens", type=int, default=None, help="tokens per prefill piece of a build"
     )
+    ap.add_argument(
+        "--modes", default="process,thread", help="build modes to measure, comma-separated"
+    )
+    args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"process", "thread"}:
+        ap.error("--modes: a comma-separated list of process and thread")
+    os.environ["MOSKA_HOME"] = tempfile.mkdtemp(prefix="moska-bench-home-")
+
+    rows = [_measure(args, mode) for mode in modes]
+    for r in rows:
+        print(
+            f"{r['mode']:>7}: decode {r['decode_tok_s_no_build']:.1f} tok/s without a build "
+            f"(longest gap {r['max_gap_s_no_build'] * 1e3:.0f} ms), "
+            f"{r['decode_tok_s_during_build']:.1f} tok/s during a {r['build_tokens']}-token "
+            f"build of {r['build_seconds']:.2f} s (longest gap "
+            f"{r['max_gap_s_during_build'] * 1e3:.0f} ms)"
+        )
+    result = {"command": "python " + " ".join(sys.argv), "device": args.device, "modes": rows}
     print(json.dumps(result))
 
 

@@ -194,6 +194,22 @@ class LibraryManager:
                 self._register(name, library)
             return library
 
+    def load_built(self, name: str) -> LoadedLibrary:
+        """``get(name)`` for a library another process just built and saved (the server's
+        build process): it loads outside the manager's lock, so requests acquiring other
+        libraries meanwhile do not wait for the load. A copy loaded meanwhile is kept."""
+        library = load_library(
+            self.root, validate_name(name), self.fingerprint, self.device, progress=False
+        )
+        with self._lock:
+            if name in self._deleting:
+                raise LibraryDeletingError(name)
+            current = self._loaded.get(name)
+            if current is not None:
+                return current
+            self._register(name, library)
+            return library
+
     def acquire(self, name: str) -> LoadedLibrary:
         """``get(name)`` for a request that will read it until ``release``: while any
         request holds it, ``delete(name)`` refuses (LibraryInUseError) instead of pulling

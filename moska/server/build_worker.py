@@ -3,35 +3,58 @@
 A build prefills its documents with the model's own forward (`library/builder.py`), with
 its own attention callable and KV pools: it never touches the engine's KV cache or its
 scheduler, so it need not run between engine steps. Running it on the engine thread froze
-every stream for the whole prefill; here it runs on the worker's own threads instead
-(`max_concurrent` of them), on CUDA on a stream of its own, so decode steps go on beside
-it. On CPU torch releases the GIL inside its ops, so the engine thread keeps stepping; the
-build threads run at a lower priority (Linux niceness) and prefill in pieces of
-`CPU_PREFILL_TOKENS`, so that the decode steps keep most of the cores (a 4,096-token piece
-is one attention op of many seconds on CPU, and decode steps stalled behind it for seconds).
+every stream for the whole prefill. Here each build runs, under one of the worker's
+`max_concurrent` threads, either
+
+- in a child process (`server/build_process.py`, `in_process=True`, the default on CUDA):
+  the child shares the engine's weights (no copy), builds and saves the library, and the
+  thread only relays its progress and loads the result. It has its own interpreter, so the
+  engine thread never waits for its GIL: on CUDA a build thread launching small kernels
+  with the GIL held starved the engine thread (decode fell from 550 to 1-64 tok/s);
+- or on the thread itself (`in_process=False`; the fallback for managers that cannot build
+  in a process, such as the tests' fake). On CPU torch releases the GIL inside its ops, so
+  the engine thread keeps stepping.
+
+Either way the build runs at a lower priority (Linux niceness), on CUDA on a stream of its
+own, and prefills in pieces of `CPU_PREFILL_TOKENS` on CPU, so that the decode steps keep
+most of the cores (a 4,096-token piece is one attention op of many seconds on CPU, and
+decode steps stalled behind it for seconds).
 
 Quota: at most `max_concurrent` builds run at once and `max_queued` wait; a build of more
 than `max_tokens` tokens fails before its prefill. A cancelled job that is queued never
-starts; a running one stops at the next prefill piece (`prefill_corpus`'s hook) and
-leaves nothing on disk (the library is written only after its prefill). A finished build
-is registered with the engine's `LibraryManager` (thread-safe), so new requests can read it.
+starts; a running one stops at the next prefill piece (`prefill_corpus`'s hook; a child
+process that does not stop within `cancel_grace_s` is killed) and leaves nothing on disk.
+A finished build is registered with the engine's `LibraryManager` (thread-safe), so new
+requests can read it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from moska.library.errors import LibraryError
+from moska.server.build_process import (  # the errors are re-exported
+    BUILD_NICENESS,
+    CANCEL_GRACE_S,
+    BuildCancelledError,
+    BuildProcessError,
+    BuildQuotaError,
+    BuildSpec,
+    SharedModel,
+    build_stream,
+    progress_hook,
+    run_build_process,
+    supports_process_builds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +62,7 @@ DEFAULT_MAX_BUILD_TOKENS = 1 << 20
 DEFAULT_MAX_CONCURRENT_BUILDS = 1
 DEFAULT_MAX_QUEUED_BUILDS = 16
 CPU_PREFILL_TOKENS = 512  # tokens per prefill forward of a build on CPU
-BUILD_NICENESS = 10  # build threads yield the CPU to the engine thread (Linux)
+CPU_BUILDS_IN_PROCESS = False  # the default of `in_process` on CPU (see BuildWorker)
 _MAX_FINISHED_JOBS = 1000  # finished jobs beyond this are forgotten, oldest first
 
 
@@ -53,23 +76,6 @@ class JobStatus(enum.StrEnum):
     @property
     def done(self) -> bool:
         return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
-
-
-class BuildCancelledError(Exception):
-    """Raised from the prefill hook of a build whose job was cancelled."""
-
-
-class BuildQuotaError(LibraryError):
-    """A build larger than the server allows."""
-
-    def __init__(self, num_tokens: int, max_tokens: int) -> None:
-        super().__init__(
-            f"the documents are {num_tokens} tokens; this server builds libraries of at most "
-            f"{max_tokens} tokens over HTTP (max_build_tokens): split them into several "
-            "libraries, or build this one offline with `moska library build`"
-        )
-        self.num_tokens = num_tokens
-        self.max_tokens = max_tokens
 
 
 class BuildQueueFullError(RuntimeError):
@@ -94,11 +100,13 @@ class BuildJob:
     finished: int | None = None
     error: str | None = None
     info: Any = None  # the LibraryInfo of a succeeded build
+    pid: int | None = None  # the build's process, when it runs in one
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
 
 
 class BuildWorker:
-    """Runs `manager.build` for queued jobs on `max_concurrent` threads of its own."""
+    """Runs queued builds on `max_concurrent` threads of its own, each in a child process
+    (`in_process`) or on the thread (`manager.build`)."""
 
     def __init__(
         self,
@@ -108,22 +116,44 @@ class BuildWorker:
         max_concurrent: int = DEFAULT_MAX_CONCURRENT_BUILDS,
         max_queued: int = DEFAULT_MAX_QUEUED_BUILDS,
         prefill_tokens: int | None = None,
+        in_process: bool | None = None,
+        cancel_grace_s: float = CANCEL_GRACE_S,
     ) -> None:
         """`prefill_tokens`: tokens per prefill forward (None: the builder's default on
-        CUDA, `CPU_PREFILL_TOKENS` on CPU); a cancel takes effect between two of them."""
+        CUDA, `CPU_PREFILL_TOKENS` on CPU); a cancel takes effect between two of them.
+        `in_process`: build in a child process (None: on CUDA, and on CPU when
+        `CPU_BUILDS_IN_PROCESS`); a manager that cannot (`supports_process_builds`) builds
+        on the thread. Make the worker before the engine steps: it shares the weights."""
         self.manager = manager
         self.max_tokens = max_tokens
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
-        if prefill_tokens is None and _device_type(manager) != "cuda":
+        on_cuda = _device_type(manager) == "cuda"
+        if prefill_tokens is None and not on_cuda:
             prefill_tokens = CPU_PREFILL_TOKENS
         self.prefill_tokens = prefill_tokens
+        self.cancel_grace_s = cancel_grace_s
+        if in_process is None:
+            in_process = on_cuda or CPU_BUILDS_IN_PROCESS
+        self._shared: SharedModel | None = None
+        if in_process and supports_process_builds(manager):
+            try:
+                self._shared = SharedModel.of(manager.loaded_model)
+            except (OSError, RuntimeError):  # e.g. /dev/shm too small for the weights
+                logger.warning("cannot share the weights; builds run on threads", exc_info=True)
+        elif in_process:
+            logger.info("this engine's library manager builds on threads only")
         self.jobs: dict[str, BuildJob] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(
             max_concurrent, thread_name_prefix="moska-build", initializer=_lower_priority
         )
         self._closed = False
+
+    @property
+    def mode(self) -> str:
+        """Where builds run: "process" or "thread"."""
+        return "process" if self._shared is not None else "thread"
 
     # ------------------------------------------------------------ event-loop side
 
@@ -177,46 +207,72 @@ class BuildWorker:
                 return
             job.status = JobStatus.RUNNING
         try:
-            with _own_stream(getattr(self.manager, "device", None)):
-                info = self.manager.build(
-                    job.name,
-                    job.documents,
-                    job.chunk_size,
-                    job.mode,
-                    **self._build_kwargs(job),
-                )
+            if self._shared is not None:
+                info = self._build_in_process(job, self._shared)
+            else:
+                info = self._build_in_thread(job)
         except BuildCancelledError:
             with self._lock:
                 self._finish(job, JobStatus.CANCELLED)
         except Exception as exc:  # reported through the job
-            if not isinstance(exc, LibraryError):
+            kind = exc.kind if isinstance(exc, BuildProcessError) else type(exc).__name__
+            if not isinstance(exc, LibraryError | BuildProcessError):
                 logger.exception("library build %s (%s) failed", job.id, job.name)
             with self._lock:
-                job.error = f"{type(exc).__name__}: {exc}"
+                job.error = f"{kind}: {exc}"
                 self._finish(job, JobStatus.FAILED)
         else:
             with self._lock:
                 job.info = info
                 self._finish(job, JobStatus.SUCCEEDED)
 
-    def _build_kwargs(self, job: BuildJob) -> dict[str, Any]:
+    def _build_in_thread(self, job: BuildJob) -> Any:
         kwargs: dict[str, Any] = {"on_progress": self._hook(job)}
         if self.prefill_tokens is not None:
             kwargs["prefill_tokens"] = self.prefill_tokens
         if job.reservation is not None:
             kwargs["reservation"] = job.reservation
             job.reservation = None  # the manager releases it from now on
-        return kwargs
+        with build_stream(getattr(self.manager, "device", None)):
+            return self.manager.build(job.name, job.documents, job.chunk_size, job.mode, **kwargs)
+
+    def _build_in_process(self, job: BuildJob, shared: SharedModel) -> Any:
+        """Build in a child process; this thread holds the name meanwhile, then loads the
+        library into the manager (registered: new requests can read it at once)."""
+        reservation = job.reservation or self.manager.reserve(job.name)
+        job.reservation = None  # released here, whatever happens to the child
+        try:
+            spec = BuildSpec(
+                name=job.name,
+                documents=list(job.documents or ()),
+                chunk_size=job.chunk_size,
+                mode=job.mode,
+                root=self.manager.root,
+                device=str(self.manager.device),
+                max_tokens=self.max_tokens,
+                prefill_tokens=self.prefill_tokens,
+            )
+            info = run_build_process(
+                shared,
+                spec,
+                on_progress=self._hook(job),
+                cancelled=job.cancel_requested,
+                on_start=lambda pid: setattr(job, "pid", pid),
+                grace_s=self.cancel_grace_s,
+            )
+            try:
+                self.manager.load_built(job.name)
+            except Exception:  # saved all the same: requests load it on first use
+                logger.warning("library %s was built but not loaded", job.name, exc_info=True)
+            return info
+        finally:
+            reservation.release()
 
     def _hook(self, job: BuildJob) -> Callable[[int, int], None]:
-        def on_progress(done: int, total: int) -> None:
+        def report(done: int, total: int) -> None:
             job.prefilled_tokens, job.total_tokens = done, total
-            if total > self.max_tokens:
-                raise BuildQuotaError(total, self.max_tokens)
-            if job.cancel_requested.is_set():
-                raise BuildCancelledError(job.id)
 
-        return on_progress
+        return progress_hook(self.max_tokens, report, job.cancel_requested.is_set)
 
     def _finish(self, job: BuildJob, status: JobStatus) -> None:
         """Under `self._lock`: end the job, free what it holds."""
@@ -247,16 +303,11 @@ def _lower_priority() -> None:
         logger.debug("could not lower the build thread's priority", exc_info=True)
 
 
-@contextlib.contextmanager
-def _own_stream(device: Any) -> Iterator[None]:
-    """On CUDA, run the build on a stream of its own so that it overlaps the engine's
-    decode steps instead of queueing behind them on one stream."""
-    import torch
-
-    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        yield
-        return
-    stream = torch.cuda.Stream(device)
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()  # the library's tensors are complete before the engine reads them
+__all__ = [
+    "BuildCancelledError",
+    "BuildJob",
+    "BuildQueueFullError",
+    "BuildQuotaError",
+    "BuildWorker",
+    "JobStatus",
+]

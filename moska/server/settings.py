@@ -19,7 +19,9 @@ class ServerSettings:
     Library builds over HTTP (`POST /v1/libraries`) run beside the engine, not on its
     thread: `max_build_tokens` per build, `max_concurrent_builds` at once, at most
     `max_queued_builds` waiting (beyond: 429), prefilling `build_prefill_tokens` tokens per
-    forward (None: the build worker's default for the device). Tokenization and chat
+    forward (None: the build worker's default for the device), each in a child process
+    sharing the weights when `build_in_process` (None: on CUDA, not on CPU; False: on a
+    thread of the server, whose GIL a build shares with the engine). Tokenization and chat
     templating run on `tokenizer_workers` threads; a prompt of more than `max_prompt_chars`
     characters is a 400 (None: the most that the context can hold, from the longest token),
     and more than `max_tokenize_pending_chars` characters waiting to be encoded is a 429.
@@ -40,6 +42,7 @@ class ServerSettings:
     max_queued_builds: int = 16
     build_prefill_tokens: int | None = None
     build_prefill_tokens: int | None = None
+    build_in_process: bool | None = None
     tokenizer_workers: int = 2
     max_prompt_chars: int | None = None
     max_tokenize_pending_chars: int = 64 * 1024 * 1024
