@@ -149,12 +149,18 @@ class Monitor:
     failure: RankFailedError | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="moska-rank-monitor", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="moska-rank-monitor", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
+        """Stop watching and wait for the thread: it must not be inside a store call when
+        the store is destroyed (std::terminate at exit)."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
 
     def _run(self) -> None:
         store = self.groups.store

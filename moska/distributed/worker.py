@@ -76,6 +76,7 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
         raise
     finally:
         stop.set()
+        beat.join(5.0)  # not inside a store call when the store goes (std::terminate)
         groups.close()
 
 
