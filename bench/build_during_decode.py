@@ -8,8 +8,8 @@ window and the build's duration. A build that ran on the engine thread would sho
 (a gap as long as the build) in the second window. A small build runs first, unmeasured, so
 that one-off costs (Triton compiling the prefill kernel on CUDA) stay out of the figures.
 
-It measures each build mode in turn (`--modes process,thread`), each on a fresh engine and
-server: `process` builds in a child process that shares the weights
+It measures each build mode in turn (`--modes process,thread`), each on a server of its
+own over the same engine: `process` builds in a child process that shares the weights
 (`ServerSettings.build_in_process=True`), `thread` on a thread of the server. A process
 build's seconds include starting the child (importing torch and moska).
 
@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import httpx
 
@@ -79,14 +80,13 @@ def _build(url: str, name: str, num_tokens: int) -> dict:
     return {**job, "prefill_done": prefill_done or time.perf_counter()}
 
 
-def _measure(args: argparse.Namespace, mode: str) -> dict:
-    """One mode on a fresh engine and server: the result row."""
-    from moska.engine.llm_engine import LLMEngine
+def _measure(args: argparse.Namespace, engine: Any, mode: str) -> dict:
+    """One mode on a server of its own (the engine is shared, one server at a time): the
+    result row."""
     from moska.server.app import create_app
     from moska.server.background import background_server
     from moska.server.settings import ServerSettings
 
-    engine = LLMEngine.from_model(None, device=args.device, max_model_len=4096)
     settings = ServerSettings(
         build_prefill_tokens=args.prefill_tokens, build_in_process=mode == "process"
     )
@@ -149,7 +149,11 @@ def main() -> None:
         ap.error("--modes: a comma-separated list of process and thread")
     os.environ["MOSKA_HOME"] = tempfile.mkdtemp(prefix="moska-bench-home-")
 
-    rows = [_measure(args, mode) for mode in modes]
+    from moska.engine.llm_engine import LLMEngine
+
+    # one engine for every mode: two would not fit on a GPU (each takes its share of memory)
+    engine = LLMEngine.from_model(None, device=args.device, max_model_len=4096)
+    rows = [_measure(args, engine, mode) for mode in modes]
     for r in rows:
         print(
             f"{r['mode']:>7}: decode {r['decode_tok_s_no_build']:.1f} tok/s without a build "

@@ -62,7 +62,12 @@ DEFAULT_MAX_BUILD_TOKENS = 1 << 20
 DEFAULT_MAX_CONCURRENT_BUILDS = 1
 DEFAULT_MAX_QUEUED_BUILDS = 16
 CPU_PREFILL_TOKENS = 512  # tokens per prefill forward of a build on CPU
-CPU_BUILDS_IN_PROCESS = False  # the default of `in_process` on CPU (see BuildWorker)
+# The default of `in_process` on CPU: no. On CPU torch releases the GIL inside its ops, so a
+# build thread does not starve the engine thread, and a process pays a torch import per
+# build. Measured (bench/build_during_decode.py, tiny model, 2 busy cores): a 2,000-token
+# build took 8 s on a thread (decode 55 -> 18 tok/s) and 107 s in a niced process (decode
+# 30 -> 15 tok/s); 4,000 tokens: 28 s (24 -> 19 tok/s) against 123 s (56 -> 12 tok/s).
+CPU_BUILDS_IN_PROCESS = False
 _MAX_FINISHED_JOBS = 1000  # finished jobs beyond this are forgotten, oldest first
 
 

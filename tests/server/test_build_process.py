@@ -102,47 +102,37 @@ def test_a_process_build_equals_a_thread_build(engine):
     assert outputs and outputs[-1].finished
 
 
-def test_cancel_stops_the_child_and_leaves_nothing(engine):
-    worker = _worker(engine, prefill_tokens=32)  # many pieces: the cancel lands between two
+def test_cancel_and_a_killed_child(engine):
+    """Two builds at once, each in its own child. One child is killed (SIGKILL) mid-build:
+    its job fails with a message naming no server path, its name and the store are clean,
+    and the job queued behind it runs in its place (over the quota: its child answers with
+    the quota error). The other is cancelled: it stops mid-prefill and leaves nothing."""
+    worker = _worker(engine, prefill_tokens=32, max_tokens=20_000, max_concurrent=2)
     try:
-        job = worker.submit(BuildJob("bp-cancel", [("a", TEXT * 60)], 256, "prefix"))
-        _wait(job, lambda j: j.prefilled_tokens > 0 or j.status.done)
-        assert job.status == JobStatus.RUNNING and job.pid is not None, job
-        worker.cancel(job.id)
-        _wait(job, _done)
-    finally:
-        worker.shutdown()
-    assert job.status == JobStatus.CANCELLED, job
-    assert 0 < job.prefilled_tokens < job.total_tokens
-    assert _gone(job.pid)
-    assert (
-        _on_disk(engine, "bp-cancel") == [] and "bp-cancel" not in engine.libraries.loaded_names()
-    )
-    engine.libraries.reserve("bp-cancel").release()  # the name is free again
-
-
-def test_a_killed_child_fails_its_job_and_the_worker_goes_on(engine):
-    """SIGKILL mid-build: the job fails with a message naming no server path, the name and
-    the store are clean, and the next job (queued behind it) runs: over the quota, its
-    child answers with the quota error."""
-    worker = _worker(engine, prefill_tokens=32, max_tokens=3000)
-    root = str(engine.libraries.root)
-    try:
+        cancelled = worker.submit(BuildJob("bp-cancel", [("a", TEXT * 400)], 256, "prefix"))
         doomed = worker.submit(BuildJob("bp-killed", [("a", TEXT * 60)], 256, "prefix"))
-        after = worker.submit(BuildJob("bp-after", [("a", TEXT * 100)], 256, "prefix"))
-        _wait(doomed, lambda j: j.prefilled_tokens > 0 or j.status.done)
-        assert doomed.status == JobStatus.RUNNING and doomed.pid is not None, doomed
+        after = worker.submit(BuildJob("bp-after", [("a", TEXT * 500)], 256, "prefix"))
+        for job in (cancelled, doomed):
+            _wait(job, lambda j: j.prefilled_tokens > 0 or j.status.done)
+            assert job.status == JobStatus.RUNNING and job.pid is not None, job
+        assert after.status == JobStatus.QUEUED
         os.kill(doomed.pid, signal.SIGKILL)
         _wait(doomed, _done)
-        _wait(after, _done)
+        _wait(after, _done)  # it took the killed build's place: the other still runs
+        worker.cancel(cancelled.id)
+        _wait(cancelled, _done)
     finally:
         worker.shutdown()
     assert doomed.status == JobStatus.FAILED, doomed
     assert doomed.error.startswith("BuildProcessDied:") and "SIGKILL" in doomed.error
-    assert root not in doomed.error and "/" not in doomed.error, doomed.error
-    assert _on_disk(engine, "bp-killed") == []
-    engine.libraries.reserve("bp-killed").release()
+    assert str(engine.libraries.root) not in doomed.error and "/" not in doomed.error
     assert after.status == JobStatus.FAILED and after.pid is not None, after
     assert after.error.startswith("BuildQuotaError:") and "max_build_tokens" in after.error
-    assert after.total_tokens > 3000 and after.prefilled_tokens == 0
-    assert _on_disk(engine, "bp-after") == []
+    assert after.total_tokens > 20_000 and after.prefilled_tokens == 0
+    assert cancelled.status == JobStatus.CANCELLED, cancelled
+    assert 0 < cancelled.prefilled_tokens < cancelled.total_tokens
+    for job in (cancelled, doomed, after):
+        assert _gone(job.pid)
+        assert _on_disk(engine, job.name) == [], job.name
+        assert job.name not in engine.libraries.loaded_names()
+        engine.libraries.reserve(job.name).release()  # the name is free again
