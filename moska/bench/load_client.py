@@ -31,45 +31,67 @@ def _record(body: dict) -> dict[str, Any]:
 
 
 async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) -> dict:
-    """Send one streaming completion; what happened, timed from `t0`."""
+    """Send one streaming completion; what happened, timed from `t0`. `client` is the
+    server's (host, port): the request goes over a raw asyncio connection (HTTP/1.1,
+    written once, SSE lines read as they come), so that a thousand of them cost the load
+    generator milliseconds, not the seconds an HTTP client library spends, which would
+    count into every TTFT."""
     rec = _record(body)
+    host, port = client
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
     start = time.perf_counter()
+    writer = None
     try:
         async with asyncio.timeout(timeout_s):
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                rec["status"], rec["t_status"] = r.status_code, time.perf_counter() - t0
-                if r.status_code != 200:
-                    text = await r.aread()
-                    if r.status_code == 429:
-                        rec["retry_after"] = r.headers.get("retry-after")
-                    else:
-                        rec["error"] = f"{r.status_code}: {text[:200]!r}"
-                    return rec
-                finish, done = None, False
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    if line == "data: [DONE]":
-                        done = True
-                        break
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        rec["error"] = str(chunk["error"])[:200]
-                        break
-                    if chunk.get("usage"):
-                        rec["tokens"] = chunk["usage"]["completion_tokens"]
-                    for choice in chunk["choices"]:
-                        if rec["ttft"] is None and (choice["text"] or choice["finish_reason"]):
-                            rec["ttft"] = time.perf_counter() - start
-                        finish = choice["finish_reason"] or finish
-                rec["completed"] = done and finish is not None
-                rec["latency"] = time.perf_counter() - start
-                if not rec["completed"] and rec["error"] is None:
-                    rec["error"] = f"stream ended without finish/[DONE] ({finish}, {done})"
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(head + payload)
+            status_line = await reader.readline()
+            status = int(status_line.split()[1])
+            rec["status"], rec["t_status"] = status, time.perf_counter() - t0
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                key, _, value = line.decode("latin-1").partition(":")
+                headers[key.strip().lower()] = value.strip()
+            if status != 200:
+                text = await reader.read()
+                if status == 429:
+                    rec["retry_after"] = headers.get("retry-after")
+                else:
+                    rec["error"] = f"{status}: {text[:200]!r}"
+                return rec
+            finish, done = None, False
+            while line := await reader.readline():  # chunk sizes, SSE lines, blanks
+                if not line.startswith(b"data: "):
+                    continue
+                if line.startswith(b"data: [DONE]"):
+                    done = True
+                    break
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    rec["error"] = str(chunk["error"])[:200]
+                    break
+                if chunk.get("usage"):
+                    rec["tokens"] = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:
+                    if rec["ttft"] is None and (choice["text"] or choice["finish_reason"]):
+                        rec["ttft"] = time.perf_counter() - start
+                    finish = choice["finish_reason"] or finish
+            rec["completed"] = done and finish is not None
+            rec["latency"] = time.perf_counter() - start
+            if not rec["completed"] and rec["error"] is None:
+                rec["error"] = f"stream ended without finish/[DONE] ({finish}, {done})"
     except TimeoutError:
         rec["hung"] = True
     except Exception as exc:  # noqa: BLE001 - counted and reported
         rec["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        if writer is not None:
+            writer.close()
     return rec
 
 
@@ -104,35 +126,33 @@ async def burst(
     """Send every body at once; returns {"requests": records, "probes": {kind: record},
     "wall_s"}. `probes`: a typical body per kind ("plain", "library"); each kind's prober
     starts at that kind's first 429 (a library request waits longer than a plain one)."""
-    import httpx
+    from urllib.parse import urlsplit
 
-    n = len(bodies) + 4
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    timeout = httpx.Timeout(timeout_s, pool=timeout_s)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        rejected = {kind: asyncio.Event() for kind in probes}
-        t0 = time.perf_counter()
+    parts = urlsplit(url)
+    server = (parts.hostname, parts.port)
+    rejected = {kind: asyncio.Event() for kind in probes}
+    t0 = time.perf_counter()
 
-        async def send(body: dict) -> dict:
-            rec = await one(client, url, body, t0, timeout_s)
-            if rec["status"] == 429:
-                rejected["library" if rec["library"] else "plain"].set()
-            return rec
+    async def send(body: dict) -> dict:
+        rec = await one(server, url, body, t0, timeout_s)
+        if rec["status"] == 429:
+            rejected["library" if rec["library"] else "plain"].set()
+        return rec
 
-        probers = {
-            kind: asyncio.create_task(
-                _probe(client, url, body, t0, rejected[kind], probe_interval_s, timeout_s)
-            )
-            for kind, body in probes.items()
-        }
-        records = await asyncio.gather(*(send(b) for b in bodies))
-        results = {}
-        for kind, task in probers.items():
-            if rejected[kind].is_set():
-                results[kind] = await task
-            else:
-                task.cancel()
-        return {"requests": records, "probes": results, "wall_s": time.perf_counter() - t0}
+    probers = {
+        kind: asyncio.create_task(
+            _probe(server, url, body, t0, rejected[kind], probe_interval_s, timeout_s)
+        )
+        for kind, body in probes.items()
+    }
+    records = await asyncio.gather(*(send(b) for b in bodies))
+    results = {}
+    for kind, task in probers.items():
+        if rejected[kind].is_set():
+            results[kind] = await task
+        else:
+            task.cancel()
+    return {"requests": records, "probes": results, "wall_s": time.perf_counter() - t0}
 
 
 def burst_sync(

@@ -374,16 +374,17 @@ class AdmissionController:
         # work that runs (a prior that errs slow must not lock a request type out).
         if self.ttft_slo is not None and not idle and ttft > self.headroom * self.ttft_slo:
             # FIFO: arriving later, the same work ahead ends at the same time, so the
-            # wait until the prediction fits the SLO is the overshoot (the time this one
-            # spent at the door is not a retry's)
-            drain = max(0.0, pred.ttft_s - self.headroom * self.ttft_slo)
+            # wait until the prediction fits the SLO is the overshoot; plus the wait at
+            # the door, which a retry meets again while the burst that caused it lasts
+            drain = max(0.0, pred.ttft_s - self.headroom * self.ttft_slo) + max(0.0, elapsed_s)
             return Decision(Verdict.SLO, ttft, _retry_after(drain), drain)
         return Decision(Verdict.ACCEPT, ttft, 0)
 
-    def shed(self, load: Load) -> Decision | None:
+    def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
         """The rejection that the smallest request (one prompt token) would get now, or
         None: when even it would miss the SLO, the front end answers 429 before reading a
-        body. Memoized for `shed_ttl_s`, so a burst costs one prediction per interval."""
+        body. `elapsed_s`: what a request waits before the door now (the event loop's
+        lag). Memoized for `shed_ttl_s`, so a burst costs one prediction per interval."""
         if self.ttft_slo is None and self.max_queue is None:
             return None
         now = time.monotonic()
@@ -391,7 +392,7 @@ class AdmissionController:
             cached = self._shed_memo
         if cached is not None and now - cached[0] < self.shed_ttl_s:
             return cached[1]
-        decision = self.decide(RequestCost(1, 1), load)
+        decision = self.decide(RequestCost(1, 1), load, elapsed_s=elapsed_s)
         result = None if decision.accepted else decision
         with self._lock:
             self._shed_memo = (now, result)

@@ -68,9 +68,11 @@ def create_app(
     async def lifespan(_: FastAPI):
         state.async_engine.start()
         state.tokenizers.warm()
+        lag_watch = asyncio.create_task(state.loop_lag.run())
         try:
             yield
         finally:
+            lag_watch.cancel()
             if state.builds is not None:  # running builds stop at their next prefill piece
                 await asyncio.to_thread(state.builds.shutdown)
             await state.async_engine.shutdown(settings.shutdown_drain_s)
@@ -154,7 +156,7 @@ def _shed(state: ServerState):
     """The door's 429 (see load_shedding), counted like admission's own rejections."""
     if not state.async_engine.accepting:
         return None  # shutting down: the route answers 503
-    decision = state.admission.shed(state.async_engine.load())
+    decision = state.admission.shed(state.async_engine.load(), state.loop_lag.seconds)
     if decision is not None:
         state.metrics.rejections.labels(decision.verdict.value).inc()
     return decision

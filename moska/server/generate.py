@@ -311,7 +311,10 @@ async def submit(
         raise APIError(503, "the server is shutting down", code="shutting_down")
     cost = await admission_cost(state, max(counts), max(resolved), body)
     decision = state.admission.decide(
-        cost, aengine.load(), n * len(prompts), elapsed_s=elapsed_since_arrival()
+        cost,
+        aengine.load(),
+        n * len(prompts),
+        elapsed_s=elapsed_since_arrival() + state.loop_lag.seconds,
     )
     state.metrics.predicted_ttft.observe(decision.predicted_ttft_s)
     if not decision.accepted:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from moska.server.admission import AdmissionController
+from moska.server.load_shedding import LoopLag
 from moska.server.async_engine import AsyncEngine
 from moska.server.build_worker import BuildWorker
 from moska.server.metrics import ServerMetrics
@@ -25,6 +26,7 @@ class ServerState:
     tokenizers: TokenizerPool  # tokenization and chat templating, off the event loop
     builds: BuildWorker | None = None  # library builds, off the engine thread (None: no manager)
     grammars: Any = None  # structured output's compiler (server/structured_output.py), lazily
+    loop_lag: LoopLag = field(default_factory=LoopLag)  # admission counts the wait before it
 
     @property
     def model_name(self) -> str:
