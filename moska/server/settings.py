@@ -41,7 +41,6 @@ class ServerSettings:
     max_concurrent_builds: int = 1
     max_queued_builds: int = 16
     build_prefill_tokens: int | None = None
-    build_prefill_tokens: int | None = None
     build_in_process: bool | None = None
     tokenizer_workers: int = 2
     max_prompt_chars: int | None = None
@@ -76,10 +75,6 @@ class ServerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.build_prefill_tokens is not None and self.build_prefill_tokens < 1:
-            raise ValueError(
-                f"build_prefill_tokens must be at least 1, got {self.build_prefill_tokens}"
-            )
         if self.build_prefill_tokens is not None and self.build_prefill_tokens < 1:
             raise ValueError(
                 f"build_prefill_tokens must be at least 1, got {self.build_prefill_tokens}"
