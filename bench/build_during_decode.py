@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument(
         "--modes", default="process,thread", help="build modes to measure, comma-separated"
     )
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"process", "thread"}:
@@ -163,7 +164,18 @@ def main() -> None:
             f"{r['max_gap_s_during_build'] * 1e3:.0f} ms)"
         )
     result = {"command": "python " + " ".join(sys.argv), "device": args.device, "modes": rows}
+    if args.device.startswith("cuda"):
+        import torch
+
+        result["gpu"] = torch.cuda.get_device_name()
+    result["summary"] = {
+        r["mode"]: round(r["decode_tok_s_during_build"] / max(r["decode_tok_s_no_build"], 1e-9), 3)
+        for r in rows
+    }  # decode tok/s during a build as a share of without
     print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
