@@ -6,14 +6,17 @@ scheduler, so it need not run between engine steps. Running it on the engine thr
 every stream for the whole prefill. Here each build runs, under one of the worker's
 `max_concurrent` threads, either
 
-- in a child process (`server/build_process.py`, `in_process=True`, the default on CUDA):
-  the child shares the engine's weights (no copy), builds and saves the library, and the
-  thread only relays its progress and loads the result. It has its own interpreter, so the
-  engine thread never waits for its GIL: on CUDA a build thread launching small kernels
-  with the GIL held starved the engine thread (decode fell from 550 to 1-64 tok/s);
-- or on the thread itself (`in_process=False`; the fallback for managers that cannot build
-  in a process, such as the tests' fake). On CPU torch releases the GIL inside its ops, so
-  the engine thread keeps stepping.
+- on the thread itself (the default, and the only way for managers that cannot build in a
+  process, such as the tests' fake). On CPU torch releases the GIL inside its ops, so the
+  engine thread keeps stepping; on the H200 a 4,000-token build took 0.17 s beside a
+  stream that went on at 198 tok/s (334 without; longest gap 25 ms,
+  `bench/results/build_during_decode_cuda.json`);
+- or in a child process (`server/build_process.py`, `in_process=True`): the child shares
+  the engine's weights (no copy), builds and saves the library, and the thread only relays
+  its progress and loads the result. Its own interpreter never holds the engine thread's
+  GIL, but starting it (importing torch, a CUDA context) costs seconds: on the H200 the
+  same build took 13.8 s and the stream stalled for 12.5 s of it (8.8 tok/s), so it is
+  not the default anywhere.
 
 Either way the build runs at a lower priority (Linux niceness), on CUDA on a stream of its
 own, and prefills in pieces of `CPU_PREFILL_TOKENS` on CPU, so that the decode steps keep
@@ -68,6 +71,8 @@ CPU_PREFILL_TOKENS = 512  # tokens per prefill forward of a build on CPU
 # build took 8 s on a thread (decode 55 -> 18 tok/s) and 107 s in a niced process (decode
 # 30 -> 15 tok/s); 4,000 tokens: 28 s (24 -> 19 tok/s) against 123 s (56 -> 12 tok/s).
 CPU_BUILDS_IN_PROCESS = False
+# On CUDA: no either (the H200 figures in the module docstring).
+CUDA_BUILDS_IN_PROCESS = False
 _MAX_FINISHED_JOBS = 1000  # finished jobs beyond this are forgotten, oldest first
 
 
@@ -139,7 +144,7 @@ class BuildWorker:
         self.prefill_tokens = prefill_tokens
         self.cancel_grace_s = cancel_grace_s
         if in_process is None:
-            in_process = on_cuda or CPU_BUILDS_IN_PROCESS
+            in_process = CUDA_BUILDS_IN_PROCESS if on_cuda else CPU_BUILDS_IN_PROCESS
         self._shared: SharedModel | None = None
         if in_process and supports_process_builds(manager):
             try:

@@ -20,8 +20,8 @@ class ServerSettings:
     thread: `max_build_tokens` per build, `max_concurrent_builds` at once, at most
     `max_queued_builds` waiting (beyond: 429), prefilling `build_prefill_tokens` tokens per
     forward (None: the build worker's default for the device), each in a child process
-    sharing the weights when `build_in_process` (None: on CUDA, not on CPU; False: on a
-    thread of the server, whose GIL a build shares with the engine). Tokenization and chat
+    sharing the weights when `build_in_process` is True (None, the default: on a thread of
+    the server, which measured faster on CPU and on the H200; see server/build_worker.py). Tokenization and chat
     templating run on `tokenizer_workers` threads; a prompt of more than `max_prompt_chars`
     characters is a 400 (None: the most that the context can hold, from the longest token),
     and more than `max_tokenize_pending_chars` characters waiting to be encoded is a 429.
