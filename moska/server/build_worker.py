@@ -228,8 +228,10 @@ class BuildWorker:
             kind = exc.kind if isinstance(exc, BuildProcessError) else type(exc).__name__
             if not isinstance(exc, LibraryError | BuildProcessError):
                 logger.exception("library build %s (%s) failed", job.id, job.name)
+            # an OSError's text names server paths: the client gets its reason only
+            reason = (exc.strerror or "I/O error") if isinstance(exc, OSError) else str(exc)
             with self._lock:
-                job.error = f"{kind}: {exc}"
+                job.error = f"{kind}: {reason}"
                 self._finish(job, JobStatus.FAILED)
         else:
             with self._lock:
