@@ -40,6 +40,7 @@ def shared_attention_for_group(
             group.top_k,
             scorer=group.scorer,
             keymax_programs=keymax_programs,
+            use_triton=ops.use_triton,  # attention "torch": no Triton in routing either
         )
     o_sel, lse_sel = ops.grouped_shared(q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale)
     return o_sel, lse_sel, sel

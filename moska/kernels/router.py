@@ -161,6 +161,7 @@ def _keymax_pairs(
     pair_req: torch.Tensor,
     pair_chunk: torch.Tensor,
     max_programs: int | None = None,
+    use_triton: bool = True,
 ) -> torch.Tensor:
     # Tile shape from the sweep in bench/results/keymax_sweep.json (H200, fp16 low-rank keys,
     # shortlist 32 of 256 chunks of 4096, CUDA-graph timing): 32-pair tiles over 64-key
@@ -177,6 +178,7 @@ def _keymax_pairs(
         block_n=64,
         num_stages=5,
         max_programs=max_programs,
+        use_triton=use_triton,
     )  # [P, Hkv]
 
 
@@ -185,19 +187,21 @@ def score_chunks(
     index: RoutingIndex,
     scorer: str = "keymax",
     keymax_programs: int | None = None,
+    use_triton: bool = True,
 ) -> torch.Tensor:
     """Scores of every chunk for every request and KV head: q [B, Hq, D] -> [B, Hkv, C] fp32.
 
     ``scorer`` is "keymax", "mean" or "bound" (two_stage needs top_k: use ``route``).
+    ``use_triton`` False: the PyTorch references (an engine with attention "torch").
     """
     if scorer == "mean":
-        return summary_scores(q, index.mean_keys)
+        return summary_scores(q, index.mean_keys, use_triton=use_triton)
     if scorer == "bound":
-        return summary_scores(q, index.key_max, index.key_min)
+        return summary_scores(q, index.key_max, index.key_min, use_triton=use_triton)
     if scorer == "keymax":
         B, C, Hkv = q.shape[0], index.num_chunks, index.num_kv_heads
         pair_req, pair_chunk = _all_pairs(B, C, q.device)
-        scores = _keymax_pairs(q, index, pair_req, pair_chunk, keymax_programs)
+        scores = _keymax_pairs(q, index, pair_req, pair_chunk, keymax_programs, use_triton)
         return scores.view(C, B, Hkv).permute(1, 2, 0)
     raise ValueError(f"score_chunks: scorer must be 'keymax', 'mean' or 'bound', got {scorer!r}")
 
@@ -209,17 +213,18 @@ def _two_stage_scores(
     shortlist_factor: int,
     always: torch.Tensor | None,
     keymax_programs: int | None,
+    use_triton: bool = True,
 ) -> torch.Tensor:
     """Key-max scores on a bound shortlist, -inf elsewhere: [B, Hkv, C] fp32."""
     B, C, Hkv = q.shape[0], index.num_chunks, index.num_kv_heads
-    cheap = score_chunks(q, index, "bound").sum(dim=1)  # [B, C]
+    cheap = score_chunks(q, index, "bound", use_triton=use_triton).sum(dim=1)  # [B, C]
     if always is not None:
         cheap = cheap.masked_fill(always, float("inf"))
     n_short = min(C, shortlist_factor * top_k)
     short = cheap.topk(n_short, dim=-1).indices  # [B, n_short] int64
     pairs = from_topk(short[:, None, :], 1, C)  # (req, chunk) pairs grouped by chunk
     pair_req, pair_chunk = pairs.req, pairs.chunk
-    scores = _keymax_pairs(q, index, pair_req, pair_chunk, keymax_programs)  # [P, Hkv]
+    scores = _keymax_pairs(q, index, pair_req, pair_chunk, keymax_programs, use_triton)
     full = torch.full((B, C, Hkv), float("-inf"), dtype=torch.float32, device=q.device)
     full[pair_req.long(), pair_chunk.long()] = scores
     return full.permute(0, 2, 1)
@@ -257,6 +262,7 @@ def route(
     always=None,
     shortlist_factor: int = 4,
     keymax_programs: int | None = None,
+    use_triton: bool = True,
 ) -> Selections:
     """Top-k chunks per request (or per request and KV head) for q [B, Hq, D].
 
@@ -264,6 +270,7 @@ def route(
     are always selected; they count toward top_k (a tensor row with more than top_k of them
     keeps an arbitrary top_k). ``top_k >= C`` selects every chunk without scoring.
     ``keymax_programs`` caps the key-max launch's grid (see keymax_pair_scores).
+    ``use_triton`` False scores with the PyTorch references even where a kernel could run.
     Returns Selections sorted by (chunk, kv_head, req), int32, on q's device.
     """
     if scorer not in SCORERS:
@@ -279,9 +286,11 @@ def route(
     if top_k >= C:
         return from_topk(torch.arange(C, device=dev).expand(B, 1, C), Hkv, C)
     if scorer == "two_stage":
-        scores = _two_stage_scores(q, index, top_k, shortlist_factor, always_mask, keymax_programs)
+        scores = _two_stage_scores(
+            q, index, top_k, shortlist_factor, always_mask, keymax_programs, use_triton
+        )
     else:
-        scores = score_chunks(q, index, scorer, keymax_programs)  # [B, Hkv, C]
+        scores = score_chunks(q, index, scorer, keymax_programs, use_triton)  # [B, Hkv, C]
     if not per_kv_head:
         scores = scores.sum(dim=1, keepdim=True)  # [B, 1, C]
     if always_mask is not None:

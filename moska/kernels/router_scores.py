@@ -230,9 +230,11 @@ def summary_scores(
     key_min: torch.Tensor | None = None,
     block_b: int = 16,
     block_c: int = 64,
+    use_triton: bool = True,
 ) -> torch.Tensor:
     """Mean scores (key_min None: ``summary`` = mean keys) or Quest bound scores (``summary``
-    = key_max). q [B, Hq, D], summary/key_min [C, Hkv, D] -> [B, Hkv, C] fp32."""
+    = key_max). q [B, Hq, D], summary/key_min [C, Hkv, D] -> [B, Hkv, C] fp32.
+    ``use_triton`` False: the PyTorch reference even where the kernel could run."""
     q = q.contiguous()
     C, Hkv, D = summary.shape
     B, Hq = _check(q, summary, Hkv, D)
@@ -240,7 +242,7 @@ def summary_scores(
     out = torch.empty(B, Hkv, C, dtype=torch.float32, device=q.device)
     if B == 0 or C == 0:
         return out
-    if not triton_runs_on(q.device, _summary_scores_kernel):
+    if not use_triton or not triton_runs_on(q.device, _summary_scores_kernel):
         if key_min is None:
             return mean_scores_ref(q, summary)
         return bound_scores_ref(q, key_min, summary)
@@ -277,6 +279,7 @@ def keymax_pair_scores(
     num_stages: int = 3,
     max_programs: int | None = None,
     maxnreg: int | None = None,
+    use_triton: bool = True,
 ) -> torch.Tensor:
     """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
 
@@ -303,7 +306,7 @@ def keymax_pair_scores(
     out = torch.empty(P, Hkv, dtype=torch.float32, device=q.device)
     if P == 0:
         return out
-    if not triton_runs_on(q.device, _keymax_scores_kernel):
+    if not use_triton or not triton_runs_on(q.device, _keymax_scores_kernel):
         full = keymax_scores_ref(q, basis, lowrank_keys, chunk_offsets)  # [B, Hkv, C]
         return full[pair_req.long(), :, pair_chunk.long()]
     block_g = _pow2(G)
