@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moska.cache.block_manager import BlockManager
 from moska.config import EngineConfig
@@ -20,8 +20,9 @@ from moska.engine.errors import (
     RequestError,
     StepFailedError,
 )
-from moska.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from moska.engine.request import Request, RequestStatus
+from moska.engine.output_builder import TrackedRequest, build_output
+from moska.engine.outputs import RequestOutput, TokenLogprob
+from moska.engine.request import Request
 from moska.engine.runner import ModelRunner, PendingStep, StepResult
 from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.scheduler import Scheduler, SchedulerOutput
@@ -44,19 +45,6 @@ class EngineStats:
     last_step_seconds: float
     chunks_routed: int
     failed_steps: int = 0
-
-
-@dataclass
-class _Tracked:
-    request: Request
-    detok: IncrementalDetokenizer | None
-    emitted: int = 0  # characters of text already returned
-    sent_tokens: int = 0  # output tokens already returned
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    routed_chunks: list[int] | None = None
-    coverage: float | None = None
-    # with prompt_logprobs: one entry per prompt token scored so far (the first has none)
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
 
 
 class LLMEngine:
@@ -87,7 +75,7 @@ class LLMEngine:
             self.block_manager,
         )
         self.libraries = libraries
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, TrackedRequest] = {}
         self._steps = 0
         self._generated = 0
         self._prompt_computed = 0
@@ -253,7 +241,7 @@ class LLMEngine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
-        self._tracked[request_id] = _Tracked(req, detok)
+        self._tracked[request_id] = TrackedRequest(req, detok)
 
     def abort_request(self, request_id: str) -> None:
         if request_id in self._tracked:
@@ -386,59 +374,10 @@ class LLMEngine:
             outputs.append(self._make_output(tr))
         return outputs
 
-    def _make_output(self, tr: _Tracked) -> RequestOutput:
-        req = tr.request
-        params = req.sampling_params
-        if tr.detok is not None:
-            pending = req.output_token_ids[len(tr.detok.ids) - req.num_prompt_tokens :]
-            if pending:
-                tr.detok.add(pending)
-            if req.is_finished:
-                tr.detok.finish()
-            text = tr.detok.text
-        else:
-            text = ""
-        if params.stop:
-            hit = _find_stop(text, params.stop, tr.emitted)
-            if hit is not None:  # cut at the stop string; it ends the request even at its length
-                text = text[: hit[0]]
-                if not req.is_finished:
-                    self.scheduler.finish_request(
-                        req.request_id, RequestStatus.FINISHED_STOPPED, hit[1]
-                    )
-                req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, hit[1]
-        # Hold back a tail that could still grow into a stop string.
-        visible = len(text)
-        if params.stop and not req.is_finished:
-            visible = max(tr.emitted, len(text) - max(len(s) for s in params.stop) + 1)
-        new_text = text[tr.emitted : visible]
-        new_ids = req.output_token_ids[tr.sent_tokens :]
-        tr.emitted, tr.sent_tokens = visible, req.num_output_tokens
-        finish = req.status.value if req.is_finished else None
-        completion = CompletionOutput(
-            index=0,
-            text=text[:visible],
-            token_ids=list(req.output_token_ids),
-            finish_reason=finish,
-            logprobs=list(tr.logprobs) if params.logprobs is not None else None,
-        )
-        output = RequestOutput(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=[completion],
-            finished=req.is_finished,
-            new_text=new_text,
-            new_token_ids=list(new_ids),
-            routed_chunks=tr.routed_chunks,
-            routing_coverage=tr.coverage,
-            library=req.library,
-            num_cached_tokens=req.num_cached_tokens,
-            # complete from the first output on (the prompt is computed before any sample),
-            # so the list itself is handed out, not a copy per output
-            prompt_logprobs=tr.prompt_logprobs if params.prompt_logprobs is not None else None,
-        )
-        if req.is_finished:
-            self._drop(req.request_id)
+    def _make_output(self, tr: TrackedRequest) -> RequestOutput:
+        output = build_output(tr, self.scheduler)
+        if tr.request.is_finished:
+            self._drop(tr.request.request_id)
         return output
 
     def _drop(self, request_id: str) -> None:
@@ -461,16 +400,6 @@ class LLMEngine:
             chunks_routed=self._chunks_routed,
             failed_steps=self._failed_steps,
         )
-
-
-def _find_stop(text: str, stops: tuple[str, ...], emitted: int) -> tuple[int, str] | None:
-    start = max(0, emitted - max(len(s) for s in stops))
-    best = None
-    for s in stops:
-        i = text.find(s, start)
-        if i != -1 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
 
 
 def _replace(params: SamplingParams, **changes) -> SamplingParams:
