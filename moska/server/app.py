@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -66,6 +67,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        if settings.gil_switch_interval_s is not None:
+            # The engine thread and the event loop share one GIL. Python hands it over
+            # every 5 ms by default, so under a burst each torch op of the engine thread
+            # waited up to 5 ms for the loop to let go of it and a 5 ms step took
+            # hundreds; a shorter interval gives it back sooner.
+            sys.setswitchinterval(settings.gil_switch_interval_s)
         state.async_engine.start()
         state.tokenizers.warm()
         lag_watch = asyncio.create_task(state.loop_lag.run())

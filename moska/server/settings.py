@@ -48,6 +48,9 @@ class ServerSettings:
     # max_tokens when a request leaves it out: what is left of the context after the
     # library and the prompt, capped by this (None: no cap, as vLLM)
     max_tokens_default: int | None = None
+    # how often Python hands the GIL between the engine thread and the event loop while
+    # serving (None: leave the interpreter's 5 ms); see server/app.py
+    gil_switch_interval_s: float | None = 0.0005
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
