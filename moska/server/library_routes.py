@@ -16,15 +16,14 @@ from fastapi import APIRouter, Query, Response
 
 from moska.server.build_worker import BuildJob, BuildQueueFullError, BuildWorker
 from moska.server.errors import APIError, from_engine_error
-from moska.server.protocol import (
-    LIBRARY_NAME_RE,
-    ErrorResponse,
+from moska.server.library_protocol import (
     LibraryBuildRequest,
     LibraryDeleted,
     LibraryJob,
     LibraryList,
     LibraryObject,
 )
+from moska.server.protocol import LIBRARY_NAME_RE, ErrorResponse
 from moska.server.state import ServerState, StateDep
 
 router = APIRouter()

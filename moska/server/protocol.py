@@ -32,29 +32,31 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
-class _Request(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are ignored, as OpenAI-compatible servers do."""
+
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(_Request):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(_Request):
+class JsonSchemaFormat(RequestBody):
     name: str = Field("response", max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(RequestBody):
     """OpenAI's `response_format`: text, any JSON object, or JSON matching a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class _SamplingFields(_Request):
+class _SamplingFields(RequestBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str
@@ -132,7 +134,7 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = Field(None, description="not supported: only null or empty")
 
 
-class ContentPart(_Request):
+class ContentPart(RequestBody):
     """A part of a message's content. Any type parses; only "text" is served (the chat
     route answers 400 naming any other type, e.g. image_url or input_audio)."""
 
@@ -151,7 +153,7 @@ class ToolCall(BaseModel):
     function: ToolCallFunction
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -166,23 +168,23 @@ class ChatMessage(_Request):
         return "".join(part.text or "" for part in self.content)
 
 
-class FunctionDefinition(_Request):
+class FunctionDefinition(RequestBody):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ChatTool(_Request):
+class ChatTool(RequestBody):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(_Request):
+class NamedFunction(RequestBody):
     name: str
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(RequestBody):
     type: Literal["function"] = "function"
     function: NamedFunction
 
@@ -383,62 +385,3 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-# ---------------------------------------------------------------- libraries
-
-
-class LibraryDocument(_Request):
-    name: str = Field(min_length=1, max_length=256)
-    text: str = Field(min_length=1)
-
-
-class LibraryBuildRequest(_Request):
-    name: LibraryName
-    documents: list[LibraryDocument] = Field(min_length=1, max_length=100_000)
-    chunk_size: int | None = Field(None, ge=1, le=1 << 20)
-    mode: Literal["prefix", "independent"] = "prefix"
-
-
-class LibraryObject(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    object: Literal["library"] = "library"
-    name: str
-    num_tokens: int | None = None
-    num_chunks: int | None = None
-    chunk_size: int | None = None
-    mode: str | None = None
-    model: str | None = None
-    created: Any = None
-    status: Literal["ok", "damaged"] = Field(
-        "ok", description='"damaged" when a file of the library is missing or unreadable'
-    )
-    reason: str | None = Field(None, description="why the library is damaged")
-
-
-class LibraryList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[LibraryObject]
-
-
-class LibraryJob(BaseModel):
-    """A library build. `prefilled_tokens` of `total_tokens` (None until the documents are
-    tokenized) say how far its prefill is."""
-
-    id: str
-    object: Literal["library.job"] = "library.job"
-    name: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    created: int
-    finished: int | None = None
-    error: str | None = None
-    library: LibraryObject | None = None
-    prefilled_tokens: int = 0
-    total_tokens: int | None = None
-
-
-class LibraryDeleted(BaseModel):
-    object: Literal["library.deleted"] = "library.deleted"
-    name: str
-    deleted: bool = True

@@ -1,0 +1,66 @@
+"""Bodies of the library management API (`/v1/libraries`, pydantic): build requests,
+library objects (with their damaged status), build jobs and deletions."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moska.server.protocol import LibraryName, RequestBody
+
+
+class LibraryDocument(RequestBody):
+    name: str = Field(min_length=1, max_length=256)
+    text: str = Field(min_length=1)
+
+
+class LibraryBuildRequest(RequestBody):
+    name: LibraryName
+    documents: list[LibraryDocument] = Field(min_length=1, max_length=100_000)
+    chunk_size: int | None = Field(None, ge=1, le=1 << 20)
+    mode: Literal["prefix", "independent"] = "prefix"
+
+
+class LibraryObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    object: Literal["library"] = "library"
+    name: str
+    num_tokens: int | None = None
+    num_chunks: int | None = None
+    chunk_size: int | None = None
+    mode: str | None = None
+    model: str | None = None
+    created: Any = None
+    status: Literal["ok", "damaged"] = Field(
+        "ok", description='"damaged" when a file of the library is missing or unreadable'
+    )
+    reason: str | None = Field(None, description="why the library is damaged")
+
+
+class LibraryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LibraryObject]
+
+
+class LibraryJob(BaseModel):
+    """A library build. `prefilled_tokens` of `total_tokens` (None until the documents are
+    tokenized) say how far its prefill is."""
+
+    id: str
+    object: Literal["library.job"] = "library.job"
+    name: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    created: int
+    finished: int | None = None
+    error: str | None = None
+    library: LibraryObject | None = None
+    prefilled_tokens: int = 0
+    total_tokens: int | None = None
+
+
+class LibraryDeleted(BaseModel):
+    object: Literal["library.deleted"] = "library.deleted"
+    name: str
+    deleted: bool = True
