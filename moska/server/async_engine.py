@@ -21,8 +21,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from moska.engine.errors import StepFailedError
@@ -30,43 +30,9 @@ from moska.engine.outputs import RequestOutput
 from moska.engine.sampling_params import SamplingParams
 from moska.server.admission import AdmissionController, Load, RequestCost, StepFeatures
 from moska.server.metrics import ServerMetrics
+from moska.server.request_stream import EngineDeadError, EngineStepError, RequestStream
 
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop is not running (shut down, or not started)."""
-
-
-class EngineStepError(RuntimeError):
-    """engine.step() raised; every request in flight at that moment fails with this."""
-
-
-@dataclass
-class RequestStream:
-    """Outputs of one engine request, consumed on the event loop. Items are
-    RequestOutput or an exception; the last RequestOutput has `finished=True`."""
-
-    request_id: str
-    num_prompt_tokens: int
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None  # set by the engine thread
-    last_token_time: float | None = None
-    finished: bool = False
-    cost: RequestCost | None = None  # what admission counted for it
-    predicted_ttft_s: float | None = None  # what admission predicted for it
-    generated: int = 0  # tokens delivered so far (engine thread)
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        while not self.finished:
-            item = await self.queue.get()
-            if isinstance(item, BaseException):
-                self.finished = True
-                raise item
-            if item.finished:
-                self.finished = True
-            yield item
 
 
 @dataclass

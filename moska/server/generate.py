@@ -19,9 +19,9 @@ from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.structured import Grammar
 from moska.server import sampling_fields, structured_output
 from moska.server.admission import RequestCost, request_cost
-from moska.server.load_shedding import ARRIVAL, elapsed_since_arrival
-from moska.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from moska.server.async_engine import AsyncEngine
 from moska.server.errors import APIError, from_engine_error
+from moska.server.load_shedding import ARRIVAL, elapsed_since_arrival
 from moska.server.protocol import (
     LIBRARY_NAME_RE,
     ChatCompletionRequest,
@@ -29,6 +29,7 @@ from moska.server.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
+from moska.server.request_stream import EngineDeadError, RequestStream
 from moska.server.state import ServerState
 from moska.server.structured_output import grammar_of
 
