@@ -400,30 +400,23 @@ class AdmissionController:
 
 
 def request_cost(
-    engine: Any,
     prompt_tokens: int,
     max_tokens: int,
-    library: str | None = None,
-    top_k_chunks: int | None = None,
+    library: Any = None,
+    *,
+    loaded: bool = True,
+    top_k_chunks: int,
 ) -> RequestCost:
-    """The cost of one request on `engine`: with a library, the library tokens each row
-    attends to (top-k chunks of it) and, if it is not loaded yet, its size to load. Reads
-    the manifest only (no load); an unknown library costs nothing here (the engine rejects
-    it)."""
-    if library is None or getattr(engine, "libraries", None) is None:
-        return RequestCost(prompt_tokens, max_tokens)
-    manager = engine.libraries
-    try:
-        loaded_names = manager.loaded_names() if hasattr(manager, "loaded_names") else None
-        loaded = loaded_names is None or library in loaded_names
-        info = manager.get(library) if loaded else manager.info(library)
-        chunks, size, total = info.num_chunks, info.chunk_size, info.num_tokens
-    except Exception:  # noqa: BLE001 - not found or damaged: the engine's error says so
-        return RequestCost(prompt_tokens, max_tokens)
+    """The cost of one request: with a library (what is known of it, a loaded library or
+    its manifest's info: `num_chunks`, `chunk_size`, `num_tokens`), the library tokens each
+    row attends to (`top_k_chunks` chunks of it) and, if it is not `loaded` yet, its size
+    to load. A damaged library costs nothing here (the engine rejects it)."""
+    chunks, size, total = (
+        getattr(library, k, None) for k in ("num_chunks", "chunk_size", "num_tokens")
+    )
     if not (chunks and size and total):
         return RequestCost(prompt_tokens, max_tokens)
-    top_k = top_k_chunks or int(getattr(getattr(engine, "config", None), "default_top_k_chunks", 8))
-    attend = min(total, min(top_k, chunks) * size)
+    attend = min(total, min(top_k_chunks, chunks) * size)
     return RequestCost(prompt_tokens, max_tokens, attend, 0 if loaded else int(total))
 
 

@@ -18,7 +18,7 @@ from moska.engine.outputs import RequestOutput
 from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.structured import Grammar
 from moska.server import sampling_fields, structured_output
-from moska.server.admission import RequestCost, request_cost
+from moska.server.admission import request_cost
 from moska.server.async_engine import AsyncEngine
 from moska.server.errors import APIError, from_engine_error
 from moska.server.load_shedding import ARRIVAL, elapsed_since_arrival
@@ -180,29 +180,23 @@ async def tokenize(state: ServerState, prompt: str | list[int], special: bool = 
     return list(ids)
 
 
-async def library_offset(state: ServerState, library: str | None) -> int:
-    """Positions the library takes in front of a request's own tokens (0 without one),
-    from its manifest, read off the event loop. A missing library is a 404 here."""
+async def lookup_library(state: ServerState, name: str | None) -> tuple[Any, bool]:
+    """(what is known of library `name`, whether it is loaded): its loaded build when it is
+    (no disk read), else its manifest's info; (None, True) without one. Looked up once per
+    request, off the event loop (a load elsewhere holds the manager's lock). A missing
+    library is a 404 here."""
     manager = getattr(state.engine, "libraries", None)
-    if library is None or manager is None:
-        return 0
+    if name is None or manager is None:
+        return None, True
+
+    def find() -> tuple[Any, bool]:
+        loaded = not hasattr(manager, "loaded_names") or name in manager.loaded_names()
+        return (manager.get(name) if loaded else manager.info(name)), loaded
+
     try:
-        info = await asyncio.to_thread(manager.info, library)
+        return await asyncio.to_thread(find)
     except Exception as exc:
         raise from_engine_error(exc) from exc
-    return int(getattr(info, "position_offset", None) or 0)
-
-
-async def admission_cost(
-    state: ServerState, prompt_tokens: int, max_tokens: int, body: Any
-) -> RequestCost:
-    """What admission charges one of the request's choices (its library's attention and
-    load included; the manifest is read off the event loop)."""
-    if body.library is None:
-        return RequestCost(prompt_tokens, max_tokens)
-    return await asyncio.to_thread(
-        request_cost, state.engine, prompt_tokens, max_tokens, body.library, body.top_k_chunks
-    )
 
 
 def resolve_max_tokens(
@@ -302,7 +296,8 @@ async def submit(
     # Text is encoded here, on the tokenizer pool; the engine thread gets the ids.
     prompts = [await tokenize(state, p, body.library is None) for p in prompts]
     counts = [len(p) for p in prompts]
-    offset = await library_offset(state, body.library)
+    library, loaded = await lookup_library(state, body.library)
+    offset = int(getattr(library, "position_offset", None) or 0)
     resolved = [resolve_max_tokens(state, c, max_tokens, offset) for c in counts]
     params = [[sampling_params(body, mt, logprobs, j, bias) for j in range(n)] for mt in resolved]
     params = await structured_output.constrain(state, grammar or grammar_of(body), params)
@@ -310,7 +305,9 @@ async def submit(
     aengine: AsyncEngine = state.async_engine
     if not aengine.accepting:
         raise APIError(503, "the server is shutting down", code="shutting_down")
-    cost = await admission_cost(state, max(counts), max(resolved), body)
+    engine_config = getattr(state.engine, "config", None)
+    top_k = body.top_k_chunks or int(getattr(engine_config, "default_top_k_chunks", 8))
+    cost = request_cost(max(counts), max(resolved), library, loaded=loaded, top_k_chunks=top_k)
     decision = state.admission.decide(
         cost,
         aengine.load(),
