@@ -17,8 +17,8 @@ from moska.server.async_engine import AsyncEngine
 from moska.server.build_worker import BuildWorker
 from moska.server.errors import install_error_handlers
 from moska.server.library_routes import router as library_router
-from moska.server.metrics import ServerMetrics
 from moska.server.load_shedding import LoadSheddingMiddleware
+from moska.server.metrics import ServerMetrics
 from moska.server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from moska.server.openai_routes import router as openai_router
 from moska.server.protocol import LIBRARY_NAME_PATTERN

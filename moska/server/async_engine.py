@@ -28,9 +28,10 @@ from typing import Any
 from moska.engine.errors import StepFailedError
 from moska.engine.outputs import RequestOutput
 from moska.engine.sampling_params import SamplingParams
-from moska.server.admission import AdmissionController, Load, RequestCost, StepFeatures
+from moska.server.admission import AdmissionController, Load, RequestCost
 from moska.server.metrics import ServerMetrics
 from moska.server.request_stream import EngineDeadError, EngineStepError, RequestStream
+from moska.server.step_model import StepFeatures
 
 logger = logging.getLogger(__name__)
 

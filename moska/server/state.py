@@ -8,9 +8,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from moska.server.admission import AdmissionController
-from moska.server.load_shedding import LoopLag
 from moska.server.async_engine import AsyncEngine
 from moska.server.build_worker import BuildWorker
+from moska.server.load_shedding import LoopLag
 from moska.server.metrics import ServerMetrics
 from moska.server.settings import ServerSettings
 from moska.server.tokenizer_pool import TokenizerPool

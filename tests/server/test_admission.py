@@ -21,11 +21,10 @@ from moska.server.admission import (
     EngineLimits,
     Load,
     RequestCost,
-    StepFeatures,
-    StepModel,
     Verdict,
-    _x,
 )
+from moska.server.step_model import StepFeatures, StepModel
+from moska.server.step_model import feature_vector as _x
 
 # The "hardware": seconds per unit of StepFeatures (fixed, per 1K prefill tokens, per 1M
 # library pairs, per 100 decode rows, per 100 requests handed over).
