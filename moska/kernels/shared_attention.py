@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .merge import merge_finish
-from .shared_inputs import check_inputs, outputs, pool_descriptor, tma_ok
+from .shared_inputs import ChunkTable, check_inputs, chunk_table, outputs, pool_descriptor, tma_ok
 from .shared_split_merge import merge_tile_splits
 from .shared_work_list import build_work_list
 
@@ -98,7 +98,8 @@ def _grouped_shared_attention_kernel(
     v_ptr,  # [S_total, Hkv, D]
     k_desc,  # TMA descriptors of k/v as [S_total, Hkv * D], or None
     v_desc,
-    offsets_ptr,  # [C + 1] int32
+    starts_ptr,  # [C] int32: first pool row of chunk c (its slot)
+    ends_ptr,  # [C] int32: end row of chunk c (start + length; start for an absent chunk)
     sel_req_ptr,  # [N] int32
     sel_kv_ptr,  # [N] int32
     sel_chunk_ptr,  # [N] int32
@@ -132,8 +133,8 @@ def _grouped_shared_attention_kernel(
         for w in range(tl.program_id(0), n_items, tl.num_programs(0)):
             # fmt: off
             _shared_item(
-                w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, offsets_ptr, sel_req_ptr, sel_kv_ptr,
-                sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+                w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
+                sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
             )
@@ -143,8 +144,8 @@ def _grouped_shared_attention_kernel(
         if w < n_items:
             # fmt: off
             _shared_item(
-                w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, offsets_ptr, sel_req_ptr, sel_kv_ptr,
-                sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+                w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
+                sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
             )
@@ -154,7 +155,7 @@ def _grouped_shared_attention_kernel(
 @triton.jit
 def _shared_item(
     # fmt: off
-    w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, offsets_ptr, sel_req_ptr, sel_kv_ptr,
+    w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr,
     sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -183,8 +184,8 @@ def _shared_item(
         other=0.0,
     )
 
-    c_lo = tl.load(offsets_ptr + chunk)
-    c_hi = tl.load(offsets_ptr + chunk + 1)
+    c_lo = tl.load(starts_ptr + chunk)  # the chunk's rows in the pool (slot table)
+    c_hi = tl.load(ends_ptr + chunk)
     # this group's split length: the chunk cut into n_split parts, rounded up to BLOCK_N
     split_len = tl.cdiv(tl.cdiv(c_hi - c_lo, n_split), BLOCK_N) * BLOCK_N
     lo = tl.minimum(c_lo + split * split_len, c_hi)
@@ -301,7 +302,7 @@ def grouped_shared_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_pool: torch.Tensor,  # [S_total, Hkv, D]
     v_pool: torch.Tensor,  # [S_total, Hkv, D]
-    chunk_offsets: torch.Tensor,  # [C + 1] int32
+    chunk_offsets: torch.Tensor | ChunkTable,  # [C + 1] int32, or a slot table
     sel,  # Selections: req, kv_head, chunk [N] int32, sorted by (chunk, kv_head, req)
     sm_scale: float,
     *,
@@ -320,13 +321,17 @@ def grouped_shared_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
 
+    `chunk_offsets`: chunk c is pool rows `offsets[c] : offsets[c+1]`, or a `ChunkTable`
+    (starts [C], ends [C]): rows `starts[c] : ends[c]` (a tiered library's GPU slots;
+    an absent chunk has ends == starts and gives (0, -inf)).
     `out` = (o, lse) preallocated contiguous outputs, optional. Block sizes, warps, stages
     and the split heuristic (`target_programs` items, splits of at least `min_split` tokens)
     may be overridden, e.g. by tests and benchmarks. `merge_m` rows and `split_b` partials
     per step set the shape of the merge of split tiles. `max_programs` caps the grid (its
     programs then loop over the work items), to leave room beside a concurrent kernel.
     """
-    check_inputs(q, k_pool, v_pool, chunk_offsets, sel)
+    table = chunk_table(chunk_offsets)  # offsets: views, no copy
+    check_inputs(q, k_pool, v_pool, table, sel)
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
@@ -335,7 +340,7 @@ def grouped_shared_attention(
     if n == 0:
         return o, lse
     # average rows of a (chunk, kv_head) group if every pair were touched: host-known sizes only
-    cfg = _default_config(d, q.device, n * g / max(1, min(n, (chunk_offsets.numel() - 1) * hkv)))
+    cfg = _default_config(d, q.device, n * g / max(1, min(n, table.starts.numel() * hkv)))
     for k_, v_ in (
         ("block_m", block_m),
         ("block_n", block_n),
@@ -355,7 +360,7 @@ def grouped_shared_attention(
             raise ValueError(f"{k_} must be a power of two, got {cfg[k_]}")
     work, meta, w_max = build_work_list(
         sel,
-        chunk_offsets,
+        table,
         hkv,
         g,
         cfg["block_m"],
@@ -377,7 +382,8 @@ def grouped_shared_attention(
         v_pool,
         k_desc,
         v_desc,
-        chunk_offsets,
+        table.starts,
+        table.ends,
         sel.req,
         sel.kv_head,
         sel.chunk,
@@ -419,10 +425,11 @@ def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale
     g = hq // k_pool.shape[1]
     o = torch.zeros(n, g, d, dtype=torch.float32, device=q.device)
     lse = torch.full((n, g), float("-inf"), dtype=torch.float32, device=q.device)
-    offs = chunk_offsets.tolist()
+    table = chunk_table(chunk_offsets)
+    starts, ends = table.starts.tolist(), table.ends.tolist()
     for i, (r, h, c) in enumerate(zip(sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist())):
-        k = k_pool[offs[c] : offs[c + 1], h].float()  # [L, D]
-        v = v_pool[offs[c] : offs[c + 1], h].float()
+        k = k_pool[starts[c] : ends[c], h].float()  # [L, D]
+        v = v_pool[starts[c] : ends[c], h].float()
         if k.shape[0] == 0:
             continue
         s = q[r, h * g : (h + 1) * g].float() @ k.T * sm_scale  # [G, L]

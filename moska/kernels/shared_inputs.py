@@ -1,9 +1,35 @@
 """Input checks, output buffers and TMA descriptors of the grouped shared-chunk attention."""
 
+from typing import NamedTuple
+
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .qkv_checks import check_qkv
+
+
+class ChunkTable(NamedTuple):
+    """Where each chunk's rows are in a KV pool: chunk c is rows ``starts[c] : ends[c]``.
+
+    Chunk ids stay logical (the router's), while the rows may sit in any slot of a pool (a
+    tiered library's GPU chunk cache); an absent chunk has ``ends[c] == starts[c]`` and
+    attends to nothing (o = 0, lse = -inf). An all-resident library's table is two views
+    of its chunk offsets (``chunk_table``), so passing offsets costs no copy."""
+
+    starts: torch.Tensor  # [C] int32
+    ends: torch.Tensor  # [C] int32
+
+
+def chunk_table(chunks: "torch.Tensor | ChunkTable") -> ChunkTable:
+    """A ChunkTable from chunk offsets [C + 1] int32 (views: offsets[:-1], offsets[1:]) or
+    a ChunkTable (returned as is)."""
+    if isinstance(chunks, ChunkTable):
+        return chunks
+    if chunks.dtype != torch.int32 or chunks.dim() != 1 or chunks.numel() < 1:
+        raise ValueError(
+            f"chunk_offsets must be 1-D int32 [C+1], got {chunks.dtype} {tuple(chunks.shape)}"
+        )
+    return ChunkTable(chunks[:-1], chunks[1:])
 
 
 def outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,16 +49,17 @@ def outputs(out, shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     return o, lse
 
 
-def check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
+def check_inputs(q, k_pool, v_pool, table: ChunkTable, sel) -> None:
     if q.dim() != 3 or k_pool.dim() != 3:
         raise ValueError(
             f"q must be [B,Hq,D] and k_pool [S_total,Hkv,D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}"
         )
     check_qkv(q, k_pool, v_pool, "k_pool", "v_pool")
-    if chunk_offsets.dtype != torch.int32 or chunk_offsets.dim() != 1:
-        raise ValueError(
-            f"chunk_offsets must be 1-D int32 [C+1], got {chunk_offsets.dtype} {tuple(chunk_offsets.shape)}"
-        )
+    for name, t in zip(ChunkTable._fields, table):
+        if t.dtype != torch.int32 or t.dim() != 1 or t.shape != table.starts.shape:
+            raise ValueError(
+                f"chunk table {name} must be int32 [C] like starts; got {t.dtype} {tuple(t.shape)}"
+            )
     n = sel.req.shape
     for name in ("req", "kv_head", "chunk"):
         t = getattr(sel, name)
@@ -40,7 +67,7 @@ def check_inputs(q, k_pool, v_pool, chunk_offsets, sel) -> None:
             raise ValueError(
                 f"sel.{name} must be int32 [N] like sel.req; got {t.dtype} {tuple(t.shape)}"
             )
-    devs = {t.device for t in (q, k_pool, v_pool, chunk_offsets, sel.req, sel.kv_head, sel.chunk)}
+    devs = {t.device for t in (q, k_pool, v_pool, *table, sel.req, sel.kv_head, sel.chunk)}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device, got {devs}")
 

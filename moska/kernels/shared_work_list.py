@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .shared_inputs import chunk_table
+
 
 @triton.jit
 def _lower_bound(sel_chunk_ptr, sel_kv_ptr, k, N, Hkv, steps):
@@ -32,7 +34,8 @@ def _lower_bound(sel_chunk_ptr, sel_kv_ptr, k, N, Hkv, steps):
 def _plan_groups_kernel(
     sel_chunk_ptr,  # [N] int32
     sel_kv_ptr,  # [N] int32
-    offsets_ptr,  # [C + 1] int32
+    starts_ptr,  # [C] int32: first pool row of chunk c
+    ends_ptr,  # [C] int32: end row of chunk c
     start_ptr,  # [K] int32 out: first selection of group k = chunk * Hkv + kv_head
     nsel_ptr,  # [K] int32 out: selections of group k
     work_ptr,  # [K] int64 out: row tiles x tokens of group k
@@ -49,9 +52,7 @@ def _plan_groups_kernel(
     start = _lower_bound(sel_chunk_ptr, sel_kv_ptr, k, N, Hkv, steps)
     n_sel = _lower_bound(sel_chunk_ptr, sel_kv_ptr, k + 1, N, Hkv, steps) - start
     c = k // Hkv
-    lens = tl.load(offsets_ptr + c + 1, mask=ok, other=0) - tl.load(
-        offsets_ptr + c, mask=ok, other=0
-    )
+    lens = tl.load(ends_ptr + c, mask=ok, other=0) - tl.load(starts_ptr + c, mask=ok, other=0)
     tiles = (n_sel * G + BLOCK_M - 1) // BLOCK_M
     tl.store(start_ptr + k, start, mask=ok)
     tl.store(nsel_ptr + k, n_sel, mask=ok)
@@ -60,7 +61,8 @@ def _plan_groups_kernel(
 
 @triton.jit
 def _plan_splits_kernel(
-    offsets_ptr,  # [C + 1] int32
+    starts_ptr,  # [C] int32: first pool row of chunk c
+    ends_ptr,  # [C] int32: end row of chunk c
     nsel_ptr,  # [K] int32
     total_work_ptr,  # [] int64: sum of the groups' work
     nsplit_ptr,  # [K] int32 out: splits of each tile of group k
@@ -81,9 +83,7 @@ def _plan_splits_kernel(
     split_len = tl.maximum((total + target_programs - 1) // target_programs, min_split)
     split_len = ((split_len + BLOCK_N - 1) // BLOCK_N * BLOCK_N).to(tl.int32)
     c = k // Hkv
-    lens = tl.load(offsets_ptr + c + 1, mask=ok, other=0) - tl.load(
-        offsets_ptr + c, mask=ok, other=0
-    )
+    lens = tl.load(ends_ptr + c, mask=ok, other=0) - tl.load(starts_ptr + c, mask=ok, other=0)
     n_sel = tl.load(nsel_ptr + k, mask=ok, other=0)
     n_split = tl.maximum(lens // split_len, 1)
     tl.store(nsplit_ptr + k, n_split, mask=ok)
@@ -96,7 +96,8 @@ def _plan_splits_kernel(
 def _plan_fused_kernel(
     sel_chunk_ptr,  # [N] int32
     sel_kv_ptr,  # [N] int32
-    offsets_ptr,  # [C + 1] int32
+    starts_ptr,  # [C] int32: first pool row of chunk c
+    ends_ptr,  # [C] int32: end row of chunk c
     start_ptr,  # [K] int32 out
     nsel_ptr,  # [K] int32 out
     nsplit_ptr,  # [K] int32 out
@@ -122,9 +123,7 @@ def _plan_fused_kernel(
     n_sel = _lower_bound(sel_chunk_ptr, sel_kv_ptr, k + 1, N, Hkv, steps) - start
     n_sel = tl.where(ok, n_sel, 0)
     c = k // Hkv
-    lens = tl.load(offsets_ptr + c + 1, mask=ok, other=0) - tl.load(
-        offsets_ptr + c, mask=ok, other=0
-    )
+    lens = tl.load(ends_ptr + c, mask=ok, other=0) - tl.load(starts_ptr + c, mask=ok, other=0)
     tiles = (n_sel * G + BLOCK_M - 1) // BLOCK_M
     total = tl.sum(tiles.to(tl.int64) * lens, 0)
     split_len = tl.maximum((total + target_programs - 1) // target_programs, min_split)
@@ -178,7 +177,7 @@ def _plan_items_kernel(
 
 def build_work_list(
     sel,  # Selections [N]
-    chunk_offsets: torch.Tensor,  # [C + 1] int32
+    table,  # ChunkTable (starts [C], ends [C] int32) or chunk offsets [C + 1] int32
     num_kv_heads: int,
     group: int,
     block_m: int,
@@ -205,9 +204,10 @@ def build_work_list(
     Two launches when K <= max_fused_groups (one program plans every group, then the items
     are written), else five (three small Triton kernels, a sum and a cumsum).
     """
+    table = chunk_table(table)
     n = sel.req.numel()
     dev = sel.req.device
-    k_groups = (chunk_offsets.numel() - 1) * num_kv_heads
+    k_groups = table.starts.numel() * num_kv_heads
     w_max = target_programs + n * group // block_m + min(n, k_groups) + 1
     i32 = dict(device=dev, dtype=torch.int32)
     start, n_sel = torch.empty(k_groups, **i32), torch.empty(k_groups, **i32)
@@ -221,7 +221,8 @@ def build_work_list(
         _plan_fused_kernel[(1,)](
             sel.chunk,
             sel.kv_head,
-            chunk_offsets,
+            table.starts,
+            table.ends,
             start,
             n_sel,
             n_split,
@@ -245,7 +246,8 @@ def build_work_list(
     _plan_groups_kernel[grid_k](
         sel.chunk,
         sel.kv_head,
-        chunk_offsets,
+        table.starts,
+        table.ends,
         start,
         n_sel,
         group_work,
@@ -259,7 +261,8 @@ def build_work_list(
     )
     total_work = group_work.sum()
     _plan_splits_kernel[grid_k](
-        chunk_offsets,
+        table.starts,
+        table.ends,
         n_sel,
         total_work,
         n_split,
