@@ -1,0 +1,124 @@
+"""FP8 (e4m3) library KV: quantize a layer's K or V pool with one fp32 scale per
+(chunk, KV head), or finer, and dequantize it back. Plain PyTorch.
+
+Why e4m3 with amax scales: e4m3 keeps 3 mantissa bits (a relative rounding error of at
+most 2^-4) over a range of 2^-6..448 (subnormals to 2^-9), so once a group's largest
+magnitude is mapped to 448 every value of the group keeps its relative precision; only
+values 2^15 below the group's largest lose it. The granularity is the trade between that
+range and what a kernel must read: a (chunk, KV head) scale is one number per group the
+grouped kernel already handles (the K scale folds into the logit scale, the V scale into
+the output), it stays on the device with the routing index, and it does not move with the
+chunk's KV between memory tiers. Per token is finer, at one scale per key the kernel must
+load. `bench/fp8_quality.py` measured both on the quality model (bench/results/
+fp8_quality.json); the library format stores per-(chunk, head) scales.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+KV_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": e4m3 with scales
+GRANULARITIES = ("layer", "chunk", "token")  # one scale per KV head per: layer, chunk, token
+LIBRARY_GRANULARITY = "chunk"  # what libraries store (see the module docstring)
+_ROWS_PER_STEP = 1 << 16  # quantize in slices: an fp32 copy of a whole pool can be GiBs
+
+
+class QuantizedKV(NamedTuple):
+    """``data`` [S, Hkv, D] float8_e4m3fn and ``scale`` fp32: [1, Hkv] (layer), [C, Hkv]
+    (chunk) or [S, Hkv] (token); the value is ``data.float() * scale`` of its row."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+
+def check_kv_dtype(kv_dtype: object) -> str:
+    """``kv_dtype`` if it is a supported library KV dtype, else ValueError saying which are."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(
+            f"kv_dtype must be one of {KV_DTYPES} ('auto' keeps the model's dtype), "
+            f"got {kv_dtype!r}"
+        )
+    return str(kv_dtype)
+
+
+def _row_chunks(chunk_offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[S] int64: the chunk of every row of a pool cut at ``chunk_offsets`` [C + 1]."""
+    offs = chunk_offsets.to(torch.int64)
+    assert int(offs[0]) == 0 and int(offs[-1]) == num_rows, (offs, num_rows)
+    return torch.repeat_interleave(torch.arange(offs.numel() - 1, device=offs.device), offs.diff())
+
+
+def row_scales(
+    scale: torch.Tensor, chunk_offsets: torch.Tensor, num_rows: int, granularity: str
+) -> torch.Tensor:
+    """[S, Hkv] fp32: the scale of every row, whatever the granularity."""
+    if granularity == "token":
+        return scale
+    if granularity == "layer":
+        return scale.expand(num_rows, -1)
+    return scale[_row_chunks(chunk_offsets.to(scale.device), num_rows)]
+
+
+def compute_scales(
+    x: torch.Tensor,  # [S, Hkv, D]
+    chunk_offsets: torch.Tensor,  # [C + 1] int
+    granularity: str = LIBRARY_GRANULARITY,
+) -> torch.Tensor:
+    """fp32 amax / 448 per group (1.0 for an all-zero group, whose values stay 0)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    s, hkv = x.shape[0], x.shape[1]
+    amax = torch.empty(s, hkv, dtype=torch.float32, device=x.device)  # [S, Hkv]
+    for r in range(0, s, _ROWS_PER_STEP):
+        amax[r : r + _ROWS_PER_STEP] = x[r : r + _ROWS_PER_STEP].abs().amax(-1).float()
+    if granularity == "layer":
+        amax = amax.amax(0, keepdim=True)  # [1, Hkv]
+    elif granularity == "chunk":
+        c = chunk_offsets.numel() - 1
+        rows = _row_chunks(chunk_offsets.to(x.device), s)
+        amax = torch.zeros(c, hkv, dtype=torch.float32, device=x.device).scatter_reduce_(
+            0, rows[:, None].expand(-1, hkv), amax, "amax"
+        )  # [C, Hkv]
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def quantize(
+    x: torch.Tensor,  # [S, Hkv, D] fp16/bf16/fp32
+    chunk_offsets: torch.Tensor,  # [C + 1] int
+    granularity: str = LIBRARY_GRANULARITY,
+) -> QuantizedKV:
+    """Round ``x / scale`` to the nearest e4m3 value (saturating at +-448)."""
+    if x.dim() != 3 or not x.is_floating_point() or x.dtype == FP8_DTYPE:
+        raise ValueError(f"x must be a [S, Hkv, D] fp16/bf16/fp32 pool, got {x.dtype} {x.shape}")
+    scale = compute_scales(x, chunk_offsets, granularity)
+    rs = row_scales(scale, chunk_offsets, x.shape[0], granularity)  # [S, Hkv]
+    data = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    for r in range(0, x.shape[0], _ROWS_PER_STEP):
+        sl = slice(r, r + _ROWS_PER_STEP)
+        y = x[sl].float() / rs[sl, :, None]
+        data[sl] = y.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return QuantizedKV(data, scale)
+
+
+def dequantize(
+    qkv: QuantizedKV,
+    chunk_offsets: torch.Tensor,  # [C + 1] int
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:  # [S, Hkv, D]
+    """``data * scale`` of every row, in ``dtype``; the granularity is read off the scale."""
+    data, scale = qkv
+    s, c = data.shape[0], chunk_offsets.numel() - 1
+    if scale.shape[0] == c:  # (also right where a chunk is one row or the layer one chunk)
+        granularity = "chunk"
+    elif scale.shape[0] == s:
+        granularity = "token"
+    elif scale.shape[0] == 1:
+        granularity = "layer"
+    else:
+        raise ValueError(f"scale {tuple(scale.shape)} fits no granularity of {s} rows, {c} chunks")
+    rs = row_scales(scale, chunk_offsets, s, granularity)
+    return (data.float() * rs[:, :, None]).to(dtype)
