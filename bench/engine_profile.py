@@ -1,4 +1,4 @@
-"""One-off: where a B=1 decode step of an 8B-shaped model spends its GPU time.
+"""Where a B=1 / 16 decode step of an 8B-shaped model spends its GPU time.
 
 Profiles 20 engine steps (eager, so each kernel shows by name; a graph replays the same
 kernels) and prints GPU time per step by kernel, next to the step's wall time with graphs.
@@ -8,7 +8,6 @@ Usage on the GPU machine: PYTHONPATH=. python3 bench/engine_profile.py  (JSON in
 import json
 import os
 import random
-import sys
 import time
 
 import torch
@@ -20,7 +19,7 @@ from moska.engine.llm_engine import LLMEngine
 from moska.engine.sampling_params import SamplingParams
 
 loaded = random_loaded_model(LLAMA_3_1_8B, torch.bfloat16, "cuda")
-res = dict(environment(sys.argv), command="PYTHONPATH=. python3 bench/engine_profile.py")
+res = environment()
 for batch in (1, 16):
     for eager in (True, False):
         cfg = EngineConfig(
@@ -52,7 +51,7 @@ for batch in (1, 16):
         row["kernels_us_per_step"] = dict(sorted(kern.items(), key=lambda kv: -kv[1])[:25])
         name = f"b{batch}_{'eager' if eager else 'graph'}"
         res[name] = row
-        print(name, "step ms %.2f, GPU us/step %.0f" % (step_ms, row["gpu_us_per_step"]))
+        print(name, "step ms {:.2f}, GPU us/step {:.0f}".format(step_ms, row["gpu_us_per_step"]))
         if eager:
             for k, v in list(row["kernels_us_per_step"].items())[:14]:
                 print(f"   {v:9.1f} us  {k}")

@@ -1,4 +1,4 @@
-"""One-off: where the host time of a CUDA-graph decode step goes (8B-shaped random model).
+"""Where the host time of a CUDA-graph decode step goes (8B-shaped random model).
 
 For B in {1, 16, 64}: wall time per step, the GPU's busy time per step (torch profiler,
 kernels and copies), and a cProfile of 40 steps sorted by own time, so the step's host
@@ -12,7 +12,6 @@ import json
 import os
 import pstats
 import random
-import sys
 import time
 
 import torch
@@ -24,7 +23,7 @@ from moska.engine.llm_engine import LLMEngine
 from moska.engine.sampling_params import SamplingParams
 
 loaded = random_loaded_model(LLAMA_3_1_8B, torch.bfloat16, "cuda")
-res = dict(environment(sys.argv), command="PYTHONPATH=. python3 bench/host_profile.py")
+res = environment()
 for batch in (1, 16, 64):
     engine = LLMEngine(EngineConfig(model="random-8b", device="cuda", num_kv_blocks=8192), loaded)
     engine.capture_graphs(progress=False)
@@ -53,8 +52,12 @@ for batch in (1, 16, 64):
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
     c = io.StringIO()
     pstats.Stats(pr, stream=c).sort_stats("cumtime").print_stats(30)
-    row = dict(step_ms=step_ms, gpu_us_per_step=gpu_us / 20, tottime=s.getvalue(),
-               cumtime=c.getvalue())
+    row = {
+        "step_ms": step_ms,
+        "gpu_us_per_step": gpu_us / 20,
+        "tottime": s.getvalue(),
+        "cumtime": c.getvalue(),
+    }
     res[f"b{batch}"] = row
     print(f"B={batch}: step {step_ms:.2f} ms, GPU busy {gpu_us / 20 / 1e3:.2f} ms")
     print("\n".join(s.getvalue().splitlines()[:40]))

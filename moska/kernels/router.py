@@ -163,7 +163,7 @@ def _keymax_pairs(
     max_programs: int | None = None,
     use_triton: bool = True,
 ) -> torch.Tensor:
-    # Tile shape from the sweep in bench/results/keymax_sweep.json (H200, fp16 low-rank keys,
+    # Tile shape from the key-max sweep (docs/performance-notes.md; H200, fp16 low-rank keys,
     # shortlist 32 of 256 chunks of 4096, CUDA-graph timing): 32-pair tiles over 64-key
     # blocks with 5 stages were the fastest or tied at both 32 pairs per chunk (B = 256,
     # 0.31 ms) and 128 (B = 1024, 0.62 ms; 16-pair tiles 0.88 ms).

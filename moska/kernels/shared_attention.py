@@ -50,6 +50,9 @@ def _chunk_attn_inner(
     USE_TMA: tl.constexpr,
     WARP_SPEC: tl.constexpr,
     PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr = False,
+    FP8_DOT: tl.constexpr = False,
+    CDTYPE: tl.constexpr = None,
 ):
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; scores in the log2 domain.
     # Unmasked calls need (hi - lo) % BLOCK_N == 0; masked calls run one partial block.
@@ -60,6 +63,7 @@ def _chunk_attn_inner(
         if USE_TMA:
             k = k_desc.load([start, col])  # [BLOCK_N, D]
             v = v_desc.load([start, col])
+            k, v = _upcast_kv(k, v, KV_FP8, FP8_DOT, CDTYPE)
             s = tl.dot(q, k.T, input_precision=PRECISION)
             if MASKED:
                 s = tl.where(((start + offs_n) < hi)[None, :], s, float("-inf"))
@@ -71,6 +75,7 @@ def _chunk_attn_inner(
             else:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
+            k, v = _upcast_kv(k, v, KV_FP8, FP8_DOT, CDTYPE)
             s = tl.dot(q, k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
             if MASKED:
                 s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -78,6 +83,17 @@ def _chunk_attn_inner(
             v_ptrs += BLOCK_N * stride_vn
         acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _upcast_kv(k, v, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr):
+    # e4m3 K/V are read as stored (half the bytes of bf16) and upcast in registers to the
+    # compute dtype; FP8_DOT keeps K in e4m3 for an FP8 tensor-core QK^T (q is e4m3 too).
+    if KV_FP8:
+        v = v.to(CDTYPE)
+        if not FP8_DOT:
+            k = k.to(CDTYPE)
+    return k, v
 
 
 @triton.jit
@@ -125,6 +141,12 @@ def _grouped_shared_attention_kernel(
     WARP_SPEC: tl.constexpr,
     PRECISION: tl.constexpr,
     PERSISTENT: tl.constexpr,
+    k_scale_ptr=None,  # [C, Hkv] fp32: scale of an e4m3 chunk's keys (KV_FP8), else None
+    v_scale_ptr=None,  # [C, Hkv] fp32: scale of its values
+    stride_sc=0,
+    KV_FP8: tl.constexpr = False,
+    FP8_DOT: tl.constexpr = False,
+    CDTYPE: tl.constexpr = None,
 ):
     # One work item per program; PERSISTENT: a capped grid whose programs loop over the
     # items, so the kernel can leave room on each SM for a concurrent kernel.
@@ -137,6 +159,7 @@ def _grouped_shared_attention_kernel(
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
+                k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE,
             )
             # fmt: on
     else:
@@ -148,6 +171,7 @@ def _grouped_shared_attention_kernel(
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
+                k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE,
             )
             # fmt: on
 
@@ -160,6 +184,8 @@ def _shared_item(
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
+    k_scale_ptr, v_scale_ptr, stride_sc,
+    KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr,
     # fmt: on
 ):
     # work item w: one row tile of one (chunk, KV head) group, over one split of the chunk
@@ -183,6 +209,13 @@ def _shared_item(
         mask=row_ok[:, None],
         other=0.0,
     )
+
+    if KV_FP8:  # one scale per (chunk, KV head): K's folds into the logit scale
+        qk_scale = qk_scale * tl.load(k_scale_ptr + chunk * stride_sc + kv)
+        if FP8_DOT:  # q to e4m3 with one scale per tile (e4m3 keeps 2^-4 relative error)
+            q_s = tl.maximum(tl.max(tl.abs(q.to(tl.float32))), 1e-30) / 448.0
+            q = (q.to(tl.float32) / q_s).to(tl.float8e4nv)
+            qk_scale = qk_scale * q_s
 
     c_lo = tl.load(starts_ptr + chunk)  # the chunk's rows in the pool (slot table)
     c_hi = tl.load(ends_ptr + chunk)
@@ -227,6 +260,9 @@ def _shared_item(
         USE_TMA,
         WARP_SPEC,
         PRECISION,
+        KV_FP8,
+        FP8_DOT,
+        CDTYPE,
     )
     if full_hi < hi:
         k_ptrs += (full_hi - lo).to(tl.int64) * stride_kn
@@ -251,9 +287,14 @@ def _shared_item(
             USE_TMA,
             False,
             PRECISION,
+            KV_FP8,
+            FP8_DOT,
+            CDTYPE,
         )
 
     o, lse = merge_finish(m_i, l_i, acc)  # an empty chunk or split gives (0, -inf)
+    if KV_FP8:  # V's scale: o is linear in V, so also before a split tile's merge
+        o = o * tl.load(v_scale_ptr + chunk * stride_sc + kv)
     if n_split == 1:
         out_rows = (start * G + rows).to(tl.int64)
         tl.store(
@@ -270,7 +311,7 @@ def _shared_item(
 
 def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict:
     # merge of split tiles: 4 rows x 32 partials per step; measured 7 us where 8 x 8 took
-    # 27 us (one 128K chunk read by 16 requests: 8 tiles of 32 splits; bench/merge_sweep.py)
+    # 27 us (one 128K chunk read by 16 requests: 8 tiles of 32 splits; docs/performance-notes.md)
     base = dict(min_split=512, use_tma=False, warp_specialize=False, merge_m=4, split_b=32)
     if device.type != "cuda":  # interpreter: few, large programs
         return dict(
