@@ -31,7 +31,7 @@ linear and cannot be folded: such models are refused.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +132,15 @@ def _fit_v(cv: torch.Tensor, d: int) -> tuple[torch.Tensor, float]:
     return vecs[:, -d:], (vals[-d:].sum().item() / total) if total > 0 else 1.0
 
 
+def _sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of a non-empty sequence of tensors (typed: ``sum`` starts from 0)."""
+    it = iter(terms)
+    total = next(it)
+    for t in it:
+        total = total + t
+    return total
+
+
 def _pairwise(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Rows of one head [D, ...] (pairs (i, i + D/2)) multiplied, pair i, by conj(u_i):
     (a + jb)(c - jd) = (ca + db) + j(cb - da). u [D/2] complex."""
@@ -193,18 +202,19 @@ def convert_kv_heads(
             if method == "mean":
                 nk.append(wk[heads.start : heads.stop].mean(0))
                 nv.append(wv[heads.start : heads.stop].mean(0))
-                if bk is not None:
+                if bk is not None and bv is not None:
                     nbk.append(bk[heads.start : heads.stop].mean(0))
                     nbv.append(bv[heads.start : heads.stop].mean(0))
                 continue
+            assert moments is not None  # method "fit" calibrated above
             u, e_k = _fit_k(moments.k[layer][g])  # [D/2, r]
             uv, e_v = _fit_v(moments.v[layer][g], d)  # [r*D, D]
             ke, ve = ke + e_k / kv_heads, ve + e_v / kv_heads
             # k' = sum_j conj(u_j) z_j, per pair
-            nk.append(sum(_pairwise(wk[h], u[:, j]) for j, h in enumerate(heads)))
+            nk.append(_sum(_pairwise(wk[h], u[:, j]) for j, h in enumerate(heads)))
             nv.append(uv.T @ wv[heads.start : heads.stop].reshape(r * d, -1))
-            if bk is not None:
-                nbk.append(sum(_pairwise(bk[h], u[:, j]) for j, h in enumerate(heads)))
+            if bk is not None and bv is not None:
+                nbk.append(_sum(_pairwise(bk[h], u[:, j]) for j, h in enumerate(heads)))
                 nbv.append(uv.T @ bv[heads.start : heads.stop].reshape(r * d))
             for qh in range(g * g_new, (g + 1) * g_new):
                 j = qh // g_old - g * r  # the query head's old KV head, within the group

@@ -52,6 +52,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
         # above high_freq are kept, and the band in between is interpolated smoothly.
         old_len = scaling.original_max_position_embeddings
         low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+        assert old_len is not None and low is not None and high is not None  # config checks
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - low) / (high - low)
@@ -72,6 +73,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         if device is not None and torch.device(device).type != "meta":
             inv_freq = inv_freq.to(device)
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32
 
     def reset_inv_freq(self) -> None:

@@ -13,7 +13,7 @@ the slot's KV (this step's tokens already written by its source layer), write no
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -43,6 +43,8 @@ class Attention(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.qkv_proj = nn.Linear(c.hidden_size, c.q_size + kv_rows, bias=c.qkv_bias, **kw)
         self.o_proj = nn.Linear(c.q_size, c.hidden_size, bias=c.o_bias, **kw)
+        self.q_norm: RMSNorm | None
+        self.k_norm: RMSNorm | None
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if self.owns_kv else None
@@ -66,6 +68,7 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
+            assert self.k_norm is not None  # a layer that owns its KV has both norms
             q, k = self.q_norm(q), self.k_norm(k)
         if triton:  # in place on the projection's fresh output (or the norms')
             from moska.kernels.rotary import rotary_inplace
@@ -130,6 +133,11 @@ class CausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **kw)
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The layers, typed (``nn.ModuleList`` iterates as plain modules)."""
+        return [cast(DecoderLayer, m) for m in self.layers]
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -98,7 +98,7 @@ def _weight_files(path: Path) -> dict[Path, set[str] | None]:
             assert isinstance(weight_map, dict)
         except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
             raise CorruptCheckpointError(f"{index}: unreadable shard index ({e!r})") from e
-        files: dict[Path, set[str] | None] = {}
+        files: dict[Path, set[str]] = {}
         for name, fname in weight_map.items():
             files.setdefault(path / fname, set()).add(name)
         for f in files:
@@ -122,7 +122,7 @@ def _expected_tensors(model: CausalLM, config: ModelConfig) -> dict[str, torch.T
     }
     if model.lm_head is not None:
         out["lm_head.weight"] = model.lm_head.weight
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(model.decoder_layers):
         p = f"model.layers.{i}."
         attn, mlp = layer.self_attn, layer.mlp
         qkv = {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, None)}
@@ -136,6 +136,7 @@ def _expected_tensors(model: CausalLM, config: ModelConfig) -> dict[str, torch.T
         if c.o_bias:
             out[p + "self_attn.o_proj.bias"] = attn.o_proj.bias
         if c.qk_norm:
+            assert attn.q_norm is not None  # qk_norm configs have both norms
             out[p + "self_attn.q_norm.weight"] = attn.q_norm.weight
             if attn.k_norm is not None:
                 out[p + "self_attn.k_norm.weight"] = attn.k_norm.weight
@@ -158,7 +159,7 @@ def _load_weights(
     slices = slices or {}
     expected = _expected_tensors(model, model.config)  # the model's own (a slice's) sizes
     # A tied checkpoint may still carry lm_head.weight; it must match but is not used.
-    optional = (
+    optional: dict[str, tuple[int, ...]] = (
         {"lm_head.weight": (config.vocab_size, config.hidden_size)} if model.lm_head is None else {}
     )
     optional.update(mlkv.unused_kv_tensors(config))  # an MLKV sharer's k/v: ignored
@@ -187,7 +188,7 @@ def _load_weights(
                 dest = expected.get(name)
                 want = tuple(dest.shape) if dest is not None else optional.get(name)
                 cut = slices.get(name) if dest is not None else None
-                if cut is not None:  # the checkpoint holds the whole tensor
+                if cut is not None and want is not None:  # the checkpoint holds the whole
                     want = want[: cut.dim] + (cut.full,) + want[cut.dim + 1 :]
                 if want is None:
                     raise CorruptCheckpointError(
@@ -204,19 +205,15 @@ def _load_weights(
                     loaded[name] = file
                     if dest is None:
                         continue
-                    whole = cut is None
-                    dest.copy_(
-                        (f.get_tensor(name) if whole else f.get_slice(name)[cut.index]).to(dtype)
-                    )
+                    part = f.get_tensor(name) if cut is None else f.get_slice(name)[cut.index]
+                    dest.copy_(part.to(dtype))
                 except CorruptCheckpointError:
                     raise
                 except Exception as e:
                     raise CorruptCheckpointError(f"{file}: cannot read tensor {name} ({e})") from e
-    missing = sorted(set(expected) - set(loaded))
-    if missing:
+    absent = sorted(set(expected) - set(loaded))
+    if absent:
         first = next(iter(files))
         where = str(first) if len(files) == 1 else f"{first.parent} ({len(files)} shards)"
-        shown = ", ".join(missing[:8]) + (
-            f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
-        )
+        shown = ", ".join(absent[:8]) + (f" (+{len(absent) - 8} more)" if len(absent) > 8 else "")
         raise CorruptCheckpointError(f"{where}: missing tensors: {shown}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ class Tokenizer:
     def __init__(
         self,
         tokenizer: HFTokenizer,
-        special_tokens: dict[str, str] | None = None,
+        special_tokens: Mapping[str, str | None] | None = None,
         *,
         add_bos_token: bool = False,
         eos_token_ids: Iterable[int] = (),
@@ -57,7 +57,7 @@ class Tokenizer:
         if (eos_id := self.token_to_id(self.eos_token)) is not None:
             eos.add(eos_id)
         self.eos_token_ids: set[int] = eos
-        self._compiled_template = None
+        self._compiled_template: Any = None  # a jinja2 Template, compiled on first use
 
     @classmethod
     def from_pretrained(
@@ -110,7 +110,7 @@ class Tokenizer:
         ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         bos = self.bos_token_id
         wants_bos = add_special_tokens and self.add_bos_token and bos is not None
-        if wants_bos and (not ids or ids[0] != bos):
+        if wants_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         return ids
 
@@ -132,9 +132,10 @@ class Tokenizer:
                 "this tokenizer has no chat template (no 'chat_template' in "
                 "tokenizer_config.json and no chat_template.jinja); send a plain prompt instead"
             )
-        if self._compiled_template is None:
-            self._compiled_template = _compile_template(self.chat_template)
-        return self._compiled_template.render(
+        template = self._compiled_template
+        if template is None:
+            template = self._compiled_template = _compile_template(self.chat_template)
+        return template.render(
             **{**self.special_tokens, **kwargs},
             messages=messages,
             add_generation_prompt=add_generation_prompt,
