@@ -1,0 +1,409 @@
+"""The front end (`moska router`): the OpenAI API in front of prefill and decode instances.
+
+A request in P/D mode: the global scheduler (`pd/scheduler.py`) picks the prefill and the
+decode instance or answers 429 with Retry-After before any work is spent; the prefill
+instance runs the client's body with max_tokens 1 and sends the prompt's KV blocks to the
+decode instance (`pd/instance.py`); the front end waits for the send and for the decode
+instance to take the blocks into its prefix cache, then sends the client's body to the
+decode instance and streams its answer back. A transfer that fails (after the sender's own
+retry) is re-prefilled once for another decode instance; then the request fails with 503.
+A decode instance that dies (its process gone, or /health failing twice) is taken out of
+the scheduler, and the requests streaming from it end with an error at once.
+
+Round-robin mode (`--both`): the colocated baseline, each request to the next live
+instance, whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from moska.pd.index import block_hashes
+from moska.pd.scheduler import GlobalScheduler, Instance, Plan, Rejection, RequestInfo
+
+logger = logging.getLogger(__name__)
+
+TRANSFER_HEADER = "x-moska-pd-transfer"
+DEFAULT_MAX_TOKENS = 256  # the prediction's guess when a request names no max_tokens
+
+
+@dataclass(frozen=True)
+class FrontEndConfig:
+    transfer_timeout_s: float = 10.0
+    health_interval_s: float = 0.5
+    health_timeout_s: float = 2.0
+    request_timeout_s: float = 600.0
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefill instances found in their caches
+    transferred_blocks: int = 0
+    transfer_failures: int = 0
+    reprefills: int = 0
+    failed: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+def _error(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param}}
+    if status == 429:
+        body["error"]["type"] = "rate_limit_error"
+    elif status >= 500:
+        body["error"]["type"] = "server_error"
+    return JSONResponse(body, status, headers=headers)
+
+
+def prompt_tokens(kind: str, body: dict) -> list[int]:
+    """What the index hashes: token ids when the client sent ids, else the UTF-8 bytes of the
+    text (the front end has no tokenizer; equal text still gives equal blocks)."""
+    if kind == "completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return prompt
+        if isinstance(prompt, str):
+            return list(prompt.encode())
+        raise ValueError("prompt")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages")
+    text = "".join(f"{m.get('role')}:{m.get('content')}\n" for m in messages if isinstance(m, dict))
+    return list(text.encode())
+
+
+class FrontEnd:
+    def __init__(
+        self,
+        instances: list[Instance],
+        scheduler: GlobalScheduler | None,
+        config: FrontEndConfig = FrontEndConfig(),
+        processes: dict | None = None,
+    ) -> None:
+        self.instances = instances
+        self.scheduler = scheduler  # None: round-robin over `both` instances
+        self.config = config
+        self.processes = processes or {}  # instance name -> Popen (instances we started)
+        self.stats = Stats()
+        self._dead: dict[str, asyncio.Event] = {}
+        self._tids = itertools.count(int(time.time() * 1000) % 1_000_000 * 1000)
+        self._rr = itertools.count()
+        self.client: httpx.AsyncClient | None = None
+        self._monitor: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        self.client = httpx.AsyncClient(timeout=self.config.request_timeout_s, limits=limits)
+        self._dead = {i.name: asyncio.Event() for i in self.instances}
+        self._monitor = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        if self.client is not None:
+            await self.client.aclose()
+
+    # ---- health ----------------------------------------------------------------------
+    def _kill(self, inst: Instance, why: str) -> None:
+        if not inst.alive:
+            return
+        logger.error("instance %s (%s) is out: %s", inst.name, inst.role, why)
+        inst.alive = False
+        if self.scheduler is not None:
+            self.scheduler.mark_dead(inst)
+        self._dead[inst.name].set()
+
+    async def _watch(self) -> None:
+        misses: dict[str, int] = {}
+        while True:
+            for inst in [i for i in self.instances if i.alive]:
+                proc = self.processes.get(inst.name)
+                if proc is not None and proc.poll() is not None:
+                    self._kill(inst, f"its process exited ({proc.returncode})")
+                    continue
+                try:
+                    r = await self.client.get(
+                        f"{inst.url}/health", timeout=self.config.health_timeout_s
+                    )
+                    misses[inst.name] = 0 if r.status_code == 200 else misses.get(inst.name, 0) + 1
+                except httpx.ConnectError:
+                    misses[inst.name] = 2
+                except httpx.HTTPError:
+                    misses[inst.name] = misses.get(inst.name, 0) + 1
+                if misses.get(inst.name, 0) >= 2:
+                    self._kill(inst, "its /health failed twice")
+            await asyncio.sleep(self.config.health_interval_s)
+
+    # ---- requests --------------------------------------------------------------------
+    async def handle(self, kind: str, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        self.stats.requests += 1
+        path = f"/v1/{'chat/completions' if kind == 'chat' else 'completions'}"
+        if self.scheduler is None:
+            live = [i for i in self.instances if i.alive]
+            if not live:
+                return _error(503, "no live instance; restart them")
+            inst = live[next(self._rr) % len(live)]
+            return await self._proxy(inst, path, body, None, None)
+        return await self._disaggregated(kind, path, body)
+
+    async def _disaggregated(self, kind: str, path: str, body: dict) -> Response:
+        if body.get("n", 1) not in (1, None) or body.get("best_of", 1) not in (1, None):
+            return _error(400, "n > 1 is not supported by the P/D front end yet", param="n")
+        try:
+            tokens = prompt_tokens(kind, body)
+        except ValueError as exc:
+            return _error(400, f"'{exc}' is missing or not a single prompt", param=str(exc))
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        max_tokens = max_tokens if isinstance(max_tokens, int) else DEFAULT_MAX_TOKENS
+        bs = self.scheduler.live("prefill")[0].block_size if self.scheduler.live("prefill") else 16
+        namespace = (body.get("library"), body.get("top_k_chunks"))
+        info = RequestInfo(tuple(block_hashes(tokens, bs, namespace)), len(tokens), max_tokens)
+        plan = self.scheduler.plan(info, time.monotonic())
+        if isinstance(plan, Rejection):
+            self.stats.rejected[plan.reason] = self.stats.rejected.get(plan.reason, 0) + 1
+            return _error(
+                429,
+                f"the cluster would miss its SLO ({plan.reason}: predicted time to first token "
+                f"{plan.predicted_ttft_s:.2f} s, per output token {plan.predicted_tpot_s:.3f} s);"
+                f" retry after {plan.retry_after_s} s",
+                headers={"Retry-After": str(plan.retry_after_s)},
+            )
+        decode, t_start = plan.decode, time.monotonic()
+        try:
+            for attempt in range(2):
+                tid = next(self._tids)
+                out = await self._prefill(plan, path, body, tid, decode)
+                if isinstance(out, Response):  # the prefill instance refused the body
+                    self.scheduler.finished(plan, decode, None)
+                    return out
+                if out is None:
+                    break
+                self.stats.transfer_failures += 1
+                logger.warning("transfer %d to %s failed: %s", tid, decode.name, out)
+                if "gone" in out or "connect" in out.lower():
+                    self._kill(decode, out)
+                retry = self.scheduler.plan(
+                    RequestInfo((), 1, max_tokens), time.monotonic(), frozenset({decode.name})
+                )
+                if attempt == 1 or isinstance(retry, Rejection):
+                    self.scheduler.finished(plan, decode, None)
+                    self.stats.failed += 1
+                    return _error(503, f"the KV transfer failed twice ({out}); retry the request")
+                self.scheduler.finished(retry, retry.decode, None)  # only its decode choice
+                self.scheduler.moved(plan, retry.decode, time.monotonic(), max_tokens)
+                decode = retry.decode
+                self.stats.reprefills += 1
+        except httpx.HTTPError as exc:
+            self.scheduler.finished(plan, decode, None)
+            self._kill(plan.prefill, f"unreachable ({exc})")
+            self.stats.failed += 1
+            return _error(503, f"the prefill instance failed ({exc}); retry the request")
+        self.scheduler.prefill_done(
+            plan, time.monotonic() - t_start, info.prompt_tokens - plan.cached_blocks * bs
+        )
+        return await self._proxy(decode, path, body, plan, tid)
+
+    async def _prefill(self, plan: Plan, path: str, body: dict, tid: int, decode: Instance):
+        """None when the KV reached `decode`; an error string when the transfer failed; the
+        prefill instance's own error response when it refused the body."""
+        pre = {k: v for k, v in body.items() if k not in ("stream_options", "best_of")}
+        pre |= {"max_tokens": 1, "stream": False, "n": 1}
+        pre.pop("max_completion_tokens", None)
+        headers = {TRANSFER_HEADER: f"{tid}:{decode.rank}"}
+        p = plan.prefill
+        r = await self.client.post(f"{p.url}{path}", json=pre, headers=headers)
+        if r.status_code != 200:
+            hdrs = {k: v for k, v in r.headers.items() if k.lower() == "retry-after"}
+            return Response(r.content, r.status_code, hdrs, media_type="application/json")
+        t = self.config.transfer_timeout_s
+        accept = asyncio.create_task(
+            self.client.post(f"{decode.url}/pd/accept/{tid}", params={"timeout": t})
+        )
+        try:
+            sent = await self.client.get(f"{p.url}/pd/transfer/{tid}", params={"timeout": t})
+            result = sent.json()
+            if sent.status_code != 200:
+                accept.cancel()
+                return str(result.get("error"))
+            acc = await accept
+        except httpx.HTTPError as exc:
+            accept.cancel()
+            return f"could not connect to the decode instance: {exc}"
+        if acc.status_code != 200:
+            return str(acc.json().get("error"))
+        self.stats.prompt_tokens += int(result.get("prompt_tokens", 0))
+        self.stats.cached_tokens += int(result.get("cached_tokens", 0))
+        self.stats.transferred_blocks += int(result.get("blocks", 0))
+        self.scheduler.transferred(int(result.get("blocks", 0)), float(result.get("seconds", 0)))
+        return None
+
+    async def _proxy(
+        self, inst: Instance, path: str, body: dict, plan: Plan | None, tid: int | None
+    ) -> Response:
+        """Send `body` to `inst` and relay its answer (SSE as it comes)."""
+        dead = self._dead[inst.name]
+        started = time.monotonic()
+        try:
+            req = self.client.build_request("POST", f"{inst.url}{path}", json=body)
+            resp = await _or_dead(self.client.send(req, stream=True), dead)
+        except (httpx.HTTPError, _InstanceDied) as exc:
+            return await self._failed(inst, plan, tid, exc)
+        if resp.status_code != 200 or not body.get("stream"):
+            try:
+                content = await _or_dead(resp.aread(), dead)
+            except (httpx.HTTPError, _InstanceDied) as exc:
+                return await self._failed(inst, plan, tid, exc)
+            await self._end(inst, plan, tid, started, content, None)
+            hdrs = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
+            return Response(content, resp.status_code, hdrs, media_type="application/json")
+        return StreamingResponse(
+            self._relay(inst, resp, plan, tid, started), media_type="text/event-stream"
+        )
+
+    async def _relay(self, inst, resp, plan, tid, started) -> AsyncIterator[bytes]:
+        dead, times = self._dead[inst.name], []
+        chunks = resp.aiter_raw()
+        try:
+            while True:
+                try:
+                    chunk = await _or_dead(chunks.__anext__(), dead)
+                except StopAsyncIteration:
+                    break
+                times.append(time.monotonic())
+                if len(times) == 1 and tid is not None:
+                    asyncio.create_task(self._release(inst, tid))
+                yield chunk
+        except (httpx.HTTPError, _InstanceDied) as exc:
+            self.stats.failed += 1
+            msg = f"the decode instance failed mid-stream ({type(exc).__name__}); retry"
+            yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"
+            yield b"data: [DONE]\n\n"
+            if plan is not None:
+                self.scheduler.finished(plan, inst, None)
+            return
+        finally:
+            await resp.aclose()
+        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 2 else None
+        if plan is not None:
+            self.scheduler.finished(plan, inst, tpot)
+
+    async def _end(self, inst, plan, tid, started, content: bytes, tpot) -> None:
+        if tid is not None:
+            await self._release(inst, tid)
+        if plan is None:
+            return
+        try:
+            tokens = json.loads(content)["usage"]["completion_tokens"]
+            tpot = (time.monotonic() - started) / max(1, tokens) if tokens > 1 else None
+        except (ValueError, KeyError, TypeError):
+            tpot = None
+        self.scheduler.finished(plan, inst, tpot)
+
+    async def _failed(self, inst, plan, tid, exc) -> Response:
+        self.stats.failed += 1
+        if isinstance(exc, httpx.ConnectError | _InstanceDied | httpx.RemoteProtocolError):
+            self._kill(inst, f"{type(exc).__name__}: {exc}")
+        if plan is not None:
+            self.scheduler.finished(plan, inst, None)
+        return _error(503, f"instance {inst.name} failed ({type(exc).__name__}); retry the request")
+
+    async def _release(self, inst: Instance, tid: int) -> None:
+        try:
+            await self.client.post(f"{inst.url}/pd/release/{tid}", timeout=5.0)
+        except httpx.HTTPError:  # it expires on its own (hold_s)
+            logger.debug("release of transfer %d failed", tid, exc_info=True)
+
+
+class _InstanceDied(Exception):
+    pass
+
+
+async def _or_dead(aw, dead: asyncio.Event):
+    """Await `aw`, or raise _InstanceDied as soon as `dead` is set."""
+    task = asyncio.ensure_future(aw)
+    if dead.is_set():
+        task.cancel()
+        raise _InstanceDied("the instance died")
+    waiter = asyncio.ensure_future(dead.wait())
+    try:
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        waiter.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise _InstanceDied("the instance died")
+
+
+def create_frontend_app(front: FrontEnd) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await front.start()
+        try:
+            yield
+        finally:
+            await front.stop()
+
+    app = FastAPI(title="moska router", lifespan=lifespan)
+    app.state.front = front
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await front.handle("completions", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await front.handle("chat", request)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        for inst in [i for i in front.instances if i.alive]:
+            try:
+                r = await front.client.get(f"{inst.url}/v1/models", timeout=5.0)
+                return Response(r.content, r.status_code, media_type="application/json")
+            except httpx.HTTPError:
+                continue
+        return _error(503, "no live instance; restart them")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        roles = {i.role for i in front.instances if i.alive}
+        ok = roles >= {"prefill", "decode"} if front.scheduler else "both" in roles
+        body = {"status": "ok" if ok else "unavailable"}
+        body["instances"] = {i.name: {"role": i.role, "alive": i.alive} for i in front.instances}
+        return JSONResponse(body, 200 if ok else 503)
+
+    @app.get("/pd/stats")
+    async def stats() -> JSONResponse:
+        s = front.stats
+        body = dict(vars(s))
+        body["hit_rate"] = s.cached_tokens / s.prompt_tokens if s.prompt_tokens else None
+        if front.scheduler is not None:
+            body["rejected_by_scheduler"] = dict(front.scheduler.rejections)
+        return JSONResponse(body)
+
+    return app

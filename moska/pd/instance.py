@@ -1,0 +1,258 @@
+"""A moska server in a prefill or decode role (`moska serve --role prefill|decode`).
+
+The instance keeps the whole ordinary server (OpenAI routes, admission, libraries) and adds:
+
+- prefill: a request sent with the header `x-moska-pd-transfer: TID:RANK` (the front end
+  sends the client's body with max_tokens 1) has its prompt's full KV blocks read out when
+  it finishes (`kv_blocks.snapshot`, on the engine thread, before any later step can reuse
+  the blocks) and sent to decode rank RANK, layer by layer. `GET /pd/transfer/TID` answers
+  once the send ended (delivered, or failed after one retry).
+- decode: `POST /pd/accept/TID` waits for transfer TID and writes its blocks into the
+  prefix cache (`kv_blocks.inject`), held until `POST /pd/release/TID` (or `hold_s`); the
+  front end then sends the client's own request, which finds the prompt cached.
+- both: `GET /pd/info`: role, rank, KV capacity and load, for the front end's scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+
+from moska.pd import kv_blocks
+from moska.pd.errors import TransferFailedError
+from moska.pd.transport import KVTransport, TransferEndpoint
+
+logger = logging.getLogger(__name__)
+
+TRANSFER_HEADER = b"x-moska-pd-transfer"
+PD_TRANSFER: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "moska_pd_transfer", default=None
+)
+ROLES = ("both", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class PDConfig:
+    """An instance's role and its place in the transfer group (None for `both`)."""
+
+    role: str = "both"
+    endpoint: TransferEndpoint | None = None
+    hold_s: float = 30.0  # injected blocks are held at most this long
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"--role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.role != "both" and self.endpoint is None:
+            raise ValueError(
+                f"--role {self.role} needs --pd-master, --pd-rank and --pd-world (or start "
+                "the cluster with `moska router --pd P:D`)"
+            )
+
+
+class _TransferMiddleware:
+    """Reads the transfer header into PD_TRANSFER for the request's task."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            for key, value in scope.get("headers", ()):
+                if key == TRANSFER_HEADER:
+                    tid, _, rank = value.decode().partition(":")
+                    if tid.isdigit() and rank.isdigit():
+                        token = PD_TRANSFER.set((int(tid), int(rank)))
+                        try:
+                            await self.app(scope, receive, send)
+                        finally:
+                            PD_TRANSFER.reset(token)
+                        return
+        await self.app(scope, receive, send)
+
+
+class PDInstance:
+    """The role's state on one server; `attach` wires it into the app."""
+
+    def __init__(self, config: PDConfig, state: Any) -> None:
+        self.config = config
+        self.state = state
+        self.engine = state.engine
+        self.transport = KVTransport(config.endpoint) if config.endpoint else None
+        self.ready = threading.Event()
+        self.connect_error: str | None = None
+        self._jobs: dict[str, tuple[int, int]] = {}  # engine request id -> (tid, dst)
+        self._results: dict[int, dict] = {}  # tid -> send result
+        self._cond = threading.Condition()
+        self._holds: dict[int, tuple[kv_blocks.Holder, float]] = {}  # engine thread only
+
+    # ---- startup ---------------------------------------------------------------------
+    def connect(self) -> None:
+        """Join the transfer group (blocks until every rank joined), then start the
+        receivers (decode)."""
+        try:
+            if self.transport is not None:
+                self.transport.connect()
+                if self.config.role == "decode":  # from every other rank (prefills send)
+                    me = self.transport.rank
+                    self.transport.start_receiving(
+                        [r for r in range(self.transport.world_size) if r != me]
+                    )
+        except Exception as exc:  # noqa: BLE001 - reported by /pd/info and the log
+            self.connect_error = str(exc)
+            logger.error("joining the KV transfer group failed: %s", exc)
+            return
+        self.ready.set()
+
+    def info(self) -> dict:
+        bm = self.engine.block_manager
+        load = self.state.async_engine.load()
+        ep = self.config.endpoint
+        return {
+            "role": self.config.role,
+            "rank": ep.rank if ep else None,
+            "ready": self.ready.is_set() or self.transport is None,
+            "error": self.connect_error,
+            "block_size": bm.block_size,
+            "num_blocks": bm.num_blocks,
+            "free_blocks": bm.num_free_blocks,
+            "max_num_seqs": self.engine.config.max_num_seqs,
+            "num_running": load.num_running,
+            "num_waiting": load.num_waiting,
+            "max_model_len": int(self.engine.max_model_len),
+            "model": self.state.model_name,
+        }
+
+    # ---- prefill ---------------------------------------------------------------------
+    def wrap_prefill(self) -> None:
+        aengine, bm = self.state.async_engine, self.engine.block_manager
+        add, free = aengine.add_requests, bm.free
+
+        async def add_requests(request_ids, *args, **kwargs):
+            tag = PD_TRANSFER.get()
+            if tag is not None:
+                for rid in request_ids:
+                    self._jobs[rid] = tag
+            return await add(request_ids, *args, **kwargs)
+
+        def free_and_send(request) -> None:
+            status = getattr(request, "status", None)
+            if status is not None and status.finished:
+                job = self._jobs.pop(request.request_id, None)
+                if job is not None:
+                    self._send(request, job)
+            free(request)
+
+        aengine.add_requests = add_requests
+        bm.free = free_and_send
+
+    def _send(self, request, job: tuple[int, int]) -> None:
+        tid, dst = job
+        if request.status.name == "FINISHED_ABORTED":
+            self._done(tid, {"error": "the prefill request was aborted"})
+            return
+        try:
+            meta, layers = kv_blocks.snapshot(self.engine, request)
+        except Exception as exc:  # noqa: BLE001 - the request fails, the engine goes on
+            self._done(tid, {"error": f"reading the prompt's KV failed: {exc}"})
+            return
+        meta["transfer_id"] = tid
+        info = {"blocks": len(meta["tokens"]) // meta["block_size"]}
+        info |= {"cached_tokens": meta["cached_tokens"], "prompt_tokens": meta["prompt_tokens"]}
+
+        def done(error: str | None, seconds: float) -> None:
+            self._done(tid, {"error": error, "seconds": seconds, **info})
+
+        self.transport.send(tid, dst, meta, layers, done)
+
+    def _done(self, tid: int, result: dict) -> None:
+        with self._cond:
+            self._results[tid] = result
+            if len(self._results) > 10_000:  # results nobody asked for
+                self._results.pop(next(iter(self._results)))
+            self._cond.notify_all()
+
+    def wait_sent(self, tid: int, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while tid not in self._results:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {"error": f"transfer {tid} was not sent within {timeout_s:.1f} s"}
+                self._cond.wait(left)
+            return self._results.pop(tid)
+
+    # ---- decode ----------------------------------------------------------------------
+    async def accept(self, tid: int, timeout_s: float) -> dict:
+        arrival = await asyncio.to_thread(self.transport.wait_arrival, tid, timeout_s)
+
+        def put() -> int:
+            self._expire_holds()
+            holder = kv_blocks.inject(self.engine, f"pd-hold-{tid}", arrival.meta, arrival.layers)
+            if holder is None:
+                return 0
+            self._holds[tid] = (holder, time.monotonic() + self.config.hold_s)
+            return holder.num_computed_tokens // self.engine.block_manager.block_size
+
+        blocks = await self.state.async_engine.call(put)
+        return {"blocks": blocks, "src": arrival.src}
+
+    async def release(self, tid: int) -> None:
+        def drop() -> None:
+            held = self._holds.pop(tid, None)
+            if held is not None:
+                kv_blocks.release(self.engine, held[0])
+            self._expire_holds()
+
+        await self.state.async_engine.call(drop)
+
+    def _expire_holds(self) -> None:
+        now = time.monotonic()
+        for tid in [t for t, (_, until) in self._holds.items() if until < now]:
+            kv_blocks.release(self.engine, self._holds.pop(tid)[0])
+
+
+def attach(app: FastAPI, config: PDConfig) -> PDInstance:
+    """Give a moska server app its role: routes, middleware, and (in a thread, so that the
+    server answers /pd/info while the ranks meet) the transfer group."""
+    state = app.state.moska
+    inst = PDInstance(config, state)
+    app.state.pd = inst
+    if config.role == "prefill":
+        inst.wrap_prefill()
+        app.add_middleware(_TransferMiddleware)
+    router = APIRouter(prefix="/pd", tags=["prefill/decode"])
+
+    @router.get("/info")
+    async def info() -> JSONResponse:
+        return JSONResponse(inst.info())
+
+    @router.get("/transfer/{tid}")
+    async def transfer(tid: int, timeout: float = 10.0) -> JSONResponse:
+        result = await asyncio.to_thread(inst.wait_sent, tid, min(timeout, 60.0))
+        return JSONResponse(result, 200 if result.get("error") is None else 502)
+
+    @router.post("/accept/{tid}")
+    async def accept(tid: int, timeout: float = 10.0) -> JSONResponse:
+        if inst.transport is None or config.role != "decode":
+            return JSONResponse({"error": "this instance is not a decode instance"}, 400)
+        try:
+            return JSONResponse(await inst.accept(tid, min(timeout, 60.0)))
+        except TransferFailedError as exc:
+            return JSONResponse({"error": str(exc)}, 502)
+
+    @router.post("/release/{tid}")
+    async def release(tid: int) -> JSONResponse:
+        await inst.release(tid)
+        return JSONResponse({"released": tid})
+
+    app.include_router(router)
+    threading.Thread(target=inst.connect, name="moska-pd-connect", daemon=True).start()
+    return inst

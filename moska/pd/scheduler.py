@@ -1,0 +1,214 @@
+"""The front end's KVCache-centric global scheduler (Mooncake's Conductor), plain Python.
+
+For each new request it picks the prefill instance with the earliest predicted end of
+prefill — its queue plus the prefill of the tokens it does not already cache (the global
+prefix index) — and the decode instance with the lightest load that still has a seat and
+the KV for the request *at the time the prefill ends*; it predicts the time to first token
+(queue + prefill + transfer + first decode step) and the time per output token (a decode
+step at the batch it will join) and rejects before any prefill when either SLO would be
+missed or the decode side will be full (prediction-based early rejection), with the
+seconds after which a retry should fit. Step times are ridge fits over what the front end
+observed (`server/step_model.StepModel`, the single-instance admission's model). What it
+admits it never drops: predictions only decide admission and placement.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from moska.pd.index import PrefixIndex
+from moska.server.step_model import StepFeatures, StepModel
+
+# CPU-sized priors (the tiny model on two shared cores); observations replace them.
+PREFILL_PRIOR = (0.02, 0.4, 0.0, 0.0, 0.0)  # s, s per 1K uncached prompt tokens
+DECODE_PRIOR = (0.02, 0.0, 0.0, 0.3, 0.0)  # s, s per 100 rows of a decode step
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, v in (("--ttft-slo", self.ttft_s), ("--tpot-slo", self.tpot_s)):
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be positive seconds (or none)")
+
+
+@dataclass
+class Instance:
+    """One instance as the front end sees it."""
+
+    name: str
+    url: str
+    role: str  # prefill | decode | both
+    rank: int | None
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+    alive: bool = True
+    prefills: dict[int, list[float]] = field(default_factory=dict)  # ticket -> [pred s, start]
+    active: dict[int, list[float]] = field(default_factory=dict)  # ticket -> [blocks, end_at]
+
+    def queue_s(self, now: float) -> float:
+        return sum(max(0.0, pred - (now - start)) for pred, start in self.prefills.values())
+
+    def load_at(self, t: float) -> tuple[int, int]:
+        """(requests, KV blocks) still decoding at time `t`, as predicted."""
+        left = [b for b, end in self.active.values() if end > t]
+        return len(left), int(sum(left))
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    hashes: tuple[int, ...]  # index.block_hashes of the prompt
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    ticket: int
+    prefill: Instance
+    decode: Instance
+    cached_blocks: int
+    predicted_ttft_s: float
+    predicted_tpot_s: float
+    predicted_prefill_s: float
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str  # ttft | tpot | decode_full | no_instance
+    retry_after_s: int
+    predicted_ttft_s: float
+    predicted_tpot_s: float
+
+
+class GlobalScheduler:
+    def __init__(self, instances: list[Instance], slo: SLO, index: PrefixIndex | None = None):
+        self.instances = instances
+        self.slo = slo
+        self.index = index or PrefixIndex()
+        for inst in instances:
+            if inst.role == "prefill":
+                self.index.add_instance(inst.name, inst.num_blocks)
+        self.prefill_model = StepModel(PREFILL_PRIOR)
+        self.decode_model = StepModel(DECODE_PRIOR)
+        self.transfer_per_block_s = 0.002
+        self._tickets = itertools.count(1)
+        self.rejections: dict[str, int] = {}
+
+    def live(self, role: str) -> list[Instance]:
+        return [i for i in self.instances if i.role == role and i.alive]
+
+    # ---- predictions -----------------------------------------------------------------
+    def prefill_s(self, uncached_tokens: int) -> float:
+        return self.prefill_model.step_s(StepFeatures(prefill_tokens=uncached_tokens))
+
+    def tpot_s(self, batch: int) -> float:
+        return self.decode_model.step_s(StepFeatures(num_decode=batch))
+
+    def transfer_s(self, blocks: int) -> float:
+        return self.transfer_per_block_s * blocks
+
+    # ---- admission -------------------------------------------------------------------
+    def plan(
+        self, req: RequestInfo, now: float, exclude: frozenset[str] = frozenset()
+    ) -> Plan | Rejection:
+        prefills = [p for p in self.live("prefill") if p.name not in exclude]
+        decodes = [d for d in self.live("decode") if d.name not in exclude]
+        if not prefills or not decodes:
+            return self._reject("no_instance", 5, 0.0, 0.0)
+        bs = prefills[0].block_size
+        usable = max(0, (req.prompt_tokens - 1) // bs)
+
+        def prefill_end(p: Instance) -> tuple[float, int]:
+            cached = min(self.index.match(p.name, req.hashes), usable)
+            return p.queue_s(now) + self.prefill_s(req.prompt_tokens - cached * bs), cached
+
+        ends = {p.name: prefill_end(p) for p in prefills}
+        prefill = min(prefills, key=lambda p: (ends[p.name][0], -ends[p.name][1]))
+        wait_s, cached = ends[prefill.name]
+        ready_at = now + wait_s + self.transfer_s(usable - cached)
+        need = math.ceil((req.prompt_tokens + req.max_tokens) / bs)
+
+        best: tuple | None = None
+        soonest = math.inf  # when a full decode instance frees enough for this request
+        for d in decodes:
+            seats, blocks = d.load_at(ready_at)
+            if seats + 1 <= d.max_num_seqs and blocks + need <= d.num_blocks:
+                key = (seats, blocks)
+                if best is None or key < best[0]:
+                    best = (key, d, seats)
+            else:
+                soonest = min(soonest, _free_at(d, ready_at, need) - now)
+        if best is None:
+            retry = soonest if math.isfinite(soonest) else 5.0
+            return self._reject("decode_full", retry, wait_s, 0.0)
+        _, decode, seats = best
+        tpot = self.tpot_s(seats + 1)
+        ttft = ready_at - now + tpot
+        if self.slo.ttft_s is not None and ttft > self.slo.ttft_s:
+            return self._reject("ttft", ttft - self.slo.ttft_s, ttft, tpot)
+        if self.slo.tpot_s is not None and tpot > self.slo.tpot_s:
+            ends_at = sorted(end for _, end in decode.active.values())
+            return self._reject("tpot", (ends_at[0] - now) if ends_at else 1.0, ttft, tpot)
+        ticket = next(self._tickets)
+        pred = self.prefill_s(req.prompt_tokens - cached * bs)
+        prefill.prefills[ticket] = [pred, now]
+        decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
+        self.index.record(prefill.name, req.hashes)
+        return Plan(ticket, prefill, decode, cached, ttft, tpot, pred)
+
+    def _reject(self, reason: str, retry_s: float, ttft: float, tpot: float) -> Rejection:
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+        return Rejection(reason, max(1, math.ceil(retry_s)), ttft, tpot)
+
+    # ---- what happened ---------------------------------------------------------------
+    def prefill_done(self, plan: Plan, seconds: float, uncached_tokens: int) -> None:
+        started = plan.prefill.prefills.pop(plan.ticket, None)
+        if started is not None and seconds > 0:
+            self.prefill_model.observe(StepFeatures(prefill_tokens=uncached_tokens), seconds)
+
+    def transferred(self, blocks: int, seconds: float) -> None:
+        if blocks > 0 and seconds > 0:
+            self.transfer_per_block_s += 0.2 * (seconds / blocks - self.transfer_per_block_s)
+
+    def moved(self, plan: Plan, decode: Instance, now: float, max_tokens: int) -> None:
+        """The request's decode instance changed (a failed transfer was retried elsewhere)."""
+        entry = plan.decode.active.pop(plan.ticket, None)
+        need = entry[0] if entry else 1
+        decode.active[plan.ticket] = [need, now + max_tokens * self.tpot_s(1 + len(decode.active))]
+
+    def decoding(self, decode: Instance, ticket: int, now: float, tokens_left: int) -> None:
+        """The first token came: re-predict when the request ends."""
+        entry = decode.active.get(ticket)
+        if entry is not None:
+            entry[1] = now + tokens_left * self.tpot_s(len(decode.active))
+
+    def finished(
+        self, plan: Plan, decode: Instance, tpot_s: float | None, batch: int | None = None
+    ) -> None:
+        plan.prefill.prefills.pop(plan.ticket, None)
+        decode.active.pop(plan.ticket, None)
+        if tpot_s is not None and tpot_s > 0:
+            rows = batch if batch is not None else len(decode.active) + 1
+            self.decode_model.observe(StepFeatures(num_decode=rows), tpot_s)
+
+    def mark_dead(self, inst: Instance) -> None:
+        inst.alive = False
+        self.index.drop_instance(inst.name)
+
+
+def _free_at(d: Instance, t: float, need: int) -> float:
+    """When decode instance `d` has a seat and `need` blocks free, as predicted."""
+    ends = sorted((end, b) for b, end in d.active.values() if end > t)
+    seats, blocks = len(ends), sum(b for _, b in ends)
+    for end, b in ends:
+        seats, blocks = seats - 1, blocks - b
+        if seats + 1 <= d.max_num_seqs and blocks + need <= d.num_blocks:
+            return end
+    return t

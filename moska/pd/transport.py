@@ -1,0 +1,255 @@
+"""KV transfer between prefill and decode instances over torch.distributed (gloo; no
+transport of our own).
+
+Every instance of a prefill/decode cluster is one rank of a transfer group (P + D ranks;
+rank 0 hosts the TCPStore the others meet on). Two process groups are built directly
+(`ProcessGroupGloo`, no global default group, so several ranks may live in one process,
+as in the tests):
+
+- *control*: one int64 header per transfer, prefill -> decode. A decode instance keeps one
+  thread per prefill rank blocked on it (a long timeout: it waits while idle); a peer that
+  dies closes its socket, which ends that wait at once with an error.
+- *data*: the transfer's metadata (JSON bytes) and then its KV, one message per layer
+  (`[2, n_blocks, block_size, Hkv, D]`: K and V), each with the data timeout.
+
+One sender thread per destination and one receiver thread per source keep the messages of
+a (prefill, decode) pair in order. A failed send is retried once; then the transfer is
+marked failed (the front end re-prefills for another decode instance or fails the
+request). On GPUs the KV is staged through host memory (gloo), a logic path; NCCL
+point-to-point is not wired up yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from moska.pd.errors import TransferFailedError
+
+logger = logging.getLogger(__name__)
+
+MAGIC = 0x4D4B5631  # "MKV1"
+HEADER_LEN = 4  # magic, transfer id, meta bytes, layers
+_IDLE = timedelta(days=30)
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+@dataclass(frozen=True)
+class TransferEndpoint:
+    """Where the transfer group meets and this instance's place in it."""
+
+    host: str
+    port: int
+    rank: int
+    world_size: int
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"--pd-rank {self.rank} must be in [0, --pd-world {self.world_size})")
+        if self.timeout_s <= 0:
+            raise ValueError("the transfer timeout must be positive")
+
+    @classmethod
+    def parse(cls, master: str, rank: int, world_size: int, timeout_s: float = 10.0):
+        host, _, port = master.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--pd-master must be HOST:PORT, got {master!r}")
+        return cls(host, int(port), rank, world_size, timeout_s)
+
+
+@dataclass
+class Arrival:
+    """A transfer a decode instance received (or failed to)."""
+
+    transfer_id: int
+    src: int
+    meta: dict = field(default_factory=dict)
+    layers: list[torch.Tensor] = field(default_factory=list)  # [2, n, bs, Hkv, D] each
+    error: str | None = None
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Job:
+    transfer_id: int
+    dst: int
+    meta: dict
+    layers: list[torch.Tensor]
+    done: Callable[[str | None, float], None]  # (error or None, seconds)
+
+
+class KVTransport:
+    """One rank of the transfer group. `connect` blocks until every rank has joined."""
+
+    def __init__(self, endpoint: TransferEndpoint) -> None:
+        self.endpoint = endpoint
+        self.rank = endpoint.rank
+        self.world_size = endpoint.world_size
+        self._control = None
+        self._data = None
+        self._senders: dict[int, queue.Queue] = {}
+        self._arrivals: dict[int, Arrival] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self.dead_peers: set[int] = set()
+        self.bytes_sent = 0
+
+    def connect(self) -> None:
+        ep = self.endpoint
+        store = dist.TCPStore(
+            ep.host, ep.port, ep.world_size, is_master=ep.rank == 0,
+            timeout=timedelta(seconds=120), wait_for_workers=False,
+        )  # fmt: skip
+        self._store = store
+        self._control = dist.ProcessGroupGloo(
+            dist.PrefixStore("moska/pd/control", store), ep.rank, ep.world_size, _IDLE
+        )
+        self._data = dist.ProcessGroupGloo(
+            dist.PrefixStore("moska/pd/data", store),
+            ep.rank,
+            ep.world_size,
+            timedelta(seconds=ep.timeout_s),
+        )
+
+    # ---- prefill side ----------------------------------------------------------------
+    def send(
+        self,
+        transfer_id: int,
+        dst: int,
+        meta: dict,
+        layers: list[torch.Tensor],
+        done: Callable[[str | None, float], None],
+    ) -> None:
+        """Queue a transfer to rank `dst`; `done(error, seconds)` is called from the sender
+        thread when it ends (error None: delivered)."""
+        if not 0 <= dst < self.world_size or dst == self.rank:
+            done(f"no decode rank {dst} in a transfer group of {self.world_size}", 0.0)
+            return
+        q = self._senders.get(dst)
+        if q is None:
+            q = self._senders[dst] = queue.Queue()
+            threading.Thread(
+                target=self._send_loop, args=(dst, q), name=f"moska-pd-send{dst}", daemon=True
+            ).start()
+        q.put(_Job(transfer_id, dst, meta, layers, done))
+
+    def _send_loop(self, dst: int, q: queue.Queue) -> None:
+        while not self._closed:
+            job = q.get()
+            if job is None:
+                return
+            t0 = time.monotonic()
+            error = None
+            for attempt in range(2):  # a failed send is retried once
+                if dst in self.dead_peers:
+                    error = f"decode rank {dst} is gone"
+                    break
+                try:
+                    self._send_one(job)
+                    error = None
+                    break
+                except Exception as exc:  # noqa: BLE001 - a dead or stuck peer
+                    error = f"sending to decode rank {dst} failed: {exc}"
+                    logger.warning("transfer %d attempt %d: %s", job.transfer_id, attempt, error)
+                    if _peer_closed(exc):
+                        self.dead_peers.add(dst)
+            job.done(error, time.monotonic() - t0)
+
+    def _send_one(self, job: _Job) -> None:
+        meta = dict(job.meta)
+        meta["layer_shape"] = list(job.layers[0].shape) if job.layers else []
+        meta["dtype"] = str(job.layers[0].dtype) if job.layers else "torch.float32"
+        raw = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+        header = torch.tensor([MAGIC, job.transfer_id, raw.numel(), len(job.layers)])
+        timeout = timedelta(seconds=self.endpoint.timeout_s)
+        self._control.send([header], job.dst, 0).wait(timeout)
+        self._data.send([raw], job.dst, 1).wait(timeout)
+        for layer in job.layers:  # layer by layer: the receiver takes each as it comes
+            t = layer.contiguous().cpu()
+            self._data.send([t], job.dst, 2).wait(timeout)
+            self.bytes_sent += t.numel() * t.element_size()
+
+    # ---- decode side -----------------------------------------------------------------
+    def start_receiving(self, sources: list[int]) -> None:
+        for src in sources:
+            threading.Thread(
+                target=self._recv_loop, args=(src,), name=f"moska-pd-recv{src}", daemon=True
+            ).start()
+
+    def _recv_loop(self, src: int) -> None:
+        timeout = timedelta(seconds=self.endpoint.timeout_s)
+        while not self._closed:
+            header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+            try:
+                self._control.recv([header], src, 0).wait()
+            except Exception as exc:  # noqa: BLE001 - the peer is gone
+                if not self._closed:
+                    logger.warning("prefill rank %d stopped sending: %s", src, exc)
+                    self.dead_peers.add(src)
+                return
+            magic, tid, nbytes, nlayers = header.tolist()
+            arrival = Arrival(tid, src)
+            try:
+                if magic != MAGIC:
+                    raise TransferFailedError(f"bad transfer header from rank {src}")
+                raw = torch.empty(nbytes, dtype=torch.uint8)
+                self._data.recv([raw], src, 1).wait(timeout)
+                arrival.meta = json.loads(bytes(raw.numpy()).decode())
+                shape, dtype = arrival.meta["layer_shape"], _DTYPES[arrival.meta["dtype"]]
+                for _ in range(nlayers):
+                    t = torch.empty(shape, dtype=dtype)
+                    self._data.recv([t], src, 2).wait(timeout)
+                    arrival.layers.append(t)
+            except Exception as exc:  # noqa: BLE001 - recorded for the waiting request
+                arrival.error = f"receiving transfer {tid} from rank {src} failed: {exc}"
+                logger.warning(arrival.error)
+            self._deliver(arrival)
+            if arrival.error is not None and magic != MAGIC:
+                return  # out of step with this peer: stop reading it
+
+    def _deliver(self, arrival: Arrival) -> None:
+        with self._cond:
+            now = time.monotonic()
+            for tid in [t for t, a in self._arrivals.items() if now - a.received_at > 120]:
+                del self._arrivals[tid]  # never claimed (its request went elsewhere)
+            self._arrivals[arrival.transfer_id] = arrival
+            self._cond.notify_all()
+
+    def wait_arrival(self, transfer_id: int, timeout_s: float) -> Arrival:
+        """The transfer `transfer_id`, waiting up to `timeout_s`; raises TransferFailedError
+        on a timeout or a failed receive."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while transfer_id not in self._arrivals:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    raise TransferFailedError(
+                        f"transfer {transfer_id} did not arrive within {timeout_s:.1f} s"
+                    )
+                self._cond.wait(left)
+            arrival = self._arrivals.pop(transfer_id)
+        if arrival.error is not None:
+            raise TransferFailedError(arrival.error)
+        return arrival
+
+    def close(self) -> None:
+        self._closed = True
+        for q in self._senders.values():
+            q.put(None)
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _peer_closed(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in ("closed", "reset", "broken pipe", "connection refused"))
