@@ -56,11 +56,49 @@ def random_loaded_model(hf_config: dict, dtype: torch.dtype, device: str, seed: 
     return LoadedModel(model, config, None, None)  # no files: no weights hash
 
 
+def git_commit() -> dict:
+    """The commit this code ran at: `git rev-parse HEAD` of the checkout, else the
+    MOSKA_GIT_COMMIT variable (a copied tree without .git, as on the lent GPU machine)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return {"git_commit": head, "git_dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": os.environ.get("MOSKA_GIT_COMMIT", "unknown"), "git_dirty": None}
+
+
+def exact_command() -> str:
+    """The command line as typed (interpreter, -m module and every argument)."""
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in getattr(sys, "orig_argv", sys.argv))
+
+
 def environment(argv: list[str] | None = None) -> dict:
+    """Versions, time, device, git commit and command of a benchmark run. Without argv the
+    command is the exact one typed; with it, `python -m <argv...>` (for main(argv) calls)."""
     import triton
 
+    command = exact_command() if argv is None else " ".join(["python", "-m", *argv])
     env = {
-        "command": " ".join(["python", "-m", *(argv or sys.argv)]),
+        "command": command,
+        **git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,
