@@ -17,12 +17,14 @@ import typing
 from moska import __version__
 from moska.cli_convert import add_convert_parser, run_convert
 from moska.config import EngineConfig
+from moska.pd.cli import add_role_args, add_router_parser, pd_config
 
 _BENCHES = {
     "kernels": "moska.bench.kernels",
     "decode": "moska.bench.decode",
     "smoke": "moska.bench.smoke",
     "load": "moska.bench.load",
+    "trace": "moska.bench.trace",
 }
 
 # Help for each EngineConfig field's flag. A field missing here still gets a flag (with a
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-demo-library", action="store_true", help="skip the demo library")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_role_args(s)  # --role prefill|decode|both and the transfer group (moska/pd)
     _add_engine_args(s)
 
     lib = sub.add_parser("library", help="build, list, inspect and remove shared KV libraries")
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--library-root", default=None)
 
     add_convert_parser(sub)
+    add_router_parser(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark (GPU benchmarks need CUDA)")
     bench.add_argument("which", choices=sorted(_BENCHES))
@@ -253,8 +257,14 @@ def main(argv: list[str] | None = None) -> int:
                 chat_template=args.chat_template,
                 max_tokens_default=args.max_tokens_default,
                 log_level=args.log_level,
+                pd=pd_config(args),
             )
             return 0
+        if args.command == "router":
+            from moska.pd.cli import run_router
+
+            _log_to_stderr(args.log_level)
+            return run_router(args)
         if args.command == "library":
             from moska.cli_commands import run_library
 

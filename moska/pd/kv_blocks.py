@@ -35,7 +35,9 @@ def snapshot(engine, request: Request) -> tuple[dict, list[torch.Tensor]]:
     table = bm.block_table(request.request_id)[:n]
     ids = torch.tensor(table, dtype=torch.long, device=cache.k.device)
     layers = [
-        torch.stack([cache.k[layer].index_select(0, ids), cache.v[layer].index_select(0, ids)]).cpu()
+        torch.stack(
+            [cache.k[layer].index_select(0, ids), cache.v[layer].index_select(0, ids)]
+        ).cpu()
         for layer in range(cache.k.shape[0])
     ]  # [2, n, bs, Hkv, D] each
     meta = {

@@ -2,20 +2,22 @@
 transport of our own).
 
 Every instance of a prefill/decode cluster is one rank of a transfer group (P + D ranks;
-rank 0 hosts the TCPStore the others meet on). Two process groups are built directly
-(`ProcessGroupGloo`, no global default group, so several ranks may live in one process,
-as in the tests):
+rank 0 hosts the TCPStore the others meet on). The group is a `ProcessGroupGloo` built
+directly (no global default group, so several ranks may live in one process, as in the
+tests). A transfer is:
 
-- *control*: one int64 header per transfer, prefill -> decode. A decode instance keeps one
-  thread per prefill rank blocked on it (a long timeout: it waits while idle); a peer that
-  dies closes its socket, which ends that wait at once with an error.
-- *data*: the transfer's metadata (JSON bytes) and then its KV, one message per layer
-  (`[2, n_blocks, block_size, Hkv, D]`: K and V), each with the data timeout.
+- its header, a small JSON (transfer id, prompt tokens of the blocks, namespace, layout),
+  set in the store under `moska/pd/hdr/SRC->DST/SEQ` (SEQ counts that pair's transfers);
+  the decode instance keeps one thread per source waiting on the next key with a short
+  timeout, so no thread is ever parked in a receive nobody will answer (gloo cannot wake
+  one, and one left at exit aborts the process);
+- its KV, one point-to-point message per layer (`[2, n_blocks, block_size, Hkv, D]`: K and
+  V) tagged with SEQ, each bounded by the data timeout.
 
-One sender thread per destination and one receiver thread per source keep the messages of
-a (prefill, decode) pair in order. A failed send is retried once; then the transfer is
-marked failed (the front end re-prefills for another decode instance or fails the
-request). On GPUs the KV is staged through host memory (gloo), a logic path; NCCL
+One sender thread per destination and one receiver thread per source keep a pair's
+transfers in order. A failed send is retried once (under a new SEQ); then the transfer is
+marked failed and the front end re-prefills for another decode instance or fails the
+request. On GPUs the KV is staged through host memory (gloo): a logic path; NCCL
 point-to-point is not wired up yet.
 """
 
@@ -37,9 +39,7 @@ from moska.pd.errors import TransferFailedError
 
 logger = logging.getLogger(__name__)
 
-MAGIC = 0x4D4B5631  # "MKV1"
-HEADER_LEN = 4  # magic, transfer id, meta bytes, layers
-_IDLE = timedelta(days=30)
+_POLL = timedelta(seconds=0.25)  # how long a receiver waits on the store between checks
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
@@ -95,8 +95,9 @@ class KVTransport:
         self.endpoint = endpoint
         self.rank = endpoint.rank
         self.world_size = endpoint.world_size
-        self._control = None
+        self._store = None
         self._data = None
+        self._threads: list[threading.Thread] = []
         self._senders: dict[int, queue.Queue] = {}
         self._arrivals: dict[int, Arrival] = {}
         self._cond = threading.Condition()
@@ -111,9 +112,6 @@ class KVTransport:
             timeout=timedelta(seconds=120), wait_for_workers=False,
         )  # fmt: skip
         self._store = store
-        self._control = dist.ProcessGroupGloo(
-            dist.PrefixStore("moska/pd/control", store), ep.rank, ep.world_size, _IDLE
-        )
         self._data = dist.ProcessGroupGloo(
             dist.PrefixStore("moska/pd/data", store),
             ep.rank,
@@ -138,12 +136,15 @@ class KVTransport:
         q = self._senders.get(dst)
         if q is None:
             q = self._senders[dst] = queue.Queue()
-            threading.Thread(
+            t = threading.Thread(
                 target=self._send_loop, args=(dst, q), name=f"moska-pd-send{dst}", daemon=True
-            ).start()
+            )
+            t.start()
+            self._threads.append(t)
         q.put(_Job(transfer_id, dst, meta, layers, done))
 
     def _send_loop(self, dst: int, q: queue.Queue) -> None:
+        seq = 0
         while not self._closed:
             job = q.get()
             if job is None:
@@ -154,8 +155,9 @@ class KVTransport:
                 if dst in self.dead_peers:
                     error = f"decode rank {dst} is gone"
                     break
+                seq += 1
                 try:
-                    self._send_one(job)
+                    self._send_one(job, seq)
                     error = None
                     break
                 except Exception as exc:  # noqa: BLE001 - a dead or stuck peer
@@ -165,57 +167,57 @@ class KVTransport:
                         self.dead_peers.add(dst)
             job.done(error, time.monotonic() - t0)
 
-    def _send_one(self, job: _Job) -> None:
+    def _send_one(self, job: _Job, seq: int) -> None:
         meta = dict(job.meta)
+        meta["transfer_id"] = job.transfer_id
+        meta["num_layers"] = len(job.layers)
         meta["layer_shape"] = list(job.layers[0].shape) if job.layers else []
         meta["dtype"] = str(job.layers[0].dtype) if job.layers else "torch.float32"
-        raw = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-        header = torch.tensor([MAGIC, job.transfer_id, raw.numel(), len(job.layers)])
+        self._store.set(f"moska/pd/hdr/{self.rank}->{job.dst}/{seq}", json.dumps(meta))
         timeout = timedelta(seconds=self.endpoint.timeout_s)
-        self._control.send([header], job.dst, 0).wait(timeout)
-        self._data.send([raw], job.dst, 1).wait(timeout)
         for layer in job.layers:  # layer by layer: the receiver takes each as it comes
             t = layer.contiguous().cpu()
-            self._data.send([t], job.dst, 2).wait(timeout)
+            self._data.send([t], job.dst, seq).wait(timeout)
             self.bytes_sent += t.numel() * t.element_size()
 
     # ---- decode side -----------------------------------------------------------------
     def start_receiving(self, sources: list[int]) -> None:
         for src in sources:
-            threading.Thread(
+            t = threading.Thread(
                 target=self._recv_loop, args=(src,), name=f"moska-pd-recv{src}", daemon=True
-            ).start()
+            )
+            t.start()
+            self._threads.append(t)
 
     def _recv_loop(self, src: int) -> None:
         timeout = timedelta(seconds=self.endpoint.timeout_s)
+        seq = 0
         while not self._closed:
-            header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+            key = f"moska/pd/hdr/{src}->{self.rank}/{seq + 1}"
             try:
-                self._control.recv([header], src, 0).wait()
-            except Exception as exc:  # noqa: BLE001 - the peer is gone
+                self._store.wait([key], _POLL)
+            except Exception as exc:  # noqa: BLE001 - a timeout (poll again) or no store
+                if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+                    continue
                 if not self._closed:
-                    logger.warning("prefill rank %d stopped sending: %s", src, exc)
-                    self.dead_peers.add(src)
+                    logger.warning("the transfer store stopped answering: %s", exc)
                 return
-            magic, tid, nbytes, nlayers = header.tolist()
-            arrival = Arrival(tid, src)
+            seq += 1
+            meta = json.loads(self._store.get(key).decode())
+            self._store.delete_key(key)
+            arrival = Arrival(int(meta["transfer_id"]), src, meta)
             try:
-                if magic != MAGIC:
-                    raise TransferFailedError(f"bad transfer header from rank {src}")
-                raw = torch.empty(nbytes, dtype=torch.uint8)
-                self._data.recv([raw], src, 1).wait(timeout)
-                arrival.meta = json.loads(bytes(raw.numpy()).decode())
-                shape, dtype = arrival.meta["layer_shape"], _DTYPES[arrival.meta["dtype"]]
-                for _ in range(nlayers):
+                shape, dtype = meta["layer_shape"], _DTYPES[meta["dtype"]]
+                for _ in range(int(meta["num_layers"])):
                     t = torch.empty(shape, dtype=dtype)
-                    self._data.recv([t], src, 2).wait(timeout)
+                    self._data.recv([t], src, seq).wait(timeout)
                     arrival.layers.append(t)
             except Exception as exc:  # noqa: BLE001 - recorded for the waiting request
-                arrival.error = f"receiving transfer {tid} from rank {src} failed: {exc}"
+                arrival.error = f"receiving transfer {arrival.transfer_id} from rank {src} " + (
+                    f"failed: {exc}"
+                )
                 logger.warning(arrival.error)
             self._deliver(arrival)
-            if arrival.error is not None and magic != MAGIC:
-                return  # out of step with this peer: stop reading it
 
     def _deliver(self, arrival: Arrival) -> None:
         with self._cond:
@@ -243,11 +245,14 @@ class KVTransport:
         return arrival
 
     def close(self) -> None:
+        """Stop the threads (each within its poll or data timeout) and wait for them."""
         self._closed = True
         for q in self._senders.values():
             q.put(None)
         with self._cond:
             self._cond.notify_all()
+        for t in self._threads:
+            t.join(self.endpoint.timeout_s + 1.0)
 
 
 def _peer_closed(exc: BaseException) -> bool:

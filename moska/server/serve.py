@@ -59,6 +59,7 @@ def serve(
     chat_template: str | None = None,
     max_tokens_default: int | None = None,
     log_level: str = "info",
+    pd: Any = None,
 ) -> None:
     """Serve `model` (None: the built-in tiny model) over HTTP. `libraries` must exist
     (built with `moska library build` or POST /v1/libraries); with no model and
@@ -92,6 +93,10 @@ def serve(
         import uvicorn
 
         app = _build_app(model, settings, libraries, demo_library, engine_kwargs, chat_template)
+        if pd is not None:  # --role prefill|decode|both (moska/pd/instance.py)
+            from moska.pd.instance import attach
+
+            attach(app, pd)
         bound_port = sock.getsockname()[1]
         logger.info(
             "serving %s on http://%s:%d (OpenAI API under /v1, docs at /docs)",

@@ -1,0 +1,84 @@
+"""P/D fixtures: prefill and decode instances in this process (real engines on the built-in
+tiny model, sharing its weights; their own KV caches and engine threads), each a moska
+server in a uvicorn thread, joined in one gloo transfer group; a front end over them."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from moska.server.background import background_server
+
+
+def make_engine(first=None, **overrides):
+    """A tiny-model engine; with `first`, one sharing `first`'s weights (cheap)."""
+    from moska.engine.llm_engine import LLMEngine
+    from moska.library.manager import LibraryManager
+
+    kw = {"device": "cpu", "max_model_len": 512, "num_kv_blocks": 256, "max_num_seqs": 8}
+    kw |= overrides
+    if first is None:
+        return LLMEngine.from_model(None, **kw)
+    engine = LLMEngine(first.config, first.loaded, LibraryManager(
+        first.libraries.root, first.loaded, torch.device("cpu")))  # fmt: skip
+    engine.model_name = first.model_name
+    return engine
+
+
+@contextlib.contextmanager
+def pd_instances(engines_roles, timeout_s: float = 30.0):
+    """Serve each (engine, role) as an instance; yields {name: url} and the apps."""
+    from moska.pd.cluster import free_port
+    from moska.pd.instance import PDConfig, attach
+    from moska.pd.transport import TransferEndpoint
+    from moska.server.app import create_app
+    from moska.server.settings import ServerSettings
+
+    port = free_port()
+    world = sum(1 for _, role in engines_roles if role != "both")
+    apps, names = [], []
+    counts: dict[str, int] = {}
+    for rank, (engine, role) in enumerate(engines_roles):
+        app = create_app(engine, ServerSettings(ttft_slo=None))
+        ep = TransferEndpoint("127.0.0.1", port, rank, world, timeout_s=5.0)
+        attach(app, PDConfig(role, ep if role != "both" else None))
+        apps.append(app)
+        names.append(f"{role}{counts.get(role, 0)}")
+        counts[role] = counts.get(role, 0) + 1
+    with contextlib.ExitStack() as stack:
+        urls = {n: stack.enter_context(background_server(a)) for n, a in zip(names, apps)}
+        for app in apps:
+            if app.state.pd.transport is not None:
+                assert app.state.pd.ready.wait(timeout_s), app.state.pd.connect_error
+        yield urls, dict(zip(names, apps))
+        for app in apps:
+            if app.state.pd.transport is not None:
+                app.state.pd.transport.close()
+
+
+def front_end(urls: dict[str, str], slo=None, **config):
+    from moska.pd.cluster import discover
+    from moska.pd.frontend import FrontEnd, FrontEndConfig
+    from moska.pd.scheduler import SLO, GlobalScheduler
+
+    instances = discover(urls)
+    sched = GlobalScheduler(instances, slo or SLO())
+    return FrontEnd(instances, sched, FrontEndConfig(**config))
+
+
+@pytest.fixture(scope="session")
+def pd_cluster():
+    """(front end URL, {name: url}, {name: app}, FrontEnd): prefill0 (rank 0), decode0 and
+    decode1. prefill0 doubles as the colocated reference: a request without the transfer
+    header is served whole by it."""
+    from moska.pd.frontend import create_frontend_app
+
+    first = make_engine()
+    engines = [first, make_engine(first), make_engine(first)]
+    roles = ["prefill", "decode", "decode"]
+    with pd_instances(list(zip(engines, roles))) as (urls, apps):
+        front = front_end(urls)
+        with background_server(create_frontend_app(front)) as url:
+            yield url, urls, apps, front
