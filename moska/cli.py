@@ -49,6 +49,15 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "enable_prefix_caching": "reuse the KV blocks of prompt prefixes earlier requests computed",
     "tensor_parallel_size": "split the model over N ranks, one process each (rank 0 serves "
     "HTTP and schedules; on one host)",
+    "semantic_reuse": "SemShareKV: reuse the KV of a stored similar earlier prompt "
+    "(approximate; see README)",
+    "semantic_reuse_threshold": "token-match cosine for semantic reuse (token and context "
+    "similarity; 1 = same token in the same context)",
+    "semantic_recompute_fraction": "share of semantically matched tokens recomputed anyway "
+    "(those whose KV deviates most)",
+    "semantic_recompute_layers": "first layers computed for every prompt token under "
+    "semantic reuse",
+    "semantic_store_mb": "memory bound of the semantic reuse reference store (MiB, LRU)",
 }
 _NOT_FLAGS = {"model"}  # positional / --model, per subcommand
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",

@@ -25,6 +25,12 @@ class EngineConfig:
     enable_prefix_caching: reuse the KV blocks of a prompt prefix an earlier request computed.
     tensor_parallel_size: ranks the model is split over (one process each, on one host; see
         docs/distributed.md). Rank 0 is the calling process and starts the others.
+    semantic_reuse: SemShareKV (`moska/semshare/`): a new prompt reuses the KV of a stored,
+        similar earlier prompt (LSH + token matching, RoPE re-rotated), recomputing the
+        unmatched tokens and `semantic_recompute_fraction` of the matched ones. Approximate:
+        off by default. `semantic_reuse_threshold` is the token-match cosine,
+        `semantic_recompute_layers` the first layers computed for every token,
+        `semantic_store_mb` the reference store's bound.
 
     Every field is reachable from the command line (`moska serve --help`): the CLI builds
     its engine flags from this class and a test fails when a field has none.
@@ -48,6 +54,11 @@ class EngineConfig:
     async_scheduling: bool | None = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    semantic_reuse: bool = False
+    semantic_reuse_threshold: float = 0.9
+    semantic_recompute_fraction: float = 0.15
+    semantic_recompute_layers: int = 1
+    semantic_store_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -73,6 +84,17 @@ class EngineConfig:
                 f"tensor_parallel_size must be a positive number of ranks, "
                 f"got {self.tensor_parallel_size}"
             )
+        if self.semantic_reuse:
+            from moska.semshare.config import SemShareConfig
+
+            SemShareConfig(  # raises ValueError naming the bad setting
+                threshold=self.semantic_reuse_threshold,
+                recompute_fraction=self.semantic_recompute_fraction,
+                recompute_layers=self.semantic_recompute_layers,
+                store_bytes=self.semantic_store_mb << 20,
+            )
+            if self.tensor_parallel_size > 1:
+                raise ValueError("semantic_reuse does not run with tensor parallelism yet")
 
     def check_device(self) -> None:
         """Raise DeviceUnavailableError when the asked-for device or attention backend

@@ -97,6 +97,7 @@ class LLM:
                     routed_chunks=outs[0].routed_chunks,
                     routing_coverage=outs[0].routing_coverage,
                     prompt_logprobs=outs[0].prompt_logprobs,
+                    num_reused_tokens=outs[0].num_reused_tokens,
                 )
             )
         return results

@@ -63,6 +63,11 @@ class LLMEngine:
             loaded.config.max_position_embeddings,
         )
         self.runner = ModelRunner(loaded, config, self.device)
+        self.semshare = None  # SemShareKV (moska/semshare/reuse.py: plan, prefill, record)
+        if config.semantic_reuse:
+            from moska.semshare.reuse import SemanticReuse
+
+            self.semshare = SemanticReuse.for_engine(config, self.runner)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -228,6 +233,9 @@ class LLMEngine:
         if extra_eos and not params.ignore_eos:
             stop_ids = tuple(sorted(set(stop_ids) | extra_eos))
             params = _replace(params, stop_token_ids=stop_ids)
+        plan = None
+        if self.semshare is not None and handle is None and params.prompt_logprobs is None:
+            plan = self.semshare.plan(prompt_ids)
         req = Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -236,6 +244,7 @@ class LLMEngine:
             library=handle,
             top_k_chunks=top_k_chunks,
             report_routing=report_routing,
+            semantic=plan,
         )
         self.scheduler.add_request(req)
         detok = None
@@ -302,12 +311,16 @@ class LLMEngine:
         t0 = time.perf_counter()
         graphs = self.runner.graphs
         captures = 0 if graphs is None else graphs.captures
+        if self.semshare is not None:  # planned prompt ranges: all but their last token
+            self.semshare.prefill(out.scheduled, self.block_manager.block_table)
         pending = self.runner.launch(
             out.scheduled,
             self.block_manager.block_table,
             self.config.default_top_k_chunks,
             prev[1] if prev is not None else None,
         )
+        if self.semshare is not None:  # prompts completed in full become references
+            self.semshare.record(out.scheduled, self.block_manager.block_table)
         self.last_step_captured_graph = graphs is not None and graphs.captures != captures
         self._steps += 1
         for item in out.scheduled:

@@ -81,6 +81,7 @@ def build_output(tr: TrackedRequest, scheduler: _Finisher) -> RequestOutput:
         routing_coverage=tr.coverage,
         library=req.library,
         num_cached_tokens=req.num_cached_tokens,
+        num_reused_tokens=req.num_reused_tokens,
         # complete from the first output on (the prompt is computed before any sample),
         # so the list itself is handed out, not a copy per output
         prompt_logprobs=tr.prompt_logprobs if params.prompt_logprobs is not None else None,

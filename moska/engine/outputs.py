@@ -41,6 +41,7 @@ class RequestOutput:
     # `LoadedLibrary`): routing reports name each routed chunk's document and span from it.
     library: Any = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    num_reused_tokens: int = 0  # prompt tokens whose KV a similar prompt's gave (SemShareKV)
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
     # (nothing before it to predict it from), as vLLM returns them.
     prompt_logprobs: list[TokenLogprob | None] | None = None

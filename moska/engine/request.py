@@ -14,7 +14,7 @@ import enum
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from moska.engine.sampling_params import SamplingParams
 
@@ -69,6 +69,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    # SemShareKV (moska.semshare.ReusePlan): the stored similar prompt whose KV it reuses
+    semantic: Any = None
+    num_reused_tokens: int = 0  # prompt tokens whose KV came from `semantic`'s reference
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     first_token_time: float | None = None
@@ -86,6 +89,8 @@ class Request:
         """What the request's unique KV depends on besides its tokens: the library build in
         front of it (by build id, never by name) and how many of its chunks are routed."""
         build = None if self.library is None else self.library.build_id
+        if self.semantic is not None:  # approximate KV: never shared through the prefix cache
+            return (build, self.top_k_chunks, "semantic", self.request_id)
         return (build, self.top_k_chunks)
 
     @property

@@ -50,6 +50,7 @@ class Generation:
     cached_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> cache hits
     library_tokens: int = 0  # of the library in front of every prompt
     n: int = 1
+    reused_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> SemShareKV
     report_routing: bool = False
 
     def routing(self, out: RequestOutput) -> dict | None:
@@ -74,6 +75,8 @@ class Generation:
             if item.finished or item.num_cached_tokens:
                 self.cached_tokens.setdefault(idx // self.n, item.num_cached_tokens)
             if item.library is not None:
+            if item.finished or item.num_reused_tokens:
+                self.reused_tokens.setdefault(idx // self.n, item.num_reused_tokens)
                 self.library_tokens = int(item.library.num_tokens)
             if item.finished:
                 remaining.discard(item.request_id)
@@ -95,6 +98,7 @@ class Generation:
                 cached_tokens=sum(self.cached_tokens.values()),
                 library_tokens=self.library_tokens * len(self.prompt_tokens),
             ),
+                reused_tokens=sum(self.reused_tokens.values()),
         )
 
 

@@ -216,6 +216,11 @@ class PromptTokensDetails(BaseModel):
         description="tokens of the shared library in front of the prompt (moska): not in "
         "prompt_tokens; each step attends to its routed chunks of them",
     )
+    reused_tokens: int = Field(
+        0,
+        description="prompt tokens whose KV was reused from a similar earlier prompt "
+        "(moska --semantic-reuse, SemShareKV; approximate), not computed past the first layers",
+    )
 
 
 class UsageInfo(BaseModel):

@@ -1,0 +1,193 @@
+"""The blended prefill: a prompt range computed with reference KV standing in for most of it.
+
+For prompt tokens [start, end) of one request whose blocks are allocated:
+1. every matched token's KV, at every layer, is the reference token's, re-rotated to its
+   new position (`rope_shift.rotate_by`) and written into the request's paged cache;
+2. the first `recompute_layers` layers run over every token of the range, overwriting that
+   KV with fresh KV (as the layers are cheap compared with the rest, and the first layers'
+   KV deviates most: SemShareKV, CacheBlend);
+3. at the boundary the rows kept are the unmatched tokens plus the `recompute_fraction` of
+   matched tokens whose fresh KV deviates most from the reference's at the last fresh
+   layer; the remaining layers run over those rows only and overwrite their KV.
+Queries attend causally over the request's whole cache [0, end) by position (`RowAttention`),
+so a row sees reference KV where its neighbours were not recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from moska.semshare.rope_shift import rotate_by
+from moska.semshare.store import Reference
+
+
+class BlendResult(NamedTuple):
+    num_reused: int  # matched tokens whose KV past the first layers came from the reference
+    num_recomputed: int  # tokens computed through every layer
+
+
+def slots_of(table: list[int], block_size: int, start: int, end: int, device) -> torch.Tensor:
+    """[end - start] int64 cache slots of token positions [start, end)."""
+    pos = torch.arange(start, end)
+    blocks = torch.as_tensor(table, dtype=torch.int64)[pos // block_size]
+    return (blocks * block_size + pos % block_size).to(device)
+
+
+class RowAttention:
+    """attn(slot, q, k, v) for rows at arbitrary positions of one request: writes the rows'
+    k, v to their cache slots, then each row attends to cache positions <= its own."""
+
+    def __init__(self, cache, slots: torch.Tensor, positions: torch.Tensor, sm_scale: float):
+        self.cache = cache
+        self.all_slots = slots  # [S] int64: slots of positions 0..S-1
+        self.positions = positions  # [R] int64, the rows' positions (< S)
+        self.sm_scale = sm_scale
+        self.last_fresh: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.positions = self.positions[rows]
+
+    def __call__(self, slot: int, q, k, v) -> torch.Tensor:
+        kc = self.cache.k[slot].view(-1, *self.cache.k.shape[-2:])  # [blocks * bs, Hkv, D]
+        vc = self.cache.v[slot].view(-1, *self.cache.v.shape[-2:])
+        if k is not None:
+            row_slots = self.all_slots[self.positions]
+            kc[row_slots] = k.to(kc.dtype)
+            vc[row_slots] = v.to(vc.dtype)
+            self.last_fresh = (slot, k, v)
+        keys = kc[self.all_slots].transpose(0, 1)[None]  # [1, Hkv, S, D]
+        values = vc[self.all_slots].transpose(0, 1)[None]
+        s = keys.shape[2]
+        mask = torch.arange(s, device=q.device)[None, :] <= self.positions[:, None]  # [R, S]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None].to(keys.dtype),  # [1, Hq, R, D]
+            keys,
+            values,
+            attn_mask=mask,
+            scale=self.sm_scale,
+            enable_gqa=True,
+        )
+        return o[0].transpose(0, 1).to(q.dtype)  # [R, Hq, D]
+
+
+def _rope(model, positions: torch.Tensor, dtype, triton: bool):
+    if triton:
+        return model.rotary.cos_sin_half(positions)  # [T, D/2] fp32 each
+    return model.rotary.cos_sin(positions, dtype)  # [T, 1, D] each
+
+
+def _rerotated(ref: Reference, layers, ref_pos: torch.Tensor, new_pos: torch.Tensor, inv_freq):
+    """Reference k, v of `layers` at `ref_pos`, keys moved to `new_pos`."""
+    idx = ref_pos.to(ref.k.device)
+    k = ref.k[layers][:, idx] if isinstance(layers, slice) else ref.k[layers, idx]
+    v = ref.v[layers][:, idx] if isinstance(layers, slice) else ref.v[layers, idx]
+    return rotate_by(k, (new_pos - ref_pos).to(k.device), inv_freq), v
+
+
+def _select(att: RowAttention, ref, ref_pos, new_pos, matched, fraction, inv_freq):
+    """Rows kept past the boundary: unmatched + the most deviating `fraction` of matched."""
+    n = matched.shape[0]
+    m_idx = matched.nonzero().squeeze(1)
+    if fraction >= 1.0 or att.last_fresh is None:
+        return torch.arange(n, device=matched.device)
+    n_keep = math.ceil(fraction * m_idx.numel())
+    keep = (~matched).clone()
+    if n_keep > 0:
+        slot, k, v = att.last_fresh
+        k_ref, v_ref = _rerotated(ref, slot, ref_pos[m_idx], new_pos[m_idx], inv_freq)
+        kf, vf = k[m_idx].float(), v[m_idx].float()
+        dev = (kf - k_ref.float()).flatten(1).norm(dim=1) / kf.flatten(1).norm(dim=1).clamp_min(
+            1e-6
+        ) + (vf - v_ref.float()).flatten(1).norm(dim=1) / vf.flatten(1).norm(dim=1).clamp_min(1e-6)
+        keep[m_idx[dev.topk(n_keep).indices]] = True
+    return keep.nonzero().squeeze(1)
+
+
+@torch.inference_mode()
+def blend_prefill(
+    model,
+    cache,  # PagedKVCache
+    table: list[int],  # the request's blocks, covering [0, end)
+    token_ids: torch.Tensor,  # [end - start] int64, the prompt's tokens [start, end)
+    start: int,
+    ref: Reference,
+    ref_pos: torch.Tensor,  # [end - start] int64, matched reference position or -1
+    recompute_fraction: float,
+    recompute_layers: int,
+) -> BlendResult:
+    """Compute the KV of prompt positions [start, end) into `cache` (positions before `start`
+    must be in it already), reusing `ref` where matched. See the module docstring."""
+    device = cache.k.device
+    n = token_ids.shape[0]
+    end = start + n
+    slots = slots_of(table, cache.block_size, 0, end, device)  # [end]
+    new_pos = torch.arange(start, end, device=device)  # [n]
+    ref_pos = ref_pos.to(device)
+    matched = ref_pos >= 0
+    inv_freq = model.rotary.inv_freq
+    m_idx = matched.nonzero().squeeze(1)
+    if m_idx.numel() and recompute_layers < len(model.layers):
+        k_ref, v_ref = _rerotated(ref, slice(None), ref_pos[m_idx], new_pos[m_idx], inv_freq)
+        num_slots = cache.k.shape[0]
+        flat = (num_slots, -1, *cache.k.shape[-2:])
+        cache.k.view(flat)[:, slots[start:][m_idx]] = k_ref.to(cache.k.dtype)
+        cache.v.view(flat)[:, slots[start:][m_idx]] = v_ref.to(cache.v.dtype)
+    x = model.embed_tokens(token_ids.to(device))  # [n, H]
+    triton = model.triton_layers if model.triton_layers is not None else x.is_cuda
+    cos, sin = _rope(model, new_pos, x.dtype, triton)
+    att = RowAttention(cache, slots, new_pos, model.config.sm_scale)
+    residual = None
+    rows = torch.arange(n, device=device)
+    last = len(model.layers) - 1
+    for i, layer in enumerate(model.layers):
+        if i == recompute_layers:
+            rows = _select(att, ref, ref_pos, new_pos, matched, recompute_fraction, inv_freq)
+            if rows.numel() == 0:
+                break
+            x, residual, cos, sin = x[rows], residual[rows], cos[rows], sin[rows]
+            att.keep(rows)
+        if i == last:  # only its KV is needed: skip its attention output and MLP
+            _write_last_kv(layer, x, residual, cos, sin, att, triton)
+            break
+        x, residual = layer(x, residual, cos, sin, att, triton)
+    num_recomputed = rows.numel()
+    num_reused = int(matched.sum()) - int(matched[rows].sum())
+    return BlendResult(num_reused, num_recomputed)
+
+
+def _write_last_kv(layer, x, residual, cos, sin, att: RowAttention, triton: bool) -> None:
+    """The last layer's KV for the rows, without its attention output or MLP."""
+
+    def write_only(slot, q, k, v):
+        if k is not None:
+            row_slots = att.all_slots[att.positions]
+            kc = att.cache.k[slot].view(-1, *att.cache.k.shape[-2:])
+            vc = att.cache.v[slot].view(-1, *att.cache.v.shape[-2:])
+            kc[row_slots] = k.to(kc.dtype)
+            vc[row_slots] = v.to(vc.dtype)
+        return q  # [R, Hq, D]: any tensor of the output's shape; o_proj's result is dropped
+
+    h, _ = layer.input_layernorm.fused(x, residual, triton)
+    layer.self_attn(h, cos, sin, write_only, triton)
+
+
+@torch.inference_mode()
+def extend(model, cache, table: list[int], token_ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Plain computation of positions [start, start + n) over the cached [0, start):
+    final-normed hidden [n, H] (for logits). The bench's continuation pass."""
+    device = cache.k.device
+    n = token_ids.shape[0]
+    slots = slots_of(table, cache.block_size, 0, start + n, device)
+    pos = torch.arange(start, start + n, device=device)
+    x = model.embed_tokens(token_ids.to(device))
+    triton = model.triton_layers if model.triton_layers is not None else x.is_cuda
+    cos, sin = _rope(model, pos, x.dtype, triton)
+    att = RowAttention(cache, slots, pos, model.config.sm_scale)
+    residual = None
+    for layer in model.layers:
+        x, residual = layer(x, residual, cos, sin, att, triton)
+    return model.norm.fused(x, residual, triton)[0]

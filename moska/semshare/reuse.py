@@ -1,0 +1,155 @@
+"""The engine's side of SemShareKV: plan a request's reuse on admission, blend its prefill
+before the step's forward, and store prompts computed in full as references.
+
+Hook (three calls from `engine/llm_engine.py`, nothing else in the engine knows of it):
+- `plan(prompt_ids)` when a request is added: LSH candidate -> token matching -> a
+  `ReusePlan` (or None). A planned request's prefix-cache namespace is its own, so its
+  approximate KV never serves (or takes) an exact prefix-cache hit.
+- `prefill(scheduled, block_table)` after `schedule()`, before the runner's forward: for
+  each scheduled prompt range [start, end) of a planned request, `blend_prefill` computes
+  [start, end - 1) into the blocks the scheduler just allocated, then the item is narrowed
+  to its last token ([end - 1, end)), which the ordinary forward computes (and samples
+  from, when it ends the prompt). The scheduler's counts stay consistent:
+  `num_computed_tokens + num_new_tokens` is unchanged.
+- `record(scheduled, block_table)` right after the forward is queued: a request without a
+  plan whose prompt was completed by this step has its prompt KV copied into the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moska.semshare.blend import blend_prefill, slots_of
+from moska.semshare.config import SemShareConfig
+from moska.semshare.lsh import LSHIndex
+from moska.semshare.matching import match_tokens, token_features
+from moska.semshare.store import Reference, ReferenceStore, prompt_key
+
+
+@dataclass(frozen=True, eq=False)
+class ReusePlan:
+    """Which reference a prompt reuses and where each of its tokens comes from."""
+
+    ref: Reference
+    ref_pos: torch.Tensor  # [num_prompt_tokens] int64 (CPU): reference position or -1
+    score: float  # share of the prompt's tokens that collided with the reference (LSH)
+
+    @property
+    def num_matched(self) -> int:
+        return int((self.ref_pos >= 0).sum())
+
+
+@dataclass
+class ReuseStats:
+    planned: int = 0  # requests that got a plan
+    reused_tokens: int = 0  # prompt tokens whose KV (past the first layers) was reused
+    blended_tokens: int = 0  # prompt tokens computed by blend_prefill (reused or not)
+    stored: int = 0  # prompts stored as references
+
+
+class SemanticReuse:
+    """Reference store + matcher + blended prefill for one engine (one model, one cache)."""
+
+    def __init__(self, config: SemShareConfig, model, cache) -> None:
+        self.config = config
+        self.model = model
+        self.cache = cache
+        dim = 2 * model.config.hidden_size  # token_features: (embedding, context)
+        lsh = LSHIndex(dim, config.lsh_bands, config.lsh_rows, config.seed)
+        self.store = ReferenceStore(config.store_bytes, lsh)
+        self.stats = ReuseStats()
+
+    @classmethod
+    def for_engine(cls, engine_config, runner) -> SemanticReuse:
+        """From `EngineConfig`'s semantic_* fields and the runner's model and cache."""
+        c = engine_config
+        cfg = SemShareConfig(
+            threshold=c.semantic_reuse_threshold,
+            recompute_fraction=c.semantic_recompute_fraction,
+            recompute_layers=c.semantic_recompute_layers,
+            store_bytes=c.semantic_store_mb << 20,
+            seed=c.seed,
+        )
+        return cls(cfg, runner.model, runner.cache)
+
+    def features(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return token_features(self.model.embed_tokens.weight, token_ids, self.config.window)
+
+    @torch.inference_mode()
+    def plan(self, prompt_ids: list[int]) -> ReusePlan | None:
+        """A reuse plan for a new prompt, or None (too short, no candidate, too few matches)."""
+        cfg = self.config
+        if len(prompt_ids) < cfg.min_prompt_tokens or not len(self.store):
+            return None
+        ids = torch.tensor(prompt_ids, dtype=torch.int64)
+        feats = self.features(ids)
+        found = self.store.lookup(feats, cfg.min_candidate_score)
+        if found is None:
+            return None
+        ref, score = found
+        match = match_tokens(feats, ref.features, cfg.threshold)
+        if match.num_matched < cfg.min_reuse_fraction * len(prompt_ids):
+            return None
+        self.stats.planned += 1
+        return ReusePlan(ref, match.ref_pos.cpu(), score)
+
+    def prefill(self, scheduled: list, block_table) -> None:
+        """Blend the planned requests' prompt ranges of this step (see the module docstring)."""
+        for item in scheduled:
+            req = item.request
+            plan: ReusePlan | None = getattr(req, "semantic", None)
+            if plan is None:
+                continue
+            start = req.num_computed_tokens
+            end = start + item.num_new_tokens
+            stop = min(end - 1, req.num_prompt_tokens)  # the item keeps >= 1 token
+            if stop - start < 2:
+                continue
+            if start == 0:
+                req.num_reused_tokens = 0  # a recompute after preemption counts afresh
+            ids = torch.tensor(req.prompt_token_ids[start:stop], dtype=torch.int64)
+            result = blend_prefill(
+                self.model,
+                self.cache,
+                block_table(req.request_id),
+                ids,
+                start,
+                plan.ref,
+                plan.ref_pos[start:stop],
+                self.config.recompute_fraction,
+                self.config.recompute_layers,
+            )
+            req.num_reused_tokens += result.num_reused
+            self.stats.reused_tokens += result.num_reused
+            self.stats.blended_tokens += stop - start
+            req.num_computed_tokens = stop
+            item.num_new_tokens = end - stop
+
+    @torch.inference_mode()
+    def record(self, scheduled: list, block_table) -> None:
+        """Store the prompts this step completed in full (no plan, no library) as references."""
+        for item in scheduled:
+            req = item.request
+            p = req.num_prompt_tokens
+            start = req.num_computed_tokens
+            if getattr(req, "semantic", None) is not None or req.library is not None:
+                continue
+            if not start < p <= start + item.num_new_tokens or p < self.config.min_prompt_tokens:
+                continue
+            ids = torch.tensor(req.prompt_token_ids, dtype=torch.int64)
+            key = prompt_key(ids)
+            if self.store.get(key) is not None:
+                continue
+            self.store.put(self.reference(key, ids, block_table(req.request_id)))
+            self.stats.stored += 1
+
+    def reference(self, key: str, ids: torch.Tensor, table: list[int]) -> Reference:
+        """A reference of a prompt whose KV for positions [0, len(ids)) is in `table`."""
+        c = self.cache
+        slots = slots_of(table, c.block_size, 0, ids.shape[0], c.k.device)
+        flat = (c.k.shape[0], -1, *c.k.shape[-2:])
+        k = c.k.view(flat)[:, slots]  # [L_kv, N, Hkv, D] (a gather: a copy)
+        v = c.v.view(flat)[:, slots]
+        return Reference(key, ids, self.features(ids), k, v)

@@ -1,0 +1,131 @@
+"""The reference store: earlier prompts' KV, bounded by bytes, evicted least recently used.
+
+Keys are stored **rotated**, as the paged cache holds them (`rope_shift.py` moves them to
+new positions). An entry is keyed by its prompt's token ids (a hash; the ids are kept and
+compared). Finding an entry by similarity goes through the LSH index, which the store
+keeps in step with its entries (an evicted entry leaves the index).
+
+Why it does not thrash: only prompts computed in full are inserted (a prompt that reused
+KV is never stored, so approximate KV never becomes a reference and a stream of near
+duplicates of one document adds nothing), and every reuse refreshes its reference's
+recency, so the documents queries keep coming back to stay while one-off prompts age out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from moska.semshare.lsh import LSHIndex
+
+
+def prompt_key(token_ids: torch.Tensor | list[int]) -> str:
+    """A stable key of a prompt's token ids."""
+    ids = torch.as_tensor(token_ids, dtype=torch.int64).cpu().contiguous()
+    return hashlib.sha1(ids.numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """One stored prompt: its tokens, matching features and KV at positions 0..N-1."""
+
+    key: str
+    token_ids: torch.Tensor  # [N] int64 (CPU)
+    features: torch.Tensor  # [N, F] unit rows (matching.token_features)
+    k: torch.Tensor  # [L_kv, N, Hkv, D] rotated at positions 0..N-1
+    v: torch.Tensor  # [L_kv, N, Hkv, D]
+
+    def __post_init__(self) -> None:
+        n = self.token_ids.shape[0]
+        assert self.features.shape[0] == n and self.k.shape[1] == n, (
+            n, tuple(self.features.shape), tuple(self.k.shape),
+        )  # fmt: skip
+        assert self.k.shape == self.v.shape
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.features, self.k, self.v))
+
+
+@dataclass
+class StoreStats:
+    lookups: int = 0
+    hits: int = 0  # lookups that found a candidate scoring >= min_score
+    inserts: int = 0
+    evictions: int = 0
+    rejected: int = 0  # entries larger than the whole store
+
+
+class ReferenceStore:
+    """At most `capacity_bytes` of references (KV + features), LRU."""
+
+    def __init__(self, capacity_bytes: int, lsh: LSHIndex) -> None:
+        if capacity_bytes < 1:
+            raise ValueError("the reference store needs a positive capacity in bytes")
+        self.capacity_bytes = capacity_bytes
+        self.lsh = lsh
+        self._entries: OrderedDict[str, Reference] = OrderedDict()  # oldest first
+        self._bytes = 0
+        self.stats = StoreStats()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> Reference | None:
+        """The entry under `key`, now the most recently used; None if absent."""
+        ref = self._entries.get(key)
+        if ref is not None:
+            self._entries.move_to_end(key)
+        return ref
+
+    def put(self, ref: Reference) -> bool:
+        """Insert (or refresh) `ref`, evicting the least recently used entries until it fits.
+        False when it alone is larger than the store (nothing is evicted then)."""
+        if ref.key in self._entries:
+            self._entries.move_to_end(ref.key)
+            return True
+        size = ref.nbytes
+        if size > self.capacity_bytes:
+            self.stats.rejected += 1
+            return False
+        while self._bytes + size > self.capacity_bytes:
+            self._evict_oldest()
+        self._entries[ref.key] = ref
+        self._bytes += size
+        self.lsh.add(ref.key, ref.features)
+        self.stats.inserts += 1
+        return True
+
+    def _evict_oldest(self) -> None:
+        key, old = self._entries.popitem(last=False)
+        self._bytes -= old.nbytes
+        self.lsh.remove(key)
+        self.stats.evictions += 1
+
+    def lookup(self, features: torch.Tensor, min_score: float) -> tuple[Reference, float] | None:
+        """The reference sharing the most LSH buckets with a prompt's token features
+        [N, F], when at least `min_score` of its tokens collide; it becomes the most
+        recently used."""
+        self.stats.lookups += 1
+        if not self._entries:
+            return None
+        found = self.lsh.candidates(features, top=1)
+        if not found or found[0][1] < min_score:
+            return None
+        key, score = found[0]
+        self.stats.hits += 1
+        return self.get(key), score

@@ -1,0 +1,18 @@
+"""One engine with semantic reuse and one without, shared by this folder's tests (the
+built-in tiny model, CPU, fp32)."""
+
+import pytest
+
+from moska import LLM
+
+_KW = dict(device="cpu", dtype="float32", attention="torch", num_kv_blocks=64)
+
+
+@pytest.fixture(scope="session")
+def plain_llm():
+    return LLM(None, **_KW)
+
+
+@pytest.fixture(scope="session")
+def reuse_llm():
+    return LLM(None, semantic_reuse=True, **_KW)

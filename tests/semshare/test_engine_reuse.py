@@ -1,0 +1,63 @@
+"""SemShareKV in the engine (built-in tiny model, CPU, fp32): off changes nothing; on, a
+prompt seen for the first time is computed in full (same tokens as the dense reference) and
+stored, a near duplicate reuses its KV and says how many tokens in its output, an exact
+repeat reuses everything and still generates the reference's tokens."""
+
+import random
+
+import pytest
+
+from moska import SamplingParams
+from moska.model.reference import greedy_generate
+
+PARAMS = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+def _prompts():
+    rng = random.Random(0)
+    a = [rng.randrange(0, 256) for _ in range(50)]
+    b = list(a)
+    b[30] = (b[30] + 1) % 256
+    b = b[:10] + [5, 6, 7] + b[10:]  # an edit and an insertion: most tokens shift by 3
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def engines(plain_llm, reuse_llm):
+    return plain_llm, reuse_llm
+
+
+def test_reuse_off_is_the_plain_engine(engines):
+    off, _ = engines
+    a, b = _prompts()
+    model = off.engine.loaded.model
+    outs = off.generate([a, b], PARAMS)
+    assert [o.outputs[0].token_ids for o in outs] == [greedy_generate(model, p, 6) for p in (a, b)]
+    assert off.engine.semshare is None and all(o.num_reused_tokens == 0 for o in outs)
+
+
+def test_reuse_on(engines):
+    off, on = engines
+    a, b = _prompts()
+    model = on.engine.loaded.model
+    first = on.generate([a], PARAMS)[0]
+    assert first.num_reused_tokens == 0  # nothing stored yet: computed in full
+    assert first.outputs[0].token_ids == greedy_generate(model, a, 6)
+    stored = len(on.engine.semshare.store)
+    assert on.engine.semshare.stats.stored >= 1 and stored >= 1
+    near = on.generate([b], PARAMS)[0]
+    assert 0 < near.num_reused_tokens < len(b) - 1
+    assert len(on.engine.semshare.store) == stored  # a prompt that reused KV is not stored
+    again = on.generate([a], PARAMS)[0]  # identical: its reuse is exact (fp32)
+    assert again.num_reused_tokens > 0
+    assert again.outputs[0].token_ids == greedy_generate(model, a, 6)
+    on.engine.block_manager.check_integrity()
+
+
+def test_bad_settings_name_the_field():
+    from moska.config import EngineConfig
+
+    with pytest.raises(ValueError, match="recompute fraction"):
+        EngineConfig(semantic_reuse=True, semantic_recompute_fraction=1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        EngineConfig(semantic_reuse=True, semantic_reuse_threshold=2.0)
