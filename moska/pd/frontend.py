@@ -178,6 +178,13 @@ class FrontEnd:
         namespace = (body.get("library"), body.get("top_k_chunks"))
         info = RequestInfo(tuple(block_hashes(tokens, bs, namespace)), len(tokens), max_tokens)
         plan = self.scheduler.plan(info, time.monotonic())
+        if isinstance(plan, Rejection) and plan.reason == "too_large":
+            return _error(
+                400,
+                "the prompt plus max_tokens needs more KV than any decode instance holds; "
+                "shorten the prompt or lower max_tokens",
+                param="max_tokens",
+            )
         if isinstance(plan, Rejection):
             self.stats.rejected[plan.reason] = self.stats.rejected.get(plan.reason, 0) + 1
             return _error(

@@ -81,7 +81,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Rejection:
-    reason: str  # ttft | tpot | decode_full | no_instance
+    reason: str  # ttft | tpot | decode_full | no_instance | too_large (never fits: a 400)
     retry_after_s: int
     predicted_ttft_s: float
     predicted_tpot_s: float
@@ -135,6 +135,8 @@ class GlobalScheduler:
         ready_at = now + wait_s + self.transfer_s(usable - cached)
         need = math.ceil((req.prompt_tokens + req.max_tokens) / bs)
 
+        if all(need > d.num_blocks for d in decodes):
+            return self._reject("too_large", 0, 0.0, 0.0)
         best: tuple | None = None
         soonest = math.inf  # when a full decode instance frees enough for this request
         for d in decodes:

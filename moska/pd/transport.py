@@ -39,6 +39,7 @@ from moska.pd.errors import TransferFailedError
 
 logger = logging.getLogger(__name__)
 
+_MEET = timedelta(seconds=300)  # how long ranks wait for each other at startup
 _POLL = timedelta(seconds=0.25)  # how long a receiver waits on the store between checks
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -109,14 +110,13 @@ class KVTransport:
         ep = self.endpoint
         store = dist.TCPStore(
             ep.host, ep.port, ep.world_size, is_master=ep.rank == 0,
-            timeout=timedelta(seconds=120), wait_for_workers=False,
+            timeout=_MEET, wait_for_workers=False,
         )  # fmt: skip
         self._store = store
+        # instances load their models at different speeds: meeting may take a while; each
+        # transfer's messages are bounded by the data timeout given to every wait
         self._data = dist.ProcessGroupGloo(
-            dist.PrefixStore("moska/pd/data", store),
-            ep.rank,
-            ep.world_size,
-            timedelta(seconds=ep.timeout_s),
+            dist.PrefixStore("moska/pd/data", store), ep.rank, ep.world_size, _MEET
         )
 
     # ---- prefill side ----------------------------------------------------------------

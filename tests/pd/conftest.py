@@ -28,16 +28,17 @@ def make_engine(first=None, **overrides):
 
 
 @contextlib.contextmanager
-def pd_instances(engines_roles, timeout_s: float = 30.0):
-    """Serve each (engine, role) as an instance; yields {name: url} and the apps."""
+def pd_instances(engines_roles, timeout_s: float = 30.0, master_port=None, world=None):
+    """Serve each (engine, role) as an instance, ranks in order (`world`: more ranks join
+    from elsewhere); yields {name: url} and the apps."""
     from moska.pd.cluster import free_port
     from moska.pd.instance import PDConfig, attach
     from moska.pd.transport import TransferEndpoint
     from moska.server.app import create_app
     from moska.server.settings import ServerSettings
 
-    port = free_port()
-    world = sum(1 for _, role in engines_roles if role != "both")
+    port = master_port or free_port()
+    world = world or sum(1 for _, role in engines_roles if role != "both")
     apps, names = [], []
     counts: dict[str, int] = {}
     for rank, (engine, role) in enumerate(engines_roles):

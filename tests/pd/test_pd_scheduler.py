@@ -1,0 +1,129 @@
+"""The global scheduler (plain Python): the index picks the instance holding the prefix,
+the decode pick follows load and free KV, and requests that would miss an SLO are
+rejected before any prefill, with a Retry-After; over HTTP, a rejection reaches no
+instance."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+
+from moska.pd.index import PrefixIndex, block_hashes
+from moska.pd.scheduler import SLO, GlobalScheduler, Instance, Plan, Rejection, RequestInfo
+
+pytestmark = pytest.mark.timeout(60)
+BS = 16
+
+
+def _inst(name, role, rank, num_blocks=1000, seats=8):
+    return Instance(name, f"http://{name}", role, rank, BS, num_blocks, seats)
+
+
+def _cluster(**slo):
+    insts = [_inst("p0", "prefill", 0), _inst("p1", "prefill", 1)]
+    insts += [_inst("d0", "decode", 2), _inst("d1", "decode", 3)]
+    return GlobalScheduler(insts, SLO(**slo)), insts
+
+
+def _req(tokens, max_tokens=8, namespace=None):
+    return RequestInfo(tuple(block_hashes(tokens, BS, namespace)), len(tokens), max_tokens)
+
+
+def test_block_hashes_chain_and_namespace():
+    rng = random.Random(0)
+    a = [rng.randrange(1000) for _ in range(80)]
+    b = a[:48] + [t + 1 for t in a[48:]]
+    ha, hb = block_hashes(a, BS), block_hashes(b, BS)
+    assert len(ha) == 5 and ha[:3] == hb[:3] and ha[3] != hb[3]
+    assert block_hashes(a, BS, ("lib", None))[0] != ha[0]  # another library: another name
+    c = list(a)
+    c[0] += 1  # a change in front changes every later block's hash (chained)
+    assert all(x != y for x, y in zip(block_hashes(c, BS), ha))
+
+
+def test_index_lru_capacity():
+    index = PrefixIndex()
+    index.add_instance("p", capacity_blocks=3)
+    index.record("p", [1, 2, 3])
+    assert index.match("p", [1, 2, 3, 4]) == 3
+    index.record("p", [9])  # evicts the least recently used (1)
+    assert index.match("p", [1, 2]) == 0 and index.size("p") == 3
+
+
+def test_prefill_goes_where_the_prefix_is_cached():
+    sched, insts = _cluster()
+    rng = random.Random(1)
+    shared = [rng.randrange(1000) for _ in range(20 * BS)]
+    sched.index.record("p1", block_hashes(shared, BS))
+    plan = sched.plan(_req(shared + [5, 6, 7]), now=0.0)
+    assert isinstance(plan, Plan) and plan.prefill.name == "p1" and plan.cached_blocks == 20
+    # a prompt cached nowhere goes to the idle instance, not the busy one
+    sched.plan(_req([rng.randrange(1000) for _ in range(40 * BS)]), now=0.0)  # lands on p0
+    other = sched.plan(_req([rng.randrange(1000) for _ in range(4 * BS)]), now=0.0)
+    busy = max(insts[:2], key=lambda p: p.queue_s(0.0))
+    assert other.prefill.name != busy.name
+
+
+def test_decode_pick_by_load_and_full_decode_rejects():
+    insts = [_inst("p0", "prefill", 0), _inst("d0", "decode", 1, num_blocks=10, seats=2)]
+    insts.append(_inst("d1", "decode", 2, num_blocks=10, seats=2))
+    sched = GlobalScheduler(insts, SLO())
+    picks = [sched.plan(_req(list(range(i, i + 40)), max_tokens=8), now=0.0) for i in range(4)]
+    assert all(isinstance(p, Plan) for p in picks)
+    assert sorted(p.decode.name for p in picks) == ["d0", "d0", "d1", "d1"]  # balanced
+    full = sched.plan(_req(list(range(100, 140)), max_tokens=8), now=0.0)
+    assert isinstance(full, Rejection) and full.reason == "decode_full"
+    assert full.retry_after_s >= 1
+    # when the decode side will have drained by the end of prefill, it is admitted
+    later = max(e for d in insts[1:] for _, e in d.active.values()) + 0.01
+    assert isinstance(sched.plan(_req(list(range(200, 240))), now=later), Plan)
+
+
+def test_ttft_and_tpot_slo_reject_before_any_work():
+    sched, insts = _cluster(ttft_s=1.0)
+    long_prompt = list(range(5_000))  # predicted prefill beyond 1 s
+    r = sched.plan(_req(long_prompt), now=0.0)
+    assert isinstance(r, Rejection) and r.reason == "ttft" and r.predicted_ttft_s > 1.0
+    assert not any(i.prefills or i.active for i in insts)  # nothing reserved
+    ok = sched.plan(_req(list(range(40))), now=0.0)
+    assert isinstance(ok, Plan) and ok.predicted_ttft_s <= 1.0
+    sched2, _ = _cluster(tpot_s=1e-4)
+    r2 = sched2.plan(_req(list(range(40))), now=0.0)
+    assert isinstance(r2, Rejection) and r2.reason == "tpot"
+    huge = sched2.plan(_req(list(range(40)), max_tokens=10**6), now=0.0)
+    assert isinstance(huge, Rejection) and huge.reason == "too_large"
+
+
+def test_learned_prefill_time_moves_predictions():
+    sched, _ = _cluster()
+    before = sched.prefill_s(2000)
+    for n in (500, 1000, 2000, 4000) * 5:
+        sched.prefill_model.observe(sched_features(n), 2.0 * n / 1000)
+    after = sched.prefill_s(2000)
+    assert after > 2 * before and abs(after - 4.0) < 0.5
+
+
+def sched_features(n):
+    from moska.server.step_model import StepFeatures
+
+    return StepFeatures(prefill_tokens=n)
+
+
+def test_http_rejection_reaches_no_instance(pd_cluster):
+    from moska.pd.scheduler import SLO
+
+    url, _, apps, front = pd_cluster
+    engines = {n: a.state.moska.engine for n, a in apps.items()}
+    before = {n: e.stats().prompt_tokens_computed for n, e in engines.items()}
+    old = front.scheduler.slo
+    front.scheduler.slo = SLO(ttft_s=1e-6)
+    try:
+        r = httpx.post(f"{url}/v1/completions", json={"model": "moska-tiny", "prompt": "hi " * 30,
+                       "max_tokens": 4}, timeout=30)  # fmt: skip
+    finally:
+        front.scheduler.slo = old
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert "ttft" in r.json()["error"]["message"]
+    assert {n: e.stats().prompt_tokens_computed for n, e in engines.items()} == before
