@@ -49,6 +49,7 @@ def run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     from moska.model.convert import ConvertError
 
     try:
+        report: Any
         if args.convert_command == "mlkv":
             from moska.model.convert_mlkv import convert_mlkv
 

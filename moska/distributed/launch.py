@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from moska.config import EngineConfig
 from moska.distributed.runtime import DistributedRuntime, rank_device, torchrun_rank
@@ -32,7 +33,7 @@ def start_tensor_parallel(config: EngineConfig, path, dtype, device: str):
         dev = rank_device(device, 0)
         tp = TensorParallel(runtime.groups.comm)
         loaded = load_model(path, dtype=dtype, device=dev, tensor_parallel=tp)
-        model = loaded.model
+        model: Any = loaded.model  # a TensorParallelCausalLM
         runtime.channel = StepChannel(
             runtime.groups.comm, runtime.groups.control, dev, model.config.hidden_size, model.dtype
         )

@@ -33,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -97,8 +98,8 @@ class ProcessGroups:
     rank: int
     world_size: int
     comm: Collectives
-    control: object
-    store: object
+    control: Any  # a gloo ProcessGroup
+    store: dist.Store
     backend: str
 
     @classmethod
@@ -167,7 +168,7 @@ class Monitor:
         ranks = range(1, self.groups.world_size)
         seen = {r: (-1, time.monotonic()) for r in ranks}
         while not self._stop.is_set() and self.failure is None:
-            sentinels = {p.sentinel: r for r, p in self.procs.items()}
+            sentinels: dict[Any, int] = {p.sentinel: r for r, p in self.procs.items()}
             if sentinels:
                 ready = multiprocessing.connection.wait(list(sentinels), timeout=HEARTBEAT_S)
             else:
@@ -217,7 +218,7 @@ class DistributedRuntime:
     def __init__(self, groups: ProcessGroups, monitor: Monitor) -> None:
         self.groups = groups
         self.monitor = monitor
-        self.channel = None  # the StepChannel, set once the model is loaded
+        self.channel: Any = None  # the StepChannel, set once the model is loaded
         self._closed = False
         atexit.register(self.shutdown)
 
@@ -228,7 +229,7 @@ class DistributedRuntime:
     @property
     def worker_pids(self) -> dict[int, int]:
         """rank -> pid of the workers this process spawned."""
-        return {r: p.pid for r, p in self.monitor.procs.items()}
+        return {r: p.pid for r, p in self.monitor.procs.items() if p.pid is not None}
 
     @classmethod
     def start(cls, world_size: int, device: str, worker_args: tuple) -> DistributedRuntime:
@@ -238,7 +239,7 @@ class DistributedRuntime:
 
         backend = pick_backend(rank_device(device, 0), world_size)
         launched = torchrun_rank()
-        procs: dict[int, mp.Process] = {}
+        procs: dict[int, Any] = {}  # rank -> a spawned multiprocessing Process
         if launched is not None:
             rdv = _torchrun_rendezvous(world_size, backend)
             groups = ProcessGroups.join(rdv, 0, host_store=not rdv.use_agent_store)

@@ -19,7 +19,7 @@ split as evenly as possible, so no size needs to divide N.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ class TensorSlice(NamedTuple):
     full: int
 
     @property
-    def index(self) -> tuple[slice, ...]:
+    def index(self) -> tuple[slice, ...]:  # type: ignore[override]  # a field, not tuple.index
         return (slice(None),) * self.dim + (slice(self.start, self.stop),)
 
 
@@ -172,12 +172,12 @@ class TensorParallelCausalLM(CausalLM):
         self.comm = comm
         self.tensor_parallel_size = plan.size
         self.embed_tokens = VocabParallelEmbedding(*plan.vocab, config.hidden_size, comm, **kw)
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             attn, mlp = layer.self_attn, layer.mlp
             h = config.hidden_size
             attn.o_proj = RowParallelLinear(local.q_size, h, config.o_bias, comm, **kw)
             mlp.down_proj = RowParallelLinear(mlp.intermediate, h, False, comm, **kw)
-        self.driver = None  # rank 0: a StepChannel
+        self.driver: Any = None  # rank 0: a StepChannel
         self._last_hidden: torch.Tensor | None = None
 
     def forward(self, input_ids, positions, attn) -> torch.Tensor:
@@ -187,7 +187,7 @@ class TensorParallelCausalLM(CausalLM):
         self._last_hidden = hidden
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         """hidden [N, H] -> logits [N, V] fp32 on rank 0 (None on the others)."""
         if self.driver is not None:
             self.driver.send_logits(hidden, same_as_forward=hidden is self._last_hidden)

@@ -49,8 +49,10 @@ class SampledBatch:
             if self._event is not None:
                 self._event.synchronize()
             tokens, chosen, top_v, top_i = (None if t is None else t.tolist() for t in self._host)
+            assert tokens is not None  # the sampled tokens are always copied
             logprobs: list[tuple[float, dict[int, float]] | None] = [None] * len(tokens)
             for j, (i, k) in enumerate(zip(self._rows, self._ks)):
+                assert chosen is not None and top_v is not None and top_i is not None
                 logprobs[i] = (chosen[j], dict(zip(top_i[j][:k], top_v[j][:k])))
             self._out = SamplerOutput(token_ids=tokens, logprobs=logprobs)
         return self._out
@@ -119,10 +121,10 @@ class Sampler:
         if want:
             rows = to_device(want, logits.device)
             lp = torch.log_softmax(raw[rows], dim=-1)
-            k = max(params[i].logprobs for i in want)
+            k = max(params[i].logprobs or 0 for i in want)
             top_v, top_i = lp.topk(max(k, 1), dim=-1)
             chosen = lp.gather(1, sampled[rows].unsqueeze(1)).squeeze(1)
-        ks = [params[i].logprobs for i in want]
+        ks = [params[i].logprobs or 0 for i in want]
         return SampledBatch(sampled, want, ks, chosen, top_v, top_i)
 
     @staticmethod

@@ -6,6 +6,8 @@ A copy from pageable host memory waits until the work already queued on the devi
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 
 
@@ -20,6 +22,10 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype | None = No
     return host_tensor(values, dtype, device).to(device, non_blocking=True)
 
 
+@overload
+def to_host_async(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def to_host_async(t: None) -> None: ...
 def to_host_async(t: torch.Tensor | None) -> torch.Tensor | None:
     """Queue a copy of a device tensor into pinned host memory (CPU tensors pass through);
     read it only after the stream has reached this point (an event)."""

@@ -305,11 +305,11 @@ def selections_to_lists(sel: Selections, B: int, num_kv_heads: int | None = None
     """
     req, head, chunk = sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist()
     if num_kv_heads is None:
-        sets = [set() for _ in range(B)]
+        sets: list[set[int]] = [set() for _ in range(B)]
         for b, c in zip(req, chunk):
             sets[b].add(c)
         return [sorted(s) for s in sets]
-    lists = [[[] for _ in range(num_kv_heads)] for _ in range(B)]
+    lists: list[list[list[int]]] = [[[] for _ in range(num_kv_heads)] for _ in range(B)]
     for b, h, c in zip(req, head, chunk):
         lists[b][h].append(c)
     return [[sorted(x) for x in per_b] for per_b in lists]

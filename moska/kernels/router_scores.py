@@ -248,7 +248,7 @@ def summary_scores(
         return bound_scores_ref(q, key_min, summary)
     summary = summary.contiguous()
     bound = key_min is not None
-    key_min = key_min.contiguous() if bound else summary
+    key_min = key_min.contiguous() if key_min is not None else summary
     assert key_min.shape == summary.shape
     block_g = _pow2(G)
     block_b = max(min(_pow2(block_b), _pow2(B)), _pow2(16 // block_g))

@@ -98,12 +98,11 @@ def from_topk(chunk_idx: torch.Tensor, num_kv_heads: int, num_chunks: int) -> Se
     if not triton_runs_on(dev, _emit_kernel):
         sel = from_topk_ref(chunk_idx, num_kv_heads)
         return sel._replace(row_offsets=offsets)
-    i32 = dict(device=dev, dtype=torch.int32)
-    req, kv, chunk, order = (torch.empty(N, **i32) for _ in range(4))
+    req, kv, chunk, order = (torch.empty(N, device=dev, dtype=torch.int32) for _ in range(4))
     if N == 0:
         return Selections(req, kv, chunk, order, offsets)
     idx = chunk_idx.contiguous()
-    mask = torch.zeros(num_chunks * Hr * B, **i32)
+    mask = torch.zeros(num_chunks * Hr * B, device=dev, dtype=torch.int32)
     n = idx.numel()
     block = (
         128 if dev.type == "cuda" else max(16, triton.next_power_of_2(n))

@@ -34,6 +34,9 @@ BUILDING_FILE = "BUILDING"
 TMP_MARKER = ".tmp-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODES = ("prefix", "independent")
+# library KV dtypes: "auto" = the model's; "fp8" = e4m3 pools with fp32 scales per (chunk,
+# KV head) stored as "k_scale"/"v_scale" [C, Hkv] in each layer file (library/fp8.py)
+KV_DTYPES = ("auto", "fp8")
 
 
 def validate_name(name: object) -> str:
@@ -260,10 +263,20 @@ class Manifest:
     # so a library rebuilt under the same name never reuses the old build's KV. Manifests
     # written before build ids existed get one derived from their file checksums on load.
     build_id: str = ""
+    kv_dtype: str = "auto"  # KV_DTYPES; manifests written before FP8 libraries: "auto"
+    # Position-independent libraries (library/positions.py): each chunk was prefilled after
+    # the model's BOS, whose row is not stored (a request brings its own BOS); and the
+    # library part's attention is tempered as in APE: its logits times 1/temperature, its
+    # LSE plus log_scale in the merge (1.0 and 0.0: exact attention).
+    chunk_sink: bool = False
+    attention_temperature: float = 1.0
+    attention_log_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         validate_name(self.name)
         if not isinstance(self.files, dict) or not all(
             isinstance(v, str) for v in self.files.values()
@@ -299,8 +312,10 @@ class Manifest:
             raise IndexError(f"chunk {chunk} out of range [0, {len(self.chunks)})")
         c = self.chunks[chunk]
         doc = c.document
-        known = doc is not None and 0 <= doc < len(self.documents)
-        return ChunkSpan(chunk, self.documents[doc].name if known else None, c.start, c.end)
+        name = (
+            self.documents[doc].name if doc is not None and 0 <= doc < len(self.documents) else None
+        )
+        return ChunkSpan(chunk, name, c.start, c.end)
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

@@ -3,6 +3,7 @@ under one root directory, for one model. Used by the server, the engine and the 
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import logging
 import os
@@ -69,8 +70,10 @@ class LibraryManager:
         device: str | torch.device = "cpu",
         *,
         progress: bool = True,
+        tiers: Any = None,
     ) -> None:
         self.root = Path(root) if root is not None else default_library_root()
+        self.tiers = tiers  # a TierConfig (library/tiers.py): libraries over budget in tiers
         self.loaded_model = loaded_model
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -146,6 +149,7 @@ class LibraryManager:
         *,
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         routing_rank: int | None = None,
+        kv_dtype: str = "auto",
         keep_loaded: bool = True,
         reservation: BuildLock | None = None,
         on_progress: ProgressHook | None = None,
@@ -171,6 +175,7 @@ class LibraryManager:
                 mode=mode,
                 prefill_tokens=prefill_tokens,
                 routing_rank=routing_rank,
+                kv_dtype=kv_dtype,
                 progress=self.progress,
                 on_progress=on_progress,
             )
@@ -189,7 +194,12 @@ class LibraryManager:
             if library is None:
                 self._dir(name)
                 library = load_library(
-                    self.root, name, self.fingerprint, self.device, progress=self.progress
+                    self.root,
+                    name,
+                    self.fingerprint,
+                    self.device,
+                    progress=self.progress,
+                    tiers=self.tiers,
                 )
                 self._register(name, library)
             return library
@@ -199,7 +209,12 @@ class LibraryManager:
         build process): it loads outside the manager's lock, so requests acquiring other
         libraries meanwhile do not wait for the load. A copy loaded meanwhile is kept."""
         library = load_library(
-            self.root, validate_name(name), self.fingerprint, self.device, progress=False
+            self.root,
+            validate_name(name),
+            self.fingerprint,
+            self.device,
+            progress=False,
+            tiers=self.tiers,
         )
         with self._lock:
             if name in self._deleting:
@@ -262,7 +277,7 @@ class LibraryManager:
         with self._lock:
             return self._unregister(name)
 
-    def loaded_names(self) -> list[str]:
+    def loaded_names(self) -> builtins.list[str]:
         with self._lock:
             return sorted(self._loaded)
 

@@ -29,7 +29,7 @@ class LoadedModel(NamedTuple):
     model: CausalLM
     config: ModelConfig
     tokenizer: Tokenizer | None  # None when the directory has no tokenizer.json
-    path: Path
+    path: Path | None  # None for a model built in memory
 
 
 def load_model(

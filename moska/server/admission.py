@@ -210,7 +210,8 @@ class AdmissionController:
         def step_s(prefill: int, pairs: int, decode: int) -> float:
             return float(feature_vector(StepFeatures(prefill, pairs, decode, 0)) @ coef)
 
-        queue = deque([c.prompt_tokens, c] for c in load.waiting)
+        # [tokens left to prefill, cost] per waiting request
+        queue: deque[list[Any]] = deque([c.prompt_tokens, c] for c in load.waiting)
         queue.extend([new.prompt_tokens, new] for _ in range(num_requests))
         target = len(load.waiting) if queue_target is None else queue_target
         # library loads ahead (once per library size) and the new request's own
@@ -294,7 +295,11 @@ class AdmissionController:
         Retry-After is the predicted time until a request like this would be admitted."""
         cost = RequestCost(new) if isinstance(new, int) else new
         queue_full = self.max_queue is not None and load.num_waiting + num_requests > self.max_queue
-        target = max(0, self.max_queue - num_requests) if queue_full else None
+        target = (
+            max(0, self.max_queue - num_requests)
+            if queue_full and self.max_queue is not None
+            else None
+        )
         pred = self.predict(cost, load, num_requests, target)
         ttft = pred.ttft_s + max(0.0, elapsed_s)
         if queue_full:

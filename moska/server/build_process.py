@@ -173,6 +173,7 @@ class BuildSpec:
     device: str
     max_tokens: int
     prefill_tokens: int | None = None
+    kv_dtype: str = "auto"
 
 
 def run_build_process(
@@ -204,6 +205,7 @@ def run_build_process(
     try:
         proc.start()
         writer.close()  # the child's end only: EOF here once the child has gone
+        assert proc.pid is not None  # started
         on_start(proc.pid)
         return _supervise(proc, reader, cancelled, on_progress)
     finally:
@@ -314,6 +316,7 @@ def _child_main(
                 spec.root,
                 chunk_size=spec.chunk_size or DEFAULT_CHUNK_SIZE,
                 mode=spec.mode,
+                kv_dtype=spec.kv_dtype,
                 progress=False,
                 **kwargs,
             )

@@ -12,6 +12,7 @@ logprob of their sampled tokens are returned, renumbered 0..n-1 per prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 from moska.engine.outputs import RequestOutput
@@ -61,8 +62,7 @@ async def make_echo(state: ServerState, body: CompletionRequest, prompts: list) 
             texts.append(p)
         else:
             ids = list(p)
-            texts.append(await state.tokenizers.run(lambda ids=ids: tok.decode(ids), len(ids),
-                                                    "prompt"))  # fmt: skip
+            texts.append(await state.tokenizers.run(partial(tok.decode, ids), len(ids), "prompt"))
     return Echo(texts, body.n, body.logprobs is not None, body.max_tokens == 0)
 
 

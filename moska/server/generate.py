@@ -17,6 +17,7 @@ from typing import Any
 from moska.engine.outputs import RequestOutput
 from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.structured import Grammar
+from moska.library.positions import request_wants_bos
 from moska.server import sampling_fields, structured_output
 from moska.server.admission import request_cost
 from moska.server.async_engine import AsyncEngine
@@ -49,8 +50,8 @@ class Generation:
     prompt_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> tokens
     cached_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> cache hits
     library_tokens: int = 0  # of the library in front of every prompt
-    n: int = 1
     reused_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> SemShareKV
+    n: int = 1
     report_routing: bool = False
 
     def routing(self, out: RequestOutput) -> dict | None:
@@ -74,9 +75,9 @@ class Generation:
             self.prompt_tokens.setdefault(idx // self.n, len(item.prompt_token_ids))
             if item.finished or item.num_cached_tokens:
                 self.cached_tokens.setdefault(idx // self.n, item.num_cached_tokens)
-            if item.library is not None:
             if item.finished or item.num_reused_tokens:
                 self.reused_tokens.setdefault(idx // self.n, item.num_reused_tokens)
+            if item.library is not None:
                 self.library_tokens = int(item.library.num_tokens)
             if item.finished:
                 remaining.discard(item.request_id)
@@ -97,8 +98,8 @@ class Generation:
             prompt_tokens_details=PromptTokensDetails(
                 cached_tokens=sum(self.cached_tokens.values()),
                 library_tokens=self.library_tokens * len(self.prompt_tokens),
-            ),
                 reused_tokens=sum(self.reused_tokens.values()),
+            ),
         )
 
 
@@ -258,7 +259,7 @@ def sampling_params(
             min_p=body.min_p,
             max_tokens=max_tokens,
             min_tokens=min(body.min_tokens, max_tokens),
-            stop=body.stop if body.stop is not None else (),
+            stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             seed=seed,
@@ -267,7 +268,7 @@ def sampling_params(
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty,
-            logit_bias=bias or {},
+            logit_bias=tuple((bias or {}).items()),
         )
     except SamplingParamsError as exc:
         raise APIError(400, str(exc), param=exc.param) from exc
@@ -296,11 +297,13 @@ async def submit(
         raise APIError(400, f"{param} must be at most {state.settings.max_n}", param=param)
     config = getattr(state.engine, "model_config", None)
     bias = sampling_fields.logit_bias(body, getattr(config, "vocab_size", None))
-    # The engine adds BOS to text prompts unless they follow a library.
-    # Text is encoded here, on the tokenizer pool; the engine thread gets the ids.
-    prompts = [await tokenize(state, p, body.library is None) for p in prompts]
-    counts = [len(p) for p in prompts]
+    # Text prompts get BOS unless they follow a library that starts with one (prefix mode;
+    # library/positions.py). Text is encoded here, on the tokenizer pool; the engine thread
+    # gets the ids.
     library, loaded = await lookup_library(state, body.library)
+    bos = request_wants_bos(library)
+    prompts = [await tokenize(state, p, bos) for p in prompts]
+    counts = [len(p) for p in prompts]
     offset = int(getattr(library, "position_offset", None) or 0)
     resolved = [resolve_max_tokens(state, c, max_tokens, offset) for c in counts]
     params = [[sampling_params(body, mt, logprobs, j, bias) for j in range(n)] for mt in resolved]
@@ -382,7 +385,10 @@ def token_text(state: ServerState, token_id: int) -> str:
 def completion_logprobs(state: ServerState, entries: list[Any], offset: int) -> dict:
     """OpenAI's completions logprobs of `entries` (token_id, logprob, top), text offsets
     from `offset`. An entry whose logprob is None (a prompt's first token) has null ones."""
-    tokens, lps, tops, offsets = [], [], [], []
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
     for e in entries:
         text = token_text(state, e.token_id)
         tokens.append(text)

@@ -114,6 +114,7 @@ async def build_library(
         documents=[(d.name, d.text) for d in body.documents],
         chunk_size=body.chunk_size,
         mode=body.mode,
+        kv_dtype=body.kv_dtype,
     )
     reserve = getattr(builds.manager, "reserve", None)
     if reserve is not None:
@@ -150,8 +151,10 @@ async def cancel_job(job_id: str, state: StateDep) -> LibraryJob:
     """Cancel a build: a queued one is `cancelled` at once; a running one stops at its next
     prefill piece (poll the job for `cancelled`) and writes nothing. A finished job is
     returned as it is."""
-    _job(state, job_id)
-    return to_job(_builds(state).cancel(job_id))
+    _job(state, job_id)  # 404 for an unknown id
+    job = _builds(state).cancel(job_id)
+    assert job is not None
+    return to_job(job)
 
 
 @router.delete("/v1/libraries/jobs/{job_id}", response_model=LibraryJob, responses=_ERRORS)

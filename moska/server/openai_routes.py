@@ -82,7 +82,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(state, gen, _completion_chunks(state, gen, include_usage, echo))
     last = await _collect(request, state, gen)
-    choices, completion_tokens = [], 0
+    choices: list[Any] = []  # dicts, validated into the response model
+    completion_tokens = 0
     if echo is None or not echo.score_only:
         completion_tokens = sum(len(o.outputs[0].token_ids) for o in last.values())
     if candidates > body.n:
@@ -146,7 +147,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         top_n = body.top_logprobs or 0
         return _sse(state, gen, _chat_chunks(state, gen, include_usage, top_n, replies))
     last = await _collect(request, state, gen)
-    choices, completion_tokens = [], 0
+    choices: list[Any] = []  # dicts, validated into the response model
+    completion_tokens = 0
     for idx in sorted(last):
         out = last[idx].outputs[0]
         completion_tokens += len(out.token_ids)

@@ -125,7 +125,7 @@ def tool_call_grammar(body: ChatCompletionRequest, fmt: ToolFormat) -> Grammar |
             param="tool_choice",
         )
     tools = body.tools
-    if choice != "required":
+    if not isinstance(choice, str):  # a named function
         tools = [t for t in tools if t.function.name == choice.function.name]
     key = fmt.arguments_key
     calls = [
@@ -205,7 +205,7 @@ def _call(obj: Any, keys: tuple[str, ...]) -> tuple[str, Any] | None:
             return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    args = next((obj[k] for k in keys if k in obj), {})
+    args: Any = next((obj[k] for k in keys if k in obj), {})
     return obj["name"], args
 
 
