@@ -24,6 +24,7 @@ _BENCHES = {
     "decode": "moska.bench.decode",
     "smoke": "moska.bench.smoke",
     "load": "moska.bench.load",
+    "fidelity": "moska.bench.fidelity",
     "trace": "moska.bench.trace",
 }
 
@@ -58,6 +59,16 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "semantic_recompute_layers": "first layers computed for every prompt token under "
     "semantic reuse",
     "semantic_store_mb": "memory bound of the semantic reuse reference store (MiB, LRU)",
+    "routing_scorer": "library router scorer: keymax, two_stage, mean or bound (default: keymax)",
+    "routing_dense_layers": "first layers that read every library chunk (default: 1)",
+    "routing_always_first": "always read a library's first chunk (attention sinks; default: on)",
+    "routing_always_last": "prefix libraries: always read the chunk nearest the request "
+    "(default: on)",
+    "routing_mass_threshold": "adaptive k: chunks until this estimated share of attention "
+    "mass, at most top_k (0: a fixed k, the default; eager steps)",
+    "routing_page_size": "score pages of this many tokens inside chunks (key-max), rank "
+    "chunks by their pages (0: whole chunks, the default; eager steps)",
+    "routing_per_kv_head": "each KV head picks its own chunks (default: one set per request)",
 }
 _NOT_FLAGS = {"model"}  # positional / --model, per subcommand
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",

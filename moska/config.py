@@ -60,7 +60,17 @@ class EngineConfig:
     semantic_recompute_layers: int = 1
     semantic_store_mb: int = 1024
 
+    # routing of library requests (moska.routing.RoutingPolicy); None: the policy's default
+    routing_scorer: str | None = None
+    routing_dense_layers: int | None = None
+    routing_always_first: bool | None = None
+    routing_always_last: bool | None = None
+    routing_mass_threshold: float | None = None  # 0: a fixed k
+    routing_page_size: int | None = None  # 0: score whole chunks
+    routing_per_kv_head: bool | None = None
+
     def __post_init__(self) -> None:
+        self.routing_policy  # noqa: B018 -- validates the routing fields (RoutingPolicyError)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -95,6 +105,25 @@ class EngineConfig:
             )
             if self.tensor_parallel_size > 1:
                 raise ValueError("semantic_reuse does not run with tensor parallelism yet")
+
+    @property
+    def routing_policy(self):
+        """The engine's default RoutingPolicy (a request's SamplingParams.routing wins)."""
+        from moska.routing.policy import RoutingPolicy
+
+        given = {
+            "scorer": self.routing_scorer,
+            "dense_layers": self.routing_dense_layers,
+            "always_first": self.routing_always_first,
+            "always_last": self.routing_always_last,
+            "per_kv_head": self.routing_per_kv_head,
+        }
+        changes = {k: v for k, v in given.items() if v is not None}
+        if self.routing_mass_threshold is not None:
+            changes["mass_threshold"] = self.routing_mass_threshold or None
+        if self.routing_page_size is not None:
+            changes["page_size"] = self.routing_page_size or None
+        return RoutingPolicy().replace(**changes)
 
     def check_device(self) -> None:
         """Raise DeviceUnavailableError when the asked-for device or attention backend

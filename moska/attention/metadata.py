@@ -22,6 +22,7 @@ class LibraryGroup:
     rows: torch.Tensor  # [n] int64, indices into the step's packed tokens
     top_k: int  # chunks per row; >= library.num_chunks means all chunks (exact)
     scorer: str = "keymax"
+    policy: Any = None  # moska.routing.RoutingPolicy; None: the default policy with `scorer`
     all_rows: bool = False  # rows == every packed token in order: no gather/scatter needed
     record: bool = False  # keep the last layer's selections for reporting
     recorded: dict[int, Any] = field(default_factory=dict)  # layer -> Selections

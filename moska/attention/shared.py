@@ -32,13 +32,16 @@ def shared_attention_for_group(
     if group.top_k >= lib.num_chunks:
         sel = all_chunk_selections(q_rows.shape[0], num_kv_heads, lib.num_chunks, q_rows.device)
     else:
-        from moska.kernels.router import route
+        from moska.routing import RoutingPolicy, select_chunks
 
-        sel = route(
+        policy = group.policy or RoutingPolicy(scorer=group.scorer)
+        sel = select_chunks(
             q_rows,
-            lib.routing[layer],
+            lib,
+            layer,
             group.top_k,
-            scorer=group.scorer,
+            policy,
+            sm_scale,
             keymax_programs=keymax_programs,
             use_triton=ops.use_triton,  # attention "torch": no Triton in routing either
         )

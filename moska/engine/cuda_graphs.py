@@ -53,6 +53,7 @@ class LibrarySpec:
     top_k: int
     scorer: str
     record: bool
+    policy: Any = None  # moska.routing.RoutingPolicy (graph-safe); None: the default
 
 
 class DecodeGraphs:
@@ -129,7 +130,7 @@ class DecodeGraphs:
     def _key(self, b: int, spec: LibrarySpec | None) -> tuple:
         if spec is None:
             return (b,)
-        return (b, spec.name, id(spec.library), spec.top_k, spec.scorer, spec.record)
+        return (b, spec.name, id(spec.library), spec.top_k, spec.scorer, spec.record, spec.policy)
 
     def _find(self, b: int, spec: LibrarySpec | None) -> _Graph | None:
         g = self._graphs.get(self._key(b, spec))
@@ -190,6 +191,7 @@ class DecodeGraphs:
                 rows=torch.arange(b, **i64),
                 top_k=spec.top_k,
                 scorer=spec.scorer,
+                policy=spec.policy,
                 all_rows=True,
                 record=spec.record,
             )

@@ -181,6 +181,7 @@ class ModelRunner:
         libs: dict[str, object] = {}  # build id -> library
         lib_rows: dict[str, list[int]] = {}  # by build id
         lib_topk: dict[str, int] = {}
+        lib_policy: dict[str, object] = {}  # build id -> RoutingPolicy (its first request's)
         record_reqs: dict[str, list[tuple[Request, int]]] = {}
         pending: list[tuple[int, str]] = []  # (row, request id) whose input is on the device
         prompt_rows: list[prompt_logprobs.PromptRows] = []
@@ -199,6 +200,7 @@ class ModelRunner:
                 lib_rows.setdefault(bid, []).extend(range(first, first + n))
                 k = req.top_k_chunks or top_k_default
                 lib_topk[bid] = max(lib_topk.get(bid, 0), k)
+                lib_policy.setdefault(bid, self._routing_policy(req))
             rows = prompt_logprobs.rows_of(
                 req.request_id, req.prompt_token_ids, start, end, len(token_ids),
                 req.sampling_params.prompt_logprobs,
@@ -224,7 +226,9 @@ class ModelRunner:
             table = block_table(it.request.request_id)
             tables.append(table[:max_blocks] + [0] * (max_blocks - len(table)))
         device_ids = self._device_inputs(pending, prev)
-        spec = self._graph_spec(scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs)
+        spec = self._graph_spec(
+            scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs, lib_policy
+        )
         if spec is not False:
             try:
                 hidden, group = self.graphs.run(
@@ -263,6 +267,7 @@ class ModelRunner:
                     rows=to_device(rows, dev, torch.int64),
                     top_k=lib_topk[name],
                     scorer=_scorer(lib),
+                    policy=lib_policy[name],
                     all_rows=rows == list(range(len(token_ids))),
                     record=name in record_reqs,
                     coverage_layers=sampled_layers if wants else frozenset(),
@@ -289,7 +294,10 @@ class ModelRunner:
             return 0
         specs: list[LibrarySpec | None] = [None]
         for name, lib in libraries.items():
-            specs.append(LibrarySpec(lib.build_id, lib, top_k, _scorer(lib), record=True))
+            policy = self.config.routing_policy
+            specs.append(
+                LibrarySpec(lib.build_id, lib, top_k, _scorer(lib), record=True, policy=policy)
+            )
         try:
             return self.graphs.capture(specs, progress=progress)
         except GraphCaptureError as e:
@@ -312,7 +320,13 @@ class ModelRunner:
         src = to_device([index[rid] for _, rid in pending], self.device, torch.int64)
         return rows, prev.batch.tokens.index_select(0, src)
 
-    def _graph_spec(self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs):
+    def _routing_policy(self, req: Request):
+        """The request's routing policy (SamplingParams.routing), else the engine's."""
+        return req.sampling_params.routing or self.config.routing_policy
+
+    def _graph_spec(
+        self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs, lib_policy=None
+    ):
         """False when this step runs eagerly; else None (no library) or the LibrarySpec of
         the one library every row reads, for a CUDA-graph replay."""
         g = self.graphs
@@ -327,7 +341,10 @@ class ModelRunner:
         if len(rows) != len(token_ids) or any(r.report_routing for r, _ in reqs):
             return False
         lib = libs[name]
-        return LibrarySpec(name, lib, lib_topk[name], _scorer(lib), record=bool(reqs))
+        policy = (lib_policy or {}).get(name)
+        if policy is not None and not policy.graph_safe:  # adaptive k, pages: host syncs
+            return False
+        return LibrarySpec(name, lib, lib_topk[name], _scorer(lib), record=bool(reqs), policy=policy)
 
     def _sample(self, hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs):
         step = PendingStep(sample_reqs, None, groups, lib_rows, record_reqs)

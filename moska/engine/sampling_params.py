@@ -65,6 +65,9 @@ class SamplingParams:
     # token id -> bias in [-100, 100]; given as a mapping, kept as sorted (id, bias) pairs
     logit_bias: tuple[tuple[int, float], ...] = ()
     logits_processors: tuple[LogitsProcessor, ...] = field(default=(), compare=False)
+    # library requests: a moska.routing.RoutingPolicy (or a mapping of its fields over the
+    # policy's defaults); None: the engine's (EngineConfig.routing_*)
+    routing: Any = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +78,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         object.__setattr__(self, "logits_processors", tuple(self.logits_processors or ()))
+        object.__setattr__(self, "routing", _routing_policy(self.routing))
         if self.n < 1:
             raise SamplingParamsError("n", f"n must be at least 1, got {self.n}")
         if self.temperature < 0:
@@ -135,6 +139,24 @@ class SamplingParams:
         """The sampler reads this request's token ids (penalties, logits processors): a step
         sampling it cannot run ahead of its previous tokens (asynchronous scheduling)."""
         return self.has_penalties or bool(self.logits_processors)
+
+
+def _routing_policy(routing: Any):
+    """A RoutingPolicy from a policy, a mapping of its fields, or None."""
+    from moska.routing.policy import RoutingPolicy, RoutingPolicyError
+
+    if routing is None or isinstance(routing, RoutingPolicy):
+        return routing
+    if not isinstance(routing, Mapping):
+        raise SamplingParamsError(
+            "routing", f"routing must be a RoutingPolicy or a mapping, got {type(routing).__name__}"
+        )
+    try:
+        return RoutingPolicy.from_dict(routing)
+    except RoutingPolicyError as e:
+        raise SamplingParamsError(f"routing.{e.param}", str(e)) from None
+    except TypeError as e:
+        raise SamplingParamsError("routing", f"routing: {e}") from None
 
 
 def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:

@@ -1,0 +1,145 @@
+"""Synthetic long-context retrieval, in token ids (no tokenizer): the task that
+moska.bench.train_retrieval trains a model on and moska.bench.fidelity asks it.
+
+A context is documents of filler tokens separated by SEP, with facts spread through them in
+three formats:
+- ``fact``: ``FACT k1 k2 k3 IS v1 v2 END``, asked as ``ASK_FACT k1 k2 k3 IS`` -> ``v1 v2``;
+- ``code``: an identifier assignment ``DEF k1 k2 k3 ( v1 v2 )``, asked as
+  ``ASK_CODE k1 k2 k3 (`` -> ``v1 v2``;
+- ``hop`` (multi-hop): ``LINK a1 a2 a3 TO k1 k2 k3 END`` plus a ``fact`` for k, asked as
+  ``ASK_HOP a1 a2 a3 IS`` -> the value of k (the link and the fact sit in different places).
+Keys are 3 tokens and values 2 tokens from their own ranges; every key is unique in its
+context. A question follows the context after ``QUESTION``; its answer tokens are checked
+token by token.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+BOS, SEP, QUESTION = 0, 1, 2
+FACT, IS, END, DEF, OPEN, CLOSE, LINK, TO = 3, 4, 5, 6, 7, 8, 9, 10
+ASK_FACT, ASK_CODE, ASK_HOP = 11, 12, 13
+FIRST_FILLER = 16
+FORMATS = ("fact", "code", "hop")
+SPEC_FILE = "retrieval_spec.json"
+
+
+@dataclass(frozen=True)
+class RetrievalSpec:
+    vocab_size: int = 1024
+    filler_tokens: int = 400  # ids [16, 416)
+    key_tokens: int = 304  # ids after the filler
+    value_tokens: int = 304  # ids after the keys
+    context_tokens: int = 4096
+    facts: int = 48  # facts per context (hops count as two)
+    doc_tokens: int = 256  # mean document length
+
+    def __post_init__(self) -> None:
+        assert FIRST_FILLER + self.filler_tokens + self.key_tokens + self.value_tokens <= (
+            self.vocab_size
+        ), "token ranges exceed the vocabulary"
+
+    @property
+    def key_range(self) -> tuple[int, int]:
+        lo = FIRST_FILLER + self.filler_tokens
+        return lo, lo + self.key_tokens
+
+    @property
+    def value_range(self) -> tuple[int, int]:
+        lo = self.key_range[1]
+        return lo, lo + self.value_tokens
+
+    def with_context(self, tokens: int) -> RetrievalSpec:
+        facts = max(4, round(self.facts * tokens / self.context_tokens))
+        return replace(self, context_tokens=tokens, facts=facts)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / SPEC_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> RetrievalSpec:
+        path = Path(folder) / SPEC_FILE
+        if not path.is_file():
+            raise SystemExit(f"{path} missing: train the model with moska.bench.train_retrieval")
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class Example:
+    context: list[int]  # BOS + documents
+    question: list[int]  # QUESTION + ask tokens
+    answer: list[int]
+    fmt: str
+    depth: float  # where the answer's fact sits in the context (0 = start)
+
+
+def _key(rng: random.Random, spec: RetrievalSpec, used: set) -> tuple[int, ...]:
+    lo, hi = spec.key_range
+    while True:
+        k = tuple(rng.randrange(lo, hi) for _ in range(3))
+        if k not in used:
+            used.add(k)
+            return k
+
+
+def _value(rng: random.Random, spec: RetrievalSpec) -> list[int]:
+    lo, hi = spec.value_range
+    return [rng.randrange(lo, hi) for _ in range(2)]
+
+
+def make_context(rng: random.Random, spec: RetrievalSpec, num_questions: int):
+    """(context ids, [(question, answer, format, depth)] for ``num_questions`` facts)."""
+    used: set = set()
+    pieces: list[tuple[str, list[int], tuple]] = []  # (format, tokens, ask info)
+    n = 0
+    while n < spec.facts:
+        fmt = rng.choice(FORMATS)
+        k, v = _key(rng, spec, used), _value(rng, spec)
+        if fmt == "fact":
+            pieces.append((fmt, [FACT, *k, IS, *v, END], (ASK_FACT, k, IS, v)))
+        elif fmt == "code":
+            pieces.append((fmt, [DEF, *k, OPEN, *v, CLOSE], (ASK_CODE, k, OPEN, v)))
+        else:
+            a = _key(rng, spec, used)
+            pieces.append(("hop-link", [LINK, *a, TO, *k, END], None))
+            pieces.append((fmt, [FACT, *k, IS, *v, END], (ASK_HOP, a, IS, v)))
+            n += 1
+        n += 1
+    rng.shuffle(pieces)
+    fact_len = sum(len(t) for _, t, _ in pieces)
+    filler_budget = max(0, spec.context_tokens - 1 - fact_len)
+    # spread the facts: filler runs between them, documents cut by SEP
+    cuts = sorted(rng.randrange(filler_budget + 1) for _ in range(len(pieces)))
+    gaps = [b - a for a, b in zip([0, *cuts], [*cuts, filler_budget])]
+    ctx = [BOS]
+    asks = []
+    flo, fhi = FIRST_FILLER, FIRST_FILLER + spec.filler_tokens
+    for i, gap in enumerate(gaps):
+        for _ in range(gap):
+            tok = SEP if rng.random() < 1.0 / spec.doc_tokens else rng.randrange(flo, fhi)
+            ctx.append(tok)
+        if i < len(pieces):
+            fmt, toks, ask = pieces[i]
+            if ask is not None:
+                asks.append((fmt, ask, len(ctx)))
+            ctx.extend(toks)
+    rng.shuffle(asks)
+    qs = []
+    for fmt, (marker, key, sep, value), pos in asks[:num_questions]:
+        qs.append(([QUESTION, marker, *key, sep], value, fmt, pos / max(1, len(ctx))))
+    return ctx[: spec.context_tokens], qs
+
+
+def make_examples(spec: RetrievalSpec, n: int, seed: int = 0) -> list[Example]:
+    """``n`` contexts with one question each (held-out seeds: training uses others)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ctx, qs = make_context(rng, spec, 1)
+        q, a, fmt, depth = qs[0]
+        out.append(Example(ctx, q, a, fmt, depth))
+    return out
