@@ -11,24 +11,33 @@ Llama-3.1-8B attention (Hq=32, Hkv=8, D=128, bf16) on one GPU. Checks correctnes
 2. grouped decode step: 256 chunks x 4096 tokens, top-8 per request, 4096 unique tokens
    each; ours = grouped shared + paged unique + merge (and with the router in front) vs
    dense per-request flash over shared ++ unique (measured for one request, times B) and
-   the best torch composition (one varlen flash call over all chunks with each chunk's
-   requests as query rows, one flash call for unique, torch LSE merge), and the roofline
-   floor max(bytes / copy bandwidth, FLOPs / GEMM peak).
+   the strongest plain-PyTorch baseline (kernels_baseline.py: every touched chunk in one
+   flash varlen launch addressed in place, query rows in tiles, unique KV with cuDNN or
+   flash, LSE merge, the whole step one CUDA graph; the best of its variants and of the
+   earlier eager composition is `best_baseline`), and the floor
+   max(bytes / read bandwidth, FLOPs / GEMM peak).
 3. paged decode at 128K context: ours vs the best SDPA backend on contiguous KV.
+
+Every floor divides by a read-only bandwidth measured in the same run (bandwidth.py); the
+run fails (after writing its JSON) if any fraction of a floor exceeds 1.0.
+`--cpu-dry-run` checks the grouped-step harness on CPU at toy sizes (Triton interpreter).
 """
 
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
-import torch
-import triton
+if "--cpu-dry-run" in sys.argv:  # Triton picks its interpreter when it is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import torch
+
+from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
+from moska.bench.common import environment, write_json
 from moska.bench.kernels_correctness import correctness
-from moska.bench.kernels_grouped import case_grouped
+from moska.bench.kernels_grouped import case_grouped, grouped_dry_run
 from moska.bench.kernels_paged import case_paged
 from moska.bench.kernels_router import case_keymax_tiles
 from moska.bench.kernels_single import case_single
@@ -39,25 +48,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--out", default="bench/results", help="output directory")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="check the harness on CPU")
     args = ap.parse_args(argv)
+    if args.cpu_dry_run:
+        return cpu_dry_run(args.out)
     if not torch.cuda.is_available():
-        raise SystemExit("moska.bench.kernels needs a CUDA GPU")
+        raise SystemExit("moska.bench.kernels needs a CUDA GPU (or --cpu-dry-run)")
     torch.manual_seed(0)
     t_start = time.time()
-    res = dict(
-        command=" ".join(
-            [os.path.basename(sys.executable), "-m", "moska.bench.kernels"] + sys.argv[1:]
-        ),
-        gpu=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        python=platform.python_version(),
-        dtype="bfloat16",
-        shapes=dict(Hq=HQ, Hkv=HKV, D=D),
-    )
-    peak, bw = ceilings()
-    res["gemm_peak_tflops"], res["copy_GBps"] = peak, bw
-    log(f"GEMM peak {peak:.0f} TFLOP/s, copy {bw:.0f} GB/s")
+    res = dict(environment(), dtype="bfloat16", shapes={"Hq": HQ, "Hkv": HKV, "D": D})
+    peak, bw, res["ceilings"] = ceilings()
+    res["gemm_peak_tflops"], res["read_GBps"] = peak, bw
+    res["copy_GBps"] = res["ceilings"]["copy_bytes_per_s"] / 1e9
+    log(f"GEMM peak {peak:.0f} TFLOP/s, read {bw:.0f} GB/s, copy {res['copy_GBps']:.0f} GB/s")
     S_max = 1 << 20
     k_pool = torch.randn(S_max, HKV, D, device=DEV, dtype=DT)
     v_pool = torch.randn(S_max, HKV, D, device=DEV, dtype=DT)
@@ -68,32 +71,32 @@ def main(argv=None):
         raise SystemExit(f"correctness failed: {bad}")
     configs = {
         "default": {},
-        "m64n64w4s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, use_tma=False),
-        "m128n64w8s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=False),
-        "m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=False),
-        "tma_m64n64w4s3": dict(block_m=64, block_n=64, num_warps=4, num_stages=3, use_tma=True),
-        "tma_m128n64w8s3": dict(block_m=128, block_n=64, num_warps=8, num_stages=3, use_tma=True),
-        "tma_m128n64w8s5": dict(block_m=128, block_n=64, num_warps=8, num_stages=5, use_tma=True),
-        "tma_m128n128w8s3": dict(block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True),
-        "tma_m128n128w8s3_ws": dict(
-            block_m=128,
-            block_n=128,
-            num_warps=8,
-            num_stages=3,
-            use_tma=True,
-            warp_specialize=True,
-        ),
-        "tma_m128n128w8s3_t1": dict(
-            block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, target_programs=132
-        ),
-        "tma_m128n128w8s3_t4": dict(
-            block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True, target_programs=528
-        ),
-        "m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=False),
-        "tma_m64n128w4s3": dict(block_m=64, block_n=128, num_warps=4, num_stages=3, use_tma=True),
-        "m64n64w4s4_t4": dict(
-            block_m=64, block_n=64, num_warps=4, num_stages=4, use_tma=False, target_programs=528
-        ),
+        "m64n64w4s3": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "use_tma": False},
+        "m128n64w8s3": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "use_tma": False},
+        "m128n128w8s3": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": False},
+        "tma_m64n64w4s3": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "use_tma": True},
+        "tma_m128n64w8s3": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "use_tma": True},
+        "tma_m128n64w8s5": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 5, "use_tma": True},
+        "tma_m128n128w8s3": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": True},
+        "tma_m128n128w8s3_ws": {
+            "block_m": 128,
+            "block_n": 128,
+            "num_warps": 8,
+            "num_stages": 3,
+            "use_tma": True,
+            "warp_specialize": True,
+        },
+        "tma_m128n128w8s3_t1": {
+            "block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": True, "target_programs": 132
+        },
+        "tma_m128n128w8s3_t4": {
+            "block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": True, "target_programs": 528
+        },
+        "m64n128w4s3": {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "use_tma": False},
+        "tma_m64n128w4s3": {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "use_tma": True},
+        "m64n64w4s4_t4": {
+            "block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 4, "use_tma": False, "target_programs": 528
+        },
     }
     if args.quick:
         configs = {"default": {}}
@@ -119,6 +122,7 @@ def main(argv=None):
         pick(res["grouped"], B=1024, routing="uniform"),
     )
     res["summary"] = dict(
+        **vs_best_baseline(res["grouped"]),
         shared_tflops_b256_s1m=pick(res["single_chunk"], S=1 << 20, B=256).get("ours_tflops"),
         shared_tflops_b1024_s1m=pick(res["single_chunk"], S=1 << 20, B=1024).get("ours_tflops"),
         gemm_peak_tflops=peak,
@@ -146,24 +150,49 @@ def main(argv=None):
         "grouped ours_ms = best of sequential / overlapped (paged unique on a side stream while grouped shared runs) x eager / CUDA graph; all four are in each row",
         "single_chunk: SDPA gets the same packed rows (batch 1, heads=Hkv, q_len=B*G), K/V strided views of the pool",
         "grouped: uniform routing = random top-8 per request; zipf = multinomial without replacement, weights 1/rank^1.1",
-        "grouped ours_ms/roofline/speedups are the attention step (grouped shared + paged unique + merge) on given selections; "
+        ("grouped ours_ms/roofline/speedups are the attention step (grouped shared + paged unique + merge) on given selections; "
         "ours_with_router_{scorer}_ms adds moska.kernels.router.route in front (best of eager/graph x sequential/overlapped); "
-        "its floor adds the router's reads (chunk summaries; for two_stage also the low-rank key copy of the shortlisted chunks, all of them at these B) and the key-max FLOPs",
+        "its floor adds the router's reads (chunk summaries; for two_stage also the low-rank key copy of the shortlisted chunks, all of them at these B) and the key-max FLOPs"),
         "dense_ms_extrapolated = one request's flash pass over 1M+4096 tokens (measured) times B (memory-bound: each request reads its own KV)",
+        "floors: bytes / read_GBps (the best read-only stream measured in this run, see ceilings.read_streams), FLOPs / GEMM peak; floor_check lists any fraction above 1.0",
+        "baseline_t{tile}_{cudnn|flash}: kernels_baseline.baseline_step as one CUDA-graph replay; best_baseline = fastest of those within 2e-2 of ours and the eager torch composition",
         "torch composition: aten._flash_attention_forward varlen over all 256 chunks (untouched chunks have 0 query rows) + dense flash for unique + torch LSE merge; metadata (bincount, max) inside the timing",
         "paged_decode: SDPA baselines run on contiguous KV gathered from the paged cache (same bytes)",
     ]
     res["wall_s"] = time.time() - t_start
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    check_floors(res)
+    write_json(os.path.join(args.out, "kernels.json"), res)
     print_table(res)
+    raise_if_floors_broken(res)
+
+
+def vs_best_baseline(rows: list[dict]) -> dict:
+    """Per B and routing: ours against the best baseline of the same run."""
+    out = {}
+    for r in rows:
+        tag = f"b{r['B']}_{r['routing']}"
+        out[f"grouped_speedup_vs_best_baseline_{tag}"] = r.get("speedup_vs_best_baseline")
+        out[f"grouped_best_baseline_{tag}"] = r.get("best_baseline")
+        out[f"grouped_best_baseline_ms_{tag}"] = r.get("best_baseline_ms")
+    return out
+
+
+def cpu_dry_run(out_dir: str) -> None:
+    """The grouped step's harness at toy sizes on CPU; writes kernels_cpu_dry_run.json."""
+    ceil = measure_ceilings("cpu", gib=1 / 64, reps=2)
+    res = dict(environment(), device="cpu", dtype="float32", ceilings=ceil)
+    res["grouped"] = grouped_dry_run(ceil)
+    res["summary"] = vs_best_baseline(res["grouped"])
+    check_floors(res)
+    path = write_json(os.path.join(out_dir, "kernels_cpu_dry_run.json"), res)
+    log("summary:", json.dumps(res["summary"]), "floor check:", res["floor_check"], path)
+    raise_if_floors_broken(res)
 
 
 def print_table(res):
-    f = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))  # noqa: E731
+    f = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
     log(
-        f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  GEMM peak {res['gemm_peak_tflops']:.0f} TFLOP/s  copy {res['copy_GBps']:.0f} GB/s"
+        f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  GEMM peak {res['gemm_peak_tflops']:.0f} TFLOP/s  read {res['read_GBps']:.0f} GB/s"
     )
     log("single chunk (TFLOP/s):   S        B   ours  flash  cudnn  best-cfg")
     for r in res["single_chunk"]:
@@ -171,11 +200,11 @@ def print_table(res):
             f"  {r['S']:>24} {r['B']:>5} {f(r.get('ours_tflops')):>6} {f(r.get('flash_tflops')):>6} {f(r.get('cudnn_tflops')):>6}  {f(r.get('ours_best_tflops'))} {r.get('ours_best_cfg')}"
         )
     log(
-        "grouped step (ms):      B routing  ours  +router(mean/2stage)  torch  dense(extrap)  floor  roofline"
+        "grouped step (ms):      B routing  ours  +router(mean/2stage)  best-baseline  dense(extrap)  floor  roofline"
     )
     for r in res["grouped"]:
         log(
-            f"  {r['B']:>22} {r['routing']:>7} {f(r['ours_ms']):>6} {f(r.get('ours_with_router_mean_ms')):>6}/{f(r.get('ours_with_router_two_stage_ms')):<6} {f(r.get('torch_ms')):>9} {f(r['dense_ms_extrapolated']):>9} {f(r['floor_ms']):>8} {f(r['roofline_fraction']):>6}"
+            f"  {r['B']:>22} {r['routing']:>7} {f(r['ours_ms']):>6} {f(r.get('ours_with_router_mean_ms')):>6}/{f(r.get('ours_with_router_two_stage_ms')):<6} {f(r.get('best_baseline_ms')):>9} {f(r['dense_ms_extrapolated']):>9} {f(r['floor_ms']):>8} {f(r['roofline_fraction']):>6}"
         )
     log("paged decode 128K (ms):  B  ours  sdpa_best  ours/sdpa speed")
     for r in res["paged_decode"]:

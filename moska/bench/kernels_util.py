@@ -3,6 +3,7 @@
 import torch
 from triton.testing import do_bench
 
+from moska.bench.bandwidth import measure_ceilings
 from moska.bench.common import capture_graph
 from moska.kernels.selections import Selections, from_topk
 
@@ -49,18 +50,10 @@ def pairs_sel(req, chunk, b):
 
 
 def ceilings():
-    a, b = (
-        torch.randn(8192, 8192, device=DEV, dtype=DT),
-        torch.randn(8192, 8192, device=DEV, dtype=DT),
-    )
-    t = bench(lambda: a @ b)
-    peak = 2 * 8192**3 / t / 1e9
-    x = torch.randn(1 << 30, device=DEV, dtype=DT)
-    y = torch.empty_like(x)
-    tc = bench(lambda: y.copy_(x))
-    bw = 2 * x.numel() * 2 / tc / 1e6  # GB/s counting read + write (tc in ms)
-    del a, b, x, y
-    return peak, bw
+    """(GEMM peak TFLOP/s, read GB/s, the ceilings dict) measured in this run; every floor
+    divides bytes by the read bandwidth (moska/bench/bandwidth.py says why)."""
+    c = measure_ceilings(DEV)
+    return c["gemm_flops_per_s"] / 1e12, c["read_bytes_per_s"] / 1e9, c
 
 
 def kernel_breakdown(fn, reps=20):
