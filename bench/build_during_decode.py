@@ -163,7 +163,9 @@ def main() -> None:
             f"build of {r['build_seconds']:.2f} s (longest gap "
             f"{r['max_gap_s_during_build'] * 1e3:.0f} ms)"
         )
-    result = {"command": "python " + " ".join(sys.argv), "device": args.device, "modes": rows}
+    from moska.bench.common import environment
+
+    result = {**environment(), "device": args.device, "modes": rows}
     if args.device.startswith("cuda"):
         import torch
 

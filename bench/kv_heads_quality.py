@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlkv_quality import PACKAGES, ROOT, heldout_windows, token_loss
 
+from moska.bench.common import environment
 from moska.model import load_model
 from moska.model.convert_kv_heads import calibration_sequences, convert_kv_heads
 
@@ -92,6 +93,7 @@ def main() -> None:
     fit = rows[1]
     print("energy kept per layer (fit): K", fit["energy_kept_k"], "V", fit["energy_kept_v"])
     result = {
+        "environment": environment(),
         "model": src.name,
         "what": "token loss (nats) after KV-head compression by `moska convert kv-heads`, "
         "no training",

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moska.bench.common import environment
 from moska.model import DenseAttention, load_model
 from moska.model.convert_mlkv import convert_mlkv
 
@@ -137,6 +138,7 @@ def main() -> None:
         print(f"spot {s['path']}: loss {s['loss']} (eval.json {s['loss_eval_json']}), "
               f"{s['tokens']} tokens (eval.json {s['tokens_eval_json']})")  # fmt: skip
     result = {
+        "environment": environment(),
         "model": src.name,
         "what": "token loss (nats) of MLKV variants made by `moska convert mlkv`, no training",
         "heldout": {p: f"{args.windows} windows x {args.length} tokens" for p in PACKAGES},
