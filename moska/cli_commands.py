@@ -87,7 +87,9 @@ def run_library(args: argparse.Namespace) -> int:
         EngineConfig(model=args.model, **kwargs).check_device()
         engine = LLMEngine.from_model(args.model, **kwargs)
         docs = read_documents(args.files, jsonl_field=args.jsonl_field)
-        info = engine.libraries.build(args.name, docs, chunk_size=args.chunk_size, mode=args.mode)
+        info = engine.libraries.build(
+            args.name, docs, chunk_size=args.chunk_size, mode=args.mode, kv_dtype=args.kv_dtype
+        )
         print(f"built {info.name}: {info.num_tokens} tokens in {info.num_chunks} chunks")
         return 0
     raise ValueError(f"unknown library action {args.library_command!r}")

@@ -22,7 +22,15 @@ import triton
 import triton.language as tl
 
 from .merge import merge_finish
-from .shared_inputs import ChunkTable, check_inputs, chunk_table, outputs, pool_descriptor, tma_ok
+from .shared_inputs import (
+    ChunkTable,
+    check_inputs,
+    chunk_table,
+    fp8_kernel_args,
+    outputs,
+    pool_descriptor,
+    tma_ok,
+)
 from .shared_split_merge import merge_tile_splits
 from .shared_work_list import build_work_list
 
@@ -359,8 +367,14 @@ def grouped_shared_attention(
     split_b: int | None = None,
     max_programs: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fp8_dot: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
+
+    e4m3 pools (float8_e4m3fn) need `kv_scales` = (k_scale, v_scale) [C, Hkv] fp32, a
+    (chunk, KV head)'s value being the stored one times its scale; K/V are upcast in
+    registers, or with `fp8_dot` q is cut to e4m3 per tile and QK^T runs on FP8 tensor cores.
 
     `chunk_offsets`: chunk c is pool rows `offsets[c] : offsets[c+1]`, or a `ChunkTable`
     (starts [C], ends [C]): rows `starts[c] : ends[c]` (a tiered library's GPU slots;
@@ -373,6 +387,7 @@ def grouped_shared_attention(
     """
     table = chunk_table(chunk_offsets)  # offsets: views, no copy
     check_inputs(q, k_pool, v_pool, table, sel)
+    fp8 = fp8_kernel_args(q, k_pool, v_pool, kv_scales, table, fp8_dot)
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
@@ -450,6 +465,7 @@ def grouped_shared_attention(
         WARP_SPEC=cfg["warp_specialize"],
         PRECISION=precision,
         PERSISTENT=max_programs is not None,
+        **fp8,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -459,8 +475,11 @@ def grouped_shared_attention(
     return o, lse
 
 
-def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale):
-    """Plain-PyTorch reference, one selection at a time in fp32: (o [N,G,D] fp32, lse [N,G] fp32)."""
+def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale, kv_scales=None):
+    """Plain-PyTorch reference, one selection at a time in fp32: (o [N,G,D] fp32, lse [N,G] fp32).
+    `kv_scales` (k_scale, v_scale) [C, Hkv]: an e4m3 chunk's K/V are stored values x scale."""
+    if (k_pool.dtype == torch.float8_e4m3fn) != (kv_scales is not None):
+        raise ValueError("kv_scales go with float8_e4m3fn pools, and only with them")
     n = sel.req.numel()
     hq, d = q.shape[1], q.shape[2]
     g = hq // k_pool.shape[1]
@@ -471,6 +490,8 @@ def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale
     for i, (r, h, c) in enumerate(zip(sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist())):
         k = k_pool[starts[c] : ends[c], h].float()  # [L, D]
         v = v_pool[starts[c] : ends[c], h].float()
+        if kv_scales is not None:
+            k, v = k * kv_scales[0][c, h].float(), v * kv_scales[1][c, h].float()
         if k.shape[0] == 0:
             continue
         s = q[r, h * g : (h + 1) * g].float() @ k.T * sm_scale  # [G, L]

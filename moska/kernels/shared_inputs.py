@@ -3,6 +3,7 @@
 from typing import NamedTuple
 
 import torch
+import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .qkv_checks import check_qkv
@@ -54,7 +55,7 @@ def check_inputs(q, k_pool, v_pool, table: ChunkTable, sel) -> None:
         raise ValueError(
             f"q must be [B,Hq,D] and k_pool [S_total,Hkv,D]; got {tuple(q.shape)}, {tuple(k_pool.shape)}"
         )
-    check_qkv(q, k_pool, v_pool, "k_pool", "v_pool")
+    check_qkv(q, k_pool, v_pool, "k_pool", "v_pool", fp8_kv=True)
     for name, t in zip(ChunkTable._fields, table):
         if t.dtype != torch.int32 or t.dim() != 1 or t.shape != table.starts.shape:
             raise ValueError(
@@ -70,6 +71,41 @@ def check_inputs(q, k_pool, v_pool, table: ChunkTable, sel) -> None:
     devs = {t.device for t in (q, k_pool, v_pool, *table, sel.req, sel.kv_head, sel.chunk)}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device, got {devs}")
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def fp8_kernel_args(q, k_pool, v_pool, kv_scales, table: ChunkTable, fp8_dot: bool) -> dict:
+    """The kernel's e4m3 arguments: scale pointers, their row stride and constexprs.
+    An e4m3 pool needs (k_scale, v_scale) [C, Hkv] fp32; other pools take none."""
+    kv_fp8 = k_pool.dtype == torch.float8_e4m3fn
+    if not kv_fp8:
+        if kv_scales is not None or fp8_dot:
+            raise ValueError(
+                f"kv_scales and fp8_dot are for float8_e4m3fn pools, not {k_pool.dtype}"
+            )
+        return {}
+    if kv_scales is None:
+        raise ValueError("float8_e4m3fn k_pool/v_pool need kv_scales=(k_scale, v_scale)")
+    shape = (table.starts.numel(), k_pool.shape[1])
+    for name, t in zip(("k_scale", "v_scale"), kv_scales):
+        if t.dtype != torch.float32 or tuple(t.shape) != shape or t.stride() != (shape[1], 1):
+            raise ValueError(
+                f"{name} must be contiguous float32 [C, Hkv] = {shape}, got {t.dtype} {tuple(t.shape)}"
+            )
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
+        raise ValueError("e4m3 KV needs a GPU of compute capability 8.9+ (Ada, Hopper)")
+    return {
+        "k_scale_ptr": kv_scales[0],
+        "v_scale_ptr": kv_scales[1],
+        "stride_sc": shape[1],
+        "KV_FP8": True,
+        "FP8_DOT": bool(fp8_dot),
+        "CDTYPE": _TL_DTYPES[q.dtype],
+    }
 
 
 def tma_ok(k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:

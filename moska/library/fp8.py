@@ -19,9 +19,10 @@ from typing import NamedTuple
 
 import torch
 
+from moska.library.format import KV_DTYPES
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
-KV_DTYPES = ("auto", "fp8")  # "auto": the model's dtype; "fp8": e4m3 with scales
 GRANULARITIES = ("layer", "chunk", "token")  # one scale per KV head per: layer, chunk, token
 LIBRARY_GRANULARITY = "chunk"  # what libraries store (see the module docstring)
 _ROWS_PER_STEP = 1 << 16  # quantize in slices: an fp32 copy of a whole pool can be GiBs

@@ -101,6 +101,7 @@ class BuildJob:
     documents: Sequence[tuple[str, str]] | None
     chunk_size: int | None
     mode: str
+    kv_dtype: str = "auto"
     reservation: Any = None  # the manager's name reservation, released when the job ends
     id: str = field(default_factory=lambda: f"libjob-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -240,6 +241,8 @@ class BuildWorker:
 
     def _build_in_thread(self, job: BuildJob) -> Any:
         kwargs: dict[str, Any] = {"on_progress": self._hook(job)}
+        if job.kv_dtype != "auto":
+            kwargs["kv_dtype"] = job.kv_dtype
         if self.prefill_tokens is not None:
             kwargs["prefill_tokens"] = self.prefill_tokens
         if job.reservation is not None:
@@ -259,6 +262,7 @@ class BuildWorker:
                 documents=list(job.documents or ()),
                 chunk_size=job.chunk_size,
                 mode=job.mode,
+                kv_dtype=job.kv_dtype,
                 root=self.manager.root,
                 device=str(self.manager.device),
                 max_tokens=self.max_tokens,

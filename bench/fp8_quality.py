@@ -1,0 +1,198 @@
+"""What an FP8 (e4m3) library costs in quality: token loss and top-1 agreement of
+moska-code-20m continuing held-out code with a library in context, library KV in fp8 (scales
+per layer, per (chunk, KV head), per (token, KV head)) against the same library in bf16.
+
+Held-out text: the networkx and sympy sources installed in this venv (none was in the
+model's training set), packed per package as in bench/mlkv_quality.py and cut into windows
+of `--lib-tokens + --query-tokens`. Each window's first `--lib-tokens` tokens are the
+library (prefix mode, chunks of `--chunk-size`, at positions 0..S-1): its KV is computed
+once by moska's model code in fp32, rounded to bf16 (what a bf16 model's library holds),
+then quantized to fp8 from that bf16 pool, as `moska library build --kv-dtype fp8` does.
+The rest of the window is the query, continuing the last library file: each of its tokens
+attends to its own causal KV plus the library, either all chunks or its routed top-k
+(`moska.kernels.router.route`, key-max scorer on the routing index of the unquantized bf16
+keys, each query token routed alone as a decode row is). Loss = mean next-token
+cross-entropy (nats) over the query tokens; agreement = the share of query tokens whose
+argmax equals the bf16 library's. fp32 library KV is reported as the floor of bf16.
+
+Usage: .venv/bin/python bench/fp8_quality.py [--windows 4] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from mlkv_quality import PACKAGES, heldout_windows
+
+from moska.kernels.router import build_routing_index, route
+from moska.library.fp8 import GRANULARITIES, dequantize, quantize
+from moska.model import DenseAttention, load_model
+
+
+class LibraryAttention:
+    """Attention of query tokens over the library's KV (all chunks or each token's routed
+    top-k) plus their own causal KV, in fp32: a dense, obviously correct stand-in for the
+    engine's shared + paged attention merged by LSE."""
+
+    def __init__(self, lib_k, lib_v, index, offsets, top_k, sm_scale):
+        self.lib_k, self.lib_v, self.index = lib_k, lib_v, index  # per layer [S, Hkv, D]
+        self.offsets, self.top_k, self.sm_scale = offsets, top_k, sm_scale
+
+    def visible(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:  # [Hkv, T, S] bool
+        c = self.offsets.numel() - 1
+        if self.top_k >= c:
+            return None
+        idx = self.index[layer]
+        sel = route(q.to(idx.basis.dtype), idx, self.top_k, use_triton=False)
+        hkv = self.lib_k[layer].shape[1]
+        chunks = torch.zeros(hkv, q.shape[0], c, dtype=torch.bool)
+        chunks[sel.kv_head.long(), sel.req.long(), sel.chunk.long()] = True
+        return chunks.repeat_interleave(self.offsets.diff().long(), dim=2)
+
+    def __call__(self, layer, q, k, v):  # q [T, Hq, D], k/v [T, Hkv, D]
+        t, hq, _d = q.shape
+        lk, lv = self.lib_k[layer], self.lib_v[layer]  # [S, Hkv, D] fp32
+        g = hq // lk.shape[1]
+        kk = torch.cat([lk, k.float()]).repeat_interleave(g, dim=1)  # [S + T, Hq, D]
+        vv = torch.cat([lv, v.float()]).repeat_interleave(g, dim=1)
+        scores = torch.einsum("thd,shd->hts", q.float(), kk) * self.sm_scale  # [Hq, T, S+T]
+        s = lk.shape[0]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        own = causal.expand(hq, t, t)
+        shared = self.visible(layer, q)
+        shared = (
+            torch.ones(hq, t, s, dtype=torch.bool)
+            if shared is None
+            else shared.repeat_interleave(g, dim=0)
+        )
+        scores = scores.masked_fill(~torch.cat([shared, own], dim=2), float("-inf"))
+        return torch.einsum("hts,shd->thd", scores.softmax(-1), vv).to(q.dtype)
+
+
+@torch.inference_mode()
+def run_window(model, ids, lib_tokens, chunk_size, top_ks):
+    """Per library variant and routing: (logits [T-1, V] of the query's next tokens)."""
+    cfg = model.config
+    sm_scale = cfg.sm_scale or cfg.head_dim**-0.5
+    lib, query = ids[:lib_tokens], ids[lib_tokens:]
+    att = DenseAttention(cfg.sm_scale)
+    model(torch.tensor(lib), torch.arange(lib_tokens), att)
+    layers = sorted(att.k)
+    offsets = torch.arange(0, lib_tokens + 1, chunk_size, dtype=torch.int32)
+    k16 = [att.k[i].to(torch.bfloat16) for i in layers]  # [S, Hkv, D]: a bf16 model's pool
+    v16 = [att.v[i].to(torch.bfloat16) for i in layers]
+    index = [build_routing_index(k, offsets) for k in k16]
+    variants = {"fp32": ([att.k[i].float() for i in layers], [att.v[i].float() for i in layers])}
+    variants["bf16"] = ([k.float() for k in k16], [v.float() for v in v16])
+    for gran in GRANULARITIES:
+        variants[f"fp8/{gran}"] = tuple(
+            [dequantize(quantize(x, offsets, gran), offsets) for x in pools] for pools in (k16, v16)
+        )
+    x = torch.tensor(query)
+    pos = torch.arange(lib_tokens, lib_tokens + len(query))
+    out = {}
+    for top_k in top_ks:
+        for name, (lk, lv) in variants.items():
+            la = LibraryAttention(lk, lv, index, offsets, top_k, sm_scale)
+            hidden = model(x, pos, la)
+            out[(top_k, name)] = model.compute_logits(hidden[:-1]).float()  # [T-1, V]
+    return out, x[1:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT.parent / "shared/models/moska-code-20m"))
+    ap.add_argument("--windows", type=int, default=4, help="windows per held-out package")
+    ap.add_argument("--lib-tokens", type=int, default=3072)
+    ap.add_argument("--query-tokens", type=int, default=1024)
+    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=4, help="routed chunks (besides all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/fp8_quality.json"))
+    args = ap.parse_args()
+    if args.lib_tokens % args.chunk_size:
+        raise SystemExit("--lib-tokens must be a multiple of --chunk-size")
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    lm = load_model(args.model, dtype="float32")
+    length = args.lib_tokens + args.query_tokens
+    windows = heldout_windows(lm.tokenizer, length, args.windows, args.seed)
+    num_chunks = args.lib_tokens // args.chunk_size
+    top_ks = [num_chunks, args.top_k]
+    loss_sum: dict = {}
+    agree: dict = {}
+    count = 0
+    for pkg in PACKAGES:
+        for w in windows[pkg]:
+            logits, target = run_window(lm.model, w, args.lib_tokens, args.chunk_size, top_ks)
+            count += target.numel()
+            for (top_k, name), lg in logits.items():
+                key = (top_k, name)
+                loss_sum[key] = loss_sum.get(key, 0.0) + float(
+                    F.cross_entropy(lg, target, reduction="sum")
+                )
+                ref = logits[(top_k, "bf16")].argmax(-1)
+                agree[key] = agree.get(key, 0) + int((lg.argmax(-1) == ref).sum())
+            print(f"  {pkg} window done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    rows = []
+    for (top_k, name), total in loss_sum.items():
+        base = loss_sum[(top_k, "bf16")] / count
+        loss = total / count
+        rows.append({
+            "routing": "all chunks" if top_k >= num_chunks else f"top-{top_k}",
+            "library_kv": name,
+            "loss": round(loss, 5),
+            "loss_rel_vs_bf16": round(loss / base - 1, 5),
+            "top1_agreement_vs_bf16": round(agree[(top_k, name)] / count, 5),
+        })  # fmt: skip
+    print(f"{'routing':<11} {'library KV':<11} {'loss':>8} {'rel':>9} {'top-1 agr':>9}")
+    for r in rows:
+        print(f"{r['routing']:<11} {r['library_kv']:<11} {r['loss']:>8.4f} "
+              f"{r['loss_rel_vs_bf16']:>+9.5f} {r['top1_agreement_vs_bf16']:>9.4f}")  # fmt: skip
+    fp8 = [r for r in rows if r["library_kv"] == "fp8/chunk"]
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    result = {
+        "what": "fp8 (e4m3) vs bf16 library KV on moska-code-20m: loss and top-1 agreement",
+        "command": "python " + " ".join(sys.argv),
+        "model": Path(args.model).name,
+        "heldout": {p: f"{args.windows} windows" for p in PACKAGES},
+        "library_tokens": args.lib_tokens,
+        "chunk_size": args.chunk_size,
+        "num_chunks": num_chunks,
+        "query_tokens_scored": count,
+        "device": "cpu",
+        "compute_dtype": "float32",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "git_commit": commit,
+        "rows": rows,
+        "summary": {
+            "stored_granularity": "chunk (one fp32 scale per chunk and KV head)",
+            "fp8_chunk_min_top1_agreement": min(r["top1_agreement_vs_bf16"] for r in fp8),
+            "fp8_chunk_max_abs_loss_rel": max(abs(r["loss_rel_vs_bf16"]) for r in fp8),
+            "targets": "top-1 agreement >= 0.99, loss within 1% of bf16",
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

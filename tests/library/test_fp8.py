@@ -1,0 +1,216 @@
+"""FP8 (e4m3) library KV: quantize/dequantize against a loop reference and the e4m3 error
+bound; an fp8 library built, saved and loaded; the engine serving it close to the same
+library in the model's dtype; the grouped kernel's fp8 path against the reference."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from moska.kernels.selections import Selections
+from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
+from moska.library import build_in_memory, build_library, load_library, model_fingerprint
+from moska.library.errors import CorruptLibraryError, LibraryError
+from moska.library.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    GRANULARITIES,
+    dequantize,
+    quantize,
+    row_scales,
+)
+
+DOCS = [
+    ("a.md", "# Alpha\nThe quick brown fox jumps over the lazy dog. " * 3),
+    ("b.txt", "Bravo: pack my box with five dozen liquor jugs. " * 2),
+]
+
+
+def _offsets(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _quantize_ref(x, offsets, granularity):
+    """One group at a time: scale = amax / 448 (1 for an all-zero group), round to e4m3."""
+    s, hkv, _ = x.shape
+    offs = offsets.tolist()
+    groups = {
+        "layer": [(0, s)],
+        "chunk": list(zip(offs[:-1], offs[1:])),
+        "token": [(r, r + 1) for r in range(s)],
+    }[granularity]
+    data = torch.empty(x.shape, dtype=FP8_DTYPE)
+    scale = torch.empty(len(groups), hkv)
+    for i, (a, b) in enumerate(groups):
+        for h in range(hkv):
+            amax = x[a:b, h].float().abs().max().item()
+            sc = amax / FP8_MAX if amax > 0 else 1.0
+            scale[i, h] = sc
+            data[a:b, h] = (x[a:b, h].float() / torch.tensor(sc)).clamp(-448, 448).to(FP8_DTYPE)
+    return data, scale
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_matches_reference_and_error_bound(granularity, dtype):
+    torch.manual_seed(0)
+    offs = _offsets([7, 40, 1, 25])
+    # magnitudes spread over 2^-8..2^8 per head and token, one all-zero chunk
+    x = torch.randn(73, 3, 16) * torch.exp2(torch.randint(-8, 9, (73, 3, 1)).float())
+    x[7:47, 1] = 0.0
+    x = x.to(dtype)
+    q = quantize(x, offs, granularity)
+    ref_data, ref_scale = _quantize_ref(x, offs, granularity)
+    assert q.data.dtype == FP8_DTYPE and q.scale.dtype == torch.float32
+    assert torch.equal(q.scale, ref_scale)
+    assert torch.equal(q.data.view(torch.uint8), ref_data.view(torch.uint8))
+    y = dequantize(q, offs)
+    rs = row_scales(q.scale, offs, x.shape[0], granularity)[:, :, None]
+    # e4m3: 3 mantissa bits (half-ulp 2^-4 relative); subnormal steps of 2^-9 below 2^-6
+    bound = x.float().abs() * 2**-4 + rs * 2**-10
+    assert ((y - x.float()).abs() <= bound * 1.0001).all()
+    assert torch.equal(y[7:47, 1], torch.zeros_like(y[7:47, 1]))
+
+
+def test_bad_input_is_refused():
+    offs = _offsets([4])
+    with pytest.raises(ValueError, match="granularity"):
+        quantize(torch.randn(4, 1, 16), offs, "head")
+    with pytest.raises(ValueError, match="fp16/bf16/fp32"):
+        quantize(torch.randn(4, 1, 16).to(FP8_DTYPE), offs)
+
+
+# ---------------------------------------------------------------- build, save, load
+
+
+@pytest.fixture(scope="module")
+def fp8_saved(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8libs")
+    kw = dict(chunk_size=16, prefill_tokens=64, progress=False)
+    build_library(tiny_model, DOCS, "lib8", root, kv_dtype="fp8", **kw)
+    exact, _ = build_in_memory(tiny_model, DOCS, "lib", **kw)
+    return root, exact
+
+
+def test_fp8_library_round_trips(fp8_saved, tiny_model):
+    root, exact = fp8_saved
+    lib = load_library(root, "lib8", model_fingerprint(tiny_model), progress=False)
+    assert lib.manifest.kv_dtype == "fp8" and exact.manifest.kv_dtype == "auto"
+    offs = lib.chunk_offsets
+    for layer in range(lib.num_kv_layers):
+        k, v = lib.k_pools[layer], lib.v_pools[layer]
+        ks, vs = lib.kv_scales(layer)
+        assert k.dtype == v.dtype == FP8_DTYPE
+        assert ks.shape == vs.shape == (lib.num_chunks, k.shape[1])
+        for pool, scale, ref in ((k, ks, exact.k_pools[layer]), (v, vs, exact.v_pools[layer])):
+            y = dequantize((pool, scale), offs)
+            bound = ref.float().abs() * 2**-4 + row_scales(scale, offs, y.shape[0], "chunk")[
+                :, :, None
+            ] * 2**-10
+            assert ((y - ref.float()).abs() <= bound * 1.0001).all()
+        # the routing index stays in the model's dtype, built from the exact keys
+        for a, b in zip(lib.routing[layer], exact.routing[layer]):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert exact.kv_scales(0) is None
+    assert lib.nbytes < exact.nbytes
+
+
+def test_fp8_library_missing_scales_is_corrupt(fp8_saved, tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, _ = fp8_saved
+    shutil.copytree(root / "lib8", tmp_path / "lib8")
+    f = tmp_path / "lib8" / "layer_000.safetensors"
+    t = load_file(str(f))
+    del t["v_scale"]
+    save_file(t, str(f))
+    with pytest.raises(CorruptLibraryError, match="v_scale"):
+        load_library(tmp_path, "lib8", None, verify_checksums=False, progress=False)
+
+
+def test_unknown_kv_dtype_is_refused_before_prefill(tiny_model, tmp_path):
+    with pytest.raises(LibraryError, match="kv_dtype"):
+        build_library(tiny_model, DOCS, "x", tmp_path, kv_dtype="int4", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- engine
+
+
+def test_engine_with_fp8_library_is_close_to_exact(tiny_dir, tmp_path):
+    from moska import LLM, SamplingParams
+
+    llm = LLM(
+        str(tiny_dir),
+        device="cpu",
+        dtype="float32",
+        attention="torch",
+        num_kv_blocks=64,
+        library_root=str(tmp_path),
+    )
+    llm.engine.libraries.build("exact", DOCS, chunk_size=16)
+    llm.engine.libraries.build("fp8", DOCS, chunk_size=16, kv_dtype="fp8")
+    assert llm.engine.libraries.get("fp8").k_pools[0].dtype == FP8_DTYPE
+    prompt = [[ord(c) for c in "The quick brown"]]
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    for top_k in (10**6, 2):
+        a = llm.generate(prompt, params, library="exact", top_k_chunks=top_k)[0].outputs[0]
+        b = llm.generate(prompt, params, library="fp8", top_k_chunks=top_k)[0].outputs[0]
+        top_a, top_b = a.logprobs[0].top, b.logprobs[0].top
+        # the same greedy token; logprobs within what 2^-4 relative KV error moves them
+        assert a.token_ids == b.token_ids
+        common = set(top_a) & set(top_b)
+        assert len(common) >= 4
+        assert max(abs(top_a[t] - top_b[t]) for t in common) < 0.1
+
+
+# ---------------------------------------------------------------- kernel
+
+
+def _selections(lens, b, hkv, p=0.7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = [
+        (c, h, r)
+        for c in range(len(lens))
+        for h in range(hkv)
+        for r in range(b)
+        if torch.rand((), generator=g) < p
+    ]
+    t = torch.tensor(sorted(t), dtype=torch.int32)
+    return Selections(t[:, 2].contiguous(), t[:, 1].contiguous(), t[:, 0].contiguous())
+
+
+@pytest.mark.parametrize("fp8_dot", [False, True])
+def test_kernel_fp8_path_matches_reference(fp8_dot):
+    torch.manual_seed(1)
+    lens, b, hkv, g, d = [1, 70, 150, 33], 4, 2, 2, 64
+    offs = _offsets(lens)
+    s = int(offs[-1])
+    q = torch.randn(b, hkv * g, d, dtype=torch.float16)
+    k = (torch.randn(s, hkv, d) * 0.5).half()
+    v = torch.randn(s, hkv, d).half()
+    kq, vq = quantize(k, offs), quantize(v, offs)
+    scales = (kq.scale, vq.scale)
+    sel = _selections(lens, b, hkv)
+    sc = d**-0.5
+    n = sel.req.numel()
+    out = (torch.full((n, g, d), float("nan"), dtype=q.dtype), torch.full((n, g), float("nan")))
+    # small tiles and splits: the 150-token chunk is split, so V's scale meets the merge
+    o, lse = grouped_shared_attention(
+        q, kq.data, vq.data, offs, sel, sc, out=out, kv_scales=scales, fp8_dot=fp8_dot,
+        block_m=16, block_n=32, target_programs=6, min_split=32,
+    )  # fmt: skip
+    ro, rl = grouped_shared_attention_ref(q, kq.data, vq.data, offs, sel, sc, kv_scales=scales)
+    err_o = ((o.double() - ro.double()).norm() / ro.double().norm()).item()
+    err_l = ((lse.double() - rl.double()).norm() / rl.double().norm()).item()
+    # upcast: fp16 compute tolerance; fp8_dot also cuts q to e4m3 (2^-4 relative per element)
+    tol = 0.06 if fp8_dot else 1e-2
+    assert err_o < tol and err_l < tol / 10
+    with pytest.raises(ValueError, match="kv_scales"):
+        grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc)
+    with pytest.raises(ValueError, match="kv_scales"):
+        grouped_shared_attention_ref(q, kq.data, vq.data, offs, sel, sc)
