@@ -205,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None)
     b.add_argument("--chunk-size", type=int, default=4096)
     b.add_argument("--mode", choices=["prefix", "independent"], default="prefix")
+    b.add_argument(
+        "--kv-dtype",
+        choices=["auto", "fp8"],
+        default="auto",
+        help="library KV dtype: auto = the model's; fp8 = e4m3 with per-(chunk, KV head) "
+        "scales (half the bytes; needs an Ada or Hopper GPU to serve)",
+    )
     b.add_argument("--jsonl-field", default="text")
     _add_engine_args(b)
     for name, help_ in (("ls", "list libraries"), ("info", "show one library"), ("rm", "delete")):
