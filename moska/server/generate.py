@@ -269,6 +269,7 @@ def sampling_params(
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty,
             logit_bias=tuple((bias or {}).items()),
+            routing=None if body.routing is None else body.routing.model_dump(exclude_unset=True),
         )
     except SamplingParamsError as exc:
         raise APIError(400, str(exc), param=exc.param) from exc

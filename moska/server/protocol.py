@@ -32,6 +32,24 @@ StopString = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
+class RoutingBody(BaseModel):
+    """A library request's routing policy (moska.routing.RoutingPolicy); fields left out
+    take the policy's defaults. Unknown fields are refused (a misspelt policy would
+    otherwise route silently by the defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scorer: Literal["keymax", "two_stage", "mean", "bound"] | None = None
+    dense_layers: int | None = Field(None, ge=0, le=1024, description="first layers read all")
+    always_first: bool | None = Field(None, description="always read the first chunk")
+    always_last: bool | None = Field(None, description="prefix mode: always the nearest chunk")
+    mass_threshold: float | None = Field(
+        None, gt=0.0, le=1.0, description="adaptive k: chunks until this estimated mass share"
+    )
+    page_size: int | None = Field(None, ge=1, le=2**20, description="key-max pages (tokens)")
+    per_kv_head: bool | None = None
+
+
 class RequestBody(BaseModel):
     """A request body: unknown fields are ignored, as OpenAI-compatible servers do."""
 
@@ -111,6 +129,9 @@ class _SamplingFields(RequestBody):
     report_routing: bool = Field(
         False,
         description="add each choice's routing report (`moska_routing`); needs `library`",
+    )
+    routing: RoutingBody | None = Field(
+        None, description="routing policy for the library's chunks (default: the server's)"
     )
 
 
