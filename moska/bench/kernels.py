@@ -71,13 +71,55 @@ def main(argv=None):
         raise SystemExit(f"correctness failed: {bad}")
     configs = {
         "default": {},
-        "m64n64w4s3": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "use_tma": False},
-        "m128n64w8s3": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "use_tma": False},
-        "m128n128w8s3": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": False},
-        "tma_m64n64w4s3": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3, "use_tma": True},
-        "tma_m128n64w8s3": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "use_tma": True},
-        "tma_m128n64w8s5": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 5, "use_tma": True},
-        "tma_m128n128w8s3": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": True},
+        "m64n64w4s3": {
+            "block_m": 64,
+            "block_n": 64,
+            "num_warps": 4,
+            "num_stages": 3,
+            "use_tma": False,
+        },
+        "m128n64w8s3": {
+            "block_m": 128,
+            "block_n": 64,
+            "num_warps": 8,
+            "num_stages": 3,
+            "use_tma": False,
+        },
+        "m128n128w8s3": {
+            "block_m": 128,
+            "block_n": 128,
+            "num_warps": 8,
+            "num_stages": 3,
+            "use_tma": False,
+        },
+        "tma_m64n64w4s3": {
+            "block_m": 64,
+            "block_n": 64,
+            "num_warps": 4,
+            "num_stages": 3,
+            "use_tma": True,
+        },
+        "tma_m128n64w8s3": {
+            "block_m": 128,
+            "block_n": 64,
+            "num_warps": 8,
+            "num_stages": 3,
+            "use_tma": True,
+        },
+        "tma_m128n64w8s5": {
+            "block_m": 128,
+            "block_n": 64,
+            "num_warps": 8,
+            "num_stages": 5,
+            "use_tma": True,
+        },
+        "tma_m128n128w8s3": {
+            "block_m": 128,
+            "block_n": 128,
+            "num_warps": 8,
+            "num_stages": 3,
+            "use_tma": True,
+        },
         "tma_m128n128w8s3_ws": {
             "block_m": 128,
             "block_n": 128,
@@ -87,15 +129,42 @@ def main(argv=None):
             "warp_specialize": True,
         },
         "tma_m128n128w8s3_t1": {
-            "block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": True, "target_programs": 132
+            "block_m": 128,
+            "block_n": 128,
+            "num_warps": 8,
+            "num_stages": 3,
+            "use_tma": True,
+            "target_programs": 132,
         },
         "tma_m128n128w8s3_t4": {
-            "block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": True, "target_programs": 528
+            "block_m": 128,
+            "block_n": 128,
+            "num_warps": 8,
+            "num_stages": 3,
+            "use_tma": True,
+            "target_programs": 528,
         },
-        "m64n128w4s3": {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "use_tma": False},
-        "tma_m64n128w4s3": {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "use_tma": True},
+        "m64n128w4s3": {
+            "block_m": 64,
+            "block_n": 128,
+            "num_warps": 4,
+            "num_stages": 3,
+            "use_tma": False,
+        },
+        "tma_m64n128w4s3": {
+            "block_m": 64,
+            "block_n": 128,
+            "num_warps": 4,
+            "num_stages": 3,
+            "use_tma": True,
+        },
         "m64n64w4s4_t4": {
-            "block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 4, "use_tma": False, "target_programs": 528
+            "block_m": 64,
+            "block_n": 64,
+            "num_warps": 4,
+            "num_stages": 4,
+            "use_tma": False,
+            "target_programs": 528,
         },
     }
     if args.quick:
@@ -150,9 +219,11 @@ def main(argv=None):
         "grouped ours_ms = best of sequential / overlapped (paged unique on a side stream while grouped shared runs) x eager / CUDA graph; all four are in each row",
         "single_chunk: SDPA gets the same packed rows (batch 1, heads=Hkv, q_len=B*G), K/V strided views of the pool",
         "grouped: uniform routing = random top-8 per request; zipf = multinomial without replacement, weights 1/rank^1.1",
-        ("grouped ours_ms/roofline/speedups are the attention step (grouped shared + paged unique + merge) on given selections; "
-        "ours_with_router_{scorer}_ms adds moska.kernels.router.route in front (best of eager/graph x sequential/overlapped); "
-        "its floor adds the router's reads (chunk summaries; for two_stage also the low-rank key copy of the shortlisted chunks, all of them at these B) and the key-max FLOPs"),
+        (
+            "grouped ours_ms/roofline/speedups are the attention step (grouped shared + paged unique + merge) on given selections; "
+            "ours_with_router_{scorer}_ms adds moska.kernels.router.route in front (best of eager/graph x sequential/overlapped); "
+            "its floor adds the router's reads (chunk summaries; for two_stage also the low-rank key copy of the shortlisted chunks, all of them at these B) and the key-max FLOPs"
+        ),
         "dense_ms_extrapolated = one request's flash pass over 1M+4096 tokens (measured) times B (memory-bound: each request reads its own KV)",
         "floors: bytes / read_GBps (the best read-only stream measured in this run, see ceilings.read_streams), FLOPs / GEMM peak; floor_check lists any fraction above 1.0",
         "baseline_t{tile}_{cudnn|flash}: kernels_baseline.baseline_step as one CUDA-graph replay; best_baseline = fastest of those within 2e-2 of ours and the eager torch composition",

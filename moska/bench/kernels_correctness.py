@@ -26,8 +26,8 @@ def correctness(k_pool, v_pool):
     sel = pairs_sel(r, c, b)
     ro, rl = grouped_shared_attention_ref(q, k_pool[:s], v_pool[:s], offs, sel, SCALE)
     for name, kw in (
-        ("", dict(use_tma=False)),
-        ("_tma", dict(use_tma=True)),
+        ("", {"use_tma": False}),
+        ("_tma", {"use_tma": True}),
     ):
         o, lse = grouped_shared_attention(q, k_pool[:s], v_pool[:s], offs, sel, SCALE, **kw)
         out["shared_ragged" + name] = max(rel(o, ro), rel(lse, rl))
@@ -60,8 +60,8 @@ def correctness(k_pool, v_pool):
     ref = torch.softmax(sc, -1) @ v_pool[:S].float().transpose(0, 1)  # [Hkv, rows, D]
     offs1 = torch.tensor([0, S], dtype=torch.int32, device=DEV)
     for name, kw in (
-        ("", dict(use_tma=False, block_m=128, num_warps=8)),
-        ("_tma", dict(use_tma=True, block_m=128, num_warps=8)),
+        ("", {"use_tma": False, "block_m": 128, "num_warps": 8}),
+        ("_tma", {"use_tma": True, "block_m": 128, "num_warps": 8}),
         ("_default", {}),  # 64-row tiles, ~32 splits each: the merge of split tiles
     ):
         o, lse = grouped_shared_attention(q, k_pool[:S], v_pool[:S], offs1, sel, SCALE, **kw)

@@ -24,11 +24,11 @@ def case_paged(B_list, ctx=131072):
         sl = torch.full((B,), ctx, dtype=torch.int32, device=DEV)
         q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
         o, _ = paged_decode_attention(q, kc, vc, bt, sl, SCALE)
-        row = dict(
-            B=B,
-            ctx=ctx,
-            ours_default_ms=bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE)),
-        )
+        row = {
+            "B": B,
+            "ctx": ctx,
+            "ours_default_ms": bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE)),
+        }
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         best_cfg = ("default", row["ours_default_ms"])
         for bn in (64, 128):

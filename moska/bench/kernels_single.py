@@ -36,7 +36,7 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
             sel = sorted_sel(torch.zeros(B, 1, dtype=torch.long, device=DEV), 1)
             qp = q.view(B, HKV, G, D).transpose(0, 1).reshape(1, HKV, B * G, D)  # packed rows
             flops = 4 * B * G * S * D * HKV
-            row = dict(S=S, B=B, rows_per_kv_head=B * G)
+            row = {"S": S, "B": B, "rows_per_kv_head": B * G}
             best = None
             o_def, _ = grouped_shared_attention(q, k, v, offs, sel, SCALE)
             for name, cfg in configs.items():
