@@ -62,7 +62,7 @@ def start_cluster(
     serve_args: Sequence[str] = (),
     log_dir: str | Path | None = None,
     threads_per_instance: int | None = None,
-    startup_timeout_s: float = 120.0,
+    startup_timeout_s: float = 300.0,
 ) -> Cluster:
     """Start the instances and wait until each answers /pd/info as ready."""
     log_dir = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"moska-pd-{os.getpid()}"

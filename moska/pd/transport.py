@@ -8,8 +8,8 @@ tests). A transfer is:
 
 - its header, a small JSON (transfer id, prompt tokens of the blocks, namespace, layout),
   set in the store under `moska/pd/hdr/SRC->DST/SEQ` (SEQ counts that pair's transfers);
-  the decode instance keeps one thread per source waiting on the next key with a short
-  timeout, so no thread is ever parked in a receive nobody will answer (gloo cannot wake
+  the decode instance keeps one thread per source checking for the next key (every 1 to
+  20 ms), so no thread is ever parked in a receive nobody will answer (gloo cannot wake
   one, and one left at exit aborts the process);
 - its KV, one point-to-point message per layer (`[2, n_blocks, block_size, Hkv, D]`: K and
   V) tagged with SEQ, each bounded by the data timeout.
@@ -40,7 +40,7 @@ from moska.pd.errors import TransferFailedError
 logger = logging.getLogger(__name__)
 
 _MEET = timedelta(seconds=300)  # how long ranks wait for each other at startup
-_POLL = timedelta(seconds=0.25)  # how long a receiver waits on the store between checks
+_POLL_MAX_S = 0.02  # a receiver checks the store for the next header at least this often
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
@@ -191,17 +191,19 @@ class KVTransport:
 
     def _recv_loop(self, src: int) -> None:
         timeout = timedelta(seconds=self.endpoint.timeout_s)
-        seq = 0
+        seq, idle = 0, 0.0
         while not self._closed:
             key = f"moska/pd/hdr/{src}->{self.rank}/{seq + 1}"
             try:
-                self._store.wait([key], _POLL)
-            except Exception as exc:  # noqa: BLE001 - a timeout (poll again) or no store
-                if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+                if not self._store.check([key]):
+                    idle = min(_POLL_MAX_S, idle * 2 or 0.001)
+                    time.sleep(idle)  # (the store's own wait logs every timeout)
                     continue
+            except Exception as exc:  # noqa: BLE001 - rank 0, the store's host, is gone
                 if not self._closed:
                     logger.warning("the transfer store stopped answering: %s", exc)
                 return
+            idle = 0.0
             seq += 1
             meta = json.loads(self._store.get(key).decode())
             self._store.delete_key(key)

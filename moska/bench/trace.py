@@ -1,0 +1,304 @@
+"""`moska bench trace`: replay a Mooncake-format trace against a prefill/decode cluster and,
+in the same run, against the same number of colocated (`--role both`) instances behind a
+round-robin front end.
+
+Trace rows (JSONL, Mooncake's format): `timestamp` (ms from the start), `input_length`,
+`output_length`, `hash_ids` (one per 512-token block; equal ids mean equal content). A
+prompt is built block by block, each block's tokens drawn from a generator seeded by its
+hash id, so equal ids give equal tokens and the clusters' prefix caches see the trace's
+sharing. `--block-tokens` shrinks the 512-token blocks (the CPU form: the tiny model on a
+few cores), scaling input lengths alike. Without `--trace` a synthetic trace is made:
+Poisson arrivals, prompts that start with one of a few shared prefixes (Zipf-popular) and
+end with blocks of their own.
+
+Reported per system: goodput (requests meeting both SLOs per second of the run), TTFT and
+TPOT p50/p99 of the completed requests, the share of admitted requests within both SLOs,
+the share of all requests within the TTFT SLO, rejections (429), failures and, for P/D,
+the prefix-cache hit rate of its prefill instances (prompt tokens found cached).
+
+    python -m moska.bench.trace --cpu-dry-run            # small synthetic trace, CPU
+    python -m moska.bench.trace --trace FILE --pd 1:1 --speedup 2 --ttft-slo 2 --tpot-slo 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BLOCK = 512  # tokens per hash id in Mooncake traces
+SUMMARY_KEYS = (
+    "goodput_rps",
+    "within_both_slos_of_admitted",
+    "within_ttft_slo_of_all",
+    "rejected_429",
+    "ttft_p99_s",
+    "tpot_p99_s",
+    "prefix_hit_rate",
+)
+TOKEN_RANGE = (10, 250)  # ids every moska model's vocabulary has (the tiny one: 256 bytes)
+
+
+def synthesize(
+    n: int,
+    rate_per_s: float,
+    *,
+    num_prefixes: int = 4,
+    prefix_blocks: int = 6,
+    own_blocks: tuple[int, int] = (1, 3),
+    output_length: tuple[int, int] = (16, 48),
+    seed: int = 0,
+) -> list[dict]:
+    """A trace with shared-prefix structure: each request starts with one of
+    `num_prefixes` prefixes (Zipf popularity, each `prefix_blocks` blocks) and ends with
+    blocks of its own."""
+    rng = random.Random(seed)
+    weights = [1.0 / (k + 1) for k in range(num_prefixes)]
+    rows, t, next_id = [], 0.0, num_prefixes * prefix_blocks
+    for _ in range(n):
+        t += rng.expovariate(rate_per_s)
+        p = rng.choices(range(num_prefixes), weights)[0]
+        ids = list(range(p * prefix_blocks, (p + 1) * prefix_blocks))
+        own = rng.randint(*own_blocks)
+        ids += list(range(next_id, next_id + own))
+        next_id += own
+        rows.append(
+            {
+                "timestamp": int(t * 1000),
+                "input_length": len(ids) * BLOCK - rng.randrange(BLOCK // 2),
+                "output_length": rng.randint(*output_length),
+                "hash_ids": ids,
+            }
+        )
+    return rows
+
+
+def load_trace(path: str | Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        missing = {"timestamp", "input_length", "output_length", "hash_ids"} - set(row)
+        if missing:
+            raise ValueError(f"{path}:{i + 1}: a trace row needs {sorted(missing)}")
+        rows.append(row)
+    return rows
+
+
+def prompt_of(row: dict, block_tokens: int) -> list[int]:
+    """Token ids for a row: block i's tokens come from hash id i's own generator."""
+    n = max(1, round(row["input_length"] * block_tokens / BLOCK))
+    out: list[int] = []
+    for h in row["hash_ids"]:
+        rng = random.Random(int(h) * 7919 + 17)
+        out += [rng.randrange(*TOKEN_RANGE) for _ in range(block_tokens)]
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+@dataclass
+class Result:
+    status: int
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: float) -> Result:
+    import httpx
+
+    body = {"model": "moska-tiny", "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    times: list[float] = []
+    tokens = 0
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Result(r.status_code, error=r.text[:200])
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return Result(500, error=str(chunk["error"])[:200])
+                if chunk.get("choices"):
+                    times.append(time.monotonic())
+                if chunk.get("usage"):
+                    tokens = int(chunk["usage"]["completion_tokens"])
+    except httpx.HTTPError as exc:
+        return Result(599, error=f"{type(exc).__name__}: {exc}"[:200])
+    if not times:
+        return Result(500, error="no tokens")
+    tokens = tokens or len(times)
+    tpot = (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else 0.0
+    return Result(200, times[0] - arrival, tpot, tokens)
+
+
+async def replay(url: str, rows: list[dict], args) -> tuple[list[Result], float]:
+    """Send every row at its time (divided by the speedup); all results and the wall time."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(timeout=args.request_timeout, limits=limits) as client:
+        t0 = time.monotonic()
+        tasks = []
+        for row in rows:
+            at = t0 + row["timestamp"] / 1000 / args.speedup
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            prompt = prompt_of(row, args.block_tokens)
+            max_tokens = max(1, min(args.max_output, int(row["output_length"])))
+            tasks.append(asyncio.create_task(_one(client, url, prompt, max_tokens, at)))
+        results = await asyncio.gather(*tasks)
+        return list(results), time.monotonic() - t0
+
+
+def summarize(results: list[Result], wall_s: float, ttft_slo: float, tpot_slo: float) -> dict:
+    ok = [r for r in results if r.status == 200]
+    rejected = sum(1 for r in results if r.status == 429)
+    failed = len(results) - len(ok) - rejected
+    good = [r for r in ok if r.ttft_s <= ttft_slo and r.tpot_s <= tpot_slo]
+    admitted = len(results) - rejected
+
+    def pct(xs, q):
+        return round(float(np.percentile(xs, q)), 4) if xs else None
+
+    ttfts, tpots = [r.ttft_s for r in ok], [r.tpot_s for r in ok]
+    return {
+        "requests": len(results),
+        "completed": len(ok),
+        "rejected_429": rejected,
+        "failed": failed,
+        "errors": sorted({r.error for r in results if r.error and r.status != 429})[:5],
+        "goodput_rps": round(len(good) / wall_s, 4),
+        "within_both_slos_of_admitted": round(len(good) / admitted, 4) if admitted else None,
+        "within_ttft_slo_of_all": round(
+            sum(1 for r in ok if r.ttft_s <= ttft_slo) / len(results), 4
+        ),
+        "ttft_p50_s": pct(ttfts, 50),
+        "ttft_p99_s": pct(ttfts, 99),
+        "tpot_p50_s": pct(tpots, 50),
+        "tpot_p99_s": pct(tpots, 99),
+        "wall_s": round(wall_s, 2),
+    }
+
+
+def run_system(kind: str, rows: list[dict], args) -> dict:
+    """Start the instances of one system, replay, stop them."""
+    import httpx
+
+    from moska.pd.cluster import discover, parse_pd, start_cluster
+    from moska.pd.frontend import FrontEnd, FrontEndConfig, create_frontend_app
+    from moska.pd.scheduler import SLO, GlobalScheduler
+    from moska.server.background import background_server
+
+    p, d = parse_pd(args.pd)
+    serve_args = ["--device", args.device, "--max-model-len", str(args.max_model_len)]
+    serve_args += args.instance_args.split()
+    if kind == "pd":
+        cluster = start_cluster(p, d, model=args.model, serve_args=serve_args,
+                                threads_per_instance=args.threads)  # fmt: skip
+    else:
+        cluster = start_cluster(0, 0, p + d, model=args.model, serve_args=serve_args,
+                                threads_per_instance=args.threads)  # fmt: skip
+    try:
+        instances = discover(cluster.urls)
+        sched = None
+        if kind == "pd":
+            sched = GlobalScheduler(instances, SLO(args.ttft_slo, args.tpot_slo))
+        front = FrontEnd(instances, sched, FrontEndConfig(), cluster.processes)
+        with background_server(create_frontend_app(front)) as url:
+            if args.warmup:  # first requests pay one-off costs; the fits see some steps
+                warm = synthesize(args.warmup, 1.0, seed=args.seed + 1000)
+                for row in warm:
+                    row["timestamp"] = 0
+                    row["hash_ids"] = [10**9 + h for h in row["hash_ids"]]
+                asyncio.run(replay(url, warm, argparse.Namespace(**{**vars(args), "speedup": 1})))
+                front.stats.__init__()
+            results, wall = asyncio.run(replay(url, rows, args))
+            out = summarize(results, wall, args.ttft_slo, args.tpot_slo)
+            stats = httpx.get(f"{url}/pd/stats", timeout=10).json()
+            out["front_end"] = stats
+            out["prefix_hit_rate"] = stats.get("hit_rate")
+    finally:
+        cluster.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from moska.bench.common import environment, write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trace", default=None, help="Mooncake JSONL trace (default: synthetic)")
+    ap.add_argument("--requests", type=int, default=60, help="synthetic: number of requests")
+    ap.add_argument("--rate", type=float, default=2.0, help="synthetic: requests per second")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--speedup", type=float, default=1.0, help="divide trace times by this")
+    ap.add_argument("--block-tokens", type=int, default=BLOCK, help="tokens per hash id")
+    ap.add_argument("--max-output", type=int, default=1 << 20, help="cap on output tokens")
+    ap.add_argument("--pd", default="1:1", help="P:D; the baseline runs P+D colocated")
+    ap.add_argument("--ttft-slo", type=float, default=2.0)
+    ap.add_argument("--tpot-slo", type=float, default=0.2)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--instance-args", default="", help="more `moska serve` flags")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per instance")
+    ap.add_argument("--warmup", type=int, default=4, help="requests sent before measuring")
+    ap.add_argument("--request-timeout", type=float, default=300.0)
+    ap.add_argument("--systems", default="colocated,pd")
+    ap.add_argument("--out", default="bench/results/pd_trace.json")
+    ap.add_argument("--cpu-dry-run", action="store_true",
+                    help="small CPU form: tiny model, 32-token blocks, short outputs")  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.cpu_dry_run:
+        args.device, args.block_tokens, args.threads = "cpu", 32, args.threads or 1
+        args.max_output = min(args.max_output, 24)
+        args.max_model_len = min(args.max_model_len, 1024)
+        args.instance_args = f"--num-kv-blocks 2048 {args.instance_args}".strip()
+        if args.out == "bench/results/pd_trace.json":
+            args.out = "bench/results/pd_trace_cpu.json"
+    rows = load_trace(args.trace) if args.trace else synthesize(args.requests, args.rate,
+                                                                 seed=args.seed)  # fmt: skip
+    report = {
+        "benchmark": "pd_trace",
+        "environment": environment(),
+        "trace": args.trace or "synthetic",
+        "config": {k: v for k, v in vars(args).items() if k != "cpu_dry_run"}
+        | {
+            "cpu_dry_run": args.cpu_dry_run,
+            "rows": len(rows),
+            "mean_prompt_tokens": round(
+                float(np.mean([len(prompt_of(r, args.block_tokens)) for r in rows])), 1
+            ),
+        },
+        "systems": {},
+    }
+    for kind in args.systems.split(","):
+        report["systems"][kind] = run_system(kind, rows, args)
+        print(kind, json.dumps(report["systems"][kind], indent=1), flush=True)
+    systems = report["systems"]
+    report["summary"] = {k: {m: v.get(m) for m in SUMMARY_KEYS} for k, v in systems.items()}
+    if {"pd", "colocated"} <= set(systems):
+        report["summary"]["pd_goodput_over_colocated"] = (
+            round(systems["pd"]["goodput_rps"] / systems["colocated"]["goodput_rps"], 3)
+            if systems["colocated"]["goodput_rps"]
+            else None
+        )
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
