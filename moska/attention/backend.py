@@ -17,6 +17,7 @@ from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import AttentionOps
 from moska.attention.shared import routing_coverage, shared_attention_for_group
+from moska.library.positions import shared_logit_adjustment
 
 
 class PagedAttention:
@@ -108,15 +109,20 @@ def _shared_group(
 ):
     """Routed shared-chunk states of a group's rows: (o_sel, lse_sel, sel)."""
     q_rows = q if group.all_rows else q.index_select(0, group.rows)
+    # a position-independent library's APE tempering (library/positions.py); exact: 1, 0
+    scale, log_scale = shared_logit_adjustment(group.library)
+    sm_scale = p.sm_scale * scale
     o_sel, lse_sel, sel = shared_attention_for_group(
-        p.ops, layer, q_rows, group, p.sm_scale, keymax_programs
+        p.ops, layer, q_rows, group, sm_scale, keymax_programs
     )
     if group.record:
         group.recorded[layer] = sel
     if layer in group.coverage_layers:
         group.coverage[layer] = routing_coverage(
-            p.ops, layer, q_rows, group, lse_sel, sel, p.sm_scale
+            p.ops, layer, q_rows, group, lse_sel, sel, sm_scale
         )
+    if log_scale:
+        lse_sel = lse_sel + log_scale  # the library part's weight in the merge times S
     return o_sel, lse_sel, sel
 
 

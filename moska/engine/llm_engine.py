@@ -27,6 +27,7 @@ from moska.engine.runner import ModelRunner, PendingStep, StepResult
 from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.scheduler import Scheduler, SchedulerOutput
 from moska.engine.scheduler_config import SchedulerConfig
+from moska.library.positions import request_wants_bos
 from moska.model.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer; send token ids")
-            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=library is None)
+            # BOS unless a library that starts with one precedes (library/positions.py)
+            bos = request_wants_bos(handle)
+            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=bos)
         else:
             prompt_ids = list(prompt)
             vocab = self.model_config.vocab_size

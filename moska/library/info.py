@@ -89,6 +89,7 @@ class LibraryInfo:
     build: BuildStats | None = None
     status: str = OK  # OK | DAMAGED
     reason: str | None = None  # why it is damaged
+    chunk_sink: bool = False  # independent mode: a request brings the BOS (positions.py)
 
     @classmethod
     def damaged(cls, name: str, path: Path, reason: str) -> LibraryInfo:
@@ -147,4 +148,5 @@ class LibraryInfo:
             model=manifest.model.describe(),
             path=str(path),
             build=build if build is not None else BuildStats.from_dict(manifest.build),
+            chunk_sink=manifest.chunk_sink,
         )

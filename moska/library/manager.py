@@ -150,6 +150,7 @@ class LibraryManager:
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         routing_rank: int | None = None,
         kv_dtype: str = "auto",
+        independent: Any = None,
         keep_loaded: bool = True,
         reservation: BuildLock | None = None,
         on_progress: ProgressHook | None = None,
@@ -158,7 +159,8 @@ class LibraryManager:
         LibraryExistsError if the name is taken, LibraryBusyError at once if it is being
         built. ``reservation`` (from ``reserve(name)``) is taken over; either way the name
         is released when the build ends (success, failure or cancel). ``on_progress(done,
-        total)`` sees the prefill and may raise to stop it (``prefill_corpus``)."""
+        total)`` sees the prefill and may raise to stop it (``prefill_corpus``).
+        ``independent``: ``positions.IndependentOptions`` (None: the measured defaults)."""
         if self.loaded_model is None:
             if reservation is not None:
                 reservation.release()
@@ -176,6 +178,7 @@ class LibraryManager:
                 prefill_tokens=prefill_tokens,
                 routing_rank=routing_rank,
                 kv_dtype=kv_dtype,
+                independent=independent,
                 progress=self.progress,
                 on_progress=on_progress,
             )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -169,11 +169,17 @@ def prefill_corpus(
     progress: bool = True,
     sm_scale: float | None = None,
     on_progress: ProgressHook | None = None,
+    sequence_prefix: Sequence[int] = (),
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
     """Run the model over the corpus; return (k_pools, v_pools, seconds), pools per KV
     layer (``num_layers``: the model's KV layers, fewer than its layers under MLKV)
     ``[S_total, Hkv, D]`` on the model's device in the model's KV dtype. An exception
     raised by ``on_progress`` stops the prefill and propagates (the pools are dropped).
+
+    ``sequence_prefix`` (a position-independent library's ``chunk_sink``: the BOS) is
+    prefilled in front of every sequence and its rows are dropped from the pools: each
+    chunk's tokens then see the attention sink the model was trained with, and the library
+    stores no copy of it (the request brings its own).
 
     On CUDA it waits on the current stream only, so a build on its own stream (the
     server's build worker) does not wait for the engine's decode steps."""
@@ -182,10 +188,11 @@ def prefill_corpus(
     device = model_device(model)
     scale = sm_scale if sm_scale is not None else head_dim**-0.5
     kernel = _paged_kernel() if device.type == "cuda" else None
-    pools = _Pools(num_layers, corpus.num_tokens)
-    ids = torch.tensor(corpus.token_ids, dtype=torch.int64, device=device)  # [S_total]
+    token_ids, sequences, keep = _with_prefix(corpus, list(sequence_prefix))
+    pools = _Pools(num_layers, len(token_ids))
+    ids = torch.tensor(token_ids, dtype=torch.int64, device=device)  # [S_total + prefixes]
     bar = tqdm(
-        total=corpus.num_tokens,
+        total=len(token_ids),
         unit="tok",
         unit_scale=True,
         desc="prefill",
@@ -197,10 +204,10 @@ def prefill_corpus(
         stream.synchronize()
     done = 0
     if on_progress is not None:
-        on_progress(done, corpus.num_tokens)
+        on_progress(done, len(token_ids))
     t0 = time.perf_counter()
     with torch.inference_mode(), bar:
-        for segments in plan_pieces(corpus.sequences, prefill_tokens):
+        for segments in plan_pieces(sequences, prefill_tokens):
             rows = torch.cat([torch.arange(s + lo, s + hi) for s, lo, hi in segments])
             positions = torch.cat([torch.arange(lo, hi) for _, lo, hi in segments])
             model.forward(
@@ -213,7 +220,28 @@ def prefill_corpus(
             bar.update(len(rows))
             done += len(rows)
             if on_progress is not None:
-                on_progress(done, corpus.num_tokens)
+                on_progress(done, len(token_ids))
     seconds = time.perf_counter() - t0
     k_pools, v_pools = pools.finish()
+    if keep is not None:  # drop the prefix rows: [S_total, Hkv, D]
+        rows = keep.to(device)
+        k_pools = [k.index_select(0, rows) for k in k_pools]
+        v_pools = [v.index_select(0, rows) for v in v_pools]
     return k_pools, v_pools, seconds
+
+
+def _with_prefix(
+    corpus: TokenizedCorpus, prefix: list[int]
+) -> tuple[list[int], list[tuple[int, int]], torch.Tensor | None]:
+    """(token ids, sequences, rows to keep) of the corpus with ``prefix`` in front of every
+    sequence; without a prefix the corpus as it is and None."""
+    if not prefix:
+        return corpus.token_ids, corpus.sequences, None
+    ids: list[int] = []
+    sequences, keep = [], []
+    for start, end in corpus.sequences:
+        base = len(ids)
+        ids += prefix + corpus.token_ids[start:end]
+        sequences.append((base, len(ids)))
+        keep.append(torch.arange(base + len(prefix), len(ids)))
+    return ids, sequences, torch.cat(keep)

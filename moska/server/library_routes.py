@@ -116,6 +116,7 @@ async def build_library(
         mode=body.mode,
         kv_dtype=body.kv_dtype,
     )
+    await _check_fits_context(builds.manager, job)
     reserve = getattr(builds.manager, "reserve", None)
     if reserve is not None:
         try:
@@ -132,6 +133,24 @@ async def build_library(
         ) from exc
     response.headers["Location"] = f"/v1/libraries/jobs/{job.id}"
     return to_job(job)
+
+
+async def _check_fits_context(manager: Any, job: BuildJob) -> None:
+    """400 naming the field at once for a library that cannot fit the model's context (a
+    prefix library past it: build it `independent`), before a job is queued."""
+    from moska.library.builder import DEFAULT_CHUNK_SIZE
+    from moska.library.positions import LibraryTooLongError, check_documents_fit
+
+    model = getattr(manager, "loaded_model", None)
+    if model is None:
+        return
+    chunk_size = job.chunk_size or DEFAULT_CHUNK_SIZE
+    try:
+        await asyncio.to_thread(check_documents_fit, model, job.documents, job.mode, chunk_size)
+    except LibraryTooLongError as exc:
+        raise APIError(400, str(exc), param=exc.field) from exc
+    except ValueError:
+        return  # other input errors (an empty document...): the build job reports them
 
 
 def _job(state: ServerState, job_id: str) -> BuildJob:
