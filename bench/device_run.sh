@@ -10,6 +10,9 @@ mkdir -p "$OUT"
 # at most 8 files come back: one log, the JSONs, the plots and the profile
 LOG="$OUT/device_run.log"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$LOG"
+# the result JSONs record this commit (a copied tree without .git cannot tell otherwise)
+export MOSKA_GIT_COMMIT=${MOSKA_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+echo "commit $MOSKA_GIT_COMMIT" | tee -a "$LOG"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # compiled kernels (not the interpreter) for the tests that need CUDA
   TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider \
@@ -18,7 +21,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   echo "cuda tests rc=$? at ${SECONDS}s"; tail -3 "$LOG"
 fi
 if [ "${SKIP_KERNELS:-0}" != 1 ]; then
-  timeout 300 python3 -m moska.bench.kernels --out "$OUT" >> "$LOG" 2>&1
+  timeout 420 python3 -m moska.bench.kernels --out "$OUT" >> "$LOG" 2>&1
   echo "kernels rc=$? at ${SECONDS}s"; grep -A40 "^NVIDIA" "$LOG" | tail -32
 fi
 if [ "${SKIP_DECODE:-0}" != 1 ]; then
