@@ -61,3 +61,21 @@ def test_bad_settings_name_the_field():
         EngineConfig(semantic_reuse=True, semantic_recompute_fraction=1.5)
     with pytest.raises(ValueError, match="threshold"):
         EngineConfig(semantic_reuse=True, semantic_reuse_threshold=2.0)
+
+
+def test_reuse_across_chunked_prefill():
+    """Prompts longer than the step budget are blended chunk by chunk; an exact repeat still
+    generates the dense reference's tokens and reuses KV in every chunk."""
+    from moska import LLM
+
+    llm = LLM(None, device="cpu", dtype="float32", attention="torch", num_kv_blocks=64,
+              semantic_reuse=True, max_num_batched_tokens=24, max_num_seqs=4)  # fmt: skip
+    a, _ = _prompts()
+    model = llm.engine.loaded.model
+    assert llm.generate([a], PARAMS)[0].num_reused_tokens == 0
+    again = llm.generate([a], PARAMS)[0]
+    assert again.outputs[0].token_ids == greedy_generate(model, a, 6)
+    # chunks [0, 24), [24, 48), [48, 50): each blends all but its last token, the last
+    # chunk's 2 tokens are too few to blend
+    assert llm.engine.semshare.stats.blended_tokens == 23 + 23
+    assert again.num_reused_tokens > 30

@@ -44,6 +44,8 @@ def test_lsh_finds_planted_near_duplicates():
         (best, score), *rest = lsh.candidates(token_features(embed, query), top=3)
         assert best == planted
         assert score > 0.5 and all(s < 0.2 for _, s in rest), (score, rest)
+        sampled = lsh.candidates(token_features(embed, query), top=1, sample=64)
+        assert sampled[0][0] == planted  # votes from 64 of the 300 tokens find it too
     lsh.remove(7)
     found = lsh.candidates(token_features(embed, _edit(prompts[7], gen)), top=1)
     assert not found or found[0][0] != 7

@@ -1,0 +1,211 @@
+"""SemShareKV prefill speed in the engine: time to first token of near-duplicate prompts
+with `semantic_reuse` on vs off (same model, same requests, in the same run).
+
+Documents: held-out code files (networkx/sympy when installed, else the standard library)
+of one folder joined until a document has `--prompt` tokens. Per document the original
+is sent first (the reuse engine stores it), then one variant per kind (identifiers renamed,
+top-level definitions reordered, docstrings reworded: `bench/semshare_workload.py`), each
+one request of max_tokens=1 in an otherwise idle engine; TTFT = add_request until its
+output is on the host (matching included). Prefix caching stays on in both engines.
+
+Model: `--model DIR` (any Llama-family checkpoint and its tokenizer), or by default a
+random-weight Llama of `--arch` built here (speed does not need trained weights; matching
+runs on its random embeddings, where only identical tokens in identical contexts match)
+with the tokenizer of `--tokenizer` (moska-code-20m's).
+
+GPU: python3 bench/semshare_speed.py --tokenizer .models/moska-code-20m --out $OUT/semshare_speed.json
+CPU check: .venv/bin/python bench/semshare_speed.py --cpu-dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import semshare_workload as wl  # noqa: E402
+
+from moska.bench.common import environment  # noqa: E402
+from moska.engine.llm_engine import LLMEngine  # noqa: E402
+from moska.engine.sampling_params import SamplingParams  # noqa: E402
+
+ARCHS = {  # random-weight Llama shapes
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+}  # fmt: skip
+KINDS = ("rename", "reorder", "reword")
+
+
+def build_random_model(arch: str, tokenizer_dir: Path, out: Path, max_len: int, dtype) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=max_len, rope_theta=500000.0,
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **ARCHS[arch])  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def source_files() -> list[Path]:
+    try:
+        files = wl.heldout_files()
+    except SystemExit:  # no networkx/sympy on this machine: the standard library's sources
+        base = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(p for p in base.glob("*.py") if p.stat().st_size <= wl.MAX_FILE_BYTES)
+    return [p for p in files if "/tests/" not in str(p) and "/test/" not in str(p)]
+
+
+def documents(tokenizer, n: int, tokens: int):
+    """n lists of (path, text) of one folder, each list >= tokens tokens, in every variant."""
+    by_dir: dict = {}
+    for p in source_files():
+        by_dir.setdefault(p.parent, []).append(p)
+    docs = []
+    for folder in sorted(by_dir):
+        parts, count = [], 0
+        for p in by_dir[folder]:
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            if any(wl.variant(k, p, text, 0, by_dir) is None for k in KINDS):
+                continue
+            parts.append((p, text))
+            count += len(tokenizer.encode(text, add_special_tokens=False))
+            if count >= tokens * 1.3:  # variants may tokenize shorter
+                break
+        if count >= tokens * 1.3:
+            docs.append(parts)
+            if len(docs) == n:
+                break
+    return docs, by_dir
+
+
+def join(tokenizer, parts, kind, seed, by_dir, tokens: int) -> list[int]:
+    texts = [t if kind == "original" else wl.variant(kind, p, t, seed, by_dir) for p, t in parts]
+    return tokenizer.encode("\n\n".join(texts))[:tokens]
+
+
+def ttft(engine: LLMEngine, rid: str, ids: list[int]) -> tuple[float, int]:
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    engine.add_request(rid, ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    reused = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            reused = out.num_reused_tokens
+    sync()
+    return time.perf_counter() - t, reused
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a checkpoint; default: a random --arch")
+    ap.add_argument("--arch", default="1b", choices=sorted(ARCHS))
+    ap.add_argument("--tokenizer", default=str(ROOT.parent / "shared/models/moska-code-20m"))
+    ap.add_argument("--prompt", type=int, default=5120)
+    ap.add_argument("--docs", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="seeds per variant kind")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model and prompts on CPU")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_speed.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.cpu_dry_run:
+        args.arch, args.prompt, args.docs, args.repeats = "tiny", 256, 2, 1
+        device, dtype = "cpu", torch.float32
+    else:
+        device, dtype = "cuda", torch.bfloat16
+    tmp = None
+    model_dir = args.model
+    if model_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="semshare-model-"))
+        model_dir = str(build_random_model(args.arch, Path(args.tokenizer), tmp,
+                                           args.prompt + 1024, dtype))  # fmt: skip
+    kw = dict(device=device, dtype="float32" if device == "cpu" else "bfloat16",
+              max_model_len=args.prompt + 64, max_num_batched_tokens=args.prompt + 64,
+              enforce_eager=True)  # fmt: skip
+    engines = {
+        "off": LLMEngine.from_model(model_dir, **kw),
+        "on": LLMEngine.from_model(model_dir, semantic_reuse=True, **kw),
+    }
+    tok = engines["off"].tokenizer
+    docs, by_dir = documents(tok, args.docs, args.prompt)
+    if not docs:
+        raise SystemExit("no documents of that many tokens")
+    for name, eng in engines.items():  # warm-up (kernels, allocator): never stored
+        for i in range(2):
+            ttft(eng, f"warm-{name}-{i}", join(tok, docs[0], "original", 0, by_dir, 8))
+    rows = []
+    for di, parts in enumerate(docs):
+        original = join(tok, parts, "original", 0, by_dir, args.prompt)
+        row = {"doc": str(parts[0][0].parent.name), "tokens": len(original)}
+        for name, eng in engines.items():
+            row[f"original_{name}_s"], _ = ttft(eng, f"d{di}-orig-{name}", original)
+        for kind in KINDS:
+            for seed in range(args.repeats):
+                ids = join(tok, parts, kind, 100 + seed, by_dir, args.prompt)
+                r = dict(row, kind=kind, seed=seed, tokens=len(ids))
+                for name, eng in engines.items():
+                    r[f"ttft_{name}_s"], r[f"reused_{name}"] = ttft(eng, f"d{di}-{kind}-{seed}-{name}", ids)
+                r["speedup"] = r["ttft_off_s"] / r["ttft_on_s"]
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    summary = {}
+    for kind in KINDS:
+        sel = [r for r in rows if r["kind"] == kind]
+        summary[kind] = {
+            "ttft_off_ms": round(1000 * statistics.median(r["ttft_off_s"] for r in sel), 2),
+            "ttft_on_ms": round(1000 * statistics.median(r["ttft_on_s"] for r in sel), 2),
+            "speedup_median": round(statistics.median(r["speedup"] for r in sel), 2),
+            "reused_share": round(statistics.mean(r["reused_on"] / r["tokens"] for r in sel), 3),
+        }
+    on = engines["on"].semshare
+    result = {
+        "bench": "semshare_speed",
+        "env": environment(),
+        "model": args.model or f"random llama {args.arch}",
+        "arch": None if args.model else ARCHS[args.arch],
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": device,
+        "cpu_dry_run": args.cpu_dry_run,
+        "shapes": {"prompt": args.prompt, "docs": len(docs), "repeats": args.repeats},
+        "semshare": on.config.__dict__,
+        "store": {"entries": len(on.store), "bytes": on.store.nbytes, **on.store.stats.__dict__},
+        "summary": summary,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary, indent=1))
+    print("wrote", args.out)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
