@@ -25,16 +25,16 @@ from dataclasses import dataclass
 if "--cpu-dry-run" in sys.argv:  # Triton picks its interpreter when it is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import torch  # noqa: E402
+import torch
 
 from moska.attention.backend import PagedAttention
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import get_attention_ops
+from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import (
-    capture_graph,
     LLAMA_3_1_8B,
-    cuda_time_ms,
+    capture_graph,
     environment,
     random_loaded_model,
     time_ms,
@@ -54,17 +54,7 @@ class BenchLibrary:
     chunk_offsets: torch.Tensor
     num_chunks: int
     position_offset: int
-
-
-def measure_ceilings() -> dict:
-    x = torch.randn(1 << 30, dtype=torch.bfloat16, device=DEV)  # 2 GiB
-    y = torch.empty_like(x)
-    ms = cuda_time_ms(lambda: y.copy_(x), iters=10)
-    bw = 2 * x.numel() * 2 / (ms / 1e3)
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=DEV)
-    ms = cuda_time_ms(lambda: a @ b, iters=10)
-    return {"copy_bytes_per_s": bw, "gemm_flops_per_s": 2 * 8192**3 / (ms / 1e3)}
+    mode: str = "prefix"  # requests continue after the library (routing's always-last chunk)
 
 
 def build_library_view(cache: PagedKVCache, lib_tokens: int, chunk: int, scorer: str, bs: int):
@@ -151,11 +141,8 @@ def cpu_dry_run(args) -> None:
 
 def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     bs = 16
-    ceilings = (
-        measure_ceilings()
-        if DEV == "cuda"
-        else {"copy_bytes_per_s": 1e10, "gemm_flops_per_s": 1e11}
-    )
+    # floors divide bytes by a read-only stream's bandwidth (bandwidth.py says why)
+    ceilings = measure_ceilings(DEV) if DEV == "cuda" else measure_ceilings(DEV, 1 / 64, 2)
     loaded = random_loaded_model(cfg, dtype, DEV)
     model, mcfg = loaded.model, loaded.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -206,7 +193,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
                 )
             bound = attention.bind(meta)
 
-            def step():
+            def step(ids=ids, pos=pos, bound=bound):
                 h = model(ids, pos, bound)
                 return model.compute_logits(h).argmax(-1)
 
@@ -248,7 +235,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
             args.top_k * args.chunk_size + args.unique_tokens + 1
         )
         t_mem = (weight_bytes + lib_bytes + uniq_bytes + router_bytes) / ceilings[
-            "copy_bytes_per_s"
+            "read_bytes_per_s"
         ]
         t_flop = flops / ceilings["gemm_flops_per_s"]
         floor_ms = 1e3 * max(t_mem, t_flop)
@@ -284,6 +271,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
         "rows": rows,
         "summary": summary,
     }
+    check_floors(payload)
     out = write_json(args.out, payload)
     plot(rows, out.with_suffix(".png"))
     print(f"\n{'B':>5} {'mode':>6} {'step ms':>9} {'tok/s':>10} {'roofline':>9}")
@@ -293,6 +281,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
             f"{r['decode_tokens_per_s']:>10.1f} {r['roofline_fraction']:>9.2f}"
         )
     print("summary:", summary)
+    raise_if_floors_broken(payload)
 
 
 def capture(step):
