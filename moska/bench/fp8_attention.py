@@ -1,0 +1,227 @@
+"""Grouped shared attention over an FP8 (e4m3) library against the same library in bf16:
+one routed decode step's shared part at Llama-3.1-8B dims (Hq 32, Hkv 8, D 128), chunks of
+4,096 tokens, top-8 chunks per request, B = 256 and 1,024.
+
+Variants, each timed as one CUDA graph (the decode step's form) in the same run: bf16 pools;
+e4m3 pools upcast to bf16 in registers (`fp8`); e4m3 pools with q cut to e4m3 per tile so
+QK^T runs on FP8 tensor cores (`fp8_dot`). Each with the launcher's default tiles and a few
+alternatives (the best is reported: e4m3 halves the bytes per key, so the best tile may
+move). Correctness first: on a sample of requests every variant is checked against the
+plain-PyTorch reference (`grouped_shared_attention_ref`, fp32, with the e4m3 values and
+scales for the fp8 variants); the run fails after writing its JSON if one is off.
+
+Usage (GPU): python -m moska.bench.fp8_attention [--batch 256 1024] [--out FILE]
+CPU check of the harness (Triton interpreter, tiny shapes, fp16):
+    python -m moska.bench.fp8_attention --cpu-dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+if "--cpu-dry-run" in sys.argv:  # before Triton is imported: its interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+
+from moska.bench.common import environment, time_ms, write_json
+from moska.kernels.selections import from_topk
+from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
+from moska.library.fp8 import quantize
+
+# rel. error of o vs the reference (lse: a tenth). fp8_dot also cuts q to e4m3, an error of
+# the size e4m3 KV itself brings (`fp8_values_vs_bf16_values`, ~0.04 on random data).
+TOL = {"bf16": 1e-2, "fp8": 1e-2, "fp8_dot": 1e-1}
+# alternatives to the launcher's defaults (None): (block_m, block_n, num_warps, num_stages)
+TILES = [None, (64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3)]
+TILE_KEYS = ("block_m", "block_n", "num_warps", "num_stages")
+
+
+@dataclass(frozen=True)
+class Shape:
+    hq: int
+    hkv: int
+    d: int
+    chunk: int
+    chunks: int
+    top_k: int
+    dtype: torch.dtype
+    device: str
+
+
+def gpu_shape(chunks: int, top_k: int) -> Shape:
+    return Shape(32, 8, 128, 4096, chunks, top_k, torch.bfloat16, "cuda")
+
+
+DRY = Shape(4, 2, 64, 64, 8, 2, torch.float16, "cpu")
+
+
+def routing(b: int, s: Shape, kind: str, gen: torch.Generator) -> torch.Tensor:  # [B, k] int
+    """Each request's top-k chunks: uniform, or Zipf(1.0)-skewed chunk popularity."""
+    w = torch.ones(s.chunks)
+    if kind == "zipf":
+        w = 1.0 / torch.arange(1, s.chunks + 1, dtype=torch.float32)
+        w = w[torch.randperm(s.chunks, generator=gen)]
+    idx = torch.multinomial(w.expand(b, -1), s.top_k, replacement=False, generator=gen)
+    return idx.to(s.device)
+
+
+def make_pools(s: Shape):
+    rows = s.chunk * s.chunks
+    k = torch.randn(rows, s.hkv, s.d, device=s.device).to(s.dtype)  # [S, Hkv, D]
+    v = torch.randn(rows, s.hkv, s.d, device=s.device).to(s.dtype)
+    offs = torch.arange(0, rows + 1, s.chunk, dtype=torch.int32, device=s.device)  # [C+1]
+    kq, vq = quantize(k, offs), quantize(v, offs)
+    return k, v, offs, kq, vq
+
+
+def variant_args(name: str, k, v, kq, vq) -> tuple:
+    if name == "bf16":
+        return k, v, {}
+    return kq.data, vq.data, {"kv_scales": (kq.scale, vq.scale), "fp8_dot": name == "fp8_dot"}
+
+
+def check(s: Shape, q, chunks_of, k, v, offs, kq, vq, names, sample: int) -> dict:
+    """Rel. error of each variant vs the fp32 reference on the first `sample` requests."""
+    qs = q[:sample].contiguous()
+    sel = from_topk(chunks_of[:sample].view(sample, 1, -1), s.hkv, s.chunks)
+    scale = s.d**-0.5
+    ref_bf16 = grouped_shared_attention_ref(qs, k, v, offs, sel, scale)
+    ref_fp8 = grouped_shared_attention_ref(
+        qs, kq.data, vq.data, offs, sel, scale, kv_scales=(kq.scale, vq.scale)
+    )
+    errs = {}
+    for name in names:
+        kk, vv, kw = variant_args(name, k, v, kq, vq)
+        o, lse = grouped_shared_attention(qs, kk, vv, offs, sel, scale, **kw)
+        ro, rl = ref_bf16 if name == "bf16" else ref_fp8
+        errs[name] = {
+            "o_rel_err": rel(o, ro),
+            "lse_rel_err": rel(lse, rl),
+            "ok": rel(o, ro) < TOL[name] and rel(lse, rl) < TOL[name] / 10,
+        }
+    # what e4m3 KV itself changes (not a kernel error): fp8 reference vs bf16 reference
+    errs["fp8_values_vs_bf16_values"] = {"o_rel_err": rel(ref_fp8[0], ref_bf16[0])}
+    return errs
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def timed(fn, device: str) -> float:
+    """Median ms; on CUDA of fn captured as a graph (as a decode step replays it)."""
+    if device == "cuda":
+        from moska.bench.kernels_util import bench_graph
+
+        return bench_graph(fn)
+    return time_ms(fn, iters=1, warmup=0)
+
+
+def run_batch(s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int) -> dict:
+    k, v, offs, kq, vq = pools
+    q = torch.randn(b, s.hq, s.d, device=s.device).to(s.dtype)  # [B, Hq, D]
+    chunks_of = routing(b, s, kind, gen)
+    errs = check(s, q, chunks_of, k, v, offs, kq, vq, names, min(sample, b))
+    sel = from_topk(chunks_of.view(b, 1, -1), s.hkv, s.chunks)
+    scale = s.d**-0.5
+    times = {}
+    for name in names:
+        kk, vv, kw = variant_args(name, k, v, kq, vq)
+        best = None
+        for tile in tiles:
+            tkw = {} if tile is None else dict(zip(TILE_KEYS, tile))
+
+            def step(kk=kk, vv=vv, kw=kw, tkw=tkw):
+                return grouped_shared_attention(q, kk, vv, offs, sel, scale, **kw, **tkw)
+
+            try:
+                ms = timed(step, s.device)
+            except Exception as e:  # noqa: BLE001 - a tile that fails to compile: reported
+                msg = f"{tile}: {type(e).__name__}: {e}"[:300]
+                times.setdefault(f"{name}_errors", []).append(msg)
+                continue
+            times.setdefault(f"{name}_ms_by_tile", {})[str(tile or "default")] = ms
+            if best is None or ms < best[0]:
+                best = (ms, tile or "default")
+        if best is not None:
+            times[name] = {"ms": best[0], "tile": str(best[1]), "tokens_per_s": b * 1e3 / best[0]}
+    kv_bytes = {n: (1 if n != "bf16" else k.element_size()) for n in names}
+    touched = int(torch.unique(chunks_of).numel())
+    row = {"batch": b, "routing": kind, "chunks_touched": touched, "correctness": errs, **times}
+    for n in names:
+        if n in times:  # every touched chunk's K and V read once per KV head group
+            gb = touched * s.chunk * s.hkv * s.d * 2 * kv_bytes[n] / 1e9
+            times[n]["read_GB_per_s"] = gb / (times[n]["ms"] / 1e3)
+    if "bf16" in times:
+        for n in names:
+            if n != "bf16" and n in times:
+                row[f"{n}_speedup_vs_bf16"] = times["bf16"]["ms"] / times[n]["ms"]
+    log(f"B={b} {kind}: " + ", ".join(f"{n} {times[n]['ms']:.3f} ms" for n in names if n in times))
+    return row
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument(
+        "--chunks", type=int, default=256, help="library chunks of 4,096 tokens (256: 1M tokens)"
+    )
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--routing", nargs="+", default=["uniform", "zipf"])
+    ap.add_argument("--sample", type=int, default=4, help="requests checked vs the reference")
+    ap.add_argument("--no-fp8-dot", action="store_true", help="skip the FP8 tensor-core variant")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes in the interpreter")
+    ap.add_argument("--out", default="bench/results/fp8_attention.json")
+    args = ap.parse_args(argv)
+    if args.cpu_dry_run:
+        s, batches, tiles = DRY, [4, 8], [None]
+        args.out = args.out.replace(".json", "_cpu_dry_run.json")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("needs a CUDA GPU (or --cpu-dry-run)")
+        s, batches, tiles = gpu_shape(args.chunks, args.top_k), args.batch, TILES
+    names = ["bf16", "fp8"] + ([] if args.no_fp8_dot else ["fp8_dot"])
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # routing, on the host
+    pools = make_pools(s)
+    rows = [
+        run_batch(s, b, kind, names, tiles, gen, pools, args.sample)
+        for kind in args.routing
+        for b in batches
+    ]
+    ok = all(r["correctness"][n]["ok"] for r in rows for n in names)
+    big = [r for r in rows if r["batch"] == max(batches)]
+    summary = {
+        "correct": ok,
+        "target": "fp8 >= 1.6x bf16 tokens/s at B = 1,024",
+        "speedup_vs_bf16_at_largest_batch": {
+            f"{r['routing']}/{n}": round(r.get(f"{n}_speedup_vs_bf16", float("nan")), 3)
+            for r in big
+            for n in names[1:]
+        },
+    }
+    shape = {k_: (str(v_) if k_ == "dtype" else v_) for k_, v_ in asdict(s).items()}
+    payload = {
+        "what": "grouped shared attention, e4m3 library KV vs bf16, one routed decode step",
+        "shape": shape,
+        "library_tokens": s.chunk * s.chunks,
+        **environment(argv),
+        "rows": rows,
+        "summary": summary,
+    }
+    path = write_json(args.out, payload)
+    log(f"wrote {path}: {summary}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
