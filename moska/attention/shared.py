@@ -45,8 +45,15 @@ def shared_attention_for_group(
             keymax_programs=keymax_programs,
             use_triton=ops.use_triton,  # attention "torch": no Triton in routing either
         )
-    o_sel, lse_sel = ops.grouped_shared(q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale)
+    o_sel, lse_sel = ops.grouped_shared(
+        q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale, **fp8_kwargs(lib, layer)
+    )
     return o_sel, lse_sel, sel
+
+
+def fp8_kwargs(lib, layer: int) -> dict:
+    """``kv_scales`` for the grouped kernel of an FP8 library's layer; nothing otherwise."""
+    return {"kv_scales": lib.kv_scales(layer)} if getattr(lib, "kv_scale_pools", None) else {}
 
 
 def routing_coverage(
@@ -65,7 +72,13 @@ def routing_coverage(
     n, num_kv_heads = q_rows.shape[0], lib.k_pools[layer].shape[1]
     every = all_chunk_selections(n, num_kv_heads, lib.num_chunks, q_rows.device)
     _, lse_all = ops.grouped_shared(
-        q_rows, lib.k_pools[layer], lib.v_pools[layer], lib.chunk_offsets, every, sm_scale
+        q_rows,
+        lib.k_pools[layer],
+        lib.v_pools[layer],
+        lib.chunk_offsets,
+        every,
+        sm_scale,
+        **fp8_kwargs(lib, layer),
     )
     g = lse_all.shape[1]
     total = torch.logsumexp(lse_all.view(lib.num_chunks, num_kv_heads, n, g), dim=0)

@@ -18,7 +18,7 @@ import torch
 
 from moska.library.chunking import TokenizedCorpus, tokenize_documents
 from moska.library.errors import LibraryError, LibraryExistsError
-from moska.library.format import Manifest, model_fingerprint, validate_name
+from moska.library.format import KV_DTYPES, Manifest, model_fingerprint, validate_name
 from moska.library.info import BuildStats, LibraryInfo
 from moska.library.loaded import LoadedLibrary
 from moska.library.prefill import ProgressHook, prefill_corpus
@@ -43,13 +43,21 @@ def build_from_corpus(
     routing_rank: int | None = None,
     progress: bool = True,
     on_progress: ProgressHook | None = None,
+    kv_dtype: str = "auto",
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Prefill ``corpus`` with the model and build each layer's routing index, in memory
     on the model's device. ``on_progress(done, total)`` sees the prefill's progress and
-    may raise to stop the build (see ``prefill_corpus``)."""
+    may raise to stop the build (see ``prefill_corpus``).
+    ``kv_dtype`` "fp8": the pools are stored in e4m3 with per-(chunk, KV head) scales
+    (``library/fp8.py``), quantized after the routing index is built from the exact keys."""
     from moska.kernels.router import build_routing_index
+    from moska.library.fp8 import quantize
 
     validate_name(name)
+    if kv_dtype not in KV_DTYPES:
+        raise LibraryError(
+            f"kv_dtype must be one of {KV_DTYPES} (auto: the model's dtype), got {kv_dtype!r}"
+        )
     config = loaded_model.config
     # one pool per layer that owns KV (an MLKV model's sharing layers read their source's)
     num_layers = int(_cfg(config, "num_kv_layers", "num_layers", "num_hidden_layers"))
@@ -73,6 +81,13 @@ def build_from_corpus(
     offsets = torch.tensor(corpus.chunk_offsets, dtype=torch.int32, device=device)  # [C+1]
     with torch.inference_mode():
         routing = [build_routing_index(k, offsets, routing_rank) for k in k_pools]
+        scales = None
+        if kv_dtype == "fp8":  # pool by pool, so one layer's exact copy is alive at a time
+            scales = []
+            for i in range(len(k_pools)):
+                kq, vq = quantize(k_pools[i], offsets), quantize(v_pools[i], offsets)
+                k_pools[i], v_pools[i] = kq.data, vq.data
+                scales.append((kq.scale, vq.scale))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
@@ -92,9 +107,13 @@ def build_from_corpus(
         files={},
         build=stats.to_dict(),
         build_id=uuid.uuid4().hex,
+        kv_dtype=kv_dtype,
     )
     token_ids = torch.tensor(corpus.token_ids, dtype=torch.int32)  # [S_total]
-    return LoadedLibrary(manifest, offsets, k_pools, v_pools, routing, token_ids), stats
+    library = LoadedLibrary(
+        manifest, offsets, k_pools, v_pools, routing, token_ids, kv_scale_pools=scales
+    )
+    return library, stats
 
 
 def build_in_memory(
@@ -108,6 +127,7 @@ def build_in_memory(
     routing_rank: int | None = None,
     progress: bool = True,
     on_progress: ProgressHook | None = None,
+    kv_dtype: str = "auto",
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Tokenize ``(name, text)`` documents (``(name, token_ids)`` ones are taken verbatim)
     and build the library in memory."""
@@ -120,6 +140,7 @@ def build_in_memory(
         routing_rank=routing_rank,
         progress=progress,
         on_progress=on_progress,
+        kv_dtype=kv_dtype,
     )
 
 
@@ -133,6 +154,7 @@ def build_library(
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
     routing_rank: int | None = None,
     progress: bool = True,
+    kv_dtype: str = "auto",
 ) -> LibraryInfo:
     """Build the library and write it to ``<root>/<name>/`` atomically."""
     info, _ = build_and_save(
@@ -145,6 +167,7 @@ def build_library(
         prefill_tokens=prefill_tokens,
         routing_rank=routing_rank,
         progress=progress,
+        kv_dtype=kv_dtype,
     )
     return info
 

@@ -47,6 +47,9 @@ class LoadedLibrary:
     v_pools: list[torch.Tensor]  # per layer [S_total, Hkv, D]
     routing: list[Any]  # per layer moska.kernels.router.RoutingIndex, on device
     token_ids: torch.Tensor  # [S_total] int32, CPU: the library's tokens (prefix: in order)
+    # FP8 libraries (manifest.kv_dtype "fp8"): pools are float8_e4m3fn and each KV slot has
+    # (k_scale, v_scale) [C, Hkv] fp32 on the device beside the routing index; else None
+    kv_scale_pools: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         m = self.manifest
@@ -61,6 +64,11 @@ class LoadedLibrary:
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    def kv_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """KV slot ``layer``'s (k_scale, v_scale) [C, Hkv] fp32 for e4m3 pools, else None:
+        what the grouped kernel's ``kv_scales`` takes."""
+        return None if self.kv_scale_pools is None else self.kv_scale_pools[layer]
 
     @property
     def build_id(self) -> str:
@@ -121,6 +129,8 @@ class LoadedLibrary:
     def nbytes(self) -> int:
         """Device bytes held: KV pools plus routing indexes."""
         n = sum(t.numel() * t.element_size() for t in (*self.k_pools, *self.v_pools))
+        for pair in self.kv_scale_pools or ():
+            n += sum(t.numel() * t.element_size() for t in pair)
         for index in self.routing:
             n += sum(t.numel() * t.element_size() for t in index if isinstance(t, torch.Tensor))
         return n
@@ -208,11 +218,13 @@ def load_library(
     m = manifest.model
     shape = (manifest.num_tokens, m.num_kv_heads, m.head_dim)
     dtype = getattr(torch, m.dtype, None)
+    fp8 = manifest.kv_dtype == "fp8"
+    kv_dtype = torch.float8_e4m3fn if fp8 else dtype  # pools; the routing index stays `dtype`
     offsets = torch.tensor(manifest.chunk_offsets, dtype=torch.int32, device=device)
     tokens = _load_file(directory, manifest, TOKENS_FILE, torch.device("cpu")).get("token_ids")
     if tokens is None or tokens.shape != (manifest.num_tokens,):
         raise CorruptLibraryError(name, TOKENS_FILE, "token_ids missing or of the wrong shape")
-    k_pools, v_pools, routing = [], [], []
+    k_pools, v_pools, routing, scales = [], [], [], []
     for i in tqdm(
         range(manifest.num_kv_layers),
         desc=f"load {name}",
@@ -223,11 +235,13 @@ def load_library(
         fname = layer_file(i)
         t = _load_file(directory, manifest, fname, device)
         for key in ("k", "v"):
-            if key not in t or tuple(t[key].shape) != shape or t[key].dtype != dtype:
+            if key not in t or tuple(t[key].shape) != shape or t[key].dtype != kv_dtype:
                 got = (tuple(t[key].shape), t[key].dtype) if key in t else "missing"
                 raise CorruptLibraryError(
-                    name, fname, f"{key}: expected {shape} {m.dtype}, got {got}"
+                    name, fname, f"{key}: expected {shape} {kv_dtype}, got {got}"
                 )
+        if fp8:
+            scales.append(_fp8_scales(t, manifest, fname))
         fields = {}
         for f in RoutingIndex._fields:
             if f == "chunk_offsets":
@@ -241,4 +255,19 @@ def load_library(
         k_pools.append(t["k"])
         v_pools.append(t["v"])
         routing.append(RoutingIndex(**fields))
-    return LoadedLibrary(manifest, offsets, k_pools, v_pools, routing, tokens)
+    return LoadedLibrary(
+        manifest, offsets, k_pools, v_pools, routing, tokens, kv_scale_pools=scales if fp8 else None
+    )
+
+
+def _fp8_scales(t: dict, manifest: Manifest, fname: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer file's (k_scale, v_scale) [C, Hkv] fp32, checked (CorruptLibraryError)."""
+    shape = (manifest.num_chunks, manifest.model.num_kv_heads)
+    for key in ("k_scale", "v_scale"):
+        x = t.get(key)
+        if x is None or tuple(x.shape) != shape or x.dtype != torch.float32:
+            got = "missing" if x is None else (tuple(x.shape), x.dtype)
+            raise CorruptLibraryError(
+                manifest.name, fname, f"{key}: expected {shape} float32, got {got}"
+            )
+    return t["k_scale"], t["v_scale"]

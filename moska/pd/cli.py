@@ -110,6 +110,13 @@ def add_role_args(s) -> None:
     s.add_argument("--pd-master", default=None, help="HOST:PORT where the transfer group meets")
     s.add_argument("--pd-rank", type=int, default=None, help="this instance's transfer rank")
     s.add_argument("--pd-world", type=int, default=None, help="prefill + decode instances")
+    s.add_argument(
+        "--kv-pool-dir",
+        default=None,
+        help="a host KV pool shared by this host's instances (e.g. /dev/shm/moska-kv): "
+        "prompts' blocks go there and are taken from there by block hash (needs --role)",
+    )
+    s.add_argument("--kv-pool-blocks", type=int, default=4096, help="blocks the pool keeps")
 
 
 def pd_config(args: argparse.Namespace):
@@ -127,4 +134,4 @@ def pd_config(args: argparse.Namespace):
                 "`moska router --pd P:D` start the instances)"
             )
         endpoint = TransferEndpoint.parse(args.pd_master, args.pd_rank, args.pd_world)
-    return PDConfig(args.role, endpoint)
+    return PDConfig(args.role, endpoint, args.kv_pool_dir, args.kv_pool_blocks)

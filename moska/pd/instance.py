@@ -23,11 +23,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
 from moska.pd import kv_blocks
 from moska.pd.errors import TransferFailedError
+from moska.pd.index import block_hashes
+from moska.pd.kv_pool import KVPool
 from moska.pd.transport import KVTransport, TransferEndpoint
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ class PDConfig:
 
     role: str = "both"
     endpoint: TransferEndpoint | None = None
+    kv_pool_dir: str | None = None  # a host KV pool shared by this host's instances
+    kv_pool_blocks: int = 4096
     hold_s: float = 30.0  # injected blocks are held at most this long
 
     def __post_init__(self) -> None:
@@ -92,6 +97,10 @@ class PDInstance:
         self._results: dict[int, dict] = {}  # tid -> send result
         self._cond = threading.Condition()
         self._holds: dict[int, tuple[kv_blocks.Holder, float]] = {}  # engine thread only
+        self.pool = (
+            KVPool(config.kv_pool_dir, config.kv_pool_blocks) if config.kv_pool_dir else None
+        )
+        self._pool_holds: dict[str, kv_blocks.Holder] = {}  # engine thread only
 
     # ---- startup ---------------------------------------------------------------------
     def connect(self) -> None:
@@ -131,16 +140,22 @@ class PDInstance:
         }
 
     # ---- prefill ---------------------------------------------------------------------
-    def wrap_prefill(self) -> None:
+    def wrap_engine(self) -> None:
+        """Prefill: send a tagged request's KV when it finishes. With a KV pool: take a
+        prompt's leading blocks from the pool before it runs, and put its blocks there
+        when it finishes."""
         aengine, bm = self.state.async_engine, self.engine.block_manager
         add, free = aengine.add_requests, bm.free
 
-        async def add_requests(request_ids, *args, **kwargs):
+        async def add_requests(request_ids, prompt, *args, **kwargs):
             tag = PD_TRANSFER.get()
             if tag is not None:
                 for rid in request_ids:
                     self._jobs[rid] = tag
-            return await add(request_ids, *args, **kwargs)
+            if self.pool is not None and isinstance(prompt, list) and not kwargs.get("library"):
+                top_k, rid = kwargs.get("top_k_chunks"), request_ids[0]
+                await aengine.call(lambda: self._from_pool(rid, prompt, top_k))
+            return await add(request_ids, prompt, *args, **kwargs)
 
         def free_and_send(request) -> None:
             status = getattr(request, "status", None)
@@ -148,10 +163,60 @@ class PDInstance:
                 job = self._jobs.pop(request.request_id, None)
                 if job is not None:
                     self._send(request, job)
+                if self.pool is not None:
+                    self._to_pool(request)
             free(request)
+            held = self._pool_holds.pop(getattr(request, "request_id", ""), None)
+            if held is not None and status is not None and status.finished:
+                kv_blocks.release(self.engine, held)
+            elif held is not None:
+                self._pool_holds[request.request_id] = held
 
         aengine.add_requests = add_requests
         bm.free = free_and_send
+
+    def _to_pool(self, request) -> None:
+        """Put the request's full prompt blocks the pool lacks (engine thread)."""
+        if request.status.name == "FINISHED_ABORTED":
+            return
+        bs = self.engine.block_manager.block_size
+        prompt = list(request.prompt_token_ids)
+        hashes = block_hashes(prompt, bs, tuple(request.cache_namespace))
+        n = min(kv_blocks.usable_blocks(len(prompt), bs), request.num_computed_tokens // bs)
+        missing = [i for i in range(n) if hashes[i] not in self.pool]
+        if not missing:
+            return
+        _, layers = kv_blocks.snapshot(self.engine, request)
+        for i in missing:
+            self.pool.put(hashes[i], torch.stack([kv[:, i] for kv in layers]))
+
+    def _from_pool(self, request_id: str, prompt: list[int], top_k) -> None:
+        """Inject the prompt's leading blocks the engine lacks and the pool has (engine
+        thread); held until the request finishes."""
+        bm, cache = self.engine.block_manager, self.engine.runner.cache
+        bs, namespace = bm.block_size, (None, top_k)
+        n = kv_blocks.usable_blocks(len(prompt), bs)
+        if n == 0:
+            return
+        probe = kv_blocks.Holder(f"pool-probe-{request_id}", prompt[: n * bs] + [0], namespace)
+        cached = bm.match_prefix(probe) // bs
+        hashes = block_hashes(prompt, bs, namespace)
+        shape = (cache.k.shape[0], 2, *cache.k.shape[2:])  # [L, 2, bs, Hkv, D]
+        got: list[torch.Tensor] = []
+        for i in range(cached, n):
+            kv = self.pool.get(hashes[i], shape, cache.k.dtype)
+            if kv is None:
+                break
+            got.append(kv)
+        if not got:
+            return
+        k = cached + len(got)
+        blocks = [torch.zeros(shape, dtype=cache.k.dtype)] * cached + got  # cached: not written
+        layers = [torch.stack([b[layer] for b in blocks], dim=1) for layer in range(shape[0])]
+        meta = {"tokens": prompt[: k * bs], "namespace": list(namespace), "block_size": bs}
+        holder = kv_blocks.inject(self.engine, f"pool-{request_id}", meta, layers)
+        if holder is not None:
+            self._pool_holds[request_id] = holder
 
     def _send(self, request, job: tuple[int, int]) -> None:
         tid, dst = job
@@ -225,8 +290,9 @@ def attach(app: FastAPI, config: PDConfig) -> PDInstance:
     state = app.state.moska
     inst = PDInstance(config, state)
     app.state.pd = inst
+    if config.role == "prefill" or inst.pool is not None:
+        inst.wrap_engine()
     if config.role == "prefill":
-        inst.wrap_prefill()
         app.add_middleware(_TransferMiddleware)
     router = APIRouter(prefix="/pd", tags=["prefill/decode"])
 
