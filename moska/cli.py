@@ -50,6 +50,16 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "enable_prefix_caching": "reuse the KV blocks of prompt prefixes earlier requests computed",
     "tensor_parallel_size": "split the model over N ranks, one process each (rank 0 serves "
     "HTTP and schedules; on one host)",
+    "library_gpu_budget": "GPU memory for each library's chunk cache: a size (8GiB, 512MiB; a "
+    "plain number > 1 is GiB) or a share of free memory (<= 1); a larger library is served from GPU, pinned CPU and disk tiers "
+    "(eagerly). Default: libraries wholly on the GPU",
+    "library_cpu_budget": "pinned CPU memory for a tiered library's chunks, a size (default: "
+    "all of it; 0: read each GPU miss from disk)",
+    "library_eviction": "tiered libraries' chunk eviction: lfu (frequency with aging) or lru",
+    "library_miss_policy": "a routed chunk not on the GPU: wait (exact) or skip (left out of "
+    "that step, fetched for later ones; coverage shows in moska_routing)",
+    "library_prefetch": "tiered libraries: next_layer (fetch layer l's chunks for layer l+1 "
+    "while l runs) or none",
     "semantic_reuse": "SemShareKV: reuse the KV of a stored similar earlier prompt "
     "(approximate; see README)",
     "semantic_reuse_threshold": "token-match cosine for semantic reuse (token and context "

@@ -25,6 +25,13 @@ class EngineConfig:
     enable_prefix_caching: reuse the KV blocks of a prompt prefix an earlier request computed.
     tensor_parallel_size: ranks the model is split over (one process each, on one host; see
         docs/distributed.md). Rank 0 is the calling process and starts the others.
+    library_gpu_budget: GPU memory for a library's chunk cache, a size ("8GiB", "512MiB", a
+        plain number > 1 = GiB) or a share of free memory ("0.3"); None holds every library
+        wholly on the device. A library larger than it is served from tiers
+        (`moska/library/tiers.py`: GPU slots, pinned CPU memory of `library_cpu_budget`
+        (None: the whole library; "0": none), disk), eagerly.
+        `library_eviction` (lfu, lru), `library_miss_policy` (wait: exact; skip: a routed
+        chunk not yet on the GPU is left out of that step), `library_prefetch`.
     semantic_reuse: SemShareKV (`moska/semshare/`): a new prompt reuses the KV of a stored,
         similar earlier prompt (LSH + token matching, RoPE re-rotated), recomputing the
         unmatched tokens and `semantic_recompute_fraction` of the matched ones. Approximate:
@@ -54,6 +61,11 @@ class EngineConfig:
     async_scheduling: bool | None = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    library_gpu_budget: str | None = None
+    library_cpu_budget: str | None = None
+    library_eviction: str = "lfu"
+    library_miss_policy: str = "wait"
+    library_prefetch: str = "next_layer"
     semantic_reuse: bool = False
     semantic_reuse_threshold: float = 0.9
     semantic_recompute_fraction: float = 0.15
@@ -94,6 +106,7 @@ class EngineConfig:
                 f"tensor_parallel_size must be a positive number of ranks, "
                 f"got {self.tensor_parallel_size}"
             )
+        self.tier_config  # noqa: B018 -- validates the library tier fields (ValueError)
         if self.semantic_reuse:
             from moska.semshare.config import SemShareConfig
 
@@ -105,6 +118,39 @@ class EngineConfig:
             )
             if self.tensor_parallel_size > 1:
                 raise ValueError("semantic_reuse does not run with tensor parallelism yet")
+
+    @property
+    def routing_policy(self):
+        """The engine's default RoutingPolicy (a request's SamplingParams.routing wins)."""
+        from moska.routing.policy import RoutingPolicy
+
+        given = {
+            "scorer": self.routing_scorer,
+            "dense_layers": self.routing_dense_layers,
+            "always_first": self.routing_always_first,
+            "always_last": self.routing_always_last,
+            "per_kv_head": self.routing_per_kv_head,
+        }
+        changes = {k: v for k, v in given.items() if v is not None}
+        if self.routing_mass_threshold is not None:
+            changes["mass_threshold"] = self.routing_mass_threshold or None
+        if self.routing_page_size is not None:
+            changes["page_size"] = self.routing_page_size or None
+        return RoutingPolicy().replace(**changes)
+
+    @property
+    def tier_config(self):
+        """The libraries' TierConfig (moska.library.tiers), or None: wholly on the device."""
+        from moska.library.tiers import TierConfig
+
+        probe = TierConfig(
+            gpu_budget="1.0" if self.library_gpu_budget is None else self.library_gpu_budget,
+            cpu_budget=self.library_cpu_budget,
+            eviction=self.library_eviction,
+            miss_policy=self.library_miss_policy,
+            prefetch=self.library_prefetch,
+        )  # validates the fields even when tiers are off
+        return probe if self.library_gpu_budget is not None else None
 
     @property
     def routing_policy(self):

@@ -45,6 +45,8 @@ def shared_attention_for_group(
             keymax_programs=keymax_programs,
             use_triton=ops.use_triton,  # attention "torch": no Triton in routing either
         )
+    if getattr(lib, "tiers", None) is not None:  # KV in tiers: misses fetched, read by slot
+        return lib.tiers.attend(ops, layer, q_rows, sel, sm_scale)  # sel less skipped chunks
     o_sel, lse_sel = ops.grouped_shared(
         q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale, **fp8_kwargs(lib, layer)
     )
@@ -71,15 +73,18 @@ def routing_coverage(
     lib = group.library
     n, num_kv_heads = q_rows.shape[0], lib.k_pools[layer].shape[1]
     every = all_chunk_selections(n, num_kv_heads, lib.num_chunks, q_rows.device)
-    _, lse_all = ops.grouped_shared(
-        q_rows,
-        lib.k_pools[layer],
-        lib.v_pools[layer],
-        lib.chunk_offsets,
-        every,
-        sm_scale,
-        **fp8_kwargs(lib, layer),
-    )
+    if getattr(lib, "tiers", None) is not None:
+        _, lse_all, _ = lib.tiers.attend(ops, layer, q_rows, every, sm_scale, wait=True)
+    else:
+        _, lse_all = ops.grouped_shared(
+            q_rows,
+            lib.k_pools[layer],
+            lib.v_pools[layer],
+            lib.chunk_offsets,
+            every,
+            sm_scale,
+            **fp8_kwargs(lib, layer),
+        )
     g = lse_all.shape[1]
     total = torch.logsumexp(lse_all.view(lib.num_chunks, num_kv_heads, n, g), dim=0)
     share = torch.exp(lse_sel - total[sel.kv_head.long(), sel.req.long()])  # [N, G]

@@ -430,4 +430,4 @@ def _make_library_manager(config: EngineConfig, loaded, device):
     except ImportError:  # the library package is optional for plain generation
         return None
     root = config.library_root or default_library_root()
-    return LibraryManager(root, loaded, device)
+    return LibraryManager(root, loaded, device, tiers=config.tier_config)

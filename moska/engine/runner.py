@@ -294,6 +294,8 @@ class ModelRunner:
             return 0
         specs: list[LibrarySpec | None] = [None]
         for name, lib in libraries.items():
+            if getattr(lib, "tiers", None) is not None:  # tiered libraries run eagerly
+                continue
             policy = self.config.routing_policy
             specs.append(
                 LibrarySpec(lib.build_id, lib, top_k, _scorer(lib), record=True, policy=policy)
@@ -341,6 +343,8 @@ class ModelRunner:
         if len(rows) != len(token_ids) or any(r.report_routing for r, _ in reqs):
             return False
         lib = libs[name]
+        if getattr(lib, "tiers", None) is not None:  # tiered: fetches and host syncs, eager
+            return False
         policy = (lib_policy or {}).get(name)
         if policy is not None and not policy.graph_safe:  # adaptive k, pages: host syncs
             return False

@@ -47,6 +47,9 @@ class LoadedLibrary:
     v_pools: list[torch.Tensor]  # per layer [S_total, Hkv, D]
     routing: list[Any]  # per layer moska.kernels.router.RoutingIndex, on device
     token_ids: torch.Tensor  # [S_total] int32, CPU: the library's tokens (prefix: in order)
+    # moska.library.tiers.ChunkTiers when the KV lives in tiers (GPU cache, CPU, disk): then
+    # k_pools/v_pools are the GPU slot pools, addressed through tiers.tables (never offsets)
+    tiers: Any = None
     # FP8 libraries (manifest.kv_dtype "fp8"): pools are float8_e4m3fn and each KV slot has
     # (k_scale, v_scale) [C, Hkv] fp32 on the device beside the routing index; else None
     kv_scale_pools: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -58,7 +61,8 @@ class LoadedLibrary:
         assert len(self.k_pools) == len(self.v_pools) == len(self.routing) == L
         shape = (S, m.model.num_kv_heads, m.model.head_dim)
         for k, v in zip(self.k_pools, self.v_pools):
-            assert tuple(k.shape) == shape and tuple(v.shape) == shape, (k.shape, shape)
+            if self.tiers is None:
+                assert tuple(k.shape) == shape and tuple(v.shape) == shape, (k.shape, shape)
         assert self.token_ids.shape == (S,)
 
     @property
@@ -191,6 +195,7 @@ def load_library(
     *,
     verify_checksums: bool = True,
     progress: bool = True,
+    tiers: Any = None,
 ) -> LoadedLibrary:
     """Load ``<root>/<name>`` onto ``device``.
 
@@ -199,6 +204,9 @@ def load_library(
     it lists is a plain name inside the library's folder (nothing outside is opened) and
     exists with its recorded sha256 (``ChecksumMismatchError`` naming the file). Then loads
     layer by layer, checking names, shapes and dtypes (``CorruptLibraryError``).
+    ``tiers`` (a ``moska.library.tiers.TierConfig``): when the library's KV exceeds its GPU
+    budget, only the routing index is loaded; the KV stays on disk behind the CPU and GPU
+    chunk caches (``library.tiers``).
     """
     from tqdm.auto import tqdm
 
@@ -224,6 +232,14 @@ def load_library(
     tokens = _load_file(directory, manifest, TOKENS_FILE, torch.device("cpu")).get("token_ids")
     if tokens is None or tokens.shape != (manifest.num_tokens,):
         raise CorruptLibraryError(name, TOKENS_FILE, "token_ids missing or of the wrong shape")
+    if tiers is not None:  # a TierConfig: KV in tiers unless the library fits its GPU budget
+        from moska.library.tiered_load import load_tiered, plan_slots
+
+        slots, cpu_slots = plan_slots(manifest, tiers, device)
+        if slots < manifest.num_chunks:
+            return load_tiered(
+                directory, manifest, offsets, tokens, device, tiers, slots, cpu_slots
+            )
     k_pools, v_pools, routing, scales = [], [], [], []
     for i in tqdm(
         range(manifest.num_kv_layers),

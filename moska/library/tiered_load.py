@@ -1,0 +1,115 @@
+"""Loading a library into tiers: the routing index onto the device, the chunk KV left on
+disk behind a pinned CPU cache and a GPU chunk cache sized from the budgets."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+
+from moska.library.chunk_store import DiskChunks
+from moska.library.errors import CorruptLibraryError
+from moska.library.format import Manifest, layer_file, validate_file_name
+from moska.library.tiers import _MIN_CPU_SLOTS, ChunkTiers, TierConfig
+
+logger = logging.getLogger(__name__)
+
+
+def library_kv_bytes(manifest: Manifest) -> int:
+    """Bytes of the library's K and V pools, all KV layers."""
+    m = manifest.model
+    el = torch.empty((), dtype=getattr(torch, m.dtype)).element_size()
+    return 2 * manifest.num_tokens * m.num_kv_heads * m.head_dim * el * manifest.num_kv_layers
+
+
+def plan_slots(manifest: Manifest, config: TierConfig, device: torch.device) -> tuple[int, int]:
+    """(GPU slots per layer, CPU slots) for the budgets; GPU slots >= the chunk count means
+    the library fits (load it all-resident instead)."""
+    m = manifest.model
+    offs = manifest.chunk_offsets
+    slot_rows = max(b - a for a, b in itertools.pairwise(offs))
+    el = torch.empty((), dtype=getattr(torch, m.dtype)).element_size()
+    slot_bytes = 2 * slot_rows * m.num_kv_heads * m.head_dim * el  # K and V of one chunk
+    layers = manifest.num_kv_layers
+    gpu_slots = config.gpu_bytes(device) // (slot_bytes * layers)
+    if gpu_slots < 1:
+        raise ValueError(
+            f"library_gpu_budget {config.gpu_budget} holds no chunk of library "
+            f"{manifest.name!r} ({slot_bytes * layers} bytes per chunk over {layers} layers); "
+            "raise it"
+        )
+    total = manifest.num_chunks * layers
+    cpu_bytes = config.cpu_bytes()
+    if cpu_bytes is None:
+        cpu_slots = total
+    else:
+        cpu_slots = min(total, max(_MIN_CPU_SLOTS, cpu_bytes // slot_bytes))
+    return min(gpu_slots, manifest.num_chunks), cpu_slots
+
+
+def load_routing(directory: Path, manifest: Manifest, layer: int, device, pool_dtype) -> dict:
+    """The routing index fields of one layer file (`index.*`), read alone onto `device`."""
+    from safetensors import safe_open
+
+    from moska.kernels.router import RoutingIndex, to_lowrank_dtype
+
+    fname = validate_file_name(layer_file(layer))
+    fields = {}
+    try:
+        with safe_open(str(directory / fname), framework="pt", device=str(device)) as f:
+            names = set(f.keys())
+            for name in RoutingIndex._fields:
+                if name == "chunk_offsets":
+                    continue
+                if "index." + name not in names:
+                    raise CorruptLibraryError(
+                        manifest.name, fname, f"routing field {name!r} missing"
+                    )
+                fields[name] = f.get_tensor("index." + name)
+    except CorruptLibraryError:
+        raise
+    except Exception as e:  # safetensors' own error types; keep paths out
+        raise CorruptLibraryError(manifest.name, fname, f"unreadable ({type(e).__name__})") from e
+    fields["lowrank_keys"] = to_lowrank_dtype(fields["lowrank_keys"], pool_dtype)
+    return fields
+
+
+def load_tiered(
+    directory: Path,
+    manifest: Manifest,
+    offsets: torch.Tensor,  # [C + 1] int32 on device
+    tokens: torch.Tensor,
+    device: torch.device,
+    config: TierConfig,
+    num_slots: int,
+    cpu_slots: int,
+):
+    """A LoadedLibrary whose chunk KV lives in tiers (`library.tiers`)."""
+    from moska.kernels.router import RoutingIndex
+    from moska.library.loaded import LoadedLibrary
+
+    m = manifest.model
+    dtype = getattr(torch, m.dtype)
+    disk = DiskChunks(directory, manifest)
+    shape = (manifest.num_tokens, m.num_kv_heads, m.head_dim)
+    for i in range(manifest.num_kv_layers):
+        for key in ("k", "v"):
+            if disk.layout(i, key) != (dtype, shape):
+                raise CorruptLibraryError(
+                    manifest.name, layer_file(i), f"{key}: expected {shape} {m.dtype}"
+                )
+    routing = [
+        RoutingIndex(chunk_offsets=offsets, **load_routing(directory, manifest, i, device, dtype))
+        for i in range(manifest.num_kv_layers)
+    ]
+    tiers = ChunkTiers(manifest.chunk_offsets, disk, config, device, num_slots, cpu_slots)
+    logger.info(
+        "library %s tiered: %d of %d chunks per layer on %s (%.2f GiB), %d CPU slots "
+        "(%.2f GiB), eviction %s, misses %s, prefetch %s",
+        manifest.name, num_slots, manifest.num_chunks, device, tiers.nbytes / 2**30,
+        cpu_slots, tiers.cpu.nbytes / 2**30, config.eviction, config.miss_policy,
+        config.prefetch,
+    )  # fmt: skip
+    return LoadedLibrary(manifest, offsets, tiers.k_pools, tiers.v_pools, routing, tokens, tiers)

@@ -1,0 +1,327 @@
+"""A library larger than the GPU: its chunk KV in three tiers (GPU slots, pinned CPU, disk).
+
+The routing index stays on the device. Each KV layer has a GPU chunk cache of `num_slots`
+slots of `slot_rows` rows ([num_slots * slot_rows, Hkv, D] pools) and a slot table
+(`ChunkTable`: starts [C], ends [C]; an absent chunk has start == end), so chunk ids in the
+router's selections stay logical while the grouped kernel reads each chunk from its slot.
+
+Per layer and step (`ChunkTiers.attend`): the routed chunks (one host sync: the distinct
+chunk ids) -> hits and misses of the layer's cache -> misses read from the CPU tier (from
+disk on a CPU miss) and copied into their slots (on CUDA on a copy stream, the kernel
+waits on an event; on CPU plain copies) -> the grouped kernel through the slot table.
+Miss policies: "wait" (the step waits for its chunks: exact) or "skip" (a chunk that is not
+resident when routed is dropped from this step's selections and fetched for later steps;
+the lost share of the attention shows in the request's routing coverage).
+When a step needs more chunks in one layer than the layer has slots (top_k = all under a
+small budget) it runs in passes of at most `num_slots` chunks; results are exact.
+Prefetch ("next_layer"): layer l's routed chunks are fetched for layer l + 1 while layer
+l's kernel runs (chosen by `bench/tier_prefetch_study.py`: see docs/architecture.md).
+Tiered libraries run eagerly (no decode CUDA graphs: a graph captures fixed pointers and
+no host sync).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from moska.kernels.selections import Selections
+from moska.kernels.shared_inputs import ChunkTable
+from moska.library.chunk_cache import EVICTION_POLICIES, SlotCache
+from moska.library.chunk_store import CpuChunks, DiskChunks
+
+MISS_POLICIES = ("wait", "skip")
+PREFETCH_POLICIES = ("none", "next_layer")
+_MIN_CPU_SLOTS = 8  # a staging ring when the CPU tier has (almost) no budget
+
+
+_UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_budget(text: str, field_name: str, fraction_ok: bool) -> tuple[int | None, float | None]:
+    """(bytes, None) or (None, fraction) from a budget: a number with a unit (512MiB, 8G,
+    4096B), a plain number of GiB (> 1), or, where `fraction_ok`, a share of free memory
+    (a plain number <= 1)."""
+    t = str(text).strip().upper().replace("IB", "").replace(" ", "")
+    unit = _UNITS.get(t[-1:]) if t[-1:].isalpha() else None
+    try:
+        value = float(t[:-1] if unit else t)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or (unit is None and not t):
+        raise ValueError(
+            f"{field_name} must be a size (e.g. 8GiB, 512MiB, or a number of GiB)"
+            + (" or a share of free memory (0 < x <= 1)" if fraction_ok else "")
+            + f", got {text!r}"
+        )
+    if unit is not None:
+        return int(value * unit), None
+    if fraction_ok and value <= 1:
+        return None, value
+    return int(value * (1 << 30)), None
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """gpu_budget: the library's GPU chunk cache, all layers together: a size ("8GiB",
+    "512MiB", "20" = 20 GiB) or a share of free device memory ("0.3"). cpu_budget: pinned
+    CPU memory, a size; None holds the whole library on CPU, "0" reads every GPU miss from
+    disk (through a small staging ring)."""
+
+    gpu_budget: str
+    cpu_budget: str | None = None
+    eviction: str = "lfu"
+    miss_policy: str = "wait"
+    prefetch: str = "next_layer"
+
+    def __post_init__(self) -> None:
+        parse_budget(self.gpu_budget, "library_gpu_budget", fraction_ok=True)
+        if self.cpu_budget is not None and str(self.cpu_budget).strip() not in ("0", "0.0"):
+            parse_budget(self.cpu_budget, "library_cpu_budget", fraction_ok=False)
+        for name, value, allowed in (
+            ("library_eviction", self.eviction, EVICTION_POLICIES),
+            ("library_miss_policy", self.miss_policy, MISS_POLICIES),
+            ("library_prefetch", self.prefetch, PREFETCH_POLICIES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    def gpu_bytes(self, device: torch.device) -> int:
+        nbytes, share = parse_budget(self.gpu_budget, "library_gpu_budget", fraction_ok=True)
+        if nbytes is not None:
+            return nbytes
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(share * free)
+
+    def cpu_bytes(self) -> int | None:
+        if self.cpu_budget is None:
+            return None
+        if str(self.cpu_budget).strip() in ("0", "0.0"):
+            return 0
+        return parse_budget(self.cpu_budget, "library_cpu_budget", fraction_ok=False)[0]
+
+
+@dataclass
+class TierStats:
+    """Counters since load, per tier: chunk hits and misses, bytes moved into the tier."""
+
+    hits: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
+    misses: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
+    bytes_in: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
+    skipped: int = 0  # routed chunk selections dropped by the "skip" policy
+    prefetched: int = 0  # chunks fetched ahead by the prefetch
+
+    def as_dict(self) -> dict:
+        return {
+            "hits": dict(self.hits),
+            "misses": dict(self.misses),
+            "bytes_in": dict(self.bytes_in),
+            "skipped": self.skipped,
+            "prefetched": self.prefetched,
+        }
+
+
+class ChunkTiers:
+    """The GPU chunk caches of one library (one per KV layer) over its CPU and disk tiers."""
+
+    def __init__(
+        self,
+        offsets: list[int],  # [C + 1]
+        disk: DiskChunks,
+        config: TierConfig,
+        device: torch.device,
+        num_slots: int,
+        cpu_slots: int,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.offsets = offsets
+        self.num_chunks = len(offsets) - 1
+        self.num_layers = disk.manifest.num_kv_layers
+        self.num_slots = num_slots
+        cuda = device.type == "cuda"
+        self.cpu = CpuChunks(disk, offsets, cpu_slots, config.eviction, pin=cuda)
+        self.slot_rows = self.cpu.slot_rows
+        dtype, shape = disk.layout(0, "k")
+        rows = (num_slots * self.slot_rows, *shape[1:])  # [slots * slot_rows, Hkv, D]
+        self.k_pools = [torch.zeros(rows, dtype=dtype, device=device) for _ in self._layers]
+        self.v_pools = [torch.zeros(rows, dtype=dtype, device=device) for _ in self._layers]
+        self.caches = [SlotCache(num_slots, config.eviction) for _ in self._layers]
+        c = self.num_chunks
+        self.tables = [
+            ChunkTable(
+                torch.zeros(c, dtype=torch.int32, device=device),
+                torch.zeros(c, dtype=torch.int32, device=device),
+            )
+            for _ in self._layers
+        ]
+        self.stats = TierStats()
+        self._copy = torch.cuda.Stream(device) if cuda else None
+        self._read_done: list[torch.cuda.Event | None] = [None] * self.num_layers
+        self._copy_done: list[torch.cuda.Event | None] = [None] * self.num_layers
+
+    @property
+    def _layers(self) -> range:
+        return range(self.num_layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the GPU chunk caches."""
+        return sum(t.numel() * t.element_size() for t in (*self.k_pools, *self.v_pools))
+
+    def resident(self, layer: int) -> set[int]:
+        return set(self.caches[layer].slot_of)
+
+    # -- moving chunks -------------------------------------------------------------------
+
+    def _fill(self, layer: int, loads: list[tuple[int, int]]) -> None:
+        """Copy chunks into their GPU slots of `layer` and point the slot table at them."""
+        if not loads:
+            return
+        views, cpu_misses = self.cpu.get([(layer, c) for c, _ in loads])
+        s = self.stats
+        s.misses["cpu"] += len(cpu_misses)
+        s.hits["cpu"] += len(loads) - len(cpu_misses)
+        row_bytes = self.k_pools[layer][0].numel() * self.k_pools[layer].element_size() * 2
+        s.bytes_in["cpu"] += sum(
+            (self.offsets[c + 1] - self.offsets[c]) * row_bytes for _, c in cpu_misses
+        )
+        stream = self._copy
+        if stream is not None and self._read_done[layer] is not None:
+            stream.wait_event(self._read_done[layer])  # the slots' last readers are done
+        starts, ends = self.tables[layer]
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for c, slot in loads:
+                n = self.offsets[c + 1] - self.offsets[c]
+                row = slot * self.slot_rows
+                v = views[(layer, c)]
+                self.k_pools[layer][row : row + n].copy_(v["k"], non_blocking=True)
+                self.v_pools[layer][row : row + n].copy_(v["v"], non_blocking=True)
+                s.bytes_in["gpu"] += n * row_bytes
+        if stream is not None:
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._copy_done[layer] = done
+            self.cpu.mark_busy([(layer, c) for c, _ in loads], done)
+        idx = torch.tensor([c for c, _ in loads], dtype=torch.long)
+        lo = torch.tensor([slot * self.slot_rows for _, slot in loads], dtype=torch.int32)
+        ln = torch.tensor([self.offsets[c + 1] - self.offsets[c] for c, _ in loads])
+        starts.index_copy_(0, idx.to(self.device), lo.to(self.device))
+        ends.index_copy_(0, idx.to(self.device), (lo + ln.int()).to(self.device))
+
+    def _forget(self, layer: int, evicted: list[int]) -> None:
+        if evicted:
+            idx = torch.tensor(evicted, dtype=torch.long, device=self.device)
+            starts, ends = self.tables[layer]
+            ends.index_copy_(0, idx, starts.index_select(0, idx))  # start == end: absent
+
+    def _admit(self, layer: int, chunks: list[int], protect=(), count: bool = True) -> list[int]:
+        """Make `chunks` resident in `layer` (loads issued); returns the overflow."""
+        cache = self.caches[layer]
+        adm = cache.admit(chunks, protect, count)
+        if count:
+            self.stats.hits["gpu"] += len(adm.hits)
+            self.stats.misses["gpu"] += len(adm.loads) + len(adm.overflow)
+        self._forget(layer, adm.evicted)
+        self._fill(layer, adm.loads)
+        return adm.overflow
+
+    def prefetch(self, layer: int, chunks: list[int], protect=()) -> None:
+        """Fetch `chunks` into `layer`'s cache ahead of use (no wait, no hit/miss count)."""
+        if not 0 <= layer < self.num_layers:
+            return
+        cache = self.caches[layer]
+        todo = [c for c in chunks if c not in cache][: cache.num_slots]
+        if todo:
+            self.stats.prefetched += len(todo)
+            self._admit(layer, todo, protect, count=False)
+
+    # -- attention -----------------------------------------------------------------------
+
+    def attend(self, ops, layer: int, q_rows, sel: Selections, sm_scale: float, wait=None):
+        """Grouped shared attention of `sel` through `layer`'s GPU cache: (o [N', G, D],
+        lse [N', G], sel') where sel' is `sel` less the selections the skip policy dropped
+        (sel itself under "wait"). `wait` overrides the miss policy (True: wait)."""
+        policy = self.config.miss_policy if wait is None else ("wait" if wait else "skip")
+        cache = self.caches[layer]
+        cache.tick()
+        needed = torch.unique(sel.chunk).tolist()  # the one host sync of the layer
+        if policy == "skip":
+            present = [c for c in needed if c in cache]
+            absent = [c for c in needed if c not in cache]
+            self.stats.hits["gpu"] += len(present)
+            self.stats.misses["gpu"] += len(absent)
+            cache.admit(present, count=False)  # a use: the policy's clock and counts
+            if absent:
+                before = sel.req.numel()
+                sel = _subset(sel, present, self.num_chunks)
+                self.stats.skipped += before - sel.req.numel()
+                self.prefetch(layer, absent, protect=present)  # there for later steps
+            needed = present
+        count = policy == "wait"
+        batches = [needed[i : i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
+        if not batches:
+            return _empty(q_rows, sel, self.k_pools[layer].shape[1])
+        if len(batches) == 1:
+            self._admit(layer, batches[0], count=count)
+            self._prefetch_next(layer, needed)
+            return (*self._run(ops, layer, q_rows, sel, sm_scale, None), sel)
+        # more chunks than slots: passes of num_slots chunks, each selection computed once
+        g = q_rows.shape[1] // self.k_pools[layer].shape[1]
+        n, d = sel.req.numel(), q_rows.shape[2]
+        o = torch.zeros(n, g, d, dtype=q_rows.dtype, device=q_rows.device)
+        lse = torch.full((n, g), float("-inf"), device=q_rows.device)
+        for i, batch in enumerate(batches):
+            self._admit(layer, batch, count=count)
+            if i == 0:
+                self._prefetch_next(layer, needed)
+            idx, o_p, lse_p = self._run(ops, layer, q_rows, sel, sm_scale, batch)
+            o.index_copy_(0, idx, o_p.to(o.dtype))
+            lse.index_copy_(0, idx, lse_p)
+        return o, lse, sel
+
+    def _prefetch_next(self, layer: int, chunks: list[int]) -> None:
+        if self.config.prefetch == "next_layer":
+            self.prefetch(layer + 1, chunks[: self.num_slots])
+
+    def _run(self, ops, layer, q_rows, sel, sm_scale, batch):
+        """The grouped kernel over `batch`'s selections (all of `sel` when None)."""
+        done = self._copy_done[layer]
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        if batch is None:
+            sub, idx = sel, None
+        else:
+            keep = torch.zeros(self.num_chunks, dtype=torch.bool, device=sel.chunk.device)
+            keep[torch.tensor(batch, dtype=torch.long, device=keep.device)] = True
+            idx = keep[sel.chunk.long()].nonzero().squeeze(1)
+            sub = Selections(sel.req[idx], sel.kv_head[idx], sel.chunk[idx])
+        o, lse = ops.grouped_shared(
+            q_rows, self.k_pools[layer], self.v_pools[layer], self.tables[layer], sub, sm_scale
+        )
+        if self._copy is not None:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._read_done[layer] = ev
+        return (o, lse) if idx is None else (idx, o, lse)
+
+
+def _subset(sel: Selections, chunks: list[int], num_chunks: int) -> Selections:
+    keep = torch.zeros(num_chunks, dtype=torch.bool, device=sel.chunk.device)
+    if chunks:
+        keep[torch.tensor(chunks, dtype=torch.long, device=keep.device)] = True
+    idx = keep[sel.chunk.long()].nonzero().squeeze(1)
+    return Selections(sel.req[idx], sel.kv_head[idx], sel.chunk[idx])
+
+
+def _empty(q_rows, sel, hkv):
+    g, d = q_rows.shape[1] // hkv, q_rows.shape[2]
+    n = sel.req.numel()
+    o = torch.zeros(n, g, d, dtype=q_rows.dtype, device=q_rows.device)
+    return o, torch.full((n, g), float("-inf"), device=q_rows.device), sel
