@@ -26,6 +26,7 @@ _BENCHES = {
     "load": "moska.bench.load",
     "fidelity": "moska.bench.fidelity",
     "trace": "moska.bench.trace",
+    "serve": "moska.bench.serve",
 }
 
 # Help for each EngineConfig field's flag. A field missing here still gets a flag (with a

@@ -1,0 +1,426 @@
+"""Serving benchmark through the real engine (scheduler, runner, sampler, library path, CUDA
+graphs on CUDA) at Llama-3.1-8B dims with random weights: N requests, each with its own
+prompt of U tokens and G generated tokens, all naming one library, arriving all at once
+(burst) and by a Poisson process at a set rate. Variants timed in the same run:
+
+  prefix_cached  no library: the library's tokens as a shared prompt prefix, prefix caching
+                 on (what vLLM and SGLang do today), warmed by one request before timing
+  all_chunks     the library, every request reads every chunk
+  routed_bf16    the library, top-k chunks per request
+  routed_fp8     the same library built with FP8 KV (`kv_dtype="fp8"`; real prefill)
+  routed_tiered  routed bf16 with a GPU chunk budget of 1/4 of the library (tiers)
+
+The library is the largest the prefix-cached baseline fits (context and memory), so the
+summary compares like with like. Variants whose feature the code base lacks are marked
+"unavailable". Reports output tokens/s, TTFT and TPOT p50/p99, peak GPU memory, tier hit
+rates. JSON (written after every variant) and a plot in bench/results/.
+
+    python -m moska.bench.serve [--requests 256] [--unique-tokens 256] [--max-tokens 64]
+    python -m moska.bench.serve --cpu-dry-run   # the tiny model on CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
+from moska.bench.serve_workload import (
+    InMemoryLibraries,
+    Workload,
+    drive,
+    fp8_build_supported,
+    latency_figures,
+    random_library,
+    random_token_ids,
+    tier_delta,
+    tier_snapshot,
+)
+from moska.config import EngineConfig
+from moska.engine.llm_engine import LLMEngine
+
+VARIANTS = ("prefix_cached", "routed_bf16", "all_chunks", "routed_tiered", "routed_fp8")
+LIBRARY = "serve-bench"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--requests", type=int, default=256, help="N, also max_num_seqs")
+    ap.add_argument("--unique-tokens", type=int, default=256, help="U, each request's own")
+    ap.add_argument("--max-tokens", type=int, default=64, help="G, generated per request")
+    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--rate", type=float, default=64.0, help="Poisson arrivals, requests/s")
+    ap.add_argument("--arrivals", nargs="+", default=["burst", "poisson"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument(
+        "--library-tokens",
+        type=int,
+        default=None,
+        help="library size (default: the largest the prefix-cached baseline fits)",
+    )
+    ap.add_argument("--gpu-memory-gib", type=float, default=120.0, help="memory to size within")
+    ap.add_argument("--tier-budget-fraction", type=float, default=0.25)
+    ap.add_argument("--tier-cpu-budget-gib", type=float, default=None)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
+    ap.add_argument("--scratch-dir", default=None, help="where the tiered library is saved")
+    ap.add_argument("--out", default="bench/results/serve.json")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="the tiny model on CPU")
+    return ap.parse_args(argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every variant shares: the model, the device, the library's size and tokens."""
+
+    loaded: object
+    device: str
+    block_size: int
+    kv_bytes_per_token: int  # all KV layers, k and v
+    library_tokens: int
+    library_limit: str  # what bounded the library: "context", "memory" or "--library-tokens"
+    prefix_fits: bool
+    token_ids: list[int]
+    dtype: str  # the model's, also its KV's
+
+
+def plan(args: argparse.Namespace, loaded, device: str) -> Setup:
+    """The largest library the prefix-cached baseline fits: its tokens plus a request's
+    own within the context, its KV plus N requests' within the memory left after weights."""
+    c, bs = loaded.config, 16
+    elem = next(loaded.model.parameters()).element_size()
+    kv_tok = 2 * c.num_kv_layers * c.num_kv_heads * c.head_dim * elem
+    own = args.unique_tokens + args.max_tokens
+    by_context = (c.max_position_embeddings - own - 1) // args.chunk_size * args.chunk_size
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    spare = args.gpu_memory_gib * 2**30 - weights - 8 * 2**30  # 8 GiB: activations, graphs
+    unique_kv = 2 * args.requests * math.ceil((own + 1) / bs) * bs * kv_tok
+    by_memory = int((spare - unique_kv) // kv_tok) // args.chunk_size * args.chunk_size
+    if device == "cpu":
+        by_memory = by_context  # the dry run's sizes are set by hand
+    largest, limit = min((by_context, "context"), (by_memory, "memory"))
+    tokens, fits = largest, True
+    if args.library_tokens is not None:
+        tokens, limit, fits = (
+            args.library_tokens,
+            "--library-tokens",
+            args.library_tokens <= largest,
+        )
+    if tokens < args.chunk_size:
+        raise SystemExit(f"no library of one {args.chunk_size}-token chunk fits ({limit})")
+    ids = random_token_ids(tokens, c.vocab_size, seed=1)
+    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    return Setup(loaded, device, bs, kv_tok, tokens, limit, fits, ids, dtype)
+
+
+def engine_config(s: Setup, args, top_k: int, extra_blocks: int = 0, **cfg) -> EngineConfig:
+    """Sized for N concurrent requests (twice their KV: two runs back to back)."""
+    own = args.unique_tokens + args.max_tokens
+    max_len = s.library_tokens + own  # the library's positions come first either way
+    per_req = math.ceil((own + 1) / s.block_size)
+    blocks = max(2 * args.requests * per_req, math.ceil(max_len / s.block_size)) + 64
+    share = 0.85
+    if s.device == "cuda":  # the whole engine within --gpu-memory-gib
+        share = min(
+            0.98, args.gpu_memory_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory
+        )
+    return EngineConfig(
+        model=None if s.device == "cpu" else "random-llama-3.1-8b",
+        device=s.device,
+        num_kv_blocks=blocks + extra_blocks,
+        max_model_len=max_len,
+        gpu_memory_utilization=share,
+        max_num_seqs=args.requests,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        default_top_k_chunks=top_k,
+        **cfg,
+    )
+
+
+def make_engine(s: Setup, config: EngineConfig, libraries=None) -> LLMEngine:
+    """An engine on the shared model; by default with a manager of in-memory libraries."""
+    if libraries is None:
+        libraries = InMemoryLibraries(
+            tempfile.mkdtemp(prefix="moska-serve-"), s.loaded, s.device, progress=False
+        )
+    return LLMEngine(config, s.loaded, libraries)
+
+
+def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, library=None) -> dict:
+    """Warm up (one request, then two: Triton compiles, the prefix gets cached), capture
+    the decode graphs, then time each arrival pattern on the same engine."""
+    vocab = s.loaded.config.vocab_size
+    t0 = time.perf_counter()
+    for n in (1, 2):
+        warm = Workload.make(n, args.unique_tokens, 2, vocab, None, seed=10_000 + n)
+        drive(engine, warm, f"{name}-warm{n}", prefix=prefix, library=library)
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    graphs = engine.capture_graphs(progress=False)
+    result = {"warmup_seconds": warm_s, "graphs_captured": graphs}
+    result["graph_capture_seconds"] = time.perf_counter() - t0
+    runs = []
+    for pattern in args.arrivals:
+        rate = None if pattern == "burst" else args.rate
+        work = Workload.make(
+            args.requests, args.unique_tokens, args.max_tokens, vocab, rate, seed=0
+        )
+        lib = engine.libraries.get(library) if library is not None else None
+        before, tiers = engine.stats(), tier_snapshot(lib)
+        timings, wall = drive(engine, work, f"{name}-{pattern}", prefix=prefix, library=library)
+        after = engine.stats()
+        run = {"arrivals": work.pattern, **latency_figures(timings, wall)}
+        run["steps"] = after.steps - before.steps
+        run["prompt_tokens_computed"] = after.prompt_tokens_computed - before.prompt_tokens_computed
+        run["tiers"] = tier_delta(tiers, tier_snapshot(lib))
+        runs.append(run)
+        print(
+            f"{name:>14} {work.pattern:>12} {run['output_tokens_per_s']:>10.1f} tok/s "
+            f"TTFT p50 {run['ttft_p50_s']:.3f} s p99 {run['ttft_p99_s']:.3f} s "
+            f"TPOT p50 {1e3 * (run['tpot_p50_s'] or 0):.1f} ms",
+            flush=True,
+        )
+    result["runs"] = runs
+    return result
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def config_has(field: str) -> bool:
+    return field in {f.name for f in dataclasses.fields(EngineConfig)}
+
+
+def run_variant(name: str, s: Setup, args, lib_holder: dict) -> dict:
+    """One variant: its engine, its measurement, its memory; the bf16 library is made once
+    and kept in `lib_holder` for the variants that read it."""
+    row: dict = {"variant": name, "library_tokens": s.library_tokens}
+    chunks = math.ceil(s.library_tokens / args.chunk_size)
+    if name == "prefix_cached":
+        if not s.prefix_fits:
+            return {**row, "status": "does_not_fit", "reason": "library over context/memory"}
+        blocks = math.ceil(s.library_tokens / s.block_size)
+        engine = make_engine(s, engine_config(s, args, args.top_k, blocks))
+        row.update(top_k=None, kv_dtype=s.dtype, prefix_caching=True)
+        return {**row, "status": "ok", **measure(engine, s, args, name, prefix=s.token_ids)}
+    if name == "routed_fp8" and not fp8_build_supported():
+        return {**row, "status": "unavailable", "reason": "library build has no kv_dtype"}
+    if name == "routed_tiered" and not config_has("library_gpu_budget"):
+        return {**row, "status": "unavailable", "reason": "no library_gpu_budget config field"}
+    if "bf16" not in lib_holder and name in ("routed_bf16", "all_chunks", "routed_tiered"):
+        t0 = time.perf_counter()
+        lib_holder["bf16"] = random_library(s.loaded, s.token_ids, args.chunk_size, LIBRARY)
+        lib_holder["make_seconds"] = time.perf_counter() - t0
+    top_k = chunks if name == "all_chunks" else min(args.top_k, chunks)
+    kv_dtype = "fp8" if name == "routed_fp8" else s.dtype
+    row.update(num_chunks=chunks, top_k=top_k, kv_dtype=kv_dtype)
+    if name == "routed_tiered":
+        return {**row, **run_tiered(s, args, lib_holder, top_k)}
+    if name == "routed_fp8":
+        lib_holder.pop("bf16", None)  # the last variant: make room
+        free_memory()
+        library = random_library(s.loaded, s.token_ids, args.chunk_size, LIBRARY, "fp8")
+    else:
+        library = lib_holder["bf16"]
+    row["library_kv"] = "random values (no prefill)"
+    if name == "routed_fp8":
+        row["library_kv"] += ", e4m3 by the builder's quantizer (moska.library.fp8)"
+    row["library_gib"] = library.nbytes / 2**30
+    engine = make_engine(s, engine_config(s, args, top_k))
+    engine.libraries.add(library)
+    return {**row, "status": "ok", **measure(engine, s, args, name, library=LIBRARY)}
+
+
+def run_tiered(s: Setup, args, lib_holder: dict, top_k: int) -> dict:
+    """Save the bf16 library, then serve it through the engine's own library manager with
+    a GPU budget of `--tier-budget-fraction` of its KV bytes (the tiers load it)."""
+    from moska.engine.llm_engine import _make_library_manager  # the engine's own manager
+    from moska.library.store import save_library
+
+    library = lib_holder.pop("bf16")
+    kv_bytes = s.library_tokens * s.kv_bytes_per_token
+    budget = kv_bytes * args.tier_budget_fraction / 2**30
+    root = Path(tempfile.mkdtemp(prefix="moska-serve-tiers-", dir=args.scratch_dir))
+    try:
+        t0 = time.perf_counter()
+        save_library(library, root, progress=False)
+        save_s = time.perf_counter() - t0
+        del library
+        free_memory()
+        cfg = {"library_root": str(root), "library_gpu_budget": f"{int(budget * 2**30)}B"}
+        if args.tier_cpu_budget_gib is not None:
+            cfg["library_cpu_budget"] = f"{int(args.tier_cpu_budget_gib * 2**30)}B"
+        config = engine_config(s, args, top_k, **cfg)
+        libraries = _make_library_manager(config, s.loaded, s.device)
+        libraries.progress = False
+        engine = make_engine(s, config, libraries)
+        loaded = engine.libraries.get(LIBRARY)  # loaded before graphs are captured
+        if getattr(loaded, "tiers", None) is None:
+            raise RuntimeError("the library was loaded wholly onto the device, not in tiers")
+        row = {"status": "ok", "library_gpu_budget_gib": budget, "library_gib": kv_bytes / 2**30}
+        row["gpu_slots"] = loaded.tiers.num_slots
+        row["tier_config"] = dataclasses.asdict(loaded.tiers.config)
+        row["library_save_seconds"] = save_s
+        return {**row, **measure(engine, s, args, "routed_tiered", library=LIBRARY)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def summarize(rows: list[dict], args, s: Setup) -> dict:
+    def run(variant: str, pattern: str) -> dict | None:
+        row = next((r for r in rows if r["variant"] == variant and r["status"] == "ok"), None)
+        if row is None:
+            return None
+        return next((x for x in row["runs"] if x["arrivals"].split("@")[0] == pattern), None)
+
+    out: dict = {
+        "batch": args.requests,
+        "library_tokens": s.library_tokens,
+        "prefix_cached_library_tokens": s.library_tokens if s.prefix_fits else None,
+        "prefix_cached_library_limit": s.library_limit,
+    }
+    for pattern in args.arrivals:
+        r, p = run("routed_bf16", pattern), run("prefix_cached", pattern)
+        if r and p:
+            out[f"{pattern}_routed_bf16_vs_prefix_cached_output_tok_s"] = (
+                r["output_tokens_per_s"] / p["output_tokens_per_s"]
+            )
+        for variant in VARIANTS:
+            x = run(variant, pattern)
+            if x:
+                out[f"{pattern}_{variant}_output_tok_s"] = x["output_tokens_per_s"]
+                out[f"{pattern}_{variant}_ttft_p50_s"] = x["ttft_p50_s"]
+                out[f"{pattern}_{variant}_ttft_p99_s"] = x["ttft_p99_s"]
+    out["unavailable"] = {r["variant"]: r["reason"] for r in rows if r["status"] != "ok"}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.cpu_dry_run:  # tiny ops: threads only contend (30x slower on a shared CPU)
+        torch.set_num_threads(1)
+    try:
+        run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> None:
+    if args.cpu_dry_run:
+        from moska.model.default import CONFIG
+
+        cfg, dtype, device = dict(CONFIG, num_hidden_layers=2), torch.float32, "cpu"
+        args.requests, args.unique_tokens, args.max_tokens = 4, 8, 3
+        args.chunk_size, args.top_k, args.rate = 32, 2, 400.0
+        args.library_tokens = args.library_tokens or 128
+        args.max_num_batched_tokens = 256
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("the serving benchmark needs a CUDA GPU (or --cpu-dry-run)")
+        cfg, dtype, device = dict(LLAMA_3_1_8B), torch.bfloat16, "cuda"
+        if args.layers:
+            cfg["num_hidden_layers"] = args.layers
+    loaded = random_loaded_model(cfg, dtype, device)
+    s = plan(args, loaded, device)
+    payload = {
+        "environment": {
+            **environment(None if argv is None else ["moska.bench.serve", *argv]),
+            "device": device,
+        },
+        "shapes": {
+            "model": "Llama-3.1-8B dims, random weights" if device == "cuda" else "tiny, random",
+            "layers": loaded.config.num_layers,
+            "dtype": str(dtype).removeprefix("torch."),
+            "requests": args.requests,
+            "unique_tokens": args.unique_tokens,
+            "max_tokens": args.max_tokens,
+            "chunk_size": args.chunk_size,
+            "top_k": args.top_k,
+            "poisson_rate": args.rate,
+            "library_tokens": s.library_tokens,
+            "library_limit": s.library_limit,
+            "kv_bytes_per_token": s.kv_bytes_per_token,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+        },
+        "rows": [],
+        "complete": False,
+    }
+    out = Path(args.out)
+    lib_holder: dict = {}
+    for name in [v for v in VARIANTS if v in args.variants]:
+        free_memory()
+        t0 = time.perf_counter()
+        try:
+            row = run_variant(name, s, args, lib_holder)
+        except Exception as e:  # noqa: BLE001 - one variant failing keeps the others' figures
+            row = {"variant": name, "status": "failed", "reason": repr(e)[:500]}
+            print(f"{name}: failed: {e!r}"[:400], flush=True)
+        row["seconds"] = time.perf_counter() - t0
+        row["peak_gpu_memory_gib"] = peak_gib()
+        if name == "routed_bf16" and "make_seconds" in lib_holder:
+            row["library_make_seconds"] = lib_holder["make_seconds"]
+        if row["status"] != "ok":
+            print(f"{name:>14} {row['status']}: {row.get('reason')}", flush=True)
+        payload["rows"].append(row)
+        payload["summary"] = summarize(payload["rows"], args, s)
+        write_json(out, payload)  # after every variant: a timeout keeps what was measured
+        gc.collect()
+    payload["complete"] = True
+    payload["plot"] = plot(payload["rows"], out.with_suffix(".png"))
+    write_json(out, payload)
+    print("summary:", payload["summary"])
+
+
+def plot(rows: list[dict], path: Path) -> str:
+    """Output tokens/s and TTFT p50 per variant and arrival pattern; says why if skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped: matplotlib is not installed"
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return "skipped: no variant ran"
+    patterns = sorted({x["arrivals"] for r in ok for x in r["runs"]})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(patterns)
+    for j, pattern in enumerate(patterns):
+        xs = [i + j * width for i in range(len(ok))]
+        runs = [next((x for x in r["runs"] if x["arrivals"] == pattern), {}) for r in ok]
+        axes[0].bar(xs, [x.get("output_tokens_per_s") or 0 for x in runs], width, label=pattern)
+        axes[1].bar(xs, [x.get("ttft_p50_s") or 0 for x in runs], width, label=pattern)
+    for ax, label in zip(axes, ("output tokens/s", "TTFT p50 (s)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ok))])
+        ax.set_xticklabels([r["variant"] for r in ok], rotation=20)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"moska serve benchmark, library of {ok[0]['library_tokens']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+if __name__ == "__main__":
+    main()

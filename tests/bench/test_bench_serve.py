@@ -1,0 +1,114 @@
+"""`moska bench serve --cpu-dry-run`: the serving benchmark's whole harness on the tiny
+model through the real engine (every variant, both arrival patterns), run once through the
+CLI; its JSON must account for every request and token and agree with itself."""
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from moska.bench import serve
+from moska.bench.serve_workload import Workload, fp8_build_supported
+from moska.config import EngineConfig
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    from moska.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("serve") / "serve.json"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", ["moska"])  # the CLI sets the benchmark's argv
+        rc = cli_main(["bench", "serve", "--cpu-dry-run", "--out", str(out)])
+    assert rc == 0
+    assert torch.get_num_threads() == threads  # the dry run's one thread is given back
+    return json.loads(out.read_text()), out
+
+
+def test_every_variant_is_reported(result):
+    data, out = result
+    assert data["complete"] is True
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == set(serve.VARIANTS)
+    assert rows["prefix_cached"]["status"] == "ok"
+    assert rows["routed_bf16"]["status"] == "ok"
+    assert rows["all_chunks"]["status"] == "ok"
+    assert rows["all_chunks"]["top_k"] == rows["all_chunks"]["num_chunks"]
+    assert rows["routed_bf16"]["top_k"] < rows["routed_bf16"]["num_chunks"]
+    # present features run; missing ones say so, never a made-up figure
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    want_tiers = "ok" if "library_gpu_budget" in fields else "unavailable"
+    assert rows["routed_tiered"]["status"] == want_tiers
+    assert rows["routed_fp8"]["status"] == ("ok" if fp8_build_supported() else "unavailable")
+    for r in rows.values():
+        assert ("runs" in r) == (r["status"] == "ok")
+    plot = data["plot"]
+    assert plot.startswith("skipped") or plot == str(out.with_suffix(".png"))
+
+
+def test_runs_account_for_every_token(result):
+    data, _ = result
+    shapes = data["shapes"]
+    n, u, g = shapes["requests"], shapes["unique_tokens"], shapes["max_tokens"]
+    for row in data["rows"]:
+        for run in row.get("runs", []):
+            assert run["finished"] == run["requests"] == n
+            assert run["output_tokens"] == n * g
+            # the library (or the cached prefix) is never recomputed: only own tokens
+            assert run["prompt_tokens_computed"] == n * u, (row["variant"], run)
+            assert run["output_tokens_per_s"] == pytest.approx(n * g / run["seconds"])
+            assert 0 < run["ttft_p50_s"] <= run["ttft_p99_s"] < run["seconds"]
+            assert 0 < run["tpot_p50_s"] <= run["tpot_p99_s"]
+
+
+def test_tiers_report_hit_rates(result):
+    data, _ = result
+    row = next(r for r in data["rows"] if r["variant"] == "routed_tiered")
+    if row["status"] != "ok":
+        pytest.skip("no tiers in this tree (reported unavailable, checked above)")
+    assert row["library_gpu_budget_gib"] == pytest.approx(row["library_gib"] / 4)
+    assert row["gpu_slots"] < row["num_chunks"]
+    for run in row["runs"]:
+        gpu = run["tiers"]["gpu"]
+        assert gpu["misses"] > 0  # a quarter of the chunks resident: some must be fetched
+        assert gpu["hit_rate"] == pytest.approx(gpu["hits"] / (gpu["hits"] + gpu["misses"]))
+
+
+def test_summary_compares_routed_with_prefix_cached(result):
+    data, _ = result
+    s = data["summary"]
+    assert s["batch"] == data["shapes"]["requests"]
+    assert s["prefix_cached_library_tokens"] == s["library_tokens"]
+    for pattern in ("burst", "poisson"):
+        ratio = (
+            s[f"{pattern}_routed_bf16_output_tok_s"] / s[f"{pattern}_prefix_cached_output_tok_s"]
+        )
+        assert s[f"{pattern}_routed_bf16_vs_prefix_cached_output_tok_s"] == pytest.approx(ratio)
+        assert s[f"{pattern}_prefix_cached_ttft_p50_s"] > 0
+
+
+def test_library_is_the_largest_the_baseline_fits():
+    from moska.bench.common import random_loaded_model
+    from moska.model.default import CONFIG
+
+    tiny_model = random_loaded_model(dict(CONFIG, num_hidden_layers=1), torch.float32, "cpu")
+    args = argparse.Namespace(
+        unique_tokens=100, max_tokens=30, chunk_size=512, requests=4, gpu_memory_gib=1.0,
+        library_tokens=None,
+    )  # fmt: skip
+    s = serve.plan(args, tiny_model, "cpu")
+    limit = tiny_model.config.max_position_embeddings
+    assert s.library_tokens % 512 == 0 and s.prefix_fits and s.library_limit == "context"
+    assert s.library_tokens + 130 < limit <= s.library_tokens + 512 + 130
+    assert len(s.token_ids) == s.library_tokens
+
+
+def test_poisson_arrivals():
+    work = Workload.make(4000, 3, 2, vocab=50, rate=20.0, seed=1)
+    gaps = [b - a for a, b in zip(work.arrivals, work.arrivals[1:])]
+    assert work.arrivals[0] == 0.0 and min(gaps) >= 0
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 20.0, rel=0.1)
+    assert Workload.make(5, 3, 2, vocab=50, rate=None, seed=1).arrivals == (0.0,) * 5
