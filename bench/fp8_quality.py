@@ -13,7 +13,9 @@ attends to its own causal KV plus the library, either all chunks or its routed t
 (`moska.kernels.router.route`, key-max scorer on the routing index of the unquantized bf16
 keys, each query token routed alone as a decode row is). Loss = mean next-token
 cross-entropy (nats) over the query tokens; agreement = the share of query tokens whose
-argmax equals the bf16 library's. fp32 library KV is reported as the floor of bf16.
+argmax equals the bf16 library's. fp32 library KV is reported as the floor of bf16;
+"fp8/chunk+q_e4m3" also cuts q to e4m3 (one scale per query token) for the library's
+logits, as the kernel's `fp8_dot` option does for FP8 tensor cores (per tile of rows there).
 
 Usage: .venv/bin/python bench/fp8_quality.py [--windows 4] [--out FILE]
 """
@@ -47,9 +49,10 @@ class LibraryAttention:
     top-k) plus their own causal KV, in fp32: a dense, obviously correct stand-in for the
     engine's shared + paged attention merged by LSE."""
 
-    def __init__(self, lib_k, lib_v, index, offsets, top_k, sm_scale):
+    def __init__(self, lib_k, lib_v, index, offsets, top_k, sm_scale, q_fp8=False):
         self.lib_k, self.lib_v, self.index = lib_k, lib_v, index  # per layer [S, Hkv, D]
         self.offsets, self.top_k, self.sm_scale = offsets, top_k, sm_scale
+        self.q_fp8 = q_fp8  # the kernel's fp8_dot: q cut to e4m3 for the library's logits
 
     def visible(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:  # [Hkv, T, S] bool
         c = self.offsets.numel() - 1
@@ -70,6 +73,11 @@ class LibraryAttention:
         vv = torch.cat([lv, v.float()]).repeat_interleave(g, dim=1)
         scores = torch.einsum("thd,shd->hts", q.float(), kk) * self.sm_scale  # [Hq, T, S+T]
         s = lk.shape[0]
+        if self.q_fp8:  # one scale per query token (the kernel: per tile of rows, coarser)
+            amax = q.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30) / 448.0
+            q8 = (q.float() / amax).to(torch.float8_e4m3fn).float() * amax
+            lib_scores = torch.einsum("thd,shd->hts", q8, kk[:s]) * self.sm_scale
+            scores = torch.cat([lib_scores, scores[:, :, s:]], dim=2)
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         own = causal.expand(hq, t, t)
         shared = self.visible(layer, q)
@@ -104,9 +112,11 @@ def run_window(model, ids, lib_tokens, chunk_size, top_ks):
     x = torch.tensor(query)
     pos = torch.arange(lib_tokens, lib_tokens + len(query))
     out = {}
+    runs = [(name, name, False) for name in variants] + [("fp8/chunk+q_e4m3", "fp8/chunk", True)]
     for top_k in top_ks:
-        for name, (lk, lv) in variants.items():
-            la = LibraryAttention(lk, lv, index, offsets, top_k, sm_scale)
+        for name, kv, q_fp8 in runs:
+            lk, lv = variants[kv]
+            la = LibraryAttention(lk, lv, index, offsets, top_k, sm_scale, q_fp8)
             hidden = model(x, pos, la)
             out[(top_k, name)] = model.compute_logits(hidden[:-1]).float()  # [T-1, V]
     return out, x[1:]
@@ -159,9 +169,9 @@ def main() -> None:
             "loss_rel_vs_bf16": round(loss / base - 1, 5),
             "top1_agreement_vs_bf16": round(agree[(top_k, name)] / count, 5),
         })  # fmt: skip
-    print(f"{'routing':<11} {'library KV':<11} {'loss':>8} {'rel':>9} {'top-1 agr':>9}")
+    print(f"{'routing':<11} {'library KV':<17} {'loss':>8} {'rel':>9} {'top-1 agr':>9}")
     for r in rows:
-        print(f"{r['routing']:<11} {r['library_kv']:<11} {r['loss']:>8.4f} "
+        print(f"{r['routing']:<11} {r['library_kv']:<17} {r['loss']:>8.4f} "
               f"{r['loss_rel_vs_bf16']:>+9.5f} {r['top1_agreement_vs_bf16']:>9.4f}")  # fmt: skip
     fp8 = [r for r in rows if r["library_kv"] == "fp8/chunk"]
     commit = subprocess.run(
