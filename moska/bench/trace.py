@@ -198,7 +198,8 @@ def run_system(kind: str, rows: list[dict], args) -> dict:
     import httpx
 
     from moska.pd.cluster import discover, parse_pd, start_cluster
-    from moska.pd.frontend import FrontEnd, FrontEndConfig, create_frontend_app
+    from moska.pd.frontend import FrontEnd, FrontEndConfig
+    from moska.pd.frontend_app import create_frontend_app
     from moska.pd.scheduler import SLO, GlobalScheduler
     from moska.server.background import background_server
 

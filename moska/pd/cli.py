@@ -82,7 +82,7 @@ def build_frontend(args: argparse.Namespace):
 def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from moska.pd.frontend import create_frontend_app
+    from moska.pd.frontend_app import create_frontend_app
 
     front, cluster = build_frontend(args)
     try:

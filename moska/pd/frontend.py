@@ -11,7 +11,7 @@ A decode instance that dies (its process gone, or /health failing twice) is take
 the scheduler, and the requests streaming from it end with an error at once.
 
 Round-robin mode (`--both`): the colocated baseline, each request to the next live
-instance, whole.
+instance, whole. The HTTP app around it is `pd/frontend_app.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moska.pd.index import block_hashes
@@ -57,7 +57,9 @@ class Stats:
     rejected: dict[str, int] = field(default_factory=dict)
 
 
-def _error(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, headers=None
+) -> JSONResponse:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": param}}
     if status == 429:
         body["error"]["type"] = "rate_limit_error"
@@ -152,26 +154,26 @@ class FrontEnd:
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, "the body is not valid JSON")
+            return error_response(400, "the body is not valid JSON")
         if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
+            return error_response(400, "the body must be a JSON object")
         self.stats.requests += 1
         path = f"/v1/{'chat/completions' if kind == 'chat' else 'completions'}"
         if self.scheduler is None:
             live = [i for i in self.instances if i.alive]
             if not live:
-                return _error(503, "no live instance; restart them")
+                return error_response(503, "no live instance; restart them")
             inst = live[next(self._rr) % len(live)]
             return await self._proxy(inst, path, body, None, None)
         return await self._disaggregated(kind, path, body)
 
     async def _disaggregated(self, kind: str, path: str, body: dict) -> Response:
         if body.get("n", 1) not in (1, None) or body.get("best_of", 1) not in (1, None):
-            return _error(400, "n > 1 is not supported by the P/D front end yet", param="n")
+            return error_response(400, "n > 1 is not supported by the P/D front end yet", param="n")
         try:
             tokens = prompt_tokens(kind, body)
         except ValueError as exc:
-            return _error(400, f"'{exc}' is missing or not a single prompt", param=str(exc))
+            return error_response(400, f"'{exc}' is missing or not a single prompt", param=str(exc))
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         max_tokens = max_tokens if isinstance(max_tokens, int) else DEFAULT_MAX_TOKENS
         bs = self.scheduler.live("prefill")[0].block_size if self.scheduler.live("prefill") else 16
@@ -179,7 +181,7 @@ class FrontEnd:
         info = RequestInfo(tuple(block_hashes(tokens, bs, namespace)), len(tokens), max_tokens)
         plan = self.scheduler.plan(info, time.monotonic())
         if isinstance(plan, Rejection) and plan.reason == "too_large":
-            return _error(
+            return error_response(
                 400,
                 "the prompt plus max_tokens needs more KV than any decode instance holds; "
                 "shorten the prompt or lower max_tokens",
@@ -187,7 +189,7 @@ class FrontEnd:
             )
         if isinstance(plan, Rejection):
             self.stats.rejected[plan.reason] = self.stats.rejected.get(plan.reason, 0) + 1
-            return _error(
+            return error_response(
                 429,
                 f"the cluster would miss its SLO ({plan.reason}: predicted time to first token "
                 f"{plan.predicted_ttft_s:.2f} s, per output token {plan.predicted_tpot_s:.3f} s);"
@@ -214,7 +216,9 @@ class FrontEnd:
                 if attempt == 1 or isinstance(retry, Rejection):
                     self.scheduler.finished(plan, decode, None)
                     self.stats.failed += 1
-                    return _error(503, f"the KV transfer failed twice ({out}); retry the request")
+                    return error_response(
+                        503, f"the KV transfer failed twice ({out}); retry the request"
+                    )
                 self.scheduler.finished(retry, retry.decode, None)  # only its decode choice
                 self.scheduler.moved(plan, retry.decode, time.monotonic(), max_tokens)
                 decode = retry.decode
@@ -223,7 +227,7 @@ class FrontEnd:
             self.scheduler.finished(plan, decode, None)
             self._kill(plan.prefill, f"unreachable ({exc})")
             self.stats.failed += 1
-            return _error(503, f"the prefill instance failed ({exc}); retry the request")
+            return error_response(503, f"the prefill instance failed ({exc}); retry the request")
         self.scheduler.prefill_done(
             plan, time.monotonic() - t_start, info.prompt_tokens - plan.cached_blocks * bs
         )
@@ -331,7 +335,9 @@ class FrontEnd:
             self._kill(inst, f"{type(exc).__name__}: {exc}")
         if plan is not None:
             self.scheduler.finished(plan, inst, None)
-        return _error(503, f"instance {inst.name} failed ({type(exc).__name__}); retry the request")
+        return error_response(
+            503, f"instance {inst.name} failed ({type(exc).__name__}); retry the request"
+        )
 
     async def _release(self, inst: Instance, tid: int) -> None:
         try:
@@ -362,55 +368,3 @@ async def _or_dead(aw, dead: asyncio.Event):
         return task.result()
     task.cancel()
     raise _InstanceDied("the instance died")
-
-
-def create_frontend_app(front: FrontEnd) -> FastAPI:
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        await front.start()
-        try:
-            yield
-        finally:
-            await front.stop()
-
-    app = FastAPI(title="moska router", lifespan=lifespan)
-    app.state.front = front
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await front.handle("completions", request)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await front.handle("chat", request)
-
-    @app.get("/v1/models")
-    async def models() -> Response:
-        for inst in [i for i in front.instances if i.alive]:
-            try:
-                r = await front.client.get(f"{inst.url}/v1/models", timeout=5.0)
-                return Response(r.content, r.status_code, media_type="application/json")
-            except httpx.HTTPError:
-                continue
-        return _error(503, "no live instance; restart them")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        roles = {i.role for i in front.instances if i.alive}
-        ok = roles >= {"prefill", "decode"} if front.scheduler else "both" in roles
-        body = {"status": "ok" if ok else "unavailable"}
-        body["instances"] = {i.name: {"role": i.role, "alive": i.alive} for i in front.instances}
-        return JSONResponse(body, 200 if ok else 503)
-
-    @app.get("/pd/stats")
-    async def stats() -> JSONResponse:
-        s = front.stats
-        body = dict(vars(s))
-        body["hit_rate"] = s.cached_tokens / s.prompt_tokens if s.prompt_tokens else None
-        if front.scheduler is not None:
-            body["rejected_by_scheduler"] = dict(front.scheduler.rejections)
-        return JSONResponse(body)
-
-    return app

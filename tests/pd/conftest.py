@@ -5,10 +5,14 @@ server in a uvicorn thread, joined in one gloo transfer group; a front end over 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from moska.pd.cluster import free_port
 from moska.server.background import background_server
 
 
@@ -31,7 +35,6 @@ def make_engine(first=None, **overrides):
 def pd_instances(engines_roles, timeout_s: float = 30.0, master_port=None, world=None):
     """Serve each (engine, role) as an instance, ranks in order (`world`: more ranks join
     from elsewhere); yields {name: url} and the apps."""
-    from moska.pd.cluster import free_port
     from moska.pd.instance import PDConfig, attach
     from moska.pd.transport import TransferEndpoint
     from moska.server.app import create_app
@@ -70,11 +73,31 @@ def front_end(urls: dict[str, str], slo=None, **config):
 
 
 @pytest.fixture(scope="session")
-def pd_cluster():
+def victim(tmp_path_factory):
+    """(process, HTTP port, transfer master port) of a decode instance in its own process
+    (rank 2 of a world of 3), started first so that its start overlaps the other fixtures;
+    test_pd_faults kills it."""
+    port, master_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "moska.cli", "serve", "--role", "decode", "--pd-rank", "2",
+           "--pd-world", "3", "--pd-master", f"127.0.0.1:{master_port}", "--port", str(port),
+           "--ttft-slo", "none", "--no-demo-library", "--device", "cpu", "--max-model-len",
+           "512", "--num-kv-blocks", "256", "--log-level", "warning"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = tmp_path_factory.mktemp("victim") / "victim.log"
+    with open(log, "wb") as fh:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    yield proc, port, master_port
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def pd_cluster(victim):
     """(front end URL, {name: url}, {name: app}, FrontEnd): prefill0 (rank 0), decode0 and
     decode1. prefill0 doubles as the colocated reference: a request without the transfer
     header is served whole by it."""
-    from moska.pd.frontend import create_frontend_app
+    from moska.pd.frontend_app import create_frontend_app
 
     first = make_engine()
     engines = [first, make_engine(first), make_engine(first)]

@@ -5,9 +5,6 @@ serving; a transfer to the dead rank fails (after one retry) instead of hanging.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,7 +13,6 @@ import pytest
 import torch
 from conftest import front_end, make_engine, pd_instances
 
-from moska.pd.cluster import free_port
 from moska.server.background import background_server
 
 pytestmark = pytest.mark.timeout(150)
@@ -29,41 +25,32 @@ def _wait(pred, timeout_s, what):
         time.sleep(0.05)
 
 
-def test_killed_decode_instance(pd_cluster, tmp_path):
-    from moska.pd.frontend import create_frontend_app
+def test_killed_decode_instance(pd_cluster, victim):
+    from moska.pd.frontend_app import create_frontend_app
 
+    proc, port, master_port = victim
     first = pd_cluster[2]["prefill0"].state.moska.engine
-    port, master_port = free_port(), free_port()
-    victim_cmd = [sys.executable, "-m", "moska.cli", "serve", "--role", "decode", "--pd-rank",
-                  "2", "--pd-world", "3", "--pd-master", f"127.0.0.1:{master_port}", "--port",
-                  str(port), "--ttft-slo", "none", "--no-demo-library", "--device", "cpu",
-                  "--max-model-len", "512", "--num-kv-blocks", "256", "--log-level", "warning"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(tmp_path / "victim.log", "wb") as log:  # the child keeps its own descriptor
-        victim = subprocess.Popen(victim_cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        pairs = [(make_engine(first), "prefill"), (make_engine(first), "decode")]
-        with pd_instances(pairs, master_port=master_port, world=3, timeout_s=120) as (urls, apps):
-            victim_url = f"http://127.0.0.1:{port}"
-            _wait(lambda: _ready(victim_url), 120, "the victim to start")
-            front = front_end(urls | {"victim": victim_url}, health_interval_s=0.2)
-            front.processes["victim"] = victim
-            with background_server(create_frontend_app(front)) as url:
-                _run_kill(url, front, victim)
-                # the transfer group: a send to the dead rank fails, retried, bounded
-                transport = apps["prefill0"].state.pd.transport
-                got: dict = {}
-                done = threading.Event()
-                t0 = time.monotonic()
-                transport.send(99, 2, {"tokens": [], "namespace": [None, None]},
-                               [torch.ones(2, 1, 16, 1, 4)],
-                               lambda err, s: (got.update(err=err), done.set()))  # fmt: skip
-                assert done.wait(30) and got["err"] is not None
-                assert time.monotonic() - t0 < 30
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-        victim.wait(10)
+    pairs = [(make_engine(first), "prefill"), (make_engine(first), "decode")]
+    with pd_instances(pairs, master_port=master_port, world=3, timeout_s=120) as (urls, apps):
+        victim_url = f"http://127.0.0.1:{port}"
+        _wait(lambda: _ready(victim_url), 120, "the victim to start")
+        front = front_end(urls | {"victim": victim_url}, health_interval_s=0.2)
+        front.processes["victim"] = proc
+        with background_server(create_frontend_app(front)) as url:
+            _run_kill(url, front, proc)
+            # the transfer group: a send to the dead rank fails, retried, bounded
+            transport = apps["prefill0"].state.pd.transport
+            got: dict = {}
+            done = threading.Event()
+
+            def finished(err, _s) -> None:
+                got["err"] = err
+                done.set()
+
+            t0 = time.monotonic()
+            transport.send(99, 2, {"tokens": []}, [torch.ones(2, 1, 16, 1, 4)], finished)
+            assert done.wait(30) and got["err"] is not None
+            assert time.monotonic() - t0 < 30
 
 
 def _ready(url):

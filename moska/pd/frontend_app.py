@@ -1,0 +1,62 @@
+"""The front end's HTTP app: the OpenAI routes `FrontEnd` answers, /health (every role
+has a live instance) and /pd/stats (requests, prefix hits, transfers, rejections)."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from moska.pd.frontend import FrontEnd, error_response
+
+
+def create_frontend_app(front: FrontEnd) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await front.start()
+        try:
+            yield
+        finally:
+            await front.stop()
+
+    app = FastAPI(title="moska router", lifespan=lifespan)
+    app.state.front = front
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await front.handle("completions", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await front.handle("chat", request)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        for inst in [i for i in front.instances if i.alive]:
+            try:
+                r = await front.client.get(f"{inst.url}/v1/models", timeout=5.0)
+                return Response(r.content, r.status_code, media_type="application/json")
+            except httpx.HTTPError:
+                continue
+        return error_response(503, "no live instance; restart them")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        roles = {i.role for i in front.instances if i.alive}
+        ok = roles >= {"prefill", "decode"} if front.scheduler else "both" in roles
+        body = {"status": "ok" if ok else "unavailable"}
+        body["instances"] = {i.name: {"role": i.role, "alive": i.alive} for i in front.instances}
+        return JSONResponse(body, 200 if ok else 503)
+
+    @app.get("/pd/stats")
+    async def stats() -> JSONResponse:
+        s = front.stats
+        body = dict(vars(s))
+        body["hit_rate"] = s.cached_tokens / s.prompt_tokens if s.prompt_tokens else None
+        if front.scheduler is not None:
+            body["rejected_by_scheduler"] = dict(front.scheduler.rejections)
+        return JSONResponse(body)
+
+    return app
