@@ -106,9 +106,10 @@ def test_fp8_library_round_trips(fp8_saved, tiny_model):
         assert ks.shape == vs.shape == (lib.num_chunks, k.shape[1])
         for pool, scale, ref in ((k, ks, exact.k_pools[layer]), (v, vs, exact.v_pools[layer])):
             y = dequantize((pool, scale), offs)
-            bound = ref.float().abs() * 2**-4 + row_scales(scale, offs, y.shape[0], "chunk")[
-                :, :, None
-            ] * 2**-10
+            bound = (
+                ref.float().abs() * 2**-4
+                + row_scales(scale, offs, y.shape[0], "chunk")[:, :, None] * 2**-10
+            )
             assert ((y - ref.float()).abs() <= bound * 1.0001).all()
         # the routing index stays in the model's dtype, built from the exact keys
         for a, b in zip(lib.routing[layer], exact.routing[layer]):
@@ -214,3 +215,47 @@ def test_kernel_fp8_path_matches_reference(fp8_dot):
         grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc)
     with pytest.raises(ValueError, match="kv_scales"):
         grouped_shared_attention_ref(q, kq.data, vq.data, offs, sel, sc)
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+def test_http_build_body_carries_kv_dtype():
+    import sys
+    import time
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    server_tests = str(Path(__file__).resolve().parents[1] / "server")
+    sys.path.insert(0, server_tests)
+    try:
+        from fake_engine import FakeEngine, FakeLibraryManager
+    finally:
+        sys.path.remove(server_tests)
+
+    from moska.server.app import create_app
+    from moska.server.settings import ServerSettings
+
+    seen = []
+
+    class Spy(FakeLibraryManager):
+        def build(self, *args, **kwargs):
+            seen.append(kwargs.get("kv_dtype", "auto"))
+            return super().build(*args, **kwargs)
+
+    app = create_app(FakeEngine(libraries=Spy(build_seconds=0.0)), ServerSettings())
+    body = {"name": "h8", "documents": [{"name": "a", "text": "hello " * 20}], "chunk_size": 32}
+    with TestClient(app) as c:
+        r = c.post("/v1/libraries", json={**body, "kv_dtype": "fp4"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_dtype", r.text
+        r = c.post("/v1/libraries", json={**body, "kv_dtype": "fp8"})
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 10
+        while (job := c.get(f"/v1/libraries/jobs/{r.json()['id']}").json())["status"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.02)
+    assert job["status"] == "succeeded" and seen == ["fp8"]
