@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import itertools
+
 import pytest
 import torch
 
@@ -38,7 +40,7 @@ def _quantize_ref(x, offsets, granularity):
     offs = offsets.tolist()
     groups = {
         "layer": [(0, s)],
-        "chunk": list(zip(offs[:-1], offs[1:])),
+        "chunk": list(itertools.pairwise(offs)),
         "token": [(r, r + 1) for r in range(s)],
     }[granularity]
     data = torch.empty(x.shape, dtype=FP8_DTYPE)
@@ -88,7 +90,7 @@ def test_bad_input_is_refused():
 @pytest.fixture(scope="module")
 def fp8_saved(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8libs")
-    kw = dict(chunk_size=16, prefill_tokens=64, progress=False)
+    kw = {"chunk_size": 16, "prefill_tokens": 64, "progress": False}
     build_library(tiny_model, DOCS, "lib8", root, kv_dtype="fp8", **kw)
     exact, _ = build_in_memory(tiny_model, DOCS, "lib", **kw)
     return root, exact
