@@ -90,6 +90,7 @@ class LibraryInfo:
     status: str = OK  # OK | DAMAGED
     reason: str | None = None  # why it is damaged
     chunk_sink: bool = False  # independent mode: a request brings the BOS (positions.py)
+    kv_dtype: str = "auto"  # "fp8": e4m3 KV with per-(chunk, KV head) scales (fp8.py)
 
     @classmethod
     def damaged(cls, name: str, path: Path, reason: str) -> LibraryInfo:
@@ -149,4 +150,5 @@ class LibraryInfo:
             path=str(path),
             build=build if build is not None else BuildStats.from_dict(manifest.build),
             chunk_sink=manifest.chunk_sink,
+            kv_dtype=manifest.kv_dtype,
         )
