@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
     ap.add_argument("--scratch-dir", default=None, help="where the tiered library is saved")
     ap.add_argument("--out", default="bench/results/serve.json")
+    ap.add_argument("--no-plot", action="store_true", help="JSON only")
     ap.add_argument("--cpu-dry-run", action="store_true", help="the tiny model on CPU")
     return ap.parse_args(argv)
 
@@ -156,11 +157,11 @@ def make_engine(s: Setup, config: EngineConfig, libraries=None) -> LLMEngine:
 
 
 def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, library=None) -> dict:
-    """Warm up (one request, then two: Triton compiles, the prefix gets cached), capture
-    the decode graphs, then time each arrival pattern on the same engine."""
+    """Warm up (one request, then two: Triton compiles, the prefix gets cached; on CPU one),
+    capture the decode graphs, then time each arrival pattern on the same engine."""
     vocab = s.loaded.config.vocab_size
     t0 = time.perf_counter()
-    for n in (1, 2):
+    for n in (1, 2) if s.device == "cuda" else (1,):
         warm = Workload.make(n, args.unique_tokens, 2, vocab, None, seed=10_000 + n)
         drive(engine, warm, f"{name}-warm{n}", prefix=prefix, library=library)
     warm_s = time.perf_counter() - t0
@@ -194,8 +195,8 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
 
 
 def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # (a collection costs seconds on a busy CPU: CUDA only)
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -328,7 +329,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> None:
         from moska.model.default import CONFIG
 
         cfg, dtype, device = dict(CONFIG, num_hidden_layers=2), torch.float32, "cpu"
-        args.requests, args.unique_tokens, args.max_tokens = 4, 8, 3
+        args.requests, args.unique_tokens, args.max_tokens = 3, 8, 3
         args.chunk_size, args.top_k, args.rate = 32, 2, 400.0
         args.library_tokens = args.library_tokens or 128
         args.max_num_batched_tokens = 256
@@ -382,9 +383,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> None:
         payload["rows"].append(row)
         payload["summary"] = summarize(payload["rows"], args, s)
         write_json(out, payload)  # after every variant: a timeout keeps what was measured
-        gc.collect()
     payload["complete"] = True
-    payload["plot"] = plot(payload["rows"], out.with_suffix(".png"))
+    payload["plot"] = (
+        "skipped: --no-plot" if args.no_plot else plot(payload["rows"], out.with_suffix(".png"))
+    )
     write_json(out, payload)
     print("summary:", payload["summary"])
 
