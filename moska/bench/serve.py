@@ -7,8 +7,9 @@ prompt of U tokens and G generated tokens, all naming one library, arriving all 
                  on (what vLLM and SGLang do today), warmed by one request before timing
   all_chunks     the library, every request reads every chunk
   routed_bf16    the library, top-k chunks per request
-  routed_fp8     the same library built with FP8 KV (`kv_dtype="fp8"`; real prefill)
-  routed_tiered  routed bf16 with a GPU chunk budget of 1/4 of the library (tiers)
+  routed_fp8     the same library in FP8 KV (e4m3 by the builder's quantizer, moska.library.fp8)
+  routed_tiered  routed bf16 saved to disk and served with a GPU chunk budget of 1/4 of its KV
+                 (`library_gpu_budget`; pinned CPU holds it all unless --tier-cpu-budget-gib)
 
 The library is the largest the prefix-cached baseline fits (context and memory), so the
 summary compares like with like. Variants whose feature the code base lacks are marked
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
+from moska.bench.serve_report import VARIANTS, plot, summarize
 from moska.bench.serve_workload import (
     InMemoryLibraries,
     Workload,
@@ -47,7 +49,6 @@ from moska.bench.serve_workload import (
 from moska.config import EngineConfig
 from moska.engine.llm_engine import LLMEngine
 
-VARIANTS = ("prefix_cached", "routed_bf16", "all_chunks", "routed_tiered", "routed_fp8")
 LIBRARY = "serve-bench"
 
 
@@ -235,8 +236,6 @@ def run_variant(name: str, s: Setup, args, lib_holder: dict) -> dict:
     if name == "routed_tiered":
         return {**row, **run_tiered(s, args, lib_holder, top_k)}
     if name == "routed_fp8":
-        lib_holder.pop("bf16", None)  # the last variant: make room
-        free_memory()
         library = random_library(s.loaded, s.token_ids, args.chunk_size, LIBRARY, "fp8")
     else:
         library = lib_holder["bf16"]
@@ -282,35 +281,6 @@ def run_tiered(s: Setup, args, lib_holder: dict, top_k: int) -> dict:
         return {**row, **measure(engine, s, args, "routed_tiered", library=LIBRARY)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def summarize(rows: list[dict], args, s: Setup) -> dict:
-    def run(variant: str, pattern: str) -> dict | None:
-        row = next((r for r in rows if r["variant"] == variant and r["status"] == "ok"), None)
-        if row is None:
-            return None
-        return next((x for x in row["runs"] if x["arrivals"].split("@")[0] == pattern), None)
-
-    out: dict = {
-        "batch": args.requests,
-        "library_tokens": s.library_tokens,
-        "prefix_cached_library_tokens": s.library_tokens if s.prefix_fits else None,
-        "prefix_cached_library_limit": s.library_limit,
-    }
-    for pattern in args.arrivals:
-        r, p = run("routed_bf16", pattern), run("prefix_cached", pattern)
-        if r and p:
-            out[f"{pattern}_routed_bf16_vs_prefix_cached_output_tok_s"] = (
-                r["output_tokens_per_s"] / p["output_tokens_per_s"]
-            )
-        for variant in VARIANTS:
-            x = run(variant, pattern)
-            if x:
-                out[f"{pattern}_{variant}_output_tok_s"] = x["output_tokens_per_s"]
-                out[f"{pattern}_{variant}_ttft_p50_s"] = x["ttft_p50_s"]
-                out[f"{pattern}_{variant}_ttft_p99_s"] = x["ttft_p99_s"]
-    out["unavailable"] = {r["variant"]: r["reason"] for r in rows if r["status"] != "ok"}
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -368,6 +338,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> None:
     lib_holder: dict = {}
     for name in [v for v in VARIANTS if v in args.variants]:
         free_memory()
+        resident = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
         t0 = time.perf_counter()
         try:
             row = run_variant(name, s, args, lib_holder)
@@ -376,6 +347,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> None:
             print(f"{name}: failed: {e!r}"[:400], flush=True)
         row["seconds"] = time.perf_counter() - t0
         row["peak_gpu_memory_gib"] = peak_gib()
+        row["gpu_memory_at_start_gib"] = resident  # weights (+ the bf16 library once made)
         if name == "routed_bf16" and "make_seconds" in lib_holder:
             row["library_make_seconds"] = lib_holder["make_seconds"]
         if row["status"] != "ok":
@@ -389,39 +361,6 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> None:
     )
     write_json(out, payload)
     print("summary:", payload["summary"])
-
-
-def plot(rows: list[dict], path: Path) -> str:
-    """Output tokens/s and TTFT p50 per variant and arrival pattern; says why if skipped."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "skipped: matplotlib is not installed"
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        return "skipped: no variant ran"
-    patterns = sorted({x["arrivals"] for r in ok for x in r["runs"]})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(patterns)
-    for j, pattern in enumerate(patterns):
-        xs = [i + j * width for i in range(len(ok))]
-        runs = [next((x for x in r["runs"] if x["arrivals"] == pattern), {}) for r in ok]
-        axes[0].bar(xs, [x.get("output_tokens_per_s") or 0 for x in runs], width, label=pattern)
-        axes[1].bar(xs, [x.get("ttft_p50_s") or 0 for x in runs], width, label=pattern)
-    for ax, label in zip(axes, ("output tokens/s", "TTFT p50 (s)")):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ok))])
-        ax.set_xticklabels([r["variant"] for r in ok], rotation=20)
-        ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.legend()
-    fig.suptitle(f"moska serve benchmark, library of {ok[0]['library_tokens']} tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
 
 
 if __name__ == "__main__":
