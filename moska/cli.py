@@ -37,7 +37,10 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "attention": "auto (Triton on CUDA, PyTorch on CPU), triton or torch",
     "block_size": "tokens per KV block (a power of two)",
     "num_kv_blocks": "unique-KV blocks to allocate (default: sized from memory)",
-    "gpu_memory_utilization": "share of free GPU memory the engine may use (0.05-0.98)",
+    "gpu_memory_utilization": "share of the device's memory the engine may use (0.05-0.98): "
+    "weights, activations, CUDA graphs, unique KV and the library cache, checked at startup",
+    "memory_budget": "cap on the memory the engine accounts for, a size (2GiB, 512MiB); on "
+    "CPU the RAM it plans against (default: the machine's RAM x gpu_memory_utilization)",
     "max_model_len": "context length in tokens (default: the model's)",
     "max_num_seqs": "requests in one step at most",
     "max_num_batched_tokens": "tokens in one step at most (the step's token budget)",

@@ -18,6 +18,10 @@ class EngineConfig:
     dtype: "auto" (the checkpoint's own), "bfloat16", "float16" or "float32".
     attention: "auto" (Triton kernels on CUDA, plain PyTorch on CPU), "triton" or "torch".
     num_kv_blocks: unique-KV blocks to allocate; None sizes them from memory.
+    gpu_memory_utilization, memory_budget: the device memory the engine accounts for at
+        startup (weights, activations, CUDA graphs, unique KV, library cache; see
+        `moska/engine/memory.py`): that share of the device's total, capped at
+        `memory_budget` (a size such as "2GiB") when set; on CPU, of the machine's RAM.
     enforce_eager: never replay decode steps from CUDA graphs (on CUDA they are by default).
     async_scheduling: schedule and queue the next step before this step's tokens reach the
         host, hiding the host's work between steps (None: on CUDA, off on CPU). Steps that
@@ -50,6 +54,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.85
+    memory_budget: str | None = None  # engine/memory.py: a size; on CPU the RAM to account
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
@@ -97,6 +102,10 @@ class EngineConfig:
             raise ValueError("num_kv_blocks must be positive")
         if not 0.05 <= self.gpu_memory_utilization <= 0.98:
             raise ValueError("gpu_memory_utilization must be between 0.05 and 0.98")
+        if self.memory_budget is not None:
+            from moska.engine.memory import parse_size
+
+            parse_size(self.memory_budget, "memory_budget")  # ValueError naming the field
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.default_top_k_chunks < 1:

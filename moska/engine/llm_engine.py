@@ -20,6 +20,7 @@ from moska.engine.errors import (
     RequestError,
     StepFailedError,
 )
+from moska.engine.memory import LibraryMemory
 from moska.engine.output_builder import TrackedRequest, build_output
 from moska.engine.outputs import RequestOutput, TokenLogprob
 from moska.engine.request import Request
@@ -81,6 +82,12 @@ class LLMEngine:
             self.block_manager,
         )
         self.libraries = libraries
+        plan = getattr(self.runner, "memory_plan", None)
+        if plan is not None:  # engine/memory.py: library loads are checked against it
+            for line in plan.lines():
+                logger.info("%s", line)
+            if libraries is not None:
+                libraries.memory = LibraryMemory(plan)
         self._tracked: dict[str, TrackedRequest] = {}
         self._steps = 0
         self._generated = 0

@@ -16,12 +16,11 @@ from moska.attention.ops import get_attention_ops
 from moska.config import EngineConfig
 from moska.engine import prompt_logprobs
 from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpec
+from moska.engine.memory import MemoryPlan, plan_memory
 from moska.engine.prompt_logprobs import PromptLogprobBatch
 from moska.engine.request import PLACEHOLDER_TOKEN, Request
 from moska.engine.sampler import SampledBatch, Sampler
 from moska.engine.transfer import host_tensor, to_device
-
-_CPU_KV_BUDGET_BYTES = 1 << 30
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +89,9 @@ class ModelRunner:
         # of blocks (the fewest any can hold), and steps run eagerly
         self.tensor_parallel_size = getattr(self.model, "tensor_parallel_size", 1)
         self.num_kv_heads = self.model.config.num_kv_heads
-        num_blocks = config.num_kv_blocks or self._auto_num_blocks()
+        # weights, activations, graphs, unique KV, library cache (engine/memory.py)
+        self.memory_plan = self._plan_memory()
+        num_blocks = self.memory_plan.num_kv_blocks
         if self.tensor_parallel_size > 1:
             num_blocks = self.model.agree_num_blocks(num_blocks)
         use_graphs = (
@@ -133,7 +134,9 @@ class ModelRunner:
         """KV blocks requests may own (the CUDA graphs' scratch block is not one of them)."""
         return self._num_blocks
 
-    def _auto_num_blocks(self) -> int:
+    def _plan_memory(self) -> MemoryPlan:
+        """The unique KV's blocks and the library cache's share of the device memory
+        budget; MemoryBudgetError (at startup) when a part does not fit."""
         per_block = PagedKVCache.bytes_per_block(
             self.mcfg.num_kv_layers,
             self.block_size,
@@ -141,13 +144,23 @@ class ModelRunner:
             self.mcfg.head_dim,
             self.dtype,
         )
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            # Half of the budget for the unique cache; libraries and activations take the rest.
-            budget = int(free * self.config.gpu_memory_utilization * 0.5)
-        else:
-            budget = _CPU_KV_BUDGET_BYTES
-        return max(16, budget // per_block)
+        tensors = (*self.model.parameters(), *self.model.buffers())
+        weights = sum(t.numel() * t.element_size() for t in tensors)
+        graphs = self.device.type == "cuda" and not self.config.enforce_eager
+        graphs = graphs and self.tensor_parallel_size == 1
+        tiers = getattr(self.config, "tier_config", None)
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        return plan_memory(
+            self.config,
+            self.mcfg,
+            self.device,
+            weights,
+            per_block,
+            torch.empty((), dtype=self.dtype).element_size(),
+            graphs,
+            library_reserve=tiers.gpu_bytes(self.device) if tiers is not None else 0,
+            free=free,
+        )
 
     def execute(
         self,

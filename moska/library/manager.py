@@ -32,6 +32,7 @@ from moska.library.format import (
 )
 from moska.library.info import LibraryInfo
 from moska.library.loaded import LoadedLibrary, load_library
+from moska.engine.memory import check_library
 from moska.library.prefill import ProgressHook
 from moska.library.store import (
     BuildLock,
@@ -86,6 +87,8 @@ class LibraryManager:
         self._refs: dict[str, int] = {}  # build id -> requests holding it
         self._lock_fds: dict[str, int] = {}  # name -> descriptor holding its shared lock
         self._deleting: set[str] = set()  # names a delete is waiting on
+        # the engine's library cache budget (engine/memory.py LibraryMemory); None: unchecked
+        self.memory: Any = None
         remove_stale_tmp_dirs(self.root)
 
     @property
@@ -196,6 +199,7 @@ class LibraryManager:
             library = self._loaded.get(name)
             if library is None:
                 self._dir(name)
+                check_library(self, name)  # LibraryMemoryError rather than an OOM
                 library = load_library(
                     self.root,
                     name,
@@ -211,6 +215,7 @@ class LibraryManager:
         """``get(name)`` for a library another process just built and saved (the server's
         build process): it loads outside the manager's lock, so requests acquiring other
         libraries meanwhile do not wait for the load. A copy loaded meanwhile is kept."""
+        check_library(self, validate_name(name))
         library = load_library(
             self.root,
             validate_name(name),
