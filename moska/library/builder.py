@@ -21,6 +21,13 @@ from moska.library.errors import LibraryError, LibraryExistsError
 from moska.library.format import KV_DTYPES, Manifest, model_fingerprint, validate_name
 from moska.library.info import BuildStats, LibraryInfo
 from moska.library.loaded import LoadedLibrary
+from moska.library.positions import (
+    IndependentOptions,
+    check_fits_context,
+    chunk_sink_ids,
+    independent_options,
+    model_max_positions,
+)
 from moska.library.prefill import ProgressHook, prefill_corpus
 
 DEFAULT_CHUNK_SIZE = 4096
@@ -43,11 +50,15 @@ def build_from_corpus(
     routing_rank: int | None = None,
     progress: bool = True,
     on_progress: ProgressHook | None = None,
+    independent: IndependentOptions | None = None,
     kv_dtype: str = "auto",
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Prefill ``corpus`` with the model and build each layer's routing index, in memory
     on the model's device. ``on_progress(done, total)`` sees the prefill's progress and
-    may raise to stop the build (see ``prefill_corpus``).
+    may raise to stop the build (see ``prefill_corpus``). A library that does not fit the
+    model's context is refused first (``positions.check_fits_context``). ``independent``:
+    a position-independent library's chunk sink and APE tempering (None: the measured
+    defaults, ``positions.DEFAULT_INDEPENDENT``).
     ``kv_dtype`` "fp8": the pools are stored in e4m3 with per-(chunk, KV head) scales
     (``library/fp8.py``), quantized after the routing index is built from the exact keys."""
     from moska.kernels.router import build_routing_index
@@ -65,6 +76,11 @@ def build_from_corpus(
     sm_scale = getattr(config, "sm_scale", None)
     if routing_rank is not None and not 1 <= routing_rank <= head_dim:
         raise LibraryError(f"routing_rank must be in [1, head_dim={head_dim}], got {routing_rank}")
+    opts = independent_options(corpus.mode, independent)
+    sink = chunk_sink_ids(loaded_model, corpus.mode, opts.chunk_sink)
+    check_fits_context(
+        corpus.mode, corpus.num_tokens, corpus.chunk_size, model_max_positions(config), len(sink)
+    )
     t0 = time.perf_counter()
     k_pools, v_pools, prefill_s = prefill_corpus(
         loaded_model.model,
@@ -75,6 +91,7 @@ def build_from_corpus(
         progress,
         sm_scale,
         on_progress,
+        sink,
     )
     t1 = time.perf_counter()
     device = k_pools[0].device
@@ -99,7 +116,7 @@ def build_from_corpus(
         mode=corpus.mode,
         chunk_size=corpus.chunk_size,
         num_tokens=corpus.num_tokens,
-        position_offset=corpus.position_offset,
+        position_offset=corpus.position_offset + len(sink),
         begins_with_bos=corpus.begins_with_bos,
         chunks=corpus.chunks,
         documents=corpus.documents,
@@ -107,6 +124,9 @@ def build_from_corpus(
         files={},
         build=stats.to_dict(),
         build_id=uuid.uuid4().hex,
+        chunk_sink=bool(sink),
+        attention_temperature=opts.temperature,
+        attention_log_scale=opts.log_scale,
         kv_dtype=kv_dtype,
     )
     token_ids = torch.tensor(corpus.token_ids, dtype=torch.int32)  # [S_total]
@@ -127,6 +147,7 @@ def build_in_memory(
     routing_rank: int | None = None,
     progress: bool = True,
     on_progress: ProgressHook | None = None,
+    independent: IndependentOptions | None = None,
     kv_dtype: str = "auto",
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Tokenize ``(name, text)`` documents (``(name, token_ids)`` ones are taken verbatim)
@@ -140,6 +161,7 @@ def build_in_memory(
         routing_rank=routing_rank,
         progress=progress,
         on_progress=on_progress,
+        independent=independent,
         kv_dtype=kv_dtype,
     )
 
