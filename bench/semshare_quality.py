@@ -43,12 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import semshare_workload as wl  # noqa: E402
+import semshare_workload as wl
 
-from moska.attention.kv_cache import PagedKVCache  # noqa: E402
-from moska.bench.common import environment  # noqa: E402
-from moska.model import load_model  # noqa: E402
-from moska.semshare import SemanticReuse, SemShareConfig, blend_prefill, extend  # noqa: E402
+from moska.attention.kv_cache import PagedKVCache
+from moska.bench.common import environment
+from moska.model import load_model
+from moska.semshare import SemanticReuse, SemShareConfig, blend_prefill, extend
 
 BS = 16
 
@@ -56,8 +56,9 @@ BS = 16
 def new_cache(model, tokens: int) -> tuple[PagedKVCache, list[int]]:
     c = model.config
     blocks = -(-tokens // BS)
-    cache = PagedKVCache(c.num_kv_layers, blocks, BS, c.num_kv_heads, c.head_dim,
-                         torch.float32, "cpu")  # fmt: skip
+    cache = PagedKVCache(
+        c.num_kv_layers, blocks, BS, c.num_kv_heads, c.head_dim, torch.float32, "cpu"
+    )
     return cache, list(range(blocks))
 
 
@@ -126,13 +127,19 @@ def main() -> None:
     docs, by_dir = documents(tok, max(args.files, args.pool), need, args.seed)
     print(f"{len(docs)} documents", flush=True)
     settings = [  # (threshold, recompute fraction, first layers)
-        (0.9, 0.0, 1), (0.9, 0.05, 1), (0.9, 0.15, 1), (0.9, 0.15, 2), (0.8, 0.15, 1),
-    ]  # fmt: skip
+        (0.9, 0.0, 1),
+        (0.9, 0.05, 1),
+        (0.9, 0.15, 1),
+        (0.9, 0.15, 2),
+        (0.8, 0.15, 1),
+    ]
 
     # --- the store: every document's first ref_tokens tokens, computed in full ---------
     def store_for(doc_ids_list, cfg, capacity=None):
         cache, table = new_cache(model, args.ref_tokens)
-        cfg = cfg if capacity is None else SemShareConfig(**{**cfg.__dict__, "store_bytes": capacity})
+        cfg = (
+            cfg if capacity is None else SemShareConfig(**{**cfg.__dict__, "store_bytes": capacity})
+        )
         reuse = SemanticReuse(cfg, model, cache)
         for i, ids in enumerate(doc_ids_list):
             add_reference(reuse, cache, table, ids[: args.ref_tokens], f"doc{i}")
@@ -160,34 +167,65 @@ def main() -> None:
                 cfg = SemShareConfig(threshold=thr, recompute_fraction=frac, recompute_layers=first)
                 reuse.config = cfg
                 plan = reuse.plan(ids[: args.prompt].tolist())
-                row = {"doc": str(path.relative_to(path.parents[2])), "kind": kind,
-                       "threshold": thr, "recompute_fraction": frac, "recompute_layers": first,
-                       "loss_full": full, "full_prefill_s": full_s,
-                       "prefix_cache_share": prefix_share(doc_ids, ids.tolist(), args.prompt)}  # fmt: skip
+                row = {
+                    "doc": str(path.relative_to(path.parents[2])),
+                    "kind": kind,
+                    "threshold": thr,
+                    "recompute_fraction": frac,
+                    "recompute_layers": first,
+                    "loss_full": full,
+                    "full_prefill_s": full_s,
+                    "prefix_cache_share": prefix_share(doc_ids, ids.tolist(), args.prompt),
+                }
                 if plan is None:
-                    row.update(planned=False, loss=full, reused_share=0.0, speedup=1.0,
-                               right_reference=None)  # fmt: skip
+                    row.update(
+                        planned=False,
+                        loss=full,
+                        reused_share=0.0,
+                        speedup=1.0,
+                        right_reference=None,
+                    )
                     rows.append(row)
                     continue
                 cache, table = new_cache(model, need)
                 t = time.perf_counter()
-                res = blend_prefill(model, cache, table, ids[: args.prompt - 1], 0, plan.ref,
-                                    plan.ref_pos[: args.prompt - 1], frac, first)  # fmt: skip
+                res = blend_prefill(
+                    model,
+                    cache,
+                    table,
+                    ids[: args.prompt - 1],
+                    0,
+                    plan.ref,
+                    plan.ref_pos[: args.prompt - 1],
+                    frac,
+                    first,
+                )
                 blend_s = time.perf_counter() - t
                 loss = cont_loss(model, cache, table, ids, args.prompt)
                 n = args.prompt - 1
-                row.update(planned=True, loss=loss, reused_share=res.num_reused / n,
-                           matched_share=plan.num_matched / args.prompt,
-                           recomputed_share=res.num_recomputed / n,
-                           speedup=modeled_speedup(n, res.num_recomputed, L, first),
-                           blend_prefill_s=blend_s, right_reference=plan.ref.key == f"doc{di}")  # fmt: skip
+                row.update(
+                    planned=True,
+                    loss=loss,
+                    reused_share=res.num_reused / n,
+                    matched_share=plan.num_matched / args.prompt,
+                    recomputed_share=res.num_recomputed / n,
+                    speedup=modeled_speedup(n, res.num_recomputed, L, first),
+                    blend_prefill_s=blend_s,
+                    right_reference=plan.ref.key == f"doc{di}",
+                )
                 rows.append(row)
         print(f"doc {di + 1}/{len(quality_docs)} {time.perf_counter() - t0:.0f}s", flush=True)
 
     summary_quality = {}
     for thr, frac, first in settings:
         for kind in wl.KINDS:
-            sel = [r for r in rows if r["kind"] == kind and (r["threshold"], r["recompute_fraction"], r["recompute_layers"]) == (thr, frac, first)]
+            sel = [
+                r
+                for r in rows
+                if r["kind"] == kind
+                and (r["threshold"], r["recompute_fraction"], r["recompute_layers"])
+                == (thr, frac, first)
+            ]
             lf = statistics.mean(r["loss_full"] for r in sel)
             ls = statistics.mean(r["loss"] for r in sel)
             summary_quality[f"t{thr}_r{frac}_f{first}/{kind}"] = {
@@ -199,9 +237,13 @@ def main() -> None:
                 "modeled_prefill_speedup": round(len(sel) / sum(1 / r["speedup"] for r in sel), 2),
                 "cpu_wall_speedup": round(
                     sum(r["full_prefill_s"] for r in sel)
-                    / sum(r.get("blend_prefill_s", r["full_prefill_s"]) for r in sel), 2),
-                "prefix_cache_share": round(statistics.mean(r["prefix_cache_share"] for r in sel), 3),
-            }  # fmt: skip
+                    / sum(r.get("blend_prefill_s", r["full_prefill_s"]) for r in sel),
+                    2,
+                ),
+                "prefix_cache_share": round(
+                    statistics.mean(r["prefix_cache_share"] for r in sel), 3
+                ),
+            }
     print(json.dumps(summary_quality, indent=1), flush=True)
 
     # --- steady state --------------------------------------------------------------
@@ -210,8 +252,10 @@ def main() -> None:
     cfg = SemShareConfig()
     one = store_for([pool[0][2]], cfg)
     per_doc = one.store.nbytes
-    for label, cap in (("fits_pool", int(1.25 * per_doc * len(pool))),
-                       ("three_quarters_pool", int(0.75 * per_doc * len(pool)))):  # fmt: skip
+    for label, cap in (
+        ("fits_pool", int(1.25 * per_doc * len(pool))),
+        ("three_quarters_pool", int(0.75 * per_doc * len(pool))),
+    ):
         cache, table = new_cache(model, args.ref_tokens)
         reuse = SemanticReuse(SemShareConfig(store_bytes=cap), model, cache)
         rng = random.Random(args.seed + 1)
@@ -231,8 +275,9 @@ def main() -> None:
             matched = int(m.sum())
             n = len(ids) - 1
             recomputed = (n - matched) + math.ceil(cfg.recompute_fraction * matched)
-            series.append(((n - recomputed) / n,
-                           modeled_speedup(n, recomputed, L, cfg.recompute_layers)))  # fmt: skip
+            series.append(
+                ((n - recomputed) / n, modeled_speedup(n, recomputed, L, cfg.recompute_layers))
+            )
         windows = [series[i : i + 100] for i in range(0, len(series), 100)]
         reuse_w = [statistics.mean(s for s, _ in w) for w in windows]
         speed_w = [len(w) / sum(1 / x for _, x in w) for w in windows]
@@ -257,14 +302,25 @@ def main() -> None:
         "model": os.path.basename(args.model),
         "dtype": "float32",
         "device": "cpu",
-        "shapes": {"prompt": args.prompt, "continuation": args.cont, "reference": args.ref_tokens,
-                   "documents": len(quality_docs), "pool": len(pool), "queries": args.queries,
-                   "block_size": BS, "layers": L},  # fmt: skip
-        "settings": [dict(threshold=t, recompute_fraction=r, recompute_layers=f) for t, r, f in settings],
+        "shapes": {
+            "prompt": args.prompt,
+            "continuation": args.cont,
+            "reference": args.ref_tokens,
+            "documents": len(quality_docs),
+            "pool": len(pool),
+            "queries": args.queries,
+            "block_size": BS,
+            "layers": L,
+        },
+        "settings": [
+            {"threshold": t, "recompute_fraction": r, "recompute_layers": f} for t, r, f in settings
+        ],
         "summary": {
             "quality": summary_quality,
-            "steady_state": {k: {x: v[x] for x in ("warm_speedup", "min_later_over_warm", "stored")}
-                             for k, v in steady.items()},  # fmt: skip
+            "steady_state": {
+                k: {x: v[x] for x in ("warm_speedup", "min_later_over_warm", "stored")}
+                for k, v in steady.items()
+            },
             "kv_memory": {
                 "request_kv_saved_bytes": 0,
                 "note": "reused KV is copied into the request's own paged blocks: a request "

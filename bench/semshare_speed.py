@@ -13,14 +13,14 @@ random-weight Llama of `--arch` built here (speed does not need trained weights;
 runs on its random embeddings, where only identical tokens in identical contexts match)
 with the tokenizer of `--tokenizer` (moska-code-20m's).
 
-GPU: python3 bench/semshare_speed.py --tokenizer .models/moska-code-20m --out $OUT/semshare_speed.json
+GPU: python3 bench/semshare_speed.py --tokenizer .models/moska-code-20m \
+         --out $OUT/semshare_speed.json   (.models/ holds a copy of the model folder)
 CPU check: .venv/bin/python bench/semshare_speed.py --cpu-dry-run
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -37,20 +37,38 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import semshare_workload as wl  # noqa: E402
+import semshare_workload as wl
 
-from moska.bench.common import environment  # noqa: E402
-from moska.engine.llm_engine import LLMEngine  # noqa: E402
-from moska.engine.sampling_params import SamplingParams  # noqa: E402
+from moska.bench.common import environment
+from moska.engine.llm_engine import LLMEngine
+from moska.engine.sampling_params import SamplingParams
 
 ARCHS = {  # random-weight Llama shapes
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=64),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-}  # fmt: skip
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+    },
+    "8b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+    },
+    "tiny": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+    },
+}
 KINDS = ("rename", "reorder", "reword")
 
 
@@ -58,8 +76,15 @@ def build_random_model(arch: str, tokenizer_dir: Path, out: Path, max_len: int, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=max_len, rope_theta=500000.0,
-                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, **ARCHS[arch])  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        max_position_embeddings=max_len,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        **ARCHS[arch],
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
@@ -144,11 +169,17 @@ def main() -> None:
     model_dir = args.model
     if model_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="semshare-model-"))
-        model_dir = str(build_random_model(args.arch, Path(args.tokenizer), tmp,
-                                           args.prompt + 1024, dtype))  # fmt: skip
-    kw = dict(device=device, dtype="float32" if device == "cpu" else "bfloat16",
-              max_model_len=args.prompt + 64, max_num_batched_tokens=args.prompt + 64,
-              enforce_eager=True)  # fmt: skip
+        model_dir = str(
+            build_random_model(args.arch, Path(args.tokenizer), tmp, args.prompt + 1024, dtype)
+        )
+    kw = {
+        "device": device,
+        "dtype": "float32" if device == "cpu" else "bfloat16",
+        "max_model_len": args.prompt + 64,
+        "max_num_batched_tokens": args.prompt + 64,
+        "enforce_eager": True,
+        "num_kv_blocks": 4 * -(-(args.prompt + 64) // 16),
+    }
     engines = {
         "off": LLMEngine.from_model(model_dir, **kw),
         "on": LLMEngine.from_model(model_dir, semantic_reuse=True, **kw),
@@ -171,7 +202,9 @@ def main() -> None:
                 ids = join(tok, parts, kind, 100 + seed, by_dir, args.prompt)
                 r = dict(row, kind=kind, seed=seed, tokens=len(ids))
                 for name, eng in engines.items():
-                    r[f"ttft_{name}_s"], r[f"reused_{name}"] = ttft(eng, f"d{di}-{kind}-{seed}-{name}", ids)
+                    r[f"ttft_{name}_s"], r[f"reused_{name}"] = ttft(
+                        eng, f"d{di}-{kind}-{seed}-{name}", ids
+                    )
                 r["speedup"] = r["ttft_off_s"] / r["ttft_on_s"]
                 rows.append(r)
                 print(json.dumps(r), flush=True)

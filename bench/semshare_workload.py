@@ -127,9 +127,13 @@ def reword(text: str, seed: int, share: float = 0.7) -> str | None:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-                if isinstance(body[0].value.value, str):
-                    spans.append((body[0].lineno - 1, body[0].end_lineno))
+            first = body[0] if body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                spans.append((first.lineno - 1, first.end_lineno))
     if not spans:
         return None
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, _WORDS)) + r")\b")

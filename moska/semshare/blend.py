@@ -59,8 +59,11 @@ class RowAttention:
             kc[row_slots] = k.to(kc.dtype)
             vc[row_slots] = v.to(vc.dtype)
             self.last_fresh = (slot, k, v)
-        keys = kc[self.all_slots].transpose(0, 1)[None]  # [1, Hkv, S, D]
-        values = vc[self.all_slots].transpose(0, 1)[None]
+        # KV heads repeated for GQA: SDPA's memory-efficient kernel takes a mask but not
+        # enable_gqa, which would fall back to the math path ([Hq, R, S] scores)
+        group = q.shape[1] // kc.shape[1]
+        keys = kc[self.all_slots].repeat_interleave(group, 1).transpose(0, 1)[None]  # [1,Hq,S,D]
+        values = vc[self.all_slots].repeat_interleave(group, 1).transpose(0, 1)[None]
         s = keys.shape[2]
         mask = torch.arange(s, device=q.device)[None, :] <= self.positions[:, None]  # [R, S]
         o = F.scaled_dot_product_attention(
@@ -69,7 +72,6 @@ class RowAttention:
             values,
             attn_mask=mask,
             scale=self.sm_scale,
-            enable_gqa=True,
         )
         return o[0].transpose(0, 1).to(q.dtype)  # [R, Hq, D]
 

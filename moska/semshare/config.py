@@ -39,13 +39,17 @@ class SemShareConfig:
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"semantic reuse threshold is a cosine in [-1, 1], got {self.threshold}")
+            raise ValueError(
+                f"semantic reuse threshold is a cosine in [-1, 1], got {self.threshold}"
+            )
         if not 0.0 <= self.recompute_fraction <= 1.0:
             raise ValueError(
                 f"semantic recompute fraction must be in [0, 1], got {self.recompute_fraction}"
             )
         if self.recompute_layers < 1:
-            raise ValueError("semantic recompute layers must be >= 1 (the deviation is measured there)")
+            raise ValueError(
+                "semantic recompute layers must be >= 1 (the deviation is measured there)"
+            )
         if self.window < 1 or self.min_prompt_tokens < 2:
             raise ValueError("window must be >= 1 and min_prompt_tokens >= 2")
         if not 0.0 <= self.min_candidate_score <= 1.0 or not 0.0 <= self.min_reuse_fraction <= 1.0:

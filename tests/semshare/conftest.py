@@ -5,7 +5,13 @@ import pytest
 
 from moska import LLM
 
-_KW = dict(device="cpu", dtype="float32", attention="torch", num_kv_blocks=64)
+_KW = {
+    "device": "cpu",
+    "dtype": "float32",
+    "attention": "torch",
+    "num_kv_blocks": 64,
+    "max_model_len": 512,
+}
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ from moska.attention.kv_cache import PagedKVCache
 from moska.model import load_model
 from moska.model.default import default_model_dir
 from moska.semshare.blend import blend_prefill, extend
-from moska.semshare.reuse import SemanticReuse
 from moska.semshare.config import SemShareConfig
 from moska.semshare.matching import match_tokens
+from moska.semshare.reuse import SemanticReuse
 
 BS = 16
 
@@ -25,8 +25,9 @@ def model():
 
 def _cache(model, num_blocks=16):
     c = model.config
-    return PagedKVCache(c.num_kv_layers, num_blocks, BS, c.num_kv_heads, c.head_dim,
-                        torch.float32, "cpu")  # fmt: skip
+    return PagedKVCache(
+        c.num_kv_layers, num_blocks, BS, c.num_kv_heads, c.head_dim, torch.float32, "cpu"
+    )
 
 
 def _full(model, ids):

@@ -37,7 +37,7 @@ def test_reuse_off_is_the_plain_engine(engines):
 
 
 def test_reuse_on(engines):
-    off, on = engines
+    _, on = engines
     a, b = _prompts()
     model = on.engine.loaded.model
     first = on.generate([a], PARAMS)[0]
@@ -68,8 +68,17 @@ def test_reuse_across_chunked_prefill():
     generates the dense reference's tokens and reuses KV in every chunk."""
     from moska import LLM
 
-    llm = LLM(None, device="cpu", dtype="float32", attention="torch", num_kv_blocks=64,
-              semantic_reuse=True, max_num_batched_tokens=24, max_num_seqs=4)  # fmt: skip
+    llm = LLM(
+        None,
+        device="cpu",
+        dtype="float32",
+        attention="torch",
+        num_kv_blocks=64,
+        max_model_len=512,
+        semantic_reuse=True,
+        max_num_batched_tokens=24,
+        max_num_seqs=4,
+    )
     a, _ = _prompts()
     model = llm.engine.loaded.model
     assert llm.generate([a], PARAMS)[0].num_reused_tokens == 0
