@@ -137,6 +137,7 @@ def discover(urls: dict[str, str], timeout_s: float = 10.0) -> list[Instance]:
                 block_size=int(info["block_size"]),
                 num_blocks=int(info["num_blocks"]),
                 max_num_seqs=int(info["max_num_seqs"]),
+                max_batched_tokens=int(info.get("max_batched_tokens") or 2048),
             )
         )
     return out

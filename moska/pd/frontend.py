@@ -7,7 +7,7 @@ decode instance (`pd/instance.py`); the front end waits for the send and for the
 instance to take the blocks into its prefix cache, then sends the client's body to the
 decode instance and streams its answer back. A transfer that fails (after the sender's own
 retry) is re-prefilled once for another decode instance; then the request fails with 503.
-A decode instance that dies (its process gone, or /health failing twice) is taken out of
+A decode instance that dies (its process gone, or /pd/info failing twice) is taken out of
 the scheduler, and the requests streaming from it end with an error at once.
 
 Round-robin mode (`--both`): the colocated baseline, each request to the next live
@@ -138,15 +138,19 @@ class FrontEnd:
                     continue
                 try:
                     r = await self.client.get(
-                        f"{inst.url}/health", timeout=self.config.health_timeout_s
+                        f"{inst.url}/pd/info", timeout=self.config.health_timeout_s
                     )
                     misses[inst.name] = 0 if r.status_code == 200 else misses.get(inst.name, 0) + 1
+                    if r.status_code == 200 and self.scheduler is not None:
+                        coef = r.json().get("step_coef")
+                        if coef:  # the instance's own step-time fit
+                            self.scheduler.set_step_coef(inst, coef)
                 except httpx.ConnectError:
                     misses[inst.name] = 2
                 except httpx.HTTPError:
                     misses[inst.name] = misses.get(inst.name, 0) + 1
                 if misses.get(inst.name, 0) >= 2:
-                    self._kill(inst, "its /health failed twice")
+                    self._kill(inst, "its /pd/info failed twice")
             await asyncio.sleep(self.config.health_interval_s)
 
     # ---- requests --------------------------------------------------------------------
@@ -196,13 +200,13 @@ class FrontEnd:
                 f" retry after {plan.retry_after_s} s",
                 headers={"Retry-After": str(plan.retry_after_s)},
             )
-        decode, t_start = plan.decode, time.monotonic()
+        decode = plan.decode
         try:
             for attempt in range(2):
                 tid = next(self._tids)
                 out = await self._prefill(plan, path, body, tid, decode)
                 if isinstance(out, Response):  # the prefill instance refused the body
-                    self.scheduler.finished(plan, decode, None)
+                    self.scheduler.finished(plan, decode)
                     return out
                 if out is None:
                     break
@@ -214,23 +218,21 @@ class FrontEnd:
                     RequestInfo((), 1, max_tokens), time.monotonic(), frozenset({decode.name})
                 )
                 if attempt == 1 or isinstance(retry, Rejection):
-                    self.scheduler.finished(plan, decode, None)
+                    self.scheduler.finished(plan, decode)
                     self.stats.failed += 1
                     return error_response(
                         503, f"the KV transfer failed twice ({out}); retry the request"
                     )
-                self.scheduler.finished(retry, retry.decode, None)  # only its decode choice
+                self.scheduler.finished(retry, retry.decode)  # only its decode choice
                 self.scheduler.moved(plan, retry.decode, time.monotonic(), max_tokens)
                 decode = retry.decode
                 self.stats.reprefills += 1
         except httpx.HTTPError as exc:
-            self.scheduler.finished(plan, decode, None)
+            self.scheduler.finished(plan, decode)
             self._kill(plan.prefill, f"unreachable ({exc})")
             self.stats.failed += 1
             return error_response(503, f"the prefill instance failed ({exc}); retry the request")
-        self.scheduler.prefill_done(
-            plan, time.monotonic() - t_start, info.prompt_tokens - plan.cached_blocks * bs
-        )
+        self.scheduler.prefill_done(plan)
         return await self._proxy(decode, path, body, plan, tid)
 
     async def _prefill(self, plan: Plan, path: str, body: dict, tid: int, decode: Instance):
@@ -272,7 +274,6 @@ class FrontEnd:
     ) -> Response:
         """Send `body` to `inst` and relay its answer (SSE as it comes)."""
         dead = self._dead[inst.name]
-        started = time.monotonic()
         try:
             req = self.client.build_request("POST", f"{inst.url}{path}", json=body)
             resp = await _or_dead(self.client.send(req, stream=True), dead)
@@ -283,15 +284,13 @@ class FrontEnd:
                 content = await _or_dead(resp.aread(), dead)
             except (httpx.HTTPError, _InstanceDied) as exc:
                 return await self._failed(inst, plan, tid, exc)
-            await self._end(inst, plan, tid, started, content, None)
+            await self._end(inst, plan, tid)
             hdrs = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
             return Response(content, resp.status_code, hdrs, media_type="application/json")
-        return StreamingResponse(
-            self._relay(inst, resp, plan, tid, started), media_type="text/event-stream"
-        )
+        return StreamingResponse(self._relay(inst, resp, plan, tid), media_type="text/event-stream")
 
-    async def _relay(self, inst, resp, plan, tid, started) -> AsyncIterator[bytes]:
-        dead, times = self._dead[inst.name], []
+    async def _relay(self, inst, resp, plan, tid) -> AsyncIterator[bytes]:
+        dead, first = self._dead[inst.name], True
         chunks = resp.aiter_raw()
         try:
             while True:
@@ -299,9 +298,9 @@ class FrontEnd:
                     chunk = await _or_dead(chunks.__anext__(), dead)
                 except StopAsyncIteration:
                     break
-                times.append(time.monotonic())
-                if len(times) == 1 and tid is not None:
+                if first and tid is not None:  # the request holds its blocks now
                     asyncio.create_task(self._release(inst, tid))
+                first = False
                 yield chunk
         except (httpx.HTTPError, _InstanceDied) as exc:
             self.stats.failed += 1
@@ -309,32 +308,25 @@ class FrontEnd:
             yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"
             yield b"data: [DONE]\n\n"
             if plan is not None:
-                self.scheduler.finished(plan, inst, None)
+                self.scheduler.finished(plan, inst)
             return
         finally:
             await resp.aclose()
-        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 2 else None
         if plan is not None:
-            self.scheduler.finished(plan, inst, tpot)
+            self.scheduler.finished(plan, inst)
 
-    async def _end(self, inst, plan, tid, started, content: bytes, tpot) -> None:
+    async def _end(self, inst, plan, tid) -> None:
         if tid is not None:
             await self._release(inst, tid)
-        if plan is None:
-            return
-        try:
-            tokens = json.loads(content)["usage"]["completion_tokens"]
-            tpot = (time.monotonic() - started) / max(1, tokens) if tokens > 1 else None
-        except (ValueError, KeyError, TypeError):
-            tpot = None
-        self.scheduler.finished(plan, inst, tpot)
+        if plan is not None:
+            self.scheduler.finished(plan, inst)
 
     async def _failed(self, inst, plan, tid, exc) -> Response:
         self.stats.failed += 1
         if isinstance(exc, httpx.ConnectError | _InstanceDied | httpx.RemoteProtocolError):
             self._kill(inst, f"{type(exc).__name__}: {exc}")
         if plan is not None:
-            self.scheduler.finished(plan, inst, None)
+            self.scheduler.finished(plan, inst)
         return error_response(
             503, f"instance {inst.name} failed ({type(exc).__name__}); retry the request"
         )

@@ -133,6 +133,9 @@ class PDInstance:
             "num_blocks": bm.num_blocks,
             "free_blocks": bm.num_free_blocks,
             "max_num_seqs": self.engine.config.max_num_seqs,
+            "max_batched_tokens": int(self.engine.config.max_num_batched_tokens or 0),
+            # the admission controller's fit of this engine's step times (step_model.py)
+            "step_coef": [float(c) for c in self.state.admission.model.coef],
             "num_running": load.num_running,
             "num_waiting": load.num_waiting,
             "max_model_len": int(self.engine.max_model_len),
@@ -298,7 +301,8 @@ def attach(app: FastAPI, config: PDConfig) -> PDInstance:
 
     @router.get("/info")
     async def info() -> JSONResponse:
-        return JSONResponse(inst.info())
+        aengine = state.async_engine
+        return JSONResponse(inst.info(), 200 if aengine.alive and aengine.accepting else 503)
 
     @router.get("/transfer/{tid}")
     async def transfer(tid: int, timeout: float = 10.0) -> JSONResponse:

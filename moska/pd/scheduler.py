@@ -7,9 +7,13 @@ the KV for the request *at the time the prefill ends*; it predicts the time to f
 (queue + prefill + transfer + first decode step) and the time per output token (a decode
 step at the batch it will join) and rejects before any prefill when either SLO would be
 missed or the decode side will be full (prediction-based early rejection), with the
-seconds after which a retry should fit. Step times are ridge fits over what the front end
-observed (`server/step_model.StepModel`, the single-instance admission's model). What it
-admits it never drops: predictions only decide admission and placement.
+seconds after which a retry should fit. Step times come from the instances themselves:
+each one's admission controller fits its engine steps (`server/step_model.StepModel`, a
+ridge fit of seconds over prefill tokens and decode rows), and the front end copies those
+coefficients from `/pd/info` (`set_step_coef`). It never learns from the TTFTs it sees: a
+request's wait behind others would be counted twice (queue and prefill), inflate every
+prediction and, once everything is rejected, never unlearn. What it admits it never
+drops: predictions only decide admission and placement.
 """
 
 from __future__ import annotations
@@ -18,12 +22,10 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from moska.pd.index import PrefixIndex
-from moska.server.step_model import StepFeatures, StepModel
+import numpy as np
 
-# CPU-sized priors (the tiny model on two shared cores); observations replace them.
-PREFILL_PRIOR = (0.02, 0.4, 0.0, 0.0, 0.0)  # s, s per 1K uncached prompt tokens
-DECODE_PRIOR = (0.02, 0.0, 0.0, 0.3, 0.0)  # s, s per 100 rows of a decode step
+from moska.pd.index import PrefixIndex
+from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, feature_vector
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,9 @@ class Instance:
     block_size: int
     num_blocks: int
     max_num_seqs: int
+    max_batched_tokens: int = 2048  # an engine step's token budget (chunked prefill)
     alive: bool = True
+    step_coef: np.ndarray = field(default_factory=lambda: np.array(DEFAULT_PRIOR))
     prefills: dict[int, list[float]] = field(default_factory=dict)  # ticket -> [pred s, start]
     active: dict[int, list[float]] = field(default_factory=dict)  # ticket -> [blocks, end_at]
 
@@ -95,8 +99,6 @@ class GlobalScheduler:
         for inst in instances:
             if inst.role == "prefill":
                 self.index.add_instance(inst.name, inst.num_blocks)
-        self.prefill_model = StepModel(PREFILL_PRIOR)
-        self.decode_model = StepModel(DECODE_PRIOR)
         self.transfer_per_block_s = 0.002
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
@@ -105,11 +107,26 @@ class GlobalScheduler:
         return [i for i in self.instances if i.role == role and i.alive]
 
     # ---- predictions -----------------------------------------------------------------
-    def prefill_s(self, uncached_tokens: int) -> float:
-        return self.prefill_model.step_s(StepFeatures(prefill_tokens=uncached_tokens))
+    def set_step_coef(self, inst: Instance, coef) -> None:
+        """The instance's own step-time fit (its admission controller's coefficients)."""
+        coef = np.asarray(coef, dtype=float)
+        if coef.shape == inst.step_coef.shape and np.isfinite(coef).all():
+            inst.step_coef = np.maximum(coef, 0.0)
 
-    def tpot_s(self, batch: int) -> float:
-        return self.decode_model.step_s(StepFeatures(num_decode=batch))
+    def prefill_s(self, uncached_tokens: int, inst: Instance | None = None) -> float:
+        """Seconds to prefill `uncached_tokens` alone: its steps under the token budget."""
+        inst = inst or self.live("prefill")[0]
+        left, total = uncached_tokens, 0.0
+        while True:
+            chunk = min(left, inst.max_batched_tokens)
+            total += float(feature_vector(StepFeatures(prefill_tokens=chunk)) @ inst.step_coef)
+            left -= chunk
+            if left <= 0:
+                return total
+
+    def tpot_s(self, batch: int, inst: Instance | None = None) -> float:
+        inst = inst or self.live("decode")[0]
+        return float(feature_vector(StepFeatures(num_decode=batch)) @ inst.step_coef)
 
     def transfer_s(self, blocks: int) -> float:
         return self.transfer_per_block_s * blocks
@@ -127,7 +144,7 @@ class GlobalScheduler:
 
         def prefill_end(p: Instance) -> tuple[float, int]:
             cached = min(self.index.match(p.name, req.hashes), usable)
-            return p.queue_s(now) + self.prefill_s(req.prompt_tokens - cached * bs), cached
+            return p.queue_s(now) + self.prefill_s(req.prompt_tokens - cached * bs, p), cached
 
         ends = {p.name: prefill_end(p) for p in prefills}
         prefill = min(prefills, key=lambda p: (ends[p.name][0], -ends[p.name][1]))
@@ -151,15 +168,16 @@ class GlobalScheduler:
             retry = soonest if math.isfinite(soonest) else 5.0
             return self._reject("decode_full", retry, wait_s, 0.0)
         _, decode, seats = best
-        tpot = self.tpot_s(seats + 1)
-        ttft = ready_at - now + tpot
+        tpot = self.tpot_s(seats + 1, decode)
+        # the decode instance computes the prompt's tail (under a block) with its first step
+        ttft = ready_at - now + tpot + self.prefill_s(bs, decode)
         if self.slo.ttft_s is not None and ttft > self.slo.ttft_s:
             return self._reject("ttft", ttft - self.slo.ttft_s, ttft, tpot)
         if self.slo.tpot_s is not None and tpot > self.slo.tpot_s:
             ends_at = sorted(end for _, end in decode.active.values())
             return self._reject("tpot", (ends_at[0] - now) if ends_at else 1.0, ttft, tpot)
         ticket = next(self._tickets)
-        pred = self.prefill_s(req.prompt_tokens - cached * bs)
+        pred = self.prefill_s(req.prompt_tokens - cached * bs, prefill)
         prefill.prefills[ticket] = [pred, now]
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
@@ -170,10 +188,8 @@ class GlobalScheduler:
         return Rejection(reason, max(1, math.ceil(retry_s)), ttft, tpot)
 
     # ---- what happened ---------------------------------------------------------------
-    def prefill_done(self, plan: Plan, seconds: float, uncached_tokens: int) -> None:
-        started = plan.prefill.prefills.pop(plan.ticket, None)
-        if started is not None and seconds > 0:
-            self.prefill_model.observe(StepFeatures(prefill_tokens=uncached_tokens), seconds)
+    def prefill_done(self, plan: Plan) -> None:
+        plan.prefill.prefills.pop(plan.ticket, None)
 
     def transferred(self, blocks: int, seconds: float) -> None:
         if blocks > 0 and seconds > 0:
@@ -183,22 +199,12 @@ class GlobalScheduler:
         """The request's decode instance changed (a failed transfer was retried elsewhere)."""
         entry = plan.decode.active.pop(plan.ticket, None)
         need = entry[0] if entry else 1
-        decode.active[plan.ticket] = [need, now + max_tokens * self.tpot_s(1 + len(decode.active))]
+        tpot = self.tpot_s(1 + len(decode.active), decode)
+        decode.active[plan.ticket] = [need, now + max_tokens * tpot]
 
-    def decoding(self, decode: Instance, ticket: int, now: float, tokens_left: int) -> None:
-        """The first token came: re-predict when the request ends."""
-        entry = decode.active.get(ticket)
-        if entry is not None:
-            entry[1] = now + tokens_left * self.tpot_s(len(decode.active))
-
-    def finished(
-        self, plan: Plan, decode: Instance, tpot_s: float | None, batch: int | None = None
-    ) -> None:
+    def finished(self, plan: Plan, decode: Instance) -> None:
         plan.prefill.prefills.pop(plan.ticket, None)
         decode.active.pop(plan.ticket, None)
-        if tpot_s is not None and tpot_s > 0:
-            rows = batch if batch is not None else len(decode.active) + 1
-            self.decode_model.observe(StepFeatures(num_decode=rows), tpot_s)
 
     def mark_dead(self, inst: Instance) -> None:
         inst.alive = False

@@ -96,19 +96,23 @@ def test_ttft_and_tpot_slo_reject_before_any_work():
     assert isinstance(huge, Rejection) and huge.reason == "too_large"
 
 
-def test_learned_prefill_time_moves_predictions():
-    sched, _ = _cluster()
-    before = sched.prefill_s(2000)
-    for n in (500, 1000, 2000, 4000) * 5:
-        sched.prefill_model.observe(sched_features(n), 2.0 * n / 1000)
-    after = sched.prefill_s(2000)
-    assert after > 2 * before and abs(after - 4.0) < 0.5
-
-
-def sched_features(n):
-    from moska.server.step_model import StepFeatures
-
-    return StepFeatures(prefill_tokens=n)
+def test_step_times_come_from_the_instances():
+    sched, insts = _cluster(ttft_s=2.0)
+    prompt = list(range(1000))
+    assert isinstance(sched.plan(_req(prompt), now=0.0), Plan)
+    for inst in insts:
+        inst.prefills.clear(), inst.active.clear()
+    slow = (0.01, 3.0, 0.0, 0.5, 0.0)  # 3 s per 1K prefill tokens
+    for p in insts[:2]:
+        sched.set_step_coef(p, slow)
+    r = sched.plan(_req([t + 1 for t in prompt]), now=0.0)  # not cached anywhere
+    assert isinstance(r, Rejection) and r.reason == "ttft" and r.predicted_ttft_s > 3.0
+    assert isinstance(sched.plan(_req(prompt), now=0.0), Plan)  # cached: only the tail
+    # a long prompt is prefilled in steps of the instance's token budget
+    insts[0].max_batched_tokens = 256
+    assert sched.prefill_s(1000, insts[0]) == pytest.approx(4 * 0.01 + 3.0)
+    sched.set_step_coef(insts[0], [float("nan")] * 5)  # a broken report changes nothing
+    assert sched.prefill_s(1000, insts[0]) == pytest.approx(4 * 0.01 + 3.0)
 
 
 def test_http_rejection_reaches_no_instance(pd_cluster):
