@@ -91,7 +91,8 @@ def test_bad_input_is_refused():
 def fp8_saved(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8libs")
     kw = {"chunk_size": 16, "prefill_tokens": 64, "progress": False}
-    build_library(tiny_model, DOCS, "lib8", root, kv_dtype="fp8", **kw)
+    info = build_library(tiny_model, DOCS, "lib8", root, kv_dtype="fp8", **kw)
+    assert info.kv_dtype == "fp8"
     exact, _ = build_in_memory(tiny_model, DOCS, "lib", **kw)
     return root, exact
 
@@ -152,7 +153,7 @@ def test_engine_with_fp8_library_is_close_to_exact(tiny_dir, tmp_path):
         device="cpu",
         dtype="float32",
         attention="torch",
-        num_kv_blocks=64,
+        num_kv_blocks=256,
         library_root=str(tmp_path),
     )
     llm.engine.libraries.build("exact", DOCS, chunk_size=16)
