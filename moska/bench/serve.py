@@ -178,9 +178,11 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
         )
         lib = engine.libraries.get(library) if library is not None else None
         before, tiers = engine.stats(), tier_snapshot(lib)
-        timings, wall = drive(engine, work, f"{name}-{pattern}", prefix=prefix, library=library)
+        tag = f"{name}-{pattern}"
+        timings, wall, adding = drive(engine, work, tag, prefix=prefix, library=library)
         after = engine.stats()
         run = {"arrivals": work.pattern, **latency_figures(timings, wall)}
+        run["add_request_seconds"] = adding
         run["steps"] = after.steps - before.steps
         run["prompt_tokens_computed"] = after.prompt_tokens_computed - before.prompt_tokens_computed
         run["tiers"] = tier_delta(tiers, tier_snapshot(lib))

@@ -143,17 +143,19 @@ def drive(
     *,
     prefix: list[int] | None = None,
     library: str | None = None,
-) -> tuple[list[RequestTiming], float]:
+) -> tuple[list[RequestTiming], float, float]:
     """Run `work` through `engine`: each request is added once its arrival time has passed
     (checked between steps, as a server's engine loop would) and every output timed when
     `step()` hands it to the host. `prefix`: token ids put before every prompt (the
     prefix-cached baseline); `library`: the library every request names. Returns the
-    timings and the wall seconds from the start to the last token."""
+    timings, the wall seconds from the start to the last token and the seconds spent in
+    add_request."""
     params = SamplingParams(temperature=0.0, max_tokens=work.max_tokens, ignore_eos=True)
     timings = [RequestTiming(a) for a in work.arrivals]
     order = deque(sorted(range(len(timings)), key=lambda i: work.arrivals[i]))
     index: dict[str, int] = {}
     head = list(prefix or [])
+    adding = 0.0  # host seconds in add_request (a long prefix's token checks and hashing)
     t0 = time.perf_counter()
     while order or engine.has_unfinished_requests():
         now = time.perf_counter() - t0
@@ -161,7 +163,9 @@ def drive(
             i = order.popleft()
             rid = f"{tag}-{i}"
             index[rid] = i
+            ta = time.perf_counter()
             engine.add_request(rid, head + list(work.prompts[i]), params, library=library)
+            adding += time.perf_counter() - ta
         if not engine.has_unfinished_requests():  # idle until the next arrival
             time.sleep(max(0.0, work.arrivals[order[0]] - now))
             continue
@@ -175,7 +179,7 @@ def drive(
             if out.finished:
                 tm.finish = t
     wall = max(t.finish for t in timings) if timings else 0.0
-    return timings, wall
+    return timings, wall, adding
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -63,6 +63,7 @@ def test_runs_account_for_every_token(result):
             assert run["output_tokens_per_s"] == pytest.approx(n * g / run["seconds"])
             assert 0 < run["ttft_p50_s"] <= run["ttft_p99_s"] < run["seconds"]
             assert 0 < run["tpot_p50_s"] <= run["tpot_p99_s"]
+            assert 0 <= run["add_request_seconds"] < run["seconds"]
 
 
 def test_tiers_report_hit_rates(result):
