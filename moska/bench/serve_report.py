@@ -37,6 +37,9 @@ def summarize(rows: list[dict], args, s) -> dict:
                 out[f"{pattern}_{variant}_ttft_p50_s"] = x["ttft_p50_s"]
                 out[f"{pattern}_{variant}_ttft_p99_s"] = x["ttft_p99_s"]
                 out[f"{pattern}_{variant}_tpot_p50_s"] = x["tpot_p50_s"]
+                for tier, counts in (x.get("tiers") or {}).items():
+                    if isinstance(counts, dict):
+                        out[f"{pattern}_{variant}_{tier}_hit_rate"] = counts["hit_rate"]
     out["peak_gpu_memory_gib"] = {r["variant"]: r.get("peak_gpu_memory_gib") for r in rows}
     out["not_run"] = {
         r["variant"]: f"{r['status']}: {r.get('reason')}" for r in rows if r["status"] != "ok"

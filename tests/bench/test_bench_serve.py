@@ -74,6 +74,11 @@ def test_tiers_report_hit_rates(result):
     assert row["library_gpu_budget_gib"] == pytest.approx(row["library_gib"] / 4)
     assert row["gpu_slots"] < row["num_chunks"]
     for run in row["runs"]:
+        pattern = run["arrivals"].split("@")[0]
+        assert (
+            data["summary"][f"{pattern}_routed_tiered_gpu_hit_rate"]
+            == run["tiers"]["gpu"]["hit_rate"]
+        )
         gpu = run["tiers"]["gpu"]
         assert gpu["misses"] > 0  # a quarter of the chunks resident: some must be fetched
         assert gpu["hit_rate"] == pytest.approx(gpu["hits"] / (gpu["hits"] + gpu["misses"]))
