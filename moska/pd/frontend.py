@@ -55,6 +55,9 @@ class Stats:
     reprefills: int = 0
     failed: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    prefill_stage_s: float = 0.0  # sum over requests: prefill + transfer, as seen here
+    first_token_s: float = 0.0  # sum: decode request sent -> its first chunk
+    staged: int = 0
 
 
 def error_response(
@@ -183,7 +186,8 @@ class FrontEnd:
         bs = self.scheduler.live("prefill")[0].block_size if self.scheduler.live("prefill") else 16
         namespace = (body.get("library"), body.get("top_k_chunks"))
         info = RequestInfo(tuple(block_hashes(tokens, bs, namespace)), len(tokens), max_tokens)
-        plan = self.scheduler.plan(info, time.monotonic())
+        t_admit = time.monotonic()
+        plan = self.scheduler.plan(info, t_admit)
         if isinstance(plan, Rejection) and plan.reason == "too_large":
             return error_response(
                 400,
@@ -233,6 +237,14 @@ class FrontEnd:
             self.stats.failed += 1
             return error_response(503, f"the prefill instance failed ({exc}); retry the request")
         self.scheduler.prefill_done(plan)
+        stage_s = time.monotonic() - t_admit
+        self.stats.prefill_stage_s += stage_s
+        self.stats.staged += 1
+        if plan.alone:
+            predicted = plan.predicted_prefill_s + self.scheduler.transfer_s(
+                info.prompt_tokens // bs
+            )
+            self.scheduler.observe_overhead("prefill", stage_s, predicted)
         return await self._proxy(decode, path, body, plan, tid)
 
     async def _prefill(self, plan: Plan, path: str, body: dict, tid: int, decode: Instance):
@@ -273,7 +285,7 @@ class FrontEnd:
         self, inst: Instance, path: str, body: dict, plan: Plan | None, tid: int | None
     ) -> Response:
         """Send `body` to `inst` and relay its answer (SSE as it comes)."""
-        dead = self._dead[inst.name]
+        dead, sent_at = self._dead[inst.name], time.monotonic()
         try:
             req = self.client.build_request("POST", f"{inst.url}{path}", json=body)
             resp = await _or_dead(self.client.send(req, stream=True), dead)
@@ -287,9 +299,18 @@ class FrontEnd:
             await self._end(inst, plan, tid)
             hdrs = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
             return Response(content, resp.status_code, hdrs, media_type="application/json")
-        return StreamingResponse(self._relay(inst, resp, plan, tid), media_type="text/event-stream")
+        return StreamingResponse(
+            self._relay(inst, resp, plan, tid, sent_at), media_type="text/event-stream"
+        )
 
-    async def _relay(self, inst, resp, plan, tid) -> AsyncIterator[bytes]:
+    def _first_token(self, plan: Plan, inst: Instance, seconds: float) -> None:
+        self.stats.first_token_s += seconds
+        seats = len(inst.active)
+        bs = inst.block_size
+        predicted = self.scheduler.tpot_s(seats, inst) + self.scheduler.prefill_s(bs, inst)
+        self.scheduler.observe_overhead("decode", seconds, predicted)
+
+    async def _relay(self, inst, resp, plan, tid, sent_at) -> AsyncIterator[bytes]:
         dead, first = self._dead[inst.name], True
         chunks = resp.aiter_raw()
         try:
@@ -300,6 +321,8 @@ class FrontEnd:
                     break
                 if first and tid is not None:  # the request holds its blocks now
                     asyncio.create_task(self._release(inst, tid))
+                if first and plan is not None:
+                    self._first_token(plan, inst, time.monotonic() - sent_at)
                 first = False
                 yield chunk
         except (httpx.HTTPError, _InstanceDied) as exc:

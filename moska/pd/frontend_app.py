@@ -55,8 +55,12 @@ def create_frontend_app(front: FrontEnd) -> FastAPI:
         s = front.stats
         body = dict(vars(s))
         body["hit_rate"] = s.cached_tokens / s.prompt_tokens if s.prompt_tokens else None
+        if s.staged:
+            body["mean_prefill_stage_s"] = s.prefill_stage_s / s.staged
+            body["mean_first_token_s"] = s.first_token_s / s.staged
         if front.scheduler is not None:
             body["rejected_by_scheduler"] = dict(front.scheduler.rejections)
+            body["learned_overhead_s"] = dict(front.scheduler.overhead_s)
         return JSONResponse(body)
 
     return app

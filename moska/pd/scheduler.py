@@ -81,6 +81,7 @@ class Plan:
     predicted_ttft_s: float
     predicted_tpot_s: float
     predicted_prefill_s: float
+    alone: bool = False  # nothing else was prefilling on its prefill instance
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ class GlobalScheduler:
             if inst.role == "prefill":
                 self.index.add_instance(inst.name, inst.num_blocks)
         self.transfer_per_block_s = 0.002
+        # seconds a request spends outside the engine steps the model predicts (HTTP hops,
+        # tokenizing, reading and writing KV, the event loops): learned per stage only from
+        # requests that did not wait behind others, so load is never counted twice
+        self.overhead_s = {"prefill": 0.0, "decode": 0.0}
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
 
@@ -170,7 +175,7 @@ class GlobalScheduler:
         _, decode, seats = best
         tpot = self.tpot_s(seats + 1, decode)
         # the decode instance computes the prompt's tail (under a block) with its first step
-        ttft = ready_at - now + tpot + self.prefill_s(bs, decode)
+        ttft = ready_at - now + tpot + self.prefill_s(bs, decode) + sum(self.overhead_s.values())
         if self.slo.ttft_s is not None and ttft > self.slo.ttft_s:
             return self._reject("ttft", ttft - self.slo.ttft_s, ttft, tpot)
         if self.slo.tpot_s is not None and tpot > self.slo.tpot_s:
@@ -181,7 +186,8 @@ class GlobalScheduler:
         prefill.prefills[ticket] = [pred, now]
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
-        return Plan(ticket, prefill, decode, cached, ttft, tpot, pred)
+        alone = len(prefill.prefills) == 1
+        return Plan(ticket, prefill, decode, cached, ttft, tpot, pred, alone)
 
     def _reject(self, reason: str, retry_s: float, ttft: float, tpot: float) -> Rejection:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -190,6 +196,13 @@ class GlobalScheduler:
     # ---- what happened ---------------------------------------------------------------
     def prefill_done(self, plan: Plan) -> None:
         plan.prefill.prefills.pop(plan.ticket, None)
+
+    def observe_overhead(self, stage: str, observed_s: float, predicted_s: float) -> None:
+        """A stage of an unqueued request took `observed_s` where the step model said
+        `predicted_s`: move that stage's overhead toward the difference."""
+        if math.isfinite(observed_s) and observed_s > 0:
+            extra = max(0.0, observed_s - predicted_s)
+            self.overhead_s[stage] += 0.2 * (extra - self.overhead_s[stage])
 
     def transferred(self, blocks: int, seconds: float) -> None:
         if blocks > 0 and seconds > 0:
