@@ -22,6 +22,7 @@ _OTHER = {
     "block_size": 32,
     "library_root": "/tmp/moska-libs",
     "gpu_memory_utilization": 0.5,
+    "memory_budget": "2GiB",
 }
 
 

@@ -74,8 +74,17 @@ def test_prefix_kv_equals_single_pass_prefill(tiny_model, prefill_tokens):
 
 
 def test_independent_chunks_are_prefilled_alone(tiny_model):
+    from moska.library.positions import IndependentOptions
+
     lib, _ = build_in_memory(
-        tiny_model, DOCS, "i", chunk_size=24, mode="independent", prefill_tokens=50, progress=False
+        tiny_model,
+        DOCS,
+        "i",
+        chunk_size=24,
+        mode="independent",
+        prefill_tokens=50,
+        progress=False,
+        independent=IndependentOptions(chunk_sink=False),  # chunk_sink: test_independent_context
     )
     assert lib.position_offset == 24
     offs = lib.chunk_offsets.tolist()
@@ -209,7 +218,7 @@ def test_stale_tmp_dir_is_ignored_and_cleaned(saved, tiny_model):
 def test_manager_build_get_delete(tiny_model, tmp_path):
     mgr = LibraryManager(tmp_path, tiny_model, progress=False)
     info = mgr.build("docs", DOCS, chunk_size=32, mode="independent")
-    assert info.mode == "independent" and info.position_offset == 32
+    assert info.mode == "independent" and info.position_offset == 32 + info.chunk_sink
     assert mgr.loaded_names() == ["docs"] and mgr.get("docs") is mgr.get("docs")
     with pytest.raises(LibraryExistsError):
         mgr.build("docs", DOCS)
