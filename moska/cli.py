@@ -241,7 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark (GPU benchmarks need CUDA)")
     bench.add_argument("which", choices=sorted(_BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    _add_independent_args(b)
     return parser
+
+
+def _add_independent_args(b: argparse.ArgumentParser) -> None:
+    """`library build`'s options of a position-independent library (library/positions.py
+    IndependentOptions; defaults measured: bench/results/independent_quality.json)."""
+    b.add_argument(
+        "--chunk-sink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="independent mode: prefill each chunk after the model's BOS (not stored; a "
+        "request brings one). Default: on",
+    )
+    for flag, what in (("temperature", "logits times 1/T"), ("log-scale", "LSE plus log S")):
+        b.add_argument(
+            f"--attention-{flag}",
+            type=float,
+            default=None,
+            help=f"independent mode: the library part's attention {what} (APE)",
+        )
 
 
 def _serve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:

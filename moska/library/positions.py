@@ -10,6 +10,7 @@ The build checks this before any prefill (``check_fits_context``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,3 +169,20 @@ def check_documents_fit(
         return
     corpus = tokenize_documents(loaded_model.tokenizer, documents, mode, chunk_size)
     check_fits_context(mode, corpus.num_tokens, chunk_size, max_positions)
+
+
+def independent_from_args(args: Any) -> IndependentOptions | None:
+    """The IndependentOptions the flags ask for; None when none is given (the defaults)."""
+    given = {
+        "chunk_sink": getattr(args, "chunk_sink", None),
+        "temperature": getattr(args, "attention_temperature", None),
+        "log_scale": getattr(args, "attention_log_scale", None),
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    if getattr(args, "mode", "independent") != "independent":
+        raise LibraryError(
+            "--chunk-sink and --attention-* are for --mode independent (prefix is exact)"
+        )
+    return dataclasses.replace(DEFAULT_INDEPENDENT, **given)
