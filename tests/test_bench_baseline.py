@@ -1,6 +1,8 @@
 """The kernel benchmark's own pieces: the varlen-tile baseline (its plan addresses each chunk
 in place; the CPU path runs the same plan through the reference) and the floor check."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def test_tile_plan_addresses_each_chunk_in_place():
     rows = torch.bincount(pc, minlength=offs.numel() - 1) * g
     lens = (offs[1:] - offs[:-1]).tolist()
     cu_q, cu_k, used = plan.cu_q.tolist(), plan.cu_k.tolist(), plan.used_k.tolist()
-    assert cu_q[-1] == pc.numel() * g and all(a <= b for a, b in zip(cu_q, cu_q[1:]))
+    assert cu_q[-1] == pc.numel() * g and all(a <= b for a, b in itertools.pairwise(cu_q))
     covered = [0] * len(lens)
     for t, n in enumerate(used):
         nq = cu_q[t + 1] - cu_q[t]
