@@ -95,6 +95,11 @@ def test_startup_logs_what_was_loaded_and_the_address(env):
         assert re.search(r"device cpu; weights [\d.]+ MiB, KV cache [\d.]+ MiB \(64 blocks", log)
         assert "context 256 tokens" in log
         assert "no libraries loaded" in log
+        # engine/memory.py's plan: every part, and the library cache once libraries loaded
+        assert re.search(r"memory budget [\d.]+ GiB on cpu", log), log
+        for part in ("weights", "activations", "CUDA graphs", "unique KV", "library cache"):
+            assert re.search(rf"  {part} [\d.]+ [MG]iB", log), part
+        assert re.search(r"library cache: 0.0 MiB of [\d.]+ GiB held by 0 loaded", log), log
         deadline = time.monotonic() + 60
         while True:  # uvicorn listens on the bound socket once the app has started
             try:

@@ -256,3 +256,17 @@ def check_library(manager: Any, name: str) -> None:
     tier_bytes = tiers.gpu_bytes(manager.device) if tiers is not None else None
     loaded = sum(int(lib.nbytes) for lib in getattr(manager, "_loaded", {}).values())
     memory.check(name, library_device_bytes(manifest, tier_bytes), loaded)
+
+
+def library_report(engine: Any) -> str | None:
+    """The startup line on the library cache once the startup libraries are loaded."""
+    plan = getattr(getattr(engine, "runner", None), "memory_plan", None)
+    manager = getattr(engine, "libraries", None)
+    if plan is None or manager is None:
+        return None
+    loaded = {n: lib for n, lib in dict(getattr(manager, "_loaded", {})).items()}
+    held = sum(int(lib.nbytes) for lib in loaded.values())
+    return (
+        f"library cache: {gib(held)} of {gib(plan.library_pool)} held by {len(loaded)} "
+        f"loaded librar{'y' if len(loaded) == 1 else 'ies'}"
+    )

@@ -127,6 +127,7 @@ def _build_app(
     from tqdm.auto import tqdm
 
     from moska.engine.llm_engine import LLMEngine
+    from moska.engine.memory import library_report
     from moska.server.app import create_app
 
     logger.info("loading model %s", model or "moska-tiny (built in, random weights)")
@@ -140,6 +141,9 @@ def _build_app(
         engine.tokenizer.set_chat_template(chat_template)
     log_engine(engine, time.perf_counter() - t0)
     prepare_libraries(engine, libraries, demo=demo_library and model is None)
+    report = library_report(engine)  # engine/memory.py: the library cache's share
+    if report:
+        logger.info("%s", report)
     captured = engine.capture_graphs()  # a labelled progress bar; 0 on CPU / --enforce-eager
     if captured:
         logger.info("captured %d decode CUDA graphs", captured)
