@@ -40,6 +40,12 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def memory(self):
+        """The startup memory plan (engine/memory.py MemoryPlan: weights, activations,
+        CUDA graphs, unique KV, library cache; `.lines()` is what the engine logged)."""
+        return self.engine.runner.memory_plan
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],

@@ -75,6 +75,17 @@ def test_a_part_that_does_not_fit_is_a_typed_error(weights, budget, blocks, part
     assert e.value.part == part and "--" in str(e.value)  # names a flag to change
 
 
+def test_llm_reports_its_plan():
+    from moska import LLM
+
+    llm = LLM(None, memory_budget="256MiB", num_kv_blocks=32, **SMALL)
+    plan = llm.memory
+    assert plan.budget == 256 << 20 and plan.num_kv_blocks == 32
+    assert plan.kv_blocks == llm.engine.runner.cache.nbytes  # the accounted KV is allocated
+    params = sum(p.numel() * p.element_size() for p in llm.engine.loaded.model.parameters())
+    assert plan.weights >= params
+
+
 def test_engine_with_a_tiny_budget_fails_at_startup():
     from moska.engine.llm_engine import LLMEngine
 
