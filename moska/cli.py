@@ -217,8 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("files", nargs="+", help="text, Markdown or JSONL files, or directories")
     b.add_argument("--name", required=True)
     b.add_argument("--model", default=None)
-    b.add_argument("--chunk-size", type=int, default=4096)
-    b.add_argument("--mode", choices=["prefix", "independent"], default="prefix")
+    b.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="tokens per chunk, the unit the router picks (default: a power of two giving "
+        "about 32 chunks, 64 to 4096)",
+    )
+    b.add_argument(
+        "--mode",
+        choices=["prefix", "independent"],
+        default="prefix",
+        help="prefix: one causal context, requests read it as a prefix (exact with all "
+        "chunks); independent: each chunk prefilled alone (chunks reusable in any order)",
+    )
+    b.add_argument(
+        "--routing-rank",
+        type=int,
+        default=None,
+        help="rank of the key-max routing index (default: head_dim / 4; see docs/routing.md)",
+    )
     b.add_argument(
         "--kv-dtype",
         choices=["auto", "fp8"],

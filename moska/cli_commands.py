@@ -81,15 +81,20 @@ def run_library(args: argparse.Namespace) -> int:
         from moska.config import EngineConfig
         from moska.engine.llm_engine import LLMEngine
         from moska.library.documents import read_documents
+        from moska.routing.policy import default_chunk_size
 
         kwargs = {**_engine_kwargs(args), "library_root": str(root)}
         kwargs["num_kv_blocks"] = kwargs.get("num_kv_blocks") or 16  # a build needs few
         EngineConfig(model=args.model, **kwargs).check_device()
         engine = LLMEngine.from_model(args.model, **kwargs)
         docs = read_documents(args.files, jsonl_field=args.jsonl_field)
+        chunk_size = args.chunk_size or default_chunk_size(
+            sum(len(t) if isinstance(t, str) else 4 * len(t) for _, t in docs) // 4
+        )  # about 4 characters a token
         info = engine.libraries.build(
-            args.name, docs, chunk_size=args.chunk_size, mode=args.mode, kv_dtype=args.kv_dtype
-        )
+            args.name, docs, chunk_size=chunk_size, mode=args.mode, kv_dtype=args.kv_dtype,
+            routing_rank=args.routing_rank,
+        )  # fmt: skip
         print(f"built {info.name}: {info.num_tokens} tokens in {info.num_chunks} chunks")
         return 0
     raise ValueError(f"unknown library action {args.library_command!r}")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from moska.bench.common import environment, write_json
 from moska.bench.fidelity_eval import answer_accuracy, k_for, sequence_loss
+from moska.bench.fidelity_ops import speed_up
 from moska.routing import LEGACY, ORACLE, RoutingPolicy
 
 FRACTIONS = (0.125, 0.25, 0.5)
@@ -53,6 +54,11 @@ def policies(study: bool) -> dict[str, RoutingPolicy]:
                 "default+pages64": RoutingPolicy(page_size=64),
                 "default+adaptive0.95": RoutingPolicy(mass_threshold=0.95),
                 "default-oracle": RoutingPolicy(scorer=ORACLE),
+                "per_kv_head+first": LEGACY.replace(per_kv_head=True, always_first=True),
+                "per_kv_head+adaptive0.95": LEGACY.replace(per_kv_head=True, mass_threshold=0.95),
+                "per_kv_head+pages64": LEGACY.replace(per_kv_head=True, page_size=64),
+                "per_kv_head+dense1": LEGACY.replace(per_kv_head=True, dense_layers=1),
+                "per_kv_head+two_stage": LEGACY.replace(per_kv_head=True, scorer="two_stage"),
             }
         )
     return out
@@ -71,6 +77,7 @@ def run_setting_grid(engine, measure, lib_name: str, num_chunks: int, pols, frac
     rows = []
     m = measure(lib_name, num_chunks, None)
     rows.append({"policy": "all_chunks", "fraction": 1.0, "k": num_chunks, **_m(m)})
+    print(f"  {lib_name} {'all_chunks':>22} k={num_chunks:>3}: {m.value:.4f}", flush=True)
     for name, pol in pols.items():
         for f in fractions:
             k = k_for(f, num_chunks)
@@ -81,7 +88,8 @@ def run_setting_grid(engine, measure, lib_name: str, num_chunks: int, pols, frac
             row = {"policy": name, "fraction": f, "k": k, **_m(m)}
             row["seconds"] = round(time.perf_counter() - t0, 2)
             rows.append(row)
-            print(f"  {lib_name} {name:>22} k={k:>3} ({f:.3f}): {row['value']:.4f}", flush=True)
+            cov = "" if m.coverage is None else f" coverage {m.coverage:.3f}"
+            print(f"  {lib_name} {name:>22} k={k:>3} ({f:.3f}): {row['value']:.4f}{cov}", flush=True)
     return rows
 
 
@@ -90,13 +98,14 @@ def _m(m) -> dict:
     return {"value": round(m.value, 5), "coverage": cov, "n": m.n}
 
 
-def code_signal(engine, args, pols) -> dict:
+def code_signal(engine, args, pols, checkpoint=None) -> dict:
     """Loss of held-out code after a library of its package's other files."""
     from moska.bench.fidelity_code import code_tasks
 
     tasks = code_tasks(
-        engine.tokenizer, args.library_tokens, args.targets, args.target_tokens, args.seed
-    )
+        engine.tokenizer, args.library_tokens, args.targets, args.target_tokens, args.seed,
+        tuple(args.packages),
+    )  # fmt: skip
     results = []
     for task in tasks:
         seqs = [ids for _, ids in task.targets]
@@ -126,6 +135,8 @@ def code_signal(engine, args, pols) -> dict:
                     "no_library_loss": round(alone.value, 5), "rows": rows,
                 })  # fmt: skip
                 engine.libraries.delete(name)
+                if checkpoint is not None:  # partial results survive a stopped run
+                    checkpoint({"signal": "code_loss", "results": results, "partial": True})
     return {"signal": "code_loss", "results": results, "summary": summarize(results, "recovered")}
 
 
@@ -212,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     ap.add_argument("--library-tokens", type=int, default=3072)
     ap.add_argument("--targets", type=int, default=4, help="held-out files per package")
+    ap.add_argument("--packages", nargs="+", default=["networkx", "sympy"])
     ap.add_argument("--target-tokens", type=int, default=512)
     ap.add_argument("--routing-rank", type=int, default=None, help="library routing rank")
     ap.add_argument("--questions", type=int, default=256, help="retrieval questions")
@@ -247,10 +259,18 @@ def main(argv: list[str] | None = None) -> None:
                 enable_prefix_caching=False, max_num_batched_tokens=8192,
             )  # fmt: skip
             payload["env"]["device"] = str(engine.device)
+            # CPU: batched exact attention instead of the per-selection references
+            payload["env"]["batched_torch_attention"] = speed_up(engine)
             payload["env"]["dtype"] = str(engine.model_config.dtype) if hasattr(
                 engine.model_config, "dtype") else args.dtype  # fmt: skip
-            signal = code_signal if kind == "code" else retrieval_signal
-            payload[kind] = signal(engine, args, pols)
+            if kind == "code":
+
+                def checkpoint(part, kind=kind):
+                    write_json(args.out, {**payload, kind: part})
+
+                payload[kind] = code_signal(engine, args, pols, checkpoint)
+            else:
+                payload[kind] = retrieval_signal(engine, args, pols)
             summary[kind] = payload[kind].get("summary", payload[kind].get("reason"))
     payload["summary"] = summary
     path = write_json(args.out, payload)

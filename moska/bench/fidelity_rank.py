@@ -24,6 +24,7 @@ import torch
 from moska.bench.common import environment, write_json
 from moska.bench.fidelity_code import code_tasks
 from moska.bench.fidelity_eval import k_for, sequence_loss
+from moska.bench.fidelity_ops import speed_up
 from moska.kernels.router import build_routing_index, score_chunks
 from moska.routing import LEGACY
 from moska.routing import select as select_mod
@@ -61,6 +62,11 @@ def mass_kept(truth: torch.Tensor, scores: torch.Tensor, k: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="fidelity_rank", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="../shared/models/moska-code-20m")
+    ap.add_argument("--retrieval-model", action="store_true",
+                    help="--model is a train_retrieval model: its contexts as the library, "
+                    "a question and its answer as the request")  # fmt: skip
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--library-tokens", type=int, default=2048)
     ap.add_argument("--target-tokens", type=int, default=256)
@@ -73,24 +79,42 @@ def main(argv: list[str] | None = None) -> None:
     from moska.engine.llm_engine import LLMEngine
 
     with tempfile.TemporaryDirectory() as root:
-        engine = LLMEngine.from_model(args.model, device="cpu", dtype="float32",
+        engine = LLMEngine.from_model(args.model, device=args.device, dtype=args.dtype,
                                       library_root=root, enable_prefix_caching=False)  # fmt: skip
-        task = code_tasks(engine.tokenizer, args.library_tokens, 1, args.target_tokens)[0]
-        info = engine.libraries.build("rank", task.library_docs, chunk_size=args.chunk_size)
+        speed_up(engine)
+        if args.retrieval_model:
+            from pathlib import Path
+
+            from moska.bench.retrieval_tasks import RetrievalSpec, make_examples
+
+            ex = make_examples(RetrievalSpec.load(Path(args.model)), 1, seed=123)[0]
+            docs, target = [("ctx", ex.context)], ex.question + ex.answer
+        else:
+            task = code_tasks(engine.tokenizer, args.library_tokens, 1, args.target_tokens)[0]
+            docs, target = task.library_docs, task.targets[0][1]
+        info = engine.libraries.build("rank", docs, chunk_size=args.chunk_size)
         lib = engine.libraries.get("rank")
-        qs = record_queries(engine, "rank", [task.targets[0][1]], info.num_chunks)
+        qs = record_queries(engine, "rank", [target], info.num_chunks)
         sm = engine.loaded.model.config.sm_scale
         k = k_for(args.fraction, info.num_chunks)
         layers = []
         for layer in sorted(qs):
             q, keys = qs[layer], lib.k_pools[layer].float().cpu()
+            q = q.to(keys.dtype)
             offs = lib.chunk_offsets.cpu()
             truth = oracle_log_mass(q, keys, offs, sm)  # [B, Hkv, C]
             row = {"layer": layer, "oracle": mass_kept(truth, truth, k),
                    "truth_first_chunk_top": float((truth.sum(1).argmax(-1) == 0).float().mean())}  # fmt: skip
+            pool = lib.k_pools[layer]  # the engine's dtype and device
+            on_gpu = pool.is_cuda
             for r in args.ranks:
                 index = build_routing_index(keys, offs, r)
                 s = score_chunks(q, index, "keymax", use_triton=False)
+                if on_gpu:  # the serving path too: pool-dtype index, fp16 low-rank keys, kernel
+                    gi = build_routing_index(pool, lib.chunk_offsets, r)
+                    sk = score_chunks(q.to(pool), gi, "keymax", use_triton=True).float().cpu()
+                    row[f"rank{r}_kernel"] = round(mass_kept(truth, sk, k), 4)
+                    row[f"rank{r}_kernel_vs_ref_maxdiff"] = round(float((sk - s).abs().max()), 3)
                 row[f"rank{r}"] = round(mass_kept(truth, s, k), 4)
                 row[f"rank{r}_first_chunk_top"] = float((s.sum(1).argmax(-1) == 0).float().mean())
                 row[f"rank{r}_head_spread"] = [round(float(x), 2) for x in s.std(-1).mean(0)]
@@ -103,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             print(row, flush=True)
             layers.append(row)
     summary = {key: round(sum(r[key] for r in layers) / len(layers), 4)
-               for key in layers[0] if key != "layer" and not key.endswith("spread")}  # fmt: skip
+               for key in layers[0] if key != "layer" and not key.endswith("spread")
+               and not key.endswith("maxdiff")}  # fmt: skip
     write_json(args.out, {"env": environment(["moska.bench.fidelity_rank", *(argv or [])]),
                           "args": vars(args), "num_chunks": info.num_chunks, "k": k,
                           "layers": layers, "summary": summary})  # fmt: skip

@@ -2,24 +2,28 @@
 
 The kernels (moska.kernels.router) score chunks and turn top-k indices into Selections; the
 policy decides what is scored, which layers route at all and how many chunks a row takes.
-Defaults come from the fidelity study (bench/results/fidelity_code.json, docs/routing.md):
+Defaults come from the fidelity study (bench/results/fidelity_code_*.json, docs/routing.md):
+key-max, per KV head, every layer routed, nothing always read. Each other rule is a knob
+that the study measured and did not keep as the default:
 
 - ``scorer``: key-max (one decisive key decides a chunk; the mean buries it).
-- ``dense_layers``: the first layers read every chunk. Their queries are positional and
-  local rather than content lookups, routing them sparsely costs most and saves least.
+- ``per_kv_head``: each KV head picks its own k chunks (the default: KV heads look for
+  different things; one summed set per request serves the loudest head).
+- ``dense_layers``: the first layers read every chunk (0 by default: it did not help).
 - ``always_first`` / ``always_last``: the first chunk (attention sinks: the BOS token) and, in
-  prefix mode, the chunk nearest the request are always read; they count toward k.
+  prefix mode, the chunk nearest the request are always read; they count toward k (off by
+  default: at small k they spend the slots that the scorer would have used better).
 - ``mass_threshold``: adaptive k: a row takes chunks, best first, until their estimated share
   of the attention mass reaches the threshold, at most k (``top_k_chunks``). Needs a host
   sync per layer (variable-length selections), so such steps run eagerly (no CUDA graph).
 - ``page_size``: score pages of this many tokens inside chunks (key-max per page) and rank a
   chunk by the log-sum-exp of its pages' scores (a chunk with several hot pages outranks one
   with a single hot key); selections stay whole chunks.
-- ``per_kv_head``: each KV head picks its own chunks instead of one set per request.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -44,10 +48,10 @@ class RoutingPolicy:
     """Which chunks a row of a library request attends to (``top_k_chunks`` is the k)."""
 
     scorer: str = "keymax"
-    per_kv_head: bool = False
-    dense_layers: int = 1
-    always_first: bool = True
-    always_last: bool = True
+    per_kv_head: bool = True
+    dense_layers: int = 0
+    always_first: bool = False
+    always_last: bool = False
     mass_threshold: float | None = None
     page_size: int | None = None
     shortlist_factor: int = 4
@@ -103,8 +107,9 @@ class RoutingPolicy:
         return (base or cls()).replace(**dict(data))
 
 
-LEGACY = RoutingPolicy(dense_layers=0, always_first=False, always_last=False)
-"""The router before this policy existed: every layer routed, no always-read chunks."""
+LEGACY = RoutingPolicy(per_kv_head=False)
+"""The router before this policy existed: one set of chunks per request (KV heads' scores
+summed), every layer routed, no always-read chunks."""
 
 
 def always_chunks(policy: RoutingPolicy, num_chunks: int, mode: str, top_k: int) -> list[int]:
@@ -116,3 +121,12 @@ def always_chunks(policy: RoutingPolicy, num_chunks: int, mode: str, top_k: int)
     if policy.always_first and 0 not in ids:
         ids.append(0)
     return ids[: max(0, top_k)]
+
+
+def default_chunk_size(num_tokens: int, chunks: int = 32, lo: int = 64, hi: int = 4096) -> int:
+    """A library's chunk size when none is given: the power of two that cuts it into about
+    ``chunks`` chunks, within [lo, hi]. A fixed 4,096 made a 4K-token library one chunk
+    (nothing to route); 64-token chunks for a million tokens make the router's work large."""
+    target = max(1, num_tokens // chunks)
+    size = 1 << max(0, round(math.log2(target)))
+    return max(lo, min(hi, size))

@@ -50,7 +50,7 @@ def select_chunks(
     Hkv, B, dev = index.num_kv_heads, q.shape[0], q.device
     if top_k >= C or layer < policy.dense_layers:
         return all_chunks(B, Hkv, C, dev)
-    always = always_chunks(policy, C, library.mode, top_k)
+    always = always_chunks(policy, C, getattr(library, "mode", "prefix"), top_k)
     fixed = policy.mass_threshold is None and policy.page_size is None
     if fixed and policy.scorer != ORACLE:
         return route(
