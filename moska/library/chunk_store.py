@@ -68,6 +68,10 @@ class DiskChunks:
             out[key] = (_ST_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + n + lo)
         return out
 
+    @property
+    def num_layers(self) -> int:
+        return self.manifest.num_kv_layers
+
     def layout(self, layer: int, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         dtype, shape, _ = self._layout[layer][key]
         return dtype, shape
@@ -104,6 +108,28 @@ class DiskChunks:
             self._fds.clear()
 
 
+class MemoryChunks:
+    """A chunk source already in (pinned) CPU memory: per-layer pools [S, Hkv, D] whose
+    rows are handed out as views, with no CPU cache in front (benchmarks, and libraries
+    built in this process)."""
+
+    def __init__(self, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> None:
+        self.pools = {"k": k_pools, "v": v_pools}
+        self.keys = ("k", "v")
+        self.bytes_read = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.pools["k"])
+
+    def layout(self, layer: int, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        t = self.pools[key][layer]
+        return t.dtype, tuple(t.shape)
+
+    def views(self, layer: int, start: int, end: int) -> dict[str, torch.Tensor]:
+        return {key: pools[layer][start:end] for key, pools in self.pools.items()}
+
+
 class CpuChunks:
     """A pinned CPU chunk cache over `DiskChunks`, keyed (layer, chunk)."""
 
@@ -119,6 +145,8 @@ class CpuChunks:
         self.offsets = offsets
         self.slot_rows = max(b - a for a, b in itertools.pairwise(offsets))
         dtype, shape = disk.layout(0, "k")
+        if isinstance(disk, MemoryChunks):  # already in memory: no slots in front of it
+            num_slots = 1
         self.pools = {
             key: torch.empty((num_slots, self.slot_rows, *shape[1:]), dtype=dtype, pin_memory=pin)
             for key in disk.keys
@@ -136,6 +164,9 @@ class CpuChunks:
         """CPU views {key: {"k": [len, Hkv, D], "v": ...}} of (layer, chunk) keys, read
         from disk on a miss, and the keys that were misses. The views stay valid until the
         next `get` (callers copy them out first, then `mark_busy`)."""
+        if isinstance(self.disk, MemoryChunks):
+            o = self.offsets
+            return {(l, c): self.disk.views(l, o[c], o[c + 1]) for l, c in keys}, []
         adm = self.cache.admit(keys)
         out = {}
         for key, slot in adm.hits:

@@ -289,6 +289,12 @@ class LibraryManager:
         with self._lock:
             return sorted(self._loaded)
 
+    def tier_stats(self) -> dict[str, dict]:
+        """{name: TierStats.as_dict()} of the loaded libraries served from tiers."""
+        with self._lock:
+            loaded = dict(self._loaded)
+        return {n: lib.tiers.stats.as_dict() for n, lib in loaded.items() if lib.tiers is not None}
+
     def delete(self, name: str, wait_s: float = 0.0) -> None:
         """Unload and remove ``name``. LibraryNotFoundError if there is none;
         LibraryInUseError if requests still read it (after waiting up to ``wait_s`` seconds

@@ -91,6 +91,12 @@ def load_tiered(
     from moska.library.loaded import LoadedLibrary
 
     m = manifest.model
+    if getattr(manifest, "kv_dtype", "auto") != "auto":
+        raise ValueError(
+            f"library {manifest.name!r} has {manifest.kv_dtype} KV, which cannot be served "
+            "from tiers yet: raise --library-gpu-budget to hold it on the GPU, or rebuild it "
+            "with --kv-dtype auto"
+        )
     dtype = getattr(torch, m.dtype)
     disk = DiskChunks(directory, manifest)
     shape = (manifest.num_tokens, m.num_kv_heads, m.head_dim)
@@ -112,4 +118,6 @@ def load_tiered(
         cpu_slots, tiers.cpu.nbytes / 2**30, config.eviction, config.miss_policy,
         config.prefetch,
     )  # fmt: skip
-    return LoadedLibrary(manifest, offsets, tiers.k_pools, tiers.v_pools, routing, tokens, tiers)
+    return LoadedLibrary(
+        manifest, offsets, tiers.k_pools, tiers.v_pools, routing, tokens, tiers=tiers
+    )

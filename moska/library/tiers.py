@@ -31,7 +31,7 @@ import torch
 from moska.kernels.selections import Selections
 from moska.kernels.shared_inputs import ChunkTable
 from moska.library.chunk_cache import EVICTION_POLICIES, SlotCache
-from moska.library.chunk_store import CpuChunks, DiskChunks
+from moska.library.chunk_store import CpuChunks, DiskChunks, MemoryChunks
 
 MISS_POLICIES = ("wait", "skip")
 PREFETCH_POLICIES = ("none", "next_layer")
@@ -133,7 +133,7 @@ class ChunkTiers:
     def __init__(
         self,
         offsets: list[int],  # [C + 1]
-        disk: DiskChunks,
+        disk: DiskChunks | MemoryChunks,
         config: TierConfig,
         device: torch.device,
         num_slots: int,
@@ -143,7 +143,7 @@ class ChunkTiers:
         self.device = device
         self.offsets = offsets
         self.num_chunks = len(offsets) - 1
-        self.num_layers = disk.manifest.num_kv_layers
+        self.num_layers = disk.num_layers
         self.num_slots = num_slots
         cuda = device.type == "cuda"
         self.cpu = CpuChunks(disk, offsets, cpu_slots, config.eviction, pin=cuda)
@@ -252,6 +252,7 @@ class ChunkTiers:
         cache = self.caches[layer]
         cache.tick()
         needed = torch.unique(sel.chunk).tolist()  # the one host sync of the layer
+        needed.sort(key=lambda c: c not in cache)  # hits first: passes stream the misses
         if policy == "skip":
             present = [c for c in needed if c in cache]
             absent = [c for c in needed if c not in cache]

@@ -56,6 +56,7 @@ def create_app(
         ),
     )
     if getattr(engine, "libraries", None) is not None:
+        metrics.watch_library_tiers(engine.libraries.tier_stats)  # tiered libraries' counters
         state.builds = BuildWorker(
             engine.libraries,
             max_tokens=settings.max_build_tokens,

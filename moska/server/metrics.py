@@ -126,6 +126,58 @@ class ServerMetrics:
         del self._events[:i]
         self.tokens_per_second.set(sum(n for _, n in self._events) / self._window_s)
 
+    def watch_library_tiers(self, source) -> None:
+        """Export tiered libraries' counters at each scrape: `source()` -> {library name:
+        TierStats.as_dict()} (moska/library/tiers.py): chunk hits and misses and bytes moved
+        into each tier (gpu, cpu), routed chunk selections skipped, chunks prefetched."""
+        self.registry.register(_TierCollector(source))
+
     def render(self) -> bytes:
         self.refresh()
         return generate_latest(self.registry)
+
+
+class _TierCollector:
+    """Prometheus collector of tiered libraries' counters, read at scrape time."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        def family(name, doc, labels):
+            return CounterMetricFamily(name, doc, labels=labels)
+
+        hits = family(
+            "moska_library_tier_hits", "Routed chunks found in a tier", ["library", "tier"]
+        )
+        misses = family(
+            "moska_library_tier_misses", "Routed chunks not found in a tier", ["library", "tier"]
+        )
+        moved = family(
+            "moska_library_tier_bytes", "Bytes of chunk KV copied into a tier", ["library", "tier"]
+        )
+        skipped = family(
+            "moska_library_chunks_skipped",
+            "Routed (request, KV head, chunk) selections left out by the skip miss policy",
+            ["library"],
+        )
+        fetched = family(
+            "moska_library_chunks_prefetched", "Chunks fetched ahead by the prefetch", ["library"]
+        )
+        try:
+            stats = self.source()
+        except Exception:  # noqa: BLE001 -- a scrape never fails on the engine's state
+            stats = {}
+        for lib, st in stats.items():
+            for tier in ("gpu", "cpu"):
+                hits.add_metric([lib, tier], st["hits"][tier])
+                misses.add_metric([lib, tier], st["misses"][tier])
+                moved.add_metric([lib, tier], st["bytes_in"][tier])
+            skipped.add_metric([lib], st["skipped"])
+            fetched.add_metric([lib], st["prefetched"])
+        yield from (hits, misses, moved, skipped, fetched)

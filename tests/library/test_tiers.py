@@ -163,6 +163,21 @@ def test_tiny_budget_top_k_all_equals_all_resident(full, tiered):
     st = tl.tiers.stats
     assert st.misses["gpu"] > 0 and st.misses["cpu"] > 0 and st.bytes_in["gpu"] > 0
     assert tl.tiers.cpu.disk.bytes_read > 0
+    # the counters reach Prometheus
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from moska.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    metrics.watch_library_tiers(tiered.engine.libraries.tier_stats)
+    got = {
+        (s.name, s.labels.get("tier")): s.value
+        for fam in text_string_to_metric_families(metrics.render().decode())
+        for s in fam.samples
+        if s.labels.get("library") == "docs"
+    }
+    assert got[("moska_library_tier_misses_total", "gpu")] == st.misses["gpu"]
+    assert got[("moska_library_tier_bytes_total", "cpu")] == st.bytes_in["cpu"] > 0
 
 
 def test_skip_policy_drops_absent_chunks_and_reports_coverage(full, tiered):

@@ -1,0 +1,250 @@
+"""Decode steps over a tiered library vs the same library all-resident, in one run.
+
+The attention path of a decode step at Llama-3.1-8B dims (32 layers, 32 query heads, 8 KV
+heads, d = 128, bf16): per layer the batch's routed selections -> grouped shared attention
+(all-resident: the library's pools; tiered: `ChunkTiers.attend`, misses copied from pinned
+CPU memory on a copy stream, next-layer prefetch) -> an MLP-sized GEMM pair standing in for
+the rest of the layer (`--no-mlp` leaves it out). Routing is synthetic so that its skew is
+controlled: B requests each read k chunks, kept from step to step except that each is
+redrawn with probability `--churn` and a request is replaced after a geometric lifetime
+(`moska/bench/tier_eviction.py`, the same trace), chunk popularity uniform or Zipf(s);
+each layer sees the trace under its own permutation of the chunk ids. Output tokens/s =
+B x steps / time; `summary` gives each tiered mode's ratio to all-resident, its GPU hit
+rate, the bytes it moved per step and (skip) the share of selections it left out.
+
+    python -m moska.bench.tiers --out bench/results/tiers.json            # H200
+    python -m moska.bench.tiers --cpu-dry-run --out /tmp/tiers_dry.json   # tiny, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from moska.bench.common import environment
+from moska.bench.tier_eviction import zipf_probs
+from moska.kernels.selections import from_topk
+from moska.library.chunk_store import MemoryChunks
+from moska.library.tiers import ChunkTiers, TierConfig
+
+DRY = {
+    "layers": 2, "hq": 4, "hkv": 2, "d": 16, "chunk_len": 64, "chunks": 16, "batch": 8,
+    "top_k": 2, "steps": 3, "warmup": 1, "mlp_dim": 64, "hidden": 32,
+}  # fmt: skip
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--hq", type=int, default=32)
+    ap.add_argument("--hkv", type=int, default=8)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--mlp-dim", type=int, default=14336)
+    ap.add_argument("--no-mlp", action="store_true", help="attention path only")
+    ap.add_argument("--chunk-len", type=int, default=4096)
+    ap.add_argument("--chunks", type=int, default=48, help="48 x 4096 tokens = 24 GiB at 8B dims")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--resident", type=float, default=0.25, help="share of chunks in GPU slots")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--dists", default="zipf1.0,uniform")
+    ap.add_argument("--churn", type=float, default=0.05, help="per-step redraw probability")
+    ap.add_argument("--lifetime", type=float, default=256.0, help="mean steps of a request")
+    ap.add_argument("--modes", default="lfu-wait,lru-wait,lfu-skip")
+    ap.add_argument("--prefetch", default="next_layer")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on CPU")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.cpu_dry_run:
+        for k, v in DRY.items():
+            setattr(a, k, v)
+    return a
+
+
+def selections(a, dist: str, device) -> list[list]:
+    """Per step (warmup + steps), per layer: Selections of the batch."""
+    rng = np.random.default_rng(a.seed + 1)
+    perms = [torch.from_numpy(rng.permutation(a.chunks)) for _ in range(a.layers)]
+    out = []
+    rows = _rows(a, dist)
+    for chosen in rows:
+        t = torch.from_numpy(chosen)  # [B, k]
+        per_layer = []
+        for p in perms:
+            idx = p[t].unsqueeze(1).to(device)  # [B, 1, k]
+            per_layer.append(from_topk(idx, a.hkv, a.chunks))
+        out.append(per_layer)
+    return out
+
+
+def _rows(a, dist: str) -> list[np.ndarray]:
+    """The trace's per-request chunk choices [B, k] at each step."""
+    rng = np.random.default_rng(a.seed)
+    probs = None
+    if dist != "uniform":
+        probs = zipf_probs(a.chunks, float(dist[4:]), rng)
+
+    def draw(n):
+        return rng.choice(a.chunks, size=n, p=probs)
+
+    chosen = np.stack([draw(a.top_k) for _ in range(a.batch)])
+    steps = []
+    for _ in range(a.warmup + a.steps):
+        redraw = rng.random(chosen.shape) < a.churn
+        chosen[redraw] = draw(int(redraw.sum()))
+        for b in np.nonzero(rng.random(a.batch) < 1.0 / a.lifetime)[0]:
+            chosen[b] = draw(a.top_k)
+        steps.append(chosen.copy())
+    return steps
+
+
+def run_mode(a, mode, sels, pools, tiers, ops, device, mlp) -> dict:
+    """Times warmup + steps decode steps of `mode` ("resident" or a tiered one)."""
+    dtype = pools["k"][0].dtype
+    g = torch.Generator(device="cpu").manual_seed(a.seed)
+    q = torch.randn(a.batch, a.hq, a.d, generator=g).to(device, dtype)
+    offsets = pools["offsets"]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sm_scale = a.d**-0.5
+    total = kept = 0
+    t0 = None
+    for step, per_layer in enumerate(sels):
+        if step == a.warmup:
+            sync()
+            t0 = time.perf_counter()
+            if tiers is not None:
+                base = {k: dict(v) for k, v in tiers.stats.as_dict().items() if isinstance(v, dict)}
+                skipped0 = tiers.stats.skipped
+        x = None
+        for layer, sel in enumerate(per_layer):
+            if tiers is None:
+                ops.grouped_shared(q, pools["k"][layer], pools["v"][layer], offsets, sel, sm_scale)
+                n_kept = sel.req.numel()
+            else:
+                _, _, s2 = tiers.attend(ops, layer, q, sel, sm_scale)
+                n_kept = s2.req.numel()
+            if step >= a.warmup:
+                total += sel.req.numel()
+                kept += n_kept
+            if mlp is not None:
+                w1, w2, h = mlp
+                x = torch.nn.functional.silu(h @ w1)[:, : w2.shape[0]] @ w2
+    sync()
+    seconds = time.perf_counter() - t0
+    out = {"mode": mode, "seconds": seconds, "tokens_per_s": a.batch * a.steps / seconds}
+    if tiers is not None:
+        st = tiers.stats.as_dict()
+        hits = st["hits"]["gpu"] - base["hits"]["gpu"]
+        misses = st["misses"]["gpu"] - base["misses"]["gpu"]
+        out.update(
+            gpu_hit_rate=hits / max(1, hits + misses),
+            gpu_misses_per_step=misses / a.steps,
+            gpu_bytes_per_step=(st["bytes_in"]["gpu"] - base["bytes_in"]["gpu"]) / a.steps,
+            skipped_share=(tiers.stats.skipped - skipped0) / max(1, total),
+        )
+    out["selections_kept_share"] = kept / max(1, total)
+    del x
+    return out
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    device = torch.device("cpu" if a.cpu_dry_run else "cuda")
+    dtype = torch.float32 if a.cpu_dry_run else torch.bfloat16
+    from moska.attention.ops import get_attention_ops
+
+    ops = get_attention_ops("torch" if a.cpu_dry_run else "triton")
+    S = a.chunks * a.chunk_len
+    offs = [i * a.chunk_len for i in range(a.chunks + 1)]
+    g = torch.Generator(device="cpu").manual_seed(a.seed)
+    # the library on CPU (pinned on CUDA) and all-resident on the device
+    cpu = {"k": [], "v": []}
+    dev = {"k": [], "v": [], "offsets": torch.tensor(offs, dtype=torch.int32, device=device)}
+    torch.manual_seed(a.seed)
+    for _ in range(a.layers):
+        for key in ("k", "v"):
+            t = torch.randn(S, a.hkv, a.d, device=device, dtype=dtype)  # made on the device
+            host = torch.empty(t.shape, dtype=dtype, pin_memory=device.type == "cuda")
+            cpu[key].append(host.copy_(t))
+            dev[key].append(t)
+    mlp = None
+    if not a.no_mlp:
+        w1 = torch.randn(a.hidden, 2 * a.mlp_dim, generator=g).to(device, dtype) * 0.01
+        w2 = torch.randn(a.mlp_dim, a.hidden, generator=g).to(device, dtype) * 0.01
+        h = torch.randn(a.batch, a.hidden, generator=g).to(device, dtype)
+        mlp = (w1, w2, h)
+    slots = max(1, int(a.chunks * a.resident))
+    kv_bytes = 2 * S * a.hkv * a.d * (2 if dtype == torch.bfloat16 else 4) * a.layers
+    rows = []
+    for dist in a.dists.split(","):
+        sels = selections(a, dist, device)
+        rows.append({"dist": dist, **run_mode(a, "resident", sels, dev, None, ops, device, mlp)})
+        for mode in a.modes.split(","):
+            eviction, miss = mode.split("-")
+            cfg = TierConfig(gpu_budget="1", eviction=eviction, miss_policy=miss,
+                             prefetch=a.prefetch)  # fmt: skip
+            tiers = ChunkTiers(offs, MemoryChunks(cpu["k"], cpu["v"]), cfg, device, slots, 1)
+            r = run_mode(a, mode, sels, dev, tiers, ops, device, mlp)
+            rows.append({"dist": dist, **r})
+            del tiers
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for r in rows:
+            if r["dist"] == dist:
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    summary = {}
+    for dist in a.dists.split(","):
+        base = next(r for r in rows if r["dist"] == dist and r["mode"] == "resident")
+        summary[dist] = {
+            "resident_tokens_per_s": base["tokens_per_s"],
+            **{
+                r["mode"]: {
+                    "ratio_vs_resident": r["tokens_per_s"] / base["tokens_per_s"],
+                    "gpu_hit_rate": r["gpu_hit_rate"],
+                    "gpu_gib_per_step": r["gpu_bytes_per_step"] / 2**30,
+                    "selections_kept_share": r["selections_kept_share"],
+                }
+                for r in rows
+                if r["dist"] == dist and r["mode"] != "resident"
+            },
+        }
+    result = {
+        "benchmark": "tiers",
+        "environment": environment(None if argv is None else ["moska.bench.tiers", *argv]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype),
+        "shapes": {
+            "layers": a.layers,
+            "hq": a.hq,
+            "hkv": a.hkv,
+            "d": a.d,
+            "chunk_len": a.chunk_len,
+            "chunks": a.chunks,
+            "library_tokens": S,
+            "library_gib": kv_bytes / 2**30,
+            "gpu_slots_per_layer": slots,
+            "batch": a.batch,
+            "top_k": a.top_k,
+            "mlp": None if a.no_mlp else [a.hidden, a.mlp_dim],
+        },
+        "config": vars(a),
+        "rows": rows,
+        "summary": summary,
+        "notes": "tiered steps run eagerly (no CUDA graphs); routing is a synthetic trace "
+        "(uniform / Zipf chunk popularity, per-step churn), not the key-max router",
+    }
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
