@@ -260,8 +260,12 @@ def main() -> None:
     ap.add_argument("--fit-tokens", type=int, default=1024, help="library that fits (prefix)")
     ap.add_argument("--long-tokens", type=int, default=4608, help="library past the context")
     ap.add_argument("--per-doc", type=int, default=512, help="tokens kept per library file")
-    ap.add_argument("--ape", nargs="+", default=["0.9,-0.5", "1.0,-0.5"],
-                    help="APE (temperature,log scale) pairs tried on chunk_sink libraries")
+    ap.add_argument(
+        "--ape",
+        nargs="+",
+        default=["0.9,-0.5", "1.0,-0.5"],
+        help="APE (temperature,log scale) pairs tried on chunk_sink libraries",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench/results/independent_quality.json"))
@@ -297,7 +301,7 @@ def main() -> None:
     for k, v in table.items():
         print(f"{k:<64} {v['all']:>7.4f} {v['dev']:>7.4f} {v['test']:>7.4f}")
     print(json.dumps(summary, indent=1))
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=False, capture_output=True,
                             text=True).stdout.strip()  # fmt: skip
     result = {
         "what": "loss (nats) of held-out files' tokens with a library of their package's other "
@@ -309,8 +313,17 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "git_commit": commit,
         "command": "python " + " ".join(sys.argv),
-        "shapes": {k: getattr(args, k) for k in ("targets", "target_tokens", "chunk_size",
-                   "fit_tokens", "long_tokens", "per_doc")},
+        "shapes": {
+            k: getattr(args, k)
+            for k in (
+                "targets",
+                "target_tokens",
+                "chunk_size",
+                "fit_tokens",
+                "long_tokens",
+                "per_doc",
+            )
+        },
         "summary": summary,
         "mean_loss": table,
         "per_target": results,
@@ -332,10 +345,13 @@ def summarize(table: dict, grid) -> dict:
             out[f"{tag}_independent_request_bos_{label}"] = m(
                 f"{tag}/independent+request_bos/{label}"
             )
-            out[f"{tag}_independent_chunk_sink_{label}"] = m(f"{tag}/independent+chunk_sink/{label}")
+            out[f"{tag}_independent_chunk_sink_{label}"] = m(
+                f"{tag}/independent+chunk_sink/{label}"
+            )
     # APE knobs: chosen on dev (mean over fit+long, all settings), reported on test
     best, best_dev = None, None
     for t, b in [(1.0, 0.0)] + list(grid):
+
         def key(tag, label, t=t, b=b):
             if (t, b) == (1.0, 0.0):
                 return f"{tag}/independent+chunk_sink/{label}"

@@ -81,6 +81,7 @@ def run_library(args: argparse.Namespace) -> int:
         from moska.config import EngineConfig
         from moska.engine.llm_engine import LLMEngine
         from moska.library.documents import read_documents
+        from moska.library.positions import independent_from_args
         from moska.routing.policy import default_chunk_size
 
         kwargs = {**_engine_kwargs(args), "library_root": str(root)}
@@ -93,7 +94,7 @@ def run_library(args: argparse.Namespace) -> int:
         )  # about 4 characters a token
         info = engine.libraries.build(
             args.name, docs, chunk_size=chunk_size, mode=args.mode, kv_dtype=args.kv_dtype,
-            routing_rank=args.routing_rank,
+            routing_rank=args.routing_rank, independent=independent_from_args(args),
         )  # fmt: skip
         print(f"built {info.name}: {info.num_tokens} tokens in {info.num_chunks} chunks")
         return 0

@@ -49,7 +49,7 @@ class LibraryMemoryError(MemoryBudgetError):
         super().__init__(message, "library")
 
 
-def parse_size(value: str | int | float, what: str) -> int:
+def parse_size(value: str | float, what: str) -> int:
     """Bytes of "8GiB", "512MiB", "2G", "1.5" (a plain number is GiB) or an int of bytes."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value

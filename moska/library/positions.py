@@ -105,7 +105,9 @@ class IndependentOptions:
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.temperature <= 20.0:
-            raise LibraryError(f"attention temperature must be in [0.05, 20], got {self.temperature}")
+            raise LibraryError(
+                f"attention temperature must be in [0.05, 20], got {self.temperature}"
+            )
         if not -20.0 <= self.log_scale <= 20.0:
             raise LibraryError(f"attention log scale must be in [-20, 20], got {self.log_scale}")
 

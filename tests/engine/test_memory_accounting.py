@@ -28,7 +28,7 @@ MCFG = SimpleNamespace(
     vocab_size=261,
     max_position_embeddings=1024,
 )
-SMALL = dict(device="cpu", max_model_len=256, max_num_batched_tokens=64, max_num_seqs=4)
+SMALL = {"device": "cpu", "max_model_len": 256, "max_num_batched_tokens": 64, "max_num_seqs": 4}
 
 
 def test_parse_size():

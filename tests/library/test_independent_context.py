@@ -214,3 +214,20 @@ def test_prefix_build_refused_over_http(engine):
     err = long.json()["error"]
     assert err["param"] == "mode" and "--mode independent" in err["message"]
     assert short.status_code == 202, short.text  # a prefix library that fits is queued
+
+
+def test_cli_flags_give_the_options():
+    from moska.cli import build_parser
+    from moska.library.errors import LibraryError
+    from moska.library.positions import DEFAULT_INDEPENDENT, independent_from_args
+
+    def parse(*flags):
+        return build_parser().parse_args(["library", "build", "x.txt", "--name", "n", *flags])
+
+    assert independent_from_args(parse("--mode", "independent")) is None  # the defaults
+    opts = independent_from_args(
+        parse("--mode", "independent", "--no-chunk-sink", "--attention-temperature", "0.8")
+    )
+    assert opts == IndependentOptions(False, 0.8, DEFAULT_INDEPENDENT.log_scale)
+    with pytest.raises(LibraryError, match="--mode independent"):
+        independent_from_args(parse("--attention-log-scale", "-0.5"))  # prefix mode
