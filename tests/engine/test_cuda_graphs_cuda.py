@@ -23,6 +23,7 @@ def _generate(tmp_path, enforce_eager: bool, library, top_k, precapture=False, a
         device="cuda",
         dtype="float32",
         num_kv_blocks=512,
+        max_model_len=4096,  # what 512 blocks of 16 hold (the startup memory check)
         library_root=str(tmp_path),
         enforce_eager=enforce_eager,
         async_scheduling=asyn,

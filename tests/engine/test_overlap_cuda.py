@@ -18,7 +18,14 @@ DOCS = [
 
 @pytest.mark.parametrize("top_k", [2, 10**6])
 def test_overlap_matches_serial(tmp_path, top_k):
-    llm = LLM(None, device="cuda", dtype="float32", num_kv_blocks=512, library_root=str(tmp_path))
+    llm = LLM(
+        None,
+        device="cuda",
+        dtype="float32",
+        num_kv_blocks=512,
+        max_model_len=4096,
+        library_root=str(tmp_path),
+    )
     llm.engine.libraries.build("docs", DOCS, chunk_size=32, mode="prefix")
     rng = random.Random(0)
     prompts = [[rng.randrange(0, 256) for _ in range(rng.randrange(3, 20))] for _ in range(6)]

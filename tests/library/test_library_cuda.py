@@ -18,8 +18,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.parametrize("mode", ["prefix", "independent"])
 def test_cuda_build_matches_dense_bf16(tiny_dir, mode):
     lm = load_model(tiny_dir, dtype="bfloat16", device="cuda")
+    from moska.library.positions import IndependentOptions
+
     lib, _ = build_in_memory(
-        lm, DOCS * 4, "g", chunk_size=64, mode=mode, prefill_tokens=100, progress=False
+        lm,
+        DOCS * 4,
+        "g",
+        chunk_size=64,
+        mode=mode,
+        prefill_tokens=100,
+        progress=False,
+        independent=IndependentOptions(chunk_sink=False),  # each chunk alone, from position 0
     )
     assert lib.device.type == "cuda" and lib.k_pools[0].dtype == torch.bfloat16
     for c in lib.chunks if mode == "independent" else [None]:
