@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=5120)
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="seeds per variant kind")
+    ap.add_argument("--store-mb", type=int, default=8192, help="reference store bound")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model and prompts on CPU")
     ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_speed.json"))
     args = ap.parse_args()
@@ -182,7 +183,10 @@ def main() -> None:
     }
     engines = {
         "off": LLMEngine.from_model(model_dir, **kw),
-        "on": LLMEngine.from_model(model_dir, semantic_reuse=True, **kw),
+        # a 5K-token reference of an 8B model is 1.3 GiB of KV: more than the default store
+        "on": LLMEngine.from_model(
+            model_dir, semantic_reuse=True, semantic_store_mb=args.store_mb, **kw
+        ),
     }
     tok = engines["off"].tokenizer
     docs, by_dir = documents(tok, args.docs, args.prompt)
