@@ -127,7 +127,13 @@ def discover(urls: dict[str, str], timeout_s: float = 10.0) -> list[Instance]:
     """An Instance per URL, from its /pd/info."""
     out = []
     for name, url in urls.items():
-        info = httpx.get(f"{url}/pd/info", timeout=timeout_s).json()
+        r = httpx.get(f"{url}/pd/info", timeout=timeout_s)
+        if r.status_code != 200:
+            raise ValueError(
+                f"{url} answered /pd/info with {r.status_code}: start it with `moska serve "
+                "--role prefill|decode|both`"
+            )
+        info = r.json()
         out.append(
             Instance(
                 name=name,

@@ -183,7 +183,9 @@ class GlobalScheduler:
             return self._reject("tpot", (ends_at[0] - now) if ends_at else 1.0, ttft, tpot)
         ticket = next(self._tickets)
         pred = self.prefill_s(req.prompt_tokens - cached * bs, prefill)
-        prefill.prefills[ticket] = [pred, now]
+        # the queue behind it: its engine steps and its overhead (which takes the prefill
+        # instance's event loop and engine thread too)
+        prefill.prefills[ticket] = [pred + self.overhead_s["prefill"], now]
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
         alone = len(prefill.prefills) == 1
