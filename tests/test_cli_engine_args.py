@@ -23,6 +23,11 @@ _OTHER = {
     "library_root": "/tmp/moska-libs",
     "gpu_memory_utilization": 0.5,
     "memory_budget": "2GiB",
+    "library_gpu_budget": "8GiB",
+    "library_cpu_budget": "0",
+    "library_eviction": "lru",
+    "library_miss_policy": "skip",
+    "library_prefetch": "none",
 }
 
 

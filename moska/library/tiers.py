@@ -30,7 +30,7 @@ import torch
 
 from moska.kernels.selections import Selections
 from moska.kernels.shared_inputs import ChunkTable
-from moska.library.chunk_cache import EVICTION_POLICIES, SlotCache
+from moska.library.chunk_cache import EVICTION_POLICIES, Admission, SlotCache
 from moska.library.chunk_store import CpuChunks, DiskChunks, MemoryChunks
 
 MISS_POLICIES = ("wait", "skip")
@@ -165,6 +165,7 @@ class ChunkTiers:
         self._copy = torch.cuda.Stream(device) if cuda else None
         self._read_done: list[torch.cuda.Event | None] = [None] * self.num_layers
         self._copy_done: list[torch.cuda.Event | None] = [None] * self.num_layers
+        self._last: list[list[int]] = [[] for _ in self._layers]  # chunks of the last step
 
     @property
     def _layers(self) -> range:
@@ -221,8 +222,8 @@ class ChunkTiers:
             starts, ends = self.tables[layer]
             ends.index_copy_(0, idx, starts.index_select(0, idx))  # start == end: absent
 
-    def _admit(self, layer: int, chunks: list[int], protect=(), count: bool = True) -> list[int]:
-        """Make `chunks` resident in `layer` (loads issued); returns the overflow."""
+    def _admit(self, layer: int, chunks: list[int], protect=(), count: bool = True) -> Admission:
+        """Make `chunks` resident in `layer` (loads issued); what was decided."""
         cache = self.caches[layer]
         adm = cache.admit(chunks, protect, count)
         if count:
@@ -230,7 +231,7 @@ class ChunkTiers:
             self.stats.misses["gpu"] += len(adm.loads) + len(adm.overflow)
         self._forget(layer, adm.evicted)
         self._fill(layer, adm.loads)
-        return adm.overflow
+        return adm
 
     def prefetch(self, layer: int, chunks: list[int], protect=()) -> None:
         """Fetch `chunks` into `layer`'s cache ahead of use (no wait, no hit/miss count)."""
@@ -239,8 +240,7 @@ class ChunkTiers:
         cache = self.caches[layer]
         todo = [c for c in chunks if c not in cache][: cache.num_slots]
         if todo:
-            self.stats.prefetched += len(todo)
-            self._admit(layer, todo, protect, count=False)
+            self.stats.prefetched += len(self._admit(layer, todo, protect, count=False).loads)
 
     # -- attention -----------------------------------------------------------------------
 
@@ -253,6 +253,7 @@ class ChunkTiers:
         cache.tick()
         needed = torch.unique(sel.chunk).tolist()  # the one host sync of the layer
         needed.sort(key=lambda c: c not in cache)  # hits first: passes stream the misses
+        self._last[layer] = needed
         if policy == "skip":
             present = [c for c in needed if c in cache]
             absent = [c for c in needed if c not in cache]
@@ -288,8 +289,11 @@ class ChunkTiers:
         return o, lse, sel
 
     def _prefetch_next(self, layer: int, chunks: list[int]) -> None:
-        if self.config.prefetch == "next_layer":
-            self.prefetch(layer + 1, chunks[: self.num_slots])
+        """Layer `layer`'s chunks fetched for the layer above, never in place of what that
+        layer read at its last step (the previous step's chunks are the better predictor:
+        bench/results/tier_prefetch_study.json; the cache keeps those already)."""
+        if self.config.prefetch == "next_layer" and layer + 1 < self.num_layers:
+            self.prefetch(layer + 1, chunks[: self.num_slots], protect=self._last[layer + 1])
 
     def _run(self, ops, layer, q_rows, sel, sm_scale, batch):
         """The grouped kernel over `batch`'s selections (all of `sel` when None)."""

@@ -249,3 +249,27 @@ def test_budget_validation_names_the_field():
         TierConfig(gpu_budget="lots")
     with pytest.raises(ValueError, match="library_miss_policy"):
         TierConfig(gpu_budget="1GiB", miss_policy="maybe")
+
+
+@pytest.mark.parametrize("prefetch", ["next_layer", "none"])
+def test_next_layer_prefetch_fetches_layer_l_chunks_for_l_plus_1(full, prefetch):
+    from moska.library import load_library
+
+    lib = full.engine.libraries.get("docs")
+    cfg = TierConfig(gpu_budget=_slot_budget(lib, 3), prefetch=prefetch)
+    tiers = load_library(full.engine.libraries.root, "docs", None, "cpu", progress=False,
+                         tiers=cfg).tiers  # fmt: skip
+    hkv, d = lib.k_pools[0].shape[1:]
+    q = torch.randn(2, 4, d, generator=torch.Generator().manual_seed(2))
+    sel = from_topk(torch.tensor([[[0, 3]], [[3, 4]]]), hkv, lib.num_chunks)
+    ops = full.engine.runner.ops
+    tiers.attend(ops, 0, q, sel, 0.25)
+    ahead = prefetch == "next_layer"
+    assert (tiers.resident(1) == {0, 3, 4}) is ahead and tiers.stats.prefetched == 3 * ahead
+    misses = tiers.stats.misses["gpu"]
+    o, lse, _ = tiers.attend(ops, 1, q, sel, 0.25)
+    assert tiers.stats.misses["gpu"] - misses == 3 * (not ahead)
+    o_ref, lse_ref = grouped_shared_attention_ref(
+        q, lib.k_pools[1], lib.v_pools[1], lib.chunk_offsets, sel, 0.25
+    )
+    assert torch.allclose(o.float(), o_ref, atol=1e-5) and torch.allclose(lse, lse_ref, atol=1e-5)
