@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from moska.bench.common import environment, write_json
-from moska.bench.fidelity_eval import answer_accuracy, k_for, sequence_loss
+from moska.bench.fidelity_eval import answer_accuracy, answers_accuracy, k_for, sequence_loss
 from moska.bench.fidelity_ops import speed_up
 from moska.routing import LEGACY, ORACLE, RoutingPolicy
 
@@ -159,41 +159,30 @@ def retrieval_signal(engine, args, pols) -> dict:
     results = []
     for mode in args.modes:
         for cs in args.chunk_sizes:
-            rows_all = []
-            # one library per example (its context), questions asked after it
+            # one library per example (its context), its question asked after it
             per_example = []
             for i, ex in enumerate(examples):
                 name = f"fidr-{mode}-{cs}-{i}"
                 info = engine.libraries.build(name, [("ctx", ex.context)], chunk_size=cs, mode=mode)
-                per_example.append((name, info, ex))
-            C = max(_chunks(info) for _, info, _ in per_example)
+                per_example.append((name, info.num_chunks, ex))
+            C = max(c for _, c, _ in per_example)
 
             def measure(_lib, k, pol):
-                hits, n, cov = 0.0, 0, []
-                for name, info, ex in per_example:
-                    kk = None if k is None else min(k, _chunks(info))
-                    m = answer_accuracy(engine, [(ex.question, ex.answer)], name, kk, pol)
-                    hits += m.value
-                    n += 1
-                    if m.coverage is not None:
-                        cov.append(m.coverage)
-                from moska.bench.fidelity_eval import Measured
-
-                return Measured(hits / n, sum(cov) / len(cov) if cov else None, n)
+                items = [(ex.question, ex.answer, name, None if k is None else min(k, c))
+                         for name, c, ex in per_example]  # fmt: skip
+                return answers_accuracy(engine, items, pol)
 
             rows_all = run_setting_grid(engine, measure, f"retrieval-{mode}-{cs}", C, pols,
                                         args.fractions)  # fmt: skip
+            for name, _, _ in per_example:
+                engine.libraries.delete(name)
             for r in rows_all:
-                r["of_dense"] = round(r["value"] / dense.value, 4)
+                r["of_dense"] = round(r["value"] / dense.value, 4) if dense.value else None
             results.append({"mode": mode, "chunk_size": cs, "num_chunks": C, "rows": rows_all})
     return {
         "signal": "retrieval_accuracy", "refused": False, "dense_accuracy": dense.value,
         "results": results, "summary": summarize(results, "of_dense"),
     }  # fmt: skip
-
-
-def _chunks(info) -> int:
-    return info.num_chunks
 
 
 def summarize(results: list, key: str) -> dict:

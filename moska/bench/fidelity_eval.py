@@ -67,8 +67,19 @@ def answer_accuracy(
     report: bool = True,
 ) -> Measured:
     """Share of questions whose greedy answer equals the expected tokens, token by token."""
+    items = [(p, a, library, top_k) for p, a in questions]
+    return answers_accuracy(engine, items, policy, report)
+
+
+def answers_accuracy(
+    engine,
+    items: list[tuple[list[int], list[int], str | None, int | None]],  # prompt, answer, lib, k
+    policy: RoutingPolicy | None,
+    report: bool = True,
+) -> Measured:
+    """``answer_accuracy`` with each question's own library and k, all in one batch."""
     rids = {}
-    for prompt, answer in questions:
+    for prompt, answer, library, top_k in items:
         params = SamplingParams(
             max_tokens=len(answer), temperature=0.0, ignore_eos=True, routing=policy
         )
