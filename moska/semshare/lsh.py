@@ -28,7 +28,7 @@ class LSHIndex:
         self.planes = torch.randn(dim, bands * rows, generator=gen)  # [F, bands*rows] fp32
         self._weights = 2 ** torch.arange(rows, dtype=torch.int64)  # [rows]
         self._buckets: dict[int, set[Hashable]] = {}
-        self._keys: dict[Hashable, list[int]] = {}  # reference -> its bucket keys
+        self._keys: dict[Hashable, torch.Tensor] = {}  # reference -> its sorted bucket keys
 
     def signatures(self, features: torch.Tensor) -> torch.Tensor:
         """features [N, F] -> bucket keys [N, bands] int64 (band-tagged, so bands never mix)."""
@@ -42,13 +42,13 @@ class LSHIndex:
         """Index reference `ref` by its token features [N, F]."""
         if ref in self._keys:
             return
-        keys = torch.unique(self.signatures(features)).tolist()
-        for key in keys:
+        keys = torch.unique(self.signatures(features))  # sorted
+        for key in keys.tolist():
             self._buckets.setdefault(key, set()).add(ref)
         self._keys[ref] = keys
 
     def remove(self, ref: Hashable) -> None:
-        for key in self._keys.pop(ref, ()):
+        for key in self._keys.pop(ref, torch.empty(0, dtype=torch.int64)).tolist():
             bucket = self._buckets[key]
             bucket.discard(ref)
             if not bucket:
@@ -67,15 +67,20 @@ class LSHIndex:
         if sample is not None and features.shape[0] > sample:
             rows = torch.linspace(0, features.shape[0] - 1, sample).round().long()
             features = features[rows.to(features.device)]
-        sigs = self.signatures(features).tolist()  # [N][bands]
+        sigs = self.signatures(features)  # [N, bands]
+        # shortlist by the buckets of up to 256 of the tokens (a few thousand dict lookups),
+        # then score the shortlisted references exactly on every sampled token
         votes: Counter = Counter()
-        buckets = self._buckets
-        for row in sigs:
-            hit: set = set()
-            for key in row:
-                refs = buckets.get(key)
-                if refs:
-                    hit |= refs
-            votes.update(hit)
-        n = max(1, len(sigs))
-        return [(ref, count / n) for ref, count in votes.most_common(top)]
+        step = max(1, sigs.shape[0] // 256)
+        for key in torch.unique(sigs[::step]).tolist():
+            votes.update(self._buckets.get(key, ()))
+        shortlist = [ref for ref, _ in votes.most_common(max(top, 4))]
+        scored = [(ref, _share_in(sigs, self._keys[ref])) for ref in shortlist]
+        scored.sort(key=lambda x: -x[1])
+        return scored[:top]
+
+
+def _share_in(sigs: torch.Tensor, keys: torch.Tensor) -> float:
+    """Share of rows of sigs [N, bands] with any key in the sorted `keys` (binary search)."""
+    idx = torch.searchsorted(keys, sigs).clamp_(max=keys.numel() - 1)
+    return float((keys[idx] == sigs).any(dim=1).float().mean())
