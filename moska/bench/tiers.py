@@ -6,8 +6,9 @@ heads, d = 128, bf16): per layer the batch's routed selections -> grouped shared
 CPU memory on a copy stream, next-layer prefetch) -> an MLP-sized GEMM pair standing in for
 the rest of the layer (`--no-mlp` leaves it out). Routing is synthetic so that its skew is
 controlled: B requests each read k chunks, kept from step to step except that each is
-redrawn with probability `--churn` and a request is replaced after a geometric lifetime
-(`moska/bench/tier_eviction.py`, the same trace), chunk popularity uniform or Zipf(s);
+redrawn with probability `--churns` (each value a run) and a request is replaced after
+a geometric lifetime (`moska/bench/tier_eviction.py`'s trace), chunk popularity uniform or
+Zipf(s);
 each layer sees the trace under its own permutation of the chunk ids. Output tokens/s =
 B x steps / time; `summary` gives each tiered mode's ratio to all-resident, its GPU hit
 rate, the bytes it moved per step and (skip) the share of selections it left out.
@@ -54,7 +55,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--dists", default="zipf1.0,uniform")
-    ap.add_argument("--churn", type=float, default=0.05, help="per-step redraw probability")
+    ap.add_argument(
+        "--churns",
+        default="0.05,0.45",
+        help="per-step redraw probabilities (0.45: about the step-to-step stability measured "
+        "on moska-code-20m, bench/results/tier_prefetch_study.json)",
+    )
     ap.add_argument("--lifetime", type=float, default=256.0, help="mean steps of a request")
     ap.add_argument("--modes", default="lfu-wait,lru-wait,lfu-skip")
     ap.add_argument("--prefetch", default="next_layer")
@@ -68,12 +74,12 @@ def parse(argv=None) -> argparse.Namespace:
     return a
 
 
-def selections(a, dist: str, device) -> list[list]:
+def selections(a, dist: str, churn: float, device) -> list[list]:
     """Per step (warmup + steps), per layer: Selections of the batch."""
     rng = np.random.default_rng(a.seed + 1)
     perms = [torch.from_numpy(rng.permutation(a.chunks)) for _ in range(a.layers)]
     out = []
-    rows = _rows(a, dist)
+    rows = _rows(a, dist, churn)
     for chosen in rows:
         t = torch.from_numpy(chosen)  # [B, k]
         per_layer = []
@@ -84,7 +90,7 @@ def selections(a, dist: str, device) -> list[list]:
     return out
 
 
-def _rows(a, dist: str) -> list[np.ndarray]:
+def _rows(a, dist: str, churn: float) -> list[np.ndarray]:
     """The trace's per-request chunk choices [B, k] at each step."""
     rng = np.random.default_rng(a.seed)
     probs = None
@@ -97,7 +103,7 @@ def _rows(a, dist: str) -> list[np.ndarray]:
     chosen = np.stack([draw(a.top_k) for _ in range(a.batch)])
     steps = []
     for _ in range(a.warmup + a.steps):
-        redraw = rng.random(chosen.shape) < a.churn
+        redraw = rng.random(chosen.shape) < churn
         chosen[redraw] = draw(int(redraw.sum()))
         for b in np.nonzero(rng.random(a.batch) < 1.0 / a.lifetime)[0]:
             chosen[b] = draw(a.top_k)
@@ -183,8 +189,10 @@ def main(argv=None) -> dict:
     slots = max(1, int(a.chunks * a.resident))
     kv_bytes = 2 * S * a.hkv * a.d * (2 if dtype == torch.bfloat16 else 4) * a.layers
     rows = []
-    for dist in a.dists.split(","):
-        sels = selections(a, dist, device)
+    workloads = [f"{d}/churn{c}" for d in a.dists.split(",") for c in a.churns.split(",")]
+    for dist in workloads:
+        name, churn = dist.split("/churn")
+        sels = selections(a, name, float(churn), device)
         rows.append({"dist": dist, **run_mode(a, "resident", sels, dev, None, ops, device, mlp)})
         for mode in a.modes.split(","):
             eviction, miss = mode.split("-")
@@ -200,7 +208,7 @@ def main(argv=None) -> dict:
             if r["dist"] == dist:
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
     summary = {}
-    for dist in a.dists.split(","):
+    for dist in workloads:
         base = next(r for r in rows if r["dist"] == dist and r["mode"] == "resident")
         summary[dist] = {
             "resident_tokens_per_s": base["tokens_per_s"],
