@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-dtype",
         choices=["auto", "fp8"],
         default="auto",
-        help="library KV dtype: auto = the model's; fp8 = e4m3 with per-(chunk, KV head) "
+        help="library KV dtype: auto = the model's; fp8 = e4m3 with per-(token, KV head) "
         "scales (half the bytes; needs an Ada or Hopper GPU to serve)",
     )
     b.add_argument("--jsonl-field", default="text")

@@ -61,6 +61,11 @@ def _chunk_attn_inner(
     KV_FP8: tl.constexpr = False,
     FP8_DOT: tl.constexpr = False,
     CDTYPE: tl.constexpr = None,
+    PER_TOKEN: tl.constexpr = False,
+    sc_ptrs=None,  # [BLOCK_N] offsets of this head's per-token scales at `lo` (PER_TOKEN)
+    k_scale_ptr=None,
+    v_scale_ptr=None,
+    stride_sc=0,
 ):
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; scores in the log2 domain.
     # Unmasked calls need (hi - lo) % BLOCK_N == 0; masked calls run one partial block.
@@ -89,7 +94,13 @@ def _chunk_attn_inner(
                 s = tl.where(n_ok[None, :], s, float("-inf"))
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
-        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION)
+        vs = None
+        if PER_TOKEN:  # e4m3 scales per key: K's on its score column, V's on its weight
+            sc_ok = (start + offs_n) < hi
+            s = s * tl.load(k_scale_ptr + sc_ptrs, mask=sc_ok, other=1.0)[None, :]
+            vs = tl.load(v_scale_ptr + sc_ptrs, mask=sc_ok, other=0.0)
+            sc_ptrs += BLOCK_N * stride_sc
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION, vs, PER_TOKEN)
     return acc, m_i, l_i
 
 
@@ -105,13 +116,19 @@ def _upcast_kv(k, v, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.con
 
 
 @triton.jit
-def _softmax_pv(acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr):
-    # One online-softmax step: scores s [BLOCK_M, BLOCK_N] (unscaled), values v [BLOCK_N, D].
+def _softmax_pv(
+    acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr, vs=None, PER_TOKEN: tl.constexpr = False
+):
+    # One online-softmax step: scores s [BLOCK_M, BLOCK_N] (unscaled), values v [BLOCK_N, D];
+    # PER_TOKEN: vs [BLOCK_N], each value row's e4m3 scale, weighs p in the product only.
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    pv = p
+    if PER_TOKEN:
+        pv = p * vs[None, :]
+    acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
@@ -155,6 +172,7 @@ def _grouped_shared_attention_kernel(
     KV_FP8: tl.constexpr = False,
     FP8_DOT: tl.constexpr = False,
     CDTYPE: tl.constexpr = None,
+    PER_TOKEN: tl.constexpr = False,  # scales [S_total, Hkv]: one per pool row and KV head
 ):
     # One work item per program; PERSISTENT: a capped grid whose programs loop over the
     # items, so the kernel can leave room on each SM for a concurrent kernel.
@@ -167,7 +185,7 @@ def _grouped_shared_attention_kernel(
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
-                k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE,
+                k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
             )
             # fmt: on
     else:
@@ -179,7 +197,7 @@ def _grouped_shared_attention_kernel(
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
-                k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE,
+                k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
             )
             # fmt: on
 
@@ -193,7 +211,7 @@ def _shared_item(
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
     k_scale_ptr, v_scale_ptr, stride_sc,
-    KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr, PER_TOKEN: tl.constexpr,
     # fmt: on
 ):
     # work item w: one row tile of one (chunk, KV head) group, over one split of the chunk
@@ -219,7 +237,8 @@ def _shared_item(
     )
 
     if KV_FP8:  # one scale per (chunk, KV head): K's folds into the logit scale
-        qk_scale = qk_scale * tl.load(k_scale_ptr + chunk * stride_sc + kv)
+        if not PER_TOKEN:
+            qk_scale = qk_scale * tl.load(k_scale_ptr + chunk * stride_sc + kv)
         if FP8_DOT:  # q to e4m3 with one scale per tile (e4m3 keeps 2^-4 relative error)
             q_s = tl.maximum(tl.max(tl.abs(q.to(tl.float32))), 1e-30) / 448.0
             q = (q.to(tl.float32) / q_s).to(tl.float8e4nv)
@@ -244,6 +263,8 @@ def _shared_item(
         + kv * stride_vh
         + (offs_n[:, None] * stride_vn + offs_d[None, :])
     )
+
+    sc_ptrs = (lo + offs_n).to(tl.int64) * stride_sc + kv  # per-token scales (PER_TOKEN)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -271,6 +292,11 @@ def _shared_item(
         KV_FP8,
         FP8_DOT,
         CDTYPE,
+        PER_TOKEN,
+        sc_ptrs,
+        k_scale_ptr,
+        v_scale_ptr,
+        stride_sc,
     )
     if full_hi < hi:
         k_ptrs += (full_hi - lo).to(tl.int64) * stride_kn
@@ -298,10 +324,15 @@ def _shared_item(
             KV_FP8,
             FP8_DOT,
             CDTYPE,
+            PER_TOKEN,
+            sc_ptrs + (full_hi - lo).to(tl.int64) * stride_sc,
+            k_scale_ptr,
+            v_scale_ptr,
+            stride_sc,
         )
 
     o, lse = merge_finish(m_i, l_i, acc)  # an empty chunk or split gives (0, -inf)
-    if KV_FP8:  # V's scale: o is linear in V, so also before a split tile's merge
+    if KV_FP8 and not PER_TOKEN:  # V's scale: o is linear in V, also before a split's merge
         o = o * tl.load(v_scale_ptr + chunk * stride_sc + kv)
     if n_split == 1:
         out_rows = (start * G + rows).to(tl.int64)
@@ -372,9 +403,10 @@ def grouped_shared_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
 
-    e4m3 pools (float8_e4m3fn) need `kv_scales` = (k_scale, v_scale) [C, Hkv] fp32, a
-    (chunk, KV head)'s value being the stored one times its scale; K/V are upcast in
-    registers, or with `fp8_dot` q is cut to e4m3 per tile and QK^T runs on FP8 tensor cores.
+    e4m3 pools (float8_e4m3fn) need `kv_scales` = (k_scale, v_scale) fp32, [S_total, Hkv]
+    (one per pool row and KV head, addressed like the rows) or [C, Hkv] (one per chunk and
+    KV head): a value is the stored one times its scale. K/V are upcast in registers, or
+    with `fp8_dot` q is cut to e4m3 per tile and QK^T runs on FP8 tensor cores.
 
     `chunk_offsets`: chunk c is pool rows `offsets[c] : offsets[c+1]`, or a `ChunkTable`
     (starts [C], ends [C]): rows `starts[c] : ends[c]` (a tiered library's GPU slots;
@@ -490,7 +522,11 @@ def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale
     for i, (r, h, c) in enumerate(zip(sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist())):
         k = k_pool[starts[c] : ends[c], h].float()  # [L, D]
         v = v_pool[starts[c] : ends[c], h].float()
-        if kv_scales is not None:
+        if kv_scales is not None and kv_scales[0].shape[0] == k_pool.shape[0]:  # per token
+            rows = slice(starts[c], ends[c])
+            k = k * kv_scales[0][rows, h, None].float()
+            v = v * kv_scales[1][rows, h, None].float()
+        elif kv_scales is not None:  # per (chunk, KV head)
             k, v = k * kv_scales[0][c, h].float(), v * kv_scales[1][c, h].float()
         if k.shape[0] == 0:
             continue

@@ -78,7 +78,9 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 def fp8_kernel_args(q, k_pool, v_pool, kv_scales, table: ChunkTable, fp8_dot: bool) -> dict:
     """The kernel's e4m3 arguments: scale pointers, their row stride and constexprs.
-    An e4m3 pool needs (k_scale, v_scale) [C, Hkv] fp32; other pools take none."""
+    An e4m3 pool needs (k_scale, v_scale) fp32, [S_total, Hkv] (per pool row, addressed like
+    the rows: a tiered library keeps them beside its slots) or [C, Hkv] (per chunk, by
+    chunk id); other pools take none."""
     kv_fp8 = k_pool.dtype == torch.float8_e4m3fn
     if not kv_fp8:
         if kv_scales is not None or fp8_dot:
@@ -88,11 +90,13 @@ def fp8_kernel_args(q, k_pool, v_pool, kv_scales, table: ChunkTable, fp8_dot: bo
         return {}
     if kv_scales is None:
         raise ValueError("float8_e4m3fn k_pool/v_pool need kv_scales=(k_scale, v_scale)")
-    shape = (table.starts.numel(), k_pool.shape[1])
+    per_token = kv_scales[0].shape[0] == k_pool.shape[0]
+    shape = (k_pool.shape[0] if per_token else table.starts.numel(), k_pool.shape[1])
     for name, t in zip(("k_scale", "v_scale"), kv_scales):
         if t.dtype != torch.float32 or tuple(t.shape) != shape or t.stride() != (shape[1], 1):
             raise ValueError(
-                f"{name} must be contiguous float32 [C, Hkv] = {shape}, got {t.dtype} {tuple(t.shape)}"
+                f"{name} must be contiguous float32 [S_total or C, Hkv], like k_scale {shape}; "
+                f"got {t.dtype} {tuple(t.shape)}"
             )
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
@@ -105,6 +109,7 @@ def fp8_kernel_args(q, k_pool, v_pool, kv_scales, table: ChunkTable, fp8_dot: bo
         "KV_FP8": True,
         "FP8_DOT": bool(fp8_dot),
         "CDTYPE": _TL_DTYPES[q.dtype],
+        "PER_TOKEN": per_token,
     }
 
 

@@ -59,7 +59,7 @@ def build_from_corpus(
     model's context is refused first (``positions.check_fits_context``). ``independent``:
     a position-independent library's chunk sink and APE tempering (None: the measured
     defaults, ``positions.DEFAULT_INDEPENDENT``).
-    ``kv_dtype`` "fp8": the pools are stored in e4m3 with per-(chunk, KV head) scales
+    ``kv_dtype`` "fp8": the pools are stored in e4m3 with per-(token, KV head) scales
     (``library/fp8.py``), quantized after the routing index is built from the exact keys."""
     from moska.kernels.router import build_routing_index
     from moska.library.fp8 import quantize

@@ -34,8 +34,8 @@ BUILDING_FILE = "BUILDING"
 TMP_MARKER = ".tmp-"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODES = ("prefix", "independent")
-# library KV dtypes: "auto" = the model's; "fp8" = e4m3 pools with fp32 scales per (chunk,
-# KV head) stored as "k_scale"/"v_scale" [C, Hkv] in each layer file (library/fp8.py)
+# library KV dtypes: "auto" = the model's; "fp8" = e4m3 pools with fp32 scales per (token,
+# KV head) stored as "k_scale"/"v_scale" [S_total, Hkv] in each layer file (library/fp8.py)
 KV_DTYPES = ("auto", "fp8")
 
 

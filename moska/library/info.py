@@ -90,7 +90,7 @@ class LibraryInfo:
     status: str = OK  # OK | DAMAGED
     reason: str | None = None  # why it is damaged
     chunk_sink: bool = False  # independent mode: a request brings the BOS (positions.py)
-    kv_dtype: str = "auto"  # "fp8": e4m3 KV with per-(chunk, KV head) scales (fp8.py)
+    kv_dtype: str = "auto"  # "fp8": e4m3 KV with per-(token, KV head) scales (fp8.py)
 
     @classmethod
     def damaged(cls, name: str, path: Path, reason: str) -> LibraryInfo:

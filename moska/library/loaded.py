@@ -51,7 +51,7 @@ class LoadedLibrary:
     # k_pools/v_pools are the GPU slot pools, addressed through tiers.tables (never offsets)
     tiers: Any = None
     # FP8 libraries (manifest.kv_dtype "fp8"): pools are float8_e4m3fn and each KV slot has
-    # (k_scale, v_scale) [C, Hkv] fp32 on the device beside the routing index; else None
+    # (k_scale, v_scale) [S_total, Hkv] fp32 rows beside the pools' rows; else None
     kv_scale_pools: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
@@ -70,7 +70,7 @@ class LoadedLibrary:
         return self.manifest.name
 
     def kv_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """KV slot ``layer``'s (k_scale, v_scale) [C, Hkv] fp32 for e4m3 pools, else None:
+        """KV slot ``layer``'s (k_scale, v_scale) [S_total, Hkv] fp32 for e4m3 pools, else None:
         what the grouped kernel's ``kv_scales`` takes."""
         return None if self.kv_scale_pools is None else self.kv_scale_pools[layer]
 
@@ -277,8 +277,8 @@ def load_library(
 
 
 def _fp8_scales(t: dict, manifest: Manifest, fname: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A layer file's (k_scale, v_scale) [C, Hkv] fp32, checked (CorruptLibraryError)."""
-    shape = (manifest.num_chunks, manifest.model.num_kv_heads)
+    """A layer file's (k_scale, v_scale) [S_total, Hkv] fp32, checked (CorruptLibraryError)."""
+    shape = (manifest.num_tokens, manifest.model.num_kv_heads)
     for key in ("k_scale", "v_scale"):
         x = t.get(key)
         if x is None or tuple(x.shape) != shape or x.dtype != torch.float32:

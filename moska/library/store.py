@@ -91,7 +91,7 @@ def save_library(
             dynamic_ncols=True,
         ):
             tensors = {"k": library.k_pools[i], "v": library.v_pools[i]}
-            if library.kv_scales(i) is not None:  # an FP8 library's per-(chunk, head) scales
+            if library.kv_scales(i) is not None:  # an FP8 library's per-(token, head) scales
                 tensors["k_scale"], tensors["v_scale"] = library.kv_scales(i)
             for field, value in library.routing[i]._asdict().items():
                 if field != "chunk_offsets":

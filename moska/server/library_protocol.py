@@ -20,7 +20,7 @@ class LibraryBuildRequest(RequestBody):
     documents: list[LibraryDocument] = Field(min_length=1, max_length=100_000)
     chunk_size: int | None = Field(None, ge=1, le=1 << 20)
     mode: Literal["prefix", "independent"] = "prefix"
-    kv_dtype: Literal["auto", "fp8"] = "auto"  # fp8: e4m3 KV, scales per (chunk, KV head)
+    kv_dtype: Literal["auto", "fp8"] = "auto"  # fp8: e4m3 KV, scales per (token, KV head)
 
 
 class LibraryObject(BaseModel):

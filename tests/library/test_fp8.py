@@ -106,12 +106,12 @@ def test_fp8_library_round_trips(fp8_saved, tiny_model):
         k, v = lib.k_pools[layer], lib.v_pools[layer]
         ks, vs = lib.kv_scales(layer)
         assert k.dtype == v.dtype == FP8_DTYPE
-        assert ks.shape == vs.shape == (lib.num_chunks, k.shape[1])
+        assert ks.shape == vs.shape == (lib.num_tokens, k.shape[1])  # per (token, KV head)
         for pool, scale, ref in ((k, ks, exact.k_pools[layer]), (v, vs, exact.v_pools[layer])):
             y = dequantize((pool, scale), offs)
             bound = (
                 ref.float().abs() * 2**-4
-                + row_scales(scale, offs, y.shape[0], "chunk")[:, :, None] * 2**-10
+                + row_scales(scale, offs, y.shape[0], "token")[:, :, None] * 2**-10
             )
             assert ((y - ref.float()).abs() <= bound * 1.0001).all()
         # the routing index stays in the model's dtype, built from the exact keys
@@ -145,7 +145,11 @@ def test_unknown_kv_dtype_is_refused_before_prefill(tiny_model, tmp_path):
 # ---------------------------------------------------------------- engine
 
 
-def test_engine_with_fp8_library_is_close_to_exact(tiny_dir, tmp_path):
+def test_engine_serves_fp8_library_as_its_values(tiny_dir, tmp_path):
+    """The engine with an fp8 library computes what it computes with a library holding the
+    same values (the e4m3 pools times their scales) in fp32: scales applied exactly once,
+    in prefill and decode, all chunks and routed. (How close e4m3 values are to the exact
+    ones is the quantizer's bound above and, on a trained model, bench/fp8_quality.py.)"""
     from moska import LLM, SamplingParams
 
     llm = LLM(
@@ -156,20 +160,23 @@ def test_engine_with_fp8_library_is_close_to_exact(tiny_dir, tmp_path):
         num_kv_blocks=256,
         library_root=str(tmp_path),
     )
-    llm.engine.libraries.build("exact", DOCS, chunk_size=16)
+    llm.engine.libraries.build("values", DOCS, chunk_size=16)
     llm.engine.libraries.build("fp8", DOCS, chunk_size=16, kv_dtype="fp8")
-    assert llm.engine.libraries.get("fp8").k_pools[0].dtype == FP8_DTYPE
+    fp8, values = llm.engine.libraries.get("fp8"), llm.engine.libraries.get("values")
+    assert fp8.k_pools[0].dtype == FP8_DTYPE and values.kv_scales(0) is None
+    for i in range(fp8.num_kv_layers):  # same chunks, same routing index (exact keys)
+        ks, vs = fp8.kv_scales(i)
+        values.k_pools[i] = dequantize((fp8.k_pools[i], ks), fp8.chunk_offsets)
+        values.v_pools[i] = dequantize((fp8.v_pools[i], vs), fp8.chunk_offsets)
     prompt = [[ord(c) for c in "The quick brown"]]
-    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=5)
     for top_k in (10**6, 2):
-        a = llm.generate(prompt, params, library="exact", top_k_chunks=top_k)[0].outputs[0]
+        a = llm.generate(prompt, params, library="values", top_k_chunks=top_k)[0].outputs[0]
         b = llm.generate(prompt, params, library="fp8", top_k_chunks=top_k)[0].outputs[0]
-        top_a, top_b = a.logprobs[0].top, b.logprobs[0].top
-        # the same greedy token; logprobs within what 2^-4 relative KV error moves them
         assert a.token_ids == b.token_ids
-        common = set(top_a) & set(top_b)
-        assert len(common) >= 4
-        assert max(abs(top_a[t] - top_b[t]) for t in common) < 0.1
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.top.keys() == lb.top.keys()
+            assert max(abs(la.top[t] - lb.top[t]) for t in la.top) < 1e-4
 
 
 # ---------------------------------------------------------------- kernel
@@ -188,8 +195,10 @@ def _selections(lens, b, hkv, p=0.7, seed=0):
     return Selections(t[:, 2].contiguous(), t[:, 1].contiguous(), t[:, 0].contiguous())
 
 
-@pytest.mark.parametrize("fp8_dot", [False, True])
-def test_kernel_fp8_path_matches_reference(fp8_dot):
+@pytest.mark.parametrize(
+    "granularity,fp8_dot", [("chunk", False), ("token", False), ("token", True)]
+)
+def test_kernel_fp8_path_matches_reference(granularity, fp8_dot):
     torch.manual_seed(1)
     lens, b, hkv, g, d = [1, 70, 150, 33], 4, 2, 2, 64
     offs = _offsets(lens)
@@ -197,7 +206,7 @@ def test_kernel_fp8_path_matches_reference(fp8_dot):
     q = torch.randn(b, hkv * g, d, dtype=torch.float16)
     k = (torch.randn(s, hkv, d) * 0.5).half()
     v = torch.randn(s, hkv, d).half()
-    kq, vq = quantize(k, offs), quantize(v, offs)
+    kq, vq = quantize(k, offs, granularity), quantize(v, offs, granularity)
     scales = (kq.scale, vq.scale)
     sel = _selections(lens, b, hkv)
     sc = d**-0.5
@@ -243,6 +252,9 @@ def test_http_build_body_carries_kv_dtype():
     seen = []
 
     class Spy(FakeLibraryManager):
+        def tier_stats(self) -> dict:  # the app exports tiered libraries' counters
+            return {}
+
         def build(self, *args, **kwargs):
             seen.append(kwargs.get("kv_dtype", "auto"))
             return super().build(*args, **kwargs)
