@@ -95,19 +95,29 @@ def build_random_model(arch: str, tokenizer_dir: Path, out: Path, max_len: int, 
     return out
 
 
-def source_files() -> list[Path]:
-    try:
-        files = wl.heldout_files()
-    except SystemExit:  # no networkx/sympy on this machine: the standard library's sources
+def source_files(source: str) -> list[Path]:
+    files = None
+    if source in ("auto", "heldout"):
+        try:
+            files = wl.heldout_files()
+        except SystemExit:  # no networkx/sympy here
+            if source == "heldout":
+                raise
+    if files is None:  # the standard library's sources, package by package
         base = Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(p for p in base.glob("*.py") if p.stat().st_size <= wl.MAX_FILE_BYTES)
+        files = sorted(
+            p
+            for p in base.rglob("*.py")
+            if p.stat().st_size <= wl.MAX_FILE_BYTES
+            and not {"site-packages", "dist-packages", "idlelib"} & set(p.parts)
+        )
     return [p for p in files if "/tests/" not in str(p) and "/test/" not in str(p)]
 
 
-def documents(tokenizer, n: int, tokens: int):
+def documents(tokenizer, n: int, tokens: int, source: str):
     """n lists of (path, text) of one folder, each list >= tokens tokens, in every variant."""
     by_dir: dict = {}
-    for p in source_files():
+    for p in source_files(source):
         by_dir.setdefault(p.parent, []).append(p)
     docs = []
     for folder in sorted(by_dir):
@@ -156,6 +166,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=5120)
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3, help="seeds per variant kind")
+    ap.add_argument(
+        "--source",
+        default="auto",
+        choices=("auto", "heldout", "stdlib"),
+        help="documents: networkx/sympy (auto: when installed) or the stdlib",
+    )
     ap.add_argument("--store-mb", type=int, default=8192, help="reference store bound")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model and prompts on CPU")
     ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_speed.json"))
@@ -189,7 +205,7 @@ def main() -> None:
         ),
     }
     tok = engines["off"].tokenizer
-    docs, by_dir = documents(tok, args.docs, args.prompt)
+    docs, by_dir = documents(tok, args.docs, args.prompt, args.source)
     if not docs:
         raise SystemExit("no documents of that many tokens")
     for name, eng in engines.items():  # warm-up (kernels, allocator): never stored
@@ -230,6 +246,8 @@ def main() -> None:
         "dtype": str(dtype).replace("torch.", ""),
         "device": device,
         "cpu_dry_run": args.cpu_dry_run,
+        "source": args.source,
+        "documents": sorted({r["doc"] for r in rows}),
         "shapes": {"prompt": args.prompt, "docs": len(docs), "repeats": args.repeats},
         "semshare": on.config.__dict__,
         "store": {"entries": len(on.store), "bytes": on.store.nbytes, **on.store.stats.__dict__},
