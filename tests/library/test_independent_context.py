@@ -5,6 +5,7 @@ chunk sink and APE tempering match plain-PyTorch references."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -27,26 +28,13 @@ LONG_TEXT = "def f(x):\n    return x + 1\n" * 20  # 540 byte tokens: > 4x the co
 
 @pytest.fixture(scope="module")
 def small_ctx_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    """The built-in tiny model (random weights) with a context of CONTEXT positions."""
     from moska.model.default import default_model_dir
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=CONTEXT,
-        vocab_size=261,
-        bos_token_id=256,
-        eos_token_id=257,
-        initializer_range=0.2,
-    )
     path = tmp_path_factory.mktemp("ckpt") / "small-context"
-    transformers.LlamaForCausalLM._from_config(config, dtype=torch.float32).save_pretrained(path)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir() / f, path / f)
+    shutil.copytree(default_model_dir(), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": CONTEXT}))
     return path
 
 
