@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -193,10 +194,9 @@ def summarize(results: list[Result], wall_s: float, ttft_slo: float, tpot_slo: f
     }
 
 
-def run_system(kind: str, rows: list[dict], args) -> dict:
-    """Start the instances of one system, replay, stop them."""
-    import httpx
-
+@contextlib.contextmanager
+def running_system(kind: str, args):
+    """Start the instances of one system and its front end; yields (FrontEnd, URL)."""
     from moska.pd.cluster import discover, parse_pd, start_cluster
     from moska.pd.frontend import FrontEnd, FrontEndConfig
     from moska.pd.frontend_app import create_frontend_app
@@ -206,12 +206,9 @@ def run_system(kind: str, rows: list[dict], args) -> dict:
     p, d = parse_pd(args.pd)
     serve_args = ["--device", args.device, "--max-model-len", str(args.max_model_len)]
     serve_args += args.instance_args.split()
-    if kind == "pd":
-        cluster = start_cluster(p, d, model=args.model, serve_args=serve_args,
-                                threads_per_instance=args.threads)  # fmt: skip
-    else:
-        cluster = start_cluster(0, 0, p + d, model=args.model, serve_args=serve_args,
-                                threads_per_instance=args.threads)  # fmt: skip
+    counts = (p, d, 0) if kind == "pd" else (0, 0, p + d)
+    cluster = start_cluster(*counts, model=args.model, serve_args=serve_args,
+                            threads_per_instance=args.threads)  # fmt: skip
     try:
         instances = discover(cluster.urls)
         sched = None
@@ -225,15 +222,17 @@ def run_system(kind: str, rows: list[dict], args) -> dict:
                     row["timestamp"] = 0
                     row["hash_ids"] = [10**9 + h for h in row["hash_ids"]]
                 asyncio.run(replay(url, warm, argparse.Namespace(**{**vars(args), "speedup": 1})))
-                front.stats.__init__()
-            results, wall = asyncio.run(replay(url, rows, args))
-            out = summarize(results, wall, args.ttft_slo, args.tpot_slo)
-            stats = httpx.get(f"{url}/pd/stats", timeout=10).json()
-            out["front_end"] = stats
-            out["prefix_hit_rate"] = stats.get("hit_rate")
+            yield front, url
     finally:
         cluster.stop()
-    return out
+
+
+def measure(front, url: str, rows: list[dict], args) -> tuple[list[Result], float, dict]:
+    import httpx
+
+    front.stats.__init__()
+    results, wall = asyncio.run(replay(url, rows, args))
+    return results, wall, httpx.get(f"{url}/pd/stats", timeout=10).json()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -258,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=4, help="requests sent before measuring")
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--systems", default="colocated,pd")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating replays per system")
     ap.add_argument("--out", default="bench/results/pd_trace.json")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="small CPU form: tiny model, 32-token blocks, short outputs")  # fmt: skip
@@ -285,9 +285,29 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "systems": {},
     }
-    for kind in args.systems.split(","):
-        report["systems"][kind] = run_system(kind, rows, args)
-        print(kind, json.dumps(report["systems"][kind], indent=1), flush=True)
+    kinds = args.systems.split(",")
+    gathered: dict[str, list] = {k: [[], 0.0, []] for k in kinds}  # results, wall, stats
+    with contextlib.ExitStack() as stack:
+        # every system is up before any is measured, and the rounds alternate between
+        # them, so that a change in this host's load hits both alike
+        fronts = {k: stack.enter_context(running_system(k, args)) for k in kinds}
+        for r in range(args.rounds):
+            rows_r = rows if args.trace else synthesize(args.requests, args.rate,
+                                                        seed=args.seed + r)  # fmt: skip
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                results, wall, stats = measure(*fronts[kind], rows_r, args)
+                gathered[kind][0] += results
+                gathered[kind][1] += wall
+                gathered[kind][2].append(stats)
+                one = summarize(results, wall, args.ttft_slo, args.tpot_slo)
+                print(f"round {r} {kind}", json.dumps(one), flush=True)
+    for kind, (results, wall, stats) in gathered.items():
+        out = summarize(results, wall, args.ttft_slo, args.tpot_slo)
+        prompt = sum(s.get("prompt_tokens", 0) for s in stats)
+        cached = sum(s.get("cached_tokens", 0) for s in stats)
+        out["prefix_hit_rate"] = round(cached / prompt, 4) if prompt else None
+        out["front_end_per_round"] = stats
+        report["systems"][kind] = out
     systems = report["systems"]
     report["summary"] = {k: {m: v.get(m) for m in SUMMARY_KEYS} for k, v in systems.items()}
     if {"pd", "colocated"} <= set(systems):
