@@ -23,7 +23,7 @@ _OTHER = {
     "library_root": "/tmp/moska-libs",
     "gpu_memory_utilization": 0.5,
     "memory_budget": "2GiB",
-    "routing_scorer": "mean",
+    "routing_scorer": "keymax",  # differs from the default None; page_size needs key-max
     "library_gpu_budget": "8GiB",
     "library_cpu_budget": "0",
     "library_eviction": "lru",
