@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from moska.attention.composed import composed_group_states
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.ops import AttentionOps
 from moska.attention.shared import routing_coverage, shared_attention_for_group
+from moska.library.composition import is_composed
 from moska.library.positions import shared_logit_adjustment
 
 
@@ -109,6 +111,8 @@ def _shared_group(
 ):
     """Routed shared-chunk states of a group's rows: (o_sel, lse_sel, sel)."""
     q_rows = q if group.all_rows else q.index_select(0, group.rows)
+    if is_composed(group.library):  # several libraries: routed over their union
+        return composed_group_states(p.ops, layer, q_rows, group, p.sm_scale, keymax_programs)
     # a position-independent library's APE tempering (library/positions.py); exact: 1, 0
     scale, log_scale = shared_logit_adjustment(group.library)
     sm_scale = p.sm_scale * scale

@@ -51,13 +51,15 @@ class LLM:
         prompts: str | list[str] | list[list[int]],
         sampling_params: SamplingParams | None = None,
         *,
-        library: str | None = None,
+        library: str | list[str] | None = None,
         top_k_chunks: int | None = None,
         report_routing: bool = False,
         use_tqdm: bool = False,
+        libraries: list[str] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns one RequestOutput per prompt, in order, with
-        `n` completions each."""
+        `n` completions each. `libraries`: several position-independent libraries read
+        together (library/composition.py)."""
         params = sampling_params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -75,6 +77,7 @@ class LLM:
                     library=library,
                     top_k_chunks=top_k_chunks,
                     report_routing=report_routing,
+                    libraries=libraries,
                 )
                 ids.append(rid)
             groups.append(ids)

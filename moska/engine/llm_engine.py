@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moska.cache.block_manager import BlockManager
@@ -28,6 +29,7 @@ from moska.engine.runner import ModelRunner, PendingStep, StepResult
 from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.scheduler import Scheduler, SchedulerOutput
 from moska.engine.scheduler_config import SchedulerConfig
+from moska.library.composition import ComposedLibrary, library_names, parts_of
 from moska.library.positions import request_wants_bos
 from moska.model.tokenizer import IncrementalDetokenizer
 
@@ -128,7 +130,9 @@ class LLMEngine:
             if started is None:
                 raise SystemExit(0)
             loaded, runtime = started
-            libraries = None  # library (shared KV) requests do not run with TP yet
+            from moska.distributed.tp_library import make_library_manager
+
+            libraries = make_library_manager(config, loaded, runtime)  # each rank: its heads
         else:
             loaded, runtime = load_model(path, dtype=dtype, device=device), None
             libraries = _make_library_manager(config, loaded, device)
@@ -171,35 +175,58 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         *,
-        library: str | None = None,
+        library: str | Sequence[str] | None = None,
         top_k_chunks: int | None = None,
         report_routing: bool = False,
+        libraries: Sequence[str] | None = None,
     ) -> None:
-        """Queue a request. report_routing: also measure, each step, the share of the
-        library's attention mass its routed chunks cover (costs an all-chunks pass on three
-        layers; for debugging routing). Raises RequestError (a ValueError) or LibraryNotFoundError."""
+        """Queue a request. `library`: a library name, or several (or `libraries`): a
+        composition of position-independent libraries built for this model, routed over the
+        union of their chunks (library/composition.py; CompositionError when they do not
+        compose). report_routing: also measure, each step, the share of the library's
+        attention mass its routed chunks cover (costs an all-chunks pass on three layers; for
+        debugging routing). Raises RequestError (a ValueError) or LibraryNotFoundError."""
         if request_id in self._tracked:
             raise DuplicateRequestError(f"request id {request_id!r} is already in use")
         if params.n != 1:
             raise RequestError("LLMEngine takes n=1 per request; submit n requests instead")
         if top_k_chunks is not None and top_k_chunks < 1:
             raise RequestError("top_k_chunks must be a positive number of chunks")
+        if library is not None and libraries is not None:
+            raise RequestError("give `library` or `libraries`, not both")
+        names = library_names(libraries if libraries is not None else library)
+        library = names[0] if names else None
         if self.dist is not None:
             self.dist.raise_if_failed()
-            if library is not None:
+            if len(names) > 1:
                 raise RequestError(
-                    "library (shared KV) requests do not run with tensor parallelism yet; "
-                    "send the request without a library or serve with tensor_parallel_size=1"
+                    "composed libraries (several in one request) do not run with tensor "
+                    "parallelism yet; send one library or serve with tensor_parallel_size=1"
                 )
         if library is not None and self.libraries is None:
             raise RequestError("this engine has no library manager")
-        # The request holds its library's build from here to its end (released in _drop).
-        handle = self.libraries.acquire(library) if library is not None else None
+        # The request holds its libraries' builds from here to its end (released in _drop).
+        handle = self._acquire(names)
         try:
             self._add(request_id, prompt, params, handle, top_k_chunks, report_routing)
         except BaseException:
-            if handle is not None:
-                self.libraries.release(handle)
+            for part in parts_of(handle):
+                self.libraries.release(part)
+            raise
+
+    def _acquire(self, names: list[str]):
+        """The handle a request holds: None, one library, or a ComposedLibrary of several
+        (each acquired; all released again if one fails or they do not compose)."""
+        if len(names) <= 1:
+            return self.libraries.acquire(names[0]) if names else None
+        held = []
+        try:
+            for name in names:
+                held.append(self.libraries.acquire(name))
+            return ComposedLibrary(tuple(held))
+        except BaseException:
+            for part in held:
+                self.libraries.release(part)
             raise
 
     def _add(self, request_id, prompt, params, handle, top_k_chunks, report_routing) -> None:
@@ -406,8 +433,9 @@ class LLMEngine:
     def _drop(self, request_id: str) -> None:
         tracked = self._tracked.pop(request_id, None)
         self.runner.release(request_id)
-        if tracked is not None and tracked.request.library is not None:
-            self.libraries.release(tracked.request.library)
+        if tracked is not None:
+            for part in parts_of(tracked.request.library):
+                self.libraries.release(part)
 
     def stats(self) -> EngineStats:
         return EngineStats(
