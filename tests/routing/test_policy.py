@@ -181,3 +181,13 @@ def test_policy_validation_and_config_surfaces():
     with pytest.raises(ValueError):
         EngineConfig(routing_scorer="nope")
     assert math.isfinite(RoutingPolicy().shortlist_factor)
+
+
+def test_default_chunk_size_gives_about_32_chunks_within_bounds():
+    from moska.routing.policy import default_chunk_size
+
+    for n in (100, 3000, 4096, 50_000, 10**6, 10**8):
+        size = default_chunk_size(n)
+        assert 64 <= size <= 4096 and size & (size - 1) == 0
+        if 64 * 32 <= n <= 4096 * 32:
+            assert 16 <= n / size <= 64  # within a factor two of 32 chunks
