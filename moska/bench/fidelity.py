@@ -202,8 +202,29 @@ def summarize(results: list, key: str) -> dict:
     }
 
 
+def combine(paths: list[str], out: str) -> dict:
+    """One JSON from several runs' code results (each row keeps its run's policy fields)."""
+    import json
+
+    runs, results = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        runs.append({"file": path, "command": data["env"].get("command"),
+                     "git_commit": data["env"].get("git_commit")})  # fmt: skip
+        for res in data.get("code", {}).get("results", []):
+            for r in res["rows"]:
+                r["policy_fields"] = data["policies"].get(r["policy"])
+                r["run"] = path
+            results.append(res)
+    payload = {"runs": runs, "results": results, "summary": summarize(results, "recovered")}
+    write_json(out, payload)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="moska bench fidelity", description=__doc__.split("\n")[0])
+    ap.add_argument("--combine", nargs="+", default=None,
+                    help="merge these result JSONs into --out instead of running")  # fmt: skip
     ap.add_argument("--code-model", default=None, help="moska-code-20m folder (code signal)")
     ap.add_argument("--retrieval-model", default=None,
                     help="a model folder from moska.bench.train_retrieval (retrieval signal)")  # fmt: skip
@@ -226,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes, CPU")
     ap.add_argument("--out", default="bench/results/fidelity.json")
     args = ap.parse_args(argv)
+    if args.combine:
+        combine(args.combine, args.out)
+        print(f"wrote {args.out}")
+        return
     if args.cpu_dry_run:
         args.device, args.modes, args.chunk_sizes = "cpu", ["prefix"], [64]
         args.library_tokens, args.targets, args.target_tokens = 256, 1, 64
