@@ -240,6 +240,7 @@ class FrontEnd:
         stage_s = time.monotonic() - t_admit
         self.stats.prefill_stage_s += stage_s
         self.stats.staged += 1
+        self.scheduler.observe_stage("prefill", stage_s, plan.predicted_stage_s, time.monotonic())
         if plan.alone:
             predicted = plan.predicted_prefill_s + self.scheduler.transfer_s(
                 info.prompt_tokens // bs
@@ -309,6 +310,7 @@ class FrontEnd:
         bs = inst.block_size
         predicted = self.scheduler.tpot_s(seats, inst) + self.scheduler.prefill_s(bs, inst)
         self.scheduler.observe_overhead("decode", seconds, predicted)
+        self.scheduler.observe_stage("decode", seconds, plan.predicted_first_s, time.monotonic())
 
     async def _relay(self, inst, resp, plan, tid, sent_at) -> AsyncIterator[bytes]:
         dead, first = self._dead[inst.name], True

@@ -3,6 +3,7 @@ has a live instance) and /pd/stats (requests, prefix hits, transfers, rejections
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 
 import httpx
@@ -61,6 +62,8 @@ def create_frontend_app(front: FrontEnd) -> FastAPI:
         if front.scheduler is not None:
             body["rejected_by_scheduler"] = dict(front.scheduler.rejections)
             body["learned_overhead_s"] = dict(front.scheduler.overhead_s)
+            now = time.monotonic()
+            body["slowdown"] = {k: front.scheduler.slowdown(k, now) for k in ("prefill", "decode")}
         return JSONResponse(body)
 
     return app

@@ -27,6 +27,9 @@ import numpy as np
 from moska.pd.index import PrefixIndex
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, feature_vector
 
+SLOWDOWN_HALF_LIFE_S = 5.0
+MAX_SLOWDOWN = 10.0
+
 
 @dataclass(frozen=True)
 class SLO:
@@ -82,6 +85,8 @@ class Plan:
     predicted_tpot_s: float
     predicted_prefill_s: float
     alone: bool = False  # nothing else was prefilling on its prefill instance
+    predicted_stage_s: float = 0.0  # admission -> KV at the decode instance
+    predicted_first_s: float = 0.0  # decode request sent -> its first token
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,11 @@ class GlobalScheduler:
         # tokenizing, reading and writing KV, the event loops): learned per stage only from
         # requests that did not wait behind others, so load is never counted twice
         self.overhead_s = {"prefill": 0.0, "decode": 0.0}
+        # how much slower each stage ran than predicted, queue included (>= 1), decaying
+        # back to 1 with SLOWDOWN_HALF_LIFE_S: when load makes every stage slower than the
+        # step model says, admission follows at once; when rejections have drained it, the
+        # factor fades without needing new requests (no spiral of rejections)
+        self._slowdown = {"prefill": (1.0, 0.0), "decode": (1.0, 0.0)}
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
 
@@ -175,7 +185,10 @@ class GlobalScheduler:
         _, decode, seats = best
         tpot = self.tpot_s(seats + 1, decode)
         # the decode instance computes the prompt's tail (under a block) with its first step
-        ttft = ready_at - now + tpot + self.prefill_s(bs, decode) + sum(self.overhead_s.values())
+        stage = (ready_at - now + self.overhead_s["prefill"]) * self.slowdown("prefill", now)
+        first = tpot + self.prefill_s(bs, decode) + self.overhead_s["decode"]
+        first *= self.slowdown("decode", now)
+        ttft = stage + first
         if self.slo.ttft_s is not None and ttft > self.slo.ttft_s:
             return self._reject("ttft", ttft - self.slo.ttft_s, ttft, tpot)
         if self.slo.tpot_s is not None and tpot > self.slo.tpot_s:
@@ -189,7 +202,7 @@ class GlobalScheduler:
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
         alone = len(prefill.prefills) == 1
-        return Plan(ticket, prefill, decode, cached, ttft, tpot, pred, alone)
+        return Plan(ticket, prefill, decode, cached, ttft, tpot, pred, alone, stage, first)
 
     def _reject(self, reason: str, retry_s: float, ttft: float, tpot: float) -> Rejection:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -205,6 +218,19 @@ class GlobalScheduler:
         if math.isfinite(observed_s) and observed_s > 0:
             extra = max(0.0, observed_s - predicted_s)
             self.overhead_s[stage] += 0.2 * (extra - self.overhead_s[stage])
+
+    def slowdown(self, stage: str, now: float) -> float:
+        factor, at = self._slowdown[stage]
+        return 1.0 + (factor - 1.0) * 0.5 ** (max(0.0, now - at) / SLOWDOWN_HALF_LIFE_S)
+
+    def observe_stage(self, stage: str, observed_s: float, predicted_s: float, now: float) -> None:
+        """An admitted request's stage took `observed_s` where `predicted_s` was predicted
+        (with the slowdown then in force)."""
+        if not (observed_s > 0 and predicted_s > 0 and math.isfinite(observed_s)):
+            return
+        current = self.slowdown(stage, now)
+        ratio = min(MAX_SLOWDOWN, max(1.0, current * observed_s / predicted_s))
+        self._slowdown[stage] = (current + 0.3 * (ratio - current), now)
 
     def transferred(self, blocks: int, seconds: float) -> None:
         if blocks > 0 and seconds > 0:

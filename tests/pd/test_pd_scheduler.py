@@ -131,3 +131,17 @@ def test_http_rejection_reaches_no_instance(pd_cluster):
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert "ttft" in r.json()["error"]["message"]
     assert {n: e.stats().prompt_tokens_computed for n, e in engines.items()} == before
+
+
+def test_slowdown_follows_load_and_fades():
+    sched, _ = _cluster(ttft_s=1.0)
+    req = _req(list(range(40)))
+    plan = sched.plan(req, now=0.0)
+    assert isinstance(plan, Plan)
+    for _ in range(10):  # every stage ran 8x slower than predicted
+        sched.observe_stage("prefill", 8 * plan.predicted_stage_s, plan.predicted_stage_s, 0.0)
+    assert sched.slowdown("prefill", 0.0) > 5
+    slowed = sched.plan(_req(list(range(100, 140))), now=0.0)
+    assert slowed.predicted_ttft_s > 3 * plan.predicted_ttft_s
+    # with nothing observed it fades back (no spiral of rejections)
+    assert sched.slowdown("prefill", 60.0) < 1.01
