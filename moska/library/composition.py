@@ -191,3 +191,33 @@ def parts_of(library: Any) -> tuple[Any, ...]:
 
 def is_composed(library: Any) -> bool:
     return isinstance(library, ComposedLibrary)
+
+
+@dataclass(frozen=True)
+class CompositionSummary:
+    """What the server needs of a composition before the engine holds it (BOS, positions,
+    admission cost), from the parts' loaded builds or manifest infos."""
+
+    name: str
+    position_offset: int
+    chunk_sink: bool
+    num_chunks: int
+    chunk_size: int
+    num_tokens: int
+
+
+def summarize(parts: Sequence[Any]) -> CompositionSummary:
+    """Check that ``parts`` compose (CompositionError otherwise) and sum them up."""
+    check_composable(parts)
+
+    def sink(p: Any) -> bool:
+        return bool(getattr(getattr(p, "manifest", p), "chunk_sink", False))
+
+    return CompositionSummary(
+        name="+".join(p.name for p in parts),
+        position_offset=max(int(p.position_offset or 0) for p in parts),
+        chunk_sink=any(sink(p) for p in parts),
+        num_chunks=sum(int(p.num_chunks or 0) for p in parts),
+        chunk_size=max(int(p.chunk_size or 0) for p in parts),
+        num_tokens=sum(int(p.num_tokens or 0) for p in parts),
+    )

@@ -122,7 +122,15 @@ class _SamplingFields(RequestBody):
         None, max_length=1024, description="the output is exactly one of these strings"
     )
     # moska extras
-    library: str | None = Field(None, max_length=256, description="shared KV library name")
+    library: (
+        Annotated[str, StringConstraints(max_length=256)]
+        | Annotated[list[Annotated[str, StringConstraints(max_length=256)]], Field(max_length=64)]
+        | None
+    ) = Field(
+        None,
+        description="shared KV library name, or a list of position-independent libraries "
+        "read together (routed over the union of their chunks)",
+    )
     top_k_chunks: int | None = Field(
         None, ge=1, le=2**31 - 1, description="library chunks routed per step"
     )
