@@ -25,10 +25,10 @@ class Collectives:
     def _staged(self, t: torch.Tensor) -> torch.Tensor:
         return t.cpu() if self.stage_through_host and t.is_cuda else t
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum `t` over the ranks, in place; returns `t`."""
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """Sum (or `op`) `t` over the ranks, in place; returns `t`."""
         buf = self._staged(t)
-        dist.all_reduce(buf, group=self.group)
+        dist.all_reduce(buf, op=op, group=self.group)
         if buf is not t:
             t.copy_(buf)
         return t

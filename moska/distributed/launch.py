@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from moska.config import EngineConfig
+from moska.distributed.errors import TensorParallelConfigError
 from moska.distributed.runtime import DistributedRuntime, rank_device, torchrun_rank
 from moska.distributed.step_channel import StepChannel
 from moska.distributed.tensor_parallel import ShardPlan, TensorParallel
@@ -25,6 +26,11 @@ def start_tensor_parallel(config: EngineConfig, path, dtype, device: str):
     if rank is not None and rank != 0:
         run_worker_from_env(path, dtype, device, config)
         return None
+    if config.tier_config is not None:  # a library in tiers is loaded whole
+        raise TensorParallelConfigError(
+            "library tiers (library_gpu_budget) do not run with tensor parallelism yet; "
+            "leave library_gpu_budget unset: each rank holds its KV heads of a library"
+        )
     model_config = ModelConfig.from_file(Path(path) / "config.json")
     for r in range(n):  # every rank's split is valid, or fail here in one line
         ShardPlan.build(model_config, r, n)

@@ -2,7 +2,9 @@
 
 It owns no scheduler and no requests: each step's inputs and block tables arrive over the
 StepChannel, its KV cache (its KV heads only) is written at the slots rank 0 chose, and it
-takes part in the logits gather but never samples. It stops on STOP, or when rank 0 goes
+takes part in the logits gather but never samples. It holds its KV heads of the library
+builds rank 0 names (LOAD_LIBRARY / UNLOAD_LIBRARY; distributed/tp_library.py) and runs a
+step's library groups over them. It stops on STOP, or when rank 0 goes
 away (its socket closes, or — for a spawned worker — its parent process is gone).
 """
 
@@ -67,7 +69,7 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
         channel = StepChannel(
             groups.comm, groups.control, device, model.config.hidden_size, model.dtype
         )
-        serve_steps(model, runner.attention, channel)
+        serve_steps(model, runner.attention, channel, device)
     except BaseException as e:
         try:
             groups.store.set(f"moska/error/{groups.rank}", f"{type(e).__name__}: {e}")
@@ -81,20 +83,51 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
 
 
 @torch.inference_mode()
-def serve_steps(model, attention, channel: StepChannel) -> None:
+def serve_steps(model, attention, channel: StepChannel, device: torch.device) -> None:
     """Run the commands rank 0 sends until STOP."""
+    from moska.distributed.tp_library import WorkerLibraries
+
+    libraries = WorkerLibraries(model, device)
     last = None  # the last forward's hidden states [T, H]
     while True:
         msg = channel.recv()
         if msg.command is Command.STOP:
             return
         if msg.command is Command.FORWARD:
+            assert msg.meta is not None
+            msg.meta.groups.extend(_groups(libraries, msg.groups or []))
             last = model(msg.input_ids, msg.positions, attention.bind(msg.meta))
+        elif msg.command is Command.LOAD_LIBRARY:
+            info = msg.info or {}
+            channel.answer_load(libraries.load(info["root"], info["name"], info["build"]))
+        elif msg.command is Command.UNLOAD_LIBRARY:
+            libraries.unload((msg.info or {})["build"])
         elif msg.command is Command.LOGITS_LAST:
             assert last is not None, "LOGITS_LAST before any forward"
             model.compute_logits(last)
         elif msg.command is Command.LOGITS_ROWS:
             model.compute_logits(msg.hidden)
+
+
+def _groups(libraries, described: list) -> list:
+    """The step's LibraryGroups over this rank's copies of the builds rank 0 named."""
+    from moska.attention.metadata import LibraryGroup
+    from moska.routing.policy import RoutingPolicy
+
+    groups = []
+    for g, rows in described:
+        policy = g["policy"]
+        groups.append(
+            LibraryGroup(
+                library=libraries.get(g["build"]),
+                rows=rows,
+                top_k=g["top_k"],
+                scorer=g["scorer"],
+                policy=None if policy is None else RoutingPolicy.from_dict(policy),
+                all_rows=g["all_rows"],
+            )
+        )
+    return groups
 
 
 def _heartbeat(groups: ProcessGroups, parent_pid: int | None, stop: threading.Event) -> None:

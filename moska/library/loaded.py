@@ -53,13 +53,19 @@ class LoadedLibrary:
     # FP8 libraries (manifest.kv_dtype "fp8"): pools are float8_e4m3fn and each KV slot has
     # (k_scale, v_scale) [S_total, Hkv] fp32 rows beside the pools' rows; else None
     kv_scale_pools: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # tensor parallelism: the KV heads [start, stop) of the manifest's that this rank holds
+    # (pools, scales and the routing index's per-head parts; load_library(kv_heads=)); None:
+    # all of them. head_split (distributed/tp_library.HeadSplit) routes across the ranks.
+    kv_heads: tuple[int, int] | None = None
+    head_split: Any = None
 
     def __post_init__(self) -> None:
         m = self.manifest
         S, C, L = m.num_tokens, m.num_chunks, m.num_kv_layers
         assert self.chunk_offsets.shape == (C + 1,) and self.chunk_offsets.dtype == torch.int32
         assert len(self.k_pools) == len(self.v_pools) == len(self.routing) == L
-        shape = (S, m.model.num_kv_heads, m.model.head_dim)
+        hkv = m.model.num_kv_heads if self.kv_heads is None else self.kv_heads[1] - self.kv_heads[0]
+        shape = (S, hkv, m.model.head_dim)
         for k, v in zip(self.k_pools, self.v_pools):
             if self.tiers is None:
                 assert tuple(k.shape) == shape and tuple(v.shape) == shape, (k.shape, shape)
@@ -176,12 +182,36 @@ def verify_files(directory: Path, manifest: Manifest, progress: bool = True) -> 
                 )
 
 
-def _load_file(directory: Path, manifest: Manifest, fname: str, device: torch.device) -> dict:
+# the KV-head axis of each per-head tensor of a layer file (read sliced under kv_heads)
+_HEAD_AXIS = {"k": 1, "v": 1, "k_scale": 1, "v_scale": 1, INDEX_PREFIX + "basis": 0}
+_HEAD_AXIS.update({INDEX_PREFIX + f: 1 for f in ("mean_keys", "key_min", "key_max")})
+_HEAD_AXIS[INDEX_PREFIX + "lowrank_keys"] = 1
+
+
+def _load_file(
+    directory: Path,
+    manifest: Manifest,
+    fname: str,
+    device: torch.device,
+    kv_heads: tuple[int, int] | None = None,
+) -> dict:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = directory / validate_file_name(fname)
     try:
-        return load_file(str(path), device=str(device))
+        if kv_heads is None:
+            return load_file(str(path), device=str(device))
+        out = {}  # only this rank's KV heads of each per-head tensor are read
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                axis = _HEAD_AXIS.get(key)
+                if axis is None:
+                    out[key] = f.get_tensor(key)
+                else:
+                    heads = (slice(None),) * axis + (slice(*kv_heads),)
+                    out[key] = f.get_slice(key)[heads].contiguous()
+        return out
     except Exception as e:  # safetensors raises its own error types; keep paths out
         reason = str(e).replace(str(path), fname).replace(str(directory), manifest.name)
         raise CorruptLibraryError(manifest.name, fname, f"unreadable ({reason})") from e
@@ -196,6 +226,7 @@ def load_library(
     verify_checksums: bool = True,
     progress: bool = True,
     tiers: Any = None,
+    kv_heads: tuple[int, int] | None = None,
 ) -> LoadedLibrary:
     """Load ``<root>/<name>`` onto ``device``.
 
@@ -206,7 +237,8 @@ def load_library(
     layer by layer, checking names, shapes and dtypes (``CorruptLibraryError``).
     ``tiers`` (a ``moska.library.tiers.TierConfig``): when the library's KV exceeds its GPU
     budget, only the routing index is loaded; the KV stays on disk behind the CPU and GPU
-    chunk caches (``library.tiers``).
+    chunk caches (``library.tiers``). ``kv_heads`` (start, stop): read only those KV heads
+    of every per-head tensor (a tensor-parallel rank's; not with ``tiers``).
     """
     from tqdm.auto import tqdm
 
@@ -224,7 +256,12 @@ def load_library(
 
     device = torch.device(device)
     m = manifest.model
-    shape = (manifest.num_tokens, m.num_kv_heads, m.head_dim)
+    if kv_heads is not None and not 0 <= kv_heads[0] < kv_heads[1] <= m.num_kv_heads:
+        raise ValueError(f"kv_heads {kv_heads} is not a range of the {m.num_kv_heads} KV heads")
+    if kv_heads is not None and tiers is not None:
+        raise ValueError("a library in tiers is loaded whole: pass kv_heads or tiers, not both")
+    hkv = m.num_kv_heads if kv_heads is None else kv_heads[1] - kv_heads[0]
+    shape = (manifest.num_tokens, hkv, m.head_dim)
     dtype = getattr(torch, m.dtype, None)
     fp8 = manifest.kv_dtype == "fp8"
     kv_dtype = torch.float8_e4m3fn if fp8 else dtype  # pools; the routing index stays `dtype`
@@ -249,7 +286,7 @@ def load_library(
         dynamic_ncols=True,
     ):
         fname = layer_file(i)
-        t = _load_file(directory, manifest, fname, device)
+        t = _load_file(directory, manifest, fname, device, kv_heads)
         for key in ("k", "v"):
             if key not in t or tuple(t[key].shape) != shape or t[key].dtype != kv_dtype:
                 got = (tuple(t[key].shape), t[key].dtype) if key in t else "missing"
@@ -257,7 +294,7 @@ def load_library(
                     name, fname, f"{key}: expected {shape} {kv_dtype}, got {got}"
                 )
         if fp8:
-            scales.append(_fp8_scales(t, manifest, fname))
+            scales.append(_fp8_scales(t, manifest, fname, hkv))
         fields = {}
         for f in RoutingIndex._fields:
             if f == "chunk_offsets":
@@ -272,13 +309,22 @@ def load_library(
         v_pools.append(t["v"])
         routing.append(RoutingIndex(**fields))
     return LoadedLibrary(
-        manifest, offsets, k_pools, v_pools, routing, tokens, kv_scale_pools=scales if fp8 else None
+        manifest,
+        offsets,
+        k_pools,
+        v_pools,
+        routing,
+        tokens,
+        kv_scale_pools=scales if fp8 else None,
+        kv_heads=kv_heads,
     )
 
 
-def _fp8_scales(t: dict, manifest: Manifest, fname: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fp8_scales(
+    t: dict, manifest: Manifest, fname: str, num_kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer file's (k_scale, v_scale) [S_total, Hkv] fp32, checked (CorruptLibraryError)."""
-    shape = (manifest.num_tokens, manifest.model.num_kv_heads)
+    shape = (manifest.num_tokens, num_kv_heads)
     for key in ("k_scale", "v_scale"):
         x = t.get(key)
         if x is None or tuple(x.shape) != shape or x.dtype != torch.float32:

@@ -89,6 +89,8 @@ class LibraryManager:
         self._deleting: set[str] = set()  # names a delete is waiting on
         # the engine's library cache budget (engine/memory.py LibraryMemory); None: unchecked
         self.memory: Any = None
+        # extra load_library keywords (a tensor-parallel rank's kv_heads: distributed/)
+        self.load_options: dict[str, Any] = {}
         remove_stale_tmp_dirs(self.root)
 
     @property
@@ -207,6 +209,7 @@ class LibraryManager:
                     self.device,
                     progress=self.progress,
                     tiers=self.tiers,
+                    **self.load_options,
                 )
                 self._register(name, library)
             return library
@@ -223,6 +226,7 @@ class LibraryManager:
             self.device,
             progress=False,
             tiers=self.tiers,
+            **self.load_options,
         )
         with self._lock:
             if name in self._deleting:

@@ -50,6 +50,10 @@ def select_chunks(
     Hkv, B, dev = index.num_kv_heads, q.shape[0], q.device
     if top_k >= C or layer < policy.dense_layers:
         return all_chunks(B, Hkv, C, dev)
+    split = getattr(library, "head_split", None)  # tensor parallelism (distributed/tp_library)
+    if split is not None and split.needs_exchange(policy):  # routes over every rank's heads
+        return split.select(q, library, layer, top_k, policy, sm_scale, use_triton=use_triton,
+                            keymax_programs=keymax_programs)  # fmt: skip
     always = always_chunks(policy, C, getattr(library, "mode", "prefix"), top_k)
     fixed = policy.mass_threshold is None and policy.page_size is None
     if fixed and policy.scorer != ORACLE:

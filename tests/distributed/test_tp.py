@@ -1,6 +1,7 @@
 """Tensor parallelism over 2 ranks (rank 0 is this process, rank 1 a spawned worker) on the
 tiny Llama (4 query heads, 2 KV heads: one KV head per rank): fp32 logits and greedy tokens
-equal one process's; library requests refused; each rank's cache holds its KV heads only."""
+equal one process's; each rank's cache holds its KV heads only (library requests:
+test_tp_library.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import pytest
 import torch
 from tp_support import DEVICES, build_checkpoint, engine_kwargs, greedy, prefill_logits, rel_err
 
-from moska.engine.errors import RequestError
 from moska.engine.llm_engine import LLMEngine
-from moska.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,13 +54,6 @@ def test_each_rank_caches_its_kv_heads(engines):
     assert ref.runner.cache.k.shape[-2] == 2
     assert tp.runner.cache.k.shape[-2] == 1  # [L, blocks, bs, Hkv local, D]
     assert tp.runner.num_blocks == ref.runner.num_blocks
-
-
-def test_library_request_is_refused(engines):
-    _, tp = engines
-    with pytest.raises(RequestError, match="tensor parallelism"):
-        tp.add_request("lib", [1, 2, 3], SamplingParams(max_tokens=2), library="handbook")
-    assert not tp.has_unfinished_requests()
 
 
 def test_server_answers_errors_when_a_rank_dies(engines, caplog):

@@ -1,0 +1,181 @@
+"""Library (shared KV) requests under tensor parallelism on the tiny Llama (4 query heads, 2
+KV heads) over 2 ranks (a KV head each): fp32 logits and greedy tokens equal one process's,
+reading every chunk and routed (per KV head, the default; summed over KV heads and two-stage,
+which exchange scores between ranks; 3 ranks with a replicated KV head:
+test_tp_library_routing.py). Each rank holds its KV heads of the library, loaded from the store;
+a library built after startup reaches the workers; one held only in memory is refused; a
+rank killed during a library request makes the engine fail within 10 s."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+from tp_support import build_checkpoint, engine_kwargs, rel_err
+
+from moska.attention.metadata import AttentionMetadata, LibraryGroup
+from moska.distributed.errors import RankFailedError, TensorParallelConfigError
+from moska.distributed.tp_library import InMemoryLibraryError
+from moska.engine.llm_engine import LLMEngine
+from moska.engine.sampling_params import SamplingParams
+from moska.routing.policy import LEGACY, RoutingPolicy
+
+pytestmark = pytest.mark.timeout(180)
+
+CHUNK = 16
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42], [99]]
+PER_HEAD = RoutingPolicy()  # the default: each KV head picks its own chunks
+POLICIES = {"per_head": PER_HEAD, "summed": LEGACY, "two_stage": LEGACY.replace(scorer="two_stage")}
+
+
+def _docs(seed: int, n: int = 96) -> list[tuple[str, list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (n,), generator=g).tolist()
+    return [("a.txt", ids[: n // 2]), ("b.txt", ids[n // 2 :])]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tplib")
+    path = build_checkpoint(base / "m", seed=1)
+    kw = engine_kwargs("cpu", library_root=str(base / "libraries"))
+    ref = LLMEngine.from_model(str(path), **kw)
+    ref.libraries.progress = False
+    ref.libraries.build("docs", _docs(0), chunk_size=CHUNK)
+    tp = LLMEngine.from_model(str(path), **kw, tensor_parallel_size=2)
+    try:
+        yield ref, tp
+    finally:
+        tp.shutdown()
+
+
+@torch.inference_mode()
+def library_logits(engine, name: str, top_k: int, policy: RoutingPolicy) -> torch.Tensor:
+    """Logits [T, V] of one prefill forward of PROMPTS after library `name` (every row
+    reads it), through the engine's model and attention (the engine must be idle)."""
+    lib = engine.libraries.acquire(name)
+    try:
+        runner, bs = engine.runner, engine.config.block_size
+        dev = runner.device
+        ids, pos, slots, cu, lens, tables, block = [], [], [], [0], [], [], 0
+        for p in PROMPTS:
+            n = -(-len(p) // bs)
+            table = list(range(block, block + n))
+            block += n
+            ids += p
+            pos += range(lib.position_offset, lib.position_offset + len(p))
+            slots += [table[i // bs] * bs + i % bs for i in range(len(p))]
+            cu.append(len(ids))
+            lens.append(len(p))
+            tables.append(table + [0] * (2 - n))
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            cu_q_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            decode_only=False,
+        )
+        rows = torch.arange(len(ids), device=dev)
+        meta.groups.append(LibraryGroup(lib, rows, top_k, policy=policy, all_rows=True))
+        x = torch.tensor(ids, device=dev)
+        hidden = runner.model(x, torch.tensor(pos, device=dev), runner.attention.bind(meta))
+        return runner.model.compute_logits(hidden)
+    finally:
+        engine.libraries.release(lib)
+
+
+def greedy_library(engine, name: str, max_tokens: int, top_k: int | None, routing=None):
+    for i, p in enumerate(PROMPTS):
+        params = SamplingParams(
+            max_tokens=max_tokens + i, temperature=0.0, ignore_eos=True, routing=routing
+        )
+        engine.add_request(f"lib{i}", p, params, library=name, top_k_chunks=top_k)
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = list(o.outputs[0].token_ids)
+    return out
+
+
+def test_each_rank_holds_its_kv_heads(setup):
+    ref, tp = setup
+    full = ref.libraries.get("docs")
+    lib = tp.libraries.get("docs")
+    assert lib.num_chunks == full.num_chunks == 6
+    assert lib.kv_heads == (0, 1)
+    assert tuple(lib.k_pools[0].shape) == (96, 1, full.k_pools[0].shape[2])
+    torch.testing.assert_close(lib.k_pools[1], full.k_pools[1][:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(lib.v_pools[0], full.v_pools[0][:, :1], rtol=0, atol=0)
+    idx, whole = lib.routing[1], full.routing[1]  # the routing index's per-head parts
+    for f in ("mean_keys", "key_min", "key_max", "lowrank_keys"):
+        torch.testing.assert_close(getattr(idx, f), getattr(whole, f)[:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(idx.basis, whole.basis[:1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("top_k,policy", [(6, "per_head"), (2, "per_head"), (2, "summed"),
+                                          (2, "two_stage")])  # fmt: skip
+def test_library_logits_equal_one_process(setup, top_k, policy):
+    ref, tp = setup
+    want = library_logits(ref, "docs", top_k, POLICIES[policy])
+    got = library_logits(tp, "docs", top_k, POLICIES[policy])
+    assert got.shape == want.shape == (sum(map(len, PROMPTS)), 256)
+    assert rel_err(got, want) < 1e-4
+    if top_k < 6:  # routing dropped chunks that matter: not the all-chunks output
+        assert rel_err(want, library_logits(ref, "docs", 6, PER_HEAD)) > 1e-3
+    assert tp.libraries.get("docs").build_id in tp.dist.channel.worker_builds
+
+
+@pytest.mark.parametrize("top_k,routing", [(None, None), (2, None), (2, {"per_kv_head": False})])
+def test_library_greedy_tokens_equal_one_process(setup, top_k, routing):
+    ref, tp = setup
+    want = greedy_library(ref, "docs", 6, top_k, routing)
+    got = greedy_library(tp, "docs", 6, top_k, routing)
+    assert got == want
+    assert len(got["lib0"]) == 6
+    assert tp.libraries.num_users("docs") == 0  # every request released its build
+
+
+def test_library_built_after_startup_reaches_the_workers(setup):
+    ref, tp = setup
+    ref.libraries.build("late", _docs(7, 64), chunk_size=CHUNK)
+    assert not tp.libraries.loaded_names() or "late" not in tp.libraries.loaded_names()
+    got = greedy_library(tp, "late", 4, 2)
+    assert got == greedy_library(ref, "late", 4, 2)
+    build = tp.libraries.get("late").build_id
+    assert tp.dist.channel.worker_builds.get(build) == "late"
+    # dropped by the manager and read by no request: the workers drop it too
+    assert tp.libraries.unload("late")
+    tp.libraries.sync_workers()
+    assert build not in tp.dist.channel.worker_builds
+
+
+def test_in_memory_library_is_refused(setup):
+    from moska.library.builder import build_in_memory
+
+    ref, tp = setup
+    lib, _ = build_in_memory(ref.loaded, _docs(3, 32), "scratch", chunk_size=CHUNK, progress=False)
+    tp.libraries._register("scratch", lib)  # how the manager keeps a library it holds
+    with pytest.raises(InMemoryLibraryError, match="only in this process's memory"):
+        tp.add_request("mem", [1, 2, 3], SamplingParams(max_tokens=2), library="scratch")
+    assert not tp.has_unfinished_requests() and tp.libraries.num_users("scratch") == 0
+    with pytest.raises(TensorParallelConfigError, match="tensor_parallel_size=1"):
+        tp.libraries.build("other", _docs(4, 32), chunk_size=CHUNK)
+    assert not tp.libraries.exists("other")
+
+
+def test_rank_dies_during_a_library_request(setup):
+    """Last: it kills rank 1 while a library request decodes."""
+    _, tp = setup
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    tp.add_request("dying", [5, 6, 7], params, library="docs", top_k_chunks=2)
+    tp.step()
+    os.kill(tp.dist.worker_pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError, match="rank 1"):
+        while time.monotonic() - t0 < 30:
+            tp.step()
+    assert time.monotonic() - t0 < 10
