@@ -23,6 +23,7 @@ def llm(tmp_path_factory):
         dtype="float32",
         attention="torch",
         num_kv_blocks=128,
+        max_model_len=1024,
         library_root=str(tmp_path_factory.mktemp("libs")),
     )
     llm.engine.libraries.build("doc", DOCS, chunk_size=16, mode="prefix")
