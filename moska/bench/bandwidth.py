@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -81,7 +82,7 @@ def measure_ceilings(
     if device == "cuda":
         streams["triton_stream_sum"] = _triton_stream_sum(x)
     nbytes = x.numel() * x.element_size()
-    rates = {}
+    rates: dict[str, Any] = {}  # bytes/s, or an error string
     for name, fn in streams.items():
         try:
             rates[name] = nbytes / (_best_ms(fn, reps, device) / 1e3)
@@ -94,7 +95,7 @@ def measure_ceilings(
     copy = 2 * nbytes / (_best_ms(lambda: y.copy_(x), reps, device) / 1e3)
     out = {
         "read_bytes_per_s": max(good.values()),
-        "read_best_stream": max(good, key=good.get),
+        "read_best_stream": max(good, key=lambda k: good[k]),
         "read_streams": rates,
         "read_tensor_gib": gib,
         "copy_bytes_per_s": copy,

@@ -169,7 +169,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     check: dict[str, torch.Tensor] = {}
     for b in args.batch:
         ids = torch.randint(0, mcfg.vocab_size, (b,), device=DEV)
-        modes = ("moska", "serial", "all", "dense")
+        modes: tuple[str, ...] = ("moska", "serial", "all", "dense")
         if args.scorer in ("keymax", "two_stage"):
             modes = ("moska", "capped", "serial", "all", "dense")
         for mode in modes:

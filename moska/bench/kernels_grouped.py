@@ -3,6 +3,7 @@ baseline (kernels_baseline.py: varlen flash tiles + cuDNN + LSE merge, one CUDA 
 earlier eager torch composition, and dense per-request attention."""
 
 import json
+from typing import Any
 
 import torch
 
@@ -335,7 +336,11 @@ def grouped_dry_run(ceil: dict) -> list[dict]:
             return baseline_step(q, k, v, offs, pr, pc, ku, vu, scale, tile=8)
 
         ref = dense_reference(q, k, v, offs, pr, pc, ku, vu, scale)
-        row = {"B": b, "routing": routing, "touched_chunks": int(torch.unique(pc).numel())}
+        row: dict[str, Any] = {
+            "B": b,
+            "routing": routing,
+            "touched_chunks": int(torch.unique(pc).numel()),
+        }
         row["ours_relerr"], row["baseline_relerr"] = rel(ours(), ref), rel(base(), ref)
         if not max(row["ours_relerr"], row["baseline_relerr"]) < 1e-4:
             raise SystemExit(f"dry run: fp32 results disagree with dense attention: {row}")

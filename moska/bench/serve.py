@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Setup:
     """What every variant shares: the model, the device, the library's size and tokens."""
 
-    loaded: object
+    loaded: Any  # a LoadedModel
     device: str
     block_size: int
     kv_bytes_per_token: int  # all KV layers, k and v
@@ -168,7 +169,7 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     graphs = engine.capture_graphs(progress=False)
-    result = {"warmup_seconds": warm_s, "graphs_captured": graphs}
+    result: dict[str, Any] = {"warmup_seconds": warm_s, "graphs_captured": graphs}
     result["graph_capture_seconds"] = time.perf_counter() - t0
     runs = []
     for pattern in args.arrivals:
@@ -266,7 +267,10 @@ def run_tiered(s: Setup, args, lib_holder: dict, top_k: int) -> dict:
         save_s = time.perf_counter() - t0
         del library
         free_memory()
-        cfg = {"library_root": str(root), "library_gpu_budget": f"{int(budget * 2**30)}B"}
+        cfg: dict[str, Any] = {
+            "library_root": str(root),
+            "library_gpu_budget": f"{int(budget * 2**30)}B",
+        }
         if args.tier_cpu_budget_gib is not None:
             cfg["library_cpu_budget"] = f"{int(args.tier_cpu_budget_gib * 2**30)}B"
         config = engine_config(s, args, top_k, **cfg)
@@ -313,7 +317,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> None:
             cfg["num_hidden_layers"] = args.layers
     loaded = random_loaded_model(cfg, dtype, device)
     s = plan(args, loaded, device)
-    payload = {
+    payload: dict[str, Any] = {
         "environment": {
             **environment(None if argv is None else ["moska.bench.serve", *argv]),
             "device": device,

@@ -64,7 +64,9 @@ def plot(rows: list[dict], path: Path) -> str:
     width = 0.8 / len(patterns)
     for j, pattern in enumerate(patterns):
         xs = [i + j * width for i in range(len(ok))]
-        runs = [next((x for x in r["runs"] if x["arrivals"] == pattern), {}) for r in ok]
+        runs: list[dict] = [
+            next((x for x in r["runs"] if x["arrivals"] == pattern), {}) for r in ok
+        ]
         axes[0].bar(xs, [x.get("output_tokens_per_s") or 0 for x in runs], width, label=pattern)
         axes[1].bar(xs, [x.get("ttft_p50_s") or 0 for x in runs], width, label=pattern)
     for ax, label in zip(axes, ("output tokens/s", "TTFT p50 (s)")):

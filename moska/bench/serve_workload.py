@@ -81,7 +81,7 @@ def random_library(
         files={},
         build=BuildStats(corpus.num_tokens, 0.0, 0.0).to_dict(),
         build_id=uuid.uuid4().hex,
-        **({"kv_dtype": kv_dtype} if kv_dtype != "auto" else {}),
+        kv_dtype=kv_dtype,
     )
     ids = torch.tensor(corpus.token_ids, dtype=torch.int32)  # [S_total]
     return LoadedLibrary(manifest, offsets, k_pools, v_pools, routing, ids, **extra)
@@ -178,7 +178,7 @@ def drive(
                     tm.first = t
             if out.finished:
                 tm.finish = t
-    wall = max(t.finish for t in timings) if timings else 0.0
+    wall = max((t.finish or 0.0) for t in timings) if timings else 0.0
     return timings, wall, adding
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         if mode != "eager":  # every bucket up front, as `moska serve` does at startup
             mem0, t0 = torch.cuda.memory_reserved(), time.perf_counter()
             captured = engine.capture_graphs()
-            capture = {
+            capture: dict[str, Any] = {
                 "graphs": captured,
                 "seconds": time.perf_counter() - t0,
                 "reserved_mib": (torch.cuda.memory_reserved() - mem0) / 2**20,
@@ -87,19 +88,19 @@ def main(argv: list[str] | None = None) -> None:
             capture["later_captures"] = None if g is None else g.captures - captured
         del engine
         torch.cuda.empty_cache()
-    speedup = {}
+    speedup: dict[str, float] = {}
     for b in args.batch:
-        e, g = (
+        e, gr = (
             next(r for r in rows if r["mode"] == m and r["batch"] == b) for m in ("eager", "graph")
         )
-        if e["decode_tokens_per_s"] and g["decode_tokens_per_s"]:
+        if e["decode_tokens_per_s"] and gr["decode_tokens_per_s"]:
             speedup[f"graph_decode_speedup_b{b}"] = (
-                g["decode_tokens_per_s"] / e["decode_tokens_per_s"]
+                gr["decode_tokens_per_s"] / e["decode_tokens_per_s"]
             )
         s = next(r for r in rows if r["mode"] == "graph_sync" and r["batch"] == b)
-        if s["decode_tokens_per_s"] and g["decode_tokens_per_s"]:
+        if s["decode_tokens_per_s"] and gr["decode_tokens_per_s"]:
             speedup[f"async_decode_speedup_b{b}"] = (
-                g["decode_tokens_per_s"] / s["decode_tokens_per_s"]
+                gr["decode_tokens_per_s"] / s["decode_tokens_per_s"]
             )
     payload = {
         "environment": environment(),

@@ -150,6 +150,7 @@ def blend_prefill(
             rows = _select(att, ref, ref_pos, new_pos, matched, recompute_fraction, inv_freq)
             if rows.numel() == 0:
                 break
+            assert residual is not None  # set by the first layer
             x, residual, cos, sin = x[rows], residual[rows], cos[rows], sin[rows]
             att.keep(rows)
         if i == last:  # only its KV is needed: skip its attention output and MLP

@@ -127,5 +127,8 @@ class ReferenceStore:
         if not found or found[0][1] < min_score:
             return None
         key, score = found[0]
+        ref = self.get(str(key))
+        if ref is None:
+            return None
         self.stats.hits += 1
-        return self.get(key), score
+        return ref, score
