@@ -66,7 +66,9 @@ def policies(study: bool) -> dict[str, RoutingPolicy]:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        )
         return out.stdout.strip() or None
     except OSError:
         return None
@@ -89,7 +91,9 @@ def run_setting_grid(engine, measure, lib_name: str, num_chunks: int, pols, frac
             row["seconds"] = round(time.perf_counter() - t0, 2)
             rows.append(row)
             cov = "" if m.coverage is None else f" coverage {m.coverage:.3f}"
-            print(f"  {lib_name} {name:>22} k={k:>3} ({f:.3f}): {row['value']:.4f}{cov}", flush=True)
+            print(
+                f"  {lib_name} {name:>22} k={k:>3} ({f:.3f}): {row['value']:.4f}{cov}", flush=True
+            )
     return rows
 
 
@@ -121,14 +125,16 @@ def code_signal(engine, args, pols, checkpoint=None) -> dict:
                 )  # fmt: skip
                 C = info.num_chunks
 
-                def measure(lib, k, pol):
+                def measure(lib, k, pol, seqs=seqs):
                     return sequence_loss(engine, seqs, lib, k, pol)
 
                 rows = run_setting_grid(engine, measure, name, C, pols, args.fractions)
                 full = rows[0]["value"]
                 gap = alone.value - full
                 for r in rows:
-                    r["recovered"] = None if gap <= 0 else round((alone.value - r["value"]) / gap, 4)
+                    r["recovered"] = (
+                        None if gap <= 0 else round((alone.value - r["value"]) / gap, 4)
+                    )
                 results.append({
                     "package": task.package, "mode": mode, "chunk_size": cs, "num_chunks": C,
                     "library_tokens": task.library_tokens, "targets": [n for n, _ in task.targets],
@@ -167,7 +173,7 @@ def retrieval_signal(engine, args, pols) -> dict:
                 per_example.append((name, info.num_chunks, ex))
             C = max(c for _, c, _ in per_example)
 
-            def measure(_lib, k, pol):
+            def measure(_lib, k, pol, per_example=per_example):
                 items = [(ex.question, ex.answer, name, None if k is None else min(k, c))
                          for name, c, ex in per_example]  # fmt: skip
                 return answers_accuracy(engine, items, pol)

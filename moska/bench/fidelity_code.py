@@ -41,9 +41,7 @@ def code_tasks(
         if spec is None or not spec.submodule_search_locations:
             raise SystemExit(f"{pkg} is not installed in this venv: it is the held-out text")
         folder = Path(next(iter(spec.submodule_search_locations))) / FOLDERS[pkg]
-        files = sorted(
-            p for p in folder.glob("*.py") if 0 < p.stat().st_size <= MAX_FILE_BYTES
-        )
+        files = sorted(p for p in folder.glob("*.py") if 0 < p.stat().st_size <= MAX_FILE_BYTES)
         random.Random(seed).shuffle(files)
         docs, targets, used = [], [], 0
         for f in files:

@@ -19,7 +19,9 @@ from moska.kernels.shared_inputs import chunk_table
 def grouped_shared_by_chunk(q, k_pool, v_pool, chunk_offsets, sel, sm_scale, kv_scales=None):
     """grouped_shared_attention_ref, one batched product per chunk: (o [N,G,D], lse [N,G])."""
     if kv_scales is not None:
-        return grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale, kv_scales)
+        return grouped_shared_attention_ref(
+            q, k_pool, v_pool, chunk_offsets, sel, sm_scale, kv_scales
+        )
     n = sel.req.numel()
     B, hq, d = q.shape
     hkv = k_pool.shape[1]

@@ -101,7 +101,12 @@ def train(args) -> dict:
         grow = min(1.0, step / max(1, args.steps // 2))
         ctx = int(args.start_context + grow * (args.context - args.start_context))
         spec = full.with_context(max(64, ctx // 64 * 64))
-        lr = args.lr * min(1.0, step / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        lr = (
+            args.lr
+            * min(1.0, step / args.warmup)
+            * 0.5
+            * (1 + math.cos(math.pi * step / args.steps))
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         tokens = max(1, args.batch * args.context // max(spec.context_tokens, 1))

@@ -102,7 +102,8 @@ class RoutingPolicy:
         unknown = sorted(set(data) - names)
         if unknown:
             raise RoutingPolicyError(
-                unknown[0], f"unknown routing field {unknown[0]!r}; known: {', '.join(sorted(names))}"
+                unknown[0],
+                f"unknown routing field {unknown[0]!r}; known: {', '.join(sorted(names))}",
             )
         return (base or cls()).replace(**dict(data))
 

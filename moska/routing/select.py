@@ -85,7 +85,7 @@ def choose(
 
     Across KV heads (not ``per_kv_head``) a chunk's share is the mean over heads of its
     per-head share (softmax of the log-mass over chunks) and rows rank chunks by that."""
-    B, Hkv, C = logmass.shape
+    C = logmass.shape[2]
     share = torch.softmax(logmass.float(), dim=-1).nan_to_num(0.0)  # [B, Hkv, C]
     if not per_kv_head:
         share = share.mean(dim=1, keepdim=True)  # [B, 1, C]
@@ -176,7 +176,7 @@ def oracle_log_mass(
 ) -> torch.Tensor:  # [B, Hkv, C]
     """Exact log attention mass of each chunk, summed over each KV head's query heads."""
     B, Hq, D = q.shape
-    S, Hkv, _ = k_pool.shape
+    Hkv = k_pool.shape[1]
     G = Hq // Hkv
     logits = torch.einsum("bhgd,shd->bhgs", q.float().view(B, Hkv, G, D), k_pool.float())
     logits = logits * sm_scale  # [B, Hkv, G, S]
