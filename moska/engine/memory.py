@@ -161,9 +161,11 @@ def plan_memory(
     left = budget - used
     if free is not None:  # what is still to allocate must also be free now
         left = min(left, free - acts - graphs)
-    min_blocks = max(1, -(-_max_len(config, mcfg) // config.block_size))
+    # sized here: at least one step's tokens (a longer request is the scheduler's business)
+    step = min(_max_len(config, mcfg), config.max_num_batched_tokens)
+    min_blocks = max(1, -(-step // config.block_size))
     if config.num_kv_blocks is not None:
-        blocks = config.num_kv_blocks
+        blocks = min_blocks = config.num_kv_blocks  # asked for: it only has to fit
     else:
         room = left - library_reserve if library_reserve else left // 2
         if kind != "cuda" and set_budget is None:
@@ -175,8 +177,7 @@ def plan_memory(
             f"out of device memory at startup: {blocks} unique KV blocks "
             f"({gib(blocks * kv_block_bytes)}) do not fit the {gib(left)} left of the "
             f"{gib(budget)} budget after weights, activations and graphs, or hold less than "
-            f"one request of the context ({min_blocks} blocks): {fix}, lower --max-model-len, "
-            "or set --num-kv-blocks",
+            f"one step's tokens ({min_blocks} blocks): {fix}, or set --num-kv-blocks",
             "kv_blocks",
         )
     pool = left - blocks * kv_block_bytes

@@ -65,7 +65,7 @@ def test_plan_honours_blocks_and_library_reserve():
         (100 << 20, "64MiB", None, "weights"),  # the model alone is over
         (1 << 20, "1200KiB", None, "activations"),
         (1 << 20, "8MiB", 1000, "kv_blocks"),  # asked-for blocks do not fit
-        (1 << 20, "2MiB", None, "kv_blocks"),  # fewer blocks than one full request
+        (1 << 20, "2MiB", None, "kv_blocks"),  # fewer blocks than one step's tokens
     ],
 )
 def test_a_part_that_does_not_fit_is_a_typed_error(weights, budget, blocks, part):
@@ -73,6 +73,14 @@ def test_a_part_that_does_not_fit_is_a_typed_error(weights, budget, blocks, part
     with pytest.raises(MemoryBudgetError) as e:
         plan_memory(cfg, MCFG, "cpu", weights, 1 << 16, 4, False, total=1 << 40)
     assert e.value.part == part and "--" in str(e.value)  # names a flag to change
+
+
+def test_few_blocks_asked_for_are_kept():
+    """`moska library build` asks for 16 blocks: fewer than a full-context request is fine."""
+    long_context = SimpleNamespace(**{**vars(MCFG), "max_position_embeddings": 1 << 16})
+    cfg = EngineConfig(num_kv_blocks=16, device="cpu")
+    plan = plan_memory(cfg, long_context, "cpu", 1 << 20, 1 << 16, 4, False, total=1 << 34)
+    assert plan.num_kv_blocks == 16  # 16 x 16 tokens < the 65,536-token context
 
 
 def test_llm_reports_its_plan():
