@@ -11,13 +11,15 @@ once no request holds a build and the manager has dropped it, to drop it (UNLOAD
 library that exists only in memory (never saved) cannot reach the other ranks: refused.
 
 Routing: a rank scores chunks for its KV heads. With the per-KV-head policy (the default)
-and a whole KV head per rank, its heads' picks are exactly TP = 1's and no rank talks.
-Otherwise — a policy that sums scores over KV heads, the two-stage scorer (its shortlist
-sums bound scores over heads), or a KV head replicated on ranks that each hold part of its
-query heads (a head's score is the max over all its query heads) — the ranks exchange
-their per-head scores, one all-reduce (MAX) per routed layer of [B, Hkv, C] fp32, and
-every rank ranks the same scores TP = 1 would (`HeadSplit.select`, which
-`moska.routing.select.select_chunks` calls for a library that carries one).
+and a whole KV head per rank, its heads' picks are exactly TP = 1's and no rank talks. A
+policy that sums scores over KV heads (fixed k) sums its heads' scores and all-reduces the
+partial sums, [B, C] fp32 per routed layer: every rank ranks the same sums (TP = 1's up to
+the order of the additions). Otherwise — the two-stage scorer (its shortlist sums bound
+scores over heads), adaptive k or pages with summed heads, or a KV head replicated on ranks
+that each hold part of its query heads (a head's score is the max over all its query
+heads) — the ranks exchange their per-head scores, an all-reduce MAX of [B, Hkv, C] fp32
+(two for two-stage), and every rank ranks exactly TP = 1's scores (`HeadSplit.select`,
+which `moska.routing.select.select_chunks` calls for a library that carries one).
 """
 
 from __future__ import annotations
@@ -116,10 +118,13 @@ class HeadSplit:
                     q, index, top_k, policy.shortlist_factor, always_mask, use_triton,
                     keymax_programs,
                 )  # fmt: skip
+            elif not policy.per_kv_head and not self.replicated:  # whole heads: sum partials
+                local = score_chunks(q, index, policy.scorer, keymax_programs, use_triton)
+                scores = self.comm.all_reduce(local.sum(dim=1, keepdim=True))  # [B, 1, C]
             else:
                 local = score_chunks(q, index, policy.scorer, keymax_programs, use_triton)
                 scores = self.gather(local)
-            if not policy.per_kv_head:
+            if not policy.per_kv_head and scores.shape[1] != 1:
                 scores = scores.sum(dim=1, keepdim=True)  # [B, 1, C]
             if always_mask is not None:
                 scores = scores.masked_fill(always_mask[:, None, :], float("inf"))

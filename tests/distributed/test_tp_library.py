@@ -167,6 +167,28 @@ def test_in_memory_library_is_refused(setup):
     assert not tp.libraries.exists("other")
 
 
+def test_fp8_library_loads_its_kv_heads(setup):
+    """load_library(kv_heads=) of an FP8 library: pools, per-token scales and the routing
+    index's per-head parts are the whole load's slices, bit for bit."""
+    from moska.library.loaded import load_library
+
+    ref, _ = setup
+    ref.libraries.build("docs8", _docs(5, 48), chunk_size=CHUNK, kv_dtype="fp8")
+    full = load_library(ref.libraries.root, "docs8", None, progress=False)
+    part = load_library(ref.libraries.root, "docs8", None, progress=False, kv_heads=(1, 2))
+    assert part.kv_heads == (1, 2) and full.kv_scale_pools is not None
+    for layer in range(full.num_kv_layers):
+        for got, want in zip((part.k_pools, part.v_pools), (full.k_pools, full.v_pools)):
+            assert got[layer].dtype == torch.float8_e4m3fn
+            assert torch.equal(got[layer].view(torch.uint8), want[layer][:, 1:].view(torch.uint8))
+        for got, want in zip(part.kv_scale_pools[layer], full.kv_scale_pools[layer]):
+            assert torch.equal(got, want[:, 1:])
+        assert torch.equal(part.routing[layer].basis, full.routing[layer].basis[1:])
+        assert torch.equal(part.routing[layer].key_max, full.routing[layer].key_max[:, 1:])
+    with pytest.raises(ValueError, match="kv_heads"):
+        load_library(ref.libraries.root, "docs8", None, progress=False, kv_heads=(1, 3))
+
+
 def test_rank_dies_during_a_library_request(setup):
     """Last: it kills rank 1 while a library request decodes."""
     _, tp = setup
