@@ -8,7 +8,7 @@ import pytest
 from moska.cli import build_parser
 from moska.pd.cli import build_frontend, pd_config
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)  # the session fixture starts processes
 
 
 def test_router_over_running_instances(pd_cluster):

@@ -15,7 +15,7 @@ from conftest import front_end, make_engine, pd_instances
 
 from moska.server.background import background_server
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(180)  # the session fixture starts processes
 
 
 def _wait(pred, timeout_s, what):

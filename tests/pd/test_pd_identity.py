@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(180)  # the session fixture starts processes
 
 
 def _complete(url, body, headers=None):

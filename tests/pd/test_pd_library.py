@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)  # the session fixture starts processes
 
 
 def test_library_prompt_through_pd(pd_cluster):

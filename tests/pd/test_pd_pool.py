@@ -15,7 +15,7 @@ from moska.pd.index import block_hashes
 from moska.pd.kv_pool import KVPool
 from moska.server.background import background_server
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(180)  # the session fixture starts processes
 
 
 def test_pool_roundtrip_and_checksum(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from moska.pd.index import PrefixIndex, block_hashes
 from moska.pd.scheduler import SLO, GlobalScheduler, Instance, Plan, Rejection, RequestInfo
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)  # the session fixture starts processes
 BS = 16
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from moska.bench.trace import load_trace, prompt_of, replay, summarize, synthesize
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)  # the session fixture starts processes
 
 
 def test_rows_to_prompts_share_blocks(tmp_path):
