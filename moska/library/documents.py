@@ -12,9 +12,16 @@ from pathlib import Path
 
 from moska.library.errors import DocumentError
 
-TEXT_SUFFIXES = (".txt", ".md", ".markdown")
+# plain text, and source code (a codebase is a library): read as UTF-8 text, one document each
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+CODE_SUFFIXES = (
+    ".py", ".pyi", ".ipynb", ".js", ".jsx", ".ts", ".tsx", ".go", ".rs", ".java", ".kt",
+    ".scala", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".cs", ".rb", ".php", ".swift",
+    ".m", ".sh", ".sql", ".r", ".jl", ".lua", ".html", ".css", ".toml", ".yaml", ".yml",
+    ".json", ".xml", ".proto", ".tex",
+)  # fmt: skip
 JSONL_SUFFIXES = (".jsonl",)
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + CODE_SUFFIXES + JSONL_SUFFIXES
 
 Document = tuple[str, str]  # (name, text)
 
@@ -34,8 +41,13 @@ def read_documents(
         raise DocumentError("no document paths given: pass at least one file or directory")
     documents: list[Document] = []
     for path in map(Path, paths):
-        for file in _expand(path):
-            documents.extend(_read_file(file, jsonl_field))
+        if path.is_dir():  # a folder (a codebase): names relative to it; empty files skipped
+            for file in _expand(path):
+                if file.stat().st_size:
+                    name = file.relative_to(path).as_posix()
+                    documents.extend(_read_file(file, jsonl_field, name))
+        else:
+            documents.extend(_read_file(next(iter(_expand(path))), jsonl_field))
     return documents
 
 
@@ -55,7 +67,7 @@ def _expand(path: Path) -> list[Path]:
     )
     if not files:
         raise DocumentError(
-            f"{path}: directory holds no {', '.join(SUPPORTED_SUFFIXES)} files; "
+            f"{path}: directory holds no text, source code or .jsonl files; "
             "add documents or pass the files directly"
         )
     return files
@@ -70,18 +82,19 @@ def _read_text(file: Path) -> str:
         raise DocumentError(f"{file}: cannot read ({e.strerror}); check its permissions") from e
 
 
-def _read_file(file: Path, jsonl_field: str) -> list[Document]:
+def _read_file(file: Path, jsonl_field: str, name: str | None = None) -> list[Document]:
+    name = name or file.name
     suffix = file.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DocumentError(
-            f"{file}: unsupported file type {suffix or '(none)'!r}; "
-            f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+            f"{file}: unsupported file type {suffix or '(none)'!r}; use text "
+            f"({', '.join(TEXT_SUFFIXES)}), source code (.py, .js, .go, ...) or .jsonl"
         )
     text = _read_text(file)
     if not text.strip():
         raise DocumentError(f"{file}: file is empty; remove it from the inputs")
-    if suffix in TEXT_SUFFIXES:
-        return [(file.name, text)]
+    if suffix not in JSONL_SUFFIXES:
+        return [(name, text)]
     documents = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -101,7 +114,7 @@ def _read_file(file: Path, jsonl_field: str) -> list[Document]:
             raise DocumentError(f"{where}: field {jsonl_field!r} is not a string")
         if not value.strip():
             raise DocumentError(f"{where}: field {jsonl_field!r} is empty")
-        documents.append((f"{file.name}:{lineno}", value))
+        documents.append((f"{name}:{lineno}", value))
     return documents
 
 

@@ -70,3 +70,17 @@ def test_demo_corpus_is_bundled():
     assert 3 <= len(docs) <= 5
     assert all(text.strip() for _, text in docs)
     assert sum(len(t) for _, t in docs) < 20_000
+
+
+def test_a_codebase_folder_is_a_library_source(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")  # empty files of a folder are skipped
+    (pkg / "core.py").write_text("def f(x):\n    return x + 1\n")
+    (pkg / "sub" / "__init__.py").write_text("from ..core import f\n")
+    (pkg / "sub" / "logo.png").write_bytes(b"\x89PNG")  # not text: not read
+    docs = read_documents(pkg)
+    assert [name for name, _ in docs] == ["core.py", "sub/__init__.py"]
+    assert docs[0][1].startswith("def f(x)")
+    with pytest.raises(DocumentError, match="empty"):  # named directly, an empty file is an error
+        read_documents(pkg / "__init__.py")
