@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from tp_support import build_checkpoint, engine_kwargs, rel_err
+from tp_support import DEVICES, build_checkpoint, engine_kwargs, rel_err
 
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.distributed.errors import RankFailedError, TensorParallelConfigError
@@ -37,11 +37,11 @@ def _docs(seed: int, n: int = 96) -> list[tuple[str, list[int]]]:
     return [("a.txt", ids[: n // 2]), ("b.txt", ids[n // 2 :])]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=DEVICES)
+def setup(request, tmp_path_factory):
     base = tmp_path_factory.mktemp("tplib")
     path = build_checkpoint(base / "m", seed=1)
-    kw = engine_kwargs("cpu", library_root=str(base / "libraries"))
+    kw = engine_kwargs(request.param, library_root=str(base / "libraries"))
     ref = LLMEngine.from_model(str(path), **kw)
     ref.libraries.progress = False
     ref.libraries.build("docs", _docs(0), chunk_size=CHUNK)
@@ -165,6 +165,24 @@ def test_in_memory_library_is_refused(setup):
     with pytest.raises(TensorParallelConfigError, match="tensor_parallel_size=1"):
         tp.libraries.build("other", _docs(4, 32), chunk_size=CHUNK)
     assert not tp.libraries.exists("other")
+
+
+def test_a_worker_that_cannot_load_the_library_is_named(setup):
+    """Rank 0 holds a build whose file is damaged on disk afterwards: rank 1 cannot load it,
+    the request is refused naming the rank, and the ranks go on serving."""
+    from moska.distributed.tp_library import WorkerLibraryError
+    from moska.library.format import layer_file
+
+    ref, tp = setup
+    ref.libraries.build("frail", _docs(9, 32), chunk_size=CHUNK)
+    tp.libraries.get("frail")  # rank 0 loads it (the workers load on a request's acquire)
+    damaged = tp.libraries.root / "frail" / layer_file(1)
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(WorkerLibraryError, match="rank 1"):
+        tp.add_request("frail", [5, 6], SamplingParams(max_tokens=2), library="frail")
+    assert not tp.has_unfinished_requests() and tp.libraries.num_users("frail") == 0
+    assert "frail" not in tp.dist.channel.worker_builds.values()
+    assert greedy_library(tp, "docs", 3, 2) == greedy_library(ref, "docs", 3, 2)
 
 
 def test_fp8_library_loads_its_kv_heads(setup):
