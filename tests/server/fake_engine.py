@@ -67,6 +67,9 @@ class FakeLibraryManager:
         self._touch()
         return list(self._libs.values())
 
+    def tier_stats(self) -> dict[str, dict]:
+        return {}  # no library of the fake is served from tiers
+
     def info(self, name: str) -> FakeLibraryInfo:
         self._touch()
         if name not in self._libs:
