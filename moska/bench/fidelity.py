@@ -192,8 +192,9 @@ def retrieval_signal(engine, args, pols) -> dict:
 
 
 def summarize(results: list, key: str) -> dict:
-    """policy -> fraction -> mean of ``key`` over packages/modes/chunk sizes (and per chunk
-    size), the figure the issue's targets read."""
+    """policy -> fraction -> ``key`` per setting (package-mode-chunk size) and its mean over
+    the settings that policy was measured in ("all": compare policies by setting, since not
+    every policy ran in every setting)."""
     out: dict = {}
     for res in results:
         for r in res["rows"]:
@@ -201,7 +202,10 @@ def summarize(results: list, key: str) -> dict:
                 continue
             slot = out.setdefault(r["policy"], {}).setdefault(str(r["fraction"]), {})
             slot.setdefault("all", []).append(r[key])
-            slot.setdefault(f"{res['mode']}-{res['chunk_size']}", []).append(r[key])
+            setting = "-".join(
+                str(x) for x in (res.get("package"), res["mode"], res["chunk_size"]) if x
+            )
+            slot.setdefault(setting, []).append(r[key])
     return {
         p: {f: {k: round(sum(v) / len(v), 4) for k, v in d.items()} for f, d in by_f.items()}
         for p, by_f in out.items()
@@ -222,7 +226,12 @@ def combine(paths: list[str], out: str) -> dict:
                 r["policy_fields"] = data["policies"].get(r["policy"])
                 r["run"] = path
             results.append(res)
-    payload = {"runs": runs, "results": results, "summary": summarize(results, "recovered")}
+    payload = {
+        "env": environment(["moska.bench.fidelity", "--combine", *paths]),
+        "runs": runs,  # each run's file keeps its device, dtype, shapes and arguments
+        "results": results,
+        "summary": summarize(results, "recovered"),
+    }
     write_json(out, payload)
     return payload
 

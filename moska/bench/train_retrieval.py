@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--start-context", type=int, default=256)
     ap.add_argument("--facts", type=int, default=48, help="facts per full-length context")
     ap.add_argument("--questions", type=int, default=8, help="questions per training context")
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=None, help="default 3000 (300 dry run)")
     ap.add_argument("--batch", type=int, default=16, help="full-length contexts per step")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         args.device, args.context, args.start_context, args.facts = "cpu", 256, 128, 6
         args.hidden, args.layers, args.heads, args.kv_heads = 64, 2, 2, 1
         args.batch, args.eval_n, args.log_every = 8, 32, 50
-        args.steps = min(args.steps, 300)
+        args.steps = args.steps or 300
+    args.steps = args.steps or 3000
     train(args)
 
 
