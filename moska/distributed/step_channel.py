@@ -112,7 +112,9 @@ class StepChannel:
                 self._json_header(Command.UNLOAD_LIBRARY, {"build": build_id})
                 why = "; ".join(f"rank {r}: {a}" for r, a in sorted(failed.items()))
                 raise WorkerLibraryError(
-                    f"tensor-parallel ranks could not load library {name!r} ({why})"
+                    f"tensor-parallel ranks could not load library {name!r} ({why}); the "
+                    "request was not admitted: check the library (`moska library ls`), "
+                    "rebuild it if it is damaged, and send the request again"
                 )
             self.worker_builds[build_id] = name
 
