@@ -89,9 +89,7 @@ def select_union(
         policy.mass_threshold,
     )  # fmt: skip
     hkv = estimates[0].shape[1]
-    return [
-        from_mask(mask[..., b : b + p.num_chunks], hkv) for p, b in zip(comp.parts, comp.bases)
-    ]
+    return [from_mask(mask[..., b : b + p.num_chunks], hkv) for p, b in zip(comp.parts, comp.bases)]
 
 
 def _part_states(ops, layer, q_rows, part, sel: Selections, scale: float):

@@ -112,7 +112,7 @@ def test_routing_takes_top_k_over_the_union(engine):
     sm_scale, layer, k = 64**-0.5, 2, 3
     policy = RoutingPolicy(scorer="oracle", per_kv_head=True)
     group = LibraryGroup(comp, torch.arange(4), top_k=k, policy=policy, all_rows=True)
-    o_sel, lse_sel, sel = composed_group_states(get_attention_ops("torch"), layer, q, group, sm_scale)
+    o_sel, _, sel = composed_group_states(get_attention_ops("torch"), layer, q, group, sm_scale)
     got = {(int(r), int(h), int(c)) for r, h, c in zip(sel.req, sel.kv_head, sel.chunk)}
     mass = []  # [4, Hkv, C] exact log mass per chunk, reference
     for lib in comp.parts:
@@ -242,18 +242,53 @@ def test_http_list_of_libraries(engine):
 
     app = create_app(engine, ServerSettings())
     body = {"model": engine.model_name, "prompt": "x = g(2)", "max_tokens": 2}
-    with background_server(app) as url:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            r = http.post("/v1/completions", json={**body, "library": ["ca", "cb"]})
-            assert r.status_code == 200, r.text
-            details = r.json()["usage"]["prompt_tokens_details"]
-            n = engine.libraries.get("ca").num_tokens + engine.libraries.get("cb").num_tokens
-            assert details["library_tokens"] == n
-            r = http.post("/v1/completions", json={**body, "library": ["ca", "pre"]})
-            assert r.status_code == 400, r.text
-            err = r.json()["error"]
-            assert err["param"] == "library" and "'pre'" in err["message"]
-            r = http.post("/v1/completions", json={**body, "library": []})
-            assert r.status_code == 400 and r.json()["error"]["param"] == "library"
-            r = http.post("/v1/completions", json={**body, "library": ["ca", "nope"]})
-            assert r.status_code == 404 and r.json()["error"]["param"] == "library"
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        r = http.post("/v1/completions", json={**body, "library": ["ca", "cb"]})
+        assert r.status_code == 200, r.text
+        details = r.json()["usage"]["prompt_tokens_details"]
+        n = engine.libraries.get("ca").num_tokens + engine.libraries.get("cb").num_tokens
+        assert details["library_tokens"] == n
+        r = http.post("/v1/completions", json={**body, "library": ["ca", "pre"]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "library" and "'pre'" in err["message"]
+        r = http.post("/v1/completions", json={**body, "library": []})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "library"
+        r = http.post("/v1/completions", json={**body, "library": ["ca", "nope"]})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "library"
+
+
+def test_fp8_and_tiered_parts_compose(engine):
+    """An FP8 part reads as a part holding its values (pools times scales); every part in
+    tiers (a GPU budget of 2 chunks, misses waited for) answers as wholly resident."""
+    from moska.engine.llm_engine import LLMEngine
+    from moska.library.fp8 import dequantize
+
+    libs = engine.libraries
+    libs.build("c8", [("c.py", DOC_C * 3)], chunk_size=16, mode="independent", kv_dtype="fp8")
+    libs.build("c8v", [("c.py", DOC_C * 3)], chunk_size=16, mode="independent")
+    fp8, values = libs.get("c8"), libs.get("c8v")
+    assert fp8.kv_scales(0) is not None and values.kv_scales(0) is None
+    for i in range(fp8.num_kv_layers):
+        ks, vs = fp8.kv_scales(i)
+        values.k_pools[i] = dequantize((fp8.k_pools[i], ks), fp8.chunk_offsets)
+        values.v_pools[i] = dequantize((fp8.v_pools[i], vs), fp8.chunk_offsets)
+    got = run(engine, {"q8": {"libraries": ["c8", "cb"], "top_k_chunks": 3}})["q8"]
+    want = run(engine, {"qv": {"libraries": ["c8v", "cb"], "top_k_chunks": 3}})["qv"]
+    a, b = got.outputs[0], want.outputs[0]
+    assert a.token_ids == b.token_ids
+    assert max(abs(a.logprobs[0].top[t] - b.logprobs[0].top[t]) for t in b.logprobs[0].top) < 1e-4
+
+    k = libs.get("ca").k_pools[0]
+    per_chunk = 2 * 24 * k.shape[1] * k.shape[2] * k.element_size() * libs.get("ca").num_kv_layers
+    tiered = LLMEngine.from_model(
+        None, device="cpu", library_root=str(libs.root), max_model_len=512, num_kv_blocks=64,
+        library_gpu_budget=f"{2 * per_chunk}B", library_cpu_budget="0",
+    )  # fmt: skip
+    for top_k in (3,):  # routed; more chunks than the 2 GPU slots over the rows
+        kw = {"libraries": ["ca", "cb"], "top_k_chunks": top_k}
+        want = run(engine, {"r": dict(kw)})["r"].outputs[0]
+        got = run(tiered, {"t": dict(kw)})["t"].outputs[0]
+        assert tiered.libraries.get("ca").tiers is not None
+        assert got.token_ids == want.token_ids
+        assert abs(got.logprobs[0].logprob - want.logprobs[0].logprob) < 1e-4
