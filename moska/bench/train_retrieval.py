@@ -3,7 +3,8 @@
 `moska bench fidelity --retrieval-model DIR`.
 
 Each training sequence is one context followed by several questions with their answers;
-the loss is on the answer tokens only (what the benchmark checks). Contexts grow from
+the loss is on the answer tokens and the question's later key tokens (both are lookups of
+what followed a key in the context). Contexts grow from
 ``--start-context`` to ``--context`` over the first half of training (a curriculum: the
 retrieval heads form on short contexts, then stretch). bf16 autocast on CUDA.
 
@@ -52,15 +53,19 @@ def model_config(spec: RetrievalSpec, args) -> dict:
     }
 
 
-def batch(spec: RetrievalSpec, rng: random.Random, size: int, questions: int):
-    """(ids [B, T], loss mask [B, T]) of contexts followed by questions and answers."""
+def batch(spec: RetrievalSpec, rng: random.Random, size: int, questions: int, keys: bool = True):
+    """(ids [B, T], target mask [B, T]) of contexts followed by questions and answers. The
+    targets are the answer tokens and, with ``keys``, the question's key tokens after its
+    first (each a copy of the token that followed the previous one in the context: more
+    supervision for the same induction lookup the answer needs)."""
     seqs, masks = [], []
     for _ in range(size):
         ctx, qs = make_context(rng, spec, questions)
         ids, mask = list(ctx), [0] * len(ctx)
         for q, a, _, _ in qs:
             ids += q + a
-            mask += [0] * len(q) + [1] * len(a)
+            ask = [0, 0, 0] + [int(keys)] * (len(q) - 3)  # QUESTION, marker, k1 | k2 k3 sep
+            mask += ask + [1] * len(a)
         seqs.append(ids)
         masks.append(mask)
     T = max(len(s) for s in seqs)
@@ -76,7 +81,7 @@ def batch(spec: RetrievalSpec, rng: random.Random, size: int, questions: int):
 def accuracy(model, spec: RetrievalSpec, device, n: int, seed: int) -> float:
     """Teacher-forced exact match of the answers (every answer token the argmax)."""
     rng = random.Random(seed)
-    ids, m = batch(spec, rng, n, 1)
+    ids, m = batch(spec, rng, n, 1, keys=False)
     ids, m = ids.to(device), m.to(device)
     logits = model(input_ids=ids).logits[:, :-1]
     pred = logits.argmax(-1) == ids[:, 1:]
