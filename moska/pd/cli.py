@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,9 @@ def run_router(args: argparse.Namespace) -> int:
     from moska.pd.frontend_app import create_frontend_app
 
     front, cluster = build_frontend(args)
+    # uvicorn re-raises SIGTERM after its shutdown; as SystemExit it still runs the
+    # `finally` below, which stops the instances this router started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         logger.info(
             "router on http://%s:%d over %s", args.host, args.port,
