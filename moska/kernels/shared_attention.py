@@ -32,6 +32,7 @@ from .shared_inputs import (
     tma_ok,
 )
 from .shared_split_merge import merge_tile_splits
+from .shared_tuning import INTERPRETER, grouped_tuning
 from .shared_work_list import build_work_list
 
 LOG2E = 1.4426950408889634
@@ -348,34 +349,13 @@ def _shared_item(
         tl.store(lse_part_ptr + part, lse)
 
 
-def _default_config(d: int, device: torch.device, rows_per_group: float) -> dict:
-    # merge of split tiles: 4 rows x 32 partials per step; measured 7 us where 8 x 8 took
-    # 27 us (one 128K chunk read by 16 requests: 8 tiles of 32 splits; docs/performance-notes.md)
-    base = dict(min_split=512, use_tma=False, warp_specialize=False, merge_m=4, split_b=32)
-    if device.type != "cuda":  # interpreter: few, large programs
-        return dict(
-            base,
-            block_m=64,
-            block_n=64,
-            num_warps=4,
-            num_stages=1,
-            target_programs=8,
-            min_split=64,
-            merge_m=64,
-            split_b=4,
-        )
+def _default_config(d: int, g: int, device: torch.device, rows_per_group: float) -> dict:
+    # the tile of this shape from the table of moska/kernels/shared_tuning.py (measured per
+    # head dim, GQA ratio and rows per group); the interpreter runs few, large programs
+    if device.type != "cuda":
+        return INTERPRETER.launch_config(sms=1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    base["target_programs"] = 2 * sms
-    # Measured on H200, bf16, D=128 (bench/results/kernels.json). Groups of >= 256 rows
-    # (a chunk read by >= 64 requests with G=4): 128 x 128 tiles, 8 warps, 3 stages with TMA
-    # loads were best, 7-17% over 64 x 64 pointer loads. Smaller groups (routed decode,
-    # ~16-128 rows per chunk): 64 x 64 tiles, 4 warps, 3 stages, ~2 items per SM; TMA loads
-    # were 5-10% faster at 128 rows per group (grouped step, B=1024) and even below.
-    if rows_per_group >= 256 and d == 128:
-        return dict(base, block_m=128, block_n=128, num_warps=8, num_stages=3, use_tma=True)
-    return dict(
-        base, block_m=64, block_n=64 if d >= 128 else 128, num_warps=4, num_stages=3, use_tma=True
-    )
+    return grouped_tuning(d, g, rows_per_group).launch_config(sms)
 
 
 def grouped_shared_attention(
@@ -428,7 +408,7 @@ def grouped_shared_attention(
     if n == 0:
         return o, lse
     # average rows of a (chunk, kv_head) group if every pair were touched: host-known sizes only
-    cfg = _default_config(d, q.device, n * g / max(1, min(n, table.starts.numel() * hkv)))
+    cfg = _default_config(d, g, q.device, n * g / max(1, min(n, table.starts.numel() * hkv)))
     for k_, v_ in (
         ("block_m", block_m),
         ("block_n", block_n),

@@ -1,0 +1,121 @@
+"""Tile configuration of the grouped shared-chunk kernel, chosen per model shape.
+
+The best tile depends on the head dim D (registers per row), the GQA ratio G (query rows
+each selection brings) and how many query rows a (chunk, KV head) group holds on average
+(`rows_per_group`: the reuse of one K/V block read). One fixed tile left other shapes at
+0.44-0.50 of their floor at B = 1,024 (issue 22), so the launcher looks the tile up here.
+
+`TABLE` started from the defaults measured at Llama-3.1-8B dims (Hq 32 / Hkv 8 / D 128,
+bf16, H200; bench/results/kernels.json) and gives every (D, G) family the same numbers until
+`python -m moska.bench.kernels_shapes` measures it: that sweep writes its best tile per
+shape as `table` entries (the fields below) to paste here. A G between table entries takes
+the next larger G's entries (its rows per request are closest); a D or G outside the table
+takes `fallback`. Pure Python: the launcher imports this, and nothing from the rest of moska.
+"""
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class GroupedTuning:
+    """One launch configuration of `grouped_shared_attention`.
+
+    block_m query rows x block_n keys per tile step; num_warps / num_stages as Triton takes
+    them; use_tma: TMA block loads on Hopper (pointer loads when the pool does not allow
+    them); min_split: split-KV parts of at least this many keys; merge_m rows x split_b
+    partials per step of the split merge; programs_per_sm: the work list aims at this many
+    items per SM (split-KV adds items until it does)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    use_tma: bool = True
+    warp_specialize: bool = False
+    min_split: int = 512
+    merge_m: int = 4
+    split_b: int = 32
+    programs_per_sm: int = 2
+
+    def launch_config(self, sms: int) -> dict:
+        """The launcher's keyword dict (target_programs from the GPU's SM count)."""
+        cfg = asdict(self)
+        cfg["target_programs"] = self.programs_per_sm * sms
+        del cfg["programs_per_sm"]
+        return cfg
+
+
+@dataclass(frozen=True)
+class TuneEntry:
+    """`tuning` serves head dim `head_dim`, GQA ratio `gqa` and groups of >= `min_rows`
+    rows on average (the entry with the largest such min_rows wins)."""
+
+    head_dim: int
+    gqa: int
+    min_rows: float
+    tuning: GroupedTuning
+
+
+# The tiles measured at Llama-3.1-8B dims (H200, bf16; docs/performance-notes.md): groups of
+# >= 256 rows (a chunk read by >= 64 requests at G = 4) ran 7-17% faster with TMA 128 x 128
+# tiles, 8 warps, 3 stages than with 64 x 64 pointer loads; smaller groups (routed decode,
+# ~16-128 rows per chunk): 64 x 64 tiles, 4 warps, 3 stages, ~2 items per SM, TMA loads 5-10%
+# faster at 128 rows per group. D = 64 used 64 x 128 tiles. The split merge: 4 rows x 32
+# partials per step took 7 us where 8 x 8 took 27 us (one 128K chunk read by 16 requests).
+_SMALL_D128 = GroupedTuning(block_m=64, block_n=64, num_warps=4, num_stages=3)
+_LARGE_D128 = GroupedTuning(block_m=128, block_n=128, num_warps=8, num_stages=3)
+_SMALL_D64 = GroupedTuning(block_m=64, block_n=128, num_warps=4, num_stages=3)
+
+GQA_RATIOS = (1, 2, 4, 8)
+HEAD_DIMS = (64, 128)
+
+TABLE: tuple[TuneEntry, ...] = (
+    *(TuneEntry(128, g, 0, _SMALL_D128) for g in GQA_RATIOS),
+    *(TuneEntry(128, g, 256, _LARGE_D128) for g in GQA_RATIOS),
+    *(TuneEntry(64, g, 0, _SMALL_D64) for g in GQA_RATIOS),
+)
+
+# The Triton interpreter (CPU, tests and dry runs): few, large programs.
+INTERPRETER = GroupedTuning(
+    block_m=64,
+    block_n=64,
+    num_warps=4,
+    num_stages=1,
+    use_tma=False,
+    min_split=64,
+    merge_m=64,
+    split_b=4,
+    programs_per_sm=8,  # with sms=1: 8 items
+)
+
+
+def fallback(head_dim: int) -> GroupedTuning:
+    """A shape the table lacks: the small-group rule the table started from (64-key blocks
+    from D = 128 up keep a K/V tile's registers in bounds)."""
+    return GroupedTuning(
+        block_m=64, block_n=64 if head_dim >= 128 else 128, num_warps=4, num_stages=3
+    )
+
+
+def entries_for(head_dim: int, gqa: int, table: tuple[TuneEntry, ...] = TABLE) -> list[TuneEntry]:
+    """The table's entries that serve (head_dim, gqa), by min_rows: the exact G's, else the
+    next larger G's in the table, else the largest G's; empty when the D is not there."""
+    gs = sorted({e.gqa for e in table if e.head_dim == head_dim})
+    if not gs:
+        return []
+    g = next((x for x in gs if x >= gqa), gs[-1])
+    return sorted(
+        (e for e in table if e.head_dim == head_dim and e.gqa == g), key=lambda e: e.min_rows
+    )
+
+
+def grouped_tuning(
+    head_dim: int, gqa: int, rows_per_group: float, table: tuple[TuneEntry, ...] = TABLE
+) -> GroupedTuning:
+    """The tile for this shape: the entry of (head_dim, gqa) with the largest min_rows not
+    above rows_per_group (average query rows of a (chunk, KV head) group)."""
+    best = None
+    for e in entries_for(head_dim, gqa, table):
+        if e.min_rows <= rows_per_group:
+            best = e.tuning
+    return best if best is not None else fallback(head_dim)
