@@ -54,6 +54,8 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "enable_prefix_caching": "reuse the KV blocks of prompt prefixes earlier requests computed",
     "tensor_parallel_size": "split the model over N ranks, one process each (rank 0 serves "
     "HTTP and schedules; on one host)",
+    "shared_kv_ranks": "hold every library's chunks on M processes without model weights "
+    "(MoSKA shared-KV ranks; the engine routes and sends them query rows); 0: off",
     "library_gpu_budget": "GPU memory for each library's chunk cache: a size (8GiB, 512MiB; a "
     "plain number > 1 is GiB) or a share of free memory (<= 1); a larger library is served from GPU, pinned CPU and disk tiers "
     "(eagerly). Default: libraries wholly on the GPU",

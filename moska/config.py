@@ -29,6 +29,9 @@ class EngineConfig:
     enable_prefix_caching: reuse the KV blocks of a prompt prefix an earlier request computed.
     tensor_parallel_size: ranks the model is split over (one process each, on one host; see
         docs/distributed.md). Rank 0 is the calling process and starts the others.
+    shared_kv_ranks: M > 0 puts every library's chunks on M processes of their own that
+        hold no model weights (MoSKA disaggregation, docs/distributed.md); the engine
+        routes and sends each selected chunk's query rows there, eagerly. 0: off.
     library_gpu_budget: GPU memory for a library's chunk cache, a size ("8GiB", "512MiB", a
         plain number > 1 = GiB) or a share of free memory ("0.3"); None holds every library
         wholly on the device. A library larger than it is served from tiers
@@ -66,6 +69,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    shared_kv_ranks: int = 0  # distributed/shared_kv_engine.py: libraries' chunks there
     library_gpu_budget: str | None = None
     library_cpu_budget: str | None = None
     library_eviction: str = "lfu"
@@ -116,6 +120,18 @@ class EngineConfig:
                 f"got {self.tensor_parallel_size}"
             )
         self.tier_config  # noqa: B018 -- validates the library tier fields (ValueError)
+        if self.shared_kv_ranks < 0:
+            raise ValueError(f"shared_kv_ranks must be >= 0 (0: off), got {self.shared_kv_ranks}")
+        if self.shared_kv_ranks and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "shared_kv_ranks runs with tensor_parallel_size=1 only (one unique rank) for "
+                "now; drop one of the two"
+            )
+        if self.shared_kv_ranks and self.library_gpu_budget is not None:
+            raise ValueError(
+                "shared_kv_ranks holds each library's chunks on the shared ranks, not in "
+                "tiers; leave library_gpu_budget unset"
+            )
         if self.semantic_reuse:
             from moska.semshare.config import SemShareConfig
 

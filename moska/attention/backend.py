@@ -39,6 +39,8 @@ class PagedAttention:
         self.keymax_programs_per_sm: int | None = None
         self._side: torch.cuda.Stream | None = None
         self._sms = 0  # SMs of the side stream's device
+        # shared-KV ranks (distributed/shared_kv_engine.py): libraries' chunks attended there
+        self.shared_kv = None
 
     def side_stream(self, device: torch.device) -> torch.cuda.Stream | None:
         if not (self.overlap and device.type == "cuda"):
@@ -57,6 +59,8 @@ class PagedAttention:
         return self.keymax_programs_per_sm * self._sms
 
     def bind(self, meta: AttentionMetadata) -> BoundAttention:
+        if self.shared_kv is not None and meta.groups:  # the shared ranks learn the forward
+            self.shared_kv.begin(meta.groups)
         return BoundAttention(self, meta)
 
 
@@ -116,11 +120,17 @@ def _shared_group(
     # a position-independent library's APE tempering (library/positions.py); exact: 1, 0
     scale, log_scale = shared_logit_adjustment(group.library)
     sm_scale = p.sm_scale * scale
-    o_sel, lse_sel, sel = shared_attention_for_group(
-        p.ops, layer, q_rows, group, sm_scale, keymax_programs
-    )
+    if p.shared_kv is not None:  # chunks on shared-KV ranks: per-row states come back
+        o_sel, lse_sel, sel, routed = p.shared_kv.group_states(
+            p.ops, layer, q_rows, group, sm_scale, keymax_programs
+        )
+    else:
+        o_sel, lse_sel, sel = shared_attention_for_group(
+            p.ops, layer, q_rows, group, sm_scale, keymax_programs
+        )
+        routed = sel
     if group.record:
-        group.recorded[layer] = sel
+        group.recorded[layer] = routed
     if layer in group.coverage_layers:
         group.coverage[layer] = routing_coverage(
             p.ops, layer, q_rows, group, lse_sel, sel, sm_scale

@@ -18,6 +18,35 @@ def all_chunk_selections(
     return from_topk(every, num_kv_heads, num_chunks)
 
 
+def route_group(
+    ops: AttentionOps,
+    layer: int,
+    q_rows: torch.Tensor,  # [n, Hq, D]
+    group: LibraryGroup,
+    sm_scale: float,
+    keymax_programs: int | None = None,
+) -> Selections:
+    """The chunks each row of a group reads at ``layer`` (every chunk when top_k covers
+    them all). Shared-KV ranks route here too: the routing index stays on rank 0."""
+    lib = group.library
+    num_kv_heads = lib.k_pools[layer].shape[1]
+    if group.top_k >= lib.num_chunks:
+        return all_chunk_selections(q_rows.shape[0], num_kv_heads, lib.num_chunks, q_rows.device)
+    from moska.routing import RoutingPolicy, select_chunks
+
+    policy = group.policy or RoutingPolicy(scorer=group.scorer)
+    return select_chunks(
+        q_rows,
+        lib,
+        layer,
+        group.top_k,
+        policy,
+        sm_scale,
+        keymax_programs=keymax_programs,
+        use_triton=ops.use_triton,  # attention "torch": no Triton in routing either
+    )
+
+
 def shared_attention_for_group(
     ops: AttentionOps,
     layer: int,
@@ -28,23 +57,7 @@ def shared_attention_for_group(
 ):
     lib = group.library
     k_pool, v_pool = lib.k_pools[layer], lib.v_pools[layer]  # [S, Hkv, D]
-    num_kv_heads = k_pool.shape[1]
-    if group.top_k >= lib.num_chunks:
-        sel = all_chunk_selections(q_rows.shape[0], num_kv_heads, lib.num_chunks, q_rows.device)
-    else:
-        from moska.routing import RoutingPolicy, select_chunks
-
-        policy = group.policy or RoutingPolicy(scorer=group.scorer)
-        sel = select_chunks(
-            q_rows,
-            lib,
-            layer,
-            group.top_k,
-            policy,
-            sm_scale,
-            keymax_programs=keymax_programs,
-            use_triton=ops.use_triton,  # attention "torch": no Triton in routing either
-        )
+    sel = route_group(ops, layer, q_rows, group, sm_scale, keymax_programs)
     if getattr(lib, "tiers", None) is not None:  # KV in tiers: misses fetched, read by slot
         return lib.tiers.attend(ops, layer, q_rows, sel, sm_scale)  # sel less skipped chunks
     o_sel, lse_sel = ops.grouped_shared(

@@ -232,11 +232,15 @@ class DistributedRuntime:
         return {r: p.pid for r, p in self.monitor.procs.items() if p.pid is not None}
 
     @classmethod
-    def start(cls, world_size: int, device: str, worker_args: tuple) -> DistributedRuntime:
-        """Rank 0: spawn ranks 1..world_size-1 running worker.run_worker(rdv, rank,
-        *worker_args) (or, under torchrun, join the ranks it started) and form the groups."""
+    def start(
+        cls, world_size: int, device: str, worker_args: tuple, target: Any = None
+    ) -> DistributedRuntime:
+        """Rank 0: spawn ranks 1..world_size-1 running target(rdv, rank, parent pid,
+        *worker_args) (worker.run_worker by default; shared-KV ranks run their own) — or,
+        under torchrun, join the ranks it started — and form the groups."""
         from moska.distributed.worker import run_worker
 
+        target = run_worker if target is None else target
         backend = pick_backend(rank_device(device, 0), world_size)
         launched = torchrun_rank()
         procs: dict[int, Any] = {}  # rank -> a spawned multiprocessing Process
@@ -252,7 +256,7 @@ class DistributedRuntime:
             ctx = mp.get_context("spawn")
             for rank in range(1, world_size):
                 p = ctx.Process(
-                    target=run_worker,
+                    target=target,
                     args=(rdv, rank, os.getpid(), *worker_args),
                     name=f"moska-tp-rank{rank}",
                     daemon=True,

@@ -46,6 +46,7 @@ class Command(enum.IntEnum):
     STOP = 4
     LOAD_LIBRARY = 5
     UNLOAD_LIBRARY = 6
+    SHARED_STEP = 7  # shared-KV ranks: the builds of a forward's groups (shared_kv_engine.py)
 
 
 class Received(NamedTuple):
@@ -210,7 +211,7 @@ class StepChannel:
                 decode_only=bool(decode_only),
             )
             return Received(command, ids, pos, meta, groups=list(zip(groups, rows)))
-        if command in (Command.LOAD_LIBRARY, Command.UNLOAD_LIBRARY):
+        if command in (Command.LOAD_LIBRARY, Command.UNLOAD_LIBRARY, Command.SHARED_STEP):
             return Received(command, info=self._recv_json(fields[0]))
         if command is Command.LOGITS_ROWS:
             hidden = torch.empty(fields[0], self.hidden_size, dtype=self.dtype, device=self.device)

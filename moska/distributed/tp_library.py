@@ -172,7 +172,7 @@ def in_memory_reason(library: LoadedLibrary, split: HeadSplit) -> str | None:
     m = library.manifest
     if not m.files:
         return "it was built in memory and never saved"
-    if library.kv_heads != split.heads:
+    if split is not None and library.kv_heads != split.heads:  # None: shared-KV ranks
         return "it was loaded outside the engine's library manager (all KV heads)"
     return None
 

@@ -10,9 +10,11 @@ away (its socket closes, or — for a spawned worker — its parent process is g
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -55,12 +57,7 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
     from moska.engine.runner import ModelRunner
     from moska.model import load_model
 
-    stop = threading.Event()
-    beat = threading.Thread(
-        target=_heartbeat, args=(groups, parent_pid, stop), name="moska-heartbeat", daemon=True
-    )
-    beat.start()
-    try:
+    with rank_lifecycle(groups, parent_pid):
         loaded = load_model(
             model_path, dtype=dtype, device=device, tensor_parallel=TensorParallel(groups.comm)
         )
@@ -70,6 +67,20 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
             groups.comm, groups.control, device, model.config.hidden_size, model.dtype
         )
         serve_steps(model, runner.attention, channel, device)
+
+
+@contextlib.contextmanager
+def rank_lifecycle(groups: ProcessGroups, parent_pid: int | None) -> Iterator[None]:
+    """A rank other than 0 while it serves: its heartbeat runs, an error it dies of is left
+    in the store for rank 0 to name, and it leaves the process group at the end (tensor-
+    parallel workers and shared-KV ranks alike)."""
+    stop = threading.Event()
+    beat = threading.Thread(
+        target=_heartbeat, args=(groups, parent_pid, stop), name="moska-heartbeat", daemon=True
+    )
+    beat.start()
+    try:
+        yield
     except BaseException as e:
         try:
             groups.store.set(f"moska/error/{groups.rank}", f"{type(e).__name__}: {e}")

@@ -133,6 +133,10 @@ class LLMEngine:
             from moska.distributed.tp_library import make_library_manager
 
             libraries = make_library_manager(config, loaded, runtime)  # each rank: its heads
+        elif config.shared_kv_ranks:  # libraries' chunks on processes of their own
+            from moska.distributed.shared_kv_engine import start_shared_kv
+
+            loaded, runtime, libraries = start_shared_kv(config, path, dtype, device)
         else:
             loaded, runtime = load_model(path, dtype=dtype, device=device), None
             libraries = _make_library_manager(config, loaded, device)
@@ -149,6 +153,7 @@ class LLMEngine:
                 raise failed from exc
             raise
         engine.dist = runtime
+        engine.runner.attention.shared_kv = getattr(libraries, "shared_kv", None)
         if model is None:
             engine.model_name = DEFAULT_MODEL_NAME
         return engine
@@ -201,7 +206,13 @@ class LLMEngine:
             if len(names) > 1:
                 raise RequestError(
                     "composed libraries (several in one request) do not run with tensor "
-                    "parallelism yet; send one library or serve with tensor_parallel_size=1"
+                    "parallelism or shared-KV ranks yet; send one library or serve with "
+                    "tensor_parallel_size=1 and shared_kv_ranks=0"
+                )
+            if report_routing and self.config.shared_kv_ranks:
+                raise RequestError(
+                    "report_routing's coverage needs every chunk's KV on the engine's rank; "
+                    "with shared_kv_ranks the chunks are on the shared ranks: leave it off"
                 )
         if library is not None and self.libraries is None:
             raise RequestError("this engine has no library manager")

@@ -97,6 +97,7 @@ class ModelRunner:
         use_graphs = (
             device.type == "cuda" and not config.enforce_eager and self.tensor_parallel_size == 1
         )
+        use_graphs = use_graphs and not getattr(config, "shared_kv_ranks", 0)  # eager: talks
         self.cache = PagedKVCache(
             self.mcfg.num_kv_layers,  # one per layer that owns KV (fewer under MLKV)
             num_blocks + int(use_graphs),  # + the CUDA graphs' scratch block, owned by no request
@@ -148,6 +149,7 @@ class ModelRunner:
         weights = sum(t.numel() * t.element_size() for t in tensors)
         graphs = self.device.type == "cuda" and not self.config.enforce_eager
         graphs = graphs and self.tensor_parallel_size == 1
+        graphs = graphs and not getattr(self.config, "shared_kv_ranks", 0)
         tiers = getattr(self.config, "tier_config", None)
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         return plan_memory(
