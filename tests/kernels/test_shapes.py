@@ -7,12 +7,13 @@ of it. The interpreter costs ~1 s a launch on a busy box, so each shape runs in 
 fp16 and fp32 alternating like a chessboard: every G and every D meets both dtypes. Other
 files cover ragged corner cases (and both dtypes) at fewer shapes."""
 
-from functools import lru_cache
+import dataclasses
+from functools import cache
 
 import pytest
 import torch
-
 from kernel_util import TOL, rel_err
+
 from moska.kernels import shared_attention, shared_tuning
 from moska.kernels.merge import merge_selections, merge_selections_ref
 from moska.kernels.paged_attention import (
@@ -36,7 +37,7 @@ SEQ = [37, 70]  # unique context per request (decode: one query each)
 Q_LENS = [1, 20]  # prefill: one token, a chunked prefill
 
 
-@lru_cache(maxsize=None)
+@cache
 def _problem(d: int, g: int, dtype: torch.dtype) -> dict:
     """Fresh random inputs of one shape (seeded by it), built once per process."""
     gen = torch.Generator().manual_seed(1000 * d + 10 * g + (dtype == torch.float16))
@@ -62,18 +63,18 @@ def _problem(d: int, g: int, dtype: torch.dtype) -> dict:
     for r, n in enumerate(need):
         bt[r, :n] = perm[i : i + n]
         i += n
-    p = dict(
-        q=randn(B, HKV * g, d),
-        k_pool=randn(s, HKV, d),
-        v_pool=randn(s, HKV, d),
-        offs=offs,
-        sel=sel,
-        k_cache=randn(sum(need) + 1, BS, HKV, d),
-        v_cache=randn(sum(need) + 1, BS, HKV, d),
-        bt=bt,
-        seq_lens=torch.tensor(SEQ, dtype=torch.int32),
-        scale=d**-0.5,
-    )
+    p = {
+        "q": randn(B, HKV * g, d),
+        "k_pool": randn(s, HKV, d),
+        "v_pool": randn(s, HKV, d),
+        "offs": offs,
+        "sel": sel,
+        "k_cache": randn(sum(need) + 1, BS, HKV, d),
+        "v_cache": randn(sum(need) + 1, BS, HKV, d),
+        "bt": bt,
+        "seq_lens": torch.tensor(SEQ, dtype=torch.int32),
+        "scale": d**-0.5,
+    }
     p["shared_ref"] = grouped_shared_attention_ref(
         p["q"], p["k_pool"], p["v_pool"], offs, sel, p["scale"]
     )
@@ -172,7 +173,7 @@ def test_tuning_table_lookup():
     assert grouped_tuning(256, 4, 5, t) == shared_tuning.fallback(256)  # no D = 256 entry
     cfg = large.launch_config(sms=132)
     assert cfg["target_programs"] == 264 and "programs_per_sm" not in cfg
-    with pytest.raises(Exception):  # frozen: a tuning is a value
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a tuning is a value
         large.block_m = 32  # type: ignore[misc]
 
 
