@@ -127,11 +127,6 @@ class EngineConfig:
                 "shared_kv_ranks runs with tensor_parallel_size=1 only (one unique rank) for "
                 "now; drop one of the two"
             )
-        if self.shared_kv_ranks and self.library_gpu_budget is not None:
-            raise ValueError(
-                "shared_kv_ranks holds each library's chunks on the shared ranks, not in "
-                "tiers; leave library_gpu_budget unset"
-            )
         if self.semantic_reuse:
             from moska.semshare.config import SemShareConfig
 

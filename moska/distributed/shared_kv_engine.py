@@ -56,6 +56,11 @@ def start_shared_kv(config: EngineConfig, path, dtype, device: str):
             "shared_kv_ranks under torchrun is not supported yet: run `moska serve` directly, "
             "it starts the shared ranks itself"
         )
+    if config.tier_config is not None:
+        raise SharedKVConfigError(
+            "shared_kv_ranks holds each library's chunks on the shared ranks, not in tiers; "
+            "leave library_gpu_budget unset"
+        )
     loaded = load_model(path, dtype=dtype, device=device)
     param = next(loaded.model.parameters())
     name = str(param.dtype).removeprefix("torch.")

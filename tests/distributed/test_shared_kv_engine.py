@@ -100,6 +100,8 @@ def test_what_shared_ranks_cannot_serve_is_refused(setup):
     assert not eng.has_unfinished_requests() and eng.libraries.num_users("docs") == 0
     with pytest.raises(ValueError, match="tensor_parallel_size=1"):
         LLMEngine.from_model(None, shared_kv_ranks=1, tensor_parallel_size=2)
+    with pytest.raises(SharedKVConfigError, match="library_gpu_budget"):
+        LLMEngine.from_model(None, device="cpu", shared_kv_ranks=1, library_gpu_budget="1GiB")
 
 
 def test_shared_rank_dies_during_a_library_request(setup):
