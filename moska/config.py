@@ -140,25 +140,6 @@ class EngineConfig:
                 raise ValueError("semantic_reuse does not run with tensor parallelism yet")
 
     @property
-    def routing_policy(self):
-        """The engine's default RoutingPolicy (a request's SamplingParams.routing wins)."""
-        from moska.routing.policy import RoutingPolicy
-
-        given = {
-            "scorer": self.routing_scorer,
-            "dense_layers": self.routing_dense_layers,
-            "always_first": self.routing_always_first,
-            "always_last": self.routing_always_last,
-            "per_kv_head": self.routing_per_kv_head,
-        }
-        changes = {k: v for k, v in given.items() if v is not None}
-        if self.routing_mass_threshold is not None:
-            changes["mass_threshold"] = self.routing_mass_threshold or None
-        if self.routing_page_size is not None:
-            changes["page_size"] = self.routing_page_size or None
-        return RoutingPolicy().replace(**changes)
-
-    @property
     def tier_config(self):
         """The libraries' TierConfig (moska.library.tiers), or None: wholly on the device."""
         from moska.library.tiers import TierConfig
