@@ -109,6 +109,18 @@ class FrontEnd:
         self.client: httpx.AsyncClient | None = None
         self._monitor: asyncio.Task | None = None
 
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The HTTP client, once started."""
+        assert self.client is not None, "the front end is not started"
+        return self.client
+
+    @property
+    def _sched(self) -> GlobalScheduler:
+        """The global scheduler (P/D mode; round-robin has none)."""
+        assert self.scheduler is not None, "no global scheduler in round-robin mode"
+        return self.scheduler
+
     async def start(self) -> None:
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
         self.client = httpx.AsyncClient(timeout=self.config.request_timeout_s, limits=limits)
@@ -128,7 +140,7 @@ class FrontEnd:
         logger.error("instance %s (%s) is out: %s", inst.name, inst.role, why)
         inst.alive = False
         if self.scheduler is not None:
-            self.scheduler.mark_dead(inst)
+            self._sched.mark_dead(inst)
         self._dead[inst.name].set()
 
     async def _watch(self) -> None:
@@ -140,14 +152,14 @@ class FrontEnd:
                     self._kill(inst, f"its process exited ({proc.returncode})")
                     continue
                 try:
-                    r = await self.client.get(
+                    r = await self._http.get(
                         f"{inst.url}/pd/info", timeout=self.config.health_timeout_s
                     )
                     misses[inst.name] = 0 if r.status_code == 200 else misses.get(inst.name, 0) + 1
                     if r.status_code == 200 and self.scheduler is not None:
                         coef = r.json().get("step_coef")
                         if coef:  # the instance's own step-time fit
-                            self.scheduler.set_step_coef(inst, coef)
+                            self._sched.set_step_coef(inst, coef)
                 except httpx.ConnectError:
                     misses[inst.name] = 2
                 except httpx.HTTPError:
@@ -183,11 +195,11 @@ class FrontEnd:
             return error_response(400, f"'{exc}' is missing or not a single prompt", param=str(exc))
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         max_tokens = max_tokens if isinstance(max_tokens, int) else DEFAULT_MAX_TOKENS
-        bs = self.scheduler.live("prefill")[0].block_size if self.scheduler.live("prefill") else 16
+        bs = self._sched.live("prefill")[0].block_size if self._sched.live("prefill") else 16
         namespace = (body.get("library"), body.get("top_k_chunks"))
         info = RequestInfo(tuple(block_hashes(tokens, bs, namespace)), len(tokens), max_tokens)
         t_admit = time.monotonic()
-        plan = self.scheduler.plan(info, t_admit)
+        plan = self._sched.plan(info, t_admit)
         if isinstance(plan, Rejection) and plan.reason == "too_large":
             return error_response(
                 400,
@@ -210,7 +222,7 @@ class FrontEnd:
                 tid = next(self._tids)
                 out = await self._prefill(plan, path, body, tid, decode)
                 if isinstance(out, Response):  # the prefill instance refused the body
-                    self.scheduler.finished(plan, decode)
+                    self._sched.finished(plan, decode)
                     return out
                 if out is None:
                     break
@@ -218,34 +230,32 @@ class FrontEnd:
                 logger.warning("transfer %d to %s failed: %s", tid, decode.name, out)
                 if "gone" in out or "connect" in out.lower():
                     self._kill(decode, out)
-                retry = self.scheduler.plan(
+                retry = self._sched.plan(
                     RequestInfo((), 1, max_tokens), time.monotonic(), frozenset({decode.name})
                 )
                 if attempt == 1 or isinstance(retry, Rejection):
-                    self.scheduler.finished(plan, decode)
+                    self._sched.finished(plan, decode)
                     self.stats.failed += 1
                     return error_response(
                         503, f"the KV transfer failed twice ({out}); retry the request"
                     )
-                self.scheduler.finished(retry, retry.decode)  # only its decode choice
-                self.scheduler.moved(plan, retry.decode, time.monotonic(), max_tokens)
+                self._sched.finished(retry, retry.decode)  # only its decode choice
+                self._sched.moved(plan, retry.decode, time.monotonic(), max_tokens)
                 decode = retry.decode
                 self.stats.reprefills += 1
         except httpx.HTTPError as exc:
-            self.scheduler.finished(plan, decode)
+            self._sched.finished(plan, decode)
             self._kill(plan.prefill, f"unreachable ({exc})")
             self.stats.failed += 1
             return error_response(503, f"the prefill instance failed ({exc}); retry the request")
-        self.scheduler.prefill_done(plan)
+        self._sched.prefill_done(plan)
         stage_s = time.monotonic() - t_admit
         self.stats.prefill_stage_s += stage_s
         self.stats.staged += 1
-        self.scheduler.observe_stage("prefill", stage_s, plan.predicted_stage_s, time.monotonic())
+        self._sched.observe_stage("prefill", stage_s, plan.predicted_stage_s, time.monotonic())
         if plan.alone:
-            predicted = plan.predicted_prefill_s + self.scheduler.transfer_s(
-                info.prompt_tokens // bs
-            )
-            self.scheduler.observe_overhead("prefill", stage_s, predicted)
+            predicted = plan.predicted_prefill_s + self._sched.transfer_s(info.prompt_tokens // bs)
+            self._sched.observe_overhead("prefill", stage_s, predicted)
         return await self._proxy(decode, path, body, plan, tid)
 
     async def _prefill(self, plan: Plan, path: str, body: dict, tid: int, decode: Instance):
@@ -256,16 +266,16 @@ class FrontEnd:
         pre.pop("max_completion_tokens", None)
         headers = {TRANSFER_HEADER: f"{tid}:{decode.rank}"}
         p = plan.prefill
-        r = await self.client.post(f"{p.url}{path}", json=pre, headers=headers)
+        r = await self._http.post(f"{p.url}{path}", json=pre, headers=headers)
         if r.status_code != 200:
             hdrs = {k: v for k, v in r.headers.items() if k.lower() == "retry-after"}
             return Response(r.content, r.status_code, hdrs, media_type="application/json")
         t = self.config.transfer_timeout_s
         accept = asyncio.create_task(
-            self.client.post(f"{decode.url}/pd/accept/{tid}", params={"timeout": t})
+            self._http.post(f"{decode.url}/pd/accept/{tid}", params={"timeout": t})
         )
         try:
-            sent = await self.client.get(f"{p.url}/pd/transfer/{tid}", params={"timeout": t})
+            sent = await self._http.get(f"{p.url}/pd/transfer/{tid}", params={"timeout": t})
             result = sent.json()
             if sent.status_code != 200:
                 accept.cancel()
@@ -279,7 +289,7 @@ class FrontEnd:
         self.stats.prompt_tokens += int(result.get("prompt_tokens", 0))
         self.stats.cached_tokens += int(result.get("cached_tokens", 0))
         self.stats.transferred_blocks += int(result.get("blocks", 0))
-        self.scheduler.transferred(int(result.get("blocks", 0)), float(result.get("seconds", 0)))
+        self._sched.transferred(int(result.get("blocks", 0)), float(result.get("seconds", 0)))
         return None
 
     async def _proxy(
@@ -288,8 +298,8 @@ class FrontEnd:
         """Send `body` to `inst` and relay its answer (SSE as it comes)."""
         dead, sent_at = self._dead[inst.name], time.monotonic()
         try:
-            req = self.client.build_request("POST", f"{inst.url}{path}", json=body)
-            resp = await _or_dead(self.client.send(req, stream=True), dead)
+            req = self._http.build_request("POST", f"{inst.url}{path}", json=body)
+            resp = await _or_dead(self._http.send(req, stream=True), dead)
         except (httpx.HTTPError, _InstanceDied) as exc:
             return await self._failed(inst, plan, tid, exc)
         if resp.status_code != 200 or not body.get("stream"):
@@ -308,9 +318,9 @@ class FrontEnd:
         self.stats.first_token_s += seconds
         seats = len(inst.active)
         bs = inst.block_size
-        predicted = self.scheduler.tpot_s(seats, inst) + self.scheduler.prefill_s(bs, inst)
-        self.scheduler.observe_overhead("decode", seconds, predicted)
-        self.scheduler.observe_stage("decode", seconds, plan.predicted_first_s, time.monotonic())
+        predicted = self._sched.tpot_s(seats, inst) + self._sched.prefill_s(bs, inst)
+        self._sched.observe_overhead("decode", seconds, predicted)
+        self._sched.observe_stage("decode", seconds, plan.predicted_first_s, time.monotonic())
 
     async def _relay(self, inst, resp, plan, tid, sent_at) -> AsyncIterator[bytes]:
         dead, first = self._dead[inst.name], True
@@ -330,35 +340,35 @@ class FrontEnd:
         except (httpx.HTTPError, _InstanceDied) as exc:
             self.stats.failed += 1
             msg = f"the decode instance failed mid-stream ({type(exc).__name__}); retry"
-            yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"
+            yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n".encode()
             yield b"data: [DONE]\n\n"
             if plan is not None:
-                self.scheduler.finished(plan, inst)
+                self._sched.finished(plan, inst)
             return
         finally:
             await resp.aclose()
         if plan is not None:
-            self.scheduler.finished(plan, inst)
+            self._sched.finished(plan, inst)
 
     async def _end(self, inst, plan, tid) -> None:
         if tid is not None:
             await self._release(inst, tid)
         if plan is not None:
-            self.scheduler.finished(plan, inst)
+            self._sched.finished(plan, inst)
 
     async def _failed(self, inst, plan, tid, exc) -> Response:
         self.stats.failed += 1
         if isinstance(exc, httpx.ConnectError | _InstanceDied | httpx.RemoteProtocolError):
             self._kill(inst, f"{type(exc).__name__}: {exc}")
         if plan is not None:
-            self.scheduler.finished(plan, inst)
+            self._sched.finished(plan, inst)
         return error_response(
             503, f"instance {inst.name} failed ({type(exc).__name__}); retry the request"
         )
 
     async def _release(self, inst: Instance, tid: int) -> None:
         try:
-            await self.client.post(f"{inst.url}/pd/release/{tid}", timeout=5.0)
+            await self._http.post(f"{inst.url}/pd/release/{tid}", timeout=5.0)
         except httpx.HTTPError:  # it expires on its own (hold_s)
             logger.debug("release of transfer %d failed", tid, exc_info=True)
 
