@@ -14,8 +14,10 @@ into TABLE in moska/kernels/shared_tuning.py (also printed as Python). A point's
 rows_per_group (the table's key) is B * top-k * G / chunks: 2G, 8G and 32G here; an
 entry's min_rows is the geometric midpoint between measured points.
 
-`--budget-s` stops starting new points after that many seconds (the JSON then says which
-points are missing); `--cpu-dry-run` runs the same code at toy sizes in the interpreter.
+`--budget-s` stops starting new points after that many seconds, and skips the candidates
+still left a minute later (the JSON says which points are missing); `--head-dims` / `--gqa`
+pick shapes (e.g. one device call per head dim, each with its own `--name`);
+`--cpu-dry-run` runs the same code at toy sizes in the interpreter.
 """
 
 import argparse
@@ -33,7 +35,6 @@ import torch
 
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import environment, time_ms, write_json
-from moska.kernels import shared_tuning
 from moska.kernels.selections import Selections, from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.kernels.shared_tuning import GroupedTuning, grouped_tuning
@@ -101,9 +102,9 @@ def timer(dev: str, quick: bool):
     return lambda fn: do_bench(fn, warmup=5 if quick else 10, rep=20 if quick else 40)
 
 
-def sweep_point(q, k, v, offs, sel, scale, d, g, cands, measure, sms) -> dict:
+def sweep_point(q, k, v, offs, sel, scale, d, g, cands, measure, sms, hard_deadline) -> dict:
     """Times of the default and every candidate tile on one problem (ms, and rel err of
-    each candidate's output to the default's)."""
+    each candidate's output to the default's); candidates past hard_deadline are skipped."""
     n = sel.req.numel()
     rows = n * g / max(1, min(n, (offs.numel() - 1) * k.shape[1]))
     default = grouped_tuning(d, g, rows)
@@ -126,6 +127,9 @@ def sweep_point(q, k, v, offs, sel, scale, d, g, cands, measure, sms) -> dict:
         "errors": {},
     }
     for t in cands:
+        if time.time() > hard_deadline:
+            point["errors"][tag(t)] = "skipped: past the time budget"
+            continue
         try:
             o, _ = run(t)
             point["relerr"][tag(t)] = rel(o, o_def)
@@ -147,7 +151,7 @@ def shape_run(d, g, cfg, k, v, offs, dev, dtype, cands, measure, sms, bw, deadli
                 continue
             sel = selections(b, cfg, routing, dev)
             q = torch.randn(b, hkv * g, d, device=dev, dtype=dtype)
-            p = sweep_point(q, k, v, offs, sel, d**-0.5, d, g, cands, measure, sms)
+            p = sweep_point(q, k, v, offs, sel, d**-0.5, d, g, cands, measure, sms, deadline + 60)
             touched = int(torch.unique(sel.chunk).numel())
             n = sel.req.numel()
             el = k.element_size()
@@ -164,6 +168,9 @@ def shape_run(d, g, cfg, k, v, offs, dev, dtype, cands, measure, sms, bw, deadli
             for t in pts["uniform"]["ms"]
             if all(t in p["ms"] and p["relerr"][t] < 2e-2 for p in pts.values())
         ]
+        if not ok:
+            out["missing"].append(f"B={b}: no tile timed at both routings")
+            continue
         best = min(ok, key=lambda t: sum(p["ms"][t] for p in pts.values()))
         def_ms = sum(p["default_ms"] for p in pts.values())
         best_ms = sum(p["ms"][best] for p in pts.values())
@@ -222,6 +229,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench/results", help="output directory")
     ap.add_argument("--budget-s", type=float, default=400, help="start no point after this")
     ap.add_argument("--cpu-dry-run", action="store_true", help="toy sizes, interpreter, CPU")
+    ap.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
+    ap.add_argument("--gqa", default="1,2,4,8", help="comma-separated GQA ratios")
+    ap.add_argument("--name", default="kernels_shapes.json", help="output file name")
     args = ap.parse_args(argv)
     dry = args.cpu_dry_run
     if not dry and not torch.cuda.is_available():
@@ -232,11 +242,8 @@ def main(argv=None) -> None:
     dev = "cpu" if dry else "cuda"
     cfg = DRY if dry else GPU
     dtype = getattr(torch, cfg["dtype"])
-    shapes = (
-        [(64, 1), (128, 4)]
-        if dry
-        else [(d, g) for d in shared_tuning.HEAD_DIMS for g in shared_tuning.GQA_RATIOS]
-    )
+    dims, gqas = args.head_dims.split(","), args.gqa.split(",")
+    shapes = [(64, 1), (128, 4)] if dry else [(int(d), int(g)) for d in dims for g in gqas]
     cands = [CANDIDATES[1], CANDIDATES[5]] if dry else CANDIDATES  # two tiles, to be quick
     ceil = measure_ceilings(dev, gib=1 / 64 if dry else 4.0, reps=2 if dry else 10, gemm=False)
     bw = ceil["read_bytes_per_s"]
@@ -271,7 +278,7 @@ def main(argv=None) -> None:
     ]
     res["correctness"] = {"tol": tol, "ok": not bad, "bad": bad}
     check_floors(res)
-    name = "kernels_shapes_cpu_dry_run.json" if dry else "kernels_shapes.json"
+    name = "kernels_shapes_cpu_dry_run.json" if dry else args.name
     path = write_json(os.path.join(args.out, name), res)
     print("TABLE entries (moska/kernels/shared_tuning.py):\n" + as_python(res["table"]))
     print("summary:", json.dumps(res["summary"], indent=1), "\nwrote", path)
