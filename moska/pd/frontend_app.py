@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -35,9 +36,11 @@ def create_frontend_app(front: FrontEnd) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> Response:
+        client = front.client
+        assert client is not None  # the lifespan started the front end before any route
         for inst in [i for i in front.instances if i.alive]:
             try:
-                r = await front.client.get(f"{inst.url}/v1/models", timeout=5.0)
+                r = await client.get(f"{inst.url}/v1/models", timeout=5.0)
                 return Response(r.content, r.status_code, media_type="application/json")
             except httpx.HTTPError:
                 continue
@@ -47,7 +50,7 @@ def create_frontend_app(front: FrontEnd) -> FastAPI:
     async def health() -> JSONResponse:
         roles = {i.role for i in front.instances if i.alive}
         ok = roles >= {"prefill", "decode"} if front.scheduler else "both" in roles
-        body = {"status": "ok" if ok else "unavailable"}
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable"}
         body["instances"] = {i.name: {"role": i.role, "alive": i.alive} for i in front.instances}
         return JSONResponse(body, 200 if ok else 503)
 

@@ -102,6 +102,18 @@ class PDInstance:
         )
         self._pool_holds: dict[str, kv_blocks.Holder] = {}  # engine thread only
 
+    @property
+    def _kv_pool(self) -> KVPool:
+        """The shared KV pool; only called on the paths `attach` wires when one is set."""
+        assert self.pool is not None, "no --kv-pool-dir: this instance has no KV pool"
+        return self.pool
+
+    @property
+    def _transport(self) -> KVTransport:
+        """The transfer group; P/D roles (those that send or accept transfers) have one."""
+        assert self.transport is not None, "no transfer endpoint: not a P/D instance"
+        return self.transport
+
     # ---- startup ---------------------------------------------------------------------
     def connect(self) -> None:
         """Join the transfer group (blocks until every rank joined), then start the
@@ -186,12 +198,13 @@ class PDInstance:
         prompt = list(request.prompt_token_ids)
         hashes = block_hashes(prompt, bs, tuple(request.cache_namespace))
         n = min(kv_blocks.usable_blocks(len(prompt), bs), request.num_computed_tokens // bs)
-        missing = [i for i in range(n) if hashes[i] not in self.pool]
+        pool = self._kv_pool
+        missing = [i for i in range(n) if hashes[i] not in pool]
         if not missing:
             return
         _, layers = kv_blocks.snapshot(self.engine, request)
         for i in missing:
-            self.pool.put(hashes[i], torch.stack([kv[:, i] for kv in layers]))
+            pool.put(hashes[i], torch.stack([kv[:, i] for kv in layers]))
 
     def _from_pool(self, request_id: str, prompt: list[int], top_k) -> None:
         """Inject the prompt's leading blocks the engine lacks and the pool has (engine
@@ -207,7 +220,7 @@ class PDInstance:
         shape = (cache.k.shape[0], 2, *cache.k.shape[2:])  # [L, 2, bs, Hkv, D]
         got: list[torch.Tensor] = []
         for i in range(cached, n):
-            kv = self.pool.get(hashes[i], shape, cache.k.dtype)
+            kv = self._kv_pool.get(hashes[i], shape, cache.k.dtype)
             if kv is None:
                 break
             got.append(kv)
@@ -238,7 +251,7 @@ class PDInstance:
         def done(error: str | None, seconds: float) -> None:
             self._done(tid, {"error": error, "seconds": seconds, **info})
 
-        self.transport.send(tid, dst, meta, layers, done)
+        self._transport.send(tid, dst, meta, layers, done)
 
     def _done(self, tid: int, result: dict) -> None:
         with self._cond:
@@ -259,7 +272,7 @@ class PDInstance:
 
     # ---- decode ----------------------------------------------------------------------
     async def accept(self, tid: int, timeout_s: float) -> dict:
-        arrival = await asyncio.to_thread(self.transport.wait_arrival, tid, timeout_s)
+        arrival = await asyncio.to_thread(self._transport.wait_arrival, tid, timeout_s)
 
         def put() -> int:
             self._expire_holds()

@@ -40,9 +40,11 @@ def snapshot(engine, request: Request) -> tuple[dict, list[torch.Tensor]]:
         ).cpu()
         for layer in range(cache.k.shape[0])
     ]  # [2, n, bs, Hkv, D] each
+    namespace = request.cache_namespace
+    assert isinstance(namespace, tuple)  # a Request's is (build id, top_k[, ...]): JSON-able
     meta = {
         "tokens": prompt[: n * bm.block_size],
-        "namespace": list(request.cache_namespace),
+        "namespace": list(namespace),
         "block_size": bm.block_size,
         "cached_tokens": int(request.num_cached_tokens),
         "prompt_tokens": len(prompt),

@@ -96,8 +96,8 @@ class KVTransport:
         self.endpoint = endpoint
         self.rank = endpoint.rank
         self.world_size = endpoint.world_size
-        self._store = None
-        self._data = None
+        self._store_: dist.TCPStore | None = None
+        self._data_: dist.ProcessGroupGloo | None = None
         self._threads: list[threading.Thread] = []
         self._senders: dict[int, queue.Queue] = {}
         self._arrivals: dict[int, Arrival] = {}
@@ -112,12 +112,25 @@ class KVTransport:
             ep.host, ep.port, ep.world_size, is_master=ep.rank == 0,
             timeout=_MEET, wait_for_workers=False,
         )  # fmt: skip
-        self._store = store
+        self._store_ = store
         # instances load their models at different speeds: meeting may take a while; each
         # transfer's messages are bounded by the data timeout given to every wait
-        self._data = dist.ProcessGroupGloo(
+        self._data_ = dist.ProcessGroupGloo(
             dist.PrefixStore("moska/pd/data", store), ep.rank, ep.world_size, _MEET
         )
+
+    @property
+    def _store(self) -> dist.TCPStore:
+        """The header store; only after `connect` (the sender and receiver threads start
+        after it)."""
+        assert self._store_ is not None, "KVTransport.connect() has not run"
+        return self._store_
+
+    @property
+    def _data(self) -> dist.ProcessGroupGloo:
+        """The point-to-point data group; only after `connect`."""
+        assert self._data_ is not None, "KVTransport.connect() has not run"
+        return self._data_
 
     # ---- prefill side ----------------------------------------------------------------
     def send(
@@ -177,7 +190,8 @@ class KVTransport:
         timeout = timedelta(seconds=self.endpoint.timeout_s)
         for layer in job.layers:  # layer by layer: the receiver takes each as it comes
             t = layer.contiguous().cpu()
-            self._data.send([t], job.dst, seq).wait(timeout)
+            # torch's stubs leave send/recv off Backend; ProcessGroupGloo binds them
+            self._data.send([t], job.dst, seq).wait(timeout)  # type: ignore[attr-defined]
             self.bytes_sent += t.numel() * t.element_size()
 
     # ---- decode side -----------------------------------------------------------------
@@ -212,7 +226,7 @@ class KVTransport:
                 shape, dtype = meta["layer_shape"], _DTYPES[meta["dtype"]]
                 for _ in range(int(meta["num_layers"])):
                     t = torch.empty(shape, dtype=dtype)
-                    self._data.recv([t], src, seq).wait(timeout)
+                    self._data.recv([t], src, seq).wait(timeout)  # type: ignore[attr-defined]
                     arrival.layers.append(t)
             except Exception as exc:  # noqa: BLE001 - recorded for the waiting request
                 arrival.error = f"receiving transfer {arrival.transfer_id} from rank {src} " + (
