@@ -18,6 +18,7 @@ from moska.library.errors import (
     LibraryNotFoundError,
 )
 from moska.library.format import (
+    MANIFEST_FILE,
     TOKENS_FILE,
     ChunkEntry,
     ChunkSpan,
@@ -263,6 +264,10 @@ def load_library(
     hkv = m.num_kv_heads if kv_heads is None else kv_heads[1] - kv_heads[0]
     shape = (manifest.num_tokens, hkv, m.head_dim)
     dtype = getattr(torch, m.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptLibraryError(
+            name, MANIFEST_FILE, f"model dtype {m.dtype!r} is not a torch dtype"
+        )
     fp8 = manifest.kv_dtype == "fp8"
     kv_dtype = torch.float8_e4m3fn if fp8 else dtype  # pools; the routing index stays `dtype`
     offsets = torch.tensor(manifest.chunk_offsets, dtype=torch.int32, device=device)

@@ -175,12 +175,12 @@ def check_documents_fit(
 
 def independent_from_args(args: Any) -> IndependentOptions | None:
     """The IndependentOptions the flags ask for; None when none is given (the defaults)."""
-    given = {
+    flags = {
         "chunk_sink": getattr(args, "chunk_sink", None),
         "temperature": getattr(args, "attention_temperature", None),
         "log_scale": getattr(args, "attention_log_scale", None),
     }
-    given = {k: v for k, v in given.items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     if not given:
         return None
     if getattr(args, "mode", "independent") != "independent":

@@ -60,14 +60,6 @@ def causal_attention_ref(
     return (acc / den[..., None]).view(T, Hq, D).to(q.dtype)
 
 
-def _paged_kernel() -> Callable | None:
-    try:
-        from moska.kernels.paged_attention import paged_prefill_attention
-    except ImportError:
-        return None
-    return paged_prefill_attention
-
-
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Square causal attention (T == L) with torch SDPA (flash on CUDA)."""
     G = q.shape[1] // k.shape[1]
@@ -101,6 +93,7 @@ class _PoolAttention:
         for seq_start, lo, hi in self.segments:
             n = hi - lo
             if k is not None:
+                assert v is not None  # a layer that writes KV brings both K and V
                 kp[seq_start + lo : seq_start + hi] = k[t : t + n]
                 vp[seq_start + lo : seq_start + hi] = v[t : t + n]
             o[t : t + n] = self._attend(q[t : t + n], kp, vp, seq_start, hi)
@@ -110,7 +103,7 @@ class _PoolAttention:
 
     def _attend(self, q, kp, vp, seq_start: int, hi: int) -> torch.Tensor:
         T = q.shape[0]
-        if self.kernel is not None and q.is_cuda and seq_start % POOL_BLOCK == 0:
+        if self.kernel is not None and seq_start % POOL_BLOCK == 0:
             nb = -(-hi // POOL_BLOCK)
             rows = slice(seq_start, seq_start + nb * POOL_BLOCK)
             shape = (nb, POOL_BLOCK) + tuple(kp.shape[1:])
@@ -142,17 +135,20 @@ class _Pools:
         self.v: list[torch.Tensor | None] = [None] * num_layers
 
     def get(self, layer: int, like: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is None:
+        k, v = self.k[layer], self.v[layer]
+        if k is None or v is None:
             assert like is not None, f"KV slot {layer} read before its source layer wrote it"
             shape = (self.padded,) + tuple(like.shape[1:])  # [S_pad, Hkv, D]
-            self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        return self.k[layer], self.v[layer]
+            k = self.k[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            v = self.v[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return k, v
 
     def finish(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        assert all(t is not None for t in self.k), "the model skipped a layer"
+        ks = [t for t in self.k if t is not None]
+        vs = [t for t in self.v if t is not None]
+        assert len(ks) == len(vs) == len(self.k), "the model skipped a layer"
         S = self.num_tokens
-        return [t[:S] for t in self.k], [t[:S] for t in self.v]  # [S_total, Hkv, D] views
+        return [t[:S] for t in ks], [t[:S] for t in vs]  # [S_total, Hkv, D] views
 
 
 def model_device(model: Any) -> torch.device:
@@ -187,7 +183,9 @@ def prefill_corpus(
 
     device = model_device(model)
     scale = sm_scale if sm_scale is not None else head_dim**-0.5
-    kernel = _paged_kernel() if device.type == "cuda" else None
+    # the engine's kernel table: its Triton paged prefill over the pools, else SDPA below
+    ops = getattr(model, "kernels", None)
+    kernel = ops.paged_prefill if ops is not None and ops.name == "triton" else None
     token_ids, sequences, keep = _with_prefix(corpus, list(sequence_prefix))
     pools = _Pools(num_layers, len(token_ids))
     ids = torch.tensor(token_ids, dtype=torch.int64, device=device)  # [S_total + prefixes]

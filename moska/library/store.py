@@ -91,8 +91,9 @@ def save_library(
             dynamic_ncols=True,
         ):
             tensors = {"k": library.k_pools[i], "v": library.v_pools[i]}
-            if library.kv_scales(i) is not None:  # an FP8 library's per-(token, head) scales
-                tensors["k_scale"], tensors["v_scale"] = library.kv_scales(i)
+            scales = library.kv_scales(i)
+            if scales is not None:  # an FP8 library's per-(token, head) scales
+                tensors["k_scale"], tensors["v_scale"] = scales
             for field, value in library.routing[i]._asdict().items():
                 if field != "chunk_offsets":
                     assert isinstance(value, torch.Tensor), (field, type(value))
@@ -138,7 +139,7 @@ def _owner_alive(tmp: Path, now: float) -> bool:
 def remove_stale_tmp_dirs(root: str | os.PathLike) -> list[Path]:
     """Remove the tmp directories of builds (and deletions) that can no longer finish."""
     root = Path(root)
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
     now = time.time()
