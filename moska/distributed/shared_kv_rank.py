@@ -119,7 +119,8 @@ def load_shard(
     placement = ChunkPlacement.by_chunk_id(manifest.num_chunks, layout.num_shared)
     chunks = placement.chunks_of(layout.shared_index(rank))
     m = manifest.model
-    k_pools, v_pools = [], []
+    k_pools: list[torch.Tensor] = []
+    v_pools: list[torch.Tensor] = []
     for i in range(manifest.num_kv_layers):
         with safe_open(str(directory / layer_file(i)), framework="pt", device=str(device)) as f:
             for key, pools in (("k", k_pools), ("v", v_pools)):

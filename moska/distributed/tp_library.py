@@ -167,7 +167,7 @@ class HeadSplit:
         return self.gather(table.permute(0, 2, 1))
 
 
-def in_memory_reason(library: LoadedLibrary, split: HeadSplit) -> str | None:
+def in_memory_reason(library: LoadedLibrary, split: HeadSplit | None) -> str | None:
     """Why `library` cannot be shared with the other ranks (None: it can)."""
     m = library.manifest
     if not m.files:
@@ -186,7 +186,8 @@ class TensorParallelLibraries(LibraryManager):
         kwargs.pop("tiers", None)  # tiers load a library whole: refused in from_model
         super().__init__(root, loaded_model, device, **kwargs)
         self.channel = channel  # StepChannel
-        self.split = HeadSplit.of(loaded_model.model)
+        # None in SharedKVLibraries: its ranks hold whole KV heads
+        self.split: HeadSplit | None = HeadSplit.of(loaded_model.model)
         self.load_options = {"kv_heads": self.split.heads}
 
     def build(self, name: str, *args: Any, reservation: Any = None, **kwargs: Any):
@@ -200,7 +201,7 @@ class TensorParallelLibraries(LibraryManager):
         )
 
     def _register(self, name: str, library: LoadedLibrary) -> None:
-        if library.kv_heads == self.split.heads:
+        if self.split is not None and library.kv_heads == self.split.heads:
             library.head_split = self.split
         super()._register(name, library)
 
