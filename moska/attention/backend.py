@@ -16,15 +16,15 @@ import torch
 from moska.attention.composed import composed_group_states
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
-from moska.attention.ops import AttentionOps
 from moska.attention.shared import routing_coverage, shared_attention_for_group
+from moska.kernel_ops import KernelOps
 from moska.library.composition import is_composed
 from moska.library.positions import shared_logit_adjustment
 
 
 class PagedAttention:
     def __init__(
-        self, cache: PagedKVCache, ops: AttentionOps, sm_scale: float, overlap: bool = True
+        self, cache: PagedKVCache, ops: KernelOps, sm_scale: float, overlap: bool = True
     ) -> None:
         self.cache = cache
         self.ops = ops

@@ -21,14 +21,14 @@ from __future__ import annotations
 import torch
 
 from moska.attention.metadata import LibraryGroup
-from moska.attention.ops import AttentionOps
 from moska.attention.shared import all_chunk_selections, fp8_kwargs
+from moska.kernel_ops import KernelOps
 from moska.kernels.selections import Selections
 from moska.library.positions import shared_logit_adjustment
 
 
 def composed_group_states(
-    ops: AttentionOps,
+    ops: KernelOps,
     layer: int,
     q_rows: torch.Tensor,  # [n, Hq, D]
     group: LibraryGroup,
@@ -42,7 +42,7 @@ def composed_group_states(
     parts = comp.parts
     adjust = [shared_logit_adjustment(p) for p in parts]
     scales = [sm_scale * a for a, _ in adjust]
-    sels = select_union(q_rows, group, layer, scales, [b for _, b in adjust], ops.use_triton)
+    sels = select_union(q_rows, group, layer, scales, [b for _, b in adjust], ops.triton_routing)
     states = []
     for part, base, sel, scale, (_, log_scale) in zip(parts, comp.bases, sels, scales, adjust):
         if sel.req.numel() == 0:  # no row took a chunk of this part
@@ -76,7 +76,7 @@ def select_union(
     policy = group.policy or RoutingPolicy(scorer=group.scorer)
     if group.top_k >= comp.num_chunks or layer < policy.dense_layers:
         return [
-            all_chunk_selections(n, p.k_pools[layer].shape[1], p.num_chunks, dev)
+            all_chunk_selections(n, p.k_pools[layer].shape[1], p.num_chunks, dev, use_triton)
             for p in comp.parts
         ]
     estimates = []
@@ -134,7 +134,7 @@ def _coverage(ops, layer, q_rows, comp, scales, adjust, lse_sel, sel) -> torch.T
     totals = []
     for part, scale, (_, bias) in zip(comp.parts, scales, adjust):
         hkv = part.k_pools[layer].shape[1]
-        every = all_chunk_selections(n, hkv, part.num_chunks, q_rows.device)
+        every = all_chunk_selections(n, hkv, part.num_chunks, q_rows.device, ops.triton_routing)
         if getattr(part, "tiers", None) is not None:
             _, lse_all, _ = part.tiers.attend(ops, layer, q_rows, every, scale, wait=True)
         else:

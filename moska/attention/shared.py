@@ -6,20 +6,20 @@ from __future__ import annotations
 import torch
 
 from moska.attention.metadata import LibraryGroup
-from moska.attention.ops import AttentionOps
+from moska.kernel_ops import KernelOps
 from moska.kernels.selections import Selections, from_topk
 
 
 def all_chunk_selections(
-    num_rows: int, num_kv_heads: int, num_chunks: int, device: torch.device
+    num_rows: int, num_kv_heads: int, num_chunks: int, device: torch.device, use_triton: bool
 ) -> Selections:
     """Every row reads every chunk with every KV head, sorted by (chunk, kv_head, req)."""
     every = torch.arange(num_chunks, device=device).expand(num_rows, 1, num_chunks)
-    return from_topk(every, num_kv_heads, num_chunks)
+    return from_topk(every, num_kv_heads, num_chunks, use_triton)
 
 
 def route_group(
-    ops: AttentionOps,
+    ops: KernelOps,
     layer: int,
     q_rows: torch.Tensor,  # [n, Hq, D]
     group: LibraryGroup,
@@ -31,7 +31,8 @@ def route_group(
     lib = group.library
     num_kv_heads = lib.k_pools[layer].shape[1]
     if group.top_k >= lib.num_chunks:
-        return all_chunk_selections(q_rows.shape[0], num_kv_heads, lib.num_chunks, q_rows.device)
+        n, dev = q_rows.shape[0], q_rows.device
+        return all_chunk_selections(n, num_kv_heads, lib.num_chunks, dev, ops.triton_routing)
     from moska.routing import RoutingPolicy, select_chunks
 
     policy = group.policy or RoutingPolicy(scorer=group.scorer)
@@ -43,12 +44,12 @@ def route_group(
         policy,
         sm_scale,
         keymax_programs=keymax_programs,
-        use_triton=ops.use_triton,  # attention "torch": no Triton in routing either
+        use_triton=ops.triton_routing,  # attention "torch": no Triton in routing either
     )
 
 
 def shared_attention_for_group(
-    ops: AttentionOps,
+    ops: KernelOps,
     layer: int,
     q_rows: torch.Tensor,  # [n, Hq, D]
     group: LibraryGroup,
@@ -72,7 +73,7 @@ def fp8_kwargs(lib, layer: int) -> dict:
 
 
 def routing_coverage(
-    ops: AttentionOps,
+    ops: KernelOps,
     layer: int,
     q_rows: torch.Tensor,  # [n, Hq, D]
     group: LibraryGroup,
@@ -85,7 +86,7 @@ def routing_coverage(
     every chunk. Costs one all-chunks pass of this layer (debugging only)."""
     lib = group.library
     n, num_kv_heads = q_rows.shape[0], lib.k_pools[layer].shape[1]
-    every = all_chunk_selections(n, num_kv_heads, lib.num_chunks, q_rows.device)
+    every = all_chunk_selections(n, num_kv_heads, lib.num_chunks, q_rows.device, ops.triton_routing)
     if getattr(lib, "tiers", None) is not None:
         _, lse_all, _ = lib.tiers.attend(ops, layer, q_rows, every, sm_scale, wait=True)
     else:

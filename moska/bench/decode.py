@@ -30,7 +30,6 @@ import torch
 from moska.attention.backend import PagedAttention
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
-from moska.attention.ops import get_attention_ops
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import (
     LLAMA_3_1_8B,
@@ -40,6 +39,7 @@ from moska.bench.common import (
     time_ms,
     write_json,
 )
+from moska.kernel_ops import kernel_ops
 
 DEV = "cuda"  # --cpu-dry-run switches the whole harness to CPU with a tiny model
 
@@ -162,7 +162,8 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
         for l in range(t.shape[0]):
             t[l].normal_()
     lib = build_library_view(cache, args.library_tokens, args.chunk_size, args.scorer, bs)
-    attention = PagedAttention(cache, get_attention_ops("triton"), mcfg.sm_scale)
+    attention = PagedAttention(cache, kernel_ops("triton"), mcfg.sm_scale)
+    model.kernels = kernel_ops("auto", DEV)  # norms, RoPE, SiLU-and-mul: Triton on CUDA
     kv_token_bytes = 2 * mcfg.num_kv_heads * mcfg.head_dim * 2  # k+v, bf16, one layer
 
     rows = []

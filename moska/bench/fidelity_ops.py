@@ -10,6 +10,8 @@ references. ``speed_up(engine)`` swaps them into one engine's attention table.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from moska.kernels.shared_attention import grouped_shared_attention_ref
@@ -73,10 +75,12 @@ def merge_selections_scatter(o_base, lse_base, o_sel, lse_sel, sel):
 def speed_up(engine) -> bool:
     """Swap the two into an engine whose attention is "torch"; True when swapped."""
     runner = engine.runner
-    if runner.ops.use_triton:
+    if runner.ops.name != "torch":
         return False
-    ops = runner.ops._replace(
-        grouped_shared=grouped_shared_by_chunk, merge_selections=merge_selections_scatter
+    ops = dataclasses.replace(
+        runner.ops,
+        grouped_shared=grouped_shared_by_chunk,
+        merge_selections=merge_selections_scatter,
     )
     runner.ops = ops
     runner.attention.ops = ops

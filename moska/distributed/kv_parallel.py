@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moska.attention.ops import AttentionOps
+from moska.kernel_ops import KernelOps
 
 
 class KVBudgetError(ValueError):
@@ -153,7 +153,7 @@ def local_partial(
     block_tables: torch.Tensor,  # [T, max_local_blocks] int32, this rank's blocks per row
     visible: torch.Tensor,  # [T] int32, local tokens each row sees (0: none)
     sm_scale: float,
-    ops: AttentionOps,
+    ops: KernelOps,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (o [T, Hq, D], lse [T, Hq] fp32)
     """This rank's partial state: each row a decode row of the paged kernel."""
     return ops.paged_decode(q, k_cache, v_cache, block_tables, visible, sm_scale)
@@ -166,7 +166,7 @@ def kv_parallel_attention(
     block_tables: torch.Tensor,  # [T, max_local_blocks] int32
     visible: torch.Tensor,  # [T] int32
     sm_scale: float,
-    ops: AttentionOps,
+    ops: KernelOps,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (o [T, Hq, D], lse [T, Hq]) on every rank
     """DistAttention: local partial, all-gather, LSE merge; every rank gets the result."""
@@ -219,7 +219,7 @@ def helix_attention(
     block_tables: torch.Tensor,  # [T, max_local_blocks] int32
     visible: torch.Tensor,  # [T] int32
     sm_scale: float,
-    ops: AttentionOps,
+    ops: KernelOps,
     group: dist.ProcessGroup | None = None,
     microbatches: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (o [T, Hq/P, D], lse [T, Hq/P]): head slice `rank`

@@ -31,8 +31,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from moska.attention.ops import AttentionOps
 from moska.distributed.partition import ChunkPlacement, destinations
+from moska.kernel_ops import KernelOps
 from moska.kernels.selections import Selections
 
 STOP = -1  # header layer value that ends a shared rank's serve_forever
@@ -156,7 +156,7 @@ class SharedKVClient:
         spec: SharedKVSpec,
         layout: SharedKVLayout,
         placement: ChunkPlacement,
-        ops: AttentionOps,
+        ops: KernelOps,
         group: dist.ProcessGroup | None = None,
     ) -> None:
         if placement.num_ranks != layout.num_shared:
@@ -243,7 +243,7 @@ class SharedKVServer:
         spec: SharedKVSpec,
         layout: SharedKVLayout,
         shard: LibraryShard,
-        ops: AttentionOps,
+        ops: KernelOps,
         group: dist.ProcessGroup | None = None,
     ) -> None:
         self.spec, self.layout, self.shard, self.ops, self.group = spec, layout, shard, ops, group

@@ -176,10 +176,9 @@ class SharedKVLibraries(TensorParallelLibraries):
         self.split = None  # whole KV heads: nothing split
         self.shared_kv = remote
         self.load_options = {}
-        kind = "triton" if torch.device(device).type == "cuda" else "torch"
-        from moska.attention.ops import get_attention_ops
+        from moska.kernel_ops import kernel_ops
 
-        self._ops = get_attention_ops(kind)  # the clients' merge (rank 0's runner agrees)
+        self._ops = kernel_ops("auto", device)  # the clients' merge (rank 0's runner agrees)
 
     def build(self, name: str, *args: Any, **kwargs: Any):
         return LibraryManager.build(self, name, *args, **kwargs)

@@ -47,12 +47,11 @@ def run_shared_rank(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dty
 
 def serve_shared(groups: ProcessGroups, model_path, dtype: torch.dtype, device, config) -> None:
     """Run rank 0's commands until STOP."""
-    from moska.attention.ops import get_attention_ops
+    from moska.kernel_ops import kernel_ops
     from moska.model.config import ModelConfig
 
     mcfg = ModelConfig.from_file(Path(model_path) / "config.json")
-    kind = config.attention if config.attention != "auto" else None
-    ops = get_attention_ops(kind or ("triton" if device.type == "cuda" else "torch"))
+    ops = kernel_ops(config.attention, device)
     layout = SharedKVLayout(1, groups.world_size - 1)
     channel = StepChannel(groups.comm, groups.control, device, mcfg.hidden_size, dtype)
     servers: dict[str, SharedKVServer] = {}  # build id -> this rank's server of its chunks

@@ -131,7 +131,7 @@ class HeadSplit:
             top = scores.topk(top_k, dim=-1).indices
             if policy.per_kv_head:
                 top = top[:, self.start : self.stop]
-            return from_topk(top, self.local, C)
+            return from_topk(top, self.local, C, use_triton)
         if self.replicated and (policy.scorer == ORACLE or policy.page_size is not None):
             raise TensorParallelConfigError(
                 "the oracle scorer and page_size sum over a KV head's query heads, which "
@@ -160,7 +160,7 @@ class HeadSplit:
         if always_mask is not None:
             cheap = cheap.masked_fill(always_mask, float("inf"))
         short = cheap.topk(min(C, factor * top_k), dim=-1).indices  # [B, n_short]
-        pairs = from_topk(short[:, None, :], 1, C)
+        pairs = from_topk(short[:, None, :], 1, C, use_triton)
         scores = _keymax_pairs(q, index, pairs.req, pairs.chunk, programs, use_triton)
         table = torch.full((B, C, self.local), float("-inf"), dtype=torch.float32, device=q.device)
         table[pairs.req.long(), pairs.chunk.long()] = scores

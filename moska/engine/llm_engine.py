@@ -1,6 +1,6 @@
 """LLMEngine: requests in, one scheduled step at a time, RequestOutputs out.
 
-add_request -> Scheduler (waiting) -> step(): schedule -> ModelRunner.execute (router ->
+add_request -> Scheduler (waiting) -> step(): schedule -> ModelRunner.launch (router ->
 shared -> unique -> merge inside attention) -> Scheduler.update_from_output -> detokenize,
 stop strings -> RequestOutput deltas.
 """
@@ -307,9 +307,6 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked)
-
-    def num_unfinished_requests(self) -> int:
-        return len(self._tracked)
 
     # ---- one step -------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -12,7 +12,6 @@ import torch
 from moska.attention.backend import PagedAttention
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
-from moska.attention.ops import get_attention_ops
 from moska.config import EngineConfig
 from moska.engine import prompt_logprobs
 from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpec
@@ -21,6 +20,7 @@ from moska.engine.prompt_logprobs import PromptLogprobBatch
 from moska.engine.request import PLACEHOLDER_TOKEN, Request
 from moska.engine.sampler import SampledBatch, Sampler
 from moska.engine.transfer import host_tensor, to_device
+from moska.kernel_ops import kernel_ops
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,9 @@ class ModelRunner:
             self.dtype,
             device,
         )
-        kind = config.attention
-        if kind == "auto":
-            kind = "triton" if device.type == "cuda" else "torch"
-        self.ops = get_attention_ops(kind)
+        # the one kernel table (attention, routing, norms, RoPE, SiLU-and-mul), model included
+        self.ops = kernel_ops(config.attention, device)
+        self.model.kernels = self.ops
         self.attention = PagedAttention(self.cache, self.ops, self.mcfg.sm_scale)
         self.sampler = Sampler(config.seed)
         self._num_blocks = num_blocks
@@ -163,15 +162,6 @@ class ModelRunner:
             library_reserve=tiers.gpu_bytes(self.device) if tiers is not None else 0,
             free=free,
         )
-
-    def execute(
-        self,
-        scheduled: list,  # [ScheduledRequest(request, num_new_tokens)]
-        block_table: Callable[[str], list[int]],
-        top_k_default: int,
-    ) -> StepResult:
-        """Run one step and wait for its tokens."""
-        return self.launch(scheduled, block_table, top_k_default).result()
 
     @torch.inference_mode()
     def launch(
@@ -281,7 +271,6 @@ class ModelRunner:
                     library=lib,
                     rows=to_device(rows, dev, torch.int64),
                     top_k=lib_topk[name],
-                    scorer=_scorer(lib),
                     policy=lib_policy[name],
                     all_rows=rows == list(range(len(token_ids))),
                     record=name in record_reqs,
@@ -313,7 +302,7 @@ class ModelRunner:
                 continue
             policy = self.config.routing_policy
             specs.append(
-                LibrarySpec(lib.build_id, lib, top_k, _scorer(lib), record=True, policy=policy)
+                LibrarySpec(lib.build_id, lib, top_k, "keymax", record=True, policy=policy)
             )
         try:
             return self.graphs.capture(specs, progress=progress)
@@ -365,7 +354,7 @@ class ModelRunner:
         policy = (lib_policy or {}).get(name)
         if policy is not None and not policy.graph_safe:  # adaptive k, pages: host syncs
             return False
-        return LibrarySpec(name, lib, lib_topk[name], _scorer(lib), record=bool(reqs), policy=policy)
+        return LibrarySpec(name, lib, lib_topk[name], "keymax", record=bool(reqs), policy=policy)
 
     def _sample(self, hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs):
         step = PendingStep(sample_reqs, None, groups, lib_rows, record_reqs)
@@ -389,11 +378,6 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
-
-
-def _scorer(lib) -> str:
-    """The router scorer a library's rows use (its own default, else key-max)."""
-    return getattr(lib, "default_scorer", "keymax")
 
 
 def _record_routes(group: LibraryGroup, rows: list[int], reqs, result: StepResult) -> None:

@@ -222,7 +222,7 @@ def _two_stage_scores(
         cheap = cheap.masked_fill(always, float("inf"))
     n_short = min(C, shortlist_factor * top_k)
     short = cheap.topk(n_short, dim=-1).indices  # [B, n_short] int64
-    pairs = from_topk(short[:, None, :], 1, C)  # (req, chunk) pairs grouped by chunk
+    pairs = from_topk(short[:, None, :], 1, C, use_triton)  # (req, chunk) pairs by chunk
     pair_req, pair_chunk = pairs.req, pairs.chunk
     scores = _keymax_pairs(q, index, pair_req, pair_chunk, keymax_programs, use_triton)
     full = torch.full((B, C, Hkv), float("-inf"), dtype=torch.float32, device=q.device)
@@ -284,7 +284,7 @@ def route(
     B, C, Hkv, dev = q.shape[0], index.num_chunks, index.num_kv_heads, q.device
     always_mask = _always_mask(always, B, C, top_k, dev)
     if top_k >= C:
-        return from_topk(torch.arange(C, device=dev).expand(B, 1, C), Hkv, C)
+        return from_topk(torch.arange(C, device=dev).expand(B, 1, C), Hkv, C, use_triton)
     if scorer == "two_stage":
         scores = _two_stage_scores(
             q, index, top_k, shortlist_factor, always_mask, keymax_programs, use_triton
@@ -295,7 +295,7 @@ def route(
         scores = scores.sum(dim=1, keepdim=True)  # [B, 1, C]
     if always_mask is not None:
         scores = scores.masked_fill(always_mask[:, None, :], float("inf"))
-    return from_topk(scores.topk(top_k, dim=-1).indices, Hkv, C)  # scores [B, Hr, C]
+    return from_topk(scores.topk(top_k, dim=-1).indices, Hkv, C, use_triton)  # [B, Hr, K]
 
 
 def selections_to_lists(sel: Selections, B: int, num_kv_heads: int | None = None) -> list:

@@ -80,12 +80,15 @@ def _emit_kernel(
         tl.store(order_ptr + (b * Hr * E + h) * K + j, pos.to(tl.int32), mask=ok)
 
 
-def from_topk(chunk_idx: torch.Tensor, num_kv_heads: int, num_chunks: int) -> Selections:
+def from_topk(
+    chunk_idx: torch.Tensor, num_kv_heads: int, num_chunks: int, use_triton: bool = True
+) -> Selections:
     """Selections from each request's chosen chunks, sorted by (chunk, kv_head, req).
 
     ``chunk_idx`` [B, Hr, K] integer, Hr = 1 (every KV head of a request reads the same
     chunks) or Hr = num_kv_heads (routing per KV head); the K chunks of a row must be
     distinct and in [0, num_chunks). Returns Selections with ``row_order``/``row_offsets``.
+    ``use_triton`` False: the PyTorch reference even where the kernels could run.
     """
     if chunk_idx.dim() != 3:
         raise ValueError(f"chunk_idx must be [B, Hr, K], got shape {tuple(chunk_idx.shape)}")
@@ -95,7 +98,7 @@ def from_topk(chunk_idx: torch.Tensor, num_kv_heads: int, num_chunks: int) -> Se
     dev = chunk_idx.device
     N = B * num_kv_heads * K
     offsets = torch.arange(0, N + 1, K, dtype=torch.int32, device=dev)
-    if not triton_runs_on(dev, _emit_kernel):
+    if not use_triton or not triton_runs_on(dev, _emit_kernel):
         sel = from_topk_ref(chunk_idx, num_kv_heads)
         return sel._replace(row_offsets=offsets)
     req, kv, chunk, order = (torch.empty(N, device=dev, dtype=torch.int32) for _ in range(4))

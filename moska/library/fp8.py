@@ -23,8 +23,6 @@ from typing import NamedTuple
 
 import torch
 
-from moska.library.format import KV_DTYPES
-
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 GRANULARITIES = ("layer", "chunk", "token")  # one scale per KV head per: layer, chunk, token
@@ -38,16 +36,6 @@ class QuantizedKV(NamedTuple):
 
     data: torch.Tensor
     scale: torch.Tensor
-
-
-def check_kv_dtype(kv_dtype: object) -> str:
-    """``kv_dtype`` if it is a supported library KV dtype, else ValueError saying which are."""
-    if kv_dtype not in KV_DTYPES:
-        raise ValueError(
-            f"kv_dtype must be one of {KV_DTYPES} ('auto' keeps the model's dtype), "
-            f"got {kv_dtype!r}"
-        )
-    return str(kv_dtype)
 
 
 def _row_chunks(chunk_offsets: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -17,13 +17,6 @@ from moska.library.tiers import _MIN_CPU_SLOTS, ChunkTiers, TierConfig
 logger = logging.getLogger(__name__)
 
 
-def library_kv_bytes(manifest: Manifest) -> int:
-    """Bytes of the library's K and V pools, all KV layers."""
-    m = manifest.model
-    el = torch.empty((), dtype=getattr(torch, m.dtype)).element_size()
-    return 2 * manifest.num_tokens * m.num_kv_heads * m.head_dim * el * manifest.num_kv_layers
-
-
 def plan_slots(manifest: Manifest, config: TierConfig, device: torch.device) -> tuple[int, int]:
     """(GPU slots per layer, CPU slots) for the budgets; GPU slots >= the chunk count means
     the library fits (load it all-resident instead)."""

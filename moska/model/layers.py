@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moska.model.config import RopeScaling
+
+if TYPE_CHECKING:
+    from moska.kernel_ops import KernelOps
 
 
 class RMSNorm(nn.Module):
     """y = w * (x / rms(x)), normalised in fp32 and cast back before the weight (as HF does).
 
-    `fused(x, residual)` is the decoder's form: (norm(x + residual), x + residual), one
-    Triton kernel on CUDA (`kernels/rms_norm.py`)."""
+    `fused(x, residual, ops)` is the decoder's form: (norm(x + residual), x + residual), by
+    the engine's kernel table (`moska/kernel_ops.py`: one Triton launch, or the reference)."""
 
     def __init__(self, dim: int, eps: float, *, dtype=None, device=None) -> None:
         super().__init__()
@@ -28,17 +31,11 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(in_dtype)
 
-    def fused(self, x: torch.Tensor, residual: torch.Tensor | None, triton: bool):
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None, ops: KernelOps):
         """(norm(x + residual), x + residual); residual None means zero (the first layer)."""
-        if triton:
-            from moska.kernels.rms_norm import rms_norm
-
-            if residual is None:
-                return rms_norm(x, self.weight, self.eps), x
-            return rms_norm(x, self.weight, self.eps, residual=residual)
-        if residual is not None:
-            x = x + residual
-        return self(x), x
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps), x
+        return ops.rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -110,11 +107,5 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, **kw)
         self.down_proj = nn.Linear(intermediate, hidden, **kw)
 
-    def forward(self, x: torch.Tensor, triton: bool = False) -> torch.Tensor:
-        gu = self.gate_up_proj(x)  # [T, 2I]: gate ++ up
-        if triton:
-            from moska.kernels.activation import silu_and_mul
-
-            return self.down_proj(silu_and_mul(gu))
-        gate, up = gu.split(self.intermediate, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # gate ++ up [T, 2I]

@@ -18,8 +18,9 @@ from typing import Protocol, cast
 import torch
 from torch import nn
 
+from moska.kernel_ops import KernelOps, kernel_ops
 from moska.model.config import ModelConfig
-from moska.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rope
+from moska.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 
 
 class AttentionFn(Protocol):
@@ -57,12 +58,12 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn: AttentionFn,
-        triton: bool = False,
+        ops: KernelOps,
     ) -> torch.Tensor:
-        """cos/sin: [T, 1, D] in x's dtype, or [T, D/2] fp32 with `triton` (kernels)."""
+        """cos/sin: [T, D/2] fp32 (`RotaryEmbedding.cos_sin_half`); `ops` the kernel table."""
         t = x.shape[0]
         if not self.owns_kv:  # MLKV: reads the KV its source layer wrote
-            return self._forward_shared(x, cos, sin, attn, triton)
+            return self._forward_shared(x, cos, sin, attn, ops)
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -70,27 +71,17 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             assert self.k_norm is not None  # a layer that owns its KV has both norms
             q, k = self.q_norm(q), self.k_norm(k)
-        if triton:  # in place on the projection's fresh output (or the norms')
-            from moska.kernels.rotary import rotary_inplace
-
-            rotary_inplace(q, k, cos, sin)
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = ops.rotary(q, k, cos, sin)  # Triton: in place on the projection's output
         o = attn(self.kv_slot, q, k, v)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.q_size))
 
-    def _forward_shared(self, x, cos, sin, attn: AttentionFn, triton: bool) -> torch.Tensor:
+    def _forward_shared(self, x, cos, sin, attn: AttentionFn, ops: KernelOps) -> torch.Tensor:
         """An MLKV layer without k/v: q only, then attention over its KV slot."""
         t = x.shape[0]
         q = self.qkv_proj(x).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
         if self.q_norm is not None:
             q = self.q_norm(q)
-        if triton:
-            from moska.kernels.rotary import rotary_inplace
-
-            rotary_inplace(q, q[:, :0], cos, sin)  # no k: an empty [T, 0, D] view
-        else:
-            q = apply_rope(q, cos, sin)
+        q = ops.rotary(q, q[:, :0], cos, sin)[0]  # no k: an empty [T, 0, D] view
         o = attn(self.kv_slot, q, None, None)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -104,14 +95,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, **kw)
 
-    def forward(self, x, residual, cos, sin, attn: AttentionFn, triton: bool = False):
+    def forward(self, x, residual, cos, sin, attn: AttentionFn, ops: KernelOps):
         """The residual stream is carried beside the layer's output: returns (out, residual)
-        with hidden = out + residual, so each norm also does the add before it (fused on
-        CUDA). residual None: x is the embedding (the first layer)."""
-        h, residual = self.input_layernorm.fused(x, residual, triton)
-        h = self.self_attn(h, cos, sin, attn, triton)
-        h, residual = self.post_attention_layernorm.fused(h, residual, triton)
-        return self.mlp(h, triton), residual
+        with hidden = out + residual, so each norm also does the add before it (one launch
+        with the Triton table). residual None: x is the embedding (the first layer)."""
+        h, residual = self.input_layernorm.fused(x, residual, ops)
+        h = self.self_attn(h, cos, sin, attn, ops)
+        h, residual = self.post_attention_layernorm.fused(h, residual, ops)
+        return self.mlp(h, ops), residual
 
 
 class CausalLM(nn.Module):
@@ -127,8 +118,9 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, device=device
         )
-        # norms, RoPE and SiLU-and-mul as Triton kernels (`kernels/`): None = on CUDA
-        self.triton_layers: bool | None = None
+        # norms, RoPE and SiLU-and-mul: the engine's kernel table (`moska/kernel_ops.py`),
+        # handed in by the runner; the PyTorch references until then
+        self.kernels: KernelOps = kernel_ops("torch")
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -161,15 +153,12 @@ class CausalLM(nn.Module):
             "must both be [T]"
         )
         x = self.embed_tokens(input_ids)  # [T, H]
-        triton = self.triton_layers if self.triton_layers is not None else x.is_cuda
-        if triton:
-            cos, sin = self.rotary.cos_sin_half(positions)  # [T, D/2] fp32 each
-        else:
-            cos, sin = self.rotary.cos_sin(positions, x.dtype)  # [T, 1, D] each
+        ops = self.kernels
+        cos, sin = self.rotary.cos_sin_half(positions)  # [T, D/2] fp32 each
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, attn, triton)
-        return self.norm.fused(x, residual, triton)[0]
+            x, residual = layer(x, residual, cos, sin, attn, ops)
+        return self.norm.fused(x, residual, ops)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] (rows to sample from) -> logits [N, V] fp32."""

@@ -7,7 +7,3 @@ class TransferFailedError(RuntimeError):
     """A KV transfer between a prefill and a decode instance did not complete (a peer died
     or stopped answering, or the message was out of step). The front end retries the
     request on another decode instance or fails it; nothing waits on it any longer."""
-
-
-class NoInstanceError(RuntimeError):
-    """No live instance of a role is left to serve the request; restart the dead ones."""

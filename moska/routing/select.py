@@ -17,10 +17,12 @@ from moska.kernels.selections import Selections, from_topk
 from moska.routing.policy import ORACLE, RoutingPolicy, always_chunks
 
 
-def all_chunks(num_rows: int, num_kv_heads: int, num_chunks: int, device) -> Selections:
+def all_chunks(
+    num_rows: int, num_kv_heads: int, num_chunks: int, device, use_triton: bool = True
+) -> Selections:
     """Every row reads every chunk with every KV head, sorted by (chunk, kv_head, req)."""
     every = torch.arange(num_chunks, device=device).expand(num_rows, 1, num_chunks)
-    return from_topk(every, num_kv_heads, num_chunks)
+    return from_topk(every, num_kv_heads, num_chunks, use_triton)
 
 
 def from_mask(mask: torch.Tensor, num_kv_heads: int) -> Selections:
@@ -49,7 +51,7 @@ def select_chunks(
     index: RoutingIndex = library.routing[layer]
     Hkv, B, dev = index.num_kv_heads, q.shape[0], q.device
     if top_k >= C or layer < policy.dense_layers:
-        return all_chunks(B, Hkv, C, dev)
+        return all_chunks(B, Hkv, C, dev, use_triton)
     split = getattr(library, "head_split", None)  # tensor parallelism (distributed/tp_library)
     if split is not None and split.needs_exchange(policy):  # routes over every rank's heads
         return split.select(q, library, layer, top_k, policy, sm_scale, use_triton=use_triton,

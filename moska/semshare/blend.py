@@ -76,12 +76,6 @@ class RowAttention:
         return o[0].transpose(0, 1).to(q.dtype)  # [R, Hq, D]
 
 
-def _rope(model, positions: torch.Tensor, dtype, triton: bool):
-    if triton:
-        return model.rotary.cos_sin_half(positions)  # [T, D/2] fp32 each
-    return model.rotary.cos_sin(positions, dtype)  # [T, 1, D] each
-
-
 def _rerotated(ref: Reference, layers, ref_pos: torch.Tensor, new_pos: torch.Tensor, inv_freq):
     """Reference k, v of `layers` at `ref_pos`, keys moved to `new_pos`."""
     idx = ref_pos.to(ref.k.device)
@@ -139,8 +133,8 @@ def blend_prefill(
         cache.k.view(flat)[:, slots[start:][m_idx]] = k_ref.to(cache.k.dtype)
         cache.v.view(flat)[:, slots[start:][m_idx]] = v_ref.to(cache.v.dtype)
     x = model.embed_tokens(token_ids.to(device))  # [n, H]
-    triton = model.triton_layers if model.triton_layers is not None else x.is_cuda
-    cos, sin = _rope(model, new_pos, x.dtype, triton)
+    ops = model.kernels  # the engine's kernel table
+    cos, sin = model.rotary.cos_sin_half(new_pos)  # [n, D/2] fp32 each
     att = RowAttention(cache, slots, new_pos, model.config.sm_scale)
     residual = None
     rows = torch.arange(n, device=device)
@@ -154,15 +148,15 @@ def blend_prefill(
             x, residual, cos, sin = x[rows], residual[rows], cos[rows], sin[rows]
             att.keep(rows)
         if i == last:  # only its KV is needed: skip its attention output and MLP
-            _write_last_kv(layer, x, residual, cos, sin, att, triton)
+            _write_last_kv(layer, x, residual, cos, sin, att, ops)
             break
-        x, residual = layer(x, residual, cos, sin, att, triton)
+        x, residual = layer(x, residual, cos, sin, att, ops)
     num_recomputed = rows.numel()
     num_reused = int(matched.sum()) - int(matched[rows].sum())
     return BlendResult(num_reused, num_recomputed)
 
 
-def _write_last_kv(layer, x, residual, cos, sin, att: RowAttention, triton: bool) -> None:
+def _write_last_kv(layer, x, residual, cos, sin, att: RowAttention, ops) -> None:
     """The last layer's KV for the rows, without its attention output or MLP."""
 
     def write_only(slot, q, k, v):
@@ -174,8 +168,8 @@ def _write_last_kv(layer, x, residual, cos, sin, att: RowAttention, triton: bool
             vc[row_slots] = v.to(vc.dtype)
         return q  # [R, Hq, D]: any tensor of the output's shape; o_proj's result is dropped
 
-    h, _ = layer.input_layernorm.fused(x, residual, triton)
-    layer.self_attn(h, cos, sin, write_only, triton)
+    h, _ = layer.input_layernorm.fused(x, residual, ops)
+    layer.self_attn(h, cos, sin, write_only, ops)
 
 
 @torch.inference_mode()
@@ -187,10 +181,10 @@ def extend(model, cache, table: list[int], token_ids: torch.Tensor, start: int) 
     slots = slots_of(table, cache.block_size, 0, start + n, device)
     pos = torch.arange(start, start + n, device=device)
     x = model.embed_tokens(token_ids.to(device))
-    triton = model.triton_layers if model.triton_layers is not None else x.is_cuda
-    cos, sin = _rope(model, pos, x.dtype, triton)
+    ops = model.kernels
+    cos, sin = model.rotary.cos_sin_half(pos)  # [n, D/2] fp32 each
     att = RowAttention(cache, slots, pos, model.config.sm_scale)
     residual = None
     for layer in model.layers:
-        x, residual = layer(x, residual, cos, sin, att, triton)
-    return model.norm.fused(x, residual, triton)[0]
+        x, residual = layer(x, residual, cos, sin, att, ops)
+    return model.norm.fused(x, residual, ops)[0]

@@ -127,7 +127,7 @@ class SharedModel:
     config: Any  # ModelConfig
     tensors: dict[str, torch.Tensor]  # the model's state dict, the engine's own storage
     path: Path | None  # the model directory: tokenizer and fingerprint
-    triton_layers: bool | None
+    kernels: str  # the engine's kernel table's name ("triton" / "torch"), rebuilt in the child
     num_threads: int  # torch's intra-op threads, as the server's (the same sums)
 
     @classmethod
@@ -142,17 +142,18 @@ class SharedModel:
             loaded_model.config,
             tensors,
             loaded_model.path,
-            model.triton_layers,
+            model.kernels.name,
             torch.get_num_threads(),
         )
 
     def rebuild(self) -> Any:
         """In the child: a `LoadedModel` around the shared weights, with its tokenizer."""
+        from moska.kernel_ops import kernel_ops
         from moska.model.loader import LoadedModel, model_from_tensors
         from moska.model.tokenizer import Tokenizer
 
         model = model_from_tensors(self.config, self.tensors)
-        model.triton_layers = self.triton_layers
+        model.kernels = kernel_ops(self.kernels)
         tokenizer = None
         if self.path is not None and (Path(self.path) / "tokenizer.json").is_file():
             tokenizer = Tokenizer.from_pretrained(

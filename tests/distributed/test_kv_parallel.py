@@ -73,15 +73,15 @@ def _table(rows_ids):
 def _cases(rank: int, world: int):
     import torch.distributed as dist
 
-    from moska.attention.ops import get_attention_ops
     from moska.distributed.kv_parallel import (
         helix_attention,
         kv_parallel_attention,
         visible_lens,
     )
+    from moska.kernel_ops import kernel_ops
     from moska.kernels.paged_attention import paged_attention_ref
 
-    ops = get_attention_ops("triton" if DEV.type == "cuda" else "torch")
+    ops = kernel_ops("triton" if DEV.type == "cuda" else "torch")
     scale = D**-0.5
     pair = dist.new_group([0, 1])  # every rank must create it
     out = {}

@@ -73,7 +73,6 @@ def _dense(q, keys, vals, scale):
 def _cases(rank: int, world: int):
     import torch.distributed as dist
 
-    from moska.attention.ops import get_attention_ops
     from moska.distributed.partition import ChunkPlacement
     from moska.distributed.shared_kv import (
         SharedKVClient,
@@ -82,11 +81,12 @@ def _cases(rank: int, world: int):
         SharedKVSpec,
         shard_library,
     )
+    from moska.kernel_ops import kernel_ops
     from moska.kernels.router import build_routing_index, route
     from moska.kernels.selections import from_topk
 
     dev = torch.device(os.environ.get("MOSKA_TEST_DEVICE", "cpu"))
-    ops = get_attention_ops("triton" if dev.type == "cuda" else "torch")
+    ops = kernel_ops("triton" if dev.type == "cuda" else "torch")
     scale = D**-0.5
     spec = SharedKVSpec(HQ, HKV, D, torch.float32, scale)
     out = {}

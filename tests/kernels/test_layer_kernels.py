@@ -3,8 +3,8 @@ against their PyTorch references on fresh random inputs."""
 
 import pytest
 import torch
-
 from kernel_util import TOL, rel_err
+
 from moska.kernels.activation import silu_and_mul, silu_and_mul_ref
 from moska.kernels.rms_norm import rms_norm, rms_norm_ref
 
@@ -67,6 +67,7 @@ def test_rotary_inplace_on_strided_qkv_views(dtype):
 def test_model_with_triton_layers_matches_torch_layers(arch):
     # the whole decoder with fused kernels (norm + residual, RoPE in place, SiLU-and-mul)
     # against the same weights run with the PyTorch layers
+    from moska.kernel_ops import kernel_ops
     from moska.model.config import ModelConfig
     from moska.model.llama import CausalLM
 
@@ -102,9 +103,9 @@ def test_model_with_triton_layers_matches_torch_layers(arch):
     ids = torch.randint(0, 100, (7,))
     pos = torch.arange(100, 107)  # positions past the original context: scaled RoPE
     with torch.no_grad():
-        model.triton_layers = False
+        model.kernels = kernel_ops("torch")
         ref = model(ids, pos, attn)
-        model.triton_layers = True
+        model.kernels = kernel_ops("triton")
         out = model(ids, pos, attn)
     assert rel_err(out, ref) < 1e-4
 

@@ -16,8 +16,8 @@ import torch
 
 from moska.attention.composed import composed_group_states, select_union
 from moska.attention.metadata import LibraryGroup
-from moska.attention.ops import get_attention_ops
 from moska.engine.sampling_params import SamplingParams
+from moska.kernel_ops import kernel_ops
 from moska.library.composition import ComposedLibrary, CompositionError, check_composable
 from moska.library.positions import IndependentOptions
 from moska.routing import RoutingPolicy
@@ -87,7 +87,7 @@ def test_all_chunks_states_equal_reference(engine, kind):
     """top_k >= all chunks: the composed states merged with the rows' own state equal a
     softmax over every row of both libraries (each with its tempering) and the own keys."""
     comp = ComposedLibrary((engine.libraries.get("ca"), engine.libraries.get("cb")))
-    ops = get_attention_ops(kind)
+    ops = kernel_ops(kind)
     g = torch.Generator().manual_seed(1)
     hq, hkv, d = 4, 2, 64
     q = torch.randn(3, hq, d, generator=g)
@@ -112,7 +112,7 @@ def test_routing_takes_top_k_over_the_union(engine):
     sm_scale, layer, k = 64**-0.5, 2, 3
     policy = RoutingPolicy(scorer="oracle", per_kv_head=True)
     group = LibraryGroup(comp, torch.arange(4), top_k=k, policy=policy, all_rows=True)
-    o_sel, _, sel = composed_group_states(get_attention_ops("torch"), layer, q, group, sm_scale)
+    o_sel, _, sel = composed_group_states(kernel_ops("torch"), layer, q, group, sm_scale)
     got = {(int(r), int(h), int(c)) for r, h, c in zip(sel.req, sel.kv_head, sel.chunk)}
     mass = []  # [4, Hkv, C] exact log mass per chunk, reference
     for lib in comp.parts:
