@@ -41,7 +41,7 @@ class _Add:
     streams: list[RequestStream]
     prompt: str | list[int]
     params: list[SamplingParams]
-    library: str | None
+    library: str | Sequence[str] | None  # a name, or several: a composition
     top_k_chunks: int | None
     report_routing: bool
     future: asyncio.Future
@@ -123,7 +123,7 @@ class AsyncEngine:
         params: Sequence[SamplingParams],
         num_prompt_tokens: int,
         *,
-        library: str | None = None,
+        library: str | Sequence[str] | None = None,
         top_k_chunks: int | None = None,
         report_routing: bool = False,
         queue: asyncio.Queue | None = None,
@@ -403,12 +403,16 @@ class AsyncEngine:
         return stats
 
 
-def _library_to_load(engine: Any, library: str | None, cost: RequestCost | None) -> int:
-    """Tokens of `library` that adding a request will load (0 if it is loaded)."""
+def _library_to_load(
+    engine: Any, library: str | Sequence[str] | None, cost: RequestCost | None
+) -> int:
+    """Tokens of `library` (a name, or a composition's names) that adding a request will
+    load (0 if every part is loaded)."""
     if library is None or cost is None or not cost.library_load_tokens:
         return 0
     names = getattr(getattr(engine, "libraries", None), "loaded_names", None)
-    return 0 if names is None or library in names() else cost.library_load_tokens
+    wanted = {library} if isinstance(library, str) else set(library)
+    return 0 if names is None or wanted <= set(names()) else cost.library_load_tokens
 
 
 def _deliver(items: list[tuple[RequestStream, Any]]) -> None:

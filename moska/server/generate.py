@@ -120,18 +120,18 @@ def check_library(state: ServerState, library: str | list[str] | None) -> None:
         names = library_names(library)
     except CompositionError as exc:
         raise APIError(400, str(exc), param="library", code="invalid_composition") from exc
-    for library in names:
-        if not LIBRARY_NAME_RE.match(library):
+    for name in names:
+        if not LIBRARY_NAME_RE.match(name):
             raise APIError(
                 400,
-                f"invalid library name {library!r}: use 1-64 characters of letters, digits, "
+                f"invalid library name {name!r}: use 1-64 characters of letters, digits, "
                 "'.', '_' and '-', starting with a letter or digit",
                 param="library",
                 code="invalid_library_name",
             )
         if getattr(state.engine, "libraries", None) is None:
             raise APIError(
-                404, f"library {library!r} not found", param="library", code="library_not_found"
+                404, f"library {name!r} not found", param="library", code="library_not_found"
             )
 
 
