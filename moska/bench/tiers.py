@@ -100,13 +100,26 @@ def _rows(a, dist: str, churn: float) -> list[np.ndarray]:
     def draw(n):
         return rng.choice(a.chunks, size=n, p=probs)
 
-    chosen = np.stack([draw(a.top_k) for _ in range(a.batch)])
+    def distinct(row: np.ndarray) -> np.ndarray:
+        # a request reads k distinct chunks (from_topk's contract: a repeated chunk id
+        # in a row leaves selections unwritten on the GPU): redraw the repeats
+        seen: set[int] = set()
+        for j, c in enumerate(row):
+            while int(c) in seen:
+                c = draw(1)[0]
+            row[j] = c
+            seen.add(int(c))
+        return row
+
+    chosen = np.stack([distinct(draw(a.top_k)) for _ in range(a.batch)])
     steps = []
     for _ in range(a.warmup + a.steps):
         redraw = rng.random(chosen.shape) < churn
         chosen[redraw] = draw(int(redraw.sum()))
         for b in np.nonzero(rng.random(a.batch) < 1.0 / a.lifetime)[0]:
             chosen[b] = draw(a.top_k)
+        for b in range(a.batch):
+            distinct(chosen[b])
         steps.append(chosen.copy())
     return steps
 
