@@ -2,9 +2,9 @@
 `python -m moska.bench.kernels_shapes [--out DIR] [--budget-s S] [--cpu-dry-run]`.
 
 For every shape family (head dim D in 64, 128 x GQA ratio G in 1, 2, 4, 8; Hkv 8, Hq 8G,
-bf16) it times `grouped_shared_attention` alone at B = 64, 256 and 1,024 over 1M shared
-tokens in 256 chunks of 4,096, top-8 chunks per request, uniform and Zipf routing, with
-every candidate tile (CANDIDATES) and with the table's current choice (`default`). Each
+bf16) it times `grouped_shared_attention` alone (replayed as a CUDA graph) at B = 64, 256
+and 1,024 over 1M shared tokens in 256 chunks of 4,096, top-8 chunks per request, uniform
+and Zipf routing, with every candidate tile (CANDIDATES) and with the table's current choice (`default`). Each
 candidate's output is checked against the default's, and the default's against the plain
 PyTorch reference on a sample of selections. The best tile of a (shape, B) minimises the
 sum of its times over the two routings. DIR/kernels_shapes.json holds every time, the best
@@ -34,7 +34,7 @@ if "--cpu-dry-run" in sys.argv:  # Triton picks its interpreter when it is first
 import torch
 
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
-from moska.bench.common import environment, time_ms, write_json
+from moska.bench.common import capture_graph, environment, time_ms, write_json
 from moska.kernels.selections import Selections, from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.kernels.shared_tuning import GroupedTuning, grouped_tuning
@@ -94,12 +94,25 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def timer(dev: str, quick: bool):
+def timer(dev: str):
+    """ms of fn: on the GPU the median of a CUDA graph's replays (a decode step runs the
+    kernel in a graph; eager launches would time the launcher's host work as much as the
+    tile), eager when capture fails; on the CPU one host-clock call."""
     if dev == "cpu":
         return lambda fn: time_ms(fn, iters=1, warmup=0)
     from triton.testing import do_bench
 
-    return lambda fn: do_bench(fn, warmup=5 if quick else 10, rep=20 if quick else 40)
+    def measure(fn) -> float:
+        try:
+            replay = capture_graph(fn)
+        except Exception:  # noqa: BLE001 - time it eagerly instead
+            torch.cuda.synchronize()
+            replay = fn
+        t = do_bench(replay, warmup=10, rep=40, return_mode="median")
+        del replay
+        return t
+
+    return measure
 
 
 def sweep_point(q, k, v, offs, sel, scale, d, g, cands, measure, sms, hard_deadline) -> dict:
@@ -249,7 +262,7 @@ def main(argv=None) -> None:
     bw = ceil["read_bytes_per_s"]
     sms = 1 if dry else torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"read {bw / 1e9:.0f} GB/s ({ceil['read_best_stream']}), {sms} SMs")
-    measure = timer(dev, quick=False)
+    measure = timer(dev)
     res = dict(environment(), device=dev, config=cfg, ceilings=ceil, read_GBps=bw / 1e9)
     res["candidates"] = {tag(t): dataclasses.asdict(t) for t in cands}
     res["shapes"] = []
