@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from typing import Any
 
 if "--cpu-dry-run" in sys.argv:  # Triton picks its interpreter when it is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -58,9 +59,16 @@ CANDIDATES = [
     T(64, 64, 4, 3, programs_per_sm=4),
 ]
 # the device run: 1M shared tokens in 4,096-token chunks, top-8; the dry run: toy sizes
-GPU = {"hkv": 8, "chunks": 256, "chunk_len": 4096, "topk": 8, "b_list": (64, 256, 1024)}
-DRY = {"hkv": 2, "chunks": 6, "chunk_len": 64, "topk": 2, "b_list": (2, 6)}
-GPU["dtype"], DRY["dtype"] = "bfloat16", "float32"
+GPU: dict[str, Any] = {
+    "hkv": 8,
+    "chunks": 256,
+    "chunk_len": 4096,
+    "topk": 8,
+    "b_list": (64, 256, 1024),
+    "dtype": "bfloat16",
+}
+DRY: dict[str, Any] = {"hkv": 2, "chunks": 6, "chunk_len": 64, "topk": 2, "b_list": (2, 6)}
+DRY["dtype"] = "float32"
 
 
 def tag(t: GroupedTuning) -> str:

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         jobs |= {(d, g, t) for d, g, _ in list(jobs) for t in CANDIDATES}
     bad = 0
     for d, g, t in sorted(jobs, key=lambda j: (j[0], j[1], tag(j[2]))):
-        row = {"D": d, "G": g, "tile": tag(t)}
+        row: dict[str, Any] = {"D": d, "G": g, "tile": tag(t)}
         try:
             row.update(compile_sm90(d, g, t))
             row["fits"] = row["shared_bytes"] <= SMEM_LIMIT
