@@ -18,6 +18,7 @@ Usage: python -m moska.bench.fidelity_rank --model ../shared/models/moska-code-2
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             q = q.to(keys.dtype)
             offs = lib.chunk_offsets.cpu()
             truth = oracle_log_mass(q, keys, offs, sm)  # [B, Hkv, C]
-            row = {"layer": layer, "oracle": mass_kept(truth, truth, k),
+            row: dict[str, Any] = {"layer": layer, "oracle": mass_kept(truth, truth, k),
                    "truth_first_chunk_top": float((truth.sum(1).argmax(-1) == 0).float().mean())}  # fmt: skip
             pool = lib.k_pools[layer]  # the engine's dtype and device
             on_gpu = pool.is_cuda

@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 from dataclasses import asdict, dataclass
+from typing import Any
 
 if "--cpu-dry-run" in sys.argv:  # before Triton is imported: its interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -38,7 +39,7 @@ from moska.library.fp8 import quantize
 # the size e4m3 KV itself brings (`fp8_values_vs_bf16_values`, ~0.04 on random data).
 TOL = {"bf16": 1e-2, "fp8": 1e-2, "fp8_chunk": 1e-2, "fp8_dot": 1e-1}
 # alternatives to the launcher's defaults ({}): tiles, warps, stages, pointer loads
-TILES = [
+TILES: list[dict[str, Any]] = [
     {},
     {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3},
     {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 4},
@@ -100,7 +101,7 @@ def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int) -> dict:
     sel = from_topk(chunks_of[:sample].view(sample, 1, -1), s.hkv, s.chunks)
     scale = s.d**-0.5
     ref_bf16 = grouped_shared_attention_ref(qs, k, v, offs, sel, scale)
-    errs = {}
+    errs: dict[str, dict[str, Any]] = {}
     for name in names:
         kk, vv, kw = variant_args(name, k, v, q8)
         ro, rl = grouped_shared_attention_ref(
@@ -142,7 +143,7 @@ def run_batch(s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int
     errs = check(s, q, chunks_of, k, v, offs, q8, names, min(sample, b))
     sel = from_topk(chunks_of.view(b, 1, -1), s.hkv, s.chunks)
     scale = s.d**-0.5
-    times = {}
+    times: dict[str, Any] = {}  # name -> best; name_ms_by_tile, name_errors
     for name in names:
         kk, vv, kw = variant_args(name, k, v, q8)
         best = None
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes in the interpreter")
     ap.add_argument("--out", default="bench/results/fp8_attention.json")
     args = ap.parse_args(argv)
+    tiles: list[dict[str, Any]]
     if args.cpu_dry_run:
         s, batches, tiles = DRY, [4, 8], [{}]
         args.out = args.out.replace(".json", "_cpu_dry_run.json")

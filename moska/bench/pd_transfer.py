@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     port = free_port()
     ranks = [KVTransport(TransferEndpoint("127.0.0.1", port, r, 2, 60.0)) for r in range(2)]
-    threads = [threading.Thread(target=t.connect) for t in ranks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    threads = [threading.Thread(target=r.connect) for r in ranks]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
     ranks[1].start_receiving([0])
     times, exact = [], True
     try:

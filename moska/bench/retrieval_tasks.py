@@ -94,7 +94,7 @@ def _value(rng: random.Random, spec: RetrievalSpec) -> list[int]:
 def make_context(rng: random.Random, spec: RetrievalSpec, num_questions: int):
     """(context ids, [(question, answer, format, depth)] for ``num_questions`` facts)."""
     used: set = set()
-    pieces: list[tuple[str, list[int], tuple]] = []  # (format, tokens, ask info)
+    pieces: list[tuple[str, list[int], tuple | None]] = []  # (format, tokens, ask info)
     n = 0
     while n < spec.facts:
         fmt = rng.choice(FORMATS)

@@ -69,12 +69,12 @@ def batch(spec: RetrievalSpec, rng: random.Random, size: int, questions: int, ke
         seqs.append(ids)
         masks.append(mask)
     T = max(len(s) for s in seqs)
-    ids = torch.zeros(size, T, dtype=torch.long)
+    ids_t = torch.zeros(size, T, dtype=torch.long)
     m = torch.zeros(size, T, dtype=torch.bool)
     for i, (s, k) in enumerate(zip(seqs, masks)):
-        ids[i, : len(s)] = torch.tensor(s)
+        ids_t[i, : len(s)] = torch.tensor(s)
         m[i, : len(k)] = torch.tensor(k, dtype=torch.bool)
-    return ids, m
+    return ids_t, m
 
 
 @torch.no_grad()
@@ -96,7 +96,8 @@ def train(args) -> dict:
     full = RetrievalSpec(context_tokens=args.context, facts=args.facts)
     cfg = LlamaConfig(**model_config(full, args))
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(cfg).to(device)
+    # transformers types its wrapped `.to` as taking the model first: the checker is wrong
+    model = LlamaForCausalLM(cfg).to(device)  # type: ignore[arg-type]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
     rng = random.Random(args.seed)
     amp = device.type == "cuda"
