@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,8 +119,8 @@ def _rows(a, dist: str, churn: float) -> list[np.ndarray]:
         chosen[redraw] = draw(int(redraw.sum()))
         for b in np.nonzero(rng.random(a.batch) < 1.0 / a.lifetime)[0]:
             chosen[b] = draw(a.top_k)
-        for b in range(a.batch):
-            distinct(chosen[b])
+        for row in chosen:
+            distinct(row)
         steps.append(chosen.copy())
     return steps
 
@@ -156,6 +157,7 @@ def run_mode(a, mode, sels, pools, tiers, ops, device, mlp) -> dict:
                 w1, w2, h = mlp
                 x = torch.nn.functional.silu(h @ w1)[:, : w2.shape[0]] @ w2
     sync()
+    assert t0 is not None  # set at the first timed step
     seconds = time.perf_counter() - t0
     out = {"mode": mode, "seconds": seconds, "tokens_per_s": a.batch * a.steps / seconds}
     if tiers is not None:
@@ -184,8 +186,12 @@ def main(argv=None) -> dict:
     offs = [i * a.chunk_len for i in range(a.chunks + 1)]
     g = torch.Generator(device="cpu").manual_seed(a.seed)
     # the library on CPU (pinned on CUDA) and all-resident on the device
-    cpu = {"k": [], "v": []}
-    dev = {"k": [], "v": [], "offsets": torch.tensor(offs, dtype=torch.int32, device=device)}
+    cpu: dict[str, list[torch.Tensor]] = {"k": [], "v": []}
+    dev: dict[str, Any] = {
+        "k": [],
+        "v": [],
+        "offsets": torch.tensor(offs, dtype=torch.int32, device=device),
+    }
     torch.manual_seed(a.seed)
     for _ in range(a.layers):
         for key in ("k", "v"):

@@ -19,9 +19,13 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Hashable, Iterable, Sequence
+from typing import Generic, TypeVar
 from dataclasses import dataclass, field
 
 EVICTION_POLICIES = ("lru", "lfu")
+
+
+K = TypeVar("K", bound=Hashable)  # a cache's key: a chunk id, or (layer, chunk)
 
 
 class EvictionPolicy:
@@ -34,7 +38,7 @@ class EvictionPolicy:
     def rank(self, key: Hashable) -> float:
         raise NotImplementedError
 
-    def victims(self, resident: Iterable[Hashable], m: int) -> list[Hashable]:
+    def victims(self, resident: Iterable[K], m: int) -> list[K]:
         if m <= 0:
             return []
         return heapq.nsmallest(m, resident, key=self.rank)
@@ -82,18 +86,18 @@ def make_policy(name: str) -> EvictionPolicy:
 
 
 @dataclass
-class Admission:
+class Admission(Generic[K]):
     """What one `admit` decided: hits (key, slot), loads (key, slot) the caller must fill,
     the keys it evicted, and the keys that did not fit this time (the step needs more
     chunks than the cache has slots: the caller runs them in a later pass)."""
 
-    hits: list[tuple[Hashable, int]] = field(default_factory=list)
-    loads: list[tuple[Hashable, int]] = field(default_factory=list)
-    evicted: list[Hashable] = field(default_factory=list)
-    overflow: list[Hashable] = field(default_factory=list)
+    hits: list[tuple[K, int]] = field(default_factory=list)
+    loads: list[tuple[K, int]] = field(default_factory=list)
+    evicted: list[K] = field(default_factory=list)
+    overflow: list[K] = field(default_factory=list)
 
 
-class SlotCache:
+class SlotCache(Generic[K]):
     """`num_slots` slots holding keys; a policy picks victims. Not thread-safe (one owner)."""
 
     def __init__(self, num_slots: int, policy: str | EvictionPolicy = "lru") -> None:
@@ -101,13 +105,13 @@ class SlotCache:
             raise ValueError(f"a chunk cache needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
-        self.slot_of: dict[Hashable, int] = {}
+        self.slot_of: dict[K, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))  # pop() gives slot 0 first
         self.now = 0
         self.hits = 0
         self.misses = 0
 
-    def __contains__(self, key: Hashable) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self.slot_of
 
     def tick(self) -> None:
@@ -115,14 +119,14 @@ class SlotCache:
         self.now += 1
 
     def admit(
-        self, keys: Sequence[Hashable], protect: Iterable[Hashable] = (), count: bool = True
-    ) -> Admission:
+        self, keys: Sequence[K], protect: Iterable[K] = (), count: bool = True
+    ) -> Admission[K]:
         """Make `keys` resident, hits first, evicting neither `keys` nor `protect`. Keys
         beyond the free and evictable slots go to `overflow`. `count=False` (a prefetch)
         leaves the hit and miss counters alone."""
-        out = Admission()
+        out: Admission[K] = Admission()
         keys = list(dict.fromkeys(keys))
-        missing = []
+        missing: list[K] = []
         for k in keys:
             slot = self.slot_of.get(k)
             if slot is None:
@@ -149,7 +153,7 @@ class SlotCache:
             self.misses += len(missing)
         return out
 
-    def drop(self, key: Hashable) -> None:
+    def drop(self, key: K) -> None:
         """Forget `key` (its slot becomes free)."""
         slot = self.slot_of.pop(key, None)
         if slot is not None:

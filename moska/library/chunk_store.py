@@ -93,7 +93,7 @@ class DiskChunks:
         nbytes = (end - start) * row_bytes
         if nbytes == 0:
             return
-        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy arrays are buffers; its stubs do not say so
         with self._lock:
             got = os.preadv(self._fd(layer), [buf], base + start * row_bytes)
             self.bytes_read += got
@@ -135,7 +135,7 @@ class CpuChunks:
 
     def __init__(
         self,
-        disk: DiskChunks,
+        disk: DiskChunks | MemoryChunks,
         offsets: list[int],  # [C + 1] chunk row offsets
         num_slots: int,
         eviction: str,
@@ -151,7 +151,7 @@ class CpuChunks:
             key: torch.empty((num_slots, self.slot_rows, *shape[1:]), dtype=dtype, pin_memory=pin)
             for key in disk.keys
         }
-        self.cache = SlotCache(num_slots, eviction)
+        self.cache: SlotCache[tuple[int, int]] = SlotCache(num_slots, eviction)
         self._busy: dict[int, torch.cuda.Event] = {}  # slot -> copy out of it in flight
 
     @property

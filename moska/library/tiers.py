@@ -96,7 +96,8 @@ class TierConfig:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
         else:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            free = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        assert share is not None  # parse_budget gives bytes or a share
         return int(share * free)
 
     def cpu_bytes(self) -> int | None:
@@ -152,7 +153,9 @@ class ChunkTiers:
         rows = (num_slots * self.slot_rows, *shape[1:])  # [slots * slot_rows, Hkv, D]
         self.k_pools = [torch.zeros(rows, dtype=dtype, device=device) for _ in self._layers]
         self.v_pools = [torch.zeros(rows, dtype=dtype, device=device) for _ in self._layers]
-        self.caches = [SlotCache(num_slots, config.eviction) for _ in self._layers]
+        self.caches: list[SlotCache[int]] = [
+            SlotCache(num_slots, config.eviction) for _ in self._layers
+        ]
         c = self.num_chunks
         self.tables = [
             ChunkTable(
@@ -194,8 +197,9 @@ class ChunkTiers:
             (self.offsets[c + 1] - self.offsets[c]) * row_bytes for _, c in cpu_misses
         )
         stream = self._copy
-        if stream is not None and self._read_done[layer] is not None:
-            stream.wait_event(self._read_done[layer])  # the slots' last readers are done
+        read_done = self._read_done[layer]
+        if stream is not None and read_done is not None:
+            stream.wait_event(read_done)  # the slots' last readers are done
         starts, ends = self.tables[layer]
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for c, slot in loads:
