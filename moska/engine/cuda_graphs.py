@@ -80,7 +80,7 @@ class DecodeGraphs:
             b *= 2
         self.buckets.append(max_batch)
         self._graphs: dict[tuple, _Graph] = {}
-        self._pool = None
+        self._pool: Any = None  # the graphs' shared memory pool, made at the first capture
         self.captures = 0  # graphs captured so far
 
     def bucket(self, n: int) -> int | None:
@@ -113,6 +113,7 @@ class DecodeGraphs:
         g.tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
         with torch.cuda.device(self.device):
             g.graph.replay()
+        assert g.hidden is not None  # set by the capture
         return g.hidden[:n], g.group
 
     def capture(self, specs: list[LibrarySpec | None], progress: bool = True) -> int:
@@ -134,8 +135,9 @@ class DecodeGraphs:
 
     def _find(self, b: int, spec: LibrarySpec | None) -> _Graph | None:
         g = self._graphs.get(self._key(b, spec))
-        if g is not None and g.library is not None and g.library() is not spec.library:
-            return None  # the library was reloaded: recapture
+        if g is not None and g.library is not None:
+            if spec is None or g.library() is not spec.library:
+                return None  # the library was reloaded: recapture
         return g
 
     def _get(self, b: int, spec: LibrarySpec | None) -> _Graph:
@@ -166,12 +168,11 @@ class DecodeGraphs:
 
     def _capture(self, b: int, spec: LibrarySpec | None) -> _Graph:
         dev = self.device
-        i64 = {"dtype": torch.int64, "device": dev}
         g = _Graph(
             graph=torch.cuda.CUDAGraph(),
-            ids=torch.empty(b, **i64),
-            pos=torch.empty(b, **i64),
-            slots=torch.empty(b, **i64),
+            ids=torch.empty(b, dtype=torch.int64, device=dev),
+            pos=torch.empty(b, dtype=torch.int64, device=dev),
+            slots=torch.empty(b, dtype=torch.int64, device=dev),
             seq_lens=torch.empty(b, dtype=torch.int32, device=dev),
             tables=torch.empty((b, self.max_blocks), dtype=torch.int32, device=dev),
             hidden=None,
@@ -188,7 +189,7 @@ class DecodeGraphs:
         if spec is not None:
             g.group = LibraryGroup(
                 library=spec.library,
-                rows=torch.arange(b, **i64),
+                rows=torch.arange(b, dtype=torch.int64, device=dev),
                 top_k=spec.top_k,
                 scorer=spec.scorer,
                 policy=spec.policy,
