@@ -47,7 +47,7 @@ class PagedAttention:
             return None
         if self._side is None or self._side.device != device:
             # the highest priority: its blocks go first as the unique attention's retire
-            high = torch.cuda.Stream.priority_range()[1]
+            high = torch.cuda.Stream.priority_range()[1]  # type: ignore[call-arg]  # a static method; the stubs say otherwise
             self._side = torch.cuda.Stream(device=device, priority=high)
             self._sms = torch.cuda.get_device_properties(device).multi_processor_count
         return self._side
@@ -80,6 +80,7 @@ class BoundAttention:
     ) -> torch.Tensor:  # [T, Hq, D]
         p, m = self.p, self.meta
         if k is not None:  # `layer` is the KV slot (model/llama.py)
+            assert v is not None  # k and v come together
             p.cache.write(layer, k, v, m.slot_mapping, p.ops.kv_write)
         side = p.side_stream(q.device) if m.groups else None
         if side is None:

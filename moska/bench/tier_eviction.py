@@ -54,7 +54,7 @@ def trace(
 
 
 def simulate(policy: str, capacity: int, steps_iter) -> dict:
-    cache = SlotCache(capacity, policy)
+    cache: SlotCache[int] = SlotCache(capacity, policy)
     hits = misses = steps = 0
     for needed in steps_iter:
         cache.tick()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -183,7 +184,7 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sample_reqs: list[Request] = []
-        libs: dict[str, object] = {}  # build id -> library
+        libs: dict[str, Any] = {}  # build id -> library (loaded, or a composition)
         lib_rows: dict[str, list[int]] = {}  # by build id
         lib_topk: dict[str, int] = {}
         lib_policy: dict[str, object] = {}  # build id -> RoutingPolicy (its first request's)
@@ -235,6 +236,7 @@ class ModelRunner:
             scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs, lib_policy
         )
         if spec is not False:
+            assert self.graphs is not None  # a spec is only made when graphs exist
             try:
                 hidden, group = self.graphs.run(
                     host_tensor(token_ids, torch.int64, self.device),
@@ -287,9 +289,7 @@ class ModelRunner:
         step.decode_only = meta.decode_only
         return step
 
-    def capture_graphs(
-        self, libraries: dict[str, object], top_k: int, progress: bool = True
-    ) -> int:
+    def capture_graphs(self, libraries: dict[str, Any], top_k: int, progress: bool = True) -> int:
         """Capture the decode graphs ahead of traffic: every bucket without a library and
         with each of `libraries` (name -> loaded library, read with `top_k` and its default
         scorer). Returns how many were captured; 0 without graphs. A capture failure logs a
@@ -324,6 +324,7 @@ class ModelRunner:
             raise RuntimeError(f"placeholder input tokens with no step in flight: {missing[:4]}")
         rows = to_device([row for row, _ in pending], self.device, torch.int64)
         src = to_device([index[rid] for _, rid in pending], self.device, torch.int64)
+        assert prev is not None and prev.batch is not None  # the index came from it
         return rows, prev.batch.tokens.index_select(0, src)
 
     def _routing_policy(self, req: Request):
