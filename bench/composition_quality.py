@@ -1,0 +1,271 @@
+"""What composing position-independent libraries costs in quality, and what boundary repair
+buys back: token loss of a request file given its package's other files, on moska-code-20m.
+
+Workload (held-out code: networkx, installed in this venv; not in the model's training set):
+for each package directory with enough files, one file is the request and the package's
+other files, split round-robin into ``--libraries`` position-independent libraries (chunk
+size ``--chunk-size``, the BOS chunk sink), are what it reads. Each library file is cut to
+``--file-tokens`` tokens and the request to ``--request-tokens``. The loss is the mean
+next-token cross-entropy (nats) over the request's tokens, in fp32 on CPU, with moska's model
+code and plain-PyTorch attention:
+
+- ``sequential``: every library file, then the request, as one causal text (each file after
+  its <|endoftext|>, as in training): the reference.
+- ``alone``: the request without the libraries.
+- ``composed``: the libraries' chunks (each encoded alone) composed for the request, routed
+  by the composition's own router (``moska.attention.composed.select_union``, key-max, per
+  KV head) at top-k = all chunks and at 25% of them.
+- ``repair m/L``: boundary repair before composing: the first ``m`` tokens of every chunk
+  that continues a file are re-encoded with the file's preceding ``--repair-window`` tokens
+  as context (RoPE positions so that the chunk keeps its own), and their KV replaced in the
+  first ``L`` layers (EPIC/CacheBlend-style; no change to the other tokens).
+
+Usage: .venv/bin/python bench/composition_quality.py [--samples 8] [--out FILE]
+       .venv/bin/python bench/composition_quality.py --cpu-dry-run   (2 samples, small)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moska.attention.composed import select_union
+from moska.attention.metadata import LibraryGroup
+from moska.bench.common import environment
+from moska.library import build_in_memory
+from moska.library.composition import ComposedLibrary
+from moska.library.positions import IndependentOptions, shared_logit_adjustment
+from moska.model import DenseAttention, load_model
+from moska.routing import RoutingPolicy
+
+MAX_FILE_BYTES = 200_000
+
+
+def packages(min_files: int) -> list[list[Path]]:
+    """networkx directories (tests excluded) with at least ``min_files`` source files."""
+    spec = importlib.util.find_spec("networkx")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("networkx is not installed in this venv: it is the held-out text")
+    base = Path(next(iter(spec.submodule_search_locations)))
+    out = []
+    for d in sorted(p for p in base.rglob("*") if p.is_dir()):
+        if "tests" in d.parts or d.name.startswith("__"):
+            continue
+        files = sorted(
+            f
+            for f in d.glob("*.py")
+            if f.name != "__init__.py" and f.stat().st_size <= MAX_FILE_BYTES
+        )
+        if len(files) >= min_files:
+            out.append(files)
+    return out
+
+
+def encode(tok, path: Path) -> list[int]:
+    return list(tok.encode(path.read_text(encoding="utf-8"), add_special_tokens=False))
+
+
+def causal_states(q, k, v, sm_scale, offset=0):
+    """Scores [Hq, T, S] of rows q over keys k (rows causal from ``offset``), values [S,Hq,D]."""
+    T, Hq, _ = q.shape
+    G = Hq // k.shape[1]
+    s = torch.einsum("thd,shd->hts", q.float(), k.float().repeat_interleave(G, 1)) * sm_scale
+    mask = torch.ones(T, k.shape[0], dtype=torch.bool).tril(offset)
+    return s.masked_fill(~mask, -math.inf), v.float().repeat_interleave(G, 1)
+
+
+@torch.inference_mode()
+def loss_of(model, ids: list[int], positions, attn) -> float:
+    x = torch.tensor(ids)
+    hidden = model.forward(x, positions, attn)
+    logits = model.compute_logits(hidden[:-1]).float()
+    return float(F.cross_entropy(logits, x[1:]))
+
+
+def sequential_loss(model, files: list[list[int]], request: list[int], bos: int) -> float:
+    """Loss on the request's tokens after every file, as one causal text."""
+    ctx = [t for f in files for t in [bos, *f]]
+    ids = ctx + request
+    x = torch.tensor(ids)
+    with torch.inference_mode():
+        hidden = model.forward(x, torch.arange(len(ids)), DenseAttention(model.config.sm_scale))
+        logits = model.compute_logits(hidden[len(ctx) : -1]).float()
+    return float(F.cross_entropy(logits, x[len(ctx) + 1 :]))
+
+
+def composed_loss(model, comp: ComposedLibrary, request: list[int], top_k: int) -> float:
+    """Loss on the request after the composition; each layer's rows read the chunks the
+    composition's router picks (all when top_k covers them), attention in plain PyTorch."""
+    sm = model.config.sm_scale
+    policy = RoutingPolicy()
+
+    def attn(layer, q, k, v):
+        T, Hq, _ = q.shape
+        G = Hq // k.shape[1]
+        group = LibraryGroup(comp, torch.arange(T), top_k=top_k, policy=policy, all_rows=True)
+        adjust = [shared_logit_adjustment(p) for p in comp.parts]
+        scales, biases = [sm * a for a, _ in adjust], [b for _, b in adjust]
+        sels = select_union(q, group, layer, scales, biases, use_triton=False)
+        scores, values = [], []
+        for part, sel, (a, b) in zip(comp.parts, sels, adjust):
+            chosen = torch.zeros(T, k.shape[1], part.num_chunks, dtype=torch.bool)
+            chosen[sel.req.long(), sel.kv_head.long(), sel.chunk.long()] = True
+            offs = part.chunk_offsets.long()
+            owner = torch.repeat_interleave(torch.arange(part.num_chunks), offs[1:] - offs[:-1])
+            rows = chosen[:, :, owner].repeat_interleave(G, 1).permute(1, 0, 2)  # [Hq, T, S]
+            kp = part.k_pools[layer].float().repeat_interleave(G, 1)
+            s = torch.einsum("thd,shd->hts", q.float(), kp) * sm * a + b
+            scores.append(s.masked_fill(~rows, -math.inf))
+            values.append(part.v_pools[layer].float().repeat_interleave(G, 1))
+        s_own, v_own = causal_states(q, k, v, sm)
+        p = torch.softmax(torch.cat([*scores, s_own], dim=2), dim=-1)
+        return torch.einsum("hts,shd->thd", p, torch.cat([*values, v_own])).to(q.dtype)
+
+    off = comp.position_offset
+    return loss_of(model, request, torch.arange(off, off + len(request)), attn)
+
+
+@torch.inference_mode()
+def repaired(model, lib, m: int, layers: int, window: int, bos: int):
+    """A copy of ``lib`` whose chunks that continue a file have their first ``m`` rows
+    re-encoded after the file's preceding ``window`` tokens, in the first ``layers`` layers."""
+    k_pools = [k.clone() for k in lib.k_pools]
+    v_pools = [v.clone() for v in lib.v_pools]
+    chunks = lib.chunks
+    sink = 1 if lib.manifest.chunk_sink else 0
+    doc_start = {}
+    for c in chunks:
+        doc_start.setdefault(c.document, c.start)
+    for c in chunks:
+        first = doc_start[c.document]
+        if c.start == first:  # a file's first chunk: nothing before it to repair with
+            continue
+        n = min(m, c.end - c.start)
+        ctx = lib.token_ids[max(first, c.start - window) : c.start].tolist()
+        tgt = lib.token_ids[c.start : c.start + n].tolist()
+        ids = [bos, *ctx, *tgt]
+        # the target keeps its positions (sink .. sink + n - 1); the context sits before it
+        pos = torch.arange(sink - len(ctx) - 1, sink + n)
+        att = DenseAttention(model.config.sm_scale)
+        model.forward(torch.tensor(ids), pos, att)
+        for layer in range(min(layers, len(k_pools))):
+            k_pools[layer][c.start : c.start + n] = att.k[layer][-n:].to(k_pools[layer].dtype)
+            v_pools[layer][c.start : c.start + n] = att.v[layer][-n:].to(v_pools[layer].dtype)
+    return dataclasses.replace(lib, k_pools=k_pools, v_pools=v_pools)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT.parent / "shared/models/moska-code-20m"))
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--libraries", type=int, default=2)
+    ap.add_argument("--chunk-size", type=int, default=128)
+    # 4 files x 384 + a 384-token request = 1,920: the sequential reference stays within the
+    # model's training length (2,048), so that it is not degraded by unseen positions
+    ap.add_argument("--file-tokens", type=int, default=384)
+    ap.add_argument("--files-per-library", type=int, default=2)
+    ap.add_argument("--request-tokens", type=int, default=384)
+    ap.add_argument("--repair-tokens", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--repair-layers", type=int, nargs="+", default=[2, 8])
+    ap.add_argument("--repair-window", type=int, default=128)
+    ap.add_argument("--cpu-dry-run", action="store_true", help="2 samples, short texts")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/composition_quality.json"))
+    args = ap.parse_args()
+    if args.cpu_dry_run:
+        args.samples, args.file_tokens, args.request_tokens = 2, 160, 96
+        args.repair_tokens, args.repair_layers = [8], [2]
+    torch.manual_seed(0)
+    loaded = load_model(args.model, dtype="float32", device="cpu")
+    model, tok = loaded.model, loaded.tokenizer
+    bos = tok.bos_token_id
+    need = args.libraries * args.files_per_library + 1
+    rows = []
+    t0 = time.time()
+    for files in packages(need)[: args.samples]:
+        encoded = [(f, encode(tok, f)) for f in files]
+        encoded = [(f, ids) for f, ids in encoded if len(ids) >= 64]
+        if len(encoded) < need:
+            continue
+        req_path, req_ids = max(encoded, key=lambda e: len(e[1]))  # the longest is the request
+        others = [e for e in encoded if e[0] != req_path][: need - 1]
+        request = [bos, *req_ids[: args.request_tokens - 1]]
+        groups = [others[i :: args.libraries] for i in range(args.libraries)]
+        libs = []
+        for i, group in enumerate(groups):
+            docs = [(f.name, ids[: args.file_tokens]) for f, ids in group]
+            lib, _ = build_in_memory(
+                loaded, docs, f"lib{i}", chunk_size=args.chunk_size, mode="independent",
+                progress=False, independent=IndependentOptions(chunk_sink=True),
+            )  # fmt: skip
+            libs.append(lib)
+        comp = ComposedLibrary(tuple(libs))
+        lib_files = [ids[: args.file_tokens] for g in groups for _, ids in g]
+        quarter = max(1, comp.num_chunks // 4)
+        row = {
+            "package": str(req_path.parent).split("site-packages/")[-1],
+            "request": req_path.name,
+            "library_files": [[f.name for f, _ in g] for g in groups],
+            "library_tokens": comp.num_tokens,
+            "chunks": comp.num_chunks,
+            "request_tokens": len(request),
+            "top_k_25pct": quarter,
+            "loss": {
+                "sequential": sequential_loss(model, lib_files, request, bos),
+                "alone": loss_of(
+                    model,
+                    request,
+                    torch.arange(len(request)),
+                    DenseAttention(model.config.sm_scale),
+                ),
+                "composed_all": composed_loss(model, comp, request, comp.num_chunks),
+                "composed_top25": composed_loss(model, comp, request, quarter),
+            },
+        }
+        for m in args.repair_tokens:
+            for layers in args.repair_layers:
+                fixed = ComposedLibrary(
+                    tuple(repaired(model, p, m, layers, args.repair_window, bos) for p in libs)
+                )
+                key = f"repair_m{m}_L{layers}"
+                row["loss"][f"{key}_all"] = composed_loss(model, fixed, request, comp.num_chunks)
+                row["loss"][f"{key}_top25"] = composed_loss(model, fixed, request, quarter)
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("request", "chunks")}), flush=True)
+        print({k: round(v, 4) for k, v in row["loss"].items()}, flush=True)
+    keys = list(rows[0]["loss"]) if rows else []  # every row has the same keys
+    mean = {k: sum(r["loss"][k] for r in rows) / len(rows) for k in keys}
+    seq = mean.get("sequential", float("nan"))
+    summary = {
+        "samples": len(rows),
+        "mean_loss": {k: round(v, 4) for k, v in mean.items()},
+        "vs_sequential_pct": {k: round(100 * (v - seq) / seq, 2) for k, v in mean.items()},
+        "seconds": round(time.time() - t0, 1),
+    }
+    out = {
+        "env": environment(),
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "model": Path(args.model).name,
+        "dtype": "float32",
+        "device": "cpu",
+        "rows": rows,
+        "summary": summary,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
