@@ -135,9 +135,12 @@ class DecodeGraphs:
 
     def _find(self, b: int, spec: LibrarySpec | None) -> _Graph | None:
         g = self._graphs.get(self._key(b, spec))
-        if g is not None and g.library is not None:
-            if spec is None or g.library() is not spec.library:
-                return None  # the library was reloaded: recapture
+        if (
+            g is not None
+            and g.library is not None
+            and (spec is None or g.library() is not spec.library)
+        ):
+            return None  # the library was reloaded: recapture
         return g
 
     def _get(self, b: int, spec: LibrarySpec | None) -> _Graph:

@@ -62,7 +62,7 @@ class LLM:
         together (library/composition.py)."""
         params = sampling_params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+            prompts = [prompts]
         groups: list[list[str]] = []
         for prompt in prompts:
             ids = []

@@ -241,7 +241,6 @@ class LLMEngine:
             raise
 
     def _add(self, request_id, prompt, params, handle, top_k_chunks, report_routing) -> None:
-        library = None if handle is None else handle.name
         offset = 0 if handle is None else handle.position_offset
         if isinstance(prompt, str):
             if self.tokenizer is None:

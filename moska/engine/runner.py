@@ -297,7 +297,7 @@ class ModelRunner:
         if self.graphs is None:
             return 0
         specs: list[LibrarySpec | None] = [None]
-        for name, lib in libraries.items():
+        for lib in libraries.values():
             if getattr(lib, "tiers", None) is not None:  # tiered libraries run eagerly
                 continue
             policy = self.config.routing_policy

@@ -330,7 +330,7 @@ def merge_states_ref(o_a, lse_a, o_b, lse_b):
 
 def merge_selections_ref(o_base, lse_base, o_sel, lse_sel, sel):
     """Plain-PyTorch reference of merge_selections: one merge per selection (fp32 result)."""
-    b, hq, d = o_base.shape
+    _b, _hq, _d = o_base.shape
     g = o_sel.shape[1]
     o, lse = o_base.float().clone(), lse_base.float().clone()
     for i in range(sel.req.numel()):

@@ -121,7 +121,7 @@ def from_topk(
 
 def from_topk_ref(chunk_idx: torch.Tensor, num_kv_heads: int) -> Selections:
     """Reference of ``from_topk`` by sorting keys; ``row_order`` keeps each row's top-k order."""
-    B, Hr, K = chunk_idx.shape
+    B, Hr, _K = chunk_idx.shape
     dev = chunk_idx.device
     chunk = chunk_idx.long().repeat_interleave(num_kv_heads // Hr, dim=1)  # [B, Hkv, K]
     req = torch.arange(B, device=dev)[:, None, None]

@@ -203,9 +203,9 @@ def _grouped_shared_attention_kernel(
             # fmt: on
 
 
+# fmt: off
 @triton.jit
 def _shared_item(
-    # fmt: off
     w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr,
     sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
@@ -213,8 +213,8 @@ def _shared_item(
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
     k_scale_ptr, v_scale_ptr, stride_sc,
     KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr, PER_TOKEN: tl.constexpr,
-    # fmt: on
 ):
+    # fmt: on
     # work item w: one row tile of one (chunk, KV head) group, over one split of the chunk
     start = tl.load(work_ptr + w)
     n_sel = tl.load(work_ptr + W + w)

@@ -209,7 +209,7 @@ def build_work_list(
     dev = sel.req.device
     k_groups = table.starts.numel() * num_kv_heads
     w_max = target_programs + n * group // block_m + min(n, k_groups) + 1
-    i32 = dict(device=dev, dtype=torch.int32)
+    i32 = {"device": dev, "dtype": torch.int32}
     start, n_sel = torch.empty(k_groups, **i32), torch.empty(k_groups, **i32)
     group_work = torch.empty(k_groups, device=dev, dtype=torch.int64)
     n_split, items = torch.empty(k_groups, **i32), torch.empty(k_groups, **i32)

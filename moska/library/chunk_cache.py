@@ -19,8 +19,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Hashable, Iterable, Sequence
-from typing import Generic, TypeVar
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 EVICTION_POLICIES = ("lru", "lfu")
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from moska.engine.memory import check_library
 from moska.library.builder import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_TOKENS, build_and_save
 from moska.library.errors import (
     CorruptLibraryError,
@@ -32,7 +33,6 @@ from moska.library.format import (
 )
 from moska.library.info import LibraryInfo
 from moska.library.loaded import LoadedLibrary, load_library
-from moska.engine.memory import check_library
 from moska.library.prefill import ProgressHook
 from moska.library.store import (
     BuildLock,

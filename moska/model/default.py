@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from moska.paths import moska_home
 
@@ -97,7 +97,7 @@ def _weights(seed: int) -> dict:
     h, inter, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
     hq, hkv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
 
-    def w(*shape: int, std: float = 0.02) -> "torch.Tensor":
+    def w(*shape: int, std: float = 0.02) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * std
 
     out = {"model.embed_tokens.weight": w(c["vocab_size"], h, std=1.0)}

@@ -78,7 +78,7 @@ def test_capture_ahead_takes_largest_bucket_first_and_skips_captured_ones():
 
 
 def test_capture_ahead_recaptures_a_reloaded_library():
-    g, order = _recording(2)
+    g, _order = _recording(2)
     old = _Lib()
     g.capture([LibrarySpec("docs", old, 8, "keymax", True)], progress=False)
     new = _Lib()  # same name, a new object: the old graphs read freed tensors

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from kernel_util import TOL, rel_err
 
 from moska.kernels.merge import (
     merge_selections,
@@ -9,8 +10,6 @@ from moska.kernels.merge import (
     merge_states_ref,
 )
 from moska.kernels.selections import Selections
-
-from kernel_util import TOL, rel_err
 
 INF = float("-inf")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from kernel_util import TOL, rel_err
+
 from moska.kernels.paged_attention import (
     paged_attention_ref,
     paged_decode_attention,

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from kernel_util import TOL, rel_err
+
 from moska.kernels.merge import merge_selections
 from moska.kernels.paged_attention import paged_decode_attention
 from moska.kernels.selections import Selections
@@ -13,7 +13,7 @@ from moska.kernels.shared_attention import (
 
 # Small blocks and splits so that the interpreter runs few programs yet covers row tiles
 # that end inside a request, several tiles per group, and split-KV with a ragged last split.
-SMALL = dict(block_m=16, block_n=32, target_programs=6, min_split=32)
+SMALL = {"block_m": 16, "block_n": 32, "target_programs": 6, "min_split": 32}
 
 
 def _offsets(lens):
@@ -216,8 +216,8 @@ def test_split_merge_shared_by_split_programs(merge_m, split_b):
     q = torch.randn(b, hkv * g, d)
     k, v = torch.randn(1000, hkv, d), torch.randn(1000, hkv, d)
     sel = _selections([(0, 0, r) for r in range(b)])
-    kw = dict(block_m=16, block_n=32, target_programs=40, min_split=32)
-    work, meta, _ = build_work_list(sel, offs, hkv, g, 16, 32, 40, 32)
+    kw = {"block_m": 16, "block_n": 32, "target_programs": 40, "min_split": 32}
+    work, _meta, _ = build_work_list(sel, offs, hkv, g, 16, 32, 40, 32)
     assert int(work[4, 0]) >= 16 // merge_m  # enough splits to share the merge
     _check(q, k, v, offs, sel, merge_m=merge_m, split_b=split_b, **kw)
     with pytest.raises(ValueError, match="split_b must be a power of two"):

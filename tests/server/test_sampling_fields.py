@@ -133,9 +133,9 @@ def test_min_p_is_honoured(client, model):
     )
     assert r.choices[0].text == greedy.choices[0].text
     free = {
-        client.completions.create(
-            model=model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=s
-        ).choices[0].text
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=s)
+        .choices[0]
+        .text
         for s in range(3)
     }
     assert free != {greedy.choices[0].text}  # without min_p the seeds do differ
