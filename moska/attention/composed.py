@@ -3,17 +3,25 @@
 Routing is over the union of the parts' chunks, on one scale: each part's routing index
 estimates the log attention mass of its chunks (``routing.select.log_mass``: the scorer's
 logit times the part's softmax scale, plus its APE log scale), the estimates are
-concatenated and a row takes its top-k over all of them (``routing.select.choose``, the
-rule adaptive k and pages use; with fixed k it is the top-k of the estimates). The mask
-turns into one Selections per part (``from_mask``: one host sync per layer, so a composed
-step runs eagerly, never as a CUDA graph).
+concatenated and a row takes its top-k over all of them, ranked as ``routing.select.choose``
+ranks chunks.
 
-Attention: one grouped launch per part over its own pool (the parts' pools are separate
-allocations; placing them in one arena would mean copying every library at load), then the
-parts' chunk states are concatenated, with chunk ids made global, and merged with the rows'
-own state in the one ``merge_selections`` of the backend: exact, since every chunk state is
-an (o, lse) over a disjoint key set. A tiered part fetches its chunks through its tiers and
-an FP8 part passes its scales, as alone.
+One slot space (fixed k, no tiered part; the default): the top-k becomes ONE Selections over
+the global chunk ids (part base + local id) with ``from_topk``: no host sync. Each part has a
+ChunkTable over the global ids into its own pool, the other parts' chunks empty, and one
+grouped launch per part runs over the same selections; each selection is non-empty in
+exactly one part, so the parts' states add up exactly. The parts' pools are separate
+allocations, so this is a launch per library over one slot space, not one launch: placing
+the pools in one arena per layer at load would make the tables one and the launches one.
+
+Otherwise (adaptive k by mass, or a tiered part, whose chunks sit in its GPU slots only when
+fetched): the mask of chosen chunks turns into one Selections per part (``from_mask``, a host
+sync per part and layer), each part's launch reads its own (a tiered part through its
+tiers), and the states are concatenated with chunk ids made global.
+
+Either way the states join the rows' own in the backend's one ``merge_selections``: exact,
+since every chunk state is an (o, lse) over a disjoint key set. FP8 parts pass their
+per-row scales. A composed step runs eagerly (never as a CUDA graph).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import torch
 from moska.attention.metadata import LibraryGroup
 from moska.attention.shared import all_chunk_selections, fp8_kwargs
 from moska.kernel_ops import KernelOps
-from moska.kernels.selections import Selections
+from moska.kernels.selections import Selections, from_topk
+from moska.kernels.shared_inputs import ChunkTable
 from moska.library.positions import shared_logit_adjustment
 
 
@@ -42,7 +51,12 @@ def composed_group_states(
     parts = comp.parts
     adjust = [shared_logit_adjustment(p) for p in parts]
     scales = [sm_scale * a for a, _ in adjust]
-    sels = select_union(q_rows, group, layer, scales, [b for _, b in adjust], ops.triton_routing)
+    biases = [b for _, b in adjust]
+    if _global_ok(group):
+        sel = select_global(q_rows, group, layer, scales, biases, ops.triton_routing)
+        o_sel, lse_sel = _global_states(ops, layer, q_rows, comp, sel, scales, biases)
+        return _report(ops, layer, q_rows, group, scales, adjust, o_sel, lse_sel, sel)
+    sels = select_union(q_rows, group, layer, scales, biases, ops.triton_routing)
     states = []
     for part, base, sel, scale, (_, log_scale) in zip(parts, comp.bases, sels, scales, adjust):
         if sel.req.numel() == 0:  # no row took a chunk of this part
@@ -52,11 +66,98 @@ def composed_group_states(
             lse = lse + log_scale
         states.append((o, lse, sel, base))
     o_sel, lse_sel, sel = _concat(states, q_rows, parts[0].k_pools[layer].shape[1])
+    return _report(ops, layer, q_rows, group, scales, adjust, o_sel, lse_sel, sel)
+
+
+def _report(ops, layer, q_rows, group, scales, adjust, o_sel, lse_sel, sel):
+    """Record the selections and measure coverage when the group asks for them."""
+    comp = group.library
     if group.record:
         group.recorded[layer] = sel
     if layer in group.coverage_layers:
         group.coverage[layer] = _coverage(ops, layer, q_rows, comp, scales, adjust, lse_sel, sel)
     return o_sel, lse_sel, sel
+
+
+def _global_ok(group: LibraryGroup) -> bool:
+    """Whether the group's rows can be served in one slot space: a fixed k (or every chunk)
+    and no tiered part (a tiered part's chunks are in its GPU slots only when fetched)."""
+    from moska.routing import RoutingPolicy
+
+    policy = group.policy or RoutingPolicy(scorer=group.scorer)
+    tiered = any(getattr(p, "tiers", None) is not None for p in group.library.parts)
+    return policy.mass_threshold is None and not tiered
+
+
+def global_tables(comp) -> list[ChunkTable]:
+    """Per part, a ChunkTable over the global chunk ids into that part's pool: its own
+    chunks at their rows, every other part's chunks empty (starts == ends: o = 0, lse =
+    -inf). Built once per composition."""
+    if comp.slot_tables is None:
+        tables = []
+        for part, base in zip(comp.parts, comp.bases):
+            offs = part.chunk_offsets
+            starts = torch.zeros(comp.num_chunks, dtype=torch.int32, device=offs.device)
+            ends = torch.zeros_like(starts)
+            starts[base : base + part.num_chunks] = offs[:-1]
+            ends[base : base + part.num_chunks] = offs[1:]
+            tables.append(ChunkTable(starts, ends))
+        comp.slot_tables = tables
+    return comp.slot_tables
+
+
+def select_global(
+    q_rows: torch.Tensor,
+    group: LibraryGroup,
+    layer: int,
+    scales: list[float],
+    log_scales: list[float],
+    use_triton: bool = True,
+) -> Selections:
+    """One Selections over the global chunk ids (part base + local id): each row's top-k of
+    the parts' estimates concatenated, ranked as ``routing.select.choose`` ranks them, by
+    ``from_topk`` (no host sync; fixed k only)."""
+    from moska.routing import RoutingPolicy, log_mass
+
+    comp = group.library
+    n, dev, C = q_rows.shape[0], q_rows.device, comp.num_chunks
+    hkv = comp.parts[0].k_pools[layer].shape[1]
+    policy = group.policy or RoutingPolicy(scorer=group.scorer)
+    if group.top_k >= C or layer < policy.dense_layers:
+        return all_chunk_selections(n, hkv, C, dev, use_triton)
+    estimates = [
+        log_mass(q_rows, part, layer, group.top_k, policy, scale, use_triton).float() + bias
+        for part, scale, bias in zip(comp.parts, scales, log_scales)
+    ]
+    share = torch.softmax(torch.cat(estimates, dim=-1), dim=-1).nan_to_num(0.0)
+    if not policy.per_kv_head:
+        share = share.mean(dim=1, keepdim=True)  # [n, 1, C]
+    if policy.always_first:
+        share[..., list(comp.bases)[: group.top_k]] = float("inf")
+    chosen = share.topk(group.top_k, dim=-1).indices  # [n, Hr, k]
+    return from_topk(chosen, hkv, C, use_triton)
+
+
+def _global_states(ops, layer, q_rows, comp, sel: Selections, scales, log_scales):
+    """(o, lse) of every selection: one grouped launch per part over the same selections
+    through its global table; a selection is non-empty in exactly one part, so the parts'
+    states add up (o: the others are 0; lse: the others are -inf)."""
+    o_sel = lse_sel = None
+    for part, table, scale, bias in zip(comp.parts, global_tables(comp), scales, log_scales):
+        o, lse = ops.grouped_shared(
+            q_rows,
+            part.k_pools[layer],
+            part.v_pools[layer],
+            table,
+            sel,
+            scale,
+            **fp8_kwargs(part, layer),
+        )
+        if bias:
+            lse = lse + bias
+        o_sel = o if o_sel is None else o_sel + o
+        lse_sel = lse if lse_sel is None else torch.maximum(lse_sel, lse)
+    return o_sel, lse_sel
 
 
 def select_union(

@@ -102,6 +102,8 @@ class ComposedLibrary:
 
     parts: tuple[Any, ...]  # LoadedLibrary, in the order the request named them
     bases: tuple[int, ...] = field(init=False)  # global id of each part's chunk 0
+    # per part, a ChunkTable over the global chunk ids into its pool (attention/composed.py)
+    slot_tables: list[Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.parts) < 2:

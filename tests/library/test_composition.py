@@ -103,14 +103,16 @@ def test_all_chunks_states_equal_reference(engine, kind):
     assert rel_err(o, want) < 1e-4
 
 
-def test_routing_takes_top_k_over_the_union(engine):
+@pytest.mark.parametrize("threshold", [None, 1.0])
+def test_routing_takes_top_k_over_the_union(engine, threshold):
     """With the exact (oracle) scorer each (row, KV head) reads the k chunks of largest
-    attention mass across both libraries; chunk ids are global (part base + local)."""
+    attention mass across both libraries; chunk ids are global (part base + local). Fixed k
+    (one slot space) and adaptive k at threshold 1 (= k; a Selections per part) alike."""
     comp = ComposedLibrary((engine.libraries.get("ca"), engine.libraries.get("cb")))
     g = torch.Generator().manual_seed(2)
     q = torch.randn(4, 4, 64, generator=g) * 3
     sm_scale, layer, k = 64**-0.5, 2, 3
-    policy = RoutingPolicy(scorer="oracle", per_kv_head=True)
+    policy = RoutingPolicy(scorer="oracle", per_kv_head=True, mass_threshold=threshold)
     group = LibraryGroup(comp, torch.arange(4), top_k=k, policy=policy, all_rows=True)
     o_sel, _, sel = composed_group_states(kernel_ops("torch"), layer, q, group, sm_scale)
     got = {(int(r), int(h), int(c)) for r, h, c in zip(sel.req, sel.kv_head, sel.chunk)}
@@ -128,6 +130,28 @@ def test_routing_takes_top_k_over_the_union(engine):
     assert {c for _, _, c in got} & set(range(comp.bases[1], comp.num_chunks))  # both parts
     assert {c for _, _, c in got} & set(range(comp.bases[1]))
     assert o_sel.shape[0] == len(got) == 4 * 2 * k
+
+
+@pytest.mark.parametrize("kind", ["torch", "triton"])
+def test_one_slot_space_equals_a_launch_per_part_selection(engine, kind):
+    """Routed key-max top-k (per request, not per KV head): the one-slot-space path (global
+    tables, one Selections) and the per-part path (adaptive k at threshold 1: a Selections
+    per part) pick the same chunks and give the same merged output."""
+    comp = ComposedLibrary((engine.libraries.get("ca"), engine.libraries.get("cb")))
+    ops = kernel_ops(kind)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 4, 64, generator=g) * 2
+    o_base, lse_base = torch.randn(3, 4, 64, generator=g), torch.randn(3, 4, generator=g)
+    outs, picked = [], []
+    for threshold in (None, 1.0):
+        policy = RoutingPolicy(per_kv_head=False, mass_threshold=threshold)
+        group = LibraryGroup(comp, torch.arange(3), top_k=4, policy=policy, all_rows=True)
+        o_sel, lse_sel, sel = composed_group_states(ops, 1, q, group, 0.125)
+        picked.append({(int(r), int(h), int(c)) for r, h, c in zip(*sel[:3])})
+        outs.append(ops.merge_selections(o_base, lse_base, o_sel, lse_sel, sel)[0])
+    assert picked[0] == picked[1] and len(picked[0]) == 3 * 2 * 4
+    assert {c for _, _, c in picked[0]} & set(range(comp.bases[1], comp.num_chunks))
+    assert rel_err(outs[0], outs[1]) < 1e-5
 
 
 def test_select_union_covers_every_chunk_at_full_k(engine):
