@@ -350,7 +350,7 @@ class ModelRunner:
         lib = libs[name]
         if getattr(lib, "tiers", None) is not None:  # tiered: fetches and host syncs, eager
             return False
-        if getattr(lib, "parts", None) is not None:  # composed: routing has a host sync
+        if getattr(lib, "parts", None) is not None:  # composed: the graphs hold one library
             return False
         policy = (lib_policy or {}).get(name)
         if policy is not None and not policy.graph_safe:  # adaptive k, pages: host syncs
