@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from moska import __version__
+from moska.engine.protocol import ServedEngine
 from moska.server.admission import AdmissionController, EngineLimits
 from moska.server.async_engine import AsyncEngine
 from moska.server.build_worker import BuildWorker
@@ -29,7 +30,7 @@ from moska.server.util_routes import router as util_router
 
 
 def create_app(
-    engine: Any,
+    engine: ServedEngine,
     settings: ServerSettings | None = None,
     *,
     admission: AdmissionController | None = None,

@@ -27,6 +27,7 @@ from typing import Any
 
 from moska.engine.errors import StepFailedError
 from moska.engine.outputs import RequestOutput
+from moska.engine.protocol import ServedEngine
 from moska.engine.sampling_params import SamplingParams
 from moska.server.admission import AdmissionController, Load, RequestCost
 from moska.server.metrics import ServerMetrics
@@ -67,7 +68,7 @@ class AsyncEngine:
 
     def __init__(
         self,
-        engine: Any,
+        engine: ServedEngine,
         *,
         metrics: ServerMetrics | None = None,
         admission: AdmissionController | None = None,

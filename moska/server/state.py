@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from moska.engine.protocol import ServedEngine
 from moska.server.admission import AdmissionController
 from moska.server.async_engine import AsyncEngine
 from moska.server.build_worker import BuildWorker
@@ -18,7 +19,7 @@ from moska.server.tokenizer_pool import TokenizerPool
 
 @dataclass
 class ServerState:
-    engine: Any
+    engine: ServedEngine
     settings: ServerSettings
     metrics: ServerMetrics
     admission: AdmissionController
