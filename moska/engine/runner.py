@@ -26,6 +26,14 @@ from moska.kernel_ops import kernel_ops
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class GraphReplay:
+    """A decode step replayed from a CUDA graph: of steps without a library (`library`
+    None) or of the one library every row reads."""
+
+    library: LibrarySpec | None
+
+
 @dataclass
 class StepResult:
     sampled: dict[str, int]  # request_id -> new token (only requests that finished their tokens)
@@ -232,11 +240,11 @@ class ModelRunner:
             table = block_table(it.request.request_id)
             tables.append(table[:max_blocks] + [0] * (max_blocks - len(table)))
         device_ids = self._device_inputs(pending, prev)
-        spec = self._graph_spec(
+        replay = self._graph_replay(
             scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs, lib_policy
         )
-        if spec is not False:
-            assert self.graphs is not None  # a spec is only made when graphs exist
+        if replay is not None:
+            assert self.graphs is not None  # a replay is only planned when graphs exist
             try:
                 hidden, group = self.graphs.run(
                     host_tensor(token_ids, torch.int64, self.device),
@@ -244,7 +252,7 @@ class ModelRunner:
                     host_tensor(slots, torch.int64, self.device),
                     host_tensor(seq_lens, torch.int32, self.device),
                     host_tensor(tables, torch.int32, self.device),
-                    spec,
+                    replay.library,
                     device_ids,
                 )
             except GraphCaptureError as e:
@@ -331,31 +339,31 @@ class ModelRunner:
         """The request's routing policy (SamplingParams.routing), else the engine's."""
         return req.sampling_params.routing or self.config.routing_policy
 
-    def _graph_spec(
+    def _graph_replay(
         self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs, lib_policy=None
-    ):
-        """False when this step runs eagerly; else None (no library) or the LibrarySpec of
-        the one library every row reads, for a CUDA-graph replay."""
+    ) -> GraphReplay | None:
+        """The CUDA-graph replay this step can be, or None when it runs eagerly."""
         g = self.graphs
         if g is None or len(token_ids) != len(scheduled) or g.bucket(len(scheduled)) is None:
-            return False
-        if not lib_rows:
             return None
+        if not lib_rows:
+            return GraphReplay(None)
         if len(lib_rows) > 1:
-            return False
+            return None
         ((name, rows),) = lib_rows.items()
         reqs = record_reqs.get(name, [])
         if len(rows) != len(token_ids) or any(r.report_routing for r, _ in reqs):
-            return False
+            return None
         lib = libs[name]
         if getattr(lib, "tiers", None) is not None:  # tiered: fetches and host syncs, eager
-            return False
+            return None
         if getattr(lib, "parts", None) is not None:  # composed: the graphs hold one library
-            return False
+            return None
         policy = (lib_policy or {}).get(name)
         if policy is not None and not policy.graph_safe:  # adaptive k, pages: host syncs
-            return False
-        return LibrarySpec(name, lib, lib_topk[name], "keymax", record=bool(reqs), policy=policy)
+            return None
+        spec = LibrarySpec(name, lib, lib_topk[name], "keymax", record=bool(reqs), policy=policy)
+        return GraphReplay(spec)
 
     def _sample(self, hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs):
         step = PendingStep(sample_reqs, None, groups, lib_rows, record_reqs)
