@@ -306,7 +306,9 @@ class DistributedRuntime:
                 self.channel.send_stop()
             except Exception:  # a worker died meanwhile: they are killed below
                 logger.debug("sending STOP failed", exc_info=True)
-        _stop_procs(self.monitor.procs, timeout_s)
+        # after a rank failed no STOP was sent: the survivors wait on the control group and
+        # would never exit on their own, so they are killed at once instead of after timeout_s
+        _stop_procs(self.monitor.procs, timeout_s if self.monitor.failure is None else 0.0)
         self.groups.close()
 
 

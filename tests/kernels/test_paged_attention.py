@@ -29,7 +29,7 @@ def _poison(t, hq, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("g", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("g", [1, 3, 8])  # G = 2, 4 at D 64/128: tests/kernels/test_shapes.py
 @pytest.mark.parametrize("bs", [16, 32])
 def test_decode(dtype, g, bs):
     hkv, d = 2, 64
@@ -76,7 +76,7 @@ def test_decode_head_dim_128_default_splits(dtype, g):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("g", [1, 3, 4])
+@pytest.mark.parametrize("g", [3])  # G = 1, 2, 4, 8 at D 64/128: tests/kernels/test_shapes.py
 @pytest.mark.parametrize("bs", [16, 32])
 def test_prefill_causal_varlen(dtype, g, bs):
     hkv, d = 2, 64

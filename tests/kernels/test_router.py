@@ -50,7 +50,7 @@ def check_sorted_unique(sel, B: int, Hkv: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("G", [1, 2, 3, 4])
+@pytest.mark.parametrize("G", [1, 3])  # query heads per KV head: one, and an odd group
 @pytest.mark.parametrize("scorer", ["mean", "bound", "keymax"])
 def test_scores_match_reference(dtype, G, scorer):
     Hkv, D, B, C = 2, 32, 5, 19

@@ -42,7 +42,7 @@ def _check(q, k, v, offs, sel, **kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("g", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("g", [1, 3, 6])  # G = 2, 4, 8 at D 64/128: tests/kernels/test_shapes.py
 def test_ragged_chunks_random_selection(dtype, g):
     b, hkv, d = 5, 2, 64
     lens = [1, 70, 200, 33, 64]
