@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from moska.engine.outputs import RequestOutput
-from moska.server.generate import completion_logprobs
+from moska.server.logprobs_format import completion_logprobs
 from moska.server.protocol import CompletionRequest
 from moska.server.sampling_fields import best_of_order
 from moska.server.state import ServerState

@@ -11,13 +11,8 @@ from moska.engine.outputs import RequestOutput
 from moska.server.completion_echo import Echo, make_echo, pick_best
 from moska.server.completion_echo import choice as choice_body
 from moska.server.errors import APIError, error_body
-from moska.server.generate import (
-    Generation,
-    chat_logprobs,
-    check_model,
-    completion_logprobs,
-    submit,
-)
+from moska.server.generate import Generation, check_model, submit
+from moska.server.logprobs_format import chat_logprobs, completion_logprobs
 from moska.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
