@@ -254,7 +254,7 @@ def run_variant(name: str, s: Setup, args, lib_holder: dict) -> dict:
 def run_tiered(s: Setup, args, lib_holder: dict, top_k: int) -> dict:
     """Save the bf16 library, then serve it through the engine's own library manager with
     a GPU budget of `--tier-budget-fraction` of its KV bytes (the tiers load it)."""
-    from moska.engine.llm_engine import _make_library_manager  # the engine's own manager
+    from moska.engine.engine_factory import make_library_manager  # the engine's own manager
     from moska.library.store import save_library
 
     library = lib_holder.pop("bf16")
@@ -274,7 +274,7 @@ def run_tiered(s: Setup, args, lib_holder: dict, top_k: int) -> dict:
         if args.tier_cpu_budget_gib is not None:
             cfg["library_cpu_budget"] = f"{int(args.tier_cpu_budget_gib * 2**30)}B"
         config = engine_config(s, args, top_k, **cfg)
-        libraries = _make_library_manager(config, s.loaded, s.device)
+        libraries = make_library_manager(config, s.loaded, s.device)
         libraries.progress = False
         engine = make_engine(s, config, libraries)
         loaded = engine.libraries.get(LIBRARY)  # loaded before graphs are captured

@@ -111,52 +111,10 @@ class LLMEngine:
     @classmethod
     def from_model(cls, model: str | None = None, **kwargs) -> LLMEngine:
         """Load `model` (an HF directory; None for the built-in tiny model) and build an engine.
-        Keyword arguments are EngineConfig fields."""
-        from moska.model import load_model
-        from moska.model.default import DEFAULT_MODEL_NAME, default_model_dir
+        Keyword arguments are EngineConfig fields (engine/engine_factory.py)."""
+        from moska.engine.engine_factory import load_engine
 
-        config = EngineConfig(model=model, **kwargs)
-        path = model if model is not None else default_model_dir()
-        dtype = None if config.dtype == "auto" else config.dtype
-        device = config.resolved_device()
-        if str(device).startswith("cuda") and dtype is None and model is None:
-            dtype = "bfloat16"
-        if config.tensor_parallel_size > 1:
-            from moska.distributed.launch import start_tensor_parallel
-
-            # ranks 1..N-1 in their own processes; None here means this process served as
-            # one of them (under torchrun) and rank 0 has stopped
-            started = start_tensor_parallel(config, path, dtype, device)
-            if started is None:
-                raise SystemExit(0)
-            loaded, runtime = started
-            from moska.distributed.tp_library import make_library_manager
-
-            libraries = make_library_manager(config, loaded, runtime)  # each rank: its heads
-        elif config.shared_kv_ranks:  # libraries' chunks on processes of their own
-            from moska.distributed.shared_kv_engine import start_shared_kv
-
-            loaded, runtime, libraries = start_shared_kv(config, path, dtype, device)
-        else:
-            loaded, runtime = load_model(path, dtype=dtype, device=device), None
-            libraries = _make_library_manager(config, loaded, device)
-        if loaded.tokenizer is None:
-            logger.warning("no tokenizer: only token-id prompts are accepted")
-        try:
-            engine = cls(config, loaded, libraries)
-        except Exception as exc:
-            if runtime is None:
-                raise
-            failed = runtime.failure_after(exc)  # a rank that died while loading
-            runtime.shutdown()
-            if failed is not None:
-                raise failed from exc
-            raise
-        engine.dist = runtime
-        engine.runner.attention.shared_kv = getattr(libraries, "shared_kv", None)
-        if model is None:
-            engine.model_name = DEFAULT_MODEL_NAME
-        return engine
+        return load_engine(cls, model, **kwargs)
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do with one rank). The engine
@@ -464,12 +422,3 @@ def _replace(params: SamplingParams, **changes) -> SamplingParams:
     from dataclasses import replace
 
     return replace(params, **changes)
-
-
-def _make_library_manager(config: EngineConfig, loaded, device):
-    try:
-        from moska.library.manager import LibraryManager, default_library_root
-    except ImportError:  # the library package is optional for plain generation
-        return None
-    root = config.library_root or default_library_root()
-    return LibraryManager(root, loaded, device, tiers=config.tier_config)
