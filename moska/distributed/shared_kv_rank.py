@@ -13,14 +13,13 @@ until rank 0 sends a STOP header (a forward rank 0 abandoned part-way).
 from __future__ import annotations
 
 import logging
-import os
 import types
 from pathlib import Path
 
 import torch
 
 from moska.distributed.partition import ChunkPlacement
-from moska.distributed.runtime import ProcessGroups, Rendezvous, rank_device
+from moska.distributed.runtime import ProcessGroups, Rendezvous
 from moska.distributed.shared_kv import (
     STOP,
     LibraryShard,
@@ -29,18 +28,14 @@ from moska.distributed.shared_kv import (
     SharedKVSpec,
 )
 from moska.distributed.step_channel import Command, StepChannel
-from moska.distributed.worker import rank_lifecycle
+from moska.distributed.worker import join_spawned, rank_lifecycle
 
 logger = logging.getLogger(__name__)
 
 
 def run_shared_rank(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
     """Entry point of a spawned shared-KV rank: `dtype` is the engine's resolved model dtype."""
-    logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(message)s")
-    dev = rank_device(device, rank)
-    if dev.type == "cpu":  # ranks share the host's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rdv.world_size))
-    groups = ProcessGroups.join(rdv, rank)
+    groups, dev = join_spawned(rdv, rank, device)
     with rank_lifecycle(groups, parent_pid):
         serve_shared(groups, model_path, getattr(torch, dtype), dev, config)
 

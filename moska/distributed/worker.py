@@ -33,13 +33,19 @@ from moska.distributed.tensor_parallel import TensorParallel
 logger = logging.getLogger(__name__)
 
 
-def run_worker(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
-    """Entry point of a spawned worker process."""
+def join_spawned(rdv: Rendezvous, rank: int, device) -> tuple[ProcessGroups, torch.device]:
+    """A spawned rank's start (tensor-parallel worker or shared-KV rank): its log format,
+    its device, its share of the host's cores on CPU, and its process groups."""
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(message)s")
     dev = rank_device(device, rank)
     if dev.type == "cpu":  # ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // rdv.world_size))
-    groups = ProcessGroups.join(rdv, rank)
+    return ProcessGroups.join(rdv, rank), dev
+
+
+def run_worker(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
+    """Entry point of a spawned worker process."""
+    groups, dev = join_spawned(rdv, rank, device)
     _serve(groups, model_path, dtype, dev, config, parent_pid)
 
 
