@@ -18,7 +18,7 @@ case "${STEP:-train}" in
   train)
     timeout 560 python3 -m moska.bench.train_retrieval --out "$MODEL" --context 4096 \
       --steps 2000 --batch 16 --log-every 200 2>&1 | tee "$OUT/train_retrieval.log"
-    cp "$MODEL/train_log.json" "$OUT/" ;;
+    cp "$MODEL/train_log.json" "$OUT/"; mkdir -p "$OUT/retrieval-4k"; cp -r "$MODEL"/. "$OUT/retrieval-4k/" ;;
   retrieval)
     timeout 560 python3 -m moska.bench.fidelity --retrieval-model "$MODEL" --device cuda \
       --dtype bfloat16 --modes prefix independent --chunk-sizes 64 256 1024 --questions 256 \

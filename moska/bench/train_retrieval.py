@@ -134,12 +134,18 @@ def train(args) -> dict:
                    "answer_acc": acc, "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
             log.append(row)
             print(json.dumps(row), flush=True)
+            # saved at each log step: a run cut short by its time limit keeps its latest model
+            _save(model, full, Path(args.out), args, log)
     out = Path(args.out)
+    _save(model, full, out, args, log)
+    return {"out": str(out), "final": log[-1] if log else None}
+
+
+def _save(model, full: RetrievalSpec, out: Path, args, log: list) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     full.save(out)
     (out / "train_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=2))
-    return {"out": str(out), "final": log[-1] if log else None}
 
 
 def main(argv: list[str] | None = None) -> None:
