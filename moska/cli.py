@@ -56,6 +56,9 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "HTTP and schedules; on one host)",
     "shared_kv_ranks": "hold every library's chunks on M processes without model weights "
     "(MoSKA shared-KV ranks; the engine routes and sends them query rows); 0: off",
+    "decode_context_parallel_size": "shard each request's KV blocks over P ranks, one "
+    "process each with the whole model (a request longer than one rank's KV cache is "
+    "served; DistAttention); 1: off",
     "library_gpu_budget": "GPU memory for each library's chunk cache: a size (8GiB, 512MiB; a "
     "plain number > 1 is GiB) or a share of free memory (<= 1); a larger library is served from GPU, pinned CPU and disk tiers "
     "(eagerly). Default: libraries wholly on the GPU",

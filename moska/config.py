@@ -32,6 +32,9 @@ class EngineConfig:
     shared_kv_ranks: M > 0 puts every library's chunks on M processes of their own that
         hold no model weights (MoSKA disaggregation, docs/distributed.md); the engine
         routes and sends each selected chunk's query rows there, eagerly. 0: off.
+    decode_context_parallel_size: P > 1 shards every request's KV blocks over P ranks (one
+        process each, each with the whole model; vLLM's name): a request longer than one
+        rank's KV cache is served, attention partials merged by LSE (DistAttention). 1: off.
     library_gpu_budget: GPU memory for a library's chunk cache, a size ("8GiB", "512MiB", a
         plain number > 1 = GiB) or a share of free memory ("0.3"); None holds every library
         wholly on the device. A library larger than it is served from tiers
@@ -70,6 +73,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     shared_kv_ranks: int = 0  # distributed/shared_kv_engine.py: libraries' chunks there
+    decode_context_parallel_size: int = 1  # distributed/kv_parallel_engine.py: KV over ranks
     library_gpu_budget: str | None = None
     library_cpu_budget: str | None = None
     library_eviction: str = "lfu"
@@ -126,6 +130,19 @@ class EngineConfig:
             raise ValueError(
                 "shared_kv_ranks runs with tensor_parallel_size=1 only (one unique rank) for "
                 "now; drop one of the two"
+            )
+        if self.decode_context_parallel_size < 1:
+            raise ValueError(
+                "decode_context_parallel_size must be a positive number of ranks, got "
+                f"{self.decode_context_parallel_size}"
+            )
+        if self.decode_context_parallel_size > 1 and (
+            self.tensor_parallel_size > 1 or self.shared_kv_ranks or self.semantic_reuse
+        ):
+            raise ValueError(
+                "decode_context_parallel_size > 1 runs without tensor_parallel_size, "
+                "shared_kv_ranks and semantic_reuse for now (each of its ranks holds the "
+                "whole model); drop one of them"
             )
         if self.semantic_reuse:
             from moska.semshare.config import SemShareConfig

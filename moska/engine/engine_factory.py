@@ -39,6 +39,10 @@ def load_engine(cls: Any, model: str | None = None, **kwargs: Any) -> Any:
         from moska.distributed.shared_kv_engine import start_shared_kv
 
         loaded, runtime, libraries = start_shared_kv(config, path, dtype, device)
+    elif config.decode_context_parallel_size > 1:  # requests' KV sharded over ranks
+        from moska.distributed.kv_parallel_engine import start_kv_parallel
+
+        loaded, runtime, libraries = start_kv_parallel(config, path, dtype, device)
     else:
         loaded, runtime = load_model(path, dtype=dtype, device=device), None
         libraries = make_library_manager(config, loaded, device)

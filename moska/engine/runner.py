@@ -101,12 +101,16 @@ class ModelRunner:
         # weights, activations, graphs, unique KV, library cache (engine/memory.py)
         self.memory_plan = self._plan_memory()
         num_blocks = self.memory_plan.num_kv_blocks
-        if self.tensor_parallel_size > 1:
+        # decode context parallelism (distributed/kv_parallel_step.py): requests' KV blocks
+        # sharded over ranks; this cache holds this rank's, the block manager every rank's
+        kv_parallel = getattr(self.model, "kv_parallel", None)
+        if self.tensor_parallel_size > 1 or kv_parallel is not None:
             num_blocks = self.model.agree_num_blocks(num_blocks)
         use_graphs = (
             device.type == "cuda" and not config.enforce_eager and self.tensor_parallel_size == 1
         )
         use_graphs = use_graphs and not getattr(config, "shared_kv_ranks", 0)  # eager: talks
+        use_graphs = use_graphs and kv_parallel is None
         self.cache = PagedKVCache(
             self.mcfg.num_kv_layers,  # one per layer that owns KV (fewer under MLKV)
             num_blocks + int(use_graphs),  # + the CUDA graphs' scratch block, owned by no request
@@ -122,6 +126,9 @@ class ModelRunner:
         self.attention = PagedAttention(self.cache, self.ops, self.mcfg.sm_scale)
         self.sampler = Sampler(config.seed)
         self._num_blocks = num_blocks
+        if kv_parallel is not None:
+            self.attention = kv_parallel.attention(self.cache, self.ops, self.mcfg.sm_scale)
+            self._num_blocks = kv_parallel.global_blocks(num_blocks)
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             max_len = min(
@@ -158,6 +165,7 @@ class ModelRunner:
         graphs = self.device.type == "cuda" and not self.config.enforce_eager
         graphs = graphs and self.tensor_parallel_size == 1
         graphs = graphs and not getattr(self.config, "shared_kv_ranks", 0)
+        graphs = graphs and getattr(self.config, "decode_context_parallel_size", 1) == 1
         tiers = getattr(self.config, "tier_config", None)
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         return plan_memory(

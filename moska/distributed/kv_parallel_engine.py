@@ -1,0 +1,107 @@
+"""The engine with decode context parallelism (`decode_context_parallel_size=P`, vLLM's name
+for it): one long request's KV is sharded by blocks over P ranks (DistAttention), so a
+request whose KV exceeds one rank's cache is served (kv_parallel_step.py: the layout and
+the attention).
+
+Rank 0 loads the whole model, owns the scheduler, the block manager (over every rank's
+blocks) and the sampler, and starts ranks 1..P-1 itself (distributed/runtime.py: spawn,
+rendezvous, heartbeats, the monitor). Each of them loads the whole model too and runs every
+forward rank 0 sends over the step channel (FORWARD, then STOP at shutdown); logits are
+computed on rank 0 only, so a step sends nothing else. Per layer the ranks all-gather their
+attention partials (o [T, Hq, D], lse [T, Hq] fp32). Refused with a message that says what
+to do: library requests (rank 0's library manager refuses them), tensor parallelism or
+shared-KV ranks at once (config), torchrun launches, semantic reuse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moska.config import EngineConfig
+from moska.distributed.kv_parallel_step import KVParallelConfigError, KVParallelModel
+from moska.distributed.runtime import (
+    DistributedRuntime,
+    ProcessGroups,
+    Rendezvous,
+    rank_device,
+    torchrun_rank,
+)
+from moska.distributed.step_channel import Command, StepChannel
+from moska.library.manager import LibraryManager
+
+
+def start_kv_parallel(config: EngineConfig, path, dtype, device: str):
+    """(LoadedModel, DistributedRuntime, library manager): start ranks 1..P-1, then load
+    rank 0's model."""
+    from moska.library.manager import default_library_root
+    from moska.model import load_model
+
+    if torchrun_rank() is not None:
+        raise KVParallelConfigError(
+            "decode_context_parallel_size under torchrun is not supported yet: run `moska "
+            "serve` directly, it starts the ranks itself"
+        )
+    p = config.decode_context_parallel_size
+    runtime = DistributedRuntime.start(
+        p, device, (str(path), dtype, device, config), target=run_kv_rank
+    )
+    try:
+        dev = rank_device(device, 0)
+        loaded = load_model(
+            path, dtype=dtype, device=dev, tensor_parallel=KVParallelModel(runtime.groups.comm)
+        )
+        model: Any = loaded.model
+        runtime.channel = StepChannel(
+            runtime.groups.comm, runtime.groups.control, dev, model.config.hidden_size, model.dtype
+        )
+        model.driver = runtime.channel
+        root = config.library_root or default_library_root()
+        libraries = KVParallelLibraries(root, loaded, dev)
+    except BaseException:
+        runtime.shutdown()
+        raise
+    return loaded, runtime, libraries
+
+
+class KVParallelLibraries(LibraryManager):
+    """Rank 0's library manager: lists, builds and deletes as usual, but no request may
+    read a library (the other ranks would not hold it)."""
+
+    def acquire(self, name: str):
+        raise KVParallelConfigError(
+            f"library {name!r}: library requests do not run with decode_context_parallel_size "
+            "> 1 yet; serve libraries with decode_context_parallel_size=1 (the default)"
+        )
+
+
+def run_kv_rank(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
+    """Entry point of a spawned KV-parallel rank (1..P-1)."""
+    from moska.distributed.worker import join_spawned, rank_lifecycle
+
+    groups, dev = join_spawned(rdv, rank, device)
+    with rank_lifecycle(groups, parent_pid):
+        _serve(groups, model_path, dtype, dev, config)
+
+
+@torch.inference_mode()
+def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, config) -> None:
+    from moska.engine.runner import ModelRunner
+    from moska.model import load_model
+
+    loaded = load_model(
+        model_path, dtype=dtype, device=device, tensor_parallel=KVParallelModel(groups.comm)
+    )
+    model = loaded.model
+    runner = ModelRunner(loaded, config, device)  # its cache: its shard of every request
+    channel = StepChannel(
+        groups.comm, groups.control, device, model.config.hidden_size, model.dtype
+    )
+    while True:
+        msg = channel.recv()
+        if msg.command is Command.STOP:
+            return
+        if msg.command is Command.FORWARD:
+            assert msg.meta is not None and not msg.groups
+            model(msg.input_ids, msg.positions, runner.attention.bind(msg.meta))
