@@ -25,6 +25,8 @@ class KernelOps:
 
     paged_decode(q, k_cache, v_cache, block_tables, seq_lens, sm_scale) -> (o, lse)
     paged_prefill(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale) -> (o, lse)
+    paged_decode_heads(q, k_pages, v_pages, head_tables, head_lens, sm_scale) -> (o, lse):
+        decode over a per-KV-head page list (FlexiCache, `kernels/paged_heads.py`)
     grouped_shared(q, k_pool, v_pool, chunk_offsets, sel, sm_scale, ...) -> (o, lse)
     merge_selections(o, lse, o_sel, lse_sel, sel) -> (o, lse)
     kv_write(k, v, k_cache, v_cache, slot_mapping): the new K/V into the cache
@@ -39,6 +41,7 @@ class KernelOps:
     name: str
     paged_decode: Callable
     paged_prefill: Callable
+    paged_decode_heads: Callable
     grouped_shared: Callable
     merge_selections: Callable
     kv_write: Callable
@@ -68,6 +71,7 @@ def _triton() -> KernelOps:
         kv_write,
         merge,
         paged_attention,
+        paged_heads,
         rms_norm,
         shared_attention,
     )
@@ -76,6 +80,7 @@ def _triton() -> KernelOps:
         name="triton",
         paged_decode=paged_attention.paged_decode_attention,
         paged_prefill=paged_attention.paged_prefill_attention,
+        paged_decode_heads=paged_heads.paged_decode_heads,
         grouped_shared=shared_attention.grouped_shared_attention,
         merge_selections=merge.merge_selections,
         kv_write=kv_write.kv_write,
@@ -87,12 +92,13 @@ def _triton() -> KernelOps:
 
 
 def _torch() -> KernelOps:
-    from moska.kernels import activation, kv_write, merge, rms_norm, shared_attention
+    from moska.kernels import activation, kv_write, merge, paged_heads, rms_norm, shared_attention
 
     return KernelOps(
         name="torch",
         paged_decode=_paged_decode_ref,
         paged_prefill=_paged_prefill_ref,
+        paged_decode_heads=paged_heads.paged_decode_heads_ref,
         grouped_shared=shared_attention.grouped_shared_attention_ref,
         merge_selections=merge.merge_selections_ref,
         kv_write=kv_write.kv_write_ref,

@@ -1,0 +1,62 @@
+"""FlexiCache's knobs, one frozen config (EngineConfig.flexicache, `--flexicache`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FlexiCacheConfig:
+    """top_k_pages: pages a stable head keeps besides the recent ones. recent_pages: the
+    newest pages every head keeps (>= 1: the page being written is always read).
+    threshold: a head whose top-K overlaps its previous top-K by at least this fraction is
+    stable (> 1: every head unstable, i.e. full KV). rerank_interval: steps between
+    re-rankings (R). min_pages: requests with fewer pages than this keep everything."""
+
+    top_k_pages: int = 32
+    recent_pages: int = 2
+    threshold: float = 0.5
+    rerank_interval: int = 8
+    min_pages: int = 0
+
+    def __post_init__(self) -> None:
+        if self.top_k_pages < 1:
+            raise ValueError(f"flexicache top_k_pages must be >= 1, got {self.top_k_pages}")
+        if self.recent_pages < 1:
+            raise ValueError(
+                f"flexicache recent_pages must be >= 1 (the page being written), got "
+                f"{self.recent_pages}"
+            )
+        if self.rerank_interval < 1:
+            raise ValueError(f"flexicache rerank_interval must be >= 1, got {self.rerank_interval}")
+        if not 0.0 <= self.threshold:
+            raise ValueError(f"flexicache threshold must be >= 0, got {self.threshold}")
+
+    def long_enough(self, n_pages: int) -> bool:
+        """Whether a request of `n_pages` pages is offloaded at all: it must have more
+        candidate pages than a stable head keeps."""
+        return n_pages >= self.min_pages and n_pages - self.recent_pages > self.top_k_pages
+
+    @classmethod
+    def parse(cls, spec: str) -> FlexiCacheConfig:
+        """`--flexicache` value: "on" (defaults) or "k=32,recent=2,threshold=0.5,r=8"."""
+        if spec.strip().lower() in ("", "on", "1", "true"):
+            return cls()
+        names = {
+            "k": "top_k_pages",
+            "recent": "recent_pages",
+            "threshold": "threshold",
+            "r": "rerank_interval",
+            "min_pages": "min_pages",
+        }
+        kw: dict[str, float | int] = {}
+        for part in spec.split(","):
+            key, sep, val = part.partition("=")
+            key = key.strip()
+            if not sep or key not in names:
+                raise ValueError(
+                    f"bad --flexicache item {part!r}; use 'on' or k=,recent=,threshold=,r=,"
+                    "min_pages= (comma-separated)"
+                )
+            kw[names[key]] = float(val) if key == "threshold" else int(val)
+        return cls(**kw)  # type: ignore[arg-type]

@@ -1,0 +1,106 @@
+"""Ranking, head classification and per-head page lists: batched tensor functions, no
+host sync, shared by the GPU page store (`store.py`) and the engine hook (`engine_hook.py`).
+
+Pages are blocks of `block_size` tokens of one sequence, numbered 0..n_pages-1 (logical).
+A page's score for a head is an upper bound of q.k over its keys, from per-page elementwise
+key minima and maxima (Quest's bound: sum_d max(q_d kmin_d, q_d kmax_d)), maximized over
+the head's G query heads. The summaries are 2 vectors per page and head (1/block_size of
+the page's K and V): they stay on the GPU, so ranking never reads an offloaded page.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def page_summaries(keys: torch.Tensor, n_tokens: torch.Tensor | None = None):
+    """keys [B, P, bs, Hkv, D] -> (kmin, kmax) [B, Hkv, P, D]; tokens at or past
+    `n_tokens[b]` ([B], optional) are left out (a page with none: +inf / -inf)."""
+    b, p, bs, _, _ = keys.shape
+    k = keys.float()
+    if n_tokens is not None:
+        pos = torch.arange(p * bs, device=keys.device).view(1, p, bs, 1, 1)
+        ok = pos < n_tokens.view(b, 1, 1, 1, 1)
+        kmin = torch.where(ok, k, float("inf")).amin(2)
+        kmax = torch.where(ok, k, float("-inf")).amax(2)
+    else:
+        kmin, kmax = k.amin(2), k.amax(2)
+    return kmin.transpose(1, 2), kmax.transpose(1, 2)
+
+
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, D], kmin/kmax [B, Hkv, P, D] -> [B, Hkv, P] fp32 upper bounds of q.k."""
+    b, hq, d = q.shape
+    hkv = kmin.shape[1]
+    qf = q.float().view(b, hkv, hq // hkv, d)
+    # max(q kmin, q kmax) per dim = q+ kmax + q- kmin: two products, no [.., P, D] temporary
+    hi = torch.nan_to_num(kmax.float(), neginf=0.0)
+    lo = torch.nan_to_num(kmin.float(), posinf=0.0)
+    s = torch.einsum("bhgd,bhpd->bhgp", qf.clamp(min=0), hi)
+    s = s + torch.einsum("bhgd,bhpd->bhgp", qf.clamp(max=0), lo)
+    return s.amax(2)
+
+
+def candidates(n_pages: torch.Tensor, recent: int, max_pages: int) -> torch.Tensor:
+    """[B, P] bool: the pages ranked (full ones outside the recent window)."""
+    pages = torch.arange(max_pages, device=n_pages.device)
+    return pages[None, :] < (n_pages[:, None] - recent)
+
+
+def rerank(
+    scores: torch.Tensor,  # [B, Hkv, P]
+    cand: torch.Tensor,  # [B, P] bool
+    old_top: torch.Tensor,  # [B, Hkv, K] int64, -1: none yet
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top [B, Hkv, K] int64, stable [B, Hkv] bool, overlap [B, Hkv] fp32): the new top-K
+    candidate pages, and whether each head's top-K overlaps its previous one by >=
+    `threshold` (no previous ranking: overlap 0). Rows with fewer than K candidates get
+    arbitrary picks among the rest: the caller keeps such rows whole."""
+    k = old_top.shape[-1]
+    s = scores.masked_fill(~cand[:, None, :], float("-inf"))
+    top = s.topk(min(k, s.shape[-1]), dim=-1).indices
+    if top.shape[-1] < k:
+        top = torch.cat([top, top[..., :1].expand(*top.shape[:-1], k - top.shape[-1])], -1)
+    overlap = (top[..., :, None] == old_top[..., None, :]).any(-1).float().mean(-1)
+    return top, overlap >= threshold, overlap
+
+
+def keep_mask(
+    top: torch.Tensor,  # [B, Hkv, K] int64 (-1: none)
+    stable: torch.Tensor,  # [B, Hkv] bool
+    active: torch.Tensor,  # [B] bool: rows under FlexiCache (long enough)
+    n_pages: torch.Tensor,  # [B] int64
+    recent: int,
+    max_pages: int,
+) -> torch.Tensor:
+    """[B, Hkv, P] bool: the pages each head reads (and keeps on the GPU). A stable head of
+    an active row: its top-K plus the `recent` newest pages; any other head: every page."""
+    b, hkv, _ = top.shape
+    pages = torch.arange(max_pages, device=top.device)
+    valid = pages[None, :] < n_pages[:, None]  # [B, P]
+    recent_m = valid & (pages[None, :] >= n_pages[:, None] - recent)
+    in_top = torch.zeros(b, hkv, max_pages, dtype=torch.bool, device=top.device)
+    in_top.scatter_(-1, top.clamp(min=0), top >= 0)
+    flex = in_top | recent_m[:, None, :]
+    whole = ~(stable & active[:, None])
+    return valid[:, None, :] & (whole[..., None] | flex)
+
+
+def head_lists(
+    keep: torch.Tensor,  # [B, Hkv, P] bool (the newest valid page always kept)
+    page_map: torch.Tensor,  # [B, P] or [B, Hkv, P] int: where each logical page lives
+    seq_lens: torch.Tensor,  # [B] int
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tables [B, Hkv, P] int32, lens [B, Hkv] int32) for `paged_decode_heads`: each head's
+    kept pages in ascending order (the partial newest page last) and its token count."""
+    b, hkv, p = keep.shape
+    pages = torch.arange(p, device=keep.device)
+    order = torch.where(keep, pages, p).sort(-1).values.clamp(max=p - 1)
+    if page_map.dim() == 2:
+        page_map = page_map[:, None, :].expand(b, hkv, p)
+    tables = page_map.gather(-1, order).to(torch.int32)
+    pad = (seq_lens + block_size - 1) // block_size * block_size - seq_lens  # [B]
+    lens = keep.sum(-1) * block_size - pad[:, None]
+    return tables.contiguous(), lens.to(torch.int32).contiguous()

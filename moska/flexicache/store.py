@@ -1,0 +1,203 @@
+"""FlexiCache's page store for B sequences decoding together: the full KV in host memory
+(pinned on CUDA), and on the device only a compact per-head page pool holding the pages
+each head keeps. Real bytes: `gpu_bytes()` counts the tensors this store allocated on the
+device (pool, page summaries, tables), `full_kv_bytes()` what a paged cache would hold.
+
+Every token's K/V is written to the host copy (the truth) and, as its page is resident,
+to the pool. When a head's kept set changes (a re-ranking, or a new page entering the
+recent window) its dropped pages free their pool slots and its newly kept pages are fetched
+from the host copy: `fetched_pages` counts those copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moska.flexicache import policy
+from moska.flexicache.config import FlexiCacheConfig
+
+
+class FlexiKV:
+    def __init__(
+        self,
+        cfg: FlexiCacheConfig,
+        *,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        max_pages: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        force_stable: torch.Tensor | None = None,  # [L, B, Hkv] bool: stable regardless
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        L, B, H, P, bs, D = num_layers, batch, num_kv_heads, max_pages, block_size, head_dim
+        self.shape = (L, B, H, P, bs, D)
+        self.block_size = bs
+        pin = self.device.type == "cuda"
+        self.host_k = torch.zeros(L, B, H, P, bs, D, dtype=dtype, pin_memory=pin)
+        self.host_v = torch.zeros(L, B, H, P, bs, D, dtype=dtype, pin_memory=pin)
+        dev = self.device
+        self.pool_k = [torch.zeros(0, bs, 1, D, dtype=dtype, device=dev) for _ in range(L)]
+        self.pool_v = [torch.zeros(0, bs, 1, D, dtype=dtype, device=dev) for _ in range(L)]
+        self.free: list[list[int]] = [[] for _ in range(L)]
+        self.slot = torch.full((L, B, H, P), -1, dtype=torch.int64, device=dev)
+        self.kmin = torch.zeros(L, B, H, P, D, dtype=dtype, device=dev)
+        self.kmax = torch.zeros(L, B, H, P, D, dtype=dtype, device=dev)
+        self.top = torch.full((L, B, H, cfg.top_k_pages), -1, dtype=torch.int64, device=dev)
+        self.stable = torch.zeros(L, B, H, dtype=torch.bool, device=dev)
+        self.tables = torch.zeros(L, B, H, P, dtype=torch.int32, device=dev)
+        self.lens = torch.zeros(L, B, H, dtype=torch.int32, device=dev)
+        self.force_stable = None if force_stable is None else force_stable.to(dev)
+        self._probe: dict[int, list[torch.Tensor | None]] = {}
+        self.length = 0  # tokens per sequence, the current step's included
+        self.step = -1  # decode steps begun, minus one
+        self.fetched_pages = 0
+        self.evicted_pages = 0
+        self.peak_resident_pages = 0
+
+    # ---- accounting ----
+    def page_bytes(self) -> int:
+        *_, bs, d = self.shape
+        return 2 * bs * d * self.host_k.element_size()
+
+    def full_kv_bytes(self) -> int:
+        """A paged cache's bytes for these sequences at the current length."""
+        L, B, H, _, bs, _ = self.shape
+        return L * B * H * -(-self.length // bs) * self.page_bytes()
+
+    def resident_pages(self) -> int:
+        return int((self.slot >= 0).sum())
+
+    def gpu_bytes(self) -> int:
+        """Bytes this store holds on the device: the pools as allocated, summaries, tables."""
+        pools = sum(t.numel() * t.element_size() for t in (*self.pool_k, *self.pool_v))
+        meta = (self.slot, self.kmin, self.kmax, self.top, self.stable, self.tables, self.lens)
+        return pools + sum(t.numel() * t.element_size() for t in meta)
+
+    def stable_fraction(self) -> float:
+        return float(self.stable.float().mean())
+
+    # ---- prefill ----
+    def write_prompt(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, q_last):
+        """One sequence's prompt K/V [T, Hkv, D] (host copy and summaries) and its last
+        query [Hq, D]: the ranking the first decode step's ranking is compared with."""
+        _, _, H, _, bs, D = self.shape
+        t = k.shape[0]
+        n = -(-t // bs)
+        pad = n * bs - t
+        for host, x in ((self.host_k, k), (self.host_v, v)):
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(n, bs, H, D)
+            host[layer, row, :, :n].copy_(x.permute(2, 0, 1, 3))
+        padded = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(1, n, bs, H, D)
+        kmin, kmax = policy.page_summaries(padded, torch.tensor([t], device=k.device))
+        self.kmin[layer, row, :, :n] = kmin[0].to(self.kmin.dtype)
+        self.kmax[layer, row, :, :n] = kmax[0].to(self.kmax.dtype)
+        self._probe.setdefault(layer, [None] * self.shape[1])[row] = q_last
+        self.length = t
+
+    def finish_prompts(self) -> None:
+        """Rank every head once with its sequence's last prompt query."""
+        _, B, _, P, bs, _ = self.shape
+        n_pages = torch.full((B,), -(-self.length // bs), device=self.device)
+        cand = policy.candidates(n_pages, self.cfg.recent_pages, P)
+        for layer, qs in self._probe.items():
+            assert all(q is not None for q in qs), "write_prompt every row of every layer"
+            q = torch.stack(qs)  # type: ignore[arg-type]
+            scores = policy.page_scores(q, self.kmin[layer], self.kmax[layer])
+            self.top[layer] = policy.rerank(scores, cand, self.top[layer], 2.0)[0]
+        self._probe.clear()
+
+    # ---- decode ----
+    def begin_step(self) -> None:
+        """Before each decode forward: one more token per sequence."""
+        self.length += 1
+        self.step += 1
+        if self.length > self.shape[3] * self.block_size:
+            raise ValueError(f"sequence longer than max_pages * block_size ({self.length})")
+
+    def attend(self, layer, q, k, v, decode_fn, sm_scale: float) -> torch.Tensor:
+        """q [B, Hq, D], the new token's k/v [B, Hkv, D] -> o [B, Hq, D] through
+        `decode_fn` (`paged_decode_heads` or its reference) over the kept pages."""
+        _, B, H, P, bs, D = self.shape
+        pos = self.length - 1
+        p, s = pos // bs, pos % bs
+        self.host_k[layer, :, :, p, s].copy_(k, non_blocking=True)
+        self.host_v[layer, :, :, p, s].copy_(v, non_blocking=True)
+        if s == 0:
+            self.kmin[layer, :, :, p] = k
+            self.kmax[layer, :, :, p] = k
+        else:
+            torch.minimum(self.kmin[layer, :, :, p], k, out=self.kmin[layer, :, :, p])
+            torch.maximum(self.kmax[layer, :, :, p], k, out=self.kmax[layer, :, :, p])
+        rerank = self.step % self.cfg.rerank_interval == 0
+        n_pages = torch.full((B,), p + 1, device=self.device)
+        active = torch.full((B,), self.cfg.long_enough(p + 1), device=self.device)
+        if rerank:
+            cand = policy.candidates(n_pages, self.cfg.recent_pages, P)
+            scores = policy.page_scores(q, self.kmin[layer], self.kmax[layer])
+            top, stable, _ = policy.rerank(scores, cand, self.top[layer], self.cfg.threshold)
+            if self.force_stable is not None:
+                stable = stable | self.force_stable[layer]
+            self.top[layer], self.stable[layer] = top, stable
+        if rerank or s == 0 or self.step == 0:
+            keep = policy.keep_mask(
+                self.top[layer], self.stable[layer], active, n_pages, self.cfg.recent_pages, P
+            )
+            self._sync(layer, keep)
+            seq = torch.full((B,), self.length, device=self.device)
+            self.tables[layer], self.lens[layer] = policy.head_lists(
+                keep, self.slot[layer], seq, bs
+            )
+        else:
+            self.lens[layer] += 1
+        cur = self.slot[layer, :, :, p].reshape(-1)  # [B * H] resident slots of the new page
+        self.pool_k[layer][cur, s, 0] = k.reshape(B * H, D)
+        self.pool_v[layer][cur, s, 0] = v.reshape(B * H, D)
+        o, _ = decode_fn(
+            q,
+            self.pool_k[layer],
+            self.pool_v[layer],
+            self.tables[layer],
+            self.lens[layer],
+            sm_scale,
+        )
+        return o
+
+    def _sync(self, layer: int, keep: torch.Tensor) -> None:
+        """Free the slots of pages no longer kept; fetch newly kept pages from the host."""
+        slot = self.slot[layer]
+        resident = slot >= 0
+        drop = resident & ~keep
+        if bool(drop.any()):
+            self.free[layer].extend(slot[drop].tolist())
+            self.evicted_pages += int(drop.sum())
+            slot[drop] = -1
+        idx = (keep & ~resident).nonzero()  # [n, 3] (row, head, page)
+        n = idx.shape[0]
+        if n:
+            self._reserve(layer, n)
+            new = torch.tensor(self.free[layer][-n:], dtype=torch.int64, device=self.device)
+            del self.free[layer][-n:]
+            slot[idx[:, 0], idx[:, 1], idx[:, 2]] = new
+            i = idx.cpu()
+            for host, pool in ((self.host_k, self.pool_k), (self.host_v, self.pool_v)):
+                pages = host[layer, i[:, 0], i[:, 1], i[:, 2]]  # [n, bs, D]
+                pool[layer][new] = pages.to(self.device, non_blocking=True).unsqueeze(2)
+            self.fetched_pages += n
+        self.peak_resident_pages = max(self.peak_resident_pages, self.resident_pages())
+
+    def _reserve(self, layer: int, n: int) -> None:
+        """Grow the layer's pool (by at least a quarter) until `n` slots are free."""
+        free = self.free[layer]
+        if len(free) >= n:
+            return
+        cap = self.pool_k[layer].shape[0]
+        grow = max(n - len(free), cap // 4)
+        for pool in (self.pool_k, self.pool_v):
+            t = pool[layer]
+            pool[layer] = torch.cat([t, t.new_zeros(grow, *t.shape[1:])])
+        free[:0] = range(cap + grow - 1, cap - 1, -1)  # new slots below the old free ones
