@@ -136,14 +136,6 @@ class EngineConfig:
                 "decode_context_parallel_size must be a positive number of ranks, got "
                 f"{self.decode_context_parallel_size}"
             )
-        if self.decode_context_parallel_size > 1 and (
-            self.tensor_parallel_size > 1 or self.shared_kv_ranks or self.semantic_reuse
-        ):
-            raise ValueError(
-                "decode_context_parallel_size > 1 runs without tensor_parallel_size, "
-                "shared_kv_ranks and semantic_reuse for now (each of its ranks holds the "
-                "whole model); drop one of them"
-            )
         if self.semantic_reuse:
             from moska.semshare.config import SemShareConfig
 

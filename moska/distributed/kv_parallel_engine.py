@@ -43,6 +43,17 @@ def start_kv_parallel(config: EngineConfig, path, dtype, device: str):
             "decode_context_parallel_size under torchrun is not supported yet: run `moska "
             "serve` directly, it starts the ranks itself"
         )
+    if config.tensor_parallel_size > 1 or config.shared_kv_ranks or config.semantic_reuse:
+        raise KVParallelConfigError(
+            "decode_context_parallel_size > 1 runs without tensor_parallel_size, "
+            "shared_kv_ranks and semantic_reuse for now (each of its ranks holds the whole "
+            "model); drop one of them"
+        )
+    if config.tier_config is not None:
+        raise KVParallelConfigError(
+            "library tiers (library_gpu_budget) do not run with decode_context_parallel_size "
+            "> 1 (library requests are refused there); leave library_gpu_budget unset"
+        )
     p = config.decode_context_parallel_size
     runtime = DistributedRuntime.start(
         p, device, (str(path), dtype, device, config), target=run_kv_rank

@@ -23,7 +23,11 @@ def load_engine(cls: Any, model: str | None = None, **kwargs: Any) -> Any:
     device = config.resolved_device()
     if str(device).startswith("cuda") and dtype is None and model is None:
         dtype = "bfloat16"
-    if config.tensor_parallel_size > 1:
+    if config.decode_context_parallel_size > 1:  # requests' KV sharded over ranks
+        from moska.distributed.kv_parallel_engine import start_kv_parallel
+
+        loaded, runtime, libraries = start_kv_parallel(config, path, dtype, device)
+    elif config.tensor_parallel_size > 1:
         from moska.distributed.launch import start_tensor_parallel
 
         # ranks 1..N-1 in their own processes; None here means this process served as
@@ -39,10 +43,6 @@ def load_engine(cls: Any, model: str | None = None, **kwargs: Any) -> Any:
         from moska.distributed.shared_kv_engine import start_shared_kv
 
         loaded, runtime, libraries = start_shared_kv(config, path, dtype, device)
-    elif config.decode_context_parallel_size > 1:  # requests' KV sharded over ranks
-        from moska.distributed.kv_parallel_engine import start_kv_parallel
-
-        loaded, runtime, libraries = start_kv_parallel(config, path, dtype, device)
     else:
         loaded, runtime = load_model(path, dtype=dtype, device=device), None
         libraries = make_library_manager(config, loaded, device)

@@ -12,12 +12,13 @@ from tp_support import build_checkpoint, engine_kwargs, greedy, prefill_logits, 
 
 from moska.attention.metadata import AttentionMetadata
 from moska.distributed.kv_parallel import merge_partials
-from moska.distributed.kv_parallel_step import local_step
+from moska.distributed.kv_parallel_step import KVParallelConfigError, local_step
 from moska.engine.llm_engine import LLMEngine
+from moska.engine.sampling_params import SamplingParams
 from moska.engine.scheduler import RequestTooLarge
 from moska.kernel_ops import kernel_ops
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(60)  # a hang fails
 
 BLOCK = 16
 LOCAL_BLOCKS = 4  # per rank: 64 tokens; the long prompt needs 6 blocks, 7 with its output
@@ -102,3 +103,12 @@ def test_long_request_logits_equal_one_process(engines):
     got = prefill_logits(eng, prompts)
     assert got.shape == want.shape == (75, 256)
     assert rel_err(got, want) < 1e-4
+
+
+def test_what_it_does_not_serve_is_refused(engines, tmp_path):
+    _, _, eng = engines
+    with pytest.raises(KVParallelConfigError, match="decode_context_parallel_size=1"):
+        eng.add_request("lib", [5, 6], SamplingParams(max_tokens=2), library="any")
+    assert not eng.has_unfinished_requests()
+    with pytest.raises(KVParallelConfigError, match="tensor_parallel_size"):  # nothing started
+        LLMEngine.from_model(str(tmp_path), decode_context_parallel_size=2, tensor_parallel_size=2)
