@@ -6,7 +6,7 @@ import random
 
 from test_scheduler import fake_token, make_request, make_scheduler
 
-from moska.engine.request import PLACEHOLDER_TOKEN, RequestStatus
+from moska.engine.request import RequestStatus
 
 
 def _run(sched, reqs, poisoned=frozenset(), fail_steps=frozenset(), max_steps=5000):
@@ -64,7 +64,7 @@ def test_a_poisoned_request_fails_alone_and_the_others_finish():
     assert len(last_poison[-1].scheduled) == 1
 
 
-def test_recover_with_a_step_in_flight_drops_its_placeholders():
+def test_recover_with_a_step_in_flight_drops_its_tokens_in_flight():
     sched = make_scheduler(budget=64)
     a, b = make_request("a", 5, max_tokens=6), make_request("b", 7, max_tokens=6)
     sched.add_request(a)
@@ -73,8 +73,9 @@ def test_recover_with_a_step_in_flight_drops_its_placeholders():
     sched.update_from_output(out, {"a": fake_token(a), "b": fake_token(b)})
     first = (list(a.output_token_ids), list(b.output_token_ids))
     prev = sched.schedule()
-    sched.update_from_output(prev, None)  # queued ahead: placeholders
-    assert a.output_token_ids[-1] == PLACEHOLDER_TOKEN
+    sched.update_from_output(prev, None)  # queued ahead: its tokens in flight
+    assert a.num_in_flight == 1 and a.output_token_ids == first[0]
+    assert a.num_tokens == a.num_known_tokens + 1
     out = sched.schedule()  # the next step fails while `prev` is still in flight
     assert sched.recover_step(out, [s.request for s in prev.scheduled]) == []
     assert (a.output_token_ids, b.output_token_ids) == first

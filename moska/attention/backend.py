@@ -16,6 +16,7 @@ import torch
 from moska.attention.composed import composed_group_states
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
+from moska.attention.routing_report import GroupRouting
 from moska.attention.shared import routing_coverage, shared_attention_for_group
 from moska.kernel_ops import KernelOps
 from moska.library.composition import is_composed
@@ -65,11 +66,13 @@ class PagedAttention:
 
 
 class BoundAttention:
-    """The `attn(layer, q, k, v) -> o` callable for one step."""
+    """The `attn(layer, q, k, v) -> o` callable for one step. `routing[i]` is what group
+    i's routing reported in the forward (attention/routing_report.py)."""
 
     def __init__(self, parent: PagedAttention, meta: AttentionMetadata) -> None:
         self.p = parent
         self.meta = meta
+        self.routing = [GroupRouting() for _ in meta.groups]
 
     def __call__(
         self,
@@ -85,14 +88,17 @@ class BoundAttention:
         side = p.side_stream(q.device) if m.groups else None
         if side is None:
             o, lse = self._unique(layer, q)
-            for group in m.groups:
-                o = _merge_group(p, o, lse, group, _shared_group(p, layer, q, group))
+            for group, report in zip(m.groups, self.routing):
+                o = _merge_group(p, o, lse, group, _shared_group(p, layer, q, group, report))
             return o
         cur = torch.cuda.current_stream(q.device)
         side.wait_stream(cur)
         programs = p.keymax_programs()
         with torch.cuda.stream(side):
-            shared = [_shared_group(p, layer, q, group, programs) for group in m.groups]
+            shared = [
+                _shared_group(p, layer, q, group, report, programs)
+                for group, report in zip(m.groups, self.routing)
+            ]
         o, lse = self._unique(layer, q)
         cur.wait_stream(side)
         for group, states in zip(m.groups, shared):
@@ -112,12 +118,16 @@ def _shared_group(
     layer: int,
     q: torch.Tensor,
     group: LibraryGroup,
+    report: GroupRouting,
     keymax_programs: int | None = None,
 ):
-    """Routed shared-chunk states of a group's rows: (o_sel, lse_sel, sel)."""
+    """Routed shared-chunk states of a group's rows: (o_sel, lse_sel, sel); what the group
+    asks reported goes into `report`."""
     q_rows = q if group.all_rows else q.index_select(0, group.rows)
     if is_composed(group.library):  # several libraries: routed over their union
-        return composed_group_states(p.ops, layer, q_rows, group, p.sm_scale, keymax_programs)
+        return composed_group_states(
+            p.ops, layer, q_rows, group, p.sm_scale, keymax_programs, report
+        )
     # a position-independent library's APE tempering (library/positions.py); exact: 1, 0
     scale, log_scale = shared_logit_adjustment(group.library)
     sm_scale = p.sm_scale * scale
@@ -131,9 +141,9 @@ def _shared_group(
         )
         routed = sel
     if group.record:
-        group.recorded[layer] = routed
+        report.selections[layer] = routed
     if layer in group.coverage_layers:
-        group.coverage[layer] = routing_coverage(
+        report.coverage[layer] = routing_coverage(
             p.ops, layer, q_rows, group, lse_sel, sel, sm_scale
         )
     if log_scale:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from moska.attention.metadata import LibraryGroup
+from moska.attention.routing_report import GroupRouting
 from moska.attention.shared import all_chunk_selections, fp8_kwargs
 from moska.kernel_ops import KernelOps
 from moska.kernels.selections import Selections, from_topk
@@ -43,10 +44,11 @@ def composed_group_states(
     group: LibraryGroup,
     sm_scale: float,
     keymax_programs: int | None = None,
+    report: GroupRouting | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Selections]:
     """(o_sel [N, G, D], lse_sel [N, G], sel) of a composed group's rows: every part's
     routed chunk states, chunk ids global. Records the selections and measures coverage
-    when the group asks, as the backend does for a single library."""
+    into `report` when the group asks, as the backend does for a single library."""
     comp = group.library
     parts = comp.parts
     adjust = [shared_logit_adjustment(p) for p in parts]
@@ -55,7 +57,7 @@ def composed_group_states(
     if _global_ok(group):
         sel = select_global(q_rows, group, layer, scales, biases, ops.triton_routing)
         o_sel, lse_sel = _global_states(ops, layer, q_rows, comp, sel, scales, biases)
-        return _report(ops, layer, q_rows, group, scales, adjust, o_sel, lse_sel, sel)
+        return _report(ops, layer, q_rows, group, report, scales, adjust, o_sel, lse_sel, sel)
     sels = select_union(q_rows, group, layer, scales, biases, ops.triton_routing)
     states = []
     for part, base, sel, scale, (_, log_scale) in zip(parts, comp.bases, sels, scales, adjust):
@@ -66,16 +68,18 @@ def composed_group_states(
             lse = lse + log_scale
         states.append((o, lse, sel, base))
     o_sel, lse_sel, sel = _concat(states, q_rows, parts[0].k_pools[layer].shape[1])
-    return _report(ops, layer, q_rows, group, scales, adjust, o_sel, lse_sel, sel)
+    return _report(ops, layer, q_rows, group, report, scales, adjust, o_sel, lse_sel, sel)
 
 
-def _report(ops, layer, q_rows, group, scales, adjust, o_sel, lse_sel, sel):
-    """Record the selections and measure coverage when the group asks for them."""
+def _report(ops, layer, q_rows, group, report, scales, adjust, o_sel, lse_sel, sel):
+    """Record the selections and measure coverage into `report` when the group asks."""
     comp = group.library
+    if report is None:
+        return o_sel, lse_sel, sel
     if group.record:
-        group.recorded[layer] = sel
+        report.selections[layer] = sel
     if layer in group.coverage_layers:
-        group.coverage[layer] = _coverage(ops, layer, q_rows, comp, scales, adjust, lse_sel, sel)
+        report.coverage[layer] = _coverage(ops, layer, q_rows, comp, scales, adjust, lse_sel, sel)
     return o_sel, lse_sel, sel
 
 

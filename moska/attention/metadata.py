@@ -24,10 +24,10 @@ class LibraryGroup:
     scorer: str = "keymax"
     policy: Any = None  # moska.routing.RoutingPolicy; None: the default policy with `scorer`
     all_rows: bool = False  # rows == every packed token in order: no gather/scatter needed
-    record: bool = False  # keep the last layer's selections for reporting
-    recorded: dict[int, Any] = field(default_factory=dict)  # layer -> Selections
+    # what the step asks its routing to report (attention/routing_report.py: GroupRouting,
+    # kept by the bound attention; this input is never written)
+    record: bool = False  # report each layer's selections (the runner reads the last)
     coverage_layers: frozenset[int] = frozenset()  # layers that measure routing coverage
-    coverage: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n] fraction
 
 
 @dataclass

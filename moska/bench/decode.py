@@ -216,8 +216,8 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
                 "decode_tokens_per_s": b / (ms / 1e3),
                 "cuda_graph": graphed is not None,
             }
-            if mode == "moska" and meta.groups[0].recorded:
-                sel = next(iter(meta.groups[0].recorded.values()))
+            if mode == "moska" and bound.routing[0].selections:
+                sel = next(iter(bound.routing[0].selections.values()))
                 row["chunks_touched"] = int(torch.unique(sel.chunk).numel())
             rows.append(row)
             print(f"B={b:4d} {mode:6s} {ms:9.2f} ms  {b / (ms / 1e3):10.1f} tok/s", flush=True)

@@ -22,6 +22,7 @@ import torch
 
 from moska.attention.backend import PagedAttention
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
+from moska.attention.routing_report import GroupRouting
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class _Graph:
     seq_lens: torch.Tensor  # [b] int32
     tables: torch.Tensor  # [b, W] int32
     hidden: torch.Tensor | None  # [b, H], written by each replay
-    group: LibraryGroup | None  # its `recorded` selections are written by each replay
+    group: LibraryGroup | None
+    routing: GroupRouting | None  # the group's routing report, its tensors written by each replay
     library: Any = None  # weakref to the library the graph reads, or None
     keep: list = field(default_factory=list)
 
@@ -95,9 +97,9 @@ class DecodeGraphs:
         tables: torch.Tensor,  # [B, max_blocks_now] int32, CPU
         spec: LibrarySpec | None,
         device_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, LibraryGroup | None]:
-        """Hidden states [B, H] of one decode step, and the library group whose `recorded`
-        selections the step wrote (rows past B are padding). `device_ids` = (rows, tokens)
+    ) -> tuple[torch.Tensor, GroupRouting | None]:
+        """Hidden states [B, H] of one decode step, and its library group's routing report
+        (rows past B are padding). `device_ids` = (rows, tokens)
         on the device overwrite those rows of `ids` (tokens the host does not have yet)."""
         n = ids.numel()
         b = self.bucket(n)
@@ -114,7 +116,7 @@ class DecodeGraphs:
         with torch.cuda.device(self.device):
             g.graph.replay()
         assert g.hidden is not None  # set by the capture
-        return g.hidden[:n], g.group
+        return g.hidden[:n], g.routing
 
     def capture(self, specs: list[LibrarySpec | None], progress: bool = True) -> int:
         """Capture, ahead of traffic, every bucket for each spec (None: steps without a
@@ -180,6 +182,7 @@ class DecodeGraphs:
             tables=torch.empty((b, self.max_blocks), dtype=torch.int32, device=dev),
             hidden=None,
             group=None,
+            routing=None,
         )
         self._pad(g, 0)  # warm-up and capture touch only the scratch block
         meta = AttentionMetadata(
@@ -202,6 +205,8 @@ class DecodeGraphs:
             meta.groups.append(g.group)
             g.library = weakref.ref(spec.library)
         bound = self.attention.bind(meta)
+        if g.group is not None:
+            g.routing = bound.routing[0]
         logger.info(
             "capturing a CUDA graph for decode batch %d%s",
             b,
@@ -217,8 +222,8 @@ class DecodeGraphs:
                 self._pool = torch.cuda.graph_pool_handle()
             # thread_local: the server's other threads may touch CUDA while this one captures
             with torch.cuda.graph(g.graph, pool=self._pool, capture_error_mode="thread_local"):
-                if g.group is not None:
-                    g.group.recorded.clear()
+                if g.routing is not None:  # the replays' tensors, not the warm-up's
+                    g.routing.clear()
                 g.hidden = self.model(g.ids, g.pos, bound)
         if g.group is not None:
             g.group.library = None  # the graph must not keep an unloaded library alive

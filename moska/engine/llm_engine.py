@@ -25,10 +25,11 @@ from moska.engine.memory import LibraryMemory
 from moska.engine.output_builder import TrackedRequest, build_output
 from moska.engine.outputs import RequestOutput, TokenLogprob
 from moska.engine.request import Request
-from moska.engine.runner import ModelRunner, PendingStep, StepResult
+from moska.engine.runner import ModelRunner
 from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.scheduler import Scheduler, SchedulerOutput
 from moska.engine.scheduler_config import SchedulerConfig
+from moska.engine.step_output import PendingStep, StepResult
 from moska.library.composition import ComposedLibrary, library_names, parts_of
 from moska.library.positions import request_wants_bos
 from moska.model.tokenizer import IncrementalDetokenizer
@@ -272,7 +273,7 @@ class LLMEngine:
         With asynchronous scheduling a decode step is queued on the device and its tokens
         are read during the next call, after that call has queued its own step: the host's
         work (scheduling, inputs, detokenizing) overlaps the device's. Until the tokens
-        arrive the scheduler holds placeholders (see Scheduler); a request that turns out
+        arrive the requests count them in flight (see Scheduler); a request that turns out
         to have stopped had one extra step computed, which is dropped.
 
         If the step raises, the scheduler rolls it back (Scheduler.recover_step): its
@@ -341,25 +342,22 @@ class LLMEngine:
             and not pending.reads_library
             and not pending.needs_history
         ):
-            self.scheduler.update_from_output(out, None)  # placeholders
+            self.scheduler.update_from_output(out, None)  # its tokens in flight
             self._in_flight = (out, pending, t0)
             return outputs
-        return outputs + self._finish(out, pending, t0, placeholders=False)
+        return outputs + self._finish(out, pending, t0, in_flight=False)
 
     def _finish(
-        self, out: SchedulerOutput, pending: PendingStep, t0: float, placeholders: bool = True
+        self, out: SchedulerOutput, pending: PendingStep, t0: float, in_flight: bool = True
     ) -> list[RequestOutput]:
-        """Wait for a queued step's tokens and turn them into outputs. `placeholders`: the
-        scheduler was already updated with placeholders, which get the real tokens now."""
+        """Wait for a queued step's tokens and turn them into outputs. `in_flight`: the
+        scheduler was already updated with the tokens in flight, which land now."""
         result: StepResult = pending.result()
         self._last_step_s = time.perf_counter() - t0
-        for rid, chunks in result.routed_chunks.items():
-            self._chunks_routed += len(chunks)
+        for rid, report in result.routing.items():
+            self._chunks_routed += len(report.chunks)
             if rid in self._tracked:
-                self._tracked[rid].routed_chunks = chunks
-        for rid, cov in result.coverage.items():
-            if rid in self._tracked:
-                self._tracked[rid].coverage = cov
+                self._tracked[rid].routing = report
         for rid, (pos, entries) in result.prompt_logprobs.items():
             tr = self._tracked.get(rid)
             if tr is None:
@@ -368,12 +366,12 @@ class LLMEngine:
             for j, (lp, top) in enumerate(entries):
                 if pos + j == len(tr.prompt_logprobs):  # a recompute (preemption) repeats some
                     tr.prompt_logprobs.append(TokenLogprob(prompt[pos + j], lp, top))
-        if placeholders:
+        if in_flight:
             updated = []
             for req in pending.sample_reqs:
                 if req.request_id not in self._tracked:  # aborted or stopped meanwhile
                     continue
-                self.scheduler.resolve_placeholder(req, result.sampled[req.request_id])
+                self.scheduler.resolve_in_flight(req, result.sampled[req.request_id])
                 updated.append(req)
         else:
             updated = self.scheduler.update_from_output(out, result.sampled)

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from moska.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from moska.engine.request import Request, RequestStatus
+from moska.engine.step_output import RoutingReport
 from moska.model.tokenizer import IncrementalDetokenizer
 
 
@@ -28,8 +29,7 @@ class TrackedRequest:
     emitted: int = 0  # characters of text already returned
     sent_tokens: int = 0  # output tokens already returned
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    routed_chunks: list[int] | None = None
-    coverage: float | None = None
+    routing: RoutingReport | None = None  # of the last step that sampled it
     # with prompt_logprobs: one entry per prompt token scored so far (the first has none)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
 
@@ -61,7 +61,7 @@ def build_output(tr: TrackedRequest, scheduler: _Finisher) -> RequestOutput:
         visible = max(tr.emitted, len(text) - max(len(s) for s in params.stop) + 1)
     new_text = text[tr.emitted : visible]
     new_ids = req.output_token_ids[tr.sent_tokens :]
-    tr.emitted, tr.sent_tokens = visible, req.num_output_tokens
+    tr.emitted, tr.sent_tokens = visible, len(req.output_token_ids)  # tokens in flight: not yet
     finish = req.status.value if req.is_finished else None
     completion = CompletionOutput(
         index=0,
@@ -77,8 +77,8 @@ def build_output(tr: TrackedRequest, scheduler: _Finisher) -> RequestOutput:
         finished=req.is_finished,
         new_text=new_text,
         new_token_ids=list(new_ids),
-        routed_chunks=tr.routed_chunks,
-        routing_coverage=tr.coverage,
+        routed_chunks=None if tr.routing is None else tr.routing.chunks,
+        routing_coverage=None if tr.routing is None else tr.routing.coverage,
         library=req.library,
         num_cached_tokens=req.num_cached_tokens,
         num_reused_tokens=req.num_reused_tokens,

@@ -34,11 +34,6 @@ class LibraryHandle(Protocol):
     def position_offset(self) -> int: ...
 
 
-# Stands in an output list for a token sampled by a step still in flight (asynchronous
-# scheduling); the engine replaces it once the token reaches the host. Never a real id.
-PLACEHOLDER_TOKEN = -1
-
-
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -75,6 +70,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     first_token_time: float | None = None
+    # Tokens sampled by a step still on the device (asynchronous scheduling): counted in
+    # num_tokens and num_output_tokens, not in output_token_ids until they reach the host.
+    # Changed only through add_in_flight / land_in_flight / drop_in_flight.
+    num_in_flight: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -99,15 +98,23 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt and generated tokens, those still in flight included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_in_flight
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens the host has: num_tokens less those in flight."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The known tokens (a token in flight is not known yet)."""
         return self.prompt_token_ids + self.output_token_ids
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """all_token_ids[start:end] without building the whole list (a decode step reads
-        one token of each request)."""
+        one token of each request). `end` must not pass the known tokens."""
+        assert end <= self.num_known_tokens, (self.request_id, end, self.num_known_tokens)
         n = len(self.prompt_token_ids)
         if start >= n:
             return self.output_token_ids[start - n : end - n]
@@ -117,7 +124,23 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        """Generated tokens, those still in flight included (what max_tokens counts)."""
+        return len(self.output_token_ids) + self.num_in_flight
+
+    def add_in_flight(self) -> None:
+        """A step that samples this request's next token was queued; the token is not known."""
+        self.num_in_flight += 1
+
+    def land_in_flight(self, token: int) -> None:
+        """The oldest token in flight reached the host and is kept: it joins the output."""
+        assert self.num_in_flight > 0, self.request_id
+        self.num_in_flight -= 1
+        self.output_token_ids.append(token)
+
+    def drop_in_flight(self) -> None:
+        """The oldest token in flight is not kept (a stop token, or a rolled-back step)."""
+        assert self.num_in_flight > 0, self.request_id
+        self.num_in_flight -= 1
 
     @property
     def is_finished(self) -> bool:
@@ -128,3 +151,4 @@ class Request:
             self.num_computed_tokens,
             self.num_tokens,
         )
+        assert self.num_in_flight >= 0, self.num_in_flight

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,11 +17,13 @@ from moska.config import EngineConfig
 from moska.engine import prompt_logprobs
 from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpec
 from moska.engine.memory import MemoryPlan, plan_memory
-from moska.engine.prompt_logprobs import PromptLogprobBatch
-from moska.engine.request import PLACEHOLDER_TOKEN, Request
-from moska.engine.sampler import SampledBatch, Sampler
+from moska.engine.request import Request
+from moska.engine.sampler import Sampler
+from moska.engine.step_output import PendingStep, StepResult
 from moska.engine.transfer import host_tensor, to_device
 from moska.kernel_ops import kernel_ops
+
+__all__ = ["GraphReplay", "ModelRunner", "PendingStep", "StepResult"]  # step_output's, too
 
 logger = logging.getLogger(__name__)
 
@@ -32,57 +34,6 @@ class GraphReplay:
     None) or of the one library every row reads."""
 
     library: LibrarySpec | None
-
-
-@dataclass
-class StepResult:
-    sampled: dict[str, int]  # request_id -> new token (only requests that finished their tokens)
-    logprobs: dict[str, tuple[float, dict[int, float]]]
-    routed_chunks: dict[str, list[int]]  # request_id -> chunks of the last layer
-    coverage: dict[str, float] = field(default_factory=dict)  # report_routing only
-    # request id -> (prompt position of its first scored token, [(logprob, top)]); only
-    # requests with prompt_logprobs whose prompt rows this step computed
-    prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
-
-
-@dataclass
-class PendingStep:
-    """A step whose forward and sampling are queued on the device; ``result()`` waits for
-    its tokens. ``tokens`` (on the device) can feed the next step before that."""
-
-    sample_reqs: list[Request]
-    batch: SampledBatch | None
-    groups: list
-    lib_rows: dict[str, list[int]]
-    record_reqs: dict
-    decode_only: bool = False  # every row is one request's single new token
-    # a row's sampler reads its token ids (penalties, logits processors): the next step
-    # must not be scheduled before this one's tokens reach the host
-    needs_history: bool = False
-    prompt_lp: PromptLogprobBatch | None = None  # prompt_logprobs of this step's prompt rows
-
-    @property
-    def reads_library(self) -> bool:
-        return bool(self.lib_rows)
-
-    def token_index(self) -> dict[str, int]:
-        """request id -> row of ``batch.tokens`` holding its new token."""
-        return {r.request_id: i for i, r in enumerate(self.sample_reqs)}
-
-    def result(self) -> StepResult:
-        result = StepResult(sampled={}, logprobs={}, routed_chunks={}, coverage={})
-        if self.prompt_lp is not None:
-            result.prompt_logprobs = self.prompt_lp.to_host()
-        if self.batch is None:
-            return result
-        out = self.batch.to_host()
-        for req, tok, lp in zip(self.sample_reqs, out.token_ids, out.logprobs):
-            result.sampled[req.request_id] = tok
-            if lp is not None:
-                result.logprobs[req.request_id] = lp
-        for group, name in zip(self.groups, self.lib_rows):
-            _record_routes(group, self.lib_rows[name], self.record_reqs.get(name, []), result)
-        return result
 
 
 class ModelRunner:
@@ -188,9 +139,9 @@ class ModelRunner:
         top_k_default: int,
         prev: PendingStep | None = None,
     ) -> PendingStep:
-        """Queue one step on the device without waiting for it. Input tokens that are still
-        placeholders (sampled by ``prev``, not yet on the host) are read from ``prev``'s
-        device tokens. Each request reads the library build it holds (``request.library``);
+        """Queue one step on the device without waiting for it. An input token still in
+        flight (sampled by ``prev``, not yet on the host) is read from ``prev``'s device
+        tokens. Each request reads the library build it holds (``request.library``);
         rows are grouped by build id."""
         bs = self.block_size
         token_ids: list[int] = []
@@ -205,7 +156,7 @@ class ModelRunner:
         lib_topk: dict[str, int] = {}
         lib_policy: dict[str, object] = {}  # build id -> RoutingPolicy (its first request's)
         record_reqs: dict[str, list[tuple[Request, int]]] = {}
-        pending: list[tuple[int, str]] = []  # (row, request id) whose input is on the device
+        pending: list[tuple[int, str]] = []  # (row, request id): input token in flight
         prompt_rows: list[prompt_logprobs.PromptRows] = []
         for item in scheduled:
             req: Request = item.request
@@ -229,9 +180,11 @@ class ModelRunner:
             )  # fmt: skip
             if rows is not None:
                 prompt_rows.append(rows)
-            token_ids.extend(req.token_ids_slice(start, end))
-            if token_ids[-1] == PLACEHOLDER_TOKEN:
-                pending.append((len(token_ids) - 1, req.request_id))
+            token_ids.extend(req.token_ids_slice(start, min(end, req.num_known_tokens)))
+            if end > req.num_known_tokens:  # its last input is prev's token, on the device
+                assert end == req.num_known_tokens + 1, req.request_id  # one step in flight
+                pending.append((len(token_ids), req.request_id))
+                token_ids.append(0)  # overwritten on the device (_device_inputs)
             positions.extend(range(offset + start, offset + end))
             table = block_table(req.request_id)
             slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
@@ -254,7 +207,7 @@ class ModelRunner:
         if replay is not None:
             assert self.graphs is not None  # a replay is only planned when graphs exist
             try:
-                hidden, group = self.graphs.run(
+                hidden, report = self.graphs.run(
                     host_tensor(token_ids, torch.int64, self.device),
                     host_tensor(positions, torch.int64, self.device),
                     host_tensor(slots, torch.int64, self.device),
@@ -266,8 +219,10 @@ class ModelRunner:
             except GraphCaptureError as e:
                 self._go_eager(e)
             else:
-                groups = [group] if group is not None else []
-                step = self._sample(hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs)
+                routing = [report] if report is not None else []
+                step = self._sample(
+                    hidden, sample_rows, sample_reqs, routing, lib_rows, record_reqs
+                )
                 step.prompt_lp = prompt_logprobs.compute(self.model, hidden, prompt_rows)
                 step.decode_only = True
                 return step
@@ -299,8 +254,11 @@ class ModelRunner:
         if device_ids is not None:
             ids_t.index_copy_(0, *device_ids)
         pos_t = to_device(positions, dev, torch.int64)
-        hidden = self.model(ids_t, pos_t, self.attention.bind(meta))
-        step = self._sample(hidden, sample_rows, sample_reqs, meta.groups, lib_rows, record_reqs)
+        bound = self.attention.bind(meta)
+        hidden = self.model(ids_t, pos_t, bound)
+        # the groups' routing reports, kept by the bound attention (none without groups)
+        routing = bound.routing if meta.groups else []
+        step = self._sample(hidden, sample_rows, sample_reqs, routing, lib_rows, record_reqs)
         step.prompt_lp = prompt_logprobs.compute(self.model, hidden, prompt_rows)
         step.decode_only = meta.decode_only
         return step
@@ -331,13 +289,13 @@ class ModelRunner:
         self.graphs = None
 
     def _device_inputs(self, pending: list[tuple[int, str]], prev: PendingStep | None):
-        """(rows, tokens) on the device for the input tokens that are placeholders, or None."""
+        """(rows, tokens) on the device for the input tokens in flight, or None."""
         if not pending:
             return None
         index = prev.token_index() if prev is not None and prev.batch is not None else {}
         missing = [rid for _, rid in pending if rid not in index]
         if missing:
-            raise RuntimeError(f"placeholder input tokens with no step in flight: {missing[:4]}")
+            raise RuntimeError(f"input tokens in flight with no step in flight: {missing[:4]}")
         rows = to_device([row for row, _ in pending], self.device, torch.int64)
         src = to_device([index[rid] for _, rid in pending], self.device, torch.int64)
         assert prev is not None and prev.batch is not None  # the index came from it
@@ -373,8 +331,8 @@ class ModelRunner:
         spec = LibrarySpec(name, lib, lib_topk[name], "keymax", record=bool(reqs), policy=policy)
         return GraphReplay(spec)
 
-    def _sample(self, hidden, sample_rows, sample_reqs, groups, lib_rows, record_reqs):
-        step = PendingStep(sample_reqs, None, groups, lib_rows, record_reqs)
+    def _sample(self, hidden, sample_rows, sample_reqs, routing, lib_rows, record_reqs):
+        step = PendingStep(sample_reqs, None, routing, lib_rows, record_reqs)
         if not sample_rows:
             return step
         if len(sample_rows) == hidden.shape[0]:  # every row samples (a decode step)
@@ -386,6 +344,10 @@ class ModelRunner:
         step.needs_history = any(p.needs_history for p in params)
         prompts = outputs = None
         if step.needs_history:  # the lists themselves, not copies: read before they change
+            behind = [r.request_id for r, p in zip(sample_reqs, params)
+                      if p.needs_history and r.num_in_flight]  # fmt: skip
+            if behind:  # the engine runs no step ahead of a sampler that reads its tokens
+                raise RuntimeError(f"a sampler reads token ids still in flight: {behind[:4]}")
             prompts = [r.prompt_token_ids for r in sample_reqs]
             outputs = [r.output_token_ids for r in sample_reqs]
         step.batch = self.sampler.sample(
@@ -395,25 +357,3 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
-
-
-def _record_routes(group: LibraryGroup, rows: list[int], reqs, result: StepResult) -> None:
-    """The chunks each sampled row read at the last recorded layer (KV head 0)."""
-    if not group.recorded or not reqs:
-        return
-    sel = group.recorded[max(group.recorded)]
-    local = {row: i for i, row in enumerate(rows)}
-    req_ids = sel.req.tolist()
-    heads = sel.kv_head.tolist()
-    chunks = sel.chunk.tolist()
-    by_row: dict[int, list[int]] = {}
-    for r, h, c in zip(req_ids, heads, chunks):
-        if h == 0:
-            by_row.setdefault(r, []).append(c)
-    for req, row in reqs:
-        result.routed_chunks[req.request_id] = sorted(by_row.get(local[row], []))
-    if group.coverage:
-        mean = torch.stack(list(group.coverage.values())).mean(dim=0).tolist()  # [n]
-        for req, row in reqs:
-            if req.report_routing:
-                result.coverage[req.request_id] = mean[local[row]]

@@ -18,10 +18,11 @@ the engine's: it calls `finish_request` after detokenizing.
 Call order per step: `schedule()`, run the model on the scheduled tokens, then
 `update_from_output()` before the next `schedule()`.
 
-Asynchronous scheduling: `update_from_output(output, None)` right after the
-step is queued appends PLACEHOLDER_TOKEN for each sampled token (length limits apply; stop
-tokens cannot, the token is unknown), so the next step can be scheduled while this one
-runs. `resolve_placeholder()` later puts the real token in and applies the stop tokens.
+Asynchronous scheduling: `update_from_output(output, None)` right after the step is
+queued counts each sampled token as in flight (`Request.num_in_flight`: in `num_tokens`,
+not yet in `output_token_ids`; length limits apply, stop tokens cannot, the token is
+unknown), so the next step can be scheduled while this one runs. `resolve_in_flight()`
+later lands the real token and applies the stop tokens. One step is in flight at most.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from moska.cache.block_manager import BlockManager
-from moska.engine.request import PLACEHOLDER_TOKEN, Request, RequestStatus
+from moska.engine.request import Request, RequestStatus
 from moska.engine.scheduler_config import SchedulerConfig
 
 
@@ -252,8 +253,8 @@ class Scheduler:
     ) -> list[Request]:
         """Advance computed counts, append sampled tokens, apply stop rules, free finished
         requests. Returns the requests that sampled a token this step (finished or not).
-        `sampled` None: the tokens are not known yet, placeholders stand in (see the module
-        docstring)."""
+        `sampled` None: the tokens are not known yet, they are counted in flight (see the
+        module docstring)."""
         self._awaiting_update = False
         bm = self.block_manager
         got_token: list[Request] = []
@@ -266,7 +267,7 @@ class Scheduler:
             request.check_invariants()
             if request.num_computed_tokens == request.num_tokens:
                 if sampled is None:
-                    self._append_token(request, PLACEHOLDER_TOKEN)
+                    self._add_in_flight(request)
                 elif request.request_id not in sampled:
                     raise KeyError(f"no sampled token for request {request.request_id!r}")
                 else:
@@ -284,11 +285,11 @@ class Scheduler:
         `schedule()` starts from a consistent state, and find the request that made it fail.
 
         The step's requests (and `extra`: those of a step still in flight, whose tokens are
-        placeholders) are preempted by recompute and become *suspects*; each suspect then
+        not known) are preempted by recompute and become *suspects*; each suspect then
         runs one step alone before it batches with others again. A request whose step
         fails while it ran alone is the culprit: it ends as aborted and is returned (with
-        any that cannot be recovered: one that reached its length on a placeholder). So a
-        poisoned request fails alone and every other request goes on."""
+        any that cannot be recovered: one that reached its length on a token in flight). So
+        a poisoned request fails alone and every other request goes on."""
         self._awaiting_update = False
         reqs = list(
             {id(r): r for r in [i.request for i in output.scheduled] + list(extra)}.values()
@@ -296,8 +297,8 @@ class Scheduler:
         alone = len(reqs) == 1
         failed: list[Request] = []
         for request in reversed(reqs):  # pushed to the front: keep their order
-            if request.output_token_ids and request.output_token_ids[-1] == PLACEHOLDER_TOKEN:
-                request.output_token_ids.pop()  # never reached the host: sampled again
+            if request.num_in_flight:
+                request.drop_in_flight()  # never reached the host: sampled again
                 if request.request_id not in self._requests:  # released at its length
                     failed.append(request)
                     continue
@@ -336,21 +337,20 @@ class Scheduler:
         self._awaiting_update = True
         return SchedulerOutput([ScheduledRequest(suspect, num_new)], [], num_new, finished_ids)
 
-    def resolve_placeholder(self, request: Request, token: int) -> None:
-        """Put the real token in place of the request's last output token, a placeholder,
-        and apply the stop tokens to it: a stop token is removed and ends the request
-        (FINISHED_STOPPED, also over a FINISHED_LENGTH the placeholder reached)."""
-        out = request.output_token_ids
-        assert out and out[-1] == PLACEHOLDER_TOKEN, request.request_id
+    def resolve_in_flight(self, request: Request, token: int) -> None:
+        """The request's token in flight reached the host as `token`: land it, or, a stop
+        token, drop it and end the request (FINISHED_STOPPED, also over a FINISHED_LENGTH
+        the token in flight reached)."""
+        assert request.num_in_flight == 1, request.request_id
         stop = self._stop_reason(request, token, request.num_output_tokens - 1)
         if stop is False:
-            out[-1] = token
+            request.land_in_flight(token)
             return
         if request.request_id in self._requests:  # release it as it was queued, then drop
             self.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, stop)
-        else:  # already released (it reached its length with the placeholder)
+        else:  # already released (it reached its length with the token in flight)
             request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-        out.pop()
+        request.drop_in_flight()
 
     @staticmethod
     def _stop_reason(request: Request, token: int, num_before: int):
@@ -364,6 +364,15 @@ class Scheduler:
         if token in params.stop_token_ids:
             return token
         return False
+
+    def _add_in_flight(self, request: Request) -> None:
+        """Count the token a queued step samples for `request`; its length limit applies."""
+        assert request.num_in_flight == 0, f"{request.request_id}: a token already in flight"
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        request.add_in_flight()
+        if request.num_output_tokens >= request.sampling_params.max_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH
 
     def _append_token(self, request: Request, token: int) -> None:
         params = request.sampling_params

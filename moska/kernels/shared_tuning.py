@@ -5,10 +5,12 @@ each selection brings) and how many query rows a (chunk, KV head) group holds on
 (`rows_per_group`: the reuse of one K/V block read). One fixed tile left other shapes at
 0.44-0.50 of their floor at B = 1,024 (issue 22), so the launcher looks the tile up here.
 
-`TABLE` started from the defaults measured at Llama-3.1-8B dims (Hq 32 / Hkv 8 / D 128,
-bf16, H200; bench/results/kernels.json) and gives every (D, G) family the same numbers until
-`python -m moska.bench.kernels_shapes` measures it: that sweep writes its best tile per
-shape as `table` entries (the fields below) to paste here. A G between table entries takes
+`TABLE` holds the tiles measured at Llama-3.1-8B dims (Hq 32 / Hkv 8 / D 128, bf16, H200;
+bench/results/kernels.json) for every (D, G) family. The per-shape sweep
+(`python -m moska.bench.kernels_shapes`, bench/results/kernels_shapes_d128.json and
+_d64.json) found them within 2.4% (D 128) and 2.0% (D 64) of the best candidate at every
+(G, B) point, so they stay; a new GPU re-runs the sweep and pastes its `table` entries (the
+fields below) here. A G between table entries takes
 the next larger G's entries (its rows per request are closest); a D or G outside the table
 takes `fallback`. Pure Python: the launcher imports this, and nothing from the rest of moska.
 """

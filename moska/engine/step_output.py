@@ -1,0 +1,102 @@
+"""What a step gives back: a `PendingStep` while its forward and sampling are queued on the
+device, then, once its tokens reach the host, a `StepResult` value: the sampled tokens,
+their logprobs, each library request's `RoutingReport` and the prompt logprobs.
+
+The routing reports are read from the reports the bound attention kept during the forward
+(attention/routing_report.py); the step's metadata is its input and is never read back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moska.attention.routing_report import GroupRouting
+from moska.engine.prompt_logprobs import PromptLogprobBatch
+from moska.engine.request import Request
+from moska.engine.sampler import SampledBatch
+
+
+@dataclass(frozen=True)
+class RoutingReport:
+    """What one request's routing did in a step: the chunks its sampled row read at the last
+    recorded layer (KV head 0), and, with report_routing, the share of the library's
+    attention mass they cover (mean over the sampled layers)."""
+
+    chunks: list[int]
+    coverage: float | None = None
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, int]  # request_id -> new token (only requests that finished their tokens)
+    logprobs: dict[str, tuple[float, dict[int, float]]]
+    routing: dict[str, RoutingReport] = field(default_factory=dict)  # library requests only
+    # request id -> (prompt position of its first scored token, [(logprob, top)]); only
+    # requests with prompt_logprobs whose prompt rows this step computed
+    prompt_logprobs: dict[str, tuple[int, list]] = field(default_factory=dict)
+
+
+@dataclass
+class PendingStep:
+    """A step whose forward and sampling are queued on the device; ``result()`` waits for
+    its tokens. ``tokens`` (on the device) can feed the next step before that."""
+
+    sample_reqs: list[Request]
+    batch: SampledBatch | None
+    routing: list[GroupRouting]  # one per library group, in lib_rows' order
+    lib_rows: dict[str, list[int]]  # build id -> the step's rows that read it
+    record_reqs: dict[str, list[tuple[Request, int]]]  # build id -> (request, sampled row)
+    decode_only: bool = False  # every row is one request's single new token
+    # a row's sampler reads its token ids (penalties, logits processors): the next step
+    # must not be scheduled before this one's tokens reach the host
+    needs_history: bool = False
+    prompt_lp: PromptLogprobBatch | None = None  # prompt_logprobs of this step's prompt rows
+
+    @property
+    def reads_library(self) -> bool:
+        return bool(self.lib_rows)
+
+    def token_index(self) -> dict[str, int]:
+        """request id -> row of ``batch.tokens`` holding its new token."""
+        return {r.request_id: i for i, r in enumerate(self.sample_reqs)}
+
+    def result(self) -> StepResult:
+        result = StepResult(sampled={}, logprobs={})
+        if self.prompt_lp is not None:
+            result.prompt_logprobs = self.prompt_lp.to_host()
+        if self.batch is None:
+            return result
+        out = self.batch.to_host()
+        for req, tok, lp in zip(self.sample_reqs, out.token_ids, out.logprobs):
+            result.sampled[req.request_id] = tok
+            if lp is not None:
+                result.logprobs[req.request_id] = lp
+        for report, name in zip(self.routing, self.lib_rows):
+            reqs = self.record_reqs.get(name, [])
+            result.routing.update(routing_reports(report, self.lib_rows[name], reqs))
+        return result
+
+
+def routing_reports(
+    report: GroupRouting, rows: list[int], reqs: list[tuple[Request, int]]
+) -> dict[str, RoutingReport]:
+    """request id -> its RoutingReport, for each (request, sampled row) of a group whose
+    rows are `rows`; empty when the group recorded nothing."""
+    if not report.selections or not reqs:
+        return {}
+    sel = report.selections[max(report.selections)]
+    local = {row: i for i, row in enumerate(rows)}
+    by_row: dict[int, list[int]] = {}
+    for r, h, c in zip(sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist()):
+        if h == 0:
+            by_row.setdefault(r, []).append(c)
+    mean = None
+    if report.coverage:
+        mean = torch.stack(list(report.coverage.values())).mean(dim=0).tolist()  # [n]
+    out = {}
+    for req, row in reqs:
+        cov = mean[local[row]] if mean is not None and req.report_routing else None
+        out[req.request_id] = RoutingReport(sorted(by_row.get(local[row], [])), cov)
+    return out
