@@ -56,6 +56,8 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "HTTP and schedules; on one host)",
     "shared_kv_ranks": "hold every library's chunks on M processes without model weights "
     "(MoSKA shared-KV ranks; the engine routes and sends them query rows); 0: off",
+    "shared_kv_replica_slots": "copies of a library's most read chunks each shared-KV rank "
+    "may hold, re-planned every 16 forwards (EPLB-like, exact); 0: none",
     "decode_context_parallel_size": "shard each request's KV blocks over P ranks, one "
     "process each with the whole model (a request longer than one rank's KV cache is "
     "served; DistAttention); 1: off",
@@ -78,6 +80,9 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "semantic_recompute_layers": "first layers computed for every prompt token under "
     "semantic reuse",
     "semantic_store_mb": "memory bound of the semantic reuse reference store (MiB, LRU)",
+    "flexicache": "FlexiCache for long unique contexts: 'on' or k=32,recent=2,threshold=0.5,r=8 "
+    "(stable KV heads read only their top-k pages and the recent ones; approximate; eager "
+    "decode steps). Default: off",
     "routing_scorer": "library router scorer: keymax, two_stage, mean or bound (default: keymax)",
     "routing_dense_layers": "first layers that read every library chunk (default: 1)",
     "routing_always_first": "always read a library's first chunk (attention sinks; default: on)",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moska.flexicache.config import FlexiCacheConfig
+
 
 class DeviceUnavailableError(ValueError):
     """The configured device or attention backend does not exist on this machine."""
@@ -32,6 +34,8 @@ class EngineConfig:
     shared_kv_ranks: M > 0 puts every library's chunks on M processes of their own that
         hold no model weights (MoSKA disaggregation, docs/distributed.md); the engine
         routes and sends each selected chunk's query rows there, eagerly. 0: off.
+        `shared_kv_replica_slots` > 0: every 16 forwards of a library, its most read chunks
+        get up to that many extra copies per shared rank (EPLB-like; exact).
     decode_context_parallel_size: P > 1 shards every request's KV blocks over P ranks (one
         process each, each with the whole model; vLLM's name): a request longer than one
         rank's KV cache is served, attention partials merged by LSE (DistAttention). 1: off.
@@ -48,6 +52,10 @@ class EngineConfig:
         off by default. `semantic_reuse_threshold` is the token-match cosine,
         `semantic_recompute_layers` the first layers computed for every token,
         `semantic_store_mb` the reference store's bound.
+    flexicache: FlexiCache (`moska/flexicache/`): per KV head, stable heads read only their
+        top-K pages plus the recent ones at decode steps, unstable heads every page; "on" or
+        "k=32,recent=2,threshold=0.5,r=8" (or a FlexiCacheConfig). Approximate: off (None)
+        by default; in the engine the memory is modeled (see README).
 
     Every field is reachable from the command line (`moska serve --help`): the CLI builds
     its engine flags from this class and a test fails when a field has none.
@@ -73,6 +81,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     shared_kv_ranks: int = 0  # distributed/shared_kv_engine.py: libraries' chunks there
+    shared_kv_replica_slots: int = 0  # copies of hot chunks per shared rank (0: none)
     decode_context_parallel_size: int = 1  # distributed/kv_parallel_engine.py: KV over ranks
     library_gpu_budget: str | None = None
     library_cpu_budget: str | None = None
@@ -84,6 +93,7 @@ class EngineConfig:
     semantic_recompute_fraction: float = 0.15
     semantic_recompute_layers: int = 1
     semantic_store_mb: int = 1024
+    flexicache: str | FlexiCacheConfig | None = None  # moska/flexicache/: "on" or k=,threshold=
 
     # routing of library requests (moska.routing.RoutingPolicy); None: the policy's default
     routing_scorer: str | None = None
@@ -96,6 +106,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.routing_policy  # noqa: B018 -- validates the routing fields (RoutingPolicyError)
+        self.flexicache_config  # noqa: B018 -- validates the flexicache setting
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -126,6 +137,11 @@ class EngineConfig:
         self.tier_config  # noqa: B018 -- validates the library tier fields (ValueError)
         if self.shared_kv_ranks < 0:
             raise ValueError(f"shared_kv_ranks must be >= 0 (0: off), got {self.shared_kv_ranks}")
+        if self.shared_kv_replica_slots < 0:
+            raise ValueError(
+                f"shared_kv_replica_slots must be >= 0 (0: no replicas), got "
+                f"{self.shared_kv_replica_slots}"
+            )
         if self.shared_kv_ranks and self.tensor_parallel_size > 1:
             raise ValueError(
                 "shared_kv_ranks runs with tensor_parallel_size=1 only (one unique rank) for "
@@ -161,6 +177,13 @@ class EngineConfig:
             prefetch=self.library_prefetch,
         )  # validates the fields even when tiers are off
         return probe if self.library_gpu_budget is not None else None
+
+    @property
+    def flexicache_config(self) -> FlexiCacheConfig | None:
+        """The parsed `flexicache` setting (ValueError naming the bad item)."""
+        if self.flexicache is None or isinstance(self.flexicache, FlexiCacheConfig):
+            return self.flexicache
+        return FlexiCacheConfig.parse(self.flexicache)
 
     @property
     def routing_policy(self):
