@@ -15,23 +15,17 @@ from dataclasses import dataclass
 
 from moska.cache.block_manager import BlockManager
 from moska.config import EngineConfig
-from moska.engine.errors import (
-    DuplicateRequestError,
-    PromptTooLongError,
-    RequestError,
-    StepFailedError,
-)
+from moska.engine.errors import DuplicateRequestError, RequestError, StepFailedError
+from moska.engine.intake import acquire_handle, make_request
 from moska.engine.memory import LibraryMemory
 from moska.engine.output_builder import TrackedRequest, build_output
 from moska.engine.outputs import RequestOutput, TokenLogprob
-from moska.engine.request import Request
 from moska.engine.runner import ModelRunner
-from moska.engine.sampling_params import SamplingParams, SamplingParamsError
+from moska.engine.sampling_params import SamplingParams
 from moska.engine.scheduler import Scheduler, SchedulerOutput
 from moska.engine.scheduler_config import SchedulerConfig
 from moska.engine.step_output import PendingStep, StepResult
-from moska.library.composition import ComposedLibrary, library_names, parts_of
-from moska.library.positions import request_wants_bos
+from moska.library.composition import library_names, parts_of
 from moska.model.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -176,7 +170,7 @@ class LLMEngine:
         if library is not None and self.libraries is None:
             raise RequestError("this engine has no library manager")
         # The request holds its libraries' builds from here to its end (released in _drop).
-        handle = self._acquire(names)
+        handle = acquire_handle(self.libraries, names)
         try:
             self._add(request_id, prompt, params, handle, top_k_chunks, report_routing)
         except BaseException:
@@ -184,78 +178,16 @@ class LLMEngine:
                 self.libraries.release(part)
             raise
 
-    def _acquire(self, names: list[str]):
-        """The handle a request holds: None, one library, or a ComposedLibrary of several
-        (each acquired; all released again if one fails or they do not compose)."""
-        if len(names) <= 1:
-            return self.libraries.acquire(names[0]) if names else None
-        held = []
-        try:
-            for name in names:
-                held.append(self.libraries.acquire(name))
-            return ComposedLibrary(tuple(held))
-        except BaseException:
-            for part in held:
-                self.libraries.release(part)
-            raise
-
     def _add(self, request_id, prompt, params, handle, top_k_chunks, report_routing) -> None:
-        offset = 0 if handle is None else handle.position_offset
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer; send token ids")
-            # BOS unless a library that starts with one precedes (library/positions.py)
-            bos = request_wants_bos(handle)
-            prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=bos)
-        else:
-            prompt_ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-                raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if not prompt_ids:
-            raise RequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = [t for t, _ in params.logit_bias if t >= vocab]
-        if bad:
-            raise SamplingParamsError(
-                "logit_bias",
-                f"logit_bias names token ids outside the vocabulary [0, {vocab}): {bad[:4]}",
-            )
-        total = offset + len(prompt_ids) + params.max_tokens
-        if offset + len(prompt_ids) >= self.max_model_len or total > self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt ({len(prompt_ids)} tokens"
-                + (f" after a {offset}-token library" if offset else "")
-                + f") plus max_tokens ({params.max_tokens}) exceeds the model's context "
-                f"length {self.max_model_len}; shorten the prompt or lower max_tokens"
-            )
-        eos = None
-        if self.tokenizer is not None and self.tokenizer.eos_token_ids:
-            eos = min(self.tokenizer.eos_token_ids)
-        elif self.model_config.eos_token_ids:
-            eos = self.model_config.eos_token_ids[0]
-        stop_ids = tuple(params.stop_token_ids)
-        extra_eos = set(self.model_config.eos_token_ids) - ({eos} if eos is not None else set())
-        if extra_eos and not params.ignore_eos:
-            stop_ids = tuple(sorted(set(stop_ids) | extra_eos))
-            params = _replace(params, stop_token_ids=stop_ids)
-        plan = None
-        if self.semshare is not None and handle is None and params.prompt_logprobs is None:
-            plan = self.semshare.plan(prompt_ids)
-        req = Request(
-            request_id=request_id,
-            prompt_token_ids=prompt_ids,
-            sampling_params=params,
-            eos_token_id=eos,
-            library=handle,
-            top_k_chunks=top_k_chunks,
-            report_routing=report_routing,
-            semantic=plan,
-        )
+        req = make_request(
+            request_id, prompt, params, handle, top_k_chunks, report_routing,
+            tokenizer=self.tokenizer, model_config=self.model_config,
+            max_model_len=self.max_model_len, semshare=self.semshare,
+        )  # fmt: skip
         self.scheduler.add_request(req)
         detok = None
         if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
         self._tracked[request_id] = TrackedRequest(req, detok)
 
     def abort_request(self, request_id: str) -> None:
@@ -414,9 +346,3 @@ class LLMEngine:
             chunks_routed=self._chunks_routed,
             failed_steps=self._failed_steps,
         )
-
-
-def _replace(params: SamplingParams, **changes) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, **changes)
