@@ -21,7 +21,6 @@ from moska.library import (
     load_library,
     model_fingerprint,
 )
-from moska.library.prefill import causal_attention_ref
 from moska.model import DenseAttention
 
 DOCS = [
@@ -42,17 +41,6 @@ def dense_kv(model, token_ids):
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-@pytest.mark.parametrize("T, L, block", [(5, 5, 2), (3, 11, 4), (7, 20, 64)])
-def test_causal_attention_ref_matches_dense(T, L, block):
-    torch.manual_seed(0)
-    q, k, v = torch.randn(T, 4, 8), torch.randn(L, 2, 8), torch.randn(L, 2, 8)
-    ref = DenseAttention(0.3)
-    ref(0, torch.randn(L - T, 4, 8), k[: L - T], v[: L - T]) if L > T else None
-    want = ref(0, q, k[L - T :], v[L - T :])
-    got = causal_attention_ref(q, k, v, 0.3, key_block=block)
-    assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("prefill_tokens", [37, 4096])
