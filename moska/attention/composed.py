@@ -7,12 +7,16 @@ concatenated and a row takes its top-k over all of them, ranked as ``routing.sel
 ranks chunks.
 
 One slot space (fixed k, no tiered part; the default): the top-k becomes ONE Selections over
-the global chunk ids (part base + local id) with ``from_topk``: no host sync. Each part has a
-ChunkTable over the global ids into its own pool, the other parts' chunks empty, and one
-grouped launch per part runs over the same selections; each selection is non-empty in
-exactly one part, so the parts' states add up exactly. The parts' pools are separate
-allocations, so this is a launch per library over one slot space, not one launch: placing
-the pools in one arena per layer at load would make the tables one and the launches one.
+the global chunk ids (part base + local id) with ``from_topk``: no host sync. The resident
+libraries of a model keep their KV in one arena per layer (library/arena.py), so a ChunkTable
+over the global ids maps every part's chunks to their rows in that one pool tensor and ONE
+grouped launch per layer serves chunks of every library. The kernel takes one softmax scale
+per launch, so parts are launched together when they share the pool tensor and APE's
+temperature (``launch_groups``: one group for libraries built with the default options); a
+part with pools of its own (FP8, loaded without an arena) or another temperature is a
+launch of its own over the same selections, its table leaving the other parts' chunks empty
+(o = 0, lse = -inf), so the groups' states add up exactly. APE's log scale, which may
+differ between the parts of one group, is added per selection after the launch.
 
 Otherwise (adaptive k by mass, or a tiered part, whose chunks sit in its GPU slots only when
 fetched): the mask of chosen chunks turns into one Selections per part (``from_mask``, a host
@@ -26,6 +30,9 @@ per-row scales. A composed step runs eagerly (never as a CUDA graph).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from moska.attention.metadata import LibraryGroup
@@ -34,7 +41,6 @@ from moska.attention.shared import all_chunk_selections, fp8_kwargs
 from moska.kernel_ops import KernelOps
 from moska.kernels.selections import Selections, from_topk
 from moska.kernels.shared_inputs import ChunkTable
-from moska.library.positions import shared_logit_adjustment
 
 
 def composed_group_states(
@@ -56,7 +62,7 @@ def composed_group_states(
     biases = [b for _, b in adjust]
     if _global_ok(group):
         sel = select_global(q_rows, group, layer, scales, biases, ops.triton_routing)
-        o_sel, lse_sel = _global_states(ops, layer, q_rows, comp, sel, scales, biases)
+        o_sel, lse_sel = global_states(ops, layer, q_rows, comp, sel, sm_scale)
         return _report(ops, layer, q_rows, group, report, scales, adjust, o_sel, lse_sel, sel)
     sels = select_union(q_rows, group, layer, scales, biases, ops.triton_routing)
     states = []
@@ -93,21 +99,67 @@ def _global_ok(group: LibraryGroup) -> bool:
     return policy.mass_threshold is None and not tiered
 
 
-def global_tables(comp) -> list[ChunkTable]:
-    """Per part, a ChunkTable over the global chunk ids into that part's pool: its own
-    chunks at their rows, every other part's chunks empty (starts == ends: o = 0, lse =
-    -inf). Built once per composition."""
-    if comp.slot_tables is None:
-        tables = []
-        for part, base in zip(comp.parts, comp.bases):
-            offs = part.chunk_offsets
-            starts = torch.zeros(comp.num_chunks, dtype=torch.int32, device=offs.device)
-            ends = torch.zeros_like(starts)
-            starts[base : base + part.num_chunks] = offs[:-1]
-            ends[base : base + part.num_chunks] = offs[1:]
-            tables.append(ChunkTable(starts, ends))
-        comp.slot_tables = tables
-    return comp.slot_tables
+def shared_logit_adjustment(library: Any) -> tuple[float, float]:
+    """library.positions' (factor on sm_scale, bias on the LSE), imported on use: the library
+    package imports the attention backend, which imports this module."""
+    from moska.library.positions import shared_logit_adjustment as adjustment
+
+    return adjustment(library)
+
+
+@dataclass(frozen=True)
+class LaunchGroup:
+    """Parts of a composition served by one grouped launch: they share the pool tensor
+    (``source``: the arena, or a part with pools of its own) and the factor on the softmax
+    scale. ``table`` maps the global chunk ids to their rows (other groups' chunks empty);
+    ``bias`` is APE's log scale, one number or one per global chunk."""
+
+    source: Any  # KVArena or LoadedLibrary: what k_pools / v_pools are read from
+    fp8: Any  # the FP8 part (its kv_scales) or None
+    factor: float
+    table: ChunkTable
+    bias: float | torch.Tensor
+
+    def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.k_pools[layer], self.source.v_pools[layer]
+
+
+def launch_groups(comp) -> list[LaunchGroup]:
+    """The composition's launch groups (built once per composition; see the module doc)."""
+    if comp.slot_tables is not None:
+        return comp.slot_tables
+    keyed: dict[tuple[int, float], list[int]] = {}
+    ranges = [_range(part) for part in comp.parts]
+    for i, part in enumerate(comp.parts):
+        rng = ranges[i]
+        source = part if rng is None else rng.arena
+        keyed.setdefault((id(source), shared_logit_adjustment(part)[0]), []).append(i)
+    groups = []
+    for (_, factor), members in keyed.items():
+        offs = comp.parts[members[0]].chunk_offsets
+        starts = torch.zeros(comp.num_chunks, dtype=torch.int32, device=offs.device)
+        ends = torch.zeros_like(starts)
+        bias = torch.zeros(comp.num_chunks, dtype=torch.float32, device=offs.device)
+        for i in members:
+            part, base, rng = comp.parts[i], comp.bases[i], ranges[i]
+            row = 0 if rng is None else rng.start
+            span = slice(base, base + part.num_chunks)
+            starts[span] = part.chunk_offsets[:-1] + row
+            ends[span] = part.chunk_offsets[1:] + row
+            bias[span] = shared_logit_adjustment(part)[1]
+        logs = {shared_logit_adjustment(comp.parts[i])[1] for i in members}
+        first, rng = comp.parts[members[0]], ranges[members[0]]
+        groups.append(
+            LaunchGroup(
+                first if rng is None else rng.arena,
+                first if getattr(first, "kv_scale_pools", None) else None,
+                factor,
+                ChunkTable(starts, ends),
+                logs.pop() if len(logs) == 1 else bias,
+            )
+        )
+    comp.slot_tables = groups
+    return groups
 
 
 def select_global(
@@ -142,23 +194,27 @@ def select_global(
     return from_topk(chosen, hkv, C, use_triton)
 
 
-def _global_states(ops, layer, q_rows, comp, sel: Selections, scales, log_scales):
-    """(o, lse) of every selection: one grouped launch per part over the same selections
-    through its global table; a selection is non-empty in exactly one part, so the parts'
-    states add up (o: the others are 0; lse: the others are -inf)."""
+def _range(part):
+    """The part's arena rows (library/arena.py) when its pools are views of them, else None."""
+    rng = getattr(part, "arena_range", None)
+    return rng if rng is not None and rng.holds(part) else None
+
+
+def global_states(ops, layer, q_rows, comp, sel: Selections, sm_scale: float):
+    """(o, lse) of every selection: one grouped launch per launch group over the same
+    selections (one in all when the parts share the arena and a temperature); a selection
+    is non-empty in exactly one group, so the groups' states add up (o: the others are 0;
+    lse: the others are -inf)."""
     o_sel = lse_sel = None
-    for part, table, scale, bias in zip(comp.parts, global_tables(comp), scales, log_scales):
-        o, lse = ops.grouped_shared(
-            q_rows,
-            part.k_pools[layer],
-            part.v_pools[layer],
-            table,
-            sel,
-            scale,
-            **fp8_kwargs(part, layer),
-        )
-        if bias:
-            lse = lse + bias
+    for group in launch_groups(comp):
+        k_pool, v_pool = group.pools(layer)
+        extra = {} if group.fp8 is None else fp8_kwargs(group.fp8, layer)
+        scale = sm_scale * group.factor
+        o, lse = ops.grouped_shared(q_rows, k_pool, v_pool, group.table, sel, scale, **extra)
+        if isinstance(group.bias, torch.Tensor):
+            lse = lse + group.bias[sel.chunk.long()][:, None]
+        elif group.bias:
+            lse = lse + group.bias
         o_sel = o if o_sel is None else o_sel + o
         lse_sel = lse if lse_sel is None else torch.maximum(lse_sel, lse)
     return o_sel, lse_sel

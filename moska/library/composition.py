@@ -6,9 +6,11 @@ does not depend on what precedes it; a prefix-mode library's KV is one context a
 place in it) and built for the same model. ``ComposedLibrary`` is what such a request holds
 from admission to its end: the loaded builds of its libraries (acquired at admission,
 released at the end), seen as one library whose chunks are the parts' chunks one after the
-other (global chunk id = the part's base + its local id). The runner groups rows by its
-``build_id`` (the parts' build ids in the order named), so requests with different library
-sets are different groups of one batch; ``moska/attention/composed.py`` serves a group.
+other (global chunk id = the part's base + its local id); their KV sits in the engine's one
+slot space (library/arena.py), so one grouped launch reads them all. The runner groups rows
+by its ``build_id`` (the parts' build ids in the order named), so requests with different
+library sets are different groups of one batch; ``moska/attention/composed.py`` serves a
+group.
 
 Position: a request's own tokens start at the largest ``position_offset`` of its parts (an
 independent library's offset is its chunk size plus the chunk sink). Every chunk then sits
@@ -102,7 +104,8 @@ class ComposedLibrary:
 
     parts: tuple[Any, ...]  # LoadedLibrary, in the order the request named them
     bases: tuple[int, ...] = field(init=False)  # global id of each part's chunk 0
-    # per part, a ChunkTable over the global chunk ids into its pool (attention/composed.py)
+    # the launch groups: ChunkTables over the global chunk ids into the arena (or a part's
+    # own pools) that attention/composed.py builds once per composition
     slot_tables: list[Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:

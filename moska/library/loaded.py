@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ class LoadedLibrary:
     # all of them. head_split (distributed/tp_library.HeadSplit) routes across the ranks.
     kv_heads: tuple[int, int] | None = None
     head_split: Any = None
+    # library/arena.py ArenaRange when the pools are views of rows of the engine's one slot
+    # space (every resident library of the model in one pool tensor per layer); else None
+    arena_range: Any = None
 
     def __post_init__(self) -> None:
         m = self.manifest
@@ -228,6 +232,7 @@ def load_library(
     progress: bool = True,
     tiers: Any = None,
     kv_heads: tuple[int, int] | None = None,
+    reserve: Callable[[Manifest, Any], Any] | None = None,
 ) -> LoadedLibrary:
     """Load ``<root>/<name>`` onto ``device``.
 
@@ -240,11 +245,10 @@ def load_library(
     budget, only the routing index is loaded; the KV stays on disk behind the CPU and GPU
     chunk caches (``library.tiers``). ``kv_heads`` (start, stop): read only those KV heads
     of every per-head tensor (a tensor-parallel rank's; not with ``tiers``).
+    ``reserve(manifest, layout)``: an ``arena.ArenaRange`` of ``num_tokens`` rows of the
+    engine's slot space to load the KV into (layer files read on the CPU, then copied into
+    the rows: no transient device copy), or None for pools of its own (the manager's).
     """
-    from tqdm.auto import tqdm
-
-    from moska.kernels.router import RoutingIndex, to_lowrank_dtype
-
     directory = Path(root) / validate_name(name)
     if not directory.is_dir():
         raise LibraryNotFoundError(name, root)
@@ -282,6 +286,45 @@ def load_library(
             return load_tiered(
                 directory, manifest, offsets, tokens, device, tiers, slots, cpu_slots
             )
+    rng = None
+    if reserve is not None and not fp8:
+        from moska.library.arena import ArenaLayout
+
+        layout = ArenaLayout(manifest.num_kv_layers, hkv, m.head_dim, dtype, device)
+        rng = reserve(manifest, layout)
+    try:
+        library = _load_layers(
+            directory, manifest, offsets, tokens, device, kv_heads, shape, kv_dtype, rng, progress
+        )
+    except BaseException:
+        if rng is not None:
+            rng.release()
+        raise
+    if rng is not None:
+        library.arena_range = rng
+        rng.attach(library)
+    return library
+
+
+def _load_layers(
+    directory: Path,
+    manifest: Manifest,
+    offsets: torch.Tensor,
+    tokens: torch.Tensor,
+    device: torch.device,
+    kv_heads: tuple[int, int] | None,
+    shape: tuple[int, int, int],
+    kv_dtype: torch.dtype,
+    rng: Any,
+    progress: bool,
+) -> LoadedLibrary:
+    """The layer files' KV and routing indexes, into ``rng``'s rows when given."""
+    from tqdm.auto import tqdm
+
+    from moska.kernels.router import RoutingIndex, to_lowrank_dtype
+
+    name, fp8 = manifest.name, manifest.kv_dtype == "fp8"
+    hkv, dtype = shape[1], getattr(torch, manifest.model.dtype)
     k_pools, v_pools, routing, scales = [], [], [], []
     for i in tqdm(
         range(manifest.num_kv_layers),
@@ -291,7 +334,8 @@ def load_library(
         dynamic_ncols=True,
     ):
         fname = layer_file(i)
-        t = _load_file(directory, manifest, fname, device, kv_heads)
+        where = device if rng is None else torch.device("cpu")
+        t = _load_file(directory, manifest, fname, where, kv_heads)
         for key in ("k", "v"):
             if key not in t or tuple(t[key].shape) != shape or t[key].dtype != kv_dtype:
                 got = (tuple(t[key].shape), t[key].dtype) if key in t else "missing"
@@ -310,6 +354,11 @@ def load_library(
                 raise CorruptLibraryError(name, fname, f"routing index field {f!r} missing")
         # libraries built before fp16 low-rank keys stored them in the pool dtype
         fields["lowrank_keys"] = to_lowrank_dtype(fields["lowrank_keys"], dtype)
+        if rng is not None:  # read on the CPU: into the arena rows, the rest to the device
+            fields = {f: x.to(device) for f, x in fields.items()}
+            fields["chunk_offsets"] = offsets
+            t["k"] = rng.k(i).copy_(t["k"])
+            t["v"] = rng.v(i).copy_(t["v"])
         k_pools.append(t["k"])
         v_pools.append(t["v"])
         routing.append(RoutingIndex(**fields))

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from moska.engine.memory import check_library
+from moska.library.arena import ArenaFullError, ArenaLayout, ArenaRange, KVArena, library_layout
+from moska.library.arena_budget import arena_rows, check_memory
 from moska.library.builder import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_TOKENS, build_and_save
 from moska.library.errors import (
     CorruptLibraryError,
@@ -27,6 +28,7 @@ from moska.library.errors import (
 )
 from moska.library.format import (
     MANIFEST_FILE,
+    Manifest,
     ModelFingerprint,
     model_fingerprint,
     validate_name,
@@ -62,6 +64,15 @@ class LibraryManager:
       at once for a second one); writes atomically and keeps the built library loaded.
     - ``delete(name)`` unloads, then removes the directory.
     Stale temporary directories of interrupted builds are removed on construction.
+
+    Resident libraries keep their chunk KV in one slot space (``self.arena``, library/
+    arena.py), so a composed request reads every library in one grouped launch. ``arena``:
+    "auto" sizes it, at the first library it takes, to the library cache's share for KV
+    (``memory``'s plan: what is left beside the libraries already loaded, in the first
+    library's ratio of KV to routing index; arena_budget.py), and only when
+    the engine set a memory plan and no tiers; a number of bytes sizes it so; None: every
+    library keeps pools of its own. A library that does not fit (or is FP8, or tiered, or of
+    another layout) keeps pools of its own.
     """
 
     def __init__(
@@ -72,6 +83,7 @@ class LibraryManager:
         *,
         progress: bool = True,
         tiers: Any = None,
+        arena: str | int | None = "auto",
     ) -> None:
         self.root = Path(root) if root is not None else default_library_root()
         self.tiers = tiers  # a TierConfig (library/tiers.py): libraries over budget in tiers
@@ -91,6 +103,10 @@ class LibraryManager:
         self.memory: Any = None
         # extra load_library keywords (a tensor-parallel rank's kv_heads: distributed/)
         self.load_options: dict[str, Any] = {}
+        if not (arena in (None, "auto") or (isinstance(arena, int) and arena >= 0)):
+            raise ValueError(f"arena must be 'auto', a number of bytes or None, got {arena!r}")
+        self._arena_size = arena
+        self.arena: KVArena | None = None  # made at the first library it takes
         remove_stale_tmp_dirs(self.root)
 
     @property
@@ -201,7 +217,7 @@ class LibraryManager:
             library = self._loaded.get(name)
             if library is None:
                 self._dir(name)
-                check_library(self, name)  # LibraryMemoryError rather than an OOM
+                check_memory(self, name)  # LibraryMemoryError rather than an OOM
                 library = load_library(
                     self.root,
                     name,
@@ -209,6 +225,7 @@ class LibraryManager:
                     self.device,
                     progress=self.progress,
                     tiers=self.tiers,
+                    reserve=self._reserve,
                     **self.load_options,
                 )
                 self._register(name, library)
@@ -218,7 +235,8 @@ class LibraryManager:
         """``get(name)`` for a library another process just built and saved (the server's
         build process): it loads outside the manager's lock, so requests acquiring other
         libraries meanwhile do not wait for the load. A copy loaded meanwhile is kept."""
-        check_library(self, validate_name(name))
+        with self._lock:
+            check_memory(self, validate_name(name))
         library = load_library(
             self.root,
             validate_name(name),
@@ -226,6 +244,7 @@ class LibraryManager:
             self.device,
             progress=False,
             tiers=self.tiers,
+            reserve=self._reserve,
             **self.load_options,
         )
         with self._lock:
@@ -265,8 +284,13 @@ class LibraryManager:
 
     def _register(self, name: str, library: LoadedLibrary) -> None:
         """Keep ``library`` loaded under ``name`` and hold a shared lock on its manifest,
-        so that another process (``moska library rm``) cannot delete it meanwhile."""
+        so that another process (``moska library rm``) cannot delete it meanwhile. A library
+        built in memory moves into the slot space when it fits."""
         self._unregister(name)
+        if library.arena_range is None and library.tiers is None and not library.kv_scale_pools:
+            arena = self._arena_for(library.manifest, library_layout(library))
+            if arena is not None:
+                arena.place(library)
         self._loaded[name] = library
         try:
             fd = os.open(self.root / name / MANIFEST_FILE, os.O_RDONLY)
@@ -284,6 +308,35 @@ class LibraryManager:
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the shared lock
         return self._loaded.pop(name, None) is not None
+
+    # -- the slot space (library/arena.py) ----------------------------------------------
+
+    def _arena_for(self, manifest: Manifest, layout: ArenaLayout) -> KVArena | None:
+        """The arena a library of ``layout`` goes into (made now if there is none yet and
+        it would hold this library), or None: pools of its own."""
+        with self._lock:
+            if self.arena is not None:
+                return self.arena if self.arena.fits(layout) else None
+            rows = arena_rows(self, manifest, layout)
+            if rows < manifest.num_tokens:
+                return None
+            self.arena = KVArena(layout, rows)
+            logger.info(
+                "library arena: %d rows (%.2f GiB) on %s for the KV of every resident library",
+                rows, self.arena.nbytes / 2**30, layout.device,
+            )  # fmt: skip
+            return self.arena
+
+    def _reserve(self, manifest: Manifest, layout: ArenaLayout) -> ArenaRange | None:
+        """Rows of the slot space for a library being loaded (load_library's ``reserve``)."""
+        arena = self._arena_for(manifest, layout)
+        if arena is None:
+            return None
+        try:
+            return arena.allocate(manifest.num_tokens)
+        except ArenaFullError as e:
+            logger.warning("library %s keeps pools of its own: %s", manifest.name, e)
+            return None
 
     def unload(self, name: str) -> bool:
         with self._lock:

@@ -103,6 +103,67 @@ def test_all_chunks_states_equal_reference(engine, kind):
     assert rel_err(o, want) < 1e-4
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the Triton kernels launched (the interpreter runs every one of them)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: list[str] = []
+    run_kernel = InterpretedFunction.run
+
+    def record(self, *args, **kwargs):
+        seen.append(self.fn.__name__)
+        return run_kernel(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    return seen
+
+
+def counting(ops):
+    """``ops`` whose grouped_shared counts its calls (one call = one grouped launch)."""
+    calls: list[int] = []
+
+    def grouped_shared(*args, **kwargs):
+        calls.append(1)
+        return ops.grouped_shared(*args, **kwargs)
+
+    return dataclasses.replace(ops, grouped_shared=grouped_shared), calls
+
+
+def test_two_libraries_one_grouped_launch_per_layer(engine, launches):
+    """Two resident libraries of one temperature sit in the engine's one slot space: a
+    composed request's layer is ONE grouped Triton launch over chunks of both, and with
+    top_k = all it equals the plain-PyTorch softmax over both libraries and the own keys.
+    Routed (fixed k) it is one launch too; a tempered part (another softmax scale) is a
+    launch of its own."""
+    libs = engine.libraries
+    if not libs.exists("cc"):
+        libs.build("cc", [("d.txt", DOC_B[::-1] + DOC_C)], chunk_size=16, mode="independent")
+    ca, cc, cb = libs.get("ca"), libs.get("cc"), libs.get("cb")
+    assert ca.arena_range is not None and cc.arena_range is not None
+    assert ca.arena_range.arena is cc.arena_range.arena is libs.arena
+    assert ca.k_pools[1].data_ptr() == libs.arena.k_pools[1][ca.arena_range.start].data_ptr()
+    comp = ComposedLibrary((ca, cc))
+    ops = kernel_ops("triton")
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 64, generator=g)
+    own_k, own_v = torch.randn(5, 2, 64, generator=g), torch.randn(5, 2, 64, generator=g)
+    group = LibraryGroup(comp, torch.arange(2), top_k=comp.num_chunks, all_rows=True)
+    launches.clear()
+    o_sel, lse_sel, sel = composed_group_states(ops, 1, q, group, 0.125)
+    assert launches.count("_grouped_shared_attention_kernel") == 1, launches
+    o_base, lse_base = states_of(q, own_k, own_v, 0.125)
+    o, _ = kernel_ops("torch").merge_selections(o_base, lse_base, o_sel, lse_sel, sel)
+    assert rel_err(o, reference_attention(q, comp.parts, 1, own_k, own_v, 0.125)) < 1e-4
+
+    torch_ops, calls = counting(kernel_ops("torch"))
+    for parts, want in (((ca, cc), 1), ((ca, cb, cc), 2)):
+        group = LibraryGroup(ComposedLibrary(parts), torch.arange(2), top_k=3, all_rows=True)
+        calls.clear()
+        _, _, sel = composed_group_states(torch_ops, 2, q, group, 0.125)
+        assert len(calls) == want and sel.req.numel() == 2 * 2 * 3  # k per (row, KV head)
+
+
 @pytest.mark.parametrize("threshold", [None, 1.0])
 def test_routing_takes_top_k_over_the_union(engine, threshold):
     """With the exact (oracle) scorer each (row, KV head) reads the k chunks of largest

@@ -1,0 +1,83 @@
+"""How large the library arena is, and what a library load costs beside it.
+
+The arena (library/arena.py) is allocated whole, so the library cache (engine/memory.py
+``MemoryPlan.library_pool``) counts it whole; a library whose KV goes into the arena costs
+only its routing index beside it. "auto" gives the arena, when the manager places its first
+library, the cache's share for KV of what is left: the rest in that library's ratio of KV
+to KV plus routing index (libraries of one model are built alike), at most CPU_ARENA_BYTES
+on CPU. Without a memory plan (a manager of its own, the CLI) or with tiers (their budget
+is the library cache) "auto" makes no arena.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moska.engine.memory import library_device_bytes
+from moska.library.arena import ArenaLayout
+from moska.library.format import Manifest, read_manifest
+
+CPU_ARENA_BYTES = 256 << 20  # the auto arena's cap on CPU (tests, development)
+
+
+def arena_rows(manager: Any, manifest: Manifest, layout: ArenaLayout) -> int:
+    """Rows of the arena ``manager`` would make now for a first library ``manifest``."""
+    size = manager._arena_size
+    if size is None:
+        return 0
+    if isinstance(size, int):
+        return size // layout.row_bytes
+    plan = getattr(manager.memory, "plan", None)
+    if plan is None or manager.tiers is not None:
+        return 0
+    kv = manifest.num_tokens * layout.row_bytes
+    share = (plan.library_pool - held_bytes(manager)) * kv // max(1, need_bytes(manager, manifest))
+    if layout.device.type != "cuda":
+        share = min(share, CPU_ARENA_BYTES)
+    return max(0, share) // layout.row_bytes
+
+
+def need_bytes(manager: Any, manifest: Manifest) -> int:
+    """Device bytes of a library loaded on its own (pools of its own, or its tiers)."""
+    tiers = manager.tiers
+    return library_device_bytes(manifest, tiers.gpu_bytes(manager.device) if tiers else None)
+
+
+def held_bytes(manager: Any) -> int:
+    """Device bytes the libraries hold: the arena whole, and what each loaded library holds
+    beside its rows in it."""
+    held = 0 if manager.arena is None else manager.arena.nbytes
+    for lib in manager._loaded.values():
+        held += int(lib.nbytes)
+        rng = getattr(lib, "arena_range", None)
+        if rng is not None:
+            held -= rng.rows * rng.arena.layout.row_bytes
+    return held
+
+
+def manifest_layout(manager: Any, manifest: Manifest) -> ArenaLayout:
+    """The layout ``manager`` would load ``manifest``'s pools in."""
+    m = manifest.model
+    heads = manager.load_options.get("kv_heads")
+    hkv = m.num_kv_heads if heads is None else heads[1] - heads[0]
+    return ArenaLayout(
+        manifest.num_kv_layers, hkv, m.head_dim, getattr(torch, m.dtype), manager.device
+    )
+
+
+def check_memory(manager: Any, name: str) -> None:
+    """Before ``manager`` loads ``name``: LibraryMemoryError when it would not fit the library
+    cache (``manager.memory``; nothing without one). Its KV costs nothing beside the arena
+    when the arena has a free range for it."""
+    if manager.memory is None:
+        return
+    manifest = read_manifest(manager.root / name)
+    need = need_bytes(manager, manifest)
+    arena = manager.arena
+    if arena is not None and manifest.kv_dtype != "fp8" and manager.tiers is None:
+        rows = manifest.num_tokens
+        if arena.fits(manifest_layout(manager, manifest)) and arena.largest_free >= rows:
+            need -= rows * arena.layout.row_bytes
+    manager.memory.check(name, need, held_bytes(manager))
