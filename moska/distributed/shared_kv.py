@@ -171,6 +171,7 @@ class SharedKVClient:
             ops,
             group,
         )
+        self.last_loads: tuple[list[int], list[int]] = ([], [])
 
     def attend(
         self,
@@ -203,6 +204,7 @@ class SharedKVClient:
         _exchange_headers(header, self.group)  # unique ranks receive nothing
         counts = header.tolist()
         q_split, sel_split = [c[0] for c in counts], [c[1] for c in counts]
+        self.last_loads = (q_split[u:], sel_split[u:])  # rows, selections per shared rank
         zeros = [0] * lay.world_size
         _all_to_all(q.index_select(0, pair_req), q_split, zeros, self.group)
         _all_to_all(meta.to(torch.int32), sel_split, zeros, self.group)

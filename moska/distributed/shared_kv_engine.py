@@ -32,11 +32,16 @@ from moska.distributed.errors import TensorParallelConfigError
 from moska.distributed.partition import ChunkPlacement
 from moska.distributed.runtime import DistributedRuntime, torchrun_rank
 from moska.distributed.shared_kv import SharedKVClient, SharedKVLayout, SharedKVSpec
+from moska.distributed.shared_kv_replicas import ChunkReads, RankLoads
 from moska.distributed.step_channel import Command, StepChannel
 from moska.distributed.tp_library import TensorParallelLibraries
 from moska.kernels.selections import Selections
 from moska.library.loaded import LoadedLibrary
 from moska.library.manager import LibraryManager
+
+# forwards of a library build between two re-placements of its hot-chunk replicas
+# (shared_kv_replica_slots > 0), as EPLB re-balances experts every so many steps
+REPLICA_WINDOW = 16
 
 
 class SharedKVConfigError(TensorParallelConfigError):
@@ -76,6 +81,7 @@ def start_shared_kv(config: EngineConfig, path, dtype, device: str):
         runtime.channel = channel
         spec = SharedKVSpec(mc.num_heads, mc.num_kv_heads, mc.head_dim, param.dtype, mc.sm_scale)
         remote = SharedKVAttention(spec, SharedKVLayout(1, m), channel, mc.num_layers)
+        remote.replica_slots = config.shared_kv_replica_slots
         channel.before_command = remote.flush
         root = config.library_root or default_library_root()
         libraries = SharedKVLibraries(root, loaded, param.device, channel, remote)
@@ -111,6 +117,10 @@ class SharedKVAttention:
         self.clients: dict[str, SharedKVClient] = {}  # build id -> client
         self.remaining = 0  # attention calls of the current forward not made yet
         self.calls = 0  # attend calls made (all forwards)
+        self.loads = RankLoads(layout.num_shared)  # per-shared-rank load per forward
+        self.reads = ChunkReads()  # readers per chunk, for hot-chunk replicas
+        self.replica_slots = 0  # > 0: re-place every REPLICA_WINDOW forwards of a build
+        self.replan: Any = None  # SharedKVLibraries.replicate_hot_chunks(build id)
 
     def add(self, library: LoadedLibrary, ops: Any) -> None:
         placement = ChunkPlacement.by_chunk_id(library.num_chunks, self.layout.num_shared)
@@ -127,8 +137,14 @@ class SharedKVAttention:
             )
         if any(g.coverage_layers for g in groups):
             raise SharedKVConfigError("routing coverage does not run with shared-KV ranks")
+        self.flush()  # a forward left part-way, before any other command
+        if self.replica_slots and self.replan is not None:
+            for build in dict.fromkeys(builds):
+                if self.reads.forward(build) % REPLICA_WINDOW == 0:
+                    self.replan(build)
         calls = self.layers * len(groups)
-        self.channel.send_shared_step(builds, calls)  # flushes a forward left part-way
+        self.channel.send_shared_step(builds, calls)
+        self.loads.start_forward()
         self.remaining = calls
 
     def flush(self) -> None:
@@ -156,7 +172,9 @@ class SharedKVAttention:
         self.remaining -= 1
         self.calls += 1
         client = self.clients[group.library.build_id]
+        self.reads.add(group.library.build_id, sel.chunk, client.placement.num_chunks)
         o, lse = client.attend(layer, q_rows.contiguous(), o0, lse0, sel)
+        self.loads.add_call(*client.last_loads)
         rows = Selections(
             req=torch.arange(n, device=dev).repeat_interleave(hkv).to(torch.int32),
             kv_head=torch.arange(hkv, device=dev).repeat(n).to(torch.int32),
@@ -179,6 +197,33 @@ class SharedKVLibraries(TensorParallelLibraries):
         from moska.kernel_ops import kernel_ops
 
         self._ops = kernel_ops("auto", device)  # the clients' merge (rank 0's runner agrees)
+        remote.replan = self._replan
+
+    def replicate_hot_chunks(self, name: str, slots_per_rank: int) -> ChunkPlacement:
+        """Re-place `name`'s chunks: chunk c on shared rank c % M plus up to
+        `slots_per_rank` copies per rank of the chunks read most since the last placement
+        (`ChunkPlacement.with_replicas`); the shared ranks load what they now hold. Call
+        from the engine's thread, between steps. Returns the placement in force."""
+        library = self.get(name)
+        remote, build = self.shared_kv, library.build_id
+        client = remote.clients[build]
+        c, m = library.num_chunks, remote.layout.num_shared
+        load = remote.reads.load(build, c)
+        placement = ChunkPlacement.by_chunk_id(c, m).with_replicas(load, slots_per_rank)
+        remote.reads.drop(build)  # the next window counts afresh
+        if placement != client.placement:
+            holders = [list(h) for h in placement.holders]
+            self.channel.send_place_library(str(self.root), name, build, holders)
+            client.placement = placement
+        return client.placement
+
+    def _replan(self, build_id: str) -> None:
+        """The automatic re-placement at the end of each REPLICA_WINDOW (engine thread)."""
+        names = [n for n, lib in self._loaded.items() if lib.build_id == build_id]
+        if names:  # a build no longer loaded under a name keeps its placement
+            forwards = self.shared_kv.reads.forwards.get(build_id, 0)
+            self.replicate_hot_chunks(names[0], self.shared_kv.replica_slots)
+            self.shared_kv.reads.forwards[build_id] = forwards
 
     def build(self, name: str, *args: Any, **kwargs: Any):
         return LibraryManager.build(self, name, *args, **kwargs)

@@ -4,7 +4,8 @@ weights, only its partition of each library's chunks, and serves the attention o
 Rank 0 (the engine, the only unique rank) spawns it (distributed/runtime.py) and drives it
 over the step channel's control group: LOAD_LIBRARY (read this rank's chunks of a build from
 the store: `ChunkPlacement.by_chunk_id`, chunk c on shared rank c % M; only those rows of
-each layer file are read), UNLOAD_LIBRARY, SHARED_STEP (the builds of one forward's library
+each layer file are read), PLACE_LIBRARY (a build's new placement, hot chunks replicated:
+the chunks this rank now holds are read again), UNLOAD_LIBRARY, SHARED_STEP (the builds of one forward's library
 groups, in order, and how many attention calls the forward makes) and STOP. During a
 SHARED_STEP it serves `SharedKVServer.serve_layer` once per call, the groups in turn, or
 until rank 0 sends a STOP header (a forward rank 0 abandoned part-way).
@@ -73,6 +74,21 @@ def serve_shared(groups: ProcessGroups, model_path, dtype: torch.dtype, device, 
             channel.answer_load(error)
         elif msg.command is Command.UNLOAD_LIBRARY:
             servers.pop(info["build"], None)
+        elif msg.command is Command.PLACE_LIBRARY:  # hot-chunk replicas: a new placement
+            error = None
+            try:
+                holders = tuple(tuple(h) for h in info["holders"])
+                placement = ChunkPlacement(len(holders), layout.num_shared, holders)
+                shard, _ = load_shard(
+                    info["root"], info["name"], info["build"], layout, groups.rank, device,
+                    placement,
+                )  # fmt: skip
+                old = servers[info["build"]]  # its spec (sm_scale included) stays
+                servers[info["build"]] = SharedKVServer(old.spec, layout, shard, ops)
+            except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it
+                logger.warning("placing library %s failed: %s", info["name"], e)
+                error = f"{type(e).__name__}: {e}"
+            channel.answer_load(error)
         elif msg.command is Command.SHARED_STEP:
             serve_step([servers[b] for b in info["builds"]], info["calls"])
 
@@ -87,10 +103,16 @@ def serve_step(servers: list[SharedKVServer], calls: int) -> None:
 
 
 def load_shard(
-    root: str, name: str, build_id: str, layout: SharedKVLayout, rank: int, device
+    root: str,
+    name: str,
+    build_id: str,
+    layout: SharedKVLayout,
+    rank: int,
+    device,
+    placement: ChunkPlacement | None = None,
 ) -> tuple[LibraryShard, float]:
     """(this rank's chunks of every layer, the library's factor on sm_scale), reading only
-    those rows of the store's layer files."""
+    those rows of the store's layer files; `placement` None: chunk c on shared rank c % M."""
     from safetensors import safe_open
 
     from moska.library.format import layer_file, library_files, read_manifest, validate_name
@@ -110,7 +132,8 @@ def load_shard(
     if manifest.kv_dtype == "fp8":
         raise RuntimeError("FP8 libraries are not served by shared-KV ranks yet")
     offs = list(manifest.chunk_offsets)
-    placement = ChunkPlacement.by_chunk_id(manifest.num_chunks, layout.num_shared)
+    if placement is None:
+        placement = ChunkPlacement.by_chunk_id(manifest.num_chunks, layout.num_shared)
     chunks = placement.chunks_of(layout.shared_index(rank))
     m = manifest.model
     k_pools: list[torch.Tensor] = []

@@ -47,6 +47,7 @@ class Command(enum.IntEnum):
     LOAD_LIBRARY = 5
     UNLOAD_LIBRARY = 6
     SHARED_STEP = 7  # shared-KV ranks: the builds of a forward's groups (shared_kv_engine.py)
+    PLACE_LIBRARY = 8  # shared-KV ranks: a build's new chunk placement (hot-chunk replicas)
 
 
 class Received(NamedTuple):
@@ -106,9 +107,7 @@ class StepChannel:
 
         with self._lock:
             self._json_header(Command.LOAD_LIBRARY, {"root": root, "name": name, "build": build_id})
-            answers: list[Any] = [None] * dist.get_world_size(self.control_group)
-            dist.gather_object(None, answers, dst=0, group=self.control_group)
-            failed = {r: a for r, a in enumerate(answers) if a is not None}
+            failed = self._answers()
             if failed:  # the ranks that did load it drop it
                 self._json_header(Command.UNLOAD_LIBRARY, {"build": build_id})
                 why = "; ".join(f"rank {r}: {a}" for r, a in sorted(failed.items()))
@@ -118,6 +117,27 @@ class StepChannel:
                     "rebuild it if it is damaged, and send the request again"
                 )
             self.worker_builds[build_id] = name
+
+    def _answers(self) -> dict[int, str]:
+        """Every rank's answer to the command just sent: rank -> why it failed."""
+        answers: list[Any] = [None] * dist.get_world_size(self.control_group)
+        dist.gather_object(None, answers, dst=0, group=self.control_group)
+        return {r: a for r, a in enumerate(answers) if a is not None}
+
+    def send_place_library(self, root: str, name: str, build_id: str, holders: list) -> None:
+        """Shared-KV ranks: hold `holders[c]` (shared rank indices) of each chunk c of the
+        build from now on; raises WorkerLibraryError naming the ranks that could not."""
+        from moska.distributed.tp_library import WorkerLibraryError
+
+        with self._lock:
+            info = {"root": root, "name": name, "build": build_id, "holders": holders}
+            self._json_header(Command.PLACE_LIBRARY, info)
+            failed = self._answers()
+            if failed:
+                why = "; ".join(f"rank {r}: {a}" for r, a in sorted(failed.items()))
+                raise WorkerLibraryError(
+                    f"shared-KV ranks could not place library {name!r}'s chunks ({why})"
+                )
 
     def send_unload_library(self, build_id: str) -> None:
         with self._lock:
@@ -211,7 +231,12 @@ class StepChannel:
                 decode_only=bool(decode_only),
             )
             return Received(command, ids, pos, meta, groups=list(zip(groups, rows)))
-        if command in (Command.LOAD_LIBRARY, Command.UNLOAD_LIBRARY, Command.SHARED_STEP):
+        if command in (
+            Command.LOAD_LIBRARY,
+            Command.UNLOAD_LIBRARY,
+            Command.SHARED_STEP,
+            Command.PLACE_LIBRARY,
+        ):
             return Received(command, info=self._recv_json(fields[0]))
         if command is Command.LOGITS_ROWS:
             hidden = torch.empty(fields[0], self.hidden_size, dtype=self.dtype, device=self.device)

@@ -104,6 +104,37 @@ def test_what_shared_ranks_cannot_serve_is_refused(setup):
         LLMEngine.from_model(None, device="cpu", shared_kv_ranks=1, library_gpu_budget="1GiB")
 
 
+def test_hot_chunk_replicas_are_exact_and_even_the_load(setup, monkeypatch):
+    """5 chunks by chunk id: 3 + 2 over the two shared ranks, so at top_k = all rank 0
+    attends 1.5x rank 1's selections; two replica slots per rank even that out, and the
+    logits and greedy tokens stay one process's."""
+    from moska.distributed import shared_kv_engine
+
+    ref, eng = setup
+    remote = eng.libraries.shared_kv
+    client = remote.clients[eng.libraries.get("docs").build_id]
+    want = library_logits(ref, "docs", 5, PER_HEAD)
+    remote.loads.clear()
+    library_logits(eng, "docs", 5, PER_HEAD)  # counts each chunk's readers
+    by_id = remote.loads.report()
+    placement = eng.libraries.replicate_hot_chunks("docs", 2)
+    assert placement.max_replicas > 1 and client.placement is placement
+    remote.loads.clear()
+    assert rel_err(library_logits(eng, "docs", 5, PER_HEAD), want) < 1e-4
+    replicated = remote.loads.report()
+    assert by_id["imbalance_mean_forward"] > 1.15  # 3 chunks against 2
+    assert replicated["imbalance_mean_forward"] < by_id["imbalance_mean_forward"]
+    assert sum(replicated["selections_per_rank_per_forward"]) == sum(
+        by_id["selections_per_rank_per_forward"]
+    )  # the same work, dealt differently
+    # automatic: back to chunk ids, then re-placed every 2 forwards while generating
+    assert eng.libraries.replicate_hot_chunks("docs", 0).max_replicas == 1
+    monkeypatch.setattr(shared_kv_engine, "REPLICA_WINDOW", 2)
+    monkeypatch.setattr(remote, "replica_slots", 2)
+    assert greedy_library(eng, "docs", 5, None) == greedy_library(ref, "docs", 5, None)
+    assert client.placement.max_replicas > 1
+
+
 def test_shared_rank_dies_during_a_library_request(setup):
     """Last: it kills shared rank 2 while a library request decodes."""
     _, eng = setup
