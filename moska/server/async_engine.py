@@ -22,45 +22,27 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from moska.engine.errors import StepFailedError
-from moska.engine.outputs import RequestOutput
 from moska.engine.protocol import ServedEngine
 from moska.engine.sampling_params import SamplingParams
 from moska.server.admission import AdmissionController, Load, RequestCost
+from moska.server.engine_commands import (
+    Abort,
+    Add,
+    Call,
+    Stop,
+    deliver,
+    set_exception,
+    set_result,
+)
 from moska.server.metrics import ServerMetrics
 from moska.server.request_stream import EngineDeadError, EngineStepError, RequestStream
 from moska.server.step_model import StepFeatures
+from moska.server.step_tally import tally_outputs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Add:
-    streams: list[RequestStream]
-    prompt: str | list[int]
-    params: list[SamplingParams]
-    library: str | Sequence[str] | None  # a name, or several: a composition
-    top_k_chunks: int | None
-    report_routing: bool
-    future: asyncio.Future
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-
-
-@dataclass
-class _Call:
-    fn: Callable[[], Any]
-    future: asyncio.Future
-
-
-class _Stop:
-    pass
 
 
 class AsyncEngine:
@@ -155,7 +137,7 @@ class AsyncEngine:
         with self._lock:
             self._pending.extend(cost for _ in streams)
         self._commands.put(
-            _Add(streams, prompt, list(params), library, top_k_chunks, report_routing, future)
+            Add(streams, prompt, list(params), library, top_k_chunks, report_routing, future)
         )
         try:
             await future
@@ -167,7 +149,7 @@ class AsyncEngine:
     def abort(self, request_ids: Sequence[str]) -> None:
         """Abort requests (no-op for finished or unknown ids). Non-blocking."""
         if request_ids and self._thread is not None:
-            self._commands.put(_Abort(list(request_ids)))
+            self._commands.put(Abort(list(request_ids)))
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn()` on the engine thread between steps and return its result."""
@@ -175,7 +157,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine loop is not running")
         assert self._loop is not None
         future = self._loop.create_future()
-        self._commands.put(_Call(fn, future))
+        self._commands.put(Call(fn, future))
         return await future
 
     async def shutdown(self, drain_s: float = 30.0) -> None:
@@ -187,7 +169,7 @@ class AsyncEngine:
         deadline = time.monotonic() + drain_s
         while self._num_in_flight > 0 and time.monotonic() < deadline and self.alive:
             await asyncio.sleep(0.02)
-        self._commands.put(_Stop())
+        self._commands.put(Stop())
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
 
     # ------------------------------------------------------------ engine thread
@@ -215,7 +197,7 @@ class AsyncEngine:
                     break
             stop = False
             for cmd in commands:
-                if isinstance(cmd, _Stop):
+                if isinstance(cmd, Stop):
                     stop = True
                 else:
                     self._handle(cmd)
@@ -229,7 +211,7 @@ class AsyncEngine:
 
     def _handle(self, cmd: Any) -> None:
         engine = self.engine
-        if isinstance(cmd, _Add):
+        if isinstance(cmd, Add):
             with self._lock:
                 for _ in cmd.streams:
                     self._pending.popleft()
@@ -255,29 +237,29 @@ class AsyncEngine:
                     self._streams.pop(stream.request_id, None)
                 for rid in added:
                     self._engine_abort(rid)
-                self._post(_set_exception, cmd.future, exc)
+                self._post(set_exception, cmd.future, exc)
                 return
             self._num_in_flight += len(cmd.streams)
             self._added += len(cmd.streams)
             if load_tokens:  # this add loaded its library: time it, keep it out of step times
                 self.admission.observe_library_load(load_tokens, time.perf_counter() - t_add)
                 self._iter_warmup = True
-            self._post(_set_result, cmd.future, None)
-        elif isinstance(cmd, _Abort):
+            self._post(set_result, cmd.future, None)
+        elif isinstance(cmd, Abort):
             for rid in cmd.request_ids:
                 if self._streams.pop(rid, None) is not None:
                     self._num_in_flight -= 1
                     self._engine_abort(rid)
                     self.metrics.requests.labels("abort").inc()
-        elif isinstance(cmd, _Call):
+        elif isinstance(cmd, Call):
             if cmd.future.cancelled():
                 return
             try:
                 result = cmd.fn()
             except Exception as exc:  # noqa: BLE001 - handed back to the caller
-                self._post(_set_exception, cmd.future, exc)
+                self._post(set_exception, cmd.future, exc)
             else:
-                self._post(_set_result, cmd.future, result)
+                self._post(set_result, cmd.future, result)
 
     def _engine_abort(self, request_id: str) -> None:
         try:
@@ -304,58 +286,24 @@ class AsyncEngine:
         now = time.monotonic()
         m = self.metrics
         m.step_seconds.observe(duration)
-        deliveries: list[tuple[RequestStream, RequestOutput]] = []
-        prefill_tokens = num_decode = new_tokens = library_pairs = 0
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:  # aborted meanwhile
-                continue
-            n_new = len(out.new_token_ids)
-            new_tokens += n_new
-            stream.generated += n_new
-            attend = stream.cost.library_attend if stream.cost is not None else 0
-            if n_new:
-                if stream.first_token_time is None:
-                    stream.first_token_time = now
-                    prefill_tokens += stream.num_prompt_tokens
-                    library_pairs += attend * stream.num_prompt_tokens
-                    m.ttft.observe(now - stream.arrival)
-                    if stream.predicted_ttft_s is not None:
-                        observed = now - stream.arrival
-                        m.ttft_prediction_error.observe(observed - stream.predicted_ttft_s)
-                        self.admission.observe_ttft(stream.predicted_ttft_s, observed)
-                else:
-                    num_decode += 1
-                    library_pairs += attend * n_new
-                    assert stream.last_token_time is not None
-                    gap = (now - stream.last_token_time) / n_new
-                    for _ in range(n_new):
-                        m.itl.observe(gap)
-                stream.last_token_time = now
-            if out.routed_chunks:
-                m.chunks_routed.inc(len(out.routed_chunks))
-            if out.finished:
-                del self._streams[out.request_id]
-                self._num_in_flight -= 1
-                reason = out.outputs[0].finish_reason if out.outputs else None
-                m.requests.labels(reason or "unknown").inc()
-                m.e2e.observe(now - stream.arrival)
-            deliveries.append((stream, out))
-        m.add_generated(new_tokens, now)
+        tally = tally_outputs(outputs, self._streams, m, self.admission, now)
+        self._num_in_flight -= tally.finished
+        m.add_generated(tally.new_tokens, now)
         # What the admission learns from is the whole loop iteration (handing requests over
         # included), not the step alone: that is what the queue waits for.
         stats = self._publish_stats()
         computed = getattr(stats, "prompt_tokens_computed", None)
+        prefill_tokens = tally.prefill_tokens
         if isinstance(computed, int) and self._prompt_computed is not None:
             prefill_tokens = computed - self._prompt_computed  # chunks of unfinished prompts too
         self._prompt_computed = computed if isinstance(computed, int) else None
         # a step that captured a CUDA graph is a one-off: it must not raise the step estimate
         warmup = self._iter_warmup or bool(getattr(self.engine, "last_step_captured_graph", False))
-        features = StepFeatures(prefill_tokens, library_pairs, num_decode, self._added)
+        features = StepFeatures(prefill_tokens, tally.library_pairs, tally.num_decode, self._added)
         self.admission.observe_step(time.perf_counter() - self._iter_start, features, warmup)
         self._added, self._iter_warmup = 0, False
-        if deliveries:
-            self._post(_deliver, deliveries)
+        if tally.deliveries:
+            self._post(deliver, tally.deliveries)
 
     def _fail(self, request_ids: Sequence[str], exc: BaseException) -> None:
         """End these requests' streams with `exc` (the engine has already ended them)."""
@@ -364,7 +312,7 @@ class AsyncEngine:
         for _ in failed:
             self.metrics.requests.labels("error").inc()
         if failed:
-            self._post(_deliver, [(s, exc) for s in failed])
+            self._post(deliver, [(s, exc) for s in failed])
         self._publish_stats()
 
     def _abort_all(self, exc: BaseException) -> None:
@@ -374,7 +322,7 @@ class AsyncEngine:
         for stream in streams:
             self._engine_abort(stream.request_id)
         if streams:
-            self._post(_deliver, [(s, exc) for s in streams])
+            self._post(deliver, [(s, exc) for s in streams])
         self._publish_stats()
 
     def _publish_stats(self) -> Any:
@@ -414,18 +362,3 @@ def _library_to_load(
     names = getattr(getattr(engine, "libraries", None), "loaded_names", None)
     wanted = {library} if isinstance(library, str) else set(library)
     return 0 if names is None or wanted <= set(names()) else cost.library_load_tokens
-
-
-def _deliver(items: list[tuple[RequestStream, Any]]) -> None:
-    for stream, item in items:
-        stream.queue.put_nowait(item)
-
-
-def _set_result(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
