@@ -1,0 +1,34 @@
+"""Plain-PyTorch reference of grouped shared-chunk attention (`shared_attention.py`)."""
+
+import torch
+
+from .shared_inputs import chunk_table
+
+
+def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale, kv_scales=None):
+    """Plain-PyTorch reference, one selection at a time in fp32: (o [N,G,D] fp32, lse [N,G] fp32).
+    `kv_scales` (k_scale, v_scale) [C, Hkv]: an e4m3 chunk's K/V are stored values x scale."""
+    if (k_pool.dtype == torch.float8_e4m3fn) != (kv_scales is not None):
+        raise ValueError("kv_scales go with float8_e4m3fn pools, and only with them")
+    n = sel.req.numel()
+    hq, d = q.shape[1], q.shape[2]
+    g = hq // k_pool.shape[1]
+    o = torch.zeros(n, g, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((n, g), float("-inf"), dtype=torch.float32, device=q.device)
+    table = chunk_table(chunk_offsets)
+    starts, ends = table.starts.tolist(), table.ends.tolist()
+    for i, (r, h, c) in enumerate(zip(sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist())):
+        k = k_pool[starts[c] : ends[c], h].float()  # [L, D]
+        v = v_pool[starts[c] : ends[c], h].float()
+        if kv_scales is not None and kv_scales[0].shape[0] == k_pool.shape[0]:  # per token
+            rows = slice(starts[c], ends[c])
+            k = k * kv_scales[0][rows, h, None].float()
+            v = v * kv_scales[1][rows, h, None].float()
+        elif kv_scales is not None:  # per (chunk, KV head)
+            k, v = k * kv_scales[0][c, h].float(), v * kv_scales[1][c, h].float()
+        if k.shape[0] == 0:
+            continue
+        s = q[r, h * g : (h + 1) * g].float() @ k.T * sm_scale  # [G, L]
+        lse[i] = torch.logsumexp(s, -1)
+        o[i] = torch.softmax(s, -1) @ v
+    return o, lse
