@@ -1,0 +1,208 @@
+"""FlexiCache measurements (issue 21, part 3): quality on the code model, speed and memory
+on an 8B-shaped random model.
+
+`--mode quality` (CPU is enough): held-out token loss of ../shared/models/moska-code-20m on
+networkx and sympy sources (installed in the venv, not in the model's training set), windows
+of its training length (2,048). Each window's first `--prompt` tokens are a prompt (dense
+causal attention, K/V to the FlexiCache store's host copy); the rest are decoded one token
+per step, teacher-forced, through the store (`moska/flexicache/store.py`) at each K /
+threshold setting; the loss is over the decoded positions only, against the same positions
+of a dense full-KV forward. `gpu_kv_fraction` is the store's device-resident pages over a
+paged cache's pages, averaged over the decode steps (`final_gpu_bytes`: the store's device
+tensors as allocated at the end, page summaries and tables included, vs the paged cache).
+
+`--mode speed` (CUDA): `moska/bench/flexicache_speed.py`.
+
+Usage: python -m moska.bench.flexicache --mode quality [--windows 2] [--cpu-dry-run]
+       python -m moska.bench.flexicache --mode speed [--cpu-dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moska.bench.common import environment, write_json
+from moska.flexicache import FlexiCacheConfig
+from moska.flexicache.decode import prefill
+from moska.flexicache.store import FlexiKV
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("networkx", "sympy")
+MAX_FILE_BYTES = 200_000  # the training corpus's filter
+# (top_k_pages, threshold): pages are 16 tokens, 128 in a 2,048-token window
+SETTINGS = ((16, 0.5), (32, 0.5), (32, 0.25), (48, 0.25), (64, 0.5), (32, 0.0))
+
+
+def heldout_windows(tokenizer, length: int, per_package: int, seed: int) -> list[list[int]]:
+    """`per_package` windows of `length` tokens of each package's shuffled packed sources
+    (as bench/mlkv_quality.py cuts them)."""
+    out = []
+    for pkg in PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit(f"{pkg} is not installed in this venv: it is the held-out text")
+        base = Path(next(iter(spec.submodule_search_locations)))
+        files = sorted(p for p in base.rglob("*.py") if p.stat().st_size <= MAX_FILE_BYTES)
+        random.Random(seed).shuffle(files)
+        stream: list[int] = []
+        for f in files:
+            try:
+                stream.extend(tokenizer.encode(f.read_text(encoding="utf-8")))
+            except UnicodeDecodeError:
+                continue
+            if len(stream) >= length * per_package:
+                break
+        out += [stream[i * length : (i + 1) * length] for i in range(per_package)]
+    return out
+
+
+@torch.inference_mode()
+def full_kv_loss(model, windows: torch.Tensor, prompt: int) -> float:
+    """Mean next-token loss over positions prompt.. of each window, dense full attention."""
+    from moska.model import DenseAttention
+
+    total, n = 0.0, 0
+    for w in windows:
+        h = model(w, torch.arange(len(w)), DenseAttention(model.config.sm_scale))
+        logits = model.compute_logits(h[prompt - 1 : -1])
+        total += float(F.cross_entropy(logits, w[prompt:], reduction="sum"))
+        n += len(w) - prompt
+    return total / n
+
+
+@torch.inference_mode()
+def flexi_loss(model, windows: torch.Tensor, prompt: int, cfg, block_size: int, decode_fn):
+    """(mean loss over positions prompt.., store stats) decoding through a FlexiKV store."""
+    from moska.flexicache.decode import decode_step
+
+    b, length = windows.shape
+    mc = model.config
+    store = FlexiKV(
+        cfg, num_layers=mc.num_kv_layers, batch=b, num_kv_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim, block_size=block_size, max_pages=-(-length // block_size),
+        dtype=model.dtype, device=model.device,
+    )  # fmt: skip
+    logits = prefill(model, store, windows[:, :prompt])
+    total = float(F.cross_entropy(logits, windows[:, prompt], reduction="sum"))
+    resident = full = 0
+    stable = 0.0
+    for t in range(prompt, length - 1):
+        logits = decode_step(model, store, windows[:, t], decode_fn)
+        total += float(F.cross_entropy(logits, windows[:, t + 1], reduction="sum"))
+        resident += store.resident_pages()
+        full += store.full_kv_bytes() // store.page_bytes()
+        stable += store.stable_fraction()
+    steps = length - 1 - prompt
+    stats = {
+        "gpu_kv_fraction": round(resident / full, 4),
+        "stable_head_fraction": round(stable / steps, 4),
+        "final_gpu_bytes": store.gpu_bytes(),
+        "final_full_kv_bytes": store.full_kv_bytes(),
+        "fetched_pages": store.fetched_pages,
+        "evicted_pages": store.evicted_pages,
+    }
+    return total / (b * (length - prompt)), stats
+
+
+def run_quality(args) -> dict:
+    from moska.kernel_ops import kernel_ops
+    from moska.model import load_model
+
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() and not args.cpu_dry_run else "cpu"
+    lm = load_model(args.model, dtype="float32", device=device)
+    length, prompt, per = args.length, args.prompt, args.windows
+    settings = SETTINGS
+    if args.cpu_dry_run:  # a few hundred tokens, two settings: the pipeline, not a figure
+        length, prompt, per, settings = 320, 256, 1, ((4, 0.5), (4, 2.0))
+    ops = kernel_ops("auto", device)
+    lm.model.kernels = ops
+    wins = torch.tensor(heldout_windows(lm.tokenizer, length, per, args.seed), device=device)
+    base = full_kv_loss(lm.model, wins, prompt)
+    print(f"full KV: loss {base:.4f}", file=sys.stderr, flush=True)
+    rows = [{"setting": "full KV", "loss": round(base, 4), "gpu_kv_fraction": 1.0}]
+    for k, thr in settings:
+        cfg = FlexiCacheConfig(
+            top_k_pages=k, recent_pages=args.recent, threshold=thr, rerank_interval=args.r
+        )
+        loss, stats = flexi_loss(
+            lm.model, wins, prompt, cfg, args.block_size, ops.paged_decode_heads
+        )
+        row = {"setting": f"K={k} pages, threshold={thr}", "top_k_pages": k, "threshold": thr}
+        row |= {"loss": round(loss, 4), "delta": round(loss - base, 4)}
+        row |= {"rel_increase": round((loss - base) / base, 4), **stats}
+        rows.append(row)
+        print(f"  {row['setting']}: loss {loss:.4f} ({row['rel_increase']:+.2%}), GPU KV "
+              f"{stats['gpu_kv_fraction']:.1%}, stable {stats['stable_head_fraction']:.0%}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    ok = [r for r in rows[1:] if r["rel_increase"] <= 0.01]
+    best = min(ok, key=lambda r: r["gpu_kv_fraction"]) if ok else None
+    return {
+        "environment": environment(),
+        "mode": "quality",
+        "model": Path(args.model).name,
+        "device": device,
+        "dtype": "float32",
+        "shapes": {
+            "windows": len(wins),
+            "length": length,
+            "prompt": prompt,
+            "decoded_per_window": length - prompt,
+            "block_size": args.block_size,
+            "recent_pages": args.recent,
+            "rerank_interval": args.r,
+        },
+        "heldout": {p: f"{per} windows x {length} tokens" for p in PACKAGES},
+        "rows": rows,
+        "summary": {
+            "full_kv_loss": round(base, 4),
+            "target": ">= 40% less GPU KV at <= 1% loss increase",
+            "best_within_1pct": best
+            and {
+                "setting": best["setting"],
+                "rel_increase": best["rel_increase"],
+                "gpu_kv_saved": round(1 - best["gpu_kv_fraction"], 4),
+            },
+            "target_met": bool(best and best["gpu_kv_fraction"] <= 0.6),
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("quality", "speed"), default="quality")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes, CPU: the pipeline")
+    ap.add_argument("--model", default=str(ROOT.parent / "shared/models/moska-code-20m"))
+    ap.add_argument("--windows", type=int, default=2, help="windows per held-out package")
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens of each window")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--recent", type=int, default=2)
+    ap.add_argument("--r", type=int, default=8, help="re-rank interval (steps)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args, rest = ap.parse_known_args(argv)
+    if args.mode == "speed":
+        from moska.bench import flexicache_speed
+
+        result = flexicache_speed.run(args, rest)
+    else:
+        if rest:
+            ap.error(f"unknown arguments {rest}")
+        result = run_quality(args)
+    out = args.out or str(ROOT / f"bench/results/flexicache_{args.mode}.json")
+    print(f"summary: {result['summary']}")
+    print(f"wrote {write_json(out, result)}")
+
+
+if __name__ == "__main__":
+    main()
