@@ -8,6 +8,23 @@ class TensorParallelConfigError(ValueError):
     run with tensor parallelism yet."""
 
 
+class TensorParallelBuildError(TensorParallelConfigError):
+    """A library build on an engine with tensor_parallel_size > 1: a build runs the model
+    outside the engine's steps, and each rank holds only its slice of the weights. Over
+    HTTP a 400 (`tensor_parallel_build_error`) before any job is queued."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"library {name!r} cannot be built by an engine with tensor_parallel_size > 1 "
+            "(a build runs the model outside the engine's steps, and each rank holds only "
+            "its slice of the weights): build it on one process into the same library root "
+            f"(`moska library build MODEL --name {name} --library-root ROOT FILES`, without "
+            "--tensor-parallel-size), then request it by name: every rank loads its KV heads "
+            "from the store"
+        )
+        self.name = name
+
+
 class RankFailedError(RuntimeError):
     """A rank of the engine's process group died or stopped answering. The engine cannot
     run steps any more (its process group is broken): restart it. `rank` is None when a

@@ -77,8 +77,9 @@ def start_kv_parallel(config: EngineConfig, path, dtype, device: str):
 
 
 class KVParallelLibraries(LibraryManager):
-    """Rank 0's library manager: lists, builds and deletes as usual, but no request may
-    read a library (the other ranks would not hold it)."""
+    """Rank 0's library manager: lists, builds (on rank 0 alone, which holds the whole
+    model) and deletes as usual, but no request may read a library (the other ranks would
+    not hold it)."""
 
     def acquire(self, name: str):
         raise KVParallelConfigError(

@@ -149,7 +149,7 @@ class KVParallelBound:
 
 class KVParallelCausalLM(CausalLM):
     """The whole model on a rank of a KV-parallel engine. On rank 0 `driver` (a StepChannel)
-    sends each forward's inputs to the other ranks first; logits stay on rank 0."""
+    sends each engine step's inputs to the other ranks first; logits stay on rank 0."""
 
     def __init__(self, config: ModelConfig, kv_parallel: KVParallelModel, **kw) -> None:
         super().__init__(config, **kw)
@@ -157,7 +157,9 @@ class KVParallelCausalLM(CausalLM):
         self.driver: Any = None
 
     def forward(self, input_ids, positions, attn) -> torch.Tensor:
-        if self.driver is not None:
+        # an engine step goes to every rank; any other forward (a library build's prefill,
+        # over a cache of its own) runs here alone: this rank holds the whole model
+        if self.driver is not None and isinstance(attn, KVParallelBound):
             self.driver.send_forward(input_ids, positions, attn)
         return super().forward(input_ids, positions, attn)
 

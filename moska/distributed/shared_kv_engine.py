@@ -225,6 +225,9 @@ class SharedKVLibraries(TensorParallelLibraries):
             self.replicate_hot_chunks(names[0], self.shared_kv.replica_slots)
             self.shared_kv.reads.forwards[build_id] = forwards
 
+    def reserve(self, name: str) -> Any:
+        return LibraryManager.reserve(self, name)
+
     def build(self, name: str, *args: Any, **kwargs: Any):
         return LibraryManager.build(self, name, *args, **kwargs)
 

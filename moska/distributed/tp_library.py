@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from moska.distributed.comm import Collectives
-from moska.distributed.errors import TensorParallelConfigError
+from moska.distributed.errors import TensorParallelBuildError, TensorParallelConfigError
 from moska.library.loaded import LoadedLibrary, load_library
 from moska.library.manager import LibraryManager
 
@@ -190,15 +190,14 @@ class TensorParallelLibraries(LibraryManager):
         self.split: HeadSplit | None = HeadSplit.of(loaded_model.model)
         self.load_options = {"kv_heads": self.split.heads}
 
+    def reserve(self, name: str) -> Any:
+        """Refused before a build job is queued (the HTTP route reserves first: a 400)."""
+        raise TensorParallelBuildError(name)
+
     def build(self, name: str, *args: Any, reservation: Any = None, **kwargs: Any):
         if reservation is not None:
             reservation.release()
-        raise TensorParallelConfigError(
-            "building a library runs the model outside the engine's steps, which does not "
-            "run with tensor parallelism yet: build it at tensor_parallel_size=1 into the "
-            f"same library root (`moska library build`), then request {name!r}: every rank "
-            "loads it from the store"
-        )
+        raise TensorParallelBuildError(name)
 
     def _register(self, name: str, library: LoadedLibrary) -> None:
         if self.split is not None and library.kv_heads == self.split.heads:

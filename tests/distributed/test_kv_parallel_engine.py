@@ -105,6 +105,23 @@ def test_long_request_logits_equal_one_process(engines):
     assert rel_err(got, want) < 1e-4
 
 
+def test_a_library_build_runs_on_rank_0(engines, tmp_path):
+    """A build's prefill is no engine step: rank 0 (the whole model) runs it alone, and its
+    KV is a one-process build's."""
+    ref, _, eng = engines
+    docs = [("a.txt", LONG[:40]), ("b.txt", LONG[40:])]
+    calls = eng.runner.attention.gathers
+    for e in (ref, eng):
+        e.libraries.progress = False
+        e.libraries.root = tmp_path / ("ref" if e is ref else "kvp")
+        e.libraries.build("docs", docs, chunk_size=BLOCK)
+    want, got = ref.libraries.get("docs"), eng.libraries.get("docs")
+    assert got.num_chunks == want.num_chunks == 6
+    for layer in range(2):
+        assert rel_err(got.k_pools[layer], want.k_pools[layer]) < 1e-5
+    assert eng.runner.attention.gathers == calls  # no step went to rank 1
+
+
 def test_what_it_does_not_serve_is_refused(engines, tmp_path):
     _, _, eng = engines
     with pytest.raises(KVParallelConfigError, match="decode_context_parallel_size=1"):

@@ -17,10 +17,14 @@ import torch
 from tp_support import DEVICES, build_checkpoint, engine_kwargs, rel_err
 
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
-from moska.distributed.errors import RankFailedError, TensorParallelConfigError
+from moska.distributed.errors import (
+    RankFailedError,
+    TensorParallelBuildError,
+)
 from moska.distributed.tp_library import InMemoryLibraryError
 from moska.engine.llm_engine import LLMEngine
 from moska.engine.sampling_params import SamplingParams
+from moska.library.manager import LibraryManager
 from moska.routing.policy import LEGACY, RoutingPolicy
 
 pytestmark = pytest.mark.timeout(180)
@@ -162,9 +166,30 @@ def test_in_memory_library_is_refused(setup):
     with pytest.raises(InMemoryLibraryError, match="only in this process's memory"):
         tp.add_request("mem", [1, 2, 3], SamplingParams(max_tokens=2), library="scratch")
     assert not tp.has_unfinished_requests() and tp.libraries.num_users("scratch") == 0
-    with pytest.raises(TensorParallelConfigError, match="tensor_parallel_size=1"):
+    with pytest.raises(TensorParallelBuildError, match="without --tensor-parallel-size"):
         tp.libraries.build("other", _docs(4, 32), chunk_size=CHUNK)
     assert not tp.libraries.exists("other")
+
+
+def test_a_build_over_http_is_a_400_naming_the_error(setup):
+    """POST /v1/libraries on a tensor-parallel server: refused before a job is queued."""
+    import httpx
+
+    from moska.server.app import create_app
+    from moska.server.background import background_server
+    from moska.server.settings import ServerSettings
+
+    _, tp = setup
+    body = {"name": "web", "documents": [{"name": "a.txt", "text": "def f(): return 1"}]}
+    with background_server(create_app(tp, ServerSettings())) as url:
+        r = httpx.post(f"{url}/v1/libraries", json=body, timeout=30)
+        listed = httpx.get(f"{url}/v1/libraries", timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "tensor_parallel_build_error"
+    assert "'web'" in r.json()["error"]["message"]
+    assert listed.status_code == 200 and "web" not in listed.text
+    assert not tp.libraries.exists("web")
+    LibraryManager.reserve(tp.libraries, "web").release()  # the refusal left no lock behind
 
 
 def test_a_worker_that_cannot_load_the_library_is_named(setup):
