@@ -189,7 +189,7 @@ class SharedKVLibraries(TensorParallelLibraries):
     library's routing index and drops its KV; builds run here (rank 0 holds the model)."""
 
     def __init__(self, root, loaded_model, device, channel, remote: SharedKVAttention) -> None:
-        LibraryManager.__init__(self, root, loaded_model, device)
+        LibraryManager.__init__(self, root, loaded_model, device, arena=None)  # KV on shared ranks
         self.channel = channel
         self.split = None  # whole KV heads: nothing split
         self.shared_kv = remote
