@@ -25,6 +25,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,14 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("networkx", "sympy")
 MAX_FILE_BYTES = 200_000  # the training corpus's filter
 # (top_k_pages, threshold): pages are 16 tokens, 128 in a 2,048-token window
-SETTINGS = ((16, 0.5), (32, 0.5), (32, 0.25), (48, 0.25), (64, 0.5), (32, 0.0))
+SETTINGS: tuple[tuple[int, float], ...] = (
+    (16, 0.5),
+    (32, 0.5),
+    (32, 0.25),
+    (48, 0.25),
+    (64, 0.5),
+    (32, 0.0),
+)
 
 
 def heldout_windows(tokenizer, length: int, per_package: int, seed: int) -> list[list[int]]:
@@ -120,7 +128,7 @@ def run_quality(args) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.cpu_dry_run else "cpu"
     lm = load_model(args.model, dtype="float32", device=device)
     length, prompt, per = args.length, args.prompt, args.windows
-    settings = SETTINGS
+    settings: tuple[tuple[int, float], ...] = SETTINGS
     if args.cpu_dry_run:  # a few hundred tokens, two settings: the pipeline, not a figure
         length, prompt, per, settings = 320, 256, 1, ((4, 0.5), (4, 2.0))
     ops = kernel_ops("auto", device)
@@ -128,7 +136,9 @@ def run_quality(args) -> dict:
     wins = torch.tensor(heldout_windows(lm.tokenizer, length, per, args.seed), device=device)
     base = full_kv_loss(lm.model, wins, prompt)
     print(f"full KV: loss {base:.4f}", file=sys.stderr, flush=True)
-    rows = [{"setting": "full KV", "loss": round(base, 4), "gpu_kv_fraction": 1.0}]
+    rows: list[dict[str, Any]] = [
+        {"setting": "full KV", "loss": round(base, 4), "gpu_kv_fraction": 1.0}
+    ]
     for k, thr in settings:
         cfg = FlexiCacheConfig(
             top_k_pages=k, recent_pages=args.recent, threshold=thr, rerank_interval=args.r

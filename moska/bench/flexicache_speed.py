@@ -1,0 +1,224 @@
+"""FlexiCache speed and memory on an 8B-shaped random model (`python -m moska.bench.flexicache
+--mode speed`): device KV bytes at equal batch, and decode tokens/s at the largest batch each
+layout fits in a KV budget.
+
+Full KV: the engine's paged cache (`PagedKVCache` layout) read by `paged_decode`. FlexiCache:
+`FlexiKV` (compact per-head device pool over a pinned host copy) read by
+`paged_decode_heads`. Both run the whole random Llama-3.1-8B-shaped model (bf16), one token
+per sequence per step, over contexts of `--context` tokens. Random weights give no real
+attention pattern, so which heads are stable is not measured here but set: a seeded
+`--stable-fraction` of (layer, sequence, head) is stable (take it from the quality run),
+the rest unstable (every page); every `--r` steps stable heads re-rank (Quest bounds of
+random keys: the top-K churns, so the fetches are a pessimistic case) and fetch promoted
+pages from the host, inside the timed steps. KV contents are random (tiled pages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model
+from moska.flexicache import FlexiCacheConfig
+from moska.flexicache.store import FlexiKV
+from moska.kernel_ops import kernel_ops
+
+TINY = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _FullKV:
+    """Paged cache of B sequences, each `pages` contiguous blocks, read by paged_decode."""
+
+    def __init__(self, mc, batch, context, bs, dtype, device, ops) -> None:
+        self.pages = -(-(context + 64) // bs)
+        shape = (mc.num_kv_layers, batch * self.pages, bs, mc.num_kv_heads, mc.head_dim)
+        self.k = torch.randn(shape, dtype=dtype, device=device)
+        self.v = torch.randn(shape, dtype=dtype, device=device)
+        self.tables = torch.arange(batch * self.pages, dtype=torch.int32, device=device)
+        self.tables = self.tables.view(batch, self.pages)
+        self.length, self.bs, self.ops, self.sm = context, bs, ops, mc.sm_scale
+        self.base = torch.arange(batch, device=device) * self.pages * bs
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def __call__(self, layer, q, k, v):
+        pos = self.length - 1
+        slots = self.base + (pos // self.bs) * self.bs + pos % self.bs
+        kc, vc = self.k[layer], self.v[layer]
+        self.ops.kv_write(k, v, kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:]), slots)
+        lens = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
+        return self.ops.paged_decode(q, kc, vc, self.tables, lens, self.sm)[0]
+
+
+class _Flexi:
+    def __init__(self, store: FlexiKV, ops, sm) -> None:
+        self.store, self.ops, self.sm = store, ops, sm
+
+    def __call__(self, layer, q, k, v):
+        return self.store.attend(layer, q, k, v, self.ops.paged_decode_heads, self.sm)
+
+
+def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, seed):
+    L, H, D = mc.num_kv_layers, mc.num_kv_heads, mc.head_dim
+    pages = -(-(context + 64) // bs)
+    gen = torch.Generator().manual_seed(seed)
+    force = torch.rand(L, batch, H, generator=gen) < stable_fraction
+    store = FlexiKV(
+        cfg, num_layers=L, batch=batch, num_kv_heads=H, head_dim=D, block_size=bs,
+        max_pages=pages, dtype=dtype, device=device, force_stable=force,
+    )  # fmt: skip
+    tile_k = torch.randn(64, bs, D, generator=gen).to(dtype)
+    tile_v = torch.randn(64, bs, D, generator=gen).to(dtype)
+    reps = -(-pages // 64)
+    for host, tile in ((store.host_k, tile_k), (store.host_v, tile_v)):
+        full = tile.repeat(reps, 1, 1)[:pages]  # [P, bs, D]
+        for layer in range(L):
+            host[layer].copy_(full.expand(batch, H, *full.shape))
+    store.kmin.copy_(-torch.rand(store.kmin.shape, generator=gen).to(dtype))
+    store.kmax.copy_(torch.rand(store.kmax.shape, generator=gen).to(dtype))
+    n_cand = -(-context // bs) - cfg.recent_pages
+    order = torch.rand(L, batch, H, n_cand, generator=gen).argsort(-1)[..., : cfg.top_k_pages]
+    store.top.copy_(order)
+    store.length = context
+    return store
+
+
+@torch.inference_mode()
+def _decode(model, attn, begin, batch, steps, warmup, device) -> tuple[float, float]:
+    """(mean, median) seconds per decode step over `steps` after `warmup`; the mean counts
+    the re-ranking steps' fetches, the median is a step without one."""
+    tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
+    times = []
+    for i in range(warmup + steps):
+        begin()
+        pos = torch.full((batch,), attn_length(attn) - 1, device=device)
+        _sync(device)
+        t = time.perf_counter()
+        hidden = model(tokens, pos, attn)
+        tokens = model.compute_logits(hidden).argmax(-1)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return sum(times) / len(times), times[len(times) // 2]
+
+
+def attn_length(attn) -> int:
+    return attn.store.length if isinstance(attn, _Flexi) else attn.length
+
+
+def run(args, rest: list[str]) -> dict:
+    ap = argparse.ArgumentParser(prog="flexicache --mode speed")
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--kv-budget-gib", type=float, default=16.0)
+    ap.add_argument("--top-k-pages", type=int, default=32)
+    ap.add_argument("--stable-fraction", type=float, default=0.75)
+    ap.add_argument("--steps", type=int, default=24, help="timed decode steps (3 re-ranks at r=8)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--max-batch", type=int, default=256)
+    sa = ap.parse_args(rest)
+    dry = args.cpu_dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else torch.bfloat16
+    hf = TINY if dry else LLAMA_3_1_8B
+    context = 256 if dry else sa.context
+    k_pages = 4 if dry else sa.top_k_pages
+    steps, warmup = (4, 1) if dry else (sa.steps, sa.warmup)
+    bs = args.block_size
+    lm = random_loaded_model(hf, dtype, str(device))
+    ops = kernel_ops("auto", device)
+    lm.model.kernels = ops
+    mc = lm.config
+    cfg = FlexiCacheConfig(
+        top_k_pages=k_pages, recent_pages=args.recent, threshold=2.0, rerank_interval=args.r
+    )  # threshold 2: stability only from the forced mask
+    elem = torch.empty((), dtype=dtype).element_size()
+    pages = -(-(context + 64) // bs)
+    page_bytes = 2 * bs * mc.head_dim * elem
+    heads = mc.num_kv_layers * mc.num_kv_heads
+    full_req = heads * pages * page_bytes
+    s = sa.stable_fraction
+    # resident pages per head, + summaries (2 D-vectors per page) and index tables
+    flexi_req = heads * (
+        (s * (k_pages + args.recent) + (1 - s) * pages) * page_bytes * 1.25  # pool slack
+        + pages * (2 * mc.head_dim * elem + 8 + 4)
+    )
+    budget = 4 * full_req if dry else int(sa.kv_budget_gib * 2**30)
+    b_full = max(1, min(sa.max_batch, budget // full_req))
+    b_flexi = max(1, min(sa.max_batch, int(budget // flexi_req)))
+    rows = []
+
+    def measure(kind, batch):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if kind == "full":
+            attn = _FullKV(mc, batch, context, bs, dtype, device, ops)
+            sec, med = _decode(lm.model, attn, lambda: None, batch, steps, warmup, device)
+            kv = attn.nbytes()
+            extra = {}
+        else:
+            store = _flexi_store(cfg, mc, batch, context, bs, dtype, device, s, args.seed)
+            attn = _Flexi(store, ops, mc.sm_scale)
+            sec, med = _decode(lm.model, attn, store.begin_step, batch, steps, warmup, device)
+            kv = store.gpu_bytes()
+            extra = {"resident_pages": store.resident_pages(), "fetched_pages": store.fetched_pages,
+                     "stable_head_fraction": round(store.stable_fraction(), 4),
+                     "full_kv_bytes_same_batch": store.full_kv_bytes()}  # fmt: skip
+        peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
+        row = {"kv": kind, "batch": batch, "gpu_kv_bytes": kv, "gpu_kv_gib": round(kv / 2**30, 3),
+               "peak_allocated_delta_gib": round(peak / 2**30, 3),
+               "step_ms": round(sec * 1e3, 2), "step_ms_median": round(med * 1e3, 2),
+               "tokens_per_s": round(batch / sec, 1), **extra}  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+        del attn
+        return row
+
+    full = measure("full", b_full)
+    flex_eq = measure("flexicache", b_full)
+    flex_max = measure("flexicache", b_flexi)
+    return {
+        "environment": environment(),
+        "mode": "speed",
+        "model": "random Llama-3.1-8B-shaped" if not dry else "random tiny (dry run)",
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "shapes": {
+            "context": context,
+            "block_size": bs,
+            "layers": mc.num_kv_layers,
+            "kv_heads": mc.num_kv_heads,
+            "head_dim": mc.head_dim,
+            "top_k_pages": k_pages,
+            "recent_pages": args.recent,
+            "rerank_interval": args.r,
+            "stable_fraction_forced": s,
+            "kv_budget_bytes": budget,
+            "steps": steps,
+            "warmup": warmup,
+        },
+        "rows": rows,
+        "summary": {
+            "gpu_kv_saved_equal_batch": round(
+                1 - flex_eq["gpu_kv_bytes"] / full["gpu_kv_bytes"], 4
+            ),
+            "batch_full": b_full,
+            "batch_flexicache": b_flexi,
+            "flexicache_fits_budget": flex_max["gpu_kv_bytes"] <= budget,
+            "tokens_per_s_full": full["tokens_per_s"],
+            "tokens_per_s_flexicache_largest_batch": flex_max["tokens_per_s"],
+            "speedup_largest_batch": round(flex_max["tokens_per_s"] / full["tokens_per_s"], 3),
+            "note": "stable heads forced (random model); quality: flexicache_quality_*.json",
+        },
+    }
