@@ -108,6 +108,8 @@ class BoundAttention:
     def _unique(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p, m = self.p, self.meta
         kc, vc = p.cache.k[layer], p.cache.v[layer]
+        if m.decode_only and m.flexi is not None:  # FlexiCache: per-KV-head page lists
+            return m.flexi.attend(layer, q, kc, vc, p.ops.paged_decode_heads, p.sm_scale)
         if m.decode_only:
             return p.ops.paged_decode(q, kc, vc, m.block_tables, m.seq_lens, p.sm_scale)
         return p.ops.paged_prefill(q, kc, vc, m.block_tables, m.cu_q_lens, m.seq_lens, p.sm_scale)

@@ -38,6 +38,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     decode_only: bool  # every q_len == 1
     groups: list[LibraryGroup] = field(default_factory=list)
+    flexi: Any = None  # moska.flexicache.engine_hook.FlexiStep: per-head decode page lists
 
     def __post_init__(self) -> None:
         assert self.cu_q_lens.numel() == self.seq_lens.numel() + 1

@@ -21,6 +21,7 @@ from moska.engine.request import Request
 from moska.engine.sampler import Sampler
 from moska.engine.step_output import PendingStep, StepResult
 from moska.engine.transfer import host_tensor, to_device
+from moska.flexicache.engine_hook import flexi_engine
 from moska.kernel_ops import kernel_ops
 
 __all__ = ["GraphReplay", "ModelRunner", "PendingStep", "StepResult"]  # step_output's, too
@@ -62,6 +63,7 @@ class ModelRunner:
         )
         use_graphs = use_graphs and not getattr(config, "shared_kv_ranks", 0)  # eager: talks
         use_graphs = use_graphs and kv_parallel is None
+        use_graphs = use_graphs and config.flexicache is None  # FlexiCache steps run eagerly
         self.cache = PagedKVCache(
             self.mcfg.num_kv_layers,  # one per layer that owns KV (fewer under MLKV)
             num_blocks + int(use_graphs),  # + the CUDA graphs' scratch block, owned by no request
@@ -75,6 +77,7 @@ class ModelRunner:
         self.ops = kernel_ops(config.attention, device)
         self.model.kernels = self.ops
         self.attention = PagedAttention(self.cache, self.ops, self.mcfg.sm_scale)
+        self.flexi = flexi_engine(config, self.mcfg.num_kv_layers, self.num_kv_heads, device)
         self.sampler = Sampler(config.seed)
         self._num_blocks = num_blocks
         if kv_parallel is not None:
@@ -234,6 +237,9 @@ class ModelRunner:
             block_tables=to_device(tables, dev, torch.int32),
             decode_only=len(token_ids) == len(scheduled),
         )
+        if self.flexi is not None and meta.decode_only:  # per-KV-head page lists
+            ids = [it.request.request_id for it in scheduled]
+            meta.flexi = self.flexi.begin(ids, meta.block_tables, seq_lens)
         num_layers = self.mcfg.num_kv_layers  # attention layers index KV slots
         sampled_layers = frozenset({0, num_layers // 2, num_layers - 1})
         for name, rows in lib_rows.items():
@@ -357,3 +363,5 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
+        if self.flexi is not None:
+            self.flexi.release(request_id)
