@@ -1,94 +1,257 @@
-"""KV transfer between a prefill and a decode rank (`moska.pd.transport`, gloo): seconds and
-GB/s per layer for a prompt of N tokens at a model's KV dims (default Llama-3.1-8B: 32
-layers, 8 KV heads of 128, bf16), the baseline being one torch copy of the same bytes
-between host buffers in the same run. Both ranks live in this process (threads), as the
-CPU tests run them; KV on a GPU is staged through host memory, as the transport does.
+"""KV transfer between a prefill and a decode rank (`moska.pd.transport`, gloo), and its
+overlap with the prefill that computes the KV.
+
+The decode rank is its own process (spawned; on a GPU it shares the prefill's device and
+copies each received transfer into it, as a decode instance writes its blocks). Measured,
+in one run:
+
+- `raw`: seconds and GB/s to send a prompt of N tokens' KV at the model's KV dims, layer by
+  layer; baseline: one host copy of the same bytes.
+- `overlap`: from a prompt's arrival at the prefill engine until the decode rank holds its
+  KV, (a) `prefill_only`: the engine's prefill alone (no transfer), (b) `sequential`: the
+  whole prompt's KV sent after the request finished (`kv_blocks.snapshot`, the path
+  without overlap), (c) `overlapped`: each layer sent as soon as the prefill step computed
+  it (`pd/stream.LayerCapture`, what a prefill instance does), while the next layers
+  compute. Also the seconds from the prefill's end to the KV at the decode rank (what a
+  request waits for beyond its prefill): `hidden_share` = 1 - overlapped / sequential of
+  those (on a shared CPU host the prefill times vary more than the transfer lasts).
+  Every transfer is checked against the sender's bytes (a float64 sum per layer).
+
+The model: the built-in tiny model on CPU; with --model-dims llama-3.1-8b a random
+Llama-3.1-8B-shaped bf16 model (the device form).
 
     python -m moska.bench.pd_transfer --cpu-dry-run
-    python -m moska.bench.pd_transfer --tokens 8192 --device cuda
+    python -m moska.bench.pd_transfer --device cuda --model-dims llama-3.1-8b --tokens 8192
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import queue
+import random
+import statistics
 import threading
 import time
+from typing import Any
 
 import torch
 
+from moska.pd.stream import LayerStream
+from moska.pd.transport import KVTransport, TransferEndpoint
 
-def main(argv: list[str] | None = None) -> dict:
-    from moska.bench.common import environment, write_json
-    from moska.pd.cluster import free_port
-    from moska.pd.transport import KVTransport, TransferEndpoint
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="bench/results/pd_transfer.json")
-    ap.add_argument("--cpu-dry-run", action="store_true", help="512 tokens, 4 layers, CPU")
-    args = ap.parse_args(argv)
-    if args.cpu_dry_run:
-        args.tokens, args.layers, args.device, args.repeats = 512, 4, "cpu", 2
-        if args.out == "bench/results/pd_transfer.json":
-            args.out = "bench/results/pd_transfer_cpu.json"
-    dtype = getattr(torch, args.dtype)
-    n = args.tokens // args.block_size
-    shape = (2, n, args.block_size, args.kv_heads, args.head_dim)
-    layers = [torch.randn(shape, device=args.device).to(dtype) for _ in range(args.layers)]
-    nbytes = sum(t.numel() * t.element_size() for t in layers)
+def _checksums(layers) -> list[float]:
+    return [float(t.double().sum()) for t in layers]
 
-    port = free_port()
-    ranks = [KVTransport(TransferEndpoint("127.0.0.1", port, r, 2, 60.0)) for r in range(2)]
-    threads = [threading.Thread(target=r.connect) for r in ranks]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(120)
-    ranks[1].start_receiving([0])
-    times, exact = [], True
+
+def decode_rank(port: int, device: str, expected: int, results) -> None:
+    """The decode process: receive `expected` transfers in id order, copy each to `device`,
+    report (id, seconds since the header arrived, checksums)."""
+    torch.set_num_threads(1)
+    rank = KVTransport(TransferEndpoint("127.0.0.1", port, 1, 2, 120.0))
+    rank.connect()
+    rank.start_receiving([0])
     try:
-        for rep in range(args.repeats):
-            done = threading.Event()
-            result: dict = {}
-
-            def finished(err, _s, result=result, done=done) -> None:
-                result["e"] = err
-                done.set()
-
-            t0 = time.perf_counter()
-            ranks[0].send(rep, 1, {"tokens": []}, layers, finished)
-            arrival = ranks[1].wait_arrival(rep, 120.0)
-            times.append(time.perf_counter() - t0)
-            assert done.wait(60) and result["e"] is None, result
-            exact = exact and all(torch.equal(a, b.cpu()) for a, b in zip(arrival.layers, layers))
+        for tid in range(expected):
+            arrival = rank.wait_arrival(tid, 300.0)
+            sums = _checksums(arrival.layers)
+            on_device = [t.to(device, non_blocking=True) for t in arrival.layers]
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            del on_device
+            results.put((tid, time.monotonic() - arrival.received_at, sums))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+        results.put((-1, 0.0, str(exc)))
     finally:
-        for t in ranks:
-            t.close()
+        rank.close()
+
+
+class _Prefill:
+    """The prefill side: an engine, the transfer rank, and the hooks of both send paths."""
+
+    def __init__(self, engine, transport: KVTransport, results) -> None:
+        from moska.pd import kv_blocks
+        from moska.pd.stream import LayerCapture, stream_for
+
+        self.engine, self.transport, self.results = engine, transport, results
+        self.tid, self.mode = 0, "prefill_only"
+        self.sent: dict[int, Any] = {}  # tid -> layers or stream (for the checksums)
+        bm = engine.block_manager
+        free = bm.free
+
+        def free_and_send(request) -> None:  # the sequential path: after the request ends
+            if self.mode == "sequential" and getattr(request, "request_id", "").startswith("q"):
+                _, layers = kv_blocks.snapshot(engine, request)
+                self._send(layers)
+            free(request)
+
+        def on_step(scheduled):  # the overlapped path: during the step that ends the prompt
+            if self.mode != "overlapped":
+                return []
+            req = scheduled[0].request
+            _, stream = stream_for(engine, req)
+            self._send(stream)
+            return [(req, stream)]
+
+        bm.free = free_and_send
+        LayerCapture.install(engine, on_step)
+
+    def _send(self, layers) -> None:
+        tid = self.tid
+        self.sent[tid] = layers
+        self.transport.send(tid, 1, {"tokens": []}, layers, lambda err, s: None)
+
+    def run(self, prompt: list[int]) -> tuple[float, float, bool]:
+        """Seconds from the request's arrival until the decode rank holds its KV (or, for
+        prefill_only, until the prefill finished); of those, the seconds after the prefill
+        finished (the transfer it did not hide); whether the bytes arrived intact."""
+        from moska.engine.sampling_params import SamplingParams
+
+        dev = self.engine.runner.cache.k.device
+        t0 = time.perf_counter()
+        self.engine.add_request(f"q{t0}", prompt, SamplingParams(max_tokens=1))
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t_prefilled = time.perf_counter()
+        if self.mode == "prefill_only":
+            return t_prefilled - t0, 0.0, True
+        tid, _, sums = self.results.get(timeout=300)
+        t_end = time.perf_counter()
+        if tid != self.tid or isinstance(sums, str):
+            raise RuntimeError(f"transfer {self.tid} failed at the decode rank: {sums}")
+        sent = self.sent.pop(tid)
+        layers = (
+            [sent.layer(i, 60.0) for i in range(len(sent))]
+            if isinstance(sent, LayerStream)
+            else sent
+        )
+        self.tid += 1
+        return t_end - t0, t_end - t_prefilled, _checksums(layers) == sums
+
+
+def _engine(args):
+    from moska.bench.common import LLAMA_3_1_8B, random_loaded_model
+    from moska.config import EngineConfig
+    from moska.engine.llm_engine import LLMEngine
+
+    blocks = 4 * (args.tokens // args.block_size + 1) * (args.repeats + 1) + 64
+    kw = {"device": args.device, "num_kv_blocks": blocks, "max_model_len": args.tokens + 64,
+          "max_num_batched_tokens": args.tokens + 64, "enforce_eager": True,
+          "block_size": args.block_size}  # fmt: skip
+    if args.model_dims == "tiny":
+        return LLMEngine.from_model(None, **kw)
+    loaded = random_loaded_model(LLAMA_3_1_8B, torch.bfloat16, args.device)
+    return LLMEngine(EngineConfig(model="random-llama-3.1-8b", **kw), loaded)  # type: ignore[arg-type]
+
+
+def raw_transfer(transport: KVTransport, results, layers: list[torch.Tensor], tid0: int, n: int):
+    """Seconds of `n` sends of `layers` (ids tid0...), checked; the host-copy baseline."""
+    times, exact = [], True
+    for k in range(n):
+        t0 = time.perf_counter()
+        transport.send(tid0 + k, 1, {"tokens": []}, layers, lambda err, s: None)
+        tid, _, sums = results.get(timeout=300)
+        times.append(time.perf_counter() - t0)
+        exact = exact and tid == tid0 + k and sums == _checksums(layers)
     host = [t.cpu() for t in layers]
     dst = [torch.empty_like(t) for t in host]
     t0 = time.perf_counter()
     for a, b in zip(dst, host):
         a.copy_(b)
-    copy_s = time.perf_counter() - t0
-    best = min(times)
+    return times, time.perf_counter() - t0, exact
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from moska.bench.common import environment, write_json
+    from moska.pd.cluster import free_port
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=8192, help="prompt tokens")
+    ap.add_argument("--model-dims", choices=("tiny", "llama-3.1-8b"), default="llama-3.1-8b")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/pd_transfer.json")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model, 512 tokens, CPU")
+    args = ap.parse_args(argv)
+    if args.cpu_dry_run:
+        args.tokens, args.model_dims, args.device, args.repeats = 512, "tiny", "cpu", 3
+        if args.out == "bench/results/pd_transfer.json":
+            args.out = "bench/results/pd_transfer_cpu.json"
+    engine = _engine(args)
+    cache = engine.runner.cache
+    n_blocks = (args.tokens - 1) // args.block_size
+    shape = (2, n_blocks, *cache.k.shape[2:])
+    num_layers = int(cache.k.shape[0])
+    raw_layers = [torch.randn(shape).to(cache.k.dtype) for _ in range(num_layers)]
+    modes = ("prefill_only", "sequential", "overlapped")
+    expected = 2 * args.repeats + args.repeats + 1  # raw, then (warm-up +) both send paths
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=decode_rank, args=(port, args.device, expected, results))
+    child.start()
+    transport = KVTransport(TransferEndpoint("127.0.0.1", port, 0, 2, 120.0))
+    joined = threading.Thread(target=transport.connect)
+    joined.start()
+    joined.join(300)
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    after_prefill: dict[str, list[float]] = {m: [] for m in modes}
+    exact = True
+    try:
+        raw_s, copy_s, raw_exact = raw_transfer(transport, results, raw_layers, 0, args.repeats)
+        prefill = _Prefill(engine, transport, results)
+        prefill.tid = args.repeats
+        rng = random.Random(0)
+        for rep in range(args.repeats + 1):  # round 0 warms up each path, not counted
+            for mode in modes:
+                if rep == 0 and mode == "sequential":
+                    continue  # one warm-up transfer (overlapped) is enough for the decode rank
+                prefill.mode = mode
+                prompt = [rng.randrange(10, 250) for _ in range(args.tokens)]  # no cache hit
+                s, after, ok = prefill.run(prompt)
+                exact = exact and ok
+                if rep > 0:
+                    seconds[mode].append(s)
+                    after_prefill[mode].append(after)
+    except queue.Empty as exc:
+        raise RuntimeError("the decode rank did not answer within 300 s") from exc
+    finally:
+        transport.close()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    nbytes = sum(t.numel() * t.element_size() for t in raw_layers)
+    med = {m: statistics.median(v) for m, v in seconds.items()}
+    tail = {m: statistics.median(v) for m, v in after_prefill.items()}
     report = {
         "benchmark": "pd_transfer",
         "environment": environment(),
-        "config": vars(args) | {"layer_shape": list(shape), "bytes": nbytes},
-        "seconds": times,
+        "config": vars(args) | {"layer_shape": list(shape), "layers": num_layers, "bytes": nbytes},
+        "raw_seconds": raw_s,
+        "seconds": seconds,
+        "after_prefill_seconds": after_prefill,
         "summary": {
-            "transfer_s": round(best, 5),
-            "per_layer_ms": round(best / args.layers * 1e3, 3),
-            "gb_per_s": round(nbytes / best / 1e9, 3),
+            "raw_transfer_s": round(min(raw_s), 5),
+            "raw_per_layer_ms": round(min(raw_s) / num_layers * 1e3, 3),
+            "raw_gb_per_s": round(nbytes / min(raw_s) / 1e9, 3),
             "host_copy_gb_per_s_baseline": round(nbytes / copy_s / 1e9, 3),
-            "exact": exact,
+            # medians over the repeats: prompt arrival -> KV at the decode rank
+            "prefill_only_s": round(med["prefill_only"], 5),
+            "sequential_s": round(med["sequential"], 5),
+            "overlapped_s": round(med["overlapped"], 5),
+            "overlapped_over_sequential": round(med["overlapped"] / med["sequential"], 3),
+            # the transfer left after the prefill ended (what a request waits for)
+            "sequential_after_prefill_s": round(tail["sequential"], 5),
+            "overlapped_after_prefill_s": round(tail["overlapped"], 5),
+            "hidden_share": round(1 - tail["overlapped"] / tail["sequential"], 3)
+            if tail["sequential"] > 0
+            else None,
+            "exact": bool(raw_exact and exact),
         },
     }
     write_json(args.out, report)

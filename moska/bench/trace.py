@@ -113,6 +113,7 @@ class Result:
     tpot_s: float | None = None
     tokens: int = 0
     error: str | None = None
+    predicted: tuple[float, ...] | None = None  # the front end's (TTFT s, TPOT s, batch)
 
 
 async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: float) -> Result:
@@ -128,6 +129,8 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: fl
             if r.status_code != 200:
                 await r.aread()
                 return Result(r.status_code, error=r.text[:200])
+            pred = r.headers.get("x-moska-pd-predicted")
+            predicted = tuple(float(x) for x in pred.split(",")) if pred else None
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -144,7 +147,7 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: fl
         return Result(500, error="no tokens")
     tokens = tokens or len(times)
     tpot = (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else 0.0
-    return Result(200, times[0] - arrival, tpot, tokens)
+    return Result(200, times[0] - arrival, tpot, tokens, predicted=predicted)
 
 
 async def replay(url: str, rows: list[dict], args) -> tuple[list[Result], float]:
@@ -199,6 +202,30 @@ def summarize(results: list[Result], wall_s: float, ttft_slo: float, tpot_slo: f
         "tpot_p50_s": pct(tpots, 50),
         "tpot_p99_s": pct(tpots, 99),
         "wall_s": round(wall_s, 2),
+        **prediction_errors(ok, ttft_slo, tpot_slo),
+    }
+
+
+def prediction_errors(ok: list[Result], ttft_slo: float, tpot_slo: float) -> dict:
+    """How the front end's admission predictions compared with what the client saw (P/D
+    only): observed / predicted ratios and, of the admitted requests that missed an SLO,
+    how many were predicted to meet it."""
+    rows = [(r, r.predicted) for r in ok if r.predicted]
+    if not rows:
+        return {}
+    ttft_ratio = [_timings(r)[0] / max(p[0], 1e-6) for r, p in rows]
+    tpot_ratio = [_timings(r)[1] / max(p[1], 1e-6) for r, p in rows]
+    return {
+        "prediction": {
+            "ttft_observed_over_predicted_p50": round(float(np.median(ttft_ratio)), 3),
+            "ttft_observed_over_predicted_p90": round(float(np.percentile(ttft_ratio, 90)), 3),
+            "tpot_observed_over_predicted_p50": round(float(np.median(tpot_ratio)), 3),
+            "tpot_observed_over_predicted_p90": round(float(np.percentile(tpot_ratio, 90)), 3),
+            "missed_ttft": sum(1 for r, _ in rows if _timings(r)[0] > ttft_slo),
+            "missed_tpot": sum(1 for r, _ in rows if _timings(r)[1] > tpot_slo),
+            # per request: TTFT, TPOT, predicted TTFT, predicted TPOT, predicted decode batch
+            "requests": [[round(_timings(r)[0], 4), round(_timings(r)[1], 4), *p] for r, p in rows],
+        }
     }
 
 

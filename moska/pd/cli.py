@@ -122,6 +122,9 @@ def add_role_args(s) -> None:
         "prompts' blocks go there and are taken from there by block hash (needs --role)",
     )
     s.add_argument("--kv-pool-blocks", type=int, default=4096, help="blocks the pool keeps")
+    s.add_argument("--no-pd-overlap", dest="pd_overlap", action="store_false",
+                   help="prefill: send the prompt's KV after the prefill ended, not layer by "
+                   "layer while it computes")  # fmt: skip
 
 
 def pd_config(args: argparse.Namespace):
@@ -139,4 +142,5 @@ def pd_config(args: argparse.Namespace):
                 "`moska router --pd P:D` start the instances)"
             )
         endpoint = TransferEndpoint.parse(args.pd_master, args.pd_rank, args.pd_world)
-    return PDConfig(args.role, endpoint, args.kv_pool_dir, args.kv_pool_blocks)
+    overlap = getattr(args, "pd_overlap", True)
+    return PDConfig(args.role, endpoint, args.kv_pool_dir, args.kv_pool_blocks, overlap=overlap)

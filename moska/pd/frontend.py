@@ -30,10 +30,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moska.pd.index import block_hashes
 from moska.pd.scheduler import GlobalScheduler, Instance, Plan, Rejection, RequestInfo
+from moska.pd.token_times import TokenTimes
 
 logger = logging.getLogger(__name__)
 
 TRANSFER_HEADER = "x-moska-pd-transfer"
+PREDICTED_HEADER = "x-moska-pd-predicted"
 DEFAULT_MAX_TOKENS = 256  # the prediction's guess when a request names no max_tokens
 
 
@@ -88,6 +90,15 @@ def prompt_tokens(kind: str, body: dict) -> list[int]:
         raise ValueError("messages")
     text = "".join(f"{m.get('role')}:{m.get('content')}\n" for m in messages if isinstance(m, dict))
     return list(text.encode())
+
+
+def predicted_headers(plan: Plan | None) -> dict[str, str]:
+    """What the scheduler predicted for an admitted request (`x-moska-pd-predicted`: TTFT s,
+    TPOT s, the decode batch it joined), for benchmarks to compare with what they saw."""
+    if plan is None:
+        return {}
+    p = plan
+    return {PREDICTED_HEADER: f"{p.predicted_ttft_s:.4f},{p.predicted_tpot_s:.4f},{p.batch}"}
 
 
 class FrontEnd:
@@ -311,7 +322,9 @@ class FrontEnd:
             hdrs = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
             return Response(content, resp.status_code, hdrs, media_type="application/json")
         return StreamingResponse(
-            self._relay(inst, resp, plan, tid, sent_at), media_type="text/event-stream"
+            self._relay(inst, resp, plan, tid, sent_at),
+            media_type="text/event-stream",
+            headers=predicted_headers(plan),
         )
 
     def _first_token(self, plan: Plan, inst: Instance, seconds: float) -> None:
@@ -325,6 +338,8 @@ class FrontEnd:
     async def _relay(self, inst, resp, plan, tid, sent_at) -> AsyncIterator[bytes]:
         dead, first = self._dead[inst.name], True
         chunks = resp.aiter_raw()
+        tokens = TokenTimes()
+        inst.decoding += 1
         try:
             while True:
                 try:
@@ -336,6 +351,10 @@ class FrontEnd:
                 if first and plan is not None:
                     self._first_token(plan, inst, time.monotonic() - sent_at)
                 first = False
+                if plan is not None:
+                    window = tokens.add(chunk, self._sched.tpot_s(inst.decoding, inst))
+                    if window is not None:  # what the decode side really gives per token
+                        self._sched.observe_tpot(inst, *window, time.monotonic())
                 yield chunk
         except (httpx.HTTPError, _InstanceDied) as exc:
             self.stats.failed += 1
@@ -346,6 +365,7 @@ class FrontEnd:
                 self._sched.finished(plan, inst)
             return
         finally:
+            inst.decoding -= 1
             await resp.aclose()
         if plan is not None:
             self._sched.finished(plan, inst)

@@ -67,6 +67,9 @@ def create_frontend_app(front: FrontEnd) -> FastAPI:
             body["learned_overhead_s"] = dict(front.scheduler.overhead_s)
             now = time.monotonic()
             body["slowdown"] = {k: front.scheduler.slowdown(k, now) for k in ("prefill", "decode")}
+            body["tpot_factor"] = {
+                i.name: front.scheduler.tpot_factor(i, now) for i in front.scheduler.live("decode")
+            }
         return JSONResponse(body)
 
     return app

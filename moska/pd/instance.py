@@ -31,6 +31,7 @@ from moska.pd import kv_blocks
 from moska.pd.errors import TransferFailedError
 from moska.pd.index import block_hashes
 from moska.pd.kv_pool import KVPool
+from moska.pd.stream import LayerCapture, LayerStream, stream_for
 from moska.pd.transport import KVTransport, TransferEndpoint
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class PDConfig:
     kv_pool_dir: str | None = None  # a host KV pool shared by this host's instances
     kv_pool_blocks: int = 4096
     hold_s: float = 30.0  # injected blocks are held at most this long
+    # prefill: send each layer's KV as soon as the prefill step computed it (overlapping
+    # the next layers); False: the whole prompt's KV after the request finished
+    overlap: bool = True
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -94,6 +98,8 @@ class PDInstance:
         self.ready = threading.Event()
         self.connect_error: str | None = None
         self._jobs: dict[str, tuple[int, int]] = {}  # engine request id -> (tid, dst)
+        self._streamed: set[str] = set()  # jobs sent layer by layer (engine thread only)
+        self.capture: LayerCapture | None = None
         self._results: dict[int, dict] = {}  # tid -> send result
         self._cond = threading.Condition()
         self._holds: dict[int, tuple[kv_blocks.Holder, float]] = {}  # engine thread only
@@ -176,7 +182,9 @@ class PDInstance:
             status = getattr(request, "status", None)
             if status is not None and status.finished:
                 job = self._jobs.pop(request.request_id, None)
-                if job is not None:
+                streamed = getattr(request, "request_id", None) in self._streamed
+                self._streamed.discard(request.request_id)
+                if job is not None and not streamed:
                     self._send(request, job)
                 if self.pool is not None:
                     self._to_pool(request)
@@ -189,6 +197,36 @@ class PDInstance:
 
         aengine.add_requests = add_requests
         bm.free = free_and_send
+        if self.config.role == "prefill" and self.config.overlap:
+            self.capture = LayerCapture.install(self.engine, self._stream_step)
+
+    def _stream_step(self, scheduled: list) -> list[tuple[Any, LayerStream]]:
+        """A step is about to run (engine thread): start the layer-by-layer transfer of each
+        tagged request whose prompt it completes."""
+        out = []
+        for item in scheduled:
+            req = item.request
+            job = self._jobs.get(req.request_id)
+            if job is None or req.request_id in self._streamed or req.num_output_tokens:
+                continue
+            if req.num_computed_tokens + item.num_new_tokens != req.num_tokens:
+                continue  # a chunk of a longer prompt: its last step streams
+            tid, dst = job
+            meta, stream = stream_for(self.engine, req)
+            meta["transfer_id"] = tid
+            info = {"blocks": len(meta["tokens"]) // meta["block_size"], "streamed": True}
+            info |= {"cached_tokens": meta["cached_tokens"], "prompt_tokens": meta["prompt_tokens"]}
+
+            def done(error: str | None, seconds: float, tid=tid, info=info, stream=stream):
+                # the transfer's own time: what was left to send once the prefill ended
+                end = stream.completed_at
+                tail = min(seconds, time.monotonic() - end) if end is not None else seconds
+                self._done(tid, {"error": error, "seconds": tail, "total_s": seconds, **info})
+
+            self._streamed.add(req.request_id)
+            self._transport.send(tid, dst, meta, stream, done)
+            out.append((req, stream))
+        return out
 
     def _to_pool(self, request) -> None:
         """Put the request's full prompt blocks the pool lacks (engine thread)."""

@@ -12,8 +12,14 @@ each one's admission controller fits its engine steps (`server/step_model.StepMo
 ridge fit of seconds over prefill tokens and decode rows), and the front end copies those
 coefficients from `/pd/info` (`set_step_coef`). It never learns from the TTFTs it sees: a
 request's wait behind others would be counted twice (queue and prefill), inflate every
-prediction and, once everything is rejected, never unlearn. What it admits it never
-drops: predictions only decide admission and placement.
+prediction and, once everything is rejected, never unlearn. The time per output token is
+the decode step at the batch the request joins (the requests predicted to be decoding
+there when its prefill ends, those past their predicted end included) times a per-decode
+factor of observed over predicted token times (`observe_tpot`, from the streams the front
+end relays): the step fit misses the engine loop's work between steps and a host busier
+than when it was fitted, and TPOT misses came from there. A request is admitted only when
+both predictions are within SLO_MARGIN of their SLOs. What it admits it never drops:
+predictions only decide admission and placement.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from moska.pd.index import PrefixIndex
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, feature_vector
 
 SLOWDOWN_HALF_LIFE_S = 5.0
-MAX_SLOWDOWN = 10.0
+MAX_SLOWDOWN = 30.0
+# admit only what is predicted to finish within this share of each SLO: predictions are
+# means, and a request admitted at the edge would miss about half the time
+SLO_MARGIN = 0.9
 
 
 @dataclass(frozen=True)
@@ -58,13 +67,23 @@ class Instance:
     step_coef: np.ndarray = field(default_factory=lambda: np.array(DEFAULT_PRIOR))
     prefills: dict[int, list[float]] = field(default_factory=dict)  # ticket -> [pred s, start]
     active: dict[int, list[float]] = field(default_factory=dict)  # ticket -> [blocks, end_at]
+    decoding: int = 0  # streams the front end is relaying from it now (decode)
 
     def queue_s(self, now: float) -> float:
-        return sum(max(0.0, pred - (now - start)) for pred, start in self.prefills.values())
+        """Predicted seconds of prefill ahead of a new request. One past its predicted end
+        is still there: it counts its whole prediction again (a host slower than the fit
+        must not make the queue look empty)."""
+        return sum(
+            pred - (now - start) if now - start < pred else pred
+            for pred, start in self.prefills.values()
+        )
 
-    def load_at(self, t: float) -> tuple[int, int]:
-        """(requests, KV blocks) still decoding at time `t`, as predicted."""
-        left = [b for b, end in self.active.values() if end > t]
+    def load_at(self, t: float, now: float | None = None) -> tuple[int, int]:
+        """(requests, KV blocks) still decoding at time `t`, as predicted; a request past
+        its predicted end (at `now`) that has not finished still counts: it ran slower than
+        predicted, and it holds its seat until it ends."""
+        now = -math.inf if now is None else now
+        left = [b for b, end in self.active.values() if end > t or end <= now]
         return len(left), int(sum(left))
 
 
@@ -87,6 +106,7 @@ class Plan:
     alone: bool = False  # nothing else was prefilling on its prefill instance
     predicted_stage_s: float = 0.0  # admission -> KV at the decode instance
     predicted_first_s: float = 0.0  # decode request sent -> its first token
+    batch: int = 0  # the decode batch it joins, itself included, as predicted
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,10 @@ class GlobalScheduler:
         # step model says, admission follows at once; when rejections have drained it, the
         # factor fades without needing new requests (no spiral of rejections)
         self._slowdown = {"prefill": (1.0, 0.0), "decode": (1.0, 0.0)}
+        # per decode instance: observed time per output token over the step model's, as
+        # the front end sees its streams (the engine loop's work between steps, the HTTP
+        # hops, a busier host than the fit saw); fades back to 1 like the slowdown
+        self._tpot_factor: dict[str, tuple[float, float]] = {}
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
 
@@ -172,7 +196,7 @@ class GlobalScheduler:
         best: tuple | None = None
         soonest = math.inf  # when a full decode instance frees enough for this request
         for d in decodes:
-            seats, blocks = d.load_at(ready_at)
+            seats, blocks = d.load_at(ready_at, now)
             if seats + 1 <= d.max_num_seqs and blocks + need <= d.num_blocks:
                 key = (seats, blocks)
                 if best is None or key < best[0]:
@@ -183,15 +207,17 @@ class GlobalScheduler:
             retry = soonest if math.isfinite(soonest) else 5.0
             return self._reject("decode_full", retry, wait_s, 0.0)
         _, decode, seats = best
-        tpot = self.tpot_s(seats + 1, decode)
+        # every request on the decode instance shares its steps: the batch it joins sets
+        # its own time per token and that of those already there
+        tpot = self.tpot_s(seats + 1, decode) * self.tpot_factor(decode, now)
         # the decode instance computes the prompt's tail (under a block) with its first step
         stage = (ready_at - now + self.overhead_s["prefill"]) * self.slowdown("prefill", now)
         first = tpot + self.prefill_s(bs, decode) + self.overhead_s["decode"]
         first *= self.slowdown("decode", now)
         ttft = stage + first
-        if self.slo.ttft_s is not None and ttft > self.slo.ttft_s:
-            return self._reject("ttft", ttft - self.slo.ttft_s, ttft, tpot)
-        if self.slo.tpot_s is not None and tpot > self.slo.tpot_s:
+        if self.slo.ttft_s is not None and ttft > self.slo.ttft_s * SLO_MARGIN:
+            return self._reject("ttft", ttft - self.slo.ttft_s * SLO_MARGIN, ttft, tpot)
+        if self.slo.tpot_s is not None and tpot > self.slo.tpot_s * SLO_MARGIN:
             ends_at = sorted(end for _, end in decode.active.values())
             return self._reject("tpot", (ends_at[0] - now) if ends_at else 1.0, ttft, tpot)
         ticket = next(self._tickets)
@@ -202,7 +228,9 @@ class GlobalScheduler:
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
         alone = len(prefill.prefills) == 1
-        return Plan(ticket, prefill, decode, cached, ttft, tpot, pred, alone, stage, first)
+        return Plan(
+            ticket, prefill, decode, cached, ttft, tpot, pred, alone, stage, first, seats + 1
+        )
 
     def _reject(self, reason: str, retry_s: float, ttft: float, tpot: float) -> Rejection:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -232,6 +260,19 @@ class GlobalScheduler:
         ratio = min(MAX_SLOWDOWN, max(1.0, current * observed_s / predicted_s))
         self._slowdown[stage] = (current + 0.3 * (ratio - current), now)
 
+    def tpot_factor(self, inst: Instance, now: float) -> float:
+        factor, at = self._tpot_factor.get(inst.name, (1.0, now))
+        return 1.0 + (factor - 1.0) * 0.5 ** (max(0.0, now - at) / SLOWDOWN_HALF_LIFE_S)
+
+    def observe_tpot(self, inst: Instance, observed_s: float, predicted_s: float, now: float):
+        """A stream from decode instance `inst` took `observed_s` for tokens the step model
+        (uncorrected, at the batch it saw while they came) put at `predicted_s`."""
+        if not (observed_s > 0 and predicted_s > 0 and math.isfinite(observed_s)):
+            return
+        current = self.tpot_factor(inst, now)
+        ratio = min(MAX_SLOWDOWN, max(0.5, observed_s / predicted_s))  # a 0.3 EWMA
+        self._tpot_factor[inst.name] = (current + 0.3 * (ratio - current), now)
+
     def transferred(self, blocks: int, seconds: float) -> None:
         if blocks > 0 and seconds > 0:
             self.transfer_per_block_s += 0.2 * (seconds / blocks - self.transfer_per_block_s)
@@ -240,7 +281,7 @@ class GlobalScheduler:
         """The request's decode instance changed (a failed transfer was retried elsewhere)."""
         entry = plan.decode.active.pop(plan.ticket, None)
         need = entry[0] if entry else 1
-        tpot = self.tpot_s(1 + len(decode.active), decode)
+        tpot = self.tpot_s(1 + len(decode.active), decode) * self.tpot_factor(decode, now)
         decode.active[plan.ticket] = [need, now + max_tokens * tpot]
 
     def finished(self, plan: Plan, decode: Instance) -> None:

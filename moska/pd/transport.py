@@ -12,7 +12,10 @@ tests). A transfer is:
   20 ms), so no thread is ever parked in a receive nobody will answer (gloo cannot wake
   one, and one left at exit aborts the process);
 - its KV, one point-to-point message per layer (`[2, n_blocks, block_size, Hkv, D]`: K and
-  V) tagged with SEQ, each bounded by the data timeout.
+  V) tagged with SEQ, each bounded by the data timeout. A prefill instance hands over a
+  `stream.LayerStream` that its prefill step is still filling: the header goes out at
+  once and each layer as soon as the step computed it (the transfer overlaps the rest of
+  the prefill).
 
 One sender thread per destination and one receiver thread per source keep a pair's
 transfers in order. A failed send is retried once (under a new SEQ); then the transfer is
@@ -36,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from moska.pd.errors import TransferFailedError
+from moska.pd.stream import LayerStream
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +89,7 @@ class _Job:
     transfer_id: int
     dst: int
     meta: dict
-    layers: list[torch.Tensor]
+    layers: list[torch.Tensor] | LayerStream
     done: Callable[[str | None, float], None]  # (error or None, seconds)
 
 
@@ -138,11 +142,12 @@ class KVTransport:
         transfer_id: int,
         dst: int,
         meta: dict,
-        layers: list[torch.Tensor],
+        layers: list[torch.Tensor] | LayerStream,
         done: Callable[[str | None, float], None],
     ) -> None:
         """Queue a transfer to rank `dst`; `done(error, seconds)` is called from the sender
-        thread when it ends (error None: delivered)."""
+        thread when it ends (error None: delivered). `layers` may be a `LayerStream` still
+        being filled by a prefill step: each layer goes out as soon as it is there."""
         if not 0 <= dst < self.world_size or dst == self.rank:
             done(f"no decode rank {dst} in a transfer group of {self.world_size}", 0.0)
             return
@@ -184,11 +189,19 @@ class KVTransport:
         meta = dict(job.meta)
         meta["transfer_id"] = job.transfer_id
         meta["num_layers"] = len(job.layers)
-        meta["layer_shape"] = list(job.layers[0].shape) if job.layers else []
-        meta["dtype"] = str(job.layers[0].dtype) if job.layers else "torch.float32"
+        layers = job.layers
+        if isinstance(layers, LayerStream):  # filled while the prefill computes
+            meta["layer_shape"], meta["dtype"] = list(layers.shape), str(layers.dtype)
+        else:
+            meta["layer_shape"] = list(layers[0].shape) if layers else []
+            meta["dtype"] = str(layers[0].dtype) if layers else "torch.float32"
         self._store.set(f"moska/pd/hdr/{self.rank}->{job.dst}/{seq}", json.dumps(meta))
         timeout = timedelta(seconds=self.endpoint.timeout_s)
-        for layer in job.layers:  # layer by layer: the receiver takes each as it comes
+        for i in range(len(layers)):  # layer by layer: the receiver takes each as it comes
+            if isinstance(layers, LayerStream):
+                layer = layers.layer(i, self.endpoint.timeout_s)
+            else:
+                layer = layers[i]
             t = layer.contiguous().cpu()
             # torch's stubs leave send/recv off Backend; ProcessGroupGloo binds them
             self._data.send([t], job.dst, seq).wait(timeout)  # type: ignore[attr-defined]

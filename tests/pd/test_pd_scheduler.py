@@ -76,9 +76,9 @@ def test_decode_pick_by_load_and_full_decode_rejects():
     full = sched.plan(_req(list(range(100, 140)), max_tokens=8), now=0.0)
     assert isinstance(full, Rejection) and full.reason == "decode_full"
     assert full.retry_after_s >= 1
-    # when the decode side will have drained by the end of prefill, it is admitted
-    later = max(e for d in insts[1:] for _, e in d.active.values()) + 0.01
-    assert isinstance(sched.plan(_req(list(range(200, 240))), now=later), Plan)
+    # when the decode side will have drained by the end of prefill (~26 ms), it is admitted
+    last_end = max(e for d in insts[1:] for _, e in d.active.values())
+    assert isinstance(sched.plan(_req(list(range(200, 240))), now=last_end - 0.01), Plan)
 
 
 def test_ttft_and_tpot_slo_reject_before_any_work():
@@ -145,3 +145,48 @@ def test_slowdown_follows_load_and_fades():
     assert slowed.predicted_ttft_s > 3 * plan.predicted_ttft_s
     # with nothing observed it fades back (no spiral of rejections)
     assert sched.slowdown("prefill", 60.0) < 1.01
+
+
+def test_tpot_follows_observed_token_times_and_fades():
+    sched, insts = _cluster(tpot_s=0.1)
+    d0, d1 = insts[2], insts[3]
+    plan = sched.plan(_req(list(range(40))), now=0.0)
+    assert isinstance(plan, Plan) and plan.predicted_tpot_s < 0.09 and plan.batch == 1
+    sched.finished(plan, plan.decode)
+    for _ in range(10):  # the decode instances give tokens 20x slower than their step fit
+        for d in (d0, d1):
+            sched.observe_tpot(d, 20 * 4 * sched.tpot_s(1, d), 4 * sched.tpot_s(1, d), 0.0)
+    assert sched.tpot_factor(d0, 0.0) > 15
+    r = sched.plan(_req(list(range(100, 140))), now=0.0)
+    assert isinstance(r, Rejection) and r.reason == "tpot" and r.predicted_tpot_s > 0.1
+    assert not d0.active and not d1.active  # nothing reserved
+    assert sched.tpot_factor(d0, 60.0) < 1.01  # nothing observed since: it fades
+    assert isinstance(sched.plan(_req(list(range(200, 240))), now=60.0), Plan)
+
+
+def test_late_requests_still_count():
+    p, d = _inst("p0", "prefill", 0), _inst("d0", "decode", 1, seats=2)
+    p.prefills[1] = [1.0, 0.0]  # predicted 1 s, started at 0
+    assert p.queue_s(0.25) == pytest.approx(0.75)
+    assert p.queue_s(5.0) == pytest.approx(1.0)  # late: still there, counted again
+    d.active[1] = [3, 2.0]  # predicted to end at 2 s
+    assert d.load_at(3.0) == (0, 0)  # at 1 s: predicted gone by 3 s
+    assert d.load_at(3.0, now=2.5) == (1, 3)  # at 2.5 s it has not ended: it still counts
+    sched = GlobalScheduler([p, d], SLO())
+    d.active[2] = [3, 1.0]
+    r = sched.plan(_req(list(range(40))), now=2.5)  # both seats held by late requests
+    assert isinstance(r, Rejection) and r.reason == "decode_full"
+
+
+def test_token_times_report_windows():
+    from moska.pd.token_times import WINDOW, TokenTimes
+
+    tt = TokenTimes()
+    event = b'data: {"choices":[{"text":"a","finish_reason":null}]}\n\n'
+    reports = [tt.add(event, 0.01) for _ in range(2 * WINDOW + 1)]
+    assert reports[0] is None  # the first token: its time is the TTFT's
+    got = [r for r in reports if r is not None]
+    assert len(got) == 2 and all(p == pytest.approx(WINDOW * 0.01) and o >= 0 for o, p in got)
+    assert tt.add(b'data: {"choices":[],"usage":{}}\n\ndata: [DONE]\n\n', 0.01) is None
+    window = tt.add(event * WINDOW, 0.01)  # a chunk of several events counts them all
+    assert window is not None and window[1] == pytest.approx(WINDOW * 0.01)
