@@ -60,10 +60,12 @@ class ArenaRange:
     rows: int
 
     def k(self, layer: int) -> torch.Tensor:
-        return self.arena.k_pools[layer][self.start : self.start + self.rows]
+        with torch.inference_mode(False):  # a normal view, whatever mode the caller is in
+            return self.arena.k_pools[layer][self.start : self.start + self.rows]
 
     def v(self, layer: int) -> torch.Tensor:
-        return self.arena.v_pools[layer][self.start : self.start + self.rows]
+        with torch.inference_mode(False):
+            return self.arena.v_pools[layer][self.start : self.start + self.rows]
 
     def attach(self, owner: object) -> None:
         """Free the rows when ``owner`` (the library whose pools view them) is collected."""
@@ -95,9 +97,12 @@ class KVArena:
         dt, dev = layout.dtype, layout.device
         # zeroed on CUDA (TMA blocks read past a chunk's end); on CPU every read is masked to
         # the chunk's rows and untouched pages of an empty tensor take no memory
+        # (normal tensors even when the first library comes in inference mode: later loads
+        # write into them outside it)
         make = torch.zeros if dev.type == "cuda" else torch.empty
-        self.k_pools = [make(shape, dtype=dt, device=dev) for _ in range(layout.num_layers)]
-        self.v_pools = [make(shape, dtype=dt, device=dev) for _ in range(layout.num_layers)]
+        with torch.inference_mode(False):
+            self.k_pools = [make(shape, dtype=dt, device=dev) for _ in range(layout.num_layers)]
+            self.v_pools = [make(shape, dtype=dt, device=dev) for _ in range(layout.num_layers)]
         self._free: list[tuple[int, int]] = [(0, capacity)]  # (start, rows), sorted, disjoint
         self._high = 0  # rows below it were handed out before (reuse synchronizes on CUDA)
         self._lock = threading.Lock()
@@ -167,11 +172,12 @@ class KVArena:
             rng = self.allocate(library.num_tokens)
         except ArenaFullError:
             return False
-        for layer in range(self.layout.num_layers):
-            rng.k(layer).copy_(library.k_pools[layer])
-            rng.v(layer).copy_(library.v_pools[layer])
-            library.k_pools[layer] = rng.k(layer)
-            library.v_pools[layer] = rng.v(layer)
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in range(self.layout.num_layers):
+                rng.k(layer).copy_(library.k_pools[layer])
+                rng.v(layer).copy_(library.v_pools[layer])
+                library.k_pools[layer] = rng.k(layer)
+                library.v_pools[layer] = rng.v(layer)
         library.arena_range = rng
         rng.attach(library)
         return True

@@ -357,8 +357,9 @@ def _load_layers(
         if rng is not None:  # read on the CPU: into the arena rows, the rest to the device
             fields = {f: x.to(device) for f, x in fields.items()}
             fields["chunk_offsets"] = offsets
-            t["k"] = rng.k(i).copy_(t["k"])
-            t["v"] = rng.v(i).copy_(t["v"])
+            with torch.inference_mode(False), torch.no_grad():  # the arena's are normal tensors
+                t["k"] = rng.k(i).copy_(t["k"])
+                t["v"] = rng.v(i).copy_(t["v"])
         k_pools.append(t["k"])
         v_pools.append(t["v"])
         routing.append(RoutingIndex(**fields))
