@@ -128,7 +128,9 @@ def run_quality(args) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.cpu_dry_run else "cpu"
     lm = load_model(args.model, dtype="float32", device=device)
     length, prompt, per = args.length, args.prompt, args.windows
-    settings: tuple[tuple[int, float], ...] = SETTINGS
+    settings = tuple(
+        (int(k), float(t)) for k, t in (x.split(":") for x in args.settings.split(","))
+    )
     if args.cpu_dry_run:  # a few hundred tokens, two settings: the pipeline, not a figure
         length, prompt, per, settings = 320, 256, 1, ((4, 0.5), (4, 2.0))
     ops = kernel_ops("auto", device)
@@ -199,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recent", type=int, default=2)
     ap.add_argument("--r", type=int, default=8, help="re-rank interval (steps)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--settings",
+        default=",".join(f"{k}:{t}" for k, t in SETTINGS),
+        help="FlexiCache settings K:threshold, comma-separated",
+    )
     ap.add_argument("--out", default=None)
     args, rest = ap.parse_known_args(argv)
     if args.mode == "speed":
