@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -58,3 +59,41 @@ def other_model(tmp_path_factory):
 
     path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "other", seed=1, rope_theta=500.0)
     return load_model(path, dtype="float32")
+
+
+STORE_DOCS = [
+    ("a.md", "# Alpha\nThe quick brown fox jumps over the lazy dog. " * 3),
+    ("b.txt", "Bravo: pack my box with five dozen liquor jugs."),
+    ("c.md", "Charlie " * 20),
+]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model, tmp_path_factory) -> Path:
+    """A library "lib" of STORE_DOCS built once per module; tests copy it (see ``store``)."""
+    from moska.library import build_library
+
+    root = tmp_path_factory.mktemp("built")
+    build_library(tiny_model, STORE_DOCS, "lib", root, chunk_size=32, progress=False)
+    return root / "lib"
+
+
+@pytest.fixture
+def store(built, tmp_path) -> Path:
+    """``tmp_path/store`` holding a fresh copy of the library "lib"."""
+    root = tmp_path / "store"
+    shutil.copytree(built, root / "lib")
+    return root
+
+
+def edit_manifest(directory: Path, edit) -> None:
+    """Rewrite ``directory/manifest.json`` through ``edit(data)`` (tests damage libraries)."""
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(name="edit_manifest")
+def edit_manifest_fixture():
+    return edit_manifest

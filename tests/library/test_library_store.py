@@ -1,19 +1,14 @@
 """Store hygiene: manifest file names stay inside the library folder, errors name no server
-path, damaged libraries are listed as such, one build per name at a time, and the chunk ->
-(document, token span) lookup that routing reports use."""
+path, damaged libraries are listed as such (and the demo library rebuilt). Build
+reservations: test_library_reservation.py; chunk spans: test_chunk_spans.py."""
 
 from __future__ import annotations
 
 import builtins
 import hashlib
 import io
-import itertools
-import json
 import os
 import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,49 +16,20 @@ import pytest
 from moska.library import (
     ChecksumMismatchError,
     CorruptLibraryError,
-    LibraryBusyError,
     LibraryExistsError,
     LibraryManager,
     LibraryNotFoundError,
-    Manifest,
-    build_library,
-    corpus_from_token_ids,
     load_library,
     model_fingerprint,
 )
-from moska.library import builder as builder_module
 from moska.library import format as format_module
-from moska.library.format import tmp_dir_name, validate_file_name
-from moska.library.store import LOCK_TOKEN
+from moska.library.format import validate_file_name
 
 DOCS = [
     ("a.md", "# Alpha\nThe quick brown fox jumps over the lazy dog. " * 3),
     ("b.txt", "Bravo: pack my box with five dozen liquor jugs."),
     ("c.md", "Charlie " * 20),
 ]
-
-
-@pytest.fixture(scope="module")
-def built(tiny_model, tmp_path_factory) -> Path:
-    """A library "lib" built once; tests copy it (see ``store``)."""
-    root = tmp_path_factory.mktemp("built")
-    build_library(tiny_model, DOCS, "lib", root, chunk_size=32, progress=False)
-    return root / "lib"
-
-
-@pytest.fixture
-def store(built, tmp_path) -> Path:
-    """``tmp_path/store`` holding a fresh copy of the library "lib"."""
-    root = tmp_path / "store"
-    shutil.copytree(built, root / "lib")
-    return root
-
-
-def _edit_manifest(directory: Path, edit) -> None:
-    path = directory / "manifest.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
 
 
 # ---------------------------------------------------------------- file names
@@ -107,7 +73,9 @@ class _Opened:
 
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
-def test_manifest_pointing_outside_is_damaged_and_never_read(store, tiny_model, monkeypatch, how):
+def test_manifest_pointing_outside_is_damaged_and_never_read(
+    store, tiny_model, monkeypatch, how, edit_manifest
+):
     secret = store.parent / "secret.txt"  # lib/../../secret.txt
     secret.write_text("not yours")
     digest = hashlib.sha256(secret.read_bytes()).hexdigest()
@@ -117,7 +85,7 @@ def test_manifest_pointing_outside_is_damaged_and_never_read(store, tiny_model, 
         entry = "extra.bin"
     else:
         entry = "../../secret.txt" if how == "dotdot" else str(secret)
-    _edit_manifest(lib, lambda m: m["files"].__setitem__(entry, digest))
+    edit_manifest(lib, lambda m: m["files"].__setitem__(entry, digest))
 
     opened = _Opened(monkeypatch)
     with pytest.raises(CorruptLibraryError) as e:
@@ -146,8 +114,8 @@ def test_manifest_pointing_outside_is_damaged_and_never_read(store, tiny_model, 
         lambda m: m.clear(),
     ],
 )
-def test_malformed_manifests_are_damaged_not_crashes(store, tiny_model, edit):
-    _edit_manifest(store / "lib", edit)
+def test_malformed_manifests_are_damaged_not_crashes(store, tiny_model, edit, edit_manifest):
+    edit_manifest(store / "lib", edit)
     mgr = LibraryManager(store, tiny_model, progress=False)
     (info,) = mgr.list()
     assert info.status == "damaged" and info.reason.startswith("manifest.json: unreadable")
@@ -195,9 +163,9 @@ def test_error_messages_name_the_library_not_the_store(store, tiny_model):
 # ---------------------------------------------------------------- damaged listing
 
 
-def test_damaged_libraries_are_listed_with_a_reason(store, built, tiny_model):
+def test_damaged_libraries_are_listed_with_a_reason(store, built, tiny_model, edit_manifest):
     shutil.copytree(built, store / "gone")
-    _edit_manifest(store / "gone", lambda m: m.__setitem__("name", "gone"))
+    edit_manifest(store / "gone", lambda m: m.__setitem__("name", "gone"))
     (store / "gone" / "tokens.safetensors").unlink()
     (store / "empty").mkdir()  # no manifest at all
     (store / "junk").mkdir()
@@ -229,174 +197,6 @@ def test_cli_ls_and_info_show_damaged_libraries(store, capsys):
     assert main(["library", "info", "junk", "--library-root", str(store)]) == 0
     out = capsys.readouterr().out
     assert "status: damaged" in out and "reason: manifest.json" in out and "None" not in out
-
-
-# ---------------------------------------------------------------- build reservation
-
-
-def test_second_build_of_a_name_fails_before_its_prefill(tiny_model, tmp_path, monkeypatch):
-    mgr = LibraryManager(tmp_path, tiny_model, progress=False)
-    prefills = []
-    real = builder_module.build_in_memory
-    monkeypatch.setattr(
-        builder_module, "build_in_memory", lambda *a, **k: prefills.append(a[2]) or real(*a, **k)
-    )
-    held = mgr.reserve("x")
-    with pytest.raises(LibraryBusyError, match="being built"):
-        mgr.build("x", DOCS, chunk_size=32)
-    with pytest.raises(LibraryBusyError):
-        LibraryManager(tmp_path, tiny_model).reserve("x")  # another manager, same store
-    assert prefills == [] and [i.name for i in mgr.list()] == []  # hidden while building
-    info = mgr.build("x", DOCS, chunk_size=32, reservation=held)
-    assert info.status == "ok" and prefills == ["x"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # lock released
-    with pytest.raises(LibraryExistsError):
-        mgr.reserve("x")
-
-
-def test_reservation_is_released_on_failure_and_cancel(tiny_model, tmp_path, monkeypatch):
-    mgr = LibraryManager(tmp_path, tiny_model, progress=False)
-
-    def fail(*a, **k):
-        raise RuntimeError("prefill failed")
-
-    monkeypatch.setattr(builder_module, "build_in_memory", fail)
-    with pytest.raises(RuntimeError):
-        mgr.build("y", DOCS)
-    mgr.reserve("y").release()  # free again after the failure
-    job = mgr.reserve("y")
-    job.release()  # a job cancelled before it started gives the name back
-    job.release()  # idempotent
-    mgr.reserve("y").release()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_only_one_of_many_threads_reserves_a_name(tmp_path):
-    mgr = LibraryManager(tmp_path, None)
-    barrier = threading.Barrier(8)
-    results: list[object] = []
-
-    def race() -> None:
-        barrier.wait()
-        try:
-            results.append(mgr.reserve("z"))
-        except LibraryBusyError as e:
-            results.append(e)
-
-    threads = [threading.Thread(target=race) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [r for r in results if not isinstance(r, LibraryBusyError)]
-    assert len(results) == 8 and len(winners) == 1
-    winners[0].release()
-
-
-# What a build in another process leaves while it runs (see store.BuildLock), written
-# without importing moska so the child starts in milliseconds.
-_HOLDER = """
-import json, os, socket, sys, time
-os.mkdir(sys.argv[1])
-owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-with open(os.path.join(sys.argv[1], "BUILDING"), "w") as f:
-    json.dump(owner, f)
-print("held", flush=True)
-sys.stdin.readline()
-"""
-
-
-def test_reservation_across_processes_and_stale_after_owner_dies(tmp_path):
-    lock = tmp_path / tmp_dir_name("w", LOCK_TOKEN)
-    child = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(lock)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout.readline().strip() == "held"
-        mgr = LibraryManager(tmp_path, None)
-        with pytest.raises(LibraryBusyError):
-            mgr.reserve("w")
-        child.kill()  # dies holding the lock
-        child.wait(timeout=30)
-        mgr.reserve("w").release()  # the dead owner's lock is stale: taken over
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=30)
-
-
-# ---------------------------------------------------------------- chunk spans
-
-
-def _manifest(corpus, files: dict[str, str] | None = None) -> Manifest:
-    return Manifest(
-        name="m",
-        created="now",
-        model=format_module.ModelFingerprint("x", 8, 1, 1, 1, 8, 4, "float32"),
-        mode=corpus.mode,
-        chunk_size=corpus.chunk_size,
-        num_tokens=corpus.num_tokens,
-        position_offset=corpus.position_offset,
-        begins_with_bos=False,
-        chunks=corpus.chunks,
-        documents=corpus.documents,
-        routing_rank=1,
-        files=files or {},
-    )
-
-
-@pytest.mark.parametrize("mode", ["prefix", "independent"])
-def test_chunk_span_names_the_document_the_chunk_starts_in(mode):
-    docs = [("a", [1] * 10), ("b", [2] * 7), ("c", [3] * 3)]
-    manifest = _manifest(corpus_from_token_ids(docs, mode, 4))
-    bounds = [("a", 0, 10), ("b", 10, 17), ("c", 17, 20)]
-    spans = [manifest.chunk_span(c) for c in range(manifest.num_chunks)]
-    assert [s.chunk for s in spans] == list(range(len(spans)))
-    assert spans[0].start == 0 and spans[-1].end == 20
-    for s, nxt in itertools.pairwise(spans):
-        assert s.end == nxt.start and 0 < s.end - s.start <= 4
-    for s in spans:
-        (doc,) = [n for n, lo, hi in bounds if lo <= s.start < hi]
-        assert s.document == doc
-    with pytest.raises(IndexError):
-        manifest.chunk_span(len(spans))
-
-
-def test_loaded_library_chunk_spans_and_old_manifests(store, tiny_model):
-    fp = model_fingerprint(tiny_model)
-    lib = load_library(store, "lib", fp, progress=False)
-    docs = lib.manifest.documents
-    assert [d.name for d in docs] == ["a.md", "b.txt", "c.md"]
-    for c in lib.chunks:
-        span = lib.chunk_span(c.chunk)
-        assert (span.start, span.end) == (c.start, c.end)
-        assert [d.name for d in docs if d.start <= span.start < d.end] == [span.document]
-
-    def strip(m):  # a manifest written before chunks and documents carried spans
-        del m["documents"]
-        for c in m["chunks"]:
-            del c["document"]
-
-    _edit_manifest(store / "lib", strip)
-    old = load_library(store, "lib", fp, progress=False)
-    assert old.manifest.documents == () and old.num_chunks == lib.num_chunks
-    span = old.chunk_span(1)
-    assert span.document is None and (span.start, span.end) == lib.chunk_span(1)[2:]
-    assert LibraryManager(store, tiny_model).info("lib").status == "ok"
-
-
-def test_manifest_json_round_trips_document_spans():
-    corpus = corpus_from_token_ids([("a", [1] * 5), ("b", [2] * 5)], "prefix", 3)
-    m = _manifest(corpus, {"tokens.safetensors": "0" * 64})
-    back = Manifest.from_json(m.to_json())
-    assert back == m and back.chunk_span(1).document == "a" and back.chunk_span(2).document == "b"
-    bad = json.loads(m.to_json())
-    bad["files"] = {"../x": "0" * 64}
-    with pytest.raises(ValueError, match="not a plain name"):
-        Manifest.from_json(json.dumps(bad))
 
 
 def test_a_damaged_demo_library_is_rebuilt(tiny_model, tmp_path, monkeypatch):
