@@ -10,7 +10,7 @@ import pytest
 from moska import LLM, SamplingParams
 from moska.model.reference import greedy_generate
 
-# max_model_len: the tightest engine below (12 blocks of 16) holds one whole context
+# max_model_len: small (positions only; the longest request below is 68 tokens)
 KW = {"device": "cpu", "dtype": "float32", "attention": "torch", "max_model_len": 192}
 
 
@@ -54,24 +54,40 @@ def test_greedy_matches_reference_and_sync(engines):
 
 def test_chunked_prefill_preemption_and_prefix_cache():
     prompts = _prompts(6, lo=20, hi=60, seed=2)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = []
     for mode in (False, True):
         tight = LLM(
             None,
-            num_kv_blocks=12,
+            num_kv_blocks=8,  # 128 tokens for 3 running requests of up to 68: preemptions
             max_num_batched_tokens=16,
             max_num_seqs=3,
             async_scheduling=mode,
             **KW,
         )
+        preempted = _count_preemptions(tight.engine.scheduler)
         outs.append(tight.generate(prompts, params))
         # the same prompts again: prefix-cache hits on blocks registered while steps ran ahead
         outs.append(tight.generate(prompts, params))
         tight.engine.block_manager.check_integrity()
+        assert preempted, "the cache must be tight enough to preempt"
     _same(outs[0], outs[2])
     _same(outs[0], outs[1])
     _same(outs[0], outs[3])
+
+
+def _count_preemptions(scheduler) -> list[str]:
+    """The ids preempted by each schedule() from now on (appended to the returned list)."""
+    preempted: list[str] = []
+    schedule = scheduler.schedule
+
+    def counting():
+        out = schedule()
+        preempted.extend(r.request_id for r in out.preempted)
+        return out
+
+    scheduler.schedule = counting
+    return preempted
 
 
 def test_stop_tokens_and_strings_found_a_step_late(engines):

@@ -92,21 +92,22 @@ def test_unknown_library_is_a_typed_error(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_triton_kernels_in_the_engine_match(tmp_path):
+def test_triton_kernels_in_the_engine_match(llm):
     """The same exactness with the Triton kernels (interpreter on CPU) behind attention."""
-    kw = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64, "max_model_len": 1024}
     # the library is built with the PyTorch kernels (the interpreter would spend seconds on
-    # its prefill) and loaded from the store by the engine that runs the Triton kernels
-    builder = LLM(None, attention="torch", library_root=str(tmp_path), **kw)
-    builder.engine.libraries.build("docs", DOCS[1:], chunk_size=32, mode="prefix")
-    del builder
-    llm = LLM(None, attention="triton", library_root=str(tmp_path), **kw)
-    lib_ids = llm.engine.libraries.get("docs").token_ids.tolist()
+    # its prefill) and loaded from the store by the engine that runs the Triton kernels;
+    # two chunks (32 tokens and a ragged 9): every grouped launch pays per chunk and KV head
+    llm.engine.libraries.build("small", [("b.md", DOCS[1][1][:40])], chunk_size=32, mode="prefix")
+    root = llm.engine.config.library_root
+    kw = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64, "max_model_len": 1024}
+    llm = LLM(None, attention="triton", library_root=root, **kw)
+    assert llm.engine.libraries.get("small").num_chunks == 2
+    lib_ids = llm.engine.libraries.get("small").token_ids.tolist()
     p = [7, 8, 9, 10]
     # two tokens: one prefill step and one decode step through every kernel (each launch
     # costs milliseconds in the interpreter)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    out = llm.generate([p], params, library="docs", top_k_chunks=10**6)[0]
+    out = llm.generate([p], params, library="small", top_k_chunks=10**6)[0]
     assert out.outputs[0].token_ids == greedy_generate(llm.engine.loaded.model, lib_ids + p, 2)
 
 
