@@ -65,14 +65,21 @@ def summarize(
     rejected = [r for r in recs if r["status"] == 429]
     ttft = [r["ttft"] for r in admitted if r["ttft"] is not None]
     met = sum(1 for t in ttft if slo is None or t <= slo)
-    t_open = {kind: p["t_status"] for kind, p in out["probes"].items() if p.get("status") == 200}
-    ratios, drains = [], []
+    # admission reopened when the first probe that was admitted was sent
+    t_open = {
+        kind: p["t_start"] if p.get("t_start") is not None else p["t_status"]
+        for kind, p in out["probes"].items()
+        if p.get("status") == 200
+    }
+    ratios, drains, exact = [], [], []  # Retry-After / observed drain; predicted / observed
     for r in rejected:
         opened = t_open.get("library" if r["library"] else "plain")
         if opened is not None and r["retry_after"] and r["retry_after"].isdigit():
             drain = max(opened - r["t_status"], 1e-3)
             drains.append(drain)
             ratios.append(int(r["retry_after"]) / drain)
+            if r.get("drain_s") is not None:
+                exact.append(max(r["drain_s"], 1e-3) / drain)
     errors = [obs - pred for pred, obs in outcomes]
     lib = [r for r in admitted if r["library"]]
     return {
@@ -100,8 +107,18 @@ def summarize(
         "retry_after_over_drain_p10_p50_p90": [_pct(ratios, q) for q in (0.1, 0.5, 0.9)]
         if ratios
         else None,
+        # the header is whole seconds (at least 1): the unrounded prediction, from the 429's
+        # message, against the same observed drain
+        "predicted_drain_within_2x_share": (
+            sum(1 for x in exact if 0.5 <= x <= 2.0) / len(exact) if exact else None
+        ),
+        "predicted_drain_over_drain_p10_p50_p90": [_pct(exact, q) for q in (0.1, 0.5, 0.9)]
+        if exact
+        else None,
         "probes": {
-            kind: {k: p.get(k) for k in ("probes", "status", "t_status", "ttft", "error")}
+            kind: {
+                k: p.get(k) for k in ("probes", "status", "t_start", "t_status", "ttft", "error")
+            }
             for kind, p in out["probes"].items()
         },
         "predictor_error_s_p10_p50_p90_p99": [_pct(errors, q) for q in (0.1, 0.5, 0.9, 0.99)],

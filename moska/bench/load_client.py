@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
@@ -18,16 +19,21 @@ def _record(body: dict) -> dict[str, Any]:
     return {
         "library": body.get("library") is not None,
         "prompt_chars": len(body.get("prompt", "")),
+        "t_start": None,  # when it was sent (seconds from the burst's start)
         "status": None,  # HTTP status
         "t_status": None,  # when the status line arrived
         "ttft": None,  # first token (client side)
         "latency": None,
         "retry_after": None,  # the 429's Retry-After header (whole seconds)
+        "drain_s": None,  # the 429's predicted drain (seconds, from its message)
         "completed": False,  # finish_reason and [DONE] seen
         "tokens": 0,
         "error": None,
         "hung": False,
     }
+
+
+_DRAIN = re.compile(rb"predicted drain ([0-9.]+)s")
 
 
 async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) -> dict:
@@ -45,6 +51,7 @@ async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) ->
         "Connection: close\r\n\r\n"
     ).encode()
     start = time.perf_counter()
+    rec["t_start"] = start - t0
     writer = None
     try:
         async with asyncio.timeout(timeout_s):
@@ -61,6 +68,8 @@ async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) ->
                 text = await reader.read()
                 if status == 429:
                     rec["retry_after"] = headers.get("retry-after")
+                    if m := _DRAIN.search(text):
+                        rec["drain_s"] = float(m.group(1))
                 else:
                     rec["error"] = f"{status}: {text[:200]!r}"
                 return rec
@@ -104,20 +113,32 @@ async def _probe(
     interval_s: float,
     timeout_s: float,
 ) -> dict | None:
-    """After the burst's first 429, send `body` every `interval_s` until one is admitted;
-    that one's record (with `probes`: how many were sent), or None if nothing was
-    rejected."""
+    """After the burst's first 429, send `body` every `interval_s` (not waiting for the
+    answers: under a burst an answer takes seconds, which is the door's latency, not the
+    drain) until one is admitted. Returns the admitted probe sent first (with `probes`:
+    how many were sent); its `t_start` is when a retry was first admitted."""
     await rejected.wait()
-    sent = 0
-    deadline = time.perf_counter() + timeout_s
-    while time.perf_counter() < deadline:
-        sent += 1
+    tasks: list[asyncio.Task] = []
+    admitted = asyncio.Event()
+
+    async def send() -> dict:
         rec = await one(client, url, body, t0, timeout_s)
         if rec["status"] == 200:
-            rec["probes"] = sent
-            return rec
-        await asyncio.sleep(interval_s)
-    return {"probes": sent, "status": None, "error": "never admitted"}
+            admitted.set()
+        return rec
+
+    deadline = time.perf_counter() + timeout_s
+    while not admitted.is_set() and time.perf_counter() < deadline:
+        tasks.append(asyncio.create_task(send()))
+        try:
+            await asyncio.wait_for(admitted.wait(), interval_s)
+        except TimeoutError:
+            pass
+    records = await asyncio.gather(*tasks)
+    ok = [r for r in records if r["status"] == 200]
+    if not ok:
+        return {"probes": len(tasks), "status": None, "error": "never admitted"}
+    return min(ok, key=lambda r: r["t_start"]) | {"probes": len(tasks)}
 
 
 async def burst(
@@ -152,7 +173,9 @@ async def burst(
             results[kind] = await task
         else:
             task.cancel()
-    return {"requests": records, "probes": results, "wall_s": time.perf_counter() - t0}
+    # t0 on the machine's monotonic clock (the server's time.monotonic() on Linux), so
+    # client times can be set against the server's
+    return {"requests": records, "probes": results, "wall_s": time.perf_counter() - t0, "t0": t0}
 
 
 def burst_sync(

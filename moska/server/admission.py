@@ -20,6 +20,18 @@ attended library tokens), decode rows, and requests handed to the engine in that
 iteration (tokenization, bookkeeping). The coefficients are a ridge least-squares fit,
 pulled toward a prior, over the last `window` observed steps. A request whose library is
 not loaded yet also pays its load (a learned tokens/s rate).
+
+Two things the fit alone missed under a burst (measured with `moska bench load` on a
+shared 2-core CPU): (1) the queue is replayed from "now", but the engine is usually in the
+middle of a step: a prefill step of 32 requests ran 2.8 s, and for all of it the queue
+looked untouched, so admission stayed shut until the step ended and Retry-After (the
+overshoot) was a third of the real drain. `Load.busy_s` says how long the current step
+has run: the replay's first step is that step (requests submitted since cannot join it)
+and only its remainder is charged. (2) The same decode step took 0.1 s alone and 0.7 s
+while the event loop answered a burst or other processes took the cores: a fit over 256
+steps follows that in tens of seconds. `slowdown`, a fast moving average of observed over
+predicted step time, scales every predicted step, so a slower machine is seen within a
+few steps (and a faster one as quickly).
 """
 
 from __future__ import annotations
@@ -75,6 +87,7 @@ class Load:
     waiting: tuple[RequestCost, ...] = ()
     running: tuple[tuple[int, int], ...] = ()
     num_pending: int = 0  # of `waiting`, submitted but not yet handed to the engine
+    busy_s: float = 0.0  # how long the engine's current step has run (0: between steps)
 
     @property
     def num_waiting(self) -> int:
@@ -136,6 +149,7 @@ class AdmissionController:
         window: int = 256,
         headroom: float = 0.85,
         alpha: float = 0.1,
+        slowdown_alpha: float = 0.25,
         max_sim_steps: int = 20_000,
     ) -> None:
         if ttft_slo is not None and ttft_slo < 0:
@@ -153,6 +167,8 @@ class AdmissionController:
         self.alpha = alpha
         self.max_sim_steps = max_sim_steps
         self.model = StepModel(prior, window)
+        self.slowdown_alpha = slowdown_alpha
+        self._log_slowdown = 0.0  # moving average of log(observed / predicted step time)
         self._load_tps = prior_load_tps
         self.outcomes = _Outcomes()
         self._lock = threading.Lock()
@@ -162,6 +178,11 @@ class AdmissionController:
     @property
     def load_tps(self) -> float:
         return self._load_tps
+
+    @property
+    def slowdown(self) -> float:
+        """Recent steps' observed over predicted time (1: the fit is right as it stands)."""
+        return math.exp(self._log_slowdown)
 
     # ---------------------------------------------------------------- learning
 
@@ -173,6 +194,10 @@ class AdmissionController:
         if features == StepFeatures():
             return
         with self._lock:
+            predicted = self.model.step_s(features)
+            if predicted > 0:
+                ratio = min(max(seconds / predicted, 0.1), 10.0)
+                self._log_slowdown += self.slowdown_alpha * (math.log(ratio) - self._log_slowdown)
             self.model.observe(features, seconds)
 
     def observe_library_load(self, num_tokens: int, seconds: float) -> None:
@@ -194,8 +219,9 @@ class AdmissionController:
     # ---------------------------------------------------------------- prediction
 
     def step_s(self, features: StepFeatures) -> float:
+        """Predicted seconds of a step like `features` now (the fit times `slowdown`)."""
         with self._lock:
-            return self.model.step_s(features)
+            return self.model.step_s(features) * math.exp(self._log_slowdown)
 
     def predict(
         self, new: RequestCost, load: Load, num_requests: int = 1, queue_target: int | None = None
@@ -203,12 +229,19 @@ class AdmissionController:
         """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end.
         `queue_s`: when the waiting count ahead first drops to `queue_target`."""
         with self._lock:
-            coef = self.model.coef.copy()
+            coef = self.model.coef * math.exp(self._log_slowdown)
             load_tps = self._load_tps
         budget, max_seqs = self.limits.max_num_batched_tokens, self.limits.max_num_seqs
 
         def step_s(prefill: int, pairs: int, decode: int) -> float:
             return float(feature_vector(StepFeatures(prefill, pairs, decode, 0)) @ coef)
+
+        busy = max(0.0, load.busy_s)
+
+        def left(dt: float, step: int) -> float:
+            """`dt`, or for the step in progress what is left of it: at least a quarter
+            (a step still running past its prediction is slower than predicted)."""
+            return dt if step > 0 or busy == 0 else max(dt - busy, 0.25 * dt)
 
         # [tokens left to prefill, cost] per waiting request
         queue: deque[list[Any]] = deque([c.prompt_tokens, c] for c in load.waiting)
@@ -221,6 +254,9 @@ class AdmissionController:
         t = sum(loads) / load_tps
         # handing requests to the engine (tokenization, bookkeeping) before its next step
         t += coef[4] * (load.num_pending + num_requests) / 1e2
+        # the engine's step in progress is the replay's first step: only what it was handed
+        # (not the pending requests) takes part, and only its remainder is still to wait
+        in_step = len(load.waiting) - load.num_pending if busy > 0 else len(queue)
         finish = sorted(n for n, _ in load.running)  # step offsets at which running ones end
         lib_running = [(n, a) for n, a in load.running if a]
         step, ttft, queue_s = 0, math.inf, 0.0 if len(load.waiting) <= target else math.inf
@@ -239,13 +275,14 @@ class AdmissionController:
                     break
                 # nothing can enter until a running request ends: jump there
                 k = max(1, finish[0] - step)
-                t += k * step_s(0, lib_pairs, num_decode)
+                dt = step_s(0, lib_pairs, num_decode)
+                t += left(dt, step) + (k - 1) * dt
                 step += k
                 continue
             prefill = 0
             done: list[RequestCost] = []
             i = 0
-            while i < len(queue) and tokens > 0:
+            while i < len(queue) and tokens > 0 and (step > 0 or i < in_step):
                 entry = queue[i]
                 fresh = entry[0] == entry[1].prompt_tokens
                 if fresh and slots <= 0:
@@ -264,7 +301,7 @@ class AdmissionController:
                 else:
                     break
             own = served + len(done) >= first_new + num_requests  # our first token: now
-            t += step_s(prefill, lib_pairs, num_decode)
+            t += left(step_s(prefill, lib_pairs, num_decode), step)
             step += 1
             for cost in done:
                 queue.popleft()

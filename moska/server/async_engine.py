@@ -69,6 +69,7 @@ class AsyncEngine:
         self._snapshot = Load()
         self._added = 0  # requests handed to the engine since the last step (engine thread)
         self._iter_start = 0.0  # when the engine loop stopped waiting for work
+        self._busy_since: float | None = None  # the iteration start of the step running now
         self._iter_warmup = False  # this iteration paid a one-off (a library load)
         self._prompt_computed: int | None = None  # engine.stats().prompt_tokens_computed
         self._num_in_flight = 0  # accepted and unfinished, engine thread writes
@@ -96,8 +97,9 @@ class AsyncEngine:
         """Engine queue and running batch as of the last step, plus requests submitted
         since (not yet seen by the engine)."""
         with self._lock:
-            s = self._snapshot
-            return Load(s.waiting + tuple(self._pending), s.running, len(self._pending))
+            s, since = self._snapshot, self._busy_since
+            busy = 0.0 if since is None else max(0.0, time.perf_counter() - since)
+            return Load(s.waiting + tuple(self._pending), s.running, len(self._pending), busy)
 
     async def add_requests(
         self,
@@ -269,6 +271,8 @@ class AsyncEngine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
+        with self._lock:  # admission charges only what is left of this step (cleared below)
+            self._busy_since = self._iter_start
         try:
             outputs = self.engine.step()
         except StepFailedError as exc:  # the engine ended that step's requests, nothing else
@@ -337,6 +341,7 @@ class AsyncEngine:
                 running.append((max(0, cost.max_tokens - s.generated), cost.library_attend))
         with self._lock:
             self._snapshot = Load(tuple(waiting), tuple(running))
+            self._busy_since = None
             pending = len(self._pending)
         try:
             stats = self.engine.stats()

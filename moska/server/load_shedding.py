@@ -79,7 +79,8 @@ class LoadSheddingMiddleware:
                 return
             message = (
                 f"server overloaded ({decision.verdict.value}, predicted time to first token "
-                f"{decision.predicted_ttft_s:.2f}s); retry after {decision.retry_after_s}s"
+                f"{decision.predicted_ttft_s:.2f}s); retry after {decision.retry_after_s}s "
+                f"(predicted drain {decision.drain_s:.2f}s)"
             )
             body = json.dumps(error_body(429, message, code=decision.verdict.value)).encode()
             headers = [
