@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from moska.cache.block_allocator import BlockAllocator
 from moska.cache.prefix_cache import CachedBlock, HashFn, PrefixCache, hash_block
@@ -53,6 +53,14 @@ class _RequestState:
     hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     chain: list[CachedBlock] = field(default_factory=list)  # entries for blocks 0..len-1
     broken: bool = False  # a collision stopped registration for this request
+
+
+class AllocationPlan(NamedTuple):
+    """What ``allocate_slots`` would do for a request: the cached entries it takes (a prefix
+    match, in chain order) and the fresh blocks it allocates after them."""
+
+    cached: list[CachedBlock]
+    fresh_blocks: int
 
 
 class BlockManager:
@@ -126,8 +134,8 @@ class BlockManager:
 
     def _plan(
         self, request: CacheRequest, num_new_tokens: int, num_cached_tokens: int
-    ) -> tuple[list[CachedBlock], int] | None:
-        """(cached entries to take, fresh blocks to allocate), or None if they do not fit."""
+    ) -> AllocationPlan | None:
+        """The cached entries to take and fresh blocks to allocate, or None if they do not fit."""
         assert num_new_tokens >= 0 and num_cached_tokens >= 0
         chain: list[CachedBlock] = []
         if num_cached_tokens:
@@ -145,7 +153,7 @@ class BlockManager:
         revived = sum(1 for e in chain if self.allocator.is_cached(e.block_id))
         if need > self.allocator.num_available - revived:
             return None
-        return chain, need
+        return AllocationPlan(chain, need)
 
     def can_allocate(
         self, request: CacheRequest, num_new_tokens: int, num_cached_tokens: int = 0
@@ -164,7 +172,7 @@ class BlockManager:
         plan = self._plan(request, num_new_tokens, num_cached_tokens)
         if plan is None:
             return False
-        chain, need = plan
+        chain, need = plan.cached, plan.fresh_blocks
         table = self._tables.setdefault(request.request_id, [])
         for entry in chain:
             self.allocator.incref(entry.block_id)

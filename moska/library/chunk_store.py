@@ -19,6 +19,7 @@ import os
 import struct
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -130,6 +131,13 @@ class MemoryChunks:
         return {key: pools[layer][start:end] for key, pools in self.pools.items()}
 
 
+class ChunkReads(NamedTuple):
+    """What `CpuChunks.get` returns."""
+
+    views: dict[tuple[int, int], dict[str, torch.Tensor]]  # key -> {"k": [len, Hkv, D], "v"}
+    misses: list[tuple[int, int]]  # the keys read from disk (or into fresh memory)
+
+
 class CpuChunks:
     """A pinned CPU chunk cache over `DiskChunks`, keyed (layer, chunk)."""
 
@@ -158,15 +166,13 @@ class CpuChunks:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.pools.values())
 
-    def get(
-        self, keys: list[tuple[int, int]]
-    ) -> tuple[dict[tuple[int, int], dict[str, torch.Tensor]], list[tuple[int, int]]]:
-        """CPU views {key: {"k": [len, Hkv, D], "v": ...}} of (layer, chunk) keys, read
-        from disk on a miss, and the keys that were misses. The views stay valid until the
-        next `get` (callers copy them out first, then `mark_busy`)."""
+    def get(self, keys: list[tuple[int, int]]) -> ChunkReads:
+        """CPU views of (layer, chunk) keys, read from disk on a miss, and the keys that
+        were misses. The views stay valid until the next `get` (callers copy them out
+        first, then `mark_busy`)."""
         if isinstance(self.disk, MemoryChunks):
             o = self.offsets
-            return {(l, c): self.disk.views(l, o[c], o[c + 1]) for l, c in keys}, []
+            return ChunkReads({(l, c): self.disk.views(l, o[c], o[c + 1]) for l, c in keys}, [])
         adm = self.cache.admit(keys)
         out = {}
         for key, slot in adm.hits:
@@ -189,7 +195,7 @@ class CpuChunks:
                 views[name] = torch.empty((end - start, *pool.shape[2:]), dtype=pool.dtype)
                 self.disk.read_rows(layer, name, start, end, views[name])
             out[key] = views
-        return out, [k for k, _ in adm.loads] + adm.overflow
+        return ChunkReads(out, [k for k, _ in adm.loads] + adm.overflow)
 
     def _views(self, key: tuple[int, int], slot: int) -> dict[str, torch.Tensor]:
         chunk = key[1]

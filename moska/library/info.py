@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from moska.library.errors import CorruptLibraryError
@@ -60,8 +61,15 @@ class BuildStats:
         )
 
 
-OK = "ok"
-DAMAGED = "damaged"
+class LibraryStatus(StrEnum):
+    """A listed library's state (a ``str``: JSON and the CLI show the value)."""
+
+    OK = "ok"
+    DAMAGED = "damaged"  # manifest missing or unreadable, or a file it lists missing/outside
+
+
+OK = LibraryStatus.OK
+DAMAGED = LibraryStatus.DAMAGED
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ class LibraryInfo:
     model: str | None  # the fingerprint of the model it was built for, in words
     path: str
     build: BuildStats | None = None
-    status: str = OK  # OK | DAMAGED
+    status: LibraryStatus = LibraryStatus.OK
     reason: str | None = None  # why it is damaged
     chunk_sink: bool = False  # independent mode: a request brings the BOS (positions.py)
     kv_dtype: str = "auto"  # "fp8": e4m3 KV with per-(token, KV head) scales (fp8.py)

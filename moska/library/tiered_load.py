@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -17,9 +18,15 @@ from moska.library.tiers import _MIN_CPU_SLOTS, ChunkTiers, TierConfig
 logger = logging.getLogger(__name__)
 
 
-def plan_slots(manifest: Manifest, config: TierConfig, device: torch.device) -> tuple[int, int]:
-    """(GPU slots per layer, CPU slots) for the budgets; GPU slots >= the chunk count means
-    the library fits (load it all-resident instead)."""
+class SlotPlan(NamedTuple):
+    """The slots a tiered library gets from the budgets."""
+
+    gpu_slots: int  # per layer; >= the chunk count: the library fits (load it all-resident)
+    cpu_slots: int  # over all layers
+
+
+def plan_slots(manifest: Manifest, config: TierConfig, device: torch.device) -> SlotPlan:
+    """The GPU slots per layer and CPU slots for the budgets."""
     m = manifest.model
     offs = manifest.chunk_offsets
     slot_rows = max(b - a for a, b in itertools.pairwise(offs))
@@ -39,7 +46,7 @@ def plan_slots(manifest: Manifest, config: TierConfig, device: torch.device) -> 
         cpu_slots = total
     else:
         cpu_slots = min(total, max(_MIN_CPU_SLOTS, cpu_bytes // slot_bytes))
-    return min(gpu_slots, manifest.num_chunks), cpu_slots
+    return SlotPlan(min(gpu_slots, manifest.num_chunks), cpu_slots)
 
 
 def load_routing(directory: Path, manifest: Manifest, layer: int, device, pool_dtype) -> dict:

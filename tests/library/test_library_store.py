@@ -211,3 +211,19 @@ def test_a_damaged_demo_library_is_rebuilt(tiny_model, tmp_path, monkeypatch):
     rebuilt = demo.ensure_demo_library(mgr, chunk_size=16)
     assert rebuilt.status == "ok" and mgr.info("demo").status == "ok"
     assert mgr.get("demo").num_tokens == rebuilt.num_tokens
+
+
+def test_status_is_an_enum_that_serializes_as_its_value(store, tiny_model, edit_manifest):
+    import dataclasses
+    import json
+
+    from moska.library.info import LibraryStatus
+
+    mgr = LibraryManager(store, tiny_model)
+    ok = mgr.info("lib")
+    assert ok.status is LibraryStatus.OK
+    edit_manifest(store / "lib", lambda m: m.__setitem__("chunks", "nope"))
+    bad = mgr.info("lib")
+    assert bad.status is LibraryStatus.DAMAGED
+    sent = json.loads(json.dumps(dataclasses.asdict(bad)))  # what GET /v1/libraries sends
+    assert sent["status"] == "damaged" and f"{ok.status}" == "ok"
