@@ -298,6 +298,8 @@ class Scheduler:
         failed: list[Request] = []
         for request in reversed(reqs):  # pushed to the front: keep their order
             if request.num_in_flight:
+                if request.status is RequestStatus.PREEMPTED and request in self._waiting:
+                    self._waiting_tokens -= 1  # queued with the token it now drops
                 request.drop_in_flight()  # never reached the host: sampled again
                 if request.request_id not in self._requests:  # released at its length
                     failed.append(request)
