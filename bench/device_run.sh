@@ -14,10 +14,14 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 export MOSKA_GIT_COMMIT=${MOSKA_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 echo "commit $MOSKA_GIT_COMMIT" | tee -a "$LOG"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  # compiled kernels (not the interpreter) for the tests that need CUDA
-  TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider \
+  # compiled kernels (not the interpreter) for the tests that need CUDA; the FP8 and
+  # slot-table kernel tests by node id (their CUDA cases run, the interpreter's skip)
+  TRITON_INTERPRET=0 timeout 200 python3 -m pytest -q -p no:cacheprovider \
     tests/engine/test_overlap_cuda.py tests/engine/test_cuda_graphs_cuda.py \
-    tests/library/test_library_cuda.py tests/engine/test_step_kernels_cuda.py >> "$LOG" 2>&1
+    tests/library/test_library_cuda.py tests/engine/test_step_kernels_cuda.py \
+    tests/test_kernels_large_pool_cuda.py \
+    tests/library/test_fp8.py::test_kernel_fp8_path_matches_reference \
+    tests/library/test_tiers.py::test_kernel_permuted_slot_table_equals_reference >> "$LOG" 2>&1
   echo "cuda tests rc=$? at ${SECONDS}s"; tail -3 "$LOG"
 fi
 if [ "${SKIP_KERNELS:-0}" != 1 ]; then

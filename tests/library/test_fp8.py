@@ -195,23 +195,39 @@ def _selections(lens, b, hkv, p=0.7, seed=0):
     return Selections(t[:, 2].contiguous(), t[:, 1].contiguous(), t[:, 0].contiguous())
 
 
-@pytest.mark.parametrize(
-    "granularity,fp8_dot", [("chunk", False), ("token", False), ("token", True)]
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CPU = pytest.mark.skipif(not _INTERPRET, reason="compiled Triton reads CUDA tensors only")
+_CUDA = pytest.mark.skipif(
+    _INTERPRET or not torch.cuda.is_available(),
+    reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0; bf16 is wrong interpreted)",
 )
-def test_kernel_fp8_path_matches_reference(granularity, fp8_dot):
+# the interpreter on CPU in fp16 (bf16 is wrong there); compiled on CUDA in bf16, the
+# models' dtype (fp8_dot: e4m3 tensor cores, Ada/Hopper)
+_FP8_CASES = [
+    pytest.param(dev, dt, gran, dot, marks=mark, id=f"{dev}-{gran}-{'fp8dot' if dot else 'up'}")
+    for dev, dt, mark in (("cpu", torch.float16, _CPU), ("cuda", torch.bfloat16, _CUDA))
+    for gran, dot in (("chunk", False), ("token", False), ("token", True))
+]
+
+
+@pytest.mark.parametrize("device,dtype,granularity,fp8_dot", _FP8_CASES)
+def test_kernel_fp8_path_matches_reference(device, dtype, granularity, fp8_dot):
     torch.manual_seed(1)
     lens, b, hkv, g, d = [1, 70, 150, 33], 4, 2, 2, 64
-    offs = _offsets(lens)
+    offs = _offsets(lens).to(device)
     s = int(offs[-1])
-    q = torch.randn(b, hkv * g, d, dtype=torch.float16)
-    k = (torch.randn(s, hkv, d) * 0.5).half()
-    v = torch.randn(s, hkv, d).half()
+    q = torch.randn(b, hkv * g, d).to(device, dtype)
+    k = (torch.randn(s, hkv, d) * 0.5).to(device, dtype)
+    v = torch.randn(s, hkv, d).to(device, dtype)
     kq, vq = quantize(k, offs, granularity), quantize(v, offs, granularity)
     scales = (kq.scale, vq.scale)
-    sel = _selections(lens, b, hkv)
+    sel = Selections(*(t.to(device) for t in _selections(lens, b, hkv)[:3]))
     sc = d**-0.5
     n = sel.req.numel()
-    out = (torch.full((n, g, d), float("nan"), dtype=q.dtype), torch.full((n, g), float("nan")))
+    out = (
+        torch.full((n, g, d), float("nan"), dtype=q.dtype, device=device),
+        torch.full((n, g), float("nan"), device=device),
+    )
     # small tiles and splits: the 150-token chunk is split, so V's scale meets the merge
     o, lse = grouped_shared_attention(
         q, kq.data, vq.data, offs, sel, sc, out=out, kv_scales=scales, fp8_dot=fp8_dot,
