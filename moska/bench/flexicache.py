@@ -38,15 +38,8 @@ from moska.flexicache.store import FlexiKV
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("networkx", "sympy")
 MAX_FILE_BYTES = 200_000  # the training corpus's filter
-# (top_k_pages, threshold): pages are 16 tokens, 128 in a 2,048-token window
-SETTINGS: tuple[tuple[int, float], ...] = (
-    (16, 0.5),
-    (32, 0.5),
-    (32, 0.25),
-    (48, 0.25),
-    (64, 0.5),
-    (32, 0.0),
-)
+# top_k_pages:threshold[:rank_by]; pages are 16 tokens, 128 in a 2,048-token window
+SETTINGS = "16:0.75,32:0.75,32:0.5,64:0.5,32:0.75:bound"
 
 
 def heldout_windows(tokenizer, length: int, per_package: int, seed: int) -> list[list[int]]:
@@ -120,6 +113,11 @@ def flexi_loss(model, windows: torch.Tensor, prompt: int, cfg, block_size: int, 
     return total / (b * (length - prompt)), stats
 
 
+def _setting(spec: str) -> tuple[int, float, str]:
+    k, thr, *rank = spec.split(":")
+    return int(k), float(thr), rank[0] if rank else "mass"
+
+
 def run_quality(args) -> dict:
     from moska.kernel_ops import kernel_ops
     from moska.model import load_model
@@ -128,11 +126,10 @@ def run_quality(args) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.cpu_dry_run else "cpu"
     lm = load_model(args.model, dtype="float32", device=device)
     length, prompt, per = args.length, args.prompt, args.windows
-    settings = tuple(
-        (int(k), float(t)) for k, t in (x.split(":") for x in args.settings.split(","))
-    )
+    settings = [_setting(x) for x in args.settings.split(",")]
     if args.cpu_dry_run:  # a few hundred tokens, two settings: the pipeline, not a figure
-        length, prompt, per, settings = 320, 256, 1, ((4, 0.5), (4, 2.0))
+        length, prompt, per = 320, 256, 1
+        settings = [(4, 0.5, "mass"), (4, 2.0, "mass"), (4, 0.5, "bound")]
     ops = kernel_ops("auto", device)
     lm.model.kernels = ops
     wins = torch.tensor(heldout_windows(lm.tokenizer, length, per, args.seed), device=device)
@@ -141,14 +138,16 @@ def run_quality(args) -> dict:
     rows: list[dict[str, Any]] = [
         {"setting": "full KV", "loss": round(base, 4), "gpu_kv_fraction": 1.0}
     ]
-    for k, thr in settings:
+    for k, thr, rank in settings:
         cfg = FlexiCacheConfig(
-            top_k_pages=k, recent_pages=args.recent, threshold=thr, rerank_interval=args.r
-        )
+            top_k_pages=k, recent_pages=args.recent, threshold=thr, rerank_interval=args.r,
+            rank_by=rank,
+        )  # fmt: skip
         loss, stats = flexi_loss(
             lm.model, wins, prompt, cfg, args.block_size, ops.paged_decode_heads
         )
-        row = {"setting": f"K={k} pages, threshold={thr}", "top_k_pages": k, "threshold": thr}
+        row = {"setting": f"K={k} pages, threshold={thr}, rank by {rank}", "top_k_pages": k}
+        row |= {"threshold": thr, "rank_by": rank}
         row |= {"loss": round(loss, 4), "delta": round(loss - base, 4)}
         row |= {"rel_increase": round((loss - base) / base, 4), **stats}
         rows.append(row)
@@ -170,6 +169,7 @@ def run_quality(args) -> dict:
             "decoded_per_window": length - prompt,
             "block_size": args.block_size,
             "recent_pages": args.recent,
+            "sink_pages": FlexiCacheConfig().sink_pages,
             "rerank_interval": args.r,
         },
         "heldout": {p: f"{per} windows x {length} tokens" for p in PACKAGES},
@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--settings",
-        default=",".join(f"{k}:{t}" for k, t in SETTINGS),
-        help="FlexiCache settings K:threshold, comma-separated",
+        default=SETTINGS,
+        help="FlexiCache settings K:threshold[:mass|bound], comma-separated",
     )
     ap.add_argument("--out", default=None)
     args, rest = ap.parse_known_args(argv)

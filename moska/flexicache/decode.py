@@ -53,7 +53,7 @@ def prefill(model, store: FlexiKV, prompts: torch.Tensor) -> torch.Tensor:
     for row in range(prompts.shape[0]):
         hidden = model(prompts[row], pos, _PromptAttention(store, row, sm))
         last.append(model.compute_logits(hidden[-1:]))
-    store.finish_prompts()
+    store.finish_prompts(sm)
     return torch.cat(last)
 
 

@@ -2,7 +2,8 @@
 
 The runner asks `FlexiEngine.begin` for a `FlexiStep` on every eager decode-only step; the
 attention backend then calls `FlexiStep.attend` per layer instead of the plain paged decode:
-per request and KV head it re-ranks every R steps (from page summaries of the paged cache),
+per request and KV head it re-ranks every R steps (by attention mass over the paged cache's
+keys, or Quest bounds from page summaries),
 classifies the head, and reads only the head's kept pages through `paged_decode_heads`.
 Requests keep their state across steps by request id; `release` drops it.
 
@@ -120,19 +121,33 @@ class FlexiStep:
         stable = torch.stack([st.stable[layer] for st in self.states])  # [B, Hkv]
         if any(self.due):
             keys = k_cache[self.block_tables]  # [B, P, bs, Hkv, D]
-            kmin, kmax = policy.page_summaries(keys, self.seq_lens)
-            scores = policy.page_scores(q, kmin, kmax)
-            cand = policy.candidates(self.n_pages, cfg.recent_pages, p)
+            if cfg.rank_by == "bound":
+                kmin, kmax = policy.page_summaries(keys, self.seq_lens)
+                scores = policy.page_scores(q, kmin, kmax)
+            else:
+                keys = keys.permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
+                scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)
+            cand = policy.candidates(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
             new_top, new_stable, _ = policy.rerank(scores, cand, top, cfg.threshold)
             top = torch.where(self.due_t[:, None, None], new_top, top)
             stable = torch.where(self.due_t[:, None], new_stable, stable)
             for i, st in enumerate(self.states):
                 if self.due[i]:
                     st.top[layer], st.stable[layer] = top[i], stable[i]
-        keep = policy.keep_mask(top, stable, self.active, self.n_pages, cfg.recent_pages, p)
+        keep = policy.keep_mask(
+            top, stable, self.active, self.n_pages, cfg.recent_pages, p, cfg.sink_pages
+        )
         tables, lens = policy.head_lists(keep, self.block_tables, self.seq_lens, eng.block_size)
         eng._kept += keep.sum()
         eng._total += self.n_pages.sum() * keep.shape[1]
         eng._stable += (stable & self.active[:, None]).sum()
         eng._heads += stable.numel()
         return decode_fn(q, k_cache, v_cache, tables, lens, sm_scale)
+
+
+def flexi_engine(config, num_kv_layers: int, num_kv_heads: int, device) -> FlexiEngine | None:
+    """The runner's FlexiCache hook for an EngineConfig, None when `flexicache` is off."""
+    cfg = config.flexicache_config
+    if cfg is None:
+        return None
+    return FlexiEngine(cfg, num_kv_layers, num_kv_heads, config.block_size, torch.device(device))

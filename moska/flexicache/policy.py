@@ -41,10 +41,27 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     return s.amax(2)
 
 
-def candidates(n_pages: torch.Tensor, recent: int, max_pages: int) -> torch.Tensor:
-    """[B, P] bool: the pages ranked (full ones outside the recent window)."""
+def page_mass(
+    q: torch.Tensor,  # [B, Hq, D]
+    keys: torch.Tensor,  # [B, Hkv, P, bs, D]
+    n_tokens: torch.Tensor,  # [B]: keys at or past it are left out
+    sm_scale: float,
+) -> torch.Tensor:
+    """[B, Hkv, P] fp32: each page's share of the softmax attention of the current query,
+    summed over the head's G query heads (FlexiCache's ranking by attention mass)."""
+    b, hq, d = q.shape
+    hkv, p, bs = keys.shape[1], keys.shape[2], keys.shape[3]
+    qf = q.float().view(b, hkv, hq // hkv, d)
+    s = torch.einsum("bhgd,bhpd->bhgp", qf, keys.float().reshape(b, hkv, p * bs, d)) * sm_scale
+    pos = torch.arange(p * bs, device=q.device)
+    s = s.masked_fill(pos[None, None, None, :] >= n_tokens.view(b, 1, 1, 1), float("-inf"))
+    return torch.softmax(s, -1).view(b, hkv, -1, p, bs).sum((2, 4))
+
+
+def candidates(n_pages: torch.Tensor, recent: int, max_pages: int, sink: int = 0) -> torch.Tensor:
+    """[B, P] bool: the pages ranked (full ones outside the sink and recent windows)."""
     pages = torch.arange(max_pages, device=n_pages.device)
-    return pages[None, :] < (n_pages[:, None] - recent)
+    return (pages[None, :] < (n_pages[:, None] - recent)) & (pages[None, :] >= sink)
 
 
 def rerank(
@@ -73,13 +90,15 @@ def keep_mask(
     n_pages: torch.Tensor,  # [B] int64
     recent: int,
     max_pages: int,
+    sink: int = 0,
 ) -> torch.Tensor:
     """[B, Hkv, P] bool: the pages each head reads (and keeps on the GPU). A stable head of
-    an active row: its top-K plus the `recent` newest pages; any other head: every page."""
+    an active row: its top-K, the `sink` first and the `recent` newest pages; any other
+    head: every page."""
     b, hkv, _ = top.shape
     pages = torch.arange(max_pages, device=top.device)
     valid = pages[None, :] < n_pages[:, None]  # [B, P]
-    recent_m = valid & (pages[None, :] >= n_pages[:, None] - recent)
+    recent_m = valid & ((pages[None, :] >= n_pages[:, None] - recent) | (pages[None, :] < sink))
     in_top = torch.zeros(b, hkv, max_pages, dtype=torch.bool, device=top.device)
     in_top.scatter_(-1, top.clamp(min=0), top >= 0)
     flex = in_top | recent_m[:, None, :]

@@ -45,8 +45,12 @@ class FlexiKV:
         self.pool_v = [torch.zeros(0, bs, 1, D, dtype=dtype, device=dev) for _ in range(L)]
         self.free: list[list[int]] = [[] for _ in range(L)]
         self.slot = torch.full((L, B, H, P), -1, dtype=torch.int64, device=dev)
-        self.kmin = torch.zeros(L, B, H, P, D, dtype=dtype, device=dev)
-        self.kmax = torch.zeros(L, B, H, P, D, dtype=dtype, device=dev)
+        # page summaries for rank_by="bound" only ("mass" reads the keys at re-rankings)
+        self.bound = cfg.rank_by == "bound"
+        ps = P if self.bound else 0
+        self.kmin = torch.zeros(L, B, H, ps, D, dtype=dtype, device=dev)
+        self.kmax = torch.zeros(L, B, H, ps, D, dtype=dtype, device=dev)
+        self.rank_rows = 4  # rows whose keys a "mass" re-ranking brings to the device at once
         self.top = torch.full((L, B, H, cfg.top_k_pages), -1, dtype=torch.int64, device=dev)
         self.stable = torch.zeros(L, B, H, dtype=torch.bool, device=dev)
         self.tables = torch.zeros(L, B, H, P, dtype=torch.int32, device=dev)
@@ -92,22 +96,24 @@ class FlexiKV:
         for host, x in ((self.host_k, k), (self.host_v, v)):
             x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(n, bs, H, D)
             host[layer, row, :, :n].copy_(x.permute(2, 0, 1, 3))
-        padded = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(1, n, bs, H, D)
-        kmin, kmax = policy.page_summaries(padded, torch.tensor([t], device=k.device))
-        self.kmin[layer, row, :, :n] = kmin[0].to(self.kmin.dtype)
-        self.kmax[layer, row, :, :n] = kmax[0].to(self.kmax.dtype)
+        if self.bound:
+            padded = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(1, n, bs, H, D)
+            kmin, kmax = policy.page_summaries(padded, torch.tensor([t], device=k.device))
+            self.kmin[layer, row, :, :n] = kmin[0].to(self.kmin.dtype)
+            self.kmax[layer, row, :, :n] = kmax[0].to(self.kmax.dtype)
         self._probe.setdefault(layer, [None] * self.shape[1])[row] = q_last
         self.length = t
 
-    def finish_prompts(self) -> None:
+    def finish_prompts(self, sm_scale: float | None = None) -> None:
         """Rank every head once with its sequence's last prompt query."""
+        sm = self.shape[-1] ** -0.5 if sm_scale is None else sm_scale
         _, B, _, P, bs, _ = self.shape
         n_pages = torch.full((B,), -(-self.length // bs), device=self.device)
-        cand = policy.candidates(n_pages, self.cfg.recent_pages, P)
+        cand = policy.candidates(n_pages, self.cfg.recent_pages, P, self.cfg.sink_pages)
         for layer, qs in self._probe.items():
             assert all(q is not None for q in qs), "write_prompt every row of every layer"
             q = torch.stack(qs)  # type: ignore[arg-type]
-            scores = policy.page_scores(q, self.kmin[layer], self.kmax[layer])
+            scores = self._scores(layer, q, sm)
             self.top[layer] = policy.rerank(scores, cand, self.top[layer], 2.0)[0]
         self._probe.clear()
 
@@ -127,7 +133,9 @@ class FlexiKV:
         p, s = pos // bs, pos % bs
         self.host_k[layer, :, :, p, s].copy_(k, non_blocking=True)
         self.host_v[layer, :, :, p, s].copy_(v, non_blocking=True)
-        if s == 0:
+        if not self.bound:
+            pass
+        elif s == 0:
             self.kmin[layer, :, :, p] = k
             self.kmax[layer, :, :, p] = k
         else:
@@ -137,16 +145,18 @@ class FlexiKV:
         n_pages = torch.full((B,), p + 1, device=self.device)
         active = torch.full((B,), self.cfg.long_enough(p + 1), device=self.device)
         if rerank:
-            cand = policy.candidates(n_pages, self.cfg.recent_pages, P)
-            scores = policy.page_scores(q, self.kmin[layer], self.kmax[layer])
+            cand = policy.candidates(n_pages, self.cfg.recent_pages, P, self.cfg.sink_pages)
+            scores = self._scores(layer, q, sm_scale)
             top, stable, _ = policy.rerank(scores, cand, self.top[layer], self.cfg.threshold)
             if self.force_stable is not None:
                 stable = stable | self.force_stable[layer]
             self.top[layer], self.stable[layer] = top, stable
         if rerank or s == 0 or self.step == 0:
+            cfg = self.cfg
             keep = policy.keep_mask(
-                self.top[layer], self.stable[layer], active, n_pages, self.cfg.recent_pages, P
-            )
+                self.top[layer], self.stable[layer], active, n_pages, cfg.recent_pages, P,
+                cfg.sink_pages,
+            )  # fmt: skip
             self._sync(layer, keep)
             seq = torch.full((B,), self.length, device=self.device)
             self.tables[layer], self.lens[layer] = policy.head_lists(
@@ -166,6 +176,20 @@ class FlexiKV:
             sm_scale,
         )
         return o
+
+    def _scores(self, layer: int, q: torch.Tensor, sm_scale: float) -> torch.Tensor:
+        """[B, Hkv, P] page scores of the current queries: Quest bounds from the device
+        summaries, or attention mass over every key, the host copy's, `rank_rows` rows at
+        a time (a device transfer of the layer's keys at each re-ranking)."""
+        if self.bound:
+            return policy.page_scores(q, self.kmin[layer], self.kmax[layer])
+        n = torch.full((q.shape[0],), self.length, device=self.device)
+        parts = []
+        for r0 in range(0, q.shape[0], self.rank_rows):
+            r1 = min(r0 + self.rank_rows, q.shape[0])
+            keys = self.host_k[layer, r0:r1].to(self.device, non_blocking=True)
+            parts.append(policy.page_mass(q[r0:r1], keys, n[r0:r1], sm_scale))
+        return torch.cat(parts)
 
     def _sync(self, layer: int, keep: torch.Tensor) -> None:
         """Free the slots of pages no longer kept; fetch newly kept pages from the host."""

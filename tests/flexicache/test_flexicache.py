@@ -114,7 +114,9 @@ def test_rerank_fetches_promoted_pages():
     keys[20:24, 0, 0] = 5.0  # page 5: second for e0
     keys[28:32, 0, 1] = 8.0  # page 7: what e1 attends to
     values = torch.randn(t, 1, d)
-    cfg = FlexiCacheConfig(top_k_pages=2, recent_pages=1, threshold=0.5, rerank_interval=3)
+    cfg = FlexiCacheConfig(
+        top_k_pages=2, recent_pages=1, threshold=0.5, rerank_interval=3, sink_pages=0
+    )
     store = _one_head_store(cfg, keys, values)
     e0, mix = torch.zeros(d), torch.zeros(d)
     e0[0] = 1.0
@@ -151,7 +153,9 @@ def test_stable_head_with_concentrated_attention_loses_little():
     keys[8:12, 0, 0] += 6.0  # two pages hold most of e0's attention mass
     keys[40:44, 0, 0] += 5.0
     values = torch.randn(t, 1, d)
-    cfg = FlexiCacheConfig(top_k_pages=3, recent_pages=1, threshold=0.5, rerank_interval=4)
+    cfg = FlexiCacheConfig(
+        top_k_pages=3, recent_pages=1, threshold=0.5, rerank_interval=4, sink_pages=0
+    )
     store = _one_head_store(cfg, keys, values)
     q = torch.zeros(d)
     q[0] = 1.0
