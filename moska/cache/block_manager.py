@@ -196,7 +196,7 @@ class BlockManager:
         num_full = min(request.num_computed_tokens // self.block_size, len(table))
         if state.broken or num_full <= len(state.chain):
             return
-        # only computed tokens: the last one may still be a placeholder (async scheduling)
+        # only computed tokens: a token in flight (async scheduling) is not in all_token_ids
         tokens = request.all_token_ids[: num_full * self.block_size]
         namespace = cache_namespace(request)
         hashes = self.prefix_cache.extend_hashes(state.hashes, tokens, namespace)

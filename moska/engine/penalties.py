@@ -88,7 +88,7 @@ def _counts(token_lists: list[Sequence[int]], vocab: int, device: torch.device) 
     if width == 0:
         return counts[:, :vocab]
     if any(t and min(t) < 0 for t in token_lists):  # on the host: no device sync
-        raise RuntimeError("penalties read a placeholder token: the step ran ahead of it")
+        raise RuntimeError("penalties read a negative token id; token ids are >= 0")
     padded = [list(t) + [vocab] * (width - len(t)) for t in token_lists]
     ids = to_device(padded, device, torch.int64)  # [R, width]
     counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
