@@ -318,6 +318,8 @@ def library_build_rate(loaded, tokens: int, chunk: int, ceilings: dict, n_params
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, loaded.config.vocab_size, (tokens,), generator=g).tolist()
+    # the build's attention is the model's kernel table (library/prefill.py): an engine's
+    loaded.model.kernels = kernel_ops("auto", DEV)  # Triton paged prefill on CUDA
     build_in_memory(loaded, [("warm", ids[:1024])], "warm", chunk_size=512, progress=False)
     lib, stats = build_in_memory(
         loaded,
