@@ -8,10 +8,13 @@ Full KV: the engine's paged cache (`PagedKVCache` layout) read by `paged_decode`
 per sequence per step, over contexts of `--context` tokens. Random weights give no real
 attention pattern, so which heads are stable is not measured here but set: a seeded
 `--stable-fraction` of (layer, sequence, head) is stable (take it from the quality run),
-the rest unstable (every page); every `--r` steps stable heads re-rank (Quest bounds;
-K hot pages per head given wide bounds, so they stay on top: an optimistic case for
-fetches, which the quality run measures on the real model) and fetch promoted pages from
-the host inside the timed steps. KV contents are random (tiled pages).
+the rest unstable (every page). Every `--r` steps stable heads re-rank and fetch promoted
+pages from the host, inside the timed steps (the mean step counts them; the median is a
+step without one). `--rank mass` (the default, as in the quality run) reads every key of
+the layer from the host copy at a re-ranking, and random keys make the top-K churn: a
+pessimistic case. `--rank bound` ranks by Quest bounds from device summaries, with K hot
+pages per head given wide bounds so that they stay on top: an optimistic case. KV contents
+are random (tiled pages).
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, se
     # stable head's are), the rest narrow: re-rankings find the same top-K and fetch little
     n_cand = -(-context // bs) - cfg.recent_pages
     hot = torch.rand(L, batch, H, n_cand, generator=gen).argsort(-1)[..., : cfg.top_k_pages]
-    for layer in range(L):
+    hot = hot + cfg.sink_pages
+    for layer in range(L if cfg.rank_by == "bound" else 0):
         kmin = -torch.rand(batch, H, pages, D, generator=gen)
         kmax = torch.rand(batch, H, pages, D, generator=gen)
         idx = hot[layer][..., None].expand(-1, -1, -1, D)
@@ -135,6 +139,7 @@ def run(args, rest: list[str]) -> dict:
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps (3 re-ranks at r=8)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--rank", choices=("mass", "bound"), default="mass")
     sa = ap.parse_args(rest)
     dry = args.cpu_dry_run
     device = torch.device("cpu" if dry else "cuda")
@@ -149,8 +154,9 @@ def run(args, rest: list[str]) -> dict:
     lm.model.kernels = ops
     mc = lm.config
     cfg = FlexiCacheConfig(
-        top_k_pages=k_pages, recent_pages=args.recent, threshold=2.0, rerank_interval=args.r
-    )  # threshold 2: stability only from the forced mask
+        top_k_pages=k_pages, recent_pages=args.recent, threshold=2.0, rerank_interval=args.r,
+        rank_by=sa.rank,
+    )  # fmt: skip  # threshold 2: stability only from the forced mask
     elem = torch.empty((), dtype=dtype).element_size()
     pages = -(-(context + 64) // bs)
     page_bytes = 2 * bs * mc.head_dim * elem
@@ -159,8 +165,8 @@ def run(args, rest: list[str]) -> dict:
     s = sa.stable_fraction
     # resident pages per head, + summaries (2 D-vectors per page) and index tables
     flexi_req = heads * (
-        (s * (k_pages + args.recent) + (1 - s) * pages) * page_bytes * 1.25  # pool slack
-        + pages * (2 * mc.head_dim * elem + 8 + 4)
+        (s * (k_pages + args.recent + cfg.sink_pages) + (1 - s) * pages) * page_bytes * 1.25
+        + pages * (2 * mc.head_dim * elem * (sa.rank == "bound") + 8 + 4)
     )
     budget = 4 * full_req if dry else int(sa.kv_budget_gib * 2**30)
     b_full = max(1, min(sa.max_batch, budget // full_req))
@@ -214,6 +220,7 @@ def run(args, rest: list[str]) -> dict:
             "recent_pages": args.recent,
             "rerank_interval": args.r,
             "stable_fraction_forced": s,
+            "rank_by": sa.rank,
             "kv_budget_bytes": budget,
             "steps": steps,
             "warmup": warmup,

@@ -106,7 +106,8 @@ def _decode(store, q, k, v):
     return store.attend(0, q[None, None], k[None, None], v[None, None], paged_decode_heads_ref, 1.0)
 
 
-def test_rerank_fetches_promoted_pages():
+@pytest.mark.parametrize("rank_by", ["mass", "bound"])
+def test_rerank_fetches_promoted_pages(rank_by):
     torch.manual_seed(1)
     d, t = 16, 40  # 10 pages of 4 tokens
     keys = 0.05 * torch.randn(t, 1, d)
@@ -115,8 +116,9 @@ def test_rerank_fetches_promoted_pages():
     keys[28:32, 0, 1] = 8.0  # page 7: what e1 attends to
     values = torch.randn(t, 1, d)
     cfg = FlexiCacheConfig(
-        top_k_pages=2, recent_pages=1, threshold=0.5, rerank_interval=3, sink_pages=0
-    )
+        top_k_pages=2, recent_pages=1, threshold=0.5, rerank_interval=3, sink_pages=0,
+        rank_by=rank_by,
+    )  # fmt: skip
     store = _one_head_store(cfg, keys, values)
     e0, mix = torch.zeros(d), torch.zeros(d)
     e0[0] = 1.0
