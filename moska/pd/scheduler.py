@@ -35,6 +35,10 @@ from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, feature_vector
 
 SLOWDOWN_HALF_LIFE_S = 5.0
 MAX_SLOWDOWN = 30.0
+# the decode side may give tokens faster than its step fit says (a fit still holding the
+# first, slow steps): the TPOT factor goes down to this. The stage slowdowns stay >= 1:
+# measured (bench trace), letting them go lower admitted bursts the next load spike missed
+MIN_TPOT_FACTOR = 0.5
 # admit only what is predicted to finish within this share of each SLO: predictions are
 # means, and a request admitted at the edge would miss about half the time
 SLO_MARGIN = 0.9
@@ -139,6 +143,7 @@ class GlobalScheduler:
         # the front end sees its streams (the engine loop's work between steps, the HTTP
         # hops, a busier host than the fit saw); fades back to 1 like the slowdown
         self._tpot_factor: dict[str, tuple[float, float]] = {}
+        self._tpot_sums: dict[str, tuple[float, float, float]] = {}  # observed, predicted, at
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
 
@@ -269,9 +274,13 @@ class GlobalScheduler:
         (uncorrected, at the batch it saw while they came) put at `predicted_s`."""
         if not (observed_s > 0 and predicted_s > 0 and math.isfinite(observed_s)):
             return
-        current = self.tpot_factor(inst, now)
-        ratio = min(MAX_SLOWDOWN, max(0.5, observed_s / predicted_s))  # a 0.3 EWMA
-        self._tpot_factor[inst.name] = (current + 0.3 * (ratio - current), now)
+        # a ratio of decaying sums, not a mean of ratios (a window's jitter would bias that
+        # upward); old sums count less, as the factor fades
+        obs, pred, at = self._tpot_sums.get(inst.name, (0.0, 0.0, now))
+        keep = 0.8 * 0.5 ** (max(0.0, now - at) / SLOWDOWN_HALF_LIFE_S)
+        obs, pred = keep * obs + observed_s, keep * pred + predicted_s
+        self._tpot_sums[inst.name] = (obs, pred, now)
+        self._tpot_factor[inst.name] = (min(MAX_SLOWDOWN, max(MIN_TPOT_FACTOR, obs / pred)), now)
 
     def transferred(self, blocks: int, seconds: float) -> None:
         if blocks > 0 and seconds > 0:

@@ -190,3 +190,15 @@ def test_token_times_report_windows():
     assert tt.add(b'data: {"choices":[],"usage":{}}\n\ndata: [DONE]\n\n', 0.01) is None
     window = tt.add(event * WINDOW, 0.01)  # a chunk of several events counts them all
     assert window is not None and window[1] == pytest.approx(WINDOW * 0.01)
+
+
+def test_faster_tokens_lower_the_tpot_factor_not_the_stage_slowdown():
+    sched, insts = _cluster(ttft_s=1.0)
+    for _ in range(10):  # a pessimistic fit (still holding slow first steps): 5x too slow
+        sched.observe_stage("prefill", 0.2, 1.0, 0.0)
+        sched.observe_tpot(insts[2], 0.2, 1.0, 0.0)
+    assert sched.slowdown("prefill", 0.0) == 1.0
+    assert sched.tpot_factor(insts[2], 0.0) == pytest.approx(0.5)  # floored
+    for _ in range(3):  # then a slow window: the factor is a ratio of decaying sums
+        sched.observe_tpot(insts[2], 3.0, 1.0, 0.0)
+    assert 1.0 < sched.tpot_factor(insts[2], 0.0) < 3.0
