@@ -113,3 +113,24 @@ def test_layout_and_in_place_compaction():
     want = flat[keep].clone()
     got = compact_rows(flat, keep)
     assert got.data_ptr() == flat.data_ptr() and torch.equal(got, want)
+
+
+def test_triton_table_build_equals_transformers(tiny_model, hf_model, monkeypatch):
+    """The Triton paged prefill (the CUDA engine's) builds the same KV (interpreter; the
+    table's other ops stay PyTorch to keep the test short)."""
+    from moska.kernels.paged_attention import paged_prefill_attention
+
+    table = dataclasses.replace(tiny_model.model.kernels, paged_prefill=paged_prefill_attention)
+    monkeypatch.setattr(tiny_model.model, "kernels", table)
+    lib, _ = build_in_memory(
+        tiny_model, [("t", "pack my box with five dozen liquor jugs")], "t", chunk_size=16,
+        mode="independent", prefill_tokens=24,
+        progress=False, independent=IndependentOptions(chunk_sink=True),
+    )  # fmt: skip
+    bos = tiny_model.tokenizer.bos_token_id
+    offs = lib.chunk_offsets.tolist()
+    for c in range(lib.num_chunks):
+        want = hf_kv(hf_model, [bos] + lib.token_ids[offs[c] : offs[c + 1]].tolist())
+        for layer, (k, v) in enumerate(want):
+            assert rel_err(lib.k_pools[layer][offs[c] : offs[c + 1]], k[1:]) < 1e-4
+            assert rel_err(lib.v_pools[layer][offs[c] : offs[c + 1]], v[1:]) < 1e-4

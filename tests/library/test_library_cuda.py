@@ -17,8 +17,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.parametrize("mode", ["prefix", "independent"])
 def test_cuda_build_matches_dense_bf16(tiny_dir, mode):
-    lm = load_model(tiny_dir, dtype="bfloat16", device="cuda")
+    from moska.kernel_ops import kernel_ops
     from moska.library.positions import IndependentOptions
+
+    lm = load_model(tiny_dir, dtype="bfloat16", device="cuda")
+    lm.model.kernels = kernel_ops("triton")  # what an engine on CUDA hands the model
 
     lib, _ = build_in_memory(
         lm,
