@@ -41,7 +41,8 @@ class _Graph:
     tables: torch.Tensor  # [b, W] int32
     hidden: torch.Tensor | None  # [b, H], written by each replay
     group: LibraryGroup | None
-    routing: GroupRouting | None  # the group's routing report, its tensors written by each replay
+    # the group's routing report (set at capture), its tensors written by each replay
+    routing: GroupRouting | None = None
     library: Any = None  # weakref to the library the graph reads, or None
     keep: list = field(default_factory=list)
 
@@ -182,7 +183,6 @@ class DecodeGraphs:
             tables=torch.empty((b, self.max_blocks), dtype=torch.int32, device=dev),
             hidden=None,
             group=None,
-            routing=None,
         )
         self._pad(g, 0)  # warm-up and capture touch only the scratch block
         meta = AttentionMetadata(
