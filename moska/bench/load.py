@@ -65,6 +65,9 @@ def summarize(
     rejected = [r for r in recs if r["status"] == 429]
     ttft = [r["ttft"] for r in admitted if r["ttft"] is not None]
     met = sum(1 for t in ttft if slo is None or t <= slo)
+    # the same, counting the client's own connect and write (its CPU is the server's too)
+    full = [r["ttft"] + (r.get("connect_s") or 0.0) for r in admitted if r["ttft"] is not None]
+    connect = [r["connect_s"] for r in recs if r.get("connect_s") is not None]
     # admission reopened when the first probe that was admitted was sent
     t_open = {
         kind: p["t_start"] if p.get("t_start") is not None else p["t_status"]
@@ -95,6 +98,11 @@ def summarize(
         "ttft_p50_s": _pct(ttft, 0.5),
         "ttft_p99_s": _pct(ttft, 0.99),
         "ttft_max_s": max(ttft) if ttft else None,
+        "slo_met_share_with_connect": (
+            sum(1 for t in full if slo is None or t <= slo) / len(admitted) if admitted else None
+        ),
+        "ttft_with_connect_p50_p99_s": [_pct(full, 0.5), _pct(full, 0.99)],
+        "client_connect_s_p50_p99": [_pct(connect, 0.5), _pct(connect, 0.99)],
         "library_ttft_p50_s": _pct([r["ttft"] for r in lib if r["ttft"] is not None], 0.5),
         "rejection_s_p99": _pct([r["t_status"] for r in rejected], 0.99),
         "retry_after_s_median": _pct([int(r["retry_after"]) for r in rejected], 0.5)

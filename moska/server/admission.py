@@ -31,7 +31,10 @@ and only its remainder is charged. (2) The same decode step took 0.1 s alone and
 while the event loop answered a burst or other processes took the cores: a fit over 256
 steps follows that in tens of seconds. `slowdown`, a fast moving average of observed over
 predicted step time, scales every predicted step, so a slower machine is seen within a
-few steps (and a faster one as quickly).
+few steps (and a faster one as quickly). (3) At 1,000 clients every request passed the
+door while the engine was idle and waited seconds for its body to be read and tokenized
+before anyone decided on it: the door now counts those inside (`front_door.FrontDoor`) as
+work and wait ahead of a newcomer, and a retry's drain includes queueing behind them.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ import enum
 import math
 import threading
 import time
-from bisect import insort
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, StepModel, feature_vector
+from moska.server.front_door import FrontDoor
+from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
+from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, StepModel
 
 
 class Verdict(enum.Enum):
@@ -64,63 +68,6 @@ class Decision:
     @property
     def accepted(self) -> bool:
         return self.verdict is Verdict.ACCEPT
-
-
-@dataclass(frozen=True)
-class RequestCost:
-    """What one engine request will cost. `library_attend`: library tokens each of its
-    rows attends to (top-k chunks x chunk size; 0 without a library). `library_load_tokens`:
-    tokens of its library still to be loaded from disk (0 when loaded)."""
-
-    prompt_tokens: int
-    max_tokens: int = 16
-    library_attend: int = 0
-    library_load_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Load:
-    """The engine's load as admission sees it. `waiting`: requests without a first token,
-    in FIFO order (handed over or not yet); `running`: (decode tokens left, library_attend)
-    of requests that have their first token."""
-
-    waiting: tuple[RequestCost, ...] = ()
-    running: tuple[tuple[int, int], ...] = ()
-    num_pending: int = 0  # of `waiting`, submitted but not yet handed to the engine
-    busy_s: float = 0.0  # how long the engine's current step has run (0: between steps)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def waiting_prefill_tokens(self) -> int:
-        return sum(c.prompt_tokens for c in self.waiting)
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """The scheduler's limits the queue replay needs."""
-
-    max_num_batched_tokens: int = 4096
-    max_num_seqs: int = 256
-
-    @classmethod
-    def of(cls, engine: Any) -> EngineLimits:
-        config = getattr(engine, "config", None)
-        return cls(
-            int(getattr(config, "max_num_batched_tokens", cls.max_num_batched_tokens)),
-            int(getattr(config, "max_num_seqs", cls.max_num_seqs)),
-        )
-
-
-class Prediction(NamedTuple):
-    ttft_s: float  # until the new requests' first token
-    queue_s: float  # until at most `queue_target` requests wait (inf if never simulated)
 
 
 @dataclass
@@ -173,7 +120,9 @@ class AdmissionController:
         self.outcomes = _Outcomes()
         self._lock = threading.Lock()
         self.shed_ttl_s = 0.05
-        self._shed_memo: tuple[float, Decision | None] | None = None
+        self._shed_memo: tuple[float, int, Decision | None] | None = None
+        self.door = FrontDoor()  # requests past the door, not yet decided
+        self._typical = [128.0, 16.0, 0.0]  # moving averages: prompt, max_tokens, attend
 
     @property
     def load_tps(self) -> float:
@@ -226,97 +175,21 @@ class AdmissionController:
     def predict(
         self, new: RequestCost, load: Load, num_requests: int = 1, queue_target: int | None = None
     ) -> Prediction:
-        """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end.
-        `queue_s`: when the waiting count ahead first drops to `queue_target`."""
+        """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end
+        (`queue_replay.replay`) with the learned step times."""
         with self._lock:
             coef = self.model.coef * math.exp(self._log_slowdown)
             load_tps = self._load_tps
-        budget, max_seqs = self.limits.max_num_batched_tokens, self.limits.max_num_seqs
-
-        def step_s(prefill: int, pairs: int, decode: int) -> float:
-            return float(feature_vector(StepFeatures(prefill, pairs, decode, 0)) @ coef)
-
-        busy = max(0.0, load.busy_s)
-
-        def left(dt: float, step: int) -> float:
-            """`dt`, or for the step in progress what is left of it: at least a quarter
-            (a step still running past its prediction is slower than predicted)."""
-            return dt if step > 0 or busy == 0 else max(dt - busy, 0.25 * dt)
-
-        # [tokens left to prefill, cost] per waiting request
-        queue: deque[list[Any]] = deque([c.prompt_tokens, c] for c in load.waiting)
-        queue.extend([new.prompt_tokens, new] for _ in range(num_requests))
-        target = len(load.waiting) if queue_target is None else queue_target
-        # library loads ahead (once per library size) and the new request's own
-        loads = {c.library_load_tokens for c in load.waiting if c.library_load_tokens}
-        if new.library_load_tokens:
-            loads.add(new.library_load_tokens)
-        t = sum(loads) / load_tps
-        # handing requests to the engine (tokenization, bookkeeping) before its next step
-        t += coef[4] * (load.num_pending + num_requests) / 1e2
-        # the engine's step in progress is the replay's first step: only what it was handed
-        # (not the pending requests) takes part, and only its remainder is still to wait
-        in_step = len(load.waiting) - load.num_pending if busy > 0 else len(queue)
-        finish = sorted(n for n, _ in load.running)  # step offsets at which running ones end
-        lib_running = [(n, a) for n, a in load.running if a]
-        step, ttft, queue_s = 0, math.inf, 0.0 if len(load.waiting) <= target else math.inf
-        first_new = len(load.waiting)
-        served = 0  # queue entries that got their first token
-        prefilling = 0  # admitted entries without a first token (hold a seq slot)
-        while step < self.max_sim_steps:
-            while finish and finish[0] <= step:
-                finish.pop(0)
-            num_decode = len(finish)
-            lib_pairs = sum(a for n, a in lib_running if n > step)
-            slots = max_seqs - num_decode - prefilling
-            tokens = budget - num_decode
-            if not queue or (slots <= 0 and prefilling == 0) or tokens <= 0:
-                if not queue or not finish:
-                    break
-                # nothing can enter until a running request ends: jump there
-                k = max(1, finish[0] - step)
-                dt = step_s(0, lib_pairs, num_decode)
-                t += left(dt, step) + (k - 1) * dt
-                step += k
-                continue
-            prefill = 0
-            done: list[RequestCost] = []
-            i = 0
-            while i < len(queue) and tokens > 0 and (step > 0 or i < in_step):
-                entry = queue[i]
-                fresh = entry[0] == entry[1].prompt_tokens
-                if fresh and slots <= 0:
-                    break
-                if fresh:
-                    slots -= 1
-                    prefilling += 1
-                take = min(entry[0], tokens)
-                entry[0] -= take
-                tokens -= take
-                prefill += take
-                lib_pairs += take * entry[1].library_attend
-                if entry[0] == 0:
-                    done.append(entry[1])
-                    i += 1
-                else:
-                    break
-            own = served + len(done) >= first_new + num_requests  # our first token: now
-            t += left(step_s(prefill, lib_pairs, num_decode), step)
-            step += 1
-            for cost in done:
-                queue.popleft()
-                prefilling -= 1
-                served += 1
-                insort(finish, step + max(cost.max_tokens - 1, 0))
-                if cost.library_attend:
-                    lib_running.append((step + max(cost.max_tokens - 1, 0), cost.library_attend))
-            if own:
-                ttft = t
-            if math.isinf(queue_s) and len(load.waiting) - min(served, first_new) <= target:
-                queue_s = t
-            if not math.isinf(ttft):
-                break
-        return Prediction(ttft, queue_s)
+        return replay(
+            new,
+            load,
+            num_requests,
+            queue_target,
+            coef=coef,
+            load_tps=load_tps,
+            limits=self.limits,
+            max_sim_steps=self.max_sim_steps,
+        )
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:
         cost = RequestCost(new) if isinstance(new, int) else new
@@ -329,8 +202,18 @@ class AdmissionController:
         of one HTTP request are admitted together). `elapsed_s`: time the request already
         spent in the server before this decision (reading, validating, tokenizing); it
         counts against the SLO and is part of the predicted TTFT. A rejection's
-        Retry-After is the predicted time until a request like this would be admitted."""
+        Retry-After is the predicted time until a request like this would be admitted.
+        The request leaves the front door here."""
+        self.door.leave_current()
         cost = RequestCost(new) if isinstance(new, int) else new
+        with self._lock:  # what a request inside the door will probably cost
+            for i, v in enumerate((cost.prompt_tokens, cost.max_tokens, cost.library_attend)):
+                self._typical[i] += self.alpha * (v - self._typical[i])
+        return self._decide(cost, load, num_requests, elapsed_s)
+
+    def _decide(
+        self, cost: RequestCost, load: Load, num_requests: int, elapsed_s: float
+    ) -> Decision:
         queue_full = self.max_queue is not None and load.num_waiting + num_requests > self.max_queue
         target = (
             max(0, self.max_queue - num_requests)
@@ -345,29 +228,56 @@ class AdmissionController:
         # An idle server admits: waiting cannot help, and the estimates only learn from
         # work that runs (a prior that errs slow must not lock a request type out).
         if self.ttft_slo is not None and not idle and ttft > self.headroom * self.ttft_slo:
-            # FIFO: arriving later, the same work ahead ends at the same time, so the
-            # wait until the prediction fits the SLO is the overshoot; plus the wait at
-            # the door, which a retry meets again while the burst that caused it lasts
-            drain = max(0.0, pred.ttft_s - self.headroom * self.ttft_slo) + max(0.0, elapsed_s)
-            return Decision(Verdict.SLO, ttft, _retry_after(drain), drain)
+            return Decision(Verdict.SLO, ttft, *self._drain(pred.ttft_s))
         return Decision(Verdict.ACCEPT, ttft, 0)
+
+    def _drain(self, engine_s: float) -> tuple[int, float]:
+        """(Retry-After, drain) for a request whose engine wait is predicted `engine_s`.
+        FIFO: arriving later, the same work ahead ends at the same time, so the engine
+        part is the overshoot over what fits the SLO; a retry also queues behind the
+        requests inside the front door (the burst's rest), and is admitted once both
+        have passed."""
+        assert self.ttft_slo is not None
+        drain = max(engine_s - self.headroom * self.ttft_slo, self.door.wait_s, 0.0)
+        return _retry_after(drain), drain
 
     def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
         """The rejection that the smallest request (one prompt token) would get now, or
         None: when even it would miss the SLO, the front end answers 429 before reading a
         body. `elapsed_s`: what a request waits before the door now (the event loop's
-        lag). Memoized for `shed_ttl_s`, so a burst costs one prediction per interval."""
+        lag). The requests inside the front door are ahead of it: they count as engine
+        work (a typical request each) and as a wait. Memoized for `shed_ttl_s` (while the
+        count inside grows by fewer than 4), so a burst costs few predictions."""
         if self.ttft_slo is None and self.max_queue is None:
             return None
-        now = time.monotonic()
+        now, inside = time.monotonic(), self.door.inside
         with self._lock:
             cached = self._shed_memo
-        if cached is not None and now - cached[0] < self.shed_ttl_s:
-            return cached[1]
-        decision = self.decide(RequestCost(1, 1), load, elapsed_s=elapsed_s)
-        result = None if decision.accepted else decision
+            typical = RequestCost(*(max(1, round(v)) for v in self._typical[:2]))
+            typical = replace(typical, library_attend=round(self._typical[2]))
+        if (
+            cached is not None
+            and now - cached[0] < self.shed_ttl_s
+            and (cached[2] is not None or inside < cached[1] + 4)
+        ):
+            return cached[2]
+        ahead = Load(
+            load.waiting + (typical,) * inside,
+            load.running,
+            load.num_pending + inside,
+            load.busy_s,
+        )
+        decision = self._decide(RequestCost(1, 1), ahead, 1, elapsed_s + self.door.wait_s)
+        result = None
+        if not decision.accepted:
+            result = decision
+            if decision.verdict is Verdict.SLO:  # the drain: the real engine load's
+                engine_s = self.predict(RequestCost(1, 1), load).ttft_s
+                result = replace(
+                    decision, **dict(zip(("retry_after_s", "drain_s"), self._drain(engine_s)))
+                )
         with self._lock:
-            self._shed_memo = (now, result)
+            self._shed_memo = (now, inside, result)
         return result
 
 

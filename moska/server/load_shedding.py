@@ -7,7 +7,8 @@ seconds, which the engine-side prediction never saw, so admitted requests missed
 and rejections were not early. This middleware stamps each generation request's arrival
 (`ARRIVAL`, read by `generate.submit`, which charges the time already spent against the
 SLO) and, when admission says that even the smallest request would miss the SLO now,
-answers 429 before the body is read, parsed or tokenized.
+answers 429 before the body is read, parsed or tokenized. A request it lets in is counted
+inside the front door (`front_door.py`) until admission decides on it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moska.server.admission import Decision
 from moska.server.errors import error_body
+from moska.server.front_door import TICKET, FrontDoor
 
 GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
@@ -75,7 +77,15 @@ class LoadSheddingMiddleware:
         try:
             decision = self.shed()
             if decision is None:
-                await self.app(scope, receive, send)
+                door = _front_door(scope)
+                ticket = door.enter() if door is not None else None
+                ticket_token = TICKET.set(ticket)
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    TICKET.reset(ticket_token)
+                    if door is not None:
+                        door.leave(ticket)
                 return
             message = (
                 f"server overloaded ({decision.verdict.value}, predicted time to first token "
@@ -92,3 +102,9 @@ class LoadSheddingMiddleware:
             await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             ARRIVAL.reset(token)
+
+
+def _front_door(scope: Scope) -> FrontDoor | None:
+    """The admission's front door of the app serving `scope` (None for a bare app)."""
+    state = getattr(getattr(scope.get("app"), "state", None), "moska", None)
+    return getattr(getattr(state, "admission", None), "door", None)

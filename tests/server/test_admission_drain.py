@@ -142,3 +142,38 @@ def test_a_request_that_cannot_meet_the_slo_is_rejected_before_the_engine_sees_i
         assert int(r.headers["retry-after"]) >= 1
         assert "predicted drain" in r.json()["error"]["message"]
     assert len(engine.added) == 1
+    assert admission.door.inside == 0  # every request that passed the door left it
+
+
+def test_the_door_sheds_with_the_requests_inside_in_view():
+    """Nothing queued in the engine, but 200 requests past the door and not yet decided:
+    a newcomer would wait behind them, so the door sheds it; its drain is at least their
+    wait at the door. When they leave (decided), the door opens again. The memo does not
+    hide a backlog that grew since it was taken."""
+    adm, _ = _learned()
+    adm.ttft_slo = 1.0
+    busy = Load(running=((8, 0),))
+    assert adm.shed(busy) is None
+    tickets = [adm.door.enter() for _ in range(200)]
+    shed = adm.shed(busy)  # within the memo's lifetime, but 200 more inside
+    assert shed is not None and shed.verdict.value == "ttft_slo"
+    assert shed.drain_s >= adm.door.wait_s > 0
+    for t in tickets:
+        adm.door.leave(t)
+    adm.shed_ttl_s = 0.0
+    assert adm.door.inside == 0 and adm.shed(busy) is None
+
+
+def test_a_decision_takes_the_request_out_of_the_door():
+    from moska.server.front_door import TICKET
+
+    adm = AdmissionController(None, None)
+    ticket = adm.door.enter()
+    token = TICKET.set(ticket)
+    try:
+        adm.decide(RequestCost(8), Load())
+    finally:
+        TICKET.reset(token)
+    assert adm.door.inside == 0 and ticket.left
+    adm.door.leave(ticket)  # the middleware's own leave afterwards is a no-op
+    assert adm.door.inside == 0

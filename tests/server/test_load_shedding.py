@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import httpx
+import pytest
 from fake_engine import FakeEngine
 
 from moska.server.admission import AdmissionController, Decision, Load, RequestCost, Verdict
@@ -62,8 +63,15 @@ def test_time_spent_in_the_server_counts_against_the_slo():
     late = adm.decide(RequestCost(8), load, elapsed_s=2.0)
     assert not late.accepted and late.verdict is Verdict.SLO
     assert late.predicted_ttft_s == fresh.predicted_ttft_s + 2.0
-    # a retry waits for the engine's drain and meets the wait at the door again
-    assert 2.0 <= late.drain_s < 3.0
+    # the engine part fits: a retry is admitted as soon as nobody queues at the door
+    assert late.drain_s == 0.0 and late.retry_after_s == 1
+    # with 300 requests inside the front door, a retry queues behind them
+    tickets = [adm.door.enter() for _ in range(300)]
+    behind = adm.decide(RequestCost(8), load, elapsed_s=2.0)
+    assert behind.drain_s == pytest.approx(300 * adm.door.gap_s)
+    for t in tickets:
+        adm.door.leave(t)
+    assert adm.door.inside == 0
     # the smallest request is what the door checks
     assert adm.shed(load) is None
     heavy = Load(waiting=tuple(RequestCost(4096) for _ in range(200)))

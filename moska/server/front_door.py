@@ -1,0 +1,70 @@
+"""The front end's own queue: generation requests past the door (their arrival stamped,
+not shed) that admission has not decided yet.
+
+Why: at 1,000 clients at once every request passed the door while the engine was still
+idle (the door asks "would the smallest request miss the SLO now?"), and then each one's
+body was read, validated and tokenized before admission saw it: decisions came 2.5-5.5 s
+after arrival and most admitted requests missed the SLO. Counting the requests inside lets
+the door shed with that backlog in view, and says how long a retry would queue behind it
+(Retry-After). Requests leave at their admission decision (`leave_current`, called by the
+controller) or, whatever happens to them, when the middleware is done with them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextvars import ContextVar
+
+
+class Ticket:
+    """One request inside the front door."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = False
+
+
+# the current request's ticket (set by the load-shedding middleware)
+TICKET: ContextVar[Ticket | None] = ContextVar("moska_door_ticket", default=None)
+
+
+class FrontDoor:
+    """A count of the requests inside and the front end's time per request under a
+    backlog (a moving average of the gaps between decisions while others waited).
+    Thread-safe."""
+
+    def __init__(self, prior_gap_s: float = 0.005, alpha: float = 0.2) -> None:
+        self.inside = 0
+        self.gap_s = prior_gap_s
+        self.alpha = alpha
+        self._last_leave: float | None = None
+        self._lock = threading.Lock()
+
+    def enter(self) -> Ticket:
+        with self._lock:
+            self.inside += 1
+        return Ticket()
+
+    def leave(self, ticket: Ticket | None) -> None:
+        """`ticket` leaves (once; later calls are no-ops)."""
+        if ticket is None or ticket.left:
+            return
+        now = time.monotonic()
+        with self._lock:
+            ticket.left = True
+            backlog = self.inside > 1  # someone was waiting behind it: a service time
+            self.inside = max(0, self.inside - 1)
+            if backlog and self._last_leave is not None:
+                gap = min(now - self._last_leave, 1.0)
+                self.gap_s += self.alpha * (gap - self.gap_s)
+            self._last_leave = now
+
+    def leave_current(self) -> None:
+        self.leave(TICKET.get())
+
+    @property
+    def wait_s(self) -> float:
+        """How long a request arriving now would queue behind the ones inside."""
+        return self.inside * self.gap_s

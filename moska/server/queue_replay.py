@@ -1,0 +1,174 @@
+"""Admission's queue replay: what the engine has (`Load`), what a request costs
+(`RequestCost`), and `replay`, which runs the scheduler's loop over them on a clock of
+predicted step times (see admission.py for why a replay and which steps it charges)."""
+
+from __future__ import annotations
+
+import math
+from bisect import insort
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from moska.server.step_model import StepFeatures, feature_vector
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    """What one engine request will cost. `library_attend`: library tokens each of its
+    rows attends to (top-k chunks x chunk size; 0 without a library). `library_load_tokens`:
+    tokens of its library still to be loaded from disk (0 when loaded)."""
+
+    prompt_tokens: int
+    max_tokens: int = 16
+    library_attend: int = 0
+    library_load_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Load:
+    """The engine's load as admission sees it. `waiting`: requests without a first token,
+    in FIFO order (handed over or not yet); `running`: (decode tokens left, library_attend)
+    of requests that have their first token."""
+
+    waiting: tuple[RequestCost, ...] = ()
+    running: tuple[tuple[int, int], ...] = ()
+    num_pending: int = 0  # of `waiting`, submitted but not yet handed to the engine
+    busy_s: float = 0.0  # how long the engine's current step has run (0: between steps)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def waiting_prefill_tokens(self) -> int:
+        return sum(c.prompt_tokens for c in self.waiting)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The scheduler's limits the queue replay needs."""
+
+    max_num_batched_tokens: int = 4096
+    max_num_seqs: int = 256
+
+    @classmethod
+    def of(cls, engine: Any) -> EngineLimits:
+        config = getattr(engine, "config", None)
+        return cls(
+            int(getattr(config, "max_num_batched_tokens", cls.max_num_batched_tokens)),
+            int(getattr(config, "max_num_seqs", cls.max_num_seqs)),
+        )
+
+
+class Prediction(NamedTuple):
+    ttft_s: float  # until the new requests' first token
+    queue_s: float  # until at most `queue_target` requests wait (inf if never simulated)
+
+
+def replay(
+    new: RequestCost,
+    load: Load,
+    num_requests: int,
+    queue_target: int | None,
+    *,
+    coef: np.ndarray,
+    load_tps: float,
+    limits: EngineLimits,
+    max_sim_steps: int = 20_000,
+) -> Prediction:
+    """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end,
+    each step costing `coef` . features (seconds). `queue_s`: when the waiting count
+    ahead first drops to `queue_target`."""
+    budget, max_seqs = limits.max_num_batched_tokens, limits.max_num_seqs
+
+    def step_s(prefill: int, pairs: int, decode: int) -> float:
+        return float(feature_vector(StepFeatures(prefill, pairs, decode, 0)) @ coef)
+
+    busy = max(0.0, load.busy_s)
+
+    def left(dt: float, step: int) -> float:
+        """`dt`, or for the step in progress what is left of it: at least a quarter
+        (a step still running past its prediction is slower than predicted)."""
+        return dt if step > 0 or busy == 0 else max(dt - busy, 0.25 * dt)
+
+    # [tokens left to prefill, cost] per waiting request
+    queue: deque[list[Any]] = deque([c.prompt_tokens, c] for c in load.waiting)
+    queue.extend([new.prompt_tokens, new] for _ in range(num_requests))
+    target = len(load.waiting) if queue_target is None else queue_target
+    # library loads ahead (once per library size) and the new request's own
+    loads = {c.library_load_tokens for c in load.waiting if c.library_load_tokens}
+    if new.library_load_tokens:
+        loads.add(new.library_load_tokens)
+    t = sum(loads) / load_tps
+    # handing requests to the engine (tokenization, bookkeeping) before its next step
+    t += coef[4] * (load.num_pending + num_requests) / 1e2
+    # the engine's step in progress is the replay's first step: only what it was handed
+    # (not the pending requests) takes part, and only its remainder is still to wait
+    in_step = len(load.waiting) - load.num_pending if busy > 0 else len(queue)
+    finish = sorted(n for n, _ in load.running)  # step offsets at which running ones end
+    lib_running = [(n, a) for n, a in load.running if a]
+    step, ttft, queue_s = 0, math.inf, 0.0 if len(load.waiting) <= target else math.inf
+    first_new = len(load.waiting)
+    served = 0  # queue entries that got their first token
+    prefilling = 0  # admitted entries without a first token (hold a seq slot)
+    while step < max_sim_steps:
+        while finish and finish[0] <= step:
+            finish.pop(0)
+        num_decode = len(finish)
+        lib_pairs = sum(a for n, a in lib_running if n > step)
+        slots = max_seqs - num_decode - prefilling
+        tokens = budget - num_decode
+        if not queue or (slots <= 0 and prefilling == 0) or tokens <= 0:
+            if not queue or not finish:
+                break
+            # nothing can enter until a running request ends: jump there
+            k = max(1, finish[0] - step)
+            dt = step_s(0, lib_pairs, num_decode)
+            t += left(dt, step) + (k - 1) * dt
+            step += k
+            continue
+        prefill = 0
+        done: list[RequestCost] = []
+        i = 0
+        while i < len(queue) and tokens > 0 and (step > 0 or i < in_step):
+            entry = queue[i]
+            fresh = entry[0] == entry[1].prompt_tokens
+            if fresh and slots <= 0:
+                break
+            if fresh:
+                slots -= 1
+                prefilling += 1
+            take = min(entry[0], tokens)
+            entry[0] -= take
+            tokens -= take
+            prefill += take
+            lib_pairs += take * entry[1].library_attend
+            if entry[0] == 0:
+                done.append(entry[1])
+                i += 1
+            else:
+                break
+        own = served + len(done) >= first_new + num_requests  # our first token: now
+        t += left(step_s(prefill, lib_pairs, num_decode), step)
+        step += 1
+        for cost in done:
+            queue.popleft()
+            prefilling -= 1
+            served += 1
+            insort(finish, step + max(cost.max_tokens - 1, 0))
+            if cost.library_attend:
+                lib_running.append((step + max(cost.max_tokens - 1, 0), cost.library_attend))
+        if own:
+            ttft = t
+        if math.isinf(queue_s) and len(load.waiting) - min(served, first_new) <= target:
+            queue_s = t
+        if not math.isinf(ttft):
+            break
+    return Prediction(ttft, queue_s)
