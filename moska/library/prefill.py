@@ -109,18 +109,23 @@ def compact_rows(flat: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return flat[:n]
 
 
+def _first_parameter(model: Any) -> torch.Tensor | None:
+    return next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+
+
 def model_device(model: Any) -> torch.device:
-    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    p = _first_parameter(model)
     return p.device if p is not None else torch.device("cpu")
 
 
-def _model_kv(model: Any, head_dim: int) -> tuple[int, torch.dtype]:
-    """(KV heads, KV dtype) of the model: its config's KV heads, its parameters' dtype."""
+def _kv_heads_and_dtype(model: Any) -> tuple[int, torch.dtype]:
+    """The KV heads of the model's config (this rank's under tensor parallelism) and the
+    dtype its k/v projections give: its parameters'."""
     config = getattr(model, "config", None)
     heads = getattr(config, "num_kv_heads", None) or getattr(config, "num_key_value_heads", None)
     if heads is None:
-        raise AttributeError(f"model config has no num_kv_heads (head_dim {head_dim})")
-    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        raise AttributeError("the model's config names no num_kv_heads")
+    p = _first_parameter(model)
     return int(heads), p.dtype if p is not None else torch.float32
 
 
@@ -161,7 +166,7 @@ def prefill_corpus(
     ops: KernelOps = getattr(model, "kernels", None) or kernel_ops("torch")
     token_ids, sequences = _with_prefix(corpus, list(sequence_prefix))
     layout = BuildLayout.of(sequences, BLOCK_SIZE)
-    heads, dtype = _model_kv(model, head_dim)
+    heads, dtype = _kv_heads_and_dtype(model)
     cache = PagedKVCache(num_layers, layout.num_blocks, BLOCK_SIZE, heads, head_dim, dtype, device)
     attention = PagedAttention(cache, ops, scale, overlap=False)
     index = {start: i for i, (start, _) in enumerate(sequences)}
