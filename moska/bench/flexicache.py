@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("networkx", "sympy")
 MAX_FILE_BYTES = 200_000  # the training corpus's filter
 # top_k_pages:threshold[:rank_by]; pages are 16 tokens, 128 in a 2,048-token window
-SETTINGS = "16:0.75,32:0.75,32:0.5,64:0.5,32:0.75:bound"
+SETTINGS = "16:0.75,32:0.75,32:0.6,16:0.75:mass,16:0.75:bound"
 
 
 def heldout_windows(tokenizer, length: int, per_package: int, seed: int) -> list[list[int]]:
@@ -115,7 +115,7 @@ def flexi_loss(model, windows: torch.Tensor, prompt: int, cfg, block_size: int, 
 
 def _setting(spec: str) -> tuple[int, float, str]:
     k, thr, *rank = spec.split(":")
-    return int(k), float(thr), rank[0] if rank else "mass"
+    return int(k), float(thr), rank[0] if rank else "centroid"
 
 
 def run_quality(args) -> dict:
@@ -129,7 +129,7 @@ def run_quality(args) -> dict:
     settings = [_setting(x) for x in args.settings.split(",")]
     if args.cpu_dry_run:  # a few hundred tokens, two settings: the pipeline, not a figure
         length, prompt, per = 320, 256, 1
-        settings = [(4, 0.5, "mass"), (4, 2.0, "mass"), (4, 0.5, "bound")]
+        settings = [(4, 0.5, "centroid"), (4, 2.0, "centroid"), (4, 0.5, "mass"), (4, 0.5, "bound")]
     ops = kernel_ops("auto", device)
     lm.model.kernels = ops
     wins = torch.tensor(heldout_windows(lm.tokenizer, length, per, args.seed), device=device)

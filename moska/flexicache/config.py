@@ -10,10 +10,11 @@ class FlexiCacheConfig:
     """top_k_pages: pages a stable head keeps besides the recent ones. recent_pages: the
     newest pages every head keeps (>= 1: the page being written is always read).
     sink_pages: the first pages every head keeps (attention sinks, as StreamingLLM's).
-    rank_by: "mass" (each page's softmax attention mass from the current query over every
-    key of the head, read at re-ranking steps only: from the host copy for offloaded pages)
-    or "bound" (Quest's upper bound of q.k from per-page key min/max kept on the device: no
-    host reads, but on moska-code-20m it ranks badly: +25-35% loss at K=16, see README).
+    rank_by: "centroid" (attention mass estimated from each page's mean key, one D-vector
+    per page and head kept on the device: no host reads), "mass" (the exact softmax mass
+    over every key of the head, read at re-rankings: from the host copy for offloaded
+    pages) or "bound" (Quest's upper bound of q.k from per-page key min/max on the device;
+    on moska-code-20m it ranks badly: +25-35% loss at K=16, see README).
     threshold: a head whose top-K overlaps its previous top-K by at least this fraction is
     stable (> 1: every head unstable, i.e. full KV). rerank_interval: steps between
     re-rankings (R). min_pages: requests with fewer pages than this keep everything."""
@@ -21,7 +22,7 @@ class FlexiCacheConfig:
     top_k_pages: int = 32
     recent_pages: int = 2
     sink_pages: int = 1
-    rank_by: str = "mass"
+    rank_by: str = "centroid"
     threshold: float = 0.5
     rerank_interval: int = 8
     min_pages: int = 0
@@ -34,8 +35,10 @@ class FlexiCacheConfig:
                 f"flexicache recent_pages must be >= 1 (the page being written), got "
                 f"{self.recent_pages}"
             )
-        if self.rank_by not in ("mass", "bound"):
-            raise ValueError(f"flexicache rank_by must be 'mass' or 'bound', got {self.rank_by!r}")
+        if self.rank_by not in ("centroid", "mass", "bound"):
+            raise ValueError(
+                f"flexicache rank_by must be 'centroid', 'mass' or 'bound', got {self.rank_by!r}"
+            )
         if self.sink_pages < 0:
             raise ValueError(f"flexicache sink_pages must be >= 0, got {self.sink_pages}")
         if self.rerank_interval < 1:
@@ -52,7 +55,7 @@ class FlexiCacheConfig:
     @classmethod
     def parse(cls, spec: str) -> FlexiCacheConfig:
         """`--flexicache` value: "on" (defaults) or "k=32,recent=2,threshold=0.5,r=8"
-        (also sink=, rank=mass|bound, min_pages=)."""
+        (also sink=, rank=centroid|mass|bound, min_pages=)."""
         if spec.strip().lower() in ("", "on", "1", "true"):
             return cls()
         names = {

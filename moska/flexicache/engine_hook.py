@@ -2,8 +2,8 @@
 
 The runner asks `FlexiEngine.begin` for a `FlexiStep` on every eager decode-only step; the
 attention backend then calls `FlexiStep.attend` per layer instead of the plain paged decode:
-per request and KV head it re-ranks every R steps (by attention mass over the paged cache's
-keys, or Quest bounds from page summaries),
+per request and KV head it re-ranks every R steps (by attention mass estimated from page
+mean keys, exact mass, or Quest bounds),
 classifies the head, and reads only the head's kept pages through `paged_decode_heads`.
 Requests keep their state across steps by request id; `release` drops it.
 
@@ -124,6 +124,9 @@ class FlexiStep:
             if cfg.rank_by == "bound":
                 kmin, kmax = policy.page_summaries(keys, self.seq_lens)
                 scores = policy.page_scores(q, kmin, kmax)
+            elif cfg.rank_by == "centroid":
+                kmean, count = policy.page_centroids(keys.permute(0, 3, 1, 2, 4), self.seq_lens)
+                scores = policy.centroid_mass(q, kmean, count, sm_scale)
             else:
                 keys = keys.permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
                 scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)

@@ -58,6 +58,35 @@ def page_mass(
     return torch.softmax(s, -1).view(b, hkv, -1, p, bs).sum((2, 4))
 
 
+def page_centroids(keys: torch.Tensor, n_tokens: torch.Tensor):
+    """keys [B, Hkv, P, bs, D] -> (mean key [B, Hkv, P, D] fp32, tokens per page [B, P]),
+    over the tokens before `n_tokens[b]`."""
+    b, _, p, bs, _ = keys.shape
+    pos = torch.arange(p * bs, device=keys.device).view(1, p, bs)
+    ok = (pos < n_tokens.view(b, 1, 1)).float()  # [B, P, bs]
+    count = ok.sum(-1)  # [B, P]
+    total = torch.einsum("bhptd,bpt->bhpd", keys.float(), ok)
+    return total / count.clamp(min=1)[:, None, :, None], count
+
+
+def centroid_mass(
+    q: torch.Tensor,  # [B, Hq, D]
+    kmean: torch.Tensor,  # [B, Hkv, P, D]
+    count: torch.Tensor,  # [B, P] tokens per page (0: none)
+    sm_scale: float,
+) -> torch.Tensor:
+    """[B, Hkv, P] fp32: attention mass estimated from per-page mean keys (each page as
+    `count` copies of its mean key), summed over the head's G query heads. One D-vector per
+    page and head, kept on the device: ranking reads no offloaded page."""
+    b, hq, d = q.shape
+    hkv = kmean.shape[1]
+    qf = q.float().view(b, hkv, hq // hkv, d)
+    s = torch.einsum("bhgd,bhpd->bhgp", qf, kmean.float()) * sm_scale
+    s = s + count.clamp(min=1).log()[:, None, None, :]
+    s = s.masked_fill((count == 0)[:, None, None, :], float("-inf"))
+    return torch.softmax(s, -1).sum(2)
+
+
 def candidates(n_pages: torch.Tensor, recent: int, max_pages: int, sink: int = 0) -> torch.Tensor:
     """[B, P] bool: the pages ranked (full ones outside the sink and recent windows)."""
     pages = torch.arange(max_pages, device=n_pages.device)

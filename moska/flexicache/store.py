@@ -45,11 +45,14 @@ class FlexiKV:
         self.pool_v = [torch.zeros(0, bs, 1, D, dtype=dtype, device=dev) for _ in range(L)]
         self.free: list[list[int]] = [[] for _ in range(L)]
         self.slot = torch.full((L, B, H, P), -1, dtype=torch.int64, device=dev)
-        # page summaries for rank_by="bound" only ("mass" reads the keys at re-rankings)
+        # page summaries on the device: mean keys ("centroid") or key min/max ("bound");
+        # "mass" keeps none and reads the keys at re-rankings
         self.bound = cfg.rank_by == "bound"
+        self.centroid = cfg.rank_by == "centroid"
         ps = P if self.bound else 0
         self.kmin = torch.zeros(L, B, H, ps, D, dtype=dtype, device=dev)
         self.kmax = torch.zeros(L, B, H, ps, D, dtype=dtype, device=dev)
+        self.kmean = torch.zeros(L, B, H, P if self.centroid else 0, D, dtype=dtype, device=dev)
         self.rank_rows = 4  # rows whose keys a "mass" re-ranking brings to the device at once
         self.top = torch.full((L, B, H, cfg.top_k_pages), -1, dtype=torch.int64, device=dev)
         self.stable = torch.zeros(L, B, H, dtype=torch.bool, device=dev)
@@ -79,7 +82,8 @@ class FlexiKV:
     def gpu_bytes(self) -> int:
         """Bytes this store holds on the device: the pools as allocated, summaries, tables."""
         pools = sum(t.numel() * t.element_size() for t in (*self.pool_k, *self.pool_v))
-        meta = (self.slot, self.kmin, self.kmax, self.top, self.stable, self.tables, self.lens)
+        meta = (self.slot, self.kmin, self.kmax, self.kmean, self.top, self.stable, self.tables)
+        meta = (*meta, self.lens)
         return pools + sum(t.numel() * t.element_size() for t in meta)
 
     def stable_fraction(self) -> float:
@@ -96,6 +100,12 @@ class FlexiKV:
         for host, x in ((self.host_k, k), (self.host_v, v)):
             x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(n, bs, H, D)
             host[layer, row, :, :n].copy_(x.permute(2, 0, 1, 3))
+        if self.centroid:
+            padded = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(1, n, bs, H, D)
+            kmean, _ = policy.page_centroids(
+                padded.permute(0, 3, 1, 2, 4), torch.tensor([t], device=k.device)
+            )
+            self.kmean[layer, row, :, :n] = kmean[0].to(self.kmean.dtype)
         if self.bound:
             padded = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(1, n, bs, H, D)
             kmin, kmax = policy.page_summaries(padded, torch.tensor([t], device=k.device))
@@ -167,6 +177,9 @@ class FlexiKV:
         cur = self.slot[layer, :, :, p].reshape(-1)  # [B * H] resident slots of the new page
         self.pool_k[layer][cur, s, 0] = k.reshape(B * H, D)
         self.pool_v[layer][cur, s, 0] = v.reshape(B * H, D)
+        if self.centroid:  # the newest page's mean key, from its resident copy
+            page = self.pool_k[layer][cur, : s + 1, 0].float().mean(1)  # [B * H, D]
+            self.kmean[layer, :, :, p] = page.view(B, H, D).to(self.kmean.dtype)
         o, _ = decode_fn(
             q,
             self.pool_k[layer],
@@ -178,11 +191,16 @@ class FlexiKV:
         return o
 
     def _scores(self, layer: int, q: torch.Tensor, sm_scale: float) -> torch.Tensor:
-        """[B, Hkv, P] page scores of the current queries: Quest bounds from the device
-        summaries, or attention mass over every key, the host copy's, `rank_rows` rows at
-        a time (a device transfer of the layer's keys at each re-ranking)."""
+        """[B, Hkv, P] page scores of the current queries: from the device summaries (mean
+        keys, or Quest bounds), or the exact attention mass over every key, the host
+        copy's, `rank_rows` rows at a time (a device transfer of the layer's keys)."""
         if self.bound:
             return policy.page_scores(q, self.kmin[layer], self.kmax[layer])
+        if self.centroid:
+            _, _, _, P, bs, _ = self.shape
+            first = torch.arange(P, device=self.device) * bs
+            count = (self.length - first).clamp(0, bs)[None, :].expand(q.shape[0], P)
+            return policy.centroid_mass(q, self.kmean[layer], count, sm_scale)
         n = torch.full((q.shape[0],), self.length, device=self.device)
         parts = []
         for r0 in range(0, q.shape[0], self.rank_rows):

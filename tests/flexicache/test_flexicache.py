@@ -106,7 +106,7 @@ def _decode(store, q, k, v):
     return store.attend(0, q[None, None], k[None, None], v[None, None], paged_decode_heads_ref, 1.0)
 
 
-@pytest.mark.parametrize("rank_by", ["mass", "bound"])
+@pytest.mark.parametrize("rank_by", ["centroid", "mass", "bound"])
 def test_rerank_fetches_promoted_pages(rank_by):
     torch.manual_seed(1)
     d, t = 16, 40  # 10 pages of 4 tokens
