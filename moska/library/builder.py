@@ -99,7 +99,7 @@ def build_from_corpus(
     with torch.inference_mode():
         routing = [build_routing_index(k, offsets, routing_rank) for k in k_pools]
         scales = None
-        if kv_dtype == "fp8":  # pool by pool, so one layer's exact copy is alive at a time
+        if kv_dtype == "fp8":  # the exact pools share the build cache, freed with the last
             scales = []
             for i in range(len(k_pools)):
                 kq, vq = quantize(k_pools[i], offsets), quantize(v_pools[i], offsets)
