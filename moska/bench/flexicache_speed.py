@@ -10,9 +10,10 @@ attention pattern, so which heads are stable is not measured here but set: a see
 `--stable-fraction` of (layer, sequence, head) is stable (take it from the quality run),
 the rest unstable (every page). Every `--r` steps stable heads re-rank and fetch promoted
 pages from the host, inside the timed steps (the mean step counts them; the median is a
-step without one). `--rank mass` (the default, as in the quality run) reads every key of
-the layer from the host copy at a re-ranking, and random keys make the top-K churn: a
-pessimistic case. `--rank bound` ranks by Quest bounds from device summaries, with K hot
+step without one). `--rank centroid` (the default, as in the quality run) ranks by mean
+keys kept on the device; `--rank mass` reads every key of the layer from the host copy at a
+re-ranking; with either, random keys make the top-K churn (up to K fetches per stable head
+per re-ranking): a pessimistic case. `--rank bound` ranks by Quest bounds from device summaries, with K hot
 pages per head given wide bounds so that they stay on top: an optimistic case. KV contents
 are random (tiled pages).
 """
@@ -100,6 +101,8 @@ def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, se
         kmax.scatter_(2, idx, 4.0)
         store.kmin[layer].copy_(kmin.to(dtype))
         store.kmax[layer].copy_(kmax.to(dtype))
+    if cfg.rank_by == "centroid":  # random mean keys: the top-K churns at re-rankings
+        store.kmean.copy_(0.25 * torch.randn(store.kmean.shape, generator=gen).to(dtype))
     store.top.copy_(hot)
     store.length = context
     return store
@@ -139,7 +142,7 @@ def run(args, rest: list[str]) -> dict:
     ap.add_argument("--steps", type=int, default=24, help="timed decode steps (3 re-ranks at r=8)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-batch", type=int, default=256)
-    ap.add_argument("--rank", choices=("mass", "bound"), default="mass")
+    ap.add_argument("--rank", choices=("centroid", "mass", "bound"), default="centroid")
     sa = ap.parse_args(rest)
     dry = args.cpu_dry_run
     device = torch.device("cpu" if dry else "cuda")
@@ -166,7 +169,7 @@ def run(args, rest: list[str]) -> dict:
     # resident pages per head, + summaries (2 D-vectors per page) and index tables
     flexi_req = heads * (
         (s * (k_pages + args.recent + cfg.sink_pages) + (1 - s) * pages) * page_bytes * 1.25
-        + pages * (2 * mc.head_dim * elem * (sa.rank == "bound") + 8 + 4)
+        + pages * (mc.head_dim * elem * {"bound": 2, "centroid": 1}.get(sa.rank, 0) + 8 + 4)
     )
     budget = 4 * full_req if dry else int(sa.kv_budget_gib * 2**30)
     b_full = max(1, min(sa.max_batch, budget // full_req))

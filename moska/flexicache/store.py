@@ -225,10 +225,14 @@ class FlexiKV:
             new = torch.tensor(self.free[layer][-n:], dtype=torch.int64, device=self.device)
             del self.free[layer][-n:]
             slot[idx[:, 0], idx[:, 1], idx[:, 2]] = new
-            i = idx.cpu()
+            _, _, H, P, bs, D = self.shape
+            flat = ((idx[:, 0] * H + idx[:, 1]) * P + idx[:, 2]).cpu()
+            pin = self.device.type == "cuda"
             for host, pool in ((self.host_k, self.pool_k), (self.host_v, self.pool_v)):
-                pages = host[layer, i[:, 0], i[:, 1], i[:, 2]]  # [n, bs, D]
-                pool[layer][new] = pages.to(self.device, non_blocking=True).unsqueeze(2)
+                # one gather into pinned staging (cached by torch), one async copy up
+                stage = torch.empty(n, bs, D, dtype=host.dtype, pin_memory=pin)
+                torch.index_select(host[layer].view(-1, bs, D), 0, flat, out=stage)
+                pool[layer][new] = stage.to(self.device, non_blocking=True).unsqueeze(2)
             self.fetched_pages += n
         self.peak_resident_pages = max(self.peak_resident_pages, self.resident_pages())
 
