@@ -82,8 +82,8 @@ class FlexiKV:
     def gpu_bytes(self) -> int:
         """Bytes this store holds on the device: the pools as allocated, summaries, tables."""
         pools = sum(t.numel() * t.element_size() for t in (*self.pool_k, *self.pool_v))
-        meta = (self.slot, self.kmin, self.kmax, self.kmean, self.top, self.stable, self.tables)
-        meta = (*meta, self.lens)
+        meta = [self.slot, self.kmin, self.kmax, self.kmean, self.top, self.stable, self.tables]
+        meta.append(self.lens)
         return pools + sum(t.numel() * t.element_size() for t in meta)
 
     def stable_fraction(self) -> float:
