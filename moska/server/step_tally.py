@@ -48,7 +48,10 @@ def tally_outputs(
             if stream.first_token_time is None:
                 stream.first_token_time = now
                 t.prefill_tokens += stream.num_prompt_tokens
-                t.library_pairs += attend * stream.num_prompt_tokens
+                # only the prompt tokens computed attend the library: a prefix-cache hit
+                # (a repeated prompt) taught admission that library prefill was cheap
+                cached = getattr(out, "num_cached_tokens", 0) or 0
+                t.library_pairs += attend * max(0, stream.num_prompt_tokens - cached)
                 m.ttft.observe(now - stream.arrival)
                 if stream.predicted_ttft_s is not None:
                     observed = now - stream.arrival
