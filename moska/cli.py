@@ -80,7 +80,7 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "semantic_recompute_layers": "first layers computed for every prompt token under "
     "semantic reuse",
     "semantic_store_mb": "memory bound of the semantic reuse reference store (MiB, LRU)",
-    "flexicache": "FlexiCache for long unique contexts: 'on' or k=32,recent=2,threshold=0.5,r=8 "
+    "flexicache": "FlexiCache for long unique contexts: 'on' or k=32,recent=2,threshold=0.75,r=8 "
     "(stable KV heads read only their top-k pages and the recent ones; approximate; eager "
     "decode steps). Default: off",
     "routing_scorer": "library router scorer: keymax, two_stage, mean or bound (default: keymax)",

@@ -54,7 +54,7 @@ class EngineConfig:
         `semantic_store_mb` the reference store's bound.
     flexicache: FlexiCache (`moska/flexicache/`): per KV head, stable heads read only their
         top-K pages plus the recent ones at decode steps, unstable heads every page; "on" or
-        "k=32,recent=2,threshold=0.5,r=8" (or a FlexiCacheConfig). Approximate: off (None)
+        "k=32,recent=2,threshold=0.75,r=8" (or a FlexiCacheConfig). Approximate: off (None)
         by default; in the engine the memory is modeled (see README).
 
     Every field is reachable from the command line (`moska serve --help`): the CLI builds

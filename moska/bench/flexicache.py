@@ -107,6 +107,7 @@ def flexi_loss(model, windows: torch.Tensor, prompt: int, cfg, block_size: int, 
         "stable_head_fraction": round(stable / steps, 4),
         "final_gpu_bytes": store.gpu_bytes(),
         "final_full_kv_bytes": store.full_kv_bytes(),
+        "final_gpu_bytes_fraction": round(store.gpu_bytes() / store.full_kv_bytes(), 4),
         "fetched_pages": store.fetched_pages,
         "evicted_pages": store.evicted_pages,
     }

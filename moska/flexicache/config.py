@@ -23,7 +23,7 @@ class FlexiCacheConfig:
     recent_pages: int = 2
     sink_pages: int = 1
     rank_by: str = "centroid"
-    threshold: float = 0.5
+    threshold: float = 0.75  # K=32: +0.54% loss at 46% of the KV on moska-code-20m
     rerank_interval: int = 8
     min_pages: int = 0
 
@@ -54,7 +54,7 @@ class FlexiCacheConfig:
 
     @classmethod
     def parse(cls, spec: str) -> FlexiCacheConfig:
-        """`--flexicache` value: "on" (defaults) or "k=32,recent=2,threshold=0.5,r=8"
+        """`--flexicache` value: "on" (defaults) or "k=32,recent=2,threshold=0.75,r=8"
         (also sink=, rank=centroid|mass|bound, min_pages=)."""
         if spec.strip().lower() in ("", "on", "1", "true"):
             return cls()
