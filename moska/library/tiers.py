@@ -255,21 +255,12 @@ class ChunkTiers:
         policy = self.config.miss_policy if wait is None else ("wait" if wait else "skip")
         cache = self.caches[layer]
         cache.tick()
-        needed = torch.unique(sel.chunk).tolist()  # the one host sync of the layer
+        uniq, counts = torch.unique(sel.chunk, return_counts=True)  # the layer's host sync
+        needed = uniq.tolist()
         needed.sort(key=lambda c: c not in cache)  # hits first: passes stream the misses
         self._last[layer] = needed
         if policy == "skip":
-            present = [c for c in needed if c in cache]
-            absent = [c for c in needed if c not in cache]
-            self.stats.hits["gpu"] += len(present)
-            self.stats.misses["gpu"] += len(absent)
-            cache.admit(present, count=False)  # a use: the policy's clock and counts
-            if absent:
-                before = sel.req.numel()
-                sel = _subset(sel, present, self.num_chunks)
-                self.stats.skipped += before - sel.req.numel()
-                self.prefetch(layer, absent, protect=present)  # there for later steps
-            needed = present
+            return self._attend_skipping(ops, layer, q_rows, sel, sm_scale, needed, counts)
         count = policy == "wait"
         batches = [needed[i : i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
         if not batches:
@@ -291,6 +282,32 @@ class ChunkTiers:
             o.index_copy_(0, idx, o_p.to(o.dtype))
             lse.index_copy_(0, idx, lse_p)
         return o, lse, sel
+
+    def _attend_skipping(self, ops, layer, q_rows, sel, sm_scale, needed, counts):
+        """The "skip" policy: attend the resident chunks only, then bring in the absent
+        chunks that this step wanted more than some resident ones (demand: selections per
+        chunk). Without that swap the resident set never changes once every slot holds a
+        routed chunk: a protected slot is never evicted, so the hot misses never arrive.
+        The swap runs after the kernel (the copy stream waits for its read)."""
+        cache = self.caches[layer]
+        demand = dict(zip(sorted(needed), counts.tolist()))  # unique() returns sorted ids
+        present = [c for c in needed if c in cache]
+        absent = [c for c in needed if c not in cache]
+        self.stats.hits["gpu"] += len(present)
+        self.stats.misses["gpu"] += len(absent)
+        cache.admit(present, count=False)  # a use: the policy's clock and counts
+        if absent:
+            before = sel.req.numel()
+            sel = _subset(sel, present, self.num_chunks)
+            self.stats.skipped += before - sel.req.numel()
+        if present:
+            out = (*self._run(ops, layer, q_rows, sel, sm_scale, None), sel)
+        else:
+            out = _empty(q_rows, sel, self.k_pools[layer].shape[1])
+        if absent:
+            self.prefetch(layer, *_swap_plan(absent, present, demand, cache.num_slots))
+        self._prefetch_next(layer, present)
+        return out
 
     def _prefetch_next(self, layer: int, chunks: list[int]) -> None:
         """Layer `layer`'s chunks fetched for the layer above, never in place of what that
@@ -319,6 +336,23 @@ class ChunkTiers:
             ev.record(torch.cuda.current_stream(self.device))
             self._read_done[layer] = ev
         return (o, lse) if idx is None else (idx, o, lse)
+
+
+def _swap_plan(absent: list[int], present: list[int], demand: dict[int, int], slots: int):
+    """(chunks to fetch, chunks to keep) after a skipping step: the absent chunks by demand,
+    and the resident chunks worth keeping. A resident chunk is given up for an absent one
+    only when the absent one had strictly more selections (ties keep what is there: no
+    churn under uniform routing). Slots not holding a routed chunk are free to take."""
+    want = sorted(absent, key=lambda c: -demand[c])[:slots]
+    keep = sorted(present, key=lambda c: demand[c])  # cheapest to give up first
+    free = slots - len(present)
+    give_up = 0
+    for c in want[max(free, 0) :]:
+        if give_up < len(keep) and demand[c] > demand[keep[give_up]]:
+            give_up += 1
+        else:
+            break
+    return want[: max(free, 0) + give_up], keep[give_up:]
 
 
 def _subset(sel: Selections, chunks: list[int], num_chunks: int) -> Selections:

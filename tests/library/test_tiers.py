@@ -230,6 +230,42 @@ def test_skip_policy_drops_absent_chunks_and_reports_coverage(full, tiered):
         tt.config = replace(tt.config, miss_policy="wait")
 
 
+def test_skip_swap_plan_trades_cold_resident_chunks_for_hot_misses():
+    from moska.library.tiers import _swap_plan
+
+    demand = {0: 1, 1: 5, 2: 9, 3: 1, 4: 2}
+    # 3 slots all holding routed chunks 0, 1, 4; misses 2 (9 selections) and 3 (1)
+    fetch, keep = _swap_plan([2, 3], [0, 1, 4], demand, 3)
+    assert fetch == [2] and sorted(keep) == [1, 4]  # 2 replaces 0; 3 does not beat 4
+    # ties keep what is there (no churn under uniform routing)
+    assert _swap_plan([3], [0], {0: 1, 3: 1}, 1) == ([], [0])
+    # free slots take misses without giving anything up
+    assert _swap_plan([2, 3], [0], demand, 3) == ([2, 3], [0])
+
+
+def test_skip_policy_brings_in_hot_misses(full):
+    from moska.library import load_library
+
+    root = full.engine.libraries.root
+    lib = full.engine.libraries.get("docs")
+    skip = TierConfig(gpu_budget=_slot_budget(lib, 2), miss_policy="skip", prefetch="none")
+    tiers = load_library(root, "docs", None, "cpu", progress=False, tiers=skip).tiers
+    g = torch.Generator().manual_seed(1)
+    hkv, d = lib.k_pools[0].shape[1:]
+    ops = full.engine.runner.ops
+    q = torch.randn(4, 4, d, generator=g)
+    cold = from_topk(torch.tensor([[[0, 1]]] * 4), hkv, lib.num_chunks)
+    tiers.attend(ops, 0, q, cold, 0.25)  # 0 and 1 fetched (free slots)
+    assert tiers.resident(0) == {0, 1}
+    # chunk 2 wanted by all four requests, 1 by one, 0 by three: 2 replaces 1
+    hot = from_topk(torch.tensor([[[0, 2]], [[0, 2]], [[0, 2]], [[1, 2]]]), hkv, lib.num_chunks)
+    _, _, kept = tiers.attend(ops, 0, q, hot, 0.25)
+    assert kept.req.numel() == 4 * hkv  # this step read 0 and 1 only
+    assert tiers.resident(0) == {0, 2}
+    _, lse, kept = tiers.attend(ops, 0, q, hot, 0.25)
+    assert kept.req.numel() == 7 * hkv and torch.isfinite(lse).all()  # only 1's row skipped
+
+
 def test_disk_reads_only_the_chunk_rows(full, monkeypatch):
     from safetensors.torch import load_file
 
