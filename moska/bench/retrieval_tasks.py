@@ -20,6 +20,8 @@ import random
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 BOS, SEP, QUESTION = 0, 1, 2
 FACT, IS, END, DEF, OPEN, CLOSE, LINK, TO = 3, 4, 5, 6, 7, 8, 9, 10
 ASK_FACT, ASK_CODE, ASK_HOP = 11, 12, 13
@@ -37,11 +39,14 @@ class RetrievalSpec:
     context_tokens: int = 4096
     facts: int = 48  # facts per context (hops count as two)
     doc_tokens: int = 256  # mean document length
+    formats: tuple[str, ...] = FORMATS  # which of FORMATS the contexts hold
 
     def __post_init__(self) -> None:
         assert FIRST_FILLER + self.filler_tokens + self.key_tokens + self.value_tokens <= (
             self.vocab_size
         ), "token ranges exceed the vocabulary"
+        if not self.formats or set(self.formats) - set(FORMATS):
+            raise ValueError(f"formats {self.formats}: choose among {FORMATS}")
 
     @property
     def key_range(self) -> tuple[int, int]:
@@ -65,7 +70,10 @@ class RetrievalSpec:
         path = Path(folder) / SPEC_FILE
         if not path.is_file():
             raise SystemExit(f"{path} missing: train the model with moska.bench.train_retrieval")
-        return cls(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if "formats" in data:
+            data["formats"] = tuple(data["formats"])
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -92,12 +100,19 @@ def _value(rng: random.Random, spec: RetrievalSpec) -> list[int]:
 
 
 def make_context(rng: random.Random, spec: RetrievalSpec, num_questions: int):
-    """(context ids, [(question, answer, format, depth)] for ``num_questions`` facts)."""
+    """(context ids, [(question, answer, format, depth)] for ``num_questions`` facts; 0 or a
+    number above the context's facts asks every fact once)."""
+    ctx, qs = context_array(rng, spec, num_questions)
+    return ctx.tolist(), qs
+
+
+def context_array(rng: random.Random, spec: RetrievalSpec, num_questions: int):
+    """make_context with the context as a numpy array (training batches skip the lists)."""
     used: set = set()
     pieces: list[tuple[str, list[int], tuple | None]] = []  # (format, tokens, ask info)
     n = 0
     while n < spec.facts:
-        fmt = rng.choice(FORMATS)
+        fmt = rng.choice(spec.formats)
         k, v = _key(rng, spec, used), _value(rng, spec)
         if fmt == "fact":
             pieces.append((fmt, [FACT, *k, IS, *v, END], (ASK_FACT, k, IS, v)))
@@ -111,27 +126,35 @@ def make_context(rng: random.Random, spec: RetrievalSpec, num_questions: int):
         n += 1
     rng.shuffle(pieces)
     fact_len = sum(len(t) for _, t, _ in pieces)
-    filler_budget = max(0, spec.context_tokens - 1 - fact_len)
-    # spread the facts: filler runs between them, documents cut by SEP
-    cuts = sorted(rng.randrange(filler_budget + 1) for _ in range(len(pieces)))
-    gaps = [b - a for a, b in zip([0, *cuts], [*cuts, filler_budget])]
-    ctx = [BOS]
+    if fact_len + 1 > spec.context_tokens:
+        raise ValueError(
+            f"{spec.facts} facts ({fact_len} tokens) do not fit a {spec.context_tokens}-token "
+            "context: ask for fewer facts or a longer context"
+        )
+    budget = spec.context_tokens - 1 - fact_len
+    # filler drawn in one go (numpy; a token-by-token Python loop made data, not the GPU, the
+    # training step's cost): documents cut by SEP, facts spread between filler runs
+    gen = np.random.default_rng(rng.getrandbits(63))
+    filler = gen.integers(FIRST_FILLER, FIRST_FILLER + spec.filler_tokens, budget)
+    filler[gen.random(budget) < 1.0 / spec.doc_tokens] = SEP
+    cuts = np.sort(gen.integers(0, budget + 1, len(pieces))).tolist()
+    parts = [np.array([BOS])]
     asks = []
-    flo, fhi = FIRST_FILLER, FIRST_FILLER + spec.filler_tokens
-    for i, gap in enumerate(gaps):
-        for _ in range(gap):
-            tok = SEP if rng.random() < 1.0 / spec.doc_tokens else rng.randrange(flo, fhi)
-            ctx.append(tok)
-        if i < len(pieces):
-            fmt, toks, ask = pieces[i]
-            if ask is not None:
-                asks.append((fmt, ask, len(ctx)))
-            ctx.extend(toks)
+    prev, pos = 0, 1
+    for (fmt, toks, ask), cut in zip(pieces, cuts):
+        parts += [filler[prev:cut], np.array(toks)]
+        pos += cut - prev
+        prev = cut
+        if ask is not None:
+            asks.append((fmt, ask, pos))
+        pos += len(toks)
+    parts.append(filler[prev:])
+    ctx = np.concatenate(parts)
     rng.shuffle(asks)
     qs = []
-    for fmt, (marker, key, sep, value), pos in asks[:num_questions]:
-        qs.append(([QUESTION, marker, *key, sep], value, fmt, pos / max(1, len(ctx))))
-    return ctx[: spec.context_tokens], qs
+    for fmt, (marker, key, sep, value), at in asks[: num_questions or len(asks)]:
+        qs.append(([QUESTION, marker, *key, sep], value, fmt, at / len(ctx)))
+    return ctx, qs
 
 
 def make_examples(spec: RetrievalSpec, n: int, seed: int = 0) -> list[Example]:

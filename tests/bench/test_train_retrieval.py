@@ -1,0 +1,112 @@
+"""The retrieval task and its training batches (moska.bench.retrieval_tasks, train_retrieval):
+every answer is determined by its context, and the loss mask selects exactly the answers."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from moska.bench import retrieval_tasks as rt
+from moska.bench.train_retrieval import ANSWER, batch, contexts, losses, lr_at, main
+
+
+def lookup(ctx: list[int], question: list[int]) -> list[list[int]]:
+    """Every answer a plain search of the context gives the question (the reference reader:
+    no model): the two tokens after ``key sep`` in a fact or definition; for a hop, the
+    LINK from the asked key to another key, then that key's fact."""
+    marker, key, sep = question[1], question[2:5], question[5]
+    found = []
+    if marker == rt.ASK_HOP:
+        for i in range(len(ctx) - 8):
+            if ctx[i] == rt.LINK and ctx[i + 1 : i + 4] == key and ctx[i + 4] == rt.TO:
+                found += lookup(ctx, [rt.QUESTION, rt.ASK_FACT, *ctx[i + 5 : i + 8], rt.IS])
+        return found
+    head = rt.FACT if marker == rt.ASK_FACT else rt.DEF
+    for i in range(len(ctx) - 6):
+        if ctx[i] == head and ctx[i + 1 : i + 4] == key and ctx[i + 4] == sep:
+            found.append(ctx[i + 5 : i + 7])
+    return found
+
+
+@pytest.mark.parametrize("tokens,facts", [(96, 4), (512, 12), (4096, 48)])
+def test_each_answer_is_the_one_a_plain_lookup_finds(tokens, facts):
+    spec = rt.RetrievalSpec(context_tokens=tokens, facts=facts)
+    seen = set()
+    for ex in rt.make_examples(spec, 24, seed=tokens):
+        assert len(ex.context) == tokens and ex.context[0] == rt.BOS
+        assert lookup(ex.context, ex.question) == [ex.answer], (ex.fmt, ex.question)
+        lo, hi = spec.value_range
+        assert all(lo <= t < hi for t in ex.answer)
+        seen.add(ex.fmt)
+    assert seen == set(rt.FORMATS)
+
+
+def test_every_fact_asked_once_and_too_many_facts_refused():
+    spec = rt.RetrievalSpec(context_tokens=256, facts=6)
+    ctx, qs = rt.make_context(random.Random(3), spec, 0)
+    answers = [a for _, a, _, _ in qs]
+    facts = sum(t in (rt.FACT, rt.DEF) for t in ctx)  # a hop's fact is asked via its link
+    assert len(qs) == facts and any(t == rt.LINK for t in ctx)
+    assert all(lookup(ctx, q) == [a] for q, a, _, _ in qs) and len(answers) >= 4
+    with pytest.raises(ValueError, match="do not fit"):
+        rt.make_context(random.Random(0), rt.RetrievalSpec(context_tokens=40, facts=8), 1)
+
+
+@pytest.mark.parametrize("keys", [False, True])
+def test_the_mask_selects_exactly_the_answer_tokens(keys):
+    spec = rt.RetrievalSpec(context_tokens=128, facts=4)
+    ids, m, lengths = batch(spec, random.Random(7), 3, 0, keys=keys)
+    rng = random.Random(7)  # the same draws, read back through the task itself
+    for b in range(3):
+        ctx, qs = rt.context_array(rng, spec, 0)
+        row = ctx.tolist() + [t for q, a, _, _ in qs for t in q + a]
+        assert int(lengths[b]) == len(row) and ids[b, : len(row)].tolist() == row
+        want = [t for q, a, _, _ in qs for t in (q[3:] if keys else []) + a]
+        assert ids[b][m[b] > 0].tolist() == want
+        assert ids[b][m[b] == ANSWER].tolist() == [t for _, a, _, _ in qs for t in a]
+        assert not m[b, len(row) :].any() and not m[b, : len(ctx)].any()
+        # an answer's first token follows its question's separator
+        starts = [p for p in m[b].nonzero().flatten().tolist() if not m[b, p - 1]]
+        assert len(starts) == len(qs)
+        if not keys:
+            assert all(int(ids[b, p - 1]) in (rt.IS, rt.OPEN) for p in starts)
+
+
+def test_losses_read_targets_one_token_later():
+    spec = rt.RetrievalSpec(context_tokens=64, facts=4)
+    ids, m, lengths = batch(spec, random.Random(1), 2, 0, keys=False)
+    # logits that put all mass on the true next token: zero loss, perfect accuracy
+    perfect = torch.full((*ids.shape, spec.vocab_size), -30.0)
+    perfect[:, :-1].scatter_(2, ids[:, 1:, None], 30.0)
+    lookup_loss, lm, acc = losses(perfect, ids, m, lengths)
+    assert lookup_loss < 1e-6 and lm < 1e-6 and acc == 1.0
+    shifted = torch.full_like(perfect, -30.0)
+    shifted.scatter_(2, ids[:, :, None], 30.0)  # predicting the current token instead
+    assert losses(shifted, ids, m, lengths)[2] < 0.1
+
+
+def test_schedule_and_curriculum():
+    class A:
+        lr, warmup, min_lr = 1e-3, 100, 0.1
+
+    assert lr_at(A, 1, 0.0) == pytest.approx(1e-5)
+    assert lr_at(A, 100, 0.0) == pytest.approx(1e-3)
+    assert lr_at(A, 500, 1.0) == pytest.approx(1e-4)
+    assert contexts(256, 4096) == [256, 512, 1024, 2048, 4096]
+    assert contexts(256, 1000) == [256, 512, 1000]
+
+
+def test_trains_a_few_steps_and_saves_bf16(tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "ret"
+    main(["--cpu-dry-run", "--steps", "3", "--save-dtype", "bfloat16", "--out", str(out),
+          "--eval-n", "4"])  # fmt: skip
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        assert names and all(f.get_tensor(k).dtype == torch.bfloat16 for k in names)
+    log = json.loads((out / "train_log.json").read_text())["log"]
+    assert log[-1]["step"] == 3 and log[-1]["context"] == 128
+    spec = rt.RetrievalSpec.load(out)
+    assert spec.formats == ("fact", "code") and spec.context_tokens == 128
