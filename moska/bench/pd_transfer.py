@@ -144,7 +144,7 @@ def _engine(args):
     if args.model_dims == "tiny":
         return LLMEngine.from_model(None, **kw)
     loaded = random_loaded_model(LLAMA_3_1_8B, torch.bfloat16, args.device)
-    return LLMEngine(EngineConfig(model="random-llama-3.1-8b", **kw), loaded)  # type: ignore[arg-type]
+    return LLMEngine(EngineConfig(model="random-llama-3.1-8b", **kw), loaded)
 
 
 def raw_transfer(transport: KVTransport, results, layers: list[torch.Tensor], tid0: int, n: int):

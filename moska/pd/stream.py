@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -85,8 +86,8 @@ class _Capture:
 class LayerCapture:
     """The hooks of one engine (see the module doc); `remove` takes them off."""
 
-    engine: object
-    on_step: Callable[[list], list[tuple[object, LayerStream]]]
+    engine: Any  # an LLMEngine (duck-typed: the runner, its cache and block manager)
+    on_step: Callable[[list], list[tuple[Any, LayerStream]]]
     _active: list[_Capture] = field(default_factory=list)
     _handles: list = field(default_factory=list)
     _launch: Callable | None = None
@@ -109,11 +110,11 @@ class LayerCapture:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self.engine.runner.launch = self._launch  # type: ignore[attr-defined]
+        self.engine.runner.launch = self._launch
 
     def _wrapped_launch(self, scheduled, block_table, *args, **kwargs):
         assert self._launch is not None
-        cache = self.engine.runner.cache  # type: ignore[attr-defined]
+        cache = self.engine.runner.cache
         self._active = [
             _Capture(stream, torch.tensor(ids, dtype=torch.long, device=cache.k.device))
             for ids, stream in self._streams(scheduled, block_table)
@@ -131,7 +132,7 @@ class LayerCapture:
             self._active = []
 
     def _streams(self, scheduled, block_table) -> list[tuple[list[int], LayerStream]]:
-        bs = self.engine.block_manager.block_size  # type: ignore[attr-defined]
+        bs = self.engine.block_manager.block_size
         out = []
         for req, stream in self.on_step(scheduled):
             n = kv_blocks.usable_blocks(len(req.prompt_token_ids), bs)
@@ -142,7 +143,7 @@ class LayerCapture:
         def hook(_module, _inputs, _output) -> None:
             if not self._active:
                 return
-            cache = self.engine.runner.cache  # type: ignore[attr-defined]
+            cache = self.engine.runner.cache
             for c in self._active:
                 if self._side is None:
                     kv = torch.stack(
