@@ -19,6 +19,7 @@ from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpe
 from moska.engine.memory import MemoryPlan, plan_memory
 from moska.engine.request import Request
 from moska.engine.sampler import Sampler
+from moska.engine.step_inputs import StepInputs, flatten_step
 from moska.engine.step_output import PendingStep, StepResult
 from moska.engine.transfer import host_tensor, to_device
 from moska.flexicache.engine_hook import flexi_engine
@@ -146,126 +147,63 @@ class ModelRunner:
         flight (sampled by ``prev``, not yet on the host) is read from ``prev``'s device
         tokens. Each request reads the library build it holds (``request.library``);
         rows are grouped by build id."""
-        bs = self.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu_q = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
-        libs: dict[str, Any] = {}  # build id -> library (loaded, or a composition)
-        lib_rows: dict[str, list[int]] = {}  # by build id
-        lib_topk: dict[str, int] = {}
-        lib_policy: dict[str, object] = {}  # build id -> RoutingPolicy (its first request's)
-        record_reqs: dict[str, list[tuple[Request, int]]] = {}
-        pending: list[tuple[int, str]] = []  # (row, request id): input token in flight
-        prompt_rows: list[prompt_logprobs.PromptRows] = []
-        for item in scheduled:
-            req: Request = item.request
-            start, n = req.num_computed_tokens, item.num_new_tokens
-            end = start + n
-            assert 0 < n and end <= req.num_tokens
-            offset = 0
-            lib = req.library
-            if lib is not None:
-                bid = lib.build_id
-                libs[bid] = lib
-                offset = lib.position_offset
-                first = len(token_ids)
-                lib_rows.setdefault(bid, []).extend(range(first, first + n))
-                k = req.top_k_chunks or top_k_default
-                lib_topk[bid] = max(lib_topk.get(bid, 0), k)
-                lib_policy.setdefault(bid, self._routing_policy(req))
-            rows = prompt_logprobs.rows_of(
-                req.request_id, req.prompt_token_ids, start, end, len(token_ids),
-                req.sampling_params.prompt_logprobs,
-            )  # fmt: skip
-            if rows is not None:
-                prompt_rows.append(rows)
-            token_ids.extend(req.token_ids_slice(start, min(end, req.num_known_tokens)))
-            if end > req.num_known_tokens:  # its last input is prev's token, on the device
-                assert end == req.num_known_tokens + 1, req.request_id  # one step in flight
-                pending.append((len(token_ids), req.request_id))
-                token_ids.append(0)  # overwritten on the device (_device_inputs)
-            positions.extend(range(offset + start, offset + end))
-            table = block_table(req.request_id)
-            slots.extend(table[i // bs] * bs + i % bs for i in range(start, end))
-            cu_q.append(len(token_ids))
-            seq_lens.append(end)
-            if end == req.num_tokens:
-                sample_rows.append(len(token_ids) - 1)
-                sample_reqs.append(req)
-                if lib is not None:
-                    record_reqs.setdefault(lib.build_id, []).append((req, len(token_ids) - 1))
-        max_blocks = max((s + bs - 1) // bs for s in seq_lens)
-        tables = []
-        for it in scheduled:
-            table = block_table(it.request.request_id)
-            tables.append(table[:max_blocks] + [0] * (max_blocks - len(table)))
-        device_ids = self._device_inputs(pending, prev)
-        replay = self._graph_replay(
-            scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs, lib_policy
+        x = flatten_step(
+            scheduled, block_table, self.block_size, top_k_default, self._routing_policy
         )
+        device_ids = self._device_inputs(x.pending, prev)
+        replay = self._graph_replay(scheduled, x)
         if replay is not None:
             assert self.graphs is not None  # a replay is only planned when graphs exist
             try:
                 hidden, report = self.graphs.run(
-                    host_tensor(token_ids, torch.int64, self.device),
-                    host_tensor(positions, torch.int64, self.device),
-                    host_tensor(slots, torch.int64, self.device),
-                    host_tensor(seq_lens, torch.int32, self.device),
-                    host_tensor(tables, torch.int32, self.device),
+                    host_tensor(x.token_ids, torch.int64, self.device),
+                    host_tensor(x.positions, torch.int64, self.device),
+                    host_tensor(x.slots, torch.int64, self.device),
+                    host_tensor(x.seq_lens, torch.int32, self.device),
+                    host_tensor(x.tables, torch.int32, self.device),
                     replay.library,
                     device_ids,
                 )
             except GraphCaptureError as e:
                 self._go_eager(e)
             else:
-                routing = [report] if report is not None else []
-                step = self._sample(
-                    hidden, sample_rows, sample_reqs, routing, lib_rows, record_reqs
-                )
-                step.prompt_lp = prompt_logprobs.compute(self.model, hidden, prompt_rows)
+                step = self._sample(hidden, x, [report] if report is not None else [])
                 step.decode_only = True
                 return step
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=to_device(slots, dev, torch.int64),
-            cu_q_lens=to_device(cu_q, dev, torch.int32),
-            seq_lens=to_device(seq_lens, dev, torch.int32),
-            block_tables=to_device(tables, dev, torch.int32),
-            decode_only=len(token_ids) == len(scheduled),
+            slot_mapping=to_device(x.slots, dev, torch.int64),
+            cu_q_lens=to_device(x.cu_q, dev, torch.int32),
+            seq_lens=to_device(x.seq_lens, dev, torch.int32),
+            block_tables=to_device(x.tables, dev, torch.int32),
+            decode_only=x.decode_only,
         )
         if self.flexi is not None and meta.decode_only:  # per-KV-head page lists
             ids = [it.request.request_id for it in scheduled]
-            meta.flexi = self.flexi.begin(ids, meta.block_tables, seq_lens)
+            meta.flexi = self.flexi.begin(ids, meta.block_tables, x.seq_lens)
         num_layers = self.mcfg.num_kv_layers  # attention layers index KV slots
         sampled_layers = frozenset({0, num_layers // 2, num_layers - 1})
-        for name, rows in lib_rows.items():
-            lib = libs[name]
-            wants = any(r.report_routing for r, _ in record_reqs.get(name, []))
+        for name, rows in x.lib_rows.items():
+            wants = any(r.report_routing for r, _ in x.record_reqs.get(name, []))
             meta.groups.append(
                 LibraryGroup(
-                    library=lib,
+                    library=x.libs[name],
                     rows=to_device(rows, dev, torch.int64),
-                    top_k=lib_topk[name],
-                    policy=lib_policy[name],
-                    all_rows=rows == list(range(len(token_ids))),
-                    record=name in record_reqs,
+                    top_k=x.lib_topk[name],
+                    policy=x.lib_policy[name],
+                    all_rows=rows == list(range(len(x.token_ids))),
+                    record=name in x.record_reqs,
                     coverage_layers=sampled_layers if wants else frozenset(),
                 )
             )
-        ids_t = to_device(token_ids, dev, torch.int64)
+        ids_t = to_device(x.token_ids, dev, torch.int64)
         if device_ids is not None:
             ids_t.index_copy_(0, *device_ids)
-        pos_t = to_device(positions, dev, torch.int64)
+        pos_t = to_device(x.positions, dev, torch.int64)
         bound = self.attention.bind(meta)
         hidden = self.model(ids_t, pos_t, bound)
         # the groups' routing reports, kept by the bound attention (none without groups)
-        routing = bound.routing if meta.groups else []
-        step = self._sample(hidden, sample_rows, sample_reqs, routing, lib_rows, record_reqs)
-        step.prompt_lp = prompt_logprobs.compute(self.model, hidden, prompt_rows)
+        step = self._sample(hidden, x, bound.routing if meta.groups else [])
         step.decode_only = meta.decode_only
         return step
 
@@ -311,34 +249,39 @@ class ModelRunner:
         """The request's routing policy (SamplingParams.routing), else the engine's."""
         return req.sampling_params.routing or self.config.routing_policy
 
-    def _graph_replay(
-        self, scheduled, token_ids, lib_rows, lib_topk, record_reqs, libs, lib_policy=None
-    ) -> GraphReplay | None:
+    def _graph_replay(self, scheduled: list, x: StepInputs) -> GraphReplay | None:
         """The CUDA-graph replay this step can be, or None when it runs eagerly."""
         g = self.graphs
-        if g is None or len(token_ids) != len(scheduled) or g.bucket(len(scheduled)) is None:
+        if g is None or not x.decode_only or g.bucket(len(scheduled)) is None:
             return None
-        if not lib_rows:
+        if not x.lib_rows:
             return GraphReplay(None)
-        if len(lib_rows) > 1:
+        if len(x.lib_rows) > 1:
             return None
-        ((name, rows),) = lib_rows.items()
-        reqs = record_reqs.get(name, [])
-        if len(rows) != len(token_ids) or any(r.report_routing for r, _ in reqs):
+        ((name, rows),) = x.lib_rows.items()
+        reqs = x.record_reqs.get(name, [])
+        if len(rows) != len(x.token_ids) or any(r.report_routing for r, _ in reqs):
             return None
-        lib = libs[name]
+        lib = x.libs[name]
         if getattr(lib, "tiers", None) is not None:  # tiered: fetches and host syncs, eager
             return None
         if getattr(lib, "parts", None) is not None:  # composed: the graphs hold one library
             return None
-        policy = (lib_policy or {}).get(name)
+        policy = x.lib_policy.get(name)
         if policy is not None and not policy.graph_safe:  # adaptive k, pages: host syncs
             return None
-        spec = LibrarySpec(name, lib, lib_topk[name], "keymax", record=bool(reqs), policy=policy)
+        spec = LibrarySpec(name, lib, x.lib_topk[name], "keymax", record=bool(reqs), policy=policy)
         return GraphReplay(spec)
 
-    def _sample(self, hidden, sample_rows, sample_reqs, routing, lib_rows, record_reqs):
-        step = PendingStep(sample_reqs, None, routing, lib_rows, record_reqs)
+    def _sample(self, hidden: torch.Tensor, x: StepInputs, routing: list) -> PendingStep:
+        """Queue the sampler (and the prompt logprobs) behind the forward's `hidden`."""
+        step = self._sample_rows(hidden, x.sample_rows, x.sample_reqs)
+        step.routing, step.lib_rows, step.record_reqs = routing, x.lib_rows, x.record_reqs
+        step.prompt_lp = prompt_logprobs.compute(self.model, hidden, x.prompt_rows)
+        return step
+
+    def _sample_rows(self, hidden, sample_rows, sample_reqs) -> PendingStep:
+        step = PendingStep(sample_reqs, None, [], {}, {})
         if not sample_rows:
             return step
         if len(sample_rows) == hidden.shape[0]:  # every row samples (a decode step)
