@@ -59,6 +59,10 @@ class StepModel:
     def _fit(self) -> np.ndarray:
         X = np.array([x for x, _ in self._obs])
         y = np.array([s for _, s in self._obs])
+        # relative errors: in absolute least squares a few multi-second library prefill
+        # steps set every coefficient (the prompt-token cost came out 0 in a mixed burst)
+        w = 1.0 / np.maximum(y, 0.01)
+        X, y = X * w[:, None], y * w
         # ridge toward the prior, scaled so each coefficient's penalty is relative to it
         scale = 1.0 / np.maximum(self.prior, 1e-4) ** 2 * 1e-4
         free = np.ones(5, dtype=bool)

@@ -72,9 +72,12 @@ def test_slowdown_follows_the_machine_within_a_few_steps():
     fit = adm.step_s(f)
     for _ in range(8):  # other processes take the cores: every step 3x slower
         adm.observe_step(3 * fit, f)
-    assert adm.slowdown > 1.5
+    # at least the new speed, more while the change is recent (planned on the slow side)
+    assert 2.4 * fit < adm.step_s(f) < 5 * fit
+    for _ in range(8):
+        adm.observe_step(3 * fit, f)
     assert 2.4 * fit < adm.step_s(f) < 3.6 * fit
-    for _ in range(12):  # and they leave
+    for _ in range(16):  # and they leave
         adm.observe_step(fit, f)
     assert 0.8 * fit < adm.step_s(f) < 1.3 * fit
 
