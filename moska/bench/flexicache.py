@@ -93,17 +93,23 @@ def flexi_loss(model, windows: torch.Tensor, prompt: int, cfg, block_size: int, 
     )  # fmt: skip
     logits = prefill(model, store, windows[:, :prompt])
     total = float(F.cross_entropy(logits, windows[:, prompt], reduction="sum"))
-    resident = full = 0
+    resident = full = allocated = full_bytes = 0
     stable = 0.0
     for t in range(prompt, length - 1):
         logits = decode_step(model, store, windows[:, t], decode_fn)
         total += float(F.cross_entropy(logits, windows[:, t + 1], reduction="sum"))
         resident += store.resident_pages()
         full += store.full_kv_bytes() // store.page_bytes()
+        allocated += store.gpu_bytes()
+        full_bytes += store.full_kv_bytes()
         stable += store.stable_fraction()
     steps = length - 1 - prompt
     stats = {
         "gpu_kv_fraction": round(resident / full, 4),
+        "gpu_bytes_fraction": round(allocated / full_bytes, 4),
+        "peak_resident_fraction": round(
+            store.peak_resident_pages / (store.full_kv_bytes() // store.page_bytes()), 4
+        ),
         "stable_head_fraction": round(stable / steps, 4),
         "final_gpu_bytes": store.gpu_bytes(),
         "final_full_kv_bytes": store.full_kv_bytes(),
@@ -137,7 +143,12 @@ def run_quality(args) -> dict:
     base = full_kv_loss(lm.model, wins, prompt)
     print(f"full KV: loss {base:.4f}", file=sys.stderr, flush=True)
     rows: list[dict[str, Any]] = [
-        {"setting": "full KV", "loss": round(base, 4), "gpu_kv_fraction": 1.0}
+        {
+            "setting": "full KV",
+            "loss": round(base, 4),
+            "gpu_kv_fraction": 1.0,
+            "gpu_bytes_fraction": 1.0,
+        }
     ]
     for k, thr, rank in settings:
         cfg = FlexiCacheConfig(
@@ -153,10 +164,10 @@ def run_quality(args) -> dict:
         row |= {"rel_increase": round((loss - base) / base, 4), **stats}
         rows.append(row)
         print(f"  {row['setting']}: loss {loss:.4f} ({row['rel_increase']:+.2%}), GPU KV "
-              f"{stats['gpu_kv_fraction']:.1%}, stable {stats['stable_head_fraction']:.0%}",
+              f"{stats['gpu_kv_fraction']:.1%} of pages, {stats['gpu_bytes_fraction']:.1%} of bytes, stable {stats['stable_head_fraction']:.0%}",
               file=sys.stderr, flush=True)  # fmt: skip
     ok = [r for r in rows[1:] if r["rel_increase"] <= 0.01]
-    best = min(ok, key=lambda r: r["gpu_kv_fraction"]) if ok else None
+    best = min(ok, key=lambda r: r["gpu_bytes_fraction"]) if ok else None
     return {
         "environment": environment(),
         "mode": "quality",
@@ -182,9 +193,12 @@ def run_quality(args) -> dict:
             and {
                 "setting": best["setting"],
                 "rel_increase": best["rel_increase"],
-                "gpu_kv_saved": round(1 - best["gpu_kv_fraction"], 4),
+                "gpu_kv_bytes_saved": round(1 - best["gpu_bytes_fraction"], 4),
+                "gpu_kv_pages_saved": round(1 - best["gpu_kv_fraction"], 4),
             },
-            "target_met": bool(best and best["gpu_kv_fraction"] <= 0.6),
+            "target_met": bool(best and best["gpu_bytes_fraction"] <= 0.6),
+            "bytes": "gpu_bytes_fraction: the store's device tensors as allocated (pools,"
+            " summaries, tables), averaged over the decode steps, over a paged cache's bytes",
         },
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -168,6 +168,8 @@ class FlexiKV:
                 cfg.sink_pages,
             )  # fmt: skip
             self._sync(layer, keep)
+            if rerank:
+                self._compact(layer)
             seq = torch.full((B,), self.length, device=self.device)
             self.tables[layer], self.lens[layer] = policy.head_lists(
                 keep, self.slot[layer], seq, bs
@@ -236,13 +238,33 @@ class FlexiKV:
             self.fetched_pages += n
         self.peak_resident_pages = max(self.peak_resident_pages, self.resident_pages())
 
+    def _compact(self, layer: int) -> None:
+        """Shrink the layer's pool to its resident pages plus one new page per head (a
+        device-side gather at re-rankings), so that the pool's allocation follows what
+        the heads keep instead of its peak."""
+        _, B, H, *_ = self.shape
+        slot = self.slot[layer]
+        resident = slot >= 0
+        n = int(resident.sum())
+        cap = n + B * H
+        if self.pool_k[layer].shape[0] <= cap:
+            return
+        old = slot[resident]
+        for pool in (self.pool_k, self.pool_v):
+            t = pool[layer]
+            new = t.new_empty(cap, *t.shape[1:])
+            new[:n] = t[old]
+            pool[layer] = new
+        slot[resident] = torch.arange(n, device=self.device)
+        self.free[layer] = list(range(cap - 1, n - 1, -1))
+
     def _reserve(self, layer: int, n: int) -> None:
-        """Grow the layer's pool (by at least a quarter) until `n` slots are free."""
+        """Grow the layer's pool until `n` slots are free (plus one page per head)."""
         free = self.free[layer]
         if len(free) >= n:
             return
         cap = self.pool_k[layer].shape[0]
-        grow = max(n - len(free), cap // 4)
+        grow = n - len(free) + self.shape[1] * self.shape[2]
         for pool in (self.pool_k, self.pool_v):
             t = pool[layer]
             pool[layer] = torch.cat([t, t.new_zeros(grow, *t.shape[1:])])
