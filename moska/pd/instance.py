@@ -3,10 +3,13 @@
 The instance keeps the whole ordinary server (OpenAI routes, admission, libraries) and adds:
 
 - prefill: a request sent with the header `x-moska-pd-transfer: TID:RANK` (the front end
-  sends the client's body with max_tokens 1) has its prompt's full KV blocks read out when
-  it finishes (`kv_blocks.snapshot`, on the engine thread, before any later step can reuse
-  the blocks) and sent to decode rank RANK, layer by layer. `GET /pd/transfer/TID` answers
-  once the send ended (delivered, or failed after one retry).
+  sends the client's body with max_tokens 1) has its prompt's full KV blocks sent to decode
+  rank RANK layer by layer, each layer as soon as the step that completes the prompt has
+  computed it (`stream.LayerCapture`: the transfer overlaps the rest of the prefill); with
+  `overlap=False` (`--no-pd-overlap`), all layers when the request finishes
+  (`kv_blocks.snapshot`, on the engine thread, before any later step can reuse the
+  blocks). `GET /pd/transfer/TID` answers once the send ended (delivered, or failed after
+  one retry); its `seconds` are those the transfer took after the prefill ended.
 - decode: `POST /pd/accept/TID` waits for transfer TID and writes its blocks into the
   prefix cache (`kv_blocks.inject`), held until `POST /pd/release/TID` (or `hold_s`); the
   front end then sends the client's own request, which finds the prompt cached.

@@ -76,3 +76,28 @@ def test_bad_body_is_the_instance_400(pd_cluster):
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     r = httpx.post(f"{url}/v1/completions", json={"model": "moska-tiny", "max_tokens": 4})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_sequential_send_matches_too(pd_cluster):
+    """The tests above went through the overlapped send (layers during the prefill step);
+    without it (`--no-pd-overlap`) the KV goes out after the request ends: same tokens."""
+    from moska.pd.stream import LayerCapture
+
+    url, urls, apps, _ = pd_cluster
+    inst = apps["prefill0"].state.pd
+    assert inst.capture is not None
+    inst.capture.remove()
+    inst.capture = None
+    sent, send = [], inst._send
+    inst._send = lambda request, job: (sent.append(job), send(request, job))  # a spy
+    try:
+        body = {"model": "moska-tiny", "prompt": list(range(7, 7 + 53)), "max_tokens": 6,
+                "temperature": 0, "ignore_eos": True}  # fmt: skip
+        via_pd = _complete(url, body)
+        assert (
+            via_pd["choices"][0]["text"] == _complete(urls["prefill0"], body)["choices"][0]["text"]
+        )
+        assert len(sent) == 1  # the whole-prompt send after the request ended
+    finally:
+        del inst._send
+        inst.capture = LayerCapture.install(inst.engine, inst._stream_step)
