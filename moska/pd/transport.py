@@ -178,6 +178,9 @@ class KVTransport:
                     self._send_one(job, seq)
                     error = None
                     break
+                except _PrefillFailed as exc:  # not the link: nothing to retry
+                    error = f"the transfer's prefill failed: {exc}"
+                    break
                 except Exception as exc:  # noqa: BLE001 - a dead or stuck peer
                     error = f"sending to decode rank {dst} failed: {exc}"
                     logger.warning("transfer %d attempt %d: %s", job.transfer_id, attempt, error)
@@ -197,15 +200,28 @@ class KVTransport:
             meta["dtype"] = str(layers[0].dtype) if layers else "torch.float32"
         self._store.set(f"moska/pd/hdr/{self.rank}->{job.dst}/{seq}", json.dumps(meta))
         timeout = timedelta(seconds=self.endpoint.timeout_s)
+        failed: str | None = None
         for i in range(len(layers)):  # layer by layer: the receiver takes each as it comes
-            if isinstance(layers, LayerStream):
-                layer = layers.layer(i, self.endpoint.timeout_s)
-            else:
+            if isinstance(layers, LayerStream) and failed is None:
+                try:
+                    layer = layers.layer(i, self.endpoint.timeout_s)
+                except TimeoutError as exc:
+                    # the prefill step failed after the header went out: mark the transfer
+                    # aborted and fill its remaining layers with zeros, so that the receiver
+                    # ends it at once (never injecting it) and the pair stays in step
+                    failed = str(exc)
+                    self._store.set(f"moska/pd/abort/{self.rank}->{job.dst}/{seq}", failed)
+            if failed is not None:
+                assert isinstance(layers, LayerStream)
+                layer = torch.zeros(layers.shape, dtype=layers.dtype)
+            elif not isinstance(layers, LayerStream):
                 layer = layers[i]
             t = layer.contiguous().cpu()
             # torch's stubs leave send/recv off Backend; ProcessGroupGloo binds them
             self._data.send([t], job.dst, seq).wait(timeout)  # type: ignore[attr-defined]
             self.bytes_sent += t.numel() * t.element_size()
+        if failed is not None:
+            raise _PrefillFailed(failed)
 
     # ---- decode side -----------------------------------------------------------------
     def start_receiving(self, sources: list[int]) -> None:
@@ -241,6 +257,13 @@ class KVTransport:
                     t = torch.empty(shape, dtype=dtype)
                     self._data.recv([t], src, seq).wait(timeout)  # type: ignore[attr-defined]
                     arrival.layers.append(t)
+                abort = f"moska/pd/abort/{src}->{self.rank}/{seq}"
+                if self._store.check([abort]):  # the sender's prefill failed midway
+                    arrival.error = f"transfer {arrival.transfer_id} was aborted: " + (
+                        self._store.get(abort).decode()
+                    )
+                    self._store.delete_key(abort)
+                    arrival.layers.clear()
             except Exception as exc:  # noqa: BLE001 - recorded for the waiting request
                 arrival.error = f"receiving transfer {arrival.transfer_id} from rank {src} " + (
                     f"failed: {exc}"
@@ -282,6 +305,10 @@ class KVTransport:
             self._cond.notify_all()
         for t in self._threads:
             t.join(self.endpoint.timeout_s + 1.0)
+
+
+class _PrefillFailed(Exception):
+    """A streamed transfer's prefill step failed (its layers never came)."""
 
 
 def _peer_closed(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 
 import pytest
 import torch
@@ -115,3 +116,51 @@ def test_a_failed_step_fails_its_stream():
     assert stream.layer(0, 1.0).shape[1] == 3  # layer 0 was computed and streamed
     with pytest.raises(TimeoutError, match="ended before"):
         stream.layer(1, 1.0)
+
+
+def test_a_failed_stream_aborts_its_transfer_and_the_pair_stays_in_step():
+    """A prefill step that fails after its header went out: the decode side ends the
+    transfer as aborted (never a data timeout, never its zeros), and the next transfer of
+    the pair arrives intact."""
+    from moska.pd.cluster import free_port
+    from moska.pd.errors import TransferFailedError
+    from moska.pd.stream import LayerStream
+    from moska.pd.transport import KVTransport, TransferEndpoint
+
+    port = free_port()
+    ranks = [KVTransport(TransferEndpoint("127.0.0.1", port, r, 2, timeout_s=5.0)) for r in (0, 1)]
+    joins = [threading.Thread(target=r.connect) for r in ranks]
+    for t in joins:
+        t.start()
+    for t in joins:
+        t.join(60)
+    ranks[1].start_receiving([0])
+    try:
+        shape = (2, 3, 16, 2, 8)
+        stream = LayerStream(4, shape, torch.float32)
+        done: dict[int, str | None] = {}
+        ended = threading.Condition()
+
+        def on_done(tid):
+            def cb(error, _s):
+                with ended:
+                    done[tid] = error
+                    ended.notify_all()
+
+            return cb
+
+        ranks[0].send(1, 1, {"tokens": []}, stream, on_done(1))
+        stream.put(0, torch.randn(shape))
+        stream.fail("the step raised")
+        with pytest.raises(TransferFailedError, match="aborted: the step raised"):
+            ranks[1].wait_arrival(1, 10.0)
+        with ended:
+            assert ended.wait_for(lambda: 1 in done, 10.0)
+        assert "prefill failed" in done[1]
+        layers = [torch.randn(shape) for _ in range(4)]
+        ranks[0].send(2, 1, {"tokens": []}, layers, on_done(2))
+        arrival = ranks[1].wait_arrival(2, 10.0)
+        assert all(torch.equal(a, b) for a, b in zip(arrival.layers, layers, strict=True))
+    finally:
+        for r in ranks:
+            r.close()
