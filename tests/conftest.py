@@ -16,3 +16,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "MOSKA_HOME" not in os.environ:
     os.environ["MOSKA_HOME"] = tempfile.mkdtemp(prefix="moska-test-home-")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the CUDA-only tests (a skipif whose reason names CUDA) `cuda`, so one command runs
+    them all on a GPU machine: `TRITON_INTERPRET=0 python -m pytest -q -m cuda`."""
+    import pytest
+
+    for item in items:
+        if any("CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
