@@ -97,6 +97,7 @@ class AdmissionController:
         headroom: float = 0.85,
         alpha: float = 0.1,
         slowdown_alpha: float = 0.25,
+        deviations: float = 0.5,
         max_sim_steps: int = 20_000,
     ) -> None:
         if ttft_slo is not None and ttft_slo < 0:
@@ -115,6 +116,7 @@ class AdmissionController:
         self.max_sim_steps = max_sim_steps
         self.model = StepModel(prior, window)
         self.slowdown_alpha = slowdown_alpha
+        self.deviations = deviations  # how far on the slow side of recent errors to plan
         self._log_slowdown = 0.0  # moving average of log(observed / predicted step time)
         self._log_var = 0.0  # and of its squared deviation
         self._load_tps = prior_load_tps
@@ -123,7 +125,10 @@ class AdmissionController:
         self.shed_ttl_s = 0.05
         self._shed_memo: tuple[float, int, Decision | None] | None = None
         self.door = FrontDoor()  # requests past the door, not yet decided
-        self._typical = [128.0, 16.0, 0.0]  # admitted requests' prompt, max_tokens, attend
+        # admitted requests' prompt and max_tokens; no library attention: the door is only
+        # a first filter (each request meets `decide` with its own cost), and a mean over
+        # a mix where one library prefill costs 10 s on CPU shed nearly every plain request
+        self._typical = [128.0, 16.0]
 
     @property
     def load_tps(self) -> float:
@@ -132,14 +137,14 @@ class AdmissionController:
     @property
     def slowdown(self) -> float:
         """What predicted steps are scaled by: recent steps' observed over predicted time
-        (1: the fit is right as it stands), one deviation on the slow side. A step that
+        (1: the fit is right as it stands), `deviations` deviations on the slow side. A step that
         runs long delays every request in it, those admitted before it too (on CPU a
         library prefill step ran 5.4 s against 3.7 predicted, and the six plain requests
         sharing it missed), so admission plans for the slow side of recent errors."""
-        return math.exp(self._log_slowdown + math.sqrt(self._log_var))
+        return math.exp(self._log_slowdown + self.deviations * math.sqrt(self._log_var))
 
     def _scale(self) -> float:  # `slowdown`, under the lock
-        return math.exp(self._log_slowdown + math.sqrt(self._log_var))
+        return math.exp(self._log_slowdown + self.deviations * math.sqrt(self._log_var))
 
     # ---------------------------------------------------------------- learning
 
@@ -219,7 +224,7 @@ class AdmissionController:
         decision = self._decide(cost, load, num_requests, elapsed_s)
         if decision.accepted:  # what a request inside the door adds if it is admitted
             with self._lock:
-                for i, v in enumerate((cost.prompt_tokens, cost.max_tokens, cost.library_attend)):
+                for i, v in enumerate((cost.prompt_tokens, cost.max_tokens)):
                     self._typical[i] += self.alpha * (v - self._typical[i])
         return decision
 
@@ -261,15 +266,14 @@ class AdmissionController:
         None: when even it would miss the SLO, the front end answers 429 before reading a
         body. `elapsed_s`: what a request waits before the door now (the event loop's
         lag). The requests inside the front door are ahead of it: they count as engine
-        work (each like a typical admitted one) and as a wait. Memoized for `shed_ttl_s`
+        work (each like a typical admitted plain one) and as a wait. Memoized for `shed_ttl_s`
         (while the count inside grows by fewer than 4), so a burst costs few predictions."""
         if self.ttft_slo is None and self.max_queue is None:
             return None
         now, inside = time.monotonic(), self.door.inside
         with self._lock:
             cached = self._shed_memo
-            typical = RequestCost(*(max(1, round(v)) for v in self._typical[:2]))
-            typical = replace(typical, library_attend=round(self._typical[2]))
+            typical = RequestCost(*(max(1, round(v)) for v in self._typical))
         if (
             cached is not None
             and now - cached[0] < self.shed_ttl_s
