@@ -51,14 +51,33 @@ def _drain(stream) -> tuple[str, str | None, int]:
     return text, reason, n
 
 
-def test_delete_while_streaming_is_409_and_harms_no_stream(real_server, real_engine, model):
+def test_delete_while_streaming_is_409_and_harms_no_stream(
+    real_server, real_engine, model, monkeypatch
+):
     url, _ = real_server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
     _build(real_engine, "inuse", _TEXT_A)
+    # the engine thread holds after its next step until the DELETE has answered: the
+    # library request is still running when it arrives (5 tokens can finish before it)
+    hold, release = threading.Event(), threading.Event()
+    step = real_engine.step
+
+    def held_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        if hold.is_set():
+            release.wait(30)
+        return out
+
+    monkeypatch.setattr(real_engine, "step", held_step)
     lib_stream = _stream(client, model, "inuse", max_tokens=5)
     plain_stream = _stream(client, model)
+    hold.set()
     first = next(iter(lib_stream))  # the request is admitted and holds its library
-    r = httpx.delete(f"{url}/v1/libraries/inuse")
+    try:
+        r = httpx.delete(f"{url}/v1/libraries/inuse")
+    finally:
+        hold.clear()
+        release.set()
     assert r.status_code == 409, r.text
     err = r.json()["error"]
     assert err["code"] == "library_in_use_error" and "1 running request" in err["message"]
