@@ -180,3 +180,19 @@ def test_a_decision_takes_the_request_out_of_the_door():
     assert adm.door.inside == 0 and ticket.left
     adm.door.leave(ticket)  # the middleware's own leave afterwards is a no-op
     assert adm.door.inside == 0
+
+
+def test_a_library_request_must_fit_with_its_error_when_others_queue_before_it():
+    """Requests queued before a library request share its prefill step, the least
+    predictable one: it is admitted only if 1.5x its prediction fits; a plain request
+    with the same prediction is admitted, and so is the library request with no queue."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    queue = Load((RequestCost(50, 8),), running=((8, 0),))
+    lib = RequestCost(50, 8, library_attend=512)
+    pred = adm.predict_ttft(lib, queue)
+    adm.ttft_slo = 1.2 * pred / adm.headroom  # fits alone, not with 1.5x
+    assert not adm.decide(lib, queue).accepted
+    plain_like = RequestCost(50 + round(50 * 512 * 10.0 / 0.3 / 1e3), 8)  # about as slow
+    assert adm.predict_ttft(plain_like, queue) < 1.2 * pred
+    assert adm.decide(plain_like, queue).accepted
+    assert adm.decide(lib, Load(running=((8, 0),))).accepted
