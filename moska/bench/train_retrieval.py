@@ -5,15 +5,17 @@
 Each training sequence is one context followed by a question about every fact in it, each
 with its answer. The loss is on the answer tokens and the question's later key tokens (both
 are lookups of what followed a key in the context), plus ``--lm-weight`` times the loss on
-every next token (it rewards the heads that read the previous tokens, which the lookup is
-built on, before the lookup itself pays off). Contexts start at ``--start-context`` and
-double once the lookups are learnt (training token accuracy >= ``--advance-at``) up to
-``--context``: heads form on short contexts, then stretch. bf16 autocast on CUDA.
+every next token (the fixed layout of facts rewards heads that read nearby positions, which
+the lookup is built on). Contexts start at ``--start-context`` and double once the answers
+are learnt (training answer-token accuracy >= ``--advance-at``) up to ``--context``: the
+lookup has to emerge on short contexts (it does so only after a plateau), then stretch.
+Batches are made in DataLoader workers (numpy): made in the training loop, they were the GPU
+run's whole cost. bf16 autocast on CUDA.
 
-GPU (a few minutes on one H200; the output folder is git-ignored):
+GPU (6 minutes of training on one H200; the output folder is git-ignored):
     python -m moska.bench.train_retrieval --out .models/retrieval-4k --context 4096 \
-        --steps 6000 --batch 16 --max-minutes 6 --save-dtype bfloat16
-CPU check (toy, reaches answer accuracy >= 0.9 in about 2 minutes of one core):
+        --steps 30000 --max-minutes 6 --batch 16 --log-every 250 --save-dtype bfloat16
+CPU check (toy; it checks that training runs, it is too short for the lookup to emerge):
     python -m moska.bench.train_retrieval --cpu-dry-run --out /tmp/ret
 """
 
@@ -48,7 +50,7 @@ def model_config(spec: RetrievalSpec, args) -> dict:
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0 if spec.context_tokens <= 1024 else 100000.0,
         "vocab_size": spec.vocab_size,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_embeddings,
         "bos_token_id": 0,
         "eos_token_id": 1,
         "hidden_act": "silu",
@@ -226,9 +228,13 @@ def _save(model, full: RetrievalSpec, out: Path, args, log: list) -> None:
     the training log."""
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.save_dtype)
-    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-    model.config.dtype = args.save_dtype
+    tied = model.config.tie_word_embeddings
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}  # fmt: skip
     model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    cfg = json.loads((out / "config.json").read_text())  # transformers states the live dtype
+    cfg["dtype"] = args.save_dtype
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     full.save(out)
     (out / "train_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=2))
 
@@ -254,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of the loss on every next token (0: lookups only)")  # fmt: skip
     ap.add_argument("--advance-at", type=float, default=0.95,
                     help="training lookup accuracy at which the context doubles")  # fmt: skip
+    ap.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                    help="output layer = input embeddings: copying a token is then one map "
+                    "for all tokens, not one learnt per key/value token")  # fmt: skip
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)

@@ -106,6 +106,7 @@ def test_trains_a_few_steps_and_saves_bf16(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = f.keys()
         assert names and all(f.get_tensor(k).dtype == torch.bfloat16 for k in names)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     log = json.loads((out / "train_log.json").read_text())["log"]
     assert log[-1]["step"] == 3 and log[-1]["context"] == 128
     spec = rt.RetrievalSpec.load(out)
