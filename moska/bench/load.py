@@ -2,7 +2,7 @@
 shared library, against the real HTTP server on loopback.
 
     moska bench load --burst 64,300,1000 --ttft-slo 5 --library demo \\
-        --out bench/results/load_cpu_bursts.json
+        --out bench/results/load_bursts_cpu_library.json
 
 Starts the server (the tiny default model unless --model) with a TTFT SLO, warms the
 admission's step-time model up with a few small waves, unloads the library (so the first

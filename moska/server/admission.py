@@ -298,9 +298,8 @@ class AdmissionController:
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain: the real engine load's
                 engine_s = self.predict(RequestCost(1, 1), load).ttft_s
-                result = replace(
-                    decision, **dict(zip(("retry_after_s", "drain_s"), self._drain(engine_s)))
-                )
+                retry_after, drain = self._drain(engine_s)
+                result = replace(decision, retry_after_s=retry_after, drain_s=drain)
         with self._lock:
             self._shed_memo = (now, inside, result)
         return result
