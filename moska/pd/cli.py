@@ -115,6 +115,9 @@ def add_role_args(s) -> None:
     s.add_argument("--pd-master", default=None, help="HOST:PORT where the transfer group meets")
     s.add_argument("--pd-rank", type=int, default=None, help="this instance's transfer rank")
     s.add_argument("--pd-world", type=int, default=None, help="prefill + decode instances")
+    s.add_argument("--pd-transport", default="auto", choices=["auto", "gloo", "shm", "cuda_ipc"],
+                   help="how KV goes to a decode instance: auto takes CUDA IPC (same GPU node) or "
+                   "shared memory when the decode instance is on this host, else gloo")  # fmt: skip
     s.add_argument(
         "--kv-pool-dir",
         default=None,
@@ -141,6 +144,9 @@ def pd_config(args: argparse.Namespace):
                 f"--role {args.role} needs --pd-master, --pd-rank and --pd-world (or let "
                 "`moska router --pd P:D` start the instances)"
             )
-        endpoint = TransferEndpoint.parse(args.pd_master, args.pd_rank, args.pd_world)
+        endpoint = TransferEndpoint.parse(
+            args.pd_master, args.pd_rank, args.pd_world,
+            transport=getattr(args, "pd_transport", "auto"),
+        )  # fmt: skip
     overlap = getattr(args, "pd_overlap", True)
     return PDConfig(args.role, endpoint, args.kv_pool_dir, args.kv_pool_blocks, overlap=overlap)

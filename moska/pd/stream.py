@@ -12,7 +12,8 @@ cache are in the cache already and go out with the same read.
 
 On a GPU the read is queued on a side stream after the layer's kernels (an event on the
 compute stream) into pinned host memory, and the sender waits only for that copy: the
-engine thread never synchronizes. On CPU the read is a plain copy on the engine thread.
+engine thread never synchronizes. A stream whose transfer goes device to device (CUDA
+IPC, `ring.py`: `want_host` False) keeps the read on the GPU instead. On CPU the read is a plain copy on the engine thread.
 Steps replayed from CUDA graphs never carry a stream (only decode steps are replayed).
 """
 
@@ -30,13 +31,19 @@ from moska.pd import kv_blocks
 
 
 class LayerStream:
-    """The per-layer KV (`[2, n, bs, Hkv, D]` on the host) of one transfer, filled as the
-    layers are computed; `layer(i, timeout)` blocks until layer i is there."""
+    """The per-layer KV (`[2, n, bs, Hkv, D]`, on the host unless `want_host` is off) of one
+    transfer, filled as the layers are computed; `layer(i, timeout)` blocks until layer i
+    is there. `device`: where the engine computes it."""
 
-    def __init__(self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def __init__(
+        self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:  # fmt: skip
         self.num_layers = num_layers
         self.shape = tuple(shape)
         self.dtype = dtype
+        self.device = torch.device(device)
+        self.want_host = True  # the transport turns it off for a device-to-device channel
         self._layers: list[tuple[torch.Tensor, object] | None] = [None] * num_layers
         self._error: str | None = None
         self.completed_at: float | None = None  # when the last layer was put
@@ -151,11 +158,11 @@ class LayerCapture:
                     )
                     c.stream.put(slot, kv)
                 else:
-                    c.stream.put(slot, *self._read_cuda(cache, slot, c.ids))
+                    c.stream.put(slot, *self._read_cuda(cache, slot, c.ids, c.stream.want_host))
 
         return hook
 
-    def _read_cuda(self, cache, slot: int, ids: torch.Tensor):
+    def _read_cuda(self, cache, slot: int, ids: torch.Tensor, want_host: bool = True):
         side = self._side
         assert isinstance(side, torch.cuda.Stream)
         side.wait_stream(torch.cuda.current_stream(ids.device))
@@ -163,12 +170,14 @@ class LayerCapture:
             kv = torch.stack(
                 [cache.k[slot].index_select(0, ids), cache.v[slot].index_select(0, ids)]
             )
-            host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
-            host.copy_(kv, non_blocking=True)
-            kv.record_stream(side)
+            out = kv  # (allocated on the side stream; its reader synchronizes `ready`)
+            if want_host:
+                out = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
+                out.copy_(kv, non_blocking=True)
+                kv.record_stream(side)
             ready = torch.cuda.Event()
             ready.record(side)
-        return host, ready
+        return out, ready
 
 
 def stream_for(engine, request) -> tuple[dict, LayerStream]:
@@ -187,4 +196,4 @@ def stream_for(engine, request) -> tuple[dict, LayerStream]:
         "prompt_tokens": len(prompt),
     }
     shape = (2, n, *cache.k.shape[2:])
-    return meta, LayerStream(int(cache.k.shape[0]), shape, cache.k.dtype)
+    return meta, LayerStream(int(cache.k.shape[0]), shape, cache.k.dtype, cache.k.device)

@@ -40,6 +40,9 @@ def test_decode_takes_transferred_blocks(pd_cluster):
     # the prefill computed the whole prompt; one decode instance only its tail (6 tokens)
     assert computed["prefill0"] == 70
     assert sorted([computed["decode0"], computed["decode1"]]) == [0, 70 - 64]
+    # one host: the blocks went through the shared-memory ring (`pd/ring.py`), not gloo
+    rank = 1 if computed["decode0"] else 2
+    assert apps["prefill0"].state.pd.transport.channels[rank] == "shm"
     colocated = _complete(urls["prefill0"], body)
     assert via_pd["choices"][0]["text"] == colocated["choices"][0]["text"]
 

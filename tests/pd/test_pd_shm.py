@@ -1,0 +1,150 @@
+"""The same-host KV channel (`pd/ring.py`): two transfer ranks on one host pick the
+shared-memory ring by themselves and move KV byte-exact through it (chunked layers, bf16, a
+streamed transfer); a forced kind that cannot work fails the transfer with what to do; a
+peer that vanishes (stops, or closes) ends the other side's wait within the deadline."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from moska.pd.cluster import free_port
+from moska.pd.errors import TransferFailedError
+from moska.pd.ring import ChannelError, Ring, RingSpec
+from moska.pd.stream import LayerStream
+from moska.pd.transport import KVTransport, TransferEndpoint
+
+pytestmark = pytest.mark.timeout(60)
+TIMEOUT_S = 1.5
+
+
+def _pair(transport: str = "auto") -> list[KVTransport]:
+    port = free_port()
+    ranks = [
+        KVTransport(TransferEndpoint("127.0.0.1", port, r, 2, TIMEOUT_S, transport)) for r in (0, 1)
+    ]
+    joins = [threading.Thread(target=r.connect) for r in ranks]
+    for t in joins:
+        t.start()
+    for t in joins:
+        t.join(60)
+    ranks[1].start_receiving([0])
+    return ranks
+
+
+class _Done:
+    def __init__(self) -> None:
+        self.results: dict[int, str | None] = {}
+        self.cond = threading.Condition()
+
+    def __call__(self, tid: int):
+        def cb(error, _s) -> None:
+            with self.cond:
+                self.results[tid] = error
+                self.cond.notify_all()
+
+        return cb
+
+    def wait(self, tid: int, timeout_s: float) -> str | None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: tid in self.results, timeout_s), tid
+            return self.results[tid]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    ranks = _pair()
+    yield ranks
+    for r in ranks:
+        r.close()
+
+
+def test_shm_is_chosen_and_exact(pair):
+    sender, receiver = pair
+    done = _Done()
+    # 5 MiB fp32 layers: two 4 MiB chunks each; then bf16 layers; then a streamed transfer
+    layers = [torch.randn(2, 80, 16, 8, 64) for _ in range(3)]
+    sender.send(1, 1, {"tokens": [1, 2]}, layers, done(1))
+    got = receiver.wait_arrival(1, 10.0)
+    assert done.wait(1, 10.0) is None
+    assert sender.channels == {1: "shm"} and got.meta["channel"] == "shm"
+    assert got.meta["tokens"] == [1, 2]
+    assert all(torch.equal(a, b) for a, b in zip(got.layers, layers, strict=True))
+    halves = [torch.randn(2, 3, 16, 2, 8).to(torch.bfloat16) for _ in range(4)]
+    sender.send(2, 1, {}, halves, done(2))
+    got = receiver.wait_arrival(2, 10.0)
+    assert all(torch.equal(a, b) for a, b in zip(got.layers, halves, strict=True))
+    stream = LayerStream(4, (2, 5, 16, 2, 8), torch.float32)
+    sender.send(3, 1, {}, stream, done(3))
+    fresh = [torch.randn(stream.shape) for _ in range(4)]
+    for i, t in enumerate(fresh):
+        stream.put(i, t)
+    got = receiver.wait_arrival(3, 10.0)
+    assert all(torch.equal(a, b) for a, b in zip(got.layers, fresh, strict=True))
+    ring = sender._rings_out[1]
+    assert ring is not None and not os.path.exists(ring.spec.path)  # nothing left in /dev/shm
+
+
+def test_forced_cuda_ipc_without_cuda_fails_with_advice():
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA: the kind can work here")
+    sender, receiver = _pair("cuda_ipc")
+    try:
+        done = _Done()
+        sender.send(1, 1, {}, [torch.randn(2, 1, 16, 2, 8)], done(1))
+        error = done.wait(1, 10.0)
+        assert error is not None and "use --pd-transport auto or gloo" in error
+    finally:
+        for r in (sender, receiver):
+            r.close()
+
+
+def test_a_vanished_receiver_fails_the_send_within_the_deadline():
+    sender, receiver = _pair("shm")
+    try:
+        done = _Done()
+        sender.send(1, 1, {}, [torch.randn(2, 1, 16, 2, 8)], done(1))
+        assert done.wait(1, 10.0) is None and sender.channels[1] == "shm"
+        receiver._closed = True  # its threads stop without a word: as if killed
+        t0 = time.monotonic()
+        sender.send(2, 1, {}, [torch.randn(2, 1, 16, 2, 8)], done(2))
+        error = done.wait(2, 4 * TIMEOUT_S + 5)
+        assert error is not None and "timed out" in error
+        assert time.monotonic() - t0 < 2 * TIMEOUT_S + 2  # two attempts, each bounded
+        with pytest.raises(TransferFailedError):
+            receiver.wait_arrival(2, 0.1)
+    finally:
+        for r in (sender, receiver):
+            r.close()
+
+
+def test_a_vanished_writer_ends_the_read_within_the_deadline():
+    writer = Ring.create("shm")
+    reader = Ring.attach(RingSpec.from_json(writer.spec.to_json()))
+    writer.unlink()
+    layer = torch.randn(2, 4, 16, 2, 8)
+    writer.write(layer, 1, 0, TIMEOUT_S)
+    out = torch.empty_like(layer)
+    reader.read_into(out, 1, 0, TIMEOUT_S)
+    assert torch.equal(out, layer)
+    t0 = time.monotonic()
+    with pytest.raises(ChannelError, match="timed out"):  # layer 1 never comes
+        reader.read_into(out, 1, 1, TIMEOUT_S)
+    assert TIMEOUT_S <= time.monotonic() - t0 < TIMEOUT_S + 1
+    writer.close()  # a writer that says it is gone: the wait ends at once
+    t0 = time.monotonic()
+    with pytest.raises(ChannelError, match="closed"):
+        reader.read_into(out, 1, 1, 30.0)
+    assert time.monotonic() - t0 < 1.0
+    # a stale chunk of a transfer the writer gave up is dropped, the next one read
+    reader2 = Ring.create("shm")
+    peer = Ring.attach(RingSpec.from_json(reader2.spec.to_json()))
+    reader2.unlink()
+    reader2.write(torch.randn(2, 4, 16, 2, 8), 5, 0, TIMEOUT_S)  # seq 5, abandoned
+    reader2.write(layer, 6, 0, TIMEOUT_S)
+    peer.read_into(out, 6, 0, TIMEOUT_S)
+    assert torch.equal(out, layer)
