@@ -112,7 +112,10 @@ class BoundAttention:
             return m.flexi.attend(layer, q, kc, vc, p.ops.paged_decode_heads, p.sm_scale)
         if m.decode_only:
             return p.ops.paged_decode(q, kc, vc, m.block_tables, m.seq_lens, p.sm_scale)
-        return p.ops.paged_prefill(q, kc, vc, m.block_tables, m.cu_q_lens, m.seq_lens, p.sm_scale)
+        o, lse = p.ops.paged_prefill(q, kc, vc, m.block_tables, m.cu_q_lens, m.seq_lens, p.sm_scale)
+        if m.flexi is not None:  # FlexiCache: offloaded requests' decode rows
+            return m.flexi.patch(layer, q, o, lse, kc, vc, p.ops.paged_decode_heads, p.sm_scale)
+        return o, lse
 
 
 def _shared_group(

@@ -13,12 +13,17 @@ Lifecycle of one request (the scheduler drives it):
 3. After each step `cache_full_blocks(req)` registers the blocks that became full.
 4. `free(req)` on finish, abort or preemption: full registered blocks with no other user
    stay reusable in the LRU cached pool until an allocation needs to evict them.
+
+FlexiCache (moska/flexicache/engine_hook.py) hands a decoding request's old pages to host
+memory: `release_blocks` frees the table's leading blocks (their entries become `HOLE`) and
+`reserve_blocks` gives the request extra blocks for its per-head page pool; `free` releases
+both and tells `free_listeners` (the host copy goes with it).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -79,6 +84,8 @@ class BlockManager:
         self._states: dict[str, _RequestState] = {}
         self._holders: dict[str, CacheRequest] = {}  # requests whose block table is not empty
         self._tables: dict[str, list[int]] = {}  # request id -> its blocks, in order
+        self._extra: dict[str, list[int]] = {}  # request id -> blocks it reserved (FlexiCache)
+        self.free_listeners: list[Callable[[str], None]] = []  # told each freed request id
 
     def block_table(self, request_id: str) -> list[int]:
         """The blocks holding a request's KV, in token order (empty if it holds none). The
@@ -201,6 +208,9 @@ class BlockManager:
         namespace = cache_namespace(request)
         hashes = self.prefix_cache.extend_hashes(state.hashes, tokens, namespace)
         for i in range(len(state.chain), num_full):
+            if table[i] == HOLE:  # released (FlexiCache) before it was registered
+                state.broken = True
+                return
             parent = state.chain[-1] if state.chain else None
             block_tokens = self.prefix_cache.block_tokens(tokens, i)
             same = self.prefix_cache.lookup(hashes[i], parent, block_tokens, namespace)
@@ -221,9 +231,37 @@ class BlockManager:
         """Release all blocks of a request (finish, abort or preemption). Tail blocks are
         released first so they are evicted before the prefix they extend."""
         for block_id in reversed(self._tables.pop(request.request_id, ())):
+            if block_id != HOLE:
+                self.allocator.decref(block_id)
+        for block_id in self._extra.pop(request.request_id, ()):
             self.allocator.decref(block_id)
         self._states.pop(request.request_id, None)
         self._holders.pop(request.request_id, None)
+        for listener in self.free_listeners:
+            listener(request.request_id)
+
+    def release_blocks(self, request_id: str, upto: int) -> int:
+        """Free the request's blocks at table positions < `upto` (their KV lives elsewhere
+        now: FlexiCache's host copy and pool); the entries become HOLE. Returns how many
+        blocks were released."""
+        table = self._tables[request_id]
+        n = 0
+        for i in range(min(upto, len(table))):
+            if table[i] != HOLE:
+                self.allocator.decref(table[i])
+                table[i] = HOLE
+                n += 1
+        return n
+
+    def reserve_blocks(self, request_id: str, n: int) -> list[int] | None:
+        """`n` more blocks held by a request that has blocks, outside its table (FlexiCache's
+        page pool); None if fewer are available. `free` releases them."""
+        assert request_id in self._tables, request_id
+        if n > self.allocator.num_available:
+            return None
+        blocks = self.allocator.allocate(n)
+        self._extra.setdefault(request_id, []).extend(blocks)
+        return blocks
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix. (Not needed when a library is rebuilt: its new build
@@ -243,11 +281,13 @@ class BlockManager:
         assert hashed == set(self.prefix_cache.block_ids()), "hashed flags != hash table"
         refs: Counter[int] = Counter()
         assert set(self._tables) == set(self._holders), "block tables without a holder"
+        assert set(self._extra) <= set(self._tables), "reserved blocks without a table"
         for request in self._holders.values():
             table = self._tables[request.request_id]
-            assert len(set(table)) == len(table), f"{request.request_id} holds a block twice"
+            held = [b for b in table if b != HOLE] + self._extra.get(request.request_id, [])
+            assert len(set(held)) == len(held), f"{request.request_id} holds a block twice"
             assert len(table) >= self.num_blocks_for(request.num_computed_tokens)
-            refs.update(table)
+            refs.update(held)
         for block_id in range(self.num_blocks):
             assert self.allocator.ref_count(block_id) == refs[block_id], (
                 block_id,
@@ -257,3 +297,4 @@ class BlockManager:
 
 
 _EMPTY: list[int] = []
+HOLE = -1  # a table entry whose block was released (FlexiCache: the KV is on the host)

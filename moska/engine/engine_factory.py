@@ -25,6 +25,13 @@ def load_engine(cls: Any, model: str | None = None, **kwargs: Any) -> Any:
         dtype = "bfloat16"
     if config.decode_context_parallel_size > 1:  # requests' KV sharded over ranks
         from moska.distributed.kv_parallel_engine import start_kv_parallel
+        from moska.distributed.kv_parallel_step import KVParallelConfigError
+
+        if config.flexicache is not None:  # per-head page lists over one rank's cache only
+            raise KVParallelConfigError(
+                "--flexicache does not run with --decode-context-parallel-size > 1 (its "
+                "per-head page lists read one rank's KV cache); drop one of the two flags"
+            )
 
         loaded, runtime, libraries = start_kv_parallel(config, path, dtype, device)
     elif config.tensor_parallel_size > 1:

@@ -70,6 +70,9 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
+        flexi = getattr(self.runner, "flexi", None)
+        if flexi is not None:  # FlexiCache releases blocks of offloaded requests
+            flexi.attach(self.block_manager, self.runner.cache)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,

@@ -178,9 +178,13 @@ class ModelRunner:
             block_tables=to_device(x.tables, dev, torch.int32),
             decode_only=x.decode_only,
         )
-        if self.flexi is not None and meta.decode_only:  # per-KV-head page lists
+        if self.flexi is not None:  # per-KV-head page lists; released blocks are -1
             ids = [it.request.request_id for it in scheduled]
-            meta.flexi = self.flexi.begin(ids, meta.block_tables, x.seq_lens)
+            meta.block_tables.clamp_(min=0)
+            if meta.decode_only:
+                meta.flexi = self.flexi.begin(ids, meta.block_tables, x.seq_lens)
+            else:  # the offloaded requests' decode rows, patched after plain attention
+                meta.flexi = self.flexi.begin_mixed(ids, meta.block_tables, x.seq_lens, x.cu_q)
         num_layers = self.mcfg.num_kv_layers  # attention layers index KV slots
         sampled_layers = frozenset({0, num_layers // 2, num_layers - 1})
         for name, rows in x.lib_rows.items():

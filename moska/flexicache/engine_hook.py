@@ -7,21 +7,34 @@ mean keys, exact mass, or Quest bounds),
 classifies the head, and reads only the head's kept pages through `paged_decode_heads`.
 Requests keep their state across steps by request id; `release` drops it.
 
-Memory here is modeled: the kept pages are a per-head view of the ordinary paged cache,
-whose blocks stay allocated. `stats()` reports the share of page reads that a head-aware
-offload would keep on the GPU; the real offload (a compact GPU page pool over a host copy,
-bytes measured) is `store.FlexiKV`, measured by `moska/bench/flexicache.py`.
+Memory is real once a request is classified (its second ranking): `begin` hands the request's
+full pages before the recent window to FlexiCache (`_Offload`): their K/V go to host memory
+(pinned on CUDA), each head's kept pages (a stable head: top-K and sink pages; an unstable
+head: all) go to a per-head page pool carved out of the block cache (blocks the request
+reserves from the block manager; a page of head h may sit in any head's slice of a pool
+block: `paged_decode_heads(slot_heads=True)`), and the request's blocks for those pages are
+released to the block allocator (`BlockManager.release_blocks`), so the scheduler admits
+more. After the hand-off the head classes stay fixed (the pool is sized for them); stable
+heads re-rank every R steps and fetch promoted pages from the host copy into free pool slots
+(a dropped page keeps its slot until a fetch needs it: hysteresis). `BlockManager.free`
+(finish, abort, preemption) releases the pool blocks and tells `release`, which drops the
+host copy. Offload needs rank_by="centroid" (page mean keys of host pages stay on the
+device). Not yet: a second hand-off of pages that leave the recent window later (they stay
+in the paged cache), and FlexiCache with P/D transfer or SemShareKV (they read the block
+tables).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import torch
 
 from moska.flexicache import policy
 from moska.flexicache.config import FlexiCacheConfig
+from moska.flexicache.offload import Offload, pool_blocks_needed
 
 
 @dataclass
@@ -29,6 +42,9 @@ class _RequestState:
     top: torch.Tensor  # [L, Hkv, K] int64, -1: not ranked yet
     stable: torch.Tensor  # [L, Hkv] bool
     steps: int = 0  # decode steps attended through FlexiCache
+    ranked: int = 0  # re-rankings done (classified from the second one on)
+    off: Offload | None = None  # its pages on the host and in the pool, once handed off
+    keep_all: bool = False  # a hand-off would save no block: never tried again
 
 
 class FlexiEngine:
@@ -51,12 +67,28 @@ class FlexiEngine:
         self._total = torch.zeros((), dtype=torch.int64, device=device)
         self._stable = torch.zeros((), dtype=torch.int64, device=device)
         self._heads = torch.zeros((), dtype=torch.int64, device=device)
+        self.blocks: Any = None  # the engine's BlockManager, once `attach`ed: real offload
+        self.cache: Any = None  # the engine's PagedKVCache
+        self.min_saving = 1  # blocks a hand-off must free beyond its pool (tests: 0)
+        self.released_blocks = 0
+        self.offloads = 0
+        self.fetched_pages = 0  # of released requests (re-rankings' host -> pool copies)
+        self.evicted_pages = 0
+
+    def attach(self, block_manager, cache) -> None:
+        """Offload for real: classified requests hand their old pages to the host and
+        release their blocks to `block_manager` (centroid ranking only)."""
+        if self.cfg.rank_by != "centroid":
+            return
+        self.blocks, self.cache = block_manager, cache
+        block_manager.free_listeners.append(self.release)
 
     def begin(
         self,
         request_ids: list[str],
         block_tables: torch.Tensor,  # [B, P] int32 on the device
         seq_lens: list[int],
+        rows: torch.Tensor | None = None,  # their query rows in a mixed step
     ) -> FlexiStep:
         states = []
         for rid in request_ids:
@@ -72,35 +104,101 @@ class FlexiEngine:
                     top, torch.zeros_like(top[..., 0], dtype=torch.bool)
                 )
             states.append(st)
-        step = FlexiStep(self, states, block_tables, seq_lens)
+        if self.blocks is not None:
+            for i, (rid, st) in enumerate(zip(request_ids, states)):
+                if st.off is None and st.ranked >= 2 and not st.keep_all:
+                    self._hand_off(rid, st, seq_lens[i])
+        step = FlexiStep(self, states, block_tables, seq_lens, rows)
         for st in states:
             st.steps += 1
         return step
 
+    def begin_mixed(self, request_ids, block_tables, seq_lens, cu_q) -> FlexiStep | None:
+        """A step with prefills: a FlexiStep over the decoding rows of offloaded requests
+        (their old blocks are released: plain attention would read freed blocks), or None."""
+        pick = [i for i, rid in enumerate(request_ids)
+                if (st := self.requests.get(rid)) is not None and st.off is not None
+                and cu_q[i + 1] - cu_q[i] == 1]  # fmt: skip
+        if not pick:
+            return None
+        rows = torch.tensor([cu_q[i] for i in pick], device=self.device)
+        return self.begin(
+            [request_ids[i] for i in pick],
+            block_tables[torch.tensor(pick, device=block_tables.device)],
+            [seq_lens[i] for i in pick],
+            rows,
+        )
+
+    def _hand_off(self, rid: str, st: _RequestState, seq_len: int) -> None:
+        cfg, bm = self.cfg, self.blocks
+        n_pages = -(-seq_len // self.block_size)
+        pages = n_pages - cfg.recent_pages  # full pages before the recent window
+        if not cfg.long_enough(n_pages):
+            return
+        need = pool_blocks_needed(cfg, st.stable, pages)
+        if pages - need < self.min_saving:
+            st.keep_all = True
+            return
+        table = bm.block_table(rid)[:pages]
+        if -1 in table:  # already released (cannot happen without an Offload)
+            return
+        pool = bm.reserve_blocks(rid, need)
+        if pool is None:  # no free block for the pool now: try at the next step
+            return
+        n_layers = self.num_layers
+        keep = policy.keep_mask(
+            st.top, st.stable, torch.ones(n_layers, dtype=torch.bool, device=self.device),
+            torch.full((n_layers,), n_pages, device=self.device), cfg.recent_pages, n_pages,
+            cfg.sink_pages,
+        )[..., :pages]  # fmt: skip
+        st.off = Offload(self.cache.k, self.cache.v, table, keep, pool)
+        self.released_blocks += bm.release_blocks(rid, pages)
+        self.offloads += 1
+
     def release(self, request_id: str) -> None:
-        self.requests.pop(request_id, None)
+        """Forget a request (finished, aborted or preempted): its host copy goes; its pool
+        blocks are the block manager's to free."""
+        st = self.requests.pop(request_id, None)
+        if st is not None and st.off is not None:
+            self.fetched_pages += st.off.fetched_pages
+            self.evicted_pages += st.off.evicted_pages
+
+    def host_bytes(self) -> int:
+        return sum(st.off.host_bytes() for st in self.requests.values() if st.off is not None)
 
     def stats(self) -> dict[str, float]:
         """kept_fraction: kept / all (request, layer, head) pages read at FlexiCache steps
         (the GPU-resident KV share a real offload would have; modeled here);
         stable_fraction: stable heads / heads at those steps."""
         total = max(int(self._total), 1)
+        offs = [st.off for st in self.requests.values() if st.off is not None]
         return {
             "kept_fraction": int(self._kept) / total,
             "stable_fraction": int(self._stable) / max(int(self._heads), 1),
+            "offloads": self.offloads,
+            "released_blocks": self.released_blocks,
+            "pool_blocks": sum(len(o.pool) for o in offs),
+            "host_bytes": self.host_bytes(),
+            "fetched_pages": self.fetched_pages + sum(o.fetched_pages for o in offs),
         }
 
 
 class FlexiStep:
     """One decode step's per-head page lists, built layer by layer."""
 
-    def __init__(self, eng: FlexiEngine, states, block_tables: torch.Tensor, seq_lens) -> None:
+    def __init__(
+        self, eng: FlexiEngine, states, block_tables: torch.Tensor, seq_lens, rows=None
+    ) -> None:
         cfg, bs, dev = eng.cfg, eng.block_size, eng.device
         self.eng = eng
         self.states = states
-        self.block_tables = block_tables.long()
+        self.rows = rows  # query rows in a mixed step (`patch`), None: every row
+        self.block_tables = block_tables.long().clamp(min=0)  # released blocks: -1
+        self.offs = [(i, st.off) for i, st in enumerate(states) if st.off is not None]
         n_pages = [-(-s // bs) for s in seq_lens]
         self.due = [st.steps % cfg.rerank_interval == 0 for st in states]
+        for st, due in zip(states, self.due):
+            st.ranked += due
         self.due_t = torch.tensor(self.due, device=dev)
         self.active = torch.tensor([cfg.long_enough(n) for n in n_pages], device=dev)
         self.n_pages = torch.tensor(n_pages, device=dev)
@@ -126,12 +224,16 @@ class FlexiStep:
                 scores = policy.page_scores(q, kmin, kmax)
             elif cfg.rank_by == "centroid":
                 kmean, count = policy.page_centroids(keys.permute(0, 3, 1, 2, 4), self.seq_lens)
+                for i, off in self.offs:  # released pages: their mean keys kept on the device
+                    kmean[i, :, : off.pages] = off.kmean[layer]
                 scores = policy.centroid_mass(q, kmean, count, sm_scale)
             else:
                 keys = keys.permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
                 scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)
             cand = policy.candidates(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
             new_top, new_stable, _ = policy.rerank(scores, cand, top, cfg.threshold)
+            for i, _off in self.offs:  # head classes fixed once offloaded (the pool's size)
+                new_stable[i] = stable[i]
             top = torch.where(self.due_t[:, None, None], new_top, top)
             stable = torch.where(self.due_t[:, None], new_stable, stable)
             for i, st in enumerate(self.states):
@@ -140,12 +242,25 @@ class FlexiStep:
         keep = policy.keep_mask(
             top, stable, self.active, self.n_pages, cfg.recent_pages, p, cfg.sink_pages
         )
-        tables, lens = policy.head_lists(keep, self.block_tables, self.seq_lens, eng.block_size)
+        hkv = keep.shape[1]
+        heads = torch.arange(hkv, device=keep.device)
+        slots = self.block_tables[:, None, :] * hkv + heads[None, :, None]  # [B, Hkv, P]
+        for i, off in self.offs:  # released pages live in the request's pool slots
+            if self.due[i]:
+                off.sync(layer, keep[i, :, : off.pages], eng.cache.k, eng.cache.v)
+            slots[i, :, : off.pages] = off.slot[layer]
+        tables, lens = policy.head_lists(keep, slots, self.seq_lens, eng.block_size)
         eng._kept += keep.sum()
         eng._total += self.n_pages.sum() * keep.shape[1]
         eng._stable += (stable & self.active[:, None]).sum()
         eng._heads += stable.numel()
-        return decode_fn(q, k_cache, v_cache, tables, lens, sm_scale)
+        return decode_fn(q, k_cache, v_cache, tables, lens, sm_scale, slot_heads=True)
+
+    def patch(self, layer, q, o, lse, k_cache, v_cache, decode_fn, sm_scale):
+        """A mixed step: replace the offloaded requests' decode rows of (o, lse)."""
+        o_r, lse_r = self.attend(layer, q[self.rows], k_cache, v_cache, decode_fn, sm_scale)
+        o[self.rows], lse[self.rows] = o_r.to(o.dtype), lse_r.to(lse.dtype)
+        return o, lse
 
 
 def flexi_engine(config, num_kv_layers: int, num_kv_heads: int, device) -> FlexiEngine | None:

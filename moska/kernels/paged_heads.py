@@ -9,7 +9,10 @@ all in the past of the query (decode), so no causal mask: every listed token is 
 
 The page pool is either the engine's block cache [N, bs, Hkv, D] (head kv reads its own
 slice of each block) or a compact per-head pool [N, bs, 1, D] whose pages each belong to one
-head (FlexiCache's GPU buffer). Split-KV along each head's own list, merged by
+head (FlexiCache's GPU buffer). With `slot_heads=True` over the block cache a table entry
+is a (block, head) slot, `block * Hkv + head`: head kv may read a page stored in another
+head's slice of a block (the engine's FlexiCache pool, carved out of the block cache, packs
+each head's kept pages into any free slice). Split-KV along each head's own list, merged by
 `merge_splits`, as in the plain kernel.
 """
 
@@ -53,6 +56,7 @@ def _paged_heads_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    SLOT_HEADS: tl.constexpr,  # table entries are block * Hkv + head slots
 ):
     b = tl.program_id(0) // Hkv
     kv = tl.program_id(0) % Hkv
@@ -72,8 +76,8 @@ def _paged_heads_kernel(
     lo = split * split_len
     hi = tl.minimum(lo + split_len, n_tok)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb + kv * stride_bth
-    k_base = k_ptr + kv * stride_kh
-    v_base = v_ptr + kv * stride_vh
+    k_base = k_ptr + (0 if SLOT_HEADS else kv * stride_kh)
+    v_base = v_ptr + (0 if SLOT_HEADS else kv * stride_vh)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -82,13 +86,19 @@ def _paged_heads_kernel(
         n_ok = n < hi
         blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         slot = n % BLOCK_SIZE
+        k_off = slot * stride_kt
+        v_off = slot * stride_vt
+        if SLOT_HEADS:
+            k_off += (blk % Hkv) * stride_kh
+            v_off += (blk % Hkv) * stride_vh
+            blk = blk // Hkv
         k = tl.load(
-            k_base + (blk * stride_kb + slot * stride_kt)[None, :] + offs_d[:, None],
+            k_base + (blk * stride_kb + k_off)[None, :] + offs_d[:, None],
             mask=n_ok[None, :],
             other=0.0,
         )  # [D, BLOCK_N]
         v = tl.load(
-            v_base + (blk * stride_vb + slot * stride_vt)[:, None] + offs_d[None, :],
+            v_base + (blk * stride_vb + v_off)[:, None] + offs_d[None, :],
             mask=n_ok[:, None],
             other=0.0,
         )  # [BLOCK_N, D]
@@ -111,7 +121,7 @@ def _paged_heads_kernel(
     tl.store(lse_ptr + split.to(tl.int64) * stride_ls + out, lse, mask=row_ok)
 
 
-def _check(q, k_pages, v_pages, head_tables, head_lens) -> tuple[int, int]:
+def _check(q, k_pages, v_pages, head_tables, head_lens, slot_heads=False) -> tuple[int, int]:
     if q.dim() != 3 or k_pages.dim() != 4:
         raise ValueError(
             "q must be [B,Hq,D] and k_pages [N,block_size,Hkv or 1,D]; got "
@@ -127,6 +137,8 @@ def _check(q, k_pages, v_pages, head_tables, head_lens) -> tuple[int, int]:
             f"head_tables {tuple(head_tables.shape)} must be [B={b}, Hkv, P] with Hq={hq} a "
             f"multiple of Hkv and pages of Hkv or 1 heads (got {k_pages.shape[2]})"
         )
+    if slot_heads and k_pages.shape[2] != hkv:
+        raise ValueError(f"slot_heads reads a block cache of Hkv={hkv} heads per block")
     if head_lens.dtype != torch.int32 or head_lens.shape != (b, hkv):
         raise ValueError(f"head_lens must be int32 [{b}, {hkv}], got {tuple(head_lens.shape)}")
     bs = k_pages.shape[1]
@@ -147,11 +159,13 @@ def paged_decode_heads(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    slot_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per sequence over each KV head's own page list: (o [B,Hq,D], lse [B,Hq] fp32).
 
-    A head whose list is empty gives o = 0, lse = -inf. No host sync."""
-    hkv, bs = _check(q, k_pages, v_pages, head_tables, head_lens)
+    A head whose list is empty gives o = 0, lse = -inf. No host sync. `slot_heads`: table
+    entries are `block * Hkv + head` slots of the block cache (module docstring)."""
+    hkv, bs = _check(q, k_pages, v_pages, head_tables, head_lens, slot_heads)
     b, hq, d = q.shape
     g = hq // hkv
     cuda = q.is_cuda
@@ -176,7 +190,7 @@ def paged_decode_heads(
         head_tables.stride(0), head_tables.stride(1), b * hq * d, b * hq, hkv, hq,
         sm_scale * LOG2E,
         G=g, D=d, BLOCK_SIZE=bs, BLOCK_M=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SLOT_HEADS=slot_heads,
         num_warps=num_warps or 4, num_stages=num_stages or (2 if cuda else 1),
     )
     # fmt: on
@@ -184,9 +198,11 @@ def paged_decode_heads(
     return o_m.view(b, hq, d), lse_m.view(b, hq)
 
 
-def paged_decode_heads_ref(q, k_pages, v_pages, head_tables, head_lens, sm_scale):
+def paged_decode_heads_ref(
+    q, k_pages, v_pages, head_tables, head_lens, sm_scale, *, slot_heads: bool = False
+):
     """Plain-PyTorch reference of `paged_decode_heads`: (o [B,Hq,D] q.dtype, lse [B,Hq] fp32)."""
-    hkv, bs = _check(q, k_pages, v_pages, head_tables, head_lens)
+    hkv, bs = _check(q, k_pages, v_pages, head_tables, head_lens, slot_heads)
     b, hq, d = q.shape
     g = hq // hkv
     o = torch.zeros(b, hq, d, dtype=torch.float32, device=q.device)
@@ -198,7 +214,9 @@ def paged_decode_heads_ref(q, k_pages, v_pages, head_tables, head_lens, sm_scale
             if n == 0:
                 continue
             pages = head_tables[i, h, : -(-n // bs)].long()
-            slot = h if k_pages.shape[2] == hkv else 0
+            slot: int | torch.Tensor = h if k_pages.shape[2] == hkv else 0
+            if slot_heads:
+                pages, slot = pages // hkv, pages % hkv
             k = k_pages[pages, :, slot].reshape(-1, d)[:n].float()  # [n, D]
             v = v_pages[pages, :, slot].reshape(-1, d)[:n].float()
             s = q[i, h * g : (h + 1) * g].float() @ k.T * sm_scale  # [G, n]

@@ -172,3 +172,11 @@ def test_stable_head_with_concentrated_attention_loses_little():
     recent = torch.softmax(all_k[-13:] @ q, 0) @ all_v[-13:]
     rel_recent = float((recent - full).norm() / full.norm())
     assert rel < 0.05 and rel < 0.1 * rel_recent, (rel, rel_recent)
+
+
+def test_refused_with_decode_context_parallelism():
+    from moska.distributed.kv_parallel_step import KVParallelConfigError
+    from moska.engine.llm_engine import LLMEngine
+
+    with pytest.raises(KVParallelConfigError, match="--flexicache.*--decode-context-parallel"):
+        LLMEngine.from_model(None, device="cpu", flexicache="on", decode_context_parallel_size=2)

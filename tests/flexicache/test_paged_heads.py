@@ -67,3 +67,23 @@ def test_full_lists_equal_plain_paged_reference():
     cu = torch.arange(b + 1, dtype=torch.int32)
     o2, lse2 = paged_attention_ref(q, k, v, bt, cu, seq, 0.3)
     assert _rel(o, o2) < 1e-5 and _rel(lse, lse2) < 1e-5
+
+
+def test_slot_heads_read_other_heads_slices():
+    """slot_heads: entry block * Hkv + j reads head j's slice of the block, for any head."""
+    gen = torch.Generator().manual_seed(3)
+    b, hkv, g, d, bs, n_blocks = 2, 2, 2, 16, 8, 6
+    k = torch.randn(n_blocks, bs, hkv, d, generator=gen)
+    v = torch.randn(n_blocks, bs, hkv, d, generator=gen)
+    q = torch.randn(b, hkv * g, d, generator=gen)
+    tables, lens = _lists(b, hkv, n_blocks * hkv, bs, gen)
+    o, lse = paged_decode_heads(q, k, v, tables, lens, 0.3, slot_heads=True, block_n=16)
+    o_ref, lse_ref = paged_decode_heads_ref(q, k, v, tables, lens, 0.3, slot_heads=True)
+    assert _rel(o, o_ref) < 1e-4
+    # the same lists over a per-head pool holding each (block, head) slice as one page
+    pool_k = k.permute(0, 2, 1, 3).reshape(n_blocks * hkv, bs, 1, d)
+    pool_v = v.permute(0, 2, 1, 3).reshape(n_blocks * hkv, bs, 1, d)
+    o2, _ = paged_decode_heads_ref(q, pool_k, pool_v, tables, lens, 0.3)
+    assert _rel(o_ref, o2) < 1e-6
+    ok = ~torch.isinf(lse_ref)
+    assert _rel(lse[ok], lse_ref[ok]) < 1e-4
