@@ -59,7 +59,7 @@ class RetrievalSpec:
         return lo, lo + self.value_tokens
 
     def with_context(self, tokens: int) -> RetrievalSpec:
-        facts = max(4, round(self.facts * tokens / self.context_tokens))
+        facts = max(1, round(self.facts * tokens / self.context_tokens))
         return replace(self, context_tokens=tokens, facts=facts)
 
     def save(self, folder: Path) -> None:

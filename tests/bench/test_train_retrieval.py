@@ -108,6 +108,6 @@ def test_trains_a_few_steps_and_saves_bf16(tmp_path):
         assert names and all(f.get_tensor(k).dtype == torch.bfloat16 for k in names)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     log = json.loads((out / "train_log.json").read_text())["log"]
-    assert log[-1]["step"] == 3 and log[-1]["context"] == 128
+    assert log[-1]["step"] == 3 and log[-1]["context"] == 64
     spec = rt.RetrievalSpec.load(out)
-    assert spec.formats == ("fact", "code") and spec.context_tokens == 128
+    assert spec.formats == ("fact", "code") and spec.context_tokens == 64 and spec.vocab_size == 256
