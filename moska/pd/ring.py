@@ -30,6 +30,7 @@ import pickle
 import secrets
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -41,7 +42,8 @@ _MAGIC_W, _NONCE_W, _WRITTEN_W, _READ_W, _WCLOSED_W, _RCLOSED_W = range(6)
 _HDR_WORDS = 8  # then (seq, layer, chunk) per slot
 _PAUSE_MAX_S = 0.0005  # longest sleep of a waiting side (the latency it may add per chunk)
 # slots x bytes: host rings take tmpfs memory (reserved up front, never a SIGBUS later)
-SIZES = {"shm": (8, 4 << 20), "cuda_ipc": (4, 64 << 20)}
+# (8 x 8 MiB moved the most on a 2-core host, against 4 and 16 MiB slots)
+SIZES = {"shm": (8, 8 << 20), "cuda_ipc": (4, 64 << 20)}
 
 
 class ChannelError(RuntimeError):
@@ -169,7 +171,9 @@ class Ring:
         return max(1, -(-nbytes // self.spec.slot_bytes))
 
     def write(self, t: torch.Tensor, seq: int, layer: int, timeout_s: float) -> None:
-        """Put tensor `t` (any device) in the ring as layer `layer` of transfer `seq`."""
+        """Put tensor `t` in the ring as layer `layer` of transfer `seq`. `t` is on the
+        host or a GPU tensor whose producer has finished (a synchronized event): the copy
+        runs on the ring's own stream, which waits for no other."""
         src = t.contiguous().reshape(-1).view(torch.uint8)
         ctl, n_slots, size = self._ctl, self.spec.slots, self.spec.slot_bytes
         if ctl[_RCLOSED_W]:
@@ -243,3 +247,58 @@ def kinds_to_try(mode: str, on_cuda: bool) -> list[str]:
     if mode == "auto":
         return (["cuda_ipc"] if on_cuda else []) + ["shm"]
     return [mode] if mode in KINDS else []
+
+
+def offer(
+    store, src: int, dst: int, seqs: Iterator[int], kinds: list[str],
+    device: torch.device, timeout_s: float, closed: Callable[[], bool],
+) -> tuple[Ring | None, str]:  # fmt: skip
+    """Offer rings of `kinds` in turn to rank `dst` (a header of type "ring" under the
+    pair's next SEQ, answered under `moska/pd/ack/SRC->DST/SEQ`) until one is taken:
+    (the ring, "") or (None, why none was). ChannelError when `dst` does not answer within
+    `timeout_s` (the sender decides at its next transfer)."""
+    refused = "no ring was offered"
+    for kind in kinds:
+        try:
+            ring = Ring.create(kind, device)
+        except ChannelError as exc:
+            refused = str(exc)
+            continue
+        seq = next(seqs)
+        header = {"type": "ring", "ring": ring.spec.to_json()}
+        store.set(f"moska/pd/hdr/{src}->{dst}/{seq}", json.dumps(header))
+        answer = _wait_key(store, f"moska/pd/ack/{src}->{dst}/{seq}", timeout_s, closed)
+        ring.unlink()  # mapped by the receiver (or never to be)
+        if answer == "ok":
+            return ring, ""
+        ring.close()
+        if answer is None:
+            raise ChannelError(f"decode rank {dst} did not answer the {kind} offer")
+        refused = answer
+    return None, refused
+
+
+def accept(store, src: int, dst: int, seq: int, spec: str) -> Ring | None:
+    """The receiver's side of `offer`: map the ring and answer "ok", or answer why not."""
+    ring = None
+    try:
+        ring = Ring.attach(RingSpec.from_json(spec))
+        answer = "ok"
+    except Exception as exc:  # noqa: BLE001 - the answer tells the sender to fall back
+        answer = f"decode rank {dst} cannot map it: {exc}"
+    store.set(f"moska/pd/ack/{src}->{dst}/{seq}", answer)
+    return ring
+
+
+def _wait_key(store, key: str, timeout_s: float, closed: Callable[[], bool]) -> str | None:
+    """The value set under `key` within `timeout_s` (then deleted), or None."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.0
+    while not store.check([key]):
+        if time.monotonic() > deadline or closed():
+            return None
+        time.sleep(pause)
+        pause = min(0.02, pause * 2 or 0.0005)
+    value = store.get(key).decode()
+    store.delete_key(key)
+    return value

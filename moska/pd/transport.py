@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from moska.pd import ring as rings
 from moska.pd.errors import TransferFailedError
-from moska.pd.ring import ChannelError, Ring, RingSpec
+from moska.pd.ring import ChannelError, Ring
 from moska.pd.stream import LayerStream
 
 logger = logging.getLogger(__name__)
@@ -219,42 +219,16 @@ class KVTransport:
         layers = job.layers
         device = layers.device if isinstance(layers, LayerStream) else (
             layers[0].device if layers else torch.device("cpu"))  # fmt: skip
-        refused = "no ring was offered"
-        for kind in rings.kinds_to_try(mode, device.type == "cuda"):
-            try:
-                ring = Ring.create(kind, device)
-            except ChannelError as exc:
-                refused = str(exc)
-                continue
-            seq = next(seqs)
-            offer = {"type": "ring", "ring": ring.spec.to_json()}
-            self._store.set(f"moska/pd/hdr/{self.rank}->{dst}/{seq}", json.dumps(offer))
-            answer = self._wait_key(f"moska/pd/ack/{self.rank}->{dst}/{seq}")
-            ring.unlink()  # mapped by the receiver (or never to be)
-            if answer == "ok":
-                self._rings_out[dst], self.channels[dst] = ring, kind
-                return
-            ring.close()
-            if answer is None:
-                raise ChannelError(f"decode rank {dst} did not answer the {kind} offer")
-            refused = answer
-        if mode != "auto" and mode != "gloo":
+        kinds = rings.kinds_to_try(mode, device.type == "cuda")
+        ring, refused = rings.offer(
+            self._store, self.rank, dst, seqs, kinds, device, self.endpoint.timeout_s,
+            lambda: self._closed,
+        )  # fmt: skip
+        if ring is None and mode != "auto" and mode != "gloo":
             raise ChannelError(f"--pd-transport {mode} to decode rank {dst}: {refused} "
                                "(use --pd-transport auto or gloo)")  # fmt: skip
-        self._rings_out[dst], self.channels[dst] = None, "gloo"
-
-    def _wait_key(self, key: str) -> str | None:
-        """The value set under `key` within the data timeout (then deleted), or None."""
-        deadline = time.monotonic() + self.endpoint.timeout_s
-        pause = 0.0
-        while not self._store.check([key]):
-            if time.monotonic() > deadline or self._closed:
-                return None
-            time.sleep(pause)
-            pause = min(_POLL_MAX_S, pause * 2 or 0.0005)
-        value = self._store.get(key).decode()
-        self._store.delete_key(key)
-        return value
+        self._rings_out[dst] = ring
+        self.channels[dst] = ring.spec.kind if ring is not None else "gloo"
 
     def _send_one(self, job: _Job, seq: int) -> None:
         ring = self._rings_out.get(job.dst)
@@ -359,17 +333,12 @@ class KVTransport:
             self._deliver(arrival)
 
     def _take_ring(self, src: int, seq: int, spec: str) -> None:
-        """Map the ring `src` offered and answer "ok", or answer why not."""
-        try:
-            ring = Ring.attach(RingSpec.from_json(spec))
-        except Exception as exc:  # noqa: BLE001 - the answer tells the sender to fall back
-            answer = f"decode rank {self.rank} cannot map it: {exc}"
-        else:
+        ring = rings.accept(self._store, src, self.rank, seq, spec)
+        if ring is not None:
             old = self._rings_in.get(src)
             if old is not None:
                 old.close()
-            self._rings_in[src], answer = ring, "ok"
-        self._store.set(f"moska/pd/ack/{src}->{self.rank}/{seq}", answer)
+            self._rings_in[src] = ring
 
     def _deliver(self, arrival: Arrival) -> None:
         with self._cond:
