@@ -40,6 +40,7 @@ def test_killed_decode_instance(pd_cluster, victim):
             _run_kill(url, front, proc)
             # the transfer group: a send to the dead rank fails, retried, bounded
             transport = apps["prefill0"].state.pd.transport
+            assert transport.channels[2] == "shm"  # the victim, another process, took a ring
             got: dict = {}
             done = threading.Event()
 
