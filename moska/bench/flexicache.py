@@ -80,7 +80,9 @@ def full_kv_loss(model, windows: torch.Tensor, prompt: int) -> float:
 
 
 @torch.inference_mode()
-def flexi_loss(model, windows: torch.Tensor, prompt: int, cfg, block_size: int, decode_fn):
+def flexi_loss(
+    model, windows: torch.Tensor, prompt: int, cfg, block_size: int, decode_fn, hysteresis=True
+):
     """(mean loss over positions prompt.., store stats) decoding through a FlexiKV store."""
     from moska.flexicache.decode import decode_step
 
@@ -89,7 +91,7 @@ def flexi_loss(model, windows: torch.Tensor, prompt: int, cfg, block_size: int, 
     store = FlexiKV(
         cfg, num_layers=mc.num_kv_layers, batch=b, num_kv_heads=mc.num_kv_heads,
         head_dim=mc.head_dim, block_size=block_size, max_pages=-(-length // block_size),
-        dtype=model.dtype, device=model.device,
+        dtype=model.dtype, device=model.device, hysteresis=hysteresis,
     )  # fmt: skip
     logits = prefill(model, store, windows[:, :prompt])
     total = float(F.cross_entropy(logits, windows[:, prompt], reduction="sum"))
@@ -114,8 +116,12 @@ def flexi_loss(model, windows: torch.Tensor, prompt: int, cfg, block_size: int, 
         "final_gpu_bytes": store.gpu_bytes(),
         "final_full_kv_bytes": store.full_kv_bytes(),
         "final_gpu_bytes_fraction": round(store.gpu_bytes() / store.full_kv_bytes(), 4),
+        "hysteresis": hysteresis,
         "fetched_pages": store.fetched_pages,
+        "refetched_pages": store.refetched_pages,  # dropped at the previous re-ranking or later
+        "reused_pages": store.reused_pages,  # kept again from their old slot: no fetch
         "evicted_pages": store.evicted_pages,
+        "fetch_bytes_per_step": store.fetched_pages * store.page_bytes() // max(steps, 1),
     }
     return total / (b * (length - prompt)), stats
 
@@ -156,8 +162,9 @@ def run_quality(args) -> dict:
             rank_by=rank,
         )  # fmt: skip
         loss, stats = flexi_loss(
-            lm.model, wins, prompt, cfg, args.block_size, ops.paged_decode_heads
-        )
+            lm.model, wins, prompt, cfg, args.block_size, ops.paged_decode_heads,
+            not args.no_hysteresis,
+        )  # fmt: skip
         row = {"setting": f"K={k} pages, threshold={thr}, rank by {rank}", "top_k_pages": k}
         row |= {"threshold": thr, "rank_by": rank}
         row |= {"loss": round(loss, 4), "delta": round(loss - base, 4)}
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         default=SETTINGS,
         help="FlexiCache settings K:threshold[:mass|bound], comma-separated",
     )
+    ap.add_argument("--no-hysteresis", action="store_true", help="quality: free dropped slots")
     ap.add_argument("--out", default=None)
     args, rest = ap.parse_known_args(argv)
     if args.mode == "speed":

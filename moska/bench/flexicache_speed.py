@@ -15,7 +15,12 @@ keys kept on the device; `--rank mass` reads every key of the layer from the hos
 re-ranking; with either, random keys make the top-K churn (up to K fetches per stable head
 per re-ranking): a pessimistic case. `--rank bound` ranks by Quest bounds from device summaries, with K hot
 pages per head given wide bounds so that they stay on top: an optimistic case. KV contents
-are random (tiled pages).
+are random (tiled pages). Each FlexiCache row reports the bytes fetched from the host per
+timed step and the share of the step time spent fetching (CUDA events around each fetch:
+the host gather of the pages into pinned staging, and the copy up), and how many fetched
+pages had been dropped at the previous re-ranking (`refetched_pages`) or were kept again
+from their old slot without a fetch (`reused_pages`, hysteresis: `--no-hysteresis` turns
+it off, `--spare-pages` leaves spare slots per head for dropped pages).
 """
 
 from __future__ import annotations
@@ -109,12 +114,15 @@ def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, se
 
 
 @torch.inference_mode()
-def _decode(model, attn, begin, batch, steps, warmup, device) -> tuple[float, float]:
+def _decode(model, attn, begin, batch, steps, warmup, device, reset=None) -> tuple[float, float]:
     """(mean, median) seconds per decode step over `steps` after `warmup`; the mean counts
-    the re-ranking steps' fetches, the median is a step without one."""
+    the re-ranking steps' fetches, the median is a step without one. `reset()` runs after
+    the warmup (counters)."""
     tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
     times = []
     for i in range(warmup + steps):
+        if i == warmup and reset is not None:
+            reset()
         begin()
         pos = torch.full((batch,), attn_length(attn) - 1, device=device)
         _sync(device)
@@ -143,6 +151,10 @@ def run(args, rest: list[str]) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--rank", choices=("centroid", "mass", "bound"), default="centroid")
+    ap.add_argument("--no-hysteresis", action="store_true", help="free dropped pages' slots")
+    ap.add_argument("--spare-pages", type=int, default=0, help="slots per head for dropped pages")
+    ap.add_argument("--compare-hysteresis", action="store_true",
+                    help="also the largest batch with hysteresis off")  # fmt: skip
     sa = ap.parse_args(rest)
     dry = args.cpu_dry_run
     device = torch.device("cpu" if dry else "cuda")
@@ -176,7 +188,7 @@ def run(args, rest: list[str]) -> dict:
     b_flexi = max(1, min(sa.max_batch, int(budget // flexi_req)))
     rows = []
 
-    def measure(kind, batch):
+    def measure(kind, batch, hysteresis=not sa.no_hysteresis):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -188,10 +200,22 @@ def run(args, rest: list[str]) -> dict:
             extra = {}
         else:
             store = _flexi_store(cfg, mc, batch, context, bs, dtype, device, s, args.seed)
+            store.hysteresis = hysteresis
+            store.spare_pages = sa.spare_pages if hysteresis else 0
+            store.time_fetch = True
             attn = _Flexi(store, ops, mc.sm_scale)
-            sec, med = _decode(lm.model, attn, store.begin_step, batch, steps, warmup, device)
+            sec, med = _decode(lm.model, attn, store.begin_step, batch, steps, warmup, device,
+                               store.reset_counters)  # fmt: skip
             kv = store.gpu_bytes()
-            extra = {"resident_pages": store.resident_pages(), "fetched_pages": store.fetched_pages,
+            fetch_s = store.fetch_seconds() / steps
+            extra = {"hysteresis": hysteresis, "spare_pages": store.spare_pages,
+                     "resident_pages": store.resident_pages(),
+                     "fetched_pages_timed": store.fetched_pages,
+                     "refetched_pages_timed": store.refetched_pages,
+                     "reused_pages_timed": store.reused_pages,
+                     "fetch_bytes_per_step": store.fetched_pages * page_bytes // steps,
+                     "fetch_ms_per_step": round(fetch_s * 1e3, 2),
+                     "fetch_share_of_step": round(fetch_s / sec, 4),
                      "stable_head_fraction": round(store.stable_fraction(), 4),
                      "full_kv_bytes_same_batch": store.full_kv_bytes()}  # fmt: skip
         peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
@@ -207,6 +231,7 @@ def run(args, rest: list[str]) -> dict:
     full = measure("full", b_full)
     flex_eq = measure("flexicache", b_full)
     flex_max = measure("flexicache", b_flexi)
+    no_hyst = measure("flexicache", b_flexi, False) if sa.compare_hysteresis else None
     return {
         "environment": environment(),
         "mode": "speed",
@@ -224,6 +249,7 @@ def run(args, rest: list[str]) -> dict:
             "rerank_interval": args.r,
             "stable_fraction_forced": s,
             "rank_by": sa.rank,
+            "page_bytes": page_bytes,
             "kv_budget_bytes": budget,
             "steps": steps,
             "warmup": warmup,
@@ -239,6 +265,14 @@ def run(args, rest: list[str]) -> dict:
             "tokens_per_s_full": full["tokens_per_s"],
             "tokens_per_s_flexicache_largest_batch": flex_max["tokens_per_s"],
             "speedup_largest_batch": round(flex_max["tokens_per_s"] / full["tokens_per_s"], 3),
+            "fetch_bytes_per_step_largest_batch": flex_max["fetch_bytes_per_step"],
+            "fetch_share_of_step_largest_batch": flex_max["fetch_share_of_step"],
+            "refetched_share_of_fetches": round(
+                flex_max["refetched_pages_timed"] / max(flex_max["fetched_pages_timed"], 1), 4
+            ),
+            "fetched_pages_hysteresis_vs_off": no_hyst
+            and [flex_max["fetched_pages_timed"], no_hyst["fetched_pages_timed"]],
+            "tokens_per_s_hysteresis_off": no_hyst and no_hyst["tokens_per_s"],
             "note": "stable heads forced (random model); quality: flexicache_quality_*.json",
         },
     }

@@ -48,8 +48,8 @@ class Offload:
         idx = torch.tensor(blocks, dtype=torch.int64, device=dev)
         for layer in range(n_layers):
             k, v = k_cache[layer][idx], v_cache[layer][idx]  # [pages, bs, Hkv, D]
-            self.host_k[layer].copy_(k, non_blocking=pin)
-            self.host_v[layer].copy_(v, non_blocking=pin)
+            self.host_k[layer].copy_(k)  # synchronous: `sync` reads it on the host
+            self.host_v[layer].copy_(v)
             self.kmean[layer] = k.float().mean(1).transpose(0, 1)  # full pages
             self._place(layer, keep[layer], k, v, k_cache, v_cache)
         self.fetched_pages = 0  # the hand-off's own copies are not fetches

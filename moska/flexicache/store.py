@@ -11,6 +11,8 @@ from the host copy: `fetched_pages` counts those copies.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from moska.flexicache import policy
@@ -31,7 +33,14 @@ class FlexiKV:
         dtype: torch.dtype,
         device: torch.device | str,
         force_stable: torch.Tensor | None = None,  # [L, B, Hkv] bool: stable regardless
+        hysteresis: bool = True,
+        spare_pages: int = 0,
     ) -> None:
+        """hysteresis: a page a head stops keeping keeps its pool slot (not read) until a
+        fetch needs the slot or a compaction has no room for it, so a page that comes back
+        at a later re-ranking is not fetched again; False: its slot is freed at once.
+        spare_pages: slots per head a compaction leaves beyond the kept pages and one new
+        page, for dropped pages (device memory, counted in `gpu_bytes`)."""
         self.cfg = cfg
         self.device = torch.device(device)
         L, B, H, P, bs, D = num_layers, batch, num_kv_heads, max_pages, block_size, head_dim
@@ -62,9 +71,18 @@ class FlexiKV:
         self._probe: dict[int, list[torch.Tensor | None]] = {}
         self.length = 0  # tokens per sequence, the current step's included
         self.step = -1  # decode steps begun, minus one
+        self.hysteresis = hysteresis
+        self.spare_pages = spare_pages if hysteresis else 0
+        self.kept = torch.zeros(L, B, H, P, dtype=torch.bool, device=dev)  # read pages
+        self.dropped_step = torch.full((L, B, H, P), -(2**30), dtype=torch.int64, device=dev)
         self.fetched_pages = 0
-        self.evicted_pages = 0
+        self.refetched_pages = 0  # fetches of pages dropped at the previous re-ranking or later
+        self.reused_pages = 0  # kept again while still in their slot (no fetch: hysteresis)
+        self.evicted_pages = 0  # slots taken from pages (dropped ones, or under no hysteresis)
         self.peak_resident_pages = 0
+        self.time_fetch = False  # time the fetches (`fetch_seconds`): CUDA events / host clock
+        self._fetch_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._fetch_host_s = 0.0
 
     # ---- accounting ----
     def page_bytes(self) -> int:
@@ -169,7 +187,7 @@ class FlexiKV:
             )  # fmt: skip
             self._sync(layer, keep)
             if rerank:
-                self._compact(layer)
+                self._compact(layer, keep)
             seq = torch.full((B,), self.length, device=self.device)
             self.tables[layer], self.lens[layer] = policy.head_lists(
                 keep, self.slot[layer], seq, bs
@@ -212,17 +230,27 @@ class FlexiKV:
         return torch.cat(parts)
 
     def _sync(self, layer: int, keep: torch.Tensor) -> None:
-        """Free the slots of pages no longer kept; fetch newly kept pages from the host."""
+        """Fetch newly kept pages from the host into free slots. A page no longer kept
+        frees its slot at once, or under hysteresis stays in it (not read) until a fetch
+        finds no free slot: then such pages are evicted, the longest dropped first."""
         slot = self.slot[layer]
         resident = slot >= 0
-        drop = resident & ~keep
-        if bool(drop.any()):
-            self.free[layer].extend(slot[drop].tolist())
-            self.evicted_pages += int(drop.sum())
-            slot[drop] = -1
-        idx = (keep & ~resident).nonzero()  # [n, 3] (row, head, page)
-        n = idx.shape[0]
+        drop = self.kept[layer] & ~keep
+        self.reused_pages += int((keep & resident & ~self.kept[layer]).sum())
+        self.dropped_step[layer][drop] = self.step
+        self.kept[layer] = keep
+        need = keep & ~resident
+        n = int(need.sum())
+        idle = resident & ~keep
+        if not self.hysteresis:
+            self._evict(layer, idle)
+        elif n > len(self.free[layer]):
+            self._evict_oldest(layer, idle, n - len(self.free[layer]))
         if n:
+            timer = self._timer_start() if self.time_fetch else None
+            idx = need.nonzero()  # [n, 3] (row, head, page)
+            recent = self.dropped_step[layer][idx[:, 0], idx[:, 1], idx[:, 2]]
+            self.refetched_pages += int((recent >= self.step - self.cfg.rerank_interval).sum())
             self._reserve(layer, n)
             new = torch.tensor(self.free[layer][-n:], dtype=torch.int64, device=self.device)
             del self.free[layer][-n:]
@@ -236,27 +264,83 @@ class FlexiKV:
                 torch.index_select(host[layer].view(-1, bs, D), 0, flat, out=stage)
                 pool[layer][new] = stage.to(self.device, non_blocking=True).unsqueeze(2)
             self.fetched_pages += n
+            if timer is not None:
+                self._timer_stop(timer)
         self.peak_resident_pages = max(self.peak_resident_pages, self.resident_pages())
 
-    def _compact(self, layer: int) -> None:
-        """Shrink the layer's pool to its resident pages plus one new page per head (a
-        device-side gather at re-rankings), so that the pool's allocation follows what
-        the heads keep instead of its peak."""
+    def _timer_start(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def _timer_stop(self, start) -> None:
+        if self.device.type != "cuda":
+            self._fetch_host_s += time.perf_counter() - start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._fetch_events.append((start, end))
+
+    def fetch_seconds(self) -> float:
+        """Time spent fetching since the last `reset_counters` (`time_fetch` on): on CUDA the
+        stream time from each fetch's start to its last copy (idle gaps while the host
+        gathers pages included: what the step waits for)."""
+        if self._fetch_events:
+            torch.cuda.synchronize(self.device)
+        ms = sum(a.elapsed_time(b) for a, b in self._fetch_events)
+        return self._fetch_host_s + ms / 1e3
+
+    def reset_counters(self) -> None:
+        self.fetched_pages = self.refetched_pages = self.reused_pages = self.evicted_pages = 0
+        self._fetch_events.clear()
+        self._fetch_host_s = 0.0
+
+    def _evict(self, layer: int, pages: torch.Tensor) -> None:
+        """Free the slots of `pages` [B, H, P] bool (resident)."""
+        slot = self.slot[layer]
+        if bool(pages.any()):
+            self.free[layer].extend(slot[pages].tolist())
+            self.evicted_pages += int(pages.sum())
+            slot[pages] = -1
+
+    def _evict_oldest(self, layer: int, idle: torch.Tensor, n: int) -> None:
+        """Free up to `n` slots of idle (resident, not kept) pages, the longest dropped first."""
+        when = torch.where(idle, self.dropped_step[layer], 2**62).flatten()
+        m = min(n, int(idle.sum()))
+        if m:
+            pick = torch.zeros_like(when, dtype=torch.bool)
+            pick[when.topk(m, largest=False).indices] = True
+            self._evict(layer, pick.view_as(idle))
+
+    def _compact(self, layer: int, keep: torch.Tensor) -> None:
+        """Shrink the layer's pool to its kept pages plus one page per head (a device-side
+        gather at re-rankings), so that the pool's allocation follows what the heads keep
+        instead of its peak. Under hysteresis idle pages fill the spare slots (the most
+        recently dropped first) and the rest are evicted."""
         _, B, H, *_ = self.shape
         slot = self.slot[layer]
-        resident = slot >= 0
-        n = int(resident.sum())
-        cap = n + B * H
+        kept = (slot >= 0) & keep
+        n = int(kept.sum())
+        spare = B * H * (1 + self.spare_pages)
+        cap = n + spare
         if self.pool_k[layer].shape[0] <= cap:
             return
-        old = slot[resident]
+        idle = (slot >= 0) & ~keep
+        if int(idle.sum()) > spare:
+            self._evict_oldest(layer, idle, int(idle.sum()) - spare)
+        resident = slot >= 0
+        m = int(resident.sum())
+        order = torch.cat([slot[kept], slot[resident & ~keep]])
         for pool in (self.pool_k, self.pool_v):
             t = pool[layer]
             new = t.new_empty(cap, *t.shape[1:])
-            new[:n] = t[old]
+            new[:m] = t[order]
             pool[layer] = new
-        slot[resident] = torch.arange(n, device=self.device)
-        self.free[layer] = list(range(cap - 1, n - 1, -1))
+        slot[kept] = torch.arange(n, device=self.device)
+        slot[resident & ~keep] = torch.arange(n, m, device=self.device)
+        self.free[layer] = list(range(cap - 1, m - 1, -1))
 
     def _reserve(self, layer: int, n: int) -> None:
         """Grow the layer's pool until `n` slots are free (plus one page per head)."""

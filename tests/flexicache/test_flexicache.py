@@ -134,8 +134,8 @@ def test_rerank_fetches_promoted_pages(rank_by):
         assert slot[7] == -1
     o = _decode(store, mix, new_k, new_v)  # step 3 re-ranks: {7, 3}, overlap 1/2: stable
     assert bool(store.stable[0, 0, 0])
-    assert slot[7] >= 0 and slot[5] == -1 and slot[3] >= 0
-    assert store.fetched_pages == fetched + 1 and store.evicted_pages >= 1
+    assert slot[7] >= 0 and slot[3] >= 0 and not store.kept[0, 0, 0, 5]  # 5: dropped
+    assert store.fetched_pages == fetched + 1
     torch.testing.assert_close(store.pool_k[0][slot[7], :, 0], keys[28:32, 0])
     # the output reads the kept pages: the same as attention over exactly those keys
     kept = torch.cat([keys[28:32, 0], keys[12:16, 0]])
@@ -180,3 +180,40 @@ def test_refused_with_decode_context_parallelism():
 
     with pytest.raises(KVParallelConfigError, match="--flexicache.*--decode-context-parallel"):
         LLMEngine.from_model(None, device="cpu", flexicache="on", decode_context_parallel_size=2)
+
+
+@pytest.mark.parametrize("hysteresis", [True, False])
+def test_hysteresis_keeps_a_dropped_page_until_its_slot_is_needed(hysteresis):
+    """Page 5 leaves the top-K at one re-ranking and comes back at the next: with
+    hysteresis (and a spare slot per head) it is read from its old slot, without, fetched."""
+    torch.manual_seed(3)
+    d, t = 16, 40
+    keys = 0.05 * torch.randn(t, 1, d)
+    keys[12:16, 0, 0], keys[20:24, 0, 0], keys[28:32, 0, 1] = 10.0, 5.0, 8.0
+    values = torch.randn(t, 1, d)
+    cfg = FlexiCacheConfig(
+        top_k_pages=2, recent_pages=1, threshold=0.5, rerank_interval=2, sink_pages=0
+    )
+    store = FlexiKV(
+        cfg, num_layers=1, batch=1, num_kv_heads=1, head_dim=d, block_size=4, max_pages=14,
+        dtype=torch.float32, device="cpu", hysteresis=hysteresis, spare_pages=1,
+    )  # fmt: skip
+    e0, mix = torch.zeros(1, d), torch.zeros(d)
+    e0[0, 0] = 1.0
+    mix[0], mix[1] = 0.6, 1.0
+    store.write_prompt(0, 0, keys, values, e0)
+    store.finish_prompts()
+    new_k, new_v = 0.05 * torch.randn(d), torch.randn(d)
+    outs = []
+    for q in (e0[0], e0[0], mix, mix, e0[0]):  # re-ranks at steps 0, 2 ({7, 3}), 4 ({3, 5})
+        outs.append(_decode(store, q, new_k, new_v))
+    slot = store.slot[0, 0, 0]
+    assert store.kept[0, 0, 0, 5] and slot[5] >= 0
+    assert store.refetched_pages == (0 if hysteresis else 1)
+    assert store.reused_pages == (1 if hysteresis else 0)
+    torch.testing.assert_close(store.pool_k[0][slot[5], :, 0], keys[20:24, 0])
+    # pages 3 and 5, and the newest page 11 (token 44; page 10 is a candidate, not kept)
+    kept_k = torch.cat([keys[12:16, 0], keys[20:24, 0], new_k[None]])
+    kept_v = torch.cat([values[12:16, 0], values[20:24, 0], new_v[None]])
+    ref = torch.softmax(kept_k @ e0[0], 0) @ kept_v
+    torch.testing.assert_close(outs[-1][0, 0], ref, rtol=1e-5, atol=1e-5)
