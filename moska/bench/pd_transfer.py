@@ -58,6 +58,17 @@ def _checksums(layers, device: str) -> list[tuple[int, int]]:
     return out
 
 
+def _report_failure(tid: int, results):
+    """A send's `done`: a failed send answers the waiting run at once (the decode rank,
+    never getting it, would not)."""
+
+    def done(error: str | None, _seconds: float) -> None:
+        if error is not None:
+            results.put((tid, 0.0, f"the send failed: {error}"))
+
+    return done
+
+
 def decode_rank(port: int, device: str, expected: int, results, mode: str = "auto") -> None:
     """The decode process: receive `expected` transfers in id order, copy each to `device`,
     report (id, when it was there: time.monotonic(), checksums)."""
@@ -114,7 +125,7 @@ class _Prefill:
         tid = self.tid
         self.sent[tid] = layers
         assert self.transport is not None
-        self.transport.send(tid, 1, {"tokens": []}, layers, lambda err, s: None)
+        self.transport.send(tid, 1, {"tokens": []}, layers, _report_failure(tid, self.results))
 
     def run(self, prompt: list[int]) -> tuple[float, float, bool]:
         """Seconds from the request's arrival until the decode rank holds its KV (or, for
@@ -166,10 +177,12 @@ def raw_transfer(transport: KVTransport, results, layers: list[torch.Tensor], ti
     times, exact = [], True
     for k in range(n):
         t0 = time.monotonic()
-        transport.send(tid0 + k, 1, {"tokens": []}, layers, lambda err, s: None)
+        transport.send(tid0 + k, 1, {"tokens": []}, layers, _report_failure(tid0 + k, results))
         tid, landed, sums = results.get(timeout=300)
+        if tid != tid0 + k or isinstance(sums, str):
+            raise RuntimeError(f"transfer {tid0 + k} failed: {sums}")
         times.append(landed - t0)
-        exact = exact and tid == tid0 + k and sums == _checksums(layers, str(layers[0].device))
+        exact = exact and sums == _checksums(layers, str(layers[0].device))
     host = [t.cpu() for t in layers]
     dst = [torch.empty_like(t) for t in host]
     t0 = time.perf_counter()
