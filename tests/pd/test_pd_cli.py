@@ -33,6 +33,10 @@ def test_serve_role_flags():
     cfg = pd_config(parse(["serve", "--role", "prefill", "--pd-master", "127.0.0.1:29500",
                            "--pd-rank", "0", "--pd-world", "2"]))  # fmt: skip
     assert cfg.role == "prefill" and cfg.endpoint.port == 29500 and cfg.endpoint.world_size == 2
+    assert cfg.endpoint.transport == "auto"
+    cfg = pd_config(parse(["serve", "--role", "decode", "--pd-master", "h:1", "--pd-rank", "1",
+                           "--pd-world", "2", "--pd-transport", "gloo"]))  # fmt: skip
+    assert cfg.endpoint.transport == "gloo"
     with pytest.raises(ValueError, match="--pd-rank"):
         pd_config(parse(["serve", "--role", "decode", "--pd-master", "h:1", "--pd-rank", "2",
                          "--pd-world", "2"]))  # fmt: skip

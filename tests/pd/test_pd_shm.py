@@ -89,6 +89,35 @@ def test_shm_is_chosen_and_exact(pair):
     assert ring is not None and not os.path.exists(ring.spec.path)  # nothing left in /dev/shm
 
 
+def test_auto_falls_back_to_gloo_when_the_ring_cannot_be_mapped(monkeypatch):
+    """Another host (its /dev/shm is not ours): the receiver refuses the ring, auto sends
+    over gloo, exact; a forced shm fails with what to do."""
+    from moska.pd import ring as rings
+
+    def elsewhere(spec):
+        raise ChannelError(f"cannot open the ring {spec.path} here: no such file")
+
+    monkeypatch.setattr(rings.Ring, "attach", classmethod(lambda cls, spec: elsewhere(spec)))
+    for mode in ("auto", "shm"):
+        sender, receiver = _pair(mode)
+        try:
+            done = _Done()
+            layers = [torch.randn(2, 3, 16, 2, 8) for _ in range(2)]
+            sender.send(1, 1, {}, layers, done(1))
+            error = done.wait(1, 10.0)
+            if mode == "shm":
+                assert error is not None and "cannot open the ring" in error
+                assert "use --pd-transport auto or gloo" in error
+                continue
+            got = receiver.wait_arrival(1, 10.0)
+            assert error is None and sender.channels == {1: "gloo"}
+            assert got.meta["channel"] == "gloo"
+            assert all(torch.equal(a, b) for a, b in zip(got.layers, layers, strict=True))
+        finally:
+            for r in (sender, receiver):
+                r.close()
+
+
 def test_forced_cuda_ipc_without_cuda_fails_with_advice():
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA: the kind can work here")
