@@ -245,6 +245,9 @@ class BlockManager:
         now: FlexiCache's host copy and pool); the entries become HOLE. Returns how many
         blocks were released."""
         table = self._tables[request_id]
+        state = self._states.get(request_id)
+        if state is not None:  # its registered blocks may be evicted now: chain no further
+            state.broken = True
         n = 0
         for i in range(min(upto, len(table))):
             if table[i] != HOLE:

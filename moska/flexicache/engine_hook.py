@@ -27,8 +27,8 @@ tables).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -72,6 +72,7 @@ class FlexiEngine:
         self.min_saving = 1  # blocks a hand-off must free beyond its pool (tests: 0)
         self.released_blocks = 0
         self.offloads = 0
+        self.mixed_steps = 0  # steps with prefills that patched offloaded decode rows
         self.fetched_pages = 0  # of released requests (re-rankings' host -> pool copies)
         self.evicted_pages = 0
 
@@ -122,6 +123,7 @@ class FlexiEngine:
         if not pick:
             return None
         rows = torch.tensor([cu_q[i] for i in pick], device=self.device)
+        self.mixed_steps += 1
         return self.begin(
             [request_ids[i] for i in pick],
             block_tables[torch.tensor(pick, device=block_tables.device)],

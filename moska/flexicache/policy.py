@@ -128,8 +128,12 @@ def keep_mask(
     pages = torch.arange(max_pages, device=top.device)
     valid = pages[None, :] < n_pages[:, None]  # [B, P]
     recent_m = valid & ((pages[None, :] >= n_pages[:, None] - recent) | (pages[None, :] < sink))
-    in_top = torch.zeros(b, hkv, max_pages, dtype=torch.bool, device=top.device)
-    in_top.scatter_(-1, top.clamp(min=0), top >= 0)
+    # a pick past this step's pages (ranked in a wider batch, among a short row's arbitrary
+    # picks) goes to a dump column
+    ok = (top >= 0) & (top < max_pages)
+    in_top = torch.zeros(b, hkv, max_pages + 1, dtype=torch.bool, device=top.device)
+    in_top.scatter_(-1, torch.where(ok, top, max_pages), True)
+    in_top = in_top[..., :max_pages]
     flex = in_top | recent_m[:, None, :]
     whole = ~(stable & active[:, None])
     return valid[:, None, :] & (whole[..., None] | flex)

@@ -217,3 +217,15 @@ def test_hysteresis_keeps_a_dropped_page_until_its_slot_is_needed(hysteresis):
     kept_v = torch.cat([values[12:16, 0], values[20:24, 0], new_v[None]])
     ref = torch.softmax(kept_k @ e0[0], 0) @ kept_v
     torch.testing.assert_close(outs[-1][0, 0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_mask_ignores_picks_past_the_steps_pages():
+    """A short row ranked in a wider batch has picks past its pages; a later step's table
+    is narrower: those picks are dropped, the valid ones kept."""
+    from moska.flexicache import policy
+
+    top = torch.tensor([[[1, 8], [7, 2]]])  # [B=1, Hkv=2, K=2]; pages 7, 8 gone
+    keep = policy.keep_mask(
+        top, torch.tensor([[True, True]]), torch.tensor([True]), torch.tensor([4]), 1, 4
+    )
+    assert keep.tolist() == [[[False, True, False, True], [False, False, True, True]]]
