@@ -56,10 +56,11 @@ def create_app(
             max_pending_chars=settings.max_tokenize_pending_chars,
         ),
     )
-    if getattr(engine, "libraries", None) is not None:
-        metrics.watch_library_tiers(engine.libraries.tier_stats)  # tiered libraries' counters
+    libraries = engine.libraries
+    if libraries is not None:
+        metrics.watch_library_tiers(libraries.tier_stats)  # tiered libraries' counters
         state.builds = BuildWorker(
-            engine.libraries,
+            libraries,
             max_tokens=settings.max_build_tokens,
             max_concurrent=settings.max_concurrent_builds,
             max_queued=settings.max_queued_builds,

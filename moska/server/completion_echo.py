@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from moska.engine.outputs import RequestOutput
+from moska.server.errors import APIError
 from moska.server.logprobs_format import completion_logprobs
 from moska.server.protocol import CompletionRequest
 from moska.server.sampling_fields import best_of_order
@@ -61,6 +62,9 @@ async def make_echo(state: ServerState, body: CompletionRequest, prompts: list) 
         if isinstance(p, str):
             texts.append(p)
         else:
+            if tok is None:
+                msg = "echo of token ids needs the model's tokenizer (no tokenizer.json)"
+                raise APIError(400, msg, param="echo")
             ids = list(p)
             texts.append(await state.tokenizers.run(partial(tok.decode, ids), len(ids), "prompt"))
     return Echo(texts, body.n, body.logprobs is not None, body.max_tokens == 0)

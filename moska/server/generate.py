@@ -181,6 +181,9 @@ async def tokenize(state: ServerState, prompt: str | list[int], special: bool = 
                 400, f"token ids must be below the vocabulary size {vocab}", param="prompt"
             )
         return prompt
+    if tok is None:
+        msg = "this model has no tokenizer (no tokenizer.json): send the prompt as token ids"
+        raise APIError(400, msg, param="prompt")
     try:
         ids = await state.tokenizers.run(lambda: tok.encode(prompt, special), len(prompt), "prompt")
     except APIError:

@@ -9,8 +9,11 @@ from moska.server.state import ServerState
 
 
 def token_text(state: ServerState, token_id: int) -> str:
+    tok = state.engine.tokenizer
+    if tok is None:  # a model without a tokenizer: the id stands for its text
+        return f"<{token_id}>"
     try:
-        return state.engine.tokenizer.decode([token_id])
+        return tok.decode([token_id])
     except Exception:  # noqa: BLE001
         return f"<{token_id}>"
 

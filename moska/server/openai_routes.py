@@ -117,6 +117,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     extra = {"tools": tools} if tools else {}
 
     def render() -> list[int]:  # on the tokenizer pool: a long message must not block the loop
+        if tokenizer is None:
+            msg = "this model has no tokenizer (no tokenizer.json) and so no chat template"
+            raise APIError(400, msg, param="messages")
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
         except Exception as exc:

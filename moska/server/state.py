@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -16,6 +16,9 @@ from moska.server.metrics import ServerMetrics
 from moska.server.settings import ServerSettings
 from moska.server.tokenizer_pool import TokenizerPool
 
+if TYPE_CHECKING:  # structured output imports the grammar engine: only when first used
+    from moska.server.structured_output import ServerGrammars
+
 
 @dataclass
 class ServerState:
@@ -26,7 +29,7 @@ class ServerState:
     async_engine: AsyncEngine
     tokenizers: TokenizerPool  # tokenization and chat templating, off the event loop
     builds: BuildWorker | None = None  # library builds, off the engine thread (None: no manager)
-    grammars: Any = None  # structured output's compiler (server/structured_output.py), lazily
+    grammars: ServerGrammars | None = None  # structured output's compiler, made on first use
     loop_lag: LoopLag = field(default_factory=LoopLag)  # admission counts the wait before it
 
     @property

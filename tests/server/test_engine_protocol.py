@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import inspect
 
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, FakeLibraryManager
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import WordLevel
 
 from moska import LLM
 from moska.engine.llm_engine import LLMEngine
-from moska.engine.protocol import ServedEngine
+from moska.engine.protocol import ServedEngine, ServedLibraries, ServedTokenizer
+from moska.library.manager import LibraryManager
+from moska.model.tokenizer import Tokenizer
 
 
 def test_the_fake_and_the_real_engine_implement_the_served_engine():
@@ -21,6 +25,22 @@ def test_the_fake_and_the_real_engine_implement_the_served_engine():
     for impl in (FakeEngine.add_request, LLMEngine.add_request):
         params = inspect.signature(impl).parameters
         assert {"library", "top_k_chunks", "report_routing"} <= set(params)
+
+
+def test_the_tokenizers_and_library_managers_implement_the_server_seams(tmp_path):
+    """The engine's tokenizer and library manager, real and fake, offer every method the
+    server calls (ServedTokenizer, ServedLibraries), with the keywords it passes."""
+    fake = FakeEngine(libraries=FakeLibraryManager())
+    for tok in (fake.tokenizer, Tokenizer(HFTokenizer(WordLevel({"a": 0}, unk_token="a")))):
+        assert isinstance(tok, ServedTokenizer)
+        template = inspect.signature(tok.apply_chat_template).parameters
+        assert any(p.kind is p.VAR_KEYWORD for p in template.values())  # tools=...
+    for manager in (fake.libraries, LibraryManager(tmp_path, progress=False)):
+        assert isinstance(manager, ServedLibraries)
+        assert "on_progress" in inspect.signature(manager.build).parameters
+        assert "wait_s" in inspect.signature(manager.delete).parameters
+    assert not isinstance(object(), ServedLibraries)
+    assert not isinstance(FakeLibraryManager(), ServedTokenizer)
 
 
 def test_an_engine_without_step_is_not_a_served_engine():
