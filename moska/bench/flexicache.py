@@ -81,7 +81,7 @@ def full_kv_loss(model, windows: torch.Tensor, prompt: int) -> float:
 
 @torch.inference_mode()
 def flexi_loss(
-    model, windows: torch.Tensor, prompt: int, cfg, block_size: int, decode_fn, hysteresis=True
+    model, windows, prompt: int, cfg, block_size: int, decode_fn, hysteresis=True, spare=0
 ):
     """(mean loss over positions prompt.., store stats) decoding through a FlexiKV store."""
     from moska.flexicache.decode import decode_step
@@ -91,7 +91,7 @@ def flexi_loss(
     store = FlexiKV(
         cfg, num_layers=mc.num_kv_layers, batch=b, num_kv_heads=mc.num_kv_heads,
         head_dim=mc.head_dim, block_size=block_size, max_pages=-(-length // block_size),
-        dtype=model.dtype, device=model.device, hysteresis=hysteresis,
+        dtype=model.dtype, device=model.device, hysteresis=hysteresis, spare_pages=spare,
     )  # fmt: skip
     logits = prefill(model, store, windows[:, :prompt])
     total = float(F.cross_entropy(logits, windows[:, prompt], reduction="sum"))
@@ -117,6 +117,7 @@ def flexi_loss(
         "final_full_kv_bytes": store.full_kv_bytes(),
         "final_gpu_bytes_fraction": round(store.gpu_bytes() / store.full_kv_bytes(), 4),
         "hysteresis": hysteresis,
+        "spare_pages": store.spare_pages,
         "fetched_pages": store.fetched_pages,
         "refetched_pages": store.refetched_pages,  # dropped at the previous re-ranking or later
         "reused_pages": store.reused_pages,  # kept again from their old slot: no fetch
@@ -163,7 +164,7 @@ def run_quality(args) -> dict:
         )  # fmt: skip
         loss, stats = flexi_loss(
             lm.model, wins, prompt, cfg, args.block_size, ops.paged_decode_heads,
-            not args.no_hysteresis,
+            not args.no_hysteresis, args.spare_pages,
         )  # fmt: skip
         row = {"setting": f"K={k} pages, threshold={thr}, rank by {rank}", "top_k_pages": k}
         row |= {"threshold": thr, "rank_by": rank}
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         help="FlexiCache settings K:threshold[:mass|bound], comma-separated",
     )
     ap.add_argument("--no-hysteresis", action="store_true", help="quality: free dropped slots")
+    ap.add_argument("--spare-pages", type=int, default=0, help="quality: slots/head for dropped")
     ap.add_argument("--out", default=None)
     args, rest = ap.parse_known_args(argv)
     if args.mode == "speed":
