@@ -11,7 +11,7 @@ After a burst's first 429 a prober re-sends a typical request every --probe-inte
 seconds until one is admitted: that time, minus when each 429 arrived, is the observed
 drain its Retry-After is compared with. Reports per burst: admitted, rejected, the share
 of admitted requests whose first token came within the SLO, TTFT p50/p99, Retry-After vs
-observed drain, and the predictor's error (observed minus predicted server-side TTFT of
+observed drain (and OpenAI's `retry-after-ms`, exact), and the predictor's error (observed minus predicted server-side TTFT of
 each admitted request). Checks that nothing accepted was lost, failed or hung.
 """
 
@@ -35,6 +35,10 @@ def _pct(values: list[float], q: float) -> float | None:
         return None
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def _within_2x(ratios: list[float]) -> float | None:
+    return sum(1 for x in ratios if 0.5 <= x <= 2.0) / len(ratios) if ratios else None
 
 
 def make_body(
@@ -74,15 +78,19 @@ def summarize(
         for kind, p in out["probes"].items()
         if p.get("status") == 200
     }
-    ratios, drains, exact = [], [], []  # Retry-After / observed drain; predicted / observed
+    # header / observed drain: Retry-After (whole seconds), retry-after-ms; per kind
+    ratios, drains, ms = [], [], []
+    ms_kind: dict[str, list[float]] = {"plain": [], "library": []}
     for r in rejected:
-        opened = t_open.get("library" if r["library"] else "plain")
+        kind = "library" if r["library"] else "plain"
+        opened = t_open.get(kind)
         if opened is not None and r["retry_after"] and r["retry_after"].isdigit():
             drain = max(opened - r["t_status"], 1e-3)
             drains.append(drain)
             ratios.append(int(r["retry_after"]) / drain)
-            if r.get("drain_s") is not None:
-                exact.append(max(r["drain_s"], 1e-3) / drain)
+            if (r.get("retry_after_ms") or "").isdigit():
+                ms.append(int(r["retry_after_ms"]) / 1e3 / drain)
+                ms_kind[kind].append(ms[-1])
     errors = [obs - pred for pred, obs in outcomes]
     lib = [r for r in admitted if r["library"]]
     return {
@@ -115,14 +123,19 @@ def summarize(
         "retry_after_over_drain_p10_p50_p90": [_pct(ratios, q) for q in (0.1, 0.5, 0.9)]
         if ratios
         else None,
-        # the header is whole seconds (at least 1): the unrounded prediction, from the 429's
-        # message, against the same observed drain
-        "predicted_drain_within_2x_share": (
-            sum(1 for x in exact if 0.5 <= x <= 2.0) / len(exact) if exact else None
-        ),
-        "predicted_drain_over_drain_p10_p50_p90": [_pct(exact, q) for q in (0.1, 0.5, 0.9)]
-        if exact
+        # Retry-After is whole seconds (at least 1, per HTTP): retry-after-ms (OpenAI's
+        # header, which its clients prefer) says the predicted drain exactly
+        "retry_after_ms_median": _pct([int(r["retry_after_ms"]) for r in rejected], 0.5)
+        if rejected and all((r.get("retry_after_ms") or "").isdigit() for r in rejected)
         else None,
+        "retry_after_ms_within_2x_share": _within_2x(ms),
+        "retry_after_ms_over_drain_p10_p50_p90": [_pct(ms, q) for q in (0.1, 0.5, 0.9)]
+        if ms
+        else None,
+        "retry_after_ms_within_2x_share_plain_library": [
+            _within_2x(ms_kind["plain"]),
+            _within_2x(ms_kind["library"]),
+        ],
         "probes": {
             kind: {
                 k: p.get(k) for k in ("probes", "status", "t_start", "t_status", "ttft", "error")
@@ -249,6 +262,7 @@ _TABLE = (
     "retry_after_s_median",
     "observed_drain_s_median",
     "retry_after_within_2x_share",
+    "retry_after_ms_within_2x_share",
     "predictor_error_s_p10_p50_p90_p99",
 )
 

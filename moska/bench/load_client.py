@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from typing import Any
 
@@ -26,15 +25,12 @@ def _record(body: dict) -> dict[str, Any]:
         "connect_s": None,  # opening the connection and writing the request
         "latency": None,
         "retry_after": None,  # the 429's Retry-After header (whole seconds)
-        "drain_s": None,  # the 429's predicted drain (seconds, from its message)
+        "retry_after_ms": None,  # the 429's retry-after-ms header (OpenAI's, milliseconds)
         "completed": False,  # finish_reason and [DONE] seen
         "tokens": 0,
         "error": None,
         "hung": False,
     }
-
-
-_DRAIN = re.compile(rb"predicted drain ([0-9.]+)s")
 
 
 async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) -> dict:
@@ -74,8 +70,7 @@ async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) ->
                 text = await reader.read()
                 if status == 429:
                     rec["retry_after"] = headers.get("retry-after")
-                    if m := _DRAIN.search(text):
-                        rec["drain_s"] = float(m.group(1))
+                    rec["retry_after_ms"] = headers.get("retry-after-ms")
                 else:
                     rec["error"] = f"{status}: {text[:200]!r}"
                 return rec

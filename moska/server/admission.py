@@ -69,6 +69,19 @@ class Decision:
     def accepted(self) -> bool:
         return self.verdict is Verdict.ACCEPT
 
+    @property
+    def retry_after_ms(self) -> int:
+        """The drain in milliseconds, for OpenAI's `retry-after-ms` header (its clients
+        prefer it to `Retry-After`, whose whole seconds, at least 1 per HTTP, cannot say
+        0.4 s): at least 1 (a client reads 0 as "no hint")."""
+        if not math.isfinite(self.drain_s):
+            return 3_600_000
+        return max(1, round(self.drain_s * 1000))
+
+    def retry_headers(self) -> dict[str, str]:
+        """The 429's `Retry-After` (whole seconds) and `retry-after-ms`."""
+        return {"Retry-After": str(self.retry_after_s), "retry-after-ms": str(self.retry_after_ms)}
+
 
 @dataclass
 class _Outcomes:
@@ -254,17 +267,30 @@ class AdmissionController:
         # must fit with its error, or they miss for it.
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
         if self.ttft_slo is not None and not idle and ttft * risk > self.headroom * self.ttft_slo:
-            return Decision(Verdict.SLO, ttft, *self._drain(pred.ttft_s * risk))
+            return Decision(Verdict.SLO, ttft, *self._drain(pred, risk))
         return Decision(Verdict.ACCEPT, ttft, 0)
 
-    def _drain(self, engine_s: float) -> tuple[int, float]:
-        """(Retry-After, drain) for a request whose engine wait is predicted `engine_s`.
-        FIFO: arriving later, the same work ahead ends at the same time, so the engine
-        part is the overshoot over what fits the SLO; a retry also queues behind the
-        requests inside the front door (the burst's rest), and is admitted once both
-        have passed."""
+    def _drain(self, pred: Prediction, risk: float = 1.0) -> tuple[int, float]:
+        """(Retry-After, drain) for a request rejected with the replay `pred`: the
+        predicted time until the same request would be admitted. FIFO: arriving `d` later,
+        the same work ahead ends at the same time, so its TTFT is `pred.ttft_s - d`; while
+        others wait ahead a library request must fit with `risk` (admitted once
+        `risk * (ttft - d)` fits), after they are served without it. A request that cannot
+        fit even alone on an idle engine (a library prefill longer than the SLO) is
+        admitted only when the engine is idle: its drain is the time until then, not its
+        overshoot (which said 4 s where the engine drained in 0.4 s, and 1 s where a
+        library request waited 7.7 s). A retry also queues behind the requests inside the
+        front door (the burst's rest), and is admitted once both have passed."""
         assert self.ttft_slo is not None
-        drain = max(engine_s - self.headroom * self.ttft_slo, self.door.wait_s, 0.0)
+        fits = self.headroom * self.ttft_slo
+        if pred.alone_s > fits:
+            engine = pred.idle_s
+        else:
+            engine = pred.ttft_s - fits / risk
+            if engine > pred.clear_s:  # the queue ahead is served first: no risk then
+                engine = max(pred.clear_s, pred.ttft_s - fits)
+            engine = min(engine, pred.idle_s)
+        drain = max(engine, self.door.wait_s, 0.0)
         return _retry_after(drain), drain
 
     def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
@@ -297,8 +323,7 @@ class AdmissionController:
         if not decision.accepted:
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain: the real engine load's
-                engine_s = self.predict(RequestCost(1, 1), load).ttft_s
-                retry_after, drain = self._drain(engine_s)
+                retry_after, drain = self._drain(self.predict(RequestCost(1, 1), load))
                 result = replace(decision, retry_after_s=retry_after, drain_s=drain)
         with self._lock:
             self._shed_memo = (now, inside, result)

@@ -362,7 +362,7 @@ async def submit(
             f"{decision.predicted_ttft_s:.2f}s); retry after {decision.retry_after_s}s "
             f"(predicted drain {decision.drain_s:.2f}s)",
             code=decision.verdict.value,
-            headers={"Retry-After": str(decision.retry_after_s)},
+            headers=decision.retry_headers(),
         )
 
     request_id = f"{prefix}-{uuid.uuid4().hex}"

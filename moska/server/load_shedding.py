@@ -96,7 +96,7 @@ class LoadSheddingMiddleware:
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(decision.retry_after_s).encode()),
+                *((k.lower().encode(), v.encode()) for k, v in decision.retry_headers().items()),
             ]
             await send({"type": "http.response.start", "status": 429, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -70,6 +70,9 @@ class EngineLimits:
 class Prediction(NamedTuple):
     ttft_s: float  # until the new requests' first token
     queue_s: float  # until at most `queue_target` requests wait (inf if never simulated)
+    clear_s: float = 0.0  # until every request waiting ahead has its first token
+    alone_s: float = 0.0  # the new request's own first token on an idle engine
+    idle_s: float = 0.0  # until the engine would be idle without the new requests
 
 
 def replay(
@@ -116,6 +119,9 @@ def replay(
     lib_running = [(n, a) for n, a in load.running if a]
     step, ttft, queue_s = 0, math.inf, 0.0 if len(load.waiting) <= target else math.inf
     first_new = len(load.waiting)
+    clear_s = 0.0 if not load.waiting else math.inf
+    t_prev = t
+    ahead_finish = list(finish)  # finish offsets of the requests ahead (idle_s)
     served = 0  # queue entries that got their first token
     prefilling = 0  # admitted entries without a first token (hold a seq slot)
     while step < max_sim_steps:
@@ -156,6 +162,7 @@ def replay(
             else:
                 break
         own = served + len(done) >= first_new + num_requests  # our first token: now
+        t_prev = t
         t += left(step_s(prefill, lib_pairs, num_decode), step)
         step += 1
         for cost in done:
@@ -163,12 +170,40 @@ def replay(
             prefilling -= 1
             served += 1
             insort(finish, step + max(cost.max_tokens - 1, 0))
+            if served <= first_new:
+                ahead_finish.append(step + max(cost.max_tokens - 1, 0))
             if cost.library_attend:
                 lib_running.append((step + max(cost.max_tokens - 1, 0), cost.library_attend))
         if own:
             ttft = t
         if math.isinf(queue_s) and len(load.waiting) - min(served, first_new) <= target:
             queue_s = t
+        if math.isinf(clear_s) and served >= first_new:
+            clear_s = t
         if not math.isinf(ttft):
             break
-    return Prediction(ttft, queue_s)
+    alone = sum(loads) / load_tps if new.library_load_tokens else 0.0
+    left_tokens = new.prompt_tokens
+    while left_tokens > 0:  # its prefill in budget-sized steps, nothing else running
+        take = min(left_tokens, budget)
+        alone += step_s(take, take * new.library_attend, 0)
+        left_tokens -= take
+    return Prediction(
+        ttft, queue_s, clear_s, alone, _idle_s(t_prev, step - 1, ahead_finish, ttft, step_s)
+    )
+
+
+def _idle_s(t: float, step: int, ahead: list[int], ttft: float, step_s: Any) -> float:
+    """When the requests ahead would all have finished decoding: from the start of the
+    new requests' own step (`t`, `step`: without them, that step only decodes), their remaining decode steps (library attention of decode rows is
+    left out: a small term). inf when the replay did not reach the new request."""
+    if math.isinf(ttft):
+        return math.inf
+    ends = sorted(n for n in ahead if n > step)
+    while ends:
+        k = ends[0] - step
+        t += k * step_s(0, 0, len(ends))
+        step = ends[0]
+        while ends and ends[0] <= step:
+            ends.pop(0)
+    return t

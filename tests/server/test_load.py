@@ -71,8 +71,12 @@ def test_summary_compares_retry_after_with_its_kinds_drain():
     out = {
         "requests": [
             rec | {"status": 200, "ttft": 0.5, "library": False, "t_status": 0.01},
-            rec | {"status": 429, "retry_after": "2", "library": False, "t_status": 0.1},
-            rec | {"status": 429, "retry_after": "9", "library": True, "t_status": 0.1},
+            rec
+            | {"status": 429, "retry_after": "2", "library": False, "t_status": 0.1}
+            | {"retry_after_ms": "1500"},
+            rec
+            | {"status": 429, "retry_after": "9", "library": True, "t_status": 0.1}
+            | {"retry_after_ms": "2500"},
         ],
         "probes": {
             "plain": {"status": 200, "t_status": 2.1},
@@ -84,4 +88,9 @@ def test_summary_compares_retry_after_with_its_kinds_drain():
     assert fig["slo_met_share"] == 1.0
     # plain: 2 s vs 2.0 s observed (in 2x); library: 9 s vs 3.0 s (3x, out)
     assert fig["retry_after_within_2x_share"] == 0.5
+    # retry-after-ms: 1.5 s vs 2.0 s and 2.5 s vs 3.0 s, both in 2x
+    assert fig["retry_after_ms_within_2x_share"] == 1.0
+    assert fig["retry_after_ms_within_2x_share_plain_library"] == [1.0, 1.0]
+    assert fig["retry_after_ms_median"] in (1500, 2500)
+    assert fig["retry_after_ms_over_drain_p10_p50_p90"][0] == pytest.approx(0.75)
     assert fig["predictor_error_s_p10_p50_p90_p99"][1] == pytest.approx(0.1)

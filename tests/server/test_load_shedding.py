@@ -45,6 +45,7 @@ def test_overload_is_a_429_at_the_door_without_reading_the_body():
             f"{url}/v1/completions", content=chunks(), headers={"content-type": "application/json"}
         )
         assert r.status_code == 429 and r.headers["retry-after"] == "3"
+        assert r.headers["retry-after-ms"] == "3200"  # OpenAI's header: the exact drain
         assert r.json()["error"]["code"] == "ttft_slo"
         # other routes are not shed
         assert httpx.get(f"{url}/health").status_code == 200
