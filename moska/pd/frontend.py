@@ -11,7 +11,8 @@ A decode instance that dies (its process gone, or /pd/info failing twice) is tak
 the scheduler, and the requests streaming from it end with an error at once.
 
 Round-robin mode (`--both`): the colocated baseline, each request to the next live
-instance, whole. The HTTP app around it is `pd/frontend_app.py`.
+instance, whole. The HTTP app around it is `pd/frontend_app.py`; the client-facing bodies
+and headers are `pd/frontend_http.py`, awaiting an instance that may die `pd/instance_death.py`.
 """
 
 from __future__ import annotations
@@ -26,17 +27,21 @@ from dataclasses import dataclass, field
 
 import httpx
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
+from moska.pd.frontend_http import (
+    DEFAULT_MAX_TOKENS,
+    TRANSFER_HEADER,
+    error_response,
+    predicted_headers,
+    prompt_tokens,
+)
 from moska.pd.index import block_hashes
+from moska.pd.instance_death import InstanceDied, or_dead
 from moska.pd.scheduler import GlobalScheduler, Instance, Plan, Rejection, RequestInfo
 from moska.pd.token_times import TokenTimes
 
 logger = logging.getLogger(__name__)
-
-TRANSFER_HEADER = "x-moska-pd-transfer"
-PREDICTED_HEADER = "x-moska-pd-predicted"
-DEFAULT_MAX_TOKENS = 256  # the prediction's guess when a request names no max_tokens
 
 
 @dataclass(frozen=True)
@@ -60,45 +65,6 @@ class Stats:
     prefill_stage_s: float = 0.0  # sum over requests: prefill + transfer, as seen here
     first_token_s: float = 0.0  # sum: decode request sent -> its first chunk
     staged: int = 0
-
-
-def error_response(
-    status: int, message: str, param: str | None = None, headers=None
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": param}}
-    if status == 429:
-        body["error"]["type"] = "rate_limit_error"
-    elif status >= 500:
-        body["error"]["type"] = "server_error"
-    return JSONResponse(body, status, headers=headers)
-
-
-def prompt_tokens(kind: str, body: dict) -> list[int]:
-    """What the index hashes: token ids when the client sent ids, else the UTF-8 bytes of the
-    text (the front end has no tokenizer; equal text still gives equal blocks)."""
-    if kind == "completions":
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return prompt
-        if isinstance(prompt, str):
-            return list(prompt.encode())
-        raise ValueError("prompt")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages")
-    text = "".join(f"{m.get('role')}:{m.get('content')}\n" for m in messages if isinstance(m, dict))
-    return list(text.encode())
-
-
-def predicted_headers(plan: Plan | None) -> dict[str, str]:
-    """What the scheduler predicted for an admitted request (`x-moska-pd-predicted`: TTFT s,
-    TPOT s, the decode batch it joined), for benchmarks to compare with what they saw."""
-    if plan is None:
-        return {}
-    p = plan
-    return {PREDICTED_HEADER: f"{p.predicted_ttft_s:.4f},{p.predicted_tpot_s:.4f},{p.batch}"}
 
 
 class FrontEnd:
@@ -310,13 +276,13 @@ class FrontEnd:
         dead, sent_at = self._dead[inst.name], time.monotonic()
         try:
             req = self._http.build_request("POST", f"{inst.url}{path}", json=body)
-            resp = await _or_dead(self._http.send(req, stream=True), dead)
-        except (httpx.HTTPError, _InstanceDied) as exc:
+            resp = await or_dead(self._http.send(req, stream=True), dead)
+        except (httpx.HTTPError, InstanceDied) as exc:
             return await self._failed(inst, plan, tid, exc)
         if resp.status_code != 200 or not body.get("stream"):
             try:
-                content = await _or_dead(resp.aread(), dead)
-            except (httpx.HTTPError, _InstanceDied) as exc:
+                content = await or_dead(resp.aread(), dead)
+            except (httpx.HTTPError, InstanceDied) as exc:
                 return await self._failed(inst, plan, tid, exc)
             await self._end(inst, plan, tid)
             hdrs = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
@@ -343,7 +309,7 @@ class FrontEnd:
         try:
             while True:
                 try:
-                    chunk = await _or_dead(chunks.__anext__(), dead)
+                    chunk = await or_dead(chunks.__anext__(), dead)
                 except StopAsyncIteration:
                     break
                 if first and tid is not None:  # the request holds its blocks now
@@ -356,7 +322,7 @@ class FrontEnd:
                     if window is not None:  # what the decode side really gives per token
                         self._sched.observe_tpot(inst, *window, time.monotonic())
                 yield chunk
-        except (httpx.HTTPError, _InstanceDied) as exc:
+        except (httpx.HTTPError, InstanceDied) as exc:
             self.stats.failed += 1
             msg = f"the decode instance failed mid-stream ({type(exc).__name__}); retry"
             yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n".encode()
@@ -378,7 +344,7 @@ class FrontEnd:
 
     async def _failed(self, inst, plan, tid, exc) -> Response:
         self.stats.failed += 1
-        if isinstance(exc, httpx.ConnectError | _InstanceDied | httpx.RemoteProtocolError):
+        if isinstance(exc, httpx.ConnectError | InstanceDied | httpx.RemoteProtocolError):
             self._kill(inst, f"{type(exc).__name__}: {exc}")
         if plan is not None:
             self._sched.finished(plan, inst)
@@ -391,27 +357,3 @@ class FrontEnd:
             await self._http.post(f"{inst.url}/pd/release/{tid}", timeout=5.0)
         except httpx.HTTPError:  # it expires on its own (hold_s)
             logger.debug("release of transfer %d failed", tid, exc_info=True)
-
-
-class _InstanceDied(Exception):
-    pass
-
-
-async def _or_dead(aw, dead: asyncio.Event):
-    """Await `aw`, or raise _InstanceDied as soon as `dead` is set."""
-    task = asyncio.ensure_future(aw)
-    if dead.is_set():
-        task.cancel()
-        raise _InstanceDied("the instance died")
-    waiter = asyncio.ensure_future(dead.wait())
-    try:
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        waiter.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise _InstanceDied("the instance died")
