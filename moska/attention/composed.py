@@ -10,13 +10,14 @@ One slot space (fixed k, no tiered part; the default): the top-k becomes ONE Sel
 the global chunk ids (part base + local id) with ``from_topk``: no host sync. The resident
 libraries of a model keep their KV in one arena per layer (library/arena.py), so a ChunkTable
 over the global ids maps every part's chunks to their rows in that one pool tensor and ONE
-grouped launch per layer serves chunks of every library. The kernel takes one softmax scale
-per launch, so parts are launched together when they share the pool tensor and APE's
-temperature (``launch_groups``: one group for libraries built with the default options); a
-part with pools of its own (FP8, loaded without an arena) or another temperature is a
-launch of its own over the same selections, its table leaving the other parts' chunks empty
-(o = 0, lse = -inf), so the groups' states add up exactly. APE's log scale, which may
-differ between the parts of one group, is added per selection after the launch.
+grouped launch per layer serves chunks of every library. Parts are launched together when
+they share the pool tensor (``launch_groups``); parts of other APE temperatures in one group
+pass the kernel a factor on the softmax scale per global chunk (``chunk_scales``; parts of
+one temperature pass none, the kernel's one-scale path). A part with pools of its own (FP8,
+loaded without an arena) is a launch of its own over the same selections, its table leaving
+the other parts' chunks empty (o = 0, lse = -inf), so the groups' states add up exactly.
+APE's log scale, which may differ between the parts of one group, is added per selection
+after the launch.
 
 Otherwise (adaptive k by mass, or a tiered part, whose chunks sit in its GPU slots only when
 fetched): the mask of chosen chunks turns into one Selections per part (``from_mask``, a host
@@ -110,15 +111,17 @@ def shared_logit_adjustment(library: Any) -> tuple[float, float]:
 @dataclass(frozen=True)
 class LaunchGroup:
     """Parts of a composition served by one grouped launch: they share the pool tensor
-    (``source``: the arena, or a part with pools of its own) and the factor on the softmax
-    scale. ``table`` maps the global chunk ids to their rows (other groups' chunks empty);
-    ``bias`` is APE's log scale, one number or one per global chunk."""
+    (``source``: the arena, or a part with pools of its own). ``factor`` on the softmax scale
+    is the parts' APE 1/T when they share it, else 1 and ``chunk_scales`` holds it per
+    global chunk. ``table`` maps the global chunk ids to their rows (other groups' chunks
+    empty); ``bias`` is APE's log scale, one number or one per global chunk."""
 
     source: Any  # KVArena or LoadedLibrary: what k_pools / v_pools are read from
     fp8: Any  # the FP8 part (its kv_scales) or None
     factor: float
     table: ChunkTable
     bias: float | torch.Tensor
+    chunk_scales: torch.Tensor | None = None  # [C] fp32 when the parts' 1/T differ
 
     def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.source.k_pools[layer], self.source.v_pools[layer]
@@ -128,34 +131,36 @@ def launch_groups(comp) -> list[LaunchGroup]:
     """The composition's launch groups (built once per composition; see the module doc)."""
     if comp.slot_tables is not None:
         return comp.slot_tables
-    keyed: dict[tuple[int, float], list[int]] = {}
+    keyed: dict[int, list[int]] = {}
     ranges = [_range(part) for part in comp.parts]
     for i, part in enumerate(comp.parts):
         rng = ranges[i]
-        source = part if rng is None else rng.arena
-        keyed.setdefault((id(source), shared_logit_adjustment(part)[0]), []).append(i)
+        keyed.setdefault(id(part if rng is None else rng.arena), []).append(i)
     groups = []
-    for (_, factor), members in keyed.items():
+    for members in keyed.values():
         offs = comp.parts[members[0]].chunk_offsets
         starts = torch.zeros(comp.num_chunks, dtype=torch.int32, device=offs.device)
         ends = torch.zeros_like(starts)
         bias = torch.zeros(comp.num_chunks, dtype=torch.float32, device=offs.device)
+        factors = torch.ones(comp.num_chunks, dtype=torch.float32, device=offs.device)
         for i in members:
             part, base, rng = comp.parts[i], comp.bases[i], ranges[i]
             row = 0 if rng is None else rng.start
             span = slice(base, base + part.num_chunks)
             starts[span] = part.chunk_offsets[:-1] + row
             ends[span] = part.chunk_offsets[1:] + row
-            bias[span] = shared_logit_adjustment(part)[1]
+            factors[span], bias[span] = shared_logit_adjustment(part)
         logs = {shared_logit_adjustment(comp.parts[i])[1] for i in members}
+        temps = {shared_logit_adjustment(comp.parts[i])[0] for i in members}
         first, rng = comp.parts[members[0]], ranges[members[0]]
         groups.append(
             LaunchGroup(
                 first if rng is None else rng.arena,
                 first if getattr(first, "kv_scale_pools", None) else None,
-                factor,
+                temps.pop() if len(temps) == 1 else 1.0,
                 ChunkTable(starts, ends),
                 logs.pop() if len(logs) == 1 else bias,
+                None if len(temps) == 1 else factors,
             )
         )
     comp.slot_tables = groups
@@ -202,13 +207,15 @@ def _range(part):
 
 def global_states(ops, layer, q_rows, comp, sel: Selections, sm_scale: float):
     """(o, lse) of every selection: one grouped launch per launch group over the same
-    selections (one in all when the parts share the arena and a temperature); a selection
-    is non-empty in exactly one group, so the groups' states add up (o: the others are 0;
-    lse: the others are -inf)."""
+    selections (one in all when the parts share the arena, whatever their temperatures); a
+    selection is non-empty in exactly one group, so the groups' states add up (o: the others
+    are 0; lse: the others are -inf)."""
     o_sel = lse_sel = None
     for group in launch_groups(comp):
         k_pool, v_pool = group.pools(layer)
         extra = {} if group.fp8 is None else fp8_kwargs(group.fp8, layer)
+        if group.chunk_scales is not None:
+            extra["chunk_scales"] = group.chunk_scales
         scale = sm_scale * group.factor
         o, lse = ops.grouped_shared(q_rows, k_pool, v_pool, group.table, sel, scale, **extra)
         if isinstance(group.bias, torch.Tensor):

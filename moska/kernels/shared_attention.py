@@ -27,6 +27,7 @@ from .shared_attention_ref import grouped_shared_attention_ref
 from .shared_inputs import (
     ChunkTable,
     check_inputs,
+    chunk_scale_args,
     chunk_table,
     fp8_kernel_args,
     outputs,
@@ -75,6 +76,7 @@ def grouped_shared_attention(
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     fp8_dot: bool = False,
+    chunk_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
 
@@ -82,6 +84,9 @@ def grouped_shared_attention(
     (one per pool row and KV head, addressed like the rows) or [C, Hkv] (one per chunk and
     KV head): a value is the stored one times its scale. K/V are upcast in registers, or
     with `fp8_dot` q is cut to e4m3 per tile and QK^T runs on FP8 tensor cores.
+
+    `chunk_scales` fp32 [C], optional: chunk c's scores use `sm_scale * chunk_scales[c]`
+    (parts of other softmax temperatures in one launch); None: `sm_scale` for every chunk.
 
     `chunk_offsets`: chunk c is pool rows `offsets[c] : offsets[c+1]`, or a `ChunkTable`
     (starts [C], ends [C]): rows `starts[c] : ends[c]` (a tiered library's GPU slots;
@@ -95,6 +100,7 @@ def grouped_shared_attention(
     table = chunk_table(chunk_offsets)  # offsets: views, no copy
     check_inputs(q, k_pool, v_pool, table, sel)
     fp8 = fp8_kernel_args(q, k_pool, v_pool, kv_scales, table, fp8_dot)
+    per_chunk = chunk_scale_args(q, chunk_scales, table)
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
@@ -173,6 +179,7 @@ def grouped_shared_attention(
         PRECISION=precision,
         PERSISTENT=max_programs is not None,
         **fp8,
+        **per_chunk,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -151,6 +151,8 @@ def _grouped_shared_attention_kernel(
     FP8_DOT: tl.constexpr = False,
     CDTYPE: tl.constexpr = None,
     PER_TOKEN: tl.constexpr = False,  # scales [S_total, Hkv]: one per pool row and KV head
+    chunk_scale_ptr=None,  # [C] fp32: factor on the softmax scale of chunk c (CHUNK_SCALE)
+    CHUNK_SCALE: tl.constexpr = False,
 ):
     # One work item per program; PERSISTENT: a capped grid whose programs loop over the
     # items, so the kernel can leave room on each SM for a concurrent kernel.
@@ -164,6 +166,7 @@ def _grouped_shared_attention_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
                 k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
+                chunk_scale_ptr, CHUNK_SCALE,
             )
             # fmt: on
     else:
@@ -176,6 +179,7 @@ def _grouped_shared_attention_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
                 k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
+                chunk_scale_ptr, CHUNK_SCALE,
             )
             # fmt: on
 
@@ -190,6 +194,7 @@ def _shared_item(
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
     k_scale_ptr, v_scale_ptr, stride_sc,
     KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr, PER_TOKEN: tl.constexpr,
+    chunk_scale_ptr, CHUNK_SCALE: tl.constexpr,
 ):
     # fmt: on
     # work item w: one row tile of one (chunk, KV head) group, over one split of the chunk
@@ -214,6 +219,8 @@ def _shared_item(
         other=0.0,
     )
 
+    if CHUNK_SCALE:  # the chunk's own softmax temperature (a composed part's APE 1/T)
+        qk_scale = qk_scale * tl.load(chunk_scale_ptr + chunk)
     if KV_FP8:  # one scale per (chunk, KV head): K's folds into the logit scale
         if not PER_TOKEN:
             qk_scale = qk_scale * tl.load(k_scale_ptr + chunk * stride_sc + kv)

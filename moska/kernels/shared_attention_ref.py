@@ -2,12 +2,15 @@
 
 import torch
 
-from .shared_inputs import chunk_table
+from .shared_inputs import chunk_scale_args, chunk_table
 
 
-def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale, kv_scales=None):
+def grouped_shared_attention_ref(
+    q, k_pool, v_pool, chunk_offsets, sel, sm_scale, kv_scales=None, chunk_scales=None
+):
     """Plain-PyTorch reference, one selection at a time in fp32: (o [N,G,D] fp32, lse [N,G] fp32).
-    `kv_scales` (k_scale, v_scale) [C, Hkv]: an e4m3 chunk's K/V are stored values x scale."""
+    `kv_scales` (k_scale, v_scale) [C, Hkv]: an e4m3 chunk's K/V are stored values x scale.
+    `chunk_scales` [C]: chunk c's scores use sm_scale x chunk_scales[c]."""
     if (k_pool.dtype == torch.float8_e4m3fn) != (kv_scales is not None):
         raise ValueError("kv_scales go with float8_e4m3fn pools, and only with them")
     n = sel.req.numel()
@@ -16,6 +19,8 @@ def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale
     o = torch.zeros(n, g, d, dtype=torch.float32, device=q.device)
     lse = torch.full((n, g), float("-inf"), dtype=torch.float32, device=q.device)
     table = chunk_table(chunk_offsets)
+    chunk_scale_args(q, chunk_scales, table)
+    factors = None if chunk_scales is None else chunk_scales.tolist()
     starts, ends = table.starts.tolist(), table.ends.tolist()
     for i, (r, h, c) in enumerate(zip(sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist())):
         k = k_pool[starts[c] : ends[c], h].float()  # [L, D]
@@ -28,7 +33,8 @@ def grouped_shared_attention_ref(q, k_pool, v_pool, chunk_offsets, sel, sm_scale
             k, v = k * kv_scales[0][c, h].float(), v * kv_scales[1][c, h].float()
         if k.shape[0] == 0:
             continue
-        s = q[r, h * g : (h + 1) * g].float() @ k.T * sm_scale  # [G, L]
+        scale = sm_scale if factors is None else sm_scale * factors[c]
+        s = q[r, h * g : (h + 1) * g].float() @ k.T * scale  # [G, L]
         lse[i] = torch.logsumexp(s, -1)
         o[i] = torch.softmax(s, -1) @ v
     return o, lse

@@ -113,6 +113,24 @@ def fp8_kernel_args(q, k_pool, v_pool, kv_scales, table: ChunkTable, fp8_dot: bo
     }
 
 
+def chunk_scale_args(q, chunk_scales, table: ChunkTable) -> dict:
+    """The kernel's per-chunk softmax-scale arguments: `chunk_scales` fp32 [C] (a factor on
+    `sm_scale` per chunk id, e.g. each composed part's APE 1/T) or None (one scale for all:
+    the constexpr path of before, no load)."""
+    if chunk_scales is None:
+        return {}
+    c = table.starts.numel()
+    t = chunk_scales
+    if t.dtype != torch.float32 or t.dim() != 1 or t.numel() != c or t.stride() != (1,):
+        raise ValueError(
+            f"chunk_scales must be contiguous float32 [C] = [{c}] (one factor per chunk id); "
+            f"got {t.dtype} {tuple(t.shape)}"
+        )
+    if t.device != q.device:
+        raise ValueError(f"chunk_scales is on {t.device}, q on {q.device}")
+    return {"chunk_scale_ptr": t, "CHUNK_SCALE": True}
+
+
 def tma_ok(k_pool: torch.Tensor, v_pool: torch.Tensor) -> bool:
     """TMA needs each token's heads contiguous (a 2-D [S, Hkv*D] view) and 16-byte alignment."""
     if k_pool.device.type == "cuda" and torch.cuda.get_device_capability(k_pool.device)[0] < 9:
