@@ -2,7 +2,9 @@
 
 One HTTP request becomes `len(prompts) * n` engine requests with ids `{id}-{k}`, k the
 choice index; with a seed, choice j of a prompt samples with seed + j. With
-`report_routing` (and a library), each choice's last output carries its routing report.
+`report_routing` (and a library), each choice's last output carries its routing report
+(server/routing_answer.py); the request's library is checked and looked up by
+server/library_lookup.py.
 """
 
 from __future__ import annotations
@@ -12,26 +14,25 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from moska.engine.outputs import RequestOutput
 from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.structured import Grammar
-from moska.library.composition import CompositionError, library_names, summarize
 from moska.library.positions import request_wants_bos
 from moska.server import sampling_fields, structured_output
 from moska.server.admission import request_cost
 from moska.server.async_engine import AsyncEngine
 from moska.server.errors import APIError, from_engine_error
+from moska.server.library_lookup import check_library, lookup_library
 from moska.server.load_shedding import ARRIVAL, elapsed_since_arrival
 from moska.server.protocol import (
-    LIBRARY_NAME_RE,
     ChatCompletionRequest,
     CompletionRequest,
     PromptTokensDetails,
     UsageInfo,
 )
 from moska.server.request_stream import EngineDeadError, RequestStream
+from moska.server.routing_answer import check_report_routing, routing_report
 from moska.server.state import ServerState
 from moska.server.structured_output import grammar_of
 
@@ -114,60 +115,6 @@ def check_model(state: ServerState, model: str) -> None:
         )
 
 
-def check_library(state: ServerState, library: str | list[str] | None) -> None:
-    """`library`: a name, or a list of names (a composition, library/composition.py)."""
-    try:
-        names = library_names(library)
-    except CompositionError as exc:
-        raise APIError(400, str(exc), param="library", code="invalid_composition") from exc
-    for name in names:
-        if not LIBRARY_NAME_RE.match(name):
-            raise APIError(
-                400,
-                f"invalid library name {name!r}: use 1-64 characters of letters, digits, "
-                "'.', '_' and '-', starting with a letter or digit",
-                param="library",
-                code="invalid_library_name",
-            )
-        if getattr(state.engine, "libraries", None) is None:
-            raise APIError(
-                404, f"library {name!r} not found", param="library", code="library_not_found"
-            )
-
-
-def check_report_routing(body: CompletionRequest | ChatCompletionRequest) -> None:
-    if body.report_routing and body.library is None:
-        raise APIError(
-            400,
-            "report_routing needs a library: the routing report says which library chunks "
-            "each step read",
-            param="report_routing",
-            code="report_routing_requires_library",
-        )
-
-
-def routing_report(out: RequestOutput) -> dict:
-    """{"chunks": [{"chunk", "document", "start", "end"}], "coverage": share of library
-    attention mass in [0, 1] or None}, both of the request's last step. Each chunk's
-    document (the one it starts in) and token span come from the manifest of the library
-    build the request read (`out.library`); without one they are null."""
-    coverage = out.routing_coverage
-    if coverage is not None:
-        coverage = min(1.0, max(0.0, float(coverage)))  # float error around a share
-    return {
-        "chunks": [_routed_chunk(out.library, int(c)) for c in out.routed_chunks or []],
-        "coverage": coverage,
-    }
-
-
-def _routed_chunk(library: Any, chunk: int) -> dict:
-    try:
-        span = library.chunk_span(chunk)
-    except (AttributeError, IndexError):  # no library handle, or not one of its chunks
-        return {"chunk": chunk, "document": None, "start": None, "end": None}
-    return {"chunk": chunk, "document": span.document, "start": span.start, "end": span.end}
-
-
 async def tokenize(state: ServerState, prompt: str | list[int], special: bool = True) -> list[int]:
     """A prompt's token ids, as the engine would encode it (`special`: whether it adds
     special tokens such as BOS); checks token ids against the vocabulary. Text is encoded
@@ -191,48 +138,6 @@ async def tokenize(state: ServerState, prompt: str | list[int], special: bool = 
     except Exception as exc:
         raise APIError(400, f"could not tokenize the prompt: {exc}", param="prompt") from exc
     return list(ids)
-
-
-async def lookup_library(state: ServerState, name: str | list[str] | None) -> tuple[Any, bool]:
-    """(what is known of library `name`, whether it is loaded): its loaded build when it is
-    (no disk read), else its manifest's info; (None, True) without one. Looked up once per
-    request, off the event loop (a load elsewhere holds the manager's lock). A missing
-    library is a 404 here. A list of several names: their CompositionSummary, a 400 naming
-    `library` when they do not compose."""
-    if isinstance(name, list):
-        if len(name) != 1:
-            return await _lookup_composition(state, name)
-        name = name[0]
-    manager = getattr(state.engine, "libraries", None)
-    if name is None or manager is None:
-        return None, True
-
-    def find() -> tuple[Any, bool]:
-        loaded = not hasattr(manager, "loaded_names") or name in manager.loaded_names()
-        return (manager.get(name) if loaded else manager.info(name)), loaded
-
-    try:
-        return await asyncio.to_thread(find)
-    except Exception as exc:
-        raise from_engine_error(exc) from exc
-
-
-async def _lookup_composition(state: ServerState, names: list[str]) -> tuple[Any, bool]:
-    parts, loaded = [], True
-    for name in names:
-        try:
-            part, was_loaded = await lookup_library(state, name)
-        except APIError as exc:
-            exc.param = exc.param or "library"
-            raise
-        if part is None:  # no library manager: check_library answered already
-            return None, True
-        parts.append(part)
-        loaded = loaded and was_loaded
-    try:
-        return summarize(parts), loaded
-    except CompositionError as exc:
-        raise APIError(400, str(exc), param="library", code="invalid_composition") from exc
 
 
 def resolve_max_tokens(
