@@ -1,6 +1,7 @@
 """FlexiCache in the engine's decode steps (`--flexicache`, EngineConfig.flexicache).
 
-The runner asks `FlexiEngine.begin` for a `FlexiStep` on every eager decode-only step; the
+The runner asks `FlexiEngine.begin` for a `FlexiStep` on every eager decode-only step
+(`begin_mixed` on a step with prefills: offloaded requests' decode rows only); the
 attention backend then calls `FlexiStep.attend` per layer instead of the plain paged decode:
 per request and KV head it re-ranks every R steps (by attention mass estimated from page
 mean keys, exact mass, or Quest bounds),
@@ -20,8 +21,8 @@ heads re-rank every R steps and fetch promoted pages from the host copy into fre
 (finish, abort, preemption) releases the pool blocks and tells `release`, which drops the
 host copy. Offload needs rank_by="centroid" (page mean keys of host pages stay on the
 device). Not yet: a second hand-off of pages that leave the recent window later (they stay
-in the paged cache), and FlexiCache with P/D transfer or SemShareKV (they read the block
-tables).
+in the paged cache); P/D transfer and SemShareKV with FlexiCache are untested (they read
+a request's blocks at prefill, before its hand-off).
 """
 
 from __future__ import annotations
