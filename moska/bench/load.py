@@ -11,8 +11,10 @@ After a burst's first 429 a prober re-sends a typical request every --probe-inte
 seconds until one is admitted: that time, minus when each 429 arrived, is the observed
 drain its Retry-After is compared with. Reports per burst: admitted, rejected, the share
 of admitted requests whose first token came within the SLO, TTFT p50/p99, Retry-After vs
-observed drain (and OpenAI's `retry-after-ms`, exact), and the predictor's error (observed minus predicted server-side TTFT of
-each admitted request). Checks that nothing accepted was lost, failed or hung.
+observed drain (and OpenAI's `retry-after-ms`, exact), and the predictor's error
+(observed minus predicted server-side TTFT of each admitted request), and for library
+429s their predicted TTFT and how many only the library risk factor (--library-risk)
+turned away. Checks that nothing accepted was lost, failed or hung.
 """
 
 from __future__ import annotations
@@ -60,10 +62,16 @@ def make_body(
 
 
 def summarize(
-    n: int, out: dict, outcomes: list[tuple[float, float]], slo: float | None, wall_s: float
+    n: int,
+    out: dict,
+    outcomes: list[tuple[float, float]],
+    slo: float | None,
+    wall_s: float,
+    fits_s: float | None = None,
 ) -> dict:
     """One burst's figures from the client records and the server's (predicted, observed)
-    TTFT pairs of the requests it admitted."""
+    TTFT pairs of the requests it admitted. `fits_s`: the predicted TTFT admission accepts
+    (headroom x SLO), to tell which library 429s only the library risk factor caused."""
     recs = out["requests"]
     admitted = [r for r in recs if r["status"] == 200]
     rejected = [r for r in recs if r["status"] == 429]
@@ -92,6 +100,13 @@ def summarize(
                 ms.append(int(r["retry_after_ms"]) / 1e3 / drain)
                 ms_kind[kind].append(ms[-1])
     errors = [obs - pred for pred, obs in outcomes]
+    # library 429s that admission decided (the body read): their predicted TTFT, and how
+    # many would have fit without the library risk factor
+    lib_decided = [
+        r["predicted_ttft_s"]
+        for r in rejected
+        if r["library"] and r.get("at_door") is False and r.get("predicted_ttft_s") is not None
+    ]
     lib = [r for r in admitted if r["library"]]
     return {
         "clients": n,
@@ -111,6 +126,13 @@ def summarize(
         ),
         "ttft_with_connect_p50_p99_s": [_pct(full, 0.5), _pct(full, 0.99)],
         "client_connect_s_p50_p99": [_pct(connect, 0.5), _pct(connect, 0.99)],
+        "library_429_at_door": sum(1 for r in rejected if r["library"] and r.get("at_door")),
+        "library_429_predicted_ttft_s_p10_p50_p90": [_pct(lib_decided, q) for q in (0.1, 0.5, 0.9)]
+        if lib_decided
+        else None,
+        "library_429_only_for_risk": sum(1 for t in lib_decided if t <= fits_s)
+        if fits_s is not None
+        else None,
         "library_ttft_p50_s": _pct([r["ttft"] for r in lib if r["ttft"] is not None], 0.5),
         "rejection_s_p99": _pct([r["t_status"] for r in rejected], 0.99),
         "retry_after_s_median": _pct([int(r["retry_after"]) for r in rejected], 0.5)
@@ -172,12 +194,14 @@ def run_bursts(
     warmup: tuple[int, ...] = (2, 8, 24),
     unload_library: bool = True,
     max_queue: int | None = None,
+    library_risk: float = 1.5,
     timeout_s: float = 600.0,
     probe_interval_s: float = 0.25,
     client_process: bool = True,
     seed: int = 0,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts")."""
+    from moska.server.admission import AdmissionController, EngineLimits
     from moska.server.app import create_app
     from moska.server.background import background_server
     from moska.server.settings import ServerSettings
@@ -196,7 +220,13 @@ def run_bursts(
 
         ensure_demo_library(engine.libraries)
     settings = ServerSettings(ttft_slo=ttft_slo or None, max_queue=max_queue)
-    app = create_app(engine, settings)
+    admission = AdmissionController(
+        settings.ttft_slo,
+        max_queue,
+        limits=EngineLimits.of(engine),
+        library_risk=library_risk,
+    )
+    app = create_app(engine, settings, admission=admission)
     state = app.state.moska
     rng = random.Random(seed)
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if client_process else None
@@ -236,7 +266,9 @@ def run_bursts(
                 out = burst_in_process(pool, url, bodies(n), probe, timeout_s, probe_interval_s)
                 idle = _wait_idle(state.async_engine, timeout_s)
                 pairs = list(state.admission.outcomes.pairs)[before:]
-                fig = summarize(n, out, pairs, ttft_slo or None, time.perf_counter() - t0)
+                adm = state.admission
+                fits = adm.headroom * adm.ttft_slo if adm.ttft_slo else None
+                fig = summarize(n, out, pairs, ttft_slo or None, time.perf_counter() - t0, fits)
                 fig["engine_idle_after"] = idle
                 fig["errors"] = [r["error"] for r in out["requests"] if r["error"]][:5]
                 report["bursts"].append(fig)
@@ -256,6 +288,7 @@ _TABLE = (
     "admitted",
     "rejected_429",
     "library_admitted",
+    "library_429_only_for_risk",
     "slo_met_share",
     "ttft_p50_s",
     "ttft_p99_s",
@@ -315,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--library-share", type=float, default=0.5)
     p.add_argument("--warmup", default="2,8,24", help="small waves before the bursts")
     p.add_argument("--max-queue", type=int, default=None)
+    p.add_argument(
+        "--library-risk",
+        type=float,
+        default=1.5,
+        help="a library request with others queued must fit with this factor on its TTFT",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
@@ -333,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_kwargs={"device": args.device},
         warmup=tuple(int(x) for x in args.warmup.split(",") if x),
         max_queue=args.max_queue,
+        library_risk=args.library_risk,
         timeout_s=args.timeout,
         probe_interval_s=args.probe_interval,
         client_process=not args.in_process_client,

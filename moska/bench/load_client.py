@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from typing import Any
 
@@ -26,11 +27,16 @@ def _record(body: dict) -> dict[str, Any]:
         "latency": None,
         "retry_after": None,  # the 429's Retry-After header (whole seconds)
         "retry_after_ms": None,  # the 429's retry-after-ms header (OpenAI's, milliseconds)
+        "predicted_ttft_s": None,  # the 429's predicted TTFT (from its message)
+        "at_door": None,  # the 429 came from the door, before the body was read
         "completed": False,  # finish_reason and [DONE] seen
         "tokens": 0,
         "error": None,
         "hung": False,
     }
+
+
+_PREDICTED = re.compile(rb"predicted time to first token ([0-9.]+)s")
 
 
 async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) -> dict:
@@ -71,6 +77,9 @@ async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) ->
                 if status == 429:
                     rec["retry_after"] = headers.get("retry-after")
                     rec["retry_after_ms"] = headers.get("retry-after-ms")
+                    rec["at_door"] = b"overloaded at the door" in text
+                    if m := _PREDICTED.search(text):
+                        rec["predicted_ttft_s"] = float(m.group(1))
                 else:
                     rec["error"] = f"{status}: {text[:200]!r}"
                 return rec

@@ -88,9 +88,9 @@ class LoadSheddingMiddleware:
                         door.leave(ticket)
                 return
             message = (
-                f"server overloaded ({decision.verdict.value}, predicted time to first token "
-                f"{decision.predicted_ttft_s:.2f}s); retry after {decision.retry_after_s}s "
-                f"(predicted drain {decision.drain_s:.2f}s)"
+                f"server overloaded at the door ({decision.verdict.value}, predicted time to "
+                f"first token {decision.predicted_ttft_s:.2f}s); retry after "
+                f"{decision.retry_after_s}s (predicted drain {decision.drain_s:.2f}s)"
             )
             body = json.dumps(error_body(429, message, code=decision.verdict.value)).encode()
             headers = [

@@ -195,8 +195,9 @@ def replay(
 
 def _idle_s(t: float, step: int, ahead: list[int], ttft: float, step_s: Any) -> float:
     """When the requests ahead would all have finished decoding: from the start of the
-    new requests' own step (`t`, `step`: without them, that step only decodes), their remaining decode steps (library attention of decode rows is
-    left out: a small term). inf when the replay did not reach the new request."""
+    new requests' own step (`t`, `step`: without them, that step only decodes), their
+    remaining decode steps (library attention of decode rows is left out: a small term).
+    inf when the replay did not reach the new request."""
     if math.isinf(ttft):
         return math.inf
     ends = sorted(n for n in ahead if n > step)

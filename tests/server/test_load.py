@@ -76,14 +76,14 @@ def test_summary_compares_retry_after_with_its_kinds_drain():
             | {"retry_after_ms": "1500"},
             rec
             | {"status": 429, "retry_after": "9", "library": True, "t_status": 0.1}
-            | {"retry_after_ms": "2500"},
+            | {"retry_after_ms": "2500", "at_door": False, "predicted_ttft_s": 0.8},
         ],
         "probes": {
             "plain": {"status": 200, "t_status": 2.1},
             "library": {"status": 200, "t_status": 3.1},
         },
     }
-    fig = summarize(3, out, [(0.4, 0.5)], 1.0, 1.0)
+    fig = summarize(3, out, [(0.4, 0.5)], 1.0, 1.0, fits_s=0.85)
     assert fig["admitted"] == 1 and fig["rejected_429"] == 2
     assert fig["slo_met_share"] == 1.0
     # plain: 2 s vs 2.0 s observed (in 2x); library: 9 s vs 3.0 s (3x, out)
@@ -92,5 +92,8 @@ def test_summary_compares_retry_after_with_its_kinds_drain():
     assert fig["retry_after_ms_within_2x_share"] == 1.0
     assert fig["retry_after_ms_within_2x_share_plain_library"] == [1.0, 1.0]
     assert fig["retry_after_ms_median"] in (1500, 2500)
+    # the library 429 (0.8 s predicted) would have fit 0.85 s without the risk factor
+    assert fig["library_429_only_for_risk"] == 1 and fig["library_429_at_door"] == 0
+    assert fig["library_429_predicted_ttft_s_p10_p50_p90"] == [0.8, 0.8, 0.8]
     assert fig["retry_after_ms_over_drain_p10_p50_p90"][0] == pytest.approx(0.75)
     assert fig["predictor_error_s_p10_p50_p90_p99"][1] == pytest.approx(0.1)
