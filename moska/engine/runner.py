@@ -183,8 +183,11 @@ class ModelRunner:
             meta.block_tables.clamp_(min=0)
             if meta.decode_only:
                 meta.flexi = self.flexi.begin(ids, meta.block_tables, x.seq_lens)
-            else:  # the offloaded requests' decode rows, patched after plain attention
-                meta.flexi = self.flexi.begin_mixed(ids, meta.block_tables, x.seq_lens, x.cu_q)
+            else:  # the decode rows, patched after plain attention
+                decoding = [it.request.num_output_tokens > 0 for it in scheduled]
+                meta.flexi = self.flexi.begin_mixed(
+                    ids, meta.block_tables, x.seq_lens, x.cu_q, decoding
+                )
         num_layers = self.mcfg.num_kv_layers  # attention layers index KV slots
         sampled_layers = frozenset({0, num_layers // 2, num_layers - 1})
         for name, rows in x.lib_rows.items():

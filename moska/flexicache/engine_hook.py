@@ -115,12 +115,14 @@ class FlexiEngine:
             st.steps += 1
         return step
 
-    def begin_mixed(self, request_ids, block_tables, seq_lens, cu_q) -> FlexiStep | None:
-        """A step with prefills: a FlexiStep over the decoding rows of offloaded requests
-        (their old blocks are released: plain attention would read freed blocks), or None."""
-        pick = [i for i, rid in enumerate(request_ids)
-                if (st := self.requests.get(rid)) is not None and st.off is not None
-                and cu_q[i + 1] - cu_q[i] == 1]  # fmt: skip
+    def begin_mixed(
+        self, request_ids, block_tables, seq_lens, cu_q, decoding: list[bool]
+    ) -> FlexiStep | None:
+        """A step with prefills: a FlexiStep over its decode rows (one token of a request
+        that has sampled), or None. They attend as in a decode-only step, so a server that
+        always has a prefill in flight still ranks, hands off and reads head-aware (and an
+        offloaded request's old blocks are released: plain attention would read freed ones)."""
+        pick = [i for i in range(len(request_ids)) if decoding[i] and cu_q[i + 1] - cu_q[i] == 1]
         if not pick:
             return None
         rows = torch.tensor([cu_q[i] for i in pick], device=self.device)
