@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 
+import httpx
+from conftest import running_server
 from fake_engine import FakeEngine, FakeLibraryManager
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordLevel
@@ -14,6 +16,7 @@ from moska.engine.llm_engine import LLMEngine
 from moska.engine.protocol import ServedEngine, ServedLibraries, ServedTokenizer
 from moska.library.manager import LibraryManager
 from moska.model.tokenizer import Tokenizer
+from moska.server.app import create_app
 
 
 def test_the_fake_and_the_real_engine_implement_the_served_engine():
@@ -53,3 +56,22 @@ def test_an_engine_without_step_is_not_a_served_engine():
         def add_request(self, *a, **k): ...
 
     assert not isinstance(Half(), ServedEngine)
+
+
+def test_a_model_without_a_tokenizer_answers_400_naming_the_field():
+    """`ServedEngine.tokenizer` may be None (token-id prompts only): what needs the tokenizer
+    (a text prompt, chat, echo of ids) is a 400 naming the field, never a 500."""
+    engine = FakeEngine()
+    engine.tokenizer = None
+    with running_server(create_app(engine)) as url:
+        base = {"model": "fake-model", "max_tokens": 2}
+        cases = [
+            ("completions", {"prompt": "hi"}, "prompt"),
+            ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+            ("completions", {"prompt": [104, 105], "echo": True}, "echo"),
+        ]
+        for path, extra, field in cases:
+            r = httpx.post(f"{url}/v1/{path}", json={**base, **extra})
+            assert r.status_code == 400, (field, r.text)
+            assert r.json()["error"]["param"] == field
+            assert "tokenizer" in r.json()["error"]["message"]
