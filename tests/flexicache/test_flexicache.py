@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moska import LLM, SamplingParams
+from moska import SamplingParams
 from moska.flexicache import FlexiCacheConfig
 from moska.flexicache.decode import decode_step, prefill
 from moska.flexicache.engine_hook import FlexiEngine
@@ -20,12 +20,10 @@ ALL_UNSTABLE = FlexiCacheConfig(top_k_pages=2, recent_pages=1, threshold=2.0, re
 ALL_STABLE = FlexiCacheConfig(top_k_pages=2, recent_pages=1, threshold=0.0, rerank_interval=2)
 
 
-def test_engine_all_unstable_equals_full_kv_and_all_stable_reads_less():
+def test_engine_all_unstable_equals_full_kv_and_all_stable_reads_less(flexi_llm):
     # one engine (its build dominates): FlexiCache's hook swapped between the runs
-    llm = LLM(
-        None, device="cpu", dtype="float32", attention="torch", num_kv_blocks=128,
-        block_size=4, flexicache="k=2,recent=1,threshold=2,r=2",
-    )  # fmt: skip
+    llm = flexi_llm
+    llm.engine.block_manager.reset_prefix_cache()
     runner = llm.engine.runner
     unstable = runner.flexi
     assert isinstance(unstable, FlexiEngine) and unstable.cfg == ALL_UNSTABLE

@@ -6,17 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moska import LLM, SamplingParams
+from moska import SamplingParams
 from moska.flexicache import FlexiCacheConfig
 from moska.flexicache.engine_hook import FlexiEngine
 
 
-@pytest.fixture(scope="module")
-def llm():
-    return LLM(
-        None, device="cpu", dtype="float32", attention="torch", num_kv_blocks=64,
-        block_size=4, flexicache="k=2,recent=1,sink=1,threshold=2,r=2",
-    )  # fmt: skip
+@pytest.fixture
+def llm(flexi_llm):
+    return flexi_llm
 
 
 def _engine(llm, spec_threshold: float, attach: bool, min_saving: int = 0) -> FlexiEngine:
