@@ -168,6 +168,26 @@ def test_the_door_sheds_with_the_requests_inside_in_view():
     assert adm.door.inside == 0 and adm.shed(busy) is None
 
 
+def test_the_door_learns_its_gap_within_a_busy_period_only():
+    """Two leaves of one busy period are a service gap; the time the door stood empty
+    between two bursts is not (it had inflated a retry's wait at the door 3x)."""
+    from moska.server.front_door import FrontDoor
+
+    door = FrontDoor(prior_gap_s=0.005, alpha=1.0)
+    first = [door.enter() for _ in range(3)]
+    for t in first:
+        door.leave(t)
+    assert door.gap_s < 0.5 and door.inside == 0
+    door._last_leave -= 30.0  # the door stood empty for 30 s: the next burst comes
+    door.gap_s = 0.005
+    burst = [door.enter() for _ in range(3)]
+    door.leave(burst[0])  # first leave of the new busy period: no gap learned
+    assert door.gap_s == 0.005
+    door.leave(burst[1])  # the second: a real (tiny) service gap
+    assert door.gap_s < 0.5
+    door.leave(burst[2])
+
+
 def test_a_decision_takes_the_request_out_of_the_door():
     from moska.server.front_door import TICKET
 
