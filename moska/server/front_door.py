@@ -64,7 +64,7 @@ class FrontDoor:
             # it put the gap at 0.2 s and a plain retry's drain at 3 s against 0.9 s seen)
             last = self._last_leave
             if backlog and last is not None and last >= self._busy_since:
-                gap = min(now - self._last_leave, 1.0)
+                gap = min(now - last, 1.0)
                 self.gap_s += self.alpha * (gap - self.gap_s)
             self._last_leave = now
 
