@@ -44,6 +44,9 @@ from moska.pd.token_times import TokenTimes
 logger = logging.getLogger(__name__)
 
 
+_RETRY_HEADERS = ("retry-after", "retry-after-ms")  # passed on from the instances
+
+
 @dataclass(frozen=True)
 class FrontEndConfig:
     transfer_timeout_s: float = 10.0
@@ -191,7 +194,10 @@ class FrontEnd:
                 f"the cluster would miss its SLO ({plan.reason}: predicted time to first token "
                 f"{plan.predicted_ttft_s:.2f} s, per output token {plan.predicted_tpot_s:.3f} s);"
                 f" retry after {plan.retry_after_s} s",
-                headers={"Retry-After": str(plan.retry_after_s)},
+                headers={
+                    "Retry-After": str(plan.retry_after_s),
+                    "retry-after-ms": str(plan.retry_after_ms),
+                },
             )
         decode = plan.decode
         try:
@@ -245,7 +251,7 @@ class FrontEnd:
         p = plan.prefill
         r = await self._http.post(f"{p.url}{path}", json=pre, headers=headers)
         if r.status_code != 200:
-            hdrs = {k: v for k, v in r.headers.items() if k.lower() == "retry-after"}
+            hdrs = {k: v for k, v in r.headers.items() if k.lower() in _RETRY_HEADERS}
             return Response(r.content, r.status_code, hdrs, media_type="application/json")
         t = self.config.transfer_timeout_s
         accept = asyncio.create_task(
@@ -285,7 +291,7 @@ class FrontEnd:
             except (httpx.HTTPError, InstanceDied) as exc:
                 return await self._failed(inst, plan, tid, exc)
             await self._end(inst, plan, tid)
-            hdrs = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
+            hdrs = {k: v for k, v in resp.headers.items() if k.lower() in _RETRY_HEADERS}
             return Response(content, resp.status_code, hdrs, media_type="application/json")
         return StreamingResponse(
             self._relay(inst, resp, plan, tid, sent_at),

@@ -119,6 +119,7 @@ class Rejection:
     retry_after_s: int
     predicted_ttft_s: float
     predicted_tpot_s: float
+    retry_after_ms: int = 0  # the same drain in milliseconds (OpenAI's retry-after-ms)
 
 
 class GlobalScheduler:
@@ -239,7 +240,9 @@ class GlobalScheduler:
 
     def _reject(self, reason: str, retry_s: float, ttft: float, tpot: float) -> Rejection:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
-        return Rejection(reason, max(1, math.ceil(retry_s)), ttft, tpot)
+        return Rejection(
+            reason, max(1, math.ceil(retry_s)), ttft, tpot, max(1, math.ceil(retry_s * 1000))
+        )
 
     # ---- what happened ---------------------------------------------------------------
     def prefill_done(self, plan: Plan) -> None:

@@ -4,6 +4,7 @@ serving; a transfer to the dead rank fails (after one retry) instead of hanging.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -48,6 +49,8 @@ def test_killed_decode_instance(pd_cluster, victim):
                 got["err"] = err
                 done.set()
 
+            # a 1 s data timeout for this send (the group's is 5 s; two attempts each)
+            transport.endpoint = dataclasses.replace(transport.endpoint, timeout_s=1.0)
             t0 = time.monotonic()
             transport.send(99, 2, {"tokens": []}, [torch.ones(2, 1, 16, 1, 4)], finished)
             assert done.wait(30) and got["err"] is not None

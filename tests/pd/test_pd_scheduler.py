@@ -129,6 +129,7 @@ def test_http_rejection_reaches_no_instance(pd_cluster):
     finally:
         front.scheduler.slo = old
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert int(r.headers["retry-after-ms"]) >= 1
     assert "ttft" in r.json()["error"]["message"]
     assert {n: e.stats().prompt_tokens_computed for n, e in engines.items()} == before
 
