@@ -33,7 +33,6 @@ import math
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from moska.bench.big_library_env import (
 )
 from moska.bench.common import environment, random_loaded_model, write_json
 from moska.bench.serve import Setup, measure
-from moska.bench.serve_workload import InMemoryLibraries
+from moska.bench.serve_workload import InMemoryLibraries, synthetic_manifest
 from moska.config import EngineConfig
 from moska.engine.llm_engine import LLMEngine
 from moska.library.loaded import LoadedLibrary
@@ -108,12 +107,9 @@ def make_library(loaded, num_tokens: int, chunk_size: int, skew: float, seed: in
     """A position-independent library of `num_tokens` random tokens whose KV pools are random
     normal values made on the model's device (keys scaled per chunk by the skew), with the
     routing index built from those keys."""
-    import datetime
 
     from moska.kernels.router import build_routing_index
     from moska.library.chunking import corpus_from_token_ids
-    from moska.library.format import Manifest, model_fingerprint
-    from moska.library.info import BuildStats
 
     config, param = loaded.config, next(loaded.model.parameters())
     gen = torch.Generator().manual_seed(seed)
@@ -137,22 +133,7 @@ def make_library(loaded, num_tokens: int, chunk_size: int, skew: float, seed: in
         k_pools.append(k)
         v_pools.append(v)
     del row_scale
-    manifest = Manifest(
-        name=LIBRARY,
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        model=model_fingerprint(loaded),
-        mode=corpus.mode,
-        chunk_size=corpus.chunk_size,
-        num_tokens=corpus.num_tokens,
-        position_offset=corpus.position_offset,
-        begins_with_bos=False,
-        chunks=corpus.chunks,
-        documents=corpus.documents,
-        routing_rank=int(routing[0].basis.shape[-1]),
-        files={},
-        build=BuildStats(corpus.num_tokens, 0.0, 0.0).to_dict(),
-        build_id=uuid.uuid4().hex,
-    )
+    manifest = synthetic_manifest(LIBRARY, loaded, corpus, routing)
     return LoadedLibrary(manifest, offsets, k_pools, v_pools, routing, ids)
 
 

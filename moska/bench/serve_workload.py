@@ -39,8 +39,6 @@ def random_library(
     quantized to e4m3 with per-(chunk, KV head) scales, both as the real builder does."""
     from moska.kernels.router import build_routing_index
     from moska.library.chunking import corpus_from_token_ids
-    from moska.library.format import Manifest, model_fingerprint
-    from moska.library.info import BuildStats
 
     corpus = corpus_from_token_ids([("random", token_ids)], "prefix", chunk_size)
     config = loaded.config
@@ -66,7 +64,18 @@ def random_library(
                 k_pools[i], v_pools[i] = kq.data, vq.data
                 scales.append((kq.scale, vq.scale))
             extra = {"kv_scale_pools": scales}
-    manifest = Manifest(
+    manifest = synthetic_manifest(name, loaded, corpus, routing, kv_dtype)
+    ids = torch.tensor(corpus.token_ids, dtype=torch.int32)  # [S_total]
+    return LoadedLibrary(manifest, offsets, k_pools, v_pools, routing, ids, **extra)
+
+
+def synthetic_manifest(name: str, loaded, corpus, routing, kv_dtype: str = "auto"):
+    """The manifest of a library whose KV was made, not prefilled (benchmarks): no files,
+    a build of zero seconds, a fresh build id."""
+    from moska.library.format import Manifest, model_fingerprint
+    from moska.library.info import BuildStats
+
+    return Manifest(
         name=name,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         model=model_fingerprint(loaded),
@@ -83,8 +92,6 @@ def random_library(
         build_id=uuid.uuid4().hex,
         kv_dtype=kv_dtype,
     )
-    ids = torch.tensor(corpus.token_ids, dtype=torch.int32)  # [S_total]
-    return LoadedLibrary(manifest, offsets, k_pools, v_pools, routing, ids, **extra)
 
 
 def fp8_build_supported() -> bool:
