@@ -3,12 +3,14 @@ pinned CPU chunk cache in front of them.
 
 Disk: a layer file is safetensors (an 8-byte header length, a JSON header naming each
 tensor's dtype, shape and byte range, then the data). `DiskChunks` parses the headers once
-and reads a chunk's K and V rows with positioned reads (`os.preadv`) straight into the
-destination buffer: only those rows' bytes are read, never the whole file.
+and reads a chunk's K and V rows (and an FP8 library's k_scale/v_scale rows, [S, Hkv]
+fp32 beside them) with positioned reads (`os.preadv`) straight into the destination
+buffer: only those rows' bytes are read, never the whole file.
 
 CPU: `CpuChunks` holds chunk rows in pinned slots ([slots, slot_rows, Hkv, D] for K and
-V), keyed (layer, chunk), evicted by the same policies as the GPU cache. An asynchronous
-copy out of a slot records an event; the slot is not refilled before that event passes.
+V, [slots, slot_rows, Hkv] for FP8 scales), keyed (layer, chunk), evicted by the same
+policies as the GPU cache. An asynchronous copy out of a slot records an event; the slot
+is not refilled before that event passes.
 """
 
 from __future__ import annotations
@@ -114,9 +116,17 @@ class MemoryChunks:
     rows are handed out as views, with no CPU cache in front (benchmarks, and libraries
     built in this process)."""
 
-    def __init__(self, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        k_pools: list[torch.Tensor],
+        v_pools: list[torch.Tensor],
+        kv_scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None,  # FP8: [S, Hkv] fp32
+    ) -> None:
         self.pools = {"k": k_pools, "v": v_pools}
-        self.keys = ("k", "v")
+        if kv_scales is not None:
+            self.pools["k_scale"] = [ks for ks, _ in kv_scales]
+            self.pools["v_scale"] = [vs for _, vs in kv_scales]
+        self.keys = tuple(self.pools)
         self.bytes_read = 0
 
     @property
@@ -152,13 +162,13 @@ class CpuChunks:
         self.disk = disk
         self.offsets = offsets
         self.slot_rows = max(b - a for a, b in itertools.pairwise(offsets))
-        dtype, shape = disk.layout(0, "k")
         if isinstance(disk, MemoryChunks):  # already in memory: no slots in front of it
             num_slots = 1
-        self.pools = {
-            key: torch.empty((num_slots, self.slot_rows, *shape[1:]), dtype=dtype, pin_memory=pin)
-            for key in disk.keys
-        }
+        self.pools = {}  # key -> [slots, slot_rows, ...]: K and V, and an FP8 library's scales
+        for key in disk.keys:
+            dtype, shape = disk.layout(0, key)
+            size = (num_slots, self.slot_rows, *shape[1:])
+            self.pools[key] = torch.empty(size, dtype=dtype, pin_memory=pin)
         self.cache: SlotCache[tuple[int, int]] = SlotCache(num_slots, eviction)
         self._busy: dict[int, torch.cuda.Event] = {}  # slot -> copy out of it in flight
 

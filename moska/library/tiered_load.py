@@ -30,8 +30,12 @@ def plan_slots(manifest: Manifest, config: TierConfig, device: torch.device) -> 
     m = manifest.model
     offs = manifest.chunk_offsets
     slot_rows = max(b - a for a, b in itertools.pairwise(offs))
-    el = torch.empty((), dtype=getattr(torch, m.dtype)).element_size()
-    slot_bytes = 2 * slot_rows * m.num_kv_heads * m.head_dim * el  # K and V of one chunk
+    if getattr(manifest, "kv_dtype", "auto") == "fp8":  # e4m3 K, V and fp32 scales per row
+        row_bytes = m.num_kv_heads * (2 * m.head_dim + 2 * 4)
+    else:
+        el = torch.empty((), dtype=getattr(torch, m.dtype)).element_size()
+        row_bytes = 2 * m.num_kv_heads * m.head_dim * el
+    slot_bytes = slot_rows * row_bytes  # K and V (and FP8 scales) of one chunk
     layers = manifest.num_kv_layers
     gpu_slots = config.gpu_bytes(device) // (slot_bytes * layers)
     if gpu_slots < 1:
@@ -91,20 +95,21 @@ def load_tiered(
     from moska.library.loaded import LoadedLibrary
 
     m = manifest.model
-    if getattr(manifest, "kv_dtype", "auto") != "auto":
-        raise ValueError(
-            f"library {manifest.name!r} has {manifest.kv_dtype} KV, which cannot be served "
-            "from tiers yet: raise --library-gpu-budget to hold it on the GPU, or rebuild it "
-            "with --kv-dtype auto"
-        )
+    fp8 = getattr(manifest, "kv_dtype", "auto") == "fp8"
     dtype = getattr(torch, m.dtype)
-    disk = DiskChunks(directory, manifest)
-    shape = (manifest.num_tokens, m.num_kv_heads, m.head_dim)
+    s, hkv = manifest.num_tokens, m.num_kv_heads
+    want: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+        "k": (torch.float8_e4m3fn if fp8 else dtype, (s, hkv, m.head_dim))
+    }
+    want["v"] = want["k"]
+    if fp8:  # per-(token, KV head) scales, read with their chunk's rows (library/fp8.py)
+        want["k_scale"] = want["v_scale"] = (torch.float32, (s, hkv))
+    disk = DiskChunks(directory, manifest, keys=tuple(want))
     for i in range(manifest.num_kv_layers):
-        for key in ("k", "v"):
-            if disk.layout(i, key) != (dtype, shape):
+        for key, (kdtype, shape) in want.items():
+            if disk.layout(i, key) != (kdtype, shape):
                 raise CorruptLibraryError(
-                    manifest.name, layer_file(i), f"{key}: expected {shape} {m.dtype}"
+                    manifest.name, layer_file(i), f"{key}: expected {shape} {kdtype}"
                 )
     routing = [
         RoutingIndex(chunk_offsets=offsets, **load_routing(directory, manifest, i, device, dtype))
@@ -118,6 +123,9 @@ def load_tiered(
         cpu_slots, tiers.cpu.nbytes / 2**30, config.eviction, config.miss_policy,
         config.prefetch,
     )  # fmt: skip
+    sp = tiers.slot_pools
+    scales = list(zip(sp["k_scale"], sp["v_scale"])) if fp8 else None
     return LoadedLibrary(
-        manifest, offsets, tiers.k_pools, tiers.v_pools, routing, tokens, tiers=tiers
-    )
+        manifest, offsets, tiers.k_pools, tiers.v_pools, routing, tokens, tiers=tiers,
+        kv_scale_pools=scales,  # the slot scale pools: rows addressed like the slot pools'
+    )  # fmt: skip

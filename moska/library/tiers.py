@@ -16,6 +16,9 @@ When a step needs more chunks in one layer than the layer has slots (top_k = all
 small budget) it runs in passes of at most `num_slots` chunks; results are exact.
 Prefetch ("next_layer"): layer l's routed chunks are fetched for layer l + 1 while layer
 l's kernel runs (chosen by `bench/tier_prefetch_study.py`: see docs/architecture.md).
+FP8 libraries: the slot pools hold e4m3 rows and per-slot-row fp32 scale pools
+([num_slots * slot_rows, Hkv], k and v) sit beside them, filled with the rows on the same
+copy stream from the same CPU and disk tiers; the kernel reads them addressed like the rows.
 Tiered libraries run eagerly (no decode CUDA graphs: a graph captures fixed pointers and
 no host sync).
 """
@@ -149,10 +152,19 @@ class ChunkTiers:
         cuda = device.type == "cuda"
         self.cpu = CpuChunks(disk, offsets, cpu_slots, config.eviction, pin=cuda)
         self.slot_rows = self.cpu.slot_rows
-        dtype, shape = disk.layout(0, "k")
-        rows = (num_slots * self.slot_rows, *shape[1:])  # [slots * slot_rows, Hkv, D]
-        self.k_pools = [torch.zeros(rows, dtype=dtype, device=device) for _ in self._layers]
-        self.v_pools = [torch.zeros(rows, dtype=dtype, device=device) for _ in self._layers]
+        # per source key ("k", "v", and an FP8 library's "k_scale", "v_scale"): one GPU slot
+        # pool per layer, [slots * slot_rows, Hkv, D] (scales [slots * slot_rows, Hkv])
+        self.slot_pools: dict[str, list[torch.Tensor]] = {}
+        for key in disk.keys:
+            dtype, shape = disk.layout(0, key)
+            rows = (num_slots * self.slot_rows, *shape[1:])
+            init = torch.ones if key.endswith("_scale") else torch.zeros
+            self.slot_pools[key] = [init(rows, dtype=dtype, device=device) for _ in self._layers]
+        self.k_pools, self.v_pools = self.slot_pools["k"], self.slot_pools["v"]
+        self.fp8 = "k_scale" in self.slot_pools
+        self.row_bytes = sum(  # bytes of one row of every key together
+            p[0][0].numel() * p[0].element_size() for p in self.slot_pools.values()
+        )
         self.caches: list[SlotCache[int]] = [
             SlotCache(num_slots, config.eviction) for _ in self._layers
         ]
@@ -176,8 +188,15 @@ class ChunkTiers:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes of the GPU chunk caches."""
-        return sum(t.numel() * t.element_size() for t in (*self.k_pools, *self.v_pools))
+        """Device bytes of the GPU chunk caches (with an FP8 library's scale pools)."""
+        return sum(t.numel() * t.element_size() for p in self.slot_pools.values() for t in p)
+
+    def kv_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An FP8 library's slot scale pools of `layer` (k, v) [slots * slot_rows, Hkv] fp32,
+        addressed like the slot rows; None for other libraries."""
+        if not self.fp8:
+            return None
+        return self.slot_pools["k_scale"][layer], self.slot_pools["v_scale"][layer]
 
     def resident(self, layer: int) -> set[int]:
         return set(self.caches[layer].slot_of)
@@ -192,7 +211,7 @@ class ChunkTiers:
         s = self.stats
         s.misses["cpu"] += len(cpu_misses)
         s.hits["cpu"] += len(loads) - len(cpu_misses)
-        row_bytes = self.k_pools[layer][0].numel() * self.k_pools[layer].element_size() * 2
+        row_bytes = self.row_bytes
         s.bytes_in["cpu"] += sum(
             (self.offsets[c + 1] - self.offsets[c]) * row_bytes for _, c in cpu_misses
         )
@@ -206,8 +225,8 @@ class ChunkTiers:
                 n = self.offsets[c + 1] - self.offsets[c]
                 row = slot * self.slot_rows
                 v = views[(layer, c)]
-                self.k_pools[layer][row : row + n].copy_(v["k"], non_blocking=True)
-                self.v_pools[layer][row : row + n].copy_(v["v"], non_blocking=True)
+                for key, pools in self.slot_pools.items():  # K, V (and FP8 scales)
+                    pools[layer][row : row + n].copy_(v[key], non_blocking=True)
                 s.bytes_in["gpu"] += n * row_bytes
         if stream is not None:
             done = torch.cuda.Event()
@@ -328,9 +347,11 @@ class ChunkTiers:
             keep[torch.tensor(batch, dtype=torch.long, device=keep.device)] = True
             idx = keep[sel.chunk.long()].nonzero().squeeze(1)
             sub = Selections(sel.req[idx], sel.kv_head[idx], sel.chunk[idx])
+        scales = self.kv_scales(layer)
         o, lse = ops.grouped_shared(
-            q_rows, self.k_pools[layer], self.v_pools[layer], self.tables[layer], sub, sm_scale
-        )
+            q_rows, self.k_pools[layer], self.v_pools[layer], self.tables[layer], sub, sm_scale,
+            **({} if scales is None else {"kv_scales": scales}),
+        )  # fmt: skip
         if self._copy is not None:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
