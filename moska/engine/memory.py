@@ -221,7 +221,7 @@ class LibraryMemory:
 
 def library_device_bytes(manifest: Any, tier_gpu_bytes: int | None = None) -> int:
     """Device bytes a library takes once loaded, from its manifest: K and V of every KV
-    layer (one byte per element plus fp32 scales per (chunk, KV head) for FP8), the routing
+    layer (one byte per element plus fp32 scales per (token, KV head) for FP8), the routing
     index (a low-rank fp16 copy of the keys, per-chunk summaries, the basis). A tiered
     library holds at most ``tier_gpu_bytes`` of KV on the device (its index stays there)."""
     m = manifest.model
@@ -230,8 +230,8 @@ def library_device_bytes(manifest: Any, tier_gpu_bytes: int | None = None) -> in
     kv_elem = 1 if getattr(manifest, "kv_dtype", "auto") == "fp8" else elem
     tokens, chunks, rank = manifest.num_tokens, manifest.num_chunks, manifest.routing_rank
     kv = 2 * layers * tokens * heads * d * kv_elem
-    if kv_elem == 1:
-        kv += 2 * layers * chunks * heads * 4
+    if kv_elem == 1:  # library/fp8.py LIBRARY_GRANULARITY: a scale per (token, KV head)
+        kv += 2 * layers * tokens * heads * 4
     if tier_gpu_bytes is not None:
         kv = min(kv, tier_gpu_bytes)
     lowrank = 4 if elem == 4 else 2

@@ -130,6 +130,17 @@ def test_library_bytes_estimate_matches_the_loaded_library(library_setup):
     assert library_device_bytes(lib.manifest) == lib.nbytes
 
 
+def test_fp8_library_bytes_estimate_counts_its_per_token_scales(library_setup):
+    from moska.engine.llm_engine import LLMEngine
+    from moska.library import load_library
+
+    root, _, _ = library_setup
+    eng = LLMEngine.from_model(None, library_root=str(root), num_kv_blocks=16, **SMALL)
+    eng.libraries.build("docs8", [("a", "hello library " * 10)], chunk_size=64, kv_dtype="fp8")
+    fp8 = load_library(root, "docs8", None, "cpu", progress=False)
+    assert fp8.kv_scale_pools and library_device_bytes(fp8.manifest) == fp8.nbytes
+
+
 def test_library_over_the_cache_is_refused_before_loading(library_setup):
     from moska.engine.llm_engine import LLMEngine
     from moska.engine.sampling_params import SamplingParams
