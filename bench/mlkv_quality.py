@@ -16,9 +16,7 @@ Usage: .venv/bin/python bench/mlkv_quality.py [--windows 2] [--model DIR] [--out
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import random
 import sys
 import tempfile
 import time
@@ -31,11 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moska.bench.common import environment
+from moska.bench.heldout import PACKAGES, heldout_windows
 from moska.model import DenseAttention, load_model
 from moska.model.convert_mlkv import convert_mlkv
-
-PACKAGES = ("networkx", "sympy")
-MAX_FILE_BYTES = 200_000  # the training corpus's filter
 
 
 @torch.inference_mode()
@@ -46,29 +42,6 @@ def token_loss(model, ids: list[int]) -> tuple[float, int]:
     logits = model.compute_logits(hidden[:-1])  # [T-1, V] fp32
     loss = F.cross_entropy(logits, x[1:], reduction="sum")
     return float(loss), len(ids) - 1
-
-
-def heldout_windows(tokenizer, length: int, per_package: int, seed: int) -> dict[str, list]:
-    """package -> `per_package` windows of `length` tokens from its shuffled packed stream."""
-    out = {}
-    for pkg in PACKAGES:
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(f"{pkg} is not installed in this venv: it is the held-out text")
-        base = Path(next(iter(spec.submodule_search_locations)))
-        files = sorted(p for p in base.rglob("*.py") if p.stat().st_size <= MAX_FILE_BYTES)
-        random.Random(seed).shuffle(files)
-        stream: list[int] = []
-        for f in files:
-            try:
-                text = f.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
-                continue
-            stream.extend(tokenizer.encode(text))  # <|endoftext|> + file
-            if len(stream) >= length * per_package:
-                break
-        out[pkg] = [stream[i * length : (i + 1) * length] for i in range(per_package)]
-    return out
 
 
 def main() -> None:

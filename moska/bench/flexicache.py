@@ -20,8 +20,6 @@ Usage: python -m moska.bench.flexicache --mode quality [--windows 2] [--cpu-dry-
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import random
 import sys
 import time
 from pathlib import Path
@@ -31,38 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from moska.bench.common import environment, write_json
+from moska.bench.heldout import PACKAGES, heldout_windows
 from moska.flexicache import FlexiCacheConfig
 from moska.flexicache.decode import prefill
 from moska.flexicache.store import FlexiKV
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("networkx", "sympy")
-MAX_FILE_BYTES = 200_000  # the training corpus's filter
 # top_k_pages:threshold[:rank_by]; pages are 16 tokens, 128 in a 2,048-token window
 SETTINGS = "16:0.75,32:0.75,32:0.6,16:0.75:mass,16:0.75:bound"
-
-
-def heldout_windows(tokenizer, length: int, per_package: int, seed: int) -> list[list[int]]:
-    """`per_package` windows of `length` tokens of each package's shuffled packed sources
-    (as bench/mlkv_quality.py cuts them)."""
-    out = []
-    for pkg in PACKAGES:
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit(f"{pkg} is not installed in this venv: it is the held-out text")
-        base = Path(next(iter(spec.submodule_search_locations)))
-        files = sorted(p for p in base.rglob("*.py") if p.stat().st_size <= MAX_FILE_BYTES)
-        random.Random(seed).shuffle(files)
-        stream: list[int] = []
-        for f in files:
-            try:
-                stream.extend(tokenizer.encode(f.read_text(encoding="utf-8")))
-            except UnicodeDecodeError:
-                continue
-            if len(stream) >= length * per_package:
-                break
-        out += [stream[i * length : (i + 1) * length] for i in range(per_package)]
-    return out
 
 
 @torch.inference_mode()
@@ -146,7 +120,10 @@ def run_quality(args) -> dict:
         settings = [(4, 0.5, "centroid"), (4, 2.0, "centroid"), (4, 0.5, "mass"), (4, 0.5, "bound")]
     ops = kernel_ops("auto", device)
     lm.model.kernels = ops
-    wins = torch.tensor(heldout_windows(lm.tokenizer, length, per, args.seed), device=device)
+    wins = torch.tensor(
+        [w for ws in heldout_windows(lm.tokenizer, length, per, args.seed).values() for w in ws],
+        device=device,
+    )
     base = full_kv_loss(lm.model, wins, prompt)
     print(f"full KV: loss {base:.4f}", file=sys.stderr, flush=True)
     rows: list[dict[str, Any]] = [
