@@ -274,12 +274,16 @@ class ChunkTiers:
         policy = self.config.miss_policy if wait is None else ("wait" if wait else "skip")
         cache = self.caches[layer]
         cache.tick()
-        uniq, counts = torch.unique(sel.chunk, return_counts=True)  # the layer's host sync
-        needed = uniq.tolist()
-        needed.sort(key=lambda c: c not in cache)  # hits first: passes stream the misses
+        if policy == "skip":  # the chunks with their selection counts (the swap's demand)
+            ids, counts = torch.stack(torch.unique(sel.chunk, return_counts=True)).tolist()
+            demand = dict(zip(ids, counts))  # one host sync for both
+            needed = sorted(demand, key=lambda c: c not in cache)
+        else:
+            needed = torch.unique(sel.chunk).tolist()  # the one host sync of the layer
+            needed.sort(key=lambda c: c not in cache)  # hits first: passes stream the misses
         self._last[layer] = needed
         if policy == "skip":
-            return self._attend_skipping(ops, layer, q_rows, sel, sm_scale, needed, counts)
+            return self._attend_skipping(ops, layer, q_rows, sel, sm_scale, needed, demand)
         count = policy == "wait"
         batches = [needed[i : i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
         if not batches:
@@ -302,14 +306,13 @@ class ChunkTiers:
             lse.index_copy_(0, idx, lse_p)
         return o, lse, sel
 
-    def _attend_skipping(self, ops, layer, q_rows, sel, sm_scale, needed, counts):
+    def _attend_skipping(self, ops, layer, q_rows, sel, sm_scale, needed, demand):
         """The "skip" policy: attend the resident chunks only, then bring in the absent
         chunks that this step wanted more than some resident ones (demand: selections per
         chunk). Without that swap the resident set never changes once every slot holds a
         routed chunk: a protected slot is never evicted, so the hot misses never arrive.
         The swap runs after the kernel (the copy stream waits for its read)."""
         cache = self.caches[layer]
-        demand = dict(zip(sorted(needed), counts.tolist()))  # unique() returns sorted ids
         present = [c for c in needed if c in cache]
         absent = [c for c in needed if c not in cache]
         self.stats.hits["gpu"] += len(present)
