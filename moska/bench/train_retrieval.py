@@ -242,7 +242,8 @@ def _save(model, full: RetrievalSpec, out: Path, args, log: list) -> None:
     tied = model.config.tie_word_embeddings
     state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()
              if not (tied and k == "lm_head.weight")}  # fmt: skip
-    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    # shards of 8 MB: a device run's files come back only below ~17 MB each
+    model.save_pretrained(out, state_dict=state, safe_serialization=True, max_shard_size="8MB")
     cfg = json.loads((out / "config.json").read_text())  # transformers states the live dtype
     cfg["dtype"] = args.save_dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

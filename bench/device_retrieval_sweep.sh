@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 17: several retrieval-model trainings at once on one H200 (each is small; one alone
+# leaves the GPU mostly idle), MINUTES each; every model and log comes back under $OUT.
+# CONFIGS: space-separated name:extra-args (% for spaces inside the args).
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+MINUTES=${MINUTES:-7}
+CONFIGS=${CONFIGS:-"base: deep:--layers%8 wide:--hidden%384%--heads%6%--layers%6 nohop:--formats%fact,code"}
+pids=()
+for c in $CONFIGS; do
+  name=${c%%:*}; extra=${c#*:}; extra=${extra//%/ }
+  ( timeout $((MINUTES * 60 + 150)) python3 -m moska.bench.train_retrieval \
+      --out ".models/ret-$name" --context 4096 --steps 100000 --max-minutes "$MINUTES" \
+      --batch 16 --log-every 500 --save-dtype bfloat16 --workers 3 $extra \
+      > "$OUT/train_$name.log" 2>&1
+    mkdir -p "$OUT/ret-$name"; cp -r ".models/ret-$name"/. "$OUT/ret-$name/" ) &
+  pids+=($!)
+done
+wait "${pids[@]}"
+for c in $CONFIGS; do name=${c%%:*}; echo "== $name"; grep '"answer_acc"' "$OUT/train_$name.log" | tail -3; done
