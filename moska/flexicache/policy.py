@@ -101,14 +101,17 @@ def rerank(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(top [B, Hkv, K] int64, stable [B, Hkv] bool, overlap [B, Hkv] fp32): the new top-K
     candidate pages, and whether each head's top-K overlaps its previous one by >=
-    `threshold` (no previous ranking: overlap 0). Rows with fewer than K candidates get
-    arbitrary picks among the rest: the caller keeps such rows whole."""
+    `threshold` (no previous ranking: overlap 0). Rows with fewer than K candidates get -1
+    for the missing picks: the caller keeps such rows whole."""
     k = old_top.shape[-1]
     s = scores.masked_fill(~cand[:, None, :], float("-inf"))
     top = s.topk(min(k, s.shape[-1]), dim=-1).indices
     if top.shape[-1] < k:
         top = torch.cat([top, top[..., :1].expand(*top.shape[:-1], k - top.shape[-1])], -1)
     overlap = (top[..., :, None] == old_top[..., None, :]).any(-1).float().mean(-1)
+    # picks among non-candidates (a row with fewer than K) are -1: a kept page is always a
+    # candidate, so a page boundary can only add the new page (the store's fast path)
+    top = torch.where(s.gather(-1, top) > float("-inf"), top, -1)
     return top, overlap >= threshold, overlap
 
 

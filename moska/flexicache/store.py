@@ -3,20 +3,26 @@
 each head keeps. Real bytes: `gpu_bytes()` counts the tensors this store allocated on the
 device (pool, page summaries, tables), `full_kv_bytes()` what a paged cache would hold.
 
-Every token's K/V is written to the host copy (the truth) and, as its page is resident,
-to the pool. When a head's kept set changes (a re-ranking, or a new page entering the
-recent window) its dropped pages free their pool slots and its newly kept pages are fetched
-from the host copy: `fetched_pages` counts those copies.
+The host copy holds every full page (the truth for offloaded pages); a decode token is
+written only to the pool, where its page (always among the recent ones) is resident, and a
+page reaches the host copy asynchronously once full (`transfer.PageWriteBack`; "mass"
+ranking, which reads every key from the host copy, also writes each token there). When a
+head's kept set changes (a re-ranking) its newly kept pages are fetched from the host copy:
+`fetched_pages` counts those copies. A step that starts a new page only gives it a slot
+per head (no copy, no wait on the device); the head lists are rebuilt only then and at
+re-rankings, other steps add one token to each head's length.
+
+Waits on the device: a re-ranking must learn which pages to fetch (one `nonzero` per layer;
+a compaction or an eviction adds one). Other steps issue work without reading anything back.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
 from moska.flexicache import policy
 from moska.flexicache.config import FlexiCacheConfig
+from moska.flexicache.transfer import FetchTimer, PageWriteBack, to_device
 
 
 class FlexiKV:
@@ -35,12 +41,16 @@ class FlexiKV:
         force_stable: torch.Tensor | None = None,  # [L, B, Hkv] bool: stable regardless
         hysteresis: bool = True,
         spare_pages: int = 0,
+        pool_slack: float = 0.125,
     ) -> None:
         """hysteresis: a page a head stops keeping keeps its pool slot (not read) until a
         fetch needs the slot or a compaction has no room for it, so a page that comes back
         at a later re-ranking is not fetched again; False: its slot is freed at once.
         spare_pages: slots per head a compaction leaves beyond the kept pages and one new
-        page, for dropped pages (device memory, counted in `gpu_bytes`)."""
+        page, for dropped pages (device memory, counted in `gpu_bytes`).
+        pool_slack: a layer's pool grows by at least this fraction of its size, and is
+        compacted only when it holds more than twice that beyond what its heads keep (each
+        resize copies the layer's whole pool; 0: exact sizes, a copy at most re-rankings)."""
         self.cfg = cfg
         self.device = torch.device(device)
         L, B, H, P, bs, D = num_layers, batch, num_kv_heads, max_pages, block_size, head_dim
@@ -75,14 +85,27 @@ class FlexiKV:
         self.spare_pages = spare_pages if hysteresis else 0
         self.kept = torch.zeros(L, B, H, P, dtype=torch.bool, device=dev)  # read pages
         self.dropped_step = torch.full((L, B, H, P), -(2**30), dtype=torch.int64, device=dev)
+        self.pool_slack = pool_slack
         self.fetched_pages = 0
-        self.refetched_pages = 0  # fetches of pages dropped at the previous re-ranking or later
-        self.reused_pages = 0  # kept again while still in their slot (no fetch: hysteresis)
+        # on the device (read by the properties): fetches of pages dropped at the previous
+        # re-ranking or later; pages kept again while still in their slot (hysteresis)
+        self._refetched = torch.zeros((), dtype=torch.int64, device=dev)
+        self._reused = torch.zeros((), dtype=torch.int64, device=dev)
         self.evicted_pages = 0  # slots taken from pages (dropped ones, or under no hysteresis)
+        self._resident = [0] * L  # resident pages per layer, counted on the host
         self.peak_resident_pages = 0
         self.time_fetch = False  # time the fetches (`fetch_seconds`): CUDA events / host clock
-        self._fetch_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._fetch_host_s = 0.0
+        self._timer = FetchTimer(self.device)
+        self.write_back = PageWriteBack(self.host_k, self.host_v, self.device)
+        self._n_pages = self._active = self._seq = torch.zeros(0)
+
+    @property
+    def refetched_pages(self) -> int:
+        return int(self._refetched)
+
+    @property
+    def reused_pages(self) -> int:
+        return int(self._reused)
 
     # ---- accounting ----
     def page_bytes(self) -> int:
@@ -150,47 +173,51 @@ class FlexiKV:
         """Before each decode forward: one more token per sequence."""
         self.length += 1
         self.step += 1
-        if self.length > self.shape[3] * self.block_size:
+        _, B, _, P, bs, _ = self.shape
+        if self.length > P * bs:
             raise ValueError(f"sequence longer than max_pages * block_size ({self.length})")
+        n = -(-self.length // bs)
+        self._n_pages = torch.full((B,), n, device=self.device)
+        self._active = torch.full((B,), self.cfg.long_enough(n), device=self.device)
+        self._seq = torch.full((B,), self.length, device=self.device)
 
     def attend(self, layer, q, k, v, decode_fn, sm_scale: float) -> torch.Tensor:
         """q [B, Hq, D], the new token's k/v [B, Hkv, D] -> o [B, Hq, D] through
         `decode_fn` (`paged_decode_heads` or its reference) over the kept pages."""
         _, B, H, P, bs, D = self.shape
+        cfg = self.cfg
         pos = self.length - 1
         p, s = pos // bs, pos % bs
-        self.host_k[layer, :, :, p, s].copy_(k, non_blocking=True)
-        self.host_v[layer, :, :, p, s].copy_(v, non_blocking=True)
-        if not self.bound:
-            pass
-        elif s == 0:
+        if not (self.bound or self.centroid):  # "mass" reads every key from the host copy
+            self.host_k[layer, :, :, p, s].copy_(k)
+            self.host_v[layer, :, :, p, s].copy_(v)
+        elif self.bound and s == 0:
             self.kmin[layer, :, :, p] = k
             self.kmax[layer, :, :, p] = k
-        else:
+        elif self.bound:
             torch.minimum(self.kmin[layer, :, :, p], k, out=self.kmin[layer, :, :, p])
             torch.maximum(self.kmax[layer, :, :, p], k, out=self.kmax[layer, :, :, p])
-        rerank = self.step % self.cfg.rerank_interval == 0
-        n_pages = torch.full((B,), p + 1, device=self.device)
-        active = torch.full((B,), self.cfg.long_enough(p + 1), device=self.device)
+        rerank = self.step % cfg.rerank_interval == 0
         if rerank:
-            cand = policy.candidates(n_pages, self.cfg.recent_pages, P, self.cfg.sink_pages)
+            cand = policy.candidates(self._n_pages, cfg.recent_pages, P, cfg.sink_pages)
             scores = self._scores(layer, q, sm_scale)
-            top, stable, _ = policy.rerank(scores, cand, self.top[layer], self.cfg.threshold)
+            top, stable, _ = policy.rerank(scores, cand, self.top[layer], cfg.threshold)
             if self.force_stable is not None:
                 stable = stable | self.force_stable[layer]
             self.top[layer], self.stable[layer] = top, stable
         if rerank or s == 0 or self.step == 0:
-            cfg = self.cfg
             keep = policy.keep_mask(
-                self.top[layer], self.stable[layer], active, n_pages, cfg.recent_pages, P,
-                cfg.sink_pages,
+                self.top[layer], self.stable[layer], self._active, self._n_pages,
+                cfg.recent_pages, P, cfg.sink_pages,
             )  # fmt: skip
-            self._sync(layer, keep)
-            if rerank:
-                self._compact(layer, keep)
-            seq = torch.full((B,), self.length, device=self.device)
+            if rerank or self.step == 0:
+                self._sync(layer, keep, fresh=p if s == 0 else None)
+                if rerank:
+                    self._compact(layer, keep)
+            else:  # a new page: the only page newly kept (kept pages are candidates)
+                self._start_page(layer, keep, p)
             self.tables[layer], self.lens[layer] = policy.head_lists(
-                keep, self.slot[layer], seq, bs
+                keep, self.slot[layer], self._seq, bs
             )
         else:
             self.lens[layer] += 1
@@ -200,6 +227,8 @@ class FlexiKV:
         if self.centroid:  # the newest page's mean key, from its resident copy
             page = self.pool_k[layer][cur, : s + 1, 0].float().mean(1)  # [B * H, D]
             self.kmean[layer, :, :, p] = page.view(B, H, D).to(self.kmean.dtype)
+        if s == bs - 1 and (self.bound or self.centroid):  # full: to the host, async
+            self.write_back.queue(layer, p, self.pool_k[layer], self.pool_v[layer], cur)
         o, _ = decode_fn(
             q,
             self.pool_k[layer],
@@ -229,81 +258,97 @@ class FlexiKV:
             parts.append(policy.page_mass(q[r0:r1], keys, n[r0:r1], sm_scale))
         return torch.cat(parts)
 
-    def _sync(self, layer: int, keep: torch.Tensor) -> None:
-        """Fetch newly kept pages from the host into free slots. A page no longer kept
-        frees its slot at once, or under hysteresis stays in it (not read) until a fetch
-        finds no free slot: then such pages are evicted, the longest dropped first."""
-        slot = self.slot[layer]
-        resident = slot >= 0
-        drop = self.kept[layer] & ~keep
-        self.reused_pages += int((keep & resident & ~self.kept[layer]).sum())
-        self.dropped_step[layer][drop] = self.step
+    def _update_kept(self, layer: int, keep: torch.Tensor) -> None:
+        """Record dropped pages' step and the new kept set (device ops, no wait)."""
+        old = self.kept[layer]
+        self._reused += (keep & (self.slot[layer] >= 0) & ~old).sum()
+        self.dropped_step[layer].masked_fill_(old & ~keep, self.step)
         self.kept[layer] = keep
-        need = keep & ~resident
-        n = int(need.sum())
+
+    def _start_page(self, layer: int, keep: torch.Tensor, page: int) -> None:
+        """A step that starts `page`: every head keeps it (it is recent) and nothing else new
+        (the kept set only loses the page that left the recent window), so it gets a slot per
+        head from the host's free list; nothing to copy, nothing read back (with hysteresis)."""
+        _, B, H, *_ = self.shape
+        if not self.hysteresis:
+            self._evict(layer, self.kept[layer] & ~keep)
+        self._update_kept(layer, keep)
+        n = B * H
+        self._reserve(layer, n)
+        new = self.free[layer][-n:]
+        del self.free[layer][-n:]
+        self.slot[layer, :, :, page] = to_device(new, self.device).view(B, H)
+        self._resident[layer] += n
+        self.peak_resident_pages = max(self.peak_resident_pages, sum(self._resident))
+
+    def _sync(self, layer: int, keep: torch.Tensor, fresh: int | None) -> None:
+        """Fetch newly kept pages from the host into free slots (page `fresh`, just started,
+        only gets slots). A page no longer kept frees its slot at once, or under hysteresis
+        stays in it (not read) until a fetch finds no free slot: then such pages are
+        evicted, the longest dropped first."""
+        resident = self.slot[layer] >= 0
+        self._update_kept(layer, keep)
+        idx = (keep & ~resident).nonzero()  # [n, 3] (row, head, page): the step's one wait
+        n = idx.shape[0]
         idle = resident & ~keep
         if not self.hysteresis:
             self._evict(layer, idle)
         elif n > len(self.free[layer]):
             self._evict_oldest(layer, idle, n - len(self.free[layer]))
         if n:
-            timer = self._timer_start() if self.time_fetch else None
-            idx = need.nonzero()  # [n, 3] (row, head, page)
-            recent = self.dropped_step[layer][idx[:, 0], idx[:, 1], idx[:, 2]]
-            self.refetched_pages += int((recent >= self.step - self.cfg.rerank_interval).sum())
-            self._reserve(layer, n)
-            new = torch.tensor(self.free[layer][-n:], dtype=torch.int64, device=self.device)
-            del self.free[layer][-n:]
-            slot[idx[:, 0], idx[:, 1], idx[:, 2]] = new
-            _, _, H, P, bs, D = self.shape
-            flat = ((idx[:, 0] * H + idx[:, 1]) * P + idx[:, 2]).cpu()
+            self._fetch(layer, idx, fresh)
+        self.peak_resident_pages = max(self.peak_resident_pages, sum(self._resident))
+
+    def _fetch(self, layer: int, idx: torch.Tensor, fresh: int | None) -> None:
+        timer = self._timer.start() if self.time_fetch else None
+        n = idx.shape[0]
+        _, _, H, P, bs, D = self.shape
+        recent = self.dropped_step[layer][idx[:, 0], idx[:, 1], idx[:, 2]]
+        self._refetched += (recent >= self.step - self.cfg.rerank_interval).sum()
+        self._reserve(layer, n)
+        new = torch.tensor(self.free[layer][-n:], dtype=torch.int64)
+        del self.free[layer][-n:]
+        self.slot[layer][idx[:, 0], idx[:, 1], idx[:, 2]] = to_device(new, self.device)
+        self._resident[layer] += n
+        idx_h = idx.cpu()
+        if fresh is not None:  # a page started this step holds nothing yet
+            copy = idx_h[:, 2] != fresh
+            idx_h, new = idx_h[copy], new[copy]
+        if new.numel():
+            self.write_back.flush(layer)  # pages written back are in the host copy
+            flat = (idx_h[:, 0] * H + idx_h[:, 1]) * P + idx_h[:, 2]
+            dst = to_device(new, self.device)
             pin = self.device.type == "cuda"
             for host, pool in ((self.host_k, self.pool_k), (self.host_v, self.pool_v)):
-                # one gather into pinned staging (cached by torch), one async copy up
-                stage = torch.empty(n, bs, D, dtype=host.dtype, pin_memory=pin)
+                # one gather into pinned staging, one async copy up (K's copy runs while
+                # the host gathers V)
+                stage = torch.empty(len(new), bs, D, dtype=host.dtype, pin_memory=pin)
                 torch.index_select(host[layer].view(-1, bs, D), 0, flat, out=stage)
-                pool[layer][new] = stage.to(self.device, non_blocking=True).unsqueeze(2)
-            self.fetched_pages += n
-            if timer is not None:
-                self._timer_stop(timer)
-        self.peak_resident_pages = max(self.peak_resident_pages, self.resident_pages())
-
-    def _timer_start(self):
-        if self.device.type != "cuda":
-            return time.perf_counter()
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        return start
-
-    def _timer_stop(self, start) -> None:
-        if self.device.type != "cuda":
-            self._fetch_host_s += time.perf_counter() - start
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self._fetch_events.append((start, end))
+                pool[layer][dst] = stage.to(self.device, non_blocking=True).unsqueeze(2)
+            self.fetched_pages += len(new)
+        if timer is not None:
+            self._timer.stop(timer)
 
     def fetch_seconds(self) -> float:
-        """Time spent fetching since the last `reset_counters` (`time_fetch` on): on CUDA the
-        stream time from each fetch's start to its last copy (idle gaps while the host
-        gathers pages included: what the step waits for)."""
-        if self._fetch_events:
-            torch.cuda.synchronize(self.device)
-        ms = sum(a.elapsed_time(b) for a, b in self._fetch_events)
-        return self._fetch_host_s + ms / 1e3
+        """Time spent fetching since the last `reset_counters` (`time_fetch` on)."""
+        return self._timer.seconds()
 
     def reset_counters(self) -> None:
-        self.fetched_pages = self.refetched_pages = self.reused_pages = self.evicted_pages = 0
-        self._fetch_events.clear()
-        self._fetch_host_s = 0.0
+        self.fetched_pages = self.evicted_pages = 0
+        self._refetched.zero_()
+        self._reused.zero_()
+        self._timer.reset()
 
     def _evict(self, layer: int, pages: torch.Tensor) -> None:
-        """Free the slots of `pages` [B, H, P] bool (resident)."""
+        """Free the slots of `pages` [B, H, P] bool (those resident)."""
         slot = self.slot[layer]
-        if bool(pages.any()):
-            self.free[layer].extend(slot[pages].tolist())
-            self.evicted_pages += int(pages.sum())
-            slot[pages] = -1
+        pages = pages & (slot >= 0)
+        freed = slot[pages].tolist()
+        if freed:
+            self.free[layer].extend(freed)
+            self.evicted_pages += len(freed)
+            self._resident[layer] -= len(freed)
+            slot.masked_fill_(pages, -1)
 
     def _evict_oldest(self, layer: int, idle: torch.Tensor, n: int) -> None:
         """Free up to `n` slots of idle (resident, not kept) pages, the longest dropped first."""
@@ -315,23 +360,22 @@ class FlexiKV:
             self._evict(layer, pick.view_as(idle))
 
     def _compact(self, layer: int, keep: torch.Tensor) -> None:
-        """Shrink the layer's pool to its kept pages plus one page per head (a device-side
-        gather at re-rankings), so that the pool's allocation follows what the heads keep
-        instead of its peak. Under hysteresis idle pages fill the spare slots (the most
-        recently dropped first) and the rest are evicted."""
+        """Shrink the layer's pool to its kept pages, a page per head and the slack (a device
+        gather at re-rankings) once it is over twice the slack, so that its allocation follows
+        what the heads keep. Idle pages fill the spare slots, the last dropped first."""
         _, B, H, *_ = self.shape
         slot = self.slot[layer]
         kept = (slot >= 0) & keep
-        n = int(kept.sum())
-        spare = B * H * (1 + self.spare_pages)
-        cap = n + spare
-        if self.pool_k[layer].shape[0] <= cap:
-            return
         idle = (slot >= 0) & ~keep
-        if int(idle.sum()) > spare:
-            self._evict_oldest(layer, idle, int(idle.sum()) - spare)
+        n, n_idle = torch.stack([kept.sum(), idle.sum()]).tolist()
+        spare = B * H * (1 + self.spare_pages)
+        cap = n + spare + int((n + spare) * self.pool_slack)
+        if self.pool_k[layer].shape[0] <= n + spare + int(2 * (n + spare) * self.pool_slack):
+            return
+        if n_idle > spare:
+            self._evict_oldest(layer, idle, n_idle - spare)
         resident = slot >= 0
-        m = int(resident.sum())
+        m = n + min(n_idle, spare)
         order = torch.cat([slot[kept], slot[resident & ~keep]])
         for pool in (self.pool_k, self.pool_v):
             t = pool[layer]
@@ -341,14 +385,16 @@ class FlexiKV:
         slot[kept] = torch.arange(n, device=self.device)
         slot[resident & ~keep] = torch.arange(n, m, device=self.device)
         self.free[layer] = list(range(cap - 1, m - 1, -1))
+        self._resident[layer] = m
 
     def _reserve(self, layer: int, n: int) -> None:
-        """Grow the layer's pool until `n` slots are free (plus one page per head)."""
+        """Grow the layer's pool until `n` slots are free (plus one page per head), by at
+        least `pool_slack` of its size."""
         free = self.free[layer]
         if len(free) >= n:
             return
         cap = self.pool_k[layer].shape[0]
-        grow = n - len(free) + self.shape[1] * self.shape[2]
+        grow = max(n - len(free) + self.shape[1] * self.shape[2], int(cap * self.pool_slack))
         for pool in (self.pool_k, self.pool_v):
             t = pool[layer]
             pool[layer] = torch.cat([t, t.new_zeros(grow, *t.shape[1:])])

@@ -1,0 +1,113 @@
+"""Host <-> device page copies of the FlexiCache page store (`store.py`), written so that a
+decode step never waits on the device except where a re-ranking must know which pages to
+fetch.
+
+- `PageWriteBack`: a decode step writes its token only into the device pool (the page being
+  written is always resident). When a page is full, one gather of the page from the pool
+  and one asynchronous copy into pinned staging are queued; the host copy is updated from
+  the staging later (the next page's write-back or the next fetch), when the copy has long
+  finished. Before, each step copied its token into a strided slice of the host copy: a
+  copy to a non-contiguous host tensor goes through pageable memory and waits for the device
+  (two waits per layer and step).
+- `to_device`: host int lists to the device through pinned memory, without a stream sync
+  (`torch.tensor(..., device="cuda")` copies from pageable memory and synchronizes).
+- `FetchTimer`: the time spent fetching, by CUDA events (host clock on CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int64 tensor of `values` on `device`; from pinned memory (no stream sync) on CUDA."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class _Pending:
+    page: int
+    k: torch.Tensor  # [B * H, bs, D] staging (pinned on CUDA)
+    v: torch.Tensor
+    done: torch.cuda.Event | None
+
+
+class PageWriteBack:
+    """Full pages' K/V from the device pool to the host copy, asynchronously; at most one
+    page per layer in flight."""
+
+    def __init__(self, host_k: torch.Tensor, host_v: torch.Tensor, device: torch.device) -> None:
+        self.host_k, self.host_v = host_k, host_v  # [L, B, H, P, bs, D]
+        self.device = device
+        self.pending: dict[int, _Pending] = {}
+        self.pages_written = 0
+
+    def queue(self, layer: int, page: int, pool_k, pool_v, slots: torch.Tensor) -> None:
+        """Queue the copy of `page` of every (row, head) from its pool slots `slots` [B * H]."""
+        self.flush(layer)  # the previous page's copy finished a page of steps ago
+        cuda = self.device.type == "cuda"
+        staged = []
+        for pool in (pool_k, pool_v):
+            page_kv = pool[slots, :, 0]  # [B * H, bs, D], a device gather
+            stage = torch.empty(page_kv.shape, dtype=page_kv.dtype, pin_memory=cuda)
+            stage.copy_(page_kv, non_blocking=cuda)
+            staged.append(stage)
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self.pending[layer] = _Pending(page, staged[0], staged[1], done)
+
+    def flush(self, layer: int | None = None) -> None:
+        """Put the queued pages of `layer` (None: every layer) into the host copy."""
+        for lay in [layer] if layer is not None else list(self.pending):
+            pend = self.pending.pop(lay, None)
+            if pend is None:
+                continue
+            if pend.done is not None:
+                pend.done.synchronize()
+            _, b, h, _, bs, d = self.host_k.shape
+            self.host_k[lay, :, :, pend.page].copy_(pend.k.view(b, h, bs, d))
+            self.host_v[lay, :, :, pend.page].copy_(pend.v.view(b, h, bs, d))
+            self.pages_written += b * h
+
+
+class FetchTimer:
+    """Seconds spent in fetches: on CUDA the stream time from each fetch's start to its last
+    copy (idle gaps while the host gathers pages included: what the step waits for)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.host_s = 0.0
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def stop(self, start) -> None:
+        if not self.cuda:
+            self.host_s += time.perf_counter() - start
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.events.append((start, end))
+
+    def seconds(self) -> float:
+        if self.events:
+            torch.cuda.synchronize(self.device)
+        return self.host_s + sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+
+    def reset(self) -> None:
+        self.events.clear()
+        self.host_s = 0.0

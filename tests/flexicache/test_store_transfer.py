@@ -1,0 +1,88 @@
+"""The page store's host copies (moska/flexicache/transfer.py): a decode-written page reaches
+the host copy once full, and a re-ranking that promotes it after it left the pool fetches
+exactly what was written; a page boundary only gives the new page a slot."""
+
+from __future__ import annotations
+
+import torch
+
+from moska.flexicache import FlexiCacheConfig, policy
+from moska.flexicache.store import FlexiKV
+from moska.kernels.paged_heads import paged_decode_heads_ref
+
+
+def _step(store, q, k, v):
+    store.begin_step()
+    return store.attend(0, q[None, None], k[None, None], v[None, None], paged_decode_heads_ref, 1.0)
+
+
+def test_decode_written_page_is_written_back_and_fetched_when_promoted():
+    torch.manual_seed(4)
+    d, t = 16, 40  # prompt: pages 0..9 of 4 tokens
+    keys = 0.05 * torch.randn(t, 1, d)
+    keys[12:16, 0, 0] = 10.0  # page 3: e0's
+    keys[20:24, 0, 0] = 5.0  # page 5
+    keys[28:32, 0, 1] = 8.0  # page 7: e1's second
+    cfg = FlexiCacheConfig(
+        top_k_pages=2, recent_pages=1, threshold=0.0, rerank_interval=4, sink_pages=0
+    )
+    store = FlexiKV(
+        cfg, num_layers=1, batch=1, num_kv_heads=1, head_dim=d, block_size=4, max_pages=16,
+        dtype=torch.float32, device="cpu", hysteresis=False,
+    )  # fmt: skip
+    e0, e1 = torch.eye(d)[0], torch.eye(d)[1]
+    store.write_prompt(0, 0, keys, torch.randn(t, 1, d), e0[None])
+    store.finish_prompts()
+    new_k, new_v = 0.05 * torch.randn(13, d), torch.randn(13, d)
+    new_k[:4, 1] += 9.0  # page 10, written while decoding: e1's first
+    for i in range(12):  # tokens 40..51 (pages 10-12); page 10 leaves the pool at step 4
+        _step(store, e0, new_k[i], new_v[i])
+    slot = store.slot[0, 0, 0]
+    assert slot[10] == -1 and store.kept[0, 0, 0, [3, 5]].all()
+    fetched = store.fetched_pages
+    o = _step(store, e1, new_k[12], new_v[12])  # step 12 re-ranks: {10, 7}
+    assert slot[10] >= 0 and slot[7] >= 0 and store.fetched_pages == fetched + 2
+    torch.testing.assert_close(store.pool_k[0][slot[10], :, 0], new_k[:4])
+    torch.testing.assert_close(store.pool_v[0][slot[10], :, 0], new_v[:4])
+    store.write_back.flush()
+    torch.testing.assert_close(store.host_k[0, 0, 0, 10:12].reshape(8, d), new_k[:8])
+    torch.testing.assert_close(store.host_v[0, 0, 0, 10:12].reshape(8, d), new_v[:8])
+    # the output reads pages 10, 7 and the newest token
+    kk = torch.cat([new_k[:4], keys[28:32, 0], new_k[12:13]])
+    vv = torch.cat([new_v[:4], store.host_v[0, 0, 0, 7], new_v[12:13]])
+    ref = torch.softmax(kk @ e1, 0) @ vv
+    torch.testing.assert_close(o[0, 0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_page_boundary_gives_the_new_page_slots_without_a_fetch():
+    torch.manual_seed(5)
+    cfg = FlexiCacheConfig(top_k_pages=2, recent_pages=2, threshold=0.0, rerank_interval=8)
+    store = FlexiKV(
+        cfg, num_layers=1, batch=2, num_kv_heads=2, head_dim=16, block_size=4, max_pages=12,
+        dtype=torch.float32, device="cpu",
+    )  # fmt: skip
+    for row in range(2):
+        store.write_prompt(
+            0, row, torch.randn(28, 2, 16), torch.randn(28, 2, 16), torch.randn(2, 16)
+        )
+    store.finish_prompts()
+    q = torch.randn(2, 2, 16)
+    for _ in range(4):  # step 0 (re-ranks) and the rest of page 7
+        store.begin_step()
+        store.attend(
+            0, q, torch.randn(2, 2, 16), torch.randn(2, 2, 16), paged_decode_heads_ref, 1.0
+        )
+    fetched, resident = store.fetched_pages, store.resident_pages()
+    store.begin_step()  # token 32: page 8 starts
+    store.attend(0, q, torch.randn(2, 2, 16), torch.randn(2, 2, 16), paged_decode_heads_ref, 1.0)
+    assert store.fetched_pages == fetched and (store.slot[0, :, :, 8] >= 0).all()
+    # page 6 left the recent window: still in its slot (hysteresis), no longer read
+    assert store.resident_pages() == resident + 4
+    assert (store.kept[0, :, :, 6] == store.top[0].eq(6).any(-1)).all()
+
+
+def test_rerank_marks_missing_picks():
+    scores = torch.rand(1, 2, 6)
+    cand = torch.tensor([[False, True, True, False, False, False]])  # 2 candidates, K = 3
+    top, _, _ = policy.rerank(scores, cand, torch.full((1, 2, 3), -1), 0.5)
+    assert sorted(top[0, 0].tolist()) == [-1, 1, 2] and sorted(top[0, 1].tolist()) == [-1, 1, 2]
