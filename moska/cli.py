@@ -61,6 +61,12 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "decode_context_parallel_size": "shard each request's KV blocks over P ranks, one "
     "process each with the whole model (a request longer than one rank's KV cache is "
     "served; DistAttention); 1: off",
+    "helix": "Helix layout: with --decode-context-parallel-size P (and --tensor-parallel-size "
+    "N, a multiple of P; default N = P) the N ranks split the weights as tensor parallelism "
+    "does, attention shards KV blocks over P ranks and heads over N/P, one all-to-all per "
+    "layer returns to tensor parallelism for o_proj and the FFN",
+    "helix_microbatches": "Helix HOP-B: cut each step's rows into this many micro-batches "
+    "and overlap one's all-to-all with the next one's attention (1: off)",
     "library_gpu_budget": "GPU memory for each library's chunk cache: a size (8GiB, 512MiB; a "
     "plain number > 1 is GiB) or a share of free memory (<= 1); a larger library is served from GPU, pinned CPU and disk tiers "
     "(eagerly). Default: libraries wholly on the GPU",

@@ -39,6 +39,12 @@ class EngineConfig:
     decode_context_parallel_size: P > 1 shards every request's KV blocks over P ranks (one
         process each, each with the whole model; vLLM's name): a request longer than one
         rank's KV cache is served, attention partials merged by LSE (DistAttention). 1: off.
+    helix: Helix (`distributed/helix.py`) instead: N = tensor_parallel_size ranks (or P
+        when that is 1) split the weights as tensor parallelism does; attention shards KV
+        blocks over P ranks and KV heads over N / P groups, an all-to-all merges the
+        partials back into the tensor-parallel layout for o_proj and the FFN.
+        `helix_microbatches` > 1: HOP-B, the all-to-all of one micro-batch of rows overlaps
+        the attention of the next (1: off).
     library_gpu_budget: GPU memory for a library's chunk cache, a size ("8GiB", "512MiB", a
         plain number > 1 = GiB) or a share of free memory ("0.3"); None holds every library
         wholly on the device. A library larger than it is served from tiers
@@ -83,6 +89,8 @@ class EngineConfig:
     shared_kv_ranks: int = 0  # distributed/shared_kv_engine.py: libraries' chunks there
     shared_kv_replica_slots: int = 0  # copies of hot chunks per shared rank (0: none)
     decode_context_parallel_size: int = 1  # distributed/kv_parallel_engine.py: KV over ranks
+    helix: bool = False  # distributed/helix_engine.py: KV-parallel attention + TP FFN
+    helix_microbatches: int = 1  # HOP-B micro-batches per Helix all-to-all (1: off)
     library_gpu_budget: str | None = None
     library_cpu_budget: str | None = None
     library_eviction: str = "lfu"
@@ -152,6 +160,8 @@ class EngineConfig:
                 "decode_context_parallel_size must be a positive number of ranks, got "
                 f"{self.decode_context_parallel_size}"
             )
+        if self.helix_microbatches < 1:
+            raise ValueError(f"helix_microbatches must be >= 1, got {self.helix_microbatches}")
         if self.semantic_reuse:
             from moska.semshare.config import SemShareConfig
 

@@ -23,7 +23,11 @@ def load_engine(cls: Any, model: str | None = None, **kwargs: Any) -> Any:
     device = config.resolved_device()
     if str(device).startswith("cuda") and dtype is None and model is None:
         dtype = "bfloat16"
-    if config.decode_context_parallel_size > 1:  # requests' KV sharded over ranks
+    if config.helix:  # KV-parallel attention, tensor-parallel FFN (distributed/helix.py)
+        from moska.distributed.helix_engine import start_helix
+
+        loaded, runtime, libraries = start_helix(config, path, dtype, device)
+    elif config.decode_context_parallel_size > 1:  # requests' KV sharded over ranks
         from moska.distributed.kv_parallel_engine import start_kv_parallel
         from moska.distributed.kv_parallel_step import KVParallelConfigError
 

@@ -73,7 +73,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.rotary(q, k, cos, sin)  # Triton: in place on the projection's output
         o = attn(self.kv_slot, q, k, v)  # [T, Hq, D]
-        return self.o_proj(o.reshape(t, self.q_size))
+        return self.o_proj(o.flatten(1))  # [T, heads * D] (Helix: fewer heads than q)
 
     def _forward_shared(self, x, cos, sin, attn: AttentionFn, ops: KernelOps) -> torch.Tensor:
         """An MLKV layer without k/v: q only, then attention over its KV slot."""
@@ -83,7 +83,7 @@ class Attention(nn.Module):
             q = self.q_norm(q)
         q = ops.rotary(q, q[:, :0], cos, sin)[0]  # no k: an empty [T, 0, D] view
         o = attn(self.kv_slot, q, None, None)  # [T, Hq, D]
-        return self.o_proj(o.reshape(t, self.q_size))
+        return self.o_proj(o.flatten(1))  # [T, heads * D] (Helix: fewer heads than q)
 
 
 class DecoderLayer(nn.Module):

@@ -54,7 +54,9 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 60.0, collective_s: floa
     on a failure, and TimeoutError when ``timeout_s`` passes first.
     """
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed"])
+    # torch._dynamo: building a model on the meta device imports it (nn.init on meta goes
+    # through torch._refs), ~2-5 s per process; once in the forkserver instead
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo"])
     results = ctx.Queue()
     store = os.path.join(tempfile.mkdtemp(prefix="moska-gloo-"), "store")
     procs = []
