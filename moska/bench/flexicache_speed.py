@@ -9,24 +9,36 @@ per sequence per step, over contexts of `--context` tokens. Random weights give 
 attention pattern, so which heads are stable is not measured here but set: a seeded
 `--stable-fraction` of (layer, sequence, head) is stable (take it from the quality run),
 the rest unstable (every page). Every `--r` steps stable heads re-rank and fetch promoted
-pages from the host, inside the timed steps (the mean step counts them; the median is a
-step without one). `--rank centroid` (the default, as in the quality run) ranks by mean
-keys kept on the device; `--rank mass` reads every key of the layer from the host copy at a
-re-ranking; with either, random keys make the top-K churn (up to K fetches per stable head
-per re-ranking): a pessimistic case. `--rank bound` ranks by Quest bounds from device summaries, with K hot
-pages per head given wide bounds so that they stay on top: an optimistic case. KV contents
-are random (tiled pages). Each FlexiCache row reports the bytes fetched from the host per
-timed step and the share of the step time spent fetching (CUDA events around each fetch:
-the host gather of the pages into pinned staging, and the copy up), and how many fetched
-pages had been dropped at the previous re-ranking (`refetched_pages`) or were kept again
-from their old slot without a fetch (`reused_pages`, hysteresis: `--no-hysteresis` turns
-it off, `--spare-pages` leaves spare slots per head for dropped pages).
+pages from the host, inside the timed steps. `--rank centroid` (the default, as in the
+quality run) ranks by mean keys kept on the device; `--rank mass` reads every key of the
+layer from the host copy at a re-ranking; `--rank bound` by Quest bounds.
+
+Churn: random keys would make a forced-stable head's top-K churn almost wholly at every
+re-ranking, which a stable head cannot do (overlap >= threshold, else it is unstable).
+`--churn F` (default 0.375) sets the share of K replaced per re-ranking: the ranking's
+scores are computed (their cost is timed) and then (1 - F) K pages per head are held on
+top and the rest drawn at random. 0.375 is the quality run's rate: moska-code-20m at K =
+32, threshold 0.75 (`flexicache_quality_cpu.json`) fetched about 12 pages per stable head
+per re-ranking, flips to unstable included. `--churn -1`: the ranking's own scores on
+random keys (the first H200 run's case, about K per head). `--compare-churn F` adds a row
+at the largest batch with churn F.
+
+Where a step's time goes, per FlexiCache row: `step_ms_by_kind` (mean ms of plain steps,
+steps that start a page, re-ranking steps), `host_issue_ms_median` (the host's time to
+issue a step, up to the final wait: near `step_ms_median` means host-bound),
+`host_syncs_per_step_by_kind` (waits on the device that torch's sync debug mode flags,
+counted over `--r` * 2 untimed steps after the timed ones), the bytes fetched per step and
+`fetch_share_of_step` (CUDA events around each fetch: the host gather into pinned staging
+and the copy up), and how many fetched pages had been dropped at the previous re-ranking
+(`refetched_pages`) or were kept from their old slot without a fetch (`reused_pages`,
+hysteresis: `--no-hysteresis` turns it off, `--spare-pages` leaves spare slots per head).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import torch
 
@@ -77,7 +89,24 @@ class _Flexi:
         return self.store.attend(layer, q, k, v, self.ops.paged_decode_heads, self.sm)
 
 
-def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, seed):
+class _ChurnScores:
+    """The store's page scores with `churn` of each head's K picks drawn at random per
+    re-ranking: (1 - churn) K `hot` pages per head get a large bonus, the rest random."""
+
+    def __init__(self, store: FlexiKV, hot: torch.Tensor, churn: float) -> None:
+        self.scores, self.store = store._scores, store
+        L, B, H, _ = hot.shape
+        P = store.shape[3]
+        n_hot = round((1 - churn) * hot.shape[-1])
+        self.bonus = torch.zeros(L, B, H, P, device=store.device)
+        self.bonus.scatter_(-1, hot[..., :n_hot].to(store.device), 1e3)
+
+    def __call__(self, layer: int, q: torch.Tensor, sm_scale: float) -> torch.Tensor:
+        s = self.scores(layer, q, sm_scale)
+        return s + self.bonus[layer] + 10 * torch.rand(s.shape, device=s.device)
+
+
+def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, seed, churn):
     L, H, D = mc.num_kv_layers, mc.num_kv_heads, mc.head_dim
     pages = -(-(context + 64) // bs)
     gen = torch.Generator().manual_seed(seed)
@@ -110,31 +139,73 @@ def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, se
         store.kmean.copy_(0.25 * torch.randn(store.kmean.shape, generator=gen).to(dtype))
     store.top.copy_(hot)
     store.length = context
+    if churn >= 0:
+        store._scores = _ChurnScores(store, hot, churn)  # type: ignore[method-assign]
     return store
 
 
+def _kind(attn, bs: int, r: int) -> str:
+    """The step just begun: "rerank", "page" (starts a page) or "plain" (full KV: plain)."""
+    if not isinstance(attn, _Flexi):
+        return "plain"
+    store = attn.store
+    if store.step % r == 0:
+        return "rerank"
+    return "page" if (store.length - 1) % bs == 0 else "plain"
+
+
 @torch.inference_mode()
-def _decode(model, attn, begin, batch, steps, warmup, device, reset=None) -> tuple[float, float]:
-    """(mean, median) seconds per decode step over `steps` after `warmup`; the mean counts
-    the re-ranking steps' fetches, the median is a step without one. `reset()` runs after
-    the warmup (counters)."""
+def _decode(model, attn, begin, batch, steps, warmup, device, bs, r, reset=None, snap=None):
+    """Timed decode steps after `warmup`: mean and median seconds per step, by kind, and the
+    host's issue time; then 2 r untimed steps counting the waits torch flags (CUDA). The
+    mean counts the re-ranking steps' fetches. `reset()` runs after the warmup, `snap()`
+    (counters) after the timed steps."""
     tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
-    times = []
-    for i in range(warmup + steps):
+    times: list[float] = []
+    issue: list[float] = []
+    kinds: dict[str, list[float]] = {}
+    syncs: dict[str, list[int]] = {}
+    count = device.type == "cuda"
+    snapped: dict = {}
+    for i in range(warmup + steps + (2 * r if count else 0)):
         if i == warmup and reset is not None:
             reset()
-        begin()
-        pos = torch.full((batch,), attn_length(attn) - 1, device=device)
-        _sync(device)
-        t = time.perf_counter()
-        hidden = model(tokens, pos, attn)
-        tokens = model.compute_logits(hidden).argmax(-1)
-        _sync(device)
-        if i >= warmup:
+        if i == warmup + steps and snap is not None:
+            snapped = snap()
+        timed = warmup <= i < warmup + steps
+        with warnings.catch_warnings(record=True) as caught:
+            if not timed and i >= warmup:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            begin()
+            kind = _kind(attn, bs, r)
+            pos = torch.full((batch,), attn_length(attn) - 1, device=device)
+            _sync(device)
+            t = time.perf_counter()
+            hidden = model(tokens, pos, attn)
+            tokens = model.compute_logits(hidden).argmax(-1)
+            t_issue = time.perf_counter()
+            if count:
+                torch.cuda.set_sync_debug_mode("default")
+            _sync(device)
+        if timed:
             times.append(time.perf_counter() - t)
+            issue.append(t_issue - t)
+            kinds.setdefault(kind, []).append(times[-1])
+        elif i >= warmup:
+            syncs.setdefault(kind, []).append(len(caught))
+    if not snapped and snap is not None:
+        snapped = snap()
     mean = sum(times) / len(times)
-    times.sort()
-    return mean, times[len(times) // 2]
+    return {
+        "snap": snapped,
+        "mean": mean,
+        "median": sorted(times)[len(times) // 2],
+        "issue_median": sorted(issue)[len(issue) // 2],
+        "by_kind_ms": {k: round(sum(v) / len(v) * 1e3, 2) for k, v in kinds.items()},
+        "steps_by_kind": {k: len(v) for k, v in kinds.items()},
+        "syncs_by_kind": {k: round(sum(v) / len(v), 1) for k, v in syncs.items()},
+    }
 
 
 def attn_length(attn) -> int:
@@ -155,6 +226,10 @@ def run(args, rest: list[str]) -> dict:
     ap.add_argument("--spare-pages", type=int, default=0, help="slots per head for dropped pages")
     ap.add_argument("--compare-hysteresis", action="store_true",
                     help="also the largest batch with hysteresis off")  # fmt: skip
+    ap.add_argument("--churn", type=float, default=0.375,
+                    help="share of K replaced per re-ranking (-1: the ranking's own)")  # fmt: skip
+    ap.add_argument("--compare-churn", type=float, default=None,
+                    help="also the largest batch with this churn")  # fmt: skip
     sa = ap.parse_args(rest)
     dry = args.cpu_dry_run
     device = torch.device("cpu" if dry else "cuda")
@@ -162,7 +237,7 @@ def run(args, rest: list[str]) -> dict:
     hf = TINY if dry else LLAMA_3_1_8B
     context = 256 if dry else sa.context
     k_pages = 4 if dry else sa.top_k_pages
-    steps, warmup = (4, 1) if dry else (sa.steps, sa.warmup)
+    steps, warmup = (9, 1) if dry else (sa.steps, sa.warmup)  # dry: one re-ranking timed
     bs = args.block_size
     lm = random_loaded_model(hf, dtype, str(device))
     ops = kernel_ops("auto", device)
@@ -188,40 +263,49 @@ def run(args, rest: list[str]) -> dict:
     b_flexi = max(1, min(sa.max_batch, int(budget // flexi_req)))
     rows = []
 
-    def measure(kind, batch, hysteresis=not sa.no_hysteresis):
+    def measure(kind, batch, hysteresis=not sa.no_hysteresis, churn=sa.churn):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if kind == "full":
             attn = _FullKV(mc, batch, context, bs, dtype, device, ops)
-            sec, med = _decode(lm.model, attn, lambda: None, batch, steps, warmup, device)
+            t = _decode(lm.model, attn, lambda: None, batch, steps, warmup, device, bs, args.r)
             kv = attn.nbytes()
             extra = {}
         else:
-            store = _flexi_store(cfg, mc, batch, context, bs, dtype, device, s, args.seed)
+            store = _flexi_store(cfg, mc, batch, context, bs, dtype, device, s, args.seed, churn)
             store.hysteresis = hysteresis
             store.spare_pages = sa.spare_pages if hysteresis else 0
             store.time_fetch = True
+
+            def snap():
+                fetch_s = store.fetch_seconds() / steps
+                return {"resident_pages": store.resident_pages(),
+                        "fetched_pages_timed": store.fetched_pages,
+                        "refetched_pages_timed": store.refetched_pages,
+                        "reused_pages_timed": store.reused_pages,
+                        "fetch_bytes_per_step": store.fetched_pages * page_bytes // steps,
+                        "fetch_ms_per_step": round(fetch_s * 1e3, 2)}  # fmt: skip
+
             attn = _Flexi(store, ops, mc.sm_scale)
-            sec, med = _decode(lm.model, attn, store.begin_step, batch, steps, warmup, device,
-                               store.reset_counters)  # fmt: skip
+            t = _decode(lm.model, attn, store.begin_step, batch, steps, warmup, device, bs,
+                        args.r, store.reset_counters, snap)  # fmt: skip
             kv = store.gpu_bytes()
-            fetch_s = store.fetch_seconds() / steps
             extra = {"hysteresis": hysteresis, "spare_pages": store.spare_pages,
-                     "resident_pages": store.resident_pages(),
-                     "fetched_pages_timed": store.fetched_pages,
-                     "refetched_pages_timed": store.refetched_pages,
-                     "reused_pages_timed": store.reused_pages,
-                     "fetch_bytes_per_step": store.fetched_pages * page_bytes // steps,
-                     "fetch_ms_per_step": round(fetch_s * 1e3, 2),
-                     "fetch_share_of_step": round(fetch_s / sec, 4),
+                     "churn": churn, **t["snap"],
+                     "fetch_share_of_step": round(t["snap"]["fetch_ms_per_step"] / 1e3
+                                                  / t["mean"], 4),
                      "stable_head_fraction": round(store.stable_fraction(), 4),
                      "full_kv_bytes_same_batch": store.full_kv_bytes()}  # fmt: skip
         peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
+        sec = t["mean"]
         row = {"kv": kind, "batch": batch, "gpu_kv_bytes": kv, "gpu_kv_gib": round(kv / 2**30, 3),
                "peak_allocated_delta_gib": round(peak / 2**30, 3),
-               "step_ms": round(sec * 1e3, 2), "step_ms_median": round(med * 1e3, 2),
+               "step_ms": round(sec * 1e3, 2), "step_ms_median": round(t["median"] * 1e3, 2),
+               "step_ms_by_kind": t["by_kind_ms"], "timed_steps_by_kind": t["steps_by_kind"],
+               "host_issue_ms_median": round(t["issue_median"] * 1e3, 2),
+               "host_syncs_per_step_by_kind": t["syncs_by_kind"],
                "tokens_per_s": round(batch / sec, 1), **extra}  # fmt: skip
         rows.append(row)
         print(row, flush=True)
@@ -232,6 +316,9 @@ def run(args, rest: list[str]) -> dict:
     flex_eq = measure("flexicache", b_full)
     flex_max = measure("flexicache", b_flexi)
     no_hyst = measure("flexicache", b_flexi, False) if sa.compare_hysteresis else None
+    other = None
+    if sa.compare_churn is not None:
+        other = measure("flexicache", b_flexi, churn=sa.compare_churn)
     return {
         "environment": environment(),
         "mode": "speed",
@@ -249,6 +336,7 @@ def run(args, rest: list[str]) -> dict:
             "rerank_interval": args.r,
             "stable_fraction_forced": s,
             "rank_by": sa.rank,
+            "churn": sa.churn,
             "page_bytes": page_bytes,
             "kv_budget_bytes": budget,
             "steps": steps,
@@ -273,6 +361,14 @@ def run(args, rest: list[str]) -> dict:
             "fetched_pages_hysteresis_vs_off": no_hyst
             and [flex_max["fetched_pages_timed"], no_hyst["fetched_pages_timed"]],
             "tokens_per_s_hysteresis_off": no_hyst and no_hyst["tokens_per_s"],
+            "step_ms_by_kind_largest_batch": flex_max["step_ms_by_kind"],
+            "host_issue_ms_median_largest_batch": flex_max["host_issue_ms_median"],
+            "host_syncs_per_step_by_kind_largest_batch": flex_max["host_syncs_per_step_by_kind"],
+            "speedup_compare_churn": other
+            and {
+                "churn": other["churn"],
+                "speedup": round(other["tokens_per_s"] / full["tokens_per_s"], 3),
+            },
             "note": "stable heads forced (random model); quality: flexicache_quality_*.json",
         },
     }
