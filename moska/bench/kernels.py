@@ -15,11 +15,13 @@ Llama-3.1-8B attention (Hq=32, Hkv=8, D=128, bf16) on one GPU. Checks correctnes
    flash varlen launch addressed in place, query rows in tiles, unique KV with cuDNN or
    flash, LSE merge, the whole step one CUDA graph; the best of its variants and of the
    earlier eager composition is `best_baseline`), and the floor
-   max(bytes / read bandwidth, FLOPs / GEMM peak).
+   max(bytes / read bandwidth, FLOPs / matmul FLOP/s) with the bound that binds
+   (moska/bench/floors.py); a routed step's floor counts the chunks the router picked.
 3. paged decode at 128K context: ours vs the best SDPA backend on contiguous KV.
 
-Every floor divides by a read-only bandwidth measured in the same run (bandwidth.py); the
-run fails (after writing its JSON) if any fraction of a floor exceeds 1.0.
+Every floor is max(bytes / a read-only bandwidth, FLOPs / the best dense bf16 torch.matmul),
+both measured in the same run (bandwidth.py, floors.py); the run fails (after writing its
+JSON) if any fraction of a floor exceeds 1.0.
 `--cpu-dry-run` checks the grouped-step harness on CPU at toy sizes (Triton interpreter).
 """
 
@@ -34,10 +36,11 @@ if "--cpu-dry-run" in sys.argv:  # Triton picks its interpreter when it is first
 
 import torch
 
-from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
+from moska.bench.bandwidth import check_floors, raise_if_floors_broken
 from moska.bench.common import environment, write_json
 from moska.bench.kernels_correctness import correctness
-from moska.bench.kernels_grouped import case_grouped, grouped_dry_run
+from moska.bench.kernels_grouped import case_grouped
+from moska.bench.kernels_grouped_dry import grouped_dry_run
 from moska.bench.kernels_paged import case_paged
 from moska.bench.kernels_router import case_keymax_tiles
 from moska.bench.kernels_single import case_single
@@ -60,7 +63,7 @@ def main(argv=None):
     peak, bw, res["ceilings"] = ceilings()
     res["gemm_peak_tflops"], res["read_GBps"] = peak, bw
     res["copy_GBps"] = res["ceilings"]["copy_bytes_per_s"] / 1e9
-    log(f"GEMM peak {peak:.0f} TFLOP/s, read {bw:.0f} GB/s, copy {res['copy_GBps']:.0f} GB/s")
+    log(f"matmul {peak:.0f} TFLOP/s, read {bw:.0f} GB/s, copy {res['copy_GBps']:.0f} GB/s")
     S_max = 1 << 20
     k_pool = torch.randn(S_max, HKV, D, device=DEV, dtype=DT)
     v_pool = torch.randn(S_max, HKV, D, device=DEV, dtype=DT)
@@ -170,7 +173,9 @@ def main(argv=None):
     if args.quick:
         configs = {"default": {}}
     B_single = [16, 64, 256, 1024]
-    res["single_chunk"] = case_single(k_pool, v_pool, [131072, 1 << 20], B_single, configs)
+    res["single_chunk"] = case_single(
+        k_pool, v_pool, [131072, 1 << 20], B_single, configs, res["ceilings"]
+    )
     B_grouped = [64, 256] if args.quick else [64, 256, 1024]
     res["grouped"], res["dense_one_request_ms"] = case_grouped(
         k_pool, v_pool, B_grouped, peak, bw, args.quick
@@ -222,10 +227,10 @@ def main(argv=None):
         (
             "grouped ours_ms/roofline/speedups are the attention step (grouped shared + paged unique + merge) on given selections; "
             "ours_with_router_{scorer}_ms adds moska.kernels.router.route in front (best of eager/graph x sequential/overlapped); "
-            "its floor adds the router's reads (chunk summaries; for two_stage also the low-rank key copy of the shortlisted chunks, all of them at these B) and the key-max FLOPs"
+            "its floor counts the KV of the chunks the ROUTER picked (router_{scorer}_touched; the given selections touch more chunks at B = 64, which made an earlier floor too high: 1.011) plus the router's reads (chunk summaries; for two_stage the low-rank keys of the chunks some request shortlisted, router_two_stage_shortlisted) and its FLOPs (summaries, key-max over B x shortlist pairs)"
         ),
         "dense_ms_extrapolated = one request's flash pass over 1M+4096 tokens (measured) times B (memory-bound: each request reads its own KV)",
-        "floors: bytes / read_GBps (the best read-only stream measured in this run, see ceilings.read_streams), FLOPs / GEMM peak; floor_check lists any fraction above 1.0",
+        "floors: max(bytes / read_GBps (the best read-only stream measured in this run, see ceilings.read_streams), FLOPs / gemm_peak_tflops (the best dense bf16 torch.matmul over ceilings.matmul_by_size)); `bound` says which binds; FLOPs = QK^T + PV of every (query row, key token) pair; floor_check lists any fraction above 1.0",
         "baseline_t{tile}_{cudnn|flash}: kernels_baseline.baseline_step as one CUDA-graph replay; best_baseline = fastest of those within 2e-2 of ours and the eager torch composition",
         "torch composition: aten._flash_attention_forward varlen over all 256 chunks (untouched chunks have 0 query rows) + dense flash for unique + torch LSE merge; metadata (bincount, max) inside the timing",
         "paged_decode: SDPA baselines run on contiguous KV gathered from the paged cache (same bytes)",
@@ -238,19 +243,26 @@ def main(argv=None):
 
 
 def vs_best_baseline(rows: list[dict]) -> dict:
-    """Per B and routing: ours against the best baseline of the same run."""
+    """Per B and routing: ours against the best baseline of the same run, the floor
+    fraction and which bound (read or compute) binds."""
     out = {}
     for r in rows:
         tag = f"b{r['B']}_{r['routing']}"
         out[f"grouped_speedup_vs_best_baseline_{tag}"] = r.get("speedup_vs_best_baseline")
         out[f"grouped_best_baseline_{tag}"] = r.get("best_baseline")
         out[f"grouped_best_baseline_ms_{tag}"] = r.get("best_baseline_ms")
+        out[f"grouped_roofline_fraction_{tag}"] = r.get("roofline_fraction")
+        out[f"grouped_bound_{tag}"] = r.get("bound")
+        if "roofline_fraction_with_router_two_stage" in r:
+            out[f"grouped_router_two_stage_bound_{tag}"] = r.get(
+                "floor_with_router_two_stage_bound"
+            )
     return out
 
 
 def cpu_dry_run(out_dir: str) -> None:
     """The grouped step's harness at toy sizes on CPU; writes kernels_cpu_dry_run.json."""
-    ceil = measure_ceilings("cpu", gib=1 / 64, reps=2)
+    ceil = ceilings("cpu")[2]
     res = dict(environment(), device="cpu", dtype="float32", ceilings=ceil)
     res["grouped"] = grouped_dry_run(ceil)
     res["summary"] = vs_best_baseline(res["grouped"])
@@ -263,7 +275,7 @@ def cpu_dry_run(out_dir: str) -> None:
 def print_table(res):
     f = lambda x: "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x))
     log(
-        f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  GEMM peak {res['gemm_peak_tflops']:.0f} TFLOP/s  read {res['read_GBps']:.0f} GB/s"
+        f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  matmul {res['gemm_peak_tflops']:.0f} TFLOP/s  read {res['read_GBps']:.0f} GB/s"
     )
     log("single chunk (TFLOP/s):   S        B   ours  flash  cudnn  best-cfg")
     for r in res["single_chunk"]:
@@ -271,11 +283,11 @@ def print_table(res):
             f"  {r['S']:>24} {r['B']:>5} {f(r.get('ours_tflops')):>6} {f(r.get('flash_tflops')):>6} {f(r.get('cudnn_tflops')):>6}  {f(r.get('ours_best_tflops'))} {r.get('ours_best_cfg')}"
         )
     log(
-        "grouped step (ms):      B routing  ours  +router(mean/2stage)  best-baseline  dense(extrap)  floor  roofline"
+        "grouped step (ms):      B routing  ours  +router(mean/2stage)  best-baseline  dense(extrap)  floor  roofline bound"
     )
     for r in res["grouped"]:
         log(
-            f"  {r['B']:>22} {r['routing']:>7} {f(r['ours_ms']):>6} {f(r.get('ours_with_router_mean_ms')):>6}/{f(r.get('ours_with_router_two_stage_ms')):<6} {f(r.get('best_baseline_ms')):>9} {f(r['dense_ms_extrapolated']):>9} {f(r['floor_ms']):>8} {f(r['roofline_fraction']):>6}"
+            f"  {r['B']:>22} {r['routing']:>7} {f(r['ours_ms']):>6} {f(r.get('ours_with_router_mean_ms')):>6}/{f(r.get('ours_with_router_two_stage_ms')):<6} {f(r.get('best_baseline_ms')):>9} {f(r['dense_ms_extrapolated']):>9} {f(r['floor_ms']):>8} {f(r['roofline_fraction']):>6} {r.get('bound')}"
         )
     log("paged decode 128K (ms):  B  ours  sdpa_best  ours/sdpa speed")
     for r in res["paged_decode"]:

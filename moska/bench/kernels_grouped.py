@@ -3,10 +3,10 @@ baseline (kernels_baseline.py: varlen flash tiles + cuDNN + LSE merge, one CUDA 
 earlier eager torch composition, and dense per-request attention."""
 
 import json
-from typing import Any
 
 import torch
 
+from moska.bench.floors import attention_flops, floor_ms, grouped_shared_cost, router_cost
 from moska.bench.kernels_baseline import baseline_step
 from moska.bench.kernels_util import (
     DEV,
@@ -149,7 +149,7 @@ def grouped_row(B, routing, q, unique_kv, k, v, offs, index, shape):
     graph, with and without the router; the baselines; floors and fractions."""
     from moska.kernels import router
 
-    C, L, topk, U, S = (shape[n] for n in ("C", "L", "topk", "U", "S"))
+    C, L, topk, U = (shape[n] for n in ("C", "L", "topk", "U"))
     peak, bw = shape["peak"], shape["bw"]
     kc, vc, bt, sl = unique_kv
     k_u, v_u = kc.view(B, U, HKV, D), vc.view(B, U, HKV, D)
@@ -251,10 +251,21 @@ def grouped_row(B, routing, q, unique_kv, k, v, offs, index, shape):
             )
     row["ours_shared_only_ms"] = bench(lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE))
     row["ours_unique_only_ms"] = bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE))
-    kv_bytes = (row["touched_chunks"] * L + B * U) * HKV * D * 2 * 2
-    flops = 4 * (B * topk * L + B * U) * HQ * D
+
+    def step_cost(touched: int) -> tuple[int, int]:
+        """(bytes, FLOPs) of the attention step when `touched` chunks are read: K and V of
+        those chunks and of every request's unique KV once; QK^T and PV of every
+        (request row, token) pair, top-k chunks and the unique KV per request."""
+        nbytes = (touched * L + B * U) * HKV * D * 2 * 2
+        return nbytes, attention_flops(B * HQ, topk * L + U, D)
+
+    kv_bytes, flops = step_cost(row["touched_chunks"])
     if routing == "uniform":
         sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+        # the chunks the two-stage router's bound shortlists (their low-rank keys are what
+        # key-max reads), counted here rather than assumed to be all C
+        short = router.score_chunks(q, index, "bound").sum(1).topk(min(C, 4 * topk), -1)
+        row["router_two_stage_shortlisted"] = int(torch.unique(short.indices).numel())
         # two_stage_p{n}: the key-max launch capped at n programs per SM, so that it
         # can sit beside the unique attention (memory-bound) instead of after it
         for scorer, progs in (
@@ -271,85 +282,44 @@ def grouped_row(B, routing, q, unique_kv, k, v, offs, index, shape):
             try:
                 prefix = f"ours_with_router_{scorer}"
                 row[f"{prefix}_ms"] = time_modes(route_fn, prefix, row)
+                # the routed step reads the chunks the ROUTER picked, not the given
+                # selections' (1.011 at B = 64: the floor counted 222 given chunks while
+                # the two-stage router picked 155, 1.1 GB the step never read)
                 touched = int(torch.unique(route_fn().chunk).numel())
                 row[f"router_{scorer}_touched"] = touched
-                # the router's own reads: summaries; two-stage also the low-rank keys
-                # of every chunk some request shortlisted (all of them at these B)
-                r_bytes = 2 * C * HKV * D * 2
-                r_flops = 0
-                if scorer.startswith("two_stage"):
-                    r_bytes += S * HKV * index.rank * 2
-                    r_flops = 2 * B * 4 * topk * L * HQ * index.rank
-                floor_r = max((kv_bytes + r_bytes) / bw / 1e6, (flops + r_flops) / peak / 1e9)
-                row[f"floor_with_router_{scorer}_ms"] = floor_r
+                r_bytes, r_flops = router_cost(
+                    base_scorer,
+                    B,
+                    HQ,
+                    HKV,
+                    D,
+                    C,
+                    L,
+                    index.rank,
+                    row["router_two_stage_shortlisted"],
+                    4 * topk,
+                    lowrank_bytes=index.lowrank_keys.element_size(),
+                )
+                s_bytes, s_flops = step_cost(touched)
+                f = floor_ms(s_bytes + r_bytes, s_flops + r_flops, bw * 1e9, peak * 1e12)
+                row[f"floor_with_router_{scorer}_ms"] = f["floor_ms"]
+                row[f"floor_with_router_{scorer}_bound"] = f["bound"]
                 row[f"roofline_fraction_with_router_{scorer}"] = (
-                    floor_r / row[f"ours_with_router_{scorer}_ms"]
+                    f["floor_ms"] / row[f"ours_with_router_{scorer}_ms"]
                 )
             except Exception as e:  # noqa: BLE001 - one router failing leaves the rest
                 row[f"router_{scorer}_err"] = repr(e)[-600:]
-    row["floor_ms"] = max(kv_bytes / bw / 1e6, flops / peak / 1e9)
+    f = floor_ms(kv_bytes, flops, bw * 1e9, peak * 1e12)
+    row.update(f)
     row["roofline_fraction"] = row["floor_ms"] / row["ours_ms"]
+    # the shared kernel alone against its own floor (queries and partial outputs included)
+    n_sel = B * topk * HKV
+    k_bytes, k_flops = grouped_shared_cost(n_sel, HQ // HKV, row["touched_chunks"], L, HKV, D, B, 2)
+    fk = floor_ms(k_bytes, k_flops, bw * 1e9, peak * 1e12)
+    row["shared_only_floor_ms"], row["shared_only_bound"] = fk["floor_ms"], fk["bound"]
+    row["shared_only_eager_floor_fraction"] = fk["floor_ms"] / row["ours_shared_only_ms"]
     if "torch_ms" in row:
         row["speedup_vs_torch"] = row["torch_ms"] / row["ours_ms"]
     if "best_baseline_ms" in row:
         row["speedup_vs_best_baseline"] = row["best_baseline_ms"] / row["ours_ms"]
     return row
-
-
-def grouped_dry_run(ceil: dict) -> list[dict]:
-    """The grouped step's harness on CPU at toy sizes (Triton interpreter, fp32): ours,
-    the varlen-tile baseline's plan (its CPU path) and dense attention must agree; floors
-    and fractions are computed as on the GPU, so the floor check runs too."""
-    from moska.bench.common import time_ms
-    from moska.bench.kernels_baseline import dense_reference
-    from moska.kernels.selections import from_topk
-
-    torch.manual_seed(0)
-    hq, hkv, d, c, chunk_len, topk, u, bs = 4, 2, 16, 6, 32, 2, 16, 16
-    k = torch.randn(c * chunk_len, hkv, d)
-    v = torch.randn_like(k)
-    offs = torch.arange(0, c * chunk_len + 1, chunk_len, dtype=torch.int32)
-    rows = []
-    scale = d**-0.5
-    for b, routing in ((4, "uniform"), (6, "zipf")):
-        q = torch.randn(b, hq, d)
-        kc = torch.randn(b * u // bs, bs, hkv, d)
-        vc = torch.randn_like(kc)
-        bt = torch.arange(b * u // bs, dtype=torch.int32).view(b, u // bs)
-        sl = torch.full((b,), u, dtype=torch.int32)
-        if routing == "uniform":
-            chunk = torch.rand(b, c).topk(topk, -1).indices
-        else:
-            w = 1.0 / torch.arange(1, c + 1, dtype=torch.float32) ** 1.1
-            chunk = torch.multinomial(w.expand(b, c), topk, replacement=False)
-        sel = from_topk(chunk.view(b, 1, topk), hkv, c)
-        key = torch.sort(chunk.flatten() * b + torch.arange(b).repeat_interleave(topk)).values
-        pr, pc = key % b, key // b
-        ku, vu = kc.view(b, u, hkv, d), vc.view(b, u, hkv, d)
-
-        def ours(q=q, sel=sel, kc=kc, vc=vc, bt=bt, sl=sl):
-            o_s, lse_s = grouped_shared_attention(q, k, v, offs, sel, scale)
-            o_u, lse_u = paged_decode_attention(q, kc, vc, bt, sl, scale)
-            return merge_selections(o_u, lse_u, o_s, lse_s, sel)[0]
-
-        def base(q=q, pr=pr, pc=pc, ku=ku, vu=vu):
-            return baseline_step(q, k, v, offs, pr, pc, ku, vu, scale, tile=8)
-
-        ref = dense_reference(q, k, v, offs, pr, pc, ku, vu, scale)
-        row: dict[str, Any] = {
-            "B": b,
-            "routing": routing,
-            "touched_chunks": int(torch.unique(pc).numel()),
-        }
-        row["ours_relerr"], row["baseline_relerr"] = rel(ours(), ref), rel(base(), ref)
-        if not max(row["ours_relerr"], row["baseline_relerr"]) < 1e-4:
-            raise SystemExit(f"dry run: fp32 results disagree with dense attention: {row}")
-        row["ours_ms"] = time_ms(ours, iters=1, warmup=0)
-        row["best_baseline"], row["best_baseline_ms"] = "baseline_t8_cpu", time_ms(base, 1, 0)
-        kv_bytes = (row["touched_chunks"] * chunk_len + b * u) * hkv * d * 2 * 4
-        row["floor_ms"] = kv_bytes / ceil["read_bytes_per_s"] * 1e3
-        row["roofline_fraction"] = row["floor_ms"] / row["ours_ms"]
-        row["speedup_vs_best_baseline"] = row["best_baseline_ms"] / row["ours_ms"]
-        log(json.dumps(row))
-        rows.append(row)
-    return rows

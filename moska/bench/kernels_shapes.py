@@ -8,8 +8,9 @@ and Zipf routing, with every candidate tile (CANDIDATES) and with the table's cu
 candidate's output is checked against the default's, and the default's against the plain
 PyTorch reference on a sample of selections. The best tile of a (shape, B) minimises the
 sum of its times over the two routings. DIR/kernels_shapes.json holds every time, the best
-tile per point, its floor fraction (bytes read / the read bandwidth measured in this run:
-a fraction above 1.0 fails the run) and `table`: TuneEntry fields per shape, ready to paste
+tile per point, its floor fraction (floor = max(bytes / read bandwidth, FLOPs / matmul
+FLOP/s), both ceilings measured in this run, moska/bench/floors.py; `bound` says which one
+binds; a fraction above 1.0 fails the run) and `table`: TuneEntry fields per shape, ready to paste
 into TABLE in moska/kernels/shared_tuning.py (also printed as Python). A point's
 rows_per_group (the table's key) is B * top-k * G / chunks: 2G, 8G and 32G here; an
 entry's min_rows is the geometric midpoint between measured points.
@@ -17,7 +18,8 @@ entry's min_rows is the geometric midpoint between measured points.
 `--budget-s` stops starting new points after that many seconds, and skips the candidates
 still left a minute later (the JSON says which points are missing); `--head-dims` / `--gqa`
 pick shapes (e.g. one device call per head dim, each with its own `--name`);
-`--cpu-dry-run` runs the same code at toy sizes in the interpreter.
+`--tiles table` times only the table's tile at every point (its floor fractions without the
+sweep); `--cpu-dry-run` runs the same code at toy sizes in the interpreter.
 """
 
 import argparse
@@ -36,6 +38,7 @@ import torch
 
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import capture_graph, environment, time_ms, write_json
+from moska.bench.floors import floor_ms, grouped_shared_cost, measure_matmul
 from moska.kernels.selections import Selections, from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.kernels.shared_tuning import GroupedTuning, grouped_tuning
@@ -146,7 +149,10 @@ def sweep_point(q, k, v, offs, sel, scale, d, g, cands, measure, sms, hard_deadl
         "ms": {},
         "relerr": {},
         "errors": {},
+        "default_tuning": dataclasses.asdict(default),
     }
+    if not cands:  # --tiles table: the table's tile is the only one timed
+        point["ms"][tag(default)], point["relerr"][tag(default)] = point["default_ms"], 0.0
     for t in cands:
         if time.time() > hard_deadline:
             point["errors"][tag(t)] = "skipped: past the time budget"
@@ -160,8 +166,9 @@ def sweep_point(q, k, v, offs, sel, scale, d, g, cands, measure, sms, hard_deadl
     return point
 
 
-def shape_run(d, g, cfg, k, v, offs, dev, dtype, cands, measure, sms, bw, deadline) -> dict:
+def shape_run(d, g, cfg, k, v, offs, dev, dtype, cands, measure, sms, ceil, deadline) -> dict:
     """Every B and routing of one shape: points, best tile per B, table entries."""
+    bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
     hkv, L = cfg["hkv"], cfg["chunk_len"]
     out = {"D": d, "G": g, "Hq": hkv * g, "Hkv": hkv, "points": [], "best": [], "missing": []}
     for b in cfg["b_list"]:
@@ -175,9 +182,10 @@ def shape_run(d, g, cfg, k, v, offs, dev, dtype, cands, measure, sms, bw, deadli
             p = sweep_point(q, k, v, offs, sel, d**-0.5, d, g, cands, measure, sms, deadline + 60)
             touched = int(torch.unique(sel.chunk).numel())
             n = sel.req.numel()
-            el = k.element_size()
-            p["bytes"] = touched * L * hkv * d * 2 * el + (b * hkv * g * d + n * g * d) * el
-            p["floor_ms"] = p["bytes"] / bw * 1e3
+            p["bytes"], p["flops"] = grouped_shared_cost(
+                n, g, touched, L, hkv, d, b, k.element_size()
+            )
+            p.update(floor_ms(p["bytes"], p["flops"], bw, peak))
             p.update(B=b, routing=routing, touched_chunks=touched)
             print(json.dumps({k_: v_ for k_, v_ in p.items() if k_ not in ("ms", "relerr")}))
             out["points"].append(p)
@@ -200,10 +208,18 @@ def shape_run(d, g, cfg, k, v, offs, dev, dtype, cands, measure, sms, bw, deadli
                 "B": b,
                 "rows_per_group": pts["uniform"]["rows_per_group"],
                 "tile": best,
-                "tuning": dataclasses.asdict(next(t for t in cands if tag(t) == best)),
+                "tuning": next(
+                    (dataclasses.asdict(t) for t in cands if tag(t) == best),
+                    pts["uniform"]["default_tuning"],
+                ),
                 "default": pts["uniform"]["default"],
                 "speedup_vs_default": def_ms / best_ms,
                 **{f"floor_fraction_{r}": p["floor_ms"] / p["ms"][best] for r, p in pts.items()},
+                **{f"bound_{r}": p["bound"] for r, p in pts.items()},
+                **{
+                    f"read_floor_fraction_{r}": p["read_floor_ms"] / p["ms"][best]
+                    for r, p in pts.items()
+                },
                 **{
                     f"default_floor_fraction_{r}": p["floor_ms"] / p["default_ms"]
                     for r, p in pts.items()
@@ -253,6 +269,12 @@ def main(argv=None) -> None:
     ap.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
     ap.add_argument("--gqa", default="1,2,4,8", help="comma-separated GQA ratios")
     ap.add_argument("--name", default="kernels_shapes.json", help="output file name")
+    ap.add_argument(
+        "--tiles",
+        choices=("all", "table"),
+        default="all",
+        help="all: sweep every candidate; table: time only the table's tile (floors, ~10x faster)",
+    )
     args = ap.parse_args(argv)
     dry = args.cpu_dry_run
     if not dry and not torch.cuda.is_available():
@@ -266,12 +288,17 @@ def main(argv=None) -> None:
     dims, gqas = args.head_dims.split(","), args.gqa.split(",")
     shapes = [(64, 1), (128, 4)] if dry else [(int(d), int(g)) for d in dims for g in gqas]
     cands = [CANDIDATES[1], CANDIDATES[5]] if dry else CANDIDATES  # two tiles, to be quick
+    if args.tiles == "table":
+        cands = []
     ceil = measure_ceilings(dev, gib=1 / 64 if dry else 4.0, reps=2 if dry else 10, gemm=False)
-    bw = ceil["read_bytes_per_s"]
+    ceil.update(measure_matmul(dev))
+    bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
     sms = 1 if dry else torch.cuda.get_device_properties(dev).multi_processor_count
-    print(f"read {bw / 1e9:.0f} GB/s ({ceil['read_best_stream']}), {sms} SMs")
+    print(f"read {bw / 1e9:.0f} GB/s ({ceil['read_best_stream']}), matmul {peak / 1e12:.0f}")
+    print(f"TFLOP/s ({ceil['matmul_dtype']}), {sms} SMs")
     measure = timer(dev)
     res = dict(environment(), device=dev, config=cfg, ceilings=ceil, read_GBps=bw / 1e9)
+    res["matmul_tflops"] = peak / 1e12
     res["candidates"] = {tag(t): dataclasses.asdict(t) for t in cands}
     res["shapes"] = []
     s = cfg["chunks"] * cfg["chunk_len"]
@@ -282,7 +309,9 @@ def main(argv=None) -> None:
         for dd, g in shapes:
             if dd == d:
                 res["shapes"].append(
-                    shape_run(d, g, cfg, k, v, offs, dev, dtype, cands, measure, sms, bw, deadline)
+                    shape_run(
+                        d, g, cfg, k, v, offs, dev, dtype, cands, measure, sms, ceil, deadline
+                    )
                 )
         del k, v
         if dev == "cuda":
@@ -309,8 +338,9 @@ def main(argv=None) -> None:
 
 
 def summary(shapes: list[dict]) -> dict:
-    """Per shape and B: the best tile, its speedup over the table's default and both floor
-    fractions (uniform routing); the points the budget left out."""
+    """Per shape and B: the best tile, its speedup over the table's default, its floor
+    fractions and binding bounds (read or compute) and the read-only fraction the earlier
+    runs reported; the points the budget left out."""
     out: dict = {"missing": {}}
     for sh in shapes:
         key = f"D{sh['D']}_G{sh['G']}"
@@ -320,6 +350,10 @@ def summary(shapes: list[dict]) -> dict:
                 "default": b["default"],
                 "speedup_vs_default": round(b["speedup_vs_default"], 3),
                 "floor_fraction_uniform": round(b["floor_fraction_uniform"], 3),
+                "bound_uniform": b["bound_uniform"],
+                "floor_fraction_zipf": round(b["floor_fraction_zipf"], 3),
+                "bound_zipf": b["bound_zipf"],
+                "read_floor_fraction_uniform": round(b["read_floor_fraction_uniform"], 3),
                 "default_floor_fraction_uniform": round(b["default_floor_fraction_uniform"], 3),
             }
         if sh["missing"]:

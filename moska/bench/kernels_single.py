@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moska.bench.floors import floor_ms
 from moska.bench.kernels_util import (
     DEV,
     DT,
@@ -29,7 +30,9 @@ from moska.bench.kernels_util import (
 from moska.kernels.shared_attention import grouped_shared_attention
 
 
-def case_single(k_pool, v_pool, S_list, B_list, configs):
+def case_single(k_pool, v_pool, S_list, B_list, configs, ceil=None):
+    """One chunk of S tokens read by B requests; with `ceil` (the run's ceilings) each row
+    also has its floor max(bytes / read, FLOPs / matmul), the bound and ours' fraction."""
     rows_out = []
     for S in S_list:
         k, v = k_pool[:S], v_pool[:S]
@@ -94,6 +97,13 @@ def case_single(k_pool, v_pool, S_list, B_list, configs):
             for key in ("ours", "ours_eager", "ours_best", "flash", "cudnn"):
                 if f"{key}_ms" in row:
                     row[f"{key}_tflops"] = flops / row[f"{key}_ms"] / 1e9
+            if ceil is not None:
+                el = k.element_size()
+                nbytes = S * HKV * D * 2 * el + 2 * B * HQ * D * el  # K, V once; q and o
+                fl = floor_ms(nbytes, flops, ceil["read_bytes_per_s"], ceil["gemm_flops_per_s"])
+                row["floor_ms"], row["bound"] = fl["floor_ms"], fl["bound"]
+                for key in ("ours", "ours_best"):
+                    row[f"{key}_floor_fraction"] = fl["floor_ms"] / row[f"{key}_ms"]
             log(
                 json.dumps(
                     {k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}

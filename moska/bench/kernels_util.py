@@ -5,6 +5,7 @@ from triton.testing import do_bench
 
 from moska.bench.bandwidth import measure_ceilings
 from moska.bench.common import capture_graph
+from moska.bench.floors import measure_matmul
 from moska.kernels.selections import Selections, from_topk
 
 HQ, HKV, D = 32, 8, 128
@@ -49,10 +50,14 @@ def pairs_sel(req, chunk, b):
     return Selections((key % b).int(), ((key // b) % HKV).int(), (key // (b * HKV)).int())
 
 
-def ceilings():
-    """(GEMM peak TFLOP/s, read GB/s, the ceilings dict) measured in this run; every floor
-    divides bytes by the read bandwidth (moska/bench/bandwidth.py says why)."""
-    c = measure_ceilings(DEV)
+def ceilings(device: str = DEV) -> tuple[float, float, dict]:
+    """(matmul TFLOP/s, read GB/s, the ceilings dict) measured in this run: every floor is
+    max(bytes / read bandwidth, FLOPs / matmul FLOP/s) (moska/bench/floors.py says why);
+    gemm_flops_per_s is the best dense bf16 torch.matmul over several sizes."""
+    cpu = device != "cuda"  # dry runs: a small tensor, the figures only exercise the code
+    c = measure_ceilings(device, gib=1 / 64 if cpu else 4.0, reps=2 if cpu else 10, gemm=False)
+    c.update(measure_matmul(device))
+    c["gemm_flops_per_s"] = c["matmul_flops_per_s"]
     return c["gemm_flops_per_s"] / 1e12, c["read_bytes_per_s"] / 1e9, c
 
 
