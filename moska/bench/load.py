@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from moska.bench.load_client import burst_in_process
+from moska.bench.load_drain import compare_429s, probe_bodies
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -61,6 +62,9 @@ def make_body(
     return body
 
 
+_PROBE_KEYS = ("probes", "status", "t_start", "t_status", "ttft", "error", "prompt_chars")
+
+
 def summarize(
     n: int,
     out: dict,
@@ -86,19 +90,22 @@ def summarize(
         for kind, p in out["probes"].items()
         if p.get("status") == 200
     }
-    # header / observed drain: Retry-After (whole seconds), retry-after-ms; per kind
-    ratios, drains, ms = [], [], []
+    # header / observed drain (the nearest probe of its kind, load_drain): Retry-After
+    # (whole seconds), retry-after-ms; per kind
+    rows = compare_429s(rejected, out["probes"], t_open)
+    drains = [c["observed_s"] for c in rows]
+    ratios = [c["retry_after_s"] / c["observed_s"] for c in rows]
     ms_kind: dict[str, list[float]] = {"plain": [], "library": []}
-    for r in rejected:
-        kind = "library" if r["library"] else "plain"
-        opened = t_open.get(kind)
-        if opened is not None and r["retry_after"] and r["retry_after"].isdigit():
-            drain = max(opened - r["t_status"], 1e-3)
-            drains.append(drain)
-            ratios.append(int(r["retry_after"]) / drain)
-            if (r.get("retry_after_ms") or "").isdigit():
-                ms.append(int(r["retry_after_ms"]) / 1e3 / drain)
-                ms_kind[kind].append(ms[-1])
+    for c in rows:
+        if c["promised_s"] is not None:
+            ms_kind[c["kind"]].append(c["promised_s"] / c["observed_s"])
+    ms = ms_kind["plain"] + ms_kind["library"]
+    # as before there was a short library probe: every library 429 against the long one
+    long = [
+        c["promised_s"] / max(t_open["library"] - c["t_status"], 1e-3)
+        for c in rows
+        if c["kind"] == "library" and c["promised_s"] is not None and "library" in t_open
+    ]
     errors = [obs - pred for pred, obs in outcomes]
     # library 429s that admission decided (the body read): their predicted TTFT, and how
     # many would have fit without the library risk factor
@@ -139,9 +146,7 @@ def summarize(
         if rejected
         else None,
         "observed_drain_s_median": _pct(drains, 0.5),
-        "retry_after_within_2x_share": (
-            sum(1 for x in ratios if 0.5 <= x <= 2.0) / len(ratios) if ratios else None
-        ),
+        "retry_after_within_2x_share": _within_2x(ratios),
         "retry_after_over_drain_p10_p50_p90": [_pct(ratios, q) for q in (0.1, 0.5, 0.9)]
         if ratios
         else None,
@@ -158,12 +163,9 @@ def summarize(
             _within_2x(ms_kind["plain"]),
             _within_2x(ms_kind["library"]),
         ],
-        "probes": {
-            kind: {
-                k: p.get(k) for k in ("probes", "status", "t_start", "t_status", "ttft", "error")
-            }
-            for kind, p in out["probes"].items()
-        },
+        "retry_after_ms_within_2x_share_library_vs_long_probe": _within_2x(long),
+        "rejections": rows,
+        "probes": {kind: {k: p.get(k) for k in _PROBE_KEYS} for kind, p in out["probes"].items()},
         "predictor_error_s_p10_p50_p90_p99": [_pct(errors, q) for q in (0.1, 0.5, 0.9, 0.99)],
         "predictor_abs_rel_error_p50_p90": [
             _pct([abs(o - p) / o for p, o in outcomes if o > 0], q) for q in (0.5, 0.9)
@@ -250,10 +252,11 @@ def run_bursts(
                     for i in range(n)
                 ]
 
-            probe_rng = random.Random(seed + 1)
-            probe = {"plain": make_body(probe_rng, model_name, max_tokens, None, 0)}
-            if library:
-                probe["library"] = make_body(probe_rng, model_name, max_tokens, library, 0)
+            probe = probe_bodies(
+                lambda r, lib: make_body(r, model_name, max_tokens, lib, 0),
+                random.Random(seed + 1),
+                library,
+            )
             for n in warmup:  # teach the step-time model; not reported
                 burst_in_process(pool, url, bodies(n, True), probe, timeout_s, probe_interval_s)
                 _wait_idle(state.async_engine, timeout_s)

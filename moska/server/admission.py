@@ -33,8 +33,8 @@ steps follows that in tens of seconds. `slowdown`, a fast moving average of obse
 predicted step time, scales every predicted step, so a slower machine is seen within a
 few steps (and a faster one as quickly). (3) At 1,000 clients every request passed the
 door while the engine was idle and waited seconds for its body to be read and tokenized
-before anyone decided on it: the door now counts those inside (`front_door.FrontDoor`) as
-work and wait ahead of a newcomer, and a retry's drain includes queueing behind them.
+before anyone decided on it: the door counts those inside (`front_door.FrontDoor`) as work
+and wait ahead of a newcomer, and a 429's drain the ones it will admit (`retry_drain`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from typing import Any
 
 from moska.server.front_door import FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
+from moska.server.retry_drain import door_admits, drain_s, with_door
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, StepModel
 
 
@@ -64,6 +65,9 @@ class Decision:
     predicted_ttft_s: float
     retry_after_s: int  # whole seconds a client should wait before retrying; 0 if accepted
     drain_s: float = 0.0  # predicted seconds until a request like this one would be admitted
+    # at the door (body unread): the drain of a typical library request, for a 429 whose
+    # body turns out to name a library (None: no library request decided yet)
+    library_drain_s: float | None = None
 
     @property
     def accepted(self) -> bool:
@@ -77,6 +81,13 @@ class Decision:
         if not math.isfinite(self.drain_s):
             return 3_600_000
         return max(1, round(self.drain_s * 1000))
+
+    def for_library(self) -> Decision:
+        """This door rejection as a library request gets it (its drain)."""
+        if self.library_drain_s is None:
+            return self
+        drain = self.library_drain_s
+        return replace(self, retry_after_s=_retry_after(drain), drain_s=drain)
 
     def retry_headers(self) -> dict[str, str]:
         """The 429's `Retry-After` (whole seconds) and `retry-after-ms`."""
@@ -144,6 +155,10 @@ class AdmissionController:
         # a first filter (each request meets `decide` with its own cost), and a mean over
         # a mix where one library prefill costs 10 s on CPU shed nearly every plain request
         self._typical = [128.0, 16.0]
+        # decided library requests' prompt, max_tokens and library attention: the cost a
+        # library request at the door is assumed to have (its drain, `Decision.for_library`)
+        self._typical_library: list[float] | None = None
+        self._door_memo: tuple[float, int, int, int] | None = None  # time, inside, waiting, n
 
     @property
     def load_tps(self) -> float:
@@ -203,7 +218,13 @@ class AdmissionController:
             return self.model.step_s(features) * self._scale()
 
     def predict(
-        self, new: RequestCost, load: Load, num_requests: int = 1, queue_target: int | None = None
+        self,
+        new: RequestCost,
+        load: Load,
+        num_requests: int = 1,
+        queue_target: int | None = None,
+        *,
+        deadline: float = math.inf,
     ) -> Prediction:
         """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end
         (`queue_replay.replay`) with the learned step times."""
@@ -219,6 +240,7 @@ class AdmissionController:
             load_tps=load_tps,
             limits=self.limits,
             max_sim_steps=self.max_sim_steps,
+            deadline=deadline,
         )
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:
@@ -237,10 +259,16 @@ class AdmissionController:
         self.door.leave_current()
         cost = RequestCost(new) if isinstance(new, int) else new
         decision = self._decide(cost, load, num_requests, elapsed_s)
-        if decision.accepted:  # what a request inside the door adds if it is admitted
-            with self._lock:
+        with self._lock:
+            if decision.accepted:  # what a request inside the door adds if it is admitted
                 for i, v in enumerate((cost.prompt_tokens, cost.max_tokens)):
                     self._typical[i] += self.alpha * (v - self._typical[i])
+            if cost.library_attend:
+                seen = (cost.prompt_tokens, cost.max_tokens, cost.library_attend)
+                if self._typical_library is None:
+                    self._typical_library = [float(v) for v in seen]
+                for i, v in enumerate(seen):
+                    self._typical_library[i] += self.alpha * (v - self._typical_library[i])
         return decision
 
     def _decide(
@@ -267,45 +295,64 @@ class AdmissionController:
         # must fit with its error, or they miss for it.
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
         if self.ttft_slo is not None and not idle and ttft * risk > self.headroom * self.ttft_slo:
-            return Decision(Verdict.SLO, ttft, *self._drain(pred, risk))
+            return Decision(Verdict.SLO, ttft, *self._drain(cost, load, num_requests, pred))
         return Decision(Verdict.ACCEPT, ttft, 0)
 
-    def _drain(self, pred: Prediction, risk: float = 1.0) -> tuple[int, float]:
-        """(Retry-After, drain) for a request rejected with the replay `pred`: the
-        predicted time until the same request would be admitted. FIFO: arriving `d` later,
-        the same work ahead ends at the same time, so its TTFT is `pred.ttft_s - d`; while
-        others wait ahead a library request must fit with `risk` (admitted once
-        `risk * (ttft - d)` fits), after they are served without it. A request that cannot
-        fit even alone on an idle engine (a library prefill longer than the SLO) is
-        admitted only when the engine is idle: its drain is the time until then, not its
-        overshoot (which said 4 s where the engine drained in 0.4 s, and 1 s where a
-        library request waited 7.7 s). A retry also queues behind the requests inside the
-        front door (the burst's rest), and is admitted once both have passed."""
+    def _drain(
+        self, cost: RequestCost, load: Load, num_requests: int = 1, pred: Prediction | None = None
+    ) -> tuple[int, float]:
+        """(Retry-After, drain) for a rejected request like `cost` (`retry_drain.drain_s`):
+        the replay over `load` plus the requests inside the door that admission would
+        still admit (`pred`, the replay over `load` alone, is reused when none would)."""
         assert self.ttft_slo is not None
         fits = self.headroom * self.ttft_slo
-        if pred.alone_s > fits:
-            engine = pred.idle_s
-        else:
-            engine = pred.ttft_s - fits / risk
-            if engine > pred.clear_s:  # the queue ahead is served first: no risk then
-                engine = max(pred.clear_s, pred.ttft_s - fits)
-            engine = min(engine, pred.idle_s)
-        drain = max(engine, self.door.wait_s, 0.0)
+        admitted, typical = self._door_admits(load, fits), self._typical_cost()
+        if admitted or pred is None:
+            pred = self.predict(cost, with_door(load, typical, admitted), num_requests)
+        risk = self.library_risk if cost.library_attend else 1.0
+        drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=self.door.wait_s)
         return _retry_after(drain), drain
+
+    def _typical_cost(self, library: bool = False) -> RequestCost:
+        """A typical admitted request, or a typical decided library one (a plain one until
+        a library request is decided)."""
+        with self._lock:
+            seen = (library and self._typical_library) or self._typical
+            return RequestCost(*(max(1, round(v)) for v in seen))
+
+    def _door_admits(self, load: Load, fits: float) -> int:
+        """`retry_drain.door_admits` for the requests inside now, memoized like `shed`
+        (while the count inside and the engine's queue stay about the same): a burst's
+        hundreds of 429s cost a few replays."""
+        now, inside = time.monotonic(), self.door.inside
+        memo = self._door_memo
+        if (
+            memo is not None
+            and now - memo[0] < self.shed_ttl_s
+            and abs(inside - memo[1]) < 4
+            and memo[2] == load.num_waiting
+        ):
+            return min(memo[3], inside)
+        admitted = door_admits(self.predict, self._typical_cost(), load, inside, fits)
+        self._door_memo = (now, inside, load.num_waiting, admitted)
+        return admitted
 
     def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
         """The rejection that the smallest request (one prompt token) would get now, or
         None: when even it would miss the SLO, the front end answers 429 before reading a
         body. `elapsed_s`: what a request waits before the door now (the event loop's
         lag). The requests inside the front door are ahead of it: they count as engine
-        work (each like a typical admitted plain one) and as a wait. Memoized for `shed_ttl_s`
-        (while the count inside grows by fewer than 4), so a burst costs few predictions."""
+        work (each like a typical admitted plain one) and as a wait. Its drain is a typical
+        admitted request's, and `library_drain_s` a typical library request's (the door
+        tells them apart by the body). Memoized for `shed_ttl_s` (while the count inside
+        grows by fewer than 4), so a burst costs few predictions."""
         if self.ttft_slo is None and self.max_queue is None:
             return None
         now, inside = time.monotonic(), self.door.inside
         with self._lock:
             cached = self._shed_memo
-            typical = RequestCost(*(max(1, round(v)) for v in self._typical))
+            lib = self._typical_library is not None
+        typical = self._typical_cost()
         if (
             cached is not None
             and now - cached[0] < self.shed_ttl_s
@@ -322,9 +369,12 @@ class AdmissionController:
         result = None
         if not decision.accepted:
             result = decision
-            if decision.verdict is Verdict.SLO:  # the drain: the real engine load's
-                retry_after, drain = self._drain(self.predict(RequestCost(1, 1), load))
-                result = replace(decision, retry_after_s=retry_after, drain_s=drain)
+            if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
+                retry_after, drain = self._drain(typical, load)
+                library = self._drain(self._typical_cost(True), load)[1] if lib else None
+                result = replace(
+                    decision, retry_after_s=retry_after, drain_s=drain, library_drain_s=library
+                )
         with self._lock:
             self._shed_memo = (now, inside, result)
         return result

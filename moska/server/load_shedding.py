@@ -7,14 +7,17 @@ seconds, which the engine-side prediction never saw, so admitted requests missed
 and rejections were not early. This middleware stamps each generation request's arrival
 (`ARRIVAL`, read by `generate.submit`, which charges the time already spent against the
 SLO) and, when admission says that even the smallest request would miss the SLO now,
-answers 429 before the body is read, parsed or tokenized. A request it lets in is counted
-inside the front door (`front_door.py`) until admission decides on it.
+answers 429 before the body is parsed or tokenized. A request it lets in is counted
+inside the front door (`front_door.py`) until admission decides on it. A 429's body is only
+glanced at (its first chunk, for a `"library"` key): a library request waits several times
+longer than a plain one for a retry to be admitted, so it gets the library drain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -26,6 +29,10 @@ from moska.server.errors import error_body
 from moska.server.front_door import TICKET, FrontDoor
 
 GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+# a top-level `"library": "name"` (JSON escapes quotes inside strings, so a prompt cannot
+# hold this unescaped)
+_LIBRARY = re.compile(rb'"library"\s*:\s*"')
 
 # monotonic time at which the current generation request reached the app (None elsewhere)
 ARRIVAL: ContextVar[float | None] = ContextVar("moska_arrival", default=None)
@@ -87,6 +94,8 @@ class LoadSheddingMiddleware:
                     if door is not None:
                         door.leave(ticket)
                 return
+            if decision.library_drain_s is not None and await _names_a_library(receive):
+                decision = decision.for_library()
             message = (
                 f"server overloaded at the door ({decision.verdict.value}, predicted time to "
                 f"first token {decision.predicted_ttft_s:.2f}s); retry after "
@@ -102,6 +111,18 @@ class LoadSheddingMiddleware:
             await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             ARRIVAL.reset(token)
+
+
+async def _names_a_library(receive: Receive, wait_s: float = 0.05) -> bool:
+    """Whether the request's first body chunk (what has arrived within `wait_s`) names a
+    library. Not parsed: a byte search, so a burst's 429s stay cheap."""
+    try:
+        async with asyncio.timeout(wait_s):
+            message = await receive()
+    except TimeoutError:
+        return False
+    body = message.get("body", b"") if message.get("type") == "http.request" else b""
+    return _LIBRARY.search(body[:65536]) is not None
 
 
 def _front_door(scope: Scope) -> FrontDoor | None:

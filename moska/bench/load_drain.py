@@ -1,0 +1,69 @@
+"""`moska bench load`: which probe's reopening each 429's promise is compared with, and the
+per-429 record (promised vs observed) the report keeps.
+
+Why more than one library probe: a library request's cost grows with its prompt (prompt
+tokens x attended library tokens), and on CPU one with a long prompt cannot fit the SLO
+even alone, so admission takes it only on an idle engine, while a short one is back as
+soon as the queue ahead is short. One 244-character library probe (the long kind) stood
+for every library 429, so a short request's promise was scored against an idle engine.
+Each library 429 is now compared with the library probe nearest to it in prompt length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def probe_for(rec: dict, probes: dict[str, dict], opened: dict[str, float]) -> str | None:
+    """The admitted probe a 429 `rec` is compared with: of its kind's probes (plain, or
+    the library ones: `library`, `library_short`), the nearest in prompt length."""
+    kind = "library" if rec["library"] else "plain"
+    names = [k for k in opened if k.split("_")[0] == kind]
+    if not names:
+        return None
+    chars = rec.get("prompt_chars")
+
+    def distance(name: str) -> float:
+        probe = probes[name].get("prompt_chars")
+        if chars is None or probe is None:
+            return 0.0 if name == kind else 1.0
+        return abs(probe - chars)
+
+    return min(names, key=distance)
+
+
+def compare_429s(rejected: list[dict], probes: dict[str, dict], opened: dict[str, float]) -> list:
+    """Per 429 with a Retry-After and a probe of its kind that was admitted: its kind,
+    prompt length, whether the door sent it, when it came (s from the burst's start), the
+    promise (`retry-after-ms`, s; None without it), the Retry-After (s), the observed drain
+    (its probe's reopening minus its arrival, s) and that probe's name."""
+    rows: list[dict[str, Any]] = []
+    for r in rejected:
+        name = probe_for(r, probes, opened)
+        if name is None or not (r.get("retry_after") or "").isdigit():
+            continue
+        ms = r.get("retry_after_ms") or ""
+        rows.append(
+            {
+                "kind": "library" if r["library"] else "plain",
+                "prompt_chars": r.get("prompt_chars"),
+                "at_door": r.get("at_door"),
+                "t_status": round(r["t_status"], 3),
+                "promised_s": int(ms) / 1e3 if ms.isdigit() else None,
+                "retry_after_s": int(r["retry_after"]),
+                "observed_s": round(max(opened[name] - r["t_status"], 1e-3), 3),
+                "probe": name,
+            }
+        )
+    return rows
+
+
+def probe_bodies(make: Any, rng: Any, library: str | None) -> dict[str, dict]:
+    """The probes: a plain one, and with a library a long (244 characters) and a short
+    (the first 48 of another) library one. `make(rng, library)` makes a body."""
+    probes = {"plain": make(rng, None)}
+    if library:
+        probes["library"] = make(rng, library)
+        short = make(rng, library)
+        probes["library_short"] = short | {"prompt": short["prompt"][:48]}
+    return probes

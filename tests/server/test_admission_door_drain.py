@@ -1,0 +1,100 @@
+"""A 429's drain counts the requests past the front door that admission will still admit:
+a retry waits for them too. The real scheduler on a virtual clock
+(test_admission.VirtualServer), and one fake-engine server for the door's library drain."""
+
+from __future__ import annotations
+
+import httpx
+from fake_engine import FakeEngine
+from test_admission import BUDGET, MAX_SEQS, VirtualServer, warm_up
+from test_load_shedding import _Shedding
+
+from moska.server.admission import AdmissionController, Decision, EngineLimits, Load, Verdict
+from moska.server.app import create_app
+from moska.server.background import background_server
+from moska.server.queue_replay import RequestCost
+from moska.server.settings import ServerSettings
+
+INSIDE = 60  # a burst past the door, not yet decided
+PLAIN = RequestCost(100, 12)  # each like the warm-up's typical admitted request
+LIBRARY = RequestCost(400, 8, library_attend=8192)  # its prefill alone misses the SLO
+
+
+def _burst_at_the_door() -> tuple[AdmissionController, VirtualServer, list]:
+    adm = AdmissionController(None, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    server = VirtualServer(adm)
+    warm_up(server)
+    adm.ttft_slo = 1.0
+    return adm, server, [adm.door.enter() for _ in range(INSIDE)]
+
+
+def test_a_library_retry_waits_for_what_the_door_still_admits():
+    """An idle engine, 60 plain requests inside the door, and a library request decided
+    first: its prefill alone misses the SLO, so it is admitted only once the engine is
+    idle, after the door's requests that were admitted are served. The drain counts them
+    and is within 2x of when the retry is really admitted; the drain of the engine's load
+    alone (the door's wait at most: what it said before) is not."""
+    adm, server, tickets = _burst_at_the_door()
+    d = server.submit(LIBRARY)[1]
+    assert d.verdict is Verdict.SLO
+    fits = adm.headroom * adm.ttft_slo
+    alone = adm.predict(LIBRARY, server.load())
+    assert alone.alone_s > fits
+    old = max(alone.idle_s, adm.door.wait_s)  # without the door's admitted requests
+    t0 = server.t
+    admitted = 0
+    for ticket in tickets:  # the door's requests are decided, at once
+        adm.door.leave(ticket)
+        admitted += server.submit(PLAIN)[1].accepted
+    assert 5 < admitted < INSIDE
+    before = after = 0.0
+    while not server.submit(LIBRARY)[1].accepted:  # a retry after each step
+        before = server.t - t0
+        server.step()
+        after = server.t - t0
+    assert not server.load().running  # admitted on the idle engine
+    assert 0.5 * before <= d.drain_s <= 2 * after, (d.drain_s, before, after)
+    assert not 0.5 * before <= old <= 2 * after, (old, before, after)
+    server.run_until_idle()
+
+
+def test_the_door_says_a_library_drain_apart():
+    """At the door (body unread) the 429 carries a typical admitted request's drain and a
+    typical decided library request's, which grows as costlier library requests are
+    decided (each rejected here: the engine is busy)."""
+    adm, _, tickets = _burst_at_the_door()
+    adm.shed_ttl_s = 0.0
+    busy = Load(running=((8, 0),) * 8)
+    first = adm.shed(busy)
+    assert first is not None and first.library_drain_s is not None  # the warm-up's
+    for _ in range(20):
+        assert not adm.decide(LIBRARY, busy).accepted
+    shed = adm.shed(busy)
+    assert shed is not None and shed.library_drain_s is not None
+    assert shed.library_drain_s > max(2 * shed.drain_s, first.library_drain_s)
+    lib = shed.for_library()
+    assert lib.drain_s == shed.library_drain_s and lib.verdict is Verdict.SLO
+    assert lib.retry_headers()["retry-after-ms"] == str(round(1000 * shed.library_drain_s))
+    for t in tickets:
+        adm.door.leave(t)
+
+
+class _LibraryShedding(_Shedding):
+    def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
+        decision = super().shed(load, elapsed_s)
+        return None if decision is None else Decision(Verdict.SLO, 9.0, 3, 3.2, 7.5)
+
+
+def test_a_429_at_the_door_names_the_library_drain_for_a_library_body():
+    """The door glances at the 429's body: a library request gets the library drain, a
+    plain one (a prompt that says "library" too) the plain drain."""
+    admission = _LibraryShedding()
+    app = create_app(FakeEngine(), ServerSettings(), admission=admission)
+    admission.overloaded.set()
+    with background_server(app) as url:
+        body = {"model": "fake-model", "prompt": 'say "library": "x"', "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 429 and r.headers["retry-after-ms"] == "3200"
+        r = httpx.post(f"{url}/v1/completions", json=body | {"library": "demo"})
+        assert r.status_code == 429 and r.headers["retry-after-ms"] == "7500"
+        assert r.headers["retry-after"] == "8" and "predicted drain 7.50s" in r.text

@@ -1,0 +1,39 @@
+"""`moska bench load` compares each library 429 with the library probe nearest in prompt
+length (a short and a long one), and keeps each 429's promise beside what it waited."""
+
+from __future__ import annotations
+
+import random
+
+from moska.bench.load import make_body
+from moska.bench.load_drain import compare_429s, probe_bodies
+
+
+def test_each_429_is_compared_with_the_nearest_probe_of_its_kind():
+    probes = {
+        "plain": {"status": 200, "prompt_chars": 42},
+        "library": {"status": 200, "prompt_chars": 244},
+        "library_short": {"status": 200, "prompt_chars": 48},
+    }
+    opened = {"plain": 2.0, "library": 9.0, "library_short": 4.0}
+    rec = {"retry_after": "3", "at_door": False, "t_status": 0.5}
+    rejected = [
+        rec | {"library": True, "prompt_chars": 60, "retry_after_ms": "3200"},
+        rec | {"library": True, "prompt_chars": 200, "retry_after_ms": "8000"},
+        rec | {"library": False, "prompt_chars": 200, "retry_after_ms": "1000"},
+        rec | {"library": True, "prompt_chars": 20, "retry_after": None},  # no header: left out
+    ]
+    rows = compare_429s(rejected, probes, opened)
+    assert [r["probe"] for r in rows] == ["library_short", "library", "plain"]
+    assert [r["observed_s"] for r in rows] == [3.5, 8.5, 1.5]
+    assert [r["promised_s"] for r in rows] == [3.2, 8.0, 1.0]
+    # a kind whose probe was never admitted has nothing to compare with
+    assert compare_429s(rejected[:1], probes, {"plain": 2.0}) == []
+
+
+def test_the_short_library_probe_is_a_short_library_request():
+    probes = probe_bodies(lambda r, lib: make_body(r, "m", 4, lib, 0), random.Random(1), "demo")
+    assert set(probes) == {"plain", "library", "library_short"}
+    assert len(probes["library_short"]["prompt"]) == 48 < len(probes["library"]["prompt"])
+    assert probes["library_short"]["library"] == "demo" and "library" not in probes["plain"]
+    assert set(probe_bodies(lambda r, lib: {}, random.Random(1), None)) == {"plain"}
