@@ -28,8 +28,9 @@ steps that start a page, re-ranking steps), `host_issue_ms_median` (the host's t
 issue a step, up to the final wait: near `step_ms_median` means host-bound),
 `host_syncs_per_step_by_kind` (waits on the device that torch's sync debug mode flags,
 counted over `--r` * 2 untimed steps after the timed ones), the bytes fetched per step and
-`fetch_share_of_step` (CUDA events around each fetch: the host gather into pinned staging
-and the copy up), and how many fetched pages had been dropped at the previous re-ranking
+`fetch_share_of_step` (CUDA events around each fetch: by default a kernel reading the
+pinned host copy in place, `fetch_in_place`; if that fails, a host gather into pinned
+staging and a copy up), and how many fetched pages had been dropped at the previous re-ranking
 (`refetched_pages`) or were kept from their old slot without a fetch (`reused_pages`,
 hysteresis: `--no-hysteresis` turns it off, `--spare-pages` leaves spare slots per head).
 """
@@ -282,6 +283,7 @@ def run(args, rest: list[str]) -> dict:
             def snap():
                 fetch_s = store.fetch_seconds() / steps
                 return {"resident_pages": store.resident_pages(),
+                        "fetch_in_place": store.zero_copy,
                         "fetched_pages_timed": store.fetched_pages,
                         "refetched_pages_timed": store.refetched_pages,
                         "reused_pages_timed": store.reused_pages,

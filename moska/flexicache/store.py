@@ -22,10 +22,17 @@ import torch
 
 from moska.flexicache import policy
 from moska.flexicache.config import FlexiCacheConfig
-from moska.flexicache.transfer import FetchTimer, PageWriteBack, to_device
+from moska.flexicache.pool_sizing import PoolSizing
+from moska.flexicache.transfer import (
+    FetchTimer,
+    PageWriteBack,
+    fetch_host,
+    fetch_in_place,
+    to_device,
+)
 
 
-class FlexiKV:
+class FlexiKV(PoolSizing):
     def __init__(
         self,
         cfg: FlexiCacheConfig,
@@ -42,6 +49,7 @@ class FlexiKV:
         hysteresis: bool = True,
         spare_pages: int = 0,
         pool_slack: float = 0.125,
+        zero_copy: bool | None = None,
     ) -> None:
         """hysteresis: a page a head stops keeping keeps its pool slot (not read) until a
         fetch needs the slot or a compaction has no room for it, so a page that comes back
@@ -50,7 +58,10 @@ class FlexiKV:
         page, for dropped pages (device memory, counted in `gpu_bytes`).
         pool_slack: a layer's pool grows by at least this fraction of its size, and is
         compacted only when it holds more than twice that beyond what its heads keep (each
-        resize copies the layer's whole pool; 0: exact sizes, a copy at most re-rankings)."""
+        resize copies the layer's whole pool; 0: exact sizes, a copy at most re-rankings).
+        zero_copy: fetch by a kernel reading the pinned host copy in place
+        (`kernels/page_gather.py`; None: on CUDA, checked once against a host gather and
+        dropped for it if it fails); False: gather on the host, copy up."""
         self.cfg = cfg
         self.device = torch.device(device)
         L, B, H, P, bs, D = num_layers, batch, num_kv_heads, max_pages, block_size, head_dim
@@ -86,6 +97,8 @@ class FlexiKV:
         self.kept = torch.zeros(L, B, H, P, dtype=torch.bool, device=dev)  # read pages
         self.dropped_step = torch.full((L, B, H, P), -(2**30), dtype=torch.int64, device=dev)
         self.pool_slack = pool_slack
+        self.zero_copy = self.device.type == "cuda" if zero_copy is None else zero_copy
+        self._zero_copy_checked = zero_copy is not None
         self.fetched_pages = 0
         # on the device (read by the properties): fetches of pages dropped at the previous
         # re-ranking or later; pages kept again while still in their slot (hysteresis)
@@ -300,32 +313,36 @@ class FlexiKV:
         self.peak_resident_pages = max(self.peak_resident_pages, sum(self._resident))
 
     def _fetch(self, layer: int, idx: torch.Tensor, fresh: int | None) -> None:
+        """Give the pages `idx` [n, 3] slots and copy them from the host copy (page `fresh`,
+        started this step, holds nothing yet: the in-place kernel copies it anyway)."""
         timer = self._timer.start() if self.time_fetch else None
         n = idx.shape[0]
-        _, _, H, P, bs, D = self.shape
+        _, B, H, P, bs, D = self.shape
         recent = self.dropped_step[layer][idx[:, 0], idx[:, 1], idx[:, 2]]
         self._refetched += (recent >= self.step - self.cfg.rerank_interval).sum()
         self._reserve(layer, n)
         new = torch.tensor(self.free[layer][-n:], dtype=torch.int64)
         del self.free[layer][-n:]
-        self.slot[layer][idx[:, 0], idx[:, 1], idx[:, 2]] = to_device(new, self.device)
+        dst = to_device(new, self.device)
+        self.slot[layer][idx[:, 0], idx[:, 1], idx[:, 2]] = dst
         self._resident[layer] += n
-        idx_h = idx.cpu()
-        if fresh is not None:  # a page started this step holds nothing yet
-            copy = idx_h[:, 2] != fresh
-            idx_h, new = idx_h[copy], new[copy]
-        if new.numel():
-            self.write_back.flush(layer)  # pages written back are in the host copy
+        self.write_back.flush(layer)  # pages written back are in the host copy
+        rows = [t[layer].view(-1, bs * D) for t in (self.host_k, self.host_v)]
+        rows += [t[layer].view(-1, bs * D) for t in (self.pool_k, self.pool_v)]
+        if self.zero_copy:
+            src = (idx[:, 0] * H + idx[:, 1]) * P + idx[:, 2]
+            self.zero_copy = fetch_in_place(*rows, src, dst, check=not self._zero_copy_checked)
+            self._zero_copy_checked = True
+        if self.zero_copy:
+            self.fetched_pages += n - (B * H if fresh is not None else 0)
+        else:
+            idx_h = idx.cpu()
+            if fresh is not None:
+                copy = idx_h[:, 2] != fresh
+                idx_h, new = idx_h[copy], new[copy]
             flat = (idx_h[:, 0] * H + idx_h[:, 1]) * P + idx_h[:, 2]
-            dst = to_device(new, self.device)
-            pin = self.device.type == "cuda"
-            for host, pool in ((self.host_k, self.pool_k), (self.host_v, self.pool_v)):
-                # one gather into pinned staging, one async copy up (K's copy runs while
-                # the host gathers V)
-                stage = torch.empty(len(new), bs, D, dtype=host.dtype, pin_memory=pin)
-                torch.index_select(host[layer].view(-1, bs, D), 0, flat, out=stage)
-                pool[layer][dst] = stage.to(self.device, non_blocking=True).unsqueeze(2)
-            self.fetched_pages += len(new)
+            fetch_host(*rows, flat, to_device(new, self.device))
+            self.fetched_pages += len(flat)
         if timer is not None:
             self._timer.stop(timer)
 
@@ -338,64 +355,3 @@ class FlexiKV:
         self._refetched.zero_()
         self._reused.zero_()
         self._timer.reset()
-
-    def _evict(self, layer: int, pages: torch.Tensor) -> None:
-        """Free the slots of `pages` [B, H, P] bool (those resident)."""
-        slot = self.slot[layer]
-        pages = pages & (slot >= 0)
-        freed = slot[pages].tolist()
-        if freed:
-            self.free[layer].extend(freed)
-            self.evicted_pages += len(freed)
-            self._resident[layer] -= len(freed)
-            slot.masked_fill_(pages, -1)
-
-    def _evict_oldest(self, layer: int, idle: torch.Tensor, n: int) -> None:
-        """Free up to `n` slots of idle (resident, not kept) pages, the longest dropped first."""
-        when = torch.where(idle, self.dropped_step[layer], 2**62).flatten()
-        m = min(n, int(idle.sum()))
-        if m:
-            pick = torch.zeros_like(when, dtype=torch.bool)
-            pick[when.topk(m, largest=False).indices] = True
-            self._evict(layer, pick.view_as(idle))
-
-    def _compact(self, layer: int, keep: torch.Tensor) -> None:
-        """Shrink the layer's pool to its kept pages, a page per head and the slack (a device
-        gather at re-rankings) once it is over twice the slack, so that its allocation follows
-        what the heads keep. Idle pages fill the spare slots, the last dropped first."""
-        _, B, H, *_ = self.shape
-        slot = self.slot[layer]
-        kept = (slot >= 0) & keep
-        idle = (slot >= 0) & ~keep
-        n, n_idle = torch.stack([kept.sum(), idle.sum()]).tolist()
-        spare = B * H * (1 + self.spare_pages)
-        cap = n + spare + int((n + spare) * self.pool_slack)
-        if self.pool_k[layer].shape[0] <= n + spare + int(2 * (n + spare) * self.pool_slack):
-            return
-        if n_idle > spare:
-            self._evict_oldest(layer, idle, n_idle - spare)
-        resident = slot >= 0
-        m = n + min(n_idle, spare)
-        order = torch.cat([slot[kept], slot[resident & ~keep]])
-        for pool in (self.pool_k, self.pool_v):
-            t = pool[layer]
-            new = t.new_empty(cap, *t.shape[1:])
-            new[:m] = t[order]
-            pool[layer] = new
-        slot[kept] = torch.arange(n, device=self.device)
-        slot[resident & ~keep] = torch.arange(n, m, device=self.device)
-        self.free[layer] = list(range(cap - 1, m - 1, -1))
-        self._resident[layer] = m
-
-    def _reserve(self, layer: int, n: int) -> None:
-        """Grow the layer's pool until `n` slots are free (plus one page per head), by at
-        least `pool_slack` of its size."""
-        free = self.free[layer]
-        if len(free) >= n:
-            return
-        cap = self.pool_k[layer].shape[0]
-        grow = max(n - len(free) + self.shape[1] * self.shape[2], int(cap * self.pool_slack))
-        for pool in (self.pool_k, self.pool_v):
-            t = pool[layer]
-            pool[layer] = torch.cat([t, t.new_zeros(grow, *t.shape[1:])])
-        free[:0] = range(cap + grow - 1, cap - 1, -1)  # new slots below the old free ones

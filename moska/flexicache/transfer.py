@@ -9,6 +9,9 @@ fetch.
   finished. Before, each step copied its token into a strided slice of the host copy: a
   copy to a non-contiguous host tensor goes through pageable memory and waits for the device
   (two waits per layer and step).
+- `fetch_in_place` / `fetch_host`: promoted pages from the host copy into pool slots, by a
+  kernel reading the pinned host copy in place (`kernels/page_gather.py`, no host gather,
+  indices stay on the device), or by a host gather into pinned staging and a copy up.
 - `to_device`: host int lists to the device through pinned memory, without a stream sync
   (`torch.tensor(..., device="cuda")` copies from pageable memory and synchronizes).
 - `FetchTimer`: the time spent fetching, by CUDA events (host clock on CPU).
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moska.kernels.page_gather import gather_rows
+
 
 def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
     """int64 tensor of `values` on `device`; from pinned memory (no stream sync) on CUDA."""
@@ -28,6 +33,33 @@ def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.T
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def fetch_in_place(host_k, host_v, pool_k, pool_v, src, dst, check: bool) -> bool:
+    """pool[dst[i]] = host[src[i]] (rows: whole pages) by `gather_rows` reading the pinned
+    host copy in place. `check`: compare a few fetched pages with the host copy (one wait).
+    False: the kernel cannot read this host memory (nothing was copied, or wrongly)."""
+    try:
+        for host, pool in ((host_k, pool_k), (host_v, pool_v)):
+            gather_rows(host, src, pool, dst)
+        if check:
+            got = pool_k[dst[:8]].cpu()
+            return torch.equal(got, host_k[src[:8].cpu()])
+    except (RuntimeError, ValueError):  # e.g. Triton refusing a host pointer
+        return False
+    return True
+
+
+def fetch_host(host_k, host_v, pool_k, pool_v, flat: torch.Tensor, dst: torch.Tensor) -> None:
+    """pool[dst[i]] = host[flat[i]] by one host gather into pinned staging per tensor and an
+    async copy up (K's copy runs while the host gathers V)."""
+    if not flat.numel():
+        return
+    pin = pool_k.device.type == "cuda"
+    for host, pool in ((host_k, pool_k), (host_v, pool_v)):
+        stage = torch.empty(len(flat), host.shape[1], dtype=host.dtype, pin_memory=pin)
+        torch.index_select(host, 0, flat, out=stage)
+        pool[dst] = stage.to(pool.device, non_blocking=True)
 
 
 @dataclass

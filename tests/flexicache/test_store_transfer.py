@@ -4,10 +4,12 @@ exactly what was written; a page boundary only gives the new page a slot."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from moska.flexicache import FlexiCacheConfig, policy
 from moska.flexicache.store import FlexiKV
+from moska.kernels.page_gather import gather_rows, gather_rows_ref
 from moska.kernels.paged_heads import paged_decode_heads_ref
 
 
@@ -16,7 +18,8 @@ def _step(store, q, k, v):
     return store.attend(0, q[None, None], k[None, None], v[None, None], paged_decode_heads_ref, 1.0)
 
 
-def test_decode_written_page_is_written_back_and_fetched_when_promoted():
+@pytest.mark.parametrize("zero_copy", [False, True])  # host gather, the in-place kernel
+def test_decode_written_page_is_written_back_and_fetched_when_promoted(zero_copy):
     torch.manual_seed(4)
     d, t = 16, 40  # prompt: pages 0..9 of 4 tokens
     keys = 0.05 * torch.randn(t, 1, d)
@@ -28,7 +31,7 @@ def test_decode_written_page_is_written_back_and_fetched_when_promoted():
     )
     store = FlexiKV(
         cfg, num_layers=1, batch=1, num_kv_heads=1, head_dim=d, block_size=4, max_pages=16,
-        dtype=torch.float32, device="cpu", hysteresis=False,
+        dtype=torch.float32, device="cpu", hysteresis=False, zero_copy=zero_copy,
     )  # fmt: skip
     e0, e1 = torch.eye(d)[0], torch.eye(d)[1]
     store.write_prompt(0, 0, keys, torch.randn(t, 1, d), e0[None])
@@ -42,6 +45,7 @@ def test_decode_written_page_is_written_back_and_fetched_when_promoted():
     fetched = store.fetched_pages
     o = _step(store, e1, new_k[12], new_v[12])  # step 12 re-ranks: {10, 7}
     assert slot[10] >= 0 and slot[7] >= 0 and store.fetched_pages == fetched + 2
+    assert store.zero_copy == zero_copy  # the kernel was used, not dropped for the host path
     torch.testing.assert_close(store.pool_k[0][slot[10], :, 0], new_k[:4])
     torch.testing.assert_close(store.pool_v[0][slot[10], :, 0], new_v[:4])
     store.write_back.flush()
@@ -86,3 +90,16 @@ def test_rerank_marks_missing_picks():
     cand = torch.tensor([[False, True, True, False, False, False]])  # 2 candidates, K = 3
     top, _, _ = policy.rerank(scores, cand, torch.full((1, 2, 3), -1), 0.5)
     assert sorted(top[0, 0].tolist()) == [-1, 1, 2] and sorted(top[0, 1].tolist()) == [-1, 1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gather_rows_matches_reference(dtype):
+    src = torch.randn(12, 4, 16).to(dtype)
+    dst = torch.randn(9, 4, 16).to(dtype)
+    src_idx, dst_idx = torch.tensor([7, 0, 11, 3]), torch.tensor([2, 8, 0, 5])
+    want = dst.clone()
+    gather_rows_ref(src, src_idx, want, dst_idx)
+    gather_rows(src, src_idx, dst, dst_idx)
+    torch.testing.assert_close(dst, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rows differ"):
+        gather_rows(src, src_idx, dst[:, :2].contiguous(), dst_idx)
