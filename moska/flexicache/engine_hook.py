@@ -36,6 +36,7 @@ import torch
 from moska.flexicache import policy
 from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.offload import Offload, pool_blocks_needed
+from moska.flexicache.transfer import to_device
 
 
 @dataclass
@@ -125,11 +126,11 @@ class FlexiEngine:
         pick = [i for i in range(len(request_ids)) if decoding[i] and cu_q[i + 1] - cu_q[i] == 1]
         if not pick:
             return None
-        rows = torch.tensor([cu_q[i] for i in pick], device=self.device)
+        rows = to_device([cu_q[i] for i in pick], self.device)
         self.mixed_steps += 1
         return self.begin(
             [request_ids[i] for i in pick],
-            block_tables[torch.tensor(pick, device=block_tables.device)],
+            block_tables[to_device(pick, block_tables.device)],
             [seq_lens[i] for i in pick],
             rows,
         )
@@ -204,10 +205,14 @@ class FlexiStep:
         self.due = [st.steps % cfg.rerank_interval == 0 for st in states]
         for st, due in zip(states, self.due):
             st.ranked += due
-        self.due_t = torch.tensor(self.due, device=dev)
-        self.active = torch.tensor([cfg.long_enough(n) for n in n_pages], device=dev)
-        self.n_pages = torch.tensor(n_pages, device=dev)
-        self.seq_lens = torch.tensor(seq_lens, device=dev)
+        # through pinned memory: torch.tensor(..., device="cuda") waits for the device
+        self.due_t = to_device(self.due, dev, torch.bool)
+        self.active = to_device([cfg.long_enough(n) for n in n_pages], dev, torch.bool)
+        self.n_pages = to_device(n_pages, dev)
+        self.seq_lens = to_device(seq_lens, dev)
+        # every request's ranking state, gathered once per step (not per layer)
+        self.top = torch.stack([st.top for st in states])  # [B, L, Hkv, K]
+        self.stable = torch.stack([st.stable for st in states])  # [B, L, Hkv]
 
     def attend(
         self,
@@ -220,8 +225,7 @@ class FlexiStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         eng, cfg = self.eng, self.eng.cfg
         p = self.block_tables.shape[1]
-        top = torch.stack([st.top[layer] for st in self.states])  # [B, Hkv, K]
-        stable = torch.stack([st.stable[layer] for st in self.states])  # [B, Hkv]
+        top, stable = self.top[:, layer], self.stable[:, layer]  # [B, Hkv, K], [B, Hkv]
         if any(self.due):
             keys = k_cache[self.block_tables]  # [B, P, bs, Hkv, D]
             if cfg.rank_by == "bound":

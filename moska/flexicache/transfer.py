@@ -27,9 +27,13 @@ import torch
 from moska.kernels.page_gather import gather_rows
 
 
-def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """int64 tensor of `values` on `device`; from pinned memory (no stream sync) on CUDA."""
-    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
+def to_device(
+    values: list[int] | list[bool] | torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype = torch.int64,
+) -> torch.Tensor:
+    """`values` as a tensor on `device`; from pinned memory (no stream sync) on CUDA."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
