@@ -38,6 +38,19 @@ from moska.library.fp8 import quantize
 # rel. error of o vs the reference (lse: a tenth). fp8_dot also cuts q to e4m3, an error of
 # the size e4m3 KV itself brings (`fp8_values_vs_bf16_values`, ~0.04 on random data).
 TOL = {"bf16": 1e-2, "fp8": 1e-2, "fp8_chunk": 1e-2, "fp8_dot": 1e-1}
+HBM_GB_PER_S = 4800.0  # H200
+# fp8_mma (shared_attention_fp8.py): q per row and the weights in e4m3, no KV tile upcast;
+# _vt: V read token-major (a transposed copy); _qsplit: q as two e4m3 terms (two QK^T dots)
+MMA = {"fp8_mma": {}, "fp8_mma_vt": {"v_t": True}, "fp8_mma_qsplit": {"fp8_q_split": True}}
+TOL.update({n: 1e-1 for n in MMA})
+# FP8 tensor-core tiles: e4m3 halves shared memory per stage, so deeper pipelines fit
+MMA_TILES: list[dict[str, Any]] = [
+    {},
+    {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3},
+    {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 4},
+    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
+    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4},
+]
 # alternatives to the launcher's defaults ({}): tiles, warps, stages, pointer loads
 TILES: list[dict[str, Any]] = [
     {},
@@ -84,6 +97,7 @@ def make_pools(s: Shape):
     offs = torch.arange(0, rows + 1, s.chunk, dtype=torch.int32, device=s.device)  # [C+1]
     # e4m3 as libraries store it (one scale per token and KV head), and per (chunk, KV head)
     q8 = {g: (quantize(k, offs, g), quantize(v, offs, g)) for g in ("token", "chunk")}
+    q8["v_t"] = q8["token"][1].data.permute(1, 2, 0).contiguous()  # [Hkv, D, S] token-major
     return k, v, offs, q8
 
 
@@ -92,6 +106,11 @@ def variant_args(name: str, k, v, q8) -> tuple:
     if name == "bf16":
         return k, v, {}
     kq, vq = q8["chunk" if name == "fp8_chunk" else "token"]
+    if name in MMA:
+        kw = {"kv_scales": (kq.scale, vq.scale), "fp8_mma": True, **MMA[name]}
+        if kw.pop("v_t", False):
+            kw["v_pool_t"] = q8["v_t"]  # read through TMA: run_batch sets use_tma
+        return kq.data, vq.data, kw
     return kq.data, vq.data, {"kv_scales": (kq.scale, vq.scale), "fp8_dot": name == "fp8_dot"}
 
 
@@ -110,7 +129,8 @@ def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int) -> dict:
         if name == "fp8":  # what e4m3 KV itself changes (not a kernel error)
             errs["fp8_values_vs_bf16_values"] = {"o_rel_err": rel(ro, ref_bf16[0])}
         try:
-            o, lse = grouped_shared_attention(qs, kk, vv, offs, sel, scale, **kw)
+            tma = {"use_tma": True} if "v_pool_t" in kw else {}
+            o, lse = grouped_shared_attention(qs, kk, vv, offs, sel, scale, **kw, **tma)
         except Exception as e:  # noqa: BLE001 - reported in the JSON, the run goes on
             errs[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
             continue
@@ -147,8 +167,8 @@ def run_batch(s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int
     for name in names:
         kk, vv, kw = variant_args(name, k, v, q8)
         best = None
-        for tile in tiles:
-            tkw = tile
+        for tile in MMA_TILES if name in MMA and len(tiles) > 1 else tiles:
+            tkw = {**tile, **({"use_tma": True} if "v_pool_t" in kw else {})}
 
             def step(kk=kk, vv=vv, kw=kw, tkw=tkw):
                 return grouped_shared_attention(q, kk, vv, offs, sel, scale, **kw, **tkw)
@@ -170,7 +190,12 @@ def run_batch(s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int
     for n in names:
         if n in times:  # every touched chunk's K and V read once per KV head group
             gb = touched * s.chunk * s.hkv * s.d * 2 * kv_bytes[n] / 1e9
+            if n not in ("bf16", "fp8_chunk"):  # fp32 K and V scales per (token, KV head)
+                gb += touched * s.chunk * s.hkv * 8 / 1e9
             times[n]["read_GB_per_s"] = gb / (times[n]["ms"] / 1e3)
+            # the read floor: these bytes at the H200's 4.8 TB/s HBM bandwidth
+            times[n]["read_floor_ms"] = gb / HBM_GB_PER_S * 1e3
+            times[n]["of_read_floor"] = times[n]["read_floor_ms"] / times[n]["ms"]
     if "bf16" in times:
         for n in names:
             if n != "bf16" and n in times:
@@ -193,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routing", nargs="+", default=["uniform", "zipf"])
     ap.add_argument("--sample", type=int, default=4, help="requests checked vs the reference")
     ap.add_argument("--no-fp8-dot", action="store_true", help="skip the FP8 tensor-core variant")
+    ap.add_argument(
+        "--variants", nargs="+", default=None, help="run only these (bf16 is always run)"
+    )
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes in the interpreter")
     ap.add_argument("--out", default="bench/results/fp8_attention.json")
     args = ap.parse_args(argv)
@@ -204,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("needs a CUDA GPU (or --cpu-dry-run)")
         s, batches, tiles = gpu_shape(args.chunks, args.top_k), args.batch, TILES
-    names = ["bf16", "fp8", "fp8_chunk"] + ([] if args.no_fp8_dot else ["fp8_dot"])
+    names = ["bf16", "fp8", "fp8_chunk"] + ([] if args.no_fp8_dot else ["fp8_dot"]) + [*MMA]
+    if args.variants:
+        names = ["bf16"] + [n for n in names[1:] if n in args.variants]
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)  # routing, on the host
     pools = make_pools(s)

@@ -22,6 +22,7 @@ The programs are in `shared_attention_kernel.py`; the plain-PyTorch reference in
 
 import torch
 
+from .shared_attention_fp8 import _grouped_fp8_mma_kernel, fp8_mma_args, v_t_descriptor
 from .shared_attention_kernel import LOG2E, _grouped_shared_attention_kernel
 from .shared_attention_ref import grouped_shared_attention_ref
 from .shared_inputs import (
@@ -77,13 +78,20 @@ def grouped_shared_attention(
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     fp8_dot: bool = False,
     chunk_scales: torch.Tensor | None = None,
+    fp8_mma: bool = False,
+    v_pool_t: torch.Tensor | None = None,
+    fp8_q_split: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
 
     e4m3 pools (float8_e4m3fn) need `kv_scales` = (k_scale, v_scale) fp32, [S_total, Hkv]
     (one per pool row and KV head, addressed like the rows) or [C, Hkv] (one per chunk and
     KV head): a value is the stored one times its scale. K/V are upcast in registers, or
-    with `fp8_dot` q is cut to e4m3 per tile and QK^T runs on FP8 tensor cores.
+    with `fp8_dot` q is cut to e4m3 per tile and QK^T runs on FP8 tensor cores, or with
+    `fp8_mma` both products run on FP8 tensor cores with no KV tile upcast (q cut per row,
+    scales folded into score columns and weights: `shared_attention_fp8.py`); `v_pool_t`,
+    optional with `fp8_mma`, a contiguous token-major copy of V [Hkv, D, S_total] (TMA);
+    `fp8_q_split` with `fp8_mma`: q as two e4m3 terms (2^-8 relative error, two QK^T dots).
 
     `chunk_scales` fp32 [C], optional: chunk c's scores use `sm_scale * chunk_scales[c]`
     (parts of other softmax temperatures in one launch); None: `sm_scale` for every chunk.
@@ -101,6 +109,10 @@ def grouped_shared_attention(
     check_inputs(q, k_pool, v_pool, table, sel)
     fp8 = fp8_kernel_args(q, k_pool, v_pool, kv_scales, table, fp8_dot)
     per_chunk = chunk_scale_args(q, chunk_scales, table)
+    kernel, mma = _grouped_shared_attention_kernel, {}
+    if fp8_mma or v_pool_t is not None:
+        kernel = _grouped_fp8_mma_kernel
+        mma = fp8_mma_args(fp8, fp8_dot, k_pool, v_pool_t, fp8_q_split)
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
@@ -144,8 +156,12 @@ def grouped_shared_attention(
     if cfg["use_tma"] and tma_ok(k_pool, v_pool):
         k_desc = pool_descriptor(k_pool, cfg["block_n"])
         v_desc = pool_descriptor(v_pool, cfg["block_n"])
+        if v_pool_t is not None:
+            v_desc = v_t_descriptor(v_pool_t, cfg["block_n"])
+    if v_pool_t is not None and v_desc is None:
+        raise ValueError("v_pool_t is read through TMA: pass use_tma=True (Hopper, aligned pools)")
     grid = w_max if max_programs is None else max(1, min(w_max, max_programs))
-    _grouped_shared_attention_kernel[(grid,)](
+    kernel[(grid,)](
         q,
         k_pool,
         v_pool,
@@ -180,6 +196,7 @@ def grouped_shared_attention(
         PERSISTENT=max_programs is not None,
         **fp8,
         **per_chunk,
+        **mma,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

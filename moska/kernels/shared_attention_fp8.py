@@ -1,0 +1,265 @@
+"""The FP8 tensor-core program of grouped shared-chunk attention (FA3-style, `fp8_mma`).
+
+Why a second program: the e4m3 paths of `shared_attention_kernel.py` upcast each K/V tile
+to bf16 in registers before `tl.dot` (or, with `fp8_dot`, V only). On Hopper a dot's
+B operand must sit in shared memory, so an upcast tile is written back there and the
+asynchronous TMA -> wgmma pipeline stalls on it; with per-token scales the scale multiply
+also sits between the load and the dot. On the H200 that made e4m3 KV 0.35-0.55x the
+speed of bf16 (bench/results/fp8_attention_h200_*_scales.json). Here no KV tile is touched
+element-wise: both products run on FP8 tensor cores straight from the loaded tiles, and
+every scale is applied to a score or weight row or column instead:
+
+    QK^T: q is cut to e4m3 per query row (q = q8 * q_s[row]); s = dot(q8, k8^T) in fp32,
+          then s * (q_s[row] * sm_scale) * k_scale[token]   (k = k8 * k_scale[token])
+    P.V:  the softmax weights p (in [0, 1]) times v_scale[token] are cut to e4m3 after
+          mapping the block's largest v_scale to P_RANGE (e4m3 keeps 2^-4 relative error
+          from 2^-6 up, so small weights keep their precision), and the block's dot
+          is scaled back by v_max / P_RANGE: o += dot(e4m3(p * vs * R / v_max), v8) * v_max / R
+
+Per-(chunk, KV head) scales fold into the logit scale (K) and the output (V), as in the
+upcast program. `V_T`: V read from a token-major copy [Hkv * D, S_total] (the operand layout
+FP8 wgmma wants for P.V; with the library's [S_total, Hkv, D] layout the compiler may have to
+transpose V's tile in shared memory). Launched by `shared_attention.py` (`fp8_mma=True`).
+"""
+
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .merge import merge_finish
+
+P_RANGE = tl.constexpr(256.0)  # the largest weight maps here before the e4m3 cut (max 448)
+
+
+def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> dict:
+    """The program's extra constexpr (V_T) after checking its inputs: e4m3 pools (`fp8`
+    the launcher's e4m3 arguments, empty for other pools), not with `fp8_dot`; `v_pool_t`
+    None or a contiguous e4m3 [Hkv, D, S_total] copy of V, read through TMA only (every
+    chunk must start at a multiple of 16 rows: TMA offsets are 16-byte aligned)."""
+    if not fp8:
+        raise ValueError(f"fp8_mma is for float8_e4m3fn pools, not {k_pool.dtype}")
+    if fp8_dot:
+        raise ValueError("fp8_mma and fp8_dot are two programs: pass one")
+    if v_pool_t is None:
+        return {"Q_SPLIT": q_split}
+    s, hkv, d = k_pool.shape
+    if (
+        v_pool_t.dtype != k_pool.dtype
+        or tuple(v_pool_t.shape) != (hkv, d, s)
+        or not v_pool_t.is_contiguous()
+        or v_pool_t.device != k_pool.device
+    ):
+        raise ValueError(
+            f"v_pool_t must be a contiguous {k_pool.dtype} [Hkv, D, S_total] = {(hkv, d, s)} "
+            f"on {k_pool.device}; got {v_pool_t.dtype} {tuple(v_pool_t.shape)}"
+        )
+    if s % 16:
+        raise ValueError(f"v_pool_t is read through TMA: S_total must be a multiple of 16, not {s}")
+    return {"V_T": True, "Q_SPLIT": q_split}
+
+
+def v_t_descriptor(v_pool_t, block_n: int) -> TensorDescriptor:
+    """TMA descriptor of a token-major V copy [Hkv, D, S] as [Hkv * D, S], [D, block_n] tiles."""
+    hkv, d, s = v_pool_t.shape
+    return TensorDescriptor(v_pool_t, [hkv * d, s], [s, 1], [d, block_n])
+
+
+@triton.jit
+def _fp8_inner(
+    acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, col, lo, hi,
+    stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, V_T: tl.constexpr,
+    PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr,
+):  # fmt: skip
+    # Online softmax over keys [lo, hi) in blocks of BLOCK_N; q_sc [BLOCK_M]: each row's
+    # q scale times the logit scale (log2 domain). Unmasked calls need (hi - lo) % BLOCK_N
+    # == 0; a TMA block past `hi` reads the next chunk: those keys get -inf and weight 0.
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in tl.range(lo, hi, BLOCK_N):
+        n_ok = (start + offs_n) < hi
+        if USE_TMA:
+            k = k_desc.load([start, col])  # [BLOCK_N, D] e4m3
+            if V_T:
+                v = v_desc.load([col, start]).T  # [D, BLOCK_N] tile, token-major
+            else:
+                v = v_desc.load([start, col])
+            s = _qk(q8, q8lo, k.T, Q_SPLIT)
+        else:
+            if MASKED:
+                k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            s = _qk(q8, q8lo, k, Q_SPLIT)  # [BLOCK_M, BLOCK_N] fp32
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+        if PER_TOKEN:  # the token's K scale on its score column, after the dot
+            ks = tl.load(k_scale_ptr + sc_ptrs, mask=n_ok, other=1.0)
+            s = s * q_sc[:, None] * ks[None, :]
+        else:
+            s = s * q_sc[:, None]
+        if MASKED:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PER_TOKEN:  # the token's V scale on its weight, before the e4m3 cut
+            vs = tl.load(v_scale_ptr + sc_ptrs, mask=n_ok, other=0.0)
+            v_max = tl.maximum(tl.max(vs, 0), 1e-30)
+            pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
+            acc = acc * alpha[:, None] + tl.dot(pw, v) * (v_max / P_RANGE)
+            sc_ptrs += BLOCK_N * stride_sc
+        else:  # 1 / P_RANGE goes with the chunk's V scale onto the output
+            acc = tl.dot((p * P_RANGE).to(tl.float8e4nv), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _qk(q8, q8lo, kt, Q_SPLIT: tl.constexpr):
+    # QK^T on FP8 tensor cores, in units of q's row scale; Q_SPLIT: q = q8 + q8lo / 16
+    # (q8lo: q's e4m3 rounding residual, 16x up), two dots for 2^-8 relative q error
+    s = tl.dot(q8, kt)
+    if Q_SPLIT:
+        s = tl.dot(q8lo, kt, s * 16.0) * 0.0625
+    return s
+
+
+# fmt: off
+@triton.jit
+def _grouped_fp8_mma_kernel(
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr,
+    sel_chunk_ptr, work_ptr, meta_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    k_scale_ptr=None, v_scale_ptr=None, stride_sc=0,
+    KV_FP8: tl.constexpr = True, FP8_DOT: tl.constexpr = False, CDTYPE: tl.constexpr = None,
+    PER_TOKEN: tl.constexpr = False, chunk_scale_ptr=None, CHUNK_SCALE: tl.constexpr = False,
+    V_T: tl.constexpr = False, Q_SPLIT: tl.constexpr = False,
+):
+    # fmt: on
+    # The arguments of `_grouped_shared_attention_kernel` (WARP_SPEC, PRECISION, KV_FP8,
+    # FP8_DOT and CDTYPE are unused: this program is e4m3 only); V_T: v_desc is the
+    # descriptor of a token-major V copy [Hkv * D, S_total].
+    n_items = tl.load(meta_ptr)
+    if PERSISTENT:
+        for w in range(tl.program_id(0), n_items, tl.num_programs(0)):
+            # fmt: off
+            _fp8_item(
+                w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
+                sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+                stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+                G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
+                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT,
+            )
+            # fmt: on
+    else:
+        w = tl.program_id(0)
+        if w < n_items:
+            # fmt: off
+            _fp8_item(
+                w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
+                sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+                stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+                G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
+                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT,
+            )
+            # fmt: on
+
+
+# fmt: off
+@triton.jit
+def _fp8_item(
+    w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr,
+    sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, V_T: tl.constexpr, k_scale_ptr, v_scale_ptr, stride_sc,
+    PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
+):
+    # fmt: on
+    # work item w: one row tile of one (chunk, KV head) group over one split of the chunk
+    start = tl.load(work_ptr + w)
+    n_sel = tl.load(work_ptr + W + w)
+    tile = tl.load(work_ptr + 2 * W + w)
+    split = tl.load(work_ptr + 3 * W + w)
+    n_split = tl.load(work_ptr + 4 * W + w)
+    chunk = tl.load(sel_chunk_ptr + start)
+    kv = tl.load(sel_kv_ptr + start)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    rows = tile * BLOCK_M + offs_m
+    row_ok = rows < n_sel * G
+    req = tl.load(sel_req_ptr + start + rows // G, mask=row_ok, other=0)
+    head = kv * G + rows % G
+    q = tl.load(
+        q_ptr + req[:, None].to(tl.int64) * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    # q to e4m3 per row, the row's scale joins the logits. The largest magnitude maps to 440,
+    # not e4m3's max 448: a quotient a rounding above 448 is NaN unless the cast saturates
+    # (the GPU's does, Triton's interpreter does not); 440 still rounds to 448
+    q_s = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 440.0
+    q8 = (q / q_s[:, None]).to(tl.float8e4nv)
+    q8lo = q8  # Q_SPLIT: the residual, 16x up (|residual| <= 2^-4 |q|: no overflow)
+    if Q_SPLIT:
+        q8lo = ((q / q_s[:, None] - q8.to(tl.float32)) * 16.0).to(tl.float8e4nv)
+    if CHUNK_SCALE:
+        qk_scale = qk_scale * tl.load(chunk_scale_ptr + chunk)
+    if not PER_TOKEN:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + chunk * stride_sc + kv)
+    q_sc = q_s * qk_scale
+
+    c_lo = tl.load(starts_ptr + chunk)
+    c_hi = tl.load(ends_ptr + chunk)
+    split_len = tl.cdiv(tl.cdiv(c_hi - c_lo, n_split), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(c_lo + split * split_len, c_hi)
+    hi = tl.minimum(lo + split_len, c_hi)
+    full_hi = lo + (tl.maximum(hi - lo, 0) // BLOCK_N) * BLOCK_N
+    k_ptrs = k_ptr + lo.to(tl.int64) * stride_kn + kv * stride_kh
+    k_ptrs += offs_n[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = v_ptr + lo.to(tl.int64) * stride_vn + kv * stride_vh
+    v_ptrs += offs_n[:, None] * stride_vn + offs_d[None, :]
+    sc_ptrs = (lo + offs_n).to(tl.int64) * stride_sc + kv
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # fmt: off
+    acc, m_i, l_i = _fp8_inner(
+        acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv * D, lo, full_hi,
+        stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
+        BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT,
+    )
+    if full_hi < hi:
+        skip = (full_hi - lo).to(tl.int64)
+        acc, m_i, l_i = _fp8_inner(
+            acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs + skip * stride_kn, v_ptrs + skip * stride_vn,
+            k_desc, v_desc, kv * D, full_hi, hi, stride_kn, stride_vn,
+            sc_ptrs + skip * stride_sc, k_scale_ptr, v_scale_ptr, stride_sc,
+            BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT,
+        )
+    # fmt: on
+
+    o, lse = merge_finish(m_i, l_i, acc)
+    if not PER_TOKEN:  # the chunk's V scale and the weights' range: o is linear in V
+        o = o * (tl.load(v_scale_ptr + chunk * stride_sc + kv) / P_RANGE)
+    if n_split == 1:
+        out_rows = (start * G + rows).to(tl.int64)
+        tl.store(
+            o_ptr + out_rows[:, None] * D + offs_d[None, :],
+            o.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+        tl.store(lse_ptr + out_rows, lse, mask=row_ok)
+    else:
+        part = w.to(tl.int64) * BLOCK_M + offs_m
+        tl.store(o_part_ptr + part[:, None] * D + offs_d[None, :], o)
+        tl.store(lse_part_ptr + part, lse)
