@@ -223,8 +223,6 @@ class AdmissionController:
         load: Load,
         num_requests: int = 1,
         queue_target: int | None = None,
-        *,
-        deadline: float = math.inf,
     ) -> Prediction:
         """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end
         (`queue_replay.replay`) with the learned step times."""
@@ -240,7 +238,6 @@ class AdmissionController:
             load_tps=load_tps,
             limits=self.limits,
             max_sim_steps=self.max_sim_steps,
-            deadline=deadline,
         )
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:

@@ -73,7 +73,6 @@ class Prediction(NamedTuple):
     clear_s: float = 0.0  # until every request waiting ahead has its first token
     alone_s: float = 0.0  # the new request's own first token on an idle engine
     idle_s: float = 0.0  # until the engine would be idle without the new requests
-    within: int = 0  # of the new requests, how many have their first token by `deadline`
 
 
 def replay(
@@ -86,12 +85,10 @@ def replay(
     load_tps: float,
     limits: EngineLimits,
     max_sim_steps: int = 20_000,
-    deadline: float = math.inf,
 ) -> Prediction:
     """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end,
     each step costing `coef` . features (seconds). `queue_s`: when the waiting count
-    ahead first drops to `queue_target`. `within`: how many of the copies have their first
-    token by `deadline` (how many of a burst admission could still admit)."""
+    ahead first drops to `queue_target`."""
     budget, max_seqs = limits.max_num_batched_tokens, limits.max_num_seqs
 
     def step_s(prefill: int, pairs: int, decode: int) -> float:
@@ -127,7 +124,6 @@ def replay(
     ahead_finish = list(finish)  # finish offsets of the requests ahead (idle_s)
     served = 0  # queue entries that got their first token
     prefilling = 0  # admitted entries without a first token (hold a seq slot)
-    within = 0
     while step < max_sim_steps:
         while finish and finish[0] <= step:
             finish.pop(0)
@@ -176,8 +172,6 @@ def replay(
             insort(finish, step + max(cost.max_tokens - 1, 0))
             if served <= first_new:
                 ahead_finish.append(step + max(cost.max_tokens - 1, 0))
-            elif t <= deadline:
-                within += 1
             if cost.library_attend:
                 lib_running.append((step + max(cost.max_tokens - 1, 0), cost.library_attend))
         if own:
@@ -186,7 +180,7 @@ def replay(
             queue_s = t
         if math.isinf(clear_s) and served >= first_new:
             clear_s = t
-        if not math.isinf(ttft) or t > deadline:  # past the deadline: `within` is known
+        if not math.isinf(ttft):
             break
     alone = sum(loads) / load_tps if new.library_load_tokens else 0.0
     left_tokens = new.prompt_tokens
@@ -194,8 +188,9 @@ def replay(
         take = min(left_tokens, budget)
         alone += step_s(take, take * new.library_attend, 0)
         left_tokens -= take
-    idle = _idle_s(t_prev, step - 1, ahead_finish, ttft, step_s)
-    return Prediction(ttft, queue_s, clear_s, alone, idle, within)
+    return Prediction(
+        ttft, queue_s, clear_s, alone, _idle_s(t_prev, step - 1, ahead_finish, ttft, step_s)
+    )
 
 
 def _idle_s(t: float, step: int, ahead: list[int], ttft: float, step_s: Any) -> float:

@@ -13,6 +13,7 @@ from moska.server.admission import AdmissionController, Decision, EngineLimits, 
 from moska.server.app import create_app
 from moska.server.background import background_server
 from moska.server.queue_replay import RequestCost
+from moska.server.retry_drain import door_admits
 from moska.server.settings import ServerSettings
 
 INSIDE = 60  # a burst past the door, not yet decided
@@ -56,6 +57,20 @@ def test_a_library_retry_waits_for_what_the_door_still_admits():
     assert 0.5 * before <= d.drain_s <= 2 * after, (d.drain_s, before, after)
     assert not 0.5 * before <= old <= 2 * after, (old, before, after)
     server.run_until_idle()
+
+
+def test_more_requests_inside_do_not_hide_the_ones_admitted():
+    """A costly hand-over (0.8 s per 100 requests, as fitted on CPU): of 120 or 300 inside,
+    as many are admitted, the most whose first token still fits (a scan agrees), each
+    handed over as it is decided (one replay of all 300 charged their hand-over first
+    and found none)."""
+    adm = AdmissionController(5.0, None, prior=(0.01, 0.43, 15.0, 0.22, 0.84))
+    typical, fits = RequestCost(128, 16), adm.headroom * 5.0
+    n = door_admits(adm.predict, typical, Load(), 300, fits)
+    assert 0 < n == door_admits(adm.predict, typical, Load(), 120, fits) < 120
+    scan = max(k for k in range(121) if k == 0 or adm.predict(typical, Load(), k).ttft_s <= fits)
+    assert n == scan
+    assert adm.predict(typical, Load(), 300).ttft_s > fits  # all of them would not fit
 
 
 def test_the_door_says_a_library_drain_apart():
