@@ -33,8 +33,12 @@ def door_admits(
     of `n` copies of `typical` after `load` has its first token by `fits` (bisected: that
     time grows with `n`). Not one replay of all of them: it charged the hand-over of every
     request inside before the first step, and at 300 inside found none admitted where
-    admission took 27."""
-    lo, hi = 0, max(0, inside)
+    admission took 27. Doubling first, so 1,000 inside cost replays of tens of requests
+    (a few ms), not of hundreds."""
+    lo, hi = 0, 1
+    while hi < inside and predict(typical, load, hi).ttft_s <= fits:
+        lo, hi = hi, 2 * hi
+    hi = min(hi, max(0, inside))
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if predict(typical, load, mid).ttft_s <= fits:
