@@ -141,7 +141,7 @@ def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, se
     store.top.copy_(hot)
     store.length = context
     if churn >= 0:
-        store._scores = _ChurnScores(store, hot, churn)  # type: ignore[method-assign]
+        store._scores = _ChurnScores(store, hot, churn)
     return store
 
 

@@ -327,11 +327,13 @@ class FlexiKV(PoolSizing):
         self.slot[layer][idx[:, 0], idx[:, 1], idx[:, 2]] = dst
         self._resident[layer] += n
         self.write_back.flush(layer)  # pages written back are in the host copy
-        rows = [t[layer].view(-1, bs * D) for t in (self.host_k, self.host_v)]
-        rows += [t[layer].view(-1, bs * D) for t in (self.pool_k, self.pool_v)]
+        hk, hv = (t[layer].view(-1, bs * D) for t in (self.host_k, self.host_v))
+        pk, pv = (t[layer].view(-1, bs * D) for t in (self.pool_k, self.pool_v))
         if self.zero_copy:
             src = (idx[:, 0] * H + idx[:, 1]) * P + idx[:, 2]
-            self.zero_copy = fetch_in_place(*rows, src, dst, check=not self._zero_copy_checked)
+            self.zero_copy = fetch_in_place(
+                hk, hv, pk, pv, src, dst, check=not self._zero_copy_checked
+            )
             self._zero_copy_checked = True
         if self.zero_copy:
             self.fetched_pages += n - (B * H if fresh is not None else 0)
@@ -341,7 +343,7 @@ class FlexiKV(PoolSizing):
                 copy = idx_h[:, 2] != fresh
                 idx_h, new = idx_h[copy], new[copy]
             flat = (idx_h[:, 0] * H + idx_h[:, 1]) * P + idx_h[:, 2]
-            fetch_host(*rows, flat, to_device(new, self.device))
+            fetch_host(hk, hv, pk, pv, flat, to_device(new, self.device))
             self.fetched_pages += len(flat)
         if timer is not None:
             self._timer.stop(timer)
