@@ -19,10 +19,12 @@ more. After the hand-off the head classes stay fixed (the pool is sized for them
 heads re-rank every R steps and fetch promoted pages from the host copy into free pool slots
 (a dropped page keeps its slot until a fetch needs it: hysteresis). `BlockManager.free`
 (finish, abort, preemption) releases the pool blocks and tells `release`, which drops the
-host copy. Offload needs rank_by="centroid" (page mean keys of host pages stay on the
-device). Not yet: a second hand-off of pages that leave the recent window later (they stay
-in the paged cache); P/D transfer and SemShareKV with FlexiCache are untested (they read
-a request's blocks at prefill, before its hand-off).
+host copy. Pages that leave the recent window after the hand-off follow once there are
+`extend_pages` of them (`_extend`, `Offload.extend`: the pool grows by the blocks the
+unstable heads need for them), so a long decode keeps only top-K + recent pages of its stable
+heads on the device. Offload needs rank_by="centroid" (page mean keys of host pages stay on
+the device). Not yet: P/D transfer and SemShareKV with FlexiCache are untested (they read a
+request's blocks at prefill, before its hand-off).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class _RequestState:
     ranked: int = 0  # re-rankings done (classified from the second one on)
     off: Offload | None = None  # its pages on the host and in the pool, once handed off
     keep_all: bool = False  # a hand-off would save no block: never tried again
+    next_extend: int = 0  # pages before the recent window at which a later hand-off is tried
 
 
 class FlexiEngine:
@@ -72,6 +75,8 @@ class FlexiEngine:
         self.blocks: Any = None  # the engine's BlockManager, once `attach`ed: real offload
         self.cache: Any = None  # the engine's PagedKVCache
         self.min_saving = 1  # blocks a hand-off must free beyond its pool (tests: 0)
+        self.extend_pages = 8  # pages past the last hand-off that make a later one (tests: 1)
+        self.extensions = 0
         self.released_blocks = 0
         self.offloads = 0
         self.mixed_steps = 0  # steps with prefills that patched offloaded decode rows
@@ -111,6 +116,8 @@ class FlexiEngine:
             for i, (rid, st) in enumerate(zip(request_ids, states)):
                 if st.off is None and st.ranked >= 2 and not st.keep_all:
                     self._hand_off(rid, st, seq_lens[i])
+                elif st.off is not None:
+                    self._extend(rid, st, seq_lens[i])
         step = FlexiStep(self, states, block_tables, seq_lens, rows)
         for st in states:
             st.steps += 1
@@ -161,6 +168,37 @@ class FlexiEngine:
         self.released_blocks += bm.release_blocks(rid, pages)
         self.offloads += 1
 
+    def _extend(self, rid: str, st: _RequestState, seq_len: int) -> None:
+        """A later hand-off: the full pages that left the recent window since the last one
+        go to the host copy (kept ones to the pool), their blocks back to the allocator, once
+        there are `extend_pages` of them (stable heads keep top-K + recent pages on the
+        device however long the request decodes)."""
+        cfg, bm, off = self.cfg, self.blocks, st.off
+        assert off is not None
+        n_pages = -(-seq_len // self.block_size)
+        pages = n_pages - cfg.recent_pages
+        if pages - off.pages < max(self.extend_pages, st.next_extend - off.pages):
+            return
+        more = pool_blocks_needed(cfg, st.stable, pages) - len(off.pool)
+        if pages - off.pages - max(more, 0) < self.min_saving:
+            st.next_extend = pages + self.extend_pages  # no saving now: try again later
+            return
+        table = bm.block_table(rid)[off.pages : pages]
+        if -1 in table:
+            return
+        pool = bm.reserve_blocks(rid, more) if more > 0 else []
+        if pool is None:
+            return
+        n_layers = self.num_layers
+        keep = policy.keep_mask(
+            st.top, st.stable, torch.ones(n_layers, dtype=torch.bool, device=self.device),
+            torch.full((n_layers,), n_pages, device=self.device), cfg.recent_pages, n_pages,
+            cfg.sink_pages,
+        )[..., :pages]  # fmt: skip
+        off.extend(self.cache.k, self.cache.v, table, keep, pool)
+        self.released_blocks += bm.release_blocks(rid, pages)
+        self.extensions += 1
+
     def release(self, request_id: str) -> None:
         """Forget a request (finished, aborted or preempted): its host copy goes; its pool
         blocks are the block manager's to free."""
@@ -182,6 +220,7 @@ class FlexiEngine:
             "kept_fraction": int(self._kept) / total,
             "stable_fraction": int(self._stable) / max(int(self._heads), 1),
             "offloads": self.offloads,
+            "extensions": self.extensions,
             "released_blocks": self.released_blocks,
             "pool_blocks": sum(len(o.pool) for o in offs),
             "host_bytes": self.host_bytes(),

@@ -28,6 +28,7 @@ def _engine(llm, spec_threshold: float, attach: bool, min_saving: int = 0) -> Fl
     if attach:
         eng.attach(bm, runner.cache)
         eng.min_saving = min_saving
+        eng.extend_pages = 1  # a later hand-off at each page that leaves the recent window
     runner.flexi = eng
     return eng
 
@@ -72,6 +73,7 @@ def test_offloaded_all_unstable_equals_full_kv(llm):
     got = _run(llm, PROMPTS, LATE)
     _same(full, got)
     assert eng.offloads == 3 and eng.released_blocks >= 2 * 6  # the late one too
+    assert eng.extensions > 0  # later hand-offs (pool grown for the unstable heads)
     assert eng.mixed_steps >= 1  # the late prompt's prefill ran with offloaded decodes
     assert not eng.requests and eng.host_bytes() == 0
 
@@ -87,6 +89,7 @@ def test_offloaded_stable_heads_equal_the_modeled_page_lists(llm):
     _same(modeled, got)
     assert eng.offloads >= 2 and eng.released_blocks > 0
     assert eng.stats()["fetched_pages"] > 0  # re-rankings fetched promoted pages
+    assert eng.extensions > 0  # pages that left the recent window later were offloaded too
 
 
 def test_abort_frees_host_copy_and_pool(llm):
@@ -134,8 +137,10 @@ def test_same_block_budget_runs_more_long_requests(llm):
 
 def test_preempted_offloaded_request_frees_host_copy_and_pool(llm, monkeypatch):
     """Requests that outgrow the budget after their offload are preempted (recompute): their
-    host copy and pool blocks go at once; they later run again and finish."""
+    host copy and pool blocks go at once; they later run again and finish. (Later hand-offs
+    off: with them these requests stop growing in blocks and are not preempted.)"""
     eng = _engine(llm, 0.0, attach=True)
+    eng.extend_pages = 10**6
     sched, bm = llm.engine.scheduler, llm.engine.block_manager
     seen = []
     preempt = sched._preempt
