@@ -44,12 +44,12 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-from moska.server.front_door import FrontDoor
+from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
-from moska.server.retry_drain import door_admits, drain_s, with_door
+from moska.server.retry_drain import LibraryRequests, door_admits, drain_s, with_door
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, StepModel
 
 
@@ -66,8 +66,10 @@ class Decision:
     retry_after_s: int  # whole seconds a client should wait before retrying; 0 if accepted
     drain_s: float = 0.0  # predicted seconds until a request like this one would be admitted
     # at the door (body unread): the drain of a typical library request, for a 429 whose
-    # body turns out to name a library (None: no library request decided yet)
+    # body turns out to name a library (None: no library request decided yet), and of one
+    # whose body has so many bytes
     library_drain_s: float | None = None
+    library_drain_of: Callable[[int], float] | None = None
 
     @property
     def accepted(self) -> bool:
@@ -82,11 +84,13 @@ class Decision:
             return 3_600_000
         return max(1, round(self.drain_s * 1000))
 
-    def for_library(self) -> Decision:
-        """This door rejection as a library request gets it (its drain)."""
-        if self.library_drain_s is None:
-            return self
+    def for_library(self, body_bytes: int | None = None) -> Decision:
+        """This door rejection as a library request (of `body_bytes`) gets it."""
         drain = self.library_drain_s
+        if body_bytes and self.library_drain_of is not None:
+            drain = self.library_drain_of(body_bytes)
+        if drain is None:
+            return self
         return replace(self, retry_after_s=_retry_after(drain), drain_s=drain)
 
     def retry_headers(self) -> dict[str, str]:
@@ -155,9 +159,8 @@ class AdmissionController:
         # a first filter (each request meets `decide` with its own cost), and a mean over
         # a mix where one library prefill costs 10 s on CPU shed nearly every plain request
         self._typical = [128.0, 16.0]
-        # decided library requests' prompt, max_tokens and library attention: the cost a
-        # library request at the door is assumed to have (its drain, `Decision.for_library`)
-        self._typical_library: list[float] | None = None
+        # what a library request at the door is assumed to cost (`Decision.for_library`)
+        self.library_requests = LibraryRequests(alpha)
         self._door_memo: tuple[float, int, int, int] | None = None  # time, inside, waiting, n
 
     @property
@@ -261,11 +264,7 @@ class AdmissionController:
                 for i, v in enumerate((cost.prompt_tokens, cost.max_tokens)):
                     self._typical[i] += self.alpha * (v - self._typical[i])
             if cost.library_attend:
-                seen = (cost.prompt_tokens, cost.max_tokens, cost.library_attend)
-                if self._typical_library is None:
-                    self._typical_library = [float(v) for v in seen]
-                for i, v in enumerate(seen):
-                    self._typical_library[i] += self.alpha * (v - self._typical_library[i])
+                self.library_requests.observe(cost, BODY_BYTES.get())
         return decision
 
     def _decide(
@@ -310,12 +309,24 @@ class AdmissionController:
         drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=self.door.wait_s)
         return _retry_after(drain), drain
 
-    def _typical_cost(self, library: bool = False) -> RequestCost:
-        """A typical admitted request, or a typical decided library one (a plain one until
-        a library request is decided)."""
+    def _typical_cost(self) -> RequestCost:
         with self._lock:
-            seen = (library and self._typical_library) or self._typical
-            return RequestCost(*(max(1, round(v)) for v in seen))
+            return RequestCost(*(max(1, round(v)) for v in self._typical))
+
+    def _library_drains(self, load: Load) -> Callable[[int], float]:
+        """The drain of a library request at the door by its body's bytes, on `load`
+        (one replay per 16-token prompt step, kept with the door's memoized decision)."""
+        memo: dict[RequestCost, float] = {}
+
+        def drain(body_bytes: int) -> float:
+            with self._lock:
+                cost = self.library_requests.cost(body_bytes)
+            assert cost is not None  # made only once a library request was decided
+            if cost not in memo:
+                memo[cost] = self._drain(cost, load)[1]
+            return memo[cost]
+
+        return drain
 
     def _door_admits(self, load: Load, fits: float) -> int:
         """`retry_drain.door_admits` for the requests inside now, memoized like `shed`
@@ -348,7 +359,7 @@ class AdmissionController:
         now, inside = time.monotonic(), self.door.inside
         with self._lock:
             cached = self._shed_memo
-            lib = self._typical_library is not None
+            lib = self.library_requests.cost()
         typical = self._typical_cost()
         if (
             cached is not None
@@ -368,34 +379,16 @@ class AdmissionController:
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
                 retry_after, drain = self._drain(typical, load)
-                library = self._drain(self._typical_cost(True), load)[1] if lib else None
-                result = replace(
-                    decision, retry_after_s=retry_after, drain_s=drain, library_drain_s=library
-                )
+                result = replace(decision, retry_after_s=retry_after, drain_s=drain)
+                if lib is not None:
+                    result = replace(
+                        result,
+                        library_drain_s=self._drain(lib, load)[1],
+                        library_drain_of=self._library_drains(load),
+                    )
         with self._lock:
             self._shed_memo = (now, inside, result)
         return result
-
-
-def request_cost(
-    prompt_tokens: int,
-    max_tokens: int,
-    library: Any = None,
-    *,
-    loaded: bool = True,
-    top_k_chunks: int,
-) -> RequestCost:
-    """The cost of one request: with a library (what is known of it, a loaded library or
-    its manifest's info: `num_chunks`, `chunk_size`, `num_tokens`), the library tokens each
-    row attends to (`top_k_chunks` chunks of it) and, if it is not `loaded` yet, its size
-    to load. A damaged library costs nothing here (the engine rejects it)."""
-    chunks, size, total = (
-        getattr(library, k, None) for k in ("num_chunks", "chunk_size", "num_tokens")
-    )
-    if not (chunks and size and total):
-        return RequestCost(prompt_tokens, max_tokens)
-    attend = min(total, min(top_k_chunks, chunks) * size)
-    return RequestCost(prompt_tokens, max_tokens, attend, 0 if loaded else int(total))
 
 
 def _retry_after(seconds: float) -> int:

@@ -28,6 +28,9 @@ class Ticket:
 
 # the current request's ticket (set by the load-shedding middleware)
 TICKET: ContextVar[Ticket | None] = ContextVar("moska_door_ticket", default=None)
+# the current request's body size in bytes (its Content-Length; None when not sent), set by
+# the load-shedding middleware: admission relates library requests' prompts to it
+BODY_BYTES: ContextVar[int | None] = ContextVar("moska_body_bytes", default=None)
 
 
 class FrontDoor:

@@ -20,7 +20,6 @@ from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.structured import Grammar
 from moska.library.positions import request_wants_bos
 from moska.server import sampling_fields, structured_output
-from moska.server.admission import request_cost
 from moska.server.async_engine import AsyncEngine
 from moska.server.errors import APIError, from_engine_error
 from moska.server.library_lookup import check_library, lookup_library
@@ -31,6 +30,7 @@ from moska.server.protocol import (
     PromptTokensDetails,
     UsageInfo,
 )
+from moska.server.queue_replay import request_cost
 from moska.server.request_stream import EngineDeadError, RequestStream
 from moska.server.routing_answer import check_report_routing, routing_report
 from moska.server.state import ServerState

@@ -10,7 +10,8 @@ SLO) and, when admission says that even the smallest request would miss the SLO 
 answers 429 before the body is parsed or tokenized. A request it lets in is counted
 inside the front door (`front_door.py`) until admission decides on it. A 429's body is only
 glanced at (its first chunk, for a `"library"` key): a library request waits several times
-longer than a plain one for a retry to be admitted, so it gets the library drain.
+longer than a plain one for a retry to be admitted, so it gets the library drain of a
+prompt of its size (admission relates Content-Length to library prompts, `BODY_BYTES`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moska.server.admission import Decision
 from moska.server.errors import error_body
-from moska.server.front_door import TICKET, FrontDoor
+from moska.server.front_door import BODY_BYTES, TICKET, FrontDoor
 
 GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
@@ -87,15 +88,17 @@ class LoadSheddingMiddleware:
                 door = _front_door(scope)
                 ticket = door.enter() if door is not None else None
                 ticket_token = TICKET.set(ticket)
+                bytes_token = BODY_BYTES.set(_content_length(scope))
                 try:
                     await self.app(scope, receive, send)
                 finally:
+                    BODY_BYTES.reset(bytes_token)
                     TICKET.reset(ticket_token)
                     if door is not None:
                         door.leave(ticket)
                 return
             if decision.library_drain_s is not None and await _names_a_library(receive):
-                decision = decision.for_library()
+                decision = decision.for_library(_content_length(scope))
             message = (
                 f"server overloaded at the door ({decision.verdict.value}, predicted time to "
                 f"first token {decision.predicted_ttft_s:.2f}s); retry after "
@@ -123,6 +126,13 @@ async def _names_a_library(receive: Receive, wait_s: float = 0.05) -> bool:
         return False
     body = message.get("body", b"") if message.get("type") == "http.request" else b""
     return _LIBRARY.search(body[:65536]) is not None
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def _front_door(scope: Scope) -> FrontDoor | None:

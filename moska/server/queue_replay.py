@@ -27,6 +27,27 @@ class RequestCost:
     library_load_tokens: int = 0
 
 
+def request_cost(
+    prompt_tokens: int,
+    max_tokens: int,
+    library: Any = None,
+    *,
+    loaded: bool = True,
+    top_k_chunks: int,
+) -> RequestCost:
+    """The cost of one request: with a library (what is known of it, a loaded library or
+    its manifest's info: `num_chunks`, `chunk_size`, `num_tokens`), the library tokens each
+    row attends to (`top_k_chunks` chunks of it) and, if it is not `loaded` yet, its size
+    to load. A damaged library costs nothing here (the engine rejects it)."""
+    chunks, size, total = (
+        getattr(library, k, None) for k in ("num_chunks", "chunk_size", "num_tokens")
+    )
+    if not (chunks and size and total):
+        return RequestCost(prompt_tokens, max_tokens)
+    attend = min(total, min(top_k_chunks, chunks) * size)
+    return RequestCost(prompt_tokens, max_tokens, attend, 0 if loaded else int(total))
+
+
 @dataclass(frozen=True)
 class Load:
     """The engine's load as admission sees it. `waiting`: requests without a first token,

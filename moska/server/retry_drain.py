@@ -77,3 +77,54 @@ def drain_s(pred: Prediction, *, fits: float, risk: float, door_wait_s: float) -
             engine = max(pred.clear_s, pred.ttft_s - fits)
         engine = min(engine, pred.idle_s)
     return max(engine, door_wait_s, 0.0)
+
+
+class LibraryRequests:
+    """What the door assumes of a library request it rejects unread: the decided library
+    requests' typical prompt, max_tokens and library attention, with the prompt from the
+    body's size when it is known (`cost`). A library request's wait grows with its prompt
+    (prompt tokens x attended library tokens): on CPU a retry of a 48-character one was
+    admitted after 1.5-3 s, of a 244-character one after 11-15 s, so one typical drain
+    for all of them was 6x too long for the short ones. The size is a least-squares line
+    of prompt tokens over body bytes (Content-Length), on moving sums. Not thread-safe
+    (the controller locks)."""
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha = alpha
+        self.typical: list[float] | None = None  # prompt, max_tokens, library_attend
+        self._sums = [0.0] * 5  # moving averages of 1, bytes, tokens, bytes^2, bytes x tokens
+
+    def observe(self, cost: RequestCost, body_bytes: int | None) -> None:
+        seen = (cost.prompt_tokens, cost.max_tokens, cost.library_attend)
+        if self.typical is None:
+            self.typical = [float(v) for v in seen]
+        for i, v in enumerate(seen):
+            self.typical[i] += self.alpha * (v - self.typical[i])
+        if body_bytes:
+            x, y = float(body_bytes), float(cost.prompt_tokens)
+            for i, m in enumerate((1.0, x, y, x * x, x * y)):
+                self._sums[i] += self.alpha * (m - self._sums[i])
+
+    def prompt_tokens(self, body_bytes: int) -> int | None:
+        """The prompt a library request's body of `body_bytes` holds (None: no sizes seen,
+        or all alike)."""
+        w, x, y, xx, xy = self._sums
+        if w <= 0:
+            return None
+        mx, my = x / w, y / w
+        var = xx / w - mx * mx
+        if var <= 1e-6 * max(mx * mx, 1.0):
+            return None
+        slope = (xy / w - mx * my) / var
+        return max(1, round(my + slope * (body_bytes - mx))) if slope > 0 else None
+
+    def cost(self, body_bytes: int | None = None) -> RequestCost | None:
+        """The typical decided library request, its prompt from `body_bytes` when that can
+        be told (None: no library request decided yet)."""
+        if self.typical is None:
+            return None
+        prompt, max_tokens, attend = (max(1, round(v)) for v in self.typical)
+        told = self.prompt_tokens(body_bytes) if body_bytes else None
+        if told is not None:
+            prompt = max(1, 16 * round(told / 16))  # 16-token steps: few drains to replay
+        return RequestCost(prompt, max_tokens, attend)

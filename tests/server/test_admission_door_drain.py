@@ -12,6 +12,7 @@ from test_load_shedding import _Shedding
 from moska.server.admission import AdmissionController, Decision, EngineLimits, Load, Verdict
 from moska.server.app import create_app
 from moska.server.background import background_server
+from moska.server.front_door import BODY_BYTES
 from moska.server.queue_replay import RequestCost
 from moska.server.retry_drain import door_admits
 from moska.server.settings import ServerSettings
@@ -94,15 +95,41 @@ def test_the_door_says_a_library_drain_apart():
         adm.door.leave(t)
 
 
+def test_a_library_request_at_the_door_gets_the_drain_of_its_size():
+    """Library requests decided with their body sizes (prompt + 200 bytes) teach the door
+    the prompt of a body: a short library request rejected unread is promised the drain
+    of a short one, shorter than a long one's (its prefill alone misses the SLO: it waits
+    for the idle engine)."""
+    adm, server, tickets = _burst_at_the_door()
+    adm.shed_ttl_s = 0.0
+    for prompt in range(20, 420, 20):
+        token = BODY_BYTES.set(prompt + 200)
+        server.submit(RequestCost(prompt, 8, library_attend=8192))
+        BODY_BYTES.reset(token)
+    assert abs(adm.library_requests.prompt_tokens(248) - 48) <= 1
+    busy = Load(running=((8, 0),) * 8)
+    shed = adm.shed(busy)
+    assert shed is not None
+    short, long = shed.for_library(248), shed.for_library(600)
+    assert short.drain_s < long.drain_s / 2 and short.retry_after_s <= long.retry_after_s
+    assert short.drain_s == adm._drain(RequestCost(48, 8, 8192), busy)[1]
+    assert shed.for_library(None).drain_s == shed.library_drain_s  # no Content-Length
+    for t in tickets:
+        adm.door.leave(t)
+
+
 class _LibraryShedding(_Shedding):
     def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
         decision = super().shed(load, elapsed_s)
-        return None if decision is None else Decision(Verdict.SLO, 9.0, 3, 3.2, 7.5)
+        if decision is None:
+            return None
+        return Decision(Verdict.SLO, 9.0, 3, 3.2, 7.5, lambda n: 6.0 if n < 50 else 7.5)
 
 
 def test_a_429_at_the_door_names_the_library_drain_for_a_library_body():
-    """The door glances at the 429's body: a library request gets the library drain, a
-    plain one (a prompt that says "library" too) the plain drain."""
+    """The door glances at the 429's body: a library request gets the library drain of
+    its size (Content-Length), a plain one (a prompt that says "library" too) the plain
+    drain."""
     admission = _LibraryShedding()
     app = create_app(FakeEngine(), ServerSettings(), admission=admission)
     admission.overloaded.set()
@@ -113,3 +140,5 @@ def test_a_429_at_the_door_names_the_library_drain_for_a_library_body():
         r = httpx.post(f"{url}/v1/completions", json=body | {"library": "demo"})
         assert r.status_code == 429 and r.headers["retry-after-ms"] == "7500"
         assert r.headers["retry-after"] == "8" and "predicted drain 7.50s" in r.text
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "library": "demo"})
+        assert r.status_code == 429 and r.headers["retry-after-ms"] == "6000"
