@@ -27,15 +27,47 @@ def env(tmp_path_factory):
     return env
 
 
-def _fails_in_one_line(env: dict, *args: str) -> str:
-    proc = subprocess.run(
-        [str(MOSKA), "serve", *args],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=FAIL_FAST_S,
-    )
+@pytest.fixture(scope="module")
+def fail_fast(env) -> tuple[int, dict[str, subprocess.CompletedProcess]]:
+    """The fail-fast starts, all at once: each pays for Python's and torch's imports (about
+    3 s of a core), so one after the other they took twice the time of running them side by
+    side on 2 cores. The busy port stays bound until its start has answered."""
+    import torch
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = {
+            "busy": ["--port", str(port)],
+            "triton": ["--port", "0", "--device", "cpu", "--attention", "triton"],
+        }
+        if not torch.cuda.is_available():
+            cases["cuda"] = ["--port", "0", "--device", "cuda"]
+        procs = {
+            name: subprocess.Popen(
+                [str(MOSKA), "serve", *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, args in cases.items()
+        }
+        done = {}
+        try:
+            for name, proc in procs.items():
+                out, err = proc.communicate(timeout=FAIL_FAST_S)
+                done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    return port, done
+
+
+def _fails_in_one_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -45,26 +77,23 @@ def _fails_in_one_line(env: dict, *args: str) -> str:
     return lines[0]
 
 
-def test_busy_port_fails_before_the_model_loads(env):
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        line = _fails_in_one_line(env, "--port", str(port))
+def test_busy_port_fails_before_the_model_loads(fail_fast):
+    port, done = fail_fast
+    line = _fails_in_one_line(done["busy"])
     assert f"127.0.0.1:{port}" in line and "in use" in line
 
 
-def test_cuda_without_cuda_fails_in_one_line(env):
-    import torch
-
-    if torch.cuda.is_available():
+def test_cuda_without_cuda_fails_in_one_line(fail_fast):
+    _, done = fail_fast
+    if "cuda" not in done:
         pytest.skip("this machine has CUDA")
-    line = _fails_in_one_line(env, "--port", "0", "--device", "cuda")
+    line = _fails_in_one_line(done["cuda"])
     assert "CUDA" in line and "--device cpu" in line
 
 
-def test_triton_attention_without_a_gpu_fails_in_one_line(env):
-    line = _fails_in_one_line(env, "--port", "0", "--device", "cpu", "--attention", "triton")
+def test_triton_attention_without_a_gpu_fails_in_one_line(fail_fast):
+    _, done = fail_fast
+    line = _fails_in_one_line(done["triton"])
     assert "triton" in line and "GPU" in line
 
 
