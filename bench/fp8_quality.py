@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from mlkv_quality import PACKAGES, heldout_windows
 
 from moska.kernels.router import build_routing_index, route
+from moska.kernels.shared_attention_fp8_ref import P_RANGE, cut_q, e4m3
 from moska.library.fp8 import GRANULARITIES, dequantize, quantize
 from moska.model import DenseAttention, load_model
 
@@ -49,10 +50,12 @@ class LibraryAttention:
     top-k) plus their own causal KV, in fp32: a dense, obviously correct stand-in for the
     engine's shared + paged attention merged by LSE."""
 
-    def __init__(self, lib_k, lib_v, index, offsets, top_k, sm_scale, q_fp8=False):
+    def __init__(self, lib_k, lib_v, index, offsets, top_k, sm_scale, q_fp8=False, mma=None):
         self.lib_k, self.lib_v, self.index = lib_k, lib_v, index  # per layer [S, Hkv, D]
         self.offsets, self.top_k, self.sm_scale = offsets, top_k, sm_scale
         self.q_fp8 = q_fp8  # the kernel's fp8_dot: q cut to e4m3 for the library's logits
+        # the kernel's fp8_mma: (per-layer V scales [S, Hkv], q_split), see mma_attention
+        self.mma = mma
 
     def visible(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:  # [Hkv, T, S] bool
         c = self.offsets.numel() - 1
@@ -78,6 +81,10 @@ class LibraryAttention:
             q8 = (q.float() / amax).to(torch.float8_e4m3fn).float() * amax
             lib_scores = torch.einsum("thd,shd->hts", q8, kk[:s]) * self.sm_scale
             scores = torch.cat([lib_scores, scores[:, :, s:]], dim=2)
+        if self.mma is not None:
+            q8, q_s = cut_q(q, self.mma[1])  # one scale per (token, head), as the kernel
+            lib_scores = torch.einsum("thd,shd->hts", q8 * q_s, kk[:s]) * self.sm_scale
+            scores = torch.cat([lib_scores, scores[:, :, s:]], dim=2)
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         own = causal.expand(hq, t, t)
         shared = self.visible(layer, q)
@@ -87,11 +94,36 @@ class LibraryAttention:
             else shared.repeat_interleave(g, dim=0)
         )
         scores = scores.masked_fill(~torch.cat([shared, own], dim=2), float("-inf"))
+        if self.mma is not None:
+            vs = self.mma[0][layer].repeat_interleave(g, dim=1).T  # [Hq, S]
+            return mma_attention(scores, vv, s, self.offsets, vs).to(q.dtype)
         return torch.einsum("hts,shd->thd", scores.softmax(-1), vv).to(q.dtype)
 
 
+def mma_attention(scores, vv, s, offsets, vs, block=64):
+    """The fp8_mma program's weights for the library part: per chunk (one shared-attention
+    selection) p = exp(score - chunk max), cut to e4m3 as p * v_scale * R / (max v_scale of
+    its block of `block` keys) and scaled back; sums of p unrounded. The own (causal) part and
+    the merge are exact. scores [Hq, T, S + T] masked, vv [S + T, Hq, D], vs [Hq, S]."""
+    hq, t, _ = scores.shape
+    lib, own = scores[:, :, :s], scores[:, :, s:]
+    c = offsets.numel() - 1
+    by_chunk = lib.view(hq, t, c, s // c)  # equal chunks (--lib-tokens % --chunk-size == 0)
+    m = by_chunk.amax(-1, keepdim=True)  # [Hq, T, C, 1]; -inf: chunk not routed
+    m_ok = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(by_chunk - m_ok).view(hq, t, s)  # 0 where masked
+    v_max = vs.view(hq, s // block, block).amax(-1).repeat_interleave(block, dim=1)  # [Hq, S]
+    pw = e4m3(p * (vs * (P_RANGE / v_max))[:, None, :]) * (v_max / (P_RANGE * vs))[:, None, :]
+    big = torch.maximum(m_ok.amax(dim=(2, 3)), own.amax(-1))[:, :, None]  # [Hq, T, 1]
+    w_chunk = torch.exp(m_ok - big[..., None]).expand(-1, -1, -1, s // c).reshape(hq, t, s)
+    w_own = torch.exp(own - big)
+    num = torch.einsum("hts,shd->thd", torch.cat([pw * w_chunk, w_own], dim=2), vv)
+    den = torch.cat([p * w_chunk, w_own], dim=2).sum(-1).T[:, :, None]  # [T, Hq, 1]
+    return num / den
+
+
 @torch.inference_mode()
-def run_window(model, ids, lib_tokens, chunk_size, top_ks):
+def run_window(model, ids, lib_tokens, chunk_size, top_ks, only=None):
     """Per library variant and routing: (logits [T-1, V] of the query's next tokens)."""
     cfg = model.config
     sm_scale = cfg.sm_scale or cfg.head_dim**-0.5
@@ -113,10 +145,15 @@ def run_window(model, ids, lib_tokens, chunk_size, top_ks):
     pos = torch.arange(lib_tokens, lib_tokens + len(query))
     out = {}
     runs = [(name, name, False) for name in variants] + [("fp8/token+q_e4m3", "fp8/token", True)]
+    vs = [quantize(v, offsets, "token").scale for v in v16]  # [S, Hkv] per layer
+    mma = {"fp8/token+mma": (vs, False), "fp8/token+mma_qsplit": (vs, True)}
+    runs += [(name, "fp8/token", False) for name in mma]
+    if only:  # --variants: these library KV variants (and bf16, the baseline)
+        runs = [r for r in runs if r[0] == "bf16" or r[0] in only]
     for top_k in top_ks:
         for name, kv, q_fp8 in runs:
             lk, lv = variants[kv]
-            la = LibraryAttention(lk, lv, index, offsets, top_k, sm_scale, q_fp8)
+            la = LibraryAttention(lk, lv, index, offsets, top_k, sm_scale, q_fp8, mma.get(name))
             hidden = model(x, pos, la)
             out[(top_k, name)] = model.compute_logits(hidden[:-1]).float()  # [T-1, V]
     return out, x[1:]
@@ -132,6 +169,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=4, help="routed chunks (besides all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", nargs="+", default=None, help="only these (and bf16)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/fp8_quality.json"))
     args = ap.parse_args()
     if args.lib_tokens % args.chunk_size:
@@ -148,7 +186,9 @@ def main() -> None:
     count = 0
     for pkg in PACKAGES:
         for w in windows[pkg]:
-            logits, target = run_window(lm.model, w, args.lib_tokens, args.chunk_size, top_ks)
+            logits, target = run_window(
+                lm.model, w, args.lib_tokens, args.chunk_size, top_ks, args.variants
+            )
             count += target.numel()
             for (top_k, name), lg in logits.items():
                 key = (top_k, name)
