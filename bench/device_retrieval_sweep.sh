@@ -6,7 +6,7 @@ set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 MINUTES=${MINUTES:-7}
-CONFIGS=${CONFIGS:-"base: deep:--layers%8 wide:--hidden%384%--heads%6%--layers%6 nohop:--formats%fact,code"}
+CONFIGS=${CONFIGS:-"base: heads8:--heads%8%--kv-heads%4 nohop:--formats%fact,code tied:--tie-embeddings"}
 pids=()
 for c in $CONFIGS; do
   name=${c%%:*}; extra=${c#*:}; extra=${extra//%/ }

@@ -3,14 +3,20 @@ moska.bench.train_retrieval trains a model on and moska.bench.fidelity asks it.
 
 A context is documents of filler tokens separated by SEP, with facts spread through them in
 three formats:
-- ``fact``: ``FACT k1 k2 k3 IS v1 v2 END``, asked as ``ASK_FACT k1 k2 k3 IS`` -> ``v1 v2``;
-- ``code``: an identifier assignment ``DEF k1 k2 k3 ( v1 v2 )``, asked as
-  ``ASK_CODE k1 k2 k3 (`` -> ``v1 v2``;
-- ``hop`` (multi-hop): ``LINK a1 a2 a3 TO k1 k2 k3 END`` plus a ``fact`` for k, asked as
-  ``ASK_HOP a1 a2 a3 IS`` -> the value of k (the link and the fact sit in different places).
+- ``fact``: ``FACT k1 k2 k3 v1 v2 END``, asked as ``ASK_FACT k1 k2 k3`` -> ``v1 v2``;
+- ``code``: an identifier definition ``DEF k1 k2 k3 v1 v2 )``, asked as
+  ``ASK_CODE k1 k2 k3`` -> ``v1 v2``;
+- ``hop`` (multi-hop): ``LINK a1 a2 a3 k1 k2 k3 END`` plus a ``fact`` for k, asked as
+  ``ASK_HOP a1 a2 a3`` -> ``k1 k2 k3 v1 v2`` (the linked key, then its value: the link and
+  the fact sit in different places).
 Keys are 3 tokens and values 2 tokens from their own ranges; every key is unique in its
 context. A question follows the context after ``QUESTION``; its answer tokens are checked
-token by token.
+token by token. Each answer token follows, somewhere in the context, the token before it:
+the lookup is an induction (match, copy the next token) on a key's last tokens.
+``RetrievalSpec(separators=True)`` is the first format (``k IS v``, ``k ( v``, ``a TO k``,
+questions ending on the separator, a hop answered by the value only): there the value is
+two tokens after the key, and small models did not learn it (CPU: the value's first token
+stayed at chance while its second, a one-token copy, was learnt).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class RetrievalSpec:
     facts: int = 48  # facts per context (hops count as two)
     doc_tokens: int = 256  # mean document length
     formats: tuple[str, ...] = FORMATS  # which of FORMATS the contexts hold
+    separators: bool = False  # IS / ( / TO between a key and its value (see context_array)
 
     def __post_init__(self) -> None:
         assert FIRST_FILLER + self.filler_tokens + self.key_tokens + self.value_tokens <= (
@@ -114,14 +121,20 @@ def context_array(rng: random.Random, spec: RetrievalSpec, num_questions: int):
     while n < spec.facts:
         fmt = rng.choice(spec.formats)
         k, v = _key(rng, spec, used), _value(rng, spec)
+        # with separators a key's last token is two tokens before its value in the context
+        # and the question ends on the separator; without, the value follows the key
+        is_, open_, to = ([IS], [OPEN], [TO]) if spec.separators else ([], [], [])
         if fmt == "fact":
-            pieces.append((fmt, [FACT, *k, IS, *v, END], (ASK_FACT, k, IS, v)))
+            pieces.append((fmt, [FACT, *k, *is_, *v, END], (ASK_FACT, k, is_, v)))
         elif fmt == "code":
-            pieces.append((fmt, [DEF, *k, OPEN, *v, CLOSE], (ASK_CODE, k, OPEN, v)))
+            pieces.append((fmt, [DEF, *k, *open_, *v, CLOSE], (ASK_CODE, k, open_, v)))
         else:
             a = _key(rng, spec, used)
-            pieces.append(("hop-link", [LINK, *a, TO, *k, END], None))
-            pieces.append((fmt, [FACT, *k, IS, *v, END], (ASK_HOP, a, IS, v)))
+            pieces.append(("hop-link", [LINK, *a, *to, *k, END], None))
+            # without separators the answer names the linked key, then its value: each step
+            # is then a one-hop lookup of the token before (the chain written out)
+            ans = list(v) if spec.separators else [*k, *v]
+            pieces.append((fmt, [FACT, *k, *is_, *v, END], (ASK_HOP, a, is_, ans)))
             n += 1
         n += 1
     rng.shuffle(pieces)
@@ -153,7 +166,7 @@ def context_array(rng: random.Random, spec: RetrievalSpec, num_questions: int):
     rng.shuffle(asks)
     qs = []
     for fmt, (marker, key, sep, value), at in asks[: num_questions or len(asks)]:
-        qs.append(([QUESTION, marker, *key, sep], value, fmt, at / len(ctx)))
+        qs.append(([QUESTION, marker, *key, *sep], value, fmt, at / len(ctx)))
     return ctx, qs
 
 
