@@ -118,9 +118,13 @@ def test_cancel_and_a_killed_child(engine):
         assert after.status == JobStatus.QUEUED
         os.kill(doomed.pid, signal.SIGKILL)
         _wait(doomed, _done)
-        _wait(after, _done)  # it took the killed build's place: the other still runs
+        _wait(after, lambda j: j.pid is not None or j.status.done)
+        assert cancelled.status == JobStatus.RUNNING  # it took the killed build's place
+        # cancelled now, not after `after` ends: its prefill no longer competes with the
+        # start of `after`'s child for the cores
         worker.cancel(cancelled.id)
         _wait(cancelled, _done)
+        _wait(after, _done)
     finally:
         worker.shutdown()
     assert doomed.status == JobStatus.FAILED, doomed
