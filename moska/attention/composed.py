@@ -56,7 +56,7 @@ def composed_group_states(
     """(o_sel [N, G, D], lse_sel [N, G], sel) of a composed group's rows: every part's
     routed chunk states, chunk ids global. Records the selections and measures coverage
     into `report` when the group asks, as the backend does for a single library."""
-    comp = group.library
+    comp = group.composed()
     parts = comp.parts
     adjust = [shared_logit_adjustment(p) for p in parts]
     scales = [sm_scale * a for a, _ in adjust]
@@ -80,7 +80,7 @@ def composed_group_states(
 
 def _report(ops, layer, q_rows, group, report, scales, adjust, o_sel, lse_sel, sel):
     """Record the selections and measure coverage into `report` when the group asks."""
-    comp = group.library
+    comp = group.composed()
     if report is None:
         return o_sel, lse_sel, sel
     if group.record:
@@ -96,7 +96,7 @@ def _global_ok(group: LibraryGroup) -> bool:
     from moska.routing import RoutingPolicy
 
     policy = group.policy or RoutingPolicy(scorer=group.scorer)
-    tiered = any(getattr(p, "tiers", None) is not None for p in group.library.parts)
+    tiered = any(getattr(p, "tiers", None) is not None for p in group.composed().parts)
     return policy.mass_threshold is None and not tiered
 
 
@@ -180,7 +180,7 @@ def select_global(
     ``from_topk`` (no host sync; fixed k only)."""
     from moska.routing import RoutingPolicy, log_mass
 
-    comp = group.library
+    comp = group.composed()
     n, dev, C = q_rows.shape[0], q_rows.device, comp.num_chunks
     hkv = comp.parts[0].k_pools[layer].shape[1]
     policy = group.policy or RoutingPolicy(scorer=group.scorer)
@@ -239,7 +239,7 @@ def select_union(
     union of the parts' chunks (every chunk when top_k covers them all)."""
     from moska.routing import RoutingPolicy, choose, from_mask, log_mass
 
-    comp = group.library
+    comp = group.composed()
     n, dev = q_rows.shape[0], q_rows.device
     policy = group.policy or RoutingPolicy(scorer=group.scorer)
     if group.top_k >= comp.num_chunks or layer < policy.dense_layers:

@@ -9,16 +9,23 @@ Length vocabulary (per scheduled request b):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from moska.library.composition import ComposedLibrary
+    from moska.library.loaded import LoadedLibrary
+
+    # what a group's rows read: one loaded library, or several composed into one chunk space
+    SharedLibrary = LoadedLibrary | ComposedLibrary
 
 
 @dataclass
 class LibraryGroup:
     """The rows of one step that attend to one shared library."""
 
-    library: Any  # moska.library.loaded.LoadedLibrary
+    library: SharedLibrary
     rows: torch.Tensor  # [n] int64, indices into the step's packed tokens
     top_k: int  # chunks per row; >= library.num_chunks means all chunks (exact)
     scorer: str = "keymax"
@@ -28,6 +35,23 @@ class LibraryGroup:
     # kept by the bound attention; this input is never written)
     record: bool = False  # report each layer's selections (the runner reads the last)
     coverage_layers: frozenset[int] = frozenset()  # layers that measure routing coverage
+
+    def single(self) -> LoadedLibrary:
+        """The group's library where it is one library: attention/backend.py sends composed
+        groups to attention/composed.py, never here."""
+        from moska.library.composition import ComposedLibrary  # the library imports us
+
+        lib = self.library
+        assert not isinstance(lib, ComposedLibrary), "a composed group on the one-library path"
+        return lib
+
+    def composed(self) -> ComposedLibrary:
+        """The group's libraries where they are composed (attention/composed.py)."""
+        from moska.library.composition import ComposedLibrary
+
+        lib = self.library
+        assert isinstance(lib, ComposedLibrary), "a one-library group on the composed path"
+        return lib
 
 
 @dataclass

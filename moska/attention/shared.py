@@ -28,7 +28,7 @@ def route_group(
 ) -> Selections:
     """The chunks each row of a group reads at ``layer`` (every chunk when top_k covers
     them all). Shared-KV ranks route here too: the routing index stays on rank 0."""
-    lib = group.library
+    lib = group.single()
     num_kv_heads = lib.k_pools[layer].shape[1]
     if group.top_k >= lib.num_chunks:
         n, dev = q_rows.shape[0], q_rows.device
@@ -56,7 +56,7 @@ def shared_attention_for_group(
     sm_scale: float,
     keymax_programs: int | None = None,
 ):
-    lib = group.library
+    lib = group.single()
     k_pool, v_pool = lib.k_pools[layer], lib.v_pools[layer]  # [S, Hkv, D]
     sel = route_group(ops, layer, q_rows, group, sm_scale, keymax_programs)
     if getattr(lib, "tiers", None) is not None:  # KV in tiers: misses fetched, read by slot
@@ -84,7 +84,7 @@ def routing_coverage(
     """Share of each row's shared-library attention mass that its routed chunks hold,
     averaged over query heads: sum over routed chunks of exp(lse_c) over the same sum over
     every chunk. Costs one all-chunks pass of this layer (debugging only)."""
-    lib = group.library
+    lib = group.single()
     n, num_kv_heads = q_rows.shape[0], lib.k_pools[layer].shape[1]
     every = all_chunk_selections(n, num_kv_heads, lib.num_chunks, q_rows.device, ops.triton_routing)
     if getattr(lib, "tiers", None) is not None:
