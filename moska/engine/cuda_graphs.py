@@ -16,13 +16,16 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moska.attention.backend import PagedAttention
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.routing_report import GroupRouting
+
+if TYPE_CHECKING:
+    from moska.attention.metadata import SharedLibrary
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class _Graph:
     group: LibraryGroup | None
     # the group's routing report (set at capture), its tensors written by each replay
     routing: GroupRouting | None = None
-    library: Any = None  # weakref to the library the graph reads, or None
+    library: weakref.ref[SharedLibrary] | None = None  # the library the graph reads
     keep: list = field(default_factory=list)
 
 
@@ -52,7 +55,7 @@ class LibrarySpec:
     """The one library every row of a decode step reads."""
 
     name: str  # the build id: graphs are keyed by build, never by library name
-    library: Any  # LoadedLibrary
+    library: SharedLibrary
     top_k: int
     scorer: str
     record: bool
@@ -226,6 +229,8 @@ class DecodeGraphs:
                     g.routing.clear()
                 g.hidden = self.model(g.ids, g.pos, bound)
         if g.group is not None:
-            g.group.library = None  # the graph must not keep an unloaded library alive
+            # the graph must not keep an unloaded library alive; the group stays for the
+            # tensors the graph reads (its rows) and is never read as a group again
+            g.group.library = None  # type: ignore[assignment]
         g.keep = [meta, bound]
         return g

@@ -4,9 +4,9 @@ all scheduled tokens (prefill chunks and decodes together), and samples."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +24,9 @@ from moska.engine.step_output import PendingStep, StepResult
 from moska.engine.transfer import host_tensor, to_device
 from moska.flexicache.engine_hook import flexi_engine
 from moska.kernel_ops import kernel_ops
+
+if TYPE_CHECKING:
+    from moska.attention.metadata import SharedLibrary
 
 __all__ = ["GraphReplay", "ModelRunner", "PendingStep", "StepResult"]  # step_output's, too
 
@@ -214,7 +217,9 @@ class ModelRunner:
         step.decode_only = meta.decode_only
         return step
 
-    def capture_graphs(self, libraries: dict[str, Any], top_k: int, progress: bool = True) -> int:
+    def capture_graphs(
+        self, libraries: Mapping[str, SharedLibrary], top_k: int, progress: bool = True
+    ) -> int:
         """Capture the decode graphs ahead of traffic: every bucket without a library and
         with each of `libraries` (name -> loaded library, read with `top_k` and its default
         scorer). Returns how many were captured; 0 without graphs. A capture failure logs a
