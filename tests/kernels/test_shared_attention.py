@@ -124,9 +124,10 @@ def test_rejects_bad_input():
         )
 
 
-@pytest.mark.parametrize(
-    "dtype,g,d", [(torch.float32, 4, 64), (torch.float16, 3, 64), (torch.float32, 1, 128)]
-)
+# One point, the odd group G = 3: test_shapes.py's test_step_every_table_tile checks the same
+# step (grouped + paged decode + merge against one dense softmax) at every G = 1, 2, 4, 8 and
+# D = 64, 128, each D and G in both dtypes.
+@pytest.mark.parametrize("dtype,g,d", [(torch.float16, 3, 64)])
 def test_all_chunks_plus_unique_equals_dense(dtype, g, d):
     # Exactness identity: shared attention over ALL chunks merged with paged decode over the
     # unique KV equals one softmax over concat(shared, unique).
