@@ -190,7 +190,9 @@ def test_work_list_covers_every_tile_split_once(fused):
     assert got == sorted(want)
 
 
-@pytest.mark.parametrize("dtype,g", [(torch.float16, 4), (torch.float32, 3), (torch.float16, 1)])
+# G = 1 (and 2, 4, 8) with TMA: every tuning-table tile is a TMA tile, and test_shapes.py runs
+# each at D = 64, 128 on ragged chunks whose last one ends mid-block at the pool's end
+@pytest.mark.parametrize("dtype,g", [(torch.float16, 4), (torch.float32, 3)])
 def test_tma_path_matches_reference(dtype, g):
     """TMA loads: ragged chunks whose last block runs into the next chunk or past the pool's
     end (zero padding) must mask those keys; split-KV and multi-tile groups included."""
