@@ -64,11 +64,16 @@ class HelixLayout:
     kvp: int
 
     def __post_init__(self) -> None:
-        if self.kvp < 2 or self.world % self.kvp:
+        if self.kvp < 2:
             raise HelixConfigError(
-                f"Helix needs decode_context_parallel_size (KVP = {self.kvp}) >= 2 and "
-                f"dividing the ranks ({self.world}); set tensor_parallel_size to a multiple "
-                "of it (or leave it at 1: then the ranks are the KVP ones)"
+                f"Helix needs decode_context_parallel_size >= 2 (got {self.kvp}): it is the "
+                "number of ranks a request's KV is sharded over"
+            )
+        if self.world % self.kvp:
+            raise HelixConfigError(
+                f"Helix needs tensor_parallel_size ({self.world}) to be a multiple of "
+                f"decode_context_parallel_size ({self.kvp}); or leave tensor_parallel_size "
+                "at 1: then the ranks are the KVP ones"
             )
 
     @classmethod

@@ -17,6 +17,20 @@ import traceback
 
 import torch.multiprocessing as mp
 
+# imported once by the forkserver instead of by every rank (1-5 s each on 2 loaded cores):
+# torch._dynamo because building a model on the meta device imports it (nn.init on meta goes
+# through torch._refs); the engine and the kernels' PyTorch references, which the ranks of
+# the engine-level tests import lazily
+PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch._dynamo",
+    "moska.engine.llm_engine",
+    "moska.distributed.helix_engine",
+    *(f"moska.kernels.{m}" for m in ("activation", "kv_write", "merge", "paged_attention",
+                                     "paged_heads", "rms_norm", "rotary", "shared_attention")),
+]  # fmt: skip
+
 
 def _entry(fn, rank: int, world: int, store: str, results, collective_s: float, args) -> None:
     os.environ["TRITON_INTERPRET"] = "0"  # for kernels decorated from here on
@@ -54,9 +68,7 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 60.0, collective_s: floa
     on a failure, and TimeoutError when ``timeout_s`` passes first.
     """
     ctx = mp.get_context("forkserver")
-    # torch._dynamo: building a model on the meta device imports it (nn.init on meta goes
-    # through torch._refs), ~2-5 s per process; once in the forkserver instead
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo"])
+    ctx.set_forkserver_preload(PRELOAD)
     results = ctx.Queue()
     store = os.path.join(tempfile.mkdtemp(prefix="moska-gloo-"), "store")
     procs = []

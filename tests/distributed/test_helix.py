@@ -124,5 +124,5 @@ def test_layout_heads_and_refusals():
         HelixLayout(8, 1)  # KVP 1 is tensor parallelism, not Helix
     with pytest.raises(HelixConfigError, match="divisible"):
         HelixLayout(16, 2).check(cfg)  # 16 ranks > 8 query heads
-    with pytest.raises(HelixConfigError, match="dividing"):
+    with pytest.raises(HelixConfigError, match="multiple"):
         HelixLayout(6, 4)
