@@ -80,8 +80,8 @@ class HelixLayout:
     def from_engine(cls, config: Any) -> HelixLayout:
         """From EngineConfig: N = tensor_parallel_size (or decode_context_parallel_size
         when that is 1), KVP = decode_context_parallel_size."""
-        kvp = config.decode_context_parallel_size
-        return cls(max(config.tensor_parallel_size, kvp), kvp)
+        kvp, tp = config.decode_context_parallel_size, config.tensor_parallel_size
+        return cls(tp if tp > 1 else kvp, kvp)
 
     @property
     def tpa(self) -> int:

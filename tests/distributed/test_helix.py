@@ -7,6 +7,8 @@ KV cache is served; its greedy tokens equal a one-process engine's, fp32 logits 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from gloo_ranks import run_ranks
@@ -126,3 +128,11 @@ def test_layout_heads_and_refusals():
         HelixLayout(16, 2).check(cfg)  # 16 ranks > 8 query heads
     with pytest.raises(HelixConfigError, match="multiple"):
         HelixLayout(6, 4)
+
+    def engine(tp: int) -> SimpleNamespace:
+        return SimpleNamespace(decode_context_parallel_size=4, tensor_parallel_size=tp)
+
+    with pytest.raises(HelixConfigError, match="multiple"):  # not silently 4 ranks
+        HelixLayout.from_engine(engine(2))
+    assert HelixLayout.from_engine(engine(1)) == HelixLayout(4, 4)  # N = P
+    assert HelixLayout.from_engine(engine(8)).tpa == 2
