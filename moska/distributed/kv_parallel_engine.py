@@ -47,7 +47,8 @@ def start_kv_parallel(config: EngineConfig, path, dtype, device: str):
         raise KVParallelConfigError(
             "decode_context_parallel_size > 1 runs without tensor_parallel_size, "
             "shared_kv_ranks and semantic_reuse for now (each of its ranks holds the whole "
-            "model); drop one of them"
+            "model); drop one of them, or add helix=True (--helix) to split the model over "
+            "tensor_parallel_size ranks with the KV sharded over decode_context_parallel_size"
         )
     if config.tier_config is not None:
         raise KVParallelConfigError(
