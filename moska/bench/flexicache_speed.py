@@ -33,28 +33,39 @@ pinned host copy in place, `fetch_in_place`; if that fails, a host gather into p
 staging and a copy up), and how many fetched pages had been dropped at the previous re-ranking
 (`refetched_pages`) or were kept from their old slot without a fetch (`reused_pages`,
 hysteresis: `--no-hysteresis` turns it off, `--spare-pages` leaves spare slots per head).
+
+Rows: full KV, FlexiCache at its batch, FlexiCache at the largest batch, the optional
+compare rows, and full KV again (`full_repeat`: the host's speed can drift over a run; the
+summary takes the faster full row, the stronger baseline). The timed steps are whole
+lcm(r, block size) periods, so the mean (tokens/s) weighs plain, page-start and re-ranking
+steps in their real proportion; the warmup covers two re-rankings (first pool build, first
+fetches and their kernels' compiles). Wall times are eager Python (host-bound where
+`host_issue_ms_median` ~ step time); `device_ms_by_kind` / `device_bound_step_ms` /
+`tokens_per_s_device_bound_*` time them with the host out of the way (`flexicache_timing`).
+FlexiCache rows' host copies are views of one pinned buffer for the largest batch (each row
+pinning its own, power-of-two rounded, ran out of host memory at the fourth); after each row
+its store is freed, torch's device and pinned caches emptied (`after_release`), and the JSON
+written with the rows so far (`partial`): a crash keeps what was measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-import warnings
+import math
+from functools import partial
+from pathlib import Path
 
 import torch
 
-from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model
+from moska.bench import flexicache_timing as timing
+from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
 from moska.flexicache import FlexiCacheConfig
 from moska.flexicache.store import FlexiKV
 from moska.kernel_ops import kernel_ops
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _FullKV:
@@ -107,22 +118,22 @@ class _ChurnScores:
         return s + self.bonus[layer] + 10 * torch.rand(s.shape, device=s.device)
 
 
-def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, seed, churn):
+def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, seed, churn, host):
     L, H, D = mc.num_kv_layers, mc.num_kv_heads, mc.head_dim
     pages = -(-(context + 64) // bs)
     gen = torch.Generator().manual_seed(seed)
     force = torch.rand(L, batch, H, generator=gen) < stable_fraction
     store = FlexiKV(
         cfg, num_layers=L, batch=batch, num_kv_heads=H, head_dim=D, block_size=bs,
-        max_pages=pages, dtype=dtype, device=device, force_stable=force,
+        max_pages=pages, dtype=dtype, device=device, force_stable=force, host=host,
     )  # fmt: skip
     tile_k = torch.randn(64, bs, D, generator=gen).to(dtype)
     tile_v = torch.randn(64, bs, D, generator=gen).to(dtype)
     reps = -(-pages // 64)
-    for host, tile in ((store.host_k, tile_k), (store.host_v, tile_v)):
+    for copy, tile in ((store.host_k, tile_k), (store.host_v, tile_v)):
         full = tile.repeat(reps, 1, 1)[:pages]  # [P, bs, D]
-        for layer in range(L):
-            host[layer].copy_(full.expand(batch, H, *full.shape))
+        for layer in range(L):  # every page: a reused host buffer holds the last row's
+            copy[layer].copy_(full.expand(batch, H, *full.shape))
     # page summaries: K hot pages per head with wide bounds (always ranked first, as a
     # stable head's are), the rest narrow: re-rankings find the same top-K and fetch little
     n_cand = -(-context // bs) - cfg.recent_pages
@@ -155,62 +166,15 @@ def _kind(attn, bs: int, r: int) -> str:
     return "page" if (store.length - 1) % bs == 0 else "plain"
 
 
-@torch.inference_mode()
-def _decode(model, attn, begin, batch, steps, warmup, device, bs, r, reset=None, snap=None):
-    """Timed decode steps after `warmup`: mean and median seconds per step, by kind, and the
-    host's issue time; then 2 r untimed steps counting the waits torch flags (CUDA). The
-    mean counts the re-ranking steps' fetches. `reset()` runs after the warmup, `snap()`
-    (counters) after the timed steps."""
-    tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
-    times: list[float] = []
-    issue: list[float] = []
-    kinds: dict[str, list[float]] = {}
-    syncs: dict[str, list[int]] = {}
-    count = device.type == "cuda"
-    snapped: dict = {}
-    for i in range(warmup + steps + (2 * r if count else 0)):
-        if i == warmup and reset is not None:
-            reset()
-        if i == warmup + steps and snap is not None:
-            snapped = snap()
-        timed = warmup <= i < warmup + steps
-        with warnings.catch_warnings(record=True) as caught:
-            if not timed and i >= warmup:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-            begin()
-            kind = _kind(attn, bs, r)
-            pos = torch.full((batch,), attn_length(attn) - 1, device=device)
-            _sync(device)
-            t = time.perf_counter()
-            hidden = model(tokens, pos, attn)
-            tokens = model.compute_logits(hidden).argmax(-1)
-            t_issue = time.perf_counter()
-            if count:
-                torch.cuda.set_sync_debug_mode("default")
-            _sync(device)
-        if timed:
-            times.append(time.perf_counter() - t)
-            issue.append(t_issue - t)
-            kinds.setdefault(kind, []).append(times[-1])
-        elif i >= warmup:
-            syncs.setdefault(kind, []).append(len(caught))
-    if not snapped and snap is not None:
-        snapped = snap()
-    mean = sum(times) / len(times)
-    return {
-        "snap": snapped,
-        "mean": mean,
-        "median": sorted(times)[len(times) // 2],
-        "issue_median": sorted(issue)[len(issue) // 2],
-        "by_kind_ms": {k: round(sum(v) / len(v) * 1e3, 2) for k, v in kinds.items()},
-        "steps_by_kind": {k: len(v) for k, v in kinds.items()},
-        "syncs_by_kind": {k: round(sum(v) / len(v), 1) for k, v in syncs.items()},
-    }
+def _stepper(model, attn):
+    """step(tokens) -> next tokens: one decode step of every sequence at the current length."""
 
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        length = attn.store.length if isinstance(attn, _Flexi) else attn.length
+        pos = torch.full(tokens.shape, length - 1, device=tokens.device)
+        return model.compute_logits(model(tokens, pos, attn)).argmax(-1)
 
-def attn_length(attn) -> int:
-    return attn.store.length if isinstance(attn, _Flexi) else attn.length
+    return step
 
 
 def run(args, rest: list[str]) -> dict:
@@ -219,8 +183,10 @@ def run(args, rest: list[str]) -> dict:
     ap.add_argument("--kv-budget-gib", type=float, default=16.0)
     ap.add_argument("--top-k-pages", type=int, default=32)
     ap.add_argument("--stable-fraction", type=float, default=0.75)
-    ap.add_argument("--steps", type=int, default=24, help="timed decode steps (3 re-ranks at r=8)")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=32,
+                    help="timed decode steps, rounded up to whole lcm(r, block size) periods")  # fmt: skip
+    ap.add_argument("--warmup", type=int, default=16, help="untimed steps first (2 re-ranks)")
+    ap.add_argument("--probes", type=int, default=16, help="device-only timed steps (CUDA)")
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--rank", choices=("centroid", "mass", "bound"), default="centroid")
     ap.add_argument("--no-hysteresis", action="store_true", help="free dropped pages' slots")
@@ -238,8 +204,9 @@ def run(args, rest: list[str]) -> dict:
     hf = TINY if dry else LLAMA_3_1_8B
     context = 256 if dry else sa.context
     k_pages = 4 if dry else sa.top_k_pages
-    steps, warmup = (9, 1) if dry else (sa.steps, sa.warmup)  # dry: one re-ranking timed
     bs = args.block_size
+    steps = timing.whole_periods(1 if dry else sa.steps, args.r, bs)
+    warmup = 1 if dry else sa.warmup
     lm = random_loaded_model(hf, dtype, str(device))
     ops = kernel_ops("auto", device)
     lm.model.kernels = ops
@@ -262,66 +229,8 @@ def run(args, rest: list[str]) -> dict:
     budget = 4 * full_req if dry else int(sa.kv_budget_gib * 2**30)
     b_full = max(1, min(sa.max_batch, budget // full_req))
     b_flexi = max(1, min(sa.max_batch, int(budget // flexi_req)))
-    rows = []
-
-    def measure(kind, batch, hysteresis=not sa.no_hysteresis, churn=sa.churn):
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        if kind == "full":
-            attn = _FullKV(mc, batch, context, bs, dtype, device, ops)
-            t = _decode(lm.model, attn, lambda: None, batch, steps, warmup, device, bs, args.r)
-            kv = attn.nbytes()
-            extra = {}
-        else:
-            store = _flexi_store(cfg, mc, batch, context, bs, dtype, device, s, args.seed, churn)
-            store.hysteresis = hysteresis
-            store.spare_pages = sa.spare_pages if hysteresis else 0
-            store.time_fetch = True
-
-            def snap():
-                fetch_s = store.fetch_seconds() / steps
-                return {"resident_pages": store.resident_pages(),
-                        "fetch_in_place": store.zero_copy,
-                        "fetched_pages_timed": store.fetched_pages,
-                        "refetched_pages_timed": store.refetched_pages,
-                        "reused_pages_timed": store.reused_pages,
-                        "fetch_bytes_per_step": store.fetched_pages * page_bytes // steps,
-                        "fetch_ms_per_step": round(fetch_s * 1e3, 2)}  # fmt: skip
-
-            attn = _Flexi(store, ops, mc.sm_scale)
-            t = _decode(lm.model, attn, store.begin_step, batch, steps, warmup, device, bs,
-                        args.r, store.reset_counters, snap)  # fmt: skip
-            kv = store.gpu_bytes()
-            extra = {"hysteresis": hysteresis, "spare_pages": store.spare_pages,
-                     "churn": churn, **t["snap"],
-                     "fetch_share_of_step": round(t["snap"]["fetch_ms_per_step"] / 1e3
-                                                  / t["mean"], 4),
-                     "stable_head_fraction": round(store.stable_fraction(), 4),
-                     "full_kv_bytes_same_batch": store.full_kv_bytes()}  # fmt: skip
-        peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
-        sec = t["mean"]
-        row = {"kv": kind, "batch": batch, "gpu_kv_bytes": kv, "gpu_kv_gib": round(kv / 2**30, 3),
-               "peak_allocated_delta_gib": round(peak / 2**30, 3),
-               "step_ms": round(sec * 1e3, 2), "step_ms_median": round(t["median"] * 1e3, 2),
-               "step_ms_by_kind": t["by_kind_ms"], "timed_steps_by_kind": t["steps_by_kind"],
-               "host_issue_ms_median": round(t["issue_median"] * 1e3, 2),
-               "host_syncs_per_step_by_kind": t["syncs_by_kind"],
-               "tokens_per_s": round(batch / sec, 1), **extra}  # fmt: skip
-        rows.append(row)
-        print(row, flush=True)
-        del attn
-        return row
-
-    full = measure("full", b_full)
-    flex_eq = measure("flexicache", b_full)
-    flex_max = measure("flexicache", b_flexi)
-    no_hyst = measure("flexicache", b_flexi, False) if sa.compare_hysteresis else None
-    other = None
-    if sa.compare_churn is not None:
-        other = measure("flexicache", b_flexi, churn=sa.compare_churn)
-    return {
+    out = args.out or str(ROOT / "bench/results/flexicache_speed.json")
+    head = {
         "environment": environment(),
         "mode": "speed",
         "model": "random Llama-3.1-8B-shaped" if not dry else "random tiny (dry run)",
@@ -343,34 +252,150 @@ def run(args, rest: list[str]) -> dict:
             "kv_budget_bytes": budget,
             "steps": steps,
             "warmup": warmup,
+            "probes": 0 if dry else sa.probes,
         },
-        "rows": rows,
-        "summary": {
-            "gpu_kv_saved_equal_batch": round(
-                1 - flex_eq["gpu_kv_bytes"] / full["gpu_kv_bytes"], 4
-            ),
-            "batch_full": b_full,
-            "batch_flexicache": b_flexi,
-            "flexicache_fits_budget": flex_max["gpu_kv_bytes"] <= budget,
-            "tokens_per_s_full": full["tokens_per_s"],
-            "tokens_per_s_flexicache_largest_batch": flex_max["tokens_per_s"],
-            "speedup_largest_batch": round(flex_max["tokens_per_s"] / full["tokens_per_s"], 3),
-            "fetch_bytes_per_step_largest_batch": flex_max["fetch_bytes_per_step"],
-            "fetch_share_of_step_largest_batch": flex_max["fetch_share_of_step"],
-            "refetched_share_of_fetches": round(
-                flex_max["refetched_pages_timed"] / max(flex_max["fetched_pages_timed"], 1), 4
-            ),
-            "fetched_pages_hysteresis_vs_off": no_hyst
-            and [flex_max["fetched_pages_timed"], no_hyst["fetched_pages_timed"]],
-            "tokens_per_s_hysteresis_off": no_hyst and no_hyst["tokens_per_s"],
-            "step_ms_by_kind_largest_batch": flex_max["step_ms_by_kind"],
-            "host_issue_ms_median_largest_batch": flex_max["host_issue_ms_median"],
-            "host_syncs_per_step_by_kind_largest_batch": flex_max["host_syncs_per_step_by_kind"],
-            "speedup_compare_churn": other
-            and {
-                "churn": other["churn"],
-                "speedup": round(other["tokens_per_s"] / full["tokens_per_s"], 3),
-            },
-            "note": "stable heads forced (random model); quality: flexicache_quality_*.json",
+        "timing": "wall: eager Python, one launch per op (host-bound where host_issue_ms_median"
+        " ~ step_ms_median); device: device_ms_by_kind (see flexicache_timing.py)",
+    }
+    rows: list[dict] = []
+    # one host buffer (K, V) for every FlexiCache row, sized for the largest batch
+    numel = mc.num_kv_layers * max(b_full, b_flexi) * mc.num_kv_heads * pages * bs * mc.head_dim
+    arena: list[torch.Tensor] = []
+
+    def host_views(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not arena:
+            pin = device.type == "cuda"
+            arena.extend(torch.empty(numel, dtype=dtype, pin_memory=pin) for _ in range(2))
+        shape = (mc.num_kv_layers, batch, mc.num_kv_heads, pages, bs, mc.head_dim)
+        n = math.prod(shape)
+        return arena[0][:n].view(shape), arena[1][:n].view(shape)
+
+    def measure(kind, batch, hysteresis=not sa.no_hysteresis, churn=sa.churn, name=None):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        tokens = torch.randint(0, mc.vocab_size, (batch,), device=device)
+        probes = 0 if dry else sa.probes
+        if kind == "full":
+            attn = _FullKV(mc, batch, context, bs, dtype, device, ops)
+            step = _stepper(lm.model, attn)
+            t = timing.decode(step, lambda: "plain", tokens, steps, warmup, args.r, probes=probes)
+            kv = attn.nbytes()
+            extra = {}
+        else:
+            store = _flexi_store(cfg, mc, batch, context, bs, dtype, device, s, args.seed, churn,
+                                 host_views(batch))  # fmt: skip
+            store.hysteresis = hysteresis
+            store.spare_pages = sa.spare_pages if hysteresis else 0
+            store.time_fetch = True
+
+            def snap():
+                fetch_s = store.fetch_seconds() / steps
+                return {"resident_pages": store.resident_pages(),
+                        "fetch_in_place": store.zero_copy,
+                        "fetched_pages_timed": store.fetched_pages,
+                        "refetched_pages_timed": store.refetched_pages,
+                        "reused_pages_timed": store.reused_pages,
+                        "fetch_bytes_per_step": store.fetched_pages * page_bytes // steps,
+                        "fetch_ms_per_step": round(fetch_s * 1e3, 2)}  # fmt: skip
+
+            attn = _Flexi(store, ops, mc.sm_scale)
+            kind_of = partial(_kind, attn, bs, args.r)
+
+            def begin() -> str:
+                store.begin_step()
+                return kind_of()
+
+            t = timing.decode(_stepper(lm.model, attn), begin, tokens, steps, warmup, args.r,
+                              store.reset_counters, snap, probes)  # fmt: skip
+            kv = store.gpu_bytes()
+            extra = {"hysteresis": hysteresis, "spare_pages": store.spare_pages,
+                     "churn": churn, **t["snap"],
+                     "fetch_share_of_step": round(t["snap"]["fetch_ms_per_step"] / 1e3
+                                                  / t["mean"], 4),
+                     "stable_head_fraction": round(store.stable_fraction(), 4),
+                     "full_kv_bytes_same_batch": store.full_kv_bytes()}  # fmt: skip
+            del store, snap, begin, kind_of
+        peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
+        sec = t["mean"]
+        row = {"kv": kind, "row": name or kind, "batch": batch, "gpu_kv_bytes": kv,
+               "gpu_kv_gib": round(kv / 2**30, 3),
+               "peak_allocated_delta_gib": round(peak / 2**30, 3),
+               "step_ms": round(sec * 1e3, 2), "step_ms_median": round(t["median"] * 1e3, 2),
+               "step_ms_by_kind": t["by_kind_ms"], "timed_steps_by_kind": t["steps_by_kind"],
+               "host_issue_ms_median": round(t["issue_median"] * 1e3, 2),
+               "host_syncs_per_step_by_kind": t["syncs_by_kind"],
+               "device_ms_by_kind": t["device_ms_by_kind"],
+               "device_probe_valid": t["device_probe_valid"],
+               "device_bound_step_ms": _device_bound_ms(t), **t["host"],
+               "tokens_per_s": round(batch / sec, 1), **extra}  # fmt: skip
+        del attn, t
+        row["after_release"] = timing.release(device)  # before the next row allocates
+        rows.append(row)
+        print(row, flush=True)
+        write_json(out, {**head, "partial": True, "rows": rows})  # a crash keeps the rows
+        return row
+
+    full = measure("full", b_full)
+    flex_eq = measure("flexicache", b_full)
+    flex_max = measure("flexicache", b_flexi)
+    no_hyst = measure("flexicache", b_flexi, False) if sa.compare_hysteresis else None
+    other = None
+    if sa.compare_churn is not None:
+        other = measure("flexicache", b_flexi, churn=sa.compare_churn, name="compare_churn")
+    full2 = measure("full", b_full, name="full_repeat")  # host-speed drift over the run
+    return {**head, "rows": rows,
+            "summary": _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget)}  # fmt: skip
+
+
+def _device_bound_ms(t: dict) -> float | None:
+    """Mean step ms with each kind's device-only time (wall time where none: re-rankings),
+    weighted by the timed steps' kinds (whole periods: their real proportion)."""
+    if not t["device_ms_by_kind"]:
+        return None
+    n = t["steps_by_kind"]
+    ms = {k: t["device_ms_by_kind"].get(k, t["by_kind_ms"][k]) for k in n}
+    return round(sum(n[k] * ms[k] for k in n) / sum(n.values()), 3)
+
+
+def _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget) -> dict:
+    base = full if full["tokens_per_s"] >= full2["tokens_per_s"] else full2  # the stronger
+    dev = {r["row"]: r["device_bound_step_ms"] for r in (base, flex_max)}
+    tps_dev = {
+        k: v and round(r["batch"] / v * 1e3, 1) for (k, v), r in zip(dev.items(), (base, flex_max))
+    }
+    return {
+        "gpu_kv_saved_equal_batch": round(1 - flex_eq["gpu_kv_bytes"] / full["gpu_kv_bytes"], 4),
+        "batch_full": full["batch"],
+        "batch_flexicache": flex_max["batch"],
+        "flexicache_fits_budget": flex_max["gpu_kv_bytes"] <= budget,
+        "full_step_ms_first_and_repeat": [full["step_ms"], full2["step_ms"]],
+        "tokens_per_s_full": base["tokens_per_s"],
+        "tokens_per_s_flexicache_largest_batch": flex_max["tokens_per_s"],
+        "speedup_largest_batch": round(flex_max["tokens_per_s"] / base["tokens_per_s"], 3),
+        "tokens_per_s_device_bound_full": tps_dev[base["row"]],
+        "tokens_per_s_device_bound_flexicache": tps_dev[flex_max["row"]],
+        "speedup_device_bound": None
+        if None in tps_dev.values()
+        else round(tps_dev[flex_max["row"]] / tps_dev[base["row"]], 3),
+        "fetch_bytes_per_step_largest_batch": flex_max["fetch_bytes_per_step"],
+        "fetch_share_of_step_largest_batch": flex_max["fetch_share_of_step"],
+        "refetched_share_of_fetches": round(
+            flex_max["refetched_pages_timed"] / max(flex_max["fetched_pages_timed"], 1), 4
+        ),
+        "fetched_pages_hysteresis_vs_off": no_hyst
+        and [flex_max["fetched_pages_timed"], no_hyst["fetched_pages_timed"]],
+        "tokens_per_s_hysteresis_off": no_hyst and no_hyst["tokens_per_s"],
+        "step_ms_by_kind_largest_batch": flex_max["step_ms_by_kind"],
+        "device_ms_by_kind_largest_batch": flex_max["device_ms_by_kind"],
+        "host_issue_ms_median_largest_batch": flex_max["host_issue_ms_median"],
+        "host_syncs_per_step_by_kind_largest_batch": flex_max["host_syncs_per_step_by_kind"],
+        "speedup_compare_churn": other
+        and {
+            "churn": other["churn"],
+            "speedup": round(other["tokens_per_s"] / base["tokens_per_s"], 3),
         },
+        "note": "stable heads forced (random model); quality: flexicache_quality_*.json."
+        " tokens/s: mean over whole lcm(r, block size) periods of steps (plain, page start,"
+        " re-ranking in their real proportion); full: the faster of its two rows",
     }

@@ -50,6 +50,7 @@ class FlexiKV(PoolSizing):
         spare_pages: int = 0,
         pool_slack: float = 0.125,
         zero_copy: bool | None = None,
+        host: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """hysteresis: a page a head stops keeping keeps its pool slot (not read) until a
         fetch needs the slot or a compaction has no room for it, so a page that comes back
@@ -61,15 +62,28 @@ class FlexiKV(PoolSizing):
         resize copies the layer's whole pool; 0: exact sizes, a copy at most re-rankings).
         zero_copy: fetch by a kernel reading the pinned host copy in place
         (`kernels/page_gather.py`; None: on CUDA, checked once against a host gather and
-        dropped for it if it fails); False: gather on the host, copy up."""
+        dropped for it if it fails); False: gather on the host, copy up.
+        host: (K, V) host copies [L, B, H, P, bs, D] to use as given (not zeroed: the caller
+        fills every page that is read), e.g. views of one pinned buffer reused by several
+        stores: the caching host allocator rounds each pinned block up to a power of two and
+        keeps freed blocks, so stores built one after another can exhaust host memory."""
         self.cfg = cfg
         self.device = torch.device(device)
         L, B, H, P, bs, D = num_layers, batch, num_kv_heads, max_pages, block_size, head_dim
         self.shape = (L, B, H, P, bs, D)
         self.block_size = bs
         pin = self.device.type == "cuda"
-        self.host_k = torch.zeros(L, B, H, P, bs, D, dtype=dtype, pin_memory=pin)
-        self.host_v = torch.zeros(L, B, H, P, bs, D, dtype=dtype, pin_memory=pin)
+        if host is None:
+            self.host_k = torch.zeros(L, B, H, P, bs, D, dtype=dtype, pin_memory=pin)
+            self.host_v = torch.zeros(L, B, H, P, bs, D, dtype=dtype, pin_memory=pin)
+        else:
+            for t in host:
+                if t.shape != self.shape or t.dtype != dtype or t.is_pinned() != pin:
+                    raise ValueError(
+                        f"host copy {tuple(t.shape)} {t.dtype} pinned={t.is_pinned()}: "
+                        f"pass {self.shape} {dtype} pinned={pin}"
+                    )
+            self.host_k, self.host_v = host
         dev = self.device
         self.pool_k = [torch.zeros(0, bs, 1, D, dtype=dtype, device=dev) for _ in range(L)]
         self.pool_v = [torch.zeros(0, bs, 1, D, dtype=dtype, device=dev) for _ in range(L)]

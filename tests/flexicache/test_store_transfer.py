@@ -4,6 +4,8 @@ exactly what was written; a page boundary only gives the new page a slot."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -103,3 +105,38 @@ def test_gather_rows_matches_reference(dtype):
     torch.testing.assert_close(dst, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="rows differ"):
         gather_rows(src, src_idx, dst[:, :2].contiguous(), dst_idx)
+
+
+def test_store_on_a_reused_host_buffer_equals_one_with_its_own_copy():
+    """The speed bench lends each store views of one pinned buffer (stale bytes of the last
+    store): what the store writes and reads must not depend on them."""
+    torch.manual_seed(6)
+    cfg = FlexiCacheConfig(top_k_pages=2, recent_pages=1, threshold=0.0, rerank_interval=4)
+    shape = (1, 2, 2, 12, 4, 16)
+    n = math.prod(shape)
+    buf = torch.randn(2, n + 7)  # larger than needed, filled with an earlier row's bytes
+
+    def make(host=None):
+        return FlexiKV(
+            cfg, num_layers=1, batch=2, num_kv_heads=2, head_dim=16, block_size=4,
+            max_pages=12, dtype=torch.float32, device="cpu", host=host,
+        )  # fmt: skip
+
+    own, lent = make(), make((buf[0, :n].view(shape), buf[1, :n].view(shape)))
+    assert lent.host_k.data_ptr() == buf[0].data_ptr()
+    prompt = [(torch.randn(30, 2, 16), torch.randn(30, 2, 16), torch.randn(2, 16)) for _ in "ab"]
+    for store in (own, lent):
+        for row, (k, v, q) in enumerate(prompt):
+            store.write_prompt(0, row, k, v, q)
+        store.finish_prompts()
+    for _ in range(10):  # pages 7..9 written while decoding, two re-rankings
+        q, k, v = torch.randn(3, 2, 2, 16)
+        a, b = (_attend(s, q, k, v) for s in (own, lent))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="host copy"):
+        make((buf[0, : n // 2].view(1, 1, 2, 12, 4, 16), buf[1, : n // 2].view(1, 1, 2, 12, 4, 16)))
+
+
+def _attend(store, q, k, v):
+    store.begin_step()
+    return store.attend(0, q, k, v, paged_decode_heads_ref, 1.0)
