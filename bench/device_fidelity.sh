@@ -18,10 +18,11 @@ case "${STEP:-train}" in
   train)
     # 6 minutes of training (the lr schedule ends with the time), then a 256-question check
     # at 4,096 tokens; saved in bf16 (half the float32 file, which is too big to come back).
-    # RESUME=1 continues from the model a previous call left in $MODEL (machine still warm).
+    # RESUME=1 continues from the model a previous call left in $MODEL (machine still warm);
+    # EXTRA: more train_retrieval flags (e.g. the winner of bench/device_retrieval_sweep.sh).
     timeout 560 python3 -m moska.bench.train_retrieval --out "$MODEL" --context 4096 \
       --steps 30000 --max-minutes 6 --batch 16 --log-every 250 --save-dtype bfloat16 \
-      ${RESUME:+--resume} \
+      ${RESUME:+--resume} ${EXTRA:-} \
       2>&1 | grep -v "Writing model shards" | tee "$OUT/train_retrieval.log"
     cp "$MODEL/train_log.json" "$OUT/"; mkdir -p "$OUT/retrieval-4k"; cp -r "$MODEL"/. "$OUT/retrieval-4k/" ;;
   retrieval)

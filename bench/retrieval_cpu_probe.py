@@ -64,10 +64,10 @@ def probe(a) -> None:
     for step in range(1, a.steps + 1):
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1, step / 50)
-        ids, m, _ = batch(spec, rng, a.bs, 0, keys=False)
+        ids, m, _ = batch(spec, rng, a.bs, 0, keys=a.key_targets)
         logits = model(input_ids=ids).logits[:, :-1]
         tgt, sel = ids[:, 1:], m[:, 1:] == ANSWER
-        loss = F.cross_entropy(logits[sel], tgt[sel])
+        loss = F.cross_entropy(logits[m[:, 1:] > 0], tgt[m[:, 1:] > 0])
         ema = 0.9 * ema + 0.1 * (logits[sel].argmax(-1) == tgt[sel]).float().mean().item()
         opt.zero_grad()
         loss.backward()
@@ -107,6 +107,7 @@ if __name__ == "__main__":
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--formats", default="fact,code")
     ap.add_argument("--sep", action="store_true", help="the first format (separators)")
+    ap.add_argument("--key-targets", action="store_true", help="loss on question keys too")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     elimination() if args.elimination else probe(args)
