@@ -52,6 +52,11 @@ class EngineConfig:
         (None: the whole library; "0": none), disk), eagerly.
         `library_eviction` (lfu, lru), `library_miss_policy` (wait: exact; skip: a routed
         chunk not yet on the GPU is left out of that step), `library_prefetch`.
+    fp8_attention: how FP8 (e4m3) libraries are read on CUDA: "upcast" (K/V tiles to bf16 in
+        registers, exact on the e4m3 values; the default) or "mma" / "mma_qsplit" (FP8
+        tensor cores, q and the weights cut to e4m3, V copied token-major at load: +50% of
+        the library's KV bytes; `moska/library/fp8_mma.py`). Hopper, chunks at multiples of
+        16 rows, untiered; else upcast.
     semantic_reuse: SemShareKV (`moska/semshare/`): a new prompt reuses the KV of a stored,
         similar earlier prompt (LSH + token matching, RoPE re-rotated), recomputing the
         unmatched tokens and `semantic_recompute_fraction` of the matched ones. Approximate:
@@ -96,6 +101,7 @@ class EngineConfig:
     library_eviction: str = "lfu"
     library_miss_policy: str = "wait"
     library_prefetch: str = "next_layer"
+    fp8_attention: str = "upcast"  # library/fp8_mma.py: upcast, mma or mma_qsplit
     semantic_reuse: bool = False
     semantic_reuse_threshold: float = 0.9
     semantic_recompute_fraction: float = 0.15
@@ -143,6 +149,10 @@ class EngineConfig:
                 f"got {self.tensor_parallel_size}"
             )
         self.tier_config  # noqa: B018 -- validates the library tier fields (ValueError)
+        if self.fp8_attention not in ("upcast", "mma", "mma_qsplit"):
+            raise ValueError(
+                f"fp8_attention must be upcast, mma or mma_qsplit, got {self.fp8_attention!r}"
+            )
         if self.shared_kv_ranks < 0:
             raise ValueError(f"shared_kv_ranks must be >= 0 (0: off), got {self.shared_kv_ranks}")
         if self.shared_kv_replica_slots < 0:

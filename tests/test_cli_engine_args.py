@@ -29,6 +29,7 @@ _OTHER = {
     "library_eviction": "lru",
     "library_miss_policy": "skip",
     "library_prefetch": "none",
+    "fp8_attention": "mma",
     "flexicache": "k=4,threshold=0.25",
 }
 

@@ -61,8 +61,13 @@ def shared_attention_for_group(
     sel = route_group(ops, layer, q_rows, group, sm_scale, keymax_programs)
     if getattr(lib, "tiers", None) is not None:  # KV in tiers: misses fetched, read by slot
         return lib.tiers.attend(ops, layer, q_rows, sel, sm_scale)  # sel less skipped chunks
+    kw = fp8_kwargs(lib, layer)
+    if ops.name == "triton" and getattr(lib, "fp8_mma", None) is not None:
+        from moska.library.fp8_mma import mma_kwargs  # --fp8-attention mma: V token-major
+
+        kw.update(mma_kwargs(lib, layer))
     o_sel, lse_sel = ops.grouped_shared(
-        q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale, **fp8_kwargs(lib, layer)
+        q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale, **kw
     )
     return o_sel, lse_sel, sel
 

@@ -9,7 +9,8 @@ scales cost); e4m3 pools with q cut to e4m3 per tile so QK^T runs on FP8 tensor 
 (`fp8_dot`, per-token scales); the FP8 tensor-core program (`fp8_mma`,
 kernels/shared_attention_fp8.py: q cut to e4m3 per row, both products on FP8 tensor cores,
 no KV tile upcast, scales folded into score columns and weights), with V read from a
-token-major copy (`fp8_mma_vt`) and with q as two e4m3 terms (`fp8_mma_qsplit`). Each with
+token-major copy (`fp8_mma_vt`) and with q as two e4m3 terms (`fp8_mma_qsplit`, and
+`fp8_mma_qsplit_vt` both; the engine's `--fp8-attention mma|mma_qsplit`). Each with
 the launcher's default tiles and a few alternatives (the best is reported: e4m3 halves the
 bytes per key, so the best tile may move). Each best time is set against its floor: max(bytes
 at the read bandwidth, the two products at the bf16 GEMM rate, FP8 ones at twice it), both
@@ -49,21 +50,31 @@ from moska.library.fp8 import quantize
 TOL = {"bf16": 1e-2, "fp8": 1e-2, "fp8_chunk": 1e-2, "fp8_dot": 1e-1}
 # tensor-core time of a variant's two products vs bf16's (FP8 MMA runs at 2x the bf16
 # rate on Hopper; qsplit: two FP8 QK^T dots, one PV): the compute floor's FLOPs factor
-MMA_COST = {"fp8_mma": 0.5, "fp8_mma_vt": 0.5, "fp8_mma_qsplit": 0.75, "fp8_dot": 0.75}
+MMA_COST = {"fp8_mma": 0.5, "fp8_mma_vt": 0.5, "fp8_dot": 0.75}
+MMA_COST.update({"fp8_mma_qsplit": 0.75, "fp8_mma_qsplit_vt": 0.75})
 # fp8_mma (shared_attention_fp8.py): q per row and the weights in e4m3, no KV tile upcast;
 # _vt: V read token-major (a transposed copy); _qsplit: q as two e4m3 terms (two QK^T dots)
-MMA = {"fp8_mma": {}, "fp8_mma_vt": {"v_t": True}, "fp8_mma_qsplit": {"fp8_q_split": True}}
+MMA: dict[str, dict[str, Any]] = {"fp8_mma": {}, "fp8_mma_vt": {"v_t": True}}
+MMA.update(
+    fp8_mma_qsplit={"fp8_q_split": True}, fp8_mma_qsplit_vt={"fp8_q_split": True, "v_t": True}
+)
 # vs the dequantized library (the algorithm's own e4m3 error ~0.02 on random data; the CPU
 # dry run's interpreter rounds some e4m3 casts wrongly: 0.15 there, set in main)
 TOL.update({n: 5e-2 for n in MMA})
-# FP8 tensor-core tiles: e4m3 halves shared memory per stage, so deeper pipelines fit
+# FP8 tensor-core tiles: e4m3 halves shared memory per stage, so deeper pipelines fit. On
+# the H200 (bench/results/fp8_attention_h200_mma.json) only 64 x 128, 4 warps, 3 stages was
+# good for fp8_mma_vt (0.69 / 1.65 ms at B = 256 / 1,024) and 128-row tiles took 4-6 ms
+# (dropped here): 64-row tiles around it (B = 1,024 has 4x the rows per chunk group)
 MMA_TILES: list[dict[str, Any]] = [
     {},
-    {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3},
-    {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 4},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4},
-]
+    *(
+        {"block_m": 64, "block_n": n, "num_warps": w, "num_stages": st}
+        for n, w, st in (
+            (128, 4, 3), (128, 4, 2), (128, 4, 4), (128, 8, 3),
+            (64, 4, 3), (64, 4, 4), (64, 8, 3),
+        )
+    ),
+]  # fmt: skip
 # alternatives to the launcher's defaults ({}): the tiles that won a variant on the H200
 # (bench/results/fp8_attention_h200_*_scales.json; 64 x 128 with 4 stages and pointer loads
 # never did, and bf16's does not fit in shared memory)
@@ -156,7 +167,7 @@ def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int) -> dict:
         }
         if name in MMA:
             errs[name].update(vs_algorithm(s, qs[:1], chunks_of[:1], kk, vv, offs, kw))
-            errs[name]["ok"] &= errs[name]["o_rel_err_vs_algorithm"] < 1e-2
+            errs[name]["ok"] &= mma_ok(errs[name])
     return errs
 
 
@@ -171,7 +182,25 @@ def vs_algorithm(s: Shape, q, chunks_of, kk, vv, offs, kw) -> dict:
     cast = e4m3 if s.device == "cuda" else interpreter_e4m3
     q_split = kw.get("fp8_q_split", False)
     ao, al = fp8_mma_ref(q, kk, vv, offs, sel, scale, kw["kv_scales"], 64, q_split, cast)
-    return {"o_rel_err_vs_algorithm": rel(o, ao), "lse_rel_err_vs_algorithm": rel(lse, al)}
+    ro, _ = grouped_shared_attention_ref(q, kk, vv, offs, sel, scale, kv_scales=kw["kv_scales"])
+    return {
+        "o_rel_err_vs_algorithm": rel(o, ao),
+        "lse_rel_err_vs_algorithm": rel(lse, al),
+        "unsplit_o_rel_err_vs_library": rel(o, ro),
+        "algorithm_o_rel_err_vs_library": rel(ao, ro),
+    }
+
+
+def mma_ok(e: dict) -> bool:
+    """An fp8_mma variant's kernel vs its algorithm. Not fp32-close: the weights are cut to
+    e4m3 (2^-4 steps) after exp2 of scores that the GPU sums in another order (and Hopper's
+    FP8 MMA accumulates with fewer bits than fp32), so weights on a rounding edge flip a
+    step; fp8_mma_qsplit's two QK^T dots flip about twice as many (H200: 0.011 vs 0.0054
+    for fp8_mma, while qsplit is the nearer to the library, 0.026 vs 0.037). So: within
+    2e-2 of the algorithm, and no farther from the dequantized library than the algorithm
+    itself (+10%): a wrong scale or block moves o by 0.1 or more."""
+    near = e["o_rel_err_vs_algorithm"] < 2e-2
+    return near and e["unsplit_o_rel_err_vs_library"] <= 1.1 * e["algorithm_o_rel_err_vs_library"]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

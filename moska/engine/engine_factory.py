@@ -83,4 +83,6 @@ def make_library_manager(config: EngineConfig, loaded: Any, device: Any) -> Any:
     except ImportError:  # the library package is optional for plain generation
         return None
     root = config.library_root or default_library_root()
-    return LibraryManager(root, loaded, device, tiers=config.tier_config)
+    return LibraryManager(
+        root, loaded, device, tiers=config.tier_config, fp8_attention=config.fp8_attention
+    )

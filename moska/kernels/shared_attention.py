@@ -113,6 +113,8 @@ def grouped_shared_attention(
     if fp8_mma or v_pool_t is not None:
         kernel = _grouped_fp8_mma_kernel
         mma = fp8_mma_args(fp8, fp8_dot, k_pool, v_pool_t, fp8_q_split)
+    if v_pool_t is not None and use_tma is False:  # before any launch (checked again below)
+        raise ValueError("v_pool_t is read through TMA: pass use_tma=True (Hopper, aligned pools)")
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv

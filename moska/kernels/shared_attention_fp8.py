@@ -34,8 +34,9 @@ P_RANGE = tl.constexpr(256.0)  # the largest weight maps here before the e4m3 cu
 def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> dict:
     """The program's extra constexpr (V_T) after checking its inputs: e4m3 pools (`fp8`
     the launcher's e4m3 arguments, empty for other pools), not with `fp8_dot`; `v_pool_t`
-    None or a contiguous e4m3 [Hkv, D, S_total] copy of V, read through TMA only (every
-    chunk must start at a multiple of 16 rows: TMA offsets are 16-byte aligned)."""
+    None or a contiguous e4m3 [Hkv, D, S_total] copy of V (S_total padded up to a multiple
+    of 16, the padding zero: a block past a chunk's end gets weight 0), read through TMA
+    only (every chunk must start at a multiple of 16 rows: TMA offsets are 16-byte aligned)."""
     if not fp8:
         raise ValueError(f"fp8_mma is for float8_e4m3fn pools, not {k_pool.dtype}")
     if fp8_dot:
@@ -43,18 +44,20 @@ def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> d
     if v_pool_t is None:
         return {"Q_SPLIT": q_split}
     s, hkv, d = k_pool.shape
+    s_t = -(-s // 16) * 16  # TMA strides are 16-byte multiples: S_total padded up to 16
     if (
         v_pool_t.dtype != k_pool.dtype
-        or tuple(v_pool_t.shape) != (hkv, d, s)
+        or tuple(v_pool_t.shape) not in ((hkv, d, s), (hkv, d, s_t))
         or not v_pool_t.is_contiguous()
         or v_pool_t.device != k_pool.device
     ):
         raise ValueError(
-            f"v_pool_t must be a contiguous {k_pool.dtype} [Hkv, D, S_total] = {(hkv, d, s)} "
-            f"on {k_pool.device}; got {v_pool_t.dtype} {tuple(v_pool_t.shape)}"
+            f"v_pool_t must be a contiguous {k_pool.dtype} [Hkv, D, S_total padded to a "
+            f"multiple of 16] = {(hkv, d, s_t)} on {k_pool.device}; got {v_pool_t.dtype} "
+            f"{tuple(v_pool_t.shape)}"
         )
-    if s % 16:
-        raise ValueError(f"v_pool_t is read through TMA: S_total must be a multiple of 16, not {s}")
+    if v_pool_t.shape[2] % 16:
+        raise ValueError(f"v_pool_t is read through TMA: pad S_total ({s}) to a multiple of 16")
     return {"V_T": True, "Q_SPLIT": q_split}
 
 

@@ -42,7 +42,12 @@ def arena_rows(manager: Any, manifest: Manifest, layout: ArenaLayout) -> int:
 def need_bytes(manager: Any, manifest: Manifest) -> int:
     """Device bytes of a library loaded on its own (pools of its own, or its tiers)."""
     tiers = manager.tiers
-    return library_device_bytes(manifest, tiers.gpu_bytes(manager.device) if tiers else None)
+    need = library_device_bytes(manifest, tiers.gpu_bytes(manager.device) if tiers else None)
+    mma = getattr(manager, "fp8_attention", "upcast") != "upcast"  # library/fp8_mma.py
+    if mma and manifest.kv_dtype == "fp8" and tiers is None and manager.device.type == "cuda":
+        m = manifest.model  # the token-major V copy: a byte per (KV layer, token, head, dim)
+        need += manifest.num_kv_layers * m.num_kv_heads * m.head_dim * manifest.num_tokens
+    return need
 
 
 def held_bytes(manager: Any) -> int:

@@ -63,6 +63,9 @@ class LoadedLibrary:
     # library/arena.py ArenaRange when the pools are views of rows of the engine's one slot
     # space (every resident library of the model in one pool tensor per layer); else None
     arena_range: Any = None
+    # library/fp8_mma.py TokenMajorV: FP8 libraries read by the FP8 tensor-core program
+    # (--fp8-attention mma): V copied token-major at load; None: the upcast program
+    fp8_mma: Any = None
 
     def __post_init__(self) -> None:
         m = self.manifest
@@ -148,6 +151,8 @@ class LoadedLibrary:
             n += sum(t.numel() * t.element_size() for t in pair)
         for index in self.routing:
             n += sum(t.numel() * t.element_size() for t in index if isinstance(t, torch.Tensor))
+        if self.fp8_mma is not None:  # the token-major V copy (library/fp8_mma.py)
+            n += self.fp8_mma.nbytes
         return n
 
 

@@ -84,6 +84,7 @@ class LibraryManager:
         progress: bool = True,
         tiers: Any = None,
         arena: str | int | None = "auto",
+        fp8_attention: str = "upcast",
     ) -> None:
         self.root = Path(root) if root is not None else default_library_root()
         self.tiers = tiers  # a TierConfig (library/tiers.py): libraries over budget in tiers
@@ -106,6 +107,8 @@ class LibraryManager:
         if not (arena in (None, "auto") or (isinstance(arena, int) and arena >= 0)):
             raise ValueError(f"arena must be 'auto', a number of bytes or None, got {arena!r}")
         self._arena_size = arena
+        # FP8 libraries: "mma" / "mma_qsplit" read them on FP8 tensor cores (library/fp8_mma.py)
+        self.fp8_attention = fp8_attention
         self.arena: KVArena | None = None  # made at the first library it takes
         remove_stale_tmp_dirs(self.root)
 
@@ -291,6 +294,8 @@ class LibraryManager:
             arena = self._arena_for(library.manifest, library_layout(library))
             if arena is not None:
                 arena.place(library)
+        if library.kv_scale_pools and library.fp8_mma is None and self.fp8_attention != "upcast":
+            self._attach_fp8_mma(name, library)
         self._loaded[name] = library
         try:
             fd = os.open(self.root / name / MANIFEST_FILE, os.O_RDONLY)
@@ -302,6 +307,20 @@ class LibraryManager:
             os.close(fd)
             return
         self._lock_fds[name] = fd
+
+    def _attach_fp8_mma(self, name: str, library: LoadedLibrary) -> None:
+        from moska.library.fp8_mma import attach_token_major_v
+
+        why = attach_token_major_v(library, self.fp8_attention)
+        if why is not None:
+            logger.warning(
+                "library %r: fp8_attention %s off, upcast: %s", name, self.fp8_attention, why
+            )
+        else:
+            logger.info(
+                "library %r: fp8_attention %s, token-major V copy %.3f GiB",
+                name, self.fp8_attention, library.fp8_mma.nbytes / 2**30,
+            )  # fmt: skip
 
     def _unregister(self, name: str) -> bool:
         fd = self._lock_fds.pop(name, None)

@@ -196,7 +196,8 @@ def _selections(lens, b, hkv, p=0.7, seed=0):
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_CPU = pytest.mark.skipif(not _INTERPRET, reason="compiled Triton reads CUDA tensors only")
+# (no "CUDA" in this reason: tests/conftest.py marks tests `cuda` by their skip reason)
+_CPU = pytest.mark.skipif(not _INTERPRET, reason="interpreter only (TRITON_INTERPRET=1)")
 _CUDA = pytest.mark.skipif(
     _INTERPRET or not torch.cuda.is_available(),
     reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0; bf16 is wrong interpreted)",

@@ -1,0 +1,98 @@
+"""FP8 libraries read by the FP8 tensor-core program (`fp8_mma` with V token-major,
+kernels/shared_attention_fp8.py) instead of the upcast one: `--fp8-attention mma`.
+
+Why a second copy of V: FP8 wgmma wants P.V's B operand K-major, i.e. V as [D, tokens];
+the library's [S, Hkv, D] layout makes the compiler transpose V's tile in shared memory,
+and that made fp8_mma as slow as the upcast program (H200, Llama-3.1-8B dims, 1M-token
+library, top-8 of 4,096-token chunks: B = 256 upcast 1.82 ms, fp8_mma 1.88, with V
+token-major 0.69, bf16 0.99; B = 1,024: 4.39 / 4.51 / 1.65 / 1.61 ms;
+bench/results/fp8_attention_h200_mma.json). Every other reader of the library (the upcast
+program, the PyTorch reference, saving, tiers, composed requests, shared-KV ranks) reads
+[S, Hkv, D] with D contiguous, so the library keeps V as stored and this adds a token-major
+copy [Hkv, D, S padded to 16] per KV slot at load: one more byte per token, KV head and
+dim, +50% of the FP8 library's K + V bytes (still 0.75x its bf16 size).
+
+Numerics: q and the softmax weights are cut to e4m3 (2^-4 relative); on moska-code-20m
+one-term q gave top-1 agreement 0.9899 / 0.9873 with the bf16 library, under the 0.99
+target, two-term q (`mma_qsplit`) 0.993 (bench/results/fp8_quality_mma.json). So the
+default stays `upcast` (exact on the e4m3 values) and `mma` / `mma_qsplit` are opt-in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FP8_ATTENTION = ("upcast", "mma", "mma_qsplit")
+# the tile that was fast for fp8_mma_vt on the H200 (the launcher's default took 1.28 ms at
+# B = 256, this 0.69; 128-row tiles 4-6 ms): bench/results/fp8_attention_h200_mma.json
+MMA_TILE = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3}
+
+
+@dataclass(frozen=True)
+class TokenMajorV:
+    """A library's V copies for the FP8 tensor-core program: per KV slot [Hkv, D, S_pad]."""
+
+    pools: list[torch.Tensor]
+    q_split: bool  # q as two e4m3 terms (two QK^T dots, 2^-8 relative q error)
+    nbytes: int  # the extra GPU memory
+
+
+def mma_unfit(library: Any) -> str | None:
+    """Why `library` cannot be read by the FP8 tensor-core program (None: it can)."""
+    if not library.kv_scale_pools:
+        return "not an FP8 library"
+    if library.tiers is not None:
+        return "tiered (its GPU slots are read by the upcast program)"
+    k, v = library.k_pools[0], library.v_pools[0]
+    if k.device.type != "cuda":
+        return f"on {k.device.type} (FP8 tensor cores: CUDA only)"
+    from moska.kernels.shared_inputs import tma_ok
+
+    if not tma_ok(k, v):
+        return "needs Hopper's TMA and 16-byte aligned pools"
+    starts = library.chunk_offsets[:-1]
+    if bool((starts % 16 != 0).any()):
+        return "a chunk starts off a multiple of 16 rows (TMA offsets)"
+    return None
+
+
+def attach_token_major_v(library: Any, mode: str) -> str | None:
+    """Give `library` its token-major V copies when `mode` is mma / mma_qsplit and it fits
+    (`mma_unfit`); returns why not (None: attached, or mode "upcast")."""
+    if mode not in FP8_ATTENTION:
+        raise ValueError(f"fp8_attention must be one of {', '.join(FP8_ATTENTION)}, not {mode!r}")
+    if mode == "upcast":
+        return None
+    why = mma_unfit(library)
+    if why is not None:
+        return why
+    pools = [token_major(v) for v in library.v_pools]
+    nbytes = sum(t.numel() * t.element_size() for t in pools)
+    library.fp8_mma = TokenMajorV(pools, mode == "mma_qsplit", nbytes)
+    return None
+
+
+def token_major(v_pool: torch.Tensor) -> torch.Tensor:
+    """[S, Hkv, D] -> contiguous [Hkv, D, S padded up to 16], the padding zero."""
+    s, hkv, d = v_pool.shape
+    out = torch.zeros(hkv, d, -(-s // 16) * 16, dtype=v_pool.dtype, device=v_pool.device)
+    out[:, :, :s].copy_(v_pool.permute(1, 2, 0))
+    return out
+
+
+def mma_kwargs(library: Any, layer: int) -> dict[str, Any]:
+    """The grouped kernel's FP8 tensor-core keywords for `library`'s KV slot `layer` (with
+    its `kv_scales`), or {} when it has no token-major V (the upcast program then)."""
+    t = getattr(library, "fp8_mma", None)
+    if t is None:
+        return {}
+    return {
+        "fp8_mma": True,
+        "v_pool_t": t.pools[layer],
+        "fp8_q_split": t.q_split,
+        "use_tma": True,
+        **MMA_TILE,
+    }
