@@ -197,10 +197,11 @@ def mma_ok(e: dict) -> bool:
     FP8 MMA accumulates with fewer bits than fp32), so weights on a rounding edge flip a
     step; fp8_mma_qsplit's two QK^T dots flip about twice as many (H200: 0.011 vs 0.0054
     for fp8_mma, while qsplit is the nearer to the library, 0.026 vs 0.037). So: within
-    2e-2 of the algorithm, and no farther from the dequantized library than the algorithm
-    itself (+10%): a wrong scale or block moves o by 0.1 or more."""
+    2e-2 of the algorithm, and at most 1.25x as far from the dequantized library as the
+    algorithm itself (flips are independent of its error, so they add in quadrature:
+    0.026 -> 0.028 for qsplit); a wrong scale or block moves o by 0.1 or more."""
     near = e["o_rel_err_vs_algorithm"] < 2e-2
-    return near and e["unsplit_o_rel_err_vs_library"] <= 1.1 * e["algorithm_o_rel_err_vs_library"]
+    return near and e["unsplit_o_rel_err_vs_library"] <= 1.25 * e["algorithm_o_rel_err_vs_library"]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -108,4 +108,4 @@ def test_engine_path_on_fp8_tensor_cores(mode):
     assert lib.fp8_mma.nbytes == 2 * 64 * 112  # Hkv x D x S padded to 16, one byte each
     err_o, err_l, lib_o, alg_o = _group_path(lib, "cuda", torch.bfloat16, mode != "mma", e4m3)
     # weights on an e4m3 rounding edge flip a step on the GPU (bench/fp8_attention.mma_ok)
-    assert err_o < 2e-2 and err_l < 2e-3 and lib_o <= 1.1 * alg_o + 1e-3, (err_o, lib_o, alg_o)
+    assert err_o < 2e-2 and err_l < 2e-3 and lib_o <= 1.25 * alg_o, (err_o, lib_o, alg_o)
