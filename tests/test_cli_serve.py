@@ -1,19 +1,16 @@
 """`moska serve` as a person runs it (subprocesses of the installed `moska` script): a busy
 port, a missing GPU or a Triton backend without one fail in one line with exit code 2 before
-any model loads; a good start logs what was loaded and where it listens."""
+any model loads. A good start's log (what was loaded, where it listens) and its Ctrl-C are
+checked on the README's server (tests/test_readme_examples.py): one `moska serve` for both."""
 
 from __future__ import annotations
 
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 MOSKA = Path(sys.executable).parent / "moska"
@@ -97,59 +94,6 @@ def test_triton_attention_without_a_gpu_fails_in_one_line(fail_fast):
     assert "triton" in line and "GPU" in line
 
 
-def test_startup_logs_what_was_loaded_and_the_address(env):
-    args = ["serve", "--port", "0", "--no-demo-library", "--num-kv-blocks", "64"]
-    args += ["--served-model-name", "tiny", "--ttft-slo", "0", "--max-model-len", "256"]
-    proc = subprocess.Popen(
-        [str(MOSKA), *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    try:
-        deadline = time.monotonic() + 120
-        url = None
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()  # blocks until the server writes a line
-            if not line:
-                break  # exited
-            lines.append(line.rstrip())
-            if m := re.search(r"serving tiny on (http://127\.0\.0\.1:\d+)", line):
-                url = m.group(1)
-        log = "\n".join(lines)
-        assert url is not None, log
-        assert re.search(r"model \S+moska-tiny\S*: LlamaForCausalLM, float32, [\d.]+M param", log)
-        assert re.search(r"device cpu; weights [\d.]+ MiB, KV cache [\d.]+ MiB \(64 blocks", log)
-        assert "context 256 tokens" in log
-        assert "no libraries loaded" in log
-        # engine/memory.py's plan: every part, and the library cache once libraries loaded
-        assert re.search(r"memory budget [\d.]+ GiB on cpu", log), log
-        for part in ("weights", "activations", "CUDA graphs", "unique KV", "library cache"):
-            assert re.search(rf"  {part} [\d.]+ [MG]iB", log), part
-        assert re.search(r"library cache: 0.0 MiB of [\d.]+ GiB held by 0 loaded", log), log
-        deadline = time.monotonic() + 60
-        while True:  # uvicorn listens on the bound socket once the app has started
-            try:
-                r = httpx.get(f"{url}/v1/models", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
-        assert r.json()["data"][0]["id"] == "tiny"
-        assert r.json()["data"][0]["max_model_len"] == 256
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert proc.returncode in (0, 130), proc.returncode  # 130: uvicorn re-raises Ctrl-C
-    assert "Traceback" not in proc.stderr.read()
-
-
 def test_demo_library_build_has_a_labelled_progress_bar(capsys, monkeypatch):
     from moska.server.serve import prepare_libraries
 
@@ -181,3 +125,21 @@ def test_demo_library_build_has_a_labelled_progress_bar(capsys, monkeypatch):
     assert "building the demo library (first start only)" in capsys.readouterr().err
     prepare_libraries(Engine(), [], demo=True)  # the second start finds it built
     assert "first start only" not in capsys.readouterr().err
+
+
+def test_a_start_without_libraries_says_so(caplog):
+    """(The README's server loads the demo library: this line is checked here, in process.)"""
+    from moska.server.serve import prepare_libraries
+
+    class Manager:
+        root = "/libs"
+
+        def loaded_names(self):
+            return []
+
+    class Engine:
+        libraries = Manager()
+
+    with caplog.at_level("INFO", logger="moska.server.serve"):
+        prepare_libraries(Engine(), [], demo=False)
+    assert "no libraries loaded (root /libs)" in caplog.text

@@ -1,9 +1,13 @@
 """Every curl and Python example in README.md runs against a real `moska serve` (the
-installed script, the built-in tiny model, the demo library) and returns sane output.
+installed script, the built-in tiny model, the demo library) and returns sane output; the
+same server's startup log says what it loaded and where it listens, and Ctrl-C stops it
+cleanly (one `moska serve` for both: each start costs seconds of imports and model load).
 
 Blocks are found by what they call: a bash block with `curl` (the HTTP API) or a python
 block importing `openai` or `moska` (the Python API). `127.0.0.1:8000` is rewritten to the
-test server's port. The demo library is built small beforehand (the real one takes a
+test server's port and `"moska-tiny"` to its served name (`--served-model-name tiny`: the
+flag is checked end to end here; the default name is the model directory's, asserted in the
+startup log). The demo library is built small beforehand (the real one takes a
 minute of CPU prefill), under the name the server looks for, so `moska serve` loads it.
 """
 
@@ -18,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -55,9 +60,16 @@ def test_the_readme_has_api_examples_and_its_first_commands_start_the_server():
     assert second.strip().endswith(".venv/bin/python -m pytest -q")
 
 
+@dataclass
+class Served:
+    url: str
+    log: str  # stderr up to the "serving ... on" line
+    proc: subprocess.Popen
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`moska serve` on a port the OS picks; yields its base URL."""
+def served(tmp_path_factory):
+    """`moska serve` on a port the OS picks, with the small demo library."""
     from moska.library.demo import DEMO_LIBRARY_NAME
     from moska.library.manager import LibraryManager
     from moska.model import load_model
@@ -68,10 +80,12 @@ def server(tmp_path_factory):
     text = "MoSKA splits shared context into chunks; a router picks chunks per request. " * 12
     manager.build(DEMO_LIBRARY_NAME, [("demo.md", text)], chunk_size=64)
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    home = str(tmp_path_factory.mktemp("moska-home"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MOSKA_HOME": home}
     env.pop("TRITON_INTERPRET", None)
     args = ["serve", "--port", "0", "--library-root", str(libs), "--num-kv-blocks", "512"]
     args += ["--max-model-len", "1024", "--max-tokens-default", "32"]
+    args += ["--served-model-name", "tiny"]
     args += ["--ttft-slo", "0"]  # no 429s because this CI box is busy
     proc = subprocess.Popen(
         [str(MOSKA), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -83,7 +97,7 @@ def server(tmp_path_factory):
             if not line:
                 pytest.fail("moska serve exited:\n" + "".join(log))
             log.append(line)
-            if m := re.search(r"serving \S+ on (http://[\d.]+:\d+)", line):
+            if m := re.search(r"serving tiny on (http://127\.0\.0\.1:\d+)", line):
                 url = m.group(1)
         assert f"library {DEMO_LIBRARY_NAME}:" in "".join(log)  # the server loaded our demo
         deadline = time.monotonic() + 60
@@ -95,7 +109,7 @@ def server(tmp_path_factory):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "".join(log)
             time.sleep(0.05)
-        yield url
+        yield Served(url, "".join(log), proc)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -105,8 +119,14 @@ def server(tmp_path_factory):
                 proc.kill()
 
 
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served.url
+
+
 def _for_server(code: str, url: str) -> str:
-    return code.replace("http://127.0.0.1:8000", url).replace("http://localhost:8000", url)
+    code = code.replace("http://127.0.0.1:8000", url).replace("http://localhost:8000", url)
+    return code.replace('"moska-tiny"', '"tiny"')
 
 
 def _check_json_response(body: dict) -> None:
@@ -181,3 +201,29 @@ def test_readme_example_runs(kind, code, server):
         _run_curl_block(code, server)
     else:
         _run_python_block(code, server)
+
+
+def test_startup_logs_what_was_loaded_and_the_address(served):
+    """(Was tests/test_cli_serve.py's own server; no libraries there, the demo one here: the
+    'no libraries loaded' line is checked in tests/test_cli_serve.py, in process.)"""
+    log = served.log
+    assert re.search(r"model \S+moska-tiny\S*: LlamaForCausalLM, float32, [\d.]+M param", log)
+    assert re.search(r"device cpu; weights [\d.]+ MiB, KV cache [\d.]+ MiB \(512 blocks", log)
+    assert "context 1024 tokens" in log
+    assert re.search(r"library demo: \d+ tokens in \d+ chunks", log), log
+    # engine/memory.py's plan: every part, and the library cache once libraries loaded
+    assert re.search(r"memory budget [\d.]+ GiB on cpu", log), log
+    for part in ("weights", "activations", "CUDA graphs", "unique KV", "library cache"):
+        assert re.search(rf"  {part} [\d.]+ [MG]iB", log), part
+    assert re.search(r"library cache: [\d.]+ [KMG]iB of [\d.]+ GiB held by 1 loaded", log), log
+    r = httpx.get(f"{served.url}/v1/models", timeout=5)
+    assert r.json()["data"][0]["id"] == "tiny"
+    assert r.json()["data"][0]["max_model_len"] == 1024
+
+
+def test_ctrl_c_stops_the_server_cleanly(served):
+    """Last in this module: it ends the shared server."""
+    served.proc.send_signal(signal.SIGINT)
+    served.proc.wait(30)
+    assert served.proc.returncode in (0, 130), served.proc.returncode  # 130: uvicorn re-raises
+    assert "Traceback" not in served.proc.stderr.read()
