@@ -1,20 +1,32 @@
-"""Library (shared KV) requests under tensor parallelism on the tiny Llama (4 query heads, 2
-KV heads) over 2 ranks (a KV head each): fp32 logits and greedy tokens equal one process's,
+"""Tensor parallelism over 2 ranks (rank 0 is this process, rank 1 a spawned worker) on the
+tiny Llama (4 query heads, 2 KV heads: one KV head per rank), one 2-rank set for the whole
+file (each start costs seconds of a spawned rank's imports): plain requests' fp32 logits and
+greedy tokens equal one process's and each rank's cache holds its KV heads only; library
+(shared KV) requests' fp32 logits and greedy tokens equal one process's,
 reading every chunk and routed (per KV head, the default; summed over KV heads and two-stage,
 which exchange scores between ranks; 3 ranks with a replicated KV head:
 test_tp_library_routing.py). Each rank holds its KV heads of the library, loaded from the store;
 a library built after startup reaches the workers; one held only in memory is refused; a
-rank killed during a library request makes the engine fail within 10 s."""
+rank killed while a library request decodes behind a server fails it, and the next request is
+a 503 naming the rank, within 10 s (last: it ends the set)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
 import torch
-from tp_support import DEVICES, build_checkpoint, engine_kwargs, rel_err
+from tp_support import (
+    DEVICES,
+    build_checkpoint,
+    engine_kwargs,
+    greedy,
+    prefill_logits,
+    rel_err,
+)
 
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.distributed.errors import (
@@ -31,6 +43,11 @@ pytestmark = pytest.mark.timeout(180)
 
 CHUNK = 16
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [40, 41, 42], [99]]
+PLAIN_PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21],
+    [40, 41, 42],
+    [99],
+]
 PER_HEAD = RoutingPolicy()  # the default: each KV head picks its own chunks
 POLICIES = {"per_head": PER_HEAD, "summed": LEGACY, "two_stage": LEGACY.replace(scorer="two_stage")}
 
@@ -103,6 +120,31 @@ def greedy_library(engine, name: str, max_tokens: int, top_k: int | None, routin
             if o.finished:
                 out[o.request_id] = list(o.outputs[0].token_ids)
     return out
+
+
+def test_logits_equal_one_process(setup):
+    ref, tp = setup
+    want = prefill_logits(ref, PLAIN_PROMPTS)
+    got = prefill_logits(tp, PLAIN_PROMPTS)
+    assert got.shape == want.shape == (sum(map(len, PLAIN_PROMPTS)), 256)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-4
+
+
+def test_greedy_tokens_equal_one_process(setup):
+    ref, tp = setup
+    # chunked prefill across steps (8-token budget), then batched decode
+    want = greedy(ref, PLAIN_PROMPTS, 12)
+    got = greedy(tp, PLAIN_PROMPTS, 12)
+    assert got == want
+    assert len(got["g0"]) == 12
+
+
+def test_each_rank_caches_its_kv_heads(setup):
+    ref, tp = setup
+    assert ref.runner.cache.k.shape[-2] == 2
+    assert tp.runner.cache.k.shape[-2] == 1  # [L, blocks, bs, Hkv local, D]
+    assert tp.runner.num_blocks == ref.runner.num_blocks
 
 
 def test_each_rank_holds_its_kv_heads(setup):
@@ -232,15 +274,52 @@ def test_fp8_library_loads_its_kv_heads(setup):
         load_library(ref.libraries.root, "docs8", None, progress=False, kv_heads=(1, 3))
 
 
-def test_rank_dies_during_a_library_request(setup):
-    """Last: it kills rank 1 while a library request decodes."""
+def test_rank_dies_during_a_library_request(setup, caplog):
+    """Last in this file: it kills rank 1 while a library request decodes behind a server.
+    The request in flight ends with an error JSON, the next is a 503 naming the rank, within
+    10 s, and the log names the rank."""
+    import httpx
+
+    from moska.server.app import create_app
+    from moska.server.background import background_server
+    from moska.server.settings import ServerSettings
+
     _, tp = setup
-    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-    tp.add_request("dying", [5, 6, 7], params, library="docs", top_k_chunks=2)
-    tp.step()
-    os.kill(tp.dist.worker_pids[1], signal.SIGKILL)
-    t0 = time.monotonic()
-    with pytest.raises(RankFailedError, match="rank 1"):
-        while time.monotonic() - t0 < 30:
-            tp.step()
-    assert time.monotonic() - t0 < 10
+    decoding, steps, real_step = threading.Event(), [], tp.step
+
+    def step():  # the server's engine thread: set once the library request is decoding
+        out = real_step()
+        steps.append(len(out))
+        if len(steps) >= 3:  # its prefill and two decode steps
+            decoding.set()
+        return out
+
+    app = create_app(tp, ServerSettings())
+    body = {"model": tp.model_name, "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
+    dying = {**body, "max_tokens": 300, "ignore_eos": True, "library": "docs", "top_k_chunks": 2}
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        ok = client.post("/v1/completions", json=body)
+        assert ok.status_code == 200, ok.text
+        assert len(ok.json()["choices"][0]["text"]) >= 0
+        tp.step = step  # type: ignore[method-assign]
+        answers: list[httpx.Response] = []
+        poster = threading.Thread(
+            target=lambda: answers.append(client.post("/v1/completions", json=dying))
+        )
+        poster.start()
+        assert decoding.wait(30), steps
+        os.kill(tp.dist.worker_pids[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        poster.join(30)
+        after = client.post("/v1/completions", json=body)
+        assert time.monotonic() - t0 < 10
+    (failed,) = answers
+    assert failed.status_code in (500, 503), failed.text
+    assert "error" in failed.json()
+    assert after.status_code == 503, after.text
+    assert after.json()["error"]["code"] == "rank_failed"
+    assert "rank 1" in after.json()["error"]["message"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any("rank 1" in r.getMessage() for r in errors)
+    # the engine's step raised the typed error (the server logs it with its traceback)
+    assert any(r.exc_info and isinstance(r.exc_info[1], RankFailedError) for r in errors)
