@@ -49,8 +49,9 @@ def test_killed_decode_instance(pd_cluster, victim):
                 got["err"] = err
                 done.set()
 
-            # a 1 s data timeout for this send (the group's is 5 s; two attempts each)
-            transport.endpoint = dataclasses.replace(transport.endpoint, timeout_s=1.0)
+            # a 0.25 s data timeout for this send (the group's is 5 s; two attempts each): the
+            # receiver is dead, so it fails whatever the timeout; only the wait is shorter
+            transport.endpoint = dataclasses.replace(transport.endpoint, timeout_s=0.25)
             t0 = time.monotonic()
             transport.send(99, 2, {"tokens": []}, [torch.ones(2, 1, 16, 1, 4)], finished)
             assert done.wait(30) and got["err"] is not None
