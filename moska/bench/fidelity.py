@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policies", nargs="+", default=None, help="only these named policies")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--attention", default="auto", choices=["auto", "triton", "torch"],
+                    help="kernels: torch on CUDA runs routing and attention as the PyTorch "
+                    "references (tells a kernel's loss from the policy's)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes, CPU")
     ap.add_argument("--out", default="bench/results/fidelity.json")
@@ -286,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             engine = LLMEngine.from_model(
                 model, device=args.device, dtype=args.dtype, library_root=root,
                 enable_prefix_caching=False, max_num_batched_tokens=8192,
+                attention=args.attention,
             )  # fmt: skip
             payload["env"]["device"] = str(engine.device)
             # CPU: batched exact attention instead of the per-selection references
