@@ -31,14 +31,14 @@ from moska.routing.select import all_chunks
 
 _real_select = routing_pkg.select_chunks
 _RULES: dict[int, dict] = {}  # id(policy) -> {"layers": set | None, "decode_only": bool}
-_STATE = {"requests": 0}
 
 
 def _select(q, library, layer, top_k, policy, sm_scale, **kw):
     rule = _RULES.get(id(policy))
     if rule is not None:
         dense = rule["layers"] is not None and layer not in rule["layers"]
-        dense = dense or (rule["decode_only"] and q.shape[0] > _STATE["requests"])
+        # each question has its own library: a group of more than one row is a prompt
+        dense = dense or (rule["decode_only"] and q.shape[0] > 1)
         if dense:
             hkv = library.routing[layer].num_kv_heads
             return all_chunks(q.shape[0], hkv, library.num_chunks, q.device, kw["use_triton"])
@@ -107,7 +107,6 @@ def main(argv: list[str] | None = None) -> None:
     routing_pkg.select_chunks = _select  # attention/shared.py imports it at call time
     spec = RetrievalSpec.load(Path(args.retrieval_model))
     examples = make_examples(spec, args.questions, seed=10_000 + args.seed)
-    _STATE["requests"] = len(examples)
     rows = []
     with tempfile.TemporaryDirectory(prefix="moska-study-") as root:
         engine = LLMEngine.from_model(
