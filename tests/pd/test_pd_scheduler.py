@@ -199,7 +199,30 @@ def test_faster_tokens_lower_the_tpot_factor_not_the_stage_slowdown():
         sched.observe_stage("prefill", 0.2, 1.0, 0.0)
         sched.observe_tpot(insts[2], 0.2, 1.0, 0.0)
     assert sched.slowdown("prefill", 0.0) == 1.0
-    assert sched.tpot_factor(insts[2], 0.0) == pytest.approx(0.5)  # floored
+    assert sched.tpot_factor(insts[2], 0.0) == pytest.approx(0.2)  # followed, not floored
     for _ in range(3):  # then a slow window: the factor is a ratio of decaying sums
         sched.observe_tpot(insts[2], 3.0, 1.0, 0.0)
     assert 1.0 < sched.tpot_factor(insts[2], 0.0) < 3.0
+
+
+def test_median_tpot_prediction_tracks_observed_token_times():
+    """#19: tokens come 5x faster than the step fit says, with jitter; the admission
+    predictions must follow them at the median (a factor floored at 0.5 held every
+    prediction at ~2x what was seen)."""
+    sched, insts = _cluster()
+    rng = random.Random(0)
+    now = 0.0
+    for i in range(200):  # 4-token windows relayed from both decode instances
+        d, batch = insts[2 + i % 2], 1 + i % 6
+        pred = 4 * sched.tpot_s(batch, d)
+        sched.observe_tpot(d, pred * 0.2 * rng.lognormvariate(0.0, 0.2), pred, now)
+        now += 0.02
+    ratios = []
+    for k in range(12):  # admissions joining growing batches
+        plan = sched.plan(_req(list(range(1000 * k, 1000 * k + 40))), now=now)
+        assert isinstance(plan, Plan)
+        seen = 0.2 * sched.tpot_s(plan.batch, plan.decode)  # the median token time there
+        ratios.append(seen / plan.predicted_tpot_s)
+    ratios.sort()
+    median = (ratios[5] + ratios[6]) / 2
+    assert 0.85 < median < 1.15, ratios
