@@ -158,15 +158,20 @@ class FlexiEngine:
         pool = bm.reserve_blocks(rid, need)
         if pool is None:  # no free block for the pool now: try at the next step
             return
-        n_layers = self.num_layers
-        keep = policy.keep_mask(
+        keep = self._keep(st, n_pages, pages)
+        st.off = Offload(self.cache.k, self.cache.v, table, keep, pool)
+        self.released_blocks += bm.release_blocks(rid, pages)
+        self.offloads += 1
+
+    def _keep(self, st: _RequestState, n_pages: int, pages: int) -> torch.Tensor:
+        """Which of the first `pages` pages each (layer, head) keeps on the device at a
+        hand-off: stable heads their top-K, sink and recent pages; unstable heads all."""
+        cfg, n_layers = self.cfg, self.num_layers
+        return policy.keep_mask(
             st.top, st.stable, torch.ones(n_layers, dtype=torch.bool, device=self.device),
             torch.full((n_layers,), n_pages, device=self.device), cfg.recent_pages, n_pages,
             cfg.sink_pages,
         )[..., :pages]  # fmt: skip
-        st.off = Offload(self.cache.k, self.cache.v, table, keep, pool)
-        self.released_blocks += bm.release_blocks(rid, pages)
-        self.offloads += 1
 
     def _extend(self, rid: str, st: _RequestState, seq_len: int) -> None:
         """A later hand-off: the full pages that left the recent window since the last one
@@ -189,12 +194,7 @@ class FlexiEngine:
         pool = bm.reserve_blocks(rid, more) if more > 0 else []
         if pool is None:
             return
-        n_layers = self.num_layers
-        keep = policy.keep_mask(
-            st.top, st.stable, torch.ones(n_layers, dtype=torch.bool, device=self.device),
-            torch.full((n_layers,), n_pages, device=self.device), cfg.recent_pages, n_pages,
-            cfg.sink_pages,
-        )[..., :pages]  # fmt: skip
+        keep = self._keep(st, n_pages, pages)
         off.extend(self.cache.k, self.cache.v, table, keep, pool)
         self.released_blocks += bm.release_blocks(rid, pages)
         self.extensions += 1

@@ -20,10 +20,13 @@ default stays `upcast` (exact on the e4m3 values) and `mma` / `mma_qsplit` are o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 FP8_ATTENTION = ("upcast", "mma", "mma_qsplit")
 # the tile that was fast for fp8_mma_vt on the H200 (the launcher's default took 1.28 ms at
@@ -73,6 +76,20 @@ def attach_token_major_v(library: Any, mode: str) -> str | None:
     nbytes = sum(t.numel() * t.element_size() for t in pools)
     library.fp8_mma = TokenMajorV(pools, mode == "mma_qsplit", nbytes)
     return None
+
+
+def attach_at_register(name: str, library: Any, mode: str) -> None:
+    """The library manager's hook as a library is registered: an FP8 library without its
+    copies gets them under mma / mma_qsplit, and the log says which program will read it."""
+    attached: TokenMajorV | None = library.fp8_mma
+    if not library.kv_scale_pools or attached is not None or mode == "upcast":
+        return
+    why = attach_token_major_v(library, mode)
+    if why is not None:
+        logger.warning("library %r: fp8_attention %s off, upcast: %s", name, mode, why)
+    else:
+        gib = library.fp8_mma.nbytes / 2**30
+        logger.info("library %r: fp8_attention %s, token-major V copy %.3f GiB", name, mode, gib)
 
 
 def token_major(v_pool: torch.Tensor) -> torch.Tensor:

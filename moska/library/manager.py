@@ -33,6 +33,7 @@ from moska.library.format import (
     model_fingerprint,
     validate_name,
 )
+from moska.library.fp8_mma import attach_at_register
 from moska.library.info import LibraryInfo
 from moska.library.loaded import LoadedLibrary, load_library
 from moska.library.prefill import ProgressHook
@@ -294,8 +295,7 @@ class LibraryManager:
             arena = self._arena_for(library.manifest, library_layout(library))
             if arena is not None:
                 arena.place(library)
-        if library.kv_scale_pools and library.fp8_mma is None and self.fp8_attention != "upcast":
-            self._attach_fp8_mma(name, library)
+        attach_at_register(name, library, self.fp8_attention)
         self._loaded[name] = library
         try:
             fd = os.open(self.root / name / MANIFEST_FILE, os.O_RDONLY)
@@ -307,20 +307,6 @@ class LibraryManager:
             os.close(fd)
             return
         self._lock_fds[name] = fd
-
-    def _attach_fp8_mma(self, name: str, library: LoadedLibrary) -> None:
-        from moska.library.fp8_mma import attach_token_major_v
-
-        why = attach_token_major_v(library, self.fp8_attention)
-        if why is not None:
-            logger.warning(
-                "library %r: fp8_attention %s off, upcast: %s", name, self.fp8_attention, why
-            )
-        else:
-            logger.info(
-                "library %r: fp8_attention %s, token-major V copy %.3f GiB",
-                name, self.fp8_attention, library.fp8_mma.nbytes / 2**30,
-            )  # fmt: skip
 
     def _unregister(self, name: str) -> bool:
         fd = self._lock_fds.pop(name, None)
