@@ -327,7 +327,7 @@ def run(args, rest: list[str]) -> dict:
                "host_syncs_per_step_by_kind": t["syncs_by_kind"],
                "device_ms_by_kind": t["device_ms_by_kind"],
                "device_probe_valid": t["device_probe_valid"],
-               "device_bound_step_ms": _device_bound_ms(t), **t["host"],
+               "device_bound_step_ms": timing.device_bound_ms(t), **t["host"],
                "tokens_per_s": round(batch / sec, 1), **extra}  # fmt: skip
         del attn, t
         row["after_release"] = timing.release(device)  # before the next row allocates
@@ -346,16 +346,6 @@ def run(args, rest: list[str]) -> dict:
     full2 = measure("full", b_full, name="full_repeat")  # host-speed drift over the run
     return {**head, "rows": rows,
             "summary": _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget)}  # fmt: skip
-
-
-def _device_bound_ms(t: dict) -> float | None:
-    """Mean step ms with each kind's device-only time (wall time where none: re-rankings),
-    weighted by the timed steps' kinds (whole periods: their real proportion)."""
-    if not t["device_ms_by_kind"]:
-        return None
-    n = t["steps_by_kind"]
-    ms = {k: t["device_ms_by_kind"].get(k, t["by_kind_ms"][k]) for k in n}
-    return round(sum(n[k] * ms[k] for k in n) / sum(n.values()), 3)
 
 
 def _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget) -> dict:

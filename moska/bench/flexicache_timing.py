@@ -149,6 +149,17 @@ def decode(
     }
 
 
+def device_bound_ms(t: dict) -> float | None:
+    """Mean step ms of a `decode` result with each kind's device-only time (wall time where
+    none: re-rankings), weighted by the timed steps' kinds (whole periods: their real
+    proportion)."""
+    if not t["device_ms_by_kind"]:
+        return None
+    n = t["steps_by_kind"]
+    ms = {k: t["device_ms_by_kind"].get(k, t["by_kind_ms"][k]) for k in n}
+    return round(sum(n[k] * ms[k] for k in n) / sum(n.values()), 3)
+
+
 def _means_ms(by_kind: dict[str, list[float]]) -> dict[str, float]:
     return {k: round(sum(v) / len(v) * 1e3, 3) for k, v in by_kind.items()}
 

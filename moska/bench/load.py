@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from moska.bench.load_client import burst_in_process
-from moska.bench.load_drain import compare_429s, probe_bodies
+from moska.bench.load_drain import compare_429s, probe_bodies, within_2x
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -38,10 +38,6 @@ def _pct(values: list[float], q: float) -> float | None:
         return None
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
-
-
-def _within_2x(ratios: list[float]) -> float | None:
-    return sum(1 for x in ratios if 0.5 <= x <= 2.0) / len(ratios) if ratios else None
 
 
 def make_body(
@@ -146,7 +142,7 @@ def summarize(
         if rejected
         else None,
         "observed_drain_s_median": _pct(drains, 0.5),
-        "retry_after_within_2x_share": _within_2x(ratios),
+        "retry_after_within_2x_share": within_2x(ratios),
         "retry_after_over_drain_p10_p50_p90": [_pct(ratios, q) for q in (0.1, 0.5, 0.9)]
         if ratios
         else None,
@@ -155,15 +151,15 @@ def summarize(
         "retry_after_ms_median": _pct([int(r["retry_after_ms"]) for r in rejected], 0.5)
         if rejected and all((r.get("retry_after_ms") or "").isdigit() for r in rejected)
         else None,
-        "retry_after_ms_within_2x_share": _within_2x(ms),
+        "retry_after_ms_within_2x_share": within_2x(ms),
         "retry_after_ms_over_drain_p10_p50_p90": [_pct(ms, q) for q in (0.1, 0.5, 0.9)]
         if ms
         else None,
         "retry_after_ms_within_2x_share_plain_library": [
-            _within_2x(ms_kind["plain"]),
-            _within_2x(ms_kind["library"]),
+            within_2x(ms_kind["plain"]),
+            within_2x(ms_kind["library"]),
         ],
-        "retry_after_ms_within_2x_share_library_vs_long_probe": _within_2x(long),
+        "retry_after_ms_within_2x_share_library_vs_long_probe": within_2x(long),
         "rejections": rows,
         "probes": {kind: {k: p.get(k) for k in _PROBE_KEYS} for kind, p in out["probes"].items()},
         "predictor_error_s_p10_p50_p90_p99": [_pct(errors, q) for q in (0.1, 0.5, 0.9, 0.99)],

@@ -32,6 +32,11 @@ def probe_for(rec: dict, probes: dict[str, dict], opened: dict[str, float]) -> s
     return min(names, key=distance)
 
 
+def within_2x(ratios: list[float]) -> float | None:
+    """The share of promised / observed ratios within a factor 2 (None: no 429s)."""
+    return sum(1 for x in ratios if 0.5 <= x <= 2.0) / len(ratios) if ratios else None
+
+
 def compare_429s(rejected: list[dict], probes: dict[str, dict], opened: dict[str, float]) -> list:
     """Per 429 with a Retry-After and a probe of its kind that was admitted: its kind,
     prompt length, whether the door sent it, when it came (s from the burst's start), the
