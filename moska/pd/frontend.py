@@ -39,7 +39,7 @@ from moska.pd.frontend_http import (
 from moska.pd.index import block_hashes
 from moska.pd.instance_death import InstanceDied, or_dead
 from moska.pd.scheduler import GlobalScheduler, Instance, Plan, Rejection, RequestInfo
-from moska.pd.token_times import TokenTimes
+from moska.pd.token_times import TokenTimes, strip_usage, with_usage
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,9 @@ class FrontEnd:
         if plan.alone:
             predicted = plan.predicted_prefill_s + self._sched.transfer_s(info.prompt_tokens // bs)
             self._sched.observe_overhead("prefill", stage_s, predicted)
-        return await self._proxy(decode, path, body, plan, tid)
+        # the stream's usage chunk counts its tokens for the TPOT factor (token_times.py)
+        decode_body, strip = with_usage(body)
+        return await self._proxy(decode, path, decode_body, plan, tid, strip)
 
     async def _prefill(self, plan: Plan, path: str, body: dict, tid: int, decode: Instance):
         """None when the KV reached `decode`; an error string when the transfer failed; the
@@ -276,7 +278,13 @@ class FrontEnd:
         return None
 
     async def _proxy(
-        self, inst: Instance, path: str, body: dict, plan: Plan | None, tid: int | None
+        self,
+        inst: Instance,
+        path: str,
+        body: dict,
+        plan: Plan | None,
+        tid: int | None,
+        strip: bool = False,
     ) -> Response:
         """Send `body` to `inst` and relay its answer (SSE as it comes)."""
         dead, sent_at = self._dead[inst.name], time.monotonic()
@@ -294,7 +302,7 @@ class FrontEnd:
             hdrs = {k: v for k, v in resp.headers.items() if k.lower() in _RETRY_HEADERS}
             return Response(content, resp.status_code, hdrs, media_type="application/json")
         return StreamingResponse(
-            self._relay(inst, resp, plan, tid, sent_at),
+            self._relay(inst, resp, plan, tid, sent_at, strip),
             media_type="text/event-stream",
             headers=predicted_headers(plan),
         )
@@ -307,7 +315,7 @@ class FrontEnd:
         self._sched.observe_overhead("decode", seconds, predicted)
         self._sched.observe_stage("decode", seconds, plan.predicted_first_s, time.monotonic())
 
-    async def _relay(self, inst, resp, plan, tid, sent_at) -> AsyncIterator[bytes]:
+    async def _relay(self, inst, resp, plan, tid, sent_at, strip) -> AsyncIterator[bytes]:
         dead, first = self._dead[inst.name], True
         chunks = resp.aiter_raw()
         tokens = TokenTimes()
@@ -323,10 +331,13 @@ class FrontEnd:
                 if first and plan is not None:
                     self._first_token(plan, inst, time.monotonic() - sent_at)
                 first = False
-                if plan is not None:
-                    window = tokens.add(chunk, self._sched.tpot_s(inst.decoding, inst))
+                if plan is not None:  # an event's predicted time: the step times its tokens
+                    step = self._sched.tpot_s(inst.decoding, inst)
+                    window = tokens.add(chunk, step * self._sched.tokens_per_event(inst))
                     if window is not None:  # what the decode side really gives per token
                         self._sched.observe_tpot(inst, *window, time.monotonic())
+                if strip and not (chunk := strip_usage(chunk)):
+                    continue
                 yield chunk
         except (httpx.HTTPError, InstanceDied) as exc:
             self.stats.failed += 1
@@ -341,6 +352,8 @@ class FrontEnd:
             await resp.aclose()
         if plan is not None:
             self._sched.finished(plan, inst)
+            if (counts := tokens.tokens_after_first()) is not None:
+                self._sched.observe_events(inst, *counts)
 
     async def _end(self, inst, plan, tid) -> None:
         if tid is not None:

@@ -16,7 +16,8 @@ prediction and, once everything is rejected, never unlearn. The time per output 
 the decode step at the batch the request joins (the requests predicted to be decoding
 there when its prefill ends, those past their predicted end included) times a per-decode
 factor of observed over predicted token times (`observe_tpot`, from the streams the front
-end relays): the step fit misses the engine loop's work between steps and a host busier
+end relays, in tokens, not SSE events: an event can carry several, `observe_events`; counting
+events made the factor ~2x and every prediction ~2x pessimistic, #19): the step fit misses the engine loop's work between steps and a host busier
 than when it was fitted, and TPOT misses came from there. A request is admitted only when
 both predictions are within SLO_MARGIN of their SLOs. What it admits it never drops:
 predictions only decide admission and placement.
@@ -149,6 +150,9 @@ class GlobalScheduler:
         # hops, a busier host than the fit saw); fades back to 1 like the slowdown
         self._tpot_factor: dict[str, tuple[float, float]] = {}
         self._tpot_sums: dict[str, tuple[float, float, float]] = {}  # observed, predicted, at
+        # per decode instance: decaying sums of the tokens and the SSE token events of its
+        # finished streams (an event carries a token only when it adds text: `token_times`)
+        self._events: dict[str, tuple[float, float]] = {}
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
 
@@ -288,6 +292,19 @@ class GlobalScheduler:
         obs, pred = keep * obs + observed_s, keep * pred + predicted_s
         self._tpot_sums[inst.name] = (obs, pred, now)
         self._tpot_factor[inst.name] = (min(MAX_SLOWDOWN, max(MIN_TPOT_FACTOR, obs / pred)), now)
+
+    def tokens_per_event(self, inst: Instance) -> float:
+        """Tokens one relayed SSE event of `inst`'s streams carries (1 until a stream with a
+        usage count has finished): what turns an event's time into a time per token."""
+        tokens, events = self._events.get(inst.name, (0.0, 0.0))
+        return tokens / events if events > 0 else 1.0
+
+    def observe_events(self, inst: Instance, tokens: int, events: int) -> None:
+        """A stream from `inst` ended: `tokens` output tokens came in `events` token events
+        (both after its first event)."""
+        if tokens >= events > 0:
+            old_tokens, old_events = self._events.get(inst.name, (0.0, 0.0))
+            self._events[inst.name] = (0.9 * old_tokens + tokens, 0.9 * old_events + events)
 
     def transferred(self, blocks: int, seconds: float) -> None:
         if blocks > 0 and seconds > 0:
