@@ -100,15 +100,21 @@ def test_triton_kernels_in_the_engine_match(llm):
     llm.engine.libraries.build("small", [("b.md", DOCS[1][1][:40])], chunk_size=32, mode="prefix")
     root = llm.engine.config.library_root
     kw = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64, "max_model_len": 1024}
-    llm = LLM(None, attention="triton", library_root=root, **kw)
-    assert llm.engine.libraries.get("small").num_chunks == 2
-    lib_ids = llm.engine.libraries.get("small").token_ids.tolist()
+    tri = LLM(None, attention="triton", library_root=root, **kw)
+    assert tri.engine.libraries.get("small").num_chunks == 2
+    lib_ids = tri.engine.libraries.get("small").token_ids.tolist()
     p = [7, 8, 9, 10]
     # two tokens: one prefill step and one decode step through every kernel (each launch
     # costs milliseconds in the interpreter)
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    out = llm.generate([p], params, library="small", top_k_chunks=10**6)[0]
-    assert out.outputs[0].token_ids == greedy_generate(llm.engine.loaded.model, lib_ids + p, 2)
+    out = tri.generate([p], params, library="small", top_k_chunks=10**6)[0]
+    # the reference runs on the PyTorch engine's model (the same seeded weights, checked):
+    # the Triton engine's model would run its norms and RoPE in the interpreter (~40 s)
+    ref_model = llm.engine.loaded.model
+    ref_sd, tri_sd = ref_model.state_dict(), tri.engine.loaded.model.state_dict()
+    assert ref_sd.keys() == tri_sd.keys()
+    assert all(torch.equal(ref_sd[k], tri_sd[k]) for k in ref_sd)
+    assert out.outputs[0].token_ids == greedy_generate(ref_model, lib_ids + p, 2)
 
 
 def test_routing_coverage_reported(llm):
