@@ -38,7 +38,9 @@ import torch.distributed as dist
 from moska.attention.backend import PagedAttention
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata
+from moska.attention.routing_report import GroupRouting
 from moska.distributed.comm import Collectives
+from moska.distributed.helix_library import HelixHeadSplit, head_split, library_state
 from moska.distributed.kv_parallel import merge_partials
 from moska.distributed.kv_parallel_step import KVParallelConfigError, LocalStep, local_step
 from moska.distributed.tensor_parallel import (
@@ -96,6 +98,10 @@ class HelixLayout:
     def kvp_groups(self) -> list[list[int]]:
         """The ranks of each KVP group (the all-to-all's), by TPA index."""
         return [list(range(a * self.kvp, (a + 1) * self.kvp)) for a in range(self.tpa)]
+
+    def cross_groups(self) -> list[list[int]]:
+        """The ranks of each KVP rank, one per TPA group (library routing's), by KVP rank."""
+        return [list(range(j, self.world, self.kvp)) for j in range(self.kvp)]
 
     def check(self, config: ModelConfig) -> None:
         """Raises HelixConfigError when the model's heads do not split this way."""
@@ -167,10 +173,13 @@ def helix_exchange(
     ops: KernelOps,
     group: Any,
     microbatches: int = 1,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,  # (o, lse) [T, ...]: libraries
 ) -> torch.Tensor:  # [T, Hq_tpa / KVP, D]: this rank's head slice, merged over all shards
     """Partial attention over this rank's shard, one all-to-all per micro-batch inside
     the KVP `group`, LSE merge. With `microbatches` > 1 (HOP-B) micro-batch i's
-    all-to-all runs while micro-batch i+1 is attended; the result is the same."""
+    all-to-all runs while micro-batch i+1 is attended; the result is the same. `extra`:
+    this rank's part of the library attention (helix_library.py), merged in before the
+    exchange."""
     p = dist.get_world_size(group)
     t, hq, d = q.shape
     hs = hq // p
@@ -181,6 +190,10 @@ def helix_exchange(
         o, lse = ops.paged_decode(
             q[a:b], k_cache, v_cache, block_tables[a:b], visible[a:b], sm_scale
         )
+        if extra is not None:
+            o, lse = merge_partials(
+                torch.stack([o, extra[0][a:b].to(o.dtype)]), torch.stack([lse, extra[1][a:b]])
+            )
         send = _pack(o, lse, p)
         send = send.cpu() if host else send
         recv = torch.empty_like(send)
@@ -213,10 +226,6 @@ class HelixAttention(PagedAttention):
         self.exchanges = 0  # all-to-all layers run (for tests and metrics)
 
     def bind(self, meta: AttentionMetadata) -> HelixBound:  # type: ignore[override]
-        if meta.groups:
-            raise HelixConfigError(
-                "library requests do not run with --helix yet; serve libraries without it"
-            )
         lay = self.layout
         step = local_step(meta, lay.kvp_rank(self.rank), lay.kvp, self.cache.block_size)
         return HelixBound(self, meta, step)
@@ -227,6 +236,7 @@ class HelixBound:
 
     def __init__(self, parent: HelixAttention, meta: AttentionMetadata, step: LocalStep):
         self.p, self.meta, self.step = parent, meta, step
+        self.routing = [GroupRouting() for _ in meta.groups]  # read by the runner
 
     def __call__(
         self,
@@ -244,9 +254,16 @@ class HelixBound:
                 p.ops.kv_write,
             )  # fmt: skip
         kc, vc = p.cache.k[layer], p.cache.v[layer]
+        lay, extra = p.layout, None
+        if self.meta.groups:  # this rank's part of the libraries' selections
+            extra = library_state(
+                p.ops, layer, q, self.meta.groups, self.routing, p.sm_scale,
+                lay.kvp_rank(p.rank), lay.kvp,
+            )  # fmt: skip
         o = helix_exchange(
-            q, kc, vc, s.block_tables, s.visible, p.sm_scale, p.ops, p.group, p.microbatches
-        )
+            q, kc, vc, s.block_tables, s.visible, p.sm_scale, p.ops, p.group, p.microbatches,
+            extra,
+        )  # fmt: skip
         p.exchanges += 1
         return o.to(q.dtype)
 
@@ -280,6 +297,12 @@ class HelixModel:
         self.comm, self.layout, self.microbatches = comm, layout, microbatches
         groups = [dist.new_group(ranks) for ranks in layout.kvp_groups()]
         self.group = groups[layout.tpa_index(comm.rank)]
+        # one rank per TPA group (this KVP rank's): library routing exchanges scores there
+        a, tpa = layout.tpa_index(comm.rank), layout.tpa
+        cross = [dist.new_group(ranks) for ranks in layout.cross_groups()] if tpa > 1 else []
+        self.cross = Collectives(
+            cross[layout.kvp_rank(comm.rank)] if cross else None, a, tpa, comm.backend
+        )
 
     def make_model(self, config: ModelConfig, *, dtype, device) -> HelixCausalLM:
         plan = self.layout.plan(config, self.comm.rank)
@@ -287,6 +310,10 @@ class HelixModel:
 
     def tensor_slices(self, config: ModelConfig) -> dict[str, TensorSlice]:
         return self.layout.tensor_slices(config, self.comm.rank)
+
+    def head_split(self, model: Any) -> HelixHeadSplit:
+        """How the rank's libraries route (its KV heads, scores exchanged over `cross`)."""
+        return head_split(model, self.cross)
 
     def global_blocks(self, local_blocks: int) -> int:
         """Blocks rank 0's block manager allocates from: a KVP group's (TPA groups hold

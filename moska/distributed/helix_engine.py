@@ -7,9 +7,10 @@ Rank 0 loads its slice, owns the scheduler, the block manager (over a KVP group'
 KVP x each rank's) and the sampler, and starts ranks 1..N-1 itself (runtime.py: spawn,
 rendezvous, heartbeats, the monitor). They load their slices and run the commands rank 0
 sends, as tensor-parallel workers do (worker.serve_steps: FORWARD, the logits gather,
-STOP). Refused with a message that says what to do: library requests and builds (each rank
-holds a slice of the weights), shared-KV ranks, semantic reuse, FlexiCache, library tiers,
-torchrun launches.
+STOP). Library requests: each rank loads its TPA group's KV heads of the library and
+attends its part of the selections (helix_library.py). Refused with a message that says
+what to do: library builds (each rank holds a slice of the weights), shared-KV ranks,
+semantic reuse, FlexiCache, library tiers, torchrun launches.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import torch
 
 from moska.config import EngineConfig
 from moska.distributed.comm import Collectives
-from moska.distributed.errors import TensorParallelBuildError
 from moska.distributed.helix import HelixConfigError, HelixLayout, HelixModel
+from moska.distributed.helix_library import HelixLibraries, HelixWorkerLibraries
 from moska.distributed.runtime import DistributedRuntime, Rendezvous, rank_device, torchrun_rank
 from moska.distributed.step_channel import StepChannel
-from moska.library.manager import LibraryManager
 from moska.model.config import ModelConfig
 
 
@@ -43,8 +43,8 @@ def check_helix(config: EngineConfig, model_config: ModelConfig) -> HelixLayout:
         )
     if config.tier_config is not None:
         raise HelixConfigError(
-            "library tiers (library_gpu_budget) do not run with --helix (library requests "
-            "are refused there); leave library_gpu_budget unset"
+            "library tiers (library_gpu_budget) do not run with --helix (each rank holds "
+            "its KV heads of a library in memory); leave library_gpu_budget unset"
         )
     layout = HelixLayout.from_engine(config)
     layout.check(model_config)
@@ -70,28 +70,13 @@ def start_helix(config: EngineConfig, path, dtype, device: str):
             runtime.groups.comm, runtime.groups.control, dev, model.config.hidden_size, model.dtype
         )
         model.driver = runtime.channel
-        libraries = HelixLibraries(config.library_root or default_library_root(), loaded, dev)
+        root = config.library_root or default_library_root()
+        split = helix.head_split(model)
+        libraries = HelixLibraries(root, loaded, dev, runtime.channel, split)
     except BaseException:
         runtime.shutdown()
         raise
     return loaded, runtime, libraries
-
-
-class HelixLibraries(LibraryManager):
-    """Rank 0's library manager under Helix: lists and deletes; no request reads a library
-    and no build runs (each rank holds a slice of the weights)."""
-
-    def reserve(self, name: str) -> Any:
-        raise TensorParallelBuildError(name)
-
-    def build(self, name: str, *args: Any, reservation: Any = None, **kwargs: Any):
-        raise TensorParallelBuildError(name)
-
-    def acquire(self, name: str):
-        raise HelixConfigError(
-            f"library {name!r}: library requests do not run with --helix yet; serve "
-            "libraries without it"
-        )
 
 
 def run_helix_rank(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
@@ -116,4 +101,5 @@ def serve_helix(
     model = loaded.model
     runner = ModelRunner(loaded, config, device)  # its cache: its heads of its shard
     channel = StepChannel(comm, control, device, model.config.hidden_size, model.dtype)
-    serve_steps(model, runner.attention, channel, device)
+    libraries = HelixWorkerLibraries(device, helix.head_split(model))
+    serve_steps(model, runner.attention, channel, device, libraries)

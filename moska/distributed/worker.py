@@ -100,11 +100,14 @@ def rank_lifecycle(groups: ProcessGroups, parent_pid: int | None) -> Iterator[No
 
 
 @torch.inference_mode()
-def serve_steps(model, attention, channel: StepChannel, device: torch.device) -> None:
-    """Run the commands rank 0 sends until STOP."""
+def serve_steps(
+    model, attention, channel: StepChannel, device: torch.device, libraries=None
+) -> None:
+    """Run the commands rank 0 sends until STOP. `libraries`: the builds this rank holds
+    (WorkerLibraries of its TP heads by default; Helix passes its own)."""
     from moska.distributed.tp_library import WorkerLibraries
 
-    libraries = WorkerLibraries(model, device)
+    libraries = WorkerLibraries(model, device) if libraries is None else libraries
     last = None  # the last forward's hidden states [T, H]
     while True:
         msg = channel.recv()

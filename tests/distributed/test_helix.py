@@ -3,7 +3,9 @@ and 4 ranks (KVP 2 x TPA 2) run the real engine on rank 0 (scheduler, block mana
 KVP x each rank's blocks, the step channel) and `serve_helix` on the others, in forked gloo
 processes (gloo_ranks.py: a deadline, so a hang fails). A request longer than one rank's
 KV cache is served; its greedy tokens equal a one-process engine's, fp32 logits rel err <
-1e-4; HOP-B (3 micro-batches) gives the tokens and logits of no HOP-B."""
+1e-4; HOP-B (3 micro-batches) gives the tokens and logits of no HOP-B. At 4 ranks, with 2
+micro-batches, a library's logits (every chunk; routed with scores exchanged between the
+TPA groups) and greedy tokens equal one process's (2 ranks: test_helix_library.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from gloo_ranks import run_ranks
+from helix_support import CHUNK, DOCS, LIB_PROMPTS, greedy_library, library_logits
 from tp_support import build_checkpoint, engine_kwargs, greedy, prefill_logits, rel_err
 
 from moska.distributed.helix import HelixConfigError, HelixLayout
@@ -23,13 +26,14 @@ LONG = [int(t) for t in torch.randint(3, 256, (90,), generator=torch.Generator()
 SHORT = [7, 8, 9, 10, 11]
 
 
-def _ranks(rank: int, world: int, path: str, kvp: int, hopb: list[int]) -> dict:
+def _ranks(rank: int, world: int, path: str, kvp: int, hopb: list[int], lib_root=None) -> dict:
     import torch.distributed as dist
 
     from moska.config import EngineConfig
     from moska.distributed.comm import Collectives
     from moska.distributed.helix import HelixModel
     from moska.distributed.helix_engine import serve_helix
+    from moska.distributed.helix_library import HelixLibraries
     from moska.distributed.step_channel import StepChannel
     from moska.engine.llm_engine import LLMEngine
     from moska.engine.scheduler import RequestTooLarge
@@ -41,6 +45,11 @@ def _ranks(rank: int, world: int, path: str, kvp: int, hopb: list[int]) -> dict:
     small = {**kw, "num_kv_blocks": LOCAL_BLOCKS}
     tp = world if world > kvp else 1
     out: dict = {}
+    if rank == 0 and lib_root is not None:  # built by one process, before the ranks read it
+        ref_lib = LLMEngine.from_model(path, **kw, library_root=lib_root)
+        ref_lib.libraries.progress = False
+        ref_lib.libraries.build("docs", DOCS, chunk_size=CHUNK)
+        out["ref_lib"] = _library_outputs(ref_lib)
     for mb in hopb:
         config = EngineConfig(
             model=path, **small, helix=True, decode_context_parallel_size=kvp,
@@ -53,13 +62,19 @@ def _ranks(rank: int, world: int, path: str, kvp: int, hopb: list[int]) -> dict:
         loaded = load_model(path, dtype="float32", tensor_parallel=helix)
         channel = StepChannel(comm, control, torch.device("cpu"), 64, torch.float32)
         loaded.model.driver = channel
+        libraries = None
+        if lib_root is not None:
+            split = helix.head_split(loaded.model)
+            libraries = HelixLibraries(lib_root, loaded, torch.device("cpu"), channel, split)
         try:
-            eng = LLMEngine(config, loaded, None)
+            eng = LLMEngine(config, loaded, libraries)
             res = {"blocks": eng.runner.num_blocks, "cache": tuple(eng.runner.cache.k.shape)}
             before = eng.runner.attention.exchanges
             res["tokens"] = greedy(eng, [LONG, SHORT], 12)
             res["exchanges"] = eng.runner.attention.exchanges - before
             res["logits"] = prefill_logits(eng, [LONG[:70], SHORT])
+            if lib_root is not None:
+                res["lib"] = _library_outputs(eng)
         finally:
             channel.send_stop()
         out[mb] = res
@@ -72,6 +87,17 @@ def _ranks(rank: int, world: int, path: str, kvp: int, hopb: list[int]) -> dict:
         except RequestTooLarge:
             out["one_rank"] = "refused"
     dist.barrier()
+    return out
+
+
+def _library_outputs(engine) -> dict:
+    """Library logits read whole, and routed summing scores over KV heads (fixed k) and
+    two-stage (both exchange scores between TPA groups); greedy tokens, routed."""
+    from moska.routing.policy import LEGACY
+
+    out = {f"logits_{k}": library_logits(engine, "docs", k, LEGACY) for k in (6, 2)}
+    out["logits_two_stage"] = library_logits(engine, "docs", 2, LEGACY.replace(scorer="two_stage"))
+    out["tokens"] = greedy_library(engine, "docs", 4, 2)
     return out
 
 
@@ -102,9 +128,15 @@ def test_two_ranks_kvp2_hopb_on_and_off(checkpoint):
 
 
 @pytest.mark.timeout(90)
-def test_four_ranks_kvp2_tpa2(checkpoint):
-    res = run_ranks(_ranks, 4, checkpoint, 2, [2], timeout_s=80)[0]
+def test_four_ranks_kvp2_tpa2_with_a_library(checkpoint, tmp_path):
+    res = run_ranks(_ranks, 4, checkpoint, 2, [2], str(tmp_path / "libs"), timeout_s=80)[0]
     _check(res, kvp=2, tpa=2)
+    got, want = res[2]["lib"], res["ref_lib"]
+    for key in ("logits_6", "logits_2", "logits_two_stage"):
+        assert got[key].shape == (sum(map(len, LIB_PROMPTS)), 256)
+        assert rel_err(got[key], want[key]) < 1e-4, key
+    assert rel_err(want["logits_2"], want["logits_6"]) > 1e-3  # routing dropped chunks
+    assert got["tokens"] == want["tokens"] and len(got["tokens"]["lib0"]) == 4
 
 
 def test_layout_heads_and_refusals():

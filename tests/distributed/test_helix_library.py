@@ -1,0 +1,133 @@
+"""Helix with libraries, and a killed rank, on the real engine path (`LLMEngine.from_model(
+..., helix=True)`: rank 0 here, rank 1 started by `DistributedRuntime.start`, its monitor and
+heartbeats), 2 ranks (KVP 2 x TPA 1) on the tiny Llama, gloo. The rank is forked from the
+gloo_ranks forkserver (torch and the engine imported once) instead of spawned (a fresh
+interpreter: ~7 s of imports on 2 loaded cores); nothing else differs.
+
+Each rank holds the library's KV (replicated) and attends its half of every layer's
+selections, merged with its shard of the unique KV by LSE before the all-to-all: fp32 logits
+rel err < 1e-4 and greedy tokens equal one process, reading every chunk and routed (a
+selection attended on both ranks or on neither would change the output). 4 ranks (TPA 2,
+routing scores exchanged between the groups) and HOP-B: test_helix.py. Last: rank 1 is
+killed while a library request decodes; the engine raises RankFailedError naming it within
+10 s, then refuses requests at once, and the server answers 503 naming it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from gloo_ranks import PRELOAD
+from helix_support import CHUNK, DOCS, LIB_PROMPTS, greedy_library, library_logits
+from tp_support import build_checkpoint, engine_kwargs, rel_err
+
+from moska.distributed.errors import RankFailedError
+from moska.distributed.helix_library import own_part
+from moska.engine.llm_engine import LLMEngine
+from moska.engine.sampling_params import SamplingParams
+from moska.kernels.selections import Selections
+from moska.routing.policy import LEGACY, RoutingPolicy
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _forked_rank(rdv, rank, _spawner_pid, *args) -> None:
+    """`run_helix_rank` in a forkserver child: its parent (watched by its heartbeat, which
+    exits when the parent is gone) is the forkserver, not the process that started it."""
+    from moska.distributed.helix_engine import run_helix_rank
+
+    run_helix_rank(rdv, rank, os.getppid(), *args)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    from moska.distributed import helix_engine, runtime
+
+    base = tmp_path_factory.mktemp("helixlib")
+    path = str(build_checkpoint(base / "m", seed=6))
+    kw = engine_kwargs("cpu", library_root=str(base / "libraries"))
+    ref = LLMEngine.from_model(path, **kw)
+    ref.libraries.progress = False
+    ref.libraries.build("docs", DOCS, chunk_size=CHUNK)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "0")  # the forkserver's, if this starts it
+        patch.setattr(runtime, "mp", SimpleNamespace(get_context=lambda _kind: ctx))
+        patch.setattr(helix_engine, "run_helix_rank", _forked_rank)
+        helix = LLMEngine.from_model(path, **kw, helix=True, decode_context_parallel_size=2)
+    try:
+        yield ref, helix
+    finally:
+        helix.shutdown()
+
+
+def test_own_parts_cover_every_selection_once():
+    n = 23
+    sel = Selections(*(torch.randint(0, 9, (n,), dtype=torch.int32) for _ in range(3)))
+    for kvp in (2, 3, 4):
+        sizes = [own_part(sel, j, kvp).req.numel() for j in range(kvp)]
+        assert max(sizes) - min(sizes) <= 1  # equal work per rank
+        for f in ("req", "kv_head", "chunk"):  # disjoint, complete, in order
+            parts = [getattr(own_part(sel, j, kvp), f) for j in range(kvp)]
+            assert torch.equal(torch.cat(parts), getattr(sel, f))
+
+
+@pytest.mark.parametrize("top_k,policy", [(6, RoutingPolicy()), (2, RoutingPolicy()), (2, LEGACY)])
+def test_library_logits_equal_one_process(engines, top_k, policy):
+    ref, helix = engines
+    want = library_logits(ref, "docs", top_k, policy)
+    got = library_logits(helix, "docs", top_k, policy)
+    assert got.shape == want.shape == (sum(map(len, LIB_PROMPTS)), 256)
+    assert rel_err(got, want) < 1e-4
+    if top_k < 6:  # routing dropped chunks that matter: not the all-chunks output
+        assert rel_err(want, library_logits(ref, "docs", 6, RoutingPolicy())) > 1e-3
+    assert helix.libraries.get("docs").build_id in helix.dist.channel.worker_builds
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_library_greedy_tokens_equal_one_process(engines, top_k):
+    ref, helix = engines
+    before = helix.runner.attention.exchanges
+    got = greedy_library(helix, "docs", 6, top_k)
+    assert got == greedy_library(ref, "docs", 6, top_k)
+    assert len(got["lib0"]) == 6 and helix.runner.attention.exchanges > before
+    assert helix.libraries.num_users("docs") == 0  # every request released its build
+    assert helix.runner.cache.k.shape[-2] == 2  # TPA 1: every KV head, half the blocks
+
+
+def test_rank_dies_during_a_library_request(engines, caplog):
+    """Last: it kills rank 1 while a library request decodes."""
+    import httpx
+
+    from moska.server.app import create_app
+    from moska.server.background import background_server
+    from moska.server.settings import ServerSettings
+
+    _, helix = engines
+    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    helix.add_request("dying", LIB_PROMPTS[0], params, library="docs", top_k_chunks=2)
+    helix.step()  # its prefill
+    helix.step()  # a decode step
+    os.kill(helix.dist.worker_pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError) as info:
+        while time.monotonic() - t0 < 30:  # a step that hangs fails on the test's timeout
+            helix.step()
+    assert time.monotonic() - t0 < 10
+    assert info.value.rank == 1 and "rank 1" in str(info.value)
+    with pytest.raises(RankFailedError, match="rank 1"):  # at once, no collective
+        helix.add_request("after", [1, 2], SamplingParams(max_tokens=2))
+    assert any("rank 1" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    body = {"model": helix.model_name, "prompt": [5, 6], "max_tokens": 2, "library": "docs"}
+    with background_server(create_app(helix, ServerSettings())) as url:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "rank_failed" and "rank 1" in r.json()["error"]["message"]
