@@ -6,23 +6,28 @@ logit times the part's softmax scale, plus its APE log scale), the estimates are
 concatenated and a row takes its top-k over all of them, ranked as ``routing.select.choose``
 ranks chunks.
 
-One slot space (fixed k, no tiered part; the default): the top-k becomes ONE Selections over
-the global chunk ids (part base + local id) with ``from_topk``: no host sync. The resident
-libraries of a model keep their KV in one arena per layer (library/arena.py), so a ChunkTable
-over the global ids maps every part's chunks to their rows in that one pool tensor and ONE
-grouped launch per layer serves chunks of every library. Parts are launched together when
+One slot space (fixed k; the default): the top-k becomes ONE Selections over the global
+chunk ids (part base + local id) with ``from_topk``: no host sync. The resident libraries of
+a model keep their KV in one arena per layer (library/arena.py), so a ChunkTable over the
+global ids maps every part's chunks to their rows in that one pool tensor and ONE grouped
+launch per layer serves chunks of every library. A tiered part's GPU slots are arena rows
+too: its routed chunks are fetched into them first (one host sync per layer for all tiered
+parts) and the table maps its chunks through its slot table of that layer
+(attention/composed_tiers.py); only when its routed chunks outnumber its slots is each
+further pass of them a launch of its own. Parts are launched together when
 they share the pool tensor (``launch_groups``); parts of other APE temperatures in one group
 pass the kernel a factor on the softmax scale per global chunk (``chunk_scales``; parts of
 one temperature pass none, the kernel's one-scale path). A part with pools of its own (FP8,
-loaded without an arena) is a launch of its own over the same selections, its table leaving
+resident or tiered; loaded without an arena) is a launch of its own over the same
+selections, its table leaving
 the other parts' chunks empty (o = 0, lse = -inf), so the groups' states add up exactly.
 APE's log scale, which may differ between the parts of one group, is added per selection
 after the launch.
 
-Otherwise (adaptive k by mass, or a tiered part, whose chunks sit in its GPU slots only when
-fetched): the mask of chosen chunks turns into one Selections per part (``from_mask``, a host
-sync per part and layer), each part's launch reads its own (a tiered part through its
-tiers), and the states are concatenated with chunk ids made global.
+Otherwise (adaptive k by mass): the mask of chosen chunks turns into one Selections per part
+(``from_mask``, a host sync per part and layer), each part's launch reads its own (a tiered
+part through ``ChunkTiers.attend``), and the states are concatenated with chunk ids made
+global.
 
 Either way the states join the rows' own in the backend's one ``merge_selections``: exact,
 since every chunk state is an (o, lse) over a disjoint key set. FP8 parts pass their
@@ -36,6 +41,7 @@ from typing import Any
 
 import torch
 
+from moska.attention import composed_tiers
 from moska.attention.metadata import LibraryGroup
 from moska.attention.routing_report import GroupRouting
 from moska.attention.shared import all_chunk_selections, fp8_kwargs
@@ -63,7 +69,12 @@ def composed_group_states(
     biases = [b for _, b in adjust]
     if _global_ok(group):
         sel = select_global(q_rows, group, layer, scales, biases, ops.triton_routing)
-        o_sel, lse_sel = global_states(ops, layer, q_rows, comp, sel, sm_scale)
+        sel, steps = composed_tiers.stage(comp, layer, sel)  # tiered parts' chunks fetched
+        if sel.req.numel():
+            o_sel, lse_sel = global_states(ops, layer, q_rows, comp, sel, sm_scale, steps)
+        else:  # the skip policy dropped every selection
+            o_sel, lse_sel, sel = _concat([], q_rows, parts[0].k_pools[layer].shape[1])
+        composed_tiers.finish(steps)
         return _report(ops, layer, q_rows, group, report, scales, adjust, o_sel, lse_sel, sel)
     sels = select_union(q_rows, group, layer, scales, biases, ops.triton_routing)
     states = []
@@ -91,13 +102,12 @@ def _report(ops, layer, q_rows, group, report, scales, adjust, o_sel, lse_sel, s
 
 
 def _global_ok(group: LibraryGroup) -> bool:
-    """Whether the group's rows can be served in one slot space: a fixed k (or every chunk)
-    and no tiered part (a tiered part's chunks are in its GPU slots only when fetched)."""
+    """Whether the group's rows can be served in one slot space: a fixed k (or every chunk);
+    tiered parts included (their routed chunks fetched first: attention/composed_tiers.py)."""
     from moska.routing import RoutingPolicy
 
     policy = group.policy or RoutingPolicy(scorer=group.scorer)
-    tiered = any(getattr(p, "tiers", None) is not None for p in group.composed().parts)
-    return policy.mass_threshold is None and not tiered
+    return policy.mass_threshold is None
 
 
 def shared_logit_adjustment(library: Any) -> tuple[float, float]:
@@ -114,7 +124,9 @@ class LaunchGroup:
     (``source``: the arena, or a part with pools of its own). ``factor`` on the softmax scale
     is the parts' APE 1/T when they share it, else 1 and ``chunk_scales`` holds it per
     global chunk. ``table`` maps the global chunk ids to their rows (other groups' chunks
-    empty); ``bias`` is APE's log scale, one number or one per global chunk."""
+    empty); ``bias`` is APE's log scale, one number or one per global chunk. ``tiered``:
+    (part, base, first row of its slots) of tiered members, whose spans of the table follow
+    their slot tables layer by layer (``table_at``)."""
 
     source: Any  # KVArena or LoadedLibrary: what k_pools / v_pools are read from
     fp8: Any  # the FP8 part (its kv_scales) or None
@@ -122,9 +134,15 @@ class LaunchGroup:
     table: ChunkTable
     bias: float | torch.Tensor
     chunk_scales: torch.Tensor | None = None  # [C] fp32 when the parts' 1/T differ
+    tiered: tuple[tuple[Any, int, int], ...] = ()
 
     def pools(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.source.k_pools[layer], self.source.v_pools[layer]
+
+    def table_at(self, layer: int) -> ChunkTable:
+        if self.tiered:
+            composed_tiers.refresh_table(self.table, self.tiered, layer)
+        return self.table
 
 
 def launch_groups(comp) -> list[LaunchGroup]:
@@ -143,12 +161,16 @@ def launch_groups(comp) -> list[LaunchGroup]:
         ends = torch.zeros_like(starts)
         bias = torch.zeros(comp.num_chunks, dtype=torch.float32, device=offs.device)
         factors = torch.ones(comp.num_chunks, dtype=torch.float32, device=offs.device)
+        tiered = []
         for i in members:
             part, base, rng = comp.parts[i], comp.bases[i], ranges[i]
             row = 0 if rng is None else rng.start
             span = slice(base, base + part.num_chunks)
-            starts[span] = part.chunk_offsets[:-1] + row
-            ends[span] = part.chunk_offsets[1:] + row
+            if getattr(part, "tiers", None) is not None:  # by slot, per layer (table_at)
+                tiered.append((part, base, row))
+            else:
+                starts[span] = part.chunk_offsets[:-1] + row
+                ends[span] = part.chunk_offsets[1:] + row
             factors[span], bias[span] = shared_logit_adjustment(part)
         logs = {shared_logit_adjustment(comp.parts[i])[1] for i in members}
         temps = {shared_logit_adjustment(comp.parts[i])[0] for i in members}
@@ -161,6 +183,7 @@ def launch_groups(comp) -> list[LaunchGroup]:
                 ChunkTable(starts, ends),
                 logs.pop() if len(logs) == 1 else bias,
                 None if len(temps) == 1 else factors,
+                tuple(tiered),
             )
         )
     comp.slot_tables = groups
@@ -205,26 +228,47 @@ def _range(part):
     return rng if rng is not None and rng.holds(part) else None
 
 
-def global_states(ops, layer, q_rows, comp, sel: Selections, sm_scale: float):
+def global_states(ops, layer, q_rows, comp, sel: Selections, sm_scale: float, steps=()):
     """(o, lse) of every selection: one grouped launch per launch group over the same
-    selections (one in all when the parts share the arena, whatever their temperatures); a
-    selection is non-empty in exactly one group, so the groups' states add up (o: the others
-    are 0; lse: the others are -inf)."""
+    selections (one in all when the parts share the arena, whatever their temperatures,
+    tiered parts' slots included); a selection is non-empty in exactly one group, so the
+    groups' states add up (o: the others are 0; lse: the others are -inf). ``steps``: the
+    tiered parts' staged chunks; passes beyond the first are launches of their own."""
+    groups = launch_groups(comp)
     o_sel = lse_sel = None
-    for group in launch_groups(comp):
-        k_pool, v_pool = group.pools(layer)
-        extra = {} if group.fp8 is None else fp8_kwargs(group.fp8, layer)
-        if group.chunk_scales is not None:
-            extra["chunk_scales"] = group.chunk_scales
-        scale = sm_scale * group.factor
-        o, lse = ops.grouped_shared(q_rows, k_pool, v_pool, group.table, sel, scale, **extra)
-        if isinstance(group.bias, torch.Tensor):
-            lse = lse + group.bias[sel.chunk.long()][:, None]
-        elif group.bias:
-            lse = lse + group.bias
+    for group in groups:
+        o, lse = launch(ops, layer, q_rows, group, sel, sm_scale)
         o_sel = o if o_sel is None else o_sel + o
         lse_sel = lse if lse_sel is None else torch.maximum(lse_sel, lse)
+    assert o_sel is not None and lse_sel is not None  # a composition has parts
+
+    def part_launch(part, sub: Selections):
+        group = next(g for g in groups if any(t[0] is part for t in g.tiered))
+        return launch(ops, layer, q_rows, group, sub, sm_scale)
+
+    composed_tiers.later_passes(list(steps), sel, part_launch, o_sel, lse_sel, comp.num_chunks)
     return o_sel, lse_sel
+
+
+def launch(ops, layer, q_rows, group: LaunchGroup, sel: Selections, sm_scale: float):
+    """One grouped launch of ``group`` over ``sel``: (o, lse) with APE's log scale added."""
+    k_pool, v_pool = group.pools(layer)
+    extra = {} if group.fp8 is None else fp8_kwargs(group.fp8, layer)
+    if group.chunk_scales is not None:
+        extra["chunk_scales"] = group.chunk_scales
+    table = group.table_at(layer)
+    for part, _, _ in group.tiered:  # the slots' copies are done
+        part.tiers.before_read(layer)
+    o, lse = ops.grouped_shared(
+        q_rows, k_pool, v_pool, table, sel, sm_scale * group.factor, **extra
+    )
+    for part, _, _ in group.tiered:  # later copies into the slots wait for this launch
+        part.tiers.after_read(layer)
+    if isinstance(group.bias, torch.Tensor):
+        lse = lse + group.bias[sel.chunk.long()][:, None]
+    elif group.bias:
+        lse = lse + group.bias
+    return o, lse
 
 
 def select_union(

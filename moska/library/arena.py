@@ -18,6 +18,13 @@ did: a request holding it (acquired, or a composition's part) keeps it alive; an
 deleted library frees its rows once nothing reads it. On CUDA a range that was used before
 is written after a device synchronize (kernels queued on its old rows are done). CUDA pools
 start zeroed: a TMA block that runs past a chunk's end reads finite rows (weight 0).
+
+A tiered library (library/tiers.py: its budget smaller than its KV) takes a range too: its
+GPU slots of K and V (``num_slots * slot_rows`` rows), which its per-layer slot table
+addresses from the range's start; a composition reads them in the resident libraries'
+launch (attention/composed_tiers.py). FP8 libraries (e4m3 rows and fp32 scales per row)
+keep pools of their own: one launch reads one pool dtype, and a per-part dtype in one
+launch would be a second kernel specialization over the same rows.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch
 @dataclass(frozen=True)
 class ArenaLayout:
     """What every library in one arena shares: KV layers, KV heads, head dim, pool dtype,
-    device (libraries of one model, not FP8: those keep pools of their own)."""
+    device (libraries of one model, resident or tiered; not FP8: pools of their own)."""
 
     num_layers: int
     num_kv_heads: int

@@ -5,12 +5,15 @@ The arena (library/arena.py) is allocated whole, so the library cache (engine/me
 only its routing index beside it. "auto" gives the arena, when the manager places its first
 library, the cache's share for KV of what is left: the rest in that library's ratio of KV
 to KV plus routing index (libraries of one model are built alike), at most CPU_ARENA_BYTES
-on CPU. Without a memory plan (a manager of its own, the CLI) or with tiers (their budget
-is the library cache) "auto" makes no arena.
+on CPU. With tiers a library's KV on the device is its GPU slots (``device_rows``: the
+slots of a tiered library are arena rows too, so a composition reads them in the resident
+libraries' launch). Without a memory plan (a manager of its own, the CLI) "auto" makes no
+arena.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -30,13 +33,26 @@ def arena_rows(manager: Any, manifest: Manifest, layout: ArenaLayout) -> int:
     if isinstance(size, int):
         return size // layout.row_bytes
     plan = getattr(manager.memory, "plan", None)
-    if plan is None or manager.tiers is not None:
+    if plan is None:
         return 0
-    kv = manifest.num_tokens * layout.row_bytes
+    kv = device_rows(manager, manifest) * layout.row_bytes
     share = (plan.library_pool - held_bytes(manager)) * kv // max(1, need_bytes(manager, manifest))
     if layout.device.type != "cuda":
         share = min(share, CPU_ARENA_BYTES)
     return max(0, share) // layout.row_bytes
+
+
+def device_rows(manager: Any, manifest: Manifest) -> int:
+    """Rows of K and V ``manifest``'s library holds on the device once loaded: all of them,
+    or a tiered library's GPU slots (library/tiered_load.py ``plan_slots``)."""
+    if manager.tiers is None:
+        return manifest.num_tokens
+    from moska.library.tiered_load import plan_slots
+
+    slots = plan_slots(manifest, manager.tiers, manager.device).gpu_slots
+    if slots >= manifest.num_chunks:  # it fits: loaded whole
+        return manifest.num_tokens
+    return slots * max(b - a for a, b in itertools.pairwise(manifest.chunk_offsets))
 
 
 def need_bytes(manager: Any, manifest: Manifest) -> int:
@@ -81,8 +97,8 @@ def check_memory(manager: Any, name: str) -> None:
     manifest = read_manifest(manager.root / name)
     need = need_bytes(manager, manifest)
     arena = manager.arena
-    if arena is not None and manifest.kv_dtype != "fp8" and manager.tiers is None:
-        rows = manifest.num_tokens
+    if arena is not None and manifest.kv_dtype != "fp8":
+        rows = device_rows(manager, manifest)
         if arena.fits(manifest_layout(manager, manifest)) and arena.largest_free >= rows:
             need -= rows * arena.layout.row_bytes
     manager.memory.check(name, need, held_bytes(manager))

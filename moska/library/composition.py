@@ -161,7 +161,8 @@ class ComposedLibrary:
 
     @property
     def tiers(self) -> None:
-        """Tiered parts fetch on their own (composed.py); the composition has no tiers."""
+        """Tiered parts fetch into their slots per layer (attention/composed_tiers.py) and
+        are read in the composition's launch; the composition itself has no tiers."""
         return None
 
     def locate(self, chunk: int) -> tuple[int, int]:

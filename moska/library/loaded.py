@@ -289,7 +289,7 @@ def load_library(
         slots, cpu_slots = plan_slots(manifest, tiers, device)
         if slots < manifest.num_chunks:
             return load_tiered(
-                directory, manifest, offsets, tokens, device, tiers, slots, cpu_slots
+                directory, manifest, offsets, tokens, device, tiers, slots, cpu_slots, reserve
             )
     rng = None
     if reserve is not None and not fp8:

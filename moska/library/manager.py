@@ -66,13 +66,13 @@ class LibraryManager:
     - ``delete(name)`` unloads, then removes the directory.
     Stale temporary directories of interrupted builds are removed on construction.
 
-    Resident libraries keep their chunk KV in one slot space (``self.arena``, library/
-    arena.py), so a composed request reads every library in one grouped launch. ``arena``:
+    Resident libraries keep their chunk KV (tiered ones their GPU slots) in one slot space
+    (``self.arena``, library/arena.py): a composed request reads them in one grouped launch.
     "auto" sizes it, at the first library it takes, to the library cache's share for KV
     (``memory``'s plan: what is left beside the libraries already loaded, in the first
     library's ratio of KV to routing index; arena_budget.py), and only when
-    the engine set a memory plan and no tiers; a number of bytes sizes it so; None: every
-    library keeps pools of its own. A library that does not fit (or is FP8, or tiered, or of
+    the engine set a memory plan; a number of bytes sizes it so; None: every
+    library keeps pools of its own. A library that does not fit (or is FP8, or of
     another layout) keeps pools of its own.
     """
 
@@ -316,14 +316,14 @@ class LibraryManager:
 
     # -- the slot space (library/arena.py) ----------------------------------------------
 
-    def _arena_for(self, manifest: Manifest, layout: ArenaLayout) -> KVArena | None:
+    def _arena_for(self, manifest: Manifest, layout: ArenaLayout, need: int = 0):
         """The arena a library of ``layout`` goes into (made now if there is none yet and
-        it would hold this library), or None: pools of its own."""
+        it would hold this library's ``need`` rows, default all), or None: its own pools."""
         with self._lock:
             if self.arena is not None:
                 return self.arena if self.arena.fits(layout) else None
             rows = arena_rows(self, manifest, layout)
-            if rows < manifest.num_tokens:
+            if rows < (need or manifest.num_tokens):
                 return None
             self.arena = KVArena(layout, rows)
             logger.info(
@@ -332,13 +332,14 @@ class LibraryManager:
             )  # fmt: skip
             return self.arena
 
-    def _reserve(self, manifest: Manifest, layout: ArenaLayout) -> ArenaRange | None:
-        """Rows of the slot space for a library being loaded (load_library's ``reserve``)."""
-        arena = self._arena_for(manifest, layout)
+    def _reserve(self, manifest: Manifest, layout: ArenaLayout, rows: int = 0) -> ArenaRange | None:
+        """Rows of the slot space (``rows``, default all: a tiered library's GPU slots are
+        fewer) for a library being loaded (load_library's ``reserve``)."""
+        arena = self._arena_for(manifest, layout, rows)
         if arena is None:
             return None
         try:
-            return arena.allocate(manifest.num_tokens)
+            return arena.allocate(rows or manifest.num_tokens)
         except ArenaFullError as e:
             logger.warning("library %s keeps pools of its own: %s", manifest.name, e)
             return None

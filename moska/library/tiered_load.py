@@ -89,8 +89,12 @@ def load_tiered(
     config: TierConfig,
     num_slots: int,
     cpu_slots: int,
+    reserve=None,
 ):
-    """A LoadedLibrary whose chunk KV lives in tiers (`library.tiers`)."""
+    """A LoadedLibrary whose chunk KV lives in tiers (`library.tiers`). ``reserve`` (the
+    manager's, as for load_library): rows of the engine's one slot space for the GPU slots
+    of K and V (not FP8), so a composed request reads them in the resident libraries'
+    launch; None, or no range free: slot pools of their own."""
     from moska.kernels.router import RoutingIndex
     from moska.library.loaded import LoadedLibrary
 
@@ -115,7 +119,21 @@ def load_tiered(
         RoutingIndex(chunk_offsets=offsets, **load_routing(directory, manifest, i, device, dtype))
         for i in range(manifest.num_kv_layers)
     ]
-    tiers = ChunkTiers(manifest.chunk_offsets, disk, config, device, num_slots, cpu_slots)
+    rng = None
+    if reserve is not None and not fp8:
+        from moska.library.arena import ArenaLayout
+
+        layout = ArenaLayout(manifest.num_kv_layers, hkv, m.head_dim, dtype, device)
+        offs = manifest.chunk_offsets
+        rng = reserve(manifest, layout, num_slots * max(b - a for a, b in itertools.pairwise(offs)))
+    try:
+        tiers = ChunkTiers(
+            manifest.chunk_offsets, disk, config, device, num_slots, cpu_slots, arena_rows=rng
+        )
+    except BaseException:
+        if rng is not None:
+            rng.release()
+        raise
     logger.info(
         "library %s tiered: %d of %d chunks per layer on %s (%.2f GiB), %d CPU slots "
         "(%.2f GiB), eviction %s, misses %s, prefetch %s",
@@ -125,7 +143,11 @@ def load_tiered(
     )  # fmt: skip
     sp = tiers.slot_pools
     scales = list(zip(sp["k_scale"], sp["v_scale"])) if fp8 else None
-    return LoadedLibrary(
+    library = LoadedLibrary(
         manifest, offsets, tiers.k_pools, tiers.v_pools, routing, tokens, tiers=tiers,
         kv_scale_pools=scales,  # the slot scale pools: rows addressed like the slot pools'
     )  # fmt: skip
+    if rng is not None:  # the slot rows go back to the arena when the library is collected
+        library.arena_range = rng
+        rng.attach(library)
+    return library

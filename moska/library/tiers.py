@@ -4,6 +4,9 @@ The routing index stays on the device. Each KV layer has a GPU chunk cache of `n
 slots of `slot_rows` rows ([num_slots * slot_rows, Hkv, D] pools) and a slot table
 (`ChunkTable`: starts [C], ends [C]; an absent chunk has start == end), so chunk ids in the
 router's selections stay logical while the grouped kernel reads each chunk from its slot.
+With the engine's arena (library/arena.py) the K and V slot pools of every layer are a range
+of its rows, so a composed request reads a tiered part's slots in the same launch as the
+resident parts' rows (`stage` / `admit_pass` / `finish`: attention/composed_tiers.py).
 
 Per layer and step (`ChunkTiers.attend`): the routed chunks (one host sync: the distinct
 chunk ids) -> hits and misses of the layer's cache -> misses read from the CPU tier (from
@@ -25,110 +28,28 @@ no host sync).
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from moska.kernels.selections import Selections
 from moska.kernels.shared_inputs import ChunkTable
-from moska.library.chunk_cache import EVICTION_POLICIES, Admission, SlotCache
+from moska.library.chunk_cache import Admission, SlotCache
 from moska.library.chunk_store import CpuChunks, DiskChunks, MemoryChunks
+from moska.library.tier_config import (  # re-exported: the tiers' configuration and counters
+    MISS_POLICIES,
+    PREFETCH_POLICIES,
+    TierConfig,
+    TierStats,
+    parse_budget,
+)
 
-MISS_POLICIES = ("wait", "skip")
-PREFETCH_POLICIES = ("none", "next_layer")
+__all__ = ["MISS_POLICIES", "PREFETCH_POLICIES", "ChunkTiers", "TierConfig", "TierStats"]
+__all__ += ["TierStep", "parse_budget"]
+
 _MIN_CPU_SLOTS = 8  # a staging ring when the CPU tier has (almost) no budget
-
-
-_UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_budget(text: str, field_name: str, fraction_ok: bool) -> tuple[int | None, float | None]:
-    """(bytes, None) or (None, fraction) from a budget: a number with a unit (512MiB, 8G,
-    4096B), a plain number of GiB (> 1), or, where `fraction_ok`, a share of free memory
-    (a plain number <= 1)."""
-    t = str(text).strip().upper().replace("IB", "").replace(" ", "")
-    unit = _UNITS.get(t[-1:]) if t[-1:].isalpha() else None
-    try:
-        value = float(t[:-1] if unit else t)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or (unit is None and not t):
-        raise ValueError(
-            f"{field_name} must be a size (e.g. 8GiB, 512MiB, or a number of GiB)"
-            + (" or a share of free memory (0 < x <= 1)" if fraction_ok else "")
-            + f", got {text!r}"
-        )
-    if unit is not None:
-        return int(value * unit), None
-    if fraction_ok and value <= 1:
-        return None, value
-    return int(value * (1 << 30)), None
-
-
-@dataclass(frozen=True)
-class TierConfig:
-    """gpu_budget: the library's GPU chunk cache, all layers together: a size ("8GiB",
-    "512MiB", "20" = 20 GiB) or a share of free device memory ("0.3"). cpu_budget: pinned
-    CPU memory, a size; None holds the whole library on CPU, "0" reads every GPU miss from
-    disk (through a small staging ring)."""
-
-    gpu_budget: str
-    cpu_budget: str | None = None
-    eviction: str = "lfu"
-    miss_policy: str = "wait"
-    prefetch: str = "next_layer"
-
-    def __post_init__(self) -> None:
-        parse_budget(self.gpu_budget, "library_gpu_budget", fraction_ok=True)
-        if self.cpu_budget is not None and str(self.cpu_budget).strip() not in ("0", "0.0"):
-            parse_budget(self.cpu_budget, "library_cpu_budget", fraction_ok=False)
-        for name, value, allowed in (
-            ("library_eviction", self.eviction, EVICTION_POLICIES),
-            ("library_miss_policy", self.miss_policy, MISS_POLICIES),
-            ("library_prefetch", self.prefetch, PREFETCH_POLICIES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-    def gpu_bytes(self, device: torch.device) -> int:
-        nbytes, share = parse_budget(self.gpu_budget, "library_gpu_budget", fraction_ok=True)
-        if nbytes is not None:
-            return nbytes
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-        else:
-            free = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-        assert share is not None  # parse_budget gives bytes or a share
-        return int(share * free)
-
-    def cpu_bytes(self) -> int | None:
-        if self.cpu_budget is None:
-            return None
-        if str(self.cpu_budget).strip() in ("0", "0.0"):
-            return 0
-        return parse_budget(self.cpu_budget, "library_cpu_budget", fraction_ok=False)[0]
-
-
-@dataclass
-class TierStats:
-    """Counters since load, per tier: chunk hits and misses, bytes moved into the tier."""
-
-    hits: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
-    misses: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
-    bytes_in: dict[str, int] = field(default_factory=lambda: {"gpu": 0, "cpu": 0})
-    skipped: int = 0  # routed chunk selections dropped by the "skip" policy
-    prefetched: int = 0  # chunks fetched ahead by the prefetch
-
-    def as_dict(self) -> dict:
-        return {
-            "hits": dict(self.hits),
-            "misses": dict(self.misses),
-            "bytes_in": dict(self.bytes_in),
-            "skipped": self.skipped,
-            "prefetched": self.prefetched,
-        }
 
 
 class ChunkTiers:
@@ -142,6 +63,7 @@ class ChunkTiers:
         device: torch.device,
         num_slots: int,
         cpu_slots: int,
+        arena_rows: Any = None,  # library/arena.py ArenaRange of num_slots * slot_rows rows
     ) -> None:
         self.config = config
         self.device = device
@@ -155,7 +77,15 @@ class ChunkTiers:
         # per source key ("k", "v", and an FP8 library's "k_scale", "v_scale"): one GPU slot
         # pool per layer, [slots * slot_rows, Hkv, D] (scales [slots * slot_rows, Hkv])
         self.slot_pools: dict[str, list[torch.Tensor]] = {}
+        # (or, given `arena_rows`, K and V slots are rows of the engine's one slot space, so a
+        # composed request reads them in the launch of the resident libraries: composed.py)
+        self.arena_rows = arena_rows
         for key in disk.keys:
+            if arena_rows is not None and key in ("k", "v"):
+                assert arena_rows.rows == num_slots * self.slot_rows
+                pick = arena_rows.k if key == "k" else arena_rows.v
+                self.slot_pools[key] = [pick(i) for i in self._layers]
+                continue
             dtype, shape = disk.layout(0, key)
             rows = (num_slots * self.slot_rows, *shape[1:])
             init = torch.ones if key.endswith("_scale") else torch.zeros
@@ -271,65 +201,87 @@ class ChunkTiers:
         """Grouped shared attention of `sel` through `layer`'s GPU cache: (o [N', G, D],
         lse [N', G], sel') where sel' is `sel` less the selections the skip policy dropped
         (sel itself under "wait"). `wait` overrides the miss policy (True: wait)."""
-        policy = self.config.miss_policy if wait is None else ("wait" if wait else "skip")
+        # the chunks with their selection counts (the skip swap's demand): the one host sync
+        ids, counts = torch.stack(torch.unique(sel.chunk, return_counts=True)).tolist()
+        step = self.stage(layer, dict(zip(ids, counts)), wait)
+        if step.absent:
+            before = sel.req.numel()
+            sel = _subset(sel, step.passes[0] if step.passes else [], self.num_chunks)
+            self.stats.skipped += before - sel.req.numel()
+        if not step.passes:
+            out = _empty(q_rows, sel, self.k_pools[layer].shape[1])
+        elif len(step.passes) == 1:
+            out = (*self._run(ops, layer, q_rows, sel, sm_scale, None), sel)
+        else:  # more chunks than slots: passes of num_slots chunks, each selection once
+            g = q_rows.shape[1] // self.k_pools[layer].shape[1]
+            n, d = sel.req.numel(), q_rows.shape[2]
+            o = torch.zeros(n, g, d, dtype=q_rows.dtype, device=q_rows.device)
+            lse = torch.full((n, g), float("-inf"), device=q_rows.device)
+            for i, batch in enumerate(step.passes):
+                if i:
+                    self.admit_pass(step, i)
+                idx, o_p, lse_p = self._run(ops, layer, q_rows, sel, sm_scale, batch)
+                o.index_copy_(0, idx, o_p.to(o.dtype))
+                lse.index_copy_(0, idx, lse_p)
+            out = (o, lse, sel)
+        self.finish(step)
+        return out
+
+    def stage(self, layer: int, demand: dict[int, int], wait: bool | None = None) -> TierStep:
+        """Make `layer`'s routed chunks (chunk id -> its selections this step) readable for a
+        launch through `tables[layer]` (the launch brackets itself with `before_read` and
+        `after_read`, then calls `finish`). "wait": passes of at most `num_slots` chunks,
+        hits first, the first admitted now (the others by `admit_pass`, each after the
+        launch of the one before). "skip": one pass of the resident chunks; the absent ones
+        are dropped from this step (the launch leaves their selections out) and fetched by
+        `finish` when this step wanted them more than some resident ones (without that
+        swap a protected slot is never evicted and the hot misses never arrive). `wait`
+        overrides the miss policy (True: wait)."""
+        skip = self.config.miss_policy == "skip" if wait is None else not wait
         cache = self.caches[layer]
         cache.tick()
-        if policy == "skip":  # the chunks with their selection counts (the swap's demand)
-            ids, counts = torch.stack(torch.unique(sel.chunk, return_counts=True)).tolist()
-            demand = dict(zip(ids, counts))  # one host sync for both
-            needed = sorted(demand, key=lambda c: c not in cache)
-        else:
-            needed = torch.unique(sel.chunk).tolist()  # the one host sync of the layer
-            needed.sort(key=lambda c: c not in cache)  # hits first: passes stream the misses
+        needed = sorted(demand, key=lambda c: c not in cache)  # hits first
         self._last[layer] = needed
-        if policy == "skip":
-            return self._attend_skipping(ops, layer, q_rows, sel, sm_scale, needed, demand)
-        count = policy == "wait"
-        batches = [needed[i : i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
-        if not batches:
-            return _empty(q_rows, sel, self.k_pools[layer].shape[1])
-        if len(batches) == 1:
-            self._admit(layer, batches[0], count=count)
-            self._prefetch_next(layer, needed)
-            return (*self._run(ops, layer, q_rows, sel, sm_scale, None), sel)
-        # more chunks than slots: passes of num_slots chunks, each selection computed once
-        g = q_rows.shape[1] // self.k_pools[layer].shape[1]
-        n, d = sel.req.numel(), q_rows.shape[2]
-        o = torch.zeros(n, g, d, dtype=q_rows.dtype, device=q_rows.device)
-        lse = torch.full((n, g), float("-inf"), device=q_rows.device)
-        for i, batch in enumerate(batches):
-            self._admit(layer, batch, count=count)
-            if i == 0:
-                self._prefetch_next(layer, needed)
-            idx, o_p, lse_p = self._run(ops, layer, q_rows, sel, sm_scale, batch)
-            o.index_copy_(0, idx, o_p.to(o.dtype))
-            lse.index_copy_(0, idx, lse_p)
-        return o, lse, sel
+        if skip:
+            present = [c for c in needed if c in cache]
+            absent = needed[len(present) :]
+            self.stats.hits["gpu"] += len(present)
+            self.stats.misses["gpu"] += len(absent)
+            cache.admit(present, count=False)  # a use: the policy's clock and counts
+            return TierStep(layer, [present] if present else [], absent, demand, True)
+        passes = [needed[i : i + self.num_slots] for i in range(0, len(needed), self.num_slots)]
+        if passes:
+            self._admit(layer, passes[0])
+        self._prefetch_next(layer, needed)
+        return TierStep(layer, passes, [], demand, False)
 
-    def _attend_skipping(self, ops, layer, q_rows, sel, sm_scale, needed, demand):
-        """The "skip" policy: attend the resident chunks only, then bring in the absent
-        chunks that this step wanted more than some resident ones (demand: selections per
-        chunk). Without that swap the resident set never changes once every slot holds a
-        routed chunk: a protected slot is never evicted, so the hot misses never arrive.
-        The swap runs after the kernel (the copy stream waits for its read)."""
-        cache = self.caches[layer]
-        present = [c for c in needed if c in cache]
-        absent = [c for c in needed if c not in cache]
-        self.stats.hits["gpu"] += len(present)
-        self.stats.misses["gpu"] += len(absent)
-        cache.admit(present, count=False)  # a use: the policy's clock and counts
-        if absent:
-            before = sel.req.numel()
-            sel = _subset(sel, present, self.num_chunks)
-            self.stats.skipped += before - sel.req.numel()
-        if present:
-            out = (*self._run(ops, layer, q_rows, sel, sm_scale, None), sel)
-        else:
-            out = _empty(q_rows, sel, self.k_pools[layer].shape[1])
-        if absent:
-            self.prefetch(layer, *_swap_plan(absent, present, demand, cache.num_slots))
-        self._prefetch_next(layer, present)
-        return out
+    def admit_pass(self, step: TierStep, i: int) -> None:
+        """Make pass `i` (> 0) of a staged "wait" step readable (after pass i - 1's launch)."""
+        self._admit(step.layer, step.passes[i])
+
+    def finish(self, step: TierStep) -> None:
+        """After a skipping step's launch: the swap, and its chunks fetched for the layer
+        above (the copy stream waits for the launch's read: `after_read`)."""
+        if not step.skip:
+            return
+        present = step.passes[0] if step.passes else []
+        if step.absent:
+            plan = _swap_plan(step.absent, present, step.demand, self.num_slots)
+            self.prefetch(step.layer, *plan)
+        self._prefetch_next(step.layer, present)
+
+    def before_read(self, layer: int) -> None:
+        """The launch that reads `layer`'s slots waits for their copies (CUDA)."""
+        done = self._copy_done[layer]
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+
+    def after_read(self, layer: int) -> None:
+        """Copies into `layer`'s slots wait for the launch just queued (CUDA)."""
+        if self._copy is not None:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            self._read_done[layer] = ev
 
     def _prefetch_next(self, layer: int, chunks: list[int]) -> None:
         """Layer `layer`'s chunks fetched for the layer above, never in place of what that
@@ -340,26 +292,41 @@ class ChunkTiers:
 
     def _run(self, ops, layer, q_rows, sel, sm_scale, batch):
         """The grouped kernel over `batch`'s selections (all of `sel` when None)."""
-        done = self._copy_done[layer]
-        if done is not None:
-            torch.cuda.current_stream(self.device).wait_event(done)
+        self.before_read(layer)
         if batch is None:
             sub, idx = sel, None
         else:
-            keep = torch.zeros(self.num_chunks, dtype=torch.bool, device=sel.chunk.device)
-            keep[torch.tensor(batch, dtype=torch.long, device=keep.device)] = True
-            idx = keep[sel.chunk.long()].nonzero().squeeze(1)
+            idx = chunk_rows(sel, batch, self.num_chunks)
             sub = Selections(sel.req[idx], sel.kv_head[idx], sel.chunk[idx])
         scales = self.kv_scales(layer)
         o, lse = ops.grouped_shared(
             q_rows, self.k_pools[layer], self.v_pools[layer], self.tables[layer], sub, sm_scale,
             **({} if scales is None else {"kv_scales": scales}),
         )  # fmt: skip
-        if self._copy is not None:
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
-            self._read_done[layer] = ev
+        self.after_read(layer)
         return (o, lse) if idx is None else (idx, o, lse)
+
+
+@dataclass
+class TierStep:
+    """One layer's routed chunks of a tiered library, staged for its launch(es)
+    (``ChunkTiers.stage``): ``passes`` of chunk ids (the first admitted), under "skip" the
+    ``absent`` routed chunks this step drops; ``demand``: selections per routed chunk."""
+
+    layer: int
+    passes: list[list[int]]
+    absent: list[int]
+    demand: dict[int, int]
+    skip: bool
+
+
+def chunk_rows(sel: Selections, chunks: list[int], num_chunks: int, base: int = 0):
+    """Indices of the selections of `sel` whose chunk is `base` + one of `chunks` (the chunk
+    ids of `sel` are below `num_chunks`)."""
+    keep = torch.zeros(num_chunks, dtype=torch.bool, device=sel.chunk.device)
+    if chunks:
+        keep[torch.tensor(chunks, dtype=torch.long, device=keep.device) + base] = True
+    return keep[sel.chunk.long()].nonzero().squeeze(1)
 
 
 def _swap_plan(absent: list[int], present: list[int], demand: dict[int, int], slots: int):
@@ -380,10 +347,7 @@ def _swap_plan(absent: list[int], present: list[int], demand: dict[int, int], sl
 
 
 def _subset(sel: Selections, chunks: list[int], num_chunks: int) -> Selections:
-    keep = torch.zeros(num_chunks, dtype=torch.bool, device=sel.chunk.device)
-    if chunks:
-        keep[torch.tensor(chunks, dtype=torch.long, device=keep.device)] = True
-    idx = keep[sel.chunk.long()].nonzero().squeeze(1)
+    idx = chunk_rows(sel, chunks, num_chunks)
     return Selections(sel.req[idx], sel.kv_head[idx], sel.chunk[idx])
 
 
