@@ -56,7 +56,7 @@ class EngineConfig:
         registers, exact on the e4m3 values; the default) or "mma" / "mma_qsplit" (FP8
         tensor cores, q and the weights cut to e4m3, V copied token-major at load: +50% of
         the library's KV bytes; `moska/library/fp8_mma.py`). Hopper, chunks at multiples of
-        16 rows, untiered; else upcast.
+        16 rows (tiered: the copy of the GPU slots, out of the GPU budget); else upcast.
     semantic_reuse: SemShareKV (`moska/semshare/`): a new prompt reuses the KV of a stored,
         similar earlier prompt (LSH + token matching, RoPE re-rotated), recomputing the
         unmatched tokens and `semantic_recompute_fraction` of the matched ones. Approximate:

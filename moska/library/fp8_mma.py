@@ -7,10 +7,22 @@ and that made fp8_mma as slow as the upcast program (H200, Llama-3.1-8B dims, 1M
 library, top-8 of 4,096-token chunks: B = 256 upcast 1.82 ms, fp8_mma 1.88, with V
 token-major 0.69, bf16 0.99; B = 1,024: 4.39 / 4.51 / 1.65 / 1.61 ms;
 bench/results/fp8_attention_h200_mma.json). Every other reader of the library (the upcast
-program, the PyTorch reference, saving, tiers, composed requests, shared-KV ranks) reads
+program, the PyTorch reference, saving, the CPU and disk tiers, shared-KV ranks) reads
 [S, Hkv, D] with D contiguous, so the library keeps V as stored and this adds a token-major
 copy [Hkv, D, S padded to 16] per KV slot at load: one more byte per token, KV head and
 dim, +50% of the FP8 library's K + V bytes (still 0.75x its bf16 size).
+
+Tiered libraries (library/tiers.py): the copy is of the GPU slot pools, [Hkv, D, slots *
+slot_rows] per layer, and `ChunkTiers._fill` writes a chunk's columns of it on the copy
+stream right after its V rows (a device-side transpose of the slot just filled), so the
+copy holds every resident slot. It comes out of `--library-gpu-budget`: the slots are cut
+to what the budget holds with the copy (an FP8 row costs Hkv * (2D + 8) bytes, with the
+copy Hkv * (3D + 8): about 2/3 of the slots at D = 128); the slots must start at multiples
+of 16 rows (a chunk size of a multiple of 16). `ChunkTiers._run` passes the keywords
+(`mma_kwargs`) only to the Triton ops (`ops.name == "triton"`). Composed requests: their
+launches (attention/composed.py) pass FP8 parts `kv_scales` only, so the upcast program reads
+them, resident or tiered (the copy of a tiered part stays in step, unread there), except a
+tiered part that composed.py hands to `ChunkTiers.attend`, which reads it as above.
 
 Numerics: q and the softmax weights are cut to e4m3 (2^-4 relative); on moska-code-20m
 one-term q gave top-1 agreement 0.9899 / 0.9873 with the bf16 library, under the 0.99
@@ -47,8 +59,6 @@ def mma_unfit(library: Any) -> str | None:
     """Why `library` cannot be read by the FP8 tensor-core program (None: it can)."""
     if not library.kv_scale_pools:
         return "not an FP8 library"
-    if library.tiers is not None:
-        return "tiered (its GPU slots are read by the upcast program)"
     k, v = library.k_pools[0], library.v_pools[0]
     if k.device.type != "cuda":
         return f"on {k.device.type} (FP8 tensor cores: CUDA only)"
@@ -56,6 +66,8 @@ def mma_unfit(library: Any) -> str | None:
 
     if not tma_ok(k, v):
         return "needs Hopper's TMA and 16-byte aligned pools"
+    if library.tiers is not None:
+        return tier_unfit(library.tiers)
     starts = library.chunk_offsets[:-1]
     if bool((starts % 16 != 0).any()):
         return "a chunk starts off a multiple of 16 rows (TMA offsets)"
@@ -72,10 +84,65 @@ def attach_token_major_v(library: Any, mode: str) -> str | None:
     why = mma_unfit(library)
     if why is not None:
         return why
+    if library.tiers is not None:
+        attach_tiered(library, mode == "mma_qsplit")
+        return None
     pools = [token_major(v) for v in library.v_pools]
     nbytes = sum(t.numel() * t.element_size() for t in pools)
     library.fp8_mma = TokenMajorV(pools, mode == "mma_qsplit", nbytes)
     return None
+
+
+def tier_unfit(tiers: Any) -> str | None:
+    """Why a tiered FP8 library's slots cannot be read by the FP8 tensor-core program."""
+    if tiers.slot_rows % 16:
+        return f"tiered in slots of {tiers.slot_rows} rows, not a multiple of 16 (TMA offsets)"
+    if slots_with_copy(tiers) < 1:
+        return "library_gpu_budget holds no chunk with its token-major V copy: raise it"
+    return None
+
+
+def slots_with_copy(tiers: Any) -> int:
+    """The slots per layer that the bytes of `tiers`' slot pools hold with the V copy (the
+    copy is paid for out of the GPU budget the slots were sized from)."""
+    hkv, d = tiers.v_pools[0].shape[1:]
+    return tiers.num_slots * tiers.row_bytes // (tiers.row_bytes + hkv * d)
+
+
+def attach_tiered(library: Any, q_split: bool) -> TokenMajorV:
+    """A tiered FP8 library's token-major V copy of its GPU slot pools (`tier_unfit` None):
+    the slots cut to `slots_with_copy` first (what they hold is dropped: the next step
+    fetches it again), then the copy made of the slot pools as they are, so it starts in
+    step with every resident slot; `ChunkTiers._fill` keeps it so."""
+    tiers = library.tiers
+    slots = slots_with_copy(tiers)
+    if slots < tiers.num_slots:
+        _cut_slots(tiers, slots)
+        if library.kv_scale_pools is not None:  # the library's view of the scale pools
+            sp = tiers.slot_pools
+            library.kv_scale_pools[:] = list(zip(sp["k_scale"], sp["v_scale"]))
+    pools = [token_major(v) for v in tiers.v_pools]
+    t = TokenMajorV(pools, q_split, sum(p.numel() * p.element_size() for p in pools))
+    tiers.fp8_mma = library.fp8_mma = t
+    return t
+
+
+def _cut_slots(tiers: Any, slots: int) -> None:
+    """`tiers` with `slots` GPU slots per layer, none resident (new pools: the old ones'
+    memory is freed; `tiers.k_pools` / `v_pools` are the lists the library holds, refilled)."""
+    from moska.library.chunk_cache import SlotCache
+
+    if tiers.device.type == "cuda":
+        torch.cuda.synchronize(tiers.device)  # no copy or launch still on the old pools
+    rows = slots * tiers.slot_rows
+    for key, pools in tiers.slot_pools.items():
+        init = torch.ones if key.endswith("_scale") else torch.zeros  # as ChunkTiers makes them
+        for i, p in enumerate(pools):
+            pools[i] = init((rows, *p.shape[1:]), dtype=p.dtype, device=p.device)
+    tiers.num_slots = slots
+    tiers.caches = [SlotCache(slots, tiers.config.eviction) for _ in tiers.caches]
+    for starts, ends in tiers.tables:
+        ends.copy_(starts)  # every chunk absent
 
 
 def attach_at_register(name: str, library: Any, mode: str) -> None:
@@ -90,6 +157,10 @@ def attach_at_register(name: str, library: Any, mode: str) -> None:
     else:
         gib = library.fp8_mma.nbytes / 2**30
         logger.info("library %r: fp8_attention %s, token-major V copy %.3f GiB", name, mode, gib)
+        if library.tiers is not None:
+            logger.info(
+                "library %r: %d GPU slots per layer with the copy", name, library.tiers.num_slots
+            )
 
 
 def token_major(v_pool: torch.Tensor) -> torch.Tensor:
@@ -102,7 +173,8 @@ def token_major(v_pool: torch.Tensor) -> torch.Tensor:
 
 def mma_kwargs(library: Any, layer: int) -> dict[str, Any]:
     """The grouped kernel's FP8 tensor-core keywords for `library`'s KV slot `layer` (with
-    its `kv_scales`), or {} when it has no token-major V (the upcast program then)."""
+    its `kv_scales`), or {} when it has no token-major V (the upcast program then).
+    `library`: a LoadedLibrary or a ChunkTiers (its `fp8_mma`: the slot pools' copy)."""
     t = getattr(library, "fp8_mma", None)
     if t is None:
         return {}

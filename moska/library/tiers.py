@@ -22,6 +22,8 @@ l's kernel runs (chosen by `bench/tier_prefetch_study.py`: see docs/architecture
 FP8 libraries: the slot pools hold e4m3 rows and per-slot-row fp32 scale pools
 ([num_slots * slot_rows, Hkv], k and v) sit beside them, filled with the rows on the same
 copy stream from the same CPU and disk tiers; the kernel reads them addressed like the rows.
+Under `--fp8-attention mma` a token-major copy of the V slots is filled beside them (on the
+device, after the rows) and read by the FP8 tensor-core program (library/fp8_mma.py).
 Tiered libraries run eagerly (no decode CUDA graphs: a graph captures fixed pointers and
 no host sync).
 """
@@ -38,6 +40,7 @@ from moska.kernels.selections import Selections
 from moska.kernels.shared_inputs import ChunkTable
 from moska.library.chunk_cache import Admission, SlotCache
 from moska.library.chunk_store import CpuChunks, DiskChunks, MemoryChunks
+from moska.library.fp8_mma import mma_kwargs
 from moska.library.tier_config import (  # re-exported: the tiers' configuration and counters
     MISS_POLICIES,
     PREFETCH_POLICIES,
@@ -92,6 +95,9 @@ class ChunkTiers:
             self.slot_pools[key] = [init(rows, dtype=dtype, device=device) for _ in self._layers]
         self.k_pools, self.v_pools = self.slot_pools["k"], self.slot_pools["v"]
         self.fp8 = "k_scale" in self.slot_pools
+        # library/fp8_mma.py TokenMajorV under --fp8-attention mma: the V slot pools copied
+        # token-major, a chunk's columns written by _fill after its rows; None: upcast
+        self.fp8_mma: Any = None
         self.row_bytes = sum(  # bytes of one row of every key together
             p[0][0].numel() * p[0].element_size() for p in self.slot_pools.values()
         )
@@ -157,6 +163,9 @@ class ChunkTiers:
                 v = views[(layer, c)]
                 for key, pools in self.slot_pools.items():  # K, V (and FP8 scales)
                     pools[layer][row : row + n].copy_(v[key], non_blocking=True)
+                if self.fp8_mma is not None:  # the token-major V copy kept in step
+                    vt = self.fp8_mma.pools[layer][:, :, row : row + n]
+                    vt.copy_(self.v_pools[layer][row : row + n].permute(1, 2, 0))
                 s.bytes_in["gpu"] += n * row_bytes
         if stream is not None:
             done = torch.cuda.Event()
@@ -299,9 +308,12 @@ class ChunkTiers:
             idx = chunk_rows(sel, batch, self.num_chunks)
             sub = Selections(sel.req[idx], sel.kv_head[idx], sel.chunk[idx])
         scales = self.kv_scales(layer)
+        kw = {} if scales is None else {"kv_scales": scales}
+        if self.fp8_mma is not None and getattr(ops, "name", None) == "triton":
+            kw.update(mma_kwargs(self, layer))  # FP8 tensor cores, V token-major (fp8_mma.py)
         o, lse = ops.grouped_shared(
             q_rows, self.k_pools[layer], self.v_pools[layer], self.tables[layer], sub, sm_scale,
-            **({} if scales is None else {"kv_scales": scales}),
+            **kw,
         )  # fmt: skip
         self.after_read(layer)
         return (o, lse) if idx is None else (idx, o, lse)
