@@ -10,7 +10,8 @@ rel err < 1e-4 and greedy tokens equal one process, reading every chunk and rout
 selection attended on both ranks or on neither would change the output). 4 ranks (TPA 2,
 routing scores exchanged between the groups) and HOP-B: test_helix.py. Last: rank 1 is
 killed while a library request decodes; the engine raises RankFailedError naming it within
-10 s, then refuses requests at once, and the server answers 503 naming it."""
+10 s, then refuses requests at once, and the server (which served a library request over
+HTTP before) answers 503 naming it."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def test_library_greedy_tokens_equal_one_process(engines, top_k):
 
 
 def test_rank_dies_during_a_library_request(engines, caplog):
-    """Last: it kills rank 1 while a library request decodes."""
+    """Last: a library request over HTTP is served; then rank 1 is killed while one decodes."""
     import httpx
 
     from moska.server.app import create_app
@@ -111,6 +112,11 @@ def test_rank_dies_during_a_library_request(engines, caplog):
     from moska.server.settings import ServerSettings
 
     _, helix = engines
+    body = {"model": helix.model_name, "prompt": [5, 6], "max_tokens": 3, "library": "docs"}
+    with background_server(create_app(helix, ServerSettings())) as url:  # served over HTTP
+        ok = httpx.post(f"{url}/v1/completions", json={**body, "ignore_eos": True}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 3
     params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
     helix.add_request("dying", LIB_PROMPTS[0], params, library="docs", top_k_chunks=2)
     helix.step()  # its prefill
@@ -125,7 +131,6 @@ def test_rank_dies_during_a_library_request(engines, caplog):
     with pytest.raises(RankFailedError, match="rank 1"):  # at once, no collective
         helix.add_request("after", [1, 2], SamplingParams(max_tokens=2))
     assert any("rank 1" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
-    body = {"model": helix.model_name, "prompt": [5, 6], "max_tokens": 2, "library": "docs"}
     with background_server(create_app(helix, ServerSettings())) as url:
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
     assert time.monotonic() - t0 < 10
