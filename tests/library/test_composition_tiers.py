@@ -212,3 +212,35 @@ def test_composed_request_equals_whole_libraries(engines):
         top = outs[0].logprobs[0].top
         assert max(abs(top[t] - outs[1].logprobs[0].top[t]) for t in top) < 1e-4
     assert tiered.libraries.get("big").tiers.stats.misses["gpu"] > 0
+
+
+def test_skip_policy_drops_absent_chunks_then_reads_them(engines):
+    """ "skip" in the one launch: chunks of the tiered part not in its slots are left out of
+    this step (counted as skipped) and fetched after the launch; the next step reads them,
+    each kept selection's state equal to the same selection over the whole libraries."""
+    from moska.attention.composed import global_states
+    from moska.library.tier_config import TierConfig
+    from moska.library.tiered_load import load_tiered
+
+    whole, tiered = engines
+    libs, big = tiered.libraries, whole.libraries.get("big")
+    skip = dataclasses.replace(libs.tiers, miss_policy="skip", prefetch="none")
+    assert isinstance(skip, TierConfig)
+    lib = load_tiered(
+        libs.root / "big", big.manifest, big.chunk_offsets, big.token_ids, libs.device, skip,
+        SLOTS, SLOTS * big.num_kv_layers, libs._reserve,
+    )  # fmt: skip
+    comp = ComposedLibrary((libs.get("small"), lib))
+    wcomp = ComposedLibrary((whole.libraries.get("small"), big))
+    q = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(8)) * 2
+    ops, layer = kernel_ops("torch"), 1
+    policy = RoutingPolicy(per_kv_head=False)
+    reads = []
+    for _ in range(2):
+        group = LibraryGroup(comp, torch.arange(1), top_k=SLOTS, policy=policy, all_rows=True)
+        o_sel, lse_sel, sel = composed_group_states(ops, layer, q, group, 0.125)
+        reads.append({int(c) for c in sel.chunk if c >= comp.bases[1]})
+        o_ref, lse_ref = global_states(ops, layer, q, wcomp, sel, 0.125)
+        assert rel_err(o_sel, o_ref) < 1e-5 and rel_err(lse_sel, lse_ref) < 1e-5
+    assert not reads[0] and lib.tiers.stats.skipped > 0  # nothing resident at first
+    assert reads[1] and len(reads[1]) <= SLOTS  # fetched after the first launch
