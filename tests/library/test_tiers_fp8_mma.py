@@ -138,6 +138,17 @@ def test_tiered_fp8_library_on_the_mma_program(fp8_root):
         kv_scales=full.kv_scales(1),
     )  # fmt: skip
     assert _rel(o1, want) < 1e-5 and _in_step(tiers, 1) == 2
+    # fp16 q, one pass: a resident chunk and one fetched now
+    q16 = q.half()
+    held = sorted(tiers.resident(0))
+    pick = [held[0], max(set(range(c)) - set(held))]
+    sel2 = from_topk(torch.tensor(pick).expand(2, 1, 2), hkv, c)
+    o2, lse2, _ = tiers.attend(ops, 0, q16, sel2, sm)
+    assert o2.dtype == torch.float16 and seen[-1]["v_pool_t"] is tiers.fp8_mma.pools[0]
+    args2 = (full.k_pools[0], full.v_pools[0], full.chunk_offsets, sel2, sm)
+    ao, al = fp8_mma_ref(q16, *args2, full.kv_scales(0), MMA_TILE["block_n"], cast=interpreter_e4m3)
+    assert _rel(o2, ao) < 1e-2 and _rel(lse2, al) < 1e-3, (_rel(o2, ao), _rel(lse2, al))
+    assert _in_step(tiers, 0) == 2
 
 
 def test_tiers_the_mma_program_cannot_read_say_why():
