@@ -14,9 +14,10 @@ DOCS = [("a.txt", torch.randint(3, 256, (48,), generator=_G).tolist()),
 
 
 @torch.inference_mode()
-def library_logits(engine, name: str, top_k: int, policy) -> torch.Tensor:
+def library_logits(engine, name: str, top_k: int, policy, reports=None) -> torch.Tensor:
     """Logits [T, V] fp32 of one prefill forward of LIB_PROMPTS after library `name` (every
-    row reads it), through the engine's model and attention (blocks 0.. in order; idle)."""
+    row reads it), through the engine's model and attention (blocks 0.. in order; idle).
+    `reports` (a list): the group records its selections and coverage at layer 1 there."""
     from moska.attention.metadata import AttentionMetadata, LibraryGroup
 
     lib = engine.libraries.acquire(name)
@@ -43,9 +44,14 @@ def library_logits(engine, name: str, top_k: int, policy) -> torch.Tensor:
             t(tables, torch.int32), decode_only=False,
         )  # fmt: skip
         rows = torch.arange(len(ids), device=dev)
-        meta.groups.append(LibraryGroup(lib, rows, top_k, policy=policy, all_rows=True))
+        group = LibraryGroup(lib, rows, top_k, policy=policy, all_rows=True)
+        if reports is not None:
+            group.record, group.coverage_layers = True, frozenset({1})
+        meta.groups.append(group)
         bound = runner.attention.bind(meta)
         hidden = runner.model(t(ids, torch.int64), t(pos, torch.int64), bound)
+        if reports is not None:
+            reports.extend(bound.routing)
         return runner.model.compute_logits(hidden)
     finally:
         engine.libraries.release(lib)

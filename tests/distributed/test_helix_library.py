@@ -92,6 +92,22 @@ def test_library_logits_equal_one_process(engines, top_k, policy):
     assert helix.libraries.get("docs").build_id in helix.dist.channel.worker_builds
 
 
+def test_routing_report_equals_one_process(engines):
+    """Rank 0 reports the whole selection (not its slice) and its coverage."""
+    ref, helix = engines
+    want: list = []
+    got: list = []
+    library_logits(ref, "docs", 2, RoutingPolicy(), want)
+    library_logits(helix, "docs", 2, RoutingPolicy(), got)
+    (w,), (g,) = want, got
+    assert set(g.selections) == set(w.selections) == {0, 1}
+    for layer in (0, 1):
+        for f in ("req", "kv_head", "chunk"):
+            assert torch.equal(getattr(g.selections[layer], f), getattr(w.selections[layer], f))
+    assert 0 < float(w.coverage[1].min()) and float(w.coverage[1].max()) < 1  # 2 of 6 chunks
+    torch.testing.assert_close(g.coverage[1], w.coverage[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("top_k", [None, 2])
 def test_library_greedy_tokens_equal_one_process(engines, top_k):
     ref, helix = engines
