@@ -47,6 +47,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from moska.server import retry_drain
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
 from moska.server.retry_drain import LibraryRequests, door_admits, drain_s, with_door
@@ -306,7 +307,8 @@ class AdmissionController:
         if admitted or pred is None:
             pred = self.predict(cost, with_door(load, typical, admitted), num_requests)
         risk = self.library_risk if cost.library_attend else 1.0
-        drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=self.door.wait_s)
+        shared = retry_drain.shared_prefill(pred, cost.prompt_tokens, self.step_s, self.limits)
+        drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=self.door.wait_s, shared_s=shared)
         return _retry_after(drain), drain
 
     def _typical_cost(self) -> RequestCost:

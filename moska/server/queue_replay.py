@@ -91,9 +91,14 @@ class EngineLimits:
 class Prediction(NamedTuple):
     ttft_s: float  # until the new requests' first token
     queue_s: float  # until at most `queue_target` requests wait (inf if never simulated)
-    clear_s: float = 0.0  # until every request waiting ahead has its first token
+    clear_s: float = 0.0  # until every request waiting ahead has its first token (its step
+    # without the new requests' tokens)
     alone_s: float = 0.0  # the new request's own first token on an idle engine
     idle_s: float = 0.0  # until the engine would be idle without the new requests
+    # from `clear_s`: (time, requests ahead still decoding from then), each time that count
+    # drops (retry_drain: when a request that must share its prefill step with their decode
+    # rows would fit)
+    decoding: tuple[tuple[float, int], ...] = ()
 
 
 def replay(
@@ -128,11 +133,13 @@ def replay(
     target = len(load.waiting) if queue_target is None else queue_target
     # library loads ahead (once per library size) and the new request's own
     loads = {c.library_load_tokens for c in load.waiting if c.library_load_tokens}
+    t_ahead = sum(loads) / load_tps + coef[4] * load.num_pending / 1e2  # without the new ones
     if new.library_load_tokens:
         loads.add(new.library_load_tokens)
     t = sum(loads) / load_tps
     # handing requests to the engine (tokenization, bookkeeping) before its next step
     t += coef[4] * (load.num_pending + num_requests) / 1e2
+    t_ahead -= t  # the new requests' own load and hand-over, taken off the clock for clear_s
     # the engine's step in progress is the replay's first step: only what it was handed
     # (not the pending requests) takes part, and only its remainder is still to wait
     in_step = len(load.waiting) - load.num_pending if busy > 0 else len(queue)
@@ -140,9 +147,8 @@ def replay(
     lib_running = [(n, a) for n, a in load.running if a]
     step, ttft, queue_s = 0, math.inf, 0.0 if len(load.waiting) <= target else math.inf
     first_new = len(load.waiting)
-    clear_s = 0.0 if not load.waiting else math.inf
-    t_prev = t
-    ahead_finish = list(finish)  # finish offsets of the requests ahead (idle_s)
+    clear_s, clear_step = (t + t_ahead, 0) if not load.waiting else (math.inf, 0)
+    ahead_finish = list(load.running)  # (finish offset, library_attend) ahead (idle_s)
     served = 0  # queue entries that got their first token
     prefilling = 0  # admitted entries without a first token (hold a seq slot)
     while step < max_sim_steps:
@@ -163,7 +169,7 @@ def replay(
             continue
         prefill = 0
         done: list[RequestCost] = []
-        i = 0
+        i, ahead = 0, (prefill, lib_pairs)  # the step's work on the requests ahead only
         while i < len(queue) and tokens > 0 and (step > 0 or i < in_step):
             entry = queue[i]
             fresh = entry[0] == entry[1].prompt_tokens
@@ -177,13 +183,17 @@ def replay(
             tokens -= take
             prefill += take
             lib_pairs += take * entry[1].library_attend
+            if served + i < first_new:
+                ahead = (prefill, lib_pairs)
             if entry[0] == 0:
                 done.append(entry[1])
                 i += 1
             else:
                 break
         own = served + len(done) >= first_new + num_requests  # our first token: now
-        t_prev = t
+        if served < first_new <= served + len(done):  # the last one ahead: clear_s
+            clear_s = t + t_ahead + left(step_s(*ahead, num_decode), step)
+            clear_step = step + 1
         t += left(step_s(prefill, lib_pairs, num_decode), step)
         step += 1
         for cost in done:
@@ -192,15 +202,13 @@ def replay(
             served += 1
             insort(finish, step + max(cost.max_tokens - 1, 0))
             if served <= first_new:
-                ahead_finish.append(step + max(cost.max_tokens - 1, 0))
+                ahead_finish.append((step + max(cost.max_tokens - 1, 0), cost.library_attend))
             if cost.library_attend:
                 lib_running.append((step + max(cost.max_tokens - 1, 0), cost.library_attend))
         if own:
             ttft = t
         if math.isinf(queue_s) and len(load.waiting) - min(served, first_new) <= target:
             queue_s = t
-        if math.isinf(clear_s) and served >= first_new:
-            clear_s = t
         if not math.isinf(ttft):
             break
     alone = sum(loads) / load_tps if new.library_load_tokens else 0.0
@@ -209,23 +217,29 @@ def replay(
         take = min(left_tokens, budget)
         alone += step_s(take, take * new.library_attend, 0)
         left_tokens -= take
-    return Prediction(
-        ttft, queue_s, clear_s, alone, _idle_s(t_prev, step - 1, ahead_finish, ttft, step_s)
-    )
-
-
-def _idle_s(t: float, step: int, ahead: list[int], ttft: float, step_s: Any) -> float:
-    """When the requests ahead would all have finished decoding: from the start of the
-    new requests' own step (`t`, `step`: without them, that step only decodes), their
-    remaining decode steps (library attention of decode rows is left out: a small term).
-    inf when the replay did not reach the new request."""
     if math.isinf(ttft):
-        return math.inf
-    ends = sorted(n for n in ahead if n > step)
+        return Prediction(ttft, queue_s, clear_s, alone, math.inf)
+    idle, decoding = _idle_s(clear_s, clear_step, ahead_finish, step_s, left)
+    return Prediction(ttft, queue_s, clear_s, alone, idle, decoding)
+
+
+def _idle_s(
+    t: float, step: int, ahead: list[tuple[int, int]], step_s: Any, left: Any
+) -> tuple[float, tuple[tuple[float, int], ...]]:
+    """When the requests ahead would all have finished decoding, without the new requests:
+    from when the last of them has its first token (`t`, before step `step`), their
+    remaining decode steps (`ahead`: finish offset, library attention per row); and
+    (time, count still decoding) from `t` on. Not from the new requests' own step: when
+    they share the step that serves the last ones ahead, its prefill of those was left
+    out, and a drain until idle on CPU came out 2.3 s where the engine was busy 18 s."""
+    ends = sorted(e for e in ahead if e[0] > step)
+    decoding = [(t, len(ends))]
     while ends:
-        k = ends[0] - step
-        t += k * step_s(0, 0, len(ends))
-        step = ends[0]
-        while ends and ends[0] <= step:
+        k = ends[0][0] - step
+        dt = step_s(0, sum(a for _, a in ends), len(ends))
+        t += left(dt, step) + (k - 1) * dt
+        step = ends[0][0]
+        while ends and ends[0][0] <= step:
             ends.pop(0)
-    return t
+        decoding.append((t, len(ends)))
+    return t, tuple(decoding)

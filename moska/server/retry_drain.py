@@ -9,13 +9,25 @@ where a retry was admitted only after 5-9 s, when the engine had served the burs
 admitted requests and gone idle. So the drain is replayed over the engine's load plus the
 requests inside that admission would still admit (`with_door`): those whose first token
 can come within what fits the SLO, each like a typical admitted request.
+
+Why a request's own prefill is not a share of the drain: once nothing waits ahead, a
+retry's first token is its own prefill step, which shares the engine with the decode rows
+of the requests ahead until they end; it does not shrink as the retry comes later. The
+drain charged the overshoot (`ttft - fits`) as if it did: on CPU (SLO 5 s) a long library
+request whose prefill alone fits but not beside the burst's decode rows was promised 4-5 s
+and admitted only at ~16 s, when the engine was idle. So after the queue ahead has its
+first tokens the drain is the first time its prefill beside the rows still decoding fits
+(`shares_fit`), up to the engine being idle.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Protocol
 
-from moska.server.queue_replay import Load, Prediction, RequestCost
+from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost
+from moska.server.step_model import StepFeatures
 
 
 class Predict(Protocol):
@@ -60,12 +72,21 @@ def with_door(load: Load, typical: RequestCost, admitted: int) -> Load:
     )
 
 
-def drain_s(pred: Prediction, *, fits: float, risk: float, door_wait_s: float) -> float:
+def drain_s(
+    pred: Prediction,
+    *,
+    fits: float,
+    risk: float,
+    door_wait_s: float,
+    shared_s: Callable[[int], float] | None = None,
+) -> float:
     """The drain of a request whose replay (over the load ahead of it, the door's admitted
     requests included) is `pred`. FIFO: arriving `d` later, the same work ahead ends at
     the same time, so its TTFT is `pred.ttft_s - d`; while others wait ahead it must fit
-    with `risk` (a library request: admitted once `risk * (ttft - d)` fits), after they
-    are served without it. A request that cannot fit even alone on an idle engine (a
+    with `risk` (a library request: admitted once `risk * (ttft - d)` fits). Once the queue
+    ahead is served (nothing waits: no risk) its TTFT is its own prefill beside the decode
+    rows still running, `shared_s(rows)` (`shares_fit`; without it, the overshoot
+    `ttft - fits` as before). A request that cannot fit even alone on an idle engine (a
     library prefill longer than the SLO) is admitted only when the engine is idle: its
     drain is the time until then. A retry also waits for the requests inside the door to
     be decided (`door_wait_s`)."""
@@ -75,8 +96,56 @@ def drain_s(pred: Prediction, *, fits: float, risk: float, door_wait_s: float) -
         engine = pred.ttft_s - fits / risk
         if engine > pred.clear_s:  # the queue ahead is served first: no risk then
             engine = max(pred.clear_s, pred.ttft_s - fits)
+            if shared_s is not None:
+                engine = max(engine, shares_fit(pred, fits, shared_s))
         engine = min(engine, pred.idle_s)
     return max(engine, door_wait_s, 0.0)
+
+
+def shares_fit(pred: Prediction, fits: float, shared_s: Callable[[int], float]) -> float:
+    """The first time from the queue ahead's last first token (`pred.clear_s`) at which a
+    request arriving, with nothing waiting, has its first token within `fits`: its prefill
+    beside the requests ahead still decoding then (`pred.decoding`), `shared_s(rows)`
+    seconds; while no seq slot is free (inf) it waits for the next one to end first. The
+    engine's idle time (`pred.idle_s`) if never before."""
+    times = pred.decoding
+    for i, (t, rows) in enumerate(times):
+        end = times[i + 1][0] if i + 1 < len(times) else math.inf
+        if end <= pred.clear_s:
+            continue
+        start, ttft = max(t, pred.clear_s), shared_s(rows)
+        if ttft <= fits:
+            return start
+        if math.isinf(ttft) and i + 1 < len(times):  # no slot: served after `end`
+            at = max(start, end + shared_s(times[i + 1][1]) - fits)
+            if at < end:
+                return at
+    return pred.idle_s
+
+
+def shared_prefill(
+    pred: Prediction,
+    prompt_tokens: int,
+    step_s: Callable[[StepFeatures], float],
+    limits: EngineLimits,
+) -> Callable[[int], float]:
+    """A request's first token, arriving with nothing waiting while `rows` requests decode
+    (`shares_fit`): its prefill alone (`pred.alone_s`) plus what the rows add to each of its
+    prefill steps (`step_s`: the predicted step time; they also take budget tokens), after
+    half a decode step (the step in progress when it comes, on average); inf while every
+    seq slot is taken."""
+    alone_s, fixed_s = pred.alone_s, step_s(StepFeatures())
+    row_s = (step_s(StepFeatures(num_decode=100)) - fixed_s) / 100
+
+    def shared_s(rows: int) -> float:
+        if rows <= 0:
+            return alone_s
+        if rows >= limits.max_num_seqs:
+            return math.inf
+        steps = math.ceil(prompt_tokens / max(1, limits.max_num_batched_tokens - rows))
+        return alone_s + steps * rows * row_s + 0.5 * (fixed_s + rows * row_s)
+
+    return shared_s
 
 
 class LibraryRequests:

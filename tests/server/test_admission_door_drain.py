@@ -112,7 +112,9 @@ def test_a_library_request_at_the_door_gets_the_drain_of_its_size():
     assert shed is not None
     short, long = shed.for_library(248), shed.for_library(600)
     assert short.drain_s < long.drain_s / 2 and short.retry_after_s <= long.retry_after_s
-    assert short.drain_s == adm._drain(RequestCost(48, 8, 8192), busy)[1]
+    told = adm.library_requests.cost(248)  # the typical library request, of 48 tokens
+    assert told is not None and told.prompt_tokens == 48
+    assert short.drain_s == adm._drain(told, busy)[1]
     assert shed.for_library(None).drain_s == shed.library_drain_s  # no Content-Length
     for t in tickets:
         adm.door.leave(t)
