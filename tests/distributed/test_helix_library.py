@@ -7,7 +7,9 @@ interpreter: ~7 s of imports on 2 loaded cores); nothing else differs.
 Each rank holds the library's KV (replicated) and attends its half of every layer's
 selections, merged with its shard of the unique KV by LSE before the all-to-all: fp32 logits
 rel err < 1e-4 and greedy tokens equal one process, reading every chunk and routed (a
-selection attended on both ranks or on neither would change the output). 4 ranks (TPA 2,
+selection attended on both ranks or on neither would change the output), also for a
+position-independent library with APE tempering (its LSE bias added to each rank's slice).
+4 ranks (TPA 2,
 routing scores exchanged between the groups) and HOP-B: test_helix.py. Last: rank 1 is
 killed while a library request decodes; the engine raises RankFailedError naming it within
 10 s, then refuses requests at once, and the server (which served a library request over
@@ -31,6 +33,7 @@ from moska.distributed.helix_library import own_part
 from moska.engine.llm_engine import LLMEngine
 from moska.engine.sampling_params import SamplingParams
 from moska.kernels.selections import Selections
+from moska.library.positions import IndependentOptions
 from moska.routing.policy import LEGACY, RoutingPolicy
 
 pytestmark = pytest.mark.timeout(90)
@@ -56,6 +59,8 @@ def engines(tmp_path_factory):
     ref = LLMEngine.from_model(path, **kw)
     ref.libraries.progress = False
     ref.libraries.build("docs", DOCS, chunk_size=CHUNK)
+    ape = IndependentOptions(temperature=1.5, log_scale=0.7)  # the library part tempered
+    ref.libraries.build("ape", DOCS, chunk_size=CHUNK, mode="independent", independent=ape)
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     with pytest.MonkeyPatch.context() as patch:
@@ -80,16 +85,18 @@ def test_own_parts_cover_every_selection_once():
             assert torch.equal(torch.cat(parts), getattr(sel, f))
 
 
-@pytest.mark.parametrize("top_k,policy", [(6, RoutingPolicy()), (2, RoutingPolicy()), (2, LEGACY)])
-def test_library_logits_equal_one_process(engines, top_k, policy):
+@pytest.mark.parametrize("name,top_k,policy", [("docs", 6, RoutingPolicy()),
+                                               ("docs", 2, RoutingPolicy()), ("docs", 2, LEGACY),
+                                               ("ape", 6, RoutingPolicy())])  # fmt: skip
+def test_library_logits_equal_one_process(engines, name, top_k, policy):
     ref, helix = engines
-    want = library_logits(ref, "docs", top_k, policy)
-    got = library_logits(helix, "docs", top_k, policy)
+    want = library_logits(ref, name, top_k, policy)
+    got = library_logits(helix, name, top_k, policy)
     assert got.shape == want.shape == (sum(map(len, LIB_PROMPTS)), 256)
     assert rel_err(got, want) < 1e-4
     if top_k < 6:  # routing dropped chunks that matter: not the all-chunks output
-        assert rel_err(want, library_logits(ref, "docs", 6, RoutingPolicy())) > 1e-3
-    assert helix.libraries.get("docs").build_id in helix.dist.channel.worker_builds
+        assert rel_err(want, library_logits(ref, name, 6, RoutingPolicy())) > 1e-3
+    assert helix.libraries.get(name).build_id in helix.dist.channel.worker_builds
 
 
 def test_routing_report_equals_one_process(engines):
