@@ -68,7 +68,9 @@ def _rank(rank: int, a: argparse.Namespace, store: str, out: str) -> None:
     )
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group(a.backend, init_method=f"file://{store}", rank=rank, world_size=a.ranks)
+    # nccl: host tensors (the timing's max over ranks) go over gloo in the same group
+    backend = "cpu:gloo,cuda:nccl" if a.backend == "nccl" else a.backend
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=a.ranks)
     dtype = getattr(torch, a.dtype)
     ops = kernel_ops("torch" if dev.type == "cpu" else "triton", dev)
     if a.attention == "batched":

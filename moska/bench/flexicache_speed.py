@@ -71,8 +71,8 @@ TINY = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidde
 class _FullKV:
     """Paged cache of B sequences, each `pages` contiguous blocks, read by paged_decode."""
 
-    def __init__(self, mc, batch, context, bs, dtype, device, ops) -> None:
-        self.pages = -(-(context + 64) // bs)
+    def __init__(self, mc, batch, context, bs, dtype, device, ops, room: int = 64) -> None:
+        self.pages = -(-(context + room) // bs)
         shape = (mc.num_kv_layers, batch * self.pages, bs, mc.num_kv_heads, mc.head_dim)
         self.k = torch.randn(shape, dtype=dtype, device=device)
         self.v = torch.randn(shape, dtype=dtype, device=device)
@@ -118,9 +118,10 @@ class _ChurnScores:
         return s + self.bonus[layer] + 10 * torch.rand(s.shape, device=s.device)
 
 
-def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, seed, churn, host):
+def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, seed, churn, host,
+                 room=64):  # fmt: skip  # untyped: mypy skips the body
     L, H, D = mc.num_kv_layers, mc.num_kv_heads, mc.head_dim
-    pages = -(-(context + 64) // bs)
+    pages = -(-(context + room) // bs)
     gen = torch.Generator().manual_seed(seed)
     force = torch.rand(L, batch, H, generator=gen) < stable_fraction
     store = FlexiKV(
@@ -216,7 +217,9 @@ def run(args, rest: list[str]) -> dict:
         rank_by=sa.rank,
     )  # fmt: skip  # threshold 2: stability only from the forced mask
     elem = torch.empty((), dtype=dtype).element_size()
-    pages = -(-(context + 64) // bs)
+    # tokens each sequence grows by: warmup, timed steps, device probes (one per step)
+    room = warmup + steps + (0 if dry else sa.probes) + 1
+    pages = -(-(context + room) // bs)
     page_bytes = 2 * bs * mc.head_dim * elem
     heads = mc.num_kv_layers * mc.num_kv_heads
     full_req = heads * pages * page_bytes
@@ -277,14 +280,14 @@ def run(args, rest: list[str]) -> dict:
         tokens = torch.randint(0, mc.vocab_size, (batch,), device=device)
         probes = 0 if dry else sa.probes
         if kind == "full":
-            attn = _FullKV(mc, batch, context, bs, dtype, device, ops)
+            attn = _FullKV(mc, batch, context, bs, dtype, device, ops, room)
             step = _stepper(lm.model, attn)
             t = timing.decode(step, lambda: "plain", tokens, steps, warmup, args.r, probes=probes)
             kv = attn.nbytes()
             extra = {}
         else:
             store = _flexi_store(cfg, mc, batch, context, bs, dtype, device, s, args.seed, churn,
-                                 host_views(batch))  # fmt: skip
+                                 host_views(batch), room)  # fmt: skip
             store.hysteresis = hysteresis
             store.spare_pages = sa.spare_pages if hysteresis else 0
             store.time_fetch = True

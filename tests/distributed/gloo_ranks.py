@@ -40,8 +40,12 @@ def _entry(fn, rank: int, world: int, store: str, results, collective_s: float, 
     torch.set_num_threads(1)
     try:
         backend = os.environ.get("MOSKA_TEST_BACKEND", "gloo")  # nccl: a logic run on a GPU
-        if backend == "nccl":
+        if backend == "nccl":  # CUDA tensors over NCCL, host tensors (control) over gloo
             torch.cuda.set_device(rank % torch.cuda.device_count())
+            # NCCL needs a GPU per rank ("Duplicate GPU detected"): more ranks than GPUs
+            # stage through the host on gloo, a logic run
+            many = world > torch.cuda.device_count()
+            backend = "gloo" if many else "cpu:gloo,cuda:nccl"
         dist.init_process_group(
             backend,
             init_method=f"file://{store}",
