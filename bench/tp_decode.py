@@ -1,0 +1,143 @@
+"""Tensor parallelism's decode speed through the real engine: `LLM(..., tensor_parallel_size=N)`
+against N = 1 on the same random-weight checkpoint, in one run.
+
+The checkpoint is Llama-3.1-8B-shaped (`--layers` of its 32 layers, bf16 random weights,
+written once with transformers' save_pretrained; no tokenizer: prompts are token ids).
+Per batch size B: B prompts of `--prompt` random tokens, greedy with ignore_eos, timed once
+with max_tokens = 1 (prefill and one token) and once with 1 + `--tokens`; decode tokens/s =
+B * tokens / (second - first). The engine is built once per N and warmed up first. N = 1
+keeps its CUDA graphs (the strongest single-GPU baseline); N > 1 runs eager steps (one
+NCCL all-reduce per attention and per MLP, docs/distributed.md).
+
+GPU (2 GPUs, NCCL):  python3 bench/tp_decode.py --out $OUT/tp_decode_h200x2.json
+CPU check (gloo, tiny dims):  .venv/bin/python bench/tp_decode.py --cpu-dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moska.bench.common import LLAMA_3_1_8B, environment
+
+
+def write_checkpoint(path: Path, hf: dict, device: str, dtype: torch.dtype) -> None:
+    """A random Llama checkpoint of `hf`'s dims (weights N(0, 0.02), norms 1)."""
+    import transformers
+
+    keep = {k: v for k, v in hf.items() if k != "architectures"}
+    config = transformers.LlamaConfig(**keep)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.save_pretrained(path)
+    del model
+
+
+def time_batch(llm, batch: int, prompt: int, tokens: int, vocab: int) -> dict:
+    from moska.engine.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, vocab, (batch, prompt), generator=gen).tolist()
+    times = {}
+    for n in (1, 1 + tokens):
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        times[n] = time.perf_counter() - t
+        assert all(len(o.outputs[0].token_ids) == n for o in outs)
+    decode_s = times[1 + tokens] - times[1]
+    return {
+        "batch": batch,
+        "prefill_and_first_s": round(times[1], 4),
+        "decode_s": round(decode_s, 4),
+        "decode_tokens_per_s": round(batch * tokens / decode_s, 1),
+        "ms_per_step": round(decode_s / tokens * 1e3, 3),
+        "first_tokens": [o.outputs[0].token_ids[:4] for o in outs[:2]],
+    }
+
+
+def run_tp(path: Path, tp: int, a, device: str, dtype: str, vocab: int) -> list[dict]:
+    from moska.engine.llm import LLM
+
+    kw = {"device": device, "dtype": dtype, "tensor_parallel_size": tp,
+          "max_num_seqs": max(a.batch), "max_model_len": a.prompt + a.tokens + 8}  # fmt: skip
+    if device == "cpu":
+        kw["num_kv_blocks"] = 256
+    rows = []
+    with LLM(str(path), **kw) as llm:
+        time_batch(llm, min(a.batch), a.prompt, 2, vocab)  # warm-up: compile, graphs
+        for b in a.batch:
+            row = {"tp": tp, **time_batch(llm, b, a.prompt, a.tokens, vocab)}
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--layers", type=int, default=8, help="of Llama-3.1-8B's 32")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps timed")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny dims, gloo, 2 ranks")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dry = a.cpu_dry_run
+    device = "cpu" if dry else "cuda"
+    dtype = "float32" if dry else "bfloat16"
+    hf = {**LLAMA_3_1_8B, "num_hidden_layers": a.layers}
+    if dry:
+        hf.update(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, vocab_size=512, num_hidden_layers=2)  # fmt: skip
+        a.batch, a.tokens, a.prompt = [1, 4], 4, 16
+    with tempfile.TemporaryDirectory(prefix="moska-tp-") as tmp:
+        path = Path(tmp) / "model"
+        write_checkpoint(path, hf, device, getattr(torch, dtype))
+        rows = [r for tp in a.tp for r in run_tp(path, tp, a, device, dtype, hf["vocab_size"])]
+    by = {(r["tp"], r["batch"]): r for r in rows}
+    base = min(a.tp)
+    speedup = {
+        f"tp{tp}_b{b}": round(by[(tp, b)]["decode_tokens_per_s"] / by[(base, b)]["decode_tokens_per_s"], 3)
+        for tp in a.tp if tp != base for b in a.batch
+    }  # fmt: skip
+    same = all(by[(tp, b)]["first_tokens"] == by[(base, b)]["first_tokens"] for tp, b in by)
+    result = {
+        "bench": "tp_decode",
+        "env": environment(),
+        "device": device,
+        "dtype": dtype,
+        "model": {"dims": "Llama-3.1-8B", "layers": hf["num_hidden_layers"], "random": True},
+        "shapes": {"prompt": a.prompt, "decode_tokens": a.tokens, "batches": a.batch},
+        "rows": rows,
+        "summary": {
+            "decode_speedup_vs_tp1": speedup,
+            "greedy_first_tokens_equal": same,
+            "target": "TP = 2 >= 1.7x TP = 1 tokens/s at B = 256 (issue 24)",
+        },
+    }
+    print("summary:", json.dumps(result["summary"]))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+        print("wrote", a.out)
+
+
+if __name__ == "__main__":
+    main()
