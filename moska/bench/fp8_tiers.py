@@ -182,7 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     payload = {
         "what": "tiered FP8 library: FP8 tensor-core program vs upcast, and vs all resident",
-        "shape": {**s, "library_tokens": s["chunk"] * s["chunks"], "device": device},
+        "shape": {
+            **s,
+            "library_tokens": s["chunk"] * s["chunks"],
+            "device": device,
+            "kv_dtype": "float8_e4m3fn, fp32 scales per (token, KV head)",
+            "q_dtype": "bfloat16" if device == "cuda" else "float16",
+            "resident_share": args.resident,
+            "steps": args.steps,
+        },
         **environment(argv),
         "rows": rows,
         "summary": summary,
