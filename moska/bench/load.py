@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from moska.bench.load_client import burst_in_process
-from moska.bench.load_drain import compare_429s, probe_bodies, within_2x
+from moska.bench.load_drain import compare_429s, library_by_probe, probe_bodies, within_2x
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -160,6 +160,7 @@ def summarize(
             within_2x(ms_kind["library"]),
         ],
         "retry_after_ms_within_2x_share_library_vs_long_probe": within_2x(long),
+        "retry_after_ms_library_by_probe": library_by_probe(rows),
         "rejections": rows,
         "probes": {kind: {k: p.get(k) for k in _PROBE_KEYS} for kind, p in out["probes"].items()},
         "predictor_error_s_p10_p50_p90_p99": [_pct(errors, q) for q in (0.1, 0.5, 0.9, 0.99)],

@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -39,8 +40,16 @@ def _record(body: dict) -> dict[str, Any]:
 _PREDICTED = re.compile(rb"predicted time to first token ([0-9.]+)s")
 
 
-async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) -> dict:
-    """Send one streaming completion; what happened, timed from `t0`. `client` is the
+async def one(
+    client: Any,
+    url: str,
+    body: dict,
+    t0: float,
+    timeout_s: float,
+    on_status: Callable[[dict], None] | None = None,
+) -> dict:
+    """Send one streaming completion; what happened, timed from `t0` (`on_status(record)`
+    once its status and headers are in, before the stream is read). `client` is the
     server's (host, port): the request goes over a raw asyncio connection (HTTP/1.1,
     written once, SSE lines read as they come), so that a thousand of them cost the load
     generator milliseconds, not the seconds an HTTP client library spends, which would
@@ -72,6 +81,8 @@ async def one(client: Any, url: str, body: dict, t0: float, timeout_s: float) ->
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 key, _, value = line.decode("latin-1").partition(":")
                 headers[key.strip().lower()] = value.strip()
+            if on_status is not None:
+                on_status(rec)
             if status != 200:
                 text = await reader.read()
                 if status == 429:
@@ -126,16 +137,26 @@ async def _probe(
     """After the burst's first 429, send `body` every `interval_s` (not waiting for the
     answers: under a burst an answer takes seconds, which is the door's latency, not the
     drain) until one is admitted. Returns the admitted probe sent first (with `probes`:
-    how many were sent); its `t_start` is when a retry was first admitted."""
+    how many were sent); its `t_start` is when a retry was first admitted.
+
+    It stops at the first 200's status line and closes the other probes still open (the
+    server aborts them): it stopped when the first admitted probe's stream had ended, and
+    until then (5-11 s on CPU) each probe sent was admitted too, so the engine served
+    dozens of probes, and a library request that only an idle engine admits was admitted
+    that much later (the long library probe reopened 16-23 s after the burst)."""
     await rejected.wait()
     tasks: list[asyncio.Task] = []
     admitted = asyncio.Event()
+    first: list[asyncio.Task] = []  # the probe whose 200 came first: kept to its end
+
+    def status(rec: dict) -> None:
+        task = asyncio.current_task()
+        if rec["status"] == 200 and not admitted.is_set() and task is not None:
+            admitted.set()
+            first.append(task)
 
     async def send() -> dict:
-        rec = await one(client, url, body, t0, timeout_s)
-        if rec["status"] == 200:
-            admitted.set()
-        return rec
+        return await one(client, url, body, t0, timeout_s, status)
 
     deadline = time.perf_counter() + timeout_s
     while not admitted.is_set() and time.perf_counter() < deadline:
@@ -144,7 +165,11 @@ async def _probe(
             await asyncio.wait_for(admitted.wait(), interval_s)
         except TimeoutError:
             pass
-    records = await asyncio.gather(*tasks)
+    for task in tasks:
+        if task not in first:
+            task.cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    records = [r for r in done if isinstance(r, dict)]
     ok = [r for r in records if r["status"] == 200]
     if not ok:
         return {"probes": len(tasks), "status": None, "error": "never admitted"}

@@ -37,6 +37,26 @@ def within_2x(ratios: list[float]) -> float | None:
     return sum(1 for x in ratios if 0.5 <= x <= 2.0) / len(ratios) if ratios else None
 
 
+def library_by_probe(rows: list[dict]) -> dict[str, dict[str, Any]]:
+    """Library 429s (`compare_429s` rows) by the probe they are compared with: the long
+    one (the idle-only line on CPU: its prefill alone misses the SLO, so it is admitted on
+    an idle engine) and the short one; per probe the count, the share of retry-after-ms
+    within 2x of the observed drain, and the median promised / observed."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("library", "library_short"):
+        ratios = sorted(
+            c["promised_s"] / c["observed_s"]
+            for c in rows
+            if c["probe"] == name and c["promised_s"] is not None
+        )
+        out[name] = {
+            "n": len(ratios),
+            "within_2x": within_2x(ratios),
+            "p50": ratios[len(ratios) // 2] if ratios else None,
+        }
+    return out
+
+
 def compare_429s(rejected: list[dict], probes: dict[str, dict], opened: dict[str, float]) -> list:
     """Per 429 with a Retry-After and a probe of its kind that was admitted: its kind,
     prompt length, whether the door sent it, when it came (s from the burst's start), the

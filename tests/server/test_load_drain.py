@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from moska.bench.load import make_body
-from moska.bench.load_drain import compare_429s, probe_bodies
+from moska.bench.load_drain import compare_429s, library_by_probe, probe_bodies
 
 
 def test_each_429_is_compared_with_the_nearest_probe_of_its_kind():
@@ -29,6 +29,11 @@ def test_each_429_is_compared_with_the_nearest_probe_of_its_kind():
     assert [r["promised_s"] for r in rows] == [3.2, 8.0, 1.0]
     # a kind whose probe was never admitted has nothing to compare with
     assert compare_429s(rejected[:1], probes, {"plain": 2.0}) == []
+    # library 429s apart by probe: the long one (the idle-only line) and the short one
+    long = rows[1] | {"promised_s": 2.0}  # 2.0 / 8.5: not within 2x
+    split = library_by_probe([rows[0], rows[1], long, rows[2]])
+    assert split["library"] == {"n": 2, "within_2x": 0.5, "p50": 8.0 / 8.5}
+    assert split["library_short"] == {"n": 1, "within_2x": 1.0, "p50": 3.2 / 3.5}
 
 
 def test_the_short_library_probe_is_a_short_library_request():
