@@ -20,9 +20,15 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moska.semshare.rope_shift import rotate_by
 from moska.semshare.store import Reference
+
+# SDPA backends of the row attention: not cuDNN, which torch >= 2.11 prefers on sm90 but which
+# builds a graph (~0.1 s) for every new shape, and the row count R differs per request (the
+# boundary keeps the unmatched rows); the memory-efficient kernel takes the mask, plans nothing
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class BlendResult(NamedTuple):
@@ -66,13 +72,14 @@ class RowAttention:
         values = vc[self.all_slots].repeat_interleave(group, 1).transpose(0, 1)[None]
         s = keys.shape[2]
         mask = torch.arange(s, device=q.device)[None, :] <= self.positions[:, None]  # [R, S]
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None].to(keys.dtype),  # [1, Hq, R, D]
-            keys,
-            values,
-            attn_mask=mask,
-            scale=self.sm_scale,
-        )
+        with sdpa_kernel(_BACKENDS):
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None].to(keys.dtype),  # [1, Hq, R, D]
+                keys,
+                values,
+                attn_mask=mask,
+                scale=self.sm_scale,
+            )
         return o[0].transpose(0, 1).to(q.dtype)  # [R, Hq, D]
 
 

@@ -23,9 +23,10 @@ def rotate_by(
     assert k.shape[-3] == delta.shape[0], (tuple(k.shape), tuple(delta.shape))
     assert k.shape[-1] == 2 * inv_freq.shape[0], (tuple(k.shape), tuple(inv_freq.shape))
     freqs = delta.to(k.device).double()[:, None] * inv_freq.to(k.device).double()[None, :]
-    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).float()[:, None, :]  # [T, 1, D]
-    sin = torch.cat((freqs.sin(), freqs.sin()), dim=-1).float()[:, None, :]
+    cos = freqs.cos().float()[:, None, :]  # [T, 1, D/2]
+    sin = freqs.sin().float()[:, None, :]
     kf = k.float()
     half = k.shape[-1] // 2
-    rotated = torch.cat((-kf[..., half:], kf[..., :half]), dim=-1)
-    return (kf * cos + rotated * sin).to(k.dtype)
+    k1, k2 = kf[..., :half], kf[..., half:]
+    # rotate-half on the halves: (k1 cos - k2 sin, k2 cos + k1 sin), no [.., D] temporaries
+    return torch.cat((k1 * cos - k2 * sin, k2 * cos + k1 * sin), dim=-1).to(k.dtype)
