@@ -2,21 +2,36 @@
 
 Rank 0 owns the scheduler and the block manager; the other ranks own nothing but their
 slice of the weights and of the KV cache. Before each call into the model rank 0 sends a
-command: a fixed header of 8 int64 on a gloo *control* group (host memory; the other ranks
-block on it while idle, so it has no useful timeout), then, if the command carries one,
-a payload on the *model* group (NCCL on GPUs: device to device, so the token ids a decode
-step reads from the previous step's sampled tokens never visit the host):
+command as one *control message* on a gloo group (host memory; the other ranks block on it
+while idle, so it has no useful timeout): a header of HEADER_LEN int64 and room for a
+payload after it. Every message has the same length on every rank, `capacity`, which each
+message's header sets for the next one; rank 0 sizes it from the last payload (twice it,
+rounded up to a power of two, within [MIN_CAPACITY, MAX_CAPACITY]), so a decode step's
+metadata, whose size changes slowly, fits in the message of its header: **one collective
+per step**. A payload that does not fit follows in a second message of its own length
+(named in the header), and the next message grows.
 
 - FORWARD: token ids [T], positions [T], slot mapping [T], cu_q_lens [B+1], seq_lens [B]
   and block tables [B, max_blocks], packed into one int64 tensor. A decode step at
-  B = 256 with 64 blocks per request: 256 * (3 + 2 + 64) + 1 ints = 141 KB. A step with
-  library rows adds their row indices to the payload ([n] int64 per group) and, on the
-  control group, a JSON list of the groups (build id, rows, top_k, scorer, routing policy:
-  ~250 bytes per group).
+  B = 256 with 64 blocks per request: 256 * (3 + 2 + 64) + 1 ints = 141 KB. On gloo it
+  rides in the control message; on NCCL it follows on the *model* group, device to device
+  (the token ids a decode step reads from the previous step's sampled tokens never visit
+  the host). A step with library rows adds their row indices to the payload ([n] int64
+  per group) and, on the control group, a JSON list of the groups (build id, rows, top_k,
+  scorer, routing policy: ~250 bytes per group). The header says whether rank 0 will ask
+  for the logits of every row right after (`logits_follow`: a decode step), so that the
+  other ranks compute them without a LOGITS_LAST message.
+- GRAPH_CAPTURE: capture the decode CUDA graph of a batch-size bucket (NCCL only,
+  `distributed/tp_graphs.py`): every rank says whether it can (all_gather_object), then,
+  if all can, captures, then answers (gather_object): None or why not.
+- GRAPH_STEP: replay the bucket's graph for n rows: positions, slots, seq_lens [n] and
+  block tables [n, W] in the control message (host data); the token ids are broadcast
+  inside the graph.
 - LOAD_LIBRARY: a JSON {root, name, build id} on the control group; every rank loads its
   KV heads of that build from the store and answers (gather_object): None or why not.
 - UNLOAD_LIBRARY: a JSON {build id}: drop it (no request reads it any more).
-- LOGITS_LAST: the logits of every row of the last forward (a decode step): no payload.
+- LOGITS_LAST: the logits of every row of the last forward (a forward that did not say
+  logits_follow): no payload.
 - LOGITS_ROWS: the logits of some hidden rows (prefill's last rows, prompt logprobs):
   the rows themselves [N, H] in the model's dtype.
 - STOP: leave the loop.
@@ -36,7 +51,18 @@ from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.distributed.comm import Collectives
 from moska.distributed.errors import TensorParallelConfigError
 
-HEADER_LEN = 8
+HEADER_LEN = 16  # int64: the command, its fields (up to 11), then the three below
+MIN_CAPACITY = 256  # int64 of a control message before any payload sized it (2 KiB)
+MAX_CAPACITY = 1 << 16  # 512 KiB; a larger payload follows in a message of its own
+_LEN, _WHERE, _NEXT = 12, 13, 14  # header: host payload length, where it is, next capacity
+_NO_PAYLOAD, _INLINE, _FOLLOWS = 0, 1, 2  # where: none on the control group, in it, after it
+
+
+def next_capacity(payload_len: int) -> int:
+    """The control message's length after a payload of `payload_len` int64: room for twice
+    it (the next step's metadata is about the same), a power of two, within the bounds."""
+    want = HEADER_LEN + 2 * payload_len
+    return min(MAX_CAPACITY, max(MIN_CAPACITY, 1 << (want - 1).bit_length()))
 
 
 class Command(enum.IntEnum):
@@ -48,6 +74,8 @@ class Command(enum.IntEnum):
     UNLOAD_LIBRARY = 6
     SHARED_STEP = 7  # shared-KV ranks: the builds of a forward's groups (shared_kv_engine.py)
     PLACE_LIBRARY = 8  # shared-KV ranks: a build's new chunk placement (hot-chunk replicas)
+    GRAPH_CAPTURE = 9  # capture the decode CUDA graph of a bucket (NCCL; tp_graphs.py)
+    GRAPH_STEP = 10  # replay a bucket's decode graph
 
 
 class Received(NamedTuple):
@@ -55,12 +83,15 @@ class Received(NamedTuple):
 
     command: Command
     input_ids: torch.Tensor | None = None  # [T] int64 (FORWARD)
-    positions: torch.Tensor | None = None  # [T] int64 (FORWARD)
-    meta: AttentionMetadata | None = None  # FORWARD
+    positions: torch.Tensor | None = None  # [T] int64 (FORWARD; GRAPH_STEP: [n], host)
+    # FORWARD; GRAPH_STEP: slot_mapping, seq_lens [n], block_tables [n, W] on the host
+    meta: AttentionMetadata | None = None
     hidden: torch.Tensor | None = None  # [N, H] (LOGITS_ROWS)
     # FORWARD: [(group JSON, rows [n] int64)] of its library groups; LOAD/UNLOAD: the JSON
     groups: list[tuple[dict, torch.Tensor]] | None = None
     info: dict | None = None
+    logits_follow: bool = False  # FORWARD, GRAPH_STEP: compute every row's logits after it
+    bucket: int = 0  # GRAPH_CAPTURE, GRAPH_STEP: the graph's batch-size bucket
 
 
 class StepChannel:
@@ -80,15 +111,47 @@ class StepChannel:
         self.hidden_size = hidden_size
         self.dtype = dtype
         self.steps = 0
+        self.capacity = MIN_CAPACITY  # int64 of the next control message, the same on all
+        self._payload: torch.Tensor | None = None  # rank 0: host payload of the next header
+        # rank 0: a forward said logits_follow, and its logits were not asked for yet
+        self.logits_due = False
         # rank 0: the library builds the other ranks hold (build id -> name)
         self.worker_builds: dict[str, str] = {}
         self._lock = threading.RLock()  # one command's messages are never interleaved
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while one command's messages (and answers) go out."""
+        return self._lock
+
     # ---- rank 0 ----------------------------------------------------------------------
     def _header(self, command: Command, *fields: int) -> None:
-        values = [int(command), *fields]
-        header = torch.tensor(values + [0] * (HEADER_LEN - len(values)), dtype=torch.int64)
-        dist.broadcast(header, src=0, group=self.control_group)
+        """One control message: the header, and the host payload set in `_payload` (in
+        the message if it fits, else in a message of its own right after)."""
+        payload, self._payload = self._payload, None
+        if self.logits_due:  # the other ranks are in the logits gather: nothing else fits
+            raise RuntimeError(
+                f"{command.name} sent while the other ranks wait for the logits of the last "
+                "forward (it said logits_follow): compute_logits must come first"
+            )
+        if len(fields) >= _LEN:
+            raise ValueError(f"{command.name}: {len(fields)} header fields, at most {_LEN - 1}")
+        n = 0 if payload is None else payload.numel()
+        where = _NO_PAYLOAD
+        if payload is not None:
+            where = _INLINE if HEADER_LEN + n <= self.capacity else _FOLLOWS
+        nxt = self.capacity if payload is None else next_capacity(n)
+        head = [int(command), *fields] + [0] * (_LEN - 1 - len(fields)) + [n, where, nxt, 0]
+        msg = torch.empty(self.capacity, dtype=torch.int64)
+        msg[:HEADER_LEN] = torch.tensor(head, dtype=torch.int64)
+        if where == _INLINE:
+            assert payload is not None
+            msg[HEADER_LEN : HEADER_LEN + n] = payload
+        dist.broadcast(msg, src=0, group=self.control_group)
+        self.capacity = nxt
+        if where == _FOLLOWS:
+            assert payload is not None
+            dist.broadcast(payload.contiguous(), src=0, group=self.control_group)
 
     def _send_bytes(self, text: bytes) -> None:
         data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
@@ -118,6 +181,18 @@ class StepChannel:
                 )
             self.worker_builds[build_id] = name
 
+    def agree(self, why_not: str | None) -> dict[int, str]:
+        """Every rank says whether it can go on (None) or why not, and every rank gets all
+        the answers (one all_gather_object): rank -> why not. GRAPH_CAPTURE asks this
+        before any rank runs a collective of the capture."""
+        answers: list[Any] = [None] * dist.get_world_size(self.control_group)
+        dist.all_gather_object(answers, why_not, group=self.control_group)
+        return {r: a for r, a in enumerate(answers) if a is not None}
+
+    def answers(self) -> dict[int, str]:
+        """Every rank's answer to the command just sent (GRAPH_CAPTURE): rank -> why not."""
+        return self._answers()
+
     def _answers(self) -> dict[int, str]:
         """Every rank's answer to the command just sent: rank -> why it failed."""
         answers: list[Any] = [None] * dist.get_world_size(self.control_group)
@@ -144,7 +219,11 @@ class StepChannel:
             self._json_header(Command.UNLOAD_LIBRARY, {"build": build_id})
             self.worker_builds.pop(build_id, None)
 
-    def send_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> None:
+    def send_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn, logits_follow: bool = False
+    ) -> None:
+        """The forward's inputs; `logits_follow`: rank 0 asks for the logits of every row
+        next (compute_logits on this forward's hidden states), so no LOGITS_LAST is sent."""
         meta: AttentionMetadata | None = getattr(attn, "meta", None)
         if meta is None:
             raise TensorParallelConfigError(
@@ -155,26 +234,53 @@ class StepChannel:
         groups = [self._describe(g) for g in meta.groups]
         t, b = input_ids.numel(), meta.seq_lens.numel()
         max_blocks = meta.block_tables.shape[1]
+        payload = torch.cat(
+            [
+                input_ids.long(),
+                positions.long(),
+                meta.slot_mapping.long(),
+                meta.cu_q_lens.long(),
+                meta.seq_lens.long(),
+                meta.block_tables.long().flatten(),
+                *[g.rows.long() for g in meta.groups],
+            ]
+        )  # [3T + 2B + 1 + B * max_blocks + library rows] int64
+        on_host = self.comm.stage_through_host  # gloo: in the control message
         with self._lock:
             self.steps += 1
             text = json.dumps(groups).encode() if groups else b""
-            self._header(
-                Command.FORWARD, len(text), t, b, max_blocks, int(meta.decode_only), self.steps
-            )
+            self._payload = payload.cpu() if on_host else None
+            fields = (len(text), t, b, max_blocks, int(meta.decode_only), self.steps)
+            self._header(Command.FORWARD, *fields, int(logits_follow))
             if text:
                 self._send_bytes(text)
-            payload = torch.cat(
-                [
-                    input_ids.long(),
-                    positions.long(),
-                    meta.slot_mapping.long(),
-                    meta.cu_q_lens.long(),
-                    meta.seq_lens.long(),
-                    meta.block_tables.long().flatten(),
-                    *[g.rows.long() for g in meta.groups],
-                ]
-            )  # [3T + 2B + 1 + B * max_blocks + library rows] int64
-            self.comm.broadcast(payload)
+            if not on_host:  # NCCL: device to device
+                self.comm.broadcast(payload)
+            self.logits_due = logits_follow
+
+    def send_graph_step(
+        self,
+        bucket: int,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        seq_lens: torch.Tensor,
+        tables: torch.Tensor,
+        logits_follow: bool,
+    ) -> None:
+        """Replay the decode graph of `bucket` for len(positions) rows: the host inputs
+        [n] and tables [n, W] in one control message (the token ids travel in the graph)."""
+        n, w = positions.numel(), tables.shape[1]
+        parts = (positions, slots, seq_lens, tables.flatten())
+        with self._lock:
+            self.steps += 1
+            self._payload = torch.cat([p.long().cpu() for p in parts])  # [3n + n * W]
+            self._header(Command.GRAPH_STEP, bucket, n, w, self.steps, int(logits_follow))
+            self.logits_due = logits_follow
+
+    def send_graph_capture(self, bucket: int) -> None:
+        """Capture the decode graph of `bucket` now; answers() follows the capture."""
+        with self._lock:
+            self._header(Command.GRAPH_CAPTURE, bucket)
 
     def _describe(self, group: LibraryGroup) -> dict:
         """What the other ranks need of a library group (record and coverage stay on
@@ -197,6 +303,9 @@ class StepChannel:
 
     def send_logits(self, hidden: torch.Tensor, *, same_as_forward: bool) -> None:
         with self._lock:
+            if same_as_forward and self.logits_due:  # announced by the forward's header
+                self.logits_due = False
+                return
             if same_as_forward:
                 self._header(Command.LOGITS_LAST)
                 return
@@ -209,17 +318,44 @@ class StepChannel:
 
     # ---- the other ranks -------------------------------------------------------------
     def recv(self) -> Received:
-        header = torch.empty(HEADER_LEN, dtype=torch.int64)
-        dist.broadcast(header, src=0, group=self.control_group)
-        command, *fields = header.tolist()
-        command = Command(command)
+        msg = torch.empty(self.capacity, dtype=torch.int64)
+        dist.broadcast(msg, src=0, group=self.control_group)
+        head = msg[:HEADER_LEN].tolist()  # a host tensor: no device sync
+        command, fields = Command(head[0]), head[1:_LEN]
+        n, where, self.capacity = head[_LEN], head[_WHERE], head[_NEXT]
+        host: torch.Tensor | None = None  # the host payload
+        if where == _INLINE:
+            host = msg[HEADER_LEN : HEADER_LEN + n]
+        elif where == _FOLLOWS:
+            host = torch.empty(n, dtype=torch.int64)
+            dist.broadcast(host, src=0, group=self.control_group)
+        if command is Command.GRAPH_STEP:
+            assert host is not None
+            bucket, rows, width, self.steps, follow = fields[:5]
+            pos, slots, seq_lens, tables = host.split([rows, rows, rows, rows * width])
+            meta = AttentionMetadata(
+                slot_mapping=slots,
+                cu_q_lens=torch.arange(rows + 1, dtype=torch.int32),
+                seq_lens=seq_lens.int(),
+                block_tables=tables.int().view(rows, width),
+                decode_only=True,
+            )
+            return Received(
+                command, positions=pos, meta=meta, logits_follow=bool(follow), bucket=bucket
+            )
+        if command is Command.GRAPH_CAPTURE:
+            return Received(command, bucket=fields[0])
         if command is Command.FORWARD:
-            text_len, t, b, max_blocks, decode_only, step = fields[:6]
+            text_len, t, b, max_blocks, decode_only, step, follow = fields[:7]
             self.steps = step
             groups = self._recv_json(text_len) if text_len else []
             sizes = [g["n"] for g in groups]
             n = 3 * t + 2 * b + 1 + b * max_blocks + sum(sizes)
-            payload = self.comm.broadcast(torch.empty(n, dtype=torch.int64, device=self.device))
+            if host is not None:  # gloo: it came in the control message
+                payload = host.to(self.device)
+            else:
+                empty = torch.empty(n, dtype=torch.int64, device=self.device)
+                payload = self.comm.broadcast(empty)
             ids, pos, slots, cu_q, seq_lens, tables, *rows = payload.split(
                 [t, t, t, b + 1, b, b * max_blocks, *sizes]
             )
@@ -230,7 +366,9 @@ class StepChannel:
                 block_tables=tables.int().view(b, max_blocks),
                 decode_only=bool(decode_only),
             )
-            return Received(command, ids, pos, meta, groups=list(zip(groups, rows)))
+            return Received(
+                command, ids, pos, meta, groups=list(zip(groups, rows)), logits_follow=bool(follow)
+            )
         if command in (
             Command.LOAD_LIBRARY,
             Command.UNLOAD_LIBRARY,
@@ -249,5 +387,7 @@ class StepChannel:
         return json.loads(bytes(data.numpy()).decode())
 
     def answer_load(self, error: str | None) -> None:
-        """A rank other than 0: its answer to LOAD_LIBRARY (None: loaded)."""
+        """A rank other than 0: its answer to LOAD_LIBRARY or GRAPH_CAPTURE (None: done)."""
         dist.gather_object(error, None, dst=0, group=self.control_group)
+
+    answer = answer_load

@@ -179,10 +179,30 @@ class TensorParallelCausalLM(CausalLM):
             mlp.down_proj = RowParallelLinear(mlp.intermediate, h, False, comm, **kw)
         self.driver: Any = None  # rank 0: a StepChannel
         self._last_hidden: torch.Tensor | None = None
+        # rank 0, set by the runner just before a forward: its next compute_logits is of
+        # every row of that forward, so the workers compute them unasked (no LOGITS_LAST)
+        self.logits_follow = False
+        self.in_graph = False  # a decode CUDA graph's forward: the ids travel in it
+
+    @property
+    def graph_capturable(self) -> bool:
+        """Whether decode steps may be CUDA graphs: with NCCL (its collectives are
+        captured); gloo stages tensors through the host, which a graph cannot hold."""
+        return self.comm.backend == "nccl"
+
+    def decode_graphs(self, **kw) -> Any:
+        """The runner's DecodeGraphs for this rank, DecodeGraphs' arguments (model=this
+        model included): `distributed/tp_graphs.py`."""
+        from moska.distributed.tp_graphs import TensorParallelGraphs
+
+        return TensorParallelGraphs(**kw)
 
     def forward(self, input_ids, positions, attn) -> torch.Tensor:
-        if self.driver is not None:
-            self.driver.send_forward(input_ids, positions, attn)
+        follow, self.logits_follow = self.logits_follow, False
+        if self.in_graph:  # rank 0's ids (some only on its device) to every rank, captured
+            self.comm.broadcast(input_ids)
+        elif self.driver is not None:
+            self.driver.send_forward(input_ids, positions, attn, logits_follow=follow)
         hidden = super().forward(input_ids, positions, attn)
         self._last_hidden = hidden
         return hidden

@@ -4,7 +4,8 @@ It owns no scheduler and no requests: each step's inputs and block tables arrive
 StepChannel, its KV cache (its KV heads only) is written at the slots rank 0 chose, and it
 takes part in the logits gather but never samples. It holds its KV heads of the library
 builds rank 0 names (LOAD_LIBRARY / UNLOAD_LIBRARY; distributed/tp_library.py) and runs a
-step's library groups over them. It stops on STOP, or when rank 0 goes
+step's library groups over them. With NCCL it captures and replays the decode CUDA graphs
+rank 0 names (GRAPH_CAPTURE / GRAPH_STEP; distributed/tp_graphs.py). It stops on STOP, or when rank 0 goes
 away (its socket closes, or — for a spawned worker — its parent process is gone).
 """
 
@@ -72,7 +73,7 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
         channel = StepChannel(
             groups.comm, groups.control, device, model.config.hidden_size, model.dtype
         )
-        serve_steps(model, runner.attention, channel, device)
+        serve_steps(model, runner.attention, channel, device, graphs=runner.graphs)
 
 
 @contextlib.contextmanager
@@ -101,10 +102,11 @@ def rank_lifecycle(groups: ProcessGroups, parent_pid: int | None) -> Iterator[No
 
 @torch.inference_mode()
 def serve_steps(
-    model, attention, channel: StepChannel, device: torch.device, libraries=None
+    model, attention, channel: StepChannel, device: torch.device, libraries=None, graphs=None
 ) -> None:
     """Run the commands rank 0 sends until STOP. `libraries`: the builds this rank holds
-    (WorkerLibraries of its TP heads by default; Helix passes its own)."""
+    (WorkerLibraries of its TP heads by default; Helix passes its own). `graphs`: this
+    rank's TensorParallelGraphs (None: eager; GRAPH_CAPTURE is then answered with why)."""
     from moska.distributed.tp_library import WorkerLibraries
 
     libraries = WorkerLibraries(model, device) if libraries is None else libraries
@@ -117,6 +119,21 @@ def serve_steps(
             assert msg.meta is not None
             msg.meta.groups.extend(_groups(libraries, msg.groups or []))
             last = model(msg.input_ids, msg.positions, attention.bind(msg.meta))
+            if msg.logits_follow:  # rank 0's compute_logits of every row comes next
+                model.compute_logits(last)
+        elif msg.command is Command.GRAPH_STEP:
+            assert graphs is not None and msg.meta is not None, "GRAPH_STEP without graphs"
+            m = msg.meta
+            last = graphs.replay_for_peer(
+                msg.bucket, msg.positions, m.slot_mapping, m.seq_lens, m.block_tables
+            )
+            if msg.logits_follow:
+                model.compute_logits(last)
+        elif msg.command is Command.GRAPH_CAPTURE:  # agree first: no rank captures alone
+            why = "it runs eagerly" if graphs is None else graphs.can_capture(msg.bucket)
+            if not channel.agree(why):
+                assert graphs is not None
+                channel.answer(graphs.capture_for_peer(msg.bucket))
         elif msg.command is Command.LOAD_LIBRARY:
             info = msg.info or {}
             channel.answer_load(libraries.load(info["root"], info["name"], info["build"]))

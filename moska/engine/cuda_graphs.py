@@ -9,10 +9,15 @@ first B rows and points the padding rows at a scratch KV block that no request o
 they write and read nothing live. Steps with a shared library are graphed too when every
 row reads the same library (keyed by library, top_k and scorer); anything else, and steps
 larger than the largest bucket, run eagerly.
+
+Under tensor parallelism (NCCL) every rank holds the same graphs: the collectives are
+captured, and `distributed/tp_graphs.py` has the other ranks capture and replay the same
+bucket as rank 0, through the hooks `_announce` and `_model_context`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -109,18 +114,34 @@ class DecodeGraphs:
         b = self.bucket(n)
         assert b is not None and tables.shape[1] <= self.max_blocks
         g = self._get(b, spec)
-        self._pad(g, n)
+        self._fill(g, n, pos, slots, seq_lens, tables)  # the padding ids too
         g.ids[:n].copy_(ids, non_blocking=True)
         if device_ids is not None:
             g.ids.index_copy_(0, *device_ids)
+        self._announce(b, pos, slots, seq_lens, tables)
+        return self._replay(g, n), g.routing
+
+    def _fill(self, g: _Graph, n: int, pos, slots, seq_lens, tables) -> None:
+        """The graph's static inputs but the ids: n rows, then padding."""
+        self._pad(g, n)
         g.pos[:n].copy_(pos, non_blocking=True)
         g.slots[:n].copy_(slots, non_blocking=True)
         g.seq_lens[:n].copy_(seq_lens, non_blocking=True)
         g.tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
-        with torch.cuda.device(self.device):
+
+    def _replay(self, g: _Graph, n: int) -> torch.Tensor:
+        cuda = self.device.type == "cuda"  # (a CPU test replays a fake graph)
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
             g.graph.replay()
         assert g.hidden is not None  # set by the capture
-        return g.hidden[:n], g.routing
+        return g.hidden[:n]
+
+    def _announce(self, b: int, pos, slots, seq_lens, tables) -> None:
+        """Before a replay of bucket b: tell the ranks that replay with this one (none)."""
+
+    def _model_context(self) -> contextlib.AbstractContextManager:
+        """Around the model's calls of a capture (its warm-up and the captured one)."""
+        return contextlib.nullcontext()
 
     def capture(self, specs: list[LibrarySpec | None], progress: bool = True) -> int:
         """Capture, ahead of traffic, every bucket for each spec (None: steps without a
@@ -218,13 +239,14 @@ class DecodeGraphs:
         with torch.cuda.device(dev):
             side = torch.cuda.Stream(device=dev)  # warm-up (Triton compiles) off the capture
             side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), self._model_context():
                 self.model(g.ids, g.pos, bound)
             torch.cuda.current_stream(dev).wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             # thread_local: the server's other threads may touch CUDA while this one captures
-            with torch.cuda.graph(g.graph, pool=self._pool, capture_error_mode="thread_local"):
+            graph = torch.cuda.graph(g.graph, pool=self._pool, capture_error_mode="thread_local")
+            with graph, self._model_context():
                 if g.routing is not None:  # the replays' tensors, not the warm-up's
                     g.routing.clear()
                 g.hidden = self.model(g.ids, g.pos, bound)

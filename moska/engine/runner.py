@@ -51,7 +51,8 @@ class ModelRunner:
         self.block_size = config.block_size
         # tensor parallelism (distributed/tensor_parallel.py): the model is this rank's
         # slice, its config counts this rank's KV heads; every rank takes the same number
-        # of blocks (the fewest any can hold), and steps run eagerly
+        # of blocks (the fewest any can hold); decode steps are CUDA graphs with NCCL
+        # (every rank replays the same one, distributed/tp_graphs.py), eager on gloo
         self.tensor_parallel_size = getattr(self.model, "tensor_parallel_size", 1)
         self.num_kv_heads = self.model.config.num_kv_heads
         # weights, activations, graphs, unique KV, library cache (engine/memory.py)
@@ -62,12 +63,7 @@ class ModelRunner:
         kv_parallel = getattr(self.model, "kv_parallel", None)
         if self.tensor_parallel_size > 1 or kv_parallel is not None:
             num_blocks = self.model.agree_num_blocks(num_blocks)
-        use_graphs = (
-            device.type == "cuda" and not config.enforce_eager and self.tensor_parallel_size == 1
-        )
-        use_graphs = use_graphs and not getattr(config, "shared_kv_ranks", 0)  # eager: talks
-        use_graphs = use_graphs and kv_parallel is None
-        use_graphs = use_graphs and config.flexicache is None  # FlexiCache steps run eagerly
+        use_graphs = self._use_graphs(kv_parallel)
         self.cache = PagedKVCache(
             self.mcfg.num_kv_layers,  # one per layer that owns KV (fewer under MLKV)
             num_blocks + int(use_graphs),  # + the CUDA graphs' scratch block, owned by no request
@@ -93,15 +89,26 @@ class ModelRunner:
                 config.max_model_len or self.mcfg.max_position_embeddings,
                 self.mcfg.max_position_embeddings,
             )
-            self.graphs = DecodeGraphs(
-                self.model,
-                self.attention,
+            make = DecodeGraphs if self.tensor_parallel_size == 1 else self.model.decode_graphs
+            self.graphs = make(
+                model=self.model,
+                attention=self.attention,
                 scratch_block=num_blocks,
                 block_size=self.block_size,
                 max_blocks=-(-max_len // self.block_size),
                 max_batch=config.max_num_seqs,
                 device=device,
             )
+
+    def _use_graphs(self, kv_parallel) -> bool:
+        """Whether decode steps are CUDA graphs (a test may force it on CPU, with the
+        capture faked: tests/distributed/test_tp_graphs.py)."""
+        config = self.config
+        tp_graphs = self.tensor_parallel_size == 1 or getattr(self.model, "graph_capturable", 0)
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager and bool(tp_graphs)
+        use_graphs = use_graphs and not getattr(config, "shared_kv_ranks", 0)  # eager: talks
+        use_graphs = use_graphs and kv_parallel is None
+        return use_graphs and config.flexicache is None  # FlexiCache steps run eagerly
 
     @property
     def num_blocks(self) -> int:
@@ -121,7 +128,8 @@ class ModelRunner:
         tensors = (*self.model.parameters(), *self.model.buffers())
         weights = sum(t.numel() * t.element_size() for t in tensors)
         graphs = self.device.type == "cuda" and not self.config.enforce_eager
-        graphs = graphs and self.tensor_parallel_size == 1
+        tp_graphs = getattr(self.model, "graph_capturable", False)
+        graphs = graphs and (self.tensor_parallel_size == 1 or tp_graphs)
         graphs = graphs and not getattr(self.config, "shared_kv_ranks", 0)
         graphs = graphs and getattr(self.config, "decode_context_parallel_size", 1) == 1
         tiers = getattr(self.config, "tier_config", None)
@@ -157,6 +165,7 @@ class ModelRunner:
         replay = self._graph_replay(scheduled, x)
         if replay is not None:
             assert self.graphs is not None  # a replay is only planned when graphs exist
+            self._logits_follow(x)
             try:
                 hidden, report = self.graphs.run(
                     host_tensor(x.token_ids, torch.int64, self.device),
@@ -211,6 +220,7 @@ class ModelRunner:
             ids_t.index_copy_(0, *device_ids)
         pos_t = to_device(x.positions, dev, torch.int64)
         bound = self.attention.bind(meta)
+        self._logits_follow(x)
         hidden = self.model(ids_t, pos_t, bound)
         # the groups' routing reports, kept by the bound attention (none without groups)
         step = self._sample(hidden, x, bound.routing if meta.groups else [])
@@ -240,6 +250,12 @@ class ModelRunner:
             self._go_eager(e)
             return 0
 
+    def _logits_follow(self, x: StepInputs) -> None:
+        """Tensor parallelism: tell the workers (in the step's header) when the sampler
+        will ask for the logits of every row, as `_sample_rows` does when all rows sample."""
+        if self.tensor_parallel_size > 1:
+            self.model.logits_follow = len(x.sample_rows) == len(x.token_ids)
+
     def _go_eager(self, e: GraphCaptureError) -> None:
         logger.warning("%s; decode steps run eagerly from now on", e)
         self.graphs = None
@@ -268,7 +284,7 @@ class ModelRunner:
             return None
         if not x.lib_rows:
             return GraphReplay(None)
-        if len(x.lib_rows) > 1:
+        if len(x.lib_rows) > 1 or self.tensor_parallel_size > 1:  # TP: library steps eager
             return None
         ((name, rows),) = x.lib_rows.items()
         reqs = x.record_reqs.get(name, [])

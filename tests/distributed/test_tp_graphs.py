@@ -1,0 +1,249 @@
+"""Tensor-parallel decode CUDA graphs and the one-message step header (tp_graphs.py,
+step_channel.py).
+
+On CPU (2 forked gloo ranks, one set for the file): the control message's protocol (a
+FORWARD's payload rides in its header, an oversized one follows and the next message grows,
+`logits_follow` replaces LOGITS_LAST, GRAPH_STEP's inputs arrive exactly, agree), and the
+real engine on rank 0 with `serve_steps` on rank 1 with graphs forced on and the CUDA capture
+faked (`_EagerGraph`: the same static buffers, warm-up and bucket protocol; a replay runs the
+recorded forward eagerly, collectives included, where CUDA would replay them): greedy tokens
+equal one process's, both ranks replay the same buckets the same number of times, and a
+decode step costs rank 1 one control message. With 2 GPUs the real thing runs over NCCL
+(`test_tp_graphs_nccl`, cuda-marked).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from gloo_ranks import run_ranks
+from tp_support import build_checkpoint, engine_kwargs, greedy
+
+from moska.distributed.step_channel import MAX_CAPACITY, MIN_CAPACITY, next_capacity
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
+TOKENS = 6  # greedy() gives request i TOKENS + i: the batch shrinks 3 -> 2 -> 1
+
+
+class _EagerGraph:
+    """Stands for a torch.cuda.CUDAGraph on CPU: replay() runs the captured forward again,
+    eagerly, collectives included (a real replay runs the captured ones)."""
+
+    def __init__(self, run) -> None:
+        self.replay = run
+
+
+def _fake_capture(self, b: int, spec):
+    """DecodeGraphs._capture without CUDA: the same static buffers, padding, bound
+    attention and warm-up (under `_model_context`, as the real capture)."""
+    from moska.attention.metadata import AttentionMetadata
+    from moska.engine.cuda_graphs import _Graph
+
+    assert spec is None
+    i64, i32 = torch.int64, torch.int32
+    g = _Graph(
+        graph=None,  # type: ignore[arg-type]
+        ids=torch.empty(b, dtype=i64),
+        pos=torch.empty(b, dtype=i64),
+        slots=torch.empty(b, dtype=i64),
+        seq_lens=torch.empty(b, dtype=i32),
+        tables=torch.empty((b, self.max_blocks), dtype=i32),
+        hidden=None,
+        group=None,
+    )
+    self._pad(g, 0)
+    meta = AttentionMetadata(g.slots, torch.arange(b + 1, dtype=i32), g.seq_lens, g.tables,
+                             decode_only=True)  # fmt: skip
+    bound = self.attention.bind(meta)
+    with self._model_context():
+        g.hidden = self.model(g.ids, g.pos, bound).clone()  # the warm-up
+
+    def run() -> None:
+        with self._model_context():
+            g.hidden.copy_(self.model(g.ids, g.pos, bound))
+
+    g.graph = _EagerGraph(run)  # type: ignore[assignment]
+    g.keep = [meta, bound]
+    return g
+
+
+def _forward_inputs(b: int, w: int, seed: int):
+    from moska.attention.metadata import AttentionMetadata
+
+    g = torch.Generator().manual_seed(seed)
+    meta = AttentionMetadata(
+        slot_mapping=torch.randint(0, 1 << 20, (b,), generator=g),
+        cu_q_lens=torch.arange(b + 1, dtype=torch.int32),
+        seq_lens=torch.randint(1, 999, (b,), generator=g, dtype=torch.int32),
+        block_tables=torch.randint(0, 999, (b, w), generator=g, dtype=torch.int32),
+        decode_only=True,
+    )
+    return torch.randint(0, 1 << 17, (b,), generator=g), torch.randint(0, 999, (b,)), meta
+
+
+def _protocol(rank: int, control, comm) -> dict:
+    """Rank 0 sends a script of commands; rank 1 checks each and counts its broadcasts."""
+    import torch.distributed as dist
+
+    from moska.distributed.step_channel import Command, StepChannel
+
+    ch = StepChannel(comm, control, torch.device("cpu"), 8, torch.float32)
+    calls, real = [0], dist.broadcast
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return real(*a, **kw)
+
+    dist.broadcast = counted  # type: ignore[assignment]
+    script = [(2, 2, False), (64, 64, False), (64, 64, True), (3, 2, True)]  # (B, W, follow)
+    out: dict = {"capacity": [], "broadcasts": [], "follow": []}
+    try:
+        for i, (b, w, follow) in enumerate(script):
+            ids, pos, meta = _forward_inputs(b, w, i)
+            calls[0] = 0
+            if rank == 0:
+                ch.send_forward(ids, pos, SimpleNamespace(meta=meta), logits_follow=follow)
+                if follow:
+                    with pytest.raises(RuntimeError, match="logits_follow"):
+                        ch.send_stop()  # refused before anything is sent
+                ch.send_logits(ids, same_as_forward=True)  # LOGITS_LAST unless announced
+            else:
+                msg = ch.recv()
+                assert msg.command is Command.FORWARD and msg.meta is not None
+                assert torch.equal(msg.input_ids, ids) and torch.equal(msg.positions, pos)
+                assert torch.equal(msg.meta.block_tables, meta.block_tables)
+                assert torch.equal(msg.meta.seq_lens, meta.seq_lens)
+                assert torch.equal(msg.meta.slot_mapping, meta.slot_mapping)
+                out["broadcasts"].append(calls[0])
+                out["follow"].append(msg.logits_follow)
+                if not msg.logits_follow:
+                    assert ch.recv().command is Command.LOGITS_LAST
+            out["capacity"].append(ch.capacity)
+        _, pos, meta = _forward_inputs(5, 3, 9)
+        if rank == 0:
+            ch.send_graph_step(8, pos, meta.slot_mapping, meta.seq_lens, meta.block_tables, True)
+            ch.send_logits(pos, same_as_forward=True)
+            out["refused"] = ch.agree(None)
+        else:
+            msg = ch.recv()
+            assert msg.command is Command.GRAPH_STEP and msg.bucket == 8 and msg.logits_follow
+            assert msg.meta is not None and torch.equal(msg.positions, pos)
+            assert torch.equal(msg.meta.block_tables, meta.block_tables)
+            assert torch.equal(msg.meta.seq_lens, meta.seq_lens)
+            assert torch.equal(msg.meta.slot_mapping, meta.slot_mapping)
+            out["refused"] = ch.agree("rank 1 says no")
+    finally:
+        dist.broadcast = real  # type: ignore[assignment]
+    return out
+
+
+def _ranks(rank: int, world: int, path: str) -> dict:
+    import torch.distributed as dist
+
+    from moska.config import EngineConfig
+    from moska.distributed.comm import Collectives
+    from moska.distributed.step_channel import StepChannel
+    from moska.distributed.tensor_parallel import TensorParallel
+    from moska.distributed.worker import serve_steps
+    from moska.engine.cuda_graphs import DecodeGraphs
+    from moska.engine.llm_engine import LLMEngine
+    from moska.engine.runner import ModelRunner
+    from moska.model import load_model
+
+    control = dist.new_group(backend="gloo")
+    comm = Collectives(None, rank, world, "gloo")
+    out = {"protocol": _protocol(rank, control, comm)}
+    saved = ModelRunner._use_graphs, DecodeGraphs._capture
+    ModelRunner._use_graphs = lambda self, kv_parallel: True  # type: ignore[method-assign]
+    DecodeGraphs._capture = _fake_capture  # type: ignore[method-assign]
+    cpu = torch.device("cpu")
+    kw = engine_kwargs("cpu", max_num_seqs=4)
+    config = EngineConfig(model=path, **kw, tensor_parallel_size=world)
+    loaded = load_model(path, dtype="float32", tensor_parallel=TensorParallel(comm))
+    channel = StepChannel(comm, control, cpu, 64, torch.float32)
+    if rank:
+        runner = ModelRunner(loaded, config, cpu)
+        commands: list = []
+        recv = channel.recv
+
+        def logged():
+            msg = recv()
+            commands.append(msg.command.name)
+            return msg
+
+        channel.recv = logged  # type: ignore[method-assign]
+        serve_steps(loaded.model, runner.attention, channel, cpu, graphs=runner.graphs)
+        g = runner.graphs
+        return {**out, "commands": commands, "replays": g.replays, "graphs": sorted(g._graphs)}
+    loaded.model.driver = channel
+    try:
+        eng = LLMEngine(config, loaded)
+        out["tokens"] = greedy(eng, PROMPTS, TOKENS)
+        g = eng.runner.graphs
+        out.update(replays=g.replays, graphs=sorted(g._graphs), kind=type(g).__name__)
+    finally:
+        channel.send_stop()
+    ModelRunner._use_graphs, DecodeGraphs._capture = saved  # type: ignore[method-assign]
+    ref = LLMEngine.from_model(path, **kw)  # one process, eager
+    assert ref.runner.graphs is None
+    out["ref"] = greedy(ref, PROMPTS, TOKENS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp("tpg") / "m")
+    return run_ranks(_ranks, 2, str(path), timeout_s=90)
+
+
+def test_capacity_policy():
+    assert next_capacity(0) == MIN_CAPACITY
+    assert next_capacity(100) == 256 and next_capacity(121) == 512  # 16 + 2n, a power of 2
+    assert next_capacity(10**7) == MAX_CAPACITY
+
+
+def test_one_message_per_step(results):
+    p0, p1 = results[0]["protocol"], results[1]["protocol"]
+    # B = 2: inline (1); B = 64 x 64 blocks (4,417 int64) exceeds 256: header + follows (2),
+    # the next message grows to hold twice it, so the same size is inline again (1)
+    assert p1["broadcasts"] == [1, 2, 1, 1]
+    assert p1["capacity"] == p0["capacity"] == [MIN_CAPACITY, 16384, 16384, 256]
+    assert p1["follow"] == [False, False, True, True]
+    assert p0["refused"] == p1["refused"] == {1: "rank 1 says no"}
+
+
+def test_graph_steps_match_one_process(results):
+    r0, r1 = results[0], results[1]
+    assert r0["kind"] == "TensorParallelGraphs"
+    assert r0["tokens"] == r0["ref"] and len(r0["tokens"]) == len(PROMPTS)
+    # batches of 3, 2, 1 rows: buckets 4, 2, 1, captured by both ranks alike
+    assert r0["graphs"] == r1["graphs"] == [(1,), (2,), (4,)]
+    assert r0["replays"] == r1["replays"] >= TOKENS
+    c = Counter(r1["commands"])
+    assert c["GRAPH_CAPTURE"] == 3 and c["GRAPH_STEP"] == r1["replays"]
+    # a decode step is one message: no LOGITS_LAST (every step said logits_follow)
+    assert set(c) <= {"FORWARD", "LOGITS_ROWS", "GRAPH_CAPTURE", "GRAPH_STEP", "STOP"}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_tp_graphs_nccl(tmp_path):
+    """2 GPUs, NCCL, the spawned workers: decode steps replay CUDA graphs on both ranks
+    and greedy tokens equal one GPU's eager engine."""
+    from moska.engine.llm_engine import LLMEngine
+
+    path = build_checkpoint(tmp_path / "m")
+    kw = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 64, "max_num_seqs": 4,
+          "enable_prefix_caching": False}  # fmt: skip
+    ref = LLMEngine.from_model(str(path), **kw, enforce_eager=True)
+    want = greedy(ref, PROMPTS, TOKENS)
+    eng = LLMEngine.from_model(str(path), **kw, tensor_parallel_size=2)
+    try:
+        assert eng.capture_graphs(progress=False) == 3  # buckets 1, 2, 4 on both ranks
+        assert greedy(eng, PROMPTS, TOKENS) == want
+        g = eng.runner.graphs
+        assert type(g).__name__ == "TensorParallelGraphs" and g.replays >= TOKENS
+    finally:
+        eng.shutdown()
