@@ -29,6 +29,7 @@ from pathlib import Path
 from moska.bench.common import environment, write_json
 from moska.bench.fidelity_eval import answer_accuracy, answers_accuracy, k_for, sequence_loss
 from moska.bench.fidelity_ops import speed_up
+from moska.bench.fidelity_variants import VARIANTS, variant_policies
 from moska.routing import LEGACY, ORACLE, RoutingPolicy
 
 FRACTIONS = (0.125, 0.25, 0.5)
@@ -52,6 +53,7 @@ def policies(study: bool) -> dict[str, RoutingPolicy]:
                 "pages64": LEGACY.replace(page_size=64),
                 "default+per_kv_head": RoutingPolicy(per_kv_head=True),
                 "default+pages64": RoutingPolicy(page_size=64),
+                "default+pages16": RoutingPolicy(page_size=16),
                 "default+adaptive0.95": RoutingPolicy(mass_threshold=0.95),
                 "default-oracle": RoutingPolicy(scorer=ORACLE),
                 "per_kv_head+first": LEGACY.replace(per_kv_head=True, always_first=True),
@@ -59,6 +61,7 @@ def policies(study: bool) -> dict[str, RoutingPolicy]:
                 "per_kv_head+pages64": LEGACY.replace(per_kv_head=True, page_size=64),
                 "per_kv_head+dense1": LEGACY.replace(per_kv_head=True, dense_layers=1),
                 "per_kv_head+two_stage": LEGACY.replace(per_kv_head=True, scorer="two_stage"),
+                **variant_policies(),  # scorers no policy field expresses
             }
         )
     return out
@@ -280,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
 
     payload = {"env": {**environment(["moska.bench.fidelity", *(argv or sys.argv[1:])]),
                        "git_commit": _git_commit()},
-               "args": vars(args), "policies": {k: v.to_dict() for k, v in pols.items()}}  # fmt: skip
+               "args": vars(args), "policies": {
+                   k: {**v.to_dict(), **({"variant": VARIANTS[k]} if k in VARIANTS else {})}
+                   for k, v in pols.items()}}  # fmt: skip
     summary = {}
     for kind, model in (("code", args.code_model), ("retrieval", args.retrieval_model)):
         if model is None:
