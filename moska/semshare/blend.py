@@ -45,17 +45,30 @@ def slots_of(table: list[int], block_size: int, start: int, end: int, device) ->
 
 class RowAttention:
     """attn(slot, q, k, v) for rows at arbitrary positions of one request: writes the rows'
-    k, v to their cache slots, then each row attends to cache positions <= its own."""
+    k, v to their cache slots, then each row attends to cache positions <= its own.
+    `causal`: the rows are every position 0..S-1 in order (a whole prompt's first layers),
+    so plain causal attention (flash, no [R, S] mask) computes the same."""
 
-    def __init__(self, cache, slots: torch.Tensor, positions: torch.Tensor, sm_scale: float):
+    def __init__(
+        self,
+        cache,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        sm_scale: float,
+        causal: bool = False,
+    ):
         self.cache = cache
         self.all_slots = slots  # [S] int64: slots of positions 0..S-1
         self.positions = positions  # [R] int64, the rows' positions (< S)
         self.sm_scale = sm_scale
+        self.causal = causal
+        if causal:
+            assert positions.shape == slots.shape, (tuple(positions.shape), tuple(slots.shape))
         self.last_fresh: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def keep(self, rows: torch.Tensor) -> None:
         self.positions = self.positions[rows]
+        self.causal = False
 
     def __call__(self, slot: int, q, k, v) -> torch.Tensor:
         kc = self.cache.k[slot].view(-1, *self.cache.k.shape[-2:])  # [blocks * bs, Hkv, D]
@@ -71,13 +84,16 @@ class RowAttention:
         keys = kc[self.all_slots].repeat_interleave(group, 1).transpose(0, 1)[None]  # [1,Hq,S,D]
         values = vc[self.all_slots].repeat_interleave(group, 1).transpose(0, 1)[None]
         s = keys.shape[2]
-        mask = torch.arange(s, device=q.device)[None, :] <= self.positions[:, None]  # [R, S]
+        mask = None
+        if not self.causal:
+            mask = torch.arange(s, device=q.device)[None, :] <= self.positions[:, None]  # [R,S]
         with sdpa_kernel(_BACKENDS):
             o = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None].to(keys.dtype),  # [1, Hq, R, D]
                 keys,
                 values,
                 attn_mask=mask,
+                is_causal=self.causal,
                 scale=self.sm_scale,
             )
         return o[0].transpose(0, 1).to(q.dtype)  # [R, Hq, D]
@@ -142,7 +158,7 @@ def blend_prefill(
     x = model.embed_tokens(token_ids.to(device))  # [n, H]
     ops = model.kernels  # the engine's kernel table
     cos, sin = model.rotary.cos_sin_half(new_pos)  # [n, D/2] fp32 each
-    att = RowAttention(cache, slots, new_pos, model.config.sm_scale)
+    att = RowAttention(cache, slots, new_pos, model.config.sm_scale, causal=start == 0)
     residual = None
     rows = torch.arange(n, device=device)
     last = len(model.layers) - 1
@@ -190,7 +206,7 @@ def extend(model, cache, table: list[int], token_ids: torch.Tensor, start: int) 
     x = model.embed_tokens(token_ids.to(device))
     ops = model.kernels
     cos, sin = model.rotary.cos_sin_half(pos)  # [n, D/2] fp32 each
-    att = RowAttention(cache, slots, pos, model.config.sm_scale)
+    att = RowAttention(cache, slots, pos, model.config.sm_scale, causal=start == 0)
     residual = None
     for layer in model.layers:
         x, residual = layer(x, residual, cos, sin, att, ops)

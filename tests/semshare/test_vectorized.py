@@ -131,3 +131,16 @@ def test_row_attention_equals_masked_softmax():
             w = F.softmax(keys[: p + 1, kv] @ q[r, h] * d**-0.5, dim=0)
             want = w @ values[: p + 1, kv]
             assert float((out[r, h] - want).norm() / want.norm()) < 1e-5
+
+
+def test_row_attention_causal_equals_masked_over_every_row():
+    gen = torch.Generator().manual_seed(6)
+    k, v = torch.randn(1, 5, 4, 2, 8, generator=gen), torch.randn(1, 5, 4, 2, 8, generator=gen)
+    slots = torch.randperm(20, generator=gen)[:17]
+    q = torch.randn(17, 4, 8, generator=gen)
+    kn, vn = torch.randn(17, 2, 8, generator=gen), torch.randn(17, 2, 8, generator=gen)
+    outs = []
+    for causal in (True, False):
+        att = RowAttention(_Cache(k.clone(), v.clone()), slots, torch.arange(17), 0.3, causal)
+        outs.append(att(0, q, kn, vn))
+    assert float((outs[0] - outs[1]).norm() / outs[1].norm()) < 1e-5
