@@ -5,9 +5,13 @@ The checkpoint is Llama-3.1-8B-shaped (`--layers` of its 32 layers, bf16 random 
 written once with transformers' save_pretrained; no tokenizer: prompts are token ids).
 Per batch size B: B prompts of `--prompt` random tokens, greedy with ignore_eos, timed once
 with max_tokens = 1 (prefill and one token) and once with 1 + `--tokens`; decode tokens/s =
-B * tokens / (second - first). The engine is built once per N and warmed up first. N = 1
-keeps its CUDA graphs (the strongest single-GPU baseline); N > 1 runs eager steps (one
-NCCL all-reduce per attention and per MLP, docs/distributed.md).
+B * tokens / (second - first). The engine is built once per variant and warmed up first.
+Variants (`--tp`): "1" (one GPU, its CUDA graphs: the strongest single-GPU baseline), "2"
+(TP = 2 with NCCL: decode steps replay CUDA graphs on both ranks, distributed/tp_graphs.py)
+and "2e" (TP = 2 with enforce_eager: eager steps, the state before the graphs). Every
+bucket's graph is captured before timing, as `moska serve` does (earlier runs captured each
+inside its first timed decode); each row records the graphs rank 0 captured and replayed.
+On CPU (gloo) TP steps are eager.
 
 GPU (2 GPUs, NCCL):  python3 bench/tp_decode.py --out $OUT/tp_decode_h200x2.json
 CPU check (gloo, tiny dims):  .venv/bin/python bench/tp_decode.py --cpu-dry-run
@@ -73,18 +77,31 @@ def time_batch(llm, batch: int, prompt: int, tokens: int, vocab: int) -> dict:
     }
 
 
-def run_tp(path: Path, tp: int, a, device: str, dtype: str, vocab: int) -> list[dict]:
+def run_tp(path: Path, variant: str, a, device: str, dtype: str, vocab: int) -> list[dict]:
     from moska.engine.llm import LLM
 
-    kw = {"device": device, "dtype": dtype, "tensor_parallel_size": tp,
+    tp, eager = int(variant.rstrip("e")), variant.endswith("e")
+    kw = {"device": device, "dtype": dtype, "tensor_parallel_size": tp, "enforce_eager": eager,
           "max_num_seqs": max(a.batch), "max_model_len": a.prompt + a.tokens + 8}  # fmt: skip
     if device == "cpu":
         kw["num_kv_blocks"] = 256
     rows = []
     with LLM(str(path), **kw) as llm:
-        time_batch(llm, min(a.batch), a.prompt, 2, vocab)  # warm-up: compile, graphs
+        # every bucket's graph before timing, as `moska serve` does (0 when eager)
+        ahead = llm.engine.capture_graphs(progress=False)
+        time_batch(llm, min(a.batch), a.prompt, 2, vocab)  # warm-up: compile
         for b in a.batch:
-            row = {"tp": tp, **time_batch(llm, b, a.prompt, a.tokens, vocab)}
+            g = llm.engine.runner.graphs
+            replays, captures = getattr(g, "replays", None), getattr(g, "captures", 0)
+            row = {"tp": variant, **time_batch(llm, b, a.prompt, a.tokens, vocab)}
+            g = llm.engine.runner.graphs  # None if a capture failed (eager from then on)
+            row["graphs"] = {
+                "kind": type(g).__name__ if g is not None else None,
+                "captured_before_timing": ahead,
+                "captured": getattr(g, "captures", 0) - captures,
+                # decode steps replayed (counted under TP only)
+                "replays": None if replays is None else getattr(g, "replays", 0) - replays,
+            }
             print(row, flush=True)
             rows.append(row)
     return rows
@@ -92,7 +109,8 @@ def run_tp(path: Path, tp: int, a, device: str, dtype: str, vocab: int) -> list[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tp", nargs="+", default=["1", "2", "2e"],
+                    help="variants: N ranks, 'e' = enforce_eager (the first is the baseline)")  # fmt: skip
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--layers", type=int, default=8, help="of Llama-3.1-8B's 32")
     ap.add_argument("--prompt", type=int, default=128)
@@ -108,16 +126,18 @@ def main() -> None:
         hf.update(hidden_size=128, intermediate_size=256, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, vocab_size=512, num_hidden_layers=2)  # fmt: skip
         a.batch, a.tokens, a.prompt = [1, 4], 4, 16
+        a.tp = [v for v in a.tp if not v.endswith("e")]  # CPU: TP is eager anyway
     with tempfile.TemporaryDirectory(prefix="moska-tp-") as tmp:
         path = Path(tmp) / "model"
         write_checkpoint(path, hf, device, getattr(torch, dtype))
         rows = [r for tp in a.tp for r in run_tp(path, tp, a, device, dtype, hf["vocab_size"])]
     by = {(r["tp"], r["batch"]): r for r in rows}
-    base = min(a.tp)
+    base = a.tp[0]
     speedup = {
         f"tp{tp}_b{b}": round(by[(tp, b)]["decode_tokens_per_s"] / by[(base, b)]["decode_tokens_per_s"], 3)
         for tp in a.tp if tp != base for b in a.batch
     }  # fmt: skip
+    ms = {f"tp{tp}_b{b}": by[(tp, b)]["ms_per_step"] for tp in a.tp for b in a.batch}
     same = all(by[(tp, b)]["first_tokens"] == by[(base, b)]["first_tokens"] for tp, b in by)
     result = {
         "bench": "tp_decode",
@@ -129,6 +149,7 @@ def main() -> None:
         "rows": rows,
         "summary": {
             "decode_speedup_vs_tp1": speedup,
+            "ms_per_step": ms,
             "greedy_first_tokens_equal": same,
             "target": "TP = 2 >= 1.7x TP = 1 tokens/s at B = 256 (issue 24)",
         },
