@@ -33,6 +33,7 @@ class LSHIndex:
         self.dim, self.bands, self.rows = dim, bands, rows
         gen = torch.Generator().manual_seed(seed)
         self.planes = torch.randn(dim, bands * rows, generator=gen)  # [F, bands*rows] fp32
+        self._planes_on: dict[torch.device, torch.Tensor] = {}  # copies on other devices
         self._weights = 2 ** torch.arange(rows, dtype=torch.int64)  # [rows]
         self._keys: dict[Hashable, torch.Tensor] = {}  # reference -> its sorted bucket keys
         self._ids: dict[Hashable, int] = {}  # reference -> its id in the runs
@@ -44,7 +45,9 @@ class LSHIndex:
     def signatures(self, features: torch.Tensor) -> torch.Tensor:
         """features [N, F] -> bucket keys [N, bands] int64 (band-tagged, so bands never mix)."""
         assert features.dim() == 2 and features.shape[1] == self.dim, tuple(features.shape)
-        planes = self.planes.to(features.device)
+        planes = self._planes_on.get(features.device)
+        if planes is None:  # copied once per device: a host-to-device copy waits on the stream
+            planes = self._planes_on.setdefault(features.device, self.planes.to(features.device))
         bits = (features.float() @ planes > 0).cpu().long()  # [N, bands*rows]
         codes = (bits.view(-1, self.bands, self.rows) * self._weights).sum(-1)  # [N, bands]
         return codes * self.bands + torch.arange(self.bands)  # [N, bands]

@@ -33,7 +33,9 @@ class ReusePlan:
     """Which reference a prompt reuses and where each of its tokens comes from."""
 
     ref: Reference
-    ref_pos: torch.Tensor  # [num_prompt_tokens] int64 (CPU): reference position or -1
+    # [num_prompt_tokens] int64 on the model's device (blend_prefill reads it there: a copy
+    # from the host would wait on the stream): reference position or -1
+    ref_pos: torch.Tensor
     score: float  # share of the prompt's tokens that collided with the reference (LSH)
 
     @property
@@ -93,7 +95,7 @@ class SemanticReuse:
         if match.num_matched < cfg.min_reuse_fraction * len(prompt_ids):
             return None
         self.stats.planned += 1
-        return ReusePlan(ref, match.ref_pos.cpu(), score)
+        return ReusePlan(ref, match.ref_pos, score)
 
     def prefill(self, scheduled: list, block_table) -> None:
         """Blend the planned requests' prompt ranges of this step (see the module docstring)."""
