@@ -5,7 +5,7 @@ slice of the weights and of the KV cache. Before each call into the model rank 0
 command as one *control message* on a gloo group (host memory; the other ranks block on it
 while idle, so it has no useful timeout): a header of HEADER_LEN int64 and room for a
 payload after it. Every message has the same length on every rank, `capacity`, which each
-message's header sets for the next one; rank 0 sizes it from the last payload (twice it,
+message's header sets for the next one; rank 0 sizes it from the last payload (1.25x it,
 rounded up to a power of two, within [MIN_CAPACITY, MAX_CAPACITY]), so a decode step's
 metadata, whose size changes slowly, fits in the message of its header: **one collective
 per step**. A payload that does not fit follows in a second message of its own length
@@ -59,9 +59,10 @@ _NO_PAYLOAD, _INLINE, _FOLLOWS = 0, 1, 2  # where: none on the control group, in
 
 
 def next_capacity(payload_len: int) -> int:
-    """The control message's length after a payload of `payload_len` int64: room for twice
-    it (the next step's metadata is about the same), a power of two, within the bounds."""
-    want = HEADER_LEN + 2 * payload_len
+    """The control message's length after a payload of `payload_len` int64: room for 1.25x
+    it (the next step's metadata is about the same: a decode row gains a block every
+    block_size steps), rounded up to a power of two, within the bounds."""
+    want = HEADER_LEN + payload_len + payload_len // 4
     return min(MAX_CAPACITY, max(MIN_CAPACITY, 1 << (want - 1).bit_length()))
 
 

@@ -48,7 +48,8 @@ class TensorParallelGraphs(DecodeGraphs):
 
     def __init__(self, model, **kw) -> None:
         super().__init__(model, **kw)
-        self.replays = 0
+        self.replays = 0  # decode steps replayed (rank 0: led; others: followed)
+        self._follow = False  # rank 0: the step being replayed said logits_follow
 
     @property
     def channel(self) -> Any:

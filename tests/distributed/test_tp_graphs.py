@@ -201,16 +201,16 @@ def results(tmp_path_factory):
 
 def test_capacity_policy():
     assert next_capacity(0) == MIN_CAPACITY
-    assert next_capacity(100) == 256 and next_capacity(121) == 512  # 16 + 2n, a power of 2
+    assert next_capacity(192) == 256 and next_capacity(193) == 512  # 16 + 1.25n, a power of 2
     assert next_capacity(10**7) == MAX_CAPACITY
 
 
 def test_one_message_per_step(results):
     p0, p1 = results[0]["protocol"], results[1]["protocol"]
     # B = 2: inline (1); B = 64 x 64 blocks (4,417 int64) exceeds 256: header + follows (2),
-    # the next message grows to hold twice it, so the same size is inline again (1)
+    # the next message grows to hold 1.25x it, so the same size is inline again (1)
     assert p1["broadcasts"] == [1, 2, 1, 1]
-    assert p1["capacity"] == p0["capacity"] == [MIN_CAPACITY, 16384, 16384, 256]
+    assert p1["capacity"] == p0["capacity"] == [MIN_CAPACITY, 8192, 8192, MIN_CAPACITY]
     assert p1["follow"] == [False, False, True, True]
     assert p0["refused"] == p1["refused"] == {1: "rank 1 says no"}
 
