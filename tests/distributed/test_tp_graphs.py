@@ -70,6 +70,10 @@ def _fake_capture(self, b: int, spec):
     return g
 
 
+_GRAPH_KW = {"attention": None, "scratch_block": 9, "block_size": 16, "max_blocks": 4,
+             "max_batch": 8, "device": torch.device("cpu")}  # fmt: skip
+
+
 def _forward_inputs(b: int, w: int, seed: int):
     from moska.attention.metadata import AttentionMetadata
 
@@ -137,6 +141,20 @@ def _protocol(rank: int, control, comm) -> dict:
             out["refused"] = ch.agree("rank 1 says no")
     finally:
         dist.broadcast = real  # type: ignore[assignment]
+    # a rank without graphs refuses a capture before any collective of it: no hang
+    from moska.distributed.tp_graphs import TensorParallelGraphs
+    from moska.distributed.worker import serve_steps
+    from moska.engine.cuda_graphs import GraphCaptureError
+
+    if rank == 0:
+        model = SimpleNamespace(driver=ch, logits_follow=False)
+        graphs = TensorParallelGraphs(model=model, **_GRAPH_KW)
+        with pytest.raises(GraphCaptureError, match="rank 1: it runs eagerly") as e:
+            graphs._get(2, None)
+        out["capture_refused"] = str(e.value)
+        ch.send_stop()
+    else:
+        serve_steps(None, None, ch, torch.device("cpu"), libraries=object(), graphs=None)
     return out
 
 
@@ -205,6 +223,17 @@ def test_capacity_policy():
     assert next_capacity(10**7) == MAX_CAPACITY
 
 
+def test_peer_checks_its_bucket():
+    from moska.distributed.tp_graphs import TensorParallelGraphs
+
+    g = TensorParallelGraphs(model=SimpleNamespace(driver=None), **_GRAPH_KW)
+    assert g.buckets == [1, 2, 4, 8]
+    assert g.can_capture(4) is None and "bucket 3" in (g.can_capture(3) or "")
+    pos = torch.arange(3)
+    with pytest.raises(RuntimeError, match="has not captured"):  # never replays blind
+        g.replay_for_peer(4, pos, pos, pos.int(), torch.zeros(3, 2, dtype=torch.int32))
+
+
 def test_one_message_per_step(results):
     p0, p1 = results[0]["protocol"], results[1]["protocol"]
     # B = 2: inline (1); B = 64 x 64 blocks (4,417 int64) exceeds 256: header + follows (2),
@@ -213,6 +242,7 @@ def test_one_message_per_step(results):
     assert p1["capacity"] == p0["capacity"] == [MIN_CAPACITY, 8192, 8192, MIN_CAPACITY]
     assert p1["follow"] == [False, False, True, True]
     assert p0["refused"] == p1["refused"] == {1: "rank 1 says no"}
+    assert "decode batch 2" in p0["capture_refused"]
 
 
 def test_graph_steps_match_one_process(results):
