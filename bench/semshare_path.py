@@ -54,36 +54,39 @@ from moska.semshare.store import prompt_key
 # tensor methods / functions whose result needs the device's data on the host
 SYNC_NAMES = {
     "item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero",
-    "unique", "cpu", "numpy", "argwhere", "masked_select", "any", "all",
+    "unique", "cpu", "numpy", "argwhere", "masked_select", "repeat_interleave",
 }  # fmt: skip
 
 
 class SyncCounter(TorchFunctionMode):
-    """Counts calls that sync the host with the device (by name; any device)."""
+    """Counts calls that sync the host with the device, by name. On a GPU only calls on a
+    GPU tensor count; on the CPU every such call counts (it would sync were its tensor on a
+    GPU; the LSH index's tensors are on the host in every run, so these overcount there)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         super().__init__()
+        self.on_host = device.type == "cpu"
         self.counts: Counter = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
-        if name in ("any", "all") and kwargs is None and len(args) <= 1:
-            pass  # a reduction to a tensor: no sync by itself
-        elif name in SYNC_NAMES and not (name == "cpu" and args[0].device.type == "cpu"):
-            self.counts[name] += 1
-        elif name == "__getitem__" and any(
-            isinstance(a, torch.Tensor) and a.dtype == torch.bool
-            for a in (args[1] if isinstance(args[1], tuple) else (args[1],))
-        ):
-            self.counts["bool-mask index"] += 1
-        elif (
-            name == "to"
-            and isinstance(args[0], torch.Tensor)
-            and args[0].device.type != "cpu"
-            and any(str(a) == "cpu" for a in args[1:])
-        ):
-            self.counts["to(cpu)"] += 1
-        return func(*args, **(kwargs or {}))
+        kw = kwargs or {}
+        t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if t is not None and (self.on_host or t.device.type != "cpu"):
+            if name == "repeat_interleave" and not (
+                len(args) > 1 and isinstance(args[1], torch.Tensor) and "output_size" not in kw
+            ):
+                pass  # by an int, or with output_size: no sync
+            elif name in SYNC_NAMES and not (name == "cpu" and t.device.type == "cpu"):
+                self.counts[name] += 1
+            elif name == "__getitem__" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
+            ):
+                self.counts["bool-mask index"] += 1
+            elif name == "to" and t.device.type != "cpu" and any(str(x) == "cpu" for x in args[1:]):
+                self.counts["to(cpu)"] += 1
+        return func(*args, **kw)
 
 
 class Stage:
@@ -98,7 +101,7 @@ class Stage:
     def __enter__(self) -> Self:
         self._sync()
         if self.count:
-            self._mode = SyncCounter().__enter__()
+            self._mode = SyncCounter(self.device).__enter__()
             self._warn = warnings.catch_warnings(record=True)
             self._log = self._warn.__enter__()
             warnings.simplefilter("always")
@@ -247,7 +250,7 @@ def run(args) -> dict:
                 with torch.inference_mode(), st["full_prefill"]:
                     blend.extend(model, cache, new_table, ids[:-1], 0)
             row = {"kind": kind, "seed": 100 + rep, "first": rep == 0, "tokens": len(ids_list)}
-            row.update({f"{k}": v.row() for k, v in st.items()})
+            row.update({k: v.row() for k, v in st.items() if v.ms or k != "full_prefill"})
             if subs is not None:
                 row["substages_ms"] = {k: round(v, 3) for k, v in subs.ms.items()}
             row["matched"] = plan.num_matched
@@ -260,9 +263,9 @@ def run(args) -> dict:
             "ms_median": round(statistics.median(r[k]["ms"] for r in warm), 2),
             "cpu_ms_median": round(statistics.median(r[k]["cpu_ms"] for r in warm), 2),
             "first_ms_max": round(max(r[k]["ms"] for r in rows if r["first"]), 2),
-            "syncs_max": max(r[k]["syncs"] for r in rows if r["first"]),
+            "syncs_max": max(r[k].get("syncs", 0) for r in rows if r["first"]),
         }
-        for k in ("plan", "blend", "full_prefill")
+        for k in ("plan", "blend") + (() if args.skip_baseline else ("full_prefill",))
     }
     if subs is not None:
         names = sorted({n for r in warm for n in r["substages_ms"]})
