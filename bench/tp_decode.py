@@ -109,8 +109,12 @@ def run_tp(path: Path, variant: str, a, device: str, dtype: str, vocab: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tp", nargs="+", default=["1", "2", "2e"],
-                    help="variants: N ranks, 'e' = enforce_eager (the first is the baseline)")  # fmt: skip
+    ap.add_argument(
+        "--tp",
+        nargs="+",
+        default=["1", "2", "2e"],
+        help="variants: N ranks, 'e': enforce_eager; the first is the baseline",
+    )
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--layers", type=int, default=8, help="of Llama-3.1-8B's 32")
     ap.add_argument("--prompt", type=int, default=128)
@@ -133,10 +137,9 @@ def main() -> None:
         rows = [r for tp in a.tp for r in run_tp(path, tp, a, device, dtype, hf["vocab_size"])]
     by = {(r["tp"], r["batch"]): r for r in rows}
     base = a.tp[0]
-    speedup = {
-        f"tp{tp}_b{b}": round(by[(tp, b)]["decode_tokens_per_s"] / by[(base, b)]["decode_tokens_per_s"], 3)
-        for tp in a.tp if tp != base for b in a.batch
-    }  # fmt: skip
+    tok_s = {k: r["decode_tokens_per_s"] for k, r in by.items()}
+    speedup = {f"tp{tp}_b{b}": round(tok_s[(tp, b)] / tok_s[(base, b)], 3)
+               for tp in a.tp if tp != base for b in a.batch}  # fmt: skip
     ms = {f"tp{tp}_b{b}": by[(tp, b)]["ms_per_step"] for tp in a.tp for b in a.batch}
     same = all(by[(tp, b)]["first_tokens"] == by[(base, b)]["first_tokens"] for tp, b in by)
     result = {

@@ -5,8 +5,9 @@ StepChannel, its KV cache (its KV heads only) is written at the slots rank 0 cho
 takes part in the logits gather but never samples. It holds its KV heads of the library
 builds rank 0 names (LOAD_LIBRARY / UNLOAD_LIBRARY; distributed/tp_library.py) and runs a
 step's library groups over them. With NCCL it captures and replays the decode CUDA graphs
-rank 0 names (GRAPH_CAPTURE / GRAPH_STEP; distributed/tp_graphs.py). It stops on STOP, or when rank 0 goes
-away (its socket closes, or — for a spawned worker — its parent process is gone).
+rank 0 names (GRAPH_CAPTURE / GRAPH_STEP; distributed/tp_graphs.py). It stops on STOP, or
+when rank 0 goes away (its socket closes, or — for a spawned worker — its parent process is
+gone).
 """
 
 from __future__ import annotations
