@@ -85,7 +85,7 @@ class Received(NamedTuple):
     command: Command
     input_ids: torch.Tensor | None = None  # [T] int64 (FORWARD)
     positions: torch.Tensor | None = None  # [T] int64 (FORWARD; GRAPH_STEP: [n], host)
-    # FORWARD; GRAPH_STEP: slot_mapping, seq_lens [n], block_tables [n, W] on the host
+    # FORWARD; GRAPH_STEP: slot_mapping, seq_lens [n], block_tables [n, W] int64, host
     meta: AttentionMetadata | None = None
     hidden: torch.Tensor | None = None  # [N, H] (LOGITS_ROWS)
     # FORWARD: [(group JSON, rows [n] int64)] of its library groups; LOAD/UNLOAD: the JSON
@@ -113,6 +113,9 @@ class StepChannel:
         self.dtype = dtype
         self.steps = 0
         self.capacity = MIN_CAPACITY  # int64 of the next control message, the same on all
+        # a receiver on a GPU takes control messages into pinned memory, so that copying
+        # their payload to the device does not wait for the device (a graph in flight)
+        self._pin = device.type == "cuda"
         self._payload: torch.Tensor | None = None  # rank 0: host payload of the next header
         # rank 0: a forward said logits_follow, and its logits were not asked for yet
         self.logits_due = False
@@ -319,7 +322,7 @@ class StepChannel:
 
     # ---- the other ranks -------------------------------------------------------------
     def recv(self) -> Received:
-        msg = torch.empty(self.capacity, dtype=torch.int64)
+        msg = torch.empty(self.capacity, dtype=torch.int64, pin_memory=self._pin)
         dist.broadcast(msg, src=0, group=self.control_group)
         head = msg[:HEADER_LEN].tolist()  # a host tensor: no device sync
         command, fields = Command(head[0]), head[1:_LEN]
@@ -328,17 +331,17 @@ class StepChannel:
         if where == _INLINE:
             host = msg[HEADER_LEN : HEADER_LEN + n]
         elif where == _FOLLOWS:
-            host = torch.empty(n, dtype=torch.int64)
+            host = torch.empty(n, dtype=torch.int64, pin_memory=self._pin)
             dist.broadcast(host, src=0, group=self.control_group)
         if command is Command.GRAPH_STEP:
             assert host is not None
             bucket, rows, width, self.steps, follow = fields[:5]
             pos, slots, seq_lens, tables = host.split([rows, rows, rows, rows * width])
-            meta = AttentionMetadata(
+            meta = AttentionMetadata(  # int64 views of the (pinned) message, on the host
                 slot_mapping=slots,
                 cu_q_lens=torch.arange(rows + 1, dtype=torch.int32),
-                seq_lens=seq_lens.int(),
-                block_tables=tables.int().view(rows, width),
+                seq_lens=seq_lens,
+                block_tables=tables.view(rows, width),
                 decode_only=True,
             )
             return Received(

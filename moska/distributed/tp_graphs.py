@@ -134,6 +134,10 @@ class TensorParallelGraphs(DecodeGraphs):
                 f"GRAPH_STEP of {n} rows, {tables.shape[1]} blocks, for bucket {bucket}, "
                 f"which this rank has not captured (or is too small): the ranks disagree"
             )
-        self._fill(g, n, pos, slots, seq_lens, tables)
+        # host int64 (pinned on a GPU: no wait for the replay in flight) -> device, then
+        # into the graph's buffers (int32 where they are) on the device
+        dev = self.device
+        moved = [t.to(dev, non_blocking=True) for t in (pos, slots, seq_lens, tables)]
+        self._fill(g, n, *moved)
         self.replays += 1
         return self._replay(g, n)
