@@ -133,6 +133,8 @@ class StepChannel:
         """One control message: the header, and the host payload set in `_payload` (in
         the message if it fits, else in a message of its own right after)."""
         payload, self._payload = self._payload, None
+        if command is Command.STOP:  # shutdown goes out whatever was left half-done
+            self.logits_due = False
         if self.logits_due:  # the other ranks are in the logits gather: nothing else fits
             raise RuntimeError(
                 f"{command.name} sent while the other ranks wait for the logits of the last "

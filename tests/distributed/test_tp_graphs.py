@@ -112,7 +112,7 @@ def _protocol(rank: int, control, comm) -> dict:
                 ch.send_forward(ids, pos, SimpleNamespace(meta=meta), logits_follow=follow)
                 if follow:
                     with pytest.raises(RuntimeError, match="logits_follow"):
-                        ch.send_stop()  # refused before anything is sent
+                        ch.send_unload_library("x")  # refused before anything is sent
                 ch.send_logits(ids, same_as_forward=True)  # LOGITS_LAST unless announced
             else:
                 msg = ch.recv()
