@@ -26,8 +26,10 @@ at the largest batch with churn F.
 Where a step's time goes, per FlexiCache row: `step_ms_by_kind` (mean ms of plain steps,
 steps that start a page, re-ranking steps), `host_issue_ms_median` (the host's time to
 issue a step, up to the final wait: near `step_ms_median` means host-bound),
-`host_syncs_per_step_by_kind` (waits on the device that torch's sync debug mode flags,
-counted over `--r` * 2 untimed steps after the timed ones), the bytes fetched per step and
+`host_syncs_per_step_by_kind` (waits on the device that torch's sync debug mode flags;
+on the CPU dry run the host's reads of tensor values outside the reference attention
+kernels, `flexicache/host_reads.py`; counted over `--r` * 2 untimed steps after the timed
+ones), the bytes fetched per step and
 `fetch_share_of_step` (CUDA events around each fetch: by default a kernel reading the
 pinned host copy in place, `fetch_in_place`; if that fails, a host gather into pinned
 staging and a copy up), and how many fetched pages had been dropped at the previous re-ranking
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -60,6 +63,7 @@ import torch
 from moska.bench import flexicache_timing as timing
 from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
 from moska.flexicache import FlexiCacheConfig
+from moska.flexicache.host_reads import uncounted
 from moska.flexicache.store import FlexiKV
 from moska.kernel_ops import kernel_ops
 
@@ -127,6 +131,7 @@ def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, se
     store = FlexiKV(
         cfg, num_layers=L, batch=batch, num_kv_heads=H, head_dim=D, block_size=bs,
         max_pages=pages, dtype=dtype, device=device, force_stable=force, host=host,
+        zero_copy=True if device.type == "cpu" else None,  # dry run: the kernel's path
     )  # fmt: skip
     tile_k = torch.randn(64, bs, D, generator=gen).to(dtype)
     tile_v = torch.randn(64, bs, D, generator=gen).to(dtype)
@@ -210,6 +215,9 @@ def run(args, rest: list[str]) -> dict:
     warmup = 1 if dry else sa.warmup
     lm = random_loaded_model(hf, dtype, str(device))
     ops = kernel_ops("auto", device)
+    if dry:  # the CPU reference kernels' host reads are not counted (the GPU's read nothing)
+        ops = replace(ops, paged_decode=uncounted(ops.paged_decode),
+                      paged_decode_heads=uncounted(ops.paged_decode_heads))  # fmt: skip
     lm.model.kernels = ops
     mc = lm.config
     cfg = FlexiCacheConfig(
@@ -217,8 +225,8 @@ def run(args, rest: list[str]) -> dict:
         rank_by=sa.rank,
     )  # fmt: skip  # threshold 2: stability only from the forced mask
     elem = torch.empty((), dtype=dtype).element_size()
-    # tokens each sequence grows by: warmup, timed steps, device probes (one per step)
-    room = warmup + steps + (0 if dry else sa.probes) + 1
+    # tokens each sequence grows by: warmup, timed steps, 2 r counted, device probes
+    room = warmup + steps + 2 * args.r + (0 if dry else sa.probes) + 1
     pages = -(-(context + room) // bs)
     page_bytes = 2 * bs * mc.head_dim * elem
     heads = mc.num_kv_layers * mc.num_kv_heads

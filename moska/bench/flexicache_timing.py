@@ -22,9 +22,12 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+
+from moska.flexicache.host_reads import HostReads, count_host_reads
 
 GPU_HZ = 2.0e9  # sleep-kernel cycles per second (H200 boost ~1.98 GHz; longer is harmless)
 
@@ -69,6 +72,15 @@ def host_stats(device: torch.device) -> dict:
     return {n: round(stats[k] / 2**30, 3) for k, n in names.items() if k in stats}
 
 
+@contextmanager
+def _cpu_reads(on: bool) -> Iterator[HostReads]:
+    if not on:
+        yield HostReads()
+        return
+    with count_host_reads() as n:
+        yield n
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -87,7 +99,8 @@ def decode(
     probes: int = 0,
 ) -> dict:
     """Timed decode steps after `warmup`: mean and median wall seconds per step, by kind, and
-    the host's issue time; then (CUDA) 2 r untimed steps counting the waits torch flags, and
+    the host's issue time; then 2 r untimed steps counting the waits torch flags (CUDA; on
+    CPU the host reads of tensor values that would wait: `host_reads.count_host_reads`), and
     `probes` steps timed on the device alone (see the module docstring). `begin()` starts a
     step and names its kind; `step(tokens)` runs it (next tokens); `reset()` runs after the
     warmup, `snap()` (counters) right after the timed steps."""
@@ -99,16 +112,16 @@ def decode(
     kinds: dict[str, list[float]] = {}
     syncs: dict[str, list[int]] = {}
     snapped: dict = {}
-    counted = warmup + steps + (2 * r if cuda else 0)
+    counted = warmup + steps + 2 * r
     for i in range(counted):
         if i == warmup and reset is not None:
             reset()
         if i == warmup + steps and snap is not None:
             snapped = snap()
         timed = warmup <= i < warmup + steps
-        count = cuda and i >= warmup + steps
-        with warnings.catch_warnings(record=True) as caught:
-            if count:  # only untimed steps run under sync debug mode
+        count = i >= warmup + steps
+        with warnings.catch_warnings(record=True) as caught, _cpu_reads(count and not cuda) as n:
+            if count and cuda:  # only untimed steps run under sync debug mode
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
             kind = begin()
@@ -116,7 +129,7 @@ def decode(
             t = time.perf_counter()
             tokens = step(tokens)
             t_issue = time.perf_counter()
-            if count:
+            if count and cuda:
                 torch.cuda.set_sync_debug_mode("default")
             _sync(device)
         if timed:
@@ -124,7 +137,7 @@ def decode(
             issue.append(t_issue - t)
             kinds.setdefault(kind, []).append(times[-1])
         elif count:
-            syncs.setdefault(kind, []).append(len(caught))
+            syncs.setdefault(kind, []).append(len(caught) if cuda else n.n)
     if not snapped and snap is not None:
         snapped = snap()
     issue_median = sorted(issue)[len(issue) // 2]

@@ -12,8 +12,16 @@ head's kept set changes (a re-ranking) its newly kept pages are fetched from the
 per head (no copy, no wait on the device); the head lists are rebuilt only then and at
 re-rankings, other steps add one token to each head's length.
 
-Waits on the device: a re-ranking must learn which pages to fetch (one `nonzero` per layer;
-a compaction or an eviction adds one). Other steps issue work without reading anything back.
+Waits on the device (`host_reads` counts them): a re-ranking step reads one small tensor,
+every layer's kept and idle counts after its last layer (`compact_all`); its allocation,
+evictions and fetches are issued without reading anything back (`pool_sizing.py`: slots are
+picked on the device, fetch lists padded to a bound the host knows, read by the in-place
+kernel) as long as the layer's pool holds `keep_bound` pages, i.e. when heads that can turn
+unstable already keep every page (the speed bench's forced classes); otherwise the layer
+reads its counts once to grow its pool. A step that starts a page reads a layer's resident
+count only when the host's bound of it leaves too few free slots (the first page start after
+a re-ranking under no hysteresis); the host-gather fetch path (`zero_copy` off) reads its
+index lists. Other steps issue work without reading anything back.
 """
 
 from __future__ import annotations
@@ -87,7 +95,6 @@ class FlexiKV(PoolSizing):
         dev = self.device
         self.pool_k = [torch.zeros(0, bs, 1, D, dtype=dtype, device=dev) for _ in range(L)]
         self.pool_v = [torch.zeros(0, bs, 1, D, dtype=dtype, device=dev) for _ in range(L)]
-        self.free: list[list[int]] = [[] for _ in range(L)]
         self.slot = torch.full((L, B, H, P), -1, dtype=torch.int64, device=dev)
         # page summaries on the device: mean keys ("centroid") or key min/max ("bound");
         # "mass" keeps none and reads the keys at re-rankings
@@ -103,6 +110,7 @@ class FlexiKV(PoolSizing):
         self.tables = torch.zeros(L, B, H, P, dtype=torch.int32, device=dev)
         self.lens = torch.zeros(L, B, H, dtype=torch.int32, device=dev)
         self.force_stable = None if force_stable is None else force_stable.to(dev)
+        self._n_forced = [0] * L if force_stable is None else force_stable.sum((1, 2)).tolist()
         self._probe: dict[int, list[torch.Tensor | None]] = {}
         self.length = 0  # tokens per sequence, the current step's included
         self.step = -1  # decode steps begun, minus one
@@ -113,18 +121,34 @@ class FlexiKV(PoolSizing):
         self.pool_slack = pool_slack
         self.zero_copy = self.device.type == "cuda" if zero_copy is None else zero_copy
         self._zero_copy_checked = zero_copy is not None
-        self.fetched_pages = 0
-        # on the device (read by the properties): fetches of pages dropped at the previous
-        # re-ranking or later; pages kept again while still in their slot (hysteresis)
-        self._refetched = torch.zeros((), dtype=torch.int64, device=dev)
-        self._reused = torch.zeros((), dtype=torch.int64, device=dev)
-        self.evicted_pages = 0  # slots taken from pages (dropped ones, or under no hysteresis)
-        self._resident = [0] * L  # resident pages per layer, counted on the host
-        self.peak_resident_pages = 0
+        # counters on the device (read by the properties): pages fetched; fetches of pages
+        # dropped at the previous re-ranking or later; pages kept again while still in their
+        # slot (hysteresis); slots taken from pages (dropped ones, or under no hysteresis)
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        self._fetched, self._refetched, self._reused, self._evicted = (zero.clone() for _ in "abcd")
+        self._resident = torch.zeros(L, dtype=torch.int64, device=dev)  # per layer
+        self._peak = zero.clone()
+        self._res_hi = [0] * L  # per layer: resident pages at most (host bound)
+        self._res_exact = [True] * L  # ... exactly
+        self._synced = [False] * L
+        self.host_reads = 0  # device values read on the host (waits on CUDA)
+        self._compact_due = False
         self.time_fetch = False  # time the fetches (`fetch_seconds`): CUDA events / host clock
         self._timer = FetchTimer(self.device)
         self.write_back = PageWriteBack(self.host_k, self.host_v, self.device)
         self._n_pages = self._active = self._seq = torch.zeros(0)
+
+    @property
+    def fetched_pages(self) -> int:
+        return int(self._fetched)
+
+    @property
+    def evicted_pages(self) -> int:
+        return int(self._evicted)
+
+    @property
+    def peak_resident_pages(self) -> int:
+        return int(self._peak)
 
     @property
     def refetched_pages(self) -> int:
@@ -198,6 +222,9 @@ class FlexiKV(PoolSizing):
     # ---- decode ----
     def begin_step(self) -> None:
         """Before each decode forward: one more token per sequence."""
+        if self._compact_due:  # the last re-ranking step did not reach the last layer
+            self._compact_due = False
+            self.compact_all()
         self.length += 1
         self.step += 1
         _, B, _, P, bs, _ = self.shape
@@ -239,8 +266,7 @@ class FlexiKV(PoolSizing):
             )  # fmt: skip
             if rerank or self.step == 0:
                 self._sync(layer, keep, fresh=p if s == 0 else None)
-                if rerank:
-                    self._compact(layer, keep)
+                self._compact_due = True
             else:  # a new page: the only page newly kept (kept pages are candidates)
                 self._start_page(layer, keep, p)
             self.tables[layer], self.lens[layer] = policy.head_lists(
@@ -264,7 +290,17 @@ class FlexiKV(PoolSizing):
             self.lens[layer],
             sm_scale,
         )
+        if self._compact_due and layer == self.shape[0] - 1:  # after the step's last re-ranking
+            self._compact_due = False
+            self.compact_all()
         return o
+
+    def _relist(self, layer: int) -> None:
+        """The layer's head lists again, after its slots moved (a compaction)."""
+        bs = self.block_size
+        self.tables[layer], self.lens[layer] = policy.head_lists(
+            self.kept[layer], self.slot[layer], self._seq, bs
+        )
 
     def _scores(self, layer: int, q: torch.Tensor, sm_scale: float) -> torch.Tensor:
         """[B, Hkv, P] page scores of the current queries: from the device summaries (mean
@@ -285,80 +321,38 @@ class FlexiKV(PoolSizing):
             parts.append(policy.page_mass(q[r0:r1], keys, n[r0:r1], sm_scale))
         return torch.cat(parts)
 
-    def _update_kept(self, layer: int, keep: torch.Tensor) -> None:
-        """Record dropped pages' step and the new kept set (device ops, no wait)."""
-        old = self.kept[layer]
-        self._reused += (keep & (self.slot[layer] >= 0) & ~old).sum()
-        self.dropped_step[layer].masked_fill_(old & ~keep, self.step)
-        self.kept[layer] = keep
-
-    def _start_page(self, layer: int, keep: torch.Tensor, page: int) -> None:
-        """A step that starts `page`: every head keeps it (it is recent) and nothing else new
-        (the kept set only loses the page that left the recent window), so it gets a slot per
-        head from the host's free list; nothing to copy, nothing read back (with hysteresis)."""
-        _, B, H, *_ = self.shape
-        if not self.hysteresis:
-            self._evict(layer, self.kept[layer] & ~keep)
-        self._update_kept(layer, keep)
-        n = B * H
-        self._reserve(layer, n)
-        new = self.free[layer][-n:]
-        del self.free[layer][-n:]
-        self.slot[layer, :, :, page] = to_device(new, self.device).view(B, H)
-        self._resident[layer] += n
-        self.peak_resident_pages = max(self.peak_resident_pages, sum(self._resident))
-
-    def _sync(self, layer: int, keep: torch.Tensor, fresh: int | None) -> None:
-        """Fetch newly kept pages from the host into free slots (page `fresh`, just started,
-        only gets slots). A page no longer kept frees its slot at once, or under hysteresis
-        stays in it (not read) until a fetch finds no free slot: then such pages are
-        evicted, the longest dropped first."""
-        resident = self.slot[layer] >= 0
-        self._update_kept(layer, keep)
-        idx = (keep & ~resident).nonzero()  # [n, 3] (row, head, page): the step's one wait
-        n = idx.shape[0]
-        idle = resident & ~keep
-        if not self.hysteresis:
-            self._evict(layer, idle)
-        elif n > len(self.free[layer]):
-            self._evict_oldest(layer, idle, n - len(self.free[layer]))
-        if n:
-            self._fetch(layer, idx, fresh)
-        self.peak_resident_pages = max(self.peak_resident_pages, sum(self._resident))
-
-    def _fetch(self, layer: int, idx: torch.Tensor, fresh: int | None) -> None:
-        """Give the pages `idx` [n, 3] slots and copy them from the host copy (page `fresh`,
-        started this step, holds nothing yet: the in-place kernel copies it anyway)."""
+    def _fetch(self, layer, need: torch.Tensor, new: torch.Tensor, fresh: int | None, limit: int):
+        """Copy the pages `need` [B, H, P] (page `fresh`, started this step, holds nothing
+        yet: not copied) from the host copy into their new slots `new` [B * H * P]: index
+        lists of `limit` (>= the pages copied) entries, the unused ones -1, on the device."""
         timer = self._timer.start() if self.time_fetch else None
-        n = idx.shape[0]
-        _, B, H, P, bs, D = self.shape
-        recent = self.dropped_step[layer][idx[:, 0], idx[:, 1], idx[:, 2]]
-        self._refetched += (recent >= self.step - self.cfg.rerank_interval).sum()
-        self._reserve(layer, n)
-        new = torch.tensor(self.free[layer][-n:], dtype=torch.int64)
-        del self.free[layer][-n:]
-        dst = to_device(new, self.device)
-        self.slot[layer][idx[:, 0], idx[:, 1], idx[:, 2]] = dst
-        self._resident[layer] += n
+        *_, P, bs, D = self.shape
+        copy = need.reshape(-1)
+        if fresh is not None:
+            copy = copy & (torch.arange(copy.numel(), device=copy.device) % P != fresh)
+        self._fetched += copy.sum()
+        recent = self.dropped_step[layer].view(-1) >= self.step - self.cfg.rerank_interval
+        self._refetched += (copy & recent).sum()
+        limit = min(limit, copy.numel())
+        order = (~copy).to(torch.int8).argsort(stable=True)[:limit]  # copied pages first
+        used = torch.arange(limit, device=copy.device) < copy.sum()
+        src = torch.where(used, order, -1)  # rows of the layer's host copy [B * H * P, ...]
+        dst = torch.where(used, new[order], -1)
         self.write_back.flush(layer)  # pages written back are in the host copy
         hk, hv = (t[layer].view(-1, bs * D) for t in (self.host_k, self.host_v))
         pk, pv = (t[layer].view(-1, bs * D) for t in (self.pool_k, self.pool_v))
-        if self.zero_copy:
-            src = (idx[:, 0] * H + idx[:, 1]) * P + idx[:, 2]
-            self.zero_copy = fetch_in_place(
-                hk, hv, pk, pv, src, dst, check=not self._zero_copy_checked
-            )
-            self._zero_copy_checked = True
-        if self.zero_copy:
-            self.fetched_pages += n - (B * H if fresh is not None else 0)
-        else:
-            idx_h = idx.cpu()
-            if fresh is not None:
-                copy = idx_h[:, 2] != fresh
-                idx_h, new = idx_h[copy], new[copy]
-            flat = (idx_h[:, 0] * H + idx_h[:, 1]) * P + idx_h[:, 2]
-            fetch_host(hk, hv, pk, pv, flat, to_device(new, self.device))
-            self.fetched_pages += len(flat)
+        if self.zero_copy and limit:
+            check = not self._zero_copy_checked
+            self.host_reads += 2 * check
+            ok = fetch_in_place(hk, hv, pk, pv, src, dst, check=check)
+            self._zero_copy_checked = check is False or ok is not None
+            self.zero_copy = ok is not False
+        if not self.zero_copy and limit:
+            src_h, dst_h = self._read(torch.stack([src, dst]))
+            pairs = [(a, b) for a, b in zip(src_h, dst_h) if b >= 0]
+            if pairs:
+                src_t = torch.tensor([a for a, _ in pairs], dtype=torch.int64)
+                fetch_host(hk, hv, pk, pv, src_t, to_device([b for _, b in pairs], self.device))
         if timer is not None:
             self._timer.stop(timer)
 
@@ -367,7 +361,8 @@ class FlexiKV(PoolSizing):
         return self._timer.seconds()
 
     def reset_counters(self) -> None:
-        self.fetched_pages = self.evicted_pages = 0
+        self._fetched.zero_()
+        self._evicted.zero_()
         self._refetched.zero_()
         self._reused.zero_()
         self._timer.reset()

@@ -11,7 +11,8 @@ fetch.
   (two waits per layer and step).
 - `fetch_in_place` / `fetch_host`: promoted pages from the host copy into pool slots, by a
   kernel reading the pinned host copy in place (`kernels/page_gather.py`, no host gather,
-  indices stay on the device), or by a host gather into pinned staging and a copy up.
+  indices stay on the device, padded with -1 to a length the host knows), or by a host
+  gather into pinned staging and a copy up.
 - `to_device`: host int lists to the device through pinned memory, without a stream sync
   (`torch.tensor(..., device="cuda")` copies from pageable memory and synchronizes).
 - `FetchTimer`: the time spent fetching, by CUDA events (host clock on CPU).
@@ -39,16 +40,20 @@ def to_device(
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def fetch_in_place(host_k, host_v, pool_k, pool_v, src, dst, check: bool) -> bool:
-    """pool[dst[i]] = host[src[i]] (rows: whole pages) by `gather_rows` reading the pinned
-    host copy in place. `check`: compare a few fetched pages with the host copy (one wait).
-    False: the kernel cannot read this host memory (nothing was copied, or wrongly)."""
+def fetch_in_place(host_k, host_v, pool_k, pool_v, src, dst, check: bool) -> bool | None:
+    """pool[dst[i]] = host[src[i]] (rows: whole pages; entries with dst[i] < 0 unused) by
+    `gather_rows` reading the pinned host copy in place. `check`: compare a few fetched
+    pages with the host copy (two waits). False: the kernel cannot read this host memory
+    (nothing was copied, or wrongly); None: checked nothing (no page among the first)."""
     try:
         for host, pool in ((host_k, pool_k), (host_v, pool_v)):
             gather_rows(host, src, pool, dst)
         if check:
-            got = pool_k[dst[:8]].cpu()
-            return torch.equal(got, host_k[src[:8].cpu()])
+            s, d = src[:64].cpu(), dst[:64].cpu()
+            s, d = s[d >= 0][:8], d[d >= 0][:8]
+            if not len(d):
+                return None
+            return torch.equal(pool_k[d.to(pool_k.device)].cpu(), host_k[s])
     except (RuntimeError, ValueError):  # e.g. Triton refusing a host pointer
         return False
     return True

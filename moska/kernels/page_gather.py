@@ -21,7 +21,7 @@ def _gather_rows_kernel(src_ptr, src_idx_ptr, dst_ptr, dst_idx_ptr, ROW: tl.cons
     s = tl.load(src_idx_ptr + i).to(tl.int64)
     d = tl.load(dst_idx_ptr + i).to(tl.int64)
     offs = t * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < ROW
+    mask = offs < tl.where(d >= 0, ROW, 0)  # a negative index: an unused entry
     x = tl.load(src_ptr + s * ROW + offs, mask=mask)
     tl.store(dst_ptr + d * ROW + offs, x, mask=mask)
 
@@ -30,8 +30,10 @@ def gather_rows(
     src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor
 ) -> None:
     """dst[dst_idx[i]] = src[src_idx[i]] for rows (the first dimension) of equal shape and
-    dtype; `src` and `dst` contiguous, the indices int64 on the kernel's device. `src` may
-    be pinned host memory (read in place by the GPU)."""
+    dtype; `src` and `dst` contiguous, the indices int64 on the kernel's device; an entry
+    with dst_idx[i] < 0 is skipped (lists padded to a length the host knows, so that it
+    need not read how many are used). `src` may be pinned host memory (read in place by
+    the GPU)."""
     if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
         raise ValueError(
             f"rows differ: src {tuple(src.shape)} {src.dtype}, dst {tuple(dst.shape)} {dst.dtype}"
@@ -51,5 +53,6 @@ def gather_rows(
 def gather_rows_ref(
     src: torch.Tensor, src_idx: torch.Tensor, dst: torch.Tensor, dst_idx: torch.Tensor
 ) -> None:
-    """The reference: an indexed read and an indexed write."""
-    dst[dst_idx.to(dst.device)] = src[src_idx.to(src.device)].to(dst.device)
+    """The reference: an indexed read and an indexed write (entries with dst_idx < 0 skipped)."""
+    used = dst_idx >= 0
+    dst[dst_idx[used].to(dst.device)] = src[src_idx[used].to(src.device)].to(dst.device)

@@ -98,11 +98,17 @@ def test_rerank_marks_missing_picks():
 def test_gather_rows_matches_reference(dtype):
     src = torch.randn(12, 4, 16).to(dtype)
     dst = torch.randn(9, 4, 16).to(dtype)
-    src_idx, dst_idx = torch.tensor([7, 0, 11, 3]), torch.tensor([2, 8, 0, 5])
+    dst_before = dst.clone()
+    # padded lists: entries with a negative destination are unused (their source too)
+    src_idx, dst_idx = torch.tensor([7, 0, 11, 3, -1, 5]), torch.tensor([2, 8, 0, 5, -1, -1])
     want = dst.clone()
     gather_rows_ref(src, src_idx, want, dst_idx)
     gather_rows(src, src_idx, dst, dst_idx)
     torch.testing.assert_close(dst, want, rtol=0, atol=0)
+    untouched = torch.ones(9, dtype=torch.bool)
+    untouched[[2, 8, 0, 5]] = False
+    assert not (dst[[2, 8, 0, 5]] == dst_before[[2, 8, 0, 5]]).all()
+    torch.testing.assert_close(dst[untouched], dst_before[untouched], rtol=0, atol=0)
     with pytest.raises(ValueError, match="rows differ"):
         gather_rows(src, src_idx, dst[:, :2].contiguous(), dst_idx)
 
