@@ -96,6 +96,7 @@ class PoolSizing:
         self._res_hi[layer] = self.pool_k[layer].shape[0]  # until `compact_all` reads it
         self._res_exact[layer] = False
         self._note_resident(layer)
+        self._resident[layer] = self._after_compaction(layer)
         limit = min(self.fetch_bound(layer, n_pages), bound, self.pool_k[layer].shape[0])
         self._synced[layer] = True
         self._fetch(layer, need, new, fresh, limit if exact is None else exact)
@@ -144,6 +145,19 @@ class PoolSizing:
         self._resident[layer] = (self.slot[layer] >= 0).sum()
         if peak:
             torch.maximum(self._peak, self._resident.sum(), out=self._peak)
+
+    def _after_compaction(self, layer: int) -> torch.Tensor:
+        """The layer's resident pages once `compact_all` has run, on the device: later
+        layers' peak counts them so, as when each layer was compacted right after its
+        re-ranking."""
+        _, B, H, *_ = self.shape
+        res = self.slot[layer] >= 0
+        n = (res & self.kept[layer]).sum()
+        n_idle = res.sum() - n
+        spare = B * H * (1 + self.spare_pages)
+        limit = n + spare + ((2 * (n + spare)).double() * self.pool_slack).floor().long()
+        shrink = self.pool_k[layer].shape[0] > limit
+        return torch.where(shrink, n + n_idle.clamp(max=spare), n + n_idle)
 
     def _evict(self, layer: int, pages: torch.Tensor) -> None:
         """Free the slots of `pages` [B, H, P] bool (those resident), on the device."""

@@ -11,6 +11,7 @@ import torch
 
 from moska.flexicache import FlexiCacheConfig, policy
 from moska.flexicache.store import FlexiKV
+from moska.flexicache.transfer import fetch_in_place
 from moska.kernels.page_gather import gather_rows, gather_rows_ref
 from moska.kernels.paged_heads import paged_decode_heads_ref
 
@@ -111,6 +112,13 @@ def test_gather_rows_matches_reference(dtype):
     torch.testing.assert_close(dst[untouched], dst_before[untouched], rtol=0, atol=0)
     with pytest.raises(ValueError, match="rows differ"):
         gather_rows(src, src_idx, dst[:, :2].contiguous(), dst_idx)
+    # the store's first fetch checks the kernel's copies against the host copy
+    k, v = src.flatten(1), src.flatten(1) + 1
+    pk, pv = torch.zeros_like(dst.flatten(1)), torch.zeros_like(dst.flatten(1))
+    assert fetch_in_place(k, v, pk, pv, src_idx, dst_idx, check=True) is True
+    torch.testing.assert_close(pv[[2, 8, 0, 5]], v[[7, 0, 11, 3]], rtol=0, atol=0)
+    unused = torch.full((3,), -1)
+    assert fetch_in_place(k, v, pk, pv, unused, unused, check=True) is None  # nothing to check
 
 
 def test_store_on_a_reused_host_buffer_equals_one_with_its_own_copy():
