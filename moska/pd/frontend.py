@@ -334,7 +334,10 @@ class FrontEnd:
                 if plan is not None:  # an event's predicted time: the step times its tokens
                     step = self._sched.tpot_s(inst.decoding, inst)
                     window = tokens.add(chunk, step * self._sched.tokens_per_event(inst))
-                    if window is not None:  # what the decode side really gives per token
+                    # what the decode side really gives per token, once a finished stream
+                    # has told how many tokens an event carries (before, a window counts
+                    # events: ~2x on the tiny model, and the long-run quantile keeps it)
+                    if window is not None and self._sched.counts_tokens(inst):
                         self._sched.observe_tpot(inst, *window, time.monotonic())
                 if strip and not (chunk := strip_usage(chunk)):
                     continue

@@ -17,10 +17,12 @@ the decode step at the batch the request joins (the requests predicted to be dec
 there when its prefill ends, those past their predicted end included) times a per-decode
 factor of observed over predicted token times (`observe_tpot`, from the streams the front
 end relays, in tokens, not SSE events: an event can carry several, `observe_events`; counting
-events made the factor ~2x and every prediction ~2x pessimistic, #19): the step fit misses the engine loop's work between steps and a host busier
-than when it was fitted, and TPOT misses came from there. A request is admitted only when
-both predictions are within SLO_MARGIN of their SLOs. What it admits it never drops:
-predictions only decide admission and placement.
+events made the factor ~2x and every prediction ~2x pessimistic, #19): the step fit misses
+the engine loop's work between steps and a host busier than when it was fitted, and TPOT
+misses came from there. After an idle gap the factor is what the decode side was known to
+be lately (an upper quantile of its recent windows, `tpot_factor.py`), not 1. A request
+is admitted only when both predictions are within SLO_MARGIN of their SLOs. What it admits
+it never drops: predictions only decide admission and placement.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moska.pd.index import PrefixIndex
+from moska.pd.tpot_factor import TpotFactor
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, feature_vector
 
 SLOWDOWN_HALF_LIFE_S = 5.0
@@ -147,9 +150,9 @@ class GlobalScheduler:
         self._slowdown = {"prefill": (1.0, 0.0), "decode": (1.0, 0.0)}
         # per decode instance: observed time per output token over the step model's, as
         # the front end sees its streams (the engine loop's work between steps, the HTTP
-        # hops, a busier host than the fit saw); fades back to 1 like the slowdown
-        self._tpot_factor: dict[str, tuple[float, float]] = {}
-        self._tpot_sums: dict[str, tuple[float, float, float]] = {}  # observed, predicted, at
+        # hops, a busier host than the fit saw); after an idle gap it is the long-run upper
+        # quantile, not 1 (`tpot_factor.py`)
+        self._tpot_factor: dict[str, TpotFactor] = {}
         # per decode instance: decaying sums of the tokens and the SSE token events of its
         # finished streams (an event carries a token only when it adds text: `token_times`)
         self._events: dict[str, tuple[float, float]] = {}
@@ -277,27 +280,24 @@ class GlobalScheduler:
         self._slowdown[stage] = (current + 0.3 * (ratio - current), now)
 
     def tpot_factor(self, inst: Instance, now: float) -> float:
-        factor, at = self._tpot_factor.get(inst.name, (1.0, now))
-        return 1.0 + (factor - 1.0) * 0.5 ** (max(0.0, now - at) / SLOWDOWN_HALF_LIFE_S)
+        factor = self._tpot_factor.get(inst.name)
+        return 1.0 if factor is None else factor.value(now)
 
     def observe_tpot(self, inst: Instance, observed_s: float, predicted_s: float, now: float):
         """A stream from decode instance `inst` took `observed_s` for tokens the step model
         (uncorrected, at the batch it saw while they came) put at `predicted_s`."""
-        if not (observed_s > 0 and predicted_s > 0 and math.isfinite(observed_s)):
-            return
-        # a ratio of decaying sums, not a mean of ratios (a window's jitter would bias that
-        # upward); old sums count less, as the factor fades
-        obs, pred, at = self._tpot_sums.get(inst.name, (0.0, 0.0, now))
-        keep = 0.8 * 0.5 ** (max(0.0, now - at) / SLOWDOWN_HALF_LIFE_S)
-        obs, pred = keep * obs + observed_s, keep * pred + predicted_s
-        self._tpot_sums[inst.name] = (obs, pred, now)
-        self._tpot_factor[inst.name] = (min(MAX_SLOWDOWN, max(MIN_TPOT_FACTOR, obs / pred)), now)
+        factor = self._tpot_factor.setdefault(inst.name, TpotFactor(MIN_TPOT_FACTOR, MAX_SLOWDOWN))
+        factor.observe(observed_s, predicted_s, now)
 
     def tokens_per_event(self, inst: Instance) -> float:
         """Tokens one relayed SSE event of `inst`'s streams carries (1 until a stream with a
         usage count has finished): what turns an event's time into a time per token."""
         tokens, events = self._events.get(inst.name, (0.0, 0.0))
         return tokens / events if events > 0 else 1.0
+
+    def counts_tokens(self, inst: Instance) -> bool:
+        """Whether a finished stream of `inst` has told how many tokens an event carries."""
+        return inst.name in self._events
 
     def observe_events(self, inst: Instance, tokens: int, events: int) -> None:
         """A stream from `inst` ended: `tokens` output tokens came in `events` token events
