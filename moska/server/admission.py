@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from moska.server import retry_drain
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
-from moska.server.retry_drain import LibraryRequests, door_admits, drain_s, with_door
+from moska.server.retry_drain import FactorFall, LibraryRequests, door_admits, drain_s, with_door
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, StepModel
 
 
@@ -308,7 +308,10 @@ class AdmissionController:
             pred = self.predict(cost, with_door(load, typical, admitted), num_requests)
         risk = self.library_risk if cost.library_attend else 1.0
         shared = retry_drain.shared_prefill(pred, cost.prompt_tokens, self.step_s, self.limits)
-        drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=self.door.wait_s, shared_s=shared)
+        with self._lock:  # the slowdown factor: when it falls back (retry_drain.factor_falls)
+            state = (self._log_slowdown, self._log_var)
+        fall, wait = FactorFall(*state, self.slowdown_alpha, self.deviations), self.door.wait_s
+        drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=wait, shared_s=shared, fall=fall)
         return _retry_after(drain), drain
 
     def _typical_cost(self) -> RequestCost:

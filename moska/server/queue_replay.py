@@ -99,6 +99,10 @@ class Prediction(NamedTuple):
     # drops (retry_drain: when a request that must share its prefill step with their decode
     # rows would fit)
     decoding: tuple[tuple[float, int], ...] = ()
+    # per span of `decoding` (from one of its times to the next): (seconds a step of it,
+    # steps) (retry_drain.factor_falls: the steps that bring the slowdown factor back)
+    decode_steps: tuple[tuple[float, int], ...] = ()
+    clear_steps: int = 0  # engine steps until `clear_s`
 
 
 def replay(
@@ -219,27 +223,29 @@ def replay(
         left_tokens -= take
     if math.isinf(ttft):
         return Prediction(ttft, queue_s, clear_s, alone, math.inf)
-    idle, decoding = _idle_s(clear_s, clear_step, ahead_finish, step_s, left)
-    return Prediction(ttft, queue_s, clear_s, alone, idle, decoding)
+    idle, decoding, steps = _idle_s(clear_s, clear_step, ahead_finish, step_s, left)
+    return Prediction(ttft, queue_s, clear_s, alone, idle, decoding, steps, clear_step)
 
 
 def _idle_s(
     t: float, step: int, ahead: list[tuple[int, int]], step_s: Any, left: Any
-) -> tuple[float, tuple[tuple[float, int], ...]]:
+) -> tuple[float, tuple[tuple[float, int], ...], tuple[tuple[float, int], ...]]:
     """When the requests ahead would all have finished decoding, without the new requests:
     from when the last of them has its first token (`t`, before step `step`), their
     remaining decode steps (`ahead`: finish offset, library attention per row); and
-    (time, count still decoding) from `t` on. Not from the new requests' own step: when
+    (time, count still decoding) from `t` on, with (step time, steps) between those
+    times. Not from the new requests' own step: when
     they share the step that serves the last ones ahead, its prefill of those was left
     out, and a drain until idle on CPU came out 2.3 s where the engine was busy 18 s."""
     ends = sorted(e for e in ahead if e[0] > step)
-    decoding = [(t, len(ends))]
+    decoding, steps = [(t, len(ends))], []
     while ends:
         k = ends[0][0] - step
         dt = step_s(0, sum(a for _, a in ends), len(ends))
         t += left(dt, step) + (k - 1) * dt
+        steps.append((dt, k))
         step = ends[0][0]
         while ends and ends[0][0] <= step:
             ends.pop(0)
         decoding.append((t, len(ends)))
-    return t, tuple(decoding)
+    return t, tuple(decoding), tuple(steps)

@@ -18,12 +18,24 @@ request whose prefill alone fits but not beside the burst's decode rows was prom
 and admitted only at ~16 s, when the engine was idle. So after the queue ahead has its
 first tokens the drain is the first time its prefill beside the rows still decoding fits
 (`shares_fit`), up to the engine being idle.
+
+Why the slowdown factor's fall: every predicted step is scaled by `slowdown`, which under
+a burst is high (the event loop answering hundreds of connections shares the cores with
+the engine) and falls within a few steps once the burst is answered. At 300 clients (CPU,
+SLO 5 s) a 48-token library request's prefill alone was predicted at 4.9-5.5 s under that
+factor, above the 4.25 s that fits, so its 429s were promised the idle drain (~11 s), yet
+it was admitted at 2.4 s once the factor fell. So a request that fits alone once the
+factor is back (the fit unscaled) but not under it now is promised the first step at
+which, with the steps from the door's burst answered on observed at the fit
+(`FactorFall`), it would be admitted (`factor_falls`); only one that misses even unscaled
+waits for an idle engine.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost
@@ -79,6 +91,7 @@ def drain_s(
     risk: float,
     door_wait_s: float,
     shared_s: Callable[[int], float] | None = None,
+    fall: FactorFall | None = None,
 ) -> float:
     """The drain of a request whose replay (over the load ahead of it, the door's admitted
     requests included) is `pred`. FIFO: arriving `d` later, the same work ahead ends at
@@ -88,10 +101,13 @@ def drain_s(
     rows still running, `shared_s(rows)` (`shares_fit`; without it, the overshoot
     `ttft - fits` as before). A request that cannot fit even alone on an idle engine (a
     library prefill longer than the SLO) is admitted only when the engine is idle: its
-    drain is the time until then. A retry also waits for the requests inside the door to
-    be decided (`door_wait_s`)."""
+    drain is the time until then, unless it fits alone once the slowdown factor has
+    fallen back (`fall`: then `factor_falls`). A retry also waits for the requests inside
+    the door to be decided (`door_wait_s`)."""
     if pred.alone_s > fits:
         engine = pred.idle_s
+        if fall is not None and shared_s is not None:
+            engine = factor_falls(pred, fits, risk, shared_s, fall, door_wait_s)
     else:
         engine = pred.ttft_s - fits / risk
         if engine > pred.clear_s:  # the queue ahead is served first: no risk then
@@ -100,6 +116,79 @@ def drain_s(
                 engine = max(engine, shares_fit(pred, fits, shared_s))
         engine = min(engine, pred.idle_s)
     return max(engine, door_wait_s, 0.0)
+
+
+@dataclass(frozen=True)
+class FactorFall:
+    """The controller's slowdown factor (`AdmissionController.slowdown`): moving averages
+    of log(observed / predicted step time) and of its squared deviation, their weight per
+    step, and how many deviations on the slow side it plans for."""
+
+    log_mean: float
+    log_var: float
+    alpha: float
+    deviations: float
+
+    def ratios(self, steps: int) -> list[float]:
+        """The factor after 0..`steps` more steps that run as the fit predicts (log ratio
+        0), over the factor now."""
+        m, v, out = self.log_mean, self.log_var, []
+        for _ in range(steps + 1):
+            out.append(math.exp(m + self.deviations * math.sqrt(max(v, 0.0))))
+            dev = -m
+            m += self.alpha * dev
+            v += self.alpha * (dev * dev - v)
+        return [x / out[0] for x in out]
+
+
+def factor_falls(
+    pred: Prediction,
+    fits: float,
+    risk: float,
+    shared_s: Callable[[int], float],
+    fall: FactorFall,
+    start_s: float,
+    horizon: int = 64,
+) -> float:
+    """The drain of a request whose prefill alone (`pred.alone_s`) misses `fits` under the
+    slowdown factor now: from `start_s` (the door's burst answered) each engine step runs
+    as the fit predicts and moves the factor (`fall.ratios`; every predicted time scales
+    with it, the steps' own too); the first step end at which a retry would be admitted:
+    while the queue ahead waits (the replay's `clear_steps` steps until `clear_s`, taken
+    as even), its TTFT is what is left of `pred.ttft_s` (FIFO) and must fit with `risk`;
+    after, its prefill beside the rows still decoding (`shared_s`). The engine's idle
+    time (`pred.idle_s`) when the factor at its lowest still misses (an idle engine admits
+    anything) or no step before idle brings it under."""
+    r = fall.ratios(horizon)
+    if pred.alone_s * min(r) > fits:
+        return pred.idle_s
+    t, k = start_s, 0
+
+    def ratio() -> float:
+        return r[min(k, horizon)]
+
+    if pred.clear_steps > 0 and pred.clear_s > start_s:
+        dt = pred.clear_s / pred.clear_steps
+        for j in range(pred.clear_steps):
+            end = (j + 1) * dt
+            if end <= start_s:
+                continue
+            t += min(dt, end - start_s) * ratio()
+            k += 1
+            if (pred.ttft_s - end) * ratio() * risk <= fits:
+                return t
+    for (begin, rows), (dt, n) in zip(pred.decoding, pred.decode_steps, strict=False):
+        done = 0 if begin >= start_s else min(n, int((start_s - begin) / dt)) if dt > 0 else n
+        for _ in range(n - done):
+            if shared_s(rows) * ratio() <= fits:
+                return t
+            if k >= horizon:  # the factor no longer moves: the rest of this span at once
+                t += (n - done) * dt * ratio()
+                break
+            t += dt * ratio()
+            k += 1
+            done += 1
+    return t if pred.decode_steps or pred.clear_steps else max(t, pred.idle_s)
 
 
 def shares_fit(pred: Prediction, fits: float, shared_s: Callable[[int], float]) -> float:
