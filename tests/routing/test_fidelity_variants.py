@@ -26,7 +26,7 @@ def _case(seed: int = 0):
 
 
 def _loop(q, keys, offs, sm, heads):
-    B, Hq, D = q.shape
+    B, Hq, _ = q.shape
     Hkv = keys.shape[1]
     G = Hq // Hkv
     o = offs.tolist()
