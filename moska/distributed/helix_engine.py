@@ -24,6 +24,7 @@ from moska.config import EngineConfig
 from moska.distributed.comm import Collectives
 from moska.distributed.helix import HelixConfigError, HelixLayout, HelixModel
 from moska.distributed.helix_library import HelixLibraries, HelixWorkerLibraries
+from moska.distributed.rank_processes import ParentLink
 from moska.distributed.runtime import DistributedRuntime, Rendezvous, rank_device, torchrun_rank
 from moska.distributed.step_channel import StepChannel
 from moska.model.config import ModelConfig
@@ -79,12 +80,14 @@ def start_helix(config: EngineConfig, path, dtype, device: str):
     return loaded, runtime, libraries
 
 
-def run_helix_rank(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
+def run_helix_rank(
+    rdv: Rendezvous, rank: int, parent: ParentLink, model_path, dtype, device, config
+):
     """Entry point of a spawned Helix rank (1..N-1)."""
     from moska.distributed.worker import join_spawned, rank_lifecycle
 
     groups, dev = join_spawned(rdv, rank, device)
-    with rank_lifecycle(groups, parent_pid):
+    with rank_lifecycle(groups, parent):
         serve_helix(groups.comm, groups.control, model_path, dtype, dev, config)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from moska.config import EngineConfig
 from moska.distributed.kv_parallel_step import KVParallelConfigError, KVParallelModel
+from moska.distributed.rank_processes import ParentLink
 from moska.distributed.runtime import (
     DistributedRuntime,
     ProcessGroups,
@@ -89,12 +90,12 @@ class KVParallelLibraries(LibraryManager):
         )
 
 
-def run_kv_rank(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
+def run_kv_rank(rdv: Rendezvous, rank: int, parent: ParentLink, model_path, dtype, device, config):
     """Entry point of a spawned KV-parallel rank (1..P-1)."""
     from moska.distributed.worker import join_spawned, rank_lifecycle
 
     groups, dev = join_spawned(rdv, rank, device)
-    with rank_lifecycle(groups, parent_pid):
+    with rank_lifecycle(groups, parent):
         _serve(groups, model_path, dtype, dev, config)
 
 

@@ -3,7 +3,8 @@ how rank 0 notices one that died.
 
 Layout (one host): rank 0 is the calling process — it owns the scheduler, and in `moska
 serve` the HTTP server; ranks 1..N-1 are worker processes that only run forwards
-(`distributed/worker.py`). Rank 0 starts them with torch.multiprocessing (spawn), unless
+(`distributed/worker.py`). Rank 0 starts them with multiprocessing (spawn by default:
+`rank_processes.process_context`, a seam the tests fill with a forkserver), unless
 the process was launched by `torchrun` (RANK / WORLD_SIZE / MASTER_ADDR in the
 environment), in which case every rank is already running and ranks other than 0 become
 workers.
@@ -14,7 +15,8 @@ collectives of the forward, each with the group's timeout (MOSKA_DIST_TIMEOUT_S,
 default: a long first step may compile kernels); the gloo *control* group carries each
 step's command header, and the workers wait on it for as long as rank 0 is idle.
 
-Failure: each worker bumps a heartbeat counter in the store every 0.5 s; a monitor thread
+Failure: each worker bumps a heartbeat counter in the store every 0.5 s, and leaves when
+rank 0 is gone (the pipe of its `ParentLink` closes); a monitor thread
 on rank 0 watches the counters (stale for HEARTBEAT_STALE_S = 5 s: failed) and, for the
 workers it spawned, their process handles (a dead process is seen at once). A failed rank
 is logged by rank, and the engine raises RankFailedError naming it at its next step or
@@ -33,6 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -41,6 +44,7 @@ import torch.multiprocessing as mp
 
 from moska.distributed.comm import Collectives
 from moska.distributed.errors import RankFailedError
+from moska.distributed.rank_processes import open_parent_link, process_context
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +219,12 @@ class DistributedRuntime:
     """Rank 0's side of a tensor-parallel engine: start (or join) the ranks, watch them,
     stop them."""
 
-    def __init__(self, groups: ProcessGroups, monitor: Monitor) -> None:
+    def __init__(
+        self, groups: ProcessGroups, monitor: Monitor, parent_end: Connection | None = None
+    ) -> None:
         self.groups = groups
         self.monitor = monitor
+        self._parent_end = parent_end  # open while the workers run: see rank_processes
         self.channel: Any = None  # the StepChannel, set once the model is loaded
         self._closed = False
         atexit.register(self.shutdown)
@@ -235,7 +242,7 @@ class DistributedRuntime:
     def start(
         cls, world_size: int, device: str, worker_args: tuple, target: Any = None
     ) -> DistributedRuntime:
-        """Rank 0: spawn ranks 1..world_size-1 running target(rdv, rank, parent pid,
+        """Rank 0: start ranks 1..world_size-1 running target(rdv, rank, ParentLink,
         *worker_args) (worker.run_worker by default; shared-KV ranks run their own) — or,
         under torchrun, join the ranks it started — and form the groups."""
         from moska.distributed.worker import run_worker
@@ -244,6 +251,7 @@ class DistributedRuntime:
         backend = pick_backend(rank_device(device, 0), world_size)
         launched = torchrun_rank()
         procs: dict[int, Any] = {}  # rank -> a spawned multiprocessing Process
+        parent_end = None  # the write end of the ranks' ParentLink
         if launched is not None:
             rdv = _torchrun_rendezvous(world_size, backend)
             groups = ProcessGroups.join(rdv, 0, host_store=not rdv.use_agent_store)
@@ -253,27 +261,30 @@ class DistributedRuntime:
                 timeout=timedelta(seconds=max(120.0, collective_timeout_s())),
             )  # fmt: skip
             rdv = Rendezvous(world_size, "127.0.0.1", store.port, backend)
-            ctx = mp.get_context("spawn")
-            for rank in range(1, world_size):
-                p = ctx.Process(
-                    target=target,
-                    args=(rdv, rank, os.getpid(), *worker_args),
-                    name=f"moska-tp-rank{rank}",
-                    daemon=True,
-                )
-                p.start()
-                procs[rank] = p
+            ctx = process_context()
+            parent_end, link = open_parent_link(ctx)
             try:
+                for rank in range(1, world_size):
+                    p = ctx.Process(  # type: ignore[attr-defined]
+                        target=target,
+                        args=(rdv, rank, link, *worker_args),
+                        name=f"moska-tp-rank{rank}",
+                        daemon=True,
+                    )
+                    p.start()
+                    procs[rank] = p
+                link.reader.close()  # the ranks hold it now
                 _wait_until_up(store, procs)
                 groups = ProcessGroups._init(
                     rdv, 0, store, timedelta(seconds=collective_timeout_s())
                 )
             except BaseException:
                 _stop_procs(procs, 0.0)
+                parent_end.close()
                 raise
         monitor = Monitor(groups, procs)
         monitor.start()
-        return cls(groups, monitor)
+        return cls(groups, monitor, parent_end)
 
     def raise_if_failed(self) -> None:
         if self.monitor.failure is not None:
@@ -309,6 +320,8 @@ class DistributedRuntime:
         # after a rank failed no STOP was sent: the survivors wait on the control group and
         # would never exit on their own, so they are killed at once instead of after timeout_s
         _stop_procs(self.monitor.procs, timeout_s if self.monitor.failure is None else 0.0)
+        if self._parent_end is not None:  # any worker still running leaves on its own
+            self._parent_end.close()
         self.groups.close()
 
 

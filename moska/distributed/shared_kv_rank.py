@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moska.distributed.partition import ChunkPlacement
+from moska.distributed.rank_processes import ParentLink
 from moska.distributed.runtime import ProcessGroups, Rendezvous
 from moska.distributed.shared_kv import (
     STOP,
@@ -34,10 +35,12 @@ from moska.distributed.worker import join_spawned, rank_lifecycle
 logger = logging.getLogger(__name__)
 
 
-def run_shared_rank(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
+def run_shared_rank(
+    rdv: Rendezvous, rank: int, parent: ParentLink, model_path, dtype, device, config
+):
     """Entry point of a spawned shared-KV rank: `dtype` is the engine's resolved model dtype."""
     groups, dev = join_spawned(rdv, rank, device)
-    with rank_lifecycle(groups, parent_pid):
+    with rank_lifecycle(groups, parent):
         serve_shared(groups, model_path, getattr(torch, dtype), dev, config)
 
 

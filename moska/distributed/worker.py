@@ -6,8 +6,8 @@ takes part in the logits gather but never samples. It holds its KV heads of the 
 builds rank 0 names (LOAD_LIBRARY / UNLOAD_LIBRARY; distributed/tp_library.py) and runs a
 step's library groups over them. With NCCL it captures and replays the decode CUDA graphs
 rank 0 names (GRAPH_CAPTURE / GRAPH_STEP; distributed/tp_graphs.py). It stops on STOP, or
-when rank 0 goes away (its socket closes, or — for a spawned worker — its parent process is
-gone).
+when rank 0 goes away (its socket closes, or — for a worker it started — the pipe of its
+ParentLink closes: distributed/rank_processes.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
+from moska.distributed.rank_processes import ParentLink
 from moska.distributed.runtime import (
     HEARTBEAT_S,
     ProcessGroups,
@@ -45,10 +46,10 @@ def join_spawned(rdv: Rendezvous, rank: int, device) -> tuple[ProcessGroups, tor
     return ProcessGroups.join(rdv, rank), dev
 
 
-def run_worker(rdv: Rendezvous, rank: int, parent_pid: int, model_path, dtype, device, config):
+def run_worker(rdv: Rendezvous, rank: int, parent: ParentLink, model_path, dtype, device, config):
     """Entry point of a spawned worker process."""
     groups, dev = join_spawned(rdv, rank, device)
-    _serve(groups, model_path, dtype, dev, config, parent_pid)
+    _serve(groups, model_path, dtype, dev, config, parent)
 
 
 def run_worker_from_env(model_path, dtype, device: str, config) -> None:
@@ -61,11 +62,11 @@ def run_worker_from_env(model_path, dtype, device: str, config) -> None:
     _serve(groups, model_path, dtype, rank_device(device, rank), config, None)
 
 
-def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, config, parent_pid):
+def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, config, parent):
     from moska.engine.runner import ModelRunner
     from moska.model import load_model
 
-    with rank_lifecycle(groups, parent_pid):
+    with rank_lifecycle(groups, parent):
         loaded = load_model(
             model_path, dtype=dtype, device=device, tensor_parallel=TensorParallel(groups.comm)
         )
@@ -78,13 +79,16 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
 
 
 @contextlib.contextmanager
-def rank_lifecycle(groups: ProcessGroups, parent_pid: int | None) -> Iterator[None]:
-    """A rank other than 0 while it serves: its heartbeat runs, an error it dies of is left
-    in the store for rank 0 to name, and it leaves the process group at the end (tensor-
-    parallel workers and shared-KV ranks alike)."""
+def rank_lifecycle(groups: ProcessGroups, parent: ParentLink | None) -> Iterator[None]:
+    """A rank other than 0 while it serves: its heartbeat runs, it leaves when `parent` (rank
+    0, which started it; None under torchrun) is gone, an error it dies of is left in the
+    store for rank 0 to name, and it leaves the process group at the end (tensor-parallel
+    workers and shared-KV ranks alike)."""
+    if parent is not None:
+        parent.adopt()
     stop = threading.Event()
     beat = threading.Thread(
-        target=_heartbeat, args=(groups, parent_pid, stop), name="moska-heartbeat", daemon=True
+        target=_heartbeat, args=(groups, parent, stop), name="moska-heartbeat", daemon=True
     )
     beat.start()
     try:
@@ -168,12 +172,12 @@ def _groups(libraries, described: list) -> list:
     return groups
 
 
-def _heartbeat(groups: ProcessGroups, parent_pid: int | None, stop: threading.Event) -> None:
+def _heartbeat(groups: ProcessGroups, parent: ParentLink | None, stop: threading.Event) -> None:
     """Bump this rank's counter in the store (rank 0's monitor watches it); leave the
-    process when the parent that spawned it is gone (nobody will send STOP)."""
+    process when rank 0, which started it, is gone (nobody will send STOP)."""
     key = f"moska/heartbeat/{groups.rank}"
     while not stop.wait(HEARTBEAT_S):
-        if parent_pid is not None and os.getppid() != parent_pid:
+        if parent is not None and parent.parent_gone():
             os._exit(1)
         try:
             groups.store.add(key, 1)

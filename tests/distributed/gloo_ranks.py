@@ -71,13 +71,11 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 60.0, collective_s: floa
     with the Triton kernels. Raises AssertionError naming the rank
     on a failure, and TimeoutError when ``timeout_s`` passes first.
     """
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx = forkserver_context()
     results = ctx.Queue()
     store = os.path.join(tempfile.mkdtemp(prefix="moska-gloo-"), "store")
     procs = []
-    saved, restored, finished = os.environ.get("TRITON_INTERPRET"), False, False
-    os.environ["TRITON_INTERPRET"] = "0"
+    finished = False
     try:
         for rank in range(world):
             p = ctx.Process(
@@ -85,8 +83,6 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 60.0, collective_s: floa
             )
             p.start()
             procs.append(p)
-        _restore(saved)
-        restored = True
         out: dict[int, object] = {}
         deadline = time.monotonic() + timeout_s
         while len(out) < world:
@@ -107,14 +103,30 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 60.0, collective_s: floa
         finished = True
         return [out[r] for r in range(world)]
     finally:
-        if not restored:
-            _restore(saved)
         for p in procs:  # after a failure the others may wait in a collective: no grace
             p.join(timeout=10 if finished else 0)
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+
+
+def forkserver_context():
+    """The forkserver context, its server started (unless running) with PRELOAD imported and
+    TRITON_INTERPRET=0, which every child forked from it inherits: the kernels are decorated
+    without the interpreter, so on the CPU their launchers run the PyTorch references. The
+    engine tests' ranks (tests/distributed/conftest.py) and `run_ranks` fork from it."""
+    from multiprocessing import forkserver
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        forkserver.ensure_running()  # the server's environment is the one at its start
+    finally:
+        _restore(saved)
+    return ctx
 
 
 def _restore(saved: str | None) -> None:

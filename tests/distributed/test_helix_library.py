@@ -1,8 +1,8 @@
 """Helix with libraries, and a killed rank, on the real engine path (`LLMEngine.from_model(
 ..., helix=True)`: rank 0 here, rank 1 started by `DistributedRuntime.start`, its monitor and
 heartbeats), 2 ranks (KVP 2 x TPA 1) on the tiny Llama, gloo. The rank is forked from the
-gloo_ranks forkserver (torch and the engine imported once) instead of spawned (a fresh
-interpreter: ~7 s of imports on 2 loaded cores); nothing else differs.
+gloo_ranks forkserver (conftest.py: torch and the engine imported once) instead of spawned (a
+fresh interpreter: ~7 s of imports on 2 loaded cores); nothing else differs.
 
 Each rank holds the library's KV (replicated) and attends its half of every layer's
 selections, merged with its shard of the unique KV by LSE before the all-to-all: fp32 logits
@@ -20,11 +20,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
-from gloo_ranks import PRELOAD
 from helix_support import CHUNK, DOCS, LIB_PROMPTS, greedy_library, library_logits
 from tp_support import build_checkpoint, engine_kwargs, rel_err
 
@@ -39,20 +37,8 @@ from moska.routing.policy import RoutingPolicy
 pytestmark = pytest.mark.timeout(90)
 
 
-def _forked_rank(rdv, rank, _spawner_pid, *args) -> None:
-    """`run_helix_rank` in a forkserver child: its parent (watched by its heartbeat, which
-    exits when the parent is gone) is the forkserver, not the process that started it."""
-    from moska.distributed.helix_engine import run_helix_rank
-
-    run_helix_rank(rdv, rank, os.getppid(), *args)
-
-
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    from moska.distributed import helix_engine, runtime
-
     base = tmp_path_factory.mktemp("helixlib")
     path = str(build_checkpoint(base / "m", seed=6))
     kw = engine_kwargs("cpu", library_root=str(base / "libraries"))
@@ -61,13 +47,7 @@ def engines(tmp_path_factory):
     ref.libraries.build("docs", DOCS, chunk_size=CHUNK)
     ape = IndependentOptions(temperature=1.5, log_scale=0.7)  # the library part tempered
     ref.libraries.build("ape", DOCS, chunk_size=CHUNK, mode="independent", independent=ape)
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "0")  # the forkserver's, if this starts it
-        patch.setattr(runtime, "mp", SimpleNamespace(get_context=lambda _kind: ctx))
-        patch.setattr(helix_engine, "run_helix_rank", _forked_rank)
-        helix = LLMEngine.from_model(path, **kw, helix=True, decode_context_parallel_size=2)
+    helix = LLMEngine.from_model(path, **kw, helix=True, decode_context_parallel_size=2)
     try:
         yield ref, helix
     finally:
