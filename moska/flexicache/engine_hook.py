@@ -9,7 +9,7 @@ classifies the head, and reads only the head's kept pages through `paged_decode_
 Requests keep their state across steps by request id; `release` drops it.
 
 Memory is real once a request is classified (its second ranking): `begin` hands the request's
-full pages before the recent window to FlexiCache (`_Offload`): their K/V go to host memory
+full pages before the recent window to FlexiCache (`Offload`): their K/V go to host memory
 (pinned on CUDA), each head's kept pages (a stable head: top-K and sink pages; an unstable
 head: all) go to a per-head page pool carved out of the block cache (blocks the request
 reserves from the block manager; a page of head h may sit in any head's slice of a pool
@@ -25,6 +25,13 @@ unstable heads need for them), so a long decode keeps only top-K + recent pages 
 heads on the device. Offload needs rank_by="centroid" (page mean keys of host pages stay on
 the device). Not yet: P/D transfer and SemShareKV with FlexiCache are untested (they read a
 request's blocks at prefill, before its hand-off).
+
+Waits on the device (`host_reads.py` counts them; `moska/bench/flexicache_engine_reads.py`):
+a re-ranking step reads nothing back: every offloaded request's slot allocation, evictions
+and fetches of a layer are issued at once (`OffloadBatch.sync`: slots picked on the device
+from the slot maps, fetch lists padded to a bound the host knows, pages read from the pinned
+host copies in place), and later hand-offs size their pools from the head classes read at
+the first one. A step with first hand-offs reads their head classes once (one read for all).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch
 
 from moska.flexicache import policy
 from moska.flexicache.config import FlexiCacheConfig
-from moska.flexicache.offload import Offload, pool_blocks_needed
+from moska.flexicache.offload import Offload, OffloadBatch, pool_blocks_needed
 from moska.flexicache.transfer import to_device
 
 
@@ -50,6 +57,8 @@ class _RequestState:
     off: Offload | None = None  # its pages on the host and in the pool, once handed off
     keep_all: bool = False  # a hand-off would save no block: never tried again
     next_extend: int = 0  # pages before the recent window at which a later hand-off is tried
+    n_stable: list[int] | None = None  # stable heads per layer, read at `ranked` (hand-off)
+    n_stable_at: int = -1
 
 
 class FlexiEngine:
@@ -80,8 +89,17 @@ class FlexiEngine:
         self.released_blocks = 0
         self.offloads = 0
         self.mixed_steps = 0  # steps with prefills that patched offloaded decode rows
-        self.fetched_pages = 0  # of released requests (re-rankings' host -> pool copies)
-        self.evicted_pages = 0
+        # re-rankings' host -> pool copies and evictions, every request's, on the device
+        self._fetched = torch.zeros((), dtype=torch.int64, device=device)
+        self._evicted = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def fetched_pages(self) -> int:
+        return int(self._fetched)
+
+    @property
+    def evicted_pages(self) -> int:
+        return int(self._evicted)
 
     def attach(self, block_manager, cache) -> None:
         """Offload for real: classified requests hand their old pages to the host and
@@ -113,8 +131,9 @@ class FlexiEngine:
                 )
             states.append(st)
         if self.blocks is not None:
+            self._read_classes([st for st, n in zip(states, seq_lens) if self._may_hand_off(st, n)])
             for i, (rid, st) in enumerate(zip(request_ids, states)):
-                if st.off is None and st.ranked >= 2 and not st.keep_all:
+                if self._may_hand_off(st, seq_lens[i]):
                     self._hand_off(rid, st, seq_lens[i])
                 elif st.off is not None:
                     self._extend(rid, st, seq_lens[i])
@@ -142,13 +161,29 @@ class FlexiEngine:
             rows,
         )
 
+    def _may_hand_off(self, st: _RequestState, seq_len: int) -> bool:
+        n_pages = -(-seq_len // self.block_size)
+        return (
+            st.off is None and st.ranked >= 2 and not st.keep_all and self.cfg.long_enough(n_pages)
+        )
+
+    def _read_classes(self, states: list[_RequestState]) -> None:
+        """The stable heads per layer of the requests that may hand off now and were
+        re-ranked since they were last read: one host read for all of them (their pool's
+        size; the classes stay fixed after the hand-off)."""
+        todo = [st for st in states if st.n_stable_at != st.ranked]
+        if not todo:
+            return
+        counts = torch.stack([st.stable.sum(1) for st in todo]).tolist()  # one wait
+        for st, n in zip(todo, counts):
+            st.n_stable, st.n_stable_at = n, st.ranked
+
     def _hand_off(self, rid: str, st: _RequestState, seq_len: int) -> None:
         cfg, bm = self.cfg, self.blocks
         n_pages = -(-seq_len // self.block_size)
         pages = n_pages - cfg.recent_pages  # full pages before the recent window
-        if not cfg.long_enough(n_pages):
-            return
-        need = pool_blocks_needed(cfg, st.stable, pages)
+        assert st.n_stable is not None
+        need = pool_blocks_needed(cfg, st.n_stable, self.num_kv_heads, pages)
         if pages - need < self.min_saving:
             st.keep_all = True
             return
@@ -159,7 +194,9 @@ class FlexiEngine:
         if pool is None:  # no free block for the pool now: try at the next step
             return
         keep = self._keep(st, n_pages, pages)
-        st.off = Offload(self.cache.k, self.cache.v, table, keep, pool)
+        st.off = Offload(
+            self.cache.k, self.cache.v, table, keep, pool, st.n_stable, cfg.top_k_pages
+        )
         self.released_blocks += bm.release_blocks(rid, pages)
         self.offloads += 1
 
@@ -184,7 +221,7 @@ class FlexiEngine:
         pages = n_pages - cfg.recent_pages
         if pages - off.pages < max(self.extend_pages, st.next_extend - off.pages):
             return
-        more = pool_blocks_needed(cfg, st.stable, pages) - len(off.pool)
+        more = pool_blocks_needed(cfg, off.n_stable, self.num_kv_heads, pages) - len(off.pool)
         if pages - off.pages - max(more, 0) < self.min_saving:
             st.next_extend = pages + self.extend_pages  # no saving now: try again later
             return
@@ -195,17 +232,14 @@ class FlexiEngine:
         if pool is None:
             return
         keep = self._keep(st, n_pages, pages)
-        off.extend(self.cache.k, self.cache.v, table, keep, pool)
+        self._evicted += off.extend(self.cache.k, self.cache.v, table, keep, pool)
         self.released_blocks += bm.release_blocks(rid, pages)
         self.extensions += 1
 
     def release(self, request_id: str) -> None:
         """Forget a request (finished, aborted or preempted): its host copy goes; its pool
         blocks are the block manager's to free."""
-        st = self.requests.pop(request_id, None)
-        if st is not None and st.off is not None:
-            self.fetched_pages += st.off.fetched_pages
-            self.evicted_pages += st.off.evicted_pages
+        self.requests.pop(request_id, None)
 
     def host_bytes(self) -> int:
         return sum(st.off.host_bytes() for st in self.requests.values() if st.off is not None)
@@ -224,7 +258,8 @@ class FlexiEngine:
             "released_blocks": self.released_blocks,
             "pool_blocks": sum(len(o.pool) for o in offs),
             "host_bytes": self.host_bytes(),
-            "fetched_pages": self.fetched_pages + sum(o.fetched_pages for o in offs),
+            "fetched_pages": self.fetched_pages,
+            "evicted_pages": self.evicted_pages,
         }
 
 
@@ -240,10 +275,15 @@ class FlexiStep:
         self.rows = rows  # query rows in a mixed step (`patch`), None: every row
         self.block_tables = block_tables.long().clamp(min=0)  # released blocks: -1
         self.offs = [(i, st.off) for i, st in enumerate(states) if st.off is not None]
+        # their slot maps, padded and stacked once per step (not per request and layer)
+        self.batch = OffloadBatch([off for _, off in self.offs]) if self.offs else None
+        self.off_rows = to_device([i for i, _ in self.offs], dev)
         n_pages = [-(-s // bs) for s in seq_lens]
         self.due = [st.steps % cfg.rerank_interval == 0 for st in states]
         for st, due in zip(states, self.due):
             st.ranked += due
+        self.due_offs = [j for j, (i, _) in enumerate(self.offs) if self.due[i]]
+        self.due_rows = to_device([self.offs[j][0] for j in self.due_offs], dev)
         # through pinned memory: torch.tensor(..., device="cuda") waits for the device
         self.due_t = to_device(self.due, dev, torch.bool)
         self.active = to_device([cfg.long_enough(n) for n in n_pages], dev, torch.bool)
@@ -280,8 +320,8 @@ class FlexiStep:
                 scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)
             cand = policy.candidates(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
             new_top, new_stable, _ = policy.rerank(scores, cand, top, cfg.threshold)
-            for i, _off in self.offs:  # head classes fixed once offloaded (the pool's size)
-                new_stable[i] = stable[i]
+            if self.offs:  # head classes fixed once offloaded (the pool's size)
+                new_stable[self.off_rows] = stable[self.off_rows]
             top = torch.where(self.due_t[:, None, None], new_top, top)
             stable = torch.where(self.due_t[:, None], new_stable, stable)
             for i, st in enumerate(self.states):
@@ -293,10 +333,16 @@ class FlexiStep:
         hkv = keep.shape[1]
         heads = torch.arange(hkv, device=keep.device)
         slots = self.block_tables[:, None, :] * hkv + heads[None, :, None]  # [B, Hkv, P]
-        for i, off in self.offs:  # released pages live in the request's pool slots
-            if self.due[i]:
-                off.sync(layer, keep[i, :, : off.pages], eng.cache.k, eng.cache.v)
-            slots[i, :, : off.pages] = off.slot[layer]
+        if self.batch is not None:  # released pages live in the requests' pool slots
+            b = self.batch
+            if self.due_offs:  # every due request's fetches and evictions of this layer at once
+                keep_d = keep[self.due_rows]
+                fetched, evicted = b.sync(self.due_offs, layer, keep_d, eng.cache.k, eng.cache.v)
+                eng._fetched += fetched
+                eng._evicted += evicted
+            part = slots[self.off_rows, :, : b.pm]
+            on = b.cols[:, None, :]
+            slots[self.off_rows, :, : b.pm] = torch.where(on, b.slot[:, layer], part)
         tables, lens = policy.head_lists(keep, slots, self.seq_lens, eng.block_size)
         eng._kept += keep.sum()
         eng._total += self.n_pages.sum() * keep.shape[1]

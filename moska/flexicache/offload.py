@@ -4,21 +4,110 @@ cache. A pool block of the cache [N, bs, Hkv, D] holds Hkv page slots per layer;
 `block * Hkv + j` is head j's slice of the block, and any head's page may use any slot (the
 kernel reads them with `slot_heads=True`). Its blocks are the request's reserved blocks in
 the block manager, so they are counted against the same budget as every other KV block.
+
+Nothing here reads a device value on the host (a wait on CUDA): which slots are free is read
+from the slot map itself (`assign_slots`, no host free list), fetch lists are padded to a
+bound the host knows (a head's classes are fixed after the hand-off, so only a stable head
+fetches, at most top-K pages; an unstable head keeps every page resident), and the pages are
+read from the pinned host copy in place by `gather_rows` on CUDA (an index on the CPU). A
+re-ranking step makes every offloaded request's kept pages of a layer resident at once
+(`sync_layer`, batched over the requests).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moska.flexicache.config import FlexiCacheConfig
+from moska.flexicache.transfer import to_device
 
 
-def pool_blocks_needed(cfg: FlexiCacheConfig, stable: torch.Tensor, pages: int) -> int:
-    """Pool blocks for `pages` offloaded pages under the head classes `stable` [L, Hkv]: an
-    unstable head keeps all of them, a stable one at most top-K plus the sink pages."""
-    hkv = stable.shape[1]
-    per_head = torch.where(stable, min(pages, cfg.top_k_pages + cfg.sink_pages), pages)
-    return -(-int(per_head.sum(1).max()) // hkv)
+def pool_blocks_needed(cfg: FlexiCacheConfig, n_stable: list[int], hkv: int, pages: int) -> int:
+    """Pool blocks for `pages` offloaded pages when layer l has `n_stable[l]` stable heads of
+    `hkv`: an unstable head keeps all of them, a stable one at most top-K plus the sink pages
+    (host arithmetic: the classes are read once, at the hand-off)."""
+    per = min(pages, cfg.top_k_pages + cfg.sink_pages)
+    return -(-max(s * per + (hkv - s) * pages for s in n_stable) // hkv)
+
+
+def assign_slots(
+    lslot: torch.Tensor,  # [R, Hkv, P] int64 pool-local slots (-1: not resident), in place
+    keep: torch.Tensor,  # [R, Hkv, P] bool: pages kept now
+    cap: torch.Tensor,  # [R] slots in each row's pool
+    n_cap: int,  # >= every cap (host)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Give the kept pages that are not resident slots, on the device. A page no longer kept
+    keeps its slot (hysteresis) unless the needed pages outnumber the free slots: then the
+    first such idle pages in (head, page) order are evicted, as many as are short. The i-th
+    needed page in (head, page) order takes the i-th free slot. The pool holds every kept
+    page (sized so at the hand-off). Returns (need [R, Hkv * P] bool, each page's new slot
+    [R, Hkv * P] (valid where `need`), evicted pages [R])."""
+    r = lslot.shape[0]
+    flat = lslot.view(r, -1)
+    keep_f = keep.reshape(r, -1)
+    res = flat >= 0
+    need, idle = keep_f & ~res, res & ~keep_f
+    if n_cap == 0:
+        return need, flat.clone(), need.new_zeros(r, dtype=torch.int64)
+    in_pool = torch.arange(n_cap, device=flat.device)[None, :] < cap[:, None]
+
+    def free() -> torch.Tensor:  # [R, n_cap] bool
+        occ = torch.zeros(r, n_cap + 1, dtype=torch.int64, device=flat.device)
+        occ.scatter_(1, torch.where(flat >= 0, flat, n_cap), 1)
+        return in_pool & (occ[:, :n_cap] == 0)
+
+    short = need.sum(1) - free().sum(1)
+    evict = idle & (idle.cumsum(1) <= short[:, None])
+    flat.masked_fill_(evict, -1)
+    free_cum = free().cumsum(1)
+    new = torch.searchsorted(free_cum, need.cumsum(1)).clamp(max=n_cap - 1)
+    flat.copy_(torch.where(need, new, flat))
+    return need, new, evict.sum(1)
+
+
+def first_needed(need: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order [R, limit]: the needed entries of each row first, in order; used [R, limit]:
+    which of them are needed): a fetch list padded to a length the host knows."""
+    order = (~need).to(torch.int8).argsort(dim=1, stable=True)[:, :limit]
+    return order, need.gather(1, order)
+
+
+def gather_pages(src: torch.Tensor, idx: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """src[idx] [n, row] on idx's device, for the `used` entries (the others hold anything).
+    `src` [rows, row] may be pinned host memory: on CUDA read in place by `gather_rows` (no
+    host gather, the indices stay on the device); on the CPU an index."""
+    if src.device == idx.device:
+        return src[idx.clamp(0, src.shape[0] - 1)]
+    from moska.kernels.page_gather import gather_rows
+
+    out = torch.empty(idx.numel(), *src.shape[1:], dtype=src.dtype, device=idx.device)
+    dst = torch.where(used, torch.arange(idx.numel(), device=idx.device), -1)
+    try:
+        gather_rows(src, idx, out, dst)
+    except (RuntimeError, ValueError):  # e.g. Triton refusing a host pointer: gather on the host
+        return src[idx.cpu().clamp(0, src.shape[0] - 1)].to(idx.device)  # a wait
+    return out
+
+
+def write_slots(cache: torch.Tensor, hkv: int, dst: torch.Tensor, rows, used) -> None:
+    """cache [N, bs, Hkv, D]: slot dst[i]'s page (block dst // Hkv, head slice dst % Hkv) =
+    rows[i] [bs * D] where `used`. A list padded to a length the host knows: the unused
+    entries write the first used entry's row again (the same value), or, none used, the
+    first entry's slot its own content, so none changes anything else."""
+    if not dst.numel():
+        return
+    _, bs, _, d = cache.shape
+    rows = rows.view(-1, bs, d)
+    first = used.to(torch.int64).argmax().view(1)
+    some = used.any().view(1)
+    d0 = torch.where(some, dst.gather(0, first), dst[:1])
+    r0 = torch.where(
+        some[:, None, None], rows.index_select(0, first), cache[d0 // hkv, :, d0 % hkv]
+    )
+    dst = torch.where(used, dst, d0)
+    rows = torch.where(used[:, None, None], rows, r0.to(rows.dtype))
+    cache[dst // hkv, :, dst % hkv] = rows.to(cache.dtype)
 
 
 class Offload:
@@ -29,46 +118,50 @@ class Offload:
         blocks: list[int],  # the request's blocks of pages 0..pages-1
         keep: torch.Tensor,  # [L, Hkv, pages] bool: pages each head keeps now
         pool: list[int],  # reserved blocks
+        n_stable: list[int],  # stable heads per layer (fixed from now on)
+        top_k: int,
     ) -> None:
         dev = k_cache[0].device
-        n_layers, hkv, pages = keep.shape
-        self.pages = pages
-        self.hkv = hkv
-        self.pool = pool
+        n_layers, hkv, _ = keep.shape
+        _, bs, _, d = k_cache[0].shape
+        self.hkv, self.n_stable, self.top_k = hkv, n_stable, top_k
+        self.pages = 0
+        self.pool: list[int] = []
         pin = dev.type == "cuda"
-        shape = (n_layers, pages, *k_cache[0].shape[1:])  # [L, pages, bs, Hkv, D]
+        # per (page, head) one contiguous row of bs * D: `gather_rows` reads it in place
+        shape = (n_layers, len(blocks), hkv, bs, d)
         self.host_k = torch.empty(shape, dtype=k_cache[0].dtype, pin_memory=pin)
         self.host_v = torch.empty(shape, dtype=k_cache[0].dtype, pin_memory=pin)
-        self.kmean = torch.empty(n_layers, hkv, pages, shape[-1], dtype=torch.float32, device=dev)
-        self.slot = torch.full((n_layers, hkv, pages), -1, dtype=torch.int64, device=dev)
-        slots = [b * hkv + j for b in pool for j in range(hkv)]
-        self.free = [list(reversed(slots)) for _ in range(n_layers)]
-        self.fetched_pages = 0
-        self.evicted_pages = 0
-        idx = torch.tensor(blocks, dtype=torch.int64, device=dev)
-        for layer in range(n_layers):
-            k, v = k_cache[layer][idx], v_cache[layer][idx]  # [pages, bs, Hkv, D]
-            self.host_k[layer].copy_(k)  # synchronous: `sync` reads it on the host
-            self.host_v[layer].copy_(v)
-            self.kmean[layer] = k.float().mean(1).transpose(0, 1)  # full pages
-            self._place(layer, keep[layer], k, v, k_cache, v_cache)
-        self.fetched_pages = 0  # the hand-off's own copies are not fetches
+        self.kmean = torch.empty(n_layers, hkv, 0, d, dtype=torch.float32, device=dev)
+        self.lslot = torch.full((n_layers, hkv, 0), -1, dtype=torch.int64, device=dev)
+        self.pool_t = torch.zeros(0, dtype=torch.int64, device=dev)  # local slot -> cache slot
+        self.extend(k_cache, v_cache, blocks, keep, pool)
 
     def host_bytes(self) -> int:
         return 2 * self.host_k.numel() * self.host_k.element_size()
 
+    @property
+    def capacity(self) -> int:
+        return len(self.pool) * self.hkv
+
+    def fetch_bound(self, layer: int) -> int:
+        """Pages a re-ranking of `layer` can fetch at most: its stable heads' top-K (every
+        other kept page is resident: sink pages, an unstable head's every page)."""
+        return min(self.n_stable[layer] * min(self.top_k, self.pages), self.capacity)
+
     def extend(self, k_cache, v_cache, blocks: list[int], keep: torch.Tensor, pool: list[int]):
-        """A later hand-off: the pages that left the recent window since (`blocks`, pages
-        `self.pages`.. on) join the host copy (its capacity doubles when full), the kept ones
-        (`keep` [L, Hkv, all pages]: a stable head's top-K and sink pages, an unstable
-        head's all) go to pool slots; `pool`: blocks reserved for the slots they need."""
-        dev = self.slot.device
+        """A hand-off (from no pages) or a later one: the pages that left the recent window
+        since (`blocks`, pages `self.pages`.. on) join the host copy (its capacity doubles
+        when full), the kept ones (`keep` [L, Hkv, all pages]: a stable head's top-K and sink
+        pages, an unstable head's all) go to pool slots from the cache; `pool`: blocks
+        reserved for the slots they need. Returns the pages evicted (a device count)."""
+        dev = self.lslot.device
         n_layers, hkv, total = keep.shape
         old, new = self.pages, len(blocks)
         assert total == old + new, (total, old, new)
+        pin = dev.type == "cuda"
         if total > self.host_k.shape[1]:
             cap = max(total, 2 * self.host_k.shape[1])
-            pin = dev.type == "cuda"
             for name in ("host_k", "host_v"):
                 t = getattr(self, name)
                 grown = torch.empty((n_layers, cap, *t.shape[2:]), dtype=t.dtype, pin_memory=pin)
@@ -76,63 +169,85 @@ class Offload:
                 setattr(self, name, grown)
         d = self.kmean.shape[-1]
         self.kmean = torch.cat([self.kmean, self.kmean.new_empty(n_layers, hkv, new, d)], 2)
-        self.slot = torch.cat([self.slot, self.slot.new_full((n_layers, hkv, new), -1)], 2)
+        self.lslot = torch.cat([self.lslot, self.lslot.new_full((n_layers, hkv, new), -1)], 2)
         self.pool += pool
-        slots = [b * hkv + j for b in pool for j in range(hkv)]
-        for free in self.free:
-            free[:0] = reversed(slots)
+        self.pool_t = to_device([b * hkv + j for b in self.pool for j in range(hkv)], dev)
         self.pages = total
-        idx = torch.tensor(blocks, dtype=torch.int64, device=dev)
-        fetched = self.fetched_pages
+        caps = torch.full((n_layers,), self.capacity, dtype=torch.int64, device=dev)
+        # the pages kept before are resident (the last re-ranking made them so): only the
+        # new pages are placed, from the cache
+        need, slot, evicted = assign_slots(self.lslot, keep, caps, self.capacity)
+        order, used = first_needed(need, min(new * hkv, self.capacity))
+        dst = self.pool_t[slot.gather(1, order)] if self.capacity else order
+        row = ((order % total) - old).clamp(min=0) * hkv + order // total  # [L, limit]
+        idx = to_device(blocks, dev)
         for layer in range(n_layers):
             k, v = k_cache[layer][idx], v_cache[layer][idx]  # [new, bs, Hkv, D]
-            self.host_k[layer, old:total].copy_(k)  # synchronous: `sync` reads it on the host
-            self.host_v[layer, old:total].copy_(v)
-            self.kmean[layer, :, old:] = k.float().mean(1).transpose(0, 1)
-            self._make_room(layer, keep[layer, :, :old], int(keep[layer, :, old:].sum()))
-            self._place(layer, keep[layer, :, old:], k, v, k_cache, v_cache, first=old)
-        self.fetched_pages = fetched  # the hand-off's own copies are not fetches
+            self.kmean[layer, :, old:] = k.float().mean(1).transpose(0, 1)  # full pages
+            for cache, host, x in ((k_cache, self.host_k, k), (v_cache, self.host_v, v)):
+                x = x.transpose(1, 2).contiguous()  # [new, Hkv, bs, D]
+                host[layer, old:total].copy_(x, non_blocking=pin)  # read later in stream order
+                if order.shape[1]:
+                    rows = x.view(new * hkv, -1)[row[layer]]
+                    write_slots(cache[layer], hkv, dst[layer], rows, used[layer])
+        return evicted.sum()
 
-    def _place(self, layer: int, need: torch.Tensor, k, v, k_cache, v_cache, first=0) -> None:
-        """Put the pages `need` [Hkv, n] (pages `first`.., not resident) into free slots,
-        reading them from `k`/`v` [n, bs, Hkv, D] (the host copy or, at a hand-off, the
-        cache)."""
-        idx = need.nonzero()  # [n, 2] (head, page)
-        n = idx.shape[0]
-        if not n:
-            return
-        free = self.free[layer]
-        assert len(free) >= n, "FlexiCache pool too small for the kept pages"
-        new = torch.tensor(free[-n:], dtype=torch.int64, device=self.slot.device)
-        del free[-n:]
-        h, p = idx[:, 0], idx[:, 1]
-        self.slot[layer, h, p + first] = new
-        blk, pos = new // self.hkv, new % self.hkv
-        hc, pc = h.to(k.device), p.to(k.device)
-        k_cache[layer][blk, :, pos] = k[pc, :, hc].to(k_cache[layer].device, non_blocking=True)
-        v_cache[layer][blk, :, pos] = v[pc, :, hc].to(v_cache[layer].device, non_blocking=True)
-        self.fetched_pages += n
 
-    def _make_room(self, layer: int, keep: torch.Tensor, n: int) -> None:
-        """Evict resident pages not in `keep` [Hkv, pages] until `n` slots are free."""
-        slot = self.slot[layer, :, : keep.shape[1]]
-        short = n - len(self.free[layer])
-        if short > 0:
-            victims = ((slot >= 0) & ~keep).nonzero()[:short]
-            h, p = victims[:, 0], victims[:, 1]
-            self.free[layer].extend(slot[h, p].tolist())
-            self.slot[layer, h, p] = -1
-            self.evicted_pages += victims.shape[0]
+class OffloadBatch:
+    """The offloaded requests of one decode step: their slot maps in cache slots, padded to
+    the longest ([R, L, Hkv, Pm], -1: not resident), built once per step; a re-ranking
+    layer's `sync` updates them."""
 
-    def sync(self, layer: int, keep: torch.Tensor, k_cache, v_cache) -> None:
-        """Make the pages `keep` [Hkv, pages] resident: fetch the missing ones from the host
-        copy into free slots; a resident page no longer kept keeps its slot until a fetch
-        finds no free one (then it is evicted), so a page that comes back is not fetched."""
-        slot = self.slot[layer]
-        resident = slot >= 0
-        need = keep & ~resident
-        n = int(need.sum())
-        if not n:
-            return
-        self._make_room(layer, keep, n)
-        self._place(layer, need, self.host_k[layer], self.host_v[layer], k_cache, v_cache)
+    def __init__(self, offs: list[Offload]) -> None:
+        self.offs = offs
+        hkv = offs[0].hkv
+        dev = offs[0].lslot.device
+        self.pm = max(o.pages for o in offs)
+        self.n_cap = max(o.capacity for o in offs)
+        self.cap = to_device([o.capacity for o in offs], dev)
+        pad_pool = [F.pad(o.pool_t, (0, self.n_cap - o.capacity), value=o.pool[0] * hkv)
+                    if o.pool else o.pool_t.new_zeros(self.n_cap) for o in offs]  # fmt: skip
+        self.pool = torch.stack(pad_pool)  # [R, n_cap] local -> cache slot
+        self.pages = to_device([o.pages for o in offs], dev)
+        self.cols = torch.arange(self.pm, device=dev)[None, :] < self.pages[:, None]  # [R, Pm]
+        lslot = torch.stack([F.pad(o.lslot, (0, self.pm - o.pages), value=-1) for o in offs])
+        self.slot = self._global(self.pool, lslot)  # [R, L, Hkv, Pm]
+
+    def _global(self, pool: torch.Tensor, lslot: torch.Tensor) -> torch.Tensor:
+        """Cache slots of the pool-local slots `lslot` [R, ...] of the pools `pool` [R, n_cap]."""
+        r = lslot.shape[0]
+        g = pool.gather(1, lslot.reshape(r, -1).clamp(0, max(self.n_cap - 1, 0)))
+        return torch.where(lslot >= 0, g.view(lslot.shape), -1)
+
+    def sync(self, rows: list[int], layer: int, keep: torch.Tensor, k_cache, v_cache):
+        """A re-ranking of `layer` for the requests `rows` (of this batch): make the pages
+        `keep` [len(rows), Hkv, >= Pm] resident, fetching the missing ones from the host
+        copies into free slots (evicting idle pages where the free slots are too few).
+        Returns (pages fetched, pages evicted) as device counts."""
+        offs = [self.offs[i] for i in rows]
+        dev = offs[0].lslot.device
+        hkv, pm = offs[0].hkv, self.pm
+        ix = to_device(rows, dev)
+        keep = keep[:, :, :pm] & self.cols[ix][:, None, :]
+        lslot = torch.stack([F.pad(o.lslot[layer], (0, pm - o.pages), value=-1) for o in offs])
+        need, slot, evicted = assign_slots(lslot, keep, self.cap[ix], self.n_cap)
+        for i, o in enumerate(offs):
+            o.lslot[layer] = lslot[i, :, : o.pages]
+        pool = self.pool[ix]
+        self.slot[ix, layer] = self._global(pool, lslot)
+        limits = [o.fetch_bound(layer) for o in offs]
+        limit = max(limits)
+        if not limit:
+            return need.new_zeros((), dtype=torch.int64), evicted.sum()
+        order, used = first_needed(need, limit)
+        used = used & (torch.arange(limit, device=dev)[None, :] < to_device(limits, dev)[:, None])
+        dst = pool.gather(1, slot.gather(1, order))  # [R, limit] cache slots
+        src = (order % pm) * hkv + order // pm  # rows of the host copy [pages * Hkv, bs * D]
+        for cache, name in ((k_cache, "host_k"), (v_cache, "host_v")):
+            got = [
+                gather_pages(getattr(o, name)[layer].view(-1, o.host_k.shape[-2:].numel()),
+                             src[i], used[i])
+                for i, o in enumerate(offs)
+            ]  # fmt: skip
+            write_slots(cache[layer], hkv, dst.reshape(-1), torch.cat(got), used.reshape(-1))
+        return used.sum(), evicted.sum()
