@@ -6,8 +6,10 @@ offloaded, the same kept pages read from the paged cache)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from moska import LLM
 from moska.bench.flexicache_engine_reads import run
 from moska.flexicache import FlexiCacheConfig
 from moska.flexicache.engine_hook import FlexiEngine
@@ -23,7 +25,8 @@ def _engine(llm, threshold: float, attach: bool) -> FlexiEngine:
         top_k_pages=2, recent_pages=1, sink_pages=1, threshold=threshold, rerank_interval=2
     )
     bm.free_listeners.clear()
-    eng = FlexiEngine(cfg, runner.mcfg.num_kv_layers, runner.num_kv_heads, 4, torch.device("cpu"))
+    dev = runner.cache.k[0].device
+    eng = FlexiEngine(cfg, runner.mcfg.num_kv_layers, runner.num_kv_heads, 4, dev)
     if attach:
         eng.attach(bm, runner.cache)
         eng.min_saving = 0
@@ -63,3 +66,15 @@ def test_engine_rerank_reads_with_stable_and_unstable_heads(flexi_llm):
     steps, _ = run(flexi_llm.engine, _prompts(4, 36), 10)
     assert 0 < eng.stats()["stable_fraction"] < 1
     _check_reads(eng, steps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_rerank_reads_nothing_back_on_cuda():
+    """On a GPU: pages fetched from the pinned host copies in place (`gather_rows`; its host
+    fallback would read), the same tokens as the modeled page lists."""
+    llm = LLM(
+        None, device="cuda", dtype="float32", num_kv_blocks=64, block_size=4,
+        flexicache="k=2,recent=1,sink=1,threshold=2,r=2",
+    )  # fmt: skip
+    test_engine_rerank_steps_read_nothing_back_and_equal_the_modeled_lists(llm)
+    assert llm.engine.runner.cache.k[0].is_cuda
