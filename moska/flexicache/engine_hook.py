@@ -92,6 +92,7 @@ class FlexiEngine:
         # re-rankings' host -> pool copies and evictions, every request's, on the device
         self._fetched = torch.zeros((), dtype=torch.int64, device=device)
         self._evicted = torch.zeros((), dtype=torch.int64, device=device)
+        self._batch: OffloadBatch | None = None  # the last step's, its slot maps to write back
 
     @property
     def fetched_pages(self) -> int:
@@ -116,6 +117,9 @@ class FlexiEngine:
         seq_lens: list[int],
         rows: torch.Tensor | None = None,  # their query rows in a mixed step
     ) -> FlexiStep:
+        if self._batch is not None:  # the last step's re-rankings into each request's map
+            self._batch.flush()
+            self._batch = None
         states = []
         for rid in request_ids:
             st = self.requests.get(rid)
@@ -275,15 +279,17 @@ class FlexiStep:
         self.rows = rows  # query rows in a mixed step (`patch`), None: every row
         self.block_tables = block_tables.long().clamp(min=0)  # released blocks: -1
         self.offs = [(i, st.off) for i, st in enumerate(states) if st.off is not None]
-        # their slot maps, padded and stacked once per step (not per request and layer)
-        self.batch = OffloadBatch([off for _, off in self.offs]) if self.offs else None
         self.off_rows = to_device([i for i, _ in self.offs], dev)
         n_pages = [-(-s // bs) for s in seq_lens]
         self.due = [st.steps % cfg.rerank_interval == 0 for st in states]
         for st, due in zip(states, self.due):
             st.ranked += due
-        self.due_offs = [j for j, (i, _) in enumerate(self.offs) if self.due[i]]
-        self.due_rows = to_device([self.offs[j][0] for j in self.due_offs], dev)
+        due_offs = [j for j, (i, _) in enumerate(self.offs) if self.due[i]]
+        self.due_rows = to_device([self.offs[j][0] for j in due_offs], dev)
+        # their slot maps, padded and stacked once per step (not per request and layer)
+        self.batch = None
+        if self.offs:
+            self.batch = eng._batch = OffloadBatch([off for _, off in self.offs], due_offs)
         # through pinned memory: torch.tensor(..., device="cuda") waits for the device
         self.due_t = to_device(self.due, dev, torch.bool)
         self.active = to_device([cfg.long_enough(n) for n in n_pages], dev, torch.bool)
@@ -335,9 +341,8 @@ class FlexiStep:
         slots = self.block_tables[:, None, :] * hkv + heads[None, :, None]  # [B, Hkv, P]
         if self.batch is not None:  # released pages live in the requests' pool slots
             b = self.batch
-            if self.due_offs:  # every due request's fetches and evictions of this layer at once
-                keep_d = keep[self.due_rows]
-                fetched, evicted = b.sync(self.due_offs, layer, keep_d, eng.cache.k, eng.cache.v)
+            if b.due:  # every due request's fetches and evictions of this layer at once
+                fetched, evicted = b.sync(layer, keep[self.due_rows], eng.cache.k, eng.cache.v)
                 eng._fetched += fetched
                 eng._evicted += evicted
             part = slots[self.off_rows, :, : b.pm]

@@ -194,24 +194,32 @@ class Offload:
 
 
 class OffloadBatch:
-    """The offloaded requests of one decode step: their slot maps in cache slots, padded to
-    the longest ([R, L, Hkv, Pm], -1: not resident), built once per step; a re-ranking
-    layer's `sync` updates them."""
+    """The offloaded requests of one decode step: their slot maps (pool-local and in cache
+    slots), padded to the longest ([R, L, Hkv, Pm], -1: not resident), built once per step.
+    A re-ranking layer's `sync` updates them for the requests `due` (indices into `offs`)
+    at once; `flush` writes the local maps back to each request once the step is done."""
 
-    def __init__(self, offs: list[Offload]) -> None:
-        self.offs = offs
+    def __init__(self, offs: list[Offload], due: list[int]) -> None:
+        self.offs, self.due = offs, due
         hkv = offs[0].hkv
         dev = offs[0].lslot.device
         self.pm = max(o.pages for o in offs)
         self.n_cap = max(o.capacity for o in offs)
-        self.cap = to_device([o.capacity for o in offs], dev)
         pad_pool = [F.pad(o.pool_t, (0, self.n_cap - o.capacity), value=o.pool[0] * hkv)
                     if o.pool else o.pool_t.new_zeros(self.n_cap) for o in offs]  # fmt: skip
         self.pool = torch.stack(pad_pool)  # [R, n_cap] local -> cache slot
-        self.pages = to_device([o.pages for o in offs], dev)
-        self.cols = torch.arange(self.pm, device=dev)[None, :] < self.pages[:, None]  # [R, Pm]
-        lslot = torch.stack([F.pad(o.lslot, (0, self.pm - o.pages), value=-1) for o in offs])
-        self.slot = self._global(self.pool, lslot)  # [R, L, Hkv, Pm]
+        pages = to_device([o.pages for o in offs], dev)
+        self.cols = torch.arange(self.pm, device=dev)[None, :] < pages[:, None]  # [R, Pm]
+        self.lslot = torch.stack([F.pad(o.lslot, (0, self.pm - o.pages), value=-1) for o in offs])
+        self.slot = self._global(self.pool, self.lslot)  # [R, L, Hkv, Pm]
+        self.dirty = False
+        if due:  # what every layer's `sync` of this step needs, on the device once
+            self.ix = to_device(due, dev)
+            self.cap = to_device([offs[i].capacity for i in due], dev)
+            self.due_pool, self.due_cols = self.pool[self.ix], self.cols[self.ix]
+            n_layers = offs[0].lslot.shape[0]
+            self.limits = [[offs[i].fetch_bound(lay) for i in due] for lay in range(n_layers)]
+            self.limits_t = to_device(torch.tensor(self.limits), dev)  # [L, len(due)]
 
     def _global(self, pool: torch.Tensor, lslot: torch.Tensor) -> torch.Tensor:
         """Cache slots of the pool-local slots `lslot` [R, ...] of the pools `pool` [R, n_cap]."""
@@ -219,35 +227,44 @@ class OffloadBatch:
         g = pool.gather(1, lslot.reshape(r, -1).clamp(0, max(self.n_cap - 1, 0)))
         return torch.where(lslot >= 0, g.view(lslot.shape), -1)
 
-    def sync(self, rows: list[int], layer: int, keep: torch.Tensor, k_cache, v_cache):
-        """A re-ranking of `layer` for the requests `rows` (of this batch): make the pages
-        `keep` [len(rows), Hkv, >= Pm] resident, fetching the missing ones from the host
-        copies into free slots (evicting idle pages where the free slots are too few).
-        Returns (pages fetched, pages evicted) as device counts."""
-        offs = [self.offs[i] for i in rows]
-        dev = offs[0].lslot.device
-        hkv, pm = offs[0].hkv, self.pm
-        ix = to_device(rows, dev)
-        keep = keep[:, :, :pm] & self.cols[ix][:, None, :]
-        lslot = torch.stack([F.pad(o.lslot[layer], (0, pm - o.pages), value=-1) for o in offs])
-        need, slot, evicted = assign_slots(lslot, keep, self.cap[ix], self.n_cap)
-        for i, o in enumerate(offs):
-            o.lslot[layer] = lslot[i, :, : o.pages]
-        pool = self.pool[ix]
-        self.slot[ix, layer] = self._global(pool, lslot)
-        limits = [o.fetch_bound(layer) for o in offs]
+    def sync(self, layer: int, keep: torch.Tensor, k_cache, v_cache):
+        """A re-ranking of `layer` for the `due` requests: make the pages `keep` [len(due),
+        Hkv, >= Pm] resident, fetching the missing ones from the host copies into free slots
+        (evicting idle pages where the free slots are too few). Returns (pages fetched,
+        pages evicted) as device counts."""
+        offs = [self.offs[i] for i in self.due]
+        hkv, pm, ix = offs[0].hkv, self.pm, self.ix
+        keep = keep[:, :, :pm] & self.due_cols[:, None, :]
+        lslot = self.lslot[ix, layer]  # [len(due), Hkv, Pm], a copy
+        need, slot, evicted = assign_slots(lslot, keep, self.cap, self.n_cap)
+        self.lslot[ix, layer] = lslot
+        self.slot[ix, layer] = self._global(self.due_pool, lslot)
+        self.dirty = True
+        limits = self.limits[layer]
         limit = max(limits)
         if not limit:
             return need.new_zeros((), dtype=torch.int64), evicted.sum()
         order, used = first_needed(need, limit)
-        used = used & (torch.arange(limit, device=dev)[None, :] < to_device(limits, dev)[:, None])
-        dst = pool.gather(1, slot.gather(1, order))  # [R, limit] cache slots
+        dev = order.device
+        used = used & (torch.arange(limit, device=dev)[None, :] < self.limits_t[layer][:, None])
+        dst = self.due_pool.gather(1, slot.gather(1, order))  # [len(due), limit] cache slots
         src = (order % pm) * hkv + order // pm  # rows of the host copy [pages * Hkv, bs * D]
+        fetching = [i for i, n in enumerate(limits) if n]  # requests whose stable heads fetch
+        sel = to_device(fetching, dev) if len(fetching) < len(limits) else None
+        if sel is not None:
+            dst, src, used = dst[sel], src[sel], used[sel]
         for cache, name in ((k_cache, "host_k"), (v_cache, "host_v")):
-            got = [
-                gather_pages(getattr(o, name)[layer].view(-1, o.host_k.shape[-2:].numel()),
-                             src[i], used[i])
-                for i, o in enumerate(offs)
-            ]  # fmt: skip
+            got = []
+            for j, i in enumerate(fetching):
+                host = getattr(offs[i], name)[layer]  # [capacity pages, Hkv, bs, D]
+                got.append(gather_pages(host.view(-1, host[0, 0].numel()), src[j], used[j]))
             write_slots(cache[layer], hkv, dst.reshape(-1), torch.cat(got), used.reshape(-1))
         return used.sum(), evicted.sum()
+
+    def flush(self) -> None:
+        """Each request's pool-local slot map from the step's (after its re-rankings)."""
+        if self.dirty:
+            for i in self.due:
+                o = self.offs[i]
+                o.lslot.copy_(self.lslot[i, :, :, : o.pages])
+            self.dirty = False
