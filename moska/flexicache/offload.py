@@ -160,7 +160,7 @@ class Offload:
         old, new = self.pages, len(blocks)
         assert total == old + new, (total, old, new)
         pin = dev.type == "cuda"
-        if total > self.host_k.shape[1]:
+        if total > self.host_k.shape[1]:  # the last extension's copies ended with its step
             cap = max(total, 2 * self.host_k.shape[1])
             for name in ("host_k", "host_v"):
                 t = getattr(self, name)
