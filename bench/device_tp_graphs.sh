@@ -9,6 +9,7 @@
 # Carry .whl when the device lacks the Python dependencies (installed as the session scripts do).
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+export MOSKA_TP_CUDA_GRAPHS=1  # TP CUDA graphs are opt-in until this run measures them
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl > /dev/null 2>&1; then

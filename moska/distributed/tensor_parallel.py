@@ -18,6 +18,7 @@ split as evenly as possible, so no size needs to divide N.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -187,8 +188,10 @@ class TensorParallelCausalLM(CausalLM):
     @property
     def graph_capturable(self) -> bool:
         """Whether decode steps may be CUDA graphs: with NCCL (its collectives are
-        captured); gloo stages tensors through the host, which a graph cannot hold."""
-        return self.comm.backend == "nccl"
+        captured); gloo stages tensors through the host, which a graph cannot hold. Opt-in
+        (MOSKA_TP_CUDA_GRAPHS=1) until a 2-GPU run has measured it: captured NCCL
+        collectives have hung elsewhere, and eager TP steps are slow but known to work."""
+        return self.comm.backend == "nccl" and os.environ.get("MOSKA_TP_CUDA_GRAPHS") == "1"
 
     def decode_graphs(self, **kw) -> Any:
         """The runner's DecodeGraphs for this rank, DecodeGraphs' arguments (model=this

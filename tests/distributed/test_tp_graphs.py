@@ -259,10 +259,14 @@ def test_graph_steps_match_one_process(results):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
-def test_tp_graphs_nccl(tmp_path):
+def test_tp_graphs_nccl(tmp_path, monkeypatch):
     """2 GPUs, NCCL, the spawned workers: decode steps replay CUDA graphs on both ranks
     and greedy tokens equal one GPU's eager engine."""
     from moska.engine.llm_engine import LLMEngine
+
+    monkeypatch.setenv(
+        "MOSKA_TP_CUDA_GRAPHS", "1"
+    )  # opt-in until measured (the workers inherit it)
 
     path = build_checkpoint(tmp_path / "m")
     kw = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 64, "max_num_seqs": 4,
