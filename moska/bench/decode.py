@@ -57,7 +57,9 @@ class BenchLibrary:
     mode: str = "prefix"  # requests continue after the library (routing's always-last chunk)
 
 
-def build_library_view(cache: PagedKVCache, lib_tokens: int, chunk: int, scorer: str, bs: int):
+def build_library_view(
+    cache: PagedKVCache, lib_tokens: int, chunk: int, scorer: str, bs: int, rank: int | None = None
+):
     from moska.kernels.router import build_routing_index
 
     nblk = lib_tokens // bs
@@ -67,7 +69,7 @@ def build_library_view(cache: PagedKVCache, lib_tokens: int, chunk: int, scorer:
     v_pools = [cache.v[l, :nblk].view(lib_tokens, hkv, d) for l in range(L)]
     routing = []
     if scorer != "all":
-        routing = [build_routing_index(k_pools[l], offsets) for l in range(L)]
+        routing = [build_routing_index(k_pools[l], offsets, rank=rank) for l in range(L)]
     return BenchLibrary(k_pools, v_pools, routing, offsets, lib_tokens // chunk, lib_tokens)
 
 
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unique-tokens", type=int, default=1024)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--scorer", default="two_stage")
+    ap.add_argument("--routing-rank", type=int, default=None,
+                    help="the routing index's rank (default head_dim // 4, as libraries)")  # fmt: skip
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
     ap.add_argument("--build-tokens", type=int, default=16384)
     ap.add_argument("--iters", type=int, default=5)
@@ -161,7 +165,9 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     for t in (cache.k, cache.v):
         for l in range(t.shape[0]):
             t[l].normal_()
-    lib = build_library_view(cache, args.library_tokens, args.chunk_size, args.scorer, bs)
+    lib = build_library_view(
+        cache, args.library_tokens, args.chunk_size, args.scorer, bs, args.routing_rank
+    )
     attention = PagedAttention(cache, kernel_ops("triton"), mcfg.sm_scale)
     model.kernels = kernel_ops("auto", DEV)  # norms, RoPE, SiLU-and-mul: Triton on CUDA
     kv_token_bytes = 2 * mcfg.num_kv_heads * mcfg.head_dim * 2  # k+v, bf16, one layer
@@ -265,6 +271,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
             "unique_tokens": args.unique_tokens,
             "top_k": args.top_k,
             "scorer": args.scorer,
+            "routing_rank": args.routing_rank or "head_dim // 4",
             "block_size": bs,
         },
         "ceilings": ceilings,
