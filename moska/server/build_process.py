@@ -7,7 +7,9 @@ engine thread, which needs the GIL between its own launches, starves: a stream d
 child process has an interpreter (and a GIL) of its own, so the engine thread never waits
 for it; the GPU or the cores are shared, the interpreter is not.
 
-How: the child is started with the 'spawn' context (CUDA cannot run in a forked child) and
+How: the child is started with the 'spawn' context (CUDA cannot run in a forked child;
+`use_build_context` puts another in place for a while: the tests fork builds from a forkserver
+that has imported torch once, where each spawned child pays seconds of CPU for it) and
 receives the model's state dict through torch.multiprocessing, without a copy: CPU tensors
 live in shared memory (moved there once, by `SharedModel.of`, when the build worker is made,
 before the engine steps: `share_memory_` swaps a storage in place and is unsafe beside a
@@ -17,6 +19,11 @@ alive (they are the engine's weights). The child rebuilds the model around them
 and saves the library into the store at a lower priority (on CUDA on a stream of its own)
 and reports progress over a pipe; the parent holds the name's reservation throughout and
 loads the finished library through the manager.
+
+The child stops at its next prefill piece once the server has gone: it watches the read end
+of a pipe whose only write end the server holds (`ParentLink`, as the distributed ranks do),
+which turns readable (EOF) however the server ends, under any start method (a forkserver
+child's parent is the forkserver, so the parent pid says nothing).
 
 Cancel: a cooperative stop (an event the child checks at every prefill piece), SIGTERM
 after `grace_s`, then SIGKILL. A child that dies (killed, out of memory) fails the build
@@ -36,11 +43,13 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moska.distributed.rank_processes import ContextFactory, ParentLink, open_parent_link
 from moska.library.errors import LibraryError
 from moska.library.prefill import ProgressHook
 
@@ -49,6 +58,33 @@ logger = logging.getLogger(__name__)
 BUILD_NICENESS = 10  # builds yield the CPU to the engine thread (Linux)
 CANCEL_GRACE_S = 2.0  # a cancelled child stops at its next prefill piece, or is killed
 _POLL_S = 0.1  # how often the parent looks at the job's cancel flag
+
+
+def _spawn() -> BaseContext:
+    import torch.multiprocessing as mp  # its reducers share the weights (SharedModel)
+
+    return mp.get_context("spawn")
+
+
+_factory: ContextFactory = _spawn
+
+
+def build_context() -> BaseContext:
+    """The multiprocessing context that starts build children (spawn unless a caller put
+    another in place with `use_build_context`)."""
+    return _factory()
+
+
+@contextlib.contextmanager
+def use_build_context(factory: ContextFactory) -> Iterator[None]:
+    """Start build children with `factory()`'s context inside the block (called at each
+    start), then with the one before. Not CUDA-safe unless it spawns."""
+    global _factory
+    saved, _factory = _factory, factory
+    try:
+        yield
+    finally:
+        _factory = saved
 
 
 class BuildCancelledError(Exception):
@@ -190,28 +226,31 @@ def run_build_process(
     total)` sees the child's progress and may raise to stop it; `cancelled` stops it
     (BuildCancelledError). The caller holds the name's reservation. Whatever happens, the
     child has ended and the store holds no temporary directory of it when this returns."""
-    import torch.multiprocessing as mp
+    import torch.multiprocessing  # noqa: F401 - its reducers share the weights (SharedModel)
 
     from moska.library.store import remove_stale_tmp_dirs
 
-    ctx = mp.get_context("spawn")
+    ctx = build_context()
     reader, writer = ctx.Pipe(duplex=False)
+    server_end, link = open_parent_link(ctx)  # open here while the child may run
     stop = ctx.Event()
-    proc = ctx.Process(
+    proc = ctx.Process(  # type: ignore[attr-defined]  # every context has Process
         target=_child_main,
-        args=(shared, spec, writer, stop, os.getpid()),
+        args=(shared, spec, writer, stop, link),
         name=f"moska-build-{spec.name}",
         daemon=True,  # ended with the server
     )
     try:
         proc.start()
         writer.close()  # the child's end only: EOF here once the child has gone
+        link.reader.close()  # the child's end only
         assert proc.pid is not None  # started
         on_start(proc.pid)
         return _supervise(proc, reader, cancelled, on_progress)
     finally:
         _stop(proc, stop, grace_s)
         reader.close()
+        server_end.close()
         remove_stale_tmp_dirs(spec.root)
 
 
@@ -283,11 +322,12 @@ def _stop(proc: Any, stop: Any, grace_s: float) -> None:
 
 
 def _child_main(
-    shared: SharedModel, spec: BuildSpec, conn: Connection, stop: Any, parent_pid: int
+    shared: SharedModel, spec: BuildSpec, conn: Connection, stop: Any, server: ParentLink
 ) -> None:
     """The child's entry point: build, save, answer ("done", info) or ("error", type,
     message, expected) on `conn`, exit. It stops at the next prefill piece when `stop` is
-    set or the server has gone (its parent pid changed)."""
+    set or the server has gone (`server`'s pipe at EOF)."""
+    server.adopt()
     try:
         os.setpriority(os.PRIO_PROCESS, 0, BUILD_NICENESS)  # before torch starts threads
     except (AttributeError, OSError):
@@ -304,7 +344,7 @@ def _child_main(
         hook = progress_hook(
             spec.max_tokens,
             lambda done, total: conn.send(("progress", done, total)),
-            lambda: stop.is_set() or os.getppid() != parent_pid,
+            lambda: stop.is_set() or server.parent_gone(),
         )
         kwargs: dict[str, Any] = {"on_progress": hook}
         if spec.prefill_tokens is not None:

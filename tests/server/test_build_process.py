@@ -1,18 +1,28 @@
 """Library builds in a child process (`server/build_process.py`) on the real tiny model: the
-same library as a build on a thread, progress, cancel, and a child killed mid-build."""
+same library as a build on a thread, progress, cancel, and a child killed mid-build.
+
+The first test's child is spawned (the server's default); the children of the cancel test
+fork from tests/distributed's preloaded forkserver (`use_build_context`): a spawned child
+pays ~2.6 s of CPU importing torch, and that test starts three."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from moska.engine.sampling_params import SamplingParams
+from moska.server.build_process import build_context, use_build_context
 from moska.server.build_worker import BuildJob, BuildWorker, JobStatus
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from gloo_ranks import forkserver_context  # the forkserver the distributed tests use
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,6 +41,14 @@ def engine(tmp_path_factory):
         num_kv_blocks=256,
         library_root=str(tmp_path_factory.mktemp("libraries")),
     )
+
+
+@pytest.fixture
+def forkserver_builds():
+    """Build children fork from the forkserver for one test (its PyTorch kernel references
+    are the CPU engine's own: the engine runs the "torch" table)."""
+    with use_build_context(forkserver_context):
+        yield
 
 
 def _worker(engine, **kwargs) -> BuildWorker:
@@ -65,6 +83,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_a_process_build_equals_a_thread_build(engine):
+    assert build_context().get_start_method() == "spawn"  # the server's default path
     manager = engine.libraries
     docs = [("a.txt", TEXT * 12), ("b.txt", "Lorem ipsum dolor sit amet. " * 8)]
     in_process, on_thread = _worker(engine), BuildWorker(manager, in_process=False)
@@ -102,7 +121,7 @@ def test_a_process_build_equals_a_thread_build(engine):
     assert outputs and outputs[-1].finished
 
 
-def test_cancel_and_a_killed_child(engine):
+def test_cancel_and_a_killed_child(engine, forkserver_builds):
     """Two builds at once, each in its own child. One child is killed (SIGKILL) mid-build:
     its job fails with a message naming no server path, its name and the store are clean,
     and the job queued behind it runs in its place (over the quota: its child answers with
