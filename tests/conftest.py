@@ -18,11 +18,29 @@ if "MOSKA_HOME" not in os.environ:
     os.environ["MOSKA_HOME"] = tempfile.mkdtemp(prefix="moska-test-home-")
 
 
+import pytest
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the Triton kernels launched while the test runs (the interpreter runs every
+    one of them: a kernel called past the kernel table is caught too)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: list[str] = []
+    run = InterpretedFunction.run
+
+    def record(self, *args, **kwargs):
+        seen.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    return seen
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark the CUDA-only tests (a skipif whose reason names CUDA) `cuda`, so one command runs
     them all on a GPU machine: `TRITON_INTERPRET=0 python -m pytest -q -m cuda`."""
-    import pytest
-
     for item in items:
         if any("CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
             item.add_marker(pytest.mark.cuda)

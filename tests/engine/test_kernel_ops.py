@@ -4,28 +4,12 @@ where Triton could run (the interpreter, TRITON_INTERPRET=1 from conftest)."""
 
 import pytest
 import torch
-from triton.runtime.interpreter import InterpretedFunction
 
 from moska import LLM, SamplingParams
 from moska.kernel_ops import kernel_ops
 from moska.model.reference import DenseAttention
 
 DOCS = [("a.md", "Shared context read by many requests, split into chunks. " * 4)]
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Names of the Triton kernels launched while the test runs (every launch, not only the
-    table's: a kernel called past the table is caught too)."""
-    seen: list[str] = []
-    run = InterpretedFunction.run
-
-    def record(self, *args, **kwargs):
-        seen.append(self.fn.__name__)
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", record)
-    return seen
 
 
 def test_torch_table_runs_no_triton(tmp_path, launches):

@@ -103,22 +103,6 @@ def test_all_chunks_states_equal_reference(engine, kind):
     assert rel_err(o, want) < 1e-4
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Names of the Triton kernels launched (the interpreter runs every one of them)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    seen: list[str] = []
-    run_kernel = InterpretedFunction.run
-
-    def record(self, *args, **kwargs):
-        seen.append(self.fn.__name__)
-        return run_kernel(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", record)
-    return seen
-
-
 def counting(ops):
     """``ops`` whose grouped_shared counts its calls (one call = one grouped launch)."""
     calls: list[int] = []

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from test_composition import counting
 
 from moska.attention.composed import composed_group_states
 from moska.attention.metadata import LibraryGroup
@@ -72,33 +73,6 @@ def merged(ops, q, group, layer, own_k, own_v, sm_scale):
     o_base = torch.einsum("ths,shd->thd", torch.softmax(s, -1), own_v.repeat_interleave(G, 1))
     o, _ = ops.merge_selections(o_base, torch.logsumexp(s, -1), o_sel, lse_sel, sel)
     return o, sel
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Names of the Triton kernels launched (the interpreter runs every one of them)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    seen: list[str] = []
-    run_kernel = InterpretedFunction.run
-
-    def record(self, *args, **kwargs):
-        seen.append(self.fn.__name__)
-        return run_kernel(self, *args, **kwargs)
-
-    monkeypatch.setattr(InterpretedFunction, "run", record)
-    return seen
-
-
-def counting(ops):
-    """``ops`` whose grouped_shared counts its calls (one call = one grouped launch)."""
-    calls: list[int] = []
-
-    def grouped_shared(*args, **kwargs):
-        calls.append(1)
-        return ops.grouped_shared(*args, **kwargs)
-
-    return dataclasses.replace(ops, grouped_shared=grouped_shared), calls
 
 
 def test_tiered_slots_are_arena_rows(engines):
