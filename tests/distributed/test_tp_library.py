@@ -24,11 +24,13 @@ from tp_support import (
     build_checkpoint,
     engine_kwargs,
     greedy,
+    prefill_inputs,
     prefill_logits,
     rel_err,
 )
+from tp_support import greedy_library as shared_greedy_library
 
-from moska.attention.metadata import AttentionMetadata, LibraryGroup
+from moska.attention.metadata import LibraryGroup
 from moska.distributed.errors import (
     RankFailedError,
     TensorParallelBuildError,
@@ -79,47 +81,20 @@ def library_logits(engine, name: str, top_k: int, policy: RoutingPolicy) -> torc
     reads it), through the engine's model and attention (the engine must be idle)."""
     lib = engine.libraries.acquire(name)
     try:
-        runner, bs = engine.runner, engine.config.block_size
-        dev = runner.device
-        ids, pos, slots, cu, lens, tables, block = [], [], [], [0], [], [], 0
-        for p in PROMPTS:
-            n = -(-len(p) // bs)
-            table = list(range(block, block + n))
-            block += n
-            ids += p
-            pos += range(lib.position_offset, lib.position_offset + len(p))
-            slots += [table[i // bs] * bs + i % bs for i in range(len(p))]
-            cu.append(len(ids))
-            lens.append(len(p))
-            tables.append(table + [0] * (2 - n))
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            cu_q_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            decode_only=False,
+        runner = engine.runner
+        ids, pos, meta = prefill_inputs(
+            PROMPTS, engine.config.block_size, runner.device, lib.position_offset
         )
-        rows = torch.arange(len(ids), device=dev)
+        rows = torch.arange(len(ids), device=runner.device)
         meta.groups.append(LibraryGroup(lib, rows, top_k, policy=policy, all_rows=True))
-        x = torch.tensor(ids, device=dev)
-        hidden = runner.model(x, torch.tensor(pos, device=dev), runner.attention.bind(meta))
+        hidden = runner.model(ids, pos, runner.attention.bind(meta))
         return runner.model.compute_logits(hidden)
     finally:
         engine.libraries.release(lib)
 
 
 def greedy_library(engine, name: str, max_tokens: int, top_k: int | None, routing=None):
-    for i, p in enumerate(PROMPTS):
-        params = SamplingParams(
-            max_tokens=max_tokens + i, temperature=0.0, ignore_eos=True, routing=routing
-        )
-        engine.add_request(f"lib{i}", p, params, library=name, top_k_chunks=top_k)
-    out: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                out[o.request_id] = list(o.outputs[0].token_ids)
-    return out
+    return shared_greedy_library(engine, PROMPTS, name, max_tokens, top_k, routing)
 
 
 def test_logits_equal_one_process(setup):

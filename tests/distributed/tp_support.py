@@ -88,37 +88,59 @@ def engine_kwargs(device: str, **extra) -> dict:
             "enable_prefix_caching": False, **extra}  # fmt: skip
 
 
-@torch.inference_mode()
-def prefill_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
-    """Logits [sum of prompt lengths, V] fp32 of one prefill forward of `prompts` through
-    the engine's model and paged attention (blocks 0.. in order; the engine must be idle)."""
+def prefill_inputs(prompts: list[list[int]], bs: int, dev, offset: int = 0):
+    """(token ids, positions, AttentionMetadata) of one prefill forward of `prompts` in KV
+    blocks 0.. in order, positions from `offset` (a library's position_offset after it)."""
     from moska.attention.metadata import AttentionMetadata
 
-    runner, bs = engine.runner, engine.config.block_size
-    dev = runner.device
-    ids, pos, slots, cu, lens, tables = [], [], [], [0], [], []
-    block = 0
+    ids, pos, slots, cu, lens, tables, block = [], [], [], [0], [], [], 0
     width = max(-(-len(p) // bs) for p in prompts)
     for p in prompts:
         n = -(-len(p) // bs)
         table = list(range(block, block + n))
         block += n
         ids += p
-        pos += range(len(p))
+        pos += range(offset, offset + len(p))
         slots += [table[i // bs] * bs + i % bs for i in range(len(p))]
         cu.append(len(ids))
         lens.append(len(p))
         tables.append(table + [0] * (width - n))
+
+    def t(x, dtype):
+        return torch.tensor(x, dtype=dtype, device=dev)
+
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-        cu_q_lens=torch.tensor(cu, dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+        t(slots, torch.int64), t(cu, torch.int32), t(lens, torch.int32), t(tables, torch.int32),
         decode_only=False,
-    )
-    ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
-    hidden = runner.model(ids_t, torch.tensor(pos, device=dev), runner.attention.bind(meta))
+    )  # fmt: skip
+    return t(ids, torch.int64), t(pos, torch.int64), meta
+
+
+@torch.inference_mode()
+def prefill_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
+    """Logits [sum of prompt lengths, V] fp32 of one prefill forward of `prompts` through
+    the engine's model and paged attention (blocks 0.. in order; the engine must be idle)."""
+    runner = engine.runner
+    ids, pos, meta = prefill_inputs(prompts, engine.config.block_size, runner.device)
+    hidden = runner.model(ids, pos, runner.attention.bind(meta))
     return runner.model.compute_logits(hidden)
+
+
+def greedy_library(engine, prompts, name: str, max_tokens: int, top_k: int | None, routing=None):
+    """Greedy completions of `prompts` reading library `name`, run together."""
+    from moska.engine.sampling_params import SamplingParams
+
+    for i, p in enumerate(prompts):
+        params = SamplingParams(
+            max_tokens=max_tokens + i, temperature=0.0, ignore_eos=True, routing=routing
+        )
+        engine.add_request(f"lib{i}", p, params, library=name, top_k_chunks=top_k)
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = list(o.outputs[0].token_ids)
+    return out
 
 
 def greedy(engine, prompts: list[list[int]], max_tokens: int) -> dict[str, list[int]]:
