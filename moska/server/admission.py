@@ -92,7 +92,7 @@ class Decision:
             drain = self.library_drain_of(body_bytes)
         if drain is None:
             return self
-        return replace(self, retry_after_s=_retry_after(drain), drain_s=drain)
+        return replace(self, retry_after_s=retry_drain.retry_after(drain), drain_s=drain)
 
     def retry_headers(self) -> dict[str, str]:
         """The 429's `Retry-After` (whole seconds) and `retry-after-ms`."""
@@ -280,7 +280,9 @@ class AdmissionController:
         pred = self.predict(cost, load, num_requests, target)
         ttft = pred.ttft_s + max(0.0, elapsed_s)
         if queue_full:
-            return Decision(Verdict.QUEUE_FULL, ttft, _retry_after(pred.queue_s), pred.queue_s)
+            return Decision(
+                Verdict.QUEUE_FULL, ttft, retry_drain.retry_after(pred.queue_s), pred.queue_s
+            )
         idle = not load.waiting and not load.running and not self.door.inside
         # An idle server admits: waiting cannot help, and the estimates only learn from
         # work that runs (a prior that errs slow must not lock a request type out). Not
@@ -312,7 +314,7 @@ class AdmissionController:
             state = (self._log_slowdown, self._log_var)
         fall, wait = FactorFall(*state, self.slowdown_alpha, self.deviations), self.door.wait_s
         drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=wait, shared_s=shared, fall=fall)
-        return _retry_after(drain), drain
+        return retry_drain.retry_after(drain), drain
 
     def _typical_cost(self) -> RequestCost:
         with self._lock:
@@ -394,11 +396,3 @@ class AdmissionController:
         with self._lock:
             self._shed_memo = (now, inside, result)
         return result
-
-
-def _retry_after(seconds: float) -> int:
-    """Whole seconds for the header: rounded (the drain estimate is the point, ceil would
-    double a one-second drain), at least 1."""
-    if not math.isfinite(seconds):
-        return 3600
-    return max(1, round(seconds))

@@ -48,6 +48,14 @@ class Predict(Protocol):
     def __call__(self, new: RequestCost, load: Load, num_requests: int = ...) -> Prediction: ...
 
 
+def retry_after(seconds: float) -> int:
+    """Whole seconds for the Retry-After header: rounded (the drain estimate is the point,
+    ceil would double a one-second drain), at least 1; an endless drain says an hour."""
+    if not math.isfinite(seconds):
+        return 3600
+    return max(1, round(seconds))
+
+
 def door_admits(
     predict: Predict, typical: RequestCost, load: Load, inside: int, fits: float
 ) -> int:
