@@ -75,8 +75,8 @@ TINY = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidde
 class _FullKV:
     """Paged cache of B sequences, each `pages` contiguous blocks, read by paged_decode."""
 
-    def __init__(self, mc, batch, context, bs, dtype, device, ops, room: int = 64) -> None:
-        self.pages = -(-(context + room) // bs)
+    def __init__(self, mc, batch, context, pages, bs, dtype, device, ops) -> None:
+        self.pages = pages
         shape = (mc.num_kv_layers, batch * self.pages, bs, mc.num_kv_heads, mc.head_dim)
         self.k = torch.randn(shape, dtype=dtype, device=device)
         self.v = torch.randn(shape, dtype=dtype, device=device)
@@ -122,10 +122,9 @@ class _ChurnScores:
         return s + self.bonus[layer] + 10 * torch.rand(s.shape, device=s.device)
 
 
-def _flexi_store(cfg, mc, batch, context, bs, dtype, device, stable_fraction, seed, churn, host,
-                 room=64):  # fmt: skip  # untyped: mypy skips the body
+def _flexi_store(cfg, mc, batch, context, pages, bs, dtype, device, stable_fraction, seed, churn,
+                 host):  # fmt: skip
     L, H, D = mc.num_kv_layers, mc.num_kv_heads, mc.head_dim
-    pages = -(-(context + room) // bs)
     gen = torch.Generator().manual_seed(seed)
     force = torch.rand(L, batch, H, generator=gen) < stable_fraction
     store = FlexiKV(
@@ -226,8 +225,7 @@ def run(args, rest: list[str]) -> dict:
     )  # fmt: skip  # threshold 2: stability only from the forced mask
     elem = torch.empty((), dtype=dtype).element_size()
     # tokens each sequence grows by: warmup, timed steps, 2 r counted, device probes
-    room = warmup + steps + 2 * args.r + (0 if dry else sa.probes) + 1
-    pages = -(-(context + room) // bs)
+    pages = -(-(context + warmup + steps + 2 * args.r + (0 if dry else sa.probes) + 1) // bs)
     page_bytes = 2 * bs * mc.head_dim * elem
     heads = mc.num_kv_layers * mc.num_kv_heads
     full_req = heads * pages * page_bytes
@@ -288,14 +286,14 @@ def run(args, rest: list[str]) -> dict:
         tokens = torch.randint(0, mc.vocab_size, (batch,), device=device)
         probes = 0 if dry else sa.probes
         if kind == "full":
-            attn = _FullKV(mc, batch, context, bs, dtype, device, ops, room)
+            attn = _FullKV(mc, batch, context, pages, bs, dtype, device, ops)
             step = _stepper(lm.model, attn)
             t = timing.decode(step, lambda: "plain", tokens, steps, warmup, args.r, probes=probes)
             kv = attn.nbytes()
             extra = {}
         else:
-            store = _flexi_store(cfg, mc, batch, context, bs, dtype, device, s, args.seed, churn,
-                                 host_views(batch), room)  # fmt: skip
+            store = _flexi_store(cfg, mc, batch, context, pages, bs, dtype, device, s, args.seed,
+                                 churn, host_views(batch))  # fmt: skip
             store.hysteresis = hysteresis
             store.spare_pages = sa.spare_pages if hysteresis else 0
             store.time_fetch = True
