@@ -23,29 +23,43 @@ from multiprocessing.context import BaseContext
 ContextFactory = Callable[[], BaseContext]
 
 
+class ContextSeam:
+    """Which multiprocessing context starts a kind of child process: `default()` unless a
+    caller put another factory in place with `use` (called at each start, so it may start a
+    server lazily). Users keep the default; tests put a preloaded forkserver there."""
+
+    def __init__(self, default: ContextFactory) -> None:
+        self._factory = default
+
+    def get(self) -> BaseContext:
+        return self._factory()
+
+    @contextlib.contextmanager
+    def use(self, factory: ContextFactory) -> Iterator[None]:
+        """`factory()`'s context inside the block, then the one before."""
+        saved, self._factory = self._factory, factory
+        try:
+            yield
+        finally:
+            self._factory = saved
+
+
 def _spawn() -> BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-_factory: ContextFactory = _spawn
+_RANKS = ContextSeam(_spawn)
 
 
 def process_context() -> BaseContext:
     """The multiprocessing context that starts rank 0's other ranks (spawn unless a caller
     put another in place with `use_process_context`)."""
-    return _factory()
+    return _RANKS.get()
 
 
-@contextlib.contextmanager
-def use_process_context(factory: ContextFactory) -> Iterator[None]:
-    """Start ranks with `factory()`'s context inside the block (called at each start, so it
-    may start a server lazily), then with the one before."""
-    global _factory
-    saved, _factory = _factory, factory
-    try:
-        yield
-    finally:
-        _factory = saved
+def use_process_context(factory: ContextFactory) -> contextlib.AbstractContextManager[None]:
+    """Start ranks with `factory()`'s context inside the block, then with the one before."""
+    return _RANKS.use(factory)
 
 
 class ParentLink:

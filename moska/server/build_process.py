@@ -49,7 +49,12 @@ from typing import Any
 
 import torch
 
-from moska.distributed.rank_processes import ContextFactory, ParentLink, open_parent_link
+from moska.distributed.rank_processes import (
+    ContextFactory,
+    ContextSeam,
+    ParentLink,
+    open_parent_link,
+)
 from moska.library.errors import LibraryError
 from moska.library.prefill import ProgressHook
 
@@ -66,25 +71,19 @@ def _spawn() -> BaseContext:
     return mp.get_context("spawn")
 
 
-_factory: ContextFactory = _spawn
+_BUILDS = ContextSeam(_spawn)
 
 
 def build_context() -> BaseContext:
     """The multiprocessing context that starts build children (spawn unless a caller put
     another in place with `use_build_context`)."""
-    return _factory()
+    return _BUILDS.get()
 
 
-@contextlib.contextmanager
-def use_build_context(factory: ContextFactory) -> Iterator[None]:
-    """Start build children with `factory()`'s context inside the block (called at each
-    start), then with the one before. Not CUDA-safe unless it spawns."""
-    global _factory
-    saved, _factory = _factory, factory
-    try:
-        yield
-    finally:
-        _factory = saved
+def use_build_context(factory: ContextFactory) -> contextlib.AbstractContextManager[None]:
+    """Start build children with `factory()`'s context inside the block, then with the one
+    before. Not CUDA-safe unless it spawns."""
+    return _BUILDS.use(factory)
 
 
 class BuildCancelledError(Exception):
