@@ -128,28 +128,20 @@ def prefill_logits(engine, prompts: list[list[int]]) -> torch.Tensor:
 
 def greedy_library(engine, prompts, name: str, max_tokens: int, top_k: int | None, routing=None):
     """Greedy completions of `prompts` reading library `name`, run together."""
+    return greedy(engine, prompts, max_tokens, library=name, top_k_chunks=top_k, routing=routing)
+
+
+def greedy(engine, prompts: list[list[int]], max_tokens: int, routing=None, **request):
+    """Greedy completions of `prompts` run together through engine.step() (`request`:
+    add_request's library arguments)."""
     from moska.engine.sampling_params import SamplingParams
 
+    tag = "lib" if request.get("library") else "g"
     for i, p in enumerate(prompts):
         params = SamplingParams(
             max_tokens=max_tokens + i, temperature=0.0, ignore_eos=True, routing=routing
         )
-        engine.add_request(f"lib{i}", p, params, library=name, top_k_chunks=top_k)
-    out: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                out[o.request_id] = list(o.outputs[0].token_ids)
-    return out
-
-
-def greedy(engine, prompts: list[list[int]], max_tokens: int) -> dict[str, list[int]]:
-    """Greedy completions of `prompts` run together through engine.step()."""
-    from moska.engine.sampling_params import SamplingParams
-
-    for i, p in enumerate(prompts):
-        params = SamplingParams(max_tokens=max_tokens + i, temperature=0.0, ignore_eos=True)
-        engine.add_request(f"g{i}", p, params)
+        engine.add_request(f"{tag}{i}", p, params, **request)
     out: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for o in engine.step():
