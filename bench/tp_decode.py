@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moska.bench.common import LLAMA_3_1_8B, environment
+from moska.bench.common import LLAMA_3_1_8B, environment, write_json
 
 
 def write_checkpoint(path: Path, hf: dict, device: str, dtype: torch.dtype) -> None:
@@ -159,8 +159,7 @@ def main() -> None:
     }
     print("summary:", json.dumps(result["summary"]))
     if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
-        print("wrote", a.out)
+        print("wrote", write_json(a.out, result))
 
 
 if __name__ == "__main__":

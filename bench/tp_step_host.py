@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--label", default="", help="recorded in the JSON (e.g. before/after)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    from moska.bench.common import environment
+    from moska.bench.common import environment, write_json
 
     with tempfile.TemporaryDirectory(prefix="moska-steph-") as tmp:
         rows_file = os.path.join(tmp, "rows.json")
@@ -140,8 +140,7 @@ def main() -> None:
     }
     print("summary:", json.dumps(result["summary"]))
     if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
-        print("wrote", a.out)
+        print("wrote", write_json(a.out, result))
 
 
 if __name__ == "__main__":
