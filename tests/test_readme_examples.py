@@ -57,7 +57,10 @@ def test_the_readme_has_api_examples_and_its_first_commands_start_the_server():
     assert kinds.count("curl") >= 1 and kinds.count("python") >= 2, kinds
     first, second = (code for lang, code in readme_blocks()[:2])
     assert first.strip() == "bash scripts/setup.sh && .venv/bin/moska serve"
-    assert second.strip().endswith(".venv/bin/python -m pytest -q")
+    test_command = ".venv/bin/python -m pytest -q -n 2"  # both cores (pytest-xdist)
+    assert second.strip().endswith(test_command)
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert test_command in ci, "CI must run the README's test command"
 
 
 @dataclass
