@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Self
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,6 +42,7 @@ import semshare_speed as ss
 
 from moska.attention.kv_cache import PagedKVCache
 from moska.bench.common import environment, random_loaded_model
+from moska.host_syncs import count_host_syncs
 from moska.kernel_ops import kernel_ops
 from moska.model import load_model
 from moska.semshare import blend
@@ -50,43 +50,6 @@ from moska.semshare import reuse as reuse_mod
 from moska.semshare.config import SemShareConfig
 from moska.semshare.reuse import SemanticReuse
 from moska.semshare.store import prompt_key
-
-# tensor methods / functions whose result needs the device's data on the host
-SYNC_NAMES = {
-    "item", "tolist", "__int__", "__float__", "__bool__", "__index__", "nonzero",
-    "unique", "cpu", "numpy", "argwhere", "masked_select", "repeat_interleave",
-}  # fmt: skip
-
-
-class SyncCounter(TorchFunctionMode):
-    """Counts calls that sync the host with the device, by name. On a GPU only calls on a
-    GPU tensor count; on the CPU every such call counts (it would sync were its tensor on a
-    GPU; the LSH index's tensors are on the host in every run, so these overcount there)."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        self.on_host = device.type == "cpu"
-        self.counts: Counter = Counter()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        kw = kwargs or {}
-        t = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if t is not None and (self.on_host or t.device.type != "cpu"):
-            if name == "repeat_interleave" and not (
-                len(args) > 1 and isinstance(args[1], torch.Tensor) and "output_size" not in kw
-            ):
-                pass  # by an int, or with output_size: no sync
-            elif name in SYNC_NAMES and not (name == "cpu" and t.device.type == "cpu"):
-                self.counts[name] += 1
-            elif name == "__getitem__" and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
-            ):
-                self.counts["bool-mask index"] += 1
-            elif name == "to" and t.device.type != "cpu" and any(str(x) == "cpu" for x in args[1:]):
-                self.counts["to(cpu)"] += 1
-        return func(*args, **kw)
 
 
 class Stage:
@@ -101,7 +64,13 @@ class Stage:
     def __enter__(self) -> Self:
         self._sync()
         if self.count:
-            self._mode = SyncCounter(self.device).__enter__()
+            # on a GPU only calls on a GPU tensor count; on the CPU every such call counts (it
+            # would sync were its tensor on a GPU) but `.cpu()` of a host tensor: the LSH
+            # index's tensors are on the host in every run
+            self._counting = count_host_syncs(
+                device_only=self.device.type != "cpu", host_copies=False
+            )
+            self._mode = self._counting.__enter__()
             self._warn = warnings.catch_warnings(record=True)
             self._log = self._warn.__enter__()
             warnings.simplefilter("always")
@@ -118,7 +87,7 @@ class Stage:
             return
         if self.device.type == "cuda":
             torch.cuda.set_sync_debug_mode(0)
-        self._mode.__exit__(*exc)
+        self._counting.__exit__(*exc)
         self._warn.__exit__(*exc)
         self.syncs = self._mode.counts
         cuda = sum("synchroniz" in str(w.message) for w in self._log)
