@@ -78,13 +78,24 @@ def centroid_mass(
     """[B, Hkv, P] fp32: attention mass estimated from per-page mean keys (each page as
     `count` copies of its mean key), summed over the head's G query heads. One D-vector per
     page and head, kept on the device: ranking reads no offloaded page."""
+    return centroid_mass_biased(q, kmean, count_bias(count), sm_scale)
+
+
+def count_bias(count: torch.Tensor) -> torch.Tensor:
+    """[B, P] fp32: log of each page's token count, -inf for an empty page (the same for
+    every layer of a step: `centroid_mass_biased` takes it computed once)."""
+    return torch.where(count == 0, float("-inf"), count.clamp(min=1).float().log())
+
+
+def centroid_mass_biased(
+    q: torch.Tensor, kmean: torch.Tensor, bias: torch.Tensor, sm_scale: float
+) -> torch.Tensor:
+    """`centroid_mass` with the pages' `count_bias` given."""
     b, hq, d = q.shape
     hkv = kmean.shape[1]
     qf = q.float().view(b, hkv, hq // hkv, d)
     s = torch.einsum("bhgd,bhpd->bhgp", qf, kmean.float()) * sm_scale
-    s = s + count.clamp(min=1).log()[:, None, None, :]
-    s = s.masked_fill((count == 0)[:, None, None, :], float("-inf"))
-    return torch.softmax(s, -1).sum(2)
+    return torch.softmax(s + bias[:, None, None, :], -1).sum(2)
 
 
 def candidates(n_pages: torch.Tensor, recent: int, max_pages: int, sink: int = 0) -> torch.Tensor:
@@ -127,10 +138,30 @@ def keep_mask(
     """[B, Hkv, P] bool: the pages each head reads (and keeps on the GPU). A stable head of
     an active row: its top-K, the `sink` first and the `recent` newest pages; any other
     head: every page."""
-    b, hkv, _ = top.shape
-    pages = torch.arange(max_pages, device=top.device)
+    return keep_mask_windows(top, stable, active, window_masks(n_pages, recent, max_pages, sink))
+
+
+def window_masks(
+    n_pages: torch.Tensor, recent: int, max_pages: int, sink: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid, window) [B, P] bool: the pages that exist, and those every head keeps (the
+    `sink` first and `recent` newest): the same for every layer of a step."""
+    pages = torch.arange(max_pages, device=n_pages.device)
     valid = pages[None, :] < n_pages[:, None]  # [B, P]
     recent_m = valid & ((pages[None, :] >= n_pages[:, None] - recent) | (pages[None, :] < sink))
+    return valid, recent_m
+
+
+def keep_mask_windows(
+    top: torch.Tensor,  # [B, Hkv, K] int64 (-1: none)
+    stable: torch.Tensor,  # [B, Hkv] bool
+    active: torch.Tensor,  # [B] bool
+    windows: tuple[torch.Tensor, torch.Tensor],  # `window_masks`
+) -> torch.Tensor:
+    """`keep_mask` with the step's `window_masks` given."""
+    b, hkv, _ = top.shape
+    valid, recent_m = windows
+    max_pages = valid.shape[-1]
     # a pick past this step's pages (ranked in a wider batch, among a short row's arbitrary
     # picks) goes to a dump column
     ok = (top >= 0) & (top < max_pages)

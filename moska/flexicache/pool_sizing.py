@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from moska.flexicache.config import FlexiCacheConfig
+from moska.flexicache.transfer import to_device
 
 BIG = 2**62
 
@@ -52,6 +53,10 @@ class PoolSizing:
     _res_exact: list[bool]  # per layer: _res_hi is the count (no eviction since it was read)
     _n_forced: list[int]  # per layer: heads forced stable
     _synced: list[bool]  # per layer: re-ranked (and its kept pages made resident) once
+    _ranked_now: list[int]  # layers re-ranked this step, in order (until `compact_all`)
+    _fetch_masks: list[torch.Tensor]  # their pages fetched [B * H * P] bool
+    _fetched: torch.Tensor
+    _refetched: torch.Tensor
 
     def _update_kept(self, layer: int, keep: torch.Tensor) -> None:
         """Record dropped pages' step and the new kept set (device ops, no wait)."""
@@ -95,8 +100,7 @@ class PoolSizing:
         new = self._assign(layer, need, idle if self.hysteresis else None)
         self._res_hi[layer] = self.pool_k[layer].shape[0]  # until `compact_all` reads it
         self._res_exact[layer] = False
-        self._note_resident(layer)
-        self._resident[layer] = self._after_compaction(layer)
+        self._ranked_now.append(layer)  # resident and peak counts: at `compact_all`
         limit = min(self.fetch_bound(layer, n_pages), bound, self.pool_k[layer].shape[0])
         self._synced[layer] = True
         self._fetch(layer, need, new, fresh, limit if exact is None else exact)
@@ -146,18 +150,35 @@ class PoolSizing:
         if peak:
             torch.maximum(self._peak, self._resident.sum(), out=self._peak)
 
-    def _after_compaction(self, layer: int) -> torch.Tensor:
-        """The layer's resident pages once `compact_all` has run, on the device: later
-        layers' peak counts them so, as when each layer was compacted right after its
-        re-ranking."""
+    def _account_ranked(self, kept: torch.Tensor, idle: torch.Tensor) -> None:
+        """At `compact_all`, for the layers re-ranked this step (`_ranked_now`, in order),
+        from every layer's kept and idle resident pages [L]: the pages fetched (and those
+        dropped at the previous re-ranking or later) and the peak of resident pages, as if
+        counted right after each layer's re-ranking with the layers before it compacted,
+        the ones after it not re-ranked yet (their slots do not change between their
+        re-ranking and the end of the step): a few ops per step instead of some 25 per
+        layer."""
+        ranked, self._ranked_now = self._ranked_now, []
+        fetch, self._fetch_masks = self._fetch_masks, []
+        if not ranked:
+            return
         _, B, H, *_ = self.shape
-        res = self.slot[layer] >= 0
-        n = (res & self.kept[layer]).sum()
-        n_idle = res.sum() - n
+        idx = to_device(ranked, self.device)
+        if fetch:
+            copy = torch.stack(fetch)  # [n, B * H * P] pages fetched per re-ranked layer
+            recent = self.dropped_step[idx].view(len(ranked), -1)
+            recent = recent >= self.step - self.cfg.rerank_interval
+            self._fetched += copy.sum()
+            self._refetched += (copy & recent).sum()
+        n, n_idle = kept[idx], idle[idx]
+        caps = to_device([self.pool_k[layer].shape[0] for layer in ranked], self.device)
         spare = B * H * (1 + self.spare_pages)
         limit = n + spare + ((2 * (n + spare)).double() * self.pool_slack).floor().long()
-        shrink = self.pool_k[layer].shape[0] > limit
-        return torch.where(shrink, n + n_idle.clamp(max=spare), n + n_idle)
+        post = torch.where(caps > limit, n + n_idle.clamp(max=spare), n + n_idle)
+        old = self._resident[idx]
+        at_rank = self._resident.sum() + (post - old).cumsum(0) - post + n + n_idle
+        torch.maximum(self._peak, at_rank.max(), out=self._peak)
+        self._resident[idx] = post
 
     def _evict(self, layer: int, pages: torch.Tensor) -> None:
         """Free the slots of `pages` [B, H, P] bool (those resident), on the device."""
@@ -246,6 +267,7 @@ class PoolSizing:
         res = self.slot >= 0
         kept = (res & self.kept).sum((1, 2, 3))
         idle = (res & ~self.kept).sum((1, 2, 3))
+        self._account_ranked(kept, idle)
         counts = self._read(torch.stack([kept, idle], 1))
         for layer, (n, n_idle) in enumerate(counts):
             self._res_hi[layer] = n + n_idle

@@ -131,12 +131,15 @@ class FlexiKV(PoolSizing):
         self._res_hi = [0] * L  # per layer: resident pages at most (host bound)
         self._res_exact = [True] * L  # ... exactly
         self._synced = [False] * L
+        self._ranked_now: list[int] = []
+        self._fetch_masks: list[torch.Tensor] = []
         self.host_reads = 0  # device values read on the host (waits on CUDA)
         self._compact_due = False
         self.time_fetch = False  # time the fetches (`fetch_seconds`): CUDA events / host clock
         self._timer = FetchTimer(self.device)
         self.write_back = PageWriteBack(self.host_k, self.host_v, self.device)
         self._n_pages = self._active = self._seq = torch.zeros(0)
+        self._per_step: dict[str, object] = {}  # masks every layer of a step shares
 
     @property
     def fetched_pages(self) -> int:
@@ -212,6 +215,7 @@ class FlexiKV(PoolSizing):
         _, B, _, P, bs, _ = self.shape
         n_pages = torch.full((B,), -(-self.length // bs), device=self.device)
         cand = policy.candidates(n_pages, self.cfg.recent_pages, P, self.cfg.sink_pages)
+        self._per_step = {}  # the prompt's length
         for layer, qs in self._probe.items():
             assert all(q is not None for q in qs), "write_prompt every row of every layer"
             q = torch.stack(qs)  # type: ignore[arg-type]
@@ -234,11 +238,30 @@ class FlexiKV(PoolSizing):
         self._n_pages = torch.full((B,), n, device=self.device)
         self._active = torch.full((B,), self.cfg.long_enough(n), device=self.device)
         self._seq = torch.full((B,), self.length, device=self.device)
+        self._per_step = {}
+
+    def _shared(self, name: str):
+        """This step's candidate pages ("cand"), `policy.window_masks` ("windows") or page
+        count bias ("bias"), computed at its first layer: the same for every layer."""
+        got = self._per_step.get(name)
+        if got is None:
+            _, B, _, P, bs, _ = self.shape
+            cfg = self.cfg
+            if name == "cand":
+                got = policy.candidates(self._n_pages, cfg.recent_pages, P, cfg.sink_pages)
+            elif name == "windows":
+                got = policy.window_masks(self._n_pages, cfg.recent_pages, P, cfg.sink_pages)
+            else:
+                first = torch.arange(P, device=self.device) * bs
+                count = (self.length - first).clamp(0, bs)[None, :].expand(B, P)
+                got = policy.count_bias(count)
+            self._per_step[name] = got
+        return got
 
     def attend(self, layer, q, k, v, decode_fn, sm_scale: float) -> torch.Tensor:
         """q [B, Hq, D], the new token's k/v [B, Hkv, D] -> o [B, Hq, D] through
         `decode_fn` (`paged_decode_heads` or its reference) over the kept pages."""
-        _, B, H, P, bs, D = self.shape
+        _, B, H, _, bs, D = self.shape
         cfg = self.cfg
         pos = self.length - 1
         p, s = pos // bs, pos % bs
@@ -253,17 +276,17 @@ class FlexiKV(PoolSizing):
             torch.maximum(self.kmax[layer, :, :, p], k, out=self.kmax[layer, :, :, p])
         rerank = self.step % cfg.rerank_interval == 0
         if rerank:
-            cand = policy.candidates(self._n_pages, cfg.recent_pages, P, cfg.sink_pages)
             scores = self._scores(layer, q, sm_scale)
-            top, stable, _ = policy.rerank(scores, cand, self.top[layer], cfg.threshold)
+            top, stable, _ = policy.rerank(
+                scores, self._shared("cand"), self.top[layer], cfg.threshold
+            )
             if self.force_stable is not None:
                 stable = stable | self.force_stable[layer]
             self.top[layer], self.stable[layer] = top, stable
         if rerank or s == 0 or self.step == 0:
-            keep = policy.keep_mask(
-                self.top[layer], self.stable[layer], self._active, self._n_pages,
-                cfg.recent_pages, P, cfg.sink_pages,
-            )  # fmt: skip
+            keep = policy.keep_mask_windows(
+                self.top[layer], self.stable[layer], self._active, self._shared("windows")
+            )
             if rerank or self.step == 0:
                 self._sync(layer, keep, fresh=p if s == 0 else None)
                 self._compact_due = True
@@ -309,10 +332,8 @@ class FlexiKV(PoolSizing):
         if self.bound:
             return policy.page_scores(q, self.kmin[layer], self.kmax[layer])
         if self.centroid:
-            _, _, _, P, bs, _ = self.shape
-            first = torch.arange(P, device=self.device) * bs
-            count = (self.length - first).clamp(0, bs)[None, :].expand(q.shape[0], P)
-            return policy.centroid_mass(q, self.kmean[layer], count, sm_scale)
+            bias = self._shared("bias")
+            return policy.centroid_mass_biased(q, self.kmean[layer], bias, sm_scale)
         n = torch.full((q.shape[0],), self.length, device=self.device)
         parts = []
         for r0 in range(0, q.shape[0], self.rank_rows):
@@ -330,9 +351,7 @@ class FlexiKV(PoolSizing):
         copy = need.reshape(-1)
         if fresh is not None:
             copy = copy & (torch.arange(copy.numel(), device=copy.device) % P != fresh)
-        self._fetched += copy.sum()
-        recent = self.dropped_step[layer].view(-1) >= self.step - self.cfg.rerank_interval
-        self._refetched += (copy & recent).sum()
+        self._fetch_masks.append(copy)  # counted at `compact_all` (`_account_ranked`)
         limit = min(limit, copy.numel())
         order = (~copy).to(torch.int8).argsort(stable=True)[:limit]  # copied pages first
         used = torch.arange(limit, device=copy.device) < copy.sum()
