@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DIS
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
-TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests \
+TRITON_INTERPRET=0 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs -m cuda --continue-on-collection-errors tests \
   > "$OUT/tests_cuda_h200_session13.log" 2>&1; echo "cuda tests rc=$?"
 tail -3 "$OUT/tests_cuda_h200_session13.log" | cut -c1-300
 timeout 200 python3 -m moska.bench.kernels --out "$OUT" > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
