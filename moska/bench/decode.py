@@ -39,6 +39,7 @@ from moska.bench.common import (
     time_ms,
     write_json,
 )
+from moska.bench.decode_report import plot, profile_step, step_floor, summarize
 from moska.kernel_ops import kernel_ops
 
 DEV = "cuda"  # --cpu-dry-run switches the whole harness to CPU with a tiny model
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--routing-rank", type=int, default=None,
                     help="the routing index's rank (default head_dim // 4, as libraries)")  # fmt: skip
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
-    ap.add_argument("--build-tokens", type=int, default=16384)
+    ap.add_argument("--build-tokens", type=int, default=16384,
+                    help="library build rate on this many tokens (0: skip it)")  # fmt: skip
+    ap.add_argument("--modes", nargs="+", default=None,
+                    choices=("moska", "capped", "serial", "all", "dense"),
+                    help="time only these modes (default: all of them)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="bench/results/decode.json")
     ap.add_argument("--quick", action="store_true", help="small shapes for a fast check")
@@ -150,9 +155,10 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     loaded = random_loaded_model(cfg, dtype, DEV)
     model, mcfg = loaded.model, loaded.config
     n_params = sum(p.numel() for p in model.parameters())
-    weight_bytes = n_params * 2
 
-    build = library_build_rate(loaded, args.build_tokens, args.chunk_size, ceilings, n_params)
+    build = None
+    if args.build_tokens > 0:  # 0: skip the library build rate (short device runs)
+        build = library_build_rate(loaded, args.build_tokens, args.chunk_size, ceilings, n_params)
     if DEV == "cuda":
         torch.cuda.empty_cache()
 
@@ -170,7 +176,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
     )
     attention = PagedAttention(cache, kernel_ops("triton"), mcfg.sm_scale)
     model.kernels = kernel_ops("auto", DEV)  # norms, RoPE, SiLU-and-mul: Triton on CUDA
-    kv_token_bytes = 2 * mcfg.num_kv_heads * mcfg.head_dim * 2  # k+v, bf16, one layer
+    rank = lib.routing[0].rank if lib.routing else 0
 
     rows = []
     check: dict[str, torch.Tensor] = {}
@@ -179,6 +185,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
         modes: tuple[str, ...] = ("moska", "serial", "all", "dense")
         if args.scorer in ("keymax", "two_stage"):
             modes = ("moska", "capped", "serial", "all", "dense")
+        modes = tuple(m for m in modes if args.modes is None or m in args.modes)
         for mode in modes:
             # serial: moska with the shared attention on the current stream (no overlap);
             # capped: overlapped, the key-max launch capped at one program per SM
@@ -225,37 +232,33 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
             if mode == "moska" and bound.routing[0].selections:
                 sel = next(iter(bound.routing[0].selections.values()))
                 row["chunks_touched"] = int(torch.unique(sel.chunk).numel())
+                pair = sel.chunk.long() * mcfg.num_kv_heads + sel.kv_head.long()
+                row["chunk_heads_touched"] = int(torch.unique(pair).numel())
             rows.append(row)
             print(f"B={b:4d} {mode:6s} {ms:9.2f} ms  {b / (ms / 1e3):10.1f} tok/s", flush=True)
-        touched = next(r for r in rows if r["batch"] == b and r["mode"] == "moska")
-        t_c = touched.get("chunks_touched", lib.num_chunks)
-        L = mcfg.num_layers
-        lib_bytes = t_c * args.chunk_size * kv_token_bytes * L
-        uniq_bytes = b * (args.unique_tokens + 1) * kv_token_bytes * L
-        rank = mcfg.head_dim // 4
-        router_bytes = (
-            L * args.library_tokens * mcfg.num_kv_heads * rank * 2
-            if args.scorer in ("keymax", "two_stage")
-            else 0
-        )
-        flops = 2 * n_params * b + 4 * b * mcfg.num_heads * mcfg.head_dim * L * (
-            args.top_k * args.chunk_size + args.unique_tokens + 1
-        )
-        t_mem = (weight_bytes + lib_bytes + uniq_bytes + router_bytes) / ceilings[
-            "read_bytes_per_s"
-        ]
-        t_flop = flops / ceilings["gemm_flops_per_s"]
-        floor_ms = 1e3 * max(t_mem, t_flop)
+        touched = next((r for r in rows if r["batch"] == b and r["mode"] == "moska"), {})
+        all_heads = lib.num_chunks * mcfg.num_kv_heads
+        floor = step_floor(
+            batch=b, cfg=mcfg, n_params=n_params, library_tokens=args.library_tokens,
+            chunk_size=args.chunk_size, unique_tokens=args.unique_tokens, top_k=args.top_k,
+            scorer=args.scorer, rank=rank, ceilings=ceilings,
+            touched_chunk_heads=touched.get("chunk_heads_touched", all_heads),
+        )  # fmt: skip
+        floor_ms = floor["roofline_ms"]
+        if touched:
+            touched.update({k: v for k, v in floor.items() if k != "roofline_ms"})
         for r in rows:
             if r["batch"] == b:
                 r["roofline_ms"] = floor_ms
                 r["roofline_fraction"] = floor_ms / r["step_ms"]
-    exact_err = float((check["all"] - check["dense"]).norm() / check["dense"].norm())
-    top1 = float((check["all"].argmax(-1) == check["dense"].argmax(-1)).float().mean())
-    print(f"exactness: all-chunks vs dense logits rel err {exact_err:.2e}, top-1 {top1:.3f}")
     summary = summarize(rows, build)
-    summary["exactness_all_vs_dense_rel_err"] = exact_err
-    summary["exactness_all_vs_dense_top1_agreement"] = top1
+    summary["routing_rank"] = rank
+    if "all" in check and "dense" in check:  # both ran (--modes may leave them out)
+        exact_err = float((check["all"] - check["dense"]).norm() / check["dense"].norm())
+        top1 = float((check["all"].argmax(-1) == check["dense"].argmax(-1)).float().mean())
+        print(f"exactness: all-chunks vs dense logits rel err {exact_err:.2e}, top-1 {top1:.3f}")
+        summary["exactness_all_vs_dense_rel_err"] = exact_err
+        summary["exactness_all_vs_dense_top1_agreement"] = top1
     summary["exactness_note"] = (
         "logits after every layer of a random bf16 model: rounding differences of the two "
         "summation orders compound layer by layer; the identity itself is tested in fp32 "
@@ -302,21 +305,6 @@ def capture(step):
         return None
 
 
-def profile_step(step, out: str) -> None:
-    """Print and save the CUDA kernels of one moska step, most time first."""
-    from pathlib import Path
-
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-    print(table, flush=True)
-    Path(out).with_suffix(".profile.txt").write_text(table)
-
-
 def library_build_rate(loaded, tokens: int, chunk: int, ceilings: dict, n_params: int) -> dict:
     """Prefill a prefix-mode library of `tokens` random tokens with the real builder (in
     memory: at 8B dims a library takes 128 KiB per token on disk). A short warm-up build
@@ -346,51 +334,6 @@ def library_build_rate(loaded, tokens: int, chunk: int, ceilings: dict, n_params
         "tokens_per_s": stats.tokens_per_s,
         "mfu": flops / stats.prefill_seconds / ceilings["gemm_flops_per_s"],
     }
-
-
-def summarize(rows: list[dict], build: dict) -> dict:
-    def get(b, mode):
-        return next((r for r in rows if r["batch"] == b and r["mode"] == mode), None)
-
-    b = 256 if get(256, "moska") else max(r["batch"] for r in rows)
-    m, a, d = get(b, "moska"), get(b, "all"), get(b, "dense")
-    return {
-        "batch": b,
-        "speedup_vs_dense_b256": d["step_ms"] / m["step_ms"],
-        "speedup_routing_vs_all_chunks_b256": a["step_ms"] / m["step_ms"],
-        "overlap_speedup_vs_serial_b256": get(b, "serial")["step_ms"] / m["step_ms"],
-        **(
-            {"keymax_capped_vs_default_b256": m["step_ms"] / get(b, "capped")["step_ms"]}
-            if get(b, "capped")
-            else {}
-        ),
-        "roofline_fraction_b256": m["roofline_fraction"],
-        "decode_tokens_per_s_b256": m["decode_tokens_per_s"],
-        "library_build_mfu": build["mfu"],
-    }
-
-
-def plot(rows: list[dict], path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in ("moska", "all", "dense"):
-        pts = [(r["batch"], r["decode_tokens_per_s"]) for r in rows if r["mode"] == mode]
-        ax.plot(*zip(*pts), marker="o", label=mode)
-    roof = sorted({(r["batch"], r["batch"] / (r["roofline_ms"] / 1e3)) for r in rows})
-    ax.plot(*zip(*roof), linestyle="--", color="gray", label="roofline (moska)")
-    ax.set_xlabel("concurrent requests B")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_yscale("log")
-    ax.set_title("Decode at Llama-3.1-8B dims, 512K shared tokens")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

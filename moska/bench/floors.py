@@ -81,13 +81,20 @@ def router_cost(
     (key max, key min), then key-max over the low-rank keys ([L, Hkv, rank], fp16) of the
     chunks that some request shortlisted (`shortlisted_chunks`, counted in the run, not
     assumed to be all of them), one logit per (query head, key) of each of the `shortlist`
-    pairs per request; scoring the summaries is B x Hq x C x D multiply-adds per summary."""
+    pairs per request; scoring the summaries is B x Hq x C x D multiply-adds per summary.
+    keymax (the default policy: no shortlist): every chunk's low-rank keys, one logit per
+    (query head, key) of every request; `shortlisted_chunks` and `shortlist` are ignored."""
+    if scorer.startswith("keymax"):
+        lowrank = num_chunks * chunk_len * num_kv_heads * rank * lowrank_bytes
+        return lowrank, 2 * batch * num_chunks * chunk_len * num_q_heads * rank
     if scorer == "mean":
         n_sum = 1
     elif scorer.startswith("two_stage"):
         n_sum = 2
     else:
-        raise ValueError(f"router_cost: scorer must be 'mean' or 'two_stage*', got {scorer!r}")
+        raise ValueError(
+            f"router_cost: scorer must be 'mean', 'keymax*' or 'two_stage*', got {scorer!r}"
+        )
     nbytes = n_sum * num_chunks * num_kv_heads * head_dim * summary_bytes
     flops = n_sum * 2 * batch * num_q_heads * num_chunks * head_dim
     if n_sum == 2:

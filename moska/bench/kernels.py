@@ -42,7 +42,7 @@ from moska.bench.kernels_correctness import correctness
 from moska.bench.kernels_grouped import case_grouped
 from moska.bench.kernels_grouped_dry import grouped_dry_run
 from moska.bench.kernels_paged import case_paged
-from moska.bench.kernels_router import case_keymax_tiles
+from moska.bench.kernels_router import case_keymax_tiles, print_router_table, router_summary
 from moska.bench.kernels_single import case_single
 from moska.bench.kernels_util import DEV, DT, HKV, HQ, D, ceilings, log
 
@@ -52,7 +52,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--out", default="bench/results", help="output directory")
     ap.add_argument("--cpu-dry-run", action="store_true", help="check the harness on CPU")
+    ap.add_argument("--routers-only", action="store_true",
+                    help="only the grouped step alone and with each router in front "
+                    "(uniform routing, no baselines): writes kernels_routers.json")  # fmt: skip
+    ap.add_argument("--router-ranks", default=f"{D // 4},{D // 2}",
+                    help="routing index ranks the default policy (key-max per KV head) is "
+                    "timed on, comma-separated; the first is the index the other routers use")  # fmt: skip
+    ap.add_argument("--batch", default="64,256,1024", help="B of the grouped rows (--routers-only)")
     args = ap.parse_args(argv)
+    ranks = [int(x) for x in args.router_ranks.split(",")]
     if args.cpu_dry_run:
         return cpu_dry_run(args.out)
     if not torch.cuda.is_available():
@@ -67,6 +75,16 @@ def main(argv=None):
     S_max = 1 << 20
     k_pool = torch.randn(S_max, HKV, D, device=DEV, dtype=DT)
     v_pool = torch.randn(S_max, HKV, D, device=DEV, dtype=DT)
+    if args.routers_only:
+        B_list = [int(x) for x in args.batch.split(",")]
+        res["grouped"], _ = case_grouped(k_pool, v_pool, B_list, peak, bw, True, True, ranks)
+        res["summary"] = router_summary(res["grouped"])
+        res["wall_s"] = time.time() - t_start
+        check_floors(res)
+        write_json(os.path.join(args.out, "kernels_routers.json"), res)
+        print_router_table(res["grouped"])
+        log("summary:", json.dumps(res["summary"]))
+        return raise_if_floors_broken(res)
     res["correctness"] = correctness(k_pool, v_pool)
     log("correctness (rel err):", res["correctness"])
     bad = {k: v for k, v in res["correctness"].items() if not v < 1e-2}
@@ -178,7 +196,7 @@ def main(argv=None):
     )
     B_grouped = [64, 256] if args.quick else [64, 256, 1024]
     res["grouped"], res["dense_one_request_ms"] = case_grouped(
-        k_pool, v_pool, B_grouped, peak, bw, args.quick
+        k_pool, v_pool, B_grouped, peak, bw, args.quick, ranks=ranks
     )
     res["keymax_tiles"] = case_keymax_tiles(k_pool, [256, 1024])
     del k_pool, v_pool
@@ -197,6 +215,7 @@ def main(argv=None):
     )
     res["summary"] = dict(
         **vs_best_baseline(res["grouped"]),
+        **router_summary(res["grouped"]),
         shared_tflops_b256_s1m=pick(res["single_chunk"], S=1 << 20, B=256).get("ours_tflops"),
         shared_tflops_b1024_s1m=pick(res["single_chunk"], S=1 << 20, B=1024).get("ours_tflops"),
         gemm_peak_tflops=peak,
@@ -265,9 +284,10 @@ def cpu_dry_run(out_dir: str) -> None:
     ceil = ceilings("cpu")[2]
     res = dict(environment(), device="cpu", dtype="float32", ceilings=ceil)
     res["grouped"] = grouped_dry_run(ceil)
-    res["summary"] = vs_best_baseline(res["grouped"])
+    res["summary"] = {**vs_best_baseline(res["grouped"]), **router_summary(res["grouped"])}
     check_floors(res)
     path = write_json(os.path.join(out_dir, "kernels_cpu_dry_run.json"), res)
+    print_router_table(res["grouped"])
     log("summary:", json.dumps(res["summary"]), "floor check:", res["floor_check"], path)
     raise_if_floors_broken(res)
 

@@ -6,8 +6,9 @@ import json
 
 import torch
 
-from moska.bench.floors import attention_flops, floor_ms, grouped_shared_cost, router_cost
+from moska.bench.floors import attention_flops, floor_ms, grouped_shared_cost
 from moska.bench.kernels_baseline import baseline_step
+from moska.bench.kernels_router import time_routers
 from moska.bench.kernels_util import (
     DEV,
     DT,
@@ -95,24 +96,31 @@ def time_baselines(q, k, v, offs, pair_req, pair_chunk, k_u, v_u, chunk_len, o_r
         row["best_baseline_ms"] = cands[row["best_baseline"]]
 
 
-def case_grouped(k_pool, v_pool, B_list, peak, bw, quick):
+def case_grouped(k_pool, v_pool, B_list, peak, bw, quick, routers_only=False, ranks=None):
+    """The grouped step at each B, uniform and Zipf routing, with the routers in front.
+    ``routers_only``: uniform routing, no baselines or tile sweeps (the routing cost alone);
+    ``ranks``: the routing index ranks the default policy is timed on (head_dim // 4 first:
+    the index the other routers use)."""
     from moska.kernels import router
 
     C, L, topk, U = 256, 4096, 8, 4096
     S = C * L
     k, v = k_pool[:S], v_pool[:S]
     offs = torch.arange(0, S + 1, L, dtype=torch.int32, device=DEV)
-    index = router.build_routing_index(k, offs)
+    ranks = list(ranks or [D // 4, D // 2])
+    indexes = {r: router.build_routing_index(k, offs, rank=r) for r in ranks}
+    index = indexes[ranks[0]]
     rows_out = []
     t_dense1 = dense_one_request_ms(k, v, U)
-    shape = {"C": C, "L": L, "topk": topk, "U": U, "S": S, "peak": peak, "bw": bw}
+    shape = {"C": C, "L": L, "topk": topk, "U": U, "S": S, "peak": peak, "bw": bw,
+             "indexes": indexes, "routers_only": routers_only}  # fmt: skip
     for B in B_list:
         q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
         kc = torch.randn(B * U // 16, 16, HKV, D, device=DEV, dtype=DT)  # paged, identity tables
         vc = torch.randn_like(kc)
         bt = torch.arange(B * U // 16, dtype=torch.int32, device=DEV).view(B, U // 16)
         sl = torch.full((B,), U, dtype=torch.int32, device=DEV)
-        for routing in ("uniform", "zipf"):
+        for routing in ("uniform",) if routers_only else ("uniform", "zipf"):
             row = grouped_row(B, routing, q, (kc, vc, bt, sl), k, v, offs, index, shape)
             row["dense_ms_extrapolated"] = t_dense1 * B
             row["speedup_vs_dense"] = row["dense_ms_extrapolated"] / row["ours_ms"]
@@ -147,8 +155,6 @@ def dense_one_request_ms(k, v, u):
 def grouped_row(B, routing, q, unique_kv, k, v, offs, index, shape):
     """One (B, routing) row of the grouped step: ours in every stream mode, eager and as a
     graph, with and without the router; the baselines; floors and fractions."""
-    from moska.kernels import router
-
     C, L, topk, U = (shape[n] for n in ("C", "L", "topk", "U"))
     peak, bw = shape["peak"], shape["bw"]
     kc, vc, bt, sl = unique_kv
@@ -222,17 +228,21 @@ def grouped_row(B, routing, q, unique_kv, k, v, offs, index, shape):
 
     o1, _ = ours()
     row = {"B": B, "routing": routing, "touched_chunks": int(torch.unique(pc).numel())}
+    routers_only = shape["routers_only"]
     try:
+        if routers_only:
+            raise RuntimeError("--routers-only: baselines not run")
         o2, _ = comp()
         row["ours_vs_torch_relerr"] = rel(o1, o2)
         row["torch_ms"] = bench(comp)
     except Exception as e:  # noqa: BLE001 - a missing flash build drops this baseline
         row["torch_err"] = repr(e)[:300]
     row["ours_ms"] = time_modes(lambda: sel, "ours", row)
-    time_baselines(q, k, v, offs, pair_req, pair_chunk, k_u, v_u, L, o1, row)
+    if not routers_only:
+        time_baselines(q, k, v, offs, pair_req, pair_chunk, k_u, v_u, L, o1, row)
     for mode in ("overlap", "prio"):
         row[f"ours_{mode}_relerr"] = rel(make_step(mode, lambda: sel)()[0], o1)
-    for bm in (32, 64, 128):
+    for bm in () if routers_only else (32, 64, 128):
         for tma in (False, True):
             row[f"ours_shared_only_bm{bm}{'_tma' if tma else ''}_ms"] = bench(
                 lambda bm=bm, tma=tma: grouped_shared_attention(
@@ -252,63 +262,24 @@ def grouped_row(B, routing, q, unique_kv, k, v, offs, index, shape):
     row["ours_shared_only_ms"] = bench(lambda: grouped_shared_attention(q, k, v, offs, sel, SCALE))
     row["ours_unique_only_ms"] = bench(lambda: paged_decode_attention(q, kc, vc, bt, sl, SCALE))
 
-    def step_cost(touched: int) -> tuple[int, int]:
-        """(bytes, FLOPs) of the attention step when `touched` chunks are read: K and V of
-        those chunks and of every request's unique KV once; QK^T and PV of every
+    def step_cost(pairs: int) -> tuple[int, int]:
+        """(bytes, FLOPs) of the attention step when `pairs` (chunk, KV head) pairs are
+        read: K and V of those and of every request's unique KV once; QK^T and PV of every
         (request row, token) pair, top-k chunks and the unique KV per request."""
-        nbytes = (touched * L + B * U) * HKV * D * 2 * 2
+        nbytes = (pairs * L + B * U * HKV) * D * 2 * 2
         return nbytes, attention_flops(B * HQ, topk * L + U, D)
 
-    kv_bytes, flops = step_cost(row["touched_chunks"])
+    kv_bytes, flops = step_cost(row["touched_chunks"] * HKV)
     if routing == "uniform":
         sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-        # the chunks the two-stage router's bound shortlists (their low-rank keys are what
-        # key-max reads), counted here rather than assumed to be all C
-        short = router.score_chunks(q, index, "bound").sum(1).topk(min(C, 4 * topk), -1)
-        row["router_two_stage_shortlisted"] = int(torch.unique(short.indices).numel())
-        # two_stage_p{n}: the key-max launch capped at n programs per SM, so that it
-        # can sit beside the unique attention (memory-bound) instead of after it
-        for scorer, progs in (
-            ("mean", None),
-            ("two_stage", None),
-            ("two_stage_p1", sms),
-            ("two_stage_p2", 2 * sms),
-        ):
-            base_scorer = scorer.split("_p")[0]
 
-            def route_fn(scorer=base_scorer, progs=progs):
-                return router.route(q, index, topk, scorer=scorer, keymax_programs=progs)
+        def floor_of(nbytes, nflops):
+            return floor_ms(nbytes, nflops, bw * 1e9, peak * 1e12)
 
-            try:
-                prefix = f"ours_with_router_{scorer}"
-                row[f"{prefix}_ms"] = time_modes(route_fn, prefix, row)
-                # the routed step reads the chunks the ROUTER picked, not the given
-                # selections' (1.011 at B = 64: the floor counted 222 given chunks while
-                # the two-stage router picked 155, 1.1 GB the step never read)
-                touched = int(torch.unique(route_fn().chunk).numel())
-                row[f"router_{scorer}_touched"] = touched
-                r_bytes, r_flops = router_cost(
-                    base_scorer,
-                    B,
-                    HQ,
-                    HKV,
-                    D,
-                    C,
-                    L,
-                    index.rank,
-                    row["router_two_stage_shortlisted"],
-                    4 * topk,
-                    lowrank_bytes=index.lowrank_keys.element_size(),
-                )
-                s_bytes, s_flops = step_cost(touched)
-                f = floor_ms(s_bytes + r_bytes, s_flops + r_flops, bw * 1e9, peak * 1e12)
-                row[f"floor_with_router_{scorer}_ms"] = f["floor_ms"]
-                row[f"floor_with_router_{scorer}_bound"] = f["bound"]
-                row[f"roofline_fraction_with_router_{scorer}"] = (
-                    f["floor_ms"] / row[f"ours_with_router_{scorer}_ms"]
-                )
-            except Exception as e:  # noqa: BLE001 - one router failing leaves the rest
-                row[f"router_{scorer}_err"] = repr(e)[-600:]
+        # the routers in front (mean, two-stage, the default key-max per KV head at each
+        # index rank): each one's floor counts what IT picked and read (kernels_router.py)
+        indexes = shape["indexes"]
+        time_routers(row, q, indexes, topk, sms, time_modes, step_cost, floor_of, False)
     f = floor_ms(kv_bytes, flops, bw * 1e9, peak * 1e12)
     row.update(f)
     row["roofline_fraction"] = row["floor_ms"] / row["ours_ms"]

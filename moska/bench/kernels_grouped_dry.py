@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
-from moska.bench.floors import attention_flops, floor_ms, router_cost
+from moska.bench.floors import attention_flops, floor_ms
 from moska.bench.kernels_baseline import baseline_step
+from moska.bench.kernels_router import time_routers
 from moska.bench.kernels_util import log, rel
 from moska.kernels.merge import merge_selections
 from moska.kernels.paged_attention import paged_decode_attention
@@ -28,7 +29,7 @@ def grouped_dry_run(ceil: dict) -> list[dict]:
     k = torch.randn(c * chunk_len, hkv, d)
     v = torch.randn_like(k)
     offs = torch.arange(0, c * chunk_len + 1, chunk_len, dtype=torch.int32)
-    index = router.build_routing_index(k, offs)
+    indexes = {r: router.build_routing_index(k, offs, rank=r) for r in (d // 4, d // 2)}
     rows = []
     scale = d**-0.5
     for b, routing in ((4, "uniform"), (6, "zipf")):
@@ -71,30 +72,27 @@ def grouped_dry_run(ceil: dict) -> list[dict]:
         row["best_baseline"], row["best_baseline_ms"] = "baseline_t8_cpu", time_ms(base, 1, 0)
         bw, peak = ceil["read_bytes_per_s"], ceil["gemm_flops_per_s"]
 
-        def cost(touched: int, b=b) -> tuple[int, int]:
-            nbytes = (touched * chunk_len + b * u) * hkv * d * 2 * 4
+        def cost(pairs: int, b=b) -> tuple[int, int]:  # pairs: (chunk, KV head) read
+            nbytes = (pairs * chunk_len + b * u * hkv) * d * 2 * 4
             return nbytes, attention_flops(b * hq, topk * chunk_len + u, d)
 
-        row.update(floor_ms(*cost(row["touched_chunks"]), bw, peak))
+        row.update(floor_ms(*cost(row["touched_chunks"] * hkv), bw, peak))
         row["roofline_fraction"] = row["floor_ms"] / row["ours_ms"]
-        # the two-stage router in front: its floor counts the chunks IT picked
-        rsel = router.route(q, index, topk, scorer="two_stage")
-        short = router.score_chunks(q, index, "bound").sum(1).topk(min(c, 4 * topk), -1)
-        touched = int(torch.unique(rsel.chunk).numel())
-        n_short = int(torch.unique(short.indices).numel())
-        r_cost = router_cost("two_stage", b, hq, hkv, d, c, chunk_len, index.rank, n_short,
-                             4 * topk, 4, index.lowrank_keys.element_size())  # fmt: skip
-        s_cost = cost(touched)
-        f = floor_ms(s_cost[0] + r_cost[0], s_cost[1] + r_cost[1], bw, peak)
-        row["router_two_stage_touched"], row["router_two_stage_shortlisted"] = touched, n_short
-        row["ours_with_router_two_stage_ms"] = time_ms(
-            lambda q=q, kc=kc, vc=vc, bt=bt, sl=sl: ours_on(q, router.route(q, index, topk,
-            scorer="two_stage"), kc, vc, bt, sl), iters=1, warmup=0)  # fmt: skip
-        row["floor_with_router_two_stage_ms"] = f["floor_ms"]
-        row["floor_with_router_two_stage_bound"] = f["bound"]
-        row["roofline_fraction_with_router_two_stage"] = (
-            f["floor_ms"] / row["ours_with_router_two_stage_ms"]
-        )
+        if routing == "uniform":  # the routers in front, timed and floored as on the GPU
+
+            def modes(route_fn, _prefix, _row, q=q, kc=kc, vc=vc, bt=bt, sl=sl):
+                return time_ms(lambda: ours_on(q, route_fn(), kc, vc, bt, sl), 1, 0)
+
+            def step_cost(pairs: int) -> tuple[int, int]:
+                return cost(pairs)
+
+            def floor_of(nbytes: float, nflops: float, bw=bw, peak=peak) -> dict:
+                return floor_ms(nbytes, nflops, bw, peak)
+
+            def alone(fn) -> float:
+                return time_ms(fn, 1, 0)
+
+            time_routers(row, q, indexes, topk, 1, modes, step_cost, floor_of, True, alone)
         row["speedup_vs_best_baseline"] = row["best_baseline_ms"] / row["ours_ms"]
         log(json.dumps(row))
         rows.append(row)

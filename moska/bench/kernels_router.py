@@ -147,3 +147,119 @@ def case_keymax_tiles(k_pool, B_list):
         )
         rows_out.append(row)
     return rows_out
+
+
+def router_variants(sms: int, topk: int, ranks: list[int], quick: bool) -> list[tuple]:
+    """(name, scorer, per_kv_head, shortlist_factor, programs, rank) of each router timed in
+    front of the grouped step. `keymax_kv_r{rank}` is the default policy (key-max per KV
+    head, no shortlist) on an index of that rank; two_stage_s{f} a shortlist of f * top_k;
+    two_stage_p1 the key-max launch capped at one program per SM (room beside it for the
+    memory-bound unique attention)."""
+    out = [("mean", "mean", False, 4, None, None), ("two_stage", "two_stage", False, 4, None, None)]
+    out += [("two_stage_s2", "two_stage", False, 2, None, None)]
+    if not quick:
+        out += [("two_stage_p1", "two_stage", False, 4, sms, None)]
+    out += [(f"keymax_kv_r{r}", "keymax", True, 4, None, r) for r in ranks]
+    return out
+
+
+def touched_pairs(sel) -> int:
+    """Distinct (chunk, KV head) pairs the selections read: the KV a routed step must load
+    (per-KV-head routing reads a chunk's KV only for the heads that picked it)."""
+    key = sel.chunk.long() * (int(sel.kv_head.max()) + 1) + sel.kv_head.long()
+    return int(torch.unique(key).numel())
+
+
+def shortlisted_chunks(q, index, topk: int, factor: int) -> int:
+    """Chunks some request's bound shortlist holds (the key-max stage reads their keys)."""
+    from moska.kernels import router
+
+    C = index.num_chunks
+    short = router.score_chunks(q, index, "bound").sum(1).topk(min(C, factor * topk), -1)
+    return int(torch.unique(short.indices).numel())
+
+
+def time_routers(row, q, indexes: dict, topk, sms, time_modes, step_cost, floor_of, quick,
+                 alone=bench_graph):  # fmt: skip
+    """Each router of `router_variants` in front of the grouped step: the step's best time
+    (`ours_with_router_{name}_ms`, from `time_modes(route_fn, prefix, row)`), the router
+    alone (`alone(fn)`: a CUDA graph's replay), and the step's floor counting the (chunk,
+    KV head) pairs the ROUTER picked plus the router's own reads and FLOPs
+    (floors.router_cost); `indexes` maps rank -> routing index (the first is the index the
+    other routers use). The CPU dry run passes its own timers."""
+    from moska.bench.floors import router_cost
+    from moska.kernels import router
+
+    base = next(iter(indexes.values()))
+    B, Hq, D = q.shape
+    for name, scorer, per_head, factor, progs, rank in router_variants(
+        sms, topk, list(indexes), quick
+    ):  # quick: without the capped two-stage
+        index = indexes[rank] if rank is not None else base
+
+        def route_fn(index=index, scorer=scorer, per_head=per_head, factor=factor, progs=progs):
+            return router.route(q, index, topk, scorer=scorer, per_kv_head=per_head,
+                                shortlist_factor=factor, keymax_programs=progs)  # fmt: skip
+
+        try:
+            prefix = f"ours_with_router_{name}"
+            row[f"{prefix}_ms"] = time_modes(route_fn, prefix, row)
+            row[f"router_{name}_alone_graph_ms"] = alone(route_fn)
+            sel = route_fn()
+            pairs = touched_pairs(sel)
+            row[f"router_{name}_touched"] = int(torch.unique(sel.chunk).numel())
+            row[f"router_{name}_touched_chunk_heads"] = pairs
+            short = 0
+            if scorer == "two_stage":
+                short = shortlisted_chunks(q, index, topk, factor)
+                row[f"router_{name}_shortlisted"] = short
+            r_bytes, r_flops = router_cost(
+                scorer, B, Hq, index.num_kv_heads, D, index.num_chunks,
+                int(index.chunk_offsets[1] - index.chunk_offsets[0]), index.rank, short,
+                factor * topk, lowrank_bytes=index.lowrank_keys.element_size(),
+            )  # fmt: skip
+            s_bytes, s_flops = step_cost(pairs)
+            f = floor_of(s_bytes + r_bytes, s_flops + r_flops)
+            row[f"floor_with_router_{name}_ms"] = f["floor_ms"]
+            row[f"floor_with_router_{name}_bound"] = f["bound"]
+            row[f"roofline_fraction_with_router_{name}"] = f["floor_ms"] / row[f"{prefix}_ms"]
+        except Exception as e:
+            row[f"router_{name}_err"] = repr(e)[-600:]
+
+
+def router_summary(rows: list[dict]) -> dict:
+    """Per B (uniform routing): the grouped step alone and with each router in front, as a
+    fraction of its floor, and each router's own time (CUDA graph)."""
+    out: dict = {}
+    for r in rows:
+        if r.get("routing") != "uniform":
+            continue
+        b = r["B"]
+        out[f"grouped_alone_fraction_b{b}"] = r.get("roofline_fraction")
+        for k_, v_ in r.items():
+            if k_.startswith("roofline_fraction_with_router_"):
+                out[f"{k_.removeprefix('roofline_fraction_with_')}_fraction_b{b}"] = v_
+            elif k_.startswith("router_") and k_.endswith("_alone_graph_ms"):
+                out[f"{k_.removesuffix('_graph_ms')}_ms_b{b}"] = v_
+    return out
+
+
+def print_router_table(rows: list[dict]) -> None:
+    """B, router, step ms (best mode), router alone ms, floor ms, fraction, bound."""
+    f = lambda x: "-" if x is None else f"{x:.3f}"
+    log(f"{'B':>5} {'router':<16} {'step ms':>8} {'alone ms':>8} {'floor ms':>8} {'frac':>6} bound")
+    for r in rows:
+        if r.get("routing") != "uniform":
+            continue
+        log(f"{r['B']:>5} {'(none)':<16} {f(r['ours_ms']):>8} {'-':>8} {f(r['floor_ms']):>8} "
+            f"{f(r['roofline_fraction']):>6} {r.get('bound')}")  # fmt: skip
+        pre = "roofline_fraction_with_router_"
+        names = [k_.removeprefix(pre) for k_ in r if k_.startswith(pre)]
+        names += [k_[len("router_") : -4] for k_ in r if k_.startswith("router_") and
+                  k_.endswith("_err") and k_[len("router_") : -4] not in names]  # fmt: skip
+        for n in names:
+            log(f"{r['B']:>5} {n:<16} {f(r.get(f'ours_with_router_{n}_ms')):>8} "
+                f"{f(r.get(f'router_{n}_alone_graph_ms')):>8} "
+                f"{f(r.get(f'floor_with_router_{n}_ms')):>8} "
+                f"{f(r.get(f'roofline_fraction_with_router_{n}')):>6} "
+                f"{r.get(f'floor_with_router_{n}_bound', r.get(f'router_{n}_err', ''))}")  # fmt: skip

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from .router_dense import keymax_dense_scores
 from .router_scores import keymax_pair_scores, summary_scores
 from .selections import Selections, from_topk
 
@@ -148,13 +149,6 @@ def to_lowrank_dtype(x: torch.Tensor, pool_dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-def _all_pairs(B: int, C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (request, chunk) pair, sorted by chunk: (pair_req [B*C], pair_chunk [B*C]) int32."""
-    pair_chunk = torch.arange(C, dtype=torch.int32, device=device).repeat_interleave(B)
-    pair_req = torch.arange(B, dtype=torch.int32, device=device).repeat(C)
-    return pair_req, pair_chunk
-
-
 def _keymax_pairs(
     q: torch.Tensor,
     index: RoutingIndex,
@@ -162,6 +156,7 @@ def _keymax_pairs(
     pair_chunk: torch.Tensor,
     max_programs: int | None = None,
     use_triton: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # Tile shape from the key-max sweep (docs/performance-notes.md; H200, fp16 low-rank keys,
     # shortlist 32 of 256 chunks of 4096, CUDA-graph timing): 32-pair tiles over 64-key
@@ -179,7 +174,8 @@ def _keymax_pairs(
         num_stages=5,
         max_programs=max_programs,
         use_triton=use_triton,
-    )  # [P, Hkv]
+        out=out,
+    )  # [P, Hkv], or ``out`` [B, Hkv, C] filled in
 
 
 def score_chunks(
@@ -198,11 +194,15 @@ def score_chunks(
         return summary_scores(q, index.mean_keys, use_triton=use_triton)
     if scorer == "bound":
         return summary_scores(q, index.key_max, index.key_min, use_triton=use_triton)
-    if scorer == "keymax":
-        B, C, Hkv = q.shape[0], index.num_chunks, index.num_kv_heads
-        pair_req, pair_chunk = _all_pairs(B, C, q.device)
-        scores = _keymax_pairs(q, index, pair_req, pair_chunk, keymax_programs, use_triton)
-        return scores.view(C, B, Hkv).permute(1, 2, 0)
+    if scorer == "keymax":  # every pair: one launch, no work list (router_dense.py)
+        return keymax_dense_scores(
+            q,
+            index.basis,
+            index.lowrank_keys,
+            index.chunk_offsets,
+            max_programs=keymax_programs,
+            use_triton=use_triton,
+        )
     raise ValueError(f"score_chunks: scorer must be 'keymax', 'mean' or 'bound', got {scorer!r}")
 
 
@@ -223,11 +223,9 @@ def _two_stage_scores(
     n_short = min(C, shortlist_factor * top_k)
     short = cheap.topk(n_short, dim=-1).indices  # [B, n_short] int64
     pairs = from_topk(short[:, None, :], 1, C, use_triton)  # (req, chunk) pairs by chunk
-    pair_req, pair_chunk = pairs.req, pairs.chunk
-    scores = _keymax_pairs(q, index, pair_req, pair_chunk, keymax_programs, use_triton)
-    full = torch.full((B, C, Hkv), float("-inf"), dtype=torch.float32, device=q.device)
-    full[pair_req.long(), pair_chunk.long()] = scores
-    return full.permute(0, 2, 1)
+    # the kernel writes each pair's scores into the table itself (no scatter, no permute)
+    table = torch.full((B, Hkv, C), float("-inf"), dtype=torch.float32, device=q.device)
+    return _keymax_pairs(q, index, pairs.req, pairs.chunk, keymax_programs, use_triton, table)
 
 
 def _always_mask(always, B: int, C: int, top_k: int, device: torch.device) -> torch.Tensor | None:

@@ -104,9 +104,10 @@ def _keymax_scores_kernel(
     tile_start_ptr,  # [T] int32 first pair of each tile (P for an empty tile)
     tile_end_ptr,  # [T] int32 one past the last pair of each tile
     tile_chunk_ptr,  # [T] int32
-    out_ptr,  # [P, Hkv] fp32
+    out_ptr,  # [P, Hkv] fp32, or [B, Hkv, C] (the strides say which)
     T, Hkv, G, D, R,
-    stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh, stride_op,
+    stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
+    stride_op, stride_or, stride_oh, stride_oc,
     PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -115,37 +116,45 @@ def _keymax_scores_kernel(
     # Items (tile t, head h) in launch order t fastest, so programs running together read
     # the same chunk's keys (L2 reuse). A grid smaller than T * Hkv loops over the items, so
     # the kernel can be given a few programs per SM and leave room beside it for a concurrent
-    # memory-bound kernel.
+    # memory-bound kernel. A score lands at out + pair * stride_op + req * stride_or +
+    # h * stride_oh + chunk * stride_oc: [P, Hkv] rows per pair, or straight into the
+    # router's [B, Hkv, C] score table (no scatter afterwards).
     for w in range(tl.program_id(0), T * Hkv, tl.num_programs(0)):
+        t = w % T
+        h = w // T
+        start = tl.load(tile_start_ptr + t)
+        end = tl.load(tile_end_ptr + t)
+        chunk = tl.load(tile_chunk_ptr + t)
+        pair = start + tl.arange(0, BLOCK_B)
+        pair_ok = pair < end
+        req = tl.load(pair_req_ptr + pair, mask=pair_ok, other=0)
+        lo = tl.load(offsets_ptr + chunk)
+        hi = tl.load(offsets_ptr + chunk + 1)
+        hi = tl.where(end > start, hi, lo)  # empty tile: skip the key loop
         # fmt: off
-        _keymax_tile(
-            q_ptr, basis_ptr, lk_ptr, offsets_ptr, pair_req_ptr, tile_start_ptr, tile_end_ptr,
-            tile_chunk_ptr, out_ptr, w % T, w // T, G, D, R,
-            stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh, stride_op,
+        best = _keymax_rows(
+            q_ptr, basis_ptr, lk_ptr, req, pair_ok, h, lo, hi, G, D, R,
+            stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
             PRECISION, EVEN_R, F16_ACC, BLOCK_B, BLOCK_G, BLOCK_D, BLOCK_R, BLOCK_N,
         )
         # fmt: on
+        o_ptrs = out_ptr + pair.to(tl.int64) * stride_op + req.to(tl.int64) * stride_or
+        tl.store(o_ptrs + h * stride_oh + chunk * stride_oc, best, mask=pair_ok)
 
 
 # fmt: off
 @triton.jit
-def _keymax_tile(
-    q_ptr, basis_ptr, lk_ptr, offsets_ptr, pair_req_ptr, tile_start_ptr, tile_end_ptr,
-    tile_chunk_ptr, out_ptr, t, h, G, D, R,
-    stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh, stride_op,
+def _keymax_rows(
+    q_ptr, basis_ptr, lk_ptr, req, row_ok, h, lo, hi, G, D, R,
+    stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
     PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # fmt: on
-    # Key-max scores of tile t (up to BLOCK_B pairs of one chunk) for KV head h.
-    start = tl.load(tile_start_ptr + t)
-    end = tl.load(tile_end_ptr + t)
-    chunk = tl.load(tile_chunk_ptr + t)
-    pair = start + tl.arange(0, BLOCK_B)
-    pair_ok = pair < end
-    req = tl.load(pair_req_ptr + pair, mask=pair_ok, other=0)
-    q = _load_q_rows(q_ptr, stride_qb, stride_qh, req, pair_ok, h, G, D, BLOCK_B, BLOCK_G, BLOCK_D)
+    # Key-max scores [BLOCK_B] of requests `req` (row_ok: real rows) for KV head h over the
+    # key rows lo:hi of one chunk (lo == hi: -inf).
+    q = _load_q_rows(q_ptr, stride_qb, stride_qh, req, row_ok, h, G, D, BLOCK_B, BLOCK_G, BLOCK_D)
     # project onto the head's basis: [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_R]
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -162,9 +171,6 @@ def _keymax_tile(
     else:
         acc_dtype = tl.float32
     qr = qr.to(lk_ptr.dtype.element_ty)
-    lo = tl.load(offsets_ptr + chunk)
-    hi = tl.load(offsets_ptr + chunk + 1)
-    hi = tl.where(end > start, hi, lo)  # empty tile: skip the key loop
     # Running max kept elementwise over a [rows, BLOCK_N] tile (one max per score, no
     # cross-thread reduction per block); reduced over the keys once at the end. Full blocks
     # load unmasked; only the chunk's last partial block is masked.
@@ -195,8 +201,7 @@ def _keymax_tile(
         best = tl.maximum(best, tl.where(key_ok[None, :], s, float("-inf")))
     best = tl.max(best.to(tl.float32), axis=1)
     best = tl.reshape(best, (BLOCK_B, BLOCK_G))
-    best = tl.max(tl.where((tl.arange(0, BLOCK_G) < G)[None, :], best, float("-inf")), axis=1)
-    tl.store(out_ptr + pair * stride_op + h, best, mask=pair_ok)
+    return tl.max(tl.where((tl.arange(0, BLOCK_G) < G)[None, :], best, float("-inf")), axis=1)
 
 
 def _pow2(x: int, floor: int = 1) -> int:
@@ -280,8 +285,13 @@ def keymax_pair_scores(
     max_programs: int | None = None,
     maxnreg: int | None = None,
     use_triton: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
+
+    ``out`` [B, Hkv, C] fp32 (e.g. filled with -inf): each pair's scores are written to
+    ``out[req, :, chunk]`` by the kernel itself and ``out`` is returned (the two-stage
+    router's score table without a scatter launch); None: a new [P, Hkv] tensor.
 
     ``max_programs`` caps the grid (the programs then loop over the tiles), e.g. to one or
     two programs per SM when the kernel runs beside a memory-bound kernel on another stream.
@@ -303,12 +313,23 @@ def keymax_pair_scores(
     assert pair_req.shape == pair_chunk.shape and pair_req.dtype == torch.int32
     P = pair_req.numel()
     C = chunk_offsets.numel() - 1
-    out = torch.empty(P, Hkv, dtype=torch.float32, device=q.device)
+    table = out
+    if table is not None:
+        want = (q.shape[0], Hkv, C)
+        if tuple(table.shape) != want or table.dtype != torch.float32:
+            raise ValueError(f"out must be {want} float32, got {tuple(table.shape)} {table.dtype}")
+    out = torch.empty(P, Hkv, dtype=torch.float32, device=q.device) if table is None else table
     if P == 0:
         return out
     if not use_triton or not triton_runs_on(q.device, _keymax_scores_kernel):
         full = keymax_scores_ref(q, basis, lowrank_keys, chunk_offsets)  # [B, Hkv, C]
-        return full[pair_req.long(), :, pair_chunk.long()]
+        scores = full[pair_req.long(), :, pair_chunk.long()]
+        if table is None:
+            return scores
+        table[pair_req.long(), :, pair_chunk.long()] = scores
+        return table
+    # a score's place: [P, Hkv] by pair, or the [B, Hkv, C] table by (req, head, chunk)
+    strides = (Hkv, 0, 1, 0) if table is None else (0, *table.stride())
     block_g = _pow2(G)
     block_b = max(min(_pow2(block_b), _pow2(P)), _pow2(16 // block_g))
     # Work list: a tile starts at every BLOCK_B-th pair of a chunk. The tile count is bounded
@@ -333,7 +354,7 @@ def keymax_pair_scores(
         q, basis, lowrank_keys, chunk_offsets, pair_req, tile_start, tile_end, tile_chunk, out,
         T, Hkv, G, D, R,
         q.stride(0), q.stride(1), basis.stride(0), basis.stride(1),
-        lowrank_keys.stride(0), lowrank_keys.stride(1), out.stride(0),
+        lowrank_keys.stride(0), lowrank_keys.stride(1), *strides,
         PRECISION=_precision(q.dtype), EVEN_R=_pow2(R, 16) == R,
         F16_ACC=lowrank_keys.dtype == torch.float16,
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),

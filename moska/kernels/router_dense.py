@@ -1,0 +1,111 @@
+"""Key-max scores of every (request, chunk): the default router's one launch per layer.
+
+``keymax_pair_scores`` takes a list of (request, chunk) pairs and builds a tile work list
+from it (about 20 small torch launches before the kernel: searchsorted, cumsum, scatters).
+When every request scores every chunk (the key-max scorer without a shortlist, i.e. the
+default routing policy) the work list is regular: tile t is chunk t // tiles_per_chunk and
+requests (t % tiles_per_chunk) * BLOCK_B onwards. This kernel computes that from its
+program id, so the scores of a layer are ONE launch with no work-list tensors, written
+straight into the [B, Hkv, C] table the top-k reads (contiguous: no permute copy).
+
+Cost (what the floor of a routed step counts, moska/bench/floors.py): every low-rank key
+read once from HBM (C * L * Hkv * r * 2 bytes; a chunk's tiles run together, so the
+re-reads by its other tiles hit L2) and 2 * B * Hq * S * r FLOPs on the tensor cores.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .router_scores import _check, _keymax_rows, _pow2, _precision, keymax_scores_ref
+from .runtime import triton_runs_on
+
+
+# fmt: off
+@triton.jit
+def _keymax_dense_kernel(
+    q_ptr,  # [B, Hq, D]
+    basis_ptr,  # [Hkv, D, R]
+    lk_ptr,  # [S_total, Hkv, R] low-rank keys
+    offsets_ptr,  # [C + 1] int32
+    out_ptr,  # [B, Hkv, C] fp32
+    B, C, Hkv, G, D, R, TPC,
+    stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
+    stride_ob, stride_oh,
+    PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # fmt: on
+    # Items (tile t, head h), t fastest: the TPC tiles of one chunk run side by side and
+    # share its keys in L2. A smaller grid loops over the items (keymax_programs).
+    T = C * TPC
+    for w in range(tl.program_id(0), T * Hkv, tl.num_programs(0)):
+        t = w % T
+        h = w // T
+        chunk = t // TPC
+        req = (t % TPC) * BLOCK_B + tl.arange(0, BLOCK_B)
+        req_ok = req < B
+        lo = tl.load(offsets_ptr + chunk)
+        hi = tl.load(offsets_ptr + chunk + 1)
+        # fmt: off
+        best = _keymax_rows(
+            q_ptr, basis_ptr, lk_ptr, req, req_ok, h, lo, hi, G, D, R,
+            stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
+            PRECISION, EVEN_R, F16_ACC, BLOCK_B, BLOCK_G, BLOCK_D, BLOCK_R, BLOCK_N,
+        )
+        # fmt: on
+        o_ptrs = out_ptr + req.to(tl.int64) * stride_ob + h * stride_oh + chunk
+        tl.store(o_ptrs, best, mask=req_ok)
+
+
+def keymax_dense_scores(
+    q: torch.Tensor,
+    basis: torch.Tensor,
+    lowrank_keys: torch.Tensor,
+    chunk_offsets: torch.Tensor,
+    block_b: int = 32,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 5,
+    max_programs: int | None = None,
+    use_triton: bool = True,
+) -> torch.Tensor:
+    """Key-max scores of every request and chunk: q [B, Hq, D] -> [B, Hkv, C] fp32.
+
+    The same scores as ``keymax_pair_scores`` over all B * C pairs (and the same tile
+    shape: 32 requests x 64-key blocks, 5 stages, the key-max sweep's best), in one launch.
+    ``max_programs`` caps the grid (the programs loop over the tiles); ``use_triton``
+    False: the PyTorch reference.
+    """
+    q, basis = q.contiguous(), basis.contiguous()
+    Hkv, D, R = basis.shape
+    B, Hq = _check(q, basis, Hkv, D)
+    G = Hq // Hkv
+    assert lowrank_keys.dim() == 3 and lowrank_keys.shape[1:] == (Hkv, R)
+    assert lowrank_keys.stride(2) == 1
+    if lowrank_keys.dtype not in (torch.float16, q.dtype):
+        raise ValueError(f"lowrank_keys must be fp16 or {q.dtype}, got {lowrank_keys.dtype}")
+    C = chunk_offsets.numel() - 1
+    if not use_triton or not triton_runs_on(q.device, _keymax_dense_kernel):
+        return keymax_scores_ref(q, basis, lowrank_keys, chunk_offsets)
+    out = torch.empty(B, Hkv, C, dtype=torch.float32, device=q.device)
+    if B == 0 or C == 0:
+        return out
+    block_g = _pow2(G)
+    block_b = max(min(_pow2(block_b), _pow2(B)), _pow2(16 // block_g))
+    tpc = triton.cdiv(B, block_b)
+    items = C * tpc * Hkv
+    grid = (items if max_programs is None else max(1, min(items, max_programs)),)
+    # fmt: off
+    _keymax_dense_kernel[grid](
+        q, basis, lowrank_keys, chunk_offsets, out, B, C, Hkv, G, D, R, tpc,
+        q.stride(0), q.stride(1), basis.stride(0), basis.stride(1),
+        lowrank_keys.stride(0), lowrank_keys.stride(1), out.stride(0), out.stride(1),
+        PRECISION=_precision(q.dtype), EVEN_R=_pow2(R, 16) == R,
+        F16_ACC=lowrank_keys.dtype == torch.float16,
+        BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
+        BLOCK_N=_pow2(block_n, 16), num_warps=num_warps, num_stages=num_stages,
+    )
+    # fmt: on
+    return out
