@@ -115,7 +115,7 @@ class Substages:
         reuse.features = self.wrap("features", reuse.features)  # type: ignore[method-assign]
         reuse.store.lookup = self.wrap("lsh_lookup", reuse.store.lookup)  # type: ignore
         reuse_mod.match_tokens = self.wrap("match_tokens", reuse_mod.match_tokens)
-        blend._rerotated = self.wrap("rerotate_and_gather", blend._rerotated)
+        blend._copy_reference = self.wrap("rerotate_and_gather", blend._copy_reference)
         blend._select = self.wrap("select_rows", blend._select)
         blend.RowAttention.__call__ = self.wrap("row_attention", blend.RowAttention.__call__)
 

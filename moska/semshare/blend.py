@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moska.kernels import rope_scatter as rs
 from moska.kernels.row_attention import row_attention
-from moska.semshare.rope_shift import rotate_by
+from moska.semshare.rope_shift import delta_cos_sin, rotate_by
 from moska.semshare.store import Reference
 
 # SDPA backends of the row attention: not cuDNN, which torch >= 2.11 prefers on sm90 but which
@@ -41,10 +42,12 @@ class BlendResult(NamedTuple):
 
 
 def slots_of(table: list[int], block_size: int, start: int, end: int, device) -> torch.Tensor:
-    """[end - start] int64 cache slots of token positions [start, end)."""
+    """[end - start] int64 cache slots of token positions [start, end). The host-to-device
+    copy is non-blocking (pageable memory is staged at once; a blocking copy would wait
+    for the stream's queued work)."""
     pos = torch.arange(start, end)
     blocks = torch.as_tensor(table, dtype=torch.int64)[pos // block_size]
-    return (blocks * block_size + pos % block_size).to(device)
+    return (blocks * block_size + pos % block_size).to(device, non_blocking=True)
 
 
 class RowAttention:
@@ -64,6 +67,7 @@ class RowAttention:
         sm_scale: float,
         causal: bool = False,
         kernel: bool | None = None,
+        ops=None,
     ):
         self.cache = cache
         self.all_slots = slots  # [S] int64: slots of positions 0..S-1
@@ -73,13 +77,27 @@ class RowAttention:
         if causal:
             assert positions.shape == slots.shape, (tuple(positions.shape), tuple(slots.shape))
         self.kernel = kernel
+        self.ops = ops  # a KernelOps table: its kv_write (one launch for k and v), or None
         self.last_fresh: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._pos32: torch.Tensor | None = None  # positions as the kernel takes them
+        self._row_slots: torch.Tensor | None = None  # slots of the rows, once per row set
 
     def keep(self, rows: torch.Tensor) -> None:
         self.positions = self.positions[rows]
         self.causal = False
-        self._pos32 = None
+        self._pos32 = self._row_slots = None
+
+    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The rows' fresh k, v [R, Hkv, D] into layer `slot` of the cache."""
+        kc = self.cache.k[slot].view(-1, *self.cache.k.shape[-2:])  # [blocks * bs, Hkv, D]
+        vc = self.cache.v[slot].view(-1, *self.cache.v.shape[-2:])
+        if self._row_slots is None:
+            self._row_slots = self.all_slots[self.positions]
+        if self.ops is not None:
+            self.ops.kv_write(k, v, kc, vc, self._row_slots)
+        else:
+            kc[self._row_slots] = k.to(kc.dtype)
+            vc[self._row_slots] = v.to(vc.dtype)
 
     def _use_kernel(self, kc: torch.Tensor) -> bool:
         d = kc.shape[-1]
@@ -93,9 +111,7 @@ class RowAttention:
         kc = self.cache.k[slot].view(-1, *self.cache.k.shape[-2:])  # [blocks * bs, Hkv, D]
         vc = self.cache.v[slot].view(-1, *self.cache.v.shape[-2:])
         if k is not None:
-            row_slots = self.all_slots[self.positions]
-            kc[row_slots] = k.to(kc.dtype)
-            vc[row_slots] = v.to(vc.dtype)
+            self.write(slot, k, v)
             self.last_fresh = (slot, k, v)
         if self._use_kernel(kc):
             if self._pos32 is None:
@@ -131,14 +147,33 @@ def _rerotated(ref: Reference, layers, ref_pos: torch.Tensor, new_pos: torch.Ten
     return rotate_by(k, (new_pos - ref_pos).to(k.device), inv_freq), v
 
 
-def _select(att: RowAttention, ref, ref_pos, new_pos, matched, fraction, inv_freq):
-    """Rows kept past the boundary: unmatched + the most deviating `fraction` of matched."""
-    n = matched.shape[0]
-    m_idx = matched.nonzero().squeeze(1)
+def _copy_reference(ref: Reference, cache, ref_pos, new_pos, dst_slots, inv_freq) -> None:
+    """Every layer's reference k, v of tokens `ref_pos` into the cache at `dst_slots`, keys
+    re-rotated to `new_pos`: on CUDA one fused launch (`kernels/rope_scatter.py`), else a
+    gather, `rotate_by` and two scatters."""
+    flat = (cache.k.shape[0], -1, *cache.k.shape[-2:])
+    kc, vc = cache.k.view(flat), cache.v.view(flat)
+    if kc.is_cuda and ref.k.is_cuda and rs.supported(ref.k):
+        cos, sin = delta_cos_sin(new_pos - ref_pos, inv_freq)
+        rs.rope_scatter(ref.k, ref.v, kc, vc, ref_pos, dst_slots, cos, sin)
+        return
+    k_ref, v_ref = _rerotated(ref, slice(None), ref_pos, new_pos, inv_freq)
+    kc[:, dst_slots] = k_ref.to(kc.dtype)
+    vc[:, dst_slots] = v_ref.to(vc.dtype)
+
+
+def _select(
+    att: RowAttention, ref, ref_pos, new_pos, matched, m_idx, fraction, inv_freq
+) -> tuple[torch.Tensor, int]:
+    """(rows kept past the boundary [R] ascending, how many of them are matched): the
+    unmatched rows + the most deviating `fraction` of the matched ones `m_idx`. R is known
+    on the host from the counts, so the rows come from a stable sort, not `nonzero` (no
+    host sync between the first layers and the rest)."""
+    n, num_matched = matched.shape[0], m_idx.numel()
     if fraction >= 1.0 or att.last_fresh is None:
-        return torch.arange(n, device=matched.device)
-    n_keep = math.ceil(fraction * m_idx.numel())
-    keep = (~matched).clone()
+        return torch.arange(n, device=matched.device), num_matched
+    n_keep = math.ceil(fraction * num_matched)
+    keep = ~matched
     if n_keep > 0:
         slot, k, v = att.last_fresh
         k_ref, v_ref = _rerotated(ref, slot, ref_pos[m_idx], new_pos[m_idx], inv_freq)
@@ -147,7 +182,9 @@ def _select(att: RowAttention, ref, ref_pos, new_pos, matched, fraction, inv_fre
             1e-6
         ) + (vf - v_ref.float()).flatten(1).norm(dim=1) / vf.flatten(1).norm(dim=1).clamp_min(1e-6)
         keep[m_idx[dev.topk(n_keep).indices]] = True
-    return keep.nonzero().squeeze(1)
+    r = n - num_matched + n_keep
+    rows = torch.argsort((~keep).to(torch.uint8), stable=True)[:r]  # kept rows first, in order
+    return rows, n_keep
 
 
 @torch.inference_mode()
@@ -172,28 +209,32 @@ def blend_prefill(
     end = start + n
     slots = slots_of(table, cache.block_size, 0, end, device)  # [end]
     new_pos = torch.arange(start, end, device=device)  # [n]
-    ref_pos = ref_pos.to(device)
+    ref_pos = ref_pos.to(device, non_blocking=True)
     matched = ref_pos >= 0
     inv_freq = model.rotary.inv_freq
+    # the blend's one host sync, before any of its layers is queued: the matched count
+    # fixes every later shape (the rows kept at the boundary, the counts returned)
     m_idx = matched.nonzero().squeeze(1)
-    if m_idx.numel() and recompute_layers < len(model.layers):
-        k_ref, v_ref = _rerotated(ref, slice(None), ref_pos[m_idx], new_pos[m_idx], inv_freq)
-        num_slots = cache.k.shape[0]
-        flat = (num_slots, -1, *cache.k.shape[-2:])
-        cache.k.view(flat)[:, slots[start:][m_idx]] = k_ref.to(cache.k.dtype)
-        cache.v.view(flat)[:, slots[start:][m_idx]] = v_ref.to(cache.v.dtype)
-    x = model.embed_tokens(token_ids.to(device))  # [n, H]
+    num_matched = m_idx.numel()
+    if num_matched and recompute_layers < len(model.layers):
+        m_pos = ref_pos[m_idx]
+        _copy_reference(ref, cache, m_pos, new_pos[m_idx], slots[start:][m_idx], inv_freq)
+    x = model.embed_tokens(token_ids.to(device, non_blocking=True))  # [n, H]
     ops = model.kernels  # the engine's kernel table
     cos, sin = model.rotary.cos_sin_half(new_pos)  # [n, D/2] fp32 each
     att = RowAttention(
-        cache, slots, new_pos, model.config.sm_scale, causal=start == 0, kernel=row_kernel
-    )
+        cache, slots, new_pos, model.config.sm_scale, causal=start == 0, kernel=row_kernel,
+        ops=ops,
+    )  # fmt: skip
     residual = None
     rows = torch.arange(n, device=device)
+    kept_matched = num_matched  # matched rows computed through every layer
     last = len(model.layers) - 1
     for i, layer in enumerate(model.layers):
         if i == recompute_layers:
-            rows = _select(att, ref, ref_pos, new_pos, matched, recompute_fraction, inv_freq)
+            rows, kept_matched = _select(
+                att, ref, ref_pos, new_pos, matched, m_idx, recompute_fraction, inv_freq
+            )
             if rows.numel() == 0:
                 break
             assert residual is not None  # set by the first layer
@@ -203,9 +244,7 @@ def blend_prefill(
             _write_last_kv(layer, x, residual, cos, sin, att, ops)
             break
         x, residual = layer(x, residual, cos, sin, att, ops)
-    num_recomputed = rows.numel()
-    num_reused = int(matched.sum()) - int(matched[rows].sum())
-    return BlendResult(num_reused, num_recomputed)
+    return BlendResult(num_matched - kept_matched, rows.numel())
 
 
 def _write_last_kv(layer, x, residual, cos, sin, att: RowAttention, ops) -> None:
@@ -213,11 +252,7 @@ def _write_last_kv(layer, x, residual, cos, sin, att: RowAttention, ops) -> None
 
     def write_only(slot, q, k, v):
         if k is not None:
-            row_slots = att.all_slots[att.positions]
-            kc = att.cache.k[slot].view(-1, *att.cache.k.shape[-2:])
-            vc = att.cache.v[slot].view(-1, *att.cache.v.shape[-2:])
-            kc[row_slots] = k.to(kc.dtype)
-            vc[row_slots] = v.to(vc.dtype)
+            att.write(slot, k, v)
         return q  # [R, Hq, D]: any tensor of the output's shape; o_proj's result is dropped
 
     h, _ = layer.input_layernorm.fused(x, residual, ops)
@@ -244,7 +279,7 @@ def extend(
     ops = model.kernels
     cos, sin = model.rotary.cos_sin_half(pos)  # [n, D/2] fp32 each
     att = RowAttention(
-        cache, slots, pos, model.config.sm_scale, causal=start == 0, kernel=row_kernel
+        cache, slots, pos, model.config.sm_scale, causal=start == 0, kernel=row_kernel, ops=ops
     )
     residual = None
     for layer in model.layers:

@@ -7,24 +7,30 @@ hyperplanes (SimHash): two features at angle theta agree on one bit with probabi
 with 1 - (1 - p ** rows) ** bands: an S-curve that keeps near duplicates (cos 0.95: 0.80 at
 8 x 16) and drops the merely similar (cos 0.8: 0.19). A prompt's vote for a reference is the
 share of its tokens that collide with any of the reference's tokens in any band.
+
+Where the work runs: the projection and the band codes on the features' device (one
+[N, bands] int64 copy to the host: the lookup's one sync); the bucket tables on the host as
+numpy arrays, whose small searches cost microseconds where torch's CPU ops cost tens (the
+lookup is ~30 such ops; on the H200 it took 3 ms as torch ops).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
 
+import numpy as np
 import torch
 
 _MAX_RUNS = 8  # sorted runs kept before they are merged into one
 
 
 class LSHIndex:
-    """Band buckets -> the references with a token in them, as sorted tensors.
+    """Band buckets -> the references with a token in them, as sorted arrays.
 
     Each added reference appends a run (its sorted unique bucket keys, its integer id);
     a lookup binary-searches every run (at most `_MAX_RUNS`, then they merge into one), so
-    adding a 5K-token prompt is a few tensor ops instead of ~40K Python set insertions and a
-    lookup is O(1) host syncs instead of a Python loop over buckets. Removal forgets the id;
+    adding a 5K-token prompt is a few array ops instead of ~40K Python set insertions and a
+    lookup is one host sync instead of a Python loop over buckets. Removal forgets the id;
     its entries are dropped at the next merge."""
 
     def __init__(self, dim: int, bands: int = 8, rows: int = 16, seed: int = 0) -> None:
@@ -33,34 +39,46 @@ class LSHIndex:
         self.dim, self.bands, self.rows = dim, bands, rows
         gen = torch.Generator().manual_seed(seed)
         self.planes = torch.randn(dim, bands * rows, generator=gen)  # [F, bands*rows] fp32
-        self._planes_on: dict[torch.device, torch.Tensor] = {}  # copies on other devices
-        self._weights = 2 ** torch.arange(rows, dtype=torch.int64)  # [rows]
-        self._keys: dict[Hashable, torch.Tensor] = {}  # reference -> its sorted bucket keys
+        # per device: (planes, bit weights [rows], band tags [bands]); a host-to-device copy
+        # waits on the stream, so each is copied once
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._keys: dict[Hashable, np.ndarray] = {}  # reference -> its sorted bucket keys
         self._ids: dict[Hashable, int] = {}  # reference -> its id in the runs
         self._refs: dict[int, Hashable] = {}  # the inverse, live references only
+        self._live = np.zeros(0, np.int64)  # ids of _refs, for isin
         self._next_id = 0
-        self._runs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sorted keys, ids) [K]
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, ids) [K]
         self._dead = 0  # entries of removed references still in the runs
 
+    def _consts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self._on.get(device)
+        if c is None:
+            weights = 2 ** torch.arange(self.rows, dtype=torch.int64)
+            tags = torch.arange(self.bands, dtype=torch.int64)
+            c = self._on.setdefault(
+                device, (self.planes.to(device), weights.to(device), tags.to(device))
+            )
+        return c
+
     def signatures(self, features: torch.Tensor) -> torch.Tensor:
-        """features [N, F] -> bucket keys [N, bands] int64 (band-tagged, so bands never mix)."""
+        """features [N, F] -> bucket keys [N, bands] int64 on the host (band-tagged, so
+        bands never mix). Codes are built on the features' device; one copy comes back."""
         assert features.dim() == 2 and features.shape[1] == self.dim, tuple(features.shape)
-        planes = self._planes_on.get(features.device)
-        if planes is None:  # copied once per device: a host-to-device copy waits on the stream
-            planes = self._planes_on.setdefault(features.device, self.planes.to(features.device))
-        bits = (features.float() @ planes > 0).cpu().long()  # [N, bands*rows]
-        codes = (bits.view(-1, self.bands, self.rows) * self._weights).sum(-1)  # [N, bands]
-        return codes * self.bands + torch.arange(self.bands)  # [N, bands]
+        planes, weights, tags = self._consts(features.device)
+        bits = features.float() @ planes > 0  # [N, bands*rows]
+        codes = (bits.view(-1, self.bands, self.rows) * weights).sum(-1)  # [N, bands]
+        return (codes * self.bands + tags).cpu()
 
     def add(self, ref: Hashable, features: torch.Tensor) -> None:
         """Index reference `ref` by its token features [N, F]."""
         if ref in self._keys:
             return
-        keys = torch.unique(self.signatures(features))  # sorted
+        keys = np.unique(self.signatures(features).numpy())  # sorted
         rid = self._next_id
         self._next_id += 1
         self._keys[ref], self._ids[ref], self._refs[rid] = keys, rid, ref
-        self._runs.append((keys, torch.full_like(keys, rid)))
+        self._live = np.fromiter(self._refs, np.int64, len(self._refs))
+        self._runs.append((keys, np.full_like(keys, rid)))
         if len(self._runs) > _MAX_RUNS:
             self._merge()
 
@@ -69,8 +87,9 @@ class LSHIndex:
         if keys is None:
             return
         del self._refs[self._ids.pop(ref)]
-        self._dead += keys.numel()
-        if self._dead > sum(k.numel() for k, _ in self._runs) // 2:
+        self._live = np.fromiter(self._refs, np.int64, len(self._refs))
+        self._dead += keys.size
+        if self._dead > sum(k.size for k, _ in self._runs) // 2:
             self._merge()
 
     def _merge(self) -> None:
@@ -78,27 +97,33 @@ class LSHIndex:
         if not self._refs:
             self._runs, self._dead = [], 0
             return
-        keys = torch.cat([k for k, _ in self._runs])
-        ids = torch.cat([i for _, i in self._runs])
-        live = torch.isin(ids, torch.tensor(list(self._refs), dtype=torch.int64))
-        keys, order = keys[live].sort(stable=True)
-        self._runs, self._dead = [(keys, ids[live][order])], 0
+        keys = np.concatenate([k for k, _ in self._runs])
+        ids = np.concatenate([i for _, i in self._runs])
+        live = np.isin(ids, self._live)
+        keys, ids = keys[live], ids[live]
+        order = np.argsort(keys, kind="stable")
+        self._runs, self._dead = [(keys[order], ids[order])], 0
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def votes(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def votes(self, keys: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, counts): for each live reference with an entry among the unique `keys`
-        [Q] int64, how many of them it has."""
+        [Q] int64 (host), how many of them it has."""
+        ids, counts = self._votes(np.asarray(keys))
+        return torch.from_numpy(ids), torch.from_numpy(counts)
+
+    def _votes(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         hit_ids = []
         for run_keys, run_ids in self._runs:
-            lo = torch.searchsorted(run_keys, keys)
-            hi = torch.searchsorted(run_keys, keys, right=True)
-            n = hi - lo  # entries per query key in this run
-            starts = torch.repeat_interleave(lo - (n.cumsum(0) - n), n)
-            hit_ids.append(run_ids[starts + torch.arange(starts.numel())])
-        ids, counts = torch.unique(torch.cat(hit_ids), return_counts=True)
-        live = torch.isin(ids, torch.tensor(list(self._refs), dtype=torch.int64))
+            lo = np.searchsorted(run_keys, keys, "left")
+            n = np.searchsorted(run_keys, keys, "right") - lo  # entries per query key
+            starts = np.repeat(lo - (np.cumsum(n) - n), n)
+            hit_ids.append(run_ids[starts + np.arange(starts.size)])
+        if not hit_ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ids, counts = np.unique(np.concatenate(hit_ids), return_counts=True)
+        live = np.isin(ids, self._live)
         return ids[live], counts[live]
 
     def candidates(
@@ -111,21 +136,23 @@ class LSHIndex:
         if not self._refs:
             return []
         if sample is not None and features.shape[0] > sample:
-            rows = torch.linspace(0, features.shape[0] - 1, sample).round().long()
-            features = features[rows.to(features.device)]
-        sigs = self.signatures(features)  # [N, bands]
+            # built on the device: a host-to-device copy would wait on the stream
+            rows = torch.linspace(0, features.shape[0] - 1, sample, device=features.device)
+            features = features[rows.round().long()]
+        sigs = self.signatures(features).numpy()  # [N, bands]
         # shortlist by the buckets of up to 256 of the tokens (most votes; ties: oldest),
         # then score the shortlisted references exactly on every sampled token
         step = max(1, sigs.shape[0] // 256)
-        ids, counts = self.votes(torch.unique(sigs[::step]))
-        order = torch.argsort(-counts, stable=True)[: max(top, 4)]  # ids ascend: oldest first
+        ids, counts = self._votes(np.unique(sigs[::step]))
+        order = np.argsort(-counts, kind="stable")[: max(top, 4)]  # ids ascend: oldest first
         shortlist = [self._refs[i] for i in ids[order].tolist()]
         scored = [(ref, _share_in(sigs, self._keys[ref])) for ref in shortlist]
         scored.sort(key=lambda x: -x[1])
         return scored[:top]
 
 
-def _share_in(sigs: torch.Tensor, keys: torch.Tensor) -> float:
+def _share_in(sigs: torch.Tensor | np.ndarray, keys: torch.Tensor | np.ndarray) -> float:
     """Share of rows of sigs [N, bands] with any key in the sorted `keys` (binary search)."""
-    idx = torch.searchsorted(keys, sigs).clamp_(max=keys.numel() - 1)
-    return float((keys[idx] == sigs).any(dim=1).float().mean())
+    s, k = np.asarray(sigs), np.asarray(keys)
+    idx = np.searchsorted(k, s).clip(max=k.size - 1)
+    return float((k[idx] == s).any(axis=1).mean())

@@ -24,7 +24,7 @@ import torch
 from moska.semshare.blend import blend_prefill, slots_of
 from moska.semshare.config import SemShareConfig
 from moska.semshare.lsh import LSHIndex
-from moska.semshare.matching import match_tokens, token_features
+from moska.semshare.matching import inverse_norms, match_tokens, token_features
 from moska.semshare.store import Reference, ReferenceStore, prompt_key
 
 
@@ -62,6 +62,7 @@ class SemanticReuse:
         lsh = LSHIndex(dim, config.lsh_bands, config.lsh_rows, config.seed)
         self.store = ReferenceStore(config.store_bytes, lsh)
         self.stats = ReuseStats()
+        self._inv_norm: torch.Tensor | None = None  # [V] of the embedding, on first use
 
     @classmethod
     def for_engine(cls, engine_config, runner) -> SemanticReuse:
@@ -77,7 +78,15 @@ class SemanticReuse:
         return cls(cfg, runner.model, runner.cache)
 
     def features(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return token_features(self.model.embed_tokens.weight, token_ids, self.config.window)
+        """[N, 2H] matching features: fp16 on a GPU (matched by an fp16 product; stored
+        references keep fp16 anyway), fp32 on the CPU."""
+        weight = self.model.embed_tokens.weight
+        if self._inv_norm is None:
+            self._inv_norm = inverse_norms(weight)
+        dtype = torch.float16 if weight.is_cuda else torch.float32
+        return token_features(
+            weight, token_ids, self.config.window, inv_norm=self._inv_norm, dtype=dtype
+        )
 
     @torch.inference_mode()
     def plan(self, prompt_ids: list[int]) -> ReusePlan | None:

@@ -6,12 +6,24 @@ whose reference sat at position p and now sits at position p' gets its key rotat
 d = p' - p, per token. Rotating by d is the same rotate-half product the model applies at
 position d, with cos/sin computed in fp32 from the model's own inverse frequencies (any
 linear or llama3 scaling included), so re-rotation equals rotating the unrotated key at
-p' (tested to fp32 rel err < 1e-5).
+p' (tested to fp32 rel err < 1e-5). On a GPU the blend applies the same cos/sin in one
+fused gather-rotate-scatter launch (`moska.kernels.rope_scatter`).
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def delta_cos_sin(
+    delta: torch.Tensor,  # [T] int64 position differences
+    inv_freq: torch.Tensor,  # [D/2] fp32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [T, D/2] fp32 of delta * inv_freq, the angles in float64: a difference
+    of 5,000 positions is 5,000 radians at the fastest frequency, where fp32's spacing
+    (5e-4) would already show in the rotated key."""
+    freqs = delta.to(inv_freq.device).double()[:, None] * inv_freq.double()[None, :]
+    return freqs.cos().float(), freqs.sin().float()
 
 
 def rotate_by(
@@ -22,9 +34,8 @@ def rotate_by(
     """Keys rotated by `delta` more positions; same shape and dtype (math in fp32)."""
     assert k.shape[-3] == delta.shape[0], (tuple(k.shape), tuple(delta.shape))
     assert k.shape[-1] == 2 * inv_freq.shape[0], (tuple(k.shape), tuple(inv_freq.shape))
-    freqs = delta.to(k.device).double()[:, None] * inv_freq.to(k.device).double()[None, :]
-    cos = freqs.cos().float()[:, None, :]  # [T, 1, D/2]
-    sin = freqs.sin().float()[:, None, :]
+    cos, sin = delta_cos_sin(delta.to(k.device), inv_freq.to(k.device))
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D/2]
     kf = k.float()
     half = k.shape[-1] // 2
     k1, k2 = kf[..., :half], kf[..., half:]
