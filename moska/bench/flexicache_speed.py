@@ -2,7 +2,8 @@
 --mode speed`): device KV bytes at equal batch, and decode tokens/s at the largest batch each
 layout fits in a KV budget.
 
-Full KV: the engine's paged cache (`PagedKVCache` layout) read by `paged_decode`. FlexiCache:
+Full KV: the engine's paged cache (`PagedKVCache` layout) read by `paged_decode`, eager and
+replayed from a CUDA graph (`flexicache_fullkv.py`: the strongest baseline). FlexiCache:
 `FlexiKV` (compact per-head device pool over a pinned host copy) read by
 `paged_decode_heads`. Both run the whole random Llama-3.1-8B-shaped model (bf16), one token
 per sequence per step, over contexts of `--context` tokens. Random weights give no real
@@ -37,13 +38,14 @@ staging and a copy up), and how many fetched pages had been dropped at the previ
 hysteresis: `--no-hysteresis` turns it off, `--spare-pages` leaves spare slots per head).
 
 Rows: full KV, FlexiCache at its batch, FlexiCache at the largest batch, the optional
-compare rows, and full KV again (`full_repeat`: the host's speed can drift over a run; the
-summary takes the faster full row, the stronger baseline). The timed steps are whole
+compare rows, full KV again (`full_repeat`: the host's speed can drift over a run) and full
+KV from a CUDA graph (`full_graph`, CUDA only); the summary takes the fastest full row. The timed steps are whole
 lcm(r, block size) periods, so the mean (tokens/s) weighs plain, page-start and re-ranking
 steps in their real proportion; the warmup covers two re-rankings (first pool build, first
 fetches and their kernels' compiles). Wall times are eager Python (host-bound where
 `host_issue_ms_median` ~ step time); `device_ms_by_kind` / `device_bound_step_ms` /
-`tokens_per_s_device_bound_*` time them with the host out of the way (`flexicache_timing`).
+`tokens_per_s_device_bound_*` time every kind of step, re-rankings included, with the host
+out of the way (`flexicache_timing`): the comparison made the same way for both layouts.
 FlexiCache rows' host copies are views of one pinned buffer for the largest batch (each row
 pinning its own, power-of-two rounded, ran out of host memory at the fourth); after each row
 its store is freed, torch's device and pinned caches emptied (`after_release`), and the JSON
@@ -60,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from moska.bench import flexicache_fullkv as fullkv
 from moska.bench import flexicache_timing as timing
 from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
 from moska.flexicache import FlexiCacheConfig
@@ -70,31 +73,6 @@ from moska.kernel_ops import kernel_ops
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
-
-
-class _FullKV:
-    """Paged cache of B sequences, each `pages` contiguous blocks, read by paged_decode."""
-
-    def __init__(self, mc, batch, context, pages, bs, dtype, device, ops) -> None:
-        self.pages = pages
-        shape = (mc.num_kv_layers, batch * self.pages, bs, mc.num_kv_heads, mc.head_dim)
-        self.k = torch.randn(shape, dtype=dtype, device=device)
-        self.v = torch.randn(shape, dtype=dtype, device=device)
-        self.tables = torch.arange(batch * self.pages, dtype=torch.int32, device=device)
-        self.tables = self.tables.view(batch, self.pages)
-        self.length, self.bs, self.ops, self.sm = context, bs, ops, mc.sm_scale
-        self.base = torch.arange(batch, device=device) * self.pages * bs
-
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def __call__(self, layer, q, k, v):
-        pos = self.length - 1
-        slots = self.base + (pos // self.bs) * self.bs + pos % self.bs
-        kc, vc = self.k[layer], self.v[layer]
-        self.ops.kv_write(k, v, kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:]), slots)
-        lens = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
-        return self.ops.paged_decode(q, kc, vc, self.tables, lens, self.sm)[0]
 
 
 class _Flexi:
@@ -162,9 +140,7 @@ def _flexi_store(cfg, mc, batch, context, pages, bs, dtype, device, stable_fract
 
 
 def _kind(attn, bs: int, r: int) -> str:
-    """The step just begun: "rerank", "page" (starts a page) or "plain" (full KV: plain)."""
-    if not isinstance(attn, _Flexi):
-        return "plain"
+    """The FlexiCache step just begun: "rerank", "page" (starts a page) or "plain"."""
     store = attn.store
     if store.step % r == 0:
         return "rerank"
@@ -175,8 +151,7 @@ def _stepper(model, attn):
     """step(tokens) -> next tokens: one decode step of every sequence at the current length."""
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
-        length = attn.store.length if isinstance(attn, _Flexi) else attn.length
-        pos = torch.full(tokens.shape, length - 1, device=tokens.device)
+        pos = torch.full(tokens.shape, attn.store.length - 1, device=tokens.device)
         return model.compute_logits(model(tokens, pos, attn)).argmax(-1)
 
     return step
@@ -286,11 +261,15 @@ def run(args, rest: list[str]) -> dict:
         tokens = torch.randint(0, mc.vocab_size, (batch,), device=device)
         probes = 0 if dry else sa.probes
         if kind == "full":
-            attn = _FullKV(mc, batch, context, pages, bs, dtype, device, ops)
-            step = _stepper(lm.model, attn)
-            t = timing.decode(step, lambda: "plain", tokens, steps, warmup, args.r, probes=probes)
+            attn = fullkv.FullKV(mc, batch, context, pages, bs, dtype, device, ops)
+            extra = {"cuda_graph": name == "full_graph"}
+            if extra["cuda_graph"]:
+                step = fullkv.graph_step(lm.model, attn, tokens)
+            else:
+                step = fullkv.eager_step(lm.model, attn)
+            t = timing.decode(step, attn.begin, tokens, steps, warmup, args.r, probes=probes)
             kv = attn.nbytes()
-            extra = {}
+            del step
         else:
             store = _flexi_store(cfg, mc, batch, context, pages, bs, dtype, device, s, args.seed,
                                  churn, host_views(batch))  # fmt: skip
@@ -315,8 +294,11 @@ def run(args, rest: list[str]) -> dict:
                 store.begin_step()
                 return kind_of()
 
+            def hook(fn) -> None:  # the device probe's: called before each wait
+                store.on_read = fn
+
             t = timing.decode(_stepper(lm.model, attn), begin, tokens, steps, warmup, args.r,
-                              store.reset_counters, snap, probes)  # fmt: skip
+                              store.reset_counters, snap, probes, hook)  # fmt: skip
             kv = store.gpu_bytes()
             extra = {"hysteresis": hysteresis, "spare_pages": store.spare_pages,
                      "churn": churn, **t["snap"],
@@ -324,7 +306,7 @@ def run(args, rest: list[str]) -> dict:
                                                   / t["mean"], 4),
                      "stable_head_fraction": round(store.stable_fraction(), 4),
                      "full_kv_bytes_same_batch": store.full_kv_bytes()}  # fmt: skip
-            del store, snap, begin, kind_of
+            del store, snap, begin, kind_of, hook
         peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
         sec = t["mean"]
         row = {"kv": kind, "row": name or kind, "batch": batch, "gpu_kv_bytes": kv,
@@ -353,30 +335,49 @@ def run(args, rest: list[str]) -> dict:
     if sa.compare_churn is not None:
         other = measure("flexicache", b_flexi, churn=sa.compare_churn, name="compare_churn")
     full2 = measure("full", b_full, name="full_repeat")  # host-speed drift over the run
-    return {**head, "rows": rows,
-            "summary": _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget)}  # fmt: skip
+    graph = None
+    if not dry:  # the strongest full-KV baseline: its step replayed from a CUDA graph
+        try:
+            graph = measure("full", b_full, name="full_graph")
+        except RuntimeError as e:  # a capture that fails leaves the eager rows
+            head["full_graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            timing.release(device)
+    summary = _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget, graph)
+    return {**head, "rows": rows, "summary": summary}
 
 
-def _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget) -> dict:
-    base = full if full["tokens_per_s"] >= full2["tokens_per_s"] else full2  # the stronger
-    dev = {r["row"]: r["device_bound_step_ms"] for r in (base, flex_max)}
-    tps_dev = {
-        k: v and round(r["batch"] / v * 1e3, 1) for (k, v), r in zip(dev.items(), (base, flex_max))
-    }
+def _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget, graph=None) -> dict:
+    fulls = [r for r in (full, full2, graph) if r is not None]
+    base = max(fulls, key=lambda r: r["tokens_per_s"])  # the strongest by the wall clock
+    dev_rows = [r for r in fulls if r["device_bound_step_ms"]]
+    base_dev = min(dev_rows, key=lambda r: r["device_bound_step_ms"]) if dev_rows else None
+
+    def dev_tps(r):
+        return (
+            r
+            and r["device_bound_step_ms"]
+            and round(r["batch"] / r["device_bound_step_ms"] * 1e3, 1)
+        )
+
+    tps_full_dev, tps_flex_dev = dev_tps(base_dev), dev_tps(flex_max)
     return {
         "gpu_kv_saved_equal_batch": round(1 - flex_eq["gpu_kv_bytes"] / full["gpu_kv_bytes"], 4),
         "batch_full": full["batch"],
         "batch_flexicache": flex_max["batch"],
         "flexicache_fits_budget": flex_max["gpu_kv_bytes"] <= budget,
         "full_step_ms_first_and_repeat": [full["step_ms"], full2["step_ms"]],
+        "full_row_wall": base["row"],
         "tokens_per_s_full": base["tokens_per_s"],
+        "tokens_per_s_full_graph_wall": graph and graph["tokens_per_s"],
         "tokens_per_s_flexicache_largest_batch": flex_max["tokens_per_s"],
         "speedup_largest_batch": round(flex_max["tokens_per_s"] / base["tokens_per_s"], 3),
-        "tokens_per_s_device_bound_full": tps_dev[base["row"]],
-        "tokens_per_s_device_bound_flexicache": tps_dev[flex_max["row"]],
+        "full_row_device_bound": base_dev and base_dev["row"],
+        "tokens_per_s_device_bound_full": tps_full_dev,
+        "tokens_per_s_device_bound_flexicache": tps_flex_dev,
         "speedup_device_bound": None
-        if None in tps_dev.values()
-        else round(tps_dev[flex_max["row"]] / tps_dev[base["row"]], 3),
+        if not (tps_full_dev and tps_flex_dev)
+        else round(tps_flex_dev / tps_full_dev, 3),
+        "rerank_device_probed": "rerank" in flex_max["device_ms_by_kind"],
         "fetch_bytes_per_step_largest_batch": flex_max["fetch_bytes_per_step"],
         "fetch_share_of_step_largest_batch": flex_max["fetch_share_of_step"],
         "refetched_share_of_fetches": round(
@@ -396,5 +397,7 @@ def _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget) -> dict:
         },
         "note": "stable heads forced (random model); quality: flexicache_quality_*.json."
         " tokens/s: mean over whole lcm(r, block size) periods of steps (plain, page start,"
-        " re-ranking in their real proportion); full: the faster of its two rows",
+        " re-ranking in their real proportion); full: the fastest of its rows (eager twice,"
+        " CUDA graph); device-bound: every row and step kind timed on the device alone"
+        " (re-ranking steps: an upper bound, see flexicache_timing.py), full KV's best row",
     }

@@ -12,7 +12,12 @@ the GPU is held busy by a sleep kernel while the host issues the whole step, so 
 kernels then run back to back; CUDA events after the sleep and after the step give their
 time. A probe is valid only if the host finished issuing before the sleep ended (the event
 after the sleep not yet reached), which is checked and reported (`device_probe_valid`).
-Steps that wait on the device (re-rankings) cannot be probed: their wall time stands.
+A step that waits on the device inside (a re-ranking reads its layers' counts after its last
+layer, and a pool that must grow reads once more) is probed the same way with a longer sleep
+(twice that kind's wall time): `wait_hook` tells the probe when the host is about to wait,
+and the probe is valid if the GPU was still asleep at the first wait (every layer queued
+before the GPU started). Its time still holds the host's work after each wait (compaction,
+the logits: the GPU idles meanwhile), so it is an upper bound of the step's device time.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -97,13 +103,16 @@ def decode(
     reset: Callable[[], None] | None = None,
     snap: Callable[[], dict] | None = None,
     probes: int = 0,
+    wait_hook: Callable[[Callable[[], None] | None], None] | None = None,
 ) -> dict:
     """Timed decode steps after `warmup`: mean and median wall seconds per step, by kind, and
-    the host's issue time; then 2 r untimed steps counting the waits torch flags (CUDA; on
-    CPU the host reads of tensor values that would wait: `host_reads.count_host_reads`), and
-    `probes` steps timed on the device alone (see the module docstring). `begin()` starts a
-    step and names its kind; `step(tokens)` runs it (next tokens); `reset()` runs after the
-    warmup, `snap()` (counters) right after the timed steps."""
+        the host's issue time; then 2 r untimed steps counting the waits torch flags (CUDA; on
+        CPU the host reads of tensor values that would wait: `host_reads.count_host_reads`), and
+        `probes` steps timed on the device alone (see the module docstring). `begin()` starts a
+        step and names its kind; `step(tokens)` runs it (next tokens); `reset()` runs after the
+        warmup, `snap()` (counters) right after the timed steps. `wait_hook(fn)` makes the step
+    call `fn()` before each wait on the device (None: no more calls); without it, steps that
+    wait are not probed."""
     device = tokens.device
     cuda = device.type == "cuda"
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -141,13 +150,16 @@ def decode(
     if not snapped and snap is not None:
         snapped = snap()
     issue_median = sorted(issue)[len(issue) // 2]
+    kind_s = {k: max(v) for k, v in kinds.items()}  # each kind's longest timed step
     host = {  # other processes on the host, and this one's CPU use (threads add up)
         "host_load_avg_1m": round(os.getloadavg()[0], 2),
         "process_cpu_per_wall": round(
             (time.process_time() - cpu0) / (time.perf_counter() - wall0), 2
         ),
     }
-    device_ms, valid = _probe(step, begin, tokens, probes, issue_median) if cuda else ({}, 0.0)
+    device_ms, valid = (
+        _probe(step, begin, tokens, probes, issue_median, kind_s, wait_hook) if cuda else ({}, 0.0)
+    )
     return {
         "snap": snapped,
         "mean": sum(times) / len(times),
@@ -177,24 +189,37 @@ def _means_ms(by_kind: dict[str, list[float]]) -> dict[str, float]:
     return {k: round(sum(v) / len(v) * 1e3, 3) for k, v in by_kind.items()}
 
 
-def _probe(step, begin, tokens, probes, issue_s) -> tuple[dict[str, float], float]:
-    """Device-only ms per step kind (re-rankings skipped) and the share of valid probes."""
+def _note_asleep(asleep: list[bool], start: torch.cuda.Event) -> None:
+    asleep.append(not start.query())
+
+
+def _probe(
+    step, begin, tokens, probes, issue_s, kind_s, wait_hook
+) -> tuple[dict[str, float], float]:
+    """Device-only ms per step kind (re-rankings: only with `wait_hook`, see the module
+    docstring) and the share of valid probes."""
     got: dict[str, list[float]] = {}
     valid = tried = 0
-    cycles = int((2 * issue_s + 0.01) * GPU_HZ)
     for _ in range(probes):
         kind = begin()
         torch.cuda.synchronize()
-        if kind == "rerank":  # waits on the device inside: run it plainly
+        waits = kind == "rerank"
+        if waits and wait_hook is None:  # waits on the device inside: run it plainly
             tokens = step(tokens)
             torch.cuda.synchronize()
             continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(cycles)
+        asleep: list[bool] = []  # at each wait: the GPU had not reached the step yet
+        if wait_hook is not None:
+            wait_hook(partial(_note_asleep, asleep, start))
+        busy = 2 * (kind_s.get(kind, issue_s) if waits else issue_s) + 0.01
+        torch.cuda._sleep(int(busy * GPU_HZ))
         start.record()
         tokens = step(tokens)
         end.record()
-        queued = not start.query()  # the GPU had not reached the step when issue ended
+        queued = asleep[0] if asleep else not start.query()
+        if wait_hook is not None:
+            wait_hook(None)
         end.synchronize()
         tried += 1
         if queued:

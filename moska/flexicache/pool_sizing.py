@@ -21,6 +21,8 @@ its re-ranking and the end of the step).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moska.flexicache.config import FlexiCacheConfig
@@ -46,6 +48,7 @@ class PoolSizing:
     step: int
     _reused: torch.Tensor
     host_reads: int  # reads of device values on the host (a wait on CUDA)
+    on_read: Callable[[], None] | None  # called before each of them
     _evicted: torch.Tensor  # device counters
     _resident: torch.Tensor  # [L] resident pages per layer, on the device
     _peak: torch.Tensor
@@ -114,8 +117,11 @@ class PoolSizing:
         raise NotImplementedError
 
     def _read(self, t: torch.Tensor) -> list:
-        """A device tensor's values on the host: one wait on CUDA, counted."""
+        """A device tensor's values on the host: one wait on CUDA, counted (`on_read`, if
+        set, is called first: the speed bench's device-time probe)."""
         self.host_reads += 1
+        if self.on_read is not None:
+            self.on_read()
         return t.tolist()
 
     def keep_bound(self, layer: int, n_pages: int) -> int:

@@ -26,6 +26,8 @@ index lists. Other steps issue work without reading anything back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moska.flexicache import policy
@@ -134,6 +136,7 @@ class FlexiKV(PoolSizing):
         self._ranked_now: list[int] = []
         self._fetch_masks: list[torch.Tensor] = []
         self.host_reads = 0  # device values read on the host (waits on CUDA)
+        self.on_read: Callable[[], None] | None = None  # called before each (bench probes)
         self._compact_due = False
         self.time_fetch = False  # time the fetches (`fetch_seconds`): CUDA events / host clock
         self._timer = FetchTimer(self.device)
