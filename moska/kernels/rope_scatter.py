@@ -62,7 +62,8 @@ def _rope_scatter_kernel(
 def supported(k_src: torch.Tensor) -> bool:
     """Power-of-two heads and head_dim (>= 2), each layer's [N, H, D] contiguous."""
     _, _, h, d = k_src.shape
-    return h & (h - 1) == 0 and d >= 2 and d & (d - 1) == 0 and k_src.stride(2) == d
+    pow2 = h & (h - 1) == 0 and d >= 2 and d & (d - 1) == 0
+    return pow2 and k_src.stride(3) == 1 and k_src.stride(2) == d
 
 
 def rope_scatter(
@@ -75,7 +76,7 @@ def rope_scatter(
     cos: torch.Tensor,  # [T, D/2] fp32: of each token's position difference
     sin: torch.Tensor,
     *,
-    block_t: int = 16,
+    block_t: int | None = None,
 ) -> None:
     """k_cache[:, dst] = rotate(k_src[:, src]) and v_cache[:, dst] = v_src[:, src]; no host
     sync. Indices are not checked (the caller's plan guarantees them)."""
@@ -94,6 +95,9 @@ def rope_scatter(
         raise ValueError("rope_scatter: src, dst, cos and sin must cover the same tokens")
     if t == 0:
         return
+    # a tile of tokens moves block_t * H * D elements of each of k and v: ~4K elements per
+    # program keeps its fp32 halves, cos and sin in registers (8 tokens at 8 x 64)
+    block_t = block_t or max(1, min(16, 4096 // (h * d)))
     grid = (triton.cdiv(t, block_t), layers)
     _rope_scatter_kernel[grid](
         k_src, v_src, k_cache, v_cache, src, dst,
