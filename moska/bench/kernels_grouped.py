@@ -279,7 +279,7 @@ def grouped_row(B, routing, q, unique_kv, k, v, offs, index, shape):
         # the routers in front (mean, two-stage, the default key-max per KV head at each
         # index rank): each one's floor counts what IT picked and read (kernels_router.py)
         indexes = shape["indexes"]
-        time_routers(row, q, indexes, topk, sms, time_modes, step_cost, floor_of, False)
+        time_routers(row, q, indexes, topk, sms, time_modes, step_cost, floor_of, routers_only)
     f = floor_ms(kv_bytes, flops, bw * 1e9, peak * 1e12)
     row.update(f)
     row["roofline_fraction"] = row["floor_ms"] / row["ours_ms"]

@@ -155,7 +155,10 @@ def router_variants(sms: int, topk: int, ranks: list[int], quick: bool) -> list[
     head, no shortlist) on an index of that rank; two_stage_s{f} a shortlist of f * top_k;
     two_stage_p1 the key-max launch capped at one program per SM (room beside it for the
     memory-bound unique attention)."""
-    out = [("mean", "mean", False, 4, None, None), ("two_stage", "two_stage", False, 4, None, None)]
+    out: list[tuple[str, str, bool, int, int | None, int | None]] = [
+        ("mean", "mean", False, 4, None, None),
+        ("two_stage", "two_stage", False, 4, None, None),
+    ]
     out += [("two_stage_s2", "two_stage", False, 2, None, None)]
     if not quick:
         out += [("two_stage_p1", "two_stage", False, 4, sms, None)]

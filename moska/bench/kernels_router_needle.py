@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=8)
     args = ap.parse_args(argv)
     t0 = time.time()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for C, L, top_k in ((64, 256, 4), (128, 128, 4)):
         trials = [trial(s, C, L, top_k) for s in range(args.seeds)]
         rates = {n: sum(t[n] for t in trials) / len(trials) for n in trials[0]}
