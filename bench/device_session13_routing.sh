@@ -7,7 +7,8 @@
 # 32 (head_dim / 4, the default) and 64 (head_dim / 2), each against its floor;
 # 3) `moska.bench.decode --scorer keymax --cuda-graph` at the default rank and at
 # `--routing-rank 64` (half the head dim; at 8B dims rank 32 IS the default), 4 layers,
-# B = 256, modes moska and all. Prints one table. Carry .whl (no model folder needed).
+# B = 256, modes moska, capped (key-max at one program per SM) and all. Prints one table.
+# Carry .whl (no model folder needed).
 # `bash bench/device_session13_routing.sh --cpu-dry-run` runs the same steps in their CPU
 # forms (Triton interpreter, toy sizes; the decode model's head_dim is 64, so rank 32 is half).
 set -u
@@ -22,22 +23,22 @@ if [ "${1:-}" = "--cpu-dry-run" ]; then
   for R in default 32; do
     EXTRA=""; [ "$R" = default ] || EXTRA="--routing-rank $R"
     timeout 200 $PY -m moska.bench.decode --cpu-dry-run --scorer keymax --cuda-graph $EXTRA \
-      --modes moska all --build-tokens 0 --out "$OUT/decode_keymax_r$R.json" \
+      --modes moska capped all --build-tokens 0 --out "$OUT/decode_keymax_r$R.json" \
       > "$OUT/decode_r$R.log" 2>&1; echo "decode rank $R rc=$?"
   done
 else
   PY=python3
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
-  TRITON_INTERPRET=0 timeout 40 $PY -m pytest -q -p no:cacheprovider -rs -m cuda \
+  TRITON_INTERPRET=0 timeout 30 $PY -m pytest -q -p no:cacheprovider -rs -m cuda \
     tests/kernels/test_router_dense.py > "$OUT/router_tests.log" 2>&1; echo "router cuda tests rc=$?"
-  timeout 100 $PY -m moska.bench.kernels --routers-only --router-ranks 32,64 --batch 64,256,1024 \
+  timeout 110 $PY -m moska.bench.kernels --routers-only --router-ranks 32,64 --batch 64,256,1024 \
     --out "$OUT" > "$OUT/kernels_routers.log" 2>&1; echo "kernels routers rc=$?"
   KJSON=$OUT/kernels_routers.json
   for R in default 64; do
     EXTRA=""; [ "$R" = default ] || EXTRA="--routing-rank $R"
-    timeout 45 $PY -m moska.bench.decode --scorer keymax --cuda-graph $EXTRA --batch 256 \
-      --layers 4 --iters 3 --modes moska all --build-tokens 0 \
+    timeout 40 $PY -m moska.bench.decode --scorer keymax --cuda-graph $EXTRA --batch 256 \
+      --layers 4 --iters 3 --modes moska capped all --build-tokens 0 \
       --out "$OUT/decode_keymax_r$R.json" > "$OUT/decode_r$R.log" 2>&1; echo "decode rank $R rc=$?"
   done
 fi
@@ -59,6 +60,10 @@ try:
                   f"{f(r.get(pre + n)):>6}")
         for k in (k for k in r if k.startswith("router_") and k.endswith("_err")):
             print(f"{r['B']:>5} {k:<16} {r[k][-200:]}")
+    t = json.load(open(kjson)).get("keymax_dense_tiles", {})
+    print("key-max scores alone (default router), B =", t.get("B"), "rank", t.get("rank"), ":",
+          {k[:-3]: round(v, 3) for k, v in t.items() if k.endswith("_ms")}, "TFLOP/s",
+          {k[:-7]: round(v) for k, v in t.items() if k.endswith("_tflops")})
 except Exception as e:  # noqa: BLE001
     print("kernels: no table:", e)
 print(f"\ndecode (--scorer keymax): {'rank':>5} {'B':>5} {'mode':>6} {'step ms':>8} {'tok/s':>9} {'frac':>6} router GFLOP")

@@ -42,7 +42,12 @@ from moska.bench.kernels_correctness import correctness
 from moska.bench.kernels_grouped import case_grouped
 from moska.bench.kernels_grouped_dry import grouped_dry_run
 from moska.bench.kernels_paged import case_paged
-from moska.bench.kernels_router import case_keymax_tiles, print_router_table, router_summary
+from moska.bench.kernels_router import (
+    case_keymax_tiles,
+    dense_tile_sweep,
+    print_router_table,
+    router_summary,
+)
 from moska.bench.kernels_single import case_single
 from moska.bench.kernels_util import DEV, DT, HKV, HQ, D, ceilings, log
 
@@ -78,7 +83,13 @@ def main(argv=None):
     if args.routers_only:
         B_list = [int(x) for x in args.batch.split(",")]
         res["grouped"], _ = case_grouped(k_pool, v_pool, B_list, peak, bw, True, True, ranks)
+        res["keymax_dense_tiles"] = dense_tile_sweep(k_pool, max(B_list), ranks[0])
         res["summary"] = router_summary(res["grouped"])
+        tiles = {k[:-3]: v for k, v in res["keymax_dense_tiles"].items() if k.endswith("_ms")}
+        if tiles:
+            best = min(tiles, key=tiles.get)
+            res["summary"].update(keymax_dense_best_tile=best, keymax_dense_best_ms=tiles[best],
+                                  keymax_dense_default_tile_ms=next(iter(tiles.values())))  # fmt: skip
         res["wall_s"] = time.time() - t_start
         check_floors(res)
         write_json(os.path.join(args.out, "kernels_routers.json"), res)

@@ -163,7 +163,42 @@ def router_variants(sms: int, topk: int, ranks: list[int], quick: bool) -> list[
     if not quick:
         out += [("two_stage_p1", "two_stage", False, 4, sms, None)]
     out += [(f"keymax_kv_r{r}", "keymax", True, 4, None, r) for r in ranks]
+    out += [(f"keymax_kv_r{ranks[0]}_p1", "keymax", True, 4, sms, ranks[0])]
     return out
+
+
+DENSE_TILES = ((32, 64, 4, 5), (64, 64, 4, 4), (64, 64, 8, 4), (32, 128, 4, 4), (16, 64, 4, 5))
+
+
+def dense_tile_sweep(k_pool, B: int, rank: int, C: int = 256, L: int = 4096) -> dict:
+    """The default router's scores alone (keymax_dense_scores, CUDA graph) at B over tile
+    shapes (block_b, block_n, warps, stages); the first is the default. Also its TFLOP/s."""
+    from moska.kernels import router
+    from moska.kernels.router_dense import keymax_dense_scores
+
+    offs = torch.arange(0, C * L + 1, L, dtype=torch.int32, device=DEV)
+    index = router.build_routing_index(k_pool[: C * L], offs, rank=rank)
+    q = torch.randn(B, HQ, D, device=DEV, dtype=DT)
+    flops = 2 * B * HQ * C * L * rank
+    row: dict = {"B": B, "rank": rank, "C": C, "L": L, "flops": flops}
+    ref = None
+    for bb, bn, nw, ns in DENSE_TILES:
+        key = f"b{bb}n{bn}w{nw}s{ns}"
+
+        def fn(bb=bb, bn=bn, nw=nw, ns=ns):
+            return keymax_dense_scores(q, index.basis, index.lowrank_keys, offs, block_b=bb,
+                                       block_n=bn, num_warps=nw, num_stages=ns)  # fmt: skip
+
+        try:
+            out = fn()
+            ref = out if ref is None else ref
+            row[f"{key}_relerr"] = rel(out, ref)
+            row[f"{key}_ms"] = bench_graph(fn)
+            row[f"{key}_tflops"] = flops / row[f"{key}_ms"] / 1e9
+        except Exception as e:
+            row[f"{key}_err"] = repr(e)[-200:]
+    log(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()}))
+    return row
 
 
 def touched_pairs(sel) -> int:
