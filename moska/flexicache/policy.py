@@ -178,6 +178,7 @@ def head_lists(
     page_map: torch.Tensor,  # [B, P] or [B, Hkv, P] int: where each logical page lives
     seq_lens: torch.Tensor,  # [B] int
     block_size: int,
+    pad: torch.Tensor | None = None,  # [B]: `last_page_pad(seq_lens, block_size)` if known
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tables [B, Hkv, P] int32, lens [B, Hkv] int32) for `paged_decode_heads`: each head's
     kept pages in ascending order (the partial newest page last) and its token count."""
@@ -187,6 +188,11 @@ def head_lists(
     if page_map.dim() == 2:
         page_map = page_map[:, None, :].expand(b, hkv, p)
     tables = page_map.gather(-1, order).to(torch.int32)
-    pad = (seq_lens + block_size - 1) // block_size * block_size - seq_lens  # [B]
+    pad = last_page_pad(seq_lens, block_size) if pad is None else pad
     lens = keep.sum(-1) * block_size - pad[:, None]
     return tables.contiguous(), lens.to(torch.int32).contiguous()
+
+
+def last_page_pad(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B]: the unused token slots of each sequence's newest page."""
+    return (seq_lens + block_size - 1) // block_size * block_size - seq_lens

@@ -61,10 +61,14 @@ class PoolSizing:
     _fetched: torch.Tensor
     _refetched: torch.Tensor
 
-    def _update_kept(self, layer: int, keep: torch.Tensor) -> None:
-        """Record dropped pages' step and the new kept set (device ops, no wait)."""
+    def _update_kept(
+        self, layer: int, keep: torch.Tensor, resident: torch.Tensor | None = None
+    ) -> None:
+        """Record dropped pages' step and the new kept set (device ops, no wait); `resident`:
+        the layer's `slot >= 0` if the caller has it."""
         old = self.kept[layer]
-        self._reused += (keep & (self.slot[layer] >= 0) & ~old).sum()
+        resident = self.slot[layer] >= 0 if resident is None else resident
+        self._reused += (keep & resident & ~old).sum()
         self.dropped_step[layer].masked_fill_(old & ~keep, self.step)
         self.kept[layer] = keep
 
@@ -92,7 +96,7 @@ class PoolSizing:
         evicted, the longest dropped first. Nothing is read back while the pool holds the
         layer's `keep_bound`."""
         resident = self.slot[layer] >= 0
-        self._update_kept(layer, keep)
+        self._update_kept(layer, keep, resident)
         need = keep & ~resident
         idle = resident & ~keep
         if not self.hysteresis:
@@ -209,8 +213,9 @@ class PoolSizing:
         occ.scatter_(0, torch.where(res, flat, cap), 1)
         free_cum = (1 - occ[:cap]).cumsum(0)  # free slots up to each slot
         n_free = free_cum[-1]
-        rank = need_f.cumsum(0) - 1  # each needed page's rank among them
-        new = torch.searchsorted(free_cum, rank + 1).clamp(max=cap - 1)  # rank-th free slot
+        n_before = need_f.cumsum(0)  # needed pages up to each page
+        rank = n_before - 1  # each needed page's rank among them
+        new = torch.searchsorted(free_cum, n_before).clamp(max=cap - 1)  # rank-th free slot
         if idle is not None:
             idle_f = idle.reshape(-1) & res
             when = torch.where(idle_f, self.dropped_step[layer].view(-1), BIG)
@@ -219,7 +224,7 @@ class PoolSizing:
             new = torch.where(rank < n_free, new, flat[victim])
             pos = torch.empty_like(order)
             pos.scatter_(0, order, torch.arange(order.numel(), device=order.device))
-            evict = idle_f & (pos < need_f.sum() - n_free)
+            evict = idle_f & (pos < n_before[-1] - n_free)
             self._evicted += evict.sum()
             flat.masked_fill_(evict, -1)
         flat.copy_(torch.where(need_f, new, flat))

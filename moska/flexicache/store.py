@@ -243,15 +243,21 @@ class FlexiKV(PoolSizing):
         self._seq = torch.full((B,), self.length, device=self.device)
         self._per_step = {}
 
-    def _shared(self, name: str):
-        """This step's candidate pages ("cand"), `policy.window_masks` ("windows") or page
-        count bias ("bias"), computed at its first layer: the same for every layer."""
+    def _shared(self, name: str, page: int = 0):
+        """This step's candidate pages ("cand"), `policy.window_masks` ("windows"), page
+        count bias ("bias"), `policy.last_page_pad` ("pad") or [B * H * P] mask of the pages
+        other than `page` ("not_fresh"), computed at its first layer: the same for every
+        layer."""
         got = self._per_step.get(name)
         if got is None:
             _, B, _, P, bs, _ = self.shape
             cfg = self.cfg
             if name == "cand":
                 got = policy.candidates(self._n_pages, cfg.recent_pages, P, cfg.sink_pages)
+            elif name == "not_fresh":
+                got = torch.arange(B * self.shape[2] * P, device=self.device) % P != page
+            elif name == "pad":
+                got = policy.last_page_pad(self._seq, bs)
             elif name == "windows":
                 got = policy.window_masks(self._n_pages, cfg.recent_pages, P, cfg.sink_pages)
             else:
@@ -296,7 +302,7 @@ class FlexiKV(PoolSizing):
             else:  # a new page: the only page newly kept (kept pages are candidates)
                 self._start_page(layer, keep, p)
             self.tables[layer], self.lens[layer] = policy.head_lists(
-                keep, self.slot[layer], self._seq, bs
+                keep, self.slot[layer], self._seq, bs, self._shared("pad")
             )
         else:
             self.lens[layer] += 1
@@ -325,7 +331,7 @@ class FlexiKV(PoolSizing):
         """The layer's head lists again, after its slots moved (a compaction)."""
         bs = self.block_size
         self.tables[layer], self.lens[layer] = policy.head_lists(
-            self.kept[layer], self.slot[layer], self._seq, bs
+            self.kept[layer], self.slot[layer], self._seq, bs, self._shared("pad")
         )
 
     def _scores(self, layer: int, q: torch.Tensor, sm_scale: float) -> torch.Tensor:
@@ -350,14 +356,15 @@ class FlexiKV(PoolSizing):
         yet: not copied) from the host copy into their new slots `new` [B * H * P]: index
         lists of `limit` (>= the pages copied) entries, the unused ones -1, on the device."""
         timer = self._timer.start() if self.time_fetch else None
-        *_, P, bs, D = self.shape
+        *_, bs, D = self.shape
         copy = need.reshape(-1)
         if fresh is not None:
-            copy = copy & (torch.arange(copy.numel(), device=copy.device) % P != fresh)
+            copy = copy & self._shared("not_fresh", fresh)
         self._fetch_masks.append(copy)  # counted at `compact_all` (`_account_ranked`)
         limit = min(limit, copy.numel())
-        order = (~copy).to(torch.int8).argsort(stable=True)[:limit]  # copied pages first
-        used = torch.arange(limit, device=copy.device) < copy.sum()
+        # copied pages first, in page order
+        order = copy.to(torch.int8).argsort(descending=True, stable=True)[:limit]
+        used = copy[order]
         src = torch.where(used, order, -1)  # rows of the layer's host copy [B * H * P, ...]
         dst = torch.where(used, new[order], -1)
         self.write_back.flush(layer)  # pages written back are in the host copy
