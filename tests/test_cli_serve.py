@@ -1,7 +1,8 @@
-"""`moska serve` as a person runs it (subprocesses of the installed `moska` script): a busy
-port, a missing GPU or a Triton backend without one fail in one line with exit code 2 before
-any model loads. A good start's log (what was loaded, where it listens) and its Ctrl-C are
-checked on the README's server (tests/test_readme_examples.py): one `moska serve` for both."""
+"""`moska serve` as a person runs it (`moska.cli.main`, the installed script's body, each
+start in its own process): a busy port, a missing GPU or a Triton backend without one fail
+in one line with exit code 2 before any model loads. A good start's log (what was loaded,
+where it listens) and its Ctrl-C are checked on the README's server, the installed script
+itself (tests/test_readme_examples.py): one `moska serve` for both."""
 
 from __future__ import annotations
 
@@ -13,24 +14,36 @@ from pathlib import Path
 
 import pytest
 
-MOSKA = Path(sys.executable).parent / "moska"
+sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))
+from gloo_ranks import forkserver_context  # the forkserver the distributed tests use
+
 FAIL_FAST_S = 60  # generous for a loaded CI box; a model load would also need the weights
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(HF_HUB_OFFLINE="1", MOSKA_HOME=str(tmp_path_factory.mktemp("moska-home")))
-    return env
+def _serve(argv: list[str], home: str, out: str) -> None:
+    """A forkserver child: `moska serve <argv>` with its stdout and stderr in files, its exit
+    code the process's."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.update(HF_HUB_OFFLINE="1", MOSKA_HOME=home)
+    for fd, path in ((1, out + ".out"), (2, out + ".err")):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    from moska.cli import main
+
+    code = main(["serve", *argv])
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
 
 
 @pytest.fixture(scope="module")
-def fail_fast(env) -> tuple[int, dict[str, subprocess.CompletedProcess]]:
-    """The fail-fast starts, all at once: each pays for Python's and torch's imports (about
-    3 s of a core), so one after the other they took twice the time of running them side by
-    side on 2 cores. The busy port stays bound until its start has answered."""
+def fail_fast(tmp_path_factory) -> tuple[int, dict[str, subprocess.CompletedProcess]]:
+    """The fail-fast starts, all at once, each a process forked from the forkserver that has
+    imported torch and the engine (a `moska` script of its own paid ~3 s of a core for
+    Python's and torch's imports, 9 s for the three). The busy port stays bound until its
+    start has answered."""
     import torch
 
+    tmp = tmp_path_factory.mktemp("fail-fast")
+    ctx = forkserver_context()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -42,25 +55,22 @@ def fail_fast(env) -> tuple[int, dict[str, subprocess.CompletedProcess]]:
         if not torch.cuda.is_available():
             cases["cuda"] = ["--port", "0", "--device", "cuda"]
         procs = {
-            name: subprocess.Popen(
-                [str(MOSKA), "serve", *args],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            name: ctx.Process(target=_serve, args=(args, str(tmp / "home"), str(tmp / name)))
             for name, args in cases.items()
         }
         done = {}
         try:
+            for proc in procs.values():
+                proc.start()
             for name, proc in procs.items():
-                out, err = proc.communicate(timeout=FAIL_FAST_S)
-                done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+                proc.join(FAIL_FAST_S)
+                out, err = ((tmp / f"{name}.{x}").read_text() for x in ("out", "err"))
+                done[name] = subprocess.CompletedProcess(cases[name], proc.exitcode, out, err)
         finally:
             for proc in procs.values():
-                if proc.poll() is None:
+                if proc.is_alive():
                     proc.kill()
-                    proc.wait()
+                    proc.join()
     return port, done
 
 

@@ -16,9 +16,10 @@ def test_spawned_ranks_generate_like_one_process():
     assert process_context().get_start_method() == "spawn"  # what users get
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     prompts = [[5, 6, 7, 8, 9], [40, 41]]
-    with LLM(None, device="cpu", dtype="float32") as one:
+    kw = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 16}  # not 1 GiB of KV a rank
+    with LLM(None, **kw) as one:
         want = [o.outputs[0].token_ids for o in one.generate(prompts, params)]
-    llm = LLM(None, device="cpu", dtype="float32", tensor_parallel_size=2)
+    llm = LLM(None, tensor_parallel_size=2, **kw)
     try:
         procs = list(llm.engine.dist.monitor.procs.values())
         assert procs and all(p.is_alive() for p in procs)
