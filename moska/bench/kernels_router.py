@@ -167,12 +167,21 @@ def router_variants(sms: int, topk: int, ranks: list[int], quick: bool) -> list[
     return out
 
 
-DENSE_TILES = ((32, 64, 4, 5), (64, 64, 4, 4), (64, 64, 8, 4), (32, 128, 4, 4), (16, 64, 4, 5))
+# (block_b, block_n, warps, stages, queries projected once before the launch); the first
+# is the default, the second the same tile projecting in every tile (the code before)
+DENSE_TILES = (
+    (32, 64, 4, 5, True),
+    (32, 64, 4, 5, False),
+    (64, 64, 4, 4, True),
+    (64, 64, 8, 4, True),
+    (32, 128, 4, 4, True),
+    (16, 64, 4, 5, True),
+)
 
 
 def dense_tile_sweep(k_pool, B: int, rank: int, C: int = 256, L: int = 4096) -> dict:
     """The default router's scores alone (keymax_dense_scores, CUDA graph) at B over tile
-    shapes (block_b, block_n, warps, stages); the first is the default. Also its TFLOP/s."""
+    shapes (DENSE_TILES; the first is the default), with their TFLOP/s."""
     from moska.kernels import router
     from moska.kernels.router_dense import keymax_dense_scores
 
@@ -182,12 +191,13 @@ def dense_tile_sweep(k_pool, B: int, rank: int, C: int = 256, L: int = 4096) -> 
     flops = 2 * B * HQ * C * L * rank
     row: dict = {"B": B, "rank": rank, "C": C, "L": L, "flops": flops}
     ref = None
-    for bb, bn, nw, ns in DENSE_TILES:
-        key = f"b{bb}n{bn}w{nw}s{ns}"
+    for bb, bn, nw, ns, proj in DENSE_TILES:
+        key = f"b{bb}n{bn}w{nw}s{ns}" + ("" if proj else "_tileproj")
 
-        def fn(bb=bb, bn=bn, nw=nw, ns=ns):
+        def fn(bb=bb, bn=bn, nw=nw, ns=ns, proj=proj):
             return keymax_dense_scores(q, index.basis, index.lowrank_keys, offs, block_b=bb,
-                                       block_n=bn, num_warps=nw, num_stages=ns)  # fmt: skip
+                                       block_n=bn, num_warps=nw, num_stages=ns,
+                                       project_first=proj)  # fmt: skip
 
         try:
             out = fn()

@@ -34,7 +34,7 @@ def _keymax_dense_kernel(
     stride_ob, stride_oh,
     PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PROJECTED: tl.constexpr,
 ):
     # fmt: on
     # Items (tile t, head h), t fastest: the TPC tiles of one chunk run side by side and
@@ -52,11 +52,24 @@ def _keymax_dense_kernel(
         best = _keymax_rows(
             q_ptr, basis_ptr, lk_ptr, req, req_ok, h, lo, hi, G, D, R,
             stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
-            PRECISION, EVEN_R, F16_ACC, BLOCK_B, BLOCK_G, BLOCK_D, BLOCK_R, BLOCK_N,
+            PRECISION, EVEN_R, F16_ACC, BLOCK_B, BLOCK_G, BLOCK_D, BLOCK_R, BLOCK_N, PROJECTED,
         )
         # fmt: on
         o_ptrs = out_ptr + req.to(tl.int64) * stride_ob + h * stride_oh + chunk
         tl.store(o_ptrs, best, mask=req_ok)
+
+
+def project_queries(q: torch.Tensor, basis: torch.Tensor, lowrank_dtype: torch.dtype) -> torch.Tensor:
+    """q [B, Hq, D] onto each KV head's basis [Hkv, D, R] -> [B, Hq, R] in the low-rank
+    keys' dtype (fp32 products, clamped to fp16's range for fp16): what every key-max tile
+    would otherwise compute for itself, once per layer (one batched matmul)."""
+    B, Hq, D = q.shape
+    Hkv, _, R = basis.shape
+    qg = q.float().view(B, Hkv, Hq // Hkv, D).transpose(0, 1).reshape(Hkv, -1, D)
+    qr = torch.bmm(qg, basis.float()).view(Hkv, B, Hq // Hkv, R).transpose(0, 1)
+    if lowrank_dtype == torch.float16:
+        qr = qr.clamp(-65504.0, 65504.0)
+    return qr.reshape(B, Hq, R).to(lowrank_dtype).contiguous()
 
 
 def keymax_dense_scores(
@@ -70,11 +83,16 @@ def keymax_dense_scores(
     num_stages: int = 5,
     max_programs: int | None = None,
     use_triton: bool = True,
+    project_first: bool = True,
 ) -> torch.Tensor:
     """Key-max scores of every request and chunk: q [B, Hq, D] -> [B, Hkv, C] fp32.
 
     The same scores as ``keymax_pair_scores`` over all B * C pairs (and the same tile
     shape: 32 requests x 64-key blocks, 5 stages, the key-max sweep's best), in one launch.
+    ``project_first``: project the queries onto the bases once (``project_queries``, one
+    batched matmul) instead of in every tile (each (chunk, request block) tile loaded its
+    rows' full queries and the basis and projected them: 1/16 of its work at r = D/4 and,
+    before the pipelined key loop, latency).
     ``max_programs`` caps the grid (the programs loop over the tiles); ``use_triton``
     False: the PyTorch reference.
     """
@@ -97,15 +115,17 @@ def keymax_dense_scores(
     tpc = triton.cdiv(B, block_b)
     items = C * tpc * Hkv
     grid = (items if max_programs is None else max(1, min(items, max_programs)),)
+    rows = project_queries(q, basis, lowrank_keys.dtype) if project_first else q
     # fmt: off
     _keymax_dense_kernel[grid](
-        q, basis, lowrank_keys, chunk_offsets, out, B, C, Hkv, G, D, R, tpc,
-        q.stride(0), q.stride(1), basis.stride(0), basis.stride(1),
+        rows, basis, lowrank_keys, chunk_offsets, out, B, C, Hkv, G, D, R, tpc,
+        rows.stride(0), rows.stride(1), basis.stride(0), basis.stride(1),
         lowrank_keys.stride(0), lowrank_keys.stride(1), out.stride(0), out.stride(1),
         PRECISION=_precision(q.dtype), EVEN_R=_pow2(R, 16) == R,
         F16_ACC=lowrank_keys.dtype == torch.float16,
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
         BLOCK_N=_pow2(block_n, 16), num_warps=num_warps, num_stages=num_stages,
+        PROJECTED=project_first,
     )
     # fmt: on
     return out

@@ -149,28 +149,33 @@ def _keymax_rows(
     stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
     PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PROJECTED: tl.constexpr = False,
 ):
     # fmt: on
     # Key-max scores [BLOCK_B] of requests `req` (row_ok: real rows) for KV head h over the
-    # key rows lo:hi of one chunk (lo == hi: -inf).
-    q = _load_q_rows(q_ptr, stride_qb, stride_qh, req, row_ok, h, G, D, BLOCK_B, BLOCK_G, BLOCK_D)
-    # project onto the head's basis: [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_R]
-    offs_d = tl.arange(0, BLOCK_D)
+    # key rows lo:hi of one chunk (lo == hi: -inf). PROJECTED: q_ptr holds the queries
+    # already projected and cast ([B, Hq, R] in the low-rank keys' dtype, `project_queries`):
+    # no basis load and no projection per tile.
     offs_r = tl.arange(0, BLOCK_R)
-    basis = tl.load(
-        basis_ptr + h * stride_bh + offs_d[:, None] * stride_bd + offs_r[None, :],
-        mask=(offs_d < D)[:, None] & (offs_r < R)[None, :],
-        other=0.0,
-    )
-    qr = tl.dot(q, basis, input_precision=PRECISION)  # fp32
-    if F16_ACC:
-        # fp16 operands and logits: clamp so no operand is inf (inf * 0 would make a NaN)
-        qr = tl.minimum(tl.maximum(qr, -65504.0), 65504.0)
-        acc_dtype = tl.float16
+    acc_dtype = tl.float16 if F16_ACC else tl.float32
+    if PROJECTED:
+        qr = _load_q_rows(q_ptr, stride_qb, stride_qh, req, row_ok, h, G, R, BLOCK_B, BLOCK_G,
+                          BLOCK_R)  # fmt: skip
     else:
-        acc_dtype = tl.float32
-    qr = qr.to(lk_ptr.dtype.element_ty)
+        q = _load_q_rows(q_ptr, stride_qb, stride_qh, req, row_ok, h, G, D, BLOCK_B, BLOCK_G,
+                         BLOCK_D)  # fmt: skip
+        # project onto the head's basis: [BLOCK_M, BLOCK_D] @ [BLOCK_D, BLOCK_R]
+        offs_d = tl.arange(0, BLOCK_D)
+        basis = tl.load(
+            basis_ptr + h * stride_bh + offs_d[:, None] * stride_bd + offs_r[None, :],
+            mask=(offs_d < D)[:, None] & (offs_r < R)[None, :],
+            other=0.0,
+        )
+        qr = tl.dot(q, basis, input_precision=PRECISION)  # fp32
+        if F16_ACC:
+            # fp16 operands and logits: clamp so no operand is inf (inf * 0 makes a NaN)
+            qr = tl.minimum(tl.maximum(qr, -65504.0), 65504.0)
+        qr = qr.to(lk_ptr.dtype.element_ty)
     # Running max kept elementwise over a [rows, BLOCK_N] tile (one max per score, no
     # cross-thread reduction per block); reduced over the keys once at the end. Full blocks
     # load unmasked; only the chunk's last partial block is masked.

@@ -30,18 +30,19 @@ def make_index(lengths, Hkv, D, dtype, rank, device="cpu", seed=0):
 
 
 @pytest.mark.parametrize(
-    "dtype,G,B,max_programs",
-    [(torch.float32, 3, 5, None), (torch.float16, 2, 3, 2)],
+    "dtype,G,B,max_programs,project_first",
+    [(torch.float32, 3, 5, None, True), (torch.float16, 2, 3, 2, False)],
 )
-def test_dense_keymax_matches_reference(dtype, G, B, max_programs):
+def test_dense_keymax_matches_reference(dtype, G, B, max_programs, project_first):
     """Ragged chunks (one of a single key, one past a 16-key block), B not a multiple of the
-    tile, an odd GQA group; a capped grid loops over the tiles."""
+    tile, an odd GQA group; a capped grid loops over the tiles; queries projected once
+    before the launch or in every tile."""
     Hkv, D = 2, 16
     index = make_index([1, 21, 16, 5], Hkv, D, dtype, rank=8)
     q = torch.randn(B, Hkv * G, D).to(dtype)
     got = keymax_dense_scores(
         q, index.basis, index.lowrank_keys, index.chunk_offsets, block_n=16,
-        max_programs=max_programs,
+        max_programs=max_programs, project_first=project_first,
     )  # fmt: skip
     ref = keymax_scores_ref(q, index.basis, index.lowrank_keys, index.chunk_offsets)
     assert got.shape == (B, Hkv, 4) and got.is_contiguous()
