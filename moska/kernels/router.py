@@ -175,6 +175,7 @@ def _keymax_pairs(
         max_programs=max_programs,
         use_triton=use_triton,
         out=out,
+        project_first=True,  # queries projected once per layer, not in every tile
     )  # [P, Hkv], or ``out`` [B, Hkv, C] filled in
 
 

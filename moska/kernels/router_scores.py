@@ -110,7 +110,7 @@ def _keymax_scores_kernel(
     stride_op, stride_or, stride_oh, stride_oc,
     PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PROJECTED: tl.constexpr,
 ):
     # fmt: on
     # Items (tile t, head h) in launch order t fastest, so programs running together read
@@ -135,7 +135,7 @@ def _keymax_scores_kernel(
         best = _keymax_rows(
             q_ptr, basis_ptr, lk_ptr, req, pair_ok, h, lo, hi, G, D, R,
             stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
-            PRECISION, EVEN_R, F16_ACC, BLOCK_B, BLOCK_G, BLOCK_D, BLOCK_R, BLOCK_N,
+            PRECISION, EVEN_R, F16_ACC, BLOCK_B, BLOCK_G, BLOCK_D, BLOCK_R, BLOCK_N, PROJECTED,
         )
         # fmt: on
         o_ptrs = out_ptr + pair.to(tl.int64) * stride_op + req.to(tl.int64) * stride_or
@@ -291,8 +291,12 @@ def keymax_pair_scores(
     maxnreg: int | None = None,
     use_triton: bool = True,
     out: torch.Tensor | None = None,
+    project_first: bool = False,
 ) -> torch.Tensor:
     """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
+
+    ``project_first``: the queries are projected onto the bases once before the launch
+    (router_dense.project_queries) instead of in every tile.
 
     ``out`` [B, Hkv, C] fp32 (e.g. filled with -inf): each pair's scores are written to
     ``out[req, :, chunk]`` by the kernel itself and ``out`` is returned (the two-stage
@@ -352,6 +356,10 @@ def keymax_pair_scores(
     chunk_end = first[1:][tile_chunk.long()]
     tile_end = torch.minimum(tile_start + block_b, chunk_end).to(torch.int32)
     tile_end = torch.where(tile_start < P, tile_end, tile_start)
+    if project_first:
+        from .router_dense import project_queries
+
+        q = project_queries(q, basis, lowrank_keys.dtype)
     # fmt: off
     items = T * Hkv
     grid = (items if max_programs is None else max(1, min(items, max_programs)),)
@@ -364,7 +372,7 @@ def keymax_pair_scores(
         F16_ACC=lowrank_keys.dtype == torch.float16,
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
         BLOCK_N=_pow2(block_n, 16), num_warps=num_warps, num_stages=num_stages,
-        **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        PROJECTED=project_first, **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     # fmt: on
     return out

@@ -77,17 +77,18 @@ def test_scores_match_reference(scorer, G, dtype):
 
 
 @pytest.mark.parametrize(
-    "dtype,G,block_b,max_programs",
+    "dtype,G,block_b,max_programs,project_first",
     [
         # the (G, dtype) points test_scores_match_reference leaves to this test
-        (torch.float32, 1, 16, None),
-        (torch.float16, 3, 16, None),
-        (torch.float32, 3, 32, None),
-        (torch.float16, 3, 16, 5),  # 5 programs loop over all (tile, head) items
+        (torch.float32, 1, 16, None, False),
+        (torch.float16, 3, 16, None, True),
+        (torch.float32, 3, 32, None, True),
+        (torch.float16, 3, 16, 5, False),  # 5 programs loop over all (tile, head) items
     ],
 )
-def test_keymax_work_list(dtype, G, block_b, max_programs):
-    """Ragged work list: chunks with 0, 1 and more than BLOCK_B pairs; keys over many blocks."""
+def test_keymax_work_list(dtype, G, block_b, max_programs, project_first):
+    """Ragged work list: chunks with 0, 1 and more than BLOCK_B pairs; keys over many blocks;
+    queries projected in every tile or once before the launch."""
     Hkv, D, R, B = 2, 32, 16, 40
     offsets = ragged_offsets([1, 70, 5, 33, 17, 2])
     S = int(offsets[-1])
@@ -107,6 +108,7 @@ def test_keymax_work_list(dtype, G, block_b, max_programs):
         block_b=block_b,
         block_n=32,
         max_programs=max_programs,
+        project_first=project_first,
     )
     want = keymax_scores_ref(q, basis, lowrank, offsets)  # [B, Hkv, C]
     want = want[pair_req.long(), :, pair_chunk.long()]  # [P, Hkv]
