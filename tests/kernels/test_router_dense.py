@@ -107,6 +107,6 @@ def test_dense_keymax_cuda_8b_dims(rank):
         q, index.basis, index.lowrank_keys, index.chunk_offsets, pair_req, pair_chunk,
         block_b=32, num_stages=5,
     )  # fmt: skip
-    assert rel_err(pairs.view(C, B, Hkv).permute(1, 2, 0), got) < 1e-3  # the same tiles
+    assert rel_err(pairs.view(C, B, Hkv).permute(1, 2, 0), got) < TOL[torch.bfloat16]
     two = route(q, index, 3, "two_stage", shortlist_factor=4)
     assert two.req.numel() == B * Hkv * 3
