@@ -21,6 +21,21 @@ if "MOSKA_HOME" not in os.environ:
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _small_cpu_kv_default():
+    """An engine on the CPU given no --num-kv-blocks or budget takes 128 MiB of unique KV
+    here instead of the product's 1 GiB (`engine/memory.py`): zeroing 1 GiB cost each such
+    engine ~0.6 s of CPU and ~1.4 s on a loaded box, and 2,048 blocks of the tiny model
+    (32k tokens) are more than any test asks for. Explicit sizes and budgets are unchanged;
+    `moska serve` subprocesses keep the product default."""
+    from moska.engine import memory
+
+    saved = memory.CPU_KV_DEFAULT_BYTES
+    memory.CPU_KV_DEFAULT_BYTES = 128 << 20
+    yield
+    memory.CPU_KV_DEFAULT_BYTES = saved
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """Names of the Triton kernels launched while the test runs (the interpreter runs every
