@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .router_tiles import pair_tiles
 from .runtime import triton_runs_on
 
 
@@ -341,21 +342,10 @@ def keymax_pair_scores(
     strides = (Hkv, 0, 1, 0) if table is None else (0, *table.stride())
     block_g = _pow2(G)
     block_b = max(min(_pow2(block_b), _pow2(P)), _pow2(16 // block_g))
-    # Work list: a tile starts at every BLOCK_B-th pair of a chunk. The tile count is bounded
-    # by cdiv(P, BLOCK_B) + C, so the grid is sized without a host sync; spare tiles are empty.
-    first = torch.searchsorted(pair_chunk, torch.arange(C + 1, device=q.device, dtype=torch.int32))
-    pos = torch.arange(P, device=q.device)
-    chunk64 = pair_chunk.long()
-    is_start = (pos - first[chunk64]) % block_b == 0
-    T = triton.cdiv(P, block_b) + C
-    tile_id = torch.where(is_start, torch.cumsum(is_start, 0) - 1, T)
-    tile_start = torch.full((T + 1,), P, dtype=torch.int32, device=q.device)
-    tile_start.scatter_(0, tile_id, pos.to(torch.int32))
-    tile_chunk = torch.zeros(T + 1, dtype=torch.int32, device=q.device)
-    tile_chunk.scatter_(0, tile_id, pair_chunk)
-    chunk_end = first[1:][tile_chunk.long()]
-    tile_end = torch.minimum(tile_start + block_b, chunk_end).to(torch.int32)
-    tile_end = torch.where(tile_start < P, tile_end, tile_start)
+    # Work list (router_tiles.py): up to BLOCK_B pairs of one chunk per tile, a fixed
+    # cdiv(P, BLOCK_B) + C tiles (no host sync), the spare ones empty; one launch.
+    tile_start, tile_end, tile_chunk = pair_tiles(pair_chunk, C, block_b)
+    T = tile_start.numel()
     if project_first:
         from .router_dense import project_queries
 

@@ -13,6 +13,7 @@ from moska.bench.floors import router_cost
 from moska.kernels.router import build_routing_index, route, score_chunks
 from moska.kernels.router_dense import keymax_dense_scores
 from moska.kernels.router_scores import keymax_pair_scores, keymax_scores_ref
+from moska.kernels.router_tiles import pair_tiles
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"
@@ -78,6 +79,27 @@ def test_pair_scores_written_into_the_table():
     assert rel_err(rows, ref[pair_req.long(), :, pair_chunk.long()]) < 1e-4
     with pytest.raises(ValueError, match="out must be"):
         keymax_pair_scores(*args, out=torch.empty(B, Hkv, 2))
+
+
+@pytest.mark.parametrize(
+    "counts,block_b",
+    [
+        ([3, 0, 40, 1, 20, 7], 16),  # empty chunks, a chunk of several tiles
+        ([0, 0, 5], 4),
+        (torch.randint(0, 40, (1100,), generator=torch.Generator().manual_seed(2)).tolist(), 32),
+    ],  # the last: more chunks than one 1,024-chunk block of the scan
+)
+def test_pair_tiles_kernel_matches_reference(counts, block_b):
+    """The one-launch work list equals the torch one: tiles of up to block_b pairs of one
+    chunk in chunk order, then empty tiles (start = end = P) up to cdiv(P, block_b) + C."""
+    pair_chunk = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)]).int()
+    got = pair_tiles(pair_chunk, len(counts), block_b)
+    want = pair_tiles(pair_chunk, len(counts), block_b, use_triton=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    start, end, chunk = got
+    real = start < pair_chunk.numel()
+    assert int((end - start)[real].sum()) == pair_chunk.numel()  # every pair in one tile
+    assert bool((pair_chunk[start[real].long()] == chunk[real]).all())
 
 
 def test_keymax_router_cost_counts_every_key_at_its_rank():
