@@ -298,6 +298,17 @@ class FlexiStep:
         # every request's ranking state, gathered once per step (not per layer)
         self.top = torch.stack([st.top for st in states])  # [B, L, Hkv, K]
         self.stable = torch.stack([st.stable for st in states])  # [B, L, Hkv]
+        # what every layer shares: window masks, slot map, lists' pads, pages (once per step)
+        p = self.block_tables.shape[1]
+        self.windows = policy.window_masks(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
+        self.cand = None
+        if any(self.due):
+            self.cand = policy.candidates(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
+        hkv = eng.num_kv_heads
+        heads = torch.arange(hkv, device=dev)
+        self.slots = self.block_tables[:, None, :] * hkv + heads[None, :, None]  # [B, Hkv, P]
+        self.pad = policy.last_page_pad(self.seq_lens, bs)
+        self.total = self.n_pages.sum() * hkv
 
     def attend(
         self,
@@ -309,7 +320,6 @@ class FlexiStep:
         sm_scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         eng, cfg = self.eng, self.eng.cfg
-        p = self.block_tables.shape[1]
         top, stable = self.top[:, layer], self.stable[:, layer]  # [B, Hkv, K], [B, Hkv]
         if any(self.due):
             keys = k_cache[self.block_tables]  # [B, P, bs, Hkv, D]
@@ -324,8 +334,7 @@ class FlexiStep:
             else:
                 keys = keys.permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
                 scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)
-            cand = policy.candidates(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
-            new_top, new_stable, _ = policy.rerank(scores, cand, top, cfg.threshold)
+            new_top, new_stable, _ = policy.rerank(scores, self.cand, top, cfg.threshold)
             if self.offs:  # head classes fixed once offloaded (the pool's size)
                 new_stable[self.off_rows] = stable[self.off_rows]
             top = torch.where(self.due_t[:, None, None], new_top, top)
@@ -333,13 +342,10 @@ class FlexiStep:
             for i, st in enumerate(self.states):
                 if self.due[i]:
                     st.top[layer], st.stable[layer] = top[i], stable[i]
-        keep = policy.keep_mask(
-            top, stable, self.active, self.n_pages, cfg.recent_pages, p, cfg.sink_pages
-        )
-        hkv = keep.shape[1]
-        heads = torch.arange(hkv, device=keep.device)
-        slots = self.block_tables[:, None, :] * hkv + heads[None, :, None]  # [B, Hkv, P]
+        keep = policy.keep_mask_windows(top, stable, self.active, self.windows)
+        slots = self.slots
         if self.batch is not None:  # released pages live in the requests' pool slots
+            slots = slots.clone()  # this layer's
             b = self.batch
             if b.due:  # every due request's fetches and evictions of this layer at once
                 fetched, evicted = b.sync(layer, keep[self.due_rows], eng.cache.k, eng.cache.v)
@@ -348,9 +354,9 @@ class FlexiStep:
             part = slots[self.off_rows, :, : b.pm]
             on = b.cols[:, None, :]
             slots[self.off_rows, :, : b.pm] = torch.where(on, b.slot[:, layer], part)
-        tables, lens = policy.head_lists(keep, slots, self.seq_lens, eng.block_size)
+        tables, lens = policy.head_lists(keep, slots, self.seq_lens, eng.block_size, self.pad)
         eng._kept += keep.sum()
-        eng._total += self.n_pages.sum() * keep.shape[1]
+        eng._total += self.total
         eng._stable += (stable & self.active[:, None]).sum()
         eng._heads += stable.numel()
         return decode_fn(q, k_cache, v_cache, tables, lens, sm_scale, slot_heads=True)
