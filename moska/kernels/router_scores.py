@@ -158,7 +158,10 @@ def _keymax_rows(
     # already projected and cast ([B, Hq, R] in the low-rank keys' dtype, `project_queries`):
     # no basis load and no projection per tile.
     offs_r = tl.arange(0, BLOCK_R)
-    acc_dtype = tl.float16 if F16_ACC else tl.float32
+    if F16_ACC:
+        acc_dtype = tl.float16
+    else:
+        acc_dtype = tl.float32
     if PROJECTED:
         qr = _load_q_rows(q_ptr, stride_qb, stride_qh, req, row_ok, h, G, R, BLOCK_B, BLOCK_G,
                           BLOCK_R)  # fmt: skip

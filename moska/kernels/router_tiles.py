@@ -36,7 +36,7 @@ def _tiles_kernel(
         tl.store(end_ptr + t, P, mask=ok)
         tl.store(chunk_ptr + t, 0, mask=ok)
     tl.debug_barrier()
-    carry = 0  # tiles of the chunks before this block
+    carry = tl.sum(tl.zeros((BLOCK_C,), tl.int32), 0)  # tiles before this block (an i32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         ok = c < C
