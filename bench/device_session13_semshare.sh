@@ -17,7 +17,8 @@ echo "cuda tests rc=$? ($(( $(date +%s) - T0 )) s)"
 # per-piece timers (each piece synced: plan and blend totals include those syncs; the
 # clean end-to-end figure is the TTFT below)
 timeout 60 python3 bench/semshare_path.py --device cuda --arch 1b --model .models/moska-code-20m \
-  --repeats 2 --substages --out "$OUT/semshare_path_h200_session13.json" > "$OUT/path.log" 2>&1
+  --repeats 2 --substages --torch-profile "$OUT/semshare_path_h200_profile_session13.txt" \
+  --out "$OUT/semshare_path_h200_session13.json" > "$OUT/path.log" 2>&1
 echo "path rc=$? ($(( $(date +%s) - T0 )) s)"
 timeout 85 python3 bench/semshare_speed.py --tokenizer .models/moska-code-20m --docs 2 \
   --repeats 2 --out "$OUT/semshare_speed_h200_session13.json" > "$OUT/speed.log" 2>&1
@@ -53,4 +54,5 @@ if speed:
 PY
 tail -5 "$OUT/tests.log" | cut -c1-300
 for f in path speed; do echo "== $f"; tail -3 "$OUT/$f.log" | cut -c1-400; done
+head -30 "$OUT/semshare_path_h200_profile_session13.txt" 2>/dev/null | cut -c1-60,100-200
 echo "total $(( $(date +%s) - T0 )) s"
