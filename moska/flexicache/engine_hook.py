@@ -301,9 +301,7 @@ class FlexiStep:
         # what every layer shares: window masks, slot map, lists' pads, pages (once per step)
         p = self.block_tables.shape[1]
         self.windows = policy.window_masks(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
-        self.cand = None
-        if any(self.due):
-            self.cand = policy.candidates(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
+        self.cand = policy.candidates(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
         hkv = eng.num_kv_heads
         heads = torch.arange(hkv, device=dev)
         self.slots = self.block_tables[:, None, :] * hkv + heads[None, :, None]  # [B, Hkv, P]
