@@ -114,6 +114,7 @@ class Result:
     tokens: int = 0
     error: str | None = None
     predicted: tuple[float, ...] | None = None  # the front end's (TTFT s, TPOT s, batch)
+    arrival: float = 0.0  # when it was sent (time.monotonic(), the front end's clock too)
 
 
 async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: float) -> Result:
@@ -128,7 +129,7 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: fl
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
             if r.status_code != 200:
                 await r.aread()
-                return Result(r.status_code, error=r.text[:200])
+                return Result(r.status_code, error=r.text[:200], arrival=arrival)
             pred = r.headers.get("x-moska-pd-predicted")
             predicted = tuple(float(x) for x in pred.split(",")) if pred else None
             async for line in r.aiter_lines():
@@ -142,12 +143,12 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: fl
                 if chunk.get("usage"):
                     tokens = int(chunk["usage"]["completion_tokens"])
     except httpx.HTTPError as exc:
-        return Result(599, error=f"{type(exc).__name__}: {exc}"[:200])
+        return Result(599, error=f"{type(exc).__name__}: {exc}"[:200], arrival=arrival)
     if not times:
-        return Result(500, error="no tokens")
+        return Result(500, error="no tokens", arrival=arrival)
     tokens = tokens or len(times)
     tpot = (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else 0.0
-    return Result(200, times[0] - arrival, tpot, tokens, predicted=predicted)
+    return Result(200, times[0] - arrival, tpot, tokens, predicted=predicted, arrival=arrival)
 
 
 async def replay(url: str, rows: list[dict], args) -> tuple[list[Result], float]:
@@ -343,7 +344,14 @@ def main(argv: list[str] | None = None) -> dict:
         prompt = sum(s.get("prompt_tokens", 0) for s in stats)
         cached = sum(s.get("cached_tokens", 0) for s in stats)
         out["prefix_hit_rate"] = round(cached / prompt, 4) if prompt else None
-        out["front_end_per_round"] = stats
+        out["front_end_per_round"] = stats  # P/D: each decision's inputs (`decisions`)
+        # per request, in sending order: sent at (monotonic s, as the decisions' `t`),
+        # HTTP status, TTFT s, TPOT s (None unless completed)
+        out["per_request"] = [
+            [round(r.arrival, 4), r.status, r.ttft_s and round(r.ttft_s, 4),
+             r.tpot_s and round(r.tpot_s, 4)]
+            for r in results
+        ]  # fmt: skip
         report["systems"][kind] = out
     systems = report["systems"]
     report["summary"] = {k: {m: v.get(m) for m in SUMMARY_KEYS} for k, v in systems.items()}

@@ -29,6 +29,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from moska.pd.decisions import MAX_DECISIONS, decision_record
 from moska.pd.frontend_http import (
     DEFAULT_MAX_TOKENS,
     TRANSFER_HEADER,
@@ -68,6 +69,9 @@ class Stats:
     prefill_stage_s: float = 0.0  # sum over requests: prefill + transfer, as seen here
     first_token_s: float = 0.0  # sum: decode request sent -> its first chunk
     staged: int = 0
+    # per request: the admission's inputs and predictions and, for an admitted one, the
+    # stage times seen (`pd/decisions.py`)
+    decisions: list[dict] = field(default_factory=list)
 
 
 class FrontEnd:
@@ -180,6 +184,7 @@ class FrontEnd:
         info = RequestInfo(tuple(block_hashes(tokens, bs, namespace)), len(tokens), max_tokens)
         t_admit = time.monotonic()
         plan = self._sched.plan(info, t_admit)
+        record = self._record(plan, info, t_admit)
         if isinstance(plan, Rejection) and plan.reason == "too_large":
             return error_response(
                 400,
@@ -233,15 +238,20 @@ class FrontEnd:
             return error_response(503, f"the prefill instance failed ({exc}); retry the request")
         self._sched.prefill_done(plan)
         stage_s = time.monotonic() - t_admit
+        record["observed_stage_s"] = round(stage_s, 4)
         self.stats.prefill_stage_s += stage_s
         self.stats.staged += 1
-        self._sched.observe_stage("prefill", stage_s, plan.predicted_stage_s, time.monotonic())
-        if plan.alone:
-            predicted = plan.predicted_prefill_s + self._sched.transfer_s(info.prompt_tokens // bs)
-            self._sched.observe_overhead("prefill", stage_s, predicted)
+        self._sched.observe_prefill(plan, stage_s, time.monotonic())
         # the stream's usage chunk counts its tokens for the TPOT factor (token_times.py)
         decode_body, strip = with_usage(body)
-        return await self._proxy(decode, path, decode_body, plan, tid, strip)
+        return await self._proxy(decode, path, decode_body, plan, tid, strip, record)
+
+    def _record(self, plan: Plan | Rejection, info: RequestInfo, now: float) -> dict:
+        """The decision's entry in the log (`Stats.decisions`, the first MAX_DECISIONS)."""
+        rec = decision_record(plan, info.prompt_tokens, now, self._sched.last_inputs)
+        if len(self.stats.decisions) < MAX_DECISIONS:
+            self.stats.decisions.append(rec)
+        return rec
 
     async def _prefill(self, plan: Plan, path: str, body: dict, tid: int, decode: Instance):
         """None when the KV reached `decode`; an error string when the transfer failed; the
@@ -285,6 +295,7 @@ class FrontEnd:
         plan: Plan | None,
         tid: int | None,
         strip: bool = False,
+        record: dict | None = None,
     ) -> Response:
         """Send `body` to `inst` and relay its answer (SSE as it comes)."""
         dead, sent_at = self._dead[inst.name], time.monotonic()
@@ -302,20 +313,18 @@ class FrontEnd:
             hdrs = {k: v for k, v in resp.headers.items() if k.lower() in _RETRY_HEADERS}
             return Response(content, resp.status_code, hdrs, media_type="application/json")
         return StreamingResponse(
-            self._relay(inst, resp, plan, tid, sent_at, strip),
+            self._relay(inst, resp, plan, tid, sent_at, strip, record),
             media_type="text/event-stream",
             headers=predicted_headers(plan),
         )
 
     def _first_token(self, plan: Plan, inst: Instance, seconds: float) -> None:
         self.stats.first_token_s += seconds
-        seats = len(inst.active)
-        bs = inst.block_size
-        predicted = self._sched.tpot_s(seats, inst) + self._sched.prefill_s(bs, inst)
-        self._sched.observe_overhead("decode", seconds, predicted)
-        self._sched.observe_stage("decode", seconds, plan.predicted_first_s, time.monotonic())
+        self._sched.observe_first(plan, inst, seconds, time.monotonic())
 
-    async def _relay(self, inst, resp, plan, tid, sent_at, strip) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, inst, resp, plan, tid, sent_at, strip, record=None
+    ) -> AsyncIterator[bytes]:
         dead, first = self._dead[inst.name], True
         chunks = resp.aiter_raw()
         tokens = TokenTimes()
@@ -330,10 +339,16 @@ class FrontEnd:
                     asyncio.create_task(self._release(inst, tid))
                 if first and plan is not None:
                     self._first_token(plan, inst, time.monotonic() - sent_at)
+                    if record is not None:
+                        record["observed_first_s"] = round(time.monotonic() - sent_at, 4)
                 first = False
                 if plan is not None:  # an event's predicted time: the step times its tokens
                     step = self._sched.tpot_s(inst.decoding, inst)
-                    window = tokens.add(chunk, step * self._sched.tokens_per_event(inst))
+                    step *= self._sched.tokens_per_event(inst)
+                    events = tokens.events
+                    window = tokens.add(chunk, step)
+                    if tokens.events > events:  # how late its next token is, while it is
+                        self._sched.token_event(plan, inst, step, time.monotonic())
                     # what the decode side really gives per token, once a finished stream
                     # has told how many tokens an event carries (before, a window counts
                     # events: ~2x on the tiny model, and the long-run quantile keeps it)

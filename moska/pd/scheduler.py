@@ -1,28 +1,35 @@
 """The front end's KVCache-centric global scheduler (Mooncake's Conductor), plain Python.
 
 For each new request it picks the prefill instance with the earliest predicted end of
-prefill — its queue plus the prefill of the tokens it does not already cache (the global
-prefix index) — and the decode instance with the lightest load that still has a seat and
-the KV for the request *at the time the prefill ends*; it predicts the time to first token
-(queue + prefill + transfer + first decode step) and the time per output token (a decode
-step at the batch it will join) and rejects before any prefill when either SLO would be
-missed or the decode side will be full (prediction-based early rejection), with the
-seconds after which a retry should fit. Step times come from the instances themselves:
-each one's admission controller fits its engine steps (`server/step_model.StepModel`, a
-ridge fit of seconds over prefill tokens and decode rows), and the front end copies those
-coefficients from `/pd/info` (`set_step_coef`). It never learns from the TTFTs it sees: a
-request's wait behind others would be counted twice (queue and prefill), inflate every
-prediction and, once everything is rejected, never unlearn. The time per output token is
-the decode step at the batch the request joins (the requests predicted to be decoding
-there when its prefill ends, those past their predicted end included) times a per-decode
-factor of observed over predicted token times (`observe_tpot`, from the streams the front
-end relays, in tokens, not SSE events: an event can carry several, `observe_events`; counting
-events made the factor ~2x and every prediction ~2x pessimistic, #19): the step fit misses
-the engine loop's work between steps and a host busier than when it was fitted, and TPOT
-misses came from there. After an idle gap the factor is what the decode side was known to
-be lately (an upper quantile of its recent windows, `tpot_factor.py`), not 1. A request
-is admitted only when both predictions are within SLO_MARGIN of their SLOs. What it admits
-it never drops: predictions only decide admission and placement.
+its stage — the work on its live queue plus the prefill of the tokens it does not already
+cache (the global prefix index) plus the transfer — and the decode instance with the
+lightest load that still has a seat and the KV for the request *at the time that stage
+ends*; it predicts the time to first token (that stage + the first decode step) and the
+time per output token (a decode step at the batch it will join) and rejects that request,
+before any prefill, when either SLO would be missed or the decode side will be full
+(prediction-based early rejection), with the seconds after which a retry should fit.
+
+Step times come from the instances themselves: each one's admission controller fits its
+engine steps (`server/step_model.StepModel`, a ridge fit of seconds over prefill tokens and
+decode rows), and the front end copies those coefficients from `/pd/info`
+(`set_step_coef`). What a stage really takes is learnt from each request as soon as its
+stage ends, per instance, as a line in those step-fit seconds (`stage_fit.py`: a fixed
+part for the HTTP hops and event loops, a slope for work that runs slower than its fit),
+so the queue is counted once (as work, x) and the fixed costs are not multiplied by it
+(#19: one ratio of observed over predicted stage, queue included, reached 4-22x on the
+2-core CPU bench and rejected whole rounds). What is late now counts before it ends
+(`live_lag.py`): a prefill past its predicted stage, a stream whose next tokens are later
+than a window of steps. TTFT is admitted on its upper end (the fits' residual spread).
+
+The time per output token is the decode step at the batch the request joins (the
+requests predicted to be decoding there when its prefill ends, those past their predicted
+end included) times a per-decode factor of observed over predicted token times
+(`observe_tpot`, from the streams the front end relays, in tokens, not SSE events: an
+event can carry several, `observe_events`; counting events made the factor ~2x, #19). After
+an idle gap the factor is what the decode side was known to be lately (an upper quantile
+of its recent windows, `tpot_factor.py`), not 1. A request is admitted only when both
+predictions are within SLO_MARGIN of their SLOs. What it admits it never drops:
+predictions only decide admission and placement.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moska.pd.index import PrefixIndex
+from moska.pd.live_lag import LiveLag
+from moska.pd.stage_fit import StageFit
+from moska.pd.token_times import WINDOW
 from moska.pd.tpot_factor import TpotFactor
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, feature_vector
 
@@ -50,6 +60,9 @@ MIN_TPOT_FACTOR = 0.05
 # admit only what is predicted to finish within this share of each SLO: predictions are
 # means, and a request admitted at the edge would miss about half the time
 SLO_MARGIN = 0.9
+# and TTFT on the upper end of its prediction: the mean plus this many of the stage fits'
+# residual deviations (on a shared host the stages' times spread widely)
+TTFT_SPREADS = 1.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,8 @@ class Plan:
     predicted_stage_s: float = 0.0  # admission -> KV at the decode instance
     predicted_first_s: float = 0.0  # decode request sent -> its first token
     batch: int = 0  # the decode batch it joins, itself included, as predicted
+    stage_x: float = 0.0  # the step-fit seconds the stage's prediction came from
+    first_x: float = 0.0  # and the first token's (`StageFit`: what they learn from)
 
 
 @dataclass(frozen=True)
@@ -139,14 +154,20 @@ class GlobalScheduler:
             if inst.role == "prefill":
                 self.index.add_instance(inst.name, inst.num_blocks)
         self.transfer_per_block_s = 0.002
-        # seconds a request spends outside the engine steps the model predicts (HTTP hops,
-        # tokenizing, reading and writing KV, the event loops): learned per stage only from
-        # requests that did not wait behind others, so load is never counted twice
-        self.overhead_s = {"prefill": 0.0, "decode": 0.0}
-        # how much slower each stage ran than predicted, queue included (>= 1), decaying
-        # back to 1 with SLOWDOWN_HALF_LIFE_S: when load makes every stage slower than the
-        # step model says, admission follows at once; when rejections have drained it, the
-        # factor fades without needing new requests (no spiral of rejections)
+        # per (stage, instance): the stage's seconds as a line in its step-fit seconds,
+        # learnt from each finished request at once (`stage_fit.py`): ("prefill", prefill
+        # instance) admission -> KV at the decode instance, x = the work ahead on its live
+        # queue + its own prefill + the transfer; ("decode", decode instance) decode request
+        # -> first token, x = the step of the batch it joins
+        self.stage_fits: dict[tuple[str, str], StageFit] = {}
+        # what is late now, before it ends (`live_lag.py`): each prefill against its
+        # predicted stage, each decode stream's next token against its predicted time
+        self.late_prefills, self.late_tokens = LiveLag(), LiveLag()
+        # a correction on top of the fits that callers may feed (`observe_stage`): how much
+        # slower a stage ran than predicted (>= 1), decaying back to 1 with
+        # SLOWDOWN_HALF_LIFE_S. The front end no longer feeds it (#19): a ratio of the whole
+        # stage, queue and fixed costs included, it reached 4-22x on a 2-core host and
+        # rejected whole rounds; the fits learn the fixed and the per-work parts apart
         self._slowdown = {"prefill": (1.0, 0.0), "decode": (1.0, 0.0)}
         # per decode instance: observed time per output token over the step model's, as
         # the front end sees its streams (the engine loop's work between steps, the HTTP
@@ -158,6 +179,8 @@ class GlobalScheduler:
         self._events: dict[str, tuple[float, float]] = {}
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
+        # the inputs of the last decision (`plan`), for the front end's decision log
+        self.last_inputs: dict[str, float] = {}
 
     def live(self, role: str) -> list[Instance]:
         return [i for i in self.instances if i.role == role and i.alive]
@@ -191,6 +214,7 @@ class GlobalScheduler:
     def plan(
         self, req: RequestInfo, now: float, exclude: frozenset[str] = frozenset()
     ) -> Plan | Rejection:
+        self.last_inputs = {}
         prefills = [p for p in self.live("prefill") if p.name not in exclude]
         decodes = [d for d in self.live("decode") if d.name not in exclude]
         if not prefills or not decodes:
@@ -198,14 +222,11 @@ class GlobalScheduler:
         bs = prefills[0].block_size
         usable = max(0, (req.prompt_tokens - 1) // bs)
 
-        def prefill_end(p: Instance) -> tuple[float, int]:
-            cached = min(self.index.match(p.name, req.hashes), usable)
-            return p.queue_s(now) + self.prefill_s(req.prompt_tokens - cached * bs, p), cached
-
-        ends = {p.name: prefill_end(p) for p in prefills}
-        prefill = min(prefills, key=lambda p: (ends[p.name][0], -ends[p.name][1]))
-        wait_s, cached = ends[prefill.name]
-        ready_at = now + wait_s + self.transfer_s(usable - cached)
+        stages = {p.name: self._stage(p, req, usable, now) for p in prefills}
+        prefill = min(prefills, key=lambda p: (stages[p.name][0], -stages[p.name][2]))
+        stage, stage_x, cached = stages[prefill.name]
+        stage *= self.slowdown("prefill", now)
+        ready_at = now + stage  # the KV at the decode instance, as the fit predicts
         need = math.ceil((req.prompt_tokens + req.max_tokens) / bs)
 
         if all(need > d.num_blocks for d in decodes):
@@ -222,32 +243,60 @@ class GlobalScheduler:
                 soonest = min(soonest, _free_at(d, ready_at, need) - now)
         if best is None:
             retry = soonest if math.isfinite(soonest) else 5.0
-            return self._reject("decode_full", retry, wait_s, 0.0)
+            return self._reject("decode_full", retry, stage, 0.0)
         _, decode, seats = best
         # every request on the decode instance shares its steps: the batch it joins sets
         # its own time per token and that of those already there
         tpot = self.tpot_s(seats + 1, decode) * self.tpot_factor(decode, now)
         # the decode instance computes the prompt's tail (under a block) with its first step
-        stage = (ready_at - now + self.overhead_s["prefill"]) * self.slowdown("prefill", now)
-        first = tpot + self.prefill_s(bs, decode) + self.overhead_s["decode"]
-        first *= self.slowdown("decode", now)
+        first_x = tpot + self.prefill_s(bs, decode)
+        first_fit = self._fit("decode", decode)
+        first = first_fit.predict(first_x, now) * self.slowdown("decode", now)
         ttft = stage + first
-        if self.slo.ttft_s is not None and ttft > self.slo.ttft_s * SLO_MARGIN:
-            return self._reject("ttft", ttft - self.slo.ttft_s * SLO_MARGIN, ttft, tpot)
+        # admitted on the upper end: the mean plus the stages' spread (both fits' residuals)
+        spread = math.hypot(self._fit("prefill", prefill).spread(now), first_fit.spread(now))
+        ttft_high = ttft + TTFT_SPREADS * spread
+        self.last_inputs = {
+            "queue_s": prefill.queue_s(now),
+            "stage_x": stage_x,
+            "first_x": first_x,
+            "stage_s": stage,
+            "first_s": first,
+            "ttft_high_s": ttft_high,
+            "seats": seats,
+        }
+        if self.slo.ttft_s is not None and ttft_high > self.slo.ttft_s * SLO_MARGIN:
+            return self._reject("ttft", ttft_high - self.slo.ttft_s * SLO_MARGIN, ttft, tpot)
         if self.slo.tpot_s is not None and tpot > self.slo.tpot_s * SLO_MARGIN:
             ends_at = sorted(end for _, end in decode.active.values())
             return self._reject("tpot", (ends_at[0] - now) if ends_at else 1.0, ttft, tpot)
         ticket = next(self._tickets)
         pred = self.prefill_s(req.prompt_tokens - cached * bs, prefill)
-        # the queue behind it: its engine steps and its overhead (which takes the prefill
-        # instance's event loop and engine thread too)
-        prefill.prefills[ticket] = [pred + self.overhead_s["prefill"], now]
+        prefill.prefills[ticket] = [pred, now]  # the work ahead of the next ones
+        self.late_prefills.start(prefill.name, ticket, now, stage)
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
         alone = len(prefill.prefills) == 1
         return Plan(
-            ticket, prefill, decode, cached, ttft, tpot, pred, alone, stage, first, seats + 1
-        )
+            ticket, prefill, decode, cached, ttft, tpot, pred, alone, stage, first, seats + 1,
+            stage_x, first_x,
+        )  # fmt: skip
+
+    def _stage(
+        self, p: Instance, req: RequestInfo, usable: int, now: float
+    ) -> tuple[float, float, int]:
+        """(predicted s, its step-fit x, cached blocks) from admission to the KV at the
+        decode instance if `p` prefills `req`: the prefill work ahead of it on `p` (its live
+        queue), its own uncached prefill and the transfer, through `p`'s stage fit."""
+        cached = min(self.index.match(p.name, req.hashes), usable)
+        own = self.prefill_s(req.prompt_tokens - cached * p.block_size, p)
+        x = p.queue_s(now) + own + self.transfer_s(usable - cached)
+        # a prefill in flight past its predicted stage: the instance runs that much slower
+        late = max(1.0, min(MAX_SLOWDOWN, self.late_prefills.ratio(p.name, now)))
+        return self._fit("prefill", p).predict(x, now) * late, x, cached
+
+    def _fit(self, stage: str, inst: Instance) -> StageFit:
+        return self.stage_fits.setdefault((stage, inst.name), StageFit())
 
     def _reject(self, reason: str, retry_s: float, ttft: float, tpot: float) -> Rejection:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -258,13 +307,16 @@ class GlobalScheduler:
     # ---- what happened ---------------------------------------------------------------
     def prefill_done(self, plan: Plan) -> None:
         plan.prefill.prefills.pop(plan.ticket, None)
+        self.late_prefills.drop(plan.ticket)
 
-    def observe_overhead(self, stage: str, observed_s: float, predicted_s: float) -> None:
-        """A stage of an unqueued request took `observed_s` where the step model said
-        `predicted_s`: move that stage's overhead toward the difference."""
-        if math.isfinite(observed_s) and observed_s > 0:
-            extra = max(0.0, observed_s - predicted_s)
-            self.overhead_s[stage] += 0.2 * (extra - self.overhead_s[stage])
+    def observe_prefill(self, plan: Plan, observed_s: float, now: float) -> None:
+        """`plan`'s KV reached its decode instance `observed_s` after admission: its
+        prefill instance's stage fit learns it at once (the next admission sees it)."""
+        self._fit("prefill", plan.prefill).observe(plan.stage_x, observed_s, now)
+
+    def observe_first(self, plan: Plan, decode: Instance, observed_s: float, now: float) -> None:
+        """`plan`'s first token came `observed_s` after its decode request was sent."""
+        self._fit("decode", decode).observe(plan.first_x, observed_s, now)
 
     def slowdown(self, stage: str, now: float) -> float:
         factor, at = self._slowdown[stage]
@@ -280,8 +332,20 @@ class GlobalScheduler:
         self._slowdown[stage] = (current + 0.3 * (ratio - current), now)
 
     def tpot_factor(self, inst: Instance, now: float) -> float:
+        """Observed over step-fit time per token on `inst`: what its windows say, or more
+        when a stream's next token is already later than that (`late_tokens`)."""
         factor = self._tpot_factor.get(inst.name)
-        return 1.0 if factor is None else factor.value(now)
+        known = 1.0 if factor is None else factor.value(now)
+        return min(MAX_SLOWDOWN, max(known, self.late_tokens.ratio(inst.name, now)))
+
+    def token_event(self, plan: Plan, decode: Instance, step_s: float, now: float) -> None:
+        """A token event of `plan`'s stream came from `decode` at `now`; the step fit puts
+        the next one `step_s` later. Late against a window of WINDOW events, not one: a
+        window ending `gap` from now is at least `gap / (WINDOW · step)` slower than its
+        fit, which is what the factor measures; one event's gap is not (a single stall of
+        a few steps, when a new request's first step runs, made every next request a
+        TPOT 429 at a mean TPOT 0.6x its SLO)."""
+        self.late_tokens.start(decode.name, plan.ticket, now, WINDOW * step_s)
 
     def observe_tpot(self, inst: Instance, observed_s: float, predicted_s: float, now: float):
         """A stream from decode instance `inst` took `observed_s` for tokens the step model
@@ -320,6 +384,8 @@ class GlobalScheduler:
     def finished(self, plan: Plan, decode: Instance) -> None:
         plan.prefill.prefills.pop(plan.ticket, None)
         decode.active.pop(plan.ticket, None)
+        self.late_prefills.drop(plan.ticket)
+        self.late_tokens.drop(plan.ticket)
 
     def mark_dead(self, inst: Instance) -> None:
         inst.alive = False

@@ -1,0 +1,88 @@
+"""A stage's seconds as a line in what the step fits say: `seconds ≈ a + b·x`, learnt from
+each finished request at once (#19).
+
+The front end predicts two stages of a request's time to first token: admission -> KV at
+the decode instance (x: the step-fit seconds of the prefill work ahead on the chosen prefill
+instance, its own prefill and the transfer) and decode request -> first token (x: the step
+fit of the decode step it joins). The intercept `a` is what a request pays whatever the
+work (HTTP hops, tokenizing, the event loops: on the CPU trace bench ~0.1-0.3 s, 5-10x the
+tiny model's compute); the slope `b` is how much slower than its fit the instance's work
+really runs. They used to be one ratio, observed over predicted with the queue included,
+multiplying the whole stage (`GlobalScheduler.slowdown`): on a 2-core host the fixed part
+dominated, the ratio reached 4-22x and, multiplying the queue too, rejected whole rounds of
+requests; and it was >= 1 by construction, so it only learnt pessimism.
+
+Ridge least squares over decaying sums: each new observation keeps KEEP of the old
+weights, and all fade with HALF_LIFE_S, so that a run of rejections (no new observations)
+brings the fit back to the prior a0 + b0·x (the step fit is right, nothing on top). The residuals' spread (the same
+decaying weights) gives `upper`, the prediction plus `z` deviations: predictions are means,
+and on a shared host a request admitted at the edge misses about half the time.
+"""
+
+from __future__ import annotations
+
+import math
+
+KEEP = 0.95  # an observation's weight after each newer one (~20 observations in memory)
+HALF_LIFE_S = 30.0  # and after this many seconds without any
+# the prior's weights (ridge): on the slope, worth two observations 0.1 s of x apart, so
+# that observations all at one x (no queue yet) move the intercept, not the slope; on the
+# intercept, a hundredth of one observation
+PRIOR_SLOPE_WEIGHT = 2 * 0.1**2
+PRIOR_INTERCEPT_WEIGHT = 0.01
+MIN_SLOPE = 0.25  # the work never runs 4x faster than its fit
+MAX_SLOPE = 30.0
+
+
+class StageFit:
+    """seconds ≈ a + b·x for one stage, from (x, seconds) pairs as they come."""
+
+    def __init__(self, a0: float = 0.0, b0: float = 1.0) -> None:
+        self.a0, self.b0 = a0, b0
+        self._s = [0.0] * 5  # decaying sums of w, w·x, w·y, w·x², w·x·y
+        self._sq = 0.0  # decaying sums of w·residual² and of w (the residual's memory)
+        self._w = 0.0
+        self._at: float | None = None  # the last observation's time
+
+    def _fade(self, now: float) -> float:
+        return 1.0 if self._at is None else 0.5 ** (max(0.0, now - self._at) / HALF_LIFE_S)
+
+    def coef(self, now: float) -> tuple[float, float]:
+        """(a, b) at `now`: ridge least squares of the decayed observations, the slope held
+        toward b0 (PRIOR_SLOPE_WEIGHT) and the intercept, weakly, toward a0."""
+        f = self._fade(now)
+        w, sx, sy, sxx, sxy = (v * f for v in self._s)
+        la, lb = PRIOR_INTERCEPT_WEIGHT, PRIOR_SLOPE_WEIGHT
+        m00, m01, m11 = w + la, sx, sxx + lb
+        r0, r1 = sy + la * self.a0, sxy + lb * self.b0
+        det = m00 * m11 - m01 * m01
+        a, b = (m11 * r0 - m01 * r1) / det, (m00 * r1 - m01 * r0) / det
+        if not MIN_SLOPE <= b <= MAX_SLOPE:  # at the bound, the intercept for it
+            b = min(MAX_SLOPE, max(MIN_SLOPE, b))
+            a = (r0 - m01 * b) / m00
+        if a < 0:  # no negative fixed time: the line through the origin instead
+            a, b = 0.0, min(MAX_SLOPE, max(MIN_SLOPE, r1 / m11))
+        return a, b
+
+    def predict(self, x: float, now: float) -> float:
+        a, b = self.coef(now)
+        return a + b * x
+
+    def spread(self, now: float) -> float:
+        """The residuals' root mean square (0 before any observation)."""
+        return math.sqrt(self._sq / self._w) if self._w > 0 else 0.0
+
+    def upper(self, x: float, now: float, z: float) -> float:
+        return self.predict(x, now) + z * self.spread(now)
+
+    def observe(self, x: float, seconds: float, now: float) -> None:
+        """A request's stage took `seconds` where its step fits said `x`."""
+        if not (math.isfinite(x) and math.isfinite(seconds) and x >= 0 and seconds > 0):
+            return
+        resid = seconds - self.predict(x, now)
+        keep = KEEP * self._fade(now)
+        self._sq = keep * self._sq + resid * resid
+        self._w = keep * self._w + 1.0
+        for i, v in enumerate((1.0, x, seconds, x * x, x * seconds)):
+            self._s[i] = keep * self._s[i] + v
+        self._at = now
