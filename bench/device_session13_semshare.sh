@@ -4,24 +4,25 @@
 # vs the CPU blend with <= 2 host syncs, the row attention kernel); 2) the reuse path stage
 # by stage on a random 1B Llama at 5,120 tokens (bench/semshare_path.py --substages); 3) the
 # engine's TTFT with reuse on vs off (bench/semshare_speed.py, the issue's number;
-# 2 documents x 3 kinds x 2 seeds). Prints one table.
+# 2 documents x 3 kinds x 2 seeds), at the default recompute fraction 0.15 and at 0.05
+# (within 2% loss on the CPU quality bench too). Prints one table.
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
-TRITON_INTERPRET=0 timeout 70 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
+TRITON_INTERPRET=0 timeout 60 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
   tests/semshare tests/kernels/test_row_attention.py > "$OUT/tests.log" 2>&1
 echo "cuda tests rc=$? ($(( $(date +%s) - T0 )) s)"
 # per-piece timers (each piece synced: plan and blend totals include those syncs; the
 # clean end-to-end figure is the TTFT below)
-timeout 60 python3 bench/semshare_path.py --device cuda --arch 1b --model .models/moska-code-20m \
+timeout 55 python3 bench/semshare_path.py --device cuda --arch 1b --model .models/moska-code-20m \
   --repeats 2 --substages --torch-profile "$OUT/semshare_path_h200_profile_session13.txt" \
   --out "$OUT/semshare_path_h200_session13.json" > "$OUT/path.log" 2>&1
 echo "path rc=$? ($(( $(date +%s) - T0 )) s)"
-timeout 85 python3 bench/semshare_speed.py --tokenizer .models/moska-code-20m --docs 2 \
-  --repeats 2 --out "$OUT/semshare_speed_h200_session13.json" > "$OUT/speed.log" 2>&1
+timeout 95 python3 bench/semshare_speed.py --tokenizer .models/moska-code-20m --docs 2 \
+  --repeats 2 --also-fractions 0.05 --out "$OUT/semshare_speed_h200_session13.json" > "$OUT/speed.log" 2>&1
 echo "speed rc=$? ($(( $(date +%s) - T0 )) s)"
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -47,10 +48,11 @@ if sub:
     print("substages (synced each, ms):", json.dumps(sub.get("substages_ms_median")))
 speed = load("semshare_speed_h200_session13")
 if speed:
-    print(f"{'TTFT kind':12} {'off ms':>8} {'on ms':>8} {'speedup':>8} {'reused':>7}")
+    print(f"{'TTFT kind':12} {'off ms':>8} {'on ms':>8} {'speedup':>8} {'reused':>7}   r=0.05: on ms, speedup, reused")
     for k, r in speed.items():
         if "speedup_median" in r:
-            print(f"{k:12} {r['ttft_off_ms']:>8} {r['ttft_on_ms']:>8} {r['speedup_median']:>8} {r['reused_share']:>7}")
+            q = r.get("r0.05", {})
+            print(f"{k:12} {r['ttft_off_ms']:>8} {r['ttft_on_ms']:>8} {r['speedup_median']:>8} {r['reused_share']:>7}   {q.get('ttft_on_ms')} {q.get('speedup_median')} {q.get('reused_share')}")
 PY
 tail -5 "$OUT/tests.log" | cut -c1-300
 for f in path speed; do echo "== $f"; tail -3 "$OUT/$f.log" | cut -c1-400; done

@@ -173,6 +173,13 @@ def main() -> None:
         help="documents: networkx/sympy (auto: when installed) or the stdlib",
     )
     ap.add_argument("--store-mb", type=int, default=8192, help="reference store bound")
+    ap.add_argument(
+        "--also-fractions",
+        type=float,
+        nargs="*",
+        default=[],
+        help="more reuse engines, at these recompute fractions (engine 'on_r<f>')",
+    )
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model and prompts on CPU")
     ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_speed.json"))
     args = ap.parse_args()
@@ -204,6 +211,14 @@ def main() -> None:
             model_dir, semantic_reuse=True, semantic_store_mb=args.store_mb, **kw
         ),
     }
+    for f in args.also_fractions:  # the same requests at other recompute fractions
+        engines[f"on_r{f}"] = LLMEngine.from_model(
+            model_dir,
+            semantic_reuse=True,
+            semantic_store_mb=args.store_mb,
+            semantic_recompute_fraction=f,
+            **kw,
+        )
     tok = engines["off"].tokenizer
     docs, by_dir = documents(tok, args.docs, args.prompt, args.source)
     if not docs:
@@ -215,8 +230,9 @@ def main() -> None:
     # any later lookup) and a variant of it (planned and blended), so the first measured
     # variant pays no one-off costs (allocator growth, lazy library init)
     warm = max(2 * engines["on"].semshare.config.min_prompt_tokens, min(512, args.prompt // 4))
-    for i, kind in enumerate(("original", "rename")):
-        ttft(engines["on"], f"warm-reuse-{i}", join(tok, docs[-1], kind, 0, by_dir, warm))
+    for name in [n for n in engines if n != "off"]:
+        for i, kind in enumerate(("original", "rename")):
+            ttft(engines[name], f"warm-{name}-{i}", join(tok, docs[-1], kind, 0, by_dir, warm))
     rows = []
     for di, parts in enumerate(docs):
         original = join(tok, parts, "original", 0, by_dir, args.prompt)
@@ -235,6 +251,8 @@ def main() -> None:
                         eng, f"d{di}-{kind}-{seed}-{name}", ids
                     )
                 r["speedup"] = r["ttft_off_s"] / r["ttft_on_s"]
+                for f in args.also_fractions:
+                    r[f"speedup_r{f}"] = r["ttft_off_s"] / r[f"ttft_on_r{f}_s"]
                 rows.append(r)
                 print(json.dumps(r), flush=True)
     summary = {}
@@ -246,6 +264,14 @@ def main() -> None:
             "speedup_median": round(statistics.median(r["speedup"] for r in sel), 2),
             "reused_share": round(statistics.mean(r["reused_on"] / r["tokens"] for r in sel), 3),
         }
+        for f in args.also_fractions:
+            summary[kind][f"r{f}"] = {
+                "ttft_on_ms": round(1000 * statistics.median(r[f"ttft_on_r{f}_s"] for r in sel), 2),
+                "speedup_median": round(statistics.median(r[f"speedup_r{f}"] for r in sel), 2),
+                "reused_share": round(
+                    statistics.mean(r[f"reused_on_r{f}"] / r["tokens"] for r in sel), 3
+                ),
+            }
     firsts = [r for r in rows if r["kind"] == KINDS[0] and r["seed"] == 0][1:]  # not doc 0
     if firsts:  # the originals after the first document: the cost of storing a reference
         summary["original"] = {
