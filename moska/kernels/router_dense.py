@@ -17,7 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .router_scores import _check, _keymax_rows, _pow2, _precision, keymax_scores_ref
+from .router_scores import (
+    _check,
+    _keymax_rows,
+    _load_q_rows,
+    _pow2,
+    _precision,
+    keymax_scores_ref,
+)
 from .runtime import triton_runs_on
 
 
@@ -59,17 +66,66 @@ def _keymax_dense_kernel(
         tl.store(o_ptrs, best, mask=req_ok)
 
 
-def project_queries(q: torch.Tensor, basis: torch.Tensor, lowrank_dtype: torch.dtype) -> torch.Tensor:
+# fmt: off
+@triton.jit
+def _project_kernel(
+    q_ptr, basis_ptr, out_ptr, B, G, D, R,
+    stride_qb, stride_qh, stride_bh, stride_bd, stride_ob, stride_oh,
+    PRECISION: tl.constexpr, F16: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # fmt: on
+    # rows of BLOCK_B requests x the G query heads of KV head h, projected on h's basis
+    h = tl.program_id(1)
+    req = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    req_ok = req < B
+    q = _load_q_rows(q_ptr, stride_qb, stride_qh, req, req_ok, h, G, D, BLOCK_B, BLOCK_G, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    basis = tl.load(
+        basis_ptr + h * stride_bh + offs_d[:, None] * stride_bd + offs_r[None, :],
+        mask=(offs_d < D)[:, None] & (offs_r < R)[None, :],
+        other=0.0,
+    )
+    qr = tl.dot(q, basis, input_precision=PRECISION)  # fp32 [BLOCK_B * BLOCK_G, BLOCK_R]
+    if F16:  # fp16 operands: no inf (inf * 0 in the key-max dot would make a NaN)
+        qr = tl.minimum(tl.maximum(qr, -65504.0), 65504.0)
+    qr = tl.reshape(qr, (BLOCK_B, BLOCK_G, BLOCK_R))
+    offs_g = tl.arange(0, BLOCK_G)
+    ptrs = (out_ptr + req[:, None, None].to(tl.int64) * stride_ob
+            + (h * G + offs_g)[None, :, None] * stride_oh + offs_r[None, None, :])  # fmt: skip
+    ok = req_ok[:, None, None] & (offs_g < G)[None, :, None] & (offs_r < R)[None, None, :]
+    tl.store(ptrs, qr.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def project_queries(
+    q: torch.Tensor, basis: torch.Tensor, lowrank_dtype: torch.dtype, use_triton: bool = True
+) -> torch.Tensor:
     """q [B, Hq, D] onto each KV head's basis [Hkv, D, R] -> [B, Hq, R] in the low-rank
     keys' dtype (fp32 products, clamped to fp16's range for fp16): what every key-max tile
-    would otherwise compute for itself, once per layer (one batched matmul)."""
+    would otherwise compute for itself, once per layer, in one launch."""
     B, Hq, D = q.shape
     Hkv, _, R = basis.shape
-    qg = q.float().view(B, Hkv, Hq // Hkv, D).transpose(0, 1).reshape(Hkv, -1, D)
-    qr = torch.bmm(qg, basis.float()).view(Hkv, B, Hq // Hkv, R).transpose(0, 1)
-    if lowrank_dtype == torch.float16:
-        qr = qr.clamp(-65504.0, 65504.0)
-    return qr.reshape(B, Hq, R).to(lowrank_dtype).contiguous()
+    G = Hq // Hkv
+    if not use_triton or not triton_runs_on(q.device, _project_kernel):
+        qg = q.float().view(B, Hkv, G, D)
+        qr = torch.einsum("bhgd,hdr->bhgr", qg, basis.float())
+        if lowrank_dtype == torch.float16:
+            qr = qr.clamp(-65504.0, 65504.0)
+        return qr.reshape(B, Hq, R).to(lowrank_dtype)
+    q, basis = q.contiguous(), basis.contiguous()
+    out = torch.empty(B, Hq, R, dtype=lowrank_dtype, device=q.device)
+    block_g = _pow2(G)
+    block_b = max(min(32, _pow2(B)), _pow2(16 // block_g))
+    # fmt: off
+    _project_kernel[(triton.cdiv(B, block_b), Hkv)](
+        q, basis, out, B, G, D, R, q.stride(0), q.stride(1), basis.stride(0), basis.stride(1),
+        out.stride(0), out.stride(1), PRECISION=_precision(q.dtype),
+        F16=lowrank_dtype == torch.float16, BLOCK_B=block_b, BLOCK_G=block_g,
+        BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
+    )
+    # fmt: on
+    return out
 
 
 def keymax_dense_scores(

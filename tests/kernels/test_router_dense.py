@@ -11,7 +11,7 @@ import torch
 
 from moska.bench.floors import router_cost
 from moska.kernels.router import build_routing_index, route, score_chunks
-from moska.kernels.router_dense import keymax_dense_scores
+from moska.kernels.router_dense import keymax_dense_scores, project_queries
 from moska.kernels.router_scores import keymax_pair_scores, keymax_scores_ref
 from moska.kernels.router_tiles import pair_tiles
 
@@ -57,6 +57,21 @@ def test_dense_keymax_matches_reference(dtype, G, B, max_programs, project_first
     worst_kept = got.masked_fill(~picked, float("inf")).amin(-1)
     best_left = got.masked_fill(picked, float("-inf")).amax(-1)
     assert bool((worst_kept >= best_left).all())
+
+
+@pytest.mark.parametrize("dtype,G,R", [(torch.float32, 3, 12), (torch.float16, 4, 16)])
+def test_project_queries_kernel(dtype, G, R):
+    """Queries on each KV head's basis, one launch, against fp32 torch (an odd group and a
+    rank that is not a power of two); fp16 projections clamp to fp16's range."""
+    Hkv, D, B = 2, 24, 5
+    basis = torch.linalg.qr(torch.randn(Hkv, D, R))[0].to(dtype)
+    q = torch.randn(B, Hkv * G, D).to(dtype)
+    q[0, 0] = 6e4  # finite in fp16, its projection past fp16's range (clamped)
+    got = project_queries(q, basis, dtype)
+    want = project_queries(q, basis, dtype, use_triton=False)
+    assert got.dtype == want.dtype == dtype and got.shape == (B, Hkv * G, R)
+    assert bool(torch.isfinite(got).all())
+    assert rel_err(got, want) < TOL[dtype]
 
 
 def test_pair_scores_written_into_the_table():
