@@ -14,8 +14,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the engine, server and client threads a second OpenMP thread only spins in barriers.
 # Measured on 2 busy cores: 3 requests x 24 tokens of the tiny model 24 s -> 1.2 s.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-if "MOSKA_HOME" not in os.environ:
-    os.environ["MOSKA_HOME"] = tempfile.mkdtemp(prefix="moska-test-home-")
+# A home of its own for each test process: pytest-xdist's workers inherit the controller's
+# environment, and one home shared by both would share the default library root (engines
+# built without --library-root, e.g. tests/server's session engine) between tests running
+# at once. A home the user set is kept.
+if os.environ.get("MOSKA_HOME") in (None, os.environ.get("MOSKA_TEST_HOME")):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1: set before conftest loads
+    home = tempfile.mkdtemp(prefix=f"moska-test-home-{worker + '-' if worker else ''}")
+    os.environ["MOSKA_HOME"] = os.environ["MOSKA_TEST_HOME"] = home
 
 
 import pytest
