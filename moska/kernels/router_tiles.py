@@ -59,15 +59,14 @@ def pair_tiles(
     """(tile_start, tile_end, tile_chunk), each [cdiv(P, block_b) + C] int32, of pairs sorted
     by chunk (``pair_chunk`` [P] int32). ``use_triton`` False: the torch reference."""
     P, C, dev = pair_chunk.numel(), num_chunks, pair_chunk.device
-    first = torch.searchsorted(pair_chunk, torch.arange(C + 1, device=dev, dtype=torch.int32))
+    bounds = torch.arange(C + 1, device=dev, dtype=torch.int32)
+    first = torch.searchsorted(pair_chunk, bounds, out_int32=True)
     T = triton.cdiv(P, block_b) + C
     if not use_triton or not triton_runs_on(dev, _tiles_kernel):
         return pair_tiles_ref(pair_chunk, first, block_b, T)
     start, end, chunk = (torch.empty(T, dtype=torch.int32, device=dev) for _ in range(3))
     block_c = min(1024, triton.next_power_of_2(max(C, 16)))
-    _tiles_kernel[(1,)](
-        first.to(torch.int32), start, end, chunk, C, P, T, BLOCK_B=block_b, BLOCK_C=block_c
-    )
+    _tiles_kernel[(1,)](first, start, end, chunk, C, P, T, BLOCK_B=block_b, BLOCK_C=block_c)
     return start, end, chunk
 
 
