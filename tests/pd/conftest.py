@@ -75,8 +75,10 @@ def front_end(urls: dict[str, str], slo=None, **config):
 @pytest.fixture(scope="session")
 def victim(tmp_path_factory):
     """(process, HTTP port, transfer master port) of a decode instance in its own process
-    (rank 2 of a world of 3), started first so that its start overlaps the other fixtures;
-    test_pd_faults kills it."""
+    (rank 2 of a world of 3); test_pd_faults kills it, and asks for it before `pd_cluster`
+    so that its start overlaps that fixture's when both are new. Only that test starts it
+    (~5 s of CPU: a `moska serve` importing torch): under pytest-xdist the P/D tests may be
+    split between the workers, and the other worker's cluster has no use for one."""
     port, master_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "moska.cli", "serve", "--role", "decode", "--pd-rank", "2",
            "--pd-world", "3", "--pd-master", f"127.0.0.1:{master_port}", "--port", str(port),
@@ -93,7 +95,7 @@ def victim(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pd_cluster(victim):
+def pd_cluster():
     """(front end URL, {name: url}, {name: app}, FrontEnd): prefill0 (rank 0), decode0 and
     decode1. prefill0 doubles as the colocated reference: a request without the transfer
     header is served whole by it."""

@@ -26,7 +26,7 @@ def _wait(pred, timeout_s, what):
         time.sleep(0.05)
 
 
-def test_killed_decode_instance(pd_cluster, victim):
+def test_killed_decode_instance(victim, pd_cluster):  # the victim first: its start overlaps
     from moska.pd.frontend_app import create_frontend_app
 
     proc, port, master_port = victim
