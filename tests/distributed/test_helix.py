@@ -79,8 +79,9 @@ def _ranks(rank: int, world: int, path: str, kvp: int, hopb: list[int], lib_root
             channel.send_stop()
         out[mb] = res
     if rank == 0:  # one process: enough blocks (the reference), and one rank's budget
-        out["ref_tokens"] = greedy(LLMEngine.from_model(path, **kw), [LONG, SHORT], 12)
-        out["ref_logits"] = prefill_logits(LLMEngine.from_model(path, **kw), [LONG[:70], SHORT])
+        ref = LLMEngine.from_model(path, **kw)  # both, as the helix engine above does
+        out["ref_tokens"] = greedy(ref, [LONG, SHORT], 12)
+        out["ref_logits"] = prefill_logits(ref, [LONG[:70], SHORT])
         try:
             greedy(LLMEngine.from_model(path, **small), [LONG], 12)
             out["one_rank"] = "served"
