@@ -8,9 +8,9 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
-TRITON_INTERPRET=0 timeout 35 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/flexicache \
+TRITON_INTERPRET=0 timeout 50 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/flexicache \
   > "$OUT/flexicache_cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
-timeout 150 python3 -m moska.bench.flexicache --mode speed \
+timeout 140 python3 -m moska.bench.flexicache --mode speed \
   --out "$OUT/flexicache_speed_h200.json" > "$OUT/flexicache_speed.log" 2>&1; echo "speed rc=$?"
 timeout 40 python3 -m moska.bench.flexicache_engine_reads --model .models/moska-code-20m \
   --requests 38 --prompt 1500 --tokens 64 --block-size 16 --num-kv-blocks 8192 \
