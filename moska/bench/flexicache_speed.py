@@ -41,9 +41,10 @@ Rows: full KV, FlexiCache at its batch, FlexiCache at the largest batch, the opt
 compare rows, full KV from a CUDA graph (`full_graph`, CUDA only) and full KV eager again
 (`full_repeat`: the host's speed can drift over a run); the summary takes the fastest. The
 timed steps are whole lcm(r, block size) periods, so the mean (tokens/s) weighs plain,
-page-start and re-ranking steps in their real proportion; the warmup covers two re-rankings (first pool build, first
-fetches and their kernels' compiles). Wall times are eager Python (host-bound where
-`host_issue_ms_median` ~ step time); `device_ms_by_kind` / `device_bound_step_ms` /
+page-start and re-ranking steps in their real proportion; the warmup covers two re-rankings
+(first pool build, first fetches and their kernels' compiles). Wall times are eager Python
+(host-bound where `host_issue_ms_median` ~ step time) except `full_graph`'s;
+`device_ms_by_kind` / `device_bound_step_ms` /
 `tokens_per_s_device_bound_*` time every kind of step, re-rankings included, with the host
 out of the way (`flexicache_timing`): the comparison made the same way for both layouts.
 FlexiCache rows' host copies are views of one pinned buffer for the largest batch (each row
