@@ -30,14 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from moska.bench.load_client import burst_in_process
-from moska.bench.load_drain import compare_429s, library_by_probe, probe_bodies, within_2x
+from moska.bench.load_drain import probe_bodies
+from moska.bench.load_summary import summarize
 
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+__all__ = ["check", "main", "make_body", "run_bursts", "summarize", "table"]
 
 
 def make_body(
@@ -52,123 +48,13 @@ def make_body(
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
+        # every token's chunk goes out, even one whose text is held back (load_client.one:
+        # TTFT is the first token, not the first whole character)
+        "logprobs": 0,
     }
     if library is not None:
         body["library"] = library
     return body
-
-
-_PROBE_KEYS = ("probes", "status", "t_start", "t_status", "ttft", "error", "prompt_chars")
-
-
-def summarize(
-    n: int,
-    out: dict,
-    outcomes: list[tuple[float, float]],
-    slo: float | None,
-    wall_s: float,
-    fits_s: float | None = None,
-) -> dict:
-    """One burst's figures from the client records and the server's (predicted, observed)
-    TTFT pairs of the requests it admitted. `fits_s`: the predicted TTFT admission accepts
-    (headroom x SLO), to tell which library 429s only the library risk factor caused."""
-    recs = out["requests"]
-    admitted = [r for r in recs if r["status"] == 200]
-    rejected = [r for r in recs if r["status"] == 429]
-    ttft = [r["ttft"] for r in admitted if r["ttft"] is not None]
-    met = sum(1 for t in ttft if slo is None or t <= slo)
-    # the same, counting the client's own connect and write (its CPU is the server's too)
-    full = [r["ttft"] + (r.get("connect_s") or 0.0) for r in admitted if r["ttft"] is not None]
-    connect = [r["connect_s"] for r in recs if r.get("connect_s") is not None]
-    # admission reopened when the first probe that was admitted was sent
-    t_open = {
-        kind: p["t_start"] if p.get("t_start") is not None else p["t_status"]
-        for kind, p in out["probes"].items()
-        if p.get("status") == 200
-    }
-    # header / observed drain (the nearest probe of its kind, load_drain): Retry-After
-    # (whole seconds), retry-after-ms; per kind
-    rows = compare_429s(rejected, out["probes"], t_open)
-    drains = [c["observed_s"] for c in rows]
-    ratios = [c["retry_after_s"] / c["observed_s"] for c in rows]
-    ms_kind: dict[str, list[float]] = {"plain": [], "library": []}
-    for c in rows:
-        if c["promised_s"] is not None:
-            ms_kind[c["kind"]].append(c["promised_s"] / c["observed_s"])
-    ms = ms_kind["plain"] + ms_kind["library"]
-    # as before there was a short library probe: every library 429 against the long one
-    long = [
-        c["promised_s"] / max(t_open["library"] - c["t_status"], 1e-3)
-        for c in rows
-        if c["kind"] == "library" and c["promised_s"] is not None and "library" in t_open
-    ]
-    errors = [obs - pred for pred, obs in outcomes]
-    # library 429s that admission decided (the body read): their predicted TTFT, and how
-    # many would have fit without the library risk factor
-    lib_decided = [
-        r["predicted_ttft_s"]
-        for r in rejected
-        if r["library"] and r.get("at_door") is False and r.get("predicted_ttft_s") is not None
-    ]
-    lib = [r for r in admitted if r["library"]]
-    return {
-        "clients": n,
-        "admitted": len(admitted),
-        "rejected_429": len(rejected),
-        "failed": sum(1 for r in recs if r["error"] is not None),
-        "hung": sum(1 for r in recs if r["hung"]),
-        "completed": sum(1 for r in admitted if r["completed"]),
-        "library_admitted": len(lib),
-        "library_rejected": sum(1 for r in rejected if r["library"]),
-        "slo_met_share": met / len(admitted) if admitted else None,
-        "ttft_p50_s": _pct(ttft, 0.5),
-        "ttft_p99_s": _pct(ttft, 0.99),
-        "ttft_max_s": max(ttft) if ttft else None,
-        "slo_met_share_with_connect": (
-            sum(1 for t in full if slo is None or t <= slo) / len(admitted) if admitted else None
-        ),
-        "ttft_with_connect_p50_p99_s": [_pct(full, 0.5), _pct(full, 0.99)],
-        "client_connect_s_p50_p99": [_pct(connect, 0.5), _pct(connect, 0.99)],
-        "library_429_at_door": sum(1 for r in rejected if r["library"] and r.get("at_door")),
-        "library_429_predicted_ttft_s_p10_p50_p90": [_pct(lib_decided, q) for q in (0.1, 0.5, 0.9)]
-        if lib_decided
-        else None,
-        "library_429_only_for_risk": sum(1 for t in lib_decided if t <= fits_s)
-        if fits_s is not None
-        else None,
-        "library_ttft_p50_s": _pct([r["ttft"] for r in lib if r["ttft"] is not None], 0.5),
-        "rejection_s_p99": _pct([r["t_status"] for r in rejected], 0.99),
-        "retry_after_s_median": _pct([int(r["retry_after"]) for r in rejected], 0.5)
-        if rejected
-        else None,
-        "observed_drain_s_median": _pct(drains, 0.5),
-        "retry_after_within_2x_share": within_2x(ratios),
-        "retry_after_over_drain_p10_p50_p90": [_pct(ratios, q) for q in (0.1, 0.5, 0.9)]
-        if ratios
-        else None,
-        # Retry-After is whole seconds (at least 1, per HTTP): retry-after-ms (OpenAI's
-        # header, which its clients prefer) says the predicted drain exactly
-        "retry_after_ms_median": _pct([int(r["retry_after_ms"]) for r in rejected], 0.5)
-        if rejected and all((r.get("retry_after_ms") or "").isdigit() for r in rejected)
-        else None,
-        "retry_after_ms_within_2x_share": within_2x(ms),
-        "retry_after_ms_over_drain_p10_p50_p90": [_pct(ms, q) for q in (0.1, 0.5, 0.9)]
-        if ms
-        else None,
-        "retry_after_ms_within_2x_share_plain_library": [
-            within_2x(ms_kind["plain"]),
-            within_2x(ms_kind["library"]),
-        ],
-        "retry_after_ms_within_2x_share_library_vs_long_probe": within_2x(long),
-        "retry_after_ms_library_by_probe": library_by_probe(rows),
-        "rejections": rows,
-        "probes": {kind: {k: p.get(k) for k in _PROBE_KEYS} for kind, p in out["probes"].items()},
-        "predictor_error_s_p10_p50_p90_p99": [_pct(errors, q) for q in (0.1, 0.5, 0.9, 0.99)],
-        "predictor_abs_rel_error_p50_p90": [
-            _pct([abs(o - p) / o for p, o in outcomes if o > 0], q) for q in (0.5, 0.9)
-        ],
-        "wall_s": wall_s,
-    }
 
 
 def _wait_idle(aengine: Any, timeout_s: float) -> bool:
@@ -198,8 +84,10 @@ def run_bursts(
     probe_interval_s: float = 0.25,
     client_process: bool = True,
     seed: int = 0,
+    trace: bool = False,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts")."""
+    from moska.bench.load_trace import PortTag, TracingAdmission, breakdown
     from moska.server.admission import AdmissionController, EngineLimits
     from moska.server.app import create_app
     from moska.server.background import background_server
@@ -219,7 +107,7 @@ def run_bursts(
 
         ensure_demo_library(engine.libraries)
     settings = ServerSettings(ttft_slo=ttft_slo or None, max_queue=max_queue)
-    admission = AdmissionController(
+    admission = (TracingAdmission if trace else AdmissionController)(
         settings.ttft_slo,
         max_queue,
         limits=EngineLimits.of(engine),
@@ -227,11 +115,12 @@ def run_bursts(
     )
     app = create_app(engine, settings, admission=admission)
     state = app.state.moska
+    tag = PortTag(app) if trace else None  # load_trace: joins server and client records
     rng = random.Random(seed)
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if client_process else None
     report: dict[str, Any] = {"bursts": [], "warmup_waves": list(warmup)}
     try:
-        with background_server(app) as url:
+        with background_server(tag or app) as url:
             model_name = state.model_name
 
             def bodies(n: int, alternate: bool = False) -> list[dict]:
@@ -262,15 +151,19 @@ def run_bursts(
             report["step_model_after_warmup"] = [float(c) for c in state.admission.model.coef]
             for n in bursts:
                 before = len(state.admission.outcomes.pairs)
+                mark = admission.mark() if isinstance(admission, TracingAdmission) else None
                 t0 = time.perf_counter()
                 out = burst_in_process(pool, url, bodies(n), probe, timeout_s, probe_interval_s)
                 idle = _wait_idle(state.async_engine, timeout_s)
                 pairs = list(state.admission.outcomes.pairs)[before:]
                 adm = state.admission
                 fits = adm.headroom * adm.ttft_slo if adm.ttft_slo else None
-                fig = summarize(n, out, pairs, ttft_slo or None, time.perf_counter() - t0, fits)
+                wall = time.perf_counter() - t0
+                fig = summarize(n, out, pairs, ttft_slo or None, wall, fits, probe_interval_s)
                 fig["engine_idle_after"] = idle
                 fig["errors"] = [r["error"] for r in out["requests"] if r["error"]][:5]
+                if mark and ttft_slo and tag and isinstance(admission, TracingAdmission):
+                    fig["trace"] = breakdown(admission, tag, mark, out, ttft_slo)  # load_trace
                 report["bursts"].append(fig)
                 print(f"burst {n}: {json.dumps({k: fig[k] for k in _TABLE})}", flush=True)
             report["step_model_final"] = [float(c) for c in state.admission.model.coef]
@@ -358,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
     p.add_argument("--in-process-client", action="store_true")
+    p.add_argument("--trace", action="store_true", help="TTFT parts of admitted (load_trace)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = p.parse_args(argv)
@@ -377,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_interval_s=args.probe_interval,
         client_process=not args.in_process_client,
         seed=args.seed,
+        trace=args.trace,
     )
     print(table(report))
     if args.out is not None:

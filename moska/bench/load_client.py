@@ -24,6 +24,7 @@ def _record(body: dict) -> dict[str, Any]:
         "status": None,  # HTTP status
         "t_status": None,  # when the status line arrived
         "ttft": None,  # first token, from when the request was written (client side)
+        "ttft_text": None,  # first chunk with text (the bench's TTFT before session 13)
         "connect_s": None,  # opening the connection and writing the request
         "latency": None,
         "retry_after": None,  # the 429's Retry-After header (whole seconds)
@@ -34,6 +35,7 @@ def _record(body: dict) -> dict[str, Any]:
         "tokens": 0,
         "error": None,
         "hung": False,
+        "port": None,  # the client's local port (joins the server's trace, load_trace)
     }
 
 
@@ -55,7 +57,9 @@ async def one(
     generator milliseconds, not the seconds an HTTP client library spends, which would
     count into every TTFT. TTFT counts from when the request was written to the socket:
     under a 1,000-client burst this process spent up to 0.9 s opening its own connections
-    on the cores it shares with the server (`connect_s`, reported apart)."""
+    on the cores it shares with the server (`connect_s`, reported apart). It ends at the
+    first chunk with text, a token (logprobs) or a finish: the first token, when the body
+    asks for logprobs (`load.make_body` does)."""
     rec = _record(body)
     host, port = client
     payload = json.dumps(body).encode()
@@ -70,6 +74,7 @@ async def one(
     try:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(host, port)
+            rec["port"] = writer.get_extra_info("sockname")[1]
             writer.write(head + payload)
             await writer.drain()
             sent = time.perf_counter()
@@ -108,8 +113,14 @@ async def one(
                 if chunk.get("usage"):
                     rec["tokens"] = chunk["usage"]["completion_tokens"]
                 for choice in chunk["choices"]:
-                    if rec["ttft"] is None and (choice["text"] or choice["finish_reason"]):
+                    # a token whose text is held back (an incomplete UTF-8 character: 40%
+                    # of the tiny random model's first tokens) still comes, with its
+                    # logprobs, when the body asks for them
+                    token = (choice.get("logprobs") or {}).get("tokens")
+                    if rec["ttft"] is None and (choice["text"] or token or choice["finish_reason"]):
                         rec["ttft"] = time.perf_counter() - sent
+                    if rec["ttft_text"] is None and (choice["text"] or choice["finish_reason"]):
+                        rec["ttft_text"] = time.perf_counter() - sent
                     finish = choice["finish_reason"] or finish
             rec["completed"] = done and finish is not None
             rec["latency"] = time.perf_counter() - start

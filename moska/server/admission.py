@@ -35,11 +35,13 @@ few steps (and a faster one as quickly). (3) At 1,000 clients every request pass
 door while the engine was idle and waited seconds for its body to be read and tokenized
 before anyone decided on it: the door counts those inside (`front_door.FrontDoor`) as work
 and wait ahead of a newcomer, and a 429's drain the ones it will admit (`retry_drain`).
+(4) The client's TTFT ends when its handler writes the first token, not when the engine
+made it: admission plans with a margin of recent such waits (`ttft_margin.TtftMargin`,
+`fits_s`; measured at 2-210 ms under CPU bursts).
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import threading
 import time
@@ -48,55 +50,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from moska.server import retry_drain
+from moska.server.admission_decision import Decision, Verdict
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
 from moska.server.retry_drain import FactorFall, LibraryRequests, door_admits, drain_s, with_door
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, StepModel
+from moska.server.ttft_margin import TtftMargin
 
-
-class Verdict(enum.Enum):
-    ACCEPT = "accept"
-    QUEUE_FULL = "queue_full"
-    SLO = "ttft_slo"
-
-
-@dataclass(frozen=True)
-class Decision:
-    verdict: Verdict
-    predicted_ttft_s: float
-    retry_after_s: int  # whole seconds a client should wait before retrying; 0 if accepted
-    drain_s: float = 0.0  # predicted seconds until a request like this one would be admitted
-    # at the door (body unread): the drain of a typical library request, for a 429 whose
-    # body turns out to name a library (None: no library request decided yet), and of one
-    # whose body has so many bytes
-    library_drain_s: float | None = None
-    library_drain_of: Callable[[int], float] | None = None
-
-    @property
-    def accepted(self) -> bool:
-        return self.verdict is Verdict.ACCEPT
-
-    @property
-    def retry_after_ms(self) -> int:
-        """The drain in milliseconds, for OpenAI's `retry-after-ms` header (its clients
-        prefer it to `Retry-After`, whose whole seconds, at least 1 per HTTP, cannot say
-        0.4 s): at least 1 (a client reads 0 as "no hint")."""
-        if not math.isfinite(self.drain_s):
-            return 3_600_000
-        return max(1, round(self.drain_s * 1000))
-
-    def for_library(self, body_bytes: int | None = None) -> Decision:
-        """This door rejection as a library request (of `body_bytes`) gets it."""
-        drain = self.library_drain_s
-        if body_bytes and self.library_drain_of is not None:
-            drain = self.library_drain_of(body_bytes)
-        if drain is None:
-            return self
-        return replace(self, retry_after_s=retry_drain.retry_after(drain), drain_s=drain)
-
-    def retry_headers(self) -> dict[str, str]:
-        """The 429's `Retry-After` (whole seconds) and `retry-after-ms`."""
-        return {"Retry-After": str(self.retry_after_s), "retry-after-ms": str(self.retry_after_ms)}
+__all__ = ["AdmissionController", "Decision", "EngineLimits", "Load", "RequestCost", "Verdict"]
 
 
 @dataclass
@@ -156,6 +117,7 @@ class AdmissionController:
         self.shed_ttl_s = 0.05
         self._shed_memo: tuple[float, int, Decision | None] | None = None
         self.door = FrontDoor()  # requests past the door, not yet decided
+        self.margin = TtftMargin()  # how late recent promises came true (ttft_margin.py)
         # admitted requests' prompt and max_tokens; no library attention: the door is only
         # a first filter (each request meets `decide` with its own cost), and a mean over
         # a mix where one library prefill costs 10 s on CPU shed nearly every plain request
@@ -213,6 +175,18 @@ class AdmissionController:
         if predicted_s > 0 and observed_s > 0:
             with self._lock:
                 self.outcomes.pairs.append((predicted_s, observed_s))
+
+    def observe_delivery(self, seconds: float) -> None:
+        """A first token reached its HTTP handler `seconds` after the engine made it (the
+        margin admission plans with, `fits_s`)."""
+        self.margin.delivered(seconds)
+
+    def fits_s(self) -> float:
+        """The predicted TTFT admission accepts: `headroom` x SLO less the margin, how long
+        recent first tokens waited for their handler (`ttft_margin.TtftMargin`)."""
+        if self.ttft_slo is None:
+            return math.inf
+        return max(0.0, self.headroom * self.ttft_slo - self.margin.seconds)
 
     # ---------------------------------------------------------------- prediction
 
@@ -293,7 +267,7 @@ class AdmissionController:
         # 1.5x off under a burst) and the requests queued before it share that step: it
         # must fit with its error, or they miss for it.
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
-        if self.ttft_slo is not None and not idle and ttft * risk > self.headroom * self.ttft_slo:
+        if self.ttft_slo is not None and not idle and ttft * risk > self.fits_s():
             return Decision(Verdict.SLO, ttft, *self._drain(cost, load, num_requests, pred))
         return Decision(Verdict.ACCEPT, ttft, 0)
 
@@ -304,7 +278,7 @@ class AdmissionController:
         the replay over `load` plus the requests inside the door that admission would
         still admit (`pred`, the replay over `load` alone, is reused when none would)."""
         assert self.ttft_slo is not None
-        fits = self.headroom * self.ttft_slo
+        fits = self.fits_s()
         admitted, typical = self._door_admits(load, fits), self._typical_cost()
         if admitted or pred is None:
             pred = self.predict(cost, with_door(load, typical, admitted), num_requests)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from moska.engine.outputs import RequestOutput
@@ -55,6 +55,9 @@ class Generation:
     reused_tokens: dict[int, int] = field(default_factory=dict)  # prompt index -> SemShareKV
     n: int = 1
     report_routing: bool = False
+    # told, per choice, how long its first token waited between the engine and here
+    # (admission's margin, server/ttft_margin.py: the client's TTFT ends here, not there)
+    delivered: Callable[[float], None] | None = None
 
     def routing(self, out: RequestOutput) -> dict | None:
         """The `moska_routing` of a choice's final output, or None when not asked for."""
@@ -67,12 +70,18 @@ class Generation:
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) until every choice has finished."""
         remaining = set(self.choice_of)
+        first = {s.request_id: s for s in self.streams}  # choices without a first token here
         while remaining:
             item = await self.queue.get()
             if isinstance(item, EngineDeadError):
                 raise APIError(503, str(item), code="shutting_down") from item
             if isinstance(item, BaseException):
                 raise APIError(500, str(item), code="engine_error") from item
+            stream = first.get(item.request_id)
+            if stream is not None and stream.first_token_time is not None:
+                del first[item.request_id]
+                if self.delivered is not None:
+                    self.delivered(time.monotonic() - stream.first_token_time)
             idx = self.choice_of[item.request_id]
             self.prompt_tokens.setdefault(idx // self.n, len(item.prompt_token_ids))
             if item.finished or item.num_cached_tokens:
@@ -309,4 +318,5 @@ async def submit(
         num_prompts=len(prompts),
         n=n,
         report_routing=body.report_routing,
+        delivered=state.admission.observe_delivery,
     )

@@ -70,3 +70,37 @@ def test_the_prober_stops_at_the_first_admitted_status_and_closes_the_rest():
     assert seen.count("done") == 1  # the first admitted one streamed to its end
     assert seen.count("closed") == len(seen) - 4  # any other admitted one was closed
     assert wall < 3 * STREAM_S
+
+
+def test_ttft_is_the_first_token_even_when_its_text_is_held_back():
+    """A first chunk with no text but a token (logprobs: the server holds back an
+    incomplete character) ends the TTFT; the first chunk with text is kept apart, and
+    the client's port is recorded (load_trace joins on it)."""
+    from moska.bench.load_client import one
+
+    gap_s = 0.3
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+        held = {"text": "", "finish_reason": None, "logprobs": {"tokens": ["\\xe2"]}}
+        writer.write(b"data: " + json.dumps({"choices": [held]}).encode() + b"\n\n")
+        await writer.drain()
+        await asyncio.sleep(gap_s)
+        done = {"text": "\u2014", "finish_reason": "length", "logprobs": {"tokens": ["x"]}}
+        writer.write(b"data: " + json.dumps({"choices": [done]}).encode() + b"\n\n")
+        writer.write(b"data: [DONE]\n\n")
+        writer.close()
+
+    async def main() -> dict:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            body = {"prompt": "p", "logprobs": 0}
+            return await one(("127.0.0.1", port), "", body, time.perf_counter(), 10)
+
+    rec = asyncio.run(main())
+    assert rec["completed"] and rec["error"] is None, rec
+    assert rec["ttft"] < gap_s <= rec["ttft_text"], rec
+    assert isinstance(rec["port"], int) and rec["port"] > 0

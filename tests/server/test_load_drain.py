@@ -42,3 +42,31 @@ def test_the_short_library_probe_is_a_short_library_request():
     assert len(probes["library_short"]["prompt"]) == 48 < len(probes["library"]["prompt"])
     assert probes["library_short"]["library"] == "demo" and "library" not in probes["plain"]
     assert set(probe_bodies(lambda r, lib: {}, random.Random(1), None)) == {"plain"}
+
+
+def test_the_observed_drain_is_an_interval_of_the_probes_period():
+    """A probe admitted when sent at 2.0, every 0.25 s: reopening came in (1.75, 2.0]. A
+    429 at 1.5 waited 0.25-0.5 s, so 0.16 promised is within 2x; one at 1.99 (after the
+    last refused probe went out) could retry at once: 0.1 promised is within 2x of
+    [0, 0.25] (the point, 0.01 s, said 10x too long); 0.05 promised at 0.5 (1.25-1.5 s
+    seen) is not."""
+    from moska.bench.load_drain import within_2x_band
+
+    probes = {"plain": {"status": 200, "prompt_chars": 42}}
+    rec = {"library": False, "prompt_chars": 40, "retry_after": "1", "at_door": True}
+    rejected = [
+        rec | {"t_status": 1.5, "retry_after_ms": "160"},
+        rec | {"t_status": 1.99, "retry_after_ms": "100"},
+        rec | {"t_status": 0.5, "retry_after_ms": "50"},
+    ]
+    rows = compare_429s(rejected, probes, {"plain": 2.0}, resolution_s=0.25)
+    assert [(r["observed_lo_s"], r["observed_hi_s"]) for r in rows] == [
+        (0.25, 0.5),
+        (0.0, 0.25),
+        (1.25, 1.5),
+    ]
+    assert [within_2x_band([r]) for r in rows] == [1.0, 1.0, 0.0]
+    assert within_2x_band(rows) == 2 / 3 and within_2x_band([]) is None
+    # without a period the interval is the point, as before
+    point = compare_429s(rejected, probes, {"plain": 2.0})
+    assert all(r["observed_lo_s"] == r["observed_s"] == r["observed_hi_s"] for r in point[:1])

@@ -1,0 +1,144 @@
+"""`moska bench load`: one burst's figures from the client's records and the server's
+(predicted, observed) TTFT pairs (`summarize`), apart from the run (load.py)."""
+
+from __future__ import annotations
+
+from moska.bench.load_drain import compare_429s, library_by_probe, within_2x, within_2x_band
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+_PROBE_KEYS = ("probes", "status", "t_start", "t_status", "ttft", "error", "prompt_chars")
+
+
+def _share(values: list, slo: float | None) -> float | None:
+    """The share of `values` (None: not seen) within `slo`."""
+    if not values:
+        return None
+    return sum(1 for t in values if t is not None and (slo is None or t <= slo)) / len(values)
+
+
+def summarize(
+    n: int,
+    out: dict,
+    outcomes: list[tuple[float, float]],
+    slo: float | None,
+    wall_s: float,
+    fits_s: float | None = None,
+    probe_interval_s: float = 0.0,
+) -> dict:
+    """One burst's figures from the client records and the server's (predicted, observed)
+    TTFT pairs of the requests it admitted. `fits_s`: the predicted TTFT admission accepts
+    (headroom x SLO), to tell which library 429s only the library risk factor caused.
+    `probe_interval_s`: the probes' period, the resolution of an observed drain."""
+    recs = out["requests"]
+    admitted = [r for r in recs if r["status"] == 200]
+    rejected = [r for r in recs if r["status"] == 429]
+    ttft = [r["ttft"] for r in admitted if r["ttft"] is not None]
+    met = sum(1 for t in ttft if slo is None or t <= slo)
+    # the same, counting the client's own connect and write (its CPU is the server's too)
+    full = [r["ttft"] + (r.get("connect_s") or 0.0) for r in admitted if r["ttft"] is not None]
+    connect = [r["connect_s"] for r in recs if r.get("connect_s") is not None]
+    # admission reopened when the first probe that was admitted was sent
+    t_open = {
+        kind: p["t_start"] if p.get("t_start") is not None else p["t_status"]
+        for kind, p in out["probes"].items()
+        if p.get("status") == 200
+    }
+    # header / observed drain (the nearest probe of its kind, load_drain): Retry-After
+    # (whole seconds), retry-after-ms; per kind
+    # (the drain is seen to the probes' period: load_drain, within_2x_band)
+    rows = compare_429s(rejected, out["probes"], t_open, probe_interval_s)
+    drains = [c["observed_s"] for c in rows]
+    ratios = [c["retry_after_s"] / c["observed_s"] for c in rows]
+    ms_kind: dict[str, list[float]] = {"plain": [], "library": []}
+    for c in rows:
+        if c["promised_s"] is not None:
+            ms_kind[c["kind"]].append(c["promised_s"] / c["observed_s"])
+    ms = ms_kind["plain"] + ms_kind["library"]
+    kind_rows = {k: [c for c in rows if c["kind"] == k] for k in ms_kind}
+    # as before there was a short library probe: every library 429 against the long one
+    long = [
+        c["promised_s"] / max(t_open["library"] - c["t_status"], 1e-3)
+        for c in rows
+        if c["kind"] == "library" and c["promised_s"] is not None and "library" in t_open
+    ]
+    errors = [obs - pred for pred, obs in outcomes]
+    # library 429s that admission decided (the body read): their predicted TTFT, and how
+    # many would have fit without the library risk factor
+    lib_decided = [
+        r["predicted_ttft_s"]
+        for r in rejected
+        if r["library"] and r.get("at_door") is False and r.get("predicted_ttft_s") is not None
+    ]
+    lib = [r for r in admitted if r["library"]]
+    return {
+        "clients": n,
+        "admitted": len(admitted),
+        "rejected_429": len(rejected),
+        "failed": sum(1 for r in recs if r["error"] is not None),
+        "hung": sum(1 for r in recs if r["hung"]),
+        "completed": sum(1 for r in admitted if r["completed"]),
+        "library_admitted": len(lib),
+        "library_rejected": sum(1 for r in rejected if r["library"]),
+        "slo_met_share": met / len(admitted) if admitted else None,
+        "ttft_p50_s": _pct(ttft, 0.5),
+        "ttft_p99_s": _pct(ttft, 0.99),
+        "ttft_max_s": max(ttft) if ttft else None,
+        # the first chunk with text instead (held back for an incomplete character)
+        "slo_met_share_first_text": _share([r.get("ttft_text") for r in admitted], slo),
+        "slo_met_share_with_connect": (
+            sum(1 for t in full if slo is None or t <= slo) / len(admitted) if admitted else None
+        ),
+        "ttft_with_connect_p50_p99_s": [_pct(full, 0.5), _pct(full, 0.99)],
+        "client_connect_s_p50_p99": [_pct(connect, 0.5), _pct(connect, 0.99)],
+        "library_429_at_door": sum(1 for r in rejected if r["library"] and r.get("at_door")),
+        "library_429_predicted_ttft_s_p10_p50_p90": [_pct(lib_decided, q) for q in (0.1, 0.5, 0.9)]
+        if lib_decided
+        else None,
+        "library_429_only_for_risk": sum(1 for t in lib_decided if t <= fits_s)
+        if fits_s is not None
+        else None,
+        "library_ttft_p50_s": _pct([r["ttft"] for r in lib if r["ttft"] is not None], 0.5),
+        "rejection_s_p99": _pct([r["t_status"] for r in rejected], 0.99),
+        "retry_after_s_median": _pct([int(r["retry_after"]) for r in rejected], 0.5)
+        if rejected
+        else None,
+        "observed_drain_s_median": _pct(drains, 0.5),
+        "retry_after_within_2x_share": within_2x(ratios),
+        "retry_after_over_drain_p10_p50_p90": [_pct(ratios, q) for q in (0.1, 0.5, 0.9)]
+        if ratios
+        else None,
+        # Retry-After is whole seconds (at least 1, per HTTP): retry-after-ms (OpenAI's
+        # header, which its clients prefer) says the predicted drain exactly
+        "retry_after_ms_median": _pct([int(r["retry_after_ms"]) for r in rejected], 0.5)
+        if rejected and all((r.get("retry_after_ms") or "").isdigit() for r in rejected)
+        else None,
+        "retry_after_ms_within_2x_share": within_2x_band(rows),
+        "retry_after_ms_within_2x_share_point": within_2x(ms),
+        "retry_after_ms_over_drain_p10_p50_p90": [_pct(ms, q) for q in (0.1, 0.5, 0.9)]
+        if ms
+        else None,
+        "retry_after_ms_within_2x_share_plain_library": [
+            within_2x_band(kind_rows["plain"]),
+            within_2x_band(kind_rows["library"]),
+        ],
+        "retry_after_ms_within_2x_share_plain_library_point": [
+            within_2x(ms_kind["plain"]),
+            within_2x(ms_kind["library"]),
+        ],
+        "retry_after_ms_within_2x_share_library_vs_long_probe": within_2x(long),
+        "retry_after_ms_library_by_probe": library_by_probe(rows),
+        "rejections": rows,
+        "probes": {kind: {k: p.get(k) for k in _PROBE_KEYS} for kind, p in out["probes"].items()},
+        "predictor_error_s_p10_p50_p90_p99": [_pct(errors, q) for q in (0.1, 0.5, 0.9, 0.99)],
+        "predictor_abs_rel_error_p50_p90": [
+            _pct([abs(o - p) / o for p, o in outcomes if o > 0], q) for q in (0.5, 0.9)
+        ],
+        "wall_s": wall_s,
+    }

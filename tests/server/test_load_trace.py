@@ -1,0 +1,46 @@
+"""`moska bench load --trace` (bench/load_trace.py): an admitted request's client TTFT is
+split into its parts from the server's records, joined by client port and prediction."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from moska.bench.load_trace import PORT, PortTag, TracingAdmission, breakdown
+from moska.server.admission import Load, RequestCost
+from moska.server.load_shedding import ARRIVAL
+
+
+def test_the_parts_of_an_admitted_requests_ttft_add_up():
+    adm = TracingAdmission(5.0, None)
+    tag = PortTag(app=None)
+    mark = adm.mark()
+    t0 = time.monotonic() - 0.5  # the burst began half a second ago: deciding now
+    written, called, arrival = t0 + 0.1, t0 + 0.4, t0 + 0.45
+    tag.called[5001] = called
+    a, p = ARRIVAL.set(arrival), PORT.set(5001)
+    try:
+        d = adm.decide(RequestCost(32, 4), Load(), elapsed_s=0.2)
+    finally:
+        ARRIVAL.reset(a)
+        PORT.reset(p)
+    assert d.accepted
+    decided = adm.decisions[-1]["t"]
+    first = decided + 1.5
+    adm.firsts.append((first, d.predicted_ttft_s, first - arrival))
+    tag.first_body[5001] = first + 0.25
+    ttft = first + 0.25 + 0.05 - written  # the client read it 50 ms after it was sent
+    client = {"status": 200, "ttft": ttft, "t_start": 0.09, "connect_s": 0.01, "port": 5001}
+    rejected = {"status": 429, "ttft": None, "t_start": 0.0, "connect_s": 0.01, "port": 5002}
+    out = {"t0": t0, "requests": [client, rejected]}
+    got = breakdown(adm, tag, mark, out, slo=5.0)
+    assert got["joined"] == 1
+    (row,) = got["admitted"]
+    parts = ("accept_s", "to_arrival_s", "to_decision_s", "engine_observed_s", "to_send_s")
+    assert sum(row[k] for k in parts) + row["to_client_s"] == pytest.approx(ttft, abs=2e-3)
+    assert row["accept_s"] == pytest.approx(0.3) and row["to_send_s"] == pytest.approx(0.25)
+    assert row["engine_observed_s"] == pytest.approx(1.5, abs=1e-3)
+    assert row["charged_before_s"] == 0.2
+    assert 0.0 <= row["to_decision_s"] < 1.0 and ttft < 5.0
+    assert got["client_ttft_within_slo_share"] == 1.0 == got["server_ttft_within_slo_share"]
