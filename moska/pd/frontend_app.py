@@ -64,10 +64,11 @@ def create_frontend_app(front: FrontEnd) -> FastAPI:
             body["mean_first_token_s"] = s.first_token_s / s.staged
         if front.scheduler is not None:
             body["rejected_by_scheduler"] = dict(front.scheduler.rejections)
+            body["probes"] = front.scheduler.ttft.probes
             now = time.monotonic()
             body["stage_fits"] = {  # seconds = a + b * step-fit seconds, and the spread
                 f"{stage}/{name}": [*fit.coef(now), fit.spread(now)]
-                for (stage, name), fit in front.scheduler.stage_fits.items()
+                for (stage, name), fit in front.scheduler.ttft.fits.items()
             }
             body["slowdown"] = {k: front.scheduler.slowdown(k, now) for k in ("prefill", "decode")}
             body["tpot_factor"] = {

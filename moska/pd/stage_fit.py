@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import math
 
-KEEP = 0.95  # an observation's weight after each newer one (~20 observations in memory)
-HALF_LIFE_S = 30.0  # and after this many seconds without any
+KEEP = 0.9  # an observation's weight after each newer one (~10 observations in memory)
+HALF_LIFE_S = 10.0  # and after this many seconds without any
 # the prior's weights (ridge): on the slope, worth two observations 0.1 s of x apart, so
-# that observations all at one x (no queue yet) move the intercept, not the slope; on the
-# intercept, a hundredth of one observation
+# that observations all at one x (no queue yet) move the intercept more than the slope; on
+# the intercept, a third of one (a fit without news for a minute is near the prior)
 PRIOR_SLOPE_WEIGHT = 2 * 0.1**2
-PRIOR_INTERCEPT_WEIGHT = 0.01
-MIN_SLOPE = 0.25  # the work never runs 4x faster than its fit
+PRIOR_INTERCEPT_WEIGHT = 0.3
+# the work never runs faster than its instances' own step fits say: a fit learnt at low
+# load (x small, the fixed part dominant) put the slope at ~0.8 and a burst's queue (x
+# 0.3-0.5 s) was then predicted at 0.27-0.42 s where it took 1.2 s (slope ~2.4)
+MIN_SLOPE = 1.0
 MAX_SLOPE = 30.0
 
 
@@ -69,8 +72,15 @@ class StageFit:
         return a + b * x
 
     def spread(self, now: float) -> float:
-        """The residuals' root mean square (0 before any observation)."""
-        return math.sqrt(self._sq / self._w) if self._w > 0 else 0.0
+        """The residuals' root mean square, fading to 0 (one pseudo-observation of 0) as the
+        observations fade."""
+        f = self._fade(now)
+        return math.sqrt(f * self._sq / (f * self._w + 1.0))
+
+    @property
+    def last_at(self) -> float | None:
+        """When the last observation came (None before any)."""
+        return self._at
 
     def upper(self, x: float, now: float, z: float) -> float:
         return self.predict(x, now) + z * self.spread(now)

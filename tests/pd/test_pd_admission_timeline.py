@@ -18,6 +18,7 @@ from moska.pd.index import block_hashes
 from moska.pd.scheduler import SLO, GlobalScheduler, Instance, Plan, RequestInfo
 from moska.pd.stage_fit import StageFit
 from moska.pd.token_times import WINDOW
+from moska.pd.ttft_model import PROBE_AFTER_S
 
 BS = 16
 SLO_S = 1.0
@@ -137,7 +138,7 @@ def test_a_late_token_in_flight_counts_before_its_window_ends():
 
 
 def test_a_prefill_past_its_predicted_stage_slows_the_next_prediction():
-    sched, p, _ = _pair(ttft_s=1.0)
+    sched, _, _ = _pair(ttft_s=1.0)
     a = sched.plan(_prompt(0), 0.0)
     assert isinstance(a, Plan)
     on_time = sched.plan(_prompt(1), 0.5 * a.predicted_stage_s)
@@ -150,3 +151,28 @@ def test_a_prefill_past_its_predicted_stage_slows_the_next_prediction():
     assert late.predicted_ttft_s > 5 * on_time.predicted_stage_s
     sched.prefill_done(a)
     assert isinstance(sched.plan(_prompt(3), t), Plan)
+
+
+def test_a_run_of_ttft_rejections_probes_one_request_at_a_time():
+    """A fit learnt at a slow moment (here: one stage of 1.5 s) rejects every request, and
+    with nothing admitted nothing can unlearn it (a bench run rejected all 240): once the
+    prefill instance has been idle for PROBE_AFTER_S one request goes through, one only."""
+    sched, _, _ = _pair(ttft_s=1.0)
+    a = sched.plan(_prompt(0), 0.0)
+    assert isinstance(a, Plan)
+    sched.prefill_done(a)
+    sched.observe_prefill(a, 1.5, now=1.5)  # slow: the fit now predicts ~1.5 s
+    sched.finished(a, a.decode)
+    r = sched.plan(_prompt(1), 1.5)  # just learnt: no probe yet
+    assert not isinstance(r, Plan) and r.reason == "ttft" and r.predicted_ttft_s > 1.0
+    t = 1.5 + PROBE_AFTER_S
+    probe = sched.plan(_prompt(2), t)
+    assert isinstance(probe, Plan) and sched.ttft.probes == 1
+    nxt = sched.plan(_prompt(3), t + 2 * PROBE_AFTER_S)  # the probe still in flight
+    assert not isinstance(nxt, Plan) and nxt.reason == "ttft"
+    sched.prefill_done(probe)
+    sched.observe_prefill(probe, 0.1, now=t + 0.1)  # the host is fast again
+    sched.finished(probe, probe.decode)
+    after = sched.plan(_prompt(4), t + 0.1)
+    assert not isinstance(after, Plan) and after.predicted_ttft_s < 0.8 * r.predicted_ttft_s
+    assert sched.ttft.probes == 1

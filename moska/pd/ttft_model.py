@@ -1,0 +1,90 @@
+"""The global scheduler's time-to-first-token model (#19): per instance, what each stage
+takes as a line in its step-fit seconds (`stage_fit.py`), learnt from each request as its
+stage ends; what is late in flight (`live_lag.py`); the upper end admission checks; and the
+probe that keeps a run of rejections from lasting for ever.
+
+Two stages: admission -> the KV at the decode instance (the prefill instance's fit; x =
+the step-fit seconds of the work on its live queue + its own prefill + the transfer) and
+decode request -> first token (the decode instance's fit; x = the corrected time per token
+of the batch it joins + the step of the prompt's tail). The queue is counted once, as work
+in x, and the fixed costs (HTTP hops, event loops) are not multiplied by it: one ratio of
+observed over predicted stage, queue included, reached 4-22x on the 2-core CPU bench and
+rejected whole rounds (`GlobalScheduler.slowdown`, no longer fed by the front end).
+"""
+
+from __future__ import annotations
+
+import math
+
+from moska.pd.live_lag import LiveLag
+from moska.pd.stage_fit import StageFit
+
+MAX_LATE = 30.0  # a prefill this late or later: its instance is taken as this much slower
+# TTFT is admitted on its upper end: the mean plus this many of the stage fits' residual
+# deviations. On the 2-core CPU bench a stall slows every request in flight at once
+# (stages 2-5x their prediction, 0.3-0.8 s late); with one deviation 12 of 53 admitted
+# missed TTFT at load ~9, with two the edge of the admitted moves in by ~0.5 s
+TTFT_SPREADS = 2.0
+# while TTFT rejects everything, one request per PROBE_AFTER_S on an idle prefill instance
+# is admitted anyway if its mean prediction is within PROBE_MAX_SLOS of the SLO (`probe`)
+PROBE_AFTER_S = 1.0
+PROBE_MAX_SLOS = 2.0
+
+
+class TtftModel:
+    """The two stages' fits per instance, the prefills in flight, the probes."""
+
+    def __init__(self) -> None:
+        self.fits: dict[tuple[str, str], StageFit] = {}  # (stage, instance name) -> fit
+        self.late_prefills = LiveLag()  # each prefill against its predicted stage
+        self._admitted_at: dict[str, float] = {}  # prefill instance -> its last admission
+        self.probes = 0  # requests admitted though TTFT would reject them (`probe`)
+
+    def fit(self, stage: str, name: str) -> StageFit:
+        return self.fits.setdefault((stage, name), StageFit())
+
+    def stage_s(self, prefill: str, x: float, now: float) -> float:
+        """Admission -> KV at the decode instance on `prefill`, for step-fit seconds `x`; a
+        prefill in flight there past its predicted stage makes it that much slower."""
+        late = max(1.0, min(MAX_LATE, self.late_prefills.ratio(prefill, now)))
+        return self.fit("prefill", prefill).predict(x, now) * late
+
+    def first_s(self, decode: str, x: float, now: float) -> float:
+        """Decode request -> first token on `decode`, for step-fit seconds `x`."""
+        return self.fit("decode", decode).predict(x, now)
+
+    def upper(self, ttft: float, prefill: str, decode: str, now: float) -> float:
+        """`ttft` plus TTFT_SPREADS deviations of both stages' residuals."""
+        a, b = self.fit("prefill", prefill).spread(now), self.fit("decode", decode).spread(now)
+        return ttft + TTFT_SPREADS * math.hypot(a, b)
+
+    def probe(self, prefill: str, idle: bool, ttft: float, slo_s: float, now: float) -> bool:
+        """Whether to admit a request that TTFT would reject, to learn the host anew: while
+        everything is rejected nothing is learnt, and a fit from a slower moment (or an
+        instance's step fit from its first, slow steps: 0.39 s for a 200-token prompt)
+        rejected every request of a 4-round bench run. One request when `prefill` is idle
+        (nothing in flight), has admitted and learnt nothing for PROBE_AFTER_S, has learnt
+        before (its fit may be stale, not unknown) and the mean `ttft` is within
+        PROBE_MAX_SLOS of the SLO."""
+        last = self.fit("prefill", prefill).last_at
+        ok = (
+            idle
+            and last is not None
+            and now - max(last, self._admitted_at.get(prefill, -math.inf)) >= PROBE_AFTER_S
+            and ttft <= PROBE_MAX_SLOS * slo_s
+        )
+        self.probes += ok
+        return ok
+
+    def admitted(self, prefill: str, ticket: int, stage_s: float, now: float) -> None:
+        self._admitted_at[prefill] = now
+        self.late_prefills.start(prefill, ticket, now, stage_s)
+
+    def done(self, ticket: int) -> None:
+        """The request's prefill stage ended (or the request did)."""
+        self.late_prefills.drop(ticket)
+
+    def observe(self, stage: str, name: str, x: float, observed_s: float, now: float) -> None:
+        """A request's `stage` on instance `name` took `observed_s` for step-fit seconds
+        `x`: that fit learns it at once (the next admission sees it)."""
+        self.fit(stage, name).observe(x, observed_s, now)
