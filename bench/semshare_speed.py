@@ -281,6 +281,7 @@ def main() -> None:
             for name in engines
         }
     on = engines["on"].semshare
+    on.flush()  # references recorded by the last steps
     result = {
         "bench": "semshare_speed",
         "env": environment(),

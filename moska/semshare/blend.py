@@ -162,17 +162,33 @@ def _copy_reference(ref: Reference, cache, ref_pos, new_pos, dst_slots, inv_freq
     vc[:, dst_slots] = v_ref.to(vc.dtype)
 
 
+def row_bucket(rows: int, total: int, granule: int) -> int:
+    """`rows` rounded up to a bucket (at most `total`): a multiple of `granule`, or of a
+    sixteenth of the power of two below `rows` when that is coarser (<= ~6% more rows, at
+    most 16 buckets per octave). Why: every new row count is a new matmul shape, and on an
+    H200 cuBLAS picked an algorithm (and lazily loaded its kernel) for each, ~3 ms of host
+    time per shape, so a request of a new count ran host-bound; bucketed counts repeat, and
+    `SemanticReuse.warm_up` visits every bucket once at start. granule 1: no bucketing."""
+    if granule <= 1 or rows <= 0:
+        return min(rows, total)
+    g = max(granule, 1 << max(0, rows.bit_length() - 5))
+    return min(-(-rows // g) * g, total)
+
+
 def _select(
-    att: RowAttention, ref, ref_pos, new_pos, matched, m_idx, fraction, inv_freq
+    att: RowAttention, ref, ref_pos, new_pos, matched, m_idx, fraction, inv_freq, granule=1
 ) -> tuple[torch.Tensor, int]:
     """(rows kept past the boundary [R] ascending, how many of them are matched): the
-    unmatched rows + the most deviating `fraction` of the matched ones `m_idx`. R is known
-    on the host from the counts, so the rows come from a stable sort, not `nonzero` (no
-    host sync between the first layers and the rest)."""
+    unmatched rows + the most deviating `fraction` of the matched ones `m_idx`, and more of
+    the next most deviating ones until R fills its bucket (`row_bucket`: padding with real
+    rows keeps the blend exact, it only recomputes a few more). R is known on the host from
+    the counts, so the rows come from a stable sort, not `nonzero` (no host sync between
+    the first layers and the rest)."""
     n, num_matched = matched.shape[0], m_idx.numel()
     if fraction >= 1.0 or att.last_fresh is None:
         return torch.arange(n, device=matched.device), num_matched
     n_keep = math.ceil(fraction * num_matched)
+    n_keep = row_bucket(n - num_matched + n_keep, n, granule) - (n - num_matched)
     keep = ~matched
     if n_keep > 0:
         slot, k, v = att.last_fresh
@@ -200,10 +216,12 @@ def blend_prefill(
     recompute_layers: int,
     *,
     row_kernel: bool | None = None,
+    granule: int = 1,
 ) -> BlendResult:
     """Compute the KV of prompt positions [start, end) into `cache` (positions before `start`
     must be in it already), reusing `ref` where matched. See the module docstring.
-    `row_kernel`: `RowAttention`'s `kernel` (None: the kernel on CUDA)."""
+    `row_kernel`: `RowAttention`'s `kernel` (None: the kernel on CUDA). `granule`: the rows
+    kept past the boundary fill a `row_bucket` of it (1: exactly the selected rows)."""
     device = cache.k.device
     n = token_ids.shape[0]
     end = start + n
@@ -233,7 +251,7 @@ def blend_prefill(
     for i, layer in enumerate(model.layers):
         if i == recompute_layers:
             rows, kept_matched = _select(
-                att, ref, ref_pos, new_pos, matched, m_idx, recompute_fraction, inv_freq
+                att, ref, ref_pos, new_pos, matched, m_idx, recompute_fraction, inv_freq, granule
             )
             if rows.numel() == 0:
                 break

@@ -22,6 +22,9 @@ class SemShareConfig:
     min_reuse_fraction: below this share of matched prompt tokens the prompt is computed in
         full (and stored as a new reference).
     min_prompt_tokens: shorter prompts are neither matched nor stored.
+    row_granule: on CUDA the rows recomputed past the boundary are padded (with the next
+        most deviating matched rows) to a bucket of this granule (`blend.row_bucket`), so
+        matmul shapes repeat across requests; 1 turns it off (always off on the CPU).
     store_bytes: the reference store's bound (KV + features).
     """
 
@@ -36,6 +39,7 @@ class SemShareConfig:
     lsh_bands: int = 8
     lsh_rows: int = 16
     seed: int = 0
+    row_granule: int = 64
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
@@ -54,5 +58,7 @@ class SemShareConfig:
             raise ValueError("window must be >= 1 and min_prompt_tokens >= 2")
         if not 0.0 <= self.min_candidate_score <= 1.0 or not 0.0 <= self.min_reuse_fraction <= 1.0:
             raise ValueError("min_candidate_score and min_reuse_fraction are shares in [0, 1]")
+        if self.row_granule < 1:
+            raise ValueError(f"semantic row granule must be >= 1, got {self.row_granule}")
         if self.store_bytes < 1:
             raise ValueError("the semantic reuse store needs a positive size")

@@ -69,11 +69,28 @@ class LSHIndex:
         codes = (bits.view(-1, self.bands, self.rows) * weights).sum(-1)  # [N, bands]
         return (codes * self.bands + tags).cpu()
 
-    def add(self, ref: Hashable, features: torch.Tensor) -> None:
-        """Index reference `ref` by its token features [N, F]."""
+    def signatures_async(self, features: torch.Tensor):
+        """(`signatures` on the host, a CUDA event that completes when they are there, or
+        None when they already are): on a GPU the copy goes to pinned memory without a
+        wait, so storing a reference does not stall the host on the step's forward."""
+        if not features.is_cuda:
+            return self.signatures(features), None
+        planes, weights, tags = self._consts(features.device)
+        bits = features.float() @ planes > 0
+        codes = (bits.view(-1, self.bands, self.rows) * weights).sum(-1) * self.bands + tags
+        host = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
+        host.copy_(codes, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def add(self, ref: Hashable, features: torch.Tensor, sigs: torch.Tensor | None = None) -> None:
+        """Index reference `ref` by its token features [N, F] (or their `signatures`)."""
         if ref in self._keys:
             return
-        keys = np.unique(self.signatures(features).numpy())  # sorted
+        if sigs is None:
+            sigs = self.signatures(features)
+        keys = np.unique(sigs.numpy())  # sorted
         rid = self._next_id
         self._next_id += 1
         self._keys[ref], self._ids[ref], self._refs[rid] = keys, rid, ref

@@ -12,7 +12,12 @@ Hook (three calls from `engine/llm_engine.py`, nothing else in the engine knows 
   from, when it ends the prompt). The scheduler's counts stay consistent:
   `num_computed_tokens + num_new_tokens` is unchanged.
 - `record(scheduled, block_table)` right after the forward is queued: a request without a
-  plan whose prompt was completed by this step has its prompt KV copied into the store.
+  plan whose prompt was completed by this step has its prompt KV copied (queued on the
+  stream, no wait) and enters the store once its LSH signatures reach the host (`flush`:
+  at the next `record` when they have, at the latest at the next `plan`), so storing a
+  prompt adds no host sync to its own time to first token.
+On CUDA the engine calls `warm_up` once: every row bucket's matmul shapes (`row_bucket`) are
+seen before the first request, so a blend's matmuls never pick an algorithm on the host.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moska.semshare.blend import blend_prefill, slots_of
+from moska.semshare.blend import blend_prefill, row_bucket, slots_of
 from moska.semshare.config import SemShareConfig
 from moska.semshare.lsh import LSHIndex
 from moska.semshare.matching import inverse_norms, match_tokens, token_features
@@ -63,6 +68,10 @@ class SemanticReuse:
         self.store = ReferenceStore(config.store_bytes, lsh)
         self.stats = ReuseStats()
         self._inv_norm: torch.Tensor | None = None  # [V] of the embedding, on first use
+        # references recorded, waiting for their LSH signatures (host tensor, CUDA event)
+        self._pending: list[tuple[Reference, torch.Tensor, torch.cuda.Event | None]] = []
+        # rows past the boundary are bucketed on CUDA only (cuBLAS's per-shape host cost)
+        self.granule = config.row_granule if cache.k.is_cuda else 1
 
     @classmethod
     def for_engine(cls, engine_config, runner) -> SemanticReuse:
@@ -75,7 +84,31 @@ class SemanticReuse:
             store_bytes=c.semantic_store_mb << 20,
             seed=c.seed,
         )
-        return cls(cfg, runner.model, runner.cache)
+        reuse = cls(cfg, runner.model, runner.cache)
+        reuse.warm_up(c.max_num_batched_tokens)
+        return reuse
+
+    @torch.inference_mode()
+    def warm_up(self, max_rows: int) -> int:
+        """Run each distinct layer once at every row bucket up to `max_rows` (random rows,
+        attention skipped, nothing written to the cache), so each bucket's matmul shapes
+        have their cuBLAS algorithm (and kernel) before any request. Returns the buckets
+        visited (0 when bucketing is off)."""
+        if self.granule <= 1:
+            return 0
+        model = self.model
+        layers: dict = {}
+        for layer in model.layers:
+            shapes = tuple(tuple(p.shape) for p in layer.parameters())
+            layers.setdefault((layer.self_attn.owns_kv, shapes), layer)
+        weight = model.embed_tokens.weight
+        x = torch.randn(max_rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        cos, sin = model.rotary.cos_sin_half(torch.arange(max_rows, device=weight.device))
+        buckets = row_buckets(max_rows, self.granule)
+        for r in buckets:
+            for layer in layers.values():
+                layer(x[:r] * 0.02, None, cos[:r], sin[:r], _no_attention, model.kernels)
+        return len(buckets)
 
     def features(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[N, 2H] matching features: fp16 on a GPU (matched by an fp16 product; stored
@@ -92,6 +125,7 @@ class SemanticReuse:
     def plan(self, prompt_ids: list[int]) -> ReusePlan | None:
         """A reuse plan for a new prompt, or None (too short, no candidate, too few matches)."""
         cfg = self.config
+        self.flush()  # references recorded by earlier steps take part in the lookup
         if len(prompt_ids) < cfg.min_prompt_tokens or not len(self.store):
             return None
         ids = torch.tensor(prompt_ids, dtype=torch.int64)
@@ -131,6 +165,7 @@ class SemanticReuse:
                 plan.ref_pos[start:stop],
                 self.config.recompute_fraction,
                 self.config.recompute_layers,
+                granule=self.granule,
             )
             req.num_reused_tokens += result.num_reused
             self.stats.reused_tokens += result.num_reused
@@ -140,7 +175,10 @@ class SemanticReuse:
 
     @torch.inference_mode()
     def record(self, scheduled: list, block_table) -> None:
-        """Store the prompts this step completed in full (no plan, no library) as references."""
+        """Store the prompts this step completed in full (no plan, no library) as references:
+        their KV and features are queued now, their LSH signatures copied back without a
+        wait; they enter the store at a `flush` (at once on the CPU)."""
+        self.flush(wait=False)
         for item in scheduled:
             req = item.request
             p = req.num_prompt_tokens
@@ -151,10 +189,25 @@ class SemanticReuse:
                 continue
             ids = torch.tensor(req.prompt_token_ids, dtype=torch.int64)
             key = prompt_key(ids)
-            if self.store.get(key) is not None:
+            if self.store.get(key) is not None or any(p[0].key == key for p in self._pending):
                 continue
-            self.store.put(self.reference(key, ids, block_table(req.request_id)))
+            ref = self.reference(key, ids, block_table(req.request_id))
+            self._pending.append((ref, *self.store.lsh.signatures_async(ref.features)))
             self.stats.stored += 1
+        self.flush(wait=False)
+
+    def flush(self, wait: bool = True) -> None:
+        """Put the recorded references into the store, in order: all of them (`wait`: a
+        host sync on their signatures' copies, long done when a later request asks), or
+        those whose signatures are already on the host."""
+        while self._pending:
+            ref, sigs, done = self._pending[0]
+            if done is not None and not done.query():
+                if not wait:
+                    return
+                done.synchronize()
+            self.store.put(ref, sigs)
+            self._pending.pop(0)
 
     def reference(self, key: str, ids: torch.Tensor, table: list[int]) -> Reference:
         """A reference of a prompt whose KV for positions [0, len(ids)) is in `table`."""
@@ -165,3 +218,16 @@ class SemanticReuse:
         v = c.v.view(flat)[:, slots]
         # features in fp16: a tenth of an 8B model's KV per token instead of a fifth
         return Reference(key, ids, self.features(ids).half(), k, v)
+
+
+def _no_attention(slot: int, q: torch.Tensor, k, v) -> torch.Tensor:
+    return q  # warm-up: any [T, Hq, D] tensor stands for the attention output
+
+
+def row_buckets(max_rows: int, granule: int) -> list[int]:
+    """Every row count `row_bucket` yields for 1..max_rows (ascending)."""
+    out, r = [], 1
+    while r <= max_rows:
+        out.append(row_bucket(r, max_rows, granule))
+        r = out[-1] + 1
+    return out

@@ -92,9 +92,10 @@ class ReferenceStore:
             self._entries.move_to_end(key)
         return ref
 
-    def put(self, ref: Reference) -> bool:
+    def put(self, ref: Reference, sigs: torch.Tensor | None = None) -> bool:
         """Insert (or refresh) `ref`, evicting the least recently used entries until it fits.
-        False when it alone is larger than the store (nothing is evicted then)."""
+        False when it alone is larger than the store (nothing is evicted then). `sigs`: its
+        features' LSH signatures when already computed (`LSHIndex.signatures_async`)."""
         if ref.key in self._entries:
             self._entries.move_to_end(ref.key)
             return True
@@ -106,7 +107,7 @@ class ReferenceStore:
             self._evict_oldest()
         self._entries[ref.key] = ref
         self._bytes += size
-        self.lsh.add(ref.key, ref.features)
+        self.lsh.add(ref.key, ref.features, sigs)
         self.stats.inserts += 1
         return True
 
