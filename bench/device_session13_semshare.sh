@@ -6,6 +6,10 @@
 # engine's TTFT with reuse on vs off (bench/semshare_speed.py, the number;
 # 2 documents x 3 kinds x 2 seeds), at the default recompute fraction 0.15 and at 0.05
 # (within 2% loss on the CPU quality bench too). Prints one table.
+# Session 13d: the blend's row count is padded to a row bucket and every bucket's matmul
+# shapes are warmed at start (the 13c profile: each new row count cost ~3 ms of cuBLAS host
+# time per shape); the path run is unsynced (no --substages) and times each blend twice
+# (blend_again: every shape seen) to show what a cold shape costs.
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -15,10 +19,10 @@ export PYTHONPATH=/tmp/site:$PWD
 TRITON_INTERPRET=0 timeout 60 python3 -m pytest -q -p no:cacheprovider -rs -m cuda \
   tests/semshare tests/kernels/test_row_attention.py > "$OUT/tests.log" 2>&1
 echo "cuda tests rc=$? ($(( $(date +%s) - T0 )) s)"
-# per-piece timers (each piece synced: plan and blend totals include those syncs; the
-# clean end-to-end figure is the TTFT below)
-timeout 55 python3 bench/semshare_path.py --device cuda --arch 1b --model .models/moska-code-20m \
-  --repeats 2 --substages --torch-profile "$OUT/semshare_path_h200_profile_session13.txt" \
+# stage totals (plan, blend, the same blend again, plain prefill; synced at stage ends only)
+# and a torch.profiler table of one plan + blend
+timeout 60 python3 bench/semshare_path.py --device cuda --arch 1b --model .models/moska-code-20m \
+  --repeats 3 --torch-profile "$OUT/semshare_path_h200_profile_session13.txt" \
   --out "$OUT/semshare_path_h200_session13.json" > "$OUT/path.log" 2>&1
 echo "path rc=$? ($(( $(date +%s) - T0 )) s)"
 timeout 95 python3 bench/semshare_speed.py --tokenizer .models/moska-code-20m --docs 2 \
@@ -36,14 +40,15 @@ def load(name):
 path = sub = load("semshare_path_h200_session13")
 if path:
     print(f"{'path (5,120 tokens, 1B; synced)':32} {'median ms':>10} {'first ms':>9} {'syncs':>6}")
-    for k in ("plan", "blend", "full_prefill"):
+    for k in ("plan", "blend", "blend_again", "full_prefill"):
         if k in path:
             r = path[k]
             print(f"{k:32} {r['ms_median']:>10} {r['first_ms_max']:>9} {r['syncs_max']:>6}")
     if "plan" in path and "full_prefill" in path:
         reuse = path["plan"]["ms_median"] + path["blend"]["ms_median"]
         print(f"{'plan + blend vs full':32} {reuse:>10.2f}  speedup {path['full_prefill']['ms_median'] / reuse:.2f}x")
-    print("reused share", path.get("reused_share"))
+    print("reused share", path.get("reused_share"), "warm_up", path.get("warm_up"),
+          "row counts", path.get("row_counts"))
 if sub:
     print("substages (synced each, ms):", json.dumps(sub.get("substages_ms_median")))
 speed = load("semshare_speed_h200_session13")

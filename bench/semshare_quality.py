@@ -49,6 +49,7 @@ from moska.attention.kv_cache import PagedKVCache
 from moska.bench.common import environment
 from moska.model import load_model
 from moska.semshare import SemanticReuse, SemShareConfig, blend_prefill, extend
+from moska.semshare.blend import row_bucket
 
 BS = 16
 
@@ -116,6 +117,12 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--row-granule",
+        type=int,
+        default=SemShareConfig.row_granule,
+        help="rows past the boundary padded to a row bucket, as on CUDA (1: as on the CPU)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_quality.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,6 +206,7 @@ def main() -> None:
                     plan.ref_pos[: args.prompt - 1],
                     frac,
                     first,
+                    granule=args.row_granule,
                 )
                 blend_s = time.perf_counter() - t
                 loss = cont_loss(model, cache, table, ids, args.prompt)
@@ -275,6 +283,7 @@ def main() -> None:
             matched = int(m.sum())
             n = len(ids) - 1
             recomputed = (n - matched) + math.ceil(cfg.recompute_fraction * matched)
+            recomputed = row_bucket(recomputed, n, args.row_granule)
             series.append(
                 ((n - recomputed) / n, modeled_speedup(n, recomputed, L, cfg.recompute_layers))
             )
@@ -311,6 +320,7 @@ def main() -> None:
             "queries": args.queries,
             "block_size": BS,
             "layers": L,
+            "row_granule": args.row_granule,
         },
         "settings": [
             {"threshold": t, "recompute_fraction": r, "recompute_layers": f} for t, r, f in settings
