@@ -37,9 +37,10 @@ def _serve(argv: list[str], home: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def fail_fast(tmp_path_factory) -> tuple[int, dict[str, subprocess.CompletedProcess]]:
     """The fail-fast starts, all at once, each a process forked from the forkserver that has
-    imported torch and the engine (a `moska` script of its own paid ~3 s of a core for
-    Python's and torch's imports, 9 s for the three). The busy port stays bound until its
-    start has answered."""
+    imported torch and the engine: a `moska` script of its own paid ~3 s of a core for
+    Python's and torch's imports, 9 s for the three; the forkserver costs ~6 s once per
+    test process, shared with tests/distributed and tests/server/test_build_process.py.
+    The busy port stays bound until its start has answered."""
     import torch
 
     tmp = tmp_path_factory.mktemp("fail-fast")
