@@ -90,7 +90,7 @@ class LSHIndex:
             return
         if sigs is None:
             sigs = self.signatures(features)
-        keys = np.unique(sigs.numpy())  # sorted
+        keys = _unique(sigs.numpy())  # sorted
         rid = self._next_id
         self._next_id += 1
         self._keys[ref], self._ids[ref], self._refs[rid] = keys, rid, ref
@@ -160,12 +160,22 @@ class LSHIndex:
         # shortlist by the buckets of up to 256 of the tokens (most votes; ties: oldest),
         # then score the shortlisted references exactly on every sampled token
         step = max(1, sigs.shape[0] // 256)
-        ids, counts = self._votes(np.unique(sigs[::step]))
+        ids, counts = self._votes(_unique(sigs[::step]))
         order = np.argsort(-counts, kind="stable")[: max(top, 4)]  # ids ascend: oldest first
         shortlist = [self._refs[i] for i in ids[order].tolist()]
         scored = [(ref, _share_in(sigs, self._keys[ref])) for ref in shortlist]
         scored.sort(key=lambda x: -x[1])
         return scored[:top]
+
+
+def _unique(a: np.ndarray) -> np.ndarray:
+    """The sorted unique values of `a`, by a sort: numpy 2.4's `np.unique` (a hash table,
+    then a sort) took 8-13 ms of host time for a 5K-token prompt's 40K keys, this 0.9."""
+    s = np.sort(a, axis=None)
+    keep = np.empty(s.size, bool)
+    keep[:1] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
 
 
 def _share_in(sigs: torch.Tensor | np.ndarray, keys: torch.Tensor | np.ndarray) -> float:

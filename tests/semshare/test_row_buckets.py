@@ -6,6 +6,7 @@ an H200), the padded blend still equals full recomputation where it recomputes, 
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,6 +17,7 @@ from moska.model import load_model
 from moska.model.default import default_model_dir
 from moska.semshare.blend import blend_prefill, extend, row_bucket
 from moska.semshare.config import SemShareConfig
+from moska.semshare.lsh import _unique
 from moska.semshare.matching import match_tokens
 from moska.semshare.reuse import SemanticReuse, row_buckets
 from moska.semshare.store import prompt_key
@@ -172,3 +174,9 @@ def test_cuda_bucketed_blend_after_warm_up():
     assert res_g.num_recomputed == 64
     if (pos_c == pos_g).all():  # fp16 cosines may differ on a borderline tie
         assert res_c == res_g
+
+
+def test_sorted_unique_equals_numpy():
+    gen = np.random.default_rng(3)
+    for a in (np.zeros(0, np.int64), gen.integers(0, 50, (300, 8)), gen.integers(0, 2**40, 4000)):
+        assert np.array_equal(_unique(a), np.unique(a))
