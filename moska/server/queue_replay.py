@@ -103,6 +103,9 @@ class Prediction(NamedTuple):
     # steps) (retry_drain.factor_falls: the steps that bring the slowdown factor back)
     decode_steps: tuple[tuple[float, int], ...] = ()
     clear_steps: int = 0  # engine steps until `clear_s`
+    first_s: float = 0.0  # the whole predicted time of the replay's first step (the one in
+    # progress when `Load.busy_s` > 0: AdmissionController.predict rescales by how far past
+    # it that step has already run)
 
 
 def replay(
@@ -154,6 +157,7 @@ def replay(
     clear_s, clear_step = (t + t_ahead, 0) if not load.waiting else (math.inf, 0)
     ahead_finish = list(load.running)  # (finish offset, library_attend) ahead (idle_s)
     served = 0  # queue entries that got their first token
+    first_s = 0.0
     prefilling = 0  # admitted entries without a first token (hold a seq slot)
     while step < max_sim_steps:
         while finish and finish[0] <= step:
@@ -168,6 +172,7 @@ def replay(
             # nothing can enter until a running request ends: jump there
             k = max(1, finish[0] - step)
             dt = step_s(0, lib_pairs, num_decode)
+            first_s = first_s or dt
             t += left(dt, step) + (k - 1) * dt
             step += k
             continue
@@ -198,7 +203,9 @@ def replay(
         if served < first_new <= served + len(done):  # the last one ahead: clear_s
             clear_s = t + t_ahead + left(step_s(*ahead, num_decode), step)
             clear_step = step + 1
-        t += left(step_s(prefill, lib_pairs, num_decode), step)
+        dt = step_s(prefill, lib_pairs, num_decode)
+        first_s = first_s or dt
+        t += left(dt, step)
         step += 1
         for cost in done:
             queue.popleft()
@@ -222,9 +229,9 @@ def replay(
         alone += step_s(take, take * new.library_attend, 0)
         left_tokens -= take
     if math.isinf(ttft):
-        return Prediction(ttft, queue_s, clear_s, alone, math.inf)
+        return Prediction(ttft, queue_s, clear_s, alone, math.inf, first_s=first_s)
     idle, decoding, steps = _idle_s(clear_s, clear_step, ahead_finish, step_s, left)
-    return Prediction(ttft, queue_s, clear_s, alone, idle, decoding, steps, clear_step)
+    return Prediction(ttft, queue_s, clear_s, alone, idle, decoding, steps, clear_step, first_s)
 
 
 def _idle_s(

@@ -95,3 +95,23 @@ def test_the_server_reports_each_first_tokens_wait(fake_server):
         new, adm.margin = list(adm.margin._delivery), kept
     assert r.status_code == 200 and "[DONE]" in r.text
     assert len(new) == 2 and all(0.0 <= w <= took for w in new), (new, took)
+
+
+def test_a_step_running_past_its_prediction_scales_the_replay():
+    """The step in progress has already run twice its predicted time: every step of the
+    replay is taken as twice as long (the factor learns only from steps that ended, after
+    a burst's admissions); a step still within its prediction changes nothing."""
+    from dataclasses import replace
+
+    adm = AdmissionController(5.0, None, limits=EngineLimits(256, 8))
+    load = Load(tuple(RequestCost(200, 8) for _ in range(6)))
+    new = RequestCost(100, 8)
+    fresh = adm.predict(new, load)  # not busy: the replay as it was
+    assert fresh.first_s > 0
+    within = adm.predict(new, replace(load, busy_s=0.5 * fresh.first_s))
+    assert within.ttft_s == pytest.approx(fresh.ttft_s - 0.5 * fresh.first_s)
+    late = adm.predict(new, replace(load, busy_s=2.0 * fresh.first_s))
+    # the rest of the first step (a quarter of it, at least) and every later step, doubled
+    rest = 0.25 * 2.0 * fresh.first_s
+    assert late.ttft_s == pytest.approx(rest + 2.0 * (fresh.ttft_s - fresh.first_s))
+    assert late.first_s == pytest.approx(2.0 * fresh.first_s)
