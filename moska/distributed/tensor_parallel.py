@@ -144,6 +144,11 @@ class VocabParallelEmbedding(nn.Embedding):
     """Rows [start, stop) of the embedding; other ids read zeros, then one all-reduce."""
 
     def __init__(self, start: int, stop: int, hidden: int, comm: Collectives, **kw) -> None:
+        if kw.get("device") is not None and torch.device(kw["device"]).type == "meta":
+            # no init on meta: it imports torch._dynamo (~2 s per rank; see llama.embedding)
+            kw = {
+                "_weight": torch.empty(stop - start, hidden, dtype=kw.get("dtype"), device="meta")
+            }
         super().__init__(stop - start, hidden, **kw)
         self.start = start
         self.comm = comm

@@ -105,6 +105,14 @@ class DecoderLayer(nn.Module):
         return self.mlp(h, ops), residual
 
 
+def embedding(num: int, dim: int, dtype: torch.dtype | None, device) -> nn.Embedding:
+    """nn.Embedding; on the meta device without its init, which imports torch._dynamo (~2 s of
+    CPU in every process that loads a model; the loader overwrites the weights anyway)."""
+    if device is not None and torch.device(device).type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim, dtype=dtype, device="meta"))
+    return nn.Embedding(num, dim, dtype=dtype, device=device)
+
+
 class CausalLM(nn.Module):
     """Decoder + LM head. Parameter names follow HF except the fused `qkv_proj`/`gate_up_proj`."""
 
@@ -112,7 +120,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         kw = {"dtype": dtype, "device": device}
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, dtype, device)
         self.layers = nn.ModuleList(DecoderLayer(config, i, **kw) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.rotary = RotaryEmbedding(

@@ -18,13 +18,11 @@ import traceback
 import torch.multiprocessing as mp
 
 # imported once by the forkserver instead of by every rank (1-5 s each on 2 loaded cores):
-# torch._dynamo because building a model on the meta device imports it (nn.init on meta goes
-# through torch._refs); the engine and the kernels' PyTorch references, which the ranks of
-# the engine-level tests import lazily
+# the engine and the kernels' PyTorch references, which the ranks of the engine-level tests
+# import lazily (torch._dynamo is no longer needed: models on meta skip the embedding's init)
 PRELOAD = [
     "torch",
     "torch.distributed",
-    "torch._dynamo",
     "moska.engine.llm_engine",
     "moska.distributed.helix_engine",
     *(f"moska.kernels.{m}" for m in ("activation", "kv_write", "merge", "paged_attention",
