@@ -216,11 +216,22 @@ class AdmissionController:
         with self._lock:
             coef = self.model.coef * self._scale()
             load_tps = self._load_tps
-        args = (new, load, num_requests, queue_target)
-        kw = {"load_tps": load_tps, "limits": self.limits, "max_sim_steps": self.max_sim_steps}
-        pred = replay(*args, coef=coef, **kw)
+
+        def run(scale: float) -> Prediction:
+            return replay(
+                new,
+                load,
+                num_requests,
+                queue_target,
+                coef=coef * scale,
+                load_tps=load_tps,
+                limits=self.limits,
+                max_sim_steps=self.max_sim_steps,
+            )
+
+        pred = run(1.0)
         if overdue and load.busy_s > pred.first_s > 0:  # the step in progress ran past it
-            pred = replay(*args, coef=coef * (load.busy_s / pred.first_s), **kw)
+            pred = run(load.busy_s / pred.first_s)
         return pred
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:
