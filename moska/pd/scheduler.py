@@ -28,8 +28,8 @@ end included) times a per-decode factor of observed over predicted token times
 event can carry several, `observe_events`; counting events made the factor ~2x, #19). After
 an idle gap the factor is what the decode side was known to be lately (an upper quantile
 of its recent windows, `tpot_factor.py`), not 1. A request is admitted only when both
-predictions are within SLO_MARGIN (TPOT: TPOT_SLO_MARGIN) of their SLOs. What it admits it never drops:
-predictions only decide admission and placement.
+predictions are within SLO_MARGIN (TPOT: TPOT_SLO_MARGIN) of their SLOs. What it admits
+it never drops: predictions only decide admission and placement.
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ requests; and it was >= 1 by construction, so it only learnt pessimism.
 
 Ridge least squares over decaying sums: each new observation keeps KEEP of the old
 weights, and all fade with HALF_LIFE_S, so that a run of rejections (no new observations)
-brings the fit back to the prior a0 + b0·x (the step fit is right, nothing on top). The residuals' spread (the same
-decaying weights) gives `upper`, the prediction plus `z` deviations: predictions are means,
-and on a shared host a request admitted at the edge misses about half the time.
+brings the fit back to the prior a0 + b0·x (the step fit is right, nothing on top). The
+residuals' spread (the same decaying weights) gives `upper`, the prediction plus `z`
+deviations: predictions are means, and on a shared host a request admitted at the edge
+misses about half the time. Only the residuals above the line count (a stage shorter
+than predicted widens no margin).
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ class StageFit:
         return a + b * x
 
     def spread(self, now: float) -> float:
-        """The residuals' root mean square, fading to 0 (one pseudo-observation of 0) as the
-        observations fade."""
+        """The root mean square of the residuals above the line (those below count as 0),
+        fading to 0 (one pseudo-observation of 0) as the observations fade."""
         f = self._fade(now)
         return math.sqrt(f * self._sq / (f * self._w + 1.0))
 
@@ -89,7 +91,10 @@ class StageFit:
         """A request's stage took `seconds` where its step fits said `x`."""
         if not (math.isfinite(x) and math.isfinite(seconds) and x >= 0 and seconds > 0):
             return
-        resid = seconds - self.predict(x, now)
+        # only what ran longer than predicted widens the margin: a stage shorter than a
+        # pessimistic prediction (a probe after a slow moment: 0.17 s where 1.1 was
+        # predicted) squared into the spread kept every request of a bench run out
+        resid = max(0.0, seconds - self.predict(x, now))
         keep = KEEP * self._fade(now)
         self._sq = keep * self._sq + resid * resid
         self._w = keep * self._w + 1.0
