@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from moska.semshare.blend import row_bucket
+
 _MAX_SIM = 1 << 26  # similarity entries per block ([b, M] at a time): 128 MiB in fp16
 
 
@@ -69,20 +71,29 @@ def match_tokens(
     new_feats: torch.Tensor,  # [N, F] unit rows
     ref_feats: torch.Tensor,  # [M, F] unit rows
     threshold: float,
+    granule: int = 1,
 ) -> TokenMatch:
     """Each new token's nearest reference token by feature cosine, kept when >= threshold.
     On a GPU the product is in fp16 (cosines of unit rows to ~1e-3; fp32 accumulation), on
-    the CPU in fp32. No host sync."""
+    the CPU in fp32. No host sync. `granule` > 1: both sides padded with zero rows to a
+    `row_bucket`, so the product's shape repeats across prompt lengths (cuBLAS picks an
+    algorithm per new shape, ms of host time on an H200); padded columns are sliced off
+    before the max and padded rows after it: the same matches."""
     dtype = torch.float16 if new_feats.is_cuda else torch.float32
     new = new_feats.to(dtype)
     ref = ref_feats.to(new_feats.device, dtype)
+    n, m = new.shape[0], ref.shape[0]
+    if granule > 1:
+        new = F.pad(new, (0, 0, 0, row_bucket(n, 1 << 62, granule) - n))
+        ref = F.pad(ref, (0, 0, 0, row_bucket(m, 1 << 62, granule) - m))
     block = max(1, _MAX_SIM // max(1, ref.shape[0]))
     best_sim, best_pos = [], []
     for i in range(0, new.shape[0], block):  # one block up to 13K x 5K
-        s, j = (new[i : i + block] @ ref.T).max(dim=1)  # [b]
+        s, j = (new[i : i + block] @ ref.T)[:, :m].max(dim=1)  # [b]
         best_sim.append(s)
         best_pos.append(j)
     sim = torch.cat(best_sim).float() if len(best_sim) > 1 else best_sim[0].float()
     pos = torch.cat(best_pos) if len(best_pos) > 1 else best_pos[0]
+    sim, pos = sim[:n], pos[:n]
     pos = torch.where(sim >= threshold, pos, -1)
     return TokenMatch(pos, sim)

@@ -134,7 +134,7 @@ class SemanticReuse:
         if found is None:
             return None
         ref, score = found
-        match = match_tokens(feats, ref.features, cfg.threshold)
+        match = match_tokens(feats, ref.features, cfg.threshold, self.granule)
         if match.num_matched < cfg.min_reuse_fraction * len(prompt_ids):
             return None
         self.stats.planned += 1

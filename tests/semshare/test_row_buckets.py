@@ -180,3 +180,19 @@ def test_sorted_unique_equals_numpy():
     gen = np.random.default_rng(3)
     for a in (np.zeros(0, np.int64), gen.integers(0, 50, (300, 8)), gen.integers(0, 2**40, 4000)):
         assert np.array_equal(_unique(a), np.unique(a))
+
+
+def test_bucketed_matching_equals_unbucketed():
+    gen = torch.Generator().manual_seed(4)
+    ref = torch.nn.functional.normalize(torch.randn(133, 48, generator=gen), dim=-1)
+    shapes = []
+    for n in (77, 90):
+        new = ref[torch.randint(0, 133, (n,), generator=gen)]
+        new = torch.nn.functional.normalize(new + 0.07 * torch.randn(n, 48, generator=gen), dim=-1)
+        plain = match_tokens(new, ref, 0.9)
+        with MatmulShapes() as mode:
+            padded = match_tokens(new, ref, 0.9, granule=64)
+        assert torch.equal(plain.ref_pos, padded.ref_pos) and 0 < plain.num_matched < n
+        assert torch.allclose(plain.similarity, padded.similarity, rtol=1e-5, atol=1e-6)
+        shapes.append(mode.shapes)
+    assert shapes[0] == shapes[1] == {(128, 48, 192)}
