@@ -189,7 +189,7 @@ class SemanticReuse:
                 continue
             ids = torch.tensor(req.prompt_token_ids, dtype=torch.int64)
             key = prompt_key(ids)
-            if self.store.get(key) is not None or any(p[0].key == key for p in self._pending):
+            if self.store.get(key) is not None or any(e[0].key == key for e in self._pending):
                 continue
             ref = self.reference(key, ids, block_table(req.request_id))
             self._pending.append((ref, *self.store.lsh.signatures_async(ref.features)))
