@@ -29,6 +29,7 @@ from pathlib import Path
 from moska.bench.common import environment, write_json
 from moska.bench.fidelity_eval import answer_accuracy, answers_accuracy, k_for, sequence_loss
 from moska.bench.fidelity_ops import speed_up
+from moska.bench.fidelity_repkeys import REP_POLICIES, rep_policies
 from moska.bench.fidelity_variants import VARIANTS, variant_policies
 from moska.routing import LEGACY, ORACLE, RoutingPolicy
 
@@ -62,6 +63,7 @@ def policies(study: bool) -> dict[str, RoutingPolicy]:
                 "per_kv_head+dense1": LEGACY.replace(per_kv_head=True, dense_layers=1),
                 "per_kv_head+two_stage": LEGACY.replace(per_kv_head=True, scorer="two_stage"),
                 **variant_policies(),  # scorers no policy field expresses
+                **rep_policies(),  # representative keys (fidelity_repkeys.py)
             }
         )
     return out
@@ -284,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"env": {**environment(["moska.bench.fidelity", *(argv or sys.argv[1:])]),
                        "git_commit": _git_commit()},
                "args": vars(args), "policies": {
-                   k: {**v.to_dict(), **({"variant": VARIANTS[k]} if k in VARIANTS else {})}
+                   k: {**v.to_dict(), **({"variant": VARIANTS[k]} if k in VARIANTS else {}),
+                       **({"representatives": vars(REP_POLICIES[k])} if k in REP_POLICIES else {})}
                    for k, v in pols.items()}}  # fmt: skip
     summary = {}
     for kind, model in (("code", args.code_model), ("retrieval", args.retrieval_model)):

@@ -164,7 +164,13 @@ def router_variants(sms: int, topk: int, ranks: list[int], quick: bool) -> list[
         out += [("two_stage_p1", "two_stage", False, 4, sms, None)]
     out += [(f"keymax_kv_r{r}", "keymax", True, 4, None, r) for r in ranks]
     out += [(f"keymax_kv_r{ranks[0]}_p1", "keymax", True, 4, sms, ranks[0])]
+    out += [(f"rep_{n}_r{ranks[0]}", "keymax", True, 4, None, ranks[0]) for n in REP_ROUTERS]
     return out
+
+
+# representative-key routers (moska/routing/representatives.py): key-max per KV head on m
+# keys per chunk; `rep_{kind}{m}_r{rank}` in the router table
+REP_ROUTERS = {"norm16": ("norm", 16), "norm32": ("norm", 32)}
 
 
 # (block_b, block_n, warps, stages, queries projected once before the launch); the first
@@ -237,6 +243,7 @@ def time_routers(row, q, indexes: dict, topk, sms, time_modes, step_cost, floor_
     other routers use). The CPU dry run passes its own timers."""
     from moska.bench.floors import router_cost
     from moska.kernels import router
+    from moska.routing import representatives
 
     base = next(iter(indexes.values()))
     B, Hq, D = q.shape
@@ -245,12 +252,21 @@ def time_routers(row, q, indexes: dict, topk, sms, time_modes, step_cost, floor_
     ):  # quick: without the capped two-stage
         index = indexes[rank] if rank is not None else base
 
-        def route_fn(index=index, scorer=scorer, per_head=per_head, factor=factor, progs=progs):
+        rep = REP_ROUTERS.get(name[4:].rsplit("_r", 1)[0]) if name.startswith("rep_") else None
+
+        def route_fn(index=index, scorer=scorer, per_head=per_head, factor=factor, progs=progs,
+                     rep=rep):  # fmt: skip
+            if rep is not None:  # cached: built before the timing, as a library build would
+                spec = representatives.RepSpec(*rep)
+                rindex = representatives.representatives_for(index, spec)
+                return representatives.route_representatives(q, rindex, topk)
             return router.route(q, index, topk, scorer=scorer, per_kv_head=per_head,
                                 shortlist_factor=factor, keymax_programs=progs)  # fmt: skip
 
         try:
             prefix = f"ours_with_router_{name}"
+            if rep is not None:  # the representatives' index: m keys per chunk
+                index = representatives.representatives_for(index, representatives.RepSpec(*rep))
             row[f"{prefix}_ms"] = time_modes(route_fn, prefix, row)
             row[f"router_{name}_alone_graph_ms"] = alone(route_fn)
             sel = route_fn()
