@@ -19,15 +19,15 @@ if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1 DEVICE=cpu
   MODEL=${MODEL:-/work/notes/models/retrieval-4k}
   KARGS="--cpu-dry-run"; KJSON=$OUT/kernels_cpu_dry_run.json
-  FARGS="--cpu-dry-run --device cpu --dtype float32"
+  FARGS="--cpu-dry-run --device cpu --dtype float32"; TK=300; TF=300
 else
   PY=python3; export DEVICE=cuda MODEL=.models/retrieval-4k
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
   KARGS="--routers-only --router-ranks 32 --batch 64,256,1024"; KJSON=$OUT/kernels_routers.json
-  FARGS="--device cuda --dtype bfloat16 --questions 64"
+  FARGS="--device cuda --dtype bfloat16 --questions 64"; TK=90; TF=80
 fi
-timeout 40 $PY - > "$OUT/repkeys_correctness.log" 2>&1 <<'PY'
+timeout 20 $PY - > "$OUT/repkeys_correctness.log" 2>&1 <<'PY'
 import json, os, torch
 from moska.kernels.router import build_routing_index
 from moska.kernels.router_dense import keymax_dense_scores
@@ -53,9 +53,9 @@ bad = {k: v for k, v in out.items() if not v < 1e-2}
 raise SystemExit(f"rep scores off: {bad}" if bad else 0)
 PY
 echo "rep-key correctness rc=$? $(tail -1 "$OUT/repkeys_correctness.log" | cut -c1-300)"
-timeout 120 $PY -m moska.bench.kernels $KARGS --out "$OUT" > "$OUT/kernels_routers.log" 2>&1
+timeout $TK $PY -m moska.bench.kernels $KARGS --out "$OUT" > "$OUT/kernels_routers.log" 2>&1
 echo "kernels routers rc=$?"
-timeout 70 $PY -m moska.bench.fidelity --retrieval-model "$MODEL" $FARGS --modes prefix \
+timeout $TF $PY -m moska.bench.fidelity --retrieval-model "$MODEL" $FARGS --modes prefix \
   --chunk-sizes 256 --study --policies $POLS --out "$OUT/fidelity_retrieval_repkeys.json" \
   > "$OUT/fidelity.log" 2>&1; echo "fidelity rc=$?"
 grep -E "FLOOR CHECK|Error|error" "$OUT/kernels_routers.log" | tail -5 | cut -c1-400
