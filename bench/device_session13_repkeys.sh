@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Session 13, #17 point 3 (one H200, < 200 s): a router whose cost does not scale with every
 # key. Representative keys (moska/routing/representatives.py): key-max per KV head over m
-# low-rank keys per chunk (norm16 / norm32: the 16 / 32 largest-norm keys; page16, in the
-# fidelity only: each 16-token page's largest-norm key) instead of every key.
+# low-rank keys per chunk (norm16 / norm32: the 16 / 32 largest-norm keys; kmeans32, in the
+# fidelity only: 32 k-means centroids) instead of every key.
 # 1) correctness on the GPU: the Triton key-max kernel on the representatives against the
 #    loop reference (fp16 / bf16 pools); 2) `moska.bench.kernels --routers-only` at B = 64 /
 #    256 / 1,024 (8B dims, 256 chunks of 4,096, top-8, rank 32): the grouped step alone and
@@ -14,7 +14,7 @@
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-POLS="default rep-norm16 rep-norm32 rep-page16"
+POLS="default rep-norm16 rep-norm32 rep-kmeans32"
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1 DEVICE=cpu
   MODEL=${MODEL:-/work/notes/models/retrieval-4k}
