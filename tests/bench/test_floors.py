@@ -73,8 +73,11 @@ def test_router_cost_counts_only_the_shortlisted_low_rank_keys():
     assert f155 == f256  # FLOPs follow the pairs (B x shortlist), not the chunk set
     pairs, logits_per_pair = 64 * 32, 32 * 4096
     assert f155 - 2 * mean_f == 2 * pairs * logits_per_pair * 32
+    # the default (key-max per KV head): every chunk's low-rank keys, every request
+    kb, kf = router_cost("keymax", shortlisted_chunks=1, **args)
+    assert kb == 256 * 4096 * 8 * 32 * 2 and kf == 2 * 64 * 256 * 4096 * 32 * 32
     with pytest.raises(ValueError):
-        router_cost("keymax", shortlisted_chunks=1, **args)
+        router_cost("bound", shortlisted_chunks=1, **args)
 
 
 def test_matmul_ceiling_is_the_best_size_and_a_fraction_over_one_is_flagged():
