@@ -66,7 +66,8 @@ def library_by_probe(rows: list[dict]) -> dict[str, dict[str, Any]]:
     an idle engine) and the short one; per probe the count, the share of retry-after-ms
     within 2x of the observed drain, and the median promised / observed."""
     out: dict[str, dict[str, Any]] = {}
-    for name in ("library", "library_short"):
+    names = {"library", "library_short"} | {c["probe"] for c in rows if c["kind"] == "library"}
+    for name in sorted(names):
         mine = [c for c in rows if c["probe"] == name and c["promised_s"] is not None]
         ratios = sorted(c["promised_s"] / c["observed_s"] for c in mine)
         out[name] = {
@@ -111,12 +112,23 @@ def compare_429s(
     return rows
 
 
+# library probes cut to these prompt lengths (characters) besides the full one (~244):
+# a library request's drain grows with its prompt (4 s at 48 characters, 10 s at 244 at
+# 1,000 clients on CPU), so with only 48 and 244 a 140-character 429 was scored against
+# the 48-character reopening; more lengths bring each 429 a probe near its own size
+LIBRARY_PROBE_CHARS = {"library_tiny": 16, "library_short": 48, "library_mid": 96}
+LIBRARY_PROBE_CHARS |= {"library_long": 160}
+
+
 def probe_bodies(make: Any, rng: Any, library: str | None) -> dict[str, dict]:
-    """The probes: a plain one, and with a library a long (244 characters) and a short
-    (the first 48 of another) library one. `make(rng, library)` makes a body."""
+    """The probes: a plain one, and with a library the full-length one (`library`, about
+    244 characters) and one per `LIBRARY_PROBE_CHARS` (another body repeated and cut to N
+    characters). `make(rng, library)` makes a body."""
     probes = {"plain": make(rng, None)}
     if library:
         probes["library"] = make(rng, library)
-        short = make(rng, library)
-        probes["library_short"] = short | {"prompt": short["prompt"][:48]}
+        for name, chars in LIBRARY_PROBE_CHARS.items():
+            body = make(rng, library)
+            text = body["prompt"] * (chars // max(len(body["prompt"]), 1) + 1)
+            probes[name] = body | {"prompt": text[:chars]}
     return probes

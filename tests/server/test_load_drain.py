@@ -6,7 +6,12 @@ from __future__ import annotations
 import random
 
 from moska.bench.load import make_body
-from moska.bench.load_drain import compare_429s, library_by_probe, probe_bodies
+from moska.bench.load_drain import (
+    LIBRARY_PROBE_CHARS,
+    compare_429s,
+    library_by_probe,
+    probe_bodies,
+)
 
 
 def test_each_429_is_compared_with_the_nearest_probe_of_its_kind():
@@ -38,8 +43,12 @@ def test_each_429_is_compared_with_the_nearest_probe_of_its_kind():
 
 def test_the_short_library_probe_is_a_short_library_request():
     probes = probe_bodies(lambda r, lib: make_body(r, "m", 4, lib, 0), random.Random(1), "demo")
-    assert set(probes) == {"plain", "library", "library_short"}
+    assert set(probes) == {"plain", "library", *LIBRARY_PROBE_CHARS}
     assert len(probes["library_short"]["prompt"]) == 48 < len(probes["library"]["prompt"])
+    sizes = [len(probes[n]["prompt"]) for n in ("library_tiny", "library_mid", "library_long")]
+    assert sizes == [16, 96, 160] and all(
+        probes[n]["library"] == "demo" for n in probes if n != "plain"
+    )
     assert probes["library_short"]["library"] == "demo" and "library" not in probes["plain"]
     assert set(probe_bodies(lambda r, lib: {}, random.Random(1), None)) == {"plain"}
 
