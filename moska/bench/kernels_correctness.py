@@ -33,7 +33,8 @@ def correctness(k_pool, v_pool):
         out["shared_ragged" + name] = max(rel(o, ro), rel(lse, rl))
     # key-max pair scores (ragged pairs) vs the fp32 reference
     from moska.kernels.router import build_routing_index
-    from moska.kernels.router_scores import keymax_pair_scores, keymax_scores_ref
+    from moska.kernels.router_ref import keymax_scores_ref
+    from moska.kernels.router_scores import keymax_pair_scores
 
     index = build_routing_index(k_pool[:s], offs)
     pr, pc = r.int(), c.int()

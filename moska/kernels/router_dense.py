@@ -17,13 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .router_ref import keymax_scores_ref
 from .router_scores import (
     _check,
     _keymax_rows,
     _load_q_rows,
     _pow2,
     _precision,
-    keymax_scores_ref,
 )
 from .runtime import triton_runs_on
 

@@ -15,12 +15,8 @@ from moska.kernels.router import (
     selections_to_lists,
     to_lowrank_dtype,
 )
-from moska.kernels.router_scores import (
-    bound_scores_ref,
-    keymax_pair_scores,
-    keymax_scores_ref,
-    mean_scores_ref,
-)
+from moska.kernels.router_ref import bound_scores_ref, keymax_scores_ref, mean_scores_ref
+from moska.kernels.router_scores import keymax_pair_scores
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16]

@@ -12,7 +12,8 @@ import torch
 from moska.bench.floors import router_cost
 from moska.kernels.router import build_routing_index, route, score_chunks
 from moska.kernels.router_dense import keymax_dense_scores, project_queries
-from moska.kernels.router_scores import keymax_pair_scores, keymax_scores_ref
+from moska.kernels.router_ref import keymax_scores_ref
+from moska.kernels.router_scores import keymax_pair_scores
 from moska.kernels.router_tiles import pair_tiles
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}

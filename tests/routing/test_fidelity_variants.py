@@ -11,7 +11,7 @@ import torch
 import moska.routing as routing_pkg
 from moska.bench import fidelity_variants as fv
 from moska.kernels.router import build_routing_index, selections_to_lists
-from moska.kernels.router_scores import keymax_scores_ref
+from moska.kernels.router_ref import keymax_scores_ref
 from moska.routing import RoutingPolicy
 
 
