@@ -353,14 +353,12 @@ def _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget, graph=None)
     dev_rows = [r for r in fulls if r["device_bound_step_ms"]]
     base_dev = min(dev_rows, key=lambda r: r["device_bound_step_ms"]) if dev_rows else None
 
-    def dev_tps(r):
-        return (
-            r
-            and r["device_bound_step_ms"]
-            and round(r["batch"] / r["device_bound_step_ms"] * 1e3, 1)
-        )
+    def dev_tps(r):  # tokens/s at the row's device-bound step time (None: not probed)
+        ms = r and r["device_bound_step_ms"]
+        return ms and round(r["batch"] / ms * 1e3, 1)
 
     tps_full_dev, tps_flex_dev = dev_tps(base_dev), dev_tps(flex_max)
+    dev_speedup = tps_full_dev and tps_flex_dev and round(tps_flex_dev / tps_full_dev, 3)
     return {
         "gpu_kv_saved_equal_batch": round(1 - flex_eq["gpu_kv_bytes"] / full["gpu_kv_bytes"], 4),
         "batch_full": full["batch"],
@@ -375,9 +373,7 @@ def _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget, graph=None)
         "full_row_device_bound": base_dev and base_dev["row"],
         "tokens_per_s_device_bound_full": tps_full_dev,
         "tokens_per_s_device_bound_flexicache": tps_flex_dev,
-        "speedup_device_bound": None
-        if not (tps_full_dev and tps_flex_dev)
-        else round(tps_flex_dev / tps_full_dev, 3),
+        "speedup_device_bound": dev_speedup or None,
         "rerank_device_probed": "rerank" in flex_max["device_ms_by_kind"],
         "fetch_bytes_per_step_largest_batch": flex_max["fetch_bytes_per_step"],
         "fetch_share_of_step_largest_batch": flex_max["fetch_share_of_step"],
