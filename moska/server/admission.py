@@ -288,11 +288,18 @@ class AdmissionController:
         return Decision(Verdict.ACCEPT, ttft, 0)
 
     def _drain(
-        self, cost: RequestCost, load: Load, num_requests: int = 1, pred: Prediction | None = None
+        self,
+        cost: RequestCost,
+        load: Load,
+        num_requests: int = 1,
+        pred: Prediction | None = None,
+        before_door_s: float = 0.0,
     ) -> tuple[int, float]:
         """(Retry-After, drain) for a rejected request like `cost` (`retry_drain.drain_s`):
         the replay over `load` plus the requests inside the door that admission would
-        still admit (`pred`, the replay over `load` alone, is reused when none would)."""
+        still admit (`pred`, the replay over `load` alone, is reused when none would). A
+        retry waits before the door as the rejected one did (`before_door_s`, the event
+        loop's lag: at 1,000 clients on CPU at-door promises of ~0 s met 0.4 s reopenings)."""
         assert self.ttft_slo is not None
         fits = self.fits_s()
         admitted, typical = self._door_admits(load, fits), self._typical_cost()
@@ -302,7 +309,8 @@ class AdmissionController:
         shared = retry_drain.shared_prefill(pred, cost.prompt_tokens, self.step_s, self.limits)
         with self._lock:  # the slowdown factor: when it falls back (retry_drain.factor_falls)
             state = (self._log_slowdown, self._log_var)
-        fall, wait = FactorFall(*state, self.slowdown_alpha, self.deviations), self.door.wait_s
+        fall = FactorFall(*state, self.slowdown_alpha, self.deviations)
+        wait = self.door.wait_s + before_door_s
         drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=wait, shared_s=shared, fall=fall)
         return retry_drain.retry_after(drain), drain
 
@@ -310,7 +318,7 @@ class AdmissionController:
         with self._lock:
             return RequestCost(*(max(1, round(v)) for v in self._typical))
 
-    def _library_drains(self, load: Load) -> Callable[[int], float]:
+    def _library_drains(self, load: Load, before_door_s: float) -> Callable[[int], float]:
         """The drain of a library request at the door by its body's bytes, on `load`
         (one replay per 16-token prompt step, kept with the door's memoized decision)."""
         memo: dict[RequestCost, float] = {}
@@ -320,7 +328,7 @@ class AdmissionController:
                 cost = self.library_requests.cost(body_bytes)
             assert cost is not None  # made only once a library request was decided
             if cost not in memo:
-                memo[cost] = self._drain(cost, load)[1]
+                memo[cost] = self._drain(cost, load, before_door_s=before_door_s)[1]
             return memo[cost]
 
         return drain
@@ -375,18 +383,13 @@ class AdmissionController:
         if not decision.accepted:
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
-                retry_after, drain = self._drain(typical, load)
-                # a retry waits before the door as this request did (the event loop's lag):
-                # at 1,000 clients (CPU) plain at-door promises of ~0 s met 0.4 s reopenings
-                wait = elapsed_s + self.door.wait_s
-                if drain < wait:
-                    retry_after, drain = retry_drain.retry_after(wait), wait
+                retry_after, drain = self._drain(typical, load, before_door_s=elapsed_s)
                 result = replace(decision, retry_after_s=retry_after, drain_s=drain)
                 if lib is not None:
                     result = replace(
                         result,
-                        library_drain_s=self._drain(lib, load)[1],
-                        library_drain_of=self._library_drains(load),
+                        library_drain_s=self._drain(lib, load, before_door_s=elapsed_s)[1],
+                        library_drain_of=self._library_drains(load, elapsed_s),
                     )
         with self._lock:
             self._shed_memo = (now, inside, result)
