@@ -8,8 +8,10 @@ Starts the server (the tiny default model unless --model) with a TTFT SLO, warms
 admission's step-time model up with a few small waves, unloads the library (so the first
 burst also pays its load), then sends each burst at once from a separate client process.
 After a burst's first 429 a prober re-sends a typical request every --probe-interval
-seconds until one is admitted: that time, minus when each 429 arrived, is the observed
-drain its Retry-After is compared with. Reports per burst: admitted, rejected, the share
+seconds until one is admitted (answered without being run: load_probe): that time, minus
+when each 429 arrived, is the observed drain its Retry-After is compared with, per kind
+(plain / library) and where it was said (at the door, body unread / by admission after
+the queue: `drain_by_group`). Reports per burst: admitted, rejected, the share
 of admitted requests whose first token came within the SLO, TTFT p50/p99, Retry-After vs
 observed drain (and OpenAI's `retry-after-ms`, exact), and the predictor's error
 (observed minus predicted server-side TTFT of each admitted request), and for library
@@ -87,8 +89,9 @@ def run_bursts(
     trace: bool = False,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts")."""
+    from moska.bench.load_probe import DryProbeAdmission, ProbeTag
     from moska.bench.load_trace import PortTag, TracingAdmission, breakdown
-    from moska.server.admission import AdmissionController, EngineLimits
+    from moska.server.admission import EngineLimits
     from moska.server.app import create_app
     from moska.server.background import background_server
     from moska.server.settings import ServerSettings
@@ -107,7 +110,7 @@ def run_bursts(
 
         ensure_demo_library(engine.libraries)
     settings = ServerSettings(ttft_slo=ttft_slo or None, max_queue=max_queue)
-    admission = (TracingAdmission if trace else AdmissionController)(
+    admission = (TracingAdmission if trace else DryProbeAdmission)(
         settings.ttft_slo,
         max_queue,
         limits=EngineLimits.of(engine),
@@ -120,7 +123,7 @@ def run_bursts(
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if client_process else None
     report: dict[str, Any] = {"bursts": [], "warmup_waves": list(warmup)}
     try:
-        with background_server(tag or app) as url:
+        with background_server(ProbeTag(tag or app)) as url:  # probes run dry (load_probe)
             model_name = state.model_name
 
             def bodies(n: int, alternate: bool = False) -> list[dict]:
@@ -166,6 +169,7 @@ def run_bursts(
                     fig["trace"] = breakdown(admission, tag, mark, out, ttft_slo)  # load_trace
                 report["bursts"].append(fig)
                 print(f"burst {n}: {json.dumps({k: fig[k] for k in _TABLE})}", flush=True)
+                print(f"burst {n} Retry-After within 2x: {groups(fig)}", flush=True)
             report["step_model_final"] = [float(c) for c in state.admission.model.coef]
             report["library_load_tokens_per_s"] = state.admission.load_tps
     finally:
@@ -193,6 +197,20 @@ _TABLE = (
 )
 
 
+def groups(fig: dict) -> str:
+    """A burst's 429s within 2x of the observed drain per kind and where they were said
+    (`load_drain.drain_by_group`): `group n: ms / header (promised / observed p50 s)`."""
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    return "; ".join(
+        f"{g} {d['n']}: {f(d['within_2x_ms'])} / {f(d['within_2x_header'])}"
+        f" ({f(d['promised_s_p50'])} / {f(d['observed_s_p50'])} s)"
+        for g, d in fig["drain_by_group"].items()
+    )
+
+
 def table(report: dict) -> str:
     """The report's bursts as a Markdown table."""
 
@@ -206,6 +224,9 @@ def table(report: dict) -> str:
     lines = ["| " + " | ".join(_TABLE) + " |", "|" + " --- |" * len(_TABLE)]
     for fig in report["bursts"]:
         lines.append("| " + " | ".join(fmt(fig[k]) for k in _TABLE) + " |")
+    lines.append("")
+    lines.append("Retry-After within 2x of the observed drain, ms / header (promised / observed):")
+    lines += [f"- {fig['clients']} clients: {groups(fig)}" for fig in report["bursts"]]
     return "\n".join(lines)
 
 

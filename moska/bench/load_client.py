@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from moska.bench.load_probe import DRY_ADMITTED, PROBE_HEADER
+
 
 def _record(body: dict) -> dict[str, Any]:
     return {
@@ -31,6 +33,8 @@ def _record(body: dict) -> dict[str, Any]:
         "retry_after_ms": None,  # the 429's retry-after-ms header (OpenAI's, milliseconds)
         "predicted_ttft_s": None,  # the 429's predicted TTFT (from its message)
         "at_door": None,  # the 429 came from the door, before the body was read
+        # a probe admission would have admitted, answered without running it (load_probe)
+        "dry_admitted": False,
         "completed": False,  # finish_reason and [DONE] seen
         "tokens": 0,
         "error": None,
@@ -49,6 +53,7 @@ async def one(
     t0: float,
     timeout_s: float,
     on_status: Callable[[dict], None] | None = None,
+    probe: bool = False,
 ) -> dict:
     """Send one streaming completion; what happened, timed from `t0` (`on_status(record)`
     once its status and headers are in, before the stream is read). `client` is the
@@ -59,14 +64,16 @@ async def one(
     under a 1,000-client burst this process spent up to 0.9 s opening its own connections
     on the cores it shares with the server (`connect_s`, reported apart). It ends at the
     first chunk with text, a token (logprobs) or a finish: the first token, when the body
-    asks for logprobs (`load.make_body` does)."""
+    asks for logprobs (`load.make_body` does). `probe`: sent with `load_probe.PROBE_HEADER`
+    (the bench's server answers it without running it: `dry_admitted`)."""
     rec = _record(body)
     host, port = client
     payload = json.dumps(body).encode()
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        "Connection: close\r\n\r\n"
+        + (f"{PROBE_HEADER}: 1\r\n" if probe else "")
+        + "Connection: close\r\n\r\n"
     ).encode()
     start = time.perf_counter()
     rec["t_start"] = start - t0
@@ -86,13 +93,15 @@ async def one(
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 key, _, value = line.decode("latin-1").partition(":")
                 headers[key.strip().lower()] = value.strip()
+            if status == 429:
+                rec["retry_after"] = headers.get("retry-after")
+                rec["retry_after_ms"] = headers.get("retry-after-ms")
+                rec["dry_admitted"] = probe and rec["retry_after"] == DRY_ADMITTED
             if on_status is not None:
                 on_status(rec)
             if status != 200:
                 text = await reader.read()
                 if status == 429:
-                    rec["retry_after"] = headers.get("retry-after")
-                    rec["retry_after_ms"] = headers.get("retry-after-ms")
                     rec["at_door"] = b"overloaded at the door" in text
                     if m := _PREDICTED.search(text):
                         rec["predicted_ttft_s"] = float(m.group(1))
@@ -154,7 +163,12 @@ async def _probe(
     server aborts them): it stopped when the first admitted probe's stream had ended, and
     until then (5-11 s on CPU) each probe sent was admitted too, so the engine served
     dozens of probes, and a library request that only an idle engine admits was admitted
-    that much later (the long library probe reopened 16-23 s after the burst)."""
+    that much later (the long library probe reopened 16-23 s after the burst). Probes go
+    with `load_probe.PROBE_HEADER`: the bench's server answers one that admission admits
+    with a 429 whose Retry-After is 0 (`dry_admitted`) and does not run it, so an admitted
+    library probe's prefill (seconds on CPU) does not delay the other probes' reopenings
+    (on session 13's runs a 96-character library probe reopened after a 160- and a
+    244-character one, behind their prefills). Returns the record with `admitted`."""
     await rejected.wait()
     tasks: list[asyncio.Task] = []
     admitted = asyncio.Event()
@@ -162,12 +176,13 @@ async def _probe(
 
     def status(rec: dict) -> None:
         task = asyncio.current_task()
-        if rec["status"] == 200 and not admitted.is_set() and task is not None:
+        ok = rec["status"] == 200 or rec["dry_admitted"]
+        if ok and not admitted.is_set() and task is not None:
             admitted.set()
             first.append(task)
 
     async def send() -> dict:
-        return await one(client, url, body, t0, timeout_s, status)
+        return await one(client, url, body, t0, timeout_s, status, probe=True)
 
     deadline = time.perf_counter() + timeout_s
     while not admitted.is_set() and time.perf_counter() < deadline:
@@ -181,10 +196,10 @@ async def _probe(
             task.cancel()
     done = await asyncio.gather(*tasks, return_exceptions=True)
     records = [r for r in done if isinstance(r, dict)]
-    ok = [r for r in records if r["status"] == 200]
+    ok = [r for r in records if r["status"] == 200 or r["dry_admitted"]]
     if not ok:
-        return {"probes": len(tasks), "status": None, "error": "never admitted"}
-    return min(ok, key=lambda r: r["t_start"]) | {"probes": len(tasks)}
+        return {"probes": len(tasks), "status": None, "admitted": False, "error": "never admitted"}
+    return min(ok, key=lambda r: r["t_start"]) | {"probes": len(tasks), "admitted": True}
 
 
 async def burst(

@@ -78,6 +78,35 @@ def library_by_probe(rows: list[dict]) -> dict[str, dict[str, Any]]:
     return out
 
 
+GROUPS = ("plain_door", "plain_queue", "library_door", "library_queue")
+
+
+def drain_by_group(rows: list[dict]) -> dict[str, dict[str, Any]]:
+    """`compare_429s` rows by kind (plain / library) and by where the 429 was said: at the
+    door (`_door`, body unread: load_shedding) or by admission (`_queue`, after reading,
+    with the request's own cost). Per group: the count; the share within 2x of the
+    observed drain's interval, for `retry-after-ms` (`within_2x_ms`) and for the whole
+    seconds of `Retry-After` (`within_2x_header`); and the p50 of the promised and observed
+    drains (s)."""
+
+    def p50(values: list[float]) -> float | None:
+        return sorted(values)[len(values) // 2] if values else None
+
+    out: dict[str, dict[str, Any]] = {}
+    for group in GROUPS:
+        kind, where = group.split("_")
+        mine = [c for c in rows if c["kind"] == kind and bool(c["at_door"]) == (where == "door")]
+        header = [c | {"promised_s": float(c["retry_after_s"])} for c in mine]
+        out[group] = {
+            "n": len(mine),
+            "within_2x_ms": within_2x_band(mine),
+            "within_2x_header": within_2x_band(header),
+            "promised_s_p50": p50([c["promised_s"] for c in mine if c["promised_s"] is not None]),
+            "observed_s_p50": p50([c["observed_s"] for c in mine]),
+        }
+    return out
+
+
 def compare_429s(
     rejected: list[dict],
     probes: dict[str, dict],

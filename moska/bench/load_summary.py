@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
-from moska.bench.load_drain import compare_429s, library_by_probe, within_2x, within_2x_band
+from moska.bench.load_drain import (
+    compare_429s,
+    drain_by_group,
+    library_by_probe,
+    within_2x,
+    within_2x_band,
+)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -13,7 +19,8 @@ def _pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-_PROBE_KEYS = ("probes", "status", "t_start", "t_status", "ttft", "error", "prompt_chars")
+_PROBE_KEYS = ("probes", "status", "admitted", "dry_admitted", "t_start", "t_status")
+_PROBE_KEYS += ("ttft", "error", "prompt_chars")
 
 
 def _share(values: list, slo: float | None) -> float | None:
@@ -48,7 +55,7 @@ def summarize(
     t_open = {
         kind: p["t_start"] if p.get("t_start") is not None else p["t_status"]
         for kind, p in out["probes"].items()
-        if p.get("status") == 200
+        if p.get("admitted") or p.get("status") == 200
     }
     # header / observed drain (the nearest probe of its kind, load_drain): Retry-After
     # (whole seconds), retry-after-ms; per kind
@@ -134,6 +141,9 @@ def summarize(
         ],
         "retry_after_ms_within_2x_share_library_vs_long_probe": within_2x(long),
         "retry_after_ms_library_by_probe": library_by_probe(rows),
+        # per kind and where it was said: the share within 2x (retry-after-ms and the
+        # header), and the promised and observed drains (p50)
+        "drain_by_group": drain_by_group(rows),
         "rejections": rows,
         "probes": {kind: {k: p.get(k) for k in _PROBE_KEYS} for kind, p in out["probes"].items()},
         "predictor_error_s_p10_p50_p90_p99": [_pct(errors, q) for q in (0.1, 0.5, 0.9, 0.99)],

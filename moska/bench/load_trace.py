@@ -20,7 +20,8 @@ import time
 from contextvars import ContextVar
 from typing import Any
 
-from moska.server.admission import AdmissionController, Decision
+from moska.bench.load_probe import DryProbeAdmission
+from moska.server.admission import Decision
 from moska.server.load_shedding import ARRIVAL
 from moska.server.queue_replay import Load, RequestCost
 from moska.server.step_model import StepFeatures
@@ -67,8 +68,8 @@ class PortTag:
             PORT.reset(token)
 
 
-class TracingAdmission(AdmissionController):
-    """The controller, recording its decisions (`decisions`), door rejections (`sheds`)
+class TracingAdmission(DryProbeAdmission):
+    """The controller (its probes answered dry, `load_probe`), recording its decisions (`decisions`), door rejections (`sheds`)
     and first tokens (`firsts`). For benches only: the records grow without bound."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -43,7 +43,9 @@ def test_burst_on_a_small_engine_rejects_early_and_keeps_the_slo():
     # cores (the client shares the server's interpreter here); the promise itself is
     # tested on a virtual clock in test_admission.py. Here: it is measured and reported.
     assert 0.0 <= fig["slo_met_share"] <= 1.0 and fig["ttft_p50_s"] > 0
-    assert fig["probes"]["plain"]["status"] == 200  # admission reopened after the burst
+    # admission reopened after the burst; the probe it admitted was answered, not run
+    assert fig["probes"]["plain"]["admitted"] and fig["probes"]["plain"]["dry_admitted"]
+    assert fig["probes"]["plain"]["status"] == 429
     assert fig["retry_after_s_median"] >= 1
     assert len(fig["predictor_error_s_p10_p50_p90_p99"]) == 4
     assert "| 48 |" in table(report)
@@ -73,13 +75,13 @@ def test_summary_compares_retry_after_with_its_kinds_drain():
             rec | {"status": 200, "ttft": 0.5, "library": False, "t_status": 0.01},
             rec
             | {"status": 429, "retry_after": "2", "library": False, "t_status": 0.1}
-            | {"retry_after_ms": "1500"},
+            | {"retry_after_ms": "1500", "at_door": True},
             rec
             | {"status": 429, "retry_after": "9", "library": True, "t_status": 0.1}
             | {"retry_after_ms": "2500", "at_door": False, "predicted_ttft_s": 0.8},
         ],
         "probes": {
-            "plain": {"status": 200, "t_status": 2.1},
+            "plain": {"status": 429, "admitted": True, "t_status": 2.1},  # a dry probe
             "library": {"status": 200, "t_status": 3.1},
         },
     }
@@ -97,3 +99,17 @@ def test_summary_compares_retry_after_with_its_kinds_drain():
     assert fig["library_429_predicted_ttft_s_p10_p50_p90"] == [0.8, 0.8, 0.8]
     assert fig["retry_after_ms_over_drain_p10_p50_p90"][0] == pytest.approx(0.75)
     assert fig["predictor_error_s_p10_p50_p90_p99"][1] == pytest.approx(0.1)
+    # per kind and where the 429 was said: the plain one at the door, the library one after
+    groups = fig["drain_by_group"]
+    assert groups["plain_door"] | {} == {
+        "n": 1,
+        "within_2x_ms": 1.0,
+        "within_2x_header": 1.0,
+        "promised_s_p50": 1.5,
+        "observed_s_p50": 2.0,
+    }
+    assert groups["library_queue"]["n"] == 1 and groups["library_queue"]["within_2x_ms"] == 1.0
+    assert groups["library_queue"]["within_2x_header"] == 0.0  # 9 s against 3.0 s
+    assert groups["plain_queue"]["n"] == groups["library_door"]["n"] == 0
+    assert groups["plain_queue"]["within_2x_ms"] is None
+    assert "plain_door 1: 1.00 / 1.00 (1.50 / 2.00 s)" in table({"bursts": [fig]})

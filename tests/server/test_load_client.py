@@ -104,3 +104,38 @@ def test_ttft_is_the_first_token_even_when_its_text_is_held_back():
     assert rec["completed"] and rec["error"] is None, rec
     assert rec["ttft"] < gap_s <= rec["ttft_text"], rec
     assert isinstance(rec["port"], int) and rec["port"] > 0
+
+
+def test_a_probe_is_sent_marked_and_a_dry_admission_ends_the_probing():
+    """Probes carry the bench's probe header; the bench's server answers one admission
+    admits with a 429 whose Retry-After is 0 (load_probe: not run), which ends the
+    probing like a 200, while a real 429 (Retry-After >= 1) does not."""
+    from moska.bench.load_probe import DRY_ADMITTED, PROBE_HEADER
+
+    marked: list[bool] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+        marked.append(f"{PROBE_HEADER}: 1".encode() in head)
+        retry = DRY_ADMITTED if len(marked) > 2 else "1"
+        writer.write(
+            f"HTTP/1.1 429 Too Many Requests\r\nRetry-After: {retry}\r\n".encode()
+            + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+        )
+        writer.close()
+
+    async def main() -> dict | None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        rejected = asyncio.Event()
+        rejected.set()
+        async with server:
+            return await _probe(
+                ("127.0.0.1", port), "", {"prompt": "p"}, time.perf_counter(), rejected, 0.02, 10
+            )
+
+    rec = asyncio.run(main())
+    assert rec is not None and rec["admitted"] and rec["dry_admitted"], rec
+    assert rec["status"] == 429 and rec["probes"] >= 3
+    assert marked and all(marked)
