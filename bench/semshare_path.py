@@ -178,9 +178,10 @@ def run(args) -> dict:
         c.num_kv_layers, 2 * blocks, 16, c.num_kv_heads, c.head_dim, model.dtype, device
     )
     ref_table, new_table = list(range(blocks)), list(range(blocks, 2 * blocks))
-    reuse = SemanticReuse(
-        SemShareConfig(store_bytes=1 << 40, row_granule=args.row_granule), model, cache
+    cfg = SemShareConfig(
+        store_bytes=1 << 40, row_granule=args.row_granule, cuda_graphs=not args.no_graphs
     )
+    reuse = SemanticReuse(cfg, model, cache)
     original = torch.tensor(ss.join(tok, parts, "original", 0, by_dir, args.prompt))
     t = time.perf_counter()
     warm_buckets = reuse.warm_up(args.prompt)  # as the engine does at start (CUDA only)
@@ -217,7 +218,7 @@ def run(args) -> dict:
                     res = blend.blend_prefill(
                         model, cache, new_table, ids[:-1], 0, plan.ref, plan.ref_pos[:-1],
                         reuse.config.recompute_fraction, reuse.config.recompute_layers,
-                        granule=reuse.granule,
+                        granule=reuse.granule, graphs=reuse.graphs,
                     )  # fmt: skip
             if prof is not None:
                 by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -232,8 +233,16 @@ def run(args) -> dict:
                 blend.blend_prefill(
                     model, cache, new_table, ids[:-1], 0, plan.ref, plan.ref_pos[:-1],
                     reuse.config.recompute_fraction, reuse.config.recompute_layers,
-                    granule=reuse.granule,
+                    granule=reuse.granule, graphs=reuse.graphs,
                 )  # fmt: skip
+            if reuse.graphs is not None:  # control: the same blend with no graph
+                st["blend_eager"] = Stage(device)
+                with torch.inference_mode(), st["blend_eager"]:
+                    blend.blend_prefill(
+                        model, cache, new_table, ids[:-1], 0, plan.ref, plan.ref_pos[:-1],
+                        reuse.config.recompute_fraction, reuse.config.recompute_layers,
+                        granule=reuse.granule,
+                    )  # fmt: skip
             if subs is not None:
                 subs.active = True
             if not args.skip_baseline:
@@ -260,6 +269,7 @@ def run(args) -> dict:
             "syncs_max": max(r[k].get("syncs", 0) for r in rows if r["first"]),
         }
         for k in ("plan", "blend", "blend_again")
+        + (("blend_eager",) if reuse.graphs is not None else ())
         + (() if args.skip_baseline else ("full_prefill",))
     }
     if subs is not None:
@@ -271,6 +281,8 @@ def run(args) -> dict:
     summary["record"] = stages["record"].row()
     summary["record"]["syncs"] = count["record_syncs"].row()["syncs"]
     summary["warm_up"] = {"buckets": warm_buckets, "s": round(warm_up_s, 3)}
+    g = reuse.graphs
+    summary["graphs"] = None if g is None else {"captured": len(g), "replays": g.replays}
     summary["row_counts"] = sorted({r["recomputed"] for r in rows})
     summary["reused_share"] = round(statistics.mean(r["reused"] / r["tokens"] for r in warm), 3)
     return {
@@ -305,6 +317,7 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true", help="no plain prefill (CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--row-granule", type=int, default=SemShareConfig.row_granule)
+    ap.add_argument("--no-graphs", action="store_true", help="no CUDA graphs past the boundary")
     ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_path.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

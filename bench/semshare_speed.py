@@ -180,6 +180,11 @@ def main() -> None:
         default=[],
         help="more reuse engines, at these recompute fractions (engine 'on_r<f>')",
     )
+    ap.add_argument(
+        "--eager-too",
+        action="store_true",
+        help="one more reuse engine without CUDA graphs past the boundary ('on_eager')",
+    )
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model and prompts on CPU")
     ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_speed.json"))
     args = ap.parse_args()
@@ -211,6 +216,11 @@ def main() -> None:
             model_dir, semantic_reuse=True, semantic_store_mb=args.store_mb, **kw
         ),
     }
+    if args.eager_too:  # control: reuse on, the layers past the boundary launched one by one
+        engines["on_eager"] = LLMEngine.from_model(
+            model_dir, semantic_reuse=True, semantic_store_mb=args.store_mb, **kw
+        )
+        engines["on_eager"].semshare.graphs = None  # type: ignore[union-attr]
     for f in args.also_fractions:  # the same requests at other recompute fractions
         engines[f"on_r{f}"] = LLMEngine.from_model(
             model_dir,
@@ -251,6 +261,8 @@ def main() -> None:
                         eng, f"d{di}-{kind}-{seed}-{name}", ids
                     )
                 r["speedup"] = r["ttft_off_s"] / r["ttft_on_s"]
+                if args.eager_too:
+                    r["speedup_eager"] = r["ttft_off_s"] / r["ttft_on_eager_s"]
                 for f in args.also_fractions:
                     r[f"speedup_r{f}"] = r["ttft_off_s"] / r[f"ttft_on_r{f}_s"]
                 rows.append(r)
@@ -264,6 +276,11 @@ def main() -> None:
             "speedup_median": round(statistics.median(r["speedup"] for r in sel), 2),
             "reused_share": round(statistics.mean(r["reused_on"] / r["tokens"] for r in sel), 3),
         }
+        if args.eager_too:
+            summary[kind]["eager"] = {
+                "ttft_on_ms": round(1000 * statistics.median(r["ttft_on_eager_s"] for r in sel), 2),
+                "speedup_median": round(statistics.median(r["speedup_eager"] for r in sel), 2),
+            }
         for f in args.also_fractions:
             summary[kind][f"r{f}"] = {
                 "ttft_on_ms": round(1000 * statistics.median(r[f"ttft_on_r{f}_s"] for r in sel), 2),
@@ -295,6 +312,10 @@ def main() -> None:
         "shapes": {"prompt": args.prompt, "docs": len(docs), "repeats": args.repeats},
         "semshare": on.config.__dict__,
         "store": {"entries": len(on.store), "bytes": on.store.nbytes, **on.store.stats.__dict__},
+        "graphs": None
+        if on.graphs is None
+        else {"captured": len(on.graphs), "replays": on.graphs.replays, "eager": on.graphs.eager},
+        "command": " ".join(sys.argv),
         "summary": summary,
         "rows": rows,
     }

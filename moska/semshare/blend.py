@@ -19,7 +19,7 @@ tile's last position; no [R, S] mask); on the CPU, and for a whole prompt's firs
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,9 @@ from moska.kernels import rope_scatter as rs
 from moska.kernels.row_attention import row_attention
 from moska.semshare.rope_shift import delta_cos_sin, rotate_by
 from moska.semshare.store import Reference
+
+if TYPE_CHECKING:
+    from moska.semshare.graphs import BlendGraphs
 
 # SDPA backends of the row attention: not cuDNN, which torch >= 2.11 prefers on sm90 but which
 # builds a graph (~0.1 s) for every new shape, and the row count R differs per request (the
@@ -217,11 +220,14 @@ def blend_prefill(
     *,
     row_kernel: bool | None = None,
     granule: int = 1,
+    graphs: BlendGraphs | None = None,
 ) -> BlendResult:
     """Compute the KV of prompt positions [start, end) into `cache` (positions before `start`
     must be in it already), reusing `ref` where matched. See the module docstring.
     `row_kernel`: `RowAttention`'s `kernel` (None: the kernel on CUDA). `granule`: the rows
-    kept past the boundary fill a `row_bucket` of it (1: exactly the selected rows)."""
+    kept past the boundary fill a `row_bucket` of it (1: exactly the selected rows).
+    `graphs`: run the layers past the boundary through it (one CUDA graph replay per blend
+    where the row count's graph is captured; its `first` must be `recompute_layers`)."""
     device = cache.k.device
     n = token_ids.shape[0]
     end = start + n
@@ -245,24 +251,38 @@ def blend_prefill(
         ops=ops,
     )  # fmt: skip
     residual = None
-    rows = torch.arange(n, device=device)
-    kept_matched = num_matched  # matched rows computed through every layer
+    num_layers = len(model.layers)
+    for i in range(min(recompute_layers, num_layers)):
+        if i == num_layers - 1:  # only its KV is needed: skip its attention output and MLP
+            _write_last_kv(model.layers[i], x, residual, cos, sin, att, ops)
+            return BlendResult(0, n)
+        x, residual = model.layers[i](x, residual, cos, sin, att, ops)
+    rows, kept_matched = _select(
+        att, ref, ref_pos, new_pos, matched, m_idx, recompute_fraction, inv_freq, granule
+    )
+    r = rows.numel()  # known on the host (from the counts)
+    if r == 0:
+        return BlendResult(num_matched, 0)
+    assert residual is not None  # set by the first layer
+    x, residual = x[rows], residual[rows]
+    if graphs is not None and graphs.first == recompute_layers and graphs.fits(r, end):
+        # the rows' layers past the boundary: one replay (or eagerly from the same buffers)
+        graphs.run(x, residual, att.positions[rows], slots)
+    else:
+        att.keep(rows)
+        tail_layers(model, att, x, residual, cos[rows], sin[rows], recompute_layers)
+    return BlendResult(num_matched - kept_matched, r)
+
+
+def tail_layers(model, att: RowAttention, x, residual, cos, sin, first: int) -> None:
+    """Layers [first, L) over the rows of `att` (x, residual [R, H]; cos, sin [R, D/2]): each
+    writes the rows' KV; the last one only that (its attention output and MLP are unused).
+    No host sync, no shape read from a tensor: `graphs.BlendGraphs` captures it."""
+    ops = model.kernels
     last = len(model.layers) - 1
-    for i, layer in enumerate(model.layers):
-        if i == recompute_layers:
-            rows, kept_matched = _select(
-                att, ref, ref_pos, new_pos, matched, m_idx, recompute_fraction, inv_freq, granule
-            )
-            if rows.numel() == 0:
-                break
-            assert residual is not None  # set by the first layer
-            x, residual, cos, sin = x[rows], residual[rows], cos[rows], sin[rows]
-            att.keep(rows)
-        if i == last:  # only its KV is needed: skip its attention output and MLP
-            _write_last_kv(layer, x, residual, cos, sin, att, ops)
-            break
-        x, residual = layer(x, residual, cos, sin, att, ops)
-    return BlendResult(num_matched - kept_matched, rows.numel())
+    for i in range(first, last):
+        x, residual = model.layers[i](x, residual, cos, sin, att, ops)
+    _write_last_kv(model.layers[last], x, residual, cos, sin, att, ops)
 
 
 def _write_last_kv(layer, x, residual, cos, sin, att: RowAttention, ops) -> None:

@@ -26,6 +26,8 @@ class SemShareConfig:
         most deviating matched rows) to a bucket of this granule (`blend.row_bucket`), so
         matmul shapes repeat across requests; 1 turns it off (always off on the CPU).
     store_bytes: the reference store's bound (KV + features).
+    cuda_graphs: on CUDA with row buckets, the layers past the boundary run as one CUDA graph
+        per bucket (`graphs.py`), captured at engine start; False: eagerly (a launch each).
     """
 
     threshold: float = 0.9
@@ -40,6 +42,7 @@ class SemShareConfig:
     lsh_rows: int = 16
     seed: int = 0
     row_granule: int = 64
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:

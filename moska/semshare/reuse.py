@@ -16,8 +16,9 @@ Hook (three calls from `engine/llm_engine.py`, nothing else in the engine knows 
   stream, no wait) and enters the store once its LSH signatures reach the host (`flush`:
   at the next `record` when they have, at the latest at the next `plan`), so storing a
   prompt adds no host sync to its own time to first token.
-On CUDA the engine calls `warm_up` once: every row bucket's matmul shapes (`row_bucket`) are
-seen before the first request, so a blend's matmuls never pick an algorithm on the host.
+On CUDA the engine calls `warm_up` once: every row bucket's layers past the boundary are
+captured as a CUDA graph (`graphs.py`; with `cuda_graphs` off, every bucket's matmul shapes
+are seen), so a blend neither launches them one by one nor picks an algorithm on the host.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from moska.semshare.blend import blend_prefill, row_bucket, slots_of
 from moska.semshare.config import SemShareConfig
+from moska.semshare.graphs import BlendGraphs
 from moska.semshare.lsh import LSHIndex
 from moska.semshare.matching import inverse_norms, match_tokens, token_features
 from moska.semshare.store import Reference, ReferenceStore, prompt_key
@@ -72,6 +74,8 @@ class SemanticReuse:
         self._pending: list[tuple[Reference, torch.Tensor, torch.cuda.Event | None]] = []
         # rows past the boundary are bucketed on CUDA only (cuBLAS's per-shape host cost)
         self.granule = config.row_granule if cache.k.is_cuda else 1
+        # the layers past the boundary as CUDA graphs (`warm_up` captures them), or None
+        self.graphs: BlendGraphs | None = None
 
     @classmethod
     def for_engine(cls, engine_config, runner) -> SemanticReuse:
@@ -83,6 +87,7 @@ class SemanticReuse:
             recompute_layers=c.semantic_recompute_layers,
             store_bytes=c.semantic_store_mb << 20,
             seed=c.seed,
+            cuda_graphs=getattr(c, "semantic_cuda_graphs", True),
         )
         reuse = cls(cfg, runner.model, runner.cache)
         reuse.warm_up(c.max_num_batched_tokens)
@@ -90,12 +95,20 @@ class SemanticReuse:
 
     @torch.inference_mode()
     def warm_up(self, max_rows: int) -> int:
-        """Run each distinct layer once at every row bucket up to `max_rows` (random rows,
-        attention skipped, nothing written to the cache), so each bucket's matmul shapes
-        have their cuBLAS algorithm (and kernel) before any request. Returns the buckets
-        visited (0 when bucketing is off)."""
+        """Before any request (it writes slot 0 of the cache): with `cuda_graphs`, capture the
+        layers past the boundary at every row bucket up to `max_rows` (`graphs.py`); else run
+        each distinct layer once at every bucket (random rows, attention skipped, nothing
+        written), so each bucket's matmul shapes have their cuBLAS algorithm (and kernel)
+        before any request. Returns the buckets visited (0 when bucketing is off)."""
         if self.granule <= 1:
             return 0
+        if self.config.cuda_graphs and self.cache.k.is_cuda:
+            buckets = row_buckets(max_rows, self.granule)
+            first = self.config.recompute_layers
+            if first < len(self.model.layers):
+                self.graphs = BlendGraphs(self.model, self.cache, first, max_rows, buckets)
+                self.graphs.warm_up()
+                return len(buckets)
         model = self.model
         layers: dict = {}
         for layer in model.layers:
@@ -166,6 +179,7 @@ class SemanticReuse:
                 self.config.recompute_fraction,
                 self.config.recompute_layers,
                 granule=self.granule,
+                graphs=self.graphs,
             )
             req.num_reused_tokens += result.num_reused
             self.stats.reused_tokens += result.num_reused
