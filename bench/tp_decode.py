@@ -13,6 +13,13 @@ bucket's graph is captured before timing, as `moska serve` does (earlier runs ca
 inside its first timed decode); each row records the graphs rank 0 captured and replayed.
 On CPU (gloo) TP steps are eager.
 
+`--profile`: per variant, B = `--profile-batch` requests decoding together (prefills over),
+then `--steady-steps` engine steps timed one by one (the decode step alone, without the
+staggered prefill ramp that the generate() difference above includes at B > 32) with rank
+0's host time split (schedule / launch / send / head / finish), then `--profile-steps`
+more under torch.profiler: the top ops by self CPU and by self device time
+(bench/tp_profile.py). Written under "steady" in the JSON and printed.
+
 GPU (2 GPUs, NCCL):  python3 bench/tp_decode.py --out $OUT/tp_decode_h200x2.json
 CPU check (gloo, tiny dims):  .venv/bin/python bench/tp_decode.py --cpu-dry-run
 """
@@ -77,12 +84,14 @@ def time_batch(llm, batch: int, prompt: int, tokens: int, vocab: int) -> dict:
     }
 
 
-def run_tp(path: Path, variant: str, a, device: str, dtype: str, vocab: int) -> list[dict]:
+def run_tp(path: Path, variant: str, a, device: str, dtype: str, vocab: int):
     from moska.engine.llm import LLM
 
     tp, eager = int(variant.rstrip("e")), variant.endswith("e")
     kw = {"device": device, "dtype": dtype, "tensor_parallel_size": tp, "enforce_eager": eager,
           "max_num_seqs": max(a.batch), "max_model_len": a.prompt + a.tokens + 8}  # fmt: skip
+    if a.profile:  # room for the steady run's ramp, timed and profiled steps
+        kw["max_model_len"] += a.steady_steps + a.profile_steps + 24
     if device == "cpu":
         kw["num_kv_blocks"] = 256
     rows = []
@@ -104,7 +113,33 @@ def run_tp(path: Path, variant: str, a, device: str, dtype: str, vocab: int) -> 
             }
             print(row, flush=True)
             rows.append(row)
-    return rows
+        steady = []
+        for b in a.profile_batch if a.profile else []:
+            from tp_profile import steady_decode
+
+            n = kw["max_model_len"] - a.prompt
+            s = {"tp": variant, **steady_decode(llm, b, a.prompt, vocab, n, a.steady_steps,
+                                                a.profile_steps)}  # fmt: skip
+            brief = {k: v for k, v in s.items() if k != "profile"}
+            print("steady:", brief, flush=True)
+            for key in ("top_self_cpu", "top_self_device"):
+                for r in s.get("profile", {}).get(key, [])[:8]:
+                    print(f"  {key} tp={variant} b={b}:", r, flush=True)
+            steady.append(s)
+    return rows, steady
+
+
+def _steady_summary(steady: list[dict], base: str) -> dict:
+    """Steady decode ms per step, its speed-up over the baseline variant, and the split."""
+    if not steady:
+        return {}
+    ms = {(s["tp"], s["batch"]): s["ms_per_step_median"] for s in steady}
+    return {
+        "steady_ms_per_step": {f"tp{t}_b{b}": v for (t, b), v in ms.items()},
+        "steady_speedup_vs_tp1": {f"tp{t}_b{b}": round(ms[(base, b)] / v, 3)
+                                  for (t, b), v in ms.items() if t != base and (base, b) in ms},
+        "steady_split_ms": {f"tp{s['tp']}_b{s['batch']}": s["split_ms_median"] for s in steady},
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -120,6 +155,10 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=64, help="decode steps timed")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny dims, gloo, 2 ranks")
+    ap.add_argument("--profile", action="store_true", help="steady steps, split, torch.profiler")
+    ap.add_argument("--profile-batch", type=int, nargs="+", default=None, help="default: max")
+    ap.add_argument("--steady-steps", type=int, default=32)
+    ap.add_argument("--profile-steps", type=int, default=8)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dry = a.cpu_dry_run
@@ -130,11 +169,15 @@ def main() -> None:
         hf.update(hidden_size=128, intermediate_size=256, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, vocab_size=512, num_hidden_layers=2)  # fmt: skip
         a.batch, a.tokens, a.prompt = [1, 4], 4, 16
+        a.steady_steps, a.profile_steps = min(a.steady_steps, 6), min(a.profile_steps, 2)
         a.tp = [v for v in a.tp if not v.endswith("e")]  # CPU: TP is eager anyway
+    a.profile_batch = a.profile_batch or [max(a.batch)]
     with tempfile.TemporaryDirectory(prefix="moska-tp-") as tmp:
         path = Path(tmp) / "model"
         write_checkpoint(path, hf, device, getattr(torch, dtype))
-        rows = [r for tp in a.tp for r in run_tp(path, tp, a, device, dtype, hf["vocab_size"])]
+        runs = [run_tp(path, tp, a, device, dtype, hf["vocab_size"]) for tp in a.tp]
+    rows = [r for rs, _ in runs for r in rs]
+    steady = [s for _, ss in runs for s in ss]
     by = {(r["tp"], r["batch"]): r for r in rows}
     base = a.tp[0]
     tok_s = {k: r["decode_tokens_per_s"] for k, r in by.items()}
@@ -150,10 +193,12 @@ def main() -> None:
         "model": {"dims": "Llama-3.1-8B", "layers": hf["num_hidden_layers"], "random": True},
         "shapes": {"prompt": a.prompt, "decode_tokens": a.tokens, "batches": a.batch},
         "rows": rows,
+        "steady": steady,
         "summary": {
             "decode_speedup_vs_tp1": speedup,
             "ms_per_step": ms,
             "greedy_first_tokens_equal": same,
+            **_steady_summary(steady, base),
             "target": "TP = 2 >= 1.7x TP = 1 tokens/s at B = 256 (issue 24)",
         },
     }

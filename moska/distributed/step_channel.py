@@ -18,9 +18,10 @@ per step**. A payload that does not fit follows in a second message of its own l
   (the token ids a decode step reads from the previous step's sampled tokens never visit
   the host). A step with library rows adds their row indices to the payload ([n] int64
   per group) and, on the control group, a JSON list of the groups (build id, rows, top_k,
-  scorer, routing policy: ~250 bytes per group). The header says whether rank 0 will ask
-  for the logits of every row right after (`logits_follow`: a decode step), so that the
-  other ranks compute them without a LOGITS_LAST message.
+  scorer, routing policy: ~250 bytes per group). The header says what rank 0 will ask of
+  every row right after (`logits_follow`: a decode step): their logits (FOLLOW_LOGITS), or
+  only their argmax tokens (FOLLOW_TOKENS: every row greedy, so each rank sends [N, 2]
+  (max, id) instead of its [N, V/n] logits), which the other ranks compute unasked.
 - GRAPH_CAPTURE: capture the decode CUDA graph of a batch-size bucket (NCCL only,
   `distributed/tp_graphs.py`): every rank says whether it can (all_gather_object), then,
   if all can, captures, then answers (gather_object): None or why not.
@@ -56,6 +57,7 @@ MIN_CAPACITY = 256  # int64 of a control message before any payload sized it (2 
 MAX_CAPACITY = 1 << 16  # 512 KiB; a larger payload follows in a message of its own
 _LEN, _WHERE, _NEXT = 12, 13, 14  # header: host payload length, where it is, next capacity
 _NO_PAYLOAD, _INLINE, _FOLLOWS = 0, 1, 2  # where: none on the control group, in it, after it
+FOLLOW_LOGITS, FOLLOW_TOKENS = 1, 2  # logits_follow: every row's logits / greedy tokens next
 
 
 def next_capacity(payload_len: int) -> int:
@@ -91,7 +93,7 @@ class Received(NamedTuple):
     # FORWARD: [(group JSON, rows [n] int64)] of its library groups; LOAD/UNLOAD: the JSON
     groups: list[tuple[dict, torch.Tensor]] | None = None
     info: dict | None = None
-    logits_follow: bool = False  # FORWARD, GRAPH_STEP: compute every row's logits after it
+    logits_follow: int = 0  # FORWARD, GRAPH_STEP: FOLLOW_LOGITS / FOLLOW_TOKENS after it
     bucket: int = 0  # GRAPH_CAPTURE, GRAPH_STEP: the graph's batch-size bucket
 
 
@@ -117,8 +119,8 @@ class StepChannel:
         # their payload to the device does not wait for the device (a graph in flight)
         self._pin = device.type == "cuda"
         self._payload: torch.Tensor | None = None  # rank 0: host payload of the next header
-        # rank 0: a forward said logits_follow, and its logits were not asked for yet
-        self.logits_due = False
+        # rank 0: what a forward's logits_follow announced and was not asked for yet (0: none)
+        self.logits_due = 0
         # rank 0: the library builds the other ranks hold (build id -> name)
         self.worker_builds: dict[str, str] = {}
         self._lock = threading.RLock()  # one command's messages are never interleaved
@@ -134,7 +136,7 @@ class StepChannel:
         the message if it fits, else in a message of its own right after)."""
         payload, self._payload = self._payload, None
         if command is Command.STOP:  # shutdown goes out whatever was left half-done
-            self.logits_due = False
+            self.logits_due = 0
         if self.logits_due:  # the other ranks are in the logits gather: nothing else fits
             raise RuntimeError(
                 f"{command.name} sent while the other ranks wait for the logits of the last "
@@ -226,10 +228,10 @@ class StepChannel:
             self.worker_builds.pop(build_id, None)
 
     def send_forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn, logits_follow: bool = False
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn, logits_follow: int = 0
     ) -> None:
-        """The forward's inputs; `logits_follow`: rank 0 asks for the logits of every row
-        next (compute_logits on this forward's hidden states), so no LOGITS_LAST is sent."""
+        """The forward's inputs; `logits_follow`: rank 0 asks next for the logits (or the
+        greedy tokens) of every row of this forward, so no LOGITS_LAST is sent."""
         meta: AttentionMetadata | None = getattr(attn, "meta", None)
         if meta is None:
             raise TensorParallelConfigError(
@@ -262,7 +264,7 @@ class StepChannel:
                 self._send_bytes(text)
             if not on_host:  # NCCL: device to device
                 self.comm.broadcast(payload)
-            self.logits_due = logits_follow
+            self.logits_due = int(logits_follow)
 
     def send_graph_step(
         self,
@@ -271,7 +273,7 @@ class StepChannel:
         slots: torch.Tensor,
         seq_lens: torch.Tensor,
         tables: torch.Tensor,
-        logits_follow: bool,
+        logits_follow: int,
     ) -> None:
         """Replay the decode graph of `bucket` for len(positions) rows: the host inputs
         [n] and tables [n, W] in one control message (the token ids travel in the graph)."""
@@ -281,7 +283,7 @@ class StepChannel:
             self.steps += 1
             self._payload = torch.cat([p.long().cpu() for p in parts])  # [3n + n * W]
             self._header(Command.GRAPH_STEP, bucket, n, w, self.steps, int(logits_follow))
-            self.logits_due = logits_follow
+            self.logits_due = int(logits_follow)
 
     def send_graph_capture(self, bucket: int) -> None:
         """Capture the decode graph of `bucket` now; answers() follows the capture."""
@@ -307,10 +309,19 @@ class StepChannel:
             "all_rows": bool(group.all_rows),
         }
 
+    def take_tokens(self, *, same_as_forward: bool) -> bool:
+        """Whether the last forward announced FOLLOW_TOKENS for these rows (the other ranks
+        are in the greedy gather now); False: ask for the logits instead (send_logits)."""
+        with self._lock:
+            if same_as_forward and self.logits_due == FOLLOW_TOKENS:
+                self.logits_due = 0
+                return True
+            return False
+
     def send_logits(self, hidden: torch.Tensor, *, same_as_forward: bool) -> None:
         with self._lock:
-            if same_as_forward and self.logits_due:  # announced by the forward's header
-                self.logits_due = False
+            if same_as_forward and self.logits_due == FOLLOW_LOGITS:  # announced by the header
+                self.logits_due = 0
                 return
             if same_as_forward:
                 self._header(Command.LOGITS_LAST)
@@ -346,9 +357,7 @@ class StepChannel:
                 block_tables=tables.view(rows, width),
                 decode_only=True,
             )
-            return Received(
-                command, positions=pos, meta=meta, logits_follow=bool(follow), bucket=bucket
-            )
+            return Received(command, positions=pos, meta=meta, logits_follow=follow, bucket=bucket)
         if command is Command.GRAPH_CAPTURE:
             return Received(command, bucket=fields[0])
         if command is Command.FORWARD:
@@ -373,7 +382,7 @@ class StepChannel:
                 decode_only=bool(decode_only),
             )
             return Received(
-                command, ids, pos, meta, groups=list(zip(groups, rows)), logits_follow=bool(follow)
+                command, ids, pos, meta, groups=list(zip(groups, rows)), logits_follow=follow
             )
         if command in (
             Command.LOAD_LIBRARY,

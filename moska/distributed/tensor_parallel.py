@@ -185,9 +185,10 @@ class TensorParallelCausalLM(CausalLM):
             mlp.down_proj = RowParallelLinear(mlp.intermediate, h, False, comm, **kw)
         self.driver: Any = None  # rank 0: a StepChannel
         self._last_hidden: torch.Tensor | None = None
-        # rank 0, set by the runner just before a forward: its next compute_logits is of
-        # every row of that forward, so the workers compute them unasked (no LOGITS_LAST)
-        self.logits_follow = False
+        # rank 0, set by the runner just before a forward: its next compute_logits (1,
+        # FOLLOW_LOGITS) or greedy_tokens (2, FOLLOW_TOKENS) is of every row of that forward,
+        # so the workers compute them unasked (no LOGITS_LAST)
+        self.logits_follow = 0
         self.in_graph = False  # a decode CUDA graph's forward: the ids travel in it
 
     @property
@@ -206,7 +207,7 @@ class TensorParallelCausalLM(CausalLM):
         return TensorParallelGraphs(**kw)
 
     def forward(self, input_ids, positions, attn) -> torch.Tensor:
-        follow, self.logits_follow = self.logits_follow, False
+        follow, self.logits_follow = self.logits_follow, 0
         if self.in_graph:  # rank 0's ids (some only on its device) to every rank, captured
             self.comm.broadcast(input_ids)
         elif self.driver is not None:
@@ -228,6 +229,29 @@ class TensorParallelCausalLM(CausalLM):
         v, n = self.full_config.vocab_size, self.plan.size
         sizes = [span(v, n, r)[1] - span(v, n, r)[0] for r in range(n)]
         return torch.cat([p[:, :k] for p, k in zip(parts, sizes)], dim=1).float()  # [N, V]
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, H] -> compute_logits(hidden).argmax(-1) [N] int64 on rank 0 (None on
+        the others), ties to the lowest id as argmax, without moving the logits: each rank
+        sends its rows' (max, id) over its vocabulary range, [N, 2] float64 (16 bytes a row
+        instead of 2 * V / n: 32 MB at B = 256, V = 128K, n = 2), and rank 0 takes the
+        first rank holding the largest. Rank 0 asks this only of rows whose forward
+        announced it (FOLLOW_TOKENS); otherwise it asks for the logits."""
+        same = hidden is self._last_hidden
+        if self.driver is not None and not self.driver.take_tokens(same_as_forward=same):
+            logits = self.compute_logits(hidden)  # not announced: the other ranks are not here
+            assert logits is not None  # rank 0
+            return logits.argmax(-1)
+        local = F.linear(hidden, self.lm_head_weight)  # [N, V_local], as compute_logits
+        best = local.argmax(-1)  # the first of equal maxima
+        value = local.gather(1, best[:, None])[:, 0]
+        pair = torch.stack([value.double(), (best + self.plan.vocab[0]).double()], dim=1)
+        parts = self.comm.gather(pair)
+        if parts is None:
+            return None
+        every = torch.stack(parts)  # [n, N, 2], in rank (so vocabulary) order
+        rank = every[:, :, 0].argmax(0)  # [N]: the first rank with the row's maximum
+        return every[:, :, 1].gather(0, rank[None])[0].long()
 
     def agree_num_blocks(self, num_blocks: int) -> int:
         """The KV blocks every rank can hold (the fewest any rank can)."""

@@ -49,7 +49,7 @@ class TensorParallelGraphs(DecodeGraphs):
     def __init__(self, model, **kw) -> None:
         super().__init__(model, **kw)
         self.replays = 0  # decode steps replayed (rank 0: led; others: followed)
-        self._follow = False  # rank 0: the step being replayed said logits_follow
+        self._follow = 0  # rank 0: the replayed step's logits_follow (step_channel.FOLLOW_*)
 
     @property
     def channel(self) -> Any:
@@ -63,7 +63,7 @@ class TensorParallelGraphs(DecodeGraphs):
     def run(self, ids, pos, slots, seq_lens, tables, spec, device_ids=None):
         if spec is not None:
             raise GraphCaptureError("library decode steps run eagerly under tensor parallelism")
-        self._follow, self.model.logits_follow = self.model.logits_follow, False
+        self._follow, self.model.logits_follow = self.model.logits_follow, 0
         hidden, report = super().run(ids, pos, slots, seq_lens, tables, None, device_ids)
         self.model._last_hidden = hidden  # its logits: compute_logits asks nothing more
         self.replays += 1

@@ -30,7 +30,7 @@ from moska.distributed.runtime import (
     rank_device,
     torchrun_rank,
 )
-from moska.distributed.step_channel import Command, StepChannel
+from moska.distributed.step_channel import FOLLOW_TOKENS, Command, StepChannel
 from moska.distributed.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -124,16 +124,14 @@ def serve_steps(
             assert msg.meta is not None
             msg.meta.groups.extend(_groups(libraries, msg.groups or []))
             last = model(msg.input_ids, msg.positions, attention.bind(msg.meta))
-            if msg.logits_follow:  # rank 0's compute_logits of every row comes next
-                model.compute_logits(last)
+            _follow(model, msg.logits_follow, last)  # rank 0 asks for them next
         elif msg.command is Command.GRAPH_STEP:
             assert graphs is not None and msg.meta is not None, "GRAPH_STEP without graphs"
             m = msg.meta
             last = graphs.replay_for_peer(
                 msg.bucket, msg.positions, m.slot_mapping, m.seq_lens, m.block_tables
             )
-            if msg.logits_follow:
-                model.compute_logits(last)
+            _follow(model, msg.logits_follow, last)
         elif msg.command is Command.GRAPH_CAPTURE:  # agree first: no rank captures alone
             why = "it runs eagerly" if graphs is None else graphs.can_capture(msg.bucket)
             if not channel.agree(why):
@@ -149,6 +147,15 @@ def serve_steps(
             model.compute_logits(last)
         elif msg.command is Command.LOGITS_ROWS:
             model.compute_logits(msg.hidden)
+
+
+def _follow(model, kind: int, last: torch.Tensor) -> None:
+    """What a forward's header said rank 0 asks of every row next: the logits, or (every
+    row greedy) only the argmax tokens, whose gather is [N, 2] instead of [N, V/n]."""
+    if kind == FOLLOW_TOKENS:
+        model.greedy_tokens(last)
+    elif kind:
+        model.compute_logits(last)
 
 
 def _groups(libraries, described: list) -> list:

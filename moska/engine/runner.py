@@ -18,7 +18,7 @@ from moska.engine import prompt_logprobs
 from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpec
 from moska.engine.memory import MemoryPlan, plan_memory
 from moska.engine.request import Request
-from moska.engine.sampler import Sampler
+from moska.engine.sampler import SampledBatch, Sampler
 from moska.engine.step_inputs import StepInputs, flatten_step
 from moska.engine.step_output import PendingStep, StepResult
 from moska.engine.transfer import host_tensor, to_device
@@ -251,10 +251,19 @@ class ModelRunner:
             return 0
 
     def _logits_follow(self, x: StepInputs) -> None:
-        """Tensor parallelism: tell the workers (in the step's header) when the sampler
-        will ask for the logits of every row, as `_sample_rows` does when all rows sample."""
+        """Tensor parallelism: tell the workers (in the step's header) what `_sample_rows`
+        will ask of every row when all rows sample: the logits (1), or only the argmax
+        tokens when every row is greedy (2: a [N, 2] gather instead of [N, V / n])."""
         if self.tensor_parallel_size > 1:
-            self.model.logits_follow = len(x.sample_rows) == len(x.token_ids)
+            every = len(x.sample_rows) == len(x.token_ids)
+            argmax = every and self._argmax_gather(x.sample_reqs)
+            self.model.logits_follow = 2 if argmax else int(every)
+
+    def _argmax_gather(self, reqs: list) -> bool:
+        """Whether the step's sampling is an argmax that the tensor-parallel model does
+        itself (greedy_tokens), so that rank 0 never gathers the logits."""
+        params = [r.sampling_params for r in reqs]
+        return hasattr(self.model, "greedy_tokens") and Sampler.argmax_only(params)
 
     def _go_eager(self, e: GraphCaptureError) -> None:
         logger.warning("%s; decode steps run eagerly from now on", e)
@@ -316,6 +325,9 @@ class ModelRunner:
             last = hidden
         else:  # a non-blocking copy: the host queues the sampler behind the forward
             last = hidden.index_select(0, to_device(sample_rows, self.device, torch.int64))
+        if last is hidden and self._argmax_gather(sample_reqs):  # announced by _logits_follow
+            step.batch = SampledBatch(self.model.greedy_tokens(last), [], [], None, None, None)
+            return step
         logits = self.model.compute_logits(last)
         params = [r.sampling_params for r in sample_reqs]
         step.needs_history = any(p.needs_history for p in params)

@@ -96,6 +96,16 @@ class Sampler:
             logits, params, request_ids, prompt_token_ids, output_token_ids
         ).to_host()
 
+    @staticmethod
+    def argmax_only(params: list[SamplingParams]) -> bool:
+        """Whether sample() of these rows is logits.argmax(-1) and nothing else: all greedy,
+        no logprobs, biases, penalties or processors (a tensor-parallel model can then
+        take the argmax over its vocabulary shards without gathering the logits)."""
+        return all(
+            p.temperature == 0 and p.logprobs is None and not p.logit_bias and not p.needs_history
+            for p in params
+        )
+
     def sample(
         self,
         logits: torch.Tensor,  # [N, V] float32

@@ -1,0 +1,141 @@
+"""How 2 GPUs of this host are linked, and what the collectives of one tensor-parallel decode
+step cost there (NCCL, one process per GPU).
+
+A TP = 2 decode step of `--layers` Llama layers moves, per row: 2 * layers + 1 all-reduces
+of [B, H] in the model's dtype (o_proj and down_proj of each layer, the vocab-parallel
+embedding) and the LM head's output to rank 0: before session 14 the logits, a gather of
+[B, V / 2] (32 MB at B = 256, V = 128K, bf16: as much as all the all-reduces of 8 layers),
+now (every row greedy) the argmax gather of [B, 2] float64. Each is timed with CUDA events
+over `--iters` back-to-back calls; `step_comm_ms` adds them up as a step does. Also: whether
+CUDA sees peer access between the GPUs (without it NCCL goes through host memory).
+
+GPU (2 GPUs):  python3 bench/nccl_link_probe.py --out $OUT/nccl_link_probe.json
+CPU check (gloo):  .venv/bin/python bench/nccl_link_probe.py --cpu-dry-run
+(NCCL_DEBUG=INFO on the command line prints NCCL's transport per channel, "via P2P/..." or
+"via SHM/...".)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _time(fn, iters: int, cuda: bool) -> float:
+    """ms per call of fn, both ranks calling it back to back."""
+    for _ in range(3):
+        fn()
+    if not cuda:
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) * 1e3 / iters
+    torch.cuda.synchronize()
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _rank(rank: int, port: int, a, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = not a.cpu_dry_run
+    if cuda:
+        dev = torch.device("cuda", rank)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", rank=rank, world_size=2, device_id=dev)
+    else:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+    dt = torch.bfloat16 if cuda else torch.float32
+    rows = {}
+    for b in a.batch:
+        x = torch.randn(b, a.hidden, device=dev, dtype=dt)
+        local = torch.randn(b, a.vocab // 2, device=dev, dtype=dt)
+        pair = torch.randn(b, 2, device=dev, dtype=torch.float64)
+        into = [torch.empty_like(local) for _ in range(2)] if rank == 0 else None
+        into2 = [torch.empty_like(pair) for _ in range(2)] if rank == 0 else None
+        ar = _time(lambda x=x: dist.all_reduce(x), a.iters, cuda)
+        gl = _time(lambda t=local, o=into: dist.gather(t, o, dst=0), a.iters, cuda)
+        ga = _time(lambda t=pair, o=into2: dist.gather(t, o, dst=0), a.iters, cuda)
+        n = 2 * a.layers + 1
+        rows[f"b{b}"] = {
+            "all_reduce_ms": round(ar, 4),
+            "all_reduce_bytes": x.numel() * x.element_size(),
+            "all_reduce_GBps_algbw": round(x.numel() * x.element_size() / ar / 1e6, 1),
+            "gather_logits_ms": round(gl, 4),
+            "gather_logits_bytes_per_rank": local.numel() * local.element_size(),
+            "gather_logits_GBps": round(local.numel() * local.element_size() / gl / 1e6, 1),
+            "gather_argmax_ms": round(ga, 4),
+            "all_reduces_per_step": n,
+            "step_comm_ms_logits_gather": round(n * ar + gl, 3),
+            "step_comm_ms_argmax_gather": round(n * ar + ga, 3),
+        }
+    if rank == 0:
+        peer = torch.cuda.can_device_access_peer(0, 1) if cuda else None
+        Path(out).write_text(json.dumps({"peer_access": peer, "rows": rows}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _summary(rows: dict) -> dict:
+    keys = ("all_reduce_ms", "gather_logits_ms", "gather_argmax_ms",
+            "step_comm_ms_logits_gather", "step_comm_ms_argmax_gather")  # fmt: skip
+    return {f"{b}_{k}": r[k] for b, r in rows.items() for k in keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, nargs="+", default=[16, 256])
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--cpu-dry-run", action="store_true", help="gloo on CPU, small sizes")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.cpu_dry_run:
+        a.hidden, a.vocab, a.iters = 256, 4096, 5
+    from moska.bench.common import environment, write_json
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="moska-nccl-") as tmp:
+        f = os.path.join(tmp, "rows.json")
+        mp.spawn(_rank, args=(port, a, f), nprocs=2)
+        got = json.loads(Path(f).read_text())
+    result = {
+        "bench": "nccl_link_probe",
+        "env": environment(),
+        "device": "cpu" if a.cpu_dry_run else "cuda x2",
+        "dtype": "float32" if a.cpu_dry_run else "bfloat16",
+        "shapes": {"batch": a.batch, "hidden": a.hidden, "vocab": a.vocab, "layers": a.layers},
+        **got,
+        "summary": {"peer_access": got["peer_access"], **_summary(got["rows"])},
+    }
+    print("summary:", json.dumps(result["summary"]))
+    if a.out:
+        print("wrote", write_json(a.out, result))
+
+
+if __name__ == "__main__":
+    main()
