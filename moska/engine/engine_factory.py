@@ -21,6 +21,7 @@ def load_engine(cls: Any, model: str | None = None, **kwargs: Any) -> Any:
     path = model if model is not None else default_model_dir()
     dtype = None if config.dtype == "auto" else config.dtype
     device = config.resolved_device()
+    bind_cuda_device(device)
     if str(device).startswith("cuda") and dtype is None and model is None:
         dtype = "bfloat16"
     if config.helix:  # KV-parallel attention, tensor-parallel FFN (distributed/helix.py)
@@ -74,6 +75,18 @@ def load_engine(cls: Any, model: str | None = None, **kwargs: Any) -> Any:
     if model is None:
         engine.model_name = DEFAULT_MODEL_NAME
     return engine
+
+
+def bind_cuda_device(device: Any) -> None:
+    """Make `cuda:N` the calling thread's current device: Triton launches, CUDA graph
+    pools and `torch.cuda.current_device()` users follow the current device, not the
+    tensors, so an engine on cuda:1 must compute with cuda:1 current (also in its step
+    thread). No-op for cpu and a plain `cuda`."""
+    text = str(device)
+    if text.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(torch.device(text))
 
 
 def make_library_manager(config: EngineConfig, loaded: Any, device: Any) -> Any:

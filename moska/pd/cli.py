@@ -34,6 +34,10 @@ def add_router_parser(sub) -> None:
     r.add_argument("--both", action="append", default=[], help="URL of a colocated instance")
     r.add_argument("--model", default=None, help="model of the instances it starts")
     r.add_argument("--instance-args", default="", help="more `moska serve` flags, one string")
+    r.add_argument("--gpus", default=None, help="GPUs to place the instances on, e.g. 0,1 "
+                   "(default: all visible; one per instance, round-robin)")  # fmt: skip
+    r.add_argument("--gpus-per-instance", type=int, default=1,
+                   help="GPUs each started instance gets (0: all share, as on one GPU)")  # fmt: skip
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=8000)
     r.add_argument("--ttft-slo", type=_slo, default=None, help="seconds, or none")
@@ -52,9 +56,12 @@ def build_frontend(args: argparse.Namespace):
     urls: dict[str, str] = {}
     if args.pd or args.colocated:
         p, d = parse_pd(args.pd) if args.pd else (0, 0)
+        from moska.pd.gpu_placement import parse_gpus
+
         cluster = start_cluster(
-            p, d, args.colocated, model=args.model, serve_args=shlex.split(args.instance_args)
-        )
+            p, d, args.colocated, model=args.model, serve_args=shlex.split(args.instance_args),
+            gpus=parse_gpus(args.gpus), gpus_per_instance=args.gpus_per_instance,
+        )  # fmt: skip
         urls = dict(cluster.urls)
     urls |= {f"prefill-{i}": u for i, u in enumerate(args.prefill)}
     urls |= {f"decode-{i}": u for i, u in enumerate(args.decode)}

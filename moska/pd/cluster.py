@@ -1,6 +1,7 @@
 """Starting a cluster on one host: P prefill and D decode instances (`moska serve --role`,
 one process each, ranks 0..P-1 and P..P+D-1 of the transfer group) or N colocated `both`
-instances, and finding out what each one is (`GET /pd/info`)."""
+instances, each on its own GPU when several are visible (`gpu_placement.py`), and finding
+out what each one is (`GET /pd/info`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from moska.pd.gpu_placement import instance_envs
 from moska.pd.scheduler import Instance
 
 
@@ -39,6 +41,7 @@ class Cluster:
     urls: dict[str, str] = field(default_factory=dict)  # name -> base URL
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
+    visible: dict[str, str | None] = field(default_factory=dict)  # CUDA_VISIBLE_DEVICES set
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for p in self.processes.values():
@@ -63,14 +66,19 @@ def start_cluster(
     log_dir: str | Path | None = None,
     threads_per_instance: int | None = None,
     startup_timeout_s: float = 300.0,
+    gpus: Sequence[int] | None = None,
+    gpus_per_instance: int = 1,
 ) -> Cluster:
-    """Start the instances and wait until each answers /pd/info as ready."""
+    """Start the instances and wait until each answers /pd/info as ready. On a CUDA device
+    with several GPUs, instance i (prefill, then decode, then both) gets its own
+    `gpus_per_instance` of `gpus` (default all), round-robin (`gpu_placement.plan`)."""
     log_dir = Path(log_dir or os.environ.get("TMPDIR", "/tmp")) / f"moska-pd-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     world = num_prefill + num_decode
     master = f"127.0.0.1:{free_port()}"
     roles = ["prefill"] * num_prefill + ["decode"] * num_decode + ["both"] * num_both
     cluster = Cluster()
+    placed = instance_envs(len(roles), serve_args, gpus=gpus, gpus_per_instance=gpus_per_instance)
     env = dict(os.environ)
     if threads_per_instance:
         env["OMP_NUM_THREADS"] = str(threads_per_instance)
@@ -89,11 +97,13 @@ def start_cluster(
                 cmd += ["--pd-rank", str(i), "--pd-world", str(world), "--pd-master", master]
             cmd += list(serve_args)
             log = log_dir / f"{name}.log"
+            env_i = env if placed[i] is None else {**env, "CUDA_VISIBLE_DEVICES": placed[i]}
             with open(log, "wb") as fh:
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env_i)
             cluster.processes[name] = proc
             cluster.urls[name] = f"http://127.0.0.1:{port}"
             cluster.logs[name] = log
+            cluster.visible[name] = placed[i]
         wait_ready(cluster, startup_timeout_s)
     except BaseException:
         cluster.stop()

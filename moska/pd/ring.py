@@ -2,7 +2,8 @@
 of slots whose counters live in a small shared-memory file, and whose data lives either in
 that file too (`shm`) or in a GPU buffer the writer exports as a CUDA IPC handle
 (`cuda_ipc`: the reader maps the writer's device memory, and each chunk is one
-device-to-device copy). No sockets: gloo moved 0.37 GB/s between two processes on one
+device-to-device copy; with the instances on two GPUs (`gpu_placement.py`) the reader maps
+the peer GPU's buffer, CUDA IPC enabling peer access, and the copy goes peer to peer). No sockets: gloo moved 0.37 GB/s between two processes on one
 H200 (bench/results/pd_transfer_h200.json), a memory copy is 50x that.
 
 A layer's KV is cut into chunks of at most `slot_bytes`; chunk k of layer i of the pair's

@@ -129,6 +129,10 @@ class KVTransport:
         self._rings_out: dict[int, Ring | None] = {}  # dst -> its ring (None: gloo)
         self._rings_in: dict[int, Ring] = {}  # src -> the ring it offered
         self.channels: dict[int, str] = {}  # dst -> "gloo" | "shm" | "cuda_ipc", once known
+        # where a ring's layers are received (None: the ring's device, which for cuda_ipc
+        # is the device index the writer used; a decode rank on another GPU of this process
+        # sets its own, and each chunk is then copied peer to peer)
+        self.recv_device: torch.device | None = None
 
     def connect(self) -> None:
         ep = self.endpoint
@@ -312,7 +316,8 @@ class KVTransport:
                         raise ChannelError(f"no {meta['channel']} ring from rank {src}")
                 for i in range(int(meta["num_layers"])):
                     if ring is not None:
-                        t = torch.empty(shape, dtype=dtype, device=ring.device)
+                        dev = self.recv_device if ring.data.is_cuda else None
+                        t = torch.empty(shape, dtype=dtype, device=dev or ring.device)
                         ring.read_into(t, seq, i, self.endpoint.timeout_s)
                     else:
                         t = torch.empty(shape, dtype=dtype)

@@ -184,6 +184,11 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
+        runner = getattr(engine, "runner", None)
+        if runner is not None:  # a step thread computes on the engine's device (cuda:N)
+            from moska.engine.engine_factory import bind_cuda_device
+
+            bind_cuda_device(getattr(runner, "device", "cpu"))
         while True:
             busy = engine.has_unfinished_requests()
             try:
