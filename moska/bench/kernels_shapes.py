@@ -80,6 +80,8 @@ def tag(t: GroupedTuning) -> str:
         s
         + ("" if t.use_tma else "_ptr")
         + (f"_p{t.programs_per_sm}" if t.programs_per_sm != 2 else "")
+        + ("_ht" if t.half_tail else "")
+        + ("_ws" if t.warp_specialize else "")
     )
 
 

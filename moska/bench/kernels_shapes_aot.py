@@ -12,7 +12,11 @@ loads, no FP8): keep the two together.
 
 import argparse
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -44,7 +48,7 @@ def compile_sm90(d: int, g: int, t: GroupedTuning) -> dict:
         "G": g, "D": d, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "USE_TMA": t.use_tma,
         "WARP_SPEC": t.warp_specialize, "PRECISION": "tf32", "PERSISTENT": False,
         "k_scale_ptr": None, "v_scale_ptr": None, "stride_sc": 0, "KV_FP8": False,
-        "FP8_DOT": False, "CDTYPE": None, "PER_TOKEN": False,
+        "FP8_DOT": False, "CDTYPE": None, "PER_TOKEN": False, "HALF_TAIL": t.half_tail,
     }  # fmt: skip
     for name in fn.arg_names:
         if name in POINTERS:
@@ -64,7 +68,28 @@ def compile_sm90(d: int, g: int, t: GroupedTuning) -> dict:
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": t.num_warps, "num_stages": t.num_stages},
     )
-    return {"seconds": round(time.time() - t0, 2), "shared_bytes": k.metadata.shared}
+    return {
+        "seconds": round(time.time() - t0, 2),
+        "shared_bytes": k.metadata.shared,
+        **ptxas_usage(k),
+    }
+
+
+def ptxas_usage(k) -> dict:
+    """Registers per thread and local (spill) bytes of the compiled kernel, from
+    `cuobjdump --dump-resource-usage` on its cubin (what decides a tile's occupancy beside
+    shared memory: 64K registers per SM); {} without cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        cmd = [tool, "--dump-resource-usage", path]
+        out = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    use = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out.stdout))
+    return {"registers": int(use.get("REG", -1)), "local_bytes": int(use.get("LOCAL", -1))}
 
 
 def main(argv=None) -> int:

@@ -73,6 +73,7 @@ def grouped_shared_attention(
     warp_specialize: bool | None = None,
     merge_m: int | None = None,
     split_b: int | None = None,
+    half_tail: bool | None = None,
     max_programs: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -102,7 +103,9 @@ def grouped_shared_attention(
     `out` = (o, lse) preallocated contiguous outputs, optional. Block sizes, warps, stages
     and the split heuristic (`target_programs` items, splits of at least `min_split` tokens)
     may be overridden, e.g. by tests and benchmarks. `merge_m` rows and `split_b` partials
-    per step set the shape of the merge of split tiles. `max_programs` caps the grid (its
+    per step set the shape of the merge of split tiles. `half_tail`: a group's last tile of at
+    most block_m / 2 rows computes only those (the bf16/fp16/fp32 program; the FP8 MMA
+    program ignores it). `max_programs` caps the grid (its
     programs then loop over the work items), to leave room beside a concurrent kernel.
     """
     table = chunk_table(chunk_offsets)  # offsets: views, no copy
@@ -135,6 +138,7 @@ def grouped_shared_attention(
         ("warp_specialize", warp_specialize),
         ("merge_m", merge_m),
         ("split_b", split_b),
+        ("half_tail", half_tail),
     ):
         if v_ is not None:
             cfg[k_] = v_
@@ -163,6 +167,8 @@ def grouped_shared_attention(
     if v_pool_t is not None and v_desc is None:
         raise ValueError("v_pool_t is read through TMA: pass use_tma=True (Hopper, aligned pools)")
     grid = w_max if max_programs is None else max(1, min(w_max, max_programs))
+    if cfg["half_tail"] and cfg["block_m"] >= 32 and kernel is _grouped_shared_attention_kernel:
+        mma["HALF_TAIL"] = True
     kernel[(grid,)](
         q,
         k_pool,

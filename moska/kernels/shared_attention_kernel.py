@@ -153,6 +153,7 @@ def _grouped_shared_attention_kernel(
     PER_TOKEN: tl.constexpr = False,  # scales [S_total, Hkv]: one per pool row and KV head
     chunk_scale_ptr=None,  # [C] fp32: factor on the softmax scale of chunk c (CHUNK_SCALE)
     CHUNK_SCALE: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False,  # a tile of <= BLOCK_M / 2 rows runs BLOCK_M / 2 rows
 ):
     # One work item per program; PERSISTENT: a capped grid whose programs loop over the
     # items, so the kernel can leave room on each SM for a concurrent kernel.
@@ -160,31 +161,70 @@ def _grouped_shared_attention_kernel(
     if PERSISTENT:
         for w in range(tl.program_id(0), n_items, tl.num_programs(0)):
             # fmt: off
-            _shared_item(
+            _item_rows(
                 w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
                 k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
-                chunk_scale_ptr, CHUNK_SCALE,
+                chunk_scale_ptr, CHUNK_SCALE, HALF_TAIL,
             )
             # fmt: on
     else:
         w = tl.program_id(0)
         if w < n_items:
             # fmt: off
-            _shared_item(
+            _item_rows(
                 w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
                 k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
-                chunk_scale_ptr, CHUNK_SCALE,
+                chunk_scale_ptr, CHUNK_SCALE, HALF_TAIL,
             )
             # fmt: on
 
 
 # fmt: off
+@triton.jit
+def _item_rows(
+    w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr,
+    sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
+    k_scale_ptr, v_scale_ptr, stride_sc,
+    KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr, PER_TOKEN: tl.constexpr,
+    chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, HALF_TAIL: tl.constexpr,
+):
+    # HALF_TAIL: the last tile of a group is its rows modulo BLOCK_M; when those fit in half
+    # a tile it computes BLOCK_M / 2 rows (one 64-row warpgroup MMA of a 128-row tile, not
+    # two), so a group of 150 rows costs 128 + 64 rows of tensor-core work instead of 256.
+    # Rows of a large-B group vary around their mean (Binomial): at 128 +- 22 rows, 128-row
+    # tiles ran 69% useful rows, 128 + 64 runs 81% (like 64-row tiles, at the 128-row rate).
+    tail = BLOCK_M  # rows of this tile, when HALF_TAIL asks
+    if HALF_TAIL:
+        tail = tl.load(work_ptr + W + w) * G - tl.load(work_ptr + 2 * W + w) * BLOCK_M
+    if tail <= BLOCK_M // 2:
+        _shared_item(
+            w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
+            sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+            stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+            G, D, BLOCK_M // 2, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
+            k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
+            chunk_scale_ptr, CHUNK_SCALE, BLOCK_M,
+        )
+    else:
+        _shared_item(
+            w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
+            sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+            stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
+            G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
+            k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
+            chunk_scale_ptr, CHUNK_SCALE, BLOCK_M,
+        )
+
+
 @triton.jit
 def _shared_item(
     w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr,
@@ -194,9 +234,10 @@ def _shared_item(
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
     k_scale_ptr, v_scale_ptr, stride_sc,
     KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr, PER_TOKEN: tl.constexpr,
-    chunk_scale_ptr, CHUNK_SCALE: tl.constexpr,
+    chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, TILE_M: tl.constexpr,
 ):
     # fmt: on
+    # TILE_M: the work list's rows per tile; BLOCK_M (<= TILE_M) of them are computed
     # work item w: one row tile of one (chunk, KV head) group, over one split of the chunk
     start = tl.load(work_ptr + w)
     n_sel = tl.load(work_ptr + W + w)
@@ -209,7 +250,7 @@ def _shared_item(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    rows = tile * BLOCK_M + offs_m  # row of the group: selection rows // G, head rows % G
+    rows = tile * TILE_M + offs_m  # row of the group: selection rows // G, head rows % G
     row_ok = rows < n_sel * G
     req = tl.load(sel_req_ptr + start + rows // G, mask=row_ok, other=0)
     head = kv * G + rows % G
@@ -328,6 +369,6 @@ def _shared_item(
         )
         tl.store(lse_ptr + out_rows, lse, mask=row_ok)
     else:
-        part = w.to(tl.int64) * BLOCK_M + offs_m
+        part = w.to(tl.int64) * TILE_M + offs_m
         tl.store(o_part_ptr + part[:, None] * D + offs_d[None, :], o)
         tl.store(lse_part_ptr + part, lse)
