@@ -8,8 +8,11 @@ real engine on rank 0 with `serve_steps` on rank 1 with graphs forced on and the
 faked (`_EagerGraph`: the same static buffers, warm-up and bucket protocol; a replay runs the
 recorded forward eagerly, collectives included, where CUDA would replay them): greedy tokens
 equal one process's, both ranks replay the same buckets the same number of times, and a
-decode step costs rank 1 one control message. With 2 GPUs the real thing runs over NCCL
-(`test_tp_graphs_nccl`, cuda-marked).
+decode step costs rank 1 one control message. Greedy decode steps gather each rank's argmax
+(FOLLOW_TOKENS, `greedy_tokens`: ties to the lowest id across ranks, as argmax) instead of
+the logits; a step with a logprobs request gathers the logits, and its tokens and logprobs
+equal one process's. With 2 GPUs the real thing runs over NCCL (`test_tp_graphs_nccl`,
+cuda-marked).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tp_support import build_checkpoint, engine_kwargs, greedy
 from moska.distributed.step_channel import MAX_CAPACITY, MIN_CAPACITY, next_capacity
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
+MIXED = [[7, 3, 9, 12], [44, 45, 46]]  # with logprobs, plain greedy: one decode batch
 TOKENS = 6  # greedy() gives request i TOKENS + i: the batch shrinks 3 -> 2 -> 1
 
 
@@ -92,9 +96,10 @@ def _protocol(rank: int, control, comm) -> dict:
     """Rank 0 sends a script of commands; rank 1 checks each and counts its broadcasts."""
     import torch.distributed as dist
 
-    from moska.distributed.step_channel import Command, StepChannel
+    from moska.distributed.step_channel import FOLLOW_TOKENS, Command, StepChannel
 
     ch = StepChannel(comm, control, torch.device("cpu"), 8, torch.float32)
+    out_ties = _argmax_ties(rank, comm)
     calls, real = [0], dist.broadcast
 
     def counted(*a, **kw):
@@ -103,7 +108,7 @@ def _protocol(rank: int, control, comm) -> dict:
 
     dist.broadcast = counted  # type: ignore[assignment]
     script = [(2, 2, False), (64, 64, False), (64, 64, True), (3, 2, True)]  # (B, W, follow)
-    out: dict = {"capacity": [], "broadcasts": [], "follow": []}
+    out: dict = {"capacity": [], "broadcasts": [], "follow": [], "ties": out_ties}
     try:
         for i, (b, w, follow) in enumerate(script):
             ids, pos, meta = _forward_inputs(b, w, i)
@@ -128,12 +133,16 @@ def _protocol(rank: int, control, comm) -> dict:
             out["capacity"].append(ch.capacity)
         _, pos, meta = _forward_inputs(5, 3, 9)
         if rank == 0:
-            ch.send_graph_step(8, pos, meta.slot_mapping, meta.seq_lens, meta.block_tables, True)
-            ch.send_logits(pos, same_as_forward=True)
+            args = (8, pos, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            ch.send_graph_step(*args, FOLLOW_TOKENS)
+            with pytest.raises(RuntimeError, match="logits_follow"):  # tokens were announced
+                ch.send_logits(pos, same_as_forward=True)
+            out["take"] = [ch.take_tokens(same_as_forward=s) for s in (False, True, True)]
             out["refused"] = ch.agree(None)
         else:
             msg = ch.recv()
-            assert msg.command is Command.GRAPH_STEP and msg.bucket == 8 and msg.logits_follow
+            assert msg.command is Command.GRAPH_STEP and msg.bucket == 8
+            assert msg.logits_follow == FOLLOW_TOKENS
             assert msg.meta is not None and torch.equal(msg.positions, pos)
             assert torch.equal(msg.meta.block_tables, meta.block_tables)
             assert torch.equal(msg.meta.seq_lens, meta.seq_lens)
@@ -156,6 +165,52 @@ def _protocol(rank: int, control, comm) -> dict:
     else:
         serve_steps(None, None, ch, torch.device("cpu"), libraries=object(), graphs=None)
     return out
+
+
+def _argmax_ties(rank: int, comm) -> dict:
+    """greedy_tokens over 2 ranks' vocabulary shards (V = 37: 19 + 18) against the argmax of
+    the full logits, on fresh random rows, three of them with tied maxima: across the ranks
+    (ids 5 and 30), within rank 0 (7, 12) and within rank 1 (25, 33)."""
+    from moska.distributed.tensor_parallel import TensorParallelCausalLM, span
+
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(6, 16, generator=g)
+    weight = torch.randn(37, 16, generator=g)
+    for row, ids in enumerate([(5, 30), (7, 12), (25, 33)]):
+        for i in ids:
+            weight[i] = 4 * hidden[row]  # the largest logit of the row, twice
+    lo, hi = span(37, 2, rank)
+    shard = SimpleNamespace(driver=None, _last_hidden=None, lm_head_weight=weight[lo:hi],
+                            plan=SimpleNamespace(vocab=(lo, hi)), comm=comm)  # fmt: skip
+    got = TensorParallelCausalLM.greedy_tokens(shard, hidden)  # type: ignore[arg-type]
+    want = (hidden @ weight.T).argmax(-1)
+    return {"got": None if got is None else got.tolist(), "want": want.tolist()}
+
+
+def _mixed(engine) -> dict:
+    """MIXED decoded together: one request asks for logprobs (the logits are gathered)."""
+    from moska.engine.sampling_params import SamplingParams
+
+    for i, p in enumerate(MIXED):
+        lp = 2 if i == 0 else None
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=lp)
+        engine.add_request(f"m{i}", p, params)
+    out: dict = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                c = o.outputs[0]
+                out[o.request_id] = (c.token_ids, [t.logprob for t in c.logprobs or []])
+    return out
+
+
+def _count_heads(model) -> Counter:
+    """Count the model's LM-head calls by kind (argmax gather or logits gather)."""
+    heads: Counter = Counter()
+    for name in ("greedy_tokens", "compute_logits"):
+        real = getattr(model, name)
+        setattr(model, name, lambda h, n=name, f=real: (heads.update([n]), f(h))[1])
+    return heads
 
 
 def _ranks(rank: int, world: int, path: str) -> dict:
@@ -193,21 +248,28 @@ def _ranks(rank: int, world: int, path: str) -> dict:
             return msg
 
         channel.recv = logged  # type: ignore[method-assign]
+        heads = _count_heads(loaded.model)
         serve_steps(loaded.model, runner.attention, channel, cpu, graphs=runner.graphs)
         g = runner.graphs
-        return {**out, "commands": commands, "replays": g.replays, "graphs": sorted(g._graphs)}
+        return {**out, "commands": commands, "replays": g.replays, "graphs": sorted(g._graphs),
+                "heads": dict(heads)}  # fmt: skip
     loaded.model.driver = channel
+    heads = _count_heads(loaded.model)
     try:
         eng = LLMEngine(config, loaded)
         out["tokens"] = greedy(eng, PROMPTS, TOKENS)
         g = eng.runner.graphs
         out.update(replays=g.replays, graphs=sorted(g._graphs), kind=type(g).__name__)
+        out["heads_greedy"] = dict(heads)
+        out["mixed"] = _mixed(eng)
+        out.update(heads=dict(heads), replays_all=g.replays)
     finally:
         channel.send_stop()
     ModelRunner._use_graphs, DecodeGraphs._capture = saved  # type: ignore[method-assign]
     ref = LLMEngine.from_model(path, **kw)  # one process, eager
     assert ref.runner.graphs is None
     out["ref"] = greedy(ref, PROMPTS, TOKENS)
+    out["mixed_ref"] = _mixed(ref)
     return out
 
 
@@ -241,6 +303,7 @@ def test_one_message_per_step(results):
     assert p1["broadcasts"] == [1, 2, 1, 1]
     assert p1["capacity"] == p0["capacity"] == [MIN_CAPACITY, 8192, 8192, MIN_CAPACITY]
     assert p1["follow"] == [False, False, True, True]
+    assert p0["take"] == [False, True, False]  # only the announced rows, once
     assert p0["refused"] == p1["refused"] == {1: "rank 1 says no"}
     assert "decode batch 2" in p0["capture_refused"]
 
@@ -251,11 +314,37 @@ def test_graph_steps_match_one_process(results):
     assert r0["tokens"] == r0["ref"] and len(r0["tokens"]) == len(PROMPTS)
     # batches of 3, 2, 1 rows: buckets 4, 2, 1, captured by both ranks alike
     assert r0["graphs"] == r1["graphs"] == [(1,), (2,), (4,)]
-    assert r0["replays"] == r1["replays"] >= TOKENS
+    assert r0["replays_all"] == r1["replays"] > r0["replays"] >= TOKENS  # MIXED's replayed
     c = Counter(r1["commands"])
     assert c["GRAPH_CAPTURE"] == 3 and c["GRAPH_STEP"] == r1["replays"]
     # a decode step is one message: no LOGITS_LAST (every step said logits_follow)
     assert set(c) <= {"FORWARD", "LOGITS_ROWS", "GRAPH_CAPTURE", "GRAPH_STEP", "STOP"}
+
+
+def test_argmax_gather_equals_full_argmax_with_ties(results):
+    t0, t1 = results[0]["protocol"]["ties"], results[1]["protocol"]["ties"]
+    assert t0["got"] == t0["want"] and t1["got"] is None
+    assert t0["want"][:3] == [5, 7, 25]  # the first of each tie, as argmax of the logits
+
+
+def test_greedy_steps_gather_tokens_logprobs_steps_logits(results):
+    r0, r1 = results[0], results[1]
+    # every greedy decode step (each a graph replay) took the argmax gather, on both ranks;
+    # the logits were gathered for the prefills' rows only
+    h = r0["heads_greedy"]
+    assert h["greedy_tokens"] == r0["replays"] and h["compute_logits"] == 1
+    # the MIXED steps (a logprobs request in each) gathered the logits, both ranks alike
+    assert r0["heads"]["greedy_tokens"] == h["greedy_tokens"] == r1["heads"]["greedy_tokens"]
+    assert r0["heads"]["compute_logits"] >= h["compute_logits"] + 4 == 5
+    assert r1["heads"]["compute_logits"] == r0["heads"]["compute_logits"]
+    got, want = r0["mixed"], r0["mixed_ref"]
+    assert set(got) == set(want) == {"m0", "m1"}
+    for rid in got:
+        assert got[rid][0] == want[rid][0]  # tokens
+        lp, ref = torch.tensor(got[rid][1]), torch.tensor(want[rid][1])
+        assert lp.shape == ref.shape and (rid == "m1" or lp.numel() == 4)
+        if lp.numel():
+            assert ((lp - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
