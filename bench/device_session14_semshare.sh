@@ -5,7 +5,8 @@
 # ~7.7 ms of GPU work, host-bound). 1) correctness: the CUDA tests (a replay writes the
 # eager blend's KV; the engine's warm-up captures every bucket; the GPU reuse path vs the
 # CPU's); 2) the number: TTFT of 5,120-token near-duplicates (renamed, reordered,
-# reworded; 2 documents x 2 seeds; random 1B Llama) with reuse off (plain prefill), on with
+# reworded; 2 documents x 2 seeds; random 1B Llama; engines as served, decode graphs on, when
+# the engine test of both graphs passed) with reuse off (plain prefill), on with
 # graphs (the default), on eager (no graphs) and on with graphs at recompute fraction 0.05,
 # all in one run; 3) the reuse path stage by stage: plan, blend (graphs), the same blend
 # eager, plain prefill. Carry .whl and .models/moska-code-20m. Prints one table.
@@ -15,24 +16,31 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
 if [ "${1:-}" = "--cpu-dry-run" ]; then
-  PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1
+  PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; DRY=1
   TOK=${TOK:-../shared/models/moska-code-20m}
   TESTS="tests/semshare/test_graphs.py"; TT=120; TS=200
   SARGS="--cpu-dry-run"
   PARGS="--device cpu --dtype float32 --arch tiny --prompt 256 --kinds rename --repeats 1"
 else
-  PY=python3; export TRITON_INTERPRET=0; TOK=.models/moska-code-20m
+  PY=python3; export TRITON_INTERPRET=0; TOK=.models/moska-code-20m; DRY=""
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
-  TESTS="-m cuda tests/semshare/test_graphs.py tests/semshare/test_fast_path_cuda.py"; TT=40; TS=100
+  TESTS="-m cuda tests/semshare/test_graphs.py tests/semshare/test_fast_path_cuda.py"; TT=35; TS=100
   SARGS="--docs 2 --repeats 2"
   PARGS="--device cuda --arch 1b --repeats 2"
 fi
 # shellcheck disable=SC2086
 timeout $TT $PY -m pytest -q -p no:cacheprovider -rs $TESTS > "$OUT/tests.log" 2>&1
 echo "tests rc=$? ($(( $(date +%s) - T0 )) s)"
+# the engines as served (decode graphs on) only where the engine test with both graphs passed
+DG=""
+if [ -z "$DRY" ]; then
+  timeout 25 $PY -m pytest -q -p no:cacheprovider -rs -m cuda \
+    tests/semshare/test_graphs_engine_cuda.py > "$OUT/tests_engine.log" 2>&1 && DG="--decode-graphs"
+  echo "engine graphs test: ${DG:-failed, the speed engines run eagerly} ($(( $(date +%s) - T0 )) s)"
+fi
 # shellcheck disable=SC2086
-timeout $TS $PY bench/semshare_speed.py --tokenizer "$TOK" $SARGS --eager-too \
+timeout $TS $PY bench/semshare_speed.py --tokenizer "$TOK" $SARGS $DG --eager-too \
   --also-fractions 0.05 --out "$OUT/semshare_speed_session14.json" > "$OUT/speed.log" 2>&1
 echo "speed rc=$? ($(( $(date +%s) - T0 )) s)"
 TP=$(( 190 - ($(date +%s) - T0) )); [ $TP -lt 20 ] && TP=20
@@ -52,7 +60,8 @@ def load(name):
 speed = load("semshare_speed_session14")
 if speed:
     s = speed["summary"]
-    print("graphs (reuse engine 'on'):", speed.get("graphs"))
+    print("graphs (reuse engine 'on'):", speed.get("graphs"), "enforce_eager:",
+          speed.get("engine", {}).get("enforce_eager"))
     print(f"{'TTFT ms':10} {'plain':>7} {'eager':>7} {'x':>5} {'graphs':>7} {'x':>5} "
           f"{'r0.05 graphs':>12} {'x':>5} {'reused':>7}")
     for k, r in s.items():
@@ -81,6 +90,6 @@ if path:
     print("graphs", p.get("graphs"), "warm_up", p.get("warm_up"), "rows", p.get("row_counts"),
           "reused share", p.get("reused_share"))
 PY
-tail -4 "$OUT/tests.log" | cut -c1-300
+for f in tests tests_engine; do [ -f "$OUT/$f.log" ] && tail -4 "$OUT/$f.log" | cut -c1-300; done
 for f in speed path; do echo "== $f"; grep -i "warn\|error\|Traceback" "$OUT/$f.log" | head -5 | cut -c1-300; tail -2 "$OUT/$f.log" | cut -c1-300; done
 echo "total $(( $(date +%s) - T0 )) s"

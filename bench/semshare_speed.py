@@ -7,6 +7,9 @@ is sent first (the reuse engine stores it), then one variant per kind (identifie
 top-level definitions reordered, docstrings reworded: `bench/semshare_workload.py`), each
 one request of max_tokens=1 in an otherwise idle engine; TTFT = add_request until its
 output is on the host (matching included). Prefix caching stays on in both engines.
+`--eager-too`: a reuse engine without the blend's CUDA graphs (`moska/semshare/graphs.py`);
+`--decode-graphs`: the engines as served (not --enforce-eager), so a reused prompt's last
+token, which the step's ordinary forward computes, runs as a decode graph replay.
 
 Model: `--model DIR` (any Llama-family checkpoint and its tokenizer), or by default a
 random-weight Llama of `--arch` built here (speed does not need trained weights; matching
@@ -185,6 +188,12 @@ def main() -> None:
         action="store_true",
         help="one more reuse engine without CUDA graphs past the boundary ('on_eager')",
     )
+    ap.add_argument(
+        "--decode-graphs",
+        action="store_true",
+        help="the engines' decode CUDA graphs on (not --enforce-eager): a reused prompt's last "
+        "token, computed by the step's ordinary forward, is then one replay",
+    )
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model and prompts on CPU")
     ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_speed.json"))
     args = ap.parse_args()
@@ -206,9 +215,11 @@ def main() -> None:
         "dtype": "float32" if device == "cpu" else "bfloat16",
         "max_model_len": args.prompt + 64,
         "max_num_batched_tokens": args.prompt + 64,
-        "enforce_eager": True,
+        "enforce_eager": not args.decode_graphs,
         "num_kv_blocks": 4 * -(-(args.prompt + 64) // 16),
     }
+    if args.decode_graphs:  # one request at a time: a few decode batch sizes to capture
+        kw["max_num_seqs"] = 4
     engines = {
         "off": LLMEngine.from_model(model_dir, **kw),
         # a 5K-token reference of an 8B model is 1.3 GiB of KV: more than the default store
@@ -310,6 +321,7 @@ def main() -> None:
         "source": args.source,
         "documents": sorted({r["doc"] for r in rows}),
         "shapes": {"prompt": args.prompt, "docs": len(docs), "repeats": args.repeats},
+        "engine": kw,
         "semshare": on.config.__dict__,
         "store": {"entries": len(on.store), "bytes": on.store.nbytes, **on.store.stats.__dict__},
         "graphs": None
