@@ -10,7 +10,7 @@ over `--iters` back-to-back calls; `step_comm_ms` adds them up as a step does. A
 CUDA sees peer access between the GPUs (without it NCCL goes through host memory).
 
 GPU (2 GPUs):  python3 bench/nccl_link_probe.py --out $OUT/nccl_link_probe.json
-CPU check (gloo):  .venv/bin/python bench/nccl_link_probe.py --cpu-dry-run
+CPU (gloo, the same sizes):  .venv/bin/python bench/nccl_link_probe.py --cpu --iters 10
 (NCCL_DEBUG=INFO on the command line prints NCCL's transport per channel, "via P2P/..." or
 "via SHM/...".)
 """
@@ -57,7 +57,7 @@ def _time(fn, iters: int, cuda: bool) -> float:
 
 def _rank(rank: int, port: int, a, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = not a.cpu_dry_run
+    cuda = not a.cpu
     if cuda:
         dev = torch.device("cuda", rank)
         torch.cuda.set_device(dev)
@@ -65,7 +65,7 @@ def _rank(rank: int, port: int, a, out: str) -> None:
     else:
         dev = torch.device("cpu")
         dist.init_process_group("gloo", rank=rank, world_size=2)
-    dt = torch.bfloat16 if cuda else torch.float32
+    dt = torch.bfloat16
     rows = {}
     for b in a.batch:
         x = torch.randn(b, a.hidden, device=dev, dtype=dt)
@@ -109,11 +109,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--cpu-dry-run", action="store_true", help="gloo on CPU, small sizes")
+    ap.add_argument("--cpu", action="store_true", help="gloo on CPU (host copies over TCP)")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="--cpu with small sizes")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.cpu_dry_run:
-        a.hidden, a.vocab, a.iters = 256, 4096, 5
+        a.cpu, a.hidden, a.vocab, a.iters = True, 256, 4096, 5
     from moska.bench.common import environment, write_json
 
     with socket.socket() as s:
@@ -126,8 +127,8 @@ def main() -> None:
     result = {
         "bench": "nccl_link_probe",
         "env": environment(),
-        "device": "cpu" if a.cpu_dry_run else "cuda x2",
-        "dtype": "float32" if a.cpu_dry_run else "bfloat16",
+        "device": "cpu (gloo)" if a.cpu else "cuda x2",
+        "dtype": "bfloat16",
         "shapes": {"batch": a.batch, "hidden": a.hidden, "vocab": a.vocab, "layers": a.layers},
         **got,
         "summary": {"peer_access": got["peer_access"], **_summary(got["rows"])},
