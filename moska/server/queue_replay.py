@@ -106,6 +106,10 @@ class Prediction(NamedTuple):
     first_s: float = 0.0  # the whole predicted time of the replay's first step (the one in
     # progress when `Load.busy_s` > 0: AdmissionController.predict rescales by how far past
     # it that step has already run)
+    # until the new requests' first token: (start, end, seconds a step, steps) per run of
+    # equal steps (retry_drain.first_admit: a request arriving during a step is predicted
+    # at least a quarter of it, so admission reopens only at its end)
+    spans: tuple[tuple[float, float, float, int], ...] = ()
 
 
 def replay(
@@ -159,6 +163,7 @@ def replay(
     served = 0  # queue entries that got their first token
     first_s = 0.0
     prefilling = 0  # admitted entries without a first token (hold a seq slot)
+    spans: list[tuple[float, float, float, int]] = []
     while step < max_sim_steps:
         while finish and finish[0] <= step:
             finish.pop(0)
@@ -173,7 +178,10 @@ def replay(
             k = max(1, finish[0] - step)
             dt = step_s(0, lib_pairs, num_decode)
             first_s = first_s or dt
+            spans.append((t, t + left(dt, step), dt, 1))
             t += left(dt, step) + (k - 1) * dt
+            if k > 1:
+                spans.append((spans[-1][1], t, dt, k - 1))
             step += k
             continue
         prefill = 0
@@ -205,6 +213,7 @@ def replay(
             clear_step = step + 1
         dt = step_s(prefill, lib_pairs, num_decode)
         first_s = first_s or dt
+        spans.append((t, t + left(dt, step), dt, 1))
         t += left(dt, step)
         step += 1
         for cost in done:
@@ -231,7 +240,9 @@ def replay(
     if math.isinf(ttft):
         return Prediction(ttft, queue_s, clear_s, alone, math.inf, first_s=first_s)
     idle, decoding, steps = _idle_s(clear_s, clear_step, ahead_finish, step_s, left)
-    return Prediction(ttft, queue_s, clear_s, alone, idle, decoding, steps, clear_step, first_s)
+    return Prediction(
+        ttft, queue_s, clear_s, alone, idle, decoding, steps, clear_step, first_s, tuple(spans)
+    )
 
 
 def _idle_s(

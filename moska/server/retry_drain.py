@@ -117,13 +117,33 @@ def drain_s(
         if fall is not None and shared_s is not None:
             engine = factor_falls(pred, fits, risk, shared_s, fall, door_wait_s)
     else:
-        engine = pred.ttft_s - fits / risk
+        engine = first_admit(pred, fits / risk)
         if engine > pred.clear_s:  # the queue ahead is served first: no risk then
-            engine = max(pred.clear_s, pred.ttft_s - fits)
+            engine = max(pred.clear_s, first_admit(pred, fits))
             if shared_s is not None:
                 engine = max(engine, shares_fit(pred, fits, shared_s))
         engine = min(engine, pred.idle_s)
     return max(engine, door_wait_s, 0.0)
+
+
+def first_admit(pred: Prediction, target: float) -> float:
+    """When a retry behind the same queue is first predicted within `target`: FIFO, at
+    `d` its TTFT is `pred.ttft_s - d`, but one arriving during a step is predicted at
+    least a quarter of that step still to run (`queue_replay.replay`'s step in progress),
+    so if `ttft_s - target` falls in the last quarter of a step the retry is admitted
+    only at that step's end. Why: the drain is when admission would admit, and it stays
+    shut through the end of a long step (on CPU a 4,095-token prefill step predicted 4.6 s
+    kept plain retries out until it ended, 1.9 s after the door's 429s)."""
+    d = pred.ttft_s - target
+    for start, end, dt, k in pred.spans:
+        if not start < d <= end:
+            continue
+        i = max(1, math.ceil((d - start) / dt - 1e-9)) if k > 1 and dt > 0 else k
+        step_end = min(end, start + i * dt) if k > 1 else end
+        if max(step_end - d, 0.25 * dt) + pred.ttft_s - step_end > target + 1e-9:
+            return step_end
+        break
+    return d
 
 
 @dataclass(frozen=True)
