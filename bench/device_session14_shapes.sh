@@ -15,12 +15,12 @@ export PYTHONPATH=/tmp/site:$PWD
 echo "installed in $(( $(date +%s) - T0 )) s"
 N=14
 for i in $(seq 0 $((N - 1))); do
-  timeout 60 python3 -m moska.bench.kernels_shapes_variants --warm "$i/$N" > "$OUT/warm_$i.log" 2>&1 &
+  timeout 70 python3 -m moska.bench.kernels_shapes_variants --warm "$i/$N" > "$OUT/warm_$i.log" 2>&1 &
 done
 wait
 echo "warm-up (compiles) done at $(( $(date +%s) - T0 )) s; failures:"
 grep -h "failed" "$OUT"/warm_*.log | cut -c1-200 | head -8
-timeout 105 python3 -m moska.bench.kernels_shapes_variants --out "$OUT" --budget-s 85 \
+timeout 100 python3 -m moska.bench.kernels_shapes_variants --out "$OUT" --budget-s 80 \
   --name kernels_shapes_variants_h200.json > "$OUT/variants.log" 2>&1
 echo "variants rc=$? at $(( $(date +%s) - T0 )) s"
 sed -n '/^point /,$p' "$OUT/variants.log" | cut -c1-200

@@ -75,10 +75,11 @@ GROUPED = {
     ],
 }
 SINGLE = {
-    128: [T(64, 64, 4, 3), T(128, 128, 8, 3), T(128, 128, 8, 3, programs_per_sm=1),
-          T(128, 64, 8, 4), T(128, 128, 8, 3, warp_specialize=True)],
-    64: [T(64, 128, 4, 3), T(128, 128, 8, 3), T(128, 64, 8, 3), T(128, 128, 8, 4),
-         T(128, 64, 4, 3)],
+    128: [T(16, 128, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 3),
+          T(128, 128, 8, 3, programs_per_sm=1), T(128, 64, 8, 4),
+          T(128, 128, 8, 3, warp_specialize=True)],
+    64: [T(16, 128, 4, 3), T(64, 128, 4, 3), T(128, 128, 8, 3), T(128, 64, 8, 3),
+         T(128, 128, 8, 4), T(128, 64, 4, 3)],
 }  # fmt: skip
 GPU: dict[str, Any] = {"hkv": 8, "chunks": 256, "chunk_len": 4096, "topk": 8, "dtype": "bfloat16"}
 GPU |= {"dims": (128, 64), "gqa": (4, 8, 1), "b_grouped": (64, 1024), "single_len": 131072}
@@ -104,8 +105,8 @@ def variants(case: str, d: int, g: int, rows: float, dry: bool) -> dict[str, Gro
     table = grouped_tuning(d, g, rows)
     cands = DRY_TILES if dry else (GROUPED if case == "grouped" else SINGLE)[d]
     out = {f"table:{tag(table)}": table}
-    out |= {tag(t): t for t in cands if t != table}
-    return out
+    out |= {tag(t): t for t in cands if t != table and (t.block_m >= 32 or rows <= 256)}
+    return out  # 16-row tiles only where few rows (they run on the older, slower MMA)
 
 
 def single_problem(b: int, g: int, d: int, s: int, cfg: dict, dev: str, dtype) -> dict:
@@ -297,30 +298,28 @@ def grouped_points(cfg, pool, d, g, b, dev, sms, measure, deadline) -> list[dict
 
 def warm(cfg: dict, i: int, n: int, dev: str, dtype, sms: int, dry: bool) -> None:
     """Run the variants of units i, i + n, ... once at toy key counts (compiles; nothing
-    timed). A unit is one variant of one (case, D, G) at every B: the B's share its kernel,
-    and the units spread the compiles evenly over the n processes."""
-    units = []
-    for case, d, g in dict.fromkeys((c, d, g) for c, d, g, _ in jobs(cfg)):
-        bs = [b for c, d2, g2, b in jobs(cfg) if (c, d2, g2) == (case, d, g)]
-        units += [(case, d, g, bs, j) for j in range(len(variants(case, d, g, 1e9, dry)) + 1)]
+    timed). A unit is one tile of one (D, G) at every case and B that times it: they share
+    its kernel, so each kernel is compiled by one process and the units spread evenly."""
+    units: dict[tuple, list] = {}
+    for case, d, g, b in jobs(cfg):
+        if case == "grouped":
+            nsel = b * cfg["topk"] * cfg["hkv"]
+            rows = nsel * g / max(1, min(nsel, cfg["chunks"] * cfg["hkv"]))
+        else:
+            rows = b * g
+        for name, t in variants(case, d, g, rows, dry).items():
+            units.setdefault((d, g, t), []).append((case, b, name))
     pools: dict[int, tuple] = {}
-    for case, d, g, bs, j in units[i::n]:
-        for b in bs:
+    for (d, g, t), runs in list(units.items())[i::n]:
+        for case, b, name in runs:
             if case == "grouped":
                 pool = pools.setdefault(d, grouped_pool(cfg, WARM_CHUNK_LEN, d, dev, dtype))
                 sel = selections(b, cfg, "uniform", dev)
                 q = torch.randn(b, cfg["hkv"] * g, d, device=dev, dtype=dtype)
                 p = {"q": q, "k": pool[0], "v": pool[1], "offs": pool[2], "sel": sel}
-                nsel = sel.req.numel()
-                rows = nsel * g / max(1, min(nsel, cfg["chunks"] * cfg["hkv"]))
             else:
                 p = single_problem(b, g, d, WARM_SINGLE_LEN, cfg, dev, dtype)
-                rows = b * g
             p["scale"] = d**-0.5
-            vs = list(variants(case, d, g, rows, dry).items())
-            if j >= len(vs):  # the table's tile differs between B's: one more unit
-                continue
-            name, t = vs[j]
             t1 = time.time()
             try:
                 run_variant(p, t, sms)
