@@ -214,7 +214,7 @@ def blend_prefill(
     token_ids: torch.Tensor,  # [end - start] int64, the prompt's tokens [start, end)
     start: int,
     ref: Reference,
-    ref_pos: torch.Tensor,  # [end - start] int64, matched reference position or -1
+    ref_pos: torch.Tensor,  # [end - start] int64, matched reference position or -1 (host: no sync)
     recompute_fraction: float,
     recompute_layers: int,
     *,
@@ -233,12 +233,18 @@ def blend_prefill(
     end = start + n
     slots = slots_of(table, cache.block_size, 0, end, device)  # [end]
     new_pos = torch.arange(start, end, device=device)  # [n]
+    # the matched count fixes every later shape (the rows kept at the boundary, the counts
+    # returned): from a host ref_pos (the plan's) counted on the host, no sync; from a device
+    # one, the blend's one host sync, before any of its layers is queued
+    on_host = ref_pos.device.type == "cpu"
+    m_idx = (ref_pos >= 0).nonzero().squeeze(1) if on_host else None
     ref_pos = ref_pos.to(device, non_blocking=True)
     matched = ref_pos >= 0
     inv_freq = model.rotary.inv_freq
-    # the blend's one host sync, before any of its layers is queued: the matched count
-    # fixes every later shape (the rows kept at the boundary, the counts returned)
-    m_idx = matched.nonzero().squeeze(1)
+    if m_idx is None:
+        m_idx = matched.nonzero().squeeze(1)
+    else:  # pageable host memory: staged at once, no wait on the stream
+        m_idx = m_idx.to(device, non_blocking=True)
     num_matched = m_idx.numel()
     if num_matched and recompute_layers < len(model.layers):
         m_pos = ref_pos[m_idx]

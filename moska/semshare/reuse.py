@@ -40,8 +40,8 @@ class ReusePlan:
     """Which reference a prompt reuses and where each of its tokens comes from."""
 
     ref: Reference
-    # [num_prompt_tokens] int64 on the model's device (blend_prefill reads it there: a copy
-    # from the host would wait on the stream): reference position or -1
+    # [num_prompt_tokens] int64 on the host: reference position or -1 (blend_prefill counts
+    # the matches there, so a blend waits on no step in flight, and copies it non-blocking)
     ref_pos: torch.Tensor
     score: float  # share of the prompt's tokens that collided with the reference (LSH)
 
@@ -148,10 +148,11 @@ class SemanticReuse:
             return None
         ref, score = found
         match = match_tokens(feats, ref.features, cfg.threshold, self.granule)
-        if match.num_matched < cfg.min_reuse_fraction * len(prompt_ids):
+        ref_pos = match.ref_pos.cpu()  # the plan's second host sync (and the blend's none)
+        if int((ref_pos >= 0).sum()) < cfg.min_reuse_fraction * len(prompt_ids):
             return None
         self.stats.planned += 1
-        return ReusePlan(ref, match.ref_pos, score)
+        return ReusePlan(ref, ref_pos, score)
 
     def prefill(self, scheduled: list, block_table) -> None:
         """Blend the planned requests' prompt ranges of this step (see the module docstring)."""
