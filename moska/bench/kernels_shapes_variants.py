@@ -153,7 +153,15 @@ def point(p: dict, vs: dict, sms: int, measure, deadline: float, tol: float) -> 
 
 
 def sdpa_baselines(p: dict, g: int, measure, dev: str) -> dict:
-    """flash / cuDNN on the packed rows, K/V strided (pool views) and contiguous."""
+    """flash / cuDNN on the packed rows, K/V strided (pool views) and contiguous; timed
+    eagerly on the GPU (one launch a call, queued ahead of the GPU: no host gaps, and no
+    CUDA-graph capture of a library kernel that might refuse it)."""
+    if dev == "cuda":
+        from triton.testing import do_bench
+
+        def measure(fn) -> float:
+            return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
     q, k, v, scale = p["q"], p["k"], p["v"], p["scale"]
     b, _, d = q.shape
     hkv = k.shape[1]
