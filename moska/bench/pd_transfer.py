@@ -2,9 +2,11 @@
 with the prefill that computes the KV: the same-host channel (`--pd-transport`, default
 auto: CUDA IPC on a GPU, shared memory on CPU; `pd/ring.py`) against gloo in the same run.
 
-The decode rank is its own process (spawned; on a GPU it shares the prefill's device and
-copies each received transfer into it, as a decode instance writes its blocks). Measured,
-in one run:
+The decode rank is its own process (spawned; it copies each received transfer onto its
+device, as a decode instance writes its blocks). On a GPU host with several GPUs it runs
+on the next GPU, placed as `moska router --pd` places a decode instance (its
+CUDA_VISIBLE_DEVICES lists its own GPU first, then the others; `pd/gpu_placement.py`), so
+CUDA IPC copies peer to peer; `--same-gpu` shares the prefill's GPU. Measured, in one run:
 
 - `raw`: seconds and GB/s to send a prompt of N tokens' KV (`--raw-tokens`) at the model's
   KV dims, layer by layer; baseline: one host copy of the same bytes.
@@ -33,7 +35,9 @@ Llama-3.1-8B-shaped bf16 model (the device form).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
+import os
 import queue
 import random
 import statistics
@@ -200,8 +204,11 @@ def _phase(args, mode: str, engine, prefill: _Prefill, raw_layers, rng) -> dict:
     port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    child = ctx.Process(target=decode_rank, args=(port, args.device, expected, results, mode))
-    child.start()
+    child = ctx.Process(
+        target=decode_rank, args=(port, args.decode_device, expected, results, mode)
+    )
+    with _environ("CUDA_VISIBLE_DEVICES", args.decode_visible):
+        child.start()  # (spawn: the child's CUDA sees only what this says)
     transport = KVTransport(TransferEndpoint("127.0.0.1", port, 0, 2, 120.0, mode))
     joined = threading.Thread(target=transport.connect)
     joined.start()
@@ -257,6 +264,36 @@ def _phase(args, mode: str, engine, prefill: _Prefill, raw_layers, rng) -> dict:
             "summary": summary}  # fmt: skip
 
 
+@contextlib.contextmanager
+def _environ(key: str, value: str | None):
+    """`key` set to `value` (None: unchanged) while a child process starts."""
+    old = os.environ.get(key)
+    if value is not None:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = old
+
+
+def place_decode(device: str, same_gpu: bool) -> tuple[str, str | None]:
+    """(the decode rank's device, its CUDA_VISIBLE_DEVICES or None): the second GPU when
+    `device` is a plain cuda and several are visible (as the cluster places instances)."""
+    from moska.pd import gpu_placement
+
+    if same_gpu or device not in ("cuda", "auto"):
+        return device, None
+    placed = gpu_placement.plan(
+        2, "cuda", gpu_count=gpu_placement.visible_gpu_count(),
+        parent_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )  # fmt: skip
+    return device, placed[1]
+
+
 def main(argv: list[str] | None = None) -> dict:
     from moska.bench.common import environment, write_json
     from moska.pd.transport import TRANSPORTS
@@ -272,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--raw-tokens", type=int, default=None,
                     help="prompt tokens of the raw transfers (default --tokens; 8192 in the dry "
                     "run, so that it measures bandwidth, not latency)")  # fmt: skip
+    ap.add_argument("--same-gpu", action="store_true",
+                    help="the decode rank on the prefill's GPU (default: the next GPU)")  # fmt: skip
     ap.add_argument("--out", default="bench/results/pd_transfer.json")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model, 512 tokens, CPU")
     args = ap.parse_args(argv)
@@ -280,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.raw_tokens = args.raw_tokens or 8192
         if args.out == "bench/results/pd_transfer.json":
             args.out = "bench/results/pd_transfer_cpu.json"
+    args.decode_device, args.decode_visible = place_decode(args.device, args.same_gpu)
     engine = _engine(args)
     cache = engine.runner.cache
     args.raw_tokens = args.raw_tokens or args.tokens

@@ -16,6 +16,12 @@ TPOT p50/p99 of the completed requests, the share of admitted requests within bo
 the share of all requests within the TTFT SLO, rejections (429), failures and, for P/D,
 the prefix-cache hit rate of its prefill instances (prompt tokens found cached).
 
+With several GPUs each instance gets its own (`pd/gpu_placement.py`; `--gpus`,
+`--gpus-per-instance`); both systems stay up, so a GPU holds one instance of each (give
+them `--gpu-memory-utilization` to share it). `--rates R1,R2,..` replays the synthetic
+trace at each rate (systems started once) and reports each; `summary.regime` is the
+lowest rate where colocated met the TTFT SLO for under 80% of requests (the issue's).
+
     python -m moska.bench.trace --cpu-dry-run            # small synthetic trace, CPU
     python -m moska.bench.trace --trace FILE --pd 1:1 --speedup 2 --ttft-slo 2 --tpot-slo 0.1
 """
@@ -44,6 +50,7 @@ SUMMARY_KEYS = (
     "tpot_p99_s",
     "prefix_hit_rate",
 )
+SERVED = "moska-trace"  # the model id every instance serves (whatever its checkpoint)
 TOKEN_RANGE = (10, 250)  # ids every moska model's vocabulary has (the tiny one: 256 bytes)
 
 
@@ -120,7 +127,7 @@ class Result:
 async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: float) -> Result:
     import httpx
 
-    body = {"model": "moska-tiny", "prompt": prompt, "max_tokens": max_tokens,
+    body = {"model": SERVED, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     times: list[float] = []
@@ -236,15 +243,19 @@ def running_system(kind: str, args):
     from moska.pd.cluster import discover, parse_pd, start_cluster
     from moska.pd.frontend import FrontEnd, FrontEndConfig
     from moska.pd.frontend_app import create_frontend_app
+    from moska.pd.gpu_placement import parse_gpus
     from moska.pd.scheduler import SLO, GlobalScheduler
     from moska.server.background import background_server
 
     p, d = parse_pd(args.pd)
     serve_args = ["--device", args.device, "--max-model-len", str(args.max_model_len)]
+    serve_args += ["--served-model-name", SERVED]
     serve_args += args.instance_args.split()
     counts = (p, d, 0) if kind == "pd" else (0, 0, p + d)
     cluster = start_cluster(*counts, model=args.model, serve_args=serve_args,
-                            threads_per_instance=args.threads)  # fmt: skip
+                            threads_per_instance=args.threads, gpus=parse_gpus(args.gpus),
+                            gpus_per_instance=args.gpus_per_instance)  # fmt: skip
+    args.placement[kind] = dict(cluster.visible)  # name -> its CUDA_VISIBLE_DEVICES
     try:
         instances = discover(cluster.urls)
         sched = None
@@ -279,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trace", default=None, help="Mooncake JSONL trace (default: synthetic)")
     ap.add_argument("--requests", type=int, default=60, help="synthetic: number of requests")
     ap.add_argument("--rate", type=float, default=2.0, help="synthetic: requests per second")
+    ap.add_argument("--rates", default=None, help="synthetic: a sweep, e.g. 8,16,32 (each "
+                    "rate --requests x rate / --rate requests)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--speedup", type=float, default=1.0, help="divide trace times by this")
     ap.add_argument("--block-tokens", type=int, default=BLOCK, help="tokens per hash id")
@@ -291,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--instance-args", default="", help="more `moska serve` flags")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per instance")
+    ap.add_argument("--gpus", default=None, help="GPUs to place instances on (default all)")
+    ap.add_argument("--gpus-per-instance", type=int, default=1, help="0: all share the GPUs")
     ap.add_argument("--warmup", type=int, default=8, help="requests sent before measuring")
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--systems", default="colocated,pd")
@@ -306,8 +321,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.instance_args = f"--num-kv-blocks 2048 {args.instance_args}".strip()
         if args.out == "bench/results/pd_trace.json":
             args.out = "bench/results/pd_trace_cpu.json"
+    args.placement = {}
     rows = load_trace(args.trace) if args.trace else synthesize(args.requests, args.rate,
                                                                  seed=args.seed)  # fmt: skip
+    rates = [float(r) for r in args.rates.split(",")] if args.rates and not args.trace else []
     report: dict[str, Any] = {
         "benchmark": "pd_trace",
         "environment": environment(),
@@ -323,22 +340,60 @@ def main(argv: list[str] | None = None) -> dict:
         "systems": {},
     }
     kinds = args.systems.split(",")
-    gathered: dict[str, list] = {k: [[], 0.0, []] for k in kinds}  # results, wall, stats
     with contextlib.ExitStack() as stack:
         # every system is up before any is measured, and the rounds alternate between
         # them, so that a change in this host's load hits both alike
         fronts = {k: stack.enter_context(running_system(k, args)) for k in kinds}
-        for r in range(args.rounds):
-            rows_r = rows if args.trace else synthesize(args.requests, args.rate,
-                                                        seed=args.seed + r)  # fmt: skip
-            for kind in kinds if r % 2 == 0 else kinds[::-1]:
-                front, url = fronts[kind]
-                results, wall, stats = measure(front, url, rows_r, args)
-                gathered[kind][0] += results
-                gathered[kind][1] += wall
-                gathered[kind][2].append(stats)
-                one = summarize(results, wall, args.ttft_slo, args.tpot_slo)
-                print(f"round {r} {kind}", json.dumps(one), flush=True)
+        if not rates:
+            report["systems"] = _rounds(fronts, kinds, rows, args.rate, args)
+        else:
+            report["by_rate"] = {}
+            for rate in rates:  # written after each: a run cut short keeps the rates done
+                report["by_rate"][str(rate)] = _rounds(fronts, kinds, None, rate, args)
+                write_json(args.out, report)
+    report["placement"] = args.placement
+    if rates:
+        by = report["by_rate"]
+        share = {r: v.get("colocated", {}).get("within_ttft_slo_of_all") for r, v in by.items()}
+        regime = [r for r, x in share.items() if x is not None and x < 0.8]
+        chosen = regime[0] if regime else str(rates[-1])
+        report["systems"] = by[chosen]
+        report["regime"] = {"rate": chosen, "in_regime": bool(regime)}
+    systems = report["systems"]
+    report["summary"] = {k: {m: v.get(m) for m in SUMMARY_KEYS} for k, v in systems.items()}
+    if rates:
+        report["summary"]["regime"] = report["regime"]
+        report["summary"]["by_rate"] = {
+            r: {k: {m: v[k].get(m) for m in SUMMARY_KEYS[:3]} for k in v}
+            for r, v in report["by_rate"].items()
+        }
+    if {"pd", "colocated"} <= set(systems):
+        report["summary"]["pd_goodput_over_colocated"] = (
+            round(systems["pd"]["goodput_rps"] / systems["colocated"]["goodput_rps"], 3)
+            if systems["colocated"]["goodput_rps"]
+            else None
+        )
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return report
+
+
+def _rounds(fronts: dict, kinds: list[str], rows: list[dict] | None, rate: float, args) -> dict:
+    """`args.rounds` alternating replays of each system (the trace's `rows`, or synthetic
+    ones at `rate`: `args.requests` scaled by rate / `args.rate`); each system's summary."""
+    gathered: dict[str, list] = {k: [[], 0.0, []] for k in kinds}  # results, wall, stats
+    n = max(1, round(args.requests * rate / args.rate))
+    for r in range(args.rounds):
+        rows_r = rows if rows is not None else synthesize(n, rate, seed=args.seed + r)
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
+            front, url = fronts[kind]
+            results, wall, stats = measure(front, url, rows_r, args)
+            gathered[kind][0] += results
+            gathered[kind][1] += wall
+            gathered[kind][2].append(stats)
+            one = summarize(results, wall, args.ttft_slo, args.tpot_slo)
+            print(f"rate {rate} round {r} {kind}", json.dumps(one), flush=True)
+    out_all = {}
     for kind, (results, wall, stats) in gathered.items():
         out = summarize(results, wall, args.ttft_slo, args.tpot_slo)
         prompt = sum(s.get("prompt_tokens", 0) for s in stats)
@@ -352,18 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
              r.tpot_s and round(r.tpot_s, 4)]
             for r in results
         ]  # fmt: skip
-        report["systems"][kind] = out
-    systems = report["systems"]
-    report["summary"] = {k: {m: v.get(m) for m in SUMMARY_KEYS} for k, v in systems.items()}
-    if {"pd", "colocated"} <= set(systems):
-        report["summary"]["pd_goodput_over_colocated"] = (
-            round(systems["pd"]["goodput_rps"] / systems["colocated"]["goodput_rps"], 3)
-            if systems["colocated"]["goodput_rps"]
-            else None
-        )
-    write_json(args.out, report)
-    print(f"wrote {args.out}")
-    return report
+        out_all[kind] = out
+    return out_all
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def start_cluster(
                 cmd += ["--pd-rank", str(i), "--pd-world", str(world), "--pd-master", master]
             cmd += list(serve_args)
             log = log_dir / f"{name}.log"
-            env_i = env if placed[i] is None else {**env, "CUDA_VISIBLE_DEVICES": placed[i]}
+            visible = placed[i]
+            env_i = env if visible is None else {**env, "CUDA_VISIBLE_DEVICES": visible}
             with open(log, "wb") as fh:
                 proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env_i)
             cluster.processes[name] = proc
