@@ -321,6 +321,18 @@ def test_graph_steps_match_one_process(results):
     assert set(c) <= {"FORWARD", "LOGITS_ROWS", "GRAPH_CAPTURE", "GRAPH_STEP", "STOP"}
 
 
+def test_argmax_only_is_plain_greedy():
+    from moska.engine.sampler import Sampler
+    from moska.engine.sampling_params import SamplingParams as P
+
+    g = P(temperature=0.0)
+    assert Sampler.argmax_only([g, g])
+    others = [P(temperature=0.7), P(temperature=0.0, logprobs=1),
+              P(temperature=0.0, logit_bias=((3, 1.0),)), P(temperature=0.0, repetition_penalty=1.2),
+              P(temperature=0.0, logits_processors=(lambda ids, x: x,))]  # fmt: skip
+    assert not any(Sampler.argmax_only([g, o]) for o in others)
+
+
 def test_argmax_gather_equals_full_argmax_with_ties(results):
     t0, t1 = results[0]["protocol"]["ties"], results[1]["protocol"]["ties"]
     assert t0["got"] == t0["want"] and t1["got"] is None
