@@ -19,8 +19,8 @@ def _pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
-_PROBE_KEYS = ("probes", "status", "admitted", "dry_admitted", "t_start", "t_status")
-_PROBE_KEYS += ("ttft", "error", "prompt_chars")
+_PROBE_KEYS: tuple[str, ...] = ("probes", "status", "admitted", "dry_admitted", "t_start")
+_PROBE_KEYS += ("t_status", "ttft", "error", "prompt_chars")
 
 
 def _share(values: list, slo: float | None) -> float | None:
