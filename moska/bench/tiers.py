@@ -28,9 +28,13 @@ import numpy as np
 import torch
 
 from moska.bench.common import environment
+from moska.bench.tier_biased import run_biased
 from moska.bench.tier_eviction import zipf_probs
+from moska.bench.tier_floor import floor, h2d_bytes_per_s, needed
+from moska.bench.tier_schedule import run_affinity
 from moska.kernels.selections import from_topk
 from moska.library.chunk_store import MemoryChunks
+from moska.library.tier_affinity import AffinityConfig
 from moska.library.tiers import ChunkTiers, TierConfig
 
 DRY = {
@@ -63,7 +67,20 @@ def parse(argv=None) -> argparse.Namespace:
         "step to the next on moska-code-20m, bench/results/tier_prefetch_study.json)",
     )
     ap.add_argument("--lifetime", type=float, default=256.0, help="mean steps of a request")
-    ap.add_argument("--modes", default="lfu-wait,lru-wait,lfu-skip")
+    ap.add_argument(
+        "--modes",
+        default="lfu-wait,lru-wait,lfu-skip,allhit-wait,affinity-wait,biased1.0-wait",
+        help="allhit: the tiered path with every chunk in a slot (its overhead alone); "
+        "affinity: the chunk-affinity scheduler (moska/library/tier_affinity.py); biased<p>: "
+        "residency-biased routing moving a share p of non-resident selections "
+        "(moska/bench/tier_biased.py)",
+    )
+    ap.add_argument("--max-wait", type=int, default=8, help="affinity: steps a request waits")
+    ap.add_argument("--swap-every", type=int, default=4, help="biased: steps between swaps")
+    ap.add_argument(
+        "--swap-chunks", type=int, default=0,
+        help="affinity: chunks fetched per step (0: resident step time x H2D / chunk bytes)",
+    )  # fmt: skip
     ap.add_argument("--prefetch", default="next_layer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on CPU")
@@ -175,6 +192,42 @@ def run_mode(a, mode, sels, pools, tiers, ops, device, mlp) -> dict:
     return out
 
 
+def _summary(rows, workloads, a, h2d: float, chunk_bytes: float) -> dict:
+    """Per workload: each tiered mode's ratio to all-resident, with the floor PCIe allows at
+    its measured bytes per step (tier_floor.py), and what 0.8x would need."""
+    summary: dict[str, Any] = {"h2d_gib_per_s": h2d / 2**30}
+    for dist in workloads:
+        base = next(r for r in rows if r["dist"] == dist and r["mode"] == "resident")
+        t_res = base["seconds"] / a.steps
+        allhit = next((r for r in rows if r["dist"] == dist and r["mode"] == "allhit-wait"), None)
+        t_over = allhit["seconds"] / a.steps if allhit else 0.0
+        demanded = base["demanded_chunks_per_step"] * chunk_bytes
+        modes = {}
+        for r in rows:
+            if r["dist"] != dist or r["mode"] == "resident":
+                continue
+            m = modes[r["mode"]] = {
+                "ratio_vs_resident": r["tokens_per_s"] / base["tokens_per_s"],
+                "gpu_hit_rate": r["gpu_hit_rate"],
+                "gpu_gib_per_step": r["gpu_bytes_per_step"] / 2**30,
+                "selections_kept_share": r["selections_kept_share"],
+                "floor_ratio": floor(t_res, r["gpu_bytes_per_step"], h2d, t_over),
+            }
+            for key in ("tpot_s", "max_gap_steps", "requests_per_step", "routing_stability",
+                        "check_rel_err_vs_resident", "moved_share", "sync_free_layer_share",
+                        "host_remap_s"):  # fmt: skip
+                if key in r:
+                    m[key] = r[key]
+        summary[dist] = {
+            "resident_tokens_per_s": base["tokens_per_s"],
+            "resident_step_s": t_res,
+            "demanded_chunks_per_step": base["demanded_chunks_per_step"],
+            "for_0.8x": needed(0.8, t_res, h2d, demanded),
+            **modes,
+        }
+    return summary
+
+
 def main(argv=None) -> dict:
     a = parse(argv)
     device = torch.device("cpu" if a.cpu_dry_run else "cuda")
@@ -206,19 +259,40 @@ def main(argv=None) -> dict:
         h = torch.randn(a.batch, a.hidden, generator=g).to(device, dtype)
         mlp = (w1, w2, h)
     slots = max(1, int(a.chunks * a.resident))
-    kv_bytes = 2 * S * a.hkv * a.d * (2 if dtype == torch.bfloat16 else 4) * a.layers
+    elt = 2 if dtype == torch.bfloat16 else 4
+    kv_bytes = 2 * S * a.hkv * a.d * elt * a.layers
+    chunk_bytes = kv_bytes / a.chunks  # one chunk, every layer
+    h2d = h2d_bytes_per_s(device, (1 << 30) if device.type == "cuda" else (1 << 22))
+    print(f"H2D {h2d / 2**30:.1f} GiB/s")
     rows = []
     workloads = [f"{d}/churn{c}" for d in a.dists.split(",") for c in a.churns.split(",")]
     for dist in workloads:
         name, churn = dist.split("/churn")
         sels = selections(a, name, float(churn), device)
-        rows.append({"dist": dist, **run_mode(a, "resident", sels, dev, None, ops, device, mlp)})
+        demand = np.mean([len(np.unique(r)) for r in _rows(a, name, float(churn))[a.warmup :]])
+        base = run_mode(a, "resident", sels, dev, None, ops, device, mlp)
+        rows.append({"dist": dist, "demanded_chunks_per_step": float(demand), **base})
+        t_res = base["seconds"] / a.steps
         for mode in a.modes.split(","):
             eviction, miss = mode.split("-")
-            cfg = TierConfig(gpu_budget="1", eviction=eviction, miss_policy=miss,
+            n_slots = a.chunks if eviction == "allhit" else slots
+            policy = eviction if eviction in ("lru", "lfu") else "lfu"
+            cfg = TierConfig(gpu_budget="1", eviction=policy, miss_policy=miss,
                              prefetch=a.prefetch)  # fmt: skip
-            tiers = ChunkTiers(offs, MemoryChunks(cpu["k"], cpu["v"]), cfg, device, slots, 1)
-            r = run_mode(a, mode, sels, dev, tiers, ops, device, mlp)
+            tiers = ChunkTiers(offs, MemoryChunks(cpu["k"], cpu["v"]), cfg, device, n_slots, 1)
+            if eviction == "allhit":  # every chunk in its slot before the first step
+                for layer in range(a.layers):
+                    tiers.prefetch(layer, list(range(a.chunks)))
+            if eviction == "affinity":
+                swap = a.swap_chunks or min(slots, max(1, int(t_res * h2d / chunk_bytes)))
+                acfg = AffinityConfig(max_wait=a.max_wait, swap_chunks=swap)
+                r = run_affinity(a, name, float(churn), tiers, ops, device, mlp, acfg, dev)
+            elif eviction.startswith("biased"):  # residency-biased routing, its share
+                steps_rows = _rows(a, name, float(churn))
+                r = run_biased(a, steps_rows, float(eviction[6:]), tiers, ops, device, mlp,
+                               a.swap_every, a.swap_chunks or 2, dev)  # fmt: skip
+            else:
+                r = run_mode(a, mode, sels, dev, tiers, ops, device, mlp)
             rows.append({"dist": dist, **r})
             del tiers
             if device.type == "cuda":
@@ -226,22 +300,7 @@ def main(argv=None) -> dict:
         for r in rows:
             if r["dist"] == dist:
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    summary = {}
-    for dist in workloads:
-        base = next(r for r in rows if r["dist"] == dist and r["mode"] == "resident")
-        summary[dist] = {
-            "resident_tokens_per_s": base["tokens_per_s"],
-            **{
-                r["mode"]: {
-                    "ratio_vs_resident": r["tokens_per_s"] / base["tokens_per_s"],
-                    "gpu_hit_rate": r["gpu_hit_rate"],
-                    "gpu_gib_per_step": r["gpu_bytes_per_step"] / 2**30,
-                    "selections_kept_share": r["selections_kept_share"],
-                }
-                for r in rows
-                if r["dist"] == dist and r["mode"] != "resident"
-            },
-        }
+    summary = _summary(rows, workloads, a, h2d, chunk_bytes)
     result = {
         "benchmark": "tiers",
         "environment": environment(None if argv is None else ["moska.bench.tiers", *argv]),

@@ -236,6 +236,18 @@ class ChunkTiers:
         self.finish(step)
         return out
 
+    def resident_mask(self, layer: int) -> torch.Tensor:
+        """[C] bool on the device, True where `layer` holds the chunk (no host sync): what
+        residency-biased routing masks or favours (library/tier_bias.py)."""
+        starts, ends = self.tables[layer]
+        return ends > starts
+
+    def attend_resident(self, ops, layer: int, q_rows, sel: Selections, sm_scale: float):
+        """(o, lse) of selections the caller knows are resident (routed among
+        `resident_mask` chunks): no host sync, no bookkeeping; an absent chunk would read
+        as empty (start == end), so only routing restricted to resident chunks may call it."""
+        return self._run(ops, layer, q_rows, sel, sm_scale, None)
+
     def stage(self, layer: int, demand: dict[int, int], wait: bool | None = None) -> TierStep:
         """Make `layer`'s routed chunks (chunk id -> its selections this step) readable for a
         launch through `tables[layer]` (the launch brackets itself with `before_read` and
