@@ -6,8 +6,8 @@
 #      test_tp_library.py
 #   2. the link: nvidia-smi topo, peer access, NCCL's transport, and the collectives of one
 #      step timed alone (bench/nccl_link_probe.py: all-reduce, logits gather, argmax gather);
-#      again with NCCL_P2P_LEVEL=SYS (in a VM NCCL may see the GPUs as far apart on PCIe and
-#      not use P2P even where CUDA allows it)
+#      again with NCCL_P2P_LEVEL=SYS when NCCL did not pick P2P (in a VM NCCL may see the GPUs
+#      as far apart on PCIe and not use P2P even where CUDA allows it)
 #   3. bench/tp_decode.py --tp 1 2 --batch 16 256 --profile (CUDA graphs on both ranks): the
 #      generate() rows as in session 13, then per variant B = 256 steady decode steps timed
 #      one by one with rank 0's host split, and torch.profiler's top ops
@@ -23,7 +23,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 start=$SECONDS
-timeout 55 python3 -m pytest -q -p no:cacheprovider -rs tests/distributed/test_tp_graphs.py \
+timeout 60 python3 -m pytest -q -p no:cacheprovider -rs tests/distributed/test_tp_graphs.py \
   tests/distributed/test_tp_library.py > "$OUT/tp_tests.log" 2>&1
 echo "tests rc=$? ($((SECONDS - start)) s)"; tail -4 "$OUT/tp_tests.log" | cut -c1-300
 {
@@ -32,16 +32,20 @@ echo "tests rc=$? ($((SECONDS - start)) s)"; tail -4 "$OUT/tp_tests.log" | cut -
   NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P,SHM,NET timeout 20 python3 bench/nccl_link_probe.py \
     --out "$OUT/nccl_link_probe_h200x2.json"
   echo "probe rc=$?"
-  echo "== NCCL_P2P_LEVEL=SYS"
-  NCCL_P2P_LEVEL=SYS NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P timeout 20 python3 \
-    bench/nccl_link_probe.py --out "$OUT/nccl_link_probe_p2psys_h200x2.json"
-  echo "probe p2p-sys rc=$?"
 } > "$OUT/nccl_link_probe.log" 2>&1
+if ! grep -q "via P2P" "$OUT/nccl_link_probe.log"; then
+  {
+    echo "== NCCL_P2P_LEVEL=SYS (the default run used no P2P)"
+    NCCL_P2P_LEVEL=SYS NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,P2P timeout 20 python3 \
+      bench/nccl_link_probe.py --out "$OUT/nccl_link_probe_p2psys_h200x2.json"
+    echo "probe p2p-sys rc=$?"
+  } >> "$OUT/nccl_link_probe.log" 2>&1
+fi
 grep -E "GPU0|GPU1|peer access|via |probe|^summary|^==" "$OUT/nccl_link_probe.log" \
   | sed -E 's/^.*NCCL INFO //; s/Channel [0-9]+\/[0-9]+/Channel */; s/[0-9]+\[[0-9]+\]/r/g' \
   | awk '!seen[$0]++' | head -24 | cut -c1-600
 echo "($((SECONDS - start)) s)"
-timeout 105 python3 bench/tp_decode.py --tp 1 2 --batch 16 256 --profile \
+timeout 100 python3 bench/tp_decode.py --tp 1 2 --batch 16 256 --profile \
   --out "$OUT/tp_decode_profile_h200x2.json" > "$OUT/tp_decode.log" 2>&1
 echo "tp_decode rc=$? ($((SECONDS - start)) s)"
 grep -E "^\{'tp'|^steady|top_self_device|^summary" "$OUT/tp_decode.log" | cut -c1-600

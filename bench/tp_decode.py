@@ -175,17 +175,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moska-tp-") as tmp:
         path = Path(tmp) / "model"
         write_checkpoint(path, hf, device, getattr(torch, dtype))
-        runs = [run_tp(path, tp, a, device, dtype, hf["vocab_size"]) for tp in a.tp]
-    rows = [r for rs, _ in runs for r in rs]
-    steady = [s for _, ss in runs for s in ss]
+        rows: list[dict] = []
+        steady: list[dict] = []
+        for tp in a.tp:  # the JSON after each variant: a run cut short keeps what it measured
+            more, more_steady = run_tp(path, tp, a, device, dtype, hf["vocab_size"])
+            rows, steady = rows + more, steady + more_steady
+            result = _result(a, hf, device, dtype, rows, steady)
+            if a.out:
+                write_json(a.out, result)
+    print("summary:", json.dumps(result["summary"]))
+    if a.out:
+        print("wrote", a.out)
+
+
+def _result(a, hf: dict, device: str, dtype: str, rows: list, steady: list) -> dict:
     by = {(r["tp"], r["batch"]): r for r in rows}
-    base = a.tp[0]
+    base, done = a.tp[0], [tp for tp in a.tp if any(k[0] == tp for k in by)]
     tok_s = {k: r["decode_tokens_per_s"] for k, r in by.items()}
     speedup = {f"tp{tp}_b{b}": round(tok_s[(tp, b)] / tok_s[(base, b)], 3)
-               for tp in a.tp if tp != base for b in a.batch}  # fmt: skip
-    ms = {f"tp{tp}_b{b}": by[(tp, b)]["ms_per_step"] for tp in a.tp for b in a.batch}
+               for tp in done if tp != base for b in a.batch}  # fmt: skip
+    ms = {f"tp{tp}_b{b}": r["ms_per_step"] for (tp, b), r in by.items()}
     same = all(by[(tp, b)]["first_tokens"] == by[(base, b)]["first_tokens"] for tp, b in by)
-    result = {
+    return {
         "bench": "tp_decode",
         "env": environment(),
         "device": device,
@@ -202,9 +213,6 @@ def main() -> None:
             "target": "TP = 2 >= 1.7x TP = 1 tokens/s at B = 256 (issue 24)",
         },
     }
-    print("summary:", json.dumps(result["summary"]))
-    if a.out:
-        print("wrote", write_json(a.out, result))
 
 
 if __name__ == "__main__":
