@@ -136,7 +136,7 @@ def run_affinity(a, dist, churn, tiers, ops, device, mlp, cfg: AffinityConfig, p
     st = tiers.stats.as_dict()
     hits = st["hits"]["gpu"] - base["hits"]["gpu"]
     misses = st["misses"]["gpu"] - base["misses"]["gpu"]
-    tpot = np.array([np.mean(v) for v in gaps.values() if v] or [float("nan")])
+    tpot = np.array([float(np.mean(v)) for v in gaps.values() if v] or [float("nan")])
     starved = sum(1 for v in gaps.values() if not v)
     del x
     return {

@@ -19,8 +19,8 @@ each layer's cache); the caller tells it what is resident each step.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -48,7 +48,7 @@ class AffinityPlan:
     """One step: `run` the requests to decode now; `fetch` chunks to bring in for the
     waiting ones (in place of `evict`, resident chunks no running request wants)."""
 
-    run: list[Hashable]
+    run: list[int]
     fetch: list[int]
     evict: list[int]
     forced: int = 0  # requests run because they had waited max_wait steps
@@ -60,9 +60,9 @@ class AffinityScheduler:
 
     slots: int
     config: AffinityConfig = field(default_factory=AffinityConfig)
-    waited: dict[Hashable, int] = field(default_factory=dict)
+    waited: dict[int, int] = field(default_factory=dict)
 
-    def plan(self, wants: Mapping[Hashable, frozenset[int]], resident: set[int]) -> AffinityPlan:
+    def plan(self, wants: Mapping[int, frozenset[int]], resident: set[int]) -> AffinityPlan:
         """`wants`: each active request's chunks (its last routing); `resident`: the chunks
         in GPU slots now. Call `ran(plan.run)` after the step."""
         for r in list(self.waited):
@@ -84,26 +84,33 @@ class AffinityScheduler:
         fetch, evict = self._swap(wants, missing, held, resident, running)
         return AffinityPlan(run, fetch, evict, len(late))
 
-    def ran(self, run: list[Hashable]) -> None:
+    def ran(self, run: list[int]) -> None:
         """After a step: the requests that ran start waiting afresh, the others age."""
         done = set(run)
         for r in self.waited:
             self.waited[r] = 0 if r in done else self.waited[r] + 1
 
-    def _swap(self, wants, missing, held, resident, running):
+    def _swap(
+        self,
+        wants: Mapping[int, frozenset[int]],
+        missing: dict[int, frozenset[int]],
+        held: list[int],
+        resident: set[int],
+        running: set[int],
+    ) -> tuple[list[int], list[int]]:
         """The chunks to bring in for the held requests: each held request spreads a weight
         of (1 + steps waited) over its missing chunks; the best `swap_chunks` come in when
         a slot is free or a resident chunk that no running request reads is wanted less
         (by the held requests that would read it)."""
         # the running requests' chunks come in with their step (waited for) anyway
         in_use = set().union(*(wants[r] for r in running)) if running else set()
-        want: Counter[int] = Counter()
+        want: defaultdict[int, float] = defaultdict(float)
         for r in held:
             for c in missing[r] - in_use:
                 want[c] += (1 + self.waited.get(r, 0)) / len(missing[r])
         if not want or self.config.swap_chunks == 0:
             return [], []
-        keep_value: Counter[int] = Counter()
+        keep_value: defaultdict[int, float] = defaultdict(float)
         for r in held:
             if len(missing[r]) <= self.config.swap_chunks:  # could run soon: keep its chunks
                 for c in wants[r] & resident:
@@ -112,7 +119,8 @@ class AffinityScheduler:
         victims = sorted((c for c in resident if c not in in_use), key=lambda c: keep_value[c])
         fetch: list[int] = []
         evict: list[int] = []
-        for c, w in want.most_common(self.config.swap_chunks):
+        best = sorted(want.items(), key=lambda cw: -cw[1])[: self.config.swap_chunks]
+        for c, w in best:
             if free > 0:
                 free -= 1
             elif victims and keep_value[victims[0]] < w:
