@@ -6,7 +6,9 @@ of [B, H] in the model's dtype (o_proj and down_proj of each layer, the vocab-pa
 embedding) and the LM head's output to rank 0: before session 14 the logits, a gather of
 [B, V / 2] (32 MB at B = 256, V = 128K, bf16: as much as all the all-reduces of 8 layers),
 now (every row greedy) the argmax gather of [B, 2] float64. Each is timed with CUDA events
-over `--iters` back-to-back calls; `step_comm_ms` adds them up as a step does. Also: whether
+over `--iters` back-to-back calls; `step_comm_ms` adds them up as a step does, and
+`graphed_all_reduces_ms` times the step's all-reduces captured in one CUDA graph (NCCL's
+transports that need its proxy thread may cost more there). Also: whether
 CUDA sees peer access between the GPUs (without it NCCL goes through host memory).
 
 GPU (2 GPUs):  python3 bench/nccl_link_probe.py --out $OUT/nccl_link_probe.json
@@ -55,6 +57,23 @@ def _time(fn, iters: int, cuda: bool) -> float:
     return start.elapsed_time(end) / iters
 
 
+def _graphed(fn, iters: int) -> float | None:
+    """ms per replay of a CUDA graph of fn (NCCL collectives captured, as in a TP step)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:  # both ranks fail alike: the eager rows still come back
+        print("graph capture failed:", e, flush=True)
+        return None
+    return _time(graph.replay, max(1, iters // 5), True)
+
+
 def _rank(rank: int, port: int, a, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = not a.cpu
@@ -77,6 +96,13 @@ def _rank(rank: int, port: int, a, out: str) -> None:
         gl = _time(lambda t=local, o=into: dist.gather(t, o, dst=0), a.iters, cuda)
         ga = _time(lambda t=pair, o=into2: dist.gather(t, o, dst=0), a.iters, cuda)
         n = 2 * a.layers + 1
+        step = [dist.all_reduce] * n  # the step's all-reduces, one after another
+
+        def all_reduces(x=x, step=step) -> None:
+            for f in step:
+                f(x)
+
+        graphed = _graphed(all_reduces, a.iters) if cuda else None
         rows[f"b{b}"] = {
             "all_reduce_ms": round(ar, 4),
             "all_reduce_bytes": x.numel() * x.element_size(),
@@ -88,6 +114,8 @@ def _rank(rank: int, port: int, a, out: str) -> None:
             "all_reduces_per_step": n,
             "step_comm_ms_logits_gather": round(n * ar + gl, 3),
             "step_comm_ms_argmax_gather": round(n * ar + ga, 3),
+            # the step's all-reduces captured in one CUDA graph, as a TP decode step runs them
+            "graphed_all_reduces_ms": None if graphed is None else round(graphed, 3),
         }
     if rank == 0:
         peer = torch.cuda.can_device_access_peer(0, 1) if cuda else None
@@ -97,7 +125,7 @@ def _rank(rank: int, port: int, a, out: str) -> None:
 
 
 def _summary(rows: dict) -> dict:
-    keys = ("all_reduce_ms", "gather_logits_ms", "gather_argmax_ms",
+    keys = ("all_reduce_ms", "gather_logits_ms", "gather_argmax_ms", "graphed_all_reduces_ms",
             "step_comm_ms_logits_gather", "step_comm_ms_argmax_gather")  # fmt: skip
     return {f"{b}_{k}": r[k] for b, r in rows.items() for k in keys}
 
