@@ -56,3 +56,48 @@ def needed(target: float, t_resident: float, h2d: float, demanded_bytes: float) 
         "max_missing_share_of_demand": min(1.0, budget / demanded_bytes),
         "needed_hit_rate": max(0.0, 1.0 - budget / demanded_bytes),
     }
+
+
+def from_result(path: str, target: float = 0.8) -> dict:
+    """The floor of each tiered mode of a moska.bench.tiers JSON, H2D taken as the rate its
+    waiting modes achieved (bytes moved / step time) when the run did not measure it."""
+    import json
+    from pathlib import Path
+
+    res = json.loads(Path(path).read_text())
+    steps = res["config"]["steps"]
+    lib = res["shapes"]["library_gib"] * 2**30
+    out: dict = {"source": path, "target": target}
+    for dist in res["summary"]:
+        rows = {r["mode"]: r for r in res["rows"] if r.get("dist") == dist}
+        if "resident" not in rows:
+            continue
+        t_res = rows["resident"]["seconds"] / steps
+        waits = [
+            r for r in rows.values() if r["mode"].endswith("-wait") and r["gpu_bytes_per_step"]
+        ]
+        h2d = res["summary"].get("h2d_gib_per_s", 0) * 2**30 or max(
+            r["gpu_bytes_per_step"] / (r["seconds"] / steps) for r in waits
+        )
+        out[dist] = {
+            "resident_step_s": t_res,
+            "h2d_gib_per_s": h2d / 2**30,
+            f"for_{target}x": needed(target, t_res, h2d, lib),
+            "modes": {
+                m: {
+                    "measured_ratio": r["tokens_per_s"] / rows["resident"]["tokens_per_s"],
+                    "floor_ratio": floor(t_res, r["gpu_bytes_per_step"], h2d),
+                    "gib_per_step": r["gpu_bytes_per_step"] / 2**30,
+                }
+                for m, r in rows.items()
+                if m != "resident"
+            },
+        }
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(from_result(sys.argv[1]), indent=1))
