@@ -41,7 +41,7 @@ if ! grep -q "via P2P" "$OUT/nccl_link_probe.log"; then
     echo "probe p2p-sys rc=$?"
   } >> "$OUT/nccl_link_probe.log" 2>&1
 fi
-grep -E "GPU0|GPU1|peer access|via |probe|^summary|^==" "$OUT/nccl_link_probe.log" \
+grep -E "GPU0|GPU1|peer access|via |probe|^summary|^==|capture failed" "$OUT/nccl_link_probe.log" \
   | sed -E 's/^.*NCCL INFO //; s/Channel [0-9]+\/[0-9]+/Channel */; s/[0-9]+\[[0-9]+\]/r/g' \
   | awk '!seen[$0]++' | head -24 | cut -c1-600
 echo "($((SECONDS - start)) s)"

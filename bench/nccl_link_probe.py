@@ -85,7 +85,8 @@ def _rank(rank: int, port: int, a, out: str) -> None:
         dev = torch.device("cpu")
         dist.init_process_group("gloo", rank=rank, world_size=2)
     dt = torch.bfloat16
-    rows = {}
+    rows: dict = {}
+    xs: dict = {}
     for b in a.batch:
         x = torch.randn(b, a.hidden, device=dev, dtype=dt)
         local = torch.randn(b, a.vocab // 2, device=dev, dtype=dt)
@@ -96,13 +97,7 @@ def _rank(rank: int, port: int, a, out: str) -> None:
         gl = _time(lambda t=local, o=into: dist.gather(t, o, dst=0), a.iters, cuda)
         ga = _time(lambda t=pair, o=into2: dist.gather(t, o, dst=0), a.iters, cuda)
         n = 2 * a.layers + 1
-        step = [dist.all_reduce] * n  # the step's all-reduces, one after another
-
-        def all_reduces(x=x, step=step) -> None:
-            for f in step:
-                f(x)
-
-        graphed = _graphed(all_reduces, a.iters) if cuda else None
+        xs[b] = x
         rows[f"b{b}"] = {
             "all_reduce_ms": round(ar, 4),
             "all_reduce_bytes": x.numel() * x.element_size(),
@@ -114,12 +109,24 @@ def _rank(rank: int, port: int, a, out: str) -> None:
             "all_reduces_per_step": n,
             "step_comm_ms_logits_gather": round(n * ar + gl, 3),
             "step_comm_ms_argmax_gather": round(n * ar + ga, 3),
-            # the step's all-reduces captured in one CUDA graph, as a TP decode step runs them
-            "graphed_all_reduces_ms": None if graphed is None else round(graphed, 3),
+            "graphed_all_reduces_ms": None,
         }
-    if rank == 0:
-        peer = torch.cuda.can_device_access_peer(0, 1) if cuda else None
+    peer = torch.cuda.can_device_access_peer(0, 1) if cuda else None
+    if rank == 0:  # the eager figures first: a capture that breaks leaves them
         Path(out).write_text(json.dumps({"peer_access": peer, "rows": rows}))
+        print("eager:", json.dumps(rows), flush=True)
+    for b, x in xs.items() if cuda else ():
+        steps = [dist.all_reduce] * (2 * a.layers + 1)  # the step's all-reduces in a row
+
+        def all_reduces(x=x, steps=steps) -> None:
+            for f in steps:
+                f(x)
+
+        # captured in one CUDA graph, as a TP decode step runs them
+        graphed = _graphed(all_reduces, a.iters)
+        rows[f"b{b}"]["graphed_all_reduces_ms"] = None if graphed is None else round(graphed, 3)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"peer_access": peer, "rows": rows}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -150,7 +157,10 @@ def main() -> None:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="moska-nccl-") as tmp:
         f = os.path.join(tmp, "rows.json")
-        mp.spawn(_rank, args=(port, a, f), nprocs=2)
+        try:
+            mp.spawn(_rank, args=(port, a, f), nprocs=2)
+        except Exception as e:  # noqa: BLE001 - keep what was measured before it
+            print("probe failed:", e, flush=True)
         got = json.loads(Path(f).read_text())
     result = {
         "bench": "nccl_link_probe",
