@@ -15,7 +15,9 @@
 #    instances (one per GPU, round robin), both systems up at once (each GPU holds one of
 #    each, 0.42 of its memory each), synthetic trace swept over rates 20/40/80 req/s;
 #    summary.regime = the lowest rate where colocated met the TTFT SLO (0.3 s) for < 80%.
-# Carry .whl only. `bash bench/device_session14_pd.sh --cpu-dry-run` runs the CPU forms.
+# Run: `OUT=$OUT bash bench/device_session14_pd.sh` on nvidia-h200-x2, carry .whl only (the
+# model is written there; the device check uses the built-in tiny model). Expected ~180 s.
+# `bash bench/device_session14_pd.sh --cpu-dry-run` runs the CPU forms (checked: all rc=0).
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # (KINDS.md)
