@@ -77,10 +77,10 @@ def run_biased(a, steps_rows, share, tiers, ops, device, mlp, swap_every=4, swap
             rows = remap(phys, resident, share, rng)
             all_res = bool(resident[rows].all())
             host += time.perf_counter() - h0
-            demand[layer] += torch.bincount(
-                torch.from_numpy(phys).flatten().to(device), minlength=a.chunks
-            )
-            sel = from_topk(torch.from_numpy(rows).unsqueeze(1).to(device), a.hkv, a.chunks)
+            # to the device from pinned memory, non-blocking: a pageable copy would wait for
+            # the queued work, a host sync per layer
+            demand[layer] += torch.bincount(_dev(phys.ravel(), device), minlength=a.chunks)
+            sel = from_topk(_dev(rows, device).unsqueeze(1), a.hkv, a.chunks)
             if all_res:
                 o, _ = tiers.attend_resident(ops, layer, q, sel, sm_scale)
                 tiers.stats.hits["gpu"] += len(np.unique(rows))
@@ -120,6 +120,13 @@ def run_biased(a, steps_rows, share, tiers, ops, device, mlp, swap_every=4, swap
         "bias_share": share,
         "check_rel_err_vs_resident": check,
     }
+
+
+def _dev(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _swap(tiers, demand: torch.Tensor, swap_chunks: int) -> None:
