@@ -50,7 +50,7 @@ SUMMARY_KEYS = (
     "tpot_p99_s",
     "prefix_hit_rate",
 )
-SERVED = "moska-trace"  # the model id every instance serves (whatever its checkpoint)
+SERVED = "moska-tiny"  # the model id every instance serves (whatever its checkpoint)
 TOKEN_RANGE = (10, 250)  # ids every moska model's vocabulary has (the tiny one: 256 bytes)
 
 

@@ -116,3 +116,17 @@ def test_start_cluster_gives_each_instance_its_gpu(monkeypatch, tmp_path):
     cluster_mod.start_cluster(0, 0, 2, serve_args=["--device", "cuda"], log_dir=tmp_path,
                               gpus_per_instance=0)  # fmt: skip
     assert ["CUDA_VISIBLE_DEVICES" in s["env"] for s in _Proc.started] == [False, False]
+
+
+def test_serve_on_cuda_n_binds_the_device(monkeypatch):
+    """`moska serve --device cuda:N` makes N current (Triton and CUDA graphs follow it);
+    a plain cuda (the placed instance's own GPU 0) or cpu leaves the device alone."""
+    import torch
+
+    from moska.engine import engine_factory
+
+    seen: list[str] = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(str(d)))
+    for device in ("cuda:1", "cuda", "cpu", torch.device("cuda", 3)):
+        engine_factory.bind_cuda_device(device)
+    assert seen == ["cuda:1", "cuda:3"]
