@@ -8,7 +8,9 @@ with max_tokens = 1 (prefill and one token) and once with 1 + `--tokens`; decode
 B * tokens / (second - first). The engine is built once per variant and warmed up first.
 Variants (`--tp`): "1" (one GPU, its CUDA graphs: the strongest single-GPU baseline), "2"
 (TP = 2 with NCCL: decode steps replay CUDA graphs on both ranks, distributed/tp_graphs.py)
-and "2e" (TP = 2 with enforce_eager: eager steps, the state before the graphs). Every
+and "2e" (TP = 2 with enforce_eager: eager steps, the state before the graphs); an "l"
+("2l") has greedy steps gather the logits to rank 0 as before session 14, instead of each
+rank's argmax (MOSKA_TP_ARGMAX_GATHER=0). Every
 bucket's graph is captured before timing, as `moska serve` does (earlier runs captured each
 inside its first timed decode); each row records the graphs rank 0 captured and replayed.
 On CPU (gloo) TP steps are eager.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -87,9 +90,11 @@ def time_batch(llm, batch: int, prompt: int, tokens: int, vocab: int) -> dict:
 def run_tp(path: Path, variant: str, a, device: str, dtype: str, vocab: int):
     from moska.engine.llm import LLM
 
-    tp, eager = int(variant.rstrip("e")), variant.endswith("e")
+    tp, eager = int(variant.rstrip("el")), "e" in variant
+    # "l": greedy steps gather the logits as before session 14 (rank 0 reads it at startup)
+    os.environ["MOSKA_TP_ARGMAX_GATHER"] = "0" if "l" in variant else "1"
     kw = {"device": device, "dtype": dtype, "tensor_parallel_size": tp, "enforce_eager": eager,
-          "max_num_seqs": max(a.batch), "max_model_len": a.prompt + a.tokens + 8}  # fmt: skip
+          "max_num_seqs": max(a.batch + a.profile_batch), "max_model_len": a.prompt + a.tokens + 8}  # fmt: skip
     if a.profile:  # room for the steady run's ramp, timed and profiled steps
         kw["max_model_len"] += a.steady_steps + a.profile_steps + 24
     if device == "cpu":
@@ -148,13 +153,15 @@ def main() -> None:
         "--tp",
         nargs="+",
         default=["1", "2", "2e"],
-        help="variants: N ranks, 'e': enforce_eager; the first is the baseline",
+        help="variants: N ranks, 'e': enforce_eager, 'l': greedy steps gather the logits "
+        "(not the argmax: the code before session 14); the first is the baseline",
     )
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--layers", type=int, default=8, help="of Llama-3.1-8B's 32")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=64, help="decode steps timed")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny dims, gloo, 2 ranks")
+    ap.add_argument("--vocab", type=int, default=None, help="override the vocabulary size")
     ap.add_argument("--profile", action="store_true", help="steady steps, split, torch.profiler")
     ap.add_argument("--profile-batch", type=int, nargs="+", default=None, help="default: max")
     ap.add_argument("--steady-steps", type=int, default=32)
@@ -170,7 +177,9 @@ def main() -> None:
                   num_key_value_heads=2, head_dim=32, vocab_size=512, num_hidden_layers=2)  # fmt: skip
         a.batch, a.tokens, a.prompt = [1, 4], 4, 16
         a.steady_steps, a.profile_steps = min(a.steady_steps, 6), min(a.profile_steps, 2)
-        a.tp = [v for v in a.tp if not v.endswith("e")]  # CPU: TP is eager anyway
+        a.tp = [v for v in a.tp if "e" not in v]  # CPU: TP is eager anyway
+    if a.vocab:
+        hf["vocab_size"] = a.vocab
     a.profile_batch = a.profile_batch or [max(a.batch)]
     with tempfile.TemporaryDirectory(prefix="moska-tp-") as tmp:
         path = Path(tmp) / "model"

@@ -190,6 +190,9 @@ class TensorParallelCausalLM(CausalLM):
         # so the workers compute them unasked (no LOGITS_LAST)
         self.logits_follow = 0
         self.in_graph = False  # a decode CUDA graph's forward: the ids travel in it
+        # rank 0: greedy decode steps gather each rank's argmax, not the logits
+        # (MOSKA_TP_ARGMAX_GATHER=0: the logits, for a before/after in one benchmark run)
+        self.argmax_gather = os.environ.get("MOSKA_TP_ARGMAX_GATHER", "1") != "0"
 
     @property
     def graph_capturable(self) -> bool:

@@ -263,7 +263,7 @@ class ModelRunner:
         """Whether the step's sampling is an argmax that the tensor-parallel model does
         itself (greedy_tokens), so that rank 0 never gathers the logits."""
         params = [r.sampling_params for r in reqs]
-        return hasattr(self.model, "greedy_tokens") and Sampler.argmax_only(params)
+        return getattr(self.model, "argmax_gather", False) and Sampler.argmax_only(params)
 
     def _go_eager(self, e: GraphCaptureError) -> None:
         logger.warning("%s; decode steps run eagerly from now on", e)
