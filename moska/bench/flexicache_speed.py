@@ -37,20 +37,16 @@ staging and a copy up), and how many fetched pages had been dropped at the previ
 (`refetched_pages`) or were kept from their old slot without a fetch (`reused_pages`,
 hysteresis: `--no-hysteresis` turns it off, `--spare-pages` leaves spare slots per head).
 
-Rows: full KV, FlexiCache at its batch, FlexiCache at the largest batch, the optional
-compare rows, full KV from a CUDA graph (`full_graph`, CUDA only) and full KV eager again
-(`full_repeat`: the host's speed can drift over a run); the summary takes the fastest. The
-timed steps are whole lcm(r, block size) periods, so the mean (tokens/s) weighs plain,
-page-start and re-ranking steps in their real proportion; the warmup covers two re-rankings
-(first pool build, first fetches and their kernels' compiles). Wall times are eager Python
-(host-bound where `host_issue_ms_median` ~ step time) except `full_graph`'s;
-`device_ms_by_kind` / `device_bound_step_ms` /
-`tokens_per_s_device_bound_*` time every kind of step, re-rankings included, with the host
-out of the way (`flexicache_timing`): the comparison made the same way for both layouts.
-FlexiCache rows' host copies are views of one pinned buffer for the largest batch (each row
-pinning its own, power-of-two rounded, ran out of host memory at the fourth); after each row
-its store is freed, torch's device and pinned caches emptied (`after_release`), and the JSON
-written with the rows so far (`partial`): a crash keeps what was measured.
+Rows: full KV (eager; `--lean`: only from a CUDA graph), FlexiCache at its batch and at
+the largest batch (`--also-r`: again at other re-rank intervals), the optional compare rows,
+full KV from a CUDA graph (`full_graph`, CUDA only) and eager again (`full_repeat`); the
+summary takes the fastest. `--graph`: FlexiCache's plain steps replayed from a CUDA graph
+(`flexicache_graph.py`). The timed steps are whole lcm(r, block size) periods, so the mean
+weighs plain, page-start and re-ranking steps in their real proportion; the warmup covers
+two re-rankings. `device_ms_by_kind` / `device_bound_step_ms` time every kind of step with
+the host out of the way (`flexicache_timing`). FlexiCache rows' host copies are views of one
+pinned buffer for the largest batch; after each row its store is freed (`after_release`)
+and the JSON written with the rows so far (`partial`).
 """
 
 from __future__ import annotations
@@ -66,6 +62,8 @@ import torch
 from moska.bench import flexicache_fullkv as fullkv
 from moska.bench import flexicache_timing as timing
 from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
+from moska.bench.flexicache_graph import GraphSteps
+from moska.bench.flexicache_summary import by_interval, summarize
 from moska.flexicache import FlexiCacheConfig
 from moska.flexicache.host_reads import uncounted
 from moska.flexicache.store import FlexiKV
@@ -102,7 +100,7 @@ class _ChurnScores:
 
 
 def _flexi_store(cfg, mc, batch, context, pages, bs, dtype, device, stable_fraction, seed, churn,
-                 host):  # fmt: skip
+                 host, filled=False):  # fmt: skip
     L, H, D = mc.num_kv_layers, mc.num_kv_heads, mc.head_dim
     gen = torch.Generator().manual_seed(seed)
     force = torch.rand(L, batch, H, generator=gen) < stable_fraction
@@ -114,7 +112,7 @@ def _flexi_store(cfg, mc, batch, context, pages, bs, dtype, device, stable_fract
     tile_k = torch.randn(64, bs, D, generator=gen).to(dtype)
     tile_v = torch.randn(64, bs, D, generator=gen).to(dtype)
     reps = -(-pages // 64)
-    for copy, tile in ((store.host_k, tile_k), (store.host_v, tile_v)):
+    for copy, tile in () if filled else ((store.host_k, tile_k), (store.host_v, tile_v)):
         full = tile.repeat(reps, 1, 1)[:pages]  # [P, bs, D]
         for layer in range(L):  # every page: a reused host buffer holds the last row's
             copy[layer].copy_(full.expand(batch, H, *full.shape))
@@ -178,6 +176,11 @@ def run(args, rest: list[str]) -> dict:
                     help="share of K replaced per re-ranking (-1: the ranking's own)")  # fmt: skip
     ap.add_argument("--compare-churn", type=float, default=None,
                     help="also the largest batch with this churn")  # fmt: skip
+    ap.add_argument("--graph", action="store_true", help="FlexiCache plain steps from a CUDA graph")
+    ap.add_argument("--also-r", default="", help="also the largest batch at these intervals")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="profile this many steps of each largest-batch FlexiCache row")  # fmt: skip
+    ap.add_argument("--lean", action="store_true", help="full KV from a graph only (no eager)")
     sa = ap.parse_args(rest)
     dry = args.cpu_dry_run
     device = torch.device("cpu" if dry else "cuda")
@@ -186,8 +189,10 @@ def run(args, rest: list[str]) -> dict:
     context = 256 if dry else sa.context
     k_pages = 4 if dry else sa.top_k_pages
     bs = args.block_size
-    steps = timing.whole_periods(1 if dry else sa.steps, args.r, bs)
-    warmup = 1 if dry else sa.warmup
+    also_r = [int(x) for x in sa.also_r.split(",") if x]
+    r_max = max([args.r, *also_r])
+    steps = timing.whole_periods(1 if dry else sa.steps, r_max, bs)
+    warmup = 1 if dry else max(sa.warmup, 2 * r_max)  # two re-rankings
     lm = random_loaded_model(hf, dtype, str(device))
     ops = kernel_ops("auto", device)
     if dry:  # the CPU reference kernels' host reads are not counted (the GPU's read nothing)
@@ -201,7 +206,8 @@ def run(args, rest: list[str]) -> dict:
     )  # fmt: skip  # threshold 2: stability only from the forced mask
     elem = torch.empty((), dtype=dtype).element_size()
     # tokens each sequence grows by: warmup, timed steps, 2 r counted, device probes
-    pages = -(-(context + warmup + steps + 2 * args.r + (0 if dry else sa.probes) + 1) // bs)
+    probes = 0 if dry else sa.probes
+    pages = -(-(context + warmup + steps + 2 * r_max + probes + sa.profile_steps + 1) // bs)
     page_bytes = 2 * bs * mc.head_dim * elem
     heads = mc.num_kv_layers * mc.num_kv_heads
     full_req = heads * pages * page_bytes
@@ -247,6 +253,9 @@ def run(args, rest: list[str]) -> dict:
     numel = mc.num_kv_layers * max(b_full, b_flexi) * mc.num_kv_heads * pages * bs * mc.head_dim
     arena: list[torch.Tensor] = []
 
+    filled: list[int] = []  # the batch whose pages the host buffer holds (decoded pages
+    # differ, but every row writes those before it reads them)
+
     def host_views(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not arena:
             pin = device.type == "cuda"
@@ -255,7 +264,8 @@ def run(args, rest: list[str]) -> dict:
         n = math.prod(shape)
         return arena[0][:n].view(shape), arena[1][:n].view(shape)
 
-    def measure(kind, batch, hysteresis=not sa.no_hysteresis, churn=sa.churn, name=None):
+    def measure(kind, batch, hysteresis=not sa.no_hysteresis, churn=sa.churn, name=None, r=None):
+        r = r or args.r
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -268,12 +278,14 @@ def run(args, rest: list[str]) -> dict:
                 step = fullkv.graph_step(lm.model, attn, tokens)
             else:
                 step = fullkv.eager_step(lm.model, attn)
-            t = timing.decode(step, attn.begin, tokens, steps, warmup, args.r, probes=probes)
+            t = timing.decode(step, attn.begin, tokens, steps, warmup, r, probes=probes)
             kv = attn.nbytes()
             del step
         else:
-            store = _flexi_store(cfg, mc, batch, context, pages, bs, dtype, device, s, args.seed,
-                                 churn, host_views(batch))  # fmt: skip
+            store = _flexi_store(replace(cfg, rerank_interval=r), mc, batch, context, pages, bs,
+                                 dtype, device, s, args.seed, churn, host_views(batch),
+                                 filled=filled == [batch])  # fmt: skip
+            filled[:] = [batch]  # the next row of this batch finds the same pages there
             store.hysteresis = hysteresis
             store.spare_pages = sa.spare_pages if hysteresis else 0
             store.time_fetch = True
@@ -289,7 +301,8 @@ def run(args, rest: list[str]) -> dict:
                         "fetch_ms_per_step": round(fetch_s * 1e3, 2)}  # fmt: skip
 
             attn = _Flexi(store, ops, mc.sm_scale)
-            kind_of = partial(_kind, attn, bs, args.r)
+            kind_of = partial(_kind, attn, bs, r)
+            gsteps = GraphSteps(lm.model, attn, tokens) if sa.graph and not dry else None
 
             def begin() -> str:
                 store.begin_step()
@@ -298,16 +311,21 @@ def run(args, rest: list[str]) -> dict:
             def hook(fn) -> None:  # the device probe's: called before each wait
                 store.on_read = fn
 
-            t = timing.decode(_stepper(lm.model, attn), begin, tokens, steps, warmup, args.r,
+            t = timing.decode(gsteps or _stepper(lm.model, attn), begin, tokens, steps, warmup, r,
                               store.reset_counters, snap, probes, hook)  # fmt: skip
             kv = store.gpu_bytes()
-            extra = {"hysteresis": hysteresis, "spare_pages": store.spare_pages,
-                     "churn": churn, **t["snap"],
+            prof = None
+            if sa.profile_steps and batch == b_flexi:
+                prof = timing.profile_steps(gsteps or _stepper(lm.model, attn), begin, tokens,
+                                            sa.profile_steps)  # fmt: skip
+            extra = {"hysteresis": hysteresis, "spare_pages": store.spare_pages, "r": r,
+                     **(gsteps.counts() if gsteps else {"graph_captures": None}),
+                     "churn": churn, **t["snap"], "profile": prof,
                      "fetch_share_of_step": round(t["snap"]["fetch_ms_per_step"] / 1e3
                                                   / t["mean"], 4),
                      "stable_head_fraction": round(store.stable_fraction(), 4),
                      "full_kv_bytes_same_batch": store.full_kv_bytes()}  # fmt: skip
-            del store, snap, begin, kind_of, hook
+            del store, snap, begin, kind_of, hook, gsteps
         peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else 0
         sec = t["mean"]
         row = {"kv": kind, "row": name or kind, "batch": batch, "gpu_kv_bytes": kv,
@@ -328,73 +346,31 @@ def run(args, rest: list[str]) -> dict:
         write_json(out, {**head, "partial": True, "rows": rows})  # a crash keeps the rows
         return row
 
-    full = measure("full", b_full)
+    def graph_row() -> dict | None:  # the strongest full-KV baseline: a CUDA graph's replay
+        try:
+            return measure("full", b_full, name="full_graph")
+        except RuntimeError as e:  # a capture that fails leaves the eager rows
+            head["full_graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            timing.release(device)
+            return None
+
+    lean = sa.lean and not dry
+    graph = graph_row() if lean else None  # first: a timeout keeps the baseline
+    full = None if lean else measure("full", b_full)
     flex_eq = measure("flexicache", b_full)
     flex_max = measure("flexicache", b_flexi)
+    by_r = {args.r: flex_max, **{x: measure("flexicache", b_flexi, r=x) for x in also_r}}
     no_hyst = measure("flexicache", b_flexi, False) if sa.compare_hysteresis else None
     other = None
     if sa.compare_churn is not None:
         other = measure("flexicache", b_flexi, churn=sa.compare_churn, name="compare_churn")
-    graph = None
-    if not dry:  # the strongest full-KV baseline: its step replayed from a CUDA graph
-        try:
-            graph = measure("full", b_full, name="full_graph")
-        except RuntimeError as e:  # a capture that fails leaves the eager rows
-            head["full_graph_error"] = f"{type(e).__name__}: {e}"[:300]
-            timing.release(device)
-    full2 = measure("full", b_full, name="full_repeat")  # host-speed drift over the run
-    summary = _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget, graph)
+    if not dry and not lean:
+        graph = graph_row()
+    if lean and graph is not None:
+        full = full2 = graph
+    else:
+        full = full or graph or measure("full", b_full)
+        full2 = measure("full", b_full, name="full_repeat")  # host-speed drift over the run
+    summary = summarize(full, full2, flex_eq, flex_max, no_hyst, other, budget, graph)
+    summary["by_rerank_interval"] = {x: by_interval(row, summary) for x, row in by_r.items()}
     return {**head, "rows": rows, "summary": summary}
-
-
-def _summary(full, full2, flex_eq, flex_max, no_hyst, other, budget, graph=None) -> dict:
-    fulls = [r for r in (full, full2, graph) if r is not None]
-    base = max(fulls, key=lambda r: r["tokens_per_s"])  # the strongest by the wall clock
-    dev_rows = [r for r in fulls if r["device_bound_step_ms"]]
-    base_dev = min(dev_rows, key=lambda r: r["device_bound_step_ms"]) if dev_rows else None
-
-    def dev_tps(r):  # tokens/s at the row's device-bound step time (None: not probed)
-        ms = r and r["device_bound_step_ms"]
-        return ms and round(r["batch"] / ms * 1e3, 1)
-
-    tps_full_dev, tps_flex_dev = dev_tps(base_dev), dev_tps(flex_max)
-    dev_speedup = tps_full_dev and tps_flex_dev and round(tps_flex_dev / tps_full_dev, 3)
-    return {
-        "gpu_kv_saved_equal_batch": round(1 - flex_eq["gpu_kv_bytes"] / full["gpu_kv_bytes"], 4),
-        "batch_full": full["batch"],
-        "batch_flexicache": flex_max["batch"],
-        "flexicache_fits_budget": flex_max["gpu_kv_bytes"] <= budget,
-        "full_step_ms_first_and_repeat": [full["step_ms"], full2["step_ms"]],
-        "full_row_wall": base["row"],
-        "tokens_per_s_full": base["tokens_per_s"],
-        "tokens_per_s_full_graph_wall": graph and graph["tokens_per_s"],
-        "tokens_per_s_flexicache_largest_batch": flex_max["tokens_per_s"],
-        "speedup_largest_batch": round(flex_max["tokens_per_s"] / base["tokens_per_s"], 3),
-        "full_row_device_bound": base_dev and base_dev["row"],
-        "tokens_per_s_device_bound_full": tps_full_dev,
-        "tokens_per_s_device_bound_flexicache": tps_flex_dev,
-        "speedup_device_bound": dev_speedup or None,
-        "rerank_device_probed": "rerank" in flex_max["device_ms_by_kind"],
-        "fetch_bytes_per_step_largest_batch": flex_max["fetch_bytes_per_step"],
-        "fetch_share_of_step_largest_batch": flex_max["fetch_share_of_step"],
-        "refetched_share_of_fetches": round(
-            flex_max["refetched_pages_timed"] / max(flex_max["fetched_pages_timed"], 1), 4
-        ),
-        "fetched_pages_hysteresis_vs_off": no_hyst
-        and [flex_max["fetched_pages_timed"], no_hyst["fetched_pages_timed"]],
-        "tokens_per_s_hysteresis_off": no_hyst and no_hyst["tokens_per_s"],
-        "step_ms_by_kind_largest_batch": flex_max["step_ms_by_kind"],
-        "device_ms_by_kind_largest_batch": flex_max["device_ms_by_kind"],
-        "host_issue_ms_median_largest_batch": flex_max["host_issue_ms_median"],
-        "host_syncs_per_step_by_kind_largest_batch": flex_max["host_syncs_per_step_by_kind"],
-        "speedup_compare_churn": other
-        and {
-            "churn": other["churn"],
-            "speedup": round(other["tokens_per_s"] / base["tokens_per_s"], 3),
-        },
-        "note": "stable heads forced (random model); quality: flexicache_quality_*.json."
-        " tokens/s: mean over whole lcm(r, block size) periods of steps (plain, page start,"
-        " re-ranking in their real proportion); full: the fastest of its rows (eager twice,"
-        " CUDA graph); device-bound: every row and step kind timed on the device alone"
-        " (re-ranking steps: an upper bound, see flexicache_timing.py), full KV's best row",
-    }

@@ -226,3 +226,45 @@ def _probe(
             valid += 1
             got.setdefault(kind, []).append(start.elapsed_time(end) / 1e3)
     return _means_ms(got), round(valid / max(tried, 1), 3)
+
+
+@torch.inference_mode()
+def profile_steps(step, begin, tokens: torch.Tensor, n: int, top: int = 15) -> dict:
+    """`n` steps under torch.profiler: per step kind, wall ms; and the ops (and the store's
+    `flexi.*` ranges) with the most host time and the most device time, ms per step. Where a
+    re-ranking step's time goes (host-issued launches, syncs, fetches, sorts)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if tokens.is_cuda:
+        acts.append(ProfilerActivity.CUDA)
+    kinds: dict[str, list[float]] = {}
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            kind = begin()
+            _sync(tokens.device)
+            t = time.perf_counter()
+            tokens = step(tokens)
+            _sync(tokens.device)
+            kinds.setdefault(kind, []).append(time.perf_counter() - t)
+    rows = prof.key_averages()
+
+    def dev(e) -> float:
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+
+    def table(key) -> list[dict]:
+        best = sorted(rows, key=key, reverse=True)[:top]
+        return [{"op": e.key, "calls_per_step": round(e.count / n, 1),
+                 "self_cpu_ms": round(e.self_cpu_time_total / 1e3 / n, 3),
+                 "self_device_ms": round(dev(e) / 1e3 / n, 3)} for e in best]  # fmt: skip
+
+    ranges = [{"range": e.key, "cpu_ms_per_step": round(e.cpu_time_total / 1e3 / n, 3),
+               "calls_per_step": round(e.count / n, 1)}
+              for e in rows if e.key.startswith("flexi.")]  # fmt: skip
+    return {
+        "steps": n,
+        "step_ms_by_kind": _means_ms(kinds),
+        "by_host_time": table(lambda e: e.self_cpu_time_total),
+        "by_device_time": table(dev),
+        "store_ranges": ranges,
+    }

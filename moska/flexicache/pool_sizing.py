@@ -42,6 +42,7 @@ class PoolSizing:
     pool_v: list[torch.Tensor]
     spare_pages: int
     pool_slack: float
+    pool_version: int  # bumped whenever a layer's pool tensors are replaced
     hysteresis: bool
     length: int
     block_size: int
@@ -249,6 +250,7 @@ class PoolSizing:
             return
         cap = self.pool_k[layer].shape[0]
         grow = max(missing + self.shape[1] * self.shape[2], int(cap * self.pool_slack))
+        self.pool_version += 1  # new pool tensors: a CUDA graph of a plain step is stale
         for pool in (self.pool_k, self.pool_v):
             t = pool[layer]
             pool[layer] = torch.cat([t, t.new_zeros(grow, *t.shape[1:])])
@@ -310,6 +312,7 @@ class PoolSizing:
             new = t.new_empty(cap, *t.shape[1:])
             new[:m] = t[old]
             pool[layer] = new
+        self.pool_version += 1
         flat.fill_(-1)
         flat[stay] = torch.arange(m, device=flat.device)
         self._evicted += n_idle - (m - n)

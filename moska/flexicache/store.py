@@ -10,7 +10,7 @@ ranking, which reads every key from the host copy, also writes each token there)
 head's kept set changes (a re-ranking) its newly kept pages are fetched from the host copy:
 `fetched_pages` counts those copies. A step that starts a new page only gives it a slot
 per head (no copy, no wait on the device); the head lists are rebuilt only then and at
-re-rankings, other steps add one token to each head's length.
+re-rankings. Other (plain) steps index by device tensors only (`plain_step`: CUDA-graphable).
 
 Waits on the device (`host_reads` counts them): a re-ranking step reads one small tensor,
 every layer's kept and idle counts after its last layer (`compact_all`); its allocation,
@@ -18,10 +18,9 @@ evictions and fetches are issued without reading anything back (`pool_sizing.py`
 picked on the device, fetch lists padded to a bound the host knows, read by the in-place
 kernel) as long as the layer's pool holds `keep_bound` pages, i.e. when heads that can turn
 unstable already keep every page (the speed bench's forced classes); otherwise the layer
-reads its counts once to grow its pool. A step that starts a page reads a layer's resident
-count only when the host's bound of it leaves too few free slots (the first page start after
-a re-ranking under no hysteresis); the host-gather fetch path (`zero_copy` off) reads its
-index lists. Other steps issue work without reading anything back.
+reads its counts once to grow its pool. A page start reads a layer's resident count only
+when the host's bound leaves too few free slots; the host-gather fetch path (`zero_copy` off)
+reads its index lists. Other steps read nothing back.
 """
 
 from __future__ import annotations
@@ -29,10 +28,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.profiler import record_function
 
 from moska.flexicache import policy
 from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.pool_sizing import PoolSizing
+from moska.flexicache.store_stats import StoreStats
 from moska.flexicache.transfer import (
     FetchTimer,
     PageWriteBack,
@@ -42,7 +43,7 @@ from moska.flexicache.transfer import (
 )
 
 
-class FlexiKV(PoolSizing):
+class FlexiKV(PoolSizing, StoreStats):
     def __init__(
         self,
         cfg: FlexiCacheConfig,
@@ -121,6 +122,7 @@ class FlexiKV(PoolSizing):
         self.kept = torch.zeros(L, B, H, P, dtype=torch.bool, device=dev)  # read pages
         self.dropped_step = torch.full((L, B, H, P), -(2**30), dtype=torch.int64, device=dev)
         self.pool_slack = pool_slack
+        self.pool_version = 0
         self.zero_copy = self.device.type == "cuda" if zero_copy is None else zero_copy
         self._zero_copy_checked = zero_copy is not None
         # counters on the device (read by the properties): pages fetched; fetches of pages
@@ -143,49 +145,14 @@ class FlexiKV(PoolSizing):
         self.write_back = PageWriteBack(self.host_k, self.host_v, self.device)
         self._n_pages = self._active = self._seq = torch.zeros(0)
         self._per_step: dict[str, object] = {}  # masks every layer of a step shares
-
-    @property
-    def fetched_pages(self) -> int:
-        return int(self._fetched)
-
-    @property
-    def evicted_pages(self) -> int:
-        return int(self._evicted)
-
-    @property
-    def peak_resident_pages(self) -> int:
-        return int(self._peak)
-
-    @property
-    def refetched_pages(self) -> int:
-        return int(self._refetched)
-
-    @property
-    def reused_pages(self) -> int:
-        return int(self._reused)
-
-    # ---- accounting ----
-    def page_bytes(self) -> int:
-        *_, bs, d = self.shape
-        return 2 * bs * d * self.host_k.element_size()
-
-    def full_kv_bytes(self) -> int:
-        """A paged cache's bytes for these sequences at the current length."""
-        L, B, H, _, bs, _ = self.shape
-        return L * B * H * -(-self.length // bs) * self.page_bytes()
-
-    def resident_pages(self) -> int:
-        return int((self.slot >= 0).sum())
-
-    def gpu_bytes(self) -> int:
-        """Bytes this store holds on the device: the pools as allocated, summaries, tables."""
-        pools = sum(t.numel() * t.element_size() for t in (*self.pool_k, *self.pool_v))
-        meta = [self.slot, self.kmin, self.kmax, self.kmean, self.top, self.stable, self.tables]
-        meta.append(self.lens)
-        return pools + sum(t.numel() * t.element_size() for t in meta)
-
-    def stable_fraction(self) -> float:
-        return float(self.stable.float().mean())
+        # the step's position on the device (page, slot in it) and, per layer, the head
+        # lists' lengths at their last rebuild and the tokens added since (plain steps)
+        self._page_pos = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._slot_pos = torch.zeros((), dtype=torch.int64, device=dev)
+        self._lens_base = torch.zeros(L, B, H, dtype=torch.int32, device=dev)
+        self._since = torch.zeros(L, 1, 1, dtype=torch.int32, device=dev)
+        self._base_len = [0] * L
+        self.defer_write_back = False  # full pages reach the host at `queue_write_backs`
 
     # ---- prefill ----
     def write_prompt(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, q_last):
@@ -242,6 +209,13 @@ class FlexiKV(PoolSizing):
         self._active = torch.full((B,), self.cfg.long_enough(n), device=self.device)
         self._seq = torch.full((B,), self.length, device=self.device)
         self._per_step = {}
+        self._page_pos.fill_((self.length - 1) // bs)
+        self._slot_pos.fill_((self.length - 1) % bs)
+        since = [self.length - b for b in self._base_len]
+        if len(set(since)) == 1:
+            self._since.fill_(since[0])
+        else:
+            self._since.copy_(to_device(since, self.device, torch.int32).view(-1, 1, 1))
 
     def _shared(self, name: str, page: int = 0):
         """This step's candidate pages ("cand"), `policy.window_masks` ("windows"), page
@@ -270,8 +244,7 @@ class FlexiKV(PoolSizing):
     def attend(self, layer, q, k, v, decode_fn, sm_scale: float) -> torch.Tensor:
         """q [B, Hq, D], the new token's k/v [B, Hkv, D] -> o [B, Hq, D] through
         `decode_fn` (`paged_decode_heads` or its reference) over the kept pages."""
-        _, B, H, _, bs, D = self.shape
-        cfg = self.cfg
+        bs, cfg = self.block_size, self.cfg
         pos = self.length - 1
         p, s = pos // bs, pos % bs
         if not (self.bound or self.centroid):  # "mass" reads every key from the host copy
@@ -285,34 +258,35 @@ class FlexiKV(PoolSizing):
             torch.maximum(self.kmax[layer, :, :, p], k, out=self.kmax[layer, :, :, p])
         rerank = self.step % cfg.rerank_interval == 0
         if rerank:
-            scores = self._scores(layer, q, sm_scale)
-            top, stable, _ = policy.rerank(
-                scores, self._shared("cand"), self.top[layer], cfg.threshold
-            )
-            if self.force_stable is not None:
-                stable = stable | self.force_stable[layer]
-            self.top[layer], self.stable[layer] = top, stable
+            with record_function("flexi.rank"):
+                scores = self._scores(layer, q, sm_scale)
+                top, stable, _ = policy.rerank(
+                    scores, self._shared("cand"), self.top[layer], cfg.threshold
+                )
+                if self.force_stable is not None:
+                    stable = stable | self.force_stable[layer]
+                self.top[layer], self.stable[layer] = top, stable
         if rerank or s == 0 or self.step == 0:
             keep = policy.keep_mask_windows(
                 self.top[layer], self.stable[layer], self._active, self._shared("windows")
             )
             if rerank or self.step == 0:
-                self._sync(layer, keep, fresh=p if s == 0 else None)
+                with record_function("flexi.sync"):
+                    self._sync(layer, keep, fresh=p if s == 0 else None)
                 self._compact_due = True
             else:  # a new page: the only page newly kept (kept pages are candidates)
-                self._start_page(layer, keep, p)
-            self.tables[layer], self.lens[layer] = policy.head_lists(
-                keep, self.slot[layer], self._seq, bs, self._shared("pad")
-            )
-        else:
-            self.lens[layer] += 1
-        cur = self.slot[layer, :, :, p].reshape(-1)  # [B * H] resident slots of the new page
-        self.pool_k[layer][cur, s, 0] = k.reshape(B * H, D)
-        self.pool_v[layer][cur, s, 0] = v.reshape(B * H, D)
-        if self.centroid:  # the newest page's mean key, from its resident copy
-            page = self.pool_k[layer][cur, : s + 1, 0].float().mean(1)  # [B * H, D]
-            self.kmean[layer, :, :, p] = page.view(B, H, D).to(self.kmean.dtype)
-        if s == bs - 1 and (self.bound or self.centroid):  # full: to the host, async
+                with record_function("flexi.start_page"):
+                    self._start_page(layer, keep, p)
+            with record_function("flexi.lists"):
+                self.tables[layer], self.lens[layer] = policy.head_lists(
+                    keep, self.slot[layer], self._seq, bs, self._shared("pad")
+                )
+            self._base_len[layer] = self.length
+            self._lens_base[layer] = self.lens[layer]
+        else:  # lens as at the last rebuild plus the tokens since: replays give the same
+            torch.add(self._lens_base[layer], self._since[layer], out=self.lens[layer])
+        cur = self._write_token(layer, k, v)
+        if s == bs - 1 and (self.bound or self.centroid) and not self.defer_write_back:
             self.write_back.queue(layer, p, self.pool_k[layer], self.pool_v[layer], cur)
         o, _ = decode_fn(
             q,
@@ -324,8 +298,47 @@ class FlexiKV(PoolSizing):
         )
         if self._compact_due and layer == self.shape[0] - 1:  # after the step's last re-ranking
             self._compact_due = False
-            self.compact_all()
+            with record_function("flexi.compact_all"):
+                self.compact_all()
         return o
+
+    def _write_token(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The new token's K/V [B, H, D] into its page's slots, and the page's mean key
+        ("centroid"), indexed by the step's device position (`_page_pos`, `_slot_pos`): no
+        host int in the launched work, so a plain step is capturable in a CUDA graph."""
+        _, B, H, _, bs, D = self.shape
+        cur = self.slot[layer].index_select(-1, self._page_pos).view(-1)  # [B * H] slots
+        rows = cur * bs + self._slot_pos  # token rows of the pool viewed [N * bs, D]
+        for pool, x in ((self.pool_k[layer], k), (self.pool_v[layer], v)):
+            pool.view(-1, D).index_copy_(0, rows, x.reshape(B * H, D).to(pool.dtype))
+        if self.centroid:  # the newest page's mean key, from its resident copy
+            page = self.pool_k[layer].index_select(0, cur)[:, :, 0].float()  # [B * H, bs, D]
+            upto = torch.arange(bs, device=self.device) <= self._slot_pos
+            total = torch.where(upto[None, :, None], page, 0.0).sum(1)
+            mean = (total / (self._slot_pos + 1)).view(B, H, 1, D).to(self.kmean.dtype)
+            self.kmean[layer].index_copy_(2, self._page_pos, mean)
+        return cur
+
+    def plain_step(self) -> bool:
+        """Whether the step just begun is plain: no re-ranking, no page started, no pending
+        compaction, and a page filled only under `defer_write_back`: its attention work reads
+        only device tensors written in place (a CUDA graph of it stays valid while
+        `pool_version` is unchanged)."""
+        s = (self.length - 1) % self.block_size
+        r = self.cfg.rerank_interval
+        ends = s == self.block_size - 1
+        ok = self.step > 0 and self.step % r != 0 and s > 0 and (self.defer_write_back or not ends)
+        return ok and self.centroid and not self._compact_due
+
+    def queue_write_backs(self) -> None:
+        """After a step that filled a page under `defer_write_back` (a CUDA graph's replay):
+        each layer's page to the host copy, as the step's `attend` would have queued it."""
+        if (self.length - 1) % self.block_size != self.block_size - 1:
+            return
+        p = (self.length - 1) // self.block_size
+        for layer in range(self.shape[0]):
+            cur = self.slot[layer].index_select(-1, self._page_pos).view(-1)
+            self.write_back.queue(layer, p, self.pool_k[layer], self.pool_v[layer], cur)
 
     def _relist(self, layer: int) -> None:
         """The layer's head lists again, after its slots moved (a compaction)."""
@@ -333,6 +346,8 @@ class FlexiKV(PoolSizing):
         self.tables[layer], self.lens[layer] = policy.head_lists(
             self.kept[layer], self.slot[layer], self._seq, bs, self._shared("pad")
         )
+        self._base_len[layer] = self.length
+        self._lens_base[layer] = self.lens[layer]
 
     def _scores(self, layer: int, q: torch.Tensor, sm_scale: float) -> torch.Tensor:
         """[B, Hkv, P] page scores of the current queries: from the device summaries (mean
@@ -355,43 +370,33 @@ class FlexiKV(PoolSizing):
         """Copy the pages `need` [B, H, P] (page `fresh`, started this step, holds nothing
         yet: not copied) from the host copy into their new slots `new` [B * H * P]: index
         lists of `limit` (>= the pages copied) entries, the unused ones -1, on the device."""
-        timer = self._timer.start() if self.time_fetch else None
-        *_, bs, D = self.shape
-        copy = need.reshape(-1)
-        if fresh is not None:
-            copy = copy & self._shared("not_fresh", fresh)
-        self._fetch_masks.append(copy)  # counted at `compact_all` (`_account_ranked`)
-        limit = min(limit, copy.numel())
-        # copied pages first, in page order
-        order = copy.to(torch.int8).argsort(descending=True, stable=True)[:limit]
-        used = copy[order]
-        src = torch.where(used, order, -1)  # rows of the layer's host copy [B * H * P, ...]
-        dst = torch.where(used, new[order], -1)
-        self.write_back.flush(layer)  # pages written back are in the host copy
-        hk, hv = (t[layer].view(-1, bs * D) for t in (self.host_k, self.host_v))
-        pk, pv = (t[layer].view(-1, bs * D) for t in (self.pool_k, self.pool_v))
-        if self.zero_copy and limit:
-            check = not self._zero_copy_checked
-            self.host_reads += 2 * check
-            ok = fetch_in_place(hk, hv, pk, pv, src, dst, check=check)
-            self._zero_copy_checked = check is False or ok is not None
-            self.zero_copy = ok is not False
-        if not self.zero_copy and limit:
-            src_h, dst_h = self._read(torch.stack([src, dst]))
-            pairs = [(a, b) for a, b in zip(src_h, dst_h) if b >= 0]
-            if pairs:
-                src_t = torch.tensor([a for a, _ in pairs], dtype=torch.int64)
-                fetch_host(hk, hv, pk, pv, src_t, to_device([b for _, b in pairs], self.device))
-        if timer is not None:
-            self._timer.stop(timer)
-
-    def fetch_seconds(self) -> float:
-        """Time spent fetching since the last `reset_counters` (`time_fetch` on)."""
-        return self._timer.seconds()
-
-    def reset_counters(self) -> None:
-        self._fetched.zero_()
-        self._evicted.zero_()
-        self._refetched.zero_()
-        self._reused.zero_()
-        self._timer.reset()
+        with record_function("flexi.fetch"):
+            timer = self._timer.start() if self.time_fetch else None
+            *_, bs, D = self.shape
+            copy = need.reshape(-1)
+            if fresh is not None:
+                copy = copy & self._shared("not_fresh", fresh)
+            self._fetch_masks.append(copy)  # counted at `compact_all` (`_account_ranked`)
+            limit = min(limit, copy.numel())
+            # copied pages first, in page order
+            order = copy.to(torch.int8).argsort(descending=True, stable=True)[:limit]
+            used = copy[order]
+            src = torch.where(used, order, -1)  # rows of the layer's host copy [B * H * P, ...]
+            dst = torch.where(used, new[order], -1)
+            self.write_back.flush(layer)  # pages written back are in the host copy
+            hk, hv = (t[layer].view(-1, bs * D) for t in (self.host_k, self.host_v))
+            pk, pv = (t[layer].view(-1, bs * D) for t in (self.pool_k, self.pool_v))
+            if self.zero_copy and limit:
+                check = not self._zero_copy_checked
+                self.host_reads += 2 * check
+                ok = fetch_in_place(hk, hv, pk, pv, src, dst, check=check)
+                self._zero_copy_checked = check is False or ok is not None
+                self.zero_copy = ok is not False
+            if not self.zero_copy and limit:
+                src_h, dst_h = self._read(torch.stack([src, dst]))
+                pairs = [(a, b) for a, b in zip(src_h, dst_h) if b >= 0]
+                if pairs:
+                    src_t = torch.tensor([a for a, _ in pairs], dtype=torch.int64)
+                    fetch_host(hk, hv, pk, pv, src_t, to_device([b for _, b in pairs], self.device))
+            if timer is not None:
+                self._timer.stop(timer)

@@ -24,6 +24,7 @@ from .merge import merge_finish, merge_splits
 from .qkv_checks import check_qkv
 
 LOG2E = 1.4426950408889634
+SPLIT_TOKENS = 1024  # CUDA: most tokens of one list a program reads (default splits)
 
 
 @triton.jit
@@ -173,6 +174,10 @@ def paged_decode_heads(
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else 2
         want = triton.cdiv(2 * sms, max(b * hkv, 1))
+        if cuda:  # lists differ in length (FlexiCache: an unstable head reads every page, a
+            # stable one a few): bound the longest list's share of one program, else its
+            # program alone sets the kernel's time (B = 38: one split, 8K tokens each)
+            want = max(want, triton.cdiv(max_tok, SPLIT_TOKENS))
         num_splits = max(1, min(want, max_tok // (128 if cuda else 64)))
     block_n = block_n or (128 if cuda else 32)
     o = torch.empty(num_splits, b, hq, d, device=q.device, dtype=torch.float32)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Session 14 (one H200): #21 FlexiCache throughput. Correctness first: the CUDA tests of
+# tests/flexicache (the new one: plain steps replayed from a CUDA graph == eager steps, with
+# re-rankings, page starts and recaptures), then the speed bench, lean: full KV from a CUDA
+# graph (B = 15) vs FlexiCache with its plain steps from a CUDA graph and the per-head kernel
+# split for skewed lists (B = 15 for memory at equal batch; B = 38 at r = 8 and at r = $R2,
+# each largest-batch row profiled over 16 steps: where a re-ranking step's time goes).
+# Carry .whl (and nothing else: the model is random). CPU form of the same bench:
+#   .venv/bin/python -m moska.bench.flexicache --mode speed --cpu-dry-run --lean --graph \
+#     --also-r 4 --profile-steps 4 --out /tmp/dry.json
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+R2=${R2:-16}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+TRITON_INTERPRET=0 timeout 45 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/flexicache \
+  > "$OUT/flexicache_cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
+timeout 135 python3 -m moska.bench.flexicache --mode speed --lean --graph --also-r "$R2" \
+  --profile-steps 16 --out "$OUT/flexicache_speed_h200_session14.json" \
+  > "$OUT/flexicache_speed.log" 2>&1; echo "speed rc=$?"
+python3 - "$OUT" <<'PY'
+import json, sys
+o = sys.argv[1]
+try:
+    d = json.load(open(f"{o}/flexicache_speed_h200_session14.json"))
+except Exception as e:  # noqa: BLE001
+    sys.exit(f"no speed json: {e}")
+s = d.get("summary")
+keys = ("gpu_kv_saved_equal_batch", "batch_full", "batch_flexicache", "tokens_per_s_full",
+        "tokens_per_s_device_bound_full", "by_rerank_interval")
+print("summary", json.dumps({k: s[k] for k in keys}) if s else f"partial rows {len(d['rows'])}")
+for r in d.get("rows", []):
+    print(" ", r["row"], r["batch"], r.get("r"), "wall", r["step_ms_by_kind"], "device",
+          r["device_ms_by_kind"], "tok/s", r["tokens_per_s"], "graph", r.get("graph_captures"),
+          r.get("graph_replays"), "fetch ms/step", r.get("fetch_ms_per_step"))
+    p = r.get("profile")
+    if p:
+        print("   profile", p["step_ms_by_kind"], "ranges", p["store_ranges"])
+        for e in p["by_host_time"][:6] + p["by_device_time"][:6]:
+            print("    ", e)
+PY
+tail -3 "$OUT/flexicache_cuda_tests.log" | cut -c1-300
+tail -3 "$OUT/flexicache_speed.log" | cut -c1-300

@@ -1,0 +1,178 @@
+"""FlexiCache's plain decode steps as a CUDA graph replays them (session 14, #21): the token
+written and the head lists' lengths indexed by device tensors, checked against a plain-PyTorch
+attention over each head's kept pages of the whole K/V history; a plain step run twice (the
+graph's warm-up before its capture) leaves what one run leaves; the per-head kernel with many
+splits over lists of very different lengths (the default on CUDA now) equals its reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moska.flexicache import FlexiCacheConfig, policy
+from moska.flexicache.store import FlexiKV
+from moska.kernels.paged_heads import paged_decode_heads, paged_decode_heads_ref
+
+L, B, H, G, D, BS = 2, 2, 2, 2, 16, 4
+
+
+def _store(prompt: int, gen: torch.Generator):
+    cfg = FlexiCacheConfig(top_k_pages=2, recent_pages=1, sink_pages=1, threshold=0.0,
+                           rerank_interval=3)  # fmt: skip  # threshold 0: every head stable
+    store = FlexiKV(
+        cfg, num_layers=L, batch=B, num_kv_heads=H, head_dim=D, block_size=BS, max_pages=12,
+        dtype=torch.float32, device="cpu", zero_copy=False,
+    )  # fmt: skip
+    hist_k = torch.randn(L, B, prompt, H, D, generator=gen)
+    hist_v = torch.randn(L, B, prompt, H, D, generator=gen)
+    for layer in range(L):
+        for row in range(B):
+            q_last = torch.randn(H * G, D, generator=gen)
+            store.write_prompt(layer, row, hist_k[layer, row], hist_v[layer, row], q_last)
+    store.finish_prompts()
+    return store, hist_k, hist_v
+
+
+def _reference(store, layer, q, hist_k, hist_v) -> torch.Tensor:
+    """Attention of q [B, Hq, D] over each head's kept pages of the history [B, T, H, D]."""
+    t = hist_k.shape[1]
+    out = torch.zeros(B, H * G, D)
+    for b in range(B):
+        for h in range(H):
+            pages = store.kept[layer, b, h].nonzero().flatten()
+            tok = (pages[:, None] * BS + torch.arange(BS)).flatten()
+            tok = tok[tok < t]
+            s = q[b, h * G : (h + 1) * G] @ hist_k[b, tok, h].T * 0.3
+            out[b, h * G : (h + 1) * G] = torch.softmax(s, -1) @ hist_v[b, tok, h]
+    return out
+
+
+def test_plain_steps_equal_attention_over_kept_pages():
+    gen = torch.Generator().manual_seed(11)
+    store, hist_k, hist_v = _store(29, gen)
+    plain = 0
+    for _ in range(12):  # re-rankings, a page start and end, plain steps
+        store.begin_step()
+        plain += store.plain_step()
+        nk, nv = (
+            torch.randn(L, B, 1, H, D, generator=gen),
+            torch.randn(L, B, 1, H, D, generator=gen),
+        )
+        hist_k, hist_v = torch.cat([hist_k, nk], 2), torch.cat([hist_v, nv], 2)
+        for layer in range(L):
+            q = torch.randn(B, H * G, D, generator=gen)
+            o = store.attend(
+                layer, q, nk[layer, :, 0], nv[layer, :, 0], paged_decode_heads_ref, 0.3
+            )
+            ref = _reference(store, layer, q, hist_k[layer], hist_v[layer])
+            assert float((o - ref).norm() / ref.norm()) < 1e-4
+            # the head lists' lengths: as a rebuild from the kept pages gives them
+            seq = torch.full((B,), store.length)
+            _, lens = policy.head_lists(store.kept[layer], store.slot[layer], seq, BS)
+            assert torch.equal(store.lens[layer], lens)
+            # the newest page's mean key, from the tokens written so far
+            p, s = (store.length - 1) // BS, (store.length - 1) % BS
+            mean = hist_k[layer, :, p * BS : p * BS + s + 1].mean(1)  # [B, H, D]
+            torch.testing.assert_close(store.kmean[layer, :, :, p], mean, rtol=1e-5, atol=1e-6)
+    assert 4 <= plain < 12  # both kinds of steps ran
+
+
+def test_plain_step_run_twice_leaves_what_one_run_leaves():
+    """The graph's warm-up runs the captured step's work once more before its replay."""
+    gen = torch.Generator().manual_seed(12)
+    stores = [_store(29, torch.Generator().manual_seed(5))[0] for _ in range(2)]
+    inputs = [[torch.randn(B, H * G, D, generator=gen), torch.randn(B, H, D, generator=gen),
+               torch.randn(B, H, D, generator=gen)] for _ in range(L)]  # fmt: skip
+    for store in stores:  # to a plain step
+        while True:
+            store.begin_step()
+            if store.plain_step():
+                break
+            for layer in range(L):
+                store.attend(layer, *inputs[layer], paged_decode_heads_ref, 0.3)
+    outs = []
+    for runs, store in zip((1, 2), stores):
+        for _ in range(runs):
+            o = [
+                store.attend(layer, *inputs[layer], paged_decode_heads_ref, 0.3)
+                for layer in range(L)
+            ]
+        outs.append(torch.stack(o))
+    a, b = stores
+    assert torch.equal(outs[0], outs[1])
+    for name in ("lens", "kmean", "slot", "tables"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert all(torch.equal(x, y) for x, y in zip(a.pool_k + a.pool_v, b.pool_k + b.pool_v))
+
+
+def test_deferred_write_backs_fill_the_host_copy_as_inline_ones():
+    """A graph's page-filling step queues its pages' copies after the replay
+    (`queue_write_backs`): the host copy ends as with the copies queued inside `attend`."""
+    gen = torch.Generator().manual_seed(14)
+    stores = [_store(29, torch.Generator().manual_seed(6))[0] for _ in range(2)]
+    stores[1].defer_write_back = True
+    for _ in range(13):  # pages filled at lengths 32, 36, 40
+        ins = [[torch.randn(B, H * G, D, generator=gen), torch.randn(B, H, D, generator=gen),
+                torch.randn(B, H, D, generator=gen)] for _ in range(L)]  # fmt: skip
+        outs = []
+        for store in stores:
+            store.begin_step()
+            outs.append([store.attend(i, *ins[i], paged_decode_heads_ref, 0.3) for i in range(L)])
+        stores[1].queue_write_backs()
+        assert all(torch.equal(x, y) for x, y in zip(*outs))
+    assert stores[0].write_back.pages_written == stores[1].write_back.pages_written > 0
+    for store in stores:
+        store.write_back.flush()
+    a, b = stores
+    assert torch.equal(a.host_k, b.host_k) and torch.equal(a.host_v, b.host_v)
+    assert a.write_back.pages_written == 3 * L * B * H
+
+
+def test_many_splits_over_skewed_lists_match_reference():
+    """One long list (an unstable head) among short ones, split 5 ways: short lists leave
+    splits empty."""
+    gen = torch.Generator().manual_seed(13)
+    b, hkv, g, d, bs, n_pages = 2, 2, 2, 16, 4, 24
+    k = torch.randn(n_pages, bs, 1, d, generator=gen)
+    v = torch.randn(n_pages, bs, 1, d, generator=gen)
+    q = torch.randn(b, hkv * g, d, generator=gen)
+    tables = torch.stack([torch.randperm(n_pages, generator=gen)[:20] for _ in range(b * hkv)])
+    tables = tables.view(b, hkv, 20).int().contiguous()
+    lens = torch.tensor([[79, 6], [3, 9]], dtype=torch.int32)
+    o, lse = paged_decode_heads(q, k, v, tables, lens, 0.25, num_splits=5, block_n=16)
+    o_ref, lse_ref = paged_decode_heads_ref(q, k, v, tables, lens, 0.25)
+    assert float((o - o_ref).norm() / o_ref.norm()) < 1e-4
+    assert float((lse - lse_ref).norm() / lse_ref.norm()) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_replayed_plain_steps_equal_eager_steps_on_cuda():
+    """The speed bench's `--graph` (plain steps replayed, others eager, recaptures after pool
+    changes) gives the tokens and store state of all-eager steps."""
+    from moska.bench import flexicache_speed as fs
+    from moska.bench.common import random_loaded_model
+    from moska.bench.flexicache_graph import GraphSteps
+    from moska.kernel_ops import kernel_ops
+
+    tiny = {**fs.TINY, "hidden_size": 64, "head_dim": 16, "torch_dtype": "float32"}
+    lm = random_loaded_model(tiny, torch.float32, "cuda")
+    lm.model.kernels = ops = kernel_ops("triton", "cuda")
+    mc, dev = lm.config, torch.device("cuda")
+    cfg = FlexiCacheConfig(top_k_pages=2, recent_pages=1, threshold=2.0, rerank_interval=3)
+    args = (mc, 3, 70, 12, 8, torch.float32, dev, 0.5, 0, -1.0, None)
+    stores = [fs._flexi_store(cfg, *args) for _ in range(2)]
+    attns = [fs._Flexi(st, ops, mc.sm_scale) for st in stores]
+    tokens = torch.randint(0, 128, (3,), device="cuda")
+    graph = GraphSteps(lm.model, attns[1], tokens)
+    steps = [fs._stepper(lm.model, attns[0]), graph]
+    out = [tokens, tokens]
+    for _ in range(20):
+        for i, (store, step) in enumerate(zip(stores, steps)):
+            store.begin_step()
+            out[i] = step(out[i])
+        assert torch.equal(out[0], out[1])
+    a, b = stores
+    for name in ("lens", "slot", "tables"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    torch.testing.assert_close(a.kmean, b.kmean)
+    assert graph.replays >= 8 and graph.captures >= 1 and graph.eager >= 6
