@@ -262,7 +262,9 @@ class GlobalScheduler:
         if (
             slo is not None
             and ttft_high > slo * SLO_MARGIN
-            and not self.ttft.probe(prefill.name, not prefill.prefills, ttft, slo, now)
+            and not self.ttft.probe(
+                prefill.name, not prefill.prefills, ttft, slo, now, stage_x + first_x
+            )
         ):
             return self._reject("ttft", ttft_high - slo * SLO_MARGIN, ttft, tpot)
         if self.slo.tpot_s is not None and tpot > self.slo.tpot_s * TPOT_SLO_MARGIN:
