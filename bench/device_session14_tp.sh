@@ -48,5 +48,5 @@ echo "($((SECONDS - start)) s)"
 timeout 100 python3 bench/tp_decode.py --tp 1 2 --batch 16 256 --profile \
   --out "$OUT/tp_decode_profile_h200x2.json" > "$OUT/tp_decode.log" 2>&1
 echo "tp_decode rc=$? ($((SECONDS - start)) s)"
-grep -E "^\{'tp'|^steady|top_self_device|^summary" "$OUT/tp_decode.log" | cut -c1-600
+grep -E "^\{'tp'|^steady|top_self_device|^summary|Error" "$OUT/tp_decode.log" | cut -c1-600
 tail -3 "$OUT/tp_decode.log" | cut -c1-300

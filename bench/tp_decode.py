@@ -123,8 +123,13 @@ def run_tp(path: Path, variant: str, a, device: str, dtype: str, vocab: int):
             from tp_profile import steady_decode
 
             n = kw["max_model_len"] - a.prompt
-            s = {"tp": variant, **steady_decode(llm, b, a.prompt, vocab, n, a.steady_steps,
-                                                a.profile_steps)}  # fmt: skip
+            try:
+                s = {"tp": variant, **steady_decode(llm, b, a.prompt, vocab, n, a.steady_steps,
+                                                    a.profile_steps)}  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - the generate() rows above still count
+                print("steady failed:", variant, b, repr(e), flush=True)
+                steady.append({"tp": variant, "batch": b, "error": repr(e)})
+                break  # the engine may be in a bad state
             brief = {k: v for k, v in s.items() if k != "profile"}
             print("steady:", brief, flush=True)
             for key in ("top_self_cpu", "top_self_device"):
@@ -136,6 +141,7 @@ def run_tp(path: Path, variant: str, a, device: str, dtype: str, vocab: int):
 
 def _steady_summary(steady: list[dict], base: str) -> dict:
     """Steady decode ms per step, its speed-up over the baseline variant, and the split."""
+    steady = [s for s in steady if "error" not in s]
     if not steady:
         return {}
     ms = {(s["tp"], s["batch"]): s["ms_per_step_median"] for s in steady}
