@@ -271,7 +271,7 @@ def blend_prefill(
         return BlendResult(num_matched, 0)
     assert residual is not None  # set by the first layer
     x, residual = x[rows], residual[rows]
-    if graphs is not None and graphs.first == recompute_layers and graphs.fits(r, end):
+    if graphs is not None and graphs.serves(cache, recompute_layers, r, end):
         # the rows' layers past the boundary: one replay (or eagerly from the same buffers)
         graphs.run(x, residual, att.positions[rows], slots)
     else:

@@ -69,6 +69,15 @@ class BlendGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def serves(self, cache, first: int, rows: int, positions: int) -> bool:
+        """Whether this blend's tail can run here: the same cache (its graphs write the KV at
+        the captured cache's addresses: another cache would be left unwritten, and the
+        captured one overwritten), the same boundary layer, and buffers large enough."""
+        same = cache.k.data_ptr() == self.cache.k.data_ptr() and cache.v.data_ptr() == (
+            self.cache.v.data_ptr()
+        )
+        return same and first == self.first and self.fits(rows, positions)
+
     def fits(self, rows: int, positions: int) -> bool:
         """Whether a tail of `rows` rows over `positions` cache positions fits the buffers."""
         return 0 < rows <= self.max_rows and positions <= self.slots.shape[0]

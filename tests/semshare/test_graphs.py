@@ -97,6 +97,23 @@ def test_buffered_tail_equals_eager_blend(cpu, start):
         assert _rel(a, b) < 1e-5
 
 
+def test_another_cache_runs_its_tail_eagerly(cpu):
+    """The buffers (and a capture) address the cache they were built on: a blend into another
+    cache writes that cache, without them."""
+    model, _, ref, ids, ref_pos = cpu
+    n = ids.shape[0] - 1
+    want_cache = _cache(model, torch.float32, "cpu")
+    want = _blend(model, want_cache, ref, ids, ref_pos, 0, 16)
+    graphs = BlendGraphs(
+        model, _cache(model, torch.float32, "cpu"), 1, 256, row_buckets(256, 16), capture=False
+    )
+    other = _cache(model, torch.float32, "cpu")
+    got = _blend(model, other, ref, ids, ref_pos, 0, 16, graphs)
+    assert got == want and graphs.eager == 0 and graphs.replays == 0
+    for a, b in zip(_kv(other, n), _kv(want_cache, n), strict=True):
+        assert _rel(a, b) < 1e-5
+
+
 def test_rows_past_the_buffers_run_eagerly(cpu):
     model, _, ref, ids, ref_pos = cpu
     cache = _cache(model, torch.float32, "cpu")
@@ -128,14 +145,22 @@ def test_cuda_replay_equals_eager():
     assert got == want and graphs.replays == 1 and graphs.eager == 0
     for a, b in zip(_kv(cache, n), _kv(eager_cache, n), strict=True):
         assert _rel(a, b) < 1e-2
-    # a second request: the replay reads the new inputs, not the captured ones
+    # a second request in the same cache (the engine's: allocated once): the replay reads
+    # the new inputs, not the captured ones
     ids2 = ids.clone()
     ids2[[40, 100]] = (ids2[[40, 100]] + 3) % 256
-    e2, c2 = _cache(model, torch.float16, "cuda"), _cache(model, torch.float16, "cuda")
+    e2 = _cache(model, torch.float16, "cuda")
     want2 = _blend(model, e2, ref, ids2, ref_pos, 0, 16)
-    got2 = _blend(model, c2, ref, ids2, ref_pos, 0, 16, graphs)
+    got2 = _blend(model, cache, ref, ids2, ref_pos, 0, 16, graphs)
     assert got2 == want2 and graphs.replays == 2
-    for a, b in zip(_kv(c2, n), _kv(e2, n), strict=True):
+    for a, b in zip(_kv(cache, n), _kv(e2, n), strict=True):
+        assert _rel(a, b) < 1e-2
+    # another cache: the graphs write the captured cache's addresses, so the blend runs its
+    # tail eagerly into this one (measured on the H200: a replay left it unwritten)
+    c3 = _cache(model, torch.float16, "cuda")
+    got3 = _blend(model, c3, ref, ids2, ref_pos, 0, 16, graphs)
+    assert got3 == want2 and graphs.replays == 2
+    for a, b in zip(_kv(c3, n), _kv(e2, n), strict=True):
         assert _rel(a, b) < 1e-2
 
 
