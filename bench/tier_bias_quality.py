@@ -7,7 +7,8 @@ training set): each window's first `--lib-tokens` tokens are the library (prefix
 the rest is the query, each token routed alone as a decode row is (key-max scores summed
 over KV heads, as `moska.kernels.router.route`). Per layer the resident set is the
 `--resident` share of chunks the unbiased top-k routed to most over the window's query
-tokens (an LFU cache's steady state for that stream). Rows, per top-k and eps: loss (nats
+tokens (an LFU cache's steady state for that stream; `--held-out-residency`: from the first
+half of them, every figure scored on the second half). Rows, per top-k and eps: loss (nats
 per token), its change against the unbiased top-k and against all chunks, top-1 agreement
 with the unbiased top-k, the share of selections on resident chunks, and, per layer, the
 distinct non-resident chunks that batches of `--batch` query tokens (every n-th token, as
@@ -97,7 +98,8 @@ def run_window(model, ids, a, top_ks, eps_list):
                 n_res = max(1, round(a.resident * c))
                 resident = []
                 for layer in range(len(layers)):
-                    counts = torch.bincount(la.chosen[layer].flatten(), minlength=c)
+                    seen = la.chosen[layer][: a.calib]  # --held-out-residency: first half
+                    counts = torch.bincount(seen.flatten(), minlength=c)
                     mask = torch.zeros(c, dtype=torch.bool)
                     mask[counts.argsort(descending=True, stable=True)[:n_res]] = True
                     resident.append(mask)
@@ -137,11 +139,18 @@ def main() -> None:
                     help="H200 all-resident step (bench/results/tiers_h200.json, zipf1.0)")  # fmt: skip
     ap.add_argument("--h2d-gib-s", type=float, default=18.0 / (6.8632 / 12),
                     help="H2D GiB/s (default: what tiers_h200.json's lfu-wait moved)")  # fmt: skip
+    ap.add_argument(
+        "--held-out-residency",
+        action="store_true",
+        help="the resident set from the first half of each window's query tokens, "
+        "everything scored on the second half (default: from and on all of them)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench/results/tier_bias_quality.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    a.calib = a.query_tokens // 2 if a.held_out_residency else a.query_tokens
     t0 = time.perf_counter()
     lm = load_model(a.model, dtype="float32")
     windows = heldout_windows(lm.tokenizer, a.lib_tokens + a.query_tokens, a.windows, a.seed)
@@ -156,13 +165,17 @@ def main() -> None:
     for pkg in PACKAGES:
         for w in windows[pkg]:
             out, target = run_window(lm.model, w, a, top_ks, eps_list)
+            skip = a.calib if a.held_out_residency else 0  # score only the other half
+            target = target[skip:]
             count += target.numel()
             for key, val in out.items():
                 if key[1] == "resident":
                     continue
                 lg, chosen = val
+                lg = lg[skip:]
+                chosen = {layer: top[skip:] for layer, top in chosen.items()}
                 loss[key] = loss.get(key, 0.0) + float(F.cross_entropy(lg, target, reduction="sum"))
-                ref = out[(key[0], None)][0].argmax(-1)
+                ref = out[(key[0], None)][0][skip:].argmax(-1)
                 agree[key] = agree.get(key, 0) + int((lg.argmax(-1) == ref).sum())
                 if key[0] < c:
                     h, d = demand(chosen, out[(key[0], "resident")], a.batch)
@@ -205,6 +218,9 @@ def main() -> None:
         "chunk_size": a.chunk_size,
         "num_chunks": c,
         "resident_share": a.resident,
+        "resident_set_from": "first half of the query tokens, scored on the second"
+        if a.held_out_residency
+        else "all query tokens (the LFU steady state of the scored stream)",
         "batch_rows": a.batch,
         "query_tokens_scored": count,
         "device": "cpu",
