@@ -264,7 +264,8 @@ def main(argv=None) -> dict:
     chunk_bytes = kv_bytes / a.chunks  # one chunk, every layer
     h2d = h2d_bytes_per_s(device, (1 << 30) if device.type == "cuda" else (1 << 22))
     print(f"H2D {h2d / 2**30:.1f} GiB/s")
-    rows = []
+    rows: list[dict] = []
+    result: dict = {}
     workloads = [f"{d}/churn{c}" for d in a.dists.split(",") for c in a.churns.split(",")]
     for dist in workloads:
         name, churn = dist.split("/churn")
@@ -272,6 +273,7 @@ def main(argv=None) -> dict:
         demand = np.mean([len(np.unique(r)) for r in _rows(a, name, float(churn))[a.warmup :]])
         base = run_mode(a, "resident", sels, dev, None, ops, device, mlp)
         rows.append({"dist": dist, "demanded_chunks_per_step": float(demand), **base})
+        print({"dist": dist, "mode": "resident", "tokens_per_s": round(base["tokens_per_s"])})
         t_res = base["seconds"] / a.steps
         for mode in a.modes.split(","):
             eviction, miss = mode.split("-")
@@ -294,13 +296,17 @@ def main(argv=None) -> dict:
             else:
                 r = run_mode(a, mode, sels, dev, tiers, ops, device, mlp)
             rows.append({"dist": dist, **r})
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
             del tiers
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        for r in rows:
-            if r["dist"] == dist:
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    summary = _summary(rows, workloads, a, h2d, chunk_bytes)
+        done = workloads[: workloads.index(dist) + 1]  # written after each workload
+        result = _result(a, argv, device, dtype, S, kv_bytes, slots, rows,
+                         _summary(rows, done, a, h2d, chunk_bytes))  # fmt: skip
+    return result
+
+
+def _result(a, argv, device, dtype, S, kv_bytes, slots, rows, summary) -> dict:
     result = {
         "benchmark": "tiers",
         "environment": environment(None if argv is None else ["moska.bench.tiers", *argv]),
