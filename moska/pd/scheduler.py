@@ -259,12 +259,9 @@ class GlobalScheduler:
             "seats": seats,
         }
         slo = self.slo.ttft_s
-        if (
-            slo is not None
-            and ttft_high > slo * SLO_MARGIN
-            and not self.ttft.probe(
-                prefill.name, not prefill.prefills, ttft, slo, now, stage_x + first_x
-            )
+        probe = slo is not None and ttft_high > slo * SLO_MARGIN
+        if probe and not self.ttft.probe(
+            prefill.name, not prefill.prefills, ttft, slo, now, stage_x + first_x
         ):
             return self._reject("ttft", ttft_high - slo * SLO_MARGIN, ttft, tpot)
         if self.slo.tpot_s is not None and tpot > self.slo.tpot_s * TPOT_SLO_MARGIN:
@@ -273,7 +270,7 @@ class GlobalScheduler:
         ticket = next(self._tickets)
         pred = self.prefill_s(req.prompt_tokens - cached * bs, prefill)
         prefill.prefills[ticket] = [pred, now]  # the work ahead of the next ones
-        self.ttft.admitted(prefill.name, ticket, stage, now)
+        self.ttft.admitted(prefill.name, ticket, stage, now, probe)
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
         alone = len(prefill.prefills) == 1

@@ -39,7 +39,9 @@ class TtftModel:
         self.fits: dict[tuple[str, str], StageFit] = {}  # (stage, instance name) -> fit
         self.late_prefills = LiveLag()  # each prefill against its predicted stage
         self._admitted_at: dict[str, float] = {}  # prefill instance -> its last admission
-        self.probes = 0  # requests admitted though TTFT would reject them (`probe`)
+        # requests admitted though TTFT would reject them (`probe`; one a probe let through
+        # and TPOT then rejected is not one: it counted 21 in a 4 s round)
+        self.probes = 0
 
     def fit(self, stage: str, name: str) -> StageFit:
         return self.fits.setdefault((stage, name), StageFit())
@@ -80,11 +82,13 @@ class TtftModel:
             and now - max(last, self._admitted_at.get(prefill, -math.inf)) >= PROBE_AFTER_S
             and (ttft <= PROBE_MAX_SLOS * slo_s or prior_s <= slo_s)
         )
-        self.probes += ok
         return ok
 
-    def admitted(self, prefill: str, ticket: int, stage_s: float, now: float) -> None:
+    def admitted(
+        self, prefill: str, ticket: int, stage_s: float, now: float, probe: bool = False
+    ) -> None:
         self._admitted_at[prefill] = now
+        self.probes += probe
         self.late_prefills.start(prefill, ticket, now, stage_s)
 
     def done(self, ticket: int) -> None:

@@ -44,3 +44,17 @@ def test_a_far_off_stage_line_is_probed_when_the_step_fits_say_it_fits():
     assert probe.predicted_ttft_s > PROBE_MAX_SLOS * 1.0  # beyond the old mean bound
     nxt = sched.plan(_prompt(3), t + 2 * PROBE_AFTER_S)  # the probe still in flight
     assert not isinstance(nxt, Plan) and sched.ttft.probes == 1
+
+
+def test_a_probe_rejected_for_tpot_is_no_probe():
+    """A request TTFT lets through as a probe but TPOT rejects is not admitted: it neither
+    counts as a probe nor takes the probe's turn (the next request may still probe)."""
+    p = Instance("p0", "http://p0", "prefill", 0, BS, 100_000, 64)
+    d = Instance("d0", "http://d0", "decode", 1, BS, 100_000, 64)
+    sched = GlobalScheduler([p, d], SLO(ttft_s=1.0, tpot_s=1e-6))  # TPOT rejects all
+    sched.ttft.observe("prefill", "p0", 0.01, 8.0, now=0.0)  # a fit that rejects for TTFT
+    t = PROBE_AFTER_S + 0.5
+    for seed in range(3):
+        r = sched.plan(_prompt(seed), t)
+        assert not isinstance(r, Plan) and r.reason == "tpot", r
+    assert sched.ttft.probes == 0
