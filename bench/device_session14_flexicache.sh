@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # Session 14 (one H200): #21 FlexiCache throughput. Correctness first: the CUDA tests of
-# tests/flexicache (the new one: plain steps replayed from a CUDA graph == eager steps, with
-# re-rankings, page starts and recaptures), then the speed bench, lean: full KV from a CUDA
-# graph (B = 15) vs FlexiCache with its plain steps from a CUDA graph and the per-head kernel
-# split for skewed lists (B = 15 for memory at equal batch; B = 38 at r = 8 and at r = $R2,
-# each largest-batch row profiled over 16 steps: where a re-ranking step's time goes).
+# tests/flexicache (new: plain steps replayed from a CUDA graph == eager steps, with
+# re-rankings, page starts and recaptures, re-ranking in the step and deferred), then the
+# speed bench, lean: full KV from a CUDA graph (B = 15) vs FlexiCache with its plain steps
+# from a CUDA graph and the per-head kernel split for skewed lists: B = 15 (memory at equal
+# batch) and B = 38 at r = 8 re-ranking in the step, then deferred re-ranking (after the
+# step, every layer at once; the step itself replayed) at each of $ALSO; every largest-batch
+# row profiled over 16 steps (where a re-ranking step's time goes).
 # Carry .whl (and nothing else: the model is random). CPU form of the same bench:
 #   .venv/bin/python -m moska.bench.flexicache --mode speed --cpu-dry-run --lean --graph \
-#     --also-r 4 --profile-steps 4 --out /tmp/dry.json
+#     --also-r 4d --profile-steps 4 --out /tmp/dry.json
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-R2=${R2:-16}
+ALSO=${ALSO:-8d,16d}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
 TRITON_INTERPRET=0 timeout 45 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/flexicache \
   > "$OUT/flexicache_cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
-timeout 135 python3 -m moska.bench.flexicache --mode speed --lean --graph --also-r "$R2" \
+timeout 135 python3 -m moska.bench.flexicache --mode speed --lean --graph --also-r "$ALSO" \
   --profile-steps 16 --out "$OUT/flexicache_speed_h200_session14.json" \
   > "$OUT/flexicache_speed.log" 2>&1; echo "speed rc=$?"
 python3 - "$OUT" <<'PY'
@@ -31,7 +33,8 @@ keys = ("gpu_kv_saved_equal_batch", "batch_full", "batch_flexicache", "tokens_pe
         "tokens_per_s_device_bound_full", "by_rerank_interval")
 print("summary", json.dumps({k: s[k] for k in keys}) if s else f"partial rows {len(d['rows'])}")
 for r in d.get("rows", []):
-    print(" ", r["row"], r["batch"], r.get("r"), "wall", r["step_ms_by_kind"], "device",
+    print(" ", r["row"], r["batch"], r.get("r"), "deferred" if r.get("deferred_rerank") else "",
+          "wall", r["step_ms_by_kind"], "device",
           r["device_ms_by_kind"], "tok/s", r["tokens_per_s"], "graph", r.get("graph_captures"),
           r.get("graph_replays"), "fetch ms/step", r.get("fetch_ms_per_step"))
     p = r.get("profile")

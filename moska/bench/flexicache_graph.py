@@ -56,7 +56,7 @@ class GraphSteps:
             self.eager += 1
             pos = torch.full(tokens.shape, store.length - 1, device=tokens.device)
             out = self.model.compute_logits(self.model(tokens, pos, self.attn)).argmax(-1)
-            store.queue_write_backs()
+            store.finish_step()
             return out
         self.static_tok.copy_(tokens)
         self.static_pos.fill_(store.length - 1)
@@ -65,7 +65,7 @@ class GraphSteps:
         assert self.graph is not None and self.out is not None
         self.graph.replay()
         self.replays += 1
-        store.queue_write_backs()  # a filled page: gathered and copied after the replay
+        store.finish_step()  # a deferred re-ranking; a filled page's copy to the host
         return self.out.clone()  # the static output changes at the next replay
 
     def counts(self) -> dict:

@@ -38,7 +38,8 @@ staging and a copy up), and how many fetched pages had been dropped at the previ
 hysteresis: `--no-hysteresis` turns it off, `--spare-pages` leaves spare slots per head).
 
 Rows: full KV (eager; `--lean`: only from a CUDA graph), FlexiCache at its batch and at
-the largest batch (`--also-r`: again at other re-rank intervals), the optional compare rows,
+the largest batch (`--also-r 8d,16d`: again at other re-rank intervals, `d`: deferred
+re-ranking, `flexicache/deferred.py`), the optional compare rows,
 full KV from a CUDA graph (`full_graph`, CUDA only) and eager again (`full_repeat`); the
 summary takes the fastest. `--graph`: FlexiCache's plain steps replayed from a CUDA graph
 (`flexicache_graph.py`). The timed steps are whole lcm(r, block size) periods, so the mean
@@ -151,7 +152,9 @@ def _stepper(model, attn):
 
     def step(tokens: torch.Tensor) -> torch.Tensor:
         pos = torch.full(tokens.shape, attn.store.length - 1, device=tokens.device)
-        return model.compute_logits(model(tokens, pos, attn)).argmax(-1)
+        out = model.compute_logits(model(tokens, pos, attn)).argmax(-1)
+        attn.store.finish_step()  # a deferred re-ranking (`--deferred-rerank`)
+        return out
 
     return step
 
@@ -177,7 +180,8 @@ def run(args, rest: list[str]) -> dict:
     ap.add_argument("--compare-churn", type=float, default=None,
                     help="also the largest batch with this churn")  # fmt: skip
     ap.add_argument("--graph", action="store_true", help="FlexiCache plain steps from a CUDA graph")
-    ap.add_argument("--also-r", default="", help="also the largest batch at these intervals")
+    ap.add_argument("--also-r", default="",
+                    help="also the largest batch at these intervals (8d: deferred re-ranking)")  # fmt: skip
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many steps of each largest-batch FlexiCache row")  # fmt: skip
     ap.add_argument("--lean", action="store_true", help="full KV from a graph only (no eager)")
@@ -189,8 +193,8 @@ def run(args, rest: list[str]) -> dict:
     context = 256 if dry else sa.context
     k_pages = 4 if dry else sa.top_k_pages
     bs = args.block_size
-    also_r = [int(x) for x in sa.also_r.split(",") if x]
-    r_max = max([args.r, *also_r])
+    also_r = [x.strip() for x in sa.also_r.split(",") if x.strip()]
+    r_max = max([args.r, *(int(x.rstrip("d")) for x in also_r)])
     steps = timing.whole_periods(1 if dry else sa.steps, r_max, bs)
     warmup = 1 if dry else max(sa.warmup, 2 * r_max)  # two re-rankings
     lm = random_loaded_model(hf, dtype, str(device))
@@ -265,7 +269,8 @@ def run(args, rest: list[str]) -> dict:
         return arena[0][:n].view(shape), arena[1][:n].view(shape)
 
     def measure(kind, batch, hysteresis=not sa.no_hysteresis, churn=sa.churn, name=None, r=None):
-        r = r or args.r
+        deferred = args.deferred_rerank or str(r).endswith("d")  # --deferred-rerank: every row
+        r = int(str(r).rstrip("d")) if r else args.r
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -287,6 +292,7 @@ def run(args, rest: list[str]) -> dict:
                                  filled=filled == [batch])  # fmt: skip
             filled[:] = [batch]  # the next row of this batch finds the same pages there
             store.hysteresis = hysteresis
+            store.deferred_rerank = deferred
             store.spare_pages = sa.spare_pages if hysteresis else 0
             store.time_fetch = True
 
@@ -319,6 +325,7 @@ def run(args, rest: list[str]) -> dict:
                 prof = timing.profile_steps(gsteps or _stepper(lm.model, attn), begin, tokens,
                                             sa.profile_steps)  # fmt: skip
             extra = {"hysteresis": hysteresis, "spare_pages": store.spare_pages, "r": r,
+                     "deferred_rerank": store.deferred_rerank,
                      **(gsteps.counts() if gsteps else {"graph_captures": None}),
                      "churn": churn, **t["snap"], "profile": prof,
                      "fetch_share_of_step": round(t["snap"]["fetch_ms_per_step"] / 1e3
@@ -359,7 +366,8 @@ def run(args, rest: list[str]) -> dict:
     full = None if lean else measure("full", b_full)
     flex_eq = measure("flexicache", b_full)
     flex_max = measure("flexicache", b_flexi)
-    by_r = {args.r: flex_max, **{x: measure("flexicache", b_flexi, r=x) for x in also_r}}
+    main_r = f"{args.r}d" if args.deferred_rerank else str(args.r)
+    by_r = {main_r: flex_max, **{x: measure("flexicache", b_flexi, r=x) for x in also_r}}
     no_hyst = measure("flexicache", b_flexi, False) if sa.compare_hysteresis else None
     other = None
     if sa.compare_churn is not None:

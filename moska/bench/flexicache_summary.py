@@ -1,6 +1,6 @@
 """The FlexiCache speed bench's summary (`flexicache_speed.py`): full KV's strongest row
 against FlexiCache at the largest batch, wall and device-bound, and one line per re-rank
-interval measured (`--also-r`)."""
+interval measured (`--also-r`; `d`: deferred re-ranking)."""
 
 from __future__ import annotations
 

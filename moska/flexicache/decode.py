@@ -63,4 +63,6 @@ def decode_step(model, store: FlexiKV, tokens: torch.Tensor, decode_fn: Callable
     store.begin_step()
     pos = torch.full_like(tokens, store.length - 1)
     attn = _DecodeAttention(store, decode_fn, model.config.sm_scale)
-    return model.compute_logits(model(tokens, pos, attn))
+    logits = model.compute_logits(model(tokens, pos, attn))
+    store.finish_step()  # a deferred re-ranking (`deferred_rerank`)
+    return logits

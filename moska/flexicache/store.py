@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import record_function
 
-from moska.flexicache import policy
+from moska.flexicache import deferred, policy
 from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.pool_sizing import PoolSizing
 from moska.flexicache.store_stats import StoreStats
@@ -153,6 +153,9 @@ class FlexiKV(PoolSizing, StoreStats):
         self._since = torch.zeros(L, 1, 1, dtype=torch.int32, device=dev)
         self._base_len = [0] * L
         self.defer_write_back = False  # full pages reach the host at `queue_write_backs`
+        self.deferred_rerank = False  # re-rank after the step (`finish_step`, `deferred.py`)
+        self._q_buf: torch.Tensor | None = None
+        self._sm = head_dim**-0.5
 
     # ---- prefill ----
     def write_prompt(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, q_last):
@@ -256,7 +259,12 @@ class FlexiKV(PoolSizing, StoreStats):
         elif self.bound:
             torch.minimum(self.kmin[layer, :, :, p], k, out=self.kmin[layer, :, :, p])
             torch.maximum(self.kmax[layer, :, :, p], k, out=self.kmax[layer, :, :, p])
-        rerank = self.step % cfg.rerank_interval == 0
+        rerank = self.step % cfg.rerank_interval == 0 and not (self.deferred_rerank and self.step)
+        if self.deferred_rerank:  # the queries `deferred.apply_rerank` ranks with
+            if self._q_buf is None:
+                self._q_buf = q.new_zeros(self.shape[0], *q.shape)
+            self._q_buf[layer].copy_(q)
+            self._sm = sm_scale
         if rerank:
             with record_function("flexi.rank"):
                 scores = self._scores(layer, q, sm_scale)
@@ -327,13 +335,20 @@ class FlexiKV(PoolSizing, StoreStats):
         s = (self.length - 1) % self.block_size
         r = self.cfg.rerank_interval
         ends = s == self.block_size - 1
-        ok = self.step > 0 and self.step % r != 0 and s > 0 and (self.defer_write_back or not ends)
+        ranks = self.step % r == 0 and not self.deferred_rerank
+        ok = self.step > 0 and not ranks and s > 0 and (self.defer_write_back or not ends)
         return ok and self.centroid and not self._compact_due
+
+    def finish_step(self) -> None:
+        """After each decode forward: a deferred re-ranking, then deferred write-backs."""
+        if deferred.due(self):
+            deferred.apply_rerank(self, self._sm)
+        self.queue_write_backs()
 
     def queue_write_backs(self) -> None:
         """After a step that filled a page under `defer_write_back` (a CUDA graph's replay):
         each layer's page to the host copy, as the step's `attend` would have queued it."""
-        if (self.length - 1) % self.block_size != self.block_size - 1:
+        if not self.defer_write_back or (self.length - 1) % self.block_size != self.block_size - 1:
             return
         p = (self.length - 1) // self.block_size
         for layer in range(self.shape[0]):
