@@ -35,9 +35,9 @@ def apply_rerank(store: FlexiKV, sm_scale: float) -> None:
     pages newly kept, rebuild the head lists, and compact (one read of every layer's counts)."""
     L, B, H, P, bs, _ = store.shape
     cfg = store.cfg
-    scores = torch.stack(
-        [store._scores(layer, store._q_buf[layer], sm_scale) for layer in range(L)]
-    )
+    qs = store._q_buf
+    assert qs is not None, "a deferred re-ranking follows a step that kept its queries"
+    scores = torch.stack([store._scores(layer, qs[layer], sm_scale) for layer in range(L)])
     flat = (L * B, H)
     cand = store._shared("cand").repeat(L, 1)  # [L * B, P]
     top, stable, _ = policy.rerank(
