@@ -57,8 +57,12 @@ class StepModel:
         return self._coef
 
     def _fit(self) -> np.ndarray:
-        X = np.array([x for x, _ in self._obs])
-        y = np.array([s for _, s in self._obs])
+        # one copy first (C-level, under the GIL): the engine thread appends while another
+        # thread (GET /pd/info) reads the fit, and iterating the deque itself raised
+        # "deque mutated during iteration" (a 500 that took a P/D decode instance out)
+        obs = tuple(self._obs)
+        X = np.array([x for x, _ in obs])
+        y = np.array([s for _, s in obs])
         # relative errors: in absolute least squares a few multi-second library prefill
         # steps set every coefficient (the prompt-token cost came out 0 in a mixed burst)
         w = 1.0 / np.maximum(y, 0.01)
