@@ -13,7 +13,11 @@ They meet on a TCPStore (rank 0 binds a free port; under torchrun the launcher's
 groups: the *model* group (NCCL on GPUs, gloo on CPU or when ranks share a GPU) carries the
 collectives of the forward, each with the group's timeout (MOSKA_DIST_TIMEOUT_S, 60 s by
 default: a long first step may compile kernels); the gloo *control* group carries each
-step's command header, and the workers wait on it for as long as rank 0 is idle.
+step's command header, and the workers wait on it for as long as rank 0 is idle. Rank 0's
+side of the control group has a timeout (MOSKA_DIST_CONTROL_TIMEOUT_S, 300 s by default: a
+worker loading a large library answers late), so that a worker that stops answering (alive,
+its heartbeat running, but stuck in a capture or a command) makes rank 0 raise
+RankFailedError instead of waiting forever; a gloo group's timeout is each process's own.
 
 Failure: each worker bumps a heartbeat counter in the store every 0.5 s, and leaves when
 rank 0 is gone (the pipe of its `ParentLink` closes); a monitor thread
@@ -28,9 +32,11 @@ returns an error instead of hanging.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing.connection
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +61,11 @@ _IDLE_TIMEOUT = timedelta(days=30)  # the control group: workers wait on it whil
 
 def collective_timeout_s() -> float:
     return float(os.environ.get("MOSKA_DIST_TIMEOUT_S", "60"))
+
+
+def control_timeout_s() -> float:
+    """Rank 0's wait for the other ranks on the control group (their answers, agreements)."""
+    return float(os.environ.get("MOSKA_DIST_CONTROL_TIMEOUT_S", "300"))
 
 
 def torchrun_rank() -> int | None:
@@ -93,6 +104,9 @@ class Rendezvous:
     port: int
     backend: str
     use_agent_store: bool = False  # torchrun's agent hosts the store
+    # rank 0's MOSKA_* settings, which a rank it starts takes (join_spawned): a rank forked
+    # from a forkserver would otherwise have the server's environment, not rank 0's
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -131,7 +145,9 @@ class ProcessGroups:
             world_size=rdv.world_size,
             timeout=timeout,
         )
-        control = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+        # workers wait on it while rank 0 idles; rank 0 waits only for answers: bounded
+        idle = timedelta(seconds=control_timeout_s()) if rank == 0 else _IDLE_TIMEOUT
+        control = dist.new_group(backend="gloo", timeout=idle)
         # every rank is up and answering (gloo names a rank that is not)
         dist.monitored_barrier(control, timeout=timeout, wait_all_ranks=True)
         comm = Collectives(None, rank, rdv.world_size, rdv.backend)
@@ -260,7 +276,8 @@ class DistributedRuntime:
                 "127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                 timeout=timedelta(seconds=max(120.0, collective_timeout_s())),
             )  # fmt: skip
-            rdv = Rendezvous(world_size, "127.0.0.1", store.port, backend)
+            moska = {k: v for k, v in os.environ.items() if k.startswith("MOSKA_")}
+            rdv = Rendezvous(world_size, "127.0.0.1", store.port, backend, env=moska)
             ctx = process_context()
             parent_end, link = open_parent_link(ctx)
             try:
@@ -350,14 +367,26 @@ def _wait_until_up(store, procs: dict[int, mp.Process]) -> None:
         time.sleep(0.05)
 
 
+def stuck_dump_s() -> float:
+    """MOSKA_DIST_STUCK_DUMP_S (diagnostics; 0, off, by default): a worker still inside one
+    command after that many seconds writes its threads' Python stacks to stderr
+    (faulthandler), and a worker that rank 0 must kill writes them first (SIGUSR1)."""
+    return float(os.environ.get("MOSKA_DIST_STUCK_DUMP_S", "0"))
+
+
 def _stop_procs(procs: dict[int, mp.Process], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     for p in procs.values():
         p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs.values():
-        if p.is_alive():
-            p.kill()
-            p.join(5.0)
+    alive = [p for p in procs.values() if p.is_alive()]
+    if alive and stuck_dump_s() > 0:  # where each was stuck, before it goes
+        for p in alive:
+            with contextlib.suppress(OSError):
+                os.kill(p.pid, signal.SIGUSR1)  # type: ignore[arg-type]
+        time.sleep(0.5)
+    for p in alive:
+        p.kill()
+        p.join(5.0)
 
 
 def _torchrun_rendezvous(world_size: int, backend: str) -> Rendezvous:

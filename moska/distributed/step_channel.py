@@ -3,7 +3,8 @@
 Rank 0 owns the scheduler and the block manager; the other ranks own nothing but their
 slice of the weights and of the KV cache. Before each call into the model rank 0 sends a
 command as one *control message* on a gloo group (host memory; the other ranks block on it
-while idle, so it has no useful timeout): a header of HEADER_LEN int64 and room for a
+while idle, so their side has no timeout; rank 0's has, and a rank that stops answering is a
+RankFailedError: runtime.control_timeout_s): a header of HEADER_LEN int64 and room for a
 payload after it. Every message has the same length on every rank, `capacity`, which each
 message's header sets for the next one; rank 0 sizes it from the last payload (1.25x it,
 rounded up to a power of two, within [MIN_CAPACITY, MAX_CAPACITY]), so a decode step's
@@ -40,9 +41,11 @@ per step**. A payload that does not fit follows in a second message of its own l
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import threading
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -50,7 +53,7 @@ import torch.distributed as dist
 
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.distributed.comm import Collectives
-from moska.distributed.errors import TensorParallelConfigError
+from moska.distributed.errors import RankFailedError, TensorParallelConfigError
 
 HEADER_LEN = 16  # int64: the command, its fields (up to 11), then the three below
 MIN_CAPACITY = 256  # int64 of a control message before any payload sized it (2 KiB)
@@ -66,6 +69,20 @@ def next_capacity(payload_len: int) -> int:
     block_size steps), rounded up to a power of two, within the bounds."""
     want = HEADER_LEN + payload_len + payload_len // 4
     return min(MAX_CAPACITY, max(MIN_CAPACITY, 1 << (want - 1).bit_length()))
+
+
+@contextlib.contextmanager
+def _control(what: str) -> Iterator[None]:
+    """Around a wait on the control group: its failure (a gloo timeout, rank 0's side being
+    bounded by MOSKA_DIST_CONTROL_TIMEOUT_S, or a peer's closed socket) is a RankFailedError
+    naming the command: a rank stopped answering, and the ranks no longer agree on where
+    they are in the protocol."""
+    try:
+        yield
+    except RuntimeError as e:  # dist.DistError included
+        raise RankFailedError(
+            None, f"a rank stopped answering on the control group during {what} ({e})"
+        ) from e
 
 
 class Command(enum.IntEnum):
@@ -155,15 +172,17 @@ class StepChannel:
         if where == _INLINE:
             assert payload is not None
             msg[HEADER_LEN : HEADER_LEN + n] = payload
-        dist.broadcast(msg, src=0, group=self.control_group)
-        self.capacity = nxt
-        if where == _FOLLOWS:
-            assert payload is not None
-            dist.broadcast(payload.contiguous(), src=0, group=self.control_group)
+        with _control(command.name):
+            dist.broadcast(msg, src=0, group=self.control_group)
+            self.capacity = nxt
+            if where == _FOLLOWS:
+                assert payload is not None
+                dist.broadcast(payload.contiguous(), src=0, group=self.control_group)
 
     def _send_bytes(self, text: bytes) -> None:
         data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        dist.broadcast(data, src=0, group=self.control_group)
+        with _control("a command's JSON"):
+            dist.broadcast(data, src=0, group=self.control_group)
 
     def _json_header(self, command: Command, obj: Any) -> None:
         """A header whose first field is the length of the JSON that follows it."""
@@ -194,7 +213,8 @@ class StepChannel:
         the answers (one all_gather_object): rank -> why not. GRAPH_CAPTURE asks this
         before any rank runs a collective of the capture."""
         answers: list[Any] = [None] * dist.get_world_size(self.control_group)
-        dist.all_gather_object(answers, why_not, group=self.control_group)
+        with _control("the ranks' agreement (GRAPH_CAPTURE)"):
+            dist.all_gather_object(answers, why_not, group=self.control_group)
         return {r: a for r, a in enumerate(answers) if a is not None}
 
     def answers(self) -> dict[int, str]:
@@ -204,7 +224,8 @@ class StepChannel:
     def _answers(self) -> dict[int, str]:
         """Every rank's answer to the command just sent: rank -> why it failed."""
         answers: list[Any] = [None] * dist.get_world_size(self.control_group)
-        dist.gather_object(None, answers, dst=0, group=self.control_group)
+        with _control("the ranks' answers to the last command"):
+            dist.gather_object(None, answers, dst=0, group=self.control_group)
         return {r: a for r, a in enumerate(answers) if a is not None}
 
     def send_place_library(self, root: str, name: str, build_id: str, holders: list) -> None:

@@ -13,8 +13,10 @@ ParentLink closes: distributed/rank_processes.py).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -28,6 +30,7 @@ from moska.distributed.runtime import (
     _torchrun_rendezvous,
     pick_backend,
     rank_device,
+    stuck_dump_s,
     torchrun_rank,
 )
 from moska.distributed.step_channel import FOLLOW_TOKENS, Command, StepChannel
@@ -40,6 +43,7 @@ def join_spawned(rdv: Rendezvous, rank: int, device) -> tuple[ProcessGroups, tor
     """A spawned rank's start (tensor-parallel worker or shared-KV rank): its log format,
     its device, its share of the host's cores on CPU, and its process groups."""
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(message)s")
+    os.environ.update(rdv.env)  # rank 0's MOSKA_* settings (TP graphs, timeouts)
     dev = rank_device(device, rank)
     if dev.type == "cpu":  # ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // rdv.world_size))
@@ -86,6 +90,8 @@ def rank_lifecycle(groups: ProcessGroups, parent: ParentLink | None) -> Iterator
     workers and shared-KV ranks alike)."""
     if parent is not None:
         parent.adopt()
+    if stuck_dump_s() > 0:  # diagnostics: rank 0 asks for the stacks before a kill
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = threading.Event()
     beat = threading.Thread(
         target=_heartbeat, args=(groups, parent, stop), name="moska-heartbeat", daemon=True
@@ -116,9 +122,16 @@ def serve_steps(
 
     libraries = WorkerLibraries(model, device) if libraries is None else libraries
     last = None  # the last forward's hidden states [T, H]
+    stuck = stuck_dump_s()  # diagnostics: the stacks of a command that does not end
     while True:
-        msg = channel.recv()
+        if stuck:
+            faulthandler.cancel_dump_traceback_later()
+        msg = channel.recv()  # idle: no timeout (rank 0 may idle; it is watched otherwise)
+        if stuck:
+            faulthandler.dump_traceback_later(stuck)
         if msg.command is Command.STOP:
+            if stuck:
+                faulthandler.cancel_dump_traceback_later()
             return
         if msg.command is Command.FORWARD:
             assert msg.meta is not None

@@ -17,6 +17,7 @@ cuda-marked).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from types import SimpleNamespace
 
@@ -26,6 +27,8 @@ from gloo_ranks import run_ranks
 from tp_support import build_checkpoint, engine_kwargs, greedy
 
 from moska.distributed.step_channel import MAX_CAPACITY, MIN_CAPACITY, next_capacity
+
+pytestmark = pytest.mark.timeout(150)  # the ranks' run has its own 90 s deadline
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
 MIXED = [[7, 3, 9, 12], [44, 45, 46]]  # with logprobs, plain greedy: one decode batch
@@ -359,22 +362,35 @@ def test_greedy_steps_gather_tokens_logprobs_steps_logits(results):
             assert ((lp - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("start", ["spawn", "forkserver"])
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
-def test_tp_graphs_nccl(tmp_path, monkeypatch):
-    """2 GPUs, NCCL, the spawned workers: decode steps replay CUDA graphs on both ranks
-    and greedy tokens equal one GPU's eager engine."""
+def test_tp_graphs_nccl(tmp_path, monkeypatch, start):
+    """2 GPUs, NCCL, the engine's workers: decode steps replay CUDA graphs on both ranks
+    and greedy tokens equal one GPU's eager engine. Workers spawned (as `moska serve`) and
+    forked from the tests' forkserver (tests/distributed/conftest.py). Short timeouts: a
+    rank that stops answering fails the test in seconds (RankFailedError), and a worker
+    still inside one command after 40 s writes its stacks to stderr."""
+    import multiprocessing
+
+    from moska.distributed.rank_processes import use_process_context
     from moska.engine.llm_engine import LLMEngine
 
-    monkeypatch.setenv(
-        "MOSKA_TP_CUDA_GRAPHS", "1"
-    )  # opt-in until measured (the workers inherit it)
-
+    # opt-in until measured; the workers take rank 0's MOSKA_* settings (Rendezvous.env)
+    monkeypatch.setenv("MOSKA_TP_CUDA_GRAPHS", "1")
+    monkeypatch.setenv("MOSKA_DIST_TIMEOUT_S", "45")
+    monkeypatch.setenv("MOSKA_DIST_CONTROL_TIMEOUT_S", "30")
+    monkeypatch.setenv("MOSKA_DIST_STUCK_DUMP_S", "40")
     path = build_checkpoint(tmp_path / "m")
     kw = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 64, "max_num_seqs": 4,
           "enable_prefix_caching": False}  # fmt: skip
     ref = LLMEngine.from_model(str(path), **kw, enforce_eager=True)
     want = greedy(ref, PROMPTS, TOKENS)
-    eng = LLMEngine.from_model(str(path), **kw, tensor_parallel_size=2)
+    seam = contextlib.nullcontext()  # the conftest's forkserver
+    if start == "spawn":
+        seam = use_process_context(lambda: multiprocessing.get_context("spawn"))
+    with seam:
+        eng = LLMEngine.from_model(str(path), **kw, tensor_parallel_size=2)
     try:
         assert eng.capture_graphs(progress=False) == 3  # buckets 1, 2, 4 on both ranks
         assert greedy(eng, PROMPTS, TOKENS) == want
