@@ -10,6 +10,8 @@ which the speed bench wraps), and top-K, stability, keep masks and head lists fo
 in one batch of ops each; only slot allocation and fetches stay per layer (each layer has
 its own pool). The new kept sets take effect from the next step: the ranking uses the
 query of step t (as before) and the pages it picks are read from step t + 1 instead of t.
+A page start is prepared the same way after the step before it (`prepare_page_start`), so
+that in deferred mode every step but the first replays from a graph.
 """
 
 from __future__ import annotations
@@ -66,3 +68,35 @@ def apply_rerank(store: FlexiKV, sm_scale: float) -> None:
     store._lens_base.copy_(store.lens)
     store._base_len = [store.length] * L
     store.compact_all()
+
+
+def prepare_page_start(store: FlexiKV) -> None:
+    """After a step, when the next one starts a page: every layer's page start as that step
+    would do it (the new page gets a slot per head, the page leaving the recent window is
+    dropped by stable heads, the head lists rebuilt at the next length, in one batch), so
+    the next step is plain (replayable) and writes its token into the prepared slots."""
+    L, B, H, P, bs, _ = store.shape
+    length = store.length + 1
+    n = -(-length // bs)
+    n_pages = torch.full((B,), n, device=store.device)
+    active = torch.full((L * B,), store.cfg.long_enough(n), device=store.device)
+    valid, window = policy.window_masks(n_pages, store.cfg.recent_pages, P, store.cfg.sink_pages)
+    flat = (L * B, H)
+    keep = policy.keep_mask_windows(
+        store.top.view(*flat, -1), store.stable.view(*flat), active,
+        (valid.repeat(L, 1), window.repeat(L, 1)),
+    ).view(L, B, H, P)  # fmt: skip
+    store.step += 1  # as at the next step (dropped pages' step)
+    try:
+        for layer in range(L):
+            store._start_page(layer, keep[layer], n - 1)
+    finally:
+        store.step -= 1
+    seq = torch.full((L * B,), length, device=store.device)
+    pad = policy.last_page_pad(seq, bs)
+    tables, lens = policy.head_lists(keep.view(*flat, P), store.slot.view(*flat, P), seq, bs, pad)
+    store.tables.copy_(tables.view(store.tables.shape))
+    store.lens.copy_(lens.view(store.lens.shape))
+    store._lens_base.copy_(store.lens)
+    store._base_len = [length] * L
+    store._page_ready = length

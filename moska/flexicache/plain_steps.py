@@ -37,6 +37,7 @@ class PlainSteps:
     _page_pos: torch.Tensor
     _slot_pos: torch.Tensor
     _sm: float
+    _page_ready: int  # a length whose page start `deferred.prepare_page_start` made
 
     def _write_token(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The new token's K/V [B, H, D] into its page's slots, and the page's mean key
@@ -56,7 +57,8 @@ class PlainSteps:
         return cur
 
     def plain_step(self) -> bool:
-        """Whether the step just begun is plain: no re-ranking, no page started, no pending
+        """Whether the step just begun is plain: no re-ranking, no page started (unless
+        prepared by the step before, deferred mode), no pending
         compaction, and a page filled only under `defer_write_back`: its attention work reads
         only device tensors written in place (a CUDA graph of it stays valid while
         `pool_version` is unchanged)."""
@@ -64,7 +66,8 @@ class PlainSteps:
         r = self.cfg.rerank_interval
         ends = s == self.block_size - 1
         ranks = self.step % r == 0 and not self.deferred_rerank
-        ok = self.step > 0 and not ranks and s > 0 and (self.defer_write_back or not ends)
+        starts = s == 0 and self._page_ready != self.length
+        ok = self.step > 0 and not ranks and not starts and (self.defer_write_back or not ends)
         return ok and self.centroid and not self._compact_due
 
     def finish_step(self) -> None:
@@ -73,6 +76,8 @@ class PlainSteps:
         if deferred.due(store):
             deferred.apply_rerank(store, self._sm)
         self.queue_write_backs()
+        if self.deferred_rerank and self.length % self.block_size == 0 and self.step >= 0:
+            deferred.prepare_page_start(store)  # the next step starts a page: plain now
 
     def queue_write_backs(self) -> None:
         """After a step that filled a page under `defer_write_back` (a CUDA graph's replay):

@@ -157,6 +157,7 @@ class FlexiKV(PoolSizing, StoreStats, PlainSteps):
         self.deferred_rerank = False  # re-rank after the step (`finish_step`, `deferred.py`)
         self._q_buf: torch.Tensor | None = None
         self._sm = head_dim**-0.5
+        self._page_ready = -1  # see `deferred.prepare_page_start`
 
     # ---- prefill ----
     def write_prompt(self, layer: int, row: int, k: torch.Tensor, v: torch.Tensor, q_last):
@@ -275,7 +276,7 @@ class FlexiKV(PoolSizing, StoreStats, PlainSteps):
                 if self.force_stable is not None:
                     stable = stable | self.force_stable[layer]
                 self.top[layer], self.stable[layer] = top, stable
-        if rerank or s == 0 or self.step == 0:
+        if rerank or (s == 0 and self._page_ready != self.length) or self.step == 0:
             keep = policy.keep_mask_windows(
                 self.top[layer], self.stable[layer], self._active, self._shared("windows")
             )

@@ -230,4 +230,5 @@ def test_graph_replayed_plain_steps_equal_eager_steps_on_cuda(deferred):
     for name in ("lens", "slot", "tables"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     torch.testing.assert_close(a.kmean, b.kmean)
-    assert graph.replays >= (14 if deferred else 8) and graph.captures >= 1 and graph.eager >= 3
+    assert graph.replays >= (16 if deferred else 8) and graph.captures >= 1
+    assert graph.eager == 1 if deferred else graph.eager >= 6  # deferred: only the first
