@@ -1,0 +1,81 @@
+"""What a trace replay reports per system (`moska bench trace`): the client's view of each
+request (`Result`) and the summary over a replay: goodput, SLO shares, percentiles and,
+for P/D, how the front end's admission predictions compared with what the client saw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Result:
+    status: int
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    tokens: int = 0
+    error: str | None = None
+    predicted: tuple[float, ...] | None = None  # the front end's (TTFT s, TPOT s, batch)
+    arrival: float = 0.0  # when it was sent (time.monotonic(), the front end's clock too)
+
+
+def _timings(r: Result) -> tuple[float, float]:
+    """(TTFT, TPOT) of a completed request: `_one` sets both whenever the status is 200."""
+    assert r.ttft_s is not None and r.tpot_s is not None, r
+    return r.ttft_s, r.tpot_s
+
+
+def summarize(results: list[Result], wall_s: float, ttft_slo: float, tpot_slo: float) -> dict:
+    ok = [r for r in results if r.status == 200]
+    rejected = sum(1 for r in results if r.status == 429)
+    failed = len(results) - len(ok) - rejected
+    timed = [_timings(r) for r in ok]  # (TTFT, TPOT) of each completed request
+    good = [t for t in timed if t[0] <= ttft_slo and t[1] <= tpot_slo]
+    admitted = len(results) - rejected
+
+    def pct(xs, q):
+        return round(float(np.percentile(xs, q)), 4) if xs else None
+
+    ttfts, tpots = [t[0] for t in timed], [t[1] for t in timed]
+    return {
+        "requests": len(results),
+        "completed": len(ok),
+        "rejected_429": rejected,
+        "failed": failed,
+        "errors": sorted({r.error for r in results if r.error and r.status != 429})[:5],
+        "goodput_rps": round(len(good) / wall_s, 4),
+        "within_both_slos_of_admitted": round(len(good) / admitted, 4) if admitted else None,
+        "within_ttft_slo_of_all": round(
+            sum(1 for ttft, _ in timed if ttft <= ttft_slo) / len(results), 4
+        ),
+        "ttft_p50_s": pct(ttfts, 50),
+        "ttft_p99_s": pct(ttfts, 99),
+        "tpot_p50_s": pct(tpots, 50),
+        "tpot_p99_s": pct(tpots, 99),
+        "wall_s": round(wall_s, 2),
+        **prediction_errors(ok, ttft_slo, tpot_slo),
+    }
+
+
+def prediction_errors(ok: list[Result], ttft_slo: float, tpot_slo: float) -> dict:
+    """How the front end's admission predictions compared with what the client saw (P/D
+    only): observed / predicted ratios and, of the admitted requests that missed an SLO,
+    how many were predicted to meet it."""
+    rows = [(r, r.predicted) for r in ok if r.predicted]
+    if not rows:
+        return {}
+    ttft_ratio = [_timings(r)[0] / max(p[0], 1e-6) for r, p in rows]
+    tpot_ratio = [_timings(r)[1] / max(p[1], 1e-6) for r, p in rows]
+    return {
+        "prediction": {
+            "ttft_observed_over_predicted_p50": round(float(np.median(ttft_ratio)), 3),
+            "ttft_observed_over_predicted_p90": round(float(np.percentile(ttft_ratio, 90)), 3),
+            "tpot_observed_over_predicted_p50": round(float(np.median(tpot_ratio)), 3),
+            "tpot_observed_over_predicted_p90": round(float(np.percentile(tpot_ratio, 90)), 3),
+            "missed_ttft": sum(1 for r, _ in rows if _timings(r)[0] > ttft_slo),
+            "missed_tpot": sum(1 for r, _ in rows if _timings(r)[1] > tpot_slo),
+            # per request: TTFT, TPOT, predicted TTFT, predicted TPOT, predicted decode batch
+            "requests": [[round(_timings(r)[0], 4), round(_timings(r)[1], 4), *p] for r, p in rows],
+        }
+    }
