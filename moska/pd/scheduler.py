@@ -259,11 +259,12 @@ class GlobalScheduler:
             "seats": seats,
         }
         slo = self.slo.ttft_s
-        probe = slo is not None and ttft_high > slo * SLO_MARGIN
-        if probe and not self.ttft.probe(
-            prefill.name, not prefill.prefills, ttft, slo, now, stage_x + first_x
-        ):
-            return self._reject("ttft", ttft_high - slo * SLO_MARGIN, ttft, tpot)
+        probe = False  # admitted though TTFT would reject it (`TtftModel.probe`)
+        if slo is not None and ttft_high > slo * SLO_MARGIN:
+            if not self.ttft.probe(prefill.name, not prefill.prefills, ttft, slo, now,
+                                   stage_x + first_x):  # fmt: skip
+                return self._reject("ttft", ttft_high - slo * SLO_MARGIN, ttft, tpot)
+            probe = True
         if self.slo.tpot_s is not None and tpot > self.slo.tpot_s * TPOT_SLO_MARGIN:
             ends_at = sorted(end for _, end in decode.active.values())
             return self._reject("tpot", (ends_at[0] - now) if ends_at else 1.0, ttft, tpot)
