@@ -20,9 +20,12 @@ its heartbeat running, but stuck in a capture or a command) makes rank 0 raise
 RankFailedError instead of waiting forever; a gloo group's timeout is each process's own.
 
 Failure: each worker bumps a heartbeat counter in the store every 0.5 s, and leaves when
-rank 0 is gone (the pipe of its `ParentLink` closes); a monitor thread
-on rank 0 watches the counters (stale for HEARTBEAT_STALE_S = 5 s: failed) and, for the
-workers it spawned, their process handles (a dead process is seen at once). A failed rank
+rank 0 is gone (the pipe of its `ParentLink` closes); a monitor thread on rank 0 watches the
+process handles of the workers it spawned (a dead process is seen at once) and the counters
+of the ranks it did not (torchrun's; stale for HEARTBEAT_STALE_S = 5 s: failed). A spawned
+worker's stale counter is no failure: a call holding the GIL (a Triton compile, CUDA's start)
+starves its heartbeat thread, and a failure aborts the NCCL group under rank 0's running
+work; a stuck one meets the timeouts. A failed rank
 is logged by rank, and the engine raises RankFailedError naming it at its next step or
 request. A collective with a dead peer raises at once on gloo (the peer's socket closes);
 on NCCL the monitor aborts the model group so that a collective blocked on the dead rank
@@ -206,7 +209,7 @@ class Monitor:
                 except Exception as e:  # noqa: BLE001 - the store itself is gone
                     self._fail(r, f"the rendezvous store stopped answering ({e})")
                     return
-                if beats != seen[r][0]:
+                if beats != seen[r][0] or r in self.procs:  # spawned: its handle tells
                     seen[r] = (beats, now)
                 elif beats >= 0 and now - seen[r][1] > HEARTBEAT_STALE_S:
                     self._fail(r, f"no heartbeat for {now - seen[r][1]:.1f} s")

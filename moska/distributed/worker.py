@@ -71,6 +71,8 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
     from moska.model import load_model
 
     with rank_lifecycle(groups, parent):
+        if stuck_dump_s():  # diagnostics: a start that hangs too (serve_steps takes over)
+            faulthandler.dump_traceback_later(stuck_dump_s())
         loaded = load_model(
             model_path, dtype=dtype, device=device, tensor_parallel=TensorParallel(groups.comm)
         )

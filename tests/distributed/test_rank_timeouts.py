@@ -135,3 +135,33 @@ def test_a_stuck_rank_fails_rank_0_within_the_timeout(case):
         assert "GRAPH_CAPTURE" in r0["error"] or "answers" in r0["error"]
     else:
         assert r0["typed"]
+
+
+def test_a_busy_spawned_worker_is_not_failed(monkeypatch):
+    """A spawned worker's heartbeat may stall while it works (a call holding the GIL: a
+    Triton compile, CUDA's start); its process handle says whether it died, so the monitor
+    does not fail it (and abort the NCCL group under rank 0) for a stale counter. A rank it
+    did not spawn (torchrun's) is failed by its stale counter, as before."""
+    import multiprocessing
+
+    from moska.distributed import runtime
+
+    monkeypatch.setattr(runtime, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(runtime, "HEARTBEAT_STALE_S", 0.2)
+    store = SimpleNamespace(add=lambda key, n: 7, check=lambda keys: False)  # never beats
+    groups = SimpleNamespace(store=store, world_size=3, backend="gloo")
+    never, keep = multiprocessing.Pipe(duplex=False)  # a sentinel that never turns ready
+    spawned = SimpleNamespace(sentinel=never, pid=None, exitcode=None, join=lambda t: None)
+    monitor = runtime.Monitor(groups, {1: spawned})  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    monitor.start()
+    try:
+        while monitor.failure is None and time.monotonic() - t0 < 5:
+            time.sleep(0.02)
+    finally:
+        monitor.stop()
+        never.close()
+        keep.close()
+    assert monitor.failure is not None and monitor.failure.rank == 2  # torchrun's rank
+    assert "no heartbeat" in str(monitor.failure)
+    assert 0.2 <= time.monotonic() - t0 < 4
