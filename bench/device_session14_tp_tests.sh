@@ -24,7 +24,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 PYTEST=(python3 -m pytest -v -s -rs -p no:cacheprovider -p no:randomly --timeout 60
-  -o faulthandler_timeout=50)
+  -o faulthandler_timeout=50 -o log_cli=true -o log_cli_level=WARNING)
 python3 -c 'import torch; print("torch", torch.__version__, "gpus", torch.cuda.device_count(),
   "peer", torch.cuda.can_device_access_peer(0, 1))'
 timeout 80 "${PYTEST[@]}" tests/distributed/test_tp_graphs.py > "$OUT/tp_graphs.log" 2>&1
