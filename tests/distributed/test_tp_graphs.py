@@ -370,7 +370,7 @@ def test_tp_graphs_nccl(tmp_path, monkeypatch, start):
     and greedy tokens equal one GPU's eager engine. Workers spawned (as `moska serve`) and
     forked from the tests' forkserver (tests/distributed/conftest.py). Short timeouts: a
     rank that stops answering fails the test in seconds (RankFailedError), and a worker
-    still inside one command after 40 s writes its stacks to stderr."""
+    still inside one command after 30 s writes its stacks to stderr."""
     import multiprocessing
 
     from moska.distributed.rank_processes import use_process_context
@@ -378,9 +378,9 @@ def test_tp_graphs_nccl(tmp_path, monkeypatch, start):
 
     # opt-in until measured; the workers take rank 0's MOSKA_* settings (Rendezvous.env)
     monkeypatch.setenv("MOSKA_TP_CUDA_GRAPHS", "1")
-    monkeypatch.setenv("MOSKA_DIST_TIMEOUT_S", "45")
-    monkeypatch.setenv("MOSKA_DIST_CONTROL_TIMEOUT_S", "30")
-    monkeypatch.setenv("MOSKA_DIST_STUCK_DUMP_S", "40")
+    monkeypatch.setenv("MOSKA_DIST_TIMEOUT_S", "40")
+    monkeypatch.setenv("MOSKA_DIST_CONTROL_TIMEOUT_S", "25")
+    monkeypatch.setenv("MOSKA_DIST_STUCK_DUMP_S", "30")
     path = build_checkpoint(tmp_path / "m")
     kw = {"device": "cuda", "dtype": "float32", "num_kv_blocks": 64, "max_num_seqs": 4,
           "enable_prefix_caching": False}  # fmt: skip
