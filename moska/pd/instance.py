@@ -131,6 +131,7 @@ class PDInstance:
             if self.transport is not None:
                 self.transport.connect()
                 if self.config.role == "decode":  # from every other rank (prefills send)
+                    self.transport.recv_device = self.engine.runner.cache.k.device
                     me = self.transport.rank
                     self.transport.start_receiving(
                         [r for r in range(self.transport.world_size) if r != me]

@@ -127,9 +127,13 @@ class Ring:
         return ring
 
     @classmethod
-    def attach(cls, spec: RingSpec) -> Ring:
+    def attach(cls, spec: RingSpec, device: torch.device | None = None) -> Ring:
         """Map a ring another rank offered; ChannelError when it is not on this host (or
-        not this /dev/shm, or, for cuda_ipc, not openable from this process)."""
+        not this /dev/shm, or, for cuda_ipc, not openable from this process). `device`
+        (cuda_ipc): open the buffer from this process's own GPU (CUDA IPC maps a peer GPU's
+        memory with peer access) instead of the writer's device index, which in this
+        process may be another GPU (`--device cuda:1` beside a prefill on cuda:0 would
+        otherwise start a context on cuda:0 and receive there)."""
         try:
             fd = os.open(spec.path, os.O_RDWR)
         except OSError as exc:
@@ -149,6 +153,9 @@ class Ring:
         else:
             try:
                 rebuild, args = pickle.loads(base64.b64decode(spec.ipc))
+                if device is not None and device.type == "cuda":
+                    index = device.index if device.index is not None else 0
+                    args = (*args[:6], index, *args[7:])  # rebuild_cuda_tensor's storage_device
                 data = rebuild(*args)
             except Exception as exc:
                 mm.close()
@@ -279,11 +286,14 @@ def offer(
     return None, refused
 
 
-def accept(store, src: int, dst: int, seq: int, spec: str) -> Ring | None:
-    """The receiver's side of `offer`: map the ring and answer "ok", or answer why not."""
+def accept(
+    store, src: int, dst: int, seq: int, spec: str, device: torch.device | None = None
+) -> Ring | None:
+    """The receiver's side of `offer`: map the ring (from `device`, `Ring.attach`) and
+    answer "ok", or answer why not."""
     ring = None
     try:
-        ring = Ring.attach(RingSpec.from_json(spec))
+        ring = Ring.attach(RingSpec.from_json(spec), device)
         answer = "ok"
     except Exception as exc:  # noqa: BLE001 - the answer tells the sender to fall back
         answer = f"decode rank {dst} cannot map it: {exc}"

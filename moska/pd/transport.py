@@ -129,9 +129,10 @@ class KVTransport:
         self._rings_out: dict[int, Ring | None] = {}  # dst -> its ring (None: gloo)
         self._rings_in: dict[int, Ring] = {}  # src -> the ring it offered
         self.channels: dict[int, str] = {}  # dst -> "gloo" | "shm" | "cuda_ipc", once known
-        # where a ring's layers are received (None: the ring's device, which for cuda_ipc
-        # is the device index the writer used; a decode rank on another GPU of this process
-        # sets its own, and each chunk is then copied peer to peer)
+        # the decode rank's KV device: a CUDA IPC ring is opened from it and its layers
+        # received there, each chunk copied peer to peer when the writer is on another GPU
+        # (None: the writer's device index, which is this process's own GPU when the
+        # instances were placed by `gpu_placement`)
         self.recv_device: torch.device | None = None
 
     def connect(self) -> None:
@@ -338,7 +339,7 @@ class KVTransport:
             self._deliver(arrival)
 
     def _take_ring(self, src: int, seq: int, spec: str) -> None:
-        ring = rings.accept(self._store, src, self.rank, seq, spec)
+        ring = rings.accept(self._store, src, self.rank, seq, spec, self.recv_device)
         if ring is not None:
             old = self._rings_in.get(src)
             if old is not None:

@@ -130,3 +130,41 @@ def test_serve_on_cuda_n_binds_the_device(monkeypatch):
     for device in ("cuda:1", "cuda", "cpu", torch.device("cuda", 3)):
         engine_factory.bind_cuda_device(device)
     assert seen == ["cuda:1", "cuda:3"]
+
+
+_SEEN_DEVICE: list = []
+
+
+def _fake_rebuild(*args):
+    """Stands in for torch's rebuild_cuda_tensor (no GPU here): records storage_device."""
+    import torch
+
+    _SEEN_DEVICE.append(args[6])
+    return torch.zeros((4, 16), dtype=torch.uint8)
+
+
+def test_a_cuda_ipc_ring_is_opened_from_the_readers_own_gpu():
+    """A decode rank on cuda:1 opens the prefill's buffer from cuda:1 (peer access), not
+    from the writer's device index 0, which would start a context on cuda:0 and receive
+    there; without a device the writer's index stays (the placed case: both are 0)."""
+    import base64
+    import dataclasses
+    import pickle
+
+    import torch
+
+    from moska.pd import ring as rings
+
+    writer = rings.Ring.create("shm")  # its control file: magic and nonce as offered
+    args = (torch.Tensor, (4, 16), (16, 1), 0, None, torch.uint8, 0, b"h", 64, 0,
+            b"r", 0, b"e", False)  # fmt: skip
+    payload = base64.b64encode(pickle.dumps((_fake_rebuild, args))).decode()
+    spec = dataclasses.replace(writer.spec, kind="cuda_ipc", ipc=payload)
+    try:
+        _SEEN_DEVICE.clear()
+        rings.Ring.attach(spec, torch.device("cuda", 1)).close()
+        rings.Ring.attach(spec).close()
+        rings.Ring.attach(spec, torch.device("cpu")).close()
+        assert _SEEN_DEVICE == [1, 0, 0]
+    finally:
+        writer.close()

@@ -98,7 +98,9 @@ def test_auto_falls_back_to_gloo_when_the_ring_cannot_be_mapped(monkeypatch):
     def elsewhere(spec):
         raise ChannelError(f"cannot open the ring {spec.path} here: no such file")
 
-    monkeypatch.setattr(rings.Ring, "attach", classmethod(lambda cls, spec: elsewhere(spec)))
+    monkeypatch.setattr(
+        rings.Ring, "attach", classmethod(lambda cls, spec, device=None: elsewhere(spec))
+    )
     for mode in ("auto", "shm"):
         sender, receiver = _pair(mode)
         try:
