@@ -5,7 +5,7 @@ On CPU (2 forked gloo ranks, one set for the file): the control message's protoc
 FORWARD's payload rides in its header, an oversized one follows and the next message grows,
 `logits_follow` replaces LOGITS_LAST, GRAPH_STEP's inputs arrive exactly, agree), and the
 real engine on rank 0 with `serve_steps` on rank 1 with graphs forced on and the CUDA capture
-faked (`_EagerGraph`: the same static buffers, warm-up and bucket protocol; a replay runs the
+faked (`tp_support.fake_capture`: the same static buffers, warm-up and bucket protocol; a replay runs the
 recorded forward eagerly, collectives included, where CUDA would replay them): greedy tokens
 equal one process's, both ranks replay the same buckets the same number of times, and a
 decode step costs rank 1 one control message. Greedy decode steps gather each rank's argmax
@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from gloo_ranks import run_ranks
-from tp_support import build_checkpoint, engine_kwargs, greedy
+from tp_support import build_checkpoint, engine_kwargs, fake_capture, greedy
 
 from moska.distributed.step_channel import MAX_CAPACITY, MIN_CAPACITY, next_capacity
 
@@ -33,48 +33,6 @@ pytestmark = pytest.mark.timeout(150)  # the ranks' run has its own 90 s deadlin
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
 MIXED = [[7, 3, 9, 12], [44, 45, 46]]  # with logprobs, plain greedy: one decode batch
 TOKENS = 6  # greedy() gives request i TOKENS + i: the batch shrinks 3 -> 2 -> 1
-
-
-class _EagerGraph:
-    """Stands for a torch.cuda.CUDAGraph on CPU: replay() runs the captured forward again,
-    eagerly, collectives included (a real replay runs the captured ones)."""
-
-    def __init__(self, run) -> None:
-        self.replay = run
-
-
-def _fake_capture(self, b: int, spec):
-    """DecodeGraphs._capture without CUDA: the same static buffers, padding, bound
-    attention and warm-up (under `_model_context`, as the real capture)."""
-    from moska.attention.metadata import AttentionMetadata
-    from moska.engine.cuda_graphs import _Graph
-
-    assert spec is None
-    i64, i32 = torch.int64, torch.int32
-    g = _Graph(
-        graph=None,  # type: ignore[arg-type]
-        ids=torch.empty(b, dtype=i64),
-        pos=torch.empty(b, dtype=i64),
-        slots=torch.empty(b, dtype=i64),
-        seq_lens=torch.empty(b, dtype=i32),
-        tables=torch.empty((b, self.max_blocks), dtype=i32),
-        hidden=None,
-        group=None,
-    )
-    self._pad(g, 0)
-    meta = AttentionMetadata(g.slots, torch.arange(b + 1, dtype=i32), g.seq_lens, g.tables,
-                             decode_only=True)  # fmt: skip
-    bound = self.attention.bind(meta)
-    with self._model_context():
-        g.hidden = self.model(g.ids, g.pos, bound).clone()  # the warm-up
-
-    def run() -> None:
-        with self._model_context():
-            g.hidden.copy_(self.model(g.ids, g.pos, bound))
-
-    g.graph = _EagerGraph(run)  # type: ignore[assignment]
-    g.keep = [meta, bound]
-    return g
 
 
 _GRAPH_KW = {"attention": None, "scratch_block": 9, "block_size": 16, "max_blocks": 4,
@@ -234,7 +192,7 @@ def _ranks(rank: int, world: int, path: str) -> dict:
     out = {"protocol": _protocol(rank, control, comm)}
     saved = ModelRunner._use_graphs, DecodeGraphs._capture
     ModelRunner._use_graphs = lambda self, kv_parallel: True  # type: ignore[method-assign]
-    DecodeGraphs._capture = _fake_capture  # type: ignore[method-assign]
+    DecodeGraphs._capture = fake_capture  # type: ignore[method-assign]
     cpu = torch.device("cpu")
     kw = engine_kwargs("cpu", max_num_seqs=4)
     config = EngineConfig(model=path, **kw, tensor_parallel_size=world)

@@ -152,3 +152,62 @@ def greedy(engine, prompts: list[list[int]], max_tokens: int, routing=None, **re
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+class _EagerGraph:
+    """Stands for a torch.cuda.CUDAGraph on CPU: replay() runs the captured forward again,
+    eagerly, collectives included (a real replay runs the captured ones)."""
+
+    def __init__(self, run) -> None:
+        self.replay = run
+
+
+def fake_capture(self, b: int, spec):
+    """DecodeGraphs._capture without CUDA (test_tp_graphs.py, test_tp_graphs_engine.py): the
+    same static buffers, padding, bound attention and warm-up (under `_model_context`, as the
+    real capture); a replay runs the recorded forward eagerly, collectives included."""
+    from moska.attention.metadata import AttentionMetadata
+    from moska.engine.cuda_graphs import _Graph
+
+    assert spec is None
+    i64, i32 = torch.int64, torch.int32
+    g = _Graph(
+        graph=None,  # type: ignore[arg-type]
+        ids=torch.empty(b, dtype=i64),
+        pos=torch.empty(b, dtype=i64),
+        slots=torch.empty(b, dtype=i64),
+        seq_lens=torch.empty(b, dtype=i32),
+        tables=torch.empty((b, self.max_blocks), dtype=i32),
+        hidden=None,
+        group=None,
+    )
+    self._pad(g, 0)
+    meta = AttentionMetadata(g.slots, torch.arange(b + 1, dtype=i32), g.seq_lens, g.tables,
+                             decode_only=True)  # fmt: skip
+    bound = self.attention.bind(meta)
+    with self._model_context():
+        g.hidden = self.model(g.ids, g.pos, bound).clone()  # the warm-up
+
+    def run() -> None:
+        with self._model_context():
+            g.hidden.copy_(self.model(g.ids, g.pos, bound))
+
+    g.graph = _EagerGraph(run)  # type: ignore[assignment]
+    g.keep = [meta, bound]
+    return g
+
+
+def fake_graphs_worker(rdv, rank, parent, *args) -> None:
+    """worker.run_worker with decode graphs on CPU (fake_capture) when rank 0's
+    MOSKA_TEST_FAKE_GRAPHS=1 reached it (Rendezvous.env; the forkserver's own environment
+    lacks it): the engine-level twin of the NCCL graph test."""
+    from moska.distributed import worker
+    from moska.engine.cuda_graphs import DecodeGraphs
+    from moska.engine.runner import ModelRunner
+
+    def use_graphs(self, kv_parallel) -> bool:
+        return os.environ.get("MOSKA_TEST_FAKE_GRAPHS") == "1"
+
+    ModelRunner._use_graphs = use_graphs  # type: ignore[method-assign]
+    DecodeGraphs._capture = fake_capture  # type: ignore[method-assign]
+    worker.run_worker(rdv, rank, parent, *args)
