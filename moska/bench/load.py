@@ -94,6 +94,8 @@ def run_bursts(
     unload_library: bool = True,
     max_queue: int | None = None,
     library_risk: float = 1.5,
+    door_lag: bool = True,
+    door_storm: bool = True,
     timeout_s: float = 600.0,
     probe_interval_s: float = 0.25,
     client_process: bool = True,
@@ -128,6 +130,7 @@ def run_bursts(
         limits=EngineLimits.of(engine),
         library_risk=library_risk,
     )
+    admission.door_lag, admission.door_storm = door_lag, door_storm  # A/B of the door's drain
     app = create_app(engine, settings, admission=admission)
     state = app.state.moska
     tag = PortTag(app) if trace else None  # load_trace: joins server and client records
@@ -278,6 +281,18 @@ def main(argv: list[str] | None = None) -> int:
         default=1.5,
         help="a library request with others queued must fit with this factor on its TTFT",
     )
+    p.add_argument(
+        "--door-lag",
+        choices=("on", "off"),
+        default="on",
+        help="a door 429's drain counts the event loop's lag (an A/B of that term)",
+    )
+    p.add_argument(
+        "--door-storm",
+        choices=("on", "off"),
+        default="on",
+        help="a door 429's drain counts the connections not answered yet (door_backlog)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
@@ -298,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         warmup=tuple(int(x) for x in args.warmup.split(",") if x),
         max_queue=args.max_queue,
         library_risk=args.library_risk,
+        door_lag=args.door_lag == "on",
+        door_storm=args.door_storm == "on",
         timeout_s=args.timeout,
         probe_interval_s=args.probe_interval,
         client_process=not args.in_process_client,

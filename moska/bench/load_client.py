@@ -33,6 +33,7 @@ def _record(body: dict) -> dict[str, Any]:
         "retry_after_ms": None,  # the 429's retry-after-ms header (OpenAI's, milliseconds)
         "predicted_ttft_s": None,  # the 429's predicted TTFT (from its message)
         "at_door": None,  # the 429 came from the door, before the body was read
+        "door_storm": None,  # its [connections ahead, their time (s), loop lag (s)]
         # a probe admission would have admitted, answered without running it (load_probe)
         "dry_admitted": False,
         "completed": False,  # finish_reason and [DONE] seen
@@ -44,6 +45,8 @@ def _record(body: dict) -> dict[str, Any]:
 
 
 _PREDICTED = re.compile(rb"predicted time to first token ([0-9.]+)s")
+# a door 429's view of the burst (load_shedding): connections ahead, their time, loop lag
+_STORM = re.compile(rb"(\d+) connections ahead ([0-9.]+)s, loop lag ([0-9.]+)s")
 
 
 async def one(
@@ -105,6 +108,8 @@ async def one(
                     rec["at_door"] = b"overloaded at the door" in text
                     if m := _PREDICTED.search(text):
                         rec["predicted_ttft_s"] = float(m.group(1))
+                    if m := _STORM.search(text):
+                        rec["door_storm"] = [int(m.group(1)), float(m.group(2)), float(m.group(3))]
                 else:
                     rec["error"] = f"{status}: {text[:200]!r}"
                 return rec

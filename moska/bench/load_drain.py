@@ -136,6 +136,7 @@ def compare_429s(
                 "observed_lo_s": round(max(opened[name] - resolution_s - r["t_status"], 0.0), 3),
                 "observed_hi_s": round(max(opened[name] - r["t_status"], resolution_s, 1e-3), 3),
                 "probe": name,
+                "door_storm": r.get("door_storm"),
             }
         )
     return rows

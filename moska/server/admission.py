@@ -125,6 +125,7 @@ class AdmissionController:
         # what a library request at the door is assumed to cost (`Decision.for_library`)
         self.library_requests = LibraryRequests(alpha)
         self._door_memo: tuple[float, int, int, int] | None = None  # time, inside, waiting, n
+        self.door_lag = self.door_storm = True  # drains count loop lag, connections ahead
 
     @property
     def load_tps(self) -> float:
@@ -137,7 +138,7 @@ class AdmissionController:
         runs long delays every request in it, those admitted before it too (on CPU a
         library prefill step ran 5.4 s against 3.7 predicted, and the six plain requests
         sharing it missed), so admission plans for the slow side of recent errors."""
-        return math.exp(self._log_slowdown + self.deviations * math.sqrt(self._log_var))
+        return self._scale()
 
     def _scale(self) -> float:  # `slowdown`, under the lock
         return math.exp(self._log_slowdown + self.deviations * math.sqrt(self._log_var))
@@ -262,11 +263,7 @@ class AdmissionController:
         self, cost: RequestCost, load: Load, num_requests: int, elapsed_s: float
     ) -> Decision:
         queue_full = self.max_queue is not None and load.num_waiting + num_requests > self.max_queue
-        target = (
-            max(0, self.max_queue - num_requests)
-            if queue_full and self.max_queue is not None
-            else None
-        )
+        target = max(0, (self.max_queue or 0) - num_requests) if queue_full else None
         pred = self.predict(cost, load, num_requests, target)
         ttft = pred.ttft_s + max(0.0, elapsed_s)
         if queue_full:
@@ -312,6 +309,10 @@ class AdmissionController:
         fall = FactorFall(*state, self.slowdown_alpha, self.deviations)
         wait = self.door.wait_s + before_door_s
         drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=wait, shared_s=shared, fall=fall)
+        # A step in progress past its prediction: admission (which scales by the overrun,
+        # `predict`) rejects until it ends, but this replay has it end now (a 429 promising
+        # 0 s in session 13's idle_1000 run). What is left of it: as much as it overran.
+        drain += max(0.0, load.busy_s - pred.first_s)
         return retry_drain.retry_after(drain), drain
 
     def _typical_cost(self) -> RequestCost:
@@ -346,7 +347,8 @@ class AdmissionController:
             and memo[2] == load.num_waiting
         ):
             return min(memo[3], inside)
-        admitted = door_admits(self.predict, self._typical_cost(), load, inside, fits)
+        stall = self.door.stall_s()  # those inside are decided after it, their time counts
+        admitted = door_admits(self.predict, self._typical_cost(), load, inside, fits - stall)
         self._door_memo = (now, inside, load.num_waiting, admitted)
         return admitted
 
@@ -379,6 +381,7 @@ class AdmissionController:
             load.busy_s,
         )
         decision = self._decide(RequestCost(1, 1), ahead, 1, elapsed_s + self.door.wait_s)
+        elapsed_s *= self.door_lag  # in the drains only with `door_lag` (A/B: bench load)
         result = None
         if not decision.accepted:
             result = decision

@@ -51,6 +51,13 @@ class Decision:
             return self
         return replace(self, retry_after_s=retry_drain.retry_after(drain), drain_s=drain)
 
+    def later(self, seconds: float) -> Decision:
+        """This rejection with `seconds` more before a retry would be admitted."""
+        if not seconds > 0:
+            return self
+        drain = self.drain_s + seconds
+        return replace(self, retry_after_s=retry_drain.retry_after(drain), drain_s=drain)
+
     def retry_headers(self) -> dict[str, str]:
         """The 429's `Retry-After` (whole seconds) and `retry-after-ms`."""
         return {"Retry-After": str(self.retry_after_s), "retry-after-ms": str(self.retry_after_ms)}

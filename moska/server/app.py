@@ -166,7 +166,7 @@ def _shed(state: ServerState):
     """The door's 429 (see load_shedding), counted like admission's own rejections."""
     if not state.async_engine.accepting:
         return None  # shutting down: the route answers 503
-    decision = state.admission.shed(state.async_engine.load(), state.loop_lag.seconds)
+    decision = state.admission.shed(state.async_engine.load(), state.loop_lag.now())
     if decision is not None:
         state.metrics.rejections.labels(decision.verdict.value).inc()
     return decision
