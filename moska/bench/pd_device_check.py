@@ -29,7 +29,7 @@ def _serve(device: str) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def _gpus_of(pid: int) -> dict[str, int]:
+def gpus_of(pid: int) -> dict[str, int]:
     """GPU index -> MiB this pid holds (empty without nvidia-smi)."""
     try:
         uuids = subprocess.run(
@@ -66,7 +66,7 @@ def run_one(device: str, prompt: list[int], max_tokens: int) -> dict:
         choice = r.json()["choices"][0]
         tokens = choice.get("token_ids") or choice["text"]
         return {"device": device, "startup_s": round(started, 2), "output": tokens,
-                "gpu_mib_by_index": _gpus_of(proc.pid)}  # fmt: skip
+                "gpu_mib_by_index": gpus_of(proc.pid)}  # fmt: skip
     finally:
         cluster.stop()
 

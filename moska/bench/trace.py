@@ -169,6 +169,7 @@ async def replay(url: str, rows: list[dict], args) -> tuple[list[Result], float]
 @contextlib.contextmanager
 def running_system(kind: str, args):
     """Start the instances of one system and its front end; yields (FrontEnd, URL)."""
+    from moska.bench.pd_device_check import gpus_of
     from moska.pd.cluster import discover, parse_pd, start_cluster
     from moska.pd.frontend import FrontEnd, FrontEndConfig
     from moska.pd.frontend_app import create_frontend_app
@@ -184,9 +185,14 @@ def running_system(kind: str, args):
     cluster = start_cluster(*counts, model=args.model, serve_args=serve_args,
                             threads_per_instance=args.threads, gpus=parse_gpus(args.gpus),
                             gpus_per_instance=args.gpus_per_instance)  # fmt: skip
-    args.placement[kind] = dict(cluster.visible)  # name -> its CUDA_VISIBLE_DEVICES
     try:
         instances = discover(cluster.urls)
+        # name -> its CUDA_VISIBLE_DEVICES and the MiB it holds per GPU (nvidia-smi, once
+        # loaded): that each instance is on its own GPU, seen rather than assumed
+        args.placement[kind] = {
+            n: {"visible": v, "gpu_mib": gpus_of(cluster.processes[n].pid)}
+            for n, v in cluster.visible.items()
+        }
         sched = None
         if kind == "pd":
             sched = GlobalScheduler(instances, SLO(args.ttft_slo, args.tpot_slo))
