@@ -55,6 +55,8 @@ class PoolSizing:
     _peak: torch.Tensor
     _res_hi: list[int]  # per layer: an upper bound of its resident pages
     _res_exact: list[bool]  # per layer: _res_hi is the count (no eviction since it was read)
+    _kept_hi: list[int]  # per layer: an upper bound of its kept pages (exact at compact_all)
+    deferred_rerank: bool
     _n_forced: list[int]  # per layer: heads forced stable
     _synced: list[bool]  # per layer: re-ranked (and its kept pages made resident) once
     _ranked_now: list[int]  # layers re-ranked this step, in order (until `compact_all`)
@@ -83,10 +85,17 @@ class PoolSizing:
             self._evict(layer, self.kept[layer] & ~keep)
         self._update_kept(layer, keep)
         n = B * H
-        self._reserve(layer, n)
         need = torch.zeros_like(keep)
         need[:, :, page] = True
-        self._assign(layer, need, None)
+        if self.hysteresis and self.deferred_rerank:  # idle pages' slots too: a pool that
+            # grew here would be compacted at the next re-ranking (two CUDA graph recaptures)
+            cap = self.pool_k[layer].shape[0]
+            self._grow(layer, n - (cap - self._kept_hi[layer]))
+            self._assign(layer, need, (self.slot[layer] >= 0) & ~keep)
+        else:
+            self._reserve(layer, n)
+            self._assign(layer, need, None)
+        self._kept_hi[layer] += n
         self._res_hi[layer] += n
         self._note_resident(layer)
 
@@ -284,6 +293,7 @@ class PoolSizing:
         counts = self._read(torch.stack([kept, idle], 1))
         for layer, (n, n_idle) in enumerate(counts):
             self._res_hi[layer] = n + n_idle
+            self._kept_hi[layer] = n
             self._res_exact[layer] = True
             self._compact(layer, n, n_idle)
 

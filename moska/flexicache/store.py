@@ -134,6 +134,7 @@ class FlexiKV(PoolSizing, StoreStats, PlainSteps):
         self._resident = torch.zeros(L, dtype=torch.int64, device=dev)  # per layer
         self._peak = zero.clone()
         self._res_hi = [0] * L  # per layer: resident pages at most (host bound)
+        self._kept_hi = [B * H * P] * L  # ... kept pages at most (until `compact_all`)
         self._res_exact = [True] * L  # ... exactly
         self._synced = [False] * L
         self._ranked_now: list[int] = []

@@ -179,6 +179,30 @@ def test_deferred_rerank_ranks_with_the_steps_queries_and_fetches_what_it_keeps(
     assert checked == 3 and store.fetched_pages > 0
 
 
+def test_deferred_page_starts_take_idle_slots_instead_of_growing_the_pool():
+    """Deferred mode: a page start takes a dropped page's slot when no slot is free, so the
+    pools (and a CUDA graph over them) stay put between re-rankings."""
+    from types import SimpleNamespace
+
+    from moska.bench import flexicache_speed as fs
+
+    mc = SimpleNamespace(num_kv_layers=1, num_kv_heads=4, head_dim=16, sm_scale=0.25)
+    cfg = FlexiCacheConfig(top_k_pages=4, recent_pages=2, threshold=2.0, rerank_interval=4)
+    store = fs._flexi_store(cfg, mc, 4, 96, 40, 4, torch.float32, torch.device("cpu"), 0.75, 0,
+                            0.375, None)  # fmt: skip
+    store.deferred_rerank = True
+    gen = torch.Generator().manual_seed(16)
+    versions = []
+    for _ in range(48):  # 12 page starts, 12 re-rankings
+        store.begin_step()
+        q, k, v = (torch.randn(4, n, 16, generator=gen) for n in (8, 4, 4))
+        store.attend(0, q, k, v, paged_decode_heads_ref, 0.25)
+        store.finish_step()
+        versions.append(store.pool_version)
+    assert store.evicted_pages > 0  # idle pages gave their slots
+    assert versions[-1] - versions[8] <= 1
+
+
 def test_many_splits_over_skewed_lists_match_reference():
     """One long list (an unstable head) among short ones, split 5 ways: short lists leave
     splits empty."""
