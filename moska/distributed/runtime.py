@@ -312,15 +312,20 @@ class DistributedRuntime:
 
     def failure_after(self, exc: BaseException, wait_s: float = 3.0) -> RankFailedError | None:
         """After a step raised `exc`: the rank failure behind it, waiting up to `wait_s` for
-        the monitor to name the rank; None when `exc` is not a distributed failure."""
-        if isinstance(exc, RankFailedError):
+        the monitor to name the rank; None when `exc` is not a distributed failure. (The
+        control group's failures come as RankFailedError naming no rank: the monitor's,
+        which names it, is preferred.)"""
+        if isinstance(exc, RankFailedError) and exc.rank is not None:
             return exc
         if not isinstance(exc, RuntimeError | dist.DistError):
             return None
         deadline = time.monotonic() + wait_s
         while self.monitor.failure is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.monitor.failure is None and _looks_distributed(exc):
+        if self.monitor.failure is None and isinstance(exc, RankFailedError):
+            self.monitor.failure = exc
+            logger.error("tensor-parallel rank failed, none known dead: %s", exc)
+        elif self.monitor.failure is None and _looks_distributed(exc):
             self.monitor.failure = RankFailedError(None, f"a collective failed ({exc})")
             logger.error("tensor-parallel collective failed with no rank known dead: %s", exc)
         return self.monitor.failure
