@@ -306,9 +306,14 @@ class DistributedRuntime:
         monitor.start()
         return cls(groups, monitor, parent_end)
 
+    @property
+    def failure(self) -> RankFailedError | None:
+        """The monitor's failure, else the control group's (StepChannel.failure), else None."""
+        return self.monitor.failure or getattr(self.channel, "failure", None)
+
     def raise_if_failed(self) -> None:
-        if self.monitor.failure is not None:
-            raise self.monitor.failure
+        if self.failure is not None:
+            raise self.failure
 
     def failure_after(self, exc: BaseException, wait_s: float = 3.0) -> RankFailedError | None:
         """After a step raised `exc`: the rank failure behind it, waiting up to `wait_s` for
@@ -337,14 +342,16 @@ class DistributedRuntime:
             return
         self._closed = True
         self.monitor.stop()
-        if self.monitor.failure is None and self.channel is not None:
+        failed = self.failure is not None
+        if not failed and self.channel is not None:
             try:
                 self.channel.send_stop()
-            except Exception:  # a worker died meanwhile: they are killed below
+            except Exception:  # a worker died meanwhile: they are killed below, at once
                 logger.debug("sending STOP failed", exc_info=True)
+                failed = True
         # after a rank failed no STOP was sent: the survivors wait on the control group and
         # would never exit on their own, so they are killed at once instead of after timeout_s
-        _stop_procs(self.monitor.procs, timeout_s if self.monitor.failure is None else 0.0)
+        _stop_procs(self.monitor.procs, 0.0 if failed else timeout_s)
         if self._parent_end is not None:  # any worker still running leaves on its own
             self._parent_end.close()
         self.groups.close()

@@ -71,20 +71,6 @@ def next_capacity(payload_len: int) -> int:
     return min(MAX_CAPACITY, max(MIN_CAPACITY, 1 << (want - 1).bit_length()))
 
 
-@contextlib.contextmanager
-def _control(what: str) -> Iterator[None]:
-    """Around a wait on the control group: its failure (a gloo timeout, rank 0's side being
-    bounded by MOSKA_DIST_CONTROL_TIMEOUT_S, or a peer's closed socket) is a RankFailedError
-    naming the command: a rank stopped answering, and the ranks no longer agree on where
-    they are in the protocol."""
-    try:
-        yield
-    except RuntimeError as e:  # dist.DistError included
-        raise RankFailedError(
-            None, f"a rank stopped answering on the control group during {what} ({e})"
-        ) from e
-
-
 class Command(enum.IntEnum):
     FORWARD = 1
     LOGITS_LAST = 2
@@ -141,6 +127,21 @@ class StepChannel:
         # rank 0: the library builds the other ranks hold (build id -> name)
         self.worker_builds: dict[str, str] = {}
         self._lock = threading.RLock()  # one command's messages are never interleaved
+        self.failure: RankFailedError | None = None  # the control group broke (_control)
+
+    @contextlib.contextmanager
+    def _control(self, what: str) -> Iterator[None]:
+        """Around a wait on the control group: its failure (a gloo timeout, rank 0's side
+        being bounded by MOSKA_DIST_CONTROL_TIMEOUT_S, or a peer's closed socket) is a
+        RankFailedError naming the command, kept in `failure`: a rank stopped answering, and
+        the ranks no longer agree on where they are in the protocol (no STOP can reach them:
+        the runtime kills them)."""
+        try:
+            yield
+        except RuntimeError as e:  # dist.DistError included
+            why = f"a rank stopped answering on the control group during {what} ({e})"
+            self.failure = RankFailedError(None, why)
+            raise self.failure from e
 
     @property
     def lock(self) -> threading.RLock:
@@ -172,7 +173,7 @@ class StepChannel:
         if where == _INLINE:
             assert payload is not None
             msg[HEADER_LEN : HEADER_LEN + n] = payload
-        with _control(command.name):
+        with self._control(command.name):
             dist.broadcast(msg, src=0, group=self.control_group)
             self.capacity = nxt
             if where == _FOLLOWS:
@@ -181,7 +182,7 @@ class StepChannel:
 
     def _send_bytes(self, text: bytes) -> None:
         data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        with _control("a command's JSON"):
+        with self._control("a command's JSON"):
             dist.broadcast(data, src=0, group=self.control_group)
 
     def _json_header(self, command: Command, obj: Any) -> None:
@@ -213,7 +214,7 @@ class StepChannel:
         the answers (one all_gather_object): rank -> why not. GRAPH_CAPTURE asks this
         before any rank runs a collective of the capture."""
         answers: list[Any] = [None] * dist.get_world_size(self.control_group)
-        with _control("the ranks' agreement (GRAPH_CAPTURE)"):
+        with self._control("the ranks' agreement (GRAPH_CAPTURE)"):
             dist.all_gather_object(answers, why_not, group=self.control_group)
         return {r: a for r, a in enumerate(answers) if a is not None}
 
@@ -224,7 +225,7 @@ class StepChannel:
     def _answers(self) -> dict[int, str]:
         """Every rank's answer to the command just sent: rank -> why it failed."""
         answers: list[Any] = [None] * dist.get_world_size(self.control_group)
-        with _control("the ranks' answers to the last command"):
+        with self._control("the ranks' answers to the last command"):
             dist.gather_object(None, answers, dst=0, group=self.control_group)
         return {r: a for r, a in enumerate(answers) if a is not None}
 

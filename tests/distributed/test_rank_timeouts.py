@@ -99,6 +99,7 @@ def _stuck_rank(rank: int, world: int, case: str, release) -> dict:
             with pytest.raises(RankFailedError, match="answers to the last command") as e:
                 graphs._get(2, None)
             out["error"] = str(e.value)
+            out["typed"] = channel.failure is e.value  # kept: the runtime kills, sends no STOP
         else:
             from moska.attention.metadata import AttentionMetadata
 
@@ -131,10 +132,7 @@ def test_a_stuck_rank_fails_rank_0_within_the_timeout(case):
     assert "elapsed" in r0, r0
     assert limit * 0.5 <= r0["elapsed"] < limit + 4, r0
     assert "tensor-parallel a rank failed" in r0["error"]
-    if case == "capture":
-        assert "GRAPH_CAPTURE" in r0["error"] or "answers" in r0["error"]
-    else:
-        assert r0["typed"]
+    assert r0["typed"]
 
 
 def test_a_busy_spawned_worker_is_not_failed(monkeypatch):
