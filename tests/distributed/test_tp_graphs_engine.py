@@ -1,16 +1,17 @@
 """The NCCL graph test's flow (test_tp_graphs.py::test_tp_graphs_nccl) on CPU: a 2-rank
 engine from `LLMEngine.from_model(tensor_parallel_size=2)` whose worker is started by the
 runtime (forked from the tests' forkserver) and enters through `run_worker`, decode graphs
-forced on and their capture faked on both ranks (tp_support.fake_capture): every bucket is
-captured ahead of traffic (`capture_graphs`, as `moska serve` does) by both ranks, decode
-steps replay them, and greedy tokens equal one process's. The worker turns its graphs on
+forced on and their capture faked on both ranks (tp_support.fake_capture), StepChannel's
+NCCL branch (payloads on the model group) and asynchronous scheduling, as on CUDA: every
+bucket is captured ahead of traffic (`capture_graphs`, as `moska serve` does) by both
+ranks, decode steps replay them, and greedy tokens equal one process's. The worker turns its graphs on
 only if rank 0's environment reached it (Rendezvous.env), which is also checked."""
 
 from __future__ import annotations
 
 import pytest
 from gloo_ranks import forkserver_context
-from tp_support import build_checkpoint, fake_capture, fake_graphs_worker, greedy
+from tp_support import build_checkpoint, fake_capture, fake_graphs_worker, greedy, nccl_path
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,7 +27,7 @@ def test_engine_captures_ahead_and_replays_on_both_ranks(tmp_path, monkeypatch):
 
     path = build_checkpoint(tmp_path / "m")
     kw = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64, "max_num_seqs": 4,
-          "enable_prefix_caching": False}  # fmt: skip
+          "enable_prefix_caching": False, "async_scheduling": True}  # fmt: skip
     want = greedy(LLMEngine.from_model(str(path), **kw, enforce_eager=True), PROMPTS, TOKENS)
     forkserver_context()  # running before the settings below: rank 1, forked from it, sees
     # them only through Rendezvous.env; short timeouts: a stuck rank fails in seconds
@@ -36,6 +37,7 @@ def test_engine_captures_ahead_and_replays_on_both_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr(worker, "run_worker", fake_graphs_worker)
     monkeypatch.setattr(ModelRunner, "_use_graphs", lambda self, kv_parallel: True)
     monkeypatch.setattr(DecodeGraphs, "_capture", fake_capture)
+    nccl_path(monkeypatch)  # payloads on the model group, as with NCCL (the worker's too)
     eng = LLMEngine.from_model(str(path), **kw, tensor_parallel_size=2)
     try:
         g = eng.runner.graphs

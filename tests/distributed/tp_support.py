@@ -197,10 +197,29 @@ def fake_capture(self, b: int, spec):
     return g
 
 
+def nccl_path(monkeypatch=None) -> None:
+    """StepChannel's NCCL branch on gloo: a FORWARD's payload and a LOGITS_ROWS' rows follow
+    on the model group instead of riding in the control message (Collectives'
+    stage_through_host off; CPU tensors are never staged anyway)."""
+    from moska.distributed.comm import Collectives
+
+    real = Collectives.__init__
+
+    def init(self, *args, **kwargs) -> None:
+        real(self, *args, **kwargs)
+        self.stage_through_host = False
+
+    if monkeypatch is None:
+        Collectives.__init__ = init  # type: ignore[method-assign]
+    else:
+        monkeypatch.setattr(Collectives, "__init__", init)
+
+
 def fake_graphs_worker(rdv, rank, parent, *args) -> None:
-    """worker.run_worker with decode graphs on CPU (fake_capture) when rank 0's
-    MOSKA_TEST_FAKE_GRAPHS=1 reached it (Rendezvous.env; the forkserver's own environment
-    lacks it): the engine-level twin of the NCCL graph test."""
+    """worker.run_worker with decode graphs on CPU (fake_capture) and StepChannel's NCCL
+    branch (nccl_path) when rank 0's MOSKA_TEST_FAKE_GRAPHS=1 reached it (Rendezvous.env;
+    the forkserver's own environment lacks it): the engine-level twin of the NCCL graph
+    test."""
     from moska.distributed import worker
     from moska.engine.cuda_graphs import DecodeGraphs
     from moska.engine.runner import ModelRunner
@@ -210,4 +229,5 @@ def fake_graphs_worker(rdv, rank, parent, *args) -> None:
 
     ModelRunner._use_graphs = use_graphs  # type: ignore[method-assign]
     DecodeGraphs._capture = fake_capture  # type: ignore[method-assign]
+    nccl_path()
     worker.run_worker(rdv, rank, parent, *args)
