@@ -36,8 +36,9 @@ run() {  # run NAME LOG LIMIT_S PYTEST_ARGS...: one bounded pytest appended to $
   timeout "$limit" "${PYTEST[@]}" "$@" > "$tmp" 2>&1
   echo "== $name rc=$? ($((SECONDS - start)) s, limit $limit s)"
   { echo "=== $name"; cat "$tmp"; } >> "$OUT/$log.log"
-  grep -E "PASSED|FAILED|ERROR|SKIPPED|Timeout|RankFailed|Error:|^E  |Thread 0x|^  File \"/w|NCCL WARN" \
-    "$tmp" | grep -v "_pytest\|pluggy" | awk '!seen[$0]++' | head -30 | cut -c1-300
+  local keep="PASSED|FAILED|ERROR|SKIPPED|Timeout|Fatal|RankFailed|Error:|^E  |Thread 0x"
+  grep -E "$keep|^  File |NCCL WARN" "$tmp" | grep -v "_pytest\|pluggy\|threading.py" \
+    | awk '!seen[$0]++' | head -40 | cut -c1-300
   tail -1 "$tmp" | cut -c1-300
 }
 run tp_graphs tp_graphs 65 "$G" -k "not forkserver"
