@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from contextvars import ContextVar
 
 
 class Ticket:
     """One request inside the front door."""
 
-    __slots__ = ("left",)
+    __slots__ = ("at", "left")
 
-    def __init__(self) -> None:
+    def __init__(self, at: float = 0.0) -> None:
+        self.at = at  # when it entered (monotonic)
         self.left = False
 
 
@@ -47,14 +49,19 @@ class FrontDoor:
         # seconds until the event loop has answered the connections waiting (set by the
         # load-shedding middleware, door_backlog.py): no one inside is decided before
         self.storm_s = 0.0
+        self._tickets: deque[Ticket] = deque()  # in entry order; those left are dropped lazily
         self._lock = threading.Lock()
 
     def enter(self) -> Ticket:
+        ticket = Ticket(time.monotonic())
         with self._lock:
             if self.inside == 0:
-                self._busy_since = time.monotonic()
+                self._busy_since = ticket.at
             self.inside += 1
-        return Ticket()
+            self._tickets.append(ticket)
+            while self._tickets[0].left:  # bounded by the requests inside
+                self._tickets.popleft()
+        return ticket
 
     def leave(self, ticket: Ticket | None) -> None:
         """`ticket` leaves (once; later calls are no-ops)."""
@@ -78,13 +85,17 @@ class FrontDoor:
         self.leave(TICKET.get())
 
     def stall_s(self) -> float:
-        """How long the requests inside will have been inside when decided: since the
-        door was last empty, plus `storm_s` (0 with no one inside). Their time counts
-        against the SLO, so at 1,000 clients (CPU) admission took 7 of the 54 inside after
-        a 1 s storm, where the door's drains had counted them all as admitted ahead."""
-        if not self.inside:
-            return 0.0
-        return max(0.0, time.monotonic() - self._busy_since) + self.storm_s
+        """How long the requests inside will have been inside when decided: the oldest
+        one's time so far plus `storm_s` (0 with no one inside). Their time counts against
+        the SLO, so at 1,000 clients (CPU) admission took 7 of the 54 inside after a 1 s
+        storm, where the door's drains had counted them all as admitted ahead."""
+        with self._lock:
+            while self._tickets and self._tickets[0].left:
+                self._tickets.popleft()
+            if not self._tickets:
+                return 0.0
+            oldest = self._tickets[0].at
+        return max(0.0, time.monotonic() - oldest) + self.storm_s
 
     @property
     def wait_s(self) -> float:

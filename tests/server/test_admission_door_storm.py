@@ -14,6 +14,7 @@ import pytest
 from moska.server.admission import AdmissionController, Decision, Load, RequestCost, Verdict
 from moska.server.background import background_server
 from moska.server.door_backlog import DoorBacklog, server_state, unanswered
+from moska.server.front_door import FrontDoor
 from moska.server.load_shedding import LoadSheddingMiddleware, LoopLag
 
 
@@ -157,6 +158,21 @@ def test_a_step_past_its_prediction_delays_the_drain_it_rejects_for():
     assert d.drain_s >= busy - first  # the old drain: the step's end was taken as now
     calm = adm.decide(RequestCost(64, 16), Load(waiting, running, 0, 0.0))
     assert calm.accepted  # the same load between steps is admitted
+
+
+def test_the_door_stall_is_the_oldest_inside_plus_the_storm():
+    door = FrontDoor()
+    assert door.stall_s() == 0.0
+    a, b = door.enter(), door.enter()
+    now = time.monotonic()
+    a.at, b.at = now - 2.0, now - 0.5  # entered 2 s and 0.5 s ago
+    assert 2.0 <= door.stall_s() < 2.5
+    door.leave(a)  # not since the door was last empty: since the oldest still inside
+    assert 0.5 <= door.stall_s() < 1.0
+    door.storm_s = 1.0
+    assert 1.5 <= door.stall_s() < 2.0
+    door.leave(b)
+    assert door.stall_s() == 0.0
 
 
 def test_later_adds_to_the_promise():
