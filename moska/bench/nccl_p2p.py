@@ -1,7 +1,7 @@
 """The NCCL baseline for KV transfer between two GPUs of one host: a prompt's KV at model
 dims (`[2, n_blocks, block_size, Hkv, D]` per layer, as `pd_transfer` sends it) sent layer
 by layer with `torch.distributed` point-to-point from rank 0 (GPU 0) to rank 1 (GPU 1),
-each process seeing its own GPU first (as `moska router --pd` places instances). What the
+rank r on `cuda:r` (bound at init: `device_id`). What the
 CUDA IPC ring of `pd/ring.py` is measured against once the instances sit on two GPUs
 (NCCL refuses two ranks on one GPU, hence the ring there). Checked: per-layer integer sums
 at both ends. CPU form: gloo between two processes (the code path, not a figure).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import time
 from datetime import timedelta
 
@@ -28,15 +29,20 @@ def _sums(layers: list[torch.Tensor]) -> list[int]:
     return [int(t.view(torch.int16).to(torch.int64).sum()) for t in layers]
 
 
-def _rank(rank: int, port: int, args, visible: str | None, out) -> None:
-    if visible is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before this process touches CUDA
+def _rank(rank: int, port: int, args, out) -> None:
+    # rank r on GPU r, both processes seeing the same GPUs, the device bound at init
+    # (`device_id`): each seeing "its own GPU first" through CUDA_VISIBLE_DEVICES set in the
+    # spawned child, NCCL 2.28.9 found both ranks on one GPU ("Duplicate GPU detected:
+    # rank 0 and rank 1 both on CUDA device 60", invalid usage) on 2 H200s
     cuda = args.device == "cuda"
-    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
     store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=120))
-    dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=2)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", store=store, rank=rank, world_size=2,
+        device_id=dev if cuda else None,
+    )  # fmt: skip
     n_blocks = (args.tokens - 1) // args.block_size
     shape = (2, n_blocks, args.block_size, KV_HEADS, HEAD_DIM)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -65,6 +71,25 @@ def _rank(rank: int, port: int, args, visible: str | None, out) -> None:
     dist.destroy_process_group()
 
 
+def _result(out, procs, timeout_s: float) -> dict:
+    """Rank 1's report, or SystemExit as soon as a rank has died without one (a rank that
+    raised left the parent waiting on the queue until the script's `timeout` killed it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return out.get(timeout=0.5)
+        except queue.Empty:
+            failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed:
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"NCCL baseline: rank(s) {failed} (rank, exit code) failed; "
+                                 "their traceback is above") from None  # fmt: skip
+    for p in procs:
+        p.kill()
+    raise SystemExit(f"NCCL baseline: no result within {timeout_s:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> dict:
     from moska.bench.common import environment, write_json
     from moska.pd import gpu_placement
@@ -83,21 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
         args.device, args.tokens, args.layers, args.repeats = "cpu", 1024, 4, 2
         if args.out == "bench/results/nccl_p2p.json":
             args.out = "bench/results/nccl_p2p_cpu.json"
-    visible: list[str | None] = [None, None]
-    if args.device == "cuda":
-        visible = gpu_placement.plan(
-            2, "cuda", gpu_count=gpu_placement.visible_gpu_count(),
-            parent_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
-        )  # fmt: skip
-        if visible[0] is None:
-            raise SystemExit("the NCCL baseline needs two GPUs (NCCL refuses one GPU twice)")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if args.device == "cuda" and gpu_placement.visible_gpu_count() < 2:
+        raise SystemExit("the NCCL baseline needs two GPUs (NCCL refuses one GPU twice)")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, args, visible[r], out)) for r in (0, 1)]
+    procs = [ctx.Process(target=_rank, args=(r, port, args, out)) for r in (0, 1)]
     for p in procs:
         p.start()
-    got = out.get(timeout=300)
+    got = _result(out, procs, timeout_s=300.0)
     for p in procs:
         p.join(60)
     best = min(got["seconds"])

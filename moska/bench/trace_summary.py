@@ -79,3 +79,21 @@ def prediction_errors(ok: list[Result], ttft_slo: float, tpot_slo: float) -> dic
             "requests": [[round(_timings(r)[0], 4), round(_timings(r)[1], 4), *p] for r, p in rows],
         }
     }
+
+
+def stage_accuracy(stats: list[dict]) -> dict | None:
+    """P/D: the front end's predicted stage (admission -> KV at the decode instance) over
+    the one it then saw, over the admitted requests of `stats`' decision logs (p10, p50,
+    p90, count); None when none was admitted (a 2-GPU run: 1.5-2 s predicted for stages
+    the colocated instances' TTFTs put at ~0.15 s, nothing admitted to compare with)."""
+    ratios = [
+        d["stage_s"] / d["observed_stage_s"]
+        for s in stats
+        for d in s.get("decisions", [])
+        if d.get("decision") == "admit" and d.get("observed_stage_s") and "stage_s" in d
+    ]
+    if not ratios:
+        return None
+    q = np.quantile(ratios, [0.1, 0.5, 0.9])
+    return {"p10": round(float(q[0]), 3), "p50": round(float(q[1]), 3),
+            "p90": round(float(q[2]), 3), "n": len(ratios)}  # fmt: skip

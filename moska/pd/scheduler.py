@@ -154,7 +154,8 @@ class GlobalScheduler:
         for inst in instances:
             if inst.role == "prefill":
                 self.index.add_instance(inst.name, inst.num_blocks)
-        self.transfer_per_block_s = 0.002
+        self.transfer_per_block_s = 0.002  # a guess until the first transfer (`transferred`)
+        self._transfers = 0
         # the two TTFT stages per instance, learnt from each request (`ttft_model.py`)
         self.ttft = TtftModel()
         # each decode stream's next token against its predicted time (`live_lag.py`)
@@ -311,6 +312,14 @@ class GlobalScheduler:
         """`plan`'s first token came `observed_s` after its decode request was sent."""
         self.ttft.observe("decode", decode.name, plan.first_x, observed_s, now)
 
+    def forget_learnt(self) -> None:
+        """Drop the stage lines, TPOT factors and live lags, keeping the instances' step
+        fits and the transfer rate: a warm-up's one-off costs (Triton compiles) would stay
+        in a stage line and its residual spread into the first measured requests."""
+        self.ttft = TtftModel()
+        self.late_tokens = LiveLag()
+        self._tpot_factor.clear()
+
     def slowdown(self, stage: str, now: float) -> float:
         factor, at = self._slowdown[stage]
         return 1.0 + (factor - 1.0) * 0.5 ** (max(0.0, now - at) / SLOWDOWN_HALF_LIFE_S)
@@ -364,8 +373,15 @@ class GlobalScheduler:
             self._events[inst.name] = (0.9 * old_tokens + tokens, 0.9 * old_events + events)
 
     def transferred(self, blocks: int, seconds: float) -> None:
-        if blocks > 0 and seconds > 0:
-            self.transfer_per_block_s += 0.2 * (seconds / blocks - self.transfer_per_block_s)
+        """A transfer of `blocks` ended `seconds` after its prefill did. 0 counts (layer by
+        layer over CUDA IPC it all hid behind the prefill on 2 H200s; skipping zeros kept
+        the 2 ms-per-block guess, 0.5 s of a 4K-token stage, for ever); the first replaces
+        the guess outright."""
+        if blocks > 0 and seconds >= 0 and math.isfinite(seconds):
+            rate = seconds / blocks
+            w = 1.0 if self._transfers == 0 else 0.2
+            self.transfer_per_block_s += w * (rate - self.transfer_per_block_s)
+            self._transfers += 1
 
     def moved(self, plan: Plan, decode: Instance, now: float, max_tokens: int) -> None:
         """The request's decode instance changed (a failed transfer was retried elsewhere)."""

@@ -39,6 +39,8 @@ class TtftModel:
         self.fits: dict[tuple[str, str], StageFit] = {}  # (stage, instance name) -> fit
         self.late_prefills = LiveLag()  # each prefill against its predicted stage
         self._admitted_at: dict[str, float] = {}  # prefill instance -> its last admission
+        # prefill instance -> when its current run of TTFT rejections began (`probe`)
+        self._rejecting_since: dict[str, float] = {}
         # requests admitted though TTFT would reject them (`probe`; one a probe let through
         # and TPOT then rejected is not one: it counted 21 in a 4 s round)
         self.probes = 0
@@ -69,25 +71,31 @@ class TtftModel:
         everything is rejected nothing is learnt, and a fit from a slower moment (or an
         instance's step fit from its first, slow steps: 0.39 s for a 200-token prompt)
         rejected every request of a 4-round bench run. One request when `prefill` is idle
-        (nothing in flight), has admitted and learnt nothing for PROBE_AFTER_S, has learnt
-        before (its fit may be stale, not unknown) and the mean `ttft` is within
-        PROBE_MAX_SLOS of the SLO or `prior_s` (the step fits' seconds for it, before any
-        learnt line) within the SLO: a warm-up on a loaded host taught the prefill line
-        a slope of 5.6 and 1.4 s fixed, predicting 7 s for prompts the step fits put at
-        1.0 s, above every mean bound, and a run rejected all 36 requests, probing none."""
+        (nothing in flight), has admitted and learnt nothing for PROBE_AFTER_S, and the
+        mean `ttft` is within PROBE_MAX_SLOS of the SLO or `prior_s` (the step fits'
+        seconds for it, before any learnt line) within the SLO: a warm-up on a loaded host
+        taught the prefill line a slope of 5.6 and 1.4 s fixed, predicting 7 s for prompts
+        the step fits put at 1.0 s, above every mean bound, and a run rejected all 36
+        requests, probing none. An instance that has learnt nothing yet is probed after
+        PROBE_AFTER_S of TTFT rejections whatever the prediction: its step fits are then
+        the CPU-sized default prior (0.3 s per 1K prompt tokens), ~10x a warmed H200's,
+        and a 2-GPU run rejected its 8 warm-up and 420 measured requests at 1.5-2 s
+        predicted for prompts that took 0.15 s, admitting none that would have taught the
+        instances better."""
         last = self.fit("prefill", prefill).last_at
-        ok = (
-            idle
-            and last is not None
-            and now - max(last, self._admitted_at.get(prefill, -math.inf)) >= PROBE_AFTER_S
-            and (ttft <= PROBE_MAX_SLOS * slo_s or prior_s <= slo_s)
-        )
-        return ok
+        since = self._rejecting_since.setdefault(prefill, now)
+        moved = since if last is None else last  # learnt, or else began rejecting
+        quiet = now - max(moved, self._admitted_at.get(prefill, -math.inf))
+        if not idle or quiet < PROBE_AFTER_S:
+            return False
+        # nothing learnt yet: the prediction is the step fits' prior, a guess, not a bound
+        return last is None or ttft <= PROBE_MAX_SLOS * slo_s or prior_s <= slo_s
 
     def admitted(
         self, prefill: str, ticket: int, stage_s: float, now: float, probe: bool = False
     ) -> None:
         self._admitted_at[prefill] = now
+        self._rejecting_since.pop(prefill, None)
         self.probes += probe
         self.late_prefills.start(prefill, ticket, now, stage_s)
 
