@@ -155,12 +155,18 @@ class LoadSheddingMiddleware:
 
 async def _names_a_library(receive: Receive, wait_s: float = 0.05) -> bool:
     """Whether the request's first body chunk (what has arrived within `wait_s`) names a
-    library. Not parsed: a byte search, so a burst's 429s stay cheap."""
-    try:
-        async with asyncio.timeout(wait_s):
-            message = await receive()
-    except TimeoutError:
-        return False
+    library. Not parsed: a byte search, so a burst's 429s stay cheap. No timer when the
+    server says the whole body is in (uvicorn's request cycle, `more_body` False: then
+    `receive` returns at once): the timeout's timer was a third of what the door itself
+    costs a 429 on the loop (22 of 70 us in-process, uvloop)."""
+    if getattr(getattr(receive, "__self__", None), "more_body", True) is False:
+        message = await receive()
+    else:
+        try:
+            async with asyncio.timeout(wait_s):
+                message = await receive()
+        except TimeoutError:
+            return False
     body = message.get("body", b"") if message.get("type") == "http.request" else b""
     return _LIBRARY.search(body[:65536]) is not None
 

@@ -175,6 +175,30 @@ def test_the_door_stall_is_the_oldest_inside_plus_the_storm():
     assert door.stall_s() == 0.0
 
 
+class _Cycle:
+    """A server's request cycle: `more_body` False once the whole body is in."""
+
+    def __init__(self, body: bytes | None) -> None:
+        self.more_body = body is None
+        self.body = body or b""
+
+    async def receive(self) -> dict:
+        if self.more_body:  # a client that sent its headers and stalls
+            await asyncio.Event().wait()
+        return {"type": "http.request", "body": self.body, "more_body": False}
+
+
+def test_the_library_glance_reads_a_body_in_without_a_timer_and_bounds_one_not_in():
+    from moska.server.load_shedding import _names_a_library
+
+    async def glance(cycle: _Cycle) -> bool:
+        return await _names_a_library(cycle.receive, wait_s=0.01)
+
+    assert asyncio.run(glance(_Cycle(b'{"library": "demo", "prompt": "x"}')))
+    assert not asyncio.run(glance(_Cycle(b'{"prompt": "say \\"library\\": \\"x\\""}')))
+    assert not asyncio.run(glance(_Cycle(None)))  # stalled: plain after wait_s, no hang
+
+
 def test_later_adds_to_the_promise():
     d = Decision(Verdict.SLO, 9.0, 1, 0.4)
     assert d.later(0.0) is d
