@@ -48,6 +48,7 @@ class StageFit:
         self._sq = 0.0  # decaying sums of w·residual² and of w (the residual's memory)
         self._w = 0.0
         self._at: float | None = None  # the last observation's time
+        self.count = 0  # observations ever learnt (undecayed)
 
     def _fade(self, now: float) -> float:
         return 1.0 if self._at is None else 0.5 ** (max(0.0, now - self._at) / HALF_LIFE_S)
@@ -101,3 +102,4 @@ class StageFit:
         for i, v in enumerate((1.0, x, seconds, x * x, x * seconds)):
             self._s[i] = keep * self._s[i] + v
         self._at = now
+        self.count += 1

@@ -30,6 +30,11 @@ TTFT_SPREADS = 2.0
 # instances' own step fits alone (the stage fits' prior) put it within the SLO (`probe`)
 PROBE_AFTER_S = 1.0
 PROBE_MAX_SLOS = 2.0
+# until an instance's prefill line has learnt from this many requests, a probe ignores the
+# prediction: the first request on a GPU instance pays one-off costs no step marks
+# (Triton compiles at new shapes) and the step fits and the line learnt from it alone
+# (2.6 s for a 0.1 s prefill) kept every probe out, the step fits never learning again
+PROBE_BLIND_REQUESTS = 2
 
 
 class TtftModel:
@@ -76,20 +81,23 @@ class TtftModel:
         seconds for it, before any learnt line) within the SLO: a warm-up on a loaded host
         taught the prefill line a slope of 5.6 and 1.4 s fixed, predicting 7 s for prompts
         the step fits put at 1.0 s, above every mean bound, and a run rejected all 36
-        requests, probing none. An instance that has learnt nothing yet is probed after
-        PROBE_AFTER_S of TTFT rejections whatever the prediction: its step fits are then
-        the CPU-sized default prior (0.3 s per 1K prompt tokens), ~10x a warmed H200's,
-        and a 2-GPU run rejected its 8 warm-up and 420 measured requests at 1.5-2 s
-        predicted for prompts that took 0.15 s, admitting none that would have taught the
-        instances better."""
-        last = self.fit("prefill", prefill).last_at
+        requests, probing none. An instance that has learnt from under PROBE_BLIND_REQUESTS
+        is probed after PROBE_AFTER_S of TTFT rejections whatever the prediction: with
+        none, its step fits are the CPU-sized default prior (0.3 s per 1K prompt tokens),
+        ~10x a warmed H200's, and a 2-GPU run rejected its 8 warm-up and 420 measured
+        requests at 1.5-2 s predicted for prompts that took 0.15 s, admitting none that
+        would have taught the instances better."""
+        fit = self.fit("prefill", prefill)
+        last = fit.last_at
         since = self._rejecting_since.setdefault(prefill, now)
         moved = since if last is None else last  # learnt, or else began rejecting
         quiet = now - max(moved, self._admitted_at.get(prefill, -math.inf))
         if not idle or quiet < PROBE_AFTER_S:
             return False
-        # nothing learnt yet: the prediction is the step fits' prior, a guess, not a bound
-        return last is None or ttft <= PROBE_MAX_SLOS * slo_s or prior_s <= slo_s
+        # little learnt yet: the prediction is the step fits' prior (a guess) or a line
+        # from the instance's first, one-off-paying request (`PROBE_BLIND_REQUESTS`)
+        blind = fit.count < PROBE_BLIND_REQUESTS
+        return blind or ttft <= PROBE_MAX_SLOS * slo_s or prior_s <= slo_s
 
     def admitted(
         self, prefill: str, ticket: int, stage_s: float, now: float, probe: bool = False

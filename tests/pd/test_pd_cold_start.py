@@ -145,3 +145,24 @@ def test_nccl_baseline_stops_waiting_when_a_rank_dies():
     q: queue.Queue = queue.Queue()
     q.put({"seconds": [0.1]})
     assert _result(q, [_Proc(None), _Proc(None)], timeout_s=30.0) == {"seconds": [0.1]}
+
+
+def test_a_cold_front_end_recovers_from_a_first_request_that_paid_a_compile():
+    """No warm-up: the first probe pays an unmarked 2.5 s compile that the instance's step
+    fit and the prefill line learn from alone (they then predict ~2.6 s for 0.11 s);
+    probes ignore predictions until the line has learnt from PROBE_BLIND_REQUESTS, and
+    then ordinary admissions resume (before: after the first, nothing was ever admitted)."""
+    sched, p, d = _pair()
+    models = {p.name: StepModel(), d.name: StepModel()}
+    ordinary, t, last = 0, 0.0, None
+    for i in range(100):
+        t = 0.4 * i
+        probes = sched.ttft.probes
+        plan = sched.plan(_prompt(300 + i), t)
+        if isinstance(plan, Plan):
+            _serve(sched, models, plan, t, 2.5 if sched.ttft.probes == 1 else 0.0)
+            ordinary += sched.ttft.probes == probes
+            last = plan
+    assert sched.ttft.probes >= 2 and ordinary >= 20, (sched.ttft.probes, ordinary)
+    real = HOP_S + _gpu_step_s(StepFeatures(prefill_tokens=TOKENS))
+    assert last is not None and real / 1.5 <= last.predicted_stage_s <= 1.5 * real
