@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # Session 14 (one H200): #21 FlexiCache throughput. Correctness first: the CUDA tests of
-# tests/flexicache (new: plain steps replayed from a CUDA graph == eager steps, with
-# re-rankings, page starts and recaptures, re-ranking in the step and deferred), then the
-# speed bench, lean: full KV from a CUDA graph (B = 15) vs FlexiCache with its plain steps
-# from a CUDA graph and the per-head kernel split for skewed lists: B = 15 (memory at equal
-# batch) and B = 38 at r = 8 re-ranking in the step, then deferred re-ranking (after the
-# step, every layer at once; the step itself replayed) at each of $ALSO; every largest-batch
-# row profiled over 16 steps (where a re-ranking step's time goes).
+# tests/flexicache (plain steps replayed from a CUDA graph == eager steps, with re-rankings,
+# page starts and recaptures: re-ranking in the step, deferred, and spread), then the speed
+# bench, lean: full KV from a CUDA graph (B = 15) vs FlexiCache with its plain steps from a
+# CUDA graph: B = 15 (memory at equal batch) and B = 38 at r = 16 with spread re-ranking
+# (`--spread-rerank`: after each step one slice of ceil(32 / 16) = 2 layers re-ranks and
+# fetches, so no step pays all 32 layers' re-ranking: flexicache/deferred.py), then B = 38
+# at each of $ALSO (8i: spread at r = 8; 16d: deferred, every layer after one step in 16,
+# the previous run's 1,647 tok/s row, as a baseline in the same run); every largest-batch
+# row profiled over 16 steps.
 # Carry .whl (and nothing else: the model is random). CPU form of the same bench:
 #   .venv/bin/python -m moska.bench.flexicache --mode speed --cpu-dry-run --lean --graph \
-#     --also-r 4d --profile-steps 4 --out /tmp/dry.json
+#     --r 4 --spread-rerank --also-r 4d --profile-steps 4 --out /tmp/dry.json
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-ALSO=${ALSO:-8d,16d}
+ALSO=${ALSO:-8i,16d}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
-TRITON_INTERPRET=0 timeout 45 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/flexicache \
+TRITON_INTERPRET=0 timeout 40 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/flexicache \
   > "$OUT/flexicache_cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
-timeout 135 python3 -m moska.bench.flexicache --mode speed --lean --graph --also-r "$ALSO" \
+timeout 130 python3 -m moska.bench.flexicache --mode speed --lean --graph --r 16 --spread-rerank \
+  --also-r "$ALSO" \
   --profile-steps 16 --out "$OUT/flexicache_speed_h200_session14.json" \
   > "$OUT/flexicache_speed.log" 2>&1; echo "speed rc=$?"
 python3 - "$OUT" <<'PY'
@@ -33,7 +36,8 @@ keys = ("gpu_kv_saved_equal_batch", "batch_full", "batch_flexicache", "tokens_pe
         "tokens_per_s_device_bound_full", "by_rerank_interval")
 print("summary", json.dumps({k: s[k] for k in keys}) if s else f"partial rows {len(d['rows'])}")
 for r in d.get("rows", []):
-    print(" ", r["row"], r["batch"], r.get("r"), "deferred" if r.get("deferred_rerank") else "",
+    mode = "spread" if r.get("rerank_spread") else "deferred" if r.get("deferred_rerank") else ""
+    print(" ", r["row"], r["batch"], r.get("r"), mode,
           "wall", r["step_ms_by_kind"], "device",
           r["device_ms_by_kind"], "tok/s", r["tokens_per_s"], "graph", r.get("graph_captures"),
           r.get("graph_replays"), "fetch ms/step", r.get("fetch_ms_per_step"))

@@ -64,6 +64,7 @@ def flexi_loss(
     hysteresis=True,
     spare=0,
     deferred=False,
+    spread=False,
 ):
     """(mean loss over positions prompt.., store stats) decoding through a FlexiKV store."""
     from moska.flexicache.decode import decode_step
@@ -75,7 +76,8 @@ def flexi_loss(
         head_dim=mc.head_dim, block_size=block_size, max_pages=-(-length // block_size),
         dtype=model.dtype, device=model.device, hysteresis=hysteresis, spare_pages=spare,
     )  # fmt: skip
-    store.deferred_rerank = deferred
+    store.deferred_rerank = deferred or spread
+    store.rerank_spread = spread
     logits = prefill(model, store, windows[:, :prompt])
     total = float(F.cross_entropy(logits, windows[:, prompt], reduction="sum"))
     resident = full = allocated = full_bytes = 0
@@ -150,7 +152,7 @@ def run_quality(args) -> dict:
         )  # fmt: skip
         loss, stats = flexi_loss(
             lm.model, wins, prompt, cfg, args.block_size, ops.paged_decode_heads,
-            not args.no_hysteresis, args.spare_pages, args.deferred_rerank,
+            not args.no_hysteresis, args.spare_pages, args.deferred_rerank, args.spread_rerank,
         )  # fmt: skip
         row = {"setting": f"K={k} pages, threshold={thr}, rank by {rank}", "top_k_pages": k}
         row |= {"threshold": thr, "rank_by": rank}
@@ -177,7 +179,8 @@ def run_quality(args) -> dict:
             "recent_pages": args.recent,
             "sink_pages": FlexiCacheConfig().sink_pages,
             "rerank_interval": args.r,
-            "deferred_rerank": args.deferred_rerank,
+            "deferred_rerank": args.deferred_rerank or args.spread_rerank,
+            "rerank_spread": args.spread_rerank,
         },
         "heldout": {p: f"{per} windows x {length} tokens" for p in PACKAGES},
         "rows": rows,
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spare-pages", type=int, default=0, help="quality: slots/head for dropped")
     ap.add_argument("--deferred-rerank", action="store_true",
                     help="re-rank after the step, every layer at once (flexicache/deferred.py)")  # fmt: skip
+    ap.add_argument("--spread-rerank", action="store_true",
+                    help="deferred re-ranking spread over the steps: ceil(L / r) layers each")  # fmt: skip
     ap.add_argument("--out", default=None)
     args, rest = ap.parse_known_args(argv)
     if args.mode == "speed":

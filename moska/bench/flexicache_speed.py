@@ -39,7 +39,8 @@ hysteresis: `--no-hysteresis` turns it off, `--spare-pages` leaves spare slots p
 
 Rows: full KV (eager; `--lean`: only from a CUDA graph), FlexiCache at its batch and at
 the largest batch (`--also-r 8d,16d`: again at other re-rank intervals, `d`: deferred
-re-ranking, `flexicache/deferred.py`), the optional compare rows,
+re-ranking, `flexicache/deferred.py`; `i`: deferred and spread, a slice of ceil(L / r)
+layers re-ranked after each step), the optional compare rows,
 full KV from a CUDA graph (`full_graph`, CUDA only) and eager again (`full_repeat`); the
 summary takes the fastest. `--graph`: FlexiCache's plain steps replayed from a CUDA graph
 (`flexicache_graph.py`). The timed steps are whole lcm(r, block size) periods, so the mean
@@ -65,7 +66,7 @@ from moska.bench import flexicache_timing as timing
 from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
 from moska.bench.flexicache_graph import GraphSteps
 from moska.bench.flexicache_summary import by_interval, summarize
-from moska.flexicache import FlexiCacheConfig
+from moska.flexicache import FlexiCacheConfig, deferred
 from moska.flexicache.host_reads import uncounted
 from moska.flexicache.store import FlexiKV
 from moska.kernel_ops import kernel_ops
@@ -140,8 +141,11 @@ def _flexi_store(cfg, mc, batch, context, pages, bs, dtype, device, stable_fract
 
 
 def _kind(attn, bs: int, r: int) -> str:
-    """The FlexiCache step just begun: "rerank", "page" (starts a page) or "plain"."""
+    """The FlexiCache step just begun: "rerank", "page" (starts a page) or "plain"; spread
+    re-ranking: "slice" (a step followed by its slice of layers' re-ranking)."""
     store = attn.store
+    if store.rerank_spread and store.step > 0 and len(deferred.spread_layers(store)):
+        return "slice"
     if store.step % r == 0:
         return "rerank"
     return "page" if (store.length - 1) % bs == 0 else "plain"
@@ -181,7 +185,8 @@ def run(args, rest: list[str]) -> dict:
                     help="also the largest batch with this churn")  # fmt: skip
     ap.add_argument("--graph", action="store_true", help="FlexiCache plain steps from a CUDA graph")
     ap.add_argument("--also-r", default="",
-                    help="also the largest batch at these intervals (8d: deferred re-ranking)")  # fmt: skip
+                    help="also the largest batch at these intervals (8d: deferred re-ranking; "
+                         "16i: deferred, spread over the steps, a slice of layers each)")  # fmt: skip
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="profile this many steps of each largest-batch FlexiCache row")  # fmt: skip
     ap.add_argument("--lean", action="store_true", help="full KV from a graph only (no eager)")
@@ -194,7 +199,7 @@ def run(args, rest: list[str]) -> dict:
     k_pages = 4 if dry else sa.top_k_pages
     bs = args.block_size
     also_r = [x.strip() for x in sa.also_r.split(",") if x.strip()]
-    r_max = max([args.r, *(int(x.rstrip("d")) for x in also_r)])
+    r_max = max([args.r, *(int(x.rstrip("di")) for x in also_r)])
     steps = timing.whole_periods(1 if dry else sa.steps, r_max, bs)
     warmup = 1 if dry else max(sa.warmup, 2 * r_max)  # two re-rankings
     lm = random_loaded_model(hf, dtype, str(device))
@@ -269,8 +274,10 @@ def run(args, rest: list[str]) -> dict:
         return arena[0][:n].view(shape), arena[1][:n].view(shape)
 
     def measure(kind, batch, hysteresis=not sa.no_hysteresis, churn=sa.churn, name=None, r=None):
-        deferred = args.deferred_rerank or str(r).endswith("d")  # --deferred-rerank: every row
-        r = int(str(r).rstrip("d")) if r else args.r
+        mode = str(r)[-1] if r and str(r)[-1] in "di" else ""  # else the flags' mode
+        spread = mode == "i" or (not mode and args.spread_rerank)
+        deferred = spread or mode == "d" or args.deferred_rerank
+        r = int(str(r).rstrip("di")) if r else args.r
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -293,6 +300,7 @@ def run(args, rest: list[str]) -> dict:
             filled[:] = [batch]  # the next row of this batch finds the same pages there
             store.hysteresis = hysteresis
             store.deferred_rerank = deferred
+            store.rerank_spread = spread
             store.spare_pages = sa.spare_pages if hysteresis else 0
             store.time_fetch = True
 
@@ -326,6 +334,7 @@ def run(args, rest: list[str]) -> dict:
                                             sa.profile_steps)  # fmt: skip
             extra = {"hysteresis": hysteresis, "spare_pages": store.spare_pages, "r": r,
                      "deferred_rerank": store.deferred_rerank,
+                     "rerank_spread": store.rerank_spread,
                      **(gsteps.counts() if gsteps else {"graph_captures": None}),
                      "churn": churn, **t["snap"], "profile": prof,
                      "fetch_share_of_step": round(t["snap"]["fetch_ms_per_step"] / 1e3
@@ -366,7 +375,7 @@ def run(args, rest: list[str]) -> dict:
     full = None if lean else measure("full", b_full)
     flex_eq = measure("flexicache", b_full)
     flex_max = measure("flexicache", b_flexi)
-    main_r = f"{args.r}d" if args.deferred_rerank else str(args.r)
+    main_r = f"{args.r}{'i' if args.spread_rerank else 'd' if args.deferred_rerank else ''}"
     by_r = {main_r: flex_max, **{x: measure("flexicache", b_flexi, r=x) for x in also_r}}
     no_hyst = measure("flexicache", b_flexi, False) if sa.compare_hysteresis else None
     other = None

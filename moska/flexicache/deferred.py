@@ -12,6 +12,14 @@ its own pool). The new kept sets take effect from the next step: the ranking use
 query of step t (as before) and the pages it picks are read from step t + 1 instead of t.
 A page start is prepared the same way after the step before it (`prepare_page_start`), so
 that in deferred mode every step but the first replays from a graph.
+
+Spread (`FlexiKV.rerank_spread`): a whole re-ranking after one step in r still cost that
+step 165 ms on the H200 at B = 38 (32 layers' fetches and some 4,000 launches, then a wait
+on their counts) against 13 ms for a plain step. Spread, each step re-ranks one slice of
+ceil(L / r) consecutive layers (`spread_layers`), so every layer is still re-ranked every r
+steps (with the query of the step just run) and no step pays for all of them: the slice's
+launches are issued while the step's graph replays and its fetches are 1/r of a
+re-ranking's.
 """
 
 from __future__ import annotations
@@ -28,45 +36,65 @@ if TYPE_CHECKING:
 
 def due(store: FlexiKV) -> bool:
     """Whether the step just run re-ranks after it (deferred mode; not the first step, which
-    builds the pools inside the step)."""
-    return store.deferred_rerank and store.step > 0 and store.step % store.cfg.rerank_interval == 0
+    builds the pools inside the step): every layer each r-th step, or spread, a slice of
+    layers (possibly none) each step."""
+    if not store.deferred_rerank or store.step <= 0:
+        return False
+    return store.rerank_spread or store.step % store.cfg.rerank_interval == 0
 
 
-def apply_rerank(store: FlexiKV, sm_scale: float) -> None:
-    """Re-rank every layer with the queries of the step just run (`store._q_buf`), fetch the
-    pages newly kept, rebuild the head lists, and compact (one read of every layer's counts)."""
+def spread_layers(store: FlexiKV) -> range:
+    """The layers re-ranked after the step just run: every layer, or spread, the slice
+    ceil(L / r) * (step % r) ... of consecutive layers (empty past the last layer when r
+    does not divide L evenly); over r steps each layer exactly once."""
+    n_layers = store.shape[0]
+    if not store.rerank_spread:
+        return range(n_layers)
+    r = store.cfg.rerank_interval
+    per = -(-n_layers // r)
+    first = per * (store.step % r)
+    return range(min(first, n_layers), min(first + per, n_layers))
+
+
+def apply_rerank(store: FlexiKV, sm_scale: float, layers: range | None = None) -> None:
+    """Re-rank `layers` (consecutive; None: every layer) with the queries of the step just
+    run (`store._q_buf`) in one batch of ops, fetch the pages newly kept, rebuild the
+    layers' head lists, and compact (one read of every layer's counts)."""
     L, B, H, P, bs, _ = store.shape
+    layers = range(L) if layers is None else layers
+    n = len(layers)
+    if not n:
+        return
+    sl = slice(layers.start, layers.stop)
     cfg = store.cfg
     qs = store._q_buf
     assert qs is not None, "a deferred re-ranking follows a step that kept its queries"
-    scores = torch.stack([store._scores(layer, qs[layer], sm_scale) for layer in range(L)])
-    flat = (L * B, H)
-    cand = store._shared("cand").repeat(L, 1)  # [L * B, P]
+    scores = torch.stack([store._scores(layer, qs[layer], sm_scale) for layer in layers])
+    flat = (n * B, H)
+    cand = store._shared("cand").repeat(n, 1)  # [n * B, P]
     top, stable, _ = policy.rerank(
-        scores.view(*flat, P), cand, store.top.view(*flat, -1), cfg.threshold
+        scores.view(*flat, P), cand, store.top[sl].reshape(*flat, -1), cfg.threshold
     )
-    stable = stable.view(L, B, H)
+    stable = stable.view(n, B, H)
     if store.force_stable is not None:
-        stable = stable | store.force_stable
-    store.top.copy_(top.view(store.top.shape))
-    store.stable.copy_(stable)
+        stable = stable | store.force_stable[sl]
+    store.top[sl] = top.view(n, B, H, -1)
+    store.stable[sl] = stable
     valid, window = store._shared("windows")
     keep = policy.keep_mask_windows(
-        store.top.view(*flat, -1),
-        stable.view(*flat),
-        store._active.repeat(L),
-        (valid.repeat(L, 1), window.repeat(L, 1)),
-    ).view(L, B, H, P)
-    for layer in range(L):
-        store._sync(layer, keep[layer], fresh=None)  # a page started now has its slots
-    seq = store._seq.repeat(L)
+        top, stable.view(*flat), store._active.repeat(n), (valid.repeat(n, 1), window.repeat(n, 1))
+    ).view(n, B, H, P)
+    for i, layer in enumerate(layers):
+        store._sync(layer, keep[i], fresh=None)  # a page started now has its slots
+    seq = store._seq.repeat(n)
     tables, lens = policy.head_lists(
-        keep.view(*flat, P), store.slot.view(*flat, P), seq, bs, store._shared("pad").repeat(L)
-    )
-    store.tables.copy_(tables.view(store.tables.shape))
-    store.lens.copy_(lens.view(store.lens.shape))
-    store._lens_base.copy_(store.lens)
-    store._base_len = [store.length] * L
+        keep.view(*flat, P), store.slot[sl].reshape(*flat, P), seq, bs,
+        store._shared("pad").repeat(n),
+    )  # fmt: skip
+    store.tables[sl] = tables.view(n, B, H, P)
+    store.lens[sl] = lens.view(n, B, H)
+    store._lens_base[sl] = store.lens[sl]
+    store._base_len[sl] = [store.length] * n
     store.compact_all()
 
 

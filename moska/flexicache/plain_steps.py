@@ -74,7 +74,7 @@ class PlainSteps:
         """After each decode forward: a deferred re-ranking, then deferred write-backs."""
         store = cast("FlexiKV", self)
         if deferred.due(store):
-            deferred.apply_rerank(store, self._sm)
+            deferred.apply_rerank(store, self._sm, deferred.spread_layers(store))
         self.queue_write_backs()
         if self.deferred_rerank and self.length % self.block_size == 0 and self.step >= 0:
             deferred.prepare_page_start(store)  # the next step starts a page: plain now

@@ -156,6 +156,7 @@ class FlexiKV(PoolSizing, StoreStats, PlainSteps):
         self._base_len = [0] * L
         self.defer_write_back = False  # full pages reach the host at `queue_write_backs`
         self.deferred_rerank = False  # re-rank after the step (`finish_step`, `deferred.py`)
+        self.rerank_spread = False  # deferred: a slice of layers after each step (`deferred`)
         self._q_buf: torch.Tensor | None = None
         self._sm = head_dim**-0.5
         self._page_ready = -1  # see `deferred.prepare_page_start`

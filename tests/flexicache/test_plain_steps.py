@@ -128,18 +128,23 @@ def test_deferred_write_backs_fill_the_host_copy_as_inline_ones():
     assert a.write_back.pages_written == 3 * L * B * H
 
 
-def test_deferred_rerank_ranks_with_the_steps_queries_and_fetches_what_it_keeps():
+@pytest.mark.parametrize("spread", [False, True])
+def test_deferred_rerank_ranks_with_the_steps_queries_and_fetches_what_it_keeps(spread):
     """`deferred_rerank`: each step reads its heads' kept pages (attention over the history's
     tokens of those pages); after a re-ranking step every layer's top-K is the K candidate
     pages of most estimated mass under the step's queries (mean keys of the history), and
-    every kept full page in the pool holds the history's K/V."""
+    every kept full page in the pool holds the history's K/V. `rerank_spread`: the same
+    for the step's slice of layers (layer 0 after steps 3, 6, 9; layer 1 after 1, 4, 7; none
+    after 2, 5, 8), the other layers' top-K unchanged."""
     gen = torch.Generator().manual_seed(15)
     store, hist_k, hist_v = _store(37, gen)
     store.cfg = FlexiCacheConfig(top_k_pages=2, recent_pages=1, sink_pages=1, threshold=0.5,
                                  rerank_interval=3)  # fmt: skip
     store.deferred_rerank = True
+    store.rerank_spread = spread
     checked = 0
     for _ in range(10):
+        old_top = store.top.clone()
         store.begin_step()
         nk, nv = (
             torch.randn(L, B, 1, H, D, generator=gen),
@@ -153,12 +158,15 @@ def test_deferred_rerank_ranks_with_the_steps_queries_and_fetches_what_it_keeps(
             ref = _reference(store, layer, qs[layer], hist_k[layer], hist_v[layer])
             assert float((o - ref).norm() / ref.norm()) < 1e-4
         store.finish_step()
-        if store.step == 0 or store.step % 3:
-            continue
-        checked += 1
+        ranked = [lay for lay in range(L) if store.step and (spread or store.step % 3 == 0)]
+        if spread:
+            ranked = [lay for lay in ranked if lay == store.step % 3]
+        for layer in set(range(L)) - set(ranked):
+            assert store.step == 0 or torch.equal(store.top[layer], old_top[layer])
+        checked += len(ranked)
         t = store.length
         n_full, n_pages = t // BS, -(-t // BS)
-        for layer in range(L):
+        for layer in ranked:
             keys = torch.nn.functional.pad(hist_k[layer], (0, 0, 0, 0, 0, n_pages * BS - t))
             count = (t - torch.arange(n_pages) * BS).clamp(max=BS)  # tokens per page
             mean = keys.view(B, n_pages, BS, H, D).sum(2) / count[None, :, None, None]
@@ -176,7 +184,7 @@ def test_deferred_rerank_ranks_with_the_steps_queries_and_fetches_what_it_keeps(
                         torch.testing.assert_close(got, hist_k[layer, b, p * BS : (p + 1) * BS, h])
                         got = store.pool_v[layer][slot, :, 0]
                         torch.testing.assert_close(got, hist_v[layer, b, p * BS : (p + 1) * BS, h])
-    assert checked == 3 and store.fetched_pages > 0
+    assert checked == 6 and store.fetched_pages > 0
 
 
 def test_deferred_page_starts_take_idle_slots_instead_of_growing_the_pool():
@@ -221,7 +229,7 @@ def test_many_splits_over_skewed_lists_match_reference():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("deferred", [False, True, "spread"])
 def test_graph_replayed_plain_steps_equal_eager_steps_on_cuda(deferred):
     """The speed bench's `--graph` (plain steps replayed, others eager, recaptures after pool
     changes; deferred: re-ranking steps replayed too) gives the tokens and store state of
@@ -239,7 +247,8 @@ def test_graph_replayed_plain_steps_equal_eager_steps_on_cuda(deferred):
     args = (mc, 3, 70, 12, 8, torch.float32, dev, 0.5, 0, -1.0, None)
     stores = [fs._flexi_store(cfg, *args) for _ in range(2)]
     for store in stores:
-        store.deferred_rerank = deferred
+        store.deferred_rerank = bool(deferred)
+        store.rerank_spread = deferred == "spread"
     attns = [fs._Flexi(st, ops, mc.sm_scale) for st in stores]
     tokens = torch.randint(0, 128, (3,), device="cuda")
     graph = GraphSteps(lm.model, attns[1], tokens)
