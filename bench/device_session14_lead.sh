@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 14's lead runner on nvidia-h200-x2: several helpers' device scripts in one call (device
 # minutes are few; each cold start costs one), each into its own folder, packed into one
-# tar per script (a call returns at most 8 files). Usage, phases in order:
+# tar per script (a call returns at most 8 files); LIMIT: seconds per script. Usage:
 #   bash bench/device_session14_lead.sh "pd" "flexicache:0 tiers:1"
 # A phase is space-separated `name` (both GPUs) or `name:GPU` (that GPU alone; the names of
 # one phase run at once). `name` runs bench/device_session14_<name>.sh.
@@ -11,9 +11,10 @@ run_one() {  # name [gpu]
   local dir="$OUT/$1"; mkdir -p "$dir"
   local t0=$SECONDS
   if [ -n "${2:-}" ]; then
-    CUDA_VISIBLE_DEVICES=$2 OUT=$dir bash "bench/device_session14_$1.sh" > "$dir/stdout.txt" 2>&1
+    CUDA_VISIBLE_DEVICES=$2 OUT=$dir timeout "${LIMIT:-600}" bash "bench/device_session14_$1.sh" \
+      > "$dir/stdout.txt" 2>&1
   else
-    OUT=$dir bash "bench/device_session14_$1.sh" > "$dir/stdout.txt" 2>&1
+    OUT=$dir timeout "${LIMIT:-600}" bash "bench/device_session14_$1.sh" > "$dir/stdout.txt" 2>&1
   fi
   echo "== $1 rc=$? in $((SECONDS - t0)) s" >> "$dir/stdout.txt"
   tar -C "$OUT" -czf "$OUT/$1.tgz" "$1" && rm -rf "$dir"
