@@ -60,12 +60,14 @@ def run_biased(a, steps_rows, share, tiers, ops, device, mlp, swap_every=4, swap
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sm_scale = a.d**-0.5
     demand = torch.zeros(a.layers, a.chunks, device=device)
+    ones = torch.ones(a.batch * a.top_k, device=device)
     moved = total = sync_free = layer_steps = 0
     host = t0 = 0.0
     check = float("nan")
     x = None
     for step, logical in enumerate(steps_rows):
         if step == a.warmup:
+            tiers.flush()  # the warmup's counts settled
             sync()
             t0, host = time.perf_counter(), 0.0
             base = tiers.stats.as_dict()
@@ -79,11 +81,11 @@ def run_biased(a, steps_rows, share, tiers, ops, device, mlp, swap_every=4, swap
             host += time.perf_counter() - h0
             # to the device from pinned memory, non-blocking: a pageable copy would wait for
             # the queued work, a host sync per layer
-            demand[layer] += torch.bincount(_dev(phys.ravel(), device), minlength=a.chunks)
+            # index_add_, not bincount: bincount reads its input's max on the host (a sync)
+            demand[layer].index_add_(0, _dev(phys.ravel(), device), ones)
             sel = from_topk(_dev(rows, device).unsqueeze(1), a.hkv, a.chunks)
             if all_res:
-                o, _ = tiers.attend_resident(ops, layer, q, sel, sm_scale)
-                tiers.stats.hits["gpu"] += len(np.unique(rows))
+                o, _ = tiers.attend_resident(ops, layer, q, sel, sm_scale)  # counts its hits
                 if pools is not None and math.isnan(check):  # once: the sync-free read is exact
                     ref, _ = ops.grouped_shared(q, pools["k"][layer], pools["v"][layer],
                                                 pools["offsets"], sel, sm_scale)  # fmt: skip
@@ -102,6 +104,7 @@ def run_biased(a, steps_rows, share, tiers, ops, device, mlp, swap_every=4, swap
             _swap(tiers, demand, swap_chunks)
     sync()
     seconds = time.perf_counter() - t0
+    tiers.flush()
     st = tiers.stats.as_dict()
     del x
     hits = st["hits"]["gpu"] - base["hits"]["gpu"]

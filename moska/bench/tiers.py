@@ -71,7 +71,8 @@ def parse(argv=None) -> argparse.Namespace:
         "--modes",
         default="lfu-wait,lru-wait,lfu-skip,allhit-wait,affinity-wait,biased1.0-wait",
         help="allhit: the tiered path with every chunk in a slot (its overhead alone); "
-        "affinity: the chunk-affinity scheduler (moska/library/tier_affinity.py); biased<p>: "
+        "a '-step' suffix: TierConfig(sync='step') (skip: sync-free, misses fetched from "
+        "counts read once per step); affinity: the chunk-affinity scheduler (moska/library/tier_affinity.py); biased<p>: "
         "residency-biased routing moving a share p of non-resident selections "
         "(moska/bench/tier_biased.py)",
     )
@@ -152,8 +153,11 @@ def run_mode(a, mode, sels, pools, tiers, ops, device, mlp) -> dict:
     sm_scale = a.d**-0.5
     total = kept = 0
     t0 = None
+    check = float("nan")  # a "wait" mode's first read against the all-resident kernel
     for step, per_layer in enumerate(sels):
         if step == a.warmup:
+            if tiers is not None:
+                tiers.flush()  # the warmup's counts settled (waits for the device)
             sync()
             t0 = time.perf_counter()
             if tiers is not None:
@@ -165,8 +169,12 @@ def run_mode(a, mode, sels, pools, tiers, ops, device, mlp) -> dict:
                 ops.grouped_shared(q, pools["k"][layer], pools["v"][layer], offsets, sel, sm_scale)
                 n_kept = sel.req.numel()
             else:
-                _, _, s2 = tiers.attend(ops, layer, q, sel, sm_scale)
+                o, _, s2 = tiers.attend(ops, layer, q, sel, sm_scale)
                 n_kept = s2.req.numel()
+                if step == layer == 0 and tiers.config.miss_policy == "wait":  # exact: check
+                    ref, _ = ops.grouped_shared(q, pools["k"][0], pools["v"][0], offsets, sel,
+                                                sm_scale)  # fmt: skip
+                    check = float((o.float() - ref.float()).abs().max() / ref.float().abs().max())
             if step >= a.warmup:
                 total += sel.req.numel()
                 kept += n_kept
@@ -176,8 +184,11 @@ def run_mode(a, mode, sels, pools, tiers, ops, device, mlp) -> dict:
     sync()
     assert t0 is not None  # set at the first timed step
     seconds = time.perf_counter() - t0
+    if tiers is not None:
+        tiers.flush()  # counts of the last steps (sync-free reads settle once per step)
     out = {"mode": mode, "seconds": seconds, "tokens_per_s": a.batch * a.steps / seconds}
     if tiers is not None:
+        out["check_rel_err_vs_resident"] = check
         st = tiers.stats.as_dict()
         hits = st["hits"]["gpu"] - base["hits"]["gpu"]
         misses = st["misses"]["gpu"] - base["misses"]["gpu"]
@@ -187,7 +198,10 @@ def run_mode(a, mode, sels, pools, tiers, ops, device, mlp) -> dict:
             gpu_bytes_per_step=(st["bytes_in"]["gpu"] - base["bytes_in"]["gpu"]) / a.steps,
             skipped_share=(tiers.stats.skipped - skipped0) / max(1, total),
         )
-    out["selections_kept_share"] = kept / max(1, total)
+    # (a sync-free skip returns every selection, the absent ones read as empty)
+    out["selections_kept_share"] = kept / max(1, total) - out.get("skipped_share", 0.0) * (
+        kept == total
+    )
     del x
     return out
 
@@ -276,11 +290,11 @@ def main(argv=None) -> dict:
         print({"dist": dist, "mode": "resident", "tokens_per_s": round(base["tokens_per_s"])})
         t_res = base["seconds"] / a.steps
         for mode in a.modes.split(","):
-            eviction, miss = mode.split("-")
+            eviction, miss, *sync = mode.split("-")  # "<eviction>-<miss>[-step]"
             n_slots = a.chunks if eviction == "allhit" else slots
             policy = eviction if eviction in ("lru", "lfu") else "lfu"
             cfg = TierConfig(gpu_budget="1", eviction=policy, miss_policy=miss,
-                             prefetch=a.prefetch)  # fmt: skip
+                             prefetch=a.prefetch, sync=sync[0] if sync else "layer")  # fmt: skip
             tiers = ChunkTiers(offs, MemoryChunks(cpu["k"], cpu["v"]), cfg, device, n_slots, 1)
             if eviction == "allhit":  # every chunk in its slot before the first step
                 for layer in range(a.layers):

@@ -108,6 +108,7 @@ class SlotCache(Generic[K]):
         self.slot_of: dict[K, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))  # pop() gives slot 0 first
         self.now = 0
+        self.version = 0  # bumped whenever the resident keys change (a snapshot's key)
         self.hits = 0
         self.misses = 0
 
@@ -148,6 +149,8 @@ class SlotCache(Generic[K]):
             self.slot_of[k] = slot
             out.loads.append((k, slot))
         self.policy.touch([k for k, _ in out.hits] + [k for k, _ in out.loads], self.now)
+        if out.loads or out.evicted:
+            self.version += 1
         if count:
             self.hits += len(out.hits)
             self.misses += len(missing)
@@ -158,3 +161,4 @@ class SlotCache(Generic[K]):
         slot = self.slot_of.pop(key, None)
         if slot is not None:
             self._free.append(slot)
+            self.version += 1

@@ -14,6 +14,7 @@ from moska.library.chunk_cache import EVICTION_POLICIES
 
 MISS_POLICIES = ("wait", "skip")
 PREFETCH_POLICIES = ("none", "next_layer")
+SYNC_MODES = ("layer", "step")
 
 _UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -46,13 +47,19 @@ class TierConfig:
     """gpu_budget: the library's GPU chunk cache, all layers together: a size ("8GiB",
     "512MiB", "20" = 20 GiB) or a share of free device memory ("0.3"). cpu_budget: pinned
     CPU memory, a size; None holds the whole library on CPU, "0" reads every GPU miss from
-    disk (through a small staging ring)."""
+    disk (through a small staging ring). sync: when the host learns a layer's routed chunks:
+    "layer" (before its launch, one read per layer: the "wait" policy's fetches and the
+    "skip" policy's immediate swap) or "step" (the skip policy runs sync-free: absent chunks
+    read as empty, the counts are read once per step and their misses fetched for later
+    steps, library/tier_ledger.py). A layer whose cache holds every chunk is sync-free
+    under either."""
 
     gpu_budget: str
     cpu_budget: str | None = None
     eviction: str = "lfu"
     miss_policy: str = "wait"
     prefetch: str = "next_layer"
+    sync: str = "layer"
 
     def __post_init__(self) -> None:
         parse_budget(self.gpu_budget, "library_gpu_budget", fraction_ok=True)
@@ -62,6 +69,7 @@ class TierConfig:
             ("library_eviction", self.eviction, EVICTION_POLICIES),
             ("library_miss_policy", self.miss_policy, MISS_POLICIES),
             ("library_prefetch", self.prefetch, PREFETCH_POLICIES),
+            ("library_tier_sync", self.sync, SYNC_MODES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

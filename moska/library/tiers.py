@@ -8,8 +8,8 @@ With the engine's arena (library/arena.py) the K and V slot pools of every layer
 of its rows, so a composed request reads a tiered part's slots in the same launch as the
 resident parts' rows (`stage` / `admit_pass` / `finish`: attention/composed_tiers.py).
 
-Per layer and step (`ChunkTiers.attend`): the routed chunks (one host sync: the distinct
-chunk ids) -> hits and misses of the layer's cache -> misses read from the CPU tier (from
+Per layer and step (`ChunkTiers.attend`): the routed chunks (one host read of a [C] count)
+-> hits and misses of the layer's cache -> misses read from the CPU tier (from
 disk on a CPU miss) and copied into their slots (on CUDA on a copy stream, the kernel
 waits on an event; on CPU plain copies) -> the grouped kernel through the slot table.
 Miss policies: "wait" (the step waits for its chunks: exact) or "skip" (a chunk that is not
@@ -24,6 +24,9 @@ FP8 libraries: the slot pools hold e4m3 rows and per-slot-row fp32 scale pools
 copy stream from the same CPU and disk tiers; the kernel reads them addressed like the rows.
 Under `--fp8-attention mma` a token-major copy of the V slots is filled beside them (on the
 device, after the rows) and read by the FP8 tensor-core program (library/fp8_mma.py).
+Sync-free reads: a layer whose cache holds every chunk, a skipping step under
+`sync="step"` and `attend_resident` read the host nothing: their counts settle once per step
+(library/tier_ledger.py); slot tables change by pinned non-blocking uploads of a host mirror.
 Tiered libraries run eagerly (no decode CUDA graphs: a graph captures fixed pointers and
 no host sync).
 """
@@ -31,7 +34,6 @@ no host sync).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,9 +50,11 @@ from moska.library.tier_config import (  # re-exported: the tiers' configuration
     TierStats,
     parse_budget,
 )
+from moska.library.tier_ledger import DemandLedger
+from moska.library.tier_select import TierStep, _empty, _subset, _swap_plan, chunk_rows
 
 __all__ = ["MISS_POLICIES", "PREFETCH_POLICIES", "ChunkTiers", "TierConfig", "TierStats"]
-__all__ += ["TierStep", "parse_budget"]
+__all__ += ["TierStep", "chunk_rows", "parse_budget"]
 
 _MIN_CPU_SLOTS = 8  # a staging ring when the CPU tier has (almost) no budget
 
@@ -104,15 +108,15 @@ class ChunkTiers:
         self.caches: list[SlotCache[int]] = [
             SlotCache(num_slots, config.eviction) for _ in self._layers
         ]
-        c = self.num_chunks
-        self.tables = [
-            ChunkTable(
-                torch.zeros(c, dtype=torch.int32, device=device),
-                torch.zeros(c, dtype=torch.int32, device=device),
-            )
-            for _ in self._layers
-        ]
+        # the slot tables ([L, 2, C] int32 on the device: starts, ends) and their host mirror,
+        # edited by the host and uploaded whole per change from pinned memory (non-blocking:
+        # a `torch.tensor(..., device=)` of the changed entries would wait for the queue)
+        self._table_host = torch.zeros(self.num_layers, 2, self.num_chunks, dtype=torch.int32)
+        self._table_dev = self._table_host.to(device)
+        self.tables = [ChunkTable(t[0], t[1]) for t in self._table_dev]
         self.stats = TierStats()
+        self.ledger = DemandLedger(self.num_layers, self.num_chunks, device)
+        self._snaps: list[tuple[int, frozenset[int]]] = [(-1, frozenset()) for _ in self._layers]
         self._copy = torch.cuda.Stream(device) if cuda else None
         self._read_done: list[torch.cuda.Event | None] = [None] * self.num_layers
         self._copy_done: list[torch.cuda.Event | None] = [None] * self.num_layers
@@ -155,7 +159,6 @@ class ChunkTiers:
         read_done = self._read_done[layer]
         if stream is not None and read_done is not None:
             stream.wait_event(read_done)  # the slots' last readers are done
-        starts, ends = self.tables[layer]
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for c, slot in loads:
                 n = self.offsets[c + 1] - self.offsets[c]
@@ -172,17 +175,23 @@ class ChunkTiers:
             done.record(stream)
             self._copy_done[layer] = done
             self.cpu.mark_busy([(layer, c) for c, _ in loads], done)
-        idx = torch.tensor([c for c, _ in loads], dtype=torch.long)
-        lo = torch.tensor([slot * self.slot_rows for _, slot in loads], dtype=torch.int32)
-        ln = torch.tensor([self.offsets[c + 1] - self.offsets[c] for c, _ in loads])
-        starts.index_copy_(0, idx.to(self.device), lo.to(self.device))
-        ends.index_copy_(0, idx.to(self.device), (lo + ln.int()).to(self.device))
+        host = self._table_host[layer]
+        for c, slot in loads:
+            host[0, c] = slot * self.slot_rows
+            host[1, c] = slot * self.slot_rows + self.offsets[c + 1] - self.offsets[c]
 
     def _forget(self, layer: int, evicted: list[int]) -> None:
-        if evicted:
-            idx = torch.tensor(evicted, dtype=torch.long, device=self.device)
-            starts, ends = self.tables[layer]
-            ends.index_copy_(0, idx, starts.index_select(0, idx))  # start == end: absent
+        host = self._table_host[layer]
+        for c in evicted:
+            host[1, c] = host[0, c]  # start == end: absent
+
+    def _push_table(self, layer: int) -> None:
+        """The host mirror of `layer`'s slot table to the device, in stream order (pinned
+        and non-blocking on CUDA: no host sync)."""
+        src = self._table_host[layer]
+        if self.device.type == "cuda":
+            src = src.pin_memory()
+        self._table_dev[layer].copy_(src, non_blocking=True)
 
     def _admit(self, layer: int, chunks: list[int], protect=(), count: bool = True) -> Admission:
         """Make `chunks` resident in `layer` (loads issued); what was decided."""
@@ -193,6 +202,8 @@ class ChunkTiers:
             self.stats.misses["gpu"] += len(adm.loads) + len(adm.overflow)
         self._forget(layer, adm.evicted)
         self._fill(layer, adm.loads)
+        if adm.evicted or adm.loads:
+            self._push_table(layer)
         return adm
 
     def prefetch(self, layer: int, chunks: list[int], protect=()) -> None:
@@ -209,10 +220,15 @@ class ChunkTiers:
     def attend(self, ops, layer: int, q_rows, sel: Selections, sm_scale: float, wait=None):
         """Grouped shared attention of `sel` through `layer`'s GPU cache: (o [N', G, D],
         lse [N', G], sel') where sel' is `sel` less the selections the skip policy dropped
-        (sel itself under "wait"). `wait` overrides the miss policy (True: wait)."""
-        # the chunks with their selection counts (the skip swap's demand): the one host sync
-        ids, counts = torch.stack(torch.unique(sel.chunk, return_counts=True)).tolist()
-        step = self.stage(layer, dict(zip(ids, counts)), wait)
+        (sel itself under "wait"). `wait` overrides the miss policy (True: wait).
+        Sync-free (`_sync_free`): sel comes back whole, an absent chunk's selections read as
+        empty (o 0, lse -inf: no share of the attention), counted once per step."""
+        if self.ledger.new_step(layer):
+            self._settle()
+        if self._sync_free(layer, wait):
+            self.ledger.add(layer, sel.chunk, self._resident_snapshot(layer))
+            return (*self._run(ops, layer, q_rows, sel, sm_scale, None), sel)
+        step = self.stage(layer, self._demand(sel), wait)
         if step.absent:
             before = sel.req.numel()
             sel = _subset(sel, step.passes[0] if step.passes else [], self.num_chunks)
@@ -245,8 +261,65 @@ class ChunkTiers:
     def attend_resident(self, ops, layer: int, q_rows, sel: Selections, sm_scale: float):
         """(o, lse) of selections the caller knows are resident (routed among
         `resident_mask` chunks): no host sync, no bookkeeping; an absent chunk would read
-        as empty (start == end), so only routing restricted to resident chunks may call it."""
+        as empty (start == end), so only routing restricted to resident chunks may call it.
+        Its uses are counted on the device and settled once per step (tier_ledger.py)."""
+        if self.ledger.new_step(layer):
+            self._settle()
+        self.ledger.add(layer, sel.chunk, self._resident_snapshot(layer))
         return self._run(ops, layer, q_rows, sel, sm_scale, None)
+
+    # -- sync-free reads: counted on the device, settled once per step ------------------
+
+    def _sync_free(self, layer: int, wait: bool | None) -> bool:
+        """Whether `layer`'s read needs nothing from the host first: its cache holds every
+        chunk (nothing can miss), or a skipping step under `sync="step"`."""
+        if len(self.caches[layer].slot_of) == self.num_chunks:
+            return True
+        skip = self.config.miss_policy == "skip" if wait is None else not wait
+        return skip and self.config.sync == "step"
+
+    def _demand(self, sel: Selections) -> dict[int, int]:
+        """The routed chunks with their selection counts (the skip swap's demand): one host
+        read of a [C] count, counted on the device (no `unique`: a sort and two reads)."""
+        n = torch.zeros(self.num_chunks, dtype=torch.int32, device=sel.chunk.device)
+        n.index_add_(0, sel.chunk, torch.ones_like(sel.chunk))
+        return {c: k for c, k in enumerate(n.tolist()) if k}
+
+    def _resident_snapshot(self, layer: int) -> frozenset[int]:
+        cache = self.caches[layer]
+        version, snap = self._snaps[layer]
+        if version != cache.version:
+            snap = frozenset(cache.slot_of)
+            self._snaps[layer] = (cache.version, snap)
+        return snap
+
+    def flush(self) -> None:
+        """Settle every sync-free read so far (waits for the device): before reading
+        `stats` or residency exactly, e.g. in tests and at a benchmark's end."""
+        self.ledger.close_step()
+        self._settle(force=True)
+
+    def _settle(self, force: bool = False) -> None:
+        """The closed steps' counts that reached the host: hits and misses, the policy's
+        uses, and (skip) the misses fetched for later steps, as `stage` and `finish` do."""
+        self.ledger.close_step()
+        for read in self.ledger.ready(force):
+            assert read.counts is not None
+            demand = {c: k for c, k in enumerate(read.counts) if k}
+            present = [c for c in demand if c in read.resident]
+            absent = [c for c in demand if c not in read.resident]
+            s = self.stats
+            s.hits["gpu"] += len(present)
+            s.misses["gpu"] += len(absent)
+            s.skipped += sum(demand[c] for c in absent)
+            cache = self.caches[read.layer]
+            cache.tick()
+            live = [c for c in present if c in cache]
+            cache.admit(live, count=False)  # a use: the policy's clock and counts
+            self._last[read.layer] = present + absent
+            if absent:
+                self.prefetch(read.layer, *_swap_plan(absent, live, demand, self.num_slots))
+            self._prefetch_next(read.layer, live)
 
     def stage(self, layer: int, demand: dict[int, int], wait: bool | None = None) -> TierStep:
         """Make `layer`'s routed chunks (chunk id -> its selections this step) readable for a
@@ -299,10 +372,11 @@ class ChunkTiers:
 
     def after_read(self, layer: int) -> None:
         """Copies into `layer`'s slots wait for the launch just queued (CUDA)."""
-        if self._copy is not None:
-            ev = torch.cuda.Event()
+        if self._copy is not None:  # one event per layer, recorded again at each read
+            ev = self._read_done[layer]
+            if ev is None:
+                ev = self._read_done[layer] = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
-            self._read_done[layer] = ev
 
     def _prefetch_next(self, layer: int, chunks: list[int]) -> None:
         """Layer `layer`'s chunks fetched for the layer above, never in place of what that
@@ -329,54 +403,3 @@ class ChunkTiers:
         )  # fmt: skip
         self.after_read(layer)
         return (o, lse) if idx is None else (idx, o, lse)
-
-
-@dataclass
-class TierStep:
-    """One layer's routed chunks of a tiered library, staged for its launch(es)
-    (``ChunkTiers.stage``): ``passes`` of chunk ids (the first admitted), under "skip" the
-    ``absent`` routed chunks this step drops; ``demand``: selections per routed chunk."""
-
-    layer: int
-    passes: list[list[int]]
-    absent: list[int]
-    demand: dict[int, int]
-    skip: bool
-
-
-def chunk_rows(sel: Selections, chunks: list[int], num_chunks: int, base: int = 0):
-    """Indices of the selections of `sel` whose chunk is `base` + one of `chunks` (the chunk
-    ids of `sel` are below `num_chunks`)."""
-    keep = torch.zeros(num_chunks, dtype=torch.bool, device=sel.chunk.device)
-    if chunks:
-        keep[torch.tensor(chunks, dtype=torch.long, device=keep.device) + base] = True
-    return keep[sel.chunk.long()].nonzero().squeeze(1)
-
-
-def _swap_plan(absent: list[int], present: list[int], demand: dict[int, int], slots: int):
-    """(chunks to fetch, chunks to keep) after a skipping step: the absent chunks by demand,
-    and the resident chunks worth keeping. A resident chunk is given up for an absent one
-    only when the absent one had strictly more selections (ties keep what is there: no
-    churn under uniform routing). Slots not holding a routed chunk are free to take."""
-    want = sorted(absent, key=lambda c: -demand[c])[:slots]
-    keep = sorted(present, key=lambda c: demand[c])  # cheapest to give up first
-    free = slots - len(present)
-    give_up = 0
-    for c in want[max(free, 0) :]:
-        if give_up < len(keep) and demand[c] > demand[keep[give_up]]:
-            give_up += 1
-        else:
-            break
-    return want[: max(free, 0) + give_up], keep[give_up:]
-
-
-def _subset(sel: Selections, chunks: list[int], num_chunks: int) -> Selections:
-    idx = chunk_rows(sel, chunks, num_chunks)
-    return Selections(sel.req[idx], sel.kv_head[idx], sel.chunk[idx])
-
-
-def _empty(q_rows, sel, hkv):
-    g, d = q_rows.shape[1] // hkv, q_rows.shape[2]
-    n = sel.req.numel()
-    o = torch.zeros(n, g, d, dtype=q_rows.dtype, device=q_rows.device)
-    return o, torch.full((n, g), float("-inf"), device=q_rows.device), sel

@@ -230,6 +230,29 @@ def test_skip_policy_drops_absent_chunks_and_reports_coverage(full, tiered):
         tt.config = replace(tt.config, miss_policy="wait")
 
 
+def test_sync_free_skip_through_the_engine_reports_coverage(tiered):
+    """sync="step": the skipping step reads no chunk ids on the host; the lost share still
+    shows in the routing coverage, and the counts settle (flush) into the tier stats."""
+    from dataclasses import replace
+
+    tt = tiered.engine.libraries.get("docs").tiers
+    old = tt.config
+    tt.config = replace(old, miss_policy="skip", sync="step")
+    try:
+        eng, before = tiered.engine, tt.stats.skipped
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        eng.add_request("s", _prompts(1, seed=6)[0], params, library="docs", top_k_chunks=4,
+                        report_routing=True)  # fmt: skip
+        outs = []
+        while eng.has_unfinished_requests():
+            outs += [o for o in eng.step() if o.finished]
+        tt.flush()
+        assert tt.stats.skipped > before and len(outs[0].outputs[0].token_ids) == 2
+        assert outs[0].routing_coverage is not None and 0 <= outs[0].routing_coverage < 1
+    finally:
+        tt.config = old
+
+
 def test_skip_swap_plan_trades_cold_resident_chunks_for_hot_misses():
     from moska.library.tiers import _swap_plan
 
