@@ -137,6 +137,10 @@ def compare_429s(
                 "observed_hi_s": round(max(opened[name] - r["t_status"], resolution_s, 1e-3), 3),
                 "probe": name,
                 "door_storm": r.get("door_storm"),
+                # its own wait: sent to answered (a retry's wait in the loop, by regime)
+                "wait_s": None
+                if r.get("t_start") is None
+                else round(r["t_status"] - r["t_start"], 3),
             }
         )
     return rows
