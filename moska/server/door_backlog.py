@@ -11,13 +11,17 @@ too. The admission side cannot see them (they have no request yet) and the loop-
 on the same loop, reads only after the fact. uvicorn can: its `ServerState.connections`
 holds every accepted connection, and one that has not had a request parsed (`cycle` None)
 is still to be answered, as is a request task (`ServerState.tasks`) that has not reached
-the app yet. Measured with `python /tmp/storm_probe.py`-like sampling (bench
-load_door_cost): a 1,000 burst was accepted (kernel accept queue < 70) 0.2 s before its
-first request was parsed, so the count sees the burst before its first 429.
+the app yet. Sampled from a thread during a 1,000-request burst of door 429s: the burst
+was accepted (kernel accept queue < 70) 0.2 s before its first request was parsed, so the
+count sees the burst before its first 429.
 
 `storm_s` = that count (less the door 429s answered since it was taken) x the loop's wall
 time per door 429, measured while a backlog waited (a moving average; on this 2-core box
 0.3 ms of CPU each (load_door_cost), 0.75-2 ms of wall as other processes load it).
+Not yet shown to help: over 13 bursts of 1,000 on a box loaded to 1-7 the plain door 429s
+were within 2x for 54% with it and 54% without (scored on the same 429s), since a retry
+sent during the storm was in some runs answered only after it, when the door had opened
+(`moska bench load --door-storm off` runs without it; to be re-run on an idle box).
 """
 
 from __future__ import annotations
