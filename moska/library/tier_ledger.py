@@ -42,6 +42,7 @@ class DemandLedger:
         self.max_lag = max_lag
         self.counts = torch.zeros(num_layers, num_chunks, dtype=torch.int32, device=device)
         self._ones = torch.ones(0, dtype=torch.int32, device=device)
+        self._scratch = torch.zeros(num_chunks, dtype=torch.int32, device=device)
         self._reads: dict[int, LayerRead] = {}  # this step's sync-free reads by layer
         # closed steps not yet settled: (copy done event or None, host counts, reads)
         self._pending: deque[tuple[torch.cuda.Event | None, torch.Tensor, list[LayerRead]]]
@@ -54,15 +55,25 @@ class DemandLedger:
         self._seen = layer
         return fresh
 
-    def add(self, layer: int, chunk: torch.Tensor, resident: frozenset[int]) -> None:
-        """Count the selections' chunk ids `chunk` [N] int32 (device) of `layer`: one launch."""
+    def _count(self, into: torch.Tensor, chunk: torch.Tensor) -> None:
         n = chunk.numel()
         if n > self._ones.numel():
-            self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.int32,
-                                    device=self.device)  # fmt: skip
+            size = max(n, 2 * self._ones.numel())
+            self._ones = torch.ones(size, dtype=torch.int32, device=self.device)
         if n:
-            self.counts[layer].index_add_(0, chunk, self._ones[:n])
+            into.index_add_(0, chunk, self._ones[:n])
+
+    def add(self, layer: int, chunk: torch.Tensor, resident: frozenset[int]) -> None:
+        """Count the selections' chunk ids `chunk` [N] int32 (device) of `layer`: one launch."""
+        self._count(self.counts[layer], chunk)
         self._reads.setdefault(layer, LayerRead(layer, resident))
+
+    def count_now(self, chunk: torch.Tensor) -> list[int]:
+        """Selections per chunk id of `chunk`, read at once: two launches and one host sync
+        (what a layer that may miss under "wait" needs before its launch)."""
+        self._scratch.zero_()
+        self._count(self._scratch, chunk)
+        return self._scratch.tolist()
 
     def close_step(self) -> None:
         """This step's counters to the host (non-blocking on CUDA), the counters cleared."""

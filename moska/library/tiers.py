@@ -112,7 +112,7 @@ class ChunkTiers:
         # edited by the host and uploaded whole per change from pinned memory (non-blocking:
         # a `torch.tensor(..., device=)` of the changed entries would wait for the queue)
         self._table_host = torch.zeros(self.num_layers, 2, self.num_chunks, dtype=torch.int32)
-        self._table_dev = self._table_host.to(device)
+        self._table_dev = self._table_host.to(device, copy=True)
         self.tables = [ChunkTable(t[0], t[1]) for t in self._table_dev]
         self.stats = TierStats()
         self.ledger = DemandLedger(self.num_layers, self.num_chunks, device)
@@ -281,9 +281,7 @@ class ChunkTiers:
     def _demand(self, sel: Selections) -> dict[int, int]:
         """The routed chunks with their selection counts (the skip swap's demand): one host
         read of a [C] count, counted on the device (no `unique`: a sort and two reads)."""
-        n = torch.zeros(self.num_chunks, dtype=torch.int32, device=sel.chunk.device)
-        n.index_add_(0, sel.chunk, torch.ones_like(sel.chunk))
-        return {c: k for c, k in enumerate(n.tolist()) if k}
+        return {c: k for c, k in enumerate(self.ledger.count_now(sel.chunk)) if k}
 
     def _resident_snapshot(self, layer: int) -> frozenset[int]:
         cache = self.caches[layer]
@@ -312,11 +310,13 @@ class ChunkTiers:
             s.hits["gpu"] += len(present)
             s.misses["gpu"] += len(absent)
             s.skipped += sum(demand[c] for c in absent)
+            self._last[read.layer] = present + absent
+            if not absent and self.num_slots >= self.num_chunks:
+                continue  # every chunk fits: nothing is evicted, no use worth recording
             cache = self.caches[read.layer]
             cache.tick()
             live = [c for c in present if c in cache]
             cache.admit(live, count=False)  # a use: the policy's clock and counts
-            self._last[read.layer] = present + absent
             if absent:
                 self.prefetch(read.layer, *_swap_plan(absent, live, demand, self.num_slots))
             self._prefetch_next(read.layer, live)
