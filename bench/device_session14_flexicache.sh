@@ -5,7 +5,8 @@
 # bench, lean: full KV from a CUDA graph (B = 15) vs FlexiCache with its plain steps from a
 # CUDA graph: B = 15 (memory at equal batch) and B = 38 at r = 16 with spread re-ranking
 # (`--spread-rerank`: after each step one slice of ceil(32 / 16) = 2 layers re-ranks and
-# fetches, so no step pays all 32 layers' re-ranking: flexicache/deferred.py), then B = 38
+# fetches, so no step pays all 32 layers' re-ranking: flexicache/deferred.py; a page leaving
+# the recent window is dropped only at its layer's re-ranking, `hold_unranked`), then B = 38
 # at each of $ALSO (8i: spread at r = 8; 16d: deferred, every layer after one step in 16,
 # the previous run's 1,647 tok/s row, as a baseline in the same run); every largest-batch
 # row profiled over 16 steps.

@@ -157,6 +157,8 @@ class FlexiKV(PoolSizing, StoreStats, PlainSteps):
         self.defer_write_back = False  # full pages reach the host at `queue_write_backs`
         self.deferred_rerank = False  # re-rank after the step (`finish_step`, `deferred.py`)
         self.rerank_spread = False  # deferred: a slice of layers after each step (`deferred`)
+        self.hold_unranked = True  # deferred: a page leaving the recent window stays kept
+        # until its layer's next re-ranking (`deferred.prepare_page_start`)
         self._q_buf: torch.Tensor | None = None
         self._sm = head_dim**-0.5
         self._page_ready = -1  # see `deferred.prepare_page_start`

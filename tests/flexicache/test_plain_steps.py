@@ -265,3 +265,41 @@ def test_graph_replayed_plain_steps_equal_eager_steps_on_cuda(deferred):
     torch.testing.assert_close(a.kmean, b.kmean)
     assert graph.replays >= (16 if deferred else 8) and graph.captures >= 1
     assert graph.eager == 1 if deferred else graph.eager >= 6  # deferred: only the first
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_deferred_page_start_drops_pages_only_at_re_rankings(hold):
+    """`hold_unranked`: a page start never drops a page (the one leaving the recent window
+    stays until its layer is re-ranked), and a layer's re-ranking (spread: one layer per
+    step) leaves exactly its top-K and windows; off, page starts drop pages."""
+    from moska.flexicache import deferred
+
+    gen = torch.Generator().manual_seed(17)
+    store, _, _ = _store(37, gen)
+    store.cfg = FlexiCacheConfig(top_k_pages=2, recent_pages=1, sink_pages=1, threshold=0.0,
+                                 rerank_interval=4)  # fmt: skip
+    store.deferred_rerank = store.rerank_spread = True
+    store.hold_unranked = hold
+    lost = ranked_checks = 0
+    for _ in range(10):  # lengths 38..47: page starts after 40 and 44
+        store.begin_step()
+        for layer in range(L):
+            q, k, v = (torch.randn(B, n, D, generator=gen) for n in (H * G, H, H))
+            store.attend(layer, q, k, v, paged_decode_heads_ref, 0.3)
+        before = store.kept.clone()
+        ranked = set(deferred.spread_layers(store)) if store.step else set()
+        starts = store.length % BS == 0
+        store.finish_step()
+        n_pages = torch.full((B,), -(-store.length // BS))
+        for layer in range(L):
+            dropped = bool((before[layer] & ~store.kept[layer]).any())
+            if layer not in ranked:
+                lost += dropped
+                assert not (hold and dropped)
+            elif not starts:  # re-ranked, no page start after it: top-K and windows only
+                want = policy.keep_mask(store.top[layer], store.stable[layer],
+                                        torch.ones(B, dtype=torch.bool), n_pages, 1, 12, 1)  # fmt: skip
+                assert torch.equal(store.kept[layer], want)
+                ranked_checks += 1
+    assert ranked_checks >= 2
+    assert (lost == 0) if hold else (lost > 0)
