@@ -19,7 +19,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ALSO=${ALSO:-8i,16d}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
-TRITON_INTERPRET=0 timeout 40 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/flexicache \
+TRITON_INTERPRET=0 timeout 45 python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/flexicache \
   > "$OUT/flexicache_cuda_tests.log" 2>&1; echo "cuda tests rc=$?"
 timeout 130 python3 -m moska.bench.flexicache --mode speed --lean --graph --r 16 --spread-rerank \
   --also-r "$ALSO" \
