@@ -62,6 +62,25 @@ def test_remap_moves_non_resident_chunks_to_distinct_resident_ones():
     assert 0.3 < moved < 0.7
 
 
+def test_remap_device_moves_non_resident_chunks_to_distinct_resident_ones():
+    from moska.bench.tier_biased import remap_device
+
+    gen = torch.Generator().manual_seed(0)
+    resident = torch.zeros(12, dtype=torch.bool)
+    resident[[0, 3, 5, 8, 11]] = True
+    phys = torch.stack([torch.randperm(12, generator=gen)[:4] for _ in range(50)])
+    out, moved = remap_device(phys, resident, 1.0, gen)
+    assert resident[out].all() and all(len(set(r.tolist())) == 4 for r in out)
+    for p_row, o_row in zip(phys.tolist(), out.tolist()):  # resident choices stay
+        assert {c for c in p_row if resident[c]} <= set(o_row)
+    kept = resident[phys]
+    assert int(moved) == int((~kept).sum())
+    same, none = remap_device(phys, resident, 0.0, gen)
+    assert int(none) == 0 and torch.equal(same.sort(1).values, phys.sort(1).values)
+    _, half = remap_device(phys, resident, 0.5, gen)
+    assert 0.3 < int(half) / int((~kept).sum()) < 0.7
+
+
 def test_attend_resident_equals_plain_attention_without_bookkeeping():
     g = torch.Generator().manual_seed(5)
     layers, hkv, grp, d, chunk, chunks = 2, 2, 2, 8, 8, 6
