@@ -4,7 +4,8 @@
 # copy: a host sync per layer (unique().tolist()) and the bookkeeping behind it. Now a layer
 # that cannot miss reads nothing on the host (counts settle once per step: library/
 # tier_ledger.py), slot tables upload non-blocking, the skip policy can run sync-free
-# (sync="step": lfu-skip-step) and the biased bench no longer bincounts (a sync) per layer.
+# (sync="step": lfu-skip-step) and the biased bench routes on the device (its numpy remap
+# alone took as long as an all-resident step) with no per-layer bincount (a sync).
 # 1. correctness: the slot-table kernel and the sync-free reads on CUDA (pinned table uploads,
 #    events on the counts' copies), each "wait" bench mode's first read vs all-resident;
 # 2. host syncs / device ops per layer counted on the GPU (tier_host_work);
