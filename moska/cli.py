@@ -90,9 +90,10 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "semantic_recompute_layers": "first layers computed for every prompt token under "
     "semantic reuse",
     "semantic_store_mb": "memory bound of the semantic reuse reference store (MiB, LRU)",
-    "flexicache": "FlexiCache for long unique contexts: 'on' or k=32,recent=2,threshold=0.75,r=8 "
-    "(stable KV heads read only their top-k pages and the recent ones; approximate; eager "
-    "decode steps). Default: off",
+    "flexicache": "FlexiCache for long unique contexts: 'on' or k=32,recent=2,threshold=0.75,"
+    "r=16,rerank=deferred,hold=on (stable KV heads read only their top-k pages and the recent "
+    "ones; rerank=step reads a re-ranking's pages in its own step; approximate; eager decode "
+    "steps). Default: off",
     "routing_scorer": "library router scorer: keymax, two_stage, mean or bound (default: keymax)",
     "routing_dense_layers": "first layers that read every library chunk (default: 1)",
     "routing_always_first": "always read a library's first chunk (attention sinks; default: on)",

@@ -65,8 +65,9 @@ class EngineConfig:
         `semantic_store_mb` the reference store's bound.
     flexicache: FlexiCache (`moska/flexicache/`): per KV head, stable heads read only their
         top-K pages plus the recent ones at decode steps, unstable heads every page; "on" or
-        "k=32,recent=2,threshold=0.75,r=8" (or a FlexiCacheConfig). Approximate: off (None)
-        by default; in the engine the memory is modeled (see README).
+        "k=32,recent=2,threshold=0.75,r=16,rerank=deferred,hold=on" (or a FlexiCacheConfig).
+        Approximate: off (None) by default; classified requests' older pages go to host
+        memory (see README).
 
     Every field is reachable from the command line (`moska serve --help`): the CLI builds
     its engine flags from this class and a test fails when a field has none.

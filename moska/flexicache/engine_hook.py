@@ -1,12 +1,14 @@
 """FlexiCache in the engine's decode steps (`--flexicache`, EngineConfig.flexicache).
 
-The runner asks `FlexiEngine.begin` for a `FlexiStep` on every eager decode-only step
-(`begin_mixed` on a step with prefills: offloaded requests' decode rows only); the
-attention backend then calls `FlexiStep.attend` per layer instead of the plain paged decode:
-per request and KV head it re-ranks every R steps (by attention mass estimated from page
-mean keys, exact mass, or Quest bounds),
-classifies the head, and reads only the head's kept pages through `paged_decode_heads`.
-Requests keep their state across steps by request id; `release` drops it.
+The runner asks `FlexiEngine.begin` for a `FlexiStep` (`engine_step.py`) on every eager
+decode-only step (`begin_mixed` on a step with prefills: offloaded requests' decode rows
+only); the attention backend then calls `FlexiStep.attend` per layer instead of the plain
+paged decode: per request and KV head it re-ranks every R steps (by attention mass
+estimated from page mean keys, exact mass, or Quest bounds; by default deferred: the pages
+picked are read from the next step on, and a page leaving the recent window is held until
+the next re-ranking, `FlexiCacheConfig.rerank`, `hold_unranked`), classifies the head, and
+reads only the head's kept pages through `paged_decode_heads`. Requests keep their state
+across steps by request id; `release` drops it.
 
 Memory is real once a request is classified (its second ranking): `begin` hands the request's
 full pages before the recent window to FlexiCache (`Offload`): their K/V go to host memory
@@ -36,7 +38,6 @@ the first one. A step with first hand-offs reads their head classes once (one re
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +45,11 @@ import torch
 
 from moska.flexicache import policy
 from moska.flexicache.config import FlexiCacheConfig
+from moska.flexicache.engine_step import FlexiStep
 from moska.flexicache.offload import Offload, OffloadBatch, pool_blocks_needed
 from moska.flexicache.transfer import to_device
+
+__all__ = ["FlexiEngine", "FlexiStep", "flexi_engine"]
 
 
 @dataclass
@@ -59,6 +63,7 @@ class _RequestState:
     next_extend: int = 0  # pages before the recent window at which a later hand-off is tried
     n_stable: list[int] | None = None  # stable heads per layer, read at `ranked` (hand-off)
     n_stable_at: int = -1
+    kept: torch.Tensor | None = None  # [L, Hkv, >= pages] read at its last step (hold_unranked)
 
 
 class FlexiEngine:
@@ -187,7 +192,7 @@ class FlexiEngine:
         n_pages = -(-seq_len // self.block_size)
         pages = n_pages - cfg.recent_pages  # full pages before the recent window
         assert st.n_stable is not None
-        need = pool_blocks_needed(cfg, st.n_stable, self.num_kv_heads, pages)
+        need = pool_blocks_needed(cfg, st.n_stable, self.num_kv_heads, pages, self._held)
         if pages - need < self.min_saving:
             st.keep_all = True
             return
@@ -208,11 +213,23 @@ class FlexiEngine:
         """Which of the first `pages` pages each (layer, head) keeps on the device at a
         hand-off: stable heads their top-K, sink and recent pages; unstable heads all."""
         cfg, n_layers = self.cfg, self.num_layers
-        return policy.keep_mask(
+        keep = policy.keep_mask(
             st.top, st.stable, torch.ones(n_layers, dtype=torch.bool, device=self.device),
             torch.full((n_layers,), n_pages, device=self.device), cfg.recent_pages, n_pages,
             cfg.sink_pages,
         )[..., :pages]  # fmt: skip
+        if st.kept is not None:  # pages held until their next re-ranking (hold_unranked)
+            keep = keep | st.kept[..., :pages]
+        return keep
+
+    @property
+    def _held(self) -> int:
+        """Pages a stable head may hold beyond its top-K and sink pages (`hold_unranked`):
+        those that left the recent window since its last re-ranking."""
+        cfg = self.cfg
+        if cfg.rerank != "deferred" or not cfg.hold_unranked:
+            return 0
+        return -(-cfg.rerank_interval // self.block_size)
 
     def _extend(self, rid: str, st: _RequestState, seq_len: int) -> None:
         """A later hand-off: the full pages that left the recent window since the last one
@@ -225,7 +242,8 @@ class FlexiEngine:
         pages = n_pages - cfg.recent_pages
         if pages - off.pages < max(self.extend_pages, st.next_extend - off.pages):
             return
-        more = pool_blocks_needed(cfg, off.n_stable, self.num_kv_heads, pages) - len(off.pool)
+        more = pool_blocks_needed(cfg, off.n_stable, self.num_kv_heads, pages, self._held)
+        more -= len(off.pool)
         if pages - off.pages - max(more, 0) < self.min_saving:
             st.next_extend = pages + self.extend_pages  # no saving now: try again later
             return
@@ -265,105 +283,6 @@ class FlexiEngine:
             "fetched_pages": self.fetched_pages,
             "evicted_pages": self.evicted_pages,
         }
-
-
-class FlexiStep:
-    """One decode step's per-head page lists, built layer by layer."""
-
-    def __init__(
-        self, eng: FlexiEngine, states, block_tables: torch.Tensor, seq_lens, rows=None
-    ) -> None:
-        cfg, bs, dev = eng.cfg, eng.block_size, eng.device
-        self.eng = eng
-        self.states = states
-        self.rows = rows  # query rows in a mixed step (`patch`), None: every row
-        self.block_tables = block_tables.long().clamp(min=0)  # released blocks: -1
-        self.offs = [(i, st.off) for i, st in enumerate(states) if st.off is not None]
-        self.off_rows = to_device([i for i, _ in self.offs], dev)
-        n_pages = [-(-s // bs) for s in seq_lens]
-        self.due = [st.steps % cfg.rerank_interval == 0 for st in states]
-        for st, due in zip(states, self.due):
-            st.ranked += due
-        due_offs = [j for j, (i, _) in enumerate(self.offs) if self.due[i]]
-        self.due_rows = to_device([self.offs[j][0] for j in due_offs], dev)
-        # their slot maps, padded and stacked once per step (not per request and layer)
-        self.batch = None
-        if self.offs:
-            self.batch = eng._batch = OffloadBatch([off for _, off in self.offs], due_offs)
-        # through pinned memory: torch.tensor(..., device="cuda") waits for the device
-        self.due_t = to_device(self.due, dev, torch.bool)
-        self.active = to_device([cfg.long_enough(n) for n in n_pages], dev, torch.bool)
-        self.n_pages = to_device(n_pages, dev)
-        self.seq_lens = to_device(seq_lens, dev)
-        # every request's ranking state, gathered once per step (not per layer)
-        self.top = torch.stack([st.top for st in states])  # [B, L, Hkv, K]
-        self.stable = torch.stack([st.stable for st in states])  # [B, L, Hkv]
-        # what every layer shares: window masks, slot map, lists' pads, pages (once per step)
-        p = self.block_tables.shape[1]
-        self.windows = policy.window_masks(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
-        self.cand = policy.candidates(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
-        hkv = eng.num_kv_heads
-        heads = torch.arange(hkv, device=dev)
-        self.slots = self.block_tables[:, None, :] * hkv + heads[None, :, None]  # [B, Hkv, P]
-        self.pad = policy.last_page_pad(self.seq_lens, bs)
-        self.total = self.n_pages.sum() * hkv
-
-    def attend(
-        self,
-        layer: int,
-        q: torch.Tensor,  # [B, Hq, D]
-        k_cache: torch.Tensor,  # [blocks, bs, Hkv, D]
-        v_cache: torch.Tensor,
-        decode_fn: Callable,
-        sm_scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        eng, cfg = self.eng, self.eng.cfg
-        top, stable = self.top[:, layer], self.stable[:, layer]  # [B, Hkv, K], [B, Hkv]
-        if any(self.due):
-            keys = k_cache[self.block_tables]  # [B, P, bs, Hkv, D]
-            if cfg.rank_by == "bound":
-                kmin, kmax = policy.page_summaries(keys, self.seq_lens)
-                scores = policy.page_scores(q, kmin, kmax)
-            elif cfg.rank_by == "centroid":
-                kmean, count = policy.page_centroids(keys.permute(0, 3, 1, 2, 4), self.seq_lens)
-                for i, off in self.offs:  # released pages: their mean keys kept on the device
-                    kmean[i, :, : off.pages] = off.kmean[layer]
-                scores = policy.centroid_mass(q, kmean, count, sm_scale)
-            else:
-                keys = keys.permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
-                scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)
-            new_top, new_stable, _ = policy.rerank(scores, self.cand, top, cfg.threshold)
-            if self.offs:  # head classes fixed once offloaded (the pool's size)
-                new_stable[self.off_rows] = stable[self.off_rows]
-            top = torch.where(self.due_t[:, None, None], new_top, top)
-            stable = torch.where(self.due_t[:, None], new_stable, stable)
-            for i, st in enumerate(self.states):
-                if self.due[i]:
-                    st.top[layer], st.stable[layer] = top[i], stable[i]
-        keep = policy.keep_mask_windows(top, stable, self.active, self.windows)
-        slots = self.slots
-        if self.batch is not None:  # released pages live in the requests' pool slots
-            slots = slots.clone()  # this layer's
-            b = self.batch
-            if b.due:  # every due request's fetches and evictions of this layer at once
-                fetched, evicted = b.sync(layer, keep[self.due_rows], eng.cache.k, eng.cache.v)
-                eng._fetched += fetched
-                eng._evicted += evicted
-            part = slots[self.off_rows, :, : b.pm]
-            on = b.cols[:, None, :]
-            slots[self.off_rows, :, : b.pm] = torch.where(on, b.slot[:, layer], part)
-        tables, lens = policy.head_lists(keep, slots, self.seq_lens, eng.block_size, self.pad)
-        eng._kept += keep.sum()
-        eng._total += self.total
-        eng._stable += (stable & self.active[:, None]).sum()
-        eng._heads += stable.numel()
-        return decode_fn(q, k_cache, v_cache, tables, lens, sm_scale, slot_heads=True)
-
-    def patch(self, layer, q, o, lse, k_cache, v_cache, decode_fn, sm_scale):
-        """A mixed step: replace the offloaded requests' decode rows of (o, lse)."""
-        o_r, lse_r = self.attend(layer, q[self.rows], k_cache, v_cache, decode_fn, sm_scale)
-        o[self.rows], lse[self.rows] = o_r.to(o.dtype), lse_r.to(lse.dtype)
-        return o, lse
 
 
 def flexi_engine(config, num_kv_layers: int, num_kv_heads: int, device) -> FlexiEngine | None:

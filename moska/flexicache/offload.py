@@ -23,11 +23,14 @@ from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.transfer import to_device
 
 
-def pool_blocks_needed(cfg: FlexiCacheConfig, n_stable: list[int], hkv: int, pages: int) -> int:
+def pool_blocks_needed(
+    cfg: FlexiCacheConfig, n_stable: list[int], hkv: int, pages: int, held: int = 0
+) -> int:
     """Pool blocks for `pages` offloaded pages when layer l has `n_stable[l]` stable heads of
     `hkv`: an unstable head keeps all of them, a stable one at most top-K plus the sink pages
-    (host arithmetic: the classes are read once, at the hand-off)."""
-    per = min(pages, cfg.top_k_pages + cfg.sink_pages)
+    plus `held` pages held until their next re-ranking (host arithmetic: the classes are
+    read once, at the hand-off)."""
+    per = min(pages, cfg.top_k_pages + cfg.sink_pages + held)
     return -(-max(s * per + (hkv - s) * pages for s in n_stable) // hkv)
 
 
