@@ -92,6 +92,11 @@ class BlockManager:
         list is the manager's own: read it, never change it."""
         return self._tables.get(request_id, _EMPTY)
 
+    def holders(self) -> list[CacheRequest]:
+        """Every request that holds blocks now (scheduler requests, and holders from outside
+        the scheduler: a P/D transfer's or the KV pool's injected blocks, `pd/kv_blocks.py`)."""
+        return list(self._holders.values())
+
     @property
     def num_blocks(self) -> int:
         return self.allocator.num_blocks

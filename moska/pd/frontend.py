@@ -39,6 +39,7 @@ from moska.pd.frontend_http import (
 )
 from moska.pd.index import block_hashes
 from moska.pd.instance_death import InstanceDied, or_dead
+from moska.pd.retry import next_decode
 from moska.pd.scheduler import GlobalScheduler, Instance, Plan, Rejection, RequestInfo
 from moska.pd.token_times import TokenTimes, strip_usage, with_usage
 
@@ -64,6 +65,7 @@ class Stats:
     transferred_blocks: int = 0
     transfer_failures: int = 0
     reprefills: int = 0
+    decode_prefills: int = 0  # transfers failed twice: the decode instance prefilled
     failed: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     prefill_stage_s: float = 0.0  # sum over requests: prefill + transfer, as seen here
@@ -205,7 +207,8 @@ class FrontEnd:
                 },
             )
         decode = plan.decode
-        try:
+        tid: int | None = None
+        try:  # a failed transfer re-prefills, then the decode side prefills (pd/retry.py)
             for attempt in range(2):
                 tid = next(self._tids)
                 out = await self._prefill(plan, path, body, tid, decode)
@@ -218,19 +221,17 @@ class FrontEnd:
                 logger.warning("transfer %d to %s failed: %s", tid, decode.name, out)
                 if "gone" in out or "connect" in out.lower():
                     self._kill(decode, out)
-                retry = self._sched.plan(
-                    RequestInfo((), 1, max_tokens), time.monotonic(), frozenset({decode.name})
-                )
-                if attempt == 1 or isinstance(retry, Rejection):
+                else:  # a hold its accept may have made after all (it expires otherwise)
+                    asyncio.create_task(self._release(decode, tid))
+                if (moved := next_decode(self._sched, plan, decode, max_tokens)) is None:
                     self._sched.finished(plan, decode)
                     self.stats.failed += 1
                     return error_response(
-                        503, f"the KV transfer failed twice ({out}); retry the request"
+                        503, f"the KV transfer failed ({out}) and no decode instance is left"
                     )
-                self._sched.finished(retry, retry.decode)  # only its decode choice
-                self._sched.moved(plan, retry.decode, time.monotonic(), max_tokens)
-                decode = retry.decode
-                self.stats.reprefills += 1
+                decode, tid = moved, None
+                self.stats.reprefills += attempt == 0
+                self.stats.decode_prefills += attempt == 1
         except httpx.HTTPError as exc:
             self._sched.finished(plan, decode)
             self._kill(plan.prefill, f"unreachable ({exc})")

@@ -14,7 +14,9 @@ On a GPU the read is queued on a side stream after the layer's kernels (an event
 compute stream) into pinned host memory, and the sender waits only for that copy: the
 engine thread never synchronizes. A stream whose transfer goes device to device (CUDA
 IPC, `ring.py`: `want_host` False) keeps the read on the GPU instead. On CPU the read is a plain copy on the engine thread.
-Steps replayed from CUDA graphs never carry a stream (only decode steps are replayed).
+A step replayed from a CUDA graph runs no hook: one-token steps are replayed, and a
+re-prefill of a prompt whose blocks are all cached is one. The layers no hook read are read
+after such a step (`_read_missing`), so its stream completes all the same.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ class LayerStream:
             ready.synchronize()  # type: ignore[attr-defined]  # a torch.cuda.Event
         return kv
 
+    def missing(self) -> list[int]:
+        """The layers not put yet."""
+        with self._cond:
+            return [i for i, x in enumerate(self._layers) if x is None]
+
     def complete(self) -> bool:
         with self._cond:
             return all(x is not None for x in self._layers)
@@ -126,9 +133,14 @@ class LayerCapture:
             _Capture(stream, torch.tensor(ids, dtype=torch.long, device=cache.k.device))
             for ids, stream in self._streams(scheduled, block_table)
         ]
+        ran = False
         try:
-            return self._launch(scheduled, block_table, *args, **kwargs)
+            step = self._launch(scheduled, block_table, *args, **kwargs)
+            ran = True
+            return step
         finally:
+            if ran:
+                self._read_missing()
             if self._active and isinstance(self._side, torch.cuda.Stream):
                 # later kernels (a next step reusing these blocks) wait for the reads; the
                 # host does not
@@ -137,6 +149,27 @@ class LayerCapture:
                 if not c.stream.complete():  # the step raised (or was replayed): no KV
                     c.stream.fail("the prefill step ended before its KV was read")
             self._active = []
+
+    def _read_missing(self) -> None:
+        """Read the layers whose hook did not run although the step did: a step replayed
+        from a CUDA graph calls no module hook, and a one-token step that completes a prompt
+        whose blocks were all cached (a re-prefill of the same prompt) is one. The usable
+        blocks never hold the step's own tokens then, and on a GPU the read is queued
+        behind the step, so the KV read now is what the hooks would have read."""
+        for c in self._active:
+            for slot in c.stream.missing():
+                self._put(c, slot)
+
+    def _put(self, c: _Capture, slot: int) -> None:
+        """Read slot `slot` of the capture's blocks into its stream."""
+        cache = self.engine.runner.cache
+        if self._side is None:
+            kv = torch.stack(
+                [cache.k[slot].index_select(0, c.ids), cache.v[slot].index_select(0, c.ids)]
+            )
+            c.stream.put(slot, kv)
+        else:
+            c.stream.put(slot, *self._read_cuda(cache, slot, c.ids, c.stream.want_host))
 
     def _streams(self, scheduled, block_table) -> list[tuple[list[int], LayerStream]]:
         bs = self.engine.block_manager.block_size
@@ -148,17 +181,8 @@ class LayerCapture:
 
     def _hook_for(self, slot: int):
         def hook(_module, _inputs, _output) -> None:
-            if not self._active:
-                return
-            cache = self.engine.runner.cache
             for c in self._active:
-                if self._side is None:
-                    kv = torch.stack(
-                        [cache.k[slot].index_select(0, c.ids), cache.v[slot].index_select(0, c.ids)]
-                    )
-                    c.stream.put(slot, kv)
-                else:
-                    c.stream.put(slot, *self._read_cuda(cache, slot, c.ids, c.stream.want_host))
+                self._put(c, slot)
 
         return hook
 
