@@ -98,6 +98,9 @@ class FlexiEngine:
         self._fetched = torch.zeros((), dtype=torch.int64, device=device)
         self._evicted = torch.zeros((), dtype=torch.int64, device=device)
         self._batch: OffloadBatch | None = None  # the last step's, its slot maps to write back
+        # [L, Hkv] bool: heads stable regardless of their overlap (benches on random models,
+        # as the page store's `force_stable`); None: classified by the threshold only
+        self.force_stable: torch.Tensor | None = None
 
     @property
     def fetched_pages(self) -> int:

@@ -111,6 +111,8 @@ class FlexiStep:
             keys = keys.permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
             scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)
         new_top, new_stable, _ = policy.rerank(scores, self.cand, top, cfg.threshold)
+        if self.eng.force_stable is not None:  # a bench's classes (a random model's churn)
+            new_stable = new_stable | self.eng.force_stable[layer]
         if self.offs:  # head classes fixed once offloaded (the pool's size)
             new_stable[self.off_rows] = stable[self.off_rows]
         top = torch.where(self.due_t[:, None, None], new_top, top)

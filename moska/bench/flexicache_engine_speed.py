@@ -1,0 +1,179 @@
+"""Decode tokens/s of the serving engine's own FlexiCache path (`--flexicache`,
+`moska/flexicache/engine_hook.py`, `engine_step.py`) against full KV in the same engine, on a
+random Llama-3.1-8B-shaped model (the speed bench's model, `flexicache_speed.py`, which times
+the page store's decode loop instead of the engine's).
+
+Each row builds an `LLMEngine` over the one random model, prefills `batch` requests of
+`--context` random tokens, runs `--warmup` decode steps (two re-rankings and the hand-off of
+old pages to host memory), then times `--steps` `engine.step()` calls: tokens/s = decode
+tokens / wall seconds. Rows (`--rows`, name:batch): "full" (full KV; decode steps replayed
+from the engine's CUDA graphs), "full-eager" (full KV, `enforce_eager`), "deferred" (the
+FlexiCache default: deferred re-ranking with held pages), "step" (`rerank=step`: the pages
+a re-ranking picks read in its own step). FlexiCache steps run eagerly (the engine captures
+no graph under FlexiCache). A random model's rankings churn: as in the speed bench, a
+`--stable-fraction` of (layer, KV head) pairs is forced stable (`FlexiEngine.force_stable`)
+with threshold 2 (no other head stable). GPU KV: the engine's blocks in use after the timed
+steps (the requests' blocks, their pools) against the blocks full KV holds for them.
+
+Usage: python -m moska.bench.flexicache_engine_speed [--rows deferred:38,full:15,...]
+           [--context 4096] [--layers 32] [--cpu-dry-run] [--out ...json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
+
+TINY = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> dict[str, Any]:
+    """One engine, `batch` requests: prefill, warm-up, timed decode steps."""
+    from moska import SamplingParams
+    from moska.config import EngineConfig
+    from moska.engine.llm_engine import LLMEngine
+
+    bs = a.block_size
+    total = a.context + a.warmup + a.steps + 4
+    per_req = -(-total // bs)
+    spec = None
+    if mode in ("deferred", "step"):
+        spec = f"{a.flexicache},threshold=2,rerank={mode}"
+    config = EngineConfig(
+        model=None, device=device, dtype=dtype, block_size=bs, num_kv_blocks=batch * per_req + 8,
+        max_num_seqs=batch, max_num_batched_tokens=a.prefill_tokens, enable_prefix_caching=False,
+        flexicache=spec, enforce_eager=mode != "full",
+        attention="torch" if device == "cpu" else "auto",
+    )  # fmt: skip
+    engine = LLMEngine(config, loaded, None)
+    flexi = engine.runner.flexi
+    if flexi is not None:
+        hkv = flexi.num_kv_heads
+        gen = torch.Generator().manual_seed(a.seed)
+        forced = torch.rand(flexi.num_layers, hkv, generator=gen) < a.stable_fraction
+        flexi.force_stable = forced.to(flexi.device)
+    vocab = loaded.config.vocab_size
+    gen = torch.Generator().manual_seed(a.seed + batch)
+    params = SamplingParams(temperature=0, max_tokens=a.warmup + a.steps + 2, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", torch.randint(3, vocab, (a.context,), generator=gen).tolist(),
+                           params)  # fmt: skip
+    t0 = time.perf_counter()
+    started: set[str] = set()
+    while len(started) < batch:  # every prompt prefilled, its first token sampled
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    for _ in range(a.warmup):
+        engine.step()
+    _sync(device)
+    t1 = time.perf_counter()
+    n_tokens = 0
+    for _ in range(a.steps):
+        n_tokens += len(engine.step())
+    _sync(device)
+    t2 = time.perf_counter()
+    bm = engine.block_manager
+    used = bm.allocator.num_used
+    full_blocks = sum(-(-r.num_tokens // bs) for r in _requests(engine))
+    row: dict[str, Any] = {
+        "row": mode, "batch": batch, "flexicache": spec, "cuda_graphs": engine.runner.graphs
+        is not None, "prefill_and_warmup_s": t1 - t0, "timed_steps": a.steps,
+        "decode_tokens": n_tokens, "seconds": t2 - t1,
+        "tokens_per_s": n_tokens / max(t2 - t1, 1e-9), "step_ms": 1e3 * (t2 - t1) / a.steps,
+        "gpu_kv_blocks_used": used, "full_kv_blocks": full_blocks,
+        "gpu_kv_fraction": used / max(full_blocks, 1),
+    }  # fmt: skip
+    if flexi is not None:
+        row["flexi_stats"] = flexi.stats()
+    while engine.has_unfinished_requests():
+        engine.step()
+    del engine, flexi
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _requests(engine) -> list:
+    """The engine's unfinished requests (for their lengths)."""
+    return [engine.scheduler.get_request(f"r{i}") for i in range(engine.scheduler.num_running)]
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {(r["row"], r["batch"]): r for r in rows}
+    full = [r for r in rows if r["row"] == "full"]
+    base = max(full, key=lambda r: r["batch"]) if full else None
+    out: dict[str, Any] = {"tokens_per_s": {f"{r['row']}:{r['batch']}": r["tokens_per_s"]
+                                            for r in rows}}  # fmt: skip
+    if base is not None:
+        out["full_batch"] = base["batch"]
+        out["speedup_vs_full"] = {
+            f"{r['row']}:{r['batch']}": r["tokens_per_s"] / base["tokens_per_s"]
+            for r in rows if r["row"] != "full"
+        }  # fmt: skip
+        same = by.get(("deferred", base["batch"]))
+        if same is not None:
+            out["gpu_kv_saved_equal_batch"] = 1 - same["gpu_kv_blocks_used"] / max(
+                base["gpu_kv_blocks_used"], 1
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="deferred:38,full:15,deferred:15,step:38")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--flexicache", default="k=32,recent=2,sink=1,r=16")
+    ap.add_argument("--stable-fraction", type=float, default=0.75)
+    ap.add_argument("--warmup", type=int, default=34, help="untimed decode steps (2 r + 2)")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prefill-tokens", type=int, default=16384)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpu-dry-run", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    device = "cpu" if a.cpu_dry_run or not torch.cuda.is_available() else "cuda"
+    hf = dict(LLAMA_3_1_8B, num_hidden_layers=a.layers)
+    if device == "cpu":  # a tiny model, short contexts, k=2 of 4-token pages, r = 4
+        hf, a.context, a.block_size, a.steps, a.warmup = TINY, 96, 4, 6, 10
+        a.flexicache, a.prefill_tokens = "k=2,recent=1,sink=1,r=4", 512
+        a.rows = ",".join(f"{r.split(':')[0]}:{min(int(r.split(':')[1]), 4)}"
+                          for r in a.rows.split(","))  # fmt: skip
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    loaded = random_loaded_model(hf, getattr(torch, dtype), device, a.seed)
+    result: dict[str, Any] = {
+        "environment": environment(), "command": " ".join(sys.argv), "device": device,
+        "dtype": dtype, "model": "random Llama-3.1-8B-shaped" if device == "cuda" else "tiny",
+        "shapes": {"context": a.context, "layers": hf["num_hidden_layers"],
+                   "kv_heads": hf["num_key_value_heads"], "block_size": a.block_size,
+                   "warmup": a.warmup, "steps": a.steps},
+        "flexicache": a.flexicache, "stable_fraction_forced": a.stable_fraction, "rows": [],
+    }  # fmt: skip
+    for item in a.rows.split(","):
+        mode, batch = item.split(":")
+        row = measure_row(loaded, a, mode, int(batch), device, dtype)
+        result["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "flexi_stats"}), flush=True)
+        result["summary"] = summarize(result["rows"])
+        if a.out:  # after each row: a timeout keeps the rows done
+            write_json(a.out, result)
+    print("summary", json.dumps(result.get("summary")))
+
+
+if __name__ == "__main__":
+    main()
