@@ -109,7 +109,8 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
 
 def _requests(engine) -> list:
     """The engine's unfinished requests (for their lengths)."""
-    return [engine.scheduler.get_request(f"r{i}") for i in range(engine.scheduler.num_running)]
+    reqs = (engine.scheduler.get_request(f"r{i}") for i in range(engine.config.max_num_seqs))
+    return [r for r in reqs if r is not None]
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
