@@ -47,6 +47,7 @@ from moska.flexicache import policy
 from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.engine_step import FlexiStep
 from moska.flexicache.offload import Offload, OffloadBatch, pool_blocks_needed
+from moska.flexicache.page_counters import PageCounters
 from moska.flexicache.transfer import to_device
 
 __all__ = ["FlexiEngine", "FlexiStep", "flexi_engine"]
@@ -66,7 +67,7 @@ class _RequestState:
     kept: torch.Tensor | None = None  # [L, Hkv, >= pages] read at its last step (hold_unranked)
 
 
-class FlexiEngine:
+class FlexiEngine(PageCounters):
     def __init__(
         self,
         cfg: FlexiCacheConfig,
@@ -101,14 +102,6 @@ class FlexiEngine:
         # [L, Hkv] bool: heads stable regardless of their overlap (benches on random models,
         # as the page store's `force_stable`); None: classified by the threshold only
         self.force_stable: torch.Tensor | None = None
-
-    @property
-    def fetched_pages(self) -> int:
-        return int(self._fetched)
-
-    @property
-    def evicted_pages(self) -> int:
-        return int(self._evicted)
 
     def attach(self, block_manager, cache) -> None:
         """Offload for real: classified requests hand their old pages to the host and

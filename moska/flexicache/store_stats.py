@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 
 from moska.flexicache.config import FlexiCacheConfig
+from moska.flexicache.page_counters import PageCounters
 from moska.flexicache.transfer import FetchTimer
 
 
-class StoreStats:
+class StoreStats(PageCounters):
     cfg: FlexiCacheConfig
     shape: tuple[int, int, int, int, int, int]  # (L, B, H, P, bs, D)
     length: int
@@ -25,20 +26,10 @@ class StoreStats:
     tables: torch.Tensor
     lens: torch.Tensor
     _lens_base: torch.Tensor
-    _fetched: torch.Tensor
-    _evicted: torch.Tensor
     _peak: torch.Tensor
     _refetched: torch.Tensor
     _reused: torch.Tensor
     _timer: FetchTimer
-
-    @property
-    def fetched_pages(self) -> int:
-        return int(self._fetched)
-
-    @property
-    def evicted_pages(self) -> int:
-        return int(self._evicted)
 
     @property
     def peak_resident_pages(self) -> int:
