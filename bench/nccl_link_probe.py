@@ -59,19 +59,14 @@ def _time(fn, iters: int, cuda: bool) -> float:
 
 def _graphed(fn, iters: int) -> float | None:
     """ms per replay of a CUDA graph of fn (NCCL collectives captured, as in a TP step)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    from moska.bench.common import capture_graph
+
     try:
-        with torch.cuda.graph(graph):
-            fn()
+        replay = capture_graph(fn)  # one warm-up on a side stream, then the capture
     except RuntimeError as e:  # both ranks fail alike: the eager rows still come back
         print("graph capture failed:", e, flush=True)
         return None
-    return _time(graph.replay, max(1, iters // 5), True)
+    return _time(replay, max(1, iters // 5), True)
 
 
 def _rank(rank: int, port: int, a, out: str) -> None:
