@@ -19,13 +19,13 @@ This counts what is left of it per mode, in the tiers benchmark's modes:
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from dataclasses import replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from moska.bench.common import write_json
 from moska.host_syncs import count_host_syncs, uncounted
 from moska.kernels.selections import from_topk
 from moska.library.chunk_store import MemoryChunks
@@ -152,8 +152,7 @@ def main(argv=None) -> dict:
         "over the layers",
     }
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(a.out, result)
     return result
 
 

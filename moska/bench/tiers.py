@@ -20,14 +20,13 @@ rate, the bytes it moved per step and (skip) the share of selections it left out
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from moska.bench.common import environment
+from moska.bench.common import environment, write_json
 from moska.bench.tier_biased import run_biased
 from moska.bench.tier_eviction import zipf_probs
 from moska.bench.tier_floor import floor, h2d_bytes_per_s, needed
@@ -347,8 +346,7 @@ def _result(a, argv, device, dtype, S, kv_bytes, slots, rows, summary) -> dict:
         "(uniform / Zipf chunk popularity, per-step churn), not the key-max router",
     }
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(a.out, result)
     return result
 
 
