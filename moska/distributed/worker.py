@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 import torch
 
+from moska.distributed.rank_monitor import HEARTBEAT_S
 from moska.distributed.rank_processes import ParentLink
 from moska.distributed.runtime import (
-    HEARTBEAT_S,
     ProcessGroups,
     Rendezvous,
     _torchrun_rendezvous,

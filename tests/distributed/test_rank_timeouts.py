@@ -142,15 +142,15 @@ def test_a_busy_spawned_worker_is_not_failed(monkeypatch):
     did not spawn (torchrun's) is failed by its stale counter, as before."""
     import multiprocessing
 
-    from moska.distributed import runtime
+    from moska.distributed import rank_monitor
 
-    monkeypatch.setattr(runtime, "HEARTBEAT_S", 0.02)
-    monkeypatch.setattr(runtime, "HEARTBEAT_STALE_S", 0.2)
+    monkeypatch.setattr(rank_monitor, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(rank_monitor, "HEARTBEAT_STALE_S", 0.2)
     store = SimpleNamespace(add=lambda key, n: 7, check=lambda keys: False)  # never beats
     groups = SimpleNamespace(store=store, world_size=3, backend="gloo")
     never, keep = multiprocessing.Pipe(duplex=False)  # a sentinel that never turns ready
     spawned = SimpleNamespace(sentinel=never, pid=None, exitcode=None, join=lambda t: None)
-    monitor = runtime.Monitor(groups, {1: spawned})  # type: ignore[arg-type]
+    monitor = rank_monitor.Monitor(groups, {1: spawned})  # type: ignore[arg-type]
     t0 = time.monotonic()
     monitor.start()
     try:
