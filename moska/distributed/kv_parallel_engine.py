@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from moska.config import EngineConfig
+from moska.distributed.control_message import Command
 from moska.distributed.kv_parallel_step import KVParallelConfigError, KVParallelModel
 from moska.distributed.rank_processes import ParentLink
 from moska.distributed.runtime import (
@@ -29,7 +30,7 @@ from moska.distributed.runtime import (
     rank_device,
     torchrun_rank,
 )
-from moska.distributed.step_channel import Command, StepChannel
+from moska.distributed.step_channel import StepChannel
 from moska.library.manager import LibraryManager
 
 

@@ -28,12 +28,13 @@ from typing import Any
 import torch
 
 from moska.config import EngineConfig
+from moska.distributed.control_message import Command
 from moska.distributed.errors import TensorParallelConfigError
 from moska.distributed.partition import ChunkPlacement
 from moska.distributed.runtime import DistributedRuntime, torchrun_rank
 from moska.distributed.shared_kv import SharedKVClient, SharedKVLayout, SharedKVSpec
 from moska.distributed.shared_kv_replicas import ChunkReads, RankLoads
-from moska.distributed.step_channel import Command, StepChannel
+from moska.distributed.step_channel import StepChannel
 from moska.distributed.tp_library import TensorParallelLibraries
 from moska.kernels.selections import Selections
 from moska.library.loaded import LoadedLibrary

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from moska.distributed.control_message import Command
 from moska.distributed.partition import ChunkPlacement
 from moska.distributed.rank_processes import ParentLink
 from moska.distributed.runtime import ProcessGroups, Rendezvous
@@ -29,7 +30,7 @@ from moska.distributed.shared_kv import (
     SharedKVServer,
     SharedKVSpec,
 )
-from moska.distributed.step_channel import Command, StepChannel
+from moska.distributed.step_channel import StepChannel
 from moska.distributed.worker import join_spawned, rank_lifecycle
 
 logger = logging.getLogger(__name__)

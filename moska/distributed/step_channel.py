@@ -5,8 +5,9 @@ slice of the weights and of the KV cache. Before each call into the model rank 0
 command as one *control message* on a gloo group (host memory; the other ranks block on it
 while idle, so their side has no timeout; rank 0's has, and a rank that stops answering is a
 RankFailedError: runtime.control_timeout_s): a header of HEADER_LEN int64 and room for a
-payload after it. Every message has the same length on every rank, `capacity`, which each
-message's header sets for the next one; rank 0 sizes it from the last payload (1.25x it,
+payload after it (its layout and the commands: `control_message.py`). Every message has the
+same length on every rank, `capacity`, which each message's header sets for the next one;
+rank 0 sizes it from the last payload (1.25x it,
 rounded up to a power of two, within [MIN_CAPACITY, MAX_CAPACITY]), so a decode step's
 metadata, whose size changes slowly, fits in the message of its header: **one collective
 per step**. A payload that does not fit follows in a second message of its own length
@@ -42,62 +43,32 @@ per step**. A payload that does not fit follows in a second message of its own l
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import threading
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.distributed.comm import Collectives
+from moska.distributed.control_message import (
+    FOLLOW_LOGITS,
+    FOLLOW_TOKENS,
+    FOLLOWS,
+    HEADER_LEN,
+    INLINE,
+    LEN_AT,
+    MIN_CAPACITY,
+    NEXT_AT,
+    NO_PAYLOAD,
+    WHERE_AT,
+    Command,
+    Received,
+    next_capacity,
+)
 from moska.distributed.errors import RankFailedError, TensorParallelConfigError
-
-HEADER_LEN = 16  # int64: the command, its fields (up to 11), then the three below
-MIN_CAPACITY = 256  # int64 of a control message before any payload sized it (2 KiB)
-MAX_CAPACITY = 1 << 16  # 512 KiB; a larger payload follows in a message of its own
-_LEN, _WHERE, _NEXT = 12, 13, 14  # header: host payload length, where it is, next capacity
-_NO_PAYLOAD, _INLINE, _FOLLOWS = 0, 1, 2  # where: none on the control group, in it, after it
-FOLLOW_LOGITS, FOLLOW_TOKENS = 1, 2  # logits_follow: every row's logits / greedy tokens next
-
-
-def next_capacity(payload_len: int) -> int:
-    """The control message's length after a payload of `payload_len` int64: room for 1.25x
-    it (the next step's metadata is about the same: a decode row gains a block every
-    block_size steps), rounded up to a power of two, within the bounds."""
-    want = HEADER_LEN + payload_len + payload_len // 4
-    return min(MAX_CAPACITY, max(MIN_CAPACITY, 1 << (want - 1).bit_length()))
-
-
-class Command(enum.IntEnum):
-    FORWARD = 1
-    LOGITS_LAST = 2
-    LOGITS_ROWS = 3
-    STOP = 4
-    LOAD_LIBRARY = 5
-    UNLOAD_LIBRARY = 6
-    SHARED_STEP = 7  # shared-KV ranks: the builds of a forward's groups (shared_kv_engine.py)
-    PLACE_LIBRARY = 8  # shared-KV ranks: a build's new chunk placement (hot-chunk replicas)
-    GRAPH_CAPTURE = 9  # capture the decode CUDA graph of a bucket (NCCL; tp_graphs.py)
-    GRAPH_STEP = 10  # replay a bucket's decode graph
-
-
-class Received(NamedTuple):
-    """One command as a rank other than 0 receives it."""
-
-    command: Command
-    input_ids: torch.Tensor | None = None  # [T] int64 (FORWARD)
-    positions: torch.Tensor | None = None  # [T] int64 (FORWARD; GRAPH_STEP: [n], host)
-    # FORWARD; GRAPH_STEP: slot_mapping, seq_lens [n], block_tables [n, W] int64, host
-    meta: AttentionMetadata | None = None
-    hidden: torch.Tensor | None = None  # [N, H] (LOGITS_ROWS)
-    # FORWARD: [(group JSON, rows [n] int64)] of its library groups; LOAD/UNLOAD: the JSON
-    groups: list[tuple[dict, torch.Tensor]] | None = None
-    info: dict | None = None
-    logits_follow: int = 0  # FORWARD, GRAPH_STEP: FOLLOW_LOGITS / FOLLOW_TOKENS after it
-    bucket: int = 0  # GRAPH_CAPTURE, GRAPH_STEP: the graph's batch-size bucket
 
 
 class StepChannel:
@@ -160,23 +131,23 @@ class StepChannel:
                 f"{command.name} sent while the other ranks wait for the logits of the last "
                 "forward (it said logits_follow): compute_logits must come first"
             )
-        if len(fields) >= _LEN:
-            raise ValueError(f"{command.name}: {len(fields)} header fields, at most {_LEN - 1}")
+        if len(fields) >= LEN_AT:
+            raise ValueError(f"{command.name}: {len(fields)} header fields, at most {LEN_AT - 1}")
         n = 0 if payload is None else payload.numel()
-        where = _NO_PAYLOAD
+        where = NO_PAYLOAD
         if payload is not None:
-            where = _INLINE if HEADER_LEN + n <= self.capacity else _FOLLOWS
+            where = INLINE if HEADER_LEN + n <= self.capacity else FOLLOWS
         nxt = self.capacity if payload is None else next_capacity(n)
-        head = [int(command), *fields] + [0] * (_LEN - 1 - len(fields)) + [n, where, nxt, 0]
+        head = [int(command), *fields] + [0] * (LEN_AT - 1 - len(fields)) + [n, where, nxt, 0]
         msg = torch.empty(self.capacity, dtype=torch.int64)
         msg[:HEADER_LEN] = torch.tensor(head, dtype=torch.int64)
-        if where == _INLINE:
+        if where == INLINE:
             assert payload is not None
             msg[HEADER_LEN : HEADER_LEN + n] = payload
         with self._control(command.name):
             dist.broadcast(msg, src=0, group=self.control_group)
             self.capacity = nxt
-            if where == _FOLLOWS:
+            if where == FOLLOWS:
                 assert payload is not None
                 dist.broadcast(payload.contiguous(), src=0, group=self.control_group)
 
@@ -360,12 +331,12 @@ class StepChannel:
         msg = torch.empty(self.capacity, dtype=torch.int64, pin_memory=self._pin)
         dist.broadcast(msg, src=0, group=self.control_group)
         head = msg[:HEADER_LEN].tolist()  # a host tensor: no device sync
-        command, fields = Command(head[0]), head[1:_LEN]
-        n, where, self.capacity = head[_LEN], head[_WHERE], head[_NEXT]
+        command, fields = Command(head[0]), head[1:LEN_AT]
+        n, where, self.capacity = head[LEN_AT], head[WHERE_AT], head[NEXT_AT]
         host: torch.Tensor | None = None  # the host payload
-        if where == _INLINE:
+        if where == INLINE:
             host = msg[HEADER_LEN : HEADER_LEN + n]
-        elif where == _FOLLOWS:
+        elif where == FOLLOWS:
             host = torch.empty(n, dtype=torch.int64, pin_memory=self._pin)
             dist.broadcast(host, src=0, group=self.control_group)
         if command is Command.GRAPH_STEP:

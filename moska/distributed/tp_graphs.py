@@ -49,7 +49,7 @@ class TensorParallelGraphs(DecodeGraphs):
     def __init__(self, model, **kw) -> None:
         super().__init__(model, **kw)
         self.replays = 0  # decode steps replayed (rank 0: led; others: followed)
-        self._follow = 0  # rank 0: the replayed step's logits_follow (step_channel.FOLLOW_*)
+        self._follow = 0  # rank 0: the replayed step's logits_follow (control_message.FOLLOW_*)
 
     @property
     def channel(self) -> Any:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
+from moska.distributed.control_message import FOLLOW_TOKENS, Command
 from moska.distributed.rank_monitor import HEARTBEAT_S
 from moska.distributed.rank_processes import ParentLink
 from moska.distributed.runtime import (
@@ -33,7 +34,7 @@ from moska.distributed.runtime import (
     stuck_dump_s,
     torchrun_rank,
 )
-from moska.distributed.step_channel import FOLLOW_TOKENS, Command, StepChannel
+from moska.distributed.step_channel import StepChannel
 from moska.distributed.tensor_parallel import TensorParallel
 
 logger = logging.getLogger(__name__)

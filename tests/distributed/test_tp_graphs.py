@@ -26,7 +26,7 @@ import torch
 from gloo_ranks import run_ranks
 from tp_support import build_checkpoint, engine_kwargs, fake_capture, greedy
 
-from moska.distributed.step_channel import MAX_CAPACITY, MIN_CAPACITY, next_capacity
+from moska.distributed.control_message import MAX_CAPACITY, MIN_CAPACITY, next_capacity
 
 pytestmark = pytest.mark.timeout(150)  # the ranks' run has its own 90 s deadline
 
@@ -57,7 +57,8 @@ def _protocol(rank: int, control, comm) -> dict:
     """Rank 0 sends a script of commands; rank 1 checks each and counts its broadcasts."""
     import torch.distributed as dist
 
-    from moska.distributed.step_channel import FOLLOW_TOKENS, Command, StepChannel
+    from moska.distributed.control_message import FOLLOW_TOKENS, Command
+    from moska.distributed.step_channel import StepChannel
 
     ch = StepChannel(comm, control, torch.device("cpu"), 8, torch.float32)
     out_ties = _argmax_ties(rank, comm)
