@@ -26,7 +26,7 @@ Under `--fp8-attention mma` a token-major copy of the V slots is filled beside t
 device, after the rows) and read by the FP8 tensor-core program (library/fp8_mma.py).
 Sync-free reads: a layer whose cache holds every chunk, a skipping step under
 `sync="step"` and `attend_resident` read the host nothing: their counts settle once per step
-(library/tier_ledger.py); slot tables change by pinned non-blocking uploads of a host mirror.
+(library/tier_ledger.py, tier_sync_free.py); slot tables change by pinned non-blocking uploads of a host mirror.
 Tiered libraries run eagerly (no decode CUDA graphs: a graph captures fixed pointers and
 no host sync).
 """
@@ -52,6 +52,7 @@ from moska.library.tier_config import (  # re-exported: the tiers' configuration
 )
 from moska.library.tier_ledger import DemandLedger
 from moska.library.tier_select import TierStep, _empty, _subset, _swap_plan, chunk_rows
+from moska.library.tier_sync_free import SyncFreeReads
 
 __all__ = ["MISS_POLICIES", "PREFETCH_POLICIES", "ChunkTiers", "TierConfig", "TierStats"]
 __all__ += ["TierStep", "chunk_rows", "parse_budget"]
@@ -59,7 +60,7 @@ __all__ += ["TierStep", "chunk_rows", "parse_budget"]
 _MIN_CPU_SLOTS = 8  # a staging ring when the CPU tier has (almost) no budget
 
 
-class ChunkTiers:
+class ChunkTiers(SyncFreeReads):
     """The GPU chunk caches of one library (one per KV layer) over its CPU and disk tiers."""
 
     def __init__(
@@ -267,59 +268,6 @@ class ChunkTiers:
             self._settle()
         self.ledger.add(layer, sel.chunk, self._resident_snapshot(layer))
         return self._run(ops, layer, q_rows, sel, sm_scale, None)
-
-    # -- sync-free reads: counted on the device, settled once per step ------------------
-
-    def _sync_free(self, layer: int, wait: bool | None) -> bool:
-        """Whether `layer`'s read needs nothing from the host first: its cache holds every
-        chunk (nothing can miss), or a skipping step under `sync="step"`."""
-        if len(self.caches[layer].slot_of) == self.num_chunks:
-            return True
-        skip = self.config.miss_policy == "skip" if wait is None else not wait
-        return skip and self.config.sync == "step"
-
-    def _demand(self, sel: Selections) -> dict[int, int]:
-        """The routed chunks with their selection counts (the skip swap's demand): one host
-        read of a [C] count, counted on the device (no `unique`: a sort and two reads)."""
-        return {c: k for c, k in enumerate(self.ledger.count_now(sel.chunk)) if k}
-
-    def _resident_snapshot(self, layer: int) -> frozenset[int]:
-        cache = self.caches[layer]
-        version, snap = self._snaps[layer]
-        if version != cache.version:
-            snap = frozenset(cache.slot_of)
-            self._snaps[layer] = (cache.version, snap)
-        return snap
-
-    def flush(self) -> None:
-        """Settle every sync-free read so far (waits for the device): before reading
-        `stats` or residency exactly, e.g. in tests and at a benchmark's end."""
-        self.ledger.close_step()
-        self._settle(force=True)
-
-    def _settle(self, force: bool = False) -> None:
-        """The closed steps' counts that reached the host: hits and misses, the policy's
-        uses, and (skip) the misses fetched for later steps, as `stage` and `finish` do."""
-        self.ledger.close_step()
-        for read in self.ledger.ready(force):
-            assert read.counts is not None
-            demand = {c: k for c, k in enumerate(read.counts) if k}
-            present = [c for c in demand if c in read.resident]
-            absent = [c for c in demand if c not in read.resident]
-            s = self.stats
-            s.hits["gpu"] += len(present)
-            s.misses["gpu"] += len(absent)
-            s.skipped += sum(demand[c] for c in absent)
-            self._last[read.layer] = present + absent
-            if not absent and self.num_slots >= self.num_chunks:
-                continue  # every chunk fits: nothing is evicted, no use worth recording
-            cache = self.caches[read.layer]
-            cache.tick()
-            live = [c for c in present if c in cache]
-            cache.admit(live, count=False)  # a use: the policy's clock and counts
-            if absent:
-                self.prefetch(read.layer, *_swap_plan(absent, live, demand, self.num_slots))
-            self._prefetch_next(read.layer, live)
 
     def stage(self, layer: int, demand: dict[int, int], wait: bool | None = None) -> TierStep:
         """Make `layer`'s routed chunks (chunk id -> its selections this step) readable for a
