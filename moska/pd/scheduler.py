@@ -24,8 +24,9 @@ than a window of steps. TTFT is admitted on its upper end (the fits' residual sp
 The time per output token is the decode step at the batch the request joins (the
 requests predicted to be decoding there when its prefill ends, those past their predicted
 end included) times a per-decode factor of observed over predicted token times
-(`observe_tpot`, from the streams the front end relays, in tokens, not SSE events: an
-event can carry several, `observe_events`; counting events made the factor ~2x, #19). After
+(`observe_tpot`, `decode_speed.py`, from the streams the front end relays, in tokens, not
+SSE events: an event can carry several, `observe_events`; counting events made the factor
+~2x, #19). After
 an idle gap the factor is what the decode side was known to be lately (an upper quantile
 of its recent windows, `tpot_factor.py`), not 1. A request is admitted only when both
 predictions are within SLO_MARGIN (TPOT: TPOT_SLO_MARGIN) of their SLOs. What it admits
@@ -40,23 +41,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moska.pd.decode_speed import MAX_SLOWDOWN, DecodeSpeed
 from moska.pd.index import PrefixIndex
 from moska.pd.live_lag import LiveLag
-from moska.pd.token_times import WINDOW
 from moska.pd.tpot_factor import TpotFactor
 from moska.pd.ttft_model import TtftModel
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, feature_vector
 
 SLOWDOWN_HALF_LIFE_S = 5.0
-MAX_SLOWDOWN = 30.0
-# the decode side may give tokens faster than its step fit says (a fit still holding the
-# first, slow steps; on the CPU trace bench, under 0.5x the fit): the TPOT factor follows
-# it down to this sanity floor only (a broken fit or a burst of bunched chunks must not
-# zero the prediction). It was 0.5, which held every prediction at >= 0.5x the fit and so
-# at ~2x what was observed (observed/predicted 0.5 at the median, #19): the one deliberate
-# safety margin on TPOT is SLO_MARGIN, not this floor. The stage slowdowns stay >= 1:
-# measured (bench trace), letting them go lower admitted bursts the next load spike missed
-MIN_TPOT_FACTOR = 0.05
 # admit only what is predicted to finish within this share of each SLO: predictions are
 # means, and a request admitted at the edge would miss about half the time
 SLO_MARGIN = 0.9
@@ -146,7 +138,7 @@ class Rejection:
     retry_after_ms: int = 0  # the same drain in milliseconds (OpenAI's retry-after-ms)
 
 
-class GlobalScheduler:
+class GlobalScheduler(DecodeSpeed):
     def __init__(self, instances: list[Instance], slo: SLO, index: PrefixIndex | None = None):
         self.instances = instances
         self.slo = slo
@@ -332,45 +324,6 @@ class GlobalScheduler:
         current = self.slowdown(stage, now)
         ratio = min(MAX_SLOWDOWN, max(1.0, current * observed_s / predicted_s))
         self._slowdown[stage] = (current + 0.3 * (ratio - current), now)
-
-    def tpot_factor(self, inst: Instance, now: float) -> float:
-        """Observed over step-fit time per token on `inst`: what its windows say, or more
-        when a stream's next token is already later than that (`late_tokens`)."""
-        factor = self._tpot_factor.get(inst.name)
-        known = 1.0 if factor is None else factor.value(now)
-        return min(MAX_SLOWDOWN, max(known, self.late_tokens.ratio(inst.name, now)))
-
-    def token_event(self, plan: Plan, decode: Instance, step_s: float, now: float) -> None:
-        """A token event of `plan`'s stream came from `decode` at `now`; the step fit puts
-        the next one `step_s` later. Late against a window of WINDOW events, not one: a
-        window ending `gap` from now is at least `gap / (WINDOW · step)` slower than its
-        fit, which is what the factor measures; one event's gap is not (a single stall of
-        a few steps, when a new request's first step runs, made every next request a
-        TPOT 429 at a mean TPOT 0.6x its SLO)."""
-        self.late_tokens.start(decode.name, plan.ticket, now, WINDOW * step_s)
-
-    def observe_tpot(self, inst: Instance, observed_s: float, predicted_s: float, now: float):
-        """A stream from decode instance `inst` took `observed_s` for tokens the step model
-        (uncorrected, at the batch it saw while they came) put at `predicted_s`."""
-        factor = self._tpot_factor.setdefault(inst.name, TpotFactor(MIN_TPOT_FACTOR, MAX_SLOWDOWN))
-        factor.observe(observed_s, predicted_s, now)
-
-    def tokens_per_event(self, inst: Instance) -> float:
-        """Tokens one relayed SSE event of `inst`'s streams carries (1 until a stream with a
-        usage count has finished): what turns an event's time into a time per token."""
-        tokens, events = self._events.get(inst.name, (0.0, 0.0))
-        return tokens / events if events > 0 else 1.0
-
-    def counts_tokens(self, inst: Instance) -> bool:
-        """Whether a finished stream of `inst` has told how many tokens an event carries."""
-        return inst.name in self._events
-
-    def observe_events(self, inst: Instance, tokens: int, events: int) -> None:
-        """A stream from `inst` ended: `tokens` output tokens came in `events` token events
-        (both after its first event)."""
-        if tokens >= events > 0:
-            old_tokens, old_events = self._events.get(inst.name, (0.0, 0.0))
-            self._events[inst.name] = (0.9 * old_tokens + tokens, 0.9 * old_events + events)
 
     def transferred(self, blocks: int, seconds: float) -> None:
         """A transfer of `blocks` ended `seconds` after its prefill did. 0 counts (layer by
