@@ -50,7 +50,10 @@ class ProbeTag:
 class DryProbeAdmission(AdmissionController):
     """The controller; a probe it admits is turned into a 429 whose Retry-After is
     `DRY_ADMITTED` (so the engine never sees it), kept in `dry_admitted` (when, predicted
-    TTFT). For benches only."""
+    TTFT). For benches only. A probe is the bench's instrument, not traffic: it leaves the
+    mix of decided requests (`LibraryRequests.share`) as it was (5 of 6 probe kinds name a
+    library, and the long ones are re-sent every 0.25 s until admitted: after the warm-up
+    the share read 0.9+ for a 50/50 burst, and the door counted none inside as admitted)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -59,7 +62,14 @@ class DryProbeAdmission(AdmissionController):
     def decide(
         self, new: RequestCost | int, load: Load, num_requests: int = 1, elapsed_s: float = 0.0
     ) -> Decision:
+        lib = self.library_requests
+        mix = (list(lib.kinds), lib.share) if PROBE.get() else None
         d = super().decide(new, load, num_requests, elapsed_s)
+        if mix is not None:
+            with self._lock:
+                lib.kinds.clear()
+                lib.kinds.extend(mix[0])
+                lib.share = mix[1]
         if not (d.accepted and PROBE.get()):
             return d
         self.dry_admitted.append((time.monotonic(), d.predicted_ttft_s))

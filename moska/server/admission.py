@@ -255,8 +255,7 @@ class AdmissionController:
             if decision.accepted:  # what a request inside the door adds if it is admitted
                 for i, v in enumerate((cost.prompt_tokens, cost.max_tokens)):
                     self._typical[i] += self.alpha * (v - self._typical[i])
-            if cost.library_attend:
-                self.library_requests.observe(cost, BODY_BYTES.get())
+            self.library_requests.observe(cost, BODY_BYTES.get())  # plain ones too: `share`
         return decision
 
     def _decide(
@@ -348,7 +347,8 @@ class AdmissionController:
         ):
             return min(memo[3], inside)
         stall = self.door.stall_s()  # those inside are decided after it, their time counts
-        admitted = door_admits(self.predict, self._typical_cost(), load, inside, fits - stall)
+        plain = inside - round(inside * self.library_requests.share)  # door_admits: why
+        admitted = door_admits(self.predict, self._typical_cost(), load, plain, fits - stall)
         self._door_memo = (now, inside, load.num_waiting, admitted)
         return admitted
 

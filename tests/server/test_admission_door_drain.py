@@ -77,14 +77,17 @@ def test_more_requests_inside_do_not_hide_the_ones_admitted():
 def test_the_door_says_a_library_drain_apart():
     """At the door (body unread) the 429 carries a typical admitted request's drain and a
     typical decided library request's, which grows as costlier library requests are
-    decided (each rejected here: the engine is busy)."""
+    decided (each rejected here: the engine is busy). The mix inside stays the warm-up's
+    (`LibraryRequests.share`: more library requests inside would count fewer admitted)."""
     adm, _, tickets = _burst_at_the_door()
     adm.shed_ttl_s = 0.0
     busy = Load(running=((8, 0),) * 8)
     first = adm.shed(busy)
     assert first is not None and first.library_drain_s is not None  # the warm-up's
+    share = adm.library_requests.share
     for _ in range(20):
         assert not adm.decide(LIBRARY, busy).accepted
+    adm.library_requests.share = share
     shed = adm.shed(busy)
     assert shed is not None and shed.library_drain_s is not None
     assert shed.library_drain_s > max(2 * shed.drain_s, first.library_drain_s)
@@ -102,10 +105,12 @@ def test_a_library_request_at_the_door_gets_the_drain_of_its_size():
     for the idle engine)."""
     adm, server, tickets = _burst_at_the_door()
     adm.shed_ttl_s = 0.0
+    share = adm.library_requests.share  # the mix inside stays the warm-up's
     for prompt in range(20, 420, 20):
         token = BODY_BYTES.set(prompt + 200)
         server.submit(RequestCost(prompt, 8, library_attend=8192))
         BODY_BYTES.reset(token)
+    adm.library_requests.share = share
     assert abs(adm.library_requests.prompt_tokens(248) - 48) <= 1
     busy = Load(running=((8, 0),) * 8)
     shed = adm.shed(busy)
