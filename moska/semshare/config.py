@@ -31,7 +31,7 @@ class SemShareConfig:
     """
 
     threshold: float = 0.9
-    recompute_fraction: float = 0.15
+    recompute_fraction: float = 0.05
     recompute_layers: int = 1
     window: int = 4
     min_candidate_score: float = 0.3
