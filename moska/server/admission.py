@@ -48,12 +48,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from moska.server import retry_drain
 from moska.server.admission_decision import Decision, Verdict
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
 from moska.server.retry_drain import FactorFall, LibraryRequests, door_admits, drain_s, with_door
+from moska.server.slowdown import Slowdown
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, StepModel
 from moska.server.ttft_margin import TtftMargin
 
@@ -106,11 +108,8 @@ class AdmissionController:
         self.alpha = alpha
         self.max_sim_steps = max_sim_steps
         self.model = StepModel(prior, window)
-        self.slowdown_alpha = slowdown_alpha
-        self.deviations = deviations  # how far on the slow side of recent errors to plan
+        self.slow = Slowdown(slowdown_alpha, deviations)  # slowdown.py: why robust, `cold`
         self.library_risk = library_risk
-        self._log_slowdown = 0.0  # moving average of log(observed / predicted step time)
-        self._log_var = 0.0  # and of its squared deviation
         self._load_tps = prior_load_tps
         self.outcomes = _Outcomes()
         self._lock = threading.Lock()
@@ -138,10 +137,7 @@ class AdmissionController:
         runs long delays every request in it, those admitted before it too (on CPU a
         library prefill step ran 5.4 s against 3.7 predicted, and the six plain requests
         sharing it missed), so admission plans for the slow side of recent errors."""
-        return self._scale()
-
-    def _scale(self) -> float:  # `slowdown`, under the lock
-        return math.exp(self._log_slowdown + self.deviations * math.sqrt(self._log_var))
+        return self.slow.scale()  # slowdown.py: a lone outlier or post-idle step aside
 
     # ---------------------------------------------------------------- learning
 
@@ -155,10 +151,7 @@ class AdmissionController:
         with self._lock:
             predicted = self.model.step_s(features)
             if predicted > 0:
-                ratio = min(max(seconds / predicted, 0.1), 10.0)
-                dev = math.log(ratio) - self._log_slowdown
-                self._log_slowdown += self.slowdown_alpha * dev
-                self._log_var += self.slowdown_alpha * (dev * dev - self._log_var)
+                self.slow.observe(seconds / predicted, seconds)
             self.model.observe(features, seconds)
 
     def observe_library_load(self, num_tokens: int, seconds: float) -> None:
@@ -194,7 +187,7 @@ class AdmissionController:
     def step_s(self, features: StepFeatures) -> float:
         """Predicted seconds of a step like `features` now (the fit times `slowdown`)."""
         with self._lock:
-            return self.model.step_s(features) * self._scale()
+            return self.model.step_s(features) * self.slow.scale()
 
     def predict(
         self,
@@ -203,6 +196,7 @@ class AdmissionController:
         num_requests: int = 1,
         queue_target: int | None = None,
         overdue: bool = True,
+        cold: bool = False,
     ) -> Prediction:
         """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end
         (`queue_replay.replay`) with the learned step times; scaled by how far past its
@@ -213,10 +207,12 @@ class AdmissionController:
         steps after ran up to 3x their prediction; most of them missed the SLO. Not for a
         429's drain (`overdue=False`): a drain spans many later steps, which mostly ran as
         the fit said once the burst was answered (scaled, library drains came out 2-4x
-        too long)."""
+        too long). `cold`: a step after an idle gap, not started yet or not overrun yet,
+        is expected to overrun as such steps did (`Slowdown.cold`; the front door's count)."""
         with self._lock:
-            coef = self.model.coef * self._scale()
+            coef = self.model.coef * self.slow.scale()
             load_tps = self._load_tps
+            cold_scale = self.slow.cold() / self.slow.scale() if cold else 1.0
 
         def run(scale: float) -> Prediction:
             return replay(
@@ -231,8 +227,9 @@ class AdmissionController:
             )
 
         pred = run(1.0)
-        if overdue and load.busy_s > pred.first_s > 0:  # the step in progress ran past it
-            pred = run(load.busy_s / pred.first_s)
+        over = load.busy_s / pred.first_s if overdue and pred.first_s > 0 else 0.0
+        if max(over, cold_scale) > 1.0:  # the step in progress ran (or will run) past it
+            pred = run(max(over, cold_scale))
         return pred
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:
@@ -304,8 +301,8 @@ class AdmissionController:
         risk = self.library_risk if cost.library_attend else 1.0
         shared = retry_drain.shared_prefill(pred, cost.prompt_tokens, self.step_s, self.limits)
         with self._lock:  # the slowdown factor: when it falls back (retry_drain.factor_falls)
-            state = (self._log_slowdown, self._log_var)
-        fall = FactorFall(*state, self.slowdown_alpha, self.deviations)
+            slow = self.slow
+            fall = FactorFall(slow.log_mean, slow.log_var, slow.alpha, slow.deviations)
         wait = self.door.wait_s + before_door_s
         drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=wait, shared_s=shared, fall=fall)
         # A step in progress past its prediction: admission (which scales by the overrun,
@@ -348,7 +345,10 @@ class AdmissionController:
             return min(memo[3], inside)
         stall = self.door.stall_s()  # those inside are decided after it, their time counts
         plain = inside - round(inside * self.library_requests.share)  # door_admits: why
-        admitted = door_admits(self.predict, self._typical_cost(), load, plain, fits - stall)
+        with self._lock:  # the step that serves them may be the burst's first, after a gap
+            cold = self.slow.cold_pending(load.busy_s)
+        predict = partial(self.predict, cold=cold)
+        admitted = door_admits(predict, self._typical_cost(), load, plain, fits - stall)
         self._door_memo = (now, inside, load.num_waiting, admitted)
         return admitted
 
