@@ -207,8 +207,7 @@ class AdmissionController:
         steps after ran up to 3x their prediction; most of them missed the SLO. Not for a
         429's drain (`overdue=False`): a drain spans many later steps, which mostly ran as
         the fit said once the burst was answered (scaled, library drains came out 2-4x
-        too long). `cold`: a step after an idle gap, not started yet or not overrun yet,
-        is expected to overrun as such steps did (`Slowdown.cold`; the front door's count)."""
+        too long). `cold`: that step follows an idle gap: it overruns as such steps did."""
         with self._lock:
             coef = self.model.coef * self.slow.scale()
             load_tps = self._load_tps
@@ -227,9 +226,10 @@ class AdmissionController:
             )
 
         pred = run(1.0)
-        over = load.busy_s / pred.first_s if overdue and pred.first_s > 0 else 0.0
-        if max(over, cold_scale) > 1.0:  # the step in progress ran (or will run) past it
-            pred = run(max(over, cold_scale))
+        if overdue and load.busy_s > pred.first_s > 0:  # the step in progress ran past it
+            pred = run(load.busy_s / pred.first_s)
+        elif cold_scale > 1.0:  # it will (`cold`), and that delays every step after it
+            pred = pred._replace(ttft_s=pred.ttft_s + (cold_scale - 1.0) * pred.first_s)
         return pred
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:
