@@ -307,8 +307,13 @@ class GlobalScheduler(DecodeSpeed):
     def forget_learnt(self) -> None:
         """Drop the stage lines, TPOT factors and live lags, keeping the instances' step
         fits and the transfer rate: a warm-up's one-off costs (Triton compiles) would stay
-        in a stage line and its residual spread into the first measured requests."""
-        self.ttft = TtftModel()
+        in a stage line and its residual spread into the first measured requests. Each
+        stage fit starts again from the fixed cost its warm-up requests paid beyond their
+        step fits (a robust median, the one-offs left out: `TtftModel.forgotten`), not
+        from 0 (which predicted each stage as the step fits alone, without the
+        0.02-0.1 s of HTTP hops and event loops per stage the warm-up had measured on the
+        CPU bench)."""
+        self.ttft = self.ttft.forgotten()
         self.late_tokens = LiveLag()
         self._tpot_factor.clear()
 

@@ -24,6 +24,8 @@ than predicted widens no margin).
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 
 KEEP = 0.9  # an observation's weight after each newer one (~10 observations in memory)
 HALF_LIFE_S = 10.0  # and after this many seconds without any
@@ -37,6 +39,8 @@ PRIOR_INTERCEPT_WEIGHT = 0.3
 # 0.3-0.5 s) was then predicted at 0.27-0.42 s where it took 1.2 s (slope ~2.4)
 MIN_SLOPE = 1.0
 MAX_SLOPE = 30.0
+# what `fixed_s` reads: a fit's last this many excesses over its step-fit seconds
+FIXED_MEMORY = 32
 
 
 class StageFit:
@@ -49,6 +53,8 @@ class StageFit:
         self._w = 0.0
         self._at: float | None = None  # the last observation's time
         self.count = 0  # observations ever learnt (undecayed)
+        # seconds - b0·x of the last FIXED_MEMORY observations (`fixed_s`)
+        self._excess: deque[float] = deque(maxlen=FIXED_MEMORY)
 
     def _fade(self, now: float) -> float:
         return 1.0 if self._at is None else 0.5 ** (max(0.0, now - self._at) / HALF_LIFE_S)
@@ -85,6 +91,17 @@ class StageFit:
         """When the last observation came (None before any)."""
         return self._at
 
+    def fixed_s(self) -> float:
+        """What a request paid beyond its step-fit seconds (at the prior slope), robustly:
+        the median over the observations after this fit's first, a0 with none. The prior
+        of a fit that replaces this one (`TtftModel.forgotten`): a fresh a0 = 0 predicted
+        the stage and first token as the step fits alone, without the HTTP hops and event
+        loops (0.02-0.1 s a stage on the CPU bench) that no step marks. The first observation is left
+        out (an instance's first request pays one-off compiles: 2.5 s on a GPU) and the
+        median ignores a few more such."""
+        later = list(self._excess)[1:] if self.count <= FIXED_MEMORY else list(self._excess)
+        return max(0.0, statistics.median(later)) if later else self.a0
+
     def upper(self, x: float, now: float, z: float) -> float:
         return self.predict(x, now) + z * self.spread(now)
 
@@ -101,5 +118,6 @@ class StageFit:
         self._w = keep * self._w + 1.0
         for i, v in enumerate((1.0, x, seconds, x * x, x * seconds)):
             self._s[i] = keep * self._s[i] + v
+        self._excess.append(seconds - self.b0 * x)
         self._at = now
         self.count += 1

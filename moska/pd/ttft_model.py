@@ -50,6 +50,15 @@ class TtftModel:
         # and TPOT then rejected is not one: it counted 21 in a 4 s round)
         self.probes = 0
 
+    def forgotten(self) -> TtftModel:
+        """A fresh model (no lines, spreads, lags or probes) whose fits start from what
+        these paid beyond their step fits (`StageFit.fixed_s`), not from nothing: after a
+        warm-up, a stage's fixed cost is known, and its one-off costs are not it."""
+        fresh = TtftModel()
+        for key, fit in self.fits.items():
+            fresh.fits[key] = StageFit(a0=fit.fixed_s(), b0=fit.b0)
+        return fresh
+
     def fit(self, stage: str, name: str) -> StageFit:
         return self.fits.setdefault((stage, name), StageFit())
 
