@@ -106,6 +106,16 @@ class VirtualServer:
         while self.sched.has_unfinished:
             self.step()
 
+    def retry_until_admitted(self, cost: RequestCost, t0: float) -> tuple[float, float]:
+        """Retry `cost` after each step until admitted: the window (s after t0) of its real
+        drain, (the last step start it was still refused at, the step end it got in after)."""
+        before = after = 0.0
+        while not self.submit(cost)[1].accepted:
+            before = self.t - t0
+            self.step()
+            after = self.t - t0
+        return before, after
+
     def ttft(self, rid: str) -> float:
         return self.first[rid] - self.arrival[rid]
 

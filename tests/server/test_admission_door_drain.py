@@ -49,11 +49,7 @@ def test_a_library_retry_waits_for_what_the_door_still_admits():
         adm.door.leave(ticket)
         admitted += server.submit(PLAIN)[1].accepted
     assert 5 < admitted < INSIDE
-    before = after = 0.0
-    while not server.submit(LIBRARY)[1].accepted:  # a retry after each step
-        before = server.t - t0
-        server.step()
-        after = server.t - t0
+    before, after = server.retry_until_admitted(LIBRARY, t0)  # a retry after each step
     assert not server.load().running  # admitted on the idle engine
     assert 0.5 * before <= d.drain_s <= 2 * after, (d.drain_s, before, after)
     assert not 0.5 * before <= old <= 2 * after, (old, before, after)

@@ -39,11 +39,7 @@ def test_a_library_drain_counts_only_the_plain_requests_inside_as_admitted():
         adm.door.leave(ticket)
         admitted[bool(cost.library_attend)] += server.submit(cost)[1].accepted
     assert admitted[True] == 0 and 5 < admitted[False] <= 20
-    before = after = 0.0
-    while not server.submit(LIBRARY)[1].accepted:  # a retry after each step
-        before = server.t - t0
-        server.step()
-        after = server.t - t0
+    before, after = server.retry_until_admitted(LIBRARY, t0)  # a retry after each step
     assert not server.load().running  # admitted on the idle engine
     assert 0.5 * before <= d.drain_s <= 2 * after, (d.drain_s, before, after)
     assert learned is not None and 0.6 < learned < 0.9
