@@ -5,39 +5,13 @@ slice of the weights and of the KV cache. Before each call into the model rank 0
 command as one *control message* on a gloo group (host memory; the other ranks block on it
 while idle, so their side has no timeout; rank 0's has, and a rank that stops answering is a
 RankFailedError: runtime.control_timeout_s): a header of HEADER_LEN int64 and room for a
-payload after it (its layout and the commands: `control_message.py`). Every message has the
-same length on every rank, `capacity`, which each message's header sets for the next one;
-rank 0 sizes it from the last payload (1.25x it,
-rounded up to a power of two, within [MIN_CAPACITY, MAX_CAPACITY]), so a decode step's
-metadata, whose size changes slowly, fits in the message of its header: **one collective
-per step**. A payload that does not fit follows in a second message of its own length
-(named in the header), and the next message grows.
-
-- FORWARD: token ids [T], positions [T], slot mapping [T], cu_q_lens [B+1], seq_lens [B]
-  and block tables [B, max_blocks], packed into one int64 tensor. A decode step at
-  B = 256 with 64 blocks per request: 256 * (3 + 2 + 64) + 1 ints = 141 KB. On gloo it
-  rides in the control message; on NCCL it follows on the *model* group, device to device
-  (the token ids a decode step reads from the previous step's sampled tokens never visit
-  the host). A step with library rows adds their row indices to the payload ([n] int64
-  per group) and, on the control group, a JSON list of the groups (build id, rows, top_k,
-  scorer, routing policy: ~250 bytes per group). The header says what rank 0 will ask of
-  every row right after (`logits_follow`: a decode step): their logits (FOLLOW_LOGITS), or
-  only their argmax tokens (FOLLOW_TOKENS: every row greedy, so each rank sends [N, 2]
-  (max, id) instead of its [N, V/n] logits), which the other ranks compute unasked.
-- GRAPH_CAPTURE: capture the decode CUDA graph of a batch-size bucket (NCCL only,
-  `distributed/tp_graphs.py`): every rank says whether it can (all_gather_object), then,
-  if all can, captures, then answers (gather_object): None or why not.
-- GRAPH_STEP: replay the bucket's graph for n rows: positions, slots, seq_lens [n] and
-  block tables [n, W] in the control message (host data); the token ids are broadcast
-  inside the graph.
-- LOAD_LIBRARY: a JSON {root, name, build id} on the control group; every rank loads its
-  KV heads of that build from the store and answers (gather_object): None or why not.
-- UNLOAD_LIBRARY: a JSON {build id}: drop it (no request reads it any more).
-- LOGITS_LAST: the logits of every row of the last forward (a forward that did not say
-  logits_follow): no payload.
-- LOGITS_ROWS: the logits of some hidden rows (prefill's last rows, prompt logprobs):
-  the rows themselves [N, H] in the model's dtype.
-- STOP: leave the loop.
+payload after it (its layout, the commands and what each carries: `control_message.py`).
+Every message has the same length on every rank, `capacity`, which each message's header
+sets for the next one; rank 0 sizes it from the last payload (1.25x it, rounded up to a
+power of two, within [MIN_CAPACITY, MAX_CAPACITY]), so a decode step's metadata, whose
+size changes slowly, fits in the message of its header: **one collective per step**. A
+payload that does not fit follows in a second message of its own length (named in the
+header), and the next message grows.
 """
 
 from __future__ import annotations
