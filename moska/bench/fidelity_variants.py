@@ -18,9 +18,11 @@ give the default's figure). Selections are per KV head, fixed k, like the defaul
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-import moska.routing as routing_pkg
+from moska.bench import fidelity_hook
 from moska.kernels.selections import from_topk
 from moska.routing import RoutingPolicy
 
@@ -30,8 +32,6 @@ VARIANTS = {  # name -> (keys, heads)
     "default+lowrank_lse": ("lowrank", "lse"),
     "default+full_lse": ("full", "lse"),
 }
-_RULES: dict[int, tuple[str, str]] = {}  # id(policy) -> (keys, heads)
-_next_select = routing_pkg.select_chunks  # what the hook defers to (another study's hook)
 
 
 def head_scores(
@@ -60,11 +60,11 @@ def head_scores(
     return torch.logsumexp(per_head, dim=2)
 
 
-def _select(q, library, layer, top_k, policy, sm_scale, **kw):
-    rule = _RULES.get(id(policy))
+def _select(q, library, layer, top_k, policy, sm_scale, rule: tuple[str, str], **kw):
+    """Policy `rule` = (keys, heads)'s selection: top-k of its scores per KV head."""
     C = library.num_chunks
-    if rule is None or top_k >= C:
-        return _next_select(q, library, layer, top_k, policy, sm_scale, **kw)
+    if top_k >= C:
+        return fidelity_hook.next_select(q, library, layer, top_k, policy, sm_scale, **kw)
     keys_kind, heads = rule
     index = library.routing[layer]
     if keys_kind == "full":
@@ -77,14 +77,7 @@ def _select(q, library, layer, top_k, policy, sm_scale, **kw):
 
 
 def variant_policies() -> dict[str, RoutingPolicy]:
-    """The study's scorer variants as named policies (fresh objects: rules are keyed by
-    identity); installs the scorer hook, a no-op for every other policy."""
-    global _next_select
-    if routing_pkg.select_chunks is not _select:  # attention/shared.py imports it per call
-        _next_select, routing_pkg.select_chunks = routing_pkg.select_chunks, _select
-    out = {}
-    for name, rule in VARIANTS.items():
-        pol = RoutingPolicy().replace()
-        _RULES[id(pol)] = rule
-        out[name] = pol
-    return out
+    """The study's scorer variants as named policies (fresh objects; `fidelity_hook`)."""
+    return fidelity_hook.named_policies(
+        {name: functools.partial(_select, rule=rule) for name, rule in VARIANTS.items()}
+    )

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import torch
 
 import moska.routing as routing_pkg
+from moska.bench import fidelity_hook
 from moska.bench import fidelity_variants as fv
 from moska.kernels.router import build_routing_index, selections_to_lists
 from moska.kernels.router_ref import keymax_scores_ref
@@ -55,12 +56,12 @@ def test_head_scores_equal_loops_and_the_keymax_reference():
 
 def test_registered_policies_route_by_their_scorer_and_others_defer(monkeypatch):
     monkeypatch.setattr(routing_pkg, "select_chunks", routing_pkg.select_chunks)  # restored
-    monkeypatch.setattr(fv, "_next_select", fv._next_select)
+    monkeypatch.setattr(fidelity_hook, "next_select", fidelity_hook.next_select)
     q, keys, offs = _case(1)
     index = build_routing_index(keys, offs, 16)
     lib = SimpleNamespace(num_chunks=5, routing=[index], k_pools=[keys], mode="prefix")
     pols = fv.variant_policies()
-    assert routing_pkg.select_chunks is fv._select
+    assert routing_pkg.select_chunks is fidelity_hook.study_select
     sm, k = 0.3, 2
     for name, (kind, heads) in fv.VARIANTS.items():
         sel = routing_pkg.select_chunks(q, lib, 0, k, pols[name], sm, use_triton=False)
@@ -74,5 +75,5 @@ def test_registered_policies_route_by_their_scorer_and_others_defer(monkeypatch)
                 assert sorted(got[b][h]) == sorted(want[b, h].tolist())
     # an unregistered policy (the default itself) goes to the engine's router unchanged
     plain = routing_pkg.select_chunks(q, lib, 0, k, RoutingPolicy(), sm, use_triton=False)
-    direct = fv._next_select(q, lib, 0, k, RoutingPolicy(), sm, use_triton=False)
+    direct = fidelity_hook.next_select(q, lib, 0, k, RoutingPolicy(), sm, use_triton=False)
     assert torch.equal(plain.chunk, direct.chunk) and torch.equal(plain.req, direct.req)
