@@ -69,6 +69,11 @@ class TuneEntry:
 _SMALL_D128 = GroupedTuning(block_m=64, block_n=64, num_warps=4, num_stages=3)
 _LARGE_D128 = GroupedTuning(block_m=128, block_n=128, num_warps=8, num_stages=3)
 _SMALL_D64 = GroupedTuning(block_m=64, block_n=128, num_warps=4, num_stages=3)
+# G = 8 at D = 128 from 128 rows per group (session 15's variant sweep, H200,
+# bench/results/kernels_shapes_variants_h200_session15.json): one chunk read by B = 16
+# (128 rows) ran in 0.167 ms with the large tile where the small one took 0.187 (11 %
+# faster). Warp specialization with half tails was mixed at B = 1,024 (uniform 6 % faster,
+# Zipf 2.4 % slower), so it stays off; other shapes' best candidates were within 0-3 %.
 
 GQA_RATIOS = (1, 2, 4, 8)
 HEAD_DIMS = (64, 128)
@@ -76,6 +81,7 @@ HEAD_DIMS = (64, 128)
 TABLE: tuple[TuneEntry, ...] = (
     *(TuneEntry(128, g, 0, _SMALL_D128) for g in GQA_RATIOS),
     *(TuneEntry(128, g, 256, _LARGE_D128) for g in GQA_RATIOS),
+    TuneEntry(128, 8, 128, _LARGE_D128),
     *(TuneEntry(64, g, 0, _SMALL_D64) for g in GQA_RATIOS),
 )
 
