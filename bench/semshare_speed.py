@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import semshare_workload as wl
 
 from moska.bench.common import environment
+from moska.config import EngineConfig
 from moska.engine.llm_engine import LLMEngine
 from moska.engine.sampling_params import SamplingParams
 
@@ -75,27 +74,30 @@ ARCHS = {  # random-weight Llama shapes
 KINDS = ("rename", "reorder", "reword")
 
 
-def build_random_model(arch: str, tokenizer_dir: Path, out: Path, max_len: int, dtype) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_loaded(arch: str, tokenizer_dir: Path, max_len: int, dtype, device: str):
+    """A random-weight Llama of `arch` built on `device` in memory (no checkpoint written:
+    an 8B model's 15 GiB would take most of a device session to write and load), with the
+    tokenizer of `tokenizer_dir`; every engine of the run shares its weights."""
+    from moska.bench.common import random_loaded_model
+    from moska.model.tokenizer import Tokenizer
 
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    cfg = LlamaConfig(
+    hf = dict(
+        ARCHS[arch],
+        architectures=["LlamaForCausalLM"],
         vocab_size=vocab,
         max_position_embeddings=max_len,
         rope_theta=500000.0,
+        rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=0,
         eos_token_id=0,
-        **ARCHS[arch],
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, out / name)
-    return out
+    loaded = random_loaded_model(hf, dtype, device)
+    tokenizer = Tokenizer.from_pretrained(
+        tokenizer_dir, extra_eos_token_ids=loaded.config.eos_token_ids
+    )
+    return loaded._replace(tokenizer=tokenizer)
 
 
 def source_files(source: str) -> list[Path]:
@@ -148,9 +150,39 @@ def join(tokenizer, parts, kind, seed, by_dir, tokens: int) -> list[int]:
     return tokenizer.encode("\n\n".join(texts))[:tokens]
 
 
+def time_host_stages(engine: LLMEngine) -> None:
+    """Wrap the engine's stages on this instance so that `ttft` can say where a request's
+    host time went: `add` (intake, the reuse plan included: its host syncs wait on the
+    device), `plan`, each `step` (a prompt step waits for its token), within a step the
+    blend's launches (`blend`), the runner's forward launch (`launch`) and storing a
+    reference (`record`). Host wall times, no syncs added."""
+    engine.bench_host = times = {}  # type: ignore[attr-defined]
+
+    def wrap(obj, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times[key] = times.get(key, 0.0) + time.perf_counter() - t
+                times[f"{key}_n"] = times.get(f"{key}_n", 0) + 1
+
+        setattr(obj, name, timed)
+
+    wrap(engine, "add_request", "add")
+    wrap(engine, "step", "step")
+    wrap(engine.runner, "launch", "launch")
+    if engine.semshare is not None:
+        for name, key in (("plan", "plan"), ("prefill", "blend"), ("record", "record")):
+            wrap(engine.semshare, name, key)
+
+
 def ttft(engine: LLMEngine, rid: str, ids: list[int]) -> tuple[float, int]:
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
+    engine.bench_host.clear()  # type: ignore[attr-defined]
     t = time.perf_counter()
     engine.add_request(rid, ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
     reused = 0
@@ -159,6 +191,18 @@ def ttft(engine: LLMEngine, rid: str, ids: list[int]) -> tuple[float, int]:
             reused = out.num_reused_tokens
     sync()
     return time.perf_counter() - t, reused
+
+
+def host_ms(engine: LLMEngine) -> dict:
+    """The last `ttft`'s host stages (ms; counts as *_n)."""
+    h = engine.bench_host  # type: ignore[attr-defined]
+    return {k: v if k.endswith("_n") else round(1000 * v, 3) for k, v in h.items()}
+
+
+def median_stages(rows: list[dict]) -> dict:
+    """Per stage key, the median over `rows` (a stage a row lacks counts 0)."""
+    keys = sorted({k for r in rows for k in r})
+    return {k: round(statistics.median(r.get(k, 0) for r in rows), 3) for k in keys}
 
 
 def main() -> None:
@@ -203,13 +247,6 @@ def main() -> None:
         device, dtype = "cpu", torch.float32
     else:
         device, dtype = "cuda", torch.bfloat16
-    tmp = None
-    model_dir = args.model
-    if model_dir is None:
-        tmp = Path(tempfile.mkdtemp(prefix="semshare-model-"))
-        model_dir = str(
-            build_random_model(args.arch, Path(args.tokenizer), tmp, args.prompt + 1024, dtype)
-        )
     kw = {
         "device": device,
         "dtype": "float32" if device == "cpu" else "bfloat16",
@@ -220,26 +257,25 @@ def main() -> None:
     }
     if args.decode_graphs:  # one request at a time: a few decode batch sizes to capture
         kw["max_num_seqs"] = 4
-    engines = {
-        "off": LLMEngine.from_model(model_dir, **kw),
-        # a 5K-token reference of an 8B model is 1.3 GiB of KV: more than the default store
-        "on": LLMEngine.from_model(
-            model_dir, semantic_reuse=True, semantic_store_mb=args.store_mb, **kw
-        ),
-    }
+    loaded = None
+    if args.model is None:  # one random model in memory, shared by every engine
+        loaded = random_loaded(args.arch, Path(args.tokenizer), args.prompt + 1024, dtype, device)
+
+    def engine(**extra) -> LLMEngine:
+        if loaded is None:
+            return LLMEngine.from_model(args.model, **kw, **extra)
+        return LLMEngine(EngineConfig(model=None, **kw, **extra), loaded)
+
+    # a 5K-token reference of an 8B model is 1.3 GiB of KV: more than the default store
+    on = {"semantic_reuse": True, "semantic_store_mb": args.store_mb}
+    engines = {"off": engine(), "on": engine(**on)}
     if args.eager_too:  # control: reuse on, the layers past the boundary launched one by one
-        engines["on_eager"] = LLMEngine.from_model(
-            model_dir, semantic_reuse=True, semantic_store_mb=args.store_mb, **kw
-        )
+        engines["on_eager"] = engine(**on)
         engines["on_eager"].semshare.graphs = None  # type: ignore[union-attr]
     for f in args.also_fractions:  # the same requests at other recompute fractions
-        engines[f"on_r{f}"] = LLMEngine.from_model(
-            model_dir,
-            semantic_reuse=True,
-            semantic_store_mb=args.store_mb,
-            semantic_recompute_fraction=f,
-            **kw,
-        )
+        engines[f"on_r{f}"] = engine(**on, semantic_recompute_fraction=f)
+    for eng in engines.values():
+        time_host_stages(eng)
     tok = engines["off"].tokenizer
     docs, by_dir = documents(tok, args.docs, args.prompt, args.source)
     if not docs:
@@ -271,6 +307,7 @@ def main() -> None:
                     r[f"ttft_{name}_s"], r[f"reused_{name}"] = ttft(
                         eng, f"d{di}-{kind}-{seed}-{name}", ids
                     )
+                    r[f"host_{name}"] = host_ms(eng)
                 r["speedup"] = r["ttft_off_s"] / r["ttft_on_s"]
                 if args.eager_too:
                     r["speedup_eager"] = r["ttft_off_s"] / r["ttft_on_eager_s"]
@@ -286,6 +323,8 @@ def main() -> None:
             "ttft_on_ms": round(1000 * statistics.median(r["ttft_on_s"] for r in sel), 2),
             "speedup_median": round(statistics.median(r["speedup"] for r in sel), 2),
             "reused_share": round(statistics.mean(r["reused_on"] / r["tokens"] for r in sel), 3),
+            "host_off_ms": median_stages([r["host_off"] for r in sel]),
+            "host_on_ms": median_stages([r["host_on"] for r in sel]),
         }
         if args.eager_too:
             summary[kind]["eager"] = {
@@ -335,8 +374,6 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(summary, indent=1))
     print("wrote", args.out)
-    if tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
