@@ -145,12 +145,16 @@ class ProcessGroups:
         comm = Collectives(None, rank, rdv.world_size, rdv.backend)
         return cls(rank, rdv.world_size, comm, control, store, rdv.backend)
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a broken group cannot be torn down cleanly
-                logger.debug("destroy_process_group failed", exc_info=True)
+    def close(self, clean: bool = False, deadline_s: float | None = None) -> str:
+        """Leave the groups in bounded time (distributed/teardown.py): `clean` when every
+        rank leaves now (STOP sent / received): they meet, then destroy; otherwise a NCCL
+        group is aborted. Returns teardown.leave's outcome."""
+        from moska.distributed.teardown import leave
+
+        device = rank_device("cuda", self.rank) if self.backend == "nccl" else None
+        return leave(
+            self.rank, self.backend, self.control, clean=clean, deadline_s=deadline_s, device=device
+        )
 
 
 class DistributedRuntime:
@@ -262,18 +266,28 @@ class DistributedRuntime:
         self._closed = True
         self.monitor.stop()
         failed = self.failure is not None
+        stopped = False
         if not failed and self.channel is not None:
             try:
                 self.channel.send_stop()
+                stopped = True
             except Exception:  # a worker died meanwhile: they are killed below, at once
                 logger.debug("sending STOP failed", exc_info=True)
                 failed = True
-        # after a rank failed no STOP was sent: the survivors wait on the control group and
-        # would never exit on their own, so they are killed at once instead of after timeout_s
-        _stop_procs(self.monitor.procs, 0.0 if failed else timeout_s)
+        if stopped:
+            # every rank leaves the group now, together: a NCCL destroy waits for its peers'
+            # (rank 0 joining the workers first deadlocked: teardown.py); then they exit
+            self.groups.close(clean=True, deadline_s=timeout_s)
+            _stop_procs(self.monitor.procs, timeout_s)
+        else:
+            # after a rank failed no STOP was sent: the survivors wait on the control group
+            # and would never exit on their own, so they are killed at once instead of
+            # after timeout_s; the group is then aborted (a destroy would wait for them)
+            _stop_procs(self.monitor.procs, 0.0 if failed else timeout_s)
         if self._parent_end is not None:  # any worker still running leaves on its own
             self._parent_end.close()
-        self.groups.close()
+        if not stopped:
+            self.groups.close(clean=False, deadline_s=timeout_s)
 
 
 def _looks_distributed(exc: BaseException) -> bool:

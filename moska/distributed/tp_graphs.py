@@ -34,12 +34,22 @@ every header and a rank checks it.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from moska.engine.cuda_graphs import DecodeGraphs, GraphCaptureError, LibrarySpec, _Graph
+
+# this process's TP graphs: released together before the process group goes (teardown.py)
+_LIVE: weakref.WeakSet[TensorParallelGraphs] = weakref.WeakSet()
+
+
+def release_all() -> int:
+    """Release the captured graphs of every TensorParallelGraphs of this process (there is
+    one process group per process); returns how many graphs were released."""
+    return sum(g.release() for g in list(_LIVE))
 
 
 class TensorParallelGraphs(DecodeGraphs):
@@ -50,6 +60,28 @@ class TensorParallelGraphs(DecodeGraphs):
         super().__init__(model, **kw)
         self.replays = 0  # decode steps replayed (rank 0: led; others: followed)
         self._follow = 0  # rank 0: the replayed step's logits_follow (control_message.FOLLOW_*)
+        self.released = False  # the process group is going: no more captures
+        _LIVE.add(self)
+
+    def release(self) -> int:
+        """Destroy the captured graphs (after the device finished them), before the process
+        group is destroyed: NCCL's destroy waits until no graph holds its captured
+        collectives (pytorch/pytorch#115388). Decode steps cannot run afterwards."""
+        graphs = list(self._graphs.values())
+        self._graphs.clear()
+        self.released = True
+        cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        if cuda and graphs:
+            torch.cuda.synchronize(self.device)
+        for g in graphs:
+            reset = getattr(g.graph, "reset", None)
+            if reset is not None:  # a CUDAGraph (the CPU tests' fake has none)
+                reset()
+            g.keep.clear()
+        self._pool = None
+        if cuda and graphs:
+            torch.cuda.synchronize(self.device)
+        return len(graphs)
 
     @property
     def channel(self) -> Any:
@@ -76,6 +108,8 @@ class TensorParallelGraphs(DecodeGraphs):
         """Rank 0: the graph of bucket b, captured by every rank now if there is none."""
         if spec is not None:
             raise GraphCaptureError("library decode steps run eagerly under tensor parallelism")
+        if self.released:
+            raise GraphCaptureError("the tensor-parallel engine was shut down")
         g = self._find(b, None)
         if g is not None or self.channel is None:
             return g if g is not None else super()._get(b, None)
@@ -111,6 +145,8 @@ class TensorParallelGraphs(DecodeGraphs):
     # ---- the other ranks ---------------------------------------------------------------
     def can_capture(self, bucket: int) -> str | None:
         """GRAPH_CAPTURE's first answer: None, or why this rank cannot capture `bucket`."""
+        if self.released:
+            return "this rank is shutting down"
         if bucket not in self.buckets:
             return f"bucket {bucket} is not one of this rank's buckets {self.buckets}"
         return None

@@ -100,8 +100,10 @@ def rank_lifecycle(groups: ProcessGroups, parent: ParentLink | None) -> Iterator
         target=_heartbeat, args=(groups, parent, stop), name="moska-heartbeat", daemon=True
     )
     beat.start()
+    stopped = False  # STOP received: every rank leaves the group together (teardown.py)
     try:
         yield
+        stopped = True
     except BaseException as e:
         try:
             groups.store.set(f"moska/error/{groups.rank}", f"{type(e).__name__}: {e}")
@@ -111,7 +113,7 @@ def rank_lifecycle(groups: ProcessGroups, parent: ParentLink | None) -> Iterator
     finally:
         stop.set()
         beat.join(5.0)  # not inside a store call when the store goes (std::terminate)
-        groups.close()
+        groups.close(clean=stopped)
 
 
 @torch.inference_mode()
