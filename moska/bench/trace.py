@@ -50,7 +50,9 @@ SUMMARY_KEYS = (
     "ttft_p99_s",
     "tpot_p99_s",
     "prefix_hit_rate",
+    "unmeasured",  # completed, all tokens in one event: no TTFT or TPOT seen (never good)
 )
+BY_RATE_KEYS = (*SUMMARY_KEYS[:3], "ttft_p99_s", "tpot_p99_s", "unmeasured")
 SERVED = "moska-tiny"  # the model id every instance serves (whatever its checkpoint)
 TOKEN_RANGE = (10, 250)  # ids every moska model's vocabulary has (the tiny one: 256 bytes)
 
@@ -120,7 +122,7 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: fl
     body = {"model": SERVED, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
-    times: list[float] = []
+    times: list[float] = []  # when each event with choices came
     tokens = 0
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -144,8 +146,12 @@ async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: fl
     if not times:
         return Result(500, error="no tokens", arrival=arrival)
     tokens = tokens or len(times)
-    tpot = (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else 0.0
-    return Result(200, times[0] - arrival, tpot, tokens, predicted=predicted, arrival=arrival)
+    # several tokens in one event: no per-token times to read (`Result.unmeasured`)
+    tpot = None if tokens > 1 and len(times) < 2 else 0.0
+    if tpot is not None and tokens > 1:
+        tpot = (times[-1] - times[0]) / (tokens - 1)
+    return Result(200, times[0] - arrival, tpot, tokens, predicted=predicted, arrival=arrival,
+                  events=len(times))  # fmt: skip
 
 
 async def replay(url: str, rows: list[dict], args) -> tuple[list[Result], float]:
@@ -320,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     if rates:
         report["summary"]["regime"] = report["regime"]
         report["summary"]["by_rate"] = {
-            r: {k: {m: v[k].get(m) for m in SUMMARY_KEYS[:3]} for k in v}
+            r: {k: {m: v[k].get(m) for m in BY_RATE_KEYS} for k in v}
             for r, v in report["by_rate"].items()
         }
         for r, v in report["by_rate"].items():

@@ -18,6 +18,14 @@ class Result:
     error: str | None = None
     predicted: tuple[float, ...] | None = None  # the front end's (TTFT s, TPOT s, batch)
     arrival: float = 0.0  # when it was sent (time.monotonic(), the front end's clock too)
+    events: int = 0  # stream events that carried output (text)
+
+    @property
+    def unmeasured(self) -> bool:
+        """Completed, several tokens, but all in one event: its `ttft_s` is the last token's
+        time and it has no TPOT (`tpot_s` None). A model without a tokenizer streams so (no
+        text until the end): the 2-GPU trace read TPOT 0.0 and TTFT = the whole request."""
+        return self.status == 200 and self.tpot_s is None
 
 
 def _timings(r: Result) -> tuple[float, float]:
@@ -27,9 +35,13 @@ def _timings(r: Result) -> tuple[float, float]:
 
 
 def summarize(results: list[Result], wall_s: float, ttft_slo: float, tpot_slo: float) -> dict:
-    ok = [r for r in results if r.status == 200]
+    """A replay's figures. A request whose tokens all came in one event (`unmeasured`)
+    counts as completed and `unmeasured`, never as within an SLO, and stays out of the
+    percentiles: its first token's and per-token times were not seen."""
+    done = [r for r in results if r.status == 200]
+    ok = [r for r in done if not r.unmeasured]
     rejected = sum(1 for r in results if r.status == 429)
-    failed = len(results) - len(ok) - rejected
+    failed = len(results) - len(done) - rejected
     timed = [_timings(r) for r in ok]  # (TTFT, TPOT) of each completed request
     good = [t for t in timed if t[0] <= ttft_slo and t[1] <= tpot_slo]
     admitted = len(results) - rejected
@@ -40,7 +52,8 @@ def summarize(results: list[Result], wall_s: float, ttft_slo: float, tpot_slo: f
     ttfts, tpots = [t[0] for t in timed], [t[1] for t in timed]
     return {
         "requests": len(results),
-        "completed": len(ok),
+        "completed": len(done),
+        "unmeasured": len(done) - len(ok),
         "rejected_429": rejected,
         "failed": failed,
         "errors": sorted({r.error for r in results if r.error and r.status != 429})[:5],

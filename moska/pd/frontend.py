@@ -41,7 +41,7 @@ from moska.pd.index import block_hashes
 from moska.pd.instance_death import InstanceDied, or_dead
 from moska.pd.retry import next_decode
 from moska.pd.scheduler import GlobalScheduler, Instance, Plan, Rejection, RequestInfo
-from moska.pd.token_times import TokenTimes, strip_usage, with_usage
+from moska.pd.token_times import TokenTimes, finishes, strip_usage, with_usage
 
 logger = logging.getLogger(__name__)
 
@@ -319,14 +319,17 @@ class FrontEnd:
             headers=predicted_headers(plan),
         )
 
-    def _first_token(self, plan: Plan, inst: Instance, seconds: float) -> None:
+    def _first_token(self, plan: Plan, inst: Instance, seconds: float, record: dict | None) -> None:
         self.stats.first_token_s += seconds
         self._sched.observe_first(plan, inst, seconds, time.monotonic())
+        if record is not None:
+            record["observed_first_s"] = round(seconds, 4)
 
     async def _relay(
         self, inst, resp, plan, tid, sent_at, strip, record=None
     ) -> AsyncIterator[bytes]:
         dead, first = self._dead[inst.name], True
+        held: float | None = None  # the first event's time while it may be the last token's
         chunks = resp.aiter_raw()
         tokens = TokenTimes()
         inst.decoding += 1
@@ -338,10 +341,11 @@ class FrontEnd:
                     break
                 if first and tid is not None:  # the request holds its blocks now
                     asyncio.create_task(self._release(inst, tid))
-                if first and plan is not None:
-                    self._first_token(plan, inst, time.monotonic() - sent_at)
-                    if record is not None:
-                        record["observed_first_s"] = round(time.monotonic() - sent_at, 4)
+                if first and plan is not None:  # the first token, unless it is the last of
+                    held = time.monotonic() - sent_at  # several in one event (`finishes`)
+                    if not finishes(chunk):
+                        self._first_token(plan, inst, held, record)
+                        held = None
                 first = False
                 if plan is not None:  # an event's predicted time: the step times its tokens
                     step = self._sched.tpot_s(inst.decoding, inst)
@@ -371,6 +375,8 @@ class FrontEnd:
             await resp.aclose()
         if plan is not None:
             self._sched.finished(plan, inst)
+            if held is not None and (tokens.completion_tokens or 1) <= 1:
+                self._first_token(plan, inst, held, record)
             if (counts := tokens.tokens_after_first()) is not None:
                 self._sched.observe_events(inst, *counts)
 

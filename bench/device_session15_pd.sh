@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Session 15, #19 on 2 GPUs (nvidia-h200-x2, ~120 s): the P/D vs colocated trace, again.
+# Session 15's first run (device_session14_pd.sh) read TPOT 0.0 in every row: the random
+# 8B-dim checkpoint had no tokenizer, so the server streamed no text until a request's end
+# and sent its whole output in one final event. The client took that event for the first
+# token (TTFT = the whole request) and the P/D front end learnt it as the decode stage's
+# first token (~0.13 s of a 0.3 s TTFT SLO, against ~0.005 s of step fit), so it left ~0.1 s
+# for the prefill queue and answered 429 to 78-85% at 50/60/80 req/s. Now the checkpoint
+# gets a tokenizer (every token adds text: one event per token, TPOT measured), the front
+# end no longer learns a first token from a stream's only event, and the client counts such
+# a request `unmeasured` (never within an SLO). The nccl_p2p step of session 14 is dropped
+# (measured: 308 GB/s).
+# 1) a random-weight checkpoint at Llama-3.1-8B layer dims, 16 layers, 32k vocab, with a
+#    word-level tokenizer (`random_checkpoint.write_tokenizer`);
+# 2) correctness: the session-15 tests of this fix (CPU, ~3 s: tests/pd/test_pd_one_event.py);
+# 3) trace replay, P/D 1:1 (prefill GPU 0, decode GPU 1, early rejection) vs 2 colocated
+#    instances (one per GPU, round robin), both systems up at once (0.42 of each GPU's
+#    memory each), synthetic trace (~4K-token prompts, 16-48 output tokens) at 40/60/80/100
+#    req/s, 2 rounds each; TTFT SLO 0.3 s, TPOT SLO 0.03 s; summary.regime = the lowest
+#    rate where colocated met the TTFT SLO for < 80% of requests.
+# Run: `bash bench/device_lead.sh session15_pd` on nvidia-h200-x2, carry .whl only (the model
+# is written there). CPU form: `bash bench/device_session15_pd.sh --cpu-dry-run` (checked).
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # (KINDS.md)
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LOG=$OUT/pd15.log; : > "$LOG"  # every step's output, one file
+step() { echo "=== $1 rc=$2 ($(( $(date +%s) - T0 )) s)" | tee -a "$LOG"; }
+T0=$(date +%s)
+if [ "${1:-}" = "--cpu-dry-run" ]; then
+  PY=${PY:-.venv/bin/python}; DEV=cpu; SLOW=4  # timeouts x4: 2 shared cores
+  TRACE="--cpu-dry-run --requests 12 --rate 4 --rates 4,8 --rounds 1 --warmup 4 --ttft-slo 1.5 --tpot-slo 0.1"
+else
+  PY=python3; DEV=cuda; SLOW=1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+  nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
+  TRACE="--device cuda --model /tmp/rand8b16 --block-tokens 512 --max-model-len 8192 \
+    --requests 60 --rate 20 --rates 40,60,80,100 --rounds 2 --warmup 8 --ttft-slo 0.3 \
+    --tpot-slo 0.03 --instance-args=--gpu-memory-utilization=0.42"
+fi
+if [ "$DEV" = cuda ]; then
+  timeout 60 $PY -m moska.bench.random_checkpoint /tmp/rand8b16 --layers 16 --device cuda:0 \
+    >> "$LOG" 2>&1 &
+  CKPT=$!
+fi
+timeout $((30 * SLOW)) $PY -m pytest -q -p no:cacheprovider tests/pd/test_pd_one_event.py \
+  >> "$LOG" 2>&1; step tests $?
+if [ "$DEV" = cuda ]; then
+  wait $CKPT; step checkpoint $?
+  ls /tmp/rand8b16 >> "$LOG"
+fi
+timeout $((120 * SLOW)) $PY -m moska.bench.trace $TRACE --out "$OUT/pd_trace_2gpu.json" \
+  >> "$LOG" 2>&1; step trace $?
+$PY - "$OUT" <<'PY'
+import json, sys
+try:
+    d = json.load(open(f"{sys.argv[1]}/pd_trace_2gpu.json"))
+except Exception as e:  # noqa: BLE001
+    sys.exit(f"pd_trace_2gpu no summary: {e}")
+s = d.get("summary", {})
+print("regime", s.get("regime"), "pd/colocated goodput", s.get("pd_goodput_over_colocated"))
+keys = ("goodput_rps", "within_both_slos_of_admitted", "within_ttft_slo_of_all",
+        "rejected_429", "ttft_p99_s", "tpot_p99_s", "unmeasured")
+print("rate system " + " ".join(keys))
+for rate, v in d.get("by_rate", {}).items():
+    for k in ("colocated", "pd"):
+        if k in v:
+            row = [v[k].get(m) for m in keys]
+            extra = v[k].get("tpot_p50_s"), v[k].get("stage_pred_over_observed")
+            print(rate, k, *row, "tpot_p50", extra[0], "stage", extra[1])
+print("placement", json.dumps(d.get("placement")))
+PY
+grep -i "error\|traceback" "$LOG" | head -8 | cut -c1-300
