@@ -26,3 +26,15 @@ class GroupRouting:
     def clear(self) -> None:
         self.selections.clear()
         self.coverage.clear()
+
+    def snapshot(self) -> GroupRouting:
+        """A copy the next replay of its CUDA graph cannot overwrite, queued on the device
+        (no sync): the last recorded layer's selections (all a step's routing report
+        reads, engine/step_output.py) and the coverage. It lets a library step replayed
+        from a graph run ahead of its tokens (asynchronous scheduling)."""
+        out = GroupRouting(coverage={layer: c.clone() for layer, c in self.coverage.items()})
+        if self.selections:
+            last = max(self.selections)
+            s = self.selections[last]
+            out.selections[last] = Selections(s.req.clone(), s.kv_head.clone(), s.chunk.clone())
+        return out

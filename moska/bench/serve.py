@@ -36,6 +36,7 @@ import torch
 
 from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
 from moska.bench.serve_report import VARIANTS, plot, summarize
+from moska.bench.serve_steps import StepRecorder, phase_figures, phase_line, step_log
 from moska.bench.serve_workload import (
     InMemoryLibraries,
     Workload,
@@ -73,6 +74,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tier-budget-fraction", type=float, default=0.25)
     ap.add_argument("--tier-cpu-budget-gib", type=float, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument(
+        "--sync-ab-steps",
+        type=int,
+        default=0,
+        help="library variants: the first S decode steps of a run with library steps "
+        "synchronous (the engine before async library steps), an A/B in the same run",
+    )
+    ap.add_argument("--step-log", action="store_true", help="every step's record in the JSON")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
     ap.add_argument("--scratch-dir", default=None, help="where the tiered library is saved")
     ap.add_argument("--out", default="bench/results/serve.json")
@@ -91,6 +100,7 @@ class Setup:
     kv_bytes_per_token: int  # all KV layers, k and v
     library_tokens: int
     library_limit: str  # what bounded the library: "context", "memory" or "--library-tokens"
+    bounds: dict  # the largest library by context and by memory, in tokens
     prefix_fits: bool
     token_ids: list[int]
     dtype: str  # the model's, also its KV's
@@ -122,7 +132,8 @@ def plan(args: argparse.Namespace, loaded, device: str) -> Setup:
         raise SystemExit(f"no library of one {args.chunk_size}-token chunk fits ({limit})")
     ids = random_token_ids(tokens, c.vocab_size, seed=1)
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    return Setup(loaded, device, bs, kv_tok, tokens, limit, fits, ids, dtype)
+    bounds = {"by_context": by_context, "by_memory": by_memory}
+    return Setup(loaded, device, bs, kv_tok, tokens, limit, bounds, fits, ids, dtype)
 
 
 def engine_config(s: Setup, args, top_k: int, extra_blocks: int = 0, **cfg) -> EngineConfig:
@@ -170,6 +181,7 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
     t0 = time.perf_counter()
     graphs = engine.capture_graphs(progress=False)
     result: dict[str, Any] = {"warmup_seconds": warm_s, "graphs_captured": graphs}
+    recorder = StepRecorder(engine, args.sync_ab_steps if library is not None else 0)
     result["graph_capture_seconds"] = time.perf_counter() - t0
     runs = []
     for pattern in args.arrivals:
@@ -180,9 +192,16 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
         lib = engine.libraries.get(library) if library is not None else None
         before, tiers = engine.stats(), tier_snapshot(lib)
         tag = f"{name}-{pattern}"
-        timings, wall, adding = drive(engine, work, tag, prefix=prefix, library=library)
+        recorder.reset()
+        timings, wall, adding = drive(
+            engine, work, tag, prefix=prefix, library=library, step=recorder.step
+        )
+        recorder.finish()
         after = engine.stats()
         run = {"arrivals": work.pattern, **latency_figures(timings, wall)}
+        run["phases"] = phase_figures(recorder.records, args.requests)
+        if args.step_log:
+            run["step_log"] = step_log(recorder.records)
         run["add_request_seconds"] = adding
         run["steps"] = after.steps - before.steps
         run["prompt_tokens_computed"] = after.prompt_tokens_computed - before.prompt_tokens_computed
@@ -191,7 +210,8 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
         print(
             f"{name:>14} {work.pattern:>12} {run['output_tokens_per_s']:>10.1f} tok/s "
             f"TTFT p50 {run['ttft_p50_s']:.3f} s p99 {run['ttft_p99_s']:.3f} s "
-            f"TPOT p50 {1e3 * (run['tpot_p50_s'] or 0):.1f} ms",
+            f"TPOT p50 {1e3 * (run['tpot_p50_s'] or 0):.1f} ms; "
+            f"{phase_line(run['phases'])}",
             flush=True,
         )
     result["runs"] = runs
@@ -334,6 +354,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> None:
             "poisson_rate": args.rate,
             "library_tokens": s.library_tokens,
             "library_limit": s.library_limit,
+            "library_bounds_tokens": s.bounds,
             "kv_bytes_per_token": s.kv_bytes_per_token,
             "max_num_batched_tokens": args.max_num_batched_tokens,
         },

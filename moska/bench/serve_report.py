@@ -30,6 +30,7 @@ def summarize(rows: list[dict], args, s) -> dict:
             out[f"{pattern}_routed_bf16_vs_prefix_cached_output_tok_s"] = (
                 r["output_tokens_per_s"] / p["output_tokens_per_s"]
             )
+            out.update(phase_ratios(pattern, r, p))
         for variant in VARIANTS:
             x = run(variant, pattern)
             if x:
@@ -37,13 +38,64 @@ def summarize(rows: list[dict], args, s) -> dict:
                 out[f"{pattern}_{variant}_ttft_p50_s"] = x["ttft_p50_s"]
                 out[f"{pattern}_{variant}_ttft_p99_s"] = x["ttft_p99_s"]
                 out[f"{pattern}_{variant}_tpot_p50_s"] = x["tpot_p50_s"]
+                ph = x.get("phases") or {}
+                for key in ("decode_output_tokens_per_s", "full_batch_decode_step_p50_s"):
+                    out[f"{pattern}_{variant}_{key}"] = ph.get(key)
+                out[f"{pattern}_{variant}_prefill_phase_s"] = ph.get("prefill_seconds")
                 for tier, counts in (x.get("tiers") or {}).items():
                     if isinstance(counts, dict):
                         out[f"{pattern}_{variant}_{tier}_hit_rate"] = counts["hit_rate"]
+    if s.prefix_fits:
+        out["baseline_arithmetic"] = baseline_arithmetic(args, s, run)
     out["peak_gpu_memory_gib"] = {r["variant"]: r.get("peak_gpu_memory_gib") for r in rows}
     out["not_run"] = {
         r["variant"]: f"{r['status']}: {r.get('reason')}" for r in rows if r["status"] != "ok"
     }
+    return out
+
+
+def phase_ratios(pattern: str, r: dict, p: dict) -> dict:
+    """Routed bf16 (r) over prefix-cached (p) in the decode phase (serve_steps), and the
+    most the whole-run ratio could be were routed decode free: the baseline's run over
+    the routed run's prefill phase."""
+    rp, pp = r.get("phases"), p.get("phases")
+    if not rp or not pp:
+        return {}
+    out = {}
+    a, b = rp["decode_output_tokens_per_s"], pp["decode_output_tokens_per_s"]
+    if a and b:
+        out[f"{pattern}_routed_bf16_vs_prefix_cached_decode_tok_s"] = a / b
+    a, b = rp["full_batch_decode_step_p50_s"], pp["full_batch_decode_step_p50_s"]
+    if a and b:
+        out[f"{pattern}_routed_bf16_vs_prefix_cached_full_batch_decode_tok_s"] = b / a
+    if rp["prefill_seconds"] > 0:
+        out[f"{pattern}_whole_run_ratio_bound_if_routed_decode_were_free"] = (
+            p["seconds"] / rp["prefill_seconds"]
+        )
+    return out
+
+
+HBM_READ_BYTES_PER_S = 4.0e12  # the H200's measured read rate (bench/results ceilings)
+
+
+def baseline_arithmetic(args, s, run) -> dict:
+    """What the prefix-cached baseline's decode step should cost from its attention reads
+    (every request reads the whole prefix's KV each step), against what it measured."""
+    read = args.requests * s.library_tokens * s.kv_bytes_per_token
+    out: dict = {
+        "attention_read_bytes_per_decode_step": read,
+        "decode_step_s_at_4_0_tb_s": read / HBM_READ_BYTES_PER_S,
+    }
+    for pattern in args.arrivals:
+        p = run("prefix_cached", pattern)
+        step = ((p or {}).get("phases") or {}).get("full_batch_decode_step_p50_s")
+        if step:
+            out[f"{pattern}_full_batch_decode_step_s"] = step
+            out[f"{pattern}_effective_read_bytes_per_s"] = read / step
+    out["note"] = (
+        "an effective read rate above HBM's means requests reading the same prefix blocks "
+        "at the same time hit L2: the baseline is faster than its read volume says"
+    )
     return out
 
 

@@ -150,11 +150,13 @@ def drive(
     *,
     prefix: list[int] | None = None,
     library: str | None = None,
+    step=None,
 ) -> tuple[list[RequestTiming], float, float]:
     """Run `work` through `engine`: each request is added once its arrival time has passed
     (checked between steps, as a server's engine loop would) and every output timed when
     `step()` hands it to the host. `prefix`: token ids put before every prompt (the
-    prefix-cached baseline); `library`: the library every request names. Returns the
+    prefix-cached baseline); `library`: the library every request names; `step`: what runs
+    one step (default engine.step; serve_steps.StepRecorder.step times it). Returns the
     timings, the wall seconds from the start to the last token and the seconds spent in
     add_request."""
     params = SamplingParams(temperature=0.0, max_tokens=work.max_tokens, ignore_eos=True)
@@ -162,6 +164,7 @@ def drive(
     order = deque(sorted(range(len(timings)), key=lambda i: work.arrivals[i]))
     index: dict[str, int] = {}
     head = list(prefix or [])
+    step = step or engine.step
     adding = 0.0  # host seconds in add_request (a long prefix's token checks and hashing)
     t0 = time.perf_counter()
     while order or engine.has_unfinished_requests():
@@ -176,7 +179,7 @@ def drive(
         if not engine.has_unfinished_requests():  # idle until the next arrival
             time.sleep(max(0.0, work.arrivals[order[0]] - now))
             continue
-        for out in engine.step():
+        for out in step():
             t = time.perf_counter() - t0
             tm = timings[index[out.request_id]]
             if out.new_token_ids:

@@ -96,6 +96,9 @@ class LLMEngine:
         self._chunks_routed = 0
         self._failed_steps = 0
         self.last_step_captured_graph = False  # the last step paid a CUDA graph capture
+        # library decode steps replayed from a CUDA graph run ahead too (their routing
+        # reports are snapshots); False: they wait for their tokens (benchmarks' A/B)
+        self.async_library_steps = True
         self.async_scheduling = (
             self.device.type == "cuda"
             if config.async_scheduling is None
@@ -269,12 +272,14 @@ class LLMEngine:
         outputs = self._finish(*prev) if prev is not None else []
         # Only decode steps run ahead: a step with prompt tokens may wait on the device inside
         # its forward, so its tokens would reach the host a whole step later (time to first
-        # token doubled in the smoke run), a library step reads its routing back, and a step
-        # whose sampler reads token ids (penalties, logits processors) needs them all real.
+        # token doubled in the smoke run), an eager library step reads its routing back (one
+        # replayed from a graph reads a snapshot of it), and a step whose sampler reads
+        # token ids (penalties, logits processors) needs them all real.
+        library_ahead = self.async_library_steps and pending.routing_owned
         if (
             self.async_scheduling
             and pending.decode_only
-            and not pending.reads_library
+            and (not pending.reads_library or library_ahead)
             and not pending.needs_history
         ):
             self.scheduler.update_from_output(out, None)  # its tokens in flight

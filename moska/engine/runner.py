@@ -179,8 +179,10 @@ class ModelRunner:
             except GraphCaptureError as e:
                 self._go_eager(e)
             else:
-                step = self._sample(hidden, x, [report] if report is not None else [])
-                step.decode_only = True
+                # the report's tensors are the graph's: the next replay overwrites them
+                routing = [report.snapshot()] if report is not None else []
+                step = self._sample(hidden, x, routing)
+                step.decode_only = step.routing_owned = True
                 return step
         dev = self.device
         meta = AttentionMetadata(

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Session 15 (one H200): #16.4 the serving benchmark at B = 256, where each run's time goes.
+# Correctness first: library decode steps replayed from CUDA graphs now run ahead of their
+# tokens (asynchronous scheduling, routing reports from a snapshot of the graph's); the
+# CUDA test compares their tokens and routed chunks with the eager engine's. Then the
+# bench of bench/results/serve_h200.json (same shape: 127K-token library, the largest the
+# prefix-cached baseline fits: Llama-3.1-8B's 131,072 positions; 256 requests x 256 own
+# tokens x 64 generated), burst arrivals only (Poisson at 64 req/s is arrival-bound for the
+# routed run), routed bf16 and prefix-cached only, with every step recorded
+# (moska/bench/serve_steps.py): prefill and decode phases, the full-batch decode step
+# (p50, host split), and an A/B in the same run: the first 8 decode steps with library
+# steps synchronous (the engine before this change), the rest running ahead.
+# Carry .whl only (the model is random). CPU form:
+#   .venv/bin/python -m moska.bench.serve --cpu-dry-run --no-plot --step-log \
+#     --sync-ab-steps 1 --arrivals burst --variants routed_bf16 prefix_cached --out /tmp/d.json
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SITE=/tmp/site_serve15  # its own: two scripts installing into one --target race
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+export PYTHONPATH=$SITE:$PWD
+TRITON_INTERPRET=0 timeout 25 python3 -m pytest -q -p no:cacheprovider -rs \
+  "tests/engine/test_cuda_graphs_cuda.py::test_graph_replay_matches_eager[docs-2-False]" \
+  > "$OUT/serve_cuda_tests.log" 2>&1
+echo "cuda tests rc=$?"
+J="$OUT/serve_h200_session15.json"
+timeout 125 python3 -m moska.bench.serve --requests 256 --unique-tokens 256 --max-tokens 64 \
+  --gpu-memory-gib 120 --arrivals burst --variants routed_bf16 prefix_cached \
+  --sync-ab-steps 8 --step-log --no-plot --out "$J" > "$OUT/serve.log" 2>&1
+echo "serve rc=$?"
+grep -E "tok/s|failed|Error" "$OUT/serve.log" | cut -c1-400
+python3 - "$J" <<'PY'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:  # noqa: BLE001
+    sys.exit(f"no serve json: {e}")
+s = d.get("summary", {})
+print("complete", d.get("complete"), "library", d["shapes"]["library_tokens"],
+      d["shapes"].get("library_bounds_tokens"))
+for k, v in s.items():
+    if k.startswith("burst_routed_bf16_vs") or k.startswith("burst_whole"):
+        print(f"  {k} {v:.2f}")
+print("  baseline", json.dumps(s.get("baseline_arithmetic", {}))[:300])
+for r in d.get("rows", []):
+    for run in r.get("runs", []):
+        p = run["phases"]
+        keys = ("prefill_steps", "prefill_seconds", "decode_steps", "decode_seconds",
+                "decode_output_tokens_per_s", "full_batch_decode_step_p50_s",
+                "full_batch_schedule_p50_s", "full_batch_launch_p50_s", "full_batch_wait_p50_s",
+                "full_batch_ran_ahead_share", "full_batch_by_library_mode")
+        print(" ", r["variant"], run["output_tokens_per_s"], "ttft", run["ttft_p50_s"],
+              run["ttft_p99_s"], json.dumps({k: p[k] for k in keys})[:600])
+PY
+tail -3 "$OUT/serve_cuda_tests.log" | cut -c1-300
