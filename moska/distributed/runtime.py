@@ -22,6 +22,10 @@ RankFailedError instead of waiting forever; a gloo group's timeout is each proce
 Failure: workers beat a heartbeat counter in the store and rank 0 watches them
 (`rank_monitor.py`); a failed rank is logged by rank, and the engine raises
 RankFailedError naming it at its next step or request.
+
+Shutdown: STOP, then every rank leaves the groups together and in bounded time (a NCCL
+destroy waits for its peers and for captured graphs: `teardown.py`), then rank 0 joins the
+workers; after a failure the workers are killed and a NCCL group is aborted.
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ class DistributedRuntime:
         self._parent_end = parent_end  # open while the workers run: see rank_processes
         self.channel: Any = None  # the StepChannel, set once the model is loaded
         self._closed = False
+        self.teardown: str | None = None  # how rank 0 left the group (teardown.leave)
         atexit.register(self.shutdown)
 
     @property
@@ -259,8 +264,9 @@ class DistributedRuntime:
         return self.monitor.failure
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop the workers (a STOP command, then kill what has not exited within
-        `timeout_s`) and leave the process group. Safe to call twice."""
+        """Stop the workers (a STOP command; every rank then leaves the process group
+        together, each step bounded by `timeout_s`: distributed/teardown.py) and kill what
+        has not exited within `timeout_s`. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
@@ -277,7 +283,7 @@ class DistributedRuntime:
         if stopped:
             # every rank leaves the group now, together: a NCCL destroy waits for its peers'
             # (rank 0 joining the workers first deadlocked: teardown.py); then they exit
-            self.groups.close(clean=True, deadline_s=timeout_s)
+            self.teardown = self.groups.close(clean=True, deadline_s=timeout_s)
             _stop_procs(self.monitor.procs, timeout_s)
         else:
             # after a rank failed no STOP was sent: the survivors wait on the control group
@@ -287,7 +293,7 @@ class DistributedRuntime:
         if self._parent_end is not None:  # any worker still running leaves on its own
             self._parent_end.close()
         if not stopped:
-            self.groups.close(clean=False, deadline_s=timeout_s)
+            self.teardown = self.groups.close(clean=False, deadline_s=timeout_s)
 
 
 def _looks_distributed(exc: BaseException) -> bool:
