@@ -95,15 +95,16 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "ones; rerank=step reads a re-ranking's pages in its own step; approximate; eager decode "
     "steps). Default: off",
     "routing_scorer": "library router scorer: keymax, two_stage, mean or bound (default: keymax)",
-    "routing_dense_layers": "first layers that read every library chunk (default: 1)",
-    "routing_always_first": "always read a library's first chunk (attention sinks; default: on)",
+    "routing_dense_layers": "first layers that read every library chunk (default: 0)",
+    "routing_always_first": "always read a library's first chunk (attention sinks; default: off)",
     "routing_always_last": "prefix libraries: always read the chunk nearest the request "
-    "(default: on)",
+    "(default: off)",
     "routing_mass_threshold": "adaptive k: chunks until this estimated share of attention "
     "mass, at most top_k (0: a fixed k, the default; eager steps)",
     "routing_page_size": "score pages of this many tokens inside chunks (key-max), rank "
     "chunks by their pages (0: whole chunks, the default; eager steps)",
-    "routing_per_kv_head": "each KV head picks its own chunks (default: one set per request)",
+    "routing_per_kv_head": "each KV head picks its own chunks (default: on; off: one set per "
+    "request, the KV heads' scores summed)",
 }
 _NOT_FLAGS = {"model"}  # positional / --model, per subcommand
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
@@ -188,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None, help="the engine's and the request's seed")
     g.add_argument("--library", default=None, help="name of a shared KV library to read")
-    g.add_argument("--top-k-chunks", type=int, default=None)
+    g.add_argument(
+        "--top-k-chunks",
+        type=int,
+        default=None,
+        help="library chunks each layer reads (default: the engine's --default-top-k-chunks)",
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--chat-template", default=None, help="a Jinja file or inline template")
     _add_engine_args(g, skip=frozenset({"seed"}))

@@ -82,18 +82,14 @@ def run_library(args: argparse.Namespace) -> int:
         from moska.engine.llm_engine import LLMEngine
         from moska.library.documents import read_documents
         from moska.library.positions import independent_from_args
-        from moska.routing.policy import default_chunk_size
 
         kwargs = {**_engine_kwargs(args), "library_root": str(root)}
         kwargs["num_kv_blocks"] = kwargs.get("num_kv_blocks") or 16  # a build needs few
         EngineConfig(model=args.model, **kwargs).check_device()
         engine = LLMEngine.from_model(args.model, **kwargs)
         docs = read_documents(args.files, jsonl_field=args.jsonl_field)
-        chunk_size = args.chunk_size or default_chunk_size(
-            sum(len(t) if isinstance(t, str) else 4 * len(t) for _, t in docs) // 4
-        )  # about 4 characters a token
-        info = engine.libraries.build(
-            args.name, docs, chunk_size=chunk_size, mode=args.mode, kv_dtype=args.kv_dtype,
+        info = engine.libraries.build(  # chunk size None: scales with the token count
+            args.name, docs, chunk_size=args.chunk_size, mode=args.mode, kv_dtype=args.kv_dtype,
             routing_rank=args.routing_rank, independent=independent_from_args(args),
         )  # fmt: skip
         print(f"built {info.name}: {info.num_tokens} tokens in {info.num_chunks} chunks")

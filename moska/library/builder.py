@@ -141,7 +141,7 @@ def build_in_memory(
     documents: Sequence[tuple[str, str | Sequence[int]]],
     name: str,
     *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     mode: str = "prefix",
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
     routing_rank: int | None = None,
@@ -151,7 +151,9 @@ def build_in_memory(
     kv_dtype: str = "auto",
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Tokenize ``(name, text)`` documents (``(name, token_ids)`` ones are taken verbatim)
-    and build the library in memory."""
+    and build the library in memory. ``chunk_size`` None: a size that scales with the
+    library (``routing.policy.default_chunk_size``; what the manager, the CLI and the HTTP
+    API use when none is given)."""
     corpus = tokenize_documents(loaded_model.tokenizer, documents, mode, chunk_size)
     return build_from_corpus(
         loaded_model,
@@ -171,7 +173,7 @@ def build_library(
     documents: Sequence[tuple[str, str | Sequence[int]]],
     name: str,
     root: str | os.PathLike,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     mode: str = "prefix",
     prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
     routing_rank: int | None = None,

@@ -101,14 +101,16 @@ def tokenize_documents(
     tokenizer: Any,
     documents: Sequence[tuple[str, str | Sequence[int]]],
     mode: str = "prefix",
-    chunk_size: int = 4096,
+    chunk_size: int | None = 4096,
 ) -> TokenizedCorpus:
     """Tokenize ``(name, text)`` documents and chunk them (see the module docstring).
 
     A document given as a sequence of token ids instead of text is used verbatim (no BOS,
-    no separator added); ``tokenizer`` may then be None.
+    no separator added); ``tokenizer`` may then be None. ``chunk_size`` None: the size that
+    scales with the library (``routing.policy.default_chunk_size`` of its token count), so
+    that a small library is still cut into chunks the router can choose among.
     """
-    check_mode(mode, chunk_size)
+    check_mode(mode, 1 if chunk_size is None else chunk_size)
     if not documents:
         raise LibraryError("a library needs at least one document")
 
@@ -134,6 +136,10 @@ def tokenize_documents(
     bos = getattr(tokenizer, "bos_token_id", None)
     first = docs[0][1][0] if docs[0][1] else None
     begins_with_bos = mode == "prefix" and bos is not None and first == bos
+    if chunk_size is None:
+        from moska.routing.policy import default_chunk_size
+
+        chunk_size = default_chunk_size(sum(len(ids) for _, ids in docs))
     return corpus_from_token_ids(docs, mode, chunk_size, begins_with_bos)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from moska.library.arena import ArenaFullError, ArenaLayout, ArenaRange, KVArena, library_layout
 from moska.library.arena_budget import arena_rows, check_memory
-from moska.library.builder import DEFAULT_CHUNK_SIZE, DEFAULT_PREFILL_TOKENS, build_and_save
+from moska.library.builder import DEFAULT_PREFILL_TOKENS, build_and_save
 from moska.library.errors import (
     CorruptLibraryError,
     LibraryDeletingError,
@@ -185,7 +185,8 @@ class LibraryManager:
         built. ``reservation`` (from ``reserve(name)``) is taken over; either way the name
         is released when the build ends (success, failure or cancel). ``on_progress(done,
         total)`` sees the prefill and may raise to stop it (``prefill_corpus``).
-        ``independent``: ``positions.IndependentOptions`` (None: the measured defaults)."""
+        ``independent``: ``positions.IndependentOptions`` (None: the measured defaults).
+        ``chunk_size`` None: a power of two giving about 32 chunks, 64 to 4,096 tokens."""
         if self.loaded_model is None:
             if reservation is not None:
                 reservation.release()
@@ -198,7 +199,7 @@ class LibraryManager:
                 documents,
                 name,
                 self.root,
-                chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+                chunk_size=chunk_size,  # None: scales with the library's token count
                 mode=mode,
                 prefill_tokens=prefill_tokens,
                 routing_rank=routing_rank,

@@ -152,25 +152,30 @@ def check_documents_fit(
     loaded_model: Any,
     documents: Any,
     mode: str,
-    chunk_size: int,
+    chunk_size: int | None,
     independent: IndependentOptions | None = None,
 ) -> None:
     """The build's context check from its documents, before a build is queued (the server
     answers 400 at once instead of failing a job): tokenizes them in prefix mode (the only
-    mode whose fit depends on the text). Raises what ``build_from_corpus`` would."""
+    mode whose fit depends on the text), and in independent mode when ``chunk_size`` is
+    None (the default size depends on the token count). Raises what ``build_from_corpus``
+    would."""
     from moska.library.chunking import check_mode, tokenize_documents
 
-    check_mode(mode, chunk_size)
+    check_mode(mode, 1 if chunk_size is None else chunk_size)
     opts = independent_options(mode, independent)
     max_positions = model_max_positions(getattr(loaded_model, "config", None))
     if max_positions is None:
         return
     if mode == "independent":
+        if chunk_size is None:
+            corpus = tokenize_documents(loaded_model.tokenizer, documents, mode, None)
+            chunk_size = corpus.chunk_size
         sink = 1 if opts.chunk_sink else 0
         check_fits_context(mode, chunk_size, chunk_size, max_positions, sink)
         return
     corpus = tokenize_documents(loaded_model.tokenizer, documents, mode, chunk_size)
-    check_fits_context(mode, corpus.num_tokens, chunk_size, max_positions)
+    check_fits_context(mode, corpus.num_tokens, corpus.chunk_size, max_positions)
 
 
 def independent_from_args(args: Any) -> IndependentOptions | None:

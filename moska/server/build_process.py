@@ -334,7 +334,7 @@ def _child_main(
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwinds: the store's tmp dir is removed
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it cancels builds
     try:
-        from moska.library.builder import DEFAULT_CHUNK_SIZE, build_and_save
+        from moska.library.builder import build_and_save
 
         torch.set_num_threads(shared.num_threads)
         if spec.device.startswith("cuda"):
@@ -354,7 +354,7 @@ def _child_main(
                 spec.documents,
                 spec.name,
                 spec.root,
-                chunk_size=spec.chunk_size or DEFAULT_CHUNK_SIZE,
+                chunk_size=spec.chunk_size,  # None: scales with the library (manager's)
                 mode=spec.mode,
                 kv_dtype=spec.kv_dtype,
                 progress=False,

@@ -18,7 +18,13 @@ class LibraryDocument(RequestBody):
 class LibraryBuildRequest(RequestBody):
     name: LibraryName
     documents: list[LibraryDocument] = Field(min_length=1, max_length=100_000)
-    chunk_size: int | None = Field(None, ge=1, le=1 << 20)
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        le=1 << 20,
+        description="tokens per chunk, the unit the router picks (default: a power of two "
+        "giving about 32 chunks, 64 to 4096)",
+    )
     mode: Literal["prefix", "independent"] = "prefix"
     kv_dtype: Literal["auto", "fp8"] = "auto"  # fp8: e4m3 KV, scales per (token, KV head)
 

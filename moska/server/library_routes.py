@@ -138,13 +138,12 @@ async def build_library(
 async def _check_fits_context(manager: Any, job: BuildJob) -> None:
     """400 naming the field at once for a library that cannot fit the model's context (a
     prefix library past it: build it `independent`), before a job is queued."""
-    from moska.library.builder import DEFAULT_CHUNK_SIZE
     from moska.library.positions import LibraryTooLongError, check_documents_fit
 
     model = getattr(manager, "loaded_model", None)
     if model is None:
         return
-    chunk_size = job.chunk_size or DEFAULT_CHUNK_SIZE
+    chunk_size = job.chunk_size  # None: the build's default, which scales with the library
     try:
         await asyncio.to_thread(check_documents_fit, model, job.documents, job.mode, chunk_size)
     except LibraryTooLongError as exc:
