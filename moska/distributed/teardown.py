@@ -89,7 +89,10 @@ def bounded(fn: Callable[[], Any], deadline_s: float, name: str) -> bool:
         finally:
             done.set()
 
-    threading.Thread(target=run, name=f"moska-{name}", daemon=True).start()
+    try:
+        threading.Thread(target=run, name=f"moska-{name}", daemon=True).start()
+    except RuntimeError:  # no new thread at interpreter exit (an atexit shutdown): inline
+        run()
     return done.wait(deadline_s)
 
 
