@@ -100,10 +100,11 @@ class Setup:
     kv_bytes_per_token: int  # all KV layers, k and v
     library_tokens: int
     library_limit: str  # what bounded the library: "context", "memory" or "--library-tokens"
-    bounds: dict  # the largest library by context and by memory, in tokens
     prefix_fits: bool
     token_ids: list[int]
     dtype: str  # the model's, also its KV's
+    # the largest library by context and by memory, in tokens (plan)
+    bounds: dict = dataclasses.field(default_factory=dict)
 
 
 def plan(args: argparse.Namespace, loaded, device: str) -> Setup:
@@ -133,7 +134,7 @@ def plan(args: argparse.Namespace, loaded, device: str) -> Setup:
     ids = random_token_ids(tokens, c.vocab_size, seed=1)
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     bounds = {"by_context": by_context, "by_memory": by_memory}
-    return Setup(loaded, device, bs, kv_tok, tokens, limit, bounds, fits, ids, dtype)
+    return Setup(loaded, device, bs, kv_tok, tokens, limit, fits, ids, dtype, bounds)
 
 
 def engine_config(s: Setup, args, top_k: int, extra_blocks: int = 0, **cfg) -> EngineConfig:

@@ -19,7 +19,9 @@ from moska.config import EngineConfig
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "serve.json"
     threads = torch.get_num_threads()
-    serve.main(["--cpu-dry-run", "--no-plot", "--out", str(out)])
+    serve.main(
+        ["--cpu-dry-run", "--no-plot", "--step-log", "--sync-ab-steps", "1", "--out", str(out)]
+    )
     assert torch.get_num_threads() == threads  # the dry run's one thread is given back
     return json.loads(out.read_text()), out
 
@@ -119,3 +121,63 @@ def test_poisson_arrivals():
     assert work.arrivals[0] == 0.0 and min(gaps) >= 0
     assert sum(gaps) / len(gaps) == pytest.approx(1 / 20.0, rel=0.1)
     assert Workload.make(5, 3, 2, vocab=50, rate=None, seed=1).arrivals == (0.0,) * 5
+
+
+def test_steps_split_the_run_into_prefill_and_decode_phases(result):
+    """Every step is recorded; the phases account for every step and output token, and
+    the summary compares routed with prefix-cached in the decode phase too."""
+    data, _ = result
+    n, g = data["shapes"]["requests"], data["shapes"]["max_tokens"]
+    s = data["summary"]
+    for row in data["rows"]:
+        for run in row.get("runs", []):
+            p, log = run["phases"], run["step_log"]
+            assert p["steps"] == len(log) == run["steps"]
+            assert p["prefill_steps"] + p["decode_steps"] == p["steps"]
+            assert sum(x["prompt_tokens"] for x in log) == run["prompt_tokens_computed"]
+            assert sum(x["tokens"] for x in log) == n * g
+            assert p["decode_tokens"] == sum(x["tokens"] for x in log if not x["prompt_tokens"])
+            assert p["decode_output_tokens_per_s"] == pytest.approx(
+                p["decode_tokens"] / p["decode_seconds"]
+            )
+            full = [x["ms"] for x in log if not x["prompt_tokens"] and x["rows"] == n]
+            assert p["full_batch_decode_steps"] == len(full) > 0
+            if row["variant"] != "prefix_cached":  # --sync-ab-steps 1: the first one synchronous
+                assert [x["library_async"] for x in log if not x["prompt_tokens"]][:2] == [
+                    False,
+                    True,
+                ]
+    r = next(x for x in data["rows"] if x["variant"] == "routed_bf16")["runs"][0]["phases"]
+    p = next(x for x in data["rows"] if x["variant"] == "prefix_cached")["runs"][0]["phases"]
+    assert s["burst_routed_bf16_vs_prefix_cached_decode_tok_s"] == pytest.approx(
+        r["decode_output_tokens_per_s"] / p["decode_output_tokens_per_s"]
+    )
+    assert s["baseline_arithmetic"]["attention_read_bytes_per_decode_step"] == (
+        n * s["library_tokens"] * data["shapes"]["kv_bytes_per_token"]
+    )
+
+
+def test_8b_library_is_bounded_by_context_not_memory():
+    """At Llama-3.1-8B dims in 120 GiB the baseline's KV would hold a ~600K-token prefix
+    (and 256 requests' own), but its positions stop at 131,072: the library is the
+    largest whole number of chunks within the context, and the JSON says both bounds."""
+    from moska.bench.common import LLAMA_3_1_8B
+    from moska.model.config import ModelConfig
+    from moska.model.llama import CausalLM
+    from moska.model.loader import LoadedModel
+
+    config = ModelConfig.from_dict(LLAMA_3_1_8B)
+    model = CausalLM(config, dtype=torch.bfloat16, device="meta")  # shapes only, no memory
+    args = argparse.Namespace(
+        unique_tokens=256, max_tokens=64, chunk_size=4096, requests=256, gpu_memory_gib=120.0,
+        library_tokens=None,
+    )  # fmt: skip
+    s = serve.plan(args, LoadedModel(model, config, None, None), "cuda")
+    own = 256 + 64
+    assert s.library_limit == "context" and s.prefix_fits
+    assert s.library_tokens == (131072 - own - 1) // 4096 * 4096 == s.bounds["by_context"]
+    assert s.kv_bytes_per_token == 128 * 1024
+    weights = sum(p.numel() * 2 for p in model.parameters())
+    spare = 120 * 2**30 - weights - 8 * 2**30 - 2 * 256 * 336 * s.kv_bytes_per_token
+    assert s.bounds["by_memory"] == spare // s.kv_bytes_per_token // 4096 * 4096
+    assert 500_000 < s.bounds["by_memory"] < 700_000
