@@ -265,8 +265,8 @@ class DistributedRuntime:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop the workers (a STOP command; every rank then leaves the process group
-        together, each step bounded by `timeout_s`: distributed/teardown.py) and kill what
-        has not exited within `timeout_s`. Safe to call twice."""
+        together, each step bounded: distributed/teardown.py) and kill what has not exited
+        within `timeout_s`. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
@@ -283,7 +283,7 @@ class DistributedRuntime:
         if stopped:
             # every rank leaves the group now, together: a NCCL destroy waits for its peers'
             # (rank 0 joining the workers first deadlocked: teardown.py); then they exit
-            self.teardown = self.groups.close(clean=True, deadline_s=timeout_s)
+            self.teardown = self.groups.close(clean=True)  # MOSKA_DIST_TEARDOWN_S per step
             _stop_procs(self.monitor.procs, timeout_s)
         else:
             # after a rank failed no STOP was sent: the survivors wait on the control group
@@ -293,7 +293,7 @@ class DistributedRuntime:
         if self._parent_end is not None:  # any worker still running leaves on its own
             self._parent_end.close()
         if not stopped:
-            self.teardown = self.groups.close(clean=False, deadline_s=timeout_s)
+            self.teardown = self.groups.close(clean=False)
 
 
 def _looks_distributed(exc: BaseException) -> bool:

@@ -108,9 +108,7 @@ def _runtime(failure=None):
     from moska.distributed.runtime import DistributedRuntime
 
     log: list = []
-    groups = SimpleNamespace(
-        world_size=2, close=lambda clean, deadline_s: log.append(("close", clean)) or "ok"
-    )
+    groups = SimpleNamespace(world_size=2, close=lambda clean: log.append(("close", clean)) or "ok")
     monitor = SimpleNamespace(stop=lambda: None, failure=failure, procs={1: _Proc(log)})
     rt = DistributedRuntime(groups, monitor)  # type: ignore[arg-type]
     rt.channel = SimpleNamespace(send_stop=lambda: log.append("stop"), failure=None)
