@@ -182,7 +182,9 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
     t0 = time.perf_counter()
     graphs = engine.capture_graphs(progress=False)
     result: dict[str, Any] = {"warmup_seconds": warm_s, "graphs_captured": graphs}
-    recorder = StepRecorder(engine, args.sync_ab_steps if library is not None else 0)
+    # (big_library's measure calls pass their own arguments: these two may be absent)
+    sync_ab = getattr(args, "sync_ab_steps", 0) if library is not None else 0
+    recorder = StepRecorder(engine, sync_ab)
     result["graph_capture_seconds"] = time.perf_counter() - t0
     runs = []
     for pattern in args.arrivals:
@@ -201,7 +203,7 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
         after = engine.stats()
         run = {"arrivals": work.pattern, **latency_figures(timings, wall)}
         run["phases"] = phase_figures(recorder.records, args.requests)
-        if args.step_log:
+        if getattr(args, "step_log", False):
             run["step_log"] = step_log(recorder.records)
         run["add_request_seconds"] = adding
         run["steps"] = after.steps - before.steps
