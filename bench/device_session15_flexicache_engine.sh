@@ -36,7 +36,8 @@ for r in d["rows"]:
     print(" ", r["row"], r["batch"], "tok/s %.0f" % r["tokens_per_s"], "step ms %.1f" % r["step_ms"],
           "graphs", r["cuda_graphs"], "kv", r["gpu_kv_blocks_used"], "/", r["full_kv_blocks"],
           "prefill+warmup s %.1f" % r["prefill_and_warmup_s"],
-          {k: s.get(k) for k in ("kept_fraction", "offloads", "released_blocks", "fetched_pages")})
+          {k: s.get(k) for k in ("kept_fraction", "offloads", "released_blocks", "fetched_pages",
+                                 "steps", "plain_steps")})
 PY
 tail -3 "$OUT/flexicache_engine_tests.log" | cut -c1-300
 tail -3 "$OUT/flexicache_engine_speed.log" | cut -c1-300

@@ -71,10 +71,8 @@ def counted_step(engine, count: bool = True) -> tuple[list, dict[str, Any]]:
     the step did: a re-ranking with offloaded requests, hand-offs, extensions)."""
     flexi: FlexiEngine = engine.runner.flexi
     offloads, extensions = flexi.offloads, flexi.extensions
-    due_offloaded = sum(
-        st.off is not None and st.steps % flexi.cfg.rerank_interval == 0
-        for st in flexi.requests.values()
-    )
+    due = flexi.clock % flexi.cfg.rerank_interval == 0  # every request re-ranks then
+    due_offloaded = sum(due and st.off is not None for st in flexi.requests.values())
     if count:
         with flexi_reads_only(), host_reads.count_host_reads() as reads:
             reads.pause = 1  # counted only inside the hook

@@ -48,6 +48,7 @@ from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.engine_step import FlexiStep
 from moska.flexicache.offload import Offload, OffloadBatch, pool_blocks_needed
 from moska.flexicache.page_counters import PageCounters
+from moska.flexicache.plain_lists import HeadLists, PlainStep
 from moska.flexicache.transfer import to_device
 
 __all__ = ["FlexiEngine", "FlexiStep", "flexi_engine"]
@@ -99,6 +100,9 @@ class FlexiEngine(PageCounters):
         self._fetched = torch.zeros((), dtype=torch.int64, device=device)
         self._evicted = torch.zeros((), dtype=torch.int64, device=device)
         self._batch: OffloadBatch | None = None  # the last step's, its slot maps to write back
+        self.clock = 0  # FlexiCache steps begun: every request re-ranks when clock % r == 0
+        self._lists: HeadLists | None = None  # the lists the next step reads if plain
+        self.plain_steps = 0  # steps that rebuilt nothing (`HeadLists.advance`)
         # [L, Hkv] bool: heads stable regardless of their overlap (benches on random models,
         # as the page store's `force_stable`); None: classified by the threshold only
         self.force_stable: torch.Tensor | None = None
@@ -117,10 +121,11 @@ class FlexiEngine(PageCounters):
         block_tables: torch.Tensor,  # [B, P] int32 on the device
         seq_lens: list[int],
         rows: torch.Tensor | None = None,  # their query rows in a mixed step
-    ) -> FlexiStep:
+    ) -> FlexiStep | PlainStep:
         if self._batch is not None:  # the last step's re-rankings into each request's map
             self._batch.flush()
             self._batch = None
+        lists, self._lists = self._lists, None
         states = []
         for rid in request_ids:
             st = self.requests.get(rid)
@@ -135,6 +140,7 @@ class FlexiEngine(PageCounters):
                     top, torch.zeros_like(top[..., 0], dtype=torch.bool)
                 )
             states.append(st)
+        moved = (self.offloads, self.extensions)
         if self.blocks is not None:
             self._read_classes([st for st, n in zip(states, seq_lens) if self._may_hand_off(st, n)])
             for i, (rid, st) in enumerate(zip(request_ids, states)):
@@ -142,7 +148,15 @@ class FlexiEngine(PageCounters):
                     self._hand_off(rid, st, seq_lens[i])
                 elif st.off is not None:
                     self._extend(rid, st, seq_lens[i])
-        step = FlexiStep(self, states, block_tables, seq_lens, rows)
+        step: FlexiStep | PlainStep | None = None
+        if lists is not None and rows is None and moved == (self.offloads, self.extensions):
+            step = lists.advance(self, request_ids, block_tables, seq_lens)
+            if step is not None:
+                self._lists = lists
+                self.plain_steps += 1
+        if step is None:
+            step = FlexiStep(self, states, block_tables, seq_lens, rows, request_ids)
+        self.clock += 1
         for st in states:
             st.steps += 1
         return step
@@ -278,6 +292,8 @@ class FlexiEngine(PageCounters):
             "host_bytes": self.host_bytes(),
             "fetched_pages": self.fetched_pages,
             "evicted_pages": self.evicted_pages,
+            "steps": self.clock,
+            "plain_steps": self.plain_steps,
         }
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from moska.flexicache import policy
 from moska.flexicache.offload import OffloadBatch
+from moska.flexicache.plain_lists import SLACK_PAGES, HeadLists
 from moska.flexicache.transfer import to_device
 
 if TYPE_CHECKING:
@@ -46,20 +47,25 @@ class FlexiStep:
     """One decode step's per-head page lists, built layer by layer."""
 
     def __init__(
-        self, eng: FlexiEngine, states, block_tables: torch.Tensor, seq_lens, rows=None
+        self, eng: FlexiEngine, states, block_tables: torch.Tensor, seq_lens, rows=None, ids=None
     ) -> None:
         cfg, bs, dev = eng.cfg, eng.block_size, eng.device
         self.eng = eng
         self.states = states
         self.rows = rows  # query rows in a mixed step (`patch`), None: every row
-        self.block_tables = block_tables.long().clamp(min=0)  # released blocks: -1
+        # released blocks: -1; a decode-only step's lists are as wide as the next steps'
+        # (`HeadLists`: started pages appended in place)
+        slack = SLACK_PAGES if rows is None else 0
+        self.block_tables = F.pad(block_tables.long().clamp(min=0), (0, slack))
         self.offs = [(i, st.off) for i, st in enumerate(states) if st.off is not None]
         self.off_rows = to_device([i for i, _ in self.offs], dev)
         n_pages = [-(-s // bs) for s in seq_lens]
         r, self.deferred = cfg.rerank_interval, cfg.rerank == "deferred"
-        self.due = [st.steps % r == 0 for st in states]
-        # ranked in the step (read now): "step" mode, or a request's first step
-        self.now = [d and not (self.deferred and st.steps) for d, st in zip(self.due, states)]
+        # every request re-ranks at the same steps (one ranking step in r, not one per
+        # request's phase); a request that joined since keeps every page until then
+        self.due = [eng.clock % r == 0] * len(states)
+        # ranked in the step (read now): "step" mode, or a request's first ranking
+        self.now = [d and not (self.deferred and st.ranked) for d, st in zip(self.due, states)]
         self.all_now = all(n == d for n, d in zip(self.now, self.due))
         for st, due in zip(states, self.due):
             st.ranked += due
@@ -89,11 +95,17 @@ class FlexiStep:
         self.total = self.n_pages.sum() * hkv
         # held pages: each request's kept pages, [B, L, Hkv, P], its own state a view of it
         self.kept: torch.Tensor | None = None
-        if self.deferred and cfg.hold_unranked:
+        hold = self.deferred and cfg.hold_unranked
+        if hold:
             shape = (eng.num_layers, hkv)
             self.kept = torch.stack([_width(st.kept, shape, p, dev) for st in states])
             for i, st in enumerate(states):
                 st.kept = self.kept[i]
+        # the lists the next step reads, if plain (decode-only steps)
+        self.lists = None
+        if rows is None:
+            self.lists = HeadLists(ids, seq_lens, eng.num_layers, hkv, p, self.kept, hold, dev)
+        eng._lists = self.lists
 
     def _rank(self, layer, q, k_cache, top, stable, sm_scale: float):
         """The due requests' new top-K and classes of `layer` (others: as they were)."""
@@ -154,28 +166,46 @@ class FlexiStep:
         keep = policy.keep_mask_windows(read_top, read_stable, self.active, self.windows)
         if self.kept is not None:  # pages held until their next re-ranking
             keep = keep | self.kept[:, layer]
-        slots = self.slots
         b = self.batch
-        if b is not None:  # released pages live in the requests' pool slots
-            slots = slots.clone()  # this layer's
-            if b.due and after is None:  # ranked in the step: fetched before it reads
-                self._sync(layer, keep)
-            part = slots[self.off_rows, :, : b.pm]
-            on = b.cols[:, None, :]
-            slots[self.off_rows, :, : b.pm] = torch.where(on, b.slot[:, layer], part)
-        tables, lens = policy.head_lists(keep, slots, self.seq_lens, eng.block_size, self.pad)
+        if b is not None and b.due and after is None:  # ranked in the step: fetched first
+            self._sync(layer, keep)
+        tables, lens = policy.head_lists(
+            keep, self._slots(layer), self.seq_lens, eng.block_size, self.pad
+        )
+        stable_now = (read_stable & self.active[:, None]).sum()
         eng._kept += keep.sum()
         eng._total += self.total
-        eng._stable += (read_stable & self.active[:, None]).sum()
+        eng._stable += stable_now
         eng._heads += read_stable.numel()
         out = decode_fn(q, k_cache, v_cache, tables, lens, sm_scale, slot_heads=True)
         if after is not None:  # deferred: read from the next step on
             if b is not None and b.due:  # issued behind this step's reads, in stream order
                 self._sync(layer, after)
             keep = torch.where(self.due_t[:, None, None], after, keep)
+            stable_now = (new_stable & self.active[:, None]).sum()
+            tables, lens = policy.head_lists(
+                keep, self._slots(layer), self.seq_lens, eng.block_size, self.pad
+            )
         if self.kept is not None:  # a row not yet under FlexiCache (short) holds nothing
             self.kept[:, layer] = keep & self.active[:, None, None]
+        if self.lists is not None:  # what the next step reads if it is plain
+            self.lists.tables[layer].copy_(tables)
+            self.lists.lens[layer].copy_(lens)
+            self.lists.kept_pages += keep.sum()
+            self.lists.stable_heads += stable_now
         return out
+
+    def _slots(self, layer: int) -> torch.Tensor:
+        """[B, Hkv, P] slots of every page of `layer`: released pages in the requests'
+        pool slots."""
+        b = self.batch
+        if b is None:
+            return self.slots
+        slots = self.slots.clone()
+        part = slots[self.off_rows, :, : b.pm]
+        on = b.cols[:, None, :]
+        slots[self.off_rows, :, : b.pm] = torch.where(on, b.slot[:, layer], part)
+        return slots
 
     def patch(self, layer, q, o, lse, k_cache, v_cache, decode_fn, sm_scale):
         """A mixed step: replace the offloaded requests' decode rows of (o, lse)."""

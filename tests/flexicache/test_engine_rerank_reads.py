@@ -19,10 +19,10 @@ def _prompts(n: int, length: int) -> list[list[int]]:
     return [[(7 * i + 3 * j) % 200 for j in range(length + 3 * i)] for i in range(n)]
 
 
-def _engine(llm, threshold: float, attach: bool) -> FlexiEngine:
+def _engine(llm, threshold: float, attach: bool, r: int = 2) -> FlexiEngine:
     runner, bm = llm.engine.runner, llm.engine.block_manager
     cfg = FlexiCacheConfig(
-        top_k_pages=2, recent_pages=1, sink_pages=1, threshold=threshold, rerank_interval=2
+        top_k_pages=2, recent_pages=1, sink_pages=1, threshold=threshold, rerank_interval=r
     )
     bm.free_listeners.clear()
     dev = runner.cache.k[0].device
@@ -48,12 +48,14 @@ def _check_reads(eng: FlexiEngine, steps: list[dict]) -> None:
 def test_engine_rerank_steps_read_nothing_back_and_equal_the_modeled_lists(flexi_llm):
     """Every head stable: the offloaded requests read the same pages as the modeled page
     lists (nothing offloaded); 6 requests of 60+ tokens in 64 blocks of 4: some wait for
-    blocks that hand-offs free, so the requests re-rank at different steps."""
+    blocks that hand-offs free, so the two runs schedule them differently. Requests re-rank
+    at the engine's steps (`FlexiEngine.clock`): r = 1, so that what each one reads does not
+    depend on when it was admitted."""
     llm = flexi_llm
     prompts = _prompts(6, 60)
-    _engine(llm, 0.0, attach=False)
+    _engine(llm, 0.0, attach=False, r=1)
     _, modeled = run(llm.engine, prompts, 12, count=False)
-    eng = _engine(llm, 0.0, attach=True)
+    eng = _engine(llm, 0.0, attach=True, r=1)
     steps, got = run(llm.engine, prompts, 12)
     assert got == modeled
     assert eng.offloads == len(prompts) and eng.mixed_steps > 0
