@@ -39,7 +39,8 @@ case "${STEP:-train}" in
       --device cuda --dtype bfloat16 --chunk-size 64 --out "$OUT/fidelity_rank_retrieval.json"
     timeout 200 python3 -m moska.bench.fidelity_rank --model .models/moska-code-20m \
       --device cuda --dtype bfloat16 --out "$OUT/fidelity_rank_code_gpu.json" ;;
-  decode)  # the new default policy (per KV head) in the decode step, both scorers
+  decode)  # per-KV-head routing with the two-stage scorer (the key-max default's decode
+    # step: bench/device_session13_routing.sh; moska.bench.decode's default scorer is key-max)
     timeout 250 python3 -m moska.bench.decode --scorer two_stage --cuda-graph \
       --out "$OUT/decode_routing_default.json" 2>&1 | tail -20 ;;
 esac

@@ -97,14 +97,19 @@ def decode_metadata(b: int, unique: int, lib_blocks: int, bs: int, dense: bool):
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    from moska.routing.policy import RoutingPolicy
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--library-tokens", type=int, default=512 * 1024)
     ap.add_argument("--chunk-size", type=int, default=4096)
     ap.add_argument("--unique-tokens", type=int, default=1024)
     ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--scorer", default="two_stage")
+    ap.add_argument("--scorer", default=RoutingPolicy().scorer,
+                    help="the router's scorer, per KV head as the engine's default policy "
+                    "(default: %(default)s, the engine's; two_stage was the default before "
+                    "issue 17)")  # fmt: skip
     ap.add_argument("--routing-rank", type=int, default=None,
                     help="the routing index's rank (default head_dim // 4, as libraries)")  # fmt: skip
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
@@ -123,7 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--profile", action="store_true", help="kernel table of one moska step")
     ap.add_argument("--cpu-dry-run", action="store_true", help="check the harness on CPU")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.cpu_dry_run:
         return cpu_dry_run(args)
     if not torch.cuda.is_available():

@@ -85,3 +85,9 @@ def test_the_fit_check_sizes_an_independent_library_as_its_build_will():
     with pytest.raises(LibraryTooLongError) as e:
         check_documents_fit(model, docs, "independent", 4096)
     assert e.value.field == "chunk_size"
+
+
+def test_the_decode_bench_times_the_engine_default_scorer():
+    from moska.bench.decode import build_parser
+
+    assert build_parser().parse_args([]).scorer == RoutingPolicy().scorer
