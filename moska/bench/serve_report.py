@@ -68,6 +68,7 @@ def phase_ratios(pattern: str, r: dict, p: dict) -> dict:
     a, b = rp["full_batch_decode_step_p50_s"], pp["full_batch_decode_step_p50_s"]
     if a and b:
         out[f"{pattern}_routed_bf16_vs_prefix_cached_full_batch_decode_tok_s"] = b / a
+        out[f"{pattern}_routed_full_batch_step_for_20x_s"] = b / 20  # the target
     if rp["prefill_seconds"] > 0:
         out[f"{pattern}_whole_run_ratio_bound_if_routed_decode_were_free"] = (
             p["seconds"] / rp["prefill_seconds"]
