@@ -6,8 +6,10 @@
 # near-duplicates (renamed, reordered, reworded; 2 documents x 3 seeds) through the engine
 # on a random-weight Llama of 8B dims built in memory on the GPU (no checkpoint written; all
 # engines share its weights), reuse off (plain prefill) vs on (r = 0.05, blend graphs,
-# decode graphs when the engine test passed) in the same run, with each request's host time
-# by stage (intake + plan, blend launches, forward launch, record, steps).
+# decode graphs when the engine test passed; the blend computes the last prompt token and
+# the step samples from it, no forward: finish_in_blend) vs on without that (the step's
+# forward computes the last token, as in session 14) in the same run, with each request's
+# host time by stage (intake + plan, blend launches, forward launch, record, steps).
 # Carry .whl and .models/moska-code-20m (its tokenizer). Prints one table.
 # `bash bench/device_session15_semshare.sh --cpu-dry-run`: the same steps in CPU forms.
 set -u
@@ -17,13 +19,13 @@ T0=$(date +%s)
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; DRY=1
   TOK=${TOK:-../shared/models/moska-code-20m}
-  TESTS="tests/semshare/test_graphs.py"; TT=120
+  TESTS="tests/semshare/test_graphs.py tests/semshare/test_finish_in_blend.py"; TT=120
   SARGS="--cpu-dry-run"
 else
   PY=python3; export TRITON_INTERPRET=0; TOK=.models/moska-code-20m; DRY=""
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
-  TESTS="-m cuda tests/semshare/test_graphs.py tests/semshare/test_fast_path_cuda.py"; TT=35
+  TESTS="-m cuda tests/semshare/test_graphs.py tests/semshare/test_fast_path_cuda.py tests/semshare/test_finish_in_blend.py"; TT=40
   SARGS="--arch 8b --docs 2 --repeats 3"
 fi
 # shellcheck disable=SC2086
@@ -37,7 +39,7 @@ if [ -z "$DRY" ]; then  # the engines as served (decode graphs on) when both gra
 fi
 TS=$(( 140 - ($(date +%s) - T0) ))
 # shellcheck disable=SC2086
-timeout $TS $PY bench/semshare_speed.py --tokenizer "$TOK" $SARGS $DG \
+timeout $TS $PY bench/semshare_speed.py --tokenizer "$TOK" $SARGS $DG --no-finish-too \
   --out "$OUT/semshare_speed_8b_session15.json" > "$OUT/speed.log" 2>&1
 echo "speed rc=$? ($(( $(date +%s) - T0 )) s)"
 $PY - "$OUT" <<'PY'
@@ -50,13 +52,14 @@ except Exception as e:  # noqa: BLE001
 s = d["summary"]
 print("model", d["model"], "graphs", d.get("graphs"), "enforce_eager",
       d["engine"].get("enforce_eager"), "r", d["semshare"]["recompute_fraction"])
-print(f"{'TTFT ms':8} {'plain':>7} {'reuse':>7} {'x':>5} {'reused':>7}  host ms of reuse: "
-      "add(plan) blend launch record step | plain: step")
+print(f"{'TTFT ms':8} {'plain':>7} {'reuse':>7} {'x':>5} {'nofin':>7} {'x':>5} {'reused':>7}  "
+      "host ms of reuse: add(plan) blend launch record step | plain: step")
 for k, r in s.items():
     if "speedup_median" not in r:
         continue
-    h, f = r["host_on_ms"], r["host_off_ms"]
+    h, f, nf = r["host_on_ms"], r["host_off_ms"], r.get("nofinish", {})
     print(f"{k:8} {r['ttft_off_ms']:>7} {r['ttft_on_ms']:>7} {r['speedup_median']:>5} "
+          f"{nf.get('ttft_on_ms', '-'):>7} {nf.get('speedup_median', '-'):>5} "
           f"{r['reused_share']:>7}  {h.get('add', 0)}({h.get('plan', 0)}) {h.get('blend', 0)} "
           f"{h.get('launch', 0)} {h.get('record', 0)} {h.get('step', 0)} | {f.get('step', 0)}")
 if "original" in s:

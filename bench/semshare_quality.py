@@ -63,8 +63,14 @@ def new_cache(model, tokens: int) -> tuple[PagedKVCache, list[int]]:
     return cache, list(range(blocks))
 
 
-def cont_loss(model, cache, table, ids: torch.Tensor, prompt: int) -> float:
-    """Mean loss of ids[prompt:] given the prompt's KV in `cache` (computes [prompt-1, end))."""
+def cont_loss(model, cache, table, ids: torch.Tensor, prompt: int, last=None) -> float:
+    """Mean loss of ids[prompt:] given the prompt's KV in `cache` (computes [prompt-1, end));
+    `last`: the prompt's last token's hidden state [1, H] computed by the blend (`finish`),
+    its KV in `cache` too (computes [prompt, end))."""
+    if last is not None:
+        rest = extend(model, cache, table, ids[prompt:-1], prompt)
+        logits = model.compute_logits(torch.cat([last, rest]))
+        return float(F.cross_entropy(logits, ids[prompt:]))
     hidden = extend(model, cache, table, ids[prompt - 1 : -1], prompt - 1)
     logits = model.compute_logits(hidden)
     return float(F.cross_entropy(logits, ids[prompt:]))
@@ -123,6 +129,17 @@ def main() -> None:
         default=SemShareConfig.row_granule,
         help="rows past the boundary padded to a row bucket, as on CUDA (1: as on the CPU)",
     )
+    ap.add_argument(
+        "--finish",
+        action="store_true",
+        help="the blend computes the prompt's last token too (finish_in_blend, as the engine "
+        "does when a step holds only planned prompts' last ranges); else a plain forward",
+    )
+    ap.add_argument(
+        "--only-default",
+        action="store_true",
+        help="only the default setting (threshold, recompute fraction, first layers)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_quality.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,6 +157,9 @@ def main() -> None:
         (0.9, 0.15, 2),
         (0.8, 0.15, 1),
     ]
+    if args.only_default:
+        d = SemShareConfig()
+        settings = [(d.threshold, d.recompute_fraction, d.recompute_layers)]
 
     # --- the store: every document's first ref_tokens tokens, computed in full ---------
     def store_for(doc_ids_list, cfg, capacity=None):
@@ -196,20 +216,22 @@ def main() -> None:
                     continue
                 cache, table = new_cache(model, need)
                 t = time.perf_counter()
+                upto = args.prompt if args.finish else args.prompt - 1
                 res = blend_prefill(
                     model,
                     cache,
                     table,
-                    ids[: args.prompt - 1],
+                    ids[:upto],
                     0,
                     plan.ref,
-                    plan.ref_pos[: args.prompt - 1],
+                    plan.ref_pos[:upto],
                     frac,
                     first,
                     granule=args.row_granule,
+                    finish=args.finish,
                 )
                 blend_s = time.perf_counter() - t
-                loss = cont_loss(model, cache, table, ids, args.prompt)
+                loss = cont_loss(model, cache, table, ids, args.prompt, res.hidden)
                 n = args.prompt - 1
                 row.update(
                     planned=True,
@@ -260,10 +282,11 @@ def main() -> None:
     cfg = SemShareConfig()
     one = store_for([pool[0][2]], cfg)
     per_doc = one.store.nbytes
-    for label, cap in (
+    capacities = (
         ("fits_pool", int(1.25 * per_doc * len(pool))),
         ("three_quarters_pool", int(0.75 * per_doc * len(pool))),
-    ):
+    )
+    for label, cap in capacities if args.queries > 0 else ():
         cache, table = new_cache(model, args.ref_tokens)
         reuse = SemanticReuse(SemShareConfig(store_bytes=cap), model, cache)
         rng = random.Random(args.seed + 1)
@@ -321,6 +344,7 @@ def main() -> None:
             "block_size": BS,
             "layers": L,
             "row_granule": args.row_granule,
+            "finish": args.finish,
         },
         "settings": [
             {"threshold": t, "recompute_fraction": r, "recompute_layers": f} for t, r, f in settings

@@ -24,6 +24,7 @@ CPU check: .venv/bin/python bench/semshare_speed.py --cpu-dry-run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -233,6 +234,12 @@ def main() -> None:
         help="one more reuse engine without CUDA graphs past the boundary ('on_eager')",
     )
     ap.add_argument(
+        "--no-finish-too",
+        action="store_true",
+        help="one more reuse engine whose step forward computes a reused prompt's last token "
+        "(finish_in_blend off: the blend stops one token short) ('on_nofinish')",
+    )
+    ap.add_argument(
         "--decode-graphs",
         action="store_true",
         help="the engines' decode CUDA graphs on (not --enforce-eager): a reused prompt's last "
@@ -272,6 +279,11 @@ def main() -> None:
     if args.eager_too:  # control: reuse on, the layers past the boundary launched one by one
         engines["on_eager"] = engine(**on)
         engines["on_eager"].semshare.graphs = None  # type: ignore[union-attr]
+    if args.no_finish_too:  # control: the last token by the step's forward, as before
+        engines["on_nofinish"] = engine(**on)
+        reuse = engines["on_nofinish"].semshare
+        assert reuse is not None
+        reuse.config = dataclasses.replace(reuse.config, finish_in_blend=False)
     for f in args.also_fractions:  # the same requests at other recompute fractions
         engines[f"on_r{f}"] = engine(**on, semantic_recompute_fraction=f)
     for eng in engines.values():
@@ -311,6 +323,8 @@ def main() -> None:
                 r["speedup"] = r["ttft_off_s"] / r["ttft_on_s"]
                 if args.eager_too:
                     r["speedup_eager"] = r["ttft_off_s"] / r["ttft_on_eager_s"]
+                if args.no_finish_too:
+                    r["speedup_nofinish"] = r["ttft_off_s"] / r["ttft_on_nofinish_s"]
                 for f in args.also_fractions:
                     r[f"speedup_r{f}"] = r["ttft_off_s"] / r[f"ttft_on_r{f}_s"]
                 rows.append(r)
@@ -330,6 +344,14 @@ def main() -> None:
             summary[kind]["eager"] = {
                 "ttft_on_ms": round(1000 * statistics.median(r["ttft_on_eager_s"] for r in sel), 2),
                 "speedup_median": round(statistics.median(r["speedup_eager"] for r in sel), 2),
+            }
+        if args.no_finish_too:
+            summary[kind]["nofinish"] = {
+                "ttft_on_ms": round(
+                    1000 * statistics.median(r["ttft_on_nofinish_s"] for r in sel), 2
+                ),
+                "speedup_median": round(statistics.median(r["speedup_nofinish"] for r in sel), 2),
+                "host_ms": median_stages([r["host_on_nofinish"] for r in sel]),
             }
         for f in args.also_fractions:
             summary[kind][f"r{f}"] = {

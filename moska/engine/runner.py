@@ -22,6 +22,7 @@ from moska.engine.sampler import SampledBatch, Sampler
 from moska.engine.step_inputs import StepInputs, flatten_step
 from moska.engine.step_output import PendingStep, StepResult
 from moska.engine.transfer import host_tensor, to_device
+from moska.flexicache.engine_graphs import plain_graphs
 from moska.flexicache.engine_hook import flexi_engine
 from moska.kernel_ops import kernel_ops
 
@@ -78,6 +79,7 @@ class ModelRunner:
         self.model.kernels = self.ops
         self.attention = PagedAttention(self.cache, self.ops, self.mcfg.sm_scale)
         self.flexi = flexi_engine(config, self.mcfg.num_kv_layers, self.num_kv_heads, device)
+        self.flexi_graphs = plain_graphs(self, config)  # FlexiCache's plain steps (CUDA)
         self.sampler = Sampler(config.seed)
         self._num_blocks = num_blocks
         if kv_parallel is not None:
@@ -161,6 +163,9 @@ class ModelRunner:
         x = flatten_step(
             scheduled, block_table, self.block_size, top_k_default, self._routing_policy
         )
+        blended = self._blended(scheduled, x)
+        if blended is not None:  # SemShareKV's blend computed every row: no forward
+            return blended
         device_ids = self._device_inputs(x.pending, prev)
         replay = self._graph_replay(scheduled, x)
         if replay is not None:
@@ -223,7 +228,11 @@ class ModelRunner:
         pos_t = to_device(x.positions, dev, torch.int64)
         bound = self.attention.bind(meta)
         self._logits_follow(x)
-        hidden = self.model(ids_t, pos_t, bound)
+        hidden = None
+        if self.flexi_graphs is not None:  # a plain FlexiCache step: replayed from a graph
+            hidden = self.flexi_graphs.run(meta, ids_t, pos_t)
+        if hidden is None:
+            hidden = self.model(ids_t, pos_t, bound)
         # the groups' routing reports, kept by the bound attention (none without groups)
         step = self._sample(hidden, x, bound.routing if meta.groups else [])
         step.decode_only = meta.decode_only
@@ -317,6 +326,33 @@ class ModelRunner:
         step = self._sample_rows(hidden, x.sample_rows, x.sample_reqs)
         step.routing, step.lib_rows, step.record_reqs = routing, x.lib_rows, x.record_reqs
         step.prompt_lp = prompt_logprobs.compute(self.model, hidden, x.prompt_rows)
+        return step
+
+    def _blended(self, scheduled: list, x: StepInputs) -> PendingStep | None:
+        """A step whose every item is a planned prompt's last token that SemShareKV's blend
+        computed (KV written, final hidden state on the item: `semshare/reuse.py`): sampled
+        from those hidden states, without the forward's pass over the weights. None for any
+        other step (and with FlexiCache or model parallelism, whose forwards do more)."""
+        rows: list[torch.Tensor] = []
+        for item in scheduled:
+            hidden = getattr(item, "semantic_hidden", None)
+            if hidden is None:
+                return None
+            rows.append(hidden)
+        if (
+            not rows
+            or len(x.sample_rows) != len(rows)
+            or len(x.token_ids) != len(rows)
+            or x.lib_rows
+            or x.prompt_rows
+            or x.pending
+            or self.flexi is not None
+            or self.tensor_parallel_size > 1
+            or getattr(self.model, "kv_parallel", None) is not None
+        ):
+            return None
+        step = self._sample(rows[0] if len(rows) == 1 else torch.cat(rows), x, [])
+        step.decode_only = x.decode_only
         return step
 
     def _sample_rows(self, hidden, sample_rows, sample_reqs) -> PendingStep:

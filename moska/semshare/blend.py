@@ -42,6 +42,8 @@ _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 class BlendResult(NamedTuple):
     num_reused: int  # matched tokens whose KV past the first layers came from the reference
     num_recomputed: int  # tokens computed through every layer
+    # `finish`: the range's last token's final-normed hidden state [1, H] (for its logits)
+    hidden: torch.Tensor | None = None
 
 
 def slots_of(table: list[int], block_size: int, start: int, end: int, device) -> torch.Tensor:
@@ -221,16 +223,25 @@ def blend_prefill(
     row_kernel: bool | None = None,
     granule: int = 1,
     graphs: BlendGraphs | None = None,
+    finish: bool = False,
 ) -> BlendResult:
     """Compute the KV of prompt positions [start, end) into `cache` (positions before `start`
     must be in it already), reusing `ref` where matched. See the module docstring.
     `row_kernel`: `RowAttention`'s `kernel` (None: the kernel on CUDA). `granule`: the rows
     kept past the boundary fill a `row_bucket` of it (1: exactly the selected rows).
     `graphs`: run the layers past the boundary through it (one CUDA graph replay per blend
-    where the row count's graph is captured; its `first` must be `recompute_layers`)."""
+    where the row count's graph is captured; its `first` must be `recompute_layers`).
+    `finish`: the range's last token is computed through every layer (never reused) and its
+    final-normed hidden state returned (`BlendResult.hidden`), so that the engine samples the
+    prompt's first token without a forward of its own over the model's weights (a whole
+    decode step's weight reads, ~4 ms at 8B dims); None when the first layers are all."""
     device = cache.k.device
     n = token_ids.shape[0]
     end = start + n
+    finish = finish and recompute_layers < len(model.layers)
+    if finish:  # the last token is a row past the boundary: the last of them (by position)
+        ref_pos = ref_pos.clone()
+        ref_pos[-1] = -1
     slots = slots_of(table, cache.block_size, 0, end, device)  # [end]
     new_pos = torch.arange(start, end, device=device)  # [n]
     # the matched count fixes every later shape (the rows kept at the boundary, the counts
@@ -274,21 +285,39 @@ def blend_prefill(
     if graphs is not None and graphs.serves(cache, recompute_layers, r, end):
         # the rows' layers past the boundary: one replay (or eagerly from the same buffers)
         graphs.run(x, residual, att.positions[rows], slots)
+        into_last = graphs.last_x, graphs.last_residual
     else:
         att.keep(rows)
-        tail_layers(model, att, x, residual, cos[rows], sin[rows], recompute_layers)
-    return BlendResult(num_matched - kept_matched, r)
+        x, residual = tail_layers(model, att, x, residual, cos[rows], sin[rows], recompute_layers)
+        into_last = x[-1:], residual[-1:]
+    hidden = None
+    if finish:
+        hidden = finish_last(model, cache, slots, *into_last, new_pos[-1:], row_kernel)
+    return BlendResult(num_matched - kept_matched, r, hidden)
 
 
-def tail_layers(model, att: RowAttention, x, residual, cos, sin, first: int) -> None:
+def tail_layers(model, att: RowAttention, x, residual, cos, sin, first: int):
     """Layers [first, L) over the rows of `att` (x, residual [R, H]; cos, sin [R, D/2]): each
     writes the rows' KV; the last one only that (its attention output and MLP are unused).
-    No host sync, no shape read from a tensor: `graphs.BlendGraphs` captures it."""
+    Returns the rows' (x, residual) into the last layer. No host sync, no shape read from a
+    tensor: `graphs.BlendGraphs` captures it."""
     ops = model.kernels
     last = len(model.layers) - 1
     for i in range(first, last):
         x, residual = model.layers[i](x, residual, cos, sin, att, ops)
     _write_last_kv(model.layers[last], x, residual, cos, sin, att, ops)
+    return x, residual
+
+
+def finish_last(model, cache, slots, x, residual, position, row_kernel=None) -> torch.Tensor:
+    """The last layer in full for one row (x, residual [1, H] into it, at `position` [1]),
+    attending over the cache's positions <= its own, then the final norm: [1, H], what the
+    engine's forward of that token alone would return (its KV of the last layer rewritten)."""
+    ops = model.kernels
+    cos, sin = model.rotary.cos_sin_half(position)
+    att = RowAttention(cache, slots, position, model.config.sm_scale, kernel=row_kernel, ops=ops)
+    x, residual = model.layers[-1](x, residual, cos, sin, att, ops)
+    return model.norm.fused(x, residual, ops)[0]
 
 
 def _write_last_kv(layer, x, residual, cos, sin, att: RowAttention, ops) -> None:

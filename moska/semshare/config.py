@@ -28,6 +28,10 @@ class SemShareConfig:
     store_bytes: the reference store's bound (KV + features).
     cuda_graphs: on CUDA with row buckets, the layers past the boundary run as one CUDA graph
         per bucket (`graphs.py`), captured at engine start; False: eagerly (a launch each).
+    finish_in_blend: in a step of planned prompts' last ranges only, the blend computes each
+        prompt's last token too (through every layer, as a row past the boundary) and the
+        engine samples from its hidden state without a forward (`reuse.SemanticReuse.prefill`);
+        False: the step's forward computes the last tokens (a pass over the weights).
     """
 
     threshold: float = 0.9
@@ -43,6 +47,7 @@ class SemShareConfig:
     seed: int = 0
     row_granule: int = 64
     cuda_graphs: bool = True
+    finish_in_blend: bool = True
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:

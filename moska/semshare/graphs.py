@@ -10,8 +10,8 @@ The graph-able function (`BlendGraphs.tail`) reads only static buffers: the rows
 state and residual [R, H], their positions [R], and the request's cache slots of positions
 0..S-1 in a buffer of every cache slot (entries past S are never read: a row attends to
 positions <= its own, `RowAttention`). It writes the rows' KV of every layer past the
-boundary into the cache (the engine's, allocated once: fixed addresses) and returns
-nothing. The same function runs eagerly where no graph is captured (the CPU, a row count
+boundary into the cache (the engine's, allocated once: fixed addresses) and the last row's
+input to the last layer into two more buffers (`blend.finish_last` completes that row). The same function runs eagerly where no graph is captured (the CPU, a row count
 that is no bucket, a first visit), so replay and eager share one code path.
 """
 
@@ -60,6 +60,9 @@ class BlendGraphs:
         self.residual = torch.zeros(max_rows, hidden, dtype=dtype, device=dev)
         self.pos = torch.zeros(max_rows, dtype=torch.int64, device=dev)
         self.slots = torch.zeros(num_slots, dtype=torch.int64, device=dev)  # 0: a valid slot
+        # the last row's (x, residual) into the last layer, for `blend.finish_last`
+        self.last_x = torch.zeros(1, hidden, dtype=dtype, device=dev)
+        self.last_residual = torch.zeros(1, hidden, dtype=dtype, device=dev)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool: Any = None  # the graphs' shared memory pool (one replays at a time)
         self._stream: torch.cuda.Stream | None = None  # the captures' stream
@@ -91,7 +94,9 @@ class BlendGraphs:
             ops=model.kernels,
         )  # fmt: skip
         cos, sin = model.rotary.cos_sin_half(pos)
-        tail_layers(model, att, self.x[:r], self.residual[:r], cos, sin, self.first)
+        x, residual = tail_layers(model, att, self.x[:r], self.residual[:r], cos, sin, self.first)
+        self.last_x.copy_(x[r - 1 : r])
+        self.last_residual.copy_(residual[r - 1 : r])
 
     def load(self, x, residual, positions, slots) -> None:
         """Copy a blend's inputs into the buffers (device copies: no host sync)."""

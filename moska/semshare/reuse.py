@@ -155,7 +155,11 @@ class SemanticReuse:
         return ReusePlan(ref, ref_pos, score)
 
     def prefill(self, scheduled: list, block_table) -> None:
-        """Blend the planned requests' prompt ranges of this step (see the module docstring)."""
+        """Blend the planned requests' prompt ranges of this step (see the module docstring).
+        When every item of the step ends a planned prompt (`finish_in_blend`), each blend
+        computes its last token too and leaves its final hidden state on the item
+        (`semantic_hidden`): the runner then samples from those without a forward."""
+        finish = self.config.finish_in_blend and all(_ends_plan(it) for it in scheduled)
         for item in scheduled:
             req = item.request
             plan: ReusePlan | None = getattr(req, "semantic", None)
@@ -168,7 +172,8 @@ class SemanticReuse:
                 continue
             if start == 0:
                 req.num_reused_tokens = 0  # a recompute after preemption counts afresh
-            ids = torch.tensor(req.prompt_token_ids[start:stop], dtype=torch.int64)
+            last = end if finish else stop  # [stop, end): the item's token, computed here too
+            ids = torch.tensor(req.prompt_token_ids[start:last], dtype=torch.int64)
             result = blend_prefill(
                 self.model,
                 self.cache,
@@ -176,15 +181,17 @@ class SemanticReuse:
                 ids,
                 start,
                 plan.ref,
-                plan.ref_pos[start:stop],
+                plan.ref_pos[start:last],
                 self.config.recompute_fraction,
                 self.config.recompute_layers,
                 granule=self.granule,
                 graphs=self.graphs,
+                finish=finish,
             )
+            item.semantic_hidden = result.hidden  # None: the forward computes the token
             req.num_reused_tokens += result.num_reused
             self.stats.reused_tokens += result.num_reused
-            self.stats.blended_tokens += stop - start
+            self.stats.blended_tokens += last - start
             req.num_computed_tokens = stop
             item.num_new_tokens = end - stop
 
@@ -233,6 +240,13 @@ class SemanticReuse:
         v = c.v.view(flat)[:, slots]
         # features in fp16: a tenth of an 8B model's KV per token instead of a fifth
         return Reference(key, ids, self.features(ids).half(), k, v)
+
+
+def _ends_plan(item) -> bool:
+    """Whether a scheduled item is a planned prompt's last range (nothing generated yet)."""
+    req = item.request
+    end = req.num_computed_tokens + item.num_new_tokens
+    return req.semantic is not None and end == req.num_prompt_tokens == req.num_tokens
 
 
 def _no_attention(slot: int, q: torch.Tensor, k, v) -> torch.Tensor:
