@@ -9,8 +9,9 @@ old pages to host memory), then times `--steps` `engine.step()` calls: tokens/s 
 tokens / wall seconds. Rows (`--rows`, name:batch): "full" (full KV; decode steps replayed
 from the engine's CUDA graphs), "full-eager" (full KV, `enforce_eager`), "deferred" (the
 FlexiCache default: deferred re-ranking with held pages), "step" (`rerank=step`: the pages
-a re-ranking picks read in its own step). FlexiCache steps run eagerly (the engine captures
-no graph under FlexiCache). A random model's rankings churn: as in the speed bench, a
+a re-ranking picks read in its own step); FlexiCache's plain steps are replayed from CUDA
+graphs (`flexicache/engine_graphs.py`), re-ranking steps run eagerly; "-eager" (e.g.
+"deferred-eager"): every step eager. A random model's rankings churn: as in the speed bench, a
 `--stable-fraction` of (layer, KV head) pairs is forced stable (`FlexiEngine.force_stable`)
 with threshold 2 (no other head stable). GPU KV: the engine's blocks in use after the timed
 steps (the requests' blocks, their pools) against the blocks full KV holds for them.
@@ -51,12 +52,13 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
     total = a.context + a.warmup + a.steps + 4
     per_req = -(-total // bs)
     spec = None
-    if mode in ("deferred", "step"):
-        spec = f"{a.flexicache},threshold=2,rerank={mode}"
+    base, eager = mode.removesuffix("-eager"), mode.endswith("-eager")
+    if base in ("deferred", "step"):
+        spec = f"{a.flexicache},threshold=2,rerank={base}"
     config = EngineConfig(
         model=None, device=device, dtype=dtype, block_size=bs, num_kv_blocks=batch * per_req + 8,
         max_num_seqs=batch, max_num_batched_tokens=a.prefill_tokens, enable_prefix_caching=False,
-        flexicache=spec, enforce_eager=mode != "full",
+        flexicache=spec, enforce_eager=eager,
         attention="torch" if device == "cpu" else "auto",
     )  # fmt: skip
     engine = LLMEngine(config, loaded, None)
@@ -98,6 +100,11 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
     }  # fmt: skip
     if flexi is not None:
         row["flexi_stats"] = flexi.stats()
+        pg = engine.runner.flexi_graphs
+        row["cuda_graphs"] = pg is not None and pg.replays > 0
+        if pg is not None:
+            row["plain_graphs"] = {"captures": pg.captures, "replays": pg.replays,
+                                   "failed": pg.failed}  # fmt: skip
     while engine.has_unfinished_requests():
         engine.step()
     del engine, flexi

@@ -1,0 +1,93 @@
+"""The engine's FlexiCache steps between re-rankings are plain (`plain_lists.py`): requests
+admitted at different steps re-rank together every r engine steps (not each at its own
+phase, which made almost every step a ranking step), pages are fetched only at re-rankings
+and hand-offs, and a plain step reuses the last step's lists (started pages appended) with
+the same tokens and logprobs as lists rebuilt at every step; replayed from a (fake, on the
+CPU) graph of the static lists, the same again."""
+
+from __future__ import annotations
+
+import pytest
+
+from moska import SamplingParams
+from moska.flexicache import FlexiCacheConfig
+from moska.flexicache.engine_graphs import PlainGraphs
+from moska.flexicache.engine_hook import FlexiEngine
+from moska.flexicache.engine_step import FlexiStep
+from moska.flexicache.plain_lists import HeadLists
+
+R = 3
+CFG = FlexiCacheConfig(
+    top_k_pages=2, recent_pages=1, sink_pages=1, threshold=0.0, rerank_interval=R
+)
+
+
+def _prompt(i: int) -> list[int]:
+    return [(13 * i + 7 * j + j * j) % 240 + 3 for j in range(30 + 5 * i)]
+
+
+def _run(llm, monkeypatch, graphs: bool = False):
+    """Three requests admitted one, two and four steps apart (each at its own phase of r),
+    decoded greedily; per engine step: (FlexiCache clock at its begin, layers ranked, pages
+    fetched, a plain step)."""
+    runner, bm = llm.engine.runner, llm.engine.block_manager
+    bm.free_listeners.clear()
+    eng = FlexiEngine(CFG, runner.mcfg.num_kv_layers, runner.num_kv_heads, 4, runner.device)
+    eng.attach(bm, runner.cache)
+    eng.min_saving, eng.extend_pages = 0, 8
+    runner.flexi = eng
+    runner.flexi_graphs = PlainGraphs(runner.model, runner.attention, runner.device, fake=True)
+    if not graphs:
+        runner.flexi_graphs = None
+    bm.reset_prefix_cache()
+    ranked = [0]
+    rank = FlexiStep._rank
+
+    def counted(self, *args, **kwargs):
+        ranked[0] += 1
+        return rank(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlexiStep, "_rank", counted)
+    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True, logprobs=1)
+    engine, out, steps = llm.engine, {}, []
+    try:
+        for n in range(60):
+            if n in (0, 1, 3):
+                engine.add_request(f"p{n}", _prompt(n), params)
+            if not engine.has_unfinished_requests():
+                break
+            clock, r0, f0, p0 = eng.clock, ranked[0], eng.fetched_pages, eng.plain_steps
+            for o in engine.step():
+                if o.finished:
+                    out[o.request_id] = o.outputs[0]
+            steps.append((clock, ranked[0] - r0, eng.fetched_pages - f0, eng.plain_steps - p0))
+    finally:
+        runner.flexi_graphs = None
+    toks = {k: list(v.token_ids) for k, v in out.items()}
+    lps = {k: [lp.logprob for lp in v.logprobs] for k, v in out.items()}
+    return eng, steps, toks, lps
+
+
+def test_requests_rerank_together_and_plain_steps_fetch_nothing(flexi_llm, monkeypatch):
+    eng, steps, _, _ = _run(flexi_llm, monkeypatch)
+    layers = flexi_llm.engine.runner.mcfg.num_kv_layers
+    ranking = [s for s in steps if s[1]]
+    assert ranking and all(s[0] % R == 0 and s[1] == layers for s in ranking), steps
+    assert len(ranking) <= -(-eng.clock // R), steps  # one ranking step in r at most
+    plain = [s for s in steps if s[3]]
+    assert len(plain) >= 3, steps  # the others: ranking, hand-offs, a finished request
+    assert all(s[1] == 0 and s[2] == 0 for s in plain), steps  # no ranking, no fetch
+    assert eng.offloads == 3 and eng.fetched_pages > 0
+
+
+def test_plain_steps_and_their_graphs_equal_lists_rebuilt_every_step(flexi_llm, monkeypatch):
+    _, _, toks, lps = _run(flexi_llm, monkeypatch)
+    eng, _, g_toks, g_lps = _run(flexi_llm, monkeypatch, graphs=True)
+    assert eng.plain_steps > 0
+    monkeypatch.setattr(HeadLists, "advance", lambda *a: None)  # rebuild at every step
+    eng, _, ref_toks, ref_lps = _run(flexi_llm, monkeypatch)
+    assert eng.plain_steps == 0 and len(ref_toks) == 3
+    for got_t, got_l in ((toks, lps), (g_toks, g_lps)):
+        assert got_t == ref_toks
+        for k in ref_lps:
+            assert got_l[k] == pytest.approx(ref_lps[k], abs=1e-4)
