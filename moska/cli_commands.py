@@ -9,13 +9,17 @@ import time
 from typing import Any
 
 
-def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, text: str, library: Any = None) -> list[int]:
     """Token ids of `text` as one user message in the chat template. The template writes
-    its own special tokens (BOS), so the rendered text is encoded without adding them."""
+    its own special tokens (BOS), so the rendered text is encoded without adding them; after
+    a `library` (its info) that starts with the BOS, the template's is dropped too."""
+    from moska.library.positions import drop_template_bos
+
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so --chat cannot apply a chat template")
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    return tokenizer.encode(rendered, add_special_tokens=False)
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    return ids if library is None else drop_template_bos(ids, tokenizer.bos_token_id, library)
 
 
 def run_generate(args: argparse.Namespace, engine_kwargs: dict) -> int:
@@ -29,7 +33,8 @@ def run_generate(args: argparse.Namespace, engine_kwargs: dict) -> int:
         engine.tokenizer.set_chat_template(args.chat_template)
     prompt: str | list[int] = args.prompt
     if args.chat:
-        prompt = chat_prompt_ids(engine.tokenizer, args.prompt)
+        library = engine.libraries.info(args.library) if args.library else None
+        prompt = chat_prompt_ids(engine.tokenizer, args.prompt, library)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

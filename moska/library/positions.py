@@ -129,6 +129,16 @@ def request_wants_bos(library: Any) -> bool:
     return bool(getattr(getattr(library, "manifest", library), "chunk_sink", False))
 
 
+def drop_template_bos(ids: list[int], bos_token_id: int | None, library: Any) -> list[int]:
+    """A chat prompt's ids (rendered by the chat template, which writes its own BOS) as a
+    request reading ``library`` sends them: without that BOS after a library that starts
+    with one, which would otherwise stand twice in the context (as a text prompt there is
+    encoded without it)."""
+    if request_wants_bos(library) or bos_token_id is None or ids[:1] != [bos_token_id]:
+        return ids
+    return ids[1:]
+
+
 # The measured defaults of `moska library build --mode independent` (see the README and
 # bench/results/independent_quality.json).
 DEFAULT_INDEPENDENT = IndependentOptions()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from moska.engine.outputs import RequestOutput
 from moska.engine.sampling_params import SamplingParams, SamplingParamsError
 from moska.engine.structured import Grammar
-from moska.library.positions import request_wants_bos
+from moska.library.positions import drop_template_bos, request_wants_bos
 from moska.server import sampling_fields, structured_output
 from moska.server.async_engine import AsyncEngine
 from moska.server.errors import APIError, from_engine_error
@@ -150,21 +150,28 @@ async def tokenize(state: ServerState, prompt: str | list[int], special: bool = 
 
 
 def resolve_max_tokens(
-    state: ServerState, num_prompt: int, max_tokens: int | None, library_tokens: int = 0
+    state: ServerState,
+    num_prompt: int,
+    max_tokens: int | None,
+    library_tokens: int = 0,
+    *,
+    params: tuple[str, str] = ("prompt", "max_tokens"),
 ) -> int:
     """max_tokens as given (checked against the context), or when absent what is left of
-    the context after the library and the prompt, capped by `max_tokens_default`."""
+    the context after the library and the prompt, capped by `max_tokens_default`. `params`:
+    the request's names of the prompt and of max_tokens, which a 400 names."""
+    prompt_param, max_param = params
     limit = state.max_model_len
     used = library_tokens + num_prompt
     lib = f"the library's {library_tokens} tokens + " if library_tokens else ""
     if num_prompt == 0:
-        raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+        raise APIError(400, "the prompt is empty", param=prompt_param, code="empty_prompt")
     if used >= limit:
         raise APIError(
             400,
             f"This model's maximum context length is {limit} tokens; {lib}the prompt's "
             f"{num_prompt} tokens leave no room for a completion. Shorten the prompt.",
-            param="prompt",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     if max_tokens is None:
@@ -175,8 +182,8 @@ def resolve_max_tokens(
             400,
             f"This model's maximum context length is {limit} tokens; you requested "
             f"{used + max_tokens} ({lib}{num_prompt} in the prompt, {max_tokens} for the "
-            "completion). Reduce the prompt or max_tokens.",
-            param="max_tokens",
+            f"completion). Reduce the prompt or {max_param}.",
+            param=max_param,
             code="context_length_exceeded",
         )
     return max_tokens
@@ -249,9 +256,17 @@ async def submit(
     library, loaded = await lookup_library(state, body.library)
     bos = request_wants_bos(library)
     prompts = [await tokenize(state, p, bos) for p in prompts]
+    names = ("prompt", "max_tokens")
+    if isinstance(body, ChatCompletionRequest):  # ids the chat template rendered
+        bos_id = getattr(state.engine.tokenizer, "bos_token_id", None)
+        prompts = [
+            p if isinstance(p, str) else drop_template_bos(p, bos_id, library) for p in prompts
+        ]
+        given = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+        names = ("messages", given)
     counts = [len(p) for p in prompts]
     offset = int(getattr(library, "position_offset", None) or 0)
-    resolved = [resolve_max_tokens(state, c, max_tokens, offset) for c in counts]
+    resolved = [resolve_max_tokens(state, c, max_tokens, offset, params=names) for c in counts]
     params = [[sampling_params(body, mt, logprobs, j, bias) for j in range(n)] for mt in resolved]
     params = await structured_output.constrain(state, grammar or grammar_of(body), params)
 

@@ -109,11 +109,11 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     responses={**_ERRORS, 200: _STREAM},
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: StateDep):
-    messages = template_messages(body)  # 400 for a non-text content part
+    messages = template_messages(body.messages)  # 400 for a non-text content part
     tools = template_tools(body)  # None without tools or with tool_choice "none"
     tokenizer = state.engine.tokenizer
     fmt = tool_format(getattr(tokenizer, "chat_template", None))
-    replies = ToolReplies(fmt) if tools else None
+    replies = ToolReplies(fmt, single=body.parallel_tool_calls is False) if tools else None
     extra = {"tools": tools} if tools else {}
 
     def render() -> list[int]:  # on the tokenizer pool: a long message must not block the loop

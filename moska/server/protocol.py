@@ -21,6 +21,12 @@ from pydantic import (
     model_serializer,
 )
 
+from moska.server.refused_fields import (
+    RefusedChatFields,
+    RefusedCompletionFields,
+    RefusedSamplingFields,
+)
+
 LIBRARY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 LIBRARY_NAME_RE = re.compile(LIBRARY_NAME_PATTERN)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -74,8 +80,10 @@ class ResponseFormat(RequestBody):
     json_schema: JsonSchemaFormat | None = None
 
 
-class _SamplingFields(RequestBody):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class _SamplingFields(RefusedSamplingFields, RequestBody):
+    """Fields shared by /v1/completions and /v1/chat/completions. The vLLM fields moska does
+    not implement come from RefusedSamplingFields: only their defaults are accepted (a 400
+    names any other value; server/refused_fields.py)."""
 
     model: str
     n: int = Field(1, ge=1, le=128)
@@ -100,18 +108,6 @@ class _SamplingFields(RequestBody):
     min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
-    # vLLM fields moska does not implement: only their defaults are accepted (a 400 names
-    # any other value; see moska.server.sampling_fields)
-    use_beam_search: bool = Field(False, description="not supported: only false")
-    length_penalty: float = Field(1.0, description="not supported: only 1.0")
-    include_stop_str_in_output: bool = Field(False, description="not supported: only false")
-    skip_special_tokens: bool = Field(True, description="not supported: only true")
-    truncate_prompt_tokens: int | None = Field(None, description="not supported: only null")
-    prompt_logprobs: int | None = Field(
-        None, description="not supported: use echo with logprobs on /v1/completions"
-    )
-    allowed_token_ids: list[TokenId] | None = Field(None, description="not supported")
-    bad_words: list[str] | None = Field(None, description="not supported")
     # structured output (OpenAI's response_format and vLLM's guided_* extras; one at most)
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = Field(
@@ -143,7 +139,7 @@ class _SamplingFields(RequestBody):
     )
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(RefusedCompletionFields, _SamplingFields):
     prompt: (
         Annotated[str, StringConstraints(max_length=10_000_000)]
         | Annotated[list[str], Field(min_length=1, max_length=64)]
@@ -218,7 +214,7 @@ class NamedToolChoice(RequestBody):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(RefusedChatFields, _SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
@@ -230,7 +226,9 @@ class ChatCompletionRequest(_SamplingFields):
         description="default auto with tools; required or a named function constrain "
         "the output to one call",
     )
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = Field(
+        None, description="false: at most one tool call per choice (the first)"
+    )
 
 
 # ---------------------------------------------------------------- responses

@@ -1,42 +1,21 @@
 """The sampling fields of a request: each one honoured, or a 400 that names it.
 
-OpenAI's and vLLM's fields map onto `SamplingParams`; vLLM fields moska does not implement
-are declared in the protocol so that anything but their default is refused here rather
-than silently ignored. /v1/completions' `echo`, `best_of` and `suffix` are checked here too;
-the route does the echoing and picks the best_of candidates.
+OpenAI's and vLLM's fields map onto `SamplingParams`; fields moska does not implement are
+declared (server/refused_fields.py) so that anything but their default is refused here
+rather than silently ignored. /v1/completions' `echo`, `best_of` and `suffix` are checked
+here too; the route does the echoing and picks the best_of candidates.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from moska.server.errors import APIError
 from moska.server.protocol import ChatCompletionRequest, CompletionRequest
-
-# field -> (default, why it is refused); any other value is a 400 naming the field
-_UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "use_beam_search": (False, "beam search is not supported"),
-    "length_penalty": (1.0, "length_penalty is not supported (it applies to beam search)"),
-    "include_stop_str_in_output": (False, "include_stop_str_in_output is not supported"),
-    "skip_special_tokens": (True, "skip_special_tokens=false is not supported"),
-    "truncate_prompt_tokens": (None, "truncate_prompt_tokens is not supported"),
-    "prompt_logprobs": (
-        None,
-        (
-            "prompt_logprobs is not supported as a field: use echo=true with logprobs on "
-            "/v1/completions"
-        ),
-    ),
-    "allowed_token_ids": (None, "allowed_token_ids is not supported: use logit_bias"),
-    "bad_words": (None, "bad_words is not supported: use logit_bias"),
-}
+from moska.server.refused_fields import check_refused
 
 
 def check_fields(body: CompletionRequest | ChatCompletionRequest) -> None:
     """400 for a field moska accepts only at its default, and for OpenAI's own rules."""
-    for name, (default, why) in _UNSUPPORTED.items():
-        if getattr(body, name) != default:
-            raise APIError(400, why, param=name, code="unsupported_field")
+    check_refused(body)
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(

@@ -19,7 +19,7 @@ from typing import Any
 
 from moska.engine.structured import Grammar, GrammarError
 from moska.server.errors import APIError
-from moska.server.protocol import ChatCompletionRequest
+from moska.server.protocol import ChatCompletionRequest, ChatMessage
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _PYTHON_TAG = "<|python_tag|>"
@@ -45,12 +45,12 @@ def tool_format(chat_template: str | None) -> ToolFormat:
 # ---------------------------------------------------------------- into the template
 
 
-def template_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The messages as chat templates read them. A content part that is not text is a 400
     naming its type; an assistant's tool-call arguments become objects (templates such as
     Qwen2.5's write them with `tojson`)."""
     out = []
-    for i, m in enumerate(body.messages):
+    for i, m in enumerate(messages):
         if isinstance(m.content, list):
             for part in m.content:
                 if part.type != "text":
@@ -223,15 +223,21 @@ class ToolReplies:
     reason. Streamed text goes out as content as soon as it cannot be part of a call: in
     Qwen2.5's format everything before a `<tool_call>` (a possible start of one is held
     back), in Llama 3.1's a reply that does not open with `{`; a call is held until the
-    choice ends and then sent whole as one `tool_calls` delta."""
+    choice ends and then sent whole as one `tool_calls` delta. `single` (the request's
+    `parallel_tool_calls: false`): a choice keeps only its first call."""
 
-    def __init__(self, fmt: ToolFormat) -> None:
+    def __init__(self, fmt: ToolFormat, single: bool = False) -> None:
         self.fmt = fmt
+        self.single = single
         self._held: dict[int, str] = {}  # text not sent yet
         self._calling: set[int] = set()  # choices whose held text holds a call
 
-    def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    def _parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         content, calls = parse_tool_calls(text, self.fmt)
+        return content, calls[:1] if self.single else calls
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        content, calls = self._parse(text)
         if not calls:
             return {"role": "assistant", "content": content}, finish_reason
         msg = {"role": "assistant", "content": content, "tool_calls": calls}
@@ -270,7 +276,7 @@ class ToolReplies:
         held = self._held.pop(index, "")
         calling = index in self._calling
         self._calling.discard(index)
-        content, calls = parse_tool_calls(held, self.fmt) if calling else (held, [])
+        content, calls = self._parse(held) if calling else (held, [])
         content = sendable + (content or "")
         delta: dict[str, Any] = {"content": content} if content else {}
         if not calls:

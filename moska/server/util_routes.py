@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from moska import __version__
 from moska.server.errors import APIError
 from moska.server.generate import check_model
-from moska.server.protocol import ChatMessage, ErrorResponse, TokenId
+from moska.server.protocol import ChatMessage, ChatTool, ErrorResponse, TokenId
 from moska.server.state import ServerState, StateDep
+from moska.server.tools import template_messages
 
 router = APIRouter(tags=["utilities"])
 
@@ -49,6 +50,9 @@ class TokenizeRequest(_Body):
         None,
         description="add BOS; default: yes for a prompt, no for messages (the chat template "
         "writes its own)",
+    )
+    tools: list[ChatTool] | None = Field(
+        None, max_length=128, description="with messages: rendered as a chat completion does"
     )
 
     @model_validator(mode="after")
@@ -86,9 +90,10 @@ def _tokenizer(state: ServerState, model: str | None) -> Any:
 
 
 def _chat_ids(tokenizer: Any, body: TokenizeRequest, messages: list[dict]) -> list[int]:
+    extra = {"tools": [t.model_dump(exclude_none=True) for t in body.tools]} if body.tools else {}
     try:
         text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt
+            messages, add_generation_prompt=body.add_generation_prompt, **extra
         )
     except Exception as exc:  # a template's raise_exception, or no template
         raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from exc
@@ -101,7 +106,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
     /v1/chat/completions renders them)."""
     tokenizer = _tokenizer(state, body.model)
     if body.messages is not None:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = template_messages(body.messages)  # as chat: 400 for a non-text part
         size = sum(len(m["content"]) for m in messages)
         tokens = await state.tokenizers.run(
             lambda: _chat_ids(tokenizer, body, messages), size, "messages"
