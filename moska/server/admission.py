@@ -48,13 +48,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 from moska.server import retry_drain
 from moska.server.admission_decision import Decision, Verdict
+from moska.server.burst_admits import Backlog, LoopShare, burst_admits
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
-from moska.server.retry_drain import FactorFall, LibraryRequests, door_admits, drain_s, with_door
+from moska.server.retry_drain import FactorFall, LibraryRequests, drain_s, with_door
 from moska.server.slowdown import Slowdown
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, StepModel
 from moska.server.ttft_margin import TtftMargin
@@ -125,6 +125,7 @@ class AdmissionController:
         self.library_requests = LibraryRequests(alpha)
         self._door_memo: tuple[float, int, int, int] | None = None  # time, inside, waiting, n
         self.door_lag = self.door_storm = True  # drains count loop lag, connections ahead
+        self.loop_share = LoopShare()  # the engine's CPU share while the loop decides
 
     @property
     def load_tps(self) -> float:
@@ -196,7 +197,6 @@ class AdmissionController:
         num_requests: int = 1,
         queue_target: int | None = None,
         overdue: bool = True,
-        cold: bool = False,
     ) -> Prediction:
         """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end
         (`queue_replay.replay`) with the learned step times; scaled by how far past its
@@ -207,11 +207,10 @@ class AdmissionController:
         steps after ran up to 3x their prediction; most of them missed the SLO. Not for a
         429's drain (`overdue=False`): a drain spans many later steps, which mostly ran as
         the fit said once the burst was answered (scaled, library drains came out 2-4x
-        too long). `cold`: that step follows an idle gap: it overruns as such steps did."""
+        too long)."""
         with self._lock:
             coef = self.model.coef * self.slow.scale()
             load_tps = self._load_tps
-            cold_scale = self.slow.cold() / self.slow.scale() if cold else 1.0
 
         def run(scale: float) -> Prediction:
             return replay(
@@ -228,8 +227,6 @@ class AdmissionController:
         pred = run(1.0)
         if overdue and load.busy_s > pred.first_s > 0:  # the step in progress ran past it
             pred = run(load.busy_s / pred.first_s)
-        elif cold_scale > 1.0:  # it will (`cold`), and that delays every step after it
-            pred = pred._replace(ttft_s=pred.ttft_s + (cold_scale - 1.0) * pred.first_s)
         return pred
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:
@@ -246,6 +243,7 @@ class AdmissionController:
         Retry-After is the predicted time until a request like this would be admitted.
         The request leaves the front door here."""
         self.door.leave_current()
+        self.loop_share.decided(self.door.inside > 0)
         cost = RequestCost(new) if isinstance(new, int) else new
         decision = self._decide(cost, load, num_requests, elapsed_s)
         with self._lock:
@@ -331,10 +329,10 @@ class AdmissionController:
         return drain
 
     def _door_admits(self, load: Load, fits: float) -> int:
-        """`retry_drain.door_admits` for the requests inside now, memoized like `shed`
-        (while the count inside and the engine's queue stay about the same): a burst's
-        hundreds of 429s cost a few replays."""
-        now, inside = time.monotonic(), self.door.inside
+        """`burst_admits` (admission's decisions on those inside, replayed), memoized like
+        `shed` (while the count inside and the engine's queue stay about the same): a
+        burst's hundreds of 429s cost a few replays."""
+        now, inside, door = time.monotonic(), self.door.inside, self.door
         memo = self._door_memo
         if (
             memo is not None
@@ -343,12 +341,14 @@ class AdmissionController:
             and memo[2] == load.num_waiting
         ):
             return min(memo[3], inside)
-        stall = self.door.stall_s()  # those inside are decided after it, their time counts
+        stall = door.stall_s()  # those inside are decided after it, their time counts
         plain = inside - round(inside * self.library_requests.share)  # door_admits: why
         with self._lock:  # the step that serves them may be the burst's first, after a gap
-            cold = self.slow.cold_pending(load.busy_s)
-        predict = partial(self.predict, cold=cold)
-        admitted = door_admits(predict, self._typical_cost(), load, plain, fits - stall)
+            s = self.slow
+            first = s.cold() / s.scale() if s.cold_pending(load.busy_s) else 1.0
+        backlog = Backlog(inside, door.gap_s, stall, door.storm_s)
+        typical, share = self._typical_cost(), self.loop_share.engine_share()
+        admitted = burst_admits(self.predict, typical, load, plain, backlog, fits, first, share)
         self._door_memo = (now, inside, load.num_waiting, admitted)
         return admitted
 

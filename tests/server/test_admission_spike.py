@@ -5,12 +5,10 @@ Synthetic timelines on a virtual clock: milliseconds."""
 
 from __future__ import annotations
 
-from functools import partial
+from test_admission_burst_admits import MIX, _learned
 
-from test_admission import BUDGET, MAX_SEQS, VirtualServer, warm_up
-
-from moska.server.admission import AdmissionController, EngineLimits, Load
-from moska.server.retry_drain import door_admits
+from moska.server.admission import AdmissionController, Load
+from moska.server.burst_admits import Backlog, burst_admits
 from moska.server.step_model import StepFeatures
 
 STEP = StepFeatures(prefill_tokens=256, num_decode=8, num_added=4)
@@ -55,33 +53,17 @@ def test_a_post_idle_spike_leaves_the_factor_and_a_real_slowdown_moves_it():
     assert adm.slowdown > 2.5, adm.slowdown
 
 
-class _FirstStepSlow:
-    """The virtual server's noise: its next step runs `factor` x, the rest as the fit."""
-
-    def __init__(self, factor: float) -> None:
-        self.factor, self.calls = factor, 0
-
-    def uniform(self, lo: float, hi: float) -> float:
-        self.calls += 1
-        return self.factor if self.calls == 1 else 1.0
-
-    def randrange(self, lo: int, hi: int) -> int:
-        return lo
-
-
 def test_the_door_counts_ahead_what_admission_takes_when_the_first_step_runs_slow():
     """Bursts after idle gaps whose first step ran 10x its prediction teach that overrun;
-    then 200 requests are inside the door of an idle engine. The door (it decides before
-    the burst's first step starts) counts as admitted ahead those whose first token comes
-    within what fits the SLO on the real scheduler when that step does run 10x: here 32 of
-    32. Planned at its prediction (the factor now sets those steps aside), the door counts
-    52 (at 300 clients on CPU it counted 48 where admission took 30). The old controller
-    also counted 32, but only because the 10x steps had raised its factor to 2.3, which
-    scaled every other promise too (the first assertion fails on it)."""
-    adm = AdmissionController(None, None, limits=EngineLimits(BUDGET, MAX_SEQS))
-    server = VirtualServer(adm)
-    warm_up(server)
-    adm.ttft_slo = 3.0
+    then 90 requests (half plain) are inside the door of an idle engine whose first step
+    will run 10x again (not starved: the loop's decisions leave it the CPU). Admission
+    takes the plain ones decided before that step runs past its prediction, and none
+    after until it ends. The door plans that step at `cold` x its prediction and counts
+    within 20% of what admission takes; planned at its prediction (the factor now sets
+    those steps aside) it counts far more. The old controller's count fails the first
+    assertion."""
+    adm, world = _learned()
+    world.share, adm.loop_share.busy = 1.0, 0.0  # the loop leaves the engine the CPU
     clock = _timeline(adm)
     for _ in range(4):
         _step(adm, clock, 10.0, gap=10.0)
@@ -89,18 +71,13 @@ def test_the_door_counts_ahead_what_admission_takes_when_the_first_step_runs_slo
             _step(adm, clock, 1.0)
     assert adm.slowdown < 1.3  # the slow first steps were set aside
     typical, fits = adm._typical_cost(), adm.fits_s()
-    tickets = [adm.door.enter() for _ in range(200)]
+    tickets = [adm.door.enter() for _ in MIX]
     clock[0] += 10.0  # idle since
     door = adm._door_admits(Load(), fits)
-    old = door_admits(partial(adm.predict, cold=False), typical, Load(), 200, fits)
-    for ticket in tickets:
-        adm.door.leave(ticket)
-    adm.ttft_slo = None  # the truth: all 200 handed over at once, the first step 10x
-    server.rng = _FirstStepSlow(10.0)  # type: ignore[assignment]
-    t0 = server.t
-    rids = [server.submit(typical)[0] for _ in range(200)]
-    server.run_until_idle()
-    truth = sum(server.first[r] - t0 <= fits for r in rids)
-    assert 0 < truth < 200
-    assert abs(door - truth) <= max(2, 0.15 * truth), (door, truth)
-    assert old > 1.3 * truth, (old, truth)
+    backlog = Backlog(len(MIX), adm.door.gap_s, adm.door.stall_s())
+    planned = burst_admits(adm.predict, typical, Load(), len(MIX) // 2, backlog, fits, 1.0, 1.0)
+    world.first_x = 10.0
+    truth = world.burst(tickets, MIX)
+    assert 0 < truth < len(MIX) // 2
+    assert abs(door - truth) <= max(2, 0.2 * truth), (door, truth)
+    assert planned > 1.3 * truth, (planned, truth)
