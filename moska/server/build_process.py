@@ -210,6 +210,7 @@ class BuildSpec:
     max_tokens: int
     prefill_tokens: int | None = None
     kv_dtype: str = "auto"
+    routing_rank: int | None = None
 
 
 def run_build_process(
@@ -357,6 +358,7 @@ def _child_main(
                 chunk_size=spec.chunk_size,  # None: scales with the library (manager's)
                 mode=spec.mode,
                 kv_dtype=spec.kv_dtype,
+                routing_rank=spec.routing_rank,
                 progress=False,
                 **kwargs,
             )

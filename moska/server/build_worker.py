@@ -102,6 +102,7 @@ class BuildJob:
     chunk_size: int | None
     mode: str
     kv_dtype: str = "auto"
+    routing_rank: int | None = None  # None: the builder's default (head_dim / 4)
     reservation: Any = None  # the manager's name reservation, released when the job ends
     id: str = field(default_factory=lambda: f"libjob-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -243,6 +244,8 @@ class BuildWorker:
         kwargs: dict[str, Any] = {"on_progress": self._hook(job)}
         if job.kv_dtype != "auto":
             kwargs["kv_dtype"] = job.kv_dtype
+        if job.routing_rank is not None:
+            kwargs["routing_rank"] = job.routing_rank
         if self.prefill_tokens is not None:
             kwargs["prefill_tokens"] = self.prefill_tokens
         if job.reservation is not None:
@@ -263,6 +266,7 @@ class BuildWorker:
                 chunk_size=job.chunk_size,
                 mode=job.mode,
                 kv_dtype=job.kv_dtype,
+                routing_rank=job.routing_rank,
                 root=self.manager.root,
                 device=str(self.manager.device),
                 max_tokens=self.max_tokens,

@@ -27,6 +27,13 @@ class LibraryBuildRequest(RequestBody):
     )
     mode: Literal["prefix", "independent"] = "prefix"
     kv_dtype: Literal["auto", "fp8"] = "auto"  # fp8: e4m3 KV, scales per (token, KV head)
+    routing_rank: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="rank of the key-max routing index, at most the model's head_dim "
+        "(default: head_dim / 4; docs/routing.md)",
+    )
 
 
 class LibraryObject(BaseModel):

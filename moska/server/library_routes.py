@@ -115,7 +115,9 @@ async def build_library(
         chunk_size=body.chunk_size,
         mode=body.mode,
         kv_dtype=body.kv_dtype,
+        routing_rank=body.routing_rank,
     )
+    _check_routing_rank(builds.manager, body.routing_rank)
     await _check_fits_context(builds.manager, job)
     reserve = getattr(builds.manager, "reserve", None)
     if reserve is not None:
@@ -133,6 +135,18 @@ async def build_library(
         ) from exc
     response.headers["Location"] = f"/v1/libraries/jobs/{job.id}"
     return to_job(job)
+
+
+def _check_routing_rank(manager: Any, rank: int | None) -> None:
+    """400 naming `routing_rank` at once for a rank the model's head_dim cannot hold (the
+    build would fail after queueing)."""
+    config = getattr(getattr(manager, "loaded_model", None), "config", None)
+    head_dim = getattr(config, "head_dim", None)
+    if rank is not None and head_dim is not None and rank > int(head_dim):
+        raise APIError(
+            400, f"routing_rank must be in [1, head_dim={head_dim}], got {rank}",
+            param="routing_rank",
+        )  # fmt: skip
 
 
 async def _check_fits_context(manager: Any, job: BuildJob) -> None:
