@@ -112,6 +112,7 @@ class TracingAdmission(DryProbeAdmission):
                 "inside": inside,
                 "slowdown": scale,
                 "margin_s": margin,
+                **self._door_view(),
             }
         )
         return d
@@ -129,9 +130,20 @@ class TracingAdmission(DryProbeAdmission):
                     "inside": self.door.inside,
                     "waiting": load.num_waiting,
                     "slowdown": self.slowdown,
+                    **self._door_view(),
                 }
             )
         return d
+
+    def _door_view(self) -> dict[str, Any]:
+        """What the drains counted as admitted from the door (`burst_admits`), with the
+        engine's CPU share and the loop's time per decision it planned with."""
+        memo = self._door_memo
+        return {
+            "door_admits": memo[3] if memo else None,
+            "engine_share": self.loop_share.engine_share(),
+            "gap_s": self.door.gap_s,
+        }
 
     def observe_ttft(self, predicted_s: float, observed_s: float) -> None:
         super().observe_ttft(predicted_s, observed_s)
@@ -220,9 +232,11 @@ def breakdown(
                     "waiting",
                     "inside",
                     "slowdown",
+                    "engine_share",
+                    "gap_s",
                 )
             }
-            | {"library": d["library"]}
+            | {"library": d["library"], "door_admits": d["door_admits"]}
             for d in adm.decisions[since[0] :]
             if not d["accepted"]
         ],
