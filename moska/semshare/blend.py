@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moska.kernels import rope_scatter as rs
 from moska.kernels.row_attention import row_attention
+from moska.semshare import layer_parts as parts
 from moska.semshare.rope_shift import delta_cos_sin, rotate_by
 from moska.semshare.store import Reference
 
@@ -269,11 +270,18 @@ def blend_prefill(
     )  # fmt: skip
     residual = None
     num_layers = len(model.layers)
-    for i in range(min(recompute_layers, num_layers)):
-        if i == num_layers - 1:  # only its KV is needed: skip its attention output and MLP
-            _write_last_kv(model.layers[i], x, residual, cos, sin, att, ops)
-            return BlendResult(0, n)
+    boundary = min(recompute_layers, num_layers) - 1  # the last layer over every token
+    for i in range(boundary):
         x, residual = model.layers[i](x, residual, cos, sin, att, ops)
+    layer = model.layers[boundary]
+    if boundary == num_layers - 1:  # only its KV is needed: skip its attention output and MLP
+        _write_last_kv(layer, x, residual, cos, sin, att, ops)
+        return BlendResult(0, n)
+    queries = None
+    if layer.self_attn.owns_kv:  # its KV for every token; its attention and MLP wait
+        queries, residual = parts.boundary_kv(layer, x, residual, cos, sin, att, ops)
+    else:  # an MLKV layer reading an earlier layer's KV: in full
+        x, residual = layer(x, residual, cos, sin, att, ops)
     rows, kept_matched = _select(
         att, ref, ref_pos, new_pos, matched, m_idx, recompute_fraction, inv_freq, granule
     )
@@ -281,14 +289,20 @@ def blend_prefill(
     if r == 0:
         return BlendResult(num_matched, 0)
     assert residual is not None  # set by the first layer
-    x, residual = x[rows], residual[rows]
+    if r < n:  # the rows past the boundary (all of them: as they were, causal from 0)
+        att.keep(rows)
+        residual = residual[rows]
+        x = x[rows] if queries is None else x
+        cos, sin = cos[rows], sin[rows]
+    if queries is not None:  # the boundary layer's rest, for the kept rows only
+        slot, q = queries
+        x, residual = parts.boundary_rest(layer, slot, q[rows] if r < n else q, residual, att, ops)
     if graphs is not None and graphs.serves(cache, recompute_layers, r, end):
         # the rows' layers past the boundary: one replay (or eagerly from the same buffers)
-        graphs.run(x, residual, att.positions[rows], slots)
+        graphs.run(x, residual, att.positions, slots)
         into_last = graphs.last_x, graphs.last_residual
     else:
-        att.keep(rows)
-        x, residual = tail_layers(model, att, x, residual, cos[rows], sin[rows], recompute_layers)
+        x, residual = tail_layers(model, att, x, residual, cos, sin, recompute_layers)
         into_last = x[-1:], residual[-1:]
     hidden = None
     if finish:

@@ -1,5 +1,5 @@
 """One engine with semantic reuse and one without, shared by this folder's tests (the
-built-in tiny model, CPU, fp32)."""
+built-in tiny model, CPU, fp32), and the blend tests' tiny-model setup."""
 
 import pytest
 
@@ -22,3 +22,13 @@ def plain_llm():
 @pytest.fixture(scope="session")
 def reuse_llm():
     return LLM(None, semantic_reuse=True, **_KW)
+
+
+@pytest.fixture(scope="session")
+def blend_cpu():
+    """(model, reuse, reference, prompt ids, plan positions) of `test_graphs._setup` on the
+    CPU in fp32 (the blend tests' shared setup; nothing of it is modified by a test)."""
+    import torch
+    from test_graphs import _setup
+
+    return _setup("cpu", torch.float32)

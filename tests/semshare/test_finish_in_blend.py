@@ -23,15 +23,10 @@ from moska.semshare.graphs import BlendGraphs
 from moska.semshare.reuse import row_buckets
 
 
-@pytest.fixture(scope="module")
-def cpu():
-    return _setup("cpu", torch.float32)
-
-
 @pytest.mark.parametrize("start", [0, 48])
 @pytest.mark.parametrize("buffered", [False, True])
-def test_finish_equals_a_forward_of_the_last_token(cpu, start, buffered):
-    model, _, ref, ids, ref_pos = cpu
+def test_finish_equals_a_forward_of_the_last_token(blend_cpu, start, buffered):
+    model, _, ref, ids, ref_pos = blend_cpu
     ref_pos = ref_pos.clone()
     assert int(ref_pos[-1]) >= 0  # the last token is matched: finish computes it anyway
     n = ids.shape[0]
@@ -62,8 +57,8 @@ def test_finish_equals_a_forward_of_the_last_token(cpu, start, buffered):
         assert _rel(a, b) < 1e-5
 
 
-def test_no_finish_when_the_first_layers_are_all(cpu):
-    model, _, ref, ids, ref_pos = cpu
+def test_no_finish_when_the_first_layers_are_all(blend_cpu):
+    model, _, ref, ids, ref_pos = blend_cpu
     layers = len(model.layers)
     cache = _cache(model, torch.float32, "cpu")
     with torch.inference_mode():
@@ -76,7 +71,7 @@ def test_no_finish_when_the_first_layers_are_all(cpu):
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=5)
 
 
-def test_engine_samples_from_the_blend(cpu):
+def test_engine_samples_from_the_blend(blend_cpu):
     llm = LLM(
         None, device="cpu", dtype="float32", attention="torch", num_kv_blocks=64,
         max_model_len=512, semantic_reuse=True,
@@ -97,7 +92,7 @@ def test_engine_samples_from_the_blend(cpu):
 
     runner.model.forward = count_forward
     runner._blended = count_blended
-    _, _, _, ids, _ = cpu
+    _, _, _, ids, _ = blend_cpu
     a = ids[:-8].tolist()
     b = a[:40] + [7, 8, 9] + a[40:]  # an insertion: the rest shifts by 3
     llm.generate([a], PARAMS)  # stored as the reference

@@ -50,8 +50,8 @@ def _cache(model, dtype, device):
 
 
 @pytest.fixture(scope="module")
-def cpu():
-    return _setup("cpu", torch.float32)
+def cpu(blend_cpu):
+    return blend_cpu
 
 
 def _blend(model, cache, ref, ids, ref_pos, start, granule, graphs=None):
