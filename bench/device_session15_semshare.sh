@@ -9,7 +9,8 @@
 # decode graphs when the engine test passed; the blend computes the last prompt token and
 # the step samples from it, no forward: finish_in_blend) vs on without that (the step's
 # forward computes the last token, as in session 14) in the same run, with each request's
-# host time by stage (intake + plan, blend launches, forward launch, record, steps).
+# host time by stage (intake + plan, blend launches, forward launch, record, steps); then
+# the reuse path alone at 8B dims in the time left.
 # Carry .whl and .models/moska-code-20m (its tokenizer). Prints one table.
 # `bash bench/device_session15_semshare.sh --cpu-dry-run`: the same steps in CPU forms.
 set -u
@@ -42,6 +43,14 @@ TS=$(( 140 - ($(date +%s) - T0) ))
 timeout $TS $PY bench/semshare_speed.py --tokenizer "$TOK" $SARGS $DG --no-finish-too \
   --out "$OUT/semshare_speed_8b_session15.json" > "$OUT/speed.log" 2>&1
 echo "speed rc=$? ($(( $(date +%s) - T0 )) s)"
+# the reuse path alone at 8B dims (as session 14's 3.31x: plan 3.66 + blend 36.89 ms vs 134.22
+# plain), in the time left: the blend's boundary layer now runs attention + MLP on kept rows
+TP=$(( 145 - ($(date +%s) - T0) ))
+if [ -z "$DRY" ] && [ $TP -ge 30 ]; then
+  timeout $TP $PY bench/semshare_path.py --model "$TOK" --device cuda --arch 8b --repeats 1 \
+    --kinds rename reword --out "$OUT/semshare_path_8b_session15.json" > "$OUT/path_8b.log" 2>&1
+  echo "path 8b rc=$? ($(( $(date +%s) - T0 )) s)"
+fi
 $PY - "$OUT" <<'PY'
 import json, sys
 o = sys.argv[1]
@@ -64,7 +73,13 @@ for k, r in s.items():
           f"{h.get('launch', 0)} {h.get('record', 0)} {h.get('step', 0)} | {f.get('step', 0)}")
 if "original" in s:
     print("originals (stored as references):", s["original"])
+try:
+    p = json.load(open(f"{o}/semshare_path_8b_session15.json"))["summary"]
+    ms = {k: p[k]["ms_median"] for k in ("plan", "blend_again", "full_prefill") if k in p}
+    print("path 8b (ms):", ms, "x", round(ms["full_prefill"] / (ms["plan"] + ms["blend_again"]), 2))
+except Exception as e:  # noqa: BLE001
+    print(f"path 8b: no result ({e})")
 PY
 for f in tests tests_engine; do [ -f "$OUT/$f.log" ] && tail -3 "$OUT/$f.log" | cut -c1-300; done
-[ -f "$OUT/speed.log" ] && { echo "== speed"; grep -i "warn\|error\|Traceback" "$OUT/speed.log" | head -5 | cut -c1-300; tail -2 "$OUT/speed.log" | cut -c1-300; }
+for f in speed path_8b; do [ -f "$OUT/$f.log" ] || continue; echo "== $f"; grep -i "warn\|error\|Traceback" "$OUT/$f.log" | head -4 | cut -c1-300; tail -2 "$OUT/$f.log" | cut -c1-300; done
 echo "total $(( $(date +%s) - T0 )) s"
