@@ -224,6 +224,16 @@ async def delete_library(
     requests for it are refused meanwhile) up to `timeout` seconds. Never disturbs them."""
     manager = _manager(state)
     _check_name(name)
+    jobs = tuple(_builds(state).jobs.values())
+    building = [j for j in jobs if j.name == name and not j.status.done]
+    if building:  # not a library yet: a 404 "build it" would mislead
+        job = building[0].id
+        raise APIError(
+            409,
+            f"library {name!r} is being built (job {job}): cancel it with "
+            f"POST /v1/libraries/jobs/{job}/cancel, or delete the library once it is built",
+            code="library_busy_error",
+        )
     wait_s = timeout if wait else 0.0
     try:  # off the engine thread: a waiting delete must not stop the steps it waits for
         await asyncio.to_thread(manager.delete, name, wait_s)
