@@ -34,7 +34,7 @@ predicted step time, scales every predicted step, so a slower machine is seen wi
 few steps (and a faster one as quickly). (3) At 1,000 clients every request passed the
 door while the engine was idle and waited seconds for its body to be read and tokenized
 before anyone decided on it: the door counts those inside (`front_door.FrontDoor`) as work
-and wait ahead of a newcomer, and a 429's drain the ones it will admit (`retry_drain`).
+and wait ahead of a newcomer, and a 429's drain the ones it will admit (`burst_admits`).
 (4) The client's TTFT ends when its handler writes the first token, not when the engine
 made it: admission plans with a margin of recent such waits (`ttft_margin.TtftMargin`,
 `fits_s`; measured at 2-210 ms under CPU bursts).

@@ -8,7 +8,8 @@ requests on a library (`moska bench load`, CPU, SLO 5 s), a library 429 promised
 where a retry was admitted only after 5-9 s, when the engine had served the burst's
 admitted requests and gone idle. So the drain is replayed over the engine's load plus the
 requests inside that admission would still admit (`with_door`): those whose first token
-can come within what fits the SLO, each like a typical admitted request.
+can come within what fits the SLO, each like a typical admitted request (how many:
+`burst_admits`, admission's decisions on them replayed as the event loop makes them).
 
 Why a request's own prefill is not a share of the drain: once nothing waits ahead, a
 retry's first token is its own prefill step, which shares the engine with the decode rows
