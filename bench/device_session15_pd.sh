@@ -10,6 +10,13 @@
 # end no longer learns a first token from a stream's only event, and the client counts such
 # a request `unmeasured` (never within an SLO). The nccl_p2p step of session 14 is dropped
 # (measured: 308 GB/s).
+# Second version (after the 21:00 run of the first: TPOT measured, p50 5-9 ms; P/D goodput
+# 28.8 vs 27.5 req/s at 40, but 3-6 req/s at 60-100 with 12-47% of the admitted within
+# both SLOs, where its front end saw admission -> first token p50 0.15-0.19 s and the client
+# TTFT p50 0.48-0.86 s): the client replays from a process of its own with its bodies built
+# before each replay (moska/bench/trace_client.py); in the front ends' process it sent
+# requests up to 0.9-2 s late (its lag counted as TTFT) and slowed the front ends' loops.
+# per_request rows now end with each request's send lag; summaries give send_lag_p99_s.
 # 1) a random-weight checkpoint at Llama-3.1-8B layer dims, 16 layers, 32k vocab, with a
 #    word-level tokenizer (`random_checkpoint.write_tokenizer`);
 # 2) correctness: the session-15 tests of this fix (CPU, ~3 s: tests/pd/test_pd_one_event.py);
@@ -63,13 +70,14 @@ s = d.get("summary", {})
 print("regime", s.get("regime"), "pd/colocated goodput", s.get("pd_goodput_over_colocated"))
 keys = ("goodput_rps", "within_both_slos_of_admitted", "within_ttft_slo_of_all",
         "rejected_429", "ttft_p99_s", "tpot_p99_s", "unmeasured")
-print("rate system " + " ".join(keys))
+print("rate system " + " ".join(keys) + " send_lag_p99_s")
 for rate, v in d.get("by_rate", {}).items():
     for k in ("colocated", "pd"):
         if k in v:
             row = [v[k].get(m) for m in keys]
             extra = v[k].get("tpot_p50_s"), v[k].get("stage_pred_over_observed")
-            print(rate, k, *row, "tpot_p50", extra[0], "stage", extra[1])
+            print(rate, k, *row, v[k].get("send_lag_p99_s"), "tpot_p50", extra[0],
+                  "stage", extra[1])
 print("placement", json.dumps(d.get("placement")))
 PY
 grep -i "error\|traceback" "$LOG" | head -8 | cut -c1-300

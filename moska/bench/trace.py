@@ -22,6 +22,11 @@ them `--gpu-memory-utilization` to share it). `--rates R1,R2,..` replays the syn
 trace at each rate (systems started once) and reports each; `summary.regime` is the
 lowest rate where colocated met the TTFT SLO for under 80% of requests (the issue's).
 
+The client (`trace_client.py`) replays from a process of its own, its prompts and bodies
+built before each replay: in the front ends' process its lag counted as TTFT (2 H200s,
+60-100 req/s: TTFT p50 0.5-0.9 s where the P/D front end saw 0.15-0.19 s);
+`--client-in-process` keeps the old way. Each request's send lag is reported.
+
     python -m moska.bench.trace --cpu-dry-run            # small synthetic trace, CPU
     python -m moska.bench.trace --trace FILE --pd 1:1 --speedup 2 --ttft-slo 2 --tpot-slo 0.1
 """
@@ -33,15 +38,15 @@ import asyncio
 import contextlib
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moska.bench.trace_client import BLOCK, SERVED, ClientProcess, prompt_of, replay
 from moska.bench.trace_summary import Result, stage_accuracy, summarize
 
-BLOCK = 512  # tokens per hash id in Mooncake traces
+__all__ = ["BLOCK", "Result", "load_trace", "prompt_of", "replay", "summarize", "synthesize"]
 SUMMARY_KEYS = (
     "goodput_rps",
     "within_both_slos_of_admitted",
@@ -53,8 +58,6 @@ SUMMARY_KEYS = (
     "unmeasured",  # completed, all tokens in one event: no TTFT or TPOT seen (never good)
 )
 BY_RATE_KEYS = (*SUMMARY_KEYS[:3], "ttft_p99_s", "tpot_p99_s", "unmeasured")
-SERVED = "moska-tiny"  # the model id every instance serves (whatever its checkpoint)
-TOKEN_RANGE = (10, 250)  # ids every moska model's vocabulary has (the tiny one: 256 bytes)
 
 
 def synthesize(
@@ -102,74 +105,6 @@ def load_trace(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{i + 1}: a trace row needs {sorted(missing)}")
         rows.append(row)
     return rows
-
-
-def prompt_of(row: dict, block_tokens: int) -> list[int]:
-    """Token ids for a row: block i's tokens come from hash id i's own generator."""
-    n = max(1, round(row["input_length"] * block_tokens / BLOCK))
-    out: list[int] = []
-    for h in row["hash_ids"]:
-        rng = random.Random(int(h) * 7919 + 17)
-        out += [rng.randrange(*TOKEN_RANGE) for _ in range(block_tokens)]
-        if len(out) >= n:
-            break
-    return out[:n]
-
-
-async def _one(client, url: str, prompt: list[int], max_tokens: int, arrival: float) -> Result:
-    import httpx
-
-    body = {"model": SERVED, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    times: list[float] = []  # when each event with choices came
-    tokens = 0
-    try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                return Result(r.status_code, error=r.text[:200], arrival=arrival)
-            pred = r.headers.get("x-moska-pd-predicted")
-            predicted = tuple(float(x) for x in pred.split(",")) if pred else None
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return Result(500, error=str(chunk["error"])[:200])
-                if chunk.get("choices"):
-                    times.append(time.monotonic())
-                if chunk.get("usage"):
-                    tokens = int(chunk["usage"]["completion_tokens"])
-    except httpx.HTTPError as exc:
-        return Result(599, error=f"{type(exc).__name__}: {exc}"[:200], arrival=arrival)
-    if not times:
-        return Result(500, error="no tokens", arrival=arrival)
-    tokens = tokens or len(times)
-    # several tokens in one event: no per-token times to read (`Result.unmeasured`)
-    tpot = None if tokens > 1 and len(times) < 2 else 0.0
-    if tpot is not None and tokens > 1:
-        tpot = (times[-1] - times[0]) / (tokens - 1)
-    return Result(200, times[0] - arrival, tpot, tokens, predicted=predicted, arrival=arrival,
-                  events=len(times))  # fmt: skip
-
-
-async def replay(url: str, rows: list[dict], args) -> tuple[list[Result], float]:
-    """Send every row at its time (divided by the speedup); all results and the wall time."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
-    async with httpx.AsyncClient(timeout=args.request_timeout, limits=limits) as client:
-        t0 = time.monotonic()
-        tasks = []
-        for row in rows:
-            at = t0 + row["timestamp"] / 1000 / args.speedup
-            await asyncio.sleep(max(0.0, at - time.monotonic()))
-            prompt = prompt_of(row, args.block_tokens)
-            max_tokens = max(1, min(args.max_output, int(row["output_length"])))
-            tasks.append(asyncio.create_task(_one(client, url, prompt, max_tokens, at)))
-        results = await asyncio.gather(*tasks)
-        return list(results), time.monotonic() - t0
 
 
 @contextlib.contextmanager
@@ -237,11 +172,17 @@ def warmed(sched, instances, slo) -> None:
     sched.slo = slo
 
 
-def measure(front, url: str, rows: list[dict], args) -> tuple[list[Result], float, dict]:
+def measure(
+    front, url: str, rows: list[dict], args, client: ClientProcess | None = None
+) -> tuple[list[Result], float, dict]:
+    """One replay of `rows` (in `client`'s process when given) and the front end's stats."""
     import httpx
 
     front.stats.__init__()
-    results, wall = asyncio.run(replay(url, rows, args))
+    if client is not None:
+        results, wall = client.replay(url, rows, args)
+    else:
+        results, wall = asyncio.run(replay(url, rows, args))
     return results, wall, httpx.get(f"{url}/pd/stats", timeout=10).json()
 
 
@@ -272,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--systems", default="colocated,pd")
     ap.add_argument("--rounds", type=int, default=2, help="alternating replays per system")
+    ap.add_argument("--client-in-process", action="store_true",
+                    help="replay from the front ends' process (before session 15: its lag "
+                    "counted as TTFT)")  # fmt: skip
     ap.add_argument("--out", default="bench/results/pd_trace.json")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="small CPU form: tiny model, 32-token blocks, short outputs")  # fmt: skip
@@ -305,13 +249,17 @@ def main(argv: list[str] | None = None) -> dict:
     with contextlib.ExitStack() as stack:
         # every system is up before any is measured, and the rounds alternate between
         # them, so that a change in this host's load hits both alike
+        # the client in a process of its own, started while the systems start
+        client = None if args.client_in_process else ClientProcess()
+        if client is not None:
+            stack.callback(client.close)
         fronts = {k: stack.enter_context(running_system(k, args)) for k in kinds}
         if not rates:
-            report["systems"] = _rounds(fronts, kinds, rows, args.rate, args)
+            report["systems"] = _rounds(fronts, kinds, rows, args.rate, args, client)
         else:
             report["by_rate"] = {}
             for rate in rates:  # written after each: a run cut short keeps the rates done
-                report["by_rate"][str(rate)] = _rounds(fronts, kinds, None, rate, args)
+                report["by_rate"][str(rate)] = _rounds(fronts, kinds, None, rate, args, client)
                 write_json(args.out, report)
     report["placement"] = args.placement
     if rates:
@@ -344,7 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _rounds(fronts: dict, kinds: list[str], rows: list[dict] | None, rate: float, args) -> dict:
+def _rounds(
+    fronts: dict, kinds: list[str], rows: list[dict] | None, rate: float, args,
+    client: ClientProcess | None = None,
+) -> dict:  # fmt: skip
     """`args.rounds` alternating replays of each system (the trace's `rows`, or synthetic
     ones at `rate`: `args.requests` scaled by rate / `args.rate`); each system's summary."""
     gathered: dict[str, list] = {k: [[], 0.0, []] for k in kinds}  # results, wall, stats
@@ -353,7 +304,7 @@ def _rounds(fronts: dict, kinds: list[str], rows: list[dict] | None, rate: float
         rows_r = rows if rows is not None else synthesize(n, rate, seed=args.seed + r)
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
             front, url = fronts[kind]
-            results, wall, stats = measure(front, url, rows_r, args)
+            results, wall, stats = measure(front, url, rows_r, args, client)
             gathered[kind][0] += results
             gathered[kind][1] += wall
             gathered[kind][2].append(stats)
@@ -370,10 +321,10 @@ def _rounds(fronts: dict, kinds: list[str], rows: list[dict] | None, rate: float
             out["probes_since_warmup"] = stats[-1].get("probes") if stats else None
         out["front_end_per_round"] = stats  # P/D: each decision's inputs (`decisions`)
         # per request, in sending order: sent at (monotonic s, as the decisions' `t`),
-        # HTTP status, TTFT s, TPOT s (None unless completed)
+        # HTTP status, TTFT s, TPOT s (None unless completed), sent this late (s)
         out["per_request"] = [
             [round(r.arrival, 4), r.status, r.ttft_s and round(r.ttft_s, 4),
-             r.tpot_s and round(r.tpot_s, 4)]
+             r.tpot_s and round(r.tpot_s, 4), round(r.send_lag_s, 4)]
             for r in results
         ]  # fmt: skip
         out_all[kind] = out

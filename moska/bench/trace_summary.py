@@ -19,6 +19,7 @@ class Result:
     predicted: tuple[float, ...] | None = None  # the front end's (TTFT s, TPOT s, batch)
     arrival: float = 0.0  # when it was sent (time.monotonic(), the front end's clock too)
     events: int = 0  # stream events that carried output (text)
+    send_lag_s: float = 0.0  # sent this late after its time (the client's own lag)
 
     @property
     def unmeasured(self) -> bool:
@@ -67,6 +68,8 @@ def summarize(results: list[Result], wall_s: float, ttft_slo: float, tpot_slo: f
         "tpot_p50_s": pct(tpots, 50),
         "tpot_p99_s": pct(tpots, 99),
         "wall_s": round(wall_s, 2),
+        # how late the client sent them (its own lag, counted in their TTFT)
+        "send_lag_p99_s": pct([r.send_lag_s for r in results], 99),
         **prediction_errors(ok, ttft_slo, tpot_slo),
     }
 

@@ -16,7 +16,7 @@ import types
 import httpx
 
 from moska.bench.random_checkpoint import write_tokenizer
-from moska.bench.trace import _one
+from moska.bench.trace_client import _one, request_body
 from moska.bench.trace_summary import summarize
 from moska.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moska.pd import frontend as frontend_mod
@@ -109,7 +109,7 @@ def _client_result(chunks: list[bytes]):
 
     async def run():
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await _one(client, "http://x", [1, 2, 3], 20, time.monotonic())
+            return await _one(client, "http://x", request_body([1, 2, 3], 20), time.monotonic())
 
     return asyncio.run(run())
 
