@@ -74,14 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tier-budget-fraction", type=float, default=0.25)
     ap.add_argument("--tier-cpu-budget-gib", type=float, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument(
-        "--sync-ab-steps",
-        type=int,
-        default=0,
-        help="library variants: the first S decode steps of a run with library steps "
-        "synchronous (the engine before async library steps), an A/B in the same run",
-    )
+    ab = "library variants: a run's first S decode steps with library steps synchronous (A/B)"
+    ap.add_argument("--sync-ab-steps", type=int, default=0, help=ab)
     ap.add_argument("--step-log", action="store_true", help="every step's record in the JSON")
+    ap.add_argument(
+        "--profile-steps", type=int, default=0, help="routed_bf16: N decode steps' kernels"
+    )
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
     ap.add_argument("--scratch-dir", default=None, help="where the tiered library is saved")
     ap.add_argument("--out", default="bench/results/serve.json")
@@ -184,7 +182,8 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
     result: dict[str, Any] = {"warmup_seconds": warm_s, "graphs_captured": graphs}
     # (big_library's measure calls pass their own arguments: these two may be absent)
     sync_ab = getattr(args, "sync_ab_steps", 0) if library is not None else 0
-    recorder = StepRecorder(engine, sync_ab)
+    profile = getattr(args, "profile_steps", 0) if name == "routed_bf16" else 0
+    recorder = StepRecorder(engine, sync_ab, profile)
     result["graph_capture_seconds"] = time.perf_counter() - t0
     runs = []
     for pattern in args.arrivals:
@@ -203,6 +202,8 @@ def measure(engine: LLMEngine, s: Setup, args, name: str, *, prefix=None, librar
         after = engine.stats()
         run = {"arrivals": work.pattern, **latency_figures(timings, wall)}
         run["phases"] = phase_figures(recorder.records, args.requests)
+        if recorder.profile is not None:
+            run["profile"] = recorder.profile
         if getattr(args, "step_log", False):
             run["step_log"] = step_log(recorder.records)
         run["add_request_seconds"] = adding

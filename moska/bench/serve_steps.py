@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from moska.bench.serve_profile import StepProfiler
 from moska.engine.llm_engine import LLMEngine
 
 
@@ -32,18 +33,22 @@ class StepRecord:
     schedule_s: float  # host: the scheduler
     launch_s: float  # host: inputs and queueing the forward (a graph replay or eager)
     wait_s: float  # host blocked for tokens (device time not hidden behind host work)
+    profiled: bool = False  # run eagerly under the profiler (serve_profile): not timed
 
 
 class StepRecorder:
     """Wraps one engine's scheduler.schedule, runner.launch and the pending steps' result()
     to time them; `step()` replaces engine.step in the bench's loop. `sync_steps`: the
     first that many decode steps (no prompt tokens) run with library steps synchronous
-    (engine.async_library_steps False), an A/B inside the same run."""
+    (engine.async_library_steps False), an A/B inside the same run; `profile_steps`: the
+    next that many decode steps profiled (serve_profile.StepProfiler, `self.profile`)."""
 
-    def __init__(self, engine: LLMEngine, sync_steps: int = 0) -> None:
+    def __init__(self, engine: LLMEngine, sync_steps: int = 0, profile_steps: int = 0) -> None:
         self.engine = engine
         self.records: list[StepRecord] = []
         self.sync_steps = sync_steps
+        self.profiler = StepProfiler(engine, profile_steps) if profile_steps else None
+        self.profile: dict | None = None  # the last run's kernel table
         self._acc = {"schedule": 0.0, "launch": 0.0, "wait": 0.0}
         self._scheduled = 0  # rows the last schedule() put in its step
         self._wrap(engine.scheduler, "schedule", "schedule")
@@ -75,12 +80,18 @@ class StepRecorder:
 
     def reset(self) -> None:
         self.records.clear()
+        self.profile = None
 
     def step(self):
         e = self.engine
+        decode_steps = sum(r.prompt_tokens == 0 for r in self.records)
         if self.sync_steps:  # decode steps only ever run ahead: count those
-            decode_steps = sum(r.prompt_tokens == 0 for r in self.records)
             e.async_library_steps = decode_steps >= self.sync_steps
+        prof = self.profiler
+        profiling = prof is not None and self.profile is None
+        profiling = profiling and decode_steps >= self.sync_steps and self.records
+        if profiling and not prof.active and self.records[-1].prompt_tokens == 0:
+            prof.start()
         before = e.stats().prompt_tokens_computed
         for k in self._acc:
             self._acc[k] = 0.0
@@ -99,12 +110,24 @@ class StepRecorder:
                 schedule_s=self._acc["schedule"],
                 launch_s=self._acc["launch"],
                 wait_s=self._acc["wait"],
+                profiled=prof is not None and prof.active,
             )
         )
+        if prof is not None and prof.active:
+            done = [r for r in self.records if r.profiled]
+            if len(done) >= prof.steps:
+                prof.stop(done[0].rows)
+                self.profile = prof.result
         return outs
 
     def finish(self) -> None:
+        """After a run: library steps back to running ahead, a profile cut short ended."""
         self.engine.async_library_steps = True
+        prof = self.profiler
+        if prof is not None and prof.active:  # the run ended within the profiled steps
+            prof.steps = max(1, sum(r.profiled for r in self.records))
+            prof.stop(next((r.rows for r in self.records if r.profiled), 0))
+            self.profile = prof.result
 
 
 def _p50(values: list[float]) -> float | None:
@@ -118,7 +141,7 @@ def phase_figures(records: list[StepRecord], batch: int) -> dict:
     A/B of StepRecorder.sync_steps)."""
     pre = [r for r in records if r.prompt_tokens > 0]
     dec = [r for r in records if r.prompt_tokens == 0]
-    full = [r for r in dec if r.rows == batch]
+    full = [r for r in dec if r.rows == batch and not r.profiled]
     out: dict = {
         "steps": len(records),
         "prefill_steps": len(pre),

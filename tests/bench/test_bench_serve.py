@@ -20,7 +20,17 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "serve.json"
     threads = torch.get_num_threads()
     serve.main(
-        ["--cpu-dry-run", "--no-plot", "--step-log", "--sync-ab-steps", "1", "--out", str(out)]
+        [
+            "--cpu-dry-run",
+            "--no-plot",
+            "--step-log",
+            "--sync-ab-steps",
+            "1",
+            "--profile-steps",
+            "1",
+            "--out",
+            str(out),
+        ]
     )
     assert torch.get_num_threads() == threads  # the dry run's one thread is given back
     return json.loads(out.read_text()), out
@@ -140,8 +150,19 @@ def test_steps_split_the_run_into_prefill_and_decode_phases(result):
             assert p["decode_output_tokens_per_s"] == pytest.approx(
                 p["decode_tokens"] / p["decode_seconds"]
             )
-            full = [x["ms"] for x in log if not x["prompt_tokens"] and x["rows"] == n]
+            full = [
+                x["ms"]
+                for x in log
+                if not x["prompt_tokens"] and x["rows"] == n and not x["profiled"]
+            ]
             assert p["full_batch_decode_steps"] == len(full) > 0
+            profiled = [x for x in log if x["profiled"]]
+            if row["variant"] == "routed_bf16":  # --profile-steps 1: one, after the sync one
+                assert len(profiled) == 1 and not profiled[0]["prompt_tokens"]
+                assert run["profile"]["steps"] == 1 and run["profile"]["top"]
+                assert run["profile"]["total_ms_per_step"] > 0
+            else:
+                assert not profiled and "profile" not in run
             if row["variant"] != "prefix_cached":  # --sync-ab-steps 1: the first one synchronous
                 assert [x["library_async"] for x in log if not x["prompt_tokens"]][:2] == [
                     False,
