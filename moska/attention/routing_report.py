@@ -8,6 +8,7 @@ capture: each replay overwrites the tensors it holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,14 +28,17 @@ class GroupRouting:
         self.selections.clear()
         self.coverage.clear()
 
-    def snapshot(self) -> GroupRouting:
-        """A copy the next replay of its CUDA graph cannot overwrite, queued on the device
-        (no sync): the last recorded layer's selections (all a step's routing report
-        reads, engine/step_output.py) and the coverage. It lets a library step replayed
-        from a graph run ahead of its tokens (asynchronous scheduling)."""
-        out = GroupRouting(coverage={layer: c.clone() for layer, c in self.coverage.items()})
+    def snapshot(
+        self, copy: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.clone
+    ) -> GroupRouting:
+        """A copy the next replay of its CUDA graph cannot overwrite: the last recorded
+        layer's selections (all a step's routing report reads, engine/step_output.py) and
+        the coverage, each through `copy` (the runner's: a queued copy to pinned host
+        memory, so that reading the report waits for this step, not for the step queued
+        after it). It lets a library step replayed from a graph run ahead of its tokens."""
+        out = GroupRouting(coverage={layer: copy(c) for layer, c in self.coverage.items()})
         if self.selections:
             last = max(self.selections)
             s = self.selections[last]
-            out.selections[last] = Selections(s.req.clone(), s.kv_head.clone(), s.chunk.clone())
+            out.selections[last] = Selections(copy(s.req), copy(s.kv_head), copy(s.chunk))
         return out

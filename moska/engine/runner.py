@@ -21,7 +21,7 @@ from moska.engine.request import Request
 from moska.engine.sampler import SampledBatch, Sampler
 from moska.engine.step_inputs import StepInputs, flatten_step
 from moska.engine.step_output import PendingStep, StepResult
-from moska.engine.transfer import host_tensor, to_device
+from moska.engine.transfer import host_tensor, to_device, to_host_async
 from moska.flexicache.engine_graphs import plain_graphs
 from moska.flexicache.engine_hook import flexi_engine
 from moska.kernel_ops import kernel_ops
@@ -32,6 +32,13 @@ if TYPE_CHECKING:
 __all__ = ["GraphReplay", "ModelRunner", "PendingStep", "StepResult"]  # step_output's, too
 
 logger = logging.getLogger(__name__)
+
+
+def _report_copy(t: torch.Tensor) -> torch.Tensor:
+    """A graph's routing tensor copied for its step's report: queued into pinned host
+    memory on CUDA, read once the step's sampled tokens are (the sampler's event follows
+    it on the stream); a `.cpu()` at read time would wait for the step queued after it."""
+    return to_host_async(t) if t.is_cuda else t.clone()
 
 
 @dataclass(frozen=True)
@@ -185,7 +192,7 @@ class ModelRunner:
                 self._go_eager(e)
             else:
                 # the report's tensors are the graph's: the next replay overwrites them
-                routing = [report.snapshot()] if report is not None else []
+                routing = [report.snapshot(_report_copy)] if report is not None else []
                 step = self._sample(hidden, x, routing)
                 step.decode_only = step.routing_owned = True
                 return step
