@@ -84,6 +84,13 @@ class FlexiStep:
         # every request's ranking state, gathered once per step (not per layer)
         self.top = torch.stack([st.top for st in states])  # [B, L, Hkv, K]
         self.stable = torch.stack([st.stable for st in states])  # [B, L, Hkv]
+        for i, st in enumerate(states):  # a ranking stores a layer's for every request at once
+            st.top, st.stable = self.top[i], self.stable[i]
+        # released pages' (row, page) in the order of the offloaded requests' mean keys
+        rows_pages = [(i, j) for i, off in self.offs for j in range(off.pages)]
+        if any(self.due) and rows_pages and cfg.rank_by == "centroid":
+            self.k_rows = to_device([i for i, _ in rows_pages], dev)
+            self.k_pages = to_device([j for _, j in rows_pages], dev)
         # what every layer shares: window masks, slot map, lists' pads, pages (once per step)
         p = self.block_tables.shape[1]
         self.windows = policy.window_masks(self.n_pages, cfg.recent_pages, p, cfg.sink_pages)
@@ -116,8 +123,9 @@ class FlexiStep:
             scores = policy.page_scores(q, kmin, kmax)
         elif cfg.rank_by == "centroid":
             kmean, count = policy.page_centroids(keys.permute(0, 3, 1, 2, 4), self.seq_lens)
-            for i, off in self.offs:  # released pages: their mean keys kept on the device
-                kmean[i, :, : off.pages] = off.kmean[layer]
+            if self.offs:  # released pages: their mean keys kept on the device (one copy)
+                src = torch.cat([off.kmean[layer] for _, off in self.offs], 1)  # [Hkv, S, D]
+                kmean[self.k_rows, :, self.k_pages] = src.transpose(0, 1)
             scores = policy.centroid_mass(q, kmean, count, sm_scale)
         else:
             keys = keys.permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
@@ -129,10 +137,7 @@ class FlexiStep:
             new_stable[self.off_rows] = stable[self.off_rows]
         top = torch.where(self.due_t[:, None, None], new_top, top)
         stable = torch.where(self.due_t[:, None], new_stable, stable)
-        for i, st in enumerate(self.states):
-            if self.due[i]:
-                st.top[layer], st.stable[layer] = top[i], stable[i]
-        return top, stable
+        return top, stable  # `attend` stores them (each request's state a view)
 
     def _sync(self, layer: int, keep: torch.Tensor) -> None:
         """The due offloaded requests' fetches and evictions of `layer` for `keep`, at once."""
@@ -163,6 +168,8 @@ class FlexiStep:
                 read_top = torch.where(self.now_t[:, None, None], new_top, top)
                 read_stable = torch.where(self.now_t[:, None], new_stable, stable)
                 after = policy.keep_mask_windows(new_top, new_stable, self.active, self.windows)
+            # every request's state (views of these), after the reads above in stream order
+            self.top[:, layer], self.stable[:, layer] = new_top, new_stable
         keep = policy.keep_mask_windows(read_top, read_stable, self.active, self.windows)
         if self.kept is not None:  # pages held until their next re-ranking
             keep = keep | self.kept[:, layer]

@@ -93,6 +93,32 @@ def gather_pages(src: torch.Tensor, idx: torch.Tensor, used: torch.Tensor) -> to
     return out
 
 
+def gather_hosts(hosts: list[torch.Tensor], src: torch.Tensor, used: torch.Tensor):
+    """[R * n, row]: rows src[j] [n] of hosts[j] [rows_j, row] (the `used` ones; the
+    others hold anything). Pinned host copies on a CUDA device are read in place by one
+    `gather_rows` for all of them (row indices taken relative to the lowest copy's address:
+    the copies are separate allocations, rows of R requests in one launch instead of R),
+    unless an address is not a whole number of rows apart (then one gather per copy)."""
+    dev = src.device
+    if hosts[0].device != dev and len(hosts) > 1:
+        row_bytes = hosts[0][0].numel() * hosts[0].element_size()
+        base = min(hosts, key=lambda t: t.data_ptr())
+        deltas = [t.data_ptr() - base.data_ptr() for t in hosts]
+        if all(d % row_bytes == 0 for d in deltas):
+            from moska.kernels.page_gather import gather_rows
+
+            idx = (src + to_device([d // row_bytes for d in deltas], dev)[:, None]).view(-1)
+            out = torch.empty(idx.numel(), *base.shape[1:], dtype=base.dtype, device=dev)
+            flat = used.reshape(-1)
+            slot = torch.where(flat, torch.arange(idx.numel(), device=dev), -1)
+            try:
+                gather_rows(base, idx, out, slot)
+                return out
+            except (RuntimeError, ValueError):  # e.g. Triton refusing a host pointer
+                pass
+    return torch.cat([gather_pages(h, s, u) for h, s, u in zip(hosts, src, used)])
+
+
 def write_slots(cache: torch.Tensor, hkv: int, dst: torch.Tensor, rows, used) -> None:
     """cache [N, bs, Hkv, D]: slot dst[i]'s page (block dst // Hkv, head slice dst % Hkv) =
     rows[i] [bs * D] where `used`. A list padded to a length the host knows: the unused
@@ -257,11 +283,9 @@ class OffloadBatch:
         if sel is not None:
             dst, src, used = dst[sel], src[sel], used[sel]
         for cache, name in ((k_cache, "host_k"), (v_cache, "host_v")):
-            got = []
-            for j, i in enumerate(fetching):
-                host = getattr(offs[i], name)[layer]  # [capacity pages, Hkv, bs, D]
-                got.append(gather_pages(host.view(-1, host[0, 0].numel()), src[j], used[j]))
-            write_slots(cache[layer], hkv, dst.reshape(-1), torch.cat(got), used.reshape(-1))
+            hosts = [getattr(offs[i], name)[layer] for i in fetching]  # [cap, Hkv, bs, D]
+            got = gather_hosts([h.view(-1, h[0, 0].numel()) for h in hosts], src, used)
+            write_slots(cache[layer], hkv, dst.reshape(-1), got, used.reshape(-1))
         return used.sum(), evicted.sum()
 
     def flush(self) -> None:

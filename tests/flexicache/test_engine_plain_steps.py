@@ -8,8 +8,9 @@ CPU) graph of the static lists, the same again."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-from moska import SamplingParams
+from moska import LLM, SamplingParams
 from moska.flexicache import FlexiCacheConfig
 from moska.flexicache.engine_graphs import PlainGraphs
 from moska.flexicache.engine_hook import FlexiEngine
@@ -26,7 +27,7 @@ def _prompt(i: int) -> list[int]:
     return [(13 * i + 7 * j + j * j) % 240 + 3 for j in range(30 + 5 * i)]
 
 
-def _run(llm, monkeypatch, graphs: bool = False):
+def _run(llm, monkeypatch, graphs: bool = False, fake: bool = True):
     """Three requests admitted one, two and four steps apart (each at its own phase of r),
     decoded greedily; per engine step: (FlexiCache clock at its begin, layers ranked, pages
     fetched, a plain step)."""
@@ -36,7 +37,8 @@ def _run(llm, monkeypatch, graphs: bool = False):
     eng.attach(bm, runner.cache)
     eng.min_saving, eng.extend_pages = 0, 8
     runner.flexi = eng
-    runner.flexi_graphs = PlainGraphs(runner.model, runner.attention, runner.device, fake=True)
+    runner.flexi_graphs = PlainGraphs(runner.model, runner.attention, runner.device, fake=fake)
+    pg = runner.flexi_graphs
     if not graphs:
         runner.flexi_graphs = None
     bm.reset_prefix_cache()
@@ -65,6 +67,7 @@ def _run(llm, monkeypatch, graphs: bool = False):
         runner.flexi_graphs = None
     toks = {k: list(v.token_ids) for k, v in out.items()}
     lps = {k: [lp.logprob for lp in v.logprobs] for k, v in out.items()}
+    eng.graph_replays = pg.replays if graphs else 0  # type: ignore[attr-defined]
     return eng, steps, toks, lps
 
 
@@ -80,10 +83,12 @@ def test_requests_rerank_together_and_plain_steps_fetch_nothing(flexi_llm, monke
     assert eng.offloads == 3 and eng.fetched_pages > 0
 
 
-def test_plain_steps_and_their_graphs_equal_lists_rebuilt_every_step(flexi_llm, monkeypatch):
+def test_plain_steps_and_their_graphs_equal_lists_rebuilt_every_step(
+    flexi_llm, monkeypatch, fake: bool = True
+):
     _, _, toks, lps = _run(flexi_llm, monkeypatch)
-    eng, _, g_toks, g_lps = _run(flexi_llm, monkeypatch, graphs=True)
-    assert eng.plain_steps > 0
+    eng, _, g_toks, g_lps = _run(flexi_llm, monkeypatch, graphs=True, fake=fake)
+    assert eng.plain_steps > 0 and eng.graph_replays == eng.plain_steps  # type: ignore[attr-defined]
     monkeypatch.setattr(HeadLists, "advance", lambda *a: None)  # rebuild at every step
     eng, _, ref_toks, ref_lps = _run(flexi_llm, monkeypatch)
     assert eng.plain_steps == 0 and len(ref_toks) == 3
@@ -91,3 +96,14 @@ def test_plain_steps_and_their_graphs_equal_lists_rebuilt_every_step(flexi_llm, 
         assert got_t == ref_toks
         for k in ref_lps:
             assert got_l[k] == pytest.approx(ref_lps[k], abs=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_plain_step_cuda_graphs_equal_lists_rebuilt_every_step(monkeypatch):
+    """On a GPU: plain steps replayed from real CUDA graphs, pages fetched from pinned host
+    copies in place (several requests' in one gather, `offload.gather_hosts`)."""
+    llm = LLM(
+        None, device="cuda", dtype="float32", num_kv_blocks=64, block_size=4,
+        flexicache="k=2,recent=1,sink=1,threshold=2,r=2",
+    )  # fmt: skip
+    test_plain_steps_and_their_graphs_equal_lists_rebuilt_every_step(llm, monkeypatch, fake=False)
