@@ -12,17 +12,22 @@ routing; an instance checks tokens itself before it reuses anything.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
 
 def block_hashes(tokens: Sequence[int], block_size: int, namespace: Hashable = None) -> list[int]:
-    """Chained stable hashes of the full blocks of `tokens` (a 64-bit int each)."""
+    """Chained stable hashes of the full blocks of `tokens` (a 64-bit int each). The tokens
+    are hashed as 8-byte integers, packed once: each block's tuple repr took a third of
+    the ~2 ms a 4K-token prompt cost on every request in the front end's event loop (#19)."""
     out: list[int] = []
     parent = repr(namespace).encode()
+    data = array("q", tokens).tobytes()
+    step = block_size * 8
     for i in range(len(tokens) // block_size):
         h = hashlib.blake2b(parent, digest_size=8)
-        h.update(repr(tuple(tokens[i * block_size : (i + 1) * block_size])).encode())
+        h.update(data[i * step : (i + 1) * step])
         digest = h.digest()
         out.append(int.from_bytes(digest, "little"))
         parent = digest
