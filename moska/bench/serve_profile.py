@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from moska.engine.cuda_graphs import DecodeGraphs
 from moska.engine.llm_engine import LLMEngine
 
 
@@ -18,7 +19,7 @@ class StepProfiler:
         self.engine = engine
         self.steps = steps
         self._prof: torch.profiler.profile | None = None
-        self._graphs = None
+        self._graphs: DecodeGraphs | None = None  # the runner's, set aside while profiling
         self.result: dict | None = None
 
     @property
