@@ -53,6 +53,12 @@ def cache_namespace(request: CacheRequest) -> Hashable:
     return request.cache_namespace
 
 
+def _private(request: CacheRequest) -> bool:
+    """A request whose KV no other may share (`Request.private_kv`: SemShareKV's approximate
+    KV): never looked up nor registered in the prefix cache."""
+    return getattr(request, "private_kv", False)
+
+
 @dataclass
 class _RequestState:
     hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
@@ -125,7 +131,7 @@ class BlockManager:
         return state
 
     def _match(self, request: CacheRequest, max_blocks: int) -> list[CachedBlock]:
-        if not self.enable_prefix_caching or max_blocks <= 0:
+        if not self.enable_prefix_caching or max_blocks <= 0 or _private(request):
             return []
         tokens = request.all_token_ids
         namespace = cache_namespace(request)
@@ -201,7 +207,7 @@ class BlockManager:
 
     def cache_full_blocks(self, request: CacheRequest) -> None:
         """Register the request's blocks that are full of computed tokens."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or _private(request):
             return
         state = self._state(request)
         table = self.block_table(request.request_id)

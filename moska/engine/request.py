@@ -93,6 +93,13 @@ class Request:
         return (build, self.top_k_chunks)
 
     @property
+    def private_kv(self) -> bool:
+        """Whether its KV is approximate (SemShareKV): the prefix cache neither looks it up
+        nor registers it (no block of it could ever be shared: its namespace is its own), so
+        no block of a 5K-token prompt is hashed on the way to its first token."""
+        return self.semantic is not None
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 

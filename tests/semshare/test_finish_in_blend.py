@@ -8,8 +8,10 @@ through the eager tail and through the graphs' buffers, also when the last token
 in the plan (it is computed anyway). With row buckets (CUDA) the rows selected are the same
 (unmatched + the most deviating fraction) and the last token takes one padding row's place.
 CUDA (`-m cuda`): a captured replay's finish (the last row read from the graph's buffers)
-gives the eager tail's hidden state and KV. Engine level: the step of a planned prompt's last token runs no forward (the runner samples
-from the blend's hidden state) and gives the tokens and logprobs that the forward gives."""
+gives the eager tail's hidden state and KV. Engine level: the step of a planned prompt's
+last token runs no forward (the runner samples from the blend's hidden state) and gives the
+tokens and logprobs that the forward gives; nor are its blocks hashed for the prefix cache
+(its KV is private: `Request.private_kv`)."""
 
 import dataclasses
 
@@ -71,11 +73,20 @@ def test_no_finish_when_the_first_layers_are_all(blend_cpu):
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=5)
 
 
-def test_engine_samples_from_the_blend(blend_cpu):
-    llm = LLM(
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(
         None, device="cpu", dtype="float32", attention="torch", num_kv_blocks=64,
         max_model_len=512, semantic_reuse=True,
     )  # fmt: skip
+
+
+def _prompts(blend_cpu):
+    a = blend_cpu[3][:-8].tolist()
+    return a, a[:40] + [7, 8, 9] + a[40:]  # an insertion: the rest shifts by 3
+
+
+def test_engine_samples_from_the_blend(blend_cpu, llm):
     engine = llm.engine
     reuse, runner = engine.semshare, engine.runner
     forwards, shortcuts = [], []
@@ -92,9 +103,7 @@ def test_engine_samples_from_the_blend(blend_cpu):
 
     runner.model.forward = count_forward
     runner._blended = count_blended
-    _, _, _, ids, _ = blend_cpu
-    a = ids[:-8].tolist()
-    b = a[:40] + [7, 8, 9] + a[40:]  # an insertion: the rest shifts by 3
+    a, b = _prompts(blend_cpu)
     llm.generate([a], PARAMS)  # stored as the reference
     outs = {}
     for finish in (False, True):
@@ -111,7 +120,37 @@ def test_engine_samples_from_the_blend(blend_cpu):
         assert lp_new.top.keys() == lp_old.top.keys()
         for t, v in lp_old.top.items():
             assert abs(lp_new.top[t] - v) <= 1e-4 * max(1.0, abs(v))
+    runner.model.forward, runner._blended = model_call, blended
     engine.block_manager.check_integrity()
+
+
+def test_planned_prompt_skips_the_prefix_cache(blend_cpu, llm):
+    """A planned prompt's approximate KV is private: none of its blocks is hashed, looked up
+    or registered (an unplanned prompt's are)."""
+    bm = llm.engine.block_manager
+    cache = bm.prefix_cache
+    hashed = []
+    extend_hashes = cache.extend_hashes
+
+    def count(hashes, token_ids, namespace):
+        hashed.append(len(token_ids))
+        return extend_hashes(hashes, token_ids, namespace)
+
+    cache.extend_hashes = count
+    try:
+        a, b = _prompts(blend_cpu)
+        llm.generate([a], PARAMS)  # stored (or already): computed in full, registered
+        before = len(cache)
+        assert before >= len(a) // bm.block_size
+        hashed.clear()
+        out = llm.generate([b[:-2] + [11, 12]], PARAMS)[0]
+        assert out.num_reused_tokens > 0 and hashed == [] and len(cache) == before
+        plain = [(t * 7 + 3) % 256 for t in a]  # unlike any stored prompt: not planned
+        assert llm.generate([plain], PARAMS)[0].num_reused_tokens == 0
+        assert hashed and len(cache) > before
+    finally:
+        cache.extend_hashes = extend_hashes
+    bm.check_integrity()
 
 
 @_CUDA
