@@ -174,7 +174,10 @@ def retrieval_signal(engine, args, pols) -> dict:
             per_example = []
             for i, ex in enumerate(examples):
                 name = f"fidr-{mode}-{cs}-{i}"
-                info = engine.libraries.build(name, [("ctx", ex.context)], chunk_size=cs, mode=mode)
+                info = engine.libraries.build(
+                    name, [("ctx", ex.context)], chunk_size=cs, mode=mode,
+                    routing_rank=args.routing_rank,
+                )  # fmt: skip
                 per_example.append((name, info.num_chunks, ex))
             C = max(c for _, c, _ in per_example)
 

@@ -91,3 +91,34 @@ def test_the_decode_bench_times_the_engine_default_scorer():
     from moska.bench.decode import build_parser
 
     assert build_parser().parse_args([]).scorer == RoutingPolicy().scorer
+
+
+def test_the_retrieval_benchmark_builds_its_libraries_at_the_asked_rank(tmp_path, monkeypatch):
+    """`moska bench fidelity --routing-rank R --retrieval-model ...` measured the default
+    rank: the retrieval signal built its libraries without it (the code signal passed it)."""
+    from types import SimpleNamespace
+
+    from moska.bench import fidelity
+    from moska.bench.fidelity_eval import Measured
+    from moska.bench.retrieval_tasks import RetrievalSpec
+
+    RetrievalSpec(context_tokens=256, facts=4).save(tmp_path)
+    builds = []
+
+    def build(name, docs, **kwargs):
+        builds.append(kwargs)
+        return SimpleNamespace(num_chunks=4)
+
+    engine = SimpleNamespace(
+        libraries=SimpleNamespace(build=build, delete=lambda name: None)
+    )  # fmt: skip
+    monkeypatch.setattr(fidelity, "answer_accuracy", lambda *a: Measured(1.0, None, 2))
+    monkeypatch.setattr(fidelity, "run_setting_grid", lambda *a: [])
+    args = SimpleNamespace(
+        retrieval_model=str(tmp_path), context_tokens=None, questions=2, seed=0,
+        min_dense=0.9, modes=["prefix"], chunk_sizes=[64], fractions=[0.25], routing_rank=8,
+    )  # fmt: skip
+    out = fidelity.retrieval_signal(engine, args, {"default": RoutingPolicy()})
+    assert out["refused"] is False
+    assert len(builds) == 2 and all(b["routing_rank"] == 8 for b in builds)
+    assert all(b["chunk_size"] == 64 and b["mode"] == "prefix" for b in builds)
