@@ -13,7 +13,10 @@ a re-ranking picks read in its own step); FlexiCache's plain steps are replayed 
 graphs (`flexicache/engine_graphs.py`), re-ranking steps run eagerly; "-eager" (e.g.
 "deferred-eager"): every step eager. A random model's rankings churn: as in the speed bench, a
 `--stable-fraction` of (layer, KV head) pairs is forced stable (`FlexiEngine.force_stable`)
-with threshold 2 (no other head stable). GPU KV: the engine's blocks in use after the timed
+with threshold 2 (no other head stable), and `--churn` (default 0.375, the speed bench's: a
+stable head replaces that share of its top-K per re-ranking, `ChurnScores`; -1: the random
+ranking's own, nearly all of it, which the session-15 first run had: 550K pages fetched).
+GPU KV: the engine's blocks in use after the timed
 steps (the requests' blocks, their pools) against the blocks full KV holds for them.
 
 Usage: python -m moska.bench.flexicache_engine_speed [--rows deferred:38,full:15,...]
@@ -35,6 +38,29 @@ from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, w
 
 TINY = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
+
+
+class ChurnScores:
+    """The speed bench's churn (`flexicache_speed._ChurnScores`) for the engine: per (layer,
+    KV head) (1 - churn) K fixed `hot` pages get a large bonus, the rest of the top-K is
+    drawn at random at each re-ranking, so a stable head replaces about churn * K pages per
+    re-ranking (0.375: the rate of moska-code-20m at K = 32, threshold 0.75) instead of
+    nearly all of them (random keys' rankings)."""
+
+    def __init__(self, flexi, pages: int, churn: float, seed: int) -> None:
+        cfg = flexi.cfg
+        gen = torch.Generator().manual_seed(seed + 1)
+        n_hot = round((1 - churn) * cfg.top_k_pages)
+        span = max(pages - cfg.sink_pages - cfg.recent_pages - 1, n_hot)
+        shape = (flexi.num_layers, flexi.num_kv_heads)
+        hot = torch.rand(*shape, span, generator=gen).argsort(-1)[..., :n_hot] + cfg.sink_pages
+        self.bonus = torch.zeros(*shape, pages + 64)
+        self.bonus.scatter_(-1, hot, 1e3)
+        self.bonus = self.bonus.to(flexi.device)
+
+    def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+        bonus = self.bonus[layer, :, : scores.shape[-1]]
+        return scores + bonus + 10 * torch.rand(scores.shape, device=scores.device)
 
 
 def _sync(device: str) -> None:
@@ -68,6 +94,8 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
         gen = torch.Generator().manual_seed(a.seed)
         forced = torch.rand(flexi.num_layers, hkv, generator=gen) < a.stable_fraction
         flexi.force_stable = forced.to(flexi.device)
+        if a.churn >= 0:
+            flexi.score_hook = ChurnScores(flexi, per_req, a.churn, a.seed)
     vocab = loaded.config.vocab_size
     gen = torch.Generator().manual_seed(a.seed + batch)
     params = SamplingParams(temperature=0, max_tokens=a.warmup + a.steps + 2, ignore_eos=True)
@@ -148,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--flexicache", default="k=32,recent=2,sink=1,r=16")
     ap.add_argument("--stable-fraction", type=float, default=0.75)
+    ap.add_argument("--churn", type=float, default=0.375,
+                    help="share of a stable head's K replaced per re-ranking, as the speed "
+                         "bench's --churn (-1: the random model's own rankings)")  # fmt: skip
     ap.add_argument("--warmup", type=int, default=34, help="untimed decode steps (2 r + 2)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=16384)
@@ -170,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         "shapes": {"context": a.context, "layers": hf["num_hidden_layers"],
                    "kv_heads": hf["num_key_value_heads"], "block_size": a.block_size,
                    "warmup": a.warmup, "steps": a.steps},
-        "flexicache": a.flexicache, "stable_fraction_forced": a.stable_fraction, "rows": [],
+        "flexicache": a.flexicache, "stable_fraction_forced": a.stable_fraction,
+        "churn": a.churn, "rows": [],
     }  # fmt: skip
     for item in a.rows.split(","):
         mode, batch = item.split(":")

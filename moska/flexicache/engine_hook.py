@@ -38,6 +38,7 @@ the first one. A step with first hand-offs reads their head classes once (one re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +107,9 @@ class FlexiEngine(PageCounters):
         # [L, Hkv] bool: heads stable regardless of their overlap (benches on random models,
         # as the page store's `force_stable`); None: classified by the threshold only
         self.force_stable: torch.Tensor | None = None
+        # (layer, scores [B, Hkv, P]) -> scores: a bench's rankings (a random model's churn,
+        # as the speed bench's `--churn`); None: the scores as estimated
+        self.score_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
     def attach(self, block_manager, cache) -> None:
         """Offload for real: classified requests hand their old pages to the host and

@@ -130,6 +130,8 @@ class FlexiStep:
         else:
             keys = keys.permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
             scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)
+        if self.eng.score_hook is not None:  # a bench's rankings (a random model's churn)
+            scores = self.eng.score_hook(layer, scores)
         new_top, new_stable, _ = policy.rerank(scores, self.cand, top, cfg.threshold)
         if self.eng.force_stable is not None:  # a bench's classes (a random model's churn)
             new_stable = new_stable | self.eng.force_stable[layer]
