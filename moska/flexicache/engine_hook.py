@@ -1,9 +1,11 @@
 """FlexiCache in the engine's decode steps (`--flexicache`, EngineConfig.flexicache).
 
-The runner asks `FlexiEngine.begin` for a `FlexiStep` (`engine_step.py`) on every eager
+The runner asks `FlexiEngine.begin` for a `FlexiStep` (`engine_step.py`; between
+re-rankings a `PlainStep` over the last step's lists, `plain_lists.py`) on every
 decode-only step (`begin_mixed` on a step with prefills: offloaded requests' decode rows
 only); the attention backend then calls `FlexiStep.attend` per layer instead of the plain
-paged decode: per request and KV head it re-ranks every R steps (by attention mass
+paged decode: per request and KV head it re-ranks every R engine steps (every request at
+the same steps, `clock`) (by attention mass
 estimated from page mean keys, exact mass, or Quest bounds; by default deferred: the pages
 picked are read from the next step on, and a page leaving the recent window is held until
 the next re-ranking, `FlexiCacheConfig.rerank`, `hold_unranked`), classifies the head, and

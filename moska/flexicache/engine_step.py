@@ -12,9 +12,10 @@ ranks it (each request's kept pages, `_RequestState.kept`, are or-ed into the st
 request too short for FlexiCache holds none); a hand-off or later one moves held pages to
 the pool with the kept ones (`FlexiEngine._keep`, the pool sized for them).
 "step": a due request's new pages are read in the same step (fetched before the layer's
-attention). Both run eagerly: the engine's CUDA graphs are off under FlexiCache (its page
-lists are built per step on the host's schedule; the bench's graph-replayed plain steps
-are `plain_steps.py`).
+attention). Every request re-ranks at the same steps (`FlexiEngine.clock` % r); a
+FlexiStep runs eagerly and leaves the lists the next step reads (`plain_lists.HeadLists`),
+so that the steps between re-rankings are plain (`PlainStep`, replayed from a CUDA graph:
+`engine_graphs.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from moska.flexicache import policy
 from moska.flexicache.offload import OffloadBatch
-from moska.flexicache.plain_lists import SLACK_PAGES, HeadLists
+from moska.flexicache.plain_lists import HeadLists, list_width
 from moska.flexicache.transfer import to_device
 
 if TYPE_CHECKING:
@@ -54,9 +55,11 @@ class FlexiStep:
         self.states = states
         self.rows = rows  # query rows in a mixed step (`patch`), None: every row
         # released blocks: -1; a decode-only step's lists are as wide as the next steps'
-        # (`HeadLists`: started pages appended in place)
-        slack = SLACK_PAGES if rows is None else 0
-        self.block_tables = F.pad(block_tables.long().clamp(min=0), (0, slack))
+        # (`HeadLists`: started pages appended in place; `list_width`)
+        width = list_width(block_tables.shape[1]) if rows is None else block_tables.shape[1]
+        self.block_tables = F.pad(
+            block_tables.long().clamp(min=0), (0, width - block_tables.shape[1])
+        )
         self.offs = [(i, st.off) for i, st in enumerate(states) if st.off is not None]
         self.off_rows = to_device([i for i, _ in self.offs], dev)
         n_pages = [-(-s // bs) for s in seq_lens]

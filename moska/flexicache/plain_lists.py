@@ -27,7 +27,15 @@ from moska.flexicache.transfer import to_device
 if TYPE_CHECKING:
     from moska.flexicache.engine_hook import FlexiEngine
 
-SLACK_PAGES = 8  # list width beyond the step's block table: page starts append in place
+WIDTH_QUANTUM = 32  # list widths are multiples of this many pages
+
+
+def list_width(pages: int) -> int:
+    """The width of the lists built over a block table of `pages` columns: room for at
+    least one more page (started pages are appended in place), rounded up to
+    `WIDTH_QUANTUM` so that it (and the plain steps' graph, keyed by it) changes once in
+    that many pages, not at every re-ranking."""
+    return -(-(pages + 1) // WIDTH_QUANTUM) * WIDTH_QUANTUM
 
 
 class HeadLists:
