@@ -4,7 +4,6 @@ under one root directory, for one model. Used by the server, the engine and the 
 from __future__ import annotations
 
 import builtins
-import fcntl
 import logging
 import os
 import threading
@@ -19,7 +18,6 @@ from moska.library.arena import ArenaFullError, ArenaLayout, ArenaRange, KVArena
 from moska.library.arena_budget import arena_rows, check_memory
 from moska.library.builder import DEFAULT_PREFILL_TOKENS, build_and_save
 from moska.library.errors import (
-    CorruptLibraryError,
     LibraryDeletingError,
     LibraryError,
     LibraryExistsError,
@@ -27,7 +25,6 @@ from moska.library.errors import (
     LibraryNotFoundError,
 )
 from moska.library.format import (
-    MANIFEST_FILE,
     Manifest,
     ModelFingerprint,
     model_fingerprint,
@@ -36,13 +33,9 @@ from moska.library.format import (
 from moska.library.fp8_mma import attach_at_register
 from moska.library.info import LibraryInfo
 from moska.library.loaded import LoadedLibrary, load_library
+from moska.library.manifest_locks import ManifestHolds, delete_unheld
 from moska.library.prefill import ProgressHook
-from moska.library.store import (
-    BuildLock,
-    delete_library_dir,
-    lock_build,
-    remove_stale_tmp_dirs,
-)
+from moska.library.store import BuildLock, lock_build, remove_stale_tmp_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +92,7 @@ class LibraryManager:
         self._lock = threading.RLock()
         self._released = threading.Condition(self._lock)  # a request released a library
         self._refs: dict[str, int] = {}  # build id -> requests holding it
-        self._lock_fds: dict[str, int] = {}  # name -> descriptor holding its shared lock
+        self._holds = ManifestHolds(self.root)  # shared flocks on loaded manifests
         self._deleting: set[str] = set()  # names a delete is waiting on
         # the engine's library cache budget (engine/memory.py LibraryMemory); None: unchecked
         self.memory: Any = None
@@ -298,21 +291,10 @@ class LibraryManager:
                 arena.place(library)
         attach_at_register(name, library, self.fp8_attention)
         self._loaded[name] = library
-        try:
-            fd = os.open(self.root / name / MANIFEST_FILE, os.O_RDONLY)
-        except OSError:  # built in memory only, or a store without locking
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:  # another process is deleting it: serve what we loaded anyway
-            os.close(fd)
-            return
-        self._lock_fds[name] = fd
+        self._holds.hold(name)
 
     def _unregister(self, name: str) -> bool:
-        fd = self._lock_fds.pop(name, None)
-        if fd is not None:
-            os.close(fd)  # closing the descriptor drops the shared lock
+        self._holds.drop(name)
         return self._loaded.pop(name, None) is not None
 
     # -- the slot space (library/arena.py) ----------------------------------------------
@@ -379,22 +361,4 @@ class LibraryManager:
                 self._deleting.discard(name)
 
     def _delete_files(self, name: str) -> None:
-        try:
-            fd = os.open(self.root / name / MANIFEST_FILE, os.O_RDONLY)
-        except OSError:
-            fd = None  # no manifest (a damaged library): nothing can hold it loaded
-        try:
-            if fd is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as e:
-                    raise LibraryInUseError(name, None) from e
-            delete_library_dir(self.root, name)
-        except FileNotFoundError as e:
-            raise LibraryNotFoundError(name, self.root) from e
-        except OSError as e:
-            reason = e.strerror or type(e).__name__  # never the server path
-            raise CorruptLibraryError(name, name, f"cannot delete ({reason})") from e
-        finally:
-            if fd is not None:
-                os.close(fd)
+        delete_unheld(self.root, name)  # LibraryInUseError while another process holds it
