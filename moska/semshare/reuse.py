@@ -3,14 +3,17 @@ before the step's forward, and store prompts computed in full as references.
 
 Hook (three calls from `engine/llm_engine.py`, nothing else in the engine knows of it):
 - `plan(prompt_ids)` when a request is added: LSH candidate -> token matching -> a
-  `ReusePlan` (or None). A planned request's prefix-cache namespace is its own, so its
-  approximate KV never serves (or takes) an exact prefix-cache hit.
+  `ReusePlan` (or None). A planned request's KV is private (`Request.private_kv`): its
+  approximate KV never serves (or takes) an exact prefix-cache hit, nor is it hashed.
 - `prefill(scheduled, block_table)` after `schedule()`, before the runner's forward: for
   each scheduled prompt range [start, end) of a planned request, `blend_prefill` computes
   [start, end - 1) into the blocks the scheduler just allocated, then the item is narrowed
   to its last token ([end - 1, end)), which the ordinary forward computes (and samples
   from, when it ends the prompt). The scheduler's counts stay consistent:
-  `num_computed_tokens + num_new_tokens` is unchanged.
+  `num_computed_tokens + num_new_tokens` is unchanged. `finish_in_blend`: when every item
+  of the step ends a planned prompt, the blend computes [start, end) and the item carries
+  the last token's hidden state (`semantic_hidden`), which the runner samples from without
+  a forward (a decode step's pass over the weights, ~4 ms at 8B dims).
 - `record(scheduled, block_table)` right after the forward is queued: a request without a
   plan whose prompt was completed by this step has its prompt KV copied (queued on the
   stream, no wait) and enters the store once its LSH signatures reach the host (`flush`:
@@ -44,6 +47,7 @@ class ReusePlan:
     # the matches there, so a blend waits on no step in flight, and copies it non-blocking)
     ref_pos: torch.Tensor
     score: float  # share of the prompt's tokens that collided with the reference (LSH)
+    ids: torch.Tensor | None = None  # [num_prompt_tokens] int64 on the host: the prompt
 
     @property
     def num_matched(self) -> int:
@@ -152,7 +156,7 @@ class SemanticReuse:
         if int((ref_pos >= 0).sum()) < cfg.min_reuse_fraction * len(prompt_ids):
             return None
         self.stats.planned += 1
-        return ReusePlan(ref, ref_pos, score)
+        return ReusePlan(ref, ref_pos, score, ids)
 
     def prefill(self, scheduled: list, block_table) -> None:
         """Blend the planned requests' prompt ranges of this step (see the module docstring).
@@ -173,7 +177,10 @@ class SemanticReuse:
             if start == 0:
                 req.num_reused_tokens = 0  # a recompute after preemption counts afresh
             last = end if finish else stop  # [stop, end): the item's token, computed here too
-            ids = torch.tensor(req.prompt_token_ids[start:last], dtype=torch.int64)
+            if plan.ids is not None and plan.ids.shape[0] == req.num_prompt_tokens:
+                ids = plan.ids[start:last]  # the plan's tensor: no second 5K-int conversion
+            else:
+                ids = torch.tensor(req.prompt_token_ids[start:last], dtype=torch.int64)
             result = blend_prefill(
                 self.model,
                 self.cache,
