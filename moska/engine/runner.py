@@ -235,11 +235,10 @@ class ModelRunner:
         pos_t = to_device(x.positions, dev, torch.int64)
         bound = self.attention.bind(meta)
         self._logits_follow(x)
-        hidden = None
+        replayed = None
         if self.flexi_graphs is not None:  # a plain FlexiCache step: replayed from a graph
-            hidden = self.flexi_graphs.run(meta, ids_t, pos_t)
-        if hidden is None:
-            hidden = self.model(ids_t, pos_t, bound)
+            replayed = self.flexi_graphs.run(meta, ids_t, pos_t)
+        hidden = replayed if replayed is not None else self.model(ids_t, pos_t, bound)
         # the groups' routing reports, kept by the bound attention (none without groups)
         step = self._sample(hidden, x, bound.routing if meta.groups else [])
         step.decode_only = meta.decode_only

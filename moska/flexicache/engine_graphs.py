@@ -60,7 +60,7 @@ class PlainGraphs:
         self.fake = fake
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
-        self._pool = None
+        self._pool: Any = None
         self.captures = self.replays = 0
         self.failed: str | None = None  # a capture failed: eager from then on
 

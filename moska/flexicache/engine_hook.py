@@ -179,12 +179,14 @@ class FlexiEngine(PageCounters):
             return None
         rows = to_device([cu_q[i] for i in pick], self.device)
         self.mixed_steps += 1
-        return self.begin(
+        step = self.begin(
             [request_ids[i] for i in pick],
             block_tables[to_device(pick, block_tables.device)],
             [seq_lens[i] for i in pick],
             rows,
         )
+        assert isinstance(step, FlexiStep)  # a mixed step's rows build their lists
+        return step
 
     def _may_hand_off(self, st: _RequestState, seq_len: int) -> bool:
         n_pages = -(-seq_len // self.block_size)
