@@ -30,6 +30,12 @@ TTFT_SPREADS = 2.0
 # instances' own step fits alone (the stage fits' prior) put it within the SLO (`probe`)
 PROBE_AFTER_S = 1.0
 PROBE_MAX_SLOS = 2.0
+# ... or after this many TTFT SLOs, when that is sooner: on 2 H200s (TTFT SLO 0.3 s) a burst
+# after an idle gap (stages 0.21-0.25 s for 0.05-0.13 predicted) taught the line ~0.1 s of
+# fixed cost and 0.07 s of spread, and the front end then rejected every request at an idle
+# prefill instance (0.32 s predicted at the upper end; 0.04-0.07 s seen at idle) for 1.5-2 s
+# at 80-100 req/s, a probe a second unlearning it (#19, session 15)
+PROBE_AFTER_SLOS = 1.0
 # until an instance's prefill line has learnt from this many requests, a probe ignores the
 # prediction: the first request on a GPU instance pays one-off costs no step marks
 # (Triton compiles at new shapes) and the step fits and the line learnt from it alone
@@ -85,7 +91,8 @@ class TtftModel:
         everything is rejected nothing is learnt, and a fit from a slower moment (or an
         instance's step fit from its first, slow steps: 0.39 s for a 200-token prompt)
         rejected every request of a 4-round bench run. One request when `prefill` is idle
-        (nothing in flight), has admitted and learnt nothing for PROBE_AFTER_S, and the
+        (nothing in flight), has admitted and learnt nothing for PROBE_AFTER_S (or
+        PROBE_AFTER_SLOS TTFT SLOs, when sooner), and the
         mean `ttft` is within PROBE_MAX_SLOS of the SLO or `prior_s` (the step fits'
         seconds for it, before any learnt line) within the SLO: a warm-up on a loaded host
         taught the prefill line a slope of 5.6 and 1.4 s fixed, predicting 7 s for prompts
@@ -101,7 +108,7 @@ class TtftModel:
         since = self._rejecting_since.setdefault(prefill, now)
         moved = since if last is None else last  # learnt, or else began rejecting
         quiet = now - max(moved, self._admitted_at.get(prefill, -math.inf))
-        if not idle or quiet < PROBE_AFTER_S:
+        if not idle or quiet < min(PROBE_AFTER_S, PROBE_AFTER_SLOS * slo_s):
             return False
         # little learnt yet: the prediction is the step fits' prior (a guess) or a line
         # from the instance's first, one-off-paying request (`PROBE_BLIND_REQUESTS`)

@@ -14,7 +14,7 @@ import pytest
 from moska.bench.nccl_p2p import _result
 from moska.pd.index import block_hashes
 from moska.pd.scheduler import SLO, GlobalScheduler, Instance, Plan, RequestInfo
-from moska.pd.ttft_model import PROBE_AFTER_S
+from moska.pd.ttft_model import PROBE_AFTER_S, PROBE_AFTER_SLOS
 from moska.server.step_model import StepFeatures, StepModel
 
 BS = 16
@@ -43,11 +43,12 @@ def test_an_instance_that_learnt_nothing_is_probed_after_a_run_of_rejections():
     first = sched.plan(_prompt(0), 0.0)  # the default prior: ~1.7 s predicted, SLO 0.3 s
     assert not isinstance(first, Plan) and first.reason == "ttft"
     assert first.predicted_ttft_s > 1.0
-    r = sched.plan(_prompt(1), 0.5 * PROBE_AFTER_S)
+    wait = min(PROBE_AFTER_S, PROBE_AFTER_SLOS * 0.3)  # quiet before a probe
+    r = sched.plan(_prompt(1), 0.5 * wait)
     assert not isinstance(r, Plan) and sched.ttft.probes == 0  # rejection before any work
-    probe = sched.plan(_prompt(2), PROBE_AFTER_S)
+    probe = sched.plan(_prompt(2), wait)
     assert isinstance(probe, Plan) and sched.ttft.probes == 1
-    nxt = sched.plan(_prompt(3), 3 * PROBE_AFTER_S)  # one at a time: it is in flight
+    nxt = sched.plan(_prompt(3), 3 * wait)  # one at a time: it is in flight
     assert not isinstance(nxt, Plan) and sched.ttft.probes == 1
 
 
