@@ -39,7 +39,8 @@ for r in d["rows"]:
     s = r.get("flexi_stats", {})
     print(" ", r["row"], r["batch"], "tok/s %.0f" % r["tokens_per_s"], "step ms %.1f" % r["step_ms"],
           "graphs", r["cuda_graphs"], r.get("plain_graphs"), "kv", r["gpu_kv_blocks_used"], "/", r["full_kv_blocks"],
-          "prefill+warmup s %.1f" % r["prefill_and_warmup_s"],
+          "prefill+warmup s %.1f" % r["prefill_and_warmup_s"], "rerank/other step ms",
+          r.get("rerank_step_ms"), r.get("other_step_ms_median"),
           {k: s.get(k) for k in ("kept_fraction", "offloads", "released_blocks", "fetched_pages",
                                  "steps", "plain_steps")})
 PY

@@ -110,9 +110,13 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
         engine.step()
     _sync(device)
     t1 = time.perf_counter()
-    n_tokens = 0
+    n_tokens, each, due = 0, [], []
     for _ in range(a.steps):
+        if flexi is not None:
+            due.append(flexi.clock % flexi.cfg.rerank_interval == 0)
+        t = time.perf_counter()
         n_tokens += len(engine.step())
+        each.append(1e3 * (time.perf_counter() - t))  # the host's (steps run ahead)
     _sync(device)
     t2 = time.perf_counter()
     bm = engine.block_manager
@@ -126,8 +130,13 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
         "gpu_kv_blocks_used": used, "full_kv_blocks": full_blocks,
         "gpu_kv_fraction": used / max(full_blocks, 1),
     }  # fmt: skip
+    row["step_ms_each"] = [round(x, 2) for x in each]  # wall per step, no sync between
     if flexi is not None:
         row["flexi_stats"] = flexi.stats()
+        ranked = [x for x, d in zip(each, due) if d]
+        plain = sorted(x for x, d in zip(each, due) if not d)
+        row["rerank_step_ms"] = sum(ranked) / max(len(ranked), 1)
+        row["other_step_ms_median"] = plain[len(plain) // 2] if plain else None
         pg = engine.runner.flexi_graphs
         row["cuda_graphs"] = pg is not None and pg.replays > 0
         if pg is not None:
