@@ -36,6 +36,11 @@ PROBE_MAX_SLOS = 2.0
 # prefill instance (0.32 s predicted at the upper end; 0.04-0.07 s seen at idle) for 1.5-2 s
 # at 80-100 req/s, a probe a second unlearning it (#19, session 15)
 PROBE_AFTER_SLOS = 1.0
+PROBE_BEAT_SLOS = 0.5
+# and at once while the instance's last prefill stage came in at or under its prediction
+# and within PROBE_BEAT_SLOS of the SLO (a probe that beat a burst-learnt line: the next,
+# idle, needs no wait; one that did not restores it). On a virtual clock at 80 req/s a 0.25 s burst then locked out 0.75 s (55
+# requests rejected), not 1.95 s (151; the rule of a probe a second: 2.8 s, 224)
 # until an instance's prefill line has learnt from this many requests, a probe ignores the
 # prediction: the first request on a GPU instance pays one-off costs no step marks
 # (Triton compiles at new shapes) and the step fits and the line learnt from it alone
@@ -52,6 +57,8 @@ class TtftModel:
         self._admitted_at: dict[str, float] = {}  # prefill instance -> its last admission
         # prefill instance -> when its current run of TTFT rejections began (`probe`)
         self._rejecting_since: dict[str, float] = {}
+        # prefill instance -> its last stage's (observed s, predicted s), `probe`
+        self._last_stage: dict[str, tuple[float, float]] = {}
         # requests admitted though TTFT would reject them (`probe`; one a probe let through
         # and TPOT then rejected is not one: it counted 21 in a 4 s round)
         self.probes = 0
@@ -108,7 +115,10 @@ class TtftModel:
         since = self._rejecting_since.setdefault(prefill, now)
         moved = since if last is None else last  # learnt, or else began rejecting
         quiet = now - max(moved, self._admitted_at.get(prefill, -math.inf))
-        if not idle or quiet < min(PROBE_AFTER_S, PROBE_AFTER_SLOS * slo_s):
+        seen, predicted = self._last_stage.get(prefill, (math.inf, 0.0))
+        beat = seen <= predicted and seen <= PROBE_BEAT_SLOS * slo_s
+        wait = 0.0 if beat else min(PROBE_AFTER_S, PROBE_AFTER_SLOS * slo_s)
+        if not idle or quiet < wait:
             return False
         # little learnt yet: the prediction is the step fits' prior (a guess) or a line
         # from the instance's first, one-off-paying request (`PROBE_BLIND_REQUESTS`)
@@ -130,4 +140,7 @@ class TtftModel:
     def observe(self, stage: str, name: str, x: float, observed_s: float, now: float) -> None:
         """A request's `stage` on instance `name` took `observed_s` for step-fit seconds
         `x`: that fit learns it at once (the next admission sees it)."""
-        self.fit(stage, name).observe(x, observed_s, now)
+        fit = self.fit(stage, name)
+        if stage == "prefill":
+            self._last_stage[name] = (observed_s, fit.predict(x, now))
+        fit.observe(x, observed_s, now)
