@@ -105,6 +105,7 @@ class LLM:
                     finished=True,
                     routed_chunks=outs[0].routed_chunks,
                     routing_coverage=outs[0].routing_coverage,
+                    routing_layers=outs[0].routing_layers,
                     prompt_logprobs=outs[0].prompt_logprobs,
                     num_reused_tokens=outs[0].num_reused_tokens,
                 )

@@ -79,6 +79,7 @@ def build_output(tr: TrackedRequest, scheduler: _Finisher) -> RequestOutput:
         new_token_ids=list(new_ids),
         routed_chunks=None if tr.routing is None else tr.routing.chunks,
         routing_coverage=None if tr.routing is None else tr.routing.coverage,
+        routing_layers=None if tr.routing is None else tr.routing.coverage_by_layer,
         library=req.library,
         num_cached_tokens=req.num_cached_tokens,
         num_reused_tokens=req.num_reused_tokens,

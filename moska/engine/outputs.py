@@ -37,6 +37,8 @@ class RequestOutput:
     # With report_routing: share of the library's attention mass the routed chunks held,
     # averaged over sampled layers (first, middle, last) and query heads, last step.
     routing_coverage: float | None = None
+    # With report_routing: that share per sampled layer (layer index -> share), last step.
+    routing_layers: dict[int, float] | None = None
     # The library build the request reads (its handle, held from admission to the end; a
     # `LoadedLibrary`): routing reports name each routed chunk's document and span from it.
     library: Any = None

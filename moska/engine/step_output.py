@@ -23,10 +23,12 @@ from moska.engine.sampler import SampledBatch
 class RoutingReport:
     """What one request's routing did in a step: the chunks its sampled row read at the last
     recorded layer (KV head 0), and, with report_routing, the share of the library's
-    attention mass they cover (mean over the sampled layers)."""
+    attention mass they cover (mean over the sampled layers) and that share per sampled
+    layer (where routing loses mass, which the mean hides)."""
 
     chunks: list[int]
     coverage: float | None = None
+    coverage_by_layer: dict[int, float] | None = None
 
 
 @dataclass
@@ -104,11 +106,15 @@ def routing_reports(
         for a, part in zip(np.r_[0, starts], np.split(chunk, starts))
         if part.size
     }
-    mean = None
+    mean, per_layer = None, {}
     if report.coverage:
         mean = torch.stack(list(report.coverage.values())).mean(dim=0).tolist()  # [n]
+        per_layer = {layer: c.tolist() for layer, c in sorted(report.coverage.items())}
     out = {}
     for req, row in reqs:
-        cov = mean[local[row]] if mean is not None and req.report_routing else None
-        out[req.request_id] = RoutingReport(by_row.get(local[row], []), cov)
+        cov = layers = None
+        if mean is not None and req.report_routing:
+            cov = mean[local[row]]
+            layers = {layer: c[local[row]] for layer, c in per_layer.items()}
+        out[req.request_id] = RoutingReport(by_row.get(local[row], []), cov, layers)
     return out

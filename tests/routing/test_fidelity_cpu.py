@@ -101,3 +101,24 @@ def test_http_routing_object_becomes_the_request_policy():
     with pytest.raises(ValidationError) as e:
         CompletionRequest(model="m", prompt="x", routing={"scorr": "mean"})
     assert "routing" in str(e.value)
+
+
+def test_report_routing_gives_the_coverage_of_each_sampled_layer(llm):
+    """Issue 17 point 4: the per-layer summary in Python (RequestOutput.routing_layers):
+    the sampled layers' shares, whose mean is routing_coverage; all chunks cover all."""
+    lib = llm.engine.libraries.get("doc")
+    layers = llm.engine.model_config.num_kv_layers
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    out = llm.generate(["route me"], params, library="doc", top_k_chunks=1, report_routing=True)
+    by_layer = out[0].routing_layers
+    assert set(by_layer) == {0, layers // 2, layers - 1}
+    assert all(0.0 < v <= 1.0 + 1e-6 for v in by_layer.values())
+    assert min(by_layer.values()) < 1.0  # one chunk of several: some layer loses mass
+    mean = sum(by_layer.values()) / len(by_layer)
+    assert abs(mean - out[0].routing_coverage) < 1e-6
+    full = llm.generate(
+        ["route me"], params, library="doc", top_k_chunks=lib.num_chunks, report_routing=True
+    )[0]
+    assert all(abs(v - 1.0) < 1e-5 for v in full.routing_layers.values())
+    plain = llm.generate(["route me"], params, library="doc", top_k_chunks=1)[0]
+    assert plain.routing_layers is None
