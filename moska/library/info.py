@@ -66,10 +66,12 @@ class LibraryStatus(StrEnum):
 
     OK = "ok"
     DAMAGED = "damaged"  # manifest missing or unreadable, or a file it lists missing/outside
+    CORRUPT = "corrupt"  # a file failed its checksum on a load (checksum_failures.py)
 
 
 OK = LibraryStatus.OK
 DAMAGED = LibraryStatus.DAMAGED
+CORRUPT = LibraryStatus.CORRUPT
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,9 @@ class LibraryInfo:
     """What ``ls``/``info`` show. ``status`` is ``"ok"``, or ``"damaged"`` when the manifest
     is missing or unreadable or a file it lists is missing or outside the folder; a damaged
     library is still listed (so it can be seen and removed) with ``reason`` saying why, and
-    the fields its manifest would have given are None. Checksums are checked on load only.
+    the fields its manifest would have given are None. Checksums are checked on load only:
+    a build whose load failed them is ``"corrupt"`` (its manifest's fields are kept) until
+    it is rebuilt or its files change (the manager's ``checksum_failures``).
     """
 
     name: str

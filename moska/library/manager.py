@@ -17,6 +17,7 @@ import torch
 from moska.library.arena import ArenaFullError, ArenaLayout, ArenaRange, KVArena, library_layout
 from moska.library.arena_budget import arena_rows, check_memory
 from moska.library.builder import DEFAULT_PREFILL_TOKENS, build_and_save
+from moska.library.checksum_failures import ChecksumFailures
 from moska.library.errors import (
     LibraryDeletingError,
     LibraryError,
@@ -53,7 +54,9 @@ class LibraryManager:
 
     - ``list()`` / ``info(name)`` read manifests only; ``compatible`` says whether a library
       was built for this model (None without a model); a damaged one has status "damaged".
-    - ``get(name)`` loads on first use (fingerprint and checksums verified) and caches.
+    - ``get(name)`` loads on first use (fingerprint and checksums verified) and caches. A
+      build that failed its checksums is remembered (``checksum_failures``): listed
+      "corrupt", and later loads fail at once without hashing it again.
     - ``reserve(name)`` / ``build(...)``: one build per name at a time (LibraryBusyError
       at once for a second one); writes atomically and keeps the built library loaded.
     - ``delete(name)`` unloads, then removes the directory.
@@ -93,6 +96,7 @@ class LibraryManager:
         self._released = threading.Condition(self._lock)  # a request released a library
         self._refs: dict[str, int] = {}  # build id -> requests holding it
         self._holds = ManifestHolds(self.root)  # shared flocks on loaded manifests
+        self.checksum_failures = ChecksumFailures(self.root)  # corrupt builds, not re-hashed
         self._deleting: set[str] = set()  # names a delete is waiting on
         # the engine's library cache budget (engine/memory.py LibraryMemory); None: unchecked
         self.memory: Any = None
@@ -134,13 +138,14 @@ class LibraryManager:
             except LibraryError as e:
                 logger.warning("skipping %s: %s", p, e)
                 continue
-            infos.append(LibraryInfo.from_dir(p, self.fingerprint))
+            infos.append(self.checksum_failures.mark(LibraryInfo.from_dir(p, self.fingerprint)))
         return infos
 
     def info(self, name: str) -> LibraryInfo:
         """What ``list()`` says of ``name`` (status "damaged" rather than an error when its
         manifest or files are); LibraryNotFoundError if there is no such library."""
-        return LibraryInfo.from_dir(self._dir(name), self.fingerprint)
+        info = LibraryInfo.from_dir(self._dir(name), self.fingerprint)
+        return self.checksum_failures.mark(info)
 
     def reserve(self, name: str) -> BuildLock:
         """Reserve ``name`` for a build starting now, before any prefill is spent:
@@ -215,17 +220,18 @@ class LibraryManager:
             library = self._loaded.get(name)
             if library is None:
                 self._dir(name)
-                check_memory(self, name)  # LibraryMemoryError rather than an OOM
-                library = load_library(
-                    self.root,
-                    name,
-                    self.fingerprint,
-                    self.device,
-                    progress=self.progress,
-                    tiers=self.tiers,
-                    reserve=self._reserve,
-                    **self.load_options,
-                )
+                with self.checksum_failures.watch(name):  # a corrupt build: 409 at once
+                    check_memory(self, name)  # LibraryMemoryError rather than an OOM
+                    library = load_library(
+                        self.root,
+                        name,
+                        self.fingerprint,
+                        self.device,
+                        progress=self.progress,
+                        tiers=self.tiers,
+                        reserve=self._reserve,
+                        **self.load_options,
+                    )
                 self._register(name, library)
             return library
 
@@ -235,16 +241,17 @@ class LibraryManager:
         libraries meanwhile do not wait for the load. A copy loaded meanwhile is kept."""
         with self._lock:
             check_memory(self, validate_name(name))
-        library = load_library(
-            self.root,
-            validate_name(name),
-            self.fingerprint,
-            self.device,
-            progress=False,
-            tiers=self.tiers,
-            reserve=self._reserve,
-            **self.load_options,
-        )
+        with self.checksum_failures.watch(name):
+            library = load_library(
+                self.root,
+                name,
+                self.fingerprint,
+                self.device,
+                progress=False,
+                tiers=self.tiers,
+                reserve=self._reserve,
+                **self.load_options,
+            )
         with self._lock:
             if name in self._deleting:
                 raise LibraryDeletingError(name)
@@ -357,6 +364,7 @@ class LibraryManager:
                     raise LibraryInUseError(name, users)
                 self._unregister(name)
                 self._delete_files(name)
+                self.checksum_failures.forget(name)
             finally:
                 self._deleting.discard(name)
 

@@ -47,10 +47,12 @@ class LibraryObject(BaseModel):
     mode: str | None = None
     model: str | None = None
     created: Any = None
-    status: Literal["ok", "damaged"] = Field(
-        "ok", description='"damaged" when a file of the library is missing or unreadable'
+    status: Literal["ok", "damaged", "corrupt"] = Field(
+        "ok",
+        description='"damaged" when a file of the library is missing or unreadable; "corrupt" '
+        "when a load found a file whose checksum differs (rebuild it)",
     )
-    reason: str | None = Field(None, description="why the library is damaged")
+    reason: str | None = Field(None, description="why the library is damaged or corrupt")
 
 
 class LibraryList(BaseModel):
