@@ -106,6 +106,7 @@ class FlexiEngine(PageCounters):
         self.clock = 0  # FlexiCache steps begun: every request re-ranks when clock % r == 0
         self._lists: HeadLists | None = None  # the lists the next step reads if plain
         self.plain_steps = 0  # steps that rebuilt nothing (`HeadLists.advance`)
+        self.rerank_reads_kept = 0  # deferred re-rankings that read the kept lists
         # [L, Hkv] bool: heads stable regardless of their overlap (benches on random models,
         # as the page store's `force_stable`); None: classified by the threshold only
         self.force_stable: torch.Tensor | None = None
@@ -155,17 +156,28 @@ class FlexiEngine(PageCounters):
                 elif st.off is not None:
                     self._extend(rid, st, seq_lens[i])
         step: FlexiStep | PlainStep | None = None
+        read = None
         if lists is not None and rows is None and moved == (self.offloads, self.extensions):
             step = lists.advance(self, request_ids, block_tables, seq_lens)
             if step is not None:
                 self._lists = lists
                 self.plain_steps += 1
+            elif self._reads_kept_lists(states):  # a deferred re-ranking reads them
+                read = lists.advance(self, request_ids, block_tables, seq_lens, due_ok=True)
+                self.rerank_reads_kept += read is not None
         if step is None:
-            step = FlexiStep(self, states, block_tables, seq_lens, rows, request_ids)
+            step = FlexiStep(self, states, block_tables, seq_lens, rows, request_ids, read)
         self.clock += 1
         for st in states:
             st.steps += 1
         return step
+
+    def _reads_kept_lists(self, states: list[_RequestState]) -> bool:
+        """A due deferred re-ranking whose requests were all ranked before reads the lists
+        kept from the last step (the pages it picks are read from the next step on)."""
+        cfg = self.cfg
+        due = self.clock % cfg.rerank_interval == 0
+        return due and cfg.rerank == "deferred" and all(st.ranked for st in states)
 
     def begin_mixed(
         self, request_ids, block_tables, seq_lens, cu_q, decoding: list[bool]
@@ -302,6 +314,7 @@ class FlexiEngine(PageCounters):
             "evicted_pages": self.evicted_pages,
             "steps": self.clock,
             "plain_steps": self.plain_steps,
+            "rerank_reads_kept": self.rerank_reads_kept,
         }
 
 

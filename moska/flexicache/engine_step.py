@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from moska.flexicache import policy
 from moska.flexicache.offload import OffloadBatch
-from moska.flexicache.plain_lists import HeadLists, list_width
+from moska.flexicache.plain_lists import HeadLists, PlainStep, list_width
 from moska.flexicache.transfer import to_device
 
 if TYPE_CHECKING:
@@ -48,10 +48,20 @@ class FlexiStep:
     """One decode step's per-head page lists, built layer by layer."""
 
     def __init__(
-        self, eng: FlexiEngine, states, block_tables: torch.Tensor, seq_lens, rows=None, ids=None
+        self,
+        eng: FlexiEngine,
+        states,
+        block_tables: torch.Tensor,
+        seq_lens,
+        rows=None,
+        ids=None,
+        read: PlainStep | None = None,
     ) -> None:
         cfg, bs, dev = eng.cfg, eng.block_size, eng.device
         self.eng = eng
+        # a deferred re-ranking of requests all ranked before, whose lists were kept from
+        # the last step: it reads them (`_attend_read`; its stats counted by `advance`)
+        self.read = read
         self.states = states
         self.rows = rows  # query rows in a mixed step (`patch`), None: every row
         # released blocks: -1; a decode-only step's lists are as wide as the next steps'
@@ -161,6 +171,8 @@ class FlexiStep:
         decode_fn: Callable,
         sm_scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.read is not None:
+            return self._attend_read(layer, q, k_cache, v_cache, decode_fn, sm_scale)
         eng = self.eng
         top, stable = self.top[:, layer], self.stable[:, layer]  # [B, Hkv, K], [B, Hkv]
         read_top, read_stable = top, stable
@@ -198,13 +210,38 @@ class FlexiStep:
             tables, lens = policy.head_lists(
                 keep, self._slots(layer), self.seq_lens, eng.block_size, self.pad
             )
+        self._leave(layer, keep, tables, lens, stable_now)
+        return out
+
+    def _leave(self, layer: int, keep, tables, lens, stable_now) -> None:
+        """`layer`'s held pages and the lists the next step reads if it is plain."""
         if self.kept is not None:  # a row not yet under FlexiCache (short) holds nothing
             self.kept[:, layer] = keep & self.active[:, None, None]
-        if self.lists is not None:  # what the next step reads if it is plain
+        if self.lists is not None:
             self.lists.tables[layer].copy_(tables)
             self.lists.lens[layer].copy_(lens)
             self.lists.kept_pages += keep.sum()
             self.lists.stable_heads += stable_now
+
+    def _attend_read(self, layer, q, k_cache, v_cache, decode_fn, sm_scale: float):
+        """A deferred re-ranking of requests all ranked before: the step reads the lists a
+        plain step would (`self.read`, kept from the last step: no keep masks or lists
+        built for the read), then ranks and leaves the new kept pages for the next step."""
+        eng, read = self.eng, self.read
+        assert read is not None
+        top, stable = self.top[:, layer], self.stable[:, layer]
+        new_top, new_stable = self._rank(layer, q, k_cache, top, stable, sm_scale)
+        keep = policy.keep_mask_windows(new_top, new_stable, self.active, self.windows)
+        self.top[:, layer], self.stable[:, layer] = new_top, new_stable
+        out = decode_fn(
+            q, k_cache, v_cache, read.tables[layer], read.lens[layer], sm_scale, slot_heads=True
+        )
+        if self.batch is not None and self.batch.due:  # behind this step's reads
+            self._sync(layer, keep)
+        tables, lens = policy.head_lists(
+            keep, self._slots(layer), self.seq_lens, eng.block_size, self.pad
+        )
+        self._leave(layer, keep, tables, lens, (new_stable & self.active[:, None]).sum())
         return out
 
     def _slots(self, layer: int) -> torch.Tensor:

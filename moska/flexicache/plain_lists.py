@@ -53,10 +53,13 @@ class HeadLists:
         self.stable_heads = torch.zeros((), dtype=torch.int64, device=dev)
         self.heads = torch.arange(hkv, device=dev)
 
-    def advance(self, eng: FlexiEngine, ids, block_tables, seq_lens) -> PlainStep | None:
-        """The next step's lists in place when it is plain (else None: rebuild)."""
+    def advance(
+        self, eng: FlexiEngine, ids, block_tables, seq_lens, due_ok: bool = False
+    ) -> PlainStep | None:
+        """The next step's lists in place when it is plain (else None: rebuild); `due_ok`:
+        also at a re-ranking (a deferred one reads them)."""
         cfg, bs = eng.cfg, eng.block_size
-        if ids != self.ids or eng.clock % cfg.rerank_interval == 0:
+        if ids != self.ids or (eng.clock % cfg.rerank_interval == 0 and not due_ok):
             return None
         if any(n != m + 1 for n, m in zip(seq_lens, self.seq_lens)):
             return None

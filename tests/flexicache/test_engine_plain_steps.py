@@ -2,8 +2,9 @@
 admitted at different steps re-rank together every r engine steps (not each at its own
 phase, which made almost every step a ranking step), pages are fetched only at re-rankings
 and hand-offs, and a plain step reuses the last step's lists (started pages appended) with
-the same tokens and logprobs as lists rebuilt at every step; replayed from a (fake, on the
-CPU) graph of the static lists, the same again."""
+the same tokens and logprobs as lists rebuilt at every step (so does a deferred re-ranking
+that reads the kept lists); replayed from a (fake, on the CPU) graph of the static lists, the
+same again."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def test_plain_steps_and_their_graphs_equal_lists_rebuilt_every_step(
     _, _, toks, lps = _run(flexi_llm, monkeypatch)
     eng, _, g_toks, g_lps = _run(flexi_llm, monkeypatch, graphs=True, fake=fake)
     assert eng.plain_steps > 0 and eng.graph_replays == eng.plain_steps  # type: ignore[attr-defined]
-    monkeypatch.setattr(HeadLists, "advance", lambda *a: None)  # rebuild at every step
+    assert eng.rerank_reads_kept > 0  # re-rankings that read the lists kept (`_attend_read`)
+    monkeypatch.setattr(HeadLists, "advance", lambda *a, **k: None)  # rebuild at every step
     eng, _, ref_toks, ref_lps = _run(flexi_llm, monkeypatch)
     assert eng.plain_steps == 0 and len(ref_toks) == 3
     for got_t, got_l in ((toks, lps), (g_toks, g_lps)):
