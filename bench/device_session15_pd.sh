@@ -17,9 +17,14 @@
 # before each replay (moska/bench/trace_client.py); in the front ends' process it sent
 # requests up to 0.9-2 s late (its lag counted as TTFT) and slowed the front ends' loops.
 # per_request rows now end with each request's send lag; summaries give send_lag_p99_s.
+# Also since 21:00: the stage counts the transfer of all the prompt's blocks (as sent); an
+# idle prefill instance locked out by a burst-learnt line (0.32 s predicted at the upper
+# end, 0.04-0.07 s seen at idle: 1.5-2 s of 429s at 80-100 req/s) is probed after one TTFT
+# SLO of quiet (was 1 s) and at once while the probes beat their predictions.
 # 1) a random-weight checkpoint at Llama-3.1-8B layer dims, 16 layers, 32k vocab, with a
 #    word-level tokenizer (`random_checkpoint.write_tokenizer`);
-# 2) correctness: the session-15 tests of this fix (CPU, ~3 s: tests/pd/test_pd_one_event.py);
+# 2) correctness: the session-15 tests of these fixes (CPU, ~5 s: tests/pd/test_pd_one_event.py,
+#    test_pd_trace_client.py, test_pd_probe_slo.py, test_pd_transfer_blocks.py);
 # 3) trace replay, P/D 1:1 (prefill GPU 0, decode GPU 1, early rejection) vs 2 colocated
 #    instances (one per GPU, round robin), both systems up at once (0.42 of each GPU's
 #    memory each), synthetic trace (~4K-token prompts, 16-48 output tokens) at 40/60/80/100
@@ -53,6 +58,7 @@ if [ "$DEV" = cuda ]; then
   CKPT=$!
 fi
 timeout $((30 * SLOW)) $PY -m pytest -q -p no:cacheprovider tests/pd/test_pd_one_event.py \
+  tests/pd/test_pd_trace_client.py tests/pd/test_pd_probe_slo.py tests/pd/test_pd_transfer_blocks.py \
   >> "$LOG" 2>&1; step tests $?
 if [ "$DEV" = cuda ]; then
   wait $CKPT; step checkpoint $?
