@@ -122,3 +122,21 @@ def test_report_routing_gives_the_coverage_of_each_sampled_layer(llm):
     assert all(abs(v - 1.0) < 1e-5 for v in full.routing_layers.values())
     plain = llm.generate(["route me"], params, library="doc", top_k_chunks=1)[0]
     assert plain.routing_layers is None
+
+
+def test_a_library_built_without_a_chunk_size_is_cut_to_scale(llm):
+    """Issue 17: LibraryManager.build (and so POST /v1/libraries) without a chunk size cut
+    a library into one 4,096-token chunk (nothing to route); now the size scales with it."""
+    from moska.routing.policy import default_chunk_size
+
+    manager = llm.engine.libraries
+    ids = [3 + (7 * i) % 250 for i in range(300)]  # token ids: the count is exact
+    info = manager.build("scaled", [("doc", ids)], mode="prefix", keep_loaded=False)
+    want = default_chunk_size(300)
+    assert want < 300  # the old fixed 4,096 made this library one chunk
+    assert info.chunk_size == want
+    assert info.num_chunks == -(-300 // want) and info.num_chunks > 1
+    explicit = manager.build("fixed", [("doc", ids)], 128, keep_loaded=False)
+    assert explicit.chunk_size == 128 and explicit.num_chunks == 3
+    for name in ("scaled", "fixed"):
+        manager.delete(name)

@@ -1,8 +1,8 @@
 """Issue 17's configuration surfaces agree with the routing policy: the `moska serve`
 flags' help states the policy's real defaults, every policy field a user may set has an
-engine-config field and an HTTP `routing` field, and a library built without a chunk size
-(Python, HTTP, CLI) is cut into chunks that scale with it instead of one 4,096-token
-chunk that leaves the router nothing to choose."""
+engine-config field and an HTTP `routing` field, the server's fit check sizes a library
+built without a chunk size as the build will (the build itself: test_fidelity_cpu.py, on
+its engine), and the benchmarks measure what they are asked to."""
 
 from __future__ import annotations
 
@@ -48,27 +48,6 @@ def test_every_settable_policy_field_is_in_the_config_and_the_http_body():
     }
     assert config == settable
     assert set(RoutingBody.model_fields) == settable
-
-
-@pytest.fixture(scope="module")
-def manager(tmp_path_factory):
-    from moska.library.manager import LibraryManager
-    from moska.model import load_model
-    from moska.model.default import default_model_dir
-
-    loaded = load_model(default_model_dir(), dtype="float32")
-    return LibraryManager(tmp_path_factory.mktemp("libs"), loaded, "cpu", progress=False)
-
-
-def test_a_library_built_without_a_chunk_size_is_cut_to_scale(manager):
-    ids = [3 + (7 * i) % 250 for i in range(300)]  # token ids: the count is exact
-    info = manager.build("scaled", [("doc", ids)], mode="prefix", keep_loaded=False)
-    want = default_chunk_size(300)
-    assert want < 300  # the old fixed 4,096 made this library one chunk
-    assert info.chunk_size == want
-    assert info.num_chunks == -(-300 // want) and info.num_chunks > 1
-    explicit = manager.build("fixed", [("doc", ids)], 128, keep_loaded=False)
-    assert explicit.chunk_size == 128 and explicit.num_chunks == 3
 
 
 def test_the_fit_check_sizes_an_independent_library_as_its_build_will():
