@@ -93,30 +93,43 @@ def gather_pages(src: torch.Tensor, idx: torch.Tensor, used: torch.Tensor) -> to
     return out
 
 
-def gather_hosts(hosts: list[torch.Tensor], src: torch.Tensor, used: torch.Tensor):
-    """[R * n, row]: rows src[j] [n] of hosts[j] [rows_j, row] (the `used` ones; the
-    others hold anything). Pinned host copies on a CUDA device are read in place by one
-    `gather_rows` for all of them (row indices taken relative to the lowest copy's address:
-    the copies are separate allocations, rows of R requests in one launch instead of R),
-    unless an address is not a whole number of rows apart (then one gather per copy)."""
+def host_row_offsets(hosts: list[torch.Tensor], layer: int):
+    """(base, offsets): the host copy at the lowest address and, for each copy, the row
+    (of bs * D elements) of `base` at which its layer `layer` starts, by address arithmetic
+    (None when an address is not a whole number of rows apart)."""
+    row_bytes = hosts[0].shape[-2] * hosts[0].shape[-1] * hosts[0].element_size()
+    base = min(hosts, key=lambda t: t.data_ptr())
+    esz = base.element_size()
+    deltas = [t.data_ptr() + layer * t.stride(0) * esz - base.data_ptr() for t in hosts]
+    if any(d % row_bytes for d in deltas):
+        return base, None
+    return base, [d // row_bytes for d in deltas]
+
+
+def gather_hosts(hosts: list[torch.Tensor], layer: int, src: torch.Tensor, used: torch.Tensor):
+    """[R * n, row]: rows src[j] [n] of layer `layer` of hosts[j] [L, pages_j, Hkv, bs, D]
+    (the rows of one layer: (page, head) pairs; the `used` ones, the others hold anything).
+    Pinned host copies on a CUDA device are read in place by one `gather_rows` for all of
+    them: row indices taken relative to the lowest copy's address (the copies are separate
+    allocations), host arithmetic only (no per-request views or launches), unless an address
+    is not a whole number of rows apart (then one gather per copy)."""
     dev = src.device
-    if hosts[0].device != dev and len(hosts) > 1:
-        row_bytes = hosts[0][0].numel() * hosts[0].element_size()
-        base = min(hosts, key=lambda t: t.data_ptr())
-        deltas = [t.data_ptr() - base.data_ptr() for t in hosts]
-        if all(d % row_bytes == 0 for d in deltas):
+    row = hosts[0].shape[-2] * hosts[0].shape[-1]
+    if hosts[0].device != dev:
+        base, offsets = host_row_offsets(hosts, layer)
+        if offsets is not None:
             from moska.kernels.page_gather import gather_rows
 
-            idx = (src + to_device([d // row_bytes for d in deltas], dev)[:, None]).view(-1)
-            out = torch.empty(idx.numel(), *base.shape[1:], dtype=base.dtype, device=dev)
-            flat = used.reshape(-1)
-            slot = torch.where(flat, torch.arange(idx.numel(), device=dev), -1)
+            idx = (src + to_device(offsets, dev)[:, None]).view(-1)
+            out = torch.empty(idx.numel(), row, dtype=base.dtype, device=dev)
+            slot = torch.where(used.reshape(-1), torch.arange(idx.numel(), device=dev), -1)
             try:
-                gather_rows(base, idx, out, slot)
+                gather_rows(base.view(-1, row), idx, out, slot)
                 return out
             except (RuntimeError, ValueError):  # e.g. Triton refusing a host pointer
                 pass
-    return torch.cat([gather_pages(h, s, u) for h, s, u in zip(hosts, src, used)])
+    flat = [t[layer].view(-1, row) for t in hosts]
+    return torch.cat([gather_pages(h, s, u) for h, s, u in zip(flat, src, used)])
 
 
 def write_slots(cache: torch.Tensor, hkv: int, dst: torch.Tensor, rows, used) -> None:
@@ -283,8 +296,8 @@ class OffloadBatch:
         if sel is not None:
             dst, src, used = dst[sel], src[sel], used[sel]
         for cache, name in ((k_cache, "host_k"), (v_cache, "host_v")):
-            hosts = [getattr(offs[i], name)[layer] for i in fetching]  # [cap, Hkv, bs, D]
-            got = gather_hosts([h.view(-1, h[0, 0].numel()) for h in hosts], src, used)
+            hosts = [getattr(offs[i], name) for i in fetching]  # [L, cap, Hkv, bs, D]
+            got = gather_hosts(hosts, layer, src, used)
             write_slots(cache[layer], hkv, dst.reshape(-1), got, used.reshape(-1))
         return used.sum(), evicted.sum()
 

@@ -16,6 +16,7 @@ from moska.flexicache import FlexiCacheConfig
 from moska.flexicache.engine_graphs import PlainGraphs
 from moska.flexicache.engine_hook import FlexiEngine
 from moska.flexicache.engine_step import FlexiStep
+from moska.flexicache.offload import host_row_offsets
 from moska.flexicache.plain_lists import HeadLists
 
 R = 3
@@ -109,3 +110,25 @@ def test_plain_step_cuda_graphs_equal_lists_rebuilt_every_step(monkeypatch):
         flexicache="k=2,recent=1,sink=1,threshold=2,r=2",
     )  # fmt: skip
     test_plain_steps_and_their_graphs_equal_lists_rebuilt_every_step(llm, monkeypatch, fake=False)
+
+
+def test_host_row_offsets_address_each_copys_rows():
+    """`offload.gather_hosts` reads several requests' host copies by one kernel through row
+    offsets from the lowest copy's address: here copies carved out of one buffer (so that
+    the rows are reachable by indexing on the CPU), at uneven places and sizes."""
+    L, hkv, bs, d = 3, 2, 4, 8
+    row = bs * d
+    big = torch.randn(400 * hkv * row)
+    hosts, at = [], [37, 0, 150]  # in pages (of hkv rows), lowest not first
+    for start, pages in zip(at, (9, 11, 5)):
+        n = L * pages * hkv * row
+        hosts.append(big[start * hkv * row : start * hkv * row + n].view(L, pages, hkv, bs, d))
+    bad = big[1 : 1 + L * 4 * hkv * row].view(L, 4, hkv, bs, d)  # not a whole row apart
+    assert host_row_offsets([hosts[0], bad], 1)[1] is None
+    for layer in range(L):
+        base, offsets = host_row_offsets(hosts, layer)
+        assert base is hosts[1] and offsets is not None
+        rows = big[base.data_ptr() // 4 - big.data_ptr() // 4 :].view(-1, row)
+        for t, off in zip(hosts, offsets):
+            src = torch.randint(0, t.shape[1] * hkv, (6,))
+            assert torch.equal(rows[off + src], t[layer].reshape(-1, row)[src])
