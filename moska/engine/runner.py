@@ -239,6 +239,8 @@ class ModelRunner:
         if self.flexi_graphs is not None:  # a plain FlexiCache step: replayed from a graph
             replayed = self.flexi_graphs.run(meta, ids_t, pos_t)
         hidden = replayed if replayed is not None else self.model(ids_t, pos_t, bound)
+        if meta.flexi is not None:  # FlexiCache: a deferred re-ranking after the forward
+            meta.flexi.finish(self.cache.k, self.mcfg.sm_scale)
         # the groups' routing reports, kept by the bound attention (none without groups)
         step = self._sample(hidden, x, bound.routing if meta.groups else [])
         step.decode_only = meta.decode_only

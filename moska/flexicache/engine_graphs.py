@@ -94,6 +94,7 @@ class PlainGraphs:
         g.step.lens.copy_(step.lens)
         g.graph.replay()
         self.replays += 1
+        step.q_buf = g.step.q_buf  # the replay's queries (a deferred re-ranking's)
         return g.hidden
 
     def _capture(self, g: _Graph) -> None:

@@ -156,17 +156,18 @@ class FlexiEngine(PageCounters):
                 elif st.off is not None:
                     self._extend(rid, st, seq_lens[i])
         step: FlexiStep | PlainStep | None = None
-        read = None
         if lists is not None and rows is None and moved == (self.offloads, self.extensions):
             step = lists.advance(self, request_ids, block_tables, seq_lens)
             if step is not None:
                 self._lists = lists
                 self.plain_steps += 1
-            elif self._reads_kept_lists(states):  # a deferred re-ranking reads them
-                read = lists.advance(self, request_ids, block_tables, seq_lens, due_ok=True)
-                self.rerank_reads_kept += read is not None
+            elif self._reads_kept_lists(states):  # a deferred re-ranking after the forward
+                step = lists.advance(self, request_ids, block_tables, seq_lens, due_ok=True)
+                if step is not None:
+                    step.rerank = FlexiStep(self, states, block_tables, seq_lens, None, request_ids)
+                    self.rerank_reads_kept += 1
         if step is None:
-            step = FlexiStep(self, states, block_tables, seq_lens, rows, request_ids, read)
+            step = FlexiStep(self, states, block_tables, seq_lens, rows, request_ids)
         self.clock += 1
         for st in states:
             st.steps += 1

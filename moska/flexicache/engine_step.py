@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from moska.flexicache import policy
 from moska.flexicache.offload import OffloadBatch
-from moska.flexicache.plain_lists import HeadLists, PlainStep, list_width
+from moska.flexicache.plain_lists import HeadLists, list_width
 from moska.flexicache.transfer import to_device
 
 if TYPE_CHECKING:
@@ -55,13 +55,9 @@ class FlexiStep:
         seq_lens,
         rows=None,
         ids=None,
-        read: PlainStep | None = None,
     ) -> None:
         cfg, bs, dev = eng.cfg, eng.block_size, eng.device
         self.eng = eng
-        # a deferred re-ranking of requests all ranked before, whose lists were kept from
-        # the last step: it reads them (`_attend_read`; its stats counted by `advance`)
-        self.read = read
         self.states = states
         self.rows = rows  # query rows in a mixed step (`patch`), None: every row
         # released blocks: -1; a decode-only step's lists are as wide as the next steps'
@@ -171,8 +167,6 @@ class FlexiStep:
         decode_fn: Callable,
         sm_scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.read is not None:
-            return self._attend_read(layer, q, k_cache, v_cache, decode_fn, sm_scale)
         eng = self.eng
         top, stable = self.top[:, layer], self.stable[:, layer]  # [B, Hkv, K], [B, Hkv]
         read_top, read_stable = top, stable
@@ -223,26 +217,29 @@ class FlexiStep:
             self.lists.kept_pages += keep.sum()
             self.lists.stable_heads += stable_now
 
-    def _attend_read(self, layer, q, k_cache, v_cache, decode_fn, sm_scale: float):
-        """A deferred re-ranking of requests all ranked before: the step reads the lists a
-        plain step would (`self.read`, kept from the last step: no keep masks or lists
-        built for the read), then ranks and leaves the new kept pages for the next step."""
-        eng, read = self.eng, self.read
-        assert read is not None
+    def rank_after(self, q_buf: torch.Tensor, k_caches, sm_scale: float) -> None:
+        """A deferred re-ranking of requests all ranked before, after a forward that read
+        the lists kept from the last step (a `PlainStep`, maybe replayed from a graph, its
+        queries in `q_buf` [L, B, Hq, D]): every layer ranked with them, its new kept pages
+        fetched and left for the next step."""
+        for layer in range(self.eng.num_layers):
+            self._rank_layer(layer, q_buf[layer], k_caches[layer], sm_scale)
+
+    def _rank_layer(self, layer: int, q, k_cache, sm_scale: float) -> None:
+        eng = self.eng
         top, stable = self.top[:, layer], self.stable[:, layer]
         new_top, new_stable = self._rank(layer, q, k_cache, top, stable, sm_scale)
         keep = policy.keep_mask_windows(new_top, new_stable, self.active, self.windows)
         self.top[:, layer], self.stable[:, layer] = new_top, new_stable
-        out = decode_fn(
-            q, k_cache, v_cache, read.tables[layer], read.lens[layer], sm_scale, slot_heads=True
-        )
-        if self.batch is not None and self.batch.due:  # behind this step's reads
+        if self.batch is not None and self.batch.due:  # behind the step's reads
             self._sync(layer, keep)
         tables, lens = policy.head_lists(
             keep, self._slots(layer), self.seq_lens, eng.block_size, self.pad
         )
         self._leave(layer, keep, tables, lens, (new_stable & self.active[:, None]).sum())
-        return out
+
+    def finish(self, k_caches, sm_scale: float) -> None:
+        """After the forward (`PlainStep.finish`'s counterpart): nothing left to do."""
 
     def _slots(self, layer: int) -> torch.Tensor:
         """[B, Hkv, P] slots of every page of `layer`: released pages in the requests'

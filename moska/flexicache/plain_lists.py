@@ -18,7 +18,7 @@ plain step adds one token to every list (one op for all layers), appends started
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -107,12 +107,26 @@ class HeadLists:
 
 
 class PlainStep:
-    """A plain FlexiCache decode step: each layer reads its lists as they are."""
+    """A plain FlexiCache decode step: each layer reads its lists as they are and keeps its
+    queries (`q_buf` [L, B, Hq, D]); at a deferred re-ranking of requests all ranked before,
+    `rerank` (a `FlexiStep`) then ranks every layer with them after the forward (`finish`):
+    the step itself reads what a plain step would, so it too replays from a graph."""
 
     def __init__(self, tables: torch.Tensor, lens: torch.Tensor) -> None:
         self.tables, self.lens = tables, lens
+        self.q_buf: torch.Tensor | None = None
+        self.rerank: Any = None  # engine_step.FlexiStep (its `rank_after`)
 
     def attend(self, layer, q, k_cache, v_cache, decode_fn, sm_scale: float):
+        if self.q_buf is None:
+            self.q_buf = q.new_empty(self.tables.shape[0], *q.shape)
+        self.q_buf[layer].copy_(q)
         return decode_fn(
             q, k_cache, v_cache, self.tables[layer], self.lens[layer], sm_scale, slot_heads=True
         )
+
+    def finish(self, k_caches, sm_scale: float) -> None:
+        """After the forward: the deferred re-ranking, if due."""
+        if self.rerank is not None:
+            assert self.q_buf is not None, "the forward attended through this step"
+            self.rerank.rank_after(self.q_buf, k_caches, sm_scale)
