@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from moska.flexicache import policy
 from moska.flexicache.offload import OffloadBatch
+from moska.flexicache.offload_sync import sync_layers
 from moska.flexicache.plain_lists import HeadLists, list_width
 from moska.flexicache.transfer import to_device
 
@@ -220,23 +221,29 @@ class FlexiStep:
     def rank_after(self, q_buf: torch.Tensor, k_caches, sm_scale: float) -> None:
         """A deferred re-ranking of requests all ranked before, after a forward that read
         the lists kept from the last step (a `PlainStep`, maybe replayed from a graph, its
-        queries in `q_buf` [L, B, Hq, D]): every layer ranked with them, its new kept pages
-        fetched and left for the next step."""
-        for layer in range(self.eng.num_layers):
-            self._rank_layer(layer, q_buf[layer], k_caches[layer], sm_scale)
-
-    def _rank_layer(self, layer: int, q, k_cache, sm_scale: float) -> None:
+        queries in `q_buf` [L, B, Hq, D]): every layer ranked with them, the new kept pages
+        of every layer fetched at once (`offload_sync.sync_layers`) and left for the next
+        step."""
         eng = self.eng
-        top, stable = self.top[:, layer], self.stable[:, layer]
-        new_top, new_stable = self._rank(layer, q, k_cache, top, stable, sm_scale)
-        keep = policy.keep_mask_windows(new_top, new_stable, self.active, self.windows)
-        self.top[:, layer], self.stable[:, layer] = new_top, new_stable
-        if self.batch is not None and self.batch.due:  # behind the step's reads
-            self._sync(layer, keep)
-        tables, lens = policy.head_lists(
-            keep, self._slots(layer), self.seq_lens, eng.block_size, self.pad
-        )
-        self._leave(layer, keep, tables, lens, (new_stable & self.active[:, None]).sum())
+        keeps = []
+        for layer in range(eng.num_layers):
+            top, stable = self.top[:, layer], self.stable[:, layer]
+            new_top, new_stable = self._rank(
+                layer, q_buf[layer], k_caches[layer], top, stable, sm_scale
+            )
+            keeps.append(policy.keep_mask_windows(new_top, new_stable, self.active, self.windows))
+            self.top[:, layer], self.stable[:, layer] = new_top, new_stable
+        if self.batch is not None and self.batch.due:
+            keep_all = torch.stack(keeps, 1)[self.due_rows]  # [R, L, Hkv, P]
+            fetched, evicted = sync_layers(self.batch, keep_all, eng.cache.k, eng.cache.v)
+            eng._fetched += fetched
+            eng._evicted += evicted
+        active = self.active[:, None]
+        for layer, keep in enumerate(keeps):
+            tables, lens = policy.head_lists(
+                keep, self._slots(layer), self.seq_lens, eng.block_size, self.pad
+            )
+            self._leave(layer, keep, tables, lens, (self.stable[:, layer] & active).sum())
 
     def finish(self, k_caches, sm_scale: float) -> None:
         """After the forward (`PlainStep.finish`'s counterpart): nothing left to do."""

@@ -1,0 +1,102 @@
+"""A deferred re-ranking's slot allocation, evictions and fetches for every layer at once
+(`sync_layers`; `OffloadBatch.sync` does one layer).
+
+Why: after the forward (`FlexiStep.rank_after`) every layer's new kept pages are known
+together, and one layer's sync issued about 70 small ops from Python (slot picks, fetch
+lists, a gather from the host copies, the writes into the pool slots for K and V): 2,000+
+launches per re-ranking at 32 layers. Each layer's slots are independent (a pool block
+holds a slot per head in every layer), so the (request, layer) pairs are rows of one batch:
+one slot pick, one fetch list, one in-place gather per K and V over every request's host
+copy and layer (`offload.host_row_offsets`), one write into the cache [L, N, bs, Hkv, D].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moska.flexicache.offload import (
+    OffloadBatch,
+    assign_slots,
+    first_needed,
+    gather_pages,
+    host_row_offsets,
+)
+from moska.flexicache.transfer import to_device
+
+
+def sync_layers(b: OffloadBatch, keep: torch.Tensor, k_cache, v_cache):
+    """Make the pages `keep` [len(due), L, Hkv, >= Pm] of the due requests resident in
+    every layer (`OffloadBatch.sync` for all layers). Returns (fetched, evicted) device
+    counts."""
+    offs = [b.offs[i] for i in b.due]
+    hkv, pm, ix = offs[0].hkv, b.pm, b.ix
+    r, n_layers = keep.shape[0], keep.shape[1]
+    rows = r * n_layers
+    keep = keep[..., :pm] & b.due_cols[:, None, None, :]
+    lslot = b.lslot[ix]  # [R, L, Hkv, Pm], a copy
+    cap = b.cap.repeat_interleave(n_layers)
+    need, slot, evicted = assign_slots(
+        lslot.view(rows, hkv, pm), keep.reshape(rows, hkv, pm), cap, b.n_cap
+    )
+    b.lslot[ix] = lslot
+    b.slot[ix] = b._global(b.due_pool, lslot)
+    b.dirty = True
+    limits = [n for j in range(r) for n in (b.limits[lay][j] for lay in range(n_layers))]
+    limit = max(limits)
+    if not limit:
+        return need.new_zeros((), dtype=torch.int64), evicted.sum()
+    order, used = first_needed(need, limit)  # [R * L, limit]
+    dev = order.device
+    used = used & (torch.arange(limit, device=dev)[None, :] < to_device(limits, dev)[:, None])
+    pool = b.due_pool.repeat_interleave(n_layers, 0)
+    dst = pool.gather(1, slot.gather(1, order))  # cache slots (block * Hkv + head)
+    src = (order % pm) * hkv + order // pm  # rows of a (request, layer) host copy
+    layer = torch.arange(n_layers, device=dev).repeat(r)[:, None].expand(-1, limit)
+    flat_used = used.reshape(-1)
+    # the unused entries write the first used entry's value again (or, none used, the first
+    # entry its own slot's content): an index written twice gets one value
+    first = flat_used.to(torch.int64).argmax().view(1)
+    some = flat_used.any().view(1)
+    lay_f, dst_f = layer.reshape(-1), dst.reshape(-1)
+    lay0 = torch.where(some, lay_f.gather(0, first), lay_f[:1])
+    d0 = torch.where(some, dst_f.gather(0, first), dst_f[:1])
+    lay_w = torch.where(flat_used, lay_f, lay0)
+    dst_w = torch.where(flat_used, dst_f, d0)
+    blk, head = dst_w // hkv, dst_w % hkv
+    _, _, bs, _, d = k_cache.shape
+    for cache, name in ((k_cache, "host_k"), (v_cache, "host_v")):
+        got = _gather(b, offs, name, n_layers, src, used).view(-1, bs, d)
+        old = cache[lay0, d0 // hkv, :, d0 % hkv]  # [1, bs, D]
+        r0 = torch.where(some[:, None, None], got.index_select(0, first), old.to(got.dtype))
+        vals = torch.where(flat_used[:, None, None], got, r0)
+        cache[lay_w, blk, :, head] = vals.to(cache.dtype)
+    return used.sum(), evicted.sum()
+
+
+def _gather(b: OffloadBatch, offs, name: str, n_layers: int, src, used) -> torch.Tensor:
+    """[R * L * limit, row]: each (request, layer) row's host rows `src` (one in-place read
+    of every pinned host copy on CUDA; an index per (request, layer) otherwise)."""
+    hosts = [getattr(o, name) for o in offs]  # [L, pages, Hkv, bs, D]
+    dev = src.device
+    row = hosts[0].shape[-2] * hosts[0].shape[-1]
+    if hosts[0].device != dev:
+        per_layer = [host_row_offsets(hosts, lay) for lay in range(n_layers)]
+        if all(offsets is not None for _, offsets in per_layer):
+            from moska.kernels.page_gather import gather_rows
+
+            base = per_layer[0][0]
+            shift = [off[j] for j in range(len(hosts)) for _, off in per_layer if off is not None]
+            idx = (src + to_device(shift, dev)[:, None]).view(-1)
+            out = torch.empty(idx.numel(), row, dtype=base.dtype, device=dev)
+            slot = torch.where(used.reshape(-1), torch.arange(idx.numel(), device=dev), -1)
+            try:
+                gather_rows(base.view(-1, row), idx, out, slot)
+                return out
+            except (RuntimeError, ValueError):  # e.g. Triton refusing a host pointer
+                pass
+    parts = []
+    for j, h in enumerate(hosts):
+        for lay in range(n_layers):
+            k = j * n_layers + lay
+            parts.append(gather_pages(h[lay].view(-1, row), src[k], used[k]))
+    return torch.cat(parts)
