@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from moska.flexicache import policy
 from moska.flexicache.offload import OffloadBatch
-from moska.flexicache.offload_sync import sync_layers
+from moska.flexicache.offload_sync import layer_chunks, sync_layers
 from moska.flexicache.plain_lists import HeadLists, list_width
 from moska.flexicache.transfer import to_device
 
@@ -233,11 +233,13 @@ class FlexiStep:
             )
             keeps.append(policy.keep_mask_windows(new_top, new_stable, self.active, self.windows))
             self.top[:, layer], self.stable[:, layer] = new_top, new_stable
-        if self.batch is not None and self.batch.due:
-            keep_all = torch.stack(keeps, 1)[self.due_rows]  # [R, L, Hkv, P]
-            fetched, evicted = sync_layers(self.batch, keep_all, eng.cache.k, eng.cache.v)
-            eng._fetched += fetched
-            eng._evicted += evicted
+        b = self.batch
+        if b is not None and b.due:
+            for part in layer_chunks(b, eng.num_layers):
+                keep = torch.stack(keeps[part.start : part.stop], 1)[self.due_rows]
+                fetched, evicted = sync_layers(b, keep, part, eng.cache.k, eng.cache.v)
+                eng._fetched += fetched
+                eng._evicted += evicted
         active = self.active[:, None]
         for layer, keep in enumerate(keeps):
             tables, lens = policy.head_lists(

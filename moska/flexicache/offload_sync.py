@@ -23,25 +23,37 @@ from moska.flexicache.offload import (
 )
 from moska.flexicache.transfer import to_device
 
+MAX_ENTRIES = 1 << 16  # fetch-list entries (pages) per call: its temporaries' size
 
-def sync_layers(b: OffloadBatch, keep: torch.Tensor, k_cache, v_cache):
-    """Make the pages `keep` [len(due), L, Hkv, >= Pm] of the due requests resident in
-    every layer (`OffloadBatch.sync` for all layers). Returns (fetched, evicted) device
-    counts."""
+
+def layer_chunks(b: OffloadBatch, n_layers: int) -> list[range]:
+    """Consecutive layers whose fetch lists (padded to their bound) hold at most
+    `MAX_ENTRIES` pages together (at B = 38, K = 32, 6 stable heads: 8 layers, ~250 MB of
+    K rows), so that a sync of all layers does not hold every layer's rows at once."""
+    per = max(1, len(b.due) * max(max(lim) for lim in b.limits))
+    step = max(1, MAX_ENTRIES // per)
+    return [range(lo, min(lo + step, n_layers)) for lo in range(0, n_layers, step)]
+
+
+def sync_layers(b: OffloadBatch, keep: torch.Tensor, layers: range, k_cache, v_cache):
+    """Make the pages `keep` [len(due), len(layers), Hkv, >= Pm] of the due requests
+    resident in `layers` (consecutive; `OffloadBatch.sync` for several layers). Returns
+    (fetched, evicted) device counts."""
     offs = [b.offs[i] for i in b.due]
     hkv, pm, ix = offs[0].hkv, b.pm, b.ix
     r, n_layers = keep.shape[0], keep.shape[1]
+    lo, hi = layers.start, layers.stop
     rows = r * n_layers
     keep = keep[..., :pm] & b.due_cols[:, None, None, :]
-    lslot = b.lslot[ix]  # [R, L, Hkv, Pm], a copy
+    lslot = b.lslot[ix, lo:hi]  # [R, n, Hkv, Pm], a copy
     cap = b.cap.repeat_interleave(n_layers)
     need, slot, evicted = assign_slots(
         lslot.view(rows, hkv, pm), keep.reshape(rows, hkv, pm), cap, b.n_cap
     )
-    b.lslot[ix] = lslot
-    b.slot[ix] = b._global(b.due_pool, lslot)
+    b.lslot[ix, lo:hi] = lslot
+    b.slot[ix, lo:hi] = b._global(b.due_pool, lslot)
     b.dirty = True
-    limits = [n for j in range(r) for n in (b.limits[lay][j] for lay in range(n_layers))]
+    limits = [n for j in range(r) for n in (b.limits[lay][j] for lay in layers)]
     limit = max(limits)
     if not limit:
         return need.new_zeros((), dtype=torch.int64), evicted.sum()
@@ -51,7 +63,7 @@ def sync_layers(b: OffloadBatch, keep: torch.Tensor, k_cache, v_cache):
     pool = b.due_pool.repeat_interleave(n_layers, 0)
     dst = pool.gather(1, slot.gather(1, order))  # cache slots (block * Hkv + head)
     src = (order % pm) * hkv + order // pm  # rows of a (request, layer) host copy
-    layer = torch.arange(n_layers, device=dev).repeat(r)[:, None].expand(-1, limit)
+    layer = torch.arange(lo, hi, device=dev).repeat(r)[:, None].expand(-1, limit)
     flat_used = used.reshape(-1)
     # the unused entries write the first used entry's value again (or, none used, the first
     # entry its own slot's content): an index written twice gets one value
@@ -65,7 +77,7 @@ def sync_layers(b: OffloadBatch, keep: torch.Tensor, k_cache, v_cache):
     blk, head = dst_w // hkv, dst_w % hkv
     _, _, bs, _, d = k_cache.shape
     for cache, name in ((k_cache, "host_k"), (v_cache, "host_v")):
-        got = _gather(b, offs, name, n_layers, src, used).view(-1, bs, d)
+        got = _gather(offs, name, layers, src, used).view(-1, bs, d)
         old = cache[lay0, d0 // hkv, :, d0 % hkv]  # [1, bs, D]
         r0 = torch.where(some[:, None, None], got.index_select(0, first), old.to(got.dtype))
         vals = torch.where(flat_used[:, None, None], got, r0)
@@ -73,14 +85,14 @@ def sync_layers(b: OffloadBatch, keep: torch.Tensor, k_cache, v_cache):
     return used.sum(), evicted.sum()
 
 
-def _gather(b: OffloadBatch, offs, name: str, n_layers: int, src, used) -> torch.Tensor:
-    """[R * L * limit, row]: each (request, layer) row's host rows `src` (one in-place read
+def _gather(offs, name: str, layers: range, src, used) -> torch.Tensor:
+    """[R * n * limit, row]: each (request, layer) row's host rows `src` (one in-place read
     of every pinned host copy on CUDA; an index per (request, layer) otherwise)."""
     hosts = [getattr(o, name) for o in offs]  # [L, pages, Hkv, bs, D]
     dev = src.device
     row = hosts[0].shape[-2] * hosts[0].shape[-1]
     if hosts[0].device != dev:
-        per_layer = [host_row_offsets(hosts, lay) for lay in range(n_layers)]
+        per_layer = [host_row_offsets(hosts, lay) for lay in layers]
         if all(offsets is not None for _, offsets in per_layer):
             from moska.kernels.page_gather import gather_rows
 
@@ -96,7 +108,7 @@ def _gather(b: OffloadBatch, offs, name: str, n_layers: int, src, used) -> torch
                 pass
     parts = []
     for j, h in enumerate(hosts):
-        for lay in range(n_layers):
-            k = j * n_layers + lay
+        for i, lay in enumerate(layers):
+            k = j * len(layers) + i
             parts.append(gather_pages(h[lay].view(-1, row), src[k], used[k]))
     return torch.cat(parts)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moska import LLM, SamplingParams
-from moska.flexicache import FlexiCacheConfig
+from moska.flexicache import FlexiCacheConfig, offload_sync
 from moska.flexicache.engine_graphs import PlainGraphs
 from moska.flexicache.engine_hook import FlexiEngine
 from moska.flexicache.engine_step import FlexiStep
@@ -89,7 +89,9 @@ def test_plain_steps_and_their_graphs_equal_lists_rebuilt_every_step(
     flexi_llm, monkeypatch, fake: bool = True
 ):
     _, _, toks, lps = _run(flexi_llm, monkeypatch)
+    monkeypatch.setattr(offload_sync, "MAX_ENTRIES", 1)  # a sync per layer (`layer_chunks`)
     eng, _, g_toks, g_lps = _run(flexi_llm, monkeypatch, graphs=True, fake=fake)
+    monkeypatch.undo()
     # plain steps and deferred re-rankings that read the kept lists (ranked after the
     # forward, `PlainStep.finish`) replay
     replays = eng.graph_replays  # type: ignore[attr-defined]
