@@ -55,8 +55,16 @@ def cache_namespace(request: CacheRequest) -> Hashable:
 
 def _private(request: CacheRequest) -> bool:
     """A request whose KV no other may share (`Request.private_kv`: SemShareKV's approximate
-    KV): never looked up nor registered in the prefix cache."""
+    KV): never registered in the prefix cache; its lookups read exact KV only."""
     return getattr(request, "private_kv", False)
+
+
+def _lookup_namespace(request: CacheRequest) -> Hashable:
+    """Where its lookups read: a private request's `exact_namespace` (other requests' exact
+    blocks; its own are never registered), else its `cache_namespace`."""
+    if _private(request):
+        return request.exact_namespace  # type: ignore[attr-defined]
+    return cache_namespace(request)
 
 
 @dataclass
@@ -131,10 +139,10 @@ class BlockManager:
         return state
 
     def _match(self, request: CacheRequest, max_blocks: int) -> list[CachedBlock]:
-        if not self.enable_prefix_caching or max_blocks <= 0 or _private(request):
+        if not self.enable_prefix_caching or max_blocks <= 0:
             return []
         tokens = request.all_token_ids
-        namespace = cache_namespace(request)
+        namespace = _lookup_namespace(request)
         hashes = self.prefix_cache.extend_hashes(self._state(request).hashes, tokens, namespace)
         return self.prefix_cache.match(hashes, tokens, namespace, max_blocks)
 

@@ -107,6 +107,7 @@ class LLM:
                     routing_coverage=outs[0].routing_coverage,
                     routing_layers=outs[0].routing_layers,
                     prompt_logprobs=outs[0].prompt_logprobs,
+                    num_cached_tokens=outs[0].num_cached_tokens,
                     num_reused_tokens=outs[0].num_reused_tokens,
                 )
             )

@@ -94,10 +94,15 @@ class Request:
 
     @property
     def private_kv(self) -> bool:
-        """Whether its KV is approximate (SemShareKV): the prefix cache neither looks it up
-        nor registers it (no block of it could ever be shared: its namespace is its own), so
-        no block of a 5K-token prompt is hashed on the way to its first token."""
+        """Whether its KV is approximate (SemShareKV): the prefix cache never registers it
+        (no block of it could be shared: its namespace is its own); it may still take other
+        requests' exact blocks for its leading tokens (looked up in `exact_namespace`)."""
         return self.semantic is not None
+
+    @property
+    def exact_namespace(self) -> Hashable:
+        """The namespace of the exact KV it could read: `cache_namespace` without a plan."""
+        return (None if self.library is None else self.library.build_id, self.top_k_chunks)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,7 +4,8 @@ before the step's forward, and store prompts computed in full as references.
 Hook (three calls from `engine/llm_engine.py`, nothing else in the engine knows of it):
 - `plan(prompt_ids)` when a request is added: LSH candidate -> token matching -> a
   `ReusePlan` (or None). A planned request's KV is private (`Request.private_kv`): its
-  approximate KV never serves (or takes) an exact prefix-cache hit, nor is it hashed.
+  approximate KV never enters the prefix cache; its leading blocks may be other requests'
+  exact KV from it (an exact prefix), and the blend starts after them.
 - `prefill(scheduled, block_table)` after `schedule()`, before the runner's forward: for
   each scheduled prompt range [start, end) of a planned request, `blend_prefill` computes
   [start, end - 1) into the blocks the scheduler just allocated, then the item is narrowed

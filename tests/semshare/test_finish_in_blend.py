@@ -10,8 +10,8 @@ in the plan (it is computed anyway). With row buckets (CUDA) the rows selected a
 CUDA (`-m cuda`): a captured replay's finish (the last row read from the graph's buffers)
 gives the eager tail's hidden state and KV. Engine level: the step of a planned prompt's
 last token runs no forward (the runner samples from the blend's hidden state) and gives the
-tokens and logprobs that the forward gives; nor are its blocks hashed for the prefix cache
-(its KV is private: `Request.private_kv`)."""
+tokens and logprobs that the forward gives; its blocks never enter the prefix cache (its KV
+is private: `Request.private_kv`), though it reads other prompts' exact blocks there."""
 
 import dataclasses
 
@@ -124,32 +124,37 @@ def test_engine_samples_from_the_blend(blend_cpu, llm):
     engine.block_manager.check_integrity()
 
 
-def test_planned_prompt_skips_the_prefix_cache(blend_cpu, llm):
-    """A planned prompt's approximate KV is private: none of its blocks is hashed, looked up
-    or registered (an unplanned prompt's are)."""
-    bm = llm.engine.block_manager
+def test_planned_prompt_reads_exact_blocks_registers_none(blend_cpu, llm):
+    """A planned prompt's approximate KV is private: none of its blocks is registered in the
+    prefix cache (an unplanned prompt's are), while its leading blocks may be other prompts'
+    exact KV: the blend then starts after them."""
+    engine = llm.engine
+    bm, reuse = engine.block_manager, engine.semshare
     cache = bm.prefix_cache
-    hashed = []
-    extend_hashes = cache.extend_hashes
+    registered = []
+    insert = cache.insert
 
-    def count(hashes, token_ids, namespace):
-        hashed.append(len(token_ids))
-        return extend_hashes(hashes, token_ids, namespace)
+    def count(*a, **k):
+        registered.append(a[0])
+        return insert(*a, **k)
 
-    cache.extend_hashes = count
+    cache.insert = count
     try:
-        a, b = _prompts(blend_cpu)
+        a, _ = _prompts(blend_cpu)
         llm.generate([a], PARAMS)  # stored (or already): computed in full, registered
-        before = len(cache)
-        assert before >= len(a) // bm.block_size
-        hashed.clear()
-        out = llm.generate([b[:-2] + [11, 12]], PARAMS)[0]
-        assert out.num_reused_tokens > 0 and hashed == [] and len(cache) == before
+        assert len(cache) >= len(a) // bm.block_size
+        b = a[:64] + [7, 8, 9] + a[64:]  # its first 4 blocks are a's
+        registered.clear()
+        blended = reuse.stats.blended_tokens
+        out = llm.generate([b], PARAMS)[0]
+        assert out.num_reused_tokens > 0 and out.num_cached_tokens == 64
+        assert reuse.stats.blended_tokens - blended == len(b) - 64  # from the cached prefix on
+        assert registered == []  # nothing of b (the decode blocks neither)
         plain = [(t * 7 + 3) % 256 for t in a]  # unlike any stored prompt: not planned
         assert llm.generate([plain], PARAMS)[0].num_reused_tokens == 0
-        assert hashed and len(cache) > before
+        assert len(registered) >= len(plain) // bm.block_size
     finally:
-        cache.extend_hashes = extend_hashes
+        cache.insert = insert
     bm.check_integrity()
 
 

@@ -1,7 +1,8 @@
 """SemShareKV in an engine as served on a GPU (`-m cuda`, compiled Triton; built-in tiny
 model, fp16): the blend's CUDA graphs (captured at start) and the decode graphs (a reused
-prompt's last token is a one-token step) give the tokens and reuse counts of the same
-engine with every graph off (`enforce_eager`, blend graphs off)."""
+prompt's last token is a one-token step, when the blend does not compute it) give the
+tokens and reuse counts of the same engine with every graph off (`enforce_eager`, blend
+graphs off)."""
 
 import os
 import random
@@ -46,8 +47,10 @@ def test_engine_graphs_equal_eager():
     eager, _ = _run(False)
     graphed, reuse = _run(True)
     assert reuse.graphs is not None and len(reuse.graphs) > 0
-    assert reuse.graphs.replays >= 2 and reuse.graphs.eager == 0  # both reused prompts
-    assert eager[0][1] == 0 and eager[1][1] > 0 and eager[2][1] > 0
+    # the near duplicate's blend replays; the exact repeat takes the original's blocks from
+    # the prefix cache and blends only its last, partial block (no bucket: from the buffers)
+    assert reuse.graphs.replays >= 1 and reuse.graphs.eager <= 1
+    assert eager[0][1] == 0 and eager[1][1] > 0
     assert [r for _, r in graphed] == [r for _, r in eager]
     same = sum(g == e for (g, _), (e, _) in zip(graphed, eager, strict=True))
     assert same >= 2, (graphed, eager)  # fp16: a near tie may flip one continuation
