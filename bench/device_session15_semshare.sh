@@ -3,7 +3,7 @@
 # < 150 s). 1) correctness: the CUDA tests of semshare (a blend graph's replay writes the
 # eager blend's KV; the GPU reuse path vs the CPU's; the engine with both graphs, blend and
 # decode, serves a reused prompt right); 2) the number: TTFT of 5,120-token
-# near-duplicates (renamed, reordered, reworded; 2 documents x 3 seeds) through the engine
+# near-duplicates (renamed, reordered, reworded; 3 documents x 3 seeds) through the engine
 # on a random-weight Llama of 8B dims built in memory on the GPU (no checkpoint written; all
 # engines share its weights), reuse off (plain prefill) vs on (r = 0.05, blend graphs,
 # decode graphs when the engine test passed; the blend computes the last prompt token and
@@ -27,7 +27,7 @@ else
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
   TESTS="-m cuda tests/semshare/test_graphs.py tests/semshare/test_fast_path_cuda.py tests/semshare/test_finish_in_blend.py"; TT=40
-  SARGS="--arch 8b --docs 2 --repeats 3"
+  SARGS="--arch 8b --docs 3 --repeats 3"
 fi
 # shellcheck disable=SC2086
 timeout $TT $PY -m pytest -q -p no:cacheprovider -rs $TESTS > "$OUT/tests.log" 2>&1
