@@ -83,9 +83,10 @@ def match_tokens(
     new = new_feats.to(dtype)
     ref = ref_feats.to(new_feats.device, dtype)
     n, m = new.shape[0], ref.shape[0]
-    if granule > 1:
-        new = F.pad(new, (0, 0, 0, row_bucket(n, 1 << 62, granule) - n))
-        ref = F.pad(ref, (0, 0, 0, row_bucket(m, 1 << 62, granule) - m))
+    if granule > 1:  # (a length already at its bucket is not copied)
+        pad_n, pad_m = row_bucket(n, 1 << 62, granule) - n, row_bucket(m, 1 << 62, granule) - m
+        new = F.pad(new, (0, 0, 0, pad_n)) if pad_n else new
+        ref = F.pad(ref, (0, 0, 0, pad_m)) if pad_m else ref
     block = max(1, _MAX_SIM // max(1, ref.shape[0]))
     best_sim, best_pos = [], []
     for i in range(0, new.shape[0], block):  # one block up to 13K x 5K
