@@ -21,13 +21,21 @@
 # idle prefill instance locked out by a burst-learnt line (0.32 s predicted at the upper
 # end, 0.04-0.07 s seen at idle: 1.5-2 s of 429s at 80-100 req/s) is probed after one TTFT
 # SLO of quiet (was 1 s) and at once while the probes beat their predictions.
+# Fourth version (after the 21:30 run of v3: P/D 97-100% of the admitted within both SLOs at
+# 40-80 req/s, 93% at 100, send lag p99 <= 6 ms; but with 16-48 output tokens the trace is
+# prefill-bound: P/D's one prefill GPU capped its goodput at ~40 req/s while the colocated
+# pair, both GPUs prefilling, met both SLOs for 97-100% up to 100 req/s; and colocated's
+# first replay (warm-up: 8 requests at 4 req/s) ran ~20x slow, which alone made 40 req/s
+# "the regime"): outputs of 96-288 tokens (Mooncake's trace: ~180 on average; decode then
+# loads the GPUs and a colocated instance's prefill chunks stall its decodes) at 40/60/80
+# req/s, and a warm-up of 48 requests at 24 req/s for both systems (`--warmup-rate`).
 # 1) a random-weight checkpoint at Llama-3.1-8B layer dims, 16 layers, 32k vocab, with a
 #    word-level tokenizer (`random_checkpoint.write_tokenizer`);
 # 2) correctness: the session-15 tests of these fixes (CPU, ~5 s: tests/pd/test_pd_one_event.py,
 #    test_pd_trace_client.py, test_pd_probe_slo.py, test_pd_transfer_blocks.py);
 # 3) trace replay, P/D 1:1 (prefill GPU 0, decode GPU 1, early rejection) vs 2 colocated
 #    instances (one per GPU, round robin), both systems up at once (0.42 of each GPU's
-#    memory each), synthetic trace (~4K-token prompts, 16-48 output tokens) at 40/60/80/100
+#    memory each), synthetic trace (~4K-token prompts, 96-288 output tokens) at 40/60/80
 #    req/s, 2 rounds each; TTFT SLO 0.3 s, TPOT SLO 0.03 s; summary.regime = the lowest
 #    rate where colocated met the TTFT SLO for < 80% of requests.
 # Run: `bash bench/device_lead.sh session15_pd` on nvidia-h200-x2, carry .whl only (the model
@@ -41,7 +49,8 @@ step() { echo "=== $1 rc=$2 ($(( $(date +%s) - T0 )) s)" | tee -a "$LOG"; }
 T0=$(date +%s)
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; DEV=cpu; SLOW=4  # timeouts x4: 2 shared cores
-  TRACE="--cpu-dry-run --requests 12 --rate 4 --rates 4,8 --rounds 1 --warmup 4 --ttft-slo 1.5 --tpot-slo 0.1"
+  TRACE="--cpu-dry-run --requests 12 --rate 4 --rates 4,8 --rounds 1 --warmup 8 --warmup-rate 8 \
+    --output-tokens 8,24 --ttft-slo 1.5 --tpot-slo 0.1"
 else
   PY=python3; DEV=cuda; SLOW=1
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -49,8 +58,9 @@ else
   export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
   TRACE="--device cuda --model /tmp/rand8b16 --block-tokens 512 --max-model-len 8192 \
-    --requests 60 --rate 20 --rates 40,60,80,100 --rounds 2 --warmup 8 --ttft-slo 0.3 \
-    --tpot-slo 0.03 --instance-args=--gpu-memory-utilization=0.42"
+    --requests 50 --rate 20 --rates 40,60,80 --rounds 2 --warmup 48 --warmup-rate 24 \
+    --output-tokens 96,288 --ttft-slo 0.3 --tpot-slo 0.03 \
+    --instance-args=--gpu-memory-utilization=0.42"
 fi
 if [ "$DEV" = cuda ]; then
   timeout 60 $PY -m moska.bench.random_checkpoint /tmp/rand8b16 --layers 16 --device cuda:0 \
@@ -64,7 +74,7 @@ if [ "$DEV" = cuda ]; then
   wait $CKPT; step checkpoint $?
   ls /tmp/rand8b16 >> "$LOG"
 fi
-timeout $((120 * SLOW)) $PY -m moska.bench.trace $TRACE --out "$OUT/pd_trace_2gpu.json" \
+timeout $((125 * SLOW)) $PY -m moska.bench.trace $TRACE --out "$OUT/pd_trace_2gpu.json" \
   >> "$LOG" 2>&1; step trace $?
 $PY - "$OUT" <<'PY'
 import json, sys

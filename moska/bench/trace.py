@@ -142,7 +142,8 @@ def running_system(kind: str, args):
             if args.warmup:  # first requests pay one-off costs; the fits see some steps
                 # (spread out, not one burst: a fit holding only a burst's long first steps
                 # predicts every later prefill too slow and the front end rejects them all)
-                warm = synthesize(args.warmup, 4.0, seed=args.seed + 1000)
+                warm = synthesize(args.warmup, args.warmup_rate, seed=args.seed + 1000,
+                                  output_length=args.output_tokens)  # fmt: skip
                 for row in warm:
                     row["hash_ids"] = [10**9 + h for h in row["hash_ids"]]
                 if sched is not None:  # P/D admits the whole warm-up, as colocated does
@@ -210,6 +211,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gpus", default=None, help="GPUs to place instances on (default all)")
     ap.add_argument("--gpus-per-instance", type=int, default=1, help="0: all share the GPUs")
     ap.add_argument("--warmup", type=int, default=8, help="requests sent before measuring")
+    ap.add_argument("--warmup-rate", type=float, default=4.0,
+                    help="their rate (a busy one meets the batch shapes of the measured "
+                    "rates: colocated's first replay on 2 H200s ran 10x slow)")  # fmt: skip
+    ap.add_argument(
+        "--output-tokens",
+        default="16,48",
+        help="synthetic: output lengths LO,HI (Mooncake's trace: ~180 on average)",
+    )
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--systems", default="colocated,pd")
     ap.add_argument("--rounds", type=int, default=2, help="alternating replays per system")
@@ -228,8 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out == "bench/results/pd_trace.json":
             args.out = "bench/results/pd_trace_cpu.json"
     args.placement = {}
+    lo, hi = (int(x) for x in args.output_tokens.split(","))
+    args.output_tokens = (lo, hi)
     rows = load_trace(args.trace) if args.trace else synthesize(args.requests, args.rate,
-                                                                 seed=args.seed)  # fmt: skip
+                                                                 seed=args.seed,
+                                                                 output_length=(lo, hi))  # fmt: skip
     rates = [float(r) for r in args.rates.split(",")] if args.rates and not args.trace else []
     report: dict[str, Any] = {
         "benchmark": "pd_trace",
@@ -301,7 +313,8 @@ def _rounds(
     gathered: dict[str, list] = {k: [[], 0.0, []] for k in kinds}  # results, wall, stats
     n = max(1, round(args.requests * rate / args.rate))
     for r in range(args.rounds):
-        rows_r = rows if rows is not None else synthesize(n, rate, seed=args.seed + r)
+        rows_r = rows if rows is not None else synthesize(n, rate, seed=args.seed + r,
+                                                          output_length=args.output_tokens)  # fmt: skip
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
             front, url = fronts[kind]
             results, wall, stats = measure(front, url, rows_r, args, client)

@@ -15,6 +15,7 @@ is left visible."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import multiprocessing
 import random
@@ -33,11 +34,17 @@ def prompt_of(row: dict, block_tokens: int) -> list[int]:
     n = max(1, round(row["input_length"] * block_tokens / BLOCK))
     out: list[int] = []
     for h in row["hash_ids"]:
-        rng = random.Random(int(h) * 7919 + 17)
-        out += [rng.randrange(*TOKEN_RANGE) for _ in range(block_tokens)]
+        out += _block(int(h), block_tokens)
         if len(out) >= n:
             break
     return out[:n]
+
+
+@functools.lru_cache(maxsize=4096)
+def _block(h: int, block_tokens: int) -> tuple[int, ...]:
+    """Hash id `h`'s tokens (shared prefixes recur: each is drawn once)."""
+    rng = random.Random(h * 7919 + 17)
+    return tuple(rng.randrange(*TOKEN_RANGE) for _ in range(block_tokens))
 
 
 def request_body(prompt: list[int], max_tokens: int) -> bytes:
