@@ -75,7 +75,11 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
     from moska.engine.llm_engine import LLMEngine
 
     bs = a.block_size
-    total = a.context + a.warmup + a.steps + 4
+    # no request may finish inside the timed steps (a finished one changes the batch: the
+    # lists are rebuilt, a step runs eagerly): the first prefilled decode ~batch * context
+    # / prefill_tokens steps before the last; the rest are aborted after the timing
+    max_tokens = a.warmup + a.steps + 8 + -(-batch * a.context // a.prefill_tokens)
+    total = a.context + max_tokens + 4
     per_req = -(-total // bs)
     spec = None
     base, eager = mode.removesuffix("-eager"), mode.endswith("-eager")
@@ -98,7 +102,7 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
             flexi.score_hook = ChurnScores(flexi, per_req, a.churn, a.seed)
     vocab = loaded.config.vocab_size
     gen = torch.Generator().manual_seed(a.seed + batch)
-    params = SamplingParams(temperature=0, max_tokens=a.warmup + a.steps + 2, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"r{i}", torch.randint(3, vocab, (a.context,), generator=gen).tolist(),
                            params)  # fmt: skip
@@ -111,6 +115,7 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
     _sync(device)
     t1 = time.perf_counter()
     n_tokens, each, due = 0, [], []
+    n_before = len(_requests(engine))
     for _ in range(a.steps):
         if flexi is not None:
             due.append(flexi.clock % flexi.cfg.rerank_interval == 0)
@@ -127,6 +132,7 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
         is not None, "prefill_and_warmup_s": t1 - t0, "timed_steps": a.steps,
         "decode_tokens": n_tokens, "seconds": t2 - t1,
         "tokens_per_s": n_tokens / max(t2 - t1, 1e-9), "step_ms": 1e3 * (t2 - t1) / a.steps,
+        "requests_timed": n_before, "requests_left": len(_requests(engine)),
         "gpu_kv_blocks_used": used, "full_kv_blocks": full_blocks,
         "gpu_kv_fraction": used / max(full_blocks, 1),
     }  # fmt: skip
@@ -142,6 +148,8 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
         if pg is not None:
             row["plain_graphs"] = {"captures": pg.captures, "replays": pg.replays,
                                    "failed": pg.failed}  # fmt: skip
+    for i in range(batch):
+        engine.abort_request(f"r{i}")
     while engine.has_unfinished_requests():
         engine.step()
     del engine, flexi

@@ -98,6 +98,8 @@ class FlexiStep:
             st.top, st.stable = self.top[i], self.stable[i]
         # released pages' (row, page) in the order of the offloaded requests' mean keys
         rows_pages = [(i, j) for i, off in self.offs for j in range(off.pages)]
+        # pages every row has released (their mean keys on the device): not read at ranking
+        self.p0 = min(0 if st.off is None else st.off.pages for st in states)
         if any(self.due) and rows_pages and cfg.rank_by == "centroid":
             self.k_rows = to_device([i for i, _ in rows_pages], dev)
             self.k_pages = to_device([j for _, j in rows_pages], dev)
@@ -127,18 +129,18 @@ class FlexiStep:
     def _rank(self, layer, q, k_cache, top, stable, sm_scale: float):
         """The due requests' new top-K and classes of `layer` (others: as they were)."""
         cfg = self.eng.cfg
-        keys = k_cache[self.block_tables]  # [B, P, bs, Hkv, D]
         if cfg.rank_by == "bound":
+            keys = k_cache[self.block_tables]  # [B, P, bs, Hkv, D]
             kmin, kmax = policy.page_summaries(keys, self.seq_lens)
             scores = policy.page_scores(q, kmin, kmax)
         elif cfg.rank_by == "centroid":
-            kmean, count = policy.page_centroids(keys.permute(0, 3, 1, 2, 4), self.seq_lens)
+            kmean, count = self._centroids(k_cache)
             if self.offs:  # released pages: their mean keys kept on the device (one copy)
                 src = torch.cat([off.kmean[layer] for _, off in self.offs], 1)  # [Hkv, S, D]
                 kmean[self.k_rows, :, self.k_pages] = src.transpose(0, 1)
             scores = policy.centroid_mass(q, kmean, count, sm_scale)
         else:
-            keys = keys.permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
+            keys = k_cache[self.block_tables].permute(0, 3, 1, 2, 4)  # [B, Hkv, P, bs, D]
             scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)
         if self.eng.score_hook is not None:  # a bench's rankings (a random model's churn)
             scores = self.eng.score_hook(layer, scores)
@@ -150,6 +152,20 @@ class FlexiStep:
         top = torch.where(self.due_t[:, None, None], new_top, top)
         stable = torch.where(self.due_t[:, None], new_stable, stable)
         return top, stable  # `attend` stores them (each request's state a view)
+
+    def _centroids(self, k_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean keys [B, Hkv, P, D], tokens [B, P]) of every page from the cache, but the
+        pages before `p0` (every row's are released: their mean keys are `Offload.kmean`,
+        put in by the caller; all full pages): only the pages from p0 on are read."""
+        p0, bs = self.p0, self.eng.block_size
+        keys = k_cache[self.block_tables[:, p0:]].permute(0, 3, 1, 2, 4)
+        tail, count = policy.page_centroids(keys, self.seq_lens - p0 * bs)
+        if not p0:
+            return tail, count
+        b, hkv, _, d = tail.shape
+        kmean = tail.new_empty(b, hkv, p0 + tail.shape[2], d)
+        kmean[:, :, p0:] = tail
+        return kmean, F.pad(count, (p0, 0), value=float(bs))
 
     def _sync(self, layer: int, keep: torch.Tensor) -> None:
         """The due offloaded requests' fetches and evictions of `layer` for `keep`, at once."""
