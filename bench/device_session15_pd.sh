@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 15, #19 on 2 GPUs (nvidia-h200-x2, ~120 s): the P/D vs colocated trace, again.
+# Session 15, #19 on 2 GPUs (nvidia-h200-x2, ~135 s): the P/D vs colocated trace, again.
 # Session 15's first run (device_session14_pd.sh) read TPOT 0.0 in every row: the random
 # 8B-dim checkpoint had no tokenizer, so the server streamed no text until a request's end
 # and sent its whole output in one final event. The client took that event for the first
@@ -28,11 +28,15 @@
 # first replay (warm-up: 8 requests at 4 req/s) ran ~20x slow, which alone made 40 req/s
 # "the regime"): outputs of 96-288 tokens (Mooncake's trace: ~180 on average; decode then
 # loads the GPUs and a colocated instance's prefill chunks stall its decodes) at 40/60/80
-# req/s, and a warm-up of 48 requests at 24 req/s for both systems (`--warmup-rate`).
+# req/s, and a warm-up of 48 requests at 24 req/s for both systems (`--warmup-rate`). The
+# decode instance counts as slower when the median stream in flight is late, not the latest
+# (v3: one stalled stream of 20-27 put TPOT at ~0.03 s: 8-35 TPOT 429s a round, clients
+# seeing p99 0.015-0.02 s).
 # 1) a random-weight checkpoint at Llama-3.1-8B layer dims, 16 layers, 32k vocab, with a
 #    word-level tokenizer (`random_checkpoint.write_tokenizer`);
 # 2) correctness: the session-15 tests of these fixes (CPU, ~5 s: tests/pd/test_pd_one_event.py,
-#    test_pd_trace_client.py, test_pd_probe_slo.py, test_pd_transfer_blocks.py);
+#    test_pd_trace_client.py, test_pd_probe_slo.py, test_pd_transfer_blocks.py,
+#    test_pd_late_streams.py);
 # 3) trace replay, P/D 1:1 (prefill GPU 0, decode GPU 1, early rejection) vs 2 colocated
 #    instances (one per GPU, round robin), both systems up at once (0.42 of each GPU's
 #    memory each), synthetic trace (~4K-token prompts, 96-288 output tokens) at 40/60/80
@@ -69,6 +73,7 @@ if [ "$DEV" = cuda ]; then
 fi
 timeout $((30 * SLOW)) $PY -m pytest -q -p no:cacheprovider tests/pd/test_pd_one_event.py \
   tests/pd/test_pd_trace_client.py tests/pd/test_pd_probe_slo.py tests/pd/test_pd_transfer_blocks.py \
+  tests/pd/test_pd_late_streams.py \
   >> "$LOG" 2>&1; step tests $?
 if [ "$DEV" = cuda ]; then
   wait $CKPT; step checkpoint $?

@@ -24,6 +24,9 @@ MAX_SLOWDOWN = 30.0  # the cap of every correction: TPOT factors, stage slowdown
 # safety margin on TPOT is SLO_MARGIN, not this floor. The stage slowdowns stay >= 1:
 # measured (bench trace), letting them go lower admitted bursts the next load spike missed
 MIN_TPOT_FACTOR = 0.05
+# which of the streams in flight says how late the decode instance is: the median, not the
+# latest one (`live_lag.py`)
+LATE_STREAMS_QUANTILE = 0.5
 
 
 class DecodeSpeed:
@@ -33,10 +36,11 @@ class DecodeSpeed:
 
     def tpot_factor(self, inst: Instance, now: float) -> float:
         """Observed over step-fit time per token on `inst`: what its windows say, or more
-        when a stream's next token is already later than that (`late_tokens`)."""
+        when most streams' next tokens are already later than that (`late_tokens`)."""
         factor = self._tpot_factor.get(inst.name)
         known = 1.0 if factor is None else factor.value(now)
-        return min(MAX_SLOWDOWN, max(known, self.late_tokens.ratio(inst.name, now)))
+        late = self.late_tokens.ratio(inst.name, now, LATE_STREAMS_QUANTILE)
+        return min(MAX_SLOWDOWN, max(known, late))
 
     def token_event(self, plan: Plan, decode: Instance, step_s: float, now: float) -> None:
         """A token event of `plan`'s stream came from `decode` at `now`; the step fit puts
