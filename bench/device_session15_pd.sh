@@ -26,9 +26,11 @@
 # prefill-bound: P/D's one prefill GPU capped its goodput at ~40 req/s while the colocated
 # pair, both GPUs prefilling, met both SLOs for 97-100% up to 100 req/s; and colocated's
 # first replay (warm-up: 8 requests at 4 req/s) ran ~20x slow, which alone made 40 req/s
-# "the regime"): outputs of 96-288 tokens (Mooncake's trace: ~180 on average; decode then
-# loads the GPUs and a colocated instance's prefill chunks stall its decodes) at 40/60/80
-# req/s, and a warm-up of 48 requests at 24 req/s for both systems (`--warmup-rate`). The
+# "the regime"): rates 60/120/180 (to find where colocated misses the TTFT SLO) and a
+# warm-up of 48 requests at 24 req/s for both systems (`--warmup-rate`). Outputs stay at
+# 16-48 tokens: the front ends relay every token event in one Python process (~0.1-0.2 ms
+# each, CPU-measured), and 96-288 tokens (Mooncake's ~180 average) at 80 req/s would be
+# ~15K events/s: a bench of the front ends' CPU, not of the GPUs. The
 # decode instance counts as slower when the median stream in flight is late, not the latest
 # (v3: one stalled stream of 20-27 put TPOT at ~0.03 s: 8-35 TPOT 429s a round, clients
 # seeing p99 0.015-0.02 s).
@@ -39,7 +41,7 @@
 #    test_pd_late_streams.py);
 # 3) trace replay, P/D 1:1 (prefill GPU 0, decode GPU 1, early rejection) vs 2 colocated
 #    instances (one per GPU, round robin), both systems up at once (0.42 of each GPU's
-#    memory each), synthetic trace (~4K-token prompts, 96-288 output tokens) at 40/60/80
+#    memory each), synthetic trace (~4K-token prompts, 16-48 output tokens) at 60/120/180
 #    req/s, 2 rounds each; TTFT SLO 0.3 s, TPOT SLO 0.03 s; summary.regime = the lowest
 #    rate where colocated met the TTFT SLO for < 80% of requests.
 # Run: `bash bench/device_lead.sh session15_pd` on nvidia-h200-x2, carry .whl only (the model
@@ -62,8 +64,8 @@ else
   export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
   TRACE="--device cuda --model /tmp/rand8b16 --block-tokens 512 --max-model-len 8192 \
-    --requests 50 --rate 20 --rates 40,60,80 --rounds 2 --warmup 48 --warmup-rate 24 \
-    --output-tokens 96,288 --ttft-slo 0.3 --tpot-slo 0.03 \
+    --requests 60 --rate 20 --rates 60,120,180 --rounds 2 --warmup 48 --warmup-rate 24 \
+    --output-tokens 16,48 --ttft-slo 0.3 --tpot-slo 0.03 \
     --instance-args=--gpu-memory-utilization=0.42"
 fi
 if [ "$DEV" = cuda ]; then
