@@ -137,13 +137,9 @@ class TracingAdmission(DryProbeAdmission):
 
     def _door_view(self) -> dict[str, Any]:
         """What the drains counted as admitted from the door (`burst_admits`), with the
-        engine's CPU share and the loop's time per decision it planned with."""
+        loop's time per decision it planned with."""
         memo = self._door_memo
-        return {
-            "door_admits": memo[3] if memo else None,
-            "engine_share": self.loop_share.engine_share(),
-            "gap_s": self.door.gap_s,
-        }
+        return {"door_admits": memo[3] if memo else None, "gap_s": self.door.gap_s}
 
     def observe_ttft(self, predicted_s: float, observed_s: float) -> None:
         super().observe_ttft(predicted_s, observed_s)
@@ -232,7 +228,6 @@ def breakdown(
                     "waiting",
                     "inside",
                     "slowdown",
-                    "engine_share",
                     "gap_s",
                 )
             }

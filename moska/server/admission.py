@@ -51,7 +51,7 @@ from dataclasses import dataclass, field, replace
 
 from moska.server import retry_drain
 from moska.server.admission_decision import Decision, Verdict
-from moska.server.burst_admits import Backlog, LoopShare, burst_admits
+from moska.server.burst_admits import ENGINE_SHARE, Backlog, burst_admits
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
 from moska.server.retry_drain import FactorFall, LibraryRequests, drain_s, with_door
@@ -125,7 +125,7 @@ class AdmissionController:
         self.library_requests = LibraryRequests(alpha)
         self._door_memo: tuple[float, int, int, int] | None = None  # time, inside, waiting, n
         self.door_lag = self.door_storm = True  # drains count loop lag, connections ahead
-        self.loop_share = LoopShare()  # the engine's CPU share while the loop decides
+        self.engine_share = ENGINE_SHARE  # the engine's speed while the loop decides a burst
 
     @property
     def load_tps(self) -> float:
@@ -243,7 +243,6 @@ class AdmissionController:
         Retry-After is the predicted time until a request like this would be admitted.
         The request leaves the front door here."""
         self.door.leave_current()
-        self.loop_share.decided(self.door.inside > 0)
         cost = RequestCost(new) if isinstance(new, int) else new
         decision = self._decide(cost, load, num_requests, elapsed_s)
         with self._lock:
@@ -347,7 +346,7 @@ class AdmissionController:
             s = self.slow
             first = s.cold() / s.scale() if s.cold_pending(load.busy_s) else 1.0
         backlog = Backlog(inside, door.gap_s, stall, door.storm_s)
-        typical, share = self._typical_cost(), self.loop_share.engine_share()
+        typical, share = self._typical_cost(), self.engine_share
         admitted = burst_admits(self.predict, typical, load, plain, backlog, fits, first, share)
         self._door_memo = (now, inside, load.num_waiting, admitted)
         return admitted

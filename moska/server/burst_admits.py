@@ -22,7 +22,7 @@ So the door's count replays the decisions: the `k`-th plain request inside is de
 `k` decision gaps after the storm of door 429s (`FrontDoor.storm_s`) and admitted if
 admission's prediction then (the step in progress `busy` that long, those admitted before
 it pending) fits what is left of the SLO after its time inside. The step in progress
-(or the first admitted one's, on an idle engine) runs at `engine_share` of its predicted
+(or the first admitted one's, on an idle engine) runs at `ENGINE_SHARE` of its predicted
 speed while the loop still decides those inside, at full speed after; once it ends the
 rest are counted as before (`door_admits`, all at once).
 """
@@ -30,41 +30,17 @@ rest are counted as before (`door_admits`, all at once).
 from __future__ import annotations
 
 import math
-import threading
-import time
 from typing import NamedTuple, Protocol
 
 from moska.server.queue_replay import Load, Prediction, RequestCost
 from moska.server.retry_drain import door_admits, with_door
 
 # The engine's share of the CPU while the event loop decides a backlog of requests (reads
-# bodies, tokenizes, replays the queue) at its fastest: the burst's first step ran
-# 0.022-0.033 s of predicted work in 0.15-0.33 s in session 14's 1,000-client bursts
-# (CPU, 2 cores, a quiet box). Where the loop itself waits for the CPU (other processes),
-# the engine is not starved so: on a box loaded to 10 the first step ran 0.07 s for 0.10.
+# bodies, tokenizes, replays the queue): the burst's first step ran 0.022-0.033 s of
+# predicted work in 0.15-0.33 s in session 14's 1,000-client bursts (CPU, 2 cores, a quiet
+# box). On a loaded box (load 2-10) that step ran 0.3-18x its prediction from run to run,
+# and the loop thread's own CPU share (measured between decisions) did not foretell it.
 ENGINE_SHARE = 0.1
-
-
-class LoopShare:
-    """How busy the event loop keeps the CPU while it decides a backlog: its thread's CPU
-    time over the wall time between two decisions with others still inside (a moving
-    average), and from it the engine's share meanwhile (`engine_share`: the GIL the loop
-    leaves free, at least `ENGINE_SHARE`). Not thread-safe: called from the loop only."""
-
-    def __init__(self, prior: float = 1.0, alpha: float = 0.1) -> None:
-        self.busy, self.alpha = prior, alpha
-        self._last: tuple[float, float, int] | None = None  # wall, thread CPU, thread id
-
-    def decided(self, backlog: bool) -> None:
-        """A decision was made; `backlog`: others are still inside (the loop goes on)."""
-        now, cpu, me = time.perf_counter(), time.thread_time(), threading.get_ident()
-        last, self._last = self._last, (now, cpu, me) if backlog else None
-        if last is not None and last[2] == me and 0 < now - last[0] < 0.5:
-            busy = min(1.0, (cpu - last[1]) / (now - last[0]))
-            self.busy += self.alpha * (busy - self.busy)
-
-    def engine_share(self) -> float:
-        return min(1.0, max(ENGINE_SHARE, 1.0 - self.busy))
 
 
 class Predict(Protocol):

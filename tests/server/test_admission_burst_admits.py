@@ -7,7 +7,6 @@ The real scheduler on a virtual clock with time between decisions (`BurstWorld`)
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ from moska.server.admission import (
     RequestCost,
     Verdict,
 )
-from moska.server.burst_admits import ENGINE_SHARE, Backlog, LoopShare, burst_admits, step_end
+from moska.server.burst_admits import Backlog, burst_admits, step_end
 from moska.server.front_door import Ticket
 from moska.server.retry_drain import door_admits
 from moska.server.step_model import StepFeatures
@@ -162,7 +161,6 @@ def _learned(slo: float = 3.0) -> tuple[AdmissionController, BurstWorld]:
             server.submit(cost)
         server.run_until_idle()
     adm.door.gap_s = GAP  # what the door learns of the loop (on the real clock)
-    adm.loop_share.busy, adm.loop_share.alpha = 1.0 - SHARE, 0.0  # as the world runs
     return adm, BurstWorld(server)
 
 
@@ -236,19 +234,3 @@ def test_burst_admits_steps_and_backlog():
     assert burst_admits(adm.predict, typical, Load(), 0, backlog, fits) == 0
     free = burst_admits(adm.predict, typical, Load(), 20, Backlog(40, 0.0, 0.0), fits, share=1.0)
     assert free == door_admits(adm.predict, typical, Load(), 20, fits) > 0
-
-
-def test_the_engine_share_follows_how_busy_the_loop_keeps_the_cpu():
-    """A loop that waits between its decisions (the CPU taken by others) leaves the engine
-    its share; one that runs flat out leaves it `ENGINE_SHARE`; a decision with no one
-    left inside ends the measurement (the next gap is idle time, not the loop's)."""
-    share = LoopShare(alpha=1.0)
-    assert share.engine_share() == ENGINE_SHARE  # the prior: a loop flat out
-    share.decided(True)
-    time.sleep(0.01)  # the loop itself idle between two decisions
-    share.decided(False)
-    assert share.engine_share() > 0.8, share.busy
-    share.busy = 1.0
-    time.sleep(0.01)
-    share.decided(True)  # the gap since a decision with no backlog is not measured
-    assert share.engine_share() == ENGINE_SHARE
