@@ -26,7 +26,8 @@
 # prefill-bound: P/D's one prefill GPU capped its goodput at ~40 req/s while the colocated
 # pair, both GPUs prefilling, met both SLOs for 97-100% up to 100 req/s; and colocated's
 # first replay (warm-up: 8 requests at 4 req/s) ran ~20x slow, which alone made 40 req/s
-# "the regime"): rates 60/120/180 (to find where colocated misses the TTFT SLO) and a
+# "the regime"): rates 60/100/140 (to find where colocated misses the TTFT SLO; 180
+# would put ~5.8K token events/s through the colocated front end) and a
 # warm-up of 48 requests at 24 req/s for both systems (`--warmup-rate`). Outputs stay at
 # 16-48 tokens: the front ends relay every token event in one Python process (~0.1-0.2 ms
 # each, CPU-measured), and 96-288 tokens (Mooncake's ~180 average) at 80 req/s would be
@@ -41,7 +42,7 @@
 #    test_pd_late_streams.py);
 # 3) trace replay, P/D 1:1 (prefill GPU 0, decode GPU 1, early rejection) vs 2 colocated
 #    instances (one per GPU, round robin), both systems up at once (0.42 of each GPU's
-#    memory each), synthetic trace (~4K-token prompts, 16-48 output tokens) at 60/120/180
+#    memory each), synthetic trace (~4K-token prompts, 16-48 output tokens) at 60/100/140
 #    req/s, 2 rounds each; TTFT SLO 0.3 s, TPOT SLO 0.03 s; summary.regime = the lowest
 #    rate where colocated met the TTFT SLO for < 80% of requests.
 # Run: `bash bench/device_lead.sh session15_pd` on nvidia-h200-x2, carry .whl only (the model
@@ -64,7 +65,7 @@ else
   export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi --query-gpu=index,name,memory.used --format=csv,noheader
   TRACE="--device cuda --model /tmp/rand8b16 --block-tokens 512 --max-model-len 8192 \
-    --requests 60 --rate 20 --rates 60,120,180 --rounds 2 --warmup 48 --warmup-rate 24 \
+    --requests 60 --rate 20 --rates 60,100,140 --rounds 2 --warmup 48 --warmup-rate 24 \
     --output-tokens 16,48 --ttft-slo 0.3 --tpot-slo 0.03 \
     --instance-args=--gpu-memory-utilization=0.42"
 fi
