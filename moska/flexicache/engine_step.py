@@ -129,6 +129,19 @@ class FlexiStep:
     def _rank(self, layer, q, k_cache, top, stable, sm_scale: float):
         """The due requests' new top-K and classes of `layer` (others: as they were)."""
         cfg = self.eng.cfg
+        scores = self._scores(layer, q, k_cache, sm_scale)
+        new_top, new_stable, _ = policy.rerank(scores, self.cand, top, cfg.threshold)
+        if self.eng.force_stable is not None:  # a bench's classes (a random model's churn)
+            new_stable = new_stable | self.eng.force_stable[layer]
+        if self.offs:  # head classes fixed once offloaded (the pool's size)
+            new_stable[self.off_rows] = stable[self.off_rows]
+        top = torch.where(self.due_t[:, None, None], new_top, top)
+        stable = torch.where(self.due_t[:, None], new_stable, stable)
+        return top, stable  # `attend` stores them (each request's state a view)
+
+    def _scores(self, layer: int, q, k_cache, sm_scale: float) -> torch.Tensor:
+        """[B, Hkv, P] page scores of `layer` for the queries `q` [B, Hq, D]."""
+        cfg = self.eng.cfg
         if cfg.rank_by == "bound":
             keys = k_cache[self.block_tables]  # [B, P, bs, Hkv, D]
             kmin, kmax = policy.page_summaries(keys, self.seq_lens)
@@ -144,14 +157,7 @@ class FlexiStep:
             scores = policy.page_mass(q, keys, self.seq_lens, sm_scale)
         if self.eng.score_hook is not None:  # a bench's rankings (a random model's churn)
             scores = self.eng.score_hook(layer, scores)
-        new_top, new_stable, _ = policy.rerank(scores, self.cand, top, cfg.threshold)
-        if self.eng.force_stable is not None:  # a bench's classes (a random model's churn)
-            new_stable = new_stable | self.eng.force_stable[layer]
-        if self.offs:  # head classes fixed once offloaded (the pool's size)
-            new_stable[self.off_rows] = stable[self.off_rows]
-        top = torch.where(self.due_t[:, None, None], new_top, top)
-        stable = torch.where(self.due_t[:, None], new_stable, stable)
-        return top, stable  # `attend` stores them (each request's state a view)
+        return scores
 
     def _centroids(self, k_cache) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean keys [B, Hkv, P, D], tokens [B, P]) of every page from the cache, but the
@@ -237,31 +243,61 @@ class FlexiStep:
     def rank_after(self, q_buf: torch.Tensor, k_caches, sm_scale: float) -> None:
         """A deferred re-ranking of requests all ranked before, after a forward that read
         the lists kept from the last step (a `PlainStep`, maybe replayed from a graph, its
-        queries in `q_buf` [L, B, Hq, D]): every layer ranked with them, the new kept pages
-        of every layer fetched at once (`offload_sync.sync_layers`) and left for the next
-        step."""
-        eng = self.eng
-        keeps = []
-        for layer in range(eng.num_layers):
-            top, stable = self.top[:, layer], self.stable[:, layer]
-            new_top, new_stable = self._rank(
-                layer, q_buf[layer], k_caches[layer], top, stable, sm_scale
-            )
-            keeps.append(policy.keep_mask_windows(new_top, new_stable, self.active, self.windows))
-            self.top[:, layer], self.stable[:, layer] = new_top, new_stable
-        b = self.batch
-        if b is not None and b.due:
-            for part in layer_chunks(b, eng.num_layers):
-                keep = torch.stack(keeps[part.start : part.stop], 1)[self.due_rows]
-                fetched, evicted = sync_layers(b, keep, part, eng.cache.k, eng.cache.v)
-                eng._fetched += fetched
-                eng._evicted += evicted
-        active = self.active[:, None]
-        for layer, keep in enumerate(keeps):
-            tables, lens = policy.head_lists(
-                keep, self._slots(layer), self.seq_lens, eng.block_size, self.pad
-            )
-            self._leave(layer, keep, tables, lens, (self.stable[:, layer] & active).sum())
+        queries in `q_buf` [L, B, Hq, D]): each layer's scores, then top-K, classes, keep
+        masks and lists of every layer in one batch of ops ((row, layer) pairs as rows, as
+        the bench store's `deferred.apply_rerank`), the new kept pages of all layers fetched
+        at once (`offload_sync.sync_layers`), all left for the next step."""
+        eng, cfg = self.eng, self.eng.cfg
+        n_layers = eng.num_layers
+        scores = torch.stack(
+            [self._scores(lay, q_buf[lay], k_caches[lay], sm_scale) for lay in range(n_layers)], 1
+        )  # [B, L, Hkv, P]
+        b, _, hkv, p = scores.shape
+        rows = b * n_layers  # row i * L + layer
+        rep = lambda t: t.repeat_interleave(n_layers, 0)  # per row -> per (row, layer)
+        top, stable, _ = policy.rerank(
+            scores.view(rows, hkv, p), rep(self.cand), self.top.view(rows, hkv, -1), cfg.threshold
+        )
+        top, stable = top.view(self.top.shape), stable.view(b, n_layers, hkv)
+        if eng.force_stable is not None:  # a bench's classes (a random model's churn)
+            stable = stable | eng.force_stable[None]
+        if self.offs:  # head classes fixed once offloaded (the pool's size)
+            stable[self.off_rows] = self.stable[self.off_rows]
+        top = torch.where(self.due_t[:, None, None, None], top, self.top)
+        stable = torch.where(self.due_t[:, None, None], stable, self.stable)
+        valid, window = self.windows
+        keep = policy.keep_mask_windows(
+            top.view(rows, hkv, -1), stable.view(rows, hkv), rep(self.active),
+            (rep(valid), rep(window)),
+        ).view(b, n_layers, hkv, p)  # fmt: skip
+        self.top.copy_(top)  # every request's state (views), after the reads above
+        self.stable.copy_(stable)
+        bat = self.batch
+        slots = self.slots[:, None].expand(b, n_layers, hkv, p)
+        if bat is not None:
+            if bat.due:
+                for part in layer_chunks(bat, n_layers):
+                    kp = keep[self.due_rows, part.start : part.stop]
+                    fetched, evicted = sync_layers(bat, kp, part, eng.cache.k, eng.cache.v)
+                    eng._fetched += fetched
+                    eng._evicted += evicted
+            slots = slots.clone()  # released pages in the requests' pool slots
+            old = slots[self.off_rows, :, :, : bat.pm]
+            on = bat.cols[:, None, None, :]
+            slots[self.off_rows, :, :, : bat.pm] = torch.where(on, bat.slot, old)
+        tables, lens = policy.head_lists(
+            keep.view(rows, hkv, p), slots.reshape(rows, hkv, p), rep(self.seq_lens),
+            eng.block_size, rep(self.pad),
+        )  # fmt: skip
+        active = self.active[:, None, None]
+        if self.kept is not None:  # a row not yet under FlexiCache (short) holds nothing
+            self.kept.copy_(keep & active[..., None])
+        lists = self.lists
+        assert lists is not None  # a decode-only step's
+        lists.tables.copy_(tables.view(b, n_layers, hkv, p).transpose(0, 1))
+        lists.lens.copy_(lens.view(b, n_layers, hkv).transpose(0, 1))
+        lists.kept_pages += keep.sum()
+        lists.stable_heads += (stable & active).sum()
 
     def finish(self, k_caches, sm_scale: float) -> None:
         """After the forward (`PlainStep.finish`'s counterpart): nothing left to do."""
