@@ -85,8 +85,12 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
     base, eager = mode.removesuffix("-eager"), mode.endswith("-eager")
     if base in ("deferred", "step"):
         spec = f"{a.flexicache},threshold=2,rerank={base}"
+    # FlexiCache: room for one request's page pool beyond its blocks, so that the first
+    # hand-off can reserve it (it then releases ~all of its blocks: the rest follow); at B = 15
+    # without it most requests found no free block for their pool until others finished
+    spare = 8 + (per_req // 2 if spec is not None else 0)
     config = EngineConfig(
-        model=None, device=device, dtype=dtype, block_size=bs, num_kv_blocks=batch * per_req + 8,
+        model=None, device=device, dtype=dtype, block_size=bs, num_kv_blocks=batch * per_req + spare,
         max_num_seqs=batch, max_num_batched_tokens=a.prefill_tokens, enable_prefix_caching=False,
         flexicache=spec, enforce_eager=eager,
         attention="torch" if device == "cpu" else "auto",
