@@ -24,8 +24,8 @@ if [ "${1:-}" = "--cpu-dry-run" ]; then
   SARGS="--cpu-dry-run"
 else
   PY=python3; export TRITON_INTERPRET=0; TOK=.models/moska-code-20m; DRY=""
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_semshare .whl/*.whl
+  export PYTHONPATH=/tmp/site_semshare:$PWD
   TESTS="-m cuda tests/semshare/test_graphs.py tests/semshare/test_fast_path_cuda.py tests/semshare/test_finish_in_blend.py"; TT=40
   SARGS="--arch 8b --docs 3 --repeats 3"
 fi

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import semshare_speed as ss
 
 from moska.attention.kv_cache import PagedKVCache
-from moska.bench.common import environment, random_loaded_model
+from moska.bench.common import environment
 from moska.host_syncs import count_host_syncs
 from moska.kernel_ops import kernel_ops
 from moska.model import load_model
@@ -149,18 +149,8 @@ def load(args, device):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.arch is None:
         return load_model(args.model, dtype=dtype, device=device)
-    cfg = json.loads((Path(args.model) / "config.json").read_text())
-    hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": cfg["vocab_size"],
-        "max_position_embeddings": args.prompt + 64,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "tie_word_embeddings": False,
-        **ss.ARCHS[args.arch],
-    }
-    loaded = random_loaded_model(hf, dtype, str(device))
-    return loaded._replace(tokenizer=load_model(args.model, device="cpu").tokenizer)
+    # random weights; only the tokenizer of --model (a device may carry no weights)
+    return ss.random_loaded(args.arch, Path(args.model), args.prompt + 64, dtype, str(device))
 
 
 def run(args) -> dict:
