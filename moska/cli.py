@@ -53,9 +53,11 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "(default: on on CUDA, off on CPU)",
     "enable_prefix_caching": "reuse the KV blocks of prompt prefixes earlier requests computed",
     "tensor_parallel_size": "split the model over N ranks, one process each (rank 0 serves "
-    "HTTP and schedules; on one host)",
+    "HTTP and schedules; on one host): moska starts them, or run this same command under "
+    "`torchrun --nproc-per-node N -m moska`",
     "shared_kv_ranks": "hold every library's chunks on M processes without model weights "
-    "(MoSKA shared-KV ranks; the engine routes and sends them query rows); 0: off",
+    "(MoSKA shared-KV ranks; the engine routes and sends them query rows); 0: off. With "
+    "--tensor-parallel-size 1 only (one unique rank) for now",
     "shared_kv_replica_slots": "copies of a library's most read chunks each shared-KV rank "
     "may hold, re-planned every 16 forwards (EPLB-like, exact); 0: none",
     "decode_context_parallel_size": "shard each request's KV blocks over P ranks, one "

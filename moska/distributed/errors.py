@@ -31,10 +31,10 @@ class RankFailedError(RuntimeError):
     collective failed but no rank could be named."""
 
     def __init__(self, rank: int | None, reason: str) -> None:
-        who = f"rank {rank}" if rank is not None else "a rank"
+        # "distributed": tensor-parallel, shared-KV, KV-parallel and Helix ranks alike
+        who = f"distributed rank {rank}" if rank is not None else "a distributed rank"
         super().__init__(
-            f"tensor-parallel {who} failed: {reason}; the engine cannot run any more "
-            "steps, restart it"
+            f"{who} failed: {reason}; the engine cannot run any more steps, restart it"
         )
         self.rank = rank
         self.reason = reason

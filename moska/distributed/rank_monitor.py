@@ -98,7 +98,7 @@ class Monitor:
             except Exception:  # the store is gone with rank 0's peers
                 logger.debug("reading rank %d's error failed", rank, exc_info=True)
             self.failure = RankFailedError(rank, reason)
-        logger.error("tensor-parallel rank %d failed: %s", rank, reason)
+        logger.error("distributed rank %d failed: %s", rank, reason)
         if self.groups.backend == "nccl":  # unblock a collective waiting on the dead rank
             try:
                 dist.distributed_c10d._abort_process_group()

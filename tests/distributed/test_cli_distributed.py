@@ -1,0 +1,37 @@
+"""The command line of #18's launches: `python -m moska` (what `torchrun -m moska` runs),
+the flags' help, and a combination not served yet refused in one line before any process
+starts or model loads."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+import pytest
+
+from moska.cli import build_parser, main
+
+
+def test_python_dash_m_moska_runs_the_cli(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["moska", "--version"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("moska", run_name="__main__")
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("moska ")
+
+
+def test_serve_help_names_torchrun_and_the_shared_kv_limit(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "torchrun --nproc-per-node N -m moska" in text
+    assert "--tensor-parallel-size 1 only" in text
+
+
+def test_tensor_parallel_with_shared_kv_ranks_is_refused_at_once(monkeypatch, capsys):
+    monkeypatch.setattr("moska.cli._log_to_stderr", lambda level: None)  # no global handler
+    argv = ["serve", "--port", "0", "--device", "cpu", "--no-demo-library"]
+    code = main([*argv, "--tensor-parallel-size", "2", "--shared-kv-ranks", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "shared_kv_ranks runs with tensor_parallel_size=1 only" in err, err
