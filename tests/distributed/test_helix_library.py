@@ -24,7 +24,7 @@ import time
 import pytest
 import torch
 from helix_support import CHUNK, DOCS, LIB_PROMPTS, greedy_library, library_logits
-from tp_support import build_checkpoint, engine_kwargs, rel_err
+from tp_support import EnginePair, build_checkpoint, engine_kwargs, rel_err
 
 from moska.distributed.errors import RankFailedError
 from moska.distributed.helix_library import own_part
@@ -47,11 +47,13 @@ def engines(tmp_path_factory):
     ref.libraries.build("docs", DOCS, chunk_size=CHUNK)
     ape = IndependentOptions(temperature=1.5, log_scale=0.7)  # the library part tempered
     ref.libraries.build("ape", DOCS, chunk_size=CHUNK, mode="independent", independent=ape)
-    helix = LLMEngine.from_model(path, **kw, helix=True, decode_context_parallel_size=2)
+    pair = EnginePair(
+        ref, lambda: LLMEngine.from_model(path, **kw, helix=True, decode_context_parallel_size=2)
+    )
     try:
-        yield ref, helix
+        yield pair
     finally:
-        helix.shutdown()
+        pair.shutdown()
 
 
 def test_own_parts_cover_every_selection_once():

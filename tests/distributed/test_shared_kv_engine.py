@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 from test_tp_library import PER_HEAD, PROMPTS, greedy_library, library_logits
-from tp_support import build_checkpoint, engine_kwargs, rel_err
+from tp_support import EnginePair, build_checkpoint, engine_kwargs, rel_err
 
 from moska.distributed.errors import RankFailedError
 from moska.distributed.shared_kv_engine import SharedKVConfigError
@@ -40,11 +40,11 @@ def setup(tmp_path_factory):
     ref = LLMEngine.from_model(str(path), **kw)
     ref.libraries.progress = False
     ref.libraries.build("docs", _docs(0, 80), chunk_size=CHUNK)  # 5 chunks over 2 ranks
-    eng = LLMEngine.from_model(str(path), **kw, shared_kv_ranks=2)
+    pair = EnginePair(ref, lambda: LLMEngine.from_model(str(path), **kw, shared_kv_ranks=2))
     try:
-        yield ref, eng
+        yield pair
     finally:
-        eng.shutdown()
+        pair.shutdown()
 
 
 @pytest.mark.parametrize("top_k", [5, 2])

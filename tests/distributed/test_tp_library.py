@@ -21,6 +21,7 @@ import pytest
 import torch
 from tp_support import (
     DEVICES,
+    EnginePair,
     build_checkpoint,
     engine_kwargs,
     greedy,
@@ -68,11 +69,11 @@ def setup(request, tmp_path_factory):
     ref = LLMEngine.from_model(str(path), **kw)
     ref.libraries.progress = False
     ref.libraries.build("docs", _docs(0), chunk_size=CHUNK)
-    tp = LLMEngine.from_model(str(path), **kw, tensor_parallel_size=2)
+    pair = EnginePair(ref, lambda: LLMEngine.from_model(str(path), **kw, tensor_parallel_size=2))
     try:
-        yield ref, tp
+        yield pair
     finally:
-        tp.shutdown()
+        pair.shutdown()
 
 
 @torch.inference_mode()

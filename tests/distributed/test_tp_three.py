@@ -12,7 +12,15 @@ import time
 
 import pytest
 import torch
-from tp_support import DEVICES, build_checkpoint, engine_kwargs, greedy, prefill_logits, rel_err
+from tp_support import (
+    DEVICES,
+    EnginePair,
+    build_checkpoint,
+    engine_kwargs,
+    greedy,
+    prefill_logits,
+    rel_err,
+)
 
 from moska.distributed.errors import RankFailedError
 from moska.engine.llm_engine import LLMEngine
@@ -29,11 +37,16 @@ PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8], [200, 201]
 def engines(request, tmp_path_factory):
     path = build_checkpoint(tmp_path_factory.mktemp("tp3") / "m", seed=3, **MODEL)
     ref = LLMEngine.from_model(str(path), **engine_kwargs(request.param))
-    tp = LLMEngine.from_model(str(path), **engine_kwargs(request.param, tensor_parallel_size=3))
+    pair = EnginePair(
+        ref,
+        lambda: LLMEngine.from_model(
+            str(path), **engine_kwargs(request.param, tensor_parallel_size=3)
+        ),
+    )
     try:
-        yield ref, tp
+        yield pair
     finally:
-        tp.shutdown()
+        pair.shutdown()
 
 
 def test_shards_are_uneven_and_replicated(engines):

@@ -231,3 +231,24 @@ def fake_graphs_worker(rdv, rank, parent, *args) -> None:
     DecodeGraphs._capture = fake_capture  # type: ignore[method-assign]
     nccl_path()
     worker.run_worker(rdv, rank, parent, *args)
+
+
+class EnginePair:
+    """A module's (reference, distributed engine), unpacked as a pair by each test. A test
+    that kills a rank ends the module's distributed engine; it is written last in its file,
+    but pytest-xdist's worksteal may hand a worker the module's tests out of file order (a
+    test taken from a busy worker after the kill), so an engine found failed is shut down
+    and started again here instead of failing that later test."""
+
+    def __init__(self, ref, start) -> None:
+        self.ref, self._start = ref, start
+        self.engine = start()
+
+    def __iter__(self):
+        if self.engine.dist is not None and self.engine.dist.failure is not None:
+            self.engine.shutdown()
+            self.engine = self._start()
+        return iter((self.ref, self.engine))
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
