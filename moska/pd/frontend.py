@@ -8,7 +8,8 @@ instance to take the blocks into its prefix cache, then sends the client's body 
 decode instance and streams its answer back. A transfer that fails (after the sender's own
 retry) is re-prefilled once for another decode instance; then the request fails with 503.
 A decode instance that dies (its process gone, or /pd/info failing twice) is taken out of
-the scheduler, and the requests streaming from it end with an error at once.
+the scheduler, and the requests streaming from it end with an error at once (the stream
+relay, and what the scheduler learns from it, is `pd/relay.py`).
 
 Round-robin mode (`--both`): the colocated baseline, each request to the next live
 instance, whole. The HTTP app around it is `pd/frontend_app.py`; the client-facing bodies
@@ -19,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -39,9 +38,10 @@ from moska.pd.frontend_http import (
 )
 from moska.pd.index import block_hashes
 from moska.pd.instance_death import InstanceDied, or_dead
+from moska.pd.relay import relay
 from moska.pd.retry import next_decode
 from moska.pd.scheduler import GlobalScheduler, Instance, Plan, Rejection, RequestInfo
-from moska.pd.token_times import TokenTimes, finishes, strip_usage, with_usage
+from moska.pd.token_times import with_usage
 
 logger = logging.getLogger(__name__)
 
@@ -319,66 +319,8 @@ class FrontEnd:
             headers=predicted_headers(plan),
         )
 
-    def _first_token(self, plan: Plan, inst: Instance, seconds: float, record: dict | None) -> None:
-        self.stats.first_token_s += seconds
-        self._sched.observe_first(plan, inst, seconds, time.monotonic())
-        if record is not None:
-            record["observed_first_s"] = round(seconds, 4)
-
-    async def _relay(
-        self, inst, resp, plan, tid, sent_at, strip, record=None
-    ) -> AsyncIterator[bytes]:
-        dead, first = self._dead[inst.name], True
-        held: float | None = None  # the first event's time while it may be the last token's
-        chunks = resp.aiter_raw()
-        tokens = TokenTimes()
-        inst.decoding += 1
-        try:
-            while True:
-                try:
-                    chunk = await or_dead(chunks.__anext__(), dead)
-                except StopAsyncIteration:
-                    break
-                if first and tid is not None:  # the request holds its blocks now
-                    asyncio.create_task(self._release(inst, tid))
-                if first and plan is not None:  # the first token, unless it is the last of
-                    held = time.monotonic() - sent_at  # several in one event (`finishes`)
-                    if not finishes(chunk):
-                        self._first_token(plan, inst, held, record)
-                        held = None
-                first = False
-                if plan is not None:  # an event's predicted time: the step times its tokens
-                    step = self._sched.tpot_s(inst.decoding, inst)
-                    step *= self._sched.tokens_per_event(inst)
-                    events = tokens.events
-                    window = tokens.add(chunk, step)
-                    if tokens.events > events:  # how late its next token is, while it is
-                        self._sched.token_event(plan, inst, step, time.monotonic())
-                    # what the decode side really gives per token, once a finished stream
-                    # has told how many tokens an event carries (before, a window counts
-                    # events: ~2x on the tiny model, and the long-run quantile keeps it)
-                    if window is not None and self._sched.counts_tokens(inst):
-                        self._sched.observe_tpot(inst, *window, time.monotonic())
-                if strip and not (chunk := strip_usage(chunk)):
-                    continue
-                yield chunk
-        except (httpx.HTTPError, InstanceDied) as exc:
-            self.stats.failed += 1
-            msg = f"the decode instance failed mid-stream ({type(exc).__name__}); retry"
-            yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n".encode()
-            yield b"data: [DONE]\n\n"
-            if plan is not None:
-                self._sched.finished(plan, inst)
-            return
-        finally:
-            inst.decoding -= 1
-            await resp.aclose()
-        if plan is not None:
-            self._sched.finished(plan, inst)
-            if held is not None and (tokens.completion_tokens or 1) <= 1:
-                self._first_token(plan, inst, held, record)
-            if (counts := tokens.tokens_after_first()) is not None:
-                self._sched.observe_events(inst, *counts)
+    # the SSE relay of a streamed answer (`pd/relay.py`); a method, so tests call `_relay`
+    _relay = relay
 
     async def _end(self, inst, plan, tid) -> None:
         if tid is not None:

@@ -19,7 +19,7 @@ from moska.bench.random_checkpoint import write_tokenizer
 from moska.bench.trace_client import _one, request_body
 from moska.bench.trace_summary import summarize
 from moska.model.tokenizer import IncrementalDetokenizer, Tokenizer
-from moska.pd import frontend as frontend_mod
+from moska.pd import relay as relay_mod
 from moska.pd import token_times
 from moska.pd.frontend import FrontEnd
 from moska.pd.scheduler import SLO, GlobalScheduler, Instance, Plan, RequestInfo
@@ -71,7 +71,7 @@ def _relay(monkeypatch, tokens: int, n: int) -> tuple[GlobalScheduler, Instance]
     clock = _Clock()
     fake_time = types.SimpleNamespace(monotonic=clock.monotonic, time=time.time)
     monkeypatch.setattr(token_times, "time", fake_time)
-    monkeypatch.setattr(frontend_mod, "time", fake_time)
+    monkeypatch.setattr(relay_mod, "time", fake_time)
     p = Instance("p0", "http://p0", "prefill", 0, 16, 1000, 8)
     d = Instance("d0", "http://d0", "decode", 1, 16, 1000, 8)
     sched = GlobalScheduler([p, d], SLO())
