@@ -123,11 +123,16 @@ def test_http_rejection_reaches_no_instance(pd_cluster):
     before = {n: e.stats().prompt_tokens_computed for n, e in engines.items()}
     old = front.scheduler.slo
     front.scheduler.slo = SLO(ttft_s=1e-6)
+    # no probe: on the shared cluster an instance earlier tests taught is idle and quiet for
+    # more than this SLO, so the probe rule (tests/pd/test_pd_probe_slo.py) would admit one
+    # (the test then failed or passed by test order); this test is about the rejection path
+    probe, front.scheduler.ttft.probe = front.scheduler.ttft.probe, lambda *a, **k: False
     try:
         r = httpx.post(f"{url}/v1/completions", json={"model": "moska-tiny", "prompt": "hi " * 30,
                        "max_tokens": 4}, timeout=30)  # fmt: skip
     finally:
         front.scheduler.slo = old
+        front.scheduler.ttft.probe = probe
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
     assert int(r.headers["retry-after-ms"]) >= 1
     assert "ttft" in r.json()["error"]["message"]
