@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from moska.pd.instance_death import InstanceDied, or_dead
+from moska.pd.instance_death import DeathWatch, InstanceDied
 from moska.pd.scheduler import Instance, Plan
 from moska.pd.token_times import TokenTimes, finishes, strip_usage
 
@@ -48,7 +48,7 @@ async def relay(
 ) -> AsyncIterator[bytes]:
     """Yield `resp`'s raw SSE chunks (the usage chunk dropped when `strip`: the front end
     asked for it only to count tokens), observing them for the scheduler when `plan`."""
-    dead, first = front._dead[inst.name], True
+    watch, first = DeathWatch(front._dead[inst.name]), True
     held: float | None = None  # the first event's time while it may be the last token's
     chunks = resp.aiter_raw()
     tokens = TokenTimes()
@@ -56,7 +56,7 @@ async def relay(
     try:
         while True:
             try:
-                chunk = await or_dead(chunks.__anext__(), dead)
+                chunk = await watch.wait(chunks.__anext__())
             except StopAsyncIteration:
                 break
             if first and tid is not None:  # the request holds its blocks now
@@ -91,6 +91,7 @@ async def relay(
             front._sched.finished(plan, inst)
         return
     finally:
+        watch.close()
         inst.decoding -= 1
         await resp.aclose()
     if plan is not None:
