@@ -41,11 +41,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import semshare_workload as wl
 
-from moska.bench.common import environment
+from moska.bench.common import LLAMA_3_1_8B, environment
 from moska.config import EngineConfig
 from moska.engine.llm_engine import LLMEngine
 from moska.engine.sampling_params import SamplingParams
 
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim")  # fmt: skip
 ARCHS = {  # random-weight Llama shapes
     "1b": {
         "hidden_size": 2048,
@@ -55,14 +57,7 @@ ARCHS = {  # random-weight Llama shapes
         "num_key_value_heads": 8,
         "head_dim": 64,
     },
-    "8b": {
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-    },
+    "8b": {k: LLAMA_3_1_8B[k] for k in SHAPE_KEYS},  # the project's 8B dims
     "tiny": {
         "hidden_size": 128,
         "intermediate_size": 256,

@@ -106,6 +106,25 @@ def host_row_offsets(hosts: list[torch.Tensor], layer: int):
     return base, [d // row_bytes for d in deltas]
 
 
+def gather_shifted(
+    base: torch.Tensor, shifts: list[int], src: torch.Tensor, used: torch.Tensor
+) -> torch.Tensor | None:
+    """[K * n, row]: rows src[k] + shifts[k] of pinned host `base` (rows of bs * D), read in
+    place by one `gather_rows` on src's device (unused rows hold anything); None when the
+    kernel refuses (e.g. Triton refusing a host pointer): the caller gathers per copy."""
+    from moska.kernels.page_gather import gather_rows
+
+    dev, row = src.device, base.shape[-2] * base.shape[-1]
+    idx = (src + to_device(shifts, dev)[:, None]).view(-1)
+    out = torch.empty(idx.numel(), row, dtype=base.dtype, device=dev)
+    slot = torch.where(used.reshape(-1), torch.arange(idx.numel(), device=dev), -1)
+    try:
+        gather_rows(base.view(-1, row), idx, out, slot)
+    except (RuntimeError, ValueError):
+        return None
+    return out
+
+
 def gather_hosts(hosts: list[torch.Tensor], layer: int, src: torch.Tensor, used: torch.Tensor):
     """[R * n, row]: rows src[j] [n] of layer `layer` of hosts[j] [L, pages_j, Hkv, bs, D]
     (the rows of one layer: (page, head) pairs; the `used` ones, the others hold anything).
@@ -113,21 +132,11 @@ def gather_hosts(hosts: list[torch.Tensor], layer: int, src: torch.Tensor, used:
     them: row indices taken relative to the lowest copy's address (the copies are separate
     allocations), host arithmetic only (no per-request views or launches), unless an address
     is not a whole number of rows apart (then one gather per copy)."""
-    dev = src.device
     row = hosts[0].shape[-2] * hosts[0].shape[-1]
-    if hosts[0].device != dev:
+    if hosts[0].device != src.device:
         base, offsets = host_row_offsets(hosts, layer)
-        if offsets is not None:
-            from moska.kernels.page_gather import gather_rows
-
-            idx = (src + to_device(offsets, dev)[:, None]).view(-1)
-            out = torch.empty(idx.numel(), row, dtype=base.dtype, device=dev)
-            slot = torch.where(used.reshape(-1), torch.arange(idx.numel(), device=dev), -1)
-            try:
-                gather_rows(base.view(-1, row), idx, out, slot)
-                return out
-            except (RuntimeError, ValueError):  # e.g. Triton refusing a host pointer
-                pass
+        if offsets is not None and (out := gather_shifted(base, offsets, src, used)) is not None:
+            return out
     flat = [t[layer].view(-1, row) for t in hosts]
     return torch.cat([gather_pages(h, s, u) for h, s, u in zip(flat, src, used)])
 

@@ -19,6 +19,7 @@ from moska.flexicache.offload import (
     assign_slots,
     first_needed,
     gather_pages,
+    gather_shifted,
     host_row_offsets,
 )
 from moska.flexicache.transfer import to_device
@@ -89,23 +90,14 @@ def _gather(offs, name: str, layers: range, src, used) -> torch.Tensor:
     """[R * n * limit, row]: each (request, layer) row's host rows `src` (one in-place read
     of every pinned host copy on CUDA; an index per (request, layer) otherwise)."""
     hosts = [getattr(o, name) for o in offs]  # [L, pages, Hkv, bs, D]
-    dev = src.device
     row = hosts[0].shape[-2] * hosts[0].shape[-1]
-    if hosts[0].device != dev:
+    if hosts[0].device != src.device:
         per_layer = [host_row_offsets(hosts, lay) for lay in layers]
         if all(offsets is not None for _, offsets in per_layer):
-            from moska.kernels.page_gather import gather_rows
-
-            base = per_layer[0][0]
+            base = per_layer[0][0]  # the lowest copy: the same for every layer
             shift = [off[j] for j in range(len(hosts)) for _, off in per_layer if off is not None]
-            idx = (src + to_device(shift, dev)[:, None]).view(-1)
-            out = torch.empty(idx.numel(), row, dtype=base.dtype, device=dev)
-            slot = torch.where(used.reshape(-1), torch.arange(idx.numel(), device=dev), -1)
-            try:
-                gather_rows(base.view(-1, row), idx, out, slot)
+            if (out := gather_shifted(base, shift, src, used)) is not None:
                 return out
-            except (RuntimeError, ValueError):  # e.g. Triton refusing a host pointer
-                pass
     parts = []
     for j, h in enumerate(hosts):
         for i, lay in enumerate(layers):

@@ -12,23 +12,13 @@ class InstanceDied(Exception):
 
 
 async def or_dead(aw, dead: asyncio.Event):
-    """Await `aw`, or raise InstanceDied as soon as `dead` is set."""
-    task = asyncio.ensure_future(aw)
-    if dead.is_set():
-        task.cancel()
-        raise InstanceDied("the instance died")
-    waiter = asyncio.ensure_future(dead.wait())
+    """Await `aw`, or raise InstanceDied as soon as `dead` is set (one await: `DeathWatch`
+    for a stream's many)."""
+    watch = DeathWatch(dead)
     try:
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
+        return await watch.wait(aw)
     finally:
-        waiter.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise InstanceDied("the instance died")
+        watch.close()
 
 
 class DeathWatch:
