@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 15, #17 audit (one H200, < 150 s): the two retrieval rows the issue's table still
+# Session 15, #17 audit (one H200, < 300 s: LIMIT=300): the two retrieval rows the issue's table still
 # lacks on the GPU, one after the other (each engine takes the GPU's memory budget):
 # 1) 64-token chunks (64 per 4,096-token context), bf16, 96 questions: the default and the
 #    old router with each scorer (key-max, two-stage, mean, bound, oracle) at 12.5 / 25 /
@@ -35,7 +35,7 @@ else
   C64="$COMMON --chunk-sizes 64 --questions 96 --policies default legacy-keymax \
     legacy-two_stage legacy-mean legacy-bound legacy-oracle"
   R64="$COMMON --chunk-sizes 256 --questions 32 --routing-rank 64 --policies default legacy-keymax"
-  TC=85; TR=40
+  TC=230; TR=45
 fi
 # shellcheck disable=SC2086
 timeout $TC $PY -m moska.bench.fidelity --retrieval-model "$MODEL" $C64 \
