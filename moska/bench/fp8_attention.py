@@ -40,6 +40,7 @@ import torch
 from moska.bench.bandwidth import measure_ceilings
 from moska.bench.common import environment, time_ms, write_json
 from moska.bench.floors import attention_flops, floor_ms
+from moska.kernels import shared_attention_fp8 as sa8
 from moska.kernels.selections import from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.kernels.shared_attention_fp8_ref import e4m3, fp8_mma_ref, interpreter_e4m3
@@ -52,12 +53,17 @@ TOL = {"bf16": 1e-2, "fp8": 1e-2, "fp8_chunk": 1e-2, "fp8_dot": 1e-1}
 # rate on Hopper; qsplit: two FP8 QK^T dots, one PV): the compute floor's FLOPs factor
 MMA_COST = {"fp8_mma": 0.5, "fp8_mma_vt": 0.5, "fp8_dot": 0.75}
 MMA_COST.update({"fp8_mma_qsplit": 0.75, "fp8_mma_qsplit_vt": 0.75})
+MMA_COST.update({"fp8_mma_vt_chunk": 0.5, "fp8_mma_vt_scaled": 0.5})
 # fp8_mma (shared_attention_fp8.py): q per row and the weights in e4m3, no KV tile upcast;
 # _vt: V read token-major (a transposed copy); _qsplit: q as two e4m3 terms (two QK^T dots)
 MMA: dict[str, dict[str, Any]] = {"fp8_mma": {}, "fp8_mma_vt": {"v_t": True}}
 MMA.update(
     fp8_mma_qsplit={"fp8_q_split": True}, fp8_mma_qsplit_vt={"fp8_q_split": True, "v_t": True}
 )
+# session 16: fp8_mma_vt with per-(chunk, KV head) scales (no per-score scale multiplies:
+# what per-token scales cost on the tensor-core path), and fp8_mma_vt with the kernel's
+# former softmax (RAW_MAX off: every score scaled before the max) for an A/B in one run
+MMA.update(fp8_mma_vt_chunk={"v_t": True}, fp8_mma_vt_scaled={"v_t": True, "raw_max": False})
 # vs the dequantized library (the algorithm's own e4m3 error ~0.02 on random data; the CPU
 # dry run's interpreter rounds some e4m3 casts wrongly: 0.15 there, set in main)
 TOL.update({n: 5e-2 for n in MMA})
@@ -75,6 +81,13 @@ MMA_TILES: list[dict[str, Any]] = [
         )
     ),
 ]  # fmt: skip
+# --quick-tiles (session 16's device script, < 150 s with compiles): the tile that won at
+# B = 256 and 1,024 and its neighbours, and 128-row tiles again (B = 1,024 has ~128 rows a
+# group: one tile reads the chunk once; they took 4-8 ms with per-token scales)
+QUICK_MMA_TILES: list[dict[str, Any]] = [
+    {"block_m": m, "block_n": n, "num_warps": w, "num_stages": st}
+    for m, n, w, st in ((64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2))
+]
 # alternatives to the launcher's defaults ({}): the tiles that won a variant on the H200
 # (bench/results/fp8_attention_h200_*_scales.json; 64 x 128 with 4 stages and pointer loads
 # never did, and bf16's does not fit in shared memory)
@@ -124,6 +137,7 @@ def make_pools(s: Shape):
         g: (quantize(k, offs, g), quantize(v, offs, g)) for g in ("token", "chunk")
     }
     q8["v_t"] = q8["token"][1].data.permute(1, 2, 0).contiguous()  # [Hkv, D, S] token-major
+    q8["v_t_chunk"] = q8["chunk"][1].data.permute(1, 2, 0).contiguous()
     return k, v, offs, q8
 
 
@@ -131,13 +145,27 @@ def variant_args(name: str, k, v, q8) -> tuple:
     """bf16; fp8 / fp8_dot: per-token scales (the library's); fp8_chunk: per-chunk scales."""
     if name == "bf16":
         return k, v, {}
-    kq, vq = q8["chunk" if name == "fp8_chunk" else "token"]
+    chunk = name.endswith("_chunk")
+    kq, vq = q8["chunk" if chunk else "token"]
     if name in MMA:
         kw = {"kv_scales": (kq.scale, vq.scale), "fp8_mma": True, **MMA[name]}
-        if kw.pop("v_t", False):
-            kw["v_pool_t"] = q8["v_t"]  # read through TMA: run_batch sets use_tma
+        if kw.pop("v_t", False):  # read through TMA: run_batch sets use_tma
+            kw["v_pool_t"] = q8["v_t_chunk" if chunk else "v_t"]
         return kq.data, vq.data, kw
     return kq.data, vq.data, {"kv_scales": (kq.scale, vq.scale), "fp8_dot": name == "fp8_dot"}
+
+
+_ALGO: dict[str, dict] = {}  # an fp8_mma variant's check against its algorithm, by name
+
+
+def gsa(*args, raw_max: bool = True, **kw):
+    """`grouped_shared_attention` with the FP8 program's RAW_MAX constexpr set for this call
+    (a module flag `fp8_mma_args` reads at launch: compile and graph capture both see it)."""
+    before, sa8.RAW_MAX = sa8.RAW_MAX, raw_max
+    try:
+        return grouped_shared_attention(*args, **kw)
+    finally:
+        sa8.RAW_MAX = before
 
 
 def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int) -> dict:
@@ -156,7 +184,7 @@ def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int) -> dict:
             errs["fp8_values_vs_bf16_values"] = {"o_rel_err": rel(ro, ref_bf16[0])}
         try:
             tma: dict[str, Any] = {"use_tma": True} if "v_pool_t" in kw else {}
-            o, lse = grouped_shared_attention(qs, kk, vv, offs, sel, scale, **kw, **tma)
+            o, lse = gsa(qs, kk, vv, offs, sel, scale, **kw, **tma)
         except Exception as e:  # noqa: BLE001 - reported in the JSON, the run goes on
             errs[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
             continue
@@ -166,7 +194,9 @@ def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int) -> dict:
             "ok": rel(o, ro) < TOL[name] and rel(lse, rl) < TOL[name] / 10,
         }
         if name in MMA:
-            errs[name].update(vs_algorithm(s, qs[:1], chunks_of[:1], kk, vv, offs, kw))
+            if name not in _ALGO:  # B-independent (one request, unsplit): the first batch's
+                _ALGO[name] = vs_algorithm(s, qs[:1], chunks_of[:1], kk, vv, offs, kw)
+            errs[name].update(_ALGO[name])
             errs[name]["ok"] &= mma_ok(errs[name])
     return errs
 
@@ -178,7 +208,7 @@ def vs_algorithm(s: Shape, q, chunks_of, kk, vv, offs, kw) -> dict:
     scale = s.d**-0.5
     unsplit: dict[str, Any] = {"block_n": 64, "target_programs": 1, "min_split": 1 << 30}
     tma: dict[str, Any] = {"use_tma": True} if "v_pool_t" in kw else {}
-    o, lse = grouped_shared_attention(q, kk, vv, offs, sel, scale, **kw, **tma, **unsplit)
+    o, lse = gsa(q, kk, vv, offs, sel, scale, **kw, **tma, **unsplit)
     cast = e4m3 if s.device == "cuda" else interpreter_e4m3
     q_split = kw.get("fp8_q_split", False)
     ao, al = fp8_mma_ref(q, kk, vv, offs, sel, scale, kw["kv_scales"], 64, q_split, cast)
@@ -218,7 +248,9 @@ def timed(fn, device: str) -> float:
     return time_ms(fn, iters=1, warmup=0)
 
 
-def run_batch(s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int, ceil) -> dict:
+def run_batch(
+    s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int, ceil, mma_tiles=None
+) -> dict:
     k, v, offs, q8 = pools
     q = torch.randn(b, s.hq, s.d, device=s.device).to(s.dtype)  # [B, Hq, D]
     chunks_of = routing(b, s, kind, gen)
@@ -229,11 +261,14 @@ def run_batch(s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int
     for name in names:
         kk, vv, kw = variant_args(name, k, v, q8)
         best = None
-        for tile in MMA_TILES if name in MMA and len(tiles) > 1 else tiles:
+        todo = tiles
+        if name in MMA and (mma_tiles is not None or len(tiles) > 1):
+            todo = MMA_TILES if mma_tiles is None else mma_tiles
+        for tile in todo:
             tkw = {**tile, **({"use_tma": True} if "v_pool_t" in kw else {})}
 
             def step(kk=kk, vv=vv, kw=kw, tkw=tkw):
-                return grouped_shared_attention(q, kk, vv, offs, sel, scale, **kw, **tkw)
+                return gsa(q, kk, vv, offs, sel, scale, **kw, **tkw)
 
             try:
                 ms = timed(step, s.device)
@@ -255,7 +290,7 @@ def run_batch(s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int
     for n in names:
         if n in times:  # every touched chunk's K and V read once per KV head group
             nbytes = touched * s.chunk * s.hkv * s.d * 2 * kv_bytes[n] + q_out
-            if n not in ("bf16", "fp8_chunk"):  # fp32 K and V scales per (token, KV head)
+            if n != "bf16" and not n.endswith("_chunk"):  # fp32 K, V scales per (token, head)
                 nbytes += touched * s.chunk * s.hkv * 8
             times[n]["read_GB_per_s"] = nbytes / 1e9 / (times[n]["ms"] / 1e3)
             # the floor: these bytes at the measured read bandwidth, or the two products at
@@ -275,6 +310,23 @@ def run_batch(s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int
     return row
 
 
+def by_batch(rows: list[dict], names: list[str]) -> list[dict]:
+    """Per (routing, B): ms of every variant and the faster FP8 program with per-token scales
+    (what libraries store): upcast or tensor cores (the measured table `library/fp8_mma.py`
+    chooses from)."""
+    out = []
+    for r in rows:
+        ms = {n: round(r[n]["ms"], 4) for n in names if n in r}
+        e = {"routing": r["routing"], "batch": r["batch"], "ms": ms}
+        tiles = {n: r[n]["tile"] for n in names if n in MMA and n in r}
+        token = {n: t for n, t in ms.items() if n == "fp8" or n in ("fp8_mma_vt", "fp8_mma")}
+        if token and "bf16" in ms:
+            best = min(token, key=lambda n: token[n])
+            e.update(per_token_best=best, per_token_best_vs_bf16=round(ms["bf16"] / ms[best], 3))
+        out.append({**e, "mma_tiles": tiles})
+    return out
+
+
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
@@ -292,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--variants", nargs="+", default=None, help="run only these (bf16 is always run)"
     )
+    ap.add_argument(
+        "--quick-tiles",
+        action="store_true",
+        help="launcher defaults for bf16/upcast, 4 tiles for the FP8 tensor-core variants",
+    )
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes in the interpreter")
     ap.add_argument("--out", default="bench/results/fp8_attention.json")
     args = ap.parse_args(argv)
@@ -304,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("needs a CUDA GPU (or --cpu-dry-run)")
         s, batches, tiles = gpu_shape(args.chunks, args.top_k), args.batch, TILES
+        if args.quick_tiles:
+            tiles = [{}]
+    mma_tiles = QUICK_MMA_TILES if args.quick_tiles else None
     names = ["bf16", "fp8", "fp8_chunk"] + ([] if args.no_fp8_dot else ["fp8_dot"]) + [*MMA]
     if args.variants:
         names = ["bf16"] + [n for n in names[1:] if n in args.variants]
@@ -312,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     pools = make_pools(s)
     ceil = measure_ceilings(s.device, gib=4.0 if s.device == "cuda" else 0.01)
     rows = [
-        run_batch(s, b, kind, names, tiles, gen, pools, args.sample, ceil)
+        run_batch(s, b, kind, names, tiles, gen, pools, args.sample, ceil, mma_tiles)
         for kind in args.routing
         for b in batches
     ]
@@ -327,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in names[1:]
         },
     }
+    summary["by_batch"] = by_batch(rows, names)
     shape = {k_: (str(v_) if k_ == "dtype" else v_) for k_, v_ in asdict(s).items()}
     payload = {
         "what": "grouped shared attention, e4m3 library KV vs bf16, one routed decode step",

@@ -29,6 +29,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .merge import merge_finish
 
 P_RANGE = tl.constexpr(256.0)  # the largest weight maps here before the e4m3 cut (max 448)
+P_LOG2 = tl.constexpr(8.0)  # log2(P_RANGE)
+# RAW_MAX (constexpr of every launch, from `fp8_mma_args`): the running max is taken on the
+# unscaled scores and the row's scale applied inside exp2's argument (one FMA), and with
+# per-chunk scales the weights come out of exp2 already P_RANGE up: two fp32 multiplies per
+# score fewer than scaling every score first (at B = 1,024, ~1e9 scores a layer, the
+# program is bound by this per-score work, not by its bytes). Same values up to fp32
+# rounding; False keeps the former code for A/B timing (bench/fp8_attention.py).
+RAW_MAX = True
 
 
 def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> dict:
@@ -42,7 +50,7 @@ def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> d
     if fp8_dot:
         raise ValueError("fp8_mma and fp8_dot are two programs: pass one")
     if v_pool_t is None:
-        return {"Q_SPLIT": q_split}
+        return {"Q_SPLIT": q_split, "RAW_MAX": RAW_MAX}
     s, hkv, d = k_pool.shape
     s_t = -(-s // 16) * 16  # TMA strides are 16-byte multiples: S_total padded up to 16
     if (
@@ -58,7 +66,7 @@ def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> d
         )
     if v_pool_t.shape[2] % 16:
         raise ValueError(f"v_pool_t is read through TMA: pad S_total ({s}) to a multiple of 16")
-    return {"V_T": True, "Q_SPLIT": q_split}
+    return {"V_T": True, "Q_SPLIT": q_split, "RAW_MAX": RAW_MAX}
 
 
 def v_t_descriptor(v_pool_t, block_n: int) -> TensorDescriptor:
@@ -72,7 +80,7 @@ def _fp8_inner(
     acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, col, lo, hi,
     stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, V_T: tl.constexpr,
-    PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr,
+    PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr, RAW_MAX: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; q_sc [BLOCK_M]: each row's
     # q scale times the logit scale (log2 domain). Unmasked calls need (hi - lo) % BLOCK_N
@@ -99,13 +107,23 @@ def _fp8_inner(
             v_ptrs += BLOCK_N * stride_vn
         if PER_TOKEN:  # the token's K scale on its score column, after the dot
             ks = tl.load(k_scale_ptr + sc_ptrs, mask=n_ok, other=1.0)
-            s = s * q_sc[:, None] * ks[None, :]
-        else:
+            if RAW_MAX:
+                s = s * ks[None, :]
+            else:
+                s = s * q_sc[:, None] * ks[None, :]
+        elif not RAW_MAX:
             s = s * q_sc[:, None]
         if MASKED:
             s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        if RAW_MAX:  # q_sc > 0: the row max of s * q_sc is q_sc * (row max of s); one FMA
+            m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
+            if PER_TOKEN:
+                p = tl.math.exp2(s * q_sc[:, None] - m_new[:, None])
+            else:  # p_RANGE weights straight from exp2: P_RANGE = 2^P_LOG2
+                p = tl.math.exp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if PER_TOKEN:  # the token's V scale on its weight, before the e4m3 cut
@@ -114,6 +132,8 @@ def _fp8_inner(
             pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
             acc = acc * alpha[:, None] + tl.dot(pw, v) * (v_max / P_RANGE)
             sc_ptrs += BLOCK_N * stride_sc
+        elif RAW_MAX:  # p and l_i are both in units of 1 / P_RANGE: o = acc / l_i as is
+            acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
         else:  # 1 / P_RANGE goes with the chunk's V scale onto the output
             acc = tl.dot((p * P_RANGE).to(tl.float8e4nv), v, acc * alpha[:, None])
         m_i = m_new
@@ -142,7 +162,7 @@ def _grouped_fp8_mma_kernel(
     k_scale_ptr=None, v_scale_ptr=None, stride_sc=0,
     KV_FP8: tl.constexpr = True, FP8_DOT: tl.constexpr = False, CDTYPE: tl.constexpr = None,
     PER_TOKEN: tl.constexpr = False, chunk_scale_ptr=None, CHUNK_SCALE: tl.constexpr = False,
-    V_T: tl.constexpr = False, Q_SPLIT: tl.constexpr = False,
+    V_T: tl.constexpr = False, Q_SPLIT: tl.constexpr = False, RAW_MAX: tl.constexpr = False,
 ):
     # fmt: on
     # The arguments of `_grouped_shared_attention_kernel` (WARP_SPEC, PRECISION, KV_FP8,
@@ -157,7 +177,7 @@ def _grouped_fp8_mma_kernel(
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
-                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT,
+                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX,
             )
             # fmt: on
     else:
@@ -169,7 +189,7 @@ def _grouped_fp8_mma_kernel(
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
-                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT,
+                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX,
             )
             # fmt: on
 
@@ -183,6 +203,7 @@ def _fp8_item(
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, V_T: tl.constexpr, k_scale_ptr, v_scale_ptr, stride_sc,
     PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
+    RAW_MAX: tl.constexpr,
 ):
     # fmt: on
     # work item w: one row tile of one (chunk, KV head) group over one split of the chunk
@@ -239,7 +260,7 @@ def _fp8_item(
     acc, m_i, l_i = _fp8_inner(
         acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv * D, lo, full_hi,
         stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
-        BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT,
+        BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX,
     )
     if full_hi < hi:
         skip = (full_hi - lo).to(tl.int64)
@@ -247,13 +268,17 @@ def _fp8_item(
             acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs + skip * stride_kn, v_ptrs + skip * stride_vn,
             k_desc, v_desc, kv * D, full_hi, hi, stride_kn, stride_vn,
             sc_ptrs + skip * stride_sc, k_scale_ptr, v_scale_ptr, stride_sc,
-            BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT,
+            BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX,
         )
     # fmt: on
 
-    o, lse = merge_finish(m_i, l_i, acc)
-    if not PER_TOKEN:  # the chunk's V scale and the weights' range: o is linear in V
-        o = o * (tl.load(v_scale_ptr + chunk * stride_sc + kv) / P_RANGE)
+    if RAW_MAX and not PER_TOKEN:  # l_i in units of 1 / P_RANGE: lse back by log2(P_RANGE)
+        o, lse = merge_finish(m_i - P_LOG2, l_i, acc)
+        o = o * tl.load(v_scale_ptr + chunk * stride_sc + kv)  # the chunk's V scale
+    else:
+        o, lse = merge_finish(m_i, l_i, acc)
+        if not PER_TOKEN:  # the chunk's V scale and the weights' range: o is linear in V
+            o = o * (tl.load(v_scale_ptr + chunk * stride_sc + kv) / P_RANGE)
     if n_split == 1:
         out_rows = (start * G + rows).to(tl.int64)
         tl.store(
