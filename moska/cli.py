@@ -57,7 +57,7 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "`torchrun --nproc-per-node N -m moska`",
     "shared_kv_ranks": "hold every library's chunks on M processes without model weights "
     "(MoSKA shared-KV ranks; the engine routes and sends them query rows); 0: off. With "
-    "--tensor-parallel-size 1 only (one unique rank) for now",
+    "--tensor-parallel-size N the N TP ranks do, each for its heads (N + M processes)",
     "shared_kv_replica_slots": "copies of a library's most read chunks each shared-KV rank "
     "may hold, re-planned every 16 forwards (EPLB-like, exact); 0: none",
     "decode_context_parallel_size": "shard each request's KV blocks over P ranks, one "

@@ -33,7 +33,8 @@ class EngineConfig:
         docs/distributed.md). Rank 0 is the calling process and starts the others.
     shared_kv_ranks: M > 0 puts every library's chunks on M processes of their own that
         hold no model weights (MoSKA disaggregation, docs/distributed.md); the engine
-        routes and sends each selected chunk's query rows there, eagerly. 0: off.
+        routes and sends each selected chunk's query rows there, eagerly; with
+        tensor_parallel_size N > 1 the N TP ranks do, each for its heads. 0: off.
         `shared_kv_replica_slots` > 0: every 16 forwards of a library, its most read chunks
         get up to that many extra copies per shared rank (EPLB-like; exact).
     decode_context_parallel_size: P > 1 shards every request's KV blocks over P ranks (one
@@ -161,10 +162,10 @@ class EngineConfig:
                 f"shared_kv_replica_slots must be >= 0 (0: no replicas), got "
                 f"{self.shared_kv_replica_slots}"
             )
-        if self.shared_kv_ranks and self.tensor_parallel_size > 1:
+        if self.shared_kv_ranks and (self.helix or self.decode_context_parallel_size > 1):
             raise ValueError(
-                "shared_kv_ranks runs with tensor_parallel_size=1 only (one unique rank) for "
-                "now; drop one of the two"
+                "shared_kv_ranks runs with tensor_parallel_size (TP ranks beside the shared "
+                "ranks), not with helix or decode_context_parallel_size; drop one of them"
             )
         if self.decode_context_parallel_size < 1:
             raise ValueError(

@@ -100,6 +100,11 @@ class Rendezvous:
     port: int
     backend: str
     use_agent_store: bool = False  # torchrun's agent hosts the store
+    # tensor parallelism beside shared-KV ranks: ranks 0..model_ranks-1 form the model's
+    # group (model_backend) inside the world, whose default group carries the shared-KV
+    # exchange; 0: every rank is in the model group (the default group)
+    model_ranks: int = 0
+    model_backend: str = ""
     # rank 0's MOSKA_* settings, which a rank it starts takes (join_spawned): a rank forked
     # from a forkserver would otherwise have the server's environment, not rank 0's
     env: dict[str, str] = field(default_factory=dict)
@@ -111,10 +116,10 @@ class ProcessGroups:
 
     rank: int
     world_size: int
-    comm: Collectives
+    comm: Collectives  # the model's collectives (a subgroup when rdv.model_ranks)
     control: Any  # a gloo ProcessGroup
     store: dist.Store
-    backend: str
+    backend: str  # "nccl" when any of its groups is
 
     @classmethod
     def join(cls, rdv: Rendezvous, rank: int, *, host_store: bool = False) -> ProcessGroups:
@@ -132,7 +137,7 @@ class ProcessGroups:
 
     @classmethod
     def _init(cls, rdv: Rendezvous, rank: int, store, timeout: timedelta) -> ProcessGroups:
-        if rdv.backend == "nccl":
+        if "nccl" in (rdv.backend, rdv.model_backend):
             torch.cuda.set_device(rank_device("cuda", rank))
         dist.init_process_group(
             rdv.backend,
@@ -147,7 +152,13 @@ class ProcessGroups:
         # every rank is up and answering (gloo names a rank that is not)
         dist.monitored_barrier(control, timeout=timeout, wait_all_ranks=True)
         comm = Collectives(None, rank, rdv.world_size, rdv.backend)
-        return cls(rank, rdv.world_size, comm, control, store, rdv.backend)
+        backend = rdv.backend
+        n = rdv.model_ranks
+        if 0 < n < rdv.world_size:  # every rank creates the subgroup, members use it
+            model = dist.new_group(list(range(n)), backend=rdv.model_backend, timeout=timeout)
+            comm = Collectives(model if rank < n else None, rank, n, rdv.model_backend)
+            backend = "nccl" if "nccl" in (backend, rdv.model_backend) else backend
+        return cls(rank, rdv.world_size, comm, control, store, backend)
 
     def close(self, clean: bool = False, deadline_s: float | None = None) -> str:
         """Leave the groups in bounded time (distributed/teardown.py): `clean` when every
@@ -172,6 +183,7 @@ class DistributedRuntime:
         self.monitor = monitor
         self._parent_end = parent_end  # open while the workers run: see rank_processes
         self.channel: Any = None  # the StepChannel, set once the model is loaded
+        self.shared_kv: Any = None  # rank 0's SharedKVAttention beside TP (tp_shared_kv.py)
         self._closed = False
         self.teardown: str | None = None  # how rank 0 left the group (teardown.leave)
         atexit.register(self.shutdown)
@@ -187,20 +199,27 @@ class DistributedRuntime:
 
     @classmethod
     def start(
-        cls, world_size: int, device: str, worker_args: tuple, target: Any = None
+        cls,
+        world_size: int,
+        device: str,
+        worker_args: tuple,
+        target: Any = None,
+        model_ranks: int = 0,
     ) -> DistributedRuntime:
         """Rank 0: start ranks 1..world_size-1 running target(rdv, rank, ParentLink,
         *worker_args) (worker.run_worker by default; shared-KV ranks run their own) — or,
-        under torchrun, join the ranks it started — and form the groups."""
+        under torchrun, join the ranks it started — and form the groups. `model_ranks` >
+        0: ranks 0..model_ranks-1 form the model's group (Rendezvous.model_ranks)."""
         from moska.distributed.worker import run_worker
 
         target = run_worker if target is None else target
         backend = pick_backend(rank_device(device, 0), world_size)
+        model_backend = pick_backend(rank_device(device, 0), model_ranks) if model_ranks else ""
         launched = torchrun_rank()
         procs: dict[int, Any] = {}  # rank -> a spawned multiprocessing Process
         parent_end = None  # the write end of the ranks' ParentLink
         if launched is not None:
-            rdv = _torchrun_rendezvous(world_size, backend)
+            rdv = _torchrun_rendezvous(world_size, backend, model_ranks, model_backend)
             groups = ProcessGroups.join(rdv, 0, host_store=not rdv.use_agent_store)
         else:
             store = dist.TCPStore(
@@ -208,7 +227,10 @@ class DistributedRuntime:
                 timeout=timedelta(seconds=max(120.0, collective_timeout_s())),
             )  # fmt: skip
             moska = {k: v for k, v in os.environ.items() if k.startswith("MOSKA_")}
-            rdv = Rendezvous(world_size, "127.0.0.1", store.port, backend, env=moska)
+            rdv = Rendezvous(
+                world_size, "127.0.0.1", store.port, backend, env=moska,
+                model_ranks=model_ranks, model_backend=model_backend,
+            )  # fmt: skip
             ctx = process_context()
             parent_end, link = open_parent_link(ctx)
             try:
@@ -343,14 +365,17 @@ def _stop_procs(procs: dict[int, mp.Process], timeout_s: float) -> None:
         p.join(5.0)
 
 
-def _torchrun_rendezvous(world_size: int, backend: str) -> Rendezvous:
+def _torchrun_rendezvous(
+    world_size: int, backend: str, model_ranks: int = 0, model_backend: str = ""
+) -> Rendezvous:
     env_world = int(os.environ["WORLD_SIZE"])
     if env_world != world_size:
         from moska.distributed.errors import TensorParallelConfigError
 
+        what = "tensor_parallel_size + shared_kv_ranks" if model_ranks else "tensor_parallel_size"
         raise TensorParallelConfigError(
-            f"torchrun started {env_world} processes but tensor_parallel_size is "
-            f"{world_size}; pass --nproc-per-node {world_size}"
+            f"torchrun started {env_world} processes but {what} is {world_size}; pass "
+            f"--nproc-per-node {world_size}"
         )
     return Rendezvous(
         world_size,
@@ -358,4 +383,6 @@ def _torchrun_rendezvous(world_size: int, backend: str) -> Rendezvous:
         int(os.environ["MASTER_PORT"]),
         backend,
         use_agent_store=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+        model_ranks=model_ranks,
+        model_backend=model_backend,
     )

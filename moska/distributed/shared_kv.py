@@ -9,12 +9,15 @@ Per layer, in one process group whose ranks 0..U-1 are unique and U..U+M-1 share
    expert-parallel dispatch exchanges token counts before the tokens;
 3. query all-to-all: each (request, shared rank) pair's query row [Hq, D], once, however
    many of the request's chunks that rank holds; selection all-to-all: (row, KV head,
-   chunk id) int32 per selection;
+   chunk id) int32 per selection. Under tensor parallelism (``SharedKVLayout.q_heads``) a
+   unique rank sends only its query heads' part of the row and names its KV heads by their
+   global index; the shared rank places each sender's heads into one [rows, Hq, D] batch;
 4. each shared rank runs ONE grouped launch over all its chunks for the rows of every
    unique rank, then merges, per row and KV head, the partial states of its own chunks by
    LSE (exact, associative), so it returns one state per row and not one per selection;
-5. return all-to-alls of o [rows, Hq, D] (query dtype) and lse [rows, Hq] fp32; each unique
-   rank merges them into its unique part with ``merge_selections`` (exact).
+5. return all-to-alls of o [rows, Hq, D] (query dtype) and lse [rows, Hq] fp32 (a tensor-
+   parallel sender gets back its heads only); each unique rank merges them into its
+   unique part with ``merge_selections`` (exact).
 
 A shared rank learns the layer from the header, so it runs ``serve_forever`` until a
 unique rank's ``stop``. Every unique rank calls ``attend`` (zero rows allowed) for the same
@@ -42,10 +45,14 @@ _HEADER = 3  # header columns: query rows, selections, layer
 @dataclass(frozen=True)
 class SharedKVLayout:
     """Rank roles inside the process group: ``num_unique`` unique ranks first, then
-    ``num_shared`` shared ranks; the two counts are independent (1 + 3, 2 + 2, ...)."""
+    ``num_shared`` shared ranks; the two counts are independent (1 + 3, 2 + 2, ...).
+    ``q_heads``: per unique rank, the query heads [start, stop) it sends (the unique ranks
+    form a tensor-parallel group, each with its heads: ``ShardPlan.q_heads``); empty: every
+    unique rank sends all heads (independent unique ranks)."""
 
     num_unique: int
     num_shared: int
+    q_heads: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_unique < 1 or self.num_shared < 1:
@@ -53,6 +60,14 @@ class SharedKVLayout:
                 f"need at least one unique and one shared rank, got {self.num_unique} + "
                 f"{self.num_shared}"
             )
+        if self.q_heads and len(self.q_heads) != self.num_unique:
+            raise ValueError(
+                f"q_heads names {len(self.q_heads)} unique ranks, the layout has {self.num_unique}"
+            )
+
+    def heads_of(self, rank: int, num_q_heads: int) -> tuple[int, int]:
+        """The query heads [start, stop) unique rank ``rank`` sends (of ``num_q_heads``)."""
+        return tuple(self.q_heads[rank]) if self.q_heads else (0, num_q_heads)  # type: ignore[return-value]
 
     @property
     def world_size(self) -> int:
@@ -149,7 +164,9 @@ def _exchange_headers(send: torch.Tensor, group) -> torch.Tensor:
 
 
 class SharedKVClient:
-    """The unique-rank side: sends routed query rows out, merges the states coming back."""
+    """The unique-rank side: sends routed query rows out, merges the states coming back.
+    ``spec``: this rank's heads (a tensor-parallel rank's slice); ``kv_offset``: the global
+    index of its first KV head (selections name local KV heads, the shared ranks global)."""
 
     def __init__(
         self,
@@ -158,6 +175,7 @@ class SharedKVClient:
         placement: ChunkPlacement,
         ops: KernelOps,
         group: dist.ProcessGroup | None = None,
+        kv_offset: int = 0,
     ) -> None:
         if placement.num_ranks != layout.num_shared:
             raise ValueError(
@@ -171,6 +189,7 @@ class SharedKVClient:
             ops,
             group,
         )
+        self.kv_offset = kv_offset
         self.last_loads: tuple[list[int], list[int]] = ([], [])
 
     def attend(
@@ -198,7 +217,8 @@ class SharedKVClient:
         first_pair = torch.cumsum(rows_per, 0) - rows_per
         row_local = d.pair_of_sel - first_pair[d.rank]  # row index within its rank's block
         order = torch.argsort(d.rank, stable=True)
-        meta = torch.stack([row_local, sel.kv_head.long(), sel.chunk.long()], 1)[order]
+        kv_head = sel.kv_head.long() + self.kv_offset  # global: the shared ranks hold all
+        meta = torch.stack([row_local, kv_head, sel.chunk.long()], 1)[order]
         header = torch.zeros(lay.world_size, _HEADER, dtype=torch.int64, device=dev)
         header[u:, 0], header[u:, 1], header[u:, 2] = rows_per, sels_per, layer
         _exchange_headers(header, self.group)  # unique ranks receive nothing
@@ -206,16 +226,18 @@ class SharedKVClient:
         q_split, sel_split = [c[0] for c in counts], [c[1] for c in counts]
         self.last_loads = (q_split[u:], sel_split[u:])  # rows, selections per shared rank
         zeros = [0] * lay.world_size
-        _all_to_all(q.index_select(0, pair_req), q_split, zeros, self.group)
+        hq, dd = s.num_q_heads, s.head_dim
+        q_elems = [c * hq * dd for c in q_split]  # rows of this rank's heads, flattened
+        _all_to_all(q.index_select(0, pair_req).reshape(-1), q_elems, zeros, self.group)
         _all_to_all(meta.to(torch.int32), sel_split, zeros, self.group)
-        o_ret = _all_to_all(q.new_empty(0, s.num_q_heads, s.head_dim), zeros, q_split, self.group)
-        lse_ret = _all_to_all(
-            torch.empty(0, s.num_q_heads, dtype=torch.float32, device=dev),
-            zeros,
-            q_split,
-            self.group,
-        )
         p = pair_req.numel()
+        o_ret = _all_to_all(q.new_empty(0), zeros, q_elems, self.group).view(p, hq, dd)
+        lse_ret = _all_to_all(
+            torch.empty(0, dtype=torch.float32, device=dev),
+            zeros,
+            [c * hq for c in q_split],
+            self.group,
+        ).view(p, hq)
         back = Selections(
             req=pair_req.repeat_interleave(hkv).to(torch.int32),
             kv_head=torch.arange(hkv, device=dev).repeat(p).to(torch.int32),
@@ -238,7 +260,7 @@ class SharedKVClient:
 
 class SharedKVServer:
     """The shared-rank side: one grouped launch per layer over its chunks for every
-    unique rank's rows."""
+    unique rank's rows. ``spec``: the whole model's heads."""
 
     def __init__(
         self,
@@ -270,15 +292,32 @@ class SharedKVServer:
         sels_from = [c[1] for c in senders] + [0] * lay.num_shared
         zeros = [0] * w
         hq, dd = s.num_q_heads, s.head_dim
-        q = _all_to_all(
-            torch.empty(0, hq, dd, dtype=s.dtype, device=dev), zeros, rows_from, self.group
+        heads = [lay.heads_of(u, hq) for u in range(lay.num_unique)]
+        width = [b - a for a, b in heads] + [0] * lay.num_shared
+        flat = _all_to_all(
+            torch.empty(0, dtype=s.dtype, device=dev),
+            zeros,
+            [r * h * dd for r, h in zip(rows_from, width)],
+            self.group,
         )
         meta = _all_to_all(
             torch.empty(0, _HEADER, dtype=torch.int32, device=dev), zeros, sels_from, self.group
-        ).long()  # [N, 3]: row within its sender's block, kv_head, global chunk
+        ).long()  # [N, 3]: row within its sender's block, kv_head (global), global chunk
+        q = flat.new_zeros(sum(rows_from), hq, dd)  # each sender's rows, its heads
+        parts = flat.split([r * h * dd for r, h in zip(rows_from, width)])
+        row = 0
+        for (a, b), n, part in zip(heads, rows_from, parts):
+            q[row : row + n, a:b] = part.view(n, b - a, dd)
+            row += n
         o, lse = self._attend(layer, q, meta, rows_from, sels_from)
-        _all_to_all(o.to(s.dtype), rows_from, zeros, self.group)
-        _all_to_all(lse, rows_from, zeros, self.group)
+        o_back, lse_back, row = [], [], 0
+        for (a, b), n in zip(heads, rows_from):  # each sender's rows, its heads only
+            o_back.append(o[row : row + n, a:b].reshape(-1))
+            lse_back.append(lse[row : row + n, a:b].reshape(-1))
+            row += n
+        sizes = [r * h for r, h in zip(rows_from, width)]
+        _all_to_all(torch.cat(o_back).to(s.dtype), [c * dd for c in sizes], zeros, self.group)
+        _all_to_all(torch.cat(lse_back), sizes, zeros, self.group)
         self.loads.append((layer, q.shape[0], meta.shape[0]))
         return layer
 

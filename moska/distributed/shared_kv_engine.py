@@ -109,12 +109,24 @@ class SharedKVChannel(StepChannel):
 
 
 class SharedKVAttention:
-    """Rank 0's side of the library attention (`PagedAttention.shared_kv`)."""
+    """A unique rank's side of the library attention (`PagedAttention.shared_kv`): rank 0's
+    (`channel` set: it tells the shared ranks what each forward asks), or under tensor
+    parallelism another TP rank's (`channel` None; rank 0's FORWARD told them). `spec`: this
+    rank's heads; `kv_offset`: the global index of its first KV head."""
 
     def __init__(
-        self, spec: SharedKVSpec, layout: SharedKVLayout, channel: SharedKVChannel, layers: int
+        self,
+        spec: SharedKVSpec,
+        layout: SharedKVLayout,
+        channel: SharedKVChannel | None,
+        layers: int,
+        kv_offset: int = 0,
     ) -> None:
         self.spec, self.layout, self.channel, self.layers = spec, layout, channel, layers
+        self.kv_offset = kv_offset
+        # one unique rank: SHARED_STEP announces a forward; with tensor parallelism rank 0's
+        # FORWARD does (its library groups), which every rank receives
+        self.announce = channel is not None and layout.num_unique == 1
         self.clients: dict[str, SharedKVClient] = {}  # build id -> client
         self.remaining = 0  # attention calls of the current forward not made yet
         self.calls = 0  # attend calls made (all forwards)
@@ -125,7 +137,9 @@ class SharedKVAttention:
 
     def add(self, library: LoadedLibrary, ops: Any) -> None:
         placement = ChunkPlacement.by_chunk_id(library.num_chunks, self.layout.num_shared)
-        self.clients[library.build_id] = SharedKVClient(self.spec, self.layout, placement, ops)
+        self.clients[library.build_id] = SharedKVClient(
+            self.spec, self.layout, placement, ops, kv_offset=self.kv_offset
+        )
 
     def begin(self, groups: list) -> None:
         """A forward over `groups` starts: tell the shared ranks what it will ask."""
@@ -139,12 +153,14 @@ class SharedKVAttention:
         if any(g.coverage_layers for g in groups):
             raise SharedKVConfigError("routing coverage does not run with shared-KV ranks")
         self.flush()  # a forward left part-way, before any other command
-        if self.replica_slots and self.replan is not None:
+        if self.channel is not None and self.replica_slots and self.replan is not None:
             for build in dict.fromkeys(builds):
                 if self.reads.forward(build) % REPLICA_WINDOW == 0:
                     self.replan(build)
         calls = self.layers * len(groups)
-        self.channel.send_shared_step(builds, calls)
+        if self.announce:
+            assert self.channel is not None
+            self.channel.send_shared_step(builds, calls)
         self.loads.start_forward()
         self.remaining = calls
 
@@ -152,6 +168,11 @@ class SharedKVAttention:
         """End a forward that stopped before its last attention call (a STOP header)."""
         if self.remaining > 0:
             self.remaining = 0
+            if self.layout.num_unique > 1:  # the other TP ranks are inside that forward
+                raise RuntimeError(
+                    "a forward with tensor parallelism and shared-KV ranks stopped between "
+                    "its layers on rank 0: the ranks no longer agree; restart the engine"
+                )
             next(iter(self.clients.values())).stop()
 
     def group_states(self, ops, layer: int, q_rows: torch.Tensor, group, sm_scale: float,

@@ -9,6 +9,11 @@ the chunks this rank now holds are read again), UNLOAD_LIBRARY, SHARED_STEP (the
 groups, in order, and how many attention calls the forward makes) and STOP. During a
 SHARED_STEP it serves `SharedKVServer.serve_layer` once per call, the groups in turn, or
 until rank 0 sends a STOP header (a forward rank 0 abandoned part-way).
+
+Beside tensor parallelism (`tensor_parallel_size=N`, distributed/tp_shared_kv.py) the N
+TP ranks are the unique ranks and every command reaches every rank: a FORWARD naming
+library groups stands for SHARED_STEP (the shared ranks are outside the model's group and
+take only its JSON); the rest of the forward's traffic is not theirs.
 """
 
 from __future__ import annotations
@@ -47,13 +52,16 @@ def run_shared_rank(
 
 def serve_shared(groups: ProcessGroups, model_path, dtype: torch.dtype, device, config) -> None:
     """Run rank 0's commands until STOP."""
+    from moska.distributed.tp_shared_kv import engine_layout
     from moska.kernel_ops import kernel_ops
     from moska.model.config import ModelConfig
 
     mcfg = ModelConfig.from_file(Path(model_path) / "config.json")
     ops = kernel_ops(config.attention, device)
-    layout = SharedKVLayout(1, groups.world_size - 1)
-    channel = StepChannel(groups.comm, groups.control, device, mcfg.hidden_size, dtype)
+    n = config.tensor_parallel_size  # the unique ranks
+    layout = engine_layout(mcfg, n, groups.world_size - n)
+    comm = groups.comm if n == 1 else None  # not in the TP ranks' model group
+    channel = StepChannel(comm, groups.control, device, mcfg.hidden_size, dtype)
     servers: dict[str, SharedKVServer] = {}  # build id -> this rank's server of its chunks
     while True:
         msg = channel.recv()
@@ -95,6 +103,9 @@ def serve_shared(groups: ProcessGroups, model_path, dtype: torch.dtype, device, 
             channel.answer_load(error)
         elif msg.command is Command.SHARED_STEP:
             serve_step([servers[b] for b in info["builds"]], info["calls"])
+        elif msg.command is Command.FORWARD and msg.groups:  # tensor parallelism: announced
+            builds = [g["build"] for g, _ in msg.groups]
+            serve_step([servers[b] for b in builds], mcfg.num_layers * len(builds))
 
 
 @torch.inference_mode()

@@ -50,7 +50,7 @@ class StepChannel:
 
     def __init__(
         self,
-        comm: Collectives,
+        comm: Collectives | None,  # None: a rank outside the model's group (shared-KV)
         control_group,
         device: torch.device,
         hidden_size: int,
@@ -87,6 +87,13 @@ class StepChannel:
             why = f"a rank stopped answering on the control group during {what} ({e})"
             self.failure = RankFailedError(None, why)
             raise self.failure from e
+
+    @property
+    def _comm(self) -> Collectives:
+        """The model group's collectives (rank 0 and the tensor-parallel ranks)."""
+        if self.comm is None:
+            raise RuntimeError("this rank is not in the model's group")
+        return self.comm
 
     @property
     def lock(self) -> threading.RLock:
@@ -220,7 +227,7 @@ class StepChannel:
                 *[g.rows.long() for g in meta.groups],
             ]
         )  # [3T + 2B + 1 + B * max_blocks + library rows] int64
-        on_host = self.comm.stage_through_host  # gloo: in the control message
+        on_host = self._comm.stage_through_host  # gloo: in the control message
         with self._lock:
             self.steps += 1
             text = json.dumps(groups).encode() if groups else b""
@@ -230,7 +237,7 @@ class StepChannel:
             if text:
                 self._send_bytes(text)
             if not on_host:  # NCCL: device to device
-                self.comm.broadcast(payload)
+                self._comm.broadcast(payload)
             self.logits_due = int(logits_follow)
 
     def send_graph_step(
@@ -294,7 +301,7 @@ class StepChannel:
                 self._header(Command.LOGITS_LAST)
                 return
             self._header(Command.LOGITS_ROWS, hidden.shape[0])
-            self.comm.broadcast(hidden.contiguous())
+            self._comm.broadcast(hidden.contiguous())
 
     def send_stop(self) -> None:
         with self._lock:
@@ -331,6 +338,8 @@ class StepChannel:
             text_len, t, b, max_blocks, decode_only, step, follow = fields[:7]
             self.steps = step
             groups = self._recv_json(text_len) if text_len else []
+            if self.comm is None:  # a shared-KV rank beside tensor parallelism: the groups
+                return Received(command, groups=[(g, None) for g in groups])
             sizes = [g["n"] for g in groups]
             n = 3 * t + 2 * b + 1 + b * max_blocks + sum(sizes)
             if host is not None:  # gloo: it came in the control message
@@ -358,7 +367,7 @@ class StepChannel:
             Command.PLACE_LIBRARY,
         ):
             return Received(command, info=self._recv_json(fields[0]))
-        if command is Command.LOGITS_ROWS:
+        if command is Command.LOGITS_ROWS and self.comm is not None:
             hidden = torch.empty(fields[0], self.hidden_size, dtype=self.dtype, device=self.device)
             return Received(command, hidden=self.comm.broadcast(hidden))
         return Received(command)

@@ -280,4 +280,10 @@ def make_library_manager(config: Any, loaded: Any, runtime: Any) -> TensorParall
 
     root = config.library_root or default_library_root()
     device = next(loaded.model.parameters()).device
+    if runtime.shared_kv is not None:  # libraries' chunks on shared-KV ranks
+        from moska.distributed.tp_shared_kv import TensorParallelSharedKVLibraries
+
+        return TensorParallelSharedKVLibraries(
+            root, loaded, device, runtime.channel, runtime.shared_kv
+        )
     return TensorParallelLibraries(root, loaded, device, runtime.channel)

@@ -67,7 +67,12 @@ def run_worker_from_env(model_path, dtype, device: str, config) -> None:
     _serve(groups, model_path, dtype, rank_device(device, rank), config, None)
 
 
-def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, config, parent):
+def _serve(
+    groups: ProcessGroups, model_path, dtype, device: torch.device, config, parent, setup=None
+):
+    """Load this rank's slice and serve rank 0's steps; `setup(model, runner, channel)`,
+    when given, returns the rank's libraries (shared-KV ranks beside tensor parallelism:
+    distributed/tp_shared_kv.py)."""
     from moska.engine.runner import ModelRunner
     from moska.model import load_model
 
@@ -82,7 +87,8 @@ def _serve(groups: ProcessGroups, model_path, dtype, device: torch.device, confi
         channel = StepChannel(
             groups.comm, groups.control, device, model.config.hidden_size, model.dtype
         )
-        serve_steps(model, runner.attention, channel, device, graphs=runner.graphs)
+        libraries = None if setup is None else setup(model, runner, channel)
+        serve_steps(model, runner.attention, channel, device, libraries, graphs=runner.graphs)
 
 
 @contextlib.contextmanager
@@ -160,6 +166,9 @@ def serve_steps(
             channel.answer_load(libraries.load(info["root"], info["name"], info["build"]))
         elif msg.command is Command.UNLOAD_LIBRARY:
             libraries.unload((msg.info or {})["build"])
+        elif msg.command is Command.PLACE_LIBRARY:  # shared-KV ranks' new chunk placement
+            place = getattr(libraries, "place", None)
+            channel.answer_load("no shared-KV ranks" if place is None else place(msg.info))
         elif msg.command is Command.LOGITS_LAST:
             assert last is not None, "LOGITS_LAST before any forward"
             model.compute_logits(last)

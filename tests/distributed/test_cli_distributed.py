@@ -1,6 +1,6 @@
 """The command line of #18's launches: `python -m moska` (what `torchrun -m moska` runs),
-the flags' help, and a combination not served yet refused in one line before any process
-starts or model loads."""
+the flags' help, tensor parallelism with shared-KV ranks accepted, and a combination not
+served refused in one line before any process starts or model loads."""
 
 from __future__ import annotations
 
@@ -20,18 +20,29 @@ def test_python_dash_m_moska_runs_the_cli(monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("moska ")
 
 
-def test_serve_help_names_torchrun_and_the_shared_kv_limit(capsys):
+def test_serve_help_names_torchrun_and_tp_with_shared_kv_ranks(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "torchrun --nproc-per-node N -m moska" in text
-    assert "--tensor-parallel-size 1 only" in text
+    assert "With --tensor-parallel-size N the N TP ranks do" in text
 
 
-def test_tensor_parallel_with_shared_kv_ranks_is_refused_at_once(monkeypatch, capsys):
+def test_tensor_parallel_with_shared_kv_ranks_is_accepted():
+    """The flags reach the engine's config as given (the 3-process engine itself:
+    test_tp_shared_kv_engine.py)."""
+    from moska.cli import _engine_kwargs
+    from moska.config import EngineConfig
+
+    argv = ["serve", "--device", "cpu", "--tensor-parallel-size", "2", "--shared-kv-ranks", "1"]
+    config = EngineConfig(**_engine_kwargs(build_parser().parse_args(argv)))
+    assert (config.tensor_parallel_size, config.shared_kv_ranks) == (2, 1)
+
+
+def test_shared_kv_ranks_with_kv_parallelism_is_refused_at_once(monkeypatch, capsys):
     monkeypatch.setattr("moska.cli._log_to_stderr", lambda level: None)  # no global handler
     argv = ["serve", "--port", "0", "--device", "cpu", "--no-demo-library"]
-    code = main([*argv, "--tensor-parallel-size", "2", "--shared-kv-ranks", "1"])
+    code = main([*argv, "--decode-context-parallel-size", "2", "--shared-kv-ranks", "1"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "shared_kv_ranks runs with tensor_parallel_size=1 only" in err, err
+    assert "not with helix or decode_context_parallel_size" in err, err

@@ -28,6 +28,11 @@ CASES = {
     "2+2 all chunks": (2, 5, None, [3, 4], {}),
     "3+1 top-1": (3, 4, 1, [2, 3, 1], {}),
     "1+3 replicated hot chunks": (1, 7, 3, [8], {"replicas": 2}),
+    # the unique ranks form a tensor-parallel group: the same rows, each its query heads
+    "2+2 tensor-parallel heads, top-2": (2, 5, 2, [5, 5], {"tp": ((0, 2), (2, 4))}),
+    "2+2 tensor-parallel heads, all chunks": (2, 5, None, [4, 4], {"tp": ((0, 2), (2, 4))}),
+    # 3 ranks over 2 KV heads: KV head 0's query heads split over ranks 0 and 1
+    "3+1 tensor-parallel, a KV head split": (3, 4, 2, [3, 3, 3], {"tp": ((0, 1), (1, 2), (2, 4))}),
 }
 LAYERS = 2
 
@@ -83,7 +88,7 @@ def _cases(rank: int, world: int):
     )
     from moska.kernel_ops import kernel_ops
     from moska.kernels.router import build_routing_index, route
-    from moska.kernels.selections import from_topk
+    from moska.kernels.selections import Selections, from_topk
 
     dev = torch.device(os.environ.get("MOSKA_TEST_DEVICE", "cpu"))
     ops = kernel_ops("triton" if dev.type == "cuda" else "torch")
@@ -91,7 +96,8 @@ def _cases(rank: int, world: int):
     spec = SharedKVSpec(HQ, HKV, D, torch.float32, scale)
     out = {}
     for i, (name, (u, nc, top_k, rows, opt)) in enumerate(CASES.items()):
-        lay = SharedKVLayout(u, world - u)
+        tp = opt.get("tp", ())
+        lay = SharedKVLayout(u, world - u, tp)
         offs, k, v, q, uniq = _to(_data(nc, rows, seed=i), dev)
         placement = ChunkPlacement.by_chunk_id(nc, lay.num_shared)
         if "replicas" in opt:
@@ -103,11 +109,17 @@ def _cases(rank: int, world: int):
             served = server.serve_forever()
             out[name] = {"served": served, "loads": server.loads, "chunks": shard.chunks}
             continue
-        client = SharedKVClient(spec, lay, placement, ops)
-        errs, b = [], rows[rank]
-        _, ku, vu = uniq[rank]
+        # a tensor-parallel rank: query heads [h0, h1) of rank 0's rows, KV heads [k0, k1)
+        h0, h1 = lay.heads_of(rank, HQ)
+        g = HQ // HKV
+        k0, k1 = h0 // g, -(-h1 // g)
+        mine = SharedKVSpec(h1 - h0, k1 - k0, D, torch.float32, scale)
+        client = SharedKVClient(mine, lay, placement, ops, kv_offset=k0)
+        src = 0 if tp else rank
+        errs, b = [], rows[src]
+        _, ku, vu = uniq[src]
         for layer in range(LAYERS):
-            qr = q[layer][rank]
+            qr = q[layer][src]
             # the unique part: dense over each row's own KV
             o_u = torch.zeros(b, HQ, D, device=dev)
             lse_u = torch.zeros(b, HQ, device=dev)
@@ -120,7 +132,10 @@ def _cases(rank: int, world: int):
                 sel = from_topk(pick.expand(b, 1, top_k), HKV, nc)
             else:
                 sel = route(qr, index, nc if top_k is None else top_k)
-            o, lse = client.attend(layer, qr, o_u, lse_u, sel)
+            keep = (sel.kv_head >= k0) & (sel.kv_head < k1)  # this rank's KV heads, local
+            local = Selections(sel.req[keep], sel.kv_head[keep] - k0, sel.chunk[keep])
+            q_mine = qr[:, h0:h1].contiguous()
+            o, lse = client.attend(layer, q_mine, o_u[:, h0:h1], lse_u[:, h0:h1], local)
             if top_k is None:  # dense over library ++ own KV
                 ref = (
                     torch.stack(
@@ -140,6 +155,7 @@ def _cases(rank: int, world: int):
             else:  # the single-process routed path
                 o_s, l_s = ops.grouped_shared(qr, k[layer], v[layer], offs, sel, scale)
                 ref, _ = ops.merge_selections(o_u, lse_u, o_s, l_s, sel)
+            ref = ref[:, h0:h1]
             err = float((o.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
             errs.append(err if b else 0.0)
             errs.append(bool(torch.isfinite(lse).all()))
