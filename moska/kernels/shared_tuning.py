@@ -129,3 +129,50 @@ def grouped_tuning(
         if e.min_rows <= rows_per_group:
             best = e.tuning
     return best if best is not None else fallback(head_dim)
+
+
+# One chunk read by every KV head of B requests (`shared_one_chunk.py`): which backend runs
+# it, per head dim, from `min_rows` query rows per KV head (B * G) up. Session 15's H200
+# sweep (bench/results/kernels_shapes_variants_h200_session15.json, a 128K-token chunk, bf16,
+# the SDPA baselines timed eagerly): cuDNN beat our tile at 2,048 rows (D 128: 1.61 vs 1.94
+# ms; D 64: 1.13 vs 1.15) and 4,096 (D 128 G 4: 3.41 vs 3.57; D 64: 2.22 vs 2.38); below
+# that ours beat the better of flash and cuDNN (1.02-1.8x). Re-measured with graph-replayed
+# baselines by `python -m moska.bench.kernels_one_chunk`, whose `one_chunk_table` is pasted here.
+ONE_CHUNK_BACKENDS = ("triton", "cudnn", "flash")
+
+
+@dataclass(frozen=True)
+class OneChunkEntry:
+    """`backend` serves head dim `head_dim` from `min_rows` rows per KV head up (the entry
+    with the largest such min_rows wins)."""
+
+    head_dim: int
+    min_rows: int
+    backend: str
+
+
+ONE_CHUNK: tuple[OneChunkEntry, ...] = (
+    OneChunkEntry(128, 0, "triton"),
+    OneChunkEntry(128, 2048, "cudnn"),
+    OneChunkEntry(64, 0, "triton"),
+    OneChunkEntry(64, 2048, "cudnn"),
+)
+
+
+def one_chunk_backend(
+    head_dim: int,
+    rows: int,
+    dtype: object = None,
+    device_type: str = "cuda",
+    table: tuple[OneChunkEntry, ...] = ONE_CHUNK,
+) -> str:
+    """The backend of one chunk read by `rows` query rows per KV head: the table's entry for
+    `head_dim` with the largest min_rows <= rows ("triton" where the D is not in the table).
+    SDPA's fused kernels take fp16/bf16 on CUDA only: anything else runs "triton"."""
+    best, best_rows = "triton", -1
+    for e in table:
+        if e.head_dim == head_dim and best_rows < e.min_rows <= rows:
+            best, best_rows = e.backend, e.min_rows
+    if device_type != "cuda" or str(dtype) not in ("torch.float16", "torch.bfloat16"):
+        return "triton"
+    return best

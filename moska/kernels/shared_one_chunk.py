@@ -1,0 +1,107 @@
+"""One shared chunk read by every KV head of B requests (a shared prefix, a system prompt),
+on the fastest backend for the shape: our grouped kernel or torch's SDPA (cuDNN / flash).
+
+This is the grouped kernel's case with one group per KV head (B * G query rows against one
+chunk): no routing, so the dense attention libraries can run it as one packed attention
+per KV head ([1, Hkv, B * G, D] queries against the chunk's K/V as a strided view of the
+pool, no copy). At many rows the problem is compute-bound and cuDNN's Hopper kernel runs
+closer to the matmul peak than our Triton tile (H200: 0.78-0.80 vs 0.70-0.77 of it at
+D = 128 from ~2K rows per KV head, issue 22); at few rows ours is faster (split-KV fills the
+GPU where one packed SDPA launch cannot). Rather than lose to a library we can call, the
+launcher takes the backend from `shared_tuning.one_chunk_backend` (measured per head dim
+and rows per KV head by `python -m moska.bench.kernels_one_chunk`).
+
+Output layout is the grouped kernel's for the selections `one_chunk_selections` makes
+(sorted by (chunk 0, kv_head, req)): o [Hkv * B, G, D] (row h * B + r is KV head h of
+request r), lse [Hkv * B, G] fp32 (natural log), so either backend's result feeds the
+same LSE merge. SDPA backends need fp16/bf16 on CUDA (the CPU's flash kernel serves the
+tests); fp32 inputs take the Triton path.
+"""
+
+import torch
+
+from .selections import Selections
+from .shared_attention import grouped_shared_attention
+from .shared_tuning import ONE_CHUNK_BACKENDS, one_chunk_backend
+
+__all__ = ["one_chunk_attention", "one_chunk_selections", "sdpa_one_chunk"]
+
+
+def one_chunk_selections(b: int, hkv: int, device: torch.device | str) -> Selections:
+    """Every KV head of requests 0..b-1 reads chunk 0, sorted by (chunk, kv_head, req).
+    Made by device ops only (arange / repeat): capturable in a CUDA graph."""
+    kv = torch.arange(hkv, device=device, dtype=torch.int32).repeat_interleave(b)
+    req = torch.arange(b, device=device, dtype=torch.int32).repeat(hkv)
+    return Selections(req, kv, torch.zeros_like(req))
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(
+            f"q must be [B, Hq, D] and k, v [S, Hkv, D] of one shape; got q {tuple(q.shape)},"
+            f" k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    b, hq, d = q.shape
+    s, hkv, dk = k.shape
+    if dk != d or hq % hkv:
+        raise ValueError(f"head dims {d} / {dk} differ or Hq {hq} is not a multiple of Hkv {hkv}")
+    if s == 0:
+        raise ValueError("the chunk has no keys: pass at least one key row")
+    return b, hkv, hq // hkv, d
+
+
+def sdpa_one_chunk(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-chunk attention through torch's SDPA `backend` ("cudnn" or "flash"), with its
+    log-sum-exp: (o [Hkv * B, G, D] q.dtype, lse [Hkv * B, G] fp32). One packed copy of q
+    (B * Hq * D elements) in, one of o out; K/V are read in place."""
+    b, hkv, g, d = _check(q, k, v)
+    qp = q.view(b, hkv, g, d).transpose(0, 1).reshape(1, hkv, b * g, d)
+    kt, vt = k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2)  # [1, Hkv, S, D]
+    if backend == "cudnn":
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qp, kt, vt, None, True, 0.0, False, False, scale=sm_scale
+        )
+    elif backend == "flash" and q.device.type == "cuda":
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            qp, kt, vt, 0.0, False, False, scale=sm_scale
+        )
+    elif backend == "flash":
+        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qp, kt, vt, 0.0, False, scale=sm_scale
+        )
+    else:
+        raise ValueError(f"unknown SDPA backend {backend!r}; use 'cudnn' or 'flash'")
+    o, lse = res[0], res[1]
+    # lse is [1, Hkv, rows] (or [..., 1]; some builds pad rows): keep the first b * g
+    lse = lse.reshape(hkv, -1)[:, : b * g].float()
+    return o.reshape(hkv * b, g, d), lse.reshape(hkv * b, g)
+
+
+def one_chunk_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    k: torch.Tensor,  # [S, Hkv, D]: the chunk's rows (e.g. a slice of the pool)
+    v: torch.Tensor,  # [S, Hkv, D]
+    sm_scale: float,
+    *,
+    backend: str | None = None,
+    sel: Selections | None = None,
+    **tuning,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query head of B requests over one chunk: (o [Hkv * B, G, D], lse
+    [Hkv * B, G] fp32), laid out as `grouped_shared_attention` lays out
+    `one_chunk_selections(B, Hkv)`. `backend`: "triton", "cudnn" or "flash"; None: the tuning
+    table's choice for (D, B * G rows per KV head, dtype, device). `sel`: those selections,
+    made once by the caller (else made here); `tuning`: tile overrides for the Triton path."""
+    b, hkv, g, d = _check(q, k, v)
+    if backend is None:
+        backend = one_chunk_backend(d, b * g, q.dtype, q.device.type)
+    if backend not in ONE_CHUNK_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {ONE_CHUNK_BACKENDS}")
+    if backend != "triton":
+        return sdpa_one_chunk(q, k, v, sm_scale, backend)
+    s = k.shape[0]
+    offs = torch.arange(0, 2 * s, s, device=q.device, dtype=torch.int32)  # [0, S], no H2D copy
+    sel = one_chunk_selections(b, hkv, q.device) if sel is None else sel
+    return grouped_shared_attention(q, k, v, offs, sel, sm_scale, **tuning)

@@ -1,0 +1,82 @@
+"""One chunk read by every KV head of B requests (`shared_one_chunk.py`): both backends (our
+grouped kernel in the interpreter, torch's SDPA flash kernel with its LSE on the CPU) give
+the plain-PyTorch reference's (o, lse) in the grouped kernel's layout, at every GQA ratio;
+the per-shape backend table picks as documented."""
+
+import pytest
+import torch
+from kernel_util import TOL, rel_err
+
+from moska.kernels.shared_attention import grouped_shared_attention_ref
+from moska.kernels.shared_one_chunk import one_chunk_attention, one_chunk_selections
+from moska.kernels.shared_tuning import OneChunkEntry, one_chunk_backend
+
+HKV, D, S = 2, 16, 45  # 45 keys: a masked last block, and splits of the chunk
+
+
+def _problem(b: int, g: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, HKV * g, D, generator=gen).to(dtype)
+    k = torch.randn(S, HKV, D, generator=gen).to(dtype)
+    v = torch.randn(S, HKV, D, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _reference(q, k, v, b):
+    offs = torch.tensor([0, S], dtype=torch.int32)
+    return grouped_shared_attention_ref(q, k, v, offs, one_chunk_selections(b, HKV, "cpu"), 0.3)
+
+
+@pytest.mark.parametrize(
+    "g,dtype,split",
+    [(1, torch.float32, True), (4, torch.float16, False), (8, torch.float32, False)],
+)
+def test_triton_backend_matches_reference(g, dtype, split):
+    b = 3
+    q, k, v = _problem(b, g, dtype, seed=g)
+    kw = {"block_m": 16, "block_n": 16, "num_stages": 1}
+    kw |= {"target_programs": 12, "min_split": 16} if split else {"target_programs": 1}
+    o, lse = one_chunk_attention(q, k, v, 0.3, backend="triton", **kw)
+    ro, rl = _reference(q, k, v, b)
+    assert o.shape == (HKV * b, g, D) and o.dtype == dtype
+    assert rel_err(o, ro) < TOL[dtype]
+    assert rel_err(lse, rl) < 1e-4
+
+
+@pytest.mark.parametrize("g", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sdpa_backend_matches_reference(g, dtype):
+    # the packing of q into [1, Hkv, B * G, D], the strided K/V views and the unpacking of
+    # o and lse back to the grouped layout (CPU flash kernel; cuDNN / CUDA flash on the device)
+    b = 5
+    q, k, v = _problem(b, g, dtype, seed=10 + g)
+    o, lse = one_chunk_attention(q, k, v, 0.3, backend="flash")
+    ro, rl = _reference(q, k, v, b)
+    assert o.shape == (HKV * b, g, D) and o.dtype == dtype and lse.dtype == torch.float32
+    assert rel_err(o, ro) < TOL[dtype]
+    assert rel_err(lse, rl) < (1e-4 if dtype == torch.float32 else 1e-3)
+
+
+def test_table_picks_backend_by_rows_dtype_and_device():
+    bf16, f32 = torch.bfloat16, torch.float32
+    table = (OneChunkEntry(64, 0, "flash"), OneChunkEntry(64, 100, "cudnn"))
+    assert one_chunk_backend(64, 99, bf16, "cuda", table) == "flash"
+    assert one_chunk_backend(64, 100, bf16, "cuda", table) == "cudnn"
+    assert one_chunk_backend(128, 10_000, bf16, "cuda", table) == "triton"  # D not in table
+    assert one_chunk_backend(64, 100, f32, "cuda", table) == "triton"  # SDPA kernels: 16-bit
+    assert one_chunk_backend(64, 100, bf16, "cpu", table) == "triton"
+    assert one_chunk_backend(128, 1 << 20, bf16, "cuda") == "cudnn"  # the shipped table
+    assert one_chunk_backend(128, 16, bf16, "cuda") == "triton"
+
+
+def test_default_dispatch_on_cpu_runs_triton_and_bad_inputs_say_why():
+    q, k, v = _problem(2, 2, torch.float32, seed=3)
+    o, lse = one_chunk_attention(q, k, v, 0.3)  # CPU: the table's choice is "triton"
+    ro, rl = _reference(q, k, v, 2)
+    assert rel_err(o, ro) < 1e-4 and rel_err(lse, rl) < 1e-4
+    with pytest.raises(ValueError, match="no keys"):
+        one_chunk_attention(q, k[:0], v[:0], 0.3)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        one_chunk_attention(q[:, :3], k, v, 0.3)
+    with pytest.raises(ValueError, match="unknown backend"):
+        one_chunk_attention(q, k, v, 0.3, backend="xformers")
