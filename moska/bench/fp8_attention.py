@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 if "--cpu-dry-run" in sys.argv:  # before Triton is imported: its interpreter on CPU
@@ -38,8 +38,9 @@ if "--cpu-dry-run" in sys.argv:  # before Triton is imported: its interpreter on
 import torch
 
 from moska.bench.bandwidth import measure_ceilings
-from moska.bench.common import environment, time_ms, write_json
+from moska.bench.common import time_ms
 from moska.bench.floors import attention_flops, floor_ms
+from moska.bench.fp8_attention_report import report
 from moska.kernels import shared_attention_fp8 as sa8
 from moska.kernels.selections import from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
@@ -67,10 +68,8 @@ MMA.update(fp8_mma_vt_chunk={"v_t": True}, fp8_mma_vt_scaled={"v_t": True, "raw_
 # vs the dequantized library (the algorithm's own e4m3 error ~0.02 on random data; the CPU
 # dry run's interpreter rounds some e4m3 casts wrongly: 0.15 there, set in main)
 TOL.update({n: 5e-2 for n in MMA})
-# FP8 tensor-core tiles: e4m3 halves shared memory per stage, so deeper pipelines fit. On
-# the H200 (bench/results/fp8_attention_h200_mma.json) only 64 x 128, 4 warps, 3 stages was
-# good for fp8_mma_vt (0.69 / 1.65 ms at B = 256 / 1,024) and 128-row tiles took 4-6 ms
-# (dropped here): 64-row tiles around it (B = 1,024 has 4x the rows per chunk group)
+# FP8 tensor-core tiles (e4m3 halves shared memory per stage): on the H200 only 64 x 128, 4
+# warps, 3 stages was good for fp8_mma_vt (fp8_attention_h200_mma.json; 128 rows 4-6 ms)
 MMA_TILES: list[dict[str, Any]] = [
     {},
     *(
@@ -81,9 +80,8 @@ MMA_TILES: list[dict[str, Any]] = [
         )
     ),
 ]  # fmt: skip
-# --quick-tiles (session 16's device script, < 150 s with compiles): the tile that won at
-# B = 256 and 1,024 and its neighbours, and 128-row tiles again (B = 1,024 has ~128 rows a
-# group: one tile reads the chunk once; they took 4-8 ms with per-token scales)
+# --quick-tiles (a < 150 s device run): the winner and neighbours, and a 128-row tile again
+# (B = 1,024 has ~128 rows a group: one tile reads the chunk once)
 QUICK_MMA_TILES: list[dict[str, Any]] = [
     {"block_m": m, "block_n": n, "num_warps": w, "num_stages": st}
     for m, n, w, st in ((64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2))
@@ -310,23 +308,6 @@ def run_batch(
     return row
 
 
-def by_batch(rows: list[dict], names: list[str]) -> list[dict]:
-    """Per (routing, B): ms of every variant and the faster FP8 program with per-token scales
-    (what libraries store): upcast or tensor cores (the measured table `library/fp8_mma.py`
-    chooses from)."""
-    out = []
-    for r in rows:
-        ms = {n: round(r[n]["ms"], 4) for n in names if n in r}
-        e = {"routing": r["routing"], "batch": r["batch"], "ms": ms}
-        tiles = {n: r[n]["tile"] for n in names if n in MMA and n in r}
-        token = {n: t for n, t in ms.items() if n == "fp8" or n in ("fp8_mma_vt", "fp8_mma")}
-        if token and "bf16" in ms:
-            best = min(token, key=lambda n: token[n])
-            e.update(per_token_best=best, per_token_best_vs_bf16=round(ms["bf16"] / ms[best], 3))
-        out.append({**e, "mma_tiles": tiles})
-    return out
-
-
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
@@ -371,35 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)  # routing, on the host
     pools = make_pools(s)
     ceil = measure_ceilings(s.device, gib=4.0 if s.device == "cuda" else 0.01)
-    rows = [
-        run_batch(s, b, kind, names, tiles, gen, pools, args.sample, ceil, mma_tiles)
-        for kind in args.routing
-        for b in batches
-    ]
-    ok = all(r["correctness"][n]["ok"] for r in rows for n in names)
-    big = [r for r in rows if r["batch"] == max(batches)]
-    summary = {
-        "correct": ok,
-        "target": "fp8 >= 1.6x bf16 tokens/s at B = 1,024",
-        "speedup_vs_bf16_at_largest_batch": {
-            f"{r['routing']}/{n}": round(r.get(f"{n}_speedup_vs_bf16", float("nan")), 3)
-            for r in big
-            for n in names[1:]
-        },
-    }
-    summary["by_batch"] = by_batch(rows, names)
-    shape = {k_: (str(v_) if k_ == "dtype" else v_) for k_, v_ in asdict(s).items()}
-    payload = {
-        "what": "grouped shared attention, e4m3 library KV vs bf16, one routed decode step",
-        "shape": shape,
-        "library_tokens": s.chunk * s.chunks,
-        "ceilings": ceil,
-        **environment(argv),
-        "rows": rows,
-        "summary": summary,
-    }
-    path = write_json(args.out, payload)
-    log(f"wrote {path}: {summary}")
+    rows: list[dict] = []
+    ok = True
+    for kind in args.routing:
+        for b in batches:  # the JSON rewritten after each row: a run cut short keeps its rows
+            rows.append(
+                run_batch(s, b, kind, names, tiles, gen, pools, args.sample, ceil, mma_tiles)
+            )
+            done = len(rows) == len(batches) * len(args.routing)
+            ok = report(args.out, argv, s, ceil, rows, names, done, MMA)
     return 0 if ok else 1
 
 
