@@ -101,8 +101,13 @@ def run_bursts(
     client_process: bool = True,
     seed: int = 0,
     trace: bool = False,
+    engine_share: float | None = None,
+    checkpoint: Any = None,
 ) -> dict:
-    """Run the bursts; returns the report (per-burst figures under "bursts")."""
+    """Run the bursts; returns the report (per-burst figures under "bursts").
+    `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
+    default), an A/B. `checkpoint(report)` is called after each burst (the CLI writes the
+    JSON then: a run cut short by a timeout keeps the bursts it finished)."""
     from moska.bench.load_probe import DryProbeAdmission, ProbeTag
     from moska.bench.load_trace import PortTag, TracingAdmission, breakdown
     from moska.server.admission import EngineLimits
@@ -131,12 +136,16 @@ def run_bursts(
         library_risk=library_risk,
     )
     admission.door_lag, admission.door_storm = door_lag, door_storm  # A/B of the door's drain
+    if engine_share is not None:
+        admission.engine_share = engine_share
+    report_share = admission.engine_share
     app = create_app(engine, settings, admission=admission)
     state = app.state.moska
     tag = PortTag(app) if trace else None  # load_trace: joins server and client records
     rng = random.Random(seed)
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if client_process else None
     report: dict[str, Any] = {"bursts": [], "warmup_waves": list(warmup)}
+    report["engine_share"] = report_share
     try:
         with background_server(ProbeTag(tag or app)) as url:  # probes run dry (load_probe)
             model_name = state.model_name
@@ -183,6 +192,8 @@ def run_bursts(
                 report["bursts"].append(fig)
                 print(f"burst {n}: {json.dumps({k: fig[k] for k in _TABLE})}", flush=True)
                 print(f"burst {n} Retry-After within 2x: {groups(fig)}", flush=True)
+                if checkpoint is not None:
+                    checkpoint(report)
             report["step_model_final"] = [float(c) for c in state.admission.model.coef]
             report["library_load_tokens_per_s"] = state.admission.load_tps
     finally:
@@ -293,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         default="on",
         help="a door 429's drain counts the connections not answered yet (door_backlog)",
     )
+    p.add_argument(
+        "--engine-share",
+        type=float,
+        default=None,
+        help="the door's engine share while the loop decides a burst (burst_admits; A/B)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
@@ -302,6 +319,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = p.parse_args(argv)
     library = None if args.library.lower() == "none" else args.library
+
+    def write(report: dict) -> None:
+        if args.out is None:
+            return
+        from moska.bench.common import environment
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "bench": "load",
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "report": report,
+            "environment": environment(argv),
+        }
+        args.out.write_text(json.dumps(record, indent=2))
+
     report = run_bursts(
         [int(x) for x in args.burst.split(",") if x],
         ttft_slo=args.ttft_slo,
@@ -320,19 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         client_process=not args.in_process_client,
         seed=args.seed,
         trace=args.trace,
+        engine_share=args.engine_share,
+        checkpoint=write,
     )
     print(table(report))
-    if args.out is not None:
-        from moska.bench.common import environment
-
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "bench": "load",
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "report": report,
-            "environment": environment(argv),
-        }
-        args.out.write_text(json.dumps(record, indent=2))
+    write(report)
     check(report)
     print("OK: every admitted request completed; none failed or hung")
     return 0

@@ -158,6 +158,7 @@ async def _probe(
     rejected: asyncio.Event,
     interval_s: float,
     timeout_s: float,
+    until: Callable[[], float | None] | None = None,
 ) -> dict | None:
     """After the burst's first 429, send `body` every `interval_s` (not waiting for the
     answers: under a burst an answer takes seconds, which is the door's latency, not the
@@ -173,15 +174,28 @@ async def _probe(
     with a 429 whose Retry-After is 0 (`dry_admitted`) and does not run it, so an admitted
     library probe's prefill (seconds on CPU) does not delay the other probes' reopenings
     (on session 13's runs a 96-character library probe reopened after a 160- and a
-    244-character one, behind their prefills). Returns the record with `admitted`."""
+    244-character one, behind their prefills). Returns the record with `admitted`.
+
+    `until` (session 16): probing goes on until a probe sent at or after `until()` (the
+    last 429 of its kind, None while the burst is still being answered) is admitted, so
+    that every 429 has a reopening after it (`load_drain.observed_interval`); every
+    answered probe's (send time, admitted) is in the record's `series`. Without it the
+    first admission ends the probing, as before: a 429 answered after it (the door's
+    backlog; up to 437 of 956 in a session-14 run) was scored against a reopening that
+    came before its own rejection."""
     await rejected.wait()
     tasks: list[asyncio.Task] = []
     admitted = asyncio.Event()
     first: list[asyncio.Task] = []  # the probe whose 200 came first: kept to its end
+    series: list[tuple[float, bool]] = []
 
     def status(rec: dict) -> None:
         task = asyncio.current_task()
         ok = rec["status"] == 200 or rec["dry_admitted"]
+        series.append((round(rec["t_start"], 4), bool(ok)))
+        if until is not None and ok:
+            last = until()
+            ok = last is not None and rec["t_start"] >= last
         if ok and not admitted.is_set() and task is not None:
             admitted.set()
             first.append(task)
@@ -202,9 +216,10 @@ async def _probe(
     done = await asyncio.gather(*tasks, return_exceptions=True)
     records = [r for r in done if isinstance(r, dict)]
     ok = [r for r in records if r["status"] == 200 or r["dry_admitted"]]
+    seen = {"probes": len(tasks), "series": sorted(series)}
     if not ok:
-        return {"probes": len(tasks), "status": None, "admitted": False, "error": "never admitted"}
-    return min(ok, key=lambda r: r["t_start"]) | {"probes": len(tasks), "admitted": True}
+        return seen | {"status": None, "admitted": False, "error": "never admitted"}
+    return min(ok, key=lambda r: r["t_start"]) | seen | {"admitted": True}
 
 
 async def burst(
@@ -219,21 +234,45 @@ async def burst(
     parts = urlsplit(url)
     server = (parts.hostname, parts.port)
     rejected = {"plain": asyncio.Event(), "library": asyncio.Event()}
+    last_429 = {"plain": 0.0, "library": 0.0}  # the latest 429 of each kind (t_status)
+    answered = asyncio.Event()  # every request of the burst has its status
     t0 = time.perf_counter()
 
     async def send(body: dict) -> dict:
-        rec = await one(server, url, body, t0, timeout_s)
-        if rec["status"] == 429:
-            rejected["library" if rec["library"] else "plain"].set()
+        rec = await one(server, url, body, t0, timeout_s, on_status=_seen)
         return rec
+
+    def _seen(rec: dict) -> None:
+        if rec["status"] == 429:
+            kind = "library" if rec["library"] else "plain"
+            rejected[kind].set()
+            last_429[kind] = max(last_429[kind], rec["t_status"])
+        statuses.append(1)
+        if len(statuses) == len(bodies):
+            answered.set()
+
+    statuses: list[int] = []
+
+    def until(kind: str) -> Callable[[], float | None]:
+        return lambda: last_429[kind] if answered.is_set() else None
 
     probers = {
         kind: asyncio.create_task(
-            _probe(server, url, body, t0, rejected[kind.split("_")[0]], probe_interval_s, timeout_s)
+            _probe(
+                server,
+                url,
+                body,
+                t0,
+                rejected[kind.split("_")[0]],
+                probe_interval_s,
+                timeout_s,
+                until(kind.split("_")[0]),
+            )
         )
         for kind, body in probes.items()
     }
     records = await asyncio.gather(*(send(b) for b in bodies))
+    answered.set()  # (also those that never got a status)
     results = {}
     for kind, task in probers.items():
         if rejected[kind.split("_")[0]].is_set():

@@ -107,42 +107,54 @@ def drain_by_group(rows: list[dict]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def observed_interval(t_status: float, series: list) -> tuple[float, float] | None:
+    """When a retry of a 429 answered at `t_status` would first have been admitted, from
+    its probe's `series` of (send time, admitted): (lo, hi] seconds after `t_status`, hi
+    the first admitted probe sent at or after `t_status`, lo the last refused one sent
+    before it (0: none; the 429 itself says admission was shut at `t_status`). None: no
+    probe was admitted after it. Why not the probe's first reopening (before session 16):
+    a 429 answered after that reopening (a request that waited in the door's backlog, or
+    a longer one than the probe) was scored against a drain of [0, period], though the
+    server had just refused that very request; what a client can use is when a retry sent
+    after its own 429 is admitted."""
+    admitted = [t for t, ok in series if ok and t >= t_status]
+    if not admitted:
+        return None
+    first = min(admitted)
+    lo = max([t for t, ok in series if not ok and t_status <= t < first], default=t_status)
+    return lo - t_status, first - t_status
+
+
 def compare_429s(
     rejected: list[dict],
     probes: dict[str, dict],
     opened: dict[str, float],
     resolution_s: float = 0.0,
+    first_open: bool = False,
 ) -> list:
     """Per 429 with a Retry-After and a probe of its kind that was admitted: its kind,
     prompt length, whether the door sent it, when it came (s from the burst's start), the
     promise (`retry-after-ms`, s; None without it), the Retry-After (s), the observed drain
     (its probe's reopening minus its arrival, s), that interval given the probes'
-    period `resolution_s` (observed_lo_s, observed_hi_s) and that probe's name."""
+    period `resolution_s` (observed_lo_s, observed_hi_s) and that probe's name. With the
+    probe's `series` (load_client, session 16) the interval is `observed_interval`'s (a
+    429 with no admitted probe after it is left out) unless `first_open` (the definition
+    before: the probe's first reopening, kept for comparison)."""
     rows: list[dict[str, Any]] = []
     for r in rejected:
         name = probe_for(r, probes, opened)
         if name is None or not (r.get("retry_after") or "").isdigit():
             continue
         ms = r.get("retry_after_ms") or ""
-        rows.append(
-            {
-                "kind": "library" if r["library"] else "plain",
-                "prompt_chars": r.get("prompt_chars"),
-                "at_door": r.get("at_door"),
-                "t_status": round(r["t_status"], 3),
-                "promised_s": int(ms) / 1e3 if ms.isdigit() else None,
-                "retry_after_s": int(r["retry_after"]),
-                "observed_s": round(max(opened[name] - r["t_status"], 1e-3), 3),
-                "observed_lo_s": round(max(opened[name] - resolution_s - r["t_status"], 0.0), 3),
-                "observed_hi_s": round(max(opened[name] - r["t_status"], resolution_s, 1e-3), 3),
-                "probe": name,
-                "door_storm": r.get("door_storm"),
-                # its own wait: sent to answered (a retry's wait in the loop, by regime)
-                "wait_s": None
-                if r.get("t_start") is None
-                else round(r["t_status"] - r["t_start"], 3),
-            }
-        )
+        series = None if first_open else probes[name].get("series")
+        if series is not None:
+            seen = observed_interval(r["t_status"], series)
+            if seen is not None:
+                rows.append(_row(r, name, ms, seen[1], *seen))
+            continue
+        point = opened[name] - r["t_status"]
+        lo = max(point - resolution_s, 0.0)
+        rows.append(_row(r, name, ms, point, lo, max(point, resolution_s)))
     return rows
 
 
@@ -166,3 +178,21 @@ def probe_bodies(make: Any, rng: Any, library: str | None) -> dict[str, dict]:
             text = body["prompt"] * (chars // max(len(body["prompt"]), 1) + 1)
             probes[name] = body | {"prompt": text[:chars]}
     return probes
+
+
+def _row(r: dict, name: str, ms: str, point: float, lo: float, hi: float) -> dict[str, Any]:
+    return {
+        "kind": "library" if r["library"] else "plain",
+        "prompt_chars": r.get("prompt_chars"),
+        "at_door": r.get("at_door"),
+        "t_status": round(r["t_status"], 3),
+        "promised_s": int(ms) / 1e3 if ms.isdigit() else None,
+        "retry_after_s": int(r["retry_after"]),
+        "observed_s": round(max(point, 1e-3), 3),
+        "observed_lo_s": round(lo, 3),
+        "observed_hi_s": round(max(hi, 1e-3), 3),
+        "probe": name,
+        "door_storm": r.get("door_storm"),
+        # its own wait: sent to answered (a retry's wait in the loop, by regime)
+        "wait_s": None if r.get("t_start") is None else round(r["t_status"] - r["t_start"], 3),
+    }

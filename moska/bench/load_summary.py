@@ -61,6 +61,8 @@ def summarize(
     # (whole seconds), retry-after-ms; per kind
     # (the drain is seen to the probes' period: load_drain, within_2x_band)
     rows = compare_429s(rejected, out["probes"], t_open, probe_interval_s)
+    # the definition before session 16 (each probe's first reopening), for comparison
+    first_open = compare_429s(rejected, out["probes"], t_open, probe_interval_s, True)
     drains = [c["observed_s"] for c in rows]
     ratios = [c["retry_after_s"] / c["observed_s"] for c in rows]
     ms_kind: dict[str, list[float]] = {"plain": [], "library": []}
@@ -127,6 +129,12 @@ def summarize(
         if rejected and all((r.get("retry_after_ms") or "").isdigit() for r in rejected)
         else None,
         "retry_after_ms_within_2x_share": within_2x_band(rows),
+        "retry_after_ms_within_2x_share_first_open": within_2x_band(first_open),
+        # 429s with a Retry-After but no admitted probe of their kind after them
+        "rejected_429_unresolved": sum(
+            1 for r in rejected if (r.get("retry_after") or "").isdigit()
+        )
+        - len(rows),
         "retry_after_ms_within_2x_share_point": within_2x(ms),
         "retry_after_ms_over_drain_p10_p50_p90": [_pct(ms, q) for q in (0.1, 0.5, 0.9)]
         if ms
