@@ -22,14 +22,14 @@ def start_tensor_parallel(config: EngineConfig, path, dtype, device: str):
     from moska.model import load_model
 
     n = config.tensor_parallel_size
+    if config.shared_kv_ranks:  # the TP ranks beside shared-KV ranks (torchrun too)
+        from moska.distributed.tp_shared_kv import start_tp_shared_kv
+
+        return start_tp_shared_kv(config, path, dtype, device)
     rank = torchrun_rank()
     if rank is not None and rank != 0:
         run_worker_from_env(path, dtype, device, config)
         return None
-    if config.shared_kv_ranks:  # the TP ranks beside shared-KV ranks
-        from moska.distributed.tp_shared_kv import start_tp_shared_kv
-
-        return start_tp_shared_kv(config, path, dtype, device)
     if config.tier_config is not None:  # a library in tiers is loaded whole
         raise TensorParallelConfigError(
             "library tiers (library_gpu_budget) do not run with tensor parallelism yet; "

@@ -18,7 +18,8 @@ A library reaches the shared ranks as tensor parallelism's do (tp_library.py): o
 request's acquire rank 0 sends LOAD_LIBRARY and every shared rank reads its chunks of that
 build from the store; rank 0 keeps the routing index but drops its copy of the KV. Refused
 with a clear error: libraries held only in memory, FP8 libraries, tiers (config), several
-libraries in one request and routing coverage reports (engine), torchrun launches.
+libraries in one request and routing coverage reports (engine). Under torchrun every
+process runs the same line: rank 0 this engine, the others `serve_torchrun_rank`.
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ def start_shared_kv(config: EngineConfig, path, dtype, device: str):
     from moska.library.manager import default_library_root
     from moska.model import load_model
 
-    if torchrun_rank() is not None:
-        raise SharedKVConfigError(
-            "shared_kv_ranks under torchrun is not supported yet: run `moska serve` directly, "
-            "it starts the shared ranks itself"
-        )
+    rank = torchrun_rank()
+    if rank is not None and rank != 0:  # torchrun started this shared rank: serve rank 0
+        from moska.distributed.tp_shared_kv import serve_torchrun_rank
+
+        serve_torchrun_rank(config, path, dtype, device)
+        raise SystemExit(0)
     if config.tier_config is not None:
         raise SharedKVConfigError(
             "shared_kv_ranks holds each library's chunks on the shared ranks, not in tiers; "

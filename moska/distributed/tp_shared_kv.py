@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from moska.config import EngineConfig
-from moska.distributed.runtime import DistributedRuntime, rank_device
+from moska.distributed.runtime import DistributedRuntime, rank_device, torchrun_rank
 from moska.distributed.shared_kv import SharedKVLayout, SharedKVSpec
 from moska.distributed.shared_kv_engine import (
     SharedKVAttention,
@@ -66,6 +66,10 @@ def start_tp_shared_kv(config: EngineConfig, path, dtype, device: str):
     and the M shared ranks; `runtime.shared_kv` is rank 0's SharedKVAttention."""
     from moska.model import load_model
 
+    rank = torchrun_rank()
+    if rank is not None and rank != 0:  # torchrun started this rank: serve rank 0
+        serve_torchrun_rank(config, path, dtype, device)
+        return None
     if config.tier_config is not None:
         raise SharedKVConfigError(
             "shared_kv_ranks holds each library's chunks on the shared ranks, not in tiers; "
@@ -75,10 +79,7 @@ def start_tp_shared_kv(config: EngineConfig, path, dtype, device: str):
     model_config = ModelConfig.from_file(Path(path) / "config.json")
     for r in range(n):  # every rank's split is valid, or fail here in one line
         ShardPlan.build(model_config, r, n)
-    resolved = parse_dtype(
-        model_config.torch_dtype or torch.float32 if dtype in (None, "auto") else dtype
-    )
-    name = str(resolved).removeprefix("torch.")
+    name = _dtype_name(model_config, dtype)
     runtime = DistributedRuntime.start(
         n + m, device, (str(path), dtype, name, device, config), run_rank, model_ranks=n
     )
@@ -98,6 +99,39 @@ def start_tp_shared_kv(config: EngineConfig, path, dtype, device: str):
         runtime.shutdown()
         raise
     return loaded, runtime
+
+
+def _dtype_name(model_config: ModelConfig, dtype) -> str:
+    """The model's dtype as load_model resolves it ("auto": the checkpoint's, else fp32):
+    the shared ranks size their buffers by it."""
+    resolved = parse_dtype(
+        model_config.torch_dtype or torch.float32 if dtype in (None, "auto") else dtype
+    )
+    return str(resolved).removeprefix("torch.")
+
+
+def serve_torchrun_rank(config: EngineConfig, path, dtype, device: str) -> None:
+    """A rank other than 0 that torchrun started (`shared_kv_ranks` M, with or without
+    tensor parallelism): join rank 0's groups, serve as a TP rank (rank < N) or a shared
+    rank until rank 0 stops, then return. torchrun must start N + M processes."""
+    from moska.distributed.runtime import ProcessGroups, _torchrun_rendezvous, pick_backend
+    from moska.distributed.shared_kv_rank import serve_shared
+    from moska.distributed.worker import _serve, rank_lifecycle
+
+    rank = torchrun_rank()
+    assert rank is not None and rank != 0
+    n, m = config.tensor_parallel_size, config.shared_kv_ranks
+    first = rank_device(device, 0)  # the backends rank 0 picks
+    model_backend = pick_backend(first, n) if n > 1 else ""
+    rdv = _torchrun_rendezvous(n + m, pick_backend(first, n + m), n if n > 1 else 0, model_backend)
+    groups = ProcessGroups.join(rdv, rank, host_store=False)
+    dev = rank_device(device, rank)
+    if rank < n:
+        _serve(groups, path, dtype, dev, config, None, setup=_worker_libraries(config))
+        return
+    model_config = ModelConfig.from_file(Path(path) / "config.json")
+    with rank_lifecycle(groups, None):
+        serve_shared(groups, path, getattr(torch, _dtype_name(model_config, dtype)), dev, config)
 
 
 def run_rank(rdv, rank: int, parent, model_path, dtype, dtype_name: str, device, config):

@@ -80,9 +80,11 @@ def serve(
         log_level=log_level,
     )
     engine_kwargs = engine_kwargs or {}
-    if engine_kwargs.get("tensor_parallel_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
+    ranks = engine_kwargs.get("tensor_parallel_size", 1) + engine_kwargs.get("shared_kv_ranks", 0)
+    if ranks > 1 and os.environ.get("RANK", "0") != "0":
         # torchrun started this process as a rank other than 0: no socket and no HTTP; it
-        # runs the forwards rank 0 sends and exits when rank 0 stops (distributed/worker.py)
+        # runs the forwards rank 0 sends (a TP rank: distributed/worker.py; a shared-KV
+        # rank: shared_kv_rank.py) and exits when rank 0 stops
         from moska.engine.llm_engine import LLMEngine
 
         LLMEngine.from_model(model, **engine_kwargs)

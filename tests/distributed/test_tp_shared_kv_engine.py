@@ -4,7 +4,8 @@ ranks route for their KV heads and send their heads' query rows to the shared ra
 holds all of the library's chunks (5 of 16 tokens) and no weights; fp32 logits and greedy
 tokens equal the single-process engine's, reading every chunk and routed (per KV head and
 summed over heads, which exchanges scores between the TP ranks); no TP rank holds library
-KV; a killed rank fails the engine within 10 s, naming it."""
+KV; a killed rank fails the engine within 10 s, naming it. On 2 GPUs ([cuda]): the TP pair
+over NCCL (a GPU each), the exchange over gloo (the shared rank shares GPU 0)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 import pytest
 import torch
 from test_tp_library import PER_HEAD, POLICIES, PROMPTS, greedy_library, library_logits
-from tp_support import EnginePair, build_checkpoint, engine_kwargs, rel_err
+from tp_support import DEVICES, EnginePair, build_checkpoint, engine_kwargs, rel_err
 
 from moska.distributed.errors import RankFailedError
 from moska.engine.llm import LLM
@@ -33,11 +34,11 @@ def _docs(seed: int, n: int) -> list[tuple[str, list[int]]]:
     return [("a.txt", ids[: n // 2]), ("b.txt", ids[n // 2 :])]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=DEVICES)
+def setup(request, tmp_path_factory):
     base = tmp_path_factory.mktemp("tpskv")
     path = build_checkpoint(base / "m", seed=3)
-    kw = engine_kwargs("cpu", library_root=str(base / "libraries"))
+    kw = engine_kwargs(request.param, library_root=str(base / "libraries"))
     ref = LLMEngine.from_model(str(path), **kw)
     ref.libraries.progress = False
     ref.libraries.build("docs", _docs(0, 80), chunk_size=CHUNK)  # 5 chunks
@@ -68,6 +69,8 @@ def test_library_logits_equal_one_process(setup, top_k, policy):
     lib = eng.libraries.get("docs")
     assert lib.k_pools[0].stride(0) == 0 and lib.k_pools[0].shape[1] == 1
     assert remote.layout.q_heads == ((0, 2), (2, 4)) and remote.kv_offset == 0
+    if lib.k_pools[0].is_cuda and torch.cuda.device_count() >= 2:  # a GPU per TP rank
+        assert eng.dist.groups.comm.backend == "nccl"
 
 
 @pytest.mark.parametrize("top_k", [None, 2])
