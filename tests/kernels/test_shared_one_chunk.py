@@ -11,14 +11,14 @@ from moska.kernels.shared_attention import grouped_shared_attention_ref
 from moska.kernels.shared_one_chunk import one_chunk_attention, one_chunk_selections
 from moska.kernels.shared_tuning import OneChunkEntry, one_chunk_backend
 
-HKV, D, S = 2, 16, 45  # 45 keys: a masked last block, and splits of the chunk
+HKV, S = 2, 45  # 45 keys: a masked last block, and splits of the chunk
 
 
-def _problem(b: int, g: int, dtype: torch.dtype, seed: int):
+def _problem(b: int, g: int, dtype: torch.dtype, seed: int, d: int = 64):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, HKV * g, D, generator=gen).to(dtype)
-    k = torch.randn(S, HKV, D, generator=gen).to(dtype)
-    v = torch.randn(S, HKV, D, generator=gen).to(dtype)
+    q = torch.randn(b, HKV * g, d, generator=gen).to(dtype)
+    k = torch.randn(S, HKV, d, generator=gen).to(dtype)
+    v = torch.randn(S, HKV, d, generator=gen).to(dtype)
     return q, k, v
 
 
@@ -28,31 +28,33 @@ def _reference(q, k, v, b):
 
 
 @pytest.mark.parametrize(
-    "g,dtype,split",
-    [(1, torch.float32, True), (4, torch.float16, False), (8, torch.float32, False)],
-)
-def test_triton_backend_matches_reference(g, dtype, split):
+    "d,g,dtype,split",
+    [(64, 1, torch.float32, True), (128, 4, torch.float16, False), (64, 8, torch.float16, False),
+     (128, 2, torch.float32, False)],
+)  # fmt: skip
+def test_triton_backend_matches_reference(d, g, dtype, split):
     b = 3
-    q, k, v = _problem(b, g, dtype, seed=g)
+    q, k, v = _problem(b, g, dtype, seed=g, d=d)
     kw = {"block_m": 16, "block_n": 16, "num_stages": 1}
-    kw |= {"target_programs": 12, "min_split": 16} if split else {"target_programs": 1}
+    kw |= {"target_programs": 4, "min_split": 16} if split else {"target_programs": 1}
     o, lse = one_chunk_attention(q, k, v, 0.3, backend="triton", **kw)
     ro, rl = _reference(q, k, v, b)
-    assert o.shape == (HKV * b, g, D) and o.dtype == dtype
+    assert o.shape == (HKV * b, g, d) and o.dtype == dtype
     assert rel_err(o, ro) < TOL[dtype]
     assert rel_err(lse, rl) < 1e-4
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("g", [1, 2, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_sdpa_backend_matches_reference(g, dtype):
+def test_sdpa_backend_matches_reference(d, g, dtype):
     # the packing of q into [1, Hkv, B * G, D], the strided K/V views and the unpacking of
     # o and lse back to the grouped layout (CPU flash kernel; cuDNN / CUDA flash on the device)
     b = 5
-    q, k, v = _problem(b, g, dtype, seed=10 + g)
+    q, k, v = _problem(b, g, dtype, seed=10 + g, d=d)
     o, lse = one_chunk_attention(q, k, v, 0.3, backend="flash")
     ro, rl = _reference(q, k, v, b)
-    assert o.shape == (HKV * b, g, D) and o.dtype == dtype and lse.dtype == torch.float32
+    assert o.shape == (HKV * b, g, d) and o.dtype == dtype and lse.dtype == torch.float32
     assert rel_err(o, ro) < TOL[dtype]
     assert rel_err(lse, rl) < (1e-4 if dtype == torch.float32 else 1e-3)
 
