@@ -378,7 +378,7 @@ def main() -> None:
         "documents": sorted({r["doc"] for r in rows}),
         "shapes": {"prompt": args.prompt, "docs": len(docs), "repeats": args.repeats},
         "engine": kw,
-        "semshare": on.config.__dict__,
+        "semshare": {**on.config.__dict__, "speculate": on.speculate},
         "store": {"entries": len(on.store), "bytes": on.store.nbytes, **on.store.stats.__dict__},
         "graphs": None
         if on.graphs is None

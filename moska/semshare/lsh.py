@@ -16,7 +16,7 @@ lookup is ~30 such ops; on the H200 it took 3 ms as torch ops).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
@@ -144,12 +144,18 @@ class LSHIndex:
         return ids[live], counts[live]
 
     def candidates(
-        self, features: torch.Tensor, top: int = 1, sample: int | None = 1024
+        self,
+        features: torch.Tensor,
+        top: int = 1,
+        sample: int | None = 1024,
+        prefetch: Callable[[Hashable], object] | None = None,
     ) -> list[tuple[Hashable, float]]:
         """The `top` references with the most colliding tokens, as (ref, share of the
         new prompt's tokens that collide with it), best first. Votes come from at most
         `sample` evenly spaced tokens (a share estimated from 1,024 tokens is within a few
-        percent of the whole prompt's)."""
+        percent of the whole prompt's). `prefetch(ref)` is called with the shortlist's
+        most voted reference before the exact scores are computed on the host (the usual
+        winner: a caller queues its device work on it meanwhile); it changes nothing here."""
         if not self._refs:
             return []
         if sample is not None and features.shape[0] > sample:
@@ -163,7 +169,10 @@ class LSHIndex:
         ids, counts = self._votes(_unique(sigs[::step]))
         order = np.argsort(-counts, kind="stable")[: max(top, 4)]  # ids ascend: oldest first
         shortlist = [self._refs[i] for i in ids[order].tolist()]
-        scored = [(ref, _share_in(sigs, self._keys[ref])) for ref in shortlist]
+        if prefetch is not None and shortlist:
+            prefetch(shortlist[0])
+        queries = SortedQueries(sigs)  # one sort, searched against each shortlisted ref
+        scored = [(ref, queries.share_in(self._keys[ref])) for ref in shortlist]
         scored.sort(key=lambda x: -x[1])
         return scored[:top]
 
@@ -176,6 +185,31 @@ def _unique(a: np.ndarray) -> np.ndarray:
     keep[:1] = True
     np.not_equal(s[1:], s[:-1], out=keep[1:])
     return s[keep]
+
+
+class SortedQueries:
+    """A prompt's signatures [N, bands] sorted once, to score several references: a binary
+    search of sorted queries walks the keys in order (cache-friendly), 3-4x faster than the
+    same search of unsorted ones (1.0 -> 0.3 ms for 8K queries into 40K keys). Same shares
+    as `_share_in`."""
+
+    def __init__(self, sigs: np.ndarray) -> None:
+        flat = np.ascontiguousarray(sigs).reshape(-1)
+        self.order = np.argsort(flat)  # (equal keys in any order: the shares are the same)
+        self.sorted = flat[self.order]
+        self.rows_sorted = self.order // max(1, sigs.shape[1])  # row of each sorted query
+        self.n = sigs.shape[0]
+
+    def share_in(self, keys: np.ndarray) -> float:
+        """Share of rows with any key in the sorted `keys`."""
+        if self.n == 0:
+            return float("nan")  # as the mean of no rows
+        if keys.size == 0:
+            return 0.0
+        idx = np.searchsorted(keys, self.sorted).clip(max=keys.size - 1)
+        hit = np.zeros(self.n, bool)
+        hit[self.rows_sorted[keys[idx] == self.sorted]] = True
+        return float(hit.mean())
 
 
 def _share_in(sigs: torch.Tensor | np.ndarray, keys: torch.Tensor | np.ndarray) -> float:

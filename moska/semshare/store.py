@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -117,14 +118,28 @@ class ReferenceStore:
         self.lsh.remove(key)
         self.stats.evictions += 1
 
-    def lookup(self, features: torch.Tensor, min_score: float) -> tuple[Reference, float] | None:
+    def lookup(
+        self,
+        features: torch.Tensor,
+        min_score: float,
+        prefetch: Callable[[Reference], object] | None = None,
+    ) -> tuple[Reference, float] | None:
         """The reference sharing the most LSH buckets with a prompt's token features
         [N, F], when at least `min_score` of its tokens collide; it becomes the most
-        recently used."""
+        recently used. `prefetch(ref)`: called with the likeliest reference before the
+        exact LSH scores are computed (`LSHIndex.candidates`; no recency change)."""
         self.stats.lookups += 1
         if not self._entries:
             return None
-        found = self.lsh.candidates(features, top=1)
+        early = None
+        if prefetch is not None:
+
+            def early(key: Hashable) -> None:
+                ref = self._entries.get(str(key))
+                if ref is not None:
+                    prefetch(ref)
+
+        found = self.lsh.candidates(features, top=1, prefetch=early)
         if not found or found[0][1] < min_score:
             return None
         key, score = found[0]
