@@ -72,8 +72,9 @@ def make_library(mode: str, layers: int, tokens: int, chunk: int, hkv: int, d: i
     offs = torch.arange(0, tokens + 1, chunk, dtype=torch.int32, device=dev)
     lib = RandomLibrary([], [], [], offs, tokens // chunk, tokens)
     fp8 = mode != "bf16"
+    scales: list = []
     if fp8:
-        lib.kv_scale_pools = []
+        lib.kv_scale_pools = scales
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     for _ in range(layers):
         k = torch.randn(tokens, hkv, d, device=dev, dtype=dtype)
@@ -82,7 +83,7 @@ def make_library(mode: str, layers: int, tokens: int, chunk: int, hkv: int, d: i
         if fp8:
             kq, vq = quantize(k, offs), quantize(v, offs)  # per-token scales
             k, v = kq.data, vq.data
-            lib.kv_scale_pools.append((kq.scale, vq.scale))
+            scales.append((kq.scale, vq.scale))
         lib.k_pools.append(k)
         lib.v_pools.append(v)
     if mode in ("fp8_mma", "fp8_mma_qsplit"):
