@@ -32,11 +32,17 @@ fi
 timeout $TT $PY -m pytest -q -p no:cacheprovider tests/server/test_admission_burst_promises.py \
   tests/server/test_load_drain.py tests/server/test_load_probe_series.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests.log" | cut -c1-120)"
-NCPU=$(nproc); i=0
+# the cores this process may use (a container's may not start at 0), CORES to a server
+read -r -a CPUS <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+NCPU=${#CPUS[@]}; i=0
 for lib in demo none; do
   for share in $ARMS; do
-    first=$(( (i * CORES) % NCPU )); last=$(( first + CORES - 1 )); i=$((i + 1))
-    PIN=""; command -v taskset > /dev/null && [ "$last" -lt "$NCPU" ] && PIN="taskset -c $first-$last"
+    first=$(( (i * CORES) % NCPU )); i=$((i + 1))
+    PIN=""
+    if command -v taskset > /dev/null && [ $(( first + CORES )) -le "$NCPU" ]; then
+      PIN="taskset -c $(IFS=,; echo "${CPUS[*]:$first:$CORES}")"
+    fi
+    echo "server $lib share $share on cores: ${PIN:-any}"
     name="load_${lib}_share${share}"
     # shellcheck disable=SC2086
     timeout $(( LIMIT - ($(date +%s) - T0) )) $PIN $PY -m moska.bench.load --burst "$BURSTS" \
