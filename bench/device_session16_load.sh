@@ -59,7 +59,7 @@ rows, summary = [], {}
 for f in sorted(glob.glob(f"{o}/load_*.json")):
     d = json.load(open(f))
     a, rep = d["args"], d["report"]
-    arm = f"{'lib' if a['library'] != 'none' else 'plain'} s{a['engine_share']}"
+    arm = f"{'lib' if a['library'] != 'none' else 'plain'} s{a.get('engine_share')}"
     for b in rep["bursts"]:
         g = b["drain_by_group"]
         rows.append((arm, b["clients"], b["admitted"], b["rejected_429"], b["slo_met_share"],
@@ -79,13 +79,24 @@ for r in rows:
     err = "/".join(f(x) for x in r[8][1:3])
     grp = " ".join(f"{k}={n}:{f(w)}" for k, (n, w) in r[9].items())
     print(f"{r[0]:11} {r[1]:5} {r[2]:4} {r[3]:4} {f(r[4]):>5} {f(r[5]):>5} ({f(r[6])}) {f(r[7])} | {err} | {grp}")
-print("\nmin / mean over repeats: slo_share, within2x (first_open)")
+print("\nmin/mean over repeats: SLO share of admitted, Retry-After (ms) within 2x (old"
+      " first-open score), mean 429s, predictor error p50 (s), within 2x by group")
 for k, v in summary.items():
-    s = [x["slo_met_share"] for x in v if x["slo_met_share"] is not None]
-    w = [x["within_2x"] for x in v if x["within_2x"] is not None]
-    w0 = [x["within_2x_first_open"] for x in v if x["within_2x_first_open"] is not None]
-    m = lambda xs: f"{min(xs):.2f}/{sum(xs) / len(xs):.2f}" if xs else "-"
-    print(f"{k:18} n={len(v)}  slo {m(s)}  within2x {m(w)}  ({m(w0)})")
+    def m(key):
+        xs = [x[key] for x in v if x[key] is not None]
+        return f"{min(xs):.2f}/{sum(xs) / len(xs):.2f}" if xs else "-"
+    err = [x["predictor_error_s_p10_p50_p90_p99"][1] for x in v]
+    err = [e for e in err if e is not None]
+    grp = {}
+    for x in v:
+        for g, (n, w) in x["by_group"].items():
+            if w is not None:
+                grp.setdefault(g, []).append(w)
+    grp = " ".join(f"{g}={sum(w) / len(w):.2f}" for g, w in grp.items())
+    n429 = sum(x["rejected_429"] for x in v) / len(v)
+    e = f"{sum(err) / len(err):.2f}" if err else "-"
+    print(f"{k:16} n={len(v)} slo {m('slo_met_share')} 2x {m('within_2x')} "
+          f"({m('within_2x_first_open')}) 429 {n429:.0f} err {e} | {grp}")
 PY
 for f in "$OUT"/load_*.log; do
   grep -q "^OK" "$f" || { echo "== $(basename "$f"): $(grep -i "error\|Traceback\|assert" "$f" | head -2 | cut -c1-200) $(tail -1 "$f" | cut -c1-200)"; }
