@@ -40,6 +40,16 @@ from moska.bench.common import (
     write_json,
 )
 from moska.bench.decode_report import plot, profile_step, step_floor, summarize
+from moska.bench.decode_routers import (
+    ROUTERS,
+    fixed_selections,
+    floor_scorer,
+    policy_of,
+    profile_router,
+    router_alone,
+    router_row,
+    routers_summary,
+)
 from moska.kernel_ops import kernel_ops
 
 DEV = "cuda"  # --cpu-dry-run switches the whole harness to CPU with a tiny model
@@ -118,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--modes", nargs="+", default=None,
                     choices=("moska", "capped", "serial", "all", "dense"),
                     help="time only these modes (default: all of them)")  # fmt: skip
+    ap.add_argument("--routers", nargs="+", default=None, choices=ROUTERS,
+                    help="time the moska step once per router in the same run (decode_routers"
+                    ".py: none, two_stage_old, default_before, default, default_shortlist_kv) "
+                    "instead of once with --scorer; also each router alone, and a profile of "
+                    "one routing call at the largest batch")  # fmt: skip
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default="bench/results/decode.json")
     ap.add_argument("--quick", action="store_true", help="small shapes for a fast check")
@@ -190,13 +205,19 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
 
     rows = []
     check: dict[str, torch.Tensor] = {}
+    fixed = None
     for b in args.batch:
         ids = torch.randint(0, mcfg.vocab_size, (b,), device=DEV)
         modes: tuple[str, ...] = ("moska", "serial", "all", "dense")
         if args.scorer in ("keymax", "two_stage"):
             modes = ("moska", "capped", "serial", "all", "dense")
         modes = tuple(m for m in modes if args.modes is None or m in args.modes)
-        for mode in modes:
+        runs = [(m, r) for m in modes for r in (args.routers if m == "moska" else None) or [None]]
+        if args.routers and "none" in args.routers:  # the no-router rows' fixed chunks
+            fixed = fixed_selections(
+                b, mcfg.num_kv_heads, lib.num_chunks, args.top_k, mcfg.num_layers, DEV
+            )
+        for mode, router in runs:
             # serial: moska with the shared attention on the current stream (no overlap);
             # capped: overlapped, the key-max launch capped at one program per SM
             attention.overlap = mode != "serial"
@@ -211,6 +232,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
                         rows=torch.arange(b, device=DEV),
                         top_k=top_k,
                         scorer=args.scorer,
+                        policy=policy_of(router) if router else None,
                         all_rows=True,
                         record=mode == "moska",
                     )
@@ -225,16 +247,18 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
                 # Exactness rule: all chunks + unique, merged, equals dense attention.
                 with torch.no_grad():
                     check[mode] = model.compute_logits(model(ids, pos, bound)).float()
-            if args.profile and mode == "moska" and b == args.batch[-1]:
-                profile_step(step, args.out)
-            iters = 2 if mode == "dense" else args.iters
-            graphed = None
-            if args.cuda_graph and DEV == "cuda":
-                graphed = capture(step)
-            ms = time_ms(graphed or step, iters=iters, warmup=1)
+            with router_row(router or "", fixed):
+                if args.profile and mode == "moska" and b == args.batch[-1]:
+                    profile_step(step, args.out)
+                iters = 2 if mode == "dense" else args.iters
+                graphed = None
+                if args.cuda_graph and DEV == "cuda":
+                    graphed = capture(step)
+                ms = time_ms(graphed or step, iters=iters, warmup=1)
+            label = f"moska:{router}" if router else mode
             row = {
                 "batch": b,
-                "mode": mode,
+                "mode": label,
                 "step_ms": ms,
                 "decode_tokens_per_s": b / (ms / 1e3),
                 "cuda_graph": graphed is not None,
@@ -244,25 +268,47 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
                 row["chunks_touched"] = int(torch.unique(sel.chunk).numel())
                 pair = sel.chunk.long() * mcfg.num_kv_heads + sel.kv_head.long()
                 row["chunk_heads_touched"] = int(torch.unique(pair).numel())
+            if router:
+                q = torch.randn(b, mcfg.num_heads, mcfg.head_dim, device=DEV, dtype=dtype)
+                row.update(router_alone(q, lib, args.top_k, router, mcfg.sm_scale, capture))
             rows.append(row)
-            print(f"B={b:4d} {mode:6s} {ms:9.2f} ms  {b / (ms / 1e3):10.1f} tok/s", flush=True)
-        touched = next((r for r in rows if r["batch"] == b and r["mode"] == "moska"), {})
+            print(f"B={b:4d} {label:22s} {ms:9.2f} ms  {b / (ms / 1e3):10.1f} tok/s", flush=True)
         all_heads = lib.num_chunks * mcfg.num_kv_heads
-        floor = step_floor(
-            batch=b, cfg=mcfg, n_params=n_params, library_tokens=args.library_tokens,
-            chunk_size=args.chunk_size, unique_tokens=args.unique_tokens, top_k=args.top_k,
-            scorer=args.scorer, rank=rank, ceilings=ceilings,
-            touched_chunk_heads=touched.get("chunk_heads_touched", all_heads),
-        )  # fmt: skip
-        floor_ms = floor["roofline_ms"]
-        if touched:
-            touched.update({k: v for k, v in floor.items() if k != "roofline_ms"})
-        for r in rows:
-            if r["batch"] == b:
-                r["roofline_ms"] = floor_ms
-                r["roofline_fraction"] = floor_ms / r["step_ms"]
+        mine = [r for r in rows if r["batch"] == b]
+        moska = next((r for r in mine if r["mode"] == "moska"), {})  # other modes: its floor
+        for r in mine:
+            routed = r["mode"].startswith("moska:")
+            scorer = floor_scorer(r["mode"][6:]) if routed else args.scorer
+            touched = (r if routed else moska).get("chunk_heads_touched", all_heads)
+            floors = {
+                s: step_floor(
+                    batch=b, cfg=mcfg, n_params=n_params, library_tokens=args.library_tokens,
+                    chunk_size=args.chunk_size, unique_tokens=args.unique_tokens,
+                    top_k=args.top_k, scorer=s, rank=rank, ceilings=ceilings,
+                    touched_chunk_heads=touched,
+                )
+                for s in (scorer, "none")
+            }  # fmt: skip
+            if r["mode"].startswith("moska"):
+                r.update({k: v for k, v in floors[scorer].items() if k != "roofline_ms"})
+            r["roofline_ms"] = floors[scorer]["roofline_ms"]
+            r["roofline_fraction"] = r["roofline_ms"] / r["step_ms"]
+            # the issue's measure: the step against the floor of its routed attention alone
+            r["unrouted_floor_ms"] = floors["none"]["roofline_ms"]
+            r["unrouted_floor_fraction"] = r["unrouted_floor_ms"] / r["step_ms"]
+    profiles: list[dict] = []
+    if args.routers:  # what one routing call does at the largest batch
+        b = max(args.batch)
+        q = torch.randn(b, mcfg.num_heads, mcfg.head_dim, device=DEV, dtype=dtype)
+        profiles = [
+            profile_router(q, lib, args.top_k, r, mcfg.sm_scale)
+            for r in args.routers
+            if r != "none"
+        ]
     summary = summarize(rows, build)
     summary["routing_rank"] = rank
+    if args.routers:
+        summary["routers"] = routers_summary(rows, profiles)
     if "all" in check and "dense" in check:  # both ran (--modes may leave them out)
         exact_err = float((check["all"] - check["dense"]).norm() / check["dense"].norm())
         top1 = float((check["all"].argmax(-1) == check["dense"].argmax(-1)).float().mean())
@@ -290,6 +336,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
         "ceilings": ceilings,
         "library_build": build,
         "rows": rows,
+        "router_profiles": profiles,
         "summary": summary,
     }
     check_floors(payload)

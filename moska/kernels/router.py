@@ -157,6 +157,7 @@ def _keymax_pairs(
     max_programs: int | None = None,
     use_triton: bool = True,
     out: torch.Tensor | None = None,
+    pair_head: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # Tile shape from the key-max sweep (docs/performance-notes.md; H200, fp16 low-rank keys,
     # shortlist 32 of 256 chunks of 4096, CUDA-graph timing): 32-pair tiles over 64-key
@@ -176,7 +177,8 @@ def _keymax_pairs(
         use_triton=use_triton,
         out=out,
         project_first=True,  # queries projected once per layer, not in every tile
-    )  # [P, Hkv], or ``out`` [B, Hkv, C] filled in
+        pair_head=pair_head,
+    )  # [P, Hkv] ([P] with pair_head), or ``out`` [B, Hkv, C] filled in
 
 
 def score_chunks(
@@ -215,18 +217,25 @@ def _two_stage_scores(
     always: torch.Tensor | None,
     keymax_programs: int | None,
     use_triton: bool = True,
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """Key-max scores on a bound shortlist, -inf elsewhere: [B, Hkv, C] fp32."""
+    """Key-max scores on a bound shortlist, -inf elsewhere: [B, Hkv, C] fp32. The shortlist
+    is per request (the bound summed over KV heads; key-max then scores every head of a
+    shortlisted chunk) or, ``per_head``, per (request, KV head) on that head's own bound,
+    each shortlisted (request, head, chunk) scored for its head only."""
     B, C, Hkv = q.shape[0], index.num_chunks, index.num_kv_heads
-    cheap = score_chunks(q, index, "bound", use_triton=use_triton).sum(dim=1)  # [B, C]
+    cheap = score_chunks(q, index, "bound", use_triton=use_triton)  # [B, Hkv, C]
+    if not per_head:
+        cheap = cheap.sum(dim=1, keepdim=True)  # [B, 1, C]
     if always is not None:
-        cheap = cheap.masked_fill(always, float("inf"))
+        cheap = cheap.masked_fill(always[:, None, :], float("inf"))
     n_short = min(C, shortlist_factor * top_k)
-    short = cheap.topk(n_short, dim=-1).indices  # [B, n_short] int64
-    pairs = from_topk(short[:, None, :], 1, C, use_triton)  # (req, chunk) pairs by chunk
+    short = cheap.topk(n_short, dim=-1).indices  # [B, Hr, n_short] int64
+    pairs = from_topk(short, short.shape[1], C, use_triton)  # sorted by (chunk, head, req)
     # the kernel writes each pair's scores into the table itself (no scatter, no permute)
     table = torch.full((B, Hkv, C), float("-inf"), dtype=torch.float32, device=q.device)
-    return _keymax_pairs(q, index, pairs.req, pairs.chunk, keymax_programs, use_triton, table)
+    head = pairs.kv_head if per_head else None
+    return _keymax_pairs(q, index, pairs.req, pairs.chunk, keymax_programs, use_triton, table, head)
 
 
 def _always_mask(always, B: int, C: int, top_k: int, device: torch.device) -> torch.Tensor | None:
@@ -262,8 +271,11 @@ def route(
     shortlist_factor: int = 4,
     keymax_programs: int | None = None,
     use_triton: bool = True,
+    shortlist_per_head: bool = False,
 ) -> Selections:
     """Top-k chunks per request (or per request and KV head) for q [B, Hq, D].
+
+    ``shortlist_per_head`` (two_stage only): each KV head shortlists on its own bound.
 
     ``always``: [B, C] bool tensor or a list of chunk ids (for every request) of chunks that
     are always selected; they count toward top_k (a tensor row with more than top_k of them
@@ -286,8 +298,9 @@ def route(
         return from_topk(torch.arange(C, device=dev).expand(B, 1, C), Hkv, C, use_triton)
     if scorer == "two_stage":
         scores = _two_stage_scores(
-            q, index, top_k, shortlist_factor, always_mask, keymax_programs, use_triton
-        )
+            q, index, top_k, shortlist_factor, always_mask, keymax_programs, use_triton,
+            per_head=shortlist_per_head,
+        )  # fmt: skip
     else:
         scores = score_chunks(q, index, scorer, keymax_programs, use_triton)  # [B, Hkv, C]
     if not per_kv_head:

@@ -13,6 +13,8 @@ read once from HBM (C * L * Hkv * r * 2 bytes; a chunk's tiles run together, so 
 re-reads by its other tiles hit L2) and 2 * B * Hq * S * r FLOPs on the tensor cores.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +28,24 @@ from .router_scores import (
     _precision,
 )
 from .runtime import triton_runs_on
+
+
+class DenseTile(NamedTuple):
+    """The key-max launch's tile: requests per tile, keys per block, warps, stages."""
+
+    block_b: int = 32
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+# 32 requests x 128-key blocks, 4 stages: the fastest of the session-13 sweep at B = 1,024
+# (8B dims, rank 32, 256 chunks of 4,096: 3.99 ms against 4.17 ms for the 64-key blocks,
+# 5 stages used until session 16; bench/results/kernels_routers_h200_session13.json,
+# `keymax_dense_tiles`). The scores do not depend on the tile (each logit is the same
+# K = r product; the max is exact), so neither do the chunks chosen.
+TILE = DenseTile()
+OLD_TILE = DenseTile(32, 64, 4, 5)  # before session 16 (the decode bench times both)
 
 
 # fmt: off
@@ -133,18 +153,19 @@ def keymax_dense_scores(
     basis: torch.Tensor,
     lowrank_keys: torch.Tensor,
     chunk_offsets: torch.Tensor,
-    block_b: int = 32,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 5,
+    block_b: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     max_programs: int | None = None,
     use_triton: bool = True,
     project_first: bool = True,
 ) -> torch.Tensor:
     """Key-max scores of every request and chunk: q [B, Hq, D] -> [B, Hkv, C] fp32.
 
-    The same scores as ``keymax_pair_scores`` over all B * C pairs (and the same tile
-    shape: 32 requests x 64-key blocks, 5 stages, the key-max sweep's best), in one launch.
+    The same scores as ``keymax_pair_scores`` over all B * C pairs, in one launch. The tile
+    arguments left None come from the module's ``TILE`` (read at call time, so a benchmark
+    can time another tile by setting it).
     ``project_first``: project the queries onto the bases once (``project_queries``, one
     batched matmul) instead of in every tile (each (chunk, request block) tile loaded its
     rows' full queries and the basis and projected them: 1/16 of its work at r = D/4 and,
@@ -152,6 +173,11 @@ def keymax_dense_scores(
     ``max_programs`` caps the grid (the programs loop over the tiles); ``use_triton``
     False: the PyTorch reference.
     """
+    tile = TILE._replace(
+        **{k: v for k, v in zip(DenseTile._fields, (block_b, block_n, num_warps, num_stages))
+           if v is not None}
+    )  # fmt: skip
+    block_b, block_n, num_warps, num_stages = tile
     q, basis = q.contiguous(), basis.contiguous()
     Hkv, D, R = basis.shape
     B, Hq = _check(q, basis, Hkv, D)

@@ -105,14 +105,15 @@ def _keymax_scores_kernel(
     pair_req_ptr,  # [P] int32, pairs sorted by chunk
     tile_start_ptr,  # [T] int32 first pair of each tile (P for an empty tile)
     tile_end_ptr,  # [T] int32 one past the last pair of each tile
-    tile_chunk_ptr,  # [T] int32
-    out_ptr,  # [P, Hkv] fp32, or [B, Hkv, C] (the strides say which)
+    tile_chunk_ptr,  # [T] int32 (PER_HEAD: chunk * Hkv + head)
+    out_ptr,  # [P, Hkv] fp32 ([P] when PER_HEAD), or [B, Hkv, C] (the strides say which)
     T, Hkv, G, D, R,
     stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
     stride_op, stride_or, stride_oh, stride_oc,
     PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PROJECTED: tl.constexpr,
+    PER_HEAD: tl.constexpr = False,
 ):
     # fmt: on
     # Items (tile t, head h) in launch order t fastest, so programs running together read
@@ -120,13 +121,21 @@ def _keymax_scores_kernel(
     # the kernel can be given a few programs per SM and leave room beside it for a concurrent
     # memory-bound kernel. A score lands at out + pair * stride_op + req * stride_or +
     # h * stride_oh + chunk * stride_oc: [P, Hkv] rows per pair, or straight into the
-    # router's [B, Hkv, C] score table (no scatter afterwards).
-    for w in range(tl.program_id(0), T * Hkv, tl.num_programs(0)):
+    # router's [B, Hkv, C] score table (no scatter afterwards). PER_HEAD: pairs are
+    # (request, KV head, chunk) triples sorted by (chunk, head), each scored for its head
+    # only (a shortlist per KV head); a tile is one (chunk, head) and the items are tiles.
+    n_items = T if PER_HEAD else T * Hkv
+    for w in range(tl.program_id(0), n_items, tl.num_programs(0)):
         t = w % T
-        h = w // T
         start = tl.load(tile_start_ptr + t)
         end = tl.load(tile_end_ptr + t)
-        chunk = tl.load(tile_chunk_ptr + t)
+        key = tl.load(tile_chunk_ptr + t)
+        if PER_HEAD:
+            chunk = key // Hkv
+            h = key % Hkv
+        else:
+            chunk = key
+            h = w // T
         pair = start + tl.arange(0, BLOCK_B)
         pair_ok = pair < end
         req = tl.load(pair_req_ptr + pair, mask=pair_ok, other=0)
@@ -297,8 +306,13 @@ def keymax_pair_scores(
     use_triton: bool = True,
     out: torch.Tensor | None = None,
     project_first: bool = False,
+    pair_head: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Key-max scores of (request, chunk) pairs, one grouped launch for all of them.
+
+    ``pair_head`` [P] int32: the pairs are (request, KV head, chunk) triples sorted by
+    (chunk, head) (``Selections`` order) and each is scored for its own head only: [P]
+    scores, or ``out[req, head, chunk]`` (a shortlist per KV head).
 
     ``project_first``: the queries are projected onto the bases once before the launch
     (router_dense.project_queries) instead of in every tile.
@@ -327,35 +341,47 @@ def keymax_pair_scores(
     assert pair_req.shape == pair_chunk.shape and pair_req.dtype == torch.int32
     P = pair_req.numel()
     C = chunk_offsets.numel() - 1
+    per_head = pair_head is not None
     table = out
     if table is not None:
         want = (q.shape[0], Hkv, C)
         if tuple(table.shape) != want or table.dtype != torch.float32:
             raise ValueError(f"out must be {want} float32, got {tuple(table.shape)} {table.dtype}")
-    out = torch.empty(P, Hkv, dtype=torch.float32, device=q.device) if table is None else table
+    rows_shape = (P,) if per_head else (P, Hkv)
+    out = torch.empty(rows_shape, dtype=torch.float32, device=q.device) if table is None else table
     if P == 0:
         return out
     if not use_triton or not triton_runs_on(q.device, _keymax_scores_kernel):
         full = keymax_scores_ref(q, basis, lowrank_keys, chunk_offsets)  # [B, Hkv, C]
-        scores = full[pair_req.long(), :, pair_chunk.long()]
+        heads = pair_head.long() if pair_head is not None else slice(None)
+        scores = full[pair_req.long(), heads, pair_chunk.long()]
         if table is None:
             return scores
-        table[pair_req.long(), :, pair_chunk.long()] = scores
+        table[pair_req.long(), heads, pair_chunk.long()] = scores
         return table
-    # a score's place: [P, Hkv] by pair, or the [B, Hkv, C] table by (req, head, chunk)
-    strides = (Hkv, 0, 1, 0) if table is None else (0, *table.stride())
+    # a score's place: [P, Hkv] by pair ([P] per head), or the [B, Hkv, C] table by
+    # (req, head, chunk)
+    if table is not None:
+        strides = (0, *table.stride())
+    else:
+        strides = (1, 0, 0, 0) if per_head else (Hkv, 0, 1, 0)
     block_g = _pow2(G)
     block_b = max(min(_pow2(block_b), _pow2(P)), _pow2(16 // block_g))
-    # Work list (router_tiles.py): up to BLOCK_B pairs of one chunk per tile, a fixed
-    # cdiv(P, BLOCK_B) + C tiles (no host sync), the spare ones empty; one launch.
-    tile_start, tile_end, tile_chunk = pair_tiles(pair_chunk, C, block_b)
+    # Work list (router_tiles.py): up to BLOCK_B pairs of one chunk (one (chunk, head) per
+    # head) per tile, a fixed cdiv(P, BLOCK_B) + C (* Hkv) tiles (no host sync), the spare
+    # ones empty; one launch.
+    if pair_head is not None:
+        keys = pair_chunk * Hkv + pair_head
+        tile_start, tile_end, tile_chunk = pair_tiles(keys, C * Hkv, block_b)
+    else:
+        tile_start, tile_end, tile_chunk = pair_tiles(pair_chunk, C, block_b)
     T = tile_start.numel()
     if project_first:
         from .router_dense import project_queries
 
         q = project_queries(q, basis, lowrank_keys.dtype)
     # fmt: off
-    items = T * Hkv
+    items = T if per_head else T * Hkv
     grid = (items if max_programs is None else max(1, min(items, max_programs)),)
     _keymax_scores_kernel[grid](
         q, basis, lowrank_keys, chunk_offsets, pair_req, tile_start, tile_end, tile_chunk, out,
@@ -366,7 +392,8 @@ def keymax_pair_scores(
         F16_ACC=lowrank_keys.dtype == torch.float16,
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
         BLOCK_N=_pow2(block_n, 16), num_warps=num_warps, num_stages=num_stages,
-        PROJECTED=project_first, **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        PROJECTED=project_first, PER_HEAD=per_head,
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     # fmt: on
     return out

@@ -16,6 +16,11 @@ that the study measured and did not keep as the default:
 - ``mass_threshold``: adaptive k: a row takes chunks, best first, until their estimated share
   of the attention mass reaches the threshold, at most k (``top_k_chunks``). Needs a host
   sync per layer (variable-length selections), so such steps run eagerly (no CUDA graph).
+- ``shortlist_per_head`` (two_stage; a study knob like ``shortlist_factor``): each KV head
+  shortlists ``shortlist_factor * k`` chunks on its own bound and key-max scores only its
+  own shortlist (about shortlist / C of the default's key-max work), instead of one
+  shortlist per request on the bound summed over heads. Not under tensor parallelism
+  (the split router shortlists per request).
 - ``page_size``: score pages of this many tokens inside chunks (key-max per page) and rank a
   chunk by the log-sum-exp of its pages' scores (a chunk with several hot pages outranks one
   with a single hot key); selections stay whole chunks.
@@ -55,6 +60,7 @@ class RoutingPolicy:
     mass_threshold: float | None = None
     page_size: int | None = None
     shortlist_factor: int = 4
+    shortlist_per_head: bool = False
 
     def __post_init__(self) -> None:
         if self.scorer not in POLICY_SCORERS:

@@ -69,6 +69,7 @@ def select_chunks(
             shortlist_factor=policy.shortlist_factor,
             keymax_programs=keymax_programs,
             use_triton=use_triton,
+            shortlist_per_head=policy.shortlist_per_head,
         )
     logmass = log_mass(q, library, layer, top_k, policy, sm_scale, use_triton)  # [B, Hkv, C]
     mask = choose(logmass, top_k, always, policy.per_kv_head, policy.mass_threshold)
@@ -127,7 +128,10 @@ def log_mass(
     if policy.scorer == "two_stage":
         from moska.kernels.router import _two_stage_scores
 
-        s = _two_stage_scores(q, index, top_k, policy.shortlist_factor, None, None, use_triton)
+        s = _two_stage_scores(
+            q, index, top_k, policy.shortlist_factor, None, None, use_triton,
+            per_head=policy.shortlist_per_head,
+        )  # fmt: skip
     else:
         s = score_chunks(q, index, policy.scorer, use_triton=use_triton)
     s = s * sm_scale

@@ -17,7 +17,7 @@ from moska.routing.policy import RoutingPolicy, default_chunk_size
 from moska.server.protocol import RoutingBody
 
 # policy knobs the server does not expose (a study setting; docs/routing.md)
-_NOT_EXPOSED = {"shortlist_factor"}
+_NOT_EXPOSED = {"shortlist_factor", "shortlist_per_head"}
 
 
 def _shown(value: object) -> str:
