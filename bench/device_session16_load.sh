@@ -65,22 +65,24 @@ for f in sorted(glob.glob(f"{o}/load_*.json")):
         rows.append((arm, b["clients"], b["admitted"], b["rejected_429"], b["slo_met_share"],
                      b["retry_after_ms_within_2x_share"], b.get("retry_after_ms_within_2x_share_first_open"),
                      b.get("rejected_429_unresolved"), b["predictor_error_s_p10_p50_p90_p99"],
-                     {k: (v["n"], v["within_2x_ms"]) for k, v in g.items() if v["n"]}))
+                     {k: (v["n"], v["within_2x_ms"]) for k, v in g.items() if v["n"]},
+                     b.get("retry_at_promise_admitted_share")))
 def f(v):
     return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 for r in rows:
     summary.setdefault(f"{r[0]} {r[1]}", []).append(
         {"admitted": r[2], "rejected_429": r[3], "slo_met_share": r[4], "within_2x": r[5],
          "within_2x_first_open": r[6], "unresolved": r[7], "predictor_error_s_p10_p50_p90_p99": r[8],
-         "by_group": r[9]})
+         "by_group": r[9], "retry_admits": r[10]})
 json.dump({"bench": "load_session16_summary", "summary": summary}, open(f"{o}/summary.json", "w"), indent=1)
-print("per burst: arm clients admitted 429 slo_share within2x (first_open) unresolved | pred err p50/p90 | groups n:within")
+print("per burst: arm clients admitted 429 slo_share within2x (first_open) unresolved retry-at-promise-admitted | pred err p50/p90 | groups n:within")
 for r in rows:
     err = "/".join(f(x) for x in r[8][1:3])
     grp = " ".join(f"{k}={n}:{f(w)}" for k, (n, w) in r[9].items())
-    print(f"{r[0]:11} {r[1]:5} {r[2]:4} {r[3]:4} {f(r[4]):>5} {f(r[5]):>5} ({f(r[6])}) {f(r[7])} | {err} | {grp}")
+    print(f"{r[0]:11} {r[1]:5} {r[2]:4} {r[3]:4} {f(r[4]):>5} {f(r[5]):>5} ({f(r[6])}) {f(r[7])} {f(r[10])} | {err} | {grp}")
 print("\nmin/mean over repeats: SLO share of admitted, Retry-After (ms) within 2x (old"
-      " first-open score), mean 429s, predictor error p50 (s), within 2x by group")
+      " first-open score), a retry at the promise admitted, mean 429s, predictor error p50 (s),"
+      " within 2x by group")
 for k, v in summary.items():
     def m(key):
         xs = [x[key] for x in v if x[key] is not None]
@@ -96,7 +98,7 @@ for k, v in summary.items():
     n429 = sum(x["rejected_429"] for x in v) / len(v)
     e = f"{sum(err) / len(err):.2f}" if err else "-"
     print(f"{k:16} n={len(v)} slo {m('slo_met_share')} 2x {m('within_2x')} "
-          f"({m('within_2x_first_open')}) 429 {n429:.0f} err {e} | {grp}")
+          f"({m('within_2x_first_open')}) adm {m('retry_admits')} 429 {n429:.0f} err {e} | {grp}")
 PY
 for f in "$OUT"/load_*.log; do
   grep -q "^OK" "$f" || { echo "== $(basename "$f"): $(grep -i "error\|Traceback\|assert" "$f" | head -2 | cut -c1-200) $(tail -1 "$f" | cut -c1-200)"; }

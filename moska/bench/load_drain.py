@@ -125,6 +125,25 @@ def observed_interval(t_status: float, series: list) -> tuple[float, float] | No
     return lo - t_status, first - t_status
 
 
+def retry_admitted(t_status: float, promised_s: float, series: list) -> bool | None:
+    """Whether a retry sent `promised_s` after a 429 answered at `t_status` would have been
+    admitted: what the last probe sent by then (and not before the 429) got; after the
+    last probe (an admitted one ends the probing), admitted. None: no probe went out in
+    that time (a promise shorter than the probes' period)."""
+    at = t_status + promised_s
+    sent = [(t, ok) for t, ok in series if t_status <= t <= at]
+    if series and at > max(t for t, _ in series):
+        return bool(series[-1][1])
+    return max(sent)[1] if sent else None
+
+
+def retry_admits_share(rows: list[dict]) -> float | None:
+    """The share of `compare_429s` rows whose retry at the promise (`retry-after-ms`) would
+    have been admitted (rows where that is known)."""
+    known = [c["retry_admitted"] for c in rows if c.get("retry_admitted") is not None]
+    return sum(known) / len(known) if known else None
+
+
 def compare_429s(
     rejected: list[dict],
     probes: dict[str, dict],
@@ -150,7 +169,10 @@ def compare_429s(
         if series is not None:
             seen = observed_interval(r["t_status"], series)
             if seen is not None:
-                rows.append(_row(r, name, ms, seen[1], *seen))
+                row = _row(r, name, ms, seen[1], *seen)
+                if row["promised_s"] is not None:
+                    row["retry_admitted"] = retry_admitted(r["t_status"], row["promised_s"], series)
+                rows.append(row)
             continue
         point = opened[name] - r["t_status"]
         lo = max(point - resolution_s, 0.0)

@@ -7,6 +7,7 @@ from moska.bench.load_drain import (
     compare_429s,
     drain_by_group,
     library_by_probe,
+    retry_admits_share,
     within_2x,
     within_2x_band,
 )
@@ -130,6 +131,8 @@ def summarize(
         else None,
         "retry_after_ms_within_2x_share": within_2x_band(rows),
         "retry_after_ms_within_2x_share_first_open": within_2x_band(first_open),
+        # what a client sees: a retry sent at the promise (retry-after-ms) would be admitted
+        "retry_at_promise_admitted_share": retry_admits_share(rows),
         # 429s with a Retry-After but no admitted probe of their kind after them
         "rejected_429_unresolved": sum(
             1 for r in rejected if (r.get("retry_after") or "").isdigit()

@@ -12,7 +12,13 @@ import json
 import time
 
 from moska.bench.load_client import burst
-from moska.bench.load_drain import compare_429s, observed_interval, within_2x_band
+from moska.bench.load_drain import (
+    compare_429s,
+    observed_interval,
+    retry_admits_share,
+    retry_admitted,
+    within_2x_band,
+)
 from moska.bench.load_probe import DRY_ADMITTED, PROBE_HEADER
 
 OPEN_AGAIN_S = 0.6  # admission reopens for good this long after the burst's first request
@@ -28,6 +34,17 @@ def test_the_interval_is_the_first_admission_sent_after_the_429():
     lo, hi = observed_interval(0.45, series)  # no refused probe in between: from the 429
     assert (lo, round(hi, 6)) == (0.0, 0.05)
     assert observed_interval(0.7, series) is None  # nothing admitted after it: left out
+
+
+def test_a_retry_at_the_promise_gets_what_the_last_probe_sent_by_then_got():
+    series = [(0.1, False), (0.2, True), (0.3, False), (0.4, False), (0.5, True)]
+    assert retry_admitted(0.25, 0.1, series) is False  # 0.35: the 0.3 probe was refused
+    assert retry_admitted(0.25, 0.2, series) is False  # 0.45: the 0.4 one too
+    assert retry_admitted(0.25, 0.26, series) is True  # 0.51: past the last, admitted
+    assert retry_admitted(0.05, 0.17, series) is True  # 0.22: the 0.2 one was admitted
+    assert retry_admitted(0.41, 0.05, series) is None  # no probe went out in between
+    rows = [{"retry_admitted": v} for v in (True, False, None, True)]
+    assert retry_admits_share(rows) == 2 / 3 and retry_admits_share([]) is None
 
 
 def test_compare_uses_the_series_and_keeps_the_first_open_definition_apart():
