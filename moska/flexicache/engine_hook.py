@@ -49,6 +49,7 @@ import torch
 from moska.flexicache import policy
 from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.engine_step import FlexiStep
+from moska.flexicache.host_pool import HostPool, make_host_pool
 from moska.flexicache.offload import Offload, OffloadBatch, pool_blocks_needed
 from moska.flexicache.page_counters import PageCounters
 from moska.flexicache.plain_lists import HeadLists, PlainStep
@@ -92,11 +93,13 @@ class FlexiEngine(PageCounters):
         self._stable = torch.zeros((), dtype=torch.int64, device=device)
         self._heads = torch.zeros((), dtype=torch.int64, device=device)
         self.blocks: Any = None  # the engine's BlockManager, once `attach`ed: real offload
+        self.host_pool: HostPool | None = None  # every hand-off's host copy (`attach`)
         self.cache: Any = None  # the engine's PagedKVCache
         self.min_saving = 1  # blocks a hand-off must free beyond its pool (tests: 0)
         self.extend_pages = 8  # pages past the last hand-off that make a later one (tests: 1)
         self.extensions = 0
         self.released_blocks = 0
+        self.released_first = 0  # hand-offs whose pool took blocks the request released
         self.offloads = 0
         self.mixed_steps = 0  # steps with prefills that patched offloaded decode rows
         # re-rankings' host -> pool copies and evictions, every request's, on the device
@@ -121,6 +124,7 @@ class FlexiEngine(PageCounters):
             return
         self.blocks, self.cache = block_manager, cache
         block_manager.free_listeners.append(self.release)
+        self.host_pool = make_host_pool(self.cfg, cache.k, self.device)
 
     def begin(
         self,
@@ -230,14 +234,24 @@ class FlexiEngine(PageCounters):
         table = bm.block_table(rid)[:pages]
         if -1 in table:  # already released (cannot happen without an Offload)
             return
+        released = 0
         pool = bm.reserve_blocks(rid, need)
-        if pool is None:  # no free block for the pool now: try at the next step
-            return
+        if pool is None:  # too few free blocks: the request's own make room if they are enough
+            own = sum(bm.allocator.ref_count(b) == 1 for b in set(table))
+            if bm.allocator.num_available + own < need:
+                return  # try at the next step
+            # released first: the pool may take them; `Offload` reads each layer's pages
+            # from them (a copy) before it writes that layer's pool slots, in stream order
+            released = bm.release_blocks(rid, pages)
+            pool = bm.reserve_blocks(rid, need)
+            assert pool is not None, (need, bm.allocator.num_available)
+            self.released_first += 1
         keep = self._keep(st, n_pages, pages)
         st.off = Offload(
-            self.cache.k, self.cache.v, table, keep, pool, st.n_stable, cfg.top_k_pages
-        )
-        self.released_blocks += bm.release_blocks(rid, pages)
+            self.cache.k, self.cache.v, table, keep, pool, st.n_stable, cfg.top_k_pages,
+            self.host_pool,
+        )  # fmt: skip
+        self.released_blocks += released or bm.release_blocks(rid, pages)
         self.offloads += 1
 
     def _keep(self, st: _RequestState, n_pages: int, pages: int) -> torch.Tensor:
@@ -292,7 +306,9 @@ class FlexiEngine(PageCounters):
     def release(self, request_id: str) -> None:
         """Forget a request (finished, aborted or preempted): its host copy goes; its pool
         blocks are the block manager's to free."""
-        self.requests.pop(request_id, None)
+        st = self.requests.pop(request_id, None)
+        if st is not None and st.off is not None:
+            st.off.free()
 
     def host_bytes(self) -> int:
         return sum(st.off.host_bytes() for st in self.requests.values() if st.off is not None)
@@ -309,6 +325,7 @@ class FlexiEngine(PageCounters):
             "offloads": self.offloads,
             "extensions": self.extensions,
             "released_blocks": self.released_blocks,
+            "released_first": self.released_first,
             "pool_blocks": sum(len(o.pool) for o in offs),
             "host_bytes": self.host_bytes(),
             "fetched_pages": self.fetched_pages,
@@ -316,6 +333,7 @@ class FlexiEngine(PageCounters):
             "steps": self.clock,
             "plain_steps": self.plain_steps,
             "rerank_reads_kept": self.rerank_reads_kept,
+            **(self.host_pool.stats() if self.host_pool is not None else {}),
         }
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moska.flexicache.config import FlexiCacheConfig
+from moska.flexicache.host_pool import HostPool
 from moska.flexicache.transfer import to_device
 
 
@@ -171,6 +172,7 @@ class Offload:
         pool: list[int],  # reserved blocks
         n_stable: list[int],  # stable heads per layer (fixed from now on)
         top_k: int,
+        host_pool: HostPool | None = None,  # one buffer for every request's host copy
     ) -> None:
         dev = k_cache[0].device
         n_layers, hkv, _ = keep.shape
@@ -178,15 +180,40 @@ class Offload:
         self.hkv, self.n_stable, self.top_k = hkv, n_stable, top_k
         self.pages = 0
         self.pool: list[int] = []
-        pin = dev.type == "cuda"
-        # per (page, head) one contiguous row of bs * D: `gather_rows` reads it in place
-        shape = (n_layers, len(blocks), hkv, bs, d)
-        self.host_k = torch.empty(shape, dtype=k_cache[0].dtype, pin_memory=pin)
-        self.host_v = torch.empty(shape, dtype=k_cache[0].dtype, pin_memory=pin)
+        self.host_pool = host_pool
+        self._ranges: dict[str, tuple[int, int]] = {}  # host_k / host_v: their pool pages
+        # per (page, head) one contiguous row of bs * D: `gather_rows` reads it in place;
+        # room for later hand-offs (`extend`) beyond the pages handed off now
+        cap = len(blocks) + max(8, len(blocks) // 8)
+        self.host_k = self._host("host_k", (n_layers, cap, hkv, bs, d), k_cache[0].dtype, dev)
+        self.host_v = self._host("host_v", (n_layers, cap, hkv, bs, d), k_cache[0].dtype, dev)
         self.kmean = torch.empty(n_layers, hkv, 0, d, dtype=torch.float32, device=dev)
         self.lslot = torch.full((n_layers, hkv, 0), -1, dtype=torch.int64, device=dev)
         self.pool_t = torch.zeros(0, dtype=torch.int64, device=dev)  # local slot -> cache slot
         self.extend(k_cache, v_cache, blocks, keep, pool)
+
+    def _host(self, name: str, shape: tuple[int, ...], dtype, dev) -> torch.Tensor:
+        """[L, cap, Hkv, bs, D] host memory for `name`: pages of the host pool, or (no pool,
+        or none free) its own allocation, pinned on CUDA."""
+        hp = self.host_pool
+        if hp is not None:
+            got = hp.take(shape[1])
+            if got is not None:
+                self._ranges[name] = (got[0], shape[1])
+                return got[1]
+            hp.misses += 1
+        return torch.empty(shape, dtype=dtype, pin_memory=dev.type == "cuda")
+
+    def _give_back(self, name: str) -> None:
+        rng = self._ranges.pop(name, None)
+        if rng is not None and self.host_pool is not None:
+            self.host_pool.give(*rng)
+
+    def free(self) -> None:
+        """The request is gone: its host pool pages go back (own allocations are dropped
+        with this object)."""
+        self._give_back("host_k")
+        self._give_back("host_v")
 
     def host_bytes(self) -> int:
         return 2 * self.host_k.numel() * self.host_k.element_size()
@@ -212,12 +239,15 @@ class Offload:
         assert total == old + new, (total, old, new)
         pin = dev.type == "cuda"
         if total > self.host_k.shape[1]:  # the last extension's copies ended with its step
-            cap = max(total, 2 * self.host_k.shape[1])
+            cap = max(total, self.host_k.shape[1] * 5 // 4)
             for name in ("host_k", "host_v"):
                 t = getattr(self, name)
-                grown = torch.empty((n_layers, cap, *t.shape[2:]), dtype=t.dtype, pin_memory=pin)
+                was = self._ranges.pop(name, None)
+                grown = self._host(name, (n_layers, cap, *t.shape[2:]), t.dtype, dev)
                 grown[:, :old].copy_(t[:, :old])
                 setattr(self, name, grown)
+                if was is not None and self.host_pool is not None:
+                    self.host_pool.give(*was)
         d = self.kmean.shape[-1]
         self.kmean = torch.cat([self.kmean, self.kmean.new_empty(n_layers, hkv, new, d)], 2)
         self.lslot = torch.cat([self.lslot, self.lslot.new_full((n_layers, hkv, new), -1)], 2)

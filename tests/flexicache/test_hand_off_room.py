@@ -1,0 +1,47 @@
+"""A hand-off in a full cache (`FlexiEngine._hand_off`): when too few blocks are free for
+the request's page pool, the request's own blocks (released by the hand-off anyway) make
+the room: released first, then the pool reserved. Before, the hand-off waited for free
+blocks that a full cache never had, so the request kept its full KV (the equal-budget
+bench admits requests up to the budget's edge)."""
+
+from __future__ import annotations
+
+from moska import SamplingParams
+from moska.flexicache import FlexiCacheConfig
+from moska.flexicache.engine_hook import FlexiEngine
+
+CFG = FlexiCacheConfig(
+    top_k_pages=2, recent_pages=1, sink_pages=1, threshold=0.0, rerank_interval=3, host_gib=0
+)
+PROMPT = [(5 * j + j * j) % 240 + 3 for j in range(40)]  # 10 pages of 4 tokens
+
+
+def _run(llm, hog: int):
+    """Greedy tokens and logprobs of one request with `hog` blocks held elsewhere."""
+    runner, bm = llm.engine.runner, llm.engine.block_manager
+    bm.free_listeners.clear()
+    eng = FlexiEngine(CFG, runner.mcfg.num_kv_layers, runner.num_kv_heads, 4, runner.device)
+    eng.attach(bm, runner.cache)
+    eng.min_saving, eng.extend_pages = 0, 1
+    runner.flexi = eng
+    bm.reset_prefix_cache()
+    held = bm.allocator.allocate(hog) if hog else []
+    try:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+        (out,) = llm.generate([PROMPT], params)
+    finally:
+        for b in held:
+            bm.allocator.decref(b)
+    return eng, list(out.outputs[0].token_ids), [lp.logprob for lp in out.outputs[0].logprobs]
+
+
+def test_hand_off_in_a_full_cache_releases_first(flexi_llm):
+    free, toks, lps = _run(flexi_llm, 0)
+    assert free.offloads == 1 and free.released_first == 0
+    total = flexi_llm.engine.block_manager.allocator.num_available
+    # the prompt's 10 blocks and 2 to grow into: no room for a pool beside them
+    tight, toks2, lps2 = _run(flexi_llm, total - 12)
+    assert tight.offloads == 1 and tight.released_first == 1
+    assert toks2 == toks
+    assert max(abs(a - b) for a, b in zip(lps, lps2)) < 1e-5
+    assert flexi_llm.engine.block_manager.allocator.num_used == 0
