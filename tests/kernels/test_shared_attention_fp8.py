@@ -140,3 +140,37 @@ def test_fp8_mma_raw_max_equals_the_scaled_softmax(monkeypatch, granularity):
     assert rel_err(outs[True][0], outs[False][0]) < 1e-3
     # a wrong lse shift (log2(P_RANGE) = 8 in log2 units) would move lse by 5.5: far off
     assert (outs[True][1] - outs[False][1]).abs().max() < 1e-2
+
+
+@_CPU
+@pytest.mark.parametrize("program", ["upcast", "mma"])
+def test_fp8_library_keeps_a_needle(program):
+    # issue 16's needle check for FP8 libraries: one key in one chunk lines up with a request's
+    # query heads (its score ~12 above the rest) and carries a distinctive value; through the
+    # e4m3 library (per-token scales) the routed attention of that chunk returns the needle's
+    # value, as the bf16 reference does (the routing index is built from exact keys, so only
+    # the attention read changes with FP8)
+    gen = torch.Generator().manual_seed(5)
+    lens, hkv, g, d, b = (64, 64, 64), 2, 2, 64, 2
+    s = sum(lens)
+    q = torch.randn(b, hkv * g, d, generator=gen) * 0.3
+    k = torch.randn(s, hkv, d, generator=gen) * 0.3
+    v = torch.randn(s, hkv, d, generator=gen)
+    pos, needle = 64 + 37, torch.zeros(d)
+    needle[7] = 6.0  # the needle's value: one large coordinate
+    for h in range(hkv):  # its key along request 0's query heads of this KV head
+        qd = q[0, h * g : (h + 1) * g].sum(0)
+        k[pos, h] = qd * (24 * d**0.5 / qd.norm() ** 2)  # q_j . k / sqrt(d) ~ 24 / 2 = 12
+        v[pos, h] = needle
+    offs = torch.tensor([0, 64, 128, 192], dtype=torch.int32)
+    sel = Selections(*(torch.tensor(x, dtype=torch.int32) for x in ([0, 0], [0, 1], [1, 1])))
+    q, k, v = q.half(), k.half(), v.half()
+    kq, vq = quantize(k, offs, "token"), quantize(v, offs, "token")
+    sc = d**-0.5
+    ro, _ = grouped_shared_attention_ref(q, k, v, offs, sel, sc)  # the bf16/fp16 library
+    kw = {"kv_scales": (kq.scale, vq.scale), "fp8_mma": program == "mma", **NOSPLIT}
+    o, _ = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw)
+    for out in (ro, o):  # every query head of request 0 reads the needle's value
+        cos = torch.nn.functional.cosine_similarity(out.float().reshape(-1, d), needle[None])
+        assert (cos > 0.95).all(), cos
+    assert rel_err(o, ro) < 0.05, rel_err(o, ro)
