@@ -339,7 +339,8 @@ class StepChannel:
             self.steps = step
             groups = self._recv_json(text_len) if text_len else []
             if self.comm is None:  # a shared-KV rank beside tensor parallelism: the groups
-                return Received(command, groups=[(g, None) for g in groups])
+                none = torch.empty(0, dtype=torch.int64)  # their rows are not theirs
+                return Received(command, groups=[(g, none) for g in groups])
             sizes = [g["n"] for g in groups]
             n = 3 * t + 2 * b + 1 + b * max_blocks + sum(sizes)
             if host is not None:  # gloo: it came in the control message

@@ -63,7 +63,8 @@ def rank_attention(model: Any, num_shared: int, channel: SharedKVChannel | None)
 
 def start_tp_shared_kv(config: EngineConfig, path, dtype, device: str):
     """(LoadedModel of rank 0's slice, DistributedRuntime) after starting TP ranks 1..N-1
-    and the M shared ranks; `runtime.shared_kv` is rank 0's SharedKVAttention."""
+    and the M shared ranks; `runtime.shared_kv` is rank 0's SharedKVAttention. None when
+    torchrun started this process as another rank and it has served until rank 0 stopped."""
     from moska.model import load_model
 
     rank = torchrun_rank()
