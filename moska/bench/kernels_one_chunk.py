@@ -48,7 +48,6 @@ from moska.bench.kernels_shapes import rel, tag
 from moska.bench.kernels_shapes import timer as graph_timer
 from moska.kernels.shared_one_chunk import (
     one_chunk_attention,
-    one_chunk_selections,
     sdpa_one_chunk,
 )
 from moska.kernels.shared_tuning import GroupedTuning, grouped_tuning, one_chunk_backend
@@ -90,13 +89,7 @@ def variants(d: int, g: int, rows: int, dry: bool) -> dict[str, GroupedTuning]:
 def problem(cfg: dict, kv: tuple, d: int, g: int, b: int, dev: str, dtype) -> dict:
     k, v = kv
     q = torch.randn(b, cfg["hkv"] * g, d, device=dev, dtype=dtype)
-    return {
-        "q": q,
-        "k": k,
-        "v": v,
-        "scale": d**-0.5,
-        "sel": one_chunk_selections(b, k.shape[1], dev),
-    }
+    return {"q": q, "k": k, "v": v, "scale": d**-0.5}
 
 
 def reference(p: dict, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,17 +102,20 @@ def reference(p: dict, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def calls(p: dict, vs: dict, sms: int) -> dict[str, Callable[[], Any]]:
-    """name -> fn of everything checked and timed (the launcher's output layout)."""
-    q, k, v, sc, sel = p["q"], p["k"], p["v"], p["scale"], p["sel"]
+    """name -> fn of everything checked and timed (the launcher's output layout). Few rows:
+    the table's tile also without the cached work list (":replan", an A/B of the cache)."""
+    q, k, v, sc = p["q"], p["k"], p["v"], p["scale"]
     out: dict[str, Callable[[], Any]] = {}
     for n, t in vs.items():
         kw = t.launch_config(sms)
-        out[f"triton:{n}"] = partial(
-            one_chunk_attention, q, k, v, sc, backend="triton", sel=sel, **kw
-        )
+        out[f"triton:{n}"] = partial(one_chunk_attention, q, k, v, sc, backend="triton", **kw)
+        if n.startswith("table:") and q.shape[0] * q.shape[1] // k.shape[1] < SMALL_ROWS:
+            out[f"triton:{n}:replan"] = partial(
+                one_chunk_attention, q, k, v, sc, backend="triton", cache_plan=False, **kw
+            )
     if q.device.type == "cuda":
         out |= {f"sdpa:{b}": partial(sdpa_one_chunk, q, k, v, sc, b) for b in SDPA}
-    out["dispatch"] = partial(one_chunk_attention, q, k, v, sc, sel=sel)
+    out["dispatch"] = partial(one_chunk_attention, q, k, v, sc)
     return out
 
 

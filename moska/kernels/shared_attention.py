@@ -75,6 +75,8 @@ def grouped_shared_attention(
     split_b: int | None = None,
     half_tail: bool | None = None,
     max_programs: int | None = None,
+    plans: dict | None = None,
+    plan_key: object = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     fp8_dot: bool = False,
@@ -107,6 +109,10 @@ def grouped_shared_attention(
     most block_m / 2 rows computes only those (the bf16/fp16/fp32 program; the FP8 MMA
     program ignores it). `max_programs` caps the grid (its
     programs then loop over the work items), to leave room beside a concurrent kernel.
+    `plans`: a cache of work lists, for callers whose selections and chunk table follow
+    from `plan_key` and the sizes (one chunk read by every KV head: `shared_one_chunk.py`);
+    a hit skips the two planning launches. Lists built during a CUDA graph capture are not
+    kept (they live in the capture's memory pool).
     """
     table = chunk_table(chunk_offsets)  # offsets: views, no copy
     check_inputs(q, k_pool, v_pool, table, sel)
@@ -145,16 +151,15 @@ def grouped_shared_attention(
     for k_ in ("block_m", "block_n", "merge_m", "split_b"):
         if cfg[k_] < 1 or cfg[k_] & (cfg[k_] - 1):
             raise ValueError(f"{k_} must be a power of two, got {cfg[k_]}")
-    work, meta, w_max = build_work_list(
-        sel,
-        table,
-        hkv,
-        g,
-        cfg["block_m"],
-        cfg["block_n"],
-        cfg["target_programs"],
-        cfg["min_split"],
-    )
+    plan_args = (hkv, g, cfg["block_m"], cfg["block_n"], cfg["target_programs"], cfg["min_split"])
+    key = None if plans is None else (plan_key, q.device, n, *plan_args)
+    plan = None if plans is None else plans.get(key)
+    if plan is None:
+        plan = build_work_list(sel, table, *plan_args)
+        capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if plans is not None and not capturing:  # a capture's tensors live in its pool
+            plans[key] = plan
+    work, meta, w_max = plan
     o_part = torch.empty(w_max, cfg["block_m"], d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(w_max, cfg["block_m"], device=q.device, dtype=torch.float32)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

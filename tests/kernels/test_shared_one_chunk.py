@@ -7,6 +7,7 @@ import pytest
 import torch
 from kernel_util import TOL, rel_err
 
+from moska.kernels import shared_one_chunk
 from moska.kernels.shared_attention import grouped_shared_attention_ref
 from moska.kernels.shared_one_chunk import one_chunk_attention, one_chunk_selections
 from moska.kernels.shared_tuning import OneChunkEntry, one_chunk_backend
@@ -28,15 +29,12 @@ def _reference(q, k, v, b):
 
 
 @pytest.mark.parametrize(
-    "d,g,dtype,split",
-    [(64, 1, torch.float32, True), (128, 4, torch.float16, False), (64, 8, torch.float16, False),
-     (128, 2, torch.float32, False)],
-)  # fmt: skip
-def test_triton_backend_matches_reference(d, g, dtype, split):
+    "d,g,dtype", [(64, 1, torch.float32), (128, 4, torch.float16), (64, 8, torch.float16)]
+)
+def test_triton_backend_matches_reference(d, g, dtype):
     b = 3
     q, k, v = _problem(b, g, dtype, seed=g, d=d)
-    kw = {"block_m": 16, "block_n": 16, "num_stages": 1}
-    kw |= {"target_programs": 4, "min_split": 16} if split else {"target_programs": 1}
+    kw = {"block_m": 16, "block_n": 16, "num_stages": 1, "target_programs": 1}
     o, lse = one_chunk_attention(q, k, v, 0.3, backend="triton", **kw)
     ro, rl = _reference(q, k, v, b)
     assert o.shape == (HKV * b, g, d) and o.dtype == dtype
@@ -57,6 +55,31 @@ def test_sdpa_backend_matches_reference(d, g, dtype):
     assert o.shape == (HKV * b, g, d) and o.dtype == dtype and lse.dtype == torch.float32
     assert rel_err(o, ro) < TOL[dtype]
     assert rel_err(lse, rl) < (1e-4 if dtype == torch.float32 else 1e-3)
+
+
+def test_cached_work_list_is_reused_per_shape_and_never_across_chunk_lengths(launches):
+    # the second call of a shape launches no planning kernel; a shorter chunk (other split
+    # lengths) plans its own, and every call, cached or not, gives the reference
+    shared_one_chunk._INPUTS.clear()
+    shared_one_chunk._PLANS.clear()
+    q, k, v = _problem(4, 2, torch.float32, seed=5, d=16)
+    kw = {"block_m": 16, "block_n": 16, "num_stages": 1, "target_programs": 1}
+    for n_keys, cache, plans in (
+        (S, True, True),
+        (S, True, False),
+        (30, True, True),
+        (S, False, True),
+    ):
+        launches.clear()
+        o, lse = one_chunk_attention(
+            q, k[:n_keys], v[:n_keys], 0.3, backend="triton", cache_plan=cache, **kw
+        )
+        offs = torch.tensor([0, n_keys], dtype=torch.int32)
+        ro, rl = grouped_shared_attention_ref(
+            q, k[:n_keys], v[:n_keys], offs, one_chunk_selections(4, HKV, "cpu"), 0.3
+        )
+        assert rel_err(o, ro) < 1e-4 and rel_err(lse, rl) < 1e-4
+        assert any(name.startswith("_plan") for name in launches) == plans
 
 
 def test_table_picks_backend_by_rows_dtype_and_device():
