@@ -165,11 +165,15 @@ def time_step(model, attention, lib, mode: str, b: int, args, dev: str) -> dict:
     def step():
         return model.compute_logits(model(ids, pos, bound)).argmax(-1)
 
-    fn, graphed = step, False
+    fn, graphed, why = step, False, ""
     if dev == "cuda":
         from moska.bench.common import capture_graph
 
-        fn, graphed = capture_graph(step), True
+        try:
+            fn, graphed = capture_graph(step), True
+        except Exception as e:  # noqa: BLE001 - timed eagerly instead, said in the row
+            torch.cuda.synchronize()
+            why = f"CUDA graph capture failed, eager: {type(e).__name__}: {e}"[:300]
     ms = time_ms(fn, iters=args.iters, warmup=1)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
     return {
@@ -178,6 +182,7 @@ def time_step(model, attention, lib, mode: str, b: int, args, dev: str) -> dict:
         "step_ms": ms,
         "decode_tokens_per_s": b / (ms / 1e3),
         "cuda_graph": graphed,
+        **({"graph_error": why} if why else {}),
         "library_kv_gib": sum(t.numel() * t.element_size() for t in lib.k_pools + lib.v_pools)
         / 2**30,
         "peak_gpu_gib": mem,
