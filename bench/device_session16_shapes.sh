@@ -28,13 +28,13 @@ fi
 for i in $(seq 0 $((NW - 1))); do
   timeout 45 $PY -m moska.bench.kernels_one_chunk $DRY --warm "$i/$NW" > "$OUT/warm_$i.log" 2>&1 &
 done
-timeout 45 $PY -m pytest -q -p no:cacheprovider $TESTS > "$OUT/tests.log" 2>&1
+timeout 60 $PY -m pytest -q -p no:cacheprovider $TESTS > "$OUT/tests.log" 2>&1
 echo "tests rc=$? at $(( $(date +%s) - T0 )) s: $(tail -1 "$OUT/tests.log" | cut -c1-200)"
 wait
 echo "warm-up (compiles) done at $(( $(date +%s) - T0 )) s; failures:"
 grep -h "failed" "$OUT"/warm_*.log | cut -c1-200 | head -6
 grep -h "FAILED\|Error" "$OUT/tests.log" | cut -c1-240 | head -8
-timeout 92 $PY -m moska.bench.kernels_one_chunk $DRY --out "$OUT" --budget-s 70 \
+timeout 80 $PY -m moska.bench.kernels_one_chunk $DRY --out "$OUT" --budget-s 60 \
   --name kernels_one_chunk_h200.json > "$OUT/one_chunk.log" 2>&1
 echo "one_chunk rc=$? at $(( $(date +%s) - T0 )) s"
 grep -v '^{' "$OUT/one_chunk.log" | tail -42 | cut -c1-200

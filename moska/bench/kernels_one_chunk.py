@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
-from moska.bench.common import environment, write_json
+from moska.bench.common import capture_graph, environment, write_json
 from moska.bench.floors import attention_flops, floor_ms, measure_matmul
 from moska.bench.kernels_shapes import rel, tag
 from moska.bench.kernels_shapes import timer as graph_timer
@@ -180,6 +180,29 @@ def run_point(cfg, kv, d, g, b, dev, dtype, sms, graph_ms, eager_ms, tol, dry) -
     return pt
 
 
+def timers(dev: str) -> tuple[Callable, Callable]:
+    """(graph, eager) ms of a call: the median of triton's do_bench (L2 flushed between
+    calls) over a CUDA graph's replays (eager calls where capture fails, printed), or over
+    eager calls; on the CPU the host clock."""
+    if dev != "cuda":
+        return graph_timer(dev), graph_timer(dev)
+    from triton.testing import do_bench
+
+    def eager(fn) -> float:
+        return do_bench(fn, warmup=5, rep=30, return_mode="median")
+
+    def graph(fn) -> float:
+        try:
+            replay = capture_graph(fn)
+        except Exception as e:  # noqa: BLE001 - timed eagerly instead, and said so
+            print(f"graph capture failed, timed eagerly: {e!r}"[:200], flush=True)
+            torch.cuda.synchronize()
+            replay = fn
+        return eager(replay)
+
+    return graph, eager
+
+
 def point_summary(pt: dict, bw: float, peak: float) -> dict:
     fl = floor_ms(pt["bytes"], pt["flops"], bw, peak)
     out: dict[str, Any] = {"bound": fl["bound"], "floor_ms": round(fl["floor_ms"], 4)}
@@ -274,14 +297,7 @@ def main(argv=None) -> None:
     ceil.update(measure_matmul(dev, sizes=(256,) if dry else (8192, 16384), reps=3 if dry else 6))
     bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
     print(f"read {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s, {sms} SMs", flush=True)
-    graph_ms = graph_timer(dev)
-    if dev == "cuda":
-        from triton.testing import do_bench
-
-        def eager_ms(fn) -> float:
-            return do_bench(fn, warmup=10, rep=30, return_mode="median")
-    else:
-        eager_ms = graph_ms
+    graph_ms, eager_ms = timers(dev)
     res: dict[str, Any] = dict(environment(), device=dev, config=cfg, ceilings=ceil)
     res |= {"read_GBps": bw / 1e9, "matmul_tflops": peak / 1e12, "points": [], "missing": []}
     pools: dict[int, tuple] = {}  # D -> (k, v) of the chunk
