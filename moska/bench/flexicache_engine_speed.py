@@ -1,26 +1,32 @@
 """Decode tokens/s of the serving engine's own FlexiCache path (`--flexicache`,
 `moska/flexicache/engine_hook.py`, `engine_step.py`) against full KV in the same engine, on a
 random Llama-3.1-8B-shaped model (the speed bench's model, `flexicache_speed.py`, which times
-the page store's decode loop instead of the engine's).
+the page store's decode loop instead of the engine's), in ONE GPU KV budget.
 
-Each row builds an `LLMEngine` over the one random model, prefills `batch` requests of
-`--context` random tokens, runs `--warmup` decode steps (two re-rankings and the hand-off of
-old pages to host memory), then times `--steps` `engine.step()` calls: tokens/s = decode
-tokens / wall seconds. Rows (`--rows`, name:batch): "full" (full KV; decode steps replayed
-from the engine's CUDA graphs), "full-eager" (full KV, `enforce_eager`), "deferred" (the
-FlexiCache default: deferred re-ranking with held pages), "step" (`rerank=step`: the pages
-a re-ranking picks read in its own step); FlexiCache's plain steps are replayed from CUDA
-graphs (`flexicache/engine_graphs.py`), re-ranking steps run eagerly; "-eager" (e.g.
-"deferred-eager"): every step eager. A random model's rankings churn: as in the speed bench, a
-`--stable-fraction` of (layer, KV head) pairs is forced stable (`FlexiEngine.force_stable`)
-with threshold 2 (no other head stable), and `--churn` (default 0.375, the speed bench's: a
-stable head replaces that share of its top-K per re-ranking, `ChurnScores`; -1: the random
-ranking's own, nearly all of it, which the session-15 first run had: 550K pages fetched).
-GPU KV: the engine's blocks in use after the timed
-steps (the requests' blocks, their pools) against the blocks full KV holds for them.
+`--budget full:15` (default): every row's engine gets the blocks full KV needs for 15
+requests of `--context` tokens plus their decode (`gib:G`: G GiB of blocks; `none`: each row
+sized for its own batch, the session-15 form, where FlexiCache's rows had room for their
+batch as full KV). Rows (`--rows`, name:batch): "full" (full KV; decode steps replayed from
+the engine's CUDA graphs), "full-eager", "deferred" (the FlexiCache default: deferred
+re-ranking with held pages), "step" (`rerank=step`); "-eager" (e.g. "deferred-eager"): every
+step eager. Batch "fit": the largest batch that fits in the budget, found by the engine
+itself: requests are added in waves, as many as the free blocks hold at full KV (prompt, one
+decode block, and each running request's growth over the rest of the run), each wave
+prefilled and decoded until its requests have handed their old pages to the host (stable
+heads keep top-K + sink + recent pages on the GPU, unstable heads all; the rest in the
+pinned host pool, `host=` GiB), until the next request no longer fits. Then `--warmup` decode
+steps, then `--steps` timed `engine.step()` calls: tokens/s = decode tokens / wall seconds.
+GPU KV held: the engine's blocks in use (requests' blocks and page pools), peak over the
+timed steps; preemptions are counted (a row with any did not fit).
 
-Usage: python -m moska.bench.flexicache_engine_speed [--rows deferred:38,full:15,...]
-           [--context 4096] [--layers 32] [--cpu-dry-run] [--out ...json]
+A random model's rankings churn: as in the speed bench, a `--stable-fraction` of (layer, KV
+head) pairs is forced stable (`FlexiEngine.force_stable`) with threshold 2 (no other head
+stable), and `--churn` (default 0.375, the speed bench's: a stable head replaces that share
+of its top-K per re-ranking, `ChurnScores`; -1: the random ranking's own). Loss of the same
+configuration on the quality model: `flexicache_engine_quality.py`.
+
+Usage: python -m moska.bench.flexicache_engine_speed [--rows full:15,deferred:fit,...]
+           [--budget full:15|gib:G|none] [--context 4096] [--cpu-dry-run] [--out ...json]
 """
 
 from __future__ import annotations
@@ -45,16 +51,17 @@ class ChurnScores:
     KV head) (1 - churn) K fixed `hot` pages get a large bonus, the rest of the top-K is
     drawn at random at each re-ranking, so a stable head replaces about churn * K pages per
     re-ranking (0.375: the rate of moska-code-20m at K = 32, threshold 0.75) instead of
-    nearly all of them (random keys' rankings)."""
+    nearly all of them (random keys' rankings). Hot pages lie in the first `pages`; scores
+    of up to `cap` pages are taken."""
 
-    def __init__(self, flexi, pages: int, churn: float, seed: int) -> None:
+    def __init__(self, flexi, pages: int, cap: int, churn: float, seed: int) -> None:
         cfg = flexi.cfg
         gen = torch.Generator().manual_seed(seed + 1)
         n_hot = round((1 - churn) * cfg.top_k_pages)
         span = max(pages - cfg.sink_pages - cfg.recent_pages - 1, n_hot)
         shape = (flexi.num_layers, flexi.num_kv_heads)
         hot = torch.rand(*shape, span, generator=gen).argsort(-1)[..., :n_hot] + cfg.sink_pages
-        self.bonus = torch.zeros(*shape, pages + 64)
+        self.bonus = torch.zeros(*shape, max(cap, pages) + 64)
         self.bonus.scatter_(-1, hot, 1e3)
         self.bonus = self.bonus.to(flexi.device)
 
@@ -68,34 +75,62 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> dict[str, Any]:
-    """One engine, `batch` requests: prefill, warm-up, timed decode steps."""
+def _blocks_for(a, batch: int) -> tuple[int, int]:
+    """(max_tokens, blocks per request) of a row of `batch` requests that all decode through
+    the timed steps (the first prefilled decodes ~batch * context / prefill_tokens steps
+    before the last; the rest are aborted after the timing)."""
+    max_tokens = a.warmup + a.steps + 8 + -(-batch * a.context // a.prefill_tokens)
+    return max_tokens, -(-(a.context + max_tokens + 4) // a.block_size)
+
+
+def budget_blocks(a, block_bytes: int) -> int | None:
+    """GPU KV blocks every row gets (`--budget`), None: each row its own."""
+    kind, _, val = a.budget.partition(":")
+    if kind == "none":
+        return None
+    if kind == "full":
+        batch = int(val)
+        return batch * _blocks_for(a, batch)[1] + 8
+    if kind == "gib":
+        return int(float(val) * 2**30) // block_bytes
+    raise SystemExit(f"--budget {a.budget!r}: use full:B, gib:G or none")
+
+
+def measure_row(
+    loaded, a, mode: str, batch: int | None, device: str, dtype: str, budget: int | None
+) -> dict[str, Any]:
+    """One engine: `batch` requests (None: as many as fit, `_admit_fit`), warm-up, timed
+    decode steps."""
     from moska import SamplingParams
     from moska.config import EngineConfig
     from moska.engine.llm_engine import LLMEngine
 
     bs = a.block_size
-    # no request may finish inside the timed steps (a finished one changes the batch: the
-    # lists are rebuilt, a step runs eagerly): the first prefilled decode ~batch * context
-    # / prefill_tokens steps before the last; the rest are aborted after the timing
-    max_tokens = a.warmup + a.steps + 8 + -(-batch * a.context // a.prefill_tokens)
-    total = a.context + max_tokens + 4
-    per_req = -(-total // bs)
+    max_tokens, per_req = _blocks_for(a, batch or a.max_batch)
     spec = None
     base, eager = mode.removesuffix("-eager"), mode.endswith("-eager")
     if base in ("deferred", "step"):
-        spec = f"{a.flexicache},threshold=2,rerank={base}"
-    # FlexiCache: room for one request's page pool beyond its blocks, so that the first
-    # hand-off can reserve it (it then releases ~all of its blocks: the rest follow); at B = 15
-    # without it most requests found no free block for their pool until others finished
-    spare = 8 + (per_req // 2 if spec is not None else 0)
+        spec = f"{a.flexicache},threshold=2,rerank={base},host={a.host_gib}"
+    if budget is None:  # the session-15 sizing: room for the batch at full KV (and a pool)
+        budget = (batch or a.max_batch) * per_req + 8 + (per_req // 2 if spec else 0)
     config = EngineConfig(
-        model=None, device=device, dtype=dtype, block_size=bs, num_kv_blocks=batch * per_req + spare,
-        max_num_seqs=batch, max_num_batched_tokens=a.prefill_tokens, enable_prefix_caching=False,
-        flexicache=spec, enforce_eager=eager,
+        model=None, device=device, dtype=dtype, block_size=bs, num_kv_blocks=budget,
+        max_num_seqs=batch or a.max_batch, max_num_batched_tokens=a.prefill_tokens,
+        enable_prefix_caching=False, flexicache=spec, enforce_eager=eager,
         attention="torch" if device == "cpu" else "auto",
     )  # fmt: skip
+    t0 = time.perf_counter()
     engine = LLMEngine(config, loaded, None)
+    startup_s = time.perf_counter() - t0
+    sched = engine.scheduler
+    preempted = [0]
+    preempt = sched._preempt
+
+    def counted(request) -> None:
+        preempted[0] += 1
+        preempt(request)
+
+    sched._preempt = counted  # type: ignore[method-assign]
     flexi = engine.runner.flexi
     if flexi is not None:
         hkv = flexi.num_kv_heads
@@ -103,42 +138,56 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
         forced = torch.rand(flexi.num_layers, hkv, generator=gen) < a.stable_fraction
         flexi.force_stable = forced.to(flexi.device)
         if a.churn >= 0:
-            flexi.score_hook = ChurnScores(flexi, per_req, a.churn, a.seed)
+            cap = -(-(a.context + max_tokens + a.max_batch * 64) // bs)
+            flexi.score_hook = ChurnScores(flexi, -(-a.context // bs), cap, a.churn, a.seed)
     vocab = loaded.config.vocab_size
-    gen = torch.Generator().manual_seed(a.seed + batch)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(f"r{i}", torch.randint(3, vocab, (a.context,), generator=gen).tolist(),
-                           params)  # fmt: skip
+    gen = torch.Generator().manual_seed(a.seed + (batch or 0))
+    # a fit row's first requests decode through every wave: as long as the cache allows
+    long_tokens = max_tokens if batch else budget * bs - a.context - 2 * bs
+    params = SamplingParams(temperature=0, max_tokens=long_tokens, ignore_eos=True)
+
+    def add(eng, i: int) -> None:
+        prompt = torch.randint(3, vocab, (a.context,), generator=gen).tolist()
+        eng.add_request(f"r{i}", prompt, params)
+
     t0 = time.perf_counter()
-    started: set[str] = set()
-    while len(started) < batch:  # every prompt prefilled, its first token sampled
-        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+    waves: list[int] = []
+    if batch:
+        for i in range(batch):
+            add(engine, i)
+        _until_started(engine, [f"r{i}" for i in range(batch)])
+    else:
+        batch, waves = _admit_fit(engine, a, add, budget)
     for _ in range(a.warmup):
         engine.step()
     _sync(device)
     t1 = time.perf_counter()
-    n_tokens, each, due = 0, [], []
+    n_tokens, each, due, peak = 0, [], [], 0
     n_before = len(_requests(engine))
+    bm = engine.block_manager
     for _ in range(a.steps):
         if flexi is not None:
             due.append(flexi.clock % flexi.cfg.rerank_interval == 0)
         t = time.perf_counter()
         n_tokens += len(engine.step())
         each.append(1e3 * (time.perf_counter() - t))  # the host's (steps run ahead)
+        peak = max(peak, bm.allocator.num_used)
     _sync(device)
     t2 = time.perf_counter()
-    bm = engine.block_manager
     used = bm.allocator.num_used
+    block_bytes = _block_bytes(engine)
     full_blocks = sum(-(-r.num_tokens // bs) for r in _requests(engine))
     row: dict[str, Any] = {
-        "row": mode, "batch": batch, "flexicache": spec, "cuda_graphs": engine.runner.graphs
-        is not None, "prefill_and_warmup_s": t1 - t0, "timed_steps": a.steps,
-        "decode_tokens": n_tokens, "seconds": t2 - t1,
+        "row": mode, "batch": batch, "fit": bool(waves), "waves": waves,
+        "flexicache": spec, "budget_blocks": budget, "budget_gib": budget * block_bytes / 2**30,
+        "engine_startup_s": startup_s, "prefill_and_warmup_s": t1 - t0,
+        "timed_steps": a.steps, "decode_tokens": n_tokens, "seconds": t2 - t1,
         "tokens_per_s": n_tokens / max(t2 - t1, 1e-9), "step_ms": 1e3 * (t2 - t1) / a.steps,
         "requests_timed": n_before, "requests_left": len(_requests(engine)),
-        "gpu_kv_blocks_used": used, "full_kv_blocks": full_blocks,
+        "preemptions": preempted[0], "gpu_kv_blocks_used": used, "gpu_kv_blocks_peak": peak,
+        "gpu_kv_gib_peak": peak * block_bytes / 2**30, "full_kv_blocks": full_blocks,
         "gpu_kv_fraction": used / max(full_blocks, 1),
+        "mean_context": sum(r.num_tokens for r in _requests(engine)) / max(n_before, 1),
     }  # fmt: skip
     row["step_ms_each"] = [round(x, 2) for x in each]  # wall per step, no sync between
     if flexi is not None:
@@ -152,8 +201,10 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
         if pg is not None:
             row["plain_graphs"] = {"captures": pg.captures, "replays": pg.replays,
                                    "failed": pg.failed}  # fmt: skip
-    for i in range(batch):
-        engine.abort_request(f"r{i}")
+    else:
+        row["cuda_graphs"] = engine.runner.graphs is not None
+    for r in _requests(engine):
+        engine.abort_request(r.request_id)
     while engine.has_unfinished_requests():
         engine.step()
     del engine, flexi
@@ -163,6 +214,48 @@ def measure_row(loaded, a, mode: str, batch: int, device: str, dtype: str) -> di
     return row
 
 
+def _until_started(engine, ids: list[str]) -> None:
+    """Step until every request in `ids` is prefilled and has sampled its first token."""
+    started: set[str] = set()
+    while not started.issuperset(ids):
+        started.update(o.request_id for o in engine.step() if o.outputs[0].token_ids)
+
+
+def _admit_fit(engine, a, add, budget: int) -> tuple[int, list[int]]:
+    """Add requests in waves while the free blocks hold one more at full KV (its prompt and
+    a decode block) beside every running request's growth until the run ends; each wave is
+    decoded until its requests have handed off (or will not). Returns (batch, wave sizes)."""
+    bm, flexi, bs = engine.block_manager, engine.runner.flexi, a.block_size
+    need = -(-a.context // bs) + 1
+    grow = -(-(a.warmup + a.steps + 2 * a.rerank) // bs) + 1
+    n, waves = 0, []
+    while n < a.max_batch:
+        free = bm.allocator.num_available - n * grow
+        k = min(free // (need + grow), a.max_batch - n)
+        if k <= 0:
+            break
+        ids = [f"r{n + i}" for i in range(k)]
+        for i in range(k):
+            add(engine, n + i)
+        n += k
+        waves.append(k)
+        _until_started(engine, ids)
+        if flexi is None:
+            continue
+        for _ in range(4 * a.rerank + 8):  # two re-rankings classify; then the hand-off
+            states = [flexi.requests.get(rid) for rid in ids]
+            if all(st is not None and (st.off is not None or st.keep_all) for st in states):
+                break
+            engine.step()
+    return n, waves
+
+
+def _block_bytes(engine) -> int:
+    """GPU bytes of one KV block: K and V of every layer."""
+    k = engine.runner.cache.k
+    return 2 * sum(t[0].numel() * t.element_size() for t in k)
+
+
 def _requests(engine) -> list:
     """The engine's unfinished requests (for their lengths)."""
     reqs = (engine.scheduler.get_request(f"r{i}") for i in range(engine.config.max_num_seqs))
@@ -170,28 +263,53 @@ def _requests(engine) -> list:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    by = {(r["row"], r["batch"]): r for r in rows}
+    """Tokens/s and GPU KV per row; FlexiCache's largest batch against full KV's in the
+    same budget (`equal_budget`) and GPU KV saved at full KV's batch."""
+    key = {id(r): f"{r['row']}:{'fit=' if r['fit'] else ''}{r['batch']}" for r in rows}
+    out: dict[str, Any] = {
+        "tokens_per_s": {key[id(r)]: r["tokens_per_s"] for r in rows},
+        "gpu_kv_gib_peak": {key[id(r)]: r["gpu_kv_gib_peak"] for r in rows},
+        "preemptions": {key[id(r)]: r["preemptions"] for r in rows},
+    }
     full = [r for r in rows if r["row"] == "full"]
     base = max(full, key=lambda r: r["batch"]) if full else None
-    out: dict[str, Any] = {"tokens_per_s": {f"{r['row']}:{r['batch']}": r["tokens_per_s"]
-                                            for r in rows}}  # fmt: skip
-    if base is not None:
-        out["full_batch"] = base["batch"]
-        out["speedup_vs_full"] = {
-            f"{r['row']}:{r['batch']}": r["tokens_per_s"] / base["tokens_per_s"]
-            for r in rows if r["row"] != "full"
+    if base is None:
+        return out
+    out["full_batch"] = base["batch"]
+    out["speedup_vs_full"] = {
+        key[id(r)]: r["tokens_per_s"] / base["tokens_per_s"] for r in rows if r is not base
+    }
+    same = [r for r in rows if r["row"] == "deferred" and r["batch"] == base["batch"]]
+    if same:
+        out["gpu_kv_saved_equal_batch"] = 1 - same[0]["gpu_kv_blocks_peak"] / max(
+            base["gpu_kv_blocks_peak"], 1
+        )
+    fit = [r for r in rows if r["fit"] and r["row"] == "deferred"]
+    if fit and fit[0]["budget_blocks"] == base["budget_blocks"]:
+        f = fit[0]
+        out["equal_budget"] = {
+            "budget_blocks": base["budget_blocks"], "budget_gib": base["budget_gib"],
+            "full_batch": base["batch"], "flexicache_batch": f["batch"],
+            "full_tokens_per_s": base["tokens_per_s"], "flexicache_tokens_per_s":
+            f["tokens_per_s"], "speedup": f["tokens_per_s"] / base["tokens_per_s"],
+            "full_gpu_kv_gib_peak": base["gpu_kv_gib_peak"],
+            "flexicache_gpu_kv_gib_peak": f["gpu_kv_gib_peak"],
+            "both_within_budget": max(base["gpu_kv_blocks_peak"], f["gpu_kv_blocks_peak"])
+            <= base["budget_blocks"], "preemptions": base["preemptions"] + f["preemptions"],
         }  # fmt: skip
-        same = by.get(("deferred", base["batch"]))
-        if same is not None:
-            out["gpu_kv_saved_equal_batch"] = 1 - same["gpu_kv_blocks_used"] / max(
-                base["gpu_kv_blocks_used"], 1
-            )
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
+    from moska.flexicache.config import FlexiCacheConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="deferred:38,full:15,deferred:15,step:38")
+    ap.add_argument("--rows", default="full:15,deferred:fit,deferred:15")
+    ap.add_argument("--budget", default="full:15",
+                    help="GPU KV blocks of every row: full:B (what full KV needs for B "
+                         "requests), gib:G, or none (each row its own)")  # fmt: skip
+    ap.add_argument("--max-batch", type=int, default=64, help="cap of a fit row's batch")
+    ap.add_argument("--host-gib", default="48", help="FlexiCache's host pool (host=)")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=16)
@@ -211,23 +329,38 @@ def main(argv: list[str] | None = None) -> None:
     hf = dict(LLAMA_3_1_8B, num_hidden_layers=a.layers)
     if device == "cpu":  # a tiny model, short contexts, k=2 of 4-token pages, r = 4
         hf, a.context, a.block_size, a.steps, a.warmup = TINY, 96, 4, 6, 10
-        a.flexicache, a.prefill_tokens = "k=2,recent=1,sink=1,r=4", 512
-        a.rows = ",".join(f"{r.split(':')[0]}:{min(int(r.split(':')[1]), 4)}"
-                          for r in a.rows.split(","))  # fmt: skip
+        a.flexicache, a.prefill_tokens, a.max_batch = "k=2,recent=1,sink=1,r=4", 512, 12
+        a.host_gib = "0.05"
+
+        def small(item: str) -> str:
+            name, _, b = item.partition(":")
+            return f"{name}:{b if b == 'fit' else min(int(b), 4)}"
+
+        a.rows = ",".join(small(r) for r in a.rows.split(","))
+        if a.budget.startswith("full:"):
+            a.budget = f"full:{min(int(a.budget[5:]), 4)}"
+    a.rerank = FlexiCacheConfig.parse(a.flexicache).rerank_interval
     dtype = "float32" if device == "cpu" else "bfloat16"
+    esz = 4 if device == "cpu" else 2
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    block_bytes = 2 * hf["num_hidden_layers"] * a.block_size * hf["num_key_value_heads"]
+    block_bytes *= head_dim * esz
+    budget = budget_blocks(a, block_bytes)
     loaded = random_loaded_model(hf, getattr(torch, dtype), device, a.seed)
     result: dict[str, Any] = {
         "environment": environment(), "command": " ".join(sys.argv), "device": device,
         "dtype": dtype, "model": "random Llama-3.1-8B-shaped" if device == "cuda" else "tiny",
         "shapes": {"context": a.context, "layers": hf["num_hidden_layers"],
                    "kv_heads": hf["num_key_value_heads"], "block_size": a.block_size,
-                   "warmup": a.warmup, "steps": a.steps},
+                   "warmup": a.warmup, "steps": a.steps, "block_bytes": block_bytes},
+        "budget": a.budget, "budget_blocks": budget, "host_gib": a.host_gib,
         "flexicache": a.flexicache, "stable_fraction_forced": a.stable_fraction,
         "churn": a.churn, "rows": [],
     }  # fmt: skip
     for item in a.rows.split(","):
-        mode, batch = item.split(":")
-        row = measure_row(loaded, a, mode, int(batch), device, dtype)
+        mode, _, b = item.partition(":")
+        batch = None if b == "fit" else int(b)
+        row = measure_row(loaded, a, mode, batch, device, dtype, budget)
         result["rows"].append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "flexi_stats"}), flush=True)
         result["summary"] = summarize(result["rows"])

@@ -62,9 +62,8 @@ def _run(llm, host_gib: float, pool_pages: int | None = None):
     eng.attach(bm, runner.cache)
     if pool_pages is not None:
         assert eng.host_pool is not None
-        eng.host_pool = HostPool(
-            pool_pages, eng.host_pool.page_shape, eng.host_pool.buffer.dtype, pin=False
-        )
+        old = eng.host_pool
+        eng.host_pool = HostPool(pool_pages, old.page_shape, old.buffer.dtype, old.pin)
     eng.min_saving, eng.extend_pages = 0, 1
     runner.flexi = eng
     bm.reset_prefix_cache()
@@ -78,7 +77,7 @@ def _run(llm, host_gib: float, pool_pages: int | None = None):
     return eng, toks, lps
 
 
-def test_engine_hand_offs_use_one_pool_and_give_it_back(flexi_llm):
+def _check_pool(flexi_llm) -> FlexiEngine:
     none, toks0, lps0 = _run(flexi_llm, 0.0)
     assert none.host_pool is None and none.offloads == 3 and none.extensions > 0
     auto, toks1, lps1 = _run(flexi_llm, -1.0)
@@ -93,3 +92,23 @@ def test_engine_hand_offs_use_one_pool_and_give_it_back(flexi_llm):
     for a, b, c in zip(lps0, lps1, lps2):
         assert a == pytest.approx(b, abs=1e-5) and a == pytest.approx(c, abs=1e-5)
     assert flexi_llm.engine.block_manager.allocator.num_used == 0
+    return auto
+
+
+def test_engine_hand_offs_use_one_pool_and_give_it_back(flexi_llm):
+    _check_pool(flexi_llm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_hand_offs_use_one_pinned_pool_on_cuda():
+    """On a GPU the pool is pinned (fetches read it in place, `gather_rows`) and the copies
+    of many requests, views of it, are read by one gather: same tokens as without it."""
+    from moska import LLM
+
+    llm = LLM(
+        None, device="cuda", dtype="float32", num_kv_blocks=64, block_size=4,
+        flexicache="k=2,recent=1,sink=1,threshold=2,r=2",
+    )  # fmt: skip
+    auto = _check_pool(llm)
+    assert auto.host_pool is not None and auto.host_pool.buffer.is_pinned()
+    assert llm.engine.runner.cache.k[0].is_cuda
