@@ -59,8 +59,8 @@ SMALL = {
     128: [T(64, 64, 4, 3, programs_per_sm=4), T(128, 128, 8, 3, programs_per_sm=1)],
     64: [T(64, 128, 4, 3, programs_per_sm=4), T(128, 64, 8, 3)],
 }
-LARGE = {
-    128: [T(128, 128, 8, 3), T(128, 128, 8, 4)],
+LARGE = {  # (128 x 128 x 4 stages needs 296 KB of shared memory: over the H200's 227)
+    128: [T(128, 128, 8, 3), T(128, 128, 8, 2)],
     64: [T(128, 64, 8, 3), T(128, 64, 8, 4)],
 }
 SMALL_ROWS = 512  # rows per KV head below which the SMALL variants run
@@ -134,45 +134,57 @@ def check(p: dict, fns: dict, r: int, tol: float) -> dict:
     return res
 
 
-def baselines(p: dict, g: int, dev: str, graph_ms, eager_ms) -> dict:
+def baselines(p: dict, g: int, dev: str, prepare) -> tuple[dict, dict]:
     """flash / cuDNN through F.scaled_dot_product_attention on packed rows made outside the
-    timing (the libraries' best case): each as a graph replay and eagerly."""
+    timing (the libraries' best case, no LSE asked for): each as a graph replay and eagerly.
+    Returns ({name: fn to time}, {name: error})."""
     q, k, v, sc = p["q"], p["k"], p["v"], p["scale"]
     b, _, d = q.shape
     hkv = k.shape[1]
     qp = q.view(b, hkv, g, d).transpose(0, 1).reshape(1, hkv, b * g, d)
     kt, vt = k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2)
-    out: dict[str, Any] = {"ms": {}, "errors": {}}
+    runs: dict[str, Callable] = {}
+    errors: dict[str, str] = {}
     for name, be in (SDPA if dev == "cuda" else {"math": SDPBackend.MATH}).items():
 
         def fn(be=be):
             with sdpa_kernel(be):
                 return F.scaled_dot_product_attention(qp, kt, vt, scale=sc)
 
-        for how, measure in (("graph", graph_ms), ("eager", eager_ms)):
-            try:
-                out["ms"][f"{name}_{how}"] = measure(fn)
-            except Exception as e:  # noqa: BLE001 - a backend refusing the shape says why
-                out["errors"][f"{name}_{how}"] = repr(e)[:300]
-    return out
+        try:
+            fn()
+            runs[f"{name}_graph"], runs[f"{name}_eager"] = prepare(fn), fn
+        except Exception as e:  # noqa: BLE001 - a backend refusing the shape says why
+            errors[name] = repr(e)[:300]
+    return runs, errors
 
 
-def run_point(cfg, kv, d, g, b, dev, dtype, sms, graph_ms, eager_ms, tol, dry) -> dict:
+def run_point(cfg, kv, d, g, b, dev, dtype, sms, prepare, measure, tol, dry) -> dict:
+    """Check every call, then time them all in two rounds (the second in reverse order; a
+    call's time is the lower of its two medians: order and clock drift weigh less)."""
     p = problem(cfg, kv, d, g, b, dev, dtype)
     rows = b * g
     pt: dict[str, Any] = {"D": d, "G": g, "B": b, "S": cfg["single_len"], "rows": rows}
-    pt["dispatch_backend"] = one_chunk_backend(d, rows, dtype, dev)
+    pt["dispatch_backend"] = one_chunk_backend(d, g, rows, dtype, dev)
     fns = calls(p, variants(d, g, rows, dry), sms)
     pt["check"] = check(p, fns, min(b, cfg["check_reqs"]), tol)
-    pt["ms"], pt["errors"] = {}, {}
+    pt["errors"], runs = {}, {}
     for name, fn in fns.items():
-        if not pt["check"][name]["ok"]:
-            continue
-        try:
-            pt["ms"][name] = graph_ms(fn)
-        except Exception as e:  # noqa: BLE001
-            pt["errors"][name] = repr(e)[:300]
-    pt["baselines"] = baselines(p, g, dev, graph_ms, eager_ms)
+        if pt["check"][name]["ok"]:
+            try:
+                runs[name] = prepare(fn)
+            except Exception as e:  # noqa: BLE001
+                pt["errors"][name] = repr(e)[:300]
+    base_runs, base_errors = baselines(p, g, dev, prepare)
+    runs |= {f"base:{k}": v for k, v in base_runs.items()}
+    rounds: dict[str, list[float]] = {k: [] for k in runs}
+    for order in (list(runs), list(reversed(runs))):
+        for name in order:
+            rounds[name].append(measure(runs[name]))
+    best = {k: min(v) for k, v in rounds.items()}
+    pt["ms"] = {k: v for k, v in best.items() if not k.startswith("base:")}
+    pt["baselines"] = {"ms": {k[5:]: v for k, v in best.items() if k.startswith("base:")}}
+    pt["baselines"]["errors"], pt["rounds_ms"] = base_errors, rounds
     el = p["k"].element_size()
     hkv = cfg["hkv"]
     nbytes = cfg["single_len"] * hkv * d * 2 * el + 2 * b * hkv * g * d * el
@@ -181,94 +193,106 @@ def run_point(cfg, kv, d, g, b, dev, dtype, sms, graph_ms, eager_ms, tol, dry) -
 
 
 def timers(dev: str) -> tuple[Callable, Callable]:
-    """(graph, eager) ms of a call: the median of triton's do_bench (L2 flushed between
-    calls) over a CUDA graph's replays (eager calls where capture fails, printed), or over
-    eager calls; on the CPU the host clock."""
+    """(prepare, measure): prepare(fn) captures fn as a CUDA graph and returns its replay
+    (fn itself where capture fails, printed); measure(fn) is the median ms of triton's
+    do_bench (L2 flushed between calls). On the CPU: fn itself, and the host clock."""
     if dev != "cuda":
-        return graph_timer(dev), graph_timer(dev)
+        return (lambda fn: fn), graph_timer(dev)
     from triton.testing import do_bench
 
-    def eager(fn) -> float:
-        return do_bench(fn, warmup=5, rep=30, return_mode="median")
+    def measure(fn) -> float:
+        return do_bench(fn, warmup=5, rep=25, return_mode="median")
 
-    def graph(fn) -> float:
+    def prepare(fn):
         try:
-            replay = capture_graph(fn)
+            return capture_graph(fn)
         except Exception as e:  # noqa: BLE001 - timed eagerly instead, and said so
             print(f"graph capture failed, timed eagerly: {e!r}"[:200], flush=True)
             torch.cuda.synchronize()
-            replay = fn
-        return eager(replay)
+            return fn
 
-    return graph, eager
+    return prepare, measure
+
+
+def _best(ms: dict, prefix: str = "") -> tuple[str | None, float]:
+    got = {k: v for k, v in ms.items() if k.startswith(prefix)}
+    if not got:
+        return None, float("nan")
+    k = min(got, key=lambda k_: got[k_])
+    return k, got[k]
 
 
 def point_summary(pt: dict, bw: float, peak: float) -> dict:
+    """Floor, best Triton variant, the launcher, and two baselines: `baseline` the fastest
+    F.scaled_dot_product_attention call (flash / cuDNN, graph or eager, no LSE: the
+    libraries' best case) and `baseline_lse` the fastest SDPA call that also returns the LSE
+    (what a merge with other parts needs; `sdpa_one_chunk`). `*_vs_*`: baseline time / ours
+    (> 1: ours faster)."""
     fl = floor_ms(pt["bytes"], pt["flops"], bw, peak)
     out: dict[str, Any] = {"bound": fl["bound"], "floor_ms": round(fl["floor_ms"], 4)}
-    tri = {k: v for k, v in pt["ms"].items() if k.startswith("triton:")}
-    base = pt["baselines"]["ms"]
-    if tri:
-        best_t = min(tri, key=lambda k: tri[k])
-        out |= {"triton_best": best_t, "triton_best_ms": round(tri[best_t], 4)}
-        out["triton_floor_fraction"] = round(fl["floor_ms"] / tri[best_t], 3)
-    if base:
-        best_b = min(base, key=lambda k: base[k])
-        out |= {"baseline": best_b, "baseline_ms": round(base[best_b], 4)}
-        if tri:
-            out["triton_vs_baseline"] = round(base[best_b] / tri[best_t], 3)
-    if "dispatch" in pt["ms"]:
-        ms = pt["ms"]["dispatch"]
-        out |= {"dispatch_backend": pt["dispatch_backend"], "dispatch_ms": round(ms, 4)}
-        out["dispatch_floor_fraction"] = round(fl["floor_ms"] / ms, 3)
-        if base:
-            out["dispatch_vs_baseline"] = round(base[best_b] / ms, 3)
+    t_name, t_ms = _best(pt["ms"], "triton:")
+    b_name, b_ms = _best(pt["baselines"]["ms"])
+    l_name, l_ms = _best(pt["ms"], "sdpa:")
+    ours = {"triton": (t_name, t_ms), "dispatch": ("dispatch", pt["ms"].get("dispatch"))}
+    if b_name:
+        out |= {"baseline": b_name, "baseline_ms": round(b_ms, 4)}
+    if l_name:
+        out |= {"baseline_lse": l_name, "baseline_lse_ms": round(l_ms, 4)}
+    for who, (name, ms) in ours.items():
+        if name is None or ms is None:
+            continue
+        out |= {f"{who}_ms": round(ms, 4), f"{who}_floor_fraction": round(fl["floor_ms"] / ms, 3)}
+        if who == "triton":
+            out["triton_best"] = name
+        if b_name:
+            out[f"{who}_vs_baseline"] = round(b_ms / ms, 3)
+        if l_name:
+            out[f"{who}_vs_baseline_lse"] = round(l_ms / ms, 3)
+    out["dispatch_backend"] = pt["dispatch_backend"]
     return out
 
 
 def one_chunk_table(points: list[dict]) -> list[dict]:
-    """Per head dim: the fewest rows per KV head from which the best SDPA path (as the
-    launcher calls it) beat the best Triton variant at every point with at least as many
-    rows (every G), as ONE_CHUNK entries; the backend is the SDPA one fastest there most."""
+    """ONE_CHUNK entries: per (D, G), each measured B takes the faster of the best Triton
+    variant and the best SDPA call with LSE (as the launcher makes it); an entry starts at
+    each measured point where the choice changes (rows between two points keep the lower
+    one's choice)."""
+    by_shape: dict[tuple[int, int], list[dict]] = {}
+    for p in points:
+        by_shape.setdefault((p["D"], p["G"]), []).append(p)
     out = []
-    for d in sorted({p["D"] for p in points}):
-        worst: dict[int, float] = {}  # rows -> max over points of best SDPA / best Triton
-        wins: dict[str, int] = {}
-        for p in points:
-            tri = [v for k, v in p["ms"].items() if k.startswith("triton:")]
-            sd = {k[5:]: v for k, v in p["ms"].items() if k.startswith("sdpa:")}
-            if p["D"] != d or not tri or not sd:
-                continue
-            worst[p["rows"]] = max(worst.get(p["rows"], 0.0), min(sd.values()) / min(tri))
-            fastest = min(sd, key=lambda k: sd[k])
-            wins[fastest] = wins.get(fastest, 0) + (min(sd.values()) < min(tri))
-        out.append({"head_dim": d, "min_rows": 0, "backend": "triton"})
-        cut = None
-        for r in sorted(worst, reverse=True):
-            if worst[r] >= 1.0:
-                break
-            cut = r
-        if cut is not None:
-            be = max(wins, key=lambda k: wins[k])
-            out.append({"head_dim": d, "min_rows": cut, "backend": be})
+    for (d, g), pts in sorted(by_shape.items()):
+        prev = None
+        for p in sorted(pts, key=lambda p_: p_["rows"]):
+            _, t_ms = _best(p["ms"], "triton:")
+            s_name, s_ms = _best(p["ms"], "sdpa:")
+            choice = s_name[5:] if s_name and s_ms < t_ms else "triton"
+            if choice != prev:
+                rows = 0 if prev is None else p["rows"]
+                out.append({"head_dim": d, "gqa": g, "min_rows": rows, "backend": choice})
+                prev = choice
     return out
 
 
 def print_table(summ: dict) -> None:
+    """One line per point: floor, best Triton, best baselines (no LSE / with LSE), the
+    launcher's backend and time, its ratio to each baseline and its floor fraction."""
     print(
-        "D   G  B     bound   floor   triton(best)  flash/cudnn(best)  dispatch        x_base frac"
+        "D   G B    bound floor  triton  base(noLSE)        LSE     dispatch      x_base x_lse frac"
     )
+    nan = float("nan")
     for key, s in summ.items():
         if not isinstance(s, dict) or "floor_ms" not in s:
             continue
         d, g, b = (key.split("_")[i][1:] for i in range(3))
         print(
-            f"{d:<3} {g:<2} {b:<5} {s['bound'][:4]:<7} {s['floor_ms']:<7.3f} "
-            f"{s.get('triton_best_ms', float('nan')):<13.3f} "
-            f"{s.get('baseline', '-')[:12]:<12} {s.get('baseline_ms', float('nan')):<5.3f} "
-            f"{s.get('dispatch_backend', '-'):<6} {s.get('dispatch_ms', float('nan')):<8.3f} "
-            f"{s.get('dispatch_vs_baseline', float('nan')):<6.3f} "
-            f"{s.get('dispatch_floor_fraction', float('nan')):.3f}"
+            f"{d:<3} {g:<1} {b:<4} {s['bound'][:4]:<5} {s['floor_ms']:<6.3f} "
+            f"{s.get('triton_ms', nan):<7.3f} {s.get('baseline', '-')[:11]:<11} "
+            f"{s.get('baseline_ms', nan):<6.3f} {s.get('baseline_lse_ms', nan):<7.3f} "
+            f"{s['dispatch_backend'][:6]:<6} {s.get('dispatch_ms', nan):<6.3f} "
+            f"{s.get('dispatch_vs_baseline', nan):<6.3f} "
+            f"{s.get('dispatch_vs_baseline_lse', nan):<5.3f} "
+            f"{s.get('dispatch_floor_fraction', nan):.3f}"
         )
 
 
@@ -297,7 +321,7 @@ def main(argv=None) -> None:
     ceil.update(measure_matmul(dev, sizes=(256,) if dry else (8192, 16384), reps=3 if dry else 6))
     bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
     print(f"read {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s, {sms} SMs", flush=True)
-    graph_ms, eager_ms = timers(dev)
+    prepare, measure = timers(dev)
     res: dict[str, Any] = dict(environment(), device=dev, config=cfg, ceilings=ceil)
     res |= {"read_GBps": bw / 1e9, "matmul_tflops": peak / 1e12, "points": [], "missing": []}
     pools: dict[int, tuple] = {}  # D -> (k, v) of the chunk
@@ -308,7 +332,7 @@ def main(argv=None) -> None:
         if d not in pools:
             shape = (cfg["single_len"], cfg["hkv"], d)
             pools[d] = tuple(torch.randn(shape, device=dev, dtype=dtype) for _ in range(2))
-        pt = run_point(cfg, pools[d], d, g, b, dev, dtype, sms, graph_ms, eager_ms, tol, dry)
+        pt = run_point(cfg, pools[d], d, g, b, dev, dtype, sms, prepare, measure, tol, dry)
         res["points"].append(pt)
         print(json.dumps({f"D{d}_G{g}_B{b}": point_summary(pt, bw, peak)}), flush=True)
         if not dry:  # a run cut short by its timeout still leaves every finished point

@@ -5,11 +5,12 @@ This is the grouped kernel's case with one group per KV head (B * G query rows a
 chunk): no routing, so the dense attention libraries can run it as one packed attention
 per KV head ([1, Hkv, B * G, D] queries against the chunk's K/V as a strided view of the
 pool, no copy). At many rows the problem is compute-bound and cuDNN's Hopper kernel runs
-closer to the matmul peak than our Triton tile (H200: 0.78-0.80 vs 0.70-0.77 of it at
-D = 128 from ~2K rows per KV head, issue 22); at few rows ours is faster (split-KV fills the
-GPU where one packed SDPA launch cannot). Rather than lose to a library we can call, the
-launcher takes the backend from `shared_tuning.one_chunk_backend` (measured per head dim
-and rows per KV head by `python -m moska.bench.kernels_one_chunk`).
+closer to the matmul peak than our Triton tile at some shapes (H200, D = 128: 2,048 rows at
+G = 2 or 8 in 1.64 ms where ours takes 1.84-1.98, issue 22); at few rows ours is faster
+(split-KV fills the GPU where one packed cuDNN launch cannot: cuDNN takes ~1.5 ms at any B
+up to 1,024 rows). Rather than lose to a library we can call, the
+launcher takes the backend from `shared_tuning.one_chunk_backend` (measured per head dim,
+GQA ratio and rows per KV head by `python -m moska.bench.kernels_one_chunk`).
 
 Output layout is the grouped kernel's for the selections `one_chunk_selections` makes
 (sorted by (chunk 0, kv_head, req)): o [Hkv * B, G, D] (row h * B + r is KV head h of
@@ -114,14 +115,14 @@ def one_chunk_attention(
     """Attention of every query head of B requests over one chunk: (o [Hkv * B, G, D], lse
     [Hkv * B, G] fp32), laid out as `grouped_shared_attention` lays out
     `one_chunk_selections(B, Hkv)`. `backend`: "triton", "cudnn" or "flash"; None: the tuning
-    table's choice for (D, B * G rows per KV head, dtype, device). The Triton path's inputs
+    table's choice for (D, G, B * G rows per KV head, dtype, device). The Triton path's inputs
     and work list depend only on the sizes: with `cache_plan` they are built once per shape
     and tile (the two planning launches and the table's and selections' small launches are
     skipped after the first call; ~6-10 us of a 90-150 us call at B = 16, H200); `tuning`:
     tile overrides for it."""
     b, hkv, g, d = _check(q, k, v)
     if backend is None:
-        backend = one_chunk_backend(d, b * g, q.dtype, q.device.type)
+        backend = one_chunk_backend(d, g, b * g, q.dtype, q.device.type)
     if backend not in ONE_CHUNK_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {ONE_CHUNK_BACKENDS}")
     if backend != "triton":

@@ -132,47 +132,61 @@ def grouped_tuning(
 
 
 # One chunk read by every KV head of B requests (`shared_one_chunk.py`): which backend runs
-# it, per head dim, from `min_rows` query rows per KV head (B * G) up. Session 15's H200
-# sweep (bench/results/kernels_shapes_variants_h200_session15.json, a 128K-token chunk, bf16,
-# the SDPA baselines timed eagerly): cuDNN beat our tile at 2,048 rows (D 128: 1.61 vs 1.94
-# ms; D 64: 1.13 vs 1.15) and 4,096 (D 128 G 4: 3.41 vs 3.57; D 64: 2.22 vs 2.38); below
-# that ours beat the better of flash and cuDNN (1.02-1.8x). Re-measured with graph-replayed
-# baselines by `python -m moska.bench.kernels_one_chunk`, whose `one_chunk_table` is pasted here.
+# it, per head dim and GQA ratio, from `min_rows` query rows per KV head (B * G) up, as the
+# H200 measured it (bench/results/kernels_one_chunk_h200_session16.json, a 128K-token chunk,
+# bf16, every call replayed from a CUDA graph, cuDNN asked for its LSE like our kernel):
+# cuDNN has a floor of ~1.1 ms (D 64) / ~1.5 ms (D 128) at any B (no split of the keys: few
+# programs at few rows), so up to 1,024 rows ours wins 1.0-1.8x; from 2,048 rows it wins at
+# D 128 G 2 / G 8 (1.64 vs 1.84 / 1.98 ms) and D 64 G 2 (1.18 vs 1.21), at 8,192 rows at
+# G 8 (7.13 vs 7.96; D 64 4.67 vs 4.95); ours stays ahead at G 4 up to 4,096 rows (3.56 vs
+# 3.68 ms D 128, 2.42 vs 2.46 D 64) and at D 64 G 8 B 256 (1.16 vs 1.22). Flash never won:
+# at most a tie at B = 16. `python -m moska.bench.kernels_one_chunk` writes these entries
+# (`one_chunk_table`): each measured (D, G, B) takes the faster side, and rows between two
+# measured points take the lower one's choice. A G between entries takes the next larger
+# G's (as the grouped table does); a D not here runs "triton".
 ONE_CHUNK_BACKENDS = ("triton", "cudnn", "flash")
 
 
 @dataclass(frozen=True)
 class OneChunkEntry:
-    """`backend` serves head dim `head_dim` from `min_rows` rows per KV head up (the entry
-    with the largest such min_rows wins)."""
+    """`backend` serves head dim `head_dim` and GQA ratio `gqa` from `min_rows` rows per KV
+    head up (the entry of that (D, G) with the largest such min_rows wins)."""
 
     head_dim: int
+    gqa: int
     min_rows: int
     backend: str
 
 
 ONE_CHUNK: tuple[OneChunkEntry, ...] = (
-    OneChunkEntry(128, 0, "triton"),
-    OneChunkEntry(128, 2048, "cudnn"),
-    OneChunkEntry(64, 0, "triton"),
-    OneChunkEntry(64, 2048, "cudnn"),
+    *(OneChunkEntry(d, g, 0, "triton") for d in HEAD_DIMS for g in GQA_RATIOS),
+    OneChunkEntry(128, 2, 2048, "cudnn"),
+    OneChunkEntry(128, 8, 2048, "cudnn"),
+    OneChunkEntry(64, 2, 2048, "cudnn"),
+    OneChunkEntry(64, 8, 8192, "cudnn"),
 )
 
 
 def one_chunk_backend(
     head_dim: int,
+    gqa: int,
     rows: int,
     dtype: object = None,
     device_type: str = "cuda",
     table: tuple[OneChunkEntry, ...] = ONE_CHUNK,
 ) -> str:
-    """The backend of one chunk read by `rows` query rows per KV head: the table's entry for
-    `head_dim` with the largest min_rows <= rows ("triton" where the D is not in the table).
-    SDPA's fused kernels take fp16/bf16 on CUDA only: anything else runs "triton"."""
-    best, best_rows = "triton", -1
-    for e in table:
-        if e.head_dim == head_dim and best_rows < e.min_rows <= rows:
-            best, best_rows = e.backend, e.min_rows
+    """The backend of one chunk read by `rows` query rows per KV head at GQA ratio `gqa`:
+    the entry of (head_dim, the table's G nearest at or above gqa, else its largest) with the
+    largest min_rows <= rows; "triton" where the D is not in the table. SDPA's fused kernels
+    take fp16/bf16 on CUDA only: anything else runs "triton"."""
     if device_type != "cuda" or str(dtype) not in ("torch.float16", "torch.bfloat16"):
         return "triton"
+    gs = sorted({e.gqa for e in table if e.head_dim == head_dim})
+    if not gs:
+        return "triton"
+    g = next((x for x in gs if x >= gqa), gs[-1])
+    best, best_rows = "triton", -1
+    for e in table:
+        if e.head_dim == head_dim and e.gqa == g and best_rows < e.min_rows <= rows:
+            best, best_rows = e.backend, e.min_rows
     return best

@@ -82,16 +82,28 @@ def test_cached_work_list_is_reused_per_shape_and_never_across_chunk_lengths(lau
         assert any(name.startswith("_plan") for name in launches) == plans
 
 
-def test_table_picks_backend_by_rows_dtype_and_device():
+def test_table_picks_backend_by_shape_rows_dtype_and_device():
     bf16, f32 = torch.bfloat16, torch.float32
-    table = (OneChunkEntry(64, 0, "flash"), OneChunkEntry(64, 100, "cudnn"))
-    assert one_chunk_backend(64, 99, bf16, "cuda", table) == "flash"
-    assert one_chunk_backend(64, 100, bf16, "cuda", table) == "cudnn"
-    assert one_chunk_backend(128, 10_000, bf16, "cuda", table) == "triton"  # D not in table
-    assert one_chunk_backend(64, 100, f32, "cuda", table) == "triton"  # SDPA kernels: 16-bit
-    assert one_chunk_backend(64, 100, bf16, "cpu", table) == "triton"
-    assert one_chunk_backend(128, 1 << 20, bf16, "cuda") == "cudnn"  # the shipped table
-    assert one_chunk_backend(128, 16, bf16, "cuda") == "triton"
+    table = (
+        OneChunkEntry(64, 2, 0, "flash"),
+        OneChunkEntry(64, 2, 100, "cudnn"),
+        OneChunkEntry(64, 8, 0, "triton"),
+        OneChunkEntry(64, 8, 50, "cudnn"),
+        OneChunkEntry(64, 8, 400, "triton"),  # a measured point where ours won again
+    )
+    assert one_chunk_backend(64, 2, 99, bf16, "cuda", table) == "flash"
+    assert one_chunk_backend(64, 2, 100, bf16, "cuda", table) == "cudnn"
+    assert one_chunk_backend(64, 1, 100, bf16, "cuda", table) == "cudnn"  # G 1: G 2's entries
+    assert one_chunk_backend(64, 4, 60, bf16, "cuda", table) == "cudnn"  # G 4: G 8's
+    assert one_chunk_backend(64, 8, 399, bf16, "cuda", table) == "cudnn"
+    assert one_chunk_backend(64, 16, 400, bf16, "cuda", table) == "triton"  # the largest G's
+    assert one_chunk_backend(128, 2, 10_000, bf16, "cuda", table) == "triton"  # D not there
+    assert one_chunk_backend(64, 2, 100, f32, "cuda", table) == "triton"  # SDPA: 16-bit only
+    assert one_chunk_backend(64, 2, 100, bf16, "cpu", table) == "triton"
+    # the shipped table: cuDNN for D 128 G 8 from 2,048 rows, ours for few rows and G 4
+    assert one_chunk_backend(128, 8, 8192, bf16, "cuda") == "cudnn"
+    assert one_chunk_backend(128, 8, 128, bf16, "cuda") == "triton"
+    assert one_chunk_backend(128, 4, 4096, bf16, "cuda") == "triton"
 
 
 def test_default_dispatch_on_cpu_runs_triton_and_bad_inputs_say_why():
