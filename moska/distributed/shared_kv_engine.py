@@ -196,7 +196,8 @@ class SharedKVAttention:
         self.remaining -= 1
         self.calls += 1
         client = self.clients[group.library.build_id]
-        self.reads.add(group.library.build_id, sel.chunk, client.placement.num_chunks)
+        if self.channel is not None:  # rank 0 plans the replicas (from its heads' reads)
+            self.reads.add(group.library.build_id, sel.chunk, client.placement.num_chunks)
         o, lse = client.attend(layer, q_rows.contiguous(), o0, lse0, sel)
         self.loads.add_call(*client.last_loads)
         rows = Selections(

@@ -44,6 +44,7 @@ def _torchrun_rank(rank: int, world: int, port: int, args: tuple, results) -> No
     )
     from moska.engine.llm import LLM
 
+    torch.set_num_threads(1)  # torchrun's OMP_NUM_THREADS=1: ranks share the cores
     try:
         try:
             kw = {**KW, "library_root": root}
