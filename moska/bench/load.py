@@ -103,10 +103,12 @@ def run_bursts(
     trace: bool = False,
     engine_share: float | None = None,
     checkpoint: Any = None,
+    door_rate: str | None = None,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
-    default), an A/B. `checkpoint(report)` is called after each burst (the CLI writes the
+    default), an A/B; `door_rate`: the door's time per answer, "sums" (the default) or
+    "mean" (before session 16: door_backlog.DoorBacklog.rate), an A/B. `checkpoint(report)` is called after each burst (the CLI writes the
     JSON then: a run cut short by a timeout keeps the bursts it finished)."""
     from moska.bench.load_probe import DryProbeAdmission, ProbeTag
     from moska.bench.load_trace import PortTag, TracingAdmission, breakdown
@@ -139,6 +141,10 @@ def run_bursts(
     if engine_share is not None:
         admission.engine_share = engine_share
     report_share = admission.engine_share
+    if door_rate is not None:
+        from moska.server.door_backlog import DoorBacklog
+
+        DoorBacklog.rate = door_rate  # the class's: the middleware makes its own
     app = create_app(engine, settings, admission=admission)
     state = app.state.moska
     tag = PortTag(app) if trace else None  # load_trace: joins server and client records
@@ -146,6 +152,7 @@ def run_bursts(
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn")) if client_process else None
     report: dict[str, Any] = {"bursts": [], "warmup_waves": list(warmup)}
     report["engine_share"] = report_share
+    report["door_rate"] = door_rate or "sums"
     try:
         with background_server(ProbeTag(tag or app)) as url:  # probes run dry (load_probe)
             model_name = state.model_name
@@ -310,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the door's engine share while the loop decides a burst (burst_admits; A/B)",
     )
+    p.add_argument(
+        "--door-rate",
+        choices=("sums", "mean"),
+        default=None,
+        help="the door's time per answer under a storm (door_backlog; mean: before, A/B)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
@@ -354,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         trace=args.trace,
         engine_share=args.engine_share,
         checkpoint=write,
+        door_rate=args.door_rate,
     )
     print(table(report))
     write(report)

@@ -8,6 +8,7 @@ import random
 from moska.bench.load import make_body
 from moska.bench.load_drain import (
     LIBRARY_PROBE_CHARS,
+    PLAIN_PROBE_CHARS,
     compare_429s,
     library_by_probe,
     probe_bodies,
@@ -43,14 +44,17 @@ def test_each_429_is_compared_with_the_nearest_probe_of_its_kind():
 
 def test_the_short_library_probe_is_a_short_library_request():
     probes = probe_bodies(lambda r, lib: make_body(r, "m", 4, lib, 0), random.Random(1), "demo")
-    assert set(probes) == {"plain", "library", *LIBRARY_PROBE_CHARS}
+    assert set(probes) == {"plain", "library", *LIBRARY_PROBE_CHARS, *PLAIN_PROBE_CHARS}
     assert len(probes["library_short"]["prompt"]) == 48 < len(probes["library"]["prompt"])
     sizes = [len(probes[n]["prompt"]) for n in ("library_tiny", "library_mid", "library_long")]
     assert sizes == [16, 96, 160] and all(
-        probes[n]["library"] == "demo" for n in probes if n != "plain"
+        probes[n]["library"] == "demo" for n in probes if not n.startswith("plain")
     )
     assert probes["library_short"]["library"] == "demo" and "library" not in probes["plain"]
-    assert set(probe_bodies(lambda r, lib: {}, random.Random(1), None)) == {"plain"}
+    plain = probe_bodies(lambda r, lib: make_body(r, "m", 4, lib, 0), random.Random(1), None)
+    assert set(plain) == {"plain", *PLAIN_PROBE_CHARS}
+    assert [len(plain[n]["prompt"]) for n in PLAIN_PROBE_CHARS] == [96, 160, 240]
+    assert not any("library" in b for b in plain.values())
 
 
 def test_the_observed_drain_is_an_interval_of_the_probes_period():
