@@ -2,14 +2,15 @@
 # #16 FP8 grouped shared attention at B = 64 / 256 / 1,024, session 16 (one H200, kind
 # nvidia-h200; < 150 s). 1) correctness: the CUDA cases of the FP8 kernel tests (the
 # tensor-core program vs its own algorithm and vs the dequantized library, per-token and
-# per-chunk scales, token-major V, q split; the upcast program vs the reference); 2) one
+# per-chunk scales, token-major V, q split); 2) one
 # routed decode step's shared attention at Llama-3.1-8B dims (Hq 32, Hkv 8, D 128), a 1M-token
 # library of 4,096-token chunks, top-8, uniform routing, as CUDA graphs in one run: bf16, FP8
 # upcast (per-token scales, as libraries store them), FP8 tensor cores with token-major V
 # (`fp8_mma_vt`, this session's softmax: running max on unscaled scores), the same with the
 # former softmax (`_scaled`, A/B) and with per-chunk scales (`_chunk`: what per-token scales
-# cost), 4 tiles each for the tensor-core variants (--quick-tiles). Every variant is checked
-# against the fp32 reference before it is timed (the JSON says; rc 1 if one is off).
+# cost); tiles (--quick-tiles): fp8_mma_vt 4 + warp-specialized, persistent and 128 x 128,
+# the other two 2. Every variant, and every tile, is checked against the fp32 reference on
+# 4 requests before it is timed (the JSON says; rc 1 if a variant is off, a tile off is dropped).
 # B = 1,024 first: the JSON is rewritten after each batch, so a cut run keeps its rows.
 # Carry .whl. `bash bench/device_session16_fp8.sh --cpu-dry-run`: the same steps on CPU.
 # The 2M-token library at Llama-3.2-1B dims is not here: bench/results/big_library_1b.json
@@ -28,8 +29,8 @@ else
   PY=python3; export TRITON_INTERPRET=0
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_fp8 .whl/*.whl
   export PYTHONPATH=/tmp/site_fp8:$PWD
-  TESTS="-m cuda tests/kernels/test_shared_attention_fp8.py tests/library/test_fp8.py::test_kernel_fp8_path_matches_reference"
-  TT=45; BARGS="--batch 1024 256 64 --quick-tiles"
+  TESTS="-m cuda tests/kernels/test_shared_attention_fp8.py"
+  TT=40; BARGS="--batch 1024 256 64 --quick-tiles"
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null | head -2
 # shellcheck disable=SC2086
@@ -56,6 +57,8 @@ for r in d["rows"]:
         if not e.get("ok", True):
             print("NOT OK", r["batch"], n, {k: v for k, v in e.items() if k != "ok"})
 for r in d["rows"]:
+    for n in [k for k in r if k.endswith("_errors")]:
+        print("ERR", r["batch"], n, [e[:160] for e in r[n]][:3])
     for n in [k for k in r if k.endswith("_ms_by_tile")]:
         print(r["batch"], n[:-11], {t.replace("'block_", "").replace("num_", ""): round(v, 3)
                                     for t, v in r[n].items()})

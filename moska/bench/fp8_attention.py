@@ -53,17 +53,16 @@ TOL = {"bf16": 1e-2, "fp8": 1e-2, "fp8_chunk": 1e-2, "fp8_dot": 1e-1}
 # tensor-core time of a variant's two products vs bf16's (FP8 MMA runs at 2x the bf16
 # rate on Hopper; qsplit: two FP8 QK^T dots, one PV): the compute floor's FLOPs factor
 MMA_COST = {"fp8_mma": 0.5, "fp8_mma_vt": 0.5, "fp8_dot": 0.75}
-MMA_COST.update({"fp8_mma_qsplit": 0.75, "fp8_mma_qsplit_vt": 0.75})
-MMA_COST.update({"fp8_mma_vt_chunk": 0.5, "fp8_mma_vt_scaled": 0.5})
+MMA_COST.update(fp8_mma_qsplit=0.75, fp8_mma_qsplit_vt=0.75, fp8_mma_vt_chunk=0.5)
+MMA_COST.update(fp8_mma_vt_scaled=0.5)
 # fp8_mma (shared_attention_fp8.py): q per row and the weights in e4m3, no KV tile upcast;
 # _vt: V read token-major (a transposed copy); _qsplit: q as two e4m3 terms (two QK^T dots)
 MMA: dict[str, dict[str, Any]] = {"fp8_mma": {}, "fp8_mma_vt": {"v_t": True}}
 MMA.update(
     fp8_mma_qsplit={"fp8_q_split": True}, fp8_mma_qsplit_vt={"fp8_q_split": True, "v_t": True}
 )
-# session 16: fp8_mma_vt with per-(chunk, KV head) scales (no per-score scale multiplies:
-# what per-token scales cost on the tensor-core path), and fp8_mma_vt with the kernel's
-# former softmax (RAW_MAX off: every score scaled before the max) for an A/B in one run
+# _chunk: per-(chunk, KV head) scales (what per-token ones cost); _scaled: the former softmax
+# (RAW_MAX off: every score scaled before the max), an A/B in one run
 MMA.update(fp8_mma_vt_chunk={"v_t": True}, fp8_mma_vt_scaled={"v_t": True, "raw_max": False})
 # vs the dequantized library (the algorithm's own e4m3 error ~0.02 on random data; the CPU
 # dry run's interpreter rounds some e4m3 casts wrongly: 0.15 there, set in main)
@@ -84,11 +83,17 @@ MMA_TILES: list[dict[str, Any]] = [
 # (B = 1,024 has ~128 rows a group: one tile reads the chunk once)
 QUICK_MMA_TILES: list[dict[str, Any]] = [
     {"block_m": m, "block_n": n, "num_warps": w, "num_stages": st}
-    for m, n, w, st in ((64, 128, 4, 3), (64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2))
+    for m, n, w, st in ((64, 128, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3))
+]  # the first: library/fp8_mma.MMA_TILE, what the engine launches (and the check runs)
+# fp8_mma_vt alone also: its key loop warp-specialized, a persistent grid (2 programs an SM
+# looping over the work items), a 128 x 128 tile; the other variants the first two only
+QUICK_MMA_EXTRA: list[dict[str, Any]] = [
+    {**QUICK_MMA_TILES[0], "warp_specialize": True},
+    {**QUICK_MMA_TILES[0], "max_programs": 264},
+    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
 ]
 # alternatives to the launcher's defaults ({}): the tiles that won a variant on the H200
-# (bench/results/fp8_attention_h200_*_scales.json; 64 x 128 with 4 stages and pointer loads
-# never did, and bf16's does not fit in shared memory)
+# (bench/results/fp8_attention_h200_*_scales.json)
 TILES: list[dict[str, Any]] = [
     {},
     {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3},
@@ -153,6 +158,7 @@ def variant_args(name: str, k, v, q8) -> tuple:
     return kq.data, vq.data, {"kv_scales": (kq.scale, vq.scale), "fp8_dot": name == "fp8_dot"}
 
 
+CHECK_TILE: dict[str, Any] = {}  # the MMA variants' checked tile (main sets it)
 _ALGO: dict[str, dict] = {}  # an fp8_mma variant's check against its algorithm, by name
 
 
@@ -166,8 +172,9 @@ def gsa(*args, raw_max: bool = True, **kw):
         sa8.RAW_MAX = before
 
 
-def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int) -> dict:
-    """Rel. error of each variant vs the fp32 reference on the first `sample` requests."""
+def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int, refs=None) -> dict:
+    """Rel. error of each variant vs the fp32 reference on the first `sample` requests;
+    `refs` (a dict) gets each variant's (q, selections, o, lse) of that check."""
     qs = q[:sample].contiguous()
     sel = from_topk(chunks_of[:sample].view(sample, 1, -1), s.hkv, s.chunks)
     scale = s.d**-0.5
@@ -178,10 +185,14 @@ def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int) -> dict:
         ro, rl = grouped_shared_attention_ref(
             qs, kk, vv, offs, sel, scale, kv_scales=kw.get("kv_scales")
         )
+        if refs is not None:
+            refs[name] = (qs, sel, ro, rl)
         if name == "fp8":  # what e4m3 KV itself changes (not a kernel error)
             errs["fp8_values_vs_bf16_values"] = {"o_rel_err": rel(ro, ref_bf16[0])}
         try:
             tma: dict[str, Any] = {"use_tma": True} if "v_pool_t" in kw else {}
+            if name in MMA and CHECK_TILE:  # the tile the engine launches (--quick-tiles)
+                tma.update(CHECK_TILE)
             o, lse = gsa(qs, kk, vv, offs, sel, scale, **kw, **tma)
         except Exception as e:  # noqa: BLE001 - reported in the JSON, the run goes on
             errs[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
@@ -237,6 +248,23 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def tile_ok(name: str, tile: dict, times: dict, ref: tuple, args: tuple) -> bool:
+    """A tile other than the launcher's default gives the checked requests' attention within
+    the variant's tolerance (its error goes to `times`, a failure to `{name}_errors`)."""
+    (qs, sel, ro, rl), (kk, vv, offs, kw, tkw) = ref, args
+    try:
+        o, lse = gsa(qs, kk, vv, offs, sel, qs.shape[-1] ** -0.5, **kw, **tkw)
+        err = (rel(o, ro), rel(lse, rl))
+    except Exception as e:  # noqa: BLE001 - a tile that fails to compile: reported
+        times.setdefault(f"{name}_errors", []).append(f"{tile}: {type(e).__name__}: {e}"[:300])
+        return False
+    times.setdefault(f"{name}_tile_o_rel_err", {})[str(tile)] = err[0]
+    if err[0] < TOL[name] and err[1] < TOL[name] / 10:
+        return True
+    times.setdefault(f"{name}_errors", []).append(f"{tile}: off the reference {err}")
+    return False
+
+
 def timed(fn, device: str) -> float:
     """Median ms; on CUDA of fn captured as a graph (as a decode step replays it)."""
     if device == "cuda":
@@ -252,7 +280,8 @@ def run_batch(
     k, v, offs, q8 = pools
     q = torch.randn(b, s.hq, s.d, device=s.device).to(s.dtype)  # [B, Hq, D]
     chunks_of = routing(b, s, kind, gen)
-    errs = check(s, q, chunks_of, k, v, offs, q8, names, min(sample, b))
+    refs: dict[str, tuple] = {}
+    errs = check(s, q, chunks_of, k, v, offs, q8, names, min(sample, b), refs)
     sel = from_topk(chunks_of.view(b, 1, -1), s.hkv, s.chunks)
     scale = s.d**-0.5
     times: dict[str, Any] = {}  # name -> best; name_ms_by_tile, name_errors
@@ -262,8 +291,12 @@ def run_batch(
         todo = tiles
         if name in MMA and (mma_tiles is not None or len(tiles) > 1):
             todo = MMA_TILES if mma_tiles is None else mma_tiles
+            if mma_tiles is QUICK_MMA_TILES:
+                todo = [*todo, *QUICK_MMA_EXTRA] if name == "fp8_mma_vt" else todo[:2]
         for tile in todo:
             tkw = {**tile, **({"use_tma": True} if "v_pool_t" in kw else {})}
+            if tile and not tile_ok(name, tile, times, refs[name], (kk, vv, offs, kw, tkw)):
+                continue
 
             def step(kk=kk, vv=vv, kw=kw, tkw=tkw):
                 return gsa(q, kk, vv, offs, sel, scale, **kw, **tkw)
@@ -345,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick_tiles:
             tiles = [{}]
     mma_tiles = QUICK_MMA_TILES if args.quick_tiles else None
+    if args.quick_tiles:
+        CHECK_TILE.update(QUICK_MMA_TILES[0])
     names = ["bf16", "fp8", "fp8_chunk"] + ([] if args.no_fp8_dot else ["fp8_dot"]) + [*MMA]
     if args.variants:
         names = ["bf16"] + [n for n in names[1:] if n in args.variants]

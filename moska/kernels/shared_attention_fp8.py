@@ -81,12 +81,13 @@ def _fp8_inner(
     stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, V_T: tl.constexpr,
     PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr, RAW_MAX: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; q_sc [BLOCK_M]: each row's
     # q scale times the logit scale (log2 domain). Unmasked calls need (hi - lo) % BLOCK_N
     # == 0; a TMA block past `hi` reads the next chunk: those keys get -inf and weight 0.
     offs_n = tl.arange(0, BLOCK_N)
-    for start in tl.range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         n_ok = (start + offs_n) < hi
         if USE_TMA:
             k = k_desc.load([start, col])  # [BLOCK_N, D] e4m3
@@ -165,9 +166,9 @@ def _grouped_fp8_mma_kernel(
     V_T: tl.constexpr = False, Q_SPLIT: tl.constexpr = False, RAW_MAX: tl.constexpr = False,
 ):
     # fmt: on
-    # The arguments of `_grouped_shared_attention_kernel` (WARP_SPEC, PRECISION, KV_FP8,
-    # FP8_DOT and CDTYPE are unused: this program is e4m3 only); V_T: v_desc is the
-    # descriptor of a token-major V copy [Hkv * D, S_total].
+    # The arguments of `_grouped_shared_attention_kernel` (PRECISION, KV_FP8, FP8_DOT and
+    # CDTYPE are unused: this program is e4m3 only; WARP_SPEC: the key loop warp-specialized);
+    # V_T: v_desc is the descriptor of a token-major V copy [Hkv * D, S_total].
     n_items = tl.load(meta_ptr)
     if PERSISTENT:
         for w in range(tl.program_id(0), n_items, tl.num_programs(0)):
@@ -177,7 +178,7 @@ def _grouped_fp8_mma_kernel(
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
-                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX,
+                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
             )
             # fmt: on
     else:
@@ -189,7 +190,7 @@ def _grouped_fp8_mma_kernel(
                 sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
-                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX,
+                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
             )
             # fmt: on
 
@@ -203,7 +204,7 @@ def _fp8_item(
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, V_T: tl.constexpr, k_scale_ptr, v_scale_ptr, stride_sc,
     PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
-    RAW_MAX: tl.constexpr,
+    RAW_MAX: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     # fmt: on
     # work item w: one row tile of one (chunk, KV head) group over one split of the chunk
@@ -260,7 +261,7 @@ def _fp8_item(
     acc, m_i, l_i = _fp8_inner(
         acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv * D, lo, full_hi,
         stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
-        BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX,
+        BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC,
     )
     if full_hi < hi:
         skip = (full_hi - lo).to(tl.int64)
@@ -268,7 +269,7 @@ def _fp8_item(
             acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs + skip * stride_kn, v_ptrs + skip * stride_vn,
             k_desc, v_desc, kv * D, full_hi, hi, stride_kn, stride_vn,
             sc_ptrs + skip * stride_sc, k_scale_ptr, v_scale_ptr, stride_sc,
-            BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX,
+            BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC,
         )
     # fmt: on
 
