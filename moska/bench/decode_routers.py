@@ -185,3 +185,85 @@ def routers_summary(rows: list[dict], profiles: list[dict]) -> dict:
         out[f"{tag}_launches"] = p["launches"]
         out[f"{tag}_host_us_per_call"] = p["host_us_per_call"]
     return out
+
+
+def tile_sweep(batches: list[int], tiles: list[str], tokens: int, chunk: int, dev: str) -> list:
+    """The default router's key-max scores alone (one layer of 8B dims: Hq 32, Hkv 8,
+    D 128, rank 32, random keys) per tile ``bBnNwWsS``, CUDA-graph timed; each tile's
+    scores against the current tile's (bitwise equal, or the largest difference)."""
+    from moska.bench.common import LLAMA_3_1_8B, time_ms
+    from moska.kernels.router import build_routing_index
+
+    hq, hkv = LLAMA_3_1_8B["num_attention_heads"], LLAMA_3_1_8B["num_key_value_heads"]
+    d = LLAMA_3_1_8B["hidden_size"] // hq
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    keys = torch.randn(tokens, hkv, d, device=dev, dtype=dtype)
+    offsets = torch.arange(0, tokens + 1, chunk, dtype=torch.int32, device=dev)
+    index = build_routing_index(keys, offsets)
+    del keys
+    rows = []
+    for b in batches:
+        q = torch.randn(b, hq, d, device=dev, dtype=dtype)
+        args = (q, index.basis, index.lowrank_keys, index.chunk_offsets)
+        base = router_dense.keymax_dense_scores(*args)
+        for tag in tiles:
+            tile = parse_tile(tag)
+            out = torch.empty_like(base)
+
+            def fn(tile=tile, out=out, args=args):
+                out.copy_(router_dense.keymax_dense_scores(*args, *tile))
+
+            fn()
+            equal = bool(torch.equal(out, base))
+            diff = float((out - base).abs().max())
+            replay = None
+            if dev == "cuda":
+                from moska.bench.common import capture_graph
+
+                replay = capture_graph(fn)
+            ms = time_ms(replay or fn, iters=10 if dev == "cuda" else 1, warmup=1)
+            flops = 2 * b * hq * tokens * index.rank
+            rows.append({"batch": b, "tile": tag, "ms": ms, "tflops": flops / ms / 1e9,
+                         "equal_to_default_tile": equal, "max_abs_diff": diff})  # fmt: skip
+            print(f"tile {tag:14s} B={b:5d} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s "
+                  f"equal={equal}", flush=True)  # fmt: skip
+    return rows
+
+
+def parse_tile(tag: str) -> router_dense.DenseTile:
+    """``b32n128w4s4`` -> DenseTile(32, 128, 4, 4)."""
+    import re
+
+    m = re.fullmatch(r"b(\d+)n(\d+)w(\d+)s(\d+)", tag)
+    if m is None:
+        raise ValueError(f"a tile is spelled bBnNwWsS (e.g. b32n128w4s4), got {tag!r}")
+    return router_dense.DenseTile(*map(int, m.groups()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from moska.bench.common import environment, write_json
+
+    ap = argparse.ArgumentParser(description="the default router's key-max tile sweep")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1024])
+    ap.add_argument("--tiles", nargs="+", default=["b32n64w4s5", "b32n128w4s4"])
+    ap.add_argument("--tokens", type=int, default=1 << 20)
+    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--out", default="bench/results/router_tiles.json")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny, on CPU (interpreter)")
+    args = ap.parse_args(argv)
+    dev = "cpu" if args.cpu_dry_run else "cuda"
+    if args.cpu_dry_run:
+        args.batch, args.tokens, args.chunk_size = [4], 256, 128
+    rows = tile_sweep(args.batch, args.tiles, args.tokens, args.chunk_size, dev)
+    best = {b: min((r for r in rows if r["batch"] == b), key=lambda r: r["ms"]) for b in args.batch}
+    summary = {f"best_tile_b{b}": r["tile"] for b, r in best.items()}
+    summary.update({f"{r['tile']}_ms_b{r['batch']}": r["ms"] for r in rows})
+    write_json(args.out, {"environment": environment(), "default_tile": list(router_dense.TILE),
+                          "tokens": args.tokens, "chunk_size": args.chunk_size, "rows": rows,
+                          "summary": summary})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

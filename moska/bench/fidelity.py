@@ -62,6 +62,11 @@ def policies(study: bool) -> dict[str, RoutingPolicy]:
                 "per_kv_head+pages64": LEGACY.replace(per_kv_head=True, page_size=64),
                 "per_kv_head+dense1": LEGACY.replace(per_kv_head=True, dense_layers=1),
                 "per_kv_head+two_stage": LEGACY.replace(per_kv_head=True, scorer="two_stage"),
+                # key-max on each KV head's own bound shortlist (session 16: the router's cost)
+                "default+shortlist_kv": RoutingPolicy(scorer="two_stage", shortlist_per_head=True),
+                "default+shortlist_kv2": RoutingPolicy(
+                    scorer="two_stage", shortlist_per_head=True, shortlist_factor=2
+                ),
                 **variant_policies(),  # scorers no policy field expresses
                 **rep_policies(),  # representative keys (fidelity_repkeys.py)
             }
