@@ -311,6 +311,7 @@ def _rounds(
     """`args.rounds` alternating replays of each system (the trace's `rows`, or synthetic
     ones at `rate`: `args.requests` scaled by rate / `args.rate`); each system's summary."""
     gathered: dict[str, list] = {k: [[], 0.0, []] for k in kinds}  # results, wall, stats
+    per_round: dict[str, list[dict]] = {k: [] for k in kinds}  # each replay's summary
     n = max(1, round(args.requests * rate / args.rate))
     for r in range(args.rounds):
         rows_r = rows if rows is not None else synthesize(n, rate, seed=args.seed + r,
@@ -322,6 +323,7 @@ def _rounds(
             gathered[kind][1] += wall
             gathered[kind][2].append(stats)
             one = summarize(results, wall, args.ttft_slo, args.tpot_slo)
+            per_round[kind].append({m: one.get(m) for m in BY_RATE_KEYS})
             print(f"rate {rate} round {r} {kind}", json.dumps(one), flush=True)
     out_all = {}
     for kind, (results, wall, stats) in gathered.items():
@@ -332,6 +334,7 @@ def _rounds(
         if kind == "pd":  # predicted over observed prefill stage, admitted requests
             out["stage_pred_over_observed"] = stage_accuracy(stats)
             out["probes_since_warmup"] = stats[-1].get("probes") if stats else None
+        out["per_round"] = per_round[kind]  # is a result in every replay or in some?
         out["front_end_per_round"] = stats  # P/D: each decision's inputs (`decisions`)
         # per request, in sending order: sent at (monotonic s, as the decisions' `t`),
         # HTTP status, TTFT s, TPOT s (None unless completed), sent this late (s)

@@ -2,7 +2,8 @@
 
 A request in P/D mode: the global scheduler (`pd/scheduler.py`) picks the prefill and the
 decode instance or answers 429 with Retry-After before any work is spent; the prefill
-instance runs the client's body with max_tokens 1 and sends the prompt's KV blocks to the
+instance runs the client's body with max_tokens 1 (one prefill at a time per instance, in
+admission order: `pd/prefill_gate.py`) and sends the prompt's KV blocks to the
 decode instance (`pd/instance.py`); the front end waits for the send and for the decode
 instance to take the blocks into its prefix cache, then sends the client's body to the
 decode instance and streams its answer back. A transfer that fails (after the sender's own
@@ -38,6 +39,7 @@ from moska.pd.frontend_http import (
 )
 from moska.pd.index import block_hashes
 from moska.pd.instance_death import InstanceDied, or_dead
+from moska.pd.prefill_gate import PrefillGate
 from moska.pd.relay import relay
 from moska.pd.retry import next_decode
 from moska.pd.scheduler import GlobalScheduler, Instance, Plan, Rejection, RequestInfo
@@ -55,6 +57,9 @@ class FrontEndConfig:
     health_interval_s: float = 0.5
     health_timeout_s: float = 2.0
     request_timeout_s: float = 600.0
+    # prefills in flight per prefill instance (`prefill_gate.py`); 0: no gate, every
+    # admitted prefill is sent at once and the instance batches those waiting
+    prefill_width: int = 1
 
 
 @dataclass
@@ -94,6 +99,9 @@ class FrontEnd:
         self._rr = itertools.count()
         self.client: httpx.AsyncClient | None = None
         self._monitor: asyncio.Task | None = None
+        self._gates: dict[str, PrefillGate] = {}  # prefill instance -> its gate (started)
+        if scheduler is not None:
+            scheduler.gated = config.prefill_width > 0
 
     @property
     def _http(self) -> httpx.AsyncClient:
@@ -111,6 +119,8 @@ class FrontEnd:
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
         self.client = httpx.AsyncClient(timeout=self.config.request_timeout_s, limits=limits)
         self._dead = {i.name: asyncio.Event() for i in self.instances}
+        if self.config.prefill_width > 0:
+            self._gates = {i.name: PrefillGate(self.config.prefill_width) for i in self.instances}
         self._monitor = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
@@ -262,7 +272,13 @@ class FrontEnd:
         pre.pop("max_completion_tokens", None)
         headers = {TRANSFER_HEADER: f"{tid}:{decode.rank}"}
         p = plan.prefill
-        r = await self._http.post(f"{p.url}{path}", json=pre, headers=headers)
+        gate = self._gates.get(p.name)
+        if gate is None:
+            r = await self._http.post(f"{p.url}{path}", json=pre, headers=headers)
+        else:  # one at a time, in admission order (`prefill_gate.py`)
+            async with gate.turn(lambda: self._sched.prefill_started(plan, time.monotonic())):
+                r = await self._http.post(f"{p.url}{path}", json=pre, headers=headers)
+        self._sched.prefill_computed(plan)
         if r.status_code != 200:
             hdrs = {k: v for k, v in r.headers.items() if k.lower() in _RETRY_HEADERS}
             return Response(r.content, r.status_code, hdrs, media_type="application/json")

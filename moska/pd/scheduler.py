@@ -88,9 +88,10 @@ class Instance:
     decoding: int = 0  # streams the front end is relaying from it now (decode)
 
     def queue_s(self, now: float) -> float:
-        """Predicted seconds of prefill ahead of a new request. One past its predicted end
-        is still there: it counts its whole prediction again (a host slower than the fit
-        must not make the queue look empty)."""
+        """Predicted seconds of prefill ahead of a new request. One not started yet (NaN:
+        held by the front end's gate, `prefill_gate.py`) counts its whole prediction; one
+        past its predicted end is still there: it counts its whole prediction again (a host
+        slower than the fit must not make the queue look empty)."""
         return sum(
             pred - (now - start) if now - start < pred else pred
             for pred, start in self.prefills.values()
@@ -168,6 +169,9 @@ class GlobalScheduler(DecodeSpeed):
         self._events: dict[str, tuple[float, float]] = {}
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
+        # prefills wait for their turn at the front end's gate (`prefill_gate.py`; the
+        # front end sets it): an admitted one starts when its turn comes, not at admission
+        self.gated = False
         # the inputs of the last decision (`plan`), for the front end's decision log
         self.last_inputs: dict[str, float] = {}
 
@@ -263,7 +267,9 @@ class GlobalScheduler(DecodeSpeed):
             return self._reject("tpot", (ends_at[0] - now) if ends_at else 1.0, ttft, tpot)
         ticket = next(self._tickets)
         pred = self.prefill_s(req.prompt_tokens - cached * bs, prefill)
-        prefill.prefills[ticket] = [pred, now]  # the work ahead of the next ones
+        # the work ahead of the next ones; behind the front end's gate it starts when its
+        # turn comes (`prefill_started`), until then it counts whole (NaN start)
+        prefill.prefills[ticket] = [pred, math.nan if self.gated else now]
         self.ttft.admitted(prefill.name, ticket, stage, now, probe)
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
@@ -294,6 +300,17 @@ class GlobalScheduler(DecodeSpeed):
         )
 
     # ---- what happened ---------------------------------------------------------------
+    def prefill_started(self, plan: Plan, now: float) -> None:
+        """`plan`'s prefill left the front end's gate for its instance."""
+        entry = plan.prefill.prefills.get(plan.ticket)
+        if entry is not None:
+            entry[1] = now
+
+    def prefill_computed(self, plan: Plan) -> None:
+        """`plan`'s prefill instance answered: its engine has nothing left of it (the
+        transfer's tail may still run; the stage ends at `prefill_done`)."""
+        plan.prefill.prefills.pop(plan.ticket, None)
+
     def prefill_done(self, plan: Plan) -> None:
         plan.prefill.prefills.pop(plan.ticket, None)
         self.ttft.done(plan.ticket)
