@@ -99,6 +99,7 @@ class Arrival:
     layers: list[torch.Tensor] = field(default_factory=list)  # [2, n, bs, Hkv, D] each
     error: str | None = None
     received_at: float = field(default_factory=time.monotonic)
+    retry_may_follow: bool = False  # a receive failed here (not an abort): the sender retries
 
 
 @dataclass
@@ -335,6 +336,7 @@ class KVTransport:
                 arrival.error = f"receiving transfer {arrival.transfer_id} from rank {src} " + (
                     f"failed: {exc}"
                 )
+                arrival.retry_may_follow = True
                 logger.warning(arrival.error)
             self._deliver(arrival)
 
@@ -355,18 +357,23 @@ class KVTransport:
             self._cond.notify_all()
 
     def wait_arrival(self, transfer_id: int, timeout_s: float) -> Arrival:
-        """The transfer `transfer_id`, waiting up to `timeout_s`; raises TransferFailedError
-        on a timeout or a failed receive."""
+        """The transfer `transfer_id` within `timeout_s`, else TransferFailedError. A receive
+        failed here is not the end while time is left: the sender retries once, same id (a
+        lasting failure reaches the front end from the sender, `GET /pd/transfer`)."""
         deadline = time.monotonic() + timeout_s
+        error = None
         with self._cond:
-            while transfer_id not in self._arrivals:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
-                    raise TransferFailedError(
-                        f"transfer {transfer_id} did not arrive within {timeout_s:.1f} s"
-                    )
-                self._cond.wait(left)
-            arrival = self._arrivals.pop(transfer_id)
+            while True:
+                while transfer_id not in self._arrivals:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._closed:
+                        late = f"transfer {transfer_id} did not arrive within {timeout_s:.1f} s"
+                        raise TransferFailedError(error or late)
+                    self._cond.wait(left)
+                arrival = self._arrivals.pop(transfer_id)
+                if arrival.error is None or not arrival.retry_may_follow:
+                    break
+                error = arrival.error  # the retry may still come
         if arrival.error is not None:
             raise TransferFailedError(arrival.error)
         return arrival

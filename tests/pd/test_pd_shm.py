@@ -180,3 +180,42 @@ def test_a_vanished_writer_ends_the_read_within_the_deadline():
     reader2.write(layer, 6, 0, TIMEOUT_S)
     peer.read_into(out, 6, 0, TIMEOUT_S)
     assert torch.equal(out, layer)
+
+
+def test_a_send_failing_midway_is_retried_and_delivered(pair):
+    """The sender's retry (a new SEQ) delivers although the receiver saw the first attempt
+    fail midway and was already waiting: that attempt's error is not the transfer's."""
+    sender, receiver = pair
+    done = _Done()
+    sender.send(1, 1, {}, [torch.randn(2, 1, 16, 2, 8)], done(1))  # the ring is set up
+    assert done.wait(1, 10.0) is None and sender.channels[1] == "shm"
+    ring = sender._rings_out[1]
+    write, calls = ring.write, []
+
+    def flaky(t, seq, layer, timeout_s):
+        calls.append((seq, layer))
+        if len(calls) == 2:  # the first attempt's second layer: after its header and layer 0
+            raise ChannelError("a flaky link")
+        if len(calls) == 3:  # the retry: the receiver has failed the first attempt by then
+            time.sleep(0.2)
+        write(t, seq, layer, timeout_s)
+
+    ring.write = flaky
+    got: dict = {}
+    waiter = threading.Thread(target=lambda: got.update(a=_arrival(receiver, 2)))
+    waiter.start()  # waiting before the transfer starts, as a decode instance's accept is
+    layers = [torch.randn(2, 3, 16, 2, 8) for _ in range(3)]
+    sender.send(2, 1, {}, layers, done(2))
+    assert done.wait(2, 10.0) is None  # delivered by the retry
+    waiter.join(15)
+    assert len({seq for seq, _ in calls}) == 2  # two attempts
+    arrival = got["a"]
+    assert not isinstance(arrival, Exception), arrival
+    assert all(torch.equal(a, b) for a, b in zip(arrival.layers, layers, strict=True))
+
+
+def _arrival(receiver, tid):
+    try:
+        return receiver.wait_arrival(tid, 10.0)
+    except TransferFailedError as exc:
+        return exc
