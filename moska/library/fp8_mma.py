@@ -43,7 +43,10 @@ logger = logging.getLogger(__name__)
 FP8_ATTENTION = ("upcast", "mma", "mma_qsplit")
 # the tile that was fast for fp8_mma_vt on the H200 (the launcher's default took 1.28 ms at
 # B = 256, this 0.69; 128-row tiles 4-6 ms): bench/results/fp8_attention_h200_mma.json
-MMA_TILE = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3}
+# (warp_specialize False: the FP8 program's key loop is not warp-specialized whatever the bf16
+# tile table, shared_tuning.py, says; it is measured apart, bench/device_session16_fp8.sh)
+MMA_TILE: dict[str, Any] = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3}
+MMA_TILE.update(warp_specialize=False)
 
 
 @dataclass(frozen=True)
