@@ -53,22 +53,26 @@ from moska.kernels.shared_one_chunk import (
 from moska.kernels.shared_tuning import GroupedTuning, grouped_tuning, one_chunk_backend
 
 T = GroupedTuning
+PQ = {"pipe_qk": True}  # QK^T one key block ahead of the softmax (shared_attention_pipe.py)
 # Triton variants beside the table's tile: few rows per KV head (read-bound, split-KV) try
-# more or fewer items per SM; many rows (compute-bound) try more stages and other tiles.
+# more or fewer items per SM; many rows (compute-bound) try other tiles and stages; both try
+# the pipelined key loop on tiles whose two score tiles fit in registers. (128 x 128 x 4
+# stages at D = 128 needs 296 KB of shared memory: over the H200's 227.)
 SMALL = {
-    128: [T(64, 64, 4, 3, programs_per_sm=4), T(128, 128, 8, 3, programs_per_sm=1)],
-    64: [T(64, 128, 4, 3, programs_per_sm=4), T(128, 64, 8, 3)],
-}
-LARGE = {  # (128 x 128 x 4 stages needs 296 KB of shared memory: over the H200's 227)
-    128: [T(128, 128, 8, 3), T(128, 128, 8, 2)],
-    64: [T(128, 64, 8, 3), T(128, 64, 8, 4)],
+    128: [T(64, 64, 4, 3, programs_per_sm=4), T(128, 128, 8, 3, programs_per_sm=1),
+          T(64, 64, 4, 3, **PQ)],
+    64: [T(64, 128, 4, 3, programs_per_sm=4), T(128, 64, 8, 3), T(64, 128, 4, 3, **PQ)],
+}  # fmt: skip
+LARGE = {
+    128: [T(128, 128, 8, 3), T(128, 128, 8, 2), T(128, 64, 8, 3, **PQ)],
+    64: [T(128, 64, 8, 3), T(128, 64, 8, 4), T(128, 128, 8, 3, **PQ), T(64, 128, 4, 3, **PQ)],
 }
 SMALL_ROWS = 512  # rows per KV head below which the SMALL variants run
 GPU: dict[str, Any] = {"hkv": 8, "dims": (128, 64), "gqa": (4, 8, 2, 1), "dtype": "bfloat16"}
 GPU |= {"b_list": (16, 64, 256, 1024), "single_len": 131072, "check_reqs": 3}
 DRY: dict[str, Any] = {"hkv": 2, "dims": (16,), "gqa": (1, 4), "dtype": "float32"}
 DRY |= {"b_list": (2, 5), "single_len": 45, "check_reqs": 2}
-DRY_TILES = [T(16, 16, 4, 1, use_tma=False), T(16, 16, 4, 1, use_tma=False, programs_per_sm=4)]
+DRY_TILES = [T(16, 16, 4, 1, use_tma=False), T(16, 16, 4, 1, use_tma=False, pipe_qk=True)]
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 

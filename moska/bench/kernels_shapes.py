@@ -82,6 +82,7 @@ def tag(t: GroupedTuning) -> str:
         + (f"_p{t.programs_per_sm}" if t.programs_per_sm != 2 else "")
         + ("_ht" if t.half_tail else "")
         + ("_ws" if t.warp_specialize else "")
+        + ("_pq" if t.pipe_qk else "")
     )
 
 

@@ -74,6 +74,7 @@ def grouped_shared_attention(
     merge_m: int | None = None,
     split_b: int | None = None,
     half_tail: bool | None = None,
+    pipe_qk: bool | None = None,
     max_programs: int | None = None,
     plans: dict | None = None,
     plan_key: object = None,
@@ -107,7 +108,8 @@ def grouped_shared_attention(
     may be overridden, e.g. by tests and benchmarks. `merge_m` rows and `split_b` partials
     per step set the shape of the merge of split tiles. `half_tail`: a group's last tile of at
     most block_m / 2 rows computes only those (the bf16/fp16/fp32 program; the FP8 MMA
-    program ignores it). `max_programs` caps the grid (its
+    program ignores it). `pipe_qk`: QK^T one key block ahead of the softmax
+    (`shared_attention_pipe.py`; bf16/fp16/fp32 pools). `max_programs` caps the grid (its
     programs then loop over the work items), to leave room beside a concurrent kernel.
     `plans`: a cache of work lists, for callers whose selections and chunk table follow
     from `plan_key` and the sizes (one chunk read by every KV head: `shared_one_chunk.py`);
@@ -145,6 +147,7 @@ def grouped_shared_attention(
         ("merge_m", merge_m),
         ("split_b", split_b),
         ("half_tail", half_tail),
+        ("pipe_qk", pipe_qk),
     ):
         if v_ is not None:
             cfg[k_] = v_
@@ -174,6 +177,10 @@ def grouped_shared_attention(
     grid = w_max if max_programs is None else max(1, min(w_max, max_programs))
     if cfg["half_tail"] and cfg["block_m"] >= 32 and kernel is _grouped_shared_attention_kernel:
         mma["HALF_TAIL"] = True
+    if cfg["pipe_qk"]:
+        if fp8 or kernel is not _grouped_shared_attention_kernel:
+            raise ValueError("pipe_qk runs bf16/fp16/fp32 pools only: drop it for e4m3 KV")
+        mma["PIPE_QK"] = True
     kernel[(grid,)](
         q,
         k_pool,

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .merge import merge_finish
+from .shared_attention_pipe import _chunk_attn_inner_pipe, _softmax_pv
 
 LOG2E = 1.4426950408889634  # scores run in the log2 domain: exp(x) = exp2(x * LOG2E)
 
@@ -94,23 +95,6 @@ def _upcast_kv(k, v, KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.con
 
 
 @triton.jit
-def _softmax_pv(
-    acc, m_i, l_i, s, v, qk_scale, PRECISION: tl.constexpr, vs=None, PER_TOKEN: tl.constexpr = False
-):
-    # One online-softmax step: scores s [BLOCK_M, BLOCK_N] (unscaled), values v [BLOCK_N, D];
-    # PER_TOKEN: vs [BLOCK_N], each value row's e4m3 scale, weighs p in the product only.
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    pv = p
-    if PER_TOKEN:
-        pv = p * vs[None, :]
-    acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _grouped_shared_attention_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [S_total, Hkv, D]
@@ -154,6 +138,7 @@ def _grouped_shared_attention_kernel(
     chunk_scale_ptr=None,  # [C] fp32: factor on the softmax scale of chunk c (CHUNK_SCALE)
     CHUNK_SCALE: tl.constexpr = False,
     HALF_TAIL: tl.constexpr = False,  # a tile of <= BLOCK_M / 2 rows runs BLOCK_M / 2 rows
+    PIPE_QK: tl.constexpr = False,  # QK^T one key block ahead (shared_attention_pipe.py)
 ):
     # One work item per program; PERSISTENT: a capped grid whose programs loop over the
     # items, so the kernel can leave room on each SM for a concurrent kernel.
@@ -167,7 +152,7 @@ def _grouped_shared_attention_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
                 k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
-                chunk_scale_ptr, CHUNK_SCALE, HALF_TAIL,
+                chunk_scale_ptr, CHUNK_SCALE, HALF_TAIL, PIPE_QK,
             )
             # fmt: on
     else:
@@ -180,7 +165,7 @@ def _grouped_shared_attention_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
                 k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
-                chunk_scale_ptr, CHUNK_SCALE, HALF_TAIL,
+                chunk_scale_ptr, CHUNK_SCALE, HALF_TAIL, PIPE_QK,
             )
             # fmt: on
 
@@ -195,7 +180,7 @@ def _item_rows(
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
     k_scale_ptr, v_scale_ptr, stride_sc,
     KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr, PER_TOKEN: tl.constexpr,
-    chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, HALF_TAIL: tl.constexpr,
+    chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, HALF_TAIL: tl.constexpr, PIPE_QK: tl.constexpr,
 ):
     # HALF_TAIL: the last tile of a group is its rows modulo BLOCK_M; when those fit in half
     # a tile it computes BLOCK_M / 2 rows (one 64-row warpgroup MMA of a 128-row tile, not
@@ -212,7 +197,7 @@ def _item_rows(
             stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
             G, D, BLOCK_M // 2, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
             k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
-            chunk_scale_ptr, CHUNK_SCALE, BLOCK_M,
+            chunk_scale_ptr, CHUNK_SCALE, BLOCK_M, PIPE_QK,
         )
     else:
         _shared_item(
@@ -221,7 +206,7 @@ def _item_rows(
             stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
             G, D, BLOCK_M, BLOCK_N, USE_TMA, WARP_SPEC, PRECISION,
             k_scale_ptr, v_scale_ptr, stride_sc, KV_FP8, FP8_DOT, CDTYPE, PER_TOKEN,
-            chunk_scale_ptr, CHUNK_SCALE, BLOCK_M,
+            chunk_scale_ptr, CHUNK_SCALE, BLOCK_M, PIPE_QK,
         )
 
 
@@ -234,7 +219,7 @@ def _shared_item(
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PRECISION: tl.constexpr,
     k_scale_ptr, v_scale_ptr, stride_sc,
     KV_FP8: tl.constexpr, FP8_DOT: tl.constexpr, CDTYPE: tl.constexpr, PER_TOKEN: tl.constexpr,
-    chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, TILE_M: tl.constexpr,
+    chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, TILE_M: tl.constexpr, PIPE_QK: tl.constexpr,
 ):
     # fmt: on
     # TILE_M: the work list's rows per tile; BLOCK_M (<= TILE_M) of them are computed
@@ -295,35 +280,17 @@ def _shared_item(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    acc, m_i, l_i = _chunk_attn_inner(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_ptrs,
-        v_ptrs,
-        k_desc,
-        v_desc,
-        kv * D,
-        lo,
-        full_hi,
-        qk_scale,
-        stride_kn,
-        stride_vn,
-        BLOCK_N,
-        False,
-        USE_TMA,
-        WARP_SPEC,
-        PRECISION,
-        KV_FP8,
-        FP8_DOT,
-        CDTYPE,
-        PER_TOKEN,
-        sc_ptrs,
-        k_scale_ptr,
-        v_scale_ptr,
-        stride_sc,
-    )
+    if PIPE_QK:  # bf16/fp16/fp32 K/V only (the launcher checks)
+        acc, m_i, l_i = _chunk_attn_inner_pipe(
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, kv * D, lo, full_hi, qk_scale,
+            stride_kn, stride_vn, BLOCK_N, USE_TMA, PRECISION,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = _chunk_attn_inner(
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, k_desc, v_desc, kv * D, lo, full_hi, qk_scale,
+            stride_kn, stride_vn, BLOCK_N, False, USE_TMA, WARP_SPEC, PRECISION, KV_FP8,
+            FP8_DOT, CDTYPE, PER_TOKEN, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
+        )  # fmt: skip
     if full_hi < hi:
         k_ptrs += (full_hi - lo).to(tl.int64) * stride_kn
         v_ptrs += (full_hi - lo).to(tl.int64) * stride_vn

@@ -27,7 +27,8 @@ class GroupedTuning:
     them); min_split: split-KV parts of at least this many keys; merge_m rows x split_b
     partials per step of the split merge; programs_per_sm: the work list aims at this many
     items per SM (split-KV adds items until it does); half_tail: a group's last tile of at
-    most block_m / 2 rows computes only block_m / 2 (less padding at large B, 128-row tiles)."""
+    most block_m / 2 rows computes only block_m / 2 (less padding at large B, 128-row tiles);
+    pipe_qk: QK^T issued one key block ahead of the softmax (FA3's overlap in the source)."""
 
     block_m: int
     block_n: int
@@ -40,6 +41,7 @@ class GroupedTuning:
     split_b: int = 32
     programs_per_sm: int = 2
     half_tail: bool = False
+    pipe_qk: bool = False
 
     def launch_config(self, sms: int) -> dict:
         """The launcher's keyword dict (target_programs from the GPU's SM count)."""
