@@ -64,6 +64,7 @@ GROUPED = {
         T(128, 64, 8, 4, **HT),
         T(128, 128, 8, 3, programs_per_sm=1, **HT),
         T(128, 128, 8, 3, warp_specialize=True, **HT),
+        T(128, 64, 8, 3, pipe_qk=True, **HT),  # QK^T one key block ahead (session 16)
     ],
     64: [
         T(64, 64, 4, 3),
@@ -73,6 +74,8 @@ GROUPED = {
         T(128, 128, 8, 4, **HT),
         T(128, 64, 4, 3, **HT),
         T(128, 64, 8, 4, **HT),
+        T(128, 128, 8, 3, pipe_qk=True, **HT),
+        T(64, 128, 4, 3, pipe_qk=True),
     ],
 }
 SINGLE = {
