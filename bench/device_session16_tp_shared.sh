@@ -5,7 +5,7 @@
 # then the existing shared-KV and TP distributed tests over NCCL where a GPU per rank allows
 # (2-rank TP), CUDA tensors staged through gloo otherwise (the 4-rank exchange, 3 ranks).
 # Two bounded pytest runs (per-test --timeout; a killed run loses no other's results):
-#   1. new: test_tp_shared_kv_engine.py ([cpu] and [cuda]), test_torchrun_shared_kv.py,
+#   1. new: test_tp_shared_kv_engine.py ([cpu] and [cuda]), test_torchrun_modes.py,
 #      test_shared_kv.py (exchange incl. TP-head cases, CUDA tensors, Triton kernels),
 #      test_cli_distributed.py
 #   2. existing: test_tp_library.py, test_tp_library_routing.py, test_shared_kv_engine.py,
@@ -35,7 +35,7 @@ run() {  # run NAME LIMIT_S FILES...: one bounded pytest into $OUT/NAME.log
   grep -E "^(FAILED|ERROR) |Timeout \(|did not return" "$log" | head -8 | cut -c1-240
   tail -1 "$log" | cut -c1-240
 }
-run new 65 "$D/test_tp_shared_kv_engine.py" "$D/test_torchrun_shared_kv.py" \
+run new 65 "$D/test_tp_shared_kv_engine.py" "$D/test_torchrun_modes.py" \
   "$D/test_shared_kv.py" "$D/test_cli_distributed.py"
 left=$((${MAX_S:-145} - (SECONDS - start)))
 run existing "$left" "$D/test_tp_library.py" "$D/test_tp_library_routing.py" \

@@ -10,7 +10,8 @@ sends, as tensor-parallel workers do (worker.serve_steps: FORWARD, the logits ga
 STOP). Library requests: each rank loads its TPA group's KV heads of the library and
 attends its part of the selections (helix_library.py). Refused with a message that says
 what to do: library builds (each rank holds a slice of the weights), shared-KV ranks,
-semantic reuse, FlexiCache, library tiers, torchrun launches.
+semantic reuse, FlexiCache, library tiers. Under torchrun (`--nproc-per-node` the ranks)
+ranks 1..N-1 serve rank 0 and leave with SystemExit(0) when it stops.
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ from moska.model.config import ModelConfig
 
 def check_helix(config: EngineConfig, model_config: ModelConfig) -> HelixLayout:
     """The layout, or HelixConfigError before any process starts."""
-    if torchrun_rank() is not None:
-        raise HelixConfigError(
-            "--helix under torchrun is not supported yet: run `moska serve` directly, it "
-            "starts the ranks itself"
-        )
     if config.shared_kv_ranks or config.semantic_reuse or config.flexicache is not None:
         raise HelixConfigError(
             "--helix runs without shared_kv_ranks, semantic_reuse and flexicache for now; "
@@ -59,6 +55,14 @@ def start_helix(config: EngineConfig, path, dtype, device: str):
     from moska.model import load_model
 
     layout = check_helix(config, ModelConfig.from_file(Path(path) / "config.json"))
+    rank = torchrun_rank()
+    if rank is not None and rank != 0:  # torchrun started this rank: serve rank 0, leave
+        from moska.distributed.worker import join_torchrun, rank_lifecycle
+
+        groups, dev = join_torchrun(layout.world, device)
+        with rank_lifecycle(groups, None):
+            serve_helix(groups.comm, groups.control, str(path), dtype, dev, config)
+        raise SystemExit(0)
     runtime = DistributedRuntime.start(
         layout.world, device, (str(path), dtype, device, config), target=run_helix_rank
     )

@@ -10,7 +10,8 @@ forward rank 0 sends over the step channel (FORWARD, then STOP at shutdown); log
 computed on rank 0 only, so a step sends nothing else. Per layer the ranks all-gather their
 attention partials (o [T, Hq, D], lse [T, Hq] fp32). Refused with a message that says what
 to do: library requests (rank 0's library manager refuses them), tensor parallelism or
-shared-KV ranks at once (config), torchrun launches, semantic reuse.
+shared-KV ranks at once (config), semantic reuse. Under torchrun (`--nproc-per-node P`)
+ranks 1..P-1 serve rank 0 and leave with SystemExit(0) when it stops.
 """
 
 from __future__ import annotations
@@ -40,11 +41,6 @@ def start_kv_parallel(config: EngineConfig, path, dtype, device: str):
     from moska.library.manager import default_library_root
     from moska.model import load_model
 
-    if torchrun_rank() is not None:
-        raise KVParallelConfigError(
-            "decode_context_parallel_size under torchrun is not supported yet: run `moska "
-            "serve` directly, it starts the ranks itself"
-        )
     if config.tensor_parallel_size > 1 or config.shared_kv_ranks or config.semantic_reuse:
         raise KVParallelConfigError(
             "decode_context_parallel_size > 1 runs without tensor_parallel_size, "
@@ -58,6 +54,14 @@ def start_kv_parallel(config: EngineConfig, path, dtype, device: str):
             "> 1 (library requests are refused there); leave library_gpu_budget unset"
         )
     p = config.decode_context_parallel_size
+    rank = torchrun_rank()
+    if rank is not None and rank != 0:  # torchrun started this rank: serve rank 0, leave
+        from moska.distributed.worker import join_torchrun, rank_lifecycle
+
+        groups, dev = join_torchrun(p, device)
+        with rank_lifecycle(groups, None):
+            _serve(groups, str(path), dtype, dev, config)
+        raise SystemExit(0)
     runtime = DistributedRuntime.start(
         p, device, (str(path), dtype, device, config), target=run_kv_rank
     )

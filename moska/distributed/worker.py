@@ -51,6 +51,15 @@ def join_spawned(rdv: Rendezvous, rank: int, device) -> tuple[ProcessGroups, tor
     return ProcessGroups.join(rdv, rank), dev
 
 
+def join_torchrun(world_size: int, device: str) -> tuple[ProcessGroups, torch.device]:
+    """A rank other than 0 that torchrun started (decode context parallelism, Helix): its
+    groups with rank 0's (the same backend rank 0 picks) and its device."""
+    rank = torchrun_rank()
+    assert rank is not None and rank != 0
+    rdv = _torchrun_rendezvous(world_size, pick_backend(rank_device(device, 0), world_size))
+    return ProcessGroups.join(rdv, rank, host_store=False), rank_device(device, rank)
+
+
 def run_worker(rdv: Rendezvous, rank: int, parent: ParentLink, model_path, dtype, device, config):
     """Entry point of a spawned worker process."""
     groups, dev = join_spawned(rdv, rank, device)

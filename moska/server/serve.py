@@ -80,7 +80,10 @@ def serve(
         log_level=log_level,
     )
     engine_kwargs = engine_kwargs or {}
-    ranks = engine_kwargs.get("tensor_parallel_size", 1) + engine_kwargs.get("shared_kv_ranks", 0)
+    ranks = max(  # the processes of one engine (Helix: the larger of the two)
+        engine_kwargs.get("tensor_parallel_size", 1),
+        engine_kwargs.get("decode_context_parallel_size", 1),
+    ) + engine_kwargs.get("shared_kv_ranks", 0)
     if ranks > 1 and os.environ.get("RANK", "0") != "0":
         # torchrun started this process as a rank other than 0: no socket and no HTTP; it
         # runs the forwards rank 0 sends (a TP rank: distributed/worker.py; a shared-KV

@@ -1,10 +1,12 @@
-"""`torchrun --nproc-per-node N+M -m moska serve MODEL --tensor-parallel-size N
---shared-kv-ranks M`: every rank runs the same line; rank 0 serves, ranks 1..N-1 run its
-forwards as TP ranks, ranks N.. hold the library's chunks, and all leave when it stops. As
-in test_torchrun_launch.py, processes forked from gloo_ranks' forkserver get the
-environment torchrun gives its workers and run the same `LLM(...)` line: rank 0's greedy
-tokens reading a library equal one process's (N = 2, M = 1; and N = 1, M = 1), every other
-rank leaves with SystemExit(0)."""
+"""torchrun for the other distributed modes (tensor parallelism alone:
+test_torchrun_launch.py): `torchrun --nproc-per-node N+M -m moska serve MODEL
+--tensor-parallel-size N --shared-kv-ranks M` (rank 0 serves, ranks 1..N-1 run its forwards
+as TP ranks, ranks N.. hold the library's chunks), `--decode-context-parallel-size P` and
+`--helix`: every rank runs the same line and all leave when rank 0 stops. As in
+test_torchrun_launch.py, processes forked from gloo_ranks' forkserver get the environment
+torchrun gives its workers and run the same `LLM(...)` line: rank 0's greedy tokens equal
+one process's (reading a library with shared-KV ranks), every other rank leaves with
+SystemExit(0)."""
 
 from __future__ import annotations
 
@@ -24,16 +26,27 @@ KW = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 32}
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41]]
 
 
-def _generate(llm) -> list[list[int]]:
+# name: (engine arguments, processes, reads the library)
+MODES = {
+    "tp2+shared1": ({"tensor_parallel_size": 2, "shared_kv_ranks": 1}, 3, True),
+    "shared1": ({"shared_kv_ranks": 1}, 2, True),
+    "dcp2": ({"decode_context_parallel_size": 2}, 2, False),
+    "helix2": ({"decode_context_parallel_size": 2, "helix": True}, 2, False),
+}
+
+
+def _generate(llm, library: bool) -> list[list[int]]:
     from moska.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, library="docs")]
+    lib = "docs" if library else None
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, library=lib)]
 
 
 def _torchrun_rank(rank: int, world: int, port: int, args: tuple, results) -> None:
     """One rank as torchrun starts it: its environment, then the user's line."""
-    ckpt, root, tp, shared = args
+    ckpt, root, mode = args
+    engine, _, library = MODES[mode]
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -48,12 +61,12 @@ def _torchrun_rank(rank: int, world: int, port: int, args: tuple, results) -> No
     try:
         try:
             kw = {**KW, "library_root": root}
-            llm = LLM(ckpt, tensor_parallel_size=tp, shared_kv_ranks=shared, **kw)
+            llm = LLM(ckpt, **engine, **kw)
         except SystemExit as e:  # a rank other than 0, after rank 0 stopped
             results.put((rank, "exit", e.code))
             return
         try:
-            got = _generate(llm)
+            got = _generate(llm, library)
         finally:
             llm.shutdown()
         results.put((rank, "tokens", got))
@@ -63,7 +76,7 @@ def _torchrun_rank(rank: int, world: int, port: int, args: tuple, results) -> No
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """(checkpoint, library root, one process's tokens reading library "docs")."""
+    """(checkpoint, library root, one process's tokens {reads the library: tokens})."""
     from moska.engine.llm import LLM
 
     base = tmp_path_factory.mktemp("trskv")
@@ -72,18 +85,18 @@ def model(tmp_path_factory):
     with LLM(ckpt, library_root=root, **KW) as one:
         one.engine.libraries.progress = False
         one.engine.libraries.build("docs", [("a.txt", ids)], chunk_size=16)  # 4 chunks
-        want = _generate(one)
+        want = {lib: _generate(one, lib) for lib in (True, False)}
     return ckpt, root, want
 
 
-@pytest.mark.parametrize(("tp", "shared"), [(2, 1), (1, 1)])
-def test_torchrun_ranks_read_a_library_like_one_process(model, tp, shared):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_torchrun_ranks_generate_like_one_process(model, mode):
     ckpt, root, want = model
-    world = tp + shared
+    _, world, library = MODES[mode]
     ctx = forkserver_context()
     results = ctx.Queue()
     port = _free_port()
-    args = (ckpt, root, tp, shared)
+    args = (ckpt, root, mode)
     procs = [
         ctx.Process(target=_torchrun_rank, args=(r, world, port, args, results))
         for r in range(world)
@@ -107,7 +120,7 @@ def test_torchrun_ranks_read_a_library_like_one_process(model, tp, shared):
             if p.is_alive():
                 p.kill()
                 p.join(5)
-    assert got.get(0) == ("tokens", want), got
+    assert got.get(0) == ("tokens", want[library]), got
     for rank in range(1, world):  # served rank 0's forwards or chunks, then left
         assert got.get(rank) == ("exit", 0), got
     assert exitcodes == [0] * world
