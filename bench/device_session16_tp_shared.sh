@@ -30,7 +30,7 @@ run() {  # run NAME LIMIT_S FILES...: one bounded pytest into $OUT/NAME.log
   local name=$1 limit=$2 log=$OUT/$1.log; shift 2
   if [ "$limit" -lt 15 ]; then echo "== $name not run: $limit s left"; return; fi
   timeout "$limit" python3 -m pytest -v -p no:cacheprovider -p no:randomly --timeout 45 \
-    -o faulthandler_timeout=40 "$@" > "$log" 2>&1
+    -o faulthandler_timeout=40 --durations=25 "$@" > "$log" 2>&1
   echo "== $name rc=$? ($((SECONDS - start)) s, limit $limit s)"
   grep -E "^(FAILED|ERROR) |Timeout \(|did not return" "$log" | head -8 | cut -c1-240
   tail -1 "$log" | cut -c1-240
@@ -65,5 +65,13 @@ print("total", dict(total))
 for k, v in sorted(per.items()):
     print(f"{k}: {dict(v)}")
 print("cuda params:", collections.Counter(cuda.values()))
+try:  # the new tests' slowest phases on a quiet 16-core box (the suite's budget)
+    text = open(f"{out}/new.log", errors="replace").read()
+    slow = re.findall(r"^(\d+\.\d+)s (setup|call|teardown)\s+(\S+)", text, re.M)
+    print("new tests: %.1f s in phases >= 5 ms; slowest:" % sum(float(t) for t, _, _ in slow))
+    for t, phase, test in slow[:6]:
+        print(f"  {t} s {phase} {test.split('/')[-1][:90]}")
+except OSError:
+    pass
 PY
 echo "== session16_tp_shared done in $((SECONDS - start)) s"
