@@ -48,8 +48,9 @@ grep -E "Error|error|FLOOR" "$OUT/decode_routers.log" | tail -4 | cut -c1-300
 TS=$(( LEFT - ($(date +%s) - T0) ))
 if [ $TS -ge 15 ]; then
   # shellcheck disable=SC2086
+  # (b64n128w4 and b32n256w4 spill registers in an sm_90 compile here: left out)
   timeout $TS $PY -m moska.bench.decode_routers $SARGS --tiles b32n64w4s5 b32n128w4s4 \
-    b64n128w4s3 b32n256w4s3 b64n64w4s4 b64n128w8s3 --out "$OUT/router_tiles_session16.json" \
+    b64n64w4s4 b64n64w8s4 b64n128w8s3 b128n64w8s3 --out "$OUT/router_tiles_session16.json" \
     > "$OUT/router_tiles.log" 2>&1
   echo "tile sweep rc=$? ($(( $(date +%s) - T0 )) s)"; grep "^tile" "$OUT/router_tiles.log"
 fi
