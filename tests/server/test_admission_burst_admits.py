@@ -161,6 +161,7 @@ def _learned(slo: float = 3.0) -> tuple[AdmissionController, BurstWorld]:
             server.submit(cost)
         server.run_until_idle()
     adm.door.gap_s = GAP  # what the door learns of the loop (on the real clock)
+    adm.engine_share = SHARE  # this world's engine runs starved (the default is 1.0 live)
     return adm, BurstWorld(server)
 
 
