@@ -3,14 +3,15 @@
 # CUDA_VISIBLE_DEVICES= ; the built-in tiny model), where the dev box's 2 shared cores made
 # every earlier round noisy (session 15's 7-run A/B: within-2x 0.44-0.97 run to run).
 # Bursts of 64, 300 and 1,000 clients, 4 repeats each, with a library (half the requests
-# on `demo`) and without, A/B of the door's time per answer under a storm (`--door-rate`
-# sums, session 16's default, vs mean, the moving average before it: one paused window set
-# 7.4 ms an answer in the first run of this script, 23:30, and door 429s promised 5-7.8 s
-# for a 0.4-0.7 s drain); plain 429s now meet plain probes of 42, 96, 160 and 240
-# characters (the first run had one, 42: longer plain 429s were scored against its
-# reopening); the door's engine share at its default (0.1; 0.1 vs 1.0 in the first run:
-# inconclusive again). 4 servers at once, each
-# pinned to 4 cores (taskset), its 9 bursts in one server (the first burst pays the
+# on `demo`) and without, A/B of session 16's computation against the one before it:
+# "new" = the defaults now (the door's time per answer under a storm = the storm's loop
+# time over its answers, `--door-rate sums`; the door's engine share 1.0) vs "old" =
+# `--door-rate mean --engine-share 0.1` (the moving average of window ratios, which in the
+# first run of this script, 23:30, set 7.4 ms an answer from one paused window, so door
+# 429s promised 5-7.8 s for a 0.4-0.7 s drain; share 0.1, which that run scored 0.62 vs
+# 0.76 for 1.0 over all 429s). Plain 429s now meet plain probes of 42, 96, 160 and 240
+# characters (the first run had one, 42). 4 servers at once, each
+# pinned to 4 cores (taskset), its 12 bursts in one server (the first burst pays the
 # library's load). The observed drain of each 429 is session 16's: the first admission of
 # a probe of its kind and nearest length sent at or after the 429 came (load_drain.
 # observed_interval); the report also gives the old definition (each probe's first
@@ -26,13 +27,13 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}
-  BURSTS=16,48; ARMS="sums"; CORES=1; LIMIT=150; TT=90
+  BURSTS=16,48; ARMS="new"; CORES=1; LIMIT=150; TT=90
 else
   PY=python3
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_load .whl/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site_load:$PWD
-  BURSTS=64,300,1000,64,300,1000,64,300,1000,64,300,1000; ARMS="sums mean"; CORES=4; LIMIT=130; TT=30
+  BURSTS=64,300,1000,64,300,1000,64,300,1000,64,300,1000; ARMS="new old"; CORES=4; LIMIT=130; TT=30
 fi
 timeout $TT $PY -m pytest -q -p no:cacheprovider tests/server/test_admission_burst_promises.py \
   tests/server/test_load_drain.py tests/server/test_load_probe_series.py \
@@ -42,17 +43,18 @@ echo "tests rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests.log" | cut 
 read -r -a CPUS <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
 NCPU=${#CPUS[@]}; i=0
 for lib in demo none; do
-  for rate in $ARMS; do
+  for arm in $ARMS; do
     first=$(( (i * CORES) % NCPU )); i=$((i + 1))
     PIN=""
     if command -v taskset > /dev/null && [ $(( first + CORES )) -le "$NCPU" ]; then
       PIN="taskset -c $(IFS=,; echo "${CPUS[*]:$first:$CORES}")"
     fi
-    echo "server $lib door rate $rate on cores: ${PIN:-any}"
-    name="load_${lib}_${rate}"
+    echo "server $lib $arm on cores: ${PIN:-any}"
+    name="load_${lib}_${arm}"
+    AB=""; [ "$arm" = old ] && AB="--door-rate mean --engine-share 0.1"
     # shellcheck disable=SC2086
     timeout $(( LIMIT - ($(date +%s) - T0) )) $PIN $PY -m moska.bench.load --burst "$BURSTS" \
-      --ttft-slo 5 --library "$lib" --library-share 0.5 --door-rate "$rate" \
+      --ttft-slo 5 --library "$lib" --library-share 0.5 $AB \
       --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
   done
 done
@@ -65,7 +67,8 @@ rows, summary = [], {}
 for f in sorted(glob.glob(f"{o}/load_*.json")):
     d = json.load(open(f))
     a, rep = d["args"], d["report"]
-    arm = f"{'lib' if a['library'] != 'none' else 'plain'} {a.get('door_rate')}"
+    old = a.get("door_rate") == "mean"
+    arm = f"{'lib' if a['library'] != 'none' else 'plain'} {'old' if old else 'new'}"
     for b in rep["bursts"]:
         g = b["drain_by_group"]
         rows.append((arm, b["clients"], b["admitted"], b["rejected_429"], b["slo_met_share"],
