@@ -162,11 +162,6 @@ class EngineConfig:
                 f"shared_kv_replica_slots must be >= 0 (0: no replicas), got "
                 f"{self.shared_kv_replica_slots}"
             )
-        if self.shared_kv_ranks and (self.helix or self.decode_context_parallel_size > 1):
-            raise ValueError(
-                "shared_kv_ranks runs with tensor_parallel_size (TP ranks beside the shared "
-                "ranks), not with helix or decode_context_parallel_size; drop one of them"
-            )
         if self.decode_context_parallel_size < 1:
             raise ValueError(
                 "decode_context_parallel_size must be a positive number of ranks, got "

@@ -45,4 +45,4 @@ def test_shared_kv_ranks_with_kv_parallelism_is_refused_at_once(monkeypatch, cap
     code = main([*argv, "--decode-context-parallel-size", "2", "--shared-kv-ranks", "1"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "not with helix or decode_context_parallel_size" in err, err
+    assert "runs without tensor_parallel_size, shared_kv_ranks" in err, err

@@ -98,7 +98,7 @@ def test_what_shared_ranks_cannot_serve_is_refused(setup):
     with pytest.raises(RequestError, match="shared-KV"):
         eng.add_request("c", [5, 6], SamplingParams(max_tokens=2), libraries=["docs", "late"])
     assert not eng.has_unfinished_requests() and eng.libraries.num_users("docs") == 0
-    with pytest.raises(ValueError, match="decode_context_parallel_size"):
+    with pytest.raises(ValueError, match="runs without tensor_parallel_size, shared_kv_ranks"):
         LLMEngine.from_model(None, shared_kv_ranks=1, decode_context_parallel_size=2)
     with pytest.raises(SharedKVConfigError, match="library_gpu_budget"):
         LLMEngine.from_model(None, device="cpu", shared_kv_ranks=1, library_gpu_budget="1GiB")
