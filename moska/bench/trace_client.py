@@ -48,9 +48,14 @@ def _block(h: int, block_tokens: int) -> tuple[int, ...]:
 
 
 def request_body(prompt: list[int], max_tokens: int) -> bytes:
-    """A streamed completion request's JSON (usage included: it counts the tokens)."""
+    """A streamed completion request's JSON (usage included: it counts the tokens). It asks
+    for `logprobs: 0` so that every token is an event (`moska bench load` does the same):
+    the tiny model's byte tokens are often incomplete UTF-8, whose text the server holds
+    back until a character completes, so the first event came 1-10 decode steps after the
+    first token (the P/D front end learnt those as first-token times, 0.2-0.6 s where
+    0.05 s was predicted on the CPU bench, and its TTFT spread grew with them)."""
     body = {"model": SERVED, "prompt": prompt, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True,
+            "temperature": 0, "ignore_eos": True, "stream": True, "logprobs": 0,
             "stream_options": {"include_usage": True}}  # fmt: skip
     return json.dumps(body).encode()
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 
+import httpx
 import pytest
 
 from moska.bench.trace import load_trace, prompt_of, replay, summarize, synthesize
+from moska.bench.trace_client import _one, request_body
 
 pytestmark = pytest.mark.timeout(180)  # the session fixture starts processes
 
@@ -45,3 +48,19 @@ def test_replay_small_trace(pd_cluster):
     assert report["goodput_rps"] > 0 and report["ttft_p50_s"] <= report["ttft_p99_s"]
     assert all(3 <= r.tokens <= 5 for r in results)
     assert front.stats.cached_tokens > cached_before  # shared prefixes hit the prefill cache
+
+
+def test_every_token_is_an_event(pd_cluster):
+    """The trace client's body asks for logprobs, so a token whose bytes are not yet a
+    character (the tiny model's byte tokens) is an event all the same: without it the
+    server held the text back and the first event came steps after the first token."""
+    url = pd_cluster[0]
+
+    async def one():
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = request_body(list(range(40, 90)), 24)
+            return await _one(client, url, body, time.monotonic())
+
+    r = asyncio.run(one())
+    assert r.status == 200 and r.tokens == 24
+    assert r.events == r.tokens
