@@ -137,7 +137,8 @@ def running_system(kind: str, args):
         sched = None
         if kind == "pd":
             sched = GlobalScheduler(instances, SLO(args.ttft_slo, args.tpot_slo))
-        front = FrontEnd(instances, sched, FrontEndConfig(), cluster.processes)
+        config = FrontEndConfig(prefill_width=args.prefill_width)
+        front = FrontEnd(instances, sched, config, cluster.processes)
         with background_server(create_frontend_app(front)) as url:
             if args.warmup:  # first requests pay one-off costs; the fits see some steps
                 # (spread out, not one burst: a fit holding only a burst's long first steps
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--block-tokens", type=int, default=BLOCK, help="tokens per hash id")
     ap.add_argument("--max-output", type=int, default=1 << 20, help="cap on output tokens")
     ap.add_argument("--pd", default="1:1", help="P:D; the baseline runs P+D colocated")
+    ap.add_argument("--prefill-width", type=int, default=1,
+                    help="P/D: prefills in flight per prefill instance (0: no gate)")  # fmt: skip
     ap.add_argument("--ttft-slo", type=float, default=2.0)
     ap.add_argument("--tpot-slo", type=float, default=0.2)
     ap.add_argument("--model", default=None)

@@ -43,6 +43,9 @@ def add_router_parser(sub) -> None:
     r.add_argument("--ttft-slo", type=_slo, default=None, help="seconds, or none")
     r.add_argument("--tpot-slo", type=_slo, default=None, help="seconds per token, or none")
     r.add_argument("--transfer-timeout", type=float, default=10.0)
+    r.add_argument("--prefill-width", type=int, default=1,
+                   help="prefills sent to a prefill instance at once, in admission order "
+                   "(0: all at once, the instance batches them)")  # fmt: skip
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -71,7 +74,8 @@ def build_frontend(args: argparse.Namespace):
     try:
         instances = discover(urls)
         roles = {i.role for i in instances}
-        config = FrontEndConfig(transfer_timeout_s=args.transfer_timeout)
+        config = FrontEndConfig(transfer_timeout_s=args.transfer_timeout,
+                                prefill_width=args.prefill_width)  # fmt: skip
         procs = cluster.processes if cluster else {}
         if roles == {"both"}:
             return FrontEnd(instances, None, config, procs), cluster
