@@ -136,6 +136,8 @@ def add_role_args(s) -> None:
         "prompts' blocks go there and are taken from there by block hash (needs --role)",
     )
     s.add_argument("--kv-pool-blocks", type=int, default=4096, help="blocks the pool keeps")
+    s.add_argument("--kv-pool-disk-dir", default=None, help="a disk tier behind the KV pool: "
+                   "blocks leaving the host pool go there, fetched back with the same check")  # fmt: skip
     s.add_argument("--no-pd-overlap", dest="pd_overlap", action="store_false",
                    help="prefill: send the prompt's KV after the prefill ended, not layer by "
                    "layer while it computes")  # fmt: skip
@@ -160,4 +162,5 @@ def pd_config(args: argparse.Namespace):
             transport=getattr(args, "pd_transport", "auto"),
         )  # fmt: skip
     overlap = getattr(args, "pd_overlap", True)
-    return PDConfig(args.role, endpoint, args.kv_pool_dir, args.kv_pool_blocks, overlap=overlap)
+    return PDConfig(args.role, endpoint, args.kv_pool_dir, args.kv_pool_blocks, overlap=overlap,
+                    kv_pool_disk_dir=getattr(args, "kv_pool_disk_dir", None))  # fmt: skip

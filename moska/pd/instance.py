@@ -58,6 +58,7 @@ class PDConfig:
     # prefill: send each layer's KV as soon as the prefill step computed it (overlapping
     # the next layers); False: the whole prompt's KV after the request finished
     overlap: bool = True
+    kv_pool_disk_dir: str | None = None  # the pool's disk tier (`kv_pool.py`)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -107,7 +108,9 @@ class PDInstance:
         self._cond = threading.Condition()
         self._holds: dict[int, tuple[kv_blocks.Holder, float]] = {}  # engine thread only
         self.pool = (
-            KVPool(config.kv_pool_dir, config.kv_pool_blocks) if config.kv_pool_dir else None
+            KVPool(config.kv_pool_dir, config.kv_pool_blocks, config.kv_pool_disk_dir)
+            if config.kv_pool_dir
+            else None
         )
         self._pool_holds: dict[str, kv_blocks.Holder] = {}  # engine thread only
 

@@ -35,6 +35,27 @@ def test_pool_roundtrip_and_checksum(tmp_path):
     assert len(list(tmp_path.glob("*.kv"))) == 2  # capacity
 
 
+def test_disk_tier_keeps_what_host_memory_lets_go(tmp_path):
+    pool = KVPool(tmp_path / "shm", capacity_blocks=2, disk_root=tmp_path / "disk")
+    blocks = {h: torch.randn(3, 2, 4, 1, 8) for h in range(1, 5)}
+    for h, kv in blocks.items():
+        pool.put(h, kv)
+    on_disk = {p.name for p in (tmp_path / "disk").glob("*.kv")}
+    assert len(list((tmp_path / "shm").glob("*.kv"))) == 2 and len(on_disk) == 2
+    assert all(h in pool for h in blocks)  # nothing lost: two in memory, two on disk
+    oldest = next(h for h in blocks if pool._path(h).name in on_disk)
+    kv = blocks[oldest]
+    assert torch.equal(pool.get(oldest, kv.shape, kv.dtype), kv)  # from disk, checked
+    assert pool._path(oldest).exists()  # moved back to host memory
+    victim = next(p for p in (tmp_path / "disk").glob("*.kv"))  # a bad block on disk
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    h = int(victim.stem, 16)
+    assert pool.get(h, kv.shape, kv.dtype) is None and not victim.exists()
+    assert pool.disk is not None and pool.disk.corrupt == 1 and h not in pool
+
+
 def test_instances_share_prefixes_through_the_pool(pd_cluster, tmp_path):
     from moska.pd.instance import PDConfig, attach
     from moska.server.app import create_app
