@@ -6,10 +6,12 @@
 # routed decode step's shared attention at Llama-3.1-8B dims (Hq 32, Hkv 8, D 128), a 1M-token
 # library of 4,096-token chunks, top-8, uniform routing, as CUDA graphs in one run: bf16, FP8
 # upcast (per-token scales, as libraries store them), FP8 tensor cores with token-major V
-# (`fp8_mma_vt`, this session's softmax: running max on unscaled scores), the same with the
-# former softmax (`_scaled`, A/B) and with per-chunk scales (`_chunk`: what per-token scales
-# cost); tiles (--quick-tiles): fp8_mma_vt 4 + warp-specialized, persistent and 128 x 128,
-# the other two 2. Every variant, and every tile, is checked against the fp32 reference on
+# (`fp8_mma_vt`: per-token scales loaded a block ahead, P.V accumulated in place, TOKEN_V2),
+# the former program (`_v1`, A/B), per-chunk scales (`_chunk`, raw-max softmax; `_chunk_scaled`
+# the former softmax, A/B) and q in two e4m3 terms (`fp8_mma_qsplit_vt`, the form that keeps
+# top-1 >= 0.99); tiles (--quick-tiles): fp8_mma_vt 4 + warp-specialized, persistent and
+# 128 x 128, the others 2. First call (481c2dd, 23:29): B = 1,024 bf16 1.592, mma_vt 1.662,
+# chunk 1.071 ms; upcast 2.7x slower than mma_vt at every B. Every variant, and every tile, is checked against the fp32 reference on
 # 4 requests before it is timed (the JSON says; rc 1 if a variant is off, a tile off is dropped).
 # B = 1,024 first: the JSON is rewritten after each batch, so a cut run keeps its rows.
 # Carry .whl. `bash bench/device_session16_fp8.sh --cpu-dry-run`: the same steps on CPU.
@@ -39,7 +41,8 @@ echo "tests rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests.log" | cut 
 TS=$(( LIM - ($(date +%s) - T0) ))
 # shellcheck disable=SC2086
 timeout $TS $PY -m moska.bench.fp8_attention --routing uniform $BARGS \
-  --variants fp8 fp8_mma_vt fp8_mma_vt_scaled fp8_mma_vt_chunk --out "$JO" > "$OUT/bench.log" 2>&1
+  --variants fp8 fp8_mma_vt fp8_mma_vt_v1 fp8_mma_vt_chunk fp8_mma_vt_chunk_scaled \
+  fp8_mma_qsplit_vt --out "$JO" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -i "error\|Traceback" "$OUT/bench.log" | head -4 | cut -c1-300
 $PY - "$J" <<'PY'
@@ -62,14 +65,15 @@ for r in d["rows"]:
     for n in [k for k in r if k.endswith("_ms_by_tile")]:
         print(r["batch"], n[:-11], {t.replace("'block_", "").replace("num_", ""): round(v, 3)
                                     for t, v in r[n].items()})
-print(f"{'B':>5} {'bf16':>7} {'upcast':>7} {'mma_vt':>7} {'scaled':>7} {'chunk':>7}"
-      "  mma_vt/bf16 chunk/bf16 best(token)")
+cols = ["bf16", "fp8", "fp8_mma_vt", "fp8_mma_vt_v1", "fp8_mma_vt_chunk",
+        "fp8_mma_vt_chunk_scaled", "fp8_mma_qsplit_vt"]
+print("ms      B    bf16  upcast  mma_vt      v1   chunk  chunk_s  qsplit | x bf16: vt v1 chunk qs")
 for e in s["by_batch"]:
     m = e["ms"]
     f = lambda n: f"{m[n]:7.3f}" if n in m else f"{'-':>7}"  # noqa: E731
-    x = lambda n: f"{m['bf16'] / m[n]:.2f}x" if n in m and "bf16" in m else "-"  # noqa: E731
-    print(f"{e['batch']:>5} {f('bf16')} {f('fp8')} {f('fp8_mma_vt')} {f('fp8_mma_vt_scaled')} "
-          f"{f('fp8_mma_vt_chunk')}  {x('fp8_mma_vt'):>11} {x('fp8_mma_vt_chunk'):>10} "
-          f"{e.get('per_token_best', '-')}")
+    x = lambda n: f"{m['bf16'] / m[n]:.2f}" if n in m and "bf16" in m else "-"  # noqa: E731
+    print(f"   {e['batch']:>5} " + " ".join(f(c) for c in cols) + " | "
+          + " ".join(x(c) for c in ("fp8_mma_vt", "fp8_mma_vt_v1", "fp8_mma_vt_chunk",
+                                    "fp8_mma_qsplit_vt")))
 PY
 echo "total $(( $(date +%s) - T0 )) s"

@@ -54,16 +54,18 @@ TOL = {"bf16": 1e-2, "fp8": 1e-2, "fp8_chunk": 1e-2, "fp8_dot": 1e-1}
 # rate on Hopper; qsplit: two FP8 QK^T dots, one PV): the compute floor's FLOPs factor
 MMA_COST = {"fp8_mma": 0.5, "fp8_mma_vt": 0.5, "fp8_dot": 0.75}
 MMA_COST.update(fp8_mma_qsplit=0.75, fp8_mma_qsplit_vt=0.75, fp8_mma_vt_chunk=0.5)
-MMA_COST.update(fp8_mma_vt_scaled=0.5)
+MMA_COST.update(fp8_mma_vt_v1=0.5, fp8_mma_vt_chunk_scaled=0.5)
 # fp8_mma (shared_attention_fp8.py): q per row and the weights in e4m3, no KV tile upcast;
 # _vt: V read token-major (a transposed copy); _qsplit: q as two e4m3 terms (two QK^T dots)
 MMA: dict[str, dict[str, Any]] = {"fp8_mma": {}, "fp8_mma_vt": {"v_t": True}}
 MMA.update(
     fp8_mma_qsplit={"fp8_q_split": True}, fp8_mma_qsplit_vt={"fp8_q_split": True, "v_t": True}
 )
-# _chunk: per-(chunk, KV head) scales (what per-token ones cost); _scaled: the former softmax
-# (RAW_MAX off: every score scaled before the max), an A/B in one run
-MMA.update(fp8_mma_vt_chunk={"v_t": True}, fp8_mma_vt_scaled={"v_t": True, "raw_max": False})
+# _chunk: per-(chunk, KV head) scales (what per-token ones cost); A/Bs in one run of the
+# program's session-16 forms against the former code: _v1 (per-token, TOKEN_V2 off),
+# _chunk_scaled (RAW_MAX off)
+MMA.update(fp8_mma_vt_chunk={"v_t": True}, fp8_mma_vt_v1={"v_t": True, "token_v2": False})
+MMA.update(fp8_mma_vt_chunk_scaled={"v_t": True, "raw_max": False})
 # vs the dequantized library (the algorithm's own e4m3 error ~0.02 on random data; the CPU
 # dry run's interpreter rounds some e4m3 casts wrongly: 0.15 there, set in main)
 TOL.update({n: 5e-2 for n in MMA})
@@ -83,7 +85,7 @@ MMA_TILES: list[dict[str, Any]] = [
 # (B = 1,024 has ~128 rows a group: one tile reads the chunk once)
 QUICK_MMA_TILES: list[dict[str, Any]] = [
     {"block_m": m, "block_n": n, "num_warps": w, "num_stages": st}
-    for m, n, w, st in ((64, 128, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3))
+    for m, n, w, st in ((64, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2))
 ]  # the first: library/fp8_mma.MMA_TILE, what the engine launches (and the check runs)
 # fp8_mma_vt alone also: its key loop warp-specialized, a persistent grid (2 programs an SM
 # looping over the work items), a 128 x 128 tile; the other variants the first two only
@@ -148,7 +150,7 @@ def variant_args(name: str, k, v, q8) -> tuple:
     """bf16; fp8 / fp8_dot: per-token scales (the library's); fp8_chunk: per-chunk scales."""
     if name == "bf16":
         return k, v, {}
-    chunk = name.endswith("_chunk")
+    chunk = "_chunk" in name
     kq, vq = q8["chunk" if chunk else "token"]
     if name in MMA:
         kw = {"kv_scales": (kq.scale, vq.scale), "fp8_mma": True, **MMA[name]}
@@ -162,14 +164,15 @@ CHECK_TILE: dict[str, Any] = {}  # the MMA variants' checked tile (main sets it)
 _ALGO: dict[str, dict] = {}  # an fp8_mma variant's check against its algorithm, by name
 
 
-def gsa(*args, raw_max: bool = True, **kw):
-    """`grouped_shared_attention` with the FP8 program's RAW_MAX constexpr set for this call
-    (a module flag `fp8_mma_args` reads at launch: compile and graph capture both see it)."""
-    before, sa8.RAW_MAX = sa8.RAW_MAX, raw_max
+def gsa(*args, raw_max: bool = True, token_v2: bool = True, **kw):
+    """`grouped_shared_attention` with the FP8 program's RAW_MAX / TOKEN_V2 flags set for this
+    call (module flags `fp8_mma_args` reads at launch: compile and graph capture see them)."""
+    before = sa8.RAW_MAX, sa8.TOKEN_V2
+    sa8.RAW_MAX, sa8.TOKEN_V2 = raw_max, token_v2
     try:
         return grouped_shared_attention(*args, **kw)
     finally:
-        sa8.RAW_MAX = before
+        sa8.RAW_MAX, sa8.TOKEN_V2 = before
 
 
 def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int, refs=None) -> dict:
@@ -321,7 +324,7 @@ def run_batch(
     for n in names:
         if n in times:  # every touched chunk's K and V read once per KV head group
             nbytes = touched * s.chunk * s.hkv * s.d * 2 * kv_bytes[n] + q_out
-            if n != "bf16" and not n.endswith("_chunk"):  # fp32 K, V scales per (token, head)
+            if n != "bf16" and "_chunk" not in n:  # fp32 K, V scales per (token, head)
                 nbytes += touched * s.chunk * s.hkv * 8
             times[n]["read_GB_per_s"] = nbytes / 1e9 / (times[n]["ms"] / 1e3)
             # the floor: these bytes at the measured read bandwidth, or the two products at

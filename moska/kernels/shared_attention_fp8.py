@@ -30,13 +30,18 @@ from .merge import merge_finish
 
 P_RANGE = tl.constexpr(256.0)  # the largest weight maps here before the e4m3 cut (max 448)
 P_LOG2 = tl.constexpr(8.0)  # log2(P_RANGE)
-# RAW_MAX (constexpr of every launch, from `fp8_mma_args`): the running max is taken on the
-# unscaled scores and the row's scale applied inside exp2's argument (one FMA), and with
-# per-chunk scales the weights come out of exp2 already P_RANGE up: two fp32 multiplies per
-# score fewer than scaling every score first (at B = 1,024, ~1e9 scores a layer, the
-# program is bound by this per-score work, not by its bytes). Same values up to fp32
-# rounding; False keeps the former code for A/B timing (bench/fp8_attention.py).
+# RAW_MAX (per-chunk scales): the running max is taken on the unscaled scores, the row's
+# scale applied inside exp2's argument (one FMA) and the weights come out of exp2 already
+# P_RANGE up: fewer fp32 multiplies per score. With per-token scales the same trick ran
+# 2-6 % slower on the H200 (bench/results/fp8_attention_h200_session16.json, `_scaled`
+# rows), so per-token launches keep scaling each score first.
+# TOKEN_V2 (per-token scales; `_fp8_inner` says what it does): per-token scales cost 55 % at
+# B = 1,024 on the H200 (1.66 vs 1.07 ms with per-chunk scales, same run), far more than
+# their two multiplies per score: the strided scale loads stalled every block and P.V
+# needed a second accumulator. Exact algebra (same e4m3 cuts); off: the former code.
+# Module flags read at launch by `fp8_mma_args` (bench/fp8_attention.py flips them for A/Bs).
 RAW_MAX = True
+TOKEN_V2 = True
 
 
 def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> dict:
@@ -50,7 +55,7 @@ def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> d
     if fp8_dot:
         raise ValueError("fp8_mma and fp8_dot are two programs: pass one")
     if v_pool_t is None:
-        return {"Q_SPLIT": q_split, "RAW_MAX": RAW_MAX}
+        return {"Q_SPLIT": q_split, **_flags(fp8)}
     s, hkv, d = k_pool.shape
     s_t = -(-s // 16) * 16  # TMA strides are 16-byte multiples: S_total padded up to 16
     if (
@@ -66,7 +71,12 @@ def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> d
         )
     if v_pool_t.shape[2] % 16:
         raise ValueError(f"v_pool_t is read through TMA: pad S_total ({s}) to a multiple of 16")
-    return {"V_T": True, "Q_SPLIT": q_split, "RAW_MAX": RAW_MAX}
+    return {"V_T": True, "Q_SPLIT": q_split, **_flags(fp8)}
+
+
+def _flags(fp8: dict) -> dict:
+    per_token = bool(fp8.get("PER_TOKEN"))
+    return {"RAW_MAX": RAW_MAX and not per_token, "TOKEN_V2": TOKEN_V2 and per_token}
 
 
 def v_t_descriptor(v_pool_t, block_n: int) -> TensorDescriptor:
@@ -77,18 +87,37 @@ def v_t_descriptor(v_pool_t, block_n: int) -> TensorDescriptor:
 
 @triton.jit
 def _fp8_inner(
-    acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, col, lo, hi,
+    acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, col, lo, hi,
     stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, V_T: tl.constexpr,
     PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr, RAW_MAX: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
+    WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; q_sc [BLOCK_M]: each row's
     # q scale times the logit scale (log2 domain). Unmasked calls need (hi - lo) % BLOCK_N
     # == 0; a TMA block past `hi` reads the next chunk: those keys get -inf and weight 0.
+    # TOKEN_V2 (per-token scales): the next block's scales are loaded one block ahead (their
+    # strided loads no longer stall each block), and acc is kept in units of P_RANGE / vm
+    # (vm: the last block's largest V scale), the change of vm folded into alpha, so P.V
+    # accumulates in place (no second accumulator tile, no extra FMA pass per block).
     offs_n = tl.arange(0, BLOCK_N)
+    if PER_TOKEN and TOKEN_V2:  # the first block's scales
+        ks_nx = tl.load(k_scale_ptr + sc_ptrs, mask=(lo + offs_n) < hi, other=1.0)
+        vs_nx = tl.load(v_scale_ptr + sc_ptrs, mask=(lo + offs_n) < hi, other=0.0)
+    else:
+        ks_nx = tl.full([BLOCK_N], 1.0, tl.float32)
+        vs_nx = tl.full([BLOCK_N], 0.0, tl.float32)
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         n_ok = (start + offs_n) < hi
+        if PER_TOKEN:
+            if TOKEN_V2:  # this block's scales came with the last one; the next ones now
+                ks, vs = ks_nx, vs_nx
+                nxt = (start + BLOCK_N + offs_n) < hi
+                ks_nx = tl.load(k_scale_ptr + sc_ptrs + BLOCK_N * stride_sc, mask=nxt, other=1.0)
+                vs_nx = tl.load(v_scale_ptr + sc_ptrs + BLOCK_N * stride_sc, mask=nxt, other=0.0)
+            else:
+                ks = tl.load(k_scale_ptr + sc_ptrs, mask=n_ok, other=1.0)
+                vs = tl.load(v_scale_ptr + sc_ptrs, mask=n_ok, other=0.0)
         if USE_TMA:
             k = k_desc.load([start, col])  # [BLOCK_N, D] e4m3
             if V_T:
@@ -107,7 +136,6 @@ def _fp8_inner(
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
         if PER_TOKEN:  # the token's K scale on its score column, after the dot
-            ks = tl.load(k_scale_ptr + sc_ptrs, mask=n_ok, other=1.0)
             if RAW_MAX:
                 s = s * ks[None, :]
             else:
@@ -128,17 +156,20 @@ def _fp8_inner(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if PER_TOKEN:  # the token's V scale on its weight, before the e4m3 cut
-            vs = tl.load(v_scale_ptr + sc_ptrs, mask=n_ok, other=0.0)
             v_max = tl.maximum(tl.max(vs, 0), 1e-30)
             pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
-            acc = acc * alpha[:, None] + tl.dot(pw, v) * (v_max / P_RANGE)
+            if TOKEN_V2:  # acc in units of P_RANGE / v_max from here on
+                acc = tl.dot(pw, v, acc * (alpha * (vm / v_max))[:, None])
+                vm = v_max
+            else:
+                acc = acc * alpha[:, None] + tl.dot(pw, v) * (v_max / P_RANGE)
             sc_ptrs += BLOCK_N * stride_sc
         elif RAW_MAX:  # p and l_i are both in units of 1 / P_RANGE: o = acc / l_i as is
             acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
         else:  # 1 / P_RANGE goes with the chunk's V scale onto the output
             acc = tl.dot((p * P_RANGE).to(tl.float8e4nv), v, acc * alpha[:, None])
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, m_i, l_i, vm
 
 
 @triton.jit
@@ -164,6 +195,7 @@ def _grouped_fp8_mma_kernel(
     KV_FP8: tl.constexpr = True, FP8_DOT: tl.constexpr = False, CDTYPE: tl.constexpr = None,
     PER_TOKEN: tl.constexpr = False, chunk_scale_ptr=None, CHUNK_SCALE: tl.constexpr = False,
     V_T: tl.constexpr = False, Q_SPLIT: tl.constexpr = False, RAW_MAX: tl.constexpr = False,
+    TOKEN_V2: tl.constexpr = False,
 ):
     # fmt: on
     # The arguments of `_grouped_shared_attention_kernel` (PRECISION, KV_FP8, FP8_DOT and
@@ -179,6 +211,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
+                TOKEN_V2,
             )
             # fmt: on
     else:
@@ -191,6 +224,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
+                TOKEN_V2,
             )
             # fmt: on
 
@@ -204,7 +238,7 @@ def _fp8_item(
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, V_T: tl.constexpr, k_scale_ptr, v_scale_ptr, stride_sc,
     PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
-    RAW_MAX: tl.constexpr, WARP_SPEC: tl.constexpr,
+    RAW_MAX: tl.constexpr, WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr,
 ):
     # fmt: on
     # work item w: one row tile of one (chunk, KV head) group over one split of the chunk
@@ -257,19 +291,20 @@ def _fp8_item(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    vm = tl.full([], 1.0, tl.float32)  # TOKEN_V2: acc's V unit (P_RANGE / vm)
     # fmt: off
-    acc, m_i, l_i = _fp8_inner(
-        acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv * D, lo, full_hi,
+    acc, m_i, l_i, vm = _fp8_inner(
+        acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv * D, lo, full_hi,
         stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
-        BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC,
+        BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
     )
     if full_hi < hi:
         skip = (full_hi - lo).to(tl.int64)
-        acc, m_i, l_i = _fp8_inner(
-            acc, m_i, l_i, q8, q8lo, q_sc, k_ptrs + skip * stride_kn, v_ptrs + skip * stride_vn,
+        acc, m_i, l_i, vm = _fp8_inner(
+            acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs + skip * stride_kn, v_ptrs + skip * stride_vn,
             k_desc, v_desc, kv * D, full_hi, hi, stride_kn, stride_vn,
             sc_ptrs + skip * stride_sc, k_scale_ptr, v_scale_ptr, stride_sc,
-            BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC,
+            BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
         )
     # fmt: on
 
@@ -280,6 +315,8 @@ def _fp8_item(
         o, lse = merge_finish(m_i, l_i, acc)
         if not PER_TOKEN:  # the chunk's V scale and the weights' range: o is linear in V
             o = o * (tl.load(v_scale_ptr + chunk * stride_sc + kv) / P_RANGE)
+        elif TOKEN_V2:  # acc was in units of P_RANGE / vm
+            o = o * (vm / P_RANGE)
     if n_split == 1:
         out_rows = (start * G + rows).to(tl.int64)
         tl.store(

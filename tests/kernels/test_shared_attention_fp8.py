@@ -120,23 +120,27 @@ def test_fp8_mma_refuses_what_it_cannot_run():  # before any launch: no interpre
 
 @_CPU
 @pytest.mark.parametrize("granularity", ["token", "chunk"])
-def test_fp8_mma_raw_max_equals_the_scaled_softmax(monkeypatch, granularity):
-    # RAW_MAX (the default: the running max on unscaled scores, the row scale inside exp2,
-    # with chunk scales the weights straight from exp2 P_RANGE up and lse moved back by
-    # log2(P_RANGE)) computes the same attention as the former code that scaled each score
-    # first: both against the algorithm (interpreter e4m3 rounding) and each other
+def test_fp8_mma_session16_forms_equal_the_former_code(monkeypatch, granularity):
+    # the program's session-16 forms compute the same attention as the code before them, both
+    # against the algorithm (interpreter e4m3 rounding) and each other: RAW_MAX (chunk scales:
+    # the running max on unscaled scores, weights straight from exp2 P_RANGE up, lse moved
+    # back by log2(P_RANGE)) and TOKEN_V2 (token scales: scales loaded a block ahead, acc in
+    # units of P_RANGE / the last block's V scale max, rescaled with alpha)
     from moska.kernels import shared_attention_fp8 as sa8
 
     q, k, v, offs, sel = _inputs("cpu", torch.float16, lens=(40, 70), b=2, seed=3)
+    # V scales of very different sizes from block to block (x1 / x50): acc's unit changes
+    v = v * torch.where(torch.arange(v.shape[0]) % 64 < 32, 1.0, 50.0)[:, None, None].half()
     kq, vq = quantize(k, offs, granularity), quantize(v, offs, granularity)
     scales, sc = (kq.scale, vq.scale), q.shape[-1] ** -0.5
     ao, al = fp8_mma_ref(q, kq.data, vq.data, offs, sel, sc, scales, 32, False, interpreter_e4m3)
     outs = {}
-    for raw in (True, False):
-        monkeypatch.setattr(sa8, "RAW_MAX", raw)
-        outs[raw] = _run(q, kq, vq, offs, sel, sc, False, False, NOSPLIT)
-        err_o, err_l = rel_err(outs[raw][0], ao), rel_err(outs[raw][1], al)
-        assert err_o < 1e-3 and err_l < 1e-4, (raw, err_o, err_l)
+    for new in (True, False):
+        monkeypatch.setattr(sa8, "RAW_MAX", new)
+        monkeypatch.setattr(sa8, "TOKEN_V2", new)
+        outs[new] = _run(q, kq, vq, offs, sel, sc, False, False, NOSPLIT)
+        err_o, err_l = rel_err(outs[new][0], ao), rel_err(outs[new][1], al)
+        assert err_o < 1e-3 and err_l < 1e-4, (new, err_o, err_l)
     assert rel_err(outs[True][0], outs[False][0]) < 1e-3
     # a wrong lse shift (log2(P_RANGE) = 8 in log2 units) would move lse by 5.5: far off
     assert (outs[True][1] - outs[False][1]).abs().max() < 1e-2
