@@ -55,7 +55,7 @@ for r in d["rows"]:
           "start %.1f s prefill+warmup %.1f s" % (r["engine_startup_s"], r["prefill_and_warmup_s"]),
           "rerank/other ms", r.get("rerank_step_ms"), r.get("other_step_ms_median"),
           {k: s.get(k) for k in ("offloads", "released_first", "extensions", "fetched_pages",
-                                 "host_pool_peak_pages", "host_pool_pages", "host_pool_misses")})
+                                 "host_pool_peak_pages", "host_pool_pages", "host_pool_misses", "pool_slot_use")})
 PY
 tail -4 "$OUT/flexicache_tests.log" | cut -c1-300
 tail -2 "$OUT/flexicache_engine_budget.log" | cut -c1-300

@@ -327,6 +327,10 @@ class FlexiEngine(PageCounters):
             "released_blocks": self.released_blocks,
             "released_first": self.released_first,
             "pool_blocks": sum(len(o.pool) for o in offs),
+            # resident pages over the pools' slots in all layers: what sizing every layer's
+            # pool by the worst layer leaves unused (a block has Hkv slots in each layer)
+            "pool_slot_use": sum(int((o.lslot >= 0).sum()) for o in offs)
+            / max(sum(o.capacity * o.lslot.shape[0] for o in offs), 1),
             "host_bytes": self.host_bytes(),
             "fetched_pages": self.fetched_pages,
             "evicted_pages": self.evicted_pages,
