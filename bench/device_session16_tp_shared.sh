@@ -7,7 +7,7 @@
 # Three bounded pytest runs (per-test --timeout; a killed run loses no other's results):
 #   1. new: test_tp_shared_kv_engine.py ([cpu] and [cuda]), test_torchrun_modes.py,
 #      test_cli_distributed.py
-#   2. exchange: test_shared_kv.py (incl. the TP-head cases; CUDA tensors, Triton kernels;
+#   2. exchange (55 s): test_shared_kv.py (incl. the TP-head cases; CUDA tensors, Triton;
 #      its 4-rank fixture did not finish inside the first call's shared 65 s)
 #   3. existing: test_tp_library.py and test_tp_three.py [cuda] (their [cpu] halves run in
 #      CI), test_tp_library_routing.py, test_shared_kv_engine.py, test_torchrun_launch.py
@@ -36,9 +36,9 @@ run() {  # run NAME LIMIT_S FILES...: one bounded pytest into $OUT/NAME.log
   grep -E "^(FAILED|ERROR) |Timeout \(|did not return" "$log" | head -8 | cut -c1-240
   tail -1 "$log" | cut -c1-240
 }
-run new 55 "$D/test_tp_shared_kv_engine.py" "$D/test_torchrun_modes.py" \
+run new 50 "$D/test_tp_shared_kv_engine.py" "$D/test_torchrun_modes.py" \
   "$D/test_cli_distributed.py"
-run exchange 40 "$D/test_shared_kv.py"
+run exchange 55 "$D/test_shared_kv.py"
 left=$((${MAX_S:-145} - (SECONDS - start)))
 run existing "$left" "$D/test_tp_library.py" "$D/test_tp_three.py" \
   "$D/test_tp_library_routing.py" "$D/test_shared_kv_engine.py" "$D/test_torchrun_launch.py" \
