@@ -12,7 +12,8 @@
 #     prefill ~30 req/s at most), 3 alternating rounds per system,
 #     TTFT SLO 1 s, TPOT SLO 0.1 s; summary.regime = the lowest rate where colocated met the
 #     TTFT SLO for < 80% of all requests (the target: there, P/D keeps >= 95% of admitted
-#     within both SLOs and has the higher goodput).
+#     within both SLOs and has the higher goodput). Then P/D alone with the gate off, the
+#     A/B of the fix on the same cores.
 # (b) The GPU trace, session 15's v7 (never run), at rates where colocated should miss the
 #     TTFT SLO: session 15's last run had colocated within it for 99-100% at 60-100 req/s,
 #     so 140 and 200 (2 rounds, 40 requests per 20 req/s: 2 s replays); P/D 1:1 (prefill
@@ -70,9 +71,17 @@ CUDA_VISIBLE_DEVICES= timeout $((40 * SLOW)) $PY -m pytest -q -p no:cacheprovide
   tests/pd/test_pd_late_streams.py tests/pd/test_pd_admission_timeline.py \
   tests/pd/test_pd_shm.py \
   >> "$LOG" 2>&1; step tests $?
-# (a) CPU trace, no GPU visible, in the background
-CUDA_VISIBLE_DEVICES= $PIN_CPU timeout $((150 * SLOW)) $PY -m moska.bench.trace $CPU_TRACE \
-  --out "$OUT/pd_trace_cpu16.json" > "$OUT/cpu_trace.log" 2>&1 &
+# (a) CPU trace, no GPU visible, in the background; then, while the GPU trace runs, P/D
+# alone with the gate off (--prefill-width 0: the old all-at-once), the A/B of the fix
+(
+  CUDA_VISIBLE_DEVICES= $PIN_CPU timeout $((130 * SLOW)) $PY -m moska.bench.trace $CPU_TRACE \
+    --out "$OUT/pd_trace_cpu16.json" > "$OUT/cpu_trace.log" 2>&1
+  echo "=== cpu_trace rc=$? ($(( $(date +%s) - T0 )) s)"
+  CUDA_VISIBLE_DEVICES= $PIN_CPU timeout $((60 * SLOW)) $PY -m moska.bench.trace $CPU_TRACE \
+    --systems pd --prefill-width 0 --out "$OUT/pd_trace_cpu16_nogate.json" \
+    > "$OUT/cpu_trace_nogate.log" 2>&1
+  echo "=== cpu_trace_nogate rc=$? ($(( $(date +%s) - T0 )) s)"
+) >> "$LOG" 2>&1 &
 CPUT=$!
 # (b) GPU trace
 if [ "$DEV" = cuda ]; then
@@ -80,14 +89,14 @@ if [ "$DEV" = cuda ]; then
 fi
 $PIN_GPU timeout $((160 * SLOW)) $PY -m moska.bench.trace $GPU_TRACE \
   --out "$OUT/pd_trace_2gpu16.json" >> "$LOG" 2>&1; step gpu_trace $?
-wait $CPUT; step cpu_trace $?
-grep -h "Traceback\|Error:\|FAILED" "$LOG" "$OUT/cpu_trace.log" | head -6 | cut -c1-300
+wait $CPUT; grep "=== cpu" "$LOG"
+grep -h "Traceback\|Error:\|FAILED" "$LOG" "$OUT"/cpu_trace*.log | head -6 | cut -c1-300
 $PY - "$OUT" <<'PY'
 import json, sys
 keys = ("goodput_rps", "within_both_slos_of_admitted", "within_ttft_slo_of_all",
         "rejected_429", "ttft_p99_s")
 print("file rate system goodput both_of_admitted ttft_of_all 429 ttft_p99 | pd/colo | rounds")
-for name in ("pd_trace_cpu16", "pd_trace_2gpu16"):
+for name in ("pd_trace_cpu16", "pd_trace_cpu16_nogate", "pd_trace_2gpu16"):
     try:
         d = json.load(open(f"{sys.argv[1]}/{name}.json"))
     except Exception as e:  # noqa: BLE001
@@ -102,5 +111,6 @@ for name in ("pd_trace_cpu16", "pd_trace_2gpu16"):
                 m = "within_ttft_slo_of_all" if k == "colocated" else "within_both_slos_of_admitted"
                 rounds = [(r.get(m), r.get("goodput_rps")) for r in v[k].get("per_round", [])]
                 print(name[9:], rate, k, *[v[k].get(m) for m in keys], "|", ratio, "|", rounds)
-    print(name[9:], "regime", d.get("summary", {}).get("regime"))
+    if "nogate" not in name:
+        print(name[9:], "regime", d.get("summary", {}).get("regime"))
 PY
