@@ -25,7 +25,11 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
-GRANULARITIES = ("layer", "chunk", "token")  # one scale per KV head per: layer, chunk, token
+# one scale per KV head per: layer, chunk, token, or `block`: per BLOCK_ROWS rows from each
+# chunk's start, stored per token ([S, Hkv], constant over a block): every reader of per-token
+# scales reads it unchanged, and a kernel told so may load one scale per block of keys
+GRANULARITIES = ("layer", "chunk", "token", "block")
+BLOCK_ROWS = 128
 LIBRARY_GRANULARITY = "token"  # what libraries store (see the module docstring)
 _ROWS_PER_STEP = 1 << 16  # quantize in slices: an fp32 copy of a whole pool can be GiBs
 
@@ -49,7 +53,7 @@ def row_scales(
     scale: torch.Tensor, chunk_offsets: torch.Tensor, num_rows: int, granularity: str
 ) -> torch.Tensor:
     """[S, Hkv] fp32: the scale of every row, whatever the granularity."""
-    if granularity == "token":
+    if granularity in ("token", "block"):
         return scale
     if granularity == "layer":
         return scale.expand(num_rows, -1)
@@ -70,6 +74,15 @@ def compute_scales(
         amax[r : r + _ROWS_PER_STEP] = x[r : r + _ROWS_PER_STEP].abs().amax(-1).float()
     if granularity == "layer":
         amax = amax.amax(0, keepdim=True)  # [1, Hkv]
+    elif granularity == "block":  # per BLOCK_ROWS rows from each chunk's start, per row
+        offs = chunk_offsets.to(device=x.device, dtype=torch.int64)
+        rows = torch.arange(s, device=x.device)
+        start = offs[_row_chunks(offs, s)]  # each row's chunk start
+        blk = start + (rows - start) // BLOCK_ROWS * BLOCK_ROWS  # each row's block start
+        ids = torch.unique_consecutive(blk, return_inverse=True)[1]  # block number per row
+        bmax = torch.zeros(int(ids[-1]) + 1 if s else 0, hkv, device=x.device)
+        bmax.scatter_reduce_(0, ids[:, None].expand(-1, hkv), amax, "amax")
+        amax = bmax[ids]  # [S, Hkv], constant over a block
     elif granularity == "chunk":
         c = chunk_offsets.numel() - 1
         rows = _row_chunks(chunk_offsets.to(x.device), s)

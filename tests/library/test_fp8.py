@@ -13,7 +13,7 @@ import torch
 
 from moska.kernels.selections import Selections
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
-from moska.library import build_in_memory, build_library, load_library, model_fingerprint
+from moska.library import build_in_memory, build_library, fp8, load_library, model_fingerprint
 from moska.library.errors import CorruptLibraryError, LibraryError
 from moska.library.fp8 import (
     FP8_DTYPE,
@@ -38,10 +38,16 @@ def _quantize_ref(x, offsets, granularity):
     """One group at a time: scale = amax / 448 (1 for an all-zero group), round to e4m3."""
     s, hkv, _ = x.shape
     offs = offsets.tolist()
+    blocks = [  # BLOCK_ROWS rows from each chunk's start
+        (r, min(r + fp8.BLOCK_ROWS, b))
+        for a, b in itertools.pairwise(offs)
+        for r in range(a, b, fp8.BLOCK_ROWS)
+    ]
     groups = {
         "layer": [(0, s)],
         "chunk": list(itertools.pairwise(offs)),
         "token": [(r, r + 1) for r in range(s)],
+        "block": blocks,
     }[granularity]
     data = torch.empty(x.shape, dtype=FP8_DTYPE)
     scale = torch.empty(len(groups), hkv)
@@ -51,12 +57,15 @@ def _quantize_ref(x, offsets, granularity):
             sc = amax / FP8_MAX if amax > 0 else 1.0
             scale[i, h] = sc
             data[a:b, h] = (x[a:b, h].float() / torch.tensor(sc)).clamp(-448, 448).to(FP8_DTYPE)
+    if granularity == "block":  # stored per row, constant over a block
+        scale = torch.cat([scale[i : i + 1].expand(b - a, -1) for i, (a, b) in enumerate(groups)])
     return data, scale
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_quantize_matches_reference_and_error_bound(granularity, dtype):
+def test_quantize_matches_reference_and_error_bound(granularity, dtype, monkeypatch):
+    monkeypatch.setattr(fp8, "BLOCK_ROWS", 16)  # blocks of 16: the 40-row chunk holds 3
     torch.manual_seed(0)
     offs = _offsets([7, 40, 1, 25])
     # magnitudes spread over 2^-8..2^8 per head and token, one all-zero chunk
