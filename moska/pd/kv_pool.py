@@ -75,12 +75,13 @@ class KVPool:
         try:
             data = path.read_bytes()
         except OSError:
-            kv = None if self.disk is None else self.disk.get(block_hash, shape, dtype)
-            if kv is None:
+            disk = self.disk
+            kv = None if disk is None else disk.get(block_hash, shape, dtype)
+            if disk is None or kv is None:
                 self.misses += 1
                 return None
             self.hits += 1
-            self.disk._path(block_hash).unlink(missing_ok=True)
+            disk._path(block_hash).unlink(missing_ok=True)
             self.put(block_hash, kv)  # back to host memory (the next fetch is fast)
             return kv
         try:
