@@ -278,7 +278,7 @@ class FrontEnd:
         else:  # one at a time, in admission order (`prefill_gate.py`)
             async with gate.turn(lambda: self._sched.prefill_started(plan, time.monotonic())):
                 r = await self._http.post(f"{p.url}{path}", json=pre, headers=headers)
-        self._sched.prefill_computed(plan)
+        self._sched.prefill_computed(plan, time.monotonic())
         if r.status_code != 200:
             hdrs = {k: v for k, v in r.headers.items() if k.lower() in _RETRY_HEADERS}
             return Response(r.content, r.status_code, hdrs, media_type="application/json")

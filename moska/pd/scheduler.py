@@ -44,6 +44,7 @@ import numpy as np
 from moska.pd.decode_speed import MAX_SLOWDOWN, DecodeSpeed
 from moska.pd.index import PrefixIndex
 from moska.pd.live_lag import LiveLag
+from moska.pd.prefill_gate import ServiceTimes
 from moska.pd.tpot_factor import TpotFactor
 from moska.pd.ttft_model import TtftModel
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, feature_vector
@@ -153,11 +154,9 @@ class GlobalScheduler(DecodeSpeed):
         self.ttft = TtftModel()
         # each decode stream's next token against its predicted time (`live_lag.py`)
         self.late_tokens = LiveLag()
-        # a correction on top of the fits that callers may feed (`observe_stage`): how much
-        # slower a stage ran than predicted (>= 1), decaying back to 1 with
-        # SLOWDOWN_HALF_LIFE_S. The front end no longer feeds it (#19): a ratio of the whole
-        # stage, queue and fixed costs included, it reached 4-22x on a 2-core host and
-        # rejected whole rounds; the fits learn the fixed and the per-work parts apart
+        # a correction (>= 1, fading with SLOWDOWN_HALF_LIFE_S) callers may feed
+        # (`observe_stage`); the front end no longer does (#19: a ratio of whole stages, it
+        # reached 4-22x on a 2-core host); the fits learn fixed and per-work parts apart
         self._slowdown = {"prefill": (1.0, 0.0), "decode": (1.0, 0.0)}
         # per decode instance: observed time per output token over the step model's, as
         # the front end sees its streams (the engine loop's work between steps, the HTTP
@@ -170,8 +169,9 @@ class GlobalScheduler(DecodeSpeed):
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
         # prefills wait for their turn at the front end's gate (`prefill_gate.py`; the
-        # front end sets it): an admitted one starts when its turn comes, not at admission
+        # front end sets it): one starts when its turn comes, and counts its service time
         self.gated = False
+        self.service = ServiceTimes()
         # the inputs of the last decision (`plan`), for the front end's decision log
         self.last_inputs: dict[str, float] = {}
 
@@ -267,9 +267,9 @@ class GlobalScheduler(DecodeSpeed):
             return self._reject("tpot", (ends_at[0] - now) if ends_at else 1.0, ttft, tpot)
         ticket = next(self._tickets)
         pred = self.prefill_s(req.prompt_tokens - cached * bs, prefill)
-        # the work ahead of the next ones; behind the front end's gate it starts when its
-        # turn comes (`prefill_started`), until then it counts whole (NaN start)
-        prefill.prefills[ticket] = [pred, math.nan if self.gated else now]
+        # the work ahead of the next ones; gated, it starts when its turn comes (NaN start)
+        start = math.nan if self.gated else now
+        prefill.prefills[ticket] = [self._served(prefill, pred, now), start]
         self.ttft.admitted(prefill.name, ticket, stage, now, probe)
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
@@ -289,9 +289,13 @@ class GlobalScheduler(DecodeSpeed):
         them), as `transferred` learns its rate; it counted only the uncached (~30% of a
         trace's blocks at its 70% hit rate)."""
         cached = min(self.index.match(p.name, req.hashes), usable)
-        own = self.prefill_s(req.prompt_tokens - cached * p.block_size, p)
+        own = self._served(p, self.prefill_s(req.prompt_tokens - cached * p.block_size, p), now)
         x = p.queue_s(now) + own + self.transfer_s(usable)
         return self.ttft.stage_s(p.name, x, now), x, cached
+
+    def _served(self, p: Instance, x: float, now: float) -> float:
+        """A prefill of step-fit seconds `x` on `p`, at its service time when gated."""
+        return self.service.predict(p.name, x, now) if self.gated else x
 
     def _reject(self, reason: str, retry_s: float, ttft: float, tpot: float) -> Rejection:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -306,10 +310,13 @@ class GlobalScheduler(DecodeSpeed):
         if entry is not None:
             entry[1] = now
 
-    def prefill_computed(self, plan: Plan) -> None:
+    def prefill_computed(self, plan: Plan, now: float) -> None:
         """`plan`'s prefill instance answered: its engine has nothing left of it (the
-        transfer's tail may still run; the stage ends at `prefill_done`)."""
-        plan.prefill.prefills.pop(plan.ticket, None)
+        transfer's tail may still run; the stage ends at `prefill_done`); the time since
+        its turn came is its service time."""
+        entry = plan.prefill.prefills.pop(plan.ticket, None)
+        if self.gated and entry is not None and math.isfinite(entry[1]):
+            self.service.observe(plan.prefill.name, plan.predicted_prefill_s, now - entry[1], now)
 
     def prefill_done(self, plan: Plan) -> None:
         plan.prefill.prefills.pop(plan.ticket, None)
@@ -334,6 +341,7 @@ class GlobalScheduler(DecodeSpeed):
         0.02-0.1 s of HTTP hops and event loops per stage the warm-up had measured on the
         CPU bench)."""
         self.ttft = self.ttft.forgotten()
+        self.service = self.service.forgotten()
         self.late_tokens = LiveLag()
         self._tpot_factor.clear()
 

@@ -112,3 +112,22 @@ def test_the_gate_is_fifo_under_contention():
 
     order, waiting = asyncio.run(run())
     assert order == list(range(10)) and waiting == 0
+
+
+def test_held_prefills_count_at_their_learnt_service_time():
+    """Behind the gate each prefill ahead pays its fixed costs in turn (HTTP, tokenizing,
+    the step's overhead), which its step-fit seconds leave out: the queue counts each at
+    the service time learnt from the prefills before (gate -> answer)."""
+    _, sched, p, _ = _front(1)
+    now = 0.0
+    for k in range(12):  # each took 0.25 s from its turn, the step fits said ~0.01-0.03 s
+        plan = sched.plan(RequestInfo((100 + k,), 17 + 3 * k, 4), now)
+        sched.prefill_started(plan, now)
+        sched.prefill_computed(plan, now + 0.25)
+        sched.prefill_done(plan)
+        sched.finished(plan, plan.decode)
+        now += 0.3
+    plans = [sched.plan(RequestInfo((200 + k,), 20, 4), now) for k in range(4)]
+    step_fit = sum(pl.predicted_prefill_s for pl in plans)
+    assert step_fit < 0.2  # what the old queue counted for the four held
+    assert 0.8 <= p.queue_s(now) <= 1.2  # four held at ~0.25 s each
