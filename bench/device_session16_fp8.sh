@@ -9,7 +9,7 @@
 # (`fp8_mma_vt`: per-token scales loaded a block ahead, P.V accumulated in place, TOKEN_V2),
 # the former program (`_v1`, A/B), per-chunk scales (`_chunk`, raw-max softmax; `_chunk_scaled`
 # the former softmax, A/B) and q in two e4m3 terms (`fp8_mma_qsplit_vt`, the form that keeps
-# top-1 >= 0.99); tiles (--quick-tiles): fp8_mma_vt 4 + warp-specialized, persistent and
+# top-1 >= 0.99), "block" scales (per 128 rows, `_block`: one scale per key block); tiles (--quick-tiles): fp8_mma_vt 4 + warp-specialized, persistent and
 # 128 x 128, the others 2. First call (481c2dd, 23:29): B = 1,024 bf16 1.592, mma_vt 1.662,
 # chunk 1.071 ms; upcast 2.7x slower than mma_vt at every B. Every variant, and every tile, is checked against the fp32 reference on
 # 4 requests before it is timed (the JSON says; rc 1 if a variant is off, a tile off is dropped).
@@ -41,8 +41,8 @@ echo "tests rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests.log" | cut 
 TS=$(( LIM - ($(date +%s) - T0) ))
 # shellcheck disable=SC2086
 timeout $TS $PY -m moska.bench.fp8_attention --routing uniform $BARGS \
-  --variants fp8 fp8_mma_vt fp8_mma_vt_v1 fp8_mma_vt_chunk fp8_mma_vt_chunk_scaled \
-  fp8_mma_qsplit_vt --out "$JO" > "$OUT/bench.log" 2>&1
+  --variants fp8 fp8_mma_vt fp8_mma_vt_block fp8_mma_vt_v1 fp8_mma_vt_chunk \
+  fp8_mma_vt_chunk_scaled fp8_mma_qsplit_vt --out "$JO" > "$OUT/bench.log" 2>&1
 echo "bench rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -i "error\|Traceback" "$OUT/bench.log" | head -4 | cut -c1-300
 $PY - "$J" <<'PY'
@@ -66,14 +66,15 @@ for r in d["rows"]:
         print(r["batch"], n[:-11], {t.replace("'block_", "").replace("num_", ""): round(v, 3)
                                     for t, v in r[n].items()})
 cols = ["bf16", "fp8", "fp8_mma_vt", "fp8_mma_vt_v1", "fp8_mma_vt_chunk",
-        "fp8_mma_vt_chunk_scaled", "fp8_mma_qsplit_vt"]
-print("ms      B    bf16  upcast  mma_vt      v1   chunk  chunk_s  qsplit | x bf16: vt v1 chunk qs")
+        "fp8_mma_vt_chunk_scaled", "fp8_mma_qsplit_vt", "fp8_mma_vt_block"]
+print("ms      B    bf16  upcast  mma_vt      v1   chunk chunk_s  qsplit   block"
+      " | x bf16: vt v1 chunk qs block")
 for e in s["by_batch"]:
     m = e["ms"]
     f = lambda n: f"{m[n]:7.3f}" if n in m else f"{'-':>7}"  # noqa: E731
     x = lambda n: f"{m['bf16'] / m[n]:.2f}" if n in m and "bf16" in m else "-"  # noqa: E731
     print(f"   {e['batch']:>5} " + " ".join(f(c) for c in cols) + " | "
           + " ".join(x(c) for c in ("fp8_mma_vt", "fp8_mma_vt_v1", "fp8_mma_vt_chunk",
-                                    "fp8_mma_qsplit_vt")))
+                                    "fp8_mma_qsplit_vt", "fp8_mma_vt_block")))
 PY
 echo "total $(( $(date +%s) - T0 )) s"

@@ -45,7 +45,7 @@ from moska.kernels import shared_attention_fp8 as sa8
 from moska.kernels.selections import from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.kernels.shared_attention_fp8_ref import e4m3, fp8_mma_ref, interpreter_e4m3
-from moska.library.fp8 import quantize
+from moska.library.fp8 import BLOCK_ROWS, quantize
 
 # rel. error of o vs the reference (lse: a tenth). fp8_dot also cuts q to e4m3, an error of
 # the size e4m3 KV itself brings (`fp8_values_vs_bf16_values`, ~0.04 on random data).
@@ -54,7 +54,7 @@ TOL = {"bf16": 1e-2, "fp8": 1e-2, "fp8_chunk": 1e-2, "fp8_dot": 1e-1}
 # rate on Hopper; qsplit: two FP8 QK^T dots, one PV): the compute floor's FLOPs factor
 MMA_COST = {"fp8_mma": 0.5, "fp8_mma_vt": 0.5, "fp8_dot": 0.75}
 MMA_COST.update(fp8_mma_qsplit=0.75, fp8_mma_qsplit_vt=0.75, fp8_mma_vt_chunk=0.5)
-MMA_COST.update(fp8_mma_vt_v1=0.5, fp8_mma_vt_chunk_scaled=0.5)
+MMA_COST.update(fp8_mma_vt_v1=0.5, fp8_mma_vt_chunk_scaled=0.5, fp8_mma_vt_block=0.5)
 # fp8_mma (shared_attention_fp8.py): q per row and the weights in e4m3, no KV tile upcast;
 # _vt: V read token-major (a transposed copy); _qsplit: q as two e4m3 terms (two QK^T dots)
 MMA: dict[str, dict[str, Any]] = {"fp8_mma": {}, "fp8_mma_vt": {"v_t": True}}
@@ -66,6 +66,8 @@ MMA.update(
 # _chunk_scaled (RAW_MAX off)
 MMA.update(fp8_mma_vt_chunk={"v_t": True}, fp8_mma_vt_v1={"v_t": True, "token_v2": False})
 MMA.update(fp8_mma_vt_chunk_scaled={"v_t": True, "raw_max": False})
+# _block: library/fp8.py "block" scales (per 128 rows from a chunk's start), one per key block
+MMA.update(fp8_mma_vt_block={"v_t": True, "fp8_scale_block": BLOCK_ROWS})
 # vs the dequantized library (the algorithm's own e4m3 error ~0.02 on random data; the CPU
 # dry run's interpreter rounds some e4m3 casts wrongly: 0.15 there, set in main)
 TOL.update({n: 5e-2 for n in MMA})
@@ -139,10 +141,11 @@ def make_pools(s: Shape):
     offs = torch.arange(0, rows + 1, s.chunk, dtype=torch.int32, device=s.device)  # [C+1]
     # e4m3 as libraries store it (one scale per token and KV head), and per (chunk, KV head)
     q8: dict[str, Any] = {
-        g: (quantize(k, offs, g), quantize(v, offs, g)) for g in ("token", "chunk")
+        g: (quantize(k, offs, g), quantize(v, offs, g)) for g in ("token", "chunk", "block")
     }
     q8["v_t"] = q8["token"][1].data.permute(1, 2, 0).contiguous()  # [Hkv, D, S] token-major
-    q8["v_t_chunk"] = q8["chunk"][1].data.permute(1, 2, 0).contiguous()
+    for g in ("chunk", "block"):
+        q8[f"v_t_{g}"] = q8[g][1].data.permute(1, 2, 0).contiguous()
     return k, v, offs, q8
 
 
@@ -150,12 +153,12 @@ def variant_args(name: str, k, v, q8) -> tuple:
     """bf16; fp8 / fp8_dot: per-token scales (the library's); fp8_chunk: per-chunk scales."""
     if name == "bf16":
         return k, v, {}
-    chunk = "_chunk" in name
-    kq, vq = q8["chunk" if chunk else "token"]
+    gran = "chunk" if "_chunk" in name else "block" if "_block" in name else "token"
+    kq, vq = q8[gran]
     if name in MMA:
         kw = {"kv_scales": (kq.scale, vq.scale), "fp8_mma": True, **MMA[name]}
         if kw.pop("v_t", False):  # read through TMA: run_batch sets use_tma
-            kw["v_pool_t"] = q8["v_t_chunk" if chunk else "v_t"]
+            kw["v_pool_t"] = q8["v_t" if gran == "token" else f"v_t_{gran}"]
         return kq.data, vq.data, kw
     return kq.data, vq.data, {"kv_scales": (kq.scale, vq.scale), "fp8_dot": name == "fp8_dot"}
 
@@ -324,7 +327,9 @@ def run_batch(
     for n in names:
         if n in times:  # every touched chunk's K and V read once per KV head group
             nbytes = touched * s.chunk * s.hkv * s.d * 2 * kv_bytes[n] + q_out
-            if n != "bf16" and "_chunk" not in n:  # fp32 K, V scales per (token, head)
+            if (
+                n != "bf16" and "_chunk" not in n and "_block" not in n
+            ):  # fp32 K, V scales per (token, head)
                 nbytes += touched * s.chunk * s.hkv * 8
             times[n]["read_GB_per_s"] = nbytes / 1e9 / (times[n]["ms"] / 1e3)
             # the floor: these bytes at the measured read bandwidth, or the two products at

@@ -85,6 +85,7 @@ def grouped_shared_attention(
     fp8_mma: bool = False,
     v_pool_t: torch.Tensor | None = None,
     fp8_q_split: bool = False,
+    fp8_scale_block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
 
@@ -96,6 +97,8 @@ def grouped_shared_attention(
     scales folded into score columns and weights: `shared_attention_fp8.py`); `v_pool_t`,
     optional with `fp8_mma`, a contiguous token-major copy of V [Hkv, D, S_total] (TMA);
     `fp8_q_split` with `fp8_mma`: q as two e4m3 terms (2^-8 relative error, two QK^T dots).
+    `fp8_scale_block` with `fp8_mma` and per-row scales: they are constant over that many rows
+    from each chunk's start (library/fp8.py "block"): one scale per key block is read.
 
     `chunk_scales` fp32 [C], optional: chunk c's scores use `sm_scale * chunk_scales[c]`
     (parts of other softmax temperatures in one launch); None: `sm_scale` for every chunk.
@@ -123,7 +126,7 @@ def grouped_shared_attention(
     kernel, mma = _grouped_shared_attention_kernel, {}
     if fp8_mma or v_pool_t is not None:
         kernel = _grouped_fp8_mma_kernel
-        mma = fp8_mma_args(fp8, fp8_dot, k_pool, v_pool_t, fp8_q_split)
+        mma = fp8_mma_args(fp8, fp8_dot, k_pool, v_pool_t, fp8_q_split, fp8_scale_block)
     if v_pool_t is not None and use_tma is False:  # before any launch (checked again below)
         raise ValueError("v_pool_t is read through TMA: pass use_tma=True (Hopper, aligned pools)")
     _, hq, d = q.shape

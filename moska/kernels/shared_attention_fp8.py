@@ -44,7 +44,9 @@ RAW_MAX = True
 TOKEN_V2 = True
 
 
-def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> dict:
+def fp8_mma_args(
+    fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool, scale_block: int = 0
+) -> dict:
     """The program's extra constexpr (V_T) after checking its inputs: e4m3 pools (`fp8`
     the launcher's e4m3 arguments, empty for other pools), not with `fp8_dot`; `v_pool_t`
     None or a contiguous e4m3 [Hkv, D, S_total] copy of V (S_total padded up to a multiple
@@ -54,8 +56,13 @@ def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> d
         raise ValueError(f"fp8_mma is for float8_e4m3fn pools, not {k_pool.dtype}")
     if fp8_dot:
         raise ValueError("fp8_mma and fp8_dot are two programs: pass one")
+    if scale_block and (not fp8.get("PER_TOKEN") or scale_block < 0 or scale_block % 16):
+        raise ValueError(
+            f"fp8_scale_block={scale_block}: for per-token scale pools [S_total, Hkv] whose "
+            "values are constant over that many rows from each chunk's start (a multiple of 16)"
+        )
     if v_pool_t is None:
-        return {"Q_SPLIT": q_split, **_flags(fp8)}
+        return {"Q_SPLIT": q_split, **_flags(fp8, scale_block)}
     s, hkv, d = k_pool.shape
     s_t = -(-s // 16) * 16  # TMA strides are 16-byte multiples: S_total padded up to 16
     if (
@@ -71,12 +78,13 @@ def fp8_mma_args(fp8: dict, fp8_dot: bool, k_pool, v_pool_t, q_split: bool) -> d
         )
     if v_pool_t.shape[2] % 16:
         raise ValueError(f"v_pool_t is read through TMA: pad S_total ({s}) to a multiple of 16")
-    return {"V_T": True, "Q_SPLIT": q_split, **_flags(fp8)}
+    return {"V_T": True, "Q_SPLIT": q_split, **_flags(fp8, scale_block)}
 
 
-def _flags(fp8: dict) -> dict:
+def _flags(fp8: dict, scale_block: int) -> dict:
     per_token = bool(fp8.get("PER_TOKEN"))
-    return {"RAW_MAX": RAW_MAX and not per_token, "TOKEN_V2": TOKEN_V2 and per_token}
+    flags = {"RAW_MAX": RAW_MAX and not per_token, "TOKEN_V2": TOKEN_V2 and per_token}
+    return {**flags, "SCALE_BLOCK": scale_block}
 
 
 def v_t_descriptor(v_pool_t, block_n: int) -> TensorDescriptor:
@@ -87,11 +95,11 @@ def v_t_descriptor(v_pool_t, block_n: int) -> TensorDescriptor:
 
 @triton.jit
 def _fp8_inner(
-    acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, col, lo, hi,
+    acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv, col, lo, hi,
     stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, V_T: tl.constexpr,
     PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr, RAW_MAX: tl.constexpr,
-    WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr,
+    WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr, SCALE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; q_sc [BLOCK_M]: each row's
     # q scale times the logit scale (log2 domain). Unmasked calls need (hi - lo) % BLOCK_N
@@ -101,7 +109,16 @@ def _fp8_inner(
     # (vm: the last block's largest V scale), the change of vm folded into alpha, so P.V
     # accumulates in place (no second accumulator tile, no extra FMA pass per block).
     offs_n = tl.arange(0, BLOCK_N)
-    if PER_TOKEN and TOKEN_V2:  # the first block's scales
+    # SCALE_BLOCK > 0 (per-token scale pools whose values are constant over SCALE_BLOCK rows
+    # from each chunk's start: library/fp8.py's "block"; BLOCK_N divides it, so every key
+    # block lies in one): one K and one V scale per key block, applied as a chunk's are
+    # (folded into the row scale; the weights straight from exp2 P_RANGE up, acc in units
+    # of P_RANGE / the block's V scale): per-chunk speed, finer scales.
+    BLK: tl.constexpr = PER_TOKEN and SCALE_BLOCK > 0
+    if BLK:
+        tl.static_assert(SCALE_BLOCK % BLOCK_N == 0, "BLOCK_N must divide SCALE_BLOCK")
+    blk_sc = lo.to(tl.int64) * stride_sc + kv
+    if PER_TOKEN and TOKEN_V2 and not BLK:  # the first block's scales
         ks_nx = tl.load(k_scale_ptr + sc_ptrs, mask=(lo + offs_n) < hi, other=1.0)
         vs_nx = tl.load(v_scale_ptr + sc_ptrs, mask=(lo + offs_n) < hi, other=0.0)
     else:
@@ -109,7 +126,11 @@ def _fp8_inner(
         vs_nx = tl.full([BLOCK_N], 0.0, tl.float32)
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         n_ok = (start + offs_n) < hi
-        if PER_TOKEN:
+        if BLK:  # the block's first row's scales (blk_sc: that row's scale offset)
+            ks = tl.load(k_scale_ptr + blk_sc)
+            vs = tl.load(v_scale_ptr + blk_sc)
+            blk_sc += BLOCK_N * stride_sc
+        elif PER_TOKEN:
             if TOKEN_V2:  # this block's scales came with the last one; the next ones now
                 ks, vs = ks_nx, vs_nx
                 nxt = (start + BLOCK_N + offs_n) < hi
@@ -135,39 +156,50 @@ def _fp8_inner(
             s = _qk(q8, q8lo, k, Q_SPLIT)  # [BLOCK_M, BLOCK_N] fp32
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N * stride_vn
-        if PER_TOKEN:  # the token's K scale on its score column, after the dot
-            if RAW_MAX:
-                s = s * ks[None, :]
-            else:
-                s = s * q_sc[:, None] * ks[None, :]
-        elif not RAW_MAX:
-            s = s * q_sc[:, None]
-        if MASKED:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        if RAW_MAX:  # q_sc > 0: the row max of s * q_sc is q_sc * (row max of s); one FMA
-            m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
-            if PER_TOKEN:
-                p = tl.math.exp2(s * q_sc[:, None] - m_new[:, None])
-            else:  # p_RANGE weights straight from exp2: P_RANGE = 2^P_LOG2
-                p = tl.math.exp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None])
+        if BLK:
+            if MASKED:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            qk = q_sc * ks  # the row's scale times the block's K scale
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk)
+            p = tl.math.exp2(s * qk[:, None] - (m_new - P_LOG2)[:, None])  # P_RANGE up
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(tl.float8e4nv), v, acc * (alpha * (vm / vs))[:, None])
+            vm = vs
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if PER_TOKEN:  # the token's V scale on its weight, before the e4m3 cut
-            v_max = tl.maximum(tl.max(vs, 0), 1e-30)
-            pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
-            if TOKEN_V2:  # acc in units of P_RANGE / v_max from here on
-                acc = tl.dot(pw, v, acc * (alpha * (vm / v_max))[:, None])
-                vm = v_max
+            if PER_TOKEN:  # the token's K scale on its score column, after the dot
+                if RAW_MAX:
+                    s = s * ks[None, :]
+                else:
+                    s = s * q_sc[:, None] * ks[None, :]
+            elif not RAW_MAX:
+                s = s * q_sc[:, None]
+            if MASKED:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            if RAW_MAX:  # q_sc > 0: the row max of s * q_sc is q_sc * (row max of s); one FMA
+                m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
+                if PER_TOKEN:
+                    p = tl.math.exp2(s * q_sc[:, None] - m_new[:, None])
+                else:  # p_RANGE weights straight from exp2: P_RANGE = 2^P_LOG2
+                    p = tl.math.exp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None])
             else:
-                acc = acc * alpha[:, None] + tl.dot(pw, v) * (v_max / P_RANGE)
-            sc_ptrs += BLOCK_N * stride_sc
-        elif RAW_MAX:  # p and l_i are both in units of 1 / P_RANGE: o = acc / l_i as is
-            acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
-        else:  # 1 / P_RANGE goes with the chunk's V scale onto the output
-            acc = tl.dot((p * P_RANGE).to(tl.float8e4nv), v, acc * alpha[:, None])
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if PER_TOKEN:  # the token's V scale on its weight, before the e4m3 cut
+                v_max = tl.maximum(tl.max(vs, 0), 1e-30)
+                pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
+                if TOKEN_V2:  # acc in units of P_RANGE / v_max from here on
+                    acc = tl.dot(pw, v, acc * (alpha * (vm / v_max))[:, None])
+                    vm = v_max
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(pw, v) * (v_max / P_RANGE)
+                sc_ptrs += BLOCK_N * stride_sc
+            elif RAW_MAX:  # p and l_i are both in units of 1 / P_RANGE: o = acc / l_i as is
+                acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
+            else:  # 1 / P_RANGE goes with the chunk's V scale onto the output
+                acc = tl.dot((p * P_RANGE).to(tl.float8e4nv), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i, vm
 
@@ -195,7 +227,7 @@ def _grouped_fp8_mma_kernel(
     KV_FP8: tl.constexpr = True, FP8_DOT: tl.constexpr = False, CDTYPE: tl.constexpr = None,
     PER_TOKEN: tl.constexpr = False, chunk_scale_ptr=None, CHUNK_SCALE: tl.constexpr = False,
     V_T: tl.constexpr = False, Q_SPLIT: tl.constexpr = False, RAW_MAX: tl.constexpr = False,
-    TOKEN_V2: tl.constexpr = False,
+    TOKEN_V2: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 0,
 ):
     # fmt: on
     # The arguments of `_grouped_shared_attention_kernel` (PRECISION, KV_FP8, FP8_DOT and
@@ -211,7 +243,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2,
+                TOKEN_V2, SCALE_BLOCK,
             )
             # fmt: on
     else:
@@ -224,7 +256,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2,
+                TOKEN_V2, SCALE_BLOCK,
             )
             # fmt: on
 
@@ -239,6 +271,7 @@ def _fp8_item(
     USE_TMA: tl.constexpr, V_T: tl.constexpr, k_scale_ptr, v_scale_ptr, stride_sc,
     PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
     RAW_MAX: tl.constexpr, WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
 ):
     # fmt: on
     # work item w: one row tile of one (chunk, KV head) group over one split of the chunk
@@ -294,21 +327,26 @@ def _fp8_item(
     vm = tl.full([], 1.0, tl.float32)  # TOKEN_V2: acc's V unit (P_RANGE / vm)
     # fmt: off
     acc, m_i, l_i, vm = _fp8_inner(
-        acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv * D, lo, full_hi,
+        acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv, kv * D, lo, full_hi,
         stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
         BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
+        SCALE_BLOCK,
     )
     if full_hi < hi:
         skip = (full_hi - lo).to(tl.int64)
         acc, m_i, l_i, vm = _fp8_inner(
             acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs + skip * stride_kn, v_ptrs + skip * stride_vn,
-            k_desc, v_desc, kv * D, full_hi, hi, stride_kn, stride_vn,
+            k_desc, v_desc, kv, kv * D, full_hi, hi, stride_kn, stride_vn,
             sc_ptrs + skip * stride_sc, k_scale_ptr, v_scale_ptr, stride_sc,
             BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
+        SCALE_BLOCK,
         )
     # fmt: on
 
-    if RAW_MAX and not PER_TOKEN:  # l_i in units of 1 / P_RANGE: lse back by log2(P_RANGE)
+    if PER_TOKEN and SCALE_BLOCK > 0:  # l_i P_RANGE up, acc P_RANGE / vm up
+        o, lse = merge_finish(m_i - P_LOG2, l_i, acc)
+        o = o * vm
+    elif RAW_MAX and not PER_TOKEN:  # l_i in units of 1 / P_RANGE: lse back by log2(P_RANGE)
         o, lse = merge_finish(m_i - P_LOG2, l_i, acc)
         o = o * tl.load(v_scale_ptr + chunk * stride_sc + kv)  # the chunk's V scale
     else:

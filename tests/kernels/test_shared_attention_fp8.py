@@ -178,3 +178,31 @@ def test_fp8_library_keeps_a_needle(program):
         cos = torch.nn.functional.cosine_similarity(out.float().reshape(-1, d), needle[None])
         assert (cos > 0.95).all(), cos
     assert rel_err(o, ro) < 0.05, rel_err(o, ro)
+
+
+@_CPU
+def test_fp8_mma_block_scales_read_one_scale_per_key_block(monkeypatch):
+    # "block" scales (constant over 32 rows from each chunk's start here) read one K and V
+    # scale per key block (fp8_scale_block=32): equal to the per-token program's algorithm on
+    # the same pools, unsplit and split-KV (splits start on key-block bounds), and to the
+    # dequantized library within e4m3's error; V scales differ x50 between blocks
+    from moska.library import fp8
+
+    monkeypatch.setattr(fp8, "BLOCK_ROWS", 32)
+    q, k, v, offs, sel = _inputs("cpu", torch.float16, lens=(40, 96, 70), b=2, seed=4)
+    v = v * torch.where(torch.arange(v.shape[0]) % 64 < 32, 1.0, 50.0)[:, None, None].half()
+    kq, vq = quantize(k, offs, "block"), quantize(v, offs, "block")
+    scales, sc = (kq.scale, vq.scale), q.shape[-1] ** -0.5
+    ao, al = fp8_mma_ref(q, kq.data, vq.data, offs, sel, sc, scales, 32, False, interpreter_e4m3)
+    ro, rl = grouped_shared_attention_ref(q, kq.data, vq.data, offs, sel, sc, kv_scales=scales)
+    kw = {"kv_scales": scales, "fp8_mma": True, "fp8_scale_block": 32}
+    o, lse = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw, **NOSPLIT)
+    assert rel_err(o, ao) < 1e-3 and rel_err(lse, al) < 1e-4, (rel_err(o, ao), rel_err(lse, al))
+    o, lse = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw, **SMALL)
+    assert rel_err(o, ro) < TOL_O["cpu"] and rel_err(lse, rl) < TOL_O["cpu"] / 10
+    with pytest.raises(ValueError, match="fp8_scale_block"):  # chunk scales: not per row
+        kc, vc = quantize(k, offs, "chunk"), quantize(v, offs, "chunk")
+        grouped_shared_attention(
+            q, kc.data, vc.data, offs, sel, sc, kv_scales=(kc.scale, vc.scale), fp8_mma=True,
+            fp8_scale_block=32,
+        )  # fmt: skip
