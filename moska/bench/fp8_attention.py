@@ -2,22 +2,16 @@
 one routed decode step's shared part at Llama-3.1-8B dims (Hq 32, Hkv 8, D 128), chunks of
 4,096 tokens, top-8 chunks per request, B = 256 and 1,024.
 
-Variants, each timed as one CUDA graph (the decode step's form) in the same run: bf16 pools;
-e4m3 pools with per-(token, KV head) scales as libraries store them, upcast to bf16 in
-registers (`fp8`); the same with per-(chunk, KV head) scales (`fp8_chunk`: what the finer
-scales cost); e4m3 pools with q cut to e4m3 per tile so QK^T runs on FP8 tensor cores
-(`fp8_dot`, per-token scales); the FP8 tensor-core program (`fp8_mma`,
-kernels/shared_attention_fp8.py: q cut to e4m3 per row, both products on FP8 tensor cores,
-no KV tile upcast, scales folded into score columns and weights), with V read from a
-token-major copy (`fp8_mma_vt`) and with q as two e4m3 terms (`fp8_mma_qsplit`, and
-`fp8_mma_qsplit_vt` both; the engine's `--fp8-attention mma|mma_qsplit`). Each with
-the launcher's default tiles and a few alternatives (the best is reported: e4m3 halves the
-bytes per key, so the best tile may move). Each best time is set against its floor: max(bytes
-at the read bandwidth, the two products at the bf16 GEMM rate, FP8 ones at twice it), both
-ceilings measured in the same run (`bandwidth.measure_ceilings`). Correctness first: on a
-sample of requests every variant is checked against the plain-PyTorch reference
-(`grouped_shared_attention_ref`, fp32, with the e4m3 values and scales for the fp8
-variants); the run fails after writing its JSON if one is off.
+Variants, each a CUDA graph (the decode step's form), in one run: bf16; e4m3 with per-(token,
+KV head) scales as libraries store them, upcast in registers (`fp8`; `fp8_chunk`: per-chunk
+scales); q cut to e4m3 per tile for an FP8 QK^T (`fp8_dot`); the FP8 tensor-core program
+(`fp8_mma`, kernels/shared_attention_fp8.py: q per row and the weights in e4m3, no KV tile
+upcast), V token-major (`_vt`), q as two e4m3 terms (`_qsplit`; the engine's
+`--fp8-attention mma|mma_qsplit`), and the scale and A/B variants of `MMA` below. Each with
+the launcher's default tile and alternatives (the best reported), against its floor: max(bytes
+at the read bandwidth, the products at the bf16 GEMM rate, FP8 ones at twice it), both
+measured in the run. Correctness first: every variant (and tile) vs the fp32 PyTorch
+reference on a sample of requests; the run fails after writing its JSON if one is off.
 
 Usage (GPU): python -m moska.bench.fp8_attention [--batch 256 1024] [--variants ...] [--out FILE]
 CPU check of the harness (Triton interpreter, tiny shapes, fp16):
