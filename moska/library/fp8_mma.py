@@ -24,6 +24,12 @@ launches (attention/composed.py) pass FP8 parts `kv_scales` only, so the upcast 
 them, resident or tiered (the copy of a tiered part stays in step, unread there), except a
 tiered part that composed.py hands to `ChunkTiers.attend`, which reads it as above.
 
+Upcast or tensor cores by batch (H200, 8B dims, 1M-token library, top-8 of 4,096-token chunks,
+per-token scales, bench/results/fp8_attention_h200_session16.json): upcast 1.584 / 1.818 /
+4.341 ms, tensor cores 0.646 / 0.764 / 1.662 ms at B = 64 / 256 / 1,024 (bf16 0.869 / 1.012 /
+1.592): the tensor-core program is 2.4-2.6x faster at every batch measured, so there is no
+batch below which upcast is chosen for speed; the default stays upcast for its numerics.
+
 Numerics: q and the softmax weights are cut to e4m3 (2^-4 relative); on moska-code-20m
 one-term q gave top-1 agreement 0.9899 / 0.9873 with the bf16 library, under the 0.99
 target, two-term q (`mma_qsplit`) 0.993 (bench/results/fp8_quality_mma.json). So the
