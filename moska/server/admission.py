@@ -124,7 +124,9 @@ class AdmissionController:
         # what a library request at the door is assumed to cost (`Decision.for_library`)
         self.library_requests = LibraryRequests(alpha)
         self._door_memo: tuple[float, int, int, int] | None = None  # time, inside, waiting, n
-        self.door_lag = self.door_storm = True  # drains count loop lag, connections ahead
+        # a door drain counts the loop lag; not the connections ahead (door_storm, off since
+        # session 16: a retry sent in a storm waits it out in the server; README)
+        self.door_lag, self.door_storm = True, False
         self.engine_share = ENGINE_SHARE  # the engine's speed while the loop decides a burst
 
     @property

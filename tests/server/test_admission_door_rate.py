@@ -1,8 +1,11 @@
 """The door's time per answer under a storm is the storm's loop time over its answers, so
 one window with a pause in it (a GIL stall) does not set the rate of the whole storm
-(door_backlog.DoorBacklog, session 16). A fake clock and count: milliseconds."""
+(door_backlog.DoorBacklog, session 16), and a door 429 leaves the storm out of its promise
+by default. A fake clock and count: milliseconds."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 
@@ -63,3 +66,21 @@ def test_a_storm_over_leaves_its_rate_as_the_next_prior():
     clock.t += 0.021
     b.backlog()
     assert b.answer_s == pytest.approx((16 * b._prior_s + 0.021) / 26, rel=1e-6)
+
+
+def test_a_door_429_leaves_the_storm_out_by_default():
+    """A retry sent during a storm waits it out in the server (on the device's idle cores,
+    probes sent during a 1,000-client storm were admitted once the loop reached them), so
+    by default a door 429 promises admission's drain alone, not the connections ahead."""
+    from test_admission_door_storm import _call, _door_app
+
+    from moska.server.admission import AdmissionController
+    from moska.server.load_shedding import LoopLag
+
+    adm = AdmissionController(5.0, None)
+    assert adm.door_storm is False and adm.door_lag is True
+    state = SimpleNamespace(loop_lag=LoopLag(), admission=adm)
+    app = SimpleNamespace(state=SimpleNamespace(moska=state))
+    assert int(_call(_door_app(0.24, 500, 0.002), app)["retry-after-ms"]) == 240
+    adm.door_storm = True  # the A/B's on arm (`moska bench load --door-storm on`)
+    assert int(_call(_door_app(0.24, 500, 0.002), app)["retry-after-ms"]) > 1000
