@@ -21,6 +21,7 @@ Usage: python -m moska.bench.flexicache_engine_quality [--flexicache on] [--wind
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,12 @@ class Forcer:
 
 
 def engine_loss(
-    model_dir: str, windows: list[list[int]], prompt: int, spec: str | None, block_size: int
+    model_dir: str,
+    windows: list[list[int]],
+    prompt: int,
+    spec: str | None,
+    block_size: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Teacher-forced loss of every window's positions prompt.. through one engine, all
     windows decoded as one batch; GPU KV blocks in use per step."""
@@ -62,7 +68,8 @@ def engine_loss(
     length = len(windows[0])
     blocks = len(windows) * -(-length // block_size) + 64
     llm = LLM(
-        model_dir, device="cpu", dtype="float32", attention="torch", block_size=block_size,
+        model_dir, device=device, dtype="float32", block_size=block_size,
+        attention="torch" if device == "cpu" else "auto",
         num_kv_blocks=blocks, enable_prefix_caching=False, flexicache=spec,
         max_num_seqs=len(windows),
     )  # fmt: skip
@@ -106,10 +113,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt", type=int, default=1536)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--windows-file",
+        default=None,
+        help="JSON list of token windows to read (made here if absent: the held-out "
+        "text is the venv's networkx/sympy, whose versions differ by machine)",
+    )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    spec = a.flexicache
+    spec, device = a.flexicache, "cpu" if a.cpu_dry_run else a.device
     if a.cpu_dry_run:  # short windows, small pages and K: the pipeline, not a figure
         a.length, a.prompt, a.windows, a.block_size = 256, 192, 1, 4
         spec = "k=4,recent=1,sink=1,threshold=0.5,r=4"
@@ -118,20 +132,28 @@ def main(argv: list[str] | None = None) -> None:
     from moska.model import load_model
 
     t0 = time.perf_counter()
-    lm = load_model(a.model, dtype="float32", device="cpu")
-    by_pkg = heldout_windows(lm.tokenizer, a.length, a.windows, a.seed)
-    wins = [list(map(int, w)) for ws in by_pkg.values() for w in ws]
+    lm = load_model(a.model, dtype="float32", device=device)
+    wf = Path(a.windows_file) if a.windows_file and not a.cpu_dry_run else None
+    if wf is not None and wf.exists():
+        wins = json.loads(wf.read_text())
+    else:
+        by_pkg = heldout_windows(lm.tokenizer, a.length, a.windows, a.seed)
+        wins = [list(map(int, w)) for ws in by_pkg.values() for w in ws]
+        if wf is not None:
+            wf.write_text(json.dumps(wins))
+    a.prompt = min(a.prompt, len(wins[0]) - 1)
     with torch.inference_mode():  # the same positions from one dense forward per window
-        dense = full_kv_loss(lm.model, torch.tensor(wins), a.prompt)
+        dense = full_kv_loss(lm.model, torch.tensor(wins, device=device), a.prompt)
     del lm
-    full = engine_loss(a.model, wins, a.prompt, None, a.block_size)
+    full = engine_loss(a.model, wins, a.prompt, None, a.block_size, device)
     print(f"dense {dense:.4f}, engine full KV {full['loss']:.4f}", file=sys.stderr, flush=True)
-    flexi = engine_loss(a.model, wins, a.prompt, spec, a.block_size)
+    flexi = engine_loss(a.model, wins, a.prompt, spec, a.block_size, device)
     rel = (flexi["loss"] - full["loss"]) / full["loss"]
     print(f"engine FlexiCache {flexi['loss']:.4f} ({rel:+.2%}), GPU KV "
           f"{flexi['gpu_kv_fraction']:.1%}", file=sys.stderr)  # fmt: skip
     result = {
-        "environment": environment(), "model": Path(a.model).name, "device": "cpu",
+        "environment": environment(), "model": Path(a.model).name, "device": device,
+        "windows_file": a.windows_file,
         "dtype": "float32", "flexicache": spec,
         "shapes": {"windows": len(wins), "length": a.length, "prompt": a.prompt,
                    "decoded_per_window": a.length - a.prompt, "block_size": a.block_size},
