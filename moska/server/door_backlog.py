@@ -22,6 +22,11 @@ Not yet shown to help: over 13 bursts of 1,000 on a box loaded to 1-7 the plain 
 were within 2x for 54% with it and 54% without (scored on the same 429s), since a retry
 sent during the storm was in some runs answered only after it, when the door had opened
 (`moska bench load --door-storm off` runs without it; to be re-run on an idle box).
+On the device's 16 idle cores (session 16) it hurt: plain door 429s were within 2x for 0.70
+with it and 0.78 without (18,964 429s, every run not worse without): probes sent during
+the storm were admitted once the loop reached them, so a retry waits the storm out in the
+server. Off by default since (`AdmissionController.door_storm`); the count still sets the
+door's stall (`FrontDoor.storm_s`).
 """
 
 from __future__ import annotations
