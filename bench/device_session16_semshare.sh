@@ -13,6 +13,10 @@
 # 15; 3) the reuse path alone at 8B dims, in the time left. The loss of the workload is a
 # CPU run (`semshare_quality.py --queries 0 --only-default --finish`, moska-code-20m, fp32):
 # the matching is unchanged, so it is session 15's; re-run here on the CPU, not on the device.
+# Run b (after call 1, whose reword median was 3.00x with the plan's host time unmoved at
+# ~5 ms): 5 documents x 3 seeds, no `--no-finish-too` engine (measured twice already), so 15
+# requests per kind; the reuse path with `--substages --torch-profile` to split the plan
+# (features, LSH lookup, matching; each synced, so the speculative overlap is not in them).
 # Carry .whl and .models/moska-code-20m (its tokenizer). Prints one table.
 # `bash bench/device_session16_semshare.sh --cpu-dry-run`: the same steps in CPU forms.
 set -u
@@ -29,7 +33,7 @@ else
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_semshare .whl/*.whl
   export PYTHONPATH=/tmp/site_semshare:$PWD
   TESTS="-m cuda tests/semshare/test_graphs.py tests/semshare/test_fast_path_cuda.py tests/semshare/test_finish_in_blend.py tests/semshare/test_plan_speed.py"; TT=40
-  SARGS="--arch 8b --docs 3 --repeats 3"
+  SARGS="--arch 8b --docs 5 --repeats 3"
 fi
 # shellcheck disable=SC2086
 timeout $TT $PY -m pytest -q -p no:cacheprovider -rs $TESTS > "$OUT/tests.log" 2>&1
@@ -42,15 +46,16 @@ if [ -z "$DRY" ]; then  # the engines as served (decode graphs on) when both gra
 fi
 TS=$(( 140 - ($(date +%s) - T0) ))
 # shellcheck disable=SC2086
-timeout $TS $PY bench/semshare_speed.py --tokenizer "$TOK" $SARGS $DG --no-finish-too \
+timeout $TS $PY bench/semshare_speed.py --tokenizer "$TOK" $SARGS $DG \
   --out "$OUT/semshare_speed_8b_session16.json" > "$OUT/speed.log" 2>&1
 echo "speed rc=$? ($(( $(date +%s) - T0 )) s)"
 # the reuse path alone at 8B dims (as session 14's 3.31x: plan 3.66 + blend 36.89 ms vs 134.22
 # plain), in the time left: the blend's boundary layer now runs attention + MLP on kept rows
 TP=$(( 145 - ($(date +%s) - T0) ))
 if [ -z "$DRY" ] && [ $TP -ge 30 ]; then
-  timeout $TP $PY bench/semshare_path.py --model "$TOK" --device cuda --arch 8b --repeats 1 \
-    --kinds rename reword --out "$OUT/semshare_path_8b_session16.json" > "$OUT/path_8b.log" 2>&1
+  timeout $TP $PY bench/semshare_path.py --model "$TOK" --device cuda --arch 8b --repeats 2 \
+    --kinds rename reword --substages --torch-profile "$OUT/semshare_path_8b_profile_session16.txt" \
+    --out "$OUT/semshare_path_8b_session16.json" > "$OUT/path_8b.log" 2>&1
   echo "path 8b rc=$? ($(( $(date +%s) - T0 )) s)"
 fi
 $PY - "$OUT" <<'PY'
@@ -80,6 +85,7 @@ try:
     p = json.load(open(f"{o}/semshare_path_8b_session16.json"))["summary"]
     ms = {k: p[k]["ms_median"] for k in ("plan", "blend_again", "full_prefill") if k in p}
     print("path 8b (ms):", ms, "x", round(ms["full_prefill"] / (ms["plan"] + ms["blend_again"]), 2))
+    print("path 8b substages (ms, synced):", p.get("substages_ms_median"))
 except Exception as e:  # noqa: BLE001
     print(f"path 8b: no result ({e})")
 PY
