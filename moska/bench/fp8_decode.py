@@ -184,7 +184,9 @@ def time_step(model, attention, lib, mode: str, b: int, args, dev: str) -> dict:
             why = f"CUDA graph capture failed, eager: {type(e).__name__}: {e}"[:300]
     ms = time_ms(fn, iters=args.iters, warmup=1)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
+    kernels = kernel_split(step) if args.profile and dev == "cuda" else {}
     return {
+        **({"kernel_ms": kernels} if kernels else {}),
         "mode": mode,
         "batch": b,
         "step_ms": ms,
@@ -195,6 +197,26 @@ def time_step(model, attention, lib, mode: str, b: int, args, dev: str) -> dict:
         / 2**30,
         "peak_gpu_gib": mem,
     }
+
+
+def kernel_split(step) -> dict:
+    """GPU ms of one eager step by kernel family (the grouped shared-attention programs,
+    the router, paged attention, GEMMs, the rest): what share FP8 can change."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    fams = {"grouped": ("grouped", "fp8_mma"), "router": ("keymax", "route", "router")}
+    fams.update(paged=("paged",), gemm=("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet"))
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        name = e.key.lower()
+        fam = next((f for f, keys in fams.items() if any(k in name for k in keys)), "other")
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        out[fam] = out.get(fam, 0.0) + float(t or 0.0) / 1e3  # us -> ms
+    return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
 def summarize(rows: list[dict], batches: list[int]) -> dict:
@@ -219,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="GPU ms by kernel family per mode")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model and library on CPU")
     ap.add_argument("--out", default="bench/results/fp8_decode.json")
     args = ap.parse_args(argv)
