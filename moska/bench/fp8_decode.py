@@ -208,7 +208,7 @@ def kernel_split(step) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    fams = {"grouped": ("grouped", "fp8_mma"), "router": ("keymax", "route", "router")}
+    fams = {"grouped": ("grouped", "fp8_mma"), "router": ("keymax", "project", "summary_scores")}
     fams.update(paged=("paged",), gemm=("gemm", "gemv", "cutlass", "sm90_xmma", "nvjet"))
     out: dict[str, float] = {}
     for e in prof.key_averages():
