@@ -101,7 +101,7 @@ class FrontEnd:
         self._monitor: asyncio.Task | None = None
         self._gates: dict[str, PrefillGate] = {}  # prefill instance -> its gate (started)
         if scheduler is not None:
-            scheduler.gated = config.prefill_width > 0
+            scheduler.gate_width = max(0, config.prefill_width)
 
     @property
     def _http(self) -> httpx.AsyncClient:

@@ -21,14 +21,11 @@ so the queue is counted once (as work, x) and the fixed costs are not multiplied
 (`live_lag.py`): a prefill past its predicted stage, a stream whose next tokens are later
 than a window of steps. TTFT is admitted on its upper end (the fits' residual spread).
 
-The time per output token is the decode step at the batch the request joins (the
-requests predicted to be decoding there when its prefill ends, those past their predicted
-end included) times a per-decode factor of observed over predicted token times
-(`observe_tpot`, `decode_speed.py`, from the streams the front end relays, in tokens, not
-SSE events: an event can carry several, `observe_events`; counting events made the factor
-~2x, #19). After
-an idle gap the factor is what the decode side was known to be lately (an upper quantile
-of its recent windows, `tpot_factor.py`), not 1. A request is admitted only when both
+The time per output token is the decode step at the batch the request joins (those
+predicted to be decoding there when its prefill ends, late ones included) times a
+per-decode factor of observed over predicted token times (`decode_speed.py`, from the
+relayed streams, in tokens, not SSE events); after an idle gap, what the decode side was
+known to be lately (`tpot_factor.py`), not 1. A request is admitted only when both
 predictions are within SLO_MARGIN (TPOT: TPOT_SLO_MARGIN) of their SLOs. What it admits
 it never drops: predictions only decide admission and placement.
 """
@@ -168,9 +165,10 @@ class GlobalScheduler(DecodeSpeed):
         self._events: dict[str, tuple[float, float]] = {}
         self._tickets = itertools.count(1)
         self.rejections: dict[str, int] = {}
-        # prefills wait for their turn at the front end's gate (`prefill_gate.py`; the
-        # front end sets it): one starts when its turn comes, and counts its service time
-        self.gated = False
+        # prefills in flight per prefill instance at the front end's gate (its width, set
+        # by the front end; 0: none, `prefill_gate.py`): one starts when its turn comes and
+        # counts its service time; the queue drains `gate_width` at a time
+        self.gate_width = 0
         self.service = ServiceTimes()
         # the inputs of the last decision (`plan`), for the front end's decision log
         self.last_inputs: dict[str, float] = {}
@@ -247,7 +245,7 @@ class GlobalScheduler(DecodeSpeed):
         ttft = stage + first
         ttft_high = self.ttft.upper(ttft, prefill.name, decode.name, now)
         self.last_inputs = {
-            "queue_s": prefill.queue_s(now),
+            "queue_s": self._queue_s(prefill, now),
             "stage_x": stage_x,
             "first_x": first_x,
             "stage_s": stage,
@@ -267,9 +265,8 @@ class GlobalScheduler(DecodeSpeed):
             return self._reject("tpot", (ends_at[0] - now) if ends_at else 1.0, ttft, tpot)
         ticket = next(self._tickets)
         pred = self.prefill_s(req.prompt_tokens - cached * bs, prefill)
-        # the work ahead of the next ones; gated, it starts when its turn comes (NaN start)
-        start = math.nan if self.gated else now
-        prefill.prefills[ticket] = [self._served(prefill, pred, now), start]
+        start = math.nan if self.gated else now  # gated: it starts when its turn comes
+        prefill.prefills[ticket] = [self._served(prefill, pred, now), start]  # ahead of later
         self.ttft.admitted(prefill.name, ticket, stage, now, probe)
         decode.active[ticket] = [need, now + ttft + req.max_tokens * tpot]
         self.index.record(prefill.name, req.hashes)
@@ -290,8 +287,13 @@ class GlobalScheduler(DecodeSpeed):
         trace's blocks at its 70% hit rate)."""
         cached = min(self.index.match(p.name, req.hashes), usable)
         own = self._served(p, self.prefill_s(req.prompt_tokens - cached * p.block_size, p), now)
-        x = p.queue_s(now) + own + self.transfer_s(usable)
+        x = self._queue_s(p, now) + own + self.transfer_s(usable)
         return self.ttft.stage_s(p.name, x, now), x, cached
+
+    gated = property(lambda self: self.gate_width > 0)
+
+    def _queue_s(self, p: Instance, now: float) -> float:  # held ones go `gate_width` at once
+        return p.queue_s(now) / max(1, self.gate_width)
 
     def _served(self, p: Instance, x: float, now: float) -> float:
         """A prefill of step-fit seconds `x` on `p`, at its service time when gated."""

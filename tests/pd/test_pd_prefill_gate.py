@@ -131,3 +131,14 @@ def test_held_prefills_count_at_their_learnt_service_time():
     step_fit = sum(pl.predicted_prefill_s for pl in plans)
     assert step_fit < 0.2  # what the old queue counted for the four held
     assert 0.8 <= p.queue_s(now) <= 1.2  # four held at ~0.25 s each
+
+
+def test_a_wider_gate_drains_its_queue_that_many_at_a_time():
+    _, sched, p, _ = _front(2)
+    plans = [sched.plan(RequestInfo((300 + k,), 40, 4), 0.0) for k in range(4)]
+    held = p.queue_s(0.0)
+    nxt = sched.plan(RequestInfo((400,), 40, 4), 0.0)
+    assert held > 0 and len(plans) == 4
+    assert (
+        abs(nxt.stage_x - (held / 2 + nxt.predicted_prefill_s + sched.transfer_s(39 // BS))) < 1e-9
+    )
