@@ -140,6 +140,13 @@ def main() -> None:
         action="store_true",
         help="only the default setting (threshold, recompute fraction, first layers)",
     )
+    ap.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="T,R,F",
+        help="only these settings: threshold, recompute fraction, first layers (repeatable)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench/results/semshare_quality.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,6 +167,10 @@ def main() -> None:
     if args.only_default:
         d = SemShareConfig()
         settings = [(d.threshold, d.recompute_fraction, d.recompute_layers)]
+    if args.setting:
+        settings = [
+            (float(t), float(r), int(f)) for t, r, f in (x.split(",") for x in args.setting)
+        ]
 
     # --- the store: every document's first ref_tokens tokens, computed in full ---------
     def store_for(doc_ids_list, cfg, capacity=None):
