@@ -14,9 +14,12 @@
 # CPU run (`semshare_quality.py --queries 0 --only-default --finish`, moska-code-20m, fp32):
 # the matching is unchanged, so it is session 15's; re-run here on the CPU, not on the device.
 # Run b (after call 1, whose reword median was 3.00x with the plan's host time unmoved at
-# ~5 ms): 5 documents x 3 seeds, no `--no-finish-too` engine (measured twice already), so 15
-# requests per kind; the reuse path with `--substages --torch-profile` to split the plan
-# (features, LSH lookup, matching; each synced, so the speculative overlap is not in them).
+# ~5 ms): 4 documents x 3 seeds (12 requests per kind), no `--no-finish-too` engine (measured
+# twice already) but the same requests at recompute fractions 0.02 and 0.0 (`--also-fractions`;
+# their loss on moska-code-20m: `semshare_quality_session16_fractions.json`, CPU), so the
+# lead can see whether a lower default meets 3x within 2 % loss; the reuse path with
+# `--substages --torch-profile` to split the plan (features, LSH lookup, matching; each
+# synced, so the speculative overlap is not in them).
 # Carry .whl and .models/moska-code-20m (its tokenizer). Prints one table.
 # `bash bench/device_session16_semshare.sh --cpu-dry-run`: the same steps in CPU forms.
 set -u
@@ -27,13 +30,13 @@ if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; DRY=1
   TOK=${TOK:-../shared/models/moska-code-20m}
   TESTS="tests/semshare/test_graphs.py tests/semshare/test_finish_in_blend.py tests/semshare/test_plan_speed.py"; TT=120
-  SARGS="--cpu-dry-run"
+  SARGS="--cpu-dry-run --also-fractions 0.02 0.0"
 else
   PY=python3; export TRITON_INTERPRET=0; TOK=.models/moska-code-20m; DRY=""
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_semshare .whl/*.whl
   export PYTHONPATH=/tmp/site_semshare:$PWD
   TESTS="-m cuda tests/semshare/test_graphs.py tests/semshare/test_fast_path_cuda.py tests/semshare/test_finish_in_blend.py tests/semshare/test_plan_speed.py"; TT=40
-  SARGS="--arch 8b --docs 5 --repeats 3"
+  SARGS="--arch 8b --docs 4 --repeats 3 --also-fractions 0.02 0.0"
 fi
 # shellcheck disable=SC2086
 timeout $TT $PY -m pytest -q -p no:cacheprovider -rs $TESTS > "$OUT/tests.log" 2>&1
@@ -79,6 +82,11 @@ for k, r in s.items():
           f"{nf.get('ttft_on_ms', '-'):>7} {nf.get('speedup_median', '-'):>5} "
           f"{r['reused_share']:>7}  {h.get('add', 0)}({h.get('plan', 0)}) {h.get('blend', 0)} "
           f"{h.get('launch', 0)} {h.get('record', 0)} {h.get('step', 0)} | {f.get('step', 0)}")
+for k, r in s.items():  # the same requests at other recompute fractions
+    fr = {f: (v["speedup_median"], v["reused_share"]) for f, v in r.items() if f[:1] == "r"
+          and isinstance(v, dict) and "speedup_median" in v}
+    if fr:
+        print(f"{k:8} at other fractions (x, reused): {fr}")
 if "original" in s:
     print("originals (stored as references):", s["original"])
 try:
