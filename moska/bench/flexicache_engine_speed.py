@@ -163,6 +163,7 @@ def measure_row(
     _sync(device)
     t1 = time.perf_counter()
     n_tokens, each, due, peak = 0, [], [], 0
+    ext0 = flexi.extensions if flexi is not None else 0
     n_before = len(_requests(engine))
     bm = engine.block_manager
     for _ in range(a.steps):
@@ -192,6 +193,7 @@ def measure_row(
     row["step_ms_each"] = [round(x, 2) for x in each]  # wall per step, no sync between
     if flexi is not None:
         row["flexi_stats"] = flexi.stats()
+        row["extensions_timed"] = flexi.extensions - ext0  # later hand-offs in the window
         ranked = [x for x, d in zip(each, due) if d]
         plain = sorted(x for x, d in zip(each, due) if not d)
         row["rerank_step_ms"] = sum(ranked) / max(len(ranked), 1)
