@@ -8,8 +8,7 @@
 #     batched every prompt waiting at a step, so a burst's prompts ended together (6 prompts
 #     as one 0.9 s step, each predicted 0.1-0.4 s: session 14's "~1 s per request after the
 #     warm-up"), and the stage line then learnt a slope of ~5 and rejected the round. Rates
-#     50 and 80 req/s (150 and 240 requests a replay; colocated's 2 one-thread instances
-#     prefill ~30 req/s at most), 3 alternating rounds per system,
+#     80 and 120 req/s (240 and 360 requests a replay), 3 alternating rounds per system,
 #     TTFT SLO 1 s, TPOT SLO 0.1 s; summary.regime = the lowest rate where colocated met the
 #     TTFT SLO for < 80% of all requests (the target: there, P/D keeps >= 95% of admitted
 #     within both SLOs and has the higher goodput). Then P/D alone with the gate off, the
@@ -21,6 +20,13 @@
 #     checkpoint with a tokenizer, ~4K-token prompts, 16-48 output tokens, TTFT SLO 0.3 s,
 #     TPOT 0.03 s, a warm-up of 48 at 24 req/s. The trace is prefill-bound: P/D has one
 #     prefill GPU against colocated's two (session 15: P/D capped at ~40 req/s).
+# Call 1 (00:02, v2 of this script, 146 s on nvidia-h200-x2): CPU at 50 / 80 req/s:
+#   colocated within TTFT 100 % / 75 % (rounds 100, 100, 25 %), P/D 100 % of admitted within
+#   both in all 6 rounds, goodput 0.66x / 3.96x (gate off: 100 %, 15.0 / 15.7 vs 17.1 / 19.6
+#   req/s); GPU at 140 / 200: colocated within TTFT 7 % / 8 %, P/D 91.7 % / 90.4 % within
+#   both (round 0 after the warm-up 81 / 85 %), goodput 21x / 6.8x, P/D admitting ~20 req/s.
+# v3 (this): CPU at 80 (again) and 120; the GPU queue counts each held prefill at its
+#   learnt service time (3dbcb80), and P/D alone at 140 with the gate off and 2 wide.
 # Correctness first: the pd tests of the gate, the transfer retry and session 15's fixes
 # (CPU, ~15 s).
 # Run: `bash bench/device_lead.sh session16_pd` on nvidia-h200-x2, carry .whl only (the 8B
@@ -34,12 +40,13 @@ LOG=$OUT/pd16.log; : > "$LOG"  # every step's output, one file
 step() { echo "=== $1 rc=$2 ($(( $(date +%s) - T0 )) s)" | tee -a "$LOG"; }
 T0=$(date +%s)
 NC=$(nproc)
-CPU_TRACE="--cpu-dry-run --requests 120 --rate 40 --rates 50,80 --rounds 3 --ttft-slo 1 \
+CPU_TRACE="--cpu-dry-run --requests 120 --rate 40 --rates 80,120 --rounds 3 --ttft-slo 1 \
   --tpot-slo 0.1"
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; DEV=cpu; SLOW=3  # timeouts x3: 2 shared cores
   CPU_TRACE="--cpu-dry-run --requests 20 --rate 40 --rates 40,60 --rounds 1 --ttft-slo 1 \
     --tpot-slo 0.1"
+  GPU_AB_RATE=8
   GPU_TRACE="--cpu-dry-run --requests 12 --rate 4 --rates 8 --rounds 1 --warmup 8 \
     --warmup-rate 8 --output-tokens 8,24 --ttft-slo 1.5 --tpot-slo 0.1"
 else
@@ -87,8 +94,16 @@ CPUT=$!
 if [ "$DEV" = cuda ]; then
   wait $CKPT; step checkpoint $?
 fi
-$PIN_GPU timeout $((160 * SLOW)) $PY -m moska.bench.trace $GPU_TRACE \
+$PIN_GPU timeout $((130 * SLOW)) $PY -m moska.bench.trace $GPU_TRACE \
   --out "$OUT/pd_trace_2gpu16.json" >> "$LOG" 2>&1; step gpu_trace $?
+# (b') P/D alone at the first rate with the gate off (0) and two wide (2): on the GPU a
+# step batches prompts well, and call 1's gated P/D admitted ~20 req/s (session 15's,
+# ungated, ~40)
+for W in 0 2; do
+  $PIN_GPU timeout $((45 * SLOW)) $PY -m moska.bench.trace $GPU_TRACE --systems pd \
+    --rates "${GPU_AB_RATE:-140}" --prefill-width $W --out "$OUT/pd_trace_2gpu16_w$W.json" \
+    >> "$LOG" 2>&1; step gpu_trace_w$W $?
+done
 wait $CPUT; grep "=== cpu" "$LOG"
 grep -h "Traceback\|Error:\|FAILED" "$LOG" "$OUT"/cpu_trace*.log | head -6 | cut -c1-300
 $PY - "$OUT" <<'PY'
@@ -96,7 +111,8 @@ import json, sys
 keys = ("goodput_rps", "within_both_slos_of_admitted", "within_ttft_slo_of_all",
         "rejected_429", "ttft_p99_s")
 print("file rate system goodput both_of_admitted ttft_of_all 429 ttft_p99 | pd/colo | rounds")
-for name in ("pd_trace_cpu16", "pd_trace_cpu16_nogate", "pd_trace_2gpu16"):
+for name in ("pd_trace_cpu16", "pd_trace_cpu16_nogate", "pd_trace_2gpu16",
+             "pd_trace_2gpu16_w0", "pd_trace_2gpu16_w2"):
     try:
         d = json.load(open(f"{sys.argv[1]}/{name}.json"))
     except Exception as e:  # noqa: BLE001
@@ -111,6 +127,6 @@ for name in ("pd_trace_cpu16", "pd_trace_cpu16_nogate", "pd_trace_2gpu16"):
                 m = "within_ttft_slo_of_all" if k == "colocated" else "within_both_slos_of_admitted"
                 rounds = [(r.get(m), r.get("goodput_rps")) for r in v[k].get("per_round", [])]
                 print(name[9:], rate, k, *[v[k].get(m) for m in keys], "|", ratio, "|", rounds)
-    if "nogate" not in name:
+    if "nogate" not in name and "_w" not in name:
         print(name[9:], "regime", d.get("summary", {}).get("regime"))
 PY
