@@ -57,3 +57,28 @@ def test_hand_off_in_layer_chunks_equals_layer_by_layer(flexi_llm, monkeypatch):
     eng1, toks1, lps1 = _run(flexi_llm, 0)
     assert eng.offloads == eng1.offloads == 1 and eng.extensions == eng1.extensions > 0
     assert toks1 == toks and max(abs(a - b) for a, b in zip(lps, lps1)) < 1e-6
+
+
+def test_write_slots_layers_equals_write_slots_per_layer():
+    """`write_slots_layers` (several layers of one [L, N, bs, Hkv, D] cache at once) writes
+    what `write_slots` writes layer by layer, padded entries included (fresh random data)."""
+    import torch
+
+    from moska.flexicache.offload import write_slots, write_slots_layers
+
+    gen = torch.Generator().manual_seed(3)
+    n_l, n, bs, hkv, d, m = 3, 6, 4, 2, 8, 5
+    cache = torch.randn(n_l, n, bs, hkv, d, generator=gen)
+    dst = torch.stack([torch.randperm(n * hkv, generator=gen)[:m] for _ in range(n_l)])
+    rows = torch.randn(n_l, m, bs * d, generator=gen)
+    used = torch.rand(n_l, m, generator=gen) < 0.6
+    used[1] = False  # a layer with nothing to write: its first slot keeps its content
+    ref = cache.clone()
+    for layer in range(n_l):
+        write_slots(ref[layer], hkv, dst[layer], rows[layer], used[layer])
+    got = cache.clone()
+    write_slots_layers(got, slice(0, n_l), hkv, dst, rows, used)
+    assert torch.equal(got, ref) and not torch.equal(got, cache)
+    part = cache.clone()  # a chunk of the layers only
+    write_slots_layers(part, slice(1, 3), hkv, dst[1:], rows[1:], used[1:])
+    assert torch.equal(part[0], cache[0]) and torch.equal(part[1:], ref[1:])
