@@ -23,6 +23,9 @@ import torch.multiprocessing as mp
 PRELOAD = [
     "torch",
     "torch.distributed",
+    # imported lazily by a model's first `to_empty` (torch._refs.empty_like), with sympy:
+    # 0.9 s per rank on 2 cores
+    "torch.fx.experimental.symbolic_shapes",
     "moska.engine.llm_engine",
     "moska.distributed.helix_engine",
     *(f"moska.kernels.{m}" for m in ("activation", "kv_write", "merge", "paged_attention",

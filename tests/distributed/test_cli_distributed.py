@@ -1,6 +1,7 @@
 """The command line of #18's launches: `python -m moska` (what `torchrun -m moska` runs),
-the flags' help, tensor parallelism with shared-KV ranks accepted, and a combination not
-served refused in one line before any process starts or model loads."""
+the flags' help, and tensor parallelism with shared-KV ranks accepted (a combination not
+served, shared-KV ranks with decode context parallelism, is refused before any process
+starts: test_shared_kv_engine.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from moska.cli import build_parser, main
+from moska.cli import build_parser
 
 
 def test_python_dash_m_moska_runs_the_cli(monkeypatch, capsys):
@@ -37,12 +38,3 @@ def test_tensor_parallel_with_shared_kv_ranks_is_accepted():
     argv = ["serve", "--device", "cpu", "--tensor-parallel-size", "2", "--shared-kv-ranks", "1"]
     config = EngineConfig(**_engine_kwargs(build_parser().parse_args(argv)))
     assert (config.tensor_parallel_size, config.shared_kv_ranks) == (2, 1)
-
-
-def test_shared_kv_ranks_with_kv_parallelism_is_refused_at_once(monkeypatch, capsys):
-    monkeypatch.setattr("moska.cli._log_to_stderr", lambda level: None)  # no global handler
-    argv = ["serve", "--port", "0", "--device", "cpu", "--no-demo-library"]
-    code = main([*argv, "--decode-context-parallel-size", "2", "--shared-kv-ranks", "1"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "runs without tensor_parallel_size, shared_kv_ranks" in err, err
