@@ -234,18 +234,10 @@ class FlexiEngine(PageCounters):
         table = bm.block_table(rid)[:pages]
         if -1 in table:  # already released (cannot happen without an Offload)
             return
-        released = 0
-        pool = bm.reserve_blocks(rid, need)
-        if pool is None:  # too few free blocks: the request's own make room if they are enough
-            own = sum(bm.allocator.ref_count(b) == 1 for b in set(table))
-            if bm.allocator.num_available + own < need:
-                return  # try at the next step
-            # released first: the pool may take them; `Offload` reads each layer's pages
-            # from them (a copy) before it writes that layer's pool slots, in stream order
-            released = bm.release_blocks(rid, pages)
-            pool = bm.reserve_blocks(rid, need)
-            assert pool is not None, (need, bm.allocator.num_available)
-            self.released_first += 1
+        got = self._reserve(rid, table, need, pages)
+        if got is None:  # no room for the pool now: try at the next step
+            return
+        pool, released = got
         keep = self._keep(st, n_pages, pages)
         st.off = Offload(
             self.cache.k, self.cache.v, table, keep, pool, st.n_stable, cfg.top_k_pages,
@@ -295,13 +287,37 @@ class FlexiEngine(PageCounters):
         table = bm.block_table(rid)[off.pages : pages]
         if -1 in table:
             return
-        pool = bm.reserve_blocks(rid, more) if more > 0 else []
-        if pool is None:
+        got = self._reserve(rid, table, max(more, 0), pages)
+        if got is None:
             return
+        pool, released = got
         keep = self._keep(st, n_pages, pages)
         self._evicted += off.extend(self.cache.k, self.cache.v, table, keep, pool)
-        self.released_blocks += bm.release_blocks(rid, pages)
+        self.released_blocks += released or bm.release_blocks(rid, pages)
         self.extensions += 1
+
+    def _reserve(self, rid: str, table: list[int], need: int, upto: int):
+        """(`need` pool blocks, blocks released so far) for a hand-off of the request's
+        pages before `upto` (`table`: their blocks not yet released), or None when there is
+        no room. With too few free blocks, the request's own blocks (released by the hand-off
+        anyway) make the room if they are enough: released first, the pool may take them
+        (`Offload` reads each chunk of layers' pages, a copy, before it writes those layers'
+        pool slots, in stream order). Before, a full cache never had room: the request kept
+        its blocks and was preempted over and over."""
+        bm = self.blocks
+        if not need:
+            return [], 0
+        pool = bm.reserve_blocks(rid, need)
+        if pool is not None:
+            return pool, 0
+        own = sum(bm.allocator.ref_count(b) == 1 for b in set(table))
+        if bm.allocator.num_available + own < need:
+            return None
+        released = bm.release_blocks(rid, upto)
+        pool = bm.reserve_blocks(rid, need)
+        assert pool is not None, (need, bm.allocator.num_available)
+        self.released_first += 1
+        return pool, released
 
     def release(self, request_id: str) -> None:
         """Forget a request (finished, aborted or preempted): its host copy goes; its pool
