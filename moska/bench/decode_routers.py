@@ -187,11 +187,16 @@ def routers_summary(rows: list[dict], profiles: list[dict]) -> dict:
     return out
 
 
-def tile_sweep(batches: list[int], tiles: list[str], tokens: int, chunk: int, dev: str) -> list:
+def tile_sweep(
+    batches: list[int], tiles: list[str], tokens: int, chunk: int, dev: str, rounds: int = 1
+) -> list:
     """The default router's key-max scores alone (one layer of 8B dims: Hq 32, Hkv 8,
     D 128, rank 32, random keys) per tile ``bBnNwWsS``, CUDA-graph timed; each tile's
-    scores against the current tile's (bitwise equal, or the largest difference)."""
-    from moska.bench.common import LLAMA_3_1_8B, time_ms
+    scores against the current tile's (bitwise equal, or the largest difference).
+    ``rounds`` > 1 times every tile once per round, the order rotated each round (so a
+    drift of the GPU's clock during the sweep does not favour the first tile), and reports
+    the median of the rounds."""
+    from moska.bench.common import LLAMA_3_1_8B, capture_graph, time_ms
     from moska.kernels.router import build_routing_index
 
     hq, hkv = LLAMA_3_1_8B["num_attention_heads"], LLAMA_3_1_8B["num_key_value_heads"]
@@ -206,6 +211,7 @@ def tile_sweep(batches: list[int], tiles: list[str], tokens: int, chunk: int, de
         q = torch.randn(b, hq, d, device=dev, dtype=dtype)
         args = (q, index.basis, index.lowrank_keys, index.chunk_offsets)
         base = router_dense.keymax_dense_scores(*args)
+        runs, seen = {}, {}
         for tag in tiles:
             tile = parse_tile(tag)
             out = torch.empty_like(base)
@@ -214,19 +220,22 @@ def tile_sweep(batches: list[int], tiles: list[str], tokens: int, chunk: int, de
                 out.copy_(router_dense.keymax_dense_scores(*args, *tile))
 
             fn()
-            equal = bool(torch.equal(out, base))
-            diff = float((out - base).abs().max())
-            replay = None
-            if dev == "cuda":
-                from moska.bench.common import capture_graph
-
-                replay = capture_graph(fn)
-            ms = time_ms(replay or fn, iters=10 if dev == "cuda" else 1, warmup=1)
-            flops = 2 * b * hq * tokens * index.rank
-            rows.append({"batch": b, "tile": tag, "ms": ms, "tflops": flops / ms / 1e9,
-                         "equal_to_default_tile": equal, "max_abs_diff": diff})  # fmt: skip
+            seen[tag] = (bool(torch.equal(out, base)), float((out - base).abs().max()))
+            runs[tag] = (capture_graph(fn) if dev == "cuda" else None) or fn
+        times: dict[str, list[float]] = {tag: [] for tag in tiles}
+        for r in range(rounds):
+            for tag in tiles[r % len(tiles) :] + tiles[: r % len(tiles)]:
+                times[tag].append(time_ms(runs[tag], iters=10 if dev == "cuda" else 1, warmup=1))
+        flops = 2 * b * hq * tokens * index.rank
+        for tag in tiles:
+            ms = sorted(times[tag])[len(times[tag]) // 2]
+            equal, diff = seen[tag]
+            rows.append({"batch": b, "tile": tag, "ms": ms, "ms_rounds": times[tag],
+                         "tflops": flops / ms / 1e9, "equal_to_default_tile": equal,
+                         "max_abs_diff": diff})  # fmt: skip
             print(f"tile {tag:14s} B={b:5d} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s "
-                  f"equal={equal}", flush=True)  # fmt: skip
+                  f"equal={equal} rounds {' '.join(f'{t:.3f}' for t in times[tag])}",
+                  flush=True)  # fmt: skip
     return rows
 
 
@@ -250,13 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiles", nargs="+", default=["b32n64w4s5", "b32n128w4s4"])
     ap.add_argument("--tokens", type=int, default=1 << 20)
     ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=1, help="rounds, tile order rotated")
     ap.add_argument("--out", default="bench/results/router_tiles.json")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny, on CPU (interpreter)")
     args = ap.parse_args(argv)
     dev = "cpu" if args.cpu_dry_run else "cuda"
     if args.cpu_dry_run:
         args.batch, args.tokens, args.chunk_size = [4], 256, 128
-    rows = tile_sweep(args.batch, args.tiles, args.tokens, args.chunk_size, dev)
+    rows = tile_sweep(args.batch, args.tiles, args.tokens, args.chunk_size, dev, args.rounds)
     best = {b: min((r for r in rows if r["batch"] == b), key=lambda r: r["ms"]) for b in args.batch}
     summary = {f"best_tile_b{b}": r["tile"] for b, r in best.items()}
     summary.update({f"{r['tile']}_ms_b{r['batch']}": r["ms"] for r in rows})
