@@ -199,8 +199,8 @@ def tile_sweep(
     from moska.bench.common import LLAMA_3_1_8B, capture_graph, time_ms
     from moska.kernels.router import build_routing_index
 
-    hq, hkv = LLAMA_3_1_8B["num_attention_heads"], LLAMA_3_1_8B["num_key_value_heads"]
-    d = LLAMA_3_1_8B["hidden_size"] // hq
+    cfg: dict = LLAMA_3_1_8B
+    hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     keys = torch.randn(tokens, hkv, d, device=dev, dtype=dtype)
     offsets = torch.arange(0, tokens + 1, chunk, dtype=torch.int32, device=dev)
