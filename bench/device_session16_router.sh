@@ -9,7 +9,9 @@
 #    top-8, CUDA graphs, once per router in ONE run on one library: no router (fixed uniform
 #    chunks), the old two-stage (per request), the default with the tile before session 16,
 #    the default now, and key-max on a per-KV-head bound shortlist (a study knob); each
-#    router alone (one layer, graph); floors from a read-only stream (bandwidth.py); a
+#    router alone (one layer, graph); the default with its key-max launch capped at one
+#    program per SM ("capped": room beside it for the unique attention on the other
+#    stream; same chunks); floors from a read-only stream (bandwidth.py); a
 #    profile of one eager routing call at B = 1,024 (kernels, launches, host time, syncs).
 # 3) the key-max scores alone per tile, 7 rounds (router_tiles_session16b.json); 4) in the
 # time left, the kernels bench's routed rows at B = 1,024 (kernels_routers.json).
@@ -39,7 +41,7 @@ echo "router tests rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -E "bitwise|passed|failed|Error" "$OUT/router_tests.log" | tail -4 | cut -c1-300
 TD=$(( LEFT - ($(date +%s) - T0) - 15 ))
 # shellcheck disable=SC2086
-timeout $TD $PY -m moska.bench.decode $DARGS --routers $ROUTERS --modes moska \
+timeout $TD $PY -m moska.bench.decode $DARGS --routers $ROUTERS --modes moska capped \
   --chunk-size 4096 --top-k 8 --build-tokens 0 --out "$OUT/decode_routers_session16b.json" \
   > "$OUT/decode_routers.log" 2>&1
 echo "decode routers rc=$? ($(( $(date +%s) - T0 )) s)"
@@ -88,7 +90,8 @@ print(f"{'B':>5} {'router':<21} {'step ms':>8} {'alone ms':>8} {'cost ms':>8} "
 none = {r["batch"]: r["step_ms"] for r in d["rows"] if r["mode"] == "moska:none"}
 for r in d["rows"]:
     cost = r["step_ms"] - none[r["batch"]] if r["batch"] in none else None
-    print(f"{r['batch']:>5} {r['mode'][6:]:<21} {f(r['step_ms']):>8} "
+    name = r["mode"][6:] if r["mode"].startswith("moska:") else r["mode"] + " (default)"
+    print(f"{r['batch']:>5} {name:<21} {f(r['step_ms']):>8} "
           f"{f(r.get('router_alone_ms'), 3):>8} {f(cost):>8} "
           f"{f(r.get('unrouted_floor_fraction'), 3):>20} {f(r.get('roofline_fraction'), 3):>15}")
 PY
