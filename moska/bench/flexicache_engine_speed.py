@@ -8,7 +8,8 @@ requests of `--context` tokens plus their decode (`gib:G`: G GiB of blocks; `non
 sized for its own batch, the session-15 form, where FlexiCache's rows had room for their
 batch as full KV). Rows (`--rows`, name:batch): "full" (full KV; decode steps replayed from
 the engine's CUDA graphs), "full-eager", "deferred" (the FlexiCache default: deferred
-re-ranking with held pages), "step" (`rerank=step`); "-eager" (e.g. "deferred-eager"): every
+re-ranking with held pages), "step" (`rerank=step`), "shared" (deferred, one page-pool
+slot space for all layers: `slots=shared`); "-eager" (e.g. "deferred-eager"): every
 step eager. Batch "fit": the largest batch that fits in the budget, found by the engine
 itself: requests are added in waves, as many as the free blocks hold at full KV (prompt, one
 decode block, and each running request's growth over the rest of the run), each wave
@@ -36,6 +37,7 @@ import gc
 import json
 import sys
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -109,8 +111,9 @@ def measure_row(
     max_tokens, per_req = _blocks_for(a, batch or a.max_batch)
     spec = None
     base, eager = mode.removesuffix("-eager"), mode.endswith("-eager")
-    if base in ("deferred", "step"):
-        spec = f"{a.flexicache},threshold=2,rerank={base},host={a.host_gib}"
+    if base in ("deferred", "step", "shared"):  # shared: one slot space for all layers
+        mode_spec = "rerank=deferred,slots=shared" if base == "shared" else f"rerank={base}"
+        spec = f"{a.flexicache},threshold=2,{mode_spec},host={a.host_gib}"
     if budget is None:  # the session-15 sizing: room for the batch at full KV (and a pool)
         budget = (batch or a.max_batch) * per_req + 8 + (per_req // 2 if spec else 0)
     config = EngineConfig(
@@ -120,7 +123,8 @@ def measure_row(
         attention="torch" if device == "cpu" else "auto",
     )  # fmt: skip
     t0 = time.perf_counter()
-    engine = LLMEngine(config, loaded, None)
+    with _one_host_pool():
+        engine = LLMEngine(config, loaded, None)
     startup_s = time.perf_counter() - t0
     sched = engine.scheduler
     preempted = [0]
@@ -216,6 +220,32 @@ def measure_row(
     return row
 
 
+_POOLS: dict = {}
+
+
+@contextmanager
+def _one_host_pool():
+    """Every row's engine takes the same host pool (pinned once: ~0.6 s per GiB on the
+    H200 host; the rows' requests have all given their pages back before the next row)."""
+    from moska.flexicache import engine_hook
+
+    make = engine_hook.make_host_pool
+
+    def cached(cfg, k_cache, device):
+        key = (cfg.host_gib, tuple(k_cache.shape[0:1]) + tuple(k_cache.shape[2:]), k_cache.dtype)
+        if key not in _POOLS:
+            _POOLS[key] = make(cfg, k_cache, device)
+        pool = _POOLS[key]
+        assert pool is None or pool.used_pages == 0
+        return pool
+
+    engine_hook.make_host_pool = cached
+    try:
+        yield
+    finally:
+        engine_hook.make_host_pool = make
+
+
 def _until_started(engine, ids: list[str]) -> None:
     """Step until every request in `ids` is prefilled and has sampled its first token."""
     started: set[str] = set()
@@ -286,10 +316,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["gpu_kv_saved_equal_batch"] = 1 - same[0]["gpu_kv_blocks_peak"] / max(
             base["gpu_kv_blocks_peak"], 1
         )
-    fit = [r for r in rows if r["fit"] and r["row"] == "deferred"]
-    if fit and fit[0]["budget_blocks"] == base["budget_blocks"]:
+    for name in ("deferred", "shared"):  # FlexiCache's largest batch in full KV's budget
+        fit = [r for r in rows if r["fit"] and r["row"] == name]
+        if not fit or fit[0]["budget_blocks"] != base["budget_blocks"]:
+            continue
         f = fit[0]
-        out["equal_budget"] = {
+        out["equal_budget" + ("_shared" if name == "shared" else "")] = {
             "budget_blocks": base["budget_blocks"], "budget_gib": base["budget_gib"],
             "full_batch": base["batch"], "flexicache_batch": f["batch"],
             "full_tokens_per_s": base["tokens_per_s"], "flexicache_tokens_per_s":

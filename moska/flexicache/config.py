@@ -28,7 +28,11 @@ class FlexiCacheConfig:
     buffer (pinned on CUDA) that every hand-off's host copy is carved from, allocated once
     when the engine starts (`host_pool.py`): -1 ("auto"): twice the GPU KV cache's bytes,
     at most half the host's memory; 0: none (each hand-off allocates its own, as before:
-    one step of 38 hand-offs took 4.6 s on the H200)."""
+    one step of 38 hand-offs took 4.6 s on the H200). shared_slots (`slots=shared`): a
+    request's page pool is one slot space for all layers (a slot of any layer's part of a
+    pool block holds a page of any layer; the kernel reads the cache as one
+    [L * N, bs, Hkv, D] tensor), so the pool is sized by the mean layer's need instead of
+    the worst layer's; dropped pages leave their slot at once (no hysteresis)."""
 
     top_k_pages: int = 32
     recent_pages: int = 2
@@ -40,6 +44,7 @@ class FlexiCacheConfig:
     rerank: str = "deferred"
     hold_unranked: bool = True
     host_gib: float = -1.0
+    shared_slots: bool = False
 
     def __post_init__(self) -> None:
         if self.top_k_pages < 1:
@@ -74,7 +79,7 @@ class FlexiCacheConfig:
     def parse(cls, spec: str) -> FlexiCacheConfig:
         """`--flexicache` value: "on" (defaults) or "k=32,recent=2,threshold=0.75,r=16"
         (also sink=, rank=centroid|mass|bound, min_pages=, rerank=deferred|step,
-        hold=on|off, host=auto|GiB)."""
+        hold=on|off, host=auto|GiB, slots=layer|shared)."""
         if spec.strip().lower() in ("", "on", "1", "true"):
             return cls()
         names = {
@@ -88,6 +93,7 @@ class FlexiCacheConfig:
             "rerank": "rerank",
             "hold": "hold_unranked",
             "host": "host_gib",
+            "slots": "shared_slots",
         }
         kw: dict[str, float | int | str | bool] = {}
         for part in spec.split(","):
@@ -96,7 +102,8 @@ class FlexiCacheConfig:
             if not sep or key not in names:
                 raise ValueError(
                     f"bad --flexicache item {part!r}; use 'on' or k=,recent=,threshold=,r=,"
-                    "min_pages=,rerank=deferred|step,hold=on|off,host=auto|GiB (comma-separated)"
+                    "min_pages=,rerank=deferred|step,hold=on|off,host=auto|GiB,slots=layer|shared "
+                    "(comma-separated)"
                 )
             val = val.strip()
             if key == "hold":
@@ -105,6 +112,10 @@ class FlexiCacheConfig:
                 kw[names[key]] = val.lower() in ("on", "1", "true")
             elif key in ("rank", "rerank"):
                 kw[names[key]] = val
+            elif key == "slots":
+                if val not in ("layer", "shared"):
+                    raise ValueError(f"bad --flexicache item {part!r}; use slots=layer|shared")
+                kw[names[key]] = val == "shared"
             elif key == "host":
                 try:
                     kw[names[key]] = -1.0 if val.lower() == "auto" else float(val)

@@ -73,7 +73,7 @@ class PlainGraphs:
         if g is None:
             g = _Graph(
                 ids.clone(), pos.clone(), meta.slot_mapping.clone(),
-                PlainStep(step.tables.clone(), step.lens.clone()),
+                PlainStep(step.tables.clone(), step.lens.clone(), step.flat),
             )  # fmt: skip
             try:
                 self._capture(g)

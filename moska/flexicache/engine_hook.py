@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from moska.flexicache import policy
+from moska.flexicache import policy, shared_slots
 from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.engine_step import FlexiStep
 from moska.flexicache.host_pool import HostPool, make_host_pool
@@ -94,6 +94,7 @@ class FlexiEngine(PageCounters):
         self._heads = torch.zeros((), dtype=torch.int64, device=device)
         self.blocks: Any = None  # the engine's BlockManager, once `attach`ed: real offload
         self.host_pool: HostPool | None = None  # every hand-off's host copy (`attach`)
+        self.slot_offsets: torch.Tensor | None = None  # [L], `slots=shared` once attached
         self.cache: Any = None  # the engine's PagedKVCache
         self.min_saving = 1  # blocks a hand-off must free beyond its pool (tests: 0)
         self.extend_pages = 8  # pages past the last hand-off that make a later one (tests: 1)
@@ -125,6 +126,22 @@ class FlexiEngine(PageCounters):
         self.blocks, self.cache = block_manager, cache
         block_manager.free_listeners.append(self.release)
         self.host_pool = make_host_pool(self.cfg, cache.k, self.device)
+        if self.cfg.shared_slots:  # table pages' slots made global (`shared_slots.py`)
+            n_blocks = cache.k.shape[1]
+            self.slot_offsets = shared_slots.layer_offsets(
+                self.num_layers, n_blocks, self.num_kv_heads, self.device
+            )
+
+    def flat_caches(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(K, V) caches as [L * N, bs, Hkv, D] when slots are global (`slots=shared`)."""
+        if self.slot_offsets is None:
+            return None
+        return shared_slots.flat(self.cache.k), shared_slots.flat(self.cache.v)
+
+    def _pool_need(self, n_stable: list[int], pages: int) -> int:
+        """Pool blocks for `pages` offloaded pages with `n_stable` stable heads per layer."""
+        fn = shared_slots.blocks_needed if self.slot_offsets is not None else pool_blocks_needed
+        return fn(self.cfg, n_stable, self.num_kv_heads, pages, self._held)
 
     def begin(
         self,
@@ -227,7 +244,7 @@ class FlexiEngine(PageCounters):
         n_pages = -(-seq_len // self.block_size)
         pages = n_pages - cfg.recent_pages  # full pages before the recent window
         assert st.n_stable is not None
-        need = pool_blocks_needed(cfg, st.n_stable, self.num_kv_heads, pages, self._held)
+        need = self._pool_need(st.n_stable, pages)
         if pages - need < self.min_saving:
             st.keep_all = True
             return
@@ -241,7 +258,7 @@ class FlexiEngine(PageCounters):
         keep = self._keep(st, n_pages, pages)
         st.off = Offload(
             self.cache.k, self.cache.v, table, keep, pool, st.n_stable, cfg.top_k_pages,
-            self.host_pool,
+            self.host_pool, self.slot_offsets is not None,
         )  # fmt: skip
         self.released_blocks += released or bm.release_blocks(rid, pages)
         self.offloads += 1
@@ -279,8 +296,7 @@ class FlexiEngine(PageCounters):
         pages = n_pages - cfg.recent_pages
         if pages - off.pages < max(self.extend_pages, st.next_extend - off.pages):
             return
-        more = pool_blocks_needed(cfg, off.n_stable, self.num_kv_heads, pages, self._held)
-        more -= len(off.pool)
+        more = self._pool_need(off.n_stable, pages) - len(off.pool)
         if pages - off.pages - max(more, 0) < self.min_saving:
             st.next_extend = pages + self.extend_pages  # no saving now: try again later
             return

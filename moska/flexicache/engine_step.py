@@ -218,6 +218,9 @@ class FlexiStep:
         eng._total += self.total
         eng._stable += stable_now
         eng._heads += read_stable.numel()
+        flat = eng.flat_caches()
+        if flat is not None:  # global slots (`shared_slots.py`): the cache as one tensor
+            k_cache, v_cache = flat
         out = decode_fn(q, k_cache, v_cache, tables, lens, sm_scale, slot_heads=True)
         if after is not None:  # deferred: read from the next step on
             if b is not None and b.due:  # issued behind this step's reads, in stream order
@@ -274,8 +277,16 @@ class FlexiStep:
         self.stable.copy_(stable)
         bat = self.batch
         slots = self.slots[:, None].expand(b, n_layers, hkv, p)
+        if eng.slot_offsets is not None:  # global slots (`shared_slots.py`)
+            slots = slots + eng.slot_offsets[None, :, None, None]
         if bat is not None:
-            if bat.due:
+            if bat.due and eng.slot_offsets is not None:  # one layer at a time
+                for lay in range(n_layers):
+                    kp = keep[self.due_rows, lay]
+                    fetched, evicted = bat.sync(lay, kp, eng.cache.k, eng.cache.v)
+                    eng._fetched += fetched
+                    eng._evicted += evicted
+            elif bat.due:
                 for part in layer_chunks(bat, n_layers):
                     kp = keep[self.due_rows, part.start : part.stop]
                     fetched, evicted = sync_layers(bat, kp, part, eng.cache.k, eng.cache.v)
@@ -305,10 +316,11 @@ class FlexiStep:
     def _slots(self, layer: int) -> torch.Tensor:
         """[B, Hkv, P] slots of every page of `layer`: released pages in the requests'
         pool slots."""
-        b = self.batch
+        b, offs = self.batch, self.eng.slot_offsets
+        base = self.slots if offs is None else self.slots + offs[layer]
         if b is None:
-            return self.slots
-        slots = self.slots.clone()
+            return base
+        slots = base.clone()
         part = slots[self.off_rows, :, : b.pm]
         on = b.cols[:, None, :]
         slots[self.off_rows, :, : b.pm] = torch.where(on, b.slot[:, layer], part)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moska.flexicache import shared_slots
 from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.host_pool import HostPool
 from moska.flexicache.transfer import to_device
@@ -207,11 +208,13 @@ class Offload:
         n_stable: list[int],  # stable heads per layer (fixed from now on)
         top_k: int,
         host_pool: HostPool | None = None,  # one buffer for every request's host copy
+        shared: bool = False,  # one slot space for all layers (`shared_slots.py`)
     ) -> None:
         dev = k_cache[0].device
         n_layers, hkv, _ = keep.shape
-        _, bs, _, d = k_cache[0].shape
+        n_blocks, bs, _, d = k_cache[0].shape
         self.hkv, self.n_stable, self.top_k = hkv, n_stable, top_k
+        self.shared, self.n_layers, self.n_blocks = shared, n_layers, n_blocks
         self.pages = 0
         self.pool: list[int] = []
         self.host_pool = host_pool
@@ -254,7 +257,8 @@ class Offload:
 
     @property
     def capacity(self) -> int:
-        return len(self.pool) * self.hkv
+        """Slots of a layer (of every layer when they are shared)."""
+        return len(self.pool) * self.hkv * (self.n_layers if self.shared else 1)
 
     def fetch_bound(self, layer: int) -> int:
         """Pages a re-ranking of `layer` can fetch at most: its stable heads' top-K (every
@@ -286,8 +290,11 @@ class Offload:
         self.kmean = torch.cat([self.kmean, self.kmean.new_empty(n_layers, hkv, new, d)], 2)
         self.lslot = torch.cat([self.lslot, self.lslot.new_full((n_layers, hkv, new), -1)], 2)
         self.pool += pool
-        self.pool_t = to_device([b * hkv + j for b in self.pool for j in range(hkv)], dev)
         self.pages = total
+        if self.shared:
+            self.pool_t = shared_slots.global_slots(self.pool, hkv, n_layers, self.n_blocks, dev)
+            return shared_slots.extend(self, k_cache, v_cache, blocks, keep, old, pin)
+        self.pool_t = to_device([b * hkv + j for b in self.pool for j in range(hkv)], dev)
         caps = torch.full((n_layers,), self.capacity, dtype=torch.int64, device=dev)
         # the pages kept before are resident (the last re-ranking made them so): only the
         # new pages are placed, from the cache
@@ -354,6 +361,8 @@ class OffloadBatch:
         (evicting idle pages where the free slots are too few). Returns (pages fetched,
         pages evicted) as device counts."""
         offs = [self.offs[i] for i in self.due]
+        if offs[0].shared:
+            return shared_slots.sync(self, layer, keep, k_cache, v_cache)
         hkv, pm, ix = offs[0].hkv, self.pm, self.ix
         keep = keep[:, :, :pm] & self.due_cols[:, None, :]
         lslot = self.lslot[ix, layer]  # [len(due), Hkv, Pm], a copy

@@ -80,7 +80,7 @@ class HeadLists:
         eng._total += n_layers * hkv * sum(-(-n // bs) for n in seq_lens)
         eng._stable += self.stable_heads
         eng._heads += n_layers * b * hkv
-        return PlainStep(self.tables, self.lens)
+        return PlainStep(self.tables, self.lens, eng.flat_caches())
 
     def _append(self, eng: FlexiEngine, starts: list[int], block_tables, seq_lens) -> None:
         """The started pages of rows `starts` at the end of every head's list (all layers),
@@ -92,11 +92,13 @@ class HeadLists:
         # the list's page count before the page: lens was (pages * bs) before the += 1
         col = ((self.lens[:, rows] - 1) // bs).long()  # [L, R, Hkv]
         block = block_tables[rows, page].long()  # [R]
-        slot = (block[:, None] * hkv + self.heads[None, :]).to(torch.int32)  # [R, Hkv]
+        slot = block[:, None] * hkv + self.heads[None, :]  # [R, Hkv]
         lay = torch.arange(n_layers, device=dev)[:, None, None]
+        slots = slot[None].expand(n_layers, -1, -1)
+        if eng.slot_offsets is not None:  # global slots (`shared_slots.py`)
+            slots = slots + eng.slot_offsets[:, None, None]
         self.tables.index_put_(
-            (lay, rows[None, :, None], self.heads[None, None, :], col),
-            slot[None].expand(n_layers, -1, -1),
+            (lay, rows[None, :, None], self.heads[None, None, :], col), slots.to(torch.int32)
         )
         self.kept_pages += len(starts) * n_layers * hkv
         if self.kept is not None:
@@ -112,8 +114,9 @@ class PlainStep:
     `rerank` (a `FlexiStep`) then ranks every layer with them after the forward (`finish`):
     the step itself reads what a plain step would, so it too replays from a graph."""
 
-    def __init__(self, tables: torch.Tensor, lens: torch.Tensor) -> None:
+    def __init__(self, tables: torch.Tensor, lens: torch.Tensor, flat: Any = None) -> None:
         self.tables, self.lens = tables, lens
+        self.flat = flat  # (K, V) caches as [L * N, bs, Hkv, D] for global slots, or None
         self.q_buf: torch.Tensor | None = None
         self.rerank: Any = None  # engine_step.FlexiStep (its `rank_after`)
 
@@ -121,6 +124,8 @@ class PlainStep:
         if self.q_buf is None:
             self.q_buf = q.new_empty(self.tables.shape[0], *q.shape)
         self.q_buf[layer].copy_(q)
+        if self.flat is not None:
+            k_cache, v_cache = self.flat
         return decode_fn(
             q, k_cache, v_cache, self.tables[layer], self.lens[layer], sm_scale, slot_heads=True
         )
