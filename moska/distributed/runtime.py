@@ -47,7 +47,7 @@ import torch.multiprocessing as mp
 
 from moska.distributed.comm import Collectives
 from moska.distributed.errors import RankFailedError
-from moska.distributed.rank_monitor import Monitor
+from moska.distributed.rank_monitor import Monitor, process_identity
 from moska.distributed.rank_processes import open_parent_link, process_context
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,9 @@ class ProcessGroups:
             timeout=timedelta(seconds=max(120.0, collective_timeout_s())),
             wait_for_workers=False,
         )
-        store.set(f"moska/up/{rank}", "1")  # rank 0 waits for this, watching the process
+        # rank 0 waits for this, watching the process; its value lets rank 0 watch a torchrun
+        # rank's process by a pidfd (rank_monitor.process_identity)
+        store.set(f"moska/up/{rank}", process_identity())
         return cls._init(rdv, rank, store, timeout)
 
     @classmethod
@@ -267,16 +269,16 @@ class DistributedRuntime:
 
     def failure_after(self, exc: BaseException, wait_s: float = 3.0) -> RankFailedError | None:
         """After a step raised `exc`: the rank failure behind it, waiting up to `wait_s` for
-        the monitor to name the rank; None when `exc` is not a distributed failure. (The
+        the monitor to name the rank (Monitor.await_failure: a torchrun rank on another host
+        by its stopped heartbeat); None when `exc` is not a distributed failure. (The
         control group's failures come as RankFailedError naming no rank: the monitor's,
         which names it, is preferred.)"""
         if isinstance(exc, RankFailedError) and exc.rank is not None:
             return exc
         if not isinstance(exc, RuntimeError | dist.DistError):
             return None
-        deadline = time.monotonic() + wait_s
-        while self.monitor.failure is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        if wait_s > 0:
+            self.monitor.await_failure(wait_s)
         if self.monitor.failure is None and isinstance(exc, RankFailedError):
             self.monitor.failure = exc
             logger.error("tensor-parallel rank failed, none known dead: %s", exc)
