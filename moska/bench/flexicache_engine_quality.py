@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON list of token windows to read (made here if absent: the held-out "
         "text is the venv's networkx/sympy, whose versions differ by machine)",
     )
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        help="another --flexicache setting measured in the same run (repeatable)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument("--out", default=None)
@@ -169,6 +175,17 @@ def main(argv: list[str] | None = None) -> None:
         },
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
+    for extra in a.also:
+        got = engine_loss(a.model, wins, a.prompt, extra, a.block_size, device)
+        rel_x = (got["loss"] - full["loss"]) / full["loss"]
+        result[f"also {extra}"] = got
+        result["summary"][f"also {extra}"] = {
+            "rel_increase": rel_x, "gpu_kv_fraction": got["gpu_kv_fraction"],
+            "offloads": (got["flexi_stats"] or {}).get("offloads"),
+            "target_met": rel_x <= 0.01 and got["gpu_kv_fraction"] <= 0.6,
+        }  # fmt: skip
+        if a.out:
+            write_json(a.out, result)
     if a.out:
         write_json(a.out, result)
     print("summary", result["summary"])
