@@ -73,7 +73,7 @@ def test_a_slow_rank_alone_is_never_named(monitor):
     # every rank stalls for a heartbeat after the collective failed, then beats again
     beats = [_beat(store, r, stop, resume_s=BEAT_S) for r in (1, 2, 3)]
     try:
-        failure = monitor.await_failure(wait_s=(rank_monitor.STALLED_BEATS + 2) * BEAT_S)
+        failure = monitor.await_failure(wait_s=(rank_monitor.STALLED_BEATS + 1) * BEAT_S)
     finally:
         stop.set()
         for t in beats:
