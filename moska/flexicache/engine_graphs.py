@@ -68,7 +68,9 @@ class PlainGraphs:
         step = meta.flexi
         if self.failed is not None or not isinstance(step, PlainStep) or meta.groups:
             return None
-        key = (ids.numel(), *step.tables.shape)
+        # global slots (`slots=shared`) read the flat cache: a graph of the other kind
+        # reads the wrong tensors (a test swapping FlexiEngines on one runner found it)
+        key = (ids.numel(), *step.tables.shape, step.flat is not None)
         g = self._graphs.get(key)
         if g is None:
             g = _Graph(

@@ -47,12 +47,24 @@ def test_pool_sized_by_the_sum_over_layers():
 
 def test_shared_slots_equal_per_layer_pools_with_unstable_heads(flexi_llm):
     """Stable and unstable heads (threshold 0.5), hand-offs and later ones: the same pages
-    are read from other slots, so the tokens and logprobs are the per-layer pool's."""
+    are read from other slots, so the tokens and logprobs are the per-layer pool's. Plain
+    steps replay from (fake, on the CPU) graphs kept across both runs: a graph captured for
+    per-layer slots must not be replayed for global ones (it reads the layer's cache)."""
+    from moska.flexicache.engine_graphs import PlainGraphs
+
+    runner = flexi_llm.engine.runner
+    saved = runner.flexi_graphs
+    if saved is None:
+        runner.flexi_graphs = PlainGraphs(runner.model, runner.attention, runner.device, fake=True)
     mixed = FlexiCacheConfig(**{**CFG.__dict__, "threshold": 0.5})
-    layer, toks, lps = _engine_run(flexi_llm, mixed, attach=True)
-    shared, toks2, lps2 = _engine_run(
-        flexi_llm, FlexiCacheConfig(**{**mixed.__dict__, "shared_slots": True}), attach=True
-    )
+    try:
+        layer, toks, lps = _engine_run(flexi_llm, mixed, attach=True)
+        shared, toks2, lps2 = _engine_run(
+            flexi_llm, FlexiCacheConfig(**{**mixed.__dict__, "shared_slots": True}), attach=True
+        )
+        assert runner.flexi_graphs.replays > 0
+    finally:
+        runner.flexi_graphs = saved
     assert 0 < shared.stats()["stable_fraction"] < 1
     assert shared.offloads == layer.offloads > 0 and shared.fetched_pages > 0
     assert toks2 == toks
