@@ -41,9 +41,10 @@ class DenseTile(NamedTuple):
 
 # 32 requests x 128-key blocks, 4 stages: the fastest of the session-13 sweep at B = 1,024
 # (8B dims, rank 32, 256 chunks of 4,096: 3.99 ms against 4.17 ms for the 64-key blocks,
-# 5 stages used until session 16; bench/results/kernels_routers_h200_session13.json,
-# `keymax_dense_tiles`). The scores do not depend on the tile (each logit is the same
-# K = r product; the max is exact), so neither do the chunks chosen.
+# 5 stages used until session 16); session 16 on the H200: 1-4% faster in the decode step,
+# 1.3% in 7 rotated rounds of the scores alone (bench/results/router_tiles_h200_session16b
+# .json): a small gain. The scores do not depend on the tile (each logit is the same
+# K = r product; the max is exact; bitwise equal on the H200), nor do the chunks chosen.
 TILE = DenseTile()
 OLD_TILE = DenseTile(32, 64, 4, 5)  # before session 16 (the decode bench times both)
 
