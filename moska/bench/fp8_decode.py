@@ -39,6 +39,7 @@ from moska.attention.backend import PagedAttention
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, time_ms, write_json
+from moska.bench.decode import BenchLibrary
 from moska.kernel_ops import kernel_ops
 from moska.kernels.router import build_routing_index
 from moska.library.fp8 import quantize
@@ -48,16 +49,9 @@ MODES = ("bf16", "fp8_upcast", "fp8_mma", "fp8_mma_qsplit")
 
 
 @dataclass(eq=False)
-class RandomLibrary:
-    """What the engine's library path reads of a LoadedLibrary (attention/shared.py)."""
+class RandomLibrary(BenchLibrary):
+    """What the engine's library path reads of a LoadedLibrary, with its FP8 parts."""
 
-    k_pools: list
-    v_pools: list
-    routing: list
-    chunk_offsets: torch.Tensor
-    num_chunks: int
-    position_offset: int
-    mode: str = "prefix"
     kv_scale_pools: list | None = None
     fp8_mma: Any = None
     tiers: Any = None
