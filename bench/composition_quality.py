@@ -20,7 +20,18 @@ code and plain-PyTorch attention:
   as context (RoPE positions so that the chunk keeps its own), and their KV replaced in the
   first ``L`` layers (EPIC/CacheBlend-style; no change to the other tokens).
 
-Usage: .venv/bin/python bench/composition_quality.py [--samples 8] [--out FILE]
+Costs, per setting, in the same run (``costs`` in each row, means in the summary):
+
+- prefill seconds (median of ``--repeats``, CPU, the model's forward without logits):
+  ``sequential`` encodes every library file and the request; ``composed_*`` prefills only the
+  request's tokens over the already built library chunks (routing included; building the
+  libraries is a one-off shared by every request, reported apart as ``library_build_s``);
+  repair changes the libraries once, not the request's prefill, so it costs what composed does.
+- KV bytes (``moska.bench.kv_cost``: layers x 2 x KV heads x head_dim x dtype bytes x tokens):
+  the KV the request holds of its own, and the libraries' shared KV (held once for all
+  requests that read them).
+
+Usage: .venv/bin/python bench/composition_quality.py [--samples 8] [--repeats 3] [--out FILE]
        .venv/bin/python bench/composition_quality.py --cpu-dry-run   (2 samples, small)
 """
 
@@ -28,9 +39,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 from moska.attention.composed import select_union
 from moska.attention.metadata import LibraryGroup
 from moska.bench.common import environment
+from moska.bench.kv_cost import KVDims, composition_kv
 from moska.library import build_in_memory
 from moska.library.composition import ComposedLibrary
 from moska.library.positions import IndependentOptions, shared_logit_adjustment
@@ -105,9 +119,9 @@ def sequential_loss(model, files: list[list[int]], request: list[int], bos: int)
     return float(F.cross_entropy(logits, x[len(ctx) + 1 :]))
 
 
-def composed_loss(model, comp: ComposedLibrary, request: list[int], top_k: int) -> float:
-    """Loss on the request after the composition; each layer's rows read the chunks the
-    composition's router picks (all when top_k covers them), attention in plain PyTorch."""
+def composed_attention(model, comp: ComposedLibrary, top_k: int):
+    """Attention for the request's rows over the composition: each layer's rows read the
+    chunks the composition's router picks (all when top_k covers them), in plain PyTorch."""
     sm = model.config.sm_scale
     policy = RoutingPolicy()
 
@@ -133,8 +147,29 @@ def composed_loss(model, comp: ComposedLibrary, request: list[int], top_k: int) 
         p = torch.softmax(torch.cat([*scores, s_own], dim=2), dim=-1)
         return torch.einsum("hts,shd->thd", p, torch.cat([*values, v_own])).to(q.dtype)
 
+    return attn
+
+
+def composed_loss(model, comp: ComposedLibrary, request: list[int], top_k: int) -> float:
+    """Loss on the request after the composition (see ``composed_attention``)."""
     off = comp.position_offset
+    attn = composed_attention(model, comp, top_k)
     return loss_of(model, request, torch.arange(off, off + len(request)), attn)
+
+
+@torch.inference_mode()
+def prefill_seconds(model, ids: list[int], positions, make_attn, repeats: int) -> float:
+    """Median seconds of the model's forward over ``ids`` (no logits: a prefill's work up to
+    the last row's hidden state), after one warm-up; a fresh attention object per run."""
+    x = torch.tensor(ids)
+    times = []
+    for i in range(repeats + 1):
+        attn = make_attn()
+        t = time.perf_counter()
+        model.forward(x, positions, attn)
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -166,6 +201,55 @@ def repaired(model, lib, m: int, layers: int, window: int, bos: int):
     return dataclasses.replace(lib, k_pools=k_pools, v_pools=v_pools)
 
 
+def cost_summary(rows: list[dict], dims: KVDims, repeats: int) -> dict:
+    """Means over the rows of the prefill seconds and the KV bytes, with what each setting
+    costs: repair and top-k share composed's prefill and KV (the libraries are changed once,
+    before any request; routing reads a subset of the same pools)."""
+    n = len(rows)
+    prefill = {
+        k: sum(r["costs"]["prefill_s"][k] for r in rows) / n for k in rows[0]["costs"]["prefill_s"]
+    }
+    seq = prefill["sequential"]
+
+    def kv_mean(key: str, which: str) -> int:
+        return round(sum(r["costs"][which][key] for r in rows) / n)
+
+    kv = {
+        which: {
+            key: kv_mean(key, which)
+            for key in (
+                "sequential_request_bytes",
+                "composed_request_bytes",
+                "library_shared_bytes",
+                "request_bytes_saved",
+            )
+        }
+        for which in ("kv_fp32", "kv_bf16")
+    }
+    for each in kv.values():
+        s = each["sequential_request_bytes"]
+        each["request_saved_pct"] = round(100 * each["request_bytes_saved"] / s, 2)
+    return {
+        "prefill_s_mean_of_medians": {k: round(v, 4) for k, v in prefill.items()},
+        "prefill_speedup_vs_sequential": {
+            k: round(seq / v, 2) for k, v in prefill.items() if k != "sequential"
+        },
+        "prefill_saved_pct": {
+            k: round(100 * (seq - v) / seq, 1) for k, v in prefill.items() if k != "sequential"
+        },
+        "library_build_s_mean": round(sum(r["costs"]["library_build_s"] for r in rows) / n, 4),
+        "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
+        "kv_bytes_per_token": {"fp32": dims.bytes_per_token, "bf16": dims.bytes_per_token // 2},
+        "kv": kv,
+        "note": "per setting: sequential holds and prefills the files + the request; every "
+        "composed setting (top-k all / 25 %, any repair) prefills and holds only the request's "
+        "tokens and reads the libraries' KV, which is held once (library_shared_bytes) for every "
+        "request that composes them; a request's saving is request_bytes_saved, the libraries' "
+        "cost is paid once. Repair rewrites library KV in place at build time: no request cost.",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT.parent / "shared/models/moska-code-20m"))
@@ -180,16 +264,24 @@ def main() -> None:
     ap.add_argument("--repair-tokens", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--repair-layers", type=int, nargs="+", default=[2, 8])
     ap.add_argument("--repair-window", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="prefill timings (median)")
+    ap.add_argument("--no-repair", action="store_true", help="skip the repair settings")
     ap.add_argument("--cpu-dry-run", action="store_true", help="2 samples, short texts")
     ap.add_argument("--out", default=str(ROOT / "bench/results/composition_quality.json"))
     args = ap.parse_args()
     if args.cpu_dry_run:
         args.samples, args.file_tokens, args.request_tokens = 2, 160, 96
         args.repair_tokens, args.repair_layers = [8], [2]
+        args.repeats = 1
+    if args.no_repair:
+        args.repair_tokens, args.repair_layers = [], []
     torch.manual_seed(0)
     loaded = load_model(args.model, dtype="float32", device="cpu")
     model, tok = loaded.model, loaded.tokenizer
     bos = tok.bos_token_id
+    cfg = model.config
+    dims = KVDims.of(cfg, dtype_bytes=4)  # fp32: this run's KV dtype
+    dims_bf16 = KVDims.of(cfg, dtype_bytes=2)  # what a bf16 engine holds
     need = args.libraries * args.files_per_library + 1
     rows = []
     t0 = time.time()
@@ -203,6 +295,7 @@ def main() -> None:
         request = [bos, *req_ids[: args.request_tokens - 1]]
         groups = [others[i :: args.libraries] for i in range(args.libraries)]
         libs = []
+        t_build = time.perf_counter()
         for i, group in enumerate(groups):
             docs = [(f.name, ids[: args.file_tokens]) for f, ids in group]
             lib, _ = build_in_memory(
@@ -210,6 +303,7 @@ def main() -> None:
                 progress=False, independent=IndependentOptions(chunk_sink=True),
             )  # fmt: skip
             libs.append(lib)
+        build_s = time.perf_counter() - t_build
         comp = ComposedLibrary(tuple(libs))
         lib_files = [ids[: args.file_tokens] for g in groups for _, ids in g]
         quarter = max(1, comp.num_chunks // 4)
@@ -241,8 +335,34 @@ def main() -> None:
                 key = f"repair_m{m}_L{layers}"
                 row["loss"][f"{key}_all"] = composed_loss(model, fixed, request, comp.num_chunks)
                 row["loss"][f"{key}_top25"] = composed_loss(model, fixed, request, quarter)
+        ctx_tokens = sum(len(f) + 1 for f in lib_files)  # each file after its separator
+        seq_ids = [t for f in lib_files for t in [bos, *f]] + request
+        off = comp.position_offset
+        req_pos = torch.arange(off, off + len(request))
+
+        def dense():
+            return DenseAttention(cfg.sm_scale)
+
+        seq_s = prefill_seconds(model, seq_ids, torch.arange(len(seq_ids)), dense, args.repeats)
+        comp_s = {}
+        for name, k in (("composed_all", comp.num_chunks), ("composed_top25", quarter)):
+            make = functools.partial(composed_attention, model, comp, k)
+            comp_s[name] = prefill_seconds(model, request, req_pos, make, args.repeats)
+        kv = composition_kv(dims, ctx_tokens, len(request), comp.num_tokens)
+        row["costs"] = {
+            "context_tokens_sequential": ctx_tokens,
+            "library_build_s": round(build_s, 4),
+            "prefill_s": {"sequential": round(seq_s, 4)}
+            | {k: round(v, 4) for k, v in comp_s.items()},
+            "prefill_saved_pct": {
+                k: round(100 * (seq_s - v) / seq_s, 1) for k, v in comp_s.items()
+            },
+            "kv_fp32": kv,
+            "kv_bf16": composition_kv(dims_bf16, ctx_tokens, len(request), comp.num_tokens),
+        }
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("request", "chunks")}), flush=True)
+        print(json.dumps(row["costs"]["prefill_s"]), flush=True)
         print({k: round(v, 4) for k, v in row["loss"].items()}, flush=True)
     keys = list(rows[0]["loss"]) if rows else []  # every row has the same keys
     mean = {k: sum(r["loss"][k] for r in rows) / len(rows) for k in keys}
@@ -253,6 +373,8 @@ def main() -> None:
         "vs_sequential_pct": {k: round(100 * (v - seq) / seq, 2) for k, v in mean.items()},
         "seconds": round(time.time() - t0, 1),
     }
+    if rows:
+        summary["costs"] = cost_summary(rows, dims, args.repeats)
     out = {
         "env": environment(),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
