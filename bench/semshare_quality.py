@@ -47,6 +47,7 @@ import semshare_workload as wl
 
 from moska.attention.kv_cache import PagedKVCache
 from moska.bench.common import environment
+from moska.bench.kv_cost import KVDims
 from moska.model import load_model
 from moska.semshare import SemanticReuse, SemShareConfig, blend_prefill, extend
 from moska.semshare.blend import row_bucket
@@ -338,6 +339,8 @@ def main() -> None:
         print(label, json.dumps(steady[label]), flush=True)
 
     ref_bytes = per_doc
+    kv_dims = KVDims.of(model.config, dtype_bytes=4)  # fp32, as the store's KV here
+    ref_n = len(pool[0][2][: args.ref_tokens])  # the tokens of the reference measured
     bytes_per_token = ref_bytes / args.ref_tokens
     result = {
         "bench": "semshare_quality",
@@ -367,7 +370,15 @@ def main() -> None:
                 for k, v in steady.items()
             },
             "kv_memory": {
+                "kv_bytes_per_token": kv_dims.bytes_per_token,
+                "dtype": "float32",
+                "request_kv_bytes_plain_prefill": kv_dims.bytes(args.prompt),
+                "request_kv_bytes_with_reuse": kv_dims.bytes(args.prompt),  # copied, not shared
                 "request_kv_saved_bytes": 0,
+                "store_bytes_per_reference": per_doc,
+                "store_tokens_per_reference": ref_n,
+                "store_kv_bytes_per_reference": kv_dims.bytes(ref_n),
+                "store_feature_bytes_per_reference": per_doc - kv_dims.bytes(ref_n),
                 "note": "reused KV is copied into the request's own paged blocks: a request "
                 "holds as much KV as without reuse; the store adds its references "
                 f"({bytes_per_token:.0f} bytes per stored token incl. matching features). "
