@@ -7,13 +7,8 @@ rank 1 leaves with SystemExit(0) once rank 0 shuts down."""
 
 from __future__ import annotations
 
-import os
-import queue
-import socket
-import time
-
 import pytest
-from gloo_ranks import forkserver_context
+from torchrun_support import run_ranks, set_torchrun_env
 from tp_support import build_checkpoint
 
 pytestmark = pytest.mark.timeout(60)  # a rank that hangs fails the test
@@ -28,22 +23,10 @@ def _params():
     return SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun_rank(rank: int, port: int, ckpt: str, results) -> None:
+def _torchrun_rank(rank: int, world: int, port: int, args: tuple, results) -> None:
     """One rank as torchrun starts it: its environment, then the user's line."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    (ckpt,) = args
+    set_torchrun_env(rank, world, port)
     from moska.engine.llm import LLM
 
     try:
@@ -67,29 +50,7 @@ def test_torchrun_ranks_generate_like_one_process(tmp_path):
     ckpt = str(build_checkpoint(tmp_path / "ckpt"))
     with LLM(ckpt, **KW) as one:
         want = [o.outputs[0].token_ids for o in one.generate(PROMPTS, _params())]
-    ctx = forkserver_context()
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_torchrun_rank, args=(r, port, ckpt, results)) for r in (0, 1)]
-    got: dict[int, tuple] = {}
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + 50
-        while len(got) < 2 and time.monotonic() < deadline:
-            try:
-                rank, kind, value = results.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            got[rank] = (kind, value)
-        for p in procs:
-            p.join(timeout=10)
-        exitcodes = [p.exitcode for p in procs]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    got, exitcodes = run_ranks(_torchrun_rank, 2, (ckpt,))
     assert got.get(0) == ("tokens", want), got
     assert got.get(1) == ("exit", 0), got  # served rank 0's forwards, then left
     assert exitcodes == [0, 0]

@@ -10,14 +10,9 @@ SystemExit(0)."""
 
 from __future__ import annotations
 
-import os
-import queue
-import time
-
 import pytest
 import torch
-from gloo_ranks import forkserver_context
-from test_torchrun_launch import _free_port
+from torchrun_support import run_ranks, set_torchrun_env
 from tp_support import build_checkpoint
 
 pytestmark = pytest.mark.timeout(60)  # a rank that hangs fails the test
@@ -47,14 +42,7 @@ def _torchrun_rank(rank: int, world: int, port: int, args: tuple, results) -> No
     """One rank as torchrun starts it: its environment, then the user's line."""
     ckpt, root, mode = args
     engine, _, library = MODES[mode]
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_torchrun_env(rank, world, port)
     from moska.engine.llm import LLM
 
     torch.set_num_threads(1)  # torchrun's OMP_NUM_THREADS=1: ranks share the cores
@@ -93,33 +81,7 @@ def model(tmp_path_factory):
 def test_torchrun_ranks_generate_like_one_process(model, mode):
     ckpt, root, want = model
     _, world, library = MODES[mode]
-    ctx = forkserver_context()
-    results = ctx.Queue()
-    port = _free_port()
-    args = (ckpt, root, mode)
-    procs = [
-        ctx.Process(target=_torchrun_rank, args=(r, world, port, args, results))
-        for r in range(world)
-    ]
-    got: dict[int, tuple] = {}
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + 50
-        while len(got) < world and time.monotonic() < deadline:
-            try:
-                rank, kind, value = results.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            got[rank] = (kind, value)
-        for p in procs:
-            p.join(timeout=10)
-        exitcodes = [p.exitcode for p in procs]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    got, exitcodes = run_ranks(_torchrun_rank, world, (ckpt, root, mode))
     assert got.get(0) == ("tokens", want[library]), got
     for rank in range(1, world):  # served rank 0's forwards or chunks, then left
         assert got.get(rank) == ("exit", 0), got

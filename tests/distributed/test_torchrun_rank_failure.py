@@ -17,7 +17,7 @@ import time
 
 import pytest
 from gloo_ranks import forkserver_context
-from test_torchrun_launch import _free_port
+from torchrun_support import free_port, set_torchrun_env
 from tp_support import build_checkpoint
 
 pytestmark = pytest.mark.timeout(60)  # a rank that hangs fails the test
@@ -37,14 +37,7 @@ class _Errors(logging.Handler):
 def _torchrun_rank(rank: int, port: int, ckpt: str, watch: str, results, go) -> None:
     """One rank as torchrun starts it; rank 0 decodes until the test has killed rank 1,
     then steps until its engine raises, and reports the error, its delay and its log."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    set_torchrun_env(rank, 2, port)
     import torch
 
     from moska.distributed import RankFailedError, rank_monitor
@@ -104,7 +97,7 @@ def test_killed_torchrun_rank_is_named_within_10_s(ckpt, watch):
 
     ctx = forkserver_context()
     results, go = ctx.Queue(), ctx.Event()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_torchrun_rank, args=(r, port, ckpt, watch, results, go)) for r in (0, 1)
     ]
