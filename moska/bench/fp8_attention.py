@@ -35,6 +35,7 @@ from moska.bench.bandwidth import measure_ceilings
 from moska.bench.common import time_ms
 from moska.bench.floors import attention_flops, floor_ms
 from moska.bench.fp8_attention_report import report
+from moska.bench.kernels_util import bench_graph, rel
 from moska.kernels import shared_attention_fp8 as sa8
 from moska.kernels.selections import from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
@@ -243,11 +244,6 @@ def mma_ok(e: dict) -> bool:
     return near and e["unsplit_o_rel_err_vs_library"] <= 1.25 * e["algorithm_o_rel_err_vs_library"]
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def tile_ok(name: str, tile: dict, times: dict, ref: tuple, args: tuple) -> bool:
     """A tile other than the launcher's default gives the checked requests' attention within
     the variant's tolerance (its error goes to `times`, a failure to `{name}_errors`)."""
@@ -268,8 +264,6 @@ def tile_ok(name: str, tile: dict, times: dict, ref: tuple, args: tuple) -> bool
 def timed(fn, device: str) -> float:
     """Median ms; on CUDA of fn captured as a graph (as a decode step replays it)."""
     if device == "cuda":
-        from moska.bench.kernels_util import bench_graph
-
         return bench_graph(fn)
     return time_ms(fn, iters=1, warmup=0)
 

@@ -34,6 +34,7 @@ if "--cpu-dry-run" in sys.argv:  # before Triton is imported: its interpreter on
 import torch
 
 from moska.bench.common import environment, time_ms, write_json
+from moska.bench.kernels_util import rel
 from moska.kernel_ops import kernel_ops
 from moska.kernels.selections import from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
@@ -85,11 +86,6 @@ def resident_step(q, kq, vq, offs, mode: str):
         kw.update(fp8_mma=True, v_pool_t=v_t, fp8_q_split=MODES[mode], use_tma=True, **MMA_TILE)
     sm = q.shape[-1] ** -0.5
     return lambda sel: grouped_shared_attention(q, kq.data, vq.data, offs, sel, sm, **kw)
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def run(s: dict, b: int, device: str, share: float, steps: int, gen) -> dict:

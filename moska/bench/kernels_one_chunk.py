@@ -44,8 +44,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import capture_graph, environment, write_json
 from moska.bench.floors import attention_flops, floor_ms, measure_matmul
-from moska.bench.kernels_shapes import rel, tag
+from moska.bench.kernels_shapes import tag
 from moska.bench.kernels_shapes import timer as graph_timer
+from moska.bench.kernels_util import rel
 from moska.kernels.shared_one_chunk import (
     one_chunk_attention,
     sdpa_one_chunk,

@@ -39,6 +39,7 @@ import torch
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import capture_graph, environment, time_ms, write_json
 from moska.bench.floors import floor_ms, grouped_shared_cost, measure_matmul
+from moska.bench.kernels_util import rel
 from moska.kernels.selections import Selections, from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.kernels.shared_tuning import GroupedTuning, grouped_tuning
@@ -101,11 +102,6 @@ def selections(b: int, cfg: dict, routing: str, dev: str) -> Selections:
 
 def subset(sel: Selections, idx: torch.Tensor) -> Selections:
     return Selections(sel.req[idx], sel.kv_head[idx], sel.chunk[idx])
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def timer(dev: str):
