@@ -11,9 +11,8 @@ import signal
 import time
 
 import pytest
-import torch
 from test_tp_library import PER_HEAD, PROMPTS, greedy_library, library_logits
-from tp_support import EnginePair, build_checkpoint, engine_kwargs, rel_err
+from tp_support import EnginePair, build_checkpoint, engine_kwargs, rel_err, two_docs
 
 from moska.distributed.errors import RankFailedError
 from moska.distributed.shared_kv_engine import SharedKVConfigError
@@ -26,12 +25,6 @@ pytestmark = pytest.mark.timeout(180)
 CHUNK = 16
 
 
-def _docs(seed: int, n: int) -> list[tuple[str, list[int]]]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (n,), generator=g).tolist()
-    return [("a.txt", ids[: n // 2]), ("b.txt", ids[n // 2 :])]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("skv")
@@ -39,7 +32,7 @@ def setup(tmp_path_factory):
     kw = engine_kwargs("cpu", library_root=str(base / "libraries"))
     ref = LLMEngine.from_model(str(path), **kw)
     ref.libraries.progress = False
-    ref.libraries.build("docs", _docs(0, 80), chunk_size=CHUNK)  # 5 chunks over 2 ranks
+    ref.libraries.build("docs", two_docs(0, 80), chunk_size=CHUNK)  # 5 chunks over 2 ranks
     pair = EnginePair(ref, lambda: LLMEngine.from_model(str(path), **kw, shared_kv_ranks=2))
     try:
         yield pair
@@ -75,7 +68,7 @@ def test_library_greedy_tokens_equal_one_process(setup, top_k):
 
 def test_library_built_after_startup_reaches_the_shared_ranks(setup):
     ref, eng = setup
-    ref.libraries.build("late", _docs(7, 16), chunk_size=CHUNK)  # one chunk: rank 1 holds none
+    ref.libraries.build("late", two_docs(7, 16), chunk_size=CHUNK)  # one chunk: rank 1 holds none
     got = greedy_library(eng, "late", 4, None)
     assert got == greedy_library(ref, "late", 4, None)
     build = eng.libraries.get("late").build_id
@@ -89,7 +82,9 @@ def test_what_shared_ranks_cannot_serve_is_refused(setup):
     from moska.library.builder import build_in_memory
 
     ref, eng = setup
-    lib, _ = build_in_memory(ref.loaded, _docs(3, 32), "scratch", chunk_size=CHUNK, progress=False)
+    lib, _ = build_in_memory(
+        ref.loaded, two_docs(3, 32), "scratch", chunk_size=CHUNK, progress=False
+    )
     with pytest.raises(SharedKVConfigError, match="only in this process's memory"):
         eng.libraries._register("scratch", lib)
     with pytest.raises(RequestError, match="report_routing"):

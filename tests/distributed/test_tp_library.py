@@ -28,6 +28,7 @@ from tp_support import (
     prefill_inputs,
     prefill_logits,
     rel_err,
+    two_docs,
 )
 from tp_support import greedy_library as shared_greedy_library
 
@@ -55,12 +56,6 @@ PER_HEAD = RoutingPolicy()  # the default: each KV head picks its own chunks
 POLICIES = {"per_head": PER_HEAD, "summed": LEGACY, "two_stage": LEGACY.replace(scorer="two_stage")}
 
 
-def _docs(seed: int, n: int = 96) -> list[tuple[str, list[int]]]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (n,), generator=g).tolist()
-    return [("a.txt", ids[: n // 2]), ("b.txt", ids[n // 2 :])]
-
-
 @pytest.fixture(scope="module", params=DEVICES)
 def setup(request, tmp_path_factory):
     base = tmp_path_factory.mktemp("tplib")
@@ -68,7 +63,7 @@ def setup(request, tmp_path_factory):
     kw = engine_kwargs(request.param, library_root=str(base / "libraries"))
     ref = LLMEngine.from_model(str(path), **kw)
     ref.libraries.progress = False
-    ref.libraries.build("docs", _docs(0), chunk_size=CHUNK)
+    ref.libraries.build("docs", two_docs(0), chunk_size=CHUNK)
     pair = EnginePair(ref, lambda: LLMEngine.from_model(str(path), **kw, tensor_parallel_size=2))
     try:
         yield pair
@@ -163,7 +158,7 @@ def test_library_greedy_tokens_equal_one_process(setup, top_k, routing):
 
 def test_library_built_after_startup_reaches_the_workers(setup):
     ref, tp = setup
-    ref.libraries.build("late", _docs(7, 64), chunk_size=CHUNK)
+    ref.libraries.build("late", two_docs(7, 64), chunk_size=CHUNK)
     assert not tp.libraries.loaded_names() or "late" not in tp.libraries.loaded_names()
     got = greedy_library(tp, "late", 4, 2)
     assert got == greedy_library(ref, "late", 4, 2)
@@ -179,13 +174,15 @@ def test_in_memory_library_is_refused(setup):
     from moska.library.builder import build_in_memory
 
     ref, tp = setup
-    lib, _ = build_in_memory(ref.loaded, _docs(3, 32), "scratch", chunk_size=CHUNK, progress=False)
+    lib, _ = build_in_memory(
+        ref.loaded, two_docs(3, 32), "scratch", chunk_size=CHUNK, progress=False
+    )
     tp.libraries._register("scratch", lib)  # how the manager keeps a library it holds
     with pytest.raises(InMemoryLibraryError, match="only in this process's memory"):
         tp.add_request("mem", [1, 2, 3], SamplingParams(max_tokens=2), library="scratch")
     assert not tp.has_unfinished_requests() and tp.libraries.num_users("scratch") == 0
     with pytest.raises(TensorParallelBuildError, match="without --tensor-parallel-size"):
-        tp.libraries.build("other", _docs(4, 32), chunk_size=CHUNK)
+        tp.libraries.build("other", two_docs(4, 32), chunk_size=CHUNK)
     assert not tp.libraries.exists("other")
 
 
@@ -217,7 +214,7 @@ def test_a_worker_that_cannot_load_the_library_is_named(setup):
     from moska.library.format import layer_file
 
     ref, tp = setup
-    ref.libraries.build("frail", _docs(9, 32), chunk_size=CHUNK)
+    ref.libraries.build("frail", two_docs(9, 32), chunk_size=CHUNK)
     tp.libraries.get("frail")  # rank 0 loads it (the workers load on a request's acquire)
     damaged = tp.libraries.root / "frail" / layer_file(1)
     damaged.write_bytes(damaged.read_bytes()[:100])
@@ -234,7 +231,7 @@ def test_fp8_library_loads_its_kv_heads(setup):
     from moska.library.loaded import load_library
 
     ref, _ = setup
-    ref.libraries.build("docs8", _docs(5, 48), chunk_size=CHUNK, kv_dtype="fp8")
+    ref.libraries.build("docs8", two_docs(5, 48), chunk_size=CHUNK, kv_dtype="fp8")
     full = load_library(ref.libraries.root, "docs8", None, progress=False)
     part = load_library(ref.libraries.root, "docs8", None, progress=False, kv_heads=(1, 2))
     assert part.kv_heads == (1, 2) and full.kv_scale_pools is not None

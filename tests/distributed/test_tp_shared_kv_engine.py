@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 from test_tp_library import PER_HEAD, POLICIES, PROMPTS, greedy_library, library_logits
-from tp_support import DEVICES, EnginePair, build_checkpoint, engine_kwargs, rel_err
+from tp_support import DEVICES, EnginePair, build_checkpoint, engine_kwargs, rel_err, two_docs
 
 from moska.distributed.errors import RankFailedError
 from moska.engine.llm import LLM
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.timeout(180)
 CHUNK = 16
 
 
-def _docs(seed: int, n: int) -> list[tuple[str, list[int]]]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 256, (n,), generator=g).tolist()
-    return [("a.txt", ids[: n // 2]), ("b.txt", ids[n // 2 :])]
-
-
 @pytest.fixture(scope="module", params=DEVICES)
 def setup(request, tmp_path_factory):
     base = tmp_path_factory.mktemp("tpskv")
@@ -41,7 +35,7 @@ def setup(request, tmp_path_factory):
     kw = engine_kwargs(request.param, library_root=str(base / "libraries"))
     ref = LLMEngine.from_model(str(path), **kw)
     ref.libraries.progress = False
-    ref.libraries.build("docs", _docs(0, 80), chunk_size=CHUNK)  # 5 chunks
+    ref.libraries.build("docs", two_docs(0, 80), chunk_size=CHUNK)  # 5 chunks
     pair = EnginePair(
         ref,
         # the offline API's arguments (LLM passes them to the engine)

@@ -82,6 +82,13 @@ def build_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def two_docs(seed: int, n: int = 96) -> list[tuple[str, list[int]]]:
+    """A library's documents: n random token ids split into two files."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (n,), generator=g).tolist()
+    return [("a.txt", ids[: n // 2]), ("b.txt", ids[n // 2 :])]
+
+
 def engine_kwargs(device: str, **extra) -> dict:
     # no prefix caching: prefill_logits writes blocks the block manager does not know of
     return {"device": device, "dtype": "float32", "num_kv_blocks": 64, "enforce_eager": True,
