@@ -18,6 +18,7 @@ slowdown factor and the time inside, with the step fit the run learned in its wa
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 from pathlib import Path
@@ -92,6 +93,15 @@ def replay_case(report: dict, at: float, kind: str, gap_s: float, shares: list[f
     }
 
 
+def read_result(stem: str) -> dict[str, Any]:
+    """A kept result by its stem: results over ~300 KB are kept gzipped (`.json.gz`)."""
+    plain = RESULTS / f"{stem}.json"
+    if plain.exists():
+        return dict(json.loads(plain.read_text()))
+    with gzip.open(RESULTS / f"{stem}.json.gz", "rt") as f:
+        return dict(json.load(f))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gap", type=float, default=0.003, help="s per decision (~2.8 ms seen)")
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shares = [float(s) for s in args.shares.split(",")]
     cases = {}
     for stem, at, kind in CASES:
-        report = json.loads((RESULTS / f"{stem}.json").read_text())["report"]
+        report = read_result(stem)["report"]
         cases[stem] = replay_case(report, at, kind, args.gap, shares)
     share = str(shares[0])
 
