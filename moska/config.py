@@ -106,7 +106,7 @@ class EngineConfig:
     fp8_attention: str = "upcast"  # library/fp8_mma.py: upcast, mma or mma_qsplit
     semantic_reuse: bool = False
     semantic_reuse_threshold: float = 0.9
-    semantic_recompute_fraction: float = 0.05
+    semantic_recompute_fraction: float = 0.0  # measured: README "SemShareKV"
     semantic_recompute_layers: int = 1
     semantic_store_mb: int = 1024
     flexicache: str | FlexiCacheConfig | None = None  # moska/flexicache/: "on" or k=,threshold=
