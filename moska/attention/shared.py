@@ -58,6 +58,12 @@ def shared_attention_for_group(
 ):
     lib = group.single()
     k_pool, v_pool = lib.k_pools[layer], lib.v_pools[layer]  # [S, Hkv, D]
+    span = one_chunk_span(ops, lib)
+    if span is not None:  # every row reads the one chunk: the per-shape backend runs it
+        from moska.kernels.shared_one_chunk import one_chunk_states
+
+        s, e = span
+        return one_chunk_states(q_rows, k_pool[s:e], v_pool[s:e], sm_scale)
     sel = route_group(ops, layer, q_rows, group, sm_scale, keymax_programs)
     if getattr(lib, "tiers", None) is not None:  # KV in tiers: misses fetched, read by slot
         return lib.tiers.attend(ops, layer, q_rows, sel, sm_scale)  # sel less skipped chunks
@@ -70,6 +76,23 @@ def shared_attention_for_group(
         q_rows, k_pool, v_pool, lib.chunk_offsets, sel, sm_scale, **kw
     )
     return o_sel, lse_sel, sel
+
+
+def one_chunk_span(ops: KernelOps, lib) -> tuple[int, int] | None:
+    """The pool rows [start, end) of a library of one chunk read with the Triton kernels, else
+    None. Such a library is one chunk read by every KV head of every row (any top_k routes
+    to it; no routing launch), so `kernels/shared_one_chunk.py` runs it on the backend the
+    tuning table measured fastest for the shape (our grouped kernel, or cuDNN from 2,048 rows
+    per KV head at some GQA ratios; H200). Tiered and FP8 libraries keep the grouped path (its
+    slot tables and scales); the PyTorch kernels ("torch") keep their reference."""
+    if ops.name != "triton" or lib.num_chunks != 1:
+        return None
+    if getattr(lib, "tiers", None) is not None or getattr(lib, "kv_scale_pools", None):
+        return None
+    if getattr(lib, "fp8_mma", None) is not None:
+        return None
+    offsets = lib.manifest.chunk_offsets  # host ints: no device read
+    return int(offsets[0]), int(offsets[1])
 
 
 def fp8_kwargs(lib, layer: int) -> dict:

@@ -25,15 +25,19 @@ from .selections import Selections
 from .shared_attention import grouped_shared_attention
 from .shared_tuning import ONE_CHUNK_BACKENDS, one_chunk_backend
 
-__all__ = ["one_chunk_attention", "one_chunk_selections", "sdpa_one_chunk"]
+__all__ = ["one_chunk_attention", "one_chunk_selections", "one_chunk_states", "sdpa_one_chunk"]
 
 
 def one_chunk_selections(b: int, hkv: int, device: torch.device | str) -> Selections:
-    """Every KV head of requests 0..b-1 reads chunk 0, sorted by (chunk, kv_head, req).
-    Made by device ops only (arange / repeat): capturable in a CUDA graph."""
+    """Every KV head of requests 0..b-1 reads chunk 0, sorted by (chunk, kv_head, req), with
+    the (req, kv_head) grouping the LSE merge reads (`row_order`: selection h * b + r is the
+    one segment of (r, h); so the merge needs no sort). Made by device ops only (arange /
+    repeat): capturable in a CUDA graph."""
     kv = torch.arange(hkv, device=device, dtype=torch.int32).repeat_interleave(b)
     req = torch.arange(b, device=device, dtype=torch.int32).repeat(hkv)
-    return Selections(req, kv, torch.zeros_like(req))
+    order = (kv * b + req).view(hkv, b).t().reshape(-1)  # by (req, kv_head)
+    offsets = torch.arange(b * hkv + 1, device=device, dtype=torch.int32)
+    return Selections(req, kv, torch.zeros_like(req), order, offsets)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
@@ -133,3 +137,15 @@ def one_chunk_attention(
     return grouped_shared_attention(
         q, k, v, offs, sel, sm_scale, plans=plans, plan_key=("one_chunk", s), **tuning
     )
+
+
+def one_chunk_states(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, **kw
+) -> tuple[torch.Tensor, torch.Tensor, Selections]:
+    """`one_chunk_attention` and the selections its output is laid out by (kept per shape,
+    like the Triton path's inputs): what a caller that merges by LSE needs, e.g. the engine's
+    shared attention over a one-chunk library (moska/attention/shared.py)."""
+    b, hkv, _, _ = _check(q, k, v)
+    o, lse = one_chunk_attention(q, k, v, sm_scale, **kw)
+    _, sel = _inputs(b, hkv, k.shape[0], q.device, kw.get("cache_plan", True))
+    return o, lse, sel
