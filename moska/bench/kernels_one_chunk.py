@@ -43,7 +43,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import capture_graph, environment, write_json
-from moska.bench.floors import attention_flops, floor_ms, measure_matmul
+from moska.bench.floors import attention_flops, measure_matmul
+from moska.bench.kernels_one_chunk_report import one_chunk_table, point_summary, print_table
 from moska.bench.kernels_shapes import tag
 from moska.bench.kernels_shapes import timer as graph_timer
 from moska.bench.kernels_util import rel
@@ -83,10 +84,12 @@ def jobs(cfg: dict) -> list[tuple[int, int, int]]:
     return [(d, g, b) for g in cfg["gqa"] for d in cfg["dims"] for b in cfg["b_list"]]
 
 
-def variants(d: int, g: int, rows: int, dry: bool) -> dict[str, GroupedTuning]:
-    """The table's tile ("table:<tag>") first, then the variants for this many rows."""
+def variants(d: int, g: int, rows: int, dry: bool, table_only: bool = False) -> dict:
+    """The table's tile ("table:<tag>") first, then the variants for this many rows (none
+    with `table_only`)."""
     table = grouped_tuning(d, g, rows)
     cands = DRY_TILES if dry else (SMALL if rows < SMALL_ROWS else LARGE)[d]
+    cands = cands[:1] if table_only and dry else [] if table_only else cands
     out = {f"table:{tag(table)}": table}
     return out | {tag(t): t for t in cands if t != table}
 
@@ -164,14 +167,15 @@ def baselines(p: dict, g: int, dev: str, prepare) -> tuple[dict, dict]:
     return runs, errors
 
 
-def run_point(cfg, kv, d, g, b, dev, dtype, sms, prepare, measure, tol, dry) -> dict:
-    """Check every call, then time them all in two rounds (the second in reverse order; a
-    call's time is the lower of its two medians: order and clock drift weigh less)."""
+def run_point(cfg, kv, d, g, b, dev, dtype, sms, prepare, measure, tol, dry, n_rounds=2) -> dict:
+    """Check every call, then time them all in `n_rounds` rounds (each in a rotated order,
+    every other one reversed; a call's time is the lowest of its round medians, and the
+    summary's `*_paired` ratios compare calls round by round: clock drift weighs less)."""
     p = problem(cfg, kv, d, g, b, dev, dtype)
     rows = b * g
     pt: dict[str, Any] = {"D": d, "G": g, "B": b, "S": cfg["single_len"], "rows": rows}
     pt["dispatch_backend"] = one_chunk_backend(d, g, rows, dtype, dev)
-    fns = calls(p, variants(d, g, rows, dry), sms)
+    fns = calls(p, variants(d, g, rows, dry, cfg.get("table_only", False)), sms)
     pt["check"] = check(p, fns, min(b, cfg["check_reqs"]), tol)
     pt["errors"], runs = {}, {}
     for name, fn in fns.items():
@@ -183,8 +187,10 @@ def run_point(cfg, kv, d, g, b, dev, dtype, sms, prepare, measure, tol, dry) -> 
     base_runs, base_errors = baselines(p, g, dev, prepare)
     runs |= {f"base:{k}": v for k, v in base_runs.items()}
     rounds: dict[str, list[float]] = {k: [] for k in runs}
-    for order in (list(runs), list(reversed(runs))):
-        for name in order:
+    names = list(runs)
+    for i in range(n_rounds):  # rotated, every other round reversed: no call always first
+        order = names[i * len(names) // n_rounds :] + names[: i * len(names) // n_rounds]
+        for name in order if i % 2 == 0 else reversed(order):
             rounds[name].append(measure(runs[name]))
     best = {k: min(v) for k, v in rounds.items()}
     pt["ms"] = {k: v for k, v in best.items() if not k.startswith("base:")}
@@ -197,7 +203,7 @@ def run_point(cfg, kv, d, g, b, dev, dtype, sms, prepare, measure, tol, dry) -> 
     return pt
 
 
-def timers(dev: str) -> tuple[Callable, Callable]:
+def timers(dev: str, rep_ms: float = 25) -> tuple[Callable, Callable]:
     """(prepare, measure): prepare(fn) captures fn as a CUDA graph and returns its replay
     (fn itself where capture fails, printed); measure(fn) is the median ms of triton's
     do_bench (L2 flushed between calls). On the CPU: fn itself, and the host clock."""
@@ -206,7 +212,7 @@ def timers(dev: str) -> tuple[Callable, Callable]:
     from triton.testing import do_bench
 
     def measure(fn) -> float:
-        return do_bench(fn, warmup=5, rep=25, return_mode="median")
+        return do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
 
     def prepare(fn):
         try:
@@ -219,88 +225,6 @@ def timers(dev: str) -> tuple[Callable, Callable]:
     return prepare, measure
 
 
-def _best(ms: dict, prefix: str = "") -> tuple[str | None, float]:
-    got = {k: v for k, v in ms.items() if k.startswith(prefix)}
-    if not got:
-        return None, float("nan")
-    k = min(got, key=lambda k_: got[k_])
-    return k, got[k]
-
-
-def point_summary(pt: dict, bw: float, peak: float) -> dict:
-    """Floor, best Triton variant, the launcher, and two baselines: `baseline` the fastest
-    F.scaled_dot_product_attention call (flash / cuDNN, graph or eager, no LSE: the
-    libraries' best case) and `baseline_lse` the fastest SDPA call that also returns the LSE
-    (what a merge with other parts needs; `sdpa_one_chunk`). `*_vs_*`: baseline time / ours
-    (> 1: ours faster)."""
-    fl = floor_ms(pt["bytes"], pt["flops"], bw, peak)
-    out: dict[str, Any] = {"bound": fl["bound"], "floor_ms": round(fl["floor_ms"], 4)}
-    t_name, t_ms = _best(pt["ms"], "triton:")
-    b_name, b_ms = _best(pt["baselines"]["ms"])
-    l_name, l_ms = _best(pt["ms"], "sdpa:")
-    ours = {"triton": (t_name, t_ms), "dispatch": ("dispatch", pt["ms"].get("dispatch"))}
-    if b_name:
-        out |= {"baseline": b_name, "baseline_ms": round(b_ms, 4)}
-    if l_name:
-        out |= {"baseline_lse": l_name, "baseline_lse_ms": round(l_ms, 4)}
-    for who, (name, ms) in ours.items():
-        if name is None or ms is None:
-            continue
-        out |= {f"{who}_ms": round(ms, 4), f"{who}_floor_fraction": round(fl["floor_ms"] / ms, 3)}
-        if who == "triton":
-            out["triton_best"] = name
-        if b_name:
-            out[f"{who}_vs_baseline"] = round(b_ms / ms, 3)
-        if l_name:
-            out[f"{who}_vs_baseline_lse"] = round(l_ms / ms, 3)
-    out["dispatch_backend"] = pt["dispatch_backend"]
-    return out
-
-
-def one_chunk_table(points: list[dict]) -> list[dict]:
-    """ONE_CHUNK entries: per (D, G), each measured B takes the faster of the best Triton
-    variant and the best SDPA call with LSE (as the launcher makes it); an entry starts at
-    each measured point where the choice changes (rows between two points keep the lower
-    one's choice)."""
-    by_shape: dict[tuple[int, int], list[dict]] = {}
-    for p in points:
-        by_shape.setdefault((p["D"], p["G"]), []).append(p)
-    out = []
-    for (d, g), pts in sorted(by_shape.items()):
-        prev = None
-        for p in sorted(pts, key=lambda p_: p_["rows"]):
-            _, t_ms = _best(p["ms"], "triton:")
-            s_name, s_ms = _best(p["ms"], "sdpa:")
-            choice = s_name[5:] if s_name and s_ms < t_ms else "triton"
-            if choice != prev:
-                rows = 0 if prev is None else p["rows"]
-                out.append({"head_dim": d, "gqa": g, "min_rows": rows, "backend": choice})
-                prev = choice
-    return out
-
-
-def print_table(summ: dict) -> None:
-    """One line per point: floor, best Triton, best baselines (no LSE / with LSE), the
-    launcher's backend and time, its ratio to each baseline and its floor fraction."""
-    print(
-        "D   G B    bound floor  triton  base(noLSE)        LSE     dispatch      x_base x_lse frac"
-    )
-    nan = float("nan")
-    for key, s in summ.items():
-        if not isinstance(s, dict) or "floor_ms" not in s:
-            continue
-        d, g, b = (key.split("_")[i][1:] for i in range(3))
-        print(
-            f"{d:<3} {g:<1} {b:<4} {s['bound'][:4]:<5} {s['floor_ms']:<6.3f} "
-            f"{s.get('triton_ms', nan):<7.3f} {s.get('baseline', '-')[:11]:<11} "
-            f"{s.get('baseline_ms', nan):<6.3f} {s.get('baseline_lse_ms', nan):<7.3f} "
-            f"{s['dispatch_backend'][:6]:<6} {s.get('dispatch_ms', nan):<6.3f} "
-            f"{s.get('dispatch_vs_baseline', nan):<6.3f} "
-            f"{s.get('dispatch_vs_baseline_lse', nan):<5.3f} "
-            f"{s.get('dispatch_floor_fraction', nan):.3f}"
-        )
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results", help="output directory")
@@ -308,13 +232,22 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=120, help="start no point after this")
     ap.add_argument("--cpu-dry-run", action="store_true", help="toy sizes, interpreter, CPU")
     ap.add_argument("--warm", default=None, help="I/N: compile the units i % N == I, then exit")
+    ap.add_argument("--rounds", type=int, default=2, help="timing rounds per call")
+    ap.add_argument("--rep-ms", type=float, default=25, help="do_bench's rep per round")
+    ap.add_argument("--table-only", action="store_true", help="no Triton variants")
+    ap.add_argument("--b-list", default=None, help="comma-separated B (default: all)")
+    ap.add_argument("--gqa", default=None, help="comma-separated G (default: all)")
     args = ap.parse_args(argv)
     dry = args.cpu_dry_run
     if not dry and not torch.cuda.is_available():
         raise SystemExit("moska.bench.kernels_one_chunk needs a CUDA GPU (or --cpu-dry-run)")
     t0 = time.time()
     torch.manual_seed(0)
-    dev, cfg = ("cpu", DRY) if dry else ("cuda", GPU)
+    dev, cfg = ("cpu", dict(DRY)) if dry else ("cuda", dict(GPU))
+    cfg["table_only"] = args.table_only
+    for key, arg in (("b_list", args.b_list), ("gqa", args.gqa)):
+        if arg:
+            cfg[key] = tuple(int(x) for x in arg.split(","))
     dtype = getattr(torch, cfg["dtype"])
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     sms = 1 if dry else torch.cuda.get_device_properties(dev).multi_processor_count
@@ -326,7 +259,7 @@ def main(argv=None) -> None:
     ceil.update(measure_matmul(dev, sizes=(256,) if dry else (8192, 16384), reps=3 if dry else 6))
     bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
     print(f"read {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s, {sms} SMs", flush=True)
-    prepare, measure = timers(dev)
+    prepare, measure = timers(dev, args.rep_ms)
     res: dict[str, Any] = dict(environment(), device=dev, config=cfg, ceilings=ceil)
     res |= {"read_GBps": bw / 1e9, "matmul_tflops": peak / 1e12, "points": [], "missing": []}
     pools: dict[int, tuple] = {}  # D -> (k, v) of the chunk
@@ -337,7 +270,9 @@ def main(argv=None) -> None:
         if d not in pools:
             shape = (cfg["single_len"], cfg["hkv"], d)
             pools[d] = tuple(torch.randn(shape, device=dev, dtype=dtype) for _ in range(2))
-        pt = run_point(cfg, pools[d], d, g, b, dev, dtype, sms, prepare, measure, tol, dry)
+        pt = run_point(
+            cfg, pools[d], d, g, b, dev, dtype, sms, prepare, measure, tol, dry, args.rounds
+        )
         res["points"].append(pt)
         print(json.dumps({f"D{d}_G{g}_B{b}": point_summary(pt, bw, peak)}), flush=True)
         if not dry:  # a run cut short by its timeout still leaves every finished point
@@ -367,7 +302,7 @@ def warm(cfg: dict, i: int, n: int, dev: str, dtype, sms: int, dry: bool) -> Non
     tile)."""
     units: dict[tuple, list[int]] = {}
     for d, g, b in jobs(cfg):
-        for t in variants(d, g, b * g, dry).values():
+        for t in variants(d, g, b * g, dry, cfg.get("table_only", False)).values():
             units.setdefault((d, g, t), []).append(b)
     pools: dict[int, tuple] = {}
     for (d, g, t), bs in list(units.items())[i::n]:

@@ -78,6 +78,28 @@ GROUPED = {
         T(64, 128, 4, 3, pipe_qk=True),
     ],
 }
+# `--high-g`: G >= 4 at B = 1,024 (128-256 rows per (chunk, KV head) group; 0.30-0.62 of the
+# read floor in session 15): deeper or shallower pipelines (more programs per SM), wider key
+# blocks at 64 rows, and the two best 128-row tiles of session 15 again in the same run.
+HIGH_G = {
+    128: [
+        T(64, 64, 4, 4),
+        T(64, 64, 4, 2),
+        T(64, 128, 4, 2),
+        T(64, 64, 4, 3, programs_per_sm=4),
+        T(128, 128, 8, 2, **HT),
+        T(128, 128, 8, 3, programs_per_sm=1, **HT),
+        T(128, 128, 8, 3, warp_specialize=True, **HT),
+    ],
+    64: [
+        T(64, 128, 4, 2),
+        T(64, 64, 4, 4),
+        T(64, 256, 4, 2),
+        T(64, 128, 8, 3),
+        T(128, 128, 8, 2, **HT),
+        T(128, 64, 4, 3, **HT),
+    ],
+}
 SINGLE = {
     128: [T(16, 128, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 3),
           T(128, 128, 8, 3, programs_per_sm=1), T(128, 64, 8, 4),
@@ -104,10 +126,15 @@ def jobs(cfg: dict) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def variants(case: str, d: int, g: int, rows: float, dry: bool) -> dict[str, GroupedTuning]:
-    """The table's tile first ("table:<tag>"), then the case's variants not equal to it."""
+def variants(
+    case: str, d: int, g: int, rows: float, dry: bool, high_g: bool = False
+) -> dict[str, GroupedTuning]:
+    """The table's tile first ("table:<tag>"), then the case's variants not equal to it
+    (`high_g`: the HIGH_G list for grouped points)."""
     table = grouped_tuning(d, g, rows)
     cands = DRY_TILES if dry else (GROUPED if case == "grouped" else SINGLE)[d]
+    if high_g and case == "grouped" and not dry:
+        cands = HIGH_G[d]
     out = {f"table:{tag(table)}": table}
     out |= {tag(t): t for t in cands if t != table and (t.block_m >= 32 or rows <= 256)}
     return out  # 16-row tiles only where few rows (they run on the older, slower MMA)
@@ -210,6 +237,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=150, help="time no variant after this")
     ap.add_argument("--cpu-dry-run", action="store_true", help="toy sizes, interpreter, CPU")
     ap.add_argument("--warm", default=None, help="I/N: compile the jobs i % N == I, then exit")
+    ap.add_argument("--high-g", action="store_true", help="grouped G 4 / 8 at B 1,024 only")
     args = ap.parse_args(argv)
     dry = args.cpu_dry_run
     if not dry and not torch.cuda.is_available():
@@ -217,7 +245,10 @@ def main(argv=None) -> None:
     t0 = time.time()
     deadline = t0 + args.budget_s
     torch.manual_seed(0)
-    dev, cfg = ("cpu", DRY) if dry else ("cuda", GPU)
+    dev, cfg = ("cpu", dict(DRY)) if dry else ("cuda", dict(GPU))
+    if args.high_g:  # the grouped kernel where it is furthest from its floor (session 15)
+        cfg |= {"high_g": True, "b_single": (), "gqa": (4, 8) if not dry else cfg["gqa"]}
+        cfg["b_grouped"] = (1024,) if not dry else cfg["b_grouped"]
     dtype = getattr(torch, cfg["dtype"])
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     sms = 1 if dry else torch.cuda.get_device_properties(dev).multi_processor_count
@@ -294,16 +325,14 @@ def grouped_points(cfg, pool, d, g, b, dev, sms, measure, deadline) -> list[dict
         rows = n * g / max(1, min(n, cfg["chunks"] * hkv))
         tol = 1e-4 if k.dtype == torch.float32 else 1e-2
         pt = {"case": "grouped", "D": d, "G": g, "B": b, "routing": routing, "rows": rows}
-        pt |= point(p, variants("grouped", d, g, rows, dev == "cpu"), sms, measure, deadline, tol)
+        vs = variants("grouped", d, g, rows, dev == "cpu", cfg.get("high_g", False))
+        pt |= point(p, vs, sms, measure, deadline, tol)
         touched = int(torch.unique(sel.chunk).numel())
         pt["touched_chunks"] = touched
         pt["bytes"], pt["flops"] = grouped_shared_cost(
             n, g, touched, cfg["chunk_len"], hkv, d, b, k.element_size()
         )
-        pt["tunings"] = {
-            n_: dataclasses.asdict(t)
-            for n_, t in variants("grouped", d, g, rows, dev == "cpu").items()
-        }
+        pt["tunings"] = {n_: dataclasses.asdict(t) for n_, t in vs.items()}
         out.append(pt)
     return out
 
@@ -319,7 +348,7 @@ def warm(cfg: dict, i: int, n: int, dev: str, dtype, sms: int, dry: bool) -> Non
             rows = nsel * g / max(1, min(nsel, cfg["chunks"] * cfg["hkv"]))
         else:
             rows = b * g
-        for name, t in variants(case, d, g, rows, dry).items():
+        for name, t in variants(case, d, g, rows, dry, cfg.get("high_g", False)).items():
             units.setdefault((d, g, t), []).append((case, b, name))
     pools: dict[int, tuple] = {}
     for (d, g, t), runs in list(units.items())[i::n]:

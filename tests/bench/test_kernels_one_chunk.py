@@ -2,7 +2,7 @@
 our best Triton variant and the best SDPA call with LSE, and the launcher's lookup follows
 it; a point's summary compares with the best baseline without LSE and with it (pure Python)."""
 
-from moska.bench.kernels_one_chunk import one_chunk_table, point_summary
+from moska.bench.kernels_one_chunk_report import one_chunk_table, point_summary
 from moska.kernels.shared_tuning import OneChunkEntry, one_chunk_backend
 
 
