@@ -309,6 +309,14 @@ def _add_independent_args(b: argparse.ArgumentParser) -> None:
             default=None,
             help=f"independent mode: the library part's attention {what} (APE)",
         )
+    for flag, what in (("tokens", "the first M tokens of"), ("layers", "in the first L layers")):
+        b.add_argument(
+            f"--repair-{flag}",
+            type=int,
+            default=None,
+            help=f"independent mode, boundary repair (with the other --repair-*): recompute "
+            f"{what} every chunk that continues a document after the chunk before it",
+        )
 
 
 def _serve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:

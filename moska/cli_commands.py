@@ -68,7 +68,10 @@ def run_library(args: argparse.Namespace) -> int:
             if info.status != "ok":  # listed so it can be seen and removed (`library rm`)
                 print(f"{info.name}\t{info.status}: {info.reason}")
                 continue
-            print(f"{info.name}\t{info.num_tokens} tokens\t{info.num_chunks} chunks\t{info.mode}")
+            line = f"{info.name}\t{info.num_tokens} tokens\t{info.num_chunks} chunks\t{info.mode}"
+            if info.repair_tokens:  # boundary repair: tokens / layers
+                line += f"\trepair {info.repair_tokens}/{info.repair_layers}"
+            print(line)
         return 0
     if args.library_command == "info":
         mgr = LibraryManager(root, None, "cpu")
@@ -85,6 +88,7 @@ def run_library(args: argparse.Namespace) -> int:
         from moska.cli import _engine_kwargs
         from moska.config import EngineConfig
         from moska.engine.llm_engine import LLMEngine
+        from moska.library.boundary_repair import repair_from_args
         from moska.library.documents import read_documents
         from moska.library.positions import independent_from_args
 
@@ -96,6 +100,7 @@ def run_library(args: argparse.Namespace) -> int:
         info = engine.libraries.build(  # chunk size None: scales with the token count
             args.name, docs, chunk_size=args.chunk_size, mode=args.mode, kv_dtype=args.kv_dtype,
             routing_rank=args.routing_rank, independent=independent_from_args(args),
+            boundary_repair=repair_from_args(args),
         )  # fmt: skip
         print(f"built {info.name}: {info.num_tokens} tokens in {info.num_chunks} chunks")
         return 0

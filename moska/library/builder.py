@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from moska.library.boundary_repair import BoundaryRepair, check_repair, repair_kv, repair_targets
 from moska.library.chunking import TokenizedCorpus, tokenize_documents
 from moska.library.errors import LibraryError, LibraryExistsError
 from moska.library.format import KV_DTYPES, Manifest, model_fingerprint, validate_name
@@ -52,6 +53,7 @@ def build_from_corpus(
     on_progress: ProgressHook | None = None,
     independent: IndependentOptions | None = None,
     kv_dtype: str = "auto",
+    boundary_repair: BoundaryRepair | tuple[int, int] | None = None,
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Prefill ``corpus`` with the model and build each layer's routing index, in memory
     on the model's device. ``on_progress(done, total)`` sees the prefill's progress and
@@ -60,7 +62,11 @@ def build_from_corpus(
     a position-independent library's chunk sink and APE tempering (None: the measured
     defaults, ``positions.DEFAULT_INDEPENDENT``).
     ``kv_dtype`` "fp8": the pools are stored in e4m3 with per-(token, KV head) scales
-    (``library/fp8.py``), quantized after the routing index is built from the exact keys."""
+    (``library/fp8.py``), quantized after the routing index is built from the exact keys.
+    ``boundary_repair``: ``BoundaryRepair(tokens, layers)`` (or the pair) recomputes the first
+    tokens of every chunk that continues a document after the chunk before it, in the first
+    layers, before the routing index is built (``library/boundary_repair.py``; independent
+    mode only; None or 0: none)."""
     from moska.kernels.router import build_routing_index
     from moska.library.fp8 import quantize
 
@@ -77,6 +83,7 @@ def build_from_corpus(
     if routing_rank is not None and not 1 <= routing_rank <= head_dim:
         raise LibraryError(f"routing_rank must be in [1, head_dim={head_dim}], got {routing_rank}")
     opts = independent_options(corpus.mode, independent)
+    repair = check_repair(boundary_repair, corpus.mode, num_layers)
     sink = chunk_sink_ids(loaded_model, corpus.mode, opts.chunk_sink)
     check_fits_context(
         corpus.mode, corpus.num_tokens, corpus.chunk_size, model_max_positions(config), len(sink)
@@ -93,6 +100,21 @@ def build_from_corpus(
         on_progress,
         sink,
     )
+    if repair.active:  # the preceding chunk is the context; the cancel hook still applies
+        last = len(corpus.token_ids) + len(sink) * len(corpus.sequences)
+        prefill_s += repair_kv(
+            loaded_model.model,
+            corpus.token_ids,
+            repair_targets(corpus.chunks, repair.tokens, corpus.chunk_size),
+            k_pools,
+            v_pools,
+            repair.layers,
+            sink=sink,
+            sm_scale=sm_scale,
+            prefill_tokens=prefill_tokens,
+            progress=progress,
+            on_step=None if on_progress is None else lambda: on_progress(last, last),
+        )
     t1 = time.perf_counter()
     device = k_pools[0].device
     offsets = torch.tensor(corpus.chunk_offsets, dtype=torch.int32, device=device)  # [C+1]
@@ -128,6 +150,8 @@ def build_from_corpus(
         attention_temperature=opts.temperature,
         attention_log_scale=opts.log_scale,
         kv_dtype=kv_dtype,
+        repair_tokens=repair.tokens if repair.active else 0,
+        repair_layers=repair.layers if repair.active else 0,
     )
     token_ids = torch.tensor(corpus.token_ids, dtype=torch.int32)  # [S_total]
     library = LoadedLibrary(
@@ -149,6 +173,7 @@ def build_in_memory(
     on_progress: ProgressHook | None = None,
     independent: IndependentOptions | None = None,
     kv_dtype: str = "auto",
+    boundary_repair: BoundaryRepair | tuple[int, int] | None = None,
 ) -> tuple[LoadedLibrary, BuildStats]:
     """Tokenize ``(name, text)`` documents (``(name, token_ids)`` ones are taken verbatim)
     and build the library in memory. ``chunk_size`` None: a size that scales with the
@@ -165,6 +190,7 @@ def build_in_memory(
         on_progress=on_progress,
         independent=independent,
         kv_dtype=kv_dtype,
+        boundary_repair=boundary_repair,
     )
 
 

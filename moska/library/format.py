@@ -180,6 +180,11 @@ class Manifest:
     chunk_sink: bool = False
     attention_temperature: float = 1.0
     attention_log_scale: float = 0.0
+    # Boundary repair (library/boundary_repair.py): the first repair_tokens rows of every
+    # chunk that continues a document were recomputed after the chunk before it, in the
+    # first repair_layers KV layers. 0 and 0: none (and manifests written before repair).
+    repair_tokens: int = 0
+    repair_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

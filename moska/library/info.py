@@ -103,6 +103,9 @@ class LibraryInfo:
     reason: str | None = None  # why it is damaged
     chunk_sink: bool = False  # independent mode: a request brings the BOS (positions.py)
     kv_dtype: str = "auto"  # "fp8": e4m3 KV with per-(token, KV head) scales (fp8.py)
+    # boundary repair (boundary_repair.py): first tokens of continuing chunks, in L layers
+    repair_tokens: int = 0
+    repair_layers: int = 0
 
     @classmethod
     def damaged(cls, name: str, path: Path, reason: str) -> LibraryInfo:
@@ -163,4 +166,6 @@ class LibraryInfo:
             build=build if build is not None else BuildStats.from_dict(manifest.build),
             chunk_sink=manifest.chunk_sink,
             kv_dtype=manifest.kv_dtype,
+            repair_tokens=manifest.repair_tokens,
+            repair_layers=manifest.repair_layers,
         )

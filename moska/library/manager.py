@@ -174,6 +174,7 @@ class LibraryManager:
         routing_rank: int | None = None,
         kv_dtype: str = "auto",
         independent: Any = None,
+        boundary_repair: Any = None,
         keep_loaded: bool = True,
         reservation: BuildLock | None = None,
         on_progress: ProgressHook | None = None,
@@ -184,7 +185,9 @@ class LibraryManager:
         is released when the build ends (success, failure or cancel). ``on_progress(done,
         total)`` sees the prefill and may raise to stop it (``prefill_corpus``).
         ``independent``: ``positions.IndependentOptions`` (None: the measured defaults).
-        ``chunk_size`` None: a power of two giving about 32 chunks, 64 to 4,096 tokens."""
+        ``boundary_repair``: ``BoundaryRepair(tokens, layers)`` or the pair (None: none;
+        ``library/boundary_repair.py``). ``chunk_size`` None: a power of two giving about
+        32 chunks, 64 to 4,096 tokens."""
         if self.loaded_model is None:
             if reservation is not None:
                 reservation.release()
@@ -203,6 +206,7 @@ class LibraryManager:
                 routing_rank=routing_rank,
                 kv_dtype=kv_dtype,
                 independent=independent,
+                boundary_repair=boundary_repair,
                 progress=self.progress,
                 on_progress=on_progress,
             )

@@ -211,6 +211,7 @@ class BuildSpec:
     prefill_tokens: int | None = None
     kv_dtype: str = "auto"
     routing_rank: int | None = None
+    boundary_repair: tuple[int, int] | None = None  # (tokens, layers); None: no repair
 
 
 def run_build_process(
@@ -359,6 +360,7 @@ def _child_main(
                 mode=spec.mode,
                 kv_dtype=spec.kv_dtype,
                 routing_rank=spec.routing_rank,
+                boundary_repair=spec.boundary_repair,
                 progress=False,
                 **kwargs,
             )

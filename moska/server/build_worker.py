@@ -103,6 +103,7 @@ class BuildJob:
     mode: str
     kv_dtype: str = "auto"
     routing_rank: int | None = None  # None: the builder's default (head_dim / 4)
+    boundary_repair: tuple[int, int] | None = None  # (tokens, layers); None: no repair
     reservation: Any = None  # the manager's name reservation, released when the job ends
     id: str = field(default_factory=lambda: f"libjob-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
@@ -246,6 +247,8 @@ class BuildWorker:
             kwargs["kv_dtype"] = job.kv_dtype
         if job.routing_rank is not None:
             kwargs["routing_rank"] = job.routing_rank
+        if job.boundary_repair is not None:
+            kwargs["boundary_repair"] = job.boundary_repair
         if self.prefill_tokens is not None:
             kwargs["prefill_tokens"] = self.prefill_tokens
         if job.reservation is not None:
@@ -267,6 +270,7 @@ class BuildWorker:
                 mode=job.mode,
                 kv_dtype=job.kv_dtype,
                 routing_rank=job.routing_rank,
+                boundary_repair=job.boundary_repair,
                 root=self.manager.root,
                 device=str(self.manager.device),
                 max_tokens=self.max_tokens,

@@ -34,6 +34,20 @@ class LibraryBuildRequest(RequestBody):
         description="rank of the key-max routing index, at most the model's head_dim "
         "(default: head_dim / 4; docs/routing.md)",
     )
+    repair_tokens: int | None = Field(
+        None,
+        ge=0,
+        le=1 << 20,
+        description="independent mode, boundary repair: recompute the first this many tokens "
+        "of every chunk that continues a document after the chunk before it (with "
+        "repair_layers; default none; library/boundary_repair.py)",
+    )
+    repair_layers: int | None = Field(
+        None,
+        ge=0,
+        le=1 << 16,
+        description="boundary repair: in the first this many KV layers, at most the model's",
+    )
 
 
 class LibraryObject(BaseModel):

@@ -116,6 +116,7 @@ async def build_library(
         mode=body.mode,
         kv_dtype=body.kv_dtype,
         routing_rank=body.routing_rank,
+        boundary_repair=_check_repair(builds.manager, body),
     )
     _check_routing_rank(builds.manager, body.routing_rank)
     await _check_fits_context(builds.manager, job)
@@ -147,6 +148,30 @@ def _check_routing_rank(manager: Any, rank: int | None) -> None:
             400, f"routing_rank must be in [1, head_dim={head_dim}], got {rank}",
             param="routing_rank",
         )  # fmt: skip
+
+
+def _check_repair(manager: Any, body: LibraryBuildRequest) -> tuple[int, int] | None:
+    """The build's boundary repair, (tokens, layers) or None; a 400 naming the field at
+    once for one alone, on a prefix library, or past the model's KV layers."""
+    from moska.library.boundary_repair import BoundaryRepairError, check_repair
+
+    tokens, layers = body.repair_tokens, body.repair_layers
+    if tokens is None and layers is None:
+        return None
+    if tokens is None or layers is None:
+        field = "repair_tokens" if tokens is None else "repair_layers"
+        raise APIError(400, f"boundary repair needs both repair_tokens and repair_layers: "
+                       f"add {field}", param=field)  # fmt: skip
+    config = getattr(getattr(manager, "loaded_model", None), "config", None)
+    kv_layers = next(
+        (getattr(config, n) for n in ("num_kv_layers", "num_layers") if getattr(config, n, None)),
+        None,
+    )
+    try:
+        check_repair((tokens, layers), body.mode, None if kv_layers is None else int(kv_layers))
+    except BoundaryRepairError as exc:
+        raise APIError(400, str(exc), param=exc.field) from exc
+    return tokens, layers
 
 
 async def _check_fits_context(manager: Any, job: BuildJob) -> None:
