@@ -80,7 +80,8 @@ GROUPED = {
 }
 # `--high-g`: G >= 4 at B = 1,024 (128-256 rows per (chunk, KV head) group; 0.30-0.62 of the
 # read floor in session 15): deeper or shallower pipelines (more programs per SM), wider key
-# blocks at 64 rows, and the two best 128-row tiles of session 15 again in the same run.
+# blocks at 64 rows, 256-row tiles (a G = 8 group's K/V streamed once, not 2-4 times through
+# L2), and the two best 128-row tiles of session 15 again in the same run.
 HIGH_G = {
     128: [
         T(64, 64, 4, 4),
@@ -90,8 +91,11 @@ HIGH_G = {
         T(128, 128, 8, 2, **HT),
         T(128, 128, 8, 3, programs_per_sm=1, **HT),
         T(128, 128, 8, 3, warp_specialize=True, **HT),
+        T(256, 64, 8, 2, **HT),  # a 256-row group's K/V read once (G 8); may spill
     ],
     64: [
+        T(256, 64, 8, 2, **HT),  # a 256-row group's K/V read once (G 8): 64 + 64 regs
+        T(256, 64, 8, 3, **HT),
         T(64, 128, 4, 2),
         T(64, 64, 4, 4),
         T(64, 256, 4, 2),

@@ -84,9 +84,21 @@ def sdpa_one_chunk(
     return o.reshape(hkv * b, g, d), lse.reshape(hkv * b, g)
 
 
-_INPUTS: dict[tuple, tuple[torch.Tensor, Selections]] = {}  # (device, B, Hkv, S) -> offs, sel
-_PLANS: dict = {}  # the grouped kernel's work lists of those inputs
-_MAX_CACHED = 256  # distinct (B, S) shapes kept; a longer tail of shapes rebuilds
+_MAX_CACHED = 256  # distinct shapes kept; a longer tail of shapes rebuilds per call
+
+
+class _Capped(dict):
+    """A cache that keeps its first `_MAX_CACHED` entries and never drops one: a CUDA graph
+    captured with a cached tensor reads it at every replay (clearing the cache would free
+    memory a graph still reads)."""
+
+    def __setitem__(self, key, value) -> None:
+        if key in self or len(self) < _MAX_CACHED:
+            super().__setitem__(key, value)
+
+
+_INPUTS: dict[tuple, tuple[torch.Tensor, Selections]] = _Capped()  # offs, sel per shape
+_PLANS: dict = _Capped()  # the grouped kernel's work lists of those inputs
 
 
 def _inputs(b: int, hkv: int, s: int, device: torch.device, cache: bool):
@@ -99,9 +111,6 @@ def _inputs(b: int, hkv: int, s: int, device: torch.device, cache: bool):
     made = (offs, one_chunk_selections(b, hkv, device))
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if cache and not capturing:
-        if len(_INPUTS) >= _MAX_CACHED:
-            _INPUTS.clear()
-            _PLANS.clear()
         _INPUTS[key] = made
     return made
 
@@ -146,6 +155,6 @@ def one_chunk_states(
     like the Triton path's inputs): what a caller that merges by LSE needs, e.g. the engine's
     shared attention over a one-chunk library (moska/attention/shared.py)."""
     b, hkv, _, _ = _check(q, k, v)
-    o, lse = one_chunk_attention(q, k, v, sm_scale, **kw)
     _, sel = _inputs(b, hkv, k.shape[0], q.device, kw.get("cache_plan", True))
+    o, lse = one_chunk_attention(q, k, v, sm_scale, **kw)
     return o, lse, sel

@@ -117,3 +117,23 @@ def test_default_dispatch_on_cpu_runs_triton_and_bad_inputs_say_why():
         one_chunk_attention(q[:, :3], k, v, 0.3)
     with pytest.raises(ValueError, match="unknown backend"):
         one_chunk_attention(q, k, v, 0.3, backend="xformers")
+
+
+def test_cache_keeps_its_entries_past_its_cap(monkeypatch):
+    # a CUDA graph captured with a cached selections tensor reads it at every replay: a full
+    # cache stops adding shapes and never drops (frees) one
+    monkeypatch.setattr(shared_one_chunk, "_MAX_CACHED", 2)
+    shared_one_chunk._INPUTS.clear()
+    cpu = torch.device("cpu")
+    kept = [shared_one_chunk._inputs(b, HKV, S, cpu, True)[1] for b in (1, 2)]
+    shared_one_chunk._inputs(3, HKV, S, cpu, True)
+    assert len(shared_one_chunk._INPUTS) == 2
+    again = [shared_one_chunk._inputs(b, HKV, S, cpu, True)[1] for b in (1, 2)]
+    assert all(a.req is b.req for a, b in zip(kept, again))
+    sel = one_chunk_selections(3, HKV, "cpu")
+    assert sel.row_order is not None and sel.row_offsets is not None
+    order = sel.row_order.long()
+    # row_order groups by (req, kv_head): segment r * Hkv + h holds selection h * B + r
+    assert torch.equal(sel.req[order], torch.arange(3).repeat_interleave(HKV).int())
+    assert torch.equal(sel.kv_head[order], torch.arange(HKV).repeat(3).int())
+    shared_one_chunk._INPUTS.clear()
