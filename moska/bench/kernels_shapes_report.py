@@ -21,6 +21,8 @@ def _fractions(pt: dict, ms: float | None, prefix: str) -> dict:
     return {
         f"{prefix}_floor_fraction": round(pt["floor_ms"] / ms, 3),
         f"{prefix}_read_floor_fraction": round(pt["read_floor_ms"] / ms, 3),
+        # the share of the matmul peak measured in the run (where FLOPs bind, not bytes)
+        f"{prefix}_matmul_fraction": round(pt["compute_floor_ms"] / ms, 3),
     }
 
 
@@ -78,21 +80,24 @@ def suggested_table(points: list[dict]) -> list[dict]:
 
 def print_summary(s: dict) -> None:
     """One line per point: the table's and the best variant's ms and read/floor fractions."""
-    print(f"{'point':34} {'table ms':>9} {'rd/fl':>11} {'best ms':>9} {'rd/fl':>11} best / base")
+    print(
+        f"{'point':34} {'table ms':>9} {'rd/fl/mm':>16} {'best ms':>9} {'rd/fl/mm':>16} best / base"
+    )
     for key, r in s.items():
         if not isinstance(r, dict):
             continue
 
         def fr(prefix: str, r: dict = r) -> str:
             a, b = r.get(f"{prefix}_read_floor_fraction"), r.get(f"{prefix}_floor_fraction")
-            return f"{a or 0:.2f}/{b or 0:.2f}"
+            c = r.get(f"{prefix}_matmul_fraction")
+            return f"{a or 0:.2f}/{b or 0:.2f}/{c or 0:.2f}"
 
         base = ""
         if "baseline" in r:
             base = f"{r['baseline']} {r.get('baseline_ms') or 0:.4f} x{r.get('best_speedup_vs_baseline')}"
         print(
-            f"{key:34} {r.get('table_ms') or 0:9.4f} {fr('table'):>11} {r.get('best_ms') or 0:9.4f}"
-            f" {fr('best'):>11} {r.get('best')} {base}"
+            f"{key:34} {r.get('table_ms') or 0:9.4f} {fr('table'):>16} {r.get('best_ms') or 0:9.4f}"
+            f" {fr('best'):>16} {r.get('best')} {base}"
         )
     for k in ("missing", "wrong"):
         if s.get(k):
