@@ -7,6 +7,14 @@ the evaluation text). Evaluation: held-out networkx and sympy windows of 2,048 t
 bench/mlkv_quality.py. CPU, fp32, moska's own model code.
 
 Usage: .venv/bin/python bench/kv_heads_quality.py [--windows 2] [--calibration-tokens 16384]
+
+With ``--retrieval-model DIR`` (bench/kv_heads_retrieval.py): an MHA retrieval model trained
+for it (moska.bench.train_retrieval --kv-heads 4 --heads 4), converted to 50 % and 75 % fewer
+KV heads, fitted and mean-pooled: dense retrieval accuracy through the engine, answer-token
+loss, transformers' logits against moska's. GPU (bench/device_session17_kv_heads.sh):
+    python3 bench/kv_heads_quality.py --retrieval-model DIR --device cuda --questions 128 \
+        --out OUT.json
+CPU check: ... --retrieval-model DIR --cpu-dry-run --out /tmp/kvh.json
 """
 
 from __future__ import annotations
@@ -37,10 +45,35 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT.parent / "shared/models/moska-code-20m"))
     ap.add_argument("--windows", type=int, default=2, help="windows per held-out package")
     ap.add_argument("--length", type=int, default=2048)
-    ap.add_argument("--kv-heads", type=int, default=1)
+    ap.add_argument("--kv-heads", type=int, nargs="+", default=None,
+                    help="KV heads to keep (code model: 1; retrieval: half and a quarter)")  # fmt: skip
     ap.add_argument("--calibration-tokens", type=int, default=16384)
     ap.add_argument("--out", default=str(ROOT / "bench/results/kv_heads_quality.json"))
+    ap.add_argument("--retrieval-model", default=None, help="an MHA train_retrieval model")
+    ap.add_argument("--questions", type=int, default=128, help="retrieval: held-out questions")
+    ap.add_argument("--context-tokens", type=int, default=None, help="retrieval: context")
+    ap.add_argument("--calibration-sequences", type=int, default=16,
+                    help="retrieval: generator sequences to fit on (a context + questions)")  # fmt: skip
+    ap.add_argument("--device", default="auto", help="retrieval: engine and loss device")
+    ap.add_argument("--dtype", default="auto", help="retrieval: engine dtype")
+    ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                    help="retrieval: compare transformers' logits with moska's")  # fmt: skip
+    ap.add_argument("--cpu-dry-run", action="store_true", help="retrieval: toy sizes on CPU")
     args = ap.parse_args()
+    if args.retrieval_model:
+        from kv_heads_retrieval import print_table, run
+
+        if args.cpu_dry_run:
+            args.device, args.questions, args.calibration_sequences = "cpu", 4, 2
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+        def write(result: dict) -> None:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+        print_table(run(args, write))
+        print(f"wrote {args.out}")
+        return
+    kv_heads = args.kv_heads[0] if args.kv_heads else 1
     src = Path(args.model)
     t0 = time.perf_counter()
     orig = load_model(src, dtype="float32")
@@ -54,9 +87,7 @@ def main() -> None:
         variants = [("original", None, src)]
         for method in ("fit", "mean"):
             out = Path(tmp) / method
-            report = convert_kv_heads(
-                src, out, kv_heads=args.kv_heads, calibration=calib, method=method
-            )
+            report = convert_kv_heads(src, out, kv_heads=kv_heads, calibration=calib, method=method)
             variants.append((method, report, out))
         for name, report, path in variants:
             lm = orig if path == src else load_model(path, dtype="float32")

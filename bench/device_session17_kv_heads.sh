@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# #21 item 2, session 17 (one H200, kind nvidia-h200; ~200 s, at most ~240 s): KV-head
+# compression measured on a small MHA model trained for it.
+# 1) train the retrieval model with as many KV heads as query heads (4/4; hidden 256, 4
+#    layers, tied embeddings: session 13's recipe at 2,048-token contexts, 24 facts = the
+#    4,096-token density, 1.8 min, bf16 autocast); saved (bf16, HF format) in
+#    $OUT/retrieval-mha-2k. If its final answer accuracy is under 0.9 and time is left, it
+#    trains on at 2,048 tokens for the time left (--resume);
+# 2) `moska convert kv-heads` to 2 and 1 KV heads (50 % and 75 % removed), fitted (on 16
+#    sequences of the task's generator) and mean-pooled; per checkpoint: dense accuracy
+#    through the engine (fidelity's measure, 128 held-out questions, bf16), answer-token
+#    loss (fp32, moska's dense reference) and transformers' logits against moska's (fp32,
+#    GPU) -> $OUT/kv_heads_retrieval_mha_h200_session17.json (written after every row).
+# Carry .whl-min (pydantic: the engine without the server). Prints one table.
+# `bash bench/device_session17_kv_heads.sh --cpu-dry-run`: the same steps in toy CPU forms.
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s)
+MODEL=$OUT/retrieval-mha-2k
+RES=$OUT/kv_heads_retrieval_mha_h200_session17.json
+if [ "${1:-}" = "--cpu-dry-run" ]; then
+  PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
+  TARGS="--device cpu --context 128 --start-context 64 --facts 4 --hidden 64 --layers 2 \
+    --vocab 256 --formats fact,code --batch 8 --steps 40 --log-every 20 --eval-n 8 --workers 0"
+  MIN=0.05; MARGS="--cpu-dry-run"; RES=$OUT/kv_heads_retrieval_mha_cpu_dry.json
+else
+  PY=python3; export TRITON_INTERPRET=0
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site_kvh17 .whl-min/*.whl
+  export PYTHONPATH=/tmp/site_kvh17:$PWD
+  TARGS="--context 2048 --facts 24 --batch 16 --steps 30000 --log-every 250"
+  MIN=1.8; MARGS="--device cuda --questions 128 --calibration-sequences 16"
+fi
+# shellcheck disable=SC2086
+timeout 150 $PY -m moska.bench.train_retrieval --out "$MODEL" --heads 4 --kv-heads 4 \
+  --save-dtype bfloat16 --max-minutes $MIN $TARGS > "$OUT/train.log" 2>&1
+echo "train rc=$? ($(( $(date +%s) - T0 )) s)"
+acc() { $PY -c "import json,sys; l=json.load(open(sys.argv[1]))['log']; print(l[-1]['answer_acc'] if l else 0)" "$MODEL/train_log.json" 2>/dev/null || echo 0; }
+ACC=$(acc)
+LEFT=$(( 165 - ($(date +%s) - T0) ))
+BELOW=$($PY -c "print(int(float('$ACC') < 0.9))")
+if [ "$BELOW" = 1 ] && [ $LEFT -ge 25 ]; then  # short of fidelity's 0.9: on at full context
+  cp "$MODEL/train_log.json" "$MODEL/train_log_before_resume.json"
+  MR=$($PY -c "print(round(($LEFT - 12) / 60, 2))")
+  # shellcheck disable=SC2086
+  timeout $(( LEFT + 20 )) $PY -m moska.bench.train_retrieval --out "$MODEL" --resume \
+    --heads 4 --kv-heads 4 --save-dtype bfloat16 $TARGS --start-context 2048 --lr 3e-4 \
+    --warmup 20 --max-minutes "$MR" > "$OUT/train_resume.log" 2>&1
+  echo "resumed ($ACC < 0.9) for $MR min: rc=$? acc $(acc) ($(( $(date +%s) - T0 )) s)"
+fi
+TM=$(( 240 - ($(date +%s) - T0) )); [ $TM -lt 60 ] && TM=60
+# shellcheck disable=SC2086
+timeout $TM $PY bench/kv_heads_quality.py --retrieval-model "$MODEL" $MARGS --out "$RES" \
+  > "$OUT/measure.log" 2>&1
+echo "measure rc=$? ($(( $(date +%s) - T0 )) s)"
+grep -v "it/s\]\|seq/s\]\|layer/s\]" "$OUT/measure.log" | grep -i "error\|Traceback" | head -3 | cut -c1-300
+$PY - "$RES" "$MODEL" <<'PY'
+import json, sys
+from pathlib import Path
+res, model = sys.argv[1], Path(sys.argv[2])
+size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+log = json.loads((model / "train_log.json").read_text())["log"] if model.is_dir() else []
+if log:
+    f = log[-1]
+    print(f"trained: context {f['context']} answer_acc {f['answer_acc']} step {f['step']} "
+          f"{f['seconds']} s; weights {size / 1e6:.1f} MB")
+try:
+    d = json.load(open(res))
+except Exception as e:  # noqa: BLE001
+    sys.exit(f"no result ({e})")
+s = d["summary"]
+print("env", {k: d["environment"].get(k) for k in ("torch", "transformers", "gpu", "git_commit")})
+print("transformers vs moska logits rel err (max):", s.get("transformers_logits_rel_err_max"),
+      "| original dense >= 0.9:", s.get("original_dense_accuracy_ok"))
+print(f"{'variant':<9} {'KV':>3} {'removed':>7} {'B/tok':>6} {'dense acc':>9} {'ans loss':>9} "
+      f"{'delta':>8} {'hf rel':>9}")
+for r in d["rows"]:
+    print(f"{r['variant']:<9} {r['kv_heads']:>3} {r['removed']:>7.2f} "
+          f"{r['kv_bytes_per_token_bf16']:>6} {r['dense_accuracy']:>9.4f} {r['answer_loss']:>9.4f} "
+          f"{r['answer_loss_delta']:>+8.4f} {r.get('transformers_logits_rel_err', '-'):>9}")
+PY
+echo "total $(( $(date +%s) - T0 )) s"
