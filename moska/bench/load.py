@@ -33,7 +33,7 @@ from typing import Any
 
 from moska.bench.load_client import burst_in_process
 from moska.bench.load_drain import probe_bodies
-from moska.bench.load_summary import summarize
+from moska.bench.load_summary import groups, own_groups, summarize
 
 __all__ = ["check", "main", "make_body", "run_bursts", "summarize", "table"]
 
@@ -104,6 +104,7 @@ def run_bursts(
     engine_share: float | None = None,
     checkpoint: Any = None,
     door_rate: str | None = None,
+    promise_learning: bool = True,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -138,6 +139,7 @@ def run_bursts(
         library_risk=library_risk,
     )
     admission.door_lag, admission.door_storm = door_lag, door_storm  # A/B of the door's drain
+    admission.promises.enabled = promise_learning  # admission_promises (A/B)
     if engine_share is not None:
         admission.engine_share = engine_share
     report_share = admission.engine_share
@@ -176,7 +178,9 @@ def run_bursts(
                 library,
             )
             for n, share in warmup_waves(warmup, library):  # the step-time model; unreported
-                burst_in_process(pool, url, bodies(n, share), probe, timeout_s, probe_interval_s)
+                burst_in_process(
+                    pool, url, bodies(n, share), probe, timeout_s, probe_interval_s, False
+                )
                 _wait_idle(state.async_engine, timeout_s)
             if library and unload_library and hasattr(engine.libraries, "unload"):
                 engine.libraries.unload(library)
@@ -193,12 +197,14 @@ def run_bursts(
                 wall = time.perf_counter() - t0
                 fig = summarize(n, out, pairs, ttft_slo or None, wall, fits, probe_interval_s)
                 fig["engine_idle_after"] = idle
+                fig["promise_scale"] = admission.promises.state()
                 fig["errors"] = [r["error"] for r in out["requests"] if r["error"]][:5]
                 if mark and ttft_slo and tag and isinstance(admission, TracingAdmission):
                     fig["trace"] = breakdown(admission, tag, mark, out, ttft_slo)  # load_trace
                 report["bursts"].append(fig)
                 print(f"burst {n}: {json.dumps({k: fig[k] for k in _TABLE})}", flush=True)
                 print(f"burst {n} Retry-After within 2x: {groups(fig)}", flush=True)
+                print(f"burst {n} own retries: {own_groups(fig)}", flush=True)
                 if checkpoint is not None:
                     checkpoint(report)
             report["step_model_final"] = [float(c) for c in state.admission.model.coef]
@@ -224,22 +230,9 @@ _TABLE = (
     "observed_drain_s_median",
     "retry_after_within_2x_share",
     "retry_after_ms_within_2x_share",
+    "retry_after_ms_within_2x_own",
     "predictor_error_s_p10_p50_p90_p99",
 )
-
-
-def groups(fig: dict) -> str:
-    """A burst's 429s within 2x of the observed drain per kind and where they were said
-    (`load_drain.drain_by_group`): `group n: ms / header (promised / observed p50 s)`."""
-
-    def f(v: Any) -> str:
-        return "-" if v is None else f"{v:.2f}"
-
-    return "; ".join(
-        f"{g} {d['n']}: {f(d['within_2x_ms'])} / {f(d['within_2x_header'])}"
-        f" ({f(d['promised_s_p50'])} / {f(d['observed_s_p50'])} s)"
-        for g, d in fig["drain_by_group"].items()
-    )
 
 
 def table(report: dict) -> str:
@@ -324,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the door's time per answer under a storm (door_backlog; mean: before, A/B)",
     )
+    p.add_argument(
+        "--promise-learning",
+        choices=("on", "off"),
+        default="on",
+        help="429 drains scaled by how recent ones came out (admission_promises; A/B)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
@@ -369,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_share=args.engine_share,
         checkpoint=write,
         door_rate=args.door_rate,
+        promise_learning=args.promise_learning == "on",
     )
     print(table(report))
     write(report)

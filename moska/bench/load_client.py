@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moska.bench.load_probe import DRY_ADMITTED, PROBE_HEADER
+from moska.bench.load_retry import own_retries, promise_s, sample_every
 
 
 def _record(body: dict) -> dict[str, Any]:
@@ -223,12 +224,19 @@ async def _probe(
 
 
 async def burst(
-    url: str, bodies: list[dict], probes: dict, timeout_s: float, probe_interval_s: float
+    url: str,
+    bodies: list[dict],
+    probes: dict,
+    timeout_s: float,
+    probe_interval_s: float,
+    own_retry: bool = True,
 ) -> dict:
     """Send every body at once; returns {"requests": records, "probes": {kind: record},
     "wall_s"}. `probes`: bodies per kind ("plain", "library", "library_short": what
     precedes "_" is the kind); each prober starts at its kind's first 429 (a library
-    request waits longer than a plain one)."""
+    request waits longer than a plain one). `own_retry`: every k-th 429 of each kind
+    (`load_retry.sample_every`) is retried dry with its own body at half, once and twice
+    its promise (`own_retries` in its record: the drain #15.4 means, load_retry)."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -238,8 +246,17 @@ async def burst(
     answered = asyncio.Event()  # every request of the burst has its status
     t0 = time.perf_counter()
 
+    every = sample_every(len(bodies)) if own_retry else 0
+    count = {"plain": 0, "library": 0}  # 429s of each kind so far (every k-th is retried)
+
     async def send(body: dict) -> dict:
         rec = await one(server, url, body, t0, timeout_s, on_status=_seen)
+        if every and rec["status"] == 429 and promise_s(rec) is not None:
+            kind = "library" if rec["library"] else "plain"
+            count[kind] += 1
+            if count[kind] % every == 0:  # its own dry retries (load_retry: the drain)
+                again = lambda: one(server, url, body, t0, timeout_s, probe=True)
+                rec["own_retries"] = await own_retries(rec, t0, again)
         return rec
 
     def _seen(rec: dict) -> None:
@@ -285,9 +302,14 @@ async def burst(
 
 
 def burst_sync(
-    url: str, bodies: list[dict], probe: dict[str, dict], timeout_s: float, probe_interval_s: float
+    url: str,
+    bodies: list[dict],
+    probe: dict[str, dict],
+    timeout_s: float,
+    probe_interval_s: float,
+    own_retry: bool = True,
 ) -> dict:
-    return asyncio.run(burst(url, bodies, probe, timeout_s, probe_interval_s))
+    return asyncio.run(burst(url, bodies, probe, timeout_s, probe_interval_s, own_retry))
 
 
 def burst_in_process(pool: Any, *args: Any) -> dict:

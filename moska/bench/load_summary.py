@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from moska.bench.load_drain import (
     compare_429s,
     drain_by_group,
@@ -11,6 +13,7 @@ from moska.bench.load_drain import (
     within_2x,
     within_2x_band,
 )
+from moska.bench.load_retry import summarize_own
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -87,6 +90,7 @@ def summarize(
         if r["library"] and r.get("at_door") is False and r.get("predicted_ttft_s") is not None
     ]
     lib = [r for r in admitted if r["library"]]
+    own = summarize_own(rejected)
     return {
         "clients": n,
         "admitted": len(admitted),
@@ -129,6 +133,11 @@ def summarize(
         "retry_after_ms_median": _pct([int(r["retry_after_ms"]) for r in rejected], 0.5)
         if rejected and all((r.get("retry_after_ms") or "").isdigit() for r in rejected)
         else None,
+        # the target's measure (session 17, load_retry): sampled 429s retried dry with
+        # their own body at half / once / twice the promise; within 2x = refused at half,
+        # admitted at twice
+        "retry_after_ms_within_2x_own": own["all"]["within"],
+        "own_retry": own,
         "retry_after_ms_within_2x_share": within_2x_band(rows),
         "retry_after_ms_within_2x_share_first_open": within_2x_band(first_open),
         # what a client sees: a retry sent at the promise (retry-after-ms) would be admitted
@@ -163,3 +172,31 @@ def summarize(
         ],
         "wall_s": wall_s,
     }
+
+
+def groups(fig: dict) -> str:
+    """A burst's 429s within 2x of the observed drain per kind and where they were said
+    (`load_drain.drain_by_group`): `group n: ms / header (promised / observed p50 s)`."""
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    return "; ".join(
+        f"{g} {d['n']}: {f(d['within_2x_ms'])} / {f(d['within_2x_header'])}"
+        f" ({f(d['promised_s_p50'])} / {f(d['observed_s_p50'])} s)"
+        for g, d in fig["drain_by_group"].items()
+    )
+
+
+def own_groups(fig: dict) -> str:
+    """A burst's retried 429s (load_retry) per group: `group n: within / long / short`."""
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    own = fig["own_retry"]
+    return "; ".join(
+        f"{g} {d['n']}: {f(d['within'])} / {f(d['long'])} / {f(d['short'])}"
+        for g, d in ({"all": own["all"]} | own["by_group"]).items()
+        if d["n"]
+    )

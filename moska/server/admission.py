@@ -21,23 +21,8 @@ iteration (tokenization, bookkeeping). The coefficients are a ridge least-square
 pulled toward a prior, over the last `window` observed steps. A request whose library is
 not loaded yet also pays its load (a learned tokens/s rate).
 
-Two things the fit alone missed under a burst (measured with `moska bench load` on a
-shared 2-core CPU): (1) the queue is replayed from "now", but the engine is usually in the
-middle of a step: a prefill step of 32 requests ran 2.8 s, and for all of it the queue
-looked untouched, so admission stayed shut until the step ended and Retry-After (the
-overshoot) was a third of the real drain. `Load.busy_s` says how long the current step
-has run: the replay's first step is that step (requests submitted since cannot join it)
-and only its remainder is charged. (2) The same decode step took 0.1 s alone and 0.7 s
-while the event loop answered a burst or other processes took the cores: a fit over 256
-steps follows that in tens of seconds. `slowdown`, a fast moving average of observed over
-predicted step time, scales every predicted step, so a slower machine is seen within a
-few steps (and a faster one as quickly). (3) At 1,000 clients every request passed the
-door while the engine was idle and waited seconds for its body to be read and tokenized
-before anyone decided on it: the door counts those inside (`front_door.FrontDoor`) as work
-and wait ahead of a newcomer, and a 429's drain the ones it will admit (`burst_admits`).
-(4) The client's TTFT ends when its handler writes the first token, not when the engine
-made it: admission plans with a margin of recent such waits (`ttft_margin.TtftMargin`,
-`fits_s`; measured at 2-210 ms under CPU bursts).
+Why the step in progress, the slowdown factor, the front door and the delivery margin
+count, and how a 429's promise is scored and learnt: docs/admission.md.
 """
 
 from __future__ import annotations
@@ -51,6 +36,7 @@ from dataclasses import dataclass, field, replace
 
 from moska.server import retry_drain
 from moska.server.admission_decision import Decision, Verdict
+from moska.server.admission_promises import PromiseScale, group_of
 from moska.server.burst_admits import ENGINE_SHARE, Backlog, burst_admits
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
@@ -128,6 +114,8 @@ class AdmissionController:
         # session 16: a retry sent in a storm waits it out in the server; README)
         self.door_lag, self.door_storm = True, False
         self.engine_share = ENGINE_SHARE  # the engine's speed while the loop decides a burst
+        self.promises = PromiseScale()  # drains scaled by how recent ones came out (per group)
+        self._elapsed = 0.0  # a decided request's time in the server before its decision
 
     @property
     def load_tps(self) -> float:
@@ -246,7 +234,9 @@ class AdmissionController:
         The request leaves the front door here."""
         self.door.leave_current()
         cost = RequestCost(new) if isinstance(new, int) else new
-        decision = self._decide(cost, load, num_requests, elapsed_s)
+        decision = self._decide(cost, load, num_requests, elapsed_s, "learn")
+        self._elapsed += self.alpha * (max(0.0, elapsed_s) - self._elapsed)
+        self._check_promises(load)
         with self._lock:
             if decision.accepted:  # what a request inside the door adds if it is admitted
                 for i, v in enumerate((cost.prompt_tokens, cost.max_tokens)):
@@ -254,8 +244,23 @@ class AdmissionController:
             self.library_requests.observe(cost, BODY_BYTES.get())  # plain ones too: `share`
         return decision
 
+    def _check_promises(self, load: Load) -> None:
+        """Would the open promises' requests be admitted on `load` now (PromiseScale.due):
+        not while the door sheds (a retry now would meet its 429 first)."""
+        now, memo = time.monotonic(), self._shed_memo
+        if memo is not None and memo[2] is not None and now - memo[0] < 0.25:
+            return
+        if self.ttft_slo is not None and self.promises.enabled:
+            wait = self._elapsed  # a retry's too (its body read, tokenized: the loop's lag)
+            self.promises.due(now, lambda c: self._decide(c, load, 1, wait, "none").accepted)
+
     def _decide(
-        self, cost: RequestCost, load: Load, num_requests: int, elapsed_s: float
+        self,
+        cost: RequestCost,
+        load: Load,
+        num_requests: int,
+        elapsed_s: float,
+        promise: str = "raw",
     ) -> Decision:
         queue_full = self.max_queue is not None and load.num_waiting + num_requests > self.max_queue
         target = max(0, (self.max_queue or 0) - num_requests) if queue_full else None
@@ -276,7 +281,12 @@ class AdmissionController:
         # must fit with its error, or they miss for it.
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
         if self.ttft_slo is not None and not idle and ttft * risk > self.fits_s():
-            return Decision(Verdict.SLO, ttft, *self._drain(cost, load, num_requests, pred))
+            if promise == "none":  # a check of an open promise: the verdict alone
+                return Decision(Verdict.SLO, ttft, 0, 0.0)
+            drain = self._drain(cost, load, num_requests, pred)[1]
+            if promise == "learn":  # a request's own 429 (not the door's ask): scaled, kept
+                drain = self.promises.promise(group_of(cost, False), cost, drain, time.monotonic())
+            return Decision(Verdict.SLO, ttft, retry_drain.retry_after(drain), drain)
         return Decision(Verdict.ACCEPT, ttft, 0)
 
     def _drain(
@@ -383,18 +393,25 @@ class AdmissionController:
         )
         decision = self._decide(RequestCost(1, 1), ahead, 1, elapsed_s + self.door.wait_s)
         elapsed_s *= self.door_lag  # in the drains only with `door_lag` (A/B: bench load)
-        result = None
+        result, learn = None, self.promises
         if not decision.accepted:
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
-                retry_after, drain = self._drain(typical, load, before_door_s=elapsed_s)
-                result = replace(decision, retry_after_s=retry_after, drain_s=drain)
+                drain = self._drain(typical, load, before_door_s=elapsed_s)[1]
+                drain = learn.promise(group_of(typical, True), typical, drain, now)
+                result = replace(
+                    decision, retry_after_s=retry_drain.retry_after(drain), drain_s=drain
+                )
                 if lib is not None:
+                    raw = self._drain(lib, load, before_door_s=elapsed_s)[1]
+                    each, f = self._library_drains(load, elapsed_s), learn.factor("library_door")
                     result = replace(
                         result,
-                        library_drain_s=self._drain(lib, load, before_door_s=elapsed_s)[1],
-                        library_drain_of=self._library_drains(load, elapsed_s),
+                        library_drain_s=learn.promise("library_door", lib, raw, now),
+                        library_drain_of=lambda body_bytes: f * each(body_bytes),
                     )
         with self._lock:
             self._shed_memo = (now, inside, result)
+        if result is None:  # the door is open: would the open promises' requests get in
+            self._check_promises(load)
         return result

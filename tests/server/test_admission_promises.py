@@ -1,0 +1,146 @@
+"""#15.4 (session 17): a 429's promise scaled by how the server's own promises came out
+(`admission_promises.PromiseScale`), and the bench's score of a 429 by dry retries of its
+own body (`load_retry`)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+from moska.bench.load_retry import sample_every, score, summarize_own, verdict
+from moska.server.admission import AdmissionController, EngineLimits, Load, RequestCost
+from moska.server.admission_promises import PromiseScale, group_of
+
+PLAIN, LIB = RequestCost(100, 16), RequestCost(100, 16, 2048)
+
+
+def test_groups_by_kind_and_place() -> None:
+    assert group_of(PLAIN, True) == "plain_door"
+    assert group_of(LIB, False) == "library_queue"
+
+
+def _run(scale: PromiseScale, bias: float, raw: float, n: int, rng: random.Random) -> None:
+    """n 429s of plain_queue, 0.1 s apart, with raw promises about `raw` whose requests
+    would really be admitted `bias` x their raw promise later; checked every 10 ms. Each
+    request's id (its prompt tokens) keys its true admission time."""
+    now, admit_at = 0.0, {}
+    for i in range(n):
+        r = raw * rng.uniform(0.8, 1.25)
+        admit_at[i + 1] = now + bias * r
+        scale.promise("plain_queue", RequestCost(i + 1, 16), r, now)
+        for _ in range(10):
+            now += 0.01
+            scale.due(now, lambda c, t=now: t >= admit_at[c.prompt_tokens])
+
+
+def test_a_biased_group_is_learnt_and_the_others_stay() -> None:
+    rng = random.Random(1)
+    for bias in (3.0, 0.3):
+        scale = PromiseScale()
+        _run(scale, bias, 1.0, 60, rng)
+        f = scale.factor("plain_queue")
+        assert abs(math.log(f / bias)) < math.log(1.5), (bias, f)  # within 1.5x of the bias
+        assert scale.factor("library_door") == 1.0 and scale.seen["plain_queue"] > 10
+
+
+def test_factor_is_clamped_disabled_and_not_fed_by_itself() -> None:
+    scale = PromiseScale(alpha=1.0, clamp=4.0)
+    scale.observe("library_door", 100.0, 1.0)
+    assert scale.factor("library_door") == 4.0
+    # the promise made is raw x factor, but what is learnt is observed / raw
+    assert scale.promise("library_door", LIB, 2.0, 0.0) == 8.0
+    scale.due(0.5, lambda c: True)  # admitted 0.5 s after a raw 2.0 s promise
+    assert math.isclose(scale.factor("library_door"), 0.25)
+    scale.enabled = False
+    assert scale.factor("library_door") == 1.0
+
+
+def test_an_unresolved_promise_closes_at_its_horizon_as_a_lower_bound() -> None:
+    scale = PromiseScale(alpha=1.0, horizon=4.0, min_horizon_s=0.0)
+    scale.promise("plain_door", PLAIN, 1.0, 0.0)
+    assert scale.due(2.0, lambda c: False) == 1 and scale.seen["plain_door"] == 0
+    scale.due(4.5, lambda c: False)  # past 4 x 1.0 s: closed with 4.5 s seen
+    assert scale.seen["plain_door"] == 1 and math.isclose(scale.factor("plain_door"), 4.0)
+
+
+def test_checks_are_rate_limited_per_group() -> None:
+    scale = PromiseScale(sample_s=0.0, check_s=0.1)
+    for i in range(5):
+        scale.promise("plain_queue", PLAIN, 1.0, i * 1e-3)
+    calls: list[int] = []
+    scale.due(0.01, lambda c: calls.append(1) is None and False)
+    scale.due(0.05, lambda c: calls.append(1) is None and False)  # within check_s: none
+    assert len(calls) == 1
+    scale.due(0.2, lambda c: True)  # admitted: closes up to 4 in one check
+    assert scale.seen["plain_queue"] == 4 and len(scale.open["plain_queue"]) == 1
+
+
+def test_controller_learns_a_too_long_queue_promise() -> None:
+    """Live controller: a plain request refused on a long queue; the queue then empties
+    (it would be admitted at once): the next 429's promise of that group is shorter."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(512, 8))
+    adm.promises = PromiseScale(alpha=1.0, sample_s=0.0, check_s=0.0)
+    busy = Load((RequestCost(400, 16),) * 60, (), 59, 0.0)
+    first = adm.decide(PLAIN, busy)
+    assert not first.accepted and first.drain_s > 0
+    assert len(adm.promises.open["plain_queue"]) == 1
+    adm.decide(PLAIN, Load((RequestCost(8, 16),), (), 0, 0.0))  # a check on a short queue
+    assert adm.promises.seen["plain_queue"] == 1
+    again = adm.decide(PLAIN, busy)
+    assert again.drain_s < first.drain_s / 2  # observed at once: scaled down
+
+
+def test_own_retry_verdicts_and_score() -> None:
+    assert verdict({"half": [0.1, False], "at": [0.2, True], "double": [0.4, True]}) == "within"
+    assert verdict({"half": [0.1, True], "at": [0.2, True], "double": [0.4, True]}) == "long"
+    assert verdict({"half": [0.1, False], "at": [0.2, False], "double": [0.4, False]}) == "short"
+    assert verdict({"half": [0.1, True], "at": [0.2, False], "double": [0.4, False]}) == "flicker"
+    assert verdict({"half": [0.1, None], "at": [0.2, True], "double": [0.4, True]}) is None
+    recs = [
+        {
+            "library": lib,
+            "at_door": door,
+            "t_status": 0.5,
+            "prompt_chars": 9,
+            "retry_after_ms": "400",
+            "own_retries": {"half": [0.2, h], "at": [0.4, a], "double": [0.8, d]},
+        }
+        for lib, door, h, a, d in [
+            (False, True, False, True, True),
+            (False, True, True, True, True),
+            (True, False, False, False, False),
+            (True, False, False, True, True),
+        ]
+    ]
+    out = summarize_own(recs + [{"library": False, "retry_after_ms": "5"}])
+    assert out["all"]["n"] == 4 and out["all"]["within"] == 0.5
+    assert out["by_group"]["plain_door"]["long"] == 0.5
+    assert out["by_group"]["library_queue"]["short"] == 0.5
+    assert out["all"]["admitted_at_promise"] == 0.75
+    assert score([])["within"] is None
+    assert sample_every(64) == 1 and sample_every(1000) == 10
+
+
+def test_own_retries_are_sent_at_the_multiples_of_the_promise() -> None:
+    from moska.bench.load_retry import own_retries
+
+    sent: list[float] = []
+
+    async def main() -> dict | None:
+        import time
+
+        t0 = time.perf_counter()
+        rec = {"t_status": 0.0, "retry_after_ms": "40", "dry_admitted": False}
+
+        async def send() -> dict:
+            t = time.perf_counter() - t0
+            sent.append(t)
+            return {"status": 429, "dry_admitted": t > 0.05, "t_start": t}
+
+        return await own_retries(rec, t0, send)
+
+    got = asyncio.run(main())
+    assert got is not None
+    assert got["half"][1] is False and got["double"][1] is True
+    assert 0.02 <= got["half"][0] < 0.04 and 0.08 <= got["double"][0] < 0.2
