@@ -64,11 +64,14 @@ def point_summary(pt: dict, bw: float, peak: float) -> dict:
 
 
 def paired(pt: dict, ours: str, prefix: str) -> float | None:
-    """Median over the timing rounds of (the fastest call named `prefix`* in that round /
-    `ours` in that round); None without rounds of both."""
+    """Median over the timing rounds of (the fastest call named `prefix`* in that round, or
+    the call named exactly `prefix` / `ours` in that round); None without rounds of both."""
     rounds = pt.get("rounds_ms", {})
     mine = rounds.get(ours)
-    others = [v for k, v in rounds.items() if k.startswith(prefix) and k != ours]
+    if prefix in rounds:  # one call by its exact name
+        others = [rounds[prefix]]
+    else:
+        others = [v for k, v in rounds.items() if k.startswith(prefix) and k != ours]
     if not mine or not others:
         return None
     n = min(len(mine), *(len(o) for o in others))

@@ -45,3 +45,23 @@ def test_point_summary_against_the_best_baseline_and_the_floor():
     assert s["baseline"] == "flash_eager" and s["dispatch_vs_baseline"] == 1.2
     assert s["baseline_lse"] == "sdpa:flash" and s["dispatch_vs_baseline_lse"] == 1.25
     assert s["dispatch_floor_fraction"] == 0.5 and s["triton_floor_fraction"] == 0.5
+
+
+def test_paired_ratios_compare_calls_round_by_round():
+    # a clock that drifts between rounds moves both calls of a round: the paired ratio sees
+    # the dispatcher tie the call it makes, where the best rounds alone differ by 10 %
+    pt = _pt(128, 8, 1024, 7.0, 6.4)
+    pt |= {"dispatch_backend": "cudnn", "bytes": 4.0e9, "flops": 1.0e12}
+    pt["baselines"] = {"ms": {"cudnn_graph": 6.4}}
+    pt["rounds_ms"] = {
+        "triton:table:x": [7.6, 7.9, 7.8],
+        "sdpa:cudnn": [6.4, 7.1, 7.0],
+        "dispatch": [7.04, 7.1, 7.0],
+        "base:cudnn_graph": [6.3, 7.0, 6.9],
+    }
+    pt["ms"] |= {"dispatch": 7.0}
+    s = point_summary(pt, bw=4.0e12, peak=1.0e15)
+    assert s["dispatch_same_call"] == "sdpa:cudnn"
+    assert s["dispatch_vs_same_call_paired"] == 1.0  # median of 0.909, 1.0, 1.0
+    assert s["dispatch_vs_baseline_paired"] == round(6.9 / 7.0, 3)
+    assert s["dispatch_vs_baseline"] == round(6.4 / 7.0, 3)  # best rounds: 0.914
