@@ -42,7 +42,7 @@ from moska.bench.common import (
 from moska.bench.decode_report import plot, profile_step, step_floor, summarize
 from moska.bench.decode_routers import (
     ROUTERS,
-    fixed_selections,
+    fixed_rows,
     floor_scorer,
     policy_of,
     profile_router,
@@ -213,10 +213,11 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
             modes = ("moska", "capped", "serial", "all", "dense")
         modes = tuple(m for m in modes if args.modes is None or m in args.modes)
         runs = [(m, r) for m in modes for r in (args.routers if m == "moska" else None) or [None]]
-        if args.routers and "none" in args.routers:  # the no-router rows' fixed chunks
-            fixed = fixed_selections(
-                b, mcfg.num_kv_heads, lib.num_chunks, args.top_k, mcfg.num_layers, DEV
-            )
+        if args.routers:  # the no-router rows' fixed chunks (none: uniform, none_zipf)
+            fixed = fixed_rows(
+                args.routers, b, mcfg.num_kv_heads, lib.num_chunks, args.top_k, mcfg.num_layers,
+                DEV,
+            )  # fmt: skip
         for mode, router in runs:
             # serial: moska with the shared attention on the current stream (no overlap);
             # capped: overlapped, the key-max launch capped at one program per SM
@@ -303,7 +304,7 @@ def run_bench(args, cfg: dict, dtype: torch.dtype) -> None:
         profiles = [
             profile_router(q, lib, args.top_k, r, mcfg.sm_scale)
             for r in args.routers
-            if r != "none"
+            if policy_of(r) is not None
         ]
     summary = summarize(rows, build)
     summary["routing_rank"] = rank

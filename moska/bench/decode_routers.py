@@ -5,11 +5,17 @@ the same decode step, so a router's cost is the difference between its row and `
 
 - ``none``: no router at all; every layer reads a fixed uniform-random top-k per (request,
   KV head), drawn once before timing (the cost of the grouped step a router feeds);
+- ``none_zipf``: the same with Zipf chunk popularity (weights 1 / rank^1.1 over a shuffled
+  chunk order, drawn without replacement per (request, KV head): a few hot chunks read by
+  many rows). The default router's own work does not depend on which chunks win (it scores
+  every chunk), so its cost under Zipf is its uniform cost; this row gives the step's;
 - ``two_stage_old``: the two-stage router as before issue 17 (bound shortlist of 4k chunks
   per request, key-max on it, one set of chunks per request: ``LEGACY`` + two_stage);
 - ``default_before``: the default policy (key-max over every key, per KV head) with the
   key-max tile used until session 16 (``router_dense.OLD_TILE``);
 - ``default``: the default policy as it is now (``router_dense.TILE``);
+- ``default_next``: the default policy with candidate tiles (``$MOSKA_NEXT_TILE``, e.g. the
+  sweep's fastest per batch; the same chunks: a tile changes no logit and no maximum);
 - ``default_shortlist_kv``: key-max on each KV head's own bound shortlist of 4k chunks
   (``RoutingPolicy.shortlist_per_head``; a study knob, not the default: it changes which
   chunks are chosen where a needle's chunk falls off its head's shortlist).
@@ -31,18 +37,40 @@ from moska.kernels import router_dense
 from moska.kernels.selections import Selections, from_topk
 from moska.routing.policy import LEGACY, RoutingPolicy
 
-ROUTERS = ("none", "two_stage_old", "default_before", "default", "default_shortlist_kv")
+ROUTERS = (
+    "none", "none_zipf", "two_stage_old", "default_before", "default", "default_next",
+    "default_shortlist_kv",
+)  # fmt: skip
+FIXED = ("none", "none_zipf")  # rows without a router: fixed chunks
+NEXT_TILE_ENV = "MOSKA_NEXT_TILE"  # the tiles ``default_next`` times
+
+
+def next_tiles() -> tuple[tuple[int, router_dense.DenseTile], ...]:
+    """The candidate tiles of the ``default_next`` row, as ``router_dense.TILES_BY_BATCH``:
+    ``$MOSKA_NEXT_TILE`` is one tile (``b32n128w4s4u2``) or tiles by smallest batch
+    (``0:b32n128w4s4,256:b64n128w8s3u2``); a device script sets it to its sweep's fastest.
+    Unset: the current tiles."""
+    import os
+
+    spec = os.environ.get(NEXT_TILE_ENV, "").strip()
+    if not spec:
+        return router_dense.TILES_BY_BATCH
+    out = []
+    for part in spec.split(","):
+        at, _, tag = part.rpartition(":")
+        out.append((int(at) if at else 0, parse_tile(tag)))
+    return tuple(sorted(out, key=lambda x: x[0]))
 
 
 def policy_of(name: str) -> RoutingPolicy | None:
     """The routing policy a router row runs (None: no router)."""
-    if name == "none":
+    if name in FIXED:
         return None
     if name == "two_stage_old":
         return LEGACY.replace(scorer="two_stage")
     if name == "default_shortlist_kv":
         return RoutingPolicy(scorer="two_stage", shortlist_per_head=True)
-    if name in ("default_before", "default"):
+    if name in ("default_before", "default", "default_next"):
         return RoutingPolicy()
     raise ValueError(f"unknown router {name!r}; known: {', '.join(ROUTERS)}")
 
@@ -54,37 +82,79 @@ def floor_scorer(name: str) -> str:
 
 
 def fixed_selections(
-    batch: int, num_kv_heads: int, num_chunks: int, top_k: int, layers: int, device, seed: int = 0
+    batch: int,
+    num_kv_heads: int,
+    num_chunks: int,
+    top_k: int,
+    layers: int,
+    device,
+    seed: int = 0,
+    zipf: float | None = None,
 ) -> list[Selections]:
-    """A uniform-random top-k per (request, KV head) for each layer (what ``none`` reads)."""
+    """A uniform-random top-k per (request, KV head) for each layer (what ``none`` reads);
+    ``zipf`` s: drawn without replacement with weights 1 / rank^s over a shuffled chunk
+    order (``none_zipf``)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for _ in range(layers):
-        noise = torch.rand(batch, num_kv_heads, num_chunks, generator=gen, device=device)
-        out.append(from_topk(noise.topk(top_k, dim=-1).indices, num_kv_heads, num_chunks))
+        if zipf is None:
+            noise = torch.rand(batch, num_kv_heads, num_chunks, generator=gen, device=device)
+            idx = noise.topk(top_k, dim=-1).indices
+        else:
+            w = 1.0 / torch.arange(1, num_chunks + 1, device=device, dtype=torch.float32) ** zipf
+            w = w[torch.randperm(num_chunks, generator=gen, device=device)]
+            rows = w.expand(batch * num_kv_heads, num_chunks)
+            idx = torch.multinomial(rows, top_k, replacement=False, generator=gen)
+            idx = idx.view(batch, num_kv_heads, top_k)
+        out.append(from_topk(idx, num_kv_heads, num_chunks))
     return out
 
 
+def fixed_rows(
+    routers: list[str],
+    batch: int,
+    num_kv_heads: int,
+    num_chunks: int,
+    top_k: int,
+    layers: int,
+    device,
+) -> dict[str, list[Selections]]:
+    """The fixed chunks of each no-router row among ``routers`` (``router_row``'s ``fixed``)."""
+    zipf = {"none": None, "none_zipf": 1.1}
+    return {
+        name: fixed_selections(batch, num_kv_heads, num_chunks, top_k, layers, device,
+                               zipf=zipf[name])
+        for name in routers if name in FIXED
+    }  # fmt: skip
+
+
 @contextmanager
-def router_row(name: str, fixed: list[Selections] | None = None) -> Iterator[None]:
-    """Run the step under router ``name``: the tile it times, and for ``none`` the fixed
-    selections in place of routing (a graph captured inside keeps them)."""
-    old = router_dense.TILE
-    router_dense.TILE = router_dense.OLD_TILE if name == "default_before" else old
+def router_row(
+    name: str, fixed: list[Selections] | dict[str, list[Selections]] | None = None
+) -> Iterator[None]:
+    """Run the step under router ``name``: the tile it times, and for ``none`` /
+    ``none_zipf`` the fixed selections in place of routing (a graph captured inside keeps
+    them); ``fixed`` is that row's list or ``fixed_rows``' dict."""
+    old, old_by_batch = router_dense.TILE, router_dense.TILES_BY_BATCH
+    if name == "default_before":
+        router_dense.TILE, router_dense.TILES_BY_BATCH = router_dense.OLD_TILE, ()
+    elif name == "default_next":
+        router_dense.TILES_BY_BATCH = next_tiles()
     try:
-        if name == "none":
-            assert fixed is not None, "router 'none' needs fixed selections"
+        if name in FIXED:
+            rows = fixed.get(name) if isinstance(fixed, dict) else fixed
+            assert rows is not None, f"router {name!r} needs fixed selections"
             from moska.attention import shared
 
             def route_group(ops, layer, q_rows, group, sm_scale, keymax_programs=None):
-                return fixed[layer]
+                return rows[layer]
 
             with mock.patch.object(shared, "route_group", route_group):
                 yield
         else:
             yield
     finally:
-        router_dense.TILE = old
+        router_dense.TILE, router_dense.TILES_BY_BATCH = old, old_by_batch
 
 
 def route_once(q: torch.Tensor, lib, top_k: int, name: str, sm_scale: float) -> Selections:
@@ -187,93 +257,18 @@ def routers_summary(rows: list[dict], profiles: list[dict]) -> dict:
     return out
 
 
-def tile_sweep(
-    batches: list[int], tiles: list[str], tokens: int, chunk: int, dev: str, rounds: int = 1
-) -> list:
-    """The default router's key-max scores alone (one layer of 8B dims: Hq 32, Hkv 8,
-    D 128, rank 32, random keys) per tile ``bBnNwWsS``, CUDA-graph timed; each tile's
-    scores against the current tile's (bitwise equal, or the largest difference).
-    ``rounds`` > 1 times every tile once per round, the order rotated each round (so a
-    drift of the GPU's clock during the sweep does not favour the first tile), and reports
-    the median of the rounds."""
-    from moska.bench.common import LLAMA_3_1_8B, capture_graph, time_ms
-    from moska.kernels.router import build_routing_index
-
-    cfg: dict = LLAMA_3_1_8B
-    hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    keys = torch.randn(tokens, hkv, d, device=dev, dtype=dtype)
-    offsets = torch.arange(0, tokens + 1, chunk, dtype=torch.int32, device=dev)
-    index = build_routing_index(keys, offsets)
-    del keys
-    rows = []
-    for b in batches:
-        q = torch.randn(b, hq, d, device=dev, dtype=dtype)
-        args = (q, index.basis, index.lowrank_keys, index.chunk_offsets)
-        base = router_dense.keymax_dense_scores(*args)
-        runs, seen = {}, {}
-        for tag in tiles:
-            tile = parse_tile(tag)
-            out = torch.empty_like(base)
-
-            def fn(tile=tile, out=out, args=args):
-                out.copy_(router_dense.keymax_dense_scores(*args, *tile))
-
-            fn()
-            seen[tag] = (bool(torch.equal(out, base)), float((out - base).abs().max()))
-            runs[tag] = (capture_graph(fn) if dev == "cuda" else None) or fn
-        times: dict[str, list[float]] = {tag: [] for tag in tiles}
-        for r in range(rounds):
-            for tag in tiles[r % len(tiles) :] + tiles[: r % len(tiles)]:
-                times[tag].append(time_ms(runs[tag], iters=10 if dev == "cuda" else 1, warmup=1))
-        flops = 2 * b * hq * tokens * index.rank
-        for tag in tiles:
-            ms = sorted(times[tag])[len(times[tag]) // 2]
-            equal, diff = seen[tag]
-            rows.append({"batch": b, "tile": tag, "ms": ms, "ms_rounds": times[tag],
-                         "tflops": flops / ms / 1e9, "equal_to_default_tile": equal,
-                         "max_abs_diff": diff})  # fmt: skip
-            print(f"tile {tag:14s} B={b:5d} {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s "
-                  f"equal={equal} rounds {' '.join(f'{t:.3f}' for t in times[tag])}",
-                  flush=True)  # fmt: skip
-    return rows
-
-
 def parse_tile(tag: str) -> router_dense.DenseTile:
-    """``b32n128w4s4`` -> DenseTile(32, 128, 4, 4)."""
+    """``b32n128w4s4`` -> DenseTile(32, 128, 4, 4); ``b32n128w4s4u2``: two key blocks per
+    loop iteration."""
     import re
 
-    m = re.fullmatch(r"b(\d+)n(\d+)w(\d+)s(\d+)", tag)
+    m = re.fullmatch(r"b(\d+)n(\d+)w(\d+)s(\d+)(?:u(\d+))?", tag)
     if m is None:
-        raise ValueError(f"a tile is spelled bBnNwWsS (e.g. b32n128w4s4), got {tag!r}")
-    return router_dense.DenseTile(*map(int, m.groups()))
+        raise ValueError(f"a tile is spelled bBnNwWsS[uU] (e.g. b32n128w4s4u2), got {tag!r}")
+    return router_dense.DenseTile(*(int(g) for g in m.groups() if g is not None))
 
 
-def main(argv: list[str] | None = None) -> None:
-    import argparse
+if __name__ == "__main__":  # the tile sweep (before session 17 it lived here)
+    from moska.bench.router_tile_sweep import main
 
-    from moska.bench.common import environment, write_json
-
-    ap = argparse.ArgumentParser(description="the default router's key-max tile sweep")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1024])
-    ap.add_argument("--tiles", nargs="+", default=["b32n64w4s5", "b32n128w4s4"])
-    ap.add_argument("--tokens", type=int, default=1 << 20)
-    ap.add_argument("--chunk-size", type=int, default=4096)
-    ap.add_argument("--rounds", type=int, default=1, help="rounds, tile order rotated")
-    ap.add_argument("--out", default="bench/results/router_tiles.json")
-    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny, on CPU (interpreter)")
-    args = ap.parse_args(argv)
-    dev = "cpu" if args.cpu_dry_run else "cuda"
-    if args.cpu_dry_run:
-        args.batch, args.tokens, args.chunk_size = [4], 256, 128
-    rows = tile_sweep(args.batch, args.tiles, args.tokens, args.chunk_size, dev, args.rounds)
-    best = {b: min((r for r in rows if r["batch"] == b), key=lambda r: r["ms"]) for b in args.batch}
-    summary = {f"best_tile_b{b}": r["tile"] for b, r in best.items()}
-    summary.update({f"{r['tile']}_ms_b{r['batch']}": r["ms"] for r in rows})
-    write_json(args.out, {"environment": environment(), "default_tile": list(router_dense.TILE),
-                          "tokens": args.tokens, "chunk_size": args.chunk_size, "rows": rows,
-                          "summary": summary})  # fmt: skip
-
-
-if __name__ == "__main__":
     main()

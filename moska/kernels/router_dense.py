@@ -37,6 +37,7 @@ class DenseTile(NamedTuple):
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 4
+    unroll: int = 1  # key blocks per loop iteration (2: two products before the maxima)
 
 
 # 32 requests x 128-key blocks, 4 stages: the fastest of the session-13 sweep at B = 1,024
@@ -47,6 +48,19 @@ class DenseTile(NamedTuple):
 # K = r product; the max is exact; bitwise equal on the H200), nor do the chunks chosen.
 TILE = DenseTile()
 OLD_TILE = DenseTile(32, 64, 4, 5)  # before session 16 (the decode bench times both)
+# Tiles by batch size, ((min_batch, tile), ...) ascending: a batch takes the entry with the
+# largest min_batch <= B, and TILE where none applies (empty: TILE for every batch).
+TILES_BY_BATCH: tuple[tuple[int, DenseTile], ...] = ()
+
+
+def tile_for(batch: int) -> DenseTile:
+    """The key-max tile of a batch of ``batch`` rows (TILES_BY_BATCH, else TILE; both read
+    at call time, so a benchmark can time other tiles by setting them)."""
+    tile = TILE
+    for min_batch, t in TILES_BY_BATCH:
+        if batch >= min_batch:
+            tile = t
+    return tile
 
 
 # fmt: off
@@ -63,6 +77,7 @@ def _keymax_dense_kernel(
     PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PROJECTED: tl.constexpr,
+    UNROLL: tl.constexpr = 1,
 ):
     # fmt: on
     # Items (tile t, head h), t fastest: the TPC tiles of one chunk run side by side and
@@ -81,6 +96,7 @@ def _keymax_dense_kernel(
             q_ptr, basis_ptr, lk_ptr, req, req_ok, h, lo, hi, G, D, R,
             stride_qb, stride_qh, stride_bh, stride_bd, stride_ks, stride_kh,
             PRECISION, EVEN_R, F16_ACC, BLOCK_B, BLOCK_G, BLOCK_D, BLOCK_R, BLOCK_N, PROJECTED,
+            UNROLL,
         )
         # fmt: on
         o_ptrs = out_ptr + req.to(tl.int64) * stride_ob + h * stride_oh + chunk
@@ -161,12 +177,13 @@ def keymax_dense_scores(
     max_programs: int | None = None,
     use_triton: bool = True,
     project_first: bool = True,
+    unroll: int | None = None,
 ) -> torch.Tensor:
     """Key-max scores of every request and chunk: q [B, Hq, D] -> [B, Hkv, C] fp32.
 
     The same scores as ``keymax_pair_scores`` over all B * C pairs, in one launch. The tile
-    arguments left None come from the module's ``TILE`` (read at call time, so a benchmark
-    can time another tile by setting it).
+    arguments left None (``unroll``: key blocks per loop iteration) come from
+    ``tile_for(B)``.
     ``project_first``: project the queries onto the bases once (``project_queries``, one
     batched matmul) instead of in every tile (each (chunk, request block) tile loaded its
     rows' full queries and the basis and projected them: 1/16 of its work at r = D/4 and,
@@ -174,11 +191,12 @@ def keymax_dense_scores(
     ``max_programs`` caps the grid (the programs loop over the tiles); ``use_triton``
     False: the PyTorch reference.
     """
-    tile = TILE._replace(
-        **{k: v for k, v in zip(DenseTile._fields, (block_b, block_n, num_warps, num_stages))
-           if v is not None}
-    )  # fmt: skip
-    block_b, block_n, num_warps, num_stages = tile
+    given = (block_b, block_n, num_warps, num_stages, unroll)
+    tile = tile_for(q.shape[0] if q.dim() == 3 else 0)
+    tile = tile._replace(**{k: v for k, v in zip(DenseTile._fields, given) if v is not None})
+    block_b, block_n, num_warps, num_stages, unroll = tile
+    if unroll not in (1, 2):
+        raise ValueError(f"unroll must be 1 or 2 key blocks per iteration, got {unroll}")
     q, basis = q.contiguous(), basis.contiguous()
     Hkv, D, R = basis.shape
     B, Hq = _check(q, basis, Hkv, D)
@@ -208,7 +226,7 @@ def keymax_dense_scores(
         F16_ACC=lowrank_keys.dtype == torch.float16,
         BLOCK_B=block_b, BLOCK_G=block_g, BLOCK_D=_pow2(D, 16), BLOCK_R=_pow2(R, 16),
         BLOCK_N=_pow2(block_n, 16), num_warps=num_warps, num_stages=num_stages,
-        PROJECTED=project_first,
+        PROJECTED=project_first, UNROLL=unroll,
     )
     # fmt: on
     return out

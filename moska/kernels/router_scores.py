@@ -161,6 +161,7 @@ def _keymax_rows(
     PRECISION: tl.constexpr, EVEN_R: tl.constexpr, F16_ACC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PROJECTED: tl.constexpr = False,
+    UNROLL: tl.constexpr = 1,
 ):
     # fmt: on
     # Key-max scores [BLOCK_B] of requests `req` (row_ok: real rows) for KV head h over the
@@ -202,7 +203,24 @@ def _keymax_rows(
         + (offs_n[None, :] * stride_ks + offs_r[:, None])
     )  # [BLOCK_R, BLOCK_N]: keys loaded transposed
     full_hi = lo + (hi - lo) // BLOCK_N * BLOCK_N
-    for _ in range(lo, full_hi, BLOCK_N):
+    start = lo
+    if UNROLL == 2:
+        # Two key blocks per iteration, both products issued before either max: the second
+        # block's MMA can run while the first block's maxima are taken (the max of a logit
+        # costs the SM about as much as its K = r product). Same logits, same exact maxima.
+        start = lo + (hi - lo) // (2 * BLOCK_N) * (2 * BLOCK_N)
+        for _ in range(lo, start, 2 * BLOCK_N):
+            if EVEN_R:
+                lk0 = tl.load(lk_ptrs)
+                lk1 = tl.load(lk_ptrs + BLOCK_N * stride_ks)
+            else:
+                lk0 = tl.load(lk_ptrs, mask=(offs_r < R)[:, None])
+                lk1 = tl.load(lk_ptrs + BLOCK_N * stride_ks, mask=(offs_r < R)[:, None])
+            s0 = tl.dot(qr, lk0, input_precision=PRECISION, out_dtype=acc_dtype)
+            s1 = tl.dot(qr, lk1, input_precision=PRECISION, out_dtype=acc_dtype)
+            best = tl.maximum(best, tl.maximum(s0, s1))
+            lk_ptrs += 2 * BLOCK_N * stride_ks
+    for _ in range(start, full_hi, BLOCK_N):
         if EVEN_R:
             lk = tl.load(lk_ptrs)
         else:
