@@ -154,6 +154,13 @@ def run_window(model, ids, lib_tokens, chunk_size, top_ks, only=None):
     vs = [quantize(v, offsets, "token").scale for v in v16]  # [S, Hkv] per layer
     mma = {"fp8/token+mma": (vs, False), "fp8/token+mma_qsplit": (vs, True)}
     runs += [(name, "fp8/token", False) for name in mma]
+    # mixed (session 17): K per token and V per block of 128 rows ("kt_vb"), or the reverse,
+    # through the q-split program: the kernel would then skip one per-score scale multiply
+    vb = [quantize(v, offsets, "block").scale for v in v16]
+    variants["fp8/kt_vb"] = (variants["fp8/token"][0], variants["fp8/block"][1])
+    variants["fp8/kb_vt"] = (variants["fp8/block"][0], variants["fp8/token"][1])
+    mma.update({"fp8/kt_vb+mma_qsplit": (vb, True), "fp8/kb_vt+mma_qsplit": (vs, True)})
+    runs += [(f"fp8/{m}+mma_qsplit", f"fp8/{m}", False) for m in ("kt_vb", "kb_vt")]
     if only:  # --variants: these library KV variants (and bf16, the baseline)
         runs = [r for r in runs if r[0] == "bf16" or r[0] in only]
     for top_k in top_ks:

@@ -35,6 +35,7 @@ from moska.bench.bandwidth import measure_ceilings
 from moska.bench.common import time_ms
 from moska.bench.floors import attention_flops, floor_ms
 from moska.bench.fp8_attention_report import report
+from moska.bench.fp8_tiles import MMA_TILES, QUICK_MMA_TILES, QUICK_WIDE, TILES
 from moska.bench.kernels_util import bench_graph, rel
 from moska.kernels import shared_attention_fp8 as sa8
 from moska.kernels.selections import from_topk
@@ -63,41 +64,23 @@ MMA.update(fp8_mma_vt_chunk={"v_t": True}, fp8_mma_vt_v1={"v_t": True, "token_v2
 MMA.update(fp8_mma_vt_chunk_scaled={"v_t": True, "raw_max": False})
 # _block: library/fp8.py "block" scales (per 128 rows from a chunk's start), one per key block
 MMA.update(fp8_mma_vt_block={"v_t": True, "fp8_scale_block": BLOCK_ROWS})
+# session 17: q split in its accumulating form (QSPLIT_ACC, the default) vs the former one
+# (_v16: residual 16x up, two multiplies per score), and RAW_MAX with per-token scales (_raw)
+MMA.update(fp8_mma_qsplit_vt_v16={"fp8_q_split": True, "v_t": True, "qsplit_acc": False})
+MMA.update(fp8_mma_qsplit_vt_raw={"fp8_q_split": True, "v_t": True, "raw_max_token": True})
+# one side's scales per block of 128 rows, the other's per token (fp8_quality.py "kt_vb" /
+# "kb_vt"): _kb K per block (folded into the row scale), _vb V per block (weights from exp2)
+MMA.update(
+    fp8_mma_qsplit_vt_kb={"fp8_q_split": True, "v_t": True, "fp8_scale_block": BLOCK_ROWS},
+    fp8_mma_qsplit_vt_vb={"fp8_q_split": True, "v_t": True, "fp8_scale_block": BLOCK_ROWS},
+)
+MMA["fp8_mma_qsplit_vt_kb"]["scale_sides"] = 1
+MMA["fp8_mma_qsplit_vt_vb"]["scale_sides"] = 2
+MMA_COST.update(fp8_mma_qsplit_vt_v16=0.75, fp8_mma_qsplit_vt_raw=0.75)
+MMA_COST.update(fp8_mma_qsplit_vt_kb=0.75, fp8_mma_qsplit_vt_vb=0.75)
 # vs the dequantized library (the algorithm's own e4m3 error ~0.02 on random data; the CPU
 # dry run's interpreter rounds some e4m3 casts wrongly: 0.15 there, set in main)
 TOL.update({n: 5e-2 for n in MMA})
-# FP8 tensor-core tiles (e4m3 halves shared memory per stage): on the H200 only 64 x 128, 4
-# warps, 3 stages was good for fp8_mma_vt (fp8_attention_h200_mma.json; 128 rows 4-6 ms)
-MMA_TILES: list[dict[str, Any]] = [
-    {},
-    *(
-        {"block_m": 64, "block_n": n, "num_warps": w, "num_stages": st}
-        for n, w, st in (
-            (128, 4, 3), (128, 4, 2), (128, 4, 4), (128, 8, 3),
-            (64, 4, 3), (64, 4, 4), (64, 8, 3),
-        )
-    ),
-]  # fmt: skip
-# --quick-tiles (a < 150 s device run): the winner and neighbours, and a 128-row tile again
-# (B = 1,024 has ~128 rows a group: one tile reads the chunk once)
-QUICK_MMA_TILES: list[dict[str, Any]] = [
-    {"block_m": m, "block_n": n, "num_warps": w, "num_stages": st}
-    for m, n, w, st in ((64, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2))
-]  # the first: library/fp8_mma.MMA_TILE, what the engine launches (and the check runs)
-# fp8_mma_vt alone also: its key loop warp-specialized, a persistent grid (2 programs an SM
-# looping over the work items), a 128 x 128 tile; the other variants the first two only
-QUICK_MMA_EXTRA: list[dict[str, Any]] = [
-    {**QUICK_MMA_TILES[0], "warp_specialize": True},
-    {**QUICK_MMA_TILES[0], "max_programs": 264},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
-]
-# alternatives to the launcher's defaults ({}): the tiles that won a variant on the H200
-# (bench/results/fp8_attention_h200_*_scales.json)
-TILES: list[dict[str, Any]] = [
-    {},
-    {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3},
-    {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
-]
 
 
 @dataclass(frozen=True)
@@ -149,11 +132,12 @@ def variant_args(name: str, k, v, q8) -> tuple:
     if name == "bf16":
         return k, v, {}
     gran = "chunk" if "_chunk" in name else "block" if "_block" in name else "token"
-    kq, vq = q8[gran]
+    kg, vg = {"_kb": ("block", "token"), "_vb": ("token", "block")}.get(name[-3:], (gran, gran))
+    kq, vq = q8[kg][0], q8[vg][1]
     if name in MMA:
         kw = {"kv_scales": (kq.scale, vq.scale), "fp8_mma": True, **MMA[name]}
         if kw.pop("v_t", False):  # read through TMA: run_batch sets use_tma
-            kw["v_pool_t"] = q8["v_t" if gran == "token" else f"v_t_{gran}"]
+            kw["v_pool_t"] = q8["v_t" if vg == "token" else f"v_t_{vg}"]
         return kq.data, vq.data, kw
     return kq.data, vq.data, {"kv_scales": (kq.scale, vq.scale), "fp8_dot": name == "fp8_dot"}
 
@@ -162,15 +146,27 @@ CHECK_TILE: dict[str, Any] = {}  # the MMA variants' checked tile (main sets it)
 _ALGO: dict[str, dict] = {}  # an fp8_mma variant's check against its algorithm, by name
 
 
-def gsa(*args, raw_max: bool = True, token_v2: bool = True, **kw):
-    """`grouped_shared_attention` with the FP8 program's RAW_MAX / TOKEN_V2 flags set for this
-    call (module flags `fp8_mma_args` reads at launch: compile and graph capture see them)."""
-    before = sa8.RAW_MAX, sa8.TOKEN_V2
-    sa8.RAW_MAX, sa8.TOKEN_V2 = raw_max, token_v2
+def gsa(
+    *args,
+    raw_max: bool = True,
+    token_v2: bool = True,
+    qsplit_acc: bool = True,
+    raw_max_token: bool = False,
+    scale_sides: int = 3,
+    **kw,
+):
+    """`grouped_shared_attention` with the FP8 program's RAW_MAX / TOKEN_V2 / QSPLIT_ACC /
+    RAW_MAX_TOKEN / SCALE_SIDES flags set for this call (module flags `fp8_mma_args` reads
+    at launch: compile and graph capture see them)."""
+    names = ("RAW_MAX", "TOKEN_V2", "QSPLIT_ACC", "RAW_MAX_TOKEN", "SCALE_SIDES")
+    before = [getattr(sa8, n) for n in names]
+    for n, x in zip(names, (raw_max, token_v2, qsplit_acc, raw_max_token, scale_sides)):
+        setattr(sa8, n, x)
     try:
         return grouped_shared_attention(*args, **kw)
     finally:
-        sa8.RAW_MAX, sa8.TOKEN_V2 = before
+        for n, x in zip(names, before):
+            setattr(sa8, n, x)
 
 
 def check(s: Shape, q, chunks_of, k, v, offs, q8, names, sample: int, refs=None) -> dict:
@@ -220,8 +216,8 @@ def vs_algorithm(s: Shape, q, chunks_of, kk, vv, offs, kw) -> dict:
     tma: dict[str, Any] = {"use_tma": True} if "v_pool_t" in kw else {}
     o, lse = gsa(q, kk, vv, offs, sel, scale, **kw, **tma, **unsplit)
     cast = e4m3 if s.device == "cuda" else interpreter_e4m3
-    q_split = kw.get("fp8_q_split", False)
-    ao, al = fp8_mma_ref(q, kk, vv, offs, sel, scale, kw["kv_scales"], 64, q_split, cast)
+    q_split, up = kw.get("fp8_q_split", False), 1.0 if kw.get("qsplit_acc", True) else 16.0
+    ao, al = fp8_mma_ref(q, kk, vv, offs, sel, scale, kw["kv_scales"], 64, q_split, cast, up)
     ro, _ = grouped_shared_attention_ref(q, kk, vv, offs, sel, scale, kv_scales=kw["kv_scales"])
     return {
         "o_rel_err_vs_algorithm": rel(o, ao),
@@ -286,7 +282,7 @@ def run_batch(
         if name in MMA and (mma_tiles is not None or len(tiles) > 1):
             todo = MMA_TILES if mma_tiles is None else mma_tiles
             if mma_tiles is QUICK_MMA_TILES:
-                todo = [*todo, *QUICK_MMA_EXTRA] if name == "fp8_mma_vt" else todo[:2]
+                todo = [todo[0], *QUICK_WIDE]
         for tile in todo:
             tkw = {**tile, **({"use_tma": True} if "v_pool_t" in kw else {})}
             if tile and not tile_ok(name, tile, times, refs[name], (kk, vv, offs, kw, tkw)):
@@ -357,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--quick-tiles",
         action="store_true",
-        help="launcher defaults for bf16/upcast, 4 tiles for the FP8 tensor-core variants",
+        help="launcher defaults for bf16/upcast, 3 tiles for the FP8 tensor-core variants",
     )
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes in the interpreter")
     ap.add_argument("--out", default="bench/results/fp8_attention.json")

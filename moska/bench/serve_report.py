@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 # in the order run: the summary's two first; tiers last (they save the library to disk)
@@ -31,6 +33,16 @@ def summarize(rows: list[dict], args, s) -> dict:
                 r["output_tokens_per_s"] / p["output_tokens_per_s"]
             )
             out.update(phase_ratios(pattern, r, p))
+        t = run("routed_tiered", pattern)
+        if r and t:  # (e) the library 4x the GPU budget vs (c) all resident, same run
+            out[f"{pattern}_routed_tiered_vs_routed_bf16_output_tok_s"] = (
+                t["output_tokens_per_s"] / r["output_tokens_per_s"]
+            )
+            a, b = (x.get("phases") or {} for x in (t, r))
+            if a.get("decode_output_tokens_per_s") and b.get("decode_output_tokens_per_s"):
+                out[f"{pattern}_routed_tiered_vs_routed_bf16_decode_tok_s"] = (
+                    a["decode_output_tokens_per_s"] / b["decode_output_tokens_per_s"]
+                )
         for variant in VARIANTS:
             x = run(variant, pattern)
             if x:
@@ -100,8 +112,11 @@ def baseline_arithmetic(args, s, run) -> dict:
     return out
 
 
-def plot(rows: list[dict], path: Path) -> str:
+def plot(rows: list[dict], path: Path, title: str | None = None) -> str:
     """Output tokens/s and TTFT p50 per variant and arrival pattern; says why if skipped."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return "skipped: no variant ran"
     try:
         import matplotlib
 
@@ -109,11 +124,8 @@ def plot(rows: list[dict], path: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "skipped: matplotlib is not installed"
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        return "skipped: no variant ran"
     patterns = sorted({x["arrivals"] for r in ok for x in r["runs"]})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(6 + 0.8 * len(ok), 4.5))
     width = 0.8 / len(patterns)
     for j, pattern in enumerate(patterns):
         xs = [i + j * width for i in range(len(ok))]
@@ -124,12 +136,41 @@ def plot(rows: list[dict], path: Path) -> str:
         axes[1].bar(xs, [x.get("ttft_p50_s") or 0 for x in runs], width, label=pattern)
     for ax, label in zip(axes, ("output tokens/s", "TTFT p50 (s)")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ok))])
-        ax.set_xticklabels([r["variant"] for r in ok], rotation=20)
+        ax.set_xticklabels([r["variant"] for r in ok], rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle(f"moska serve benchmark, library of {ok[0]['library_tokens']} tokens")
+    fig.suptitle(title or f"moska serve benchmark, library of {ok[0]['library_tokens']} tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def plot_files(paths: list[Path], out: Path) -> str:
+    """One plot of the rows of several serve JSONs (runs the device's budget kept apart): each
+    bar named by its variant, and with more than one file by its model's layers and file."""
+    rows, names = [], []
+    for path in paths:
+        d = json.loads(path.read_text())
+        layers, tag = d["shapes"]["layers"], path.stem.removeprefix("serve_")
+        sh = d["shapes"]
+        names.append(
+            f"{tag}: {layers} layers, {sh['library_tokens']:,} tokens, B = {sh['requests']}"
+        )
+        for r in d["rows"]:
+            label = r["variant"] if len(paths) == 1 else f"{r['variant']}\n{layers}L {tag}"
+            rows.append({**r, "variant": label})
+    return plot(rows, out, "moska serve benchmark, 8B dims\n" + "; ".join(names))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="plot serve benchmark JSONs (moska.bench.serve)")
+    ap.add_argument("jsons", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, required=True, help="the PNG")
+    args = ap.parse_args(argv)
+    print(plot_files(args.jsons, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -27,9 +27,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .merge import merge_finish
+from .shared_attention_fp8_inner import P_LOG2, P_RANGE, _fp8_inner
 
-P_RANGE = tl.constexpr(256.0)  # the largest weight maps here before the e4m3 cut (max 448)
-P_LOG2 = tl.constexpr(8.0)  # log2(P_RANGE)
 # RAW_MAX (per-chunk scales): the running max is taken on the unscaled scores, the row's
 # scale applied inside exp2's argument (one FMA) and the weights come out of exp2 already
 # P_RANGE up: fewer fp32 multiplies per score. With per-token scales the same trick ran
@@ -42,6 +41,17 @@ P_LOG2 = tl.constexpr(8.0)  # log2(P_RANGE)
 # Module flags read at launch by `fp8_mma_args` (bench/fp8_attention.py flips them for A/Bs).
 RAW_MAX = True
 TOKEN_V2 = True
+# QSPLIT_ACC (q in two e4m3 terms): the residual is cut as is, not 16x up, so the second QK^T
+# dot accumulates onto the first (s = dot(q8lo, k, dot(q8, k))) with no per-score rescale:
+# the former form spent two fp32 multiplies per score (s * 16 into the dot, * 1/16 after)
+# on top of the per-token scales' two. The residual of an element below 2^-2 (1/1760 of its
+# row's largest) falls in e4m3's subnormals: absolute error 2^-10 in units where the row's
+# largest is 440, beside the 2^-8 relative error of the split. Off: the former code (A/B).
+QSPLIT_ACC = True
+RAW_MAX_TOKEN = False  # RAW_MAX with per-token scales too (A/B: 2-6 % slower in session 16)
+# with `fp8_scale_block`: which scales are per block (3 K and V, 1 K only, 2 V only; the other
+# per token): library/fp8.py quantizes K and V each at its own granularity
+SCALE_SIDES = 3
 
 
 def fp8_mma_args(
@@ -83,135 +93,20 @@ def fp8_mma_args(
 
 def _flags(fp8: dict, scale_block: int) -> dict:
     per_token = bool(fp8.get("PER_TOKEN"))
-    flags = {"RAW_MAX": RAW_MAX and not per_token, "TOKEN_V2": TOKEN_V2 and per_token}
-    return {**flags, "SCALE_BLOCK": scale_block}
+    raw = RAW_MAX and (RAW_MAX_TOKEN or not per_token)
+    flags = {"RAW_MAX": raw, "TOKEN_V2": TOKEN_V2 and per_token}
+    if scale_block and SCALE_SIDES not in (1, 2, 3):
+        raise ValueError(f"SCALE_SIDES={SCALE_SIDES}: 1 (K), 2 (V) or 3 (both)")
+    if scale_block and SCALE_SIDES != 3 and not flags["TOKEN_V2"]:
+        raise ValueError("K-only or V-only block scales need TOKEN_V2")
+    sides = SCALE_SIDES if scale_block else 3
+    return {**flags, "SCALE_BLOCK": scale_block, "QSPLIT_ACC": QSPLIT_ACC, "SCALE_SIDES": sides}
 
 
 def v_t_descriptor(v_pool_t, block_n: int) -> TensorDescriptor:
     """TMA descriptor of a token-major V copy [Hkv, D, S] as [Hkv * D, S], [D, block_n] tiles."""
     hkv, d, s = v_pool_t.shape
     return TensorDescriptor(v_pool_t, [hkv * d, s], [s, 1], [d, block_n])
-
-
-@triton.jit
-def _fp8_inner(
-    acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv, col, lo, hi,
-    stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, V_T: tl.constexpr,
-    PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr, RAW_MAX: tl.constexpr,
-    WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-):  # fmt: skip
-    # Online softmax over keys [lo, hi) in blocks of BLOCK_N; q_sc [BLOCK_M]: each row's
-    # q scale times the logit scale (log2 domain). Unmasked calls need (hi - lo) % BLOCK_N
-    # == 0; a TMA block past `hi` reads the next chunk: those keys get -inf and weight 0.
-    # TOKEN_V2 (per-token scales): the next block's scales are loaded one block ahead (their
-    # strided loads no longer stall each block), and acc is kept in units of P_RANGE / vm
-    # (vm: the last block's largest V scale), the change of vm folded into alpha, so P.V
-    # accumulates in place (no second accumulator tile, no extra FMA pass per block).
-    offs_n = tl.arange(0, BLOCK_N)
-    # SCALE_BLOCK > 0 (per-token scale pools whose values are constant over SCALE_BLOCK rows
-    # from each chunk's start: library/fp8.py's "block"; BLOCK_N divides it, so every key
-    # block lies in one): one K and one V scale per key block, applied as a chunk's are
-    # (folded into the row scale; the weights straight from exp2 P_RANGE up, acc in units
-    # of P_RANGE / the block's V scale): per-chunk speed, finer scales.
-    BLK: tl.constexpr = PER_TOKEN and SCALE_BLOCK > 0
-    if BLK:
-        tl.static_assert(SCALE_BLOCK % BLOCK_N == 0, "BLOCK_N must divide SCALE_BLOCK")
-    blk_sc = lo.to(tl.int64) * stride_sc + kv
-    if PER_TOKEN and TOKEN_V2 and not BLK:  # the first block's scales
-        ks_nx = tl.load(k_scale_ptr + sc_ptrs, mask=(lo + offs_n) < hi, other=1.0)
-        vs_nx = tl.load(v_scale_ptr + sc_ptrs, mask=(lo + offs_n) < hi, other=0.0)
-    else:
-        ks_nx = tl.full([BLOCK_N], 1.0, tl.float32)
-        vs_nx = tl.full([BLOCK_N], 0.0, tl.float32)
-    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        n_ok = (start + offs_n) < hi
-        if BLK:  # the block's first row's scales (blk_sc: that row's scale offset)
-            ks = tl.load(k_scale_ptr + blk_sc)
-            vs = tl.load(v_scale_ptr + blk_sc)
-            blk_sc += BLOCK_N * stride_sc
-        elif PER_TOKEN:
-            if TOKEN_V2:  # this block's scales came with the last one; the next ones now
-                ks, vs = ks_nx, vs_nx
-                nxt = (start + BLOCK_N + offs_n) < hi
-                ks_nx = tl.load(k_scale_ptr + sc_ptrs + BLOCK_N * stride_sc, mask=nxt, other=1.0)
-                vs_nx = tl.load(v_scale_ptr + sc_ptrs + BLOCK_N * stride_sc, mask=nxt, other=0.0)
-            else:
-                ks = tl.load(k_scale_ptr + sc_ptrs, mask=n_ok, other=1.0)
-                vs = tl.load(v_scale_ptr + sc_ptrs, mask=n_ok, other=0.0)
-        if USE_TMA:
-            k = k_desc.load([start, col])  # [BLOCK_N, D] e4m3
-            if V_T:
-                v = v_desc.load([col, start]).T  # [D, BLOCK_N] tile, token-major
-            else:
-                v = v_desc.load([start, col])
-            s = _qk(q8, q8lo, k.T, Q_SPLIT)
-        else:
-            if MASKED:
-                k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
-            s = _qk(q8, q8lo, k, Q_SPLIT)  # [BLOCK_M, BLOCK_N] fp32
-            k_ptrs += BLOCK_N * stride_kn
-            v_ptrs += BLOCK_N * stride_vn
-        if BLK:
-            if MASKED:
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-            qk = q_sc * ks  # the row's scale times the block's K scale
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk)
-            p = tl.math.exp2(s * qk[:, None] - (m_new - P_LOG2)[:, None])  # P_RANGE up
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(tl.float8e4nv), v, acc * (alpha * (vm / vs))[:, None])
-            vm = vs
-        else:
-            if PER_TOKEN:  # the token's K scale on its score column, after the dot
-                if RAW_MAX:
-                    s = s * ks[None, :]
-                else:
-                    s = s * q_sc[:, None] * ks[None, :]
-            elif not RAW_MAX:
-                s = s * q_sc[:, None]
-            if MASKED:
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-            if RAW_MAX:  # q_sc > 0: the row max of s * q_sc is q_sc * (row max of s); one FMA
-                m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
-                if PER_TOKEN:
-                    p = tl.math.exp2(s * q_sc[:, None] - m_new[:, None])
-                else:  # p_RANGE weights straight from exp2: P_RANGE = 2^P_LOG2
-                    p = tl.math.exp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None])
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if PER_TOKEN:  # the token's V scale on its weight, before the e4m3 cut
-                v_max = tl.maximum(tl.max(vs, 0), 1e-30)
-                pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
-                if TOKEN_V2:  # acc in units of P_RANGE / v_max from here on
-                    acc = tl.dot(pw, v, acc * (alpha * (vm / v_max))[:, None])
-                    vm = v_max
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(pw, v) * (v_max / P_RANGE)
-                sc_ptrs += BLOCK_N * stride_sc
-            elif RAW_MAX:  # p and l_i are both in units of 1 / P_RANGE: o = acc / l_i as is
-                acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
-            else:  # 1 / P_RANGE goes with the chunk's V scale onto the output
-                acc = tl.dot((p * P_RANGE).to(tl.float8e4nv), v, acc * alpha[:, None])
-        m_i = m_new
-    return acc, m_i, l_i, vm
-
-
-@triton.jit
-def _qk(q8, q8lo, kt, Q_SPLIT: tl.constexpr):
-    # QK^T on FP8 tensor cores, in units of q's row scale; Q_SPLIT: q = q8 + q8lo / 16
-    # (q8lo: q's e4m3 rounding residual, 16x up), two dots for 2^-8 relative q error
-    s = tl.dot(q8, kt)
-    if Q_SPLIT:
-        s = tl.dot(q8lo, kt, s * 16.0) * 0.0625
-    return s
 
 
 # fmt: off
@@ -228,6 +123,7 @@ def _grouped_fp8_mma_kernel(
     PER_TOKEN: tl.constexpr = False, chunk_scale_ptr=None, CHUNK_SCALE: tl.constexpr = False,
     V_T: tl.constexpr = False, Q_SPLIT: tl.constexpr = False, RAW_MAX: tl.constexpr = False,
     TOKEN_V2: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 0,
+    QSPLIT_ACC: tl.constexpr = False, SCALE_SIDES: tl.constexpr = 3,
 ):
     # fmt: on
     # The arguments of `_grouped_shared_attention_kernel` (PRECISION, KV_FP8, FP8_DOT and
@@ -243,7 +139,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2, SCALE_BLOCK,
+                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
             )
             # fmt: on
     else:
@@ -256,7 +152,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2, SCALE_BLOCK,
+                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
             )
             # fmt: on
 
@@ -271,7 +167,7 @@ def _fp8_item(
     USE_TMA: tl.constexpr, V_T: tl.constexpr, k_scale_ptr, v_scale_ptr, stride_sc,
     PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
     RAW_MAX: tl.constexpr, WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr,
-    SCALE_BLOCK: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr, QSPLIT_ACC: tl.constexpr, SCALE_SIDES: tl.constexpr,
 ):
     # fmt: on
     # work item w: one row tile of one (chunk, KV head) group over one split of the chunk
@@ -302,7 +198,10 @@ def _fp8_item(
     q8 = (q / q_s[:, None]).to(tl.float8e4nv)
     q8lo = q8  # Q_SPLIT: the residual, 16x up (|residual| <= 2^-4 |q|: no overflow)
     if Q_SPLIT:
-        q8lo = ((q / q_s[:, None] - q8.to(tl.float32)) * 16.0).to(tl.float8e4nv)
+        if QSPLIT_ACC:
+            q8lo = (q / q_s[:, None] - q8.to(tl.float32)).to(tl.float8e4nv)
+        else:
+            q8lo = ((q / q_s[:, None] - q8.to(tl.float32)) * 16.0).to(tl.float8e4nv)
     if CHUNK_SCALE:
         qk_scale = qk_scale * tl.load(chunk_scale_ptr + chunk)
     if not PER_TOKEN:
@@ -330,7 +229,7 @@ def _fp8_item(
         acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv, kv * D, lo, full_hi,
         stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
         BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
-        SCALE_BLOCK,
+        SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
     )
     if full_hi < hi:
         skip = (full_hi - lo).to(tl.int64)
@@ -339,11 +238,12 @@ def _fp8_item(
             k_desc, v_desc, kv, kv * D, full_hi, hi, stride_kn, stride_vn,
             sc_ptrs + skip * stride_sc, k_scale_ptr, v_scale_ptr, stride_sc,
             BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
-        SCALE_BLOCK,
+            SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
         )
     # fmt: on
 
-    if PER_TOKEN and SCALE_BLOCK > 0:  # l_i P_RANGE up, acc P_RANGE / vm up
+    if PER_TOKEN and SCALE_BLOCK > 0 and (SCALE_SIDES & 2) != 0:  # V per block: l_i P_RANGE up,
+        # acc P_RANGE / vm up
         o, lse = merge_finish(m_i - P_LOG2, l_i, acc)
         o = o * vm
     elif RAW_MAX and not PER_TOKEN:  # l_i in units of 1 / P_RANGE: lse back by log2(P_RANGE)

@@ -31,25 +31,38 @@ def interpreter_e4m3(x: torch.Tensor) -> torch.Tensor:
     return torch.where(exp < 1, x.float().to(torch.float8_e4m3fn).float(), out)  # subnormals
 
 
-def cut_q(q: torch.Tensor, q_split: bool = False, cast=e4m3) -> tuple[torch.Tensor, torch.Tensor]:
+def cut_q(
+    q: torch.Tensor, q_split: bool = False, cast=e4m3, residual_up: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(q8 [.., D] as fp32 e4m3 values, q_s [.., 1]): q = q8 * q_s per row, to e4m3's
-    precision; `q_split`: q8 holds q8_hi + q8_lo / 16 (the residual cut again, 2^-8)."""
+    precision; `q_split`: q8 holds q8_hi + q8_lo (the residual cut again, 2^-8), the residual
+    cut `residual_up` times up (the kernel's QSPLIT_ACC: 1; its former form: 16)."""
     qf = q.float()
     q_s = qf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / Q_TARGET
     hi = cast(qf / q_s)
     if q_split:
-        hi = hi + cast((qf / q_s - hi) * 16.0) / 16.0
+        hi = hi + cast((qf / q_s - hi) * residual_up) / residual_up
     return hi, q_s
 
 
 def fp8_mma_ref(
-    q, k_pool, v_pool, chunk_offsets, sel, sm_scale, kv_scales, block_n, q_split=False, cast=e4m3
+    q,
+    k_pool,
+    v_pool,
+    chunk_offsets,
+    sel,
+    sm_scale,
+    kv_scales,
+    block_n,
+    q_split=False,
+    cast=e4m3,
+    residual_up=1.0,
 ):
     """(o [N, G, D] fp32, lse [N, G] fp32) as the fp8_mma program computes them unsplit:
     scores (q8 . k8) * q_s * sm_scale * k_scale[token]; per block of `block_n` keys from
     the chunk's start, weights p = exp(s - running max) cut to e4m3 as p * v_scale * R /
     block max v_scale, the block's product scaled back by v_max / R. `cast`: the rounding
-    to e4m3 (a test passes the Triton interpreter's own)."""
+    to e4m3 (a test passes the Triton interpreter's own); `residual_up`: `cut_q`'s."""
     n = sel.req.numel()
     hq, d = q.shape[1], q.shape[2]
     g = hq // k_pool.shape[1]
@@ -59,7 +72,7 @@ def fp8_mma_ref(
     table = chunk_table(chunk_offsets)
     starts, ends = table.starts.tolist(), table.ends.tolist()
     for i, (r, h, c) in enumerate(zip(sel.req.tolist(), sel.kv_head.tolist(), sel.chunk.tolist())):
-        q8, q_s = cut_q(q[r, h * g : (h + 1) * g], q_split, cast)  # [G, D], [G, 1]
+        q8, q_s = cut_q(q[r, h * g : (h + 1) * g], q_split, cast, residual_up)  # [G, D], [G, 1]
         m = torch.full((g,), float("-inf"), device=q.device)
         l_sum = torch.zeros(g, device=q.device)
         acc = torch.zeros(g, d, device=q.device)

@@ -202,3 +202,32 @@ def test_8b_library_is_bounded_by_context_not_memory():
     spare = 120 * 2**30 - weights - 8 * 2**30 - 2 * 256 * 336 * s.kv_bytes_per_token
     assert s.bounds["by_memory"] == spare // s.kv_bytes_per_token // 4096 * 4096
     assert 500_000 < s.bounds["by_memory"] < 700_000
+
+
+def test_summary_compares_tiered_with_routed(result):
+    # (e) the library 4x the GPU budget against (c) all resident, in the same run
+    data, _ = result
+    s = data["summary"]
+    if not any(r["variant"] == "routed_tiered" and r["status"] == "ok" for r in data["rows"]):
+        pytest.skip("no tiers in this tree (reported unavailable, checked above)")
+    for pattern in ("burst", "poisson"):
+        ratio = (
+            s[f"{pattern}_routed_tiered_output_tok_s"] / s[f"{pattern}_routed_bf16_output_tok_s"]
+        )
+        assert s[f"{pattern}_routed_tiered_vs_routed_bf16_output_tok_s"] == pytest.approx(ratio)
+
+
+def test_plot_is_drawn_from_the_jsons(result, tmp_path):
+    pytest.importorskip("matplotlib")
+    from moska.bench.serve_report import plot_files
+
+    data, path = result
+    other = tmp_path / "serve_other.json"
+    other.write_text(json.dumps(data))
+    png = tmp_path / "serve.png"
+    assert plot_files([path, other], png) == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    failed = {**data, "rows": [{**r, "status": "failed"} for r in data["rows"]]}
+    other.write_text(json.dumps(failed))
+    assert plot_files([other], tmp_path / "none.png") == "skipped: no variant ran"
+    assert not (tmp_path / "none.png").exists()

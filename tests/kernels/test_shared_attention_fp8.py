@@ -206,3 +206,54 @@ def test_fp8_mma_block_scales_read_one_scale_per_key_block(monkeypatch):
             q, kc.data, vc.data, offs, sel, sc, kv_scales=(kc.scale, vc.scale), fp8_mma=True,
             fp8_scale_block=32,
         )  # fmt: skip
+
+
+@_CPU
+def test_fp8_mma_qsplit_accumulating_form_matches_its_algorithm(monkeypatch):
+    # QSPLIT_ACC: q's e4m3 residual cut as is and its QK^T dot accumulated onto the first
+    # (no per-score rescale) against the algorithm with that cut (residual_up 1); the former
+    # form (residual 16x up) against its own; both nearer their split algorithm than to the
+    # one-term q's (a dropped residual dot would be as far as that)
+    from moska.kernels import shared_attention_fp8 as sa8
+
+    q, k, v, offs, sel = _inputs("cpu", torch.float16, lens=(40, 70), b=1, d=32, seed=5)
+    kq, vq = quantize(k, offs, "token"), quantize(v, offs, "token")
+    scales, sc = (kq.scale, vq.scale), q.shape[-1] ** -0.5
+    args = (q, kq.data, vq.data, offs, sel, sc, scales, 32)
+    one, _ = fp8_mma_ref(*args, False, interpreter_e4m3)
+    for acc, up in ((True, 1.0), (False, 16.0)):
+        monkeypatch.setattr(sa8, "QSPLIT_ACC", acc)
+        ao, al = fp8_mma_ref(*args, True, interpreter_e4m3, up)
+        o, lse = _run(q, kq, vq, offs, sel, sc, False, True, NOSPLIT)
+        err_o, err_l = rel_err(o, ao), rel_err(lse, al)
+        assert err_o < 1e-3 and err_l < 1e-4, (acc, err_o, err_l)
+        assert rel_err(o, one) > 3 * err_o, (acc, rel_err(o, one), err_o)
+
+
+@_CPU
+@pytest.mark.parametrize("sides,k_gran,v_gran", [(1, "block", "token"), (2, "token", "block")])
+def test_fp8_mma_one_side_block_scales(monkeypatch, sides, k_gran, v_gran):
+    # K per block and V per token (SCALE_SIDES 1) or the reverse (2), the block side read once
+    # per key block: equal to the algorithm on the same pools (unsplit, masked tail blocks)
+    # and to the dequantized library split-KV; reading the other side per block instead (a
+    # wrong SCALE_SIDES on these pools) moves o far off the algorithm
+    from moska.kernels import shared_attention_fp8 as sa8
+    from moska.library import fp8
+
+    monkeypatch.setattr(fp8, "BLOCK_ROWS", 32)
+    q, k, v, offs, sel = _inputs("cpu", torch.float16, lens=(40, 96, 70), b=1, d=32, seed=6)
+    v = v * torch.where(torch.arange(v.shape[0]) % 64 < 32, 1.0, 50.0)[:, None, None].half()
+    kq, vq = quantize(k, offs, k_gran), quantize(v, offs, v_gran)
+    scales, sc = (kq.scale, vq.scale), q.shape[-1] ** -0.5
+    ao, al = fp8_mma_ref(q, kq.data, vq.data, offs, sel, sc, scales, 32, True, interpreter_e4m3)
+    ro, rl = grouped_shared_attention_ref(q, kq.data, vq.data, offs, sel, sc, kv_scales=scales)
+    kw = {"kv_scales": scales, "fp8_mma": True, "fp8_scale_block": 32, "fp8_q_split": True}
+    monkeypatch.setattr(sa8, "SCALE_SIDES", sides)
+    o, lse = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw, **NOSPLIT)
+    assert rel_err(o, ao) < 1e-3 and rel_err(lse, al) < 1e-4, (rel_err(o, ao), rel_err(lse, al))
+    o, lse = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw, **SMALL)
+    # (0.15: the interpreter's e4m3 rounding, as bench/fp8_attention's dry run allows)
+    assert rel_err(o, ro) < 0.15 and rel_err(lse, rl) < TOL_O["cpu"] / 10, rel_err(o, ro)
+    monkeypatch.setattr(sa8, "SCALE_SIDES", 3 - sides)
+    o, _ = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw, **NOSPLIT)
+    assert rel_err(o, ao) > 0.05, rel_err(o, ao)
