@@ -46,7 +46,7 @@ def test_a_biased_group_is_learnt_and_the_others_stay() -> None:
 
 def test_factor_is_clamped_disabled_and_not_fed_by_itself() -> None:
     scale = PromiseScale(alpha=1.0, clamp=4.0)
-    scale.observe("library_door", 100.0, 1.0)
+    scale.observe("library_door", 100.0, 1.0, 0.0)
     assert scale.factor("library_door") == 4.0
     # the promise made is raw x factor, but what is learnt is observed / raw
     assert scale.promise("library_door", LIB, 2.0, 0.0) == 8.0
@@ -144,3 +144,13 @@ def test_own_retries_are_sent_at_the_multiples_of_the_promise() -> None:
     assert got is not None
     assert got["half"][1] is False and got["double"][1] is True
     assert 0.02 <= got["half"][0] < 0.04 and 0.08 <= got["double"][0] < 0.2
+
+
+def test_the_scale_fades_with_time_since_it_last_learnt() -> None:
+    scale = PromiseScale(alpha=1.0, memory_s=5.0)
+    scale.observe("plain_door", 3.0, 1.0, 10.0)
+    assert math.isclose(scale.factor("plain_door", 10.0), 3.0)
+    assert math.isclose(scale.factor("plain_door", 15.0), 3.0 ** math.exp(-1.0))
+    assert scale.factor("plain_door", 100.0) < 1.001
+    scale.observe("plain_door", 1.0, 1.0, 100.0)  # a new burst learns from ~1, not from 3
+    assert math.isclose(scale.factor("plain_door", 100.0), 1.0)

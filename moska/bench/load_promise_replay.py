@@ -1,0 +1,117 @@
+"""Replays kept `moska bench load --trace` bursts through the learnt promise scale
+(`server/admission_promises.PromiseScale`) offline: would scaling each group's promises by
+how its earlier ones came out have brought more 429s within 2x of their drain?
+
+Each kept 429 row has its promise (`promised_s`, made without a scale) and the drain its
+probe observed (an interval, `load_drain`: the best drain these older traces hold; the
+own-retry score came in session 17). The 429s of a run's bursts go through one scale in
+time order. A promise is made when its 429 came (`t_status`). The scale sees a promise
+come true when the drain's upper end has passed, as the server sees its own retry admitted
+(checks `check_s` apart). The raw promises and the scaled ones are then scored the same
+way (`load_drain.within_2x_band`). `python -m moska.bench.load_promise_replay --out X.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from moska.bench.common import environment
+from moska.bench.load_door_replay import read_result
+from moska.bench.load_drain import GROUPS, within_2x_band
+from moska.server.admission_promises import PromiseScale
+from moska.server.queue_replay import RequestCost
+
+# runs (one scale each): the kept bursts of one server, in the order they ran
+RUNS = {
+    "session14_quiet": [f"load_bursts_cpu_library_session14_quiet_{n}" for n in (64, 300, 1000)],
+    "session14_quiet2": [f"load_bursts_cpu_library_session14_quiet2_{n}" for n in (64, 300, 1000)],
+    "session14_final": [f"load_bursts_cpu_library_session14_final_{n}" for n in (64, 300, 1000)],
+    "session14_doormix": [f"load_bursts_cpu_library_session14_doormix_{n}" for n in (300, 1000)],
+    "session14_spike": [f"load_bursts_cpu_library_session14_spike_{n}" for n in (300, 1000)],
+    "session15_loaded": [
+        f"load_bursts_cpu_library_session15_loaded_{n}" for n in ("64", "300", "1000", "1000b")
+    ],
+}
+
+
+def _group(row: dict) -> str:
+    return f"{row['kind']}_{'door' if row['at_door'] else 'queue'}"
+
+
+def replay_run(stems: list[str], scale: PromiseScale, gap_s: float = 30.0) -> list[dict]:
+    """The rows of a run's bursts with `scaled_s`: the promise the scale would have made.
+    Bursts are `gap_s` apart on one clock (each starts at its own 0)."""
+    rows: list[dict] = []
+    for b, stem in enumerate(stems):
+        for burst in read_result(stem)["report"]["bursts"]:
+            for r in burst["rejections"]:
+                if r["promised_s"] is not None:
+                    rows.append(r | {"t": b * gap_s + r["t_status"]})
+    rows.sort(key=lambda r: r["t"])
+    true_at = {i: r["t"] + r["observed_hi_s"] for i, r in enumerate(rows)}
+
+    def admits(cost: RequestCost) -> bool:
+        return now >= true_at[cost.prompt_tokens]
+
+    # one event per 429 and one every check_s between, so due() runs as the server's would
+    events = sorted(
+        {r["t"] for r in rows} | {t + 0.05 * k for t in true_at.values() for k in (0, 1, 2)}
+    )
+    out, i = [], 0
+    for now in events:
+        while i < len(rows) and rows[i]["t"] <= now:
+            r = rows[i]
+            scaled = scale.promise(_group(r), RequestCost(i), r["promised_s"], r["t"])
+            out.append(r | {"scaled_s": scaled})
+            i += 1
+        scale.due(now, admits)
+    return out
+
+
+def score(rows: list[dict]) -> dict[str, Any]:
+    """Within 2x of the drain's interval, raw and scaled, over all rows and by group."""
+
+    def both(mine: list[dict]) -> dict[str, Any]:
+        scaled = [r | {"promised_s": r["scaled_s"]} for r in mine]
+        return {"n": len(mine), "raw": within_2x_band(mine), "scaled": within_2x_band(scaled)}
+
+    return {"all": both(rows)} | {g: both([r for r in rows if _group(r) == g]) for g in GROUPS}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--memory", type=float, default=None, help="PromiseScale.memory_s")
+    ap.add_argument("--alpha", type=float, default=None, help="PromiseScale.alpha")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    runs = {}
+    for name, stems in RUNS.items():
+        kw = {"memory_s": args.memory} if args.memory is not None else {}
+        scale = PromiseScale(**kw | ({"alpha": args.alpha} if args.alpha is not None else {}))
+        rows = replay_run(stems, scale)
+        runs[name] = score(rows) | {"scale_after": scale.state()}
+        s = runs[name]
+        print(name, json.dumps({k: v for k, v in s.items() if k != "scale_after"}))
+    pooled = {
+        k: sum(r["all"][k] * r["all"]["n"] for r in runs.values())
+        / sum(r["all"]["n"] for r in runs.values())
+        for k in ("raw", "scaled")
+    }
+    out = {
+        "bench": "load_promise_replay",
+        "args": vars(args),
+        "runs": runs,
+        "summary": {"within_2x_pooled": pooled, "runs": len(runs)},
+        "environment": environment(argv),
+    }
+    print(json.dumps(out["summary"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
