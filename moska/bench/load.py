@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             "report": report,
             "environment": environment(argv),
         }
-        args.out.write_text(json.dumps(record, indent=2))
+        part = args.out.with_name(args.out.name + ".part")  # whole or not at all (timeouts)
+        part.write_text(json.dumps(record, indent=2))
+        part.replace(args.out)
 
     report = run_bursts(
         [int(x) for x in args.burst.split(",") if x],

@@ -28,7 +28,11 @@ def _pool(groups: list[dict]) -> dict[str, Any]:
 def summarize_dir(folder: Path) -> dict[str, Any]:
     arms: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("load_*.json")):
-        data = json.loads(path.read_text())
+        try:  # a server cut by its timeout while writing leaves a partial file
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            print(f"{path.name}: unreadable ({exc})")
+            continue
         args, report = data["args"], data["report"]
         arm = f"{'lib' if args['library'] != 'none' else 'plain'} learn={args['promise_learning']}"
         for b in report["bursts"]:
