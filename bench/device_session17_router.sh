@@ -5,16 +5,18 @@
 # 1) CUDA tests: candidate key-max tiles (two key blocks per loop iteration, 8-warp tiles)
 #    at 8B dims, bf16 pool: their scores vs the current tile's and the fp32 reference's, the
 #    chunks vs the current tile's (exact) and the reference's top-k (share printed); the
-#    session-16 router tests;
+#    one-launch row top-k (router_topk) vs its reference and torch.topk; session 16's tests;
 # 2) the scores alone per tile at B = 64 / 256 / 1,024 (one layer, 1M keys, 4,096-key
 #    chunks, CUDA graphs, 3 rotated rounds), each with the router's own floor (bytes of the
 #    fp16 low-rank keys + q + scores over a read-only stream, FLOPs over the measured GEMM
 #    peak; both in this run), the top-8 chunks vs the current tile's and the fp32
-#    reference's; picks the fastest tile per batch that picks the current tile's chunks;
+#    reference's; torch.topk vs the row top-k on the scores (times, agreement); picks the
+#    fastest tile per batch that picks the current tile's chunks;
 # 3) `moska.bench.decode --routers`: the decode step at B = 64 / 256 / 1,024, 8B dims
 #    (4 layers), 1M shared tokens, 4,096-token chunks, top-8, CUDA graphs, one library: no
 #    router (uniform and Zipf fixed chunks), the default now, the default with the picked
-#    tiles (default_next); each router alone; floors from a read-only stream in the same run.
+#    tiles and the row top-k (default_next); each router alone; floors from a read-only
+#    stream in the same run.
 # Carry .whl-min (or .whl). JSON: $OUT/router_tiles_session17.json,
 # $OUT/decode_routers_session17.json; table last.
 # `bash bench/device_session17_router.sh --cpu-dry-run`: the same steps in CPU forms.
@@ -22,10 +24,11 @@ set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
-TILES="b32n128w4s4 b32n128w4s4u2 b32n64w4s4u2 b64n128w8s3 b64n128w8s3u2 b64n64w8s4 b32n256w8s3"
+TILES="b32n128w4s4 b32n128w4s4u2 b32n64w4s4u2 b64n128w8s3 b32n256w8s3"  # first: the current
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; DRY=1
-  TESTS="tests/routing/test_router_unroll.py"; TT=200; LEFT=1200  # the interpreter is slow
+  TESTS="tests/routing/test_router_unroll.py tests/kernels/test_router_topk.py"; TT=200
+  LEFT=1200  # the interpreter is slow
   TILES="b32n128w4s4 b16n16w4s2u2"
   SARGS="--cpu-dry-run"; DARGS="--cpu-dry-run"
 else
@@ -34,7 +37,8 @@ else
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_router17 "$WHL"/*.whl
   export PYTHONPATH=/tmp/site_router17:$PWD
-  TESTS="-m cuda tests/routing/test_router_unroll.py tests/routing/test_router_cost.py"; TT=45
+  TESTS="-m cuda tests/routing/test_router_unroll.py tests/kernels/test_router_topk.py"
+  TESTS="$TESTS tests/routing/test_router_cost.py"; TT=40
   SARGS="--batch 64 256 1024 --rounds 3"
   DARGS="--batch 64 256 1024 --library-tokens 1048576 --layers 4 --iters 5 --cuda-graph"
   LEFT=145
@@ -42,15 +46,15 @@ fi
 # shellcheck disable=SC2086
 timeout $TT $PY -m pytest -q -s -p no:cacheprovider -rs $TESTS > "$OUT/router_tests.log" 2>&1
 echo "router tests rc=$? ($(( $(date +%s) - T0 )) s)"
-grep -E "^tile |bitwise|passed|failed|Error" "$OUT/router_tests.log" | tail -6 | cut -c1-300
+grep -E "^tile |^row top-k|passed|failed|Error" "$OUT/router_tests.log" | tail -7 | cut -c1-300
 # 2) the tile sweep (the first tile is the current one); its pick goes to 3) as default_next
-TS=$(( LEFT - ($(date +%s) - T0) )); [ -z "$DRY" ] && [ $TS -gt 45 ] && TS=45
+TS=$(( LEFT - ($(date +%s) - T0) )); [ -z "$DRY" ] && [ $TS -gt 35 ] && TS=35
 # shellcheck disable=SC2086
 timeout $TS $PY -m moska.bench.router_tile_sweep $SARGS --tiles $TILES --top-k 8 \
   --out "$OUT/router_tiles_session17.json" --next-tile-out "$OUT/next_tile.txt" \
   > "$OUT/router_tiles.log" 2>&1
 echo "tile sweep rc=$? ($(( $(date +%s) - T0 )) s)"
-grep "^tile" "$OUT/router_tiles.log" | cut -c1-150
+grep -E "^tile|^topk" "$OUT/router_tiles.log" | cut -c1-150
 NEXT=$(cat "$OUT/next_tile.txt" 2>/dev/null || echo "")
 echo "default_next tiles: ${NEXT:-none picked (the current tile)}"
 export MOSKA_NEXT_TILE="$NEXT"

@@ -15,7 +15,8 @@ the same decode step, so a router's cost is the difference between its row and `
   key-max tile used until session 16 (``router_dense.OLD_TILE``);
 - ``default``: the default policy as it is now (``router_dense.TILE``);
 - ``default_next``: the default policy with candidate tiles (``$MOSKA_NEXT_TILE``, e.g. the
-  sweep's fastest per batch; the same chunks: a tile changes no logit and no maximum);
+  sweep's fastest per batch; a tile changes no logit and no maximum) and the one-launch
+  row top-k (``router.ROW_TOPK``: the same chunks but where the k-th score ties);
 - ``default_shortlist_kv``: key-max on each KV head's own bound shortlist of 4k chunks
   (``RoutingPolicy.shortlist_per_head``; a study knob, not the default: it changes which
   chunks are chosen where a needle's chunk falls off its head's shortlist).
@@ -135,11 +136,15 @@ def router_row(
     """Run the step under router ``name``: the tile it times, and for ``none`` /
     ``none_zipf`` the fixed selections in place of routing (a graph captured inside keeps
     them); ``fixed`` is that row's list or ``fixed_rows``' dict."""
+    from moska.kernels import router
+
     old, old_by_batch = router_dense.TILE, router_dense.TILES_BY_BATCH
+    old_topk = router.ROW_TOPK
     if name == "default_before":
         router_dense.TILE, router_dense.TILES_BY_BATCH = router_dense.OLD_TILE, ()
     elif name == "default_next":
         router_dense.TILES_BY_BATCH = next_tiles()
+        router.ROW_TOPK = True
     try:
         if name in FIXED:
             rows = fixed.get(name) if isinstance(fixed, dict) else fixed
@@ -155,6 +160,7 @@ def router_row(
             yield
     finally:
         router_dense.TILE, router_dense.TILES_BY_BATCH = old, old_by_batch
+        router.ROW_TOPK = old_topk
 
 
 def route_once(q: torch.Tensor, lib, top_k: int, name: str, sm_scale: float) -> Selections:

@@ -7,6 +7,8 @@ that picks the first tile's chunks, for the decode bench's ``default_next`` row.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from moska.bench.decode_routers import NEXT_TILE_ENV, parse_tile
@@ -24,6 +26,24 @@ def router_floor_ms(b: int, hq: int, hkv: int, d: int, tokens: int, chunks: int,
     flop_ms = flops / ceilings["gemm_flops_per_s"] * 1e3
     return {"bytes": nbytes, "flops": flops, "read_floor_ms": read_ms,
             "flop_floor_ms": flop_ms, "floor_ms": max(read_ms, flop_ms)}  # fmt: skip
+
+
+def topk_timing(scores: torch.Tensor, k: int, dev: str, capture_graph, time_ms) -> dict:
+    """torch.topk against the one-launch row top-k (router_topk) on a score table: their
+    times (CUDA graphs) and the share of rows whose chosen sets agree."""
+    from moska.kernels.router_topk import topk_rows
+
+    def sets(idx):
+        return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
+
+    agree = (sets(topk_rows(scores, k)) == sets(scores.topk(k).indices)).all(-1)
+    out = {"topk_rows_equal_to_torch_topk": agree.float().mean().item()}
+    for name, fn in (("torch_topk", lambda: scores.topk(k).indices),
+                     ("row_topk", lambda: topk_rows(scores, k))):  # fmt: skip
+        fn()
+        run = (capture_graph(fn) if dev == "cuda" else None) or fn
+        out[f"{name}_ms"] = time_ms(run, iters=20 if dev == "cuda" else 1, warmup=1)
+    return out
 
 
 def tile_sweep(
@@ -90,6 +110,8 @@ def tile_sweep(
                 times[tag].append(time_ms(runs[tag], iters=10 if dev == "cuda" else 1, warmup=1))
         flops = 2 * b * hq * tokens * index.rank
         C = tokens // chunk
+        topk = topk_timing(base, top_k, dev, capture_graph, time_ms)
+        print(f"topk B={b}: {json.dumps({k: round(v, 4) for k, v in topk.items()})}", flush=True)
         floor = router_floor_ms(b, hq, hkv, d, tokens, C, index.rank, ceilings) if ceilings else {}
         for tag in ok:
             ms = sorted(times[tag])[len(times[tag]) // 2]
@@ -97,7 +119,8 @@ def tile_sweep(
             row = {"batch": b, "tile": tag, "ms": ms, "ms_rounds": times[tag],
                    "tflops": flops / ms / 1e9, "equal_to_default_tile": equal,
                    "max_abs_diff": diff, "same_chunks_as_first_tile": same[tag],
-                   "first_tile_rows_equal_to_fp32_reference": ref_agree, **floor}  # fmt: skip
+                   "first_tile_rows_equal_to_fp32_reference": ref_agree, **floor,
+                   **topk}  # fmt: skip
             if floor:
                 row["floor_fraction"] = floor["floor_ms"] / ms
             rows.append(row)
@@ -156,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
             "first_tile_rows_equal_to_fp32_reference"
         ]
         summary[f"speedup_best_over_first_b{b}"] = first["ms"] / best[b]["ms"]
+        for key in ("torch_topk_ms", "row_topk_ms", "topk_rows_equal_to_torch_topk"):
+            summary[f"{key}_b{b}"] = first.get(key)
     spec = ",".join(f"{b}:{best[b]['tile']}" for b in sorted(best))
     summary["next_tiles"] = spec
     if args.next_tile_out:

@@ -35,9 +35,14 @@ import torch
 
 from .router_dense import keymax_dense_scores
 from .router_scores import keymax_pair_scores, summary_scores
+from .router_topk import topk_rows
 from .selections import Selections, from_topk
 
 SCORERS = ("keymax", "mean", "bound", "two_stage")
+# The final top-k: False ``torch.topk``; True ``router_topk.topk_rows`` (one launch; the same
+# set wherever the k-th and (k+1)-th scores differ, ties to the lower chunk). Read at call
+# time, so the decode bench can time both.
+ROW_TOPK = False
 
 
 class RoutingIndex(NamedTuple):
@@ -307,7 +312,11 @@ def route(
         scores = scores.sum(dim=1, keepdim=True)  # [B, 1, C]
     if always_mask is not None:
         scores = scores.masked_fill(always_mask[:, None, :], float("inf"))
-    return from_topk(scores.topk(top_k, dim=-1).indices, Hkv, C, use_triton)  # [B, Hr, K]
+    if ROW_TOPK:
+        chosen = topk_rows(scores, top_k, use_triton)  # [B, Hr, K]
+    else:
+        chosen = scores.topk(top_k, dim=-1).indices
+    return from_topk(chosen, Hkv, C, use_triton)
 
 
 def selections_to_lists(sel: Selections, B: int, num_kv_heads: int | None = None) -> list:
