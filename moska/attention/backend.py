@@ -17,7 +17,11 @@ from moska.attention.composed import composed_group_states
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata, LibraryGroup
 from moska.attention.routing_report import GroupRouting
-from moska.attention.shared import routing_coverage, shared_attention_for_group
+from moska.attention.shared import (
+    reported_selections,
+    routing_coverage,
+    shared_attention_for_group,
+)
 from moska.kernel_ops import KernelOps
 from moska.library.composition import is_composed
 from moska.library.positions import shared_logit_adjustment
@@ -145,6 +149,8 @@ def _shared_group(
             p.ops, layer, q_rows, group, sm_scale, keymax_programs
         )
         routed = sel
+        if group.record:  # every chunk read as one span: the report names every chunk
+            routed = reported_selections(p.ops, layer, q_rows, group, sel)
     if group.record:
         report.selections[layer] = routed
     if layer in group.coverage_layers:

@@ -58,8 +58,8 @@ def shared_attention_for_group(
 ):
     lib = group.single()
     k_pool, v_pool = lib.k_pools[layer], lib.v_pools[layer]  # [S, Hkv, D]
-    span = one_chunk_span(ops, lib)
-    if span is not None:  # every row reads the one chunk: the per-shape backend runs it
+    span = one_chunk_span(ops, lib, group)
+    if span is not None:  # every row reads every key: one chunk, the per-shape backend
         from moska.kernels.shared_one_chunk import one_chunk_states
 
         s, e = span
@@ -78,21 +78,41 @@ def shared_attention_for_group(
     return o_sel, lse_sel, sel
 
 
-def one_chunk_span(ops: KernelOps, lib) -> tuple[int, int] | None:
-    """The pool rows [start, end) of a library of one chunk read with the Triton kernels, else
-    None. Such a library is one chunk read by every KV head of every row (any top_k routes
-    to it; no routing launch), so `kernels/shared_one_chunk.py` runs it on the backend the
-    tuning table measured fastest for the shape (our grouped kernel, or cuDNN from 2,048 rows
-    per KV head at some GQA ratios; H200). Tiered and FP8 libraries keep the grouped path (its
-    slot tables and scales); the PyTorch kernels ("torch") keep their reference."""
-    if ops.name != "triton" or lib.num_chunks != 1:
+def one_chunk_span(ops: KernelOps, lib, group: LibraryGroup) -> tuple[int, int] | None:
+    """The pool rows [start, end) of the library when every row of `group` reads all of
+    it with the Triton kernels, else None: a library of one chunk (any top_k routes to it),
+    or top_k covering every chunk of several (they are contiguous rows, so their attention is
+    one over all of them, and the merge is exact either way; a step that records its routing
+    reports every chunk: `reported_selections`). Then `kernels/shared_one_chunk.py` runs it as one chunk on the backend
+    the tuning table measured fastest for the shape (our kernel, or cuDNN from 2,048 rows
+    per KV head at some GQA ratios; H200), with no routing launch and one state per (row, KV
+    head) for the merge instead of one per chunk. Tiered and FP8 libraries keep the grouped
+    path (slot tables, scales); the PyTorch kernels ("torch") keep their reference."""
+    if ops.name != "triton":
+        return None
+    if lib.num_chunks != 1 and group.top_k < lib.num_chunks:
         return None
     if getattr(lib, "tiers", None) is not None or getattr(lib, "kv_scale_pools", None):
         return None
     if getattr(lib, "fp8_mma", None) is not None:
         return None
     offsets = lib.manifest.chunk_offsets  # host ints: no device read
-    return int(offsets[0]), int(offsets[1])
+    return int(offsets[0]), int(offsets[-1])
+
+
+def reported_selections(
+    ops: KernelOps, layer: int, q_rows: torch.Tensor, group: LibraryGroup, sel: Selections
+) -> Selections:
+    """What a recording step reports as the group's routing at `layer`: `sel`, except where a
+    library of several chunks was read whole as one span (`one_chunk_span`): then every chunk,
+    as the routing would have chosen them."""
+    lib = group.single()
+    if lib.num_chunks == 1 or one_chunk_span(ops, lib, group) is None:
+        return sel
+    hkv = lib.k_pools[layer].shape[1]
+    return all_chunk_selections(
+        q_rows.shape[0], hkv, lib.num_chunks, q_rows.device, ops.triton_routing
+    )
 
 
 def fp8_kwargs(lib, layer: int) -> dict:
