@@ -82,9 +82,18 @@ def tile_sweep(
         base = router_dense.keymax_dense_scores(*args, **parse_tile(tiles[0])._asdict())
         pick = lambda s: s.topk(top_k, dim=-1).indices.sort(dim=-1).values
         base_pick = pick(base)
-        ref_pick = pick(keymax_scores_ref(*args))
-        ref_agree = (base_pick == ref_pick).all(-1).float().mean().item()
-        del ref_pick
+        ref = keymax_scores_ref(*args)
+        rows_equal = (base_pick == pick(ref)).all(-1)
+        ref_agree = rows_equal.float().mean().item()
+        # rows whose reference gap at the k-th chunk exceeds twice the largest score error
+        # cannot flip: there the chunks must be the reference's
+        top = ref.topk(top_k + 1, dim=-1).values
+        clear = (top[..., top_k - 1] - top[..., top_k]) > 2 * (base - ref).abs().max()
+        ref_clear = {
+            "rows_clear_of_ties": clear.float().mean().item(),
+            "clear_rows_equal_to_fp32_reference": rows_equal[clear].float().mean().item(),
+        }
+        del ref
         runs, seen, same = {}, {}, {}
         ok = []
         for tag in tiles:
@@ -119,8 +128,8 @@ def tile_sweep(
             row = {"batch": b, "tile": tag, "ms": ms, "ms_rounds": times[tag],
                    "tflops": flops / ms / 1e9, "equal_to_default_tile": equal,
                    "max_abs_diff": diff, "same_chunks_as_first_tile": same[tag],
-                   "first_tile_rows_equal_to_fp32_reference": ref_agree, **floor,
-                   **topk}  # fmt: skip
+                   "first_tile_rows_equal_to_fp32_reference": ref_agree, **ref_clear,
+                   **floor, **topk}  # fmt: skip
             if floor:
                 row["floor_fraction"] = floor["floor_ms"] / ms
             rows.append(row)
@@ -179,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             "first_tile_rows_equal_to_fp32_reference"
         ]
         summary[f"speedup_best_over_first_b{b}"] = first["ms"] / best[b]["ms"]
-        for key in ("torch_topk_ms", "row_topk_ms", "topk_rows_equal_to_torch_topk"):
+        for key in ("torch_topk_ms", "row_topk_ms", "topk_rows_equal_to_torch_topk",
+                    "rows_clear_of_ties", "clear_rows_equal_to_fp32_reference"):  # fmt: skip
             summary[f"{key}_b{b}"] = first.get(key)
     spec = ",".join(f"{b}:{best[b]['tile']}" for b in sorted(best))
     summary["next_tiles"] = spec

@@ -37,6 +37,18 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True).cpu()
 
 
+def agree_with_reference(got: torch.Tensor, scores: torch.Tensor, ref: torch.Tensor, k: int):
+    """Rows whose reference gap between the k-th and (k+1)-th score exceeds twice the
+    kernel's largest score error must pick the reference's chunks exactly (within that
+    error no ranking can flip); returns (share of such rows, share of all rows equal)."""
+    err = (scores - ref).abs().max().item()
+    top = ref.sort(dim=-1, descending=True).values
+    clear = ((top[..., k - 1] - top[..., k]) > 2 * err).cpu()
+    rows_equal = (got == top_k_mask(ref, k)).all(-1)
+    assert bool(rows_equal[clear].all()), "a clear row picked other chunks than the reference"
+    return clear.float().mean().item(), rows_equal.float().mean().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_two_blocks_per_iteration_match_the_reference(dtype, monkeypatch):
     """16-key blocks; chunks of 5 keys (no full block), 32 (one pair), 48 (a pair and one
@@ -59,7 +71,10 @@ def test_two_blocks_per_iteration_match_the_reference(dtype, monkeypatch):
         assert router_dense.tile_for(B) == router_dense.DenseTile(16, 16, 4, 2, 2)
         sel = route(q, index, k, "keymax", per_kv_head=True)
     assert router_dense.tile_for(B).unroll == 1  # restored
-    assert torch.equal(chosen(sel, B, Hkv, len(lengths)), top_k_mask(ref, k))
+    got = chosen(sel, B, Hkv, len(lengths))
+    assert torch.equal(got, top_k_mask(two, k))  # its own scores' top-k
+    clear, _ = agree_with_reference(got, two, ref, k)
+    assert clear > 0.5  # most rows are far from a tie at these sizes
 
 
 def test_tile_tags_and_bad_unroll():
@@ -95,7 +110,7 @@ def test_zipf_rows_read_their_own_fixed_chunks():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (TRITON_INTERPRET=0 pytest -m cuda)")
-@pytest.mark.parametrize("tile", ["b32n128w4s4u2", "b32n64w4s4u2", "b64n128w8s3"])
+@pytest.mark.parametrize("tile", ["b32n128w4s4u2", "b32n64w4s4u2", "b16n256w4s3"])
 def test_candidate_tiles_cuda_8b_dims(tile, monkeypatch):
     """8B dims, bf16 pool, fp16 low-rank keys, 4,096-key chunks, B not a multiple of the
     tile: each candidate tile's scores equal the current tile's (the log says whether
@@ -116,8 +131,8 @@ def test_candidate_tiles_cuda_8b_dims(tile, monkeypatch):
         sel = route(q, index, k, "keymax", per_kv_head=True)
     got = chosen(sel, B, Hkv, C)
     assert torch.equal(got, top_k_mask(cand, k))  # its own scores' top-k
-    agree = (got == top_k_mask(ref, k)).all(-1).float().mean().item()
+    clear, agree = agree_with_reference(got, cand, ref, k)
     print(f"tile {tile}: scores bitwise equal to the current tile: {torch.equal(cand, now)}; "
           f"chunks equal the current tile's: {torch.equal(got, chosen(sel_now, B, Hkv, C))}; "
-          f"rows equal to the fp32 reference's top-k: {agree:.4f}")  # fmt: skip
-    assert agree > 0.98, agree
+          f"rows equal to the fp32 reference's top-k: {agree:.4f} (rows beyond the "
+          f"scores' error from a tie: {clear:.4f}, all equal)")  # fmt: skip
