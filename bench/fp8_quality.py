@@ -60,7 +60,8 @@ class LibraryAttention:
         self.lib_k, self.lib_v, self.index = lib_k, lib_v, index  # per layer [S, Hkv, D]
         self.offsets, self.top_k, self.sm_scale = offsets, top_k, sm_scale
         self.q_fp8 = q_fp8  # the kernel's fp8_dot: q cut to e4m3 for the library's logits
-        # the kernel's fp8_mma: (per-layer V scales [S, Hkv], q_split), see mma_attention
+        # the kernel's fp8_mma: (per-layer V scales [S, Hkv], q_split: bool or the set of
+        # layers that split q), see mma_attention
         self.mma = mma
 
     def visible(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:  # [Hkv, T, S] bool
@@ -88,7 +89,8 @@ class LibraryAttention:
             lib_scores = torch.einsum("thd,shd->hts", q8, kk[:s]) * self.sm_scale
             scores = torch.cat([lib_scores, scores[:, :, s:]], dim=2)
         if self.mma is not None:
-            q8, q_s = cut_q(q, self.mma[1])  # one scale per (token, head), as the kernel
+            split = self.mma[1] if isinstance(self.mma[1], bool) else layer in self.mma[1]
+            q8, q_s = cut_q(q, split)  # one scale per (token, head), as the kernel
             lib_scores = torch.einsum("thd,shd->hts", q8 * q_s, kk[:s]) * self.sm_scale
             scores = torch.cat([lib_scores, scores[:, :, s:]], dim=2)
         causal = torch.ones(t, t, dtype=torch.bool).tril()
@@ -161,6 +163,12 @@ def run_window(model, ids, lib_tokens, chunk_size, top_ks, only=None):
     variants["fp8/kb_vt"] = (variants["fp8/block"][0], variants["fp8/token"][1])
     mma.update({"fp8/kt_vb+mma_qsplit": (vb, True), "fp8/kb_vt+mma_qsplit": (vs, True)})
     runs += [(f"fp8/{m}+mma_qsplit", f"fp8/{m}", False) for m in ("kt_vb", "kb_vt")]
+    # q split in some layers only (session 17: the two-term q "only where needed")
+    n = len(layers)
+    for name, split in (("l0", {0}), ("first_half", set(range(n // 2)))):
+        mma[f"fp8/token+mma_qsplit_{name}"] = (vs, split)
+        mma[f"fp8/token+mma_qsplit_not_{name}"] = (vs, set(range(n)) - split)
+        runs += [(f"fp8/token+mma_qsplit{x}_{name}", "fp8/token", False) for x in ("", "_not")]
     if only:  # --variants: these library KV variants (and bf16, the baseline)
         runs = [r for r in runs if r[0] == "bf16" or r[0] in only]
     for top_k in top_ks:
