@@ -23,7 +23,7 @@ both and tells `free_listeners` (the host copy goes with it).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -57,6 +57,14 @@ def _private(request: CacheRequest) -> bool:
     """A request whose KV no other may share (`Request.private_kv`: SemShareKV's approximate
     KV): never registered in the prefix cache; its lookups read exact KV only."""
     return getattr(request, "private_kv", False)
+
+
+def _shared(request: CacheRequest) -> Mapping[int, int]:
+    """Table index -> a block another holder keeps, which the request takes (ref count + 1)
+    instead of a fresh block (`Request.shared_blocks`: SemShareKV's blocks of a reference
+    whose KV it reuses unchanged, `moska/semshare/sharing.py`). Never the last block of an
+    allocation: the step's last token (its KV computed fresh) lies there."""
+    return getattr(request, "shared_blocks", None) or _NO_SHARED
 
 
 def _lookup_namespace(request: CacheRequest) -> Hashable:
@@ -100,6 +108,9 @@ class BlockManager:
         self._tables: dict[str, list[int]] = {}  # request id -> its blocks, in order
         self._extra: dict[str, list[int]] = {}  # request id -> blocks it reserved (FlexiCache)
         self.free_listeners: list[Callable[[str], None]] = []  # told each freed request id
+        # called with a block shortfall when an allocation does not fit, before it fails:
+        # holders outside requests (SemShareKV's references) give blocks back
+        self.reclaimers: list[Callable[[int], None]] = []
 
     def block_table(self, request_id: str) -> list[int]:
         """The blocks holding a request's KV, in token order (empty if it holds none). The
@@ -177,6 +188,9 @@ class BlockManager:
         held = len(self.block_table(request.request_id))
         need = max(0, self.num_blocks_for(total) - held - len(chain))
         revived = sum(1 for e in chain if self.allocator.is_cached(e.block_id))
+        first = held + len(chain)
+        shared = _shared(request)
+        need -= sum(1 for i in range(first, first + need - 1) if i in shared)
         if need > self.allocator.num_available - revived:
             return None
         return AllocationPlan(chain, need)
@@ -196,6 +210,12 @@ class BlockManager:
         is set to it.
         """
         plan = self._plan(request, num_new_tokens, num_cached_tokens)
+        for reclaim in self.reclaimers:  # blocks held outside requests, given back on demand
+            if plan is not None:
+                break
+            short = self.num_blocks_for(request.num_tokens) - self.allocator.num_available
+            reclaim(max(1, short))
+            plan = self._plan(request, num_new_tokens, num_cached_tokens)
         if plan is None:
             return False
         chain, need = plan.cached, plan.fresh_blocks
@@ -203,7 +223,18 @@ class BlockManager:
         for entry in chain:
             self.allocator.incref(entry.block_id)
             table.append(entry.block_id)
-        table.extend(self.allocator.allocate(need))
+        shared = _shared(request)
+        fresh = iter(self.allocator.allocate(need))
+        last = (
+            self.num_blocks_for(request.num_computed_tokens + num_cached_tokens + num_new_tokens)
+            - 1
+        )
+        for i in range(len(table), last + 1):
+            if i < last and i in shared:
+                self.allocator.incref(shared[i])
+                table.append(shared[i])
+            else:
+                table.append(next(fresh))
         if chain:
             self._state(request).chain = list(chain)
             request.num_computed_tokens = num_cached_tokens
@@ -319,4 +350,5 @@ class BlockManager:
 
 
 _EMPTY: list[int] = []
+_NO_SHARED: dict[int, int] = {}
 HOLE = -1  # a table entry whose block was released (FlexiCache: the KV is on the host)

@@ -70,6 +70,8 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
+        if self.semshare is not None:  # references become blocks of the cache, shared
+            self.semshare.attach(self.block_manager)
         flexi = getattr(self.runner, "flexi", None)
         if flexi is not None:  # FlexiCache releases blocks of offloaded requests
             flexi.attach(self.block_manager, self.runner.cache)

@@ -100,6 +100,12 @@ class Request:
         return self.semantic is not None
 
     @property
+    def shared_blocks(self) -> dict[int, int] | None:
+        """Blocks of its SemShareKV reference it takes as they are (table index -> block id;
+        `moska/semshare/sharing.py`), read by the block manager at allocation; None if none."""
+        return None if self.semantic is None else self.semantic.shared_blocks(self)
+
+    @property
     def exact_namespace(self) -> Hashable:
         """The namespace of the exact KV it could read: `cache_namespace` without a plan."""
         return (None if self.library is None else self.library.build_id, self.top_k_chunks)

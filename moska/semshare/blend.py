@@ -87,11 +87,21 @@ class RowAttention:
         self.last_fresh: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._pos32: torch.Tensor | None = None  # positions as the kernel takes them
         self._row_slots: torch.Tensor | None = None  # slots of the rows, once per row set
+        # rows whose KV is written ([W] int64), or None: all (`skip_writes`)
+        self._write_rows: torch.Tensor | None = None
+
+    def skip_writes(self, skip: torch.Tensor | None) -> None:
+        """Rows (`skip` [R] bool, host) whose KV is never written: they sit in blocks shared
+        with the reference (`sharing.py`), which already hold the same KV."""
+        if skip is not None and bool(skip.any()):
+            rows = (~skip).nonzero().squeeze(1)
+            self._write_rows = rows.to(self.all_slots.device, non_blocking=True)
+            self._row_slots = None
 
     def keep(self, rows: torch.Tensor) -> None:
         self.positions = self.positions[rows]
         self.causal = False
-        self._pos32 = self._row_slots = None
+        self._pos32 = self._row_slots = self._write_rows = None  # kept rows are never shared
 
     def write(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """The rows' fresh k, v [R, Hkv, D] into layer `slot` of the cache."""
@@ -99,6 +109,10 @@ class RowAttention:
         vc = self.cache.v[slot].view(-1, *self.cache.v.shape[-2:])
         if self._row_slots is None:
             self._row_slots = self.all_slots[self.positions]
+            if self._write_rows is not None:
+                self._row_slots = self._row_slots[self._write_rows]
+        if self._write_rows is not None:
+            k, v = k[self._write_rows], v[self._write_rows]
         if self.ops is not None:
             self.ops.kv_write(k, v, kc, vc, self._row_slots)
         else:
@@ -147,7 +161,7 @@ class RowAttention:
 
 def _rerotated(ref: Reference, layers, ref_pos: torch.Tensor, new_pos: torch.Tensor, inv_freq):
     """Reference k, v of `layers` at `ref_pos`, keys moved to `new_pos`."""
-    idx = ref_pos.to(ref.k.device)
+    idx = ref.rows(ref_pos.to(ref.k.device))
     k = ref.k[layers][:, idx] if isinstance(layers, slice) else ref.k[layers, idx]
     v = ref.v[layers][:, idx] if isinstance(layers, slice) else ref.v[layers, idx]
     return rotate_by(k, (new_pos - ref_pos).to(k.device), inv_freq), v
@@ -161,7 +175,7 @@ def _copy_reference(ref: Reference, cache, ref_pos, new_pos, dst_slots, inv_freq
     kc, vc = cache.k.view(flat), cache.v.view(flat)
     if kc.is_cuda and ref.k.is_cuda and rs.supported(ref.k):
         cos, sin = delta_cos_sin(new_pos - ref_pos, inv_freq)
-        rs.rope_scatter(ref.k, ref.v, kc, vc, ref_pos, dst_slots, cos, sin)
+        rs.rope_scatter(ref.k, ref.v, kc, vc, ref.rows(ref_pos), dst_slots, cos, sin)
         return
     k_ref, v_ref = _rerotated(ref, slice(None), ref_pos, new_pos, inv_freq)
     kc[:, dst_slots] = k_ref.to(kc.dtype)
@@ -182,19 +196,33 @@ def row_bucket(rows: int, total: int, granule: int) -> int:
 
 
 def _select(
-    att: RowAttention, ref, ref_pos, new_pos, matched, m_idx, fraction, inv_freq, granule=1
+    att: RowAttention,
+    ref,
+    ref_pos,
+    new_pos,
+    matched,
+    m_idx,
+    fraction,
+    inv_freq,
+    granule=1,
+    cand=None,
 ) -> tuple[torch.Tensor, int]:
     """(rows kept past the boundary [R] ascending, how many of them are matched): the
     unmatched rows + the most deviating `fraction` of the matched ones `m_idx`, and more of
     the next most deviating ones until R fills its bucket (`row_bucket`: padding with real
     rows keeps the blend exact, it only recomputes a few more). R is known on the host from
     the counts, so the rows come from a stable sort, not `nonzero` (no host sync between
-    the first layers and the rest)."""
+    the first layers and the rest). `cand`: the matched rows that may be kept (default
+    `m_idx`; without the rows in blocks shared with the reference, `sharing.py`)."""
     n, num_matched = matched.shape[0], m_idx.numel()
     if fraction >= 1.0 or att.last_fresh is None:
         return torch.arange(n, device=matched.device), num_matched
+    if cand is None:
+        cand = m_idx
+    m_idx = cand
     n_keep = math.ceil(fraction * num_matched)
     n_keep = row_bucket(n - num_matched + n_keep, n, granule) - (n - num_matched)
+    n_keep = min(n_keep, m_idx.numel())
     keep = ~matched
     if n_keep > 0:
         slot, k, v = att.last_fresh
@@ -225,6 +253,8 @@ def blend_prefill(
     granule: int = 1,
     graphs: BlendGraphs | None = None,
     finish: bool = False,
+    shared: torch.Tensor | None = None,
+    fixed: torch.Tensor | None = None,
 ) -> BlendResult:
     """Compute the KV of prompt positions [start, end) into `cache` (positions before `start`
     must be in it already), reusing `ref` where matched. See the module docstring.
@@ -235,7 +265,12 @@ def blend_prefill(
     `finish`: the range's last token is computed through every layer (never reused) and its
     final-normed hidden state returned (`BlendResult.hidden`), so that the engine samples the
     prompt's first token without a forward of its own over the model's weights (a whole
-    decode step's weight reads, ~4 ms at 8B dims); None when the first layers are all."""
+    decode step's weight reads, ~4 ms at 8B dims); None when the first layers are all.
+    `shared`: [end - start] bool (host), the tokens in blocks the request took from the
+    reference (`sharing.py`: matched there at shift 0, equal tokens): their KV is left as
+    it is, in every layer. `fixed` (host, a superset of `shared`): the tokens of every block
+    it could take (taken or not), never kept past the boundary, so that sharing and copying
+    keep the same rows (`sharing.py`)."""
     device = cache.k.device
     n = token_ids.shape[0]
     end = start + n
@@ -250,6 +285,7 @@ def blend_prefill(
     # one, the blend's one host sync, before any of its layers is queued
     on_host = ref_pos.device.type == "cpu"
     m_idx = (ref_pos >= 0).nonzero().squeeze(1) if on_host else None
+    host_pos = ref_pos
     ref_pos = ref_pos.to(device, non_blocking=True)
     matched = ref_pos >= 0
     inv_freq = model.rotary.inv_freq
@@ -258,9 +294,17 @@ def blend_prefill(
     else:  # pageable host memory: staged at once, no wait on the stream
         m_idx = m_idx.to(device, non_blocking=True)
     num_matched = m_idx.numel()
-    if num_matched and recompute_layers < len(model.layers):
-        m_pos = ref_pos[m_idx]
-        _copy_reference(ref, cache, m_pos, new_pos[m_idx], slots[start:][m_idx], inv_freq)
+    c_idx = k_idx = m_idx  # matched rows whose KV is copied / which may be kept
+    if fixed is not None:
+        assert on_host and recompute_layers == 1 and recompute_fraction < 1.0, "see sharing.py"
+        assert shared is None or not bool((shared & ~fixed).any())
+        k_idx = ((host_pos >= 0) & ~fixed).nonzero().squeeze(1).to(device, non_blocking=True)
+    if shared is not None:
+        assert fixed is not None and not (finish and bool(shared[-1])), "see sharing.py"
+        c_idx = ((host_pos >= 0) & ~shared).nonzero().squeeze(1).to(device, non_blocking=True)
+    if c_idx.numel() and recompute_layers < len(model.layers):
+        m_pos = ref_pos[c_idx]
+        _copy_reference(ref, cache, m_pos, new_pos[c_idx], slots[start:][c_idx], inv_freq)
     x = model.embed_tokens(token_ids.to(device, non_blocking=True))  # [n, H]
     ops = model.kernels  # the engine's kernel table
     cos, sin = model.rotary.cos_sin_half(new_pos)  # [n, D/2] fp32 each
@@ -268,6 +312,7 @@ def blend_prefill(
         cache, slots, new_pos, model.config.sm_scale, causal=start == 0, kernel=row_kernel,
         ops=ops,
     )  # fmt: skip
+    att.skip_writes(shared)
     residual = None
     num_layers = len(model.layers)
     boundary = min(recompute_layers, num_layers) - 1  # the last layer over every token
@@ -283,8 +328,9 @@ def blend_prefill(
     else:  # an MLKV layer reading an earlier layer's KV: in full
         x, residual = layer(x, residual, cos, sin, att, ops)
     rows, kept_matched = _select(
-        att, ref, ref_pos, new_pos, matched, m_idx, recompute_fraction, inv_freq, granule
-    )
+        att, ref, ref_pos, new_pos, matched, m_idx, recompute_fraction, inv_freq, granule,
+        cand=k_idx,
+    )  # fmt: skip
     r = rows.numel()  # known on the host (from the counts)
     if r == 0:
         return BlendResult(num_matched, 0)

@@ -32,6 +32,10 @@ class SemShareConfig:
     store_bytes: the reference store's bound (KV + features).
     cuda_graphs: on CUDA with row buckets, the layers past the boundary run as one CUDA graph
         per bucket (`graphs.py`), captured at engine start; False: eagerly (a launch each).
+    share_blocks: in an engine (references kept as blocks of the paged cache), a planned
+        request takes the reference's blocks whose KV it would copy unchanged (every token
+        equal to the reference's at the same position, with `recompute_layers` 1) instead
+        of fresh blocks (`sharing.py`): less KV held, the same output; False: copies.
     finish_in_blend: in a step of planned prompts' last ranges only, the blend computes each
         prompt's last token too (through every layer, as a row past the boundary) and the
         engine samples from its hidden state without a forward (`reuse.SemanticReuse.prefill`);
@@ -52,6 +56,7 @@ class SemShareConfig:
     row_granule: int = 64
     cuda_graphs: bool = True
     finish_in_blend: bool = True
+    share_blocks: bool = True
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:

@@ -20,6 +20,9 @@ Hook (three calls from `engine/llm_engine.py`, nothing else in the engine knows 
   stream, no wait) and enters the store once its LSH signatures reach the host (`flush`:
   at the next `record` when they have, at the latest at the next `plan`), so storing a
   prompt adds no host sync to its own time to first token.
+- `attach(block_manager)` once the engine has its block manager: references become blocks of
+  the paged cache and planned requests take the reference's blocks that they would copy
+  unchanged instead of fresh ones (`sharing.py`: the KV memory a request saves).
 On CUDA the engine calls `warm_up` once: every row bucket's layers past the boundary are
 captured as a CUDA graph (`graphs.py`; with `cuda_graphs` off, every bucket's matmul shapes
 are seen), so a blend neither launches them one by one nor picks an algorithm on the host.
@@ -27,11 +30,14 @@ are seen), so a blend neither launches them one by one nor picks an algorithm on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from moska.semshare import sharing
 from moska.semshare.blend import blend_prefill, row_bucket, slots_of
 from moska.semshare.config import SemShareConfig
 from moska.semshare.graphs import BlendGraphs
@@ -40,7 +46,7 @@ from moska.semshare.matching import TokenMatch, inverse_norms, match_tokens, tok
 from moska.semshare.store import Reference, ReferenceStore, prompt_key
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class ReusePlan:
     """Which reference a prompt reuses and where each of its tokens comes from."""
 
@@ -50,10 +56,22 @@ class ReusePlan:
     ref_pos: torch.Tensor
     score: float  # share of the prompt's tokens that collided with the reference (LSH)
     ids: torch.Tensor | None = None  # [num_prompt_tokens] int64 on the host: the prompt
+    # table index -> reference block the request takes as it is (`sharing.shared_map`)
+    shared: dict[int, int] = field(default_factory=dict)
+    # the blocks it could take, sharing on or off: their tokens are never kept past the
+    # boundary (`blend_prefill`'s `fixed`), so that sharing and copying keep the same rows
+    fixed: dict[int, int] = field(default_factory=dict)
+    owner: SemanticReuse | None = None  # pins the reference while the prompt is blended
+    pinned: str | None = None  # the request id holding the pin, while it holds one
 
     @property
     def num_matched(self) -> int:
         return int((self.ref_pos >= 0).sum())
+
+    def shared_blocks(self, request: Any) -> dict[int, int] | None:
+        """`Request.shared_blocks`: read by the block manager at each allocation; pins the
+        reference while the prompt is being computed."""
+        return None if self.owner is None else self.owner.pin(self, request)
 
 
 @dataclass
@@ -62,6 +80,8 @@ class ReuseStats:
     reused_tokens: int = 0  # prompt tokens whose KV (past the first layers) was reused
     blended_tokens: int = 0  # prompt tokens computed by blend_prefill (reused or not)
     stored: int = 0  # prompts stored as references
+    shared_blocks: int = 0  # blocks planned prompts took from their reference (no copy)
+    prompt_blocks: int = 0  # blocks of those prompts (all of their table at completion)
 
 
 class SemanticReuse:
@@ -87,6 +107,9 @@ class SemanticReuse:
         # scoring (a wrong guess costs one matching on the device, no host time); on the
         # CPU it would run in line, a wrong guess costing a whole matching
         self.speculate = cache.k.is_cuda
+        self.block_manager: Any = None  # `attach`: references become blocks of the cache
+        self._pins: dict[str, ReusePlan] = {}  # request id -> its pinned plan
+        self._names = itertools.count()
 
     @classmethod
     def for_engine(cls, engine_config, runner) -> SemanticReuse:
@@ -103,6 +126,62 @@ class SemanticReuse:
         reuse = cls(cfg, runner.model, runner.cache)
         reuse.warm_up(c.max_num_batched_tokens)
         return reuse
+
+    def attach(self, block_manager) -> None:
+        """Keep references as blocks of the engine's paged cache and let planned requests
+        share them (`sharing.py`); the block manager tells `_on_free` of freed requests and
+        asks `reclaim` for blocks before an allocation fails."""
+        self.block_manager = block_manager
+        block_manager.free_listeners.append(self._on_free)
+        block_manager.reclaimers.append(self.reclaim)
+        self.store.on_evict = self._on_evict
+
+    def pin(self, plan: ReusePlan, request: Any) -> dict[int, int] | None:
+        """The blocks `request` takes from `plan`'s reference (None: none), its reference
+        pinned until the prompt is computed or the request's blocks are freed. A reference
+        freed before the request's first allocation: nothing to take (the prompt is then
+        computed in full, `prefill`)."""
+        blocks = plan.ref.blocks
+        if blocks is None or request.num_computed_tokens >= request.num_prompt_tokens:
+            return None
+        if plan.pinned is None:
+            if blocks.freed:
+                return None
+            blocks.pins += 1
+            plan.pinned = request.request_id
+            self._pins[request.request_id] = plan
+        return plan.shared or None
+
+    def unpin(self, plan: ReusePlan) -> None:
+        if plan.pinned is None:
+            return
+        del self._pins[plan.pinned]
+        plan.pinned = None
+        blocks = plan.ref.blocks
+        assert blocks is not None and blocks.pins > 0
+        blocks.pins -= 1
+        sharing.release(self.block_manager, blocks)
+
+    def _on_free(self, request_id: str) -> None:
+        plan = self._pins.get(request_id)
+        if plan is not None:  # ended or preempted while its prompt was computed
+            self.unpin(plan)
+
+    def _on_evict(self, ref: Reference) -> None:
+        if ref.blocks is not None:
+            ref.blocks.in_store = False
+            sharing.release(self.block_manager, ref.blocks)
+
+    def reclaim(self, short: int) -> None:
+        """Evict unpinned references, least recently used first, until `short` more blocks
+        are free (blocks also held by requests are not freed by it) or none is left."""
+        alloc = self.block_manager.allocator
+        want = alloc.num_available + short
+        for ref in self.store.lru_entries():
+            if alloc.num_available >= want:
+                return
+            if ref.blocks is not None and ref.blocks.pins == 0:
+                self.store.evict(ref.key)
 
     @torch.inference_mode()
     def warm_up(self, max_rows: int) -> int:
@@ -175,7 +254,13 @@ class SemanticReuse:
         if int((ref_pos >= 0).sum()) < cfg.min_reuse_fraction * len(prompt_ids):
             return None
         self.stats.planned += 1
-        return ReusePlan(ref, ref_pos, score, ids)
+        fixed: dict[int, int] = {}
+        if ref.blocks is not None and cfg.recompute_layers == 1 and cfg.recompute_fraction < 1:
+            fixed = sharing.shared_map(
+                ref.blocks, ref.token_ids, ids, ref_pos, self.cache.block_size
+            )
+        shared = fixed if cfg.share_blocks else {}
+        return ReusePlan(ref, ref_pos, score, ids, shared, fixed, self)
 
     def prefill(self, scheduled: list, block_table) -> None:
         """Blend the planned requests' prompt ranges of this step (see the module docstring).
@@ -191,8 +276,12 @@ class SemanticReuse:
             start = req.num_computed_tokens
             end = start + item.num_new_tokens
             stop = min(end - 1, req.num_prompt_tokens)  # the item keeps >= 1 token
+            if end >= req.num_prompt_tokens > start:  # the prompt completes in this step
+                self._completed(req, plan, block_table(req.request_id))
             if stop - start < 2:
                 continue
+            if plan.ref.blocks is not None and plan.pinned is None and start < stop:
+                continue  # its reference was freed before it was allocated: computed in full
             if start == 0:
                 req.num_reused_tokens = 0  # a recompute after preemption counts afresh
             last = end if finish else stop  # [stop, end): the item's token, computed here too
@@ -200,10 +289,12 @@ class SemanticReuse:
                 ids = plan.ids[start:last]  # the plan's tensor: no second 5K-int conversion
             else:
                 ids = torch.tensor(req.prompt_token_ids[start:last], dtype=torch.int64)
+            table = block_table(req.request_id)
+            bs = self.cache.block_size
             result = blend_prefill(
                 self.model,
                 self.cache,
-                block_table(req.request_id),
+                table,
                 ids,
                 start,
                 plan.ref,
@@ -213,6 +304,8 @@ class SemanticReuse:
                 granule=self.granule,
                 graphs=self.graphs,
                 finish=finish,
+                shared=sharing.positions(plan.shared, start, last, bs, table),
+                fixed=sharing.positions(plan.fixed, start, last, bs),
             )
             item.semantic_hidden = result.hidden  # None: the forward computes the token
             req.num_reused_tokens += result.num_reused
@@ -220,6 +313,24 @@ class SemanticReuse:
             self.stats.blended_tokens += last - start
             req.num_computed_tokens = stop
             item.num_new_tokens = end - stop
+        for item in scheduled:  # the blends are queued: completed prompts' references may go
+            req = item.request
+            plan = getattr(req, "semantic", None)
+            done = req.num_computed_tokens + item.num_new_tokens >= req.num_prompt_tokens
+            if plan is not None and plan.pinned is not None and done:
+                self.unpin(plan)
+
+    def _completed(self, req, plan: ReusePlan, table: list[int]) -> None:
+        """A planned prompt completes in this step: count its shared blocks (`stats`, and the
+        request's `num_shared_blocks`; `RequestOutput` has none of this)."""
+        bs = self.cache.block_size
+        first = req.num_cached_tokens // bs  # blocks before it came from the prefix cache
+        n_shared = sum(
+            1 for i, b in plan.shared.items() if first <= i < len(table) and table[i] == b
+        )
+        req.num_shared_blocks = n_shared
+        self.stats.shared_blocks += n_shared
+        self.stats.prompt_blocks += -(-req.num_prompt_tokens // bs)
 
     @torch.inference_mode()
     def record(self, scheduled: list, block_table) -> None:
@@ -239,7 +350,9 @@ class SemanticReuse:
             key = prompt_key(ids)
             if self.store.get(key) is not None or any(e[0].key == key for e in self._pending):
                 continue
-            ref = self.reference(key, ids, block_table(req.request_id))
+            ref = self._new_reference(key, ids, block_table(req.request_id))
+            if ref is None:  # no block free for its last block: not stored
+                continue
             self._pending.append((ref, *self.store.lsh.signatures_async(ref.features)))
             self.stats.stored += 1
         self.flush(wait=False)
@@ -254,8 +367,24 @@ class SemanticReuse:
                 if not wait:
                     return
                 done.synchronize()
-            self.store.put(ref, sigs)
+            if ref.key in self.store or not self.store.put(ref, sigs):
+                self._on_evict(ref)  # not stored: its blocks go
             self._pending.pop(0)
+
+    def _new_reference(self, key: str, ids: torch.Tensor, table: list[int]) -> Reference | None:
+        """A reference of a prompt computed into `table`: its blocks held (`attach`ed; None
+        when no block is free for its last one), else a copy (`reference`)."""
+        if self.block_manager is None:
+            return self.reference(key, ids, table)
+        c = self.cache
+        name = f"semshare-reference-{next(self._names)}"
+        blocks = sharing.hold(self.block_manager, c, table, ids.shape[0], name)
+        if blocks is None:
+            return None
+        slots = slots_of(blocks.table, c.block_size, 0, ids.shape[0], c.k.device)
+        flat = (c.k.shape[0], -1, *c.k.shape[-2:])
+        feats = self.features(ids).half()
+        return Reference(key, ids, feats, c.k.view(flat), c.v.view(flat), slots, blocks)
 
     def reference(self, key: str, ids: torch.Tensor, table: list[int]) -> Reference:
         """A reference of a prompt whose KV for positions [0, len(ids)) is in `table`."""

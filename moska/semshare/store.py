@@ -1,7 +1,9 @@
 """The reference store: earlier prompts' KV, bounded by bytes, evicted least recently used.
 
 Keys are stored **rotated**, as the paged cache holds them (`rope_shift.py` moves them to
-new positions). An entry is keyed by its prompt's token ids (a hash; the ids are kept and
+new positions). In an engine a reference's KV is blocks of the paged cache itself
+(`sharing.py`: `k`, `v` are the cache's flat views and `slots` says where its tokens are);
+standalone (tests, benchmarks) it is a gathered copy. An entry is keyed by its prompt's token ids (a hash; the ids are kept and
 compared). Finding an entry by similarity goes through the LSH index, which the store
 keeps in step with its entries (an evicted entry leaves the index).
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from moska.semshare.lsh import LSHIndex
+from moska.semshare.sharing import RefBlocks
 
 
 def prompt_key(token_ids: torch.Tensor | list[int]) -> str:
@@ -36,12 +39,17 @@ class Reference:
     key: str
     token_ids: torch.Tensor  # [N] int64 (CPU)
     features: torch.Tensor  # [N, F] unit rows (matching.token_features)
-    k: torch.Tensor  # [L_kv, N, Hkv, D] rotated at positions 0..N-1
+    k: torch.Tensor  # [L_kv, N, Hkv, D] rotated at positions 0..N-1 (or the cache, flat)
     v: torch.Tensor  # [L_kv, N, Hkv, D]
+    # block-backed (`sharing.py`): [N] int64 cache slots of its tokens in `k`, `v` (the
+    # paged cache viewed [L_kv, slots, Hkv, D]) and the blocks held; None: a copy
+    slots: torch.Tensor | None = None
+    blocks: RefBlocks | None = None
 
     def __post_init__(self) -> None:
         n = self.token_ids.shape[0]
-        assert self.features.shape[0] == n and self.k.shape[1] == n, (
+        rows = self.k.shape[1] if self.slots is None else self.slots.shape[0]
+        assert self.features.shape[0] == n and rows == n, (
             n, tuple(self.features.shape), tuple(self.k.shape),
         )  # fmt: skip
         assert self.k.shape == self.v.shape
@@ -50,9 +58,15 @@ class Reference:
     def num_tokens(self) -> int:
         return self.token_ids.shape[0]
 
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Indices into `k`, `v`'s second dimension of reference positions `positions`."""
+        return positions if self.slots is None else self.slots[positions.to(self.slots.device)]
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.features, self.k, self.v))
+        held = [self.features] if self.blocks is not None else [self.features, self.k, self.v]
+        kv = 0 if self.blocks is None else self.blocks.nbytes
+        return kv + sum(t.numel() * t.element_size() for t in held)
 
 
 @dataclass
@@ -75,6 +89,7 @@ class ReferenceStore:
         self._entries: OrderedDict[str, Reference] = OrderedDict()  # oldest first
         self._bytes = 0
         self.stats = StoreStats()
+        self.on_evict: Callable[[Reference], None] | None = None  # told each evicted entry
 
     @property
     def nbytes(self) -> int:
@@ -113,10 +128,20 @@ class ReferenceStore:
         return True
 
     def _evict_oldest(self) -> None:
-        key, old = self._entries.popitem(last=False)
+        self.evict(next(iter(self._entries)))
+
+    def evict(self, key: str) -> None:
+        """Remove the entry under `key` (it leaves the index; `on_evict` is told)."""
+        old = self._entries.pop(key)
         self._bytes -= old.nbytes
         self.lsh.remove(key)
         self.stats.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(old)
+
+    def lru_entries(self) -> list[Reference]:
+        """The entries, the next to be evicted first (no recency change)."""
+        return list(self._entries.values())
 
     def lookup(
         self,

@@ -1,0 +1,145 @@
+"""Block-backed references and shared blocks: the KV memory SemShareKV saves per request.
+
+Why: reused KV used to be copied into the request's own blocks, so a request held as much
+KV as without reuse, and every reference was a second copy of its prompt's KV outside the
+paged pool. Now a reference *is* blocks of the paged cache: `hold` takes the prompt's full
+blocks from the request that computed it (ref count + 1, no copy; its decode appends after
+them) and copies only the last one (the tail, where that request keeps writing). A
+request whose plan reuses the reference then takes, instead of fresh blocks, every
+reference block whose KV it would have copied unchanged (`shared_map`), so it holds only
+its other blocks.
+
+Which blocks are shared (the exactness argument). With the first `recompute_layers` = 1,
+a reused token's KV is: layer 0 computed fresh, every later layer the reference's,
+re-rotated by the position difference. Layer 0's KV depends on the token and its position
+alone, so for a token equal to the reference's at the same position (shift 0) it *is*
+the reference's, and re-rotating by 0 changes nothing: the whole block equals the
+reference's block when each of its tokens is such a token and none is recomputed past
+the first layer. The blend then writes nothing there (`blend_prefill`'s `shared`). The
+tokens of every block it could share (`ReusePlan.fixed`; taken or not, sharing on or off)
+are never kept past the boundary (not in the deviation ranking nor, on CUDA, the padding to
+a row bucket; their layer-0 deviation is zero up to rounding, so they ranked last anyway):
+sharing and copying keep the same rows, and what differs is only that a shared token's
+layer-0 KV is the reference's instead of recomputed (equal up to rounding). Never shared: the block of the prompt's last token
+and the last block of any allocation (the block manager's rule: a step's last token is
+computed by the forward, which writes its KV; decode appends after it), so no shared
+block is ever written and no copy-on-write is needed. With `recompute_layers` > 1 layer
+1's KV depends on the context, so nothing is shared.
+
+Lifetimes (ref counts): the block manager counts the reference's holder (`RefHolder`) and
+each request that took a block; a reference evicted from the store frees only its
+holder's counts, so blocks a request still holds stay. While a request's prompt is being
+blended it pins its reference (`RefBlocks.pins`: taken at its first allocation, dropped
+when its prompt is complete or its blocks are freed: finish, abort, preemption), so the
+reference's unshared blocks, which the blend still copies from, stay too; an evicted
+reference's holder is freed at its last unpin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RefHolder:
+    """A reference's blocks, as a `CacheRequest` of the block manager (never in the prefix
+    cache: nothing registers it)."""
+
+    request_id: str
+    length: int
+    shared_blocks: dict[int, int]  # the producing request's full blocks it takes
+    num_computed_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.length
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return []  # never looked up in the prefix cache
+
+    @property
+    def cache_namespace(self) -> Hashable:
+        return ("semshare-reference", self.request_id)
+
+
+@dataclass(eq=False)
+class RefBlocks:
+    """The blocks a reference holds and who needs them."""
+
+    holder: RefHolder
+    table: list[int]  # the holder's blocks, in token order
+    block_bytes: int  # KV bytes of one block
+    pins: int = 0  # requests blending from it now
+    in_store: bool = True
+    freed: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.table) * self.block_bytes
+
+
+def hold(block_manager, cache, table: list[int], n: int, name: str) -> RefBlocks | None:
+    """Hold positions [0, n) of a request's blocks `table` as a reference: the blocks
+    before the last shared (ref count + 1), the last copied into a fresh block (queued on
+    the stream, like the forward before it). None when no block is free for it."""
+    bs = block_manager.block_size
+    last = -(-n // bs) - 1
+    holder = RefHolder(name, n, {i: table[i] for i in range(last)})
+    if not block_manager.allocate_slots(holder, n):
+        return None
+    held = list(block_manager.block_table(name))
+    assert held[:last] == table[:last] and held[last] != table[last], (held, table[: last + 1])
+    cache.k[:, held[last]] = cache.k[:, table[last]]
+    cache.v[:, held[last]] = cache.v[:, table[last]]
+    holder.num_computed_tokens = n
+    per_block = 2 * cache.k[:, 0].numel() * cache.k.element_size()
+    return RefBlocks(holder, held, per_block)
+
+
+def release(block_manager, blocks: RefBlocks) -> None:
+    """Free the holder's counts once the reference is neither stored nor pinned."""
+    if not blocks.freed and not blocks.in_store and blocks.pins == 0:
+        blocks.freed = True
+        block_manager.free(blocks.holder)
+
+
+def shared_map(
+    blocks: RefBlocks,
+    ref_ids: torch.Tensor,  # [R] int64 (host): the reference's tokens
+    ids: torch.Tensor,  # [N] int64 (host): the prompt's tokens
+    ref_pos: torch.Tensor,  # [N] int64 (host): the plan's reference position or -1
+    block_size: int,
+) -> dict[int, int]:
+    """Table index -> reference block, for the prompt's blocks whose every token equals the
+    reference's at the same position (matched there: shift 0), before the block of the
+    prompt's last token. See the module docstring for why their KV is the reference's."""
+    n = ids.shape[0]
+    nb = min((n - 1) // block_size, ref_ids.shape[0] // block_size, len(blocks.table))
+    if nb <= 0:
+        return {}
+    m = nb * block_size
+    pos = torch.arange(m)
+    same = (ref_pos[:m] == pos) & (ids[:m] == ref_ids[:m])
+    full = same.view(nb, block_size).all(dim=1).nonzero().squeeze(1).tolist()
+    return {i: blocks.table[i] for i in full}
+
+
+def positions(
+    blocks: dict[int, int], start: int, end: int, bs: int, table: list[int] | None = None
+) -> torch.Tensor | None:
+    """[end - start] bool (host): positions of [start, end) in the blocks `blocks` names
+    (with `table`: only those the request's table holds, i.e. took), or None if none."""
+    if not blocks:
+        return None
+    mask = torch.zeros(end - start, dtype=torch.bool)
+    hit = False
+    for i in range(start // bs, -(-end // bs)):
+        if i in blocks and (table is None or (i < len(table) and blocks[i] == table[i])):
+            lo, hi = max(i * bs, start), min((i + 1) * bs, end)
+            mask[lo - start : hi - start] = True
+            hit = True
+    return mask if hit else None

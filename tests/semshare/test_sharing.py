@@ -1,0 +1,178 @@
+"""SemShareKV's shared blocks (`moska/semshare/sharing.py`; built-in tiny model, CPU, fp32):
+a request that reuses a reference takes the reference's blocks whose KV it would copy
+unchanged instead of fresh ones, and generates what copying generates (greedy tokens,
+logprobs within 1e-4); a reference evicted from the store while a request still shares (or
+is about to copy from) its blocks frees none of them (ref counts); abort and preemption
+release the pins and blocks; references give blocks back under pool pressure."""
+
+import dataclasses
+import random
+
+import pytest
+
+from moska import LLM, SamplingParams
+
+PARAMS = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def llm():
+    # a 100-token prompt is computed in 4 steps (chunked prefill): events between them
+    return LLM(
+        None, device="cpu", dtype="float32", attention="torch", num_kv_blocks=26,
+        max_model_len=512, semantic_reuse=True, max_num_batched_tokens=32, max_num_seqs=4,
+    )  # fmt: skip
+
+
+def _prompts(seed: int):
+    rng = random.Random(seed)
+    a = [rng.randrange(0, 256) for _ in range(100)]
+    b = list(a)
+    b[3] = (b[3] + 1) % 256  # no exact prefix; blocks 1-2 and 4-5 stay equal at shift 0
+    b[50] = (b[50] + 7) % 256
+    return a, b
+
+
+def _run(llm, prompt, rid, between=None):
+    """Generate one request step by step; `between(step, request)` after each step."""
+    engine = llm.engine
+    engine.add_request(rid, prompt, PARAMS)
+    req = engine.scheduler._requests[rid]
+    out, step = None, 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o
+        step += 1
+        if between is not None and not req.is_finished:
+            between(step, req)
+    return out, req
+
+
+def _same(x, y):
+    assert x.outputs[0].token_ids == y.outputs[0].token_ids
+    for p, q in zip(x.outputs[0].logprobs, y.outputs[0].logprobs, strict=True):
+        assert p.top.keys() == q.top.keys()
+        for t, v in q.top.items():
+            assert abs(p.top[t] - v) <= 1e-4 * max(1.0, abs(v))
+
+
+def _share(llm, on: bool):
+    reuse = llm.engine.semshare
+    reuse.config = dataclasses.replace(reuse.config, share_blocks=on)
+
+
+def _stored(llm, a, rid):
+    reuse = llm.engine.semshare
+    _run(llm, a, rid)
+    ref = next(r for r in reuse.store.lru_entries() if r.token_ids.tolist() == a)
+    assert ref.blocks is not None and not ref.blocks.freed  # blocks of the cache, held
+    return ref
+
+
+def test_shared_equals_copied_and_holds_less(llm):
+    engine = llm.engine
+    a, b = _prompts(1)
+    ref = _stored(llm, a, "s-a")
+    table = {}
+    _share(llm, True)
+    shared, req = _run(llm, b, "s-b1", lambda s, r: table.setdefault(s, list(
+        engine.block_manager.block_table(r.request_id))))  # fmt: skip
+    plan = req.semantic
+    # expected independently: full blocks before the last token's, each token equal to the
+    # reference's and matched at its own position
+    want = [
+        i for i in range((len(b) - 1) // BS)
+        if all(b[p] == a[p] and int(plan.ref_pos[p]) == p for p in range(i * BS, i * BS + BS))
+    ]  # fmt: skip
+    assert want and sorted(plan.shared) == want
+    # taken: those not the last block of a step's allocation (a step's last token is
+    # computed by the forward, which writes its KV): steps of 32 tokens end in 1, 3, 5, 6
+    ends = {(min(s + 32, len(b)) - 1) // BS for s in range(0, len(b), 32)}
+    taken = [i for i in want if i not in ends]
+    held = table[max(table)]  # its table once the prompt is computed
+    assert taken and [held[i] for i in taken] == [ref.blocks.table[i] for i in taken]
+    assert all(held[i] not in ref.blocks.table for i in range(len(held)) if i not in taken)
+    assert req.num_shared_blocks == len(taken) and shared.num_reused_tokens > 0
+    _share(llm, False)
+    copied, req2 = _run(llm, b, "s-b2")
+    assert req2.num_shared_blocks == 0 and copied.num_reused_tokens == shared.num_reused_tokens
+    _same(shared, copied)
+    _share(llm, True)
+    engine.block_manager.check_integrity()
+    assert ref.blocks.pins == 0 and not ref.blocks.freed
+
+
+def test_evicted_reference_keeps_shared_and_pinned_blocks(llm):
+    engine, reuse = llm.engine, llm.engine.semshare
+    bm = engine.block_manager
+    a, b = _prompts(2)
+    ref = _stored(llm, a, "e-a")
+    base, _ = _run(llm, b, "e-b0")
+    counts = {}
+
+    def evict(step, req):
+        if step == 1:  # blended its first range, pinned for the rest: evicted from the store
+            assert ref.blocks.pins == 1 and req.semantic.pinned == req.request_id
+            reuse.store.evict(ref.key)
+            assert not ref.blocks.freed  # pinned: the blend still copies from its blocks
+        if req.num_computed_tokens >= len(b) and not counts:  # prompt done: pin dropped
+            assert ref.blocks.freed and ref.blocks.pins == 0
+            table = bm.block_table(req.request_id)
+            taken = [i for i, blk in req.semantic.shared.items() if table[i] == blk]
+            counts.update({i: bm.allocator.ref_count(table[i]) for i in taken})
+            bm.check_integrity()
+
+    got, req = _run(llm, b, "e-b1", evict)
+    _same(got, base)
+    assert counts and all(c == 1 for c in counts.values())  # the request's own count only
+    assert req.num_shared_blocks == len(counts) > 0
+    bm.check_integrity()
+
+
+def test_abort_and_preemption_release(llm):
+    engine, reuse = llm.engine, llm.engine.semshare
+    bm, sched = engine.block_manager, engine.scheduler
+    a, b = _prompts(3)
+    ref = _stored(llm, a, "p-a")
+    base, _ = _run(llm, b, "p-b0")
+    before = {blk: bm.allocator.ref_count(blk) for blk in ref.blocks.table}
+    preempted = []
+
+    def preempt(step, req):
+        if step == 1:  # mid-prompt: blocks freed, pin dropped; it starts over, pinned again
+            assert ref.blocks.pins == 1
+            sched._running.remove(req)  # as the scheduler does before `_preempt`
+            sched._preempt(req)
+            preempted.append(req.semantic.pinned)
+            assert ref.blocks.pins == 0 and not bm.block_table(req.request_id)
+            assert {blk: bm.allocator.ref_count(blk) for blk in ref.blocks.table} == before
+
+    got, req = _run(llm, b, "p-b1", preempt)
+    assert preempted == [None]
+    _same(got, base)
+    assert req.num_shared_blocks > 0  # shared again after the recompute
+
+    def abort(step, req):
+        if step == 1:
+            engine.abort_request(req.request_id)
+
+    _run(llm, b, "p-b2", abort)
+    assert ref.blocks.pins == 0 and not reuse._pins
+    assert {blk: bm.allocator.ref_count(blk) for blk in ref.blocks.table} == before
+    bm.check_integrity()
+
+
+def test_references_give_blocks_back_under_pressure(llm):
+    engine, reuse = llm.engine, llm.engine.semshare
+    bm = engine.block_manager
+    for i in range(3):  # references of other prompts, then one that needs the whole pool
+        _stored(llm, _prompts(10 + i)[0], f"r-{i}")
+    held = sum(len(r.blocks.table) for r in reuse.store.lru_entries() if r.blocks is not None)
+    assert held > 0
+    rng = random.Random(7)
+    big = [rng.randrange(0, 256) for _ in range((bm.num_blocks - 2) * BS)]
+    out, _ = _run(llm, big, "r-big")  # computed in full: references evicted, no hang
+    assert len(out.outputs[0].token_ids) == PARAMS.max_tokens
+    assert reuse.store.stats.evictions >= 3
+    bm.check_integrity()
