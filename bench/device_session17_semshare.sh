@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# #20 SemShareKV's shared blocks (session 17; one H200, kind nvidia-h200; < 150 s): a request
+# that reuses a reference now takes the reference's blocks whose KV it would copy unchanged
+# (equal tokens at the same positions; moska/semshare/sharing.py) instead of fresh blocks,
+# and references are blocks of the paged cache (no second copy). 1) correctness: the CUDA
+# tests of semshare (the new test_sharing_cuda.py: shared == copied, tokens and logprobs, on
+# the served engine with blend graphs; the fused rope_scatter now reads a block-backed
+# reference's rows from the cache itself) and the earlier CUDA semshare tests as regression;
+# 2) KV held per request and TTFT, shared vs copied vs plain, through the engine on a
+# random-weight Llama of 8B dims, 5,120-token renamed / reordered / reworded near-duplicates
+# (3 documents x 2 seeds; bench/semshare_share_speed.py).
+# Carry .whl and .models/moska-code-20m (its tokenizer). Prints one table.
+# `bash bench/device_session17_semshare.sh --cpu-dry-run`: the same steps in CPU forms.
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s)
+if [ "${1:-}" = "--cpu-dry-run" ]; then
+  PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; DRY=1
+  TOK=${TOK:-../shared/models/moska-code-20m}
+  TESTS="tests/semshare/test_sharing.py tests/semshare/test_sharing_cuda.py"; TT=120
+  SARGS="--cpu-dry-run"
+else
+  PY=python3; export TRITON_INTERPRET=0; TOK=.models/moska-code-20m; DRY=""
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_semshare .whl/*.whl
+  export PYTHONPATH=/tmp/site_semshare:$PWD
+  TESTS="-m cuda tests/semshare/test_sharing_cuda.py tests/semshare/test_graphs.py tests/semshare/test_fast_path_cuda.py tests/semshare/test_finish_in_blend.py tests/semshare/test_graphs_engine_cuda.py"; TT=55
+  SARGS="--arch 8b --docs 3 --repeats 2"
+fi
+# shellcheck disable=SC2086
+timeout $TT $PY -m pytest -q -p no:cacheprovider -rs $TESTS > "$OUT/tests.log" 2>&1
+echo "tests rc=$? ($(( $(date +%s) - T0 )) s)"
+TS=$(( 143 - ($(date +%s) - T0) ))
+# shellcheck disable=SC2086
+timeout $TS $PY bench/semshare_share_speed.py --tokenizer "$TOK" $SARGS \
+  --out "$OUT/semshare_share_speed_8b_session17.json" > "$OUT/speed.log" 2>&1
+echo "speed rc=$? ($(( $(date +%s) - T0 )) s)"
+$PY - "$OUT" <<'PY'
+import json, sys
+o = sys.argv[1]
+try:
+    d = json.load(open(f"{o}/semshare_share_speed_8b_session17.json"))
+except Exception as e:  # noqa: BLE001
+    sys.exit(f"no speed result ({e})")
+s = d["summary"]
+print("model", d["model"], "dtype", d["dtype"], "prompt", d["shapes"]["prompt"],
+      "r", d["semshare"]["recompute_fraction"], "block MiB", s["block_bytes"] / 2**20)
+print(f"{'kind':8} {'KV MB share':>11} {'copy':>7} {'saved':>6} {'reused':>6}  "
+      f"{'TTFT off':>8} {'share':>7} {'copy':>7} {'x share':>7} {'x copy':>6}  per request saved")
+for k, r in s.items():
+    if not isinstance(r, dict):
+        continue
+    t = r["ttft_ms"]
+    print(f"{k:8} {r['kv_held_mb_share']:>11} {r['kv_held_mb_copy']:>7} {r['kv_saved']:>6} "
+          f"{r['reused_share']:>6}  {t['off']:>8} {t['share']:>7} {t['copy']:>7} "
+          f"{r['speedup_share']:>7} {r['speedup_copy']:>6}  {r['kv_saved_per_request']}")
+PY
+[ -f "$OUT/tests.log" ] && tail -4 "$OUT/tests.log" | cut -c1-300
+echo "== speed"; grep -i "warn\|error\|Traceback" "$OUT/speed.log" | head -4 | cut -c1-300
+tail -2 "$OUT/speed.log" | cut -c1-300
+echo "total $(( $(date +%s) - T0 )) s"
