@@ -12,7 +12,10 @@
 #    rounds); x_same_pair is the dispatcher against the very call it makes;
 # 3) `moska.bench.kernels_shapes_variants --high-g`: the grouped kernel at G 4 / 8, B = 1,024
 #    (1M shared tokens, 4,096-token chunks, top-8, uniform and Zipf) with the HIGH_G tiles,
-#    each checked (bf16 vs the reference) before it is timed.
+#    each checked (bf16 vs the reference) before it is timed;
+# 4) `moska.bench.kernels_whole_library`: a 32-chunk library read whole by B = 64-1,024
+#    requests, the grouped path (a state per chunk, merged) against the engine's new path
+#    (one span through the dispatcher), both merged into the rows' own state and checked.
 # Floors from a read-only stream (and the matmul peak) measured in each run; a run with a
 # floor fraction > 1.0 exits non-zero. JSONs under $OUT; B >= 256 rows of the table last.
 # `bash bench/device_session17_shapes.sh --cpu-dry-run`: the same steps in CPU forms.
@@ -24,14 +27,14 @@ OC="--table-only --rounds 4 --rep-ms 10"
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; DRY="--cpu-dry-run"; NW=2
   TESTS="tests/kernels/test_shared_one_chunk.py tests/engine/test_one_chunk_seam.py"; TT=150
-  OC="$OC --b-list 2"; HGT=150
+  OC="$OC --b-list 2"; HGT=150; WLT=120
 else
   PY=python3; export TRITON_INTERPRET=0; DRY=""; NW=6
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_shapes17 .whl-min/*.whl
   export PYTHONPATH=/tmp/site_shapes17:$PWD
   TESTS="tests/kernels/test_shared_one_chunk_cuda.py tests/engine/test_one_chunk_seam_cuda.py"
-  TT=50; HGT=38
+  TT=50; HGT=36; WLT=30
   echo "installed in $(( $(date +%s) - T0 )) s"
 fi
 for i in $(seq 0 $((NW - 1))); do
@@ -46,12 +49,16 @@ grep -h "FAILED\|Error" "$OUT/tests.log" | cut -c1-240 | head -6
 wait
 echo "warm-up (compiles) done at $(( $(date +%s) - T0 )) s; failures:"
 grep -h "failed" "$OUT"/warm_*.log | cut -c1-200 | head -4
-timeout 50 $PY -m moska.bench.kernels_one_chunk $DRY $OC --out "$OUT" --budget-s 34 \
+timeout 48 $PY -m moska.bench.kernels_one_chunk $DRY $OC --out "$OUT" --budget-s 32 \
   --name kernels_one_chunk_h200_session17.json > "$OUT/one_chunk.log" 2>&1
 echo "one_chunk rc=$? at $(( $(date +%s) - T0 )) s"
-timeout $HGT $PY -m moska.bench.kernels_shapes_variants $DRY --high-g --out "$OUT" --budget-s 24 \
+timeout $HGT $PY -m moska.bench.kernels_shapes_variants $DRY --high-g --out "$OUT" --budget-s 22 \
   --name kernels_shapes_high_g_h200_session17.json > "$OUT/high_g.log" 2>&1
 echo "high_g rc=$? at $(( $(date +%s) - T0 )) s"
+timeout $WLT $PY -m moska.bench.kernels_whole_library $DRY --out "$OUT" --budget-s 12 \
+  --name kernels_whole_library_h200_session17.json > "$OUT/whole.log" 2>&1
+echo "whole_library rc=$? at $(( $(date +%s) - T0 )) s"
 grep -h "^read\|^wrong" "$OUT/one_chunk.log" | cut -c1-200
 grep -E "^D |^(16|64|128) +[0-9] +(2|256|1024) " "$OUT/one_chunk.log" | cut -c1-200
 grep -h "^read\|^grouped_\|^Traceback\|^[A-Za-z]*Error" "$OUT/high_g.log" | cut -c1-200 | head -12
+grep -h "^{\|^Traceback\|^[A-Za-z]*Error" "$OUT/whole.log" | cut -c1-230 | head -7
