@@ -51,7 +51,8 @@ class DryProbeAdmission(AdmissionController):
     """The controller; a probe it admits is turned into a 429 whose Retry-After is
     `DRY_ADMITTED` (so the engine never sees it), kept in `dry_admitted` (when, predicted
     TTFT). For benches only. A probe is the bench's instrument, not traffic: it leaves the
-    mix of decided requests (`LibraryRequests.share`) as it was (5 of 6 probe kinds name a
+    429s the promise scale learns from (`admission_promises`) and the
+    mix of decided requests (`LibraryRequests.share`) as they were (5 of 6 probe kinds name a
     library, and the long ones are re-sent every 0.25 s until admitted: after the warm-up
     the share read 0.9+ for a 50/50 burst, and the door counted none inside as admitted)."""
 
@@ -59,12 +60,23 @@ class DryProbeAdmission(AdmissionController):
         super().__init__(*args, **kwargs)
         self.dry_admitted: list[tuple[float, float]] = []
 
+    def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
+        self.promises.recording = not PROBE.get()  # a probe's door 429s are not learnt from
+        try:
+            return super().shed(load, elapsed_s)
+        finally:
+            self.promises.recording = True
+
     def decide(
         self, new: RequestCost | int, load: Load, num_requests: int = 1, elapsed_s: float = 0.0
     ) -> Decision:
         lib = self.library_requests
         mix = (list(lib.kinds), lib.share) if PROBE.get() else None
-        d = super().decide(new, load, num_requests, elapsed_s)
+        self.promises.recording = not PROBE.get()  # nor the 429s it learns from
+        try:
+            d = super().decide(new, load, num_requests, elapsed_s)
+        finally:
+            self.promises.recording = True
         if mix is not None:
             with self._lock:
                 lib.kinds.clear()

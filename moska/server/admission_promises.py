@@ -68,6 +68,7 @@ class PromiseScale:
         memory_s: float = 5.0,
     ) -> None:
         self.enabled = True
+        self.recording = True  # False: promises are scaled, none kept (a bench's probes)
         self.alpha, self.clamp = alpha, clamp
         self.sample_s, self.check_s, self.horizon = sample_s, check_s, horizon
         self.min_horizon_s, self.memory_s = min_horizon_s, memory_s
@@ -93,7 +94,11 @@ class PromiseScale:
         if not (raw_s > 0 and math.isfinite(raw_s)):
             return raw_s
         pending = self.open[group]
-        if now - self._sampled[group] >= self.sample_s and len(pending) < self.max_open:
+        if (
+            self.recording
+            and now - self._sampled[group] >= self.sample_s
+            and len(pending) < self.max_open
+        ):
             self._sampled[group] = now  # (full: the oldest are kept, they resolve first)
             pending.append(OpenPromise(group, cost, now, raw_s))
         return raw_s * self.factor(group, now)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 
 from moska.bench.load_retry import sample_every, score, summarize_own, verdict
 from moska.server.admission import AdmissionController, EngineLimits, Load, RequestCost
@@ -154,3 +155,23 @@ def test_the_scale_fades_with_time_since_it_last_learnt() -> None:
     assert scale.factor("plain_door", 100.0) < 1.001
     scale.observe("plain_door", 1.0, 1.0, 100.0)  # a new burst learns from ~1, not from 3
     assert math.isclose(scale.factor("plain_door", 100.0), 1.0)
+
+
+def test_a_bench_probe_is_decided_with_the_scale_but_not_learnt_from() -> None:
+    from moska.bench.load_probe import PROBE, DryProbeAdmission
+
+    adm = DryProbeAdmission(1.0, None, limits=EngineLimits(512, 8))
+    adm.promises = PromiseScale(sample_s=0.0, alpha=1.0)
+    adm.promises.observe("plain_queue", 2.0, 1.0, time.monotonic())  # learnt: 2x too short
+    busy = Load((RequestCost(400, 16),) * 60, (), 59, 0.0)
+    token = PROBE.set(True)
+    try:
+        probe = adm.decide(PLAIN, busy)
+    finally:
+        PROBE.reset(token)
+    assert not adm.promises.open["plain_queue"] and adm.promises.recording
+    real = adm.decide(PLAIN, busy)
+    assert len(adm.promises.open["plain_queue"]) == 1
+    assert math.isclose(probe.drain_s, real.drain_s, rel_tol=0.05)  # both scaled alike
+    raw = adm._drain(PLAIN, busy)[1]
+    assert 1.8 < real.drain_s / raw <= 2.0
