@@ -150,8 +150,8 @@ def main(argv=None) -> None:
     raise_if_floors_broken(res)
 
 
-SHOW = ("whole_backend", "ms", "whole_speedup", "whole_floor_fraction", "grouped_floor_fraction")
-SHOW += ("bound", "ok")
+SHOW: tuple[str, ...] = ("whole_backend", "ms", "whole_speedup", "whole_floor_fraction")
+SHOW += ("grouped_floor_fraction", "bound", "ok")
 
 if __name__ == "__main__":
     main()
