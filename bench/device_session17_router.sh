@@ -71,10 +71,15 @@ import json, sys
 f = lambda x, n=2: "-" if x is None else f"{x:.{n}f}"
 try:
     t = json.load(open(sys.argv[2]))["summary"]
-    b = lambda k: k.rsplit("_", 1)[1]
-    print("router floor ms", {b(k): f(v, 3) for k, v in t.items() if k.startswith("router_floor")},
-          "| fp32-ref rows", {b(k): f(v, 4) for k, v in t.items() if "reference" in k},
-          "| best/first", {b(k): f(v, 3) for k, v in t.items() if k.startswith("speedup")})
+    for b in sorted(int(k.rsplit("_b", 1)[1]) for k in t if k.startswith("router_floor_ms")):
+        g = lambda key, n=3: f(t.get(f"{key}_b{b}"), n)
+        best = t.get(f"best_tile_b{b}")
+        print(f"B={b}: router floor {g('router_floor_ms')} ms; best {best} "
+              f"{f(t.get(f'{best}_b{b}_ms'), 3)} ms ({f(t.get(f'{best}_b{b}_floor_fraction'), 3)}"
+              f" of floor, x{g('speedup_best_over_first')}) | topk torch {g('torch_topk_ms')} "
+              f"row {g('row_topk_ms')} ms, equal {g('topk_rows_equal_to_torch_topk', 4)} | "
+              f"fp32 ref rows {g('first_tile_rows_equal_to_fp32_reference', 4)}, clear of ties "
+              f"{g('rows_clear_of_ties', 4)} (equal {g('clear_rows_equal_to_fp32_reference', 4)})")
 except Exception as e:  # noqa: BLE001
     print(f"no tile JSON ({e})")
 try:

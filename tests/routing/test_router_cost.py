@@ -43,7 +43,7 @@ def test_new_tile_picks_the_chunks_of_the_old_tile():
     q = torch.randn(B, Hkv * G, D)
     args = (q, index.basis, index.lowrank_keys, index.chunk_offsets)
     new = router_dense.keymax_dense_scores(*args)
-    old = router_dense.keymax_dense_scores(*args, *router_dense.OLD_TILE)
+    old = router_dense.keymax_dense_scores(*args, **router_dense.OLD_TILE._asdict())
     assert router_dense.TILE != router_dense.OLD_TILE and router_dense.TILE.block_n == 128
     # the same products (the interpreter's matmul may sum a product in another order per
     # block shape: the last bits of fp32)
@@ -151,7 +151,7 @@ def test_tiles_and_shortlist_cuda_8b_dims():
     q = torch.randn(B, Hkv * G, D, device="cuda", dtype=torch.bfloat16)
     args = (q, index.basis, index.lowrank_keys, index.chunk_offsets)
     new = router_dense.keymax_dense_scores(*args)
-    old = router_dense.keymax_dense_scores(*args, *router_dense.OLD_TILE)
+    old = router_dense.keymax_dense_scores(*args, **router_dense.OLD_TILE._asdict())
     ref = keymax_scores_ref(*args)
     assert ((new - ref).abs().max() / ref.abs().max()).item() < 1e-2
     assert ((new - old).abs().max() / old.abs().max()).item() < 1e-3
