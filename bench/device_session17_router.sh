@@ -7,16 +7,17 @@
 #    chunks vs the current tile's (exact) and the reference's top-k (share printed); the
 #    one-launch row top-k (router_topk) vs its reference and torch.topk; session 16's tests;
 # 2) the scores alone per tile at B = 64 / 256 / 1,024 (one layer, 1M keys, 4,096-key
-#    chunks, CUDA graphs, 3 rotated rounds), each with the router's own floor (bytes of the
-#    fp16 low-rank keys + q + scores over a read-only stream, FLOPs over the measured GEMM
-#    peak; both in this run), the top-8 chunks vs the current tile's and the fp32
-#    reference's; torch.topk vs the row top-k on the scores (times, agreement); picks the
-#    fastest tile per batch that picks the current tile's chunks;
+#    chunks, CUDA graphs, 5 rotated rounds; the first tile is the current one), each with
+#    the router's own floor (bytes of the fp16 low-rank keys + q + scores over a read-only
+#    stream, FLOPs over the measured GEMM peak; both in this run), the top-8 chunks vs the
+#    current tile's and the fp32 reference's; torch.topk vs the row top-k on the scores
+#    (times, agreement); picks the fastest tile per batch that picks the current's chunks;
 # 3) `moska.bench.decode --routers`: the decode step at B = 64 / 256 / 1,024, 8B dims
 #    (4 layers), 1M shared tokens, 4,096-token chunks, top-8, CUDA graphs, one library: no
 #    router (uniform and Zipf fixed chunks), the default now, the default with the picked
 #    tiles and the row top-k (default_next); each router alone; floors from a read-only
-#    stream in the same run.
+#    stream in the same run; 4) in the time left, the kernels bench's router rows at
+#    B = 1,024 (the grouped step with the default in front against its floor).
 # Carry .whl-min (or .whl). JSON: $OUT/router_tiles_session17.json,
 # $OUT/decode_routers_session17.json; table last.
 # `bash bench/device_session17_router.sh --cpu-dry-run`: the same steps in CPU forms.
@@ -24,7 +25,7 @@ set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
-TILES="b32n128w4s4 b32n128w4s4u2 b32n64w4s4u2 b16n128w4s4u2 b16n256w4s3"  # first: the current
+TILES="b32n128w4s4 b32n128w4s4u2 b32n64w4s4 b32n64w4s4u2 b16n128w4s4 b16n128w4s4u2 b16n256w4s3"
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; DRY=1
   TESTS="tests/routing/test_router_unroll.py tests/kernels/test_router_topk.py"; TT=200
@@ -39,7 +40,7 @@ else
   export PYTHONPATH=/tmp/site_router17:$PWD
   TESTS="-m cuda tests/routing/test_router_unroll.py tests/kernels/test_router_topk.py"
   TESTS="$TESTS tests/routing/test_router_cost.py"; TT=40
-  SARGS="--batch 64 256 1024 --rounds 3"
+  SARGS="--batch 64 256 1024 --rounds 5"
   DARGS="--batch 64 256 1024 --library-tokens 1048576 --layers 4 --iters 5 --cuda-graph"
   LEFT=145
 fi
@@ -48,7 +49,7 @@ timeout $TT $PY -m pytest -q -s -p no:cacheprovider -rs $TESTS > "$OUT/router_te
 echo "router tests rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -E "^tile |^row top-k|passed|failed|Error" "$OUT/router_tests.log" | tail -7 | cut -c1-300
 # 2) the tile sweep (the first tile is the current one); its pick goes to 3) as default_next
-TS=$(( LEFT - ($(date +%s) - T0) )); [ -z "$DRY" ] && [ $TS -gt 35 ] && TS=35
+TS=$(( LEFT - ($(date +%s) - T0) )); [ -z "$DRY" ] && [ $TS -gt 45 ] && TS=45
 # shellcheck disable=SC2086
 timeout $TS $PY -m moska.bench.router_tile_sweep $SARGS --tiles $TILES --top-k 8 \
   --out "$OUT/router_tiles_session17.json" --next-tile-out "$OUT/next_tile.txt" \
@@ -59,13 +60,25 @@ NEXT=$(cat "$OUT/next_tile.txt" 2>/dev/null || echo "")
 echo "default_next tiles: ${NEXT:-none picked (the current tile)}"
 export MOSKA_NEXT_TILE="$NEXT"
 # 3) the decode step with each router
-TD=$(( LEFT - ($(date +%s) - T0) - 8 ))
+TD=$(( LEFT - ($(date +%s) - T0) - 8 )); [ -z "$DRY" ] && [ $TD -gt 60 ] && TD=60
 # shellcheck disable=SC2086
 timeout $TD $PY -m moska.bench.decode $DARGS --routers none none_zipf default default_next \
   --modes moska --chunk-size 4096 --top-k 8 --build-tokens 0 \
   --out "$OUT/decode_routers_session17.json" > "$OUT/decode_routers.log" 2>&1
 echo "decode routers rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -E "Error|error" "$OUT/decode_routers.log" | tail -3 | cut -c1-300
+# 4) in the time left, the issue's own measure (kernels bench, the tile and top-k in use):
+# the grouped step alone and with the default in front, against its floor, B = 1,024
+TK=$(( LEFT - ($(date +%s) - T0) ))
+if [ -z "$DRY" ] && [ $TK -ge 35 ]; then
+  timeout $TK $PY -m moska.bench.kernels --routers-only --router-ranks 32 --batch 1024 \
+    --out "$OUT" > "$OUT/kernels_routers.log" 2>&1
+  echo "kernels routers rc=$? ($(( $(date +%s) - T0 )) s)"
+  $PY -c "
+import json; s = json.load(open('$OUT/kernels_routers.json'))['summary']
+print({k: round(v, 3) for k, v in s.items() if k.endswith('b1024') and isinstance(v, float)})
+" 2>&1 | cut -c1-400
+fi
 $PY - "$OUT/decode_routers_session17.json" "$OUT/router_tiles_session17.json" <<'PY'
 import json, sys
 f = lambda x, n=2: "-" if x is None else f"{x:.{n}f}"
