@@ -87,8 +87,7 @@ class RowAttention:
         self.last_fresh: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._pos32: torch.Tensor | None = None  # positions as the kernel takes them
         self._row_slots: torch.Tensor | None = None  # slots of the rows, once per row set
-        # rows whose KV is written ([W] int64), or None: all (`skip_writes`)
-        self._write_rows: torch.Tensor | None = None
+        self._write_rows: torch.Tensor | None = None  # [W] rows written (None: all)
 
     def skip_writes(self, skip: torch.Tensor | None) -> None:
         """Rows (`skip` [R] bool, host) whose KV is never written: they sit in blocks shared
@@ -196,17 +195,9 @@ def row_bucket(rows: int, total: int, granule: int) -> int:
 
 
 def _select(
-    att: RowAttention,
-    ref,
-    ref_pos,
-    new_pos,
-    matched,
-    m_idx,
-    fraction,
-    inv_freq,
-    granule=1,
+    att: RowAttention, ref, ref_pos, new_pos, matched, m_idx, fraction, inv_freq, granule=1,
     cand=None,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int]:  # fmt: skip
     """(rows kept past the boundary [R] ascending, how many of them are matched): the
     unmatched rows + the most deviating `fraction` of the matched ones `m_idx`, and more of
     the next most deviating ones until R fills its bucket (`row_bucket`: padding with real
@@ -217,9 +208,7 @@ def _select(
     n, num_matched = matched.shape[0], m_idx.numel()
     if fraction >= 1.0 or att.last_fresh is None:
         return torch.arange(n, device=matched.device), num_matched
-    if cand is None:
-        cand = m_idx
-    m_idx = cand
+    m_idx = m_idx if cand is None else cand
     n_keep = math.ceil(fraction * num_matched)
     n_keep = row_bucket(n - num_matched + n_keep, n, granule) - (n - num_matched)
     n_keep = min(n_keep, m_idx.numel())

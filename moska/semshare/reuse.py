@@ -30,7 +30,6 @@ are seen), so a blend neither launches them one by one nor picks an algorithm on
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +60,7 @@ class ReusePlan:
     # the blocks it could take, sharing on or off: their tokens are never kept past the
     # boundary (`blend_prefill`'s `fixed`), so that sharing and copying keep the same rows
     fixed: dict[int, int] = field(default_factory=dict)
-    owner: SemanticReuse | None = None  # pins the reference while the prompt is blended
+    owner: sharing.BlockReferences | None = None  # pins the reference while it is blended
     pinned: str | None = None  # the request id holding the pin, while it holds one
 
     @property
@@ -107,9 +106,7 @@ class SemanticReuse:
         # scoring (a wrong guess costs one matching on the device, no host time); on the
         # CPU it would run in line, a wrong guess costing a whole matching
         self.speculate = cache.k.is_cuda
-        self.block_manager: Any = None  # `attach`: references become blocks of the cache
-        self._pins: dict[str, ReusePlan] = {}  # request id -> its pinned plan
-        self._names = itertools.count()
+        self.blocks: sharing.BlockReferences | None = None  # `attach`: held as cache blocks
 
     @classmethod
     def for_engine(cls, engine_config, runner) -> SemanticReuse:
@@ -129,59 +126,8 @@ class SemanticReuse:
 
     def attach(self, block_manager) -> None:
         """Keep references as blocks of the engine's paged cache and let planned requests
-        share them (`sharing.py`); the block manager tells `_on_free` of freed requests and
-        asks `reclaim` for blocks before an allocation fails."""
-        self.block_manager = block_manager
-        block_manager.free_listeners.append(self._on_free)
-        block_manager.reclaimers.append(self.reclaim)
-        self.store.on_evict = self._on_evict
-
-    def pin(self, plan: ReusePlan, request: Any) -> dict[int, int] | None:
-        """The blocks `request` takes from `plan`'s reference (None: none), its reference
-        pinned until the prompt is computed or the request's blocks are freed. A reference
-        freed before the request's first allocation: nothing to take (the prompt is then
-        computed in full, `prefill`)."""
-        blocks = plan.ref.blocks
-        if blocks is None or request.num_computed_tokens >= request.num_prompt_tokens:
-            return None
-        if plan.pinned is None:
-            if blocks.freed:
-                return None
-            blocks.pins += 1
-            plan.pinned = request.request_id
-            self._pins[request.request_id] = plan
-        return plan.shared or None
-
-    def unpin(self, plan: ReusePlan) -> None:
-        if plan.pinned is None:
-            return
-        del self._pins[plan.pinned]
-        plan.pinned = None
-        blocks = plan.ref.blocks
-        assert blocks is not None and blocks.pins > 0
-        blocks.pins -= 1
-        sharing.release(self.block_manager, blocks)
-
-    def _on_free(self, request_id: str) -> None:
-        plan = self._pins.get(request_id)
-        if plan is not None:  # ended or preempted while its prompt was computed
-            self.unpin(plan)
-
-    def _on_evict(self, ref: Reference) -> None:
-        if ref.blocks is not None:
-            ref.blocks.in_store = False
-            sharing.release(self.block_manager, ref.blocks)
-
-    def reclaim(self, short: int) -> None:
-        """Evict unpinned references, least recently used first, until `short` more blocks
-        are free (blocks also held by requests are not freed by it) or none is left."""
-        alloc = self.block_manager.allocator
-        want = alloc.num_available + short
-        for ref in self.store.lru_entries():
-            if alloc.num_available >= want:
-                return
-            if ref.blocks is not None and ref.blocks.pins == 0:
-                self.store.evict(ref.key)
+        take them (`sharing.BlockReferences`)."""
+        self.blocks = sharing.BlockReferences(block_manager, self.cache, self.store)
 
     @torch.inference_mode()
     def warm_up(self, max_rows: int) -> int:
@@ -260,7 +206,7 @@ class SemanticReuse:
                 ref.blocks, ref.token_ids, ids, ref_pos, self.cache.block_size
             )
         shared = fixed if cfg.share_blocks else {}
-        return ReusePlan(ref, ref_pos, score, ids, shared, fixed, self)
+        return ReusePlan(ref, ref_pos, score, ids, shared, fixed, self.blocks)
 
     def prefill(self, scheduled: list, block_table) -> None:
         """Blend the planned requests' prompt ranges of this step (see the module docstring).
@@ -317,8 +263,8 @@ class SemanticReuse:
             req = item.request
             plan = getattr(req, "semantic", None)
             done = req.num_computed_tokens + item.num_new_tokens >= req.num_prompt_tokens
-            if plan is not None and plan.pinned is not None and done:
-                self.unpin(plan)
+            if plan is not None and plan.pinned is not None and done and self.blocks:
+                self.blocks.unpin(plan)
 
     def _completed(self, req, plan: ReusePlan, table: list[int]) -> None:
         """A planned prompt completes in this step: count its shared blocks (`stats`, and the
@@ -367,18 +313,18 @@ class SemanticReuse:
                 if not wait:
                     return
                 done.synchronize()
-            if ref.key in self.store or not self.store.put(ref, sigs):
-                self._on_evict(ref)  # not stored: its blocks go
+            stored = ref.key not in self.store and self.store.put(ref, sigs)
+            if not stored and self.blocks is not None:
+                self.blocks.on_evict(ref)  # not stored: its blocks go
             self._pending.pop(0)
 
     def _new_reference(self, key: str, ids: torch.Tensor, table: list[int]) -> Reference | None:
         """A reference of a prompt computed into `table`: its blocks held (`attach`ed; None
         when no block is free for its last one), else a copy (`reference`)."""
-        if self.block_manager is None:
+        if self.blocks is None:
             return self.reference(key, ids, table)
         c = self.cache
-        name = f"semshare-reference-{next(self._names)}"
-        blocks = sharing.hold(self.block_manager, c, table, ids.shape[0], name)
+        blocks = self.blocks.hold(table, ids.shape[0])
         if blocks is None:
             return None
         slots = slots_of(blocks.table, c.block_size, 0, ids.shape[0], c.k.device)

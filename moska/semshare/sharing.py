@@ -37,8 +37,10 @@ reference's holder is freed at its last unpin.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -98,6 +100,75 @@ def hold(block_manager, cache, table: list[int], n: int, name: str) -> RefBlocks
     holder.num_computed_tokens = n
     per_block = 2 * cache.k[:, 0].numel() * cache.k.element_size()
     return RefBlocks(holder, held, per_block)
+
+
+class BlockReferences:
+    """One engine's block-backed references: held (`hold`), pinned by the requests blending
+    from them (`pin`, `unpin`; the block manager tells `_on_free` of every freed request),
+    freed when out of the store and unpinned (`on_evict`, the store's callback), evicted
+    least recently used first when an allocation does not fit (`reclaim`, the block
+    manager's callback, before it fails or preempts)."""
+
+    def __init__(self, block_manager, cache, store) -> None:
+        self.block_manager = block_manager
+        self.cache = cache
+        self.store = store
+        self._pins: dict[str, Any] = {}  # request id -> its pinned ReusePlan
+        self._names = itertools.count()
+        block_manager.free_listeners.append(self._on_free)
+        block_manager.reclaimers.append(self.reclaim)
+        store.on_evict = self.on_evict
+
+    def hold(self, table: list[int], n: int) -> RefBlocks | None:
+        name = f"semshare-reference-{next(self._names)}"
+        return hold(self.block_manager, self.cache, table, n, name)
+
+    def pin(self, plan: Any, request: Any) -> dict[int, int] | None:
+        """The blocks `request` takes from `plan`'s reference (None: none), its reference
+        pinned until the prompt is computed or the request's blocks are freed. A reference
+        freed before the request's first allocation: nothing to take (the prompt is then
+        computed in full, `SemanticReuse.prefill`)."""
+        blocks = plan.ref.blocks
+        if blocks is None or request.num_computed_tokens >= request.num_prompt_tokens:
+            return None
+        if plan.pinned is None:
+            if blocks.freed:
+                return None
+            blocks.pins += 1
+            plan.pinned = request.request_id
+            self._pins[request.request_id] = plan
+        return plan.shared or None
+
+    def unpin(self, plan: Any) -> None:
+        if plan.pinned is None:
+            return
+        del self._pins[plan.pinned]
+        plan.pinned = None
+        blocks = plan.ref.blocks
+        assert blocks is not None and blocks.pins > 0
+        blocks.pins -= 1
+        release(self.block_manager, blocks)
+
+    def _on_free(self, request_id: str) -> None:
+        plan = self._pins.get(request_id)
+        if plan is not None:  # ended or preempted while its prompt was computed
+            self.unpin(plan)
+
+    def on_evict(self, ref: Any) -> None:
+        if ref.blocks is not None:
+            ref.blocks.in_store = False
+            release(self.block_manager, ref.blocks)
+
+    def reclaim(self, short: int) -> None:
+        """Evict unpinned references, least recently used first, until `short` more blocks
+        are free (blocks also held by requests are not freed by it) or none is left."""
+        alloc = self.block_manager.allocator
+        want = alloc.num_available + short
+        for ref in self.store.lru_entries():
+            if alloc.num_available >= want:
+                return
+            if ref.blocks is not None and ref.blocks.pins == 0:
+                self.store.evict(ref.key)
 
 
 def release(block_manager, blocks: RefBlocks) -> None:

@@ -158,7 +158,7 @@ def test_abort_and_preemption_release(llm):
             engine.abort_request(req.request_id)
 
     _run(llm, b, "p-b2", abort)
-    assert ref.blocks.pins == 0 and not reuse._pins
+    assert ref.blocks.pins == 0 and not reuse.blocks._pins
     assert {blk: bm.allocator.ref_count(blk) for blk in ref.blocks.table} == before
     bm.check_integrity()
 
