@@ -3,21 +3,23 @@
 # kind nvidia-h200; < 150 s). Only per-token scales with q in two e4m3 terms (`mma_qsplit`)
 # keep top-1 >= 0.99 against the bf16 library (bench/results/fp8_quality_mma.json); session 16
 # timed that program at 1.758 ms vs bf16 1.701 at B = 1,024 (0.97x; one-term q 1.22x, which
-# misses 0.99). 1) correctness: the CUDA cases of the FP8 kernel tests; 2) grouped attention at
-# 8B dims, 1M-token library, top-8, B = 1,024 (the target's batch; B = 256 is timed end to
-# end below), bf16 in the same run, every variant checked vs the fp32 reference first (rc 1 if one is off), a
-# read floor and the GEMM rate measured in the run: fp8_mma_qsplit_vt (q's residual dot now
-# accumulates onto the first: QSPLIT_ACC, no per-score x16 / x1/16), _v16 (the former form,
-# A/B), _raw (RAW_MAX with per-token scales, A/B), _kb / _vb (K or V scales per 128-row block,
-# the other per token: one per-score multiply fewer; their quality: fp8_quality.py "kt_vb" /
-# "kb_vt"), fp8_mma_vt (one-term q) and _chunk (per-chunk scales, the speed ceiling of the
-# scales), each at 3 tiles (incl. 256-key blocks); 3) end to end at B = 256 (512K-token
-# library, 32 layers of 8B dims, CUDA graphs): bf16 and mma_qsplit (the program that keeps
-# quality; one-term `mma` was 1.09x in session 16), GPU ms by kernel family;
-# 4) the serve bench's variant (e), routed bf16 with the library 4x the GPU chunk budget
-# (tiers, pinned CPU), against (c) routed bf16 in the same run: 4 layers of 8B dims (the
-# 127K-token library is 2 GiB, its save and pinning fit the budget; 32 layers did not finish
-# in 110 s in session 14), B = 256 burst, 256 own + 32 generated tokens.
+# misses 0.99).
+# 1) correctness: the CUDA cases of the FP8 kernel tests.
+# 2) grouped attention at 8B dims, 1M-token library, top-8, B = 1,024 (the target's batch),
+#    bf16 in the same run, every variant checked vs the fp32 reference first (rc 1 if one is
+#    off), a read floor and the GEMM rate measured in the run. fp8_mma_qsplit_vt: q's residual
+#    dot accumulates onto the first (QSPLIT_ACC: no per-score x16 / x1/16) and whole key
+#    blocks prefetch their per-token scales unmasked (SC_NOMASK). A/Bs at the engine's tile:
+#    _v16 (the former split), _raw (RAW_MAX with per-token scales), _mask (masked prefetch).
+#    _kb / _vb: K or V scales per 128-row block, the other per token (one per-score multiply
+#    fewer; quality: bench/fp8_quality.py "kt_vb" / "kb_vt"). fp8_mma_vt (one-term q) and
+#    _chunk (per-chunk scales: the scales' speed ceiling). 3 tiles each, incl. 256-key blocks.
+# 3) end to end at B = 256 (512K-token library, 32 layers of 8B dims, CUDA graphs): bf16 and
+#    mma_qsplit (one-term `mma` was 1.09x in session 16), GPU ms by kernel family.
+# 4) the serve bench's variant (e): routed bf16 with the library 4x the GPU chunk budget
+#    (tiers, pinned CPU) against (c) routed bf16 in the same run, 4 layers of 8B dims (the
+#    127K-token library is 2 GiB: its save and pinning fit the budget; at 32 layers the
+#    variant did not finish in 110 s in session 14), B = 256 burst, 256 own + 32 generated.
 # Carry .whl-min (the engine without the server; .whl works too). CPU form of every step:
 #   bash bench/device_session17_fp8.sh --cpu-dry-run
 set -u
@@ -27,7 +29,7 @@ T0=$(date +%s)
 J="$OUT/fp8_attention_h200_session17.json"; JO=$J; JD="$OUT/fp8_decode_h200_session17.json"
 JS="$OUT/serve_tiers_h200_session17.json"
 VARS="fp8_mma_vt fp8_mma_qsplit_vt fp8_mma_qsplit_vt_v16 fp8_mma_qsplit_vt_raw \
-fp8_mma_qsplit_vt_kb fp8_mma_qsplit_vt_vb fp8_mma_vt_chunk"
+fp8_mma_qsplit_vt_mask fp8_mma_qsplit_vt_kb fp8_mma_qsplit_vt_vb fp8_mma_vt_chunk"
 SERVE="--requests 256 --unique-tokens 256 --max-tokens 32 --layers 4 --gpu-memory-gib 60"
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; LIM=900

@@ -35,49 +35,25 @@ from moska.bench.bandwidth import measure_ceilings
 from moska.bench.common import time_ms
 from moska.bench.floors import attention_flops, floor_ms
 from moska.bench.fp8_attention_report import report
-from moska.bench.fp8_tiles import MMA_TILES, QUICK_MMA_TILES, QUICK_WIDE, TILES
+from moska.bench.fp8_attention_variants import (
+    AB_ONLY,
+    MMA,
+    MMA_COST,
+    MMA_TILES,
+    QUICK_MMA_TILES,
+    QUICK_WIDE,
+    TILES,
+)
 from moska.bench.kernels_util import bench_graph, rel
 from moska.kernels import shared_attention_fp8 as sa8
 from moska.kernels.selections import from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.kernels.shared_attention_fp8_ref import e4m3, fp8_mma_ref, interpreter_e4m3
-from moska.library.fp8 import BLOCK_ROWS, quantize
+from moska.library.fp8 import quantize
 
 # rel. error of o vs the reference (lse: a tenth). fp8_dot also cuts q to e4m3, an error of
 # the size e4m3 KV itself brings (`fp8_values_vs_bf16_values`, ~0.04 on random data).
 TOL = {"bf16": 1e-2, "fp8": 1e-2, "fp8_chunk": 1e-2, "fp8_dot": 1e-1}
-# tensor-core time of a variant's two products vs bf16's (FP8 MMA runs at 2x the bf16
-# rate on Hopper; qsplit: two FP8 QK^T dots, one PV): the compute floor's FLOPs factor
-MMA_COST = {"fp8_mma": 0.5, "fp8_mma_vt": 0.5, "fp8_dot": 0.75}
-MMA_COST.update(fp8_mma_qsplit=0.75, fp8_mma_qsplit_vt=0.75, fp8_mma_vt_chunk=0.5)
-MMA_COST.update(fp8_mma_vt_v1=0.5, fp8_mma_vt_chunk_scaled=0.5, fp8_mma_vt_block=0.5)
-# fp8_mma (shared_attention_fp8.py): q per row and the weights in e4m3, no KV tile upcast;
-# _vt: V read token-major (a transposed copy); _qsplit: q as two e4m3 terms (two QK^T dots)
-MMA: dict[str, dict[str, Any]] = {"fp8_mma": {}, "fp8_mma_vt": {"v_t": True}}
-MMA.update(
-    fp8_mma_qsplit={"fp8_q_split": True}, fp8_mma_qsplit_vt={"fp8_q_split": True, "v_t": True}
-)
-# _chunk: per-(chunk, KV head) scales (what per-token ones cost); A/Bs in one run of the
-# program's session-16 forms against the former code: _v1 (per-token, TOKEN_V2 off),
-# _chunk_scaled (RAW_MAX off)
-MMA.update(fp8_mma_vt_chunk={"v_t": True}, fp8_mma_vt_v1={"v_t": True, "token_v2": False})
-MMA.update(fp8_mma_vt_chunk_scaled={"v_t": True, "raw_max": False})
-# _block: library/fp8.py "block" scales (per 128 rows from a chunk's start), one per key block
-MMA.update(fp8_mma_vt_block={"v_t": True, "fp8_scale_block": BLOCK_ROWS})
-# session 17: q split in its accumulating form (QSPLIT_ACC, the default) vs the former one
-# (_v16: residual 16x up, two multiplies per score), and RAW_MAX with per-token scales (_raw)
-MMA.update(fp8_mma_qsplit_vt_v16={"fp8_q_split": True, "v_t": True, "qsplit_acc": False})
-MMA.update(fp8_mma_qsplit_vt_raw={"fp8_q_split": True, "v_t": True, "raw_max_token": True})
-# one side's scales per block of 128 rows, the other's per token (fp8_quality.py "kt_vb" /
-# "kb_vt"): _kb K per block (folded into the row scale), _vb V per block (weights from exp2)
-MMA.update(
-    fp8_mma_qsplit_vt_kb={"fp8_q_split": True, "v_t": True, "fp8_scale_block": BLOCK_ROWS},
-    fp8_mma_qsplit_vt_vb={"fp8_q_split": True, "v_t": True, "fp8_scale_block": BLOCK_ROWS},
-)
-MMA["fp8_mma_qsplit_vt_kb"]["scale_sides"] = 1
-MMA["fp8_mma_qsplit_vt_vb"]["scale_sides"] = 2
-MMA_COST.update(fp8_mma_qsplit_vt_v16=0.75, fp8_mma_qsplit_vt_raw=0.75)
-MMA_COST.update(fp8_mma_qsplit_vt_kb=0.75, fp8_mma_qsplit_vt_vb=0.75)
 # vs the dequantized library (the algorithm's own e4m3 error ~0.02 on random data; the CPU
 # dry run's interpreter rounds some e4m3 casts wrongly: 0.15 there, set in main)
 TOL.update({n: 5e-2 for n in MMA})
@@ -153,14 +129,16 @@ def gsa(
     qsplit_acc: bool = True,
     raw_max_token: bool = False,
     scale_sides: int = 3,
+    sc_nomask: bool = True,
     **kw,
 ):
     """`grouped_shared_attention` with the FP8 program's RAW_MAX / TOKEN_V2 / QSPLIT_ACC /
-    RAW_MAX_TOKEN / SCALE_SIDES flags set for this call (module flags `fp8_mma_args` reads
+    RAW_MAX_TOKEN / SCALE_SIDES / SC_NOMASK flags set for this call (module flags `fp8_mma_args` reads
     at launch: compile and graph capture see them)."""
-    names = ("RAW_MAX", "TOKEN_V2", "QSPLIT_ACC", "RAW_MAX_TOKEN", "SCALE_SIDES")
+    names = ("RAW_MAX", "TOKEN_V2", "QSPLIT_ACC", "RAW_MAX_TOKEN", "SCALE_SIDES", "SC_NOMASK")
     before = [getattr(sa8, n) for n in names]
-    for n, x in zip(names, (raw_max, token_v2, qsplit_acc, raw_max_token, scale_sides)):
+    flags = (raw_max, token_v2, qsplit_acc, raw_max_token, scale_sides, sc_nomask)
+    for n, x in zip(names, flags):
         setattr(sa8, n, x)
     try:
         return grouped_shared_attention(*args, **kw)
@@ -282,7 +260,7 @@ def run_batch(
         if name in MMA and (mma_tiles is not None or len(tiles) > 1):
             todo = MMA_TILES if mma_tiles is None else mma_tiles
             if mma_tiles is QUICK_MMA_TILES:
-                todo = [todo[0], *QUICK_WIDE]
+                todo = [todo[0]] if name in AB_ONLY else [todo[0], *QUICK_WIDE]
         for tile in todo:
             tkw = {**tile, **({"use_tma": True} if "v_pool_t" in kw else {})}
             if tile and not tile_ok(name, tile, times, refs[name], (kk, vv, offs, kw, tkw)):

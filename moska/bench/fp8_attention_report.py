@@ -12,7 +12,7 @@ from moska.bench.common import environment, write_json
 # quality model (bench/results/fp8_quality*.json): per-token scales, upcast or q in two terms
 # (one-term q: 0.9899 / 0.9873; per-chunk or block scales: 0.988-0.989)
 QUALITY_KEPT: tuple[str, ...] = ("fp8", "fp8_mma_qsplit", "fp8_mma_qsplit_vt")
-QUALITY_KEPT += ("fp8_mma_qsplit_vt_v16", "fp8_mma_qsplit_vt_raw")
+QUALITY_KEPT += ("fp8_mma_qsplit_vt_v16", "fp8_mma_qsplit_vt_raw", "fp8_mma_qsplit_vt_mask")
 
 
 def by_batch(rows: list[dict], names: list[str], mma) -> list[dict]:

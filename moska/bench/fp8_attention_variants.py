@@ -1,10 +1,49 @@
-"""Tiles the FP8 attention benchmark (`moska.bench.fp8_attention`) tries per variant: the
-launcher's defaults ({}) and alternatives, with what each was chosen on."""
+"""What the FP8 attention benchmark (`moska.bench.fp8_attention`) times: the FP8 tensor-core
+program's variants (their launch keywords and flags) and the tiles tried per variant (the
+launcher's defaults ({}) and alternatives, with what each was chosen on)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from moska.library.fp8 import BLOCK_ROWS
+
+# tensor-core time of a variant's two products vs bf16's (FP8 MMA runs at 2x the bf16
+# rate on Hopper; qsplit: two FP8 QK^T dots, one PV): the compute floor's FLOPs factor
+MMA_COST = {"fp8_mma": 0.5, "fp8_mma_vt": 0.5, "fp8_dot": 0.75}
+MMA_COST.update(fp8_mma_qsplit=0.75, fp8_mma_qsplit_vt=0.75, fp8_mma_vt_chunk=0.5)
+MMA_COST.update(fp8_mma_vt_v1=0.5, fp8_mma_vt_chunk_scaled=0.5, fp8_mma_vt_block=0.5)
+# fp8_mma (shared_attention_fp8.py): q per row and the weights in e4m3, no KV tile upcast;
+# _vt: V read token-major (a transposed copy); _qsplit: q as two e4m3 terms (two QK^T dots)
+MMA: dict[str, dict[str, Any]] = {"fp8_mma": {}, "fp8_mma_vt": {"v_t": True}}
+MMA.update(
+    fp8_mma_qsplit={"fp8_q_split": True}, fp8_mma_qsplit_vt={"fp8_q_split": True, "v_t": True}
+)
+# _chunk: per-(chunk, KV head) scales (what per-token ones cost); A/Bs in one run of the
+# program's session-16 forms against the former code: _v1 (per-token, TOKEN_V2 off),
+# _chunk_scaled (RAW_MAX off)
+MMA.update(fp8_mma_vt_chunk={"v_t": True}, fp8_mma_vt_v1={"v_t": True, "token_v2": False})
+MMA.update(fp8_mma_vt_chunk_scaled={"v_t": True, "raw_max": False})
+# _block: library/fp8.py "block" scales (per 128 rows from a chunk's start), one per key block
+MMA.update(fp8_mma_vt_block={"v_t": True, "fp8_scale_block": BLOCK_ROWS})
+# session 17: q split in its accumulating form (QSPLIT_ACC, the default) vs the former one
+# (_v16: residual 16x up, two multiplies per score), and RAW_MAX with per-token scales (_raw)
+MMA.update(fp8_mma_qsplit_vt_v16={"fp8_q_split": True, "v_t": True, "qsplit_acc": False})
+MMA.update(fp8_mma_qsplit_vt_raw={"fp8_q_split": True, "v_t": True, "raw_max_token": True})
+# _mask: the per-token scales' prefetch masked on whole key blocks too (SC_NOMASK off, A/B)
+MMA.update(fp8_mma_qsplit_vt_mask={"fp8_q_split": True, "v_t": True, "sc_nomask": False})
+# A/B variants: timed at the engine's tile only (the first quick tile)
+AB_ONLY = ("fp8_mma_qsplit_vt_v16", "fp8_mma_qsplit_vt_raw", "fp8_mma_qsplit_vt_mask")
+# one side's scales per block of 128 rows, the other's per token (fp8_quality.py "kt_vb" /
+# "kb_vt"): _kb K per block (folded into the row scale), _vb V per block (weights from exp2)
+MMA.update(
+    fp8_mma_qsplit_vt_kb={"fp8_q_split": True, "v_t": True, "fp8_scale_block": BLOCK_ROWS},
+    fp8_mma_qsplit_vt_vb={"fp8_q_split": True, "v_t": True, "fp8_scale_block": BLOCK_ROWS},
+)
+MMA["fp8_mma_qsplit_vt_kb"]["scale_sides"] = 1
+MMA["fp8_mma_qsplit_vt_vb"]["scale_sides"] = 2
+MMA_COST.update(fp8_mma_qsplit_vt_v16=0.75, fp8_mma_qsplit_vt_raw=0.75, fp8_mma_qsplit_vt_mask=0.75)
+MMA_COST.update(fp8_mma_qsplit_vt_kb=0.75, fp8_mma_qsplit_vt_vb=0.75)
 # FP8 tensor-core tiles (e4m3 halves shared memory per stage): on the H200 only 64 x 128, 4
 # warps, 3 stages was good for fp8_mma_vt (fp8_attention_h200_mma.json; 128 rows 4-6 ms)
 MMA_TILES: list[dict[str, Any]] = [

@@ -52,6 +52,10 @@ RAW_MAX_TOKEN = False  # RAW_MAX with per-token scales too (A/B: 2-6 % slower in
 # with `fp8_scale_block`: which scales are per block (3 K and V, 1 K only, 2 V only; the other
 # per token): library/fp8.py quantizes K and V each at its own granularity
 SCALE_SIDES = 3
+# SC_NOMASK (per-token scales, TOKEN_V2): over whole key blocks the next block's scales are
+# loaded unmasked (the last block reloads its own): a 64 x 128 tile's thread loads 32 K and
+# 32 V scales a block, and their mask compares were as many ops again. Off: masked (A/B)
+SC_NOMASK = True
 
 
 def fp8_mma_args(
@@ -94,13 +98,14 @@ def fp8_mma_args(
 def _flags(fp8: dict, scale_block: int) -> dict:
     per_token = bool(fp8.get("PER_TOKEN"))
     raw = RAW_MAX and (RAW_MAX_TOKEN or not per_token)
-    flags = {"RAW_MAX": raw, "TOKEN_V2": TOKEN_V2 and per_token}
+    flags: dict[str, bool | int] = {"RAW_MAX": raw, "TOKEN_V2": TOKEN_V2 and per_token}
     if scale_block and SCALE_SIDES not in (1, 2, 3):
         raise ValueError(f"SCALE_SIDES={SCALE_SIDES}: 1 (K), 2 (V) or 3 (both)")
     if scale_block and SCALE_SIDES != 3 and not flags["TOKEN_V2"]:
         raise ValueError("K-only or V-only block scales need TOKEN_V2")
     sides = SCALE_SIDES if scale_block else 3
-    return {**flags, "SCALE_BLOCK": scale_block, "QSPLIT_ACC": QSPLIT_ACC, "SCALE_SIDES": sides}
+    flags.update(QSPLIT_ACC=QSPLIT_ACC, SCALE_SIDES=sides, SC_NOMASK=SC_NOMASK)
+    return {**flags, "SCALE_BLOCK": scale_block}
 
 
 def v_t_descriptor(v_pool_t, block_n: int) -> TensorDescriptor:
@@ -124,6 +129,7 @@ def _grouped_fp8_mma_kernel(
     V_T: tl.constexpr = False, Q_SPLIT: tl.constexpr = False, RAW_MAX: tl.constexpr = False,
     TOKEN_V2: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 0,
     QSPLIT_ACC: tl.constexpr = False, SCALE_SIDES: tl.constexpr = 3,
+    SC_NOMASK: tl.constexpr = False,
 ):
     # fmt: on
     # The arguments of `_grouped_shared_attention_kernel` (PRECISION, KV_FP8, FP8_DOT and
@@ -139,7 +145,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
+                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK,
             )
             # fmt: on
     else:
@@ -152,7 +158,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
+                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK,
             )
             # fmt: on
 
@@ -168,6 +174,7 @@ def _fp8_item(
     PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
     RAW_MAX: tl.constexpr, WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr,
     SCALE_BLOCK: tl.constexpr, QSPLIT_ACC: tl.constexpr, SCALE_SIDES: tl.constexpr,
+    SC_NOMASK: tl.constexpr,
 ):
     # fmt: on
     # work item w: one row tile of one (chunk, KV head) group over one split of the chunk
@@ -229,7 +236,7 @@ def _fp8_item(
         acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv, kv * D, lo, full_hi,
         stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
         BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
-        SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
+        SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK,
     )
     if full_hi < hi:
         skip = (full_hi - lo).to(tl.int64)
@@ -238,7 +245,7 @@ def _fp8_item(
             k_desc, v_desc, kv, kv * D, full_hi, hi, stride_kn, stride_vn,
             sc_ptrs + skip * stride_sc, k_scale_ptr, v_scale_ptr, stride_sc,
             BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
-            SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
+            SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK,
         )
     # fmt: on
 

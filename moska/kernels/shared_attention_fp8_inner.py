@@ -17,6 +17,7 @@ def _fp8_inner(
     PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr, RAW_MAX: tl.constexpr,
     WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     QSPLIT_ACC: tl.constexpr = True, SCALE_SIDES: tl.constexpr = 3,
+    SC_NOMASK: tl.constexpr = False,
 ):  # fmt: skip
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; q_sc [BLOCK_M]: each row's
     # q scale times the logit scale (log2 domain). Unmasked calls need (hi - lo) % BLOCK_N
@@ -55,12 +56,21 @@ def _fp8_inner(
         elif PER_TOKEN:
             if TOKEN_V2:  # this block's scales came with the last one; the next ones now
                 ks, vs = ks_nx, vs_nx
-                nxt = (start + BLOCK_N + offs_n) < hi
-                nx_ptrs = sc_ptrs + BLOCK_N * stride_sc
-                if not K_BLK:
-                    ks_nx = tl.load(k_scale_ptr + nx_ptrs, mask=nxt, other=1.0)
-                if not V_BLK:
-                    vs_nx = tl.load(v_scale_ptr + nx_ptrs, mask=nxt, other=0.0)
+                if SC_NOMASK and not MASKED:  # full blocks: the last one reloads its own
+                    # scales (dropped after the loop) instead of masking every load
+                    nx = tl.minimum(start + BLOCK_N, hi - BLOCK_N)
+                    nx_ptrs = sc_ptrs + (nx - start).to(tl.int64) * stride_sc
+                    if not K_BLK:
+                        ks_nx = tl.load(k_scale_ptr + nx_ptrs)
+                    if not V_BLK:
+                        vs_nx = tl.load(v_scale_ptr + nx_ptrs)
+                else:
+                    nxt = (start + BLOCK_N + offs_n) < hi
+                    nx_ptrs = sc_ptrs + BLOCK_N * stride_sc
+                    if not K_BLK:
+                        ks_nx = tl.load(k_scale_ptr + nx_ptrs, mask=nxt, other=1.0)
+                    if not V_BLK:
+                        vs_nx = tl.load(v_scale_ptr + nx_ptrs, mask=nxt, other=0.0)
                 if K_BLK:  # mixed: the block's one K (or V) scale, as BLK reads it
                     ksb = tl.load(k_scale_ptr + blk_sc)
                 if V_BLK:
