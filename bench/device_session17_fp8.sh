@@ -13,7 +13,8 @@
 #    _v16 (the former split), _raw (RAW_MAX with per-token scales), _mask (masked prefetch).
 #    _kb / _vb: K or V scales per 128-row block, the other per token (one per-score multiply
 #    fewer; quality: bench/fp8_quality.py "kt_vb" / "kb_vt"). fp8_mma_vt (one-term q) and
-#    _chunk (per-chunk scales: the scales' speed ceiling). 3 tiles each, incl. 256-key blocks.
+#    _chunk (per-chunk scales: the scales' speed ceiling), references at the engine's tile.
+#    The others at 3 tiles, incl. 256-key blocks.
 # 3) end to end at B = 256 (512K-token library, 32 layers of 8B dims, CUDA graphs): bf16 and
 #    mma_qsplit (one-term `mma` was 1.09x in session 16), GPU ms by kernel family.
 # 4) the serve bench's variant (e): routed bf16 with the library 4x the GPU chunk budget
@@ -44,7 +45,7 @@ else
     --target /tmp/site_fp8_17 "$W"/*.whl
   export PYTHONPATH=/tmp/site_fp8_17:$PWD
   TESTS="-m cuda tests/kernels/test_shared_attention_fp8.py"; TT=40
-  BARGS="--batch 1024 --quick-tiles"; TB=48
+  BARGS="--batch 1024 --quick-tiles"; TB=58
   DARGS="--batch 256 --modes bf16 fp8_mma_qsplit --profile"; TD=26
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null | head -1
