@@ -33,7 +33,8 @@ MMA.update(fp8_mma_qsplit_vt_raw={"fp8_q_split": True, "v_t": True, "raw_max_tok
 # _mask: the per-token scales' prefetch masked on whole key blocks too (SC_NOMASK off, A/B)
 MMA.update(fp8_mma_qsplit_vt_mask={"fp8_q_split": True, "v_t": True, "sc_nomask": False})
 # A/B and reference variants: timed at the engine's tile only (the first quick tile)
-AB_ONLY = ("fp8_mma_qsplit_vt_v16", "fp8_mma_qsplit_vt_raw", "fp8_mma_qsplit_vt_mask")
+AB_ONLY: tuple[str, ...] = ("fp8_mma_qsplit_vt_v16", "fp8_mma_qsplit_vt_raw")
+AB_ONLY += ("fp8_mma_qsplit_vt_mask",)
 AB_ONLY += ("fp8_mma_vt", "fp8_mma_vt_chunk")  # the references: their best tile is known
 # one side's scales per block of 128 rows, the other's per token (fp8_quality.py "kt_vb" /
 # "kb_vt"): _kb K per block (folded into the row scale), _vb V per block (weights from exp2)
