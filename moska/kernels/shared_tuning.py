@@ -16,6 +16,7 @@ takes `fallback`. Pure Python: the launcher imports this, and nothing from the r
 """
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,17 @@ def one_chunk_backend(
     take fp16/bf16 on CUDA only: anything else runs "triton"."""
     if device_type != "cuda" or str(dtype) not in ("torch.float16", "torch.bfloat16"):
         return "triton"
+    if table is ONE_CHUNK:  # every layer of every eager step asks: ~5-15 us of Python each
+        return _one_chunk_lookup(head_dim, gqa, rows)
+    return _lookup(head_dim, gqa, rows, table)
+
+
+@lru_cache(maxsize=4096)
+def _one_chunk_lookup(head_dim: int, gqa: int, rows: int) -> str:
+    return _lookup(head_dim, gqa, rows, ONE_CHUNK)
+
+
+def _lookup(head_dim: int, gqa: int, rows: int, table: tuple[OneChunkEntry, ...]) -> str:
     gs = sorted({e.gqa for e in table if e.head_dim == head_dim})
     if not gs:
         return "triton"
