@@ -80,7 +80,8 @@ def paired(pt: dict, ours: str, prefix: str) -> float | None:
 
 def one_chunk_table(points: list[dict]) -> list[dict]:
     """ONE_CHUNK entries: per (D, G), each measured B takes the faster of the best Triton
-    variant and the best SDPA call with LSE (as the launcher makes it); an entry starts at
+    variant and the best SDPA call with LSE (as the launcher makes it; with timing rounds,
+    the faster by the median of their per-round ratios); an entry starts at
     each measured point where the choice changes (rows between two points keep the lower
     one's choice)."""
     by_shape: dict[tuple[int, int], list[dict]] = {}
@@ -90,9 +91,12 @@ def one_chunk_table(points: list[dict]) -> list[dict]:
     for (d, g), pts in sorted(by_shape.items()):
         prev = None
         for p in sorted(pts, key=lambda p_: p_["rows"]):
-            _, t_ms = _best(p["ms"], "triton:")
+            t_name, t_ms = _best(p["ms"], "triton:")
             s_name, s_ms = _best(p["ms"], "sdpa:")
-            choice = s_name[5:] if s_name and s_ms < t_ms else "triton"
+            faster = s_name is not None and s_ms < t_ms
+            if s_name and t_name and p.get("rounds_ms"):  # round by round, where timed so
+                faster = (paired(p, t_name, s_name) or 1.0) < 1.0  # sdpa / triton < 1
+            choice = s_name[5:] if s_name and faster else "triton"
             if choice != prev:
                 rows = 0 if prev is None else p["rows"]
                 out.append({"head_dim": d, "gqa": g, "min_rows": rows, "backend": choice})

@@ -65,3 +65,14 @@ def test_paired_ratios_compare_calls_round_by_round():
     assert s["dispatch_vs_same_call_paired"] == 1.0  # median of 0.909, 1.0, 1.0
     assert s["dispatch_vs_baseline_paired"] == round(6.9 / 7.0, 3)
     assert s["dispatch_vs_baseline"] == round(6.4 / 7.0, 3)  # best rounds: 0.914
+
+
+def test_table_with_rounds_follows_the_paired_ratio():
+    # cuDNN's best round (6.0) beats ours (6.5), but round by round ours is faster
+    pt = _pt(128, 4, 1024, 6.5, 6.0)
+    pt["rounds_ms"] = {"triton:table:x": [6.5, 7.5, 7.4], "sdpa:cudnn": [7.0, 7.7, 6.0]}
+    assert one_chunk_table([pt]) == [
+        {"head_dim": 128, "gqa": 4, "min_rows": 0, "backend": "triton"}
+    ]
+    pt["rounds_ms"]["sdpa:cudnn"] = [6.3, 7.2, 7.3]  # faster in two rounds of three
+    assert one_chunk_table([pt])[0]["backend"] == "cudnn"
