@@ -34,7 +34,7 @@ else
     --target /tmp/site_shapes17 .whl-min/*.whl
   export PYTHONPATH=/tmp/site_shapes17:$PWD
   TESTS="tests/kernels/test_shared_one_chunk_cuda.py tests/engine/test_one_chunk_seam_cuda.py"
-  TT=50; HGT=36; WLT=30
+  TT=50; HGT=42; WLT=26
   echo "installed in $(( $(date +%s) - T0 )) s"
 fi
 for i in $(seq 0 $((NW - 1))); do
@@ -49,13 +49,13 @@ grep -h "FAILED\|Error" "$OUT/tests.log" | cut -c1-240 | head -6
 wait
 echo "warm-up (compiles) done at $(( $(date +%s) - T0 )) s; failures:"
 grep -h "failed" "$OUT"/warm_*.log | cut -c1-200 | head -4
-timeout 48 $PY -m moska.bench.kernels_one_chunk $DRY $OC --out "$OUT" --budget-s 32 \
+timeout 46 $PY -m moska.bench.kernels_one_chunk $DRY $OC --out "$OUT" --budget-s 30 \
   --name kernels_one_chunk_h200_session17.json > "$OUT/one_chunk.log" 2>&1
 echo "one_chunk rc=$? at $(( $(date +%s) - T0 )) s"
-timeout $HGT $PY -m moska.bench.kernels_shapes_variants $DRY --high-g --out "$OUT" --budget-s 22 \
+timeout $HGT $PY -m moska.bench.kernels_shapes_variants $DRY --high-g --out "$OUT" --budget-s 28 \
   --name kernels_shapes_high_g_h200_session17.json > "$OUT/high_g.log" 2>&1
 echo "high_g rc=$? at $(( $(date +%s) - T0 )) s"
-timeout $WLT $PY -m moska.bench.kernels_whole_library $DRY --out "$OUT" --budget-s 12 \
+timeout $WLT $PY -m moska.bench.kernels_whole_library $DRY --out "$OUT" --budget-s 10 \
   --name kernels_whole_library_h200_session17.json > "$OUT/whole.log" 2>&1
 echo "whole_library rc=$? at $(( $(date +%s) - T0 )) s"
 grep -h "^read\|^wrong" "$OUT/one_chunk.log" | cut -c1-200

@@ -81,7 +81,10 @@ GROUPED = {
 # `--high-g`: G >= 4 at B = 1,024 (128-256 rows per (chunk, KV head) group; 0.30-0.62 of the
 # read floor in session 15): deeper or shallower pipelines (more programs per SM), wider key
 # blocks at 64 rows, 256-row tiles (a G = 8 group's K/V streamed once, not 2-4 times through
-# L2), and the two best 128-row tiles of session 15 again in the same run.
+# L2: each tile of a group re-reads the chunk's 2 MB from L2, and at 128 +- 22 rows 64-row
+# tiles made 2.45 tiles a group; docs/performance-notes.md), also as 16 warps (4 warpgroups
+# of 64 rows, registers of a 64-row tile each), and the two best 128-row tiles of session 15
+# again in the same run.
 HIGH_G = {
     128: [
         T(64, 64, 4, 4),
@@ -92,10 +95,13 @@ HIGH_G = {
         T(128, 128, 8, 3, programs_per_sm=1, **HT),
         T(128, 128, 8, 3, warp_specialize=True, **HT),
         T(256, 64, 8, 2, **HT),  # a 256-row group's K/V read once (G 8); may spill
+        T(256, 64, 16, 2, **HT),  # 4 warpgroups of 64 rows share each K/V block
+        T(256, 128, 16, 2, **HT),
     ],
     64: [
         T(256, 64, 8, 2, **HT),  # a 256-row group's K/V read once (G 8): 64 + 64 regs
         T(256, 64, 8, 3, **HT),
+        T(256, 128, 16, 2, **HT),  # 4 warpgroups of 64 rows share each K/V block
         T(64, 128, 4, 2),
         T(64, 64, 4, 4),
         T(64, 256, 4, 2),

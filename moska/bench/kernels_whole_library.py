@@ -100,8 +100,8 @@ def main(argv=None) -> None:
     dev, cfg = ("cpu", DRY) if dry else ("cuda", GPU)
     dtype = getattr(torch, cfg["dtype"])
     tol = 1e-4 if dtype == torch.float32 else 1e-2
-    ceil = measure_ceilings(dev, gib=1 / 64 if dry else 4.0, reps=2 if dry else 6, gemm=False)
-    ceil.update(measure_matmul(dev, sizes=(256,) if dry else (8192, 16384), reps=3 if dry else 6))
+    ceil = measure_ceilings(dev, gib=1 / 64 if dry else 4.0, reps=2 if dry else 4, gemm=False)
+    ceil.update(measure_matmul(dev, sizes=(256,) if dry else (8192,), reps=3 if dry else 4))
     bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
     print(f"read {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     measure = timer(dev)
