@@ -2,7 +2,7 @@
 # #22 items 3-4, session 17 (one H200, kind nvidia-h200; < 150 s; carry .whl-min).
 # 1) correctness first: the CUDA tests of `one_chunk_attention` (Triton, cuDNN, flash and the
 #    table's dispatch, bf16 vs an fp32 reference, eager and in a CUDA graph) and of the
-#    engine's seam (attention/shared.py: a one-chunk library through the dispatcher, merged,
+#    engine's seam (attention/shared.py: a library read whole through the dispatcher, merged,
 #    vs the PyTorch reference), while 12 processes compile the Triton tiles of steps 2-3;
 # 2) `moska.bench.kernels_one_chunk --table-only --rounds 4`: one 128K-token chunk read by
 #    B = 16-1,024 requests, D 64/128 x G 1/2/4/8: every call checked (o, lse) first, then the
@@ -29,7 +29,7 @@ if [ "${1:-}" = "--cpu-dry-run" ]; then
   TESTS="tests/kernels/test_shared_one_chunk.py tests/engine/test_one_chunk_seam.py"; TT=150
   OC="$OC --b-list 2"; HGT=150; WLT=120
 else
-  PY=python3; export TRITON_INTERPRET=0; DRY=""; NW=6
+  PY=python3; export TRITON_INTERPRET=0; DRY=""; NW=8
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_shapes17 .whl-min/*.whl
   export PYTHONPATH=/tmp/site_shapes17:$PWD
@@ -37,9 +37,12 @@ else
   TT=50; HGT=42; WLT=26
   echo "installed in $(( $(date +%s) - T0 )) s"
 fi
-for i in $(seq 0 $((NW - 1))); do
-  timeout 45 $PY -m moska.bench.kernels_one_chunk $DRY $OC --warm "$i/$NW" \
+NO=$(( NW / 2 ))  # the one-chunk run (table tiles only) compiles fewer kernels
+for i in $(seq 0 $((NO - 1))); do
+  timeout 45 $PY -m moska.bench.kernels_one_chunk $DRY $OC --warm "$i/$NO" \
     > "$OUT/warm_oc_$i.log" 2>&1 &
+done
+for i in $(seq 0 $((NW - 1))); do
   timeout 45 $PY -m moska.bench.kernels_shapes_variants $DRY --high-g --warm "$i/$NW" \
     > "$OUT/warm_hg_$i.log" 2>&1 &
 done
