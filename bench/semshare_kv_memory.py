@@ -2,7 +2,8 @@
 engine on moska-code-20m (CPU, fp32), and its continuation loss either way.
 
 Workload as `bench/semshare_quality.py` (its `documents`: held-out networkx/sympy files,
-variants renamed / reordered / reworded / sibling): one engine with semantic reuse stores
+variants renamed / reordered / reworded / sibling), plus same-length token substitutions
+(`substitute`: positions never shift, where blocks can be shared): one engine with semantic reuse stores
 each document's first `--ref-tokens` tokens (a request of that prompt, computed in full:
 its blocks become the reference, `moska/semshare/sharing.py`); then each variant's first
 `--prompt` tokens are sent twice, with `SemShareConfig.share_blocks` on and off. Right after
@@ -19,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -38,11 +40,24 @@ from moska.bench.common import environment
 from moska.semshare.blend import extend, slots_of
 
 PARAMS = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+# the workload's kinds, and same-length edits: every 128th prompt token (from the 64th)
+# replaced by another token of the document (a changed literal or one-token name): nothing
+# after an edit shifts, the case where whole blocks keep their tokens and positions
+KINDS = (*wl.KINDS, "substitute")
+
+
+def substitute(ids: list[int], prompt: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    out = list(ids)
+    for i in range(64, prompt - 1, 128):
+        out[i] = rng.choice([t for t in ids[:prompt] if t != ids[i]])
+    return out
 
 
 def prompt_kv(llm, prompt: list[int], rid: str):
     """Run one request until its prompt is computed: (its table, blocks taken from the
-    reference, reused tokens, the prompt's KV copied into a standalone cache + table)."""
+    reference, from the prefix cache, reused tokens, the prompt's KV copied into a
+    standalone cache + table)."""
     engine = llm.engine
     engine.add_request(rid, prompt, PARAMS)
     req = engine.scheduler._requests[rid]
@@ -54,14 +69,14 @@ def prompt_kv(llm, prompt: list[int], rid: str):
             cache = engine.runner.cache
             plan = req.semantic
             shared = 0 if plan is None else getattr(req, "num_shared_blocks", 0)
-            shared += req.num_cached_tokens // cache.block_size  # exact prefix-cache blocks
+            prefix = req.num_cached_tokens // cache.block_size  # exact prefix-cache blocks
             own, own_table = sq.new_cache(engine.loaded.model, len(prompt) + 512)
             src = slots_of(table, cache.block_size, 0, len(prompt), "cpu")
             dst = slots_of(own_table, own.block_size, 0, len(prompt), "cpu")
             flat = (cache.k.shape[0], -1, *cache.k.shape[-2:])
             own.k.view(flat)[:, dst] = cache.k.view(flat)[:, src]
             own.v.view(flat)[:, dst] = cache.v.view(flat)[:, src]
-            got = (table, shared, req.num_reused_tokens, own, own_table)
+            got = (table, shared, prefix, req.num_reused_tokens, own, own_table)
     assert got is not None
     return got
 
@@ -97,9 +112,12 @@ def main() -> None:
     refs = reuse.store.lru_entries()
     doc_keys = {r.key for r in refs}
     rows = []
-    for di, (path, _, _, vs) in enumerate(docs):
-        for kind in wl.KINDS:
-            ids = torch.tensor(tok.encode(vs[kind])[:need])
+    for di, (path, _, doc_ids, vs) in enumerate(docs):
+        for kind in KINDS:
+            if kind == "substitute":
+                ids = torch.tensor(substitute(doc_ids[:need], args.prompt, di))
+            else:
+                ids = torch.tensor(tok.encode(vs[kind])[:need])
             prompt = ids[: args.prompt].tolist()
             row: dict = {"doc": str(path).split("site-packages/")[-1], "kind": kind}
             full, full_table = sq.new_cache(model, need)
@@ -107,15 +125,17 @@ def main() -> None:
             row["loss_full"] = sq.cont_loss(model, full, full_table, ids, args.prompt)
             for mode, on in (("shared", True), ("copied", False)):
                 reuse.config = dataclasses.replace(reuse.config, share_blocks=on)
-                table, shared, reused, own, own_table = prompt_kv(llm, prompt, f"{kind}{di}{mode}")
+                got = prompt_kv(llm, prompt, f"{kind}{di}{mode}")
+                table, shared, prefix, reused, own, own_table = got
                 for ref in reuse.store.lru_entries():  # a query computed in full was stored:
                     if ref.key not in doc_keys:  # out again, so both modes see one store
                         reuse.store.evict(ref.key)
                 row[mode] = {
                     "reused_tokens": reused,
                     "blocks": len(table),
-                    "shared_blocks": shared,
-                    "kv_bytes_held": (len(table) - shared) * block_bytes,
+                    "shared_blocks": shared,  # taken from the reference
+                    "prefix_blocks": prefix,  # taken from the exact prefix cache
+                    "kv_bytes_held": (len(table) - shared - prefix) * block_bytes,
                     "loss": sq.cont_loss(model, own, own_table, ids, args.prompt),
                 }
             s, c = row["shared"], row["copied"]
@@ -124,7 +144,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     summary = {}
-    for kind in wl.KINDS:
+    for kind in KINDS:
         rs = [r for r in rows if r["kind"] == kind]
         planned = [r for r in rs if r["shared"]["reused_tokens"] > 0]
         summary[kind] = {

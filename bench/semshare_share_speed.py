@@ -3,7 +3,8 @@ the reference's blocks shared vs copied (`moska/semshare/sharing.py`), same requ
 run, plus the plain engine's TTFT.
 
 Workload and model as `bench/semshare_speed.py` (whose helpers this uses): held-out code
-documents of `--prompt` tokens, renamed / reordered / reworded variants, a random-weight
+documents of `--prompt` tokens, renamed / reordered / reworded variants and same-length
+token substitutions (`semshare_kv_memory.substitute`: nothing shifts), a random-weight
 Llama of `--arch` (matching on random embeddings: identical tokens in identical contexts),
 one request at a time. Engines: "off" (no reuse), "share" (the default) and
 "copy" (`SemShareConfig.share_blocks` off: reused KV copied into the request's own blocks,
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import semshare_kv_memory as kvm
 import semshare_speed as sp
 
 from moska.bench.common import environment
@@ -40,6 +42,7 @@ from moska.engine.llm_engine import LLMEngine
 from moska.engine.sampling_params import SamplingParams
 
 TWO = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+KINDS = (*sp.KINDS, "substitute")  # + same-length token edits (`semshare_kv_memory.py`)
 
 
 def run(engine: LLMEngine, rid: str, ids: list[int]) -> dict:
@@ -119,9 +122,12 @@ def main() -> None:
         original = sp.join(tok, parts, "original", 0, by_dir, args.prompt)
         for name, eng in engines.items():
             run(eng, f"d{di}-orig-{name}", original)  # stored by the reuse engines
-        for kind in sp.KINDS:
+        for kind in KINDS:
             for seed in range(args.repeats):
-                ids = sp.join(tok, parts, kind, 100 + seed, by_dir, args.prompt)
+                if kind == "substitute":  # same-length edits of the original (no shift)
+                    ids = kvm.substitute(original, len(original), 100 * di + seed)
+                else:
+                    ids = sp.join(tok, parts, kind, 100 + seed, by_dir, args.prompt)
                 r = {"doc": str(parts[0][0].parent.name), "kind": kind, "seed": seed}
                 r["tokens"] = len(ids)
                 for name, eng in engines.items():
@@ -131,7 +137,7 @@ def main() -> None:
     block_bytes = 2 * engines["share"].runner.cache.k[:, 0].numel()
     block_bytes *= engines["share"].runner.cache.k.element_size()
     summary = {"block_bytes": block_bytes}
-    for kind in sp.KINDS:
+    for kind in KINDS:
         sel = [r for r in rows if r["kind"] == kind]
         held = {m: sum(r[m]["held_blocks"] for r in sel) for m in ("share", "copy")}
         summary[kind] = {
