@@ -96,8 +96,8 @@ def one_chunk_span(ops: KernelOps, lib, group: LibraryGroup) -> tuple[int, int] 
         return None
     if getattr(lib, "fp8_mma", None) is not None:
         return None
-    offsets = lib.manifest.chunk_offsets  # host ints: no device read
-    return int(offsets[0]), int(offsets[-1])
+    m = lib.manifest  # host ints, no device read (chunk_offsets would build a list of C + 1)
+    return int(m.chunks[0].start), int(m.num_tokens)
 
 
 def reported_selections(

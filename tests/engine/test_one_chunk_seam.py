@@ -20,6 +20,13 @@ from moska.attention.metadata import LibraryGroup
 from moska.kernel_ops import kernel_ops
 from moska.kernels import shared_one_chunk
 
+
+def _manifest(offsets: list[int]) -> SimpleNamespace:
+    """The manifest fields the shared path reads: chunk starts and the end of the last."""
+    chunks = [SimpleNamespace(start=o) for o in offsets[:-1]]
+    return SimpleNamespace(chunks=chunks, num_tokens=offsets[-1])
+
+
 HKV, D = 2, 32
 
 
@@ -31,7 +38,7 @@ def _library(dtype, offsets: list[int], pool_rows: int, gen: torch.Generator):
         k_pools=[k],
         v_pools=[v],
         chunk_offsets=torch.tensor(offsets, dtype=torch.int32),
-        manifest=SimpleNamespace(chunk_offsets=offsets),
+        manifest=_manifest(offsets),
         num_chunks=len(offsets) - 1,
         tiers=None,
         kv_scale_pools=None,

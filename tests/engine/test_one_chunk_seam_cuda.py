@@ -15,6 +15,14 @@ from moska.kernel_ops import kernel_ops
 from moska.kernels.shared_tuning import one_chunk_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _manifest(offsets: list[int]) -> SimpleNamespace:
+    """The manifest fields the shared path reads: chunk starts and the end of the last."""
+    chunks = [SimpleNamespace(start=o) for o in offsets[:-1]]
+    return SimpleNamespace(chunks=chunks, num_tokens=offsets[-1])
+
+
 HKV, S, START = 8, 3001, 7  # a partial last key block; the chunk not at the pool's row 0
 
 
@@ -25,7 +33,7 @@ def _library(d: int, chunks: int):
         k_pools=[k], v_pools=[v], num_chunks=chunks, tiers=None, kv_scale_pools=None,
         fp8_mma=None,
         chunk_offsets=torch.tensor(offsets, dtype=torch.int32, device="cuda"),
-        manifest=SimpleNamespace(chunk_offsets=offsets),
+        manifest=_manifest(offsets),
     )  # fmt: skip
 
 
