@@ -47,7 +47,7 @@ def full_kv_loss(model, windows: torch.Tensor, prompt: int) -> float:
 
     total, n = 0.0, 0
     for w in windows:
-        h = model(w, torch.arange(len(w)), DenseAttention(model.config.sm_scale))
+        h = model(w, torch.arange(len(w), device=w.device), DenseAttention(model.config.sm_scale))
         logits = model.compute_logits(h[prompt - 1 : -1])
         total += float(F.cross_entropy(logits, w[prompt:], reduction="sum"))
         n += len(w) - prompt
