@@ -56,10 +56,10 @@ def replay_run(stems: list[str], scale: PromiseScale, gap_s: float = 30.0) -> li
     def admits(cost: RequestCost) -> bool:
         return now >= true_at[cost.prompt_tokens]
 
-    # one event per 429 and one every check_s between, so due() runs as the server's would
-    events = sorted(
-        {r["t"] for r in rows} | {t + 0.05 * k for t in true_at.values() for k in (0, 1, 2)}
-    )
+    # one event per 429 and a decision every 50 ms (the probes' and retries' pace), so
+    # due() checks as the server's would
+    end = max(true_at.values(), default=0.0) + 1.0
+    events = sorted({r["t"] for r in rows} | {0.05 * k for k in range(int(end / 0.05) + 1)})
     out, i = [], 0
     for now in events:
         while i < len(rows) and rows[i]["t"] <= now:

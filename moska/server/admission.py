@@ -116,6 +116,7 @@ class AdmissionController:
         self.engine_share = ENGINE_SHARE  # the engine's speed while the loop decides a burst
         self.promises = PromiseScale()  # drains scaled by how recent ones came out (per group)
         self._elapsed = 0.0  # a decided request's time in the server before its decision
+        self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
 
     @property
     def load_tps(self) -> float:
@@ -247,8 +248,8 @@ class AdmissionController:
     def _check_promises(self, load: Load) -> None:
         """Would the open promises' requests be admitted on `load` now (PromiseScale.due):
         not while the door sheds (a retry now would meet its 429 first)."""
-        now, memo = time.monotonic(), self._shed_memo
-        if memo is not None and memo[2] is not None and now - memo[0] < 0.25:
+        now, memo = self.clock(), self._shed_memo
+        if memo is not None and memo[2] is not None and time.monotonic() - memo[0] < 0.25:
             return
         if self.ttft_slo is not None and self.promises.enabled:
             wait = self._elapsed  # a retry's too (its body read, tokenized: the loop's lag)
@@ -285,7 +286,7 @@ class AdmissionController:
                 return Decision(Verdict.SLO, ttft, 0, 0.0)
             drain = self._drain(cost, load, num_requests, pred)[1]
             if promise == "learn":  # a request's own 429 (not the door's ask): scaled, kept
-                drain = self.promises.promise(group_of(cost, False), cost, drain, time.monotonic())
+                drain = self.promises.promise(group_of(cost, False), cost, drain, self.clock())
             return Decision(Verdict.SLO, ttft, retry_drain.retry_after(drain), drain)
         return Decision(Verdict.ACCEPT, ttft, 0)
 
@@ -398,16 +399,19 @@ class AdmissionController:
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
                 drain = self._drain(typical, load, before_door_s=elapsed_s)[1]
-                drain = learn.promise(group_of(typical, True), typical, drain, now)
+                drain = learn.promise(group_of(typical, True), typical, drain, self.clock())
                 result = replace(
                     decision, retry_after_s=retry_drain.retry_after(drain), drain_s=drain
                 )
                 if lib is not None:
                     raw = self._drain(lib, load, before_door_s=elapsed_s)[1]
-                    each, f = self._library_drains(load, elapsed_s), learn.factor("library_door")
+                    each, f = (
+                        self._library_drains(load, elapsed_s),
+                        learn.factor("library_door", now),
+                    )
                     result = replace(
                         result,
-                        library_drain_s=learn.promise("library_door", lib, raw, now),
+                        library_drain_s=learn.promise("library_door", lib, raw, self.clock()),
                         library_drain_of=lambda body_bytes: f * each(body_bytes),
                     )
         with self._lock:

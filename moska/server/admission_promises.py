@@ -19,9 +19,9 @@ still refused after `horizon`x its promise (or `min_horizon_s`) closes with that
 a lower bound. The raw promise (the replay's) is what is learnt against, so the scale
 does not feed on itself. The learnt log scale fades with the time since the group last
 learnt (`memory_s`): a burst's bias is about that burst (replayed over the kept session
-14-15 runs, `load_promise_replay`: within 2x of the probes' drain 0.71 raw, 0.74 scaled
-without fading, 0.75 with 5 s; carried whole from 300-client bursts into a 1,000 one it
-turned session 14's `final` plain door 429s from 1.00 to 0.73).
+14-15 runs, `load_promise_replay`: within 2x of the probes' drain 0.71 raw, 0.73 scaled
+with 5 s; kept whole from a 300-client burst into a 1,000 one it turned session 14's
+`final` plain door 429s from 1.00 to 0.78).
 """
 
 from __future__ import annotations
@@ -41,15 +41,17 @@ def group_of(cost: RequestCost, at_door: bool) -> str:
     return f"{'library' if cost.library_attend else 'plain'}_{'door' if at_door else 'queue'}"
 
 
-@dataclass(frozen=True)
+@dataclass
 class OpenPromise:
-    """A 429 kept to learn from: its group, the request it stood for, when (monotonic s)
-    and the raw (unscaled) drain it was promised."""
+    """A 429 kept to learn from: its group, the request it stood for, when (monotonic s),
+    the raw (unscaled) drain it was promised, and when a check last found it still refused
+    (`refused`: its drain is later than that)."""
 
     group: str
     cost: RequestCost
     t: float
     raw_s: float
+    refused: float = -math.inf
 
 
 class PromiseScale:
@@ -62,7 +64,7 @@ class PromiseScale:
         clamp: float = 4.0,
         sample_s: float = 0.1,
         check_s: float = 0.1,
-        max_open: int = 16,
+        max_open: int = 4,
         horizon: float = 4.0,
         min_horizon_s: float = 2.0,
         memory_s: float = 5.0,
@@ -100,7 +102,7 @@ class PromiseScale:
             and len(pending) < self.max_open
         ):
             self._sampled[group] = now  # (full: the oldest are kept, they resolve first)
-            pending.append(OpenPromise(group, cost, now, raw_s))
+            pending.append(OpenPromise(group, cost, now, raw_s, now))
         return raw_s * self.factor(group, now)
 
     def observe(self, group: str, observed_s: float, raw_s: float, now: float) -> None:
@@ -113,28 +115,34 @@ class PromiseScale:
         self.seen[group] += 1
 
     def due(self, now: float, admits: Callable[[RequestCost], bool]) -> int:
-        """Check the oldest open promise of each group whose last check is `check_s` old:
-        `admits(cost)` says whether a request like it would be admitted now (one replay);
-        while yes, that promise closes at `now` and the next is checked (at most 4). Ones
-        past their horizon close with their wait as the drain. Returns the checks made."""
+        """Check each open promise of each group whose last check is `check_s` old:
+        `admits(cost)` says whether a request like it would be admitted now (one replay per
+        distinct cost: the door's promises share one). An admitted one closes, its drain
+        known to (its last refusal, now]; it is learnt from only when that interval is
+        within 2x (a check soon after a refusal: with no decisions between, a long quiet
+        gap says nothing of the drain). One past its horizon closes; its last refusal is a
+        lower bound, learnt from when it says the promise was too short. Returns the
+        replays made."""
         checks = 0
         for group, pending in self.open.items():
-            while pending and now - pending[0].t > max(
-                self.min_horizon_s, self.horizon * pending[0].raw_s
-            ):
-                p = pending.popleft()
-                self.observe(group, now - p.t, p.raw_s, now)
             if not pending or now - self._checked[group] < self.check_s:
                 continue
             self._checked[group] = now
-            for _ in range(4):
-                if not pending:
-                    break
-                checks += 1
-                if not admits(pending[0].cost):
-                    break
-                p = pending.popleft()
-                self.observe(group, now - p.t, p.raw_s, now)
+            seen: dict[RequestCost, bool] = {}
+            for p in list(pending):
+                if p.cost not in seen:
+                    checks += 1
+                    seen[p.cost] = admits(p.cost)
+                waited = now - p.t
+                if seen[p.cost]:
+                    pending.remove(p)
+                    if now - p.refused <= max(2.5 * self.check_s, 0.5 * waited):
+                        self.observe(group, waited, p.raw_s, now)
+                    continue
+                p.refused = now
+                if waited > max(self.min_horizon_s, self.horizon * p.raw_s):
+                    pending.remove(p)
+                    self.observe(group, waited, p.raw_s, now)  # > horizon x: too short
         return checks
 
     def factor_fade(self, group: str, now: float) -> float:

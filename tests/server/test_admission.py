@@ -42,6 +42,7 @@ class VirtualServer:
             BlockManager(8192, 16, enable_prefix_caching=False),
         )
         self.adm = controller
+        controller.clock = lambda: self.t  # the promise scale learns on this clock
         self.rng = random.Random(seed)
         self.t = 0.0
         self.costs: dict[str, RequestCost] = {}

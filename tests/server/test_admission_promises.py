@@ -42,7 +42,7 @@ def test_a_biased_group_is_learnt_and_the_others_stay() -> None:
         _run(scale, bias, 1.0, 60, rng)
         f = scale.factor("plain_queue")
         assert abs(math.log(f / bias)) < math.log(1.5), (bias, f)  # within 1.5x of the bias
-        assert scale.factor("library_door") == 1.0 and scale.seen["plain_queue"] > 10
+        assert scale.factor("library_door") == 1.0 and scale.seen["plain_queue"] >= 4
 
 
 def test_factor_is_clamped_disabled_and_not_fed_by_itself() -> None:
@@ -51,6 +51,7 @@ def test_factor_is_clamped_disabled_and_not_fed_by_itself() -> None:
     assert scale.factor("library_door") == 4.0
     # the promise made is raw x factor, but what is learnt is observed / raw
     assert scale.promise("library_door", LIB, 2.0, 0.0) == 8.0
+    scale.due(0.35, lambda c: False)
     scale.due(0.5, lambda c: True)  # admitted 0.5 s after a raw 2.0 s promise
     assert math.isclose(scale.factor("library_door"), 0.25)
     scale.enabled = False
@@ -65,25 +66,38 @@ def test_an_unresolved_promise_closes_at_its_horizon_as_a_lower_bound() -> None:
     assert scale.seen["plain_door"] == 1 and math.isclose(scale.factor("plain_door"), 4.0)
 
 
-def test_checks_are_rate_limited_per_group() -> None:
-    scale = PromiseScale(sample_s=0.0, check_s=0.1)
+def test_checks_are_rate_limited_per_group_and_share_a_cost() -> None:
+    scale = PromiseScale(sample_s=0.0, check_s=0.1, max_open=4)
     for i in range(5):
         scale.promise("plain_queue", PLAIN, 1.0, i * 1e-3)
+    assert len(scale.open["plain_queue"]) == 4  # full: the oldest are kept
     calls: list[int] = []
-    scale.due(0.01, lambda c: calls.append(1) is None and False)
+    assert scale.due(0.01, lambda c: calls.append(1) is None and False) == 1  # one cost
     scale.due(0.05, lambda c: calls.append(1) is None and False)  # within check_s: none
     assert len(calls) == 1
-    scale.due(0.2, lambda c: True)  # admitted: closes up to 4 in one check
-    assert scale.seen["plain_queue"] == 4 and len(scale.open["plain_queue"]) == 1
+    scale.due(0.2, lambda c: True)  # admitted 0.19 s after the last refusal: all learnt
+    assert scale.seen["plain_queue"] == 4 and not scale.open["plain_queue"]
+
+
+def test_an_admission_long_after_the_last_check_is_not_learnt_from() -> None:
+    """No decision for 3 s, then one admits: the drain is anywhere in (0, 3 s], so the
+    promise of 0.5 s is neither confirmed nor refuted (a quiet gap, not a drain)."""
+    scale = PromiseScale(alpha=1.0, min_horizon_s=10.0)
+    scale.promise("library_queue", LIB, 0.5, 0.0)
+    scale.due(3.0, lambda c: True)
+    assert scale.seen["library_queue"] == 0 and not scale.open["library_queue"]
 
 
 def test_controller_learns_a_too_long_queue_promise() -> None:
     """Live controller: a plain request refused on a long queue; the queue then empties
     (it would be admitted at once): the next 429's promise of that group is shorter."""
     adm = AdmissionController(1.0, None, limits=EngineLimits(512, 8))
-    adm.promises = PromiseScale(alpha=1.0, sample_s=0.0, check_s=0.0)
+    adm.promises = PromiseScale(alpha=1.0, sample_s=0.0, check_s=0.05)
+    now = [100.0]
+    adm.clock = lambda: now[0]
     busy = Load((RequestCost(400, 16),) * 60, (), 59, 0.0)
     first = adm.decide(PLAIN, busy)
+    now[0] += 0.06
     assert not first.accepted and first.drain_s > 0
     assert len(adm.promises.open["plain_queue"]) == 1
     adm.decide(PLAIN, Load((RequestCost(8, 16),), (), 0, 0.0))  # a check on a short queue
