@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moska.bench import retrieval_tasks as rt
-from moska.bench.train_retrieval import ANSWER, batch, contexts, losses, lr_at, main
+from moska.bench.train_retrieval import ANSWER, advances, batch, contexts, losses, lr_at, main
 
 
 def lookup(ctx: list[int], question: list[int], seps: bool = False) -> list[list[int]]:
@@ -139,6 +139,20 @@ def test_schedule_and_curriculum():
     assert lr_at(A, 500, 1.0) == pytest.approx(1e-4)
     assert contexts(256, 4096) == [256, 512, 1024, 2048, 4096]
     assert contexts(256, 1000) == [256, 512, 1000]
+
+
+def test_curriculum_advances_on_accuracy_or_on_time_after_forced_after():
+    class A:
+        advance_at, forced_after = 0.95, 0.0
+
+    assert advances(0, 6, 0.96, 0.0, A)  # learnt
+    assert not advances(5, 6, 1.0, 0.5, A)  # the last stage stays
+    assert advances(0, 6, 0.85, 0.14, A)  # the lookup emerged, its share of the run used
+    assert not advances(0, 6, 0.79, 0.5, A)  # not learnt at all: stays
+    assert not advances(0, 6, 0.85, 0.13, A)
+    A.forced_after = 0.6
+    assert not advances(0, 6, 0.85, 0.59, A) and advances(0, 6, 0.85, 0.6, A)
+    assert advances(0, 6, 0.96, 0.0, A)  # accuracy still advances at once
 
 
 def test_trains_a_few_steps_and_saves_bf16(tmp_path):
