@@ -224,12 +224,12 @@ class SemanticReuse:
             stop = min(end - 1, req.num_prompt_tokens)  # the item keeps >= 1 token
             if end >= req.num_prompt_tokens > start:  # the prompt completes in this step
                 self._completed(req, plan, block_table(req.request_id))
-            if stop - start < 2:
-                continue
-            if plan.ref.blocks is not None and plan.pinned is None and start < stop:
-                continue  # its reference was freed before it was allocated: computed in full
             if start == 0:
                 req.num_reused_tokens = 0  # a recompute after preemption counts afresh
+            if stop - start < 2:
+                continue
+            if plan.ref.blocks is not None and plan.pinned is None:
+                continue  # its reference was freed before it was allocated: computed in full
             last = end if finish else stop  # [stop, end): the item's token, computed here too
             if plan.ids is not None and plan.ids.shape[0] == req.num_prompt_tokens:
                 ids = plan.ids[start:last]  # the plan's tensor: no second 5K-int conversion

@@ -2,7 +2,8 @@
 a request that reuses a reference takes the reference's blocks whose KV it would copy
 unchanged instead of fresh ones, and generates what copying generates (greedy tokens,
 logprobs within 1e-4); a reference evicted from the store while a request still shares (or
-is about to copy from) its blocks frees none of them (ref counts); abort and preemption
+is about to copy from) its blocks frees none of them (ref counts), one freed before the
+request's first allocation leaves it computed in full (exact); abort and preemption
 release the pins and blocks; references give blocks back under pool pressure."""
 
 import dataclasses
@@ -11,6 +12,7 @@ import random
 import pytest
 
 from moska import LLM, SamplingParams
+from moska.model.reference import greedy_generate
 
 PARAMS = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)
 BS = 16
@@ -130,6 +132,25 @@ def test_evicted_reference_keeps_shared_and_pinned_blocks(llm):
     bm.check_integrity()
 
 
+def test_reference_freed_before_allocation_computes_in_full(llm):
+    engine, reuse = llm.engine, llm.engine.semshare
+    a, b = _prompts(4)
+    ref = _stored(llm, a, "f-a")
+    engine.add_request("f-b", b, PARAMS)  # planned on `ref` at intake
+    req = engine.scheduler._requests["f-b"]
+    assert req.semantic is not None and req.semantic.ref is ref
+    reuse.store.evict(ref.key)  # not pinned yet: its blocks go at once
+    assert ref.blocks.freed
+    out = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = o
+    want = greedy_generate(engine.loaded.model, b, PARAMS.max_tokens)
+    assert out.outputs[0].token_ids == want and out.num_reused_tokens == 0
+    assert req.semantic.pinned is None and getattr(req, "num_shared_blocks", 0) == 0
+    engine.block_manager.check_integrity()
+
+
 def test_abort_and_preemption_release(llm):
     engine, reuse = llm.engine, llm.engine.semshare
     bm, sched = engine.block_manager, engine.scheduler
@@ -166,13 +187,14 @@ def test_abort_and_preemption_release(llm):
 def test_references_give_blocks_back_under_pressure(llm):
     engine, reuse = llm.engine, llm.engine.semshare
     bm = engine.block_manager
-    for i in range(3):  # references of other prompts, then one that needs the whole pool
+    for i in range(3):  # references of other prompts, then one that needs their blocks
         _stored(llm, _prompts(10 + i)[0], f"r-{i}")
-    held = sum(len(r.blocks.table) for r in reuse.store.lru_entries() if r.blocks is not None)
-    assert held > 0
+    free = bm.num_free_blocks
+    evicted = reuse.store.stats.evictions
     rng = random.Random(7)
-    big = [rng.randrange(0, 256) for _ in range((bm.num_blocks - 2) * BS)]
+    big = [rng.randrange(0, 256) for _ in range((free + 4) * BS)]
     out, _ = _run(llm, big, "r-big")  # computed in full: references evicted, no hang
     assert len(out.outputs[0].token_ids) == PARAMS.max_tokens
-    assert reuse.store.stats.evictions >= 3
+    assert reuse.store.stats.evictions > evicted
+    assert all(not r.blocks.freed for r in reuse.store.lru_entries())
     bm.check_integrity()
