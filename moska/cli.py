@@ -91,7 +91,8 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "(those whose KV deviates most; 0 by default: measured >= 3.1x prefill within 2%% loss)",
     "semantic_recompute_layers": "first layers computed for every prompt token under "
     "semantic reuse",
-    "semantic_store_mb": "memory bound of the semantic reuse reference store (MiB, LRU)",
+    "semantic_store_mb": "memory bound of the semantic reuse reference store (MiB, LRU; its "
+    "KV is blocks of the KV cache, given back when an allocation needs them)",
     "flexicache": "FlexiCache for long unique contexts: 'on' or k=32,recent=2,threshold=0.75,"
     "r=16,rerank=deferred,hold=on (stable KV heads read only their top-k pages and the recent "
     "ones; rerank=step reads a re-ranking's pages in its own step; approximate; eager decode "

@@ -63,7 +63,8 @@ class EngineConfig:
         unmatched tokens and `semantic_recompute_fraction` of the matched ones. Approximate:
         off by default. `semantic_reuse_threshold` is the token-match cosine,
         `semantic_recompute_layers` the first layers computed for every token,
-        `semantic_store_mb` the reference store's bound.
+        `semantic_store_mb` the reference store's bound (its KV is blocks of the paged
+        cache, shared with the requests that reuse them unchanged: `semshare/sharing.py`).
     flexicache: FlexiCache (`moska/flexicache/`): per KV head, stable heads read only their
         top-K pages plus the recent ones at decode steps, unstable heads every page; "on" or
         "k=32,recent=2,threshold=0.75,r=16,rerank=deferred,hold=on" (or a FlexiCacheConfig).
