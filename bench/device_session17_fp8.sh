@@ -4,7 +4,7 @@
 # keep top-1 >= 0.99 against the bf16 library (bench/results/fp8_quality_mma.json); session 16
 # timed that program at 1.758 ms vs bf16 1.701 at B = 1,024 (0.97x; one-term q 1.22x, which
 # misses 0.99).
-# 1) correctness: the CUDA cases of the FP8 kernel tests.
+# 1) correctness: the CUDA cases of the FP8 kernel tests and of the engine's FP8 path.
 # 2) grouped attention at 8B dims, 1M-token library, top-8, B = 1,024 (the target's batch),
 #    bf16 in the same run, every variant checked vs the fp32 reference first (rc 1 if one is
 #    off), a read floor and the GEMM rate measured in the run. fp8_mma_qsplit_vt: q's residual
@@ -15,8 +15,10 @@
 #    fewer; quality: bench/fp8_quality.py "kt_vb" / "kb_vt"). fp8_mma_vt (one-term q) and
 #    _chunk (per-chunk scales: the scales' speed ceiling), references at the engine's tile.
 #    The others at 3 tiles, incl. 256-key blocks.
-# 3) end to end at B = 256 (512K-token library, 32 layers of 8B dims, CUDA graphs): bf16 and
-#    mma_qsplit (one-term `mma` was 1.09x in session 16), GPU ms by kernel family.
+# 3) end to end at B = 256 (512K-token library, 32 layers of 8B dims, CUDA graphs): bf16,
+#    mma_qsplit (one-term `mma` was 1.09x in session 16) and mma_qsplit_vb (V scales per
+#    128-row block, K per token: top-1 0.9932 / 0.9922, bench/results/fp8_quality_mixed.json),
+#    GPU ms by kernel family.
 # 4) the serve bench's variant (e): routed bf16 with the library 4x the GPU chunk budget
 #    (tiers, pinned CPU) against (c) routed bf16 in the same run, 4 layers of 8B dims (the
 #    127K-token library is 2 GiB: its save and pinning fit the budget; at 32 layers the
@@ -34,7 +36,7 @@ fp8_mma_qsplit_vt_mask fp8_mma_qsplit_vt_kb fp8_mma_qsplit_vt_vb fp8_mma_vt_chun
 SERVE="--requests 256 --unique-tokens 256 --max-tokens 32 --layers 4 --gpu-memory-gib 60"
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; LIM=900
-  TESTS="tests/kernels/test_shared_attention_fp8.py"; TT=300
+  TESTS="tests/kernels/test_shared_attention_fp8.py tests/library/test_fp8_mma.py"; TT=300
   BARGS="--cpu-dry-run"; J="${J%.json}_cpu_dry_run.json"; TB=400
   DARGS="--cpu-dry-run"; TD=200; SERVE="--cpu-dry-run"
   JD="${JD%.json}_cpu_dry_run.json"; JS="${JS%.json}_cpu_dry_run.json"
@@ -44,9 +46,10 @@ else
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_fp8_17 "$W"/*.whl
   export PYTHONPATH=/tmp/site_fp8_17:$PWD
-  TESTS="-m cuda tests/kernels/test_shared_attention_fp8.py"; TT=40
+  TESTS="-m cuda tests/kernels/test_shared_attention_fp8.py tests/library/test_fp8_mma.py"
+  TT=45
   BARGS="--batch 1024 --quick-tiles"; TB=58
-  DARGS="--batch 256 --modes bf16 fp8_mma_qsplit --profile"; TD=26
+  DARGS="--batch 256 --modes bf16 fp8_mma_qsplit fp8_mma_qsplit_vb --profile"; TD=32
 fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null | head -1
 # shellcheck disable=SC2086

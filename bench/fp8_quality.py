@@ -255,8 +255,16 @@ def main() -> None:
         "summary": {
             "stored_granularity": "token (one fp32 scale per token and KV head): per chunk "
             "missed the top-1 target (see rows fp8/chunk)",
-            "fp8_token_min_top1_agreement": min(r["top1_agreement_vs_bf16"] for r in fp8),
-            "fp8_token_max_abs_loss_rel": max(abs(r["loss_rel_vs_bf16"]) for r in fp8),
+            "fp8_token_min_top1_agreement": min(
+                (r["top1_agreement_vs_bf16"] for r in fp8), default=None
+            ),
+            "fp8_token_max_abs_loss_rel": max(
+                (abs(r["loss_rel_vs_bf16"]) for r in fp8), default=None
+            ),
+            "min_top1_agreement_by_kv": {  # each variant's worse routing (all chunks / top-k)
+                kv: min(r["top1_agreement_vs_bf16"] for r in rows if r["library_kv"] == kv)
+                for kv in dict.fromkeys(r["library_kv"] for r in rows)
+            },
             "targets": "top-1 agreement >= 0.99, loss within 1% of bf16",
         },
         "seconds": round(time.perf_counter() - t0, 1),

@@ -12,7 +12,10 @@ a bf16 and an FP8 copy of 512K tokens at 8B dims do not fit beside the model and
   bf16        the library in bf16
   fp8_upcast  e4m3 with per-token scales (as libraries store them), the upcast program
   fp8_mma     the same read on FP8 tensor cores (`--fp8-attention mma`: a token-major V copy,
-              library/fp8_mma.py), and `fp8_mma_qsplit` (q in two e4m3 terms)
+              library/fp8_mma.py), and `fp8_mma_qsplit` (q in two e4m3 terms);
+              `fp8_mma_qsplit_vb`: V's scales per 128-row block, K's per token (one V scale
+              per key block read, no per-weight V multiply; quality as per-token,
+              bench/results/fp8_quality_mixed.json)
 
     python -m moska.bench.fp8_decode [--batch 256] [--library-tokens 524288]
     python -m moska.bench.fp8_decode --cpu-dry-run --out /tmp/fp8_decode.json
@@ -24,6 +27,7 @@ bench/device_session16_fp8.sh (the modes here read different random values).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -42,10 +46,10 @@ from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, t
 from moska.bench.decode import BenchLibrary
 from moska.kernel_ops import kernel_ops
 from moska.kernels.router import build_routing_index
-from moska.library.fp8 import quantize
+from moska.library.fp8 import BLOCK_ROWS, quantize
 from moska.library.fp8_mma import attach_token_major_v
 
-MODES = ("bf16", "fp8_upcast", "fp8_mma", "fp8_mma_qsplit")
+MODES = ("bf16", "fp8_upcast", "fp8_mma", "fp8_mma_qsplit", "fp8_mma_qsplit_vb")
 
 
 @dataclass(eq=False)
@@ -71,7 +75,7 @@ def make_library(
     offs = torch.arange(0, tokens + 1, chunk, dtype=torch.int32, device=dev)
     first = not routing
     lib = RandomLibrary([], [], routing, offs, tokens // chunk, tokens)
-    fp8 = mode != "bf16"
+    fp8, vb = mode != "bf16", mode.endswith("_vb")
     scales: list = []
     if fp8:
         lib.kv_scale_pools = scales
@@ -81,16 +85,18 @@ def make_library(
         v = torch.randn(tokens, hkv, d, device=dev, dtype=dtype)
         if first:
             routing.append(build_routing_index(k, offs))
-        if fp8:
-            kq, vq = quantize(k, offs), quantize(v, offs)  # per-token scales
+        if fp8:  # per-token scales (_vb: V's per 128-row block)
+            kq, vq = quantize(k, offs), quantize(v, offs, "block" if vb else "token")
             k, v = kq.data, vq.data
             scales.append((kq.scale, vq.scale))
         lib.k_pools.append(k)
         lib.v_pools.append(v)
-    if mode in ("fp8_mma", "fp8_mma_qsplit"):
-        why = attach_token_major_v(lib, mode[4:])
+    if mode.startswith("fp8_mma"):
+        why = attach_token_major_v(lib, mode[4:].removesuffix("_vb"))
         if why is not None:
             raise RuntimeError(f"{mode}: {why}")
+        if vb:
+            lib.fp8_mma = dataclasses.replace(lib.fp8_mma, v_block_rows=BLOCK_ROWS)
     return lib
 
 

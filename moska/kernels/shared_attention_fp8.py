@@ -22,6 +22,8 @@ FP8 wgmma wants for P.V; with the library's [S_total, Hkv, D] layout the compile
 transpose V's tile in shared memory). Launched by `shared_attention.py` (`fp8_mma=True`).
 """
 
+from typing import Self
+
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -95,17 +97,32 @@ def fp8_mma_args(
     return {"V_T": True, "Q_SPLIT": q_split, **_flags(fp8, scale_block)}
 
 
+class SidedBlock(int):
+    """`fp8_scale_block` for pools where one side's scales are per block of int(self) rows
+    and the other's per token: `sides` 1 (K per block) or 2 (V per block: measured to keep
+    top-1 >= 0.99 with q split, bench/results/fp8_quality_mixed.json). A plain int: both."""
+
+    sides: int
+
+    def __new__(cls, rows: int, sides: int) -> Self:
+        if sides not in (1, 2):
+            raise ValueError(f"sides={sides}: 1 (K per block) or 2 (V per block)")
+        out = super().__new__(cls, rows)
+        out.sides = sides
+        return out
+
+
 def _flags(fp8: dict, scale_block: int) -> dict:
     per_token = bool(fp8.get("PER_TOKEN"))
     raw = RAW_MAX and (RAW_MAX_TOKEN or not per_token)
     flags: dict[str, bool | int] = {"RAW_MAX": raw, "TOKEN_V2": TOKEN_V2 and per_token}
     if scale_block and SCALE_SIDES not in (1, 2, 3):
         raise ValueError(f"SCALE_SIDES={SCALE_SIDES}: 1 (K), 2 (V) or 3 (both)")
-    if scale_block and SCALE_SIDES != 3 and not flags["TOKEN_V2"]:
+    if scale_block and getattr(scale_block, "sides", SCALE_SIDES) != 3 and not flags["TOKEN_V2"]:
         raise ValueError("K-only or V-only block scales need TOKEN_V2")
-    sides = SCALE_SIDES if scale_block else 3
+    sides = getattr(scale_block, "sides", SCALE_SIDES) if scale_block else 3
     flags.update(QSPLIT_ACC=QSPLIT_ACC, SCALE_SIDES=sides, SC_NOMASK=SC_NOMASK)
-    return {**flags, "SCALE_BLOCK": scale_block}
+    return {**flags, "SCALE_BLOCK": int(scale_block)}  # (a plain int constexpr)
 
 
 def v_t_descriptor(v_pool_t, block_n: int) -> TensorDescriptor:

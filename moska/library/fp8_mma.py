@@ -62,6 +62,11 @@ class TokenMajorV:
     pools: list[torch.Tensor]
     q_split: bool  # q as two e4m3 terms (two QK^T dots, 2^-8 relative q error)
     nbytes: int  # the extra GPU memory
+    # > 0: the library's V scales are constant over this many rows from each chunk's start
+    # (library/fp8.py "block" for V, K per token): the kernel reads one V scale per key block
+    # and skips the per-weight V multiply (SidedBlock); top-1 0.9932 / 0.9922 with q split,
+    # bench/results/fp8_quality_mixed.json
+    v_block_rows: int = 0
 
 
 def mma_unfit(library: Any) -> str | None:
@@ -187,10 +192,15 @@ def mma_kwargs(library: Any, layer: int) -> dict[str, Any]:
     t = getattr(library, "fp8_mma", None)
     if t is None:
         return {}
-    return {
+    kw = {
         "fp8_mma": True,
         "v_pool_t": t.pools[layer],
         "fp8_q_split": t.q_split,
         "use_tma": True,
         **MMA_TILE,
     }
+    if t.v_block_rows:
+        from moska.kernels.shared_attention_fp8 import SidedBlock
+
+        kw["fp8_scale_block"] = SidedBlock(t.v_block_rows, 2)
+    return kw

@@ -233,11 +233,12 @@ def test_fp8_mma_qsplit_accumulating_form_matches_its_algorithm(monkeypatch):
 @_CPU
 @pytest.mark.parametrize("sides,k_gran,v_gran", [(1, "block", "token"), (2, "token", "block")])
 def test_fp8_mma_one_side_block_scales(monkeypatch, sides, k_gran, v_gran):
-    # K per block and V per token (SCALE_SIDES 1) or the reverse (2), the block side read once
-    # per key block: equal to the algorithm on the same pools (unsplit, masked tail blocks)
-    # and to the dequantized library split-KV; reading the other side per block instead (a
-    # wrong SCALE_SIDES on these pools) moves o far off the algorithm
-    from moska.kernels import shared_attention_fp8 as sa8
+    # K per block and V per token (sides 1) or the reverse (2), the block side read once per
+    # key block (fp8_scale_block=SidedBlock(32, sides), as the engine passes V block scales):
+    # equal to the algorithm on the same pools (unsplit, masked tail blocks) and to the
+    # dequantized library split-KV; reading the other side per block instead (a wrong
+    # `sides` on these pools) moves o far off the algorithm
+    from moska.kernels.shared_attention_fp8 import SidedBlock
     from moska.library import fp8
 
     monkeypatch.setattr(fp8, "BLOCK_ROWS", 32)
@@ -247,16 +248,18 @@ def test_fp8_mma_one_side_block_scales(monkeypatch, sides, k_gran, v_gran):
     scales, sc = (kq.scale, vq.scale), q.shape[-1] ** -0.5
     ao, al = fp8_mma_ref(q, kq.data, vq.data, offs, sel, sc, scales, 32, True, interpreter_e4m3)
     ro, rl = grouped_shared_attention_ref(q, kq.data, vq.data, offs, sel, sc, kv_scales=scales)
-    kw = {"kv_scales": scales, "fp8_mma": True, "fp8_scale_block": 32, "fp8_q_split": True}
-    monkeypatch.setattr(sa8, "SCALE_SIDES", sides)
+    kw = {"kv_scales": scales, "fp8_mma": True, "fp8_q_split": True}
+    kw["fp8_scale_block"] = SidedBlock(32, sides)
     o, lse = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw, **NOSPLIT)
     assert rel_err(o, ao) < 1e-3 and rel_err(lse, al) < 1e-4, (rel_err(o, ao), rel_err(lse, al))
     o, lse = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw, **SMALL)
     # (0.15: the interpreter's e4m3 rounding, as bench/fp8_attention's dry run allows)
     assert rel_err(o, ro) < 0.15 and rel_err(lse, rl) < TOL_O["cpu"] / 10, rel_err(o, ro)
-    monkeypatch.setattr(sa8, "SCALE_SIDES", 3 - sides)
+    kw["fp8_scale_block"] = SidedBlock(32, 3 - sides)
     o, _ = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw, **NOSPLIT)
     assert rel_err(o, ao) > 0.05, rel_err(o, ao)
+    with pytest.raises(ValueError, match="sides=3"):
+        SidedBlock(32, 3)
 
 
 @_CPU

@@ -14,7 +14,7 @@ from moska.config import EngineConfig
 from moska.kernel_ops import kernel_ops
 from moska.kernels.shared_attention_fp8_ref import e4m3, fp8_mma_ref, interpreter_e4m3
 from moska.kernels.shared_attention_ref import grouped_shared_attention_ref
-from moska.library.fp8 import quantize
+from moska.library.fp8 import BLOCK_ROWS, quantize
 from moska.library.fp8_mma import MMA_TILE, TokenMajorV, attach_token_major_v, token_major
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -29,7 +29,7 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _library(device, dtype, lens=(16, 48, 37), hkv=2, d=64, seed=0):
+def _library(device, dtype, lens=(16, 48, 37), hkv=2, d=64, seed=0, v_gran="token"):
     """A one-layer FP8 library as the attention path reads it (chunks at multiples of 16
     rows, the last ragged: S = 101, V's token-major copy padded to 112)."""
     gen = torch.Generator().manual_seed(seed)
@@ -38,7 +38,7 @@ def _library(device, dtype, lens=(16, 48, 37), hkv=2, d=64, seed=0):
     v = torch.randn(s, hkv, d, generator=gen) * (0.1 + 4 * torch.rand(s, 1, 1, generator=gen))
     offs = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     offs = offs.to(device)
-    kq, vq = quantize(k.to(device, dtype), offs), quantize(v.to(device, dtype), offs)
+    kq, vq = quantize(k.to(device, dtype), offs), quantize(v.to(device, dtype), offs, v_gran)
     scales = [(kq.scale, vq.scale)]
     return SimpleNamespace(
         k_pools=[kq.data], v_pools=[vq.data], chunk_offsets=offs, num_chunks=len(lens),
@@ -82,6 +82,8 @@ def _group_path(lib, device, dtype, q_split, cast):
     o, lse, sel = shared_attention_for_group(ops, 0, q, group, 0.125)
     assert seen[0]["fp8_mma"] and seen[0]["v_pool_t"] is lib.fp8_mma.pools[0]
     assert seen[0]["fp8_q_split"] == q_split and seen[0]["block_n"] == MMA_TILE["block_n"]
+    assert seen[0].get("fp8_scale_block", 0) == lib.fp8_mma.v_block_rows  # V block scales
+    assert getattr(seen[0].get("fp8_scale_block"), "sides", 2) == 2
     args = (q, lib.k_pools[0], lib.v_pools[0], lib.chunk_offsets, sel, 0.125, lib.kv_scales(0))
     ao, al = fp8_mma_ref(*args, MMA_TILE["block_n"], q_split, cast)
     ro, _ = grouped_shared_attention_ref(*args[:-1], kv_scales=lib.kv_scales(0))
@@ -97,15 +99,30 @@ def test_engine_path_reads_token_major_v_interpreted():
     assert err_o < 1e-3 and err_l < 1e-4, (err_o, err_l)
 
 
+@pytest.mark.skipif(not _INTERPRET, reason="interpreter only (TRITON_INTERPRET=1)")
+def test_engine_path_reads_v_block_scales_interpreted():
+    # V scales per 128-row block, K per token (bench/results/fp8_quality_mixed.json): the
+    # path launches with SidedBlock(128, V) and matches the algorithm on those scales
+    lib = _library("cpu", torch.float16, lens=(16, 160, 37), v_gran="block")
+    lib.fp8_mma = TokenMajorV([token_major(lib.v_pools[0])], True, 0, v_block_rows=BLOCK_ROWS)
+    err_o, err_l, _, _ = _group_path(lib, "cpu", torch.float16, True, interpreter_e4m3)
+    assert err_o < 1e-3 and err_l < 1e-4, (err_o, err_l)
+
+
 @_CUDA
-@pytest.mark.parametrize("mode", ["mma", "mma_qsplit"])
+@pytest.mark.parametrize("mode", ["mma", "mma_qsplit", "mma_qsplit_vb"])
 def test_engine_path_on_fp8_tensor_cores(mode):
-    lib = _library("cuda", torch.bfloat16)
-    why = attach_token_major_v(lib, mode)
+    vb = mode.endswith("_vb")  # V scales per 128-row block (SidedBlock)
+    lens, v_gran = ((16, 160, 37), "block") if vb else ((16, 48, 37), "token")
+    lib = _library("cuda", torch.bfloat16, lens=lens, v_gran=v_gran)
+    why = attach_token_major_v(lib, mode.removesuffix("_vb"))
     assert why is None or "Hopper" in why, why
     if why is not None:
         pytest.skip(f"not a Hopper GPU: {why}")
-    assert lib.fp8_mma.nbytes == 2 * 64 * 112  # Hkv x D x S padded to 16, one byte each
+    if vb:
+        lib.fp8_mma = dataclasses.replace(lib.fp8_mma, v_block_rows=BLOCK_ROWS)
+    s_pad = -(-int(lib.chunk_offsets[-1]) // 16) * 16
+    assert lib.fp8_mma.nbytes == 2 * 64 * s_pad  # Hkv x D x S padded to 16, one byte each
     err_o, err_l, lib_o, alg_o = _group_path(lib, "cuda", torch.bfloat16, mode != "mma", e4m3)
     # weights on an e4m3 rounding edge flip a step on the GPU (bench/fp8_attention.mma_ok)
     assert err_o < 2e-2 and err_l < 2e-3 and lib_o <= 1.25 * alg_o, (err_o, lib_o, alg_o)
