@@ -21,7 +21,10 @@ q cut to e4m3 per (token, head), and each chunk's softmax weights (times the V s
 the block's largest) cut to e4m3; "+mma_qsplit" with q as two e4m3 terms. Measured
 (bench/results/fp8_quality_mma.json, 3,068 tokens): the q cut costs top-1 agreement (0.9899
 / 0.9873, all chunks / top-4), the e4m3 weights do not (qsplit: 0.9932 / 0.9928, as the
-upcast's 0.9941 / 0.9932); loss within 0.07% for all.
+upcast's 0.9941 / 0.9932); loss within 0.07% for all. Mixed granularities through the
+q-split program (bench/results/fp8_quality_mixed.json, same tokens): V per 128-row block with
+K per token ("kt_vb") 0.9932 / 0.9922, as per-token on both; K per block ("kb_vt") 0.9892 /
+0.9879: K needs per-token scales, V does not.
 
 Usage: .venv/bin/python bench/fp8_quality.py [--windows 4] [--out FILE]
 """

@@ -9,10 +9,12 @@ from dataclasses import asdict
 from moska.bench.common import environment, write_json
 
 # the variants whose numerics keep top-1 agreement >= 0.99 with the bf16 library on the
-# quality model (bench/results/fp8_quality*.json): per-token scales, upcast or q in two terms
-# (one-term q: 0.9899 / 0.9873; per-chunk or block scales: 0.988-0.989)
+# quality model (bench/results/fp8_quality*.json): per-token scales, upcast or q in two terms,
+# also with V's scales per 128-row block (fp8_quality_mixed.json; one-term q: 0.9899 /
+# 0.9873; per-chunk or block scales on both or on K: 0.988-0.989)
 QUALITY_KEPT: tuple[str, ...] = ("fp8", "fp8_mma_qsplit", "fp8_mma_qsplit_vt")
 QUALITY_KEPT += ("fp8_mma_qsplit_vt_v16", "fp8_mma_qsplit_vt_raw", "fp8_mma_qsplit_vt_mask")
+QUALITY_KEPT += ("fp8_mma_qsplit_vt_vb",)
 
 
 def by_batch(rows: list[dict], names: list[str], mma) -> list[dict]:
