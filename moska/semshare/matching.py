@@ -58,6 +58,10 @@ def token_features(
     return out.mul_(0.5**0.5).to(dtype)
 
 
+# cosines this close to the best count as a tie (fp16 products: ~1e-3; fp32 ~1e-7)
+_TIE = {torch.float16: 2e-3, torch.float32: 1e-5}
+
+
 class TokenMatch(NamedTuple):
     ref_pos: torch.Tensor  # [N] int64: matched reference position, -1 when unmatched
     similarity: torch.Tensor  # [N] fp32: cosine to the nearest reference token
@@ -96,5 +100,11 @@ def match_tokens(
     sim = torch.cat(best_sim).float() if len(best_sim) > 1 else best_sim[0].float()
     pos = torch.cat(best_pos) if len(best_pos) > 1 else best_pos[0]
     sim, pos = sim[:n], pos[:n]
+    # a tie (to the product's rounding) goes to the token at the same position: in an equal
+    # context it is the likeliest to share the longer context too, and a run of such tokens
+    # keeps its blocks as they are (`sharing.py`); `max` gave the first of equal scores
+    k = min(n, m)
+    same = (new[:k].float() * ref[:k].float()).sum(-1) >= sim[:k] - _TIE[dtype]
+    pos[:k] = torch.where(same, torch.arange(k, device=pos.device), pos[:k])
     pos = torch.where(sim >= threshold, pos, -1)
     return TokenMatch(pos, sim)

@@ -198,3 +198,26 @@ def test_references_give_blocks_back_under_pressure(llm):
     assert reuse.store.stats.evictions > evicted
     assert all(not r.blocks.freed for r in reuse.store.lru_entries())
     bm.check_integrity()
+
+
+def test_matching_ties_go_to_the_same_position():
+    """An equal token in an equal context earlier in the reference (a repeated line) scores
+    the same as the one at the prompt token's own position: the match is the latter, so
+    runs of unchanged tokens keep their positions (and their blocks can be shared)."""
+    import torch
+
+    from moska.semshare.matching import match_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    ref = torch.nn.functional.normalize(torch.randn(40, 16, generator=gen), dim=-1)
+    ref[30] = ref[5]  # a repeated (token, context)
+    ref[31] = ref[6]
+    new = ref.clone()
+    new[10] = torch.nn.functional.normalize(torch.randn(16, generator=gen), dim=-1)
+    pos = match_tokens(new, ref, 0.9).ref_pos
+    assert pos[30] == 30 and pos[31] == 31 and pos[5] == 5 and pos[6] == 6
+    assert pos[10] == -1
+    assert (pos[[i for i in range(40) if i != 10]] == torch.tensor([
+        i for i in range(40) if i != 10])).all()  # fmt: skip
+    shorter = match_tokens(new[:35], ref[:20], 0.9).ref_pos  # beyond the reference: max's pick
+    assert shorter[30] == 5 and shorter[31] == 6
