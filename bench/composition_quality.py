@@ -15,10 +15,14 @@ code and plain-PyTorch attention:
 - ``composed``: the libraries' chunks (each encoded alone) composed for the request, routed
   by the composition's own router (``moska.attention.composed.select_union``, key-max, per
   KV head) at top-k = all chunks and at 25% of them.
-- ``repair m/L``: boundary repair before composing: the first ``m`` tokens of every chunk
-  that continues a file are re-encoded with the file's preceding ``--repair-window`` tokens
-  as context (RoPE positions so that the chunk keeps its own), and their KV replaced in the
-  first ``L`` layers (EPIC/CacheBlend-style; no change to the other tokens).
+- ``repair m/L``: the libraries built with boundary repair (``moska.library.boundary_repair``,
+  ``build_in_memory(..., boundary_repair=(m, L))``, what ``moska library build --repair-tokens
+  m --repair-layers L`` builds): the first ``m`` tokens of every chunk that continues a file
+  are re-encoded with the file's preceding chunk as context (RoPE positions so that the chunk
+  keeps its own), and their KV replaced in the first ``L`` layers (EPIC/CacheBlend-style; no
+  change to the other tokens); the routing index is built from the repaired keys. (Runs
+  before session 17 repaired a copy of the built libraries here, with ``--repair-window``
+  128 = the chunk size, and kept the unrepaired routing index.)
 
 Costs, per setting, in the same run (``costs`` in each row, means in the summary):
 
@@ -38,7 +42,6 @@ Usage: .venv/bin/python bench/composition_quality.py [--samples 8] [--repeats 3]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import importlib.util
 import json
@@ -59,6 +62,7 @@ from moska.attention.metadata import LibraryGroup
 from moska.bench.common import environment
 from moska.bench.kv_cost import KVDims, composition_kv
 from moska.library import build_in_memory
+from moska.library.boundary_repair import BoundaryRepair
 from moska.library.composition import ComposedLibrary
 from moska.library.positions import IndependentOptions, shared_logit_adjustment
 from moska.model import DenseAttention, load_model
@@ -172,33 +176,64 @@ def prefill_seconds(model, ids: list[int], positions, make_attn, repeats: int) -
     return statistics.median(times)
 
 
-@torch.inference_mode()
-def repaired(model, lib, m: int, layers: int, window: int, bos: int):
-    """A copy of ``lib`` whose chunks that continue a file have their first ``m`` rows
-    re-encoded after the file's preceding ``window`` tokens, in the first ``layers`` layers."""
-    k_pools = [k.clone() for k in lib.k_pools]
-    v_pools = [v.clone() for v in lib.v_pools]
-    chunks = lib.chunks
-    sink = 1 if lib.manifest.chunk_sink else 0
-    doc_start = {}
-    for c in chunks:
-        doc_start.setdefault(c.document, c.start)
-    for c in chunks:
-        first = doc_start[c.document]
-        if c.start == first:  # a file's first chunk: nothing before it to repair with
+def build_libraries(loaded, groups, file_tokens: int, chunk_size: int, repair=None) -> list:
+    """One position-independent library (BOS chunk sink) per group of ``(path, ids)`` files,
+    each file cut to ``file_tokens``; ``repair``: the build's ``BoundaryRepair`` (None: none)."""
+    libs = []
+    for i, group in enumerate(groups):
+        docs = [(f.name, ids[:file_tokens]) for f, ids in group]
+        lib, _ = build_in_memory(
+            loaded, docs, f"lib{i}", chunk_size=chunk_size, mode="independent", progress=False,
+            independent=IndependentOptions(chunk_sink=True), boundary_repair=repair,
+        )  # fmt: skip
+        libs.append(lib)
+    return libs
+
+
+def windows(tok, args) -> list[tuple[Path, list[int], list[list[tuple[Path, list[int]]]]]]:
+    """The workload: per package, (request path, request ids, files of each library), of the
+    first ``args.samples`` packages with enough files (a package whose files are too short
+    is skipped); the engine form (composition_repair_engine.py) reads the same windows.
+    ``args.windows``: read them from that JSON file instead (``save_windows``: a machine
+    without this venv's networkx reads the same tokens)."""
+    if getattr(args, "windows", None):
+        return load_windows(args.windows, args.samples)
+    bos = tok.bos_token_id
+    need = args.libraries * args.files_per_library + 1
+    out = []
+    for files in packages(need)[: args.samples]:
+        encoded = [(f, encode(tok, f)) for f in files]
+        encoded = [(f, ids) for f, ids in encoded if len(ids) >= 64]
+        if len(encoded) < need:
             continue
-        n = min(m, c.end - c.start)
-        ctx = lib.token_ids[max(first, c.start - window) : c.start].tolist()
-        tgt = lib.token_ids[c.start : c.start + n].tolist()
-        ids = [bos, *ctx, *tgt]
-        # the target keeps its positions (sink .. sink + n - 1); the context sits before it
-        pos = torch.arange(sink - len(ctx) - 1, sink + n)
-        att = DenseAttention(model.config.sm_scale)
-        model.forward(torch.tensor(ids), pos, att)
-        for layer in range(min(layers, len(k_pools))):
-            k_pools[layer][c.start : c.start + n] = att.k[layer][-n:].to(k_pools[layer].dtype)
-            v_pools[layer][c.start : c.start + n] = att.v[layer][-n:].to(v_pools[layer].dtype)
-    return dataclasses.replace(lib, k_pools=k_pools, v_pools=v_pools)
+        req_path, req_ids = max(encoded, key=lambda e: len(e[1]))  # the longest is the request
+        others = [e for e in encoded if e[0] != req_path][: need - 1]
+        request = [bos, *req_ids[: args.request_tokens - 1]]
+        groups = [others[i :: args.libraries] for i in range(args.libraries)]
+        out.append((req_path, request, groups))
+    return out
+
+
+def save_windows(path: str, items, file_tokens: int) -> None:
+    """The windows as JSON: request path, request ids, files per library (path, the first
+    ``file_tokens`` ids: what a run reads of them)."""
+    rows = [
+        {
+            "request": str(p),
+            "ids": req,
+            "groups": [[[str(f), ids[:file_tokens]] for f, ids in g] for g in gs],
+        }
+        for p, req, gs in items
+    ]
+    Path(path).write_text(json.dumps(rows, separators=(",", ":")))
+
+
+def load_windows(path: str, samples: int):
+    rows = json.loads(Path(path).read_text())[:samples]
+    return [
+        (Path(r["request"]), r["ids"], [[(Path(f), ids) for f, ids in g] for g in r["groups"]])
+        for r in rows
+    ]
 
 
 def cost_summary(rows: list[dict], dims: KVDims, repeats: int) -> dict:
@@ -263,9 +298,10 @@ def main() -> None:
     ap.add_argument("--request-tokens", type=int, default=384)
     ap.add_argument("--repair-tokens", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--repair-layers", type=int, nargs="+", default=[2, 8])
-    ap.add_argument("--repair-window", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="prefill timings (median)")
     ap.add_argument("--no-repair", action="store_true", help="skip the repair settings")
+    ap.add_argument("--windows", default=None, help="read the windows from this JSON file")
+    ap.add_argument("--save-windows", default=None, help="write the windows there and stop")
     ap.add_argument("--cpu-dry-run", action="store_true", help="2 samples, short texts")
     ap.add_argument("--out", default=str(ROOT / "bench/results/composition_quality.json"))
     args = ap.parse_args()
@@ -278,31 +314,18 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(args.model, dtype="float32", device="cpu")
     model, tok = loaded.model, loaded.tokenizer
+    if args.save_windows:
+        save_windows(args.save_windows, windows(tok, args), args.file_tokens)
+        return
     bos = tok.bos_token_id
     cfg = model.config
     dims = KVDims.of(cfg, dtype_bytes=4)  # fp32: this run's KV dtype
     dims_bf16 = KVDims.of(cfg, dtype_bytes=2)  # what a bf16 engine holds
-    need = args.libraries * args.files_per_library + 1
     rows = []
     t0 = time.time()
-    for files in packages(need)[: args.samples]:
-        encoded = [(f, encode(tok, f)) for f in files]
-        encoded = [(f, ids) for f, ids in encoded if len(ids) >= 64]
-        if len(encoded) < need:
-            continue
-        req_path, req_ids = max(encoded, key=lambda e: len(e[1]))  # the longest is the request
-        others = [e for e in encoded if e[0] != req_path][: need - 1]
-        request = [bos, *req_ids[: args.request_tokens - 1]]
-        groups = [others[i :: args.libraries] for i in range(args.libraries)]
-        libs = []
+    for req_path, request, groups in windows(tok, args):
         t_build = time.perf_counter()
-        for i, group in enumerate(groups):
-            docs = [(f.name, ids[: args.file_tokens]) for f, ids in group]
-            lib, _ = build_in_memory(
-                loaded, docs, f"lib{i}", chunk_size=args.chunk_size, mode="independent",
-                progress=False, independent=IndependentOptions(chunk_sink=True),
-            )  # fmt: skip
-            libs.append(lib)
+        libs = build_libraries(loaded, groups, args.file_tokens, args.chunk_size)
         build_s = time.perf_counter() - t_build
         comp = ComposedLibrary(tuple(libs))
         lib_files = [ids[: args.file_tokens] for g in groups for _, ids in g]
@@ -329,9 +352,9 @@ def main() -> None:
         }
         for m in args.repair_tokens:
             for layers in args.repair_layers:
-                fixed = ComposedLibrary(
-                    tuple(repaired(model, p, m, layers, args.repair_window, bos) for p in libs)
-                )
+                repair = BoundaryRepair(m, layers)
+                parts = build_libraries(loaded, groups, args.file_tokens, args.chunk_size, repair)
+                fixed = ComposedLibrary(tuple(parts))
                 key = f"repair_m{m}_L{layers}"
                 row["loss"][f"{key}_all"] = composed_loss(model, fixed, request, comp.num_chunks)
                 row["loss"][f"{key}_top25"] = composed_loss(model, fixed, request, quarter)
