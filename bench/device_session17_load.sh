@@ -5,12 +5,14 @@
 # is retried dry with its OWN body at half, once and twice its promise (retry-after-ms):
 # within 2x = refused at half and admitted at twice (load_retry; the probes' nearest-length
 # reopening, sessions 12-16, stays beside it as `retry_after_ms_within_2x_share`).
-# 2x2 A/B, all with a library (half the requests on `demo`, as #15.4 asks): session 17's
-# drains scaled per group (plain / library x door / queue) by how the server's own recent
-# promises came out (admission_promises.PromiseScale, `--promise-learning on`, the default)
-# vs the replay alone (`off`), each with and without the loop lag in a door 429's drain
-# (`--door-lag on`, the default, / `off`: on 2 loaded cores door promises of 1.06 s, 0.62 s
-# of it the burst's loop lag, met retries admitted at 0.53 s). 4 servers, each pinned to 4
+# A/B one factor at a time around session 17's defaults, all with a library (half the
+# requests on `demo`, as #15.4 asks): (1) the defaults; (2) `--promise-learning off`: the
+# replay alone, without session 17's per-group scale (plain / library x door / queue) learnt
+# from how the server's own recent promises came out (admission_promises.PromiseScale);
+# (3) `--door-lag off`: no loop lag in a door 429's drain (on 2 loaded cores door promises
+# of 1.06 s, 0.62 s of it the burst's loop lag, met retries admitted at 0.53 s);
+# (4) `--door-wait empty`: a drain waits for the door to be empty (before session 17), not
+# until it lets a retry in (retry_drain.door_opens_s: 0.20 s promised, 0.10 s seen). 4 servers, each pinned to 4
 # cores (taskset), its bursts of 64, 300, 1,000 clients x3 in one server (the first burst
 # pays the library's load). `--trace`: the per-request parts (gzipped after).
 # Correctness first (~5 s): the promise logic's and the drain scorings' unit tests.
@@ -24,13 +26,13 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}
-  BURSTS=${BURSTS:-16,48}; ARMS=${ARMS:-"on:on"}; CORES=1; LIMIT=200; TT=120
+  BURSTS=${BURSTS:-16,48}; ARMS=${ARMS:-"on:on:open"}; CORES=1; LIMIT=200; TT=120
 else
   PY=python3
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_load .whl/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site_load:$PWD
-  BURSTS=64,300,1000,64,300,1000,64,300,1000; ARMS="on:on off:on on:off off:off"; CORES=4
+  BURSTS=64,300,1000,64,300,1000,64,300,1000; ARMS="on:on:open off:on:open on:off:open on:on:empty"; CORES=4
   LIMIT=132; TT=30
 fi
 timeout $TT $PY -m pytest -q -p no:cacheprovider tests/server/test_admission_promises.py \
@@ -40,19 +42,19 @@ echo "tests rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests.log" | cut 
 # the cores this process may use (a container's may not start at 0), CORES to a server
 read -r -a CPUS <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
 NCPU=${#CPUS[@]}; i=0
-for arm in $ARMS; do  # learn:lag
-  learn=${arm%%:*}; lag=${arm#*:}
+for arm in $ARMS; do  # learn:lag:wait
+  IFS=: read -r learn lag wait <<< "$arm"
   first=$(( (i * CORES) % NCPU )); i=$((i + 1))
   PIN=""
   if command -v taskset > /dev/null && [ $(( first + CORES )) -le "$NCPU" ]; then
     PIN="taskset -c $(IFS=,; echo "${CPUS[*]:$first:$CORES}")"
   fi
-  echo "server learn=$learn door-lag=$lag on cores: ${PIN:-any}"
-  name="load_demo_learn_${learn}_lag_${lag}"
+  echo "server learn=$learn door-lag=$lag door-wait=$wait on cores: ${PIN:-any}"
+  name="load_demo_learn_${learn}_lag_${lag}_wait_${wait}"
   # shellcheck disable=SC2086
   timeout $(( LIMIT - ($(date +%s) - T0) )) $PIN $PY -m moska.bench.load --burst "$BURSTS" \
     --ttft-slo 5 --library demo --library-share 0.5 --trace --promise-learning "$learn" \
-    --door-lag "$lag" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
+    --door-lag "$lag" --door-wait "$wait" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
 done
 wait
 echo "bursts done ($(( $(date +%s) - T0 )) s)"

@@ -105,6 +105,7 @@ def run_bursts(
     checkpoint: Any = None,
     door_rate: str | None = None,
     promise_learning: bool = True,
+    door_open: bool = True,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -140,6 +141,7 @@ def run_bursts(
     )
     admission.door_lag, admission.door_storm = door_lag, door_storm  # A/B of the door's drain
     admission.promises.enabled = promise_learning  # admission_promises (A/B)
+    admission.door_open = door_open  # a drain's door wait: until it opens, or empties (A/B)
     if engine_share is not None:
         admission.engine_share = engine_share
     report_share = admission.engine_share
@@ -323,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         default="on",
         help="429 drains scaled by how recent ones came out (admission_promises; A/B)",
     )
+    p.add_argument(
+        "--door-wait",
+        choices=("open", "empty"),
+        default="open",
+        help="a drain waits until the door lets a retry in, or is empty (before; A/B)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
@@ -371,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint=write,
         door_rate=args.door_rate,
         promise_learning=args.promise_learning == "on",
+        door_open=args.door_wait == "open",
     )
     print(table(report))
     write(report)

@@ -35,7 +35,7 @@ def summarize_dir(folder: Path) -> dict[str, Any]:
             continue
         args, report = data["args"], data["report"]
         arm = f"{'lib' if args['library'] != 'none' else 'plain'} learn={args['promise_learning']}"
-        arm += f" lag={args['door_lag']}"
+        arm += f" lag={args['door_lag']} wait={args.get('door_wait', 'empty')}"
         for b in report["bursts"]:
             own = b["own_retry"]
             arms.setdefault(f"{arm} {b['clients']}", []).append(
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             for g, v in (s["promise_scale_last"] or {}).items()
         )
         print(
-            f"{key:26} {s['bursts']} | {_f(s['slo_met_share_min'])} | {_f(own['within'])} "
+            f"{key:37} {s['bursts']} | {_f(s['slo_met_share_min'])} | {_f(own['within'])} "
             f"({_f(own['long'])}/{_f(own['short'])}/{_f(own['flicker'])}) n={own['n']} "
             f"[{' '.join(_f(x) for x in s['own_within_2x_per_burst'])}] | "
             f"[{' '.join(_f(x) for x in s['probe_within_2x_per_burst'])}] | {grp} | {scale}"

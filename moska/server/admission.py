@@ -36,8 +36,9 @@ from dataclasses import dataclass, field, replace
 
 from moska.server import retry_drain
 from moska.server.admission_decision import Decision, Verdict
+from moska.server.admission_door import DoorDrains
 from moska.server.admission_promises import PromiseScale, group_of
-from moska.server.burst_admits import ENGINE_SHARE, Backlog, burst_admits
+from moska.server.burst_admits import ENGINE_SHARE
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
 from moska.server.retry_drain import FactorFall, LibraryRequests, drain_s, with_door
@@ -55,7 +56,7 @@ class _Outcomes:
     pairs: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
 
-class AdmissionController:
+class AdmissionController(DoorDrains):
     """Predicts TTFT by replaying the queue and decides accept / reject. Thread-safe.
 
     `ttft_slo` None or 0: never reject for the SLO (predictions are still made and
@@ -116,6 +117,8 @@ class AdmissionController:
         self.engine_share = ENGINE_SHARE  # the engine's speed while the loop decides a burst
         self.promises = PromiseScale()  # drains scaled by how recent ones came out (per group)
         self._elapsed = 0.0  # a decided request's time in the server before its decision
+        self.door_open = True  # a drain's door wait: until it opens (`_door_wait`)
+        self._open_memo: tuple[float, int, float] | None = None
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
 
     @property
@@ -313,7 +316,7 @@ class AdmissionController:
         with self._lock:  # the slowdown factor: when it falls back (retry_drain.factor_falls)
             slow = self.slow
             fall = FactorFall(slow.log_mean, slow.log_var, slow.alpha, slow.deviations)
-        wait = self.door.wait_s + before_door_s
+        wait = self._door_wait(load, fits, typical) + before_door_s
         drain = drain_s(pred, fits=fits, risk=risk, door_wait_s=wait, shared_s=shared, fall=fall)
         # A step in progress past its prediction: admission (which scales by the overrun,
         # `predict`) rejects until it ends, but this replay has it end now (a 429 promising
@@ -324,45 +327,6 @@ class AdmissionController:
     def _typical_cost(self) -> RequestCost:
         with self._lock:
             return RequestCost(*(max(1, round(v)) for v in self._typical))
-
-    def _library_drains(self, load: Load, before_door_s: float) -> Callable[[int], float]:
-        """The drain of a library request at the door by its body's bytes, on `load`
-        (one replay per 16-token prompt step, kept with the door's memoized decision)."""
-        memo: dict[RequestCost, float] = {}
-
-        def drain(body_bytes: int) -> float:
-            with self._lock:
-                cost = self.library_requests.cost(body_bytes)
-            assert cost is not None  # made only once a library request was decided
-            if cost not in memo:
-                memo[cost] = self._drain(cost, load, before_door_s=before_door_s)[1]
-            return memo[cost]
-
-        return drain
-
-    def _door_admits(self, load: Load, fits: float) -> int:
-        """`burst_admits` (admission's decisions on those inside, replayed), memoized like
-        `shed` (while the count inside and the engine's queue stay about the same): a
-        burst's hundreds of 429s cost a few replays."""
-        now, inside, door = time.monotonic(), self.door.inside, self.door
-        memo = self._door_memo
-        if (
-            memo is not None
-            and now - memo[0] < self.shed_ttl_s
-            and abs(inside - memo[1]) < 4
-            and memo[2] == load.num_waiting
-        ):
-            return min(memo[3], inside)
-        stall = door.stall_s()  # those inside are decided after it, their time counts
-        plain = inside - round(inside * self.library_requests.share)  # door_admits: why
-        with self._lock:  # the step that serves them may be the burst's first, after a gap
-            s = self.slow
-            first = s.cold() / s.scale() if s.cold_pending(load.busy_s) else 1.0
-        backlog = Backlog(inside, door.gap_s, stall, door.storm_s)
-        typical, share = self._typical_cost(), self.engine_share
-        admitted = burst_admits(self.predict, typical, load, plain, backlog, fits, first, share)
-        self._door_memo = (now, inside, load.num_waiting, admitted)
-        return admitted
 
     def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
         """The rejection that the smallest request (one prompt token) would get now, or

@@ -89,6 +89,20 @@ def door_admits(
     return lo
 
 
+def door_opens_s(
+    predict: Predict, typical: RequestCost, load: Load, inside: int, fits: float, gap_s: float
+) -> float:
+    """When the door lets a retry in (session 17): once the requests inside are down to the
+    `door_admits` count that still fits ahead of a one-token request (the door's own test),
+    at one decision per `gap_s`; not when the door is empty (`FrontDoor.wait_s`). A drain is
+    when a retry *sent* would be admitted, and one sent once the door opens queues inside
+    on its own TTFT, which admission counts. On 2 loaded cores plain door 429s promised
+    `wait_s` (40 inside x 5 ms = 0.20 s) met own-body retries admitted at 0.10 s."""
+    if inside <= 0:
+        return 0.0
+    return max(0, inside - door_admits(predict, typical, load, inside, fits)) * gap_s
+
+
 def with_door(load: Load, typical: RequestCost, admitted: int) -> Load:
     """`load` plus `admitted` typical requests handed over after it."""
     if admitted <= 0:

@@ -12,6 +12,7 @@ from fake_engine import FakeEngine
 from moska.server.admission import AdmissionController, Decision, Load, RequestCost, Verdict
 from moska.server.app import create_app
 from moska.server.background import background_server
+from moska.server.retry_drain import door_admits
 from moska.server.settings import ServerSettings
 
 
@@ -58,6 +59,7 @@ def test_overload_is_a_429_at_the_door_without_reading_the_body():
 
 def test_time_spent_in_the_server_counts_against_the_slo():
     adm = AdmissionController(1.0, None)
+    adm.promises.enabled = False  # the replay's drains (the learnt scale: its own tests)
     load = Load(waiting=(RequestCost(8),), running=((4, 0),))
     fresh = adm.decide(RequestCost(8), load)
     assert fresh.accepted  # the prior's prediction fits 0.85 s
@@ -66,8 +68,15 @@ def test_time_spent_in_the_server_counts_against_the_slo():
     assert late.predicted_ttft_s == fresh.predicted_ttft_s + 2.0
     # the engine part fits: a retry is admitted as soon as nobody queues at the door
     assert late.drain_s == 0.0 and late.retry_after_s == 1
-    # with 300 requests inside the front door, a retry queues behind them
+    # with 300 requests inside the front door, a retry waits until the door lets it in:
+    # those inside are decided down to the count that still fits ahead of it (session 17;
+    # it queued behind all 300 before, `door_open` False)
     tickets = [adm.door.enter() for _ in range(300)]
+    behind = adm.decide(RequestCost(8), load, elapsed_s=2.0)
+    fit = door_admits(adm.predict, adm._typical_cost(), load, 300, adm.fits_s())
+    assert 0 < fit < 300
+    assert behind.drain_s == pytest.approx((300 - fit) * adm.door.gap_s)
+    adm.door_open, adm._open_memo = False, None
     behind = adm.decide(RequestCost(8), load, elapsed_s=2.0)
     assert behind.drain_s == pytest.approx(300 * adm.door.gap_s)
     for t in tickets:
