@@ -143,7 +143,11 @@ def grouped_tuning(
 # D 128 G 2 / G 8 (1.64 vs 1.84 / 1.98 ms) and D 64 G 2 (1.18 vs 1.21), at 8,192 rows at
 # G 8 (7.13 vs 7.96; D 64 4.67 vs 4.95); ours stays ahead at G 4 up to 4,096 rows (3.56 vs
 # 3.68 ms D 128, 2.42 vs 2.46 D 64) and at D 64 G 8 B 256 (1.16 vs 1.22). Flash never won:
-# at most a tie at B = 16. `python -m moska.bench.kernels_one_chunk` writes these entries
+# at most a tie at B = 16. Session 17 (kernels_one_chunk_h200_session17.json, 4 rotated
+# rounds, ratios paired round by round: the same call drifted up to 20 % between rounds in
+# session 16b) moved D 128 G 4 from 4,096 rows to cuDNN (3.35 vs 3.70 ms, paired 0.91 of
+# cuDNN's speed; session 16b had a tie); D 64 G 2 / G 8 at 2,048 / 8,192 rows tied there
+# (paired 0.96-1.02), so they keep cuDNN. `python -m moska.bench.kernels_one_chunk` writes these entries
 # (`one_chunk_table`): each measured (D, G, B) takes the faster side, and rows between two
 # measured points take the lower one's choice. A G between entries takes the next larger
 # G's (as the grouped table does); a D not here runs "triton".
@@ -164,6 +168,7 @@ class OneChunkEntry:
 ONE_CHUNK: tuple[OneChunkEntry, ...] = (
     *(OneChunkEntry(d, g, 0, "triton") for d in HEAD_DIMS for g in GQA_RATIOS),
     OneChunkEntry(128, 2, 2048, "cudnn"),
+    OneChunkEntry(128, 4, 4096, "cudnn"),
     OneChunkEntry(128, 8, 2048, "cudnn"),
     OneChunkEntry(64, 2, 2048, "cudnn"),
     OneChunkEntry(64, 8, 8192, "cudnn"),
