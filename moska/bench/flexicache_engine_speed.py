@@ -210,6 +210,10 @@ def measure_row(
                                    "failed": pg.failed}  # fmt: skip
     else:
         row["cuda_graphs"] = engine.runner.graphs is not None
+    if flexi is not None and a.profile_steps:  # where the steps' time goes (synced, apart)
+        from moska.bench.flexicache_engine_profile import profile_steps
+
+        row["profile"] = profile_steps(engine, a.profile_steps)
     for r in _requests(engine):
         engine.abort_request(r.request_id)
     while engine.has_unfinished_requests():
@@ -317,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=16384)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="FlexiCache rows: this many more steps under torch.profiler "
+                         "(`flexicache_engine_profile.py`), after the timed ones")  # fmt: skip
     ap.add_argument("--cpu-dry-run", action="store_true")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)

@@ -99,6 +99,7 @@ class FlexiEngine(PageCounters):
         self.min_saving = 1  # blocks a hand-off must free beyond its pool (tests: 0)
         self.extend_pages = 8  # pages past the last hand-off that make a later one (tests: 1)
         self.extensions = 0
+        self.extensions_after = 0  # of them made at a re-ranking after the forward
         self.released_blocks = 0
         self.released_first = 0  # hand-offs whose pool took blocks the request released
         self.offloads = 0
@@ -168,16 +169,16 @@ class FlexiEngine(PageCounters):
                     top, torch.zeros_like(top[..., 0], dtype=torch.bool)
                 )
             states.append(st)
-        moved = (self.offloads, self.extensions)
+        moved = self.offloads
         if self.blocks is not None:
             self._read_classes([st for st, n in zip(states, seq_lens) if self._may_hand_off(st, n)])
             for i, (rid, st) in enumerate(zip(request_ids, states)):
                 if self._may_hand_off(st, seq_lens[i]):
                     self._hand_off(rid, st, seq_lens[i])
-                elif st.off is not None:
-                    self._extend(rid, st, seq_lens[i])
         step: FlexiStep | PlainStep | None = None
-        if lists is not None and rows is None and moved == (self.offloads, self.extensions):
+        # later hand-offs wait for a re-ranking after the forward (`extend_after`) or an
+        # eager step: a plain step between re-rankings stays plain (replayed from a graph)
+        if lists is not None and rows is None and moved == self.offloads:
             step = lists.advance(self, request_ids, block_tables, seq_lens)
             if step is not None:
                 self._lists = lists
@@ -188,6 +189,10 @@ class FlexiEngine(PageCounters):
                     step.rerank = FlexiStep(self, states, block_tables, seq_lens, None, request_ids)
                     self.rerank_reads_kept += 1
         if step is None:
+            if self.blocks is not None:
+                for i, (rid, st) in enumerate(zip(request_ids, states)):
+                    if st.off is not None:
+                        self._extend(rid, st, seq_lens[i])
             step = FlexiStep(self, states, block_tables, seq_lens, rows, request_ids)
         self.clock += 1
         for st in states:
@@ -312,6 +317,35 @@ class FlexiEngine(PageCounters):
         self.released_blocks += released or bm.release_blocks(rid, pages)
         self.extensions += 1
 
+    def extend_after(self, request_ids: list[str], states, seq_lens: list[int]) -> bool:
+        """Later hand-offs at a deferred re-ranking after the forward (`FlexiStep.rank_after`,
+        which then rebuilds every list in one batch): the requests with the most pages
+        waiting first, at most `extend_cap` of them, so that requests prefilled together
+        (in phase) do not all hand off at the same re-ranking. Why: each later hand-off
+        made its step eager (every layer's lists rebuilt, ~130 ops per layer), and a wave
+        of requests in phase made theirs at once (100-280 ms steps on the H200). Returns
+        whether any was made."""
+        if self.blocks is None:
+            return False
+        bs, recent = self.block_size, self.cfg.recent_pages
+        waiting = []
+        for i, st in enumerate(states):
+            if st.off is not None:
+                pages = -(-seq_lens[i] // bs) - recent
+                if pages - st.off.pages >= max(self.extend_pages, st.next_extend - st.off.pages):
+                    waiting.append((st.off.pages - pages, i))
+        before = self.extensions
+        for _, i in sorted(waiting)[: self.extend_cap(len(states))]:
+            self._extend(request_ids[i], states[i], seq_lens[i])
+        self.extensions_after += self.extensions - before
+        return self.extensions > before
+
+    def extend_cap(self, batch: int) -> int:
+        """Later hand-offs per re-ranking: enough for `batch` requests that each make one
+        per `extend_pages` pages (one page per `block_size` steps), with room to catch up."""
+        per = -(-batch * self.cfg.rerank_interval // (self.extend_pages * self.block_size))
+        return max(1, 2 * per)
+
     def _reserve(self, rid: str, table: list[int], need: int, upto: int):
         """(`need` pool blocks, blocks released so far) for a hand-off of the request's
         pages before `upto` (`table`: their blocks not yet released), or None when there is
@@ -356,6 +390,7 @@ class FlexiEngine(PageCounters):
             "stable_fraction": int(self._stable) / max(int(self._heads), 1),
             "offloads": self.offloads,
             "extensions": self.extensions,
+            "extensions_after": self.extensions_after,
             "released_blocks": self.released_blocks,
             "released_first": self.released_first,
             "pool_blocks": sum(len(o.pool) for o in offs),

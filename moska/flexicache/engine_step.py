@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from moska.flexicache import policy
+from moska.flexicache import policy, shared_slots
 from moska.flexicache.offload import OffloadBatch
 from moska.flexicache.offload_sync import layer_chunks, sync_layers
 from moska.flexicache.plain_lists import HeadLists, list_width
@@ -60,6 +60,7 @@ class FlexiStep:
         cfg, bs, dev = eng.cfg, eng.block_size, eng.device
         self.eng = eng
         self.states = states
+        self.ids, self.seq_list = ids, list(seq_lens)  # for later hand-offs (`rank_after`)
         self.rows = rows  # query rows in a mixed step (`patch`), None: every row
         # released blocks: -1; a decode-only step's lists are as wide as the next steps'
         # (`HeadLists`: started pages appended in place; `list_width`)
@@ -273,6 +274,11 @@ class FlexiStep:
             top.view(rows, hkv, -1), stable.view(rows, hkv), rep(self.active),
             (rep(valid), rep(window)),
         ).view(b, n_layers, hkv, p)  # fmt: skip
+        if self.offs and eng.extend_after(self.ids, self.states, self.seq_list):
+            # later hand-offs, from the ranking the step read (its kept pages are resident;
+            # the new ones are fetched below), then the slot maps with the pages they added
+            due_offs = [j for j, (i, _) in enumerate(self.offs) if self.due[i]]
+            self.batch = eng._batch = OffloadBatch([off for _, off in self.offs], due_offs)
         self.top.copy_(top)  # every request's state (views), after the reads above
         self.stable.copy_(stable)
         bat = self.batch
@@ -280,12 +286,11 @@ class FlexiStep:
         if eng.slot_offsets is not None:  # global slots (`shared_slots.py`)
             slots = slots + eng.slot_offsets[None, :, None, None]
         if bat is not None:
-            if bat.due and eng.slot_offsets is not None:  # one layer at a time
-                for lay in range(n_layers):
-                    kp = keep[self.due_rows, lay]
-                    fetched, evicted = bat.sync(lay, kp, eng.cache.k, eng.cache.v)
-                    eng._fetched += fetched
-                    eng._evicted += evicted
+            if bat.due and eng.slot_offsets is not None:  # every layer at once
+                kp = keep[self.due_rows]
+                fetched, evicted = shared_slots.sync_all(bat, kp, eng.cache.k, eng.cache.v)
+                eng._fetched += fetched
+                eng._evicted += evicted
             elif bat.due:
                 for part in layer_chunks(bat, n_layers):
                     kp = keep[self.due_rows, part.start : part.stop]
