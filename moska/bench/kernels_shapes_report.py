@@ -48,6 +48,8 @@ def summary(points: list[dict]) -> dict:
         row |= {"best": best, "best_ms": best_ms, **_fractions(pt, best_ms, "best")}
         if best_ms and ms.get(table):
             row["best_speedup_vs_table"] = round(ms[table] / best_ms, 3)
+        if "l2" in pt:  # tiles a group and the L2 stream they make (grouped points)
+            row |= {"table_l2": pt["l2"].get(table), "best_l2": pt["l2"].get(best)}
         if "baselines" in pt:
             bname, bms = _fastest(pt["baselines"]["ms"])
             row |= {"baseline": bname, "baseline_ms": bms}
@@ -56,6 +58,23 @@ def summary(points: list[dict]) -> dict:
             if bms and ms.get(table):
                 row["table_speedup_vs_baseline"] = round(bms / ms[table], 3)
         out[key] = row
+    return out
+
+
+def l2_reads(group_rows, tunings: dict, chunk_bytes: int, ms: dict) -> dict:
+    """Per variant: the row tiles its work list makes (ceil(rows / block_m) a group) and the
+    chunk bytes those tiles stream from L2 per ms (every tile of a group reads the chunk's
+    K/V; HBM serves each chunk once). `group_rows`: the query rows of each non-empty (chunk,
+    KV head) group (a tensor). Why: at 128 +- 22 rows a group, 64-row tiles make ~2.45 tiles
+    a group whose 2 MB reads alone took the kernel's time at ~6.5 TB/s of L2 (session 13's
+    softmax-overlap run, docs/performance-notes.md)."""
+    out: dict[str, Any] = {}
+    for name, t in tunings.items():
+        tiles = int(((group_rows + t["block_m"] - 1) // t["block_m"]).sum())
+        row = {"tiles": tiles, "tiles_per_group": round(tiles / max(1, group_rows.numel()), 3)}
+        if ms.get(name):
+            row["l2_TBps"] = round(tiles * chunk_bytes / ms[name] / 1e9, 3)
+        out[name] = row
     return out
 
 
@@ -93,6 +112,10 @@ def print_summary(s: dict) -> None:
             return f"{a or 0:.2f}/{b or 0:.2f}/{c or 0:.2f}"
 
         base = ""
+        if r.get("best_l2"):
+            base = (
+                f"tiles/grp {r['best_l2']['tiles_per_group']} L2 {r['best_l2'].get('l2_TBps')} TB/s"
+            )
         if "baseline" in r:
             base = f"{r['baseline']} {r.get('baseline_ms') or 0:.4f} x{r.get('best_speedup_vs_baseline')}"
         print(

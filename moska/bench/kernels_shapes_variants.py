@@ -45,7 +45,7 @@ from moska.bench.common import environment, write_json
 from moska.bench.floors import attention_flops, floor_ms, grouped_shared_cost, measure_matmul
 from moska.bench.kernels_shapes import as_python, rel, selections, subset, tag
 from moska.bench.kernels_shapes import timer as make_timer
-from moska.bench.kernels_shapes_report import print_summary, suggested_table, summary
+from moska.bench.kernels_shapes_report import l2_reads, print_summary, suggested_table, summary
 from moska.kernels.selections import Selections
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.kernels.shared_tuning import GroupedTuning, grouped_tuning
@@ -343,6 +343,9 @@ def grouped_points(cfg, pool, d, g, b, dev, sms, measure, deadline) -> list[dict
             n, g, touched, cfg["chunk_len"], hkv, d, b, k.element_size()
         )
         pt["tunings"] = {n_: dataclasses.asdict(t) for n_, t in vs.items()}
+        counts = torch.bincount((sel.chunk * hkv + sel.kv_head).long())
+        chunk_bytes = cfg["chunk_len"] * d * 2 * k.element_size()  # K and V of one KV head
+        pt["l2"] = l2_reads(counts[counts > 0] * g, pt["tunings"], chunk_bytes, pt["ms"])
         out.append(pt)
     return out
 
