@@ -97,11 +97,13 @@ HIGH_G = {
         T(256, 64, 8, 2, **HT),  # a 256-row group's K/V read once (G 8); may spill
         T(256, 64, 16, 2, **HT),  # 4 warpgroups of 64 rows share each K/V block
         T(256, 128, 16, 2, **HT),
+        T(128, 64, 8, 2, **HT),  # 96 KB of shared memory: 2 programs an SM
     ],
     64: [
         T(256, 64, 8, 2, **HT),  # a 256-row group's K/V read once (G 8): 64 + 64 regs
         T(256, 64, 8, 3, **HT),
         T(256, 128, 16, 2, **HT),  # 4 warpgroups of 64 rows share each K/V block
+        T(128, 64, 8, 2, **HT),
         T(64, 128, 4, 2),
         T(64, 64, 4, 4),
         T(64, 256, 4, 2),
