@@ -373,16 +373,18 @@ def main() -> None:
                 "kv_bytes_per_token": kv_dims.bytes_per_token,
                 "dtype": "float32",
                 "request_kv_bytes_plain_prefill": kv_dims.bytes(args.prompt),
-                "request_kv_bytes_with_reuse": kv_dims.bytes(args.prompt),  # copied, not shared
+                "request_kv_bytes_with_reuse": kv_dims.bytes(args.prompt),  # copied here
                 "request_kv_saved_bytes": 0,
                 "store_bytes_per_reference": per_doc,
                 "store_tokens_per_reference": ref_n,
                 "store_kv_bytes_per_reference": kv_dims.bytes(ref_n),
                 "store_feature_bytes_per_reference": per_doc - kv_dims.bytes(ref_n),
-                "note": "reused KV is copied into the request's own paged blocks: a request "
-                "holds as much KV as without reuse; the store adds its references "
-                f"({bytes_per_token:.0f} bytes per stored token incl. matching features). "
-                "Sharing the reused pages instead would save reused_share of the prompt's KV.",
+                "note": "this bench copies reused KV into the request's own blocks (a "
+                "standalone cache, references as copies: "
+                f"{bytes_per_token:.0f} bytes per stored token incl. matching features). In "
+                "the engine references are blocks of the paged cache and a request shares "
+                "the reference blocks it would copy unchanged (moska/semshare/sharing.py): "
+                "KV held per request shared vs copied in bench/semshare_kv_memory.py.",
             },
         },
         "steady_state": steady,
