@@ -5,16 +5,15 @@
 # is retried dry with its OWN body at half, once and twice its promise (retry-after-ms):
 # within 2x = refused at half and admitted at twice (load_retry; the probes' nearest-length
 # reopening, sessions 12-16, stays beside it as `retry_after_ms_within_2x_share`).
-# A/B one factor at a time around session 17's defaults, all with a library (half the
-# requests on `demo`, as #15.4 asks): (1) the defaults; (2) `--promise-learning off`: the
-# replay alone, without session 17's per-group scale (plain / library x door / queue) learnt
-# from how the server's own recent promises came out (admission_promises.PromiseScale);
-# (3) `--door-lag off`: no loop lag in a door 429's drain (on 2 loaded cores door promises
-# of 1.06 s, 0.62 s of it the burst's loop lag, met retries admitted at 0.53 s);
-# (4) `--door-wait empty`: a drain waits for the door to be empty (before session 17), not
-# until it lets a retry in (retry_drain.door_opens_s: 0.20 s promised, 0.10 s seen). 4 servers, each pinned to 4
-# cores (taskset), its bursts of 64, 300, 1,000 clients x3 in one server (the first burst
-# pays the library's load). `--trace`: the per-request parts (gzipped after).
+# 2x2 A/B of session 17's two predictor changes, all with a library (half the requests on
+# `demo`, as #15.4 asks) and the loop lag in door drains (call 1: off was worse, 0.40-0.43
+# vs 0.59-0.68 of 429s within 2x): (a) `--promise-learning on|off`: drains scaled per group
+# (plain / library x door / queue) by how the server's own recent promises came out
+# (admission_promises.PromiseScale); (b) `--door-wait open|empty`: a drain waits until the
+# door lets a retry in (retry_drain.door_opens_s) or until it is empty (before). off:empty
+# is session 16's predictor. (Call 1, at 02:18 on e609c5c's tree, was the 2x2 of learning
+# x lag.) 4 servers, each pinned to 4 cores (taskset), its bursts of 64, 300, 1,000
+# clients x3 in one server (the first burst pays the library's load). `--trace`: the per-request parts (gzipped after).
 # Correctness first (~5 s): the promise logic's and the drain scorings' unit tests.
 # Run: `bash bench/device_lead.sh session17_load`, carry .whl only (fastapi, uvicorn, ...);
 # it takes all 16 cores (a phase of its own or beside GPU-only scripts). < 150 s in all.
@@ -32,7 +31,7 @@ else
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_load .whl/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site_load:$PWD
-  BURSTS=64,300,1000,64,300,1000,64,300,1000; ARMS="on:on:open off:on:open on:off:open on:on:empty"; CORES=4
+  BURSTS=64,300,1000,64,300,1000,64,300,1000; ARMS="on:on:open off:on:empty off:on:open on:on:empty"; CORES=4
   LIMIT=132; TT=30
 fi
 timeout $TT $PY -m pytest -q -p no:cacheprovider tests/server/test_admission_promises.py \
