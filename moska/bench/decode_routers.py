@@ -12,8 +12,10 @@ the same decode step, so a router's cost is the difference between its row and `
 - ``two_stage_old``: the two-stage router as before issue 17 (bound shortlist of 4k chunks
   per request, key-max on it, one set of chunks per request: ``LEGACY`` + two_stage);
 - ``default_before``: the default policy (key-max over every key, per KV head) with the
-  key-max tile used until session 16 (``router_dense.OLD_TILE``);
-- ``default``: the default policy as it is now (``router_dense.TILE``);
+  key-max tile used until session 16 (``router_dense.OLD_TILE``) and torch.topk;
+- ``default_torch_topk``: the default policy with ``torch.topk`` as its last step (as
+  before session 17; ``router.ROW_TOPK`` False);
+- ``default``: the default policy as it is now (``router_dense.TILE``, the row top-k);
 - ``default_next``: the default policy with candidate tiles (``$MOSKA_NEXT_TILE``, e.g. the
   sweep's fastest per batch; a tile changes no logit and no maximum) and the one-launch
   row top-k (``router.ROW_TOPK``: the same chunks but where the k-th score ties);
@@ -39,8 +41,8 @@ from moska.kernels.selections import Selections, from_topk
 from moska.routing.policy import LEGACY, RoutingPolicy
 
 ROUTERS = (
-    "none", "none_zipf", "two_stage_old", "default_before", "default", "default_next",
-    "default_shortlist_kv",
+    "none", "none_zipf", "two_stage_old", "default_before", "default_torch_topk", "default",
+    "default_next", "default_shortlist_kv",
 )  # fmt: skip
 FIXED = ("none", "none_zipf")  # rows without a router: fixed chunks
 NEXT_TILE_ENV = "MOSKA_NEXT_TILE"  # the tiles ``default_next`` times
@@ -71,7 +73,7 @@ def policy_of(name: str) -> RoutingPolicy | None:
         return LEGACY.replace(scorer="two_stage")
     if name == "default_shortlist_kv":
         return RoutingPolicy(scorer="two_stage", shortlist_per_head=True)
-    if name in ("default_before", "default", "default_next"):
+    if name in ("default_before", "default_torch_topk", "default", "default_next"):
         return RoutingPolicy()
     raise ValueError(f"unknown router {name!r}; known: {', '.join(ROUTERS)}")
 
@@ -142,6 +144,9 @@ def router_row(
     old_topk = router.ROW_TOPK
     if name == "default_before":
         router_dense.TILE, router_dense.TILES_BY_BATCH = router_dense.OLD_TILE, ()
+        router.ROW_TOPK = False
+    elif name == "default_torch_topk":
+        router.ROW_TOPK = False
     elif name == "default_next":
         router_dense.TILES_BY_BATCH = next_tiles()
         router.ROW_TOPK = True

@@ -46,6 +46,47 @@ def topk_timing(scores: torch.Tensor, k: int, dev: str, capture_graph, time_ms) 
     return out
 
 
+def routing_ab(q: torch.Tensor, index, top_k: int, dev: str, rounds: int, capture_graph,
+               time_ms) -> dict:  # fmt: skip
+    """The whole default routing call (projection, key-max scores, top-k, selections) with
+    torch.topk against the row top-k (``router.ROW_TOPK``), CUDA graphs, ``rounds`` rounds
+    alternating which goes first; medians, and whether the chosen triples are equal."""
+    from moska.kernels import router
+
+    runs, sels = {}, {}
+    for name, flag in (("torch_topk", False), ("row_topk", True)):
+
+        def fn(flag=flag):
+            old = router.ROW_TOPK
+            router.ROW_TOPK = flag
+            try:
+                return router.route(q, index, top_k, "keymax", per_kv_head=True)
+            finally:
+                router.ROW_TOPK = old
+
+        sels[name] = fn()
+        runs[name] = (capture_graph(fn) if dev == "cuda" else None) or fn
+    times: dict[str, list[float]] = {n: [] for n in runs}
+    order = list(runs)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            times[name].append(time_ms(runs[name], iters=10 if dev == "cuda" else 1, warmup=1))
+    a, b = sels["torch_topk"], sels["row_topk"]
+    out: dict = {f"route_{n}_ms": sorted(t)[len(t) // 2] for n, t in times.items()}
+    out["route_ms_rounds"] = times
+    # the chosen (request, KV head, chunk) triples; row_order may differ where two chosen
+    # chunks of a row tie (either order is a valid merge order)
+    out["route_selections_equal"] = all(
+        torch.equal(x, y) for x, y in ((a.req, b.req), (a.kv_head, b.kv_head), (a.chunk, b.chunk))
+    )
+    out["route_row_order_equal"] = (
+        a.row_order is not None
+        and b.row_order is not None
+        and bool(torch.equal(a.row_order, b.row_order))
+    )
+    return out
+
+
 def tile_sweep(
     batches: list[int],
     tiles: list[str],
@@ -120,6 +161,8 @@ def tile_sweep(
         flops = 2 * b * hq * tokens * index.rank
         C = tokens // chunk
         topk = topk_timing(base, top_k, dev, capture_graph, time_ms)
+        ab = routing_ab(q, index, top_k, dev, rounds, capture_graph, time_ms)
+        topk.update({k: v for k, v in ab.items() if k != "route_ms_rounds"})
         print(f"topk B={b}: {json.dumps({k: round(v, 4) for k, v in topk.items()})}", flush=True)
         floor = router_floor_ms(b, hq, hkv, d, tokens, C, index.rank, ceilings) if ceilings else {}
         for tag in ok:
@@ -189,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         summary[f"speedup_best_over_first_b{b}"] = first["ms"] / best[b]["ms"]
         for key in ("torch_topk_ms", "row_topk_ms", "topk_rows_equal_to_torch_topk",
+                    "route_torch_topk_ms", "route_row_topk_ms", "route_selections_equal",
                     "rows_clear_of_ties", "clear_rows_equal_to_fp32_reference"):  # fmt: skip
             summary[f"{key}_b{b}"] = first.get(key)
     spec = ",".join(f"{b}:{best[b]['tile']}" for b in sorted(best))

@@ -39,10 +39,12 @@ from .router_topk import topk_rows
 from .selections import Selections, from_topk
 
 SCORERS = ("keymax", "mean", "bound", "two_stage")
-# The final top-k: False ``torch.topk``; True ``router_topk.topk_rows`` (one launch; the same
-# set wherever the k-th and (k+1)-th scores differ, ties to the lower chunk). Read at call
-# time, so the decode bench can time both.
-ROW_TOPK = False
+# The final top-k: True ``router_topk.topk_rows`` (one launch), False ``torch.topk``. Read at
+# call time, so the decode bench can time both. Session 17 on the H200 (the default's
+# [B, 8, 256] score tables, `router_tiles_h200_session17.json`): 0.013 / 0.018 / 0.024 ms
+# against torch.topk's 0.024 / 0.050 / 0.133 ms at B = 64 / 256 / 1,024, the same chunk sets
+# in every row (ties included: both take the lower chunk; CUDA test on fp16-valued scores).
+ROW_TOPK = True
 
 
 class RoutingIndex(NamedTuple):
