@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from moska.flexicache import policy, shared_slots
+from moska.flexicache import batched_scores, policy, shared_slots
 from moska.flexicache.offload import OffloadBatch
 from moska.flexicache.offload_sync import layer_chunks, sync_layers
 from moska.flexicache.plain_lists import HeadLists, list_width
@@ -253,9 +253,7 @@ class FlexiStep:
         at once (`offload_sync.sync_layers`), all left for the next step."""
         eng, cfg = self.eng, self.eng.cfg
         n_layers = eng.num_layers
-        scores = torch.stack(
-            [self._scores(lay, q_buf[lay], k_caches[lay], sm_scale) for lay in range(n_layers)], 1
-        )  # [B, L, Hkv, P]
+        scores = batched_scores.scores_all(self, q_buf, k_caches, sm_scale)  # [B, L, Hkv, P]
         b, _, hkv, p = scores.shape
         rows = b * n_layers  # row i * L + layer
         rep = lambda t: t.repeat_interleave(n_layers, 0)  # per row -> per (row, layer)

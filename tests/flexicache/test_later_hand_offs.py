@@ -104,3 +104,28 @@ def test_shared_sync_all_on_cuda_equals_per_layer_pools(monkeypatch):
     assert toks2 == toks
     for a, b in zip(lps, lps2):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.parametrize("max_bytes", [1, 1 << 28], ids=["layer_chunks", "one_chunk"])
+def test_batched_scores_equal_layer_by_layer(flexi_llm, monkeypatch, max_bytes):
+    """A deferred re-ranking's scores of every layer at once (`batched_scores.scores_all`,
+    in chunks of layers or one) equal the layer-by-layer scores, with released pages."""
+    from moska.flexicache import batched_scores
+
+    batched = batched_scores.scores_all
+    checked: list[float] = []
+
+    def both(step, q_buf, k_caches, sm_scale):
+        got = batched(step, q_buf, k_caches, sm_scale)
+        n_layers = step.eng.num_layers
+        ref = torch.stack(
+            [step._scores(i, q_buf[i], k_caches[i], sm_scale) for i in range(n_layers)], 1
+        )
+        err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+        checked.append(err)
+        return got
+
+    monkeypatch.setattr(batched_scores, "MAX_BYTES", max_bytes)
+    monkeypatch.setattr(batched_scores, "scores_all", both)
+    eng, _, _, _ = _run(flexi_llm, CFG)
+    assert eng.offloads > 0 and checked and max(checked) < 1e-5, checked
