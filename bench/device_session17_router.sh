@@ -15,7 +15,8 @@
 # 3) `moska.bench.decode --routers`: the decode step at B = 64 / 256 / 1,024, 8B dims
 #    (4 layers), 1M shared tokens, 4,096-token chunks, top-8, CUDA graphs: no router
 #    (uniform and Zipf fixed chunks), the default with torch.topk (before), the default now;
-#    then again in the reverse order (clock drift shows as a disagreement of the two passes).
+#    then again in the reverse order (clock drift shows as a disagreement of the two passes);
+# 4) in the time left, the kernels bench's router rows at B = 1,024 (the issue's measure).
 # Carry .whl-min (or .whl). JSON: $OUT/router_tiles_session17b.json,
 # $OUT/decode_routers_session17b.json, $OUT/decode_routers_session17b_rev.json; table last.
 # `bash bench/device_session17_router.sh --cpu-dry-run`: the same steps in CPU forms.
@@ -60,13 +61,25 @@ timeout $TD $PY -m moska.bench.decode $DARGS --routers none none_zipf default_to
   --out "$OUT/decode_routers_session17b.json" > "$OUT/decode_routers.log" 2>&1
 echo "decode routers rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -E "Error|error" "$OUT/decode_routers.log" | tail -3 | cut -c1-300
-TR=$(( LEFT - ($(date +%s) - T0) - 3 ))
-if [ $TR -ge 30 ]; then
+TR=$(( LEFT - ($(date +%s) - T0) - 3 )); [ -z "$DRY" ] && [ $TR -gt 35 ] && TR=35
+if [ $TR -ge 25 ]; then
   # shellcheck disable=SC2086
   timeout $TR $PY -m moska.bench.decode $DARGS --routers default default_torch_topk none \
     --modes moska --chunk-size 4096 --top-k 8 --build-tokens 0 \
     --out "$OUT/decode_routers_session17b_rev.json" > "$OUT/decode_routers_rev.log" 2>&1
   echo "decode routers, reverse order rc=$? ($(( $(date +%s) - T0 )) s)"
+fi
+# 4) in the time left, the issue's own measure with the default as it is now (row top-k):
+# the grouped step alone and with each router in front, against its floor, B = 1,024
+TK=$(( LEFT - ($(date +%s) - T0) ))
+if [ -z "$DRY" ] && [ $TK -ge 30 ]; then
+  timeout $TK $PY -m moska.bench.kernels --routers-only --router-ranks 32 --batch 1024 \
+    --out "$OUT" > "$OUT/kernels_routers.log" 2>&1
+  echo "kernels routers rc=$? ($(( $(date +%s) - T0 )) s)"
+  $PY -c "
+import json; s = json.load(open('$OUT/kernels_routers.json'))['summary']
+print({k: round(v, 3) for k, v in s.items() if k.endswith('b1024') and isinstance(v, float)})
+" 2>&1 | cut -c1-400
 fi
 $PY - "$OUT/router_tiles_session17b.json" "$OUT"/decode_routers_session17b*.json <<'PY'
 import json, sys
