@@ -98,6 +98,7 @@ HIGH_G = {
         T(256, 64, 16, 2, **HT),  # 4 warpgroups of 64 rows share each K/V block
         T(256, 128, 16, 2, **HT),
         T(128, 64, 8, 2, **HT),  # 96 KB of shared memory: 2 programs an SM
+        T(128, 32, 8, 3, **HT),  # 80 KB and ~110 registers: 2 programs an SM
     ],
     64: [
         T(256, 64, 8, 2, **HT),  # a 256-row group's K/V read once (G 8): 64 + 64 regs
