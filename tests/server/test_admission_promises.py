@@ -189,3 +189,23 @@ def test_a_bench_probe_is_decided_with_the_scale_but_not_learnt_from() -> None:
     assert math.isclose(probe.drain_s, real.drain_s, rel_tol=0.05)  # both scaled alike
     raw = adm._drain(PLAIN, busy)[1]
     assert 1.8 < real.drain_s / raw <= 2.0
+
+
+def test_the_door_opens_once_those_inside_are_down_to_what_fits() -> None:
+    """`retry_drain.door_opens_s`: (inside - the count that fits ahead) x the time per
+    decision, against a replay stub where each request ahead adds 0.1 s of TTFT."""
+    from moska.server.queue_replay import Prediction
+    from moska.server.retry_drain import door_admits, door_opens_s
+
+    class Pred:
+        def __init__(self, ttft: float) -> None:
+            self.ttft_s = ttft
+
+    def predict(new: RequestCost, load: Load, num_requests: int = 1) -> Prediction:
+        return Pred(0.1 * (len(load.waiting) + num_requests))  # type: ignore[return-value]
+
+    fits = 2.05  # 20 typical requests fit ahead of one more
+    assert door_admits(predict, PLAIN, Load(), 100, fits) == 20
+    assert math.isclose(door_opens_s(predict, PLAIN, Load(), 100, fits, 0.005), 80 * 0.005)
+    assert door_opens_s(predict, PLAIN, Load(), 15, fits, 0.005) == 0.0  # all fit: open
+    assert door_opens_s(predict, PLAIN, Load(), 0, fits, 0.005) == 0.0
