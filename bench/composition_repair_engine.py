@@ -60,15 +60,21 @@ def parse_setting(text: str) -> BoundaryRepair:
 
 
 def window_row(engine, index: int, window, args, settings) -> dict:
-    """Losses of one window: sequential, then per setting the composed request at top-k all
-    and 25 % over libraries built by the engine's manager with that repair."""
+    """Losses of one window: per setting the composed request at top-k all and 25 % over
+    libraries built by the engine's manager with that repair; with "off" also sequential and
+    the plain-PyTorch reference."""
     req_path, request, groups = window
     request = request[: args.request_tokens]
     bos = engine.tokenizer.bos_token_id
     lib_files = [ids[: args.file_tokens] for g in groups for _, ids in g]
     ctx = [t for f in lib_files for t in [bos, *f]]
-    loss = {"sequential": sequence_loss(engine, [ctx + request], None, None, None, len(ctx)).value}
+    loss = {}
+    if "off" in settings:
+        loss["sequential"] = sequence_loss(
+            engine, [ctx + request], None, None, None, len(ctx)
+        ).value
     row: dict = {
+        "window": index,
         "package": str(req_path.parent).split("site-packages/")[-1],
         "request": req_path.name,
         "library_files": [[f.name for f, _ in g] for g in groups],
@@ -107,8 +113,19 @@ def settings_of(args) -> dict:
     return {"off": None} | {f"m{s.replace('/', '_L')}": parse_setting(s) for s in args.repair}
 
 
-def run_part(indices: list[int], args) -> list[dict]:
-    """The rows of windows ``indices`` on an engine of this process's own (a worker's)."""
+def merge_rows(parts: list[dict]) -> list[dict]:
+    """One row per window from the rows of its (window, setting) tasks, in window order."""
+    rows: dict[int, dict] = {}
+    for part in sorted(parts, key=lambda r: r["window"]):
+        row = rows.setdefault(part["window"], part | {"loss": {}, "library_build_s": {}})
+        row["loss"].update(part["loss"])
+        row["library_build_s"].update(part["library_build_s"])
+    return list(rows.values())
+
+
+def run_part(tasks: list[tuple[int, str]] | None, args) -> list[dict]:
+    """The rows of (window, setting) ``tasks`` (None: every window, every setting) on an
+    engine of this process's own (a worker's)."""
     from moska.engine.llm_engine import LLMEngine
 
     if args.threads:
@@ -123,11 +140,13 @@ def run_part(indices: list[int], args) -> list[dict]:
         engine.libraries.progress = False
         items = windows(engine.tokenizer, args)
         rows = []
-        for i in indices if indices else range(len(items)):
-            rows.append(window_row(engine, i, items[i], args, settings))
+        if tasks is None:
+            tasks = [(i, key) for i in range(len(items)) for key in settings]
+        for i, key in tasks:
+            rows.append(window_row(engine, i, items[i], args, {key: settings[key]}))
             if args.rows_jsonl:  # a run cut short still leaves its finished rows
                 with open(args.rows_jsonl, "a") as f:
-                    f.write(json.dumps(rows[-1] | {"window": i}) + "\n")
+                    f.write(json.dumps(rows[-1]) + "\n")
             print(json.dumps({k: round(v, 4) for k, v in rows[-1]["loss"].items()}), flush=True)
     return rows
 
@@ -178,7 +197,7 @@ def main() -> None:
         default=str(ROOT / "bench/composition_windows.json"),
         help="the windows' tokens (composition_quality.py --save-windows); '' reads networkx",
     )
-    ap.add_argument("--workers", type=int, default=1, help="processes, a window per task")
+    ap.add_argument("--workers", type=int, default=1, help="processes, a (window, setting) each")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: all)")
     ap.add_argument("--rows-jsonl", default=None, help="append each finished row there too")
     ap.add_argument("--from-rows", default=None, help="summarize these JSONL rows, run nothing")
@@ -191,16 +210,16 @@ def main() -> None:
     t0 = time.time()
     if args.from_rows:
         lines = Path(args.from_rows).read_text().splitlines()
-        rows = sorted((json.loads(x) for x in lines if x.strip()), key=lambda r: r["window"])
+        rows = merge_rows([json.loads(x) for x in lines if x.strip()])
+        rows = [r for r in rows if all(f"{k}_top25" in r["loss"] for k in settings)]
     elif args.workers <= 1 or not args.windows:
-        rows = run_part([], args)
-    else:  # the engine's CPU composed attention is a Python loop: windows in parallel
-        n = len(windows(None, args))
+        rows = merge_rows(run_part(None, args))
+    else:  # the engine's CPU composed attention is a Python loop: tasks in parallel
+        tasks = [[(i, key)] for i in range(len(windows(None, args))) for key in settings]
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-            rows = [
-                r for part in pool.map(run_part, [[i] for i in range(n)], [args] * n) for r in part
-            ]
+            parts = pool.map(run_part, tasks, [args] * len(tasks))
+            rows = merge_rows([r for part in parts for r in part])
     summary = summarize(rows, settings) | {"seconds": round(time.time() - t0, 1)}
     out = {
         "env": environment(),

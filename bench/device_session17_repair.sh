@@ -5,7 +5,7 @@
 # boundary repair (off == the plain build; repaired rows == transformers' joint encoding);
 # 2) loss of composed requests over libraries built with repair off / m8 L2 / m32 L2 / m32 L8
 # (bench/composition_repair_engine.py; the 8 windows of bench/composition_windows.json, the
-# first 6 of which are composition_quality.json's), one window per worker process, rows
+# first 6 of which are composition_quality.json's), one (window, setting) per worker process (16), rows
 # appended to a JSONL as they finish (a cut-short run still reports them).
 # Carry .whl-min and .models/moska-code-20m. Prints the summary.
 # `bash bench/device_session17_repair.sh --cpu-dry-run`: the same steps, small, here.
@@ -21,7 +21,7 @@ else
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_repair .whl-min/*.whl
   export PYTHONPATH=/tmp/site_repair:$PWD
-  ARGS="--workers 8 --threads 2"
+  ARGS="--workers 16 --threads 1"
 fi
 export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # CPU only
 timeout $TT $PY -m pytest -q -p no:cacheprovider -rs tests/library/test_boundary_repair.py \
