@@ -96,7 +96,9 @@ def one_chunk_span(ops: KernelOps, lib, group: LibraryGroup) -> tuple[int, int] 
         return None
     if getattr(lib, "fp8_mma", None) is not None:
         return None
-    m = lib.manifest  # host ints, no device read (chunk_offsets would build a list of C + 1)
+    m = getattr(lib, "manifest", None)  # host ints, no device read
+    if getattr(m, "chunks", None) is None:  # not a loaded library's manifest: grouped path
+        return None
     return int(m.chunks[0].start), int(m.num_tokens)
 
 
