@@ -1,5 +1,6 @@
 """The shared KV library: documents -> prefill -> chunk KV -> routing index -> disk."""
 
+from moska.library.boundary_repair import BoundaryRepair, BoundaryRepairError
 from moska.library.builder import build_from_corpus, build_in_memory, build_library
 from moska.library.chunking import TokenizedCorpus, corpus_from_token_ids, tokenize_documents
 from moska.library.demo import ensure_demo_library
@@ -28,6 +29,8 @@ from moska.library.manager import LibraryManager, default_library_root
 from moska.library.store import save_library
 
 __all__ = [
+    "BoundaryRepair",
+    "BoundaryRepairError",
     "BuildStats",
     "ChecksumMismatchError",
     "ChunkEntry",
