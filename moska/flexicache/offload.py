@@ -163,7 +163,19 @@ def write_slots(cache: torch.Tensor, hkv: int, dst: torch.Tensor, rows, used) ->
     cache[dst // hkv, :, dst % hkv] = rows.to(cache.dtype)
 
 
-LAYER_CHUNK = 8  # layers a hand-off moves at once (transient: 8 layers of its pages)
+MOVE_BYTES = 1 << 28  # a hand-off's transient copies per chunk of layers (`layer_chunk`)
+
+
+def layer_chunk(cache, new_pages: int) -> int:
+    """Layers a hand-off moves at once: as many as keep its transient copies (K or V pages
+    and their transposed copy, twice over) under `MOVE_BYTES`: 8 layers of a first hand-off
+    of 254 pages (8B-shaped, bf16), every layer of a later one (8 pages: a few ops per
+    request instead of a few per 8 layers). One layer at a time for per-layer caches."""
+    if not isinstance(cache, torch.Tensor):
+        return 1
+    n_layers, _, bs, hkv, d = cache.shape
+    per = 4 * max(new_pages, 1) * bs * hkv * d * cache.element_size()
+    return max(1, min(n_layers, MOVE_BYTES // per))
 
 
 def _pages(cache, layers: slice, idx: torch.Tensor) -> torch.Tensor:
@@ -305,7 +317,7 @@ class Offload:
         idx = to_device(blocks, dev)
         # layers in chunks (one cache [L, N, bs, Hkv, D]: a few ops per chunk instead of per
         # layer; one step of 14 later hand-offs took 100 ms on the H200 layer by layer)
-        step = LAYER_CHUNK if isinstance(k_cache, torch.Tensor) else 1
+        step = layer_chunk(k_cache, new)
         for l0 in range(0, n_layers, step):
             ls = slice(l0, min(l0 + step, n_layers))
             k, v = _pages(k_cache, ls, idx), _pages(v_cache, ls, idx)  # [l, new, bs, Hkv, D]

@@ -56,14 +56,15 @@ def extend(off, k_cache, v_cache, blocks, keep, old: int, pin: bool):
     """`extend` with one slot space for all layers: the new kept pages of every layer
     take free slots of any layer (one assignment for the request), read from the cache
     in one gather before one write (global slots of the flat cache)."""
-    from moska.flexicache.offload import LAYER_CHUNK, assign_slots, first_needed, write_slots
+    from moska.flexicache.offload import assign_slots, first_needed, layer_chunk, write_slots
 
     dev = off.lslot.device
     n_layers, hkv, total = keep.shape
     new = len(blocks)
     idx = to_device(blocks, dev)
-    for l0 in range(0, n_layers, LAYER_CHUNK):  # page means and host copies
-        ls = slice(l0, min(l0 + LAYER_CHUNK, n_layers))
+    step = layer_chunk(k_cache, new)
+    for l0 in range(0, n_layers, step):  # page means and host copies
+        ls = slice(l0, min(l0 + step, n_layers))
         k, v = k_cache[ls][:, idx], v_cache[ls][:, idx]  # [l, new, bs, Hkv, D]
         off.kmean[ls, :, old:] = k.float().mean(2).transpose(1, 2)
         for host, x in ((off.host_k, k), (off.host_v, v)):
