@@ -15,14 +15,15 @@ the joint encoding of the two chunks, rotated as the library stores its keys). T
 runs every layer, so layers 1..L-1 of the target read hidden states that saw the context;
 KV layers from ``layers`` on keep the chunk-alone KV (what ``bench/composition_quality.py``
 measured as "repair m/L"). Layer 0's KV is a function of its token alone (the projection of
-its embedding), so the repair first changes KV at ``layers`` = 2. No other row changes, the library's layout does not change,
-and every request that composes the library shares the repaired chunks: the repair costs
-one extra prefill of the context rows once, at build time, and nothing per request
-(docs/architecture.md, "Boundary repair", says why moska repairs at build time rather than
-per request as CacheBlend does).
+its embedding), so the repair first changes KV at ``layers`` = 2. No other row changes, the
+library's layout does not change, and every request that composes the library shares the
+repaired chunks: the repair costs one extra prefill of the context rows once, at build
+time, and nothing per request (docs/architecture.md, at ``boundary_repair.py``, says why
+moska repairs at build time rather than per request as CacheBlend does: the chunks stay
+shared).
 
 ``BoundaryRepair(0, 0)`` (the default) is no repair: the build is bit-for-bit the plain one.
-The measured effect is in bench/results/README.md (``composition_repair_engine*.json``).
+Measured through the engine: ``bench/composition_repair_engine.py`` (bench/results/README.md).
 """
 
 from __future__ import annotations
