@@ -179,6 +179,12 @@ def main() -> None:
         "engine": kw,
         "semshare": share.config.__dict__,
         "store": {"entries": len(share.store), "bytes": share.store.nbytes},
+        # blend tails replayed as a captured graph vs run eagerly (a row count off the buckets)
+        "graphs": {
+            name: [eng.semshare.graphs.replays, eng.semshare.graphs.eager]
+            for name, eng in engines.items()
+            if eng.semshare is not None and eng.semshare.graphs is not None
+        },
         "command": " ".join(sys.argv),
         "summary": summary,
         "rows": rows,
