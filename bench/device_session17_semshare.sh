@@ -12,7 +12,8 @@
 # Call 2 (call 1 at 02:17: KV saved 1.4 / 7.7 / 5.0 %, TTFT unchanged; the CUDA shared ==
 # copied test passed but for a graph-replay count, dropped): the matching now gives ties to
 # the same position (more blocks keep their positions), a same-length edit workload
-# (`substitute`), and the blend graphs' replay / eager counts per engine.
+# (`substitute`), the blend graphs' replay / eager counts per engine, and host ms by stage
+# (call 1's networkx rewordings took 47-51 ms shared and copied vs 25-26 ms in session 16b).
 # Carry .whl and .models/moska-code-20m (its tokenizer). Prints one table.
 # `bash bench/device_session17_semshare.sh --cpu-dry-run`: the same steps in CPU forms.
 set -u
@@ -59,6 +60,10 @@ for k, r in s.items():
     print(f"{k:8} {r['kv_held_mb_share']:>11} {r['kv_held_mb_copy']:>7} {r['kv_saved']:>6} "
           f"{r['reused_share']:>6}  {t['off']:>8} {t['share']:>7} {t['copy']:>7} "
           f"{r['speedup_share']:>7} {r['speedup_copy']:>6}  {r['kv_saved_per_request']}")
+for k, r in s.items():  # host ms up to the first token, medians: plan, blend, step
+    if isinstance(r, dict) and "host_ms" in r:
+        h = {m: {x: r["host_ms"][m].get(x) for x in ("plan", "blend", "step")} for m in r["host_ms"]}
+        print(f"{k:8} host ms {h}")
 PY
 [ -f "$OUT/tests.log" ] && tail -4 "$OUT/tests.log" | cut -c1-300
 echo "== speed"; grep -i "warn\|error\|Traceback" "$OUT/speed.log" | head -4 | cut -c1-300

@@ -50,16 +50,18 @@ def run(engine: LLMEngine, rid: str, ids: list[int]) -> dict:
     to its first token, reused tokens, and its blocks once the prompt is computed."""
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
+    engine.bench_host.clear()  # type: ignore[attr-defined]
     t = time.perf_counter()
     engine.add_request(rid, ids, TWO)
     req = engine.scheduler._requests[rid]
-    ttft = blocks = out = None
+    ttft = blocks = out = host = None
     while engine.has_unfinished_requests():
         for o in engine.step():
             out = o
             if ttft is None and o.outputs[0].token_ids:
                 sync()
                 ttft = time.perf_counter() - t
+                host = sp.host_ms(engine)  # host ms by stage up to the first token
         if blocks is None and req.num_computed_tokens >= len(ids):
             blocks = len(engine.block_manager.block_table(rid))
     assert out is not None and ttft is not None and blocks
@@ -73,6 +75,7 @@ def run(engine: LLMEngine, rid: str, ids: list[int]) -> dict:
         "shared_blocks": shared,
         "prefix_blocks": cached,
         "held_blocks": blocks - shared - cached,
+        "host_ms": host,
     }
 
 
@@ -106,6 +109,8 @@ def main() -> None:
     on = {"semantic_reuse": True, "semantic_store_mb": 1 << 16}
     engines = {name: LLMEngine(EngineConfig(model=None, **kw, **x), loaded)
                for name, x in (("off", {}), ("share", on), ("copy", on))}  # fmt: skip
+    for eng in engines.values():
+        sp.time_host_stages(eng)
     copy = engines["copy"].semshare
     assert copy is not None
     copy.config = dataclasses.replace(copy.config, share_blocks=False)
@@ -162,6 +167,9 @@ def main() -> None:
             "speedup_copy": round(
                 statistics.median(r["off"]["ttft_s"] / r["copy"]["ttft_s"] for r in sel), 2
             ),
+            "host_ms": {
+                m: sp.median_stages([r[m]["host_ms"] for r in sel]) for m in ("share", "copy")
+            },
         }
     share = engines["share"].semshare
     assert share is not None
