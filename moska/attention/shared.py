@@ -97,9 +97,10 @@ def one_chunk_span(ops: KernelOps, lib, group: LibraryGroup) -> tuple[int, int] 
     if getattr(lib, "fp8_mma", None) is not None:
         return None
     m = getattr(lib, "manifest", None)  # host ints, no device read
-    if getattr(m, "chunks", None) is None:  # not a loaded library's manifest: grouped path
+    chunks = getattr(m, "chunks", None)
+    if m is None or chunks is None:  # not a loaded library's manifest: the grouped path
         return None
-    return int(m.chunks[0].start), int(m.num_tokens)
+    return int(chunks[0].start), int(m.num_tokens)
 
 
 def reported_selections(
