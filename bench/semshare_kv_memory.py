@@ -124,6 +124,11 @@ def main() -> None:
             extend(model, full, full_table, ids[: args.prompt], 0)
             row["loss_full"] = sq.cont_loss(model, full, full_table, ids, args.prompt)
             for mode, on in (("shared", True), ("copied", False)):
+                if mode == "copied" and row["shared"]["reused_tokens"] == 0:
+                    # not planned: both modes compute it in full (and a second run would
+                    # take the first's blocks from the prefix cache)
+                    row[mode] = dict(row["shared"])
+                    continue
                 reuse.config = dataclasses.replace(reuse.config, share_blocks=on)
                 got = prompt_kv(llm, prompt, f"{kind}{di}{mode}")
                 table, shared, prefix, reused, own, own_table = got
