@@ -204,7 +204,9 @@ def _select(
     rows keeps the blend exact, it only recomputes a few more). R is known on the host from
     the counts, so the rows come from a stable sort, not `nonzero` (no host sync between
     the first layers and the rest). `cand`: the matched rows that may be kept (default
-    `m_idx`; without the rows in blocks shared with the reference, `sharing.py`)."""
+    `m_idx`; without the rows in blocks shared with the reference, `sharing.py`); when
+    they are too few to fill the bucket, the first kept row fills it, repeated (it computes
+    and writes the same values again: exact, and the bucket's graph replays)."""
     n, num_matched = matched.shape[0], m_idx.numel()
     if fraction >= 1.0 or att.last_fresh is None:
         return torch.arange(n, device=matched.device), num_matched
@@ -223,6 +225,9 @@ def _select(
         keep[m_idx[dev.topk(n_keep).indices]] = True
     r = n - num_matched + n_keep
     rows = torch.argsort((~keep).to(torch.uint8), stable=True)[:r]  # kept rows first, in order
+    short = row_bucket(r, n, granule) - r if 0 < r else 0
+    if short:  # too few candidates (most rows in shareable blocks): the first row repeated
+        rows = torch.cat([rows[:1].expand(short), rows])  # (same values, same slot) to fill it
     return rows, n_keep
 
 
@@ -342,7 +347,7 @@ def blend_prefill(
     hidden = None
     if finish:
         hidden = finish_last(model, cache, slots, *into_last, new_pos[-1:], row_kernel)
-    return BlendResult(num_matched - kept_matched, r, hidden)
+    return BlendResult(num_matched - kept_matched, n - num_matched + kept_matched, hidden)
 
 
 def tail_layers(model, att: RowAttention, x, residual, cos, sin, first: int):

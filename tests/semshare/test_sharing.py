@@ -221,3 +221,49 @@ def test_matching_ties_go_to_the_same_position():
         i for i in range(40) if i != 10])).all()  # fmt: skip
     shorter = match_tokens(new[:35], ref[:20], 0.9).ref_pos  # beyond the reference: max's pick
     assert shorter[30] == 5 and shorter[31] == 6
+
+
+def test_bucket_filled_by_a_repeated_row_is_exact(blend_cpu):
+    """When the rows that may be kept past the boundary are too few to fill a row bucket
+    (most of the prompt in shareable blocks), the first kept row is repeated: the same KV
+    and hidden state as the unpadded blend, and the row count is the bucket's."""
+    import torch
+    from test_graphs import BLOCKS, _cache, _kv, _rel
+
+    from moska.semshare import blend as blend_mod
+    from moska.semshare.blend import blend_prefill, row_bucket
+
+    model, _, ref, ids, ref_pos = blend_cpu
+    n = ids.shape[0]
+    fixed = ref_pos >= 0  # every matched row out of the candidates: the bucket cannot fill
+    fixed[-1] = False
+    table = list(range(20, BLOCKS))
+    seen = []
+    select = blend_mod._select
+
+    def spy(*a, **k):
+        rows, kept = select(*a, **k)
+        seen.append(rows.tolist())
+        return rows, kept
+
+    blend_mod._select = spy
+    try:
+        out = {}
+        for granule in (1, 64):
+            cache = _cache(model, torch.float32, "cpu")
+            with torch.inference_mode():
+                res = blend_prefill(
+                    model, cache, table, ids, 0, ref, ref_pos, 0.0, 1, granule=granule,
+                    finish=True, fixed=fixed,
+                )  # fmt: skip
+            out[granule] = (res, _kv(cache, n))
+    finally:
+        blend_mod._select = select
+    plain, padded = seen
+    assert len(padded) == row_bucket(len(plain), n, 64) > len(plain)
+    assert sorted(set(padded)) == plain and padded[-1] == plain[-1]
+    (a, kv_a), (b, kv_b) = out[1], out[64]
+    assert a.num_recomputed == b.num_recomputed == len(plain) and a.num_reused == b.num_reused
+    assert _rel(b.hidden.double(), a.hidden.double()) < 1e-5
+    for x, y in zip(kv_b, kv_a, strict=True):
+        assert _rel(x, y) < 1e-5
