@@ -20,11 +20,14 @@ tokens of every block it could share (`ReusePlan.fixed`; taken or not, sharing o
 are never kept past the boundary (not in the deviation ranking nor, on CUDA, the padding to
 a row bucket; their layer-0 deviation is zero up to rounding, so they ranked last anyway):
 sharing and copying keep the same rows, and what differs is only that a shared token's
-layer-0 KV is the reference's instead of recomputed (equal up to rounding). Never shared: the block of the prompt's last token
-and the last block of any allocation (the block manager's rule: a step's last token is
-computed by the forward, which writes its KV; decode appends after it), so no shared
-block is ever written and no copy-on-write is needed. With `recompute_layers` > 1 layer
-1's KV depends on the context, so nothing is shared.
+layer-0 KV is the reference's instead of recomputed (equal up to rounding). Never shared:
+the block of the prompt's last token and the last block of any allocation (the block
+manager's rule: a step's last token is computed by the forward, which writes its KV;
+decode appends after it), so no shared block is ever written and no copy-on-write is
+needed. With `recompute_layers` > 1 layer 1's KV depends on the context: nothing shared.
+Only tokens at their own positions: a shifted token's keys are re-rotated, so its block
+is not the reference's (renames to names of another length, rewordings and reorders shift
+everything after their first edit: README "SemShareKV", `bench/semshare_kv_memory.py`).
 
 Lifetimes (ref counts): the block manager counts the reference's holder (`RefHolder`) and
 each request that took a block; a reference evicted from the store frees only its
