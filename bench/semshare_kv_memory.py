@@ -3,8 +3,8 @@ engine on moska-code-20m (CPU, fp32), and its continuation loss either way.
 
 Workload as `bench/semshare_quality.py` (its `documents`: held-out networkx/sympy files,
 variants renamed / reordered / reworded / sibling), plus same-length token substitutions
-(`substitute`: positions never shift, where blocks can be shared): one engine with semantic reuse stores
-each document's first `--ref-tokens` tokens (a request of that prompt, computed in full:
+(`substitute`: positions never shift, where blocks can be shared): one engine with
+semantic reuse stores each document's first `--ref-tokens` tokens (a request of that prompt, computed in full:
 its blocks become the reference, `moska/semshare/sharing.py`); then each variant's first
 `--prompt` tokens are sent twice, with `SemShareConfig.share_blocks` on and off. Right after
 the prompt's step the request's table is read: the blocks it took from the reference

@@ -1,5 +1,5 @@
 """SemShareKV's shared blocks on a GPU (`-m cuda`, compiled Triton; built-in tiny model,
-fp32, the engine as served: blend graphs where a row bucket fills, decode graphs): the reference's unshared blocks
+fp32, the engine as served: blend graphs, decode graphs): the reference's unshared blocks
 are copied by the fused `rope_scatter` straight out of the paged cache (a block-backed
 reference's rows are cache slots), the first layer's writes skip the shared rows through
 the kernel table's `kv_write`; a request that shares gives the tokens and logprobs of one
