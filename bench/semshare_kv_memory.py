@@ -4,11 +4,12 @@ engine on moska-code-20m (CPU, fp32), and its continuation loss either way.
 Workload as `bench/semshare_quality.py` (its `documents`: held-out networkx/sympy files,
 variants renamed / reordered / reworded / sibling), plus same-length token substitutions
 (`substitute`: positions never shift, where blocks can be shared): one engine with
-semantic reuse stores each document's first `--ref-tokens` tokens (a request of that prompt, computed in full:
-its blocks become the reference, `moska/semshare/sharing.py`); then each variant's first
-`--prompt` tokens are sent twice, with `SemShareConfig.share_blocks` on and off. Right after
-the prompt's step the request's table is read: the blocks it took from the reference
-(shared) and the rest (its own); its prompt KV is copied out of the engine's cache and the
+semantic reuse stores each document's first `--ref-tokens` tokens (a request of that
+prompt, computed in full: its blocks become the reference, `moska/semshare/sharing.py`);
+then each variant's first `--prompt` tokens are sent twice, with
+`SemShareConfig.share_blocks` on and off. Right after the prompt's step the request's table
+is read: the blocks it took from the reference (shared), from the prefix cache, and the
+rest (its own); its prompt KV is copied out of the engine's cache and the
 next `--cont` tokens scored on it (`semshare_quality.cont_loss`), as is a full prefill's.
 
 Usage: .venv/bin/python bench/semshare_kv_memory.py [--files 4] [--prompt 1024]

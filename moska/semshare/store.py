@@ -4,8 +4,9 @@ Keys are stored **rotated**, as the paged cache holds them (`rope_shift.py` move
 new positions). In an engine a reference's KV is blocks of the paged cache itself
 (`sharing.py`: `k`, `v` are the cache's flat views and `slots` says where its tokens are);
 standalone (tests, benchmarks) it is a gathered copy. An entry is keyed by its prompt's
-token ids (a hash; the ids are kept and compared). Finding an entry by similarity goes through the LSH index, which the store
-keeps in step with its entries (an evicted entry leaves the index).
+token ids (a hash; the ids are kept and compared). Finding an entry by similarity goes
+through the LSH index, which the store keeps in step with its entries (an evicted entry
+leaves the index).
 
 Why it does not thrash: only prompts computed in full are inserted (a prompt that reused
 KV is never stored, so approximate KV never becomes a reference and a stream of near
