@@ -172,6 +172,9 @@ def run_window(model, ids, lib_tokens, chunk_size, top_ks, only=None):
         mma[f"fp8/token+mma_qsplit_{name}"] = (vs, split)
         mma[f"fp8/token+mma_qsplit_not_{name}"] = (vs, set(range(n)) - split)
         runs += [(f"fp8/token+mma_qsplit{x}_{name}", "fp8/token", False) for x in ("", "_not")]
+    # both: V per block and q split in the second half of the layers only
+    mma["fp8/kt_vb+mma_qsplit_second_half"] = (vb, set(range(n // 2, n)))
+    runs += [("fp8/kt_vb+mma_qsplit_second_half", "fp8/kt_vb", False)]
     if only:  # --variants: these library KV variants (and bf16, the baseline)
         runs = [r for r in runs if r[0] == "bf16" or r[0] in only]
     for top_k in top_ks:

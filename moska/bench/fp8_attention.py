@@ -243,8 +243,20 @@ def timed(fn, device: str) -> float:
 
 
 def run_batch(
-    s: Shape, b: int, kind: str, names, tiles, gen, pools, sample: int, ceil, mma_tiles=None
+    s: Shape,
+    b: int,
+    kind: str,
+    names,
+    tiles,
+    gen,
+    pools,
+    sample: int,
+    ceil,
+    mma_tiles=None,
+    partial=None,
 ) -> dict:
+    """One (routing, B) row; `partial(row)` (optional) after the check and after each
+    variant's timing with the row so far (`partial`: True), so a run cut short keeps them."""
     k, v, offs, q8 = pools
     q = torch.randn(b, s.hq, s.d, device=s.device).to(s.dtype)  # [B, Hq, D]
     chunks_of = routing(b, s, kind, gen)
@@ -280,6 +292,9 @@ def run_batch(
                 best = (ms, tile or "default")
         if best is not None:
             times[name] = {"ms": best[0], "tile": str(best[1]), "tokens_per_s": b * 1e3 / best[0]}
+            log(f"B={b} {kind}: {name} {best[0]:.3f} ms ({best[1]})")
+        if partial is not None:
+            partial({"batch": b, "routing": kind, "correctness": errs, **times, "partial": True})
     kv_bytes = {n: (1 if n != "bf16" else k.element_size()) for n in names}
     touched = int(torch.unique(chunks_of).numel())
     row = {"batch": b, "routing": kind, "chunks_touched": touched, "correctness": errs, **times}
@@ -351,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick_tiles:
         CHECK_TILE.update(QUICK_MMA_TILES[0])
     names = ["bf16", "fp8", "fp8_chunk"] + ([] if args.no_fp8_dot else ["fp8_dot"]) + [*MMA]
-    if args.variants:
-        names = ["bf16"] + [n for n in names[1:] if n in args.variants]
+    if args.variants:  # in the order given (the JSON is rewritten after each)
+        names = ["bf16"] + [n for n in dict.fromkeys(args.variants) if n in names[1:]]
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)  # routing, on the host
     pools = make_pools(s)
@@ -361,8 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for kind in args.routing:
         for b in batches:  # the JSON rewritten after each row: a run cut short keeps its rows
+
+            def partial(row, rows=rows):  # the rows so far and this one's part
+                report(args.out, argv, s, ceil, [*rows, row], names, False, MMA, quiet=True)
+
             rows.append(
-                run_batch(s, b, kind, names, tiles, gen, pools, args.sample, ceil, mma_tiles)
+                run_batch(
+                    s, b, kind, names, tiles, gen, pools, args.sample, ceil, mma_tiles, partial
+                )
             )
             done = len(rows) == len(batches) * len(args.routing)
             ok = report(args.out, argv, s, ceil, rows, names, done, MMA)

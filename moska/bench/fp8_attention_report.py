@@ -39,9 +39,12 @@ def by_batch(rows: list[dict], names: list[str], mma) -> list[dict]:
     return out
 
 
-def report(out: str, argv, s, ceil: dict, rows: list[dict], names, complete: bool, mma) -> bool:
-    """Write the JSON of the rows so far (`complete` False until the last); True if correct."""
-    ok = all(r["correctness"][n]["ok"] for r in rows for n in names)
+def report(
+    out: str, argv, s, ceil: dict, rows: list[dict], names, complete: bool, mma, quiet=False
+) -> bool:
+    """Write the JSON of the rows so far (`complete` False until the last); True if correct.
+    `quiet`: no log line (a partial row's write after each variant)."""
+    ok = all(r["correctness"][n]["ok"] for r in rows for n in names if n in r["correctness"])
     big = [r for r in rows if r["batch"] == max(r_["batch"] for r_ in rows)]
     summary = {
         "correct": ok,
@@ -65,7 +68,8 @@ def report(out: str, argv, s, ceil: dict, rows: list[dict], names, complete: boo
         "summary": summary,
     }
     path = write_json(out, payload)
-    log(f"wrote {path}: {summary}")
+    if not quiet:
+        log(f"wrote {path}: {summary}")
     return ok
 
 

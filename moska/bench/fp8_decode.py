@@ -15,7 +15,8 @@ a bf16 and an FP8 copy of 512K tokens at 8B dims do not fit beside the model and
               library/fp8_mma.py), and `fp8_mma_qsplit` (q in two e4m3 terms);
               `fp8_mma_qsplit_vb`: V's scales per 128-row block, K's per token (one V scale
               per key block read, no per-weight V multiply; quality as per-token,
-              bench/results/fp8_quality_mixed.json)
+              bench/results/fp8_quality_mixed.json); `_half`: q split in the later half of
+              the layers only (bench/results/fp8_quality_layers.json)
 
     python -m moska.bench.fp8_decode [--batch 256] [--library-tokens 524288]
     python -m moska.bench.fp8_decode --cpu-dry-run --out /tmp/fp8_decode.json
@@ -49,7 +50,8 @@ from moska.kernels.router import build_routing_index
 from moska.library.fp8 import BLOCK_ROWS, quantize
 from moska.library.fp8_mma import attach_token_major_v
 
-MODES = ("bf16", "fp8_upcast", "fp8_mma", "fp8_mma_qsplit", "fp8_mma_qsplit_vb")
+MODES: tuple[str, ...] = ("bf16", "fp8_upcast", "fp8_mma", "fp8_mma_qsplit", "fp8_mma_qsplit_vb")
+MODES += ("fp8_mma_qsplit_half", "fp8_mma_qsplit_vb_half")
 
 
 @dataclass(eq=False)
@@ -75,7 +77,7 @@ def make_library(
     offs = torch.arange(0, tokens + 1, chunk, dtype=torch.int32, device=dev)
     first = not routing
     lib = RandomLibrary([], [], routing, offs, tokens // chunk, tokens)
-    fp8, vb = mode != "bf16", mode.endswith("_vb")
+    fp8, vb = mode != "bf16", "_vb" in mode
     scales: list = []
     if fp8:
         lib.kv_scale_pools = scales
@@ -92,11 +94,13 @@ def make_library(
         lib.k_pools.append(k)
         lib.v_pools.append(v)
     if mode.startswith("fp8_mma"):
-        why = attach_token_major_v(lib, mode[4:].removesuffix("_vb"))
+        why = attach_token_major_v(lib, mode[4:].removesuffix("_half").removesuffix("_vb"))
         if why is not None:
             raise RuntimeError(f"{mode}: {why}")
         if vb:
             lib.fp8_mma = dataclasses.replace(lib.fp8_mma, v_block_rows=BLOCK_ROWS)
+        if mode.endswith("_half"):  # q split in the later half of the layers only
+            lib.fp8_mma = dataclasses.replace(lib.fp8_mma, q_split_from=layers // 2)
     return lib
 
 

@@ -126,3 +126,20 @@ def test_engine_path_on_fp8_tensor_cores(mode):
     err_o, err_l, lib_o, alg_o = _group_path(lib, "cuda", torch.bfloat16, mode != "mma", e4m3)
     # weights on an e4m3 rounding edge flip a step on the GPU (bench/fp8_attention.mma_ok)
     assert err_o < 2e-2 and err_l < 2e-3 and lib_o <= 1.25 * alg_o, (err_o, lib_o, alg_o)
+
+
+def test_q_split_from_a_layer_and_v_block_keywords():
+    # q split in the later layers only (fp8_quality_layers.json) and V block scales reach
+    # the kernel's keywords per KV slot
+    from moska.kernels.shared_attention_fp8 import SidedBlock
+    from moska.library.fp8_mma import mma_kwargs
+
+    pools = [torch.zeros(2, 8, 16, dtype=torch.float8_e4m3fn) for _ in range(4)]
+    lib = SimpleNamespace(fp8_mma=TokenMajorV(pools, True, 0, q_split_from=2))
+    assert [mma_kwargs(lib, i)["fp8_q_split"] for i in range(4)] == [False, False, True, True]
+    assert all("fp8_scale_block" not in mma_kwargs(lib, i) for i in range(4))
+    lib.fp8_mma = dataclasses.replace(lib.fp8_mma, v_block_rows=BLOCK_ROWS)
+    sb = mma_kwargs(lib, 3)["fp8_scale_block"]
+    assert isinstance(sb, SidedBlock) and sb == BLOCK_ROWS and sb.sides == 2
+    lib.fp8_mma = TokenMajorV(pools, False, 0, q_split_from=2)
+    assert not any(mma_kwargs(lib, i)["fp8_q_split"] for i in range(4))
