@@ -12,7 +12,7 @@ the same decode step, so a router's cost is the difference between its row and `
 - ``two_stage_old``: the two-stage router as before issue 17 (bound shortlist of 4k chunks
   per request, key-max on it, one set of chunks per request: ``LEGACY`` + two_stage);
 - ``default_before``: the default policy (key-max over every key, per KV head) with the
-  key-max tile used until session 16 (``router_dense.OLD_TILE``) and torch.topk;
+  key-max tile used until session 16 (``router_dense.OLD_TILE``), nothing else changed;
 - ``default_torch_topk``: the default policy with ``torch.topk`` as its last step (as
   before session 17; ``router.ROW_TOPK`` False);
 - ``default``: the default policy as it is now (``router_dense.TILE``, the row top-k);
@@ -144,7 +144,6 @@ def router_row(
     old_topk = router.ROW_TOPK
     if name == "default_before":
         router_dense.TILE, router_dense.TILES_BY_BATCH = router_dense.OLD_TILE, ()
-        router.ROW_TOPK = False
     elif name == "default_torch_topk":
         router.ROW_TOPK = False
     elif name == "default_next":
