@@ -7,7 +7,7 @@
 # (bench/composition_repair_engine.py; the 8 windows of bench/composition_windows.json, the
 # first 6 of which are composition_quality.json's), one (window, setting) per worker process (16), rows
 # appended to a JSONL as they finish (a cut-short run still reports them).
-# Carry .whl-min and .models/moska-code-20m. Prints the summary.
+# Carry .models/moska-code-20m (and .whl-min where the device's python lacks pydantic).
 # `bash bench/device_session17_repair.sh --cpu-dry-run`: the same steps, small, here.
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -18,8 +18,10 @@ if [ "${1:-}" = "--cpu-dry-run" ]; then
   ARGS="--cpu-dry-run --workers 2 --threads 1"; TT=120
 else
   PY=python3; MODEL=.models/moska-code-20m; TT=30
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site_repair .whl-min/*.whl
+  if [ -d .whl-min ]; then  # the engine needs pydantic only; the device's python may have it
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site_repair .whl-min/*.whl
+  fi
   export PYTHONPATH=/tmp/site_repair:$PWD
   ARGS="--workers 16 --threads 1"
 fi
