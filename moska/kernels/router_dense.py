@@ -20,13 +20,8 @@ import triton
 import triton.language as tl
 
 from .router_ref import keymax_scores_ref
-from .router_scores import (
-    _check,
-    _keymax_rows,
-    _load_q_rows,
-    _pow2,
-    _precision,
-)
+from .router_rows import _keymax_rows, _load_q_rows
+from .router_scores import _check, _pow2, _precision
 from .runtime import triton_runs_on
 
 
