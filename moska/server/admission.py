@@ -371,7 +371,7 @@ class AdmissionController(DoorDrains):
                     raw = self._drain(lib, load, before_door_s=elapsed_s)[1]
                     each, f = (
                         self._library_drains(load, elapsed_s),
-                        learn.factor("library_door", now),
+                        learn.factor("library_door", self.clock()),
                     )
                     result = replace(
                         result,
