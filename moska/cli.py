@@ -82,7 +82,8 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "fp8_attention": "FP8 libraries on CUDA: upcast (default; exact on the e4m3 values), mma "
     "or mma_qsplit (FP8 tensor cores, about 1.4x faster at B=256 on an H200, top-1 vs bf16 "
     "0.987-0.990 for mma, 0.993 for mma_qsplit; V copied token-major: 1.5x the library's "
-    "FP8 KV bytes)",
+    "FP8 KV bytes); mma_qsplit_late: q split in the later half of the layers only (0.993 "
+    "on the quality model)",
     "semantic_reuse": "SemShareKV: reuse the KV of a stored similar earlier prompt "
     "(approximate; see README)",
     "semantic_reuse_threshold": "token-match cosine for semantic reuse (token and context "

@@ -56,7 +56,8 @@ class EngineConfig:
     fp8_attention: how FP8 (e4m3) libraries are read on CUDA: "upcast" (K/V tiles to bf16 in
         registers, exact on the e4m3 values; the default) or "mma" / "mma_qsplit" (FP8
         tensor cores, q and the weights cut to e4m3, V copied token-major at load: +50% of
-        the library's KV bytes; `moska/library/fp8_mma.py`). Hopper, chunks at multiples of
+        the library's KV bytes; `moska/library/fp8_mma.py`); "mma_qsplit_late": q split in
+        the later half of the layers only, one-term q before. Hopper, chunks at multiples of
         16 rows (tiered: the copy of the GPU slots, out of the GPU budget); else upcast.
     semantic_reuse: SemShareKV (`moska/semshare/`): a new prompt reuses the KV of a stored,
         similar earlier prompt (LSH + token matching, RoPE re-rotated), recomputing the
@@ -152,9 +153,10 @@ class EngineConfig:
                 f"got {self.tensor_parallel_size}"
             )
         self.tier_config  # noqa: B018 -- validates the library tier fields (ValueError)
-        if self.fp8_attention not in ("upcast", "mma", "mma_qsplit"):
+        if self.fp8_attention not in ("upcast", "mma", "mma_qsplit", "mma_qsplit_late"):
             raise ValueError(
-                f"fp8_attention must be upcast, mma or mma_qsplit, got {self.fp8_attention!r}"
+                "fp8_attention must be upcast, mma, mma_qsplit or mma_qsplit_late, got "
+                f"{self.fp8_attention!r}"
             )
         if self.shared_kv_ranks < 0:
             raise ValueError(f"shared_kv_ranks must be >= 0 (0: off), got {self.shared_kv_ranks}")

@@ -46,7 +46,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FP8_ATTENTION = ("upcast", "mma", "mma_qsplit")
+FP8_ATTENTION = ("upcast", "mma", "mma_qsplit", "mma_qsplit_late")
 # the tile that was fast for fp8_mma_vt on the H200 (the launcher's default took 1.28 ms at
 # B = 256, this 0.69; 128-row tiles 4-6 ms): bench/results/fp8_attention_h200_mma.json
 # (warp_specialize False: the FP8 program's key loop is not warp-specialized whatever the bf16
@@ -102,12 +102,14 @@ def attach_token_major_v(library: Any, mode: str) -> str | None:
     why = mma_unfit(library)
     if why is not None:
         return why
+    split = mode.startswith("mma_qsplit")
+    late = len(library.v_pools) // 2 if mode == "mma_qsplit_late" else 0
     if library.tiers is not None:
-        attach_tiered(library, mode == "mma_qsplit")
+        attach_tiered(library, split, late)
         return None
     pools = [token_major(v) for v in library.v_pools]
     nbytes = sum(t.numel() * t.element_size() for t in pools)
-    library.fp8_mma = TokenMajorV(pools, mode == "mma_qsplit", nbytes)
+    library.fp8_mma = TokenMajorV(pools, split, nbytes, q_split_from=late)
     return None
 
 
@@ -127,7 +129,7 @@ def slots_with_copy(tiers: Any) -> int:
     return tiers.num_slots * tiers.row_bytes // (tiers.row_bytes + hkv * d)
 
 
-def attach_tiered(library: Any, q_split: bool) -> TokenMajorV:
+def attach_tiered(library: Any, q_split: bool, q_split_from: int = 0) -> TokenMajorV:
     """A tiered FP8 library's token-major V copy of its GPU slot pools (`tier_unfit` None):
     the slots cut to `slots_with_copy` first (what they hold is dropped: the next step
     fetches it again), then the copy made of the slot pools as they are, so it starts in
@@ -140,7 +142,8 @@ def attach_tiered(library: Any, q_split: bool) -> TokenMajorV:
             sp = tiers.slot_pools
             library.kv_scale_pools[:] = list(zip(sp["k_scale"], sp["v_scale"]))
     pools = [token_major(v) for v in tiers.v_pools]
-    t = TokenMajorV(pools, q_split, sum(p.numel() * p.element_size() for p in pools))
+    nbytes = sum(p.numel() * p.element_size() for p in pools)
+    t = TokenMajorV(pools, q_split, nbytes, q_split_from=q_split_from)
     tiers.fp8_mma = library.fp8_mma = t
     return t
 

@@ -143,3 +143,22 @@ def test_q_split_from_a_layer_and_v_block_keywords():
     assert isinstance(sb, SidedBlock) and sb == BLOCK_ROWS and sb.sides == 2
     lib.fp8_mma = TokenMajorV(pools, False, 0, q_split_from=2)
     assert not any(mma_kwargs(lib, i)["fp8_q_split"] for i in range(4))
+
+
+def test_qsplit_late_splits_q_in_the_later_half_of_the_layers(monkeypatch):
+    # --fp8-attention mma_qsplit_late: q in two e4m3 terms from KV slot L // 2 on (the
+    # quality model kept top-1 >= 0.99 so, bench/results/fp8_quality_layers.json)
+    from moska.library import fp8_mma
+
+    monkeypatch.setattr(fp8_mma, "mma_unfit", lambda library: None)  # CPU: no TMA to check
+    lib = _library("cpu", torch.float16)
+    lib.v_pools = lib.v_pools * 4  # four KV slots
+    assert attach_token_major_v(lib, "mma_qsplit_late") is None
+    assert lib.fp8_mma.q_split and lib.fp8_mma.q_split_from == 2
+    split = [fp8_mma.mma_kwargs(lib, i)["fp8_q_split"] for i in range(4)]
+    assert split == [False, False, True, True]
+    lib.fp8_mma = None
+    assert attach_token_major_v(lib, "mma_qsplit") is None and lib.fp8_mma.q_split_from == 0
+    EngineConfig(fp8_attention="mma_qsplit_late")  # accepted by the engine's config
+    with pytest.raises(ValueError, match="mma_qsplit_late"):
+        EngineConfig(fp8_attention="late")
