@@ -109,8 +109,25 @@ def attach_token_major_v(library: Any, mode: str) -> str | None:
         return None
     pools = [token_major(v) for v in library.v_pools]
     nbytes = sum(t.numel() * t.element_size() for t in pools)
-    library.fp8_mma = TokenMajorV(pools, split, nbytes, q_split_from=late)
+    vb = v_block_rows(library)
+    library.fp8_mma = TokenMajorV(pools, split, nbytes, q_split_from=late, v_block_rows=vb)
     return None
+
+
+def v_block_rows(library: Any) -> int:
+    """BLOCK_ROWS when every layer's V scales are constant over BLOCK_ROWS rows from each
+    chunk's start (V quantized per "block", K per token: library/fp8.py), else 0: such a
+    library is read with one V scale per key block (exact for it, whatever built it)."""
+    from moska.library.fp8 import BLOCK_ROWS
+
+    scales = library.kv_scale_pools
+    if not scales or scales[0][1].shape[0] != library.k_pools[0].shape[0]:
+        return 0  # per-chunk or per-layer scales: not per row
+    offs = library.chunk_offsets.to(scales[0][1].device, torch.int64)
+    rows = torch.arange(int(offs[-1]), device=offs.device)
+    start = offs[torch.searchsorted(offs, rows, right=True) - 1]  # each row's chunk start
+    first = start + (rows - start) // BLOCK_ROWS * BLOCK_ROWS  # each row's block start
+    return BLOCK_ROWS if all(torch.equal(vs, vs[first]) for _, vs in scales) else 0
 
 
 def tier_unfit(tiers: Any) -> str | None:

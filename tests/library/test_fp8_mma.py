@@ -162,3 +162,16 @@ def test_qsplit_late_splits_q_in_the_later_half_of_the_layers(monkeypatch):
     EngineConfig(fp8_attention="mma_qsplit_late")  # accepted by the engine's config
     with pytest.raises(ValueError, match="mma_qsplit_late"):
         EngineConfig(fp8_attention="late")
+
+
+def test_v_block_scales_are_found_at_attach(monkeypatch):
+    # a library whose V scales are constant over 128-row blocks from each chunk's start (V
+    # quantized per block, K per token) is read with one V scale per key block; per-token V
+    # scales are not
+    from moska.library import fp8_mma
+
+    monkeypatch.setattr(fp8_mma, "mma_unfit", lambda library: None)  # CPU: no TMA to check
+    for v_gran, want in (("block", BLOCK_ROWS), ("token", 0)):
+        lib = _library("cpu", torch.float16, lens=(16, 160, 37), v_gran=v_gran)
+        assert attach_token_major_v(lib, "mma_qsplit") is None
+        assert lib.fp8_mma.v_block_rows == want, v_gran
