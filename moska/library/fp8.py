@@ -15,6 +15,11 @@ Measured on the quality model (bench/fp8_quality.py, bench/results/fp8_quality.j
 chunk misses the 0.99 target, so libraries store per-token scales (`LIBRARY_GRANULARITY`).
 A few tokens (a file's first, the attention sinks) hold keys and values far larger than
 their chunk's others, and a per-chunk scale set by them rounds the rest more coarsely.
+It is K that needs them: with V per 128-row "block" and K per token, the FP8 tensor-core
+program with q in two terms keeps 0.9932 / 0.9922, K per block 0.9892 / 0.9879
+(bench/results/fp8_quality_mixed.json); such a library is read with one V scale per key
+block (library/fp8_mma.v_block_rows). Libraries still store both per token (the upcast
+program's quality with V per block is unmeasured).
 """
 
 from __future__ import annotations
