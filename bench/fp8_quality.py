@@ -166,6 +166,7 @@ def run_window(model, ids, lib_tokens, chunk_size, top_ks, only=None):
     variants["fp8/kb_vt"] = (variants["fp8/block"][0], variants["fp8/token"][1])
     mma.update({"fp8/kt_vb+mma_qsplit": (vb, True), "fp8/kb_vt+mma_qsplit": (vs, True)})
     runs += [(f"fp8/{m}+mma_qsplit", f"fp8/{m}", False) for m in ("kt_vb", "kb_vt")]
+    runs += [("fp8/kt_vb", "fp8/kt_vb", False)]  # the upcast program's numerics
     # q split in some layers only (session 17: the two-term q "only where needed")
     n = len(layers)
     for name, split in (("l0", {0}), ("first_half", set(range(n // 2)))):
