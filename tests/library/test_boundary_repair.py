@@ -115,6 +115,27 @@ def test_repaired_rows_are_the_joint_encoding(tiny_model, hf_model, docs, plain,
         assert torch.equal(lib.v_pools[layer][~changed], plain.v_pools[layer][~changed])
 
 
+def test_fp8_library_quantizes_the_repaired_kv(tiny_model, docs, plain):
+    """The repair runs before the FP8 quantization (and the routing index): an e4m3 build's
+    dequantized rows are the repaired rows (e4m3: ~3 mantissa bits)."""
+    lib = _build(tiny_model, docs, (5, 2))
+    q, _ = build_in_memory(
+        tiny_model, docs, "q", chunk_size=CHUNK, mode="independent", progress=False,
+        boundary_repair=(5, 2), prefill_tokens=19, kv_dtype="fp8",
+    )  # fmt: skip
+    assert q.manifest.repair_tokens == 5
+    rows = torch.cat(
+        [torch.arange(t.start, t.start + 5) for t in repair_targets(lib.chunks, 5, CHUNK)]
+    )
+    ks, vs = q.kv_scale_pools[1]  # layer 1: the first whose KV the context changes
+    for got, scale, want, alone in (
+        (q.k_pools[1], ks, lib.k_pools[1], plain.k_pools[1]),
+        (q.v_pools[1], vs, lib.v_pools[1], plain.v_pools[1]),
+    ):
+        deq = got[rows].float() * scale[rows][..., None]
+        assert _rel(deq, want[rows]) < 8e-2 < _rel(deq, alone[rows])
+
+
 def test_manifest_info_and_build_id(tiny_model, docs, tmp_path):
     mgr = LibraryManager(tmp_path, tiny_model, "cpu", progress=False)
     info = mgr.build("rep", docs, CHUNK, "independent", boundary_repair=BoundaryRepair(4, 1))
