@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# #21 item 2, session 17 (one H200, kind nvidia-h200; ~225 s, at most ~240 s): KV-head
+# #21 item 2, session 17 (one H200, kind nvidia-h200; ~240 s, at most ~260 s): KV-head
 # compression measured on a small MHA model trained for it.
 # 1) train the retrieval model with as many KV heads as query heads (4/4; hidden 256, 4
 #    layers, tied embeddings: session 13's recipe at 1,024-token contexts, 12 facts = the
-#    4,096-token density, 2.8 min, bf16 autocast, no stage left on time alone before 60 % of
-#    the run: the first call's 1.8-minute run left each stage on time before the lookup
-#    emerged and ended at 0.1 answer accuracy); seeds 0 and 1 at once, the better kept
-#    (bf16, HF format) in $OUT/retrieval-mha-1k, the other's log as train_log_seedN.json;
+#    4,096-token density, 3 min, bf16 autocast). The first two calls' MHA runs (1.8 and 2.8
+#    min, seeds 0 and 1) never learnt the lookup (final answer accuracy 0.04-0.16): they stalled
+#    at 128 tokens near 0.85-0.93 training accuracy, under the 0.95 that advances. So three
+#    variants at once (a step is mostly launch latency: two at once ran as fast as one), each
+#    advancing at 0.9 (on time alone from 30 % of the run; lr floor 0.3): A seed 1, every
+#    format; B seed 1 and C seed 2 without the multi-hop format (its 5-token answers are the
+#    hardest tokens). The best final answer accuracy is kept (bf16, HF format) in
+#    $OUT/retrieval-mha-1k, the others' logs as train_log_<name>.json;
 # 2) `moska convert kv-heads` to 2 and 1 KV heads (50 % and 75 % removed), fitted (on 16
 #    sequences of the task's generator) and mean-pooled; per checkpoint: dense accuracy
 #    through the engine (fidelity's measure, 128 held-out questions, bf16), answer-token
@@ -27,20 +31,18 @@ if [ "${1:-}" = "--cpu-dry-run" ]; then
   MIN=0.05; MARGS="--cpu-dry-run"; RES=$OUT/kv_heads_retrieval_mha_cpu_dry.json
 else
   PY=python3; export TRITON_INTERPRET=0
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site_kvh17 .whl-min/*.whl
+  [ -d .whl-min ] && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site_kvh17 .whl-min/*.whl
   export PYTHONPATH=/tmp/site_kvh17:$PWD
-  TARGS="--context 1024 --facts 12 --batch 16 --steps 30000 --log-every 250 --forced-after 0.6 \
-    --workers 5"
-  MIN=2.8; MARGS="--device cuda --questions 128 --calibration-sequences 16"
+  TARGS="--context 1024 --facts 12 --batch 16 --steps 30000 --log-every 250 --workers 4 \
+    --advance-at 0.9 --forced-after 0.3 --min-lr 0.3"
+  MIN=3.0; MARGS="--device cuda --questions 128 --calibration-sequences 16"
 fi
-# two seeds at once (the model is tiny: a step is mostly launch latency, the GPU has room;
-# a seed can miss the lookup in a short run: session 13's seed 1 did); the better one is kept
-for SEED in 0 1; do
+declare -A VAR=([A]="--seed 1" [B]="--seed 1 --formats fact,code" [C]="--seed 2 --formats fact,code")
+for V in A B C; do
   # shellcheck disable=SC2086
-  timeout 200 $PY -m moska.bench.train_retrieval --out "$OUT/seed$SEED" --seed $SEED \
-    --heads 4 --kv-heads 4 --save-dtype bfloat16 --max-minutes $MIN $TARGS \
-    > "$OUT/train_seed$SEED.log" 2>&1 &
+  timeout 220 $PY -m moska.bench.train_retrieval --out "$OUT/var$V" --heads 4 --kv-heads 4 \
+    --save-dtype bfloat16 --max-minutes $MIN $TARGS ${VAR[$V]} > "$OUT/train_$V.log" 2>&1 &
 done
 wait
 echo "train done ($(( $(date +%s) - T0 )) s)"
@@ -48,19 +50,22 @@ BEST=$($PY - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 acc = {}
-for s in (0, 1):
+for v in "ABC":
     try:
-        acc[s] = json.loads((Path(sys.argv[1]) / f"seed{s}/train_log.json").read_text())["log"][-1]["answer_acc"]
+        acc[v] = json.loads((Path(sys.argv[1]) / f"var{v}/train_log.json").read_text())["log"][-1]["answer_acc"]
     except Exception:  # noqa: BLE001
-        acc[s] = -1
-    print(f"seed {s}: final answer_acc {acc[s]}", file=sys.stderr)
-print(max(acc, key=lambda s: (acc[s], -s)))
+        acc[v] = -1
+    print(f"variant {v}: final answer_acc {acc[v]}", file=sys.stderr)
+print(max(acc, key=lambda v: (acc[v], v == "A")))
 PY
 )
-mv "$OUT/seed$BEST" "$MODEL"; O=$(( 1 - BEST ))
-[ -f "$OUT/seed$O/train_log.json" ] && cp "$OUT/seed$O/train_log.json" "$OUT/train_log_seed$O.json"
-rm -rf "$OUT/seed$O"; echo "kept seed $BEST"
-TM=$(( 240 - ($(date +%s) - T0) )); [ $TM -lt 60 ] && TM=60
+mv "$OUT/var$BEST" "$MODEL"
+for V in A B C; do
+  [ -f "$OUT/var$V/train_log.json" ] && cp "$OUT/var$V/train_log.json" "$OUT/train_log_$V.json"
+  rm -rf "$OUT/var$V"
+done
+echo "kept variant $BEST: ${VAR[$BEST]}"
+TM=$(( 260 - ($(date +%s) - T0) )); [ $TM -lt 60 ] && TM=60
 # shellcheck disable=SC2086
 timeout $TM $PY bench/kv_heads_quality.py --retrieval-model "$MODEL" $MARGS --out "$RES" \
   > "$OUT/measure.log" 2>&1

@@ -235,7 +235,7 @@ def _training(src: Path) -> dict | None:
     t = json.loads(log.read_text())
     keep = ("context", "start_context", "facts", "steps", "max_minutes", "batch", "lr",
             "hidden", "layers", "heads", "kv_heads", "vocab", "formats", "save_dtype", "seed",
-            "resume")  # fmt: skip
+            "resume", "advance_at", "forced_after", "min_lr", "workers")  # fmt: skip
     out = {"args": {k: t["args"].get(k) for k in keep},
            "final": t["log"][-1] if t["log"] else None, "log": t["log"]}  # fmt: skip
     first = src / "train_log_before_resume.json"  # the device script's second call, if any
