@@ -11,6 +11,11 @@
 # forward (`FlexiEngine.extend_after`, at most 2 * ceil(B r / (8 bs)) per re-ranking, the
 # most overdue first), so the steps between re-rankings stay plain (graph-replayed) and a
 # wave in phase spreads over several re-rankings.
+# Call 1 (02:45): full KV B = 15 2,224 tok/s; per-layer B = 23 0.98x; shared B = 36 1.18x;
+# re-ranking steps 34 / 53 ms, host-bound (~1,400 launches). Call 2: the bench's churn hook
+# for all layers at once (240 -> ~3 ops), a hand-off's host copies in one in-place write
+# into pinned memory (`transfer.write_host_pages`: 64 copies -> 2 launches per later
+# hand-off), and cProfile of the re-ranking step (`rerank_python` in the JSON).
 # 1) correctness (CUDA): tests/flexicache's CUDA tests (re-ranking steps read nothing back,
 #    graph-replayed plain steps equal lists rebuilt every step, host pool, hand-off room,
 #    shared slots equal per-layer pools on CUDA).
@@ -27,7 +32,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
 ROWS=${ROWS:-full:15,deferred:fit,shared:fit}
-TAG=${TAG:-session17}
+TAG=${TAG:-session17b}
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; BARGS="--cpu-dry-run"; TT=600
   TESTS="tests/flexicache/test_shared_slots.py tests/flexicache/test_later_hand_offs.py"
@@ -81,6 +86,7 @@ for r in d["rows"]:
         for key in ("top_self_device", "top_self_cpu"):
             print("   ", key, [(o["op"][:40], o["calls"], o["self_device_ms"], o["self_cpu_ms"])
                              for o in p[key][:5]])
+        print("    python (re-ranking step) tottime", p.get("rerank_python", {}).get("tottime", [])[:8])
 PY
 tail -4 "$OUT/flexicache_tests.log" | cut -c1-300
 tail -2 "$OUT/flexicache_engine_budget.log" | cut -c1-300

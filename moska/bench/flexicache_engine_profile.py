@@ -10,6 +10,8 @@ own); their wall times are kept beside the profile (not comparable to the timed 
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import time
 from typing import Any
 
@@ -26,12 +28,16 @@ def profile_steps(engine, n_steps: int, top: int = 20) -> dict[str, Any]:
     cuda = torch.cuda.is_available() and engine.runner.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     steps: list[dict[str, Any]] = []
+    py = cProfile.Profile()
     with profile(activities=acts) as prof:
         for _ in range(n_steps):
             due = flexi is not None and flexi.clock % flexi.cfg.rerank_interval == 0
             ext = flexi.extensions if flexi is not None else 0
             t = time.perf_counter()
+            if due:  # Python's own time too: which functions the host spends it in
+                py.enable()
             engine.step()
+            py.disable()
             host = time.perf_counter() - t
             if cuda:
                 torch.cuda.synchronize()
@@ -56,6 +62,7 @@ def profile_steps(engine, n_steps: int, top: int = 20) -> dict[str, Any]:
 
     total_calls = sum(e.count for e in avg)
     return {
+        "rerank_python": _python_top(py, top),
         "steps": steps,
         "op_calls": total_calls,
         "top_self_cpu": rows("self_cpu_time_total"),
@@ -65,3 +72,25 @@ def profile_steps(engine, n_steps: int, top: int = 20) -> dict[str, Any]:
             sum(getattr(e, "self_device_time_total", 0) or 0 for e in avg) / 1e3, 2
         ),
     }
+
+
+def _python_top(py: cProfile.Profile, top: int) -> dict[str, list[list[Any]]]:
+    """The re-ranking steps' Python functions with the most own and cumulative time:
+    [file:line(function), calls, ms]."""
+    try:
+        st = pstats.Stats(py)
+    except TypeError:  # nothing was profiled
+        return {"tottime": [], "cumtime": []}
+    rows = st.stats  # type: ignore[attr-defined]
+    out = {}
+    for key, idx in (("tottime", 2), ("cumtime", 3)):
+        best = sorted(rows.items(), key=lambda kv: kv[1][idx], reverse=True)[:top]
+        out[key] = [
+            [
+                f"{f.rsplit('/', 2)[-1] if '/' in f else f}:{line}({fn})",
+                v[1],
+                round(1e3 * v[idx], 2),
+            ]
+            for (f, line, fn), v in best
+        ]
+    return out

@@ -57,7 +57,12 @@ def scores_all(step: FlexiStep, q_buf: torch.Tensor, k_caches, sm_scale: float) 
             k5[:, step.k_rows, :, step.k_pages] = src.permute(2, 0, 1, 3)
         q = q_buf[lo:hi].reshape(n * b, *q_buf.shape[2:])
         s = policy.centroid_mass(q, kmean, count, sm_scale).view(n, b, hkv, -1)
-        if eng.score_hook is not None:  # a bench's rankings (a random model's churn)
-            s = torch.stack([eng.score_hook(lo + j, s[j]) for j in range(n)])
+        hook = eng.score_hook
+        if hook is not None:  # a bench's rankings (a random model's churn)
+            layers = getattr(hook, "layers", None)  # the hook for several layers at once
+            if layers is not None:
+                s = layers(lo, s)
+            else:
+                s = torch.stack([hook(lo + j, s[j]) for j in range(n)])
         out.append(s)
     return torch.cat(out).transpose(0, 1).contiguous()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from moska.flexicache import shared_slots
 from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.host_pool import HostPool
-from moska.flexicache.transfer import to_device
+from moska.flexicache.transfer import layer_chunk, to_device, write_host_pages
 
 
 def pool_blocks_needed(
@@ -161,21 +161,6 @@ def write_slots(cache: torch.Tensor, hkv: int, dst: torch.Tensor, rows, used) ->
     dst = torch.where(used, dst, d0)
     rows = torch.where(used[:, None, None], rows, r0.to(rows.dtype))
     cache[dst // hkv, :, dst % hkv] = rows.to(cache.dtype)
-
-
-MOVE_BYTES = 1 << 28  # a hand-off's transient copies per chunk of layers (`layer_chunk`)
-
-
-def layer_chunk(cache, new_pages: int) -> int:
-    """Layers a hand-off moves at once: as many as keep its transient copies (K or V pages
-    and their transposed copy, twice over) under `MOVE_BYTES`: 8 layers of a first hand-off
-    of 254 pages (8B-shaped, bf16), every layer of a later one (8 pages: a few ops per
-    request instead of a few per 8 layers). One layer at a time for per-layer caches."""
-    if not isinstance(cache, torch.Tensor):
-        return 1
-    n_layers, _, bs, hkv, d = cache.shape
-    per = 4 * max(new_pages, 1) * bs * hkv * d * cache.element_size()
-    return max(1, min(n_layers, MOVE_BYTES // per))
 
 
 def _pages(cache, layers: slice, idx: torch.Tensor) -> torch.Tensor:
@@ -324,8 +309,7 @@ class Offload:
             self.kmean[ls, :, old:] = k.float().mean(2).transpose(1, 2)  # full pages
             for cache, host, x in ((k_cache, self.host_k, k), (v_cache, self.host_v, v)):
                 x = x.transpose(2, 3).contiguous()  # [l, new, Hkv, bs, D]
-                for j in range(x.shape[0]):  # each layer's pages are contiguous on the host
-                    host[l0 + j, old:total].copy_(x[j], non_blocking=pin)  # stream order
+                write_host_pages(host, l0, old, x, pin)  # stream order
                 if order.shape[1]:
                     flat = x.view(x.shape[0], new * hkv, -1)
                     rows = flat.gather(1, row[ls, :, None].expand(-1, -1, flat.shape[-1]))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from moska.flexicache.config import FlexiCacheConfig
-from moska.flexicache.transfer import to_device
+from moska.flexicache.transfer import to_device, write_host_pages
 
 
 def blocks_needed(
@@ -56,7 +56,8 @@ def extend(off, k_cache, v_cache, blocks, keep, old: int, pin: bool):
     """`extend` with one slot space for all layers: the new kept pages of every layer
     take free slots of any layer (one assignment for the request), read from the cache
     in one gather before one write (global slots of the flat cache)."""
-    from moska.flexicache.offload import assign_slots, first_needed, layer_chunk, write_slots
+    from moska.flexicache.offload import assign_slots, first_needed, write_slots
+    from moska.flexicache.transfer import layer_chunk
 
     dev = off.lslot.device
     n_layers, hkv, total = keep.shape
@@ -69,8 +70,7 @@ def extend(off, k_cache, v_cache, blocks, keep, old: int, pin: bool):
         off.kmean[ls, :, old:] = k.float().mean(2).transpose(1, 2)
         for host, x in ((off.host_k, k), (off.host_v, v)):
             x = x.transpose(2, 3).contiguous()  # [l, new, Hkv, bs, D]
-            for j in range(x.shape[0]):
-                host[l0 + j, old:total].copy_(x[j], non_blocking=pin)
+            write_host_pages(host, l0, old, x, pin)
     idle = (off.lslot >= 0) & ~keep  # left their slots at once (no hysteresis)
     off.lslot.masked_fill_(idle, -1)
     need, slot, _ = assign_slots(

@@ -152,3 +152,43 @@ class FetchTimer:
     def reset(self) -> None:
         self.events.clear()
         self.host_s = 0.0
+
+
+def write_host_pages(host: torch.Tensor, l0: int, old: int, x: torch.Tensor, pin: bool) -> None:
+    """host[l0 : l0 + l, old : old + n] = x [l, n, Hkv, bs, D] (a hand-off's pages into
+    a request's host copy [L, cap, Hkv, bs, D]). On CUDA into pinned memory: one
+    `gather_rows` writing the rows in place over the bus (their indices made on the device),
+    instead of one copy per layer (64 per later hand-off at 32 layers, K and V); per-layer
+    copies where the kernel refuses the host pointer. Stream-ordered like the copies: later
+    fetches on the stream read what it wrote."""
+    n_l, n, hkv = x.shape[:3]
+    if x.device == host.device:
+        host[l0 : l0 + n_l, old : old + n].copy_(x)
+        return
+    if pin and host.is_contiguous() and x.is_contiguous():
+        dev, row = x.device, x.shape[-2] * x.shape[-1]
+        lay = torch.arange(l0, l0 + n_l, device=dev)[:, None] * (host.shape[1] * hkv)
+        dst = (lay + old * hkv + torch.arange(n * hkv, device=dev)[None, :]).view(-1)
+        src = torch.arange(dst.numel(), device=dev)
+        try:
+            gather_rows(x.view(-1, row), src, host.view(-1, row), dst)
+            return
+        except (RuntimeError, ValueError):
+            pass
+    for j in range(n_l):
+        host[l0 + j, old : old + n].copy_(x[j], non_blocking=pin)
+
+
+MOVE_BYTES = 1 << 28  # a hand-off's transient copies per chunk of layers (`layer_chunk`)
+
+
+def layer_chunk(cache, new_pages: int) -> int:
+    """Layers a hand-off moves at once: as many as keep its transient copies (K or V pages
+    and their transposed copy, twice over) under `MOVE_BYTES`: 8 layers of a first hand-off
+    of 254 pages (8B-shaped, bf16), every layer of a later one (8 pages: a few ops per
+    request instead of a few per 8 layers). One layer at a time for per-layer caches."""
+    if not isinstance(cache, torch.Tensor):
+        return 1
+    n_layers, _, bs, hkv, d = cache.shape
+    per = 4 * max(new_pages, 1) * bs * hkv * d * cache.element_size()
+    return max(1, min(n_layers, MOVE_BYTES // per))

@@ -50,13 +50,13 @@ def test_hand_off_in_a_full_cache_releases_first(flexi_llm):
 def test_hand_off_in_layer_chunks_equals_layer_by_layer(flexi_llm, monkeypatch):
     """`Offload.extend` moves the pages of several layers at once (`layer_chunk`): the same
     tokens and logprobs as one layer at a time (later hand-offs included: extend_pages = 1)."""
-    from moska.flexicache import offload
+    from moska.flexicache import transfer
 
     n_layers = flexi_llm.engine.runner.cache.k.shape[0]
-    assert offload.layer_chunk(flexi_llm.engine.runner.cache.k, 8) == n_layers > 1
+    assert transfer.layer_chunk(flexi_llm.engine.runner.cache.k, 8) == n_layers > 1
     eng, toks, lps = _run(flexi_llm, 0)
-    monkeypatch.setattr(offload, "MOVE_BYTES", 1)
-    assert offload.layer_chunk(flexi_llm.engine.runner.cache.k, 8) == 1
+    monkeypatch.setattr(transfer, "MOVE_BYTES", 1)
+    assert transfer.layer_chunk(flexi_llm.engine.runner.cache.k, 8) == 1
     eng1, toks1, lps1 = _run(flexi_llm, 0)
     assert eng.offloads == eng1.offloads == 1 and eng.extensions == eng1.extensions > 0
     assert toks1 == toks and max(abs(a - b) for a, b in zip(lps, lps1)) < 1e-6

@@ -129,3 +129,30 @@ def test_batched_scores_equal_layer_by_layer(flexi_llm, monkeypatch, max_bytes):
     monkeypatch.setattr(batched_scores, "scores_all", both)
     eng, _, _, _ = _run(flexi_llm, CFG)
     assert eng.offloads > 0 and checked and max(checked) < 1e-5, checked
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA"))],
+)  # fmt: skip
+def test_write_host_pages_equals_per_layer_copies(device):
+    """A hand-off's pages into a request's host copy in one write (on CUDA: one
+    `gather_rows` into pinned memory in place) equal the per-layer copies, and nothing
+    outside the target rows changes (fresh random data, a chunk of layers past the first,
+    pages after some already there)."""
+    from moska.flexicache.host_pool import HostPool
+    from moska.flexicache.transfer import write_host_pages
+
+    gen = torch.Generator().manual_seed(5)
+    n_layers, cap, hkv, bs, d = 5, 7, 2, 4, 8
+    pool = HostPool(20, (n_layers, hkv, bs, d), torch.float32, pin=device == "cuda")
+    _, host = pool.take(cap)
+    host.copy_(torch.randn(host.shape, generator=gen))
+    x = torch.randn(3, 4, hkv, bs, d, generator=gen)  # layers 1..3, pages 2..5
+    ref = host.clone()
+    for j in range(3):
+        ref[1 + j, 2:6] = x[j]
+    write_host_pages(host, 1, 2, x.to(device), pin=device == "cuda")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(host, ref)
