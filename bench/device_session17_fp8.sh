@@ -4,21 +4,20 @@
 # keep top-1 >= 0.99 against the bf16 library (bench/results/fp8_quality_mma.json); session 16
 # timed that program at 1.758 ms vs bf16 1.701 at B = 1,024 (0.97x; one-term q 1.22x, which
 # misses 0.99).
-# Call 1 (02:12, an earlier form): the attention step ran past its 58 s before its one batch
-# was written (now the JSON is rewritten after each variant); end to end bf16 48.72 ms,
-# mma_qsplit 46.77 (1.04x); serve (e) 0.38x routed bf16 (decode phase 0.065x).
+# Calls so far: 02:12 (end to end bf16 48.72 ms, mma_qsplit 46.77 = 1.04x; serve (e) 0.38x;
+# the attention step ran past 58 s unwritten) and 02:40 (fp8_attention_h200_session17.json,
+# B = 1,024: bf16 1.700 ms, q split 1.657 (with SC_NOMASK on; masked 1.546, RAW_MAX_TOKEN
+# 1.569, former split 1.675), V-block + q split 1.388 = 1.22x, one-term q 1.386, per-chunk
+# 1.052; 256-key tiles 4.3 ms; end to end q split 1.04x, V-block + q split 1.08x). Now the
+# defaults are masked prefetch + RAW_MAX_TOKEN, every variant at the engine's tile.
 # 1) correctness: the CUDA cases of the FP8 kernel tests and of the engine's FP8 path.
 # 2) grouped attention at 8B dims, 1M-token library, top-8, B = 1,024 (the target's batch),
 #    bf16 in the same run, every variant checked vs the fp32 reference first (rc 1 if one is
 #    off), a read floor and the GEMM rate measured in the run (the JSON rewritten after every
-#    variant, in this order). fp8_mma_qsplit_vt: q's residual
-#    dot accumulates onto the first (QSPLIT_ACC: no per-score x16 / x1/16) and whole key
-#    blocks prefetch their per-token scales unmasked (SC_NOMASK). _vb: V scales per 128-row
-#    block, K per token (one per-score multiply fewer; top-1 0.9932 / 0.9922, as per-token,
-#    bench/results/fp8_quality_mixed.json; K per block misses 0.99, not timed). A/Bs at the
-#    engine's tile: _v16 (the former split), _mask (masked prefetch). fp8_mma_vt (one-term q) and
-#    _chunk (per-chunk scales: the scales' speed ceiling), references at the engine's tile.
-#    The others also at 256-key blocks.
+#    variant, in this order): q split + V block scales (`_vb`: K per token; top-1 0.9932 /
+#    0.9922, bench/results/fp8_quality_mixed.json), q split, one-term q + V block (the layers
+#    `mma_qsplit_late` leaves unsplit), A/Bs _noraw (RAW_MAX_TOKEN off), _vb_nomask
+#    (SC_NOMASK on), references one-term q, per-chunk scales, the former split (_v16).
 # 3) end to end at B = 256 (512K-token library, 32 layers of 8B dims, CUDA graphs): bf16,
 #    then the quality-keeping forms: _vb (V block scales), _half (q split in layers 16-31
 #    only, one-term q in 0-15: 0.9935 / 0.9932 on the 8-layer quality model split in its
@@ -34,10 +33,10 @@ set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
-J="$OUT/fp8_attention_h200_session17.json"; JO=$J; JD="$OUT/fp8_decode_h200_session17.json"
-JS="$OUT/serve_tiers_h200_session17.json"
-VARS="fp8_mma_qsplit_vt fp8_mma_qsplit_vt_vb fp8_mma_vt fp8_mma_qsplit_vt_v16 \
-fp8_mma_qsplit_vt_mask fp8_mma_vt_chunk"
+J="$OUT/fp8_attention_h200_session17c.json"; JO=$J; JD="$OUT/fp8_decode_h200_session17c.json"
+JS="$OUT/serve_tiers_h200_session17c.json"
+VARS="fp8_mma_qsplit_vt_vb fp8_mma_qsplit_vt fp8_mma_vt_vb fp8_mma_qsplit_vt_noraw \
+fp8_mma_qsplit_vt_vb_nomask fp8_mma_vt fp8_mma_vt_chunk fp8_mma_qsplit_vt_v16"
 SERVE="--requests 256 --unique-tokens 256 --max-tokens 32 --layers 4 --gpu-memory-gib 60"
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; LIM=900

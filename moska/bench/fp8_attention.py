@@ -127,9 +127,9 @@ def gsa(
     raw_max: bool = True,
     token_v2: bool = True,
     qsplit_acc: bool = True,
-    raw_max_token: bool = False,
+    raw_max_token: bool = True,
     scale_sides: int = 3,
-    sc_nomask: bool = True,
+    sc_nomask: bool = False,
     **kw,
 ):
     """`grouped_shared_attention` with the FP8 program's RAW_MAX / TOKEN_V2 / QSPLIT_ACC /

@@ -14,7 +14,8 @@ from moska.bench.common import environment, write_json
 # 0.9873; per-chunk or block scales on both or on K: 0.988-0.989)
 QUALITY_KEPT: tuple[str, ...] = ("fp8", "fp8_mma_qsplit", "fp8_mma_qsplit_vt")
 QUALITY_KEPT += ("fp8_mma_qsplit_vt_v16", "fp8_mma_qsplit_vt_raw", "fp8_mma_qsplit_vt_mask")
-QUALITY_KEPT += ("fp8_mma_qsplit_vt_vb",)
+QUALITY_KEPT += ("fp8_mma_qsplit_vt_vb", "fp8_mma_qsplit_vt_vb_nomask")
+QUALITY_KEPT += ("fp8_mma_qsplit_vt_noraw", "fp8_mma_qsplit_vt_nomask")
 
 
 def by_batch(rows: list[dict], names: list[str], mma) -> list[dict]:

@@ -30,11 +30,16 @@ MMA.update(fp8_mma_vt_block={"v_t": True, "fp8_scale_block": BLOCK_ROWS})
 # (_v16: residual 16x up, two multiplies per score), and RAW_MAX with per-token scales (_raw)
 MMA.update(fp8_mma_qsplit_vt_v16={"fp8_q_split": True, "v_t": True, "qsplit_acc": False})
 MMA.update(fp8_mma_qsplit_vt_raw={"fp8_q_split": True, "v_t": True, "raw_max_token": True})
-# _mask: the per-token scales' prefetch masked on whole key blocks too (SC_NOMASK off, A/B)
-MMA.update(fp8_mma_qsplit_vt_mask={"fp8_q_split": True, "v_t": True, "sc_nomask": False})
+# the session-17 call-1 A/Bs as measured (then the defaults were SC_NOMASK on, RAW_MAX_TOKEN
+# off): _raw RAW_MAX_TOKEN on, _mask SC_NOMASK off; now the defaults are those two, and the
+# A/Bs _noraw (RAW_MAX_TOKEN off) and _nomask (SC_NOMASK on)
+MMA["fp8_mma_qsplit_vt_raw"]["sc_nomask"] = True
+MMA.update(fp8_mma_qsplit_vt_mask={"fp8_q_split": True, "v_t": True, "raw_max_token": False})
+MMA.update(fp8_mma_qsplit_vt_noraw={"fp8_q_split": True, "v_t": True, "raw_max_token": False})
+MMA.update(fp8_mma_qsplit_vt_nomask={"fp8_q_split": True, "v_t": True, "sc_nomask": True})
 # A/B and reference variants: timed at the engine's tile only (the first quick tile)
 AB_ONLY: tuple[str, ...] = ("fp8_mma_qsplit_vt_v16", "fp8_mma_qsplit_vt_raw")
-AB_ONLY += ("fp8_mma_qsplit_vt_mask",)
+AB_ONLY += ("fp8_mma_qsplit_vt_mask", "fp8_mma_qsplit_vt_noraw", "fp8_mma_qsplit_vt_nomask")
 AB_ONLY += ("fp8_mma_vt", "fp8_mma_vt_chunk")  # the references: their best tile is known
 # one side's scales per block of 128 rows, the other's per token (fp8_quality.py "kt_vb" /
 # "kb_vt"): _kb K per block (folded into the row scale), _vb V per block (weights from exp2)
@@ -44,8 +49,13 @@ MMA.update(
 )
 MMA["fp8_mma_qsplit_vt_kb"]["scale_sides"] = 1
 MMA["fp8_mma_qsplit_vt_vb"]["scale_sides"] = 2
+# _vb with one-term q (the layers `mma_qsplit_late` leaves unsplit) and with SC_NOMASK (A/B)
+MMA["fp8_mma_vt_vb"] = {"v_t": True, "fp8_scale_block": BLOCK_ROWS, "scale_sides": 2}
+MMA["fp8_mma_qsplit_vt_vb_nomask"] = {**MMA["fp8_mma_qsplit_vt_vb"], "sc_nomask": True}
 MMA_COST.update(fp8_mma_qsplit_vt_v16=0.75, fp8_mma_qsplit_vt_raw=0.75, fp8_mma_qsplit_vt_mask=0.75)
-MMA_COST.update(fp8_mma_qsplit_vt_kb=0.75, fp8_mma_qsplit_vt_vb=0.75)
+MMA_COST.update(fp8_mma_qsplit_vt_kb=0.75, fp8_mma_qsplit_vt_vb=0.75, fp8_mma_vt_vb=0.5)
+MMA_COST.update(fp8_mma_qsplit_vt_noraw=0.75, fp8_mma_qsplit_vt_nomask=0.75)
+MMA_COST.update(fp8_mma_qsplit_vt_vb_nomask=0.75)
 # FP8 tensor-core tiles (e4m3 halves shared memory per stage): on the H200 only 64 x 128, 4
 # warps, 3 stages was good for fp8_mma_vt (fp8_attention_h200_mma.json; 128 rows 4-6 ms)
 MMA_TILES: list[dict[str, Any]] = [
@@ -68,9 +78,10 @@ QUICK_MMA_TILES: list[dict[str, Any]] = [
 # engine launches) and 256-key blocks (per-token scales pay per key block: 64-key blocks cost
 # them 2x at B = 1,024, fp8_attention_h200_session16b.json; there the other quick tiles, a
 # persistent grid and 128-row tiles never won, the key loop warp-specialized 1.6 %)
-QUICK_WIDE: list[dict[str, Any]] = [
-    {"block_m": 64, "block_n": 256, "num_warps": 8, "num_stages": 2},
-]
+# Measured (fp8_attention_h200_session17.json): 256-key blocks 4.3 ms (vs 1.66; for block
+# scales they do not compile: 128 rows a scale), warp-specialized within +-3 %: from then on
+# the engine's tile only
+QUICK_WIDE: list[dict[str, Any]] = []
 # alternatives to the launcher's defaults ({}): the tiles that won a variant on the H200
 # (bench/results/fp8_attention_h200_*_scales.json)
 TILES: list[dict[str, Any]] = [

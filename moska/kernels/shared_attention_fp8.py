@@ -50,14 +50,17 @@ TOKEN_V2 = True
 # row's largest) falls in e4m3's subnormals: absolute error 2^-10 in units where the row's
 # largest is 440, beside the 2^-8 relative error of the split. Off: the former code (A/B).
 QSPLIT_ACC = True
-RAW_MAX_TOKEN = False  # RAW_MAX with per-token scales too (A/B: 2-6 % slower in session 16)
+# RAW_MAX with per-token scales too: 2-6 % slower in session 16 (one-term q, the former
+# prefetch), 5 % faster with q split in session 17 (1.569 vs 1.657 ms at B = 1,024, H200,
+# bench/results/fp8_attention_h200_session17.json)
+RAW_MAX_TOKEN = True
 # with `fp8_scale_block`: which scales are per block (3 K and V, 1 K only, 2 V only; the other
 # per token): library/fp8.py quantizes K and V each at its own granularity
 SCALE_SIDES = 3
 # SC_NOMASK (per-token scales, TOKEN_V2): over whole key blocks the next block's scales are
-# loaded unmasked (the last block reloads its own): a 64 x 128 tile's thread loads 32 K and
-# 32 V scales a block, and their mask compares were as many ops again. Off: masked (A/B)
-SC_NOMASK = True
+# loaded unmasked (the last block reloads its own). Measured slower: 1.657 vs 1.546 ms masked
+# (q split, B = 1,024, H200, fp8_attention_h200_session17.json), so off; kept for A/Bs
+SC_NOMASK = False
 
 
 def fp8_mma_args(
