@@ -108,7 +108,9 @@ def variant_args(name: str, k, v, q8) -> tuple:
     if name == "bf16":
         return k, v, {}
     gran = "chunk" if "_chunk" in name else "block" if "_block" in name else "token"
-    kg, vg = {"_kb": ("block", "token"), "_vb": ("token", "block")}.get(name[-3:], (gran, gran))
+    kg, vg = (gran, gran)  # _vb / _kb: V's (K's) scales per block, the other's per token
+    if "_vb" in name or "_kb" in name:
+        kg, vg = ("token", "block") if "_vb" in name else ("block", "token")
     kq, vq = q8[kg][0], q8[vg][1]
     if name in MMA:
         kw = {"kv_scales": (kq.scale, vq.scale), "fp8_mma": True, **MMA[name]}
