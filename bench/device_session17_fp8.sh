@@ -22,7 +22,7 @@
 #    then the quality-keeping forms: _vb (V block scales), _half (q split in layers 16-31
 #    only, one-term q in 0-15: 0.9935 / 0.9932 on the 8-layer quality model split in its
 #    later half, bench/results/fp8_quality_layers.json) and both; GPU ms by kernel family.
-# 4) if 45 s are left: the serve bench's variant (e): routed bf16 with the library 4x the GPU
+# 4) if 60 s are left: the serve bench's variant (e): routed bf16 with the library 4x the GPU
 #    chunk budget (tiers, pinned CPU) against (c) routed bf16 in the same run, 4 layers of
 #    8B dims (the 127K-token library is 2 GiB: its save and pinning fit the budget; at 32
 #    layers the variant did not finish in 110 s in session 14), B = 256 burst, 256 own + 32
@@ -70,7 +70,7 @@ timeout $TD $PY -m moska.bench.fp8_decode $DARGS --out "$JD" > "$OUT/decode.log"
 echo "decode rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -i "error\|Traceback" "$OUT/decode.log" | head -3 | cut -c1-300
 TS=$(( LIM - ($(date +%s) - T0) ))
-if [ "$TS" -gt 45 ]; then  # call 1 (02:12) measured it: again only with the time for it
+if [ "$TS" -gt 60 ]; then  # measured at 02:12 and 02:40: again only with the time for it
   # shellcheck disable=SC2086
   timeout $TS $PY -m moska.bench.serve $SERVE --arrivals burst --variants routed_bf16 \
     routed_tiered --no-plot --out "$JS" > "$OUT/serve.log" 2>&1
