@@ -4,8 +4,8 @@
 Why: scoring layer by layer issued ~15 small ops per layer (a gather of the pages not yet
 released, their mean keys, the released pages' mean keys put in, the estimated mass): ~500
 launches per re-ranking at 32 layers. Here the layers are rows of one batch, in chunks
-whose gathered keys stay under `MAX_BYTES` (a request not yet handed off has every page in
-the cache)."""
+whose temporaries (every page's mean key, the gathered keys of the pages not yet released:
+a request not yet handed off has every page in the cache) stay under `MAX_BYTES`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from moska.flexicache import policy
 if TYPE_CHECKING:
     from moska.flexicache.engine_step import FlexiStep
 
-MAX_BYTES = 1 << 28  # gathered keys (fp32 copies) per chunk of layers
+MAX_BYTES = 1 << 30  # a chunk's fp32 mean keys of every page and gathered keys (per layer
+# at B = 36, 288 pages: 42 MB: 24 layers a chunk)
 
 
 def scores_all(step: FlexiStep, q_buf: torch.Tensor, k_caches, sm_scale: float) -> torch.Tensor:
@@ -35,7 +36,7 @@ def scores_all(step: FlexiStep, q_buf: torch.Tensor, k_caches, sm_scale: float) 
     tables = step.block_tables[:, p0:]  # [B, P - p0]
     b, tail_p = tables.shape
     _, _, _, hkv, d = k_caches.shape
-    per_layer = b * tail_p * bs * hkv * d * 4
+    per_layer = b * hkv * d * 4 * (p0 + tail_p + tail_p * bs)  # mean keys + gathered keys
     chunk = max(1, min(n_layers, MAX_BYTES // max(per_layer, 1)))
     n_tok = step.seq_lens - p0 * bs
     out = []
