@@ -76,7 +76,8 @@ for r in d["rows"]:
           "rerank/other ms", r.get("rerank_step_ms"), r.get("other_step_ms_median"),
           "slowest", slow, "ext timed", r.get("extensions_timed"),
           {k: st.get(k) for k in ("offloads", "extensions", "extensions_after", "fetched_pages",
-                                  "plain_steps", "steps", "host_pool_misses")})
+                                  "plain_steps", "steps", "host_pool_misses",
+                                  "host_write_fallbacks")})
     p = r.get("profile")
     if p:
         print("   profile (synced) steps", [(x["synced_ms"], x["rerank_due"], x["extensions"])

@@ -50,10 +50,11 @@ from moska.flexicache import policy, shared_slots
 from moska.flexicache.config import FlexiCacheConfig
 from moska.flexicache.engine_step import FlexiStep
 from moska.flexicache.host_pool import HostPool, make_host_pool
+from moska.flexicache.later_hand_offs import LaterHandOffs
 from moska.flexicache.offload import Offload, OffloadBatch, pool_blocks_needed
 from moska.flexicache.page_counters import PageCounters
 from moska.flexicache.plain_lists import HeadLists, PlainStep
-from moska.flexicache.transfer import to_device
+from moska.flexicache.transfer import HOST_WRITES, to_device
 
 __all__ = ["FlexiEngine", "FlexiStep", "flexi_engine"]
 
@@ -72,7 +73,7 @@ class _RequestState:
     kept: torch.Tensor | None = None  # [L, Hkv, >= pages] read at its last step (hold_unranked)
 
 
-class FlexiEngine(PageCounters):
+class FlexiEngine(PageCounters, LaterHandOffs):
     def __init__(
         self,
         cfg: FlexiCacheConfig,
@@ -290,62 +291,6 @@ class FlexiEngine(PageCounters):
             return 0
         return -(-cfg.rerank_interval // self.block_size)
 
-    def _extend(self, rid: str, st: _RequestState, seq_len: int) -> None:
-        """A later hand-off: the full pages that left the recent window since the last one
-        go to the host copy (kept ones to the pool), their blocks back to the allocator, once
-        there are `extend_pages` of them (stable heads keep top-K + recent pages on the
-        device however long the request decodes)."""
-        cfg, bm, off = self.cfg, self.blocks, st.off
-        assert off is not None
-        n_pages = -(-seq_len // self.block_size)
-        pages = n_pages - cfg.recent_pages
-        if pages - off.pages < max(self.extend_pages, st.next_extend - off.pages):
-            return
-        more = self._pool_need(off.n_stable, pages) - len(off.pool)
-        if pages - off.pages - max(more, 0) < self.min_saving:
-            st.next_extend = pages + self.extend_pages  # no saving now: try again later
-            return
-        table = bm.block_table(rid)[off.pages : pages]
-        if -1 in table:
-            return
-        got = self._reserve(rid, table, max(more, 0), pages)
-        if got is None:
-            return
-        pool, released = got
-        keep = self._keep(st, n_pages, pages)
-        self._evicted += off.extend(self.cache.k, self.cache.v, table, keep, pool)
-        self.released_blocks += released or bm.release_blocks(rid, pages)
-        self.extensions += 1
-
-    def extend_after(self, request_ids: list[str], states, seq_lens: list[int]) -> bool:
-        """Later hand-offs at a deferred re-ranking after the forward (`FlexiStep.rank_after`,
-        which then rebuilds every list in one batch): the requests with the most pages
-        waiting first, at most `extend_cap` of them, so that requests prefilled together
-        (in phase) do not all hand off at the same re-ranking. Why: each later hand-off
-        made its step eager (every layer's lists rebuilt, ~130 ops per layer), and a wave
-        of requests in phase made theirs at once (100-280 ms steps on the H200). Returns
-        whether any was made."""
-        if self.blocks is None:
-            return False
-        bs, recent = self.block_size, self.cfg.recent_pages
-        waiting = []
-        for i, st in enumerate(states):
-            if st.off is not None:
-                pages = -(-seq_lens[i] // bs) - recent
-                if pages - st.off.pages >= max(self.extend_pages, st.next_extend - st.off.pages):
-                    waiting.append((st.off.pages - pages, i))
-        before = self.extensions
-        for _, i in sorted(waiting)[: self.extend_cap(len(states))]:
-            self._extend(request_ids[i], states[i], seq_lens[i])
-        self.extensions_after += self.extensions - before
-        return self.extensions > before
-
-    def extend_cap(self, batch: int) -> int:
-        """Later hand-offs per re-ranking: enough for `batch` requests that each make one
-        per `extend_pages` pages (one page per `block_size` steps), with room to catch up."""
-        per = -(-batch * self.cfg.rerank_interval // (self.extend_pages * self.block_size))
-        return max(1, 2 * per)
-
     def _reserve(self, rid: str, table: list[int], need: int, upto: int):
         """(`need` pool blocks, blocks released so far) for a hand-off of the request's
         pages before `upto` (`table`: their blocks not yet released), or None when there is
@@ -404,6 +349,7 @@ class FlexiEngine(PageCounters):
             "steps": self.clock,
             "plain_steps": self.plain_steps,
             "rerank_reads_kept": self.rerank_reads_kept,
+            "host_write_fallbacks": HOST_WRITES["fallbacks"],  # process-wide
             **(self.host_pool.stats() if self.host_pool is not None else {}),
         }
 

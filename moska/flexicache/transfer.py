@@ -154,6 +154,9 @@ class FetchTimer:
         self.host_s = 0.0
 
 
+HOST_WRITES = {"fallbacks": 0}  # in-place writes the kernel refused (per-layer copies instead)
+
+
 def write_host_pages(host: torch.Tensor, l0: int, old: int, x: torch.Tensor, pin: bool) -> None:
     """host[l0 : l0 + l, old : old + n] = x [l, n, Hkv, bs, D] (a hand-off's pages into
     a request's host copy [L, cap, Hkv, bs, D]). On CUDA into pinned memory: one
@@ -174,7 +177,7 @@ def write_host_pages(host: torch.Tensor, l0: int, old: int, x: torch.Tensor, pin
             gather_rows(x.view(-1, row), src, host.view(-1, row), dst)
             return
         except (RuntimeError, ValueError):
-            pass
+            HOST_WRITES["fallbacks"] += 1
     for j in range(n_l):
         host[l0 + j, old : old + n].copy_(x[j], non_blocking=pin)
 

@@ -141,7 +141,7 @@ def test_write_host_pages_equals_per_layer_copies(device):
     outside the target rows changes (fresh random data, a chunk of layers past the first,
     pages after some already there)."""
     from moska.flexicache.host_pool import HostPool
-    from moska.flexicache.transfer import write_host_pages
+    from moska.flexicache.transfer import HOST_WRITES, write_host_pages
 
     gen = torch.Generator().manual_seed(5)
     n_layers, cap, hkv, bs, d = 5, 7, 2, 4, 8
@@ -152,7 +152,9 @@ def test_write_host_pages_equals_per_layer_copies(device):
     ref = host.clone()
     for j in range(3):
         ref[1 + j, 2:6] = x[j]
+    fallbacks = HOST_WRITES["fallbacks"]
     write_host_pages(host, 1, 2, x.to(device), pin=device == "cuda")
     if device == "cuda":
         torch.cuda.synchronize()
     assert torch.equal(host, ref)
+    assert HOST_WRITES["fallbacks"] == fallbacks  # on CUDA: the in-place kernel wrote them
