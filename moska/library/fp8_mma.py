@@ -34,6 +34,12 @@ Numerics: q and the softmax weights are cut to e4m3 (2^-4 relative); on moska-co
 one-term q gave top-1 agreement 0.9899 / 0.9873 with the bf16 library, under the 0.99
 target, two-term q (`mma_qsplit`) 0.993 (bench/results/fp8_quality_mma.json). So the
 default stays `upcast` (exact on the e4m3 values) and `mma` / `mma_qsplit` are opt-in.
+Two-term q is needed in the later layers only (`mma_qsplit_late`: the later half, 0.9935 /
+0.9932; the first half only 0.9902 / 0.9873, fp8_quality_layers.json), and V's scales may be
+per 128-row block with K's per token (0.9932 / 0.9922, fp8_quality_mixed.json; found at
+attach, `v_block_rows`): each saves time at B = 1,024 on the H200 (q split 1.54 ms, with V
+block scales 1.42, one-term q with them 1.19; bf16 1.53: fp8_attention_h200_session17c.json),
+both together 1.11x bf16 end to end at B = 256 (fp8_decode_h200_session17c.json).
 """
 
 from __future__ import annotations
