@@ -11,9 +11,11 @@
 # (plain / library x door / queue) by how the server's own recent promises came out
 # (admission_promises.PromiseScale); (b) `--door-wait open|empty`: a drain waits until the
 # door lets a retry in (retry_drain.door_opens_s) or until it is empty (before). off:empty
-# is session 16's predictor. (Call 1, at 02:18 on e609c5c's tree, was the 2x2 of learning
+# is session 16's predictor, the default again after call 2 (0.71 within 2x vs 0.39-0.57 for
+# the others). (Call 1, at 02:18 on e609c5c's tree, was the 2x2 of learning
 # x lag.) 4 servers, each pinned to 4 cores (taskset), its bursts of 64, 300, 1,000
-# clients x3 in one server (the first burst pays the library's load). `--trace`: the per-request parts (gzipped after).
+# clients x3 in one server (the first burst pays the library's load). `--trace`: the
+# per-request parts (gzipped after).
 # Correctness first (~5 s): the promise logic's and the drain scorings' unit tests.
 # Run: `bash bench/device_lead.sh session17_load`, carry .whl only (fastapi, uvicorn, ...);
 # it takes all 16 cores (a phase of its own or beside GPU-only scripts). < 150 s in all.

@@ -104,8 +104,8 @@ def run_bursts(
     engine_share: float | None = None,
     checkpoint: Any = None,
     door_rate: str | None = None,
-    promise_learning: bool = True,
-    door_open: bool = True,
+    promise_learning: bool = False,
+    door_open: bool = False,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -322,14 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--promise-learning",
         choices=("on", "off"),
-        default="on",
+        default="off",
         help="429 drains scaled by how recent ones came out (admission_promises; A/B)",
     )
     p.add_argument(
         "--door-wait",
         choices=("open", "empty"),
-        default="open",
-        help="a drain waits until the door lets a retry in, or is empty (before; A/B)",
+        default="empty",
+        help="a drain waits until the door is empty, or lets a retry in (session 17; A/B)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")

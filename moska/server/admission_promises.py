@@ -1,5 +1,8 @@
 """A 429's promise corrected by how the server's own recent promises came out, per kind of
-request (plain / library) and where it was refused (at the door / after reading it).
+request (plain / library) and where it was refused (at the door / after reading it). Off
+by default (`AdmissionController.promises.enabled`): on the device's idle cores it was a
+wash with opposite signs (within 2x 0.68 vs 0.59 without it in session 17's call 1, 0.57
+vs 0.71 in call 2; docs/admission.md); `moska bench load --promise-learning on` runs it.
 
 Why: the drain replay (`retry_drain`) predicts a small difference of large quantities (a
 TTFT of ~4.5 s less the ~4.25 s that fits) and the future of a burst it cannot see (how

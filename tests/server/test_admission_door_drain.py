@@ -152,7 +152,7 @@ def test_a_shed_promises_at_least_the_wait_before_the_door():
     less than that: its retry waits there too (at 1,000 clients on CPU plain at-door
     promises of ~0 s met 0.4 s reopenings)."""
     adm, _, tickets = _burst_at_the_door()
-    adm.shed_ttl_s = 0.0
+    adm.shed_ttl_s, adm.door_open = 0.0, True  # session 17's door wait (an A/B, off)
     busy = Load(running=((8, 0),) * 8)
     quick, lagged = adm.shed(busy), adm.shed(busy, elapsed_s=0.7)
     assert quick is not None and lagged is not None and lagged.verdict is Verdict.SLO
@@ -161,7 +161,7 @@ def test_a_shed_promises_at_least_the_wait_before_the_door():
     wait = adm._door_wait(busy, fits, typical)
     assert 0.0 < wait < adm.door.wait_s  # some of those inside still fit ahead of it
     assert lagged.drain_s >= 0.7 + wait - 1e-9
-    adm.door_open, adm._open_memo = False, None  # before: until the door is empty
+    adm.door_open, adm._open_memo = False, None  # the default: until the door is empty
     assert adm.shed(busy, elapsed_s=0.7).drain_s >= 0.7 + adm.door.wait_s - 1e-9
     assert lagged.drain_s >= quick.drain_s
     assert int(lagged.retry_headers()["retry-after-ms"]) >= 700

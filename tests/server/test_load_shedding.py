@@ -59,7 +59,6 @@ def test_overload_is_a_429_at_the_door_without_reading_the_body():
 
 def test_time_spent_in_the_server_counts_against_the_slo():
     adm = AdmissionController(1.0, None)
-    adm.promises.enabled = False  # the replay's drains (the learnt scale: its own tests)
     load = Load(waiting=(RequestCost(8),), running=((4, 0),))
     fresh = adm.decide(RequestCost(8), load)
     assert fresh.accepted  # the prior's prediction fits 0.85 s
@@ -72,6 +71,7 @@ def test_time_spent_in_the_server_counts_against_the_slo():
     # those inside are decided down to the count that still fits ahead of it (session 17;
     # it queued behind all 300 before, `door_open` False)
     tickets = [adm.door.enter() for _ in range(300)]
+    adm.door_open = True
     behind = adm.decide(RequestCost(8), load, elapsed_s=2.0)
     fit = door_admits(adm.predict, adm._typical_cost(), load, 300, adm.fits_s())
     assert 0 < fit < 300
