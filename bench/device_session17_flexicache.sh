@@ -16,6 +16,11 @@
 # for all layers at once (240 -> ~3 ops), a hand-off's host copies in one in-place write
 # into pinned memory (`transfer.write_host_pages`: 64 copies -> 2 launches per later
 # hand-off), and cProfile of the re-ranking step (`rerank_python` in the JSON).
+# Call 2 (03:10): shared 1.14x, per-layer 0.95x: re-ranking steps ~4 ms slower than call 1
+# although they launch fewer kernels. Call 3 (A/B in one run, no profile: PROF=17 adds it):
+# rows full:15, shared:fit (now), shared@copies:fit (a hand-off's host copies by per-layer
+# copies on the copy engine, as in call 1), shared@small:fit (fetch lists of at most 1 << 16
+# entries per call, as in call 1); ROWS=full:15,deferred:fit,shared:fit gives call 2's rows.
 # 1) correctness (CUDA): tests/flexicache's CUDA tests (re-ranking steps read nothing back,
 #    graph-replayed plain steps equal lists rebuilt every step, host pool, hand-off room,
 #    shared slots equal per-layer pools on CUDA).
@@ -31,8 +36,8 @@ set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
-ROWS=${ROWS:-full:15,deferred:fit,shared:fit}
-TAG=${TAG:-session17b}
+ROWS=${ROWS:-full:15,shared:fit,shared@copies:fit,shared@small:fit}
+TAG=${TAG:-session17c}
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; BARGS="--cpu-dry-run"; TT=600
   TESTS="tests/flexicache/test_shared_slots.py tests/flexicache/test_later_hand_offs.py"
@@ -55,7 +60,7 @@ LEFT=$(( 142 - ( $(date +%s) - T0 ) )); [ $LEFT -lt 30 ] && LEFT=30
 [ "$BARGS" = "--cpu-dry-run" ] && LEFT=900  # the CPU form on a shared box
 J="$OUT/flexicache_engine_budget_h200_$TAG.json"
 timeout $LEFT $PY -m moska.bench.flexicache_engine_speed --rows "$ROWS" --budget full:15 \
-  --steps ${STEPS:-128} --profile-steps ${PROF:-17} $BARGS --out "$J" > "$OUT/flexicache_engine_budget.log" 2>&1
+  --steps ${STEPS:-128} --profile-steps ${PROF:-0} $BARGS --out "$J" > "$OUT/flexicache_engine_budget.log" 2>&1
 echo "engine budget rc=$? at $(( $(date +%s) - T0 )) s"
 $PY - "$J" <<'PY'
 import json, sys

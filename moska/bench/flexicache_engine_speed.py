@@ -43,40 +43,11 @@ from typing import Any
 import torch
 
 from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
+from moska.bench.flexicache_engine_churn import ChurnScores
 from moska.bench.flexicache_engine_report import summarize
 
 TINY = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
-
-
-class ChurnScores:
-    """The speed bench's churn (`flexicache_speed._ChurnScores`) for the engine: per (layer,
-    KV head) (1 - churn) K fixed `hot` pages get a large bonus, the rest of the top-K is
-    drawn at random at each re-ranking, so a stable head replaces about churn * K pages per
-    re-ranking (0.375: the rate of moska-code-20m at K = 32, threshold 0.75) instead of
-    nearly all of them (random keys' rankings). Hot pages lie in the first `pages`; scores
-    of up to `cap` pages are taken."""
-
-    def __init__(self, flexi, pages: int, cap: int, churn: float, seed: int) -> None:
-        cfg = flexi.cfg
-        gen = torch.Generator().manual_seed(seed + 1)
-        n_hot = round((1 - churn) * cfg.top_k_pages)
-        span = max(pages - cfg.sink_pages - cfg.recent_pages - 1, n_hot)
-        shape = (flexi.num_layers, flexi.num_kv_heads)
-        hot = torch.rand(*shape, span, generator=gen).argsort(-1)[..., :n_hot] + cfg.sink_pages
-        self.bonus = torch.zeros(*shape, max(cap, pages) + 64)
-        self.bonus.scatter_(-1, hot, 1e3)
-        self.bonus = self.bonus.to(flexi.device)
-
-    def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
-        bonus = self.bonus[layer, :, : scores.shape[-1]]
-        return scores + bonus + 10 * torch.rand(scores.shape, device=scores.device)
-
-    def layers(self, lo: int, scores: torch.Tensor) -> torch.Tensor:
-        """Layers lo.. at once (`scores` [n, B, Hkv, P]): a re-ranking of every layer
-        (`batched_scores.scores_all`) adds ~3 ops, not ~7 per layer (240 at 32 layers)."""
-        bonus = self.bonus[lo : lo + scores.shape[0], None, :, : scores.shape[-1]]
-        return scores + bonus + 10 * torch.rand(scores.shape, device=scores.device)
 
 
 def _sync(device: str) -> None:
@@ -110,6 +81,35 @@ def measure_row(
 ) -> dict[str, Any]:
     """One engine: `batch` requests (None: as many as fit, `_admit_fit`), warm-up, timed
     decode steps."""
+    mode, _, variant = mode.partition("@")
+    with _variant(variant):
+        row = _measure(loaded, a, mode, batch, device, dtype, budget)
+    if variant:
+        row["row"] = f"{mode}@{variant}"
+    return row
+
+
+@contextmanager
+def _variant(name: str):
+    """A row's A/B variant (`shared@copies:fit`): "copies", a hand-off's host copies as
+    per-layer copies (the copy engine) instead of one in-place kernel write; "small",
+    re-ranking fetch lists of at most 1 << 16 entries per call (session 17's call 1)."""
+    from moska.flexicache import offload_sync, shared_slots, transfer
+
+    saved = (transfer.HOST_WRITE_KERNEL, offload_sync.MAX_ENTRIES, shared_slots.MAX_ENTRIES)
+    if name not in ("", "copies", "small"):
+        raise SystemExit(f"row variant @{name}: use @copies or @small")
+    if name == "copies":
+        transfer.HOST_WRITE_KERNEL = False
+    if name == "small":
+        offload_sync.MAX_ENTRIES = shared_slots.MAX_ENTRIES = 1 << 16
+    try:
+        yield
+    finally:
+        transfer.HOST_WRITE_KERNEL, offload_sync.MAX_ENTRIES, shared_slots.MAX_ENTRIES = saved
+
+
+def _measure(loaded, a, mode, batch, device, dtype, budget) -> dict[str, Any]:
     from moska import SamplingParams
     from moska.config import EngineConfig
     from moska.engine.llm_engine import LLMEngine

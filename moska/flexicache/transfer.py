@@ -155,6 +155,7 @@ class FetchTimer:
 
 
 HOST_WRITES = {"fallbacks": 0}  # in-place writes the kernel refused (per-layer copies instead)
+HOST_WRITE_KERNEL = True  # False: per-layer copies on CUDA too (the bench's A/B, `@copies`)
 
 
 def write_host_pages(host: torch.Tensor, l0: int, old: int, x: torch.Tensor, pin: bool) -> None:
@@ -168,7 +169,7 @@ def write_host_pages(host: torch.Tensor, l0: int, old: int, x: torch.Tensor, pin
     if x.device == host.device:
         host[l0 : l0 + n_l, old : old + n].copy_(x)
         return
-    if pin and host.is_contiguous() and x.is_contiguous():
+    if pin and HOST_WRITE_KERNEL and host.is_contiguous() and x.is_contiguous():
         dev, row = x.device, x.shape[-2] * x.shape[-1]
         lay = torch.arange(l0, l0 + n_l, device=dev)[:, None] * (host.shape[1] * hkv)
         dst = (lay + old * hkv + torch.arange(n * hkv, device=dev)[None, :]).view(-1)
