@@ -17,10 +17,12 @@
 # into pinned memory (`transfer.write_host_pages`: 64 copies -> 2 launches per later
 # hand-off), and cProfile of the re-ranking step (`rerank_python` in the JSON).
 # Call 2 (03:10): shared 1.14x, per-layer 0.95x: re-ranking steps ~4 ms slower than call 1
-# although they launch fewer kernels. Call 3 (A/B in one run, no profile: PROF=17 adds it):
-# rows full:15, shared:fit (now), shared@copies:fit (a hand-off's host copies by per-layer
-# copies on the copy engine, as in call 1), shared@small:fit (fetch lists of at most 1 << 16
-# entries per call, as in call 1); ROWS=full:15,deferred:fit,shared:fit gives call 2's rows.
+# although they launch fewer kernels (call 2 ran at 537d70c: the in-kernel host writes were
+# on). Defaults are back to call 1's measured settings (per-layer host copies, fetch lists of
+# at most 1 << 16 entries). Next form (not run this session: no device time left), an A/B
+# in one run, no profile (PROF=17 adds it): rows full:15, shared:fit, shared@kernel:fit (the
+# in-kernel host writes), shared@large:fit (fetch lists of up to 1 << 18 entries);
+# ROWS=full:15,deferred:fit,shared:fit gives call 1's rows.
 # 1) correctness (CUDA): tests/flexicache's CUDA tests (re-ranking steps read nothing back,
 #    graph-replayed plain steps equal lists rebuilt every step, host pool, hand-off room,
 #    shared slots equal per-layer pools on CUDA).
@@ -36,7 +38,7 @@ set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
-ROWS=${ROWS:-full:15,shared:fit,shared@copies:fit,shared@small:fit}
+ROWS=${ROWS:-full:15,shared:fit,shared@kernel:fit,shared@large:fit}
 TAG=${TAG:-session17c}
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1; BARGS="--cpu-dry-run"; TT=600

@@ -91,18 +91,18 @@ def measure_row(
 
 @contextmanager
 def _variant(name: str):
-    """A row's A/B variant (`shared@copies:fit`): "copies", a hand-off's host copies as
-    per-layer copies (the copy engine) instead of one in-place kernel write; "small",
-    re-ranking fetch lists of at most 1 << 16 entries per call (session 17's call 1)."""
+    """A row's A/B variant (`shared@kernel:fit`): "kernel", a hand-off's host copies by one
+    in-place kernel write instead of per-layer copies (the default); "large", re-ranking
+    fetch lists of up to 1 << 18 entries per call instead of 1 << 16."""
     from moska.flexicache import offload_sync, shared_slots, transfer
 
     saved = (transfer.HOST_WRITE_KERNEL, offload_sync.MAX_ENTRIES, shared_slots.MAX_ENTRIES)
-    if name not in ("", "copies", "small"):
-        raise SystemExit(f"row variant @{name}: use @copies or @small")
-    if name == "copies":
-        transfer.HOST_WRITE_KERNEL = False
-    if name == "small":
-        offload_sync.MAX_ENTRIES = shared_slots.MAX_ENTRIES = 1 << 16
+    if name not in ("", "kernel", "large"):
+        raise SystemExit(f"row variant @{name}: use @kernel or @large")
+    if name == "kernel":
+        transfer.HOST_WRITE_KERNEL = True
+    if name == "large":
+        offload_sync.MAX_ENTRIES = shared_slots.MAX_ENTRIES = 1 << 18
     try:
         yield
     finally:

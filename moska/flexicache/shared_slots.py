@@ -135,9 +135,9 @@ def sync(b, layer: int, keep: torch.Tensor, k_cache, v_cache):
     return used.sum(), evicted
 
 
-# fetch-list entries (pages) per call of `sync_all`: its temporaries (1 GiB of K rows of
-# 16 x 128 bf16: ~40 requests of the 8B bench per group; 4 groups at 1 << 16 for B = 36)
-MAX_ENTRIES = 1 << 18
+# fetch-list entries (pages) per call of `sync_all`: its temporaries (256 MiB of K rows of
+# 16 x 128 bf16: 4 groups for B = 36 of the 8B bench; the value measured on the H200)
+MAX_ENTRIES = 1 << 16
 
 
 def sync_all(b, keep: torch.Tensor, k_cache, v_cache):

@@ -155,7 +155,10 @@ class FetchTimer:
 
 
 HOST_WRITES = {"fallbacks": 0}  # in-place writes the kernel refused (per-layer copies instead)
-HOST_WRITE_KERNEL = True  # False: per-layer copies on CUDA too (the bench's A/B, `@copies`)
+# one in-place kernel write of a hand-off's host pages on CUDA (tested) instead of per-layer
+# copies: off by default, the H200 run with it (session 17 call 2) had re-ranking steps ~4 ms
+# slower than the one with copies (call 1); the bench's A/B rows `@copies` vs plain
+HOST_WRITE_KERNEL = False
 
 
 def write_host_pages(host: torch.Tensor, l0: int, old: int, x: torch.Tensor, pin: bool) -> None:

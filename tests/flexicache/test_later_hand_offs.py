@@ -135,13 +135,16 @@ def test_batched_scores_equal_layer_by_layer(flexi_llm, monkeypatch, max_bytes):
     "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs CUDA"))],
 )  # fmt: skip
-def test_write_host_pages_equals_per_layer_copies(device):
+def test_write_host_pages_equals_per_layer_copies(device, monkeypatch):
     """A hand-off's pages into a request's host copy in one write (on CUDA: one
     `gather_rows` into pinned memory in place) equal the per-layer copies, and nothing
     outside the target rows changes (fresh random data, a chunk of layers past the first,
     pages after some already there)."""
+    from moska.flexicache import transfer
     from moska.flexicache.host_pool import HostPool
     from moska.flexicache.transfer import HOST_WRITES, write_host_pages
+
+    monkeypatch.setattr(transfer, "HOST_WRITE_KERNEL", True)  # the kernel path (off by default)
 
     gen = torch.Generator().manual_seed(5)
     n_layers, cap, hkv, bs, d = 5, 7, 2, 4, 8
