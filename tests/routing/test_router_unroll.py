@@ -12,23 +12,11 @@ import torch
 
 from moska.bench import decode_routers
 from moska.kernels import router_dense
-from moska.kernels.router import build_routing_index, route
+from moska.kernels.router import route
 from moska.kernels.router_ref import keymax_scores_ref
+from tests.routing.test_router_cost import chosen, make_index
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"
-
-
-def make_index(lengths, Hkv, D, dtype, rank, device="cpu", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    k = torch.randn(int(offsets[-1]), Hkv, D, generator=gen).to(device, dtype)
-    return build_routing_index(k, offsets.to(device), rank)
-
-
-def chosen(sel, B, Hkv, C) -> torch.Tensor:
-    mask = torch.zeros(B, Hkv, C, dtype=torch.bool, device=sel.req.device)
-    mask[sel.req.long(), sel.kv_head.long(), sel.chunk.long()] = True
-    return mask.cpu()
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
