@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from moska.bench.common import cuda_time_ms, environment
 from moska.kernels.row_attention import row_attention
-from moska.semshare.blend import RowAttention
+from moska.semshare.row_attention import RowAttention
 
 # (block_m, block_n, num_warps, num_stages); the first is the launcher's default on CUDA
 TILES = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2)]

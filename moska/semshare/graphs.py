@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from moska.semshare.blend import RowAttention, tail_layers
+from moska.semshare.blend import tail_layers
+from moska.semshare.row_attention import RowAttention
 
 logger = logging.getLogger(__name__)
 

@@ -37,11 +37,12 @@ import numpy as np
 import torch
 
 from moska.semshare import sharing
-from moska.semshare.blend import blend_prefill, row_bucket, slots_of
+from moska.semshare.blend import blend_prefill, row_bucket
 from moska.semshare.config import SemShareConfig
 from moska.semshare.graphs import BlendGraphs
 from moska.semshare.lsh import LSHIndex
 from moska.semshare.matching import TokenMatch, inverse_norms, match_tokens, token_features
+from moska.semshare.row_attention import slots_of
 from moska.semshare.store import Reference, ReferenceStore, prompt_key
 
 

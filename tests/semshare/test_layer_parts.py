@@ -10,13 +10,14 @@ import torch
 from test_graphs import BLOCKS, _cache, _kv, _rel
 
 from moska.semshare import blend
-from moska.semshare.blend import RowAttention, blend_prefill, extend
+from moska.semshare.blend import blend_prefill, extend
+from moska.semshare.row_attention import RowAttention, slots_of
 
 
 def _unsplit(model, cache, table, ids, start, ref, ref_pos, fraction, first, granule):
     """The blend with every first layer in full: (num_reused, num_recomputed)."""
     end = start + ids.shape[0]
-    slots = blend.slots_of(table, cache.block_size, 0, end, "cpu")
+    slots = slots_of(table, cache.block_size, 0, end, "cpu")
     new_pos = torch.arange(start, end)
     matched = ref_pos >= 0
     m_idx = matched.nonzero().squeeze(1)

@@ -8,11 +8,12 @@ import torch
 from moska.attention.kv_cache import PagedKVCache
 from moska.model import load_model
 from moska.model.default import default_model_dir
-from moska.semshare import blend
-from moska.semshare.blend import RowAttention, blend_prefill, extend
+from moska.semshare import row_attention as row_attention_module
+from moska.semshare.blend import blend_prefill, extend
 from moska.semshare.config import SemShareConfig
 from moska.semshare.matching import match_tokens
 from moska.semshare.reuse import SemanticReuse
+from moska.semshare.row_attention import RowAttention
 
 
 class _Cache:
@@ -54,7 +55,7 @@ def test_cpu_default_is_sdpa(monkeypatch):
         calls.append(1)
         return q
 
-    monkeypatch.setattr(blend, "row_attention", fake)
+    monkeypatch.setattr(row_attention_module, "row_attention", fake)
     gen = torch.Generator().manual_seed(8)
     k, v = torch.randn(1, 4, 8, 2, 16, generator=gen), torch.randn(1, 4, 8, 2, 16, generator=gen)
     q = torch.randn(3, 4, 16, generator=gen)

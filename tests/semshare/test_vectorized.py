@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from moska.semshare import lsh as lsh_mod
-from moska.semshare.blend import _BACKENDS, RowAttention
 from moska.semshare.lsh import LSHIndex, _share_in
 from moska.semshare.matching import match_tokens, token_features
 from moska.semshare.rope_shift import rotate_by
+from moska.semshare.row_attention import _BACKENDS, RowAttention
 
 V, H = 300, 24
 
