@@ -16,6 +16,7 @@ import typing
 
 from moska import __version__
 from moska.cli_convert import add_convert_parser, run_convert
+from moska.cli_library import add_library_parser
 from moska.config import EngineConfig
 from moska.pd.cli import add_role_args, add_router_parser, pd_config
 
@@ -242,83 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_role_args(s)  # --role prefill|decode|both and the transfer group (moska/pd)
     _add_engine_args(s)
 
-    lib = sub.add_parser("library", help="build, list, inspect and remove shared KV libraries")
-    lsub = lib.add_subparsers(dest="library_command", metavar="ACTION")
-    b = lsub.add_parser("build", help="prefill documents into a library")
-    b.add_argument("files", nargs="+", help="text, Markdown or JSONL files, or directories")
-    b.add_argument("--name", required=True)
-    b.add_argument("--model", default=None)
-    b.add_argument(
-        "--chunk-size",
-        type=int,
-        default=None,
-        help="tokens per chunk, the unit the router picks (default: a power of two giving "
-        "about 32 chunks, 64 to 4096)",
-    )
-    b.add_argument(
-        "--mode",
-        choices=["prefix", "independent"],
-        default="prefix",
-        help="prefix: one causal context, requests read it as a prefix (exact with all "
-        "chunks); independent: each chunk prefilled alone (chunks reusable in any order)",
-    )
-    b.add_argument(
-        "--routing-rank",
-        type=int,
-        default=None,
-        help="rank of the key-max routing index (default: head_dim / 4; see docs/routing.md)",
-    )
-    b.add_argument(
-        "--kv-dtype",
-        choices=["auto", "fp8"],
-        default="auto",
-        help="library KV dtype: auto = the model's; fp8 = e4m3 with per-(token, KV head) "
-        "scales (half the bytes; needs an Ada or Hopper GPU to serve)",
-    )
-    b.add_argument("--jsonl-field", default="text")
-    _add_engine_args(b)
-    for name, help_ in (("ls", "list libraries"), ("info", "show one library"), ("rm", "delete")):
-        c = lsub.add_parser(name, help=help_)
-        if name != "ls":
-            c.add_argument("name")
-        c.add_argument("--model", default=None)
-        c.add_argument("--library-root", default=None)
-
+    add_library_parser(sub, _add_engine_args)
     add_convert_parser(sub)
     add_router_parser(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark (GPU benchmarks need CUDA)")
     bench.add_argument("which", choices=sorted(_BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    _add_independent_args(b)
     return parser
-
-
-def _add_independent_args(b: argparse.ArgumentParser) -> None:
-    """`library build`'s options of a position-independent library (library/positions.py
-    IndependentOptions; defaults measured: bench/results/independent_quality.json)."""
-    b.add_argument(
-        "--chunk-sink",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="independent mode: prefill each chunk after the model's BOS (not stored; a "
-        "request brings one). Default: on",
-    )
-    for flag, what in (("temperature", "logits times 1/T"), ("log-scale", "LSE plus log S")):
-        b.add_argument(
-            f"--attention-{flag}",
-            type=float,
-            default=None,
-            help=f"independent mode: the library part's attention {what} (APE)",
-        )
-    for flag, what in (("tokens", "the first M tokens of"), ("layers", "in the first L layers")):
-        b.add_argument(
-            f"--repair-{flag}",
-            type=int,
-            default=None,
-            help=f"independent mode, boundary repair (with the other --repair-*): recompute "
-            f"{what} every chunk that continues a document after the chunk before it",
-        )
 
 
 def _serve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
