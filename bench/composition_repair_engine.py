@@ -224,7 +224,6 @@ def main() -> None:
     out = {
         "env": environment(),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "command": " ".join(sys.argv),
         "model": Path(args.model).name,
         "dtype": "float32",
         "device": "cpu",

@@ -193,7 +193,6 @@ def main() -> None:
             for name, eng in engines.items()
             if eng.semshare is not None and eng.semshare.graphs is not None
         },
-        "command": " ".join(sys.argv),
         "summary": summary,
         "rows": rows,
     }
