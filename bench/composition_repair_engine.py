@@ -42,7 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.composition_quality import composed_loss, windows
+from bench.composition_quality import composed_loss
+from bench.composition_workload import windows
 from moska.bench.common import environment
 from moska.bench.fidelity_eval import sequence_loss
 from moska.library.boundary_repair import BoundaryRepair
