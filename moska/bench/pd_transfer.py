@@ -47,8 +47,9 @@ from typing import Any
 
 import torch
 
+from moska.pd.endpoint import TransferEndpoint
 from moska.pd.stream import LayerStream
-from moska.pd.transport import KVTransport, TransferEndpoint
+from moska.pd.transport import KVTransport
 
 
 def _checksums(layers, device: str) -> list[tuple[int, int]]:
@@ -296,7 +297,7 @@ def place_decode(device: str, same_gpu: bool) -> tuple[str, str | None]:
 
 def main(argv: list[str] | None = None) -> dict:
     from moska.bench.common import environment, write_json
-    from moska.pd.transport import TRANSPORTS
+    from moska.pd.endpoint import TRANSPORTS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=8192, help="prompt tokens")

@@ -9,6 +9,8 @@ import shlex
 import signal
 import sys
 
+from moska.pd.endpoint import TRANSPORTS
+
 logger = logging.getLogger(__name__)
 
 
@@ -126,7 +128,7 @@ def add_role_args(s) -> None:
     s.add_argument("--pd-master", default=None, help="HOST:PORT where the transfer group meets")
     s.add_argument("--pd-rank", type=int, default=None, help="this instance's transfer rank")
     s.add_argument("--pd-world", type=int, default=None, help="prefill + decode instances")
-    s.add_argument("--pd-transport", default="auto", choices=["auto", "gloo", "shm", "cuda_ipc"],
+    s.add_argument("--pd-transport", default="auto", choices=TRANSPORTS,
                    help="how KV goes to a decode instance: auto takes CUDA IPC (same GPU node) or "
                    "shared memory when the decode instance is on this host, else gloo")  # fmt: skip
     s.add_argument(
@@ -147,8 +149,8 @@ def pd_config(args: argparse.Namespace):
     """The instance's PDConfig, or None for a plain server."""
     if getattr(args, "role", None) is None:
         return None
+    from moska.pd.endpoint import TransferEndpoint
     from moska.pd.instance import PDConfig
-    from moska.pd.transport import TransferEndpoint
 
     endpoint = None
     if args.role != "both":

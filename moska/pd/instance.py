@@ -31,11 +31,12 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
 from moska.pd import kv_blocks
+from moska.pd.endpoint import TransferEndpoint
 from moska.pd.errors import TransferFailedError
 from moska.pd.index import block_hashes
 from moska.pd.kv_pool import KVPool
 from moska.pd.stream import LayerCapture, LayerStream, stream_for
-from moska.pd.transport import KVTransport, TransferEndpoint
+from moska.pd.transport import KVTransport
 
 logger = logging.getLogger(__name__)
 

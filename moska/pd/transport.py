@@ -2,9 +2,9 @@
 store, KV over gloo across hosts and through shared memory (or CUDA IPC) on one host.
 
 Every instance of a prefill/decode cluster is one rank of a transfer group (P + D ranks;
-rank 0 hosts the TCPStore the others meet on). The group is a `ProcessGroupGloo` built
-directly (no global default group, so several ranks may live in one process, as in the
-tests). A transfer is:
+rank 0 hosts the TCPStore the others meet on; its address and flags are an
+`endpoint.TransferEndpoint`). The group is a `ProcessGroupGloo` built directly (no global
+default group, so several ranks may live in one process, as in the tests). A transfer is:
 
 - its header, a small JSON (transfer id, prompt tokens of the blocks, namespace, layout),
   set in the store under `moska/pd/hdr/SRC->DST/SEQ` (SEQ counts that pair's transfers);
@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from moska.pd import ring as rings
+from moska.pd.endpoint import TransferEndpoint
 from moska.pd.errors import TransferFailedError
 from moska.pd.ring import ChannelError, Ring
 from moska.pd.stream import LayerStream
@@ -56,37 +57,6 @@ logger = logging.getLogger(__name__)
 _MEET = timedelta(seconds=300)  # how long ranks wait for each other at startup
 _POLL_MAX_S = 0.02  # a receiver checks the store for the next header at least this often
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
-TRANSPORTS = ("auto", "gloo", "shm", "cuda_ipc")
-
-
-@dataclass(frozen=True)
-class TransferEndpoint:
-    """Where the transfer group meets and this instance's place in it."""
-
-    host: str
-    port: int
-    rank: int
-    world_size: int
-    timeout_s: float = 10.0
-    transport: str = "auto"  # --pd-transport: how KV goes to a decode rank (module doc)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"--pd-rank {self.rank} must be in [0, --pd-world {self.world_size})")
-        if self.timeout_s <= 0:
-            raise ValueError("the transfer timeout must be positive")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"--pd-transport must be one of {', '.join(TRANSPORTS)}")
-
-    @classmethod
-    def parse(
-        cls, master: str, rank: int, world_size: int, timeout_s: float = 10.0,
-        transport: str = "auto",
-    ):  # fmt: skip
-        host, _, port = master.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"--pd-master must be HOST:PORT, got {master!r}")
-        return cls(host, int(port), rank, world_size, timeout_s, transport)
 
 
 @dataclass

@@ -35,8 +35,8 @@ def make_engine(first=None, **overrides):
 def pd_instances(engines_roles, timeout_s: float = 30.0, master_port=None, world=None):
     """Serve each (engine, role) as an instance, ranks in order (`world`: more ranks join
     from elsewhere); yields {name: url} and the apps."""
+    from moska.pd.endpoint import TransferEndpoint
     from moska.pd.instance import PDConfig, attach
-    from moska.pd.transport import TransferEndpoint
     from moska.server.app import create_app
     from moska.server.settings import ServerSettings
 

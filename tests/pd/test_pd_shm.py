@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from moska.pd.cluster import free_port
+from moska.pd.endpoint import TransferEndpoint
 from moska.pd.errors import TransferFailedError
 from moska.pd.ring import ChannelError, Ring, RingSpec
 from moska.pd.stream import LayerStream
-from moska.pd.transport import KVTransport, TransferEndpoint
+from moska.pd.transport import KVTransport
 
 pytestmark = pytest.mark.timeout(60)
 TIMEOUT_S = 1.5

@@ -123,9 +123,10 @@ def test_a_failed_stream_aborts_its_transfer_and_the_pair_stays_in_step():
     transfer as aborted (never a data timeout, never its zeros), and the next transfer of
     the pair arrives intact."""
     from moska.pd.cluster import free_port
+    from moska.pd.endpoint import TransferEndpoint
     from moska.pd.errors import TransferFailedError
     from moska.pd.stream import LayerStream
-    from moska.pd.transport import KVTransport, TransferEndpoint
+    from moska.pd.transport import KVTransport
 
     port = free_port()
     ranks = [KVTransport(TransferEndpoint("127.0.0.1", port, r, 2, timeout_s=5.0)) for r in (0, 1)]
