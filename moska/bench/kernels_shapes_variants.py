@@ -43,90 +43,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import environment, write_json
 from moska.bench.floors import attention_flops, floor_ms, grouped_shared_cost, measure_matmul
-from moska.bench.kernels_shapes import as_python, rel, selections, subset, tag
+from moska.bench.kernels_shapes import as_python, rel, selections, subset
 from moska.bench.kernels_shapes import timer as make_timer
 from moska.bench.kernels_shapes_report import l2_reads, print_summary, suggested_table, summary
+from moska.bench.kernels_shapes_tiles import variants
 from moska.kernels.selections import Selections
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
-from moska.kernels.shared_tuning import GroupedTuning, grouped_tuning
+from moska.kernels.shared_tuning import GroupedTuning
 
-T = GroupedTuning
-HT = {"half_tail": True}
-# Per head dim: today's tiles, then 128-row tiles with half-height tails (81% useful rows at
-# 128 +- 22 rows per group where 128-row tiles had 69%), other stage counts and BLOCK_N.
-GROUPED = {
-    128: [
-        T(64, 64, 4, 3),
-        T(64, 64, 4, 3, **HT),
-        T(128, 128, 8, 3),
-        T(128, 128, 8, 3, **HT),
-        T(128, 64, 8, 3, **HT),
-        T(128, 64, 8, 4, **HT),
-        T(128, 128, 8, 3, programs_per_sm=1, **HT),
-        T(128, 128, 8, 3, warp_specialize=True, **HT),
-        T(128, 64, 8, 3, pipe_qk=True, **HT),  # QK^T one key block ahead (session 16)
-    ],
-    64: [
-        T(64, 64, 4, 3),
-        T(64, 128, 4, 4),
-        T(128, 64, 8, 3, **HT),
-        T(128, 128, 8, 3, **HT),
-        T(128, 128, 8, 4, **HT),
-        T(128, 64, 4, 3, **HT),
-        T(128, 64, 8, 4, **HT),
-        T(128, 128, 8, 3, pipe_qk=True, **HT),
-        T(64, 128, 4, 3, pipe_qk=True),
-    ],
-}
-# `--high-g`: G >= 4 at B = 1,024 (128-256 rows per (chunk, KV head) group; 0.30-0.62 of the
-# read floor in session 15): deeper or shallower pipelines (more programs per SM), wider key
-# blocks at 64 rows, 256-row tiles (a G = 8 group's K/V streamed once, not 2-4 times through
-# L2: each tile of a group re-reads the chunk's 2 MB from L2, and at 128 +- 22 rows 64-row
-# tiles made 2.45 tiles a group; docs/performance-notes.md), also as 16 warps (4 warpgroups
-# of 64 rows, registers of a 64-row tile each), and the two best 128-row tiles of session 15
-# again in the same run.
-HIGH_G = {
-    128: [
-        T(64, 64, 4, 4),
-        T(64, 64, 4, 2),
-        T(64, 128, 4, 2),
-        T(64, 64, 4, 3, programs_per_sm=4),
-        T(128, 128, 8, 2, **HT),
-        T(128, 128, 8, 3, programs_per_sm=1, **HT),
-        T(128, 128, 8, 3, warp_specialize=True, **HT),
-        T(256, 64, 8, 2, **HT),  # a 256-row group's K/V read once (G 8); may spill
-        T(256, 64, 16, 2, **HT),  # 4 warpgroups of 64 rows share each K/V block
-        T(256, 128, 16, 2, **HT),
-        T(128, 64, 8, 2, **HT),  # 96 KB of shared memory: 2 programs an SM
-        T(128, 32, 8, 3, **HT),  # 80 KB and ~110 registers: 2 programs an SM
-    ],
-    64: [
-        T(256, 64, 8, 2, **HT),  # a 256-row group's K/V read once (G 8): 64 + 64 regs
-        T(256, 64, 8, 3, **HT),
-        T(256, 128, 16, 2, **HT),  # 4 warpgroups of 64 rows share each K/V block
-        T(128, 64, 8, 2, **HT),
-        T(64, 128, 4, 2),
-        T(64, 64, 4, 4),
-        T(64, 256, 4, 2),
-        T(64, 128, 8, 3),
-        T(128, 128, 8, 2, **HT),
-        T(128, 64, 4, 3, **HT),
-    ],
-}
-SINGLE = {
-    128: [T(16, 128, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 3),
-          T(128, 128, 8, 3, programs_per_sm=1), T(128, 64, 8, 4),
-          T(128, 128, 8, 3, warp_specialize=True)],
-    64: [T(16, 128, 4, 3), T(64, 128, 4, 3), T(128, 128, 8, 3), T(128, 64, 8, 3),
-         T(128, 128, 8, 4), T(128, 64, 4, 3)],
-}  # fmt: skip
 GPU: dict[str, Any] = {"hkv": 8, "chunks": 256, "chunk_len": 4096, "topk": 8, "dtype": "bfloat16"}
 GPU |= {"dims": (128, 64), "gqa": (4, 8, 1), "b_grouped": (64, 1024), "single_len": 131072}
 GPU |= {"b_single": (16, 64, 256, 1024), "routings": ("uniform", "zipf")}
 DRY: dict[str, Any] = {"hkv": 2, "chunks": 6, "chunk_len": 64, "topk": 2, "dtype": "float32"}
 DRY |= {"dims": (64,), "gqa": (1, 4), "b_grouped": (6,), "single_len": 96, "b_single": (4,)}
 DRY |= {"routings": ("uniform",)}
-DRY_TILES = [T(32, 32, 4, 1, use_tma=False), T(32, 32, 4, 1, use_tma=False, **HT)]
 WARM_CHUNK_LEN, WARM_SINGLE_LEN = 64, 256  # same launch arguments, toy key counts
 
 
@@ -137,20 +67,6 @@ def jobs(cfg: dict) -> list[tuple[str, int, int, int]]:
         out += [("grouped", d, g, b) for g in cfg["gqa"] for b in cfg["b_grouped"]]
         out += [("single", d, g, b) for g in cfg["gqa"] for b in cfg["b_single"]]
     return out
-
-
-def variants(
-    case: str, d: int, g: int, rows: float, dry: bool, high_g: bool = False
-) -> dict[str, GroupedTuning]:
-    """The table's tile first ("table:<tag>"), then the case's variants not equal to it
-    (`high_g`: the HIGH_G list for grouped points)."""
-    table = grouped_tuning(d, g, rows)
-    cands = DRY_TILES if dry else (GROUPED if case == "grouped" else SINGLE)[d]
-    if high_g and case == "grouped" and not dry:
-        cands = HIGH_G[d]
-    out = {f"table:{tag(table)}": table}
-    out |= {tag(t): t for t in cands if t != table and (t.block_m >= 32 or rows <= 256)}
-    return out  # 16-row tiles only where few rows (they run on the older, slower MMA)
 
 
 def single_problem(b: int, g: int, d: int, s: int, cfg: dict, dev: str, dtype) -> dict:
