@@ -1,0 +1,84 @@
+"""Compile the Gluon one-chunk kernel for Hopper (sm_90) without a GPU:
+`python -m moska.bench.kernels_gluon_aot` (one JSON line per variant: seconds, shared
+memory, registers and spills from the cubin when cuobjdump is there; exit 1 on a failure).
+Needs the Triton whose Gluon API the kernel is written for (the device image's 3.6; e.g.
+`pip install --target /tmp/tri36 triton==3.6.0` and `PYTHONPATH=/tmp/tri36`). The signature
+mirrors `gluon_one_chunk`'s launch: keep the two together."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from moska.kernels.gluon_one_chunk import _one_chunk_kernel
+
+ARGS = ["q_ptr", "k_desc", "v_desc", "o_ptr", "lse_ptr", "o_part_ptr", "lse_part_ptr"]
+ARGS += ["stride_qb", "stride_qh", "M", "S", "split_len", "qk_scale"]
+CONST = ["G", "D", "BLOCK_M", "BLOCK_N", "STAGES", "SPLIT", "num_warps"]
+
+
+def compile_variant(d: int, g: int, bm: int, bn: int, nw: int, st: int, split: bool) -> dict:
+    lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
+    td = f"tensordesc<bf16[{bn}, {d}],{lay!r}>"
+    types = ["*bf16", td, td, "*bf16", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "i32"]
+    sig = dict(zip(ARGS, [*types, "i32", "fp32"], strict=True)) | dict.fromkeys(CONST, "constexpr")
+    vals = dict(zip(CONST, (g, d, bm, bn, st, split, nw), strict=True))
+    names = list(sig)
+    src = GluonASTSource(
+        _one_chunk_kernel, sig, constexprs={(names.index(k),): v for k, v in vals.items()}
+    )
+    t = time.time()
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
+    out = {"D": d, "G": g, "tile": f"m{bm}n{bn}w{nw}s{st}", "split": split, "ok": True}
+    out |= {"seconds": round(time.time() - t, 2), "shared": k.metadata.shared}
+    out |= _resources(k.asm.get("cubin"))
+    return out
+
+
+def _resources(cubin: bytes | None) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    if not cubin or not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        txt = subprocess.run(
+            [tool, "-res-usage", f.name], capture_output=True, text=True, check=False
+        ).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", txt)
+    return {"regs": int(m.group(1)), "stack": int(m.group(2))} if m else {}
+
+
+def main() -> None:
+    fails = 0
+    for d in (128, 64):
+        for bm, bn, nw, st in (
+            (128, 128, 8, 2),
+            (128, 64, 8, 3),
+            (64, 64, 4, 3),
+            (64, 128, 4, 2),
+            (128, 128, 8, 3),
+        ):
+            for split in (False, True):
+                try:
+                    print(json.dumps(compile_variant(d, 4, bm, bn, nw, st, split)), flush=True)
+                except Exception as e:  # noqa: BLE001 - every variant is tried, failures counted
+                    fails += 1
+                    print(
+                        json.dumps(
+                            {"D": d, "tile": (bm, bn, nw, st), "ok": False, "error": repr(e)[:400]}
+                        )
+                    )
+    sys.exit(1 if fails else 0)
+
+
+if __name__ == "__main__":
+    main()
