@@ -42,7 +42,7 @@ from moska.semshare.config import SemShareConfig
 from moska.semshare.graphs import BlendGraphs
 from moska.semshare.lsh import LSHIndex
 from moska.semshare.matching import TokenMatch, inverse_norms, match_tokens, token_features
-from moska.semshare.row_attention import slots_of
+from moska.semshare.row_attention import slots_of, warm_row_kernel
 from moska.semshare.store import Reference, ReferenceStore, prompt_key
 
 
@@ -136,9 +136,12 @@ class SemanticReuse:
         layers past the boundary at every row bucket up to `max_rows` (`graphs.py`); else run
         each distinct layer once at every bucket (random rows, attention skipped, nothing
         written), so each bucket's matmul shapes have their cuBLAS algorithm (and kernel)
-        before any request. Returns the buckets visited (0 when bucketing is off)."""
+        before any request; on CUDA the row attention kernel's variants are compiled too
+        (`warm_row_kernel`). Returns the buckets visited (0 when bucketing is off)."""
         if self.granule <= 1:
             return 0
+        cfg = self.model.config
+        warm_row_kernel(self.cache, cfg.num_heads, cfg.sm_scale, max_rows)
         if self.config.cuda_graphs and self.cache.k.is_cuda:
             buckets = row_buckets(max_rows, self.granule)
             first = self.config.recompute_layers
@@ -189,7 +192,7 @@ class SemanticReuse:
             early[ref.key] = match_tokens(feats, ref.features, cfg.threshold, self.granule)
 
         found = self.store.lookup(
-            feats, cfg.min_candidate_score, prefetch if self.speculate else None
+            feats, cfg.min_candidate_score, prefetch if self.speculate else None, touch=False
         )
         if found is None:
             return None
@@ -199,7 +202,8 @@ class SemanticReuse:
             match = match_tokens(feats, ref.features, cfg.threshold, self.granule)
         ref_pos = match.ref_pos.cpu()  # the plan's second host sync (and the blend's none)
         if int((ref_pos >= 0).sum()) < cfg.min_reuse_fraction * len(prompt_ids):
-            return None
+            return None  # not reused: its reference keeps its place in the LRU order
+        self.store.get(ref.key)  # reused: now the most recently used
         self.stats.planned += 1
         fixed: dict[int, int] = {}
         if ref.blocks is not None and cfg.recompute_layers == 1 and cfg.recompute_fraction < 1:

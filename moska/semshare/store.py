@@ -12,6 +12,8 @@ Why it does not thrash: only prompts computed in full are inserted (a prompt tha
 KV is never stored, so approximate KV never becomes a reference and a stream of near
 duplicates of one document adds nothing), and every reuse refreshes its reference's
 recency, so the documents queries keep coming back to stay while one-off prompts age out.
+A candidate whose token matching falls short (no reuse) is not refreshed: the engine looks
+up with `touch=False` and refreshes only the reference a plan reuses.
 """
 
 from __future__ import annotations
@@ -149,11 +151,14 @@ class ReferenceStore:
         features: torch.Tensor,
         min_score: float,
         prefetch: Callable[[Reference], object] | None = None,
+        touch: bool = True,
     ) -> tuple[Reference, float] | None:
         """The reference sharing the most LSH buckets with a prompt's token features
         [N, F], when at least `min_score` of its tokens collide; it becomes the most
-        recently used. `prefetch(ref)`: called with the likeliest reference before the
-        exact LSH scores are computed (`LSHIndex.candidates`; no recency change)."""
+        recently used (`touch`; False: the caller `get`s it once it is reused, so that a
+        candidate whose token matching then falls short stays where it was in the LRU
+        order). `prefetch(ref)`: called with the likeliest reference before the exact LSH
+        scores are computed (`LSHIndex.candidates`; no recency change)."""
         self.stats.lookups += 1
         if not self._entries:
             return None
@@ -169,7 +174,7 @@ class ReferenceStore:
         if not found or found[0][1] < min_score:
             return None
         key, score = found[0]
-        ref = self.get(str(key))
+        ref = self.get(str(key)) if touch else self._entries.get(str(key))
         if ref is None:
             return None
         self.stats.hits += 1

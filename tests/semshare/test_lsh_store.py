@@ -81,3 +81,19 @@ def test_store_byte_bound_lru_and_index():
     assert hit is not None and hit[0] is refs[2]
     big = _ref(torch.randint(0, V, (200,), generator=gen), embed)
     assert not store.put(big) and store.stats.rejected == 1 and len(store) == 2
+
+
+def test_lookup_without_touch_keeps_the_lru_order():
+    """A candidate the engine then does not reuse (too few matched tokens) must not be
+    refreshed: `lookup(touch=False)` finds it and leaves it next to be evicted."""
+    gen = torch.Generator().manual_seed(5)
+    embed = _embed()
+    refs = [_ref(torch.randint(0, V, (64,), generator=gen), embed) for _ in range(3)]
+    store = ReferenceStore(int(2.5 * refs[0].nbytes), LSHIndex(2 * H, seed=0))
+    assert store.put(refs[0]) and store.put(refs[1])
+    found = store.lookup(refs[0].features, min_score=0.9, touch=False)
+    assert found is not None and found[0] is refs[0]
+    assert store.lru_entries()[0] is refs[0]  # still the next to go
+    assert store.put(refs[2]) and refs[0].key not in store and refs[1].key in store
+    touched = store.lookup(refs[1].features, min_score=0.9)  # default: refreshed
+    assert touched is not None and store.lru_entries()[-1] is refs[1]
