@@ -273,6 +273,7 @@ def run_batch(
         todo = tiles
         if name in MMA and (mma_tiles is not None or len(tiles) > 1):
             todo = MMA_TILES if mma_tiles is None else mma_tiles
+            todo = todo[name] if isinstance(todo, dict) else todo  # per variant (fp8_reach)
             if mma_tiles is QUICK_MMA_TILES:
                 todo = [todo[0]] if name in AB_ONLY else [todo[0], *QUICK_WIDE]
         for tile in todo:
