@@ -91,3 +91,33 @@ def test_reuse_across_chunked_prefill():
     # chunk's 2 tokens are too few to blend
     assert llm.engine.semshare.stats.blended_tokens == 23 + 23
     assert again.num_reused_tokens > 30
+
+
+def test_a_rejected_candidate_keeps_its_lru_place():
+    """A plan whose candidate matches too few tokens reuses nothing: that reference must not
+    become the most recently used (it would outlive references that are reused); a plan
+    that reuses refreshes it."""
+    import dataclasses
+    import random as rnd
+
+    from moska import LLM
+
+    llm = LLM(None, semantic_reuse=True, device="cpu", dtype="float32", attention="torch",
+              num_kv_blocks=64, max_model_len=512)  # fmt: skip
+    reuse = llm.engine.semshare
+    a, b = _prompts()
+    c = [rnd.Random(1).randrange(0, 256) for _ in range(50)]
+    llm.generate([a], PARAMS)
+    llm.generate([c], PARAMS)  # stored after a: a is the least recently used
+    reuse.flush()
+    order = [r.token_ids.tolist() for r in reuse.store.lru_entries()]
+    assert order == [a, c]
+    strict = dataclasses.replace(reuse.config, min_reuse_fraction=1.0)
+    reuse.config, default = strict, reuse.config
+    assert reuse.plan(b) is None  # a is found, not every one of b's tokens matches it
+    assert reuse.store.stats.hits >= 1
+    assert [r.token_ids.tolist() for r in reuse.store.lru_entries()] == [a, c]
+    reuse.config = default
+    plan = reuse.plan(b)
+    assert plan is not None and plan.ref.token_ids.tolist() == a
+    assert [r.token_ids.tolist() for r in reuse.store.lru_entries()] == [c, a]
