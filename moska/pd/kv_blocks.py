@@ -40,16 +40,22 @@ def snapshot(engine, request: Request) -> tuple[dict, list[torch.Tensor]]:
         ).cpu()
         for layer in range(cache.k.shape[0])
     ]  # [2, n, bs, Hkv, D] each
+    return header(request, n, bm.block_size), layers
+
+
+def header(request: Request, n_blocks: int, block_size: int) -> dict:
+    """The transfer header of a request's first `n_blocks` prompt blocks: their tokens, the
+    namespace they are cached under, and the prompt's counts (JSON-able)."""
+    prompt = request.prompt_token_ids
     namespace = request.cache_namespace
     assert isinstance(namespace, tuple)  # a Request's is (build id, top_k[, ...]): JSON-able
-    meta = {
-        "tokens": prompt[: n * bm.block_size],
+    return {
+        "tokens": list(prompt[: n_blocks * block_size]),
         "namespace": list(namespace),
-        "block_size": bm.block_size,
+        "block_size": block_size,
         "cached_tokens": int(request.num_cached_tokens),
         "prompt_tokens": len(prompt),
     }
-    return meta, layers
 
 
 @dataclass

@@ -208,16 +208,7 @@ def stream_for(engine, request) -> tuple[dict, LayerStream]:
     """(meta, an empty stream) for a request whose prompt the coming step completes: the
     header `kv_blocks.snapshot` would give after it finished."""
     bm, cache = engine.block_manager, engine.runner.cache
-    prompt = list(request.prompt_token_ids)
-    n = kv_blocks.usable_blocks(len(prompt), bm.block_size)
-    namespace = request.cache_namespace
-    assert isinstance(namespace, tuple)
-    meta = {
-        "tokens": prompt[: n * bm.block_size],
-        "namespace": list(namespace),
-        "block_size": bm.block_size,
-        "cached_tokens": int(request.num_cached_tokens),
-        "prompt_tokens": len(prompt),
-    }
+    n = kv_blocks.usable_blocks(len(request.prompt_token_ids), bm.block_size)
     shape = (2, n, *cache.k.shape[2:])
-    return meta, LayerStream(int(cache.k.shape[0]), shape, cache.k.dtype, cache.k.device)
+    stream = LayerStream(int(cache.k.shape[0]), shape, cache.k.dtype, cache.k.device)
+    return kv_blocks.header(request, n, bm.block_size), stream
