@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Session 18, #17.3 / #22.5 routing cost (one H200, < 150 s).
+# 1) the router's CUDA tests (session 17's tie-order fix was never re-run on the GPU):
+#    the row top-k vs its reference and torch.topk, the unroll tiles, the cost tests;
+# 2) `moska.bench.router_overlap` at B = 1,024 / 256 / 64 (8B dims, 1M shared tokens in
+#    4,096-token chunks, top-8, 4,096 unique tokens a request, CUDA graphs), routers
+#    default (key-max per KV head), two_stage, default_p2 (key-max grid capped at 2
+#    programs per SM): each part alone (router, shared, unique, merge), the step in 5 stream
+#    schedules (serial = the old; unique/route on a side stream, high priority, split
+#    unique), eager and graph, the floor from a read stream and the bf16 matmul peak measured
+#    in the same run, the critical path router + shared + merge the dependencies force; the
+#    default's scores as torch.matmul + amax vs the fused kernel; every router's chosen
+#    chunks vs the fp32 reference on fresh random inputs (rows clear of fp16 ties).
+# Carry .whl-min (or .whl). JSON: $OUT/router_overlap_session18.json; table last.
+# `bash bench/device_session18_router.sh --cpu-dry-run`: the same steps in CPU forms.
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s)
+if [ "${1:-}" = "--cpu-dry-run" ]; then
+  PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1
+  TESTS="tests/kernels/test_router_topk.py tests/bench/test_router_overlap.py"; TT=200
+  RARGS="--cpu-dry-run --batch 4"; LEFT=400
+else
+  PY=python3; export TRITON_INTERPRET=0
+  WHL=.whl-min; [ -d "$WHL" ] || WHL=.whl
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site_router18 "$WHL"/*.whl
+  export PYTHONPATH=/tmp/site_router18:$PWD
+  TESTS="-m cuda tests/kernels/test_router_topk.py tests/routing/test_router_unroll.py"
+  TESTS="$TESTS tests/routing/test_router_cost.py"; TT=40
+  RARGS="--batch 1024 256 64"; LEFT=143
+fi
+# shellcheck disable=SC2086
+timeout $TT $PY -m pytest -q -s -p no:cacheprovider -rs $TESTS > "$OUT/router_tests.log" 2>&1
+echo "router tests rc=$? ($(( $(date +%s) - T0 )) s)"
+grep -E "passed|failed|Error|SKIP" "$OUT/router_tests.log" | tail -6 | cut -c1-300
+TR=$(( LEFT - ($(date +%s) - T0) ))
+# rows are not started past the budget; the JSON and table come after the last row
+# shellcheck disable=SC2086
+timeout $TR $PY -m moska.bench.router_overlap $RARGS --routers default two_stage default_p2 \
+  --budget-s $(( TR - 25 )) --out "$OUT/router_overlap_session18.json" \
+  > "$OUT/router_overlap.log" 2>&1
+echo "router overlap rc=$? ($(( $(date +%s) - T0 )) s)"
+grep -E "Error|error" "$OUT/router_overlap.log" | tail -3 | cut -c1-300
+sed -n '/^    B router/,$p' "$OUT/router_overlap.log" | cut -c1-220
