@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -238,6 +240,22 @@ def fake_graphs_worker(rdv, rank, parent, *args) -> None:
     DecodeGraphs._capture = fake_capture  # type: ignore[method-assign]
     nccl_path()
     worker.run_worker(rdv, rank, parent, *args)
+
+
+def kill_rank_mid_step(engine, rank: int, within_s: float = 10.0) -> tuple[Exception, float]:
+    """SIGKILL `rank` of `engine` (a request decoding), then step until the engine names
+    it: its RankFailedError, asserted within `within_s` of the kill, and the kill's
+    monotonic time. A step that hangs fails on the test's timeout."""
+    from moska.distributed.errors import RankFailedError
+
+    os.kill(engine.dist.worker_pids[rank], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError, match=f"rank {rank}") as info:
+        while time.monotonic() - t0 < 30:
+            engine.step()
+    assert time.monotonic() - t0 < within_s
+    assert info.value.rank == rank
+    return info.value, t0
 
 
 class EnginePair:
