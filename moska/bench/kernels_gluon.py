@@ -37,30 +37,38 @@ from moska.bench.kernels_util import rel
 from moska.kernels.shared_one_chunk import one_chunk_attention, sdpa_one_chunk
 from moska.kernels.shared_tuning import grouped_tuning
 
-# Gluon variants (block_m, block_n, num_warps, stages, programs_per_sm): few rows per KV head
-# (read-bound) split the keys to fill the SMs; many rows (compute-bound) use 128-row tiles.
-FEW = {128: [(64, 64, 4, 3, 2), (64, 128, 4, 2, 2)], 64: [(64, 128, 4, 3, 2), (64, 64, 4, 3, 2)]}
+# Gluon variants (schedule, block_m, block_n, num_warps, stages, programs_per_sm): few rows
+# per KV head (read-bound) split the keys to fill the SMs; many rows (compute-bound) use
+# 128-row programs: one partition ("pipe") or FA3's ping-pong of two 64-row warpgroups ("ws").
+FEW = {
+    128: [("pipe", 64, 64, 4, 3, 2), ("pipe", 64, 128, 4, 2, 2), ("ws", 64, 128, 4, 2, 1)],
+    64: [("pipe", 64, 128, 4, 3, 2), ("pipe", 64, 64, 4, 3, 2), ("ws", 64, 128, 4, 2, 1)],
+}
 MANY = {
-    128: [(128, 128, 8, 2, 1), (128, 64, 8, 3, 1)],
-    64: [(128, 128, 8, 3, 1), (128, 64, 8, 3, 1)],
+    128: [("pipe", 128, 128, 8, 3, 1), ("pipe", 128, 64, 8, 3, 1), ("ws", 64, 128, 4, 2, 1)]
+    + [("ws", 64, 128, 4, 3, 1)],
+    64: [("pipe", 128, 128, 8, 3, 1), ("ws", 64, 128, 4, 2, 1), ("ws", 64, 128, 4, 3, 1)],
 }
 FEW_ROWS = 512  # rows per KV head below which the FEW variants run
 
 
 def vtag(v: tuple) -> str:
-    return "gluon:m{}n{}w{}s{}p{}".format(*v)
+    return "gluon:{}:m{}n{}w{}s{}p{}".format(*v)
+
+
+def vkw(t: tuple) -> dict:
+    kw = {"schedule": t[0], "block_m": t[1], "block_n": t[2], "num_warps": t[3]}
+    return kw | {"stages": t[4], "programs_per_sm": t[5]}
 
 
 def gluon_calls(p: dict, rows: int, d: int) -> dict:
     from moska.kernels.gluon_one_chunk import gluon_one_chunk
 
     q, k, v, sc = p["q"], p["k"], p["v"], p["scale"]
-    out = {}
-    for t in (FEW if rows < FEW_ROWS else MANY)[d]:
-        kw = {"block_m": t[0], "block_n": t[1], "num_warps": t[2], "stages": t[3]}
-        kw["programs_per_sm"] = t[4]
-        out[vtag(t)] = partial(gluon_one_chunk, q, k, v, sc, **kw)
-    return out
+    return {
+        vtag(t): partial(gluon_one_chunk, q, k, v, sc, **vkw(t))
+        for t in (FEW if rows < FEW_ROWS else MANY)[d]
+    }
 
 
 def split_check(d: int, dtype, tol: float) -> dict:
@@ -75,10 +83,8 @@ def split_check(d: int, dtype, tol: float) -> dict:
     res: dict[str, dict[str, Any]] = {}
     for t in {*FEW[d], *MANY[d]}:
         try:
-            o, lse = gluon_one_chunk(
-                p["q"], k, v, float(p["scale"]), block_m=t[0], block_n=t[1], num_warps=t[2],
-                stages=t[3], programs_per_sm=64, min_split=1024,
-            )  # fmt: skip
+            kw = vkw(t) | {"programs_per_sm": 64, "min_split": 1024}
+            o, lse = gluon_one_chunk(p["q"], k, v, float(p["scale"]), **kw)
             e = {"o": rel(o.view(hkv, b, g, d), ro), "lse": rel(lse.view(hkv, b, g), rl)}
             res[vtag(t)] = e | {"ok": e["o"] < tol and e["lse"] < tol}
         except Exception as ex:  # noqa: BLE001 - reported, the variant is then not timed
@@ -164,10 +170,10 @@ def _cell(s: dict, key: str, w: int = 8) -> str:
 
 
 COLS: tuple[tuple[str, int], ...] = (
-    ("floor_ms", 8),
-    ("gluon_ms", 8),
-    ("triton_ms", 8),
-    ("library_ms", 8),
+    ("floor_ms", 9),
+    ("gluon_ms", 9),
+    ("triton_ms", 9),
+    ("library_ms", 9),
 )
 COLS += (("gluon_floor_fraction", 6), ("gluon_vs_triton", 6), ("gluon_vs_library", 6))
 COLS += (("triton_vs_library", 6),)

@@ -18,26 +18,31 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from moska.kernels.gluon_one_chunk import _one_chunk_kernel
+from moska.kernels.gluon_one_chunk import WS_MAXNREG, _one_chunk_kernel, _one_chunk_ws_kernel
 
 ARGS = ["q_ptr", "k_desc", "v_desc", "o_ptr", "lse_ptr", "o_part_ptr", "lse_part_ptr"]
 ARGS += ["stride_qb", "stride_qh", "M", "S", "split_len", "qk_scale"]
 CONST = ["G", "D", "BLOCK_M", "BLOCK_N", "STAGES", "SPLIT", "num_warps"]
 
 
-def compile_variant(d: int, g: int, bm: int, bn: int, nw: int, st: int, split: bool) -> dict:
+def compile_variant(
+    d: int, g: int, bm: int, bn: int, nw: int, st: int, split: bool, schedule: str = "pipe"
+) -> dict:
     lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
     td = f"tensordesc<bf16[{bn}, {d}],{lay!r}>"
     types = ["*bf16", td, td, "*bf16", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "i32"]
     sig = dict(zip(ARGS, [*types, "i32", "fp32"], strict=True)) | dict.fromkeys(CONST, "constexpr")
     vals = dict(zip(CONST, (g, d, bm, bn, st, split, nw), strict=True))
     names = list(sig)
-    src = GluonASTSource(
-        _one_chunk_kernel, sig, constexprs={(names.index(k),): v for k, v in vals.items()}
-    )
+    fn, opts = _one_chunk_kernel, {"num_warps": nw}
+    if schedule == "ws":
+        fn, opts = _one_chunk_ws_kernel, {"num_warps": 4, "maxnreg": WS_MAXNREG}
+        vals["num_warps"] = 4
+    src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in vals.items()})
     t = time.time()
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": nw})
-    out = {"D": d, "G": g, "tile": f"m{bm}n{bn}w{nw}s{st}", "split": split, "ok": True}
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    out = {"D": d, "G": g, "schedule": schedule, "tile": f"m{bm}n{bn}w{nw}s{st}", "split": split}
+    out["ok"] = True
     out |= {"seconds": round(time.time() - t, 2), "shared": k.metadata.shared}
     out |= _resources(k.asm.get("cubin"))
     return out
@@ -59,24 +64,18 @@ def _resources(cubin: bytes | None) -> dict:
 
 def main() -> None:
     fails = 0
+    pipe = ((128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3))
+    tiles = [("pipe", *t) for t in pipe] + [("ws", 64, 128, 4, 2), ("ws", 64, 128, 4, 3)]
     for d in (128, 64):
-        for bm, bn, nw, st in (
-            (128, 128, 8, 2),
-            (128, 64, 8, 3),
-            (64, 64, 4, 3),
-            (64, 128, 4, 2),
-            (128, 128, 8, 3),
-        ):
+        for sched, bm, bn, nw, st in tiles:
             for split in (False, True):
                 try:
-                    print(json.dumps(compile_variant(d, 4, bm, bn, nw, st, split)), flush=True)
+                    out = compile_variant(d, 4, bm, bn, nw, st, split, sched)
+                    print(json.dumps(out), flush=True)
                 except Exception as e:  # noqa: BLE001 - every variant is tried, failures counted
                     fails += 1
-                    print(
-                        json.dumps(
-                            {"D": d, "tile": (bm, bn, nw, st), "ok": False, "error": repr(e)[:400]}
-                        )
-                    )
+                    err = {"D": d, "tile": (sched, bm, bn, nw, st), "ok": False}
+                    print(json.dumps(err | {"error": repr(e)[:400]}), flush=True)
     sys.exit(1 if fails else 0)
 
 

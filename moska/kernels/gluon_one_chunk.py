@@ -29,7 +29,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["gluon_ok", "gluon_one_chunk", "split_plan"]
+__all__ = ["SCHEDULES", "gluon_ok", "gluon_one_chunk", "split_plan"]
+
+SCHEDULES = ("pipe", "ws")
+WS_MAXNREG = 168  # 12 warps x 32 threads x 168 <= 64K registers
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -68,36 +71,73 @@ def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, blk, lo, col, n_bloc
 
 
 @gluon.jit
+def _load_q(q_ptr, q_smem, row0, kv, M, stride_qb, stride_qh, G: gl.constexpr,
+            D: gl.constexpr, BLOCK_M: gl.constexpr, NW: gl.constexpr):  # fmt: skip
+    # packed rows row0.. of KV head kv -> shared memory (the A operand of QK^T), read in
+    # place from q [B, Hq, D]: row m is request m // G, query head kv * G + m % G
+    q_layout: gl.constexpr = _q_layout(D, NW)
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_layout))
+    q_off = (offs_m // G).to(gl.int64) * stride_qb + (kv * G + offs_m % G) * stride_qh
+    q = gl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=(offs_m < M)[:, None], other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, start, hi, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    # online softmax of one score block (log2 domain); a split's last block may be partial
+    if start + BLOCK_N > hi:
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where((start + offs_n < hi)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, row0, kv, split, hkv, M, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+              D: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT: gl.constexpr,
+              o_layout: gl.constexpr):  # fmt: skip
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_o = gl.convert_layout(l_i, row_o)
+    out = acc / gl.maximum(l_o, 1e-30)[:, None]
+    lse = gl.convert_layout((m_i + gl.log2(l_i)) * _LN2, row_o)  # -inf for an empty split
+    rows = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    flat = (kv * M + rows).to(gl.int64)
+    row_ok = rows < M
+    if SPLIT:
+        part = split.to(gl.int64) * hkv * M + flat
+        gl.store(o_part_ptr + part[:, None] * D + cols[None, :], out, mask=row_ok[:, None])
+        gl.store(lse_part_ptr + part, lse, mask=row_ok)
+    else:
+        gl.store(o_ptr + flat[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])  # fmt: skip
+        gl.store(lse_ptr + flat, lse, mask=row_ok)
+
+
+@gluon.jit
 def _one_chunk_kernel(
     q_ptr, k_desc, v_desc, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
     stride_qb, stride_qh, M, S, split_len, qk_scale,
     G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr,
 ):  # fmt: skip
+    # schedule "pipe": one partition; QK^T of block i + 1 in flight during softmax(i)
     pid_m = gl.program_id(0)
     kv = gl.program_id(1)
     split = gl.program_id(2)
-    hkv = gl.num_programs(1)
-
     s_layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, num_warps)
     o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, num_warps)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    q_layout: gl.constexpr = _q_layout(D, num_warps)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    dt: gl.constexpr = q_ptr.dtype.element_ty
 
-    # q tile -> shared memory (the A operand of QK^T), read in place from [B, Hq, D]
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_layout))
-    req = offs_m // G
-    head = kv * G + offs_m % G
-    q_off = req.to(gl.int64) * stride_qb + head * stride_qh
-    q = gl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=(offs_m < M)[:, None], other=0.0)
-    q_smem = gl.allocate_shared_memory(q_ptr.dtype.element_ty, [BLOCK_M, D],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], q_ptr.dtype.element_ty))  # fmt: skip
-    q_smem.store(q)
-
+    q_smem = gl.allocate_shared_memory(
+        dt, [BLOCK_M, D], gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dt)
+    )
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
     k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -105,7 +145,7 @@ def _one_chunk_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bar.index(i), count=1)
         mbarrier.init(v_bar.index(i), count=1)
-    fence_async_shared()
+    _load_q(q_ptr, q_smem, pid_m * BLOCK_M, kv, M, stride_qb, stride_qh, G, D, BLOCK_M, num_warps)
 
     lo = gl.minimum(split * split_len, S)
     hi = gl.minimum(lo + split_len, S)
@@ -116,13 +156,11 @@ def _one_chunk_kernel(
             k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, i, lo, col, n_blocks, BLOCK_N, STAGES
         )
 
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_s)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    offs_n = gl.arange(0, BLOCK_N, layout=col_s)
 
-    # QK^T of block 0
     mbarrier.wait(k_bar.index(0), 0, pred=n_blocks > 0)
     s_tok = warpgroup_mma(
         q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True
@@ -130,28 +168,21 @@ def _one_chunk_kernel(
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
     for i in range(n_blocks):
         slot = i % STAGES
-        phase = (i // STAGES) & 1
         nxt = i + 1
-        # QK^T of the next block, in flight during this block's softmax
-        has_next = nxt < n_blocks
-        mbarrier.wait(k_bar.index(nxt % STAGES), (nxt // STAGES) & 1, pred=has_next)
+        # QK^T of the next block (a dummy on a consumed slot after the last), in flight
+        # during this block's softmax
+        mbarrier.wait(k_bar.index(nxt % STAGES), (nxt // STAGES) & 1, pred=nxt < n_blocks)
         s_next = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero,
                                use_acc=False, is_async=True)  # fmt: skip
-        # online softmax of block i (log2 domain); the split's last block may be partial
-        start = lo + i * BLOCK_N
-        if start + BLOCK_N > hi:
-            s = gl.where((start + offs_n < hi)[None, :], s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        p_op = gl.convert_layout(p.to(q_ptr.dtype.element_ty), p_layout)
-        mbarrier.wait(v_bar.index(slot), phase)
+        p, alpha, m_i, l_i = _softmax(
+            s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale, BLOCK_N, s_layout
+        )
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        p_op = gl.convert_layout(p.to(dt), p_layout)
+        mbarrier.wait(v_bar.index(slot), (i // STAGES) & 1)
         acc_tok = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
         acc, s = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, s_next))
-        # slot of block i is free: refill it with block i + STAGES
+        # block i's slot is free: refill it with block i + STAGES
         _issue_kv(
             k_desc,
             v_desc,
@@ -170,23 +201,140 @@ def _one_chunk_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bar.index(i))
         mbarrier.invalidate(v_bar.index(i))
+    _epilogue(acc, m_i, l_i, pid_m * BLOCK_M, kv, split, gl.num_programs(1), M, o_ptr, lse_ptr,
+              o_part_ptr, lse_part_ptr, D, BLOCK_M, SPLIT, o_layout)  # fmt: skip
 
-    l_o = gl.convert_layout(l_i, row_o)
-    out = acc / gl.maximum(l_o, 1e-30)[:, None]
-    lse = (m_i + gl.log2(l_i)) * _LN2  # -inf for an empty split
-    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    flat = (kv * M + rows).to(gl.int64)
-    row_ok = rows < M
-    lse = gl.convert_layout(lse, row_o)
-    if SPLIT:
-        part = split.to(gl.int64) * hkv * M + flat
-        gl.store(o_part_ptr + part[:, None] * D + cols[None, :], out, mask=row_ok[:, None])
-        gl.store(lse_part_ptr + part, lse, mask=row_ok)
-    else:
-        gl.store(o_ptr + flat[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])  # fmt: skip
-        gl.store(lse_ptr + flat, lse, mask=row_ok)
+
+@gluon.jit
+def _ws_loader(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, col, n_blocks,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    # one warp: TMA of every key block into the ring, once both consumers freed its slot
+    for i in range(n_blocks):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes
+        row = lo + i * BLOCK_N
+        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, col], k_bar.index(slot), k_smem.index(slot))
+        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, col], v_bar.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _ws_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, o_ptr, lse_ptr,
+                 o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo, hi, n_blocks, kv, split,
+                 hkv, row0, qk_scale, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
+                 WG: gl.constexpr):  # fmt: skip
+    # one warpgroup, BLOCK_M (64) rows. Ping-pong: the two consumers take turns to issue
+    # their products (mbarriers `turn`), so one's softmax runs beside the other's GEMMs
+    s_layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, 4)
+    o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    dt: gl.constexpr = q_ptr.dtype.element_ty
+    _load_q(q_ptr, q_smem, row0, kv, M, stride_qb, stride_qh, G, D, BLOCK_M, 4)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    # block 0: QK^T, softmax
+    mbarrier.wait(turn.index(WG), WG ^ 1)
+    mbarrier.wait(k_bar.index(0), 0)
+    s_tok = warpgroup_mma(
+        q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True
+    )
+    mbarrier.arrive(turn.index(1 - WG), count=1)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo, hi, qk_scale, BLOCK_N, s_layout)
+    for i in range(1, n_blocks):
+        # issue QK^T(i) and P V(i - 1) in our turn, then softmax(i) while the other
+        # consumer's products run
+        prev = (i - 1) % STAGES
+        mbarrier.wait(turn.index(WG), (i & 1) ^ WG ^ 1)
+        mbarrier.wait(k_bar.index(i % STAGES), (i // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(i % STAGES).permute((1, 0)), s_zero,
+                              use_acc=False, is_async=True)  # fmt: skip
+        mbarrier.wait(v_bar.index(prev), ((i - 1) // STAGES) & 1)
+        acc_tok = warpgroup_mma(
+            gl.convert_layout(p.to(dt), p_layout), v_smem.index(prev), acc, is_async=True
+        )
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+        s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, acc_tok))
+        mbarrier.arrive(empty.index(prev), count=1)  # block i - 1 is read
+        p, alpha, m_i, l_i = _softmax(
+            s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale, BLOCK_N, s_layout
+        )
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    last = (n_blocks - 1) % STAGES
+    mbarrier.wait(turn.index(WG), (n_blocks & 1) ^ WG ^ 1)
+    mbarrier.wait(v_bar.index(last), ((n_blocks - 1) // STAGES) & 1)
+    acc_tok = warpgroup_mma(
+        gl.convert_layout(p.to(dt), p_layout), v_smem.index(last), acc, is_async=True
+    )
+    mbarrier.arrive(turn.index(1 - WG), count=1)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
+    mbarrier.arrive(empty.index(last), count=1)
+    _epilogue(acc, m_i, l_i, row0, kv, split, hkv, M, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+              D, BLOCK_M, SPLIT, o_layout)  # fmt: skip
+
+
+@gluon.jit
+def _ws_consumer1(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, o_ptr, lse_ptr,
+                  o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo, hi, n_blocks, kv, split,
+                  hkv, row0, qk_scale, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr):  # fmt: skip
+    _ws_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, o_ptr, lse_ptr,
+                 o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo, hi, n_blocks, kv, split,
+                 hkv, row0 + BLOCK_M, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES, SPLIT, 1)  # fmt: skip
+
+
+@gluon.jit
+def _one_chunk_ws_kernel(
+    q_ptr, k_desc, v_desc, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+    stride_qb, stride_qh, M, S, split_len, qk_scale,
+    G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
+    # schedule "ws": FA3's ping-pong. Two consumer warpgroups of BLOCK_M rows each (the
+    # default partition and a worker) share every K/V block one loader warp brings in.
+    pid_m = gl.program_id(0)
+    kv = gl.program_id(1)
+    split = gl.program_id(2)
+    dt: gl.constexpr = q_ptr.dtype.element_ty
+    q_lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dt)
+    q_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, D], q_lay)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    fence_async_shared()
+    lo = gl.minimum(split * split_len, S)
+    hi = gl.minimum(lo + split_len, S)
+    n_blocks = gl.cdiv(hi - lo, BLOCK_N)
+    row0 = pid_m * 2 * BLOCK_M
+    hkv = gl.num_programs(1)
+    # fmt: off
+    gl.warp_specialize([
+        (_ws_consumer, (q_ptr, q_smem.index(0), k_smem, v_smem, k_bar, v_bar, empty, turn, o_ptr,
+                        lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo, hi,
+                        n_blocks, kv, split, hkv, row0, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES,
+                        SPLIT, 0)),
+        (_ws_consumer1, (q_ptr, q_smem.index(1), k_smem, v_smem, k_bar, v_bar, empty, turn,
+                         o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo,
+                         hi, n_blocks, kv, split, hkv, row0, qk_scale, G, D, BLOCK_M, BLOCK_N,
+                         STAGES, SPLIT)),
+        (_ws_loader, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, kv * D, n_blocks,
+                      BLOCK_N, STAGES)),
+    ], [4, 1], [240, 24])
+    # fmt: on
 
 
 def gluon_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -227,6 +375,7 @@ def gluon_one_chunk(
     v: torch.Tensor,
     sm_scale: float,
     *,
+    schedule: str = "pipe",
     block_m: int = 128,
     block_n: int = 128,
     num_warps: int = 8,
@@ -235,15 +384,21 @@ def gluon_one_chunk(
     min_split: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [Hkv * B, G, D] q.dtype, lse [Hkv * B, G] fp32): attention of every query head of
-    B requests over the chunk k / v, laid out as `one_chunk_attention`'s."""
+    B requests over the chunk k / v, laid out as `one_chunk_attention`'s. `schedule`:
+    "pipe" (one partition of `num_warps` warps, block_m rows a program) or "ws" (FA3's
+    ping-pong: two consumer warpgroups of block_m rows each and a loader warp; num_warps
+    is then 4)."""
     if not gluon_ok(q, k, v):
         raise ValueError("gluon_one_chunk needs Hopper, fp16/bf16, D 64/128 and TMA-aligned K/V")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
     b, hq, d = q.shape
     s, hkv, _ = k.shape
     g = hq // hkv
     m = b * g
+    rows = block_m * (2 if schedule == "ws" else 1)  # rows of one program
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    n_split, split_len = split_plan(m, hkv, s, block_m, block_n, programs_per_sm * sms, min_split)
+    n_split, split_len = split_plan(m, hkv, s, rows, block_n, programs_per_sm * sms, min_split)
     o = torch.empty(hkv * b, g, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(hkv * b, g, device=q.device, dtype=torch.float32)
     if n_split > 1:
@@ -251,12 +406,14 @@ def gluon_one_chunk(
         lse_part = torch.empty(n_split, hkv * m, device=q.device, dtype=torch.float32)
     else:
         o_part, lse_part = o, lse
-    grid = (triton.cdiv(m, block_m), hkv, n_split)
-    _one_chunk_kernel[grid](
+    grid = (triton.cdiv(m, rows), hkv, n_split)
+    kernel, extra = _one_chunk_kernel, {"num_warps": num_warps}
+    if schedule == "ws":  # 12 warps (9 used) in 64K registers: 240 / 240 / 24 a thread
+        kernel, extra = _one_chunk_ws_kernel, {"num_warps": 4, "maxnreg": WS_MAXNREG}
+    kernel[grid](
         q, _descriptor(k, block_n), _descriptor(v, block_n), o, lse, o_part, lse_part,
         q.stride(0), q.stride(1), m, s, split_len, sm_scale * LOG2E,
-        G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT=n_split > 1,
-        num_warps=num_warps,
+        G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, SPLIT=n_split > 1, **extra,
     )  # fmt: skip
     if n_split > 1:  # exact LSE merge of the splits' partial states
         mx = lse_part.max(0).values

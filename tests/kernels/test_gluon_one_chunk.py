@@ -1,0 +1,36 @@
+"""CPU checks of the Gluon one-chunk kernel's host side (the kernel itself runs on Hopper
+only: `python -m moska.bench.kernels_gluon` checks it there against the fp32 reference)."""
+
+import pytest
+import torch
+
+from moska.kernels.gluon_one_chunk import gluon_ok, gluon_one_chunk, split_plan
+
+
+@pytest.mark.parametrize(
+    ("m", "s", "bm", "bn", "target", "min_split"),
+    [(64, 131072, 64, 64, 264, 1024), (8192, 131072, 128, 128, 132, 1024),
+     (20, 4136, 64, 128, 512, 1024), (16, 100, 64, 128, 264, 1024), (128, 131072, 128, 64, 264, 512)],
+)  # fmt: skip
+def test_split_plan_covers_every_key_once(m, s, bm, bn, target, min_split):
+    n, split_len = split_plan(m, 8, s, bm, bn, target, min_split)
+    assert split_len % bn == 0 and n >= 1
+    starts = [i * split_len for i in range(n)]
+    assert all(st < s for st in starts), "no split may be empty (its program would wait forever)"
+    assert starts[-1] + split_len >= s, "the splits must reach the chunk's end"
+    if n > 1:
+        assert split_len >= min(min_split, s) - bn  # rounded to whole key blocks
+
+
+def test_split_plan_fills_the_gpu_at_few_rows_only():
+    few, _ = split_plan(64, 8, 131072, 64, 64, 264, 1024)
+    many, _ = split_plan(8192, 8, 131072, 128, 128, 132, 1024)
+    assert few * 8 >= 264 and many == 1
+
+
+def test_gluon_refuses_cpu_inputs():
+    q = torch.randn(2, 8, 64)
+    k = v = torch.randn(100, 2, 64)
+    assert not gluon_ok(q, k, v)
+    with pytest.raises(ValueError, match="Hopper"):
+        gluon_one_chunk(q, k, v, 0.125)
