@@ -106,6 +106,7 @@ def run_bursts(
     door_rate: str | None = None,
     promise_learning: bool = False,
     door_open: bool = False,
+    door_anchor: str = "off",
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -142,6 +143,7 @@ def run_bursts(
     admission.door_lag, admission.door_storm = door_lag, door_storm  # A/B of the door's drain
     admission.promises.enabled = promise_learning  # admission_promises (A/B)
     admission.door_open = door_open  # a drain's door wait: until it opens, or empties (A/B)
+    admission.door_anchor = door_anchor  # the step in progress ends with the storm (A/B)
     if engine_share is not None:
         admission.engine_share = engine_share
     report_share = admission.engine_share
@@ -331,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         default="empty",
         help="a drain waits until the door is empty, or lets a retry in (session 17; A/B)",
     )
+    p.add_argument(
+        "--door-anchor",
+        choices=("off", "plain", "all"),
+        default="off",
+        help="a drain's step in progress ends with the door's storm (storm_anchor; A/B)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
@@ -380,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         door_rate=args.door_rate,
         promise_learning=args.promise_learning == "on",
         door_open=args.door_wait == "open",
+        door_anchor=args.door_anchor,
     )
     print(table(report))
     write(report)

@@ -36,6 +36,7 @@ def summarize_dir(folder: Path) -> dict[str, Any]:
         args, report = data["args"], data["report"]
         arm = f"{'lib' if args['library'] != 'none' else 'plain'} learn={args['promise_learning']}"
         arm += f" lag={args['door_lag']} wait={args.get('door_wait', 'empty')}"
+        arm += f" anchor={args.get('door_anchor', 'off')}"
         for b in report["bursts"]:
             own = b["own_retry"]
             arms.setdefault(f"{arm} {b['clients']}", []).append(

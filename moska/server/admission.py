@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from moska.server import retry_drain
+from moska.server import retry_drain, storm_anchor
 from moska.server.admission_decision import Decision, Verdict
 from moska.server.admission_door import DoorDrains
 from moska.server.admission_promises import PromiseScale, group_of
@@ -124,6 +124,9 @@ class AdmissionController(DoorDrains):
         # off by default (session 17's device A/B: 0.43 / 0.39 vs 0.71 / 0.57 within 2x)
         self.door_open = False
         self._open_memo: tuple[float, int, float] | None = None
+        # the step in progress ends with the door's storm (storm_anchor.py), and a door 429
+        # counts down to it: off by default, "plain" or "all" (session 18's device A/B)
+        self.door_anchor = "off"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
 
     @property
@@ -326,7 +329,10 @@ class AdmissionController(DoorDrains):
         # A step in progress past its prediction: admission (which scales by the overrun,
         # `predict`) rejects until it ends, but this replay has it end now (a 429 promising
         # 0 s in session 13's idle_1000 run). What is left of it: as much as it overran.
-        drain += max(0.0, load.busy_s - pred.first_s)
+        left = 0.0
+        if storm_anchor.applies(self.door_anchor, cost.library_attend):
+            left = storm_anchor.storm_left_s(self.door.storm_until)
+        drain += storm_anchor.step_delay_s(pred.first_s, load.busy_s, left)
         return retry_drain.retry_after(drain), drain
 
     def _typical_cost(self) -> RequestCost:
@@ -383,6 +389,8 @@ class AdmissionController(DoorDrains):
                         library_drain_s=learn.promise("library_door", lib, raw, self.clock()),
                         library_drain_of=lambda body_bytes: f * each(body_bytes),
                     )
+        if result is not None and self.door_anchor != "off":  # each 429 counts down
+            result = replace(result, made_at=now)
         with self._lock:
             self._shed_memo = (now, inside, result)
         if result is None:  # the door is open: would the open promises' requests get in

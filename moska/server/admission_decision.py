@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -28,6 +29,9 @@ class Decision:
     # whose body has so many bytes
     library_drain_s: float | None = None
     library_drain_of: Callable[[int], float] | None = None
+    # monotonic time of the drain's prediction when a memoized door rejection counts down
+    # to its moment (`aged`; storm_anchor.py), None: each 429 gets the drain as predicted
+    made_at: float | None = None
 
     @property
     def accepted(self) -> bool:
@@ -49,6 +53,17 @@ class Decision:
             drain = self.library_drain_of(body_bytes)
         if drain is None:
             return self
+        return replace(self, retry_after_s=retry_drain.retry_after(drain), drain_s=drain)
+
+    def aged(self, now: float | None = None) -> Decision:
+        """This rejection as of `now` when it counts down (`made_at` set): a drain predicted
+        earlier ends at the same moment, so it is shorter by the time since (at least 1 ms).
+        Why: the door's decision is memoized for up to `shed_ttl_s` and served to every 429
+        of that window (storm_anchor.py)."""
+        if self.made_at is None or not math.isfinite(self.drain_s):
+            return self
+        now = time.monotonic() if now is None else now
+        drain = max(0.001, self.drain_s - max(0.0, now - self.made_at))
         return replace(self, retry_after_s=retry_drain.retry_after(drain), drain_s=drain)
 
     def later(self, seconds: float) -> Decision:

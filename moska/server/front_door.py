@@ -49,6 +49,7 @@ class FrontDoor:
         # seconds until the event loop has answered the connections waiting (set by the
         # load-shedding middleware, door_backlog.py): no one inside is decided before
         self.storm_s = 0.0
+        self.storm_until = 0.0  # monotonic time at which they will have been (storm_anchor)
         self._tickets: deque[Ticket] = deque()  # in entry order; those left are dropped lazily
         self._lock = threading.Lock()
 

@@ -105,7 +105,7 @@ class LoadSheddingMiddleware:
             state, door = _state(scope), _front_door(scope)
             waiting, storm, lag = self._storm(state)
             if door is not None:  # those inside are decided after the connections ahead
-                door.storm_s = storm
+                door.storm_s, door.storm_until = storm, time.monotonic() + storm
             decision = self.shed()
             if decision is None:
                 ticket = door.enter() if door is not None else None
@@ -121,6 +121,7 @@ class LoadSheddingMiddleware:
                 return
             if decision.library_drain_s is not None and await _names_a_library(receive):
                 decision = decision.for_library(_content_length(scope))
+            decision = decision.aged()  # a memoized one counts down (storm_anchor)
             if getattr(getattr(state, "admission", None), "door_storm", True):
                 decision = decision.later(max(0.0, storm - lag))
             self.backlog.answered()

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# #15.4, session 18: `moska bench load` bursts on the device's idle CPU cores (no GPU:
+# CUDA_VISIBLE_DEVICES= ; the built-in tiny model), scored by each 429's own dry retries at
+# half, once and twice its promise (load_retry; within 2x = refused at half, admitted at
+# twice; docs/admission.md). A/B of session 18's storm anchor (server/storm_anchor.py):
+# during the door's storm the step in progress is predicted to end with the storm (its
+# connections still to answer x the loop's time per answer) plus its work not done, and
+# each 429 counts down to that moment (memoized door rejections too), where the drain
+# before charged "the overrun so far, again", which grows with each 429's time.
+# Arms (`--door-anchor`): off (session 16/17's default predictor), plain (plain drains
+# anchored), all (library drains too), and off again (the run-to-run spread of one arm).
+# 4 servers, each pinned to 4 cores (taskset), bursts of 64, 300, 1,000 clients x3 in one
+# server, half the requests on the `demo` library, `--trace` (gzipped after).
+# Correctness first (~5 s): the anchor's, the promise logic's and the scorings' unit tests.
+# Run: `bash bench/device_lead.sh session18_load`, carry .whl only; it takes all 16 cores.
+# < 150 s in all (session 17's same shape: 132 s cap for the servers).
+# `bash bench/device_session18_load.sh --cpu-dry-run`: small bursts, one arm, one core.
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2
+export TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s)
+if [ "${1:-}" = "--cpu-dry-run" ]; then
+  PY=${PY:-.venv/bin/python}
+  BURSTS=${BURSTS:-16,48}; ARMS=${ARMS:-"plain"}; CORES=1; LIMIT=200; TT=120
+else
+  PY=python3
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site_load .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site_load:$PWD
+  BURSTS=64,300,1000,64,300,1000,64,300,1000; ARMS="off plain all off"; CORES=4
+  LIMIT=132; TT=30
+fi
+timeout $TT $PY -m pytest -q -p no:cacheprovider tests/server/test_storm_anchor.py \
+  tests/server/test_admission_promises.py tests/server/test_load_drain.py \
+  tests/server/test_admission_burst_promises.py > "$OUT/tests.log" 2>&1
+echo "tests rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests.log" | cut -c1-120)"
+# the cores this process may use (a container's may not start at 0), CORES to a server
+read -r -a CPUS <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+NCPU=${#CPUS[@]}; i=0
+for anchor in $ARMS; do
+  first=$(( (i * CORES) % NCPU )); i=$((i + 1))
+  PIN=""
+  if command -v taskset > /dev/null && [ $(( first + CORES )) -le "$NCPU" ]; then
+    PIN="taskset -c $(IFS=,; echo "${CPUS[*]:$first:$CORES}")"
+  fi
+  echo "server door-anchor=$anchor on cores: ${PIN:-any}"
+  name="load_demo_anchor_${anchor}_$i"
+  # shellcheck disable=SC2086
+  timeout $(( LIMIT - ($(date +%s) - T0) )) $PIN $PY -m moska.bench.load --burst "$BURSTS" \
+    --ttft-slo 5 --library demo --library-share 0.5 --trace --door-anchor "$anchor" \
+    --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
+done
+wait
+echo "bursts done ($(( $(date +%s) - T0 )) s)"
+$PY -m moska.bench.load_session17 "$OUT"
+for f in "$OUT"/load_*.log; do
+  grep -q "^OK" "$f" || { echo "== $(basename "$f"): $(grep -i "error\|Traceback\|assert" "$f" | head -2 | cut -c1-200) $(tail -1 "$f" | cut -c1-200)"; }
+done
+gzip -f "$OUT"/load_*.json
+echo "total $(( $(date +%s) - T0 )) s"

@@ -1,0 +1,57 @@
+"""The step in progress while the front door's storm is answered (session 18): when it ends,
+for a 429's drain (`AdmissionController._drain`).
+
+Why: on CPU the event loop answering a burst's connections holds the GIL, and the engine's
+step in progress barely moves until the loop is through. In the 18 bursts of session 17's
+device call 2 (`load_bursts_device_cpu_session17_call2_*`, 4 idle cores a server) the
+burst's first step ended within 0.05 s of the last door 429 in 15 bursts (it ran 0.09-0.83 s
+for 0.01-0.26 s predicted), and admission reopened for plain requests at that step's end
+(the own-body retries bracket the reopening to 2-40 ms there). The drain had charged the
+step's overrun as "as much again as it has overrun so far", which grows with each 429's
+time, where the reopening is one moment: plain door 429s of one 1,000-client burst were
+promised 0.09 s at 0.56 s and 0.53 s at 1.02 s for a reopening at 1.12-1.16 s.
+
+With the storm's end known (`FrontDoor.storm_until`: the door backlog's connections still
+to answer x the loop's time per answer, `door_backlog.DoorBacklog`), the step ends at the
+storm's end plus its predicted work not yet done, and each 429's promise counts down to
+that moment (`step_delay_s`): a 429 later in the storm gets a shorter promise. Off by
+default: `AdmissionController.door_anchor` ("plain": plain requests' drains only, "all").
+"""
+
+from __future__ import annotations
+
+import time
+
+MODES = ("off", "plain", "all")
+
+
+def storm_left_s(storm_until: float, now: float | None = None) -> float:
+    """Seconds until the door's storm is answered (0 when none is under way)."""
+    now = time.monotonic() if now is None else now
+    return max(0.0, storm_until - now)
+
+
+def charged_s(first_s: float, busy_s: float) -> float:
+    """What the queue replay charges for its first step (`queue_replay.replay`'s `left`): the
+    whole step between steps, else what is left of it, at least a quarter."""
+    if busy_s <= 0:
+        return first_s
+    return max(first_s - busy_s, 0.25 * first_s)
+
+
+def step_delay_s(first_s: float, busy_s: float, storm_left: float) -> float:
+    """How much later than the replay says the replay's first step ends (`first_s` its
+    predicted seconds, `busy_s` how long it has run, 0: not started). Without a storm
+    (`storm_left` 0) the overrun so far again (the drain before session 18); during one, the
+    storm's end plus the step's work not done, less what the replay charged."""
+    if storm_left <= 0:
+        return max(0.0, busy_s - first_s)
+    end = storm_left + max(0.0, first_s - max(0.0, busy_s))
+    return max(0.0, end - charged_s(first_s, busy_s))
+
+
+def applies(mode: str, library_attend: int) -> bool:
+    """Whether `mode` anchors the drain of a request with that library attention."""
+    if mode not in MODES:
+        raise ValueError(f"door_anchor must be one of {MODES}, got {mode!r}")
+    return mode == "all" or (mode == "plain" and not library_attend)

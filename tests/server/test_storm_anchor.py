@@ -1,0 +1,93 @@
+"""A 429's drain when the step in progress is starved by the door's storm (storm_anchor):
+the step ends with the storm, each 429 counts down to that moment by its place in the
+storm, and a memoized door rejection counts down too; off, the drain is as before."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from moska.server import storm_anchor
+from moska.server.admission import AdmissionController, Decision, Load, RequestCost, Verdict
+from moska.server.storm_anchor import charged_s, step_delay_s, storm_left_s
+
+PLAIN, LIBRARY = RequestCost(64, 16), RequestCost(64, 16, 2048)
+LOAD = Load((RequestCost(200, 16),) * 4, ((12, 0),) * 8, 0, 0.05)
+
+
+def test_without_a_storm_the_delay_is_the_overrun_so_far():
+    assert step_delay_s(0.02, 0.30, 0.0) == pytest.approx(0.28)
+    assert step_delay_s(0.50, 0.10, 0.0) == 0.0  # not past its prediction: none
+
+
+def test_during_a_storm_the_step_ends_with_it():
+    first, busy, left = 0.05, 0.30, 0.40  # starved: it has overrun 6x
+    # ends `left` from now plus its work not done (none: it has run past its prediction)
+    assert step_delay_s(first, busy, left) + charged_s(first, busy) == pytest.approx(left)
+    # a step not yet started (busy 0) also waits for the storm, then runs its work
+    assert step_delay_s(first, 0.0, left) + charged_s(first, 0.0) == pytest.approx(left + first)
+
+
+def test_a_later_429_in_the_storm_is_promised_less_by_its_place():
+    """Two 429s of the same burst, 0.3 s apart in the storm: the same step end, so promises
+    0.3 s apart. The old term grew with time instead (the overrun so far), and a promise
+    that ignores the 429's place in the storm fails here."""
+    first, start, storm_end = 0.05, 0.0, 1.1
+    early = step_delay_s(first, 0.5 - start, storm_end - 0.5) + charged_s(first, 0.5)
+    late = step_delay_s(first, 0.8 - start, storm_end - 0.8) + charged_s(first, 0.8)
+    assert early - late == pytest.approx(0.3)
+    assert step_delay_s(first, 0.8, 0.0) > step_delay_s(first, 0.5, 0.0)  # the old term
+
+
+def test_storm_left_and_modes():
+    assert storm_left_s(10.0, now=9.5) == pytest.approx(0.5)
+    assert storm_left_s(10.0, now=11.0) == 0.0
+    assert storm_anchor.applies("all", 2048) and storm_anchor.applies("plain", 0)
+    assert not storm_anchor.applies("plain", 2048) and not storm_anchor.applies("off", 0)
+    with pytest.raises(ValueError):
+        storm_anchor.applies("sometimes", 0)
+
+
+def drains(mode: str, cost: RequestCost, lefts: tuple[float, ...]) -> list[float]:
+    adm = AdmissionController(5.0, None)
+    adm.door_anchor = mode
+    out = []
+    for left in lefts:
+        adm.door.storm_until = time.monotonic() + left
+        out.append(adm._drain(cost, LOAD)[1])
+    return out
+
+
+def test_the_controller_counts_down_to_the_storm_end_when_anchored():
+    early, late = drains("plain", PLAIN, (0.9, 0.4))
+    assert early - late == pytest.approx(0.5, abs=0.02)  # the 0.5 s between their places
+    off = drains("off", PLAIN, (0.9, 0.4))
+    assert off[0] == pytest.approx(off[1], abs=1e-9)  # off: the storm is not seen
+    assert late > off[1]  # the step cannot end before the storm does
+    lib = drains("plain", LIBRARY, (0.9, 0.4))  # "plain" leaves library drains alone
+    assert lib[0] == pytest.approx(lib[1], abs=1e-9)
+    lib_all = drains("all", LIBRARY, (0.9, 0.4))
+    assert lib_all[0] - lib_all[1] == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_memoized_door_rejection_counts_down():
+    d = Decision(Verdict.SLO, 6.0, 1, drain_s=0.5, made_at=100.0)
+    assert d.aged(now=100.2).drain_s == pytest.approx(0.3)
+    assert d.aged(now=100.2).retry_after_ms == 300
+    assert d.aged(now=101.0).drain_s == pytest.approx(0.001)  # never 0: "no hint"
+    plain = Decision(Verdict.SLO, 6.0, 1, drain_s=0.5)
+    assert plain.aged(now=200.0) is plain  # not made to count down: as predicted
+    endless = Decision(Verdict.SLO, 6.0, 3600, drain_s=math.inf, made_at=100.0)
+    assert endless.aged(now=100.2) is endless
+
+
+def test_the_door_stamps_its_rejection_only_when_anchored():
+    for mode, stamped in (("off", False), ("plain", True)):
+        adm = AdmissionController(5.0, None)
+        adm.door_anchor = mode
+        adm.door.inside = 400  # a burst inside: even one token misses the SLO
+        d = adm.shed(Load((RequestCost(2000, 16),) * 40, ((12, 0),) * 8, 0, 0.05))
+        assert d is not None and not d.accepted
+        assert (d.made_at is not None) is stamped
