@@ -6,7 +6,7 @@
 # x G 1/2/4/8, bf16: `python3 -m moska.bench.kernels_gluon`. Every call checked against an
 # fp32 reference (bf16 rel err < 1e-2) before it is timed, plus a split/partial-block check
 # per head dim; times graph-replayed in 2 rotated rounds; floors from the read stream and
-# matmul measured in the run. 8 processes compile (warm the Triton cache) first.
+# matmul measured in the run. 10 processes compile (warm the Triton cache) first.
 # Two schedules: "pipe" (one partition) and "ws" (FA3 ping-pong: two consumer warpgroups
 # taking turns to issue their wgmmas, a loader warp; gl.warp_specialize).
 # `bash bench/device_session18_gluon.sh --cpu-dry-run`: the reference + Triton path in the
@@ -30,7 +30,7 @@ else
   export PYTHONPATH=$PWD
 fi
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
-NW=8
+NW=10
 for i in $(seq 0 $((NW - 1))); do
   timeout 75 $PY -m moska.bench.kernels_gluon --warm "$i/$NW" $ARGS > "$OUT/warm_$i.log" 2>&1 &
 done

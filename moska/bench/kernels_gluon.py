@@ -247,6 +247,8 @@ def main(argv=None) -> None:
 
     if args.warm:  # compile the Gluon / Triton calls of every i-th point (N processes)
         i, n = (int(x) for x in args.warm.split("/"))
+        if not dry and i < len(cfg["dims"]):  # the split check's specializations too
+            split_check(cfg["dims"][i], dtype, tol)
         for d, g, b in jobs(cfg)[i::n]:
             p = problem(cfg, pool(d), d, g, b, dev, dtype)
             for name, fn in calls(p, d, g, b, dev, sms).items():
