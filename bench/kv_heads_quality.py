@@ -15,6 +15,14 @@ loss, transformers' logits against moska's. GPU (bench/device_session17_kv_heads
     python3 bench/kv_heads_quality.py --retrieval-model DIR --device cuda --questions 128 \
         --out OUT.json
 CPU check: ... --retrieval-model DIR --cpu-dry-run --out /tmp/kvh.json
+
+With ``--mha-code-model DIR`` (bench/kv_heads_code.py): an MHA code model trained for it
+(moska.bench.train_code_lm), converted to 50 % and 75 % fewer KV heads, fitted and
+mean-pooled: held-out networkx/sympy token loss at the model's training length, transformers'
+logits against moska's. GPU (bench/device_session18_mha_code.sh):
+    python3 bench/kv_heads_quality.py --mha-code-model DIR --device cuda --windows 8 \
+        --out OUT.json
+CPU check: ... --mha-code-model DIR --cpu-dry-run --out /tmp/kvh-code.json
 """
 
 from __future__ import annotations
@@ -44,12 +52,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT.parent / "shared/models/moska-code-20m"))
     ap.add_argument("--windows", type=int, default=2, help="windows per held-out package")
-    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--length", type=int, default=None,
+                    help="window tokens (default 2,048; MHA code model: its training context)")  # fmt: skip
     ap.add_argument("--kv-heads", type=int, nargs="+", default=None,
                     help="KV heads to keep (code model: 1; retrieval: half and a quarter)")  # fmt: skip
     ap.add_argument("--calibration-tokens", type=int, default=16384)
     ap.add_argument("--out", default=str(ROOT / "bench/results/kv_heads_quality.json"))
     ap.add_argument("--retrieval-model", default=None, help="an MHA train_retrieval model")
+    ap.add_argument("--mha-code-model", default=None, help="an MHA train_code_lm model")
     ap.add_argument("--questions", type=int, default=128, help="retrieval: held-out questions")
     ap.add_argument("--context-tokens", type=int, default=None, help="retrieval: context")
     ap.add_argument("--calibration-sequences", type=int, default=16,
@@ -60,6 +70,24 @@ def main() -> None:
                     help="retrieval: compare transformers' logits with moska's")  # fmt: skip
     ap.add_argument("--cpu-dry-run", action="store_true", help="retrieval: toy sizes on CPU")
     args = ap.parse_args()
+    if args.mha_code_model:
+        import kv_heads_code
+
+        if args.cpu_dry_run:
+            args.device, args.windows, args.calibration_tokens = "cpu", 1, 512
+        if args.length is None:
+            train_log = Path(args.mha_code_model) / "train_log.json"
+            ctx = json.loads(train_log.read_text())["args"]["context"] if train_log.is_file() else 0
+            args.length = ctx or 1024
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+        def write_code(result: dict) -> None:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+        kv_heads_code.print_table(kv_heads_code.run(args, write_code, STDLIB_FILES))
+        print(f"wrote {args.out}")
+        return
+    args.length = args.length or 2048
     if args.retrieval_model:
         from kv_heads_retrieval import print_table, run
 
