@@ -31,6 +31,26 @@ def make_engine(first=None, **overrides):
     return engine
 
 
+def transport_pair(timeout_s: float, transport: str = "auto") -> list:
+    """Two KVTransport ranks of one transfer group on this host, connected (each connect
+    waits for the other, so they join in threads), rank 1 receiving from rank 0."""
+    import threading
+
+    from moska.pd.endpoint import TransferEndpoint
+    from moska.pd.transport import KVTransport
+
+    port = free_port()
+    eps = [TransferEndpoint("127.0.0.1", port, r, 2, timeout_s, transport) for r in (0, 1)]
+    ranks = [KVTransport(ep) for ep in eps]
+    joins = [threading.Thread(target=r.connect) for r in ranks]
+    for t in joins:
+        t.start()
+    for t in joins:
+        t.join(60)
+    ranks[1].start_receiving([0])
+    return ranks
+
+
 @contextlib.contextmanager
 def pd_instances(engines_roles, timeout_s: float = 30.0, master_port=None, world=None):
     """Serve each (engine, role) as an instance, ranks in order (`world`: more ranks join

@@ -11,9 +11,8 @@ import time
 
 import pytest
 import torch
+from conftest import transport_pair
 
-from moska.pd.cluster import free_port
-from moska.pd.endpoint import TransferEndpoint
 from moska.pd.errors import TransferFailedError
 from moska.pd.ring import ChannelError, Ring, RingSpec
 from moska.pd.stream import LayerStream
@@ -25,17 +24,7 @@ NEVER_S = 0.3  # the timeout of a read whose data never comes: all of it is wait
 
 
 def _pair(transport: str = "auto") -> list[KVTransport]:
-    port = free_port()
-    ranks = [
-        KVTransport(TransferEndpoint("127.0.0.1", port, r, 2, TIMEOUT_S, transport)) for r in (0, 1)
-    ]
-    joins = [threading.Thread(target=r.connect) for r in ranks]
-    for t in joins:
-        t.start()
-    for t in joins:
-        t.join(60)
-    ranks[1].start_receiving([0])
-    return ranks
+    return transport_pair(TIMEOUT_S, transport)
 
 
 class _Done:

@@ -122,20 +122,12 @@ def test_a_failed_stream_aborts_its_transfer_and_the_pair_stays_in_step():
     """A prefill step that fails after its header went out: the decode side ends the
     transfer as aborted (never a data timeout, never its zeros), and the next transfer of
     the pair arrives intact."""
-    from moska.pd.cluster import free_port
-    from moska.pd.endpoint import TransferEndpoint
+    from conftest import transport_pair
+
     from moska.pd.errors import TransferFailedError
     from moska.pd.stream import LayerStream
-    from moska.pd.transport import KVTransport
 
-    port = free_port()
-    ranks = [KVTransport(TransferEndpoint("127.0.0.1", port, r, 2, timeout_s=5.0)) for r in (0, 1)]
-    joins = [threading.Thread(target=r.connect) for r in ranks]
-    for t in joins:
-        t.start()
-    for t in joins:
-        t.join(60)
-    ranks[1].start_receiving([0])
+    ranks = transport_pair(5.0)
     try:
         shape = (2, 3, 16, 2, 8)
         stream = LayerStream(4, shape, torch.float32)
