@@ -67,8 +67,9 @@ class EngineConfig:
         `semantic_store_mb` the reference store's bound (its KV is blocks of the paged
         cache, shared with the requests that reuse them unchanged: `semshare/sharing.py`).
     flexicache: FlexiCache (`moska/flexicache/`): per KV head, stable heads read only their
-        top-K pages plus the recent ones at decode steps, unstable heads every page; "on" or
-        "k=32,recent=2,threshold=0.75,r=16,rerank=deferred,hold=on" (or a FlexiCacheConfig).
+        top-K pages plus the recent ones at decode steps, unstable heads every page; "on"
+        (= "k=32,recent=2,threshold=0.6,r=16,rerank=deferred,hold=on,slots=shared") or such
+        items (or a FlexiCacheConfig).
         Approximate: off (None) by default; classified requests' older pages go to host
         memory (see README).
 

@@ -12,9 +12,10 @@ class ChurnScores:
     drawn at random at each re-ranking, so a stable head replaces about churn * K pages per
     re-ranking (0.375: the rate of moska-code-20m at K = 32, threshold 0.75) instead of
     nearly all of them (random keys' rankings). Hot pages lie in the first `pages`; scores
-    of up to `cap` pages are taken."""
+    of up to `cap` pages are taken. `only` [L, Hkv] bool: the heads that get the bonus (the
+    forced-stable ones; the others rank at random, as the model's own scores plus noise)."""
 
-    def __init__(self, flexi, pages: int, cap: int, churn: float, seed: int) -> None:
+    def __init__(self, flexi, pages: int, cap: int, churn: float, seed: int, only=None) -> None:
         cfg = flexi.cfg
         gen = torch.Generator().manual_seed(seed + 1)
         n_hot = round((1 - churn) * cfg.top_k_pages)
@@ -23,6 +24,8 @@ class ChurnScores:
         hot = torch.rand(*shape, span, generator=gen).argsort(-1)[..., :n_hot] + cfg.sink_pages
         self.bonus = torch.zeros(*shape, max(cap, pages) + 64)
         self.bonus.scatter_(-1, hot, 1e3)
+        if only is not None:  # [L, Hkv] bool: the other heads keep the model's own ranking
+            self.bonus *= only[..., None].to(self.bonus.dtype)
         self.bonus = self.bonus.to(flexi.device)
 
     def __call__(self, layer: int, scores: torch.Tensor) -> torch.Tensor:

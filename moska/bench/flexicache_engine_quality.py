@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
+    if a.out:  # before the --also settings: a timeout keeps the default's figures
+        write_json(a.out, result)
     for extra in a.also:
         got = engine_loss(a.model, wins, a.prompt, extra, a.block_size, device)
         rel_x = (got["loss"] - full["loss"]) / full["loss"]

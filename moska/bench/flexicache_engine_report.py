@@ -28,12 +28,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["gpu_kv_saved_equal_batch"] = 1 - same[0]["gpu_kv_blocks_peak"] / max(
             base["gpu_kv_blocks_peak"], 1
         )
-    for name in ("deferred", "shared"):  # FlexiCache's largest batch in full KV's budget
+    for name in ("deferred", "shared", "default"):  # the largest batch in full KV's budget
         fit = [r for r in rows if r["fit"] and r["row"] == name]
         if not fit or fit[0]["budget_blocks"] != base["budget_blocks"]:
             continue
         f = fit[0]
-        out["equal_budget" + ("_shared" if name == "shared" else "")] = {
+        out["equal_budget" + ("" if name == "deferred" else f"_{name}")] = {
             "budget_blocks": base["budget_blocks"], "budget_gib": base["budget_gib"],
             "full_batch": base["batch"], "flexicache_batch": f["batch"],
             "full_tokens_per_s": base["tokens_per_s"], "flexicache_tokens_per_s":
@@ -44,3 +44,22 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             <= base["budget_blocks"], "preemptions": base["preemptions"] + f["preemptions"],
         }  # fmt: skip
     return out
+
+
+def stability(flexi, churn: float) -> dict[str, Any]:
+    """How the row's heads became stable: a random model's rankings churn nearly all of a
+    head's top-K per re-ranking (overlap ~K / pages, far below any threshold), so the bench
+    forces a share of (layer, KV head) pairs stable with churned rankings (`ChurnScores`);
+    the others keep the random model's own rankings and the row's threshold classifies
+    them (threshold 2: never stable)."""
+    forced = flexi.force_stable
+    return {
+        "kv_heads": flexi.num_layers * flexi.num_kv_heads,
+        "forced_stable": int(forced.sum()) if forced is not None else 0,
+        "threshold": flexi.cfg.threshold,
+        "churn_of_forced": churn,
+        "stable_fraction_measured": flexi.stats()["stable_fraction"],
+        "handling": "forced (layer, KV head) pairs stable with the churn hook's rankings; "
+        "the rest ranked by the random model (no churn bonus) and classified by the "
+        "threshold",
+    }

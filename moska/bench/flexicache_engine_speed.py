@@ -9,8 +9,9 @@ sized for its own batch, the session-15 form, where FlexiCache's rows had room f
 batch as full KV). Rows (`--rows`, name:batch): "full" (full KV; decode steps replayed from
 the engine's CUDA graphs), "full-eager", "deferred" (the FlexiCache default: deferred
 re-ranking with held pages), "step" (`rerank=step`), "shared" (deferred, one page-pool
-slot space for all layers: `slots=shared`); "-eager" (e.g. "deferred-eager"): every
-step eager. Batch "fit": the largest batch that fits in the budget, found by the engine
+slot space for all layers: `slots=shared`), "default" (`--flexicache on` exactly, its own
+threshold; only the host pool from `--host-gib`); "-eager" (e.g. "deferred-eager"): every
+step eager; "@kernel" / "@large": A/B variants (`_variant`). Batch "fit": the largest batch that fits in the budget, found by the engine
 itself: requests are added in waves, as many as the free blocks hold at full KV (prompt, one
 decode block, and each running request's growth over the rest of the run), each wave
 prefilled and decoded until its requests have handed their old pages to the host (stable
@@ -22,7 +23,8 @@ timed steps; preemptions are counted (a row with any did not fit).
 
 A random model's rankings churn: as in the speed bench, a `--stable-fraction` of (layer, KV
 head) pairs is forced stable (`FlexiEngine.force_stable`) with threshold 2 (no other head
-stable), and `--churn` (default 0.375, the speed bench's: a stable head replaces that share
+stable; a "default" row keeps its threshold, and the other heads' random rankings overlap
+far below it: each row's `stability` says how many were stable), and `--churn` (default 0.375, the speed bench's: a stable head replaces that share
 of its top-K per re-ranking, `ChurnScores`; -1: the random ranking's own). Loss of the same
 configuration on the quality model: `flexicache_engine_quality.py`.
 
@@ -33,6 +35,7 @@ Usage: python -m moska.bench.flexicache_engine_speed [--rows full:15,deferred:fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -44,7 +47,7 @@ import torch
 
 from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, write_json
 from moska.bench.flexicache_engine_churn import ChurnScores
-from moska.bench.flexicache_engine_report import summarize
+from moska.bench.flexicache_engine_report import stability, summarize
 
 TINY = {**LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}  # fmt: skip
@@ -121,6 +124,11 @@ def _measure(loaded, a, mode, batch, device, dtype, budget) -> dict[str, Any]:
     if base in ("deferred", "step", "shared"):  # shared: one slot space for all layers
         mode_spec = "rerank=deferred,slots=shared" if base == "shared" else f"rerank={base}"
         spec = f"{a.flexicache},threshold=2,{mode_spec},host={a.host_gib}"
+    elif base == "default":  # `--flexicache on` as users get it (its own threshold)
+        spec = f"host={a.host_gib}"  # the CPU form: its page sizes (K, recent, sink, r)
+        spec = f"{a.flexicache},{spec}" if device == "cpu" else spec
+    elif base != "full":
+        raise SystemExit(f"row {mode!r}: use full, deferred, step, shared or default")
     if budget is None:  # the session-15 sizing: room for the batch at full KV (and a pool)
         budget = (batch or a.max_batch) * per_req + 8 + (per_req // 2 if spec else 0)
     config = EngineConfig(
@@ -150,7 +158,9 @@ def _measure(loaded, a, mode, batch, device, dtype, budget) -> dict[str, Any]:
         flexi.force_stable = forced.to(flexi.device)
         if a.churn >= 0:
             cap = -(-(a.context + max_tokens + a.max_batch * 64) // bs)
-            flexi.score_hook = ChurnScores(flexi, -(-a.context // bs), cap, a.churn, a.seed)
+            flexi.score_hook = ChurnScores(
+                flexi, -(-a.context // bs), cap, a.churn, a.seed, only=forced
+            )
     vocab = loaded.config.vocab_size
     gen = torch.Generator().manual_seed(a.seed + (batch or 0))
     # a fit row's first requests decode through every wave: as long as the cache allows
@@ -204,6 +214,8 @@ def _measure(loaded, a, mode, batch, device, dtype, budget) -> dict[str, Any]:
     row["step_ms_each"] = [round(x, 2) for x in each]  # wall per step, no sync between
     if flexi is not None:
         row["flexi_stats"] = flexi.stats()
+        row["flexicache_config"] = dataclasses.asdict(flexi.cfg)
+        row["stability"] = stability(flexi, a.churn)
         row["extensions_timed"] = flexi.extensions - ext0  # later hand-offs in the window
         ranked = [x for x, d in zip(each, due) if d]
         plain = sorted(x for x, d in zip(each, due) if not d)

@@ -3,6 +3,8 @@ the per-head pool in the block cache, and what the scheduler admits with the fre
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,11 +18,15 @@ def llm(flexi_llm):
     return flexi_llm
 
 
-def _engine(llm, spec_threshold: float, attach: bool, min_saving: int = 0) -> FlexiEngine:
-    """A fresh FlexiCache hook on the module's engine (its build dominates the test time)."""
+def _engine(
+    llm, spec_threshold: float, attach: bool, min_saving: int = 0, spec: str = "on"
+) -> FlexiEngine:
+    """A fresh FlexiCache hook on the module's engine (its build dominates the test time):
+    `spec` (default `--flexicache on`: slots=shared, deferred, held pages) scaled down to
+    the tiny model's pages (K = 2, one recent and one sink page, r = 2)."""
     runner = llm.engine.runner
-    cfg = FlexiCacheConfig(top_k_pages=2, recent_pages=1, sink_pages=1, threshold=spec_threshold,
-                           rerank_interval=2)  # fmt: skip
+    cfg = replace(FlexiCacheConfig.parse(spec), top_k_pages=2, recent_pages=1, sink_pages=1,
+                  threshold=spec_threshold, rerank_interval=2)  # fmt: skip
     bm = llm.engine.block_manager
     bm.free_listeners.clear()
     layers, heads = runner.mcfg.num_kv_layers, runner.num_kv_heads
@@ -66,10 +72,15 @@ def _same(a, b):
         assert a[rid][1] == pytest.approx(b[rid][1], abs=1e-5), rid
 
 
-def test_offloaded_all_unstable_equals_full_kv(llm):
+SPECS = ["on", "slots=layer"]  # the default (one slot space for all layers), per-layer pools
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_offloaded_all_unstable_equals_full_kv(llm, spec):
     llm.engine.runner.flexi = None
     full = _run(llm, PROMPTS, LATE)
-    eng = _engine(llm, 2.0, attach=True)  # every head unstable: the pool holds every page
+    eng = _engine(llm, 2.0, attach=True, spec=spec)  # every head unstable: all pages kept
+    assert eng.cfg.shared_slots == (spec == "on")
     got = _run(llm, PROMPTS, LATE)
     _same(full, got)
     assert eng.offloads == 3 and eng.released_blocks >= 2 * 6  # the late one too
@@ -78,13 +89,14 @@ def test_offloaded_all_unstable_equals_full_kv(llm):
     assert not eng.requests and eng.host_bytes() == 0
 
 
-def test_offloaded_stable_heads_equal_the_modeled_page_lists(llm):
+@pytest.mark.parametrize("spec", SPECS)
+def test_offloaded_stable_heads_equal_the_modeled_page_lists(llm, spec):
     """Stable heads read the same pages from the pool (fetched at re-rankings) as from the
     paged cache when nothing is offloaded (decode-only steps: in a mixed step the modeled
     path reads every page)."""
-    _engine(llm, 0.0, attach=False)
+    _engine(llm, 0.0, attach=False, spec=spec)
     modeled = _run(llm, PROMPTS, None)
-    eng = _engine(llm, 0.0, attach=True, min_saving=1)
+    eng = _engine(llm, 0.0, attach=True, min_saving=1, spec=spec)
     got = _run(llm, PROMPTS, None)
     _same(modeled, got)
     assert eng.offloads >= 2 and eng.released_blocks > 0
