@@ -4,10 +4,10 @@
 #    the row top-k vs its reference and torch.topk, the unroll tiles, the cost tests;
 # 2) `moska.bench.router_overlap` at B = 1,024 / 256 / 64 (8B dims, 1M shared tokens in
 #    4,096-token chunks, top-8, 4,096 unique tokens a request, CUDA graphs), routers
-#    default (key-max per KV head), two_stage, default_p2 (key-max grid capped at 2
-#    programs per SM): each part alone (router, shared, unique, merge), the step in 5 stream
-#    schedules (serial = the old; unique/route on a side stream, high priority, split
-#    unique), eager and graph, the floor from a read stream and the bf16 matmul peak measured
+#    default (key-max per KV head) and two_stage: each part alone (router, shared, unique,
+#    merge), the step in 7 stream schedules (serial = the old; unique or route on a side
+#    stream, high priority, unique split in 4 launches, the router on a green context of
+#    32 / 64 SMs with the unique attention on the rest), eager and graph, the floor from a read stream and the bf16 matmul peak measured
 #    in the same run, the critical path router + shared + merge the dependencies force; the
 #    default's scores as torch.matmul + amax vs the fused kernel; every router's chosen
 #    chunks vs the fp32 reference on fresh random inputs (rows clear of fp16 ties).
@@ -38,7 +38,8 @@ grep -E "passed|failed|Error|SKIP" "$OUT/router_tests.log" | tail -6 | cut -c1-3
 TR=$(( LEFT - ($(date +%s) - T0) ))
 # rows are not started past the budget; the JSON and table come after the last row
 # shellcheck disable=SC2086
-timeout $TR $PY -m moska.bench.router_overlap $RARGS --routers default two_stage default_p2 \
+timeout $TR $PY -m moska.bench.router_overlap $RARGS --routers default two_stage \
+  --schedules serial unique_side route_side prio route_side_split4 green32 green64 \
   --budget-s $(( TR - 25 )) --out "$OUT/router_overlap_session18.json" \
   > "$OUT/router_overlap.log" 2>&1
 echo "router overlap rc=$? ($(( $(date +%s) - T0 )) s)"
