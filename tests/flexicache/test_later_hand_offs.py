@@ -15,7 +15,8 @@ from moska.flexicache import FlexiCacheConfig, shared_slots
 from moska.flexicache.engine_hook import FlexiEngine
 from tests.flexicache.test_engine_deferred import CFG, TOKENS, _prompts, _store_reference
 
-SHARED = FlexiCacheConfig(**{**CFG.__dict__, "shared_slots": True})
+SHARED = FlexiCacheConfig(**{**CFG.__dict__, "shared_slots": True})  # the default's slots
+LAYER = FlexiCacheConfig(**{**CFG.__dict__, "shared_slots": False})  # per-layer pools
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def _run(llm, cfg: FlexiCacheConfig, cap: int | None = None):
     return eng, toks, lps, made
 
 
-@pytest.mark.parametrize("cfg", [CFG, SHARED], ids=["layer", "shared"])
+@pytest.mark.parametrize("cfg", [LAYER, SHARED], ids=["layer", "shared"])
 @pytest.mark.parametrize("cap", [None, 1], ids=["cap", "one"])
 def test_later_hand_offs_at_rerankings_equal_the_bench_store(
     flexi_llm, reference, cfg, cap, monkeypatch
@@ -64,6 +65,7 @@ def test_later_hand_offs_at_rerankings_equal_the_bench_store(
     if cap == 1:  # and one request per fetch group of a shared re-ranking
         monkeypatch.setattr(shared_slots, "MAX_ENTRIES", 1)
     eng, toks, lps, made = _run(flexi_llm, cfg, cap)
+    assert (eng.slot_offsets is not None) == cfg.shared_slots
     assert toks == ref_toks
     for a, b in zip(lps, ref_lps):
         assert a == pytest.approx(b, abs=2e-4)
@@ -94,7 +96,7 @@ def test_shared_sync_all_on_cuda_equals_per_layer_pools(monkeypatch):
         None, device="cuda", dtype="float32", num_kv_blocks=64, block_size=4,
         flexicache="k=2,recent=1,sink=1,threshold=2,r=2",
     )  # fmt: skip
-    mixed = FlexiCacheConfig(**{**CFG.__dict__, "threshold": 0.5})
+    mixed = FlexiCacheConfig(**{**LAYER.__dict__, "threshold": 0.5})
     _, toks, lps, _ = _run(llm, mixed)
     monkeypatch.setattr(shared_slots, "MAX_ENTRIES", 1)
     eng, toks2, lps2, made = _run(

@@ -56,9 +56,10 @@ def test_shared_slots_equal_per_layer_pools_with_unstable_heads(flexi_llm):
     saved = runner.flexi_graphs
     if saved is None:
         runner.flexi_graphs = PlainGraphs(runner.model, runner.attention, runner.device, fake=True)
-    mixed = FlexiCacheConfig(**{**CFG.__dict__, "threshold": 0.5})
+    mixed = FlexiCacheConfig(**{**CFG.__dict__, "threshold": 0.5, "shared_slots": False})
     try:
         layer, toks, lps = _engine_run(flexi_llm, mixed, attach=True)
+        assert layer.slot_offsets is None  # per-layer pools (`on` is slots=shared)
         shared, toks2, lps2 = _engine_run(
             flexi_llm, FlexiCacheConfig(**{**mixed.__dict__, "shared_slots": True}), attach=True
         )
