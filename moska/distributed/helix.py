@@ -246,13 +246,7 @@ class HelixBound:
         v: torch.Tensor | None,
     ) -> torch.Tensor:
         p, s = self.p, self.step
-        if k is not None:
-            assert v is not None
-            rows = s.write_rows
-            p.cache.write(
-                layer, k.index_select(0, rows), v.index_select(0, rows), s.write_slots,
-                p.ops.kv_write,
-            )  # fmt: skip
+        s.write_kv(p.cache, layer, k, v, p.ops.kv_write)
         kc, vc = p.cache.k[layer], p.cache.v[layer]
         lay, extra = p.layout, None
         if self.meta.groups:  # this rank's part of the libraries' selections

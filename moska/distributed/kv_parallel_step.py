@@ -52,6 +52,22 @@ class LocalStep(NamedTuple):
     block_tables: torch.Tensor  # [T, L] int32, each query row's request's local blocks
     visible: torch.Tensor  # [T] int32, the local tokens each row sees (0: none)
 
+    def write_kv(
+        self,
+        cache: PagedKVCache,
+        layer: int,
+        k: torch.Tensor | None,  # [T, Hkv(/TPA), D]; None: an MLKV layer reading its source's
+        v: torch.Tensor | None,
+        kv_write: Any,  # the engine's KernelOps.kv_write
+    ) -> None:
+        """Store the step's new K/V rows that this rank holds in its shard of the cache."""
+        if k is None:
+            return
+        assert v is not None
+        rows = self.write_rows
+        cache.write(layer, k.index_select(0, rows), v.index_select(0, rows), self.write_slots,
+                    kv_write)  # fmt: skip
+
 
 def local_step(meta: AttentionMetadata, rank: int, size: int, block_size: int) -> LocalStep:
     """Rank `rank` of `size`'s writes, block tables and visible lengths for `meta`."""
@@ -131,13 +147,7 @@ class KVParallelBound:
         v: torch.Tensor | None,
     ) -> torch.Tensor:  # [T, Hq, D]
         p, s = self.p, self.step
-        if k is not None:
-            assert v is not None
-            rows = s.write_rows
-            p.cache.write(
-                layer, k.index_select(0, rows), v.index_select(0, rows), s.write_slots,
-                p.ops.kv_write,
-            )  # fmt: skip
+        s.write_kv(p.cache, layer, k, v, p.ops.kv_write)
         kc, vc = p.cache.k[layer], p.cache.v[layer]
         o, lse = p.ops.paged_decode(q, kc, vc, s.block_tables, s.visible, p.sm_scale)
         if p.size > 1:
