@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-import moska.library  # noqa: F401 -- first: attention.backend and library import each other
 from moska.attention.backend import PagedAttention
 from moska.attention.kv_cache import PagedKVCache
 from moska.attention.metadata import AttentionMetadata
