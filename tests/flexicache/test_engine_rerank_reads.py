@@ -19,11 +19,13 @@ def _prompts(n: int, length: int) -> list[list[int]]:
     return [[(7 * i + 3 * j) % 200 for j in range(length + 3 * i)] for i in range(n)]
 
 
-def _engine(llm, threshold: float, attach: bool, r: int = 2) -> FlexiEngine:
+def _engine(llm, threshold: float, attach: bool, r: int = 2, shared: bool = True) -> FlexiEngine:
+    """A hook of the default's form (`slots=shared`; `shared=False`: per-layer pools)."""
     runner, bm = llm.engine.runner, llm.engine.block_manager
     cfg = FlexiCacheConfig(
-        top_k_pages=2, recent_pages=1, sink_pages=1, threshold=threshold, rerank_interval=r
-    )
+        top_k_pages=2, recent_pages=1, sink_pages=1, threshold=threshold, rerank_interval=r,
+        shared_slots=shared,
+    )  # fmt: skip
     bm.free_listeners.clear()
     dev = runner.cache.k[0].device
     eng = FlexiEngine(cfg, runner.mcfg.num_kv_layers, runner.num_kv_heads, 4, dev)
@@ -63,8 +65,10 @@ def test_engine_rerank_steps_read_nothing_back_and_equal_the_modeled_lists(flexi
     assert llm.engine.block_manager.allocator.num_used == 0
 
 
-def test_engine_rerank_reads_with_stable_and_unstable_heads(flexi_llm):
-    eng = _engine(flexi_llm, 0.5, attach=True)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "layer"])
+def test_engine_rerank_reads_with_stable_and_unstable_heads(flexi_llm, shared):
+    eng = _engine(flexi_llm, 0.5, attach=True, shared=shared)
+    assert (eng.slot_offsets is not None) == shared
     steps, _ = run(flexi_llm.engine, _prompts(4, 36), 10)
     assert 0 < eng.stats()["stable_fraction"] < 1
     _check_reads(eng, steps)
