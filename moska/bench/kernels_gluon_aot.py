@@ -18,7 +18,9 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from moska.kernels.gluon_one_chunk import WS_MAXNREG, _one_chunk_kernel, _one_chunk_ws_kernel
+from moska.kernels.gluon_grouped import _grouped_ws_kernel
+from moska.kernels.gluon_one_chunk import _one_chunk_kernel, _one_chunk_ws_kernel
+from moska.kernels.gluon_parts import WS_MAXNREG
 
 ARGS = ["q_ptr", "k_desc", "v_desc", "o_ptr", "lse_ptr", "o_part_ptr", "lse_part_ptr"]
 ARGS += ["stride_qb", "stride_qh", "M", "S", "split_len", "qk_scale"]
@@ -46,6 +48,31 @@ def compile_variant(
     out |= {"seconds": round(time.time() - t, 2), "shared": k.metadata.shared}
     out |= _resources(k.asm.get("cubin"))
     return out
+
+
+GROUPED_ARGS = ["q_ptr", "k_desc", "v_desc", "starts_ptr", "ends_ptr", "sel_req_ptr"]
+GROUPED_ARGS += ["sel_kv_ptr", "sel_chunk_ptr", "work_ptr", "meta_ptr", "o_ptr", "lse_ptr"]
+GROUPED_ARGS += ["o_part_ptr", "lse_part_ptr", "stride_qb", "stride_qh", "W", "qk_scale"]
+GROUPED_CONST = ["G", "D", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps"]
+
+
+def compile_grouped(d: int, g: int, bm: int, bn: int, st: int) -> dict:
+    """The grouped ping-pong kernel (gluon_grouped.py) for sm_90."""
+    lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
+    td = f"tensordesc<bf16[{bn}, {d}],{lay!r}>"
+    types = ["*bf16", td, td] + ["*i32"] * 7 + ["*bf16", "*fp32", "*fp32", "*fp32"]
+    types += ["i32", "i32", "i32", "fp32"]
+    sig = dict(zip(GROUPED_ARGS, types, strict=True)) | dict.fromkeys(GROUPED_CONST, "constexpr")
+    vals = dict(zip(GROUPED_CONST, (g, d, bm, bn, st, 4), strict=True))
+    names = list(sig)
+    cx = {(names.index(k),): v for k, v in vals.items()}
+    src = GluonASTSource(_grouped_ws_kernel, sig, constexprs=cx)
+    t = time.time()
+    opts = {"num_warps": 4, "maxnreg": WS_MAXNREG}
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    out = {"D": d, "G": g, "schedule": "grouped_ws", "tile": f"m{bm}n{bn}s{st}", "ok": True}
+    out |= {"seconds": round(time.time() - t, 2), "shared": k.metadata.shared}
+    return out | _resources(k.asm.get("cubin"))
 
 
 def _resources(cubin: bytes | None) -> dict:
@@ -76,6 +103,13 @@ def main() -> None:
                     fails += 1
                     err = {"D": d, "tile": (sched, bm, bn, nw, st), "ok": False}
                     print(json.dumps(err | {"error": repr(e)[:400]}), flush=True)
+    for d in (128, 64):
+        for st in (2, 3):
+            try:
+                print(json.dumps(compile_grouped(d, 4, 64, 128, st)), flush=True)
+            except Exception as e:  # noqa: BLE001
+                fails += 1
+                print(json.dumps({"D": d, "grouped_ws": st, "ok": False, "error": repr(e)[:600]}))
     sys.exit(1 if fails else 0)
 
 

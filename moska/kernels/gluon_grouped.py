@@ -1,0 +1,177 @@
+"""Grouped shared-chunk attention in Gluon for Hopper, FA3's ping-pong schedule (issue 22
+item 3): the work list of `shared_work_list.build_work_list` (items = (group, row tile,
+split) of 2 * BLOCK_M rows), each item run by two consumer warpgroups of BLOCK_M rows
+taking turns on the tensor cores while one loader warp streams the chunk's K/V blocks by
+TMA (`gluon_parts._ws_loop`). A tile of at most BLOCK_M rows runs one warpgroup (the
+other idles), like the Triton kernel's half tails. An experiment beside the Triton kernel,
+not wired in: `python -m moska.bench.kernels_gluon --grouped` checks and times it.
+
+Inputs and outputs as `grouped_shared_attention`'s (q [B, Hq, D]; pools [S_total, Hkv, D];
+a chunk table of starts / ends; Selections sorted by (chunk, kv_head, req); o [N * G, D],
+lse [N * G] fp32); split tiles write (o_part [W_max, 2 * BLOCK_M, D], lse_part) for the
+caller's `merge_tile_splits`. Imports only `gluon_parts` beside it.
+"""
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+
+from .gluon_parts import (
+    _LN2,
+    LOG2E,
+    WS_MAXNREG,
+    _descriptor,
+    _mma_layout,
+    _q_layout,
+    _ws_loader,
+    _ws_loop,
+)
+
+__all__ = ["gluon_grouped_attention"]
+
+
+@gluon.jit
+def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
+                      o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
+                      n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, solo, qk_scale,
+                      G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+    # rows tile_row0 + WG * BLOCK_M .. of the group (selection start + row // G, head row % G)
+    dt: gl.constexpr = q_ptr.dtype.element_ty
+    q_layout: gl.constexpr = _q_layout(D, 4)
+    r0 = tile_row0 + WG * BLOCK_M
+    rows = r0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
+    ok = rows < n_rows
+    req = gl.load(sel_req_ptr + start + rows // G, mask=ok, other=0)
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_layout))
+    q_off = req.to(gl.int64) * stride_qb + (kv * G + rows % G) * stride_qh
+    q = gl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+    acc, m_i, l_i = _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks,
+                             qk_scale, pp, solo, dt, D, BLOCK_M, BLOCK_N, STAGES, WG)  # fmt: skip
+    o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    out = acc / gl.maximum(gl.convert_layout(l_i, row_o), 1e-30)[:, None]
+    lse = gl.convert_layout((m_i + gl.log2(l_i)) * _LN2, row_o)
+    r = r0 + gl.arange(0, BLOCK_M, layout=row_o)
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    if n_split == 1:
+        flat = (start * G + r).to(gl.int64)
+        r_ok = r < n_rows
+        gl.store(o_ptr + flat[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=r_ok[:, None])  # fmt: skip
+        gl.store(lse_ptr + flat, lse, mask=r_ok)
+    else:  # every row of the tile's partial (merge_tile_splits masks the invalid ones)
+        part = w.to(gl.int64) * (2 * BLOCK_M) + (r - tile_row0)
+        gl.store(o_part_ptr + part[:, None] * D + cols[None, :], out)
+        gl.store(lse_part_ptr + part, lse)
+
+
+@gluon.jit
+def _grouped_consumer1(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
+                       o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
+                       n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, solo, qk_scale,
+                       G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    # the second warpgroup: idle (no rows) when the tile has at most BLOCK_M rows
+    if tile_row0 + BLOCK_M < n_rows:
+        _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
+                          o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
+                          n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, solo, qk_scale,
+                          G, D, BLOCK_M, BLOCK_N, STAGES, 1)  # fmt: skip
+
+
+@gluon.jit
+def _grouped_ws_kernel(
+    q_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr, sel_chunk_ptr,
+    work_ptr, meta_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, W,
+    qk_scale, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
+    w = gl.program_id(0)
+    n_items = gl.load(meta_ptr)
+    w_ok = w < n_items
+    wl = gl.where(w_ok, w, 0)  # programs past the last item run an empty key range
+    start = gl.load(work_ptr + wl)
+    n_rows = gl.where(w_ok, gl.load(work_ptr + W + wl) * G, 0)  # past the items: no rows
+    tile_row0 = gl.load(work_ptr + 2 * W + wl) * (2 * BLOCK_M)
+    split = gl.load(work_ptr + 3 * W + wl)
+    n_split = gl.load(work_ptr + 4 * W + wl)
+    chunk = gl.load(sel_chunk_ptr + start)
+    kv = gl.load(sel_kv_ptr + start)
+    c_lo = gl.load(starts_ptr + chunk)
+    c_hi = gl.load(ends_ptr + chunk)
+    split_len = gl.cdiv(gl.cdiv(c_hi - c_lo, n_split), BLOCK_N) * BLOCK_N
+    lo = gl.minimum(c_lo + split * split_len, c_hi)
+    hi = gl.minimum(lo + split_len, c_hi)
+    n_blocks = gl.where(w_ok, gl.cdiv(hi - lo, BLOCK_N), 0)
+    pp = tile_row0 + BLOCK_M < n_rows  # the second warpgroup has rows: ping-pong
+    solo = tile_row0 + BLOCK_M >= n_rows
+
+    dt: gl.constexpr = q_ptr.dtype.element_ty
+    q_lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dt)
+    q_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, D], q_lay)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    fence_async_shared()
+    # fmt: off
+    gl.warp_specialize([
+        (_grouped_consumer, (q_ptr, q_smem.index(0), k_smem, v_smem, k_bar, v_bar, empty, turn,
+                             sel_req_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb,
+                             stride_qh, start, n_rows, tile_row0, lo, hi, n_blocks, kv, w,
+                             n_split, pp, solo, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES, 0)),
+        (_grouped_consumer1, (q_ptr, q_smem.index(1), k_smem, v_smem, k_bar, v_bar, empty, turn,
+                              sel_req_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb,
+                              stride_qh, start, n_rows, tile_row0, lo, hi, n_blocks, kv, w,
+                              n_split, pp, solo, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES)),
+        (_ws_loader, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, kv * D, n_blocks,
+                      BLOCK_N, STAGES)),
+    ], [4, 1], [240, 24])
+    # fmt: on
+
+
+def gluon_grouped_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_pool: torch.Tensor,  # [S_total, Hkv, D]
+    v_pool: torch.Tensor,
+    starts: torch.Tensor,  # [C] int32
+    ends: torch.Tensor,  # [C] int32
+    sel,  # Selections (req, kv_head, chunk [N] int32), sorted by (chunk, kv_head, req)
+    plan: tuple[torch.Tensor, torch.Tensor, int],  # build_work_list(..., block_m=2 * block_m)
+    sm_scale: float,
+    *,
+    block_m: int = 64,
+    block_n: int = 128,
+    stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o [N, G, D], lse [N, G], o_part, lse_part): split tiles' rows are in the parts only;
+    the caller merges them (`merge_tile_splits(work, meta, o_part, lse_part, o, lse, G,
+    2 * block_m, ...)`)."""
+    work, meta, w_max = plan
+    _, hq, d = q.shape
+    hkv = k_pool.shape[1]
+    g = hq // hkv
+    n = sel.req.numel()
+    o = torch.empty(n, g, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(n, g, device=q.device, dtype=torch.float32)
+    o_part = torch.empty(w_max, 2 * block_m, d, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(w_max, 2 * block_m, device=q.device, dtype=torch.float32)
+    _grouped_ws_kernel[(w_max,)](
+        q, _descriptor(k_pool, block_n), _descriptor(v_pool, block_n), starts, ends, sel.req,
+        sel.kv_head, sel.chunk, work, meta, o, lse, o_part, lse_part, q.stride(0), q.stride(1),
+        w_max, sm_scale * LOG2E, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        num_warps=4, maxnreg=WS_MAXNREG,
+    )  # fmt: skip
+    return o, lse, o_part, lse_part

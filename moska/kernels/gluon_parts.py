@@ -1,0 +1,180 @@
+"""Shared Gluon pieces of the Hopper attention kernels (`gluon_one_chunk.py`,
+`gluon_grouped.py`; issue 22): MMA / load layouts, the q tile load, the online softmax step,
+the (o, lse) epilogue, FA3's ping-pong key loop of one consumer warpgroup (`_ws_loop`) and
+its loader warp (`_ws_loader`), and the TMA descriptor of a [S, Hkv, D] pool. Imports nothing
+from moska.
+"""
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+WS_MAXNREG = 168  # 12 warps x 32 threads x 168 <= 64K registers
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_LN2 = gl.constexpr(LN2)
+
+
+@gluon.constexpr_function
+def _mma_layout(block_m, n, num_warps):
+    # the warps tile M (16 rows a warp, a warpgroup = 64 rows); one instruction spans n
+    return gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16]
+    )
+
+
+@gluon.constexpr_function
+def _q_layout(d, num_warps):
+    tpw_d = min(d // 8, 32)
+    return gl.BlockedLayout([1, 8], [32 // tpw_d, tpw_d], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, blk, lo, col, n_blocks,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    # TMA of key block `blk` (absolute rows lo + blk * BLOCK_N) into its ring slot
+    slot = blk % STAGES
+    ok = blk < n_blocks
+    row = lo + blk * BLOCK_N
+    mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(
+        k_desc, [row, col], k_bar.index(slot), k_smem.index(slot), pred=ok
+    )
+    mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(
+        v_desc, [row, col], v_bar.index(slot), v_smem.index(slot), pred=ok
+    )
+
+
+@gluon.jit
+def _load_q(q_ptr, q_smem, row0, kv, M, stride_qb, stride_qh, G: gl.constexpr,
+            D: gl.constexpr, BLOCK_M: gl.constexpr, NW: gl.constexpr):  # fmt: skip
+    # packed rows row0.. of KV head kv -> shared memory (the A operand of QK^T), read in
+    # place from q [B, Hq, D]: row m is request m // G, query head kv * G + m % G
+    q_layout: gl.constexpr = _q_layout(D, NW)
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_layout))
+    q_off = (offs_m // G).to(gl.int64) * stride_qb + (kv * G + offs_m % G) * stride_qh
+    q = gl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=(offs_m < M)[:, None], other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, start, hi, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    # online softmax of one score block (log2 domain); a split's last block may be partial
+    if start + BLOCK_N > hi:
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where((start + offs_n < hi)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, row0, kv, split, hkv, M, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+              D: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT: gl.constexpr,
+              o_layout: gl.constexpr):  # fmt: skip
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_o = gl.convert_layout(l_i, row_o)
+    out = acc / gl.maximum(l_o, 1e-30)[:, None]
+    lse = gl.convert_layout((m_i + gl.log2(l_i)) * _LN2, row_o)  # -inf for an empty split
+    rows = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    flat = (kv * M + rows).to(gl.int64)
+    row_ok = rows < M
+    if SPLIT:
+        part = split.to(gl.int64) * hkv * M + flat
+        gl.store(o_part_ptr + part[:, None] * D + cols[None, :], out, mask=row_ok[:, None])
+        gl.store(lse_part_ptr + part, lse, mask=row_ok)
+    else:
+        gl.store(o_ptr + flat[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])  # fmt: skip
+        gl.store(lse_ptr + flat, lse, mask=row_ok)
+
+
+@gluon.jit
+def _ws_loader(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, col, n_blocks,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    # one warp: TMA of every key block into the ring, once both consumers freed its slot
+    for i in range(n_blocks):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes
+        row = lo + i * BLOCK_N
+        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, col], k_bar.index(slot), k_smem.index(slot))
+        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row, col], v_bar.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks, qk_scale,
+             pp, solo, dt: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+    # One consumer warpgroup's key loop over BLOCK_M (64) rows in q_smem: (acc, m_i, l_i).
+    # Ping-pong (`pp`, both consumers busy): they take turns to issue their products
+    # (mbarriers `turn`), so one's softmax runs beside the other's GEMMs. `solo`: the other
+    # consumer has no rows, and this one frees each slot for both.
+    s_layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, 4)
+    o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    if n_blocks > 0:
+        # block 0: QK^T, softmax
+        mbarrier.wait(turn.index(WG), WG ^ 1, pred=pp)
+        mbarrier.wait(k_bar.index(0), 0)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                              is_async=True)  # fmt: skip
+        mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo, hi, qk_scale, BLOCK_N, s_layout)
+        for i in range(1, n_blocks):
+            # issue QK^T(i) and P V(i - 1) in our turn, then softmax(i) while the other
+            # consumer's products run
+            prev = (i - 1) % STAGES
+            mbarrier.wait(turn.index(WG), (i & 1) ^ WG ^ 1, pred=pp)
+            mbarrier.wait(k_bar.index(i % STAGES), (i // STAGES) & 1)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(i % STAGES).permute((1, 0)), s_zero,
+                                  use_acc=False, is_async=True)  # fmt: skip
+            mbarrier.wait(v_bar.index(prev), ((i - 1) // STAGES) & 1)
+            acc_tok = warpgroup_mma(gl.convert_layout(p.to(dt), p_layout), v_smem.index(prev),
+                                    acc, is_async=True)  # fmt: skip
+            mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
+            s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, acc_tok))
+            mbarrier.arrive(empty.index(prev), count=1)  # block i - 1 is read
+            mbarrier.arrive(empty.index(prev), count=1, pred=solo)
+            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale, BLOCK_N,
+                                          s_layout)  # fmt: skip
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        last = (n_blocks - 1) % STAGES
+        mbarrier.wait(turn.index(WG), (n_blocks & 1) ^ WG ^ 1, pred=pp)
+        mbarrier.wait(v_bar.index(last), ((n_blocks - 1) // STAGES) & 1)
+        acc_tok = warpgroup_mma(gl.convert_layout(p.to(dt), p_layout), v_smem.index(last), acc,
+                                is_async=True)  # fmt: skip
+        mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
+        mbarrier.arrive(empty.index(last), count=1)
+        mbarrier.arrive(empty.index(last), count=1, pred=solo)
+    return acc, m_i, l_i
+
+
+def _descriptor(t: torch.Tensor, block_n: int) -> TensorDescriptor:
+    s, hkv, d = t.shape
+    layout = gl.NVMMASharedLayout.get_default_for(
+        [block_n, d], gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    )
+    return TensorDescriptor(t, [s, hkv * d], [t.stride(0), 1], [block_n, d], layout)
