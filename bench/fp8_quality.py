@@ -59,8 +59,13 @@ class LibraryAttention:
     top-k) plus their own causal KV, in fp32: a dense, obviously correct stand-in for the
     engine's shared + paged attention merged by LSE."""
 
-    def __init__(self, lib_k, lib_v, index, offsets, top_k, sm_scale, q_fp8=False, mma=None):
+    def __init__(
+        self, lib_k, lib_v, index, offsets, top_k, sm_scale, q_fp8=False, mma=None, rot=None
+    ):
         self.lib_k, self.lib_v, self.index = lib_k, lib_v, index  # per layer [S, Hkv, D]
+        # rot [D, D] orthonormal: the library's K is stored rotated (k R), q is rotated
+        # (q R) for the library's logits only: q.k = (q R).(k R), the e4m3 errors spread
+        self.rot = rot
         self.offsets, self.top_k, self.sm_scale = offsets, top_k, sm_scale
         self.q_fp8 = q_fp8  # the kernel's fp8_dot: q cut to e4m3 for the library's logits
         # the kernel's fp8_mma: (per-layer V scales [S, Hkv], q_split: bool or the set of
@@ -86,14 +91,19 @@ class LibraryAttention:
         vv = torch.cat([lv, v.float()]).repeat_interleave(g, dim=1)
         scores = torch.einsum("thd,shd->hts", q.float(), kk) * self.sm_scale  # [Hq, T, S+T]
         s = lk.shape[0]
+        ql = q.float()  # the query as the library's logits see it (rotated with K)
+        if self.rot is not None:
+            ql = ql @ self.rot
+            lib_scores = torch.einsum("thd,shd->hts", ql, kk[:s]) * self.sm_scale
+            scores = torch.cat([lib_scores, scores[:, :, s:]], dim=2)
         if self.q_fp8:  # one scale per query token (the kernel: per tile of rows, coarser)
-            amax = q.float().abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30) / 448.0
-            q8 = (q.float() / amax).to(torch.float8_e4m3fn).float() * amax
+            amax = ql.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-30) / 448.0
+            q8 = (ql / amax).to(torch.float8_e4m3fn).float() * amax
             lib_scores = torch.einsum("thd,shd->hts", q8, kk[:s]) * self.sm_scale
             scores = torch.cat([lib_scores, scores[:, :, s:]], dim=2)
         if self.mma is not None:
             split = self.mma[1] if isinstance(self.mma[1], bool) else layer in self.mma[1]
-            q8, q_s = cut_q(q, split)  # one scale per (token, head), as the kernel
+            q8, q_s = cut_q(ql, split)  # one scale per (token, head), as the kernel
             lib_scores = torch.einsum("thd,shd->hts", q8 * q_s, kk[:s]) * self.sm_scale
             scores = torch.cat([lib_scores, scores[:, :, s:]], dim=2)
         causal = torch.ones(t, t, dtype=torch.bool).tril()
@@ -131,6 +141,18 @@ def mma_attention(scores, vv, s, offsets, vs, block=64):
     num = torch.einsum("hts,shd->thd", torch.cat([pw * w_chunk, w_own], dim=2), vv)
     den = torch.cat([p * w_chunk, w_own], dim=2).sum(-1).T[:, :, None]  # [T, Hq, 1]
     return num / den
+
+
+def hadamard(d: int, seed: int = 0) -> torch.Tensor:
+    """[d, d] orthonormal randomized Hadamard matrix (random signs on the rows of a
+    Sylvester Hadamard matrix / sqrt(d)); d a power of two."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"head dim {d} is not a power of two")
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return signs.float()[:, None] * h / d**0.5
 
 
 @torch.inference_mode()
@@ -176,12 +198,28 @@ def run_window(model, ids, lib_tokens, chunk_size, top_ks, only=None):
     # both: V per block and q split in the second half of the layers only
     mma["fp8/kt_vb+mma_qsplit_second_half"] = (vb, set(range(n // 2, n)))
     runs += [("fp8/kt_vb+mma_qsplit_second_half", "fp8/kt_vb", False)]
+    # session 18: K stored rotated by a randomized Hadamard matrix (q rotated to match: FA3's
+    # incoherent processing), so one-term q might keep top-1 without the q split's second
+    # QK^T product; "rot_<K gran>_<V gran>" (V unrotated), through the one-term program
+    rot = hadamard(k16[0].shape[-1])
+    kr = [k.float() @ rot for k in k16]
+    for kg, vg in (("token", "token"), ("token", "block"), ("block", "block"), ("chunk", "chunk")):
+        name = f"fp8/rot_k{kg}_v{vg}"
+        lk = [dequantize(quantize(k, offsets, kg), offsets) for k in kr]
+        variants[name] = (lk, variants[f"fp8/{vg}"][1])
+        v_sc = vs if vg == "token" else [torch.ones_like(x) for x in vs]  # constant per block
+        mma[f"{name}+mma"] = (v_sc, False)
+        mma[f"{name}+mma_qsplit"] = (v_sc, True)
+        runs += [(f"{name}+mma", name, False), (f"{name}+mma_qsplit", name, False)]
+    rots = {r[0]: rot for r in runs if r[1].startswith("fp8/rot_")}
     if only:  # --variants: these library KV variants (and bf16, the baseline)
         runs = [r for r in runs if r[0] == "bf16" or r[0] in only]
     for top_k in top_ks:
         for name, kv, q_fp8 in runs:
             lk, lv = variants[kv]
-            la = LibraryAttention(lk, lv, index, offsets, top_k, sm_scale, q_fp8, mma.get(name))
+            la = LibraryAttention(
+                lk, lv, index, offsets, top_k, sm_scale, q_fp8, mma.get(name), rots.get(name)
+            )
             hidden = model(x, pos, la)
             out[(top_k, name)] = model.compute_logits(hidden[:-1]).float()  # [T-1, V]
     return out, x[1:]

@@ -132,14 +132,16 @@ def gsa(
     raw_max_token: bool = True,
     scale_sides: int = 3,
     sc_nomask: bool = False,
+    ex2_f16: bool = False,
     **kw,
 ):
     """`grouped_shared_attention` with the FP8 program's RAW_MAX / TOKEN_V2 / QSPLIT_ACC /
-    RAW_MAX_TOKEN / SCALE_SIDES / SC_NOMASK flags set for this call (module flags `fp8_mma_args` reads
-    at launch: compile and graph capture see them)."""
-    names = ("RAW_MAX", "TOKEN_V2", "QSPLIT_ACC", "RAW_MAX_TOKEN", "SCALE_SIDES", "SC_NOMASK")
+    RAW_MAX_TOKEN / SCALE_SIDES / SC_NOMASK / EX2_F16 flags set for this call (module flags
+    `fp8_mma_args` reads at launch: compile and graph capture see them)."""
+    names: tuple[str, ...] = ("RAW_MAX", "TOKEN_V2", "QSPLIT_ACC", "RAW_MAX_TOKEN")
+    names += ("SCALE_SIDES", "SC_NOMASK", "EX2_F16")
     before = [getattr(sa8, n) for n in names]
-    flags = (raw_max, token_v2, qsplit_acc, raw_max_token, scale_sides, sc_nomask)
+    flags = (raw_max, token_v2, qsplit_acc, raw_max_token, scale_sides, sc_nomask, ex2_f16)
     for n, x in zip(names, flags):
         setattr(sa8, n, x)
     try:

@@ -89,3 +89,8 @@ TILES: list[dict[str, Any]] = [
     {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3},
     {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
 ]
+# session 18: the weights' exp2 in f16, two per instruction (EX2_F16, `_pexp2`), on the
+# quality-kept program and on one-term q with V (and K) per block
+for _n in ("fp8_mma_qsplit_vt_vb", "fp8_mma_vt_vb", "fp8_mma_vt_block", "fp8_mma_vt_chunk"):
+    MMA[f"{_n}_ex16"] = {**MMA[_n], "ex2_f16": True}
+    MMA_COST[f"{_n}_ex16"] = MMA_COST[_n]

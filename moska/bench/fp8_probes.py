@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from moska.bench.bandwidth import _best_ms
+from moska.kernels.shared_attention_fp8_inner import _pexp2
 
 
 def fp8_gemm_rate(device: str, m: int = 8192, reps: int = 10) -> dict:
@@ -46,7 +47,9 @@ def fp8_gemm_rate(device: str, m: int = 8192, reps: int = 10) -> dict:
 
 
 @triton.jit
-def _softmax_probe(out_ptr, ITERS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _softmax_probe(
+    out_ptr, ITERS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EX2_F16: tl.constexpr
+):
     pid = tl.program_id(0)
     r = tl.arange(0, BM).to(tl.float32)
     c = tl.arange(0, BN).to(tl.float32)
@@ -56,14 +59,15 @@ def _softmax_probe(out_ptr, ITERS: tl.constexpr, BM: tl.constexpr, BN: tl.conste
     for _ in range(ITERS):
         s = s * 0.9990234375 + 0.25  # a fresh score tile each step (the logit-scale FMA)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        p = _pexp2(s - m_new[:, None], EX2_F16)  # fp32 exp2, or f16 two per instruction
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(p, 1)
         m_i = m_new
     tl.store(out_ptr + pid * BM + tl.arange(0, BM), l_i + m_i)
 
 
-def softmax_rate(device: str, reps: int = 5) -> dict:
-    """{softmax_scores_per_s}: the probe's scores per second over 8 programs per SM."""
+def softmax_rate(device: str, reps: int = 5, ex2_f16: bool = False) -> dict:
+    """{softmax_scores_per_s}: the probe's scores per second over 8 programs per SM
+    (`ex2_f16`: its exp2 in f16, two per instruction, as the FP8 program's EX2_F16)."""
     bm, bn = 64, 128
     if device == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -73,7 +77,8 @@ def softmax_rate(device: str, reps: int = 5) -> dict:
     out = torch.empty(programs * bm, device=device, dtype=torch.float32)
 
     def run() -> torch.Tensor:
-        _softmax_probe[(programs,)](out, ITERS=iters, BM=bm, BN=bn, num_warps=4)
+        mode = (2 if device != "cuda" else 1) if ex2_f16 else 0
+        _softmax_probe[(programs,)](out, ITERS=iters, BM=bm, BN=bn, EX2_F16=mode, num_warps=4)
         return out
 
     ms = _best_ms(run, reps, device)
@@ -93,6 +98,11 @@ def measure_fp8_ceilings(device: str) -> dict:
         out.update(softmax_rate(device))
     except Exception as e:  # noqa: BLE001 - reported in the JSON
         out["softmax_error"] = f"{type(e).__name__}: {e}"[:300]
+    try:  # the same with f16 exp2 (not a floor: what the EX2_F16 program's softmax may reach)
+        f16 = softmax_rate(device, ex2_f16=True)
+        out["softmax_f16_exp2_scores_per_s"] = f16["softmax_scores_per_s"]
+    except Exception as e:  # noqa: BLE001 - reported in the JSON
+        out["softmax_f16_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 

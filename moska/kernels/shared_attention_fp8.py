@@ -22,6 +22,7 @@ FP8 wgmma wants for P.V; with the library's [S_total, Hkv, D] layout the compile
 transpose V's tile in shared memory). Launched by `shared_attention.py` (`fp8_mma=True`).
 """
 
+import os
 from typing import Self
 
 import triton
@@ -61,6 +62,9 @@ SCALE_SIDES = 3
 # loaded unmasked (the last block reloads its own). Measured slower: 1.657 vs 1.546 ms masked
 # (q split, B = 1,024, H200, fp8_attention_h200_session17.json), so off; kept for A/Bs
 SC_NOMASK = False
+# EX2_F16 (session 18): the weights' exp2 in f16, two per `ex2.approx.f16x2` (the score's
+# special-function-unit issue halved; `_pexp2`). Off until measured (fp8_reach A/B)
+EX2_F16 = False
 
 
 def fp8_mma_args(
@@ -125,6 +129,8 @@ def _flags(fp8: dict, scale_block: int) -> dict:
         raise ValueError("K-only or V-only block scales need TOKEN_V2")
     sides = getattr(scale_block, "sides", SCALE_SIDES) if scale_block else 3
     flags.update(QSPLIT_ACC=QSPLIT_ACC, SCALE_SIDES=sides, SC_NOMASK=SC_NOMASK)
+    if EX2_F16:  # the PTX instruction on the GPU, tl.math.exp2 on f16 in the interpreter
+        flags["EX2_F16"] = 2 if os.environ.get("TRITON_INTERPRET") == "1" else 1
     return {**flags, "SCALE_BLOCK": int(scale_block)}  # (a plain int constexpr)
 
 
@@ -149,7 +155,7 @@ def _grouped_fp8_mma_kernel(
     V_T: tl.constexpr = False, Q_SPLIT: tl.constexpr = False, RAW_MAX: tl.constexpr = False,
     TOKEN_V2: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 0,
     QSPLIT_ACC: tl.constexpr = False, SCALE_SIDES: tl.constexpr = 3,
-    SC_NOMASK: tl.constexpr = False,
+    SC_NOMASK: tl.constexpr = False, EX2_F16: tl.constexpr = 0,
 ):
     # fmt: on
     # The arguments of `_grouped_shared_attention_kernel` (PRECISION, KV_FP8, FP8_DOT and
@@ -165,7 +171,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK,
+                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16,
             )
             # fmt: on
     else:
@@ -178,7 +184,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK,
+                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16,
             )
             # fmt: on
 
@@ -194,7 +200,7 @@ def _fp8_item(
     PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
     RAW_MAX: tl.constexpr, WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr,
     SCALE_BLOCK: tl.constexpr, QSPLIT_ACC: tl.constexpr, SCALE_SIDES: tl.constexpr,
-    SC_NOMASK: tl.constexpr,
+    SC_NOMASK: tl.constexpr, EX2_F16: tl.constexpr,
 ):
     # fmt: on
     # work item w: one row tile of one (chunk, KV head) group over one split of the chunk
@@ -256,7 +262,7 @@ def _fp8_item(
         acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv, kv * D, lo, full_hi,
         stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
         BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
-        SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK,
+        SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16,
     )
     if full_hi < hi:
         skip = (full_hi - lo).to(tl.int64)
@@ -265,7 +271,7 @@ def _fp8_item(
             k_desc, v_desc, kv, kv * D, full_hi, hi, stride_kn, stride_vn,
             sc_ptrs + skip * stride_sc, k_scale_ptr, v_scale_ptr, stride_sc,
             BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
-            SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK,
+            SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16,
         )
     # fmt: on
 

@@ -17,7 +17,7 @@ def _fp8_inner(
     PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr, RAW_MAX: tl.constexpr,
     WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     QSPLIT_ACC: tl.constexpr = True, SCALE_SIDES: tl.constexpr = 3,
-    SC_NOMASK: tl.constexpr = False,
+    SC_NOMASK: tl.constexpr = False, EX2_F16: tl.constexpr = 0,
 ):  # fmt: skip
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; q_sc [BLOCK_M]: each row's
     # q scale times the logit scale (log2 domain). Unmasked calls need (hi - lo) % BLOCK_N
@@ -101,7 +101,7 @@ def _fp8_inner(
                 s = tl.where(n_ok[None, :], s, float("-inf"))
             qk = q_sc * ks  # the row's scale times the block's K scale
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk)
-            p = tl.math.exp2(s * qk[:, None] - (m_new - P_LOG2)[:, None])  # P_RANGE up
+            p = _pexp2(s * qk[:, None] - (m_new - P_LOG2)[:, None], EX2_F16)  # P_RANGE up
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(tl.float8e4nv), v, acc * (alpha * (vm / vs))[:, None])
@@ -112,11 +112,11 @@ def _fp8_inner(
             if K_BLK:  # the block's K scale joins the row scale; V's per token below
                 qk = q_sc * ksb
                 m_new = tl.maximum(m_i, tl.max(s, 1) * qk)
-                p = tl.math.exp2(s * qk[:, None] - m_new[:, None])
+                p = _pexp2(s * qk[:, None] - m_new[:, None], EX2_F16)
             else:  # K's per token on the score column; weights P_RANGE up for V's block scale
                 s = s * ks[None, :]
                 m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
-                p = tl.math.exp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None])
+                p = _pexp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None], EX2_F16)
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             if V_BLK:  # acc in units of P_RANGE / the block's V scale (as BLK)
@@ -141,12 +141,12 @@ def _fp8_inner(
             if RAW_MAX:  # q_sc > 0: the row max of s * q_sc is q_sc * (row max of s); one FMA
                 m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
                 if PER_TOKEN:
-                    p = tl.math.exp2(s * q_sc[:, None] - m_new[:, None])
+                    p = _pexp2(s * q_sc[:, None] - m_new[:, None], EX2_F16)
                 else:  # p_RANGE weights straight from exp2: P_RANGE = 2^P_LOG2
-                    p = tl.math.exp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None])
+                    p = _pexp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None], EX2_F16)
             else:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.math.exp2(s - m_new[:, None])
+                p = _pexp2(s - m_new[:, None], EX2_F16)
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             if PER_TOKEN:  # the token's V scale on its weight, before the e4m3 cut
@@ -178,3 +178,27 @@ def _qk(q8, q8lo, kt, Q_SPLIT: tl.constexpr, QSPLIT_ACC: tl.constexpr):
         if Q_SPLIT:
             s = tl.dot(q8lo, kt, s * 16.0) * 0.0625
     return s
+
+
+@triton.jit
+def _pexp2(x, EX2_F16: tl.constexpr):
+    # The weights' exp2. EX2_F16 (session 18): exp2 in f16, two per instruction
+    # (`ex2.approx.f16x2`: half the special-function-unit issues of fp32 `ex2`, the unit
+    # every score passes through; the weights are cut to e4m3 next, 3 mantissa bits, f16
+    # keeps 10). 1: the PTX instruction (GPU), 2: tl.math.exp2 on f16 (the interpreter:
+    # the same rounding of the argument, not the same exp). The row sum of f16 weights
+    # (<= P_RANGE each) is taken in f16 per key block, then added to the fp32 running sum.
+    if EX2_F16 == 1:
+        p = tl.inline_asm_elementwise(
+            "ex2.approx.f16x2 $0, $1;",
+            "=r,r",
+            [x.to(tl.float16)],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=2,
+        )
+    elif EX2_F16 == 2:
+        p = tl.math.exp2(x.to(tl.float16).to(tl.float32)).to(tl.float16)
+    else:
+        p = tl.math.exp2(x)
+    return p

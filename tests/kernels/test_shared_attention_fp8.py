@@ -282,3 +282,30 @@ def test_fp8_mma_unmasked_scale_prefetch_reads_the_same_scales(monkeypatch):
     for name in ("unsplit",):
         assert torch.equal(outs[True, name][0], outs[False, name][0])
         assert torch.equal(outs[True, name][1], outs[False, name][1])
+
+
+@_CPU
+@pytest.mark.parametrize("granularity,q_split", [("token", False), ("chunk", True)])
+def test_fp8_mma_f16_exp2_stays_near_its_algorithm(monkeypatch, granularity, q_split):
+    # EX2_F16: the weights' exp2 taken in f16 (the interpreter's stand-in for ex2.approx.f16x2:
+    # the argument rounded to f16) and summed per key block in f16: near the fp32-exp
+    # algorithm (weights on an e4m3 rounding edge flip a step: 0.001-0.024 here, the fp32
+    # program 2e-4), no farther from the dequantized library than the algorithm (flips are
+    # independent of its error), not equal to the fp32 program (the flag reaches the
+    # kernel); split-KV near the library
+    from moska.kernels import shared_attention_fp8 as sa8
+
+    q, k, v, offs, sel = _inputs("cpu", torch.float16, lens=(64, 40, 20), b=2, d=32, seed=8)
+    kq, vq = quantize(k, offs, granularity), quantize(v, offs, granularity)
+    scales, sc = (kq.scale, vq.scale), q.shape[-1] ** -0.5
+    args = (q, kq.data, vq.data, offs, sel, sc, scales, 32, q_split, interpreter_e4m3)
+    ao, al = fp8_mma_ref(*args)
+    ro, rl = grouped_shared_attention_ref(q, kq.data, vq.data, offs, sel, sc, kv_scales=scales)
+    o32, _ = _run(q, kq, vq, offs, sel, sc, False, q_split, NOSPLIT)
+    monkeypatch.setattr(sa8, "EX2_F16", True)
+    o, lse = _run(q, kq, vq, offs, sel, sc, False, q_split, NOSPLIT)
+    assert rel_err(o, ao) < 4e-2 and rel_err(lse, al) < 1e-3, (rel_err(o, ao), rel_err(lse, al))
+    assert rel_err(o, ro) <= 1.05 * rel_err(ao, ro), (rel_err(o, ro), rel_err(ao, ro))
+    assert not torch.equal(o, o32)
+    o, lse = _run(q, kq, vq, offs, sel, sc, False, q_split, SMALL)
+    assert rel_err(o, ro) < 0.15 and rel_err(lse, rl) < TOL_O["cpu"] / 10, rel_err(o, ro)
