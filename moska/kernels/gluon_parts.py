@@ -107,13 +107,17 @@ def _epilogue(acc, m_i, l_i, row0, kv, split, hkv, M, o_ptr, lse_ptr, o_part_ptr
 @gluon.jit
 def _ws_loader(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, col, n_blocks,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    # one warp: TMA of every key block into the ring, once both consumers freed its slot
+    # one warp: TMA of every key block into the ring. `empty` [2 * STAGES]: slot s of K
+    # (index s) and of V (STAGES + s) is free once both consumers released it (K after its
+    # QK^T, V after its P V: K blocks can come in a product earlier than V blocks)
     for i in range(n_blocks):
         slot = i % STAGES
-        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes
+        free = ((i // STAGES) & 1) ^ 1  # a fresh barrier passes
         row = lo + i * BLOCK_N
+        mbarrier.wait(empty.index(slot), free)
         mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [row, col], k_bar.index(slot), k_smem.index(slot))
+        mbarrier.wait(empty.index(STAGES + slot), free)
         mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [row, col], v_bar.index(slot), v_smem.index(slot))
 
@@ -125,7 +129,7 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
     # One consumer warpgroup's key loop over BLOCK_M (64) rows in q_smem: (acc, m_i, l_i).
     # Ping-pong (`pp`, both consumers busy): they take turns to issue their products
     # (mbarriers `turn`), so one's softmax runs beside the other's GEMMs. `solo`: the other
-    # consumer has no rows, and this one frees each slot for both.
+    # consumer has no rows, and this one frees each slot for both (`empty`: see `_ws_loader`).
     s_layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, 4)
     o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -141,6 +145,8 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
                               is_async=True)  # fmt: skip
         mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+        mbarrier.arrive(empty.index(0), count=1)  # K block 0 is read
+        mbarrier.arrive(empty.index(0), count=1, pred=solo)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo, hi, qk_scale, BLOCK_N, s_layout)
         for i in range(1, n_blocks):
             # issue QK^T(i) and P V(i - 1) in our turn, then softmax(i) while the other
@@ -155,8 +161,10 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
                                     acc, is_async=True)  # fmt: skip
             mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
             s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, acc_tok))
-            mbarrier.arrive(empty.index(prev), count=1)  # block i - 1 is read
-            mbarrier.arrive(empty.index(prev), count=1, pred=solo)
+            mbarrier.arrive(empty.index(i % STAGES), count=1)  # K block i is read
+            mbarrier.arrive(empty.index(i % STAGES), count=1, pred=solo)
+            mbarrier.arrive(empty.index(STAGES + prev), count=1)  # V block i - 1 too
+            mbarrier.arrive(empty.index(STAGES + prev), count=1, pred=solo)
             p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale, BLOCK_N,
                                           s_layout)  # fmt: skip
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -167,8 +175,8 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
                                 is_async=True)  # fmt: skip
         mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
-        mbarrier.arrive(empty.index(last), count=1)
-        mbarrier.arrive(empty.index(last), count=1, pred=solo)
+        mbarrier.arrive(empty.index(STAGES + last), count=1)
+        mbarrier.arrive(empty.index(STAGES + last), count=1, pred=solo)
     return acc, m_i, l_i
 
 
