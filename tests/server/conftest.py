@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
+import httpx
 import openai
 import pytest
 from fake_engine import FakeEngine, FakeLibraryManager
@@ -12,6 +16,30 @@ from moska.server.background import background_server
 from moska.server.settings import ServerSettings
 
 running_server = background_server
+
+
+def job_ended(job: dict) -> bool:
+    return job["status"] not in ("queued", "running")
+
+
+def wait_library_job(
+    url: str,
+    job_id: str,
+    until: Callable[[dict], bool] = job_ended,
+    timeout_s: float = 30.0,
+    headers: dict | None = None,
+) -> dict:
+    """Poll `GET /v1/libraries/jobs/{job_id}` until `until(job)` (default: the build ended:
+    succeeded, failed or cancelled); the job then, an AssertionError naming it at the
+    deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = httpx.get(f"{url}/v1/libraries/jobs/{job_id}", headers=headers)
+        assert r.status_code == 200, r.text
+        if until(job := r.json()):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,9 @@ cancel, not a 404 that says to build it (issue 15, point 10's store hygiene)."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
+from conftest import wait_library_job
 from fake_engine import FakeEngine, FakeLibraryManager
 
 from moska.server.app import create_app
@@ -25,8 +24,5 @@ def test_delete_while_building_is_409_naming_the_job():
         err = r.json()["error"]
         assert err["code"] == "library_busy_error" and job["id"] in err["message"]
         httpx.post(f"{url}/v1/libraries/jobs/{job['id']}/cancel")
-        deadline = time.monotonic() + 10
-        while httpx.get(f"{url}/v1/libraries/jobs/{job['id']}").json()["status"] != "cancelled":
-            assert time.monotonic() < deadline, "the build was not cancelled"
-            time.sleep(0.02)
+        wait_library_job(url, job["id"], lambda j: j["status"] == "cancelled", timeout_s=10)
         assert httpx.delete(f"{url}/v1/libraries/growing").status_code == 404  # nothing left

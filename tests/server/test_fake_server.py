@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import running_server
+from conftest import running_server, wait_library_job
 from fake_engine import FakeEngine
 
 from moska.server.app import create_app
@@ -34,13 +34,7 @@ def test_api_key_required(fake_server):
 
 
 def _wait_job(url: str, job_id: str) -> dict:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/libraries/jobs/{job_id}", headers=AUTH).json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError("library job did not finish")
+    return wait_library_job(url, job_id, timeout_s=10, headers=AUTH)
 
 
 def test_library_lifecycle(fake_server):

@@ -4,10 +4,9 @@ setting is a 400 naming the field before any job is queued."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
+from conftest import wait_library_job
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -19,13 +18,7 @@ def test_repair_is_built_and_shown(real_server, real_engine):
     body = {"name": "repair-http", "documents": _DOCS, "chunk_size": 16, "mode": "independent"}
     r = httpx.post(f"{url}/v1/libraries", json={**body, "repair_tokens": 4, "repair_layers": 2})
     assert r.status_code == 202, r.text
-    deadline = time.monotonic() + 30
-    while (job := httpx.get(f"{url}/v1/libraries/jobs/{r.json()['id']}").json())["status"] in (
-        "queued",
-        "running",
-    ):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
+    job = wait_library_job(url, r.json()["id"])
     assert job["status"] == "succeeded", job
     lib = httpx.get(f"{url}/v1/libraries/repair-http").json()
     assert (lib["repair_tokens"], lib["repair_layers"]) == (4, 2)

@@ -4,10 +4,9 @@ to scale as `moska library build` does (not one 4,096-token chunk)."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
+from conftest import wait_library_job
 
 from moska.routing.policy import default_chunk_size
 
@@ -19,13 +18,7 @@ _DOCS = [{"name": "a.txt", "text": "The cat sat on the mat, and the dog did not.
 def _build(url: str, body: dict) -> dict:
     r = httpx.post(f"{url}/v1/libraries", json=body)
     assert r.status_code == 202, r.text
-    deadline = time.monotonic() + 30
-    while True:
-        job = httpx.get(f"{url}/v1/libraries/jobs/{r.json()['id']}").json()
-        if job["status"] in ("succeeded", "failed"):
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
+    return wait_library_job(url, r.json()["id"])
 
 
 def test_routing_rank_and_the_scaled_chunk_size(real_server, real_engine):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from conftest import running_server
+from conftest import job_ended, running_server, wait_library_job
 from fake_engine import FakeEngine, FakeLibraryManager, FakeTokenizer
 
 from moska.server.app import create_app
@@ -128,18 +128,8 @@ def _job(url: str, job_id: str) -> dict:
     return r.json()
 
 
-def _wait_job(url: str, job_id: str, until: Callable[[dict], bool], timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = _job(url, job_id)
-        if until(job):
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.02)
-
-
-def _done(job: dict) -> bool:
-    return job["status"] not in ("queued", "running")
+def _wait_job(url: str, job_id: str, until: Callable[[dict], bool]) -> dict:
+    return wait_library_job(url, job_id, until, timeout_s=90)
 
 
 def test_stream_keeps_producing_during_a_build(nb_server):
@@ -173,7 +163,7 @@ def test_stream_keeps_producing_during_a_build(nb_server):
         # 1,000 tokens, two 512-token prefill pieces: over 100 stamps land inside the build
         # and the longest gap is < 0.1 of it (2,000 tokens only doubled the build's time)
         job = _post_build(url, "nb-during", 1000)
-        job = _wait_job(url, job["id"], _done)
+        job = _wait_job(url, job["id"], job_ended)
         b1 = time.perf_counter()
     finally:
         stop.set()
@@ -197,14 +187,14 @@ def test_cancel_running_and_queued_builds(nb_server):
     root = engine.libraries.root
     try:
         running = _post_build(url, "nb-cancel-a", 3000)
-        running = _wait_job(url, running["id"], lambda j: j["prefilled_tokens"] > 0 or _done(j))
+        running = _wait_job(url, running["id"], lambda j: j["prefilled_tokens"] > 0 or job_ended(j))
         assert running["status"] == "running", running
         queued = _post_build(url, "nb-cancel-b", 500)  # one build at a time: it waits
         assert queued["status"] == "queued", queued
         r = httpx.post(f"{url}/v1/libraries/jobs/{queued['id']}/cancel")
         assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
         assert httpx.delete(f"{url}/v1/libraries/jobs/{running['id']}").status_code == 200
-        running = _wait_job(url, running["id"], _done)
+        running = _wait_job(url, running["id"], job_ended)
     finally:
         builds.prefill_tokens = 512
     assert running["status"] == "cancelled", running
@@ -215,7 +205,7 @@ def test_cancel_running_and_queued_builds(nb_server):
         assert httpx.get(f"{url}/v1/libraries/{name}").status_code == 404
         assert name not in engine.libraries.loaded_names()
     again = _post_build(url, "nb-cancel-b", 100)  # the cancelled job's name is free again
-    assert _wait_job(url, again["id"], _done)["status"] == "succeeded"
+    assert _wait_job(url, again["id"], job_ended)["status"] == "succeeded"
     assert httpx.post(f"{url}/v1/libraries/jobs/libjob-nope/cancel").status_code == 404
 
 
@@ -231,7 +221,7 @@ def test_build_quota_and_queue_on_the_fake_engine():
         body = {"model": "fake-model", "prompt": "x", "max_tokens": 2}
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 200
         over = _post_build(url, "too-big", 101)
-        over = _wait_job(url, over["id"], _done)
+        over = _wait_job(url, over["id"], job_ended)
         assert over["status"] == "failed" and "max_build_tokens" in over["error"], over
         assert over["total_tokens"] == 101 and over["prefilled_tokens"] == 0
 
@@ -243,7 +233,7 @@ def test_build_quota_and_queue_on_the_fake_engine():
         assert r.status_code == 429 and r.json()["error"]["code"] == "build_queue_full", r.text
         for job in (second, first):
             httpx.post(f"{url}/v1/libraries/jobs/{job['id']}/cancel")
-            assert _wait_job(url, job["id"], _done)["status"] == "cancelled"
+            assert _wait_job(url, job["id"], job_ended)["status"] == "cancelled"
         assert manager.list() == []
         # builds ran on the build worker, never on the thread that steps the engine
         assert manager.build_thread_ids and not manager.build_thread_ids & engine.step_threads

@@ -3,11 +3,10 @@ list, delete, generate with one, and the per-choice routing report."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import openai
 import pytest
+from conftest import wait_library_job
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -19,13 +18,7 @@ def _build_library(url: str, name: str) -> dict:
     ]
     r = httpx.post(f"{url}/v1/libraries", json={"name": name, "documents": docs, "chunk_size": 64})
     assert r.status_code == 202, r.text
-    job_id = r.json()["id"]
-    deadline = time.monotonic() + 30
-    while True:
-        job = httpx.get(f"{url}/v1/libraries/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
-            return job
-        time.sleep(0.05)
+    return wait_library_job(url, r.json()["id"])
 
 
 def test_library_lifecycle_real_engine(real_server):
