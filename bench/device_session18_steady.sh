@@ -9,7 +9,8 @@
 # after it, and windows measured as total plain / total reuse time (warm = queries 100-300;
 # `bench/semshare_steady_windows.py` says why). Misses classed capacity / match, GC pauses
 # and eager blend tails counted. bench/semshare_steady.py.
-# Carry .whl-min and .models/tok-code. Prints one table.
+# Carry .whl-min and .models/tok-code. Prints one table. STEADY_SEED=n (default 0): another
+# query stream (`device_session18_steady_b.sh` sets 1), its JSON named _seed<n>.
 # `bash bench/device_session18_steady.sh --cpu-dry-run`: the same in CPU form.
 set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -25,7 +26,9 @@ else
   export PYTHONPATH=/tmp/site_steady18:$PWD
 fi
 export MOSKA_GIT_COMMIT=${MOSKA_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+SARGS="$SARGS --seed ${STEADY_SEED:-0}"
 J="$OUT/semshare_steady_8b_h200_session18.json"
+[ "${STEADY_SEED:-0}" != 0 ] && J="$OUT/semshare_steady_8b_h200_session18_seed${STEADY_SEED}.json"
 TS=$(( 140 - ($(date +%s) - T0) ))
 # shellcheck disable=SC2086
 timeout $TS $PY bench/semshare_steady.py --tokenizer "$TOK" $SARGS --out "$J" > "$OUT/steady.log" 2>&1

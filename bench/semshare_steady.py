@@ -81,7 +81,7 @@ def draw_queries(tok, pool, by_dir, args) -> tuple[list, int, int]:
     _CTX = (tok, pool, by_dir, args.prompt)
     rng = random.Random(args.seed)
     draws = [
-        (rng.randrange(len(pool)), rng.choice(sp.KINDS), 1000 + i)
+        (rng.randrange(len(pool)), rng.choice(sp.KINDS), 1000 + i + 100_000 * args.seed)
         for i in range(int(1.5 * args.queries) + 10)
     ]
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -215,6 +215,8 @@ def main() -> None:
         n_gc = len(gc_ms)
         t_on, r["reused"] = sp.ttft(engines["on"], f"q{q}-on", ids)
         r["on_ms"] = ms(t_on)
+        if t_on > 0.06 and not args.cpu_dry_run:  # a slow query: where its host time went
+            r["host_on"] = sp.host_ms(engines["on"])
         if q % args.baseline_every == 0:
             r["off_ms"] = ms(sp.ttft(engines["off"], f"q{q}-off", ids)[0])
         reuse.flush()
