@@ -281,6 +281,7 @@ def main() -> None:
         "engine": kw,
         "semshare": {**reuse.config.__dict__, "store_bytes": capacity, "ref_bytes": ref_bytes},
         "store_stats": reuse.store.stats.__dict__,
+        "definitions": sw.DEFINITIONS,
         "summary": summary,
         "windows": windows,
         "rows": rows,
