@@ -21,21 +21,26 @@ from moska.kernels.row_attention import row_attention
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def warm_row_kernel(cache, num_heads: int, sm_scale: float, max_rows: int) -> int:
+def warm_row_kernel(
+    cache, num_heads: int, sm_scale: float, max_rows: int, cuda_only: bool = True
+) -> int:
     """Compile the row attention kernel's variants a blend can pick (CUDA, before any
     request; nothing is written): its key block is 128 when the rows are fewer than half
     the request's positions, else 64 (`moska.kernels.row_attention`), and one row (the
     finished last token). Why: the boundary layer's rest calls it eagerly over the request's
     positions, and on an H200 the first blend that kept more than half of its rows compiled
     the 64 variant inside its time to first token (1.04 s in the session-17 steady run).
-    Returns the row counts run."""
+    Returns the row counts run (0 off CUDA unless `cuda_only` is False: the tests)."""
     kc = cache.k[0].view(-1, *cache.k.shape[-2:])  # [slots, Hkv, D]
     vc = cache.v[0].view(-1, *cache.v.shape[-2:])
-    if not kc.is_cuda or kc.shape[-1] < 16 or kc.shape[-1] & (kc.shape[-1] - 1):
+    if (cuda_only and not kc.is_cuda) or kc.shape[-1] < 16 or kc.shape[-1] & (kc.shape[-1] - 1):
         return 0
     s = max(2, min(max_rows, kc.shape[0]))
     slots = torch.arange(s, dtype=torch.int64, device=kc.device)
-    counts = sorted({1, max(1, s // 4), s})  # one row; fewer than half; all
+    # one row; fewer than half; all; and each of the two again at a row count that is no
+    # multiple of 16 (Triton specializes an int argument on that; a blend's row count is
+    # its prompt's length when the bucket is capped there)
+    counts = sorted({1, max(1, s // 4), s // 4 + 1, s - 1, s})
     for r in counts:
         q = torch.zeros(r, num_heads, kc.shape[-1], dtype=kc.dtype, device=kc.device)
         pos = torch.arange(s - r, s, dtype=torch.int32, device=kc.device)

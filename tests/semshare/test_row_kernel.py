@@ -95,3 +95,16 @@ def test_blend_with_kernel_equals_blend_with_sdpa(model):
     (res_k, k_k, v_k, h_k), (res_s, k_s, v_s, h_s) = got
     assert res_k == res_s and 0 < res_k.num_recomputed < 39
     assert _rel(k_k, k_s) < 1e-4 and _rel(v_k, v_s) < 1e-4 and _rel(h_k, h_s) < 1e-4
+
+
+def test_warm_row_kernel_runs_every_variant_and_writes_nothing():
+    """`warm_row_kernel` (run at engine start on CUDA) calls the kernel at one row, fewer than
+    half and all of the positions, each also at a count that is no multiple of 16; it reads
+    the cache and leaves it as it was. Off CUDA it does nothing unless asked (interpreter)."""
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 4, 16, 2, 16, generator=gen)  # [layers, blocks, bs, Hkv, D]
+    cache = _Cache(k, torch.randn(k.shape, generator=gen))
+    before = cache.k.clone(), cache.v.clone()
+    assert row_attention_module.warm_row_kernel(cache, 4, 0.25, 40) == 0  # CPU: skipped
+    assert row_attention_module.warm_row_kernel(cache, 4, 0.25, 40, cuda_only=False) == 5
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
