@@ -34,10 +34,10 @@ from moska.kernels.shared_work_list import build_work_list
 
 CFG: dict[str, Any] = {"hkv": 8, "chunks": 256, "chunk_len": 4096, "topk": 8, "dims": (128, 64)}
 CFG |= {"gqa": (4, 8, 2, 1), "b_list": (1024, 256, 64), "routing": "uniform"}
-VARIANTS = ((64, 128, 2), (64, 128, 3))  # (rows a warpgroup, keys a block, stages)
+VARIANTS = ((64, 128, 3, False), (64, 128, 3, True))  # (rows a WG, keys a block, stages, overlap)
 
 
-def gluon_step(p: dict, bm: int, bn: int, st: int, sms: int):
+def gluon_step(p: dict, bm: int, bn: int, st: int, overlap: bool, sms: int):
     """One grouped step through the Gluon kernel: plan (2 * bm-row tiles), run, merge."""
     from moska.kernels.gluon_grouped import gluon_grouped_attention
 
@@ -45,7 +45,18 @@ def gluon_step(p: dict, bm: int, bn: int, st: int, sms: int):
     hkv, g = k.shape[1], q.shape[1] // k.shape[1]
     plan = build_work_list(sel, table, hkv, g, 2 * bm, bn, sms, 512)
     o, lse, o_part, lse_part = gluon_grouped_attention(
-        q, k, v, table.starts, table.ends, sel, plan, p["scale"], block_m=bm, block_n=bn, stages=st
+        q,
+        k,
+        v,
+        table.starts,
+        table.ends,
+        sel,
+        plan,
+        p["scale"],
+        block_m=bm,
+        block_n=bn,
+        stages=st,
+        overlap=overlap,
     )
     merge_tile_splits(plan[0], plan[1], o_part, lse_part, o, lse, g, 2 * bm, 4, 32)
     return o, lse
@@ -57,15 +68,15 @@ def calls(p: dict, sms: int) -> dict:
             grouped_shared_attention, p["q"], p["k"], p["v"], p["offs"], p["sel"], p["scale"]
         )
     }
-    for bm, bn, st in VARIANTS:
-        out[f"gluon:ws:m{bm}n{bn}s{st}"] = partial(gluon_step, p, bm, bn, st, sms)
+    for bm, bn, st, ov in VARIANTS:
+        out[f"gluon:ws{'o' * ov}:m{bm}n{bn}s{st}"] = partial(gluon_step, p, bm, bn, st, ov, sms)
     return out
 
 
 def problem(pool: tuple, d: int, g: int, b: int) -> dict:
     k, v, offs = pool
-    sel = selections(b, CFG, CFG["routing"], "cuda")
-    q = torch.randn(b, CFG["hkv"] * g, d, device="cuda", dtype=k.dtype)
+    sel = selections(b, CFG, CFG["routing"], str(k.device))
+    q = torch.randn(b, CFG["hkv"] * g, d, device=k.device, dtype=k.dtype)
     return {
         "q": q,
         "k": k,
@@ -79,7 +90,7 @@ def problem(pool: tuple, d: int, g: int, b: int) -> dict:
 
 def run_point(p: dict, d: int, g: int, b: int, sms: int, prepare, measure) -> dict:
     sel, n = p["sel"], p["sel"].req.numel()
-    idx = torch.randperm(n, device="cuda")[:48].sort().values
+    idx = torch.randperm(n, device=p["q"].device)[:48].sort().values
     ro, rl = grouped_shared_attention_ref(
         p["q"], p["k"], p["v"], p["offs"], subset(sel, idx), p["scale"]
     )

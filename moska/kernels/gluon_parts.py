@@ -125,11 +125,15 @@ def _ws_loader(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, col, n_b
 @gluon.jit
 def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks, qk_scale,
              pp, solo, dt: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
+             OVERLAP: gl.constexpr = False):  # fmt: skip
     # One consumer warpgroup's key loop over BLOCK_M (64) rows in q_smem: (acc, m_i, l_i).
     # Ping-pong (`pp`, both consumers busy): they take turns to issue their products
     # (mbarriers `turn`), so one's softmax runs beside the other's GEMMs. `solo`: the other
     # consumer has no rows, and this one frees each slot for both (`empty`: see `_ws_loader`).
+    # OVERLAP (FA3's intra-warpgroup overlap on top): softmax(i) runs as soon as QK^T(i) is
+    # done, while this warpgroup's own P V(i - 1) is still in flight; the accumulator is
+    # rescaled after it lands.
     s_layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, 4)
     o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -157,16 +161,26 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
             s_tok = warpgroup_mma(q_smem, k_smem.index(i % STAGES).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)  # fmt: skip
             mbarrier.wait(v_bar.index(prev), ((i - 1) // STAGES) & 1)
-            acc_tok = warpgroup_mma(gl.convert_layout(p.to(dt), p_layout), v_smem.index(prev),
-                                    acc, is_async=True)  # fmt: skip
+            p_op = gl.convert_layout(p.to(dt), p_layout)
+            acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
-            s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, acc_tok))
-            mbarrier.arrive(empty.index(i % STAGES), count=1)  # K block i is read
-            mbarrier.arrive(empty.index(i % STAGES), count=1, pred=solo)
-            mbarrier.arrive(empty.index(STAGES + prev), count=1)  # V block i - 1 too
-            mbarrier.arrive(empty.index(STAGES + prev), count=1, pred=solo)
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale, BLOCK_N,
-                                          s_layout)  # fmt: skip
+            if OVERLAP:
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+                mbarrier.arrive(empty.index(i % STAGES), count=1)  # K block i is read
+                mbarrier.arrive(empty.index(i % STAGES), count=1, pred=solo)
+                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale,
+                                              BLOCK_N, s_layout)  # fmt: skip
+                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
+                mbarrier.arrive(empty.index(STAGES + prev), count=1)  # V block i - 1 too
+                mbarrier.arrive(empty.index(STAGES + prev), count=1, pred=solo)
+            else:
+                s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, acc_tok))
+                mbarrier.arrive(empty.index(i % STAGES), count=1)  # K block i is read
+                mbarrier.arrive(empty.index(i % STAGES), count=1, pred=solo)
+                mbarrier.arrive(empty.index(STAGES + prev), count=1)  # V block i - 1 too
+                mbarrier.arrive(empty.index(STAGES + prev), count=1, pred=solo)
+                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale,
+                                              BLOCK_N, s_layout)  # fmt: skip
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(turn.index(WG), (n_blocks & 1) ^ WG ^ 1, pred=pp)
