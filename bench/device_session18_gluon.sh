@@ -12,7 +12,8 @@
 # 2) `python3 -m moska.bench.kernels_gluon_grouped --b-list 1024,256`: the grouped step
 #    (1M shared tokens, 4,096-token chunks, top-8, uniform) through the Triton kernel and the
 #    Gluon ping-pong kernel (moska/kernels/gluon_grouped.py), read-floor fractions.
-# 12 processes compile both benches' kernels first (6 each).
+# 12 processes compile both benches' kernels first (6 each), beside the CUDA tests of the
+# one-chunk dispatcher's "gluon" backend (tests/kernels/test_shared_one_chunk_cuda.py -k gluon).
 # `bash bench/device_session18_gluon.sh --cpu-dry-run`: bench 1's reference + Triton path in
 # the interpreter (Gluon cannot run there; bench 2 needs a GPU).
 set -u
@@ -40,7 +41,12 @@ for i in $(seq 0 $((NW - 1))); do
   timeout 55 $PY -m moska.bench.kernels_gluon --warm "$i/$NW" $OC > "$OUT/warm_oc_$i.log" 2>&1 &
   timeout 55 $PY -m moska.bench.kernels_gluon_grouped --warm "$i/$NW" $GR > "$OUT/warm_gr_$i.log" 2>&1 &
 done
+# the dispatcher's "gluon" backend vs the fp32 reference, eager and replayed from a CUDA graph
+timeout 55 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_shared_one_chunk_cuda.py \
+  -k gluon > "$OUT/tests.log" 2>&1 &
 wait
+echo "CUDA tests (backend gluon): $(tail -1 "$OUT/tests.log" | cut -c1-200)"
+grep -h "FAILED\|Error" "$OUT/tests.log" | cut -c1-240 | head -4
 echo "warm-up (compiles) done at $(( $(date +%s) - T0 )) s; failures:"
 grep -h "failed" "$OUT"/warm_*.log | cut -c1-300 | head -6
 timeout 45 $PY -m moska.bench.kernels_gluon --out "$OUT" --budget-s 28 $OC \

@@ -209,11 +209,11 @@ def _one_chunk_ws_kernel(
 
 
 def gluon_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether this kernel can run these inputs: Hopper or newer CUDA, fp16/bf16, K/V rows
+    """Whether this kernel can run these inputs: Hopper (wgmma: sm_90 only), fp16/bf16, K/V rows
     TMA-addressable (16-byte aligned base and row stride, heads contiguous)."""
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if torch.cuda.get_device_capability(q.device)[0] < 9 or k.dtype != q.dtype:
+    if torch.cuda.get_device_capability(q.device)[0] != 9 or k.dtype != q.dtype:  # wgmma
         return False
     d = k.shape[2]
     for t in (k, v):

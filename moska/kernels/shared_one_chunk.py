@@ -23,7 +23,7 @@ import torch
 
 from .selections import Selections
 from .shared_attention import grouped_shared_attention
-from .shared_tuning import ONE_CHUNK_BACKENDS, one_chunk_backend
+from .shared_tuning import GLUON_ONE_CHUNK, ONE_CHUNK_BACKENDS, one_chunk_backend
 
 __all__ = ["one_chunk_attention", "one_chunk_selections", "one_chunk_states", "sdpa_one_chunk"]
 
@@ -128,16 +128,24 @@ def one_chunk_attention(
     """Attention of every query head of B requests over one chunk: (o [Hkv * B, G, D], lse
     [Hkv * B, G] fp32), laid out as `grouped_shared_attention` lays out
     `one_chunk_selections(B, Hkv)`. `backend`: "triton", "cudnn" or "flash"; None: the tuning
-    table's choice for (D, G, B * G rows per KV head, dtype, device). The Triton path's inputs
+    table's choice for (D, G, B * G rows per KV head, dtype, device); "gluon" (the Gluon
+    ping-pong kernel, `gluon_one_chunk.py`) runs on Hopper only, the Triton path elsewhere.
+    The Triton path's inputs
     and work list depend only on the sizes: with `cache_plan` they are built once per shape
     and tile (the two planning launches and the table's and selections' small launches are
     skipped after the first call; ~6-10 us of a 90-150 us call at B = 16, H200); `tuning`:
-    tile overrides for it."""
+    tile overrides for it (for "gluon": `gluon_one_chunk`'s keywords)."""
     b, hkv, g, d = _check(q, k, v)
     if backend is None:
         backend = one_chunk_backend(d, g, b * g, q.dtype, q.device.type)
     if backend not in ONE_CHUNK_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {ONE_CHUNK_BACKENDS}")
+    if backend == "gluon":  # Hopper only; elsewhere the Triton kernel
+        from .gluon_one_chunk import gluon_ok, gluon_one_chunk
+
+        if gluon_ok(q, k, v):
+            return gluon_one_chunk(q, k, v, sm_scale, **(GLUON_ONE_CHUNK | tuning))
+        backend = "triton"
     if backend != "triton":
         return sdpa_one_chunk(q, k, v, sm_scale, backend)
     s = k.shape[0]

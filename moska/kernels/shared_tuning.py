@@ -17,6 +17,7 @@ takes `fallback`. Pure Python: the launcher imports this, and nothing from the r
 
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,11 @@ def grouped_tuning(
 # (`one_chunk_table`): each measured (D, G, B) takes the faster side, and rows between two
 # measured points take the lower one's choice. A G between entries takes the next larger
 # G's (as the grouped table does); a D not here runs "triton".
-ONE_CHUNK_BACKENDS = ("triton", "cudnn", "flash")
+ONE_CHUNK_BACKENDS = ("triton", "cudnn", "flash", "gluon")
+# "gluon": moska/kernels/gluon_one_chunk.py (Hopper only: other GPUs run "triton"), FA3's
+# ping-pong of two 64-row consumer warpgroups, with these keywords (session 18, H200:
+# 3 stages 27 % faster than 2; bench/results/kernels_gluon_h200_session18*.json)
+GLUON_ONE_CHUNK: dict[str, Any] = {"schedule": "ws", "block_m": 64, "block_n": 128, "stages": 3}
 
 
 @dataclass(frozen=True)

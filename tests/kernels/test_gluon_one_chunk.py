@@ -34,3 +34,20 @@ def test_gluon_refuses_cpu_inputs():
     assert not gluon_ok(q, k, v)
     with pytest.raises(ValueError, match="Hopper"):
         gluon_one_chunk(q, k, v, 0.125)
+
+
+def test_dispatch_to_gluon_runs_the_triton_kernel_off_hopper():
+    # backend "gluon" where Gluon cannot run (the CPU here) takes the Triton path: the same
+    # (o, lse) as backend "triton", both the reference's
+    from moska.kernels.shared_attention import grouped_shared_attention_ref
+    from moska.kernels.shared_one_chunk import one_chunk_attention, one_chunk_selections
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 8, 16, generator=gen)
+    k, v = (torch.randn(40, 2, 16, generator=gen) for _ in range(2))
+    o, lse = one_chunk_attention(q, k, v, 0.25, backend="gluon")
+    ot, lt = one_chunk_attention(q, k, v, 0.25, backend="triton")
+    offs = torch.tensor([0, 40], dtype=torch.int32)
+    ro, rl = grouped_shared_attention_ref(q, k, v, offs, one_chunk_selections(3, 2, "cpu"), 0.25)
+    assert torch.equal(o, ot) and torch.equal(lse, lt)
+    assert (o - ro).norm() / ro.norm() < 1e-4 and (lse - rl).norm() / rl.norm() < 1e-4

@@ -1,5 +1,6 @@
 """One chunk read by many requests on the GPU, bf16: every backend of `one_chunk_attention`
-(compiled Triton, cuDNN and flash through torch with their LSE, and the table's dispatch)
+(compiled Triton, cuDNN and flash through torch with their LSE, the Gluon kernel on Hopper
+and the table's dispatch)
 gives the fp32 reference's (o, lse), eagerly and replayed from a CUDA graph.
 `TRITON_INTERPRET=0 python -m pytest -q tests/kernels/test_shared_one_chunk_cuda.py`."""
 
@@ -24,7 +25,7 @@ def _reference(q, k, v, scale):
 
 
 @pytest.mark.parametrize("d,g,b", [(64, 1, 24), (128, 4, 40), (128, 8, 256), (64, 8, 1024)])
-@pytest.mark.parametrize("backend", ["triton", "cudnn", "flash", None])
+@pytest.mark.parametrize("backend", ["triton", "cudnn", "flash", "gluon", None])
 def test_backends_match_reference_eager_and_in_a_graph(d, g, b, backend):
     torch.manual_seed(d + g + b)
     q = torch.randn(b, HKV * g, d, device="cuda", dtype=torch.bfloat16)
