@@ -211,6 +211,9 @@ def run_window(model, ids, lib_tokens, chunk_size, top_ks, only=None):
         mma[f"{name}+mma"] = (v_sc, False)
         mma[f"{name}+mma_qsplit"] = (v_sc, True)
         runs += [(f"{name}+mma", name, False), (f"{name}+mma_qsplit", name, False)]
+    ones = [torch.ones_like(x) for x in vs]  # per-chunk scales unrotated, one-term q
+    mma["fp8/chunk+mma"] = (ones, False)
+    runs += [("fp8/chunk+mma", "fp8/chunk", False)]
     rots = {r[0]: rot for r in runs if r[1].startswith("fp8/rot_")}
     if only:  # --variants: these library KV variants (and bf16, the baseline)
         runs = [r for r in runs if r[0] == "bf16" or r[0] in only]

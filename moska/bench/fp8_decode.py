@@ -52,6 +52,9 @@ from moska.library.fp8_mma import attach_token_major_v
 
 MODES: tuple[str, ...] = ("bf16", "fp8_upcast", "fp8_mma", "fp8_mma_qsplit", "fp8_mma_qsplit_vb")
 MODES += ("fp8_mma_qsplit_half", "fp8_mma_qsplit_vb_half")
+# one-term q with V block scales: what a library with Hadamard-rotated K runs (session 18,
+# bench/fp8_quality.py rot_* variants), less the rotation of q (one small GEMM a layer)
+MODES += ("fp8_mma_vb",)
 
 
 @dataclass(eq=False)
