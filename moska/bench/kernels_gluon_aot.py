@@ -39,7 +39,8 @@ def compile_variant(
     if schedule != "pipe":
         fn, opts = _one_chunk_ws_kernel, {"num_warps": 4, "maxnreg": WS_MAXNREG}
         vals["num_warps"] = 4
-        sig["OVERLAP"], vals["OVERLAP"] = "constexpr", schedule == "wso"
+        sig["OVERLAP"], vals["OVERLAP"] = "constexpr", "o" in schedule[2:]
+        sig["EXP_BF16"], vals["EXP_BF16"] = "constexpr", "e" in schedule[2:]
     names = list(sig)
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in vals.items()})
     t = time.time()
@@ -54,24 +55,31 @@ def compile_variant(
 GROUPED_ARGS = ["q_ptr", "k_desc", "v_desc", "starts_ptr", "ends_ptr", "sel_req_ptr"]
 GROUPED_ARGS += ["sel_kv_ptr", "sel_chunk_ptr", "work_ptr", "meta_ptr", "o_ptr", "lse_ptr"]
 GROUPED_ARGS += ["o_part_ptr", "lse_part_ptr", "stride_qb", "stride_qh", "W", "qk_scale"]
-GROUPED_CONST = ["G", "D", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps", "OVERLAP"]
+GROUPED_CONST = ["G", "D", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps", "OVERLAP", "EXP_BF16"]
 
 
-def compile_grouped(d: int, g: int, bm: int, bn: int, st: int, overlap: bool = False) -> dict:
+def compile_grouped(
+    d: int, g: int, bm: int, bn: int, st: int, overlap: bool = False, exp_bf16: bool = False
+) -> dict:
     """The grouped ping-pong kernel (gluon_grouped.py) for sm_90."""
     lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
     td = f"tensordesc<bf16[{bn}, {d}],{lay!r}>"
     types = ["*bf16", td, td] + ["*i32"] * 7 + ["*bf16", "*fp32", "*fp32", "*fp32"]
     types += ["i32", "i32", "i32", "fp32"]
     sig = dict(zip(GROUPED_ARGS, types, strict=True)) | dict.fromkeys(GROUPED_CONST, "constexpr")
-    vals = dict(zip(GROUPED_CONST, (g, d, bm, bn, st, 4, overlap), strict=True))
+    vals = dict(zip(GROUPED_CONST, (g, d, bm, bn, st, 4, overlap, exp_bf16), strict=True))
     names = list(sig)
     cx = {(names.index(k),): v for k, v in vals.items()}
     src = GluonASTSource(_grouped_ws_kernel, sig, constexprs=cx)
     t = time.time()
     opts = {"num_warps": 4, "maxnreg": WS_MAXNREG}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    out = {"D": d, "G": g, "schedule": "grouped_ws" + "o" * overlap, "tile": f"m{bm}n{bn}s{st}"}
+    out = {
+        "D": d,
+        "G": g,
+        "schedule": "grouped_ws" + "o" * overlap + "e" * exp_bf16,
+        "tile": f"m{bm}n{bn}s{st}",
+    }
     out["ok"] = True
     out |= {"seconds": round(time.time() - t, 2), "shared": k.metadata.shared}
     return out | _resources(k.asm.get("cubin"))
@@ -95,7 +103,7 @@ def main() -> None:
     fails = 0
     pipe = ((128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3))
     tiles = [("pipe", *t) for t in pipe] + [("ws", 64, 128, 4, 2), ("ws", 64, 128, 4, 3)]
-    tiles += [("wso", 64, 128, 4, 3)]
+    tiles += [("wso", 64, 128, 4, 3), ("wsoe", 64, 128, 4, 3), ("wse", 64, 128, 4, 3)]
     for d in (128, 64):
         for sched, bm, bn, nw, st in tiles:
             for split in (False, True):
@@ -107,9 +115,9 @@ def main() -> None:
                     err = {"D": d, "tile": (sched, bm, bn, nw, st), "ok": False}
                     print(json.dumps(err | {"error": repr(e)[:400]}), flush=True)
     for d in (128, 64):
-        for st, ov in ((2, False), (3, False), (3, True)):
+        for st, ov, ex in ((2, False, False), (3, False, False), (3, True, False), (3, True, True)):
             try:
-                print(json.dumps(compile_grouped(d, 4, 64, 128, st, ov)), flush=True)
+                print(json.dumps(compile_grouped(d, 4, 64, 128, st, ov, ex)), flush=True)
             except Exception as e:  # noqa: BLE001
                 fails += 1
                 print(json.dumps({"D": d, "grouped_ws": st, "ok": False, "error": repr(e)[:600]}))

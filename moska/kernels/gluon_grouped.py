@@ -37,7 +37,7 @@ def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, 
                       n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, solo, qk_scale,
                       G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                      OVERLAP: gl.constexpr):  # fmt: skip
+                      OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr):  # fmt: skip
     # rows tile_row0 + WG * BLOCK_M .. of the group (selection start + row // G, head row % G)
     dt: gl.constexpr = q_ptr.dtype.element_ty
     q_layout: gl.constexpr = _q_layout(D, 4)
@@ -51,7 +51,7 @@ def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, 
     q_smem.store(q)
     fence_async_shared()
     acc, m_i, l_i = _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks,
-                             qk_scale, pp, solo, dt, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP)  # fmt: skip
+                             qk_scale, pp, solo, dt, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16)  # fmt: skip
     o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     out = acc / gl.maximum(gl.convert_layout(l_i, row_o), 1e-30)[:, None]
@@ -76,13 +76,13 @@ def _grouped_consumer1(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn,
                        n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, solo, qk_scale,
                        G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       OVERLAP: gl.constexpr):  # fmt: skip
+                       OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr):  # fmt: skip
     # the second warpgroup: idle (no rows) when the tile has at most BLOCK_M rows
     if tile_row0 + BLOCK_M < n_rows:
         _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
                           o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
                           n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, solo, qk_scale,
-                          G, D, BLOCK_M, BLOCK_N, STAGES, 1, OVERLAP)  # fmt: skip
+                          G, D, BLOCK_M, BLOCK_N, STAGES, 1, OVERLAP, EXP_BF16)  # fmt: skip
 
 
 @gluon.jit
@@ -90,7 +90,7 @@ def _grouped_ws_kernel(
     q_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr, sel_chunk_ptr,
     work_ptr, meta_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, W,
     qk_scale, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr, OVERLAP: gl.constexpr = False,
+    STAGES: gl.constexpr, num_warps: gl.constexpr, OVERLAP: gl.constexpr = False, EXP_BF16: gl.constexpr = False,
 ):  # fmt: skip
     w = gl.program_id(0)
     n_items = gl.load(meta_ptr)
@@ -135,12 +135,12 @@ def _grouped_ws_kernel(
                              sel_req_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb,
                              stride_qh, start, n_rows, tile_row0, lo, hi, n_blocks, kv, w,
                              n_split, pp, solo, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES, 0,
-                             OVERLAP)),
+                             OVERLAP, EXP_BF16)),
         (_grouped_consumer1, (q_ptr, q_smem.index(1), k_smem, v_smem, k_bar, v_bar, empty, turn,
                               sel_req_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb,
                               stride_qh, start, n_rows, tile_row0, lo, hi, n_blocks, kv, w,
                               n_split, pp, solo, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES,
-                              OVERLAP)),
+                              OVERLAP, EXP_BF16)),
         (_ws_loader, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, kv * D, n_blocks,
                       BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
@@ -161,10 +161,12 @@ def gluon_grouped_attention(
     block_n: int = 128,
     stages: int = 2,
     overlap: bool = False,
+    exp_bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [N, G, D], lse [N, G], o_part, lse_part): split tiles' rows are in the parts only;
     the caller merges them (`merge_tile_splits(work, meta, o_part, lse_part, o, lse, G,
-    2 * block_m, ...)`). `overlap`: FA3's intra-warpgroup overlap too (`_ws_loop`)."""
+    2 * block_m, ...)`). `overlap`: FA3's intra-warpgroup overlap too (`_ws_loop`); `exp_bf16`: exp2 two at a time in
+    bf16 (`_softmax`)."""
     work, meta, w_max = plan
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
@@ -178,6 +180,6 @@ def gluon_grouped_attention(
         q, _descriptor(k_pool, block_n), _descriptor(v_pool, block_n), starts, ends, sel.req,
         sel.kv_head, sel.chunk, work, meta, o, lse, o_part, lse_part, q.stride(0), q.stride(1),
         w_max, sm_scale * LOG2E, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        num_warps=4, maxnreg=WS_MAXNREG, OVERLAP=overlap,
+        num_warps=4, maxnreg=WS_MAXNREG, OVERLAP=overlap, EXP_BF16=exp_bf16,
     )  # fmt: skip
     return o, lse, o_part, lse_part

@@ -70,15 +70,26 @@ def _load_q(q_ptr, q_smem, row0, kv, M, stride_qb, stride_qh, G: gl.constexpr,
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, start, hi, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-    # online softmax of one score block (log2 domain); a split's last block may be partial
+def _softmax(s, m_i, l_i, start, hi, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+             EXP_BF16: gl.constexpr = False):  # fmt: skip
+    # online softmax of one score block (log2 domain); a split's last block may be partial.
+    # EXP_BF16: the weights' exp2 as `ex2.approx.ftz.bf16x2` (two per special-function-unit
+    # issue, the result already the bf16 P operand; the argument rounded to bf16 first), the
+    # row sum from those bf16 weights
     if start + BLOCK_N > hi:
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s = gl.where((start + offs_n < hi)[None, :], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
+    if EXP_BF16:
+        x = (s * qk_scale - m_new[:, None]).to(gl.bfloat16)
+        p = gl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x],
+                                      dtype=gl.bfloat16, is_pure=True, pack=2)  # fmt: skip
+        l_add = gl.sum(p.to(gl.float32), axis=1)
+    else:
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_add = gl.sum(p, axis=1)
     alpha = gl.exp2(m_i - m_new)
-    l_new = l_i * alpha + gl.sum(p, axis=1)
+    l_new = l_i * alpha + l_add
     return p, alpha, m_new, l_new
 
 
@@ -126,7 +137,7 @@ def _ws_loader(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, col, n_b
 def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks, qk_scale,
              pp, solo, dt: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-             OVERLAP: gl.constexpr = False):  # fmt: skip
+             OVERLAP: gl.constexpr = False, EXP_BF16: gl.constexpr = False):  # fmt: skip
     # One consumer warpgroup's key loop over BLOCK_M (64) rows in q_smem: (acc, m_i, l_i).
     # Ping-pong (`pp`, both consumers busy): they take turns to issue their products
     # (mbarriers `turn`), so one's softmax runs beside the other's GEMMs. `solo`: the other
@@ -151,7 +162,7 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
         mbarrier.arrive(empty.index(0), count=1)  # K block 0 is read
         mbarrier.arrive(empty.index(0), count=1, pred=solo)
-        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo, hi, qk_scale, BLOCK_N, s_layout)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo, hi, qk_scale, BLOCK_N, s_layout, EXP_BF16)
         for i in range(1, n_blocks):
             # issue QK^T(i) and P V(i - 1) in our turn, then softmax(i) while the other
             # consumer's products run
@@ -169,7 +180,7 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
                 mbarrier.arrive(empty.index(i % STAGES), count=1)  # K block i is read
                 mbarrier.arrive(empty.index(i % STAGES), count=1, pred=solo)
                 p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale,
-                                              BLOCK_N, s_layout)  # fmt: skip
+                                              BLOCK_N, s_layout, EXP_BF16)  # fmt: skip
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
                 mbarrier.arrive(empty.index(STAGES + prev), count=1)  # V block i - 1 too
                 mbarrier.arrive(empty.index(STAGES + prev), count=1, pred=solo)
@@ -180,7 +191,7 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
                 mbarrier.arrive(empty.index(STAGES + prev), count=1)  # V block i - 1 too
                 mbarrier.arrive(empty.index(STAGES + prev), count=1, pred=solo)
                 p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale,
-                                              BLOCK_N, s_layout)  # fmt: skip
+                                              BLOCK_N, s_layout, EXP_BF16)  # fmt: skip
             acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(turn.index(WG), (n_blocks & 1) ^ WG ^ 1, pred=pp)
