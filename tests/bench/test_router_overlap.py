@@ -24,7 +24,7 @@ def test_gemm_scores_equal_the_reference_and_choose_the_same_chunks():
     q = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(2))
     ref = keymax_scores_ref(q, index.basis, index.lowrank_keys, index.chunk_offsets)
     for block in (1, 2, 5):  # blocks that split the chunks unevenly too
-        got = gemm_scores(q, index, block)
+        got = gemm_scores(q, index, block, 24)
         assert got.shape == ref.shape
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         assert choice_check(chosen_sets(got, 2), ref, 2, 1e-3)["ok"]
