@@ -95,6 +95,24 @@ def draw_queries(tok, pool, by_dir, args) -> tuple[list, int, int]:
     return queries, len(seen), args.queries - len(queries)
 
 
+def jit_misses() -> list[str]:
+    """A list that Triton's JIT cache hook appends each kernel to that it had to compile or
+    load (name and specialization, first 160 characters); empty where there is no hook."""
+    seen: list[str] = []
+
+    def hook(*_a, **kw) -> bool:
+        seen.append(str(kw.get("repr", "?"))[:160])
+        return False  # compile as usual
+
+    try:
+        from triton import knobs
+
+        knobs.runtime.jit_cache_hook = hook
+    except (ImportError, AttributeError):
+        pass
+    return seen
+
+
 def wl_key(ids: list[int]) -> str:
     """The store's key of a prompt (`store.prompt_key`)."""
     from moska.semshare.store import prompt_key
@@ -204,6 +222,7 @@ def main() -> None:
             gc_ms.append(1000 * (time.perf_counter() - gc_t[0]))
 
     gc.callbacks.append(gc_timer)
+    jit = jit_misses()  # Triton kernels compiled (or loaded from disk) inside the loop
     graphs = reuse.graphs
     t_loop = time.perf_counter()
     rows = []
@@ -213,6 +232,7 @@ def main() -> None:
         held = {doc_of.get(e.key) for e in reuse.store.lru_entries()}
         eager0 = graphs.eager if graphs is not None else 0
         n_gc = len(gc_ms)
+        n_jit = len(jit)
         t_on, r["reused"] = sp.ttft(engines["on"], f"q{q}-on", ids)
         r["on_ms"] = ms(t_on)
         if t_on > 0.06 and not args.cpu_dry_run:  # a slow query: where its host time went
@@ -228,6 +248,8 @@ def main() -> None:
             r["class"] = "hit" if doc_of.get(used) == di else "other_doc"
         if graphs is not None and graphs.eager > eager0:
             r["eager_tails"] = graphs.eager - eager0
+        if len(jit) > n_jit:
+            r["jit"] = jit[n_jit:]
         if len(gc_ms) > n_gc:
             r["gc_ms"] = round(sum(gc_ms[n_gc:]), 3)
         if kept:
@@ -265,6 +287,7 @@ def main() -> None:
         "gc_ms_in_loop": round(sum(gc_ms), 1),
         "gc_collections_in_loop": len(gc_ms),
         "eager_tails": sum(r.get("eager_tails", 0) for r in rows),
+        "jit_compiles_in_loop": [[r["q"], r["jit"]] for r in rows if "jit" in r],
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     result = {

@@ -14,7 +14,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# T (tokens moved) is any count: not specialized on its divisibility by 16, which compiled a
+# second variant inside the first blend of the other kind (~0.15-0.2 s of one request's TTFT
+# on an H200, once per engine: the session-18 steady runs' one outlier each)
+@triton.jit(do_not_specialize=["T"])
 def _rope_scatter_kernel(
     ks_ptr,  # [L, N, H, D] source keys (rotated at their old positions)
     vs_ptr,  # [L, N, H, D]
