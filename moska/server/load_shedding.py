@@ -25,6 +25,7 @@ from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from moska.server import storm_anchor
 from moska.server.admission import Decision
 from moska.server.door_backlog import DoorBacklog
 from moska.server.errors import error_body
@@ -105,7 +106,10 @@ class LoadSheddingMiddleware:
             state, door = _state(scope), _front_door(scope)
             waiting, storm, lag = self._storm(state)
             if door is not None:  # those inside are decided after the connections ahead
-                door.storm_s, door.storm_until = storm, time.monotonic() + storm
+                door.storm_s = storm  # and its end, if it is a storm (storm_anchor.py)
+                door.storm_until = storm_anchor.storm_end(
+                    door.storm_until, waiting, storm, time.monotonic(), self.backlog.min_backlog
+                )
             decision = self.shed()
             if decision is None:
                 ticket = door.enter() if door is not None else None

@@ -25,6 +25,16 @@ import time
 MODES = ("off", "plain", "all")
 
 
+def storm_end(until: float, waiting: int, storm_s: float, now: float, min_backlog: int) -> float:
+    """The storm's end as the door now sees it: `storm_s` from `now` while at least
+    `min_backlog` connections wait (a storm, `DoorBacklog.min_backlog`); else the end seen
+    last (`until`), which lapses by itself. Why not every count: a few connections waiting
+    are no storm (a client's own retries, sent while a long library prefill ran, made one
+    on session 18's first device call), and the step in progress then overran on its own,
+    which the overrun term says."""
+    return now + storm_s if waiting >= min_backlog else until
+
+
 def storm_left_s(storm_until: float, now: float | None = None) -> float:
     """Seconds until the door's storm is answered (0 when none is under way)."""
     now = time.monotonic() if now is None else now

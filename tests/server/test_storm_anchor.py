@@ -11,7 +11,7 @@ import pytest
 
 from moska.server import storm_anchor
 from moska.server.admission import AdmissionController, Decision, Load, RequestCost, Verdict
-from moska.server.storm_anchor import charged_s, step_delay_s, storm_left_s
+from moska.server.storm_anchor import charged_s, step_delay_s, storm_end, storm_left_s
 
 PLAIN, LIBRARY = RequestCost(64, 16), RequestCost(64, 16, 2048)
 LOAD = Load((RequestCost(200, 16),) * 4, ((12, 0),) * 8, 0, 0.05)
@@ -39,6 +39,13 @@ def test_a_later_429_in_the_storm_is_promised_less_by_its_place():
     late = step_delay_s(first, 0.8 - start, storm_end - 0.8) + charged_s(first, 0.8)
     assert early - late == pytest.approx(0.3)
     assert step_delay_s(first, 0.8, 0.0) > step_delay_s(first, 0.5, 0.0)  # the old term
+
+
+def test_a_storm_is_a_backlog_and_its_end_lapses_by_itself():
+    assert storm_end(0.0, 300, 0.4, now=10.0, min_backlog=16) == pytest.approx(10.4)
+    # a few connections waiting (a client's retries) are no storm: the end seen last stays
+    assert storm_end(10.4, 3, 0.003, now=10.5, min_backlog=16) == 10.4
+    assert storm_left_s(storm_end(10.4, 3, 0.003, now=10.5, min_backlog=16), now=10.5) == 0.0
 
 
 def test_storm_left_and_modes():
