@@ -98,3 +98,12 @@ def test_the_door_stamps_its_rejection_only_when_anchored():
         d = adm.shed(Load((RequestCost(2000, 16),) * 40, ((12, 0),) * 8, 0, 0.05))
         assert d is not None and not d.accepted
         assert (d.made_at is not None) is stamped
+
+
+def test_slo_off_still_never_rejects_with_the_anchor():
+    adm = AdmissionController(0, None)  # `--ttft-slo 0`
+    adm.door_anchor = "all"
+    adm.door.inside, adm.door.storm_until = 400, time.monotonic() + 5.0
+    heavy = Load((RequestCost(4000, 16),) * 40, ((12, 0),) * 8, 0, 3.0)
+    assert adm.shed(heavy) is None
+    assert adm.decide(LIBRARY, heavy).accepted
