@@ -48,12 +48,23 @@ def fp8_gemm_rate(device: str, m: int = 8192, reps: int = 10) -> dict:
 
 @triton.jit
 def _softmax_probe(
-    out_ptr, ITERS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EX2_F16: tl.constexpr
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    ITERS: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    EX2_F16: tl.constexpr,
 ):
+    # the score tile comes from a dot, so it has the attention program's MMA accumulator
+    # layout (each row within one warp: row max and sum by shuffles, no shared memory);
+    # the first probe (session 18 call 1) built it with tl.arange, a blocked layout whose
+    # row reductions crossed warps through shared memory: 4x slower than the real kernel
     pid = tl.program_id(0)
-    r = tl.arange(0, BM).to(tl.float32)
-    c = tl.arange(0, BN).to(tl.float32)
-    s = r[:, None] * 0.01 + c[None, :] * 0.02 + pid.to(tl.float32) * 1e-3
+    offs_k = tl.arange(0, 16)
+    a = tl.load(a_ptr + tl.arange(0, BM)[:, None] * 16 + offs_k[None, :])
+    b = tl.load(b_ptr + offs_k[:, None] * BN + tl.arange(0, BN)[None, :])
+    s = tl.dot(a, b) + pid.to(tl.float32) * 1e-3
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     for _ in range(ITERS):
@@ -74,11 +85,14 @@ def softmax_rate(device: str, reps: int = 5, ex2_f16: bool = False) -> dict:
         programs, iters = 8 * sms, 512
     else:  # the interpreter: exercises the code only
         programs, iters = 2, 2
+    gen = torch.Generator().manual_seed(0)
+    a = (torch.rand(bm, 16, generator=gen) * 0.1).to(device, torch.float16)
+    b = (torch.rand(16, bn, generator=gen) * 0.1).to(device, torch.float16)
     out = torch.empty(programs * bm, device=device, dtype=torch.float32)
 
     def run() -> torch.Tensor:
         mode = (2 if device != "cuda" else 1) if ex2_f16 else 0
-        _softmax_probe[(programs,)](out, ITERS=iters, BM=bm, BN=bn, EX2_F16=mode, num_warps=4)
+        _softmax_probe[(programs,)](a, b, out, ITERS=iters, BM=bm, BN=bn, EX2_F16=mode, num_warps=4)
         return out
 
     ms = _best_ms(run, reps, device)

@@ -52,8 +52,17 @@ def tile(spec: str) -> dict[str, int]:
     return {"block_m": m, "block_n": n, "num_warps": w, "num_stages": st}
 
 
-def floors(s: fa.Shape, b: int, touched: int, ceil: dict, bf16_ms: float | None) -> dict:
-    """The read, tensor and softmax floors (ms) of bf16 and of the FP8 programs at batch b."""
+def floors(
+    s: fa.Shape,
+    b: int,
+    touched: int,
+    ceil: dict,
+    bf16_ms: float | None,
+    fastest_ms: float | None = None,
+) -> dict:
+    """The read, tensor and softmax floors (ms) of bf16 and of the FP8 programs at batch b.
+    A softmax floor above `fastest_ms` (the fastest variant timed at b: every variant does
+    that work) is no floor: the probe then ran slower than the kernels, and it is left out."""
     g = s.hq // s.hkv
     rows = b * s.hkv * s.top_k * g  # query rows, each over one chunk's keys
     scores = rows * s.chunk
@@ -69,6 +78,9 @@ def floors(s: fa.Shape, b: int, touched: int, ceil: dict, bf16_ms: float | None)
     soft = max((r for r in rates if r), default=None)
     soft_ms = scores / soft * 1e3 if soft else None
     out: dict[str, Any] = {"query_rows": rows, "scores": scores, "flops": flops}
+    if soft_ms is not None and fastest_ms is not None and soft_ms > fastest_ms:
+        out["softmax_floor_rejected"] = {"softmax_floor_ms": soft_ms, "fastest_ms": fastest_ms}
+        soft_ms = None
 
     def one(nbytes: float, tensor_ms: float | None) -> dict:
         f = {"read_floor_ms": nbytes / read * 1e3, "tensor_floor_ms": tensor_ms}
@@ -92,6 +104,13 @@ def floors(s: fa.Shape, b: int, touched: int, ceil: dict, bf16_ms: float | None)
             out[k]["target_reachable"] = out[k]["floor_ms"] <= need
             out[k]["floor_vs_bf16_max_speedup"] = bf16_ms / out[k]["floor_ms"]
     return out
+
+
+def row_floors(s: fa.Shape, row: dict, names: list[str], ceil: dict) -> dict:
+    """`floors` of a timed row (bf16's time and the fastest variant's from the row)."""
+    times = [row[n]["ms"] for n in names if n in row]
+    bf16_ms = row["bf16"]["ms"] if "bf16" in row else None
+    return floors(s, row["batch"], row["chunks_touched"], ceil, bf16_ms, min(times, default=None))
 
 
 def summarize(rows: list[dict], names: list[str], ceil: dict) -> dict:
@@ -206,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in batches:  # the JSON rewritten after each batch: a run cut short keeps its rows
         row = fa.run_batch(s, b, "uniform", names, bf16_tiles, gen, pools, args.sample, ceil,
                            mma_tiles)  # fmt: skip
-        bf16_ms = row["bf16"]["ms"] if "bf16" in row else None
-        row["floors"] = floors(s, b, row["chunks_touched"], ceil, bf16_ms)
+        row["floors"] = row_floors(s, row, names, ceil)
         rows.append(row)
         write(False)
     stats = kernel_stats(_grouped_fp8_mma_kernel, _grouped_shared_attention_kernel)

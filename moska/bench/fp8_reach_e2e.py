@@ -66,6 +66,21 @@ def end_to_end(reach: dict, decode: dict, layers: int) -> dict:
     return out
 
 
+def refloor(reach: dict) -> None:
+    """Every row's floors and the summary again, from the JSON's own rows and ceilings."""
+    from moska.bench import fp8_attention as fa
+    from moska.bench.fp8_reach import row_floors, summarize
+
+    sh = dict(reach["shape"])
+    sh["dtype"] = None  # (floors use sizes only)
+    s = fa.Shape(**sh)
+    names = ["bf16", *[n for n in reach["rows"][0] if n in fa.MMA]]
+    for row in reach["rows"]:
+        row["floors"] = row_floors(s, row, names, reach["ceilings"])
+    keep = {k: v for k, v in reach["summary"].items() if k in ("complete", "end_to_end")}
+    reach["summary"] = {**summarize(reach["rows"], names, reach["ceilings"]), **keep}
+
+
 def table(summary: dict) -> str:
     lines = ["B     bf16 ms  best FP8 (quality kept)        x bf16  FP8 floor (q split)  target"]
     for e in summary.get("by_batch", []):
@@ -90,8 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("reach")
     ap.add_argument("decode", nargs="?")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument(
+        "--refloor",
+        action="store_true",
+        help="recompute every row's floors and the summary from the JSON's rows and ceilings "
+        "(`fp8_reach.floors`, e.g. after a fix to how a floor is judged)",
+    )
     args = ap.parse_args(argv)
     reach = json.loads(Path(args.reach).read_text())
+    if args.refloor:
+        refloor(reach)
+        write_json(args.reach, reach)
     if args.decode and Path(args.decode).exists():
         decode = json.loads(Path(args.decode).read_text())
         e2e = end_to_end(reach, decode, args.layers)
