@@ -44,8 +44,9 @@ from moska.kernels.shared_tuning import grouped_tuning
 # Few rows per KV head (read-bound; Triton's split-KV wins there) keep one variant for the
 # record; many rows try the ping-pong with and without the intra-warpgroup overlap ("wso").
 FEW = {d: [("wso", 64, 128, 4, 3, 1)] for d in (128, 64)}
-MANY = {  # "e": exp2 in bf16, two per SFU issue (the D 64 softmax is SFU-bound)
-    128: [("ws", 64, 128, 4, 3, 1), ("wso", 64, 128, 4, 3, 1), ("wsoe", 64, 128, 4, 3, 1)],
+MANY = {  # "k": K and V slots freed apart (call 2's protocol); "e": exp2 in bf16, 2 per issue
+    128: [("ws", 64, 128, 4, 3, 1), ("wsk", 64, 128, 4, 3, 1), ("wso", 64, 128, 4, 3, 1)]
+    + [("wsoe", 64, 128, 4, 3, 1)],
     64: [("ws", 64, 128, 4, 3, 1), ("wso", 64, 128, 4, 3, 1), ("wse", 64, 128, 4, 3, 1)]
     + [("wsoe", 64, 128, 4, 3, 1)],
 }

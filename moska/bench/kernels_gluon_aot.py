@@ -41,6 +41,7 @@ def compile_variant(
         vals["num_warps"] = 4
         sig["OVERLAP"], vals["OVERLAP"] = "constexpr", "o" in schedule[2:]
         sig["EXP_BF16"], vals["EXP_BF16"] = "constexpr", "e" in schedule[2:]
+        sig["KV_APART"], vals["KV_APART"] = "constexpr", "k" in schedule[2:]
     names = list(sig)
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in vals.items()})
     t = time.time()
@@ -56,10 +57,18 @@ GROUPED_ARGS = ["q_ptr", "k_desc", "v_desc", "starts_ptr", "ends_ptr", "sel_req_
 GROUPED_ARGS += ["sel_kv_ptr", "sel_chunk_ptr", "work_ptr", "meta_ptr", "o_ptr", "lse_ptr"]
 GROUPED_ARGS += ["o_part_ptr", "lse_part_ptr", "stride_qb", "stride_qh", "W", "qk_scale"]
 GROUPED_CONST = ["G", "D", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps", "OVERLAP", "EXP_BF16"]
+GROUPED_CONST += ["KV_APART"]
 
 
 def compile_grouped(
-    d: int, g: int, bm: int, bn: int, st: int, overlap: bool = False, exp_bf16: bool = False
+    d: int,
+    g: int,
+    bm: int,
+    bn: int,
+    st: int,
+    overlap: bool = False,
+    exp_bf16: bool = False,
+    kv_apart: bool = False,
 ) -> dict:
     """The grouped ping-pong kernel (gluon_grouped.py) for sm_90."""
     lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
@@ -67,7 +76,8 @@ def compile_grouped(
     types = ["*bf16", td, td] + ["*i32"] * 7 + ["*bf16", "*fp32", "*fp32", "*fp32"]
     types += ["i32", "i32", "i32", "fp32"]
     sig = dict(zip(GROUPED_ARGS, types, strict=True)) | dict.fromkeys(GROUPED_CONST, "constexpr")
-    vals = dict(zip(GROUPED_CONST, (g, d, bm, bn, st, 4, overlap, exp_bf16), strict=True))
+    cx_vals = (g, d, bm, bn, st, 4, overlap, exp_bf16, kv_apart)
+    vals = dict(zip(GROUPED_CONST, cx_vals, strict=True))
     names = list(sig)
     cx = {(names.index(k),): v for k, v in vals.items()}
     src = GluonASTSource(_grouped_ws_kernel, sig, constexprs=cx)
@@ -77,7 +87,7 @@ def compile_grouped(
     out = {
         "D": d,
         "G": g,
-        "schedule": "grouped_ws" + "o" * overlap + "e" * exp_bf16,
+        "schedule": "grouped_ws" + "o" * overlap + "e" * exp_bf16 + "k" * kv_apart,
         "tile": f"m{bm}n{bn}s{st}",
     }
     out["ok"] = True
@@ -104,6 +114,7 @@ def main() -> None:
     pipe = ((128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3))
     tiles = [("pipe", *t) for t in pipe] + [("ws", 64, 128, 4, 2), ("ws", 64, 128, 4, 3)]
     tiles += [("wso", 64, 128, 4, 3), ("wsoe", 64, 128, 4, 3), ("wse", 64, 128, 4, 3)]
+    tiles += [("wsk", 64, 128, 4, 3), ("wsok", 64, 128, 4, 3)]
     for d in (128, 64):
         for sched, bm, bn, nw, st in tiles:
             for split in (False, True):

@@ -24,6 +24,7 @@ from .gluon_parts import (
     _descriptor,
     _mma_layout,
     _q_layout,
+    _ws_idle,
     _ws_loader,
     _ws_loop,
 )
@@ -34,10 +35,11 @@ __all__ = ["gluon_grouped_attention"]
 @gluon.jit
 def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
                       o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
-                      n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, solo, qk_scale,
+                      n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, qk_scale,
                       G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                      OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr):  # fmt: skip
+                      OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr,
+                      KV_APART: gl.constexpr):  # fmt: skip
     # rows tile_row0 + WG * BLOCK_M .. of the group (selection start + row // G, head row % G)
     dt: gl.constexpr = q_ptr.dtype.element_ty
     q_layout: gl.constexpr = _q_layout(D, 4)
@@ -51,7 +53,8 @@ def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, 
     q_smem.store(q)
     fence_async_shared()
     acc, m_i, l_i = _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks,
-                             qk_scale, pp, solo, dt, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16)  # fmt: skip
+                             qk_scale, pp, dt, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16,
+                             KV_APART, True)  # fmt: skip
     o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     out = acc / gl.maximum(gl.convert_layout(l_i, row_o), 1e-30)[:, None]
@@ -73,16 +76,19 @@ def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, 
 @gluon.jit
 def _grouped_consumer1(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
                        o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
-                       n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, solo, qk_scale,
+                       n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, qk_scale,
                        G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                       OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr):  # fmt: skip
-    # the second warpgroup: idle (no rows) when the tile has at most BLOCK_M rows
-    if tile_row0 + BLOCK_M < n_rows:
+                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                       EXP_BF16: gl.constexpr, KV_APART: gl.constexpr):  # fmt: skip
+    # the second warpgroup: idle (it only frees the slots) when the tile has <= BLOCK_M rows
+    if pp:
         _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
                           o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
-                          n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, solo, qk_scale,
-                          G, D, BLOCK_M, BLOCK_N, STAGES, 1, OVERLAP, EXP_BF16)  # fmt: skip
+                          n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, qk_scale,
+                          G, D, BLOCK_M, BLOCK_N, STAGES, 1, OVERLAP, EXP_BF16,
+                          KV_APART)  # fmt: skip
+    else:
+        _ws_idle(k_bar, v_bar, empty, n_blocks, STAGES, KV_APART)
 
 
 @gluon.jit
@@ -90,7 +96,8 @@ def _grouped_ws_kernel(
     q_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr, sel_chunk_ptr,
     work_ptr, meta_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, W,
     qk_scale, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, num_warps: gl.constexpr, OVERLAP: gl.constexpr = False, EXP_BF16: gl.constexpr = False,
+    STAGES: gl.constexpr, num_warps: gl.constexpr, OVERLAP: gl.constexpr = False,
+    EXP_BF16: gl.constexpr = False, KV_APART: gl.constexpr = False,
 ):  # fmt: skip
     w = gl.program_id(0)
     n_items = gl.load(meta_ptr)
@@ -110,7 +117,6 @@ def _grouped_ws_kernel(
     hi = gl.minimum(lo + split_len, c_hi)
     n_blocks = gl.where(w_ok, gl.cdiv(hi - lo, BLOCK_N), 0)
     pp = tile_row0 + BLOCK_M < n_rows  # the second warpgroup has rows: ping-pong
-    solo = tile_row0 + BLOCK_M >= n_rows
 
     dt: gl.constexpr = q_ptr.dtype.element_ty
     q_lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dt)
@@ -124,8 +130,8 @@ def _grouped_ws_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bar.index(i), count=1)
         mbarrier.init(v_bar.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # K slot i, freed by both consumers
-        mbarrier.init(empty.index(STAGES + i), count=2)  # V slot i
+        mbarrier.init(empty.index(i), count=2)  # slot i (its K with KV_APART), both consumers
+        mbarrier.init(empty.index(STAGES + i), count=2)  # V slot i with KV_APART
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
     fence_async_shared()
@@ -134,15 +140,15 @@ def _grouped_ws_kernel(
         (_grouped_consumer, (q_ptr, q_smem.index(0), k_smem, v_smem, k_bar, v_bar, empty, turn,
                              sel_req_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb,
                              stride_qh, start, n_rows, tile_row0, lo, hi, n_blocks, kv, w,
-                             n_split, pp, solo, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES, 0,
-                             OVERLAP, EXP_BF16)),
+                             n_split, pp, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES, 0,
+                             OVERLAP, EXP_BF16, KV_APART)),
         (_grouped_consumer1, (q_ptr, q_smem.index(1), k_smem, v_smem, k_bar, v_bar, empty, turn,
                               sel_req_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb,
                               stride_qh, start, n_rows, tile_row0, lo, hi, n_blocks, kv, w,
-                              n_split, pp, solo, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES,
-                              OVERLAP, EXP_BF16)),
+                              n_split, pp, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES,
+                              OVERLAP, EXP_BF16, KV_APART)),
         (_ws_loader, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, kv * D, n_blocks,
-                      BLOCK_N, STAGES)),
+                      BLOCK_N, STAGES, KV_APART)),
     ], [4, 1], [240, 24])
     # fmt: on
 
@@ -162,11 +168,12 @@ def gluon_grouped_attention(
     stages: int = 2,
     overlap: bool = False,
     exp_bf16: bool = False,
+    kv_apart: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [N, G, D], lse [N, G], o_part, lse_part): split tiles' rows are in the parts only;
     the caller merges them (`merge_tile_splits(work, meta, o_part, lse_part, o, lse, G,
     2 * block_m, ...)`). `overlap`: FA3's intra-warpgroup overlap too (`_ws_loop`); `exp_bf16`: exp2 two at a time in
-    bf16 (`_softmax`)."""
+    bf16 (`_softmax`); `kv_apart`: K and V slots freed apart (`_ws_loader`)."""
     work, meta, w_max = plan
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
@@ -180,6 +187,6 @@ def gluon_grouped_attention(
         q, _descriptor(k_pool, block_n), _descriptor(v_pool, block_n), starts, ends, sel.req,
         sel.kv_head, sel.chunk, work, meta, o, lse, o_part, lse_part, q.stride(0), q.stride(1),
         w_max, sm_scale * LOG2E, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        num_warps=4, maxnreg=WS_MAXNREG, OVERLAP=overlap, EXP_BF16=exp_bf16,
+        num_warps=4, maxnreg=WS_MAXNREG, OVERLAP=overlap, EXP_BF16=exp_bf16, KV_APART=kv_apart,
     )  # fmt: skip
     return o, lse, o_part, lse_part

@@ -42,7 +42,7 @@ from .gluon_parts import (
 
 __all__ = ["SCHEDULES", "gluon_ok", "gluon_one_chunk", "split_plan"]
 
-SCHEDULES = ("pipe", "ws", "wso", "wse", "wsoe")
+SCHEDULES = ("pipe", "ws", "wso", "wse", "wsoe", "wsk", "wsok")
 
 
 @gluon.jit
@@ -136,12 +136,14 @@ def _ws_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, o_ptr
                  o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo, hi, n_blocks, kv, split,
                  hkv, row0, qk_scale, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
-                 WG: gl.constexpr, OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr):  # fmt: skip
+                 WG: gl.constexpr, OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr,
+                 KV_APART: gl.constexpr):  # fmt: skip
     # one warpgroup of the one-chunk "ws" kernel: rows row0 .. row0 + BLOCK_M of KV head kv
     dt: gl.constexpr = q_ptr.dtype.element_ty
     _load_q(q_ptr, q_smem, row0, kv, M, stride_qb, stride_qh, G, D, BLOCK_M, 4)
     acc, m_i, l_i = _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks,
-                             qk_scale, True, False, dt, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16)  # fmt: skip
+                             qk_scale, True, dt, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16,
+                             KV_APART)  # fmt: skip
     _epilogue(acc, m_i, l_i, row0, kv, split, hkv, M, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
               D, BLOCK_M, SPLIT, _mma_layout(BLOCK_M, D, 4))  # fmt: skip
 
@@ -151,10 +153,11 @@ def _ws_consumer1(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, o_pt
                   o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo, hi, n_blocks, kv, split,
                   hkv, row0, qk_scale, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
-                  OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr):  # fmt: skip
+                  OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr, KV_APART: gl.constexpr):  # fmt: skip
     _ws_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, o_ptr, lse_ptr,
                  o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo, hi, n_blocks, kv, split,
-                 hkv, row0 + BLOCK_M, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES, SPLIT, 1, OVERLAP, EXP_BF16)  # fmt: skip
+                 hkv, row0 + BLOCK_M, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES, SPLIT, 1, OVERLAP, EXP_BF16,
+                 KV_APART)  # fmt: skip
 
 
 @gluon.jit
@@ -163,7 +166,7 @@ def _one_chunk_ws_kernel(
     stride_qb, stride_qh, M, S, split_len, qk_scale,
     G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr,
-    OVERLAP: gl.constexpr = False, EXP_BF16: gl.constexpr = False,
+    OVERLAP: gl.constexpr = False, EXP_BF16: gl.constexpr = False, KV_APART: gl.constexpr = False,
 ):  # fmt: skip
     # schedule "ws": FA3's ping-pong. Two consumer warpgroups of BLOCK_M rows each (the
     # default partition and a worker) share every K/V block one loader warp brings in.
@@ -182,8 +185,8 @@ def _one_chunk_ws_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bar.index(i), count=1)
         mbarrier.init(v_bar.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # K slot i, freed by both consumers
-        mbarrier.init(empty.index(STAGES + i), count=2)  # V slot i
+        mbarrier.init(empty.index(i), count=2)  # slot i (its K with KV_APART), both consumers
+        mbarrier.init(empty.index(STAGES + i), count=2)  # V slot i with KV_APART
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
     fence_async_shared()
@@ -197,13 +200,13 @@ def _one_chunk_ws_kernel(
         (_ws_consumer, (q_ptr, q_smem.index(0), k_smem, v_smem, k_bar, v_bar, empty, turn, o_ptr,
                         lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo, hi,
                         n_blocks, kv, split, hkv, row0, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES,
-                        SPLIT, 0, OVERLAP, EXP_BF16)),
+                        SPLIT, 0, OVERLAP, EXP_BF16, KV_APART)),
         (_ws_consumer1, (q_ptr, q_smem.index(1), k_smem, v_smem, k_bar, v_bar, empty, turn,
                          o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, M, lo,
                          hi, n_blocks, kv, split, hkv, row0, qk_scale, G, D, BLOCK_M, BLOCK_N,
-                         STAGES, SPLIT, OVERLAP, EXP_BF16)),
+                         STAGES, SPLIT, OVERLAP, EXP_BF16, KV_APART)),
         (_ws_loader, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, kv * D, n_blocks,
-                      BLOCK_N, STAGES)),
+                      BLOCK_N, STAGES, KV_APART)),
     ], [4, 1], [240, 24])
     # fmt: on
 
@@ -252,7 +255,8 @@ def gluon_one_chunk(
     ping-pong: two consumer warpgroups of block_m rows each and a loader warp; num_warps
     is then 4) or "wso" ("ws" with FA3's intra-warpgroup overlap: softmax(i) beside the
     warpgroup's own P V(i - 1)); an "e" ("wse", "wsoe"): the weights' exp2 two at a time
-    in bf16 (`gluon_parts._softmax`), bf16 inputs only."""
+    in bf16 (`gluon_parts._softmax`), bf16 inputs only; a "k": K and V slots freed apart
+    (`gluon_parts._ws_loader`)."""
     if not gluon_ok(q, k, v):
         raise ValueError("gluon_one_chunk needs Hopper, fp16/bf16, D 64/128 and TMA-aligned K/V")
     if schedule not in SCHEDULES:
@@ -276,6 +280,7 @@ def gluon_one_chunk(
     if schedule != "pipe":  # 12 warps (9 used) in 64K registers: 240 / 240 / 24 a thread
         kernel, extra = _one_chunk_ws_kernel, {"num_warps": 4, "maxnreg": WS_MAXNREG}
         extra["OVERLAP"], extra["EXP_BF16"] = "o" in schedule[2:], "e" in schedule[2:]
+        extra["KV_APART"] = "k" in schedule[2:]
         if extra["EXP_BF16"] and q.dtype != torch.bfloat16:
             raise ValueError(f"schedule {schedule!r} computes bf16 weights: pass bf16 inputs")
     kernel[grid](
