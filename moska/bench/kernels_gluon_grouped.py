@@ -34,12 +34,15 @@ from moska.kernels.shared_work_list import build_work_list
 
 CFG: dict[str, Any] = {"hkv": 8, "chunks": 256, "chunk_len": 4096, "topk": 8, "dims": (128, 64)}
 CFG |= {"gqa": (4, 8, 2, 1), "b_list": (1024, 256, 64), "routing": "uniform"}
-# (rows a warpgroup, keys a block, stages, overlap, exp2 in bf16)
-VARIANTS = ((64, 128, 3, False, False), (64, 128, 3, True, False), (64, 128, 3, True, True))
+# (rows a warpgroup, keys a block, stages, overlap, exp2 in bf16, persistent: a program an SM)
+VARIANTS: tuple[tuple[int, int, int, bool, bool, bool], ...] = ((64, 128, 3, False, False, False),)
+VARIANTS += ((64, 128, 3, False, False, True),)
+VARIANTS += ((64, 128, 3, True, False, True), (64, 128, 3, True, True, True))
 
 
-def gluon_step(p: dict, bm: int, bn: int, st: int, overlap: bool, ex: bool, sms: int):
+def gluon_step(p: dict, var: tuple, sms: int):
     """One grouped step through the Gluon kernel: plan (2 * bm-row tiles), run, merge."""
+    bm, bn, st, overlap, ex, persistent = var
     from moska.kernels.gluon_grouped import gluon_grouped_attention
 
     q, k, v, sel, table = p["q"], p["k"], p["v"], p["sel"], p["table"]
@@ -59,6 +62,7 @@ def gluon_step(p: dict, bm: int, bn: int, st: int, overlap: bool, ex: bool, sms:
         stages=st,
         overlap=overlap,
         exp_bf16=ex,
+        programs=sms if persistent else None,
     )
     merge_tile_splits(plan[0], plan[1], o_part, lse_part, o, lse, g, 2 * bm, 4, 32)
     return o, lse
@@ -70,9 +74,10 @@ def calls(p: dict, sms: int) -> dict:
             grouped_shared_attention, p["q"], p["k"], p["v"], p["offs"], p["sel"], p["scale"]
         )
     }
-    for bm, bn, st, ov, ex in VARIANTS:
-        name = f"gluon:ws{'o' * ov}{'e' * ex}:m{bm}n{bn}s{st}"
-        out[name] = partial(gluon_step, p, bm, bn, st, ov, ex, sms)
+    for var in VARIANTS:
+        bm, bn, st, ov, ex, pers = var
+        name = f"gluon:ws{'o' * ov}{'e' * ex}{'p' * pers}:m{bm}n{bn}s{st}"
+        out[name] = partial(gluon_step, p, var, sms)
     return out
 
 

@@ -3,8 +3,12 @@ item 3): the work list of `shared_work_list.build_work_list` (items = (group, ro
 split) of 2 * BLOCK_M rows), each item run by two consumer warpgroups of BLOCK_M rows
 taking turns on the tensor cores while one loader warp streams the chunk's K/V blocks by
 TMA (`gluon_parts._ws_loop`). A tile of at most BLOCK_M rows runs one warpgroup (the
-other idles), like the Triton kernel's half tails. An experiment beside the Triton kernel,
-not wired in: `python -m moska.bench.kernels_gluon --grouped` checks and times it.
+other only frees the slots), like the Triton kernel's half tails. Every partition walks the
+items w = program, program + programs, ...: one item a program on a grid of W_max, or a
+persistent grid (a program an SM) whose loader streams the next item's first blocks while
+the consumers finish the last one's (block and turn counters run on across items). An
+experiment beside the Triton kernel, not wired in: `python -m moska.bench.kernels_gluon_grouped`
+checks and times it.
 
 Inputs and outputs as `grouped_shared_attention`'s (q [B, Hq, D]; pools [S_total, Hkv, D];
 a chunk table of starts / ends; Selections sorted by (chunk, kv_head, req); o [N * G, D],
@@ -31,16 +35,40 @@ from .gluon_parts import (
 
 __all__ = ["gluon_grouped_attention"]
 
+# registers a thread: the consumer warpgroups and the loader (which walks the work list);
+# 2 x (consumer - 168) = 168 - loader keeps the 168-register launch budget
+WS_REGS = gl.constexpr(240)
+WS_LOADER_REGS = gl.constexpr(24)
+
 
 @gluon.jit
-def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
-                      o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
-                      n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, qk_scale,
-                      G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                      OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr,
-                      KV_APART: gl.constexpr):  # fmt: skip
-    # rows tile_row0 + WG * BLOCK_M .. of the group (selection start + row // G, head row % G)
+def _item(w, work_ptr, starts_ptr, ends_ptr, sel_chunk_ptr, sel_kv_ptr, W, G: gl.constexpr,
+          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):  # fmt: skip
+    # work item w: (first selection, rows, first row of its tile, KV head, key range, blocks)
+    start = gl.load(work_ptr + w)
+    n_rows = gl.load(work_ptr + W + w) * G
+    tile_row0 = gl.load(work_ptr + 2 * W + w) * (2 * BLOCK_M)
+    split = gl.load(work_ptr + 3 * W + w)
+    n_split = gl.load(work_ptr + 4 * W + w)
+    chunk = gl.load(sel_chunk_ptr + start)
+    kv = gl.load(sel_kv_ptr + start)
+    c_lo = gl.load(starts_ptr + chunk)
+    c_hi = gl.load(ends_ptr + chunk)
+    split_len = gl.cdiv(gl.cdiv(c_hi - c_lo, n_split), BLOCK_N) * BLOCK_N
+    lo = gl.minimum(c_lo + split * split_len, c_hi)
+    hi = gl.minimum(lo + split_len, c_hi)
+    return start, n_rows, tile_row0, n_split, kv, lo, hi, gl.cdiv(hi - lo, BLOCK_N)
+
+
+@gluon.jit
+def _rows_item(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr, o_ptr,
+               lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, w, start, n_rows,
+               tile_row0, n_split, kv, lo, hi, n_blocks, pp, c0, t0, qk_scale,
+               G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr, WG: gl.constexpr, OVERLAP: gl.constexpr,
+               EXP_BF16: gl.constexpr, KV_APART: gl.constexpr):  # fmt: skip
+    # one warpgroup's rows tile_row0 + WG * BLOCK_M .. of an item (selection start + row // G,
+    # head row % G): q -> shared memory, the key loop, (o, lse) or the split's partial
     dt: gl.constexpr = q_ptr.dtype.element_ty
     q_layout: gl.constexpr = _q_layout(D, 4)
     r0 = tile_row0 + WG * BLOCK_M
@@ -54,7 +82,7 @@ def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, 
     fence_async_shared()
     acc, m_i, l_i = _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks,
                              qk_scale, pp, dt, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16,
-                             KV_APART, True)  # fmt: skip
+                             KV_APART, True, c0, t0)  # fmt: skip
     o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     out = acc / gl.maximum(gl.convert_layout(l_i, row_o), 1e-30)[:, None]
@@ -74,21 +102,66 @@ def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, 
 
 
 @gluon.jit
-def _grouped_consumer1(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
-                       o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
-                       n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, qk_scale,
-                       G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+def _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, starts_ptr,
+                      ends_ptr, sel_req_ptr, sel_kv_ptr, sel_chunk_ptr, work_ptr, meta_ptr, o_ptr,
+                      lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, W, qk_scale,
+                      G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
+                      OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr,
+                      KV_APART: gl.constexpr):  # fmt: skip
+    # consumer warpgroup WG over this program's items; the second one only frees the slots
+    # of an item with <= BLOCK_M rows (no ping-pong then)
+    c = 0  # key blocks this program streamed so far
+    t = 0  # ping-pong turns taken so far
+    for w in range(gl.program_id(0), gl.load(meta_ptr), gl.num_programs(0)):
+        start, n_rows, tile_row0, n_split, kv, lo, hi, n_blocks = _item(
+            w, work_ptr, starts_ptr, ends_ptr, sel_chunk_ptr, sel_kv_ptr, W, G, BLOCK_M, BLOCK_N
+        )
+        pp = tile_row0 + BLOCK_M < n_rows  # the second warpgroup has rows: ping-pong
+        if WG == 0:
+            _rows_item(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
+                       o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, w, start,
+                       n_rows, tile_row0, n_split, kv, lo, hi, n_blocks, pp, c, t, qk_scale, G, D,
+                       BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16, KV_APART)  # fmt: skip
+        else:
+            if pp:
+                _rows_item(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
+                           o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, w,
+                           start, n_rows, tile_row0, n_split, kv, lo, hi, n_blocks, pp, c, t,
+                           qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16,
+                           KV_APART)  # fmt: skip
+            else:
+                _ws_idle(k_bar, v_bar, empty, n_blocks, STAGES, KV_APART, c)
+        c += n_blocks
+        t += gl.where(pp & (n_blocks > 0), n_blocks + 1, 0)
+
+
+@gluon.jit
+def _grouped_consumer1(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, starts_ptr,
+                       ends_ptr, sel_req_ptr, sel_kv_ptr, sel_chunk_ptr, work_ptr, meta_ptr,
+                       o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, W,
+                       qk_scale, G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
                        EXP_BF16: gl.constexpr, KV_APART: gl.constexpr):  # fmt: skip
-    # the second warpgroup: idle (it only frees the slots) when the tile has <= BLOCK_M rows
-    if pp:
-        _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr,
-                          o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, start,
-                          n_rows, tile_row0, lo, hi, n_blocks, kv, w, n_split, pp, qk_scale,
-                          G, D, BLOCK_M, BLOCK_N, STAGES, 1, OVERLAP, EXP_BF16,
-                          KV_APART)  # fmt: skip
-    else:
-        _ws_idle(k_bar, v_bar, empty, n_blocks, STAGES, KV_APART)
+    _grouped_consumer(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, starts_ptr,
+                      ends_ptr, sel_req_ptr, sel_kv_ptr, sel_chunk_ptr, work_ptr, meta_ptr, o_ptr,
+                      lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, W, qk_scale, G, D,
+                      BLOCK_M, BLOCK_N, STAGES, 1, OVERLAP, EXP_BF16, KV_APART)  # fmt: skip
+
+
+@gluon.jit
+def _grouped_loader(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, starts_ptr, ends_ptr,
+                    sel_chunk_ptr, sel_kv_ptr, work_ptr, meta_ptr, W, G: gl.constexpr,
+                    D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    STAGES: gl.constexpr, KV_APART: gl.constexpr):  # fmt: skip
+    c = 0
+    for w in range(gl.program_id(0), gl.load(meta_ptr), gl.num_programs(0)):
+        _, _, _, _, kv, lo, _, n_blocks = _item(
+            w, work_ptr, starts_ptr, ends_ptr, sel_chunk_ptr, sel_kv_ptr, W, G, BLOCK_M, BLOCK_N
+        )
+        _ws_loader(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, kv * D, n_blocks,
+                   BLOCK_N, STAGES, KV_APART, c)  # fmt: skip
+        c += n_blocks
 
 
 @gluon.jit
@@ -99,25 +172,6 @@ def _grouped_ws_kernel(
     STAGES: gl.constexpr, num_warps: gl.constexpr, OVERLAP: gl.constexpr = False,
     EXP_BF16: gl.constexpr = False, KV_APART: gl.constexpr = False,
 ):  # fmt: skip
-    w = gl.program_id(0)
-    n_items = gl.load(meta_ptr)
-    w_ok = w < n_items
-    wl = gl.where(w_ok, w, 0)  # programs past the last item run an empty key range
-    start = gl.load(work_ptr + wl)
-    n_rows = gl.where(w_ok, gl.load(work_ptr + W + wl) * G, 0)  # past the items: no rows
-    tile_row0 = gl.load(work_ptr + 2 * W + wl) * (2 * BLOCK_M)
-    split = gl.load(work_ptr + 3 * W + wl)
-    n_split = gl.load(work_ptr + 4 * W + wl)
-    chunk = gl.load(sel_chunk_ptr + start)
-    kv = gl.load(sel_kv_ptr + start)
-    c_lo = gl.load(starts_ptr + chunk)
-    c_hi = gl.load(ends_ptr + chunk)
-    split_len = gl.cdiv(gl.cdiv(c_hi - c_lo, n_split), BLOCK_N) * BLOCK_N
-    lo = gl.minimum(c_lo + split * split_len, c_hi)
-    hi = gl.minimum(lo + split_len, c_hi)
-    n_blocks = gl.where(w_ok, gl.cdiv(hi - lo, BLOCK_N), 0)
-    pp = tile_row0 + BLOCK_M < n_rows  # the second warpgroup has rows: ping-pong
-
     dt: gl.constexpr = q_ptr.dtype.element_ty
     q_lay: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dt)
     q_smem = gl.allocate_shared_memory(dt, [2, BLOCK_M, D], q_lay)
@@ -138,18 +192,19 @@ def _grouped_ws_kernel(
     # fmt: off
     gl.warp_specialize([
         (_grouped_consumer, (q_ptr, q_smem.index(0), k_smem, v_smem, k_bar, v_bar, empty, turn,
-                             sel_req_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb,
-                             stride_qh, start, n_rows, tile_row0, lo, hi, n_blocks, kv, w,
-                             n_split, pp, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES, 0,
-                             OVERLAP, EXP_BF16, KV_APART)),
+                             starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr, sel_chunk_ptr,
+                             work_ptr, meta_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+                             stride_qb, stride_qh, W, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES,
+                             0, OVERLAP, EXP_BF16, KV_APART)),
         (_grouped_consumer1, (q_ptr, q_smem.index(1), k_smem, v_smem, k_bar, v_bar, empty, turn,
-                              sel_req_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, stride_qb,
-                              stride_qh, start, n_rows, tile_row0, lo, hi, n_blocks, kv, w,
-                              n_split, pp, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES,
+                              starts_ptr, ends_ptr, sel_req_ptr, sel_kv_ptr, sel_chunk_ptr,
+                              work_ptr, meta_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
+                              stride_qb, stride_qh, W, qk_scale, G, D, BLOCK_M, BLOCK_N, STAGES,
                               OVERLAP, EXP_BF16, KV_APART)),
-        (_ws_loader, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, kv * D, n_blocks,
-                      BLOCK_N, STAGES, KV_APART)),
-    ], [4, 1], [240, 24])
+        (_grouped_loader, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, starts_ptr,
+                           ends_ptr, sel_chunk_ptr, sel_kv_ptr, work_ptr, meta_ptr, W, G, D,
+                           BLOCK_M, BLOCK_N, STAGES, KV_APART)),
+    ], [4, 1], [WS_REGS, WS_LOADER_REGS])
     # fmt: on
 
 
@@ -169,11 +224,13 @@ def gluon_grouped_attention(
     overlap: bool = False,
     exp_bf16: bool = False,
     kv_apart: bool = False,
+    programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [N, G, D], lse [N, G], o_part, lse_part): split tiles' rows are in the parts only;
     the caller merges them (`merge_tile_splits(work, meta, o_part, lse_part, o, lse, G,
     2 * block_m, ...)`). `overlap`: FA3's intra-warpgroup overlap too (`_ws_loop`); `exp_bf16`: exp2 two at a time in
-    bf16 (`_softmax`); `kv_apart`: K and V slots freed apart (`_ws_loader`)."""
+    bf16 (`_softmax`); `kv_apart`: K and V slots freed apart (`_ws_loader`). `programs`:
+    a persistent grid of that many programs (e.g. the SM count), else one item a program."""
     work, meta, w_max = plan
     _, hq, d = q.shape
     hkv = k_pool.shape[1]
@@ -183,7 +240,8 @@ def gluon_grouped_attention(
     lse = torch.empty(n, g, device=q.device, dtype=torch.float32)
     o_part = torch.empty(w_max, 2 * block_m, d, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(w_max, 2 * block_m, device=q.device, dtype=torch.float32)
-    _grouped_ws_kernel[(w_max,)](
+    grid = w_max if programs is None else max(1, min(w_max, programs))
+    _grouped_ws_kernel[(grid,)](
         q, _descriptor(k_pool, block_n), _descriptor(v_pool, block_n), starts, ends, sel.req,
         sel.kv_head, sel.chunk, work, meta, o, lse, o_part, lse_part, q.stride(0), q.stride(1),
         w_max, sm_scale * LOG2E, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,

@@ -117,14 +117,17 @@ def _epilogue(acc, m_i, l_i, row0, kv, split, hkv, M, o_ptr, lse_ptr, o_part_ptr
 
 @gluon.jit
 def _ws_loader(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, col, n_blocks,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-               KV_APART: gl.constexpr = False):  # fmt: skip
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KV_APART: gl.constexpr = False,
+               c0=0):  # fmt: skip
     # one warp: TMA of every key block into the ring once both consumers freed its slot:
     # `empty` [STAGES] (K and V of a slot together: session 18's call 1, the faster), or
-    # with KV_APART [2 * STAGES], K slot s (index s) and V slot s (STAGES + s) freed apart
+    # with KV_APART [2 * STAGES], K slot s (index s) and V slot s (STAGES + s) freed apart.
+    # c0: blocks this program streamed before (a persistent program's earlier items): block
+    # i uses slot (c0 + i) % STAGES, the consumers count the same way
     for i in range(n_blocks):
-        slot = i % STAGES
-        free = ((i // STAGES) & 1) ^ 1  # a fresh barrier passes
+        c = c0 + i
+        slot = c % STAGES
+        free = ((c // STAGES) & 1) ^ 1  # a fresh barrier passes
         row = lo + i * BLOCK_N
         mbarrier.wait(empty.index(slot), free)
         mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes)
@@ -136,14 +139,16 @@ def _ws_loader(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, lo, col, n_b
 
 
 @gluon.jit
-def _ws_idle(k_bar, v_bar, empty, n_blocks, STAGES: gl.constexpr, KV_APART: gl.constexpr):
+def _ws_idle(k_bar, v_bar, empty, n_blocks, STAGES: gl.constexpr, KV_APART: gl.constexpr,
+             c0=0):  # fmt: skip
     # a consumer warpgroup with no rows: frees every slot the other one reads, computes nothing
     for i in range(n_blocks):
-        slot = i % STAGES
-        mbarrier.wait(k_bar.index(slot), (i // STAGES) & 1)
+        c = c0 + i
+        slot = c % STAGES
+        mbarrier.wait(k_bar.index(slot), (c // STAGES) & 1)
         if KV_APART:
             mbarrier.arrive(empty.index(slot), count=1)
-        mbarrier.wait(v_bar.index(slot), (i // STAGES) & 1)
+        mbarrier.wait(v_bar.index(slot), (c // STAGES) & 1)
         mbarrier.arrive(empty.index(STAGES * KV_APART + slot), count=1)
 
 
@@ -152,14 +157,15 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
              dt: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              STAGES: gl.constexpr, WG: gl.constexpr, OVERLAP: gl.constexpr = False,
              EXP_BF16: gl.constexpr = False, KV_APART: gl.constexpr = False,
-             MAY_BE_EMPTY: gl.constexpr = False):  # fmt: skip
+             MAY_BE_EMPTY: gl.constexpr = False, c0=0, t0=0):  # fmt: skip
     # One consumer warpgroup's key loop over BLOCK_M (64) rows in q_smem: (acc, m_i, l_i).
     # Ping-pong (`pp`, both consumers busy): they take turns to issue their products
     # (mbarriers `turn`), so one's softmax runs beside the other's GEMMs. A slot is freed
     # (`empty`, see `_ws_loader`) once its P V is done (KV_APART: K after its QK^T).
     # OVERLAP (FA3's intra-warpgroup overlap on top): softmax(i) runs as soon as QK^T(i) is
     # done, while this warpgroup's own P V(i - 1) is still in flight; the accumulator is
-    # rescaled after it lands. MAY_BE_EMPTY: n_blocks may be 0 (an absent chunk).
+    # rescaled after it lands. MAY_BE_EMPTY: n_blocks may be 0 (an absent chunk). c0 / t0:
+    # blocks streamed and turns taken before (a persistent program's earlier items).
     s_layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, 4)
     o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -169,53 +175,57 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
     if MAY_BE_EMPTY:
         if n_blocks > 0:
             acc, m_i, l_i = _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi,
-                                       n_blocks, qk_scale, pp, acc, m_i, l_i, dt, BLOCK_M,
+                                       n_blocks, qk_scale, pp, acc, m_i, l_i, c0, t0, dt, BLOCK_M,
                                        BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16, KV_APART,
                                        s_layout, o_layout, p_layout)  # fmt: skip
     else:
         acc, m_i, l_i = _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi,
-                                   n_blocks, qk_scale, pp, acc, m_i, l_i, dt, BLOCK_M, BLOCK_N,
-                                   STAGES, WG, OVERLAP, EXP_BF16, KV_APART, s_layout, o_layout,
-                                   p_layout)  # fmt: skip
+                                   n_blocks, qk_scale, pp, acc, m_i, l_i, c0, t0, dt, BLOCK_M,
+                                   BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16, KV_APART, s_layout,
+                                   o_layout, p_layout)  # fmt: skip
     return acc, m_i, l_i
 
 
 @gluon.jit
 def _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks, qk_scale, pp,
-               acc, m_i, l_i, dt: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-               STAGES: gl.constexpr,
-               WG: gl.constexpr, OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr,
-               KV_APART: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+               acc, m_i, l_i, c0, t0, dt: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
+               OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr, KV_APART: gl.constexpr,
+               s_layout: gl.constexpr, o_layout: gl.constexpr,
                p_layout: gl.constexpr):  # fmt: skip
-    # the blocks of `_ws_loop` (n_blocks >= 1)
+    # the blocks of `_ws_loop` (n_blocks >= 1); block i is the program's block c0 + i, and
+    # its turn (if pp) the program's turn t0 + i (t0 + n_blocks for the last P V)
     V0: gl.constexpr = STAGES * KV_APART  # V slot s is freed at empty[V0 + s]
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     # block 0: QK^T, softmax
-    mbarrier.wait(turn.index(WG), WG ^ 1, pred=pp)
-    mbarrier.wait(k_bar.index(0), 0)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+    slot = c0 % STAGES
+    mbarrier.wait(turn.index(WG), (t0 & 1) ^ WG ^ 1, pred=pp)
+    mbarrier.wait(k_bar.index(slot), (c0 // STAGES) & 1)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)  # fmt: skip
     mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
     if KV_APART:
-        mbarrier.arrive(empty.index(0), count=1)  # K block 0 is read
+        mbarrier.arrive(empty.index(slot), count=1)  # K block 0 is read
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo, hi, qk_scale, BLOCK_N, s_layout, EXP_BF16)
     for i in range(1, n_blocks):
         # issue QK^T(i) and P V(i - 1) in our turn, then softmax(i) while the other
         # consumer's products run
-        prev = (i - 1) % STAGES
-        mbarrier.wait(turn.index(WG), (i & 1) ^ WG ^ 1, pred=pp)
-        mbarrier.wait(k_bar.index(i % STAGES), (i // STAGES) & 1)
-        s_tok = warpgroup_mma(q_smem, k_smem.index(i % STAGES).permute((1, 0)), s_zero,
+        c = c0 + i
+        slot = c % STAGES
+        prev = (c - 1) % STAGES
+        mbarrier.wait(turn.index(WG), ((t0 + i) & 1) ^ WG ^ 1, pred=pp)
+        mbarrier.wait(k_bar.index(slot), (c // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)  # fmt: skip
-        mbarrier.wait(v_bar.index(prev), ((i - 1) // STAGES) & 1)
+        mbarrier.wait(v_bar.index(prev), ((c - 1) // STAGES) & 1)
         p_op = gl.convert_layout(p.to(dt), p_layout)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
         if OVERLAP:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
             if KV_APART:
-                mbarrier.arrive(empty.index(i % STAGES), count=1)  # K block i is read
+                mbarrier.arrive(empty.index(slot), count=1)  # K block i is read
             p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale, BLOCK_N,
                                           s_layout, EXP_BF16)  # fmt: skip
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
@@ -223,14 +233,15 @@ def _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_bloc
         else:
             s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, acc_tok))
             if KV_APART:
-                mbarrier.arrive(empty.index(i % STAGES), count=1)  # K block i is read
+                mbarrier.arrive(empty.index(slot), count=1)  # K block i is read
             mbarrier.arrive(empty.index(V0 + prev), count=1)  # block i - 1 is read
             p, alpha, m_i, l_i = _softmax(s, m_i, l_i, lo + i * BLOCK_N, hi, qk_scale, BLOCK_N,
                                           s_layout, EXP_BF16)  # fmt: skip
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(turn.index(WG), (n_blocks & 1) ^ WG ^ 1, pred=pp)
-    mbarrier.wait(v_bar.index(last), ((n_blocks - 1) // STAGES) & 1)
+    c = c0 + n_blocks - 1
+    last = c % STAGES
+    mbarrier.wait(turn.index(WG), ((t0 + n_blocks) & 1) ^ WG ^ 1, pred=pp)
+    mbarrier.wait(v_bar.index(last), (c // STAGES) & 1)
     acc_tok = warpgroup_mma(gl.convert_layout(p.to(dt), p_layout), v_smem.index(last), acc,
                             is_async=True)  # fmt: skip
     mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
