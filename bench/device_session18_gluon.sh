@@ -50,10 +50,10 @@ grep -h "FAILED\|Error" "$OUT/tests.log" | cut -c1-240 | head -4
 echo "warm-up (compiles) done at $(( $(date +%s) - T0 )) s; failures:"
 grep -h "failed" "$OUT"/warm_*.log | cut -c1-300 | head -6
 timeout 45 $PY -m moska.bench.kernels_gluon --out "$OUT" --budget-s 28 $OC \
-  --name kernels_gluon_h200_session18b.json > "$OUT/gluon.log" 2>&1
+  --name kernels_gluon_h200_session18c.json > "$OUT/gluon.log" 2>&1
 echo "one-chunk rc=$? at $(( $(date +%s) - T0 )) s"
 timeout 45 $PY -m moska.bench.kernels_gluon_grouped --out "$OUT" --budget-s 28 $GR \
-  --name kernels_gluon_grouped_h200_session18.json > "$OUT/grouped.log" 2>&1
+  --name kernels_gluon_grouped_h200_session18b.json > "$OUT/grouped.log" 2>&1
 echo "grouped rc=$? at $(( $(date +%s) - T0 )) s"
 for f in gluon grouped; do
   grep -h "^read\|^split check\|^wrong\|^FLOOR\|^Traceback\|^[A-Za-z]*Error" "$OUT/$f.log" | cut -c1-400
