@@ -50,7 +50,7 @@ from mlkv_quality import PACKAGES, heldout_windows
 
 from moska.kernels.router import build_routing_index, route
 from moska.kernels.shared_attention_fp8_ref import P_RANGE, cut_q, e4m3
-from moska.library.fp8 import GRANULARITIES, dequantize, quantize
+from moska.library.fp8 import GRANULARITIES, dequantize, hadamard, quantize
 from moska.model import DenseAttention, load_model
 
 
@@ -141,18 +141,6 @@ def mma_attention(scores, vv, s, offsets, vs, block=64):
     num = torch.einsum("hts,shd->thd", torch.cat([pw * w_chunk, w_own], dim=2), vv)
     den = torch.cat([p * w_chunk, w_own], dim=2).sum(-1).T[:, :, None]  # [T, Hq, 1]
     return num / den
-
-
-def hadamard(d: int, seed: int = 0) -> torch.Tensor:
-    """[d, d] orthonormal randomized Hadamard matrix (random signs on the rows of a
-    Sylvester Hadamard matrix / sqrt(d)); d a power of two."""
-    if d < 1 or d & (d - 1):
-        raise ValueError(f"head dim {d} is not a power of two")
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    return signs.float()[:, None] * h / d**0.5
 
 
 @torch.inference_mode()

@@ -47,7 +47,7 @@ from moska.bench.common import LLAMA_3_1_8B, environment, random_loaded_model, t
 from moska.bench.decode import BenchLibrary
 from moska.kernel_ops import kernel_ops
 from moska.kernels.router import build_routing_index
-from moska.library.fp8 import BLOCK_ROWS, quantize
+from moska.library.fp8 import BLOCK_ROWS, hadamard, quantize
 from moska.library.fp8_mma import attach_token_major_v
 
 MODES: tuple[str, ...] = ("bf16", "fp8_upcast", "fp8_mma", "fp8_mma_qsplit", "fp8_mma_qsplit_vb")
@@ -55,6 +55,9 @@ MODES += ("fp8_mma_qsplit_half", "fp8_mma_qsplit_vb_half")
 # one-term q with V block scales: what a library with Hadamard-rotated K runs (session 18,
 # bench/fp8_quality.py rot_* variants), less the rotation of q (one small GEMM a layer)
 MODES += ("fp8_mma_vb",)
+# K stored Hadamard-rotated with K and V scales per 128-row block, one-term q rotated at
+# launch (top-1 0.9925 / 0.9914 on the quality model: bench/results/fp8_quality_rot_chunk.json)
+MODES += ("fp8_mma_rot_blk",)
 
 
 @dataclass(eq=False)
@@ -80,7 +83,8 @@ def make_library(
     offs = torch.arange(0, tokens + 1, chunk, dtype=torch.int32, device=dev)
     first = not routing
     lib = RandomLibrary([], [], routing, offs, tokens // chunk, tokens)
-    fp8, vb = mode != "bf16", "_vb" in mode
+    fp8, vb, blk = mode != "bf16", "_vb" in mode, mode.endswith("_rot_blk")
+    rot = hadamard(d).to(dev) if blk else None
     scales: list = []
     if fp8:
         lib.kv_scale_pools = scales
@@ -90,18 +94,27 @@ def make_library(
         v = torch.randn(tokens, hkv, d, device=dev, dtype=dtype)
         if first:
             routing.append(build_routing_index(k, offs))
-        if fp8:  # per-token scales (_vb: V's per 128-row block)
+        if rot is not None:  # K rotated (k R), K and V per 128-row block
+            kq, vq = quantize(k @ rot.to(k.dtype), offs, "block"), quantize(v, offs, "block")
+            k, v = kq.data, vq.data
+            scales.append((kq.scale, vq.scale))
+        elif fp8:  # per-token scales (_vb: V's per 128-row block)
             kq, vq = quantize(k, offs), quantize(v, offs, "block" if vb else "token")
             k, v = kq.data, vq.data
             scales.append((kq.scale, vq.scale))
         lib.k_pools.append(k)
         lib.v_pools.append(v)
     if mode.startswith("fp8_mma"):
-        why = attach_token_major_v(lib, mode[4:].removesuffix("_half").removesuffix("_vb"))
+        kind = mode[4:].removesuffix("_half").removesuffix("_vb").removesuffix("_rot_blk")
+        why = attach_token_major_v(lib, kind)
         if why is not None:
             raise RuntimeError(f"{mode}: {why}")
         if vb:
             lib.fp8_mma = dataclasses.replace(lib.fp8_mma, v_block_rows=BLOCK_ROWS)
+        if rot is not None:  # both sides per block, q rotated at launch
+            lib.fp8_mma = dataclasses.replace(
+                lib.fp8_mma, v_block_rows=BLOCK_ROWS, block_sides=3, q_rotation=rot.to(dtype)
+            )
         if mode.endswith("_half"):  # q split in the later half of the layers only
             lib.fp8_mma = dataclasses.replace(lib.fp8_mma, q_split_from=layers // 2)
     return lib

@@ -106,6 +106,19 @@ def floors(
     return out
 
 
+def q_rotation(s: fa.Shape, b: int) -> dict:
+    """{q_rotation_ms}: q @ R at batch b (a library with Hadamard-rotated K: the launcher's
+    one extra matmul before the grouped kernel, `q_rotation`), a CUDA graph; {} on CPU."""
+    if s.device != "cuda":
+        return {}
+    from moska.bench.kernels_util import bench_graph
+    from moska.library.fp8 import hadamard
+
+    q = torch.randn(b, s.hq, s.d, device=s.device, dtype=s.dtype)
+    rot = hadamard(s.d).to(s.device, s.dtype)
+    return {"q_rotation_ms": bench_graph(lambda: torch.matmul(q, rot))}
+
+
 def row_floors(s: fa.Shape, row: dict, names: list[str], ceil: dict) -> dict:
     """`floors` of a timed row (bf16's time and the fastest variant's from the row)."""
     times = [row[n]["ms"] for n in names if n in row]
@@ -128,6 +141,12 @@ def summarize(rows: list[dict], names: list[str], ceil: dict) -> dict:
                 best = min(kept, key=lambda n: kept[n])
                 e["quality_kept_best"] = best
                 e["quality_kept_speedup"] = round(ms["bf16"] / ms[best], 3)
+        if "q_rotation_ms" in r and "fp8_mma_vt_block" in ms and "bf16" in ms:
+            # K rotated, K and V per block, one-term q: quality kept on the quality model
+            # (bench/results/fp8_quality_rot_chunk.json): the block program + q's rotation
+            t = ms["fp8_mma_vt_block"] + r["q_rotation_ms"]
+            e["rotated_block_ms"] = round(t, 4)
+            e["rotated_block_speedup"] = round(ms["bf16"] / t, 3)
         fl = r["floors"]
         e["floors_ms"] = {
             k: {x: round(fl[k][x], 4) for x in ("read_floor_ms", "tensor_floor_ms",
@@ -226,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         row = fa.run_batch(s, b, "uniform", names, bf16_tiles, gen, pools, args.sample, ceil,
                            mma_tiles)  # fmt: skip
         row["floors"] = row_floors(s, row, names, ceil)
+        row.update(q_rotation(s, b))
         rows.append(row)
         write(False)
     stats = kernel_stats(_grouped_fp8_mma_kernel, _grouped_shared_attention_kernel)

@@ -91,6 +91,12 @@ def table(summary: dict) -> str:
             f"{e.get('quality_kept_speedup', float('nan')):6.3f}  {f['floor_ms']:7.3f} "
             f"({'/'.join(k[0] for k in f if k != 'floor_ms')})  {e.get('target_ms', 0):7.3f}"
         )
+    for e in summary.get("by_batch", []):
+        if "rotated_block_ms" in e:
+            lines.append(
+                f"B={e['batch']}: rotated K + block scales (one-term q) {e['rotated_block_ms']:.3f}"
+                f" ms incl. q rotation = {e['rotated_block_speedup']:.3f}x bf16"
+            )
     e2e = summary.get("end_to_end")
     if e2e and "step_bound_ms" in e2e:
         lines.append(

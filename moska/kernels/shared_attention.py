@@ -86,6 +86,7 @@ def grouped_shared_attention(
     v_pool_t: torch.Tensor | None = None,
     fp8_q_split: bool = False,
     fp8_scale_block: int = 0,
+    q_rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each selection's G query rows over its chunk: (o [N,G,D] q.dtype, lse [N,G] fp32).
 
@@ -99,6 +100,9 @@ def grouped_shared_attention(
     `fp8_q_split` with `fp8_mma`: q as two e4m3 terms (2^-8 relative error, two QK^T dots).
     `fp8_scale_block` with `fp8_mma` and per-row scales: they are constant over that many rows
     from each chunk's start (library/fp8.py "block"): one scale per key block is read.
+
+    `q_rotation` [D, D], optional: the pools' K is stored rotated (k R, e.g.
+    `library.fp8.hadamard`), so q is rotated alike (q R, one small matmul) before the launch.
 
     `chunk_scales` fp32 [C], optional: chunk c's scores use `sm_scale * chunk_scales[c]`
     (parts of other softmax temperatures in one launch); None: `sm_scale` for every chunk.
@@ -121,6 +125,14 @@ def grouped_shared_attention(
     """
     table = chunk_table(chunk_offsets)  # offsets: views, no copy
     check_inputs(q, k_pool, v_pool, table, sel)
+    if q_rotation is not None:
+        d_ = q.shape[-1]
+        if q_rotation.shape != (d_, d_) or q_rotation.device != q.device:
+            raise ValueError(
+                f"q_rotation must be [D, D] = {(d_, d_)} on {q.device}; got "
+                f"{tuple(q_rotation.shape)} on {q_rotation.device}"
+            )
+        q = torch.matmul(q, q_rotation.to(q.dtype))
     fp8 = fp8_kernel_args(q, k_pool, v_pool, kv_scales, table, fp8_dot)
     per_chunk = chunk_scale_args(q, chunk_scales, table)
     kernel, mma = _grouped_shared_attention_kernel, {}

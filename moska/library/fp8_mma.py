@@ -77,6 +77,13 @@ class TokenMajorV:
     # when made in the later half of the layers only (0.9935 / 0.9932 on the quality model,
     # first half only 0.9902 / 0.9873: bench/results/fp8_quality_layers.json)
     q_split_from: int = 0
+    # with v_block_rows: 2 only V's scales are per block, 3 K's too (one K and one V scale
+    # per key block: per-chunk speed); q_rotation [D, D]: K stored rotated (k R,
+    # library/fp8.hadamard), q rotated alike at launch. Rotated K with both per block keeps
+    # top-1 0.9925 / 0.9914 with one-term q (bench/results/fp8_quality_rot_chunk.json);
+    # `library build` does not store such libraries yet (bench/fp8_decode.py builds one)
+    block_sides: int = 2
+    q_rotation: torch.Tensor | None = None
 
 
 def mma_unfit(library: Any) -> str | None:
@@ -232,5 +239,8 @@ def mma_kwargs(library: Any, layer: int) -> dict[str, Any]:
     if t.v_block_rows:
         from moska.kernels.shared_attention_fp8 import SidedBlock
 
-        kw["fp8_scale_block"] = SidedBlock(t.v_block_rows, 2)
+        rows = t.v_block_rows
+        kw["fp8_scale_block"] = SidedBlock(rows, 2) if t.block_sides == 2 else rows
+    if t.q_rotation is not None:
+        kw["q_rotation"] = t.q_rotation
     return kw

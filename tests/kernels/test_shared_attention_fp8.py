@@ -309,3 +309,20 @@ def test_fp8_mma_f16_exp2_stays_near_its_algorithm(monkeypatch, granularity, q_s
     assert not torch.equal(o, o32)
     o, lse = _run(q, kq, vq, offs, sel, sc, False, q_split, SMALL)
     assert rel_err(o, ro) < 0.15 and rel_err(lse, rl) < TOL_O["cpu"] / 10, rel_err(o, ro)
+
+
+@_CPU
+def test_q_rotation_equals_the_unrotated_attention():
+    # q_rotation R with K stored rotated (k R): the same attention as q over k (fp32, exact
+    # algebra up to rounding); a wrong shape is refused before any launch
+    from moska.library.fp8 import hadamard
+
+    q, k, v, offs, sel = _inputs("cpu", torch.float32, lens=(40, 70), b=2, d=32, seed=9)
+    rot = hadamard(32, seed=3)
+    ro, rl = grouped_shared_attention_ref(q, k, v, offs, sel, 0.2)
+    o, lse = grouped_shared_attention(q, k @ rot, v, offs, sel, 0.2, q_rotation=rot, **SMALL)
+    assert rel_err(o, ro) < 1e-4 and rel_err(lse, rl) < 1e-5, (rel_err(o, ro), rel_err(lse, rl))
+    o2, _ = grouped_shared_attention(q, k @ rot, v, offs, sel, 0.2, **SMALL)
+    assert rel_err(o2, ro) > 0.05
+    with pytest.raises(ValueError, match="q_rotation must be"):
+        grouped_shared_attention(q, k, v, offs, sel, 0.2, q_rotation=rot[:16])

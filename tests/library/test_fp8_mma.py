@@ -175,3 +175,44 @@ def test_v_block_scales_are_found_at_attach(monkeypatch):
         lib = _library("cpu", torch.float16, lens=(16, 160, 37), v_gran=v_gran)
         assert attach_token_major_v(lib, "mma_qsplit") is None
         assert lib.fp8_mma.v_block_rows == want, v_gran
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="interpreter only (TRITON_INTERPRET=1)")
+def test_engine_path_reads_a_rotated_block_library_interpreted():
+    # K stored rotated (k R, library/fp8.hadamard) with K and V scales per 128-row block
+    # (block_sides 3) and one-term q: the path passes q_rotation and a plain block size, and
+    # matches the algorithm on the rotated q; without the rotation o is far off
+    from moska.library.fp8 import hadamard
+    from moska.library.fp8_mma import mma_kwargs
+
+    lib = _library("cpu", torch.float16, lens=(16, 160, 37), v_gran="block")
+    rot = hadamard(64)
+    k = torch.randn(213, 2, 64, generator=torch.Generator().manual_seed(3)).half()
+    kq = quantize(k @ rot.half(), lib.chunk_offsets, "block")
+    lib.k_pools = [kq.data]
+    lib.kv_scale_pools[0] = (kq.scale, lib.kv_scale_pools[0][1])
+    tmv = TokenMajorV([token_major(lib.v_pools[0])], False, 0, v_block_rows=BLOCK_ROWS)
+    lib.fp8_mma = dataclasses.replace(tmv, block_sides=3, q_rotation=rot.half())
+    kw = mma_kwargs(lib, 0)
+    assert kw["fp8_scale_block"] == BLOCK_ROWS and not hasattr(kw["fp8_scale_block"], "sides")
+    assert kw["q_rotation"] is lib.fp8_mma.q_rotation
+    q = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(1)).half()
+    group = SimpleNamespace(single=lambda: lib, top_k=lib.num_chunks)
+    o, lse, sel = shared_attention_for_group(kernel_ops("triton"), 0, q, group, 0.125)
+    args = (lib.k_pools[0], lib.v_pools[0], lib.chunk_offsets, sel, 0.125, lib.kv_scales(0))
+    qr = torch.matmul(q, rot.half())
+    ao, al = fp8_mma_ref(qr, *args, MMA_TILE["block_n"], False, interpreter_e4m3)
+    assert _rel(o, ao) < 1e-3 and _rel(lse, al) < 1e-4, (_rel(o, ao), _rel(lse, al))
+    wrong, _ = fp8_mma_ref(q, *args, MMA_TILE["block_n"], False, interpreter_e4m3)
+    assert _rel(o, wrong) > 0.1, _rel(o, wrong)
+
+
+def test_hadamard_is_orthonormal_and_seeded():
+    from moska.library.fp8 import hadamard
+
+    r = hadamard(64)
+    assert torch.allclose(r @ r.T, torch.eye(64), atol=1e-6)
+    assert torch.equal(r, hadamard(64)) and not torch.equal(r, hadamard(64, seed=1))
+    assert set(r.abs().flatten().tolist()) == {0.125}  # every entry +-1/sqrt(64)
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(96)
