@@ -4,12 +4,14 @@
 # kernels, cuDNN and flash, every call checked against an fp32 / PyTorch reference (bf16 rel
 # err < 1e-2) before it is timed, graph-replayed in rotated rounds, floors from the read
 # stream and the matmul rate measured in each run:
-# 1) `python3 -m moska.bench.kernels_gluon --b-list 1024,256 --rounds 3`: one 128K-token
-#    chunk read by B requests, D 64/128 x G 1/2/4/8 (moska/kernels/gluon_one_chunk.py:
+# 1) `python3 -m moska.bench.kernels_gluon --dims 128 --gqa 8,4,2 --b-list 1024,256
+#    --rounds 5` (calls 2-3: all D and G, B 256 / 1,024, 3 rounds): one 128K-token chunk read
+#    by B requests (moska/kernels/gluon_one_chunk.py:
 #    "ws" = FA3 ping-pong, two 64-row consumer warpgroups taking turns on the tensor cores
 #    + a TMA loader warp; "wso" = ws + the intra-warpgroup overlap: softmax(i) beside its own
 #    P V(i - 1)); call 1 (bench/results/kernels_gluon_h200_session18.json) timed B 16-1,024;
-# 2) `python3 -m moska.bench.kernels_gluon_grouped --b-list 1024,256`: the grouped step
+# 2) `python3 -m moska.bench.kernels_gluon_grouped --gqa 4,8 --b-list 1024 --rounds 3`
+#    (calls 2-3: G 1-8, B 256 / 1,024): the grouped step
 #    (1M shared tokens, 4,096-token chunks, top-8, uniform) through the Triton kernel and the
 #    Gluon ping-pong kernel (moska/kernels/gluon_grouped.py), read-floor fractions.
 # 12 processes compile both benches' kernels first (6 each), beside the CUDA tests of the
@@ -20,8 +22,9 @@ set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_s18_gluon
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$TRITON_CACHE_DIR"
 T0=$(date +%s)
-OC="--b-list ${GLUON_B:-1024,256} --rounds 3"
-GR="--b-list ${GROUPED_B:-1024,256}"
+# call 4: the compute-bound one-chunk points at D 128 in 5 rounds, the grouped step at G 4 / 8
+OC="--dims 128 --gqa 8,4,2 --b-list ${GLUON_B:-1024,256} --rounds 5"
+GR="--gqa 4,8 --b-list ${GROUPED_B:-1024} --rounds 3"
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1
   timeout 300 $PY -m moska.bench.kernels_gluon --cpu-dry-run --out "$OUT" 2>&1 | tee "$OUT/gluon.log"
@@ -50,10 +53,10 @@ grep -h "FAILED\|Error" "$OUT/tests.log" | cut -c1-240 | head -4
 echo "warm-up (compiles) done at $(( $(date +%s) - T0 )) s; failures:"
 grep -h "failed" "$OUT"/warm_*.log | cut -c1-300 | head -6
 timeout 45 $PY -m moska.bench.kernels_gluon --out "$OUT" --budget-s 28 $OC \
-  --name kernels_gluon_h200_session18c.json > "$OUT/gluon.log" 2>&1
+  --name kernels_gluon_h200_session18d.json > "$OUT/gluon.log" 2>&1
 echo "one-chunk rc=$? at $(( $(date +%s) - T0 )) s"
 timeout 45 $PY -m moska.bench.kernels_gluon_grouped --out "$OUT" --budget-s 28 $GR \
-  --name kernels_gluon_grouped_h200_session18b.json > "$OUT/grouped.log" 2>&1
+  --name kernels_gluon_grouped_h200_session18c.json > "$OUT/grouped.log" 2>&1
 echo "grouped rc=$? at $(( $(date +%s) - T0 )) s"
 for f in gluon grouped; do
   grep -h "^read\|^split check\|^wrong\|^FLOOR\|^Traceback\|^[A-Za-z]*Error" "$OUT/$f.log" | cut -c1-400

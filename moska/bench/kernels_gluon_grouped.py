@@ -34,10 +34,11 @@ from moska.kernels.shared_work_list import build_work_list
 
 CFG: dict[str, Any] = {"hkv": 8, "chunks": 256, "chunk_len": 4096, "topk": 8, "dims": (128, 64)}
 CFG |= {"gqa": (4, 8, 2, 1), "b_list": (1024, 256, 64), "routing": "uniform"}
-# (rows a warpgroup, keys a block, stages, overlap, exp2 in bf16, persistent: a program an SM)
+# (rows a warpgroup, keys a block, stages, overlap, exp2 in bf16, persistent: a program an
+# SM). Call 3: persistent 8-20 % slower, bf16 exp2 no faster; call 4: 64-key blocks x 6 stages
 VARIANTS: tuple[tuple[int, int, int, bool, bool, bool], ...] = ((64, 128, 3, False, False, False),)
-VARIANTS += ((64, 128, 3, False, False, True),)
-VARIANTS += ((64, 128, 3, True, False, True), (64, 128, 3, True, True, True))
+VARIANTS += ((64, 128, 3, True, False, False), (64, 64, 6, False, False, False))
+VARIANTS += ((64, 64, 6, True, False, False),)
 
 
 def gluon_step(p: dict, var: tuple, sms: int):
@@ -96,7 +97,7 @@ def problem(pool: tuple, d: int, g: int, b: int) -> dict:
     }
 
 
-def run_point(p: dict, d: int, g: int, b: int, sms: int, prepare, measure) -> dict:
+def run_point(p: dict, d: int, g: int, b: int, sms: int, prepare, measure, rounds: int = 2) -> dict:
     sel, n = p["sel"], p["sel"].req.numel()
     idx = torch.randperm(n, device=p["q"].device)[:48].sort().values
     ro, rl = grouped_shared_attention_ref(
@@ -115,9 +116,9 @@ def run_point(p: dict, d: int, g: int, b: int, sms: int, prepare, measure) -> di
             pt["check"][name] = {"ok": False, "error": repr(e)[:300]}
     times: dict[str, list[float]] = {k: [] for k in runs}
     names = list(runs)
-    for i in range(2):  # rotated, the second round reversed
-        order = names[i * len(names) // 2 :] + names[: i * len(names) // 2]
-        for name in order if i == 0 else reversed(order):
+    for i in range(rounds):  # rotated, every other round reversed
+        order = names[i * len(names) // rounds :] + names[: i * len(names) // rounds]
+        for name in order if i % 2 == 0 else reversed(order):
             times[name].append(measure(runs[name]))
     pt["rounds_ms"], pt["ms"] = times, {k: min(v) for k, v in times.items()}
     touched = int(torch.unique(sel.chunk).numel())
@@ -155,6 +156,9 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=40)
     ap.add_argument("--warm", default=None, help="I/N: compile the points i % N == I, then exit")
     ap.add_argument("--b-list", default=None)
+    ap.add_argument("--gqa", default=None)
+    ap.add_argument("--dims", default=None)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rep-ms", type=float, default=10)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -162,8 +166,9 @@ def main(argv=None) -> None:
     t0 = time.time()
     torch.manual_seed(0)
     cfg = dict(CFG)
-    if args.b_list:
-        cfg["b_list"] = tuple(int(x) for x in args.b_list.split(","))
+    for key, arg in (("b_list", args.b_list), ("gqa", args.gqa), ("dims", args.dims)):
+        if arg:
+            cfg[key] = tuple(int(x) for x in arg.split(","))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     jobs = [(d, g, b) for b in cfg["b_list"] for g in cfg["gqa"] for d in cfg["dims"]]
     pools: dict[int, tuple] = {}
@@ -196,7 +201,7 @@ def main(argv=None) -> None:
         if time.time() > t0 + args.budget_s:
             res["missing"].append(f"D{d}_G{g}_B{b}")
             continue
-        pt = run_point(problem(pool(d), d, g, b), d, g, b, sms, prepare, measure)
+        pt = run_point(problem(pool(d), d, g, b), d, g, b, sms, prepare, measure, args.rounds)
         res["points"].append(pt)
         print(json.dumps({f"D{d}_G{g}_B{b}": summary(pt, bw, peak)}), flush=True)
         write_json(os.path.join(args.out, args.name), res)
