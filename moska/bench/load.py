@@ -106,7 +106,7 @@ def run_bursts(
     door_rate: str | None = None,
     promise_learning: bool = False,
     door_open: bool = False,
-    door_anchor: str = "off",
+    door_anchor: str = "plain",
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--door-anchor",
-        choices=("off", "plain", "all"),
-        default="off",
+        choices=("off", "plain", "door", "all"),
+        default="plain",
         help="a drain's step in progress ends with the door's storm (storm_anchor; A/B)",
     )
     p.add_argument("--device", default="cpu")

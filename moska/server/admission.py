@@ -125,8 +125,9 @@ class AdmissionController(DoorDrains):
         self.door_open = False
         self._open_memo: tuple[float, int, float] | None = None
         # the step in progress ends with the door's storm (storm_anchor.py), and a door 429
-        # counts down to it: off by default, "plain" or "all" (session 18's device A/B)
-        self.door_anchor = "off"
+        # counts down to it, for plain drains ("plain", the default after session 18's two
+        # device calls: 0.64 vs 0.53 within 2x); "door" also library door drains, "all", "off"
+        self.door_anchor = "plain"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
 
     @property
@@ -308,6 +309,7 @@ class AdmissionController(DoorDrains):
         num_requests: int = 1,
         pred: Prediction | None = None,
         before_door_s: float = 0.0,
+        at_door: bool = False,
     ) -> tuple[int, float]:
         """(Retry-After, drain) for a rejected request like `cost` (`retry_drain.drain_s`):
         the replay over `load` plus the requests inside the door that admission would
@@ -330,7 +332,7 @@ class AdmissionController(DoorDrains):
         # `predict`) rejects until it ends, but this replay has it end now (a 429 promising
         # 0 s in session 13's idle_1000 run). What is left of it: as much as it overran.
         left = 0.0
-        if storm_anchor.applies(self.door_anchor, cost.library_attend):
+        if storm_anchor.applies(self.door_anchor, cost.library_attend, at_door):
             left = storm_anchor.storm_left_s(self.door.storm_until)
         drain += storm_anchor.step_delay_s(pred.first_s, load.busy_s, left)
         return retry_drain.retry_after(drain), drain
@@ -373,13 +375,13 @@ class AdmissionController(DoorDrains):
         if not decision.accepted:
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
-                drain = self._drain(typical, load, before_door_s=elapsed_s)[1]
+                drain = self._drain(typical, load, before_door_s=elapsed_s, at_door=True)[1]
                 drain = learn.promise(group_of(typical, True), typical, drain, self.clock())
                 result = replace(
                     decision, retry_after_s=retry_drain.retry_after(drain), drain_s=drain
                 )
                 if lib is not None:
-                    raw = self._drain(lib, load, before_door_s=elapsed_s)[1]
+                    raw = self._drain(lib, load, before_door_s=elapsed_s, at_door=True)[1]
                     each, f = (
                         self._library_drains(load, elapsed_s),
                         learn.factor("library_door", self.clock()),

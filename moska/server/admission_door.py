@@ -36,6 +36,7 @@ class DoorDrains:
         num_requests: int = 1,
         pred: Any = None,
         before_door_s: float = 0.0,
+        at_door: bool = False,
     ) -> tuple[int, float]:
         raise NotImplementedError
 
@@ -63,7 +64,7 @@ class DoorDrains:
                 cost = self.library_requests.cost(body_bytes)
             assert cost is not None  # made only once a library request was decided
             if cost not in memo:
-                memo[cost] = self._drain(cost, load, before_door_s=before_door_s)[1]
+                memo[cost] = self._drain(cost, load, before_door_s=before_door_s, at_door=True)[1]
             return memo[cost]
 
         return drain

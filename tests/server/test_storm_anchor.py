@@ -53,17 +53,23 @@ def test_storm_left_and_modes():
     assert storm_left_s(10.0, now=11.0) == 0.0
     assert storm_anchor.applies("all", 2048) and storm_anchor.applies("plain", 0)
     assert not storm_anchor.applies("plain", 2048) and not storm_anchor.applies("off", 0)
+    # "door": plain drains everywhere, library drains only at the door (body unread)
+    assert storm_anchor.applies("door", 0) and storm_anchor.applies("door", 2048, at_door=True)
+    assert not storm_anchor.applies("door", 2048, at_door=False)
+    assert AdmissionController(5.0, None).door_anchor == "plain"  # the default (session 18)
     with pytest.raises(ValueError):
         storm_anchor.applies("sometimes", 0)
 
 
-def drains(mode: str, cost: RequestCost, lefts: tuple[float, ...]) -> list[float]:
+def drains(
+    mode: str, cost: RequestCost, lefts: tuple[float, ...], at_door: bool = False
+) -> list[float]:
     adm = AdmissionController(5.0, None)
     adm.door_anchor = mode
     out = []
     for left in lefts:
         adm.door.storm_until = time.monotonic() + left
-        out.append(adm._drain(cost, LOAD)[1])
+        out.append(adm._drain(cost, LOAD, at_door=at_door)[1])
     return out
 
 
@@ -77,6 +83,10 @@ def test_the_controller_counts_down_to_the_storm_end_when_anchored():
     assert lib[0] == pytest.approx(lib[1], abs=1e-9)
     lib_all = drains("all", LIBRARY, (0.9, 0.4))
     assert lib_all[0] - lib_all[1] == pytest.approx(0.5, abs=0.02)
+    lib_door = drains("door", LIBRARY, (0.9, 0.4), at_door=True)
+    assert lib_door[0] - lib_door[1] == pytest.approx(0.5, abs=0.02)
+    lib_read = drains("door", LIBRARY, (0.9, 0.4), at_door=False)  # decided after reading
+    assert lib_read[0] == pytest.approx(lib_read[1], abs=1e-9)
 
 
 def test_a_memoized_door_rejection_counts_down():
