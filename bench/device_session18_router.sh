@@ -13,6 +13,9 @@
 #    in the same run, the critical path router + shared + merge the dependencies force; the
 #    default's scores as torch.matmul + amax vs the fused kernel; every router's chosen
 #    chunks vs the fp32 reference on fresh random inputs (rows clear of fp16 ties).
+# 3) with --corun-batch (call 4): router_corun's probe: the default router (own grid, 1 and
+#    2 programs per SM) beside a persistent read stream (1 / 2 / 4 programs per SM) over the
+#    unique KV's bytes, each alone and both together in both orders (the overlap fraction).
 # Carry .whl-min (or .whl). JSON: $OUT/router_overlap_session18.json; table last.
 # `bash bench/device_session18_router.sh --cpu-dry-run`: the same steps in CPU forms.
 set -u
@@ -22,7 +25,7 @@ T0=$(date +%s)
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1
   TESTS="tests/kernels/test_router_topk.py tests/bench/test_router_overlap.py"; TT=200
-  RARGS="--cpu-dry-run --batch 4"; LEFT=400
+  RARGS="--cpu-dry-run --batch 4 --routers default two_stage --corun-batch 4"; LEFT=400
 else
   PY=python3; export TRITON_INTERPRET=0
   WHL=.whl-min; [ -d "$WHL" ] || WHL=.whl
@@ -31,7 +34,13 @@ else
   export PYTHONPATH=/tmp/site_router18:$PWD
   TESTS="-m cuda tests/kernels/test_router_topk.py tests/routing/test_router_unroll.py"
   TESTS="$TESTS tests/routing/test_router_cost.py"; TT=40
-  RARGS="--batch 1024 256 64"; LEFT=143
+  # call 4 (default): B = 1,024, the default router, 2 schedules, then the co-run probe
+  # (router_corun.py); ROUTER_FULL=1: call 3's full sweep (B = 1,024 / 256 / 64, 3 routers,
+  # 7 schedules, the GEMM form)
+  RARGS="--batch 1024 --routers default --schedules serial prio --gemm-block 0"
+  RARGS="$RARGS --corun-batch 1024"; LEFT=143
+  [ "${ROUTER_FULL:-0}" = 1 ] && RARGS="--batch 1024 256 64 --routers default two_stage default_p2
+    --schedules serial unique_side route_side prio route_side_split4 green32 green64"
 fi
 if [ "${ROUTER_TESTS:-0}" = 1 ] || [ -n "${TRITON_INTERPRET#0}" ]; then
   # shellcheck disable=SC2086
@@ -42,10 +51,8 @@ fi
 TR=$(( LEFT - ($(date +%s) - T0) ))
 # rows are not started past the budget; the JSON and table come after the last row
 # shellcheck disable=SC2086
-timeout $TR $PY -m moska.bench.router_overlap $RARGS --routers default two_stage default_p2 \
-  --schedules serial unique_side route_side prio route_side_split4 green32 green64 \
-  --budget-s $(( TR - 25 )) --out "$OUT/router_overlap_session18.json" \
+timeout $TR $PY -m moska.bench.router_overlap $RARGS --budget-s $(( TR - 25 )) --out "$OUT/router_overlap_session18.json" \
   > "$OUT/router_overlap.log" 2>&1
 echo "router overlap rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -E "Error|error" "$OUT/router_overlap.log" | tail -3 | cut -c1-300
-sed -n '/^    B router/,$p' "$OUT/router_overlap.log" | cut -c1-220
+sed -n '/^    B router/,$p' "$OUT/router_overlap.log" | grep -v "_p[12]_with" | cut -c1-220

@@ -249,6 +249,21 @@ def batch_row(B, name, lib, shape, ceil, dev, schedules, gemm_block) -> dict:
     return row
 
 
+def corun_row(B: int, shape: dict, index, dev: str) -> dict:
+    """router_corun's probe at B: the default router (own grid, 1 and 2 programs per SM)
+    beside a persistent read stream over as many bytes as the unique KV."""
+    from moska.bench.router_corun import corun_probe
+
+    q = torch.randn(B, shape["Hq"], shape["D"], device=dev, dtype=index.basis.dtype)
+    names = ("default", "default_p1", "default_p2")
+    routers = {n: route_fn(n, q, index, shape["topk"]) for n in names}
+    x = torch.randn(B * shape["U"] * shape["Hkv"] * shape["D"] * 2, device=dev, dtype=q.dtype)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 2
+    out = corun_probe(routers, x, [sms, 2 * sms, 4 * sms], reps=5 if dev == "cuda" else 1)
+    del x
+    return {"B": B, **out}
+
+
 def main(argv: list[str] | None = None) -> int:
     from moska.bench.common import environment
     from moska.bench.kernels_util import ceilings
@@ -263,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--budget-s", type=float, default=90.0, help="rows started after this are skipped"
     )
+    ap.add_argument("--corun-batch", type=int, default=0,
+                    help="B of the co-run probe (router_corun.py; 0: not run)")  # fmt: skip
     ap.add_argument("--cpu-dry-run", action="store_true", help="toy shapes, Triton interpreter")
     ap.add_argument("--out", default="router_overlap.json")
     args = ap.parse_args(argv)
@@ -298,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             if dev == "cuda":
                 torch.cuda.empty_cache()
+    corun = None
+    if args.corun_batch and time.time() - t0 <= args.budget_s:
+        corun = corun_row(args.corun_batch if not dry else 4, shape, index, dev)
+        print(json.dumps({k_: round(v_, 3) for k_, v_ in corun.items()}), flush=True)
     summary = {}
     for r in rows:
         tag = f"{r['router']}_b{r['B']}"
@@ -316,12 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         if "fraction" in k_ and isinstance(v_, float) and v_ > 1.0
     ]
     res = {**environment(), "dtype": str(dt), "shapes": shape, "ceilings": ceil, "rows": rows,
-           "skipped": skipped, "floor_check": bad, "summary": summary, "wall_s": time.time() - t0,
+           "skipped": skipped, "corun": corun, "floor_check": bad, "summary": summary, "wall_s": time.time() - t0,
            "notes": __doc__}  # fmt: skip
     res["git_commit"] = os.environ.get("MOSKA_GIT_COMMIT", res.get("git_commit"))
     with open(args.out, "w") as fh:
         json.dump(res, fh, indent=1, default=str)
     print_table(rows)
+    for k_, v_ in (corun or {}).items():
+        if k_.endswith(("_overlap", "_GBps")) or (k_.endswith("_ms") and "_with_" not in k_):
+            print(f"corun {k_}: {v_:.3f}")
     print(f"wrote {args.out} ({res['wall_s']:.0f} s); floor check: {bad or 'ok'}")
     return 1 if bad else 0
 

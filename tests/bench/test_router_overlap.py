@@ -8,6 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import torch
 
+from moska.bench.router_corun import persistent_stream
 from moska.bench.router_overlap import choice_check, chosen_sets, gemm_scores, sel_sets
 from moska.kernels.router import build_routing_index, route
 from moska.kernels.router_ref import keymax_scores_ref
@@ -45,3 +46,13 @@ def test_choice_check_catches_a_changed_choice_and_excuses_ties():
     wrong[0, 0] = torch.tensor([True, False, True, False])  # chunk 2 instead of 1: clear gap
     out = choice_check(wrong, ref, 2, 1e-3)
     assert not out["ok"] and out["clear_rows_equal"] == 0
+
+
+def test_persistent_stream_reads_every_element_once():
+    """The co-run probe's read stream: P programs striding over the tiles (the last one
+    ragged) sum to the tensor's sum, for P below and above the tile count."""
+    x = torch.randn(4096 * 3 + 100, generator=torch.Generator().manual_seed(3))
+    for programs in (1, 2, 5):
+        got = persistent_stream(x, programs)()
+        assert got.shape == (programs,)
+        torch.testing.assert_close(got.sum(), x.sum(), rtol=1e-4, atol=1e-3)
