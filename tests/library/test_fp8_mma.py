@@ -110,6 +110,35 @@ def test_engine_path_reads_v_block_scales_interpreted():
 
 
 @_CUDA
+def test_engine_path_reads_a_rotated_block_library_on_fp8_tensor_cores():
+    # as the interpreted test: rotated K, K and V per 128-row block, one-term q rotated at
+    # launch; on the GPU weights on an e4m3 rounding edge flip a step (as above)
+    from moska.library.fp8 import hadamard
+
+    lib = _library("cuda", torch.bfloat16, lens=(16, 160, 37), v_gran="block")
+    why = attach_token_major_v(lib, "mma")
+    if why is not None:
+        pytest.skip(f"not a Hopper GPU: {why}")
+    rot = hadamard(64).cuda()
+    k = torch.randn(213, 2, 64, generator=torch.Generator().manual_seed(3)).cuda().bfloat16()
+    kq = quantize(k @ rot.bfloat16(), lib.chunk_offsets, "block")
+    lib.k_pools = [kq.data]
+    lib.kv_scale_pools[0] = (kq.scale, lib.kv_scale_pools[0][1])
+    lib.fp8_mma = dataclasses.replace(
+        lib.fp8_mma, v_block_rows=BLOCK_ROWS, block_sides=3, q_rotation=rot.bfloat16()
+    )
+    q = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(1)).cuda().bfloat16()
+    group = SimpleNamespace(single=lambda: lib, top_k=lib.num_chunks)
+    o, lse, sel = shared_attention_for_group(kernel_ops("triton"), 0, q, group, 0.125)
+    args = (lib.k_pools[0], lib.v_pools[0], lib.chunk_offsets, sel, 0.125, lib.kv_scales(0))
+    qr = torch.matmul(q, rot.bfloat16())
+    ao, al = fp8_mma_ref(qr, *args, MMA_TILE["block_n"], False, e4m3)
+    ro, _ = grouped_shared_attention_ref(qr, *args[:-1], kv_scales=lib.kv_scales(0))
+    err_o, lib_o, alg_o = _rel(o, ao), _rel(o, ro), _rel(ao, ro)
+    assert err_o < 2e-2 and _rel(lse, al) < 2e-3 and lib_o <= 1.25 * alg_o, (err_o, lib_o, alg_o)
+
+
+@_CUDA
 @pytest.mark.parametrize("mode", ["mma", "mma_qsplit", "mma_qsplit_vb"])
 def test_engine_path_on_fp8_tensor_cores(mode):
     vb = mode.endswith("_vb")  # V scales per 128-row block (SidedBlock)
