@@ -45,10 +45,11 @@ for i in $(seq 0 $((NW - 1))); do
   timeout 55 $PY -m moska.bench.kernels_gluon_grouped --warm "$i/$NW" $GR > "$OUT/warm_gr_$i.log" 2>&1 &
 done
 # the dispatcher's "gluon" backend vs the fp32 reference, eager and replayed from a CUDA graph
+# and the table's dispatch (D 128 G 8 from 8,192 rows: Gluon) through the engine's seam
 timeout 55 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_shared_one_chunk_cuda.py \
-  -k gluon > "$OUT/tests.log" 2>&1 &
+  tests/engine/test_one_chunk_seam_cuda.py -k "gluon or None or 1024" > "$OUT/tests.log" 2>&1 &
 wait
-echo "CUDA tests (backend gluon): $(tail -1 "$OUT/tests.log" | cut -c1-200)"
+echo "CUDA tests (backend gluon, the dispatch, the engine seam): $(tail -1 "$OUT/tests.log" | cut -c1-200)"
 grep -h "FAILED\|Error" "$OUT/tests.log" | cut -c1-240 | head -4
 echo "warm-up (compiles) done at $(( $(date +%s) - T0 )) s; failures:"
 grep -h "failed" "$OUT"/warm_*.log | cut -c1-300 | head -6

@@ -140,12 +140,13 @@ def one_chunk_attention(
         backend = one_chunk_backend(d, g, b * g, q.dtype, q.device.type)
     if backend not in ONE_CHUNK_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {ONE_CHUNK_BACKENDS}")
-    if backend == "gluon":  # Hopper only; elsewhere the Triton kernel
+    if backend == "gluon":  # Hopper only; elsewhere cuDNN (16-bit CUDA inputs) or Triton
         from .gluon_one_chunk import gluon_ok, gluon_one_chunk
 
         if gluon_ok(q, k, v):
             return gluon_one_chunk(q, k, v, sm_scale, **(GLUON_ONE_CHUNK | tuning))
-        backend = "triton"
+        sdpa = q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+        backend = "cudnn" if sdpa else "triton"
     if backend != "triton":
         return sdpa_one_chunk(q, k, v, sm_scale, backend)
     s = k.shape[0]

@@ -153,10 +153,11 @@ def grouped_tuning(
 # measured points take the lower one's choice. A G between entries takes the next larger
 # G's (as the grouped table does); a D not here runs "triton".
 ONE_CHUNK_BACKENDS = ("triton", "cudnn", "flash", "gluon")
-# "gluon": moska/kernels/gluon_one_chunk.py (Hopper only: other GPUs run "triton"), FA3's
-# ping-pong of two 64-row consumer warpgroups, with these keywords (session 18, H200:
-# 3 stages 27 % faster than 2; bench/results/kernels_gluon_h200_session18*.json)
-GLUON_ONE_CHUNK: dict[str, Any] = {"schedule": "ws", "block_m": 64, "block_n": 128, "stages": 3}
+# "gluon": moska/kernels/gluon_one_chunk.py (Hopper only: elsewhere cuDNN, or "triton" where
+# SDPA cannot run), FA3's ping-pong of two 64-row consumer warpgroups with its intra-warpgroup
+# overlap ("wso"), with these keywords (session 18, H200, bench/results/kernels_gluon_h200_
+# session18*.json: 3 stages 27 % faster than 2; wso the steadiest of the schedules).
+GLUON_ONE_CHUNK: dict[str, Any] = {"schedule": "wso", "block_m": 64, "block_n": 128, "stages": 3}
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,11 @@ ONE_CHUNK: tuple[OneChunkEntry, ...] = (
     OneChunkEntry(128, 2, 2048, "cudnn"),
     OneChunkEntry(128, 4, 4096, "cudnn"),
     OneChunkEntry(128, 8, 2048, "cudnn"),
+    # session 18: Gluon wso over cuDNN at 8,192 rows (D 128 G 8 B 1,024), paired round by
+    # round in two device runs: 1.027 / 1.042 / 0.996 and 1.028 / 1.027 / 1.019 (median
+    # 1.027x; kernels_gluon_h200_session18c.json + call 4's repeat); at 2,048 / 4,096 rows
+    # (G 8 B 256, G 4 B 1,024) it tied or lost a round in three, so cuDNN stays there
+    OneChunkEntry(128, 8, 8192, "gluon"),
     OneChunkEntry(64, 2, 2048, "cudnn"),
     OneChunkEntry(64, 8, 8192, "cudnn"),
 )

@@ -53,7 +53,8 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize(
-    "d,g,b,chunks", [(128, 4, 40, 1), (128, 8, 256, 1), (64, 2, 1024, 1), (128, 8, 256, 3)]
+    "d,g,b,chunks",
+    [(128, 4, 40, 1), (128, 8, 256, 1), (64, 2, 1024, 1), (128, 8, 256, 3), (128, 8, 1024, 1)],
 )
 def test_library_read_whole_matches_reference_eager_and_in_a_graph(d, g, b, chunks):
     # one chunk, or three read whole (top_k covers them): one span through the dispatcher

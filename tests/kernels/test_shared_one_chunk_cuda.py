@@ -24,7 +24,9 @@ def _reference(q, k, v, scale):
     return o.reshape(HKV * b, g, d), torch.logsumexp(s, -1).reshape(HKV * b, g)
 
 
-@pytest.mark.parametrize("d,g,b", [(64, 1, 24), (128, 4, 40), (128, 8, 256), (64, 8, 1024)])
+@pytest.mark.parametrize(
+    "d,g,b", [(64, 1, 24), (128, 4, 40), (128, 8, 256), (64, 8, 1024), (128, 8, 1024)]
+)
 @pytest.mark.parametrize("backend", ["triton", "cudnn", "flash", "gluon", None])
 def test_backends_match_reference_eager_and_in_a_graph(d, g, b, backend):
     torch.manual_seed(d + g + b)
