@@ -40,6 +40,11 @@ per 128-row block with K's per token (0.9932 / 0.9922, fp8_quality_mixed.json; f
 attach, `v_block_rows`): each saves time at B = 1,024 on the H200 (q split 1.54 ms, with V
 block scales 1.42, one-term q with them 1.19; bf16 1.53: fp8_attention_h200_session17c.json),
 both together 1.11x bf16 end to end at B = 256 (fp8_decode_h200_session17c.json).
+Session 18: a library whose K is stored Hadamard-rotated (k R, library/fp8.hadamard) with K
+and V scales per 128-row block keeps top-1 0.9925 / 0.9914 with one-term q (q R at launch:
+`TokenMajorV.q_rotation`, `block_sides` 3; fp8_quality_rot_chunk.json): 1.43x bf16 at
+B = 1,024, 1.153x end to end at B = 256 (fp8_reach_h200_session18b.json,
+fp8_decode_h200_session18b.json). `library build` does not store such libraries yet.
 """
 
 from __future__ import annotations
