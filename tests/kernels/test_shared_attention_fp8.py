@@ -147,7 +147,7 @@ def test_fp8_mma_session16_forms_equal_the_former_code(monkeypatch, granularity)
 
 
 @_CPU
-@pytest.mark.parametrize("program", ["upcast", "mma"])
+@pytest.mark.parametrize("program", ["upcast", "mma", "mma_rot_blk"])
 def test_fp8_library_keeps_a_needle(program):
     # issue 16's needle check for FP8 libraries: one key in one chunk lines up with a request's
     # query heads (its score ~12 above the rest) and carries a distinctive value; through the
@@ -172,7 +172,13 @@ def test_fp8_library_keeps_a_needle(program):
     kq, vq = quantize(k, offs, "token"), quantize(v, offs, "token")
     sc = d**-0.5
     ro, _ = grouped_shared_attention_ref(q, k, v, offs, sel, sc)  # the bf16/fp16 library
-    kw = {"kv_scales": (kq.scale, vq.scale), "fp8_mma": program == "mma", **NOSPLIT}
+    kw = {"kv_scales": (kq.scale, vq.scale), "fp8_mma": program != "upcast", **NOSPLIT}
+    if program == "mma_rot_blk":  # K stored rotated, K and V scales per block, q rotated
+        from moska.library.fp8 import BLOCK_ROWS, hadamard
+
+        rot = hadamard(d)
+        kq, vq = quantize(k @ rot.half(), offs, "block"), quantize(v, offs, "block")
+        kw.update(kv_scales=(kq.scale, vq.scale), fp8_scale_block=BLOCK_ROWS, q_rotation=rot)
     o, _ = grouped_shared_attention(q, kq.data, vq.data, offs, sel, sc, **kw)
     for out in (ro, o):  # every query head of request 0 reads the needle's value
         cos = torch.nn.functional.cosine_similarity(out.float().reshape(-1, d), needle[None])
