@@ -59,6 +59,8 @@ class KVHeadsReport:
 
     def describe(self) -> str:
         head = f"wrote {self.out}: KV heads {self.kv_heads_before} -> {self.kv_heads_after} "
+        if self.method != "fit":  # mean-pooling fits nothing: no energy kept to report
+            return head + f"({self.method}: the group's k/v projections averaged, q/o unchanged)"
         lines = [head + f"({self.method}, {self.calibration_tokens} calibration tokens)"]
         for i, (k, v) in enumerate(zip(self.k_energy, self.v_energy)):
             lines.append(f"  layer {i:>3}: energy kept K {k:.4f}  V {v:.4f}")

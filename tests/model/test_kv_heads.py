@@ -135,3 +135,8 @@ def test_cli_kv_heads_to_mqa(tmp_path, capsys):
     with pytest.raises(SystemExit):  # no calibration text for the fitted method
         main([*argv, "--out", str(tmp_path / "x")])
     assert "calibration" in capsys.readouterr().err
+    # the mean-pooling baseline fits nothing: no per-layer energy lines (they were nan)
+    assert main([*argv, "--method", "mean", "--out", str(tmp_path / "mean")]) == 0
+    printed = capsys.readouterr().out
+    assert "KV heads 2 -> 1 (mean:" in printed and "energy" not in printed and "nan" not in printed
+    assert ModelConfig.from_file(tmp_path / "mean").num_kv_heads == 1
