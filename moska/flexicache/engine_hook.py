@@ -21,7 +21,8 @@ block: `paged_decode_heads(slot_heads=True)`), and the request's blocks for thos
 released to the block allocator (`BlockManager.release_blocks`), so the scheduler admits
 more. After the hand-off the head classes stay fixed (the pool is sized for them); stable
 heads re-rank every R steps and fetch promoted pages from the host copy into free pool slots
-(a dropped page keeps its slot until a fetch needs it: hysteresis). `BlockManager.free`
+(with `slots=layer` a dropped page keeps its slot until a fetch needs it: hysteresis; with
+`slots=shared`, the default, it leaves its slot at once: `shared_slots.py`). `BlockManager.free`
 (finish, abort, preemption) releases the pool blocks and tells `release`, which drops the
 host copy. Pages that leave the recent window after the hand-off follow once there are
 `extend_pages` of them (`_extend`, `Offload.extend`: the pool grows by the blocks the

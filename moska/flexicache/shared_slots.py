@@ -2,7 +2,7 @@
 `--flexicache slots=shared`).
 
 Why: a pool block of the cache [L, N, bs, Hkv, D] has `Hkv` slots in every layer. With one
-slot space per layer (the default), a request's pool needs as many blocks as its worst layer
+slot space per layer (`slots=layer`; the default before session 18), a request's pool needs as many blocks as its worst layer
 needs slots: a layer whose heads are all unstable keeps every page, so the pool is as large
 as the request (moska-code-20m, 2 KV heads: 2 of 4 requests could not hand off at all; the
 8B bench: 144 pool blocks for 254 pages where the mean layer needs 83). Here any slot of any
