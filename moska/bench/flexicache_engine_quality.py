@@ -36,18 +36,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Forcer:
-    """A logits processor: records log p(target[t]) at the t-th generated token, then
-    leaves only target[t] possible (teacher forcing through a greedy engine)."""
+    """A logits processor: records log p(target[t]) at the t-th generated token (and
+    whether target[t] was the arg max), then leaves only target[t] possible (teacher
+    forcing through a greedy engine)."""
 
     def __init__(self, target: list[int]) -> None:
         self.target = target
         self.logprobs: list[float] = []
+        self.top1: list[bool] = []
 
     def __call__(self, history: list[int], logits: torch.Tensor) -> torch.Tensor:
         t = len(history)
         assert t == len(self.logprobs), (t, len(self.logprobs))  # one call per token
         tok = self.target[t]
         self.logprobs.append(float(torch.log_softmax(logits.float(), -1)[tok]))
+        self.top1.append(int(logits.argmax()) == tok)
         out = torch.full_like(logits, float("-inf"))
         out[tok] = 0.0
         return out
@@ -60,9 +63,11 @@ def engine_loss(
     spec: str | None,
     block_size: int,
     device: str = "cpu",
+    per_window: bool = False,
 ) -> dict[str, Any]:
     """Teacher-forced loss of every window's positions prompt.. through one engine, all
-    windows decoded as one batch; GPU KV blocks in use per step."""
+    windows decoded as one batch; GPU KV blocks in use per step. per_window: also each
+    window's log-probabilities and arg-max hits by decoded position (`flexicache_needle`)."""
     from moska import LLM, SamplingParams
 
     length = len(windows[0])
@@ -95,7 +100,9 @@ def engine_loss(
         assert tokens[f"w{i}"] == w[prompt:], f"window {i} was not teacher-forced"
     lps = [lp for f in forcers for lp in f.logprobs]
     flexi = engine.runner.flexi
+    windows_out = [{"logprobs": f.logprobs, "top1": f.top1} for f in forcers]
     return {
+        **({"per_window": windows_out} if per_window else {}),
         "loss": -sum(lps) / len(lps),
         "positions": len(lps),
         "gpu_kv_fraction": sum(used) / max(sum(full), 1),
