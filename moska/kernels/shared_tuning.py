@@ -151,7 +151,8 @@ def grouped_tuning(
 # (paired 0.96-1.02), so they keep cuDNN. `python -m moska.bench.kernels_one_chunk` writes these entries
 # (`one_chunk_table`): each measured (D, G, B) takes the faster side, and rows between two
 # measured points take the lower one's choice. A G between entries takes the next larger
-# G's (as the grouped table does); a D not here runs "triton".
+# G's (as the grouped table does); a D not here runs "triton". That table compares Triton
+# with the SDPA backends; the "gluon" entry comes from `python -m moska.bench.kernels_gluon`.
 ONE_CHUNK_BACKENDS = ("triton", "cudnn", "flash", "gluon")
 # "gluon": moska/kernels/gluon_one_chunk.py (Hopper only: elsewhere cuDNN, or "triton" where
 # SDPA cannot run), FA3's ping-pong of two 64-row consumer warpgroups with its intra-warpgroup
