@@ -13,9 +13,11 @@
 #    in the same run, the critical path router + shared + merge the dependencies force; the
 #    default's scores as torch.matmul + amax vs the fused kernel; every router's chosen
 #    chunks vs the fp32 reference on fresh random inputs (rows clear of fp16 ties).
-# 3) with --corun-batch (call 4): router_corun's probe: the default router (own grid, 1 and
-#    2 programs per SM) beside a persistent read stream (1 / 2 / 4 programs per SM) over the
-#    unique KV's bytes, each alone and both together in both orders (the overlap fraction).
+# 3) with --corun-batch: router_corun's probe: the default router (own grid, 1 and 2
+#    programs per SM) and its key-max scores at one program per SM in 4 tiles (32 or 64
+#    requests, 4 or 8 warps) beside a persistent read stream (2 / 4 programs per SM) over
+#    the unique KV's bytes, alone and together in both orders (the overlap fraction).
+#    Call 5 (the router and streams of 1 / 2 / 4 per SM): router_corun_h200_session18.json.
 # Carry .whl-min (or .whl). JSON: $OUT/router_overlap_session18.json; table last.
 # `bash bench/device_session18_router.sh --cpu-dry-run`: the same steps in CPU forms.
 set -u

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 
 import torch
 
@@ -40,7 +41,7 @@ from moska.bench.router_schedules import SCHEDULES, make_step, make_streams
 from moska.kernels import router
 from moska.kernels.merge import merge_selections
 from moska.kernels.paged_attention import paged_decode_attention
-from moska.kernels.router_dense import project_queries
+from moska.kernels.router_dense import keymax_dense_scores, project_queries
 from moska.kernels.router_topk import topk_rows
 from moska.kernels.shared_attention import grouped_shared_attention
 
@@ -249,17 +250,30 @@ def batch_row(B, name, lib, shape, ceil, dev, schedules, gemm_block) -> dict:
     return row
 
 
+# key-max tiles (requests, warps, stages; 128-key blocks) the co-run probe runs at one
+# program per SM: the current tile, and wider ones that might keep the tensor cores fed
+# from one program per SM (session 18 call 5: the current tile at one program per SM
+# overlaps a read stream by 0.75-0.78 but runs 6.5 ms alone against 4.0 uncapped)
+CORUN_TILES = ((32, 4, 4), (32, 8, 4), (64, 8, 4), (64, 8, 3))
+
+
 def corun_row(B: int, shape: dict, index, dev: str) -> dict:
-    """router_corun's probe at B: the default router (own grid, 1 and 2 programs per SM)
-    beside a persistent read stream over as many bytes as the unique KV."""
+    """router_corun's probe at B: the default router (own grid, 1 and 2 programs per SM) and
+    its key-max scores at one program per SM in CORUN_TILES, beside a persistent read stream
+    over as many bytes as the unique KV."""
     from moska.bench.router_corun import corun_probe
 
     q = torch.randn(B, shape["Hq"], shape["D"], device=dev, dtype=index.basis.dtype)
     names = ("default", "default_p1", "default_p2")
     routers = {n: route_fn(n, q, index, shape["topk"]) for n in names}
-    x = torch.randn(B * shape["U"] * shape["Hkv"] * shape["D"] * 2, device=dev, dtype=q.dtype)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 2
-    out = corun_probe(routers, x, [sms, 2 * sms, 4 * sms], reps=5 if dev == "cuda" else 1)
+    for bb, nw, ns in CORUN_TILES:  # the key-max scores alone, one program per SM
+        routers[f"scores_p1_b{bb}w{nw}s{ns}"] = partial(
+            keymax_dense_scores, q, index.basis, index.lowrank_keys, index.chunk_offsets,
+            block_b=bb, block_n=128, num_warps=nw, num_stages=ns, max_programs=sms,
+        )  # fmt: skip
+    x = torch.randn(B * shape["U"] * shape["Hkv"] * shape["D"] * 2, device=dev, dtype=q.dtype)
+    out = corun_probe(routers, x, [2 * sms, 4 * sms], reps=5 if dev == "cuda" else 1)
     del x
     return {"B": B, **out}
 
