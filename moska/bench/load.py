@@ -106,7 +106,7 @@ def run_bursts(
     door_rate: str | None = None,
     promise_learning: bool = False,
     door_open: bool = False,
-    door_anchor: str = "plain",
+    door_anchor: str = "door",
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--door-anchor",
         choices=("off", "plain", "door", "all"),
-        default="plain",
+        default="door",
         help="a drain's step in progress ends with the door's storm (storm_anchor; A/B)",
     )
     p.add_argument("--device", default="cpu")

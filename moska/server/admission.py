@@ -125,9 +125,10 @@ class AdmissionController(DoorDrains):
         self.door_open = False
         self._open_memo: tuple[float, int, float] | None = None
         # the step in progress ends with the door's storm (storm_anchor.py), and a door 429
-        # counts down to it, for plain drains ("plain", the default after session 18's two
-        # device calls: 0.64 vs 0.53 within 2x); "door" also library door drains, "all", "off"
-        self.door_anchor = "plain"
+        # counts down to it, for plain drains and library drains at the door ("door", the
+        # default after session 18's device calls: 0.70 vs 0.52 within 2x in call 5);
+        # "plain", "all", "off" (session 17's drain)
+        self.door_anchor = "door"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
 
     @property

@@ -56,7 +56,7 @@ def test_storm_left_and_modes():
     # "door": plain drains everywhere, library drains only at the door (body unread)
     assert storm_anchor.applies("door", 0) and storm_anchor.applies("door", 2048, at_door=True)
     assert not storm_anchor.applies("door", 2048, at_door=False)
-    assert AdmissionController(5.0, None).door_anchor == "plain"  # the default (session 18)
+    assert AdmissionController(5.0, None).door_anchor == "door"  # the default (session 18)
     with pytest.raises(ValueError):
         storm_anchor.applies("sometimes", 0)
 
