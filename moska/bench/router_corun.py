@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import triton
 import triton.language as tl
+
+from moska.bench.router_variants import route_fn
+from moska.kernels.router_dense import keymax_dense_scores
 
 
 @triton.jit
@@ -109,3 +113,29 @@ def corun_probe(routers: dict, x: torch.Tensor, stream_programs: list[int], reps
                 out[f"{key}_ms"] = t
                 out[f"{key}_overlap"] = (a + b - t) / min(a, b)
     return out
+
+
+# key-max tiles (requests, warps, stages; 128-key blocks) the co-run probe runs at one
+# program per SM: the current tile, and wider ones that might keep the tensor cores fed
+# from one program per SM (session 18 call 5: the current tile at one program per SM
+# overlaps a read stream by 0.75-0.78 but runs 6.5 ms alone against 4.0 uncapped)
+CORUN_TILES = ((32, 4, 4), (32, 8, 4), (64, 8, 4), (64, 8, 3))
+
+
+def corun_row(B: int, shape: dict, index, dev: str) -> dict:
+    """router_corun's probe at B: the default router (own grid, 1 and 2 programs per SM) and
+    its key-max scores at one program per SM in CORUN_TILES, beside a persistent read stream
+    over as many bytes as the unique KV."""
+    q = torch.randn(B, shape["Hq"], shape["D"], device=dev, dtype=index.basis.dtype)
+    names = ("default", "default_p1", "default_p2")
+    routers = {n: route_fn(n, q, index, shape["topk"]) for n in names}
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 2
+    for bb, nw, ns in CORUN_TILES:  # the key-max scores alone, one program per SM
+        routers[f"scores_p1_b{bb}w{nw}s{ns}"] = partial(
+            keymax_dense_scores, q, index.basis, index.lowrank_keys, index.chunk_offsets,
+            block_b=bb, block_n=128, num_warps=nw, num_stages=ns, max_programs=sms,
+        )  # fmt: skip
+    x = torch.randn(B * shape["U"] * shape["Hkv"] * shape["D"] * 2, device=dev, dtype=q.dtype)
+    out = corun_probe(routers, x, [2 * sms, 4 * sms], reps=5 if dev == "cuda" else 1)
+    del x
+    return {"B": B, **out}

@@ -32,39 +32,18 @@ import argparse
 import json
 import os
 import time
-from functools import partial
 
 import torch
 
 from moska.bench.floors import attention_flops, floor_ms, router_cost
 from moska.bench.router_schedules import SCHEDULES, make_step, make_streams
+from moska.bench.router_variants import route_fn
 from moska.kernels import router
 from moska.kernels.merge import merge_selections
 from moska.kernels.paged_attention import paged_decode_attention
-from moska.kernels.router_dense import keymax_dense_scores, project_queries
+from moska.kernels.router_dense import project_queries
 from moska.kernels.router_topk import topk_rows
 from moska.kernels.shared_attention import grouped_shared_attention
-
-# default_p{n}: the default with its key-max grid capped at n programs per SM (the same
-# scores; room on every SM for the unique attention beside it)
-ROUTERS = ("default", "default_p1", "default_p2", "two_stage")
-
-
-def route_fn(name: str, q, index, topk: int, factor: int = 4):
-    if name.startswith("default"):
-        progs = None
-        if name != "default":
-            n = int(name.removeprefix("default_p"))
-            cuda = q.is_cuda
-            progs = n * (
-                torch.cuda.get_device_properties(q.device).multi_processor_count if cuda else 2
-            )
-        return lambda: router.route(
-            q, index, topk, "keymax", per_kv_head=True, keymax_programs=progs
-        )
-    if name == "two_stage":
-        return lambda: router.route(q, index, topk, "two_stage", shortlist_factor=factor)
-    raise ValueError(f"router must be one of {ROUTERS}, got {name!r}")
 
 
 def gemm_scores(q, index, block_chunks: int, chunk_len: int) -> torch.Tensor:
@@ -250,41 +229,14 @@ def batch_row(B, name, lib, shape, ceil, dev, schedules, gemm_block) -> dict:
     return row
 
 
-# key-max tiles (requests, warps, stages; 128-key blocks) the co-run probe runs at one
-# program per SM: the current tile, and wider ones that might keep the tensor cores fed
-# from one program per SM (session 18 call 5: the current tile at one program per SM
-# overlaps a read stream by 0.75-0.78 but runs 6.5 ms alone against 4.0 uncapped)
-CORUN_TILES = ((32, 4, 4), (32, 8, 4), (64, 8, 4), (64, 8, 3))
-
-
-def corun_row(B: int, shape: dict, index, dev: str) -> dict:
-    """router_corun's probe at B: the default router (own grid, 1 and 2 programs per SM) and
-    its key-max scores at one program per SM in CORUN_TILES, beside a persistent read stream
-    over as many bytes as the unique KV."""
-    from moska.bench.router_corun import corun_probe
-
-    q = torch.randn(B, shape["Hq"], shape["D"], device=dev, dtype=index.basis.dtype)
-    names = ("default", "default_p1", "default_p2")
-    routers = {n: route_fn(n, q, index, shape["topk"]) for n in names}
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 2
-    for bb, nw, ns in CORUN_TILES:  # the key-max scores alone, one program per SM
-        routers[f"scores_p1_b{bb}w{nw}s{ns}"] = partial(
-            keymax_dense_scores, q, index.basis, index.lowrank_keys, index.chunk_offsets,
-            block_b=bb, block_n=128, num_warps=nw, num_stages=ns, max_programs=sms,
-        )  # fmt: skip
-    x = torch.randn(B * shape["U"] * shape["Hkv"] * shape["D"] * 2, device=dev, dtype=q.dtype)
-    out = corun_probe(routers, x, [2 * sms, 4 * sms], reps=5 if dev == "cuda" else 1)
-    del x
-    return {"B": B, **out}
-
-
 def main(argv: list[str] | None = None) -> int:
     from moska.bench.common import environment
     from moska.bench.kernels_util import ceilings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1024, 256, 64])
-    ap.add_argument("--routers", nargs="+", default=["default", "two_stage"], choices=ROUTERS)
+    ap.add_argument("--routers", nargs="+", default=["default", "two_stage"],
+                    help="default, default_p{n}, default_p{n}_b{B}w{W}s{S}, two_stage")  # fmt: skip
     ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES),
                     help="serial, unique_side, route_side, prio, route_side_split{n}, green{n}")  # fmt: skip
     ap.add_argument("--gemm-block", type=int, default=32,
@@ -331,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     corun = None
     if args.corun_batch and time.time() - t0 <= args.budget_s:
+        from moska.bench.router_corun import corun_row
+
         corun = corun_row(args.corun_batch if not dry else 4, shape, index, dev)
         print(json.dumps({k_: round(v_, 3) for k_, v_ in corun.items()}), flush=True)
     summary = {}

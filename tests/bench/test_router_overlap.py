@@ -10,6 +10,7 @@ import torch
 
 from moska.bench.router_corun import persistent_stream
 from moska.bench.router_overlap import choice_check, chosen_sets, gemm_scores, sel_sets
+from moska.bench.router_variants import route_fn
 from moska.kernels.router import build_routing_index, route
 from moska.kernels.router_ref import keymax_scores_ref
 
@@ -56,3 +57,16 @@ def test_persistent_stream_reads_every_element_once():
         got = persistent_stream(x, programs)()
         assert got.shape == (programs,)
         torch.testing.assert_close(got.sum(), x.sum(), rtol=1e-4, atol=1e-3)
+
+
+def test_default_variants_choose_the_default_chunks():
+    """A capped grid and another key-max tile change no score, so no choice; the tile is
+    restored after the call."""
+    from moska.kernels import router_dense
+
+    index = _index()
+    q = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(4))
+    want = sel_sets(route_fn("default", q, index, 2)(), 3, 2, 5)
+    for name in ("default_p1", "default_p2_b64w8s3", "default_p1_b16w4s2"):
+        assert torch.equal(sel_sets(route_fn(name, q, index, 2)(), 3, 2, 5), want), name
+    assert router_dense.TILES_BY_BATCH == ()
