@@ -36,10 +36,12 @@ else
   export PYTHONPATH=/tmp/site_router18:$PWD
   TESTS="-m cuda tests/kernels/test_router_topk.py tests/routing/test_router_unroll.py"
   TESTS="$TESTS tests/routing/test_router_cost.py"; TT=40
-  # call 4 (default): B = 1,024, the default router, 2 schedules, then the co-run probe
+  # call 6 (default): B = 1,024, the default router and the default at one program per SM
+  # with 64-request 8-warp tiles (the same chunks), 3 schedules, then the co-run probe
   # (router_corun.py); ROUTER_FULL=1: call 3's full sweep (B = 1,024 / 256 / 64, 3 routers,
   # 7 schedules, the GEMM form)
-  RARGS="--batch 1024 --routers default --schedules serial prio --gemm-block 0"
+  RARGS="--batch 1024 --routers default default_p1_b64w8s4 default_p1_b64w8s3"
+  RARGS="$RARGS --schedules serial prio route_side --gemm-block 0"
   RARGS="$RARGS --corun-batch 1024"; LEFT=143
   [ "${ROUTER_FULL:-0}" = 1 ] && RARGS="--batch 1024 256 64 --routers default two_stage default_p2
     --schedules serial unique_side route_side prio route_side_split4 green32 green64"
