@@ -22,9 +22,10 @@ set -u
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_s18_gluon
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" "$TRITON_CACHE_DIR"
 T0=$(date +%s)
-# call 4: the compute-bound one-chunk points at D 128 in 5 rounds, the grouped step at G 4 / 8
-OC="--dims 128 --gqa 8,4,2 --b-list ${GLUON_B:-1024,256} --rounds 5"
-GR="--gqa 4,8 --b-list ${GROUPED_B:-1024} --rounds 3"
+# call 6: the dispatcher's Gluon point (D 128 G 8 B 1,024) and G 4 beside it in 5 rounds; the
+# grouped step at G 4 / 8 with 2 and 3 consumer warpgroups
+OC="--dims 128 --gqa 8,4 --b-list ${GLUON_B:-1024} --rounds 5"
+GR="--gqa 4,8 --b-list ${GROUPED_B:-1024,256} --rounds 3"
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}; export TRITON_INTERPRET=1
   timeout 300 $PY -m moska.bench.kernels_gluon --cpu-dry-run --out "$OUT" 2>&1 | tee "$OUT/gluon.log"
@@ -54,10 +55,10 @@ grep -h "FAILED\|Error" "$OUT/tests.log" | cut -c1-240 | head -4
 echo "warm-up (compiles) done at $(( $(date +%s) - T0 )) s; failures:"
 grep -h "failed" "$OUT"/warm_*.log | cut -c1-300 | head -6
 timeout 45 $PY -m moska.bench.kernels_gluon --out "$OUT" --budget-s 28 $OC \
-  --name kernels_gluon_h200_session18d.json > "$OUT/gluon.log" 2>&1
+  --name kernels_gluon_h200_session18e.json > "$OUT/gluon.log" 2>&1
 echo "one-chunk rc=$? at $(( $(date +%s) - T0 )) s"
 timeout 45 $PY -m moska.bench.kernels_gluon_grouped --out "$OUT" --budget-s 28 $GR \
-  --name kernels_gluon_grouped_h200_session18c.json > "$OUT/grouped.log" 2>&1
+  --name kernels_gluon_grouped_h200_session18d.json > "$OUT/grouped.log" 2>&1
 echo "grouped rc=$? at $(( $(date +%s) - T0 )) s"
 for f in gluon grouped; do
   grep -h "^read\|^split check\|^wrong\|^FLOOR\|^Traceback\|^[A-Za-z]*Error" "$OUT/$f.log" | cut -c1-400

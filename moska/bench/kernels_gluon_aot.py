@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from moska.kernels.gluon_grouped import _grouped_ws_kernel
+from moska.kernels.gluon_grouped import WS3_MAXNREG, _grouped_ws_kernel
 from moska.kernels.gluon_one_chunk import _one_chunk_kernel, _one_chunk_ws_kernel
 from moska.kernels.gluon_parts import WS_MAXNREG
 
@@ -57,7 +57,7 @@ GROUPED_ARGS = ["q_ptr", "k_desc", "v_desc", "starts_ptr", "ends_ptr", "sel_req_
 GROUPED_ARGS += ["sel_kv_ptr", "sel_chunk_ptr", "work_ptr", "meta_ptr", "o_ptr", "lse_ptr"]
 GROUPED_ARGS += ["o_part_ptr", "lse_part_ptr", "stride_qb", "stride_qh", "W", "qk_scale"]
 GROUPED_CONST = ["G", "D", "BLOCK_M", "BLOCK_N", "STAGES", "num_warps", "OVERLAP", "EXP_BF16"]
-GROUPED_CONST += ["KV_APART"]
+GROUPED_CONST += ["KV_APART", "NWG"]
 
 
 def compile_grouped(
@@ -69,6 +69,7 @@ def compile_grouped(
     overlap: bool = False,
     exp_bf16: bool = False,
     kv_apart: bool = False,
+    nwg: int = 2,
 ) -> dict:
     """The grouped ping-pong kernel (gluon_grouped.py) for sm_90."""
     lay = gl.NVMMASharedLayout.get_default_for([bn, d], gl.bfloat16)
@@ -76,17 +77,18 @@ def compile_grouped(
     types = ["*bf16", td, td] + ["*i32"] * 7 + ["*bf16", "*fp32", "*fp32", "*fp32"]
     types += ["i32", "i32", "i32", "fp32"]
     sig = dict(zip(GROUPED_ARGS, types, strict=True)) | dict.fromkeys(GROUPED_CONST, "constexpr")
-    cx_vals = (g, d, bm, bn, st, 4, overlap, exp_bf16, kv_apart)
+    cx_vals = (g, d, bm, bn, st, 4, overlap, exp_bf16, kv_apart, nwg)
     vals = dict(zip(GROUPED_CONST, cx_vals, strict=True))
     names = list(sig)
     cx = {(names.index(k),): v for k, v in vals.items()}
     src = GluonASTSource(_grouped_ws_kernel, sig, constexprs=cx)
     t = time.time()
-    opts = {"num_warps": 4, "maxnreg": WS_MAXNREG}
+    opts = {"num_warps": 4, "maxnreg": WS_MAXNREG if nwg == 2 else WS3_MAXNREG}
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     out = {
         "D": d,
         "G": g,
+        "nwg": nwg,
         "schedule": "grouped_ws" + "o" * overlap + "e" * exp_bf16 + "k" * kv_apart,
         "tile": f"m{bm}n{bn}s{st}",
     }
@@ -126,9 +128,12 @@ def main() -> None:
                     err = {"D": d, "tile": (sched, bm, bn, nw, st), "ok": False}
                     print(json.dumps(err | {"error": repr(e)[:400]}), flush=True)
     for d in (128, 64):
-        for st, ov, ex in ((2, False, False), (3, False, False), (3, True, False), (3, True, True)):
+        grouped = [(128, 2, False, False, 2), (128, 3, False, False, 2), (128, 3, True, False, 2)]
+        grouped += [(128, 3, True, True, 2), (64, 5, False, False, 3), (64, 5, True, False, 3)]
+        for bn, st, ov, ex, nwg in grouped:
             try:
-                print(json.dumps(compile_grouped(d, 4, 64, 128, st, ov, ex)), flush=True)
+                out = compile_grouped(d, 4, 64, bn, st, ov, ex, nwg=nwg)
+                print(json.dumps(out), flush=True)
             except Exception as e:  # noqa: BLE001
                 fails += 1
                 print(json.dumps({"D": d, "grouped_ws": st, "ok": False, "error": repr(e)[:600]}))

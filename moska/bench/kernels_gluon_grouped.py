@@ -35,20 +35,23 @@ from moska.kernels.shared_work_list import build_work_list
 CFG: dict[str, Any] = {"hkv": 8, "chunks": 256, "chunk_len": 4096, "topk": 8, "dims": (128, 64)}
 CFG |= {"gqa": (4, 8, 2, 1), "b_list": (1024, 256, 64), "routing": "uniform"}
 # (rows a warpgroup, keys a block, stages, overlap, exp2 in bf16, persistent: a program an
-# SM). Call 3: persistent 8-20 % slower, bf16 exp2 no faster; call 4: 64-key blocks x 6 stages
-VARIANTS: tuple[tuple[int, int, int, bool, bool, bool], ...] = ((64, 128, 3, False, False, False),)
-VARIANTS += ((64, 128, 3, True, False, False), (64, 64, 6, False, False, False))
-VARIANTS += ((64, 64, 6, True, False, False),)
+# SM, consumer warpgroups). Calls 3-5: persistent 8-21 % slower, bf16 exp2 no faster, 64-key
+# blocks x 6 stages slower with 2 warpgroups; call 6: 3 warpgroups (a G 4 group's 128 +- 22
+# rows in one 192-row tile, 64-key blocks x 5 stages to fit 160 registers a thread)
+VARIANT = tuple[int, int, int, bool, bool, bool, int]
+VARIANTS: tuple[VARIANT, ...] = ((64, 128, 3, False, False, False, 2),)
+VARIANTS += ((64, 128, 3, True, False, False, 2), (64, 64, 5, False, False, False, 3))
+VARIANTS += ((64, 64, 5, True, False, False, 3),)
 
 
 def gluon_step(p: dict, var: tuple, sms: int):
-    """One grouped step through the Gluon kernel: plan (2 * bm-row tiles), run, merge."""
-    bm, bn, st, overlap, ex, persistent = var
+    """One grouped step through the Gluon kernel: plan (tiles of nwg * bm rows), run, merge."""
+    bm, bn, st, overlap, ex, persistent, nwg = var
     from moska.kernels.gluon_grouped import gluon_grouped_attention
 
     q, k, v, sel, table = p["q"], p["k"], p["v"], p["sel"], p["table"]
     hkv, g = k.shape[1], q.shape[1] // k.shape[1]
-    plan = build_work_list(sel, table, hkv, g, 2 * bm, bn, sms, 512)
+    plan = build_work_list(sel, table, hkv, g, nwg * bm, bn, sms, 512)
     o, lse, o_part, lse_part = gluon_grouped_attention(
         q,
         k,
@@ -64,8 +67,9 @@ def gluon_step(p: dict, var: tuple, sms: int):
         overlap=overlap,
         exp_bf16=ex,
         programs=sms if persistent else None,
+        nwg=nwg,
     )
-    merge_tile_splits(plan[0], plan[1], o_part, lse_part, o, lse, g, 2 * bm, 4, 32)
+    merge_tile_splits(plan[0], plan[1], o_part, lse_part, o, lse, g, nwg * bm, 4, 32)
     return o, lse
 
 
@@ -76,8 +80,8 @@ def calls(p: dict, sms: int) -> dict:
         )
     }
     for var in VARIANTS:
-        bm, bn, st, ov, ex, pers = var
-        name = f"gluon:ws{'o' * ov}{'e' * ex}{'p' * pers}:m{bm}n{bn}s{st}"
+        bm, bn, st, ov, ex, pers, nwg = var
+        name = f"gluon:ws{'o' * ov}{'e' * ex}{'p' * pers}:m{bm}x{nwg}n{bn}s{st}"
         out[name] = partial(gluon_step, p, var, sms)
     return out
 

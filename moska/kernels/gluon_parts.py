@@ -153,11 +153,22 @@ def _ws_idle(k_bar, v_bar, empty, n_blocks, STAGES: gl.constexpr, KV_APART: gl.c
 
 
 @gluon.jit
+def _turn_parity(j, WG: gl.constexpr):
+    # the mbarrier parity warpgroup WG waits on for its j-th turn: the first of the rotation
+    # passes its first turn on the fresh barrier, the others wait for their predecessor
+    if WG == 0:
+        par = (j & 1) ^ 1
+    else:
+        par = j & 1
+    return par
+
+
+@gluon.jit
 def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks, qk_scale, pp,
              dt: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
              STAGES: gl.constexpr, WG: gl.constexpr, OVERLAP: gl.constexpr = False,
              EXP_BF16: gl.constexpr = False, KV_APART: gl.constexpr = False,
-             MAY_BE_EMPTY: gl.constexpr = False, c0=0, t0=0):  # fmt: skip
+             MAY_BE_EMPTY: gl.constexpr = False, c0=0, t0=0, na=2):  # fmt: skip
     # One consumer warpgroup's key loop over BLOCK_M (64) rows in q_smem: (acc, m_i, l_i).
     # Ping-pong (`pp`, both consumers busy): they take turns to issue their products
     # (mbarriers `turn`), so one's softmax runs beside the other's GEMMs. A slot is freed
@@ -165,7 +176,8 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
     # OVERLAP (FA3's intra-warpgroup overlap on top): softmax(i) runs as soon as QK^T(i) is
     # done, while this warpgroup's own P V(i - 1) is still in flight; the accumulator is
     # rescaled after it lands. MAY_BE_EMPTY: n_blocks may be 0 (an absent chunk). c0 / t0:
-    # blocks streamed and turns taken before (a persistent program's earlier items).
+    # blocks streamed and turns taken before (a persistent program's earlier items). na: the
+    # warpgroups in the rotation (0 .. na - 1; WG hands its turn to WG + 1 mod na).
     s_layout: gl.constexpr = _mma_layout(BLOCK_M, BLOCK_N, 4)
     o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -175,12 +187,12 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
     if MAY_BE_EMPTY:
         if n_blocks > 0:
             acc, m_i, l_i = _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi,
-                                       n_blocks, qk_scale, pp, acc, m_i, l_i, c0, t0, dt, BLOCK_M,
+                                       n_blocks, qk_scale, pp, acc, m_i, l_i, c0, t0, na, dt, BLOCK_M,
                                        BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16, KV_APART,
                                        s_layout, o_layout, p_layout)  # fmt: skip
     else:
         acc, m_i, l_i = _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi,
-                                   n_blocks, qk_scale, pp, acc, m_i, l_i, c0, t0, dt, BLOCK_M,
+                                   n_blocks, qk_scale, pp, acc, m_i, l_i, c0, t0, na, dt, BLOCK_M,
                                    BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16, KV_APART, s_layout,
                                    o_layout, p_layout)  # fmt: skip
     return acc, m_i, l_i
@@ -188,7 +200,7 @@ def _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks
 
 @gluon.jit
 def _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks, qk_scale, pp,
-               acc, m_i, l_i, c0, t0, dt: gl.constexpr, BLOCK_M: gl.constexpr,
+               acc, m_i, l_i, c0, t0, na, dt: gl.constexpr, BLOCK_M: gl.constexpr,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
                OVERLAP: gl.constexpr, EXP_BF16: gl.constexpr, KV_APART: gl.constexpr,
                s_layout: gl.constexpr, o_layout: gl.constexpr,
@@ -199,11 +211,12 @@ def _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_bloc
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     # block 0: QK^T, softmax
     slot = c0 % STAGES
-    mbarrier.wait(turn.index(WG), (t0 & 1) ^ WG ^ 1, pred=pp)
+    nxt = (WG + 1) % na
+    mbarrier.wait(turn.index(WG), _turn_parity(t0, WG), pred=pp)
     mbarrier.wait(k_bar.index(slot), (c0 // STAGES) & 1)
     s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)  # fmt: skip
-    mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
+    mbarrier.arrive(turn.index(nxt), count=1, pred=pp)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
     if KV_APART:
         mbarrier.arrive(empty.index(slot), count=1)  # K block 0 is read
@@ -214,14 +227,14 @@ def _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_bloc
         c = c0 + i
         slot = c % STAGES
         prev = (c - 1) % STAGES
-        mbarrier.wait(turn.index(WG), ((t0 + i) & 1) ^ WG ^ 1, pred=pp)
+        mbarrier.wait(turn.index(WG), _turn_parity(t0 + i, WG), pred=pp)
         mbarrier.wait(k_bar.index(slot), (c // STAGES) & 1)
         s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)  # fmt: skip
         mbarrier.wait(v_bar.index(prev), ((c - 1) // STAGES) & 1)
         p_op = gl.convert_layout(p.to(dt), p_layout)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-        mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
+        mbarrier.arrive(turn.index(nxt), count=1, pred=pp)
         if OVERLAP:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
             if KV_APART:
@@ -240,11 +253,11 @@ def _ws_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_bloc
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     c = c0 + n_blocks - 1
     last = c % STAGES
-    mbarrier.wait(turn.index(WG), ((t0 + n_blocks) & 1) ^ WG ^ 1, pred=pp)
+    mbarrier.wait(turn.index(WG), _turn_parity(t0 + n_blocks, WG), pred=pp)
     mbarrier.wait(v_bar.index(last), (c // STAGES) & 1)
     acc_tok = warpgroup_mma(gl.convert_layout(p.to(dt), p_layout), v_smem.index(last), acc,
                             is_async=True)  # fmt: skip
-    mbarrier.arrive(turn.index(1 - WG), count=1, pred=pp)
+    mbarrier.arrive(turn.index(nxt), count=1, pred=pp)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok,))
     mbarrier.arrive(empty.index(V0 + last), count=1)
     return acc, m_i, l_i
