@@ -175,12 +175,13 @@ class OneChunkEntry:
 ONE_CHUNK: tuple[OneChunkEntry, ...] = (
     *(OneChunkEntry(d, g, 0, "triton") for d in HEAD_DIMS for g in GQA_RATIOS),
     OneChunkEntry(128, 2, 2048, "cudnn"),
-    OneChunkEntry(128, 4, 4096, "cudnn"),
+    OneChunkEntry(128, 4, 4096, "gluon"),  # session 18 (below), cuDNN in session 17
     OneChunkEntry(128, 8, 2048, "cudnn"),
-    # session 18: Gluon wso over cuDNN at 8,192 rows (D 128 G 8 B 1,024), paired round by
-    # round in two device runs: 1.027 / 1.042 / 0.996 and 1.028 / 1.027 / 1.019 (median
-    # 1.027x; kernels_gluon_h200_session18c.json + call 4's repeat); at 2,048 / 4,096 rows
-    # (G 8 B 256, G 4 B 1,024) it tied or lost a round in three, so cuDNN stays there
+    # session 18: Gluon wso against cuDNN, paired round by round over 16 rounds of four
+    # H200 runs (kernels_gluon_h200_session18c / c2 / d / e.json): at 8,192 rows (D 128 G 8
+    # B 1,024) median 1.024x, 12 rounds above 1.0 (0.92-1.07); at 4,096 rows (G 4 B 1,024)
+    # median 1.022x, 12 of 16 at or above 1.0 (0.95-1.10); at 2,048 rows (G 8 B 256, G 2
+    # B 1,024) 0.90-1.01 and 0.91-1.07 (median 0.96): cuDNN stays there
     OneChunkEntry(128, 8, 8192, "gluon"),
     OneChunkEntry(64, 2, 2048, "cudnn"),
     OneChunkEntry(64, 8, 8192, "cudnn"),

@@ -100,12 +100,13 @@ def test_table_picks_backend_by_shape_rows_dtype_and_device():
     assert one_chunk_backend(128, 2, 10_000, bf16, "cuda", table) == "triton"  # D not there
     assert one_chunk_backend(64, 2, 100, f32, "cuda", table) == "triton"  # SDPA: 16-bit only
     assert one_chunk_backend(64, 2, 100, bf16, "cpu", table) == "triton"
-    # the shipped table: cuDNN for D 128 G 8 from 2,048 rows and G 4 from 4,096 (session 17),
-    # the Gluon kernel for D 128 G 8 from 8,192 (session 18), ours for few rows
+    # the shipped table: cuDNN for D 128 G 8 from 2,048 rows (session 17), the Gluon kernel
+    # for D 128 G 8 from 8,192 and G 4 from 4,096 (session 18), ours for few rows
     assert one_chunk_backend(128, 8, 4096, bf16, "cuda") == "cudnn"
     assert one_chunk_backend(128, 8, 8192, bf16, "cuda") == "gluon"
     assert one_chunk_backend(128, 8, 128, bf16, "cuda") == "triton"
-    assert one_chunk_backend(128, 4, 4096, bf16, "cuda") == "cudnn"
+    assert one_chunk_backend(128, 4, 4096, bf16, "cuda") == "gluon"
+    assert one_chunk_backend(128, 4, 2048, bf16, "cuda") == "triton"
     assert one_chunk_backend(128, 4, 1024, bf16, "cuda") == "triton"
 
 
