@@ -13,7 +13,8 @@
 # connections, storm_anchor.storm_end), arms off/plain/all/all x4: 0.58 / 0.60 / 0.52 / 0.61.
 # Call 5 (05:29), arms off/plain/door/door ("door": plain drains and library drains at the
 # door anchored): 0.52 / 0.47 / 0.76 / 0.64; "door" is the default since. Call 6: arms
-# off/door/door/door, 4 repeats (the default's figure with an off server beside it).
+# off/door/door/door, 4 repeats (the default's figure with an off server beside it):
+# 0.51 / 0.52 / 0.53 / 0.53. Over calls 2-6: off 0.53, plain 0.58, all 0.61, door 0.59.
 # 4 servers, each pinned to 4 cores (taskset), bursts of 64, 300, 1,000 clients x4 in one
 # server, half the requests on the `demo` library, `--trace` (gzipped after).
 # Correctness first (~5 s): the anchor's, the promise logic's and the scorings' unit tests.

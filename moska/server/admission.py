@@ -126,8 +126,8 @@ class AdmissionController(DoorDrains):
         self._open_memo: tuple[float, int, float] | None = None
         # the step in progress ends with the door's storm (storm_anchor.py), and a door 429
         # counts down to it, for plain drains and library drains at the door ("door", the
-        # default after session 18's device calls: 0.70 vs 0.52 within 2x in call 5);
-        # "plain", "all", "off" (session 17's drain)
+        # default after session 18's device calls: 0.59 vs 0.53 within 2x over 5 servers
+        # each, library door 429s 0.60 vs 0.40); "plain", "all", "off" (session 17's)
         self.door_anchor = "door"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
 

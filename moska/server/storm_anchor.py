@@ -15,9 +15,10 @@ With the storm's end known (`FrontDoor.storm_until`: the door backlog's connecti
 to answer x the loop's time per answer, `door_backlog.DoorBacklog`), the step ends at the
 storm's end plus its predicted work not yet done, and each 429's promise counts down to
 that moment (`step_delay_s`): a 429 later in the storm gets a shorter promise.
-`AdmissionController.door_anchor`: "door" (the default since session 18's device call 5:
-within 2x 0.76 and 0.64 on two servers vs 0.52 off; plain drains and library drains at the
-door anchored), "plain", "all" or "off" (`applies`; the A/B: docs/admission.md).
+`AdmissionController.door_anchor`: "door" (the default since session 18's device calls 5
+and 6: within 2x 0.59 pooled over 5 servers vs 0.53 off, library door 429s 0.60 vs 0.40,
+plain door 429s a wash; plain drains and library drains at the door anchored), "plain",
+"all" or "off" (`applies`; the A/B: docs/admission.md).
 """
 
 from __future__ import annotations
