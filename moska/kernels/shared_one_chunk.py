@@ -21,7 +21,12 @@ same LSE merge. SDPA backends need fp16/bf16 on CUDA (the CPU's flash kernel ser
 tests); fp32 inputs take the Triton path.
 """
 
+import functools
+import os
+from types import ModuleType
+
 import torch
+import triton
 
 from .selections import Selections
 from .shared_attention import grouped_shared_attention
@@ -143,10 +148,9 @@ def one_chunk_attention(
     if backend not in ONE_CHUNK_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {ONE_CHUNK_BACKENDS}")
     if backend == "gluon":  # Hopper only; elsewhere cuDNN (16-bit CUDA inputs) or Triton
-        from .gluon_one_chunk import gluon_ok, gluon_one_chunk
-
-        if gluon_ok(q, k, v):
-            return gluon_one_chunk(q, k, v, sm_scale, **(GLUON_ONE_CHUNK | tuning))
+        kernel = gluon_module()
+        if kernel is not None and kernel.gluon_ok(q, k, v):
+            return kernel.gluon_one_chunk(q, k, v, sm_scale, **(GLUON_ONE_CHUNK | tuning))
         sdpa = q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
         backend = "cudnn" if sdpa else "triton"
     if backend != "triton":
@@ -157,6 +161,25 @@ def one_chunk_attention(
     return grouped_shared_attention(
         q, k, v, offs, sel, sm_scale, plans=plans, plan_key=("one_chunk", s), **tuning
     )
+
+
+GLUON_TRITON = ("3.6.",)  # the Triton releases the Gluon kernel was compiled and timed with
+
+
+@functools.cache
+def gluon_module() -> ModuleType | None:
+    """The Gluon kernel's module where the dispatcher may use it, else None (its points then
+    run cuDNN or Triton). Gluon is Triton's experimental dialect and its API moves between
+    releases, so only a Triton in `GLUON_TRITON` takes it by default; MOSKA_GLUON=0 turns
+    it off, MOSKA_GLUON=1 tries it on any Triton that can import it."""
+    flag = os.environ.get("MOSKA_GLUON", "")
+    if flag == "0" or (flag != "1" and not triton.__version__.startswith(GLUON_TRITON)):
+        return None
+    try:
+        from . import gluon_one_chunk
+    except (ImportError, AttributeError):  # a Triton without (this form of) Gluon
+        return None
+    return gluon_one_chunk
 
 
 def one_chunk_states(

@@ -51,3 +51,26 @@ def test_dispatch_to_gluon_runs_the_triton_kernel_off_hopper():
     ro, rl = grouped_shared_attention_ref(q, k, v, offs, one_chunk_selections(3, 2, "cpu"), 0.25)
     assert torch.equal(o, ot) and torch.equal(lse, lt)
     assert (o - ro).norm() / ro.norm() < 1e-4 and (lse - rl).norm() / rl.norm() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("version", "flag", "used"),
+    [("3.6.0", "", True), ("3.9.0", "", False), ("3.9.0", "1", True), ("3.6.0", "0", False)],
+)
+def test_dispatcher_takes_gluon_only_on_the_triton_it_was_timed_with(
+    monkeypatch, version, flag, used
+):
+    # Gluon's API moves between Triton releases: another release (or MOSKA_GLUON=0) leaves
+    # the table's Gluon points to cuDNN / Triton instead of failing at the first call
+    from moska.kernels import shared_one_chunk
+
+    monkeypatch.setattr(shared_one_chunk.triton, "__version__", version)
+    monkeypatch.setenv("MOSKA_GLUON", flag)
+    shared_one_chunk.gluon_module.cache_clear()
+    try:
+        got = shared_one_chunk.gluon_module()
+        assert (got is not None) == used
+        if used:
+            assert got.gluon_one_chunk is gluon_one_chunk
+    finally:
+        shared_one_chunk.gluon_module.cache_clear()
