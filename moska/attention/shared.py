@@ -119,8 +119,13 @@ def reported_selections(
 
 
 def fp8_kwargs(lib, layer: int) -> dict:
-    """``kv_scales`` for the grouped kernel of an FP8 library's layer; nothing otherwise."""
-    return {"kv_scales": lib.kv_scales(layer)} if getattr(lib, "kv_scale_pools", None) else {}
+    """``kv_scales`` for the grouped kernel of an FP8 library's layer, with ``q_rotation``
+    for a rotated one (library/fp8_rotated.py); nothing otherwise."""
+    if not getattr(lib, "kv_scale_pools", None):
+        return {}
+    rot = getattr(lib, "q_rotation", None)
+    kw = {"kv_scales": lib.kv_scales(layer)}
+    return kw if rot is None else {**kw, "q_rotation": rot}
 
 
 def routing_coverage(

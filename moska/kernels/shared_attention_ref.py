@@ -6,13 +6,29 @@ from .shared_inputs import chunk_scale_args, chunk_table
 
 
 def grouped_shared_attention_ref(
-    q, k_pool, v_pool, chunk_offsets, sel, sm_scale, kv_scales=None, chunk_scales=None
+    q,
+    k_pool,
+    v_pool,
+    chunk_offsets,
+    sel,
+    sm_scale,
+    kv_scales=None,
+    chunk_scales=None,
+    q_rotation=None,
 ):
     """Plain-PyTorch reference, one selection at a time in fp32: (o [N,G,D] fp32, lse [N,G] fp32).
     `kv_scales` (k_scale, v_scale) [C, Hkv]: an e4m3 chunk's K/V are stored values x scale.
-    `chunk_scales` [C]: chunk c's scores use sm_scale x chunk_scales[c]."""
+    `chunk_scales` [C]: chunk c's scores use sm_scale x chunk_scales[c].
+    `q_rotation` [D, D]: K is stored rotated (k R), so q is read as q R (in fp32 here)."""
     if (k_pool.dtype == torch.float8_e4m3fn) != (kv_scales is not None):
         raise ValueError("kv_scales go with float8_e4m3fn pools, and only with them")
+    if q_rotation is not None:
+        d_ = q.shape[-1]
+        if tuple(q_rotation.shape) != (d_, d_):
+            raise ValueError(
+                f"q_rotation must be [D, D] = {(d_, d_)}, got {tuple(q_rotation.shape)}"
+            )
+        q = q.float() @ q_rotation.float()
     n = sel.req.numel()
     hq, d = q.shape[1], q.shape[2]
     g = hq // k_pool.shape[1]

@@ -19,7 +19,7 @@ import torch
 from moska.library.boundary_repair import BoundaryRepair, check_repair, repair_kv, repair_targets
 from moska.library.chunking import TokenizedCorpus, tokenize_documents
 from moska.library.errors import LibraryError, LibraryExistsError
-from moska.library.format import KV_DTYPES, Manifest, model_fingerprint, validate_name
+from moska.library.format import BUILD_KV_DTYPES, Manifest, model_fingerprint, validate_name
 from moska.library.info import BuildStats, LibraryInfo
 from moska.library.loaded import LoadedLibrary
 from moska.library.positions import (
@@ -62,19 +62,22 @@ def build_from_corpus(
     a position-independent library's chunk sink and APE tempering (None: the measured
     defaults, ``positions.DEFAULT_INDEPENDENT``).
     ``kv_dtype`` "fp8": the pools are stored in e4m3 with per-(token, KV head) scales
-    (``library/fp8.py``), quantized after the routing index is built from the exact keys.
+    (``library/fp8.py``), quantized after the routing index is built from the exact keys;
+    "fp8_rotated": K Hadamard-rotated and K, V scales per 128-row block
+    (``library/fp8_rotated.py``; the manifest says kv_dtype "fp8", fp8_format "rotated").
     ``boundary_repair``: ``BoundaryRepair(tokens, layers)`` (or the pair) recomputes the first
     tokens of every chunk that continues a document after the chunk before it, in the first
     layers, before the routing index is built (``library/boundary_repair.py``; independent
     mode only; None or 0: none)."""
     from moska.kernels.router import build_routing_index
-    from moska.library.fp8 import quantize
+    from moska.library.fp8_rotated import build_format, q_rotation_for, quantize_pair
 
     validate_name(name)
-    if kv_dtype not in KV_DTYPES:
+    if kv_dtype not in BUILD_KV_DTYPES:
         raise LibraryError(
-            f"kv_dtype must be one of {KV_DTYPES} (auto: the model's dtype), got {kv_dtype!r}"
+            f"kv_dtype must be one of {BUILD_KV_DTYPES} (auto: the model's dtype), got {kv_dtype!r}"
         )
+    kv_dtype, fp8_format = build_format(kv_dtype)
     config = loaded_model.config
     # one pool per layer that owns KV (an MLKV model's sharing layers read their source's)
     num_layers = int(_cfg(config, "num_kv_layers", "num_layers", "num_hidden_layers"))
@@ -124,9 +127,10 @@ def build_from_corpus(
         if kv_dtype == "fp8":  # the exact pools share the build cache, freed with the last
             scales = []
             for i in range(len(k_pools)):
-                kq, vq = quantize(k_pools[i], offsets), quantize(v_pools[i], offsets)
-                k_pools[i], v_pools[i] = kq.data, vq.data
-                scales.append((kq.scale, vq.scale))
+                k_pools[i], v_pools[i], pair = quantize_pair(
+                    k_pools[i], v_pools[i], offsets, fp8_format
+                )
+                scales.append(pair)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
@@ -152,11 +156,13 @@ def build_from_corpus(
         kv_dtype=kv_dtype,
         repair_tokens=repair.tokens if repair.active else 0,
         repair_layers=repair.layers if repair.active else 0,
+        fp8_format=fp8_format,
     )
     token_ids = torch.tensor(corpus.token_ids, dtype=torch.int32)  # [S_total]
     library = LoadedLibrary(
         manifest, offsets, k_pools, v_pools, routing, token_ids, kv_scale_pools=scales
     )
+    library.q_rotation = q_rotation_for(manifest, device)
     return library, stats
 
 

@@ -32,7 +32,9 @@ from moska.library.fingerprint import ModelFingerprint, model_fingerprint, weigh
 
 __all__ = [
     "BUILDING_FILE",
+    "BUILD_KV_DTYPES",
     "FORMAT_VERSION",
+    "FP8_FORMATS",
     "KV_DTYPES",
     "MANIFEST_FILE",
     "MODES",
@@ -68,6 +70,13 @@ MODES = ("prefix", "independent")
 # library KV dtypes: "auto" = the model's; "fp8" = e4m3 pools with fp32 scales per (token,
 # KV head) stored as "k_scale"/"v_scale" [S_total, Hkv] in each layer file (library/fp8.py)
 KV_DTYPES = ("auto", "fp8")
+# how an FP8 library's pools are laid out (manifest.fp8_format): "token" = as above; "rotated"
+# = K stored Hadamard-rotated (k R, R = library/fp8.hadamard(head_dim, seed 0)) and K and V
+# scales per 128-row block (stored per row, constant over a block): readers rotate q alike
+# (library/fp8_rotated.py). A build asks for it as kv_dtype "fp8_rotated" (BUILD_KV_DTYPES);
+# the manifest then says kv_dtype "fp8", fp8_format "rotated", so every FP8 reader reads it
+FP8_FORMATS = ("token", "rotated")
+BUILD_KV_DTYPES = (*KV_DTYPES, "fp8_rotated")
 
 
 def validate_name(name: object) -> str:
@@ -185,12 +194,17 @@ class Manifest:
     # first repair_layers KV layers. 0 and 0: none (and manifests written before repair).
     repair_tokens: int = 0
     repair_layers: int = 0
+    fp8_format: str = "token"  # FP8_FORMATS (kv_dtype "fp8" only); older manifests: "token"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        if self.fp8_format not in FP8_FORMATS:
+            raise ValueError(f"fp8_format must be one of {FP8_FORMATS}, got {self.fp8_format!r}")
+        if self.fp8_format != "token" and self.kv_dtype != "fp8":
+            raise ValueError(f"fp8_format {self.fp8_format!r} needs kv_dtype 'fp8'")
         validate_name(self.name)
         if not isinstance(self.files, dict) or not all(
             isinstance(v, str) for v in self.files.values()

@@ -44,7 +44,8 @@ Session 18: a library whose K is stored Hadamard-rotated (k R, library/fp8.hadam
 and V scales per 128-row block keeps top-1 0.9925 / 0.9914 with one-term q (q R at launch:
 `TokenMajorV.q_rotation`, `block_sides` 3; fp8_quality_rot_chunk.json): 1.43x bf16 at
 B = 1,024, 1.153x end to end at B = 256 (fp8_reach_h200_session18b.json,
-fp8_decode_h200_session18b.json). `library build` does not store such libraries yet.
+fp8_decode_h200_session18b.json). `library build --kv-dtype fp8_rotated` stores them
+(library/fp8_rotated.py); attached here with `block_sides` 3 and the library's q_rotation.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class TokenMajorV:
     # per key block: per-chunk speed); q_rotation [D, D]: K stored rotated (k R,
     # library/fp8.hadamard), q rotated alike at launch. Rotated K with both per block keeps
     # top-1 0.9925 / 0.9914 with one-term q (bench/results/fp8_quality_rot_chunk.json);
-    # `library build` does not store such libraries yet (bench/fp8_decode.py builds one)
+    # `library build --kv-dtype fp8_rotated` stores such libraries (library/fp8_rotated.py)
     block_sides: int = 2
     q_rotation: torch.Tensor | None = None
 
@@ -128,7 +129,11 @@ def attach_token_major_v(library: Any, mode: str) -> str | None:
     pools = [token_major(v) for v in library.v_pools]
     nbytes = sum(t.numel() * t.element_size() for t in pools)
     vb = v_block_rows(library)
-    library.fp8_mma = TokenMajorV(pools, split, nbytes, q_split_from=late, v_block_rows=vb)
+    rot = getattr(library, "q_rotation", None)  # rotated: K's scales per block too (3 sides)
+    library.fp8_mma = TokenMajorV(
+        pools, split, nbytes, q_split_from=late, v_block_rows=vb, q_rotation=rot,
+        block_sides=3 if rot is not None and vb else 2,
+    )  # fmt: skip
     return None
 
 

@@ -106,6 +106,7 @@ class LibraryInfo:
     # boundary repair (boundary_repair.py): first tokens of continuing chunks, in L layers
     repair_tokens: int = 0
     repair_layers: int = 0
+    fp8_format: str = "token"  # FP8: "rotated" = K Hadamard-rotated, block scales (fp8_rotated.py)
 
     @classmethod
     def damaged(cls, name: str, path: Path, reason: str) -> LibraryInfo:
@@ -168,4 +169,5 @@ class LibraryInfo:
             kv_dtype=manifest.kv_dtype,
             repair_tokens=manifest.repair_tokens,
             repair_layers=manifest.repair_layers,
+            fp8_format=manifest.fp8_format,
         )

@@ -66,6 +66,8 @@ class LoadedLibrary:
     # library/fp8_mma.py TokenMajorV: FP8 libraries read by the FP8 tensor-core program
     # (--fp8-attention mma): V copied token-major at load; None: the upcast program
     fp8_mma: Any = None
+    # [D, D] that readers multiply q by: a rotated FP8 library's (library/fp8_rotated.py)
+    q_rotation: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         m = self.manifest
@@ -284,10 +286,12 @@ def load_library(
     if tokens is None or tokens.shape != (manifest.num_tokens,):
         raise CorruptLibraryError(name, TOKENS_FILE, "token_ids missing or of the wrong shape")
     if tiers is not None:  # a TierConfig: KV in tiers unless the library fits its GPU budget
+        from moska.library.fp8_rotated import refuse
         from moska.library.tiered_load import load_tiered, plan_slots
 
         slots, cpu_slots = plan_slots(manifest, tiers, device)
-        if slots < manifest.num_chunks:
+        if slots < manifest.num_chunks:  # (a rotated FP8 library is not read in tiers yet)
+            refuse(manifest, "a tiered load (--library-gpu-budget)")
             return load_tiered(
                 directory, manifest, offsets, tokens, device, tiers, slots, cpu_slots, reserve
             )
@@ -327,6 +331,7 @@ def _load_layers(
     from tqdm.auto import tqdm
 
     from moska.kernels.router import RoutingIndex, to_lowrank_dtype
+    from moska.library.fp8_rotated import q_rotation_for
 
     name, fp8 = manifest.name, manifest.kv_dtype == "fp8"
     hkv, dtype = shape[1], getattr(torch, manifest.model.dtype)
@@ -377,6 +382,7 @@ def _load_layers(
         tokens,
         kv_scale_pools=scales if fp8 else None,
         kv_heads=kv_heads,
+        q_rotation=q_rotation_for(manifest, device),
     )
 
 
