@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -16,9 +17,33 @@ from moska.model import load_model
 from moska.model.reference import reference_logits
 
 ROOT = Path(__file__).resolve().parents[2]
-TOK = ROOT / ".models/tok-code"
 sys.path.insert(0, str(ROOT / "bench"))
 from kv_heads_code import summarize, window_loss
+
+
+@pytest.fixture(scope="module")
+def TOK(tmp_path_factory) -> Path:
+    """A byte-level tokenizer made here in the quality model's form (its files are not in a
+    clean clone): <|endoftext|> is id 0 and the post-processor puts it before every text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from moska.model.default import _byte_to_char
+
+    out = tmp_path_factory.mktemp("tok")
+    vocab = {"<|endoftext|>": 0} | {ch: b + 1 for b, ch in enumerate(_byte_to_char())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+           "tokenizer_class": "PreTrainedTokenizerFast"}  # fmt: skip
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (out / "config.json").write_text(json.dumps({"vocab_size": tok.get_vocab_size()}))
+    return out
 
 
 def _tree(tmp: Path) -> Path:
@@ -37,7 +62,7 @@ def test_corpus_leaves_out_heldout_packages_and_big_files(tmp_path):
     assert got == {"pkg/a.py", "pkg/sub/b.py", "top.py"}
 
 
-def test_stream_puts_bos_before_each_file(tmp_path):
+def test_stream_puts_bos_before_each_file(tmp_path, TOK):
     files = corpus_files([_tree(tmp_path)])
     reader = TokenStream(TOK, files, max_mb=1.0, seed=0, chunk_mb=0.001)
     reader.start()
@@ -55,7 +80,7 @@ def test_stream_puts_bos_before_each_file(tmp_path):
     assert sorted(tok.decode(p) for p in pieces) == sorted(p.read_text() for p in files)
 
 
-def test_tiny_run_writes_an_mha_checkpoint_moska_and_transformers_agree_on(tmp_path):
+def test_tiny_run_writes_an_mha_checkpoint_moska_and_transformers_agree_on(tmp_path, TOK):
     out = tmp_path / "m"
     main(["--out", str(out), "--tokenizer", str(TOK), "--roots", str(_tree(tmp_path)),
           "--device", "cpu", "--steps", "2", "--context", "32", "--layers", "1", "--hidden", "64",

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 import torch
+from conftest import transport_pair  # at import: tests/pd's conftest (see test_pd_shm)
 
 from moska.engine.sampling_params import SamplingParams
 from moska.pd import kv_blocks
@@ -122,8 +123,6 @@ def test_a_failed_stream_aborts_its_transfer_and_the_pair_stays_in_step():
     """A prefill step that fails after its header went out: the decode side ends the
     transfer as aborted (never a data timeout, never its zeros), and the next transfer of
     the pair arrives intact."""
-    from conftest import transport_pair
-
     from moska.pd.errors import TransferFailedError
     from moska.pd.stream import LayerStream
 
