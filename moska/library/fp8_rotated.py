@@ -32,7 +32,7 @@ ROTATION_SEED = 0  # the sign pattern of R; part of the format: never change it
 ROTATED = "rotated"
 
 
-class RotatedFP8Unsupported(LibraryError):
+class RotatedFp8UnsupportedError(LibraryError):
     """A rotated FP8 library asked for where it cannot be read yet (tiers, composition)."""
 
     def __init__(self, name: str, where: str) -> None:
@@ -85,7 +85,7 @@ def q_rotation_for(manifest: Any, device: torch.device | str) -> torch.Tensor | 
 
 
 def refuse(library: Any, where: str) -> None:
-    """RotatedFP8Unsupported when ``library`` is rotated and ``where`` cannot read it."""
+    """RotatedFp8UnsupportedError when ``library`` is rotated and ``where`` cannot read it."""
     if is_rotated(library):
         m = getattr(library, "manifest", library)
-        raise RotatedFP8Unsupported(m.name, where)
+        raise RotatedFp8UnsupportedError(m.name, where)

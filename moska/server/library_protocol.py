@@ -26,7 +26,12 @@ class LibraryBuildRequest(RequestBody):
         "giving about 32 chunks, 64 to 4096)",
     )
     mode: Literal["prefix", "independent"] = "prefix"
-    kv_dtype: Literal["auto", "fp8"] = "auto"  # fp8: e4m3 KV, scales per (token, KV head)
+    kv_dtype: Literal["auto", "fp8", "fp8_rotated"] = Field(
+        "auto",
+        description="library KV: auto = the model's dtype; fp8 = e4m3 with per-(token, KV "
+        "head) scales; fp8_rotated = e4m3 with K Hadamard-rotated and K, V scales per "
+        "128-row block (faster on FP8 tensor cores; not tiered or composed yet)",
+    )
     routing_rank: int | None = Field(
         None,
         ge=1,

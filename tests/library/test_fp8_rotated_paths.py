@@ -1,0 +1,139 @@
+"""Rotated FP8 libraries where they are not read yet (tiers, composition: typed refusals, HTTP
+400), and how a user asks for one: `moska library build --kv-dtype fp8_rotated` end to end
+(manifest, `library info`), the flag's and the HTTP field's validation."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moska.library import build_library, load_library
+from moska.library.composition import CompositionError, check_composable
+from moska.library.fp8_rotated import RotatedFp8UnsupportedError
+from moska.library.tier_config import TierConfig
+
+DOCS = [
+    ("a.md", "# Alpha\nThe quick brown fox jumps over the lazy dog. " * 3),
+    ("b.txt", "Bravo: pack my box with five dozen liquor jugs. " * 2),
+]
+KW = {"chunk_size": 16, "prefill_tokens": 64, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def libs(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rotpaths")
+    ind = {**KW, "mode": "independent"}
+    rot = build_library(tiny_model, DOCS, "rot", root, kv_dtype="fp8_rotated", **ind)
+    tok = build_library(tiny_model, DOCS, "tok", root, kv_dtype="fp8", **ind)
+    return root, rot, tok
+
+
+def _bytes(slots: int, hkv: int = 2, d: int = 16, layers: int = 2) -> str:
+    """GPU bytes for `slots` 16-row chunks per layer of the tiny model: e4m3 K and V plus
+    fp32 scales."""
+    return f"{slots * 16 * hkv * (2 * d + 8) * layers}B"
+
+
+def test_tiered_load_is_refused_and_a_fitting_budget_loads_whole(libs):
+    root, rot, _tok = libs
+    assert rot.num_chunks > 2
+    small = TierConfig(gpu_budget=_bytes(2), cpu_budget="0")
+    with pytest.raises(RotatedFp8UnsupportedError, match="rotated FP8.*--kv-dtype fp8") as e:
+        load_library(root, "rot", None, "cpu", progress=False, tiers=small)
+    assert e.value.library == "rot" and isinstance(e.value, ValueError)  # HTTP 400
+    tiered = load_library(root, "tok", None, "cpu", progress=False, tiers=small)
+    assert tiered.tiers is not None  # per-token FP8 still tiers
+    whole = TierConfig(gpu_budget=_bytes(10 * rot.num_chunks), cpu_budget="0")
+    lib = load_library(root, "rot", None, "cpu", progress=False, tiers=whole)
+    assert lib.tiers is None and lib.q_rotation is not None
+
+
+def test_composition_is_refused_naming_the_rotated_part(libs):
+    root, rot, tok = libs
+    check_composable([tok, tok])  # (the check itself passes per-token FP8 parts)
+    for parts in ([tok, rot], [rot, tok]):
+        with pytest.raises(CompositionError, match="'rot' is a rotated FP8") as e:
+            check_composable(parts)
+        assert e.value.library == "rot" and e.value.param == "library"
+    a = load_library(root, "rot", None, "cpu", progress=False)
+    b = load_library(root, "tok", None, "cpu", progress=False)
+    with pytest.raises(CompositionError, match="rotated"):
+        check_composable([b, a])
+    check_composable([a])  # alone: read as any library
+
+
+def test_cli_builds_a_rotated_library(tiny_dir, tmp_path, capsys):
+    from moska.cli import build_parser, main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOCS[0][1])
+    root = tmp_path / "libs"
+    argv = ["library", "build", str(doc), "--name", "r", "--model", str(tiny_dir)]
+    argv += ["--chunk-size", "16", "--library-root", str(root), "--device", "cpu"]
+    argv += ["--dtype", "float32", "--kv-dtype", "fp8_rotated"]
+    assert main(argv) == 0
+    m = json.loads((root / "r" / "manifest.json").read_text())
+    assert (m["kv_dtype"], m["fp8_format"]) == ("fp8", "rotated")
+    capsys.readouterr()
+    assert main(["library", "info", "r", "--library-root", str(root)]) == 0
+    assert "fp8_format: rotated" in capsys.readouterr().out.splitlines()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["library", "build", "x", "--name", "n", "--kv-dtype", "fp8r"])
+    assert "invalid choice: 'fp8r'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["library", "build", "--help"])
+    assert "fp8_rotated = e4m3 with K Hadamard-rotated" in " ".join(capsys.readouterr().out.split())
+
+
+def test_http_build_body_validates_and_carries_fp8_rotated():
+    from fastapi.testclient import TestClient
+
+    server_tests = str(Path(__file__).resolve().parents[1] / "server")
+    sys.path.insert(0, server_tests)
+    try:
+        from fake_engine import FakeEngine, FakeLibraryManager
+    finally:
+        sys.path.remove(server_tests)
+
+    from moska.server.app import create_app
+    from moska.server.settings import ServerSettings
+
+    seen = []
+
+    class Spy(FakeLibraryManager):
+        def tier_stats(self) -> dict:
+            return {}
+
+        def build(self, *args, **kwargs):
+            seen.append(kwargs.get("kv_dtype", "auto"))
+            return super().build(*args, **kwargs)
+
+    app = create_app(FakeEngine(libraries=Spy(build_seconds=0.0)), ServerSettings())
+    body = {"name": "hr", "documents": [{"name": "a", "text": "hello " * 20}], "chunk_size": 32}
+    with TestClient(app) as c:
+        for bad in ("fp8-rotated", "rotated", 8):
+            r = c.post("/v1/libraries", json={**body, "kv_dtype": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "kv_dtype", r.text
+        r = c.post("/v1/libraries", json={**body, "kv_dtype": "fp8_rotated"})
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 10
+        while (job := c.get(f"/v1/libraries/jobs/{r.json()['id']}").json())["status"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.02)
+    assert job["status"] == "succeeded" and seen == ["fp8_rotated"]
+
+
+def test_refusals_map_to_http_400():
+    from moska.server.errors import from_engine_error
+
+    for exc in (
+        RotatedFp8UnsupportedError("rot", "a tiered load"),
+        CompositionError("library 'rot' is a rotated FP8 library", "rot"),
+    ):
+        err = from_engine_error(exc)
+        assert err.status == 400 and "rot" in err.message
