@@ -183,7 +183,8 @@ def attach_tiered(library: Any, q_split: bool, q_split_from: int = 0) -> TokenMa
             library.kv_scale_pools[:] = list(zip(sp["k_scale"], sp["v_scale"]))
     pools = [token_major(v) for v in tiers.v_pools]
     nbytes = sum(p.numel() * p.element_size() for p in pools)
-    t = TokenMajorV(pools, q_split, nbytes, q_split_from=q_split_from)
+    rot = getattr(tiers, "q_rotation", None)  # (per-row scales read: block_sides unused)
+    t = TokenMajorV(pools, q_split, nbytes, q_split_from=q_split_from, q_rotation=rot)
     tiers.fp8_mma = library.fp8_mma = t
     return t
 

@@ -14,9 +14,11 @@ fp8_reach_h200_session18b.json, fp8_decode_h200_session18b.json). Off by default
 
 Where q is rotated: `LoadedLibrary.q_rotation` (set here at build and load) goes to the
 grouped kernel and its PyTorch reference as `q_rotation` (attention/shared.fp8_kwargs) and to
-the tensor-core program with `block_sides` 3 (library/fp8_mma.attach_token_major_v). Not yet
-supported, refused with a typed error: tiers (`ChunkTiers` launches without q_rotation) and
-composition (one launch may hold parts of other formats).
+the tensor-core program with `block_sides` 3 (library/fp8_mma.attach_token_major_v). Tiered
+libraries: `ChunkTiers.q_rotation` (set by tiered_load), passed at every launch over the slots
+(their token-major V copy reads per-row scales: exact for block ones). Not yet supported:
+composition, refused (composition.check_composable's CompositionError, HTTP 400 naming the
+part), since a composed launch reads several libraries' parts with one q.
 """
 
 from __future__ import annotations
@@ -25,22 +27,10 @@ from typing import Any
 
 import torch
 
-from moska.library.errors import LibraryError
 from moska.library.fp8 import _ROWS_PER_STEP, hadamard, quantize
 
 ROTATION_SEED = 0  # the sign pattern of R; part of the format: never change it
 ROTATED = "rotated"
-
-
-class RotatedFp8UnsupportedError(LibraryError):
-    """A rotated FP8 library asked for where it cannot be read yet (tiers, composition)."""
-
-    def __init__(self, name: str, where: str) -> None:
-        super().__init__(
-            f"library {name!r} is a rotated FP8 library (fp8_format 'rotated'), which {where} "
-            "does not read yet: rebuild it with --kv-dtype fp8 (per-token scales)"
-        )
-        self.library = name
 
 
 def build_format(kv_dtype: str) -> tuple[str, str]:
@@ -82,10 +72,3 @@ def q_rotation_for(manifest: Any, device: torch.device | str) -> torch.Tensor | 
     if not is_rotated(manifest):
         return None
     return rotation(manifest.model.head_dim, device, getattr(torch, manifest.model.dtype))
-
-
-def refuse(library: Any, where: str) -> None:
-    """RotatedFp8UnsupportedError when ``library`` is rotated and ``where`` cannot read it."""
-    if is_rotated(library):
-        m = getattr(library, "manifest", library)
-        raise RotatedFp8UnsupportedError(m.name, where)

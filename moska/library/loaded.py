@@ -286,12 +286,10 @@ def load_library(
     if tokens is None or tokens.shape != (manifest.num_tokens,):
         raise CorruptLibraryError(name, TOKENS_FILE, "token_ids missing or of the wrong shape")
     if tiers is not None:  # a TierConfig: KV in tiers unless the library fits its GPU budget
-        from moska.library.fp8_rotated import refuse
         from moska.library.tiered_load import load_tiered, plan_slots
 
         slots, cpu_slots = plan_slots(manifest, tiers, device)
-        if slots < manifest.num_chunks:  # (a rotated FP8 library is not read in tiers yet)
-            refuse(manifest, "a tiered load (--library-gpu-budget)")
+        if slots < manifest.num_chunks:
             return load_tiered(
                 directory, manifest, offsets, tokens, device, tiers, slots, cpu_slots, reserve
             )

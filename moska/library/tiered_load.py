@@ -96,6 +96,7 @@ def load_tiered(
     of K and V (not FP8), so a composed request reads them in the resident libraries'
     launch; None, or no range free: slot pools of their own."""
     from moska.kernels.router import RoutingIndex
+    from moska.library.fp8_rotated import q_rotation_for
     from moska.library.loaded import LoadedLibrary
 
     m = manifest.model
@@ -143,9 +144,11 @@ def load_tiered(
     )  # fmt: skip
     sp = tiers.slot_pools
     scales = list(zip(sp["k_scale"], sp["v_scale"])) if fp8 else None
+    tiers.q_rotation = q_rotation_for(manifest, device)  # rotated FP8: q R at every launch
     library = LoadedLibrary(
         manifest, offsets, tiers.k_pools, tiers.v_pools, routing, tokens, tiers=tiers,
         kv_scale_pools=scales,  # the slot scale pools: rows addressed like the slot pools'
+        q_rotation=tiers.q_rotation,
     )  # fmt: skip
     if rng is not None:  # the slot rows go back to the arena when the library is collected
         library.arena_range = rng

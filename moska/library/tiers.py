@@ -103,6 +103,9 @@ class ChunkTiers(SyncFreeReads):
         # library/fp8_mma.py TokenMajorV under --fp8-attention mma: the V slot pools copied
         # token-major, a chunk's columns written by _fill after its rows; None: upcast
         self.fp8_mma: Any = None
+        # a rotated FP8 library's q rotation [D, D] (library/fp8_rotated.py): every launch
+        # over the slots rotates q by it; set by tiered_load; None: not rotated
+        self.q_rotation: torch.Tensor | None = None
         self.row_bytes = sum(  # bytes of one row of every key together
             p[0][0].numel() * p[0].element_size() for p in self.slot_pools.values()
         )
@@ -343,6 +346,8 @@ class ChunkTiers(SyncFreeReads):
             sub = Selections(sel.req[idx], sel.kv_head[idx], sel.chunk[idx])
         scales = self.kv_scales(layer)
         kw = {} if scales is None else {"kv_scales": scales}
+        if self.q_rotation is not None:  # K stored rotated (library/fp8_rotated.py)
+            kw["q_rotation"] = self.q_rotation
         if self.fp8_mma is not None and getattr(ops, "name", None) == "triton":
             kw.update(mma_kwargs(self, layer))  # FP8 tensor cores, V token-major (fp8_mma.py)
         o, lse = ops.grouped_shared(

@@ -1,17 +1,25 @@
-"""Rotated FP8 libraries where they are not read yet (tiers, composition: typed refusals, HTTP
-400), and how a user asks for one: `moska library build --kv-dtype fp8_rotated` end to end
+"""Rotated FP8 libraries in tiers (exact at top_k = all under a 2-slot budget), in
+composition (refused: a typed error, HTTP 400), and how a user asks for one: `moska library build --kv-dtype fp8_rotated` end to end
 (manifest, `library info`), the flag's and the HTTP field's validation."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from moska.attention.shared import fp8_kwargs
+from moska.kernels.selections import from_topk
+from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.library import build_library, load_library
 from moska.library.composition import CompositionError, check_composable
-from moska.library.fp8_rotated import RotatedFp8UnsupportedError
 from moska.library.tier_config import TierConfig
 
 DOCS = [
@@ -19,6 +27,9 @@ DOCS = [
     ("b.txt", "Bravo: pack my box with five dozen liquor jugs. " * 2),
 ]
 KW = {"chunk_size": 16, "prefill_tokens": 64, "progress": False}
+_CPU = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="compiled Triton reads CUDA tensors only"
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +47,47 @@ def _bytes(slots: int, hkv: int = 2, d: int = 16, layers: int = 2) -> str:
     return f"{slots * 16 * hkv * (2 * d + 8) * layers}B"
 
 
-def test_tiered_load_is_refused_and_a_fitting_budget_loads_whole(libs):
-    root, rot, _tok = libs
-    assert rot.num_chunks > 2
-    small = TierConfig(gpu_budget=_bytes(2), cpu_budget="0")
-    with pytest.raises(RotatedFp8UnsupportedError, match="rotated FP8.*--kv-dtype fp8") as e:
-        load_library(root, "rot", None, "cpu", progress=False, tiers=small)
-    assert e.value.library == "rot" and isinstance(e.value, ValueError)  # HTTP 400
-    tiered = load_library(root, "tok", None, "cpu", progress=False, tiers=small)
-    assert tiered.tiers is not None  # per-token FP8 still tiers
-    whole = TierConfig(gpu_budget=_bytes(10 * rot.num_chunks), cpu_budget="0")
-    lib = load_library(root, "rot", None, "cpu", progress=False, tiers=whole)
-    assert lib.tiers is None and lib.q_rotation is not None
+@_CPU
+def test_tiered_rotated_top_k_all_equals_all_resident(libs):
+    """Tiers (2 GPU slots, the rest read from disk): the slots' attention, q rotated at each
+    launch, is the all-resident rotated library's at top_k = all, on the Triton kernel
+    (interpreted, layer 0) and the PyTorch reference (the other layers); and both are the
+    exact (unrotated) values' attention only with the rotation (the test can fail)."""
+    root, _rot, _ = libs
+    full = load_library(root, "rot", None, "cpu", progress=False)
+    cfg = TierConfig(gpu_budget=_bytes(2), cpu_budget="0")
+    lib = load_library(root, "rot", None, "cpu", progress=False, tiers=cfg)
+    tiers = lib.tiers
+    assert tiers is not None and tiers.num_slots == 2 < lib.num_chunks
+    assert torch.equal(tiers.q_rotation, full.q_rotation) and lib.q_rotation is tiers.q_rotation
+    kernel = SimpleNamespace(grouped_shared=grouped_shared_attention)
+    ref = SimpleNamespace(grouped_shared=grouped_shared_attention_ref)
+    hkv, d = full.k_pools[0].shape[1:]
+    c, sm = full.num_chunks, d**-0.5
+    q = torch.randn(2, 2 * hkv, d, generator=torch.Generator().manual_seed(5))
+    sel = from_topk(torch.arange(c).expand(2, 1, c), hkv, c)  # top_k = all
+    for layer in range(full.num_kv_layers):
+        ops = kernel if layer == 0 else ref
+        o, lse, kept = tiers.attend(ops, layer, q, sel, sm)
+        assert kept.req.numel() == sel.req.numel()
+        args = (full.k_pools[layer], full.v_pools[layer], full.chunk_offsets, sel, sm)
+        o_ref, lse_ref = grouped_shared_attention_ref(q, *args, **fp8_kwargs(full, layer))
+        assert ((o.float() - o_ref).norm() / o_ref.norm()) < 1e-4
+        assert ((lse - lse_ref).norm() / lse_ref.norm()) < 1e-4
+        unrotated, _ = grouped_shared_attention_ref(q, *args, kv_scales=full.kv_scales(layer))
+        assert ((unrotated - o_ref).norm() / o_ref.norm()) > 1e-2
+    assert tiers.stats.misses["gpu"] > 0 and tiers.cpu.disk.bytes_read > 0
+
+
+def test_tensor_core_copy_of_tiers_carries_the_rotation(libs, monkeypatch):
+    from moska.library import fp8_mma
+
+    root, _, _ = libs
+    cfg = TierConfig(gpu_budget=_bytes(4), cpu_budget="0")
+    lib = load_library(root, "rot", None, "cpu", progress=False, tiers=cfg)
+    t = fp8_mma.attach_tiered(lib, q_split=False)
+    assert t.q_rotation is lib.q_rotation and t.v_block_rows == 0  # per-row scales read
+    assert fp8_mma.mma_kwargs(lib.tiers, 0)["q_rotation"] is lib.q_rotation
 
 
 def test_composition_is_refused_naming_the_rotated_part(libs):
@@ -128,12 +168,8 @@ def test_http_build_body_validates_and_carries_fp8_rotated():
     assert job["status"] == "succeeded" and seen == ["fp8_rotated"]
 
 
-def test_refusals_map_to_http_400():
+def test_composition_refusal_maps_to_http_400():
     from moska.server.errors import from_engine_error
 
-    for exc in (
-        RotatedFp8UnsupportedError("rot", "a tiered load"),
-        CompositionError("library 'rot' is a rotated FP8 library", "rot"),
-    ):
-        err = from_engine_error(exc)
-        assert err.status == 400 and "rot" in err.message
+    err = from_engine_error(CompositionError("library 'rot' is a rotated FP8 library", "rot"))
+    assert err.status == 400 and "rot" in err.message
