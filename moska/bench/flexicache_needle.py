@@ -81,11 +81,16 @@ def dense_scores(model, ids: list[int], scored: list[int]) -> tuple[list[float],
     return logp.gather(1, target[:, None])[:, 0].tolist(), (logp.argmax(-1) == target).tolist()
 
 
-def summarize(name: str, logprobs: list[list[float]], top1: list[list[bool]]) -> dict:
+def summarize(
+    name: str, logprobs: list[list[float]], top1: list[list[bool]], rest: list[float] | None
+) -> dict:
+    """A setting's needle figures; rest: its log-probabilities at the other decoded
+    positions (the windows' ordinary code), whose mean NLL is `other_nll`."""
     flat = [lp for w in logprobs for lp in w]
     hits = [h for w in top1 for h in w]
     return {
         "setting": name,
+        **({"other_nll": -sum(rest) / len(rest)} if rest else {}),
         "needle_nll": -sum(flat) / len(flat),
         "needle_top1": sum(hits) / len(hits),
         "windows_all_top1": sum(all(w) for w in top1),
@@ -146,22 +151,33 @@ def main(argv: list[str] | None = None) -> None:
         defs.append(d)
     assert all(p >= prompt + a.decode // 2 for pos in scored for p in pos), "assert too early"
     assert max(defs) < prompt - a.decode, "definition too late: it must be offloaded"
-    full = [dense_scores(lm.model, w, s) for w, s in zip(wins, scored)]
+    decoded = list(range(prompt, a.length))
+    dense = [dense_scores(lm.model, w, decoded) for w in wins]  # every decoded position
     bare = [dense_scores(lm.model, w, s) for w, s in zip(controls, scored)]
     del lm
+
+    def split(lps: list[list[float]], hits: list[list[bool]]) -> tuple[list, list, list]:
+        """(needle log-probs, needle hits, other log-probs) from per-decoded-position lists."""
+        at = [[p - prompt for p in s] for s in scored]
+        need = [[w[i] for i in ix] for w, ix in zip(lps, at)]
+        need_hits = [[w[i] for i in ix] for w, ix in zip(hits, at)]
+        other = [lp for w, ix in zip(lps, at) for i, lp in enumerate(w) if i not in set(ix)]
+        return need, need_hits, other
+
     rows = [
-        summarize("full KV (dense)", [f[0] for f in full], [f[1] for f in full]),
-        summarize("control (other value defined)", [c[0] for c in bare], [c[1] for c in bare]),
-    ]
+        summarize("full KV (dense)", *split([d[0] for d in dense], [d[1] for d in dense])),
+        summarize("control (other value defined)", [c[0] for c in bare], [c[1] for c in bare],
+                  None),
+    ]  # fmt: skip
     engines = {}
     for setting in [spec, *a.also]:
         engine_spec = None if setting == "full" else setting
         got = engine_loss(a.model, wins, prompt, engine_spec, a.block_size, device, per_window=True)
         per = got.pop("per_window")
-        lps = [[w["logprobs"][p - prompt] for p in s] for w, s in zip(per, scored)]
-        hits = [[w["top1"][p - prompt] for p in s] for w, s in zip(per, scored)]
         label = "engine full KV" if engine_spec is None else f"flexicache {setting}"
-        rows.append(summarize(label, lps, hits))
+        rows.append(
+            summarize(label, *split([w["logprobs"] for w in per], [w["top1"] for w in per]))
+        )
         engines[setting] = got
         print(rows[-1], file=sys.stderr, flush=True)
         full_nll, ctrl_nll = rows[0]["needle_nll"], rows[1]["needle_nll"]
@@ -176,17 +192,19 @@ def main(argv: list[str] | None = None) -> None:
             "what": __doc__.split("\n\n")[1].replace("\n", " "),
             "rows": rows, "engines": engines,
             "summary": {r["setting"]: {k: r[k] for k in ("needle_nll", "needle_top1",
-                                                         "windows_all_top1", "needle_kept")
+                                                         "windows_all_top1", "needle_kept",
+                                                         "other_nll")
                                        if k in r} for r in rows},
             "seconds": round(time.perf_counter() - t0, 1),
         }  # fmt: skip
         if a.out:  # after each setting: a timeout keeps the settings measured
             write_json(a.out, result)
-    print(f"{'setting':<44} {'needle NLL':>10} {'top-1':>6} {'kept':>6}")
+    print(f"{'setting':<44} {'needle NLL':>10} {'top-1':>6} {'kept':>6} {'other NLL':>9}")
     for r in rows:
-        kept = r.get("needle_kept")
+        kept, rest = r.get("needle_kept"), r.get("other_nll")
         print(f"{r['setting']:<44} {r['needle_nll']:>10.3f} {r['needle_top1']:>6.2f} "
-              f"{'' if kept is None else f'{kept:.2f}':>6}")  # fmt: skip
+              f"{'' if kept is None else f'{kept:.2f}':>6} "
+              f"{'' if rest is None else f'{rest:.4f}':>9}")  # fmt: skip
 
 
 if __name__ == "__main__":
