@@ -70,7 +70,7 @@ def build_from_corpus(
     layers, before the routing index is built (``library/boundary_repair.py``; independent
     mode only; None or 0: none)."""
     from moska.kernels.router import build_routing_index
-    from moska.library.fp8_rotated import build_format, q_rotation_for, quantize_pair
+    from moska.library.fp8_rotated import build_format, check_build, q_rotation_for, quantize_pair
 
     validate_name(name)
     if kv_dtype not in BUILD_KV_DTYPES:
@@ -83,6 +83,7 @@ def build_from_corpus(
     num_layers = int(_cfg(config, "num_kv_layers", "num_layers", "num_hidden_layers"))
     head_dim = int(_cfg(config, "head_dim"))
     sm_scale = getattr(config, "sm_scale", None)
+    check_build(fp8_format, head_dim)
     if routing_rank is not None and not 1 <= routing_rank <= head_dim:
         raise LibraryError(f"routing_rank must be in [1, head_dim={head_dim}], got {routing_rank}")
     opts = independent_options(corpus.mode, independent)

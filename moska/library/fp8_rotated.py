@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from moska.library.errors import LibraryError
 from moska.library.fp8 import _ROWS_PER_STEP, hadamard, quantize
 
 ROTATION_SEED = 0  # the sign pattern of R; part of the format: never change it
@@ -36,6 +37,15 @@ ROTATED = "rotated"
 def build_format(kv_dtype: str) -> tuple[str, str]:
     """A build's kv_dtype (format.BUILD_KV_DTYPES) -> the manifest's (kv_dtype, fp8_format)."""
     return ("fp8", ROTATED) if kv_dtype == "fp8_rotated" else (kv_dtype, "token")
+
+
+def check_build(fp8_format: str, head_dim: int) -> None:
+    """LibraryError before a build's prefill when ``fp8_format`` cannot be stored for it."""
+    if fp8_format == ROTATED and (head_dim < 1 or head_dim & (head_dim - 1)):
+        raise LibraryError(
+            f"kv_dtype fp8_rotated needs a power-of-two head dim (a Hadamard rotation), "
+            f"the model's is {head_dim}: build with kv_dtype fp8"
+        )
 
 
 def quantize_pair(

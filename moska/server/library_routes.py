@@ -119,6 +119,7 @@ async def build_library(
         boundary_repair=_check_repair(builds.manager, body),
     )
     _check_routing_rank(builds.manager, body.routing_rank)
+    _check_kv_dtype(builds.manager, body.kv_dtype)
     await _check_fits_context(builds.manager, job)
     reserve = getattr(builds.manager, "reserve", None)
     if reserve is not None:
@@ -148,6 +149,21 @@ def _check_routing_rank(manager: Any, rank: int | None) -> None:
             400, f"routing_rank must be in [1, head_dim={head_dim}], got {rank}",
             param="routing_rank",
         )  # fmt: skip
+
+
+def _check_kv_dtype(manager: Any, kv_dtype: str) -> None:
+    """400 naming `kv_dtype` at once when the model cannot hold it (fp8_rotated: a
+    power-of-two head_dim; library/fp8_rotated.check_build)."""
+    from moska.library.errors import LibraryError
+    from moska.library.fp8_rotated import build_format, check_build
+
+    config = getattr(getattr(manager, "loaded_model", None), "config", None)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is not None:
+        try:
+            check_build(build_format(kv_dtype)[1], int(head_dim))
+        except LibraryError as e:
+            raise APIError(400, str(e), param="kv_dtype") from None
 
 
 def _check_repair(manager: Any, body: LibraryBuildRequest) -> tuple[int, int] | None:

@@ -173,3 +173,37 @@ def test_composition_refusal_maps_to_http_400():
 
     err = from_engine_error(CompositionError("library 'rot' is a rotated FP8 library", "rot"))
     assert err.status == 400 and "rot" in err.message
+
+
+def test_engine_refuses_a_composition_with_a_rotated_part_and_releases(tiny_dir, tmp_path):
+    from moska import SamplingParams
+    from moska.engine.llm_engine import LLMEngine
+
+    eng = LLMEngine.from_model(
+        str(tiny_dir), device="cpu", dtype="float32", library_root=str(tmp_path),
+        num_kv_blocks=64,
+    )  # fmt: skip
+    for name, kv in (("ri", "fp8_rotated"), ("ti", "fp8")):
+        eng.libraries.build(name, DOCS, chunk_size=16, mode="independent", kv_dtype=kv)
+    with pytest.raises(CompositionError, match="'ri' is a rotated FP8") as e:
+        eng.add_request("c", "x", SamplingParams(max_tokens=1), libraries=["ti", "ri"])
+    assert e.value.library == "ri"
+    assert all(eng.libraries.num_users(n) == 0 for n in ("ri", "ti"))
+
+
+def test_a_head_dim_without_a_hadamard_matrix_is_refused_before_prefill():
+    from moska.library.builder import build_from_corpus
+    from moska.library.errors import LibraryError
+    from moska.server.errors import APIError
+    from moska.server.library_routes import _check_kv_dtype
+
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2, head_dim=12))
+    with pytest.raises(LibraryError, match="power-of-two head dim.*12"):
+        build_from_corpus(model, None, "x", kv_dtype="fp8_rotated")  # no corpus read yet
+    manager = SimpleNamespace(loaded_model=model)
+    with pytest.raises(APIError) as e:
+        _check_kv_dtype(manager, "fp8_rotated")
+    assert e.value.status == 400 and e.value.param == "kv_dtype"
+    _check_kv_dtype(manager, "fp8")  # per-token FP8 needs no power of two
+    model.config.head_dim = 16
+    _check_kv_dtype(manager, "fp8_rotated")
