@@ -15,6 +15,9 @@
 # door anchored): 0.52 / 0.47 / 0.76 / 0.64; "door" is the default since. Call 6: arms
 # off/door/door/door, 4 repeats (the default's figure with an off server beside it):
 # 0.51 / 0.52 / 0.53 / 0.53. Over calls 2-6: off 0.53, plain 0.58, all 0.61, door 0.59.
+# Call 7 (final, ~06:35): arms anchor:early = door:off (the default) vs door:on (door_early.py:
+# library requests admitted ahead counted in door drains, and the door refuses on arrival
+# what would be refused after its wait, its drain covering that wait), 2 servers each.
 # 4 servers, each pinned to 4 cores (taskset), bursts of 64, 300, 1,000 clients x4 in one
 # server, half the requests on the `demo` library, `--trace` (gzipped after).
 # Correctness first (~5 s): the anchor's, the promise logic's and the scorings' unit tests.
@@ -29,13 +32,14 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T0=$(date +%s)
 if [ "${1:-}" = "--cpu-dry-run" ]; then
   PY=${PY:-.venv/bin/python}
-  BURSTS=${BURSTS:-16,48}; ARMS=${ARMS:-"plain"}; CORES=1; LIMIT=200; TT=120
+  BURSTS=${BURSTS:-16,48}; ARMS=${ARMS:-"door:on"}; CORES=1; LIMIT=200; TT=120
 else
   PY=python3
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site_load .whl/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site_load:$PWD
-  BURSTS=${BURSTS:-64,300,1000,64,300,1000,64,300,1000,64,300,1000}; ARMS=${ARMS:-"off door door door"}
+  BURSTS=${BURSTS:-64,300,1000,64,300,1000,64,300,1000,64,300,1000}
+  ARMS=${ARMS:-"door:off door:on door:off door:on"}
   CORES=4
   LIMIT=140; TT=30
 fi
@@ -43,22 +47,25 @@ fi
 timeout $TT $PY -m pytest -q -p no:cacheprovider --noconftest tests/server/test_storm_anchor.py \
   tests/server/test_admission_promises.py tests/server/test_load_drain.py \
   tests/server/test_admission_burst_promises.py tests/bench/test_load_drain_ceiling.py \
+  tests/server/test_door_early.py \
   > "$OUT/tests.log" 2>&1
 echo "tests rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests.log" | cut -c1-120)"
 # the cores this process may use (a container's may not start at 0), CORES to a server
 read -r -a CPUS <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
 NCPU=${#CPUS[@]}; i=0
-for anchor in $ARMS; do
+for arm in $ARMS; do
+  anchor=${arm%%:*}; early=${arm#*:}
   first=$(( (i * CORES) % NCPU )); i=$((i + 1))
   PIN=""
   if command -v taskset > /dev/null && [ $(( first + CORES )) -le "$NCPU" ]; then
     PIN="taskset -c $(IFS=,; echo "${CPUS[*]:$first:$CORES}")"
   fi
-  echo "server door-anchor=$anchor on cores: ${PIN:-any}"
-  name="load_demo_anchor_${anchor}_$i"
+  echo "server door-anchor=$anchor door-early=$early on cores: ${PIN:-any}"
+  name="load_demo_anchor_${anchor}_early_${early}_$i"
   # shellcheck disable=SC2086
   timeout $(( LIMIT - ($(date +%s) - T0) )) $PIN $PY -m moska.bench.load --burst "$BURSTS" \
     --ttft-slo 5 --library demo --library-share 0.5 --trace --door-anchor "$anchor" \
+    --door-early "$early" \
     --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
 done
 wait

@@ -37,6 +37,7 @@ def summarize_dir(folder: Path) -> dict[str, Any]:
         arm = f"{'lib' if args['library'] != 'none' else 'plain'} learn={args['promise_learning']}"
         arm += f" lag={args['door_lag']} wait={args.get('door_wait', 'empty')}"
         arm += f" anchor={args.get('door_anchor', 'off')}"
+        arm += f" early={args.get('door_early', 'off')}"
         if path.stem[-1].isdigit():  # one arm run twice (session 18): kept apart
             arm += f" run={path.stem.rsplit('_', 1)[-1]}"
         for b in report["bursts"]:

@@ -39,6 +39,7 @@ from moska.server.admission_decision import Decision, Verdict
 from moska.server.admission_door import DoorDrains
 from moska.server.admission_promises import PromiseScale, group_of
 from moska.server.burst_admits import ENGINE_SHARE
+from moska.server.door_early import door_probe
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
 from moska.server.retry_drain import FactorFall, LibraryRequests, drain_s, with_door
@@ -319,9 +320,10 @@ class AdmissionController(DoorDrains):
         loop's lag: at 1,000 clients on CPU at-door promises of ~0 s met 0.4 s reopenings)."""
         assert self.ttft_slo is not None
         fits = self.fits_s()
-        admitted, typical = self._door_admits(load, fits), self._typical_cost()
-        if admitted or pred is None or load.busy_s > 0:  # `pred` may be scaled (`predict`)
-            pred = self.predict(cost, with_door(load, typical, admitted), num_requests, None, False)
+        typical = self._typical_cost()
+        ahead = self._door_ahead(load, fits, typical)  # door_early: library ones too
+        if ahead is not load or pred is None or load.busy_s > 0:  # `pred` may be scaled
+            pred = self.predict(cost, ahead, num_requests, None, False)
         risk = self.library_risk if cost.library_attend else 1.0
         shared = retry_drain.shared_prefill(pred, cost.prompt_tokens, self.step_s, self.limits)
         with self._lock:  # the slowdown factor: when it falls back (retry_drain.factor_falls)
@@ -337,10 +339,6 @@ class AdmissionController(DoorDrains):
             left = storm_anchor.storm_left_s(self.door.storm_until)
         drain += storm_anchor.step_delay_s(pred.first_s, load.busy_s, left)
         return retry_drain.retry_after(drain), drain
-
-    def _typical_cost(self) -> RequestCost:
-        with self._lock:
-            return RequestCost(*(max(1, round(v)) for v in self._typical))
 
     def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
         """The rejection that the smallest request (one prompt token) would get now, or
@@ -364,19 +362,17 @@ class AdmissionController(DoorDrains):
             and (cached[2] is not None or inside < cached[1] + 4)
         ):
             return cached[2]
-        ahead = Load(
-            load.waiting + (typical,) * inside,
-            load.running,
-            load.num_pending + inside,
-            load.busy_s,
-        )
-        decision = self._decide(RequestCost(1, 1), ahead, 1, elapsed_s + self.door.wait_s)
+        ahead = with_door(load, typical, inside)  # door_early: a typical one, after the storm
+        door = self.door
+        probe, wait = door_probe(self.door_early, typical, elapsed_s, door.wait_s, door.storm_s)
+        decision = self._decide(probe, ahead, 1, wait)
         elapsed_s *= self.door_lag  # in the drains only with `door_lag` (A/B: bench load)
         result, learn = None, self.promises
         if not decision.accepted:
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
                 drain = self._drain(typical, load, before_door_s=elapsed_s, at_door=True)[1]
+                drain = max(drain, self._early_floor(decision))  # door_early: its wait, over
                 drain = learn.promise(group_of(typical, True), typical, drain, self.clock())
                 result = replace(
                     decision, retry_after_s=retry_drain.retry_after(drain), drain_s=drain

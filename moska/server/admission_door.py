@@ -12,6 +12,7 @@ from typing import Any
 
 from moska.server import retry_drain
 from moska.server.burst_admits import Backlog, burst_admits
+from moska.server.door_early import door_ahead, library_admits
 from moska.server.queue_replay import Load, RequestCost
 
 
@@ -25,9 +26,16 @@ class DoorDrains:
     engine_share: float
     shed_ttl_s: float
     door_open: bool
+    _typical: list[float]
+    library_risk: float
+    # door_early.py (session 18, A/B): the library requests admitted ahead count in a
+    # drain, and the door refuses on arrival what would be refused after its wait
+    door_library: bool = False
+    door_early: bool = False
     _lock: Any
     _door_memo: tuple[float, int, int, int] | None
     _open_memo: tuple[float, int, float] | None
+    _lib_memo: tuple[Any, int] | None = None
 
     def _drain(
         self,
@@ -40,8 +48,13 @@ class DoorDrains:
     ) -> tuple[int, float]:
         raise NotImplementedError
 
-    def _typical_cost(self) -> RequestCost:
+    def fits_s(self) -> float:
         raise NotImplementedError
+
+    def _typical_cost(self) -> RequestCost:
+        """A typical admitted request (the controller's moving averages)."""
+        with self._lock:
+            return RequestCost(*(max(1, round(v)) for v in self._typical))
 
     def _door_wait(self, load: Load, fits: float, typical: RequestCost) -> float:
         """Until the door lets a retry in (`retry_drain.door_opens_s`; `door_open` False:
@@ -92,3 +105,33 @@ class DoorDrains:
         admitted = burst_admits(self.predict, typical, load, plain, backlog, fits, first, share)
         self._door_memo = (now, inside, load.num_waiting, admitted)
         return admitted
+
+    def _early_floor(self, decision: Any) -> float:
+        """With `door_early`, a door 429's drain is at least how far its probe's predicted
+        time to first token (its wait included) is over what admission accepts: the wait
+        ahead of it (the storm, those inside) shrinks one second a second, so a retry sent
+        sooner meets the same refusal (`door_early.py`). 0 when off."""
+        if not self.door_early:
+            return 0.0
+        return max(0.0, float(decision.predicted_ttft_s) - self.fits_s())
+
+    def _door_ahead(self, load: Load, fits: float, typical: RequestCost) -> Load:
+        """`load` plus those inside the door admission will admit ahead of a retry: the
+        plain ones (`_door_admits`) and, with `door_library`, the library ones
+        (`door_early.library_admits`), memoized with the plain count."""
+        admitted = self._door_admits(load, fits)
+        with self._lock:
+            lib, share = self.library_requests.cost(), self.library_requests.share
+        if not self.door_library or lib is None or not self.door.inside:
+            return door_ahead(load, typical, admitted, None, 0)
+        memo = self._door_memo
+        key = (memo[0], memo[1], memo[2], memo[3]) if memo is not None else None
+        if key is None or self._lib_memo is None or self._lib_memo[0] != key:
+            inside = round(self.door.inside * share)
+            stall = self.door.stall_s()
+            n = library_admits(
+                self.predict, lib, typical, load, admitted, inside, share, fits,
+                self.library_risk, stall,
+            )  # fmt: skip
+            self._lib_memo = (key, n)
+        return door_ahead(load, typical, admitted, lib, self._lib_memo[1])
