@@ -49,7 +49,7 @@ def add_library_parser(
         "scales (half the bytes); fp8_rotated = e4m3 with K Hadamard-rotated and K and V "
         "scales per 128-row block, q rotated alike when read (with --fp8-attention mma: "
         "1.43x bf16 attention at B = 1,024 on an H200, top-1 0.99 on the quality model; "
-        "not yet readable in tiers or composed with other libraries)",
+        "needs a power-of-two head dim)",
     )
     b.add_argument("--jsonl-field", default="text")
     add_engine_args(b)

@@ -29,7 +29,6 @@ import torch
 
 from moska.library.errors import LibraryError
 from moska.library.format import ChunkSpan
-from moska.library.fp8_rotated import is_rotated
 
 FIELD = "library"  # the request field (HTTP) that names the libraries
 
@@ -71,13 +70,6 @@ def check_composable(parts: Sequence[Any]) -> None:
     if len(parts) < 2:
         return
     for part in parts:
-        if is_rotated(part):
-            raise CompositionError(
-                f"library {part.name!r} is a rotated FP8 library (fp8_format 'rotated'), "
-                "which composition does not read yet: send it alone, or rebuild it with "
-                "--kv-dtype fp8",
-                part.name,
-            )
         if getattr(part, "mode", None) != "independent":
             raise CompositionError(
                 f"library {part.name!r} is a prefix-mode library (one context with a place "

@@ -16,9 +16,9 @@ Where q is rotated: `LoadedLibrary.q_rotation` (set here at build and load) goes
 grouped kernel and its PyTorch reference as `q_rotation` (attention/shared.fp8_kwargs) and to
 the tensor-core program with `block_sides` 3 (library/fp8_mma.attach_token_major_v). Tiered
 libraries: `ChunkTiers.q_rotation` (set by tiered_load), passed at every launch over the slots
-(their token-major V copy reads per-row scales: exact for block ones). Not yet supported:
-composition, refused (composition.check_composable's CompositionError, HTTP 400 naming the
-part), since a composed launch reads several libraries' parts with one q.
+(their token-major V copy reads per-row scales: exact for block ones). Composed requests: an
+FP8 part is never in the arena, so it is a launch group of its own (attention/composed.py)
+whose `fp8_kwargs` carry its rotation; the other parts' launches read q as it is.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ class LibraryBuildRequest(RequestBody):
         "auto",
         description="library KV: auto = the model's dtype; fp8 = e4m3 with per-(token, KV "
         "head) scales; fp8_rotated = e4m3 with K Hadamard-rotated and K, V scales per "
-        "128-row block (faster on FP8 tensor cores; not tiered or composed yet)",
+        "128-row block, q rotated when read (faster on FP8 tensor cores; a power-of-two "
+        "head_dim)",
     )
     routing_rank: int | None = Field(
         None,

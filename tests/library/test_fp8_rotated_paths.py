@@ -1,5 +1,5 @@
-"""Rotated FP8 libraries in tiers (exact at top_k = all under a 2-slot budget), in
-composition (refused: a typed error, HTTP 400), and how a user asks for one: `moska library build --kv-dtype fp8_rotated` end to end
+"""Rotated FP8 libraries in tiers (exact at top_k = all under a 2-slot budget) and composed
+with other libraries (served as their values), and how a user asks for one: `moska library build --kv-dtype fp8_rotated` end to end
 (manifest, `library info`), the flag's and the HTTP field's validation."""
 
 import os
@@ -19,7 +19,6 @@ from moska.attention.shared import fp8_kwargs
 from moska.kernels.selections import from_topk
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
 from moska.library import build_library, load_library
-from moska.library.composition import CompositionError, check_composable
 from moska.library.tier_config import TierConfig
 
 DOCS = [
@@ -37,8 +36,7 @@ def libs(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("rotpaths")
     ind = {**KW, "mode": "independent"}
     rot = build_library(tiny_model, DOCS, "rot", root, kv_dtype="fp8_rotated", **ind)
-    tok = build_library(tiny_model, DOCS, "tok", root, kv_dtype="fp8", **ind)
-    return root, rot, tok
+    return root, rot
 
 
 def _bytes(slots: int, hkv: int = 2, d: int = 16, layers: int = 2) -> str:
@@ -53,7 +51,7 @@ def test_tiered_rotated_top_k_all_equals_all_resident(libs):
     launch, is the all-resident rotated library's at top_k = all, on the Triton kernel
     (interpreted, layer 0) and the PyTorch reference (the other layers); and both are the
     exact (unrotated) values' attention only with the rotation (the test can fail)."""
-    root, _rot, _ = libs
+    root, _ = libs
     full = load_library(root, "rot", None, "cpu", progress=False)
     cfg = TierConfig(gpu_budget=_bytes(2), cpu_budget="0")
     lib = load_library(root, "rot", None, "cpu", progress=False, tiers=cfg)
@@ -82,26 +80,12 @@ def test_tiered_rotated_top_k_all_equals_all_resident(libs):
 def test_tensor_core_copy_of_tiers_carries_the_rotation(libs, monkeypatch):
     from moska.library import fp8_mma
 
-    root, _, _ = libs
+    root, _ = libs
     cfg = TierConfig(gpu_budget=_bytes(4), cpu_budget="0")
     lib = load_library(root, "rot", None, "cpu", progress=False, tiers=cfg)
     t = fp8_mma.attach_tiered(lib, q_split=False)
     assert t.q_rotation is lib.q_rotation and t.v_block_rows == 0  # per-row scales read
     assert fp8_mma.mma_kwargs(lib.tiers, 0)["q_rotation"] is lib.q_rotation
-
-
-def test_composition_is_refused_naming_the_rotated_part(libs):
-    root, rot, tok = libs
-    check_composable([tok, tok])  # (the check itself passes per-token FP8 parts)
-    for parts in ([tok, rot], [rot, tok]):
-        with pytest.raises(CompositionError, match="'rot' is a rotated FP8") as e:
-            check_composable(parts)
-        assert e.value.library == "rot" and e.value.param == "library"
-    a = load_library(root, "rot", None, "cpu", progress=False)
-    b = load_library(root, "tok", None, "cpu", progress=False)
-    with pytest.raises(CompositionError, match="rotated"):
-        check_composable([b, a])
-    check_composable([a])  # alone: read as any library
 
 
 def test_cli_builds_a_rotated_library(tiny_dir, tmp_path, capsys):
@@ -168,27 +152,40 @@ def test_http_build_body_validates_and_carries_fp8_rotated():
     assert job["status"] == "succeeded" and seen == ["fp8_rotated"]
 
 
-def test_composition_refusal_maps_to_http_400():
-    from moska.server.errors import from_engine_error
+def test_engine_composes_a_rotated_part_as_its_values(tiny_dir, tmp_path):
+    """A composition of a rotated FP8 library and a per-token one computes what the same
+    composition computes with the rotated part's values unrotated (dequantized K times R^T,
+    V) in fp32, every chunk and routed: the rotated part's launch (a group of its own: FP8
+    pools are never in the arena) rotates q, the others' do not."""
+    from moska import LLM, SamplingParams
+    from moska.library.fp8 import dequantize
 
-    err = from_engine_error(CompositionError("library 'rot' is a rotated FP8 library", "rot"))
-    assert err.status == 400 and "rot" in err.message
-
-
-def test_engine_refuses_a_composition_with_a_rotated_part_and_releases(tiny_dir, tmp_path):
-    from moska import SamplingParams
-    from moska.engine.llm_engine import LLMEngine
-
-    eng = LLMEngine.from_model(
-        str(tiny_dir), device="cpu", dtype="float32", library_root=str(tmp_path),
-        num_kv_blocks=64,
+    llm = LLM(
+        str(tiny_dir), device="cpu", dtype="float32", attention="torch",
+        num_kv_blocks=256, library_root=str(tmp_path),
     )  # fmt: skip
-    for name, kv in (("ri", "fp8_rotated"), ("ti", "fp8")):
-        eng.libraries.build(name, DOCS, chunk_size=16, mode="independent", kv_dtype=kv)
-    with pytest.raises(CompositionError, match="'ri' is a rotated FP8") as e:
-        eng.add_request("c", "x", SamplingParams(max_tokens=1), libraries=["ti", "ri"])
-    assert e.value.library == "ri"
-    assert all(eng.libraries.num_users(n) == 0 for n in ("ri", "ti"))
+    libs = llm.engine.libraries
+    for name, kv in (("ri", "fp8_rotated"), ("ti", "fp8"), ("vi", "auto")):
+        libs.build(name, DOCS, chunk_size=16, mode="independent", kv_dtype=kv)
+    ri, vi = libs.get("ri"), libs.get("vi")
+    r = ri.q_rotation.double()
+    with torch.no_grad():
+        for i in range(ri.num_kv_layers):  # in place: vi's pools may be arena rows
+            ks, vs = ri.kv_scales(i)
+            k = dequantize((ri.k_pools[i], ks), ri.chunk_offsets, torch.float64)
+            vi.k_pools[i].copy_(k @ r.T)  # R orthonormal: k R R^T = k
+            vi.v_pools[i].copy_(dequantize((ri.v_pools[i], vs), ri.chunk_offsets))
+    prompt = [[ord(c) for c in "The quick brown"]]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=5)
+    for top_k in (10**6, 3):
+        a, b = (
+            llm.generate(prompt, params, libraries=[x, "ti"], top_k_chunks=top_k)[0].outputs[0]
+            for x in ("vi", "ri")
+        )
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert la.top.keys() == lb.top.keys()
+            assert max(abs(la.top[t] - lb.top[t]) for t in la.top) < 1e-4
 
 
 def test_a_head_dim_without_a_hadamard_matrix_is_refused_before_prefill():
