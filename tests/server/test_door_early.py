@@ -99,3 +99,14 @@ def test_the_early_door_lets_in_what_fits_and_slo_off_never_rejects():
 def test_door_probe():
     assert door_probe(False, PLAIN, 0.1, 0.2, 3.0) == (RequestCost(1, 1), pytest.approx(0.3))
     assert door_probe(True, PLAIN, 0.1, 0.2, 3.0) == (PLAIN, pytest.approx(3.3))
+
+
+def test_the_early_floor_is_the_part_of_the_wait_over_the_slo():
+    from moska.server.admission import Decision, Verdict
+
+    adm = AdmissionController(5.0, None)
+    d = Decision(Verdict.SLO, 10.0, 1)  # 5.75 s over what admission accepts (4.25 s)
+    assert adm._early_floor(d, 1.0) == 0.0  # off: no floor
+    adm.door_early = True
+    assert adm._early_floor(d, 1.0) == pytest.approx(1.0)  # the queue's part: the drain's
+    assert adm._early_floor(d, 8.0) == pytest.approx(10.0 - adm.fits_s())
