@@ -225,3 +225,77 @@ def test_tensor_core_attach_reads_both_sides_per_block(saved, monkeypatch):
     assert t.q_rotation is lib.q_rotation
     kw = fp8_mma.mma_kwargs(lib, 1)
     assert kw["q_rotation"] is lib.q_rotation and kw["fp8_scale_block"] == fp8.BLOCK_ROWS
+
+
+@_CPU
+def test_built_rotated_library_on_the_tensor_core_program_interpreted(saved, monkeypatch):
+    """The built library, attached for --fp8-attention mma (device check lifted), read by
+    the engine's one-library path on the FP8 tensor-core program (interpreted, fp16 q): the
+    program's algorithm on the rotated q (fp8_mma_ref); without the rotation far off."""
+    from types import SimpleNamespace
+
+    from moska.attention.shared import shared_attention_for_group
+    from moska.kernel_ops import kernel_ops
+    from moska.kernels.shared_attention_fp8_ref import fp8_mma_ref, interpreter_e4m3
+    from moska.library import fp8_mma
+
+    _, _, lib = saved
+    pools = {p: [t.clone() for t in getattr(lib, p)] for p in ("k_pools", "v_pools")}
+    lib = dataclasses.replace(lib, fp8_mma=None, **pools)  # fresh: 16-byte aligned (TMA)
+    monkeypatch.setattr(fp8_mma, "mma_unfit", lambda library: None)
+    assert fp8_mma.attach_token_major_v(lib, "mma") is None
+    hkv, d = lib.k_pools[0].shape[1:]
+    q = torch.randn(3, 2 * hkv, d, generator=torch.Generator().manual_seed(2)).half()
+    group = SimpleNamespace(single=lambda: lib, top_k=lib.num_chunks)
+    o, lse, sel = shared_attention_for_group(kernel_ops("triton"), 1, q, group, d**-0.5)
+    args = (lib.k_pools[1], lib.v_pools[1], lib.chunk_offsets, sel, d**-0.5, lib.kv_scales(1))
+    qr = torch.matmul(q, lib.q_rotation.half())
+    ao, al = fp8_mma_ref(qr, *args, fp8_mma.MMA_TILE["block_n"], False, interpreter_e4m3)
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    assert rel(o, ao) < 1e-3 and rel(lse, al) < 1e-4, (rel(o, ao), rel(lse, al))
+    wrong, _ = fp8_mma_ref(q, *args, fp8_mma.MMA_TILE["block_n"], False, interpreter_e4m3)
+    assert rel(o, wrong) > 10 * rel(o, ao)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available(),
+    reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0)",
+)
+def test_built_rotated_library_on_fp8_tensor_cores(tmp_path):
+    """On Hopper: a rotated library built by the engine (the built-in model, D = 64, bf16),
+    attached for --fp8-attention mma, read by the engine's one-library path on FP8 tensor
+    cores (one-term q, q R at launch, one K and V scale per key block) against the program's
+    algorithm on the rotated q (fp8_mma_ref) and the exact reference on the e4m3 values."""
+    from types import SimpleNamespace
+
+    from moska.attention.shared import shared_attention_for_group
+    from moska.engine.llm_engine import LLMEngine
+    from moska.kernel_ops import kernel_ops
+    from moska.kernels.shared_attention_fp8_ref import e4m3, fp8_mma_ref
+    from moska.library.fp8_mma import MMA_TILE, attach_token_major_v
+
+    eng = LLMEngine.from_model(None, device="cuda", library_root=str(tmp_path), num_kv_blocks=64)
+    eng.libraries.build("r", DOCS, chunk_size=16, kv_dtype="fp8_rotated")
+    lib = dataclasses.replace(eng.libraries.get("r"), fp8_mma=None)
+    why = attach_token_major_v(lib, "mma")
+    if why is not None:
+        pytest.skip(f"not a Hopper GPU: {why}")
+    assert lib.fp8_mma.block_sides == 3 and lib.fp8_mma.q_rotation is lib.q_rotation
+    hkv, d = lib.k_pools[0].shape[1:]
+    q = torch.randn(3, 2 * hkv, d, generator=torch.Generator().manual_seed(1))
+    q = q.cuda().to(lib.q_rotation.dtype)
+    group = SimpleNamespace(single=lambda: lib, top_k=lib.num_chunks)
+    o, lse, sel = shared_attention_for_group(kernel_ops("triton"), 0, q, group, d**-0.5)
+    args = (lib.k_pools[0], lib.v_pools[0], lib.chunk_offsets, sel, d**-0.5, lib.kv_scales(0))
+    qr = torch.matmul(q, lib.q_rotation)
+    ao, al = fp8_mma_ref(qr, *args, MMA_TILE["block_n"], False, e4m3)
+    ro, _ = grouped_shared_attention_ref(q, *args[:-1], **fp8_kwargs(lib, 0))
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    err_o, lib_o, alg_o = rel(o, ao), rel(o, ro), rel(ao, ro)
+    assert err_o < 2e-2 and rel(lse, al) < 2e-3 and lib_o <= 1.25 * alg_o, (err_o, lib_o, alg_o)
