@@ -277,7 +277,9 @@ def test_built_rotated_library_on_fp8_tensor_cores(tmp_path):
     from moska.kernels.shared_attention_fp8_ref import e4m3, fp8_mma_ref
     from moska.library.fp8_mma import MMA_TILE, attach_token_major_v
 
-    eng = LLMEngine.from_model(None, device="cuda", library_root=str(tmp_path), num_kv_blocks=64)
+    eng = LLMEngine.from_model(
+        None, device="cuda", dtype="bfloat16", library_root=str(tmp_path), num_kv_blocks=64
+    )
     eng.libraries.build("r", DOCS, chunk_size=16, kv_dtype="fp8_rotated")
     lib = dataclasses.replace(eng.libraries.get("r"), fp8_mma=None)
     why = attach_token_major_v(lib, "mma")
