@@ -362,7 +362,9 @@ class AdmissionController(DoorDrains):
             and (cached[2] is not None or inside < cached[1] + 4)
         ):
             return cached[2]
-        ahead = with_door(load, typical, inside)  # door_early: a typical one, after the storm
+        ahead = with_door(load, typical, inside)  # door_early: a typical one, after the storm,
+        if self.door_early:  # behind those inside that admission will admit (door_early.py)
+            ahead = self._door_ahead(load, self.fits_s(), typical)
         door = self.door
         probe, wait = door_probe(self.door_early, typical, elapsed_s, door.wait_s, door.storm_s)
         decision = self._decide(probe, ahead, 1, wait)

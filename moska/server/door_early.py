@@ -16,7 +16,11 @@
    (the storm of connections ahead of them, then those inside): a fresh retry got in at
    once, so no promise > 0 was within 2x for them. With `door_early` the door decides on a
    typical admitted request with the wait it will face, the storm still to answer
-   (`FrontDoor.storm_s`) included, so such a request gets its 429 on arrival with a drain.
+   (`FrontDoor.storm_s`) included, behind those inside that admission will admit (as the
+   drains count them, not all inside as before), so such a request gets its 429 on
+   arrival with a drain. With all inside counted ahead, on 2 shared CPU cores it refused
+   plain requests at 64 clients that the door before let in (11 plain door 429s, all
+   promised too long).
 
 Both are `AdmissionController` switches (`door_library`, `door_early`; `moska bench load
 --door-early on` turns both on), A/B'd on the device: docs/admission.md.

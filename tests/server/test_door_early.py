@@ -110,3 +110,16 @@ def test_the_early_floor_is_the_part_of_the_wait_over_the_slo():
     adm.door_early = True
     assert adm._early_floor(d, 1.0) == pytest.approx(1.0)  # the queue's part: the drain's
     assert adm._early_floor(d, 8.0) == pytest.approx(10.0 - adm.fits_s())
+
+
+def test_the_early_door_counts_ahead_only_those_admission_will_admit():
+    """80 inside, half of them library requests that admission mostly refuses under the
+    queue: the door before counted all 80 as typical plain requests ahead and refused a
+    request that admission would take; the early door counts those the drains count
+    (the plain ones admitted and the library ones admitted) and lets it in."""
+    for early in (False, True):
+        adm = with_mix(False, inside=80)
+        adm.door_early = early
+        ahead = adm._door_ahead(BUSY, adm.fits_s(), adm._typical_cost())
+        assert len(ahead.waiting) < len(BUSY.waiting) + 80
+        assert (adm.shed(BUSY) is None) is early
