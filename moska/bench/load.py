@@ -107,7 +107,7 @@ def run_bursts(
     promise_learning: bool = False,
     door_open: bool = False,
     door_anchor: str = "door",
-    door_early: bool = False,
+    door_early: str = "off",
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -145,7 +145,8 @@ def run_bursts(
     admission.promises.enabled = promise_learning  # admission_promises (A/B)
     admission.door_open = door_open  # a drain's door wait: until it opens, or empties (A/B)
     admission.door_anchor = door_anchor  # the step in progress ends with the storm (A/B)
-    admission.door_early = admission.door_library = door_early  # door_early.py (A/B)
+    admission.door_early = admission.door_library = door_early != "off"  # door_early.py
+    admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
     if engine_share is not None:
         admission.engine_share = engine_share
     report_share = admission.engine_share
@@ -341,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         default="door",
         help="a drain's step in progress ends with the door's storm (storm_anchor; A/B)",
     )
-    p.add_argument("--door-early", choices=("on", "off"), default="off", help="door_early.py")
+    p.add_argument(
+        "--door-early", choices=("on", "all", "off"), default="off", help="door_early.py"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         promise_learning=args.promise_learning == "on",
         door_open=args.door_wait == "open",
         door_anchor=args.door_anchor,
-        door_early=args.door_early == "on",
+        door_early=args.door_early,
     )
     print(table(report))
     write(report)

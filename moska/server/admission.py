@@ -363,7 +363,7 @@ class AdmissionController(DoorDrains):
         ):
             return cached[2]
         ahead = with_door(load, typical, inside)  # door_early: a typical one, after the storm,
-        if self.door_early:  # behind those inside that admission will admit (door_early.py)
+        if self.door_early and not self.door_all:  # behind those admission will admit
             ahead = self._door_ahead(load, self.fits_s(), typical)
         door = self.door
         probe, wait = door_probe(self.door_early, typical, elapsed_s, door.wait_s, door.storm_s)

@@ -32,6 +32,7 @@ class DoorDrains:
     # drain, and the door refuses on arrival what would be refused after its wait
     door_library: bool = False
     door_early: bool = False
+    door_all: bool = False  # the early door's probe: behind all inside (A/B, door_early.py)
     _lock: Any
     _door_memo: tuple[float, int, int, int] | None
     _open_memo: tuple[float, int, float] | None

@@ -123,3 +123,6 @@ def test_the_early_door_counts_ahead_only_those_admission_will_admit():
         ahead = adm._door_ahead(BUSY, adm.fits_s(), adm._typical_cost())
         assert len(ahead.waiting) < len(BUSY.waiting) + 80
         assert (adm.shed(BUSY) is None) is early
+    adm = with_mix(False, inside=80)
+    adm.door_early = adm.door_all = True  # the A/B form: behind all inside, as before
+    assert adm.shed(BUSY) is not None
