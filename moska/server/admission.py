@@ -321,7 +321,7 @@ class AdmissionController(DoorDrains):
         assert self.ttft_slo is not None
         fits = self.fits_s()
         typical = self._typical_cost()
-        ahead = self._door_ahead(load, fits, typical)  # door_early: library ones too
+        ahead = self._door_ahead(load, fits, typical, cost.library_attend > 0)  # door_early
         if ahead is not load or pred is None or load.busy_s > 0:  # `pred` may be scaled
             pred = self.predict(cost, ahead, num_requests, None, False)
         risk = self.library_risk if cost.library_attend else 1.0

@@ -119,14 +119,20 @@ class DoorDrains:
             return 0.0
         return max(0.0, min(float(decision.predicted_ttft_s) - self.fits_s(), wait_s))
 
-    def _door_ahead(self, load: Load, fits: float, typical: RequestCost) -> Load:
+    def _door_ahead(
+        self, load: Load, fits: float, typical: RequestCost, library: bool = True
+    ) -> Load:
         """`load` plus those inside the door admission will admit ahead of a retry: the
-        plain ones (`_door_admits`) and, with `door_library`, the library ones
-        (`door_early.library_admits`), memoized with the plain count."""
+        plain ones (`_door_admits`) and, with `door_library` and `library` (a library
+        request's drain, or the early door's probe), the library ones
+        (`door_early.library_admits`), memoized with the plain count. Not in plain drains:
+        on session 18's door-mode device bursts (1,343 plain door 429s) any time added to
+        their promises lowered the admission-map bracket (300 clients: 0.63-0.66 as
+        recorded, 0.58-0.64 with 0.15 s more; 1,000: 0.40-0.41, 0.29-0.32)."""
         admitted = self._door_admits(load, fits)
         with self._lock:
             lib, share = self.library_requests.cost(), self.library_requests.share
-        if not self.door_library or lib is None or not self.door.inside:
+        if not (self.door_library and library) or lib is None or not self.door.inside:
             return door_ahead(load, typical, admitted, None, 0)
         memo = self._door_memo
         key = (memo[0], memo[1], memo[2], memo[3]) if memo is not None else None

@@ -8,7 +8,8 @@
    are decided interleaved with the plain ones (`LibraryRequests.share`), and the `j`-th is
    admitted when its prediction, with the library requests before it and the plain ones
    decided before it (as many as admitted, at most) ahead, times admission's library risk,
-   plus the time inside, fits. Their prefill then counts in every drain the door promises.
+   plus the time inside, fits. Their prefill then counts in library drains and in the
+   early door's probe, not in plain drains (`AdmissionController._door_ahead`).
 2. **Refused at the door, not after the wait** (`door_probe`). The door asked whether the
    smallest request (one prompt token) would miss the SLO after the requests inside had
    been decided (`FrontDoor.wait_s`). In session 17's bursts 6.4 % of the scored 429s were

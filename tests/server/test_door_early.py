@@ -126,3 +126,15 @@ def test_the_early_door_counts_ahead_only_those_admission_will_admit():
     adm = with_mix(False, inside=80)
     adm.door_early = adm.door_all = True  # the A/B form: behind all inside, as before
     assert adm.shed(BUSY) is not None
+
+
+def test_plain_drains_do_not_count_the_library_requests_ahead():
+    """Any time added to plain door promises lowered their score on session 18's device
+    bursts: the library requests admitted ahead go into library drains and the early
+    door's probe only."""
+    adm = with_mix(True)
+    typical = adm._typical_cost()
+    with_lib = adm._door_ahead(IDLE, adm.fits_s(), typical, True)
+    plain = adm._door_ahead(IDLE, adm.fits_s(), typical, False)
+    assert any(c.library_attend for c in with_lib.waiting)
+    assert not any(c.library_attend for c in plain.waiting) and plain.waiting
