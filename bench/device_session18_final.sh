@@ -21,9 +21,13 @@ half() {  # gpu name paths...
   echo "== $name rc=$? in $SECONDS s"; tail -4 "$OUT/tests_$name.log"
 }
 G1=$([ "$N" -ge 2 ] && echo 1 || echo 0)
-# shellcheck disable=SC2086
-half 0 a $A &
-# shellcheck disable=SC2086
-(half "$G1" b $B; half "$G1" flexicache tests/flexicache) &
-wait
+# FINAL_HALF=a / b: one half on the one visible GPU (device_session18_final_{a,b}.sh)
+case "${FINAL_HALF:-both}" in
+  # shellcheck disable=SC2086
+  a) half "${CUDA_VISIBLE_DEVICES:-0}" a $A ;;
+  # shellcheck disable=SC2086
+  b) half "${CUDA_VISIBLE_DEVICES:-0}" b $B; half "${CUDA_VISIBLE_DEVICES:-0}" flexicache tests/flexicache ;;
+  # shellcheck disable=SC2086
+  *) half 0 a $A & (half "$G1" b $B; half "$G1" flexicache tests/flexicache) & wait ;;
+esac
 grep -h -E "^(FAILED|ERROR)" "$OUT"/tests_*.log | head -30

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Half a of bench/device_session18_final.sh (the CUDA-marked tests) on the GPU the runner gives.
+FINAL_HALF=a exec bash bench/device_session18_final.sh "$@"
