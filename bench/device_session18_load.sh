@@ -17,8 +17,9 @@
 # 0.51 / 0.52 / 0.53 / 0.53. Over calls 2-6: off 0.53, plain 0.58, all 0.61, door 0.59.
 # Call 7 (final, ~06:35): arms anchor:early = door:off (the default) vs door:on (door_early.py:
 # library requests admitted ahead counted in door drains, and the door refuses on arrival
-# what would be refused after its wait, its drain covering that wait; "all": the early door's
-# probe queues behind all inside, "on": behind those admission will admit), off x2.
+# what would be refused after its wait; "all": the early door's probe queues behind all
+# inside, the stricter form: "on", behind those admission will admit, let more in to be
+# refused late on 2 local cores), 2 servers each.
 # 4 servers, each pinned to 4 cores (taskset), bursts of 64, 300, 1,000 clients x4 in one
 # server, half the requests on the `demo` library, `--trace` (gzipped after).
 # Correctness first (~5 s): the anchor's, the promise logic's and the scorings' unit tests.
@@ -40,7 +41,7 @@ else
     --target /tmp/site_load .whl/*.whl 2>&1 | tail -2
   export PYTHONPATH=/tmp/site_load:$PWD
   BURSTS=${BURSTS:-64,300,1000,64,300,1000,64,300,1000,64,300,1000}
-  ARMS=${ARMS:-"door:off door:on door:all door:off"}
+  ARMS=${ARMS:-"door:off door:all door:off door:all"}
   CORES=4
   LIMIT=140; TT=30
 fi

@@ -374,7 +374,6 @@ class AdmissionController(DoorDrains):
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
                 drain = self._drain(typical, load, before_door_s=elapsed_s, at_door=True)[1]
-                drain = max(drain, self._early_floor(decision, wait))  # door_early: its wait, over
                 drain = learn.promise(group_of(typical, True), typical, drain, self.clock())
                 result = replace(
                     decision, retry_after_s=retry_drain.retry_after(drain), drain_s=drain

@@ -107,18 +107,6 @@ class DoorDrains:
         self._door_memo = (now, inside, load.num_waiting, admitted)
         return admitted
 
-    def _early_floor(self, decision: Any, wait_s: float) -> float:
-        """With `door_early`, a door 429's drain is at least the part of its wait (`wait_s`:
-        the storm, those inside, the lag) by which its probe's predicted time to first token
-        is over what admission accepts: that wait shrinks one second a second, so a retry
-        sent sooner meets the same refusal (`door_early.py`). Not the rest of the excess:
-        the probe counts everyone inside as admitted ahead, which the drain does not
-        (`burst_admits`); on 2 CPU cores a floor of the whole excess promised every plain
-        door 429 of a 300-client burst too long. 0 when off."""
-        if not self.door_early:
-            return 0.0
-        return max(0.0, min(float(decision.predicted_ttft_s) - self.fits_s(), wait_s))
-
     def _door_ahead(
         self, load: Load, fits: float, typical: RequestCost, library: bool = True
     ) -> Load:

@@ -66,7 +66,8 @@ def test_the_early_door_refuses_what_would_be_refused_after_its_wait():
     """A 4 s storm of connections ahead: the smallest request fits after the requests
     inside (the door before lets it in), but a typical request decided after the storm
     misses the SLO (a late 429 that a fresh retry beats). The early door refuses it on
-    arrival, and its drain covers the part of that wait over the SLO."""
+    arrival, and its drain (the storm anchor's: until the storm's end) covers the part of
+    that wait over the SLO."""
     for early in (False, True):
         adm = AdmissionController(5.0, None)
         adm.door_early = early
@@ -99,17 +100,6 @@ def test_the_early_door_lets_in_what_fits_and_slo_off_never_rejects():
 def test_door_probe():
     assert door_probe(False, PLAIN, 0.1, 0.2, 3.0) == (RequestCost(1, 1), pytest.approx(0.3))
     assert door_probe(True, PLAIN, 0.1, 0.2, 3.0) == (PLAIN, pytest.approx(3.3))
-
-
-def test_the_early_floor_is_the_part_of_the_wait_over_the_slo():
-    from moska.server.admission import Decision, Verdict
-
-    adm = AdmissionController(5.0, None)
-    d = Decision(Verdict.SLO, 10.0, 1)  # 5.75 s over what admission accepts (4.25 s)
-    assert adm._early_floor(d, 1.0) == 0.0  # off: no floor
-    adm.door_early = True
-    assert adm._early_floor(d, 1.0) == pytest.approx(1.0)  # the queue's part: the drain's
-    assert adm._early_floor(d, 8.0) == pytest.approx(10.0 - adm.fits_s())
 
 
 def test_the_early_door_counts_ahead_only_those_admission_will_admit():
