@@ -20,6 +20,7 @@
 # what would be refused after its wait; "all": the early door's probe queues behind all
 # inside, the stricter form: "on", behind those admission will admit, let more in to be
 # refused late on 2 local cores; "all" admitted 3 of 300 in one local burst), off x2.
+# Call 7 ran (06:24) with arms door:off / door:all x2: 0.69 vs 0.57 within 2x; stays off.
 # 4 servers, each pinned to 4 cores (taskset), bursts of 64, 300, 1,000 clients x4 in one
 # server, half the requests on the `demo` library, `--trace` (gzipped after).
 # Correctness first (~5 s): the anchor's, the promise logic's and the scorings' unit tests.

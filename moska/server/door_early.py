@@ -28,8 +28,11 @@
    smallest request behind all inside is the stricter test). `door_all` (`--door-early
    all`) is the form the device A/B runs.
 
-Both are `AdmissionController` switches (`door_library`, `door_early`; `moska bench load
---door-early on` turns both on), A/B'd on the device: docs/admission.md.
+Both are `AdmissionController` switches (`door_library`, `door_early`, `door_all`; `moska
+bench load --door-early on|all` turns them on), off by default: on session 18's final
+device call (`--door-early all`, 2 servers an arm) 0.57 of 429s came within 2x against
+0.69 off (library door 429s 0.66 in both, plain door 0.40 vs 0.68, and more plain 429s
+decided after reading, 228 vs 136); docs/admission.md.
 """
 
 from __future__ import annotations
