@@ -95,7 +95,7 @@ ENGINE_FLAG_HELP: dict[str, str] = {
     "semantic reuse",
     "semantic_store_mb": "memory bound of the semantic reuse reference store (MiB, LRU; its "
     "KV is blocks of the KV cache, given back when an allocation needs them)",
-    "flexicache": "FlexiCache for long unique contexts: 'on' (= k=32,recent=2,threshold=0.6,"
+    "flexicache": "FlexiCache for long unique contexts: 'on' (= k=32,recent=2,threshold=0.75,"
     "r=16,rerank=deferred,hold=on,slots=shared) or such items (stable KV heads read only their "
     "top-k pages and the recent ones; slots=layer: per-layer page pools; rerank=step reads a "
     "re-ranking's pages in its own step; approximate). Default: off",

@@ -68,7 +68,7 @@ class EngineConfig:
         cache, shared with the requests that reuse them unchanged: `semshare/sharing.py`).
     flexicache: FlexiCache (`moska/flexicache/`): per KV head, stable heads read only their
         top-K pages plus the recent ones at decode steps, unstable heads every page; "on"
-        (= "k=32,recent=2,threshold=0.6,r=16,rerank=deferred,hold=on,slots=shared") or such
+        (= "k=32,recent=2,threshold=0.75,r=16,rerank=deferred,hold=on,slots=shared") or such
         items (or a FlexiCacheConfig).
         Approximate: off (None) by default; classified requests' older pages go to host
         memory (see README).

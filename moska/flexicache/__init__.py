@@ -7,7 +7,7 @@ classification, per-head page lists), `store` (the compact GPU page pool over a 
 copy: real bytes, for the benchmarks), `engine_hook` (the engine's decode steps: per-head
 lists over the paged cache; once a request is classified its older pages go to pinned host
 memory and its freed blocks to the allocator: real bytes). `--flexicache on` is K = 32,
-threshold 0.6, r = 16 deferred, held pages, `slots=shared` (`config.FlexiCacheConfig`).
+threshold 0.75, r = 16 deferred, held pages, `slots=shared` (`config.FlexiCacheConfig`).
 """
 
 from moska.flexicache.config import FlexiCacheConfig

@@ -33,17 +33,21 @@ class FlexiCacheConfig:
     pool block holds a page of any layer; the kernel reads the cache as one
     [L * N, bs, Hkv, D] tensor), so the pool is sized by the mean layer's need instead of
     the worst layer's; dropped pages leave their slot at once (no hysteresis). `on` is
-    K = 32, threshold 0.6, r = 16 deferred, held pages, slots=shared: on moska-code-20m
-    +0.34 % loss at 45.6 % of full KV's GPU blocks through the engine (threshold 0.75
-    holds 60.3 %; per-layer pools (`slots=layer`) at 0.6 hold 68.9 %: each layer's pool is
-    sized by its worst layer), and in one H200 KV budget it fits 36 requests against full
-    KV's 15 at 1.14-1.18x full KV's tokens/s (per-layer pools: 0.95-0.98x)."""
+    K = 32, threshold 0.75, r = 16 deferred, held pages, slots=shared: on moska-code-20m
+    through the engine, 16 held-out windows, +0.25 % loss at 57.4 % of full KV's GPU blocks
+    and a needle 300-1,040 tokens back kept (threshold 0.6: +1.91 % at 42.6 %, the needle
+    lost in 4 of 16 windows; on 4 of the windows +0.34 % at 45.6 %); per-layer pools
+    (`slots=layer`) at 0.75: +0.57 % at 90.3 % (each layer's pool is sized by its worst
+    layer). In one H200 KV budget (7.87 GiB) `slots=shared` with 0.66 of the heads stable
+    (threshold 0.75's share on the quality model) fits 31 requests against full KV's 15 at
+    1.105x full KV's tokens/s (with 0.75-0.78 stable: 36 at 1.14-1.18x; per-layer pools:
+    0.95-0.98x)."""
 
     top_k_pages: int = 32
     recent_pages: int = 2
     sink_pages: int = 1
     rank_by: str = "centroid"
-    threshold: float = 0.6  # with slots=shared: +0.34 % loss at 45.6 % of the GPU KV
+    threshold: float = 0.75  # with slots=shared: +0.25 % loss at 57.4 % of the GPU KV (16 windows)
     rerank_interval: int = 16
     min_pages: int = 0
     rerank: str = "deferred"
@@ -82,7 +86,7 @@ class FlexiCacheConfig:
 
     @classmethod
     def parse(cls, spec: str) -> FlexiCacheConfig:
-        """`--flexicache` value: "on" (defaults) or "k=32,recent=2,threshold=0.6,r=16"
+        """`--flexicache` value: "on" (defaults) or "k=32,recent=2,threshold=0.75,r=16"
         (also sink=, rank=centroid|mass|bound, min_pages=, rerank=deferred|step,
         hold=on|off, host=auto|GiB, slots=layer|shared)."""
         if spec.strip().lower() in ("", "on", "1", "true"):
