@@ -18,17 +18,16 @@ from __future__ import annotations
 import json
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from kv_heads_retrieval import _environment, rel_err, transformers_logits
+from kv_heads_retrieval import _environment, conversions, rel_err, transformers_logits
 
 from moska.bench.heldout import PACKAGES, heldout_windows
 from moska.model import DenseAttention, load_model
-from moska.model.convert_kv_heads import calibration_sequences, convert_kv_heads
+from moska.model.convert_kv_heads import calibration_sequences
 
 # "a clear margin": the fitted conversion's loss increase at most half of mean-pooling's
 CLEAR_MARGIN = 0.5
@@ -116,17 +115,7 @@ def run(args, write, calibration_files: tuple[str, ...]) -> dict:
         write(result)
 
     add({"variant": "original", "removed": 0.0, **evaluate(src, windows, dev, args.hf)})
-    with tempfile.TemporaryDirectory(prefix="kvh-code-") as tmp:
-        for n in targets:
-            for method in ("fit", "mean"):
-                out = Path(tmp) / f"{method}{n}"
-                rep = convert_kv_heads(src, out, kv_heads=n, calibration=calib, method=method)
-                row = {"variant": method, "removed": round(1 - n / kv, 4)}
-                row.update(evaluate(out, windows, dev, args.hf))
-                if method == "fit":
-                    row["energy_kept"] = {"k": [round(e, 4) for e in rep.k_energy],
-                                          "v": [round(e, 4) for e in rep.v_energy]}  # fmt: skip
-                add(row)
+    conversions(src, targets, calib, lambda out: evaluate(out, windows, dev, args.hf), add)
     return result
 
 

@@ -27,6 +27,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -178,18 +179,32 @@ def run(args, write) -> dict:
         write(result)
 
     add({"variant": "original", "removed": 0.0, **evaluate(src, examples, args, args.hf)})
+    conversions(src, targets, calib, lambda out: evaluate(out, examples, args, args.hf), add)
+    return result
+
+
+def conversions(
+    src: Path,
+    targets: list[int],
+    calib: list,
+    evaluate_one: Callable[[Path], dict],
+    add: Callable[[dict], None],
+) -> None:
+    """Convert `src` to each KV-head count of `targets`, by the fitted projections and by
+    mean-pooling, into a temporary folder; `add` each one's row: variant, share of KV heads
+    removed, `evaluate_one(checkpoint)` and (fit) the energy kept per layer."""
+    kv = json.loads((src / "config.json").read_text())["num_key_value_heads"]
     with tempfile.TemporaryDirectory(prefix="kvh-") as tmp:
         for n in targets:
             for method in ("fit", "mean"):
                 out = Path(tmp) / f"{method}{n}"
                 rep = convert_kv_heads(src, out, kv_heads=n, calibration=calib, method=method)
                 row = {"variant": method, "removed": round(1 - n / kv, 4)}
-                row.update(evaluate(out, examples, args, args.hf))
+                row.update(evaluate_one(out))
                 if method == "fit":
                     row["energy_kept"] = {"k": [round(e, 4) for e in rep.k_energy],
                                           "v": [round(e, 4) for e in rep.v_energy]}  # fmt: skip
                 add(row)
-    return result
 
 
 def summarize(rows: list[dict], kv: int, targets: list[int]) -> dict:
