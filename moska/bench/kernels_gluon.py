@@ -32,7 +32,15 @@ import torch
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import environment, write_json
 from moska.bench.floors import attention_flops, measure_matmul
-from moska.bench.kernels_one_chunk import DRY, GPU, check, problem, reference, timers
+from moska.bench.kernels_one_chunk import (
+    DRY,
+    GPU,
+    check,
+    problem,
+    reference,
+    rotated_rounds,
+    timers,
+)
 from moska.bench.kernels_util import rel
 from moska.kernels.shared_one_chunk import one_chunk_attention, sdpa_one_chunk
 from moska.kernels.shared_tuning import grouped_tuning
@@ -118,12 +126,7 @@ def run_point(cfg, kv, d, g, b, dev, dtype, sms, prepare, measure, tol, bad, rou
                 runs[name] = prepare(fn)
             except Exception as e:  # noqa: BLE001
                 pt["errors"][name] = repr(e)[:300]
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    names = list(runs)
-    for i in range(rounds):  # rotated, every other round reversed
-        order = names[i * len(names) // rounds :] + names[: i * len(names) // rounds]
-        for name in order if i % 2 == 0 else reversed(order):
-            times[name].append(measure(runs[name]))
+    times = rotated_rounds(runs, rounds, measure)
     pt["rounds_ms"], pt["ms"] = times, {k: min(v) for k, v in times.items()}
     el = kv[0].element_size()
     hkv = cfg["hkv"]

@@ -24,7 +24,7 @@ import torch
 from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
 from moska.bench.common import environment, write_json
 from moska.bench.floors import grouped_shared_cost, measure_matmul
-from moska.bench.kernels_one_chunk import timers
+from moska.bench.kernels_one_chunk import rotated_rounds, timers
 from moska.bench.kernels_shapes import selections, subset
 from moska.bench.kernels_util import rel
 from moska.kernels.shared_attention import grouped_shared_attention, grouped_shared_attention_ref
@@ -118,12 +118,7 @@ def run_point(p: dict, d: int, g: int, b: int, sms: int, prepare, measure, round
                 runs[name] = prepare(fn)
         except Exception as e:  # noqa: BLE001 - reported, not timed
             pt["check"][name] = {"ok": False, "error": repr(e)[:300]}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    names = list(runs)
-    for i in range(rounds):  # rotated, every other round reversed
-        order = names[i * len(names) // rounds :] + names[: i * len(names) // rounds]
-        for name in order if i % 2 == 0 else reversed(order):
-            times[name].append(measure(runs[name]))
+    times = rotated_rounds(runs, rounds, measure)
     pt["rounds_ms"], pt["ms"] = times, {k: min(v) for k, v in times.items()}
     touched = int(torch.unique(sel.chunk).numel())
     pt["bytes"], pt["flops"] = grouped_shared_cost(

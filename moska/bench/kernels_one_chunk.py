@@ -186,12 +186,7 @@ def run_point(cfg, kv, d, g, b, dev, dtype, sms, prepare, measure, tol, dry, n_r
                 pt["errors"][name] = repr(e)[:300]
     base_runs, base_errors = baselines(p, g, dev, prepare)
     runs |= {f"base:{k}": v for k, v in base_runs.items()}
-    rounds: dict[str, list[float]] = {k: [] for k in runs}
-    names = list(runs)
-    for i in range(n_rounds):  # rotated, every other round reversed: no call always first
-        order = names[i * len(names) // n_rounds :] + names[: i * len(names) // n_rounds]
-        for name in order if i % 2 == 0 else reversed(order):
-            rounds[name].append(measure(runs[name]))
+    rounds = rotated_rounds(runs, n_rounds, measure)
     best = {k: min(v) for k, v in rounds.items()}
     pt["ms"] = {k: v for k, v in best.items() if not k.startswith("base:")}
     pt["baselines"] = {"ms": {k[5:]: v for k, v in best.items() if k.startswith("base:")}}
@@ -201,6 +196,20 @@ def run_point(cfg, kv, d, g, b, dev, dtype, sms, prepare, measure, tol, dry, n_r
     nbytes = cfg["single_len"] * hkv * d * 2 * el + 2 * b * hkv * g * d * el
     pt["bytes"], pt["flops"] = nbytes, attention_flops(rows * hkv, cfg["single_len"], d)
     return pt
+
+
+def rotated_rounds(
+    runs: dict[str, Callable], n_rounds: int, measure: Callable[[Callable], float]
+) -> dict[str, list[float]]:
+    """Each call's time (`measure(fn)`, ms) in each of `n_rounds` rounds, the calls' order
+    rotated from round to round and every other round reversed: no call is always first."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    names = list(runs)
+    for i in range(n_rounds):
+        order = names[i * len(names) // n_rounds :] + names[: i * len(names) // n_rounds]
+        for name in order if i % 2 == 0 else reversed(order):
+            times[name].append(measure(runs[name]))
+    return times
 
 
 def timers(dev: str, rep_ms: float = 25) -> tuple[Callable, Callable]:
