@@ -33,7 +33,7 @@ from typing import Any
 
 from moska.bench.load_client import burst_in_process
 from moska.bench.load_drain import probe_bodies
-from moska.bench.load_summary import groups, own_groups, summarize
+from moska.bench.load_summary import TABLE_KEYS, check, groups, own_groups, summarize, table
 
 __all__ = ["check", "main", "make_body", "run_bursts", "summarize", "table"]
 
@@ -209,7 +209,7 @@ def run_bursts(
                 if mark and ttft_slo and tag and isinstance(admission, TracingAdmission):
                     fig["trace"] = breakdown(admission, tag, mark, out, ttft_slo)  # load_trace
                 report["bursts"].append(fig)
-                print(f"burst {n}: {json.dumps({k: fig[k] for k in _TABLE})}", flush=True)
+                print(f"burst {n}: {json.dumps({k: fig[k] for k in TABLE_KEYS})}", flush=True)
                 print(f"burst {n} Retry-After within 2x: {groups(fig)}", flush=True)
                 print(f"burst {n} own retries: {own_groups(fig)}", flush=True)
                 if checkpoint is not None:
@@ -222,52 +222,6 @@ def run_bursts(
         if tmp is not None:
             tmp.cleanup()
     return report
-
-
-_TABLE = (
-    "clients",
-    "admitted",
-    "rejected_429",
-    "library_admitted",
-    "library_429_only_for_risk",
-    "slo_met_share",
-    "ttft_p50_s",
-    "ttft_p99_s",
-    "retry_after_s_median",
-    "observed_drain_s_median",
-    "retry_after_within_2x_share",
-    "retry_after_ms_within_2x_share",
-    "retry_after_ms_within_2x_own",
-    "predictor_error_s_p10_p50_p90_p99",
-)
-
-
-def table(report: dict) -> str:
-    """The report's bursts as a Markdown table."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}"
-        if isinstance(v, list):
-            return "/".join(fmt(x) for x in v)
-        return "-" if v is None else str(v)
-
-    lines = ["| " + " | ".join(_TABLE) + " |", "|" + " --- |" * len(_TABLE)]
-    for fig in report["bursts"]:
-        lines.append("| " + " | ".join(fmt(fig[k]) for k in _TABLE) + " |")
-    lines.append("")
-    lines.append("Retry-After within 2x of the observed drain, ms / header (promised / observed):")
-    lines += [f"- {fig['clients']} clients: {groups(fig)}" for fig in report["bursts"]]
-    return "\n".join(lines)
-
-
-def check(report: dict) -> None:
-    """AssertionError unless every admitted request completed and nothing failed or hung."""
-    for fig in report["bursts"]:
-        assert fig["failed"] == 0 and fig["hung"] == 0, fig
-        assert fig["completed"] == fig["admitted"], fig
-        assert fig["admitted"] + fig["rejected_429"] == fig["clients"], fig
-        assert fig["engine_idle_after"], fig
 
 
 def _slo(text: str) -> float | None:

@@ -1,5 +1,6 @@
 """`moska bench load`: one burst's figures from the client's records and the server's
-(predicted, observed) TTFT pairs (`summarize`), apart from the run (load.py)."""
+(predicted, observed) TTFT pairs (`summarize`), the report's table (`table`) and its
+check that nothing accepted was lost (`check`), apart from the run (load.py)."""
 
 from __future__ import annotations
 
@@ -200,3 +201,49 @@ def own_groups(fig: dict) -> str:
         for g, d in ({"all": own["all"]} | own["by_group"]).items()
         if d["n"]
     )
+
+
+TABLE_KEYS = (
+    "clients",
+    "admitted",
+    "rejected_429",
+    "library_admitted",
+    "library_429_only_for_risk",
+    "slo_met_share",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "retry_after_s_median",
+    "observed_drain_s_median",
+    "retry_after_within_2x_share",
+    "retry_after_ms_within_2x_share",
+    "retry_after_ms_within_2x_own",
+    "predictor_error_s_p10_p50_p90_p99",
+)
+
+
+def table(report: dict) -> str:
+    """The report's bursts as a Markdown table."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, list):
+            return "/".join(fmt(x) for x in v)
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(TABLE_KEYS) + " |", "|" + " --- |" * len(TABLE_KEYS)]
+    for fig in report["bursts"]:
+        lines.append("| " + " | ".join(fmt(fig[k]) for k in TABLE_KEYS) + " |")
+    lines.append("")
+    lines.append("Retry-After within 2x of the observed drain, ms / header (promised / observed):")
+    lines += [f"- {fig['clients']} clients: {groups(fig)}" for fig in report["bursts"]]
+    return "\n".join(lines)
+
+
+def check(report: dict) -> None:
+    """AssertionError unless every admitted request completed and nothing failed or hung."""
+    for fig in report["bursts"]:
+        assert fig["failed"] == 0 and fig["hung"] == 0, fig
+        assert fig["completed"] == fig["admitted"], fig
+        assert fig["admitted"] + fig["rejected_429"] == fig["clients"], fig
+        assert fig["engine_idle_after"], fig
