@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_fp8_rotated import DOCS, KW  # the same two documents and build settings
 
 from moska.attention.shared import fp8_kwargs
 from moska.kernels.selections import from_topk
@@ -21,11 +22,6 @@ from moska.kernels.shared_attention import grouped_shared_attention, grouped_sha
 from moska.library import build_library, load_library
 from moska.library.tier_config import TierConfig
 
-DOCS = [
-    ("a.md", "# Alpha\nThe quick brown fox jumps over the lazy dog. " * 3),
-    ("b.txt", "Bravo: pack my box with five dozen liquor jugs. " * 2),
-]
-KW = {"chunk_size": 16, "prefill_tokens": 64, "progress": False}
 _CPU = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="compiled Triton reads CUDA tensors only"
 )
