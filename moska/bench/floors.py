@@ -148,3 +148,16 @@ def _best_s(fn: Callable[[], object], reps: int, cuda: bool) -> float:
             fn()
             best = min(best, time.perf_counter() - t0)
     return best
+
+
+def kernel_ceilings(
+    device: str, dry: bool, reps: int, sizes: Sequence[int] = (8192, 16384)
+) -> tuple[dict, float, float]:
+    """The kernel benches' ceilings, measured in the run: a read-only stream over 4 GiB
+    (1/64 GiB dry) and the best matmul over `sizes` ((256,) dry), best of `reps` (2-3 dry):
+    (ceilings, read bytes/s, matmul FLOP/s)."""
+    from moska.bench.bandwidth import measure_ceilings
+
+    ceil = measure_ceilings(device, gib=1 / 64 if dry else 4.0, reps=2 if dry else reps, gemm=False)
+    ceil.update(measure_matmul(device, sizes=(256,) if dry else sizes, reps=3 if dry else reps))
+    return ceil, ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]

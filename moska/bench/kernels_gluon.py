@@ -29,9 +29,9 @@ if "--cpu-dry-run" in sys.argv:  # Triton picks its interpreter when it is first
 
 import torch
 
-from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
+from moska.bench.bandwidth import check_floors, raise_if_floors_broken
 from moska.bench.common import environment, write_json
-from moska.bench.floors import attention_flops, measure_matmul
+from moska.bench.floors import attention_flops, kernel_ceilings
 from moska.bench.kernels_one_chunk import (
     DRY,
     GPU,
@@ -260,9 +260,7 @@ def main(argv=None) -> None:
                 except Exception as e:  # noqa: BLE001 - the timed run records it
                     print(f"warm D{d} G{g} B{b} {name} failed: {e!r}"[:300], flush=True)
         return
-    ceil = measure_ceilings(dev, gib=1 / 64 if dry else 4.0, reps=2 if dry else 6, gemm=False)
-    ceil.update(measure_matmul(dev, sizes=(256,) if dry else (8192, 16384), reps=3 if dry else 6))
-    bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
+    ceil, bw, peak = kernel_ceilings(dev, dry, 6)
     print(f"read {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s, {sms} SMs", flush=True)
     prepare, measure = timers(dev, args.rep_ms)
     res: dict[str, Any] = dict(environment(), device=dev, config=cfg, ceilings=ceil)

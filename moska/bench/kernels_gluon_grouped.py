@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
+from moska.bench.bandwidth import check_floors, raise_if_floors_broken
 from moska.bench.common import environment, write_json
-from moska.bench.floors import grouped_shared_cost, measure_matmul
+from moska.bench.floors import grouped_shared_cost, kernel_ceilings
 from moska.bench.kernels_one_chunk import rotated_rounds, timers
 from moska.bench.kernels_shapes import selections, subset
 from moska.bench.kernels_util import rel
@@ -189,9 +189,7 @@ def main(argv=None) -> None:
                 except Exception as e:  # noqa: BLE001
                     print(f"warm D{d} G{g} B{b} {name} failed: {e!r}"[:300], flush=True)
         return
-    ceil = measure_ceilings("cuda", gib=4.0, reps=6, gemm=False)
-    ceil.update(measure_matmul("cuda", sizes=(8192, 16384), reps=6))
-    bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
+    ceil, bw, peak = kernel_ceilings("cuda", False, 6)
     print(f"read {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     prepare, measure = timers("cuda", args.rep_ms)
     res: dict[str, Any] = dict(environment(), config=cfg, ceilings=ceil, points=[], missing=[])

@@ -40,9 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
+from moska.bench.bandwidth import check_floors, raise_if_floors_broken
 from moska.bench.common import environment, write_json
-from moska.bench.floors import attention_flops, floor_ms, grouped_shared_cost, measure_matmul
+from moska.bench.floors import (
+    attention_flops,
+    floor_ms,
+    grouped_shared_cost,
+    kernel_ceilings,
+)
 from moska.bench.kernels_shapes import as_python, rel, selections, subset
 from moska.bench.kernels_shapes import timer as make_timer
 from moska.bench.kernels_shapes_report import l2_reads, print_summary, suggested_table, summary
@@ -186,9 +191,7 @@ def main(argv=None) -> None:
         i, n = map(int, args.warm.split("/"))
         warm(cfg, i, n, dev, dtype, sms, dry)
         return
-    ceil = measure_ceilings(dev, gib=1 / 64 if dry else 4.0, reps=2 if dry else 8, gemm=False)
-    ceil.update(measure_matmul(dev, sizes=(256,) if dry else (8192, 16384), reps=3 if dry else 8))
-    bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
+    ceil, bw, peak = kernel_ceilings(dev, dry, 8)
     print(f"read {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s, {sms} SMs", flush=True)
     measure = make_timer(dev)
     res: dict[str, Any] = dict(environment(), device=dev, config=cfg, ceilings=ceil)

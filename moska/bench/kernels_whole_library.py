@@ -29,9 +29,9 @@ if "--cpu-dry-run" in sys.argv:  # Triton picks its interpreter when it is first
 
 import torch
 
-from moska.bench.bandwidth import check_floors, measure_ceilings, raise_if_floors_broken
+from moska.bench.bandwidth import check_floors, raise_if_floors_broken
 from moska.bench.common import environment, write_json
-from moska.bench.floors import attention_flops, floor_ms, measure_matmul
+from moska.bench.floors import attention_flops, floor_ms, kernel_ceilings
 from moska.bench.kernels_shapes import timer
 from moska.bench.kernels_util import rel
 from moska.kernels.merge import merge_selections
@@ -100,9 +100,7 @@ def main(argv=None) -> None:
     dev, cfg = ("cpu", DRY) if dry else ("cuda", GPU)
     dtype = getattr(torch, cfg["dtype"])
     tol = 1e-4 if dtype == torch.float32 else 1e-2
-    ceil = measure_ceilings(dev, gib=1 / 64 if dry else 4.0, reps=2 if dry else 4, gemm=False)
-    ceil.update(measure_matmul(dev, sizes=(256,) if dry else (8192,), reps=3 if dry else 4))
-    bw, peak = ceil["read_bytes_per_s"], ceil["matmul_flops_per_s"]
+    ceil, bw, peak = kernel_ceilings(dev, dry, 4, sizes=(8192,))
     print(f"read {bw / 1e9:.0f} GB/s, matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     measure = timer(dev)
     res: dict[str, Any] = dict(environment(), device=dev, config=cfg, ceilings=ceil)
