@@ -118,9 +118,11 @@ class DoorDrains:
         their promises lowered the admission-map bracket (300 clients: 0.63-0.66 as
         recorded, 0.58-0.64 with 0.15 s more; 1,000: 0.40-0.41, 0.29-0.32)."""
         admitted = self._door_admits(load, fits)
+        if not (self.door_library and library) or not self.door.inside:  # the default
+            return door_ahead(load, typical, admitted, None, 0)
         with self._lock:
             lib, share = self.library_requests.cost(), self.library_requests.share
-        if not (self.door_library and library) or lib is None or not self.door.inside:
+        if lib is None:
             return door_ahead(load, typical, admitted, None, 0)
         memo = self._door_memo
         key = (memo[0], memo[1], memo[2], memo[3]) if memo is not None else None
