@@ -155,7 +155,11 @@ def test_steps_split_the_run_into_prefill_and_decode_phases(result):
                 for x in log
                 if not x["prompt_tokens"] and x["rows"] == n and not x["profiled"]
             ]
-            assert p["full_batch_decode_steps"] == len(full) > 0
+            assert p["full_batch_decode_steps"] == len(full)
+            if run["arrivals"] == "burst":  # all at once: the whole batch decodes together
+                assert full
+            # Poisson arrivals reach a full batch only if the first request is still
+            # decoding when the last arrives: a matter of this machine's speed, not asserted
             profiled = [x for x in log if x["profiled"]]
             if row["variant"] == "routed_bf16":  # --profile-steps 1: one, after the sync one
                 assert len(profiled) == 1 and not profiled[0]["prompt_tokens"]
