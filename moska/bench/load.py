@@ -16,7 +16,9 @@ of admitted requests whose first token came within the SLO, TTFT p50/p99, Retry-
 observed drain (and OpenAI's `retry-after-ms`, exact), and the predictor's error
 (observed minus predicted server-side TTFT of each admitted request), and for library
 429s their predicted TTFT and how many only the library risk factor (--library-risk)
-turned away. Checks that nothing accepted was lost, failed or hung.
+turned away. Checks that nothing accepted was lost, failed or hung. With --obey-retries N
+the clients retry each 429 for real after its retry-after-ms, up to N times, as the OpenAI
+SDK's do (load_obey: share admitted on a retry, their SLO share, never admitted).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 
 from moska.bench.load_client import burst_in_process
 from moska.bench.load_drain import probe_bodies
+from moska.bench.load_obey import obey_line, obey_table, overall, summarize_obey
 from moska.bench.load_summary import TABLE_KEYS, check, groups, own_groups, summarize, table
 
 __all__ = ["check", "main", "make_body", "run_bursts", "summarize", "table"]
@@ -108,12 +111,15 @@ def run_bursts(
     door_open: bool = False,
     door_anchor: str = "door",
     door_early: str = "off",
+    obey_retries: int = 0,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
     default), an A/B; `door_rate`: the door's time per answer, "sums" (the default) or
     "mean" (before session 16: door_backlog.DoorBacklog.rate), an A/B. `checkpoint(report)` is called after each burst (the CLI writes the
-    JSON then: a run cut short by a timeout keeps the bursts it finished)."""
+    JSON then: a run cut short by a timeout keeps the bursts it finished). `obey_retries`
+    > 0: clients retry their 429s for real after each promise, up to that many times, as the
+    OpenAI SDK's do (load_obey; figures under each burst's "obey" and "obey_overall")."""
     from moska.bench.load_probe import DryProbeAdmission, ProbeTag
     from moska.bench.load_trace import PortTag, TracingAdmission, breakdown
     from moska.server.admission import EngineLimits
@@ -196,7 +202,9 @@ def run_bursts(
                 before = len(state.admission.outcomes.pairs)
                 mark = admission.mark() if isinstance(admission, TracingAdmission) else None
                 t0 = time.perf_counter()
-                out = burst_in_process(pool, url, bodies(n), probe, timeout_s, probe_interval_s)
+                out = burst_in_process(
+                    pool, url, bodies(n), probe, timeout_s, probe_interval_s, True, obey_retries
+                )
                 idle = _wait_idle(state.async_engine, timeout_s)
                 pairs = list(state.admission.outcomes.pairs)[before:]
                 adm = state.admission
@@ -206,6 +214,10 @@ def run_bursts(
                 fig["engine_idle_after"] = idle
                 fig["promise_scale"] = admission.promises.state()
                 fig["errors"] = [r["error"] for r in out["requests"] if r["error"]][:5]
+                if obey_retries:  # clients that obey retry-after-ms (load_obey)
+                    fig["obey"] = summarize_obey(out["requests"], ttft_slo or None, obey_retries)
+                    report["obey_overall"] = overall([f["obey"] for f in report["bursts"] + [fig]])
+                    print(f"burst {n} obeying clients: {obey_line(fig['obey'])}", flush=True)
                 if mark and ttft_slo and tag and isinstance(admission, TracingAdmission):
                     fig["trace"] = breakdown(admission, tag, mark, out, ttft_slo)  # load_trace
                 report["bursts"].append(fig)
@@ -299,6 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--door-early", choices=("on", "all", "off"), default="off", help="door_early.py"
     )
+    p.add_argument(
+        "--obey-retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="clients retry each 429 for real after its retry-after-ms, up to N times, like "
+        "the OpenAI SDK (max_retries=2); a sampled 429 is retried dry only at half its "
+        "promise (load_obey). 0: no client retries (before session 19)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     p.add_argument("--probe-interval", type=float, default=0.25)
@@ -307,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = p.parse_args(argv)
+    if args.obey_retries < 0:
+        p.error("--obey-retries must be >= 0 (0: clients do not retry)")
     library = None if args.library.lower() == "none" else args.library
 
     def write(report: dict) -> None:
@@ -350,8 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         door_open=args.door_wait == "open",
         door_anchor=args.door_anchor,
         door_early=args.door_early,
+        obey_retries=args.obey_retries,
     )
     print(table(report))
+    if args.obey_retries:
+        print(obey_table(report))
     write(report)
     check(report)
     print("OK: every admitted request completed; none failed or hung")

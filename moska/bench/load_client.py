@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from moska.bench import load_obey
 from moska.bench.load_probe import DRY_ADMITTED, PROBE_HEADER
 from moska.bench.load_retry import own_retries, promise_s, sample_every
 
@@ -230,13 +231,16 @@ async def burst(
     timeout_s: float,
     probe_interval_s: float,
     own_retry: bool = True,
+    obey: int = 0,
 ) -> dict:
     """Send every body at once; returns {"requests": records, "probes": {kind: record},
     "wall_s"}. `probes`: bodies per kind ("plain", "library", "library_short": what
     precedes "_" is the kind); each prober starts at its kind's first 429 (a library
     request waits longer than a plain one). `own_retry`: every k-th 429 of each kind
     (`load_retry.sample_every`) is retried dry with its own body at half, once and twice
-    its promise (`own_retries` in its record: the drain #15.4 means, load_retry)."""
+    its promise (`own_retries` in its record: the drain #15.4 means, load_retry).
+    `obey` > 0: each client retries its 429s for real, up to `obey` times, after each
+    promise (load_obey: `attempts` in its record), and a sampled 429 only dry at half."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -248,9 +252,14 @@ async def burst(
 
     every = sample_every(len(bodies)) if own_retry else 0
     count = {"plain": 0, "library": 0}  # 429s of each kind so far (every k-th is retried)
+    sampler = load_obey.Sampler(sample_every(len(bodies)) if own_retry else 0)
 
     async def send(body: dict) -> dict:
         rec = await one(server, url, body, t0, timeout_s, on_status=_seen)
+        if obey:  # real retries after each promise, like the OpenAI SDK (load_obey)
+            real = lambda: one(server, url, body, t0, timeout_s)
+            dry = lambda: one(server, url, body, t0, timeout_s, probe=True)
+            return await load_obey.obey(rec, obey, t0, real, dry, sampler)
         if every and rec["status"] == 429 and promise_s(rec) is not None:
             kind = "library" if rec["library"] else "plain"
             count[kind] += 1
@@ -308,8 +317,9 @@ def burst_sync(
     timeout_s: float,
     probe_interval_s: float,
     own_retry: bool = True,
+    obey: int = 0,
 ) -> dict:
-    return asyncio.run(burst(url, bodies, probe, timeout_s, probe_interval_s, own_retry))
+    return asyncio.run(burst(url, bodies, probe, timeout_s, probe_interval_s, own_retry, obey))
 
 
 def burst_in_process(pool: Any, *args: Any) -> dict:

@@ -14,6 +14,7 @@ from moska.bench.load_drain import (
     within_2x,
     within_2x_band,
 )
+from moska.bench.load_obey import check_obey
 from moska.bench.load_retry import summarize_own
 
 
@@ -247,3 +248,5 @@ def check(report: dict) -> None:
         assert fig["completed"] == fig["admitted"], fig
         assert fig["admitted"] + fig["rejected_429"] == fig["clients"], fig
         assert fig["engine_idle_after"], fig
+        if "obey" in fig:  # clients that retried: every attempt accounted for (load_obey)
+            check_obey(fig["obey"])
