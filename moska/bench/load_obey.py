@@ -32,6 +32,7 @@ from moska.bench.load_retry import promise_s
 
 SDK_MAX_RETRY_AFTER_S = 120.0  # openai 3.x: MAX_RETRY_AFTER_DELAY (60 s in openai 1.x)
 VERDICTS = ("within", "long", "short", "flicker")
+EPS_S = 1e-6  # float rounding of times taken apart from t0 (a retry is never this early)
 _ATTEMPT_KEYS: tuple[str, ...] = ("t_start", "t_status", "status", "retry_after_ms", "ttft")
 _ATTEMPT_KEYS += ("completed", "error", "hung", "at_door")
 
@@ -98,7 +99,7 @@ async def obey(
         rows.append(attempt(last))
         if half is not None:
             dry = await half
-            ok = None if dry["status"] is None else bool(dry["dry_admitted"])
+            ok = None if dry["status"] is None else dry["status"] == 200 or dry["dry_admitted"]
             at = None if last["status"] is None else last["status"] == 200
             samples.append(
                 {
@@ -106,8 +107,8 @@ async def obey(
                     "kind": "library" if first["library"] else "plain",
                     "at_door": rows[-2]["at_door"],
                     "promised_s": p,
-                    "half": [round(dry["t_start"] - rows[-2]["t_status"], 4), ok],
-                    "at": [round(last["t_start"] - rows[-2]["t_status"], 4), at],
+                    "half": [dry["t_start"] - rows[-2]["t_status"], ok],
+                    "at": [last["t_start"] - rows[-2]["t_status"], at],
                     "verdict": verdict(ok, at),
                 }
             )
@@ -149,7 +150,8 @@ def counts(recs: list[dict], slo: float | None, n: int) -> dict[str, int]:
         c["failed_or_hung_attempts"] += sum(1 for a in rows if a["error"] or a["hung"])
         c["over_sdk_limit"] += sum(1 for a in rows if (promise_s(a) or 0.0) > SDK_MAX_RETRY_AFTER_S)
         for prev, a in itertools.pairwise(rows):
-            c["early_retries"] += a["t_start"] < prev["t_status"] + (promise_s(prev) or 0.0)
+            due = prev["t_status"] + (promise_s(prev) or 0.0) - EPS_S
+            c["early_retries"] += a["t_start"] < due
         for v in (s["verdict"] for s in r.get("obey_samples", [])):
             c["sampled"] += v is not None
             if v is not None:
