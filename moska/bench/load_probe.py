@@ -59,6 +59,7 @@ class DryProbeAdmission(AdmissionController):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dry_admitted: list[tuple[float, float]] = []
+        self.bookings.recording = lambda: not PROBE.get()  # a probe books and claims nothing
 
     def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
         self.promises.recording = not PROBE.get()  # a probe's door 429s are not learnt from
@@ -68,13 +69,18 @@ class DryProbeAdmission(AdmissionController):
             self.promises.recording = True
 
     def decide(
-        self, new: RequestCost | int, load: Load, num_requests: int = 1, elapsed_s: float = 0.0
+        self,
+        new: RequestCost | int,
+        load: Load,
+        num_requests: int = 1,
+        elapsed_s: float = 0.0,
+        key: bytes | None = None,
     ) -> Decision:
         lib = self.library_requests
         mix = (list(lib.kinds), lib.share) if PROBE.get() else None
         self.promises.recording = not PROBE.get()  # nor the 429s it learns from
         try:
-            d = super().decide(new, load, num_requests, elapsed_s)
+            d = super().decide(new, load, num_requests, elapsed_s, key)
         finally:
             self.promises.recording = True
         if mix is not None:

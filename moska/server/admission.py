@@ -32,17 +32,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from moska.server import retry_drain, storm_anchor
+from moska.server.admission_bookings import BookedDrains
 from moska.server.admission_decision import Decision, Verdict
 from moska.server.admission_door import DoorDrains
 from moska.server.admission_promises import PromiseScale, group_of
+from moska.server.bookings import Booking, Bookings
 from moska.server.burst_admits import ENGINE_SHARE
-from moska.server.door_early import door_probe
 from moska.server.front_door import BODY_BYTES, FrontDoor
 from moska.server.queue_replay import EngineLimits, Load, Prediction, RequestCost, replay
-from moska.server.retry_drain import FactorFall, LibraryRequests, drain_s, with_door
+from moska.server.retry_drain import FactorFall, LibraryRequests, drain_s
 from moska.server.slowdown import Slowdown
 from moska.server.step_model import DEFAULT_PRIOR, StepFeatures, StepModel
 from moska.server.ttft_margin import TtftMargin
@@ -57,7 +58,7 @@ class _Outcomes:
     pairs: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
 
-class AdmissionController(DoorDrains):
+class AdmissionController(BookedDrains, DoorDrains):
     """Predicts TTFT by replaying the queue and decides accept / reject. Thread-safe.
 
     `ttft_slo` None or 0: never reject for the SLO (predictions are still made and
@@ -131,6 +132,7 @@ class AdmissionController(DoorDrains):
         # each, library door 429s 0.60 vs 0.40); "plain", "all", "off" (session 17's)
         self.door_anchor = "door"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
+        self.bookings = Bookings()  # a 429's retry comes back to its appointment (bookings.py)
 
     @property
     def load_tps(self) -> float:
@@ -239,17 +241,34 @@ class AdmissionController(DoorDrains):
         return self.predict(cost, load, num_requests).ttft_s
 
     def decide(
-        self, new: RequestCost | int, load: Load, num_requests: int = 1, elapsed_s: float = 0.0
+        self,
+        new: RequestCost | int,
+        load: Load,
+        num_requests: int = 1,
+        elapsed_s: float = 0.0,
+        key: bytes | None = None,
     ) -> Decision:
         """Accept or reject `num_requests` requests like `new` (the n choices and prompts
         of one HTTP request are admitted together). `elapsed_s`: time the request already
         spent in the server before this decision (reading, validating, tokenizing); it
         counts against the SLO and is part of the predicted TTFT. A rejection's
-        Retry-After is the predicted time until a request like this would be admitted.
-        The request leaves the front door here."""
+        Retry-After is the predicted time until a request like this would be admitted,
+        and with `key` (its route and body, `bookings.current_key`) a booking for then: a
+        retry of it comes back to that appointment (bookings.py). The request leaves the
+        front door here."""
         self.door.leave_current()
         cost = RequestCost(new) if isinstance(new, int) else new
-        decision = self._decide(cost, load, num_requests, elapsed_s, "learn")
+        now = self.clock()
+        booking = self.bookings.find(key, now)
+        if booking is not None and now < booking.due:  # early: the same appointment
+            self.bookings.early(booking)
+            left = booking.due - now
+            return Decision(Verdict.SLO, left, retry_drain.retry_after(left), left)
+        decision = self._decide(cost, load, num_requests, elapsed_s, "learn", booking)
+        if decision.accepted and booking is not None:
+            self.bookings.claim(booking)
+        elif decision.verdict is Verdict.SLO:
+            self.bookings.book(key, now, decision.drain_s, cost)
         self._elapsed += self.alpha * (max(0.0, elapsed_s) - self._elapsed)
         self._check_promises(load)
         with self._lock:
@@ -276,8 +295,21 @@ class AdmissionController(DoorDrains):
         num_requests: int,
         elapsed_s: float,
         promise: str = "raw",
+        booked: Booking | None = None,
     ) -> Decision:
-        queue_full = self.max_queue is not None and load.num_waiting + num_requests > self.max_queue
+        """The verdict on `load` (the engine's, and the door's) plus the booked retries
+        that come before this request (`with_bookings`: booked before it arrived and due
+        within the SLO's reach; a booked retry, `booked`, at its moment: those booked
+        before it, and it is held to the SLO less the delivery margin rather than to
+        `fits_s`, the headroom being for promises not yet made). A 429's drain counts
+        every booked retry still to come: it is booked behind them."""
+        real = load
+        if booked is not None:
+            load = self.with_bookings(real, booked)
+        else:
+            arrived = self.clock() - max(0.0, elapsed_s)
+            load = self.with_bookings(real, horizon_s=self.fits_s(), made_before=arrived)
+        queue_full = self.max_queue is not None and real.num_waiting + num_requests > self.max_queue
         target = max(0, (self.max_queue or 0) - num_requests) if queue_full else None
         pred = self.predict(cost, load, num_requests, target)
         ttft = pred.ttft_s + max(0.0, elapsed_s)
@@ -285,7 +317,7 @@ class AdmissionController(DoorDrains):
             return Decision(
                 Verdict.QUEUE_FULL, ttft, retry_drain.retry_after(pred.queue_s), pred.queue_s
             )
-        idle = not load.waiting and not load.running and not self.door.inside
+        idle = not real.waiting and not real.running and not self.door.inside
         # An idle server admits: waiting cannot help, and the estimates only learn from
         # work that runs (a prior that errs slow must not lock a request type out). Not
         # with others at the door: a library prefill admitted so at the start of a 1,000
@@ -295,10 +327,14 @@ class AdmissionController(DoorDrains):
         # 1.5x off under a burst) and the requests queued before it share that step: it
         # must fit with its error, or they miss for it.
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
-        if self.ttft_slo is not None and not idle and ttft * risk > self.fits_s():
+        fits = self.fits_s()
+        if booked is not None and self.ttft_slo is not None:
+            fits = max(fits, self.ttft_slo - self.margin.seconds)
+        if self.ttft_slo is not None and not idle and ttft * risk > fits:
             if promise == "none":  # a check of an open promise: the verdict alone
                 return Decision(Verdict.SLO, ttft, 0, 0.0)
-            drain = self._drain(cost, load, num_requests, pred)[1]
+            dload = load if booked is not None else self.with_bookings(real)
+            drain = self._drain(cost, dload, num_requests, pred if dload is load else None)[1]
             if promise == "learn":  # a request's own 429 (not the door's ask): scaled, kept
                 drain = self.promises.promise(group_of(cost, False), cost, drain, self.clock())
             return Decision(Verdict.SLO, ttft, retry_drain.retry_after(drain), drain)
@@ -339,60 +375,3 @@ class AdmissionController(DoorDrains):
             left = storm_anchor.storm_left_s(self.door.storm_until)
         drain += storm_anchor.step_delay_s(pred.first_s, load.busy_s, left)
         return retry_drain.retry_after(drain), drain
-
-    def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
-        """The rejection that the smallest request (one prompt token) would get now, or
-        None: when even it would miss the SLO, the front end answers 429 before reading a
-        body. `elapsed_s`: what a request waits before the door now (the event loop's
-        lag). The requests inside the front door are ahead of it: they count as engine
-        work (each like a typical admitted plain one) and as a wait. Its drain is a typical
-        admitted request's, and `library_drain_s` a typical library request's (the door
-        tells them apart by the body). Memoized for `shed_ttl_s` (while the count inside
-        grows by fewer than 4), so a burst costs few predictions."""
-        if self.ttft_slo is None and self.max_queue is None:
-            return None
-        now, inside = time.monotonic(), self.door.inside
-        with self._lock:
-            cached = self._shed_memo
-            lib = self.library_requests.cost()
-        typical = self._typical_cost()
-        if (
-            cached is not None
-            and now - cached[0] < self.shed_ttl_s
-            and (cached[2] is not None or inside < cached[1] + 4)
-        ):
-            return cached[2]
-        ahead = with_door(load, typical, inside)  # door_early: a typical one, after the storm,
-        if self.door_early and not self.door_all:  # behind those admission will admit
-            ahead = self._door_ahead(load, self.fits_s(), typical)
-        door = self.door
-        probe, wait = door_probe(self.door_early, typical, elapsed_s, door.wait_s, door.storm_s)
-        decision = self._decide(probe, ahead, 1, wait)
-        elapsed_s *= self.door_lag  # in the drains only with `door_lag` (A/B: bench load)
-        result, learn = None, self.promises
-        if not decision.accepted:
-            result = decision
-            if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
-                drain = self._drain(typical, load, before_door_s=elapsed_s, at_door=True)[1]
-                drain = learn.promise(group_of(typical, True), typical, drain, self.clock())
-                result = replace(
-                    decision, retry_after_s=retry_drain.retry_after(drain), drain_s=drain
-                )
-                if lib is not None:
-                    raw = self._drain(lib, load, before_door_s=elapsed_s, at_door=True)[1]
-                    each, f = (
-                        self._library_drains(load, elapsed_s),
-                        learn.factor("library_door", self.clock()),
-                    )
-                    result = replace(
-                        result,
-                        library_drain_s=learn.promise("library_door", lib, raw, self.clock()),
-                        library_drain_of=lambda body_bytes: f * each(body_bytes),
-                    )
-        if result is not None and self.door_anchor != "off":  # each 429 counts down
-            result = replace(result, made_at=now)
-        with self._lock:
-            self._shed_memo = (now, inside, result)
-        if result is None:  # the door is open: would the open promises' requests get in
-            self._check_promises(load)
-        return result

@@ -1,6 +1,6 @@
-"""The front door's part of a 429's drain, apart from the controller (admission.py): how
-long a retry waits for the door, the library drains by body size, and how many of those
-inside admission will admit ahead of a retry (`burst_admits`). A mixin of
+"""The front door's 429 (`shed`) and its part of a 429's drain, apart from the controller
+(admission.py): how long a retry waits for the door, the library drains by body size, and
+how many of those inside admission will admit ahead of a retry (`burst_admits`). A mixin of
 `AdmissionController`: it reads the controller's state (`door`, `predict`, `_drain`, the
 slowdown factor, the memos)."""
 
@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from moska.server import retry_drain
+from moska.server.admission_decision import Decision, Verdict
+from moska.server.admission_promises import group_of
 from moska.server.burst_admits import Backlog, burst_admits
-from moska.server.door_early import door_ahead, library_admits
+from moska.server.door_early import door_ahead, door_probe, library_admits
 from moska.server.queue_replay import Load, RequestCost
+from moska.server.retry_drain import with_door
 
 
 class DoorDrains:
@@ -37,6 +41,32 @@ class DoorDrains:
     _door_memo: tuple[float, int, int, int] | None
     _open_memo: tuple[float, int, float] | None
     _lib_memo: tuple[Any, int] | None = None
+    ttft_slo: float | None
+    max_queue: int | None
+    _shed_memo: tuple[float, int, Decision | None] | None
+    door_lag: bool
+    promises: Any
+    bookings: Any
+    door_anchor: str
+    clock: Callable[[], float]
+
+    def _decide(
+        self,
+        cost: RequestCost,
+        load: Load,
+        num_requests: int,
+        elapsed_s: float,
+        promise: str = "raw",
+        booked: Any = None,
+    ) -> Decision:
+        raise NotImplementedError
+
+    def _check_promises(self, load: Load) -> None:
+        raise NotImplementedError
+
+    with_bookings: Callable[..., Load]  # admission_bookings.BookedDrains
+    spacing_s: Callable[..., float]
+    _door_spacing: tuple[float, float] = (0.0, 0.0)  # admission_bookings.py
 
     def _drain(
         self,
@@ -135,3 +165,63 @@ class DoorDrains:
             )  # fmt: skip
             self._lib_memo = (key, n)
         return door_ahead(load, typical, admitted, lib, self._lib_memo[1])
+
+    def shed(self, load: Load, elapsed_s: float = 0.0) -> Decision | None:
+        """The rejection that the smallest request (one prompt token) would get now, or
+        None: when even it would miss the SLO, the front end answers 429 before reading a
+        body. `elapsed_s`: what a request waits before the door now (the event loop's
+        lag). The requests inside the front door are ahead of it: they count as engine
+        work (each like a typical admitted plain one) and as a wait. Its drain is a typical
+        admitted request's, and `library_drain_s` a typical library request's (the door
+        tells them apart by the body). Memoized for `shed_ttl_s` (while the count inside
+        grows by fewer than 4), so a burst costs few predictions."""
+        if self.ttft_slo is None and self.max_queue is None:
+            return None
+        now, inside = time.monotonic(), self.door.inside
+        with self._lock:
+            cached = self._shed_memo
+            lib = self.library_requests.cost()
+        typical = self._typical_cost()
+        if (
+            cached is not None
+            and now - cached[0] < self.shed_ttl_s
+            and (cached[2] is not None or inside < cached[1] + 4)
+        ):
+            return cached[2]
+        ahead = with_door(load, typical, inside)  # door_early: a typical one, after the storm,
+        if self.door_early and not self.door_all:  # behind those admission will admit
+            ahead = self._door_ahead(load, self.fits_s(), typical)
+        door = self.door
+        probe, wait = door_probe(self.door_early, typical, elapsed_s, door.wait_s, door.storm_s)
+        decision = self._decide(probe, ahead, 1, wait)
+        elapsed_s *= self.door_lag  # in the drains only with `door_lag` (A/B: bench load)
+        result, learn = None, self.promises
+        if not decision.accepted:
+            result = decision
+            if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
+                load = self.with_bookings(load)  # booked behind the booked (bookings.py)
+                self._door_spacing = (self.spacing_s(typical, load), self._door_spacing[1])
+                drain = self._drain(typical, load, before_door_s=elapsed_s, at_door=True)[1]
+                drain = learn.promise(group_of(typical, True), typical, drain, self.clock())
+                result = replace(
+                    decision, retry_after_s=retry_drain.retry_after(drain), drain_s=drain
+                )
+                if lib is not None:
+                    self._door_spacing = (self._door_spacing[0], self.spacing_s(lib, load))
+                    raw = self._drain(lib, load, before_door_s=elapsed_s, at_door=True)[1]
+                    each, f = (
+                        self._library_drains(load, elapsed_s),
+                        learn.factor("library_door", self.clock()),
+                    )
+                    result = replace(
+                        result,
+                        library_drain_s=learn.promise("library_door", lib, raw, self.clock()),
+                        library_drain_of=lambda body_bytes: f * each(body_bytes),
+                    )
+        if result is not None and self.door_anchor != "off":  # each 429 counts down
+            result = replace(result, made_at=now)
+        with self._lock:
+            self._shed_memo = (now, inside, result)
+        if result is None:  # the door is open: would the open promises' requests get in
+            self._check_promises(load)
+        return result

@@ -100,7 +100,11 @@ def create_app(
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # outermost: under a burst, a 429 costs neither the body limit's reads nor auth
-    app.add_middleware(LoadSheddingMiddleware, shed=lambda: _shed(state))
+    app.add_middleware(
+        LoadSheddingMiddleware,
+        shed=lambda: _shed(state),
+        on_429=lambda d: state.metrics.rejections.labels(d.verdict.value).inc(),
+    )
     app.include_router(openai_router)
     app.include_router(library_router)
     app.include_router(util_router)
@@ -163,10 +167,8 @@ def _set_maximum(prop: dict[str, Any] | None, maximum: int) -> None:
 
 
 def _shed(state: ServerState):
-    """The door's 429 (see load_shedding), counted like admission's own rejections."""
+    """The door's 429 (see load_shedding; counted like admission's own rejections when
+    answered: a booked retry at its moment goes in instead)."""
     if not state.async_engine.accepting:
         return None  # shutting down: the route answers 503
-    decision = state.admission.shed(state.async_engine.load(), state.loop_lag.now())
-    if decision is not None:
-        state.metrics.rejections.labels(decision.verdict.value).inc()
-    return decision
+    return state.admission.shed(state.async_engine.load(), state.loop_lag.now())

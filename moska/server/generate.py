@@ -21,6 +21,7 @@ from moska.engine.structured import Grammar
 from moska.library.positions import drop_template_bos, request_wants_bos
 from moska.server import sampling_fields, structured_output
 from moska.server.async_engine import AsyncEngine
+from moska.server.bookings import current_key
 from moska.server.errors import APIError, from_engine_error
 from moska.server.library_lookup import check_library, lookup_library
 from moska.server.load_shedding import ARRIVAL, elapsed_since_arrival
@@ -281,6 +282,7 @@ async def submit(
         aengine.load(),
         n * len(prompts),
         elapsed_s=elapsed_since_arrival() + state.loop_lag.seconds,
+        key=current_key(),  # a 429 books its retry (bookings.py)
     )
     state.metrics.predicted_ttft.observe(decision.predicted_ttft_s)
     if not decision.accepted:

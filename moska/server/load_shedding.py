@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moska.server import storm_anchor
-from moska.server.admission import Decision
+from moska.server import retry_drain, storm_anchor
+from moska.server.admission import Decision, Verdict
+from moska.server.bookings import BODY_DIGEST, BodyDigest
 from moska.server.door_backlog import DoorBacklog
 from moska.server.errors import error_body
 from moska.server.front_door import BODY_BYTES, TICKET, FrontDoor
@@ -36,6 +37,9 @@ GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 # a top-level `"library": "name"` (JSON escapes quotes inside strings, so a prompt cannot
 # hold this unescaped)
 _LIBRARY = re.compile(rb'"library"\s*:\s*"')
+
+# the most of a refused body the door reads for its booking key (more: no booking)
+MAX_DOOR_BODY = 1 << 20
 
 # monotonic time at which the current generation request reached the app (None elsewhere)
 ARRIVAL: ContextVar[float | None] = ContextVar("moska_arrival", default=None)
@@ -81,9 +85,15 @@ class LoadSheddingMiddleware:
     """For POST to the generation routes: stamp the arrival, and answer 429 at once when
     `shed()` returns a rejection (it sees the engine's load, not the request)."""
 
-    def __init__(self, app: ASGIApp, shed: Callable[[], Decision | None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        shed: Callable[[], Decision | None],
+        on_429: Callable[[Decision], None] | None = None,
+    ) -> None:
         self.app = app
         self.shed = shed
+        self.on_429 = on_429  # each 429 the door answers (a metric)
         self.backlog = DoorBacklog()  # the burst's connections not answered yet
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,6 +112,8 @@ class LoadSheddingMiddleware:
             await self.app(scope, receive, send)
             return
         token = ARRIVAL.set(time.monotonic())
+        digest = BodyDigest(scope["path"])  # the booking key (bookings.py)
+        digest_token = BODY_DIGEST.set(digest)
         try:
             state, door = _state(scope), _front_door(scope)
             waiting, storm, lag = self._storm(state)
@@ -111,26 +123,39 @@ class LoadSheddingMiddleware:
                     door.storm_until, waiting, storm, time.monotonic(), self.backlog.min_backlog
                 )
             decision = self.shed()
+            body = b""
+            if decision is not None:  # a booked retry at its moment goes in all the same
+                body = await _read_body(receive, digest)
+                decision = _booked(state, digest.key(), decision)
+                if decision is None:
+                    receive = _replay(body, receive)
             if decision is None:
                 ticket = door.enter() if door is not None else None
                 ticket_token = TICKET.set(ticket)
                 bytes_token = BODY_BYTES.set(_content_length(scope))
                 try:
-                    await self.app(scope, receive, send)
+                    await self.app(scope, _digesting(receive, digest), send)
                 finally:
                     BODY_BYTES.reset(bytes_token)
                     TICKET.reset(ticket_token)
                     if door is not None:
                         door.leave(ticket)
                 return
-            if decision.library_drain_s is not None and await _names_a_library(receive):
+            booked = decision.made_at == _EARLY  # an early retry: what is left of its booking
+            library = _LIBRARY.search(body[:65536]) is not None
+            if not booked and decision.library_drain_s is not None and library:
                 decision = decision.for_library(_content_length(scope))
-            decision = decision.aged()  # a memoized one counts down (storm_anchor)
-            if getattr(getattr(state, "admission", None), "door_storm", True):
-                decision = decision.later(max(0.0, storm - lag))
+            if not booked:
+                decision = decision.aged()  # a memoized one counts down (storm_anchor)
+                if getattr(getattr(state, "admission", None), "door_storm", True):
+                    decision = decision.later(max(0.0, storm - lag))
+                decision = _book(state, digest.key(), decision, library, _content_length(scope))
+            if self.on_429 is not None:
+                self.on_429(decision)
             self.backlog.answered()
+            where = "retry booked" if booked else "server overloaded at the door"
             message = (
-                f"server overloaded at the door ({decision.verdict.value}, predicted time to "
+                f"{where} ({decision.verdict.value}, predicted time to "
                 f"first token {decision.predicted_ttft_s:.2f}s); retry after "
                 f"{decision.retry_after_s}s (predicted drain {decision.drain_s:.2f}s); "
                 f"{waiting} connections ahead {storm:.2f}s, loop lag {lag:.2f}s"
@@ -144,6 +169,7 @@ class LoadSheddingMiddleware:
             await send({"type": "http.response.start", "status": 429, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
+            BODY_DIGEST.reset(digest_token)
             ARRIVAL.reset(token)
 
     def _storm(self, state: object | None) -> tuple[int, float, float]:
@@ -158,22 +184,92 @@ class LoadSheddingMiddleware:
         return waiting, waiting * self.backlog.answer_s, lag.now() if lag is not None else 0.0
 
 
-async def _names_a_library(receive: Receive, wait_s: float = 0.05) -> bool:
-    """Whether the request's first body chunk (what has arrived within `wait_s`) names a
-    library. Not parsed: a byte search, so a burst's 429s stay cheap. No timer when the
-    server says the whole body is in (uvicorn's request cycle, `more_body` False: then
-    `receive` returns at once): the timeout's timer was a third of what the door itself
-    costs a 429 on the loop (22 of 70 us in-process, uvloop)."""
-    if getattr(getattr(receive, "__self__", None), "more_body", True) is False:
-        message = await receive()
-    else:
-        try:
-            async with asyncio.timeout(wait_s):
+async def _read_body(receive: Receive, digest: BodyDigest, wait_s: float = 0.05) -> bytes:
+    """The body of a request the door refuses, up to `MAX_DOOR_BODY` bytes, fed to
+    `digest` (its booking key) and searched for a library name. What has not arrived
+    within `wait_s` is left unread (no booking then). No timer when the server says the
+    whole body is in (uvicorn's request cycle, `more_body` False: `receive` returns at
+    once): a timer was a third of what the door costs a 429 on the loop (22 of 70 us
+    in-process, uvloop)."""
+    chunks: list[bytes] = []
+    size, more = 0, True
+    whole = getattr(getattr(receive, "__self__", None), "more_body", True) is False
+    try:
+        async with asyncio.timeout(None if whole else wait_s):
+            while more and size <= MAX_DOOR_BODY:
                 message = await receive()
-        except TimeoutError:
-            return False
-    body = message.get("body", b"") if message.get("type") == "http.request" else b""
-    return _LIBRARY.search(body[:65536]) is not None
+                if message.get("type") != "http.request":
+                    break
+                chunk, more = message.get("body", b""), bool(message.get("more_body", False))
+                chunks.append(chunk)
+                size += len(chunk)
+                digest.feed(chunk, more)
+    except TimeoutError:
+        pass
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` with the body the door already read given first (a booked retry let in)."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
+
+
+def _digesting(receive: Receive, digest: BodyDigest) -> Receive:
+    """`receive` that feeds each body chunk to `digest` as the app reads it."""
+    if digest.complete:
+        return receive
+
+    async def read() -> Message:
+        message = await receive()
+        if message.get("type") == "http.request":
+            digest.feed(message.get("body", b""), bool(message.get("more_body", False)))
+        return message
+
+    return read
+
+
+# `Decision.made_at` of an early retry's 429 (its booking's time left, not to be aged)
+_EARLY = -1.0
+
+
+def _booked(state: object | None, key: bytes | None, decision: Decision) -> Decision | None:
+    """A door 429 `decision` for a request whose booking key is `key`: None when it is a
+    booked retry at or past its moment (it goes in and admission decides it as booked),
+    the time left of its booking when it came early, else `decision` as it is."""
+    admission = getattr(state, "admission", None)
+    bookings = getattr(admission, "bookings", None)
+    if bookings is None or key is None:
+        return decision
+    now = admission.clock()  # type: ignore[union-attr]
+    booking = bookings.find(key, now)
+    if booking is None:
+        return decision
+    if now >= booking.due:
+        return None
+    bookings.early(booking)
+    left = booking.due - now
+    return Decision(decision.verdict, left, retry_drain.retry_after(left), left, made_at=_EARLY)
+
+
+def _book(
+    state: object | None, key: bytes | None, decision: Decision, library: bool, size: int | None
+) -> Decision:
+    """Book the door 429 `decision` (`AdmissionController.book_at_door`); the 429 then
+    promises its booking's moment, which may be later than the memoized drain."""
+    book = getattr(getattr(state, "admission", None), "book_at_door", None)
+    if book is None or key is None or decision.verdict is not Verdict.SLO:
+        return decision
+    drain = book(key, decision.drain_s, library, size)
+    return decision if drain == decision.drain_s else decision.later(drain - decision.drain_s)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -79,6 +79,7 @@ def test_a_door_429_leaves_the_storm_out_by_default():
 
     adm = AdmissionController(5.0, None)
     assert adm.door_storm is False and adm.door_lag is True
+    adm.bookings.enabled = False  # the same body twice: no booking (test_bookings_server)
     state = SimpleNamespace(loop_lag=LoopLag(), admission=adm)
     app = SimpleNamespace(state=SimpleNamespace(moska=state))
     assert int(_call(_door_app(0.24, 500, 0.002), app)["retry-after-ms"]) == 240

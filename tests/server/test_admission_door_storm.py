@@ -188,15 +188,25 @@ class _Cycle:
         return {"type": "http.request", "body": self.body, "more_body": False}
 
 
-def test_the_library_glance_reads_a_body_in_without_a_timer_and_bounds_one_not_in():
-    from moska.server.load_shedding import _names_a_library
+def test_the_door_reads_a_refused_body_in_without_a_timer_and_bounds_one_not_in():
+    """A refused body is read for its booking key and its library name; a body already in
+    needs no timer, a stalled client is given up on after `wait_s` (no key, no hang)."""
+    from moska.server.bookings import BodyDigest
+    from moska.server.load_shedding import _LIBRARY, _read_body
 
-    async def glance(cycle: _Cycle) -> bool:
-        return await _names_a_library(cycle.receive, wait_s=0.01)
+    async def read(cycle: _Cycle) -> tuple[bytes, bytes | None]:
+        digest = BodyDigest("/v1/completions")
+        body = await _read_body(cycle.receive, digest, wait_s=0.01)
+        return body, digest.key()
 
-    assert asyncio.run(glance(_Cycle(b'{"library": "demo", "prompt": "x"}')))
-    assert not asyncio.run(glance(_Cycle(b'{"prompt": "say \\"library\\": \\"x\\""}')))
-    assert not asyncio.run(glance(_Cycle(None)))  # stalled: plain after wait_s, no hang
+    body, key = asyncio.run(read(_Cycle(b'{"library": "demo", "prompt": "x"}')))
+    assert _LIBRARY.search(body) and key is not None
+    again = asyncio.run(read(_Cycle(b'{"library": "demo", "prompt": "x"}')))[1]
+    other = asyncio.run(read(_Cycle(b'{"library": "demo", "prompt": "y"}')))[1]
+    assert again == key != other  # the same request, the same key
+    body, key = asyncio.run(read(_Cycle(b'{"prompt": "say \\"library\\": \\"x\\""}')))
+    assert not _LIBRARY.search(body) and key is not None
+    assert asyncio.run(read(_Cycle(None))) == (b"", None)  # stalled: no key after wait_s
 
 
 def test_later_adds_to_the_promise():

@@ -1,0 +1,188 @@
+"""Retry bookings: a 429's promise kept. A refused request is booked for the moment its
+`retry-after-ms` names; a retry of the same request (the same route and body bytes, as the
+OpenAI SDK re-sends it) before that moment is refused with what is left of the same
+appointment, and one at or after it is decided against the full SLO instead of admission's
+headroom, with only the bookings due before its own counted ahead of it. Bookings due soon
+count as queued work for everyone else (`ahead`), so later 429s are booked behind them:
+the refused requests of a burst form a virtual queue instead of racing each other back.
+
+Why (issue #15.4, docs/admission.md): "Retry-After is the predicted drain within 2x", the
+drain of a 429 being when a retry of that request would be admitted. Without bookings
+that moment depends on who else comes back first, and on session 18's device bursts a
+promise that knew each burst's own future (the hindsight ceiling, load_drain_ceiling)
+scored only 0.78-0.91 within 2x: no prediction can meet 0.95 when admission itself is a
+race. A booking makes the moment the server's commitment.
+
+Clients that never come back would otherwise hold capacity: a booking counts ahead only
+as much as booked requests have come back (`show_rate`, learnt from claimed vs lapsed
+bookings, a moving average), and lapses `lapse_factor` x its promise after its moment (at
+least `min_lapse_s`). Thread-safe; the clock is the caller's (admission's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from moska.server.queue_replay import RequestCost
+
+
+class BodyDigest:
+    """A digest of one request's route and body bytes, fed as the body is read."""
+
+    __slots__ = ("_h", "complete")
+
+    def __init__(self, path: str) -> None:
+        self._h = hashlib.blake2b(path.encode(), digest_size=16)
+        self.complete = False  # the whole body went through `feed`
+
+    def feed(self, chunk: bytes, more_body: bool) -> None:
+        self._h.update(chunk)
+        self.complete = not more_body
+
+    def key(self) -> bytes | None:
+        """The booking key, None until the whole body was read."""
+        return self._h.digest() if self.complete else None
+
+
+# the current generation request's body digest (set by the load-shedding middleware)
+BODY_DIGEST: ContextVar[BodyDigest | None] = ContextVar("moska_body_digest", default=None)
+
+
+def current_key() -> bytes | None:
+    """The booking key of the request being handled (None outside one, or body unread)."""
+    digest = BODY_DIGEST.get()
+    return None if digest is None else digest.key()
+
+
+@dataclass
+class Booking:
+    key: bytes
+    made: float  # when the 429 was answered (the caller's clock)
+    due: float  # the moment its retry-after-ms names
+    cost: RequestCost
+    lapse: float = math.inf  # after this an unclaimed booking is dropped
+
+
+@dataclass
+class BookingCounts:
+    """Totals since start (`moska_retry_bookings_total` in /metrics)."""
+
+    made: int = 0
+    claimed: int = 0  # a retry at or after its moment was admitted
+    early: int = 0  # a retry came before its moment (answered with what is left)
+    lapsed: int = 0  # never claimed
+    rebooked: int = 0  # a retry at its moment was refused again (a later booking)
+
+
+@dataclass
+class Bookings:
+    """The booked 429s by key (see the module docstring)."""
+
+    enabled: bool = True
+    lapse_factor: float = 1.0
+    min_lapse_s: float = 2.0
+    grace_s: float = 0.25  # a booking counts ahead until this long past its moment
+    show_alpha: float = 0.1
+    show_rate: float = 1.0  # share of bookings claimed (a prior that every client returns)
+    max_bookings: int = 100_000
+    # whether the request being decided books and claims (the bench's dry probes do not)
+    recording: Callable[[], bool] = lambda: True
+    counts: BookingCounts = field(default_factory=BookingCounts)
+    _by_key: dict[bytes, Booking] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _last_due: float = -math.inf
+
+    def find(self, key: bytes | None, now: float) -> Booking | None:
+        """The live booking of `key` (None: none, off, or no key)."""
+        if key is None or not self.enabled:
+            return None
+        with self._lock:
+            self._expire(now)
+            return self._by_key.get(key)
+
+    def book(
+        self,
+        key: bytes | None,
+        now: float,
+        drain_s: float,
+        cost: RequestCost,
+        spacing_s: float = 0.0,
+    ) -> float:
+        """Book `key` for `now + drain_s`, or `spacing_s` after the latest booking if that
+        is later (the 429s given one memoized door drain get consecutive moments); a later
+        booking of the same key replaces it. Returns the drain booked (what the 429 must
+        promise), `drain_s` when nothing was booked."""
+        if key is None or not self.enabled or not self.recording() or not math.isfinite(drain_s):
+            return drain_s
+        drain_s = max(0.0, drain_s)
+        with self._lock:
+            if spacing_s > 0:
+                drain_s = max(drain_s, self._last_due + spacing_s - now)
+            lapse = now + drain_s + max(self.min_lapse_s, self.lapse_factor * drain_s)
+            self._expire(now)
+            if key in self._by_key:
+                self.counts.rebooked += 1
+            elif len(self._by_key) >= self.max_bookings:
+                return drain_s  # full: this 429 is a plain promise
+            else:
+                self.counts.made += 1
+            self._by_key[key] = Booking(key, now, now + drain_s, cost, lapse)
+            self._last_due = max(self._last_due, now + drain_s)
+        return drain_s
+
+    def early(self, booking: Booking) -> None:
+        with self._lock:
+            self.counts.early += 1
+
+    def claim(self, booking: Booking) -> None:
+        """A retry of `booking` was admitted: it is spent."""
+        if not self.recording():
+            return
+        with self._lock:
+            if self._by_key.get(booking.key) is booking:
+                del self._by_key[booking.key]
+                self.counts.claimed += 1
+                self.show_rate += self.show_alpha * (1.0 - self.show_rate)
+
+    def ahead(
+        self,
+        now: float,
+        before: Booking | None = None,
+        due_by: float = math.inf,
+        made_before: float = math.inf,
+    ) -> list[RequestCost]:
+        """The booked work still to come: of the bookings not more than `grace_s` past
+        their moment, due by `due_by` and made before `made_before` (or, with `before`, a
+        booked retry being decided: due no later than its own), the earliest `show_rate`
+        share."""
+        if not self.enabled:
+            return []
+        with self._lock:
+            self._expire(now)
+            due = [
+                b
+                for b in self._by_key.values()
+                if now - self.grace_s <= b.due <= due_by
+                and b.made < made_before
+                and b is not before
+                and (before is None or b.due <= before.due)
+            ]
+            rate = self.show_rate
+        due.sort(key=lambda b: b.due)
+        return [b.cost for b in due[: round(len(due) * rate)]]
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def _expire(self, now: float) -> None:
+        """Drop lapsed bookings (each a no-show: the show rate falls). Under the lock."""
+        gone = [k for k, b in self._by_key.items() if b.lapse < now]
+        for k in gone:
+            del self._by_key[k]
+            self.counts.lapsed += 1
+            self.show_rate += self.show_alpha * (0.0 - self.show_rate)
