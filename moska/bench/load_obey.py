@@ -32,6 +32,7 @@ from moska.bench.load_retry import promise_s
 
 SDK_MAX_RETRY_AFTER_S = 120.0  # openai 3.x: MAX_RETRY_AFTER_DELAY (60 s in openai 1.x)
 VERDICTS = ("within", "long", "short", "flicker")
+KINDS = ("plain", "library")
 EPS_S = 1e-6  # float rounding of times taken apart from t0 (a retry is never this early)
 _ATTEMPT_KEYS: tuple[str, ...] = ("t_start", "t_status", "status", "retry_after_ms", "ttft")
 _ATTEMPT_KEYS += ("completed", "error", "hung", "at_door")
@@ -192,25 +193,35 @@ def shares(c: dict[str, int]) -> dict[str, Any]:
 
 def summarize_obey(recs: list[dict], slo: float | None, n: int) -> dict[str, Any]:
     """One burst's obeying-clients figures, and the attempts of each client that got a 429:
-    [[t_start, t_status, status, retry_after_ms, admitted], ...] per client."""
+    [[t_start, t_status, status, retry_after_ms, admitted], ...] per client, by kind (plain,
+    library). `by_kind`: the figures of plain and library clients apart."""
     out = shares(counts(recs, slo, n))
     out["retries"] = n
+    kinds = {k: [r for r in recs if bool(r["library"]) == (k == "library")] for k in KINDS}
+    out["by_kind"] = {k: shares(counts(kinds[k], slo, n)) for k in KINDS}
     out["samples"] = [s for r in recs for s in r.get("obey_samples", [])]
-    out["attempts_429_clients"] = [
-        [
-            [a["t_start"], a["t_status"], a["status"], a["retry_after_ms"], a["admitted"]]
-            for a in rows
+    out["attempts_429_clients"] = {
+        k: [
+            [
+                [a["t_start"], a["t_status"], a["status"], a["retry_after_ms"], a["admitted"]]
+                for a in rows
+            ]
+            for r in kinds[k]
+            if (rows := r.get("attempts")) and rows[0]["status"] == 429
         ]
-        for r in recs
-        if (rows := r.get("attempts")) and rows[0]["status"] == 429
-    ]
+        for k in KINDS
+    }
     return out
 
 
 def overall(figs: list[dict]) -> dict[str, Any]:
     """The bursts' obey figures together: summed counts, shares recomputed."""
     keys = counts([], None, 0).keys()
-    return shares({k: sum(f[k] for f in figs) for k in keys})
+    out = shares({k: sum(f[k] for f in figs) for k in keys})
+    out["by_kind"] = {
+        kind: shares({k: sum(f["by_kind"][kind][k] for f in figs) for k in keys}) for kind in KINDS
+    }
+    return out
 
 
 def check_obey(fig: dict) -> None:
@@ -246,8 +257,10 @@ def obey_table(report: dict) -> str:
         return f"{v:.3g}" if isinstance(v, float) else "-" if v is None else str(v)
 
     lines = ["| clients | " + " | ".join(OBEY_KEYS) + " |", "|" + " --- |" * (1 + len(OBEY_KEYS))]
-    rows = figs + ([("all", report["obey_overall"])] if "obey_overall" in report else [])
-    lines += ["| " + " | ".join([name] + [fmt(o[k]) for k in OBEY_KEYS]) + " |" for name, o in rows]
+    if "obey_overall" in report:
+        every = report["obey_overall"]
+        figs += [("all", every)] + [(f"all {k}", every["by_kind"][k]) for k in KINDS]
+    lines += ["| " + " | ".join([name] + [fmt(o[k]) for k in OBEY_KEYS]) + " |" for name, o in figs]
     return "\n".join(lines)
 
 

@@ -80,15 +80,17 @@ def test_summary_arithmetic_on_hand_made_records():
     assert o["early_retries"] == 0 and o["failed_or_hung_attempts"] == 0
     assert o["sampled"] == 3 and o["sampled_within_share"] == pytest.approx(1 / 3)
     assert o["sampled_short"] == o["sampled_long"] == 1 and o["sampled_flicker"] == 0
-    assert len(o["attempts_429_clients"]) == 3
-    assert [len(a) for a in o["attempts_429_clients"]] == [2, 3, 3]
+    assert [len(a) for a in o["attempts_429_clients"]["plain"]] == [2, 3, 3]
+    assert o["attempts_429_clients"]["library"] == []
+    assert o["by_kind"]["plain"]["clients"] == 5 and o["by_kind"]["library"]["clients"] == 0
     # the bursts together: counts summed, shares recomputed (not averaged)
     both = overall([o, summarize_obey(_records()[:1], 1.0, 2)])
     assert both["clients"] == 6 and both["admitted_all"] == 5
     assert both["slo_share_all_admitted"] == pytest.approx(3 / 5)
     assert both["admitted_within_n_share"] == pytest.approx(2 / 3)
+    assert both["by_kind"]["plain"]["admitted_all"] == 5
     text = obey_table({"bursts": [{"clients": 5, "obey": o}], "obey_overall": both})
-    assert "| 5 | 3 |" in text and "| all | 3 |" in text
+    assert "| 5 | 3 |" in text and "| all | 3 |" in text and "| all library | 0 |" in text
 
 
 def test_the_check_catches_an_early_retry_and_a_lost_request():
@@ -211,7 +213,8 @@ def test_a_tiny_burst_against_the_real_server_with_obeying_clients():
     assert o["retries_sent"] >= o["clients_429"] and o["retries"] == 2
     # the first-attempt figures keep their meaning; no three-point dry retries in this mode
     assert fig["own_retry"]["all"]["n"] == 0
-    for attempts in o["attempts_429_clients"]:
+    assert o["by_kind"]["plain"]["clients"] == 24
+    for attempts in o["attempts_429_clients"]["plain"]:
         assert 2 <= len(attempts) <= 3
         assert all(not a[4] for a in attempts[:-1])  # nothing after an admitted attempt
         for prev, nxt in itertools.pairwise(attempts):
