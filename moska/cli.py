@@ -221,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-queue", type=int, default=256, help="reject beyond this many waiting")
     s.add_argument(
+        "--retry-bookings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a 429 books its request for the moment its Retry-After names: a retry of the "
+        "same body then is admitted ahead of later arrivals, an early one is told the time "
+        "left (default: on)",
+    )
+    s.add_argument(
         "--max-body-size",
         type=_byte_size,
         default=None,
@@ -308,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_tokens_default=args.max_tokens_default,
                 log_level=args.log_level,
                 pd=pd_config(args),
+                retry_bookings=args.retry_bookings,
             )
             return 0
         if args.command == "router":

@@ -112,6 +112,7 @@ def run_bursts(
     door_anchor: str = "door",
     door_early: str = "off",
     obey_retries: int = 0,
+    bookings: bool = True,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -151,6 +152,7 @@ def run_bursts(
     admission.promises.enabled = promise_learning  # admission_promises (A/B)
     admission.door_open = door_open  # a drain's door wait: until it opens, or empties (A/B)
     admission.door_anchor = door_anchor  # the step in progress ends with the storm (A/B)
+    admission.bookings.enabled = bookings  # a 429 books its retry (server/bookings.py; A/B)
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
     if engine_share is not None:
@@ -213,6 +215,8 @@ def run_bursts(
                 fig = summarize(n, out, pairs, ttft_slo or None, wall, fits, probe_interval_s)
                 fig["engine_idle_after"] = idle
                 fig["promise_scale"] = admission.promises.state()
+                b = admission.bookings  # totals so far (server/bookings.py)
+                fig["bookings"] = {**vars(b.counts), "open": len(b), "show_rate": b.show_rate}
                 fig["errors"] = [r["error"] for r in out["requests"] if r["error"]][:5]
                 if obey_retries:  # clients that obey retry-after-ms (load_obey)
                     fig["obey"] = summarize_obey(out["requests"], ttft_slo or None, obey_retries)
@@ -303,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a drain waits until the door is empty, or lets a retry in (session 17; A/B)",
     )
     p.add_argument(
+        "--bookings",
+        choices=("on", "off"),
+        default="on",
+        help="a 429 books its request's retry (server/bookings.py; the default; A/B)",
+    )
+    p.add_argument(
         "--door-anchor",
         choices=("off", "plain", "door", "all"),
         default="door",
@@ -374,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         door_anchor=args.door_anchor,
         door_early=args.door_early,
         obey_retries=args.obey_retries,
+        bookings=args.bookings == "on",
     )
     print(table(report))
     if args.obey_retries:

@@ -42,6 +42,8 @@ def create_app(
     admission = admission or AdmissionController(
         settings.ttft_slo, settings.max_queue, limits=EngineLimits.of(engine)
     )
+    admission.bookings.enabled = settings.retry_bookings
+    metrics.watch_bookings(admission.bookings)
     state = ServerState(
         engine=engine,
         settings=settings,

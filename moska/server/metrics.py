@@ -132,6 +132,11 @@ class ServerMetrics:
         into each tier (gpu, cpu), routed chunk selections skipped, chunks prefetched."""
         self.registry.register(_TierCollector(source))
 
+    def watch_bookings(self, bookings) -> None:
+        """Export retry bookings (server/bookings.py) at each scrape: the totals by outcome,
+        the bookings open and the learnt share of booked clients that come back."""
+        self.registry.register(_BookingCollector(bookings))
+
     def render(self) -> bytes:
         self.refresh()
         return generate_latest(self.registry)
@@ -181,3 +186,34 @@ class _TierCollector:
             skipped.add_metric([lib], st["skipped"])
             fetched.add_metric([lib], st["prefetched"])
         yield from (hits, misses, moved, skipped, fetched)
+
+
+class _BookingCollector:
+    """Prometheus collector of retry bookings, read at scrape time."""
+
+    def __init__(self, bookings) -> None:
+        self.bookings = bookings
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        b = self.bookings
+        total = CounterMetricFamily(
+            "moska_retry_bookings",
+            "429s booked for their retry, and what came of them (made, claimed: a retry at "
+            "or past its moment admitted, early: a retry before it, lapsed: never claimed, "
+            "rebooked: a retry at its moment refused again)",
+            labels=["outcome"],
+        )
+        for outcome, n in vars(b.counts).items():
+            total.add_metric([outcome], n)
+        yield total
+        yield GaugeMetricFamily("moska_retry_bookings_open", "Bookings not yet claimed", len(b))
+        yield GaugeMetricFamily(
+            "moska_retry_bookings_show_rate",
+            "Learnt share of booked clients that come back (what bookings count ahead)",
+            b.show_rate,
+        )

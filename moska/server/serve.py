@@ -60,12 +60,14 @@ def serve(
     max_tokens_default: int | None = None,
     log_level: str = "info",
     pd: Any = None,
+    retry_bookings: bool = True,
 ) -> None:
     """Serve `model` (None: the built-in tiny model) over HTTP. `libraries` must exist
     (built with `moska library build` or POST /v1/libraries); with no model and
     `demo_library`, the demo library from the bundled documents is built if missing.
     `chat_template`: a Jinja file or inline template replacing the model's.
-    `max_tokens_default`: the cap on max_tokens when a request gives none."""
+    `max_tokens_default`: the cap on max_tokens when a request gives none.
+    `retry_bookings`: a 429 books its request's retry (server/bookings.py)."""
     from moska.config import EngineConfig
 
     settings = ServerSettings(
@@ -78,6 +80,7 @@ def serve(
         served_model_name=served_model_name,
         max_tokens_default=max_tokens_default,
         log_level=log_level,
+        retry_bookings=retry_bookings,
     )
     engine_kwargs = engine_kwargs or {}
     ranks = max(  # the processes of one engine (Helix: the larger of the two)

@@ -25,6 +25,8 @@ class ServerSettings:
     templating run on `tokenizer_workers` threads; a prompt of more than `max_prompt_chars`
     characters is a 400 (None: the most that the context can hold, from the longest token),
     and more than `max_tokenize_pending_chars` characters waiting to be encoded is a 429.
+    `retry_bookings`: a 429 books its request for the moment its `Retry-After` names, and
+    a retry of it then is admitted ahead of requests that came after it (server/bookings.py).
     """
 
     host: str = "127.0.0.1"
@@ -51,6 +53,7 @@ class ServerSettings:
     # how often Python hands the GIL between the engine thread and the event loop while
     # serving (None: leave the interpreter's 5 ms); see server/app.py
     gil_switch_interval_s: float | None = 0.0005
+    retry_bookings: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -1,0 +1,200 @@
+"""Retry bookings (server/bookings.py): a 429 books its request for the moment it promises;
+an early retry is told what is left, one at the moment is admitted behind only the
+bookings before it, and clients that obey Retry-After get in on their first retry within
+the SLO, on the real scheduler over a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+from test_admission import BUDGET, MAX_SEQS, VirtualServer, warm_up
+
+from moska.server.admission import AdmissionController, Decision, EngineLimits, RequestCost, Verdict
+from moska.server.bookings import Bookings
+from moska.server.load_shedding import LoadSheddingMiddleware, LoopLag
+
+C = RequestCost(64, 8)
+
+
+def test_a_booking_is_found_until_it_lapses_and_claimed_once():
+    b = Bookings(min_lapse_s=2.0, lapse_factor=1.0)
+    assert b.book(b"k", 10.0, 3.0, C) == 3.0
+    got = b.find(b"k", 11.0)
+    assert got is not None and got.due == 13.0 and got.lapse == 16.0
+    assert b.find(b"other", 11.0) is None and b.find(None, 11.0) is None
+    b.claim(got)
+    assert b.find(b"k", 12.0) is None and b.counts.claimed == 1 and b.show_rate == 1.0
+    b.book(b"k", 20.0, 1.0, C)  # lapses at 20 + 1 + max(2, 1) = 23
+    assert b.find(b"k", 22.9) is not None and b.find(b"k", 23.1) is None
+    assert b.counts.lapsed == 1 and b.show_rate == pytest.approx(0.9)
+
+
+def test_bookings_of_one_door_drain_get_consecutive_moments():
+    b = Bookings()
+    moments = [b.book(bytes([i]), 0.0, 1.0, C, spacing_s=0.25) for i in range(4)]
+    assert moments == pytest.approx([1.0, 1.25, 1.5, 1.75])
+    assert b.book(b"late", 0.0, 5.0, C, spacing_s=0.25) == 5.0  # its drain is later still
+    assert b.counts.made == 5 and len(b) == 5
+
+
+def test_what_bookings_count_ahead():
+    b = Bookings(grace_s=0.25)
+    b.book(b"a", 0.0, 1.0, RequestCost(1, 1))
+    b.book(b"b", 0.5, 2.0, RequestCost(2, 1))
+    b.book(b"c", 1.0, 9.0, RequestCost(3, 1))
+    prompts = lambda xs: [x.prompt_tokens for x in xs]
+    assert prompts(b.ahead(1.1)) == [1, 2, 3]  # a drain: every booking still to come
+    assert prompts(b.ahead(1.3)) == [2, 3]  # a is more than grace_s past its moment
+    assert prompts(b.ahead(1.1, due_by=5.0)) == [1, 2]  # a verdict: due within reach
+    assert prompts(b.ahead(1.1, made_before=0.7)) == [1, 2]  # booked before it arrived
+    own = b.find(b"b", 1.1)
+    assert prompts(b.ahead(1.1, before=own)) == [1]  # a booked retry: those before it
+    b.show_rate = 0.5  # half of booked clients come back: the earliest half counts
+    assert prompts(b.ahead(1.1)) == [1, 2]
+
+
+def test_a_probe_books_and_claims_nothing_and_off_means_off():
+    b = Bookings(recording=lambda: False)
+    b.book(b"k", 0.0, 1.0, C)
+    assert b.find(b"k", 0.5) is None and b.counts.made == 0
+    off = Bookings(enabled=False)
+    off.book(b"k", 0.0, 1.0, C)
+    assert off.find(b"k", 0.5) is None and off.ahead(0.5) == []
+
+
+def _burst(bookings: bool, n: int = 160, slo: float = 1.0) -> dict:
+    """`n` requests at once on the real scheduler (virtual clock), each with its own key;
+    every client refused retries for real at its promise (the OpenAI SDK's way), up to 3
+    times, and a dry retry at half its promise is asked first (it must be refused)."""
+    adm = AdmissionController(slo, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    adm.bookings.enabled = bookings
+    server = VirtualServer(adm)
+    warm_up(server)
+    server.run_until_idle()
+    t0 = server.t
+    due: list[tuple[float, int, int]] = []  # (retry time, client, attempt)
+    first: dict[int, float] = {}  # client -> its first promise
+    out = {"refused": 0, "first_retry_ok": 0, "half_refused": 0, "admitted": {}}
+
+    def send(client: int, attempt: int) -> None:
+        key = client.to_bytes(4, "big")
+        cost = RequestCost(32 + client % 64, 8)
+        rid = f"r{server.n}"
+        server.n += 1
+        d = adm.decide(cost, server.load(), key=key)
+        if d.accepted:
+            server.costs[rid], server.generated[rid], server.arrival[rid] = cost, 0, server.t
+            server.predicted[rid] = d.predicted_ttft_s
+            from moska.engine.request import Request
+            from moska.engine.sampling_params import SamplingParams
+
+            params = SamplingParams(max_tokens=cost.max_tokens, ignore_eos=True)
+            server.sched.add_request(Request(rid, [7] * cost.prompt_tokens, params))
+            server.added += 1
+            out["admitted"][rid] = attempt
+            if attempt == 1:
+                out["first_retry_ok"] += 1
+            return
+        assert d.verdict is Verdict.SLO and math.isfinite(d.drain_s)
+        if attempt == 0:
+            out["refused"] += 1
+            first[client] = d.drain_s
+            heapq.heappush(due, (server.t + d.drain_s / 2, client, -1))  # dry, at half
+        if attempt < 3:
+            heapq.heappush(due, (server.t + d.drain_s, client, attempt + 1))
+
+    for client in range(n):
+        send(client, 0)
+    while due or server.sched.has_unfinished:
+        while due and due[0][0] <= server.t:
+            _, client, attempt = heapq.heappop(due)
+            if attempt < 0:  # a dry retry: decided, never run, books and claims nothing
+                adm.bookings.recording = lambda: False
+                dry = adm.decide(RequestCost(32 + client % 64, 8), server.load(),
+                                 key=client.to_bytes(4, "big"))  # fmt: skip
+                adm.bookings.recording = lambda: True
+                out["half_refused"] += not dry.accepted
+            else:
+                send(client, attempt)
+        if server.sched.has_unfinished:
+            server.step()
+        elif due:
+            server.t = max(server.t, due[0][0])  # idle until the next retry
+    ttfts = [server.ttft(r) for r in out["admitted"]]
+    out["slo_met"] = sum(t <= slo for t in ttfts) / len(ttfts)
+    out["wall"] = server.t - t0
+    out["counts"] = vars(adm.bookings.counts)
+    return out
+
+
+def test_clients_that_obey_retry_after_get_in_on_their_first_retry_within_the_slo():
+    on, off = _burst(True), _burst(False)
+    assert on["refused"] > 100 and off["refused"] > 100  # most of the burst waits
+    share_on = on["first_retry_ok"] / on["refused"]
+    share_off = off["first_retry_ok"] / off["refused"]
+    # booked: a retry at its promise gets in, one at half is told to wait: within 2x
+    assert share_on >= 0.95, on
+    assert on["half_refused"] / on["refused"] >= 0.95, on
+    assert on["slo_met"] >= 0.95, on  # and the retries meet the SLO too
+    assert share_on > share_off, (on, off)  # without bookings they race each other back
+    assert on["counts"]["claimed"] == on["first_retry_ok"] + sum(
+        1 for a in on["admitted"].values() if a > 1
+    )
+
+
+def _door(adm: AdmissionController, shed: Decision | None):
+    """The load-shedding middleware over an app that answers 200, `shed` its door."""
+    reached: list[bytes] = []
+
+    async def inner(scope, receive, send):
+        message = await receive()
+        reached.append(message["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    mw = LoadSheddingMiddleware(inner, shed=lambda: shed)
+    app = SimpleNamespace(state=SimpleNamespace(moska=SimpleNamespace(
+        loop_lag=LoopLag(), admission=adm)))  # fmt: skip
+    return mw, app, reached
+
+
+def _post(mw, app, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    sent: list = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [],
+             "app": app}  # fmt: skip
+    asyncio.run(mw(scope, receive, send))
+    headers = {k.decode(): v.decode() for k, v in sent[0].get("headers", [])}
+    return sent[0]["status"], headers, sent[-1]["body"]
+
+
+def test_the_door_books_a_429_tells_an_early_retry_the_time_left_and_lets_it_in_on_time():
+    adm = AdmissionController(5.0, None)
+    now = [100.0]
+    adm.clock = lambda: now[0]
+    shed = Decision(Verdict.SLO, 9.0, 1, 0.8)  # the door sheds everyone for now
+    mw, app, reached = _door(adm, shed)
+    body = b'{"prompt": "the same request"}'
+    status, headers, _ = _post(mw, app, body)
+    assert status == 429 and headers["retry-after-ms"] == "800"
+    now[0] += 0.3  # early: the same appointment, 0.5 s left
+    status, headers, text = _post(mw, app, body)
+    assert status == 429 and headers["retry-after-ms"] == "500"
+    assert "retry booked" in json.loads(text)["error"]["message"]
+    status, headers, _ = _post(mw, app, b'{"prompt": "another request"}')
+    assert status == 429 and int(headers["retry-after-ms"]) >= 800  # booked behind it
+    now[0] += 0.5  # its moment: in it goes, the body the door read given to the app
+    status, _, _ = _post(mw, app, body)
+    assert status == 200 and reached == [body]
+    assert adm.bookings.counts.made == 2 and adm.bookings.counts.early == 1
