@@ -22,6 +22,7 @@ least `min_lapse_s`). Thread-safe; the clock is the caller's (admission's).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import threading
 from collections.abc import Callable
@@ -96,6 +97,8 @@ class Bookings:
     _by_key: dict[bytes, Booking] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _last_due: float = -math.inf
+    _lapses: list[tuple[float, int, Booking]] = field(default_factory=list)  # heap by lapse
+    _seq: int = 0  # ties in the heap
 
     def find(self, key: bytes | None, now: float) -> Booking | None:
         """The live booking of `key` (None: none, off, or no key)."""
@@ -131,7 +134,9 @@ class Bookings:
                 return drain_s  # full: this 429 is a plain promise
             else:
                 self.counts.made += 1
-            self._by_key[key] = Booking(key, now, now + drain_s, cost, lapse)
+            booking = self._by_key[key] = Booking(key, now, now + drain_s, cost, lapse)
+            self._seq += 1
+            heapq.heappush(self._lapses, (lapse, self._seq, booking))
             self._last_due = max(self._last_due, now + drain_s)
         return drain_s
 
@@ -180,9 +185,12 @@ class Bookings:
         return len(self._by_key)
 
     def _expire(self, now: float) -> None:
-        """Drop lapsed bookings (each a no-show: the show rate falls). Under the lock."""
-        gone = [k for k, b in self._by_key.items() if b.lapse < now]
-        for k in gone:
-            del self._by_key[k]
-            self.counts.lapsed += 1
-            self.show_rate += self.show_alpha * (0.0 - self.show_rate)
+        """Drop lapsed bookings (each a no-show: the show rate falls). Under the lock; a
+        heap of lapse times, so a call costs O(log n) per lapsed booking, not a scan."""
+        heap = self._lapses
+        while heap and heap[0][0] < now:
+            _, _, booking = heapq.heappop(heap)
+            if self._by_key.get(booking.key) is booking:  # not claimed or replaced since
+                del self._by_key[booking.key]
+                self.counts.lapsed += 1
+                self.show_rate += self.show_alpha * (0.0 - self.show_rate)
