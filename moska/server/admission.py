@@ -260,7 +260,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         cost = RequestCost(new) if isinstance(new, int) else new
         now = self.clock()
         booking = self.bookings.find(key, now)
-        if booking is not None and now < booking.due:  # early: the same appointment
+        if booking is not None and now < booking.opens:  # early: the same appointment
             self.bookings.early(booking)
             left = booking.due - now
             return Decision(Verdict.SLO, left, retry_drain.retry_after(left), left)

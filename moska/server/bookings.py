@@ -67,6 +67,7 @@ class Booking:
     due: float  # the moment its retry-after-ms names
     cost: RequestCost
     lapse: float = math.inf  # after this an unclaimed booking is dropped
+    opens: float = -math.inf  # from this a retry is taken as at its moment (`early_share`)
 
 
 @dataclass
@@ -88,6 +89,10 @@ class Bookings:
     lapse_factor: float = 1.0
     min_lapse_s: float = 2.0
     grace_s: float = 0.25  # a booking counts ahead until this long past its moment
+    # a retry this share of its wait early is taken as on time: a client that reads the
+    # whole seconds of `Retry-After` (rounded, so up to 0.5 s short) is not turned away;
+    # one at half its wait still is
+    early_share: float = 0.4
     show_alpha: float = 0.1
     show_rate: float = 1.0  # share of bookings claimed (a prior that every client returns)
     max_bookings: int = 100_000
@@ -134,7 +139,8 @@ class Bookings:
                 return drain_s  # full: this 429 is a plain promise
             else:
                 self.counts.made += 1
-            booking = self._by_key[key] = Booking(key, now, now + drain_s, cost, lapse)
+            opens = now + (1.0 - self.early_share) * drain_s
+            booking = self._by_key[key] = Booking(key, now, now + drain_s, cost, lapse, opens)
             self._seq += 1
             heapq.heappush(self._lapses, (lapse, self._seq, booking))
             self._last_due = max(self._last_due, now + drain_s)

@@ -253,7 +253,7 @@ def _booked(state: object | None, key: bytes | None, decision: Decision) -> Deci
     booking = bookings.find(key, now)
     if booking is None:
         return decision
-    if now >= booking.due:
+    if now >= booking.opens:
         return None
     bookings.early(booking)
     left = booking.due - now
