@@ -114,12 +114,14 @@ def _burst(bookings: bool, n: int = 160, slo: float = 1.0) -> dict:
         send(client, 0)
     while due or server.sched.has_unfinished:
         while due and due[0][0] <= server.t:
-            _, client, attempt = heapq.heappop(due)
-            if attempt < 0:  # a dry retry: decided, never run, books and claims nothing
-                adm.bookings.recording = lambda: False
+            at, client, attempt = heapq.heappop(due)
+            if attempt < 0:  # a dry retry: decided, never run, books and claims nothing,
+                adm.bookings.recording = lambda: False  # at exactly half (steps are coarse)
+                adm.clock = lambda: at  # noqa: B023
                 dry = adm.decide(RequestCost(32 + client % 64, 8), server.load(),
                                  key=client.to_bytes(4, "big"))  # fmt: skip
                 adm.bookings.recording = lambda: True
+                adm.clock = lambda: server.t
                 out["half_refused"] += not dry.accepted
             else:
                 send(client, attempt)
