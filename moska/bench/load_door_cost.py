@@ -48,7 +48,12 @@ class _Rejecting(AdmissionController):
         return self._no if self.at_door else None
 
     def decide(
-        self, new: RequestCost | int, load: Load, num_requests: int = 1, elapsed_s: float = 0.0
+        self,
+        new: RequestCost | int,
+        load: Load,
+        num_requests: int = 1,
+        elapsed_s: float = 0.0,
+        key: bytes | None = None,
     ) -> Decision:
         self.door.leave_current()
         return self._no

@@ -85,7 +85,12 @@ class TracingAdmission(DryProbeAdmission):
         self.steps.append((time.monotonic(), seconds, predicted, tuple(features)))
 
     def decide(
-        self, new: RequestCost | int, load: Load, num_requests: int = 1, elapsed_s: float = 0.0
+        self,
+        new: RequestCost | int,
+        load: Load,
+        num_requests: int = 1,
+        elapsed_s: float = 0.0,
+        key: bytes | None = None,
     ) -> Decision:
         t, inside, scale, margin = (
             time.monotonic(),
@@ -93,7 +98,7 @@ class TracingAdmission(DryProbeAdmission):
             self.slowdown,
             self.margin.seconds,
         )
-        d = super().decide(new, load, num_requests, elapsed_s)
+        d = super().decide(new, load, num_requests, elapsed_s, key)
         cost = RequestCost(new) if isinstance(new, int) else new
         self.decisions.append(
             {
