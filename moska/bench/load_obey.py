@@ -6,8 +6,8 @@ dry retries (load_retry). With N > 0 every client whose request gets a 429 with 
 `retry-after-ms` sleeps that long, counted from when its 429's status line arrived, and
 sends the SAME body again as a real request (no probe header), up to N times: the OpenAI
 SDK's loop (`max_retries=2` by default; it honours a server's delay up to 120 s in the
-installed openai 3.x and does not retry past it: `over_sdk_limit` counts those promises,
-which are still obeyed here). Each request's record keeps its `attempts`.
+installed openai 3.x and does not retry past it: `over_sdk_limit` counts the clients that
+got such a promise, which are still obeyed here). Each request's record keeps its `attempts`.
 
 The server books a refused request for its promised time (retry bookings): a retry of the
 same body at or after its promise claims the booking. So in this mode a sampled 429 is
@@ -149,7 +149,8 @@ def counts(recs: list[dict], slo: float | None, n: int) -> dict[str, int]:
         c["retries_sent"] += len(rows) - 1
         c["retry_429"] += sum(1 for a in rows[1:] if a["status"] == 429)
         c["failed_or_hung_attempts"] += sum(1 for a in rows if a["error"] or a["hung"])
-        c["over_sdk_limit"] += sum(1 for a in rows if (promise_s(a) or 0.0) > SDK_MAX_RETRY_AFTER_S)
+        # the SDK would have raised its RateLimitError at the first such 429, not retried
+        c["over_sdk_limit"] += any((promise_s(a) or 0.0) > SDK_MAX_RETRY_AFTER_S for a in rows)
         for prev, a in itertools.pairwise(rows):
             due = prev["t_status"] + (promise_s(prev) or 0.0) - EPS_S
             c["early_retries"] += a["t_start"] < due

@@ -78,6 +78,10 @@ def test_summary_arithmetic_on_hand_made_records():
     assert o["slo_share_all_admitted"] == 0.5  # 2 of 4 admitted (first attempts and retries)
     assert o["retries_sent"] == 5 and o["retry_429"] == 3
     assert o["early_retries"] == 0 and o["failed_or_hung_attempts"] == 0
+    assert o["over_sdk_limit"] == 0
+    # a promise over the SDK's 120 s: counted per client (that client would not retry)
+    far = _client(_att(0.0, 429, "130000"), _att(130.1, 429, "121000"), _att(251.2, 200))
+    assert summarize_obey([far], 1.0, 2)["over_sdk_limit"] == 1
     assert o["sampled"] == 3 and o["sampled_within_share"] == pytest.approx(1 / 3)
     assert o["sampled_short"] == o["sampled_long"] == 1 and o["sampled_flicker"] == 0
     assert [len(a) for a in o["attempts_429_clients"]["plain"]] == [2, 3, 3]
