@@ -141,7 +141,9 @@ def run_bursts(
         from moska.library.demo import ensure_demo_library
 
         ensure_demo_library(engine.libraries)
-    settings = ServerSettings(ttft_slo=ttft_slo or None, max_queue=max_queue)
+    settings = ServerSettings(
+        ttft_slo=ttft_slo or None, max_queue=max_queue, retry_bookings=bookings
+    )
     admission = (TracingAdmission if trace else DryProbeAdmission)(
         settings.ttft_slo,
         max_queue,
@@ -152,7 +154,6 @@ def run_bursts(
     admission.promises.enabled = promise_learning  # admission_promises (A/B)
     admission.door_open = door_open  # a drain's door wait: until it opens, or empties (A/B)
     admission.door_anchor = door_anchor  # the step in progress ends with the storm (A/B)
-    admission.bookings.enabled = bookings  # a 429 books its retry (server/bookings.py; A/B)
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
     if engine_share is not None:

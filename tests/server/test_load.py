@@ -113,3 +113,25 @@ def test_summary_compares_retry_after_with_its_kinds_drain():
     assert groups["plain_queue"]["n"] == groups["library_door"]["n"] == 0
     assert groups["plain_queue"]["within_2x_ms"] is None
     assert "plain_door 1: 1.00 / 1.00 (1.50 / 2.00 s)" in table({"bursts": [fig]})
+
+
+@pytest.mark.parametrize("bookings", [True, False])
+def test_bookings_off_books_nothing(bookings):
+    """`moska bench load --bookings off` reaches the server (its settings, which the app
+    applies over the controller's default): no 429 is booked."""
+    from fake_engine import FakeEngine
+
+    report = run_bursts(
+        [24],
+        ttft_slo=0.05,
+        max_tokens=4,
+        library=None,
+        engine=FakeEngine(step_delay=0.05),
+        warmup=(),
+        timeout_s=60,
+        client_process=False,
+        bookings=bookings,
+    )
+    (fig,) = report["bursts"]
+    assert fig["rejected_429"] > 0
+    assert (fig["bookings"]["made"] > 0) is bookings, fig["bookings"]
