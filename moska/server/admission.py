@@ -300,9 +300,8 @@ class AdmissionController(BookedDrains, DoorDrains):
         """The verdict on `load` (the engine's, and the door's) plus the booked retries
         that come before this request (`with_bookings`: booked before it arrived and due
         within the SLO's reach; a booked retry, `booked`, at its moment: those booked
-        before it, and it is held to the SLO less the delivery margin rather than to
-        `fits_s`, the headroom being for promises not yet made). A 429's drain counts
-        every booked retry still to come: it is booked behind them."""
+        before it). A 429's drain counts every booked retry still to come: it is booked
+        behind them."""
         real = load
         if booked is not None:
             load = self.with_bookings(real, booked)
@@ -328,8 +327,6 @@ class AdmissionController(BookedDrains, DoorDrains):
         # must fit with its error, or they miss for it.
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
         fits = self.fits_s()
-        if booked is not None and self.ttft_slo is not None:
-            fits = max(fits, self.ttft_slo - self.margin.seconds)
         if self.ttft_slo is not None and not idle and ttft * risk > fits:
             if promise == "none":  # a check of an open promise: the verdict alone
                 return Decision(Verdict.SLO, ttft, 0, 0.0)

@@ -1,10 +1,11 @@
 """Retry bookings: a 429's promise kept. A refused request is booked for the moment its
 `retry-after-ms` names; a retry of the same request (the same route and body bytes, as the
 OpenAI SDK re-sends it) before that moment is refused with what is left of the same
-appointment, and one at or after it is decided against the full SLO instead of admission's
-headroom, with only the bookings due before its own counted ahead of it. Bookings due soon
-count as queued work for everyone else (`ahead`), so later 429s are booked behind them:
-the refused requests of a burst form a virtual queue instead of racing each other back.
+appointment, and one at or after it is decided as any request, but with only the
+bookings due before its own counted ahead of it. A 429's drain counts every booked retry
+still to come, and a new request's verdict those booked before it arrived and due within
+the SLO's reach (`ahead`), so later 429s are booked behind earlier ones: the refused
+requests of a burst form a queue instead of racing each other back.
 
 Why (issue #15.4, docs/admission.md): "Retry-After is the predicted drain within 2x", the
 drain of a 429 being when a retry of that request would be admitted. Without bookings
