@@ -133,6 +133,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         self.door_anchor = "door"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
         self.bookings = Bookings()  # a 429's retry comes back to its appointment (bookings.py)
+        self._spacing_memo: dict[RequestCost, tuple[float, float]] = {}
 
     @property
     def load_tps(self) -> float:
@@ -267,8 +268,8 @@ class AdmissionController(BookedDrains, DoorDrains):
         decision = self._decide(cost, load, num_requests, elapsed_s, "learn", booking)
         if decision.accepted and booking is not None:
             self.bookings.claim(booking)
-        elif decision.verdict is Verdict.SLO:
-            self.bookings.book(key, now, decision.drain_s, cost)
+        elif decision.verdict is Verdict.SLO:  # its place behind the booked, and its own
+            decision = decision.later(self.book(key, cost, decision.drain_s) - decision.drain_s)
         self._elapsed += self.alpha * (max(0.0, elapsed_s) - self._elapsed)
         self._check_promises(load)
         with self._lock:
@@ -300,8 +301,8 @@ class AdmissionController(BookedDrains, DoorDrains):
         """The verdict on `load` (the engine's, and the door's) plus the booked retries
         that come before this request (`with_bookings`: booked before it arrived and due
         within the SLO's reach; a booked retry, `booked`, at its moment: those booked
-        before it). A 429's drain counts every booked retry still to come: it is booked
-        behind them."""
+        before it). A 429's drain is replayed on the engine's and the door's load alone;
+        its place behind the booked retries is `book`'s."""
         real = load
         if booked is not None:
             load = self.with_bookings(real, booked)
@@ -330,8 +331,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         if self.ttft_slo is not None and not idle and ttft * risk > fits:
             if promise == "none":  # a check of an open promise: the verdict alone
                 return Decision(Verdict.SLO, ttft, 0, 0.0)
-            dload = load if booked is not None else self.with_bookings(real)
-            drain = self._drain(cost, dload, num_requests, pred if dload is load else None)[1]
+            drain = self._drain(cost, real, num_requests, pred if load is real else None)[1]
             if promise == "learn":  # a request's own 429 (not the door's ask): scaled, kept
                 drain = self.promises.promise(group_of(cost, False), cost, drain, self.clock())
             return Decision(Verdict.SLO, ttft, retry_drain.retry_after(drain), drain)

@@ -65,8 +65,6 @@ class DoorDrains:
         raise NotImplementedError
 
     with_bookings: Callable[..., Load]  # admission_bookings.BookedDrains
-    spacing_s: Callable[..., float]
-    _door_spacing: tuple[float, float] = (0.0, 0.0)  # admission_bookings.py
 
     def _drain(
         self,
@@ -199,15 +197,12 @@ class DoorDrains:
         if not decision.accepted:
             result = decision
             if decision.verdict is Verdict.SLO:  # the drain of a typical request, each kind
-                load = self.with_bookings(load)  # booked behind the booked (bookings.py)
-                self._door_spacing = (self.spacing_s(typical, load), self._door_spacing[1])
                 drain = self._drain(typical, load, before_door_s=elapsed_s, at_door=True)[1]
                 drain = learn.promise(group_of(typical, True), typical, drain, self.clock())
                 result = replace(
                     decision, retry_after_s=retry_drain.retry_after(drain), drain_s=drain
                 )
                 if lib is not None:
-                    self._door_spacing = (self._door_spacing[0], self.spacing_s(lib, load))
                     raw = self._drain(lib, load, before_door_s=elapsed_s, at_door=True)[1]
                     each, f = (
                         self._library_drains(load, elapsed_s),

@@ -2,10 +2,10 @@
 `retry-after-ms` names; a retry of the same request (the same route and body bytes, as the
 OpenAI SDK re-sends it) before that moment is refused with what is left of the same
 appointment, and one at or after it is decided as any request, but with only the
-bookings due before its own counted ahead of it. A 429's drain counts every booked retry
-still to come, and a new request's verdict those booked before it arrived and due within
-the SLO's reach (`ahead`), so later 429s are booked behind earlier ones: the refused
-requests of a burst form a queue instead of racing each other back.
+bookings due before its own counted ahead of it. A 429 is promised no sooner than a
+steady gap after the latest booked moment (`book`), and a new request's verdict counts
+the retries booked before it arrived and due within the SLO's reach (`ahead`): the
+refused requests of a burst form a queue instead of racing each other back.
 
 Why (issue #15.4, docs/admission.md): "Retry-After is the predicted drain within 2x", the
 drain of a 429 being when a retry of that request would be admitted. Without bookings
@@ -122,18 +122,23 @@ class Bookings:
         cost: RequestCost,
         spacing_s: float = 0.0,
     ) -> float:
-        """Book `key` for `now + drain_s`, or `spacing_s` after the latest booking if that
-        is later (the 429s given one memoized door drain get consecutive moments); a later
-        booking of the same key replaces it. Returns the drain booked (what the 429 must
-        promise), `drain_s` when nothing was booked."""
-        if key is None or not self.enabled or not self.recording() or not math.isfinite(drain_s):
+        """The promise of a 429 whose own drain is `drain_s`: no sooner than `spacing_s`
+        after the latest booked moment still to come, that tail shortened to the share of booked clients
+        who come back (`show_rate`): the refused requests of a burst are promised
+        consecutive moments. Booked under `key` for `now` + the promise (a later booking of
+        the same key replaces it) unless `key` is None, bookings are off, or the request
+        is a bench probe (`recording`); the promise either way."""
+        if not self.enabled or not math.isfinite(drain_s):
             return drain_s
         drain_s = max(0.0, drain_s)
         with self._lock:
-            if spacing_s > 0:
-                drain_s = max(drain_s, self._last_due + spacing_s - now)
-            lapse = now + drain_s + max(self.min_lapse_s, self.lapse_factor * drain_s)
+            tail = self.show_rate * max(0.0, self._last_due - now)
+            if tail > 0:  # a queue of booked retries still to come: behind it
+                drain_s = max(drain_s, tail + spacing_s)
+            if key is None or not self.recording():
+                return drain_s
             self._expire(now)
+            lapse = now + drain_s + max(self.min_lapse_s, self.lapse_factor * drain_s)
             if key in self._by_key:
                 self.counts.rebooked += 1
             elif len(self._by_key) >= self.max_bookings:

@@ -263,10 +263,11 @@ def _booked(state: object | None, key: bytes | None, decision: Decision) -> Deci
 def _book(
     state: object | None, key: bytes | None, decision: Decision, library: bool, size: int | None
 ) -> Decision:
-    """Book the door 429 `decision` (`AdmissionController.book_at_door`); the 429 then
-    promises its booking's moment, which may be later than the memoized drain."""
+    """Book the door 429 `decision` (`AdmissionController.book_at_door`; `key` None: its
+    place behind the booked retries, not booked); the 429 then promises that moment,
+    which may be later than the memoized drain."""
     book = getattr(getattr(state, "admission", None), "book_at_door", None)
-    if book is None or key is None or decision.verdict is not Verdict.SLO:
+    if book is None or decision.verdict is not Verdict.SLO:
         return decision
     drain = book(key, decision.drain_s, library, size)
     return decision if drain == decision.drain_s else decision.later(drain - decision.drain_s)

@@ -133,8 +133,8 @@ def test_a_429_at_the_door_names_the_library_drain_for_a_library_body():
     """The door glances at the 429's body: a library request gets the library drain of
     its size (Content-Length), a plain one (a prompt that says "library" too) the plain
     drain."""
-    admission = _LibraryShedding()
-    app = create_app(FakeEngine(), ServerSettings(), admission=admission)
+    admission = _LibraryShedding()  # (no bookings: the third 429 would queue behind two)
+    app = create_app(FakeEngine(), ServerSettings(retry_bookings=False), admission=admission)
     admission.overloaded.set()
     with background_server(app) as url:
         body = {"model": "fake-model", "prompt": 'say "library": "x"', "max_tokens": 2}
