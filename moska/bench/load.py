@@ -216,8 +216,7 @@ def run_bursts(
                 fig = summarize(n, out, pairs, ttft_slo or None, wall, fits, probe_interval_s)
                 fig["engine_idle_after"] = idle
                 fig["promise_scale"] = admission.promises.state()
-                b = admission.bookings  # totals so far (server/bookings.py)
-                fig["bookings"] = {**vars(b.counts), "open": len(b), "show_rate": b.show_rate}
+                fig["bookings"] = admission.bookings.state()  # totals so far (bookings.py)
                 fig["errors"] = [r["error"] for r in out["requests"] if r["error"]][:5]
                 if obey_retries:  # clients that obey retry-after-ms (load_obey)
                     fig["obey"] = summarize_obey(out["requests"], ttft_slo or None, obey_retries)

@@ -97,6 +97,12 @@ class Bookings:
     show_alpha: float = 0.1
     show_rate: float = 1.0  # share of bookings claimed (a prior that every client returns)
     max_bookings: int = 100_000
+    # the gap between booked moments is the replayed one times `pace`: up by `pace_step`
+    # at each booked retry refused at its moment (the engine serves them slower than the
+    # replay says), back down a quarter of that at each claimed one, within [1, max_pace]
+    pace: float = 1.0
+    pace_step: float = 0.1
+    max_pace: float = 4.0
     # whether the request being decided books and claims (the bench's dry probes do not)
     recording: Callable[[], bool] = lambda: True
     counts: BookingCounts = field(default_factory=BookingCounts)
@@ -123,24 +129,29 @@ class Bookings:
         spacing_s: float = 0.0,
     ) -> float:
         """The promise of a 429 whose own drain is `drain_s`: no sooner than `spacing_s`
-        after the latest booked moment still to come, that tail shortened to the share of booked clients
-        who come back (`show_rate`): the refused requests of a burst are promised
-        consecutive moments. Booked under `key` for `now` + the promise (a later booking of
-        the same key replaces it) unless `key` is None, bookings are off, or the request
-        is a bench probe (`recording`); the promise either way."""
+        (times the learnt `pace`) after the latest booked moment still to come, that tail
+        shortened to the share of booked clients who come back (`show_rate`): the refused
+        requests of a burst are promised consecutive moments. A booked retry refused at
+        its moment keeps its place (its own drain, no tail), and the pace slows. Booked
+        under `key` for `now` + the promise unless `key` is None, bookings are off, or the
+        request is a bench probe (`recording`); the promise either way."""
         if not self.enabled or not math.isfinite(drain_s):
             return drain_s
         drain_s = max(0.0, drain_s)
         with self._lock:
-            tail = self.show_rate * max(0.0, self._last_due - now)
-            if tail > 0:  # a queue of booked retries still to come: behind it
-                drain_s = max(drain_s, tail + spacing_s)
-            if key is None or not self.recording():
-                return drain_s
             self._expire(now)
+            recording = key is not None and self.recording()
+            again = recording and key in self._by_key
+            tail = self.show_rate * max(0.0, self._last_due - now)
+            if tail > 0 and not again:  # a queue of booked retries still to come: behind it
+                drain_s = max(drain_s, tail + spacing_s * self.pace)
+            if not recording:
+                return drain_s
+            assert key is not None
             lapse = now + drain_s + max(self.min_lapse_s, self.lapse_factor * drain_s)
-            if key in self._by_key:
+            if again:
                 self.counts.rebooked += 1
+                self.pace = min(self.max_pace, self.pace * (1.0 + self.pace_step))
             elif len(self._by_key) >= self.max_bookings:
                 return drain_s  # full: this 429 is a plain promise
             else:
@@ -165,6 +176,7 @@ class Bookings:
                 del self._by_key[booking.key]
                 self.counts.claimed += 1
                 self.show_rate += self.show_alpha * (1.0 - self.show_rate)
+                self.pace = max(1.0, self.pace * (1.0 - self.pace_step / 4))
 
     def ahead(
         self,
@@ -192,6 +204,12 @@ class Bookings:
             rate = self.show_rate
         due.sort(key=lambda b: b.due)
         return [b.cost for b in due[: round(len(due) * rate)]]
+
+    def state(self) -> dict[str, float]:
+        """The totals by outcome, the bookings open, the show rate and the pace."""
+        with self._lock:
+            return {**vars(self.counts), "open": len(self), "show_rate": self.show_rate,
+                    "pace": self.pace}  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._by_key)

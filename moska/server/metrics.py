@@ -213,6 +213,12 @@ class _BookingCollector:
         yield total
         yield GaugeMetricFamily("moska_retry_bookings_open", "Bookings not yet claimed", len(b))
         yield GaugeMetricFamily(
+            "moska_retry_bookings_pace",
+            "The replayed gap between booked moments is multiplied by this (learnt: up when a "
+            "booked retry is refused at its moment, down when one is claimed)",
+            b.pace,
+        )
+        yield GaugeMetricFamily(
             "moska_retry_bookings_show_rate",
             "Learnt share of booked clients that come back (what bookings count ahead)",
             b.show_rate,

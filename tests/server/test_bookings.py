@@ -203,3 +203,15 @@ def test_the_door_books_a_429_tells_an_early_retry_the_time_left_and_lets_it_in_
     status, _, _ = _post(mw, app, body)
     assert status == 200 and reached == [body]
     assert adm.bookings.counts.made == 2 and adm.bookings.counts.early == 1
+
+
+def test_a_retry_refused_at_its_moment_keeps_its_place_and_slows_the_pace():
+    b = Bookings()
+    b.book(b"a", 0.0, 1.0, C, spacing_s=0.5)
+    assert b.book(b"b", 0.0, 0.2, C, spacing_s=0.5) == pytest.approx(1.5)  # behind a
+    # a comes back at 1.0 and is refused: its own drain (0.3 s), not behind b at 1.5
+    assert b.book(b"a", 1.0, 0.3, C, spacing_s=0.5) == pytest.approx(0.3)
+    assert b.counts.rebooked == 1 and b.pace == pytest.approx(1.1)
+    assert b.book(b"c", 1.0, 0.1, C, spacing_s=0.5) == pytest.approx(0.5 + 0.55)
+    b.claim(b.find(b"a", 1.4))
+    assert b.pace == pytest.approx(1.1 * (1 - 0.025))
