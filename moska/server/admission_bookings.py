@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moska.server.bookings import Booking, Bookings
-from moska.server.queue_replay import Load, RequestCost, replay
+from moska.server.queue_replay import Load, Prediction, RequestCost, replay
 
 
 class BookedDrains:
@@ -27,7 +27,8 @@ class BookedDrains:
     limits: Any
     max_sim_steps: int
     _load_tps: float
-    _spacing_memo: dict[RequestCost, tuple[float, float]]
+    _spacing_memo: dict[RequestCost, tuple[float, tuple[float, float, float]]]
+    fits_s: Callable[[], float]
 
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
 
@@ -51,43 +52,49 @@ class BookedDrains:
         n = len(booked)
         return Load(load.waiting + booked, load.running, load.num_pending + n, load.busy_s)
 
-    def spacing_s(self, cost: RequestCost) -> float:
-        """The steady gap between booked retries like `cost`: how much later each of a
-        batch more of them gets its first token behind a full batch (a staircase: a
-        batch's requests start together), replayed on the
-        fitted step times without the slowdown factor (a booked retry comes after the
-        burst that inflates it: scaled, promises made in a 1,000-client storm on 2 cores
-        spaced plain retries 0.92 s apart and the engine sat idle as they came back).
-        Memoized per cost for a second."""
+    def _replay(self, cost: RequestCost, ahead: int) -> Prediction:
+        """`cost` behind `ahead` more like it, on the fitted step times unscaled."""
+        with self._lock:
+            coef, load_tps = self.model.coef.copy(), self._load_tps
+        load, limits, steps = Load((cost,) * ahead), self.limits, self.max_sim_steps
+        return replay(
+            cost, load, 1, None, coef=coef, load_tps=load_tps, limits=limits, max_sim_steps=steps
+        )
+
+    def pacing(self, cost: RequestCost) -> tuple[float, float, float]:
+        """(gap, exclusive, finish) of booked retries like `cost`, replayed on the fitted
+        step times without the slowdown factor (a booked retry comes after the burst that
+        inflates it: scaled, promises made in a 1,000-client storm on 2 cores spaced plain
+        retries 0.92 s apart and the engine sat idle as they came back); memoized per cost
+        for a second. `gap`: how much later each of a batch more gets its first token
+        behind a full batch (a staircase: a batch's requests start together). `finish`:
+        one alone, from its arrival until the engine is idle again. `exclusive`: its own
+        first token alone when that misses `fits_s` (0 otherwise): admission takes it only
+        on an idle engine (a library prefill on CPU), so it is booked once the work booked
+        before it is done, and nothing is booked during its prefill."""
         now = self.clock()
         hit = self._spacing_memo.get(cost)
         if hit is not None and now - hit[0] < 1.0:
             return hit[1]
-        with self._lock:
-            coef, load_tps = self.model.coef.copy(), self._load_tps
         n = self.limits.max_num_seqs
-
-        def ttft(ahead: int) -> float:
-            load, limits, steps = Load((cost,) * ahead), self.limits, self.max_sim_steps
-            pred = replay(
-                cost, load, 1, None, coef=coef, load_tps=load_tps, limits=limits,
-                max_sim_steps=steps,
-            )  # fmt: skip
-            return float(pred.ttft_s)
-
-        gap = max(0.0, (ttft(2 * n) - ttft(n)) / n)
+        full, more, one = self._replay(cost, n), self._replay(cost, 2 * n), self._replay(cost, 1)
+        gap = max(0.0, (more.ttft_s - full.ttft_s) / n)
+        alone = float(one.alone_s)
+        exclusive = alone if alone > self.fits_s() else 0.0
+        out = (gap, exclusive, float(one.idle_s))
         if len(self._spacing_memo) > 64:
             self._spacing_memo.clear()
-        self._spacing_memo[cost] = (now, gap)
-        return gap
+        self._spacing_memo[cost] = (now, out)
+        return out
 
     def book(self, key: bytes | None, cost: RequestCost, drain_s: float) -> float:
         """The promise of a 429 whose own drain is `drain_s`: no sooner than its place
-        behind the booked retries still to come (`Bookings.book`, spaced by `spacing_s`),
+        behind the booked retries still to come (`Bookings.book`, paced by `pacing`),
         booked under `key` (None, or a bench probe: promised, not booked)."""
         if self.ttft_slo is None or not self.bookings.enabled or not math.isfinite(drain_s):
             return drain_s
-        return self.bookings.book(key, self.clock(), drain_s, cost, self.spacing_s(cost))
+        gap, exclusive, finish = self.pacing(cost)
+        return self.bookings.book(key, self.clock(), drain_s, cost, gap, exclusive, finish)
 
     def book_at_door(
         self, key: bytes | None, drain_s: float, library: bool, body_bytes: int | None

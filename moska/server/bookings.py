@@ -108,7 +108,9 @@ class Bookings:
     counts: BookingCounts = field(default_factory=BookingCounts)
     _by_key: dict[bytes, Booking] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _last_due: float = -math.inf
+    _last_due: float = -math.inf  # the latest booked moment
+    _free_at: float = -math.inf  # when the booked work would all be done
+    _busy_until: float = -math.inf  # the end of the latest exclusive booking's prefill
     _lapses: list[tuple[float, int, Booking]] = field(default_factory=list)  # heap by lapse
     _seq: int = 0  # ties in the heap
 
@@ -127,14 +129,19 @@ class Bookings:
         drain_s: float,
         cost: RequestCost,
         spacing_s: float = 0.0,
+        exclusive_s: float = 0.0,
+        finish_s: float = 0.0,
     ) -> float:
-        """The promise of a 429 whose own drain is `drain_s`: no sooner than `spacing_s`
-        (times the learnt `pace`) after the latest booked moment still to come, that tail
-        shortened to the share of booked clients who come back (`show_rate`): the refused
-        requests of a burst are promised consecutive moments. A booked retry refused at
-        its moment keeps its place (its own drain, no tail), and the pace slows. Booked
-        under `key` for `now` + the promise unless `key` is None, bookings are off, or the
-        request is a bench probe (`recording`); the promise either way."""
+        """The promise of a 429 whose own drain is `drain_s`, and no sooner than its place
+        in the queue of booked retries still to come: `spacing_s` (times the learnt
+        `pace`) after the latest booked moment; or, for a request admission takes only on
+        an idle engine (`exclusive_s` > 0: its first token alone), once the work booked
+        before it is done (each booking's moment + its `finish_s`), nothing else booked
+        during its `exclusive_s`. The queue's length is scaled by the share of booked
+        clients who come back (`show_rate`). A booked retry refused at its moment keeps
+        its place (its own drain, no queue), and the pace slows. Booked under `key` for
+        `now` + the promise unless `key` is None, bookings are off, or the request is a
+        bench probe (`recording`); the promise either way."""
         if not self.enabled or not math.isfinite(drain_s):
             return drain_s
         drain_s = max(0.0, drain_s)
@@ -142,9 +149,13 @@ class Bookings:
             self._expire(now)
             recording = key is not None and self.recording()
             again = recording and key in self._by_key
-            tail = self.show_rate * max(0.0, self._last_due - now)
-            if tail > 0 and not again:  # a queue of booked retries still to come: behind it
-                drain_s = max(drain_s, tail + spacing_s * self.pace)
+            tail = max(self._last_due, self._busy_until)
+            if exclusive_s > 0:
+                start = max(self._free_at, tail)
+            else:
+                start = tail + spacing_s * self.pace if tail > now else now
+            if start > now and not again:  # behind the booked retries still to come
+                drain_s = max(drain_s, self.show_rate * (start - now))
             if not recording:
                 return drain_s
             assert key is not None
@@ -156,11 +167,15 @@ class Bookings:
                 return drain_s  # full: this 429 is a plain promise
             else:
                 self.counts.made += 1
+            due = now + drain_s
             opens = now + (1.0 - self.early_share) * drain_s
-            booking = self._by_key[key] = Booking(key, now, now + drain_s, cost, lapse, opens)
+            booking = self._by_key[key] = Booking(key, now, due, cost, lapse, opens)
             self._seq += 1
             heapq.heappush(self._lapses, (lapse, self._seq, booking))
-            self._last_due = max(self._last_due, now + drain_s)
+            self._last_due = max(self._last_due, due)
+            self._free_at = max(self._free_at, due + finish_s)
+            if exclusive_s > 0:
+                self._busy_until = max(self._busy_until, due + exclusive_s)
         return drain_s
 
     def early(self, booking: Booking) -> None:
