@@ -331,7 +331,10 @@ class AdmissionController(BookedDrains, DoorDrains):
         if self.ttft_slo is not None and not idle and ttft * risk > fits:
             if promise == "none":  # a check of an open promise: the verdict alone
                 return Decision(Verdict.SLO, ttft, 0, 0.0)
-            drain = self._drain(cost, real, num_requests, pred if load is real else None)[1]
+            # a booked retry's drain counts the bookings before it, as its verdict did; a
+            # new 429's does not: its place behind the booked is `book`'s
+            dload = load if booked is not None else real
+            drain = self._drain(cost, dload, num_requests, pred if dload is load else None)[1]
             if promise == "learn":  # a request's own 429 (not the door's ask): scaled, kept
                 drain = self.promises.promise(group_of(cost, False), cost, drain, self.clock())
             return Decision(Verdict.SLO, ttft, retry_drain.retry_after(drain), drain)

@@ -26,6 +26,7 @@ import hashlib
 import heapq
 import math
 import threading
+from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -94,20 +95,23 @@ class Bookings:
     # whole seconds of `Retry-After` (rounded, so up to 0.5 s short) is not turned away;
     # one at half its wait still is
     early_share: float = 0.4
-    show_alpha: float = 0.1
-    show_rate: float = 1.0  # share of bookings claimed (a prior that every client returns)
+    # the share of bookings claimed among the last `show_window` claimed or lapsed, with a
+    # prior of `show_prior` claimed ones (every client returns until seen otherwise)
+    show_window: int = 256
+    show_prior: int = 8
     max_bookings: int = 100_000
     # the gap between booked moments is the replayed one times `pace`: up by `pace_step`
     # at each booked retry refused at its moment (the engine serves them slower than the
     # replay says), back down a quarter of that at each claimed one, within [1, max_pace]
     pace: float = 1.0
     pace_step: float = 0.1
-    max_pace: float = 4.0
+    max_pace: float = 2.0
     # whether the request being decided books and claims (the bench's dry probes do not)
     recording: Callable[[], bool] = lambda: True
     counts: BookingCounts = field(default_factory=BookingCounts)
     _by_key: dict[bytes, Booking] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=256))
     _last_due: float = -math.inf  # the latest booked moment
     _free_at: float = -math.inf  # when the booked work would all be done
     _busy_until: float = -math.inf  # the end of the latest exclusive booking's prefill
@@ -190,7 +194,7 @@ class Bookings:
             if self._by_key.get(booking.key) is booking:
                 del self._by_key[booking.key]
                 self.counts.claimed += 1
-                self.show_rate += self.show_alpha * (1.0 - self.show_rate)
+                self._outcomes.append(True)
                 self.pace = max(1.0, self.pace * (1.0 - self.pace_step / 4))
 
     def ahead(
@@ -220,6 +224,12 @@ class Bookings:
         due.sort(key=lambda b: b.due)
         return [b.cost for b in due[: round(len(due) * rate)]]
 
+    @property
+    def show_rate(self) -> float:
+        """The share of booked clients that came back (claimed vs lapsed, recent window)."""
+        seen = list(self._outcomes)[-self.show_window :]
+        return (sum(seen) + self.show_prior) / (len(seen) + self.show_prior)
+
     def state(self) -> dict[str, float]:
         """The totals by outcome, the bookings open, the show rate and the pace."""
         with self._lock:
@@ -238,4 +248,4 @@ class Bookings:
             if self._by_key.get(booking.key) is booking:  # not claimed or replaced since
                 del self._by_key[booking.key]
                 self.counts.lapsed += 1
-                self.show_rate += self.show_alpha * (0.0 - self.show_rate)
+                self._outcomes.append(False)

@@ -33,7 +33,7 @@ def test_a_booking_is_found_until_it_lapses_and_claimed_once():
     assert b.find(b"k", 12.0) is None and b.counts.claimed == 1 and b.show_rate == 1.0
     b.book(b"k", 20.0, 1.0, C)  # lapses at 20 + 1 + max(2, 1) = 23
     assert b.find(b"k", 22.9) is not None and b.find(b"k", 23.1) is None
-    assert b.counts.lapsed == 1 and b.show_rate == pytest.approx(0.9)
+    assert b.counts.lapsed == 1 and b.show_rate == pytest.approx(9 / 10)  # 1 of 1, prior 8
 
 
 def test_bookings_of_one_door_drain_get_consecutive_moments():
@@ -56,7 +56,8 @@ def test_what_bookings_count_ahead():
     assert prompts(b.ahead(1.1, made_before=0.7)) == [1, 2]  # booked before it arrived
     own = b.find(b"b", 1.1)
     assert prompts(b.ahead(1.1, before=own)) == [1]  # a booked retry: those before it
-    b.show_rate = 0.5  # half of booked clients come back: the earliest half counts
+    b._outcomes.extend([False] * 8)  # half of booked clients came back (8 seen, prior 8)
+    assert b.show_rate == 0.5  # the earliest half counts
     assert prompts(b.ahead(1.1)) == [1, 2]
 
 
