@@ -27,7 +27,7 @@ class BookedDrains:
     limits: Any
     max_sim_steps: int
     _load_tps: float
-    _spacing_memo: dict[RequestCost, tuple[float, tuple[float, float, float]]]
+    _spacing_memo: dict[RequestCost, tuple[float, tuple[float, bool]]]
     fits_s: Callable[[], float]
 
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
@@ -61,27 +61,22 @@ class BookedDrains:
             cost, load, 1, None, coef=coef, load_tps=load_tps, limits=limits, max_sim_steps=steps
         )
 
-    def pacing(self, cost: RequestCost) -> tuple[float, float, float]:
-        """(gap, exclusive, finish) of booked retries like `cost`, replayed on the fitted
-        step times without the slowdown factor (a booked retry comes after the burst that
+    def pacing(self, cost: RequestCost) -> tuple[float, bool]:
+        """(gap, idle only) of booked retries like `cost`, replayed on the fitted step
+        times without the slowdown factor (a booked retry comes after the burst that
         inflates it: scaled, promises made in a 1,000-client storm on 2 cores spaced plain
         retries 0.92 s apart and the engine sat idle as they came back); memoized per cost
         for a second. `gap`: how much later each of a batch more gets its first token
-        behind a full batch (a staircase: a batch's requests start together). `finish`:
-        one alone, from its arrival until the engine is idle again. `exclusive`: its own
-        first token alone when that misses `fits_s` (0 otherwise): admission takes it only
-        on an idle engine (a library prefill on CPU), so it is booked once the work booked
-        before it is done, and nothing is booked during its prefill."""
+        behind a full batch (a staircase: a batch's requests start together). `idle only`:
+        its own first token alone misses `fits_s`, so admission takes it only on an idle
+        engine (a library prefill on CPU)."""
         now = self.clock()
         hit = self._spacing_memo.get(cost)
         if hit is not None and now - hit[0] < 1.0:
             return hit[1]
         n = self.limits.max_num_seqs
-        full, more, one = self._replay(cost, n), self._replay(cost, 2 * n), self._replay(cost, 1)
-        gap = max(0.0, (more.ttft_s - full.ttft_s) / n)
-        alone = float(one.alone_s)
-        exclusive = alone if alone > self.fits_s() else 0.0
-        out = (gap, exclusive, float(one.idle_s))
+        full, more, one = self._replay(cost, n), self._replay(cost, 2 * n), self._replay(cost, 0)
+        out = (max(0.0, (more.ttft_s - full.ttft_s) / n), float(one.alone_s) > self.fits_s())
         if len(self._spacing_memo) > 64:
             self._spacing_memo.clear()
         self._spacing_memo[cost] = (now, out)
@@ -90,11 +85,17 @@ class BookedDrains:
     def book(self, key: bytes | None, cost: RequestCost, drain_s: float) -> float:
         """The promise of a 429 whose own drain is `drain_s`: no sooner than its place
         behind the booked retries still to come (`Bookings.book`, paced by `pacing`),
-        booked under `key` (None, or a bench probe: promised, not booked)."""
+        booked under `key` (None, or a bench probe: promised, not booked). Not a request
+        admission takes only on an idle engine: its drain already waits for one, and a
+        queue that keeps the engine busy would never give it one (on 2 CPU cores, library
+        prefills of ~7 s: booked with an idle window each, 0.08 of them got in within two
+        retries and the plain retries booked behind those windows fell from 1.00 to 0.70)."""
         if self.ttft_slo is None or not self.bookings.enabled or not math.isfinite(drain_s):
             return drain_s
-        gap, exclusive, finish = self.pacing(cost)
-        return self.bookings.book(key, self.clock(), drain_s, cost, gap, exclusive, finish)
+        gap, idle_only = self.pacing(cost)
+        if idle_only:
+            return drain_s
+        return self.bookings.book(key, self.clock(), drain_s, cost, gap)
 
     def book_at_door(
         self, key: bytes | None, drain_s: float, library: bool, body_bytes: int | None

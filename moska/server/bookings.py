@@ -113,8 +113,6 @@ class Bookings:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=256))
     _last_due: float = -math.inf  # the latest booked moment
-    _free_at: float = -math.inf  # when the booked work would all be done
-    _busy_until: float = -math.inf  # the end of the latest exclusive booking's prefill
     _lapses: list[tuple[float, int, Booking]] = field(default_factory=list)  # heap by lapse
     _seq: int = 0  # ties in the heap
 
@@ -133,19 +131,14 @@ class Bookings:
         drain_s: float,
         cost: RequestCost,
         spacing_s: float = 0.0,
-        exclusive_s: float = 0.0,
-        finish_s: float = 0.0,
     ) -> float:
         """The promise of a 429 whose own drain is `drain_s`, and no sooner than its place
         in the queue of booked retries still to come: `spacing_s` (times the learnt
-        `pace`) after the latest booked moment; or, for a request admission takes only on
-        an idle engine (`exclusive_s` > 0: its first token alone), once the work booked
-        before it is done (each booking's moment + its `finish_s`), nothing else booked
-        during its `exclusive_s`. The queue's length is scaled by the share of booked
-        clients who come back (`show_rate`). A booked retry refused at its moment keeps
-        its place (its own drain, no queue), and the pace slows. Booked under `key` for
-        `now` + the promise unless `key` is None, bookings are off, or the request is a
-        bench probe (`recording`); the promise either way."""
+        `pace`) after the latest booked moment, that queue's length scaled by the share of
+        booked clients who come back (`show_rate`). A booked retry refused at its moment
+        keeps its place (its own drain, no queue), and the pace slows. Booked under `key`
+        for `now` + the promise unless `key` is None, bookings are off, or the request is
+        a bench probe (`recording`); the promise either way."""
         if not self.enabled or not math.isfinite(drain_s):
             return drain_s
         drain_s = max(0.0, drain_s)
@@ -153,13 +146,9 @@ class Bookings:
             self._expire(now)
             recording = key is not None and self.recording()
             again = recording and key in self._by_key
-            tail = max(self._last_due, self._busy_until)
-            if exclusive_s > 0:
-                start = max(self._free_at, tail)
-            else:
-                start = tail + spacing_s * self.pace if tail > now else now
-            if start > now and not again:  # behind the booked retries still to come
-                drain_s = max(drain_s, self.show_rate * (start - now))
+            tail = self._last_due
+            if tail > now and not again:  # behind the booked retries still to come
+                drain_s = max(drain_s, self.show_rate * (tail - now) + spacing_s * self.pace)
             if not recording:
                 return drain_s
             assert key is not None
@@ -177,9 +166,6 @@ class Bookings:
             self._seq += 1
             heapq.heappush(self._lapses, (lapse, self._seq, booking))
             self._last_due = max(self._last_due, due)
-            self._free_at = max(self._free_at, due + finish_s)
-            if exclusive_s > 0:
-                self._busy_until = max(self._busy_until, due + exclusive_s)
         return drain_s
 
     def early(self, booking: Booking) -> None:

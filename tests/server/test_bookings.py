@@ -213,18 +213,19 @@ def test_a_retry_refused_at_its_moment_keeps_its_place_and_slows_the_pace():
     # a comes back at 1.0 and is refused: its own drain (0.3 s), not behind b at 1.5
     assert b.book(b"a", 1.0, 0.3, C, spacing_s=0.5) == pytest.approx(0.3)
     assert b.counts.rebooked == 1 and b.pace == pytest.approx(1.1)
-    assert b.book(b"c", 1.0, 0.1, C, spacing_s=0.5) == pytest.approx(0.5 + 0.55)
+    assert b.book(b"c", 1.0, 0.1, C, spacing_s=0.5) == pytest.approx(0.5 + 0.55)  # b, paced
     b.claim(b.find(b"a", 1.4))
     assert b.pace == pytest.approx(1.1 * (1 - 0.025))
 
 
-def test_a_request_taken_only_on_an_idle_engine_is_booked_once_the_work_before_it_is_done():
-    """A library prefill on CPU longer than the SLO is admitted only on an idle engine: it
-    is booked when the work booked before it is predicted done, and nothing is booked
-    during its own prefill."""
-    b, lib = Bookings(), RequestCost(100, 8, 4096)
-    assert b.book(b"p1", 0.0, 1.0, C, spacing_s=0.1, finish_s=0.8) == pytest.approx(1.0)
-    assert b.book(b"p2", 0.0, 0.5, C, spacing_s=0.1, finish_s=0.8) == pytest.approx(1.1)
-    # the library one: after p2 is done (1.1 + 0.8), then 6 s of prefill of its own
-    assert b.book(b"L", 0.0, 0.5, lib, exclusive_s=6.0, finish_s=7.0) == pytest.approx(1.9)
-    assert b.book(b"p3", 0.0, 0.5, C, spacing_s=0.1, finish_s=0.8) == pytest.approx(7.9 + 0.1)
+def test_a_request_taken_only_on_an_idle_engine_is_promised_its_drain_and_not_booked():
+    """A library prefill on CPU longer than the SLO is admitted only on an idle engine: its
+    own drain waits for one; it is neither booked nor queued behind the booked."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    plain, lib = RequestCost(32, 8), RequestCost(200, 8, 1 << 22)
+    assert not adm.pacing(plain)[1] and adm.pacing(lib)[1]
+    first = adm.book(b"p1", plain, 2.0)
+    assert first == 2.0 and adm.book(b"p2", plain, 0.5) > 2.0  # queued behind p1
+    assert adm.book(b"L", lib, 0.5) == 0.5 and adm.bookings.find(b"L", 0.1) is None
