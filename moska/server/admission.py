@@ -317,7 +317,8 @@ class AdmissionController(BookedDrains, DoorDrains):
             return Decision(
                 Verdict.QUEUE_FULL, ttft, retry_drain.retry_after(pred.queue_s), pred.queue_s
             )
-        idle = not real.waiting and not real.running and not self.door.inside
+        # (booked retries due within the SLO's reach count: idle then is not idle)
+        idle = not load.waiting and not load.running and not self.door.inside
         # An idle server admits: waiting cannot help, and the estimates only learn from
         # work that runs (a prior that errs slow must not lock a request type out). Not
         # with others at the door: a library prefill admitted so at the start of a 1,000
