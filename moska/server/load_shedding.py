@@ -184,7 +184,7 @@ class LoadSheddingMiddleware:
         return waiting, waiting * self.backlog.answer_s, lag.now() if lag is not None else 0.0
 
 
-async def _read_body(receive: Receive, digest: BodyDigest, wait_s: float = 0.05) -> bytes:
+async def _read_body(receive: Receive, digest: BodyDigest, wait_s: float = 0.5) -> bytes:
     """The body of a request the door refuses, up to `MAX_DOOR_BODY` bytes, fed to
     `digest` (its booking key) and searched for a library name. What has not arrived
     within `wait_s` is left unread (no booking then). No timer when the server says the

@@ -22,12 +22,12 @@ C = RequestCost(64, 8)
 
 
 def test_a_booking_is_found_until_it_lapses_and_claimed_once():
-    b = Bookings(min_lapse_s=2.0, lapse_factor=1.0)
+    b = Bookings(min_lapse_s=2.0, lapse_factor=1.0)  # (the default lapses at 3x the wait)
     assert b.book(b"k", 10.0, 3.0, C) == 3.0
     got = b.find(b"k", 11.0)
     assert got is not None and got.due == 13.0 and got.lapse == 16.0
-    # 40 % of the wait early is on time (Retry-After's rounded seconds), half is not
-    assert got.opens == pytest.approx(10.0 + 0.6 * 3.0)
+    # 25 % of the wait early is on time (Retry-After's rounded seconds), half is not
+    assert got.opens == pytest.approx(10.0 + 0.75 * 3.0)
     assert b.find(b"other", 11.0) is None and b.find(None, 11.0) is None
     b.claim(got)
     assert b.find(b"k", 12.0) is None and b.counts.claimed == 1 and b.show_rate == 1.0
@@ -199,7 +199,7 @@ def test_the_door_books_a_429_tells_an_early_retry_the_time_left_and_lets_it_in_
     assert "retry booked" in json.loads(text)["error"]["message"]
     status, headers, _ = _post(mw, app, b'{"prompt": "another request"}')
     assert status == 429 and int(headers["retry-after-ms"]) >= 800  # booked behind it
-    now[0] += 0.25  # 0.69 of its wait (Retry-After's whole second would say 1 s, not 0.8):
+    now[0] += 0.35  # 0.81 of its wait (Retry-After's whole second would say 1 s, not 0.8):
     # on time; in it goes, the body the door read given to the app
     status, _, _ = _post(mw, app, body)
     assert status == 200 and reached == [body]
