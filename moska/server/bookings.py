@@ -14,9 +14,9 @@ promise that knew each burst's own future (the hindsight ceiling, load_drain_cei
 scored only 0.78-0.91 within 2x: no prediction can meet 0.95 when admission itself is a
 race. A booking makes the moment the server's commitment.
 
-Clients that never come back would otherwise hold capacity: a booking counts ahead only
-as much as booked requests have come back (`show_rate`, learnt from claimed vs lapsed
-bookings, a moving average), and lapses `lapse_factor` x its promise after its moment (at
+Clients that never come back would otherwise hold capacity: the queue counts only as much
+as booked requests have come back (`show_rate`: the claimed share of recent claimed or
+lapsed bookings), and a booking lapses `lapse_factor` x its promise after its moment (at
 least `min_lapse_s`). Thread-safe; the clock is the caller's (admission's).
 """
 
@@ -88,7 +88,9 @@ class Bookings:
     """The booked 429s by key (see the module docstring)."""
 
     enabled: bool = True
-    lapse_factor: float = 2.0  # lapse at 3x the wait: a dry retry at 2x came after 2x
+    # lapse at 3x the wait from the 429: at 2x the bench's dry retry at 2x (timed from
+    # when its client received the 429) came just after the lapse
+    lapse_factor: float = 2.0
     min_lapse_s: float = 2.0
     grace_s: float = 0.25  # a booking counts ahead until this long past its moment
     # a retry this share of its wait early is taken as on time: a client that reads the
