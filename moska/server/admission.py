@@ -259,12 +259,9 @@ class AdmissionController(BookedDrains, DoorDrains):
         front door here."""
         self.door.leave_current()
         cost = RequestCost(new) if isinstance(new, int) else new
-        now = self.clock()
-        booking = self.bookings.find(key, now)
-        if booking is not None and now < booking.opens:  # early: the same appointment
-            self.bookings.early(booking)
-            left = booking.due - now
-            return Decision(Verdict.SLO, left, retry_drain.retry_after(left), left)
+        booking, early = self.booked(key)
+        if early is not None:  # before its moment: the same appointment, what is left
+            return early
         decision = self._decide(cost, load, num_requests, elapsed_s, "learn", booking)
         if decision.accepted and booking is not None:
             self.bookings.claim(booking)

@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from moska.server import retry_drain
+from moska.server.admission_decision import Decision, Verdict
 from moska.server.bookings import Booking, Bookings
 from moska.server.queue_replay import Load, Prediction, RequestCost, replay
 
@@ -51,6 +53,14 @@ class BookedDrains:
             return load
         n = len(booked)
         return Load(load.waiting + booked, load.running, load.num_pending + n, load.busy_s)
+
+    def booked(self, key: bytes | None) -> tuple[Booking | None, Decision | None]:
+        """The booking of the request whose key is `key` and, when this retry of it is
+        early, its 429: the time left of the same appointment (`Bookings.check`)."""
+        booking, left = self.bookings.check(key, self.clock())
+        if left is None:
+            return booking, None
+        return booking, Decision(Verdict.SLO, left, retry_drain.retry_after(left), left)
 
     def _replay(self, cost: RequestCost, ahead: int) -> Prediction:
         """`cost` behind `ahead` more like it, on the fitted step times unscaled."""

@@ -99,9 +99,8 @@ class Bookings:
     # in at 1,000 clients on 2 cores: the bench's client received its 429s ~0.2 s after
     # the server booked them, which is 0.3 of a 0.68 s promise
     early_share: float = 0.25
-    # the share of bookings claimed among the last `show_window` claimed or lapsed, with a
-    # prior of `show_prior` claimed ones (every client returns until seen otherwise)
-    show_window: int = 256
+    # the share of bookings claimed among the last 256 claimed or lapsed (`_outcomes`), with
+    # a prior of `show_prior` claimed ones (every client returns until seen otherwise)
     show_prior: int = 8
     max_bookings: int = 100_000
     # the gap between booked moments is the replayed one times `pace`: up by `pace_step`
@@ -172,9 +171,15 @@ class Bookings:
             self._last_due = max(self._last_due, due)
         return drain_s
 
-    def early(self, booking: Booking) -> None:
+    def check(self, key: bytes | None, now: float) -> tuple[Booking | None, float | None]:
+        """The live booking of `key` and, when a retry of it comes before the booking
+        opens, the time left until its moment (counted `early`); None, None: no booking."""
+        booking = self.find(key, now)
+        if booking is None or now >= booking.opens:
+            return booking, None
         with self._lock:
             self.counts.early += 1
+        return booking, booking.due - now
 
     def claim(self, booking: Booking) -> None:
         """A retry of `booking` was admitted: it is spent."""
@@ -217,7 +222,7 @@ class Bookings:
     @property
     def show_rate(self) -> float:
         """The share of booked clients that came back (claimed vs lapsed, recent window)."""
-        seen = list(self._outcomes)[-self.show_window :]
+        seen = self._outcomes
         return (sum(seen) + self.show_prior) / (len(seen) + self.show_prior)
 
     def state(self) -> dict[str, float]:

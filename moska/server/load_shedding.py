@@ -22,10 +22,11 @@ import re
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
+from dataclasses import replace
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moska.server import retry_drain, storm_anchor
+from moska.server import storm_anchor
 from moska.server.admission import Decision, Verdict
 from moska.server.bookings import BODY_DIGEST, BodyDigest
 from moska.server.door_backlog import DoorBacklog
@@ -244,20 +245,15 @@ _EARLY = -1.0
 def _booked(state: object | None, key: bytes | None, decision: Decision) -> Decision | None:
     """A door 429 `decision` for a request whose booking key is `key`: None when it is a
     booked retry at or past its moment (it goes in and admission decides it as booked),
-    the time left of its booking when it came early, else `decision` as it is."""
-    admission = getattr(state, "admission", None)
-    bookings = getattr(admission, "bookings", None)
-    if bookings is None or key is None:
+    the time left of its booking when it came early (`AdmissionController.booked`), else
+    `decision` as it is."""
+    booked = getattr(getattr(state, "admission", None), "booked", None)
+    if booked is None or key is None:
         return decision
-    now = admission.clock()  # type: ignore[union-attr]
-    booking = bookings.find(key, now)
+    booking, early = booked(key)
     if booking is None:
         return decision
-    if now >= booking.opens:
-        return None
-    bookings.early(booking)
-    left = booking.due - now
-    return Decision(decision.verdict, left, retry_drain.retry_after(left), left, made_at=_EARLY)
+    return None if early is None else replace(early, made_at=_EARLY)
 
 
 def _book(
