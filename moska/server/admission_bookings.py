@@ -29,10 +29,11 @@ class BookedDrains:
     limits: Any
     max_sim_steps: int
     _load_tps: float
-    _spacing_memo: dict[RequestCost, tuple[float, tuple[float, bool]]]
+    _spacing_memo: dict[RequestCost, tuple[float, tuple[float, bool, float]]]
     headroom: float
 
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
+    _decide: Callable[..., Decision]  # admission.AdmissionController
 
     def with_bookings(
         self,
@@ -71,15 +72,15 @@ class BookedDrains:
             cost, load, 1, None, coef=coef, load_tps=load_tps, limits=limits, max_sim_steps=steps
         )
 
-    def pacing(self, cost: RequestCost) -> tuple[float, bool]:
-        """(gap, idle only) of booked retries like `cost`, replayed on the fitted step
+    def pacing(self, cost: RequestCost) -> tuple[float, bool, float]:
+        """(gap, idle only, alone) of booked retries like `cost`, replayed on the fitted step
         times without the slowdown factor (a booked retry comes after the burst that
         inflates it: scaled, promises made in a 1,000-client storm on 2 cores spaced plain
         retries 0.92 s apart and the engine sat idle as they came back); memoized per cost
         for a second. `gap`: how much later each of a batch more gets its first token
         behind a full batch (a staircase: a batch's requests start together). `idle only`:
-        its own first token alone misses `headroom` x SLO, so admission takes it only on an
-        idle engine (a library prefill on CPU)."""
+        its own first token alone misses `headroom` x SLO, so admission takes it only when
+        nothing waits (a library prefill on CPU). `alone`: that first token's seconds."""
         now = self.clock()
         hit = self._spacing_memo.get(cost)
         if hit is not None and now - hit[0] < 1.0:
@@ -90,7 +91,8 @@ class BookedDrains:
         # storm (to seconds at 1,000 clients on 2 cores), and every plain request read
         # as idle-only there went unbooked
         steady = self.headroom * (self.ttft_slo or math.inf)
-        out = (max(0.0, (more.ttft_s - full.ttft_s) / n), float(one.alone_s) > steady)
+        alone = float(one.alone_s)
+        out = (max(0.0, (more.ttft_s - full.ttft_s) / n), alone > steady, alone)
         if len(self._spacing_memo) > 64:
             self._spacing_memo.clear()
         self._spacing_memo[cost] = (now, out)
@@ -99,17 +101,38 @@ class BookedDrains:
     def book(self, key: bytes | None, cost: RequestCost, drain_s: float) -> float:
         """The promise of a 429 whose own drain is `drain_s`: no sooner than its place
         behind the booked retries still to come (`Bookings.book`, paced by `pacing`),
-        booked under `key` (None, or a bench probe: promised, not booked). Not a request
-        admission takes only on an idle engine: its drain already waits for one, and a
-        queue that keeps the engine busy would never give it one (on 2 CPU cores, library
-        prefills of ~7 s: booked with an idle window each, 0.08 of them got in within two
-        retries and the plain retries booked behind those windows fell from 1.00 to 0.70)."""
+        booked under `key` (None, or a bench probe: promised, not booked). A request
+        admission takes only when nothing waits (its first token alone misses the
+        headroom) holds the engine alone for that first token: it comes a typical gap
+        after the booked queue, and the bookings after it come after its first token.
+        Such requests were left unbooked before session 20 (a queue that keeps the engine
+        busy never gives them a moment alone): on the device's bursts 30 % of the library
+        requests were so and none of them got in within two retries. One whose first
+        token alone misses the whole SLO is not booked (no moment keeps that promise)."""
         if self.ttft_slo is None or not self.bookings.enabled or not math.isfinite(drain_s):
             return drain_s
-        gap, idle_only = self.pacing(cost)
-        if idle_only:
+        gap, idle_only, alone = self.pacing(cost)
+        if not idle_only:
+            return self.bookings.book(key, self.clock(), drain_s, cost, gap)
+        if alone > self.ttft_slo:
             return drain_s
-        return self.bookings.book(key, self.clock(), drain_s, cost, gap)
+        gap = self.pacing(self._typical_cost())[0]
+        return self.bookings.book(key, self.clock(), drain_s, cost, gap, hold_s=alone)
+
+    def booked_at_door(
+        self, booking: Booking, load: Load, elapsed_s: float = 0.0
+    ) -> Decision | None:
+        """A booked retry at its moment, at the door: None when admission would take it
+        now (it goes in and the route decides it), else its 429, booked again (its own
+        drain). Decided on the booking's cost before the body is parsed or tokenized: on
+        the device's 1,000-client bursts the retries refused again at their moment took
+        the route's whole path (validation, tokenization) and the loop answered ~120 of
+        them a second."""
+        decision = self._decide(booking.cost, load, 1, elapsed_s, "learn", booking)
+        if decision.accepted or decision.verdict is not Verdict.SLO:
+            return None if decision.accepted else decision
+        promise = self.book(booking.key, booking.cost, decision.drain_s)
+        return decision.later(promise - decision.drain_s)
 
     def book_at_door(
         self, key: bytes | None, drain_s: float, library: bool, body_bytes: int | None

@@ -15,8 +15,12 @@ scored only 0.78-0.91 within 2x: no prediction can meet 0.95 when admission itse
 race. A booking makes the moment the server's commitment.
 
 Clients that never come back would otherwise hold capacity: the queue counts only as much
-as booked requests have come back (`show_rate`: the claimed share of recent claimed or
-lapsed bookings), and a booking lapses `lapse_factor` x its promise after its moment (at
+as booked requests have come back (`show_rate`: of recent bookings, the share whose client
+came back at its moment, admitted or refused again; by the booking's try, since a client
+stops after its own retry limit: the OpenAI SDK's third 429 of a request is its last,
+and on session 20's device bursts those lapses alone took one show rate for all from 1
+to 0.03, the booked queue then counted as empty and 150 retries admitted together missed
+the SLO by 11 s), and a booking lapses `lapse_factor` x its promise after its moment (at
 least `min_lapse_s`). Thread-safe; the clock is the caller's (admission's).
 """
 
@@ -70,6 +74,7 @@ class Booking:
     cost: RequestCost
     lapse: float = math.inf  # after this an unclaimed booking is dropped
     opens: float = -math.inf  # from this a retry is taken as at its moment (`early_share`)
+    tries: int = 1  # the 429s of this request so far (1: its first)
 
 
 @dataclass
@@ -99,8 +104,9 @@ class Bookings:
     # in at 1,000 clients on 2 cores: the bench's client received its 429s ~0.2 s after
     # the server booked them, which is 0.3 of a 0.68 s promise
     early_share: float = 0.25
-    # the share of bookings claimed among the last 256 claimed or lapsed (`_outcomes`), with
-    # a prior of `show_prior` claimed ones (every client returns until seen otherwise)
+    # per try (1, 2, 3 or more), the share of the last 256 bookings whose client came back
+    # (`_outcomes`), with a prior of `show_prior` that did (every client returns until seen
+    # otherwise)
     show_prior: int = 8
     max_bookings: int = 100_000
     # the gap between booked moments is the replayed one times `pace`: up by `pace_step`
@@ -108,13 +114,15 @@ class Bookings:
     # replay says), back down a quarter of that at each claimed one, within [1, max_pace]
     pace: float = 1.0
     pace_step: float = 0.1
-    max_pace: float = 2.0
+    max_pace: float = 8.0
     # whether the request being decided books and claims (the bench's dry probes do not)
     recording: Callable[[], bool] = lambda: True
     counts: BookingCounts = field(default_factory=BookingCounts)
     _by_key: dict[bytes, Booking] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=256))
+    _outcomes: dict[int, deque[bool]] = field(
+        default_factory=lambda: {t: deque(maxlen=256) for t in (1, 2, 3)}
+    )
     _last_due: float = -math.inf  # the latest booked moment
     _lapses: list[tuple[float, int, Booking]] = field(default_factory=list)  # heap by lapse
     _seq: int = 0  # ties in the heap
@@ -134,21 +142,25 @@ class Bookings:
         drain_s: float,
         cost: RequestCost,
         spacing_s: float = 0.0,
+        hold_s: float = 0.0,
     ) -> float:
         """The promise of a 429 whose own drain is `drain_s`, and no sooner than its place
         in the queue of booked retries still to come: `spacing_s` (times the learnt
         `pace`) after the latest booked moment, that queue's length scaled by the share of
         booked clients who come back (`show_rate`). A booked retry refused at its moment
-        keeps its place (its own drain, no queue), and the pace slows. Booked under `key`
-        for `now` + the promise unless `key` is None, bookings are off, or the request is
-        a bench probe (`recording`); the promise either way."""
+        keeps its place (its own drain, no queue), and the pace slows. `hold_s`: how long
+        the engine is its alone from its moment (a request admission takes only when
+        nothing waits): later bookings come after that. Booked under `key` for `now` + the
+        promise unless `key` is None, bookings are off, or the request is a bench probe
+        (`recording`); the promise either way."""
         if not self.enabled or not math.isfinite(drain_s):
             return drain_s
         drain_s = max(0.0, drain_s)
         with self._lock:
             self._expire(now)
             recording = key is not None and self.recording()
-            again = recording and key in self._by_key
+            old = self._by_key.get(key) if recording and key is not None else None
+            again = old is not None
             tail = self._last_due
             if tail > now and not again:  # behind the booked retries still to come
                 drain_s = max(drain_s, self.show_rate * (tail - now) + spacing_s * self.pace)
@@ -156,7 +168,10 @@ class Bookings:
                 return drain_s
             assert key is not None
             lapse = now + drain_s + max(self.min_lapse_s, self.lapse_factor * drain_s)
-            if again:
+            tries = 1
+            if old is not None:  # its client came back: a show
+                tries = old.tries + 1
+                self._outcome(old, True)
                 self.counts.rebooked += 1
                 self.pace = min(self.max_pace, self.pace * (1.0 + self.pace_step))
             elif len(self._by_key) >= self.max_bookings:
@@ -165,10 +180,10 @@ class Bookings:
                 self.counts.made += 1
             due = now + drain_s
             opens = now + (1.0 - self.early_share) * drain_s
-            booking = self._by_key[key] = Booking(key, now, due, cost, lapse, opens)
+            booking = self._by_key[key] = Booking(key, now, due, cost, lapse, opens, tries)
             self._seq += 1
             heapq.heappush(self._lapses, (lapse, self._seq, booking))
-            self._last_due = max(self._last_due, due)
+            self._last_due = max(self._last_due, due + max(0.0, hold_s))
         return drain_s
 
     def check(self, key: bytes | None, now: float) -> tuple[Booking | None, float | None]:
@@ -189,7 +204,7 @@ class Bookings:
             if self._by_key.get(booking.key) is booking:
                 del self._by_key[booking.key]
                 self.counts.claimed += 1
-                self._outcomes.append(True)
+                self._outcome(booking, True)
                 self.pace = max(1.0, self.pace * (1.0 - self.pace_step / 4))
 
     def ahead(
@@ -202,7 +217,7 @@ class Bookings:
         """The booked work still to come: of the bookings not more than `grace_s` past
         their moment, due by `due_by` and made before `made_before` (or, with `before`, a
         booked retry being decided: due no later than its own), the earliest `show_rate`
-        share."""
+        share, by try (`show_rate_of`: as many as are expected to come back)."""
         if not self.enabled:
             return []
         with self._lock:
@@ -215,20 +230,30 @@ class Bookings:
                 and b is not before
                 and (before is None or b.due <= before.due)
             ]
-            rate = self.show_rate
+            rates = {t: self.show_rate_of(t) for t in self._outcomes}
+            expected = sum(rates[min(b.tries, 3)] for b in due)
         due.sort(key=lambda b: b.due)
-        return [b.cost for b in due[: round(len(due) * rate)]]
+        return [b.cost for b in due[: round(expected)]]
 
     @property
     def show_rate(self) -> float:
-        """The share of booked clients that came back (claimed vs lapsed, recent window)."""
-        seen = self._outcomes
+        """The share of clients that came back to their first booking (recent window)."""
+        return self.show_rate_of(1)
+
+    def show_rate_of(self, tries: int) -> float:
+        """The share of bookings made at a request's `tries`-th 429 (3: or later) whose
+        client came back at its moment (claimed or refused again) rather than lapsing."""
+        seen = self._outcomes[min(max(tries, 1), 3)]
         return (sum(seen) + self.show_prior) / (len(seen) + self.show_prior)
+
+    def _outcome(self, booking: Booking, came: bool) -> None:
+        self._outcomes[min(booking.tries, 3)].append(came)
 
     def state(self) -> dict[str, float]:
         """The totals by outcome, the bookings open, the show rate and the pace."""
         with self._lock:
             return {**vars(self.counts), "open": len(self), "show_rate": self.show_rate,
+                    "show_rate_by_try": [self.show_rate_of(t) for t in (1, 2, 3)],
                     "pace": self.pace}  # fmt: skip
 
     def __len__(self) -> int:
@@ -243,4 +268,4 @@ class Bookings:
             if self._by_key.get(booking.key) is booking:  # not claimed or replaced since
                 del self._by_key[booking.key]
                 self.counts.lapsed += 1
-                self._outcomes.append(False)
+                self._outcome(booking, False)

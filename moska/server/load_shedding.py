@@ -238,22 +238,32 @@ def _digesting(receive: Receive, digest: BodyDigest) -> Receive:
     return read
 
 
-# `Decision.made_at` of an early retry's 429 (its booking's time left, not to be aged)
+# `Decision.made_at` of a booked retry's 429 (early: its booking's time left; at its
+# moment: booked again), not to be aged or booked at the door
 _EARLY = -1.0
 
 
 def _booked(state: object | None, key: bytes | None, decision: Decision) -> Decision | None:
     """A door 429 `decision` for a request whose booking key is `key`: None when it is a
-    booked retry at or past its moment (it goes in and admission decides it as booked),
-    the time left of its booking when it came early (`AdmissionController.booked`), else
-    `decision` as it is."""
-    booked = getattr(getattr(state, "admission", None), "booked", None)
+    booked retry at or past its moment that admission would take now (it goes in and
+    the route decides it as booked), its 429 booked again when admission would not
+    (`AdmissionController.booked_at_door`: decided on the booking's cost, before the body
+    is parsed or tokenized), the time left of its booking when it came early
+    (`AdmissionController.booked`), else `decision` as it is."""
+    admission = getattr(state, "admission", None)
+    booked = getattr(admission, "booked", None)
     if booked is None or key is None:
         return decision
     booking, early = booked(key)
     if booking is None:
         return decision
-    return None if early is None else replace(early, made_at=_EARLY)
+    if early is not None:
+        return replace(early, made_at=_EARLY)
+    engine, lag = getattr(state, "async_engine", None), getattr(state, "loop_lag", None)
+    if engine is None or admission is None:
+        return None
+    again = admission.booked_at_door(booking, engine.load(), lag.now() if lag else 0.0)
+    return None if again is None else replace(again, made_at=_EARLY)
 
 
 def _book(

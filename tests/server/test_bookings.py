@@ -17,6 +17,7 @@ from test_admission import BUDGET, MAX_SEQS, VirtualServer, warm_up
 from moska.server.admission import AdmissionController, Decision, EngineLimits, RequestCost, Verdict
 from moska.server.bookings import Bookings
 from moska.server.load_shedding import LoadSheddingMiddleware, LoopLag
+from moska.server.queue_replay import Load
 
 C = RequestCost(64, 8)
 
@@ -56,9 +57,33 @@ def test_what_bookings_count_ahead():
     assert prompts(b.ahead(1.1, made_before=0.7)) == [1, 2]  # booked before it arrived
     own = b.find(b"b", 1.1)
     assert prompts(b.ahead(1.1, before=own)) == [1]  # a booked retry: those before it
-    b._outcomes.extend([False] * 8)  # half of booked clients came back (8 seen, prior 8)
+    b._outcomes[1].extend([False] * 8)  # half of booked clients came back (8 seen, prior 8)
     assert b.show_rate == 0.5  # the earliest half counts
     assert prompts(b.ahead(1.1)) == [1, 2]
+
+
+def test_a_client_refused_again_came_back_and_the_sdk_s_last_429_lapses_apart():
+    """The OpenAI SDK retries twice: its third 429's booking always lapses. That is no
+    sign that first bookings go unclaimed (on the device one show rate for all fell to
+    0.03 and the booked queue was counted as empty), so show rates are kept by try."""
+    b = Bookings(min_lapse_s=1.0, lapse_factor=0.0)
+    for i in range(8):
+        k = bytes([i])
+        for t in (0.0, 1.0, 2.0):  # refused at each moment it came back to
+            b.book(k, t, 1.0, C)
+    b.find(b"x", 10.0)  # the third bookings lapse
+    assert b.counts.lapsed == 8 and b.counts.rebooked == 16
+    assert b.show_rate == 1.0 and b.show_rate_of(2) == 1.0
+    assert b.show_rate_of(3) == pytest.approx(8 / 16)  # 0 of 8 came back, prior 8
+    # what is counted ahead: each booking as likely as its try's clients came back
+    b2 = Bookings(min_lapse_s=9.0)
+    b2._outcomes[3].extend([False] * 24)  # tries 3: (0 + 8) / (24 + 8) = 0.25
+    for i in range(4):
+        for t in (0.0, 1.0, 2.0):
+            b2.book(bytes([i]), t, 3.0 - t, C)  # due at 3.0 on its third try
+    for i in range(4, 8):
+        b2.book(bytes([i]), 2.0, 1.0, C)  # first tries, due at 3.0
+    assert len(b2.ahead(2.9)) == round(4 * 0.25 + 4 * 1.0)
 
 
 def test_a_probe_books_and_claims_nothing_and_off_means_off():
@@ -218,7 +243,7 @@ def test_a_retry_refused_at_its_moment_keeps_its_place_and_slows_the_pace():
     assert b.pace == pytest.approx(1.1 * (1 - 0.025))
 
 
-def test_a_request_taken_only_on_an_idle_engine_is_promised_its_drain_and_not_booked():
+def test_a_request_that_misses_the_slo_alone_is_promised_its_drain_and_not_booked():
     """A library prefill on CPU longer than the SLO is admitted only on an idle engine: its
     own drain waits for one; it is neither booked nor queued behind the booked."""
     adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
@@ -229,3 +254,54 @@ def test_a_request_taken_only_on_an_idle_engine_is_promised_its_drain_and_not_bo
     first = adm.book(b"p1", plain, 2.0)
     assert first == 2.0 and adm.book(b"p2", plain, 0.5) > 2.0  # queued behind p1
     assert adm.book(b"L", lib, 0.5) == 0.5 and adm.bookings.find(b"L", 0.1) is None
+
+
+def test_one_taken_only_when_nothing_waits_holds_its_moment_alone():
+    """A request whose first token alone misses the headroom but fits the SLO (a long
+    library prompt) comes after the booked queue, the bookings after it come after its
+    first token, and at its moment with nothing waiting it is admitted (not refused for
+    the headroom or the library risk, as it was at every moment on the device)."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    plain, mid = RequestCost(32, 8), RequestCost(32, 8, 2750)
+    _, idle_only, alone = adm.pacing(mid)
+    assert idle_only and adm.headroom * 1.0 < alone <= 1.0
+    first = adm.book(b"p1", plain, 1.0)
+    moment = adm.book(b"M", mid, 0.2)
+    assert moment > first and adm.bookings.find(b"M", 0.0) is not None
+    assert adm.book(b"p2", plain, 0.1) >= moment + alone  # after its first token
+    now[0] = moment
+    adm.bookings.claim(adm.bookings.find(b"p1", moment))  # p1 came and was admitted
+    running = Load((), ((4, 0),))  # its decode still running, nothing waiting
+    assert not adm.decide(mid, running).accepted  # not booked: the headroom holds
+    d = adm.decide(mid, running, key=b"M")
+    assert d.accepted and d.predicted_ttft_s > adm.fits_s()
+    assert adm.bookings.counts.claimed == 2
+    waiting = Load((plain,), ())
+    assert not adm.decide(mid, waiting, key=b"x").accepted
+
+
+def test_the_door_refuses_a_booked_retry_admission_would_refuse_without_the_route():
+    """At its moment a booked retry is decided at the door on its booking's cost: refused,
+    it is booked again there (on the device the refused ones took the route's whole path
+    and the loop answered ~120 a second); taken, it goes in."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    shed = Decision(Verdict.SLO, 9.0, 1, 0.8)
+    mw, app, reached = _door(adm, shed)
+    busy = Load(tuple(RequestCost(400, 8) for _ in range(40)), ())
+    engine = SimpleNamespace(load=lambda: busy)
+    app.state.moska.async_engine = engine
+    body = b'{"prompt": "once more"}'
+    status, headers, _ = _post(mw, app, body)
+    assert status == 429
+    now[0] += int(headers["retry-after-ms"]) / 1e3  # at its moment, the engine still busy
+    status, headers, text = _post(mw, app, body)
+    assert status == 429 and reached == [] and adm.bookings.counts.rebooked == 1
+    assert "retry booked" in json.loads(text)["error"]["message"]
+    engine.load = lambda: Load()  # idle by its next moment: in it goes
+    now[0] += int(headers["retry-after-ms"]) / 1e3
+    status, _, _ = _post(mw, app, body)
+    assert status == 200 and reached == [body]
