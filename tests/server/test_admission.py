@@ -36,7 +36,10 @@ class VirtualServer:
     """The real Scheduler on a virtual clock: each step lasts TRUE . features(step), with
     +-5% deterministic noise. Admission sees what the async engine would show it."""
 
-    def __init__(self, controller: AdmissionController, seed: int = 0) -> None:
+    def __init__(
+        self, controller: AdmissionController, seed: int = 0, true: np.ndarray | None = None
+    ) -> None:
+        self.true = TRUE if true is None else true  # seconds per feature unit
         self.sched = Scheduler(
             SchedulerConfig(max_num_batched_tokens=BUDGET, max_num_seqs=MAX_SEQS),
             BlockManager(8192, 16, enable_prefix_caching=False),
@@ -89,7 +92,7 @@ class VirtualServer:
             else:
                 decode += 1
         f = StepFeatures(prefill, pairs, decode, self.added)
-        dt = float(_x(f) @ TRUE) * self.rng.uniform(0.95, 1.05)
+        dt = float(_x(f) @ self.true) * self.rng.uniform(0.95, 1.05)
         self.t += dt
         self.added = 0
         got = self.sched.update_from_output(
