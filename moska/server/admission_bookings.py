@@ -32,6 +32,10 @@ class BookedDrains:
     _spacing_memo: dict[RequestCost, tuple[float, tuple[float, bool, float]]]
     headroom: float
 
+    # the event loop's wall time per answer under a backlog (DoorBacklog.answer_s, set by
+    # the door at each request): booked retries come no closer than `front_answers` of it
+    front_s: float = 0.0
+    front_answers: float = 2.0
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController
 
@@ -73,11 +77,12 @@ class BookedDrains:
         )
 
     def pacing(self, cost: RequestCost) -> tuple[float, bool, float]:
-        """(gap, idle only, alone) of booked retries like `cost`, replayed on the fitted step
-        times without the slowdown factor (a booked retry comes after the burst that
-        inflates it: scaled, promises made in a 1,000-client storm on 2 cores spaced plain
-        retries 0.92 s apart and the engine sat idle as they came back); memoized per cost
-        for a second. `gap`: how much later each of a batch more gets its first token
+        """(gap, idle only, alone) of booked retries like `cost`: the gap replayed on the
+        fitted step times without the slowdown factor (a booked retry comes after the burst
+        that inflates it: scaled, promises made in a 1,000-client storm on 2 cores spaced
+        plain retries 0.92 s apart and the engine sat idle as they came back), and at least
+        `front_answers` x the event loop's time per answer; memoized per cost for a
+        second. `gap`: how much later each of a batch more gets its first token
         behind a full batch (a staircase: a batch's requests start together). `idle only`:
         its own first token alone misses `headroom` x SLO, so admission takes it only when
         nothing waits (a library prefill on CPU). `alone`: that first token's seconds."""
@@ -92,7 +97,11 @@ class BookedDrains:
         # as idle-only there went unbooked
         steady = self.headroom * (self.ttft_slo or math.inf)
         alone = float(one.alone_s)
-        out = (max(0.0, (more.ttft_s - full.ttft_s) / n), alone > steady, alone)
+        # and no closer than the front end answers them: on the GPU the engine's gap is
+        # ~ms and a 1,000-client burst's booked retries came back faster than the one
+        # event loop answered them (0.5-2 s late, most refused again at their moment)
+        gap = max((more.ttft_s - full.ttft_s) / n, self.front_answers * self.front_s, 0.0)
+        out = (gap, alone > steady, alone)
         if len(self._spacing_memo) > 64:
             self._spacing_memo.clear()
         self._spacing_memo[cost] = (now, out)

@@ -118,6 +118,9 @@ class LoadSheddingMiddleware:
         try:
             state, door = _state(scope), _front_door(scope)
             waiting, storm, lag = self._storm(state)
+            admission = getattr(state, "admission", None)
+            if admission is not None:  # booked retries are paced no faster than answered
+                admission.front_s = self.backlog.answer_s
             if door is not None:  # those inside are decided after the connections ahead
                 door.storm_s = storm  # and its end, if it is a storm (storm_anchor.py)
                 door.storm_until = storm_anchor.storm_end(

@@ -11,6 +11,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from test_admission import BUDGET, MAX_SEQS, VirtualServer, warm_up
 
@@ -43,6 +44,24 @@ def test_bookings_of_one_door_drain_get_consecutive_moments():
     assert moments == pytest.approx([1.0, 1.25, 1.5, 1.75])
     assert b.book(b"late", 0.0, 5.0, C, spacing_s=0.25) == 5.0  # its drain is later still
     assert b.counts.made == 5 and len(b) == 5
+
+
+def test_one_door_drain_is_spread_by_the_show_rate_and_the_front_end():
+    """The door's memoized drain names one moment for a whole storm; the bookings behind it
+    must still get consecutive moments when not every client comes back (session 19 scaled
+    the whole queue by the show rate: at 0.97, 718 of 804 door 429s of a device burst got
+    the same 0.1 s), and no closer than the event loop answers them."""
+    b = Bookings()
+    b._outcomes[1].extend([True] * 24 + [False] * 8)  # 3 in 4 come back: (24 + 8) / 40
+    moments = [now + b.book(bytes([i]), now, 2.2 - now, C, spacing_s=0.01)
+               for i, now in enumerate((0.0, 0.01, 0.02, 0.03))]  # fmt: skip
+    steps = np.diff(moments)
+    assert np.allclose(steps, 0.01 * b.show_rate) and b.show_rate == 0.8
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    engine_gap = adm.pacing(RequestCost(33, 8))[0]
+    adm.front_s = 0.05  # the loop's time per answer under a backlog
+    gap = adm.pacing(RequestCost(34, 8))[0]
+    assert gap == pytest.approx(0.1) and gap > engine_gap
 
 
 def test_what_bookings_count_ahead():
