@@ -112,7 +112,9 @@ class Bookings:
     # the gap between booked moments is the replayed one times `pace`: up by `pace_step`
     # at each booked retry refused at its moment (the engine serves them slower than the
     # replay says), back down a quarter of that at each claimed one, within [1, max_pace]
-    pace: float = 1.0
+    # by kind (plain, library: `_kind`): on the device's CPU cores library retries refused
+    # at their moment took one pace to its cap and spaced the plain ones 8x too
+    paces: dict[bool, float] = field(default_factory=lambda: {False: 1.0, True: 1.0})
     pace_step: float = 0.1
     max_pace: float = 8.0
     # whether the request being decided books and claims (the bench's dry probes do not)
@@ -165,7 +167,7 @@ class Bookings:
             again = old is not None
             tail = self._last_due
             if tail > now and not again:  # behind the booked retries still to come
-                step = spacing_s * self.pace * self.show_rate
+                step = spacing_s * self.paces[_kind(cost)] * self.show_rate
                 drain_s = max(drain_s, tail - now + step)
             if not recording:
                 return drain_s
@@ -176,7 +178,8 @@ class Bookings:
                 tries = old.tries + 1
                 self._outcome(old, True)
                 self.counts.rebooked += 1
-                self.pace = min(self.max_pace, self.pace * (1.0 + self.pace_step))
+                k = _kind(cost)
+                self.paces[k] = min(self.max_pace, self.paces[k] * (1.0 + self.pace_step))
             elif len(self._by_key) >= self.max_bookings:
                 return drain_s  # full: this 429 is a plain promise
             else:
@@ -208,7 +211,8 @@ class Bookings:
                 del self._by_key[booking.key]
                 self.counts.claimed += 1
                 self._outcome(booking, True)
-                self.pace = max(1.0, self.pace * (1.0 - self.pace_step / 4))
+                k = _kind(booking.cost)
+                self.paces[k] = max(1.0, self.paces[k] * (1.0 - self.pace_step / 4))
 
     def ahead(
         self,
@@ -239,6 +243,11 @@ class Bookings:
         return [b.cost for b in due[: round(expected)]]
 
     @property
+    def pace(self) -> float:
+        """The slower kind's pace (`moska_retry_bookings_pace`)."""
+        return max(self.paces.values())
+
+    @property
     def show_rate(self) -> float:
         """The share of clients that came back to their first booking (recent window)."""
         return self.show_rate_of(1)
@@ -257,7 +266,7 @@ class Bookings:
         with self._lock:
             return {**vars(self.counts), "open": len(self), "show_rate": self.show_rate,
                     "show_rate_by_try": [self.show_rate_of(t) for t in (1, 2, 3)],
-                    "pace": self.pace}  # fmt: skip
+                    "pace": self.pace, "pace_library": self.paces[True]}  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -272,3 +281,8 @@ class Bookings:
                 del self._by_key[booking.key]
                 self.counts.lapsed += 1
                 self._outcome(booking, False)
+
+
+def _kind(cost: RequestCost) -> bool:
+    """The pace a booking of `cost` keeps: library requests' apart from plain ones."""
+    return cost.library_attend > 0

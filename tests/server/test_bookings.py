@@ -262,6 +262,20 @@ def test_a_retry_refused_at_its_moment_keeps_its_place_and_slows_the_pace():
     assert b.pace == pytest.approx(1.1 * (1 - 0.025))
 
 
+def test_library_retries_refused_at_their_moment_slow_the_library_pace_only():
+    """On the device's CPU cores library retries refused at their moment took the one pace
+    to 7.8 in a 64-client burst, and the plain retries of the next burst were spaced 8x."""
+    b = Bookings()
+    lib = RequestCost(64, 8, 4096)
+    for i in range(5):
+        b.book(bytes([i]), 0.0, 1.0, lib)
+        b.book(bytes([i]), 1.0, 1.0, lib)  # refused at its moment
+    assert b.paces[True] == pytest.approx(1.1**5) and b.paces[False] == 1.0
+    assert b.pace == b.paces[True]  # the metric: the slower kind
+    tail = max(x.due for x in b._by_key.values())
+    assert b.book(b"plain", 1.0, 0.0, C, spacing_s=0.5) == pytest.approx(tail - 1.0 + 0.5)
+
+
 def test_a_request_that_misses_the_slo_alone_is_promised_its_drain_and_not_booked():
     """A library prefill on CPU longer than the SLO is admitted only on an idle engine: its
     own drain waits for one; it is neither booked nor queued behind the booked."""
