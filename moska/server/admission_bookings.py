@@ -33,9 +33,13 @@ class BookedDrains:
     headroom: float
 
     # the event loop's wall time per answer under a backlog (DoorBacklog.answer_s, set by
-    # the door at each request): booked retries come no closer than `front_answers` of it
+    # the door at each request): booked retries come no closer than `front_answers` of it.
+    # 8: an admitted request costs the loop several door answers (body, validation, its
+    # stream); from 2, device call 4's GPU 300-client bursts raised the pace to 6.2-7.0
+    # (12-14 answers), and the 1,000-client bursts that began at that pace kept every
+    # sampled promise within 2x, none too long
     front_s: float = 0.0
-    front_answers: float = 2.0
+    front_answers: float = 8.0
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController
 
