@@ -56,7 +56,9 @@ def summarize_dir(folder: Path) -> dict[str, Any]:
         if obey:
             row["obey"] = overall([b["obey"] for b in bursts if "obey" in b])
             row["obey_by_size"] = {
-                str(size): overall([b["obey"] for b in bursts if b["clients"] == size])
+                str(size): overall(
+                    [b["obey"] for b in bursts if b["clients"] == size and "obey" in b]
+                )
                 for size in sorted({b["clients"] for b in bursts})
             }
         else:
@@ -94,8 +96,9 @@ def main(argv: list[str]) -> int:
     (folder / "summary.json").write_text(json.dumps(summary, indent=1))
     for s in summary["servers"]:
         head = (
-            f"{s['file']}: bookings={s['bookings']} obey={s['obey_retries']} on {s['device']}, bursts "
-            f"{s['bursts']}; first attempts admitted {s['first_attempt_admitted']}, SLO "
+            f"{s['file']}: bookings={s['bookings']} obey={s['obey_retries']} on "
+            f"{s['device']}, bursts {s['bursts']}; first attempts admitted "
+            f"{s['first_attempt_admitted']}, SLO "
             f"{_f(s['first_attempt_slo'])}"
         )
         print(head)

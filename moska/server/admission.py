@@ -325,11 +325,13 @@ class AdmissionController(BookedDrains, DoorDrains):
         # 1.5x off under a burst) and the requests queued before it share that step: it
         # must fit with its error, or they miss for it.
         # A booked retry that admission takes only when nothing waits (`pacing`), with
-        # nothing waiting before it, has the moment alone its booking held: admitted if it
-        # fits the whole SLO. (The library risk stays for booked retries too: without it,
-        # in a virtual three-burst run, plain requests queued before an admitted library
-        # prefill shared its steps and 5 of 67 missed the SLO.)
-        if booked is not None and not load.waiting and ttft <= (self.ttft_slo or math.inf):
+        # nothing waiting before it or at the door, has the moment alone its booking held:
+        # admitted if it fits the whole SLO less the delivery margin. (The library risk
+        # stays for booked retries too: without it, in a virtual three-burst run, plain
+        # requests queued before an admitted library prefill shared its steps and 5 of 67
+        # missed the SLO.)
+        slo = (self.ttft_slo or math.inf) - self.margin.seconds  # as `fits_s`, no headroom
+        if booked is not None and not load.waiting and not self.door.inside and ttft <= slo:
             idle = idle or self.pacing(cost)[1]
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
         fits = self.fits_s()

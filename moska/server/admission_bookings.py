@@ -1,6 +1,7 @@
 """The controller's side of retry bookings (bookings.py), apart from admission.py: the load
 a verdict counts with the booked retries still to come, the steady gap between booked
-retries, and a 429's booking (its promise no sooner than its place in the queue). A mixin of
+retries, a 429's booking (its promise no sooner than its place in the queue), and a booked
+retry decided at the door before its body is parsed (`booked_at_door`). A mixin of
 `AdmissionController`: it reads the controller's `bookings`, `clock`, `predict`, `fits_s`,
 `library_requests` and typical cost."""
 
@@ -42,6 +43,7 @@ class BookedDrains:
     front_answers: float = 8.0
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController
+    _elapsed: float  # its moving average of the wait before a decision
 
     def with_bookings(
         self,
@@ -111,7 +113,9 @@ class BookedDrains:
         self._spacing_memo[cost] = (now, out)
         return out
 
-    def book(self, key: bytes | None, cost: RequestCost, drain_s: float) -> float:
+    def book(
+        self, key: bytes | None, cost: RequestCost, drain_s: float, estimated: bool = False
+    ) -> float:
         """The promise of a 429 whose own drain is `drain_s`: no sooner than its place
         behind the booked retries still to come (`Bookings.book`, paced by `pacing`),
         booked under `key` (None, or a bench probe: promised, not booked). A request
@@ -121,16 +125,20 @@ class BookedDrains:
         Such requests were left unbooked before session 20 (a queue that keeps the engine
         busy never gives them a moment alone): on the device's bursts 30 % of the library
         requests were so and none of them got in within two retries. One whose first
-        token alone misses the whole SLO is not booked (no moment keeps that promise)."""
+        token alone misses the whole SLO is not booked (no moment keeps that promise).
+        `estimated`: `cost` is the door's guess."""
         if self.ttft_slo is None or not self.bookings.enabled or not math.isfinite(drain_s):
             return drain_s
         gap, idle_only, alone = self.pacing(cost)
+        now, book = self.clock(), self.bookings.book
         if not idle_only:
-            return self.bookings.book(key, self.clock(), drain_s, cost, gap)
+            return book(key, now, drain_s, cost, gap, estimated=estimated)
         if alone > self.ttft_slo:
             return drain_s
-        gap = self.pacing(self._typical_cost())[0]
-        return self.bookings.book(key, self.clock(), drain_s, cost, gap, hold_s=alone)
+        # behind the booking before it by more than the grace a late client has, so that
+        # one is not still counted as waiting at its moment
+        gap = self.pacing(self._typical_cost())[0] + self.bookings.grace_s
+        return book(key, now, drain_s, cost, gap, hold_s=alone, estimated=estimated)
 
     def booked_at_door(
         self, booking: Booking, load: Load, elapsed_s: float = 0.0
@@ -140,11 +148,19 @@ class BookedDrains:
         drain). Decided on the booking's cost before the body is parsed or tokenized: on
         the device's 1,000-client bursts the retries refused again at their moment took
         the route's whole path (validation, tokenization) and the loop answered ~120 of
-        them a second."""
-        decision = self._decide(booking.cost, load, 1, elapsed_s, "learn", booking)
+        them a second. A booking whose cost is the door's guess goes in (the route knows
+        its cost), as does one refused for anything but the SLO (the route says why); the
+        wait before the door is at least the usual wait before a decision, as the route
+        would count it."""
+        if booking.estimated:
+            return None
+        wait = max(elapsed_s, self._elapsed)
+        decision = self._decide(booking.cost, load, 1, wait, "learn", booking)
         if decision.accepted or decision.verdict is not Verdict.SLO:
-            return None if decision.accepted else decision
+            return None
         promise = self.book(booking.key, booking.cost, decision.drain_s)
+        if self.bookings.find(booking.key, self.clock()) is booking:  # not booked again
+            self.bookings.came(booking)
         return decision.later(promise - decision.drain_s)
 
     def book_at_door(
@@ -154,4 +170,4 @@ class BookedDrains:
         `body_bytes` when its body names a library."""
         with self._lock:
             cost = self.library_requests.cost(body_bytes) if library else None
-        return self.book(key, cost or self._typical_cost(), drain_s)
+        return self.book(key, cost or self._typical_cost(), drain_s, estimated=True)

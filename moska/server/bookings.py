@@ -75,6 +75,7 @@ class Booking:
     lapse: float = math.inf  # after this an unclaimed booking is dropped
     opens: float = -math.inf  # from this a retry is taken as at its moment (`early_share`)
     tries: int = 1  # the 429s of this request so far (1: its first)
+    estimated: bool = False  # `cost` is the door's guess (a typical request), not its own
 
 
 @dataclass
@@ -145,18 +146,20 @@ class Bookings:
         cost: RequestCost,
         spacing_s: float = 0.0,
         hold_s: float = 0.0,
+        estimated: bool = False,
     ) -> float:
         """The promise of a 429 whose own drain is `drain_s`, and no sooner than its place
         in the queue of booked retries still to come: `spacing_s` (times the learnt
         `pace` and the share of booked clients who come back, `show_rate`) after the latest
         booked moment. (Session 19 scaled the whole queue by the show rate instead: at a
         rate of 0.97 a door drain 2.2 s away then outweighed the queue, and on the device
-        718 of 804 door 429s of a 1,000-client burst were given the same 0.1 s.) A booked retry refused at its moment
-        keeps its place (its own drain, no queue), and the pace slows. `hold_s`: how long
-        the engine is its alone from its moment (a request admission takes only when
-        nothing waits): later bookings come after that. Booked under `key` for `now` + the
-        promise unless `key` is None, bookings are off, or the request is a bench probe
-        (`recording`); the promise either way."""
+        718 of 804 door 429s of a 1,000-client burst were given the same 0.1 s.) A booked
+        retry refused at its moment keeps its place (its own drain, no queue), and the
+        pace of its kind slows. `hold_s`: how long it holds the engine alone from its
+        moment (a request admission takes only when nothing waits): later bookings come
+        after that. `estimated`: `cost` is a guess (a door 429's). Booked under `key` for
+        `now` + the promise unless `key` is None, bookings are off, or the request is a
+        bench probe (`recording`); the promise either way."""
         if not self.enabled or not math.isfinite(drain_s):
             return drain_s
         drain_s = max(0.0, drain_s)
@@ -186,7 +189,8 @@ class Bookings:
                 self.counts.made += 1
             due = now + drain_s
             opens = now + (1.0 - self.early_share) * drain_s
-            booking = self._by_key[key] = Booking(key, now, due, cost, lapse, opens, tries)
+            booking = Booking(key, now, due, cost, lapse, opens, tries, estimated)
+            self._by_key[key] = booking
             self._seq += 1
             heapq.heappush(self._lapses, (lapse, self._seq, booking))
             self._last_due = max(self._last_due, due + max(0.0, hold_s))
@@ -213,6 +217,16 @@ class Bookings:
                 self._outcome(booking, True)
                 k = _kind(booking.cost)
                 self.paces[k] = max(1.0, self.paces[k] * (1.0 - self.pace_step / 4))
+
+    def came(self, booking: Booking) -> None:
+        """The client of `booking` came back at its moment and was answered without a new
+        booking (the queue full, or no moment can keep its promise): a show, and spent."""
+        if not self.recording():
+            return
+        with self._lock:
+            if self._by_key.get(booking.key) is booking:
+                del self._by_key[booking.key]
+                self._outcome(booking, True)
 
     def ahead(
         self,
@@ -261,7 +275,7 @@ class Bookings:
     def _outcome(self, booking: Booking, came: bool) -> None:
         self._outcomes[min(booking.tries, 3)].append(came)
 
-    def state(self) -> dict[str, float]:
+    def state(self) -> dict[str, float | list[float]]:
         """The totals by outcome, the bookings open, the show rate and the pace."""
         with self._lock:
             return {**vars(self.counts), "open": len(self), "show_rate": self.show_rate,

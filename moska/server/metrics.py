@@ -214,12 +214,15 @@ class _BookingCollector:
         yield GaugeMetricFamily("moska_retry_bookings_open", "Bookings not yet claimed", len(b))
         yield GaugeMetricFamily(
             "moska_retry_bookings_pace",
-            "The replayed gap between booked moments is multiplied by this (learnt: up when a "
-            "booked retry is refused at its moment, down when one is claimed)",
+            "The gap between booked moments (the replayed engine gap, at least 8x the event "
+            "loop's time per answer) is multiplied by this (learnt per kind, plain or library: "
+            "up when a booked retry is refused at its moment, down when one is claimed); the "
+            "slower kind's",
             b.pace,
         )
         yield GaugeMetricFamily(
             "moska_retry_bookings_show_rate",
-            "Learnt share of booked clients that come back (what bookings count ahead)",
+            "Learnt share of clients that come back to their first booking (each try has "
+            "its own: what bookings count ahead)",
             b.show_rate,
         )

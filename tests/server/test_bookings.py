@@ -16,7 +16,7 @@ import pytest
 from test_admission import BUDGET, MAX_SEQS, VirtualServer, warm_up
 
 from moska.server.admission import AdmissionController, Decision, EngineLimits, RequestCost, Verdict
-from moska.server.bookings import Bookings
+from moska.server.bookings import BodyDigest, Bookings
 from moska.server.load_shedding import LoadSheddingMiddleware, LoopLag
 from moska.server.queue_replay import Load
 
@@ -311,14 +311,15 @@ def test_one_taken_only_when_nothing_waits_holds_its_moment_alone():
     d = adm.decide(mid, running, key=b"M")
     assert d.accepted and d.predicted_ttft_s > adm.fits_s()
     assert adm.bookings.counts.claimed == 2
-    waiting = Load((plain,), ())
-    assert not adm.decide(mid, waiting, key=b"x").accepted
+    now[0] += adm.book(b"M2", mid, 0.0)  # another like it, booked; at its moment with
+    assert not adm.decide(mid, Load((plain,), ()), key=b"M2").accepted  # one waiting: no
 
 
 def test_the_door_refuses_a_booked_retry_admission_would_refuse_without_the_route():
     """At its moment a booked retry is decided at the door on its booking's cost: refused,
     it is booked again there (on the device the refused ones took the route's whole path
-    and the loop answered ~120 a second); taken, it goes in."""
+    and the loop answered ~120 a second); taken, it goes in. A door 429's booking holds
+    only a guess of its cost: its retry goes in, and the route decides it."""
     adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
     now = [0.0]
     adm.clock = lambda: now[0]
@@ -327,14 +328,21 @@ def test_the_door_refuses_a_booked_retry_admission_would_refuse_without_the_rout
     busy = Load(tuple(RequestCost(400, 8) for _ in range(40)), ())
     engine = SimpleNamespace(load=lambda: busy)
     app.state.moska.async_engine = engine
+    guessed = b'{"prompt": "refused at the door"}'
+    status, headers, _ = _post(mw, app, guessed)  # booked at the door: a typical cost
+    assert status == 429 and adm.front_s == mw.backlog.answer_s > 0
+    now[0] += int(headers["retry-after-ms"]) / 1e3
+    assert _post(mw, app, guessed)[0] == 200 and reached == [guessed]  # the route decides
     body = b'{"prompt": "once more"}'
-    status, headers, _ = _post(mw, app, body)
-    assert status == 429
-    now[0] += int(headers["retry-after-ms"]) / 1e3  # at its moment, the engine still busy
+    digest = BodyDigest("/v1/completions")
+    digest.feed(body, False)
+    first = adm.decide(RequestCost(64, 8), busy, key=digest.key())  # the route's 429
+    assert not first.accepted
+    now[0] += first.drain_s  # at its moment, the engine still busy
     status, headers, text = _post(mw, app, body)
-    assert status == 429 and reached == [] and adm.bookings.counts.rebooked == 1
+    assert status == 429 and reached == [guessed] and adm.bookings.counts.rebooked == 1
     assert "retry booked" in json.loads(text)["error"]["message"]
     engine.load = lambda: Load()  # idle by its next moment: in it goes
     now[0] += int(headers["retry-after-ms"]) / 1e3
     status, _, _ = _post(mw, app, body)
-    assert status == 200 and reached == [body]
+    assert status == 200 and reached == [guessed, body]

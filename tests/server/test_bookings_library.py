@@ -77,7 +77,7 @@ def test_library_clients_keep_getting_in_burst_after_burst():
             server.submit(RequestCost(rng.randint(8, 256), 16, ATTEND if share else 0))
         server.run_until_idle()
     bursts = [_burst(server, adm, rng, 150) for _ in range(3)]
-    # session 19's code: 0.60 / 0.39 / 0.22, now 0.64 / 0.49 / 0.58; the rest are mostly
+    # session 19's code: 0.60 / 0.39 / 0.22, now 0.64 / 0.65 / 0.73; the rest are mostly
     # prompts whose first token alone misses the SLO (admitted only on an idle engine)
     shares = [b["library_first_retry"] for b in bursts]
     assert sum(shares) / 3 >= 0.47 and min(shares) >= 0.3, bursts
