@@ -113,9 +113,7 @@ class BookedDrains:
         self._spacing_memo[cost] = (now, out)
         return out
 
-    def book(
-        self, key: bytes | None, cost: RequestCost, drain_s: float, estimated: bool = False
-    ) -> float:
+    def book(self, key: bytes | None, cost: RequestCost, drain_s: float) -> float:
         """The promise of a 429 whose own drain is `drain_s`: no sooner than its place
         behind the booked retries still to come (`Bookings.book`, paced by `pacing`),
         booked under `key` (None, or a bench probe: promised, not booked). A request
@@ -125,20 +123,19 @@ class BookedDrains:
         Such requests were left unbooked before session 20 (a queue that keeps the engine
         busy never gives them a moment alone): on the device's bursts 30 % of the library
         requests were so and none of them got in within two retries. One whose first
-        token alone misses the whole SLO is not booked (no moment keeps that promise).
-        `estimated`: `cost` is the door's guess."""
+        token alone misses the whole SLO is not booked (no moment keeps that promise)."""
         if self.ttft_slo is None or not self.bookings.enabled or not math.isfinite(drain_s):
             return drain_s
         gap, idle_only, alone = self.pacing(cost)
         now, book = self.clock(), self.bookings.book
         if not idle_only:
-            return book(key, now, drain_s, cost, gap, estimated=estimated)
+            return book(key, now, drain_s, cost, gap)
         if alone > self.ttft_slo:
             return drain_s
         # behind the booking before it by more than the grace a late client has, so that
         # one is not still counted as waiting at its moment
         gap = self.pacing(self._typical_cost())[0] + self.bookings.grace_s
-        return book(key, now, drain_s, cost, gap, hold_s=alone, estimated=estimated)
+        return book(key, now, drain_s, cost, gap, hold_s=alone)
 
     def booked_at_door(
         self, booking: Booking, load: Load, elapsed_s: float = 0.0
@@ -148,12 +145,11 @@ class BookedDrains:
         drain). Decided on the booking's cost before the body is parsed or tokenized: on
         the device's 1,000-client bursts the retries refused again at their moment took
         the route's whole path (validation, tokenization) and the loop answered ~120 of
-        them a second. A booking whose cost is the door's guess goes in (the route knows
-        its cost), as does one refused for anything but the SLO (the route says why); the
-        wait before the door is at least the usual wait before a decision, as the route
-        would count it."""
-        if booking.estimated:
-            return None
+        them a second. A door 429's booking holds the door's guess of its cost (a typical
+        request, or a typical library one of its body's size), as the door's own verdicts
+        do; one the door lets in is decided again in the route on its real cost. One
+        refused for anything but the SLO goes in (the route says why). The wait before the
+        door counts at least the usual wait before a decision, as the route would."""
         wait = max(elapsed_s, self._elapsed)
         decision = self._decide(booking.cost, load, 1, wait, "learn", booking)
         if decision.accepted or decision.verdict is not Verdict.SLO:
@@ -170,4 +166,4 @@ class BookedDrains:
         `body_bytes` when its body names a library."""
         with self._lock:
             cost = self.library_requests.cost(body_bytes) if library else None
-        return self.book(key, cost or self._typical_cost(), drain_s, estimated=True)
+        return self.book(key, cost or self._typical_cost(), drain_s)

@@ -75,7 +75,6 @@ class Booking:
     lapse: float = math.inf  # after this an unclaimed booking is dropped
     opens: float = -math.inf  # from this a retry is taken as at its moment (`early_share`)
     tries: int = 1  # the 429s of this request so far (1: its first)
-    estimated: bool = False  # `cost` is the door's guess (a typical request), not its own
 
 
 @dataclass
@@ -146,7 +145,6 @@ class Bookings:
         cost: RequestCost,
         spacing_s: float = 0.0,
         hold_s: float = 0.0,
-        estimated: bool = False,
     ) -> float:
         """The promise of a 429 whose own drain is `drain_s`, and no sooner than its place
         in the queue of booked retries still to come: `spacing_s` (times the learnt
@@ -157,9 +155,9 @@ class Bookings:
         retry refused at its moment keeps its place (its own drain, no queue), and the
         pace of its kind slows. `hold_s`: how long it holds the engine alone from its
         moment (a request admission takes only when nothing waits): later bookings come
-        after that. `estimated`: `cost` is a guess (a door 429's). Booked under `key` for
-        `now` + the promise unless `key` is None, bookings are off, or the request is a
-        bench probe (`recording`); the promise either way."""
+        after that. Booked under `key` for `now` + the promise unless `key` is None,
+        bookings are off, or the request is a bench probe (`recording`); the promise
+        either way."""
         if not self.enabled or not math.isfinite(drain_s):
             return drain_s
         drain_s = max(0.0, drain_s)
@@ -189,7 +187,7 @@ class Bookings:
                 self.counts.made += 1
             due = now + drain_s
             opens = now + (1.0 - self.early_share) * drain_s
-            booking = Booking(key, now, due, cost, lapse, opens, tries, estimated)
+            booking = Booking(key, now, due, cost, lapse, opens, tries)
             self._by_key[key] = booking
             self._seq += 1
             heapq.heappush(self._lapses, (lapse, self._seq, booking))

@@ -318,8 +318,7 @@ def test_one_taken_only_when_nothing_waits_holds_its_moment_alone():
 def test_the_door_refuses_a_booked_retry_admission_would_refuse_without_the_route():
     """At its moment a booked retry is decided at the door on its booking's cost: refused,
     it is booked again there (on the device the refused ones took the route's whole path
-    and the loop answered ~120 a second); taken, it goes in. A door 429's booking holds
-    only a guess of its cost: its retry goes in, and the route decides it."""
+    and the loop answered ~120 a second); taken, it goes in."""
     adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
     now = [0.0]
     adm.clock = lambda: now[0]
@@ -328,21 +327,23 @@ def test_the_door_refuses_a_booked_retry_admission_would_refuse_without_the_rout
     busy = Load(tuple(RequestCost(400, 8) for _ in range(40)), ())
     engine = SimpleNamespace(load=lambda: busy)
     app.state.moska.async_engine = engine
-    guessed = b'{"prompt": "refused at the door"}'
-    status, headers, _ = _post(mw, app, guessed)  # booked at the door: a typical cost
-    assert status == 429 and adm.front_s == mw.backlog.answer_s > 0
-    now[0] += int(headers["retry-after-ms"]) / 1e3
-    assert _post(mw, app, guessed)[0] == 200 and reached == [guessed]  # the route decides
     body = b'{"prompt": "once more"}'
-    digest = BodyDigest("/v1/completions")
-    digest.feed(body, False)
-    first = adm.decide(RequestCost(64, 8), busy, key=digest.key())  # the route's 429
-    assert not first.accepted
-    now[0] += first.drain_s  # at its moment, the engine still busy
+    status, headers, _ = _post(mw, app, body)  # booked at the door
+    assert status == 429 and adm.front_s == mw.backlog.answer_s > 0
+    now[0] += int(headers["retry-after-ms"]) / 1e3  # at its moment, the engine still busy
     status, headers, text = _post(mw, app, body)
-    assert status == 429 and reached == [guessed] and adm.bookings.counts.rebooked == 1
+    assert status == 429 and reached == [] and adm.bookings.counts.rebooked == 1
     assert "retry booked" in json.loads(text)["error"]["message"]
     engine.load = lambda: Load()  # idle by its next moment: in it goes
     now[0] += int(headers["retry-after-ms"]) / 1e3
     status, _, _ = _post(mw, app, body)
-    assert status == 200 and reached == [guessed, body]
+    assert status == 200 and reached == [body]
+    # a booking the route made (its real cost) is decided at the door the same way
+    other = b'{"prompt": "booked in the route"}'
+    digest = BodyDigest("/v1/completions")
+    digest.feed(other, False)
+    first = adm.decide(RequestCost(64, 8), busy, key=digest.key())
+    assert not first.accepted
+    engine.load = lambda: busy
+    now[0] += first.drain_s
+    assert _post(mw, app, other)[0] == 429 and adm.bookings.counts.rebooked == 2
