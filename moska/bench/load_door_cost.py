@@ -15,7 +15,10 @@ than wall time). Variants, each on a fresh uvicorn (uvloop and httptools as `mos
 - `door`: moska's app with admission shedding every request at the door
   (load_shedding, before the body is parsed);
 - `route`: the door open and admission rejecting in the route (FastAPI routing, body read,
-  pydantic, tokenization, then the 429).
+  pydantic, tokenization, then the 429);
+- `admitted`: the door open and admission admitting: each request streams 16 tokens as the
+  load bench's do (what a booked retry admitted at its moment costs the loop, against a
+  door 429: `server/admission_bookings.py` spaces booked moments by a multiple of that).
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from typing import Any
 
 from moska.server.admission import AdmissionController, Decision, Load, RequestCost, Verdict
 
-VARIANTS = ("bare", "door", "route")
+VARIANTS = ("bare", "door", "route", "admitted")
 _BODY = {"prompt": "hello there, how are you today?", "max_tokens": 4}
+# as the load bench's (load.make_body): streamed, 16 tokens, each token's chunk sent
+_STREAM = {"max_tokens": 16, "stream": True, "ignore_eos": True, "logprobs": 0}
 
 
 class _Rejecting(AdmissionController):
@@ -69,8 +74,11 @@ async def _bare(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _client(port: int, n: int, concurrency: int, model: str) -> dict[str, Any]:
-    """Sends `n` completions, `concurrency` at a time; status counts and wall time."""
+def _client(
+    port: int, n: int, concurrency: int, model: str, stream: bool = False
+) -> dict[str, Any]:
+    """Sends `n` completions (`stream`: as the load bench's), `concurrency` at a time;
+    status counts and wall time."""
 
     async def one(payload: bytes, counts: dict[int, int]) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -82,7 +90,7 @@ def _client(port: int, n: int, concurrency: int, model: str) -> dict[str, Any]:
         counts[status] = counts.get(status, 0) + 1
 
     async def main() -> dict[str, Any]:
-        body = json.dumps(_BODY | {"model": model}).encode()
+        body = json.dumps(_BODY | {"model": model} | (_STREAM if stream else {})).encode()
         head = (
             f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -117,15 +125,20 @@ def measure(variant: str, engine: Any, n: int, concurrency: int, pool: Any) -> d
 
     app: Any = _bare
     model = "m"
-    if variant != "bare":
+    stream = variant == "admitted"
+    if stream:  # admission off: every request runs
+        app = create_app(engine, ServerSettings(ttft_slo=None))
+        model = app.state.moska.model_name
+    elif variant != "bare":
         settings = ServerSettings(ttft_slo=5.0)
         app = create_app(engine, settings, admission=_Rejecting(variant == "door"))
         model = app.state.moska.model_name
     with background_server(app) as url:
         port = int(url.rsplit(":", 1)[1])
-        pool.submit(_client, port, min(50, n), concurrency, model).result()  # warm both sides
+        warm = min(50, n)
+        pool.submit(_client, port, warm, concurrency, model, stream).result()  # warm both
         cpu0, t0 = _loop_cpu_s(), time.perf_counter()
-        out = pool.submit(_client, port, n, concurrency, model).result()
+        out = pool.submit(_client, port, n, concurrency, model, stream).result()
         cpu, wall = _loop_cpu_s() - cpu0, time.perf_counter() - t0
     return {
         "variant": variant,
@@ -155,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(variant, engine, args.requests, args.concurrency, pool))
             print(json.dumps(rows[-1]), flush=True)
     per = {r["variant"]: r["loop_cpu_us_per_request"] for r in rows}
-    summary = {"loop_cpu_us_per_429": per, "label": args.label}
+    summary: dict[str, Any] = {"loop_cpu_us_per_429": per, "label": args.label}
+    if "admitted" in per and "door" in per:  # an admitted stream, in door 429s
+        summary["admitted_over_door"] = round(per["admitted"] / per["door"], 2)
     if args.out is not None:
         from moska.bench.common import environment
 

@@ -38,7 +38,9 @@ class BookedDrains:
     # 8: an admitted request costs the loop several door answers (body, validation, its
     # stream); from 2, device call 4's GPU 300-client bursts raised the pace to 6.2-7.0
     # (12-14 answers), and the 1,000-client bursts that began at that pace kept every
-    # sampled promise within 2x, none too long
+    # sampled promise within 2x, none too long. In loop CPU an admitted, streamed request
+    # costs 33x a door 429 and a route 429 5.6x (load_door_cost, 2-core box): the pace
+    # (up to 8x more) is there for a loop slower than that
     front_s: float = 0.0
     front_answers: float = 8.0
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
