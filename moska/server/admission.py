@@ -133,7 +133,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         self.door_anchor = "door"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
         self.bookings = Bookings()  # a 429's retry comes back to its appointment (bookings.py)
-        self._spacing_memo: dict[RequestCost, tuple[float, tuple[float, bool, float]]] = {}
+        self._spacing_memo: dict[RequestCost, tuple[float, float]] = {}  # `gap_s`
 
     @property
     def load_tps(self) -> float:

@@ -30,7 +30,7 @@ class BookedDrains:
     limits: Any
     max_sim_steps: int
     _load_tps: float
-    _spacing_memo: dict[RequestCost, tuple[float, tuple[float, bool, float]]]
+    _spacing_memo: dict[RequestCost, tuple[float, float]]  # `gap_s`: (when, engine gap)
     headroom: float
 
     # the event loop's wall time per answer under a backlog (DoorBacklog.answer_s, set by
@@ -85,35 +85,39 @@ class BookedDrains:
         )
 
     def pacing(self, cost: RequestCost) -> tuple[float, bool, float]:
-        """(gap, idle only, alone) of booked retries like `cost`: the gap replayed on the
-        fitted step times without the slowdown factor (a booked retry comes after the burst
-        that inflates it: scaled, promises made in a 1,000-client storm on 2 cores spaced
-        plain retries 0.92 s apart and the engine sat idle as they came back), and at least
-        `front_answers` x the event loop's time per answer; memoized per cost for a
-        second. `gap`: how much later each of a batch more gets its first token
-        behind a full batch (a staircase: a batch's requests start together). `idle only`:
-        its own first token alone misses `headroom` x SLO, so admission takes it only when
-        nothing waits (a library prefill on CPU). `alone`: that first token's seconds."""
-        now = self.clock()
-        hit = self._spacing_memo.get(cost)
-        if hit is not None and now - hit[0] < 1.0:
-            return hit[1]
-        n = self.limits.max_num_seqs
-        full, more, one = self._replay(cost, n), self._replay(cost, 2 * n), self._replay(cost, 0)
-        # against the SLO's steady share, not `fits_s`: its delivery margin balloons in a
-        # storm (to seconds at 1,000 clients on 2 cores), and every plain request read
-        # as idle-only there went unbooked
+        """(gap, idle only, alone) of booked retries like `cost`. `gap`: `gap_s`. `idle
+        only`: its own first token alone misses `headroom` x SLO, so admission takes it
+        only when nothing waits (a library prefill on CPU); against the SLO's steady share,
+        not `fits_s`: its delivery margin balloons in a storm (to seconds at 1,000 clients
+        on 2 cores), and every plain request read as idle-only there went unbooked.
+        `alone`: that first token's seconds (a replay of it alone, ~25 us)."""
+        alone = float(self._replay(cost, 0).alone_s)
         steady = self.headroom * (self.ttft_slo or math.inf)
-        alone = float(one.alone_s)
-        # and no closer than the front end answers them: on the GPU the engine's gap is
-        # ~ms and a 1,000-client burst's booked retries came back faster than the one
-        # event loop answered them (0.5-2 s late, most refused again at their moment)
-        gap = max((more.ttft_s - full.ttft_s) / n, self.front_answers * self.front_s, 0.0)
-        out = (gap, alone > steady, alone)
-        if len(self._spacing_memo) > 64:
-            self._spacing_memo.clear()
-        self._spacing_memo[cost] = (now, out)
-        return out
+        return self.gap_s(cost), alone > steady, alone
+
+    def gap_s(self, cost: RequestCost) -> float:
+        """How much later each of a batch more requests like `cost` gets its first token
+        behind a full batch (a staircase: a batch's requests start together), replayed on
+        the fitted step times without the slowdown factor (a booked retry comes after the
+        burst that inflates it: scaled, promises made in a 1,000-client storm on 2 cores
+        spaced plain retries 0.92 s apart and the engine sat idle as they came back); and
+        no closer than the front end answers them, `front_answers` x the event loop's time
+        per answer (on the GPU the engine's gap is ~ms and a 1,000-client burst's booked
+        retries came back faster than the one event loop answered them, 0.5-2 s late, most
+        refused again at their moment). The replays (~1 ms) are memoized for a second per
+        cost rounded up to an eighth of an octave (`_bucket`): memoized by the exact cost,
+        nearly every route 429 (each its own prompt length) replayed them again."""
+        now, key = self.clock(), _bucket(cost)
+        hit = self._spacing_memo.get(key)
+        if hit is not None and now - hit[0] < 1.0:
+            engine = hit[1]
+        else:
+            n = self.limits.max_num_seqs
+            engine = max(0.0, (self._replay(key, 2 * n).ttft_s - self._replay(key, n).ttft_s) / n)
+            if len(self._spacing_memo) > 256:
+                self._spacing_memo.clear()
+            self._spacing_memo[key] = (now, engine)
+        return max(engine, self.front_answers * self.front_s)
 
     def book(self, key: bytes | None, cost: RequestCost, drain_s: float) -> float:
         """The promise of a 429 whose own drain is `drain_s`: no sooner than its place
@@ -136,7 +140,7 @@ class BookedDrains:
             return drain_s
         # behind the booking before it by more than the grace a late client has, so that
         # one is not still counted as waiting at its moment
-        gap = self.pacing(self._typical_cost())[0] + self.bookings.grace_s
+        gap = self.gap_s(self._typical_cost()) + self.bookings.grace_s
         return book(key, now, drain_s, cost, gap, hold_s=alone)
 
     def booked_at_door(
@@ -169,3 +173,16 @@ class BookedDrains:
         with self._lock:
             cost = self.library_requests.cost(body_bytes) if library else None
         return self.book(key, cost or self._typical_cost(), drain_s)
+
+
+def _bucket(cost: RequestCost) -> RequestCost:
+    """`cost` with its prompt and output lengths rounded up to an eighth of an octave
+    (exact up to 16): the costs `gap_s` memoizes its replays for."""
+
+    def up(n: int) -> int:
+        step = 1 << max(0, n.bit_length() - 4)
+        return -(-n // step) * step
+
+    return RequestCost(
+        up(cost.prompt_tokens), up(cost.max_tokens), cost.library_attend, cost.library_load_tokens
+    )

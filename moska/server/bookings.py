@@ -165,9 +165,8 @@ class Bookings:
             self._expire(now)
             recording = key is not None and self.recording()
             old = self._by_key.get(key) if recording and key is not None else None
-            again = old is not None
             tail = self._last_due
-            if tail > now and not again:  # behind the booked retries still to come
+            if tail > now and old is None:  # behind the booked retries still to come
                 step = spacing_s * self.paces[_kind(cost)] * self.show_rate
                 drain_s = max(drain_s, tail - now + step)
             if not recording:
@@ -209,10 +208,8 @@ class Bookings:
         if not self.recording():
             return
         with self._lock:
-            if self._by_key.get(booking.key) is booking:
-                del self._by_key[booking.key]
+            if self._spend(booking):
                 self.counts.claimed += 1
-                self._outcome(booking, True)
                 k = _kind(booking.cost)
                 self.paces[k] = max(1.0, self.paces[k] * (1.0 - self.pace_step / 4))
 
@@ -222,9 +219,7 @@ class Bookings:
         if not self.recording():
             return
         with self._lock:
-            if self._by_key.get(booking.key) is booking:
-                del self._by_key[booking.key]
-                self._outcome(booking, True)
+            self._spend(booking)
 
     def ahead(
         self,
@@ -269,6 +264,15 @@ class Bookings:
         client came back at its moment (claimed or refused again) rather than lapsing."""
         seen = self._outcomes[min(max(tries, 1), 3)]
         return (sum(seen) + self.show_prior) / (len(seen) + self.show_prior)
+
+    def _spend(self, booking: Booking) -> bool:
+        """Drop `booking` as shown (its client came back), unless it was spent or replaced
+        already. Under the lock."""
+        if self._by_key.get(booking.key) is not booking:
+            return False
+        del self._by_key[booking.key]
+        self._outcome(booking, True)
+        return True
 
     def _outcome(self, booking: Booking, came: bool) -> None:
         self._outcomes[min(booking.tries, 3)].append(came)
