@@ -326,13 +326,18 @@ class AdmissionController(BookedDrains, DoorDrains):
         # must fit with its error, or they miss for it.
         # A booked retry that admission takes only when nothing waits (`pacing`), with
         # nothing waiting before it or at the door, has the moment alone its booking held:
-        # admitted if it fits the whole SLO less the delivery margin. (The library risk
-        # stays for booked retries too: without it, in a virtual three-burst run, plain
-        # requests queued before an admitted library prefill shared its steps and 5 of 67
-        # missed the SLO.)
+        # admitted if it fits the whole SLO less the delivery margin, or, one whose first
+        # token alone misses that, if it is within `hold_slack` of its alone time (it
+        # misses the SLO by its own length: no wait helps). (The library risk stays for
+        # booked retries too: without it, in a virtual three-burst run, plain requests
+        # queued before an admitted library prefill shared its steps and 5 of 67 missed
+        # the SLO.)
         slo = (self.ttft_slo or math.inf) - self.margin.seconds  # as `fits_s`, no headroom
-        if booked is not None and not load.waiting and not self.door.inside and ttft <= slo:
-            idle = idle or self.pacing(cost)[1]
+        if booked is not None and not load.waiting and not self.door.inside:
+            _, idle_only, alone = self.pacing(cost)
+            if alone > slo:
+                slo = alone * (1.0 + self.hold_slack) + self.margin.seconds
+            idle = idle or (idle_only and ttft <= slo)
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
         fits = self.fits_s()
         if self.ttft_slo is not None and not idle and ttft * risk > fits:

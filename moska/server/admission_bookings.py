@@ -15,6 +15,7 @@ from moska.server import retry_drain
 from moska.server.admission_decision import Decision, Verdict
 from moska.server.bookings import Booking, Bookings
 from moska.server.queue_replay import Load, Prediction, RequestCost, replay
+from moska.server.step_model import StepFeatures, feature_vector
 
 
 class BookedDrains:
@@ -35,14 +36,18 @@ class BookedDrains:
 
     # the event loop's wall time per answer under a backlog (DoorBacklog.answer_s, set by
     # the door at each request): booked retries come no closer than `front_answers` of it.
-    # 8: an admitted request costs the loop several door answers (body, validation, its
-    # stream); from 2, device call 4's GPU 300-client bursts raised the pace to 6.2-7.0
-    # (12-14 answers), and the 1,000-client bursts that began at that pace kept every
-    # sampled promise within 2x, none too long. In loop CPU an admitted, streamed request
-    # costs 33x a door 429 and a route 429 5.6x (load_door_cost, 2-core box): the pace
-    # (up to 8x more) is there for a loop slower than that
+    # 32: in loop CPU an admitted, streamed request costs 33x a door 429 and a route 429
+    # 5.6x (load_door_cost, 2-core box). At 8 (session 20) a GPU server's first storm
+    # began at pace 1 and its promises were short (session 21's device call 1: a
+    # 1,000-client burst at pace 1 kept 0.34 of its sampled promises; one that began at
+    # the pace 3.4 its 300-client burst had learnt kept 0.97, i.e. 8 x 3.4 = 27 answers);
+    # the pace (up to 8x more) is there for a loop slower than that
     front_s: float = 0.0
-    front_answers: float = 8.0
+    front_answers: float = 32.0
+    # an idle-only booking holds the engine for its replayed first token and decode times
+    # this much more: at exactly the replay, the next one's moment came while it still ran
+    # about half the time (the step times' own noise)
+    hold_slack: float = 0.1
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController
     _elapsed: float  # its moving average of the wait before a decision
@@ -95,6 +100,16 @@ class BookedDrains:
         steady = self.headroom * (self.ttft_slo or math.inf)
         return self.gap_s(cost), alone > steady, alone
 
+    def decode_tail_s(self, cost: RequestCost) -> float:
+        """The rest of `cost` after its first token, decoding alone: an idle-only booking
+        holds the engine through it (in a virtual 300-client run, the next one's moment
+        came while it still decoded, and 20 of 25 first retries refused were so)."""
+        with self._lock:
+            step = float(
+                feature_vector(StepFeatures(0, cost.library_attend, 1, 0)) @ self.model.coef
+            )
+        return max(0.0, step) * max(0, cost.max_tokens - 1)
+
     def gap_s(self, cost: RequestCost) -> float:
         """How much later each of a batch more requests like `cost` gets its first token
         behind a full batch (a staircase: a batch's requests start together), replayed on
@@ -128,20 +143,23 @@ class BookedDrains:
         after the booked queue, and the bookings after it come after its first token.
         Such requests were left unbooked before session 20 (a queue that keeps the engine
         busy never gives them a moment alone): on the device's bursts 30 % of the library
-        requests were so and none of them got in within two retries. One whose first
-        token alone misses the whole SLO is not booked (no moment keeps that promise)."""
+        requests were so and none of them got in within two retries. Its hold is its
+        replayed first token and decode (`decode_tail_s`), plus `hold_slack`. One whose
+        first token alone misses the whole SLO is booked so too (session 21; before, it
+        was promised its own drain, unbooked, and the booked queue kept the engine busy at
+        every moment: 14-19 of ~70 library clients a virtual burst never got in): it is
+        served at its moment, missing the SLO by its own length (no wait helps it)."""
         if self.ttft_slo is None or not self.bookings.enabled or not math.isfinite(drain_s):
             return drain_s
         gap, idle_only, alone = self.pacing(cost)
         now, book = self.clock(), self.bookings.book
         if not idle_only:
             return book(key, now, drain_s, cost, gap)
-        if alone > self.ttft_slo:
-            return drain_s
         # behind the booking before it by more than the grace a late client has, so that
         # one is not still counted as waiting at its moment
         gap = self.gap_s(self._typical_cost()) + self.bookings.grace_s
-        return book(key, now, drain_s, cost, gap, hold_s=alone)
+        hold = (alone + self.decode_tail_s(cost)) * (1.0 + self.hold_slack)
+        return book(key, now, drain_s, cost, gap, hold_s=hold)
 
     def booked_at_door(
         self, booking: Booking, load: Load, elapsed_s: float = 0.0

@@ -111,7 +111,9 @@ class Bookings:
     max_bookings: int = 100_000
     # the gap between booked moments is the replayed one times `pace`: up by `pace_step`
     # at each booked retry refused at its moment (the engine serves them slower than the
-    # replay says), back down a quarter of that at each claimed one, within [1, max_pace]
+    # replay says), back down a nineteenth of that at each claimed one (a pace that holds
+    # when 1 in 20 is refused; a quarter, until session 21, settled at 1 in 5 refused and
+    # gave up the pace a storm had learnt before the next storm), within [1, max_pace]
     # by kind (plain, library: `_kind`): on the device's CPU cores library retries refused
     # at their moment took one pace to its cap and spaced the plain ones 8x too
     paces: dict[bool, float] = field(default_factory=lambda: {False: 1.0, True: 1.0})
@@ -152,10 +154,11 @@ class Bookings:
         booked moment. (Session 19 scaled the whole queue by the show rate instead: at a
         rate of 0.97 a door drain 2.2 s away then outweighed the queue, and on the device
         718 of 804 door 429s of a 1,000-client burst were given the same 0.1 s.) A booked
-        retry refused at its moment keeps its place (its own drain, no queue), and the
-        pace of its kind slows. `hold_s`: how long it holds the engine alone from its
-        moment (a request admission takes only when nothing waits): later bookings come
-        after that. Booked under `key` for `now` + the promise unless `key` is None,
+        retry refused at its moment goes behind the queue too (until session 21 it kept
+        its place, promised its own drain, and came back into the moments of the bookings
+        after it), and the pace of its kind slows. `hold_s`: how long it holds the engine
+        alone from its moment (a request admission takes only when nothing waits): later
+        bookings come after that, times the pace of its kind. Booked under `key` for `now` + the promise unless `key` is None,
         bookings are off, or the request is a bench probe (`recording`); the promise
         either way."""
         if not self.enabled or not math.isfinite(drain_s):
@@ -166,7 +169,7 @@ class Bookings:
             recording = key is not None and self.recording()
             old = self._by_key.get(key) if recording and key is not None else None
             tail = self._last_due
-            if tail > now and old is None:  # behind the booked retries still to come
+            if tail > now:  # behind the booked retries still to come
                 step = spacing_s * self.paces[_kind(cost)] * self.show_rate
                 drain_s = max(drain_s, tail - now + step)
             if not recording:
@@ -190,7 +193,7 @@ class Bookings:
             self._by_key[key] = booking
             self._seq += 1
             heapq.heappush(self._lapses, (lapse, self._seq, booking))
-            self._last_due = max(self._last_due, due + max(0.0, hold_s))
+            self._last_due = max(self._last_due, due + max(0.0, hold_s) * self.paces[_kind(cost)])
         return drain_s
 
     def check(self, key: bytes | None, now: float) -> tuple[Booking | None, float | None]:
@@ -211,7 +214,7 @@ class Bookings:
             if self._spend(booking):
                 self.counts.claimed += 1
                 k = _kind(booking.cost)
-                self.paces[k] = max(1.0, self.paces[k] * (1.0 - self.pace_step / 4))
+                self.paces[k] = max(1.0, self.paces[k] * (1.0 - self.pace_step / 19))
 
     def came(self, booking: Booking) -> None:
         """The client of `booking` came back at its moment and was answered without a new

@@ -29,7 +29,7 @@ def _burst(server: VirtualServer, adm: AdmissionController, rng: random.Random, 
     costs = [RequestCost(rng.randint(8, 256), 16, ATTEND if x else 0) for x in lib]
     tag = rng.randrange(1 << 30)
     due: list[tuple[float, int, int]] = []
-    out = {"lib_429": 0, "lib_first_retry": 0, "plain": []}
+    out = {"lib_429": 0, "lib_first_retry": 0, "lib_never": 0, "plain": []}
 
     def send(client: int, attempt: int) -> None:
         cost = costs[client]
@@ -38,6 +38,8 @@ def _burst(server: VirtualServer, adm: AdmissionController, rng: random.Random, 
             out["lib_429"] += lib[client] and attempt == 0
             if attempt < 2:
                 heapq.heappush(due, (server.t + d.drain_s, client, attempt + 1))
+            else:
+                out["lib_never"] += lib[client]
             return
         rid = f"r{server.n}"
         server.n += 1
@@ -63,6 +65,7 @@ def _burst(server: VirtualServer, adm: AdmissionController, rng: random.Random, 
     met = [server.ttft(r) <= slo for r in out["plain"]]
     return {
         "library_first_retry": out["lib_first_retry"] / max(1, out["lib_429"]),
+        "library_never": out["lib_never"],
         "plain_slo": sum(met) / len(met),
         "wall": server.t - t0,
     }
@@ -77,9 +80,12 @@ def test_library_clients_keep_getting_in_burst_after_burst():
             server.submit(RequestCost(rng.randint(8, 256), 16, ATTEND if share else 0))
         server.run_until_idle()
     bursts = [_burst(server, adm, rng, 150) for _ in range(3)]
-    # session 19's code: 0.60 / 0.39 / 0.22, now 0.64 / 0.65 / 0.73; the rest are mostly
-    # prompts whose first token alone misses the SLO (admitted only on an idle engine)
+    # session 19's code: 0.60 / 0.39 / 0.22; session 20: 0.71 / 0.60 / 0.73 with 15 / 19 /
+    # 14 library clients never admitted, mostly prompts whose first token alone misses the
+    # SLO (never booked); session 21 (those booked a moment alone, refused retries behind
+    # the queue, the pace kept): 0.84 / 0.91 / 0.92, none never admitted
     shares = [b["library_first_retry"] for b in bursts]
-    assert sum(shares) / 3 >= 0.47 and min(shares) >= 0.3, bursts
+    assert sum(shares) / 3 >= 0.75 and min(shares) >= 0.7, bursts
+    assert max(b["library_never"] for b in bursts) <= 3, bursts  # session 20: 9-21
     assert min(b["plain_slo"] for b in bursts) >= 0.9, bursts  # 0.91 / 1.00 / 1.00 before
-    assert adm.bookings.show_rate >= 0.9 > adm.bookings.show_rate_of(3)  # the SDK stops
+    assert adm.bookings.show_rate >= 0.9
