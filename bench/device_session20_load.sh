@@ -18,6 +18,11 @@
 # (two engines per H200 do not fit: one GPU server per GPU). Call 3 (max_pace 8, one round,
 # `BURSTS=64,300,1000 ARMS="on:2 on:2 on:2 on:2 on:2:0 on:2:1 on:0" SLIMIT=400 LIMIT=470`):
 # CPU SLO 0.97 / 0.99 / 0.72, GPU 1.00 / 1.00 / 0.82; dry own-retry within 2x 0.96.
+# Session 21 call 1 (HEAD 7c31dd5, `BURSTS=64,300,1000 ARMS="on:2 on:2 on:2:0 on:2:1 on:0
+# off:2" SLIMIT=350 LIMIT=395`): GPU sampled within 2x 1.00 / 1.00 / 0.34 and 0.93 / 0.79 /
+# 0.97 (the 0.34: a first 1,000 storm at pace 1), SLO 1.00; CPU obey servers only finished
+# their 64 burst (0.27, 0.48); dry own-retry 1.00 (221). An arm's 4th field, bursts
+# separated by `/`, overrides BURSTS for that server (`on:2:0:1000/300`; `on:2::64/64` CPU).
 # SLIMIT: the servers' cap (s); device_lead's LIMIT must leave time for the summary. Correctness first: the bookings', obeying clients' and promises' unit tests.
 # Run: `bash bench/device_lead.sh session20_load`, carry .whl. `--cpu-dry-run`: small, 1 arm.
 set -u
@@ -44,7 +49,8 @@ echo "tests rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests.log" | cut 
 read -r -a CPUS <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
 NCPU=${#CPUS[@]}; i=0; FIRST=${FIRST_CORE:-0}
 for arm in $ARMS; do
-  IFS=: read -r book obey gpu <<< "$arm"
+  IFS=: read -r book obey gpu bursts <<< "$arm"
+  bursts=${bursts:-$BURSTS}; bursts=${bursts//\//,}
   DEV=cpu; VIS=""
   if [ -n "${gpu:-}" ]; then DEV=cuda; VIS=$gpu; fi
   first=$(( FIRST + (i * CORES) % (NCPU - FIRST) )); i=$((i + 1))
@@ -56,7 +62,7 @@ for arm in $ARMS; do
   name="load_bookings_${book}_obey_${obey}_${DEV}_$i"
   # shellcheck disable=SC2086
   CUDA_VISIBLE_DEVICES=$VIS timeout $(( LIMIT - ($(date +%s) - T0) )) $PIN $PY -m moska.bench.load \
-    --burst "$BURSTS" --ttft-slo 5 --library demo --library-share 0.5 --bookings "$book" \
+    --burst "$bursts" --ttft-slo 5 --library demo --library-share 0.5 --bookings "$book" \
     --obey-retries "$obey" --device "$DEV" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
 done
 wait
