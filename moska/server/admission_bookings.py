@@ -33,6 +33,7 @@ class BookedDrains:
     _load_tps: float
     _spacing_memo: dict[RequestCost, tuple[float, float]]  # `gap_s`: (when, engine gap)
     headroom: float
+    door: Any  # front_door.FrontDoor
 
     # the event loop's wall time per answer under a backlog (DoorBacklog.answer_s, set by
     # the door at each request): booked retries come no closer than `front_answers` of it.
@@ -178,10 +179,20 @@ class BookedDrains:
         decision = self._decide(booking.cost, load, 1, wait, "learn", booking)
         if decision.accepted or decision.verdict is not Verdict.SLO:
             return None
+        self._refused(True, booking.cost, decision, wait, load)
         promise = self.book(booking.key, booking.cost, decision.drain_s)
         if self.bookings.find(booking.key, self.clock()) is booking:  # not booked again
             self.bookings.came(booking)
         return decision.later(promise - decision.drain_s)
+
+    def _refused(
+        self, at_door: bool, cost: RequestCost, decision: Decision, wait_s: float, load: Load
+    ) -> None:
+        """Record a booked retry refused at its moment (`Bookings.refused`)."""
+        self.bookings.refused(
+            at_door, cost.library_attend > 0, float(decision.predicted_ttft_s), wait_s,
+            load.num_waiting, load.num_running, self.door.inside,
+        )  # fmt: skip
 
     def book_at_door(
         self, key: bytes | None, drain_s: float, library: bool, body_bytes: int | None

@@ -129,6 +129,8 @@ class Bookings:
     )
     _last_due: float = -math.inf  # the latest booked moment
     _lapses: list[tuple[float, int, Booking]] = field(default_factory=list)  # heap by lapse
+    # the latest booked retries refused at their moment, why (`refused`; `state`)
+    _refusals: deque[list[float]] = field(default_factory=lambda: deque(maxlen=32))
     _seq: int = 0  # ties in the heap
 
     def find(self, key: bytes | None, now: float) -> Booking | None:
@@ -280,12 +282,24 @@ class Bookings:
     def _outcome(self, booking: Booking, came: bool) -> None:
         self._outcomes[min(booking.tries, 3)].append(came)
 
+    def refused(self, at_door: bool, library: bool, ttft_s: float, wait_s: float,
+                waiting: int, running: int, inside: int) -> None:  # fmt: skip
+        """A booked retry refused at its moment: where (door / route), its kind, its
+        predicted first token, the wait before its decision that counted, the engine's
+        waiting and running, and the requests inside the front door (diagnostics: the
+        bench records the latest 32 with each burst)."""
+        row = [float(at_door), float(library), round(ttft_s, 3), round(wait_s, 3)]
+        with self._lock:
+            self._refusals.append(row + [float(waiting), float(running), float(inside)])
+
     def state(self) -> dict[str, float | list[float]]:
         """The totals by outcome, the bookings open, the show rate and the pace."""
         with self._lock:
             return {**vars(self.counts), "open": len(self), "show_rate": self.show_rate,
                     "show_rate_by_try": [self.show_rate_of(t) for t in (1, 2, 3)],
-                    "pace": self.pace, "pace_library": self.paces[True]}  # fmt: skip
+                    "pace": self.pace, "pace_library": self.paces[True],
+                    # [at door, library, ttft, wait, waiting, running, inside] each
+                    "refused_latest": [x for r in self._refusals for x in r]}  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._by_key)

@@ -173,7 +173,7 @@ def test_the_door_learns_its_gap_within_a_busy_period_only():
     between two bursts is not (it had inflated a retry's wait at the door 3x)."""
     from moska.server.front_door import FrontDoor
 
-    door = FrontDoor(prior_gap_s=0.005, alpha=1.0)
+    door = FrontDoor(prior_gap_s=0.005, alpha=1.0, min_backlog=2)
     first = [door.enter() for _ in range(3)]
     for t in first:
         door.leave(t)
@@ -186,6 +186,23 @@ def test_the_door_learns_its_gap_within_a_busy_period_only():
     door.leave(burst[1])  # the second: a real (tiny) service gap
     assert door.gap_s < 0.5
     door.leave(burst[2])
+
+
+def test_the_door_learns_no_gap_from_a_small_wave():
+    """A wave of fewer than `min_backlog` requests, decided many to a loop iteration,
+    leaves the prior: learnt there, the gap let a fresh GPU server's first 1,000 storm
+    through the door whole (session 21)."""
+    from moska.server.front_door import FrontDoor
+
+    door = FrontDoor(prior_gap_s=0.005, alpha=1.0)
+    wave = [door.enter() for _ in range(24)]
+    for t in wave:
+        door.leave(t)
+    assert door.gap_s == 0.005
+    storm = [door.enter() for _ in range(40)]
+    for t in storm:
+        door.leave(t)
+    assert door.gap_s < 0.005  # a storm's leaves (back to back here) are learnt
 
 
 def test_a_decision_takes_the_request_out_of_the_door():
