@@ -250,3 +250,15 @@ def check(report: dict) -> None:
         assert fig["engine_idle_after"], fig
         if "obey" in fig:  # clients that retried: every attempt accounted for (load_obey)
             check_obey(fig["obey"])
+
+
+def door_state(state: object) -> dict[str, float]:
+    """What the door has learnt (diagnostics): the front door's time per request inside
+    (`gap_s`), the loop's time per door answer (`front_s`: the door backlog's, as the
+    last request saw it), and the moving average of the wait before a decision."""
+    adm = getattr(state, "admission")  # noqa: B009 (ServerState, typed loosely here)
+    return {
+        "gap_s": float(adm.door.gap_s),
+        "front_s": float(adm.front_s),
+        "elapsed_s": float(adm._elapsed),
+    }

@@ -189,12 +189,11 @@ def test_the_door_learns_its_gap_within_a_busy_period_only():
 
 
 def test_the_door_learns_no_gap_from_a_small_wave():
-    """A wave of fewer than `min_backlog` requests, decided many to a loop iteration,
-    leaves the prior: learnt there, the gap let a fresh GPU server's first 1,000 storm
-    through the door whole (session 21)."""
+    """With `min_backlog` 32, a wave of fewer requests (decided many to a loop iteration)
+    leaves the prior; a storm's leaves are learnt (the default stays 2: see FrontDoor)."""
     from moska.server.front_door import FrontDoor
 
-    door = FrontDoor(prior_gap_s=0.005, alpha=1.0)
+    door = FrontDoor(prior_gap_s=0.005, alpha=1.0, min_backlog=32)
     wave = [door.enter() for _ in range(24)]
     for t in wave:
         door.leave(t)
