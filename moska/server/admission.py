@@ -133,6 +133,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         self.door_anchor = "door"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
         self.bookings = Bookings()  # a 429's retry comes back to its appointment (bookings.py)
+        self.booked_overdue = 4.0  # `_decide`: a booked retry's cap on the overdue scale
         self._spacing_memo: dict[RequestCost, tuple[float, float]] = {}  # `gap_s`
 
     @property
@@ -205,6 +206,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         num_requests: int = 1,
         queue_target: int | None = None,
         overdue: bool = True,
+        max_overdue: float = math.inf,
     ) -> Prediction:
         """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end
         (`queue_replay.replay`) with the learned step times; scaled by how far past its
@@ -215,7 +217,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         steps after ran up to 3x their prediction; most of them missed the SLO. Not for a
         429's drain (`overdue=False`): a drain spans many later steps, which mostly ran as
         the fit said once the burst was answered (scaled, library drains came out 2-4x
-        too long)."""
+        too long). `max_overdue` caps that scale (a booked retry's: `_decide`)."""
         with self._lock:
             coef = self.model.coef * self.slow.scale()
             load_tps = self._load_tps
@@ -234,7 +236,7 @@ class AdmissionController(BookedDrains, DoorDrains):
 
         pred = run(1.0)
         if overdue and load.busy_s > pred.first_s > 0:  # the step in progress ran past it
-            pred = run(load.busy_s / pred.first_s)
+            pred = run(min(max_overdue, load.busy_s / pred.first_s))
         return pred
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:
@@ -310,7 +312,12 @@ class AdmissionController(BookedDrains, DoorDrains):
             load = self.with_bookings(real, horizon_s=self.fits_s(), made_before=arrived)
         queue_full = self.max_queue is not None and real.num_waiting + num_requests > self.max_queue
         target = max(0, (self.max_queue or 0) - num_requests) if queue_full else None
-        pred = self.predict(cost, load, num_requests, target)
+        # a booked retry's step in progress scales its replay at most `booked_overdue` x: on
+        # a GPU engine (~5 ms steps) the replay of 2-3 waiting came to 3.5-9.8 s, and 489 of
+        # a 1,000 burst's retries were refused at their moment (session 21, device call 4:
+        # `Bookings.refused`); a step held up by the storm's event loop is the suspect
+        cap = self.booked_overdue if booked is not None else math.inf
+        pred = self.predict(cost, load, num_requests, target, max_overdue=cap)
         ttft = pred.ttft_s + max(0.0, elapsed_s)
         if queue_full:
             return Decision(

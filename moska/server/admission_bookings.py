@@ -34,6 +34,7 @@ class BookedDrains:
     _spacing_memo: dict[RequestCost, tuple[float, float]]  # `gap_s`: (when, engine gap)
     headroom: float
     door: Any  # front_door.FrontDoor
+    slow: Any  # slowdown.Slowdown
 
     # the event loop's wall time per answer under a backlog (DoorBacklog.answer_s, set by
     # the door at each request): booked retries come no closer than `front_answers` of it.
@@ -189,9 +190,11 @@ class BookedDrains:
         self, at_door: bool, cost: RequestCost, decision: Decision, wait_s: float, load: Load
     ) -> None:
         """Record a booked retry refused at its moment (`Bookings.refused`)."""
+        first = self.predict(cost, load).first_s
         self.bookings.refused(
             at_door, cost.library_attend > 0, float(decision.predicted_ttft_s), wait_s,
             load.num_waiting, load.num_running, self.door.inside,
+            [load.busy_s, first, self.slow.scale()],
         )  # fmt: skip
 
     def book_at_door(

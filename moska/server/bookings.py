@@ -283,14 +283,16 @@ class Bookings:
         self._outcomes[min(booking.tries, 3)].append(came)
 
     def refused(self, at_door: bool, library: bool, ttft_s: float, wait_s: float,
-                waiting: int, running: int, inside: int) -> None:  # fmt: skip
+                waiting: int, running: int, inside: int, extra: list[float]) -> None:  # fmt: skip
         """A booked retry refused at its moment: where (door / route), its kind, its
         predicted first token, the wait before its decision that counted, the engine's
-        waiting and running, and the requests inside the front door (diagnostics: the
-        bench records the latest 32 with each burst)."""
+        waiting and running, the requests inside the front door, and `extra` (the
+        step in progress so far, its predicted time, the slowdown factor) (diagnostics:
+        the bench records the latest 32 with each burst)."""
         row = [float(at_door), float(library), round(ttft_s, 3), round(wait_s, 3)]
         with self._lock:
-            self._refusals.append(row + [float(waiting), float(running), float(inside)])
+            row += [float(waiting), float(running), float(inside)]
+            self._refusals.append(row + [round(float(x), 4) for x in extra])
 
     def state(self) -> dict[str, float | list[float]]:
         """The totals by outcome, the bookings open, the show rate and the pace."""
@@ -298,7 +300,8 @@ class Bookings:
             return {**vars(self.counts), "open": len(self), "show_rate": self.show_rate,
                     "show_rate_by_try": [self.show_rate_of(t) for t in (1, 2, 3)],
                     "pace": self.pace, "pace_library": self.paces[True],
-                    # [at door, library, ttft, wait, waiting, running, inside] each
+                    # [at door, library, ttft, wait, waiting, running, inside, busy, first,
+                    # slowdown] each
                     "refused_latest": [x for r in self._refusals for x in r]}  # fmt: skip
 
     def __len__(self) -> int:
