@@ -265,10 +265,10 @@ class AdmissionController(BookedDrains, DoorDrains):
         if early is not None:  # before its moment: the same appointment, what is left
             return early
         decision = self._decide(cost, load, num_requests, elapsed_s, "learn", booking)
+        if booking is not None and not decision.accepted:
+            self._refused(False, cost, decision, elapsed_s, load)
         if decision.accepted and booking is not None:
             self.bookings.claim(booking)
-        elif booking is not None:
-            self._refused(False, cost, decision, elapsed_s, load)
         elif decision.verdict is Verdict.SLO:  # its place behind the booked, and its own
             decision = decision.later(self.book(key, cost, decision.drain_s) - decision.drain_s)
         self._elapsed += self.alpha * (max(0.0, elapsed_s) - self._elapsed)

@@ -384,3 +384,18 @@ def test_a_booked_retry_scales_its_replay_by_a_stalled_step_at_most_booked_overd
     d = adm.decide(plain, stalled, key=b"k")
     assert d.accepted and d.predicted_ttft_s < adm.fits_s()
     assert adm.bookings.counts.claimed == 1
+
+
+def test_a_booked_retry_refused_in_the_route_is_booked_again_and_recorded():
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    plain = RequestCost(32, 8)
+    now[0] += adm.book(b"k", plain, 0.5)
+    busy = Load(tuple(RequestCost(400, 8) for _ in range(40)), ())
+    d = adm.decide(plain, busy, key=b"k")
+    assert not d.accepted and adm.bookings.counts.rebooked == 1
+    assert adm.bookings.find(b"k", now[0]).tries == 2  # its new moment is the 429's
+    assert d.drain_s == pytest.approx(adm.bookings.find(b"k", now[0]).due - now[0])
+    row = adm.bookings.state()["refused_latest"]
+    assert len(row) == 10 and row[0] == 0.0 and row[4] == 40  # in the route, 40 waiting

@@ -85,7 +85,7 @@ def test_library_clients_keep_getting_in_burst_after_burst():
     # SLO (never booked); session 21 (those booked a moment alone, refused retries behind
     # the queue, the pace kept): 0.84 / 0.91 / 0.92, none never admitted
     shares = [b["library_first_retry"] for b in bursts]
-    assert sum(shares) / 3 >= 0.75 and min(shares) >= 0.7, bursts
+    assert sum(shares) / 3 >= 0.82 and min(shares) >= 0.75, bursts
     assert max(b["library_never"] for b in bursts) <= 3, bursts  # session 20: 9-21
     assert min(b["plain_slo"] for b in bursts) >= 0.9, bursts  # 0.91 / 1.00 / 1.00 before
     assert adm.bookings.show_rate >= 0.9
