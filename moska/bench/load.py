@@ -33,18 +33,11 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from moska.bench import load_summary
 from moska.bench.load_client import burst_in_process
 from moska.bench.load_drain import probe_bodies
 from moska.bench.load_obey import obey_line, obey_table, overall, summarize_obey
-from moska.bench.load_summary import (
-    TABLE_KEYS,
-    check,
-    door_state,
-    groups,
-    own_groups,
-    summarize,
-    table,
-)
+from moska.bench.load_summary import TABLE_KEYS, check, groups, own_groups, summarize, table
 
 __all__ = ["check", "main", "make_body", "run_bursts", "summarize", "table"]
 
@@ -212,7 +205,7 @@ def run_bursts(
             for n in bursts:
                 before = len(state.admission.outcomes.pairs)
                 mark = admission.mark() if isinstance(admission, TracingAdmission) else None
-                door_before = door_state(state)
+                door_before = load_summary.door_state(state)
                 t0 = time.perf_counter()
                 out = burst_in_process(
                     pool, url, bodies(n), probe, timeout_s, probe_interval_s, True, obey_retries
@@ -226,7 +219,7 @@ def run_bursts(
                 fig["engine_idle_after"] = idle
                 fig["promise_scale"] = admission.promises.state()
                 fig["bookings"] = admission.bookings.state()  # totals so far (bookings.py)
-                fig["door_state"] = {"before": door_before, "after": door_state(state)}
+                fig["door_state"] = {"before": door_before, "after": load_summary.door_state(state)}
                 fig["errors"] = [r["error"] for r in out["requests"] if r["error"]][:5]
                 if obey_retries:  # clients that obey retry-after-ms (load_obey)
                     fig["obey"] = summarize_obey(out["requests"], ttft_slo or None, obey_retries)
