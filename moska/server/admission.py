@@ -265,7 +265,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         if early is not None:  # before its moment: the same appointment, what is left
             return early
         decision = self._decide(cost, load, num_requests, elapsed_s, "learn", booking)
-        if booking is not None and not decision.accepted:
+        if booking is not None and decision.verdict is Verdict.SLO:
             self._refused(False, cost, decision, elapsed_s, load)
         if decision.accepted and booking is not None:
             self.bookings.claim(booking)
@@ -336,7 +336,8 @@ class AdmissionController(BookedDrains, DoorDrains):
         # A booked retry that admission takes only when nothing waits (`pacing`), with
         # nothing waiting before it or at the door, has the moment alone its booking held:
         # admitted if it fits the whole SLO less the delivery margin, or, one whose first
-        # token alone misses that, if it is within `hold_slack` of its alone time (it
+        # token alone misses that, if it is within `hold_slack` of its alone time and its
+        # wait so far, plus the margin, on the same (scaled) step times as `ttft` (it
         # misses the SLO by its own length: no wait helps). (The library risk stays for
         # booked retries too: without it, in a virtual three-burst run, plain requests
         # queued before an admitted library prefill shared its steps and 5 of 67 missed
@@ -345,7 +346,8 @@ class AdmissionController(BookedDrains, DoorDrains):
         if booked is not None and not load.waiting and not self.door.inside:
             _, idle_only, alone = self.pacing(cost)
             if alone > slo:
-                slo = alone * (1.0 + self.hold_slack) + self.margin.seconds
+                own = pred.alone_s + max(0.0, elapsed_s)
+                slo = own * (1.0 + self.hold_slack) + self.margin.seconds
             idle = idle or (idle_only and ttft <= slo)
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
         fits = self.fits_s()

@@ -189,8 +189,11 @@ class BookedDrains:
     def _refused(
         self, at_door: bool, cost: RequestCost, decision: Decision, wait_s: float, load: Load
     ) -> None:
-        """Record a booked retry refused at its moment (`Bookings.refused`)."""
-        first = self.predict(cost, load).first_s
+        """Record a booked retry refused at its moment (`Bookings.refused`), not a bench
+        probe's. The step's prediction unscaled (scaled, it comes out as the step so far)."""
+        if not self.bookings.recording():
+            return
+        first = self.predict(cost, load, overdue=False).first_s
         self.bookings.refused(
             at_door, cost.library_attend > 0, float(decision.predicted_ttft_s), wait_s,
             load.num_waiting, load.num_running, self.door.inside,

@@ -112,7 +112,7 @@ class Bookings:
     # the gap between booked moments is the replayed one times `pace`: up by `pace_step`
     # at each booked retry refused at its moment (the engine serves them slower than the
     # replay says), back down a nineteenth of that at each claimed one (a pace that holds
-    # when 1 in 20 is refused; a quarter, until session 21, settled at 1 in 5 refused and
+    # when ~1 in 19 is refused; a quarter, until session 21, settled at 1 in 5 refused and
     # gave up the pace a storm had learnt before the next storm), within [1, max_pace]
     # by kind (plain, library: `_kind`): on the device's CPU cores library retries refused
     # at their moment took one pace to its cap and spaced the plain ones 8x too
@@ -131,6 +131,7 @@ class Bookings:
     _lapses: list[tuple[float, int, Booking]] = field(default_factory=list)  # heap by lapse
     # the latest booked retries refused at their moment, why (`refused`; `state`)
     _refusals: deque[list[float]] = field(default_factory=lambda: deque(maxlen=32))
+    _refused_n: int = 0
     _seq: int = 0  # ties in the heap
 
     def find(self, key: bytes | None, now: float) -> Booking | None:
@@ -287,11 +288,13 @@ class Bookings:
         """A booked retry refused at its moment: where (door / route), its kind, its
         predicted first token, the wait before its decision that counted, the engine's
         waiting and running, the requests inside the front door, and `extra` (the
-        step in progress so far, its predicted time, the slowdown factor) (diagnostics:
-        the bench records the latest 32 with each burst)."""
+        step in progress so far, its predicted time, the slowdown factor), after a
+        running number (diagnostics: `state` gives the latest 32, the bench records them
+        with each burst; the number tells a burst's own from those before it)."""
         row = [float(at_door), float(library), round(ttft_s, 3), round(wait_s, 3)]
         with self._lock:
-            row += [float(waiting), float(running), float(inside)]
+            self._refused_n += 1
+            row = [float(self._refused_n), *row, float(waiting), float(running), float(inside)]
             self._refusals.append(row + [round(float(x), 4) for x in extra])
 
     def state(self) -> dict[str, float | list[float]]:
@@ -300,8 +303,8 @@ class Bookings:
             return {**vars(self.counts), "open": len(self), "show_rate": self.show_rate,
                     "show_rate_by_try": [self.show_rate_of(t) for t in (1, 2, 3)],
                     "pace": self.pace, "pace_library": self.paces[True],
-                    # [at door, library, ttft, wait, waiting, running, inside, busy, first,
-                    # slowdown] each
+                    # [number, at door, library, ttft, wait, waiting, running, inside,
+                    # busy, first, slowdown] each
                     "refused_latest": [x for r in self._refusals for x in r]}  # fmt: skip
 
     def __len__(self) -> int:

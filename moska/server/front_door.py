@@ -79,7 +79,7 @@ class FrontDoor:
         now = time.monotonic()
         with self._lock:
             ticket.left = True
-            backlog = self.inside >= self.min_backlog  # a storm behind it: a service time
+            backlog = self.inside >= self.min_backlog  # others behind it: a service time
             self.inside = max(0, self.inside - 1)
             # a gap is a service time only between two leaves of one busy period: the first
             # leave of a burst measured the idle time since the last burst (capped at 1 s,

@@ -214,7 +214,7 @@ class _BookingCollector:
         yield GaugeMetricFamily("moska_retry_bookings_open", "Bookings not yet claimed", len(b))
         yield GaugeMetricFamily(
             "moska_retry_bookings_pace",
-            "The gap between booked moments (the replayed engine gap, at least 8x the event "
+            "The gap between booked moments (the replayed engine gap, at least 32x the event "
             "loop's time per answer) is multiplied by this (learnt per kind, plain or library: "
             "up when a booked retry is refused at its moment, down when one is claimed); the "
             "slower kind's",

@@ -299,10 +299,26 @@ def test_a_request_that_misses_the_slo_alone_is_booked_a_moment_alone_and_served
     hold = alone + adm.decode_tail_s(lib)
     assert adm.book(b"p3", plain, 0.1) >= moment + hold  # after its first token and decode
     now[0] = moment
-    assert not adm.decide(lib, Load((plain,), ()), key=b"L").accepted  # one waiting: no
-    now[0] += adm.book(b"L", lib, 0.0)  # booked again (behind p3); then nothing waits
+    refused = adm.decide(lib, Load((plain,), ()), key=b"L")  # one waiting: no
+    assert not refused.accepted and adm.bookings.counts.rebooked == 1
+    now[0] += refused.drain_s  # its new moment (behind p3); then nothing waits
     d = adm.decide(lib, Load((), ((2, 0),)), key=b"L")
     assert d.accepted and d.predicted_ttft_s > 1.0
+    assert adm.bookings.counts.rebooked == 1 and adm.bookings.counts.claimed == 1
+
+
+def test_one_that_misses_the_slo_alone_is_judged_on_the_same_step_times_as_its_ttft():
+    """Its own limit is its alone time on the scaled step times plus its wait: compared
+    with the unscaled alone time, a slowdown factor of 1.15 or 0.4 s of loop lag refused
+    it at every moment with a decode running (review of session 21)."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    lib = RequestCost(200, 8, 1500)
+    adm.slow.log_mean = math.log(1.15)
+    now[0] += adm.book(b"L", lib, 0.5)
+    d = adm.decide(lib, Load((), ((2, 0),)), key=b"L", elapsed_s=0.4)
+    assert d.accepted and d.predicted_ttft_s > adm.pacing(lib)[2] + 0.4
 
 
 def test_one_taken_only_when_nothing_waits_holds_its_moment_alone():
@@ -398,4 +414,4 @@ def test_a_booked_retry_refused_in_the_route_is_booked_again_and_recorded():
     assert adm.bookings.find(b"k", now[0]).tries == 2  # its new moment is the 429's
     assert d.drain_s == pytest.approx(adm.bookings.find(b"k", now[0]).due - now[0])
     row = adm.bookings.state()["refused_latest"]
-    assert len(row) == 10 and row[0] == 0.0 and row[4] == 40  # in the route, 40 waiting
+    assert len(row) == 11 and row[:2] == [1.0, 0.0] and row[5] == 40  # 1st, route, 40 wait
