@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
-def _f(v: Any) -> str:
+def fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
@@ -25,14 +26,19 @@ def _pool(groups: list[dict]) -> dict[str, Any]:
     return out
 
 
-def summarize_dir(folder: Path) -> dict[str, Any]:
-    arms: dict[str, list[dict]] = {}
+def read_reports(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Each readable `load_*.json` of `folder` (one `moska bench load` server each), in
+    name order: a server cut by its timeout while writing leaves a partial file, skipped."""
     for path in sorted(folder.glob("load_*.json")):
-        try:  # a server cut by its timeout while writing leaves a partial file
-            data = json.loads(path.read_text())
+        try:
+            yield path, json.loads(path.read_text())
         except ValueError as exc:
             print(f"{path.name}: unreadable ({exc})")
-            continue
+
+
+def summarize_dir(folder: Path) -> dict[str, Any]:
+    arms: dict[str, list[dict]] = {}
+    for path, data in read_reports(folder):
         args, report = data["args"], data["report"]
         arm = f"{'lib' if args['library'] != 'none' else 'plain'} learn={args['promise_learning']}"
         arm += f" lag={args['door_lag']} wait={args.get('door_wait', 'empty')}"
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, s in out["summary"].items():
         own = s["own_within_2x_pooled"]
         grp = " ".join(
-            f"{g}={v['n']}:{_f(v['within'])}({_f(v['long'])}/{_f(v['short'])})"
+            f"{g}={v['n']}:{fmt(v['within'])}({fmt(v['long'])}/{fmt(v['short'])})"
             for g, v in s["own_by_group_pooled"].items()
         )
         scale = " ".join(
@@ -94,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             for g, v in (s["promise_scale_last"] or {}).items()
         )
         print(
-            f"{key:37} {s['bursts']} | {_f(s['slo_met_share_min'])} | {_f(own['within'])} "
-            f"({_f(own['long'])}/{_f(own['short'])}/{_f(own['flicker'])}) n={own['n']} "
-            f"[{' '.join(_f(x) for x in s['own_within_2x_per_burst'])}] | "
-            f"[{' '.join(_f(x) for x in s['probe_within_2x_per_burst'])}] | {grp} | {scale}"
+            f"{key:37} {s['bursts']} | {fmt(s['slo_met_share_min'])} | {fmt(own['within'])} "
+            f"({fmt(own['long'])}/{fmt(own['short'])}/{fmt(own['flicker'])}) n={own['n']} "
+            f"[{' '.join(fmt(x) for x in s['own_within_2x_per_burst'])}] | "
+            f"[{' '.join(fmt(x) for x in s['probe_within_2x_per_burst'])}] | {grp} | {scale}"
         )
     return 0
 

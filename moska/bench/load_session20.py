@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from moska.bench.load_obey import KINDS, overall
-
-
-def _f(v: Any) -> str:
-    return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+from moska.bench.load_session17 import fmt as _f
+from moska.bench.load_session17 import read_reports
 
 
 def _slo(bursts: list[dict]) -> tuple[int, float | None]:
@@ -37,12 +35,7 @@ def _dry(bursts: list[dict]) -> dict[str, Any]:
 
 def summarize_dir(folder: Path) -> dict[str, Any]:
     servers: list[dict[str, Any]] = []
-    for path in sorted(folder.glob("load_*.json")):
-        try:  # a server cut by its timeout while writing leaves a partial file
-            data = json.loads(path.read_text())
-        except ValueError as exc:
-            print(f"{path.name}: unreadable ({exc})")
-            continue
+    for path, data in read_reports(folder):
         args, bursts = data["args"], data["report"]["bursts"]
         obey = int(args.get("obey_retries") or 0)
         row: dict[str, Any] = {
