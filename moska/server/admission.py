@@ -344,7 +344,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         # the SLO.)
         slo = (self.ttft_slo or math.inf) - self.margin.seconds  # as `fits_s`, no headroom
         if booked is not None and not load.waiting and not self.door.inside:
-            _, idle_only, alone = self.pacing(cost)
+            idle_only, alone = self.alone(cost)
             if alone > slo:
                 own = pred.alone_s + max(0.0, elapsed_s)
                 slo = own * (1.0 + self.hold_slack) + self.margin.seconds

@@ -97,10 +97,14 @@ class BookedDrains:
         only when nothing waits (a library prefill on CPU); against the SLO's steady share,
         not `fits_s`: its delivery margin balloons in a storm (to seconds at 1,000 clients
         on 2 cores), and every plain request read as idle-only there went unbooked.
-        `alone`: that first token's seconds (a replay of it alone, ~25 us)."""
+        `alone`: that first token's seconds (`alone`)."""
+        idle_only, alone = self.alone(cost)
+        return self.gap_s(cost), idle_only, alone
+
+    def alone(self, cost: RequestCost) -> tuple[bool, float]:
+        """(idle only, alone) of `pacing`: a replay of `cost` alone (~25 us)."""
         alone = float(self._replay(cost, 0).alone_s)
-        steady = self.headroom * (self.ttft_slo or math.inf)
-        return self.gap_s(cost), alone > steady, alone
+        return alone > self.headroom * (self.ttft_slo or math.inf), alone
 
     def decode_tail_s(self, cost: RequestCost) -> float:
         """The rest of `cost` after its first token, decoding alone: an idle-only booking
@@ -193,7 +197,9 @@ class BookedDrains:
         probe's. The step's prediction unscaled (scaled, it comes out as the step so far)."""
         if not self.bookings.recording():
             return
-        first = self.predict(cost, load, overdue=False).first_s
+        # the step's own prediction only when a step is in progress (another replay on the
+        # door's path otherwise spent for nothing)
+        first = self.predict(cost, load, overdue=False).first_s if load.busy_s > 0 else 0.0
         self.bookings.refused(
             at_door, cost.library_attend > 0, float(decision.predicted_ttft_s), wait_s,
             load.num_waiting, load.num_running, self.door.inside,

@@ -161,9 +161,9 @@ class Bookings:
         its place, promised its own drain, and came back into the moments of the bookings
         after it), and the pace of its kind slows. `hold_s`: how long it holds the engine
         alone from its moment (a request admission takes only when nothing waits): later
-        bookings come after that, times the pace of its kind. Booked under `key` for `now` + the promise unless `key` is None,
-        bookings are off, or the request is a bench probe (`recording`); the promise
-        either way."""
+        bookings come after that, times the pace of its kind. Booked under `key` for
+        `now` + the promise unless `key` is None, bookings are off, or the request is a
+        bench probe (`recording`); the promise either way."""
         if not self.enabled or not math.isfinite(drain_s):
             return drain_s
         drain_s = max(0.0, drain_s)
