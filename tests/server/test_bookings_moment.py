@@ -1,0 +1,118 @@
+"""A booked retry at its moment (bookings.py, admission_bookings.py): one that admission
+takes only when nothing waits holds its moment alone, one whose first token alone misses
+the SLO is served there, a stalled step scales its replay at most `booked_overdue` x, and
+one refused in the route is booked again. Plain Python, no model: milliseconds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_admission import BUDGET, MAX_SEQS
+
+from moska.server.admission import AdmissionController, EngineLimits, RequestCost
+from moska.server.queue_replay import Load
+
+
+def test_a_request_that_misses_the_slo_alone_is_booked_a_moment_alone_and_served():
+    """A library prefill on CPU longer than the SLO alone can only be served on an idle
+    engine. Session 20 promised it its own drain, unbooked: the booked queue kept the
+    engine busy at that moment and every moment after (in a virtual 64-client burst 6 of
+    31 library clients were never admitted). Now it is booked behind the queue, holding
+    the engine through its first token and decode, and served at its moment when nothing
+    waits (it misses the SLO by its own length: no wait would help it)."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    plain, lib = RequestCost(32, 8), RequestCost(200, 8, 1500)
+    _, idle_only, alone = adm.pacing(lib)
+    assert idle_only and 1.0 < alone < 5.0
+    first = adm.book(b"p1", plain, 2.0)
+    assert first == 2.0 and adm.book(b"p2", plain, 0.5) > 2.0  # queued behind p1
+    moment = adm.book(b"L", lib, 0.5)
+    assert moment > 2.0 and adm.bookings.find(b"L", 0.1) is not None
+    hold = alone + adm.decode_tail_s(lib)
+    assert adm.book(b"p3", plain, 0.1) >= moment + hold  # after its first token and decode
+    now[0] = moment
+    refused = adm.decide(lib, Load((plain,), ()), key=b"L")  # one waiting: no
+    assert not refused.accepted and adm.bookings.counts.rebooked == 1
+    now[0] += refused.drain_s  # its new moment (behind p3); then nothing waits
+    d = adm.decide(lib, Load((), ((2, 0),)), key=b"L")
+    assert d.accepted and d.predicted_ttft_s > 1.0
+    assert adm.bookings.counts.rebooked == 1 and adm.bookings.counts.claimed == 1
+
+
+def test_one_that_misses_the_slo_alone_is_judged_on_the_same_step_times_as_its_ttft():
+    """Its own limit is its alone time on the scaled step times plus its wait: compared
+    with the unscaled alone time, a slowdown factor of 1.15 or 0.4 s of loop lag refused
+    it at every moment with a decode running (review of session 21)."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    lib = RequestCost(200, 8, 1500)
+    adm.slow.log_mean = math.log(1.15)
+    now[0] += adm.book(b"L", lib, 0.5)
+    d = adm.decide(lib, Load((), ((2, 0),)), key=b"L", elapsed_s=0.4)
+    assert d.accepted and d.predicted_ttft_s > adm.pacing(lib)[2] + 0.4
+
+
+def test_one_taken_only_when_nothing_waits_holds_its_moment_alone():
+    """A request whose first token alone misses the headroom but fits the SLO (a long
+    library prompt) comes after the booked queue, the bookings after it come after its
+    first token, and at its moment with nothing waiting it is admitted (not refused for
+    the headroom or the library risk, as it was at every moment on the device)."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    plain, mid = RequestCost(32, 8), RequestCost(32, 8, 2750)
+    _, idle_only, alone = adm.pacing(mid)
+    assert idle_only and adm.headroom * 1.0 < alone <= 1.0
+    first = adm.book(b"p1", plain, 1.0)
+    moment = adm.book(b"M", mid, 0.2)
+    assert moment > first and adm.bookings.find(b"M", 0.0) is not None
+    assert adm.book(b"p2", plain, 0.1) >= moment + alone  # after its first token
+    now[0] = moment
+    adm.bookings.claim(adm.bookings.find(b"p1", moment))  # p1 came and was admitted
+    running = Load((), ((4, 0),))  # its decode still running, nothing waiting
+    assert not adm.decide(mid, running).accepted  # not booked: the headroom holds
+    d = adm.decide(mid, running, key=b"M")
+    assert d.accepted and d.predicted_ttft_s > adm.fits_s()
+    assert adm.bookings.counts.claimed == 2
+    now[0] += adm.book(b"M2", mid, 0.0)  # another like it, booked; at its moment with
+    assert not adm.decide(mid, Load((plain,), ()), key=b"M2").accepted  # one waiting: no
+
+
+def test_a_booked_retry_scales_its_replay_by_a_stalled_step_at_most_booked_overdue():
+    """On a GPU engine (~ms steps) a step held up by the event loop had run ~20x its
+    prediction when booked retries came back; scaled by that, 2-3 waiting replayed to
+    3.5-9.8 s and 489 of a 1,000 burst's retries were refused at their moment. A booked
+    retry's replay is scaled at most 4x; a new request's still by the whole overrun."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    plain = RequestCost(32, 8)
+    calm = Load((plain, plain), ((4, 0),))
+    first = adm.predict(plain, calm).first_s
+    assert adm.decide(plain, calm).accepted
+    stalled = Load(calm.waiting, calm.running, 0, 0.9 / adm.predict(plain, calm).ttft_s * first)
+    assert stalled.busy_s / first > 4
+    assert not adm.decide(plain, stalled).accepted  # the whole overrun: refused
+    now[0] += adm.book(b"k", plain, 0.5)
+    d = adm.decide(plain, stalled, key=b"k")
+    assert d.accepted and d.predicted_ttft_s < adm.fits_s()
+    assert adm.bookings.counts.claimed == 1
+
+
+def test_a_booked_retry_refused_in_the_route_is_booked_again_and_recorded():
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now = [0.0]
+    adm.clock = lambda: now[0]
+    plain = RequestCost(32, 8)
+    now[0] += adm.book(b"k", plain, 0.5)
+    busy = Load(tuple(RequestCost(400, 8) for _ in range(40)), ())
+    d = adm.decide(plain, busy, key=b"k")
+    assert not d.accepted and adm.bookings.counts.rebooked == 1
+    assert adm.bookings.find(b"k", now[0]).tries == 2  # its new moment is the 429's
+    assert d.drain_s == pytest.approx(adm.bookings.find(b"k", now[0]).due - now[0])
+    row = adm.bookings.state()["refused_latest"]
+    assert len(row) == 11 and row[:2] == [1.0, 0.0] and row[5] == 40  # 1st, route, 40 wait
