@@ -1,7 +1,8 @@
 """Which implementation runs each op: one frozen table, chosen once per engine from the config.
 
 `kernel_ops("triton" | "torch" | "auto", device)` picks the Triton launchers (`kernels/`) or
-their plain-PyTorch references for every op the engine runs: attention (paged decode and
+plain PyTorch (the references; for the shared-chunk attention and the merge, their batched
+forms in `kernels/shared_attention_torch.py`) for every op the engine runs: attention (paged decode and
 prefill, grouped shared-chunk attention, the LSE merge of selections, the KV write), the
 routing scorers, and the decoder's RMSNorm (+ residual add), RoPE and SiLU-and-mul. The
 runner hands the table to the attention backend and to the model (`CausalLM.kernels`), so
@@ -92,15 +93,16 @@ def _triton() -> KernelOps:
 
 
 def _torch() -> KernelOps:
-    from moska.kernels import activation, kv_write, merge, paged_heads, rms_norm, shared_attention
+    from moska.kernels import activation, kv_write, paged_heads, rms_norm, shared_attention_torch
 
     return KernelOps(
         name="torch",
         paged_decode=_paged_decode_ref,
         paged_prefill=_paged_prefill_ref,
         paged_decode_heads=paged_heads.paged_decode_heads_ref,
-        grouped_shared=shared_attention.grouped_shared_attention_ref,
-        merge_selections=merge.merge_selections_ref,
+        # batched forms of the references (one product per chunk and KV head)
+        grouped_shared=shared_attention_torch.grouped_shared_attention_torch,
+        merge_selections=shared_attention_torch.merge_selections_torch,
         kv_write=kv_write.kv_write_ref,
         rms_norm=rms_norm.rms_norm_ref,
         rotary=_rotary_ref,

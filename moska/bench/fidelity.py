@@ -28,7 +28,6 @@ from pathlib import Path
 
 from moska.bench.common import environment, write_json
 from moska.bench.fidelity_eval import answer_accuracy, answers_accuracy, k_for, sequence_loss
-from moska.bench.fidelity_ops import speed_up
 from moska.bench.fidelity_repkeys import REP_POLICIES, rep_policies
 from moska.bench.fidelity_variants import VARIANTS, variant_policies
 from moska.routing import LEGACY, ORACLE, RoutingPolicy
@@ -308,8 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                 attention=args.attention,
             )  # fmt: skip
             payload["env"]["device"] = str(engine.device)
-            # CPU: batched exact attention instead of the per-selection references
-            payload["env"]["batched_torch_attention"] = speed_up(engine)
+            # the "torch" ops' shared attention is batched (kernels/shared_attention_torch.py)
+            payload["env"]["batched_torch_attention"] = engine.runner.ops.name == "torch"
             payload["env"]["dtype"] = str(engine.model_config.dtype) if hasattr(
                 engine.model_config, "dtype") else args.dtype  # fmt: skip
             if kind == "code":

@@ -25,7 +25,6 @@ import torch
 from moska.bench.common import environment, write_json
 from moska.bench.fidelity_code import code_tasks
 from moska.bench.fidelity_eval import k_for, sequence_loss
-from moska.bench.fidelity_ops import speed_up
 from moska.kernels.router import build_routing_index, score_chunks
 from moska.routing import LEGACY
 from moska.routing import select as select_mod
@@ -82,7 +81,6 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as root:
         engine = LLMEngine.from_model(args.model, device=args.device, dtype=args.dtype,
                                       library_root=root, enable_prefix_caching=False)  # fmt: skip
-        speed_up(engine)
         if args.retrieval_model:
             from pathlib import Path
 

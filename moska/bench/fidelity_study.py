@@ -25,7 +25,6 @@ import moska.routing as routing_pkg
 from moska.bench.common import environment, write_json
 from moska.bench.fidelity import policies
 from moska.bench.fidelity_eval import answers_accuracy, k_for
-from moska.bench.fidelity_ops import speed_up
 from moska.routing import RoutingPolicy
 from moska.routing.select import all_chunks
 
@@ -113,7 +112,6 @@ def main(argv: list[str] | None = None) -> None:
             args.retrieval_model, device=args.device, dtype=args.dtype, library_root=root,
             enable_prefix_caching=False, max_num_batched_tokens=8192,
         )  # fmt: skip
-        speed_up(engine)
         pols = variants(args.variants)
         libs = []
         for i, ex in enumerate(examples):
