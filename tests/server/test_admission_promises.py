@@ -5,9 +5,14 @@ own body (`load_retry`)."""
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import random
 import time
+from types import SimpleNamespace
+
+import pytest
 
 from moska.bench.load_retry import sample_every, score, summarize_own, verdict
 from moska.server.admission import AdmissionController, EngineLimits, Load, RequestCost
@@ -137,28 +142,59 @@ def test_own_retry_verdicts_and_score() -> None:
     assert sample_every(64) == 1 and sample_every(1000) == 10
 
 
-def test_own_retries_are_sent_at_the_multiples_of_the_promise() -> None:
-    from moska.bench.load_retry import own_retries
+class _VirtualTime:
+    """`perf_counter` and `sleep` on a clock that moves only when a sleep ends, to the time
+    that sleep asked for, the earliest first: what is timed does not depend on how late a
+    loaded machine runs the sleeper (a 20 ms window of real time did)."""
 
+    def __init__(self) -> None:
+        self.now = 50.0
+        self._wakes: list[tuple[float, int, asyncio.Future]] = []
+        self._seq = itertools.count()
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._wakes, (self.now + max(0.0, delay), next(self._seq), fut))
+        await fut
+
+    async def run(self, coro):
+        """Run `coro`; whenever every task is asleep, end the earliest sleep."""
+        task = asyncio.ensure_future(coro)
+        while True:
+            for _ in range(20):  # no I/O and no real timers: each task runs until it sleeps
+                await asyncio.sleep(0)
+            if task.done():
+                return task.result()
+            assert self._wakes, "nothing asleep and not done"
+            at, _, fut = heapq.heappop(self._wakes)
+            self.now = max(self.now, at)
+            fut.set_result(None)
+
+
+def test_own_retries_are_sent_at_the_multiples_of_the_promise(monkeypatch) -> None:
+    from moska.bench import load_retry
+
+    clock = _VirtualTime()
+    monkeypatch.setattr(load_retry, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(
+        load_retry, "asyncio", SimpleNamespace(sleep=clock.sleep, gather=asyncio.gather)
+    )
     sent: list[float] = []
+    t0 = clock.now
+    rec = {"t_status": 0.01, "retry_after_ms": "40", "dry_admitted": False}
 
-    async def main() -> dict | None:
-        import time
+    async def send() -> dict:
+        t = clock.perf_counter() - t0
+        sent.append(t)
+        return {"status": 429, "dry_admitted": t > 0.06, "t_start": t}
 
-        t0 = time.perf_counter()
-        rec = {"t_status": 0.0, "retry_after_ms": "40", "dry_admitted": False}
-
-        async def send() -> dict:
-            t = time.perf_counter() - t0
-            sent.append(t)
-            return {"status": 429, "dry_admitted": t > 0.05, "t_start": t}
-
-        return await own_retries(rec, t0, send)
-
-    got = asyncio.run(main())
-    assert got is not None
-    assert got["half"][1] is False and got["double"][1] is True
-    assert 0.02 <= got["half"][0] < 0.04 and 0.08 <= got["double"][0] < 0.2
+    got = asyncio.run(clock.run(load_retry.own_retries(rec, t0, send)))
+    # half, once and twice the 40 ms promise after the 429's status (10 ms from t0)
+    assert sent == [pytest.approx(t) for t in (0.03, 0.05, 0.09)]
+    assert got == {"half": [0.02, False], "at": [0.04, False], "double": [0.08, True]}
 
 
 def test_the_scale_fades_with_time_since_it_last_learnt() -> None:
