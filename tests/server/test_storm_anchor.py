@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -64,27 +65,32 @@ def test_storm_left_and_modes():
 def drains(
     mode: str, cost: RequestCost, lefts: tuple[float, ...], at_door: bool = False
 ) -> list[float]:
+    """The drain with the storm ending `left` from now, for each: on a frozen clock (the
+    storm's time left read on a live one shrank by any stall between setting and reading)."""
     adm = AdmissionController(5.0, None)
     adm.door_anchor = mode
     out = []
-    for left in lefts:
-        adm.door.storm_until = time.monotonic() + left
-        out.append(adm._drain(cost, LOAD, at_door=at_door)[1])
+    now = 1000.0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(storm_anchor, "time", SimpleNamespace(monotonic=lambda: now))
+        for left in lefts:
+            adm.door.storm_until = now + left
+            out.append(adm._drain(cost, LOAD, at_door=at_door)[1])
     return out
 
 
 def test_the_controller_counts_down_to_the_storm_end_when_anchored():
     early, late = drains("plain", PLAIN, (0.9, 0.4))
-    assert early - late == pytest.approx(0.5, abs=0.02)  # the 0.5 s between their places
+    assert early - late == pytest.approx(0.5, abs=1e-9)  # the 0.5 s between their places
     off = drains("off", PLAIN, (0.9, 0.4))
     assert off[0] == pytest.approx(off[1], abs=1e-9)  # off: the storm is not seen
     assert late > off[1]  # the step cannot end before the storm does
     lib = drains("plain", LIBRARY, (0.9, 0.4))  # "plain" leaves library drains alone
     assert lib[0] == pytest.approx(lib[1], abs=1e-9)
     lib_all = drains("all", LIBRARY, (0.9, 0.4))
-    assert lib_all[0] - lib_all[1] == pytest.approx(0.5, abs=0.02)
+    assert lib_all[0] - lib_all[1] == pytest.approx(0.5, abs=1e-9)
     lib_door = drains("door", LIBRARY, (0.9, 0.4), at_door=True)
-    assert lib_door[0] - lib_door[1] == pytest.approx(0.5, abs=0.02)
+    assert lib_door[0] - lib_door[1] == pytest.approx(0.5, abs=1e-9)
     lib_read = drains("door", LIBRARY, (0.9, 0.4), at_door=False)  # decided after reading
     assert lib_read[0] == pytest.approx(lib_read[1], abs=1e-9)
 
