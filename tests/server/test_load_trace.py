@@ -3,20 +3,23 @@ split into its parts from the server's records, joined by client port and predic
 
 from __future__ import annotations
 
-import time
+from types import SimpleNamespace
 
 import pytest
 
+from moska.bench import load_trace
 from moska.bench.load_trace import PORT, PortTag, TracingAdmission, breakdown
 from moska.server.admission import Load, RequestCost
 from moska.server.load_shedding import ARRIVAL
 
 
-def test_the_parts_of_an_admitted_requests_ttft_add_up():
+def test_the_parts_of_an_admitted_requests_ttft_add_up(monkeypatch):
+    now = 1000.0  # the tracer's clock, frozen: its decision is stamped at `now`
+    monkeypatch.setattr(load_trace, "time", SimpleNamespace(monotonic=lambda: now))
     adm = TracingAdmission(5.0, None)
     tag = PortTag(app=None)
     mark = adm.mark()
-    t0 = time.monotonic() - 0.5  # the burst began half a second ago: deciding now
+    t0 = now - 0.5  # the burst began half a second ago: deciding now
     written, called, arrival = t0 + 0.1, t0 + 0.4, t0 + 0.45
     tag.called[5001] = called
     a, p = ARRIVAL.set(arrival), PORT.set(5001)
@@ -27,6 +30,7 @@ def test_the_parts_of_an_admitted_requests_ttft_add_up():
         PORT.reset(p)
     assert d.accepted
     decided = adm.decisions[-1]["t"]
+    assert decided == now
     first = decided + 1.5
     adm.firsts.append((first, d.predicted_ttft_s, first - arrival))
     tag.first_body[5001] = first + 0.25
@@ -42,5 +46,5 @@ def test_the_parts_of_an_admitted_requests_ttft_add_up():
     assert row["accept_s"] == pytest.approx(0.3) and row["to_send_s"] == pytest.approx(0.25)
     assert row["engine_observed_s"] == pytest.approx(1.5, abs=1e-3)
     assert row["charged_before_s"] == 0.2
-    assert 0.0 <= row["to_decision_s"] < 1.0 and ttft < 5.0
+    assert row["to_decision_s"] == pytest.approx(0.05) and ttft < 5.0
     assert got["client_ttft_within_slo_share"] == 1.0 == got["server_ttft_within_slo_share"]
