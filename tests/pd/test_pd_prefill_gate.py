@@ -70,9 +70,9 @@ def _run(width: int):
             await asyncio.sleep(0)
         starts = [p.prefills[pl.ticket][1] for pl in plans]
         queue = p.queue_s(0.0)
-        for k in range(4):  # the instance answers them in turn
+        for k in range(4):  # the instance answers them in turn, each once it has ended
             http.release.setdefault(33 + k, asyncio.Event()).set()
-            await asyncio.sleep(0.01)
+            await asyncio.wait({tasks[k]}, timeout=30)
         assert all(t.done() and t.result() is None for t in tasks)
         return http, starts, queue, plans, p
 
