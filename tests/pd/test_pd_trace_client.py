@@ -44,16 +44,21 @@ ARGS = argparse.Namespace(speedup=1.0, block_tokens=16, max_output=3, request_ti
 
 
 def test_prompts_are_built_before_the_replay(monkeypatch):
+    built: list[float] = []  # when each prompt was done
+
     def slow_prompt(row, block_tokens):
         time.sleep(BUILD_S)
+        built.append(time.monotonic())
         return [10 + row["hash_ids"][0]] * 4
 
     monkeypatch.setattr(trace_client, "prompt_of", slow_prompt)
     with background_server(_app()) as url:
         results, _ = asyncio.run(replay(url, ROWS, ARGS))
     assert all(r.status == 200 and r.tokens == 3 and r.events == 3 for r in results)
-    # built in the send loop (the old client), the 6th went out ~0.25 s after its time
-    assert max(r.send_lag_s for r in results) < BUILD_S, [r.send_lag_s for r in results]
+    # every prompt was built before the replay's clock started (its first send time):
+    # built in the send loop (the old client), the 6th went out ~0.25 s after its time.
+    # Not a bound on send_lag_s: a loaded machine is that late without any build.
+    assert len(built) == len(ROWS) and max(built) <= min(r.arrival for r in results)
 
 
 def test_client_process_replays_on_the_front_ends_clock():
