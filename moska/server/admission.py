@@ -330,10 +330,9 @@ class AdmissionController(BookedDrains, DoorDrains):
         # with others at the door: a library prefill admitted so at the start of a 1,000
         # burst ran 18 s against 2.5 predicted, its Python attention loop sharing the GIL
         # with the 999 rejections (before session 22's batched CPU attention).
-        # A library prefill is the least predictable step (on CPU with that loop, 1.5x off
-        # under a burst) and the requests queued before it share that step: it must fit
-        # with its error, or they miss for it (`--library-risk 1.0` was no better with the
-        # batched attention: docs/admission.md, session 22).
+        # A library prefill is the least predictable step (1.5x off under a burst with that
+        # loop) and the requests queued before it share that step: it must fit with its
+        # error, or they miss for it (risk 1.0 was no better after: docs/admission.md).
         # A booked retry that admission takes only when nothing waits (`pacing`), with
         # nothing waiting before it or at the door, has the moment alone its booking held:
         # admitted if it fits the whole SLO less the delivery margin, or, one whose first
