@@ -112,10 +112,14 @@ def test_the_check_catches_an_early_retry_and_a_lost_request():
 
 
 async def _booking_server(promise_ms: int, seen: list[tuple[float, bool, bytes]]):
-    """Refuses each body's first request with `promise_ms` and books it; an early request
-    of that body (real or dry) is refused with the time left; a real one at or after the
-    booking gets a one-token stream, a dry one a dry 429 (Retry-After 0)."""
+    """Refuses each body's first request with `promise_ms` and books it; a real request of
+    that body before the booking is refused with the time left, one at or after it gets a
+    one-token stream. A dry one is refused (with the time left, at least 1 ms) until that
+    body's real retry has come, then gets a dry 429 (Retry-After 0): by order, not by the
+    clock, so that a loaded machine sending the half late (it is due 150 ms before the
+    booking) does not turn it into an admission."""
     due: dict[bytes, float] = {}
+    retried: set[bytes] = set()  # bodies whose real retry came
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -125,9 +129,11 @@ async def _booking_server(promise_ms: int, seen: list[tuple[float, bool, bytes]]
         seen.append((now, dry, body))
         if body not in due:
             due[body] = now + promise_ms / 1e3
+        elif not dry:
+            retried.add(body)
         left = due[body] - now
-        if left > 0:
-            ms = math.ceil(left * 1e3)
+        if left > 0 or (dry and body not in retried):
+            ms = max(1, math.ceil(left * 1e3))
             writer.write(
                 f"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nretry-after-ms: {ms}\r\n"
                 "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode()
