@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from moska.bench.common import environment
 from moska.bench.fidelity_eval import answer_accuracy
-from moska.bench.fidelity_ops import speed_up
 from moska.bench.retrieval_tasks import Example, RetrievalSpec, make_examples
 from moska.bench.train_retrieval import batch
 from moska.model import DenseAttention, load_model
@@ -99,7 +98,6 @@ def engine_accuracy(path: Path, examples: list[Example], device: str, dtype: str
             enable_prefix_caching=False, max_num_batched_tokens=8192, enforce_eager=True,
             num_kv_blocks=len(examples) * (longest // 16 + 2) + 16,
         )  # fmt: skip
-        speed_up(engine)  # CPU: batched exact attention (as fidelity does)
         qs = [(ex.context + ex.question, ex.answer) for ex in examples]
         acc = answer_accuracy(engine, qs, None, None, None).value
         engine.shutdown()
