@@ -26,8 +26,10 @@ def feature_vector(f: StepFeatures) -> np.ndarray:
 
 
 # Seconds per unit of `feature_vector`, a CPU-sized guess (the tiny model on two cores); the first few
-# dozen steps replace it. Erring slow rejects early work rather than admitting misses.
-DEFAULT_PRIOR = (0.01, 0.3, 10.0, 0.5, 0.05)
+# dozen steps replace it. Erring slow rejects early work rather than admitting misses. Library
+# pairs: 1 s per 1M (10 before session 22's batched CPU attention; warm-up fits since:
+# 0.23-0.86, so a fresh server no longer predicts a 200-token library prompt at ~4 s).
+DEFAULT_PRIOR = (0.01, 0.3, 1.0, 0.5, 0.05)
 
 
 class StepModel:

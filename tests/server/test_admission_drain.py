@@ -20,7 +20,7 @@ from moska.server.admission import AdmissionController, EngineLimits, Load, Requ
 from moska.server.app import create_app
 from moska.server.background import background_server
 from moska.server.settings import ServerSettings
-from moska.server.step_model import StepFeatures
+from moska.server.step_model import DEFAULT_PRIOR, StepFeatures
 from moska.server.step_model import feature_vector as _x
 
 
@@ -229,7 +229,8 @@ def test_a_library_request_must_fit_with_its_error_when_others_queue_before_it()
     pred = adm.predict_ttft(lib, queue)
     adm.ttft_slo = 1.2 * pred / adm.headroom  # fits alone, not with 1.5x
     assert not adm.decide(lib, queue).accepted
-    plain_like = RequestCost(50 + round(50 * 512 * 10.0 / 0.3 / 1e3), 8)  # about as slow
+    per_pair = DEFAULT_PRIOR[2] / DEFAULT_PRIOR[1] / 1e3  # a library pair in prompt tokens
+    plain_like = RequestCost(50 + round(50 * 512 * per_pair), 8)  # about as slow
     assert adm.predict_ttft(plain_like, queue) < 1.2 * pred
     assert adm.decide(plain_like, queue).accepted
     assert adm.decide(lib, Load(running=((8, 0),))).accepted

@@ -14,7 +14,7 @@ from moska.server.admission import AdmissionController, EngineLimits, Load, Requ
 from moska.server.queue_replay import Prediction
 from moska.server.retry_drain import first_admit
 
-BIG = RequestCost(400, 8, library_attend=1000)  # a library prefill step of ~4.1 s
+BIG = RequestCost(400, 8, library_attend=10000)  # a library prefill step of ~4.1 s
 PLAIN = RequestCost(16, 4)  # the retry: its own step takes tens of ms
 
 

@@ -13,6 +13,9 @@ from test_admission import BUDGET, MAX_SEQS
 from moska.server.admission import AdmissionController, EngineLimits, RequestCost
 from moska.server.queue_replay import Load
 
+# library attends 10x what a CPU step of the same length needed before the step prior's
+# library cost fell 10x (session 22): the scenarios keep their step times
+
 
 def test_a_request_that_misses_the_slo_alone_is_booked_a_moment_alone_and_served():
     """A library prefill on CPU longer than the SLO alone can only be served on an idle
@@ -24,7 +27,7 @@ def test_a_request_that_misses_the_slo_alone_is_booked_a_moment_alone_and_served
     adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
     now = [0.0]
     adm.clock = lambda: now[0]
-    plain, lib = RequestCost(32, 8), RequestCost(200, 8, 1500)
+    plain, lib = RequestCost(32, 8), RequestCost(200, 8, 15000)
     _, idle_only, alone = adm.pacing(lib)
     assert idle_only and 1.0 < alone < 5.0
     first = adm.book(b"p1", plain, 2.0)
@@ -49,7 +52,7 @@ def test_one_that_misses_the_slo_alone_is_judged_on_the_same_step_times_as_its_t
     adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
     now = [0.0]
     adm.clock = lambda: now[0]
-    lib = RequestCost(200, 8, 1500)
+    lib = RequestCost(200, 8, 15000)
     adm.slow.log_mean = math.log(1.15)
     now[0] += adm.book(b"L", lib, 0.5)
     d = adm.decide(lib, Load((), ((2, 0),)), key=b"L", elapsed_s=0.4)
@@ -64,7 +67,7 @@ def test_one_taken_only_when_nothing_waits_holds_its_moment_alone():
     adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
     now = [0.0]
     adm.clock = lambda: now[0]
-    plain, mid = RequestCost(32, 8), RequestCost(32, 8, 2750)
+    plain, mid = RequestCost(32, 8), RequestCost(32, 8, 27500)
     _, idle_only, alone = adm.pacing(mid)
     assert idle_only and adm.headroom * 1.0 < alone <= 1.0
     first = adm.book(b"p1", plain, 1.0)

@@ -12,7 +12,9 @@ from moska.server.admission import AdmissionController, Load, RequestCost
 from moska.server.door_early import door_probe, library_admits
 from moska.server.queue_replay import Prediction
 
-PLAIN, LIBRARY = RequestCost(64, 16), RequestCost(48, 16, 2048)
+# the library request attends 10x what a CPU step of its length needed before the step
+# prior's library cost fell 10x (session 22)
+PLAIN, LIBRARY = RequestCost(64, 16), RequestCost(48, 16, 20480)
 IDLE = Load((), (), 0, 0.0)
 BUSY = Load((RequestCost(200, 16),) * 6, ((12, 0),) * 8, 0, 0.05)
 
