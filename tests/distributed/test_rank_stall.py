@@ -20,7 +20,8 @@ from moska.distributed.rank_monitor import Monitor
 
 pytestmark = pytest.mark.timeout(30)
 
-BEAT_S = 0.2  # HEARTBEAT_S in these tests: the window is STALLED_BEATS * BEAT_S = 0.6 s
+BEAT_S = 0.5  # HEARTBEAT_S in these tests: the window is STALLED_BEATS * BEAT_S = 1.5 s, so a
+# stall of the whole test process must pass 1 s to name the slow rank (0.2 before: 0.4 s)
 
 
 @pytest.fixture
