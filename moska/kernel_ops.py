@@ -1,8 +1,9 @@
 """Which implementation runs each op: one frozen table, chosen once per engine from the config.
 
 `kernel_ops("triton" | "torch" | "auto", device)` picks the Triton launchers (`kernels/`) or
-plain PyTorch (the references; for the shared-chunk attention and the merge, their batched
-forms in `kernels/shared_attention_torch.py`) for every op the engine runs: attention (paged decode and
+plain PyTorch (the references; for paged attention, the shared-chunk attention and the
+merge, faster forms of them in `kernels/paged_attention_torch.py` and
+`kernels/shared_attention_torch.py`) for every op the engine runs: attention (paged decode and
 prefill, grouped shared-chunk attention, the LSE merge of selections, the KV write), the
 routing scorers, and the decoder's RMSNorm (+ residual add), RoPE and SiLU-and-mul. The
 runner hands the table to the attention backend and to the model (`CausalLM.kernels`), so
@@ -97,8 +98,8 @@ def _torch() -> KernelOps:
 
     return KernelOps(
         name="torch",
-        paged_decode=_paged_decode_ref,
-        paged_prefill=_paged_prefill_ref,
+        paged_decode=_paged_decode_torch,
+        paged_prefill=_paged_prefill_torch,
         paged_decode_heads=paged_heads.paged_decode_heads_ref,
         # batched forms of the references (one product per chunk and KV head)
         grouped_shared=shared_attention_torch.grouped_shared_attention_torch,
@@ -127,16 +128,17 @@ def _rotary_ref(q, k, cos, sin):
     return rotary_ref(q, cos, sin), rotary_ref(k, cos, sin)
 
 
-def _paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, sm_scale):
-    from moska.kernels.paged_attention import paged_attention_ref
+def _paged_decode_torch(q, k_cache, v_cache, block_tables, seq_lens, sm_scale):
+    from moska.kernels.paged_attention_torch import paged_attention_torch
 
     cu = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-    o, lse = paged_attention_ref(q, k_cache, v_cache, block_tables, cu, seq_lens, sm_scale)
+    o, lse = paged_attention_torch(q, k_cache, v_cache, block_tables, cu, seq_lens, sm_scale)
     return o.to(q.dtype), lse
 
 
-def _paged_prefill_ref(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale):
-    from moska.kernels.paged_attention import paged_attention_ref
+def _paged_prefill_torch(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale):
+    from moska.kernels.paged_attention_torch import paged_attention_torch
 
-    o, lse = paged_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale)
+    args = (q, k_cache, v_cache, block_tables, cu_q_lens, seq_lens, sm_scale)
+    o, lse = paged_attention_torch(*args)
     return o.to(q.dtype), lse
