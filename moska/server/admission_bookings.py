@@ -15,7 +15,7 @@ from moska.server import retry_drain
 from moska.server.admission_decision import Decision, Verdict
 from moska.server.bookings import Booking, Bookings
 from moska.server.queue_replay import Load, Prediction, RequestCost, replay
-from moska.server.step_model import StepFeatures, feature_vector
+from moska.server.step_model import StepFeatures
 
 
 class BookedDrains:
@@ -110,10 +110,8 @@ class BookedDrains:
         """The rest of `cost` after its first token, decoding alone: an idle-only booking
         holds the engine through it (in a virtual 300-client run, the next one's moment
         came while it still decoded, and 20 of 25 first retries refused were so)."""
-        with self._lock:
-            step = float(
-                feature_vector(StepFeatures(0, cost.library_attend, 1, 0)) @ self.model.coef
-            )
+        with self._lock:  # the fit alone, as the replays here (no slowdown factor)
+            step = self.model.step_s(StepFeatures(0, cost.library_attend, 1, 0))
         return max(0.0, step) * max(0, cost.max_tokens - 1)
 
     def gap_s(self, cost: RequestCost) -> float:
