@@ -5,6 +5,19 @@ import torch
 from .shared_inputs import chunk_scale_args, chunk_table
 
 
+def checked_q(q, k_pool, kv_scales=None, q_rotation=None):
+    """q in fp32, read as q R when K is stored rotated (`q_rotation` R [D, D]), after the
+    checks the plain-PyTorch forms share: e4m3 pools come with `kv_scales`, and only they."""
+    if (k_pool.dtype == torch.float8_e4m3fn) != (kv_scales is not None):
+        raise ValueError("kv_scales go with float8_e4m3fn pools, and only with them")
+    if q_rotation is None:
+        return q.float()
+    d = q.shape[-1]
+    if tuple(q_rotation.shape) != (d, d):
+        raise ValueError(f"q_rotation must be [D, D] = {(d, d)}, got {tuple(q_rotation.shape)}")
+    return q.float() @ q_rotation.float()
+
+
 def grouped_shared_attention_ref(
     q,
     k_pool,
@@ -20,15 +33,7 @@ def grouped_shared_attention_ref(
     `kv_scales` (k_scale, v_scale) [C, Hkv]: an e4m3 chunk's K/V are stored values x scale.
     `chunk_scales` [C]: chunk c's scores use sm_scale x chunk_scales[c].
     `q_rotation` [D, D]: K is stored rotated (k R), so q is read as q R (in fp32 here)."""
-    if (k_pool.dtype == torch.float8_e4m3fn) != (kv_scales is not None):
-        raise ValueError("kv_scales go with float8_e4m3fn pools, and only with them")
-    if q_rotation is not None:
-        d_ = q.shape[-1]
-        if tuple(q_rotation.shape) != (d_, d_):
-            raise ValueError(
-                f"q_rotation must be [D, D] = {(d_, d_)}, got {tuple(q_rotation.shape)}"
-            )
-        q = q.float() @ q_rotation.float()
+    q = checked_q(q, k_pool, kv_scales, q_rotation)
     n = sel.req.numel()
     hq, d = q.shape[1], q.shape[2]
     g = hq // k_pool.shape[1]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .shared_attention_ref import checked_q
 from .shared_inputs import chunk_scale_args, chunk_table
 
 
@@ -40,16 +41,10 @@ def grouped_shared_attention_torch(
 ):
     """`grouped_shared_attention_ref`'s result ((o [N,G,D] fp32, lse [N,G] fp32), the same
     arguments) with one product per (chunk, KV head) segment of `sel`, in any order."""
-    if (k_pool.dtype == torch.float8_e4m3fn) != (kv_scales is not None):
-        raise ValueError("kv_scales go with float8_e4m3fn pools, and only with them")
+    q32 = checked_q(q, k_pool, kv_scales, q_rotation)
     b, hq, d = q.shape
     hkv = k_pool.shape[1]
     g = hq // hkv
-    q32 = q.float()
-    if q_rotation is not None:
-        if tuple(q_rotation.shape) != (d, d):
-            raise ValueError(f"q_rotation must be [D, D] = {(d, d)}, got {tuple(q_rotation.shape)}")
-        q32 = q32 @ q_rotation.float()
     table = chunk_table(chunk_offsets)
     chunk_scale_args(q, chunk_scales, table)
     n = sel.req.numel()
