@@ -1,5 +1,7 @@
 """The FP8 key-max kernel (router_fp8.py) against its reference and the fp32 scores."""
 
+import os
+
 import pytest
 import torch
 
@@ -68,3 +70,22 @@ def test_fp8_keymax_refuses_other_dtypes():
         keymax_fp8_scores(q8.float(), qs, keys8, ks, index.chunk_offsets)
     with pytest.raises(ValueError, match="shapes disagree"):
         keymax_fp8_scores(q8, qs[:1], keys8, ks, index.chunk_offsets)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available(),
+    reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0: FP8 tensor cores)",
+)
+@pytest.mark.parametrize("f16_acc", [True, False])
+def test_fp8_keymax_compiled_matches_its_reference(f16_acc):
+    q, index = _problem(37, 4, 4, 128, (4096, 4096, 1000, 4096), 32, seed=11)
+    q, index = (
+        q.cuda().bfloat16(),
+        index._replace(**{f: getattr(index, f).cuda() for f in index._fields}),
+    )
+    keys8, ks = quantize_lowrank_keys(index.lowrank_keys, index.chunk_offsets)
+    q8, qs = project_queries_fp8(q, index.basis)
+    ref = keymax_fp8_ref(q8, qs, keys8, ks, index.chunk_offsets)
+    got = keymax_fp8_scores(q8, qs, keys8, ks, index.chunk_offsets, f16_acc=f16_acc)
+    tol = 2e-3 if f16_acc else 1e-5
+    assert torch.allclose(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
