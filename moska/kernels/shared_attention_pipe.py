@@ -10,18 +10,8 @@ twice (D = 64 at 128 x 128, D = 128 at 128 x 64 or 64 x 64). Same arithmetic as
 online-softmax step both loops share, `_softmax_pv`, lives here too.
 """
 
-import os
-
 import triton
 import triton.language as tl
-
-# FlashAttention-4's lazy rescale, on trial (session 23, MOSKA_LAZY_RESCALE=1 at import): the
-# running maximum moves only when some row of the tile gains more than RESCALE_SLACK (log2
-# units) on it, so most key blocks skip the accumulator's rescale (BLOCK_M x D multiplies,
-# a third of the softmax's FP32 work at D 128); the weights then stay below 2^RESCALE_SLACK.
-# Exact either way: o and lse use the same reference maximum as the weights.
-LAZY_RESCALE = tl.constexpr(os.environ.get("MOSKA_LAZY_RESCALE", "0") == "1")
-RESCALE_SLACK = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -30,23 +20,7 @@ def _softmax_pv(
 ):
     # One online-softmax step: scores s [BLOCK_M, BLOCK_N] (unscaled), values v [BLOCK_N, D];
     # PER_TOKEN: vs [BLOCK_N], each value row's e4m3 scale, weighs p in the product only.
-    m_blk = tl.max(s, 1) * qk_scale
-    if LAZY_RESCALE:
-        gain = tl.where(m_blk > m_i, m_blk - m_i, 0.0)  # +inf on the first block
-        if tl.max(gain, 0) > RESCALE_SLACK:
-            m_new = tl.maximum(m_i, m_blk)
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.math.exp2(s * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        pv = p
-        if PER_TOKEN:
-            pv = p * vs[None, :]
-        acc = acc + tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
-        return acc, m_i, l_i
-    m_new = tl.maximum(m_i, m_blk)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
