@@ -23,17 +23,16 @@ SDK's do (load_obey: share admitted on a retry, their SLO share, never admitted)
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
 from moska.bench import load_summary
+from moska.bench.load_args import build_parser
 from moska.bench.load_client import burst_in_process
 from moska.bench.load_drain import probe_bodies
 from moska.bench.load_obey import obey_line, obey_table, overall, summarize_obey
@@ -243,103 +242,8 @@ def run_bursts(
     return report
 
 
-def _slo(text: str) -> float | None:
-    if text.lower() in ("0", "none", "off"):
-        return None
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("--ttft-slo must be >= 0 (0 or none: off)")
-    return value or None
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="moska bench load",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default=None, help="HF model directory (default: tiny)")
-    p.add_argument("--burst", default="64,300,1000", help="clients sent at once, per burst")
-    p.add_argument("--ttft-slo", type=_slo, default=5.0, help="seconds; 0 or none: off")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--library", default="demo", help="library name ('demo' is built); none")
-    p.add_argument("--library-share", type=float, default=0.5)
-    p.add_argument("--warmup", default="2,8,24", help="small waves before the bursts")
-    p.add_argument("--max-queue", type=int, default=None)
-    p.add_argument(
-        "--library-risk",
-        type=float,
-        default=1.5,
-        help="a library request with others queued must fit with this factor on its TTFT",
-    )
-    p.add_argument(
-        "--door-lag",
-        choices=("on", "off"),
-        default="on",
-        help="a door 429's drain counts the event loop's lag (an A/B of that term)",
-    )
-    p.add_argument(
-        "--door-storm",
-        choices=("on", "off"),
-        default="off",
-        help="a door 429's drain counts the connections not answered yet (door_backlog; "
-        "off since session 16: a retry sent in the storm waits it out in the server)",
-    )
-    p.add_argument(
-        "--engine-share",
-        type=float,
-        default=None,
-        help="the door's engine share while the loop decides a burst (burst_admits; A/B)",
-    )
-    p.add_argument(
-        "--door-rate",
-        choices=("sums", "mean"),
-        default=None,
-        help="the door's time per answer under a storm (door_backlog; mean: before, A/B)",
-    )
-    p.add_argument(
-        "--promise-learning",
-        choices=("on", "off"),
-        default="off",
-        help="429 drains scaled by how recent ones came out (admission_promises; A/B)",
-    )
-    p.add_argument(
-        "--door-wait",
-        choices=("open", "empty"),
-        default="empty",
-        help="a drain waits until the door is empty, or lets a retry in (session 17; A/B)",
-    )
-    p.add_argument(
-        "--bookings",
-        choices=("on", "off"),
-        default="on",
-        help="a 429 books its request's retry (server/bookings.py; the default; A/B)",
-    )
-    p.add_argument(
-        "--door-anchor",
-        choices=("off", "plain", "door", "all"),
-        default="door",
-        help="a drain's step in progress ends with the door's storm (storm_anchor; A/B)",
-    )
-    p.add_argument(
-        "--door-early", choices=("on", "all", "off"), default="off", help="door_early.py"
-    )
-    p.add_argument(
-        "--obey-retries",
-        type=int,
-        default=0,
-        metavar="N",
-        help="clients retry each 429 for real after its retry-after-ms, up to N times, like "
-        "the OpenAI SDK (max_retries=2); a sampled 429 is retried dry only at half its "
-        "promise (load_obey). 0: no client retries (before session 19)",
-    )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
-    p.add_argument("--probe-interval", type=float, default=0.25)
-    p.add_argument("--in-process-client", action="store_true")
-    p.add_argument("--trace", action="store_true", help="TTFT parts of admitted (load_trace)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p = build_parser(__doc__)
     args = p.parse_args(argv)
     if args.obey_retries < 0:
         p.error("--obey-retries must be >= 0 (0: clients do not retry)")
