@@ -98,6 +98,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         self.max_sim_steps = max_sim_steps
         self.model = StepModel(prior, window)
         self.slow = Slowdown(slowdown_alpha, deviations)  # slowdown.py: why robust, `cold`
+        self.booked_slow = Slowdown(slowdown_alpha, deviations, rest_gap_s=0.01, decode_only="fall")
         self.library_risk = library_risk
         self._load_tps = prior_load_tps
         self.outcomes = _Outcomes()
@@ -133,7 +134,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         self.door_anchor = "door"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
         self.bookings = Bookings()  # a 429's retry comes back to its appointment (bookings.py)
-        self.booked_overdue = 4.0  # `_decide`: a booked retry's cap on the overdue scale
+        self.booked_overdue: float | None = None  # `booked_predict`: None, the overrun again
         self._spacing_memo: dict[RequestCost, tuple[float, float]] = {}  # `gap_s`
 
     @property
@@ -154,15 +155,14 @@ class AdmissionController(BookedDrains, DoorDrains):
     def observe_step(self, seconds: float, features: StepFeatures, warmup: bool = False) -> None:
         """Fold one engine loop iteration in. `warmup`: it paid a one-off (a CUDA graph
         capture, a library load) and must not move the estimates."""
-        if warmup or not seconds > 0 or not math.isfinite(seconds):
+        if not seconds > 0 or not math.isfinite(seconds) or features == StepFeatures():
             return
-        if features == StepFeatures():
-            return
-        with self._lock:
+        with self._lock:  # which steps move the factor (a one-off only ends): slowdown.py
             predicted = self.model.step_s(features)
-            if predicted > 0:
-                self.slow.observe(seconds / predicted, seconds)
-            self.model.observe(features, seconds)
+            for slow in (self.slow, self.booked_slow) if predicted > 0 else ():
+                slow.observe(seconds / predicted, seconds, features.prefill_tokens, warmup)
+            if not warmup:
+                self.model.observe(features, seconds)
 
     def observe_library_load(self, num_tokens: int, seconds: float) -> None:
         if num_tokens > 0 and seconds > 0:
@@ -217,7 +217,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         steps after ran up to 3x their prediction; most of them missed the SLO. Not for a
         429's drain (`overdue=False`): a drain spans many later steps, which mostly ran as
         the fit said once the burst was answered (scaled, library drains came out 2-4x
-        too long). `max_overdue` caps that scale (a booked retry's: `_decide`)."""
+        too long). `max_overdue` caps that scale (`booked_overdue`, session 21)."""
         with self._lock:
             coef = self.model.coef * self.slow.scale()
             load_tps = self._load_tps
@@ -312,12 +312,10 @@ class AdmissionController(BookedDrains, DoorDrains):
             load = self.with_bookings(real, horizon_s=self.fits_s(), made_before=arrived)
         queue_full = self.max_queue is not None and real.num_waiting + num_requests > self.max_queue
         target = max(0, (self.max_queue or 0) - num_requests) if queue_full else None
-        # a booked retry's step in progress scales its replay at most `booked_overdue` x: on
-        # a GPU engine (~5 ms steps) the replay of 2-3 waiting came to 3.5-9.8 s, and 489 of
-        # a 1,000 burst's retries were refused at their moment (session 21, device call 4:
-        # `Bookings.refused`); a step held up by the storm's event loop is the suspect
-        cap = self.booked_overdue if booked is not None else math.inf
-        pred = self.predict(cost, load, num_requests, target, max_overdue=cap)
+        if booked is not None:  # its step in progress: `booked_predict`
+            pred = self.booked_predict(cost, load, num_requests, target)
+        else:
+            pred = self.predict(cost, load, num_requests, target)
         ttft = pred.ttft_s + max(0.0, elapsed_s)
         if queue_full:
             return Decision(

@@ -20,6 +20,21 @@ prediction, took 30. The door plans that step at `cold` x its prediction while t
 is idle or runs its first step after a gap (`cold_pending`): only that step, since a
 step after a gap was slow in itself (0.32 s for 0.024 predicted, a 46-token prefill), not
 the steps after it (at 1,000 clients admission took 66 after a 5x first step of 0.15 s).
+
+A booked retry's factor (`AdmissionController.booked_slow`, session 23) sets more aside.
+(3) A step after the engine rested more than `rest_gap_s` (busy, the loop starts the next
+step ~1 ms after the last; a burst after 0.06-0.25 s of rest is no "idle gap") moves
+nothing: the CPU bench's bursts follow each other within 0.25-0.8 s, and the first one's
+first step, 2.5-5.5x its prediction, took that factor from 1.4 to 2.6. (4) With
+`decode_only` "fall", a step that prefilled nothing may bring the factor down, not up:
+a library decode tail ran 1.4-2.3x the fit (its library pairs cost more per pair than a
+prefill's, one coefficient for both), while the next burst's prefill steps ran at
+0.8-1.2x, and a booked retry's first token is a prefill. ("skip" leaves such steps out;
+then the factor does not fall through a decode tail, which `retry_drain.factor_falls`
+counts on.) The main factor keeps (3) and (4) off (`rest_gap_s` inf, "all"): with them,
+new requests in the 300 and 1,000 bursts were taken twice as often and met the SLO less.
+A one-off step (`warmup`, a library load) moves nothing but still ends: the next step's
+rest counts from its end.
 """
 
 from __future__ import annotations
@@ -38,12 +53,16 @@ class Slowdown:
         deviations: float = 0.5,
         outlier: float = math.log(3.0),
         idle_gap_s: float = 1.0,
+        rest_gap_s: float = math.inf,
+        decode_only: str = "all",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.alpha = alpha
         self.deviations = deviations
         self.outlier = outlier
         self.idle_gap_s = idle_gap_s
+        self.rest_gap_s = rest_gap_s  # (3) of the module docstring: inf, off
+        self.decode_only = decode_only  # (4): "all" (moves it), "fall" or "skip"
         self.clock = clock
         self.log_mean = 0.0  # moving average of log(observed / predicted step time)
         self.log_var = 0.0  # and of its squared deviation
@@ -67,12 +86,24 @@ class Slowdown:
             return False
         return self.clock() - max(0.0, busy_s) - self._last_end > self.idle_gap_s
 
-    def observe(self, ratio: float, seconds: float) -> None:
-        """A step ran `ratio` times its (unscaled) prediction, ending now after `seconds`."""
+    def observe(
+        self, ratio: float, seconds: float, prefill_tokens: int = 1, warmup: bool = False
+    ) -> None:
+        """A step ran `ratio` times its (unscaled) prediction, ending now after `seconds`,
+        with `prefill_tokens` of prompt in it (`decode_only`: what one with none does);
+        one that paid a one-off (`warmup`) only ends (the next one's rest counts from it)."""
         now = self.clock()
-        after_idle = self._last_end is not None and now - seconds - self._last_end > self.idle_gap_s
+        gap = math.inf if self._last_end is None else now - seconds - self._last_end
+        after_idle = self.idle_gap_s < gap < math.inf
         self._last_end = now
+        decode_only = prefill_tokens <= 0 and self.decode_only != "all"
+        if warmup or (decode_only and self.decode_only == "skip"):
+            return
+        if self.rest_gap_s < gap <= self.idle_gap_s:  # after a rest: set aside
+            return
         x = math.log(min(max(ratio, 0.1), 10.0))
+        if decode_only:  # "fall": it may bring the factor down, not up
+            x = min(x, self.log_mean)
         if after_idle:  # the first one sets it: bursts after a gap may be rare
             rate = self.alpha if self._cold_seen else 1.0
             self.log_cold += rate * (x - self.log_mean - self.log_cold)

@@ -46,6 +46,8 @@ class VirtualServer:
         )
         self.adm = controller
         controller.clock = lambda: self.t  # the promise scale learns on this clock
+        # and the factors' rests (slowdown.py)
+        controller.slow.clock = controller.booked_slow.clock = lambda: self.t
         self.rng = random.Random(seed)
         self.t = 0.0
         self.costs: dict[str, RequestCost] = {}

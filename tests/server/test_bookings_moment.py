@@ -1,6 +1,6 @@
 """A booked retry at its moment (bookings.py, admission_bookings.py): one that admission
 takes only when nothing waits holds its moment alone, one whose first token alone misses
-the SLO is served there, a stalled step scales its replay at most `booked_overdue` x, and
+the SLO is served there, a stalled step delays it by its overrun again (not scaled), and
 one refused in the route is booked again. Plain Python, no model: milliseconds."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from test_admission import BUDGET, MAX_SEQS
 
 from moska.server.admission import AdmissionController, EngineLimits, RequestCost
 from moska.server.queue_replay import Load
+from moska.server.step_model import StepFeatures
 
 # library attends 10x what a CPU step of the same length needed before the step prior's
 # library cost fell 10x (session 22): the scenarios keep their step times
@@ -85,25 +86,58 @@ def test_one_taken_only_when_nothing_waits_holds_its_moment_alone():
     assert not adm.decide(mid, Load((plain,), ()), key=b"M2").accepted  # one waiting: no
 
 
-def test_a_booked_retry_scales_its_replay_by_a_stalled_step_at_most_booked_overdue():
-    """On a GPU engine (~ms steps) a step held up by the event loop had run ~20x its
-    prediction when booked retries came back; scaled by that, 2-3 waiting replayed to
-    3.5-9.8 s and 489 of a 1,000 burst's retries were refused at their moment. A booked
-    retry's replay is scaled at most 4x; a new request's still by the whole overrun."""
+def test_a_booked_retry_waits_for_a_stalled_step_once_not_at_its_pace():
+    """A step held up by the event loop (a GPU step ~20x its prediction in session 21, a
+    CPU burst's first step 2-6x in session 23) scaled a booked retry's whole replay: 2-3
+    waiting came to 3.5-9.8 s on the GPU, and 4.4-9.8 s on CPU where the real first
+    tokens came in 1-2 s, so retries were refused at their moment. A booked retry's step
+    in progress now ends as much again later as it has overrun (the drain's charge); a new
+    request's replay is still scaled by the whole overrun, and `booked_overdue` brings
+    back session 21's capped scale."""
     adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
     now = [0.0]
     adm.clock = lambda: now[0]
-    plain = RequestCost(32, 8)
-    calm = Load((plain, plain), ((4, 0),))
-    first = adm.predict(plain, calm).first_s
+    plain, big = RequestCost(32, 8), RequestCost(BUDGET // 4, 8)
+    calm = Load((big,) * 12, ((4, 0),))
+    pred = adm.predict(plain, calm)
+    assert pred.ttft_s > 2.5 * pred.first_s  # several steps ahead of it
     assert adm.decide(plain, calm).accepted
-    stalled = Load(calm.waiting, calm.running, 0, 0.9 / adm.predict(plain, calm).ttft_s * first)
-    assert stalled.busy_s / first > 4
-    assert not adm.decide(plain, stalled).accepted  # the whole overrun: refused
+    stalled = Load(calm.waiting, calm.running, 0, 3.0 * pred.first_s)
+    assert not adm.decide(plain, stalled).accepted  # a new request: every step 3x
     now[0] += adm.book(b"k", plain, 0.5)
     d = adm.decide(plain, stalled, key=b"k")
-    assert d.accepted and d.predicted_ttft_s < adm.fits_s()
+    # the step in progress: a quarter of it still to run (the replay's floor) plus its
+    # overrun so far again; the steps after it as predicted
+    late = stalled.busy_s - pred.first_s
+    expected = pred.ttft_s - pred.first_s + 0.25 * pred.first_s + late
+    assert d.accepted and d.predicted_ttft_s == pytest.approx(expected)
     assert adm.bookings.counts.claimed == 1
+    adm.booked_overdue = 4.0  # session 21: scaled, at most 4x (here 3x): refused
+    now[0] += adm.book(b"k2", plain, 0.5)
+    assert not adm.decide(plain, stalled, key=b"k2").accepted
+
+
+def test_a_booked_retry_plans_with_its_own_factor():
+    """A decode tail over the library ran 2.5x the fit: the main factor rises and a new
+    request is refused; a booked retry at its moment plans with `booked_slow`, which a
+    decode-only step does not raise, and is admitted (its queue is prefill steps)."""
+    adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+    now, t = [0.0], [100.0]
+    adm.clock = lambda: now[0]
+    adm.slow.clock = adm.booked_slow.clock = lambda: t[0]
+    prefill, tail = StepFeatures(256, 0, 8, 4), StepFeatures(0, 49_152, 24, 0)
+    for features, ratio, n in ((prefill, 1.0, 20), (tail, 2.5, 12)):
+        for _ in range(n):
+            seconds = ratio * adm.model.step_s(features)
+            t[0] += seconds
+            adm.observe_step(seconds, features)
+    assert adm.slowdown > 2.0 and adm.booked_slow.scale() < 1.1
+    plain, big = RequestCost(32, 8), RequestCost(BUDGET // 4, 8)
+    load = Load((big,) * 12, ())
+    assert not adm.decide(plain, load).accepted
+    now[0] += adm.book(b"k", plain, 0.5)
+    d = adm.decide(plain, load, key=b"k")
+    assert d.accepted and d.predicted_ttft_s < 0.5 * adm.predict(plain, load).ttft_s
 
 
 def test_a_booked_retry_refused_in_the_route_is_booked_again_and_recorded():
