@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .router_ref import keymax_scores_ref
-from .router_rows import _keymax_rows, _load_q_rows
+from .router_rows import _dense_item, _keymax_rows, _load_q_rows
 from .router_scores import _check, _pow2, _precision
 from .runtime import triton_runs_on
 
@@ -75,17 +75,10 @@ def _keymax_dense_kernel(
     UNROLL: tl.constexpr = 1,
 ):
     # fmt: on
-    # Items (tile t, head h), t fastest: the TPC tiles of one chunk run side by side and
-    # share its keys in L2. A smaller grid loops over the items (keymax_programs).
+    # Items (tile t, head h), `_dense_item`; a smaller grid loops over them (keymax_programs)
     T = C * TPC
     for w in range(tl.program_id(0), T * Hkv, tl.num_programs(0)):
-        t = w % T
-        h = w // T
-        chunk = t // TPC
-        req = (t % TPC) * BLOCK_B + tl.arange(0, BLOCK_B)
-        req_ok = req < B
-        lo = tl.load(offsets_ptr + chunk)
-        hi = tl.load(offsets_ptr + chunk + 1)
+        h, chunk, req, req_ok, lo, hi = _dense_item(w, T, TPC, B, offsets_ptr, BLOCK_B)
         # fmt: off
         best = _keymax_rows(
             q_ptr, basis_ptr, lk_ptr, req, req_ok, h, lo, hi, G, D, R,

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .router_ref import keymax_scores_ref
+from .router_rows import _dense_item
 from .runtime import triton_runs_on
 
 E4M3_MAX = 448.0
@@ -89,21 +90,14 @@ def _keymax_fp8_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # fmt: on
-    # Items (tile t, head h), t fastest: a chunk's TPC request tiles run side by side and
-    # share its keys in L2; a smaller grid loops over the items.
+    # Items (tile t, head h) as the fp16 kernel's (`_dense_item`); a smaller grid loops
     T = C * TPC
     offs_g = tl.arange(0, BLOCK_G)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
     acc_dtype = tl.float16 if F16_ACC else tl.float32
     for w in range(tl.program_id(0), T * Hkv, tl.num_programs(0)):
-        t = w % T
-        h = w // T
-        chunk = t // TPC
-        req = (t % TPC) * BLOCK_B + tl.arange(0, BLOCK_B)
-        req_ok = req < B
-        lo = tl.load(offsets_ptr + chunk)
-        hi = tl.load(offsets_ptr + chunk + 1)
+        h, chunk, req, req_ok, lo, hi = _dense_item(w, T, TPC, B, offsets_ptr, BLOCK_B)
         head = h * G + offs_g
         row_ok = req_ok[:, None] & (offs_g < G)[None, :]
         q_ptrs = (q_ptr + req[:, None, None].to(tl.int64) * stride_qb

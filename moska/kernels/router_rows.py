@@ -113,3 +113,18 @@ def _keymax_rows(
     best = tl.max(best.to(tl.float32), axis=1)
     best = tl.reshape(best, (BLOCK_B, BLOCK_G))
     return tl.max(tl.where((tl.arange(0, BLOCK_G) < G)[None, :], best, float("-inf")), axis=1)
+
+
+@triton.jit
+def _dense_item(w, T, TPC, B, offsets_ptr, BLOCK_B: tl.constexpr):
+    # Work item w of a dense key-max grid (every request scores every chunk): items are
+    # (tile t, head h), t fastest, so a chunk's TPC request tiles run side by side and share
+    # its keys in L2. Returns (h, chunk, req [BLOCK_B], req_ok, lo, hi): the KV head, the
+    # chunk, its tile's requests and the chunk's key rows lo:hi.
+    t = w % T
+    h = w // T
+    chunk = t // TPC
+    req = (t % TPC) * BLOCK_B + tl.arange(0, BLOCK_B)
+    lo = tl.load(offsets_ptr + chunk)
+    hi = tl.load(offsets_ptr + chunk + 1)
+    return h, chunk, req, req < B, lo, hi
