@@ -110,6 +110,7 @@ def run_bursts(
     promise_learning: bool = False,
     door_open: bool = False,
     door_anchor: str = "door",
+    storm_bound: bool = False,
     door_early: str = "off",
     obey_retries: int = 0,
     bookings: bool = True,
@@ -154,6 +155,7 @@ def run_bursts(
     admission.promises.enabled = promise_learning  # admission_promises (A/B)
     admission.door_open = door_open  # a drain's door wait: until it opens, or empties (A/B)
     admission.door_anchor = door_anchor  # the step in progress ends with the storm (A/B)
+    admission.storm_bound = storm_bound  # a new request's overrun lasts the backlog (A/B)
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
     if engine_share is not None:
@@ -289,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         promise_learning=args.promise_learning == "on",
         door_open=args.door_wait == "open",
         door_anchor=args.door_anchor,
+        storm_bound=args.storm_bound == "on",
         door_early=args.door_early,
         obey_retries=args.obey_retries,
         bookings=args.bookings == "on",

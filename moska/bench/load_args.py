@@ -85,6 +85,13 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         help="a drain's step in progress ends with the door's storm (storm_anchor; A/B)",
     )
     p.add_argument(
+        "--storm-bound",
+        choices=("on", "off"),
+        default="off",
+        help="a new request's overrun scale lasts only the event loop's backlog "
+        "(storm_anchor.storm_bounded_s; A/B, off by default)",
+    )
+    p.add_argument(
         "--door-early", choices=("on", "all", "off"), default="off", help="door_early.py"
     )
     p.add_argument(

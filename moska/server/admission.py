@@ -134,6 +134,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         self.door_anchor = "door"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
         self.bookings = Bookings()  # a 429's retry comes back to its appointment (bookings.py)
+        self.storm_bound = False  # `predict`: an overrun's pace lasts the loop's backlog (A/B)
         self.booked_overdue: float | None = None  # `booked_predict`: None, the overrun again
         self._spacing_memo: dict[RequestCost, tuple[float, float]] = {}  # `gap_s`
 
@@ -236,7 +237,11 @@ class AdmissionController(BookedDrains, DoorDrains):
 
         pred = run(1.0)
         if overdue and load.busy_s > pred.first_s > 0:  # the step in progress ran past it
-            pred = run(min(max_overdue, load.busy_s / pred.first_s))
+            scaled = run(min(max_overdue, load.busy_s / pred.first_s))
+            left = storm_anchor.backlog_left_s(self.door) if self.storm_bound else 0.0
+            pred = scaled._replace(
+                ttft_s=storm_anchor.storm_bounded_s(pred.ttft_s, scaled.ttft_s, left)
+            )
         return pred
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:

@@ -123,3 +123,44 @@ def test_slo_off_still_never_rejects_with_the_anchor():
     heavy = Load((RequestCost(4000, 16),) * 40, ((12, 0),) * 8, 0, 3.0)
     assert adm.shed(heavy) is None
     assert adm.decide(LIBRARY, heavy).accepted
+
+
+def test_storm_bounded_ttft():
+    from moska.server.storm_anchor import storm_bounded_s
+
+    # no storm, or a replay that ends within it: the scaled replay
+    assert storm_bounded_s(0.3, 3.0, 0.0) == 3.0
+    assert storm_bounded_s(0.3, 3.0, 5.0) == 3.0
+    # a short storm: at the overrun's pace until it ends (0.1 s, 1/30 of the work), then the fit
+    got = storm_bounded_s(0.3, 3.0, 0.1)
+    assert abs(got - (0.1 + 0.3 * (1 - 0.1 / 3.0))) < 1e-12
+    assert 0.3 < got < 0.45
+    # between the unscaled and the scaled replay, growing with the storm
+    prev = 0.0
+    for left in (0.05, 0.5, 1.0, 2.0, 2.9):
+        v = storm_bounded_s(0.3, 3.0, left)
+        assert 0.3 <= v <= 3.0 and v >= prev
+        prev = v
+    assert storm_bounded_s(0.3, 0.3, 0.1) == 0.3  # the overrun did not lengthen it
+
+
+def test_storm_bound_shortens_an_overrun_prediction_to_the_backlog():
+    """`AdmissionController.storm_bound`: a step in progress 10x past its prediction scales
+    the replay of a new request only for as long as the event loop's backlog lasts (the
+    requests inside the door x its time per request); off, or with no backlog, as before."""
+    adm = AdmissionController(5.0, None)
+    overrun = Load((RequestCost(200, 16, 2048),) * 8, ((12, 2048),) * 8, 0, 0.0)
+    first = adm.predict(LIBRARY, overrun).first_s
+    overrun = Load(overrun.waiting, overrun.running, 0, 10 * first)
+    scaled = adm.predict(LIBRARY, overrun).ttft_s
+    unscaled = adm.predict(LIBRARY, overrun, overdue=False).ttft_s
+    assert scaled > 3 * unscaled  # the overrun scale at work
+    adm.storm_bound = True
+    adm.door = SimpleNamespace(storm_until=0.0, wait_s=0.0)  # no backlog: as before
+    assert adm.predict(LIBRARY, overrun).ttft_s == pytest.approx(scaled)
+    adm.door = SimpleNamespace(storm_until=0.0, wait_s=0.05)  # a short backlog left
+    bounded = adm.predict(LIBRARY, overrun).ttft_s
+    assert unscaled < bounded < scaled
+    assert bounded == pytest.approx(storm_anchor.storm_bounded_s(unscaled, scaled, 0.05))
+    adm.storm_bound = False
+    assert adm.predict(LIBRARY, overrun).ttft_s == pytest.approx(scaled)
