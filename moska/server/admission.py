@@ -208,6 +208,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         queue_target: int | None = None,
         overdue: bool = True,
         max_overdue: float = math.inf,
+        factor: Slowdown | None = None,
     ) -> Prediction:
         """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end
         (`queue_replay.replay`) with the learned step times; scaled by how far past its
@@ -218,22 +219,18 @@ class AdmissionController(BookedDrains, DoorDrains):
         steps after ran up to 3x their prediction; most of them missed the SLO. Not for a
         429's drain (`overdue=False`): a drain spans many later steps, which mostly ran as
         the fit said once the burst was answered (scaled, library drains came out 2-4x
-        too long). `max_overdue` caps that scale (`booked_overdue`, session 21)."""
+        too long). `max_overdue` caps that scale (`booked_overdue`, session 21). `factor`:
+        the slowdown factor the fit is scaled by (default `slow`; a booked retry's own)."""
         with self._lock:
-            coef = self.model.coef * self.slow.scale()
+            coef = self.model.coef * (factor or self.slow).scale()
             load_tps = self._load_tps
 
         def run(scale: float) -> Prediction:
+            limits, steps = self.limits, self.max_sim_steps
             return replay(
-                new,
-                load,
-                num_requests,
-                queue_target,
-                coef=coef * scale,
-                load_tps=load_tps,
-                limits=self.limits,
-                max_sim_steps=self.max_sim_steps,
-            )
+                new, load, num_requests, queue_target, coef=coef * scale, load_tps=load_tps,
+                limits=limits, max_sim_steps=steps,
+            )  # fmt: skip
 
         pred = run(1.0)
         if overdue and load.busy_s > pred.first_s > 0:  # the step in progress ran past it

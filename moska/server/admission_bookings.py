@@ -96,12 +96,7 @@ class BookedDrains:
         `booked_overdue` set: session 21's form (the main factor, overrun scale capped)."""
         if self.booked_overdue is not None:
             return self.predict(cost, load, num_requests, target, max_overdue=self.booked_overdue)
-        with self._lock:
-            coef, load_tps = self.model.coef * self.booked_slow.scale(), self._load_tps
-        pred = replay(
-            cost, load, num_requests, target, coef=coef, load_tps=load_tps,
-            limits=self.limits, max_sim_steps=self.max_sim_steps,
-        )  # fmt: skip
+        pred = self.predict(cost, load, num_requests, target, False, factor=self.booked_slow)
         late = storm_anchor.step_delay_s(pred.first_s, load.busy_s, 0.0)
         return pred._replace(ttft_s=pred.ttft_s + late) if late > 0 else pred
 
