@@ -94,6 +94,17 @@ def _decode(adm: AdmissionController, clock: list[float], ratio: float, n: int =
         adm.observe_step(seconds, DECODE)
 
 
+def _warmed():
+    """A controller on a virtual clock (both factors) after 30 steps at 0.9-1.1x the fit:
+    (controller, clock, the booked retry's factor then)."""
+    adm = AdmissionController(5.0, None)
+    clock = _timeline(adm)
+    adm.booked_slow.clock = adm.slow.clock
+    for i in range(30):
+        _step(adm, clock, 1.1 if i % 2 else 0.9)
+    return adm, clock, adm.booked_slow.scale()
+
+
 def test_a_booked_retrys_factor_leaves_a_rested_first_step_and_a_decode_tail_over_the_fit():
     """Session 23's first 64-client burst on CPU: the engine rested 0.06-0.25 s after the
     warm-up (under the 1 s idle gap), and the burst's first step, 2.5-5.5x its prediction
@@ -105,12 +116,7 @@ def test_a_booked_retrys_factor_leaves_a_rested_first_step_and_a_decode_tail_ove
     step after a rest of more than `rest_gap_s`, and a decode-only step may bring it down
     but not up; slow prefill steps back to back still move it. The main factor, which
     new requests in a storm plan with, moves as before."""
-    adm = AdmissionController(5.0, None)
-    clock = _timeline(adm)
-    adm.booked_slow.clock = adm.slow.clock
-    for i in range(30):
-        _step(adm, clock, 1.1 if i % 2 else 0.9)
-    base = adm.booked_slow.scale()
+    adm, clock, base = _warmed()
     assert base == pytest.approx(adm.slowdown)
     _decode(adm, clock, 2.0)  # the decode tail, 2x the fit
     assert adm.booked_slow.scale() <= base * 1.001, (adm.booked_slow.scale(), base)
@@ -128,12 +134,7 @@ def test_a_one_off_step_ends_for_the_next_ones_rest():
     """A step that paid a one-off (a library load, `warmup`) moves nothing, but the next
     step's rest counts from its end: before, the step after a 0.9 s library load looked
     rested 0.9 s (and a booked retry's factor would set it aside)."""
-    adm = AdmissionController(5.0, None)
-    clock = _timeline(adm)
-    adm.booked_slow.clock = adm.slow.clock
-    for i in range(30):
-        _step(adm, clock, 1.1 if i % 2 else 0.9)
-    base = adm.booked_slow.scale()
+    adm, clock, base = _warmed()
     clock[0] += 0.9
     adm.observe_step(0.9, STEP, warmup=True)
     assert adm.booked_slow.scale() == base and adm.slowdown == base
