@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .router_dense import project_queries
 from .router_ref import keymax_scores_ref
 from .router_rows import _dense_item
 from .runtime import triton_runs_on
@@ -54,10 +55,7 @@ def quantize_lowrank_keys(
 def project_queries_fp8(q: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, D] onto each KV head's basis [Hkv, D, r] -> (e4m3 rows [B, Hq, r], scale
     [B, Hq] fp32), each row cut with its L2 norm at ``Q_NORM`` (see the module docstring)."""
-    b, hq, d = q.shape
-    hkv, _, r = basis.shape
-    qr = torch.einsum("bhgd,hdr->bhgr", q.float().view(b, hkv, hq // hkv, d), basis.float())
-    qr = qr.reshape(b, hq, r)
+    qr = project_queries(q, basis, torch.float32, use_triton=False)  # the same einsum
     norm = qr.norm(dim=-1)
     scale = torch.where(norm > 0, norm / Q_NORM, torch.ones_like(norm))
     return (qr / scale[..., None]).to(torch.float8_e4m3fn), scale
