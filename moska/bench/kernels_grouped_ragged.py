@@ -92,6 +92,7 @@ def ragged_reference(qp, k_cm, v_cm, cu_q, cu_k, scale):
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """`kernels_util.rel` over b's finite entries only (an empty group's lse is -inf)."""
     a, b = a.float(), b.float()
     ok = torch.isfinite(b)
     return float((a[ok] - b[ok]).norm() / b[ok].norm().clamp_min(1e-30))
