@@ -209,6 +209,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         overdue: bool = True,
         max_overdue: float = math.inf,
         factor: Slowdown | None = None,
+        bound: bool = True,
     ) -> Prediction:
         """Replay the scheduler over `load` plus `num_requests` copies of `new` at the end
         (`queue_replay.replay`) with the learned step times; scaled by how far past its
@@ -220,25 +221,23 @@ class AdmissionController(BookedDrains, DoorDrains):
         429's drain (`overdue=False`): a drain spans many later steps, which mostly ran as
         the fit said once the burst was answered (scaled, library drains came out 2-4x
         too long). `max_overdue` caps that scale (`booked_overdue`, session 21). `factor`:
-        the slowdown factor the fit is scaled by (default `slow`; a booked retry's own)."""
+        the slowdown factor (default `slow`; a booked retry's own). `bound`: `storm_bound`
+        applies (not in the door's `shed`: its drains count down to the step's end)."""
         with self._lock:
             coef = self.model.coef * (factor or self.slow).scale()
             load_tps = self._load_tps
 
         def run(scale: float) -> Prediction:
-            limits, steps = self.limits, self.max_sim_steps
-            return replay(
-                new, load, num_requests, queue_target, coef=coef * scale, load_tps=load_tps,
-                limits=limits, max_sim_steps=steps,
-            )  # fmt: skip
+            limits, steps, c = self.limits, self.max_sim_steps, coef * scale
+            args = (new, load, num_requests, queue_target)
+            return replay(*args, coef=c, load_tps=load_tps, limits=limits, max_sim_steps=steps)
 
         pred = run(1.0)
         if overdue and load.busy_s > pred.first_s > 0:  # the step in progress ran past it
             scaled = run(min(max_overdue, load.busy_s / pred.first_s))
-            left = storm_anchor.backlog_left_s(self.door) if self.storm_bound else 0.0
-            pred = scaled._replace(
-                ttft_s=storm_anchor.storm_bounded_s(pred.ttft_s, scaled.ttft_s, left)
-            )
+            left = storm_anchor.backlog_left_s(self.door) if self.storm_bound and bound else 0.0
+            bounded = storm_anchor.storm_bounded_s(pred.ttft_s, scaled.ttft_s, left)
+            pred = scaled._replace(ttft_s=bounded)
         return pred
 
     def predict_ttft(self, new: RequestCost | int, load: Load, num_requests: int = 1) -> float:
@@ -300,6 +299,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         elapsed_s: float,
         promise: str = "raw",
         booked: Booking | None = None,
+        bound: bool = True,
     ) -> Decision:
         """The verdict on `load` (the engine's, and the door's) plus the booked retries
         that come before this request (`with_bookings`: booked before it arrived and due
@@ -317,7 +317,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         if booked is not None:  # its step in progress: `booked_predict`
             pred = self.booked_predict(cost, load, num_requests, target)
         else:
-            pred = self.predict(cost, load, num_requests, target)
+            pred = self.predict(cost, load, num_requests, target, bound=bound)
         ttft = pred.ttft_s + max(0.0, elapsed_s)
         if queue_full:
             return Decision(

@@ -58,6 +58,7 @@ class DoorDrains:
         elapsed_s: float,
         promise: str = "raw",
         booked: Any = None,
+        bound: bool = True,
     ) -> Decision:
         raise NotImplementedError
 
@@ -191,7 +192,10 @@ class DoorDrains:
             ahead = self._door_ahead(load, self.fits_s(), typical)
         door = self.door
         probe, wait = door_probe(self.door_early, typical, elapsed_s, door.wait_s, door.storm_s)
-        decision = self._decide(probe, ahead, 1, wait)
+        # the overrun's scale to the step's end, bounded or not (`storm_bound`): this 429's
+        # drain counts down to that end (storm_anchor.step_delay_s); bounded, the door
+        # reopened before it (GPU 300 burst, session 24: 5 of 23 door promises "long")
+        decision = self._decide(probe, ahead, 1, wait, bound=False)
         elapsed_s *= self.door_lag  # in the drains only with `door_lag` (A/B: bench load)
         result, learn = None, self.promises
         if not decision.accepted:

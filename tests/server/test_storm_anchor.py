@@ -164,3 +164,28 @@ def test_storm_bound_shortens_an_overrun_prediction_to_the_backlog():
     assert bounded == pytest.approx(storm_anchor.storm_bounded_s(unscaled, scaled, 0.05))
     adm.storm_bound = False
     assert adm.predict(LIBRARY, overrun).ttft_s == pytest.approx(scaled)
+
+
+def test_storm_bound_leaves_the_door_on_the_overrun_until_the_step_ends():
+    """With `storm_bound`, a request decided after its body (`decide`) plans on the
+    overrun's pace only for the loop's backlog, but the door's `shed` keeps it until the
+    step in progress ends: its 429's drain counts down to that end (storm_anchor), and a
+    door that reopened earlier made promises 2x too long (session 24, GPU 300 burst)."""
+    from moska.server.front_door import FrontDoor
+
+    adm = AdmissionController(5.0, None)
+    adm.storm_bound = True
+    adm.door = FrontDoor()
+    tickets = [adm.door.enter() for _ in range(10)]  # a backlog: 10 x 5 ms
+    base = Load((RequestCost(200, 16, 2048),) * 8, ((12, 2048),) * 8, 0, 0.0)
+    first = adm.predict(RequestCost(1, 16), base).first_s
+    overrun = Load(base.waiting, base.running, 0, 5 * first)  # the step 5x past it
+    refused = adm.shed(overrun)
+    assert refused is not None and refused.verdict is Verdict.SLO
+    assert refused.drain_s > 0
+    for t in tickets[1:]:
+        adm.door.leave(t)
+    # the same load, a plain request decided after reading: the bounded pace lets it in
+    assert adm.decide(RequestCost(1, 16), overrun).accepted
+    adm.storm_bound = False  # unbounded it is refused as at the door
+    assert not adm.decide(RequestCost(1, 16), overrun).accepted
