@@ -110,7 +110,7 @@ def run_bursts(
     promise_learning: bool = False,
     door_open: bool = False,
     door_anchor: str = "door",
-    storm_bound: bool = False,
+    storm_bound: bool | None = None,
     door_early: str = "off",
     obey_retries: int = 0,
     bookings: bool = True,
@@ -124,6 +124,7 @@ def run_bursts(
     OpenAI SDK's do (load_obey; figures under each burst's "obey" and "obey_overall")."""
     from moska.bench.load_probe import DryProbeAdmission, ProbeTag
     from moska.bench.load_trace import PortTag, TracingAdmission, breakdown
+    from moska.server import storm_anchor
     from moska.server.admission import EngineLimits
     from moska.server.app import create_app
     from moska.server.background import background_server
@@ -155,6 +156,8 @@ def run_bursts(
     admission.promises.enabled = promise_learning  # admission_promises (A/B)
     admission.door_open = door_open  # a drain's door wait: until it opens, or empties (A/B)
     admission.door_anchor = door_anchor  # the step in progress ends with the storm (A/B)
+    if storm_bound is None:  # the server's default: on for a GPU engine
+        storm_bound = storm_anchor.bound_by_default(engine)
     admission.storm_bound = storm_bound  # a new request's overrun lasts the backlog (A/B)
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         promise_learning=args.promise_learning == "on",
         door_open=args.door_wait == "open",
         door_anchor=args.door_anchor,
-        storm_bound=args.storm_bound == "on",
+        storm_bound=None if args.storm_bound == "auto" else args.storm_bound == "on",
         door_early=args.door_early,
         obey_retries=args.obey_retries,
         bookings=args.bookings == "on",

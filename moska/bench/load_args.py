@@ -86,10 +86,10 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--storm-bound",
-        choices=("on", "off"),
-        default="off",
+        choices=("auto", "on", "off"),
+        default="auto",
         help="a new request's overrun scale lasts only the event loop's backlog "
-        "(storm_anchor.storm_bounded_s; A/B, off by default)",
+        "(storm_anchor.storm_bounded_s; auto: the server's default, on for a GPU engine)",
     )
     p.add_argument(
         "--door-early", choices=("on", "all", "off"), default="off", help="door_early.py"

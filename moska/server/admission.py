@@ -134,7 +134,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         self.door_anchor = "door"
         self.clock: Callable[[], float] = time.monotonic  # the promise scale's (tests: virtual)
         self.bookings = Bookings()  # a 429's retry comes back to its appointment (bookings.py)
-        self.storm_bound = False  # `predict`: an overrun's pace lasts the loop's backlog (A/B)
+        self.storm_bound = False  # an overrun's pace lasts the loop's backlog (app: on a GPU)
         self.booked_overdue: float | None = None  # `booked_predict`: None, the overrun again
         self._spacing_memo: dict[RequestCost, tuple[float, float]] = {}  # `gap_s`
 

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from moska import __version__
 from moska.engine.protocol import ServedEngine
+from moska.server import storm_anchor
 from moska.server.admission import AdmissionController, EngineLimits
 from moska.server.async_engine import AsyncEngine
 from moska.server.build_worker import BuildWorker
@@ -39,9 +40,10 @@ def create_app(
     and stops (draining in-flight requests) when the app shuts down."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics()
-    admission = admission or AdmissionController(
-        settings.ttft_slo, settings.max_queue, limits=EngineLimits.of(engine)
-    )
+    if admission is None:
+        limits = EngineLimits.of(engine)
+        admission = AdmissionController(settings.ttft_slo, settings.max_queue, limits=limits)
+        admission.storm_bound = storm_anchor.bound_by_default(engine)  # on a GPU engine
     admission.bookings.enabled = settings.retry_bookings
     metrics.watch_bookings(admission.bookings)
     state = ServerState(

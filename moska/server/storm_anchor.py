@@ -94,7 +94,21 @@ def storm_bounded_s(unscaled_s: float, scaled_s: float, storm_left: float) -> fl
     requests at 2.9-8.1 s, and 3-26 of 32 were refused whose admitted peers had their first
     token in 0.2-0.7 s (session 23, device calls 6-10). Without a backlog (`storm_left` 0),
     or a replay that ends within it, the scaled replay stands. `AdmissionController
-    .storm_bound` (off by default: measured on CPU only, docs/admission.md)."""
+    .storm_bound` (`bound_by_default`: on for a GPU engine)."""
     if storm_left <= 0 or scaled_s <= unscaled_s or scaled_s <= storm_left:
         return scaled_s
     return storm_left + unscaled_s * (1.0 - storm_left / scaled_s)
+
+
+def bound_by_default(engine: Any) -> bool:
+    """Whether `AdmissionController.storm_bound` is on for `engine`: on when it runs on a
+    GPU (`engine.device`), off on the CPU. Why: behind a GPU engine only its Python (the
+    kernel launches) shares the GIL with the event loop, and once the loop's backlog is
+    through its steps run as the fit says; a CPU engine's compute shares the cores with
+    the loop and the clients for the whole burst. Measured (docs/admission.md, session
+    24): GPU, 4 servers bounded scored 0.96-1.00 within 2x in every burst (first 64-client
+    burst 0-1 429s instead of 5-22), 4 unbounded 0.80-1.00; CPU plain bursts bounded 0.89,
+    unbounded 0.92-1.00. An engine without `device` counts as a CPU one."""
+    device = getattr(engine, "device", None)
+    kind = getattr(device, "type", device)  # a torch.device's, or a name
+    return kind is not None and not str(kind).startswith("cpu")

@@ -189,3 +189,24 @@ def test_storm_bound_leaves_the_door_on_the_overrun_until_the_step_ends():
     assert adm.decide(RequestCost(1, 16), overrun).accepted
     adm.storm_bound = False  # unbounded it is refused as at the door
     assert not adm.decide(RequestCost(1, 16), overrun).accepted
+
+
+def test_storm_bound_is_on_for_a_gpu_engine_only():
+    """The server's default (`storm_anchor.bound_by_default`, set by `create_app`): a GPU
+    engine's overrun under a burst lasts the loop's backlog; a CPU engine's does not."""
+    import torch
+    from fake_engine import FakeEngine
+
+    from moska.server.app import create_app
+    from moska.server.storm_anchor import bound_by_default
+
+    assert bound_by_default(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert bound_by_default(SimpleNamespace(device="cuda:0"))
+    assert not bound_by_default(SimpleNamespace(device=torch.device("cpu")))
+    assert not bound_by_default(SimpleNamespace())  # no device: as a CPU one
+    engine = FakeEngine()
+    assert not create_app(engine).state.moska.admission.storm_bound
+    engine.device = torch.device("cuda", 0)  # the app touches no tensor of it
+    assert create_app(engine).state.moska.admission.storm_bound
+    given = AdmissionController(5.0, None)  # an admission handed in keeps its own setting
+    assert not create_app(engine, admission=given).state.moska.admission.storm_bound
