@@ -176,6 +176,7 @@ def run_bursts(
     report: dict[str, Any] = {"bursts": [], "warmup_waves": list(warmup)}
     report["engine_share"] = report_share
     report["door_rate"] = door_rate or "sums"
+    report["storm_bound"] = admission.storm_bound  # as resolved (auto: on for a GPU engine)
     try:
         with background_server(ProbeTag(tag or app)) as url:  # probes run dry (load_probe)
             model_name = state.model_name
