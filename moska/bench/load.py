@@ -111,6 +111,7 @@ def run_bursts(
     door_open: bool = False,
     door_anchor: str = "door",
     storm_bound: bool | None = None,
+    booked_headroom: float | None = None,
     door_early: str = "off",
     obey_retries: int = 0,
     bookings: bool = True,
@@ -159,6 +160,8 @@ def run_bursts(
     if storm_bound is None:  # the server's default: on for a GPU engine
         storm_bound = storm_anchor.bound_by_default(engine)
     admission.storm_bound = storm_bound  # a new request's overrun lasts the backlog (A/B)
+    if booked_headroom is not None:  # a booked retry's share of the SLO (A/B)
+        admission.booked_headroom = booked_headroom
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
     if engine_share is not None:
@@ -296,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         door_open=args.door_wait == "open",
         door_anchor=args.door_anchor,
         storm_bound=None if args.storm_bound == "auto" else args.storm_bound == "on",
+        booked_headroom=args.booked_headroom,
         door_early=args.door_early,
         obey_retries=args.obey_retries,
         bookings=args.bookings == "on",

@@ -92,6 +92,13 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         "(storm_anchor.storm_bounded_s; auto: the server's default, on for a GPU engine)",
     )
     p.add_argument(
+        "--booked-headroom",
+        type=float,
+        default=None,
+        help="a booked retry at its moment is admitted within this share of the SLO "
+        "(admission_bookings.booked_fits_s; default: the server's)",
+    )
+    p.add_argument(
         "--door-early", choices=("on", "all", "off"), default="off", help="door_early.py"
     )
     p.add_argument(

@@ -52,6 +52,10 @@ class BookedDrains:
     # this much more: at exactly the replay, the next one's moment came while it still ran
     # about half the time (the step times' own noise)
     hold_slack: float = 0.1
+    # the share of the SLO a booked retry at its moment is admitted within (None: admission's
+    # `headroom`, as a new request): see `booked_fits_s`
+    booked_headroom: float | None = None
+    margin: Any  # ttft_margin.TtftMargin
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController
     _elapsed: float  # its moving average of the wait before a decision
@@ -75,6 +79,12 @@ class BookedDrains:
             return load
         n = len(booked)
         return Load(load.waiting + booked, load.running, load.num_pending + n, load.busy_s)
+
+    def booked_fits_s(self) -> float:
+        """The predicted TTFT a booked retry at its moment is admitted within:
+        `booked_headroom` x SLO less the delivery margin (`fits_s` for a new request)."""
+        share = self.headroom if self.booked_headroom is None else self.booked_headroom
+        return max(0.0, share * (self.ttft_slo or math.inf) - self.margin.seconds)
 
     def booked_predict(
         self, cost: RequestCost, load: Load, num_requests: int, target: int | None
