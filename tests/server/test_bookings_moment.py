@@ -157,12 +157,12 @@ def test_a_booked_retry_refused_in_the_route_is_booked_again_and_recorded():
 
 def test_a_booked_retry_is_admitted_within_its_own_share_of_the_slo():
     """`booked_headroom`: a booked retry at its moment is admitted within that share of the
-    SLO, a new request within `headroom`'s (default: the same). On CPU plain bursts booked
+    SLO (0.925 by default), a new request within `headroom`'s (0.85). On CPU plain bursts booked
     retries were refused at their moment predicted 4.24-4.78 s against 4.25 s admitted
     (SLO 5 s) and booked again behind the whole queue (session 24)."""
     load = Load((RequestCost(64, 8),) * 23, ((4, 0),) * 8)
     plain = RequestCost(32, 8)
-    for share, admitted in ((None, False), (0.925, True)):
+    for share, admitted in ((None, False), (0.925, True)):  # None: `headroom` (0.85)
         adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
         adm.booked_headroom = share
         now = [0.0]
