@@ -350,7 +350,7 @@ class AdmissionController(BookedDrains, DoorDrains):
                 slo = own * (1.0 + self.hold_slack) + self.margin.seconds
             idle = idle or (idle_only and ttft <= slo)
         risk = self.library_risk if cost.library_attend and load.waiting else 1.0
-        fits = self.fits_s() if booked is None else self.booked_fits_s()
+        fits = self.fits_s() if booked is None else self.booked_fits_s(booked)
         if self.ttft_slo is not None and not idle and ttft * risk > fits:
             if promise == "none":  # a check of an open promise: the verdict alone
                 return Decision(Verdict.SLO, ttft, 0, 0.0)

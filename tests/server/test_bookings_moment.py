@@ -157,7 +157,8 @@ def test_a_booked_retry_refused_in_the_route_is_booked_again_and_recorded():
 
 def test_a_booked_retry_is_admitted_within_its_own_share_of_the_slo():
     """`booked_headroom`: a booked retry at its moment is admitted within that share of the
-    SLO (0.925 by default), a new request within `headroom`'s (0.85). On CPU plain bursts booked
+    SLO (0.925 by default) from its moment on, a new request and one in the early window
+    before its moment within `headroom`'s (0.85). On CPU plain bursts booked
     retries were refused at their moment predicted 4.24-4.78 s against 4.25 s admitted
     (SLO 5 s) and booked again behind the whole queue (session 24)."""
     load = Load((RequestCost(64, 8),) * 23, ((4, 0),) * 8)
@@ -170,7 +171,11 @@ def test_a_booked_retry_is_admitted_within_its_own_share_of_the_slo():
         ttft = adm.predict(plain, load).ttft_s
         assert 0.85 < ttft < 0.925  # over `headroom`, within 0.925
         assert not adm.decide(plain, load).accepted  # a new request: `headroom`'s
-        now[0] = adm.book(b"p", plain, 0.3)
-        d = adm.decide(plain, load, key=b"p")  # the booked retry at its moment
+        moment = adm.book(b"p", plain, 0.4)
+        now[0] = moment - 0.05  # in the early window (from 0.75 of the wait): as new
+        assert not adm.decide(plain, load, key=b"p").accepted
+        assert adm.bookings.counts.early == 0 and adm.bookings.counts.rebooked == 1
+        now[0] = adm.bookings.find(b"p", now[0]).due  # the booked again retry at its moment
+        d = adm.decide(plain, load, key=b"p")
         assert d.accepted is admitted
-        assert adm.bookings.counts.rebooked == (0 if admitted else 1)
+        assert adm.bookings.counts.rebooked == (1 if admitted else 2)
