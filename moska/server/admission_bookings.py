@@ -52,13 +52,13 @@ class BookedDrains:
     # this much more: at exactly the replay, the next one's moment came while it still ran
     # about half the time (the step times' own noise)
     hold_slack: float = 0.1
-    # the share of the SLO a booked retry at its moment is admitted within (None: admission's
-    # `headroom`, as a new request): `booked_fits_s`. 0.925, halfway from 0.85 to the SLO:
-    # on CPU plain bursts retries were refused at their moment predicted at 4.24-4.78 s
-    # against 4.25 s (SLO 5 s) and booked again behind the whole queue; A/B, 3 runs per arm
-    # (session 24): booked again 0 / 0 / 6 against 51 / 27 / 0, retries within the SLO
-    # 1.00 / 1.00 / 0.996, sampled promises within 2x 1.00 / 1.00 / 0.99 overall
-    booked_headroom: float | None = 0.925
+    # the share of the SLO a booked retry is admitted within from its moment on (None:
+    # admission's `headroom`, as a new request): `booked_fits_s`. Off (None) by default:
+    # 0.925 was better on CPU plain bursts (A/B, 3 runs per arm, session 24: booked again
+    # 0 / 0 / 6 against 51 / 27 / 0, within 2x 1.00 / 1.00 / 0.99 against 0.90 / 0.99 /
+    # 1.00) but not on the GPU, where the 300-client bursts scored 0.64-1.00 with it
+    # (docs/admission.md, session 24)
+    booked_headroom: float | None = None
     margin: Any  # ttft_margin.TtftMargin
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController

@@ -157,8 +157,8 @@ def test_a_booked_retry_refused_in_the_route_is_booked_again_and_recorded():
 
 def test_a_booked_retry_is_admitted_within_its_own_share_of_the_slo():
     """`booked_headroom`: a booked retry at its moment is admitted within that share of the
-    SLO (0.925 by default) from its moment on, a new request and one in the early window
-    before its moment within `headroom`'s (0.85). On CPU plain bursts booked
+    SLO from its moment on (None, the default: `headroom`'s), a new request and one in the
+    early window before its moment within `headroom`'s (0.85). On CPU plain bursts booked
     retries were refused at their moment predicted 4.24-4.78 s against 4.25 s admitted
     (SLO 5 s) and booked again behind the whole queue (session 24)."""
     load = Load((RequestCost(64, 8),) * 23, ((4, 0),) * 8)
