@@ -42,6 +42,7 @@ class PortTag:
         self.app = app
         self.called: dict[int, float] = {}  # the last request from each port (ports recur)
         self.first_body: dict[int, float] = {}
+        self.status_sent: dict[int, tuple[int, float]] = {}  # (status, when its start went out)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         client = scope.get("client") if scope["type"] == "http" else None
@@ -54,6 +55,8 @@ class PortTag:
         token = PORT.set(port)
 
         async def tagged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.status_sent[port] = (int(message["status"]), time.monotonic())
             if (
                 message["type"] == "http.response.body"
                 and message.get("body")
@@ -214,6 +217,7 @@ def breakdown(
             sum(1 for r in rows if r["server_ttft_s"] <= slo) / len(rows) if rows else None
         ),
         "p50_p90_p99": {k: _pct([r[k] for r in rows]) for k in parts},
+        "rejected_to_client_s": _pct(rejected_to_client(tag, out)),
         "admitted": sorted(rounded, key=lambda r: -r["client_ttft_s"]),
         "sheds": [
             {
@@ -245,3 +249,20 @@ def breakdown(
             for t, sec, p, f in adm.steps[since[3] :]
         ][:400],
     }
+
+
+def rejected_to_client(tag: PortTag, out: dict) -> list[float]:
+    """Per first attempt answered 429, the seconds from when the server sent its status
+    (`PortTag.status_sent`) to when its client read it (`t_status`): a retry timed from the
+    client's receipt (the bench's own-retry score) reaches the server this much later on
+    the server's clock than the promise says. Joined by port; a port reused since by
+    another request (not a 429, or sent after the client read this one) is left out."""
+    t0, lags = out["t0"], []
+    for c in out["requests"]:
+        sent = tag.status_sent.get(c.get("port") or -1)
+        if c["status"] != 429 or c.get("t_status") is None or sent is None or sent[0] != 429:
+            continue
+        lag = t0 + c["t_status"] - sent[1]
+        if lag >= 0:
+            lags.append(lag)
+    return lags

@@ -48,3 +48,33 @@ def test_the_parts_of_an_admitted_requests_ttft_add_up(monkeypatch):
     assert row["charged_before_s"] == 0.2
     assert row["to_decision_s"] == pytest.approx(0.05) and ttft < 5.0
     assert got["client_ttft_within_slo_share"] == 1.0 == got["server_ttft_within_slo_share"]
+
+
+def test_a_429s_delivery_is_timed_from_its_status_sent_to_its_client_reading_it():
+    """`rejected_to_client`: the server's send of a 429's status (recorded by `PortTag` on
+    the ASGI `http.response.start`) joined by port with the client's `t_status`; a port
+    whose last answer was not a 429, or one sent after the client read it, is left out."""
+    import asyncio
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": scope["path_status"]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def drop(message):
+        return None
+
+    tag = PortTag(app)
+    for port, status in ((6001, 429), (6002, 200), (6003, 429)):
+        scope = {"type": "http", "client": ("127.0.0.1", port), "path_status": status}
+        asyncio.run(tag(scope, None, drop))
+    assert tag.status_sent[6001][0] == 429 and tag.status_sent[6002][0] == 200
+    sent = tag.status_sent[6001][1]
+    t0 = sent - 1.0
+    requests = [
+        {"status": 429, "t_status": 1.3, "port": 6001},  # read 0.3 s after it went out
+        {"status": 429, "t_status": 1.3, "port": 6002},  # the port's last answer: a 200
+        {"status": 429, "t_status": -5.0, "port": 6003},  # read before it was sent: reused
+        {"status": 200, "t_status": 1.0, "port": 6001},
+    ]
+    lags = load_trace.rejected_to_client(tag, {"t0": t0, "requests": requests})
+    assert lags == [pytest.approx(0.3)]
