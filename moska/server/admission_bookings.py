@@ -90,9 +90,9 @@ class BookedDrains:
         x SLO less the delivery margin; in the early window before it (`Bookings.opens`,
         for clients that read the rounded `Retry-After`) a new request's (`fits_s`). Why
         not the early window too: on the GPU the 300-client bursts' dry retries at half
-        the promise, which came in that window (a 429 took up to 1.1-1.3 s to reach its
-        client), were admitted so and scored "long": 12 of 96 sampled at 0.925 against 7 of
-        122 at 0.85 (session 24)."""
+        the promise, which reached the door in that window (requests waited up to 1.1-1.5 s
+        for the event loop there), were admitted so and scored "long": 12 of 96 sampled at
+        0.925 against 7 of 122 at 0.85 (session 24)."""
         share = self.headroom if self.booked_headroom is None else self.booked_headroom
         if self.clock() < booking.due:
             share = self.headroom
