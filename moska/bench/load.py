@@ -112,6 +112,7 @@ def run_bursts(
     door_anchor: str = "door",
     storm_bound: bool | None = None,
     booked_headroom: float | None = None,
+    booked_by_send: bool = False,
     door_early: str = "off",
     obey_retries: int = 0,
     bookings: bool = True,
@@ -162,6 +163,7 @@ def run_bursts(
     admission.storm_bound = storm_bound  # a new request's overrun lasts the backlog (A/B)
     if booked_headroom is not None:  # a booked retry's share of the SLO (A/B)
         admission.booked_headroom = booked_headroom
+    admission.booked_by_send = booked_by_send  # early or on time by its send (A/B)
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
     if engine_share is not None:
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         door_anchor=args.door_anchor,
         storm_bound=None if args.storm_bound == "auto" else args.storm_bound == "on",
         booked_headroom=args.booked_headroom,
+        booked_by_send=args.booked_by_send == "on",
         door_early=args.door_early,
         obey_retries=args.obey_retries,
         bookings=args.bookings == "on",

@@ -99,6 +99,12 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         "(admission_bookings.booked_fits_s; default: the server's)",
     )
     p.add_argument(
+        "--booked-by-send",
+        choices=("on", "off"),
+        default="off",
+        help="a retry is early or on time by when it was sent (admission_bookings; A/B)",
+    )
+    p.add_argument(
         "--door-early", choices=("on", "all", "off"), default="off", help="door_early.py"
     )
     p.add_argument(

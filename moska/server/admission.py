@@ -262,7 +262,7 @@ class AdmissionController(BookedDrains, DoorDrains):
         front door here."""
         self.door.leave_current()
         cost = RequestCost(new) if isinstance(new, int) else new
-        booking, early = self.booked(key)
+        booking, early = self.booked(key, elapsed_s)
         if early is not None:  # before its moment: the same appointment, what is left
             return early
         decision = self._decide(cost, load, num_requests, elapsed_s, "learn", booking)

@@ -59,6 +59,10 @@ class BookedDrains:
     # 1.00) but not on the GPU, where the 300-client bursts scored 0.64-1.00 with it
     # (docs/admission.md, session 24)
     booked_headroom: float | None = None
+    # a retry is early or on time by when it was sent, not when it is decided (`booked`):
+    # an A/B, off. Why: on the GPU the 300-client bursts' misses were dry retries sent at
+    # half their promise that waited for the loop until past 0.75 of it (session 24)
+    booked_by_send: bool = False
     margin: Any  # ttft_margin.TtftMargin
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController
@@ -122,12 +126,19 @@ class BookedDrains:
         late = storm_anchor.step_delay_s(pred.first_s, load.busy_s, 0.0)
         return pred._replace(ttft_s=pred.ttft_s + late) if late > 0 else pred
 
-    def booked(self, key: bytes | None) -> tuple[Booking | None, Decision | None]:
+    def booked(
+        self, key: bytes | None, waited_s: float = 0.0
+    ) -> tuple[Booking | None, Decision | None]:
         """The booking of the request whose key is `key` and, when this retry of it is
-        early, its 429: the time left of the same appointment (`Bookings.check`)."""
-        booking, left = self.bookings.check(key, self.clock())
+        early, its 429: the time left of the same appointment (`Bookings.check`). With
+        `booked_by_send`, early or on time by when it was sent: `waited_s` (its time in the
+        server, the loop's lag included) before now."""
+        now = self.clock()
+        at = now - max(0.0, waited_s) if self.booked_by_send else now
+        booking, left = self.bookings.check(key, at)
         if left is None:
             return booking, None
+        left = max(0.0, left - (now - at))  # from now
         return booking, Decision(Verdict.SLO, left, retry_drain.retry_after(left), left)
 
     def _replay(self, cost: RequestCost, ahead: int) -> Prediction:

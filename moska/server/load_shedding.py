@@ -257,7 +257,8 @@ def _booked(state: object | None, key: bytes | None, decision: Decision) -> Deci
     booked = getattr(admission, "booked", None)
     if booked is None or key is None:
         return decision
-    booking, early = booked(key)
+    lag = getattr(state, "loop_lag", None)  # its wait before the door, as admission counts
+    booking, early = booked(key, elapsed_since_arrival() + (lag.now() if lag else 0.0))
     if booking is None:
         return decision
     if early is not None:

@@ -179,3 +179,29 @@ def test_a_booked_retry_is_admitted_within_its_own_share_of_the_slo():
         d = adm.decide(plain, load, key=b"p")
         assert d.accepted is admitted
         assert adm.bookings.counts.rebooked == (1 if admitted else 2)
+
+
+def test_a_retry_is_early_or_on_time_by_when_it_was_sent_with_booked_by_send():
+    """`booked_by_send`: a retry sent at half its wait but decided past its moment (it
+    waited for the event loop) is early, told what is left from now; one sent on time is
+    on time however long it waited. Off (the default): judged when decided."""
+    plain = RequestCost(32, 8)
+    for by_send in (False, True):
+        adm = AdmissionController(1.0, None, limits=EngineLimits(BUDGET, MAX_SEQS))
+        adm.booked_by_send = by_send
+        now = [0.0]
+        adm.clock = lambda now=now: now[0]
+        moment = adm.book(b"p", plain, 0.8)
+        now[0] = moment + 0.05  # decided past its moment, sent at half its wait
+        booking, early = adm.booked(b"p", waited_s=moment / 2 + 0.05)
+        assert booking is not None
+        if by_send:
+            assert early is not None and early.drain_s == 0.0  # past due now: nothing left
+        else:
+            assert early is None
+        now[0] = moment * 0.6  # decided early, sent earlier still: early either way
+        _, early = adm.booked(b"p", waited_s=0.1)
+        left = moment - now[0]
+        assert early is not None and early.drain_s == pytest.approx(left)
+        now[0] = moment + 0.3  # sent at its moment, waited 0.3 s: on time either way
+        assert adm.booked(b"p", waited_s=0.3)[1] is None
