@@ -182,6 +182,7 @@ def run_bursts(
     report["engine_share"] = report_share
     report["door_rate"] = door_rate or "sums"
     report["storm_bound"] = admission.storm_bound  # as resolved (auto: on for a GPU engine)
+    report["booked_headroom"] = admission.booked_headroom  # as resolved (None: headroom)
     try:
         with background_server(ProbeTag(tag or app)) as url:  # probes run dry (load_probe)
             model_name = state.model_name

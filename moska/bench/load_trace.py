@@ -218,6 +218,14 @@ def breakdown(
         ),
         "p50_p90_p99": {k: _pct([r[k] for r in rows]) for k in parts},
         "rejected_to_client_s": _pct(rejected_to_client(tag, out)),
+        # every first token of the burst (retries too, unjoined): (t, predicted, observed)
+        # of those whose server-side TTFT missed the SLO, and how many there were of all
+        "firsts": len(adm.firsts) - since[2],
+        "firsts_missed": [
+            (round(t - t0, 3), round(p, 3), round(o, 3))
+            for t, p, o in adm.firsts[since[2] :]
+            if o > slo
+        ][:200],
         "admitted": sorted(rounded, key=lambda r: -r["client_ttft_s"]),
         "sheds": [
             {

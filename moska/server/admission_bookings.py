@@ -53,11 +53,10 @@ class BookedDrains:
     # about half the time (the step times' own noise)
     hold_slack: float = 0.1
     # the share of the SLO a booked retry is admitted within from its moment on (None:
-    # admission's `headroom`, as a new request): `booked_fits_s`. Off (None) by default:
-    # 0.925 was better on CPU plain bursts (A/B, 3 runs per arm, session 24: booked again
-    # 0 / 0 / 6 against 51 / 27 / 0, within 2x 1.00 / 1.00 / 0.99 against 0.90 / 0.99 /
-    # 1.00) but not on the GPU, where the 300-client bursts scored 0.64-1.00 with it
-    # (docs/admission.md, session 24)
+    # admission's `headroom`, as a new request): `booked_fits_s`. An A/B, off: 0.925 did
+    # not hold up (docs/admission.md, session 24: CPU plain 1,000 bursts 0.87-1.00 within
+    # 2x with it, 0.81-1.00 without, retries' SLO down to 0.948 with it; GPU 300 bursts
+    # 0.64-1.00 either way)
     booked_headroom: float | None = None
     # a retry is early or on time by when it was sent, not when it is decided (`booked`):
     # an A/B, off. Why: on the GPU the 300-client bursts' misses were dry retries sent at
@@ -98,7 +97,9 @@ class BookedDrains:
         for the event loop there), were admitted so and scored "long": 12 of 96 sampled at
         0.925 against 7 of 122 at 0.85 (session 24)."""
         share = self.headroom if self.booked_headroom is None else self.booked_headroom
-        if self.clock() < booking.due:
+        # "from its moment": a client timed by `retry-after-ms` (rounded to the ms; asyncio
+        # wakes a timer up to its clock's resolution early) may come a hair before it
+        if self.clock() < booking.due - 0.05 * (booking.due - booking.made) - 0.005:
             share = self.headroom
         return max(0.0, share * (self.ttft_slo or math.inf) - self.margin.seconds)
 
