@@ -159,9 +159,9 @@ class AdmissionController(BookedDrains, DoorDrains):
         if not seconds > 0 or not math.isfinite(seconds) or features == StepFeatures():
             return
         with self._lock:  # which steps move the factor (a one-off only ends): slowdown.py
-            predicted = self.model.step_s(features)
+            predicted, tokens, pairs = self.model.step_s(features), *features[:2]
             for slow in (self.slow, self.booked_slow) if predicted > 0 else ():
-                slow.observe(seconds / predicted, seconds, features.prefill_tokens, warmup)
+                slow.observe(seconds / predicted, seconds, tokens, warmup, pairs)
             if not warmup:
                 self.model.observe(features, seconds)
 

@@ -26,7 +26,8 @@ A booked retry's factor (`AdmissionController.booked_slow`, session 23) sets mor
 step ~1 ms after the last; a burst after 0.06-0.25 s of rest is no "idle gap") moves
 nothing: the CPU bench's bursts follow each other within 0.25-0.8 s, and the first one's
 first step, 2.5-5.5x its prediction, took that factor from 1.4 to 2.6. (4) With
-`decode_only` "fall", a step that prefilled nothing may bring the factor down, not up:
+`decode_only` "fall", a step that prefilled nothing but attended the library may bring the
+factor down, not up (a plain decode step moves it as any step, session 24):
 a library decode tail ran 1.4-2.3x the fit (its library pairs cost more per pair than a
 prefill's, one coefficient for both), while the next burst's prefill steps ran at
 0.8-1.2x, and a booked retry's first token is a prefill. ("skip" leaves such steps out;
@@ -87,16 +88,25 @@ class Slowdown:
         return self.clock() - max(0.0, busy_s) - self._last_end > self.idle_gap_s
 
     def observe(
-        self, ratio: float, seconds: float, prefill_tokens: int = 1, warmup: bool = False
+        self,
+        ratio: float,
+        seconds: float,
+        prefill_tokens: int = 1,
+        warmup: bool = False,
+        library_pairs: int = 1,
     ) -> None:
         """A step ran `ratio` times its (unscaled) prediction, ending now after `seconds`,
-        with `prefill_tokens` of prompt in it (`decode_only`: what one with none does);
-        one that paid a one-off (`warmup`) only ends (the next one's rest counts from it)."""
+        with `prefill_tokens` of prompt and `library_pairs` of library attention in it
+        (`decode_only`: what one with no prompt but library rows does; a plain decode
+        step moves the factor as any step: its rows cost what the fit says, and at 256
+        plain rows on CPU they ran 1.3x the fit, session 24, where a factor that could
+        only fall let booked retries in that missed the SLO); one that paid a one-off
+        (`warmup`) only ends (the next one's rest counts from it)."""
         now = self.clock()
         gap = math.inf if self._last_end is None else now - seconds - self._last_end
         after_idle = self.idle_gap_s < gap < math.inf
         self._last_end = now
-        decode_only = prefill_tokens <= 0 and self.decode_only != "all"
+        decode_only = prefill_tokens <= 0 < library_pairs and self.decode_only != "all"
         if warmup or (decode_only and self.decode_only == "skip"):
             return
         if self.rest_gap_s < gap <= self.idle_gap_s:  # after a rest: set aside

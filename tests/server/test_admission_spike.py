@@ -141,3 +141,21 @@ def test_a_one_off_step_ends_for_the_next_ones_rest():
     for _ in range(2):  # right after it, no rest: held as an outlier, then confirmed
         _step(adm, clock, 2.5)
     assert adm.booked_slow.scale() > 1.3 * base, adm.booked_slow.scale()
+
+
+PLAIN_DECODE = StepFeatures(num_decode=256)  # a full batch of plain rows, no library
+
+
+def test_a_plain_decode_step_moves_a_booked_retrys_factor_up_too():
+    """Only a decode step with library rows may bring a booked retry's factor down and not
+    up (its library pairs cost more than the fit's one coefficient says). Plain decode
+    rows cost what the fit says; on CPU 256 of them ran 1.3x it under a 1,000-client
+    burst (session 24), and a factor that could only fall let booked retries in that then
+    missed the SLO (a run's retries within it 0.86)."""
+    adm, clock, base = _warmed()
+    for _ in range(12):  # plain decode steps 1.4x the fit
+        seconds = 1.4 * adm.model.step_s(PLAIN_DECODE)
+        clock[0] += seconds
+        adm.observe_step(seconds, PLAIN_DECODE)
+    assert adm.booked_slow.scale() > 1.25 * base, (adm.booked_slow.scale(), base)
+    assert adm.booked_slow.scale() == pytest.approx(adm.slowdown, rel=0.05)
