@@ -159,9 +159,9 @@ class AdmissionController(BookedDrains, DoorDrains):
         if not seconds > 0 or not math.isfinite(seconds) or features == StepFeatures():
             return
         with self._lock:  # which steps move the factor (a one-off only ends): slowdown.py
-            predicted, tokens, pairs = self.model.step_s(features), *features[:2]
+            predicted = self.model.step_s(features)
             for slow in (self.slow, self.booked_slow) if predicted > 0 else ():
-                slow.observe(seconds / predicted, seconds, tokens, warmup, pairs)
+                slow.observe(seconds / predicted, seconds, features, warmup)
             if not warmup:
                 self.model.observe(features, seconds)
 
@@ -186,12 +186,12 @@ class AdmissionController(BookedDrains, DoorDrains):
         margin admission plans with, `fits_s`)."""
         self.margin.delivered(seconds)
 
-    def fits_s(self) -> float:
-        """The predicted TTFT admission accepts: `headroom` x SLO less the margin, how long
-        recent first tokens waited for their handler (`ttft_margin.TtftMargin`)."""
+    def fits_s(self, share: float | None = None) -> float:
+        """The predicted TTFT admission accepts: `share` (default `headroom`) x SLO less the
+        margin, how long recent first tokens waited for their handler (`ttft_margin`)."""
         if self.ttft_slo is None:
             return math.inf
-        return max(0.0, self.headroom * self.ttft_slo - self.margin.seconds)
+        return max(0.0, (share or self.headroom) * self.ttft_slo - self.margin.seconds)
 
     # ---------------------------------------------------------------- prediction
 

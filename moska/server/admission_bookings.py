@@ -37,6 +37,7 @@ class BookedDrains:
     door: Any  # front_door.FrontDoor
     slow: Any  # slowdown.Slowdown
     booked_slow: Any  # slowdown.Slowdown: a booked retry's factor (`booked_predict`)
+    fits_s: Callable[..., float]  # admission.AdmissionController
 
     # the event loop's wall time per answer under a backlog (DoorBacklog.answer_s, set by
     # the door at each request): booked retries come no closer than `front_answers` of it.
@@ -62,7 +63,6 @@ class BookedDrains:
     # an A/B, off. Why: on the GPU the 300-client bursts' misses were dry retries sent at
     # half their promise that waited for the loop until past 0.75 of it (session 24)
     booked_by_send: bool = False
-    margin: Any  # ttft_margin.TtftMargin
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController
     _elapsed: float  # its moving average of the wait before a decision
@@ -96,12 +96,10 @@ class BookedDrains:
         the promise, which reached the door in that window (requests waited up to 1.1-1.5 s
         for the event loop there), were admitted so and scored "long": 12 of 96 sampled at
         0.925 against 7 of 122 at 0.85 (session 24)."""
-        share = self.headroom if self.booked_headroom is None else self.booked_headroom
         # "from its moment": a client timed by `retry-after-ms` (rounded to the ms; asyncio
         # wakes a timer up to its clock's resolution early) may come a hair before it
-        if self.clock() < booking.due - 0.05 * (booking.due - booking.made) - 0.005:
-            share = self.headroom
-        return max(0.0, share * (self.ttft_slo or math.inf) - self.margin.seconds)
+        early = self.clock() < booking.due - 0.05 * (booking.due - booking.made) - 0.005
+        return self.fits_s(None if early else self.booked_headroom)
 
     def booked_predict(
         self, cost: RequestCost, load: Load, num_requests: int, target: int | None
@@ -137,9 +135,9 @@ class BookedDrains:
         now = self.clock()
         at = now - max(0.0, waited_s) if self.booked_by_send else now
         booking, left = self.bookings.check(key, at)
-        if left is None:
+        if booking is None or left is None:
             return booking, None
-        left = max(0.0, left - (now - at))  # from now
+        left = max(0.0, booking.due - now)  # from now, not from its send
         return booking, Decision(Verdict.SLO, left, retry_drain.retry_after(left), left)
 
     def _replay(self, cost: RequestCost, ahead: int) -> Prediction:

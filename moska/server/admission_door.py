@@ -78,7 +78,7 @@ class DoorDrains:
     ) -> tuple[int, float]:
         raise NotImplementedError
 
-    def fits_s(self) -> float:
+    def fits_s(self, share: float | None = None) -> float:
         raise NotImplementedError
 
     def _typical_cost(self) -> RequestCost:

@@ -263,7 +263,7 @@ def _booked(state: object | None, key: bytes | None, decision: Decision) -> Deci
         return decision
     if early is not None:
         return replace(early, made_at=_EARLY)
-    engine, lag = getattr(state, "async_engine", None), getattr(state, "loop_lag", None)
+    engine = getattr(state, "async_engine", None)
     if engine is None or admission is None:
         return None
     again = admission.booked_at_door(booking, engine.load(), lag.now() if lag else 0.0)

@@ -44,6 +44,8 @@ import math
 import time
 from collections.abc import Callable
 
+from moska.server.step_model import StepFeatures
+
 
 class Slowdown:
     """Not thread-safe (the controller locks). `clock`: seconds, monotonic."""
@@ -88,25 +90,23 @@ class Slowdown:
         return self.clock() - max(0.0, busy_s) - self._last_end > self.idle_gap_s
 
     def observe(
-        self,
-        ratio: float,
-        seconds: float,
-        prefill_tokens: int = 1,
-        warmup: bool = False,
-        library_pairs: int = 1,
+        self, ratio: float, seconds: float, step: StepFeatures | None = None, warmup: bool = False
     ) -> None:
         """A step ran `ratio` times its (unscaled) prediction, ending now after `seconds`,
-        with `prefill_tokens` of prompt and `library_pairs` of library attention in it
-        (`decode_only`: what one with no prompt but library rows does; a plain decode
-        step moves the factor as any step: its rows cost what the fit says, and at 256
-        plain rows on CPU they ran 1.3x the fit, session 24, where a factor that could
+        doing `step` (`decode_only`: what one with no prompt but library rows does; a plain
+        decode step moves the factor as any step: its rows cost what the fit says, and at
+        256 plain rows on CPU they ran 1.3x the fit, session 24, where a factor that could
         only fall let booked retries in that missed the SLO); one that paid a one-off
         (`warmup`) only ends (the next one's rest counts from it)."""
         now = self.clock()
         gap = math.inf if self._last_end is None else now - seconds - self._last_end
         after_idle = self.idle_gap_s < gap < math.inf
         self._last_end = now
-        decode_only = prefill_tokens <= 0 < library_pairs and self.decode_only != "all"
+        decode_only = (
+            step is not None
+            and step.prefill_tokens <= 0 < step.library_pairs
+            and self.decode_only != "all"
+        )
         if warmup or (decode_only and self.decode_only == "skip"):
             return
         if self.rest_gap_s < gap <= self.idle_gap_s:  # after a rest: set aside
