@@ -23,7 +23,7 @@
 # 0.97 (the 0.34: a first 1,000 storm at pace 1), SLO 1.00; CPU obey servers only finished
 # their 64 burst (0.27, 0.48); dry own-retry 1.00 (221). An arm's 4th field, bursts
 # separated by `/`, overrides BURSTS for that server (`on:2:0:1000/300`; `on:2::64/64` CPU).
-# LIB=none: plain bursts (default demo). A 6th field is `--booked-headroom` (default: the server's), a 7th `--booked-by-send` (on/off). A 5th field is `--storm-bound` (auto/on/off, default auto: session 24's A/B, `on:2:0:64/300/1000:on`).
+# LIB=none: plain bursts (default demo). TRACE=1: `--trace` (decisions, door 429s, steps). A 6th field is `--booked-headroom` (default: the server's), a 7th `--booked-by-send` (on/off). A 5th field is `--storm-bound` (auto/on/off, default auto: session 24's A/B, `on:2:0:64/300/1000:on`).
 # SLIMIT: the servers' cap (s); device_lead's LIMIT must leave time for the summary. Correctness first: the bookings', obeying clients' and promises' unit tests.
 # Run: `bash bench/device_lead.sh session20_load`, carry .whl. `--cpu-dry-run`: small, 1 arm.
 set -u
@@ -64,7 +64,7 @@ for arm in $ARMS; do
   # shellcheck disable=SC2086
   CUDA_VISIBLE_DEVICES=$VIS timeout $(( LIMIT - ($(date +%s) - T0) )) $PIN $PY -m moska.bench.load \
     --burst "$bursts" --ttft-slo 5 --library "${LIB:-demo}" --library-share 0.5 --bookings "$book" \
-    --obey-retries "$obey" --device "$DEV" --storm-bound "${sb:-auto}" ${bh:+--booked-headroom $bh} ${bbs:+--booked-by-send $bbs} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
+    --obey-retries "$obey" --device "$DEV" --storm-bound "${sb:-auto}" ${TRACE:+--trace} ${bh:+--booked-headroom $bh} ${bbs:+--booked-by-send $bbs} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
 done
 wait
 echo "bursts done ($(( $(date +%s) - T0 )) s)"

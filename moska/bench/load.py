@@ -145,6 +145,8 @@ def run_bursts(
         from moska.library.demo import ensure_demo_library
 
         ensure_demo_library(engine.libraries)
+    if hasattr(engine, "capture_graphs"):  # as `moska serve` starts (0 on CPU)
+        engine.capture_graphs(progress=False)
     settings = ServerSettings(
         ttft_slo=ttft_slo or None, max_queue=max_queue, retry_bookings=bookings
     )

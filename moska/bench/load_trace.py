@@ -80,12 +80,13 @@ class TracingAdmission(DryProbeAdmission):
         self.decisions: list[dict[str, Any]] = []
         self.sheds: list[dict[str, Any]] = []
         self.firsts: list[tuple[float, float, float]] = []
-        self.steps: list[tuple[float, float, float, tuple[int, ...]]] = []
+        # (when, seconds, predicted, features, one-off: a graph capture or kernel compile)
+        self.steps: list[tuple[float, float, float, tuple[int, ...], bool]] = []
 
     def observe_step(self, seconds: float, features: StepFeatures, warmup: bool = False) -> None:
         predicted = self.step_s(features)  # what admission planned with (the factor in)
         super().observe_step(seconds, features, warmup)
-        self.steps.append((time.monotonic(), seconds, predicted, tuple(features)))
+        self.steps.append((time.monotonic(), seconds, predicted, tuple(features), warmup))
 
     def decide(
         self,
@@ -253,8 +254,8 @@ def breakdown(
             if not d["accepted"]
         ],
         "steps": [
-            {"t": round(t - t0, 3), "s": round(sec, 3), "pred_s": round(p, 3), "f": f}
-            for t, sec, p, f in adm.steps[since[3] :]
+            {"t": round(t - t0, 3), "s": round(sec, 3), "pred_s": round(p, 3), "f": f, "one_off": w}
+            for t, sec, p, f, w in adm.steps[since[3] :]
         ][:400],
     }
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from moska.cache.block_manager import BlockManager
 from moska.config import EngineConfig
+from moska.engine import compile_watch
 from moska.engine.errors import DuplicateRequestError, RequestError, StepFailedError
 from moska.engine.intake import acquire_handle, make_request
 from moska.engine.memory import LibraryMemory
@@ -98,6 +99,9 @@ class LLMEngine:
         self._chunks_routed = 0
         self._failed_steps = 0
         self.last_step_captured_graph = False  # the last step paid a CUDA graph capture
+        self.last_step_compiled = False  # ... or a Triton kernel compile (compile_watch)
+        if self.device.type == "cuda":
+            compile_watch.install()
         # library decode steps replayed from a CUDA graph run ahead too (their routing
         # reports are snapshots); False: they wait for their tokens (benchmarks' A/B)
         self.async_library_steps = True
@@ -226,6 +230,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         prev = self._in_flight
         self._in_flight = None
+        compiles = compile_watch.count()
         try:
             return self._run_step(out, prev)
         except Exception as exc:
@@ -245,6 +250,8 @@ class LLMEngine:
                 ids[:8],
             )
             raise StepFailedError(ids, exc) from exc
+        finally:
+            self.last_step_compiled = compile_watch.count() != compiles
 
     def _run_step(
         self, out: SchedulerOutput, prev: tuple[SchedulerOutput, PendingStep, float] | None

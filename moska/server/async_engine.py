@@ -315,8 +315,10 @@ class AsyncEngine:
         if isinstance(computed, int) and self._prompt_computed is not None:
             prefill_tokens = computed - self._prompt_computed  # chunks of unfinished prompts too
         self._prompt_computed = computed if isinstance(computed, int) else None
-        # a step that captured a CUDA graph is a one-off: it must not raise the step estimate
-        warmup = self._iter_warmup or bool(getattr(self.engine, "last_step_captured_graph", False))
+        # a step that captured a CUDA graph or compiled a Triton kernel (compile_watch) is a
+        # one-off: it must not raise the step estimate
+        one_off = ("last_step_captured_graph", "last_step_compiled")
+        warmup = self._iter_warmup or any(bool(getattr(self.engine, a, False)) for a in one_off)
         features = StepFeatures(prefill_tokens, tally.library_pairs, tally.num_decode, self._added)
         self.admission.observe_step(time.perf_counter() - self._iter_start, features, warmup)
         self._added, self._iter_warmup = 0, False
