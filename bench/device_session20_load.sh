@@ -23,7 +23,7 @@
 # 0.97 (the 0.34: a first 1,000 storm at pace 1), SLO 1.00; CPU obey servers only finished
 # their 64 burst (0.27, 0.48); dry own-retry 1.00 (221). An arm's 4th field, bursts
 # separated by `/`, overrides BURSTS for that server (`on:2:0:1000/300`; `on:2::64/64` CPU).
-# LIB=none: plain bursts (default demo). TRACE=1: `--trace` (decisions, door 429s, steps). A 6th field is `--booked-headroom` (default: the server's), a 7th `--booked-by-send` (on/off). A 5th field is `--storm-bound` (auto/on/off, default auto: session 24's A/B, `on:2:0:64/300/1000:on`).
+# LIB=none: plain bursts (default demo). TRACE=1: `--trace` (decisions, door 429s, steps, GC pauses); An 8th field is `--gc-freeze` (on/off). A 6th field is `--booked-headroom` (default: the server's), a 7th `--booked-by-send` (on/off). A 5th field is `--storm-bound` (auto/on/off, default auto: session 24's A/B, `on:2:0:64/300/1000:on`).
 # SLIMIT: the servers' cap (s); device_lead's LIMIT must leave time for the summary. Correctness first: the bookings', obeying clients' and promises' unit tests.
 # Run: `bash bench/device_lead.sh session20_load`, carry .whl. `--cpu-dry-run`: small, 1 arm.
 set -u
@@ -50,7 +50,7 @@ echo "tests rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests.log" | cut 
 read -r -a CPUS <<< "$($PY -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
 NCPU=${#CPUS[@]}; i=0; FIRST=${FIRST_CORE:-0}
 for arm in $ARMS; do
-  IFS=: read -r book obey gpu bursts sb bh bbs <<< "$arm"
+  IFS=: read -r book obey gpu bursts sb bh bbs gcf <<< "$arm"
   bursts=${bursts:-$BURSTS}; bursts=${bursts//\//,}
   DEV=cpu; VIS=""
   if [ -n "${gpu:-}" ]; then DEV=cuda; VIS=$gpu; fi
@@ -60,11 +60,11 @@ for arm in $ARMS; do
     PIN="taskset -c $(IFS=,; echo "${CPUS[*]:$first:$CORES}")"
   fi
   echo "server bookings=$book obey=$obey device=$DEV${VIS} on cores: ${PIN:-any}"
-  name="load_bookings_${book}_obey_${obey}_${DEV}_sb_${sb:-auto}${bh:+_bh_$bh}${bbs:+_bbs_$bbs}_$i"
+  name="load_bookings_${book}_obey_${obey}_${DEV}_sb_${sb:-auto}${bh:+_bh_$bh}${bbs:+_bbs_$bbs}${gcf:+_gcf_$gcf}_$i"
   # shellcheck disable=SC2086
   CUDA_VISIBLE_DEVICES=$VIS timeout $(( LIMIT - ($(date +%s) - T0) )) $PIN $PY -m moska.bench.load \
     --burst "$bursts" --ttft-slo 5 --library "${LIB:-demo}" --library-share 0.5 --bookings "$book" \
-    --obey-retries "$obey" --device "$DEV" --storm-bound "${sb:-auto}" ${TRACE:+--trace} ${bh:+--booked-headroom $bh} ${bbs:+--booked-by-send $bbs} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
+    --obey-retries "$obey" --device "$DEV" --storm-bound "${sb:-auto}" ${TRACE:+--trace} ${gcf:+--gc-freeze $gcf} ${bh:+--booked-headroom $bh} ${bbs:+--booked-by-send $bbs} --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1 &
 done
 wait
 echo "bursts done ($(( $(date +%s) - T0 )) s)"

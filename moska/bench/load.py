@@ -116,6 +116,7 @@ def run_bursts(
     door_early: str = "off",
     obey_retries: int = 0,
     bookings: bool = True,
+    gc_freeze: bool = True,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -148,7 +149,10 @@ def run_bursts(
     if hasattr(engine, "capture_graphs"):  # as `moska serve` starts (0 on CPU)
         engine.capture_graphs(progress=False)
     settings = ServerSettings(
-        ttft_slo=ttft_slo or None, max_queue=max_queue, retry_bookings=bookings
+        ttft_slo=ttft_slo or None,
+        max_queue=max_queue,
+        retry_bookings=bookings,
+        gc_freeze=gc_freeze,  # (A/B: --gc-freeze off)
     )
     admission = (TracingAdmission if trace else DryProbeAdmission)(
         settings.ttft_slo,
@@ -306,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         storm_bound=None if args.storm_bound == "auto" else args.storm_bound == "on",
         booked_headroom=args.booked_headroom,
         booked_by_send=args.booked_by_send == "on",
+        gc_freeze=args.gc_freeze == "on",
         door_early=args.door_early,
         obey_retries=args.obey_retries,
         bookings=args.bookings == "on",

@@ -105,6 +105,12 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         help="a retry is early or on time by when it was sent (admission_bookings; A/B)",
     )
     p.add_argument(
+        "--gc-freeze",
+        choices=("on", "off"),
+        default="on",
+        help="freeze the objects alive at startup out of the collector's reach (server/app.py)",
+    )
+    p.add_argument(
         "--door-early", choices=("on", "all", "off"), default="off", help="door_early.py"
     )
     p.add_argument(

@@ -16,6 +16,7 @@ token -> client (delivery). Times are on the machine's monotonic clock (the clie
 
 from __future__ import annotations
 
+import gc
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -82,6 +83,17 @@ class TracingAdmission(DryProbeAdmission):
         self.firsts: list[tuple[float, float, float]] = []
         # (when, seconds, predicted, features, one-off: a graph capture or kernel compile)
         self.steps: list[tuple[float, float, float, tuple[int, ...], bool]] = []
+        # the collector's pauses (start, seconds, generation): they stop every thread
+        self.gc_pauses: list[tuple[float, float, int]] = []
+        self._gc_start = 0.0
+        gc.callbacks.append(self._gc_event)
+
+    def _gc_event(self, phase: str, info: dict) -> None:
+        now = time.monotonic()
+        if phase == "start":
+            self._gc_start = now
+        elif now - self._gc_start >= 0.002:
+            self.gc_pauses.append((self._gc_start, now - self._gc_start, info["generation"]))
 
     def observe_step(self, seconds: float, features: StepFeatures, warmup: bool = False) -> None:
         predicted = self.step_s(features)  # what admission planned with (the factor in)
@@ -257,6 +269,11 @@ def breakdown(
             {"t": round(t - t0, 3), "s": round(sec, 3), "pred_s": round(p, 3), "f": f, "one_off": w}
             for t, sec, p, f, w in adm.steps[since[3] :]
         ][:400],
+        "gc_pauses": [  # collections of 2 ms or more from the burst's start on
+            {"t": round(t - t0, 3), "s": round(sec, 3), "gen": g}
+            for t, sec, g in adm.gc_pauses
+            if t >= t0
+        ][:200],
     }
 
 

@@ -54,6 +54,9 @@ class ServerSettings:
     # serving (None: leave the interpreter's 5 ms); see server/app.py
     gil_switch_interval_s: float | None = 0.0005
     retry_bookings: bool = True
+    # at startup, once the model, libraries and graphs are loaded: move every object alive
+    # then out of the collector's reach (`gc.freeze`, as vLLM does); see server/app.py
+    gc_freeze: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
