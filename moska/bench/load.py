@@ -117,6 +117,7 @@ def run_bursts(
     obey_retries: int = 0,
     bookings: bool = True,
     gc_freeze: bool = True,
+    rebook_within: float | None = None,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -170,6 +171,7 @@ def run_bursts(
     if booked_headroom is not None:  # a booked retry's share of the SLO (A/B)
         admission.booked_headroom = booked_headroom
     admission.booked_by_send = booked_by_send  # early or on time by its send (A/B)
+    admission.bookings.rebook_within = rebook_within  # a refused retry's new moment (A/B)
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
     if engine_share is not None:
@@ -311,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         booked_headroom=args.booked_headroom,
         booked_by_send=args.booked_by_send == "on",
         gc_freeze=args.gc_freeze == "on",
+        rebook_within=args.rebook_within,
         door_early=args.door_early,
         obey_retries=args.obey_retries,
         bookings=args.bookings == "on",

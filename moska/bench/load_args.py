@@ -105,6 +105,13 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         help="a retry is early or on time by when it was sent (admission_bookings; A/B)",
     )
     p.add_argument(
+        "--rebook-within",
+        type=float,
+        default=None,
+        help="a refused booked retry is booked again within this many times its first "
+        "promise (bookings.py; A/B, default: behind the whole queue)",
+    )
+    p.add_argument(
         "--gc-freeze",
         choices=("on", "off"),
         default="on",

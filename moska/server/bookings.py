@@ -75,6 +75,8 @@ class Booking:
     lapse: float = math.inf  # after this an unclaimed booking is dropped
     opens: float = -math.inf  # from this a retry is taken as at its moment (`early_share`)
     tries: int = 1  # the 429s of this request so far (1: its first)
+    origin: float = 0.0  # when its first 429 was answered (`book` sets it)
+    first_s: float = 0.0  # what that first 429 promised
 
 
 @dataclass
@@ -119,6 +121,10 @@ class Bookings:
     paces: dict[bool, float] = field(default_factory=lambda: {False: 1.0, True: 1.0})
     pace_step: float = 0.1
     max_pace: float = 8.0
+    # a booked retry refused at its moment is booked again no later than this many times
+    # its first promise from its first 429 (its own drain permitting), instead of behind
+    # every booking (None: behind them all); see `book`
+    rebook_within: float | None = None
     # whether the request being decided books and claims (the bench's dry probes do not)
     recording: Callable[[], bool] = lambda: True
     counts: BookingCounts = field(default_factory=BookingCounts)
@@ -159,14 +165,17 @@ class Bookings:
         718 of 804 door 429s of a 1,000-client burst were given the same 0.1 s.) A booked
         retry refused at its moment goes behind the queue too (until session 21 it kept
         its place, promised its own drain, and came back into the moments of the bookings
-        after it), and the pace of its kind slows. `hold_s`: how long it holds the engine
+        after it), and the pace of its kind slows; with `rebook_within` x, no later than x
+        times its first promise from its first 429 unless its own drain is later (an A/B:
+        behind the whole queue of a 1,000-client burst on CPU, its client's dry retry at
+        twice the first promise met its new booking early, and that promise scored short). `hold_s`: how long it holds the engine
         alone from its moment (a request admission takes only when nothing waits): later
         bookings come after that, times the pace of its kind. Booked under `key` for
         `now` + the promise unless `key` is None, bookings are off, or the request is a
         bench probe (`recording`); the promise either way."""
         if not self.enabled or not math.isfinite(drain_s):
             return drain_s
-        drain_s = max(0.0, drain_s)
+        drain_s = own = max(0.0, drain_s)
         with self._lock:
             self._expire(now)
             recording = key is not None and self.recording()
@@ -175,6 +184,9 @@ class Bookings:
             if tail > now:  # behind the booked retries still to come
                 step = spacing_s * self.paces[_kind(cost)] * self.show_rate
                 drain_s = max(drain_s, tail - now + step)
+            if old is not None and self.rebook_within is not None:
+                limit = old.origin + self.rebook_within * old.first_s - now
+                drain_s = min(drain_s, max(own, limit))
             if not recording:
                 return drain_s
             assert key is not None
@@ -192,7 +204,8 @@ class Bookings:
                 self.counts.made += 1
             due = now + drain_s
             opens = now + (1.0 - self.early_share) * drain_s
-            booking = Booking(key, now, due, cost, lapse, opens, tries)
+            origin, first = (now, drain_s) if old is None else (old.origin, old.first_s)
+            booking = Booking(key, now, due, cost, lapse, opens, tries, origin, first)
             self._by_key[key] = booking
             self._seq += 1
             heapq.heappush(self._lapses, (lapse, self._seq, booking))
