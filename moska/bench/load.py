@@ -118,6 +118,7 @@ def run_bursts(
     bookings: bool = True,
     gc_freeze: bool = True,
     rebook_within: float | None = None,
+    space_by_booked: bool = False,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -172,6 +173,7 @@ def run_bursts(
         admission.booked_headroom = booked_headroom
     admission.booked_by_send = booked_by_send  # early or on time by its send (A/B)
     admission.bookings.rebook_within = rebook_within  # a refused retry's new moment (A/B)
+    admission.space_by_booked = space_by_booked  # booked moments' spacing (A/B)
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
     if engine_share is not None:
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         booked_by_send=args.booked_by_send == "on",
         gc_freeze=args.gc_freeze == "on",
         rebook_within=args.rebook_within,
+        space_by_booked=args.space_by_booked == "on",
         door_early=args.door_early,
         obey_retries=args.obey_retries,
         bookings=args.bookings == "on",

@@ -112,6 +112,12 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         "promise (bookings.py; A/B, default: behind the whole queue)",
     )
     p.add_argument(
+        "--space-by-booked",
+        choices=("on", "off"),
+        default="off",
+        help="space booked moments by the booked retries' own slowdown factor (A/B)",
+    )
+    p.add_argument(
         "--gc-freeze",
         choices=("on", "off"),
         default="on",

@@ -63,6 +63,10 @@ class BookedDrains:
     # an A/B, off. Why: on the GPU the 300-client bursts' misses were dry retries sent at
     # half their promise that waited for the loop until past 0.75 of it (session 24)
     booked_by_send: bool = False
+    # booked moments spaced by the replayed gap times the booked retries' own factor
+    # (`booked_slow`, which judges them at their moment), not the fit alone (`gap_s`): an
+    # A/B, off (session 25)
+    space_by_booked: bool = False
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController
     _elapsed: float  # its moving average of the wait before a decision
@@ -194,6 +198,9 @@ class BookedDrains:
             if len(self._spacing_memo) > 256:
                 self._spacing_memo.clear()
             self._spacing_memo[key] = (now, engine)
+        if self.space_by_booked:
+            with self._lock:
+                engine *= self.booked_slow.scale()
         return max(engine, self.front_answers * self.front_s)
 
     def book(self, key: bytes | None, cost: RequestCost, drain_s: float) -> float:

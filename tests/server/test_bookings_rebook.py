@@ -40,3 +40,22 @@ def test_its_own_drain_still_comes_first_and_the_limit_counts_from_the_first_429
     assert b.book(b"first", 4.0, 0.3, C, spacing_s=0.5) == pytest.approx(0.3)
     got = b.find(b"first", 4.1)
     assert got is not None and got.tries == 3 and got.origin == 0.0
+
+
+def test_space_by_booked_spreads_the_moments_by_the_booked_factor():
+    from test_admission import MAX_SEQS, VirtualServer, warm_up
+
+    from moska.server.admission import AdmissionController, EngineLimits
+
+    adm = AdmissionController(5.0, None, limits=EngineLimits(max_num_seqs=MAX_SEQS))
+    warm_up(VirtualServer(adm))
+    adm.front_s = 0.0  # the engine's gap alone, not the event loop's
+    plain = adm.gap_s(C)
+    assert plain > 0
+    for _ in range(8):  # steps at twice the fit: the booked retries' factor rises
+        adm.booked_slow.observe(2.0, 0.01)
+    factor = adm.booked_slow.scale()
+    assert factor > 1.5
+    assert adm.gap_s(C) == pytest.approx(plain)  # off: the fit alone
+    adm.space_by_booked = True
+    assert adm.gap_s(C) == pytest.approx(plain * factor)
