@@ -118,7 +118,7 @@ def run_bursts(
     bookings: bool = True,
     gc_freeze: bool = True,
     rebook_within: float | None = None,
-    space_by_booked: bool = False,
+    space_by_booked: bool | None = None,
 ) -> dict:
     """Run the bursts; returns the report (per-burst figures under "bursts").
     `engine_share`: the door's count of admits ahead (burst_admits.ENGINE_SHARE; None: the
@@ -131,6 +131,7 @@ def run_bursts(
     from moska.bench.load_trace import PortTag, TracingAdmission, breakdown
     from moska.server import storm_anchor
     from moska.server.admission import EngineLimits
+    from moska.server.admission_bookings import spaced_by_default
     from moska.server.app import create_app
     from moska.server.background import background_server
     from moska.server.settings import ServerSettings
@@ -173,6 +174,8 @@ def run_bursts(
         admission.booked_headroom = booked_headroom
     admission.booked_by_send = booked_by_send  # early or on time by its send (A/B)
     admission.bookings.rebook_within = rebook_within  # a refused retry's new moment (A/B)
+    if space_by_booked is None:  # the server's default: on for a CPU engine
+        space_by_booked = spaced_by_default(engine)
     admission.space_by_booked = space_by_booked  # booked moments' spacing (A/B)
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
@@ -192,6 +195,7 @@ def run_bursts(
     report["engine_share"] = report_share
     report["door_rate"] = door_rate or "sums"
     report["storm_bound"] = admission.storm_bound  # as resolved (auto: on for a GPU engine)
+    report["space_by_booked"] = admission.space_by_booked  # as resolved (auto: on for CPU)
     report["booked_headroom"] = admission.booked_headroom  # as resolved (None: headroom)
     try:
         with background_server(ProbeTag(tag or app)) as url:  # probes run dry (load_probe)
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         booked_by_send=args.booked_by_send == "on",
         gc_freeze=args.gc_freeze == "on",
         rebook_within=args.rebook_within,
-        space_by_booked=args.space_by_booked == "on",
+        space_by_booked=None if args.space_by_booked == "auto" else args.space_by_booked == "on",
         door_early=args.door_early,
         obey_retries=args.obey_retries,
         bookings=args.bookings == "on",

@@ -113,9 +113,10 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--space-by-booked",
-        choices=("on", "off"),
-        default="off",
-        help="space booked moments by the booked retries' own slowdown factor (A/B)",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="space booked moments by the booked retries' own slowdown factor (auto: the "
+        "server's default, on for a CPU engine)",
     )
     p.add_argument(
         "--gc-freeze",

@@ -64,8 +64,8 @@ class BookedDrains:
     # half their promise that waited for the loop until past 0.75 of it (session 24)
     booked_by_send: bool = False
     # booked moments spaced by the replayed gap times the booked retries' own factor
-    # (`booked_slow`, which judges them at their moment), not the fit alone (`gap_s`): an
-    # A/B, off (session 25)
+    # (`booked_slow`, which judges them at their moment), not the fit alone (`gap_s`); the
+    # server's default: `spaced_by_default` (session 25)
     space_by_booked: bool = False
     _typical_cost: Callable[[], RequestCost]  # admission_door.DoorDrains
     _decide: Callable[..., Decision]  # admission.AdmissionController
@@ -290,3 +290,15 @@ def _bucket(cost: RequestCost) -> RequestCost:
     return RequestCost(
         up(cost.prompt_tokens), up(cost.max_tokens), cost.library_attend, cost.library_load_tokens
     )
+
+
+def spaced_by_default(engine: Any) -> bool:
+    """Whether `space_by_booked` is on for `engine`: on a CPU engine, off on a GPU one.
+    Measured on CPU only (docs/admission.md, session 25): plain bursts, 3 runs per arm
+    alternating, off 1.00 / 0.73 / 0.69 within 2x at 300 clients (their booked retries
+    spaced 0.11 s apart by the fit, refused at their moment while 256 plain rows decoded
+    at 1.2-1.4x the fit), on 1.00 in every burst of 5 runs; the library mix 0.98-1.00 on.
+    A GPU engine's bursts met the target without it and it did not run there (no device
+    time left), so the GPU keeps what was measured. An engine without `device` counts as
+    a CPU one."""
+    return not storm_anchor.bound_by_default(engine)

@@ -16,6 +16,7 @@ from moska import __version__
 from moska.engine.protocol import ServedEngine
 from moska.server import storm_anchor
 from moska.server.admission import AdmissionController, EngineLimits
+from moska.server.admission_bookings import spaced_by_default
 from moska.server.async_engine import AsyncEngine
 from moska.server.build_worker import BuildWorker
 from moska.server.errors import install_error_handlers
@@ -45,6 +46,7 @@ def create_app(
         limits = EngineLimits.of(engine)
         admission = AdmissionController(settings.ttft_slo, settings.max_queue, limits=limits)
         admission.storm_bound = storm_anchor.bound_by_default(engine)  # on a GPU engine
+        admission.space_by_booked = spaced_by_default(engine)  # on a CPU engine
     admission.bookings.enabled = settings.retry_bookings
     metrics.watch_bookings(admission.bookings)
     state = ServerState(

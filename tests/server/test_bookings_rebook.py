@@ -59,3 +59,25 @@ def test_space_by_booked_spreads_the_moments_by_the_booked_factor():
     assert adm.gap_s(C) == pytest.approx(plain)  # off: the fit alone
     adm.space_by_booked = True
     assert adm.gap_s(C) == pytest.approx(plain * factor)
+
+
+def test_space_by_booked_is_on_for_a_cpu_engine_only():
+    """The server's default (`spaced_by_default`, set by `create_app`)."""
+    from types import SimpleNamespace
+
+    import torch
+    from fake_engine import FakeEngine
+
+    from moska.server.admission import AdmissionController
+    from moska.server.admission_bookings import spaced_by_default
+    from moska.server.app import create_app
+
+    assert spaced_by_default(SimpleNamespace(device=torch.device("cpu")))
+    assert spaced_by_default(SimpleNamespace())  # no device: as a CPU one
+    assert not spaced_by_default(SimpleNamespace(device="cuda:0"))
+    engine = FakeEngine()
+    assert create_app(engine).state.moska.admission.space_by_booked
+    engine.device = torch.device("cuda", 0)  # the app touches no tensor of it
+    assert not create_app(engine).state.moska.admission.space_by_booked
+    given = AdmissionController(5.0, None)  # an admission handed in keeps its own setting
+    assert not create_app(FakeEngine(), admission=given).state.moska.admission.space_by_booked
