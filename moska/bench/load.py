@@ -261,6 +261,8 @@ def run_bursts(
             report["step_model_final"] = [float(c) for c in state.admission.model.coef]
             report["library_load_tokens_per_s"] = state.admission.load_tps
     finally:
+        if isinstance(admission, TracingAdmission):
+            admission.close()  # its garbage-collector callback
         if pool is not None:
             pool.shutdown()
         if tmp is not None:

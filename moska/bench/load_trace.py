@@ -88,6 +88,11 @@ class TracingAdmission(DryProbeAdmission):
         self._gc_start = 0.0
         gc.callbacks.append(self._gc_event)
 
+    def close(self) -> None:
+        """Stop recording the collector's pauses (its callback holds this object)."""
+        if self._gc_event in gc.callbacks:
+            gc.callbacks.remove(self._gc_event)
+
     def _gc_event(self, phase: str, info: dict) -> None:
         now = time.monotonic()
         if phase == "start":

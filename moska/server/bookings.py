@@ -123,7 +123,7 @@ class Bookings:
     max_pace: float = 8.0
     # a booked retry refused at its moment is booked again no later than this many times
     # its first promise from its first 429 (its own drain permitting), instead of behind
-    # every booking (None: behind them all); see `book`
+    # every booking (None: behind them all; an A/B, off); see `book`
     rebook_within: float | None = None
     # whether the request being decided books and claims (the bench's dry probes do not)
     recording: Callable[[], bool] = lambda: True
@@ -166,10 +166,11 @@ class Bookings:
         retry refused at its moment goes behind the queue too (until session 21 it kept
         its place, promised its own drain, and came back into the moments of the bookings
         after it), and the pace of its kind slows; with `rebook_within` x, no later than x
-        times its first promise from its first 429 unless its own drain is later (an A/B:
-        behind the whole queue of a 1,000-client burst on CPU, its client's dry retry at
-        twice the first promise met its new booking early, and that promise scored short). `hold_s`: how long it holds the engine
-        alone from its moment (a request admission takes only when nothing waits): later
+        times its first promise from its first 429 unless its own drain is later (an A/B,
+        off: behind the whole queue of a 1,000-client CPU burst, its client's dry retry at
+        twice the first promise met its new booking early and that promise scored short,
+        but capped, the engine was still full then; no clear gain, session 25). `hold_s`:
+        how long it holds the engine alone from its moment (a request admission takes only when nothing waits): later
         bookings come after that, times the pace of its kind. Booked under `key` for
         `now` + the promise unless `key` is None, bookings are off, or the request is a
         bench probe (`recording`); the promise either way."""

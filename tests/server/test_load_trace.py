@@ -78,3 +78,28 @@ def test_a_429s_delivery_is_timed_from_its_status_sent_to_its_client_reading_it(
     ]
     lags = load_trace.rejected_to_client(tag, {"t0": t0, "requests": requests})
     assert lags == [pytest.approx(0.3)]
+
+
+def test_the_trace_records_collections_from_the_bursts_start_and_close_stops_it():
+    """`TracingAdmission.gc_pauses` (a `gc.callbacks` hook): a collection of 2 ms or more is
+    kept with its generation, and `breakdown` lists those from the burst's start on."""
+    import gc
+    import time
+
+    adm = TracingAdmission(5.0, None)
+    try:
+        mark = adm.mark()
+        t0 = time.monotonic()
+        junk = [[i] for i in range(300_000)]  # enough live objects for a full pass to take ms
+        gc.collect()
+        assert junk  # alive through the collection
+        got = breakdown(adm, PortTag(app=None), mark, {"t0": t0, "requests": []}, slo=5.0)
+        pauses = got["gc_pauses"]
+        assert pauses and pauses[-1]["gen"] == 2 and pauses[-1]["s"] >= 0.002
+        assert all(p["t"] >= 0 for p in pauses)
+    finally:
+        adm.close()
+    assert adm._gc_event not in gc.callbacks
+    n = len(adm.gc_pauses)
+    gc.collect()
+    assert len(adm.gc_pauses) == n  # no longer recording
