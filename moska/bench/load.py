@@ -32,7 +32,7 @@ from multiprocessing import get_context
 from typing import Any
 
 from moska.bench import load_summary
-from moska.bench.load_args import build_parser
+from moska.bench.load_args import build_parser, switch
 from moska.bench.load_client import burst_in_process
 from moska.bench.load_drain import probe_bodies
 from moska.bench.load_obey import obey_line, obey_table, overall, summarize_obey
@@ -129,10 +129,8 @@ def run_bursts(
     OpenAI SDK's do (load_obey; figures under each burst's "obey" and "obey_overall")."""
     from moska.bench.load_probe import DryProbeAdmission, ProbeTag
     from moska.bench.load_trace import PortTag, TracingAdmission, breakdown
-    from moska.server import storm_anchor
     from moska.server.admission import EngineLimits
-    from moska.server.admission_bookings import spaced_by_default
-    from moska.server.app import create_app
+    from moska.server.app import create_app, engine_defaults
     from moska.server.background import background_server
     from moska.server.settings import ServerSettings
 
@@ -167,16 +165,15 @@ def run_bursts(
     admission.promises.enabled = promise_learning  # admission_promises (A/B)
     admission.door_open = door_open  # a drain's door wait: until it opens, or empties (A/B)
     admission.door_anchor = door_anchor  # the step in progress ends with the storm (A/B)
-    if storm_bound is None:  # the server's default: on for a GPU engine
-        storm_bound = storm_anchor.bound_by_default(engine)
-    admission.storm_bound = storm_bound  # a new request's overrun lasts the backlog (A/B)
+    engine_defaults(admission, engine)  # the server's; None below keeps them
+    if storm_bound is not None:  # a new request's overrun lasts the backlog (A/B)
+        admission.storm_bound = storm_bound
     if booked_headroom is not None:  # a booked retry's share of the SLO (A/B)
         admission.booked_headroom = booked_headroom
     admission.booked_by_send = booked_by_send  # early or on time by its send (A/B)
     admission.bookings.rebook_within = rebook_within  # a refused retry's new moment (A/B)
-    if space_by_booked is None:  # the server's default: on for a CPU engine
-        space_by_booked = spaced_by_default(engine)
-    admission.space_by_booked = space_by_booked  # booked moments' spacing (A/B)
+    if space_by_booked is not None:  # booked moments' spacing (A/B)
+        admission.space_by_booked = space_by_booked
     admission.door_early = admission.door_library = door_early != "off"  # door_early.py
     admission.door_all = door_early == "all"  # the early door's probe behind all inside (A/B)
     if engine_share is not None:
@@ -317,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         promise_learning=args.promise_learning == "on",
         door_open=args.door_wait == "open",
         door_anchor=args.door_anchor,
-        storm_bound=None if args.storm_bound == "auto" else args.storm_bound == "on",
+        storm_bound=switch(args.storm_bound),
         booked_headroom=args.booked_headroom,
         booked_by_send=args.booked_by_send == "on",
         gc_freeze=args.gc_freeze == "on",
         rebook_within=args.rebook_within,
-        space_by_booked=None if args.space_by_booked == "auto" else args.space_by_booked == "on",
+        space_by_booked=switch(args.space_by_booked),
         door_early=args.door_early,
         obey_retries=args.obey_retries,
         bookings=args.bookings == "on",

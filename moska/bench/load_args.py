@@ -15,6 +15,17 @@ def _slo(text: str) -> float | None:
     return value or None
 
 
+def _switch(p: argparse.ArgumentParser, flag: str, default: str, text: str) -> None:
+    """An on/off flag (`auto` too when that is its default: the server's own setting)."""
+    choices = ("auto", "on", "off") if default == "auto" else ("on", "off")
+    p.add_argument(flag, choices=choices, default=default, help=text)
+
+
+def switch(value: str) -> bool | None:
+    """An `_switch` flag's value: True, False, or None for `auto`."""
+    return None if value == "auto" else value == "on"
+
+
 def build_parser(description: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moska bench load",
@@ -35,17 +46,17 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         default=1.5,
         help="a library request with others queued must fit with this factor on its TTFT",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--door-lag",
-        choices=("on", "off"),
-        default="on",
-        help="a door 429's drain counts the event loop's lag (an A/B of that term)",
+        "on",
+        "a door 429's drain counts the event loop's lag (an A/B of that term)",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--door-storm",
-        choices=("on", "off"),
-        default="off",
-        help="a door 429's drain counts the connections not answered yet (door_backlog; "
+        "off",
+        "a door 429's drain counts the connections not answered yet (door_backlog; "
         "off since session 16: a retry sent in the storm waits it out in the server)",
     )
     p.add_argument(
@@ -60,11 +71,11 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         default=None,
         help="the door's time per answer under a storm (door_backlog; mean: before, A/B)",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--promise-learning",
-        choices=("on", "off"),
-        default="off",
-        help="429 drains scaled by how recent ones came out (admission_promises; A/B)",
+        "off",
+        "429 drains scaled by how recent ones came out (admission_promises; A/B)",
     )
     p.add_argument(
         "--door-wait",
@@ -72,11 +83,11 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         default="empty",
         help="a drain waits until the door is empty, or lets a retry in (session 17; A/B)",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--bookings",
-        choices=("on", "off"),
-        default="on",
-        help="a 429 books its request's retry (server/bookings.py; the default; A/B)",
+        "on",
+        "a 429 books its request's retry (server/bookings.py; the default; A/B)",
     )
     p.add_argument(
         "--door-anchor",
@@ -84,11 +95,11 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         default="door",
         help="a drain's step in progress ends with the door's storm (storm_anchor; A/B)",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--storm-bound",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="a new request's overrun scale lasts only the event loop's backlog "
+        "auto",
+        "a new request's overrun scale lasts only the event loop's backlog "
         "(storm_anchor.storm_bounded_s; auto: the server's default, on for a GPU engine)",
     )
     p.add_argument(
@@ -98,11 +109,11 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         help="a booked retry at its moment is admitted within this share of the SLO "
         "(admission_bookings.booked_fits_s; default: the server's)",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--booked-by-send",
-        choices=("on", "off"),
-        default="off",
-        help="a retry is early or on time by when it was sent (admission_bookings; A/B)",
+        "off",
+        "a retry is early or on time by when it was sent (admission_bookings; A/B)",
     )
     p.add_argument(
         "--rebook-within",
@@ -111,18 +122,18 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
         help="a refused booked retry is booked again within this many times its first "
         "promise (bookings.py; A/B, default: behind the whole queue)",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--space-by-booked",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="space booked moments by the booked retries' own slowdown factor (auto: the "
+        "auto",
+        "space booked moments by the booked retries' own slowdown factor (auto: the "
         "server's default, on for a CPU engine)",
     )
-    p.add_argument(
+    _switch(
+        p,
         "--gc-freeze",
-        choices=("on", "off"),
-        default="on",
-        help="freeze the objects alive at startup out of the collector's reach (server/app.py)",
+        "on",
+        "freeze the objects alive at startup out of the collector's reach (server/app.py)",
     )
     p.add_argument(
         "--door-early", choices=("on", "all", "off"), default="off", help="door_early.py"

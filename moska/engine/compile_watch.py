@@ -38,7 +38,6 @@ def _chained(previous: Callable[..., Any] | None) -> Callable[..., Any]:
             _count += 1
         return previous(*args, **kwargs) if previous is not None else False
 
-    hook.moska_compile_watch = True  # type: ignore[attr-defined]
     return hook
 
 

@@ -32,6 +32,14 @@ from moska.server.tokenizer_pool import TokenizerPool
 from moska.server.util_routes import router as util_router
 
 
+def engine_defaults(admission: AdmissionController, engine: ServedEngine) -> None:
+    """The admission settings that depend on where `engine` runs: `storm_bound` on a GPU
+    engine (`storm_anchor.bound_by_default`), `space_by_booked` on a CPU one
+    (`admission_bookings.spaced_by_default`)."""
+    admission.storm_bound = storm_anchor.bound_by_default(engine)
+    admission.space_by_booked = spaced_by_default(engine)
+
+
 def create_app(
     engine: ServedEngine,
     settings: ServerSettings | None = None,
@@ -45,8 +53,7 @@ def create_app(
     if admission is None:
         limits = EngineLimits.of(engine)
         admission = AdmissionController(settings.ttft_slo, settings.max_queue, limits=limits)
-        admission.storm_bound = storm_anchor.bound_by_default(engine)  # on a GPU engine
-        admission.space_by_booked = spaced_by_default(engine)  # on a CPU engine
+        engine_defaults(admission, engine)
     admission.bookings.enabled = settings.retry_bookings
     metrics.watch_bookings(admission.bookings)
     state = ServerState(

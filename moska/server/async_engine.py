@@ -43,6 +43,9 @@ from moska.server.step_model import StepFeatures
 from moska.server.step_tally import tally_outputs
 
 logger = logging.getLogger(__name__)
+# the engine's flags for a step that paid a one-off: a CUDA graph capture, a Triton kernel
+# compile (engine/compile_watch.py); admission does not learn its step time from it
+ONE_OFF_FLAGS = ("last_step_captured_graph", "last_step_compiled")
 
 
 class AsyncEngine:
@@ -315,10 +318,8 @@ class AsyncEngine:
         if isinstance(computed, int) and self._prompt_computed is not None:
             prefill_tokens = computed - self._prompt_computed  # chunks of unfinished prompts too
         self._prompt_computed = computed if isinstance(computed, int) else None
-        # a step that captured a CUDA graph or compiled a Triton kernel (compile_watch) is a
-        # one-off: it must not raise the step estimate
-        one_off = ("last_step_captured_graph", "last_step_compiled")
-        warmup = self._iter_warmup or any(bool(getattr(self.engine, a, False)) for a in one_off)
+        # a step that paid a one-off must not raise the step estimate (ONE_OFF_FLAGS)
+        warmup = self._iter_warmup or any(getattr(self.engine, a, False) for a in ONE_OFF_FLAGS)
         features = StepFeatures(prefill_tokens, tally.library_pairs, tally.num_decode, self._added)
         self.admission.observe_step(time.perf_counter() - self._iter_start, features, warmup)
         self._added, self._iter_warmup = 0, False

@@ -170,8 +170,8 @@ class Bookings:
         off: behind the whole queue of a 1,000-client CPU burst, its client's dry retry at
         twice the first promise met its new booking early and that promise scored short,
         but capped, the engine was still full then; no clear gain, session 25). `hold_s`:
-        how long it holds the engine alone from its moment (a request admission takes only when nothing waits): later
-        bookings come after that, times the pace of its kind. Booked under `key` for
+        how long it holds the engine alone from its moment (a request admission takes only
+        when nothing waits): later bookings come after that, times the pace of its kind. Booked under `key` for
         `now` + the promise unless `key` is None, bookings are off, or the request is a
         bench probe (`recording`); the promise either way."""
         if not self.enabled or not math.isfinite(drain_s):
