@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-SCHEDULES = ("serial", "unique_side", "route_side", "prio", "route_side_split2")
+SCHEDULES = ("serial", "unique_side", "route_side", "prio", "route_side_split2", "route_first")
 # also: route_side_split{n}, green{n} (a green context of n SMs for the router; eager)
 
 
@@ -14,7 +14,8 @@ def make_step(schedule: str, route, shared, unique, merge, streams: dict):
     """One step: the router's selections -> shared attention; unique attention; merge.
     serial: one stream. unique_side: unique on a side stream forked first. route_side:
     route + shared on a side stream forked first, unique after it on the main stream.
-    prio: route + shared on a high-priority side stream. route_side_split{n}: as
+    prio: route + shared on a high-priority side stream. route_first: the router alone,
+    then shared (high priority) beside unique. route_side_split{n}: as
     route_side with the unique attention in n launches (slices of the batch), so the
     scheduler has points to give SMs to the routed branch. green{n}: the router on a green
     context of n SMs, the unique attention on one of the other SMs (both forked first), the
@@ -40,6 +41,14 @@ def make_step(schedule: str, route, shared, unique, merge, streams: dict):
                 o_u, l_u = unique(None)
             o_s, l_s, sel = branch()
             cur.wait_stream(side)
+        elif schedule == "route_first":
+            sel = route()  # alone, on the whole GPU; then shared and unique side by side
+            s = streams["high"]
+            s.wait_stream(cur)
+            with torch.cuda.stream(s):
+                o_s, l_s = shared(sel)
+            o_u, l_u = unique(parts)
+            cur.wait_stream(s)
         elif schedule.startswith("green"):
             g_route, g_unique = streams[schedule]
             g_route.wait_stream(cur)

@@ -45,8 +45,14 @@ def route_fn(name: str, q, index, topk: int, factor: int = 4):
                 router_dense.TILES_BY_BATCH = old
 
         return run
-    if name == "two_stage":
-        return lambda: router.route(q, index, topk, "two_stage", shortlist_factor=factor)
+    if name == "two_stage" or name.startswith("two_stage_p"):
+        # two_stage_p{n}: its key-max grid capped at n programs per SM (room beside it)
+        per_sm = int(name.removeprefix("two_stage_p")) if name != "two_stage" else None
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+        progs = None if per_sm is None else per_sm * sms
+        return lambda: router.route(
+            q, index, topk, "two_stage", shortlist_factor=factor, keymax_programs=progs
+        )
     raise ValueError(
-        f"router must be default[_p{{n}}[_b{{B}}w{{W}}s{{S}}]] or two_stage, got {name!r}"
+        f"router must be default[_p{{n}}[_b{{B}}w{{W}}s{{S}}]] or two_stage[_p{{n}}], got {name!r}"
     )

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Session 26, #22.3 / #17.3: the grouped shared attention and the unique attention on the
+# same SMs (`moska.bench.step_corun`, one H200). Carry .whl-min (or .whl).
+# JSON: $OUT/step_corun_session26.json; the table last. ARGS overrides the sweep.
+set -u
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T0=$(date +%s)
+WHL=.whl-min; [ -d "$WHL" ] || WHL=.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site_corun26 "$WHL"/*.whl
+export PYTHONPATH=/tmp/site_corun26:$PWD
+LIMIT=${LIMIT:-240}
+# shellcheck disable=SC2086
+timeout "$LIMIT" python3 -m moska.bench.step_corun ${ARGS:-} --budget-s $(( LIMIT - 60 )) \
+  --out "$OUT/step_corun_session26.json" > "$OUT/step_corun.log" 2>&1
+echo "step_corun rc=$? ($(( $(date +%s) - T0 )) s)"
+grep -E "Error|error" "$OUT/step_corun.log" | tail -3 | cut -c1-300
+sed -n '/^B = /,$p' "$OUT/step_corun.log" | cut -c1-400
