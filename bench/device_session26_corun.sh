@@ -17,3 +17,9 @@ timeout "$LIMIT" python3 -m moska.bench.step_corun ${ARGS:-} --budget-s $(( LIMI
 echo "step_corun rc=$? ($(( $(date +%s) - T0 )) s)"
 grep -E "Error|error" "$OUT/step_corun.log" | tail -3 | cut -c1-300
 sed -n '/^B = /,$p' "$OUT/step_corun.log" | cut -c1-400
+python3 - "$OUT/step_corun_session26.json" <<'PY'
+import json, sys
+for row in json.load(open(sys.argv[1]))["rows"]:
+    for r, ks in row.get("router_kernels_us", {}).items():
+        print(f"B = {row['B']} router {r} kernels (us):", json.dumps(ks))
+PY

@@ -45,14 +45,19 @@ def route_fn(name: str, q, index, topk: int, factor: int = 4):
                 router_dense.TILES_BY_BATCH = old
 
         return run
-    if name == "two_stage" or name.startswith("two_stage_p"):
-        # two_stage_p{n}: its key-max grid capped at n programs per SM (room beside it)
-        per_sm = int(name.removeprefix("two_stage_p")) if name != "two_stage" else None
+    if name == "two_stage" or name.startswith("two_stage_"):
+        # two_stage_p{n}: its key-max grid capped at n programs per SM (room beside it);
+        # two_stage_f{n}: a shortlist of n x top-k chunks (changes the choices)
+        opts = {p[0]: int(p[1:]) for p in name.split("_")[2:]}
+        if set(opts) - {"p", "f"}:
+            raise ValueError(f"two_stage options are _p{{n}} and _f{{n}}, got {name!r}")
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-        progs = None if per_sm is None else per_sm * sms
+        progs = opts["p"] * sms if "p" in opts else None
+        f_ = opts.get("f", factor)
         return lambda: router.route(
-            q, index, topk, "two_stage", shortlist_factor=factor, keymax_programs=progs
+            q, index, topk, "two_stage", shortlist_factor=f_, keymax_programs=progs
         )
     raise ValueError(
-        f"router must be default[_p{{n}}[_b{{B}}w{{W}}s{{S}}]] or two_stage[_p{{n}}], got {name!r}"
+        f"router must be default[_p{{n}}[_b{{B}}w{{W}}s{{S}}]] or two_stage[_p{{n}}][_f{{n}}], "
+        f"got {name!r}"
     )

@@ -157,6 +157,10 @@ def batch_rows(
     for r, route in routes.items():
         if route is not None:
             row["alone_ms"][f"router_{r}"] = graph(route)
+            if dev == "cuda":  # where the router's time goes, kernel by kernel (eager)
+                from moska.bench.kernels_util import kernel_breakdown
+
+                row.setdefault("router_kernels_us", {})[r] = kernel_breakdown(route)
     streams, _ = make_streams(dev, schedules)
     base = (shared_specs[0], unique_specs[0])
     pairs = [base] + [(s, u) for s in shared_specs for u in unique_specs if (s, u) != base]
@@ -184,9 +188,10 @@ def batch_rows(
         nbytes = (touched * L + B * U * Hkv) * D * 2 * 2
         flops = attention_flops(B * Hq, topk * L + U, D)
         if route is not None:  # every router here is the two-stage one (grid caps only)
-            short = router.score_chunks(q, index, "bound").sum(1).topk(min(C, 4 * topk), -1)
+            f_ = next((int(p[1:]) for p in r.split("_")[2:] if p[0] == "f"), 4)  # shortlist
+            short = router.score_chunks(q, index, "bound").sum(1).topk(min(C, f_ * topk), -1)
             rb, rf = router_cost("two_stage", B, Hq, Hkv, D, C, L, index.rank,
-                                 int(torch.unique(short.indices).numel()), 4 * topk,
+                                 int(torch.unique(short.indices).numel()), f_ * topk,
                                  lowrank_bytes=index.lowrank_keys.element_size())  # fmt: skip
             nbytes, flops = nbytes + rb, flops + rf
         f = floor_ms(nbytes, flops, ceil["read_bytes_per_s"], ceil["gemm_flops_per_s"])
