@@ -89,7 +89,30 @@ def choice_check(got: torch.Tensor, ref_scores: torch.Tensor, topk: int, tol: fl
             "ok": bool((same | ~clear).all())}  # fmt: skip
 
 
-def _timers(dev: str):
+def step_library(dry: bool, dry_len: int = 32):
+    """The routed step's setting, shared by router_overlap and step_corun: (device, dtype,
+    shape, ceilings measured now, (k, v, offsets, routing index)); 8B dims, 1M shared
+    tokens in 4,096-token chunks, top-8, 4,096 unique tokens, or toy shapes (`dry`, chunks
+    and unique contexts of `dry_len`) on CPU."""
+    from moska.bench.kernels_util import ceilings
+
+    dev, dt = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    if dry:
+        n = dry_len
+        shape = {"Hq": 4, "Hkv": 2, "D": 16, "C": 8, "L": n, "U": n, "topk": 2, "bs": 16}
+    else:
+        shape = {"Hq": 32, "Hkv": 8, "D": 128, "C": 256, "L": 4096, "U": 4096, "topk": 8, "bs": 16}
+    _, _, ceil = ceilings(dev)
+    S = shape["C"] * shape["L"]
+    k = torch.randn(S, shape["Hkv"], shape["D"], device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    offs = torch.arange(0, S + 1, shape["L"], dtype=torch.int32, device=dev)
+    index = router.build_routing_index(k, offs, rank=shape["D"] // 4)
+    return dev, dt, shape, ceil, (k, v, offs, index)
+
+
+def timers(dev: str):
     """(eager ms, graph ms) timers: do_bench medians on the GPU, one host-clock run on CPU."""
     from moska.bench.common import time_ms
 
@@ -107,7 +130,7 @@ def batch_row(B, name, lib, shape, ceil, dev, schedules, gemm_block) -> dict:
     Hq, Hkv, D, C, L, U, topk, bs = (
         shape[n] for n in ("Hq", "Hkv", "D", "C", "L", "U", "topk", "bs")
     )
-    eager, graph = _timers(dev)
+    eager, graph = timers(dev)
     dt, scale = k.dtype, D**-0.5
     q = torch.randn(B, Hq, D, device=dev, dtype=dt)
     kc = torch.randn(B * U // bs, bs, Hkv, D, device=dev, dtype=dt)
@@ -231,7 +254,6 @@ def batch_row(B, name, lib, shape, ceil, dev, schedules, gemm_block) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from moska.bench.common import environment
-    from moska.bench.kernels_util import ceilings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1024, 256, 64])
@@ -251,20 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     dry = args.cpu_dry_run or not torch.cuda.is_available()
-    dev, dt = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
-    torch.manual_seed(0)
+    dev, dt, shape, ceil, (k, v, offs, index) = step_library(dry)
     if dry:
-        shape = {"Hq": 4, "Hkv": 2, "D": 16, "C": 8, "L": 32, "U": 32, "topk": 2, "bs": 16}
         batches, gemm_block = [b for b in args.batch if b <= 8] or [4], min(args.gemm_block, 4)
     else:
-        shape = {"Hq": 32, "Hkv": 8, "D": 128, "C": 256, "L": 4096, "U": 4096, "topk": 8, "bs": 16}
         batches, gemm_block = args.batch, args.gemm_block
-    _, _, ceil = ceilings(dev)
-    S = shape["C"] * shape["L"]
-    k = torch.randn(S, shape["Hkv"], shape["D"], device=dev, dtype=dt)
-    v = torch.randn_like(k)
-    offs = torch.arange(0, S + 1, shape["L"], dtype=torch.int32, device=dev)
-    index = router.build_routing_index(k, offs, rank=shape["D"] // 4)
     rows, skipped = [], []
     for B in batches:
         for name in args.routers:

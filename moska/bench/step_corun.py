@@ -33,6 +33,8 @@ import time
 import torch
 
 from moska.bench.floors import attention_flops, floor_ms, router_cost
+from moska.bench.kernels_util import rel
+from moska.bench.router_overlap import step_library, timers
 from moska.bench.router_schedules import make_step, make_streams
 from moska.bench.router_variants import route_fn
 from moska.kernels import router
@@ -103,22 +105,6 @@ def resources() -> list[dict]:
     return out
 
 
-def _timers(dev: str):
-    from moska.bench.common import time_ms
-
-    if dev != "cuda":
-        t = lambda fn: time_ms(fn, iters=1, warmup=0)
-        return t, t
-    from moska.bench.kernels_util import bench, bench_graph
-
-    return bench, bench_graph
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def batch_rows(
     B, lib, shape, ceil, dev, shared_specs, unique_specs, routers, deadline, schedules=("prio",)
 ) -> dict:
@@ -127,7 +113,7 @@ def batch_rows(
     Hq, Hkv, D, C, L, U, topk, bs = (
         shape[n] for n in ("Hq", "Hkv", "D", "C", "L", "U", "topk", "bs")
     )
-    _, graph = _timers(dev)
+    _, graph = timers(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 2
     dt, scale = k.dtype, D**-0.5
     q = torch.randn(B, Hq, D, device=dev, dtype=dt)
@@ -224,7 +210,6 @@ def summarize(rows: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from moska.bench.common import environment
-    from moska.bench.kernels_util import ceilings
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1024, 256])
@@ -238,20 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     dry = args.cpu_dry_run or not torch.cuda.is_available()
-    dev, dt = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
-    torch.manual_seed(0)
-    if dry:
-        shape = {"Hq": 4, "Hkv": 2, "D": 16, "C": 8, "L": 64, "U": 64, "topk": 2, "bs": 16}
-        batches = [b for b in args.batch if b <= 8] or [4]
-    else:
-        shape = {"Hq": 32, "Hkv": 8, "D": 128, "C": 256, "L": 4096, "U": 4096, "topk": 8, "bs": 16}
-        batches = args.batch
-    _, _, ceil = ceilings(dev)
-    S = shape["C"] * shape["L"]
-    k = torch.randn(S, shape["Hkv"], shape["D"], device=dev, dtype=dt)
-    v = torch.randn_like(k)
-    offs = torch.arange(0, S + 1, shape["L"], dtype=torch.int32, device=dev)
-    index = router.build_routing_index(k, offs, rank=shape["D"] // 4)
+    dev, dt, shape, ceil, (k, v, offs, index) = step_library(dry, dry_len=64)
+    batches = ([b for b in args.batch if b <= 8] or [4]) if dry else args.batch
     rows = []
     for i, B in enumerate(batches):
         deadline = t0 + args.budget_s * (i + 1) / len(batches)
