@@ -112,6 +112,18 @@ def step_library(dry: bool, dry_len: int = 32):
     return dev, dt, shape, ceil, (k, v, offs, index)
 
 
+def step_inputs(B: int, shape: dict, dev: str, dt: torch.dtype):
+    """Fresh random queries [B, Hq, D] and a paged unique cache of U tokens a request:
+    (q, (k_cache, v_cache, block_tables, seq_lens))."""
+    Hq, Hkv, D, U, bs = (shape[n] for n in ("Hq", "Hkv", "D", "U", "bs"))
+    q = torch.randn(B, Hq, D, device=dev, dtype=dt)
+    kc = torch.randn(B * U // bs, bs, Hkv, D, device=dev, dtype=dt)
+    vc = torch.randn_like(kc)
+    bt = torch.arange(B * U // bs, dtype=torch.int32, device=dev).view(B, U // bs)
+    sl = torch.full((B,), U, dtype=torch.int32, device=dev)
+    return q, (kc, vc, bt, sl)
+
+
 def timers(dev: str):
     """(eager ms, graph ms) timers: do_bench medians on the GPU, one host-clock run on CPU."""
     from moska.bench.common import time_ms
@@ -127,16 +139,10 @@ def timers(dev: str):
 def batch_row(B, name, lib, shape, ceil, dev, schedules, gemm_block) -> dict:
     """One (B, router) row: the parts alone, the step per schedule, choices, floors."""
     k, v, offs, index = lib
-    Hq, Hkv, D, C, L, U, topk, bs = (
-        shape[n] for n in ("Hq", "Hkv", "D", "C", "L", "U", "topk", "bs")
-    )
+    Hq, Hkv, D, C, L, U, topk = (shape[n] for n in ("Hq", "Hkv", "D", "C", "L", "U", "topk"))
     eager, graph = timers(dev)
     dt, scale = k.dtype, D**-0.5
-    q = torch.randn(B, Hq, D, device=dev, dtype=dt)
-    kc = torch.randn(B * U // bs, bs, Hkv, D, device=dev, dtype=dt)
-    vc = torch.randn_like(kc)
-    bt = torch.arange(B * U // bs, dtype=torch.int32, device=dev).view(B, U // bs)
-    sl = torch.full((B,), U, dtype=torch.int32, device=dev)
+    q, (kc, vc, bt, sl) = step_inputs(B, shape, dev, dt)
     route = route_fn(name, q, index, topk)
 
     def shared(sel):

@@ -34,7 +34,7 @@ import torch
 
 from moska.bench.floors import attention_flops, floor_ms, router_cost
 from moska.bench.kernels_util import rel
-from moska.bench.router_overlap import step_library, timers
+from moska.bench.router_overlap import step_inputs, step_library, timers
 from moska.bench.router_schedules import make_step, make_streams
 from moska.bench.router_variants import route_fn
 from moska.kernels import router
@@ -110,17 +110,11 @@ def batch_rows(
 ) -> dict:
     """One B: configs alone, then every (shared, unique) pair as a step, per router."""
     k, v, offs, index = lib
-    Hq, Hkv, D, C, L, U, topk, bs = (
-        shape[n] for n in ("Hq", "Hkv", "D", "C", "L", "U", "topk", "bs")
-    )
+    Hq, Hkv, D, C, L, U, topk = (shape[n] for n in ("Hq", "Hkv", "D", "C", "L", "U", "topk"))
     _, graph = timers(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 2
     dt, scale = k.dtype, D**-0.5
-    q = torch.randn(B, Hq, D, device=dev, dtype=dt)
-    kc = torch.randn(B * U // bs, bs, Hkv, D, device=dev, dtype=dt)
-    vc = torch.randn_like(kc)
-    bt = torch.arange(B * U // bs, dtype=torch.int32, device=dev).view(B, U // bs)
-    sl = torch.full((B,), U, dtype=torch.int32, device=dev)
+    q, (kc, vc, bt, sl) = step_inputs(B, shape, dev, dt)
     routes = {"none": None, **{r: route_fn(r, q, index, topk) for r in routers if r != "none"}}
     fixed = (routes.get("two_stage") or route_fn("two_stage", q, index, topk))()
     shared_cfg = {s: parse_spec(s, sms) for s in shared_specs if s not in GLUON}
