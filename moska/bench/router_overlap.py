@@ -124,6 +124,27 @@ def step_inputs(B: int, shape: dict, dev: str, dt: torch.dtype):
     return q, (kc, vc, bt, sl)
 
 
+def step_cost(B, q, sel, index, shape: dict, scorer: str | None, factor: int = 4):
+    """(attention bytes, attention FLOPs, router bytes, router FLOPs) of one routed step on
+    the selections `sel`: K and V of the (chunk, KV head) pairs read plus the unique KV,
+    and the router's own reads and FLOPs (`floors.router_cost`; two_stage: the low-rank
+    keys of the chunks some request shortlisted, `factor` x top-k each); `scorer` None: no
+    router (0, 0)."""
+    Hq, Hkv, D, C, L, U, topk = (shape[n] for n in ("Hq", "Hkv", "D", "C", "L", "U", "topk"))
+    pairs = int(torch.unique(sel.chunk.long() * Hkv + sel.kv_head.long()).numel())
+    nbytes = (pairs * L + B * U * Hkv) * D * 2 * 2
+    flops = attention_flops(B * Hq, topk * L + U, D)
+    if scorer is None:
+        return nbytes, flops, 0, 0
+    short = 0
+    if scorer == "two_stage":
+        b_ = router.score_chunks(q, index, "bound").sum(1).topk(min(C, factor * topk), -1)
+        short = int(torch.unique(b_.indices).numel())
+    r_bytes, r_flops = router_cost(scorer, B, Hq, Hkv, D, C, L, index.rank, short,
+                                   factor * topk, lowrank_bytes=index.lowrank_keys.element_size())  # fmt: skip
+    return nbytes, flops, r_bytes, r_flops
+
+
 def timers(dev: str):
     """(eager ms, graph ms) timers: do_bench medians on the GPU, one host-clock run on CPU."""
     from moska.bench.common import time_ms
@@ -139,7 +160,7 @@ def timers(dev: str):
 def batch_row(B, name, lib, shape, ceil, dev, schedules, gemm_block) -> dict:
     """One (B, router) row: the parts alone, the step per schedule, choices, floors."""
     k, v, offs, index = lib
-    Hq, Hkv, D, C, L, U, topk = (shape[n] for n in ("Hq", "Hkv", "D", "C", "L", "U", "topk"))
+    Hkv, D, C, L, topk = (shape[n] for n in ("Hkv", "D", "C", "L", "topk"))
     eager, graph = timers(dev)
     dt, scale = k.dtype, D**-0.5
     q, (kc, vc, bt, sl) = step_inputs(B, shape, dev, dt)
@@ -215,27 +236,8 @@ def batch_row(B, name, lib, shape, ceil, dev, schedules, gemm_block) -> dict:
     }
     row["best_schedule"] = min(times, key=lambda k_: times[k_])
     row["step_best_ms"] = times[row["best_schedule"]]
-    # floor: K and V of the (chunk, KV head) pairs read + unique KV, the router's own reads
-    pairs = int(torch.unique(sel.chunk.long() * Hkv + sel.kv_head.long()).numel())
-    short = 0
-    if name == "two_stage":
-        b_ = router.score_chunks(q, index, "bound").sum(1).topk(min(C, 4 * topk), -1).indices
-        short = int(torch.unique(b_).numel())
-    s_bytes = (pairs * L + B * U * Hkv) * D * 2 * 2
-    s_flops = attention_flops(B * Hq, topk * L + U, D)
-    r_bytes, r_flops = router_cost(
-        "two_stage" if name == "two_stage" else "keymax",
-        B,
-        Hq,
-        Hkv,
-        D,
-        C,
-        L,
-        index.rank,
-        short,
-        4 * topk,
-        lowrank_bytes=index.lowrank_keys.element_size(),
-    )
+    scorer = "two_stage" if name == "two_stage" else "keymax"
+    s_bytes, s_flops, r_bytes, r_flops = step_cost(B, q, sel, index, shape, scorer)
     bw, peak = ceil["read_bytes_per_s"], ceil["gemm_flops_per_s"]
     f = floor_ms(s_bytes + r_bytes, s_flops + r_flops, bw, peak)
     fn_ = floor_ms(s_bytes, s_flops, bw, peak)

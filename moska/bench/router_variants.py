@@ -27,6 +27,14 @@ def _parse_default(name: str) -> tuple[int | None, router_dense.DenseTile | None
     return per_sm, tile
 
 
+def two_stage_options(name: str) -> dict[str, int]:
+    """two_stage[_p{n}][_f{n}] -> {"p": n, "f": n} (those given)."""
+    opts = {p[0]: int(p[1:]) for p in name.split("_")[2:] if p[1:].isdigit()}
+    if len(opts) != len(name.split("_")[2:]) or set(opts) - {"p", "f"}:
+        raise ValueError(f"two_stage options are _p{{n}} and _f{{n}}, got {name!r}")
+    return opts
+
+
 def route_fn(name: str, q, index, topk: int, factor: int = 4):
     if name.startswith("default"):
         per_sm, tile = _parse_default(name)
@@ -48,9 +56,7 @@ def route_fn(name: str, q, index, topk: int, factor: int = 4):
     if name == "two_stage" or name.startswith("two_stage_"):
         # two_stage_p{n}: its key-max grid capped at n programs per SM (room beside it);
         # two_stage_f{n}: a shortlist of n x top-k chunks (changes the choices)
-        opts = {p[0]: int(p[1:]) for p in name.split("_")[2:]}
-        if set(opts) - {"p", "f"}:
-            raise ValueError(f"two_stage options are _p{{n}} and _f{{n}}, got {name!r}")
+        opts = two_stage_options(name)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
         progs = opts["p"] * sms if "p" in opts else None
         f_ = opts.get("f", factor)

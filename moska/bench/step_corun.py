@@ -32,12 +32,11 @@ import time
 
 import torch
 
-from moska.bench.floors import attention_flops, floor_ms, router_cost
+from moska.bench.floors import floor_ms
 from moska.bench.kernels_util import rel
-from moska.bench.router_overlap import step_inputs, step_library, timers
+from moska.bench.router_overlap import step_cost, step_inputs, step_library, timers
 from moska.bench.router_schedules import make_step, make_streams
-from moska.bench.router_variants import route_fn
-from moska.kernels import router
+from moska.bench.router_variants import route_fn, two_stage_options
 from moska.kernels.merge import merge_selections
 from moska.kernels.paged_attention import _paged_attention_kernel, paged_decode_attention
 from moska.kernels.shared_attention import (
@@ -110,7 +109,7 @@ def batch_rows(
 ) -> dict:
     """One B: configs alone, then every (shared, unique) pair as a step, per router."""
     k, v, offs, index = lib
-    Hq, Hkv, D, C, L, U, topk = (shape[n] for n in ("Hq", "Hkv", "D", "C", "L", "U", "topk"))
+    D, topk = shape["D"], shape["topk"]
     _, graph = timers(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 2
     dt, scale = k.dtype, D**-0.5
@@ -162,18 +161,12 @@ def batch_rows(
             t = graph(step)
             row["step_ms"][key] = min(t, row["step_ms"].get(key, float("inf")))
             row["step_ms"].setdefault(f"{key}|runs", []).append(t)
-        # floor: the pairs the router touched + unique KV, plus the router's own cost
-        sel = rt()
-        touched = int(torch.unique(sel.chunk.long() * Hkv + sel.kv_head.long()).numel())
-        nbytes = (touched * L + B * U * Hkv) * D * 2 * 2
-        flops = attention_flops(B * Hq, topk * L + U, D)
-        if route is not None:  # every router here is the two-stage one (grid caps only)
-            f_ = next((int(p[1:]) for p in r.split("_")[2:] if p[0] == "f"), 4)  # shortlist
-            short = router.score_chunks(q, index, "bound").sum(1).topk(min(C, f_ * topk), -1)
-            rb, rf = router_cost("two_stage", B, Hq, Hkv, D, C, L, index.rank,
-                                 int(torch.unique(short.indices).numel()), f_ * topk,
-                                 lowrank_bytes=index.lowrank_keys.element_size())  # fmt: skip
-            nbytes, flops = nbytes + rb, flops + rf
+        # floor: the pairs the router touched + unique KV, plus the router's own cost (every
+        # router here is the two-stage one, with its grid cap or shortlist: router_variants)
+        scorer = None if route is None else "two_stage"
+        factor = 4 if route is None else two_stage_options(r).get("f", 4)
+        a_bytes, a_flops, r_bytes, r_flops = step_cost(B, q, rt(), index, shape, scorer, factor)
+        nbytes, flops = a_bytes + r_bytes, a_flops + r_flops
         f = floor_ms(nbytes, flops, ceil["read_bytes_per_s"], ceil["gemm_flops_per_s"])
         row["floors"][r] = f
     return row
