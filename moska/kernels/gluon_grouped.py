@@ -62,6 +62,30 @@ def _item(w, work_ptr, starts_ptr, ends_ptr, sel_chunk_ptr, sel_kv_ptr, W, G: gl
 
 
 @gluon.jit
+def _store_rows(acc, m_i, l_i, lse_shift, r0, w, start, n_rows, tile_row0, n_split, o_ptr,
+                lse_ptr, o_part_ptr, lse_part_ptr, G: gl.constexpr, D: gl.constexpr,
+                BLOCK_M: gl.constexpr, NWG: gl.constexpr,
+                o_layout: gl.constexpr):  # fmt: skip
+    # one warpgroup's rows r0.. of an item: (o, lse) of its selections' rows, or the split's
+    # partial; lse = (m + log2 l - lse_shift) ln 2 (lse_shift: a scale the weights carry)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    out = acc / gl.maximum(gl.convert_layout(l_i, row_o), 1e-30)[:, None]
+    lse = gl.convert_layout((m_i + gl.log2(l_i) - lse_shift) * _LN2, row_o)
+    r = r0 + gl.arange(0, BLOCK_M, layout=row_o)
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    if n_split == 1:
+        flat = (start * G + r).to(gl.int64)
+        r_ok = r < n_rows
+        gl.store(o_ptr + flat[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=r_ok[:, None])  # fmt: skip
+        gl.store(lse_ptr + flat, lse, mask=r_ok)
+    else:  # every row of the tile's partial (merge_tile_splits masks the invalid ones)
+        part = w.to(gl.int64) * (NWG * BLOCK_M) + (r - tile_row0)
+        gl.store(o_part_ptr + part[:, None] * D + cols[None, :], out)
+        gl.store(lse_part_ptr + part, lse)
+
+
+@gluon.jit
 def _rows_item(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req_ptr, o_ptr,
                lse_ptr, o_part_ptr, lse_part_ptr, stride_qb, stride_qh, w, start, n_rows,
                tile_row0, n_split, kv, lo, hi, n_blocks, pp, c0, t0, qk_scale,
@@ -85,22 +109,9 @@ def _rows_item(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req
     acc, m_i, l_i = _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks,
                              qk_scale, pp, dt, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16,
                              KV_APART, True, c0, t0, na)  # fmt: skip
-    o_layout: gl.constexpr = _mma_layout(BLOCK_M, D, 4)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    out = acc / gl.maximum(gl.convert_layout(l_i, row_o), 1e-30)[:, None]
-    lse = gl.convert_layout((m_i + gl.log2(l_i)) * _LN2, row_o)
-    r = r0 + gl.arange(0, BLOCK_M, layout=row_o)
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    if n_split == 1:
-        flat = (start * G + r).to(gl.int64)
-        r_ok = r < n_rows
-        gl.store(o_ptr + flat[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=r_ok[:, None])  # fmt: skip
-        gl.store(lse_ptr + flat, lse, mask=r_ok)
-    else:  # every row of the tile's partial (merge_tile_splits masks the invalid ones)
-        part = w.to(gl.int64) * (NWG * BLOCK_M) + (r - tile_row0)
-        gl.store(o_part_ptr + part[:, None] * D + cols[None, :], out)
-        gl.store(lse_part_ptr + part, lse)
+    _store_rows(acc, m_i, l_i, 0.0, r0, w, start, n_rows, tile_row0, n_split, o_ptr, lse_ptr,
+                o_part_ptr, lse_part_ptr, G, D, BLOCK_M, NWG,
+                _mma_layout(BLOCK_M, D, 4))  # fmt: skip
 
 
 @gluon.jit

@@ -33,8 +33,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .gluon_grouped import WS_LOADER_REGS, WS_REGS, _item
-from .gluon_parts import _LN2, LOG2E, WS_MAXNREG, _q_layout, _turn_parity, _ws_idle
+from .gluon_grouped import WS_LOADER_REGS, WS_REGS, _item, _store_rows
+from .gluon_parts import LOG2E, WS_MAXNREG, _q_layout, _turn_parity, _ws_idle
 
 __all__ = ["check_inputs", "gluon_grouped_fp8_attention", "quantize_rows"]
 
@@ -160,21 +160,8 @@ def _fp8_rows(q_ptr, qs_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, 
         acc, m_i, l_i = _fp8_blocks(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi,
                                     n_blocks, q_s * qk_scale, ks_ptr, vs_ptr, kv, Hkv, pp, c0, t0,
                                     na, D, BLOCK_M, BLOCK_N, STAGES, WG)  # fmt: skip
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    out = acc / gl.maximum(gl.convert_layout(l_i, row_o), 1e-30)[:, None]
-    lse = gl.convert_layout((m_i + gl.log2(l_i) - P_LOG2) * _LN2, row_o)
-    r = r0 + gl.arange(0, BLOCK_M, layout=row_o)
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-    if n_split == 1:
-        flat = (start * G + r).to(gl.int64)
-        r_ok = r < n_rows
-        gl.store(o_ptr + flat[:, None] * D + cols[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=r_ok[:, None])  # fmt: skip
-        gl.store(lse_ptr + flat, lse, mask=r_ok)
-    else:  # every row of the tile's partial (merge_tile_splits masks the invalid ones)
-        part = w.to(gl.int64) * (NWG * BLOCK_M) + (r - tile_row0)
-        gl.store(o_part_ptr + part[:, None] * D + cols[None, :], out)
-        gl.store(lse_part_ptr + part, lse)
+    _store_rows(acc, m_i, l_i, P_LOG2, r0, w, start, n_rows, tile_row0, n_split, o_ptr, lse_ptr,
+                o_part_ptr, lse_part_ptr, G, D, BLOCK_M, NWG, o_layout)  # fmt: skip
 
 
 @gluon.jit
