@@ -62,6 +62,22 @@ def _item(w, work_ptr, starts_ptr, ends_ptr, sel_chunk_ptr, sel_kv_ptr, W, G: gl
 
 
 @gluon.jit
+def _stage_q(q_ptr, q_smem, sel_req_ptr, start, r0, n_rows, kv, stride_qb, stride_qh,
+             G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr):  # fmt: skip
+    # rows r0.. of an item (selection start + row // G, head kv * G + row % G) -> q_smem,
+    # read in place from q [B, Hq, D]; rows past n_rows are zeros
+    q_layout: gl.constexpr = _q_layout(D, 4)
+    rows = r0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
+    ok = rows < n_rows
+    req = gl.load(sel_req_ptr + start + rows // G, mask=ok, other=0)
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_layout))
+    q_off = req.to(gl.int64) * stride_qb + (kv * G + rows % G) * stride_qh
+    q = gl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+
+
+@gluon.jit
 def _store_rows(acc, m_i, l_i, lse_shift, r0, w, start, n_rows, tile_row0, n_split, o_ptr,
                 lse_ptr, o_part_ptr, lse_part_ptr, G: gl.constexpr, D: gl.constexpr,
                 BLOCK_M: gl.constexpr, NWG: gl.constexpr,
@@ -96,16 +112,9 @@ def _rows_item(q_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, sel_req
     # one warpgroup's rows tile_row0 + WG * BLOCK_M .. of an item (selection start + row // G,
     # head row % G): q -> shared memory, the key loop, (o, lse) or the split's partial
     dt: gl.constexpr = q_ptr.dtype.element_ty
-    q_layout: gl.constexpr = _q_layout(D, 4)
     r0 = tile_row0 + WG * BLOCK_M
-    rows = r0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
-    ok = rows < n_rows
-    req = gl.load(sel_req_ptr + start + rows // G, mask=ok, other=0)
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_layout))
-    q_off = req.to(gl.int64) * stride_qb + (kv * G + rows % G) * stride_qh
-    q = gl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
-    q_smem.store(q)
-    fence_async_shared()
+    _stage_q(q_ptr, q_smem, sel_req_ptr, start, r0, n_rows, kv, stride_qb, stride_qh, G, D,
+             BLOCK_M)  # fmt: skip
     acc, m_i, l_i = _ws_loop(q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, lo, hi, n_blocks,
                              qk_scale, pp, dt, D, BLOCK_M, BLOCK_N, STAGES, WG, OVERLAP, EXP_BF16,
                              KV_APART, True, c0, t0, na)  # fmt: skip

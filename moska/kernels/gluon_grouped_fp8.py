@@ -33,8 +33,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .gluon_grouped import WS_LOADER_REGS, WS_REGS, _item, _store_rows
-from .gluon_parts import LOG2E, WS_MAXNREG, _q_layout, _turn_parity, _ws_idle
+from .gluon_grouped import WS_LOADER_REGS, WS_REGS, _item, _stage_q, _store_rows
+from .gluon_parts import LOG2E, WS_MAXNREG, _turn_parity, _ws_idle
 
 __all__ = ["check_inputs", "gluon_grouped_fp8_attention", "quantize_rows"]
 
@@ -137,18 +137,11 @@ def _fp8_rows(q_ptr, qs_ptr, q_smem, k_smem, v_smem, k_bar, v_bar, empty, turn, 
               NWG: gl.constexpr, na):  # fmt: skip
     # one warpgroup's rows of an item: e4m3 q -> shared memory, the key loop, (o, lse) or
     # the split's partial (`gluon_grouped._rows_item`)
-    q_layout: gl.constexpr = _q_layout(D, 4)
     s_layout: gl.constexpr = _mma8_layout(BLOCK_N, 4)
     o_layout: gl.constexpr = _mma8_layout(D, 4)
     r0 = tile_row0 + WG * BLOCK_M
-    rows = r0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_layout))
-    ok = rows < n_rows
-    req = gl.load(sel_req_ptr + start + rows // G, mask=ok, other=0)
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, q_layout))
-    q_off = req.to(gl.int64) * stride_qb + (kv * G + rows % G) * stride_qh
-    q = gl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
-    q_smem.store(q)
-    fence_async_shared()
+    _stage_q(q_ptr, q_smem, sel_req_ptr, start, r0, n_rows, kv, stride_qb, stride_qh, G, D,
+             BLOCK_M)  # fmt: skip
     rows_s = r0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
     ok_s = rows_s < n_rows
     req_s = gl.load(sel_req_ptr + start + rows_s // G, mask=ok_s, other=0)
