@@ -171,9 +171,10 @@ def run(args, save) -> dict:
         except RuntimeError as e:  # e.g. no TMA on this GPU: said in the JSON
             rows.append({"mode": mode, "skipped": str(e)})
             continue
-        for b in args.batch:
-            rows.append(time_step(model, attention, lib, mode, b, args, dev))
-            print(f"{mode:15s} B={b:4d} {rows[-1]['step_ms']:8.2f} ms", flush=True)
+        for scorer in args.scorers:
+            for b in args.batch:
+                rows.append(time_step(model, attention, lib, mode, b, args, dev, scorer))
+                print(f"{mode:15s} {scorer:9s} B={b:4d} {rows[-1]['step_ms']:8.2f} ms", flush=True)
         del lib
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -181,10 +182,13 @@ def run(args, save) -> dict:
     return {"rows": rows, "summary": summarize(rows, args.batch)}
 
 
-def time_step(model, attention, lib, mode: str, b: int, args, dev: str) -> dict:
+def time_step(
+    model, attention, lib, mode: str, b: int, args, dev: str, scorer: str = "keymax"
+) -> dict:
     meta = metadata(b, args.unique_tokens, 16, dev)
+    rows = torch.arange(b, device=dev)
     meta.groups.append(
-        LibraryGroup(library=lib, rows=torch.arange(b, device=dev), top_k=args.top_k, all_rows=True)
+        LibraryGroup(library=lib, rows=rows, top_k=args.top_k, scorer=scorer, all_rows=True)
     )
     bound = attention.bind(meta)
     ids = torch.randint(0, model.config.vocab_size, (b,), device=dev)
@@ -208,6 +212,7 @@ def time_step(model, attention, lib, mode: str, b: int, args, dev: str) -> dict:
     return {
         **({"kernel_ms": kernels} if kernels else {}),
         "mode": mode,
+        "scorer": scorer,
         "batch": b,
         "step_ms": ms,
         "decode_tokens_per_s": b / (ms / 1e3),
@@ -241,13 +246,19 @@ def kernel_split(step) -> dict:
 
 def summarize(rows: list[dict], batches: list[int]) -> dict:
     out: dict[str, Any] = {"target": "end-to-end FP8 decode >= 1.3x bf16 tok/s at B = 256"}
-    for b in batches:
-        ms = {r["mode"]: r["step_ms"] for r in rows if r.get("batch") == b}
-        if "bf16" in ms:
-            for m, t in ms.items():
-                if m != "bf16":
-                    out[f"B{b}_{m}_vs_bf16"] = round(ms["bf16"] / t, 3)
-        out[f"B{b}_step_ms"] = {m: round(v, 3) for m, v in ms.items()}
+    for sc in dict.fromkeys(r.get("scorer", "keymax") for r in rows if "step_ms" in r):
+        tag = "" if sc == "keymax" else f"_{sc}"  # the default router's keys as before
+        for b in batches:
+            ms = {
+                r["mode"]: r["step_ms"]
+                for r in rows
+                if r.get("batch") == b and r.get("scorer", "keymax") == sc and "step_ms" in r
+            }
+            if "bf16" in ms:
+                for m, t in ms.items():
+                    if m != "bf16":
+                        out[f"B{b}{tag}_{m}_vs_bf16"] = round(ms["bf16"] / t, 3)
+            out[f"B{b}{tag}_step_ms"] = {m: round(v, 3) for m, v in ms.items()}
     return out
 
 
@@ -261,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (quick runs)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument(
+        "--scorers", nargs="+", default=["keymax"], choices=("keymax", "two_stage"),
+        help="routers timed per mode (the library path's scorer; keymax is the default)",
+    )  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="GPU ms by kernel family per mode")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model and library on CPU")
     ap.add_argument("--out", default="bench/results/fp8_decode.json")

@@ -85,35 +85,8 @@ def batch_row(b, s, pools, gen, sms, sample, bw) -> dict:
         fns[name] = lambda q_, sel_, st=st, pers=pers: gluon_call(
             q_, kq.data, v_t, scales, offs, sel_, scale, st, pers, sms
         )
-    # correctness on a sample of requests, against the fp32 reference over the e4m3 library
-    qs = q[:sample].contiguous()
-    sel_s = from_topk(chunks_of[:sample].view(sample, 1, -1), s.hkv, s.chunks)
-    ro, rl = grouped_shared_attention_ref(qs, kq.data, vq.data, offs, sel_s, scale,
-                                          kv_scales=scales)  # fmt: skip
-    rb, _ = grouped_shared_attention_ref(qs, k, v, offs, sel_s, scale)
-    row: dict = {"batch": b, "check": {}, "ms": {}, "errors": {}}
-    row["check"]["e4m3_values_vs_bf16_values"] = rel(ro, rb)
-    ok = {}
-    for name, fn in fns.items():
-        try:
-            o, lse = fn(qs, sel_s)
-        except Exception as e:  # noqa: BLE001 - recorded; the others go on
-            row["errors"][name] = f"{type(e).__name__}: {e}"[:600]
-            continue
-        ref_o, ref_l = (rb, None) if name == "bf16" else (ro, rl)
-        err_o = rel(o, ref_o)
-        err_l = rel(lse, ref_l) if ref_l is not None else 0.0
-        good = err_o < (1e-2 if name == "bf16" else TOL_O) and err_l < TOL_LSE
-        row["check"][name] = {"o_rel_err": err_o, "lse_rel_err": err_l, "ok": good}
-        ok[name] = good
-    sel = from_topk(chunks_of.view(b, 1, -1), s.hkv, s.chunks)
-    for name, fn in fns.items():
-        if not ok.get(name):
-            continue
-        try:
-            row["ms"][name] = bench_graph(lambda fn=fn: fn(q, sel))
-        except Exception as e:  # noqa: BLE001 - recorded
-            row["errors"][f"{name}_time"] = f"{type(e).__name__}: {e}"[:600]
+    row: dict = {"batch": b}
+    check_and_time(row, fns, q, chunks_of, s, (kq, vq), k, v, offs, sample)
     touched = int(torch.unique(chunks_of).numel()) * s.hkv
     fp8_bytes = touched * s.chunk * s.d * 2 + 2 * touched * s.chunk * 4 // 128  # K, V, scales
     row["fp8_read_floor_ms"] = fp8_bytes / bw * 1e3
@@ -122,6 +95,42 @@ def batch_row(b, s, pools, gen, sms, sample, bw) -> dict:
     if base:
         row["speedup_vs_bf16"] = {n: base / t for n, t in row["ms"].items()}
     return row
+
+
+def check_and_time(row, fns, q, chunks_of, s, q8, k, v, offs, sample) -> None:
+    """Each of `fns` (name -> fn(q, sel) -> (o, lse)) checked on `sample` requests against the
+    fp32 reference (bf16 over the bf16 library, the others over the e4m3 one `q8` = (kq, vq)),
+    then the correct ones timed as CUDA graphs on the whole batch: row's check / ms / errors."""
+    kq, vq = q8
+    scales, scale = (kq.scale, vq.scale), s.d**-0.5
+    qs = q[:sample].contiguous()
+    sel_s = from_topk(chunks_of[:sample].view(sample, 1, -1), s.hkv, s.chunks)
+    ro, rl = grouped_shared_attention_ref(qs, kq.data, vq.data, offs, sel_s, scale,
+                                          kv_scales=scales)  # fmt: skip
+    rb, _ = grouped_shared_attention_ref(qs, k, v, offs, sel_s, scale)
+    row.update(check={"e4m3_values_vs_bf16_values": rel(ro, rb)}, ms={}, errors={})
+    ok = {}
+    for name, fn in fns.items():
+        try:
+            o, lse = fn(qs, sel_s)
+        except Exception as e:  # noqa: BLE001 - recorded; the others go on
+            row["errors"][name] = f"{type(e).__name__}: {e}"[:600]
+            continue
+        bf16 = name.startswith("bf16")
+        ref_o, ref_l = (rb, None) if bf16 else (ro, rl)
+        err_o = rel(o, ref_o)
+        err_l = rel(lse, ref_l) if ref_l is not None else 0.0
+        good = err_o < (1e-2 if bf16 else TOL_O) and err_l < TOL_LSE
+        row["check"][name] = {"o_rel_err": err_o, "lse_rel_err": err_l, "ok": good}
+        ok[name] = good
+    sel = from_topk(chunks_of.view(q.shape[0], 1, -1), s.hkv, s.chunks)
+    for name, fn in fns.items():
+        if not ok.get(name):
+            continue
+        try:
+            row["ms"][name] = bench_graph(lambda fn=fn: fn(q, sel))
+        except Exception as e:  # noqa: BLE001 - recorded
+            row["errors"][f"{name}_time"] = f"{type(e).__name__}: {e}"[:600]
 
 
 def main(argv: list[str] | None = None) -> int:

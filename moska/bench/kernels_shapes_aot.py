@@ -89,7 +89,11 @@ def ptxas_usage(k) -> dict:
         cmd = [tool, "--dump-resource-usage", path]
         out = subprocess.run(cmd, check=False, capture_output=True, text=True)
     use = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", out.stdout))
-    return {"registers": int(use.get("REG", -1)), "local_bytes": int(use.get("LOCAL", -1))}
+    return {
+        "registers": int(use.get("REG", -1)),
+        "local_bytes": int(use.get("LOCAL", -1)),
+        "stack_bytes": int(use.get("STACK", -1)),
+    }
 
 
 def main(argv=None) -> int:

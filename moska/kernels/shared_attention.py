@@ -75,6 +75,7 @@ def grouped_shared_attention(
     split_b: int | None = None,
     half_tail: bool | None = None,
     pipe_qk: bool | None = None,
+    maxnreg: int | None = None,
     max_programs: int | None = None,
     plans: dict | None = None,
     plan_key: object = None,
@@ -114,8 +115,8 @@ def grouped_shared_attention(
     and the split heuristic (`target_programs` items, splits of at least `min_split` tokens)
     may be overridden, e.g. by tests and benchmarks. `merge_m` rows and `split_b` partials
     per step set the shape of the merge of split tiles. `half_tail`: a group's last tile of at
-    most block_m / 2 rows computes only those (the bf16/fp16/fp32 program; the FP8 MMA
-    program ignores it). `pipe_qk`: QK^T one key block ahead of the softmax
+    most block_m / 2 rows computes only those (both programs). `maxnreg` caps the registers
+    per thread (CUDA), so more programs fit on an SM. `pipe_qk`: QK^T one key block ahead of the softmax
     (`shared_attention_pipe.py`; bf16/fp16/fp32 pools). `max_programs` caps the grid (its
     programs then loop over the work items), to leave room beside a concurrent kernel.
     `plans`: a cache of work lists, for callers whose selections and chunk table follow
@@ -163,6 +164,7 @@ def grouped_shared_attention(
         ("split_b", split_b),
         ("half_tail", half_tail),
         ("pipe_qk", pipe_qk),
+        ("maxnreg", maxnreg),
     ):
         if v_ is not None:
             cfg[k_] = v_
@@ -190,7 +192,7 @@ def grouped_shared_attention(
     if v_pool_t is not None and v_desc is None:
         raise ValueError("v_pool_t is read through TMA: pass use_tma=True (Hopper, aligned pools)")
     grid = w_max if max_programs is None else max(1, min(w_max, max_programs))
-    if cfg["half_tail"] and cfg["block_m"] >= 32 and kernel is _grouped_shared_attention_kernel:
+    if cfg["half_tail"] and cfg["block_m"] >= 32:  # both programs (the FP8 one since session 27)
         mma["HALF_TAIL"] = True
     if cfg["pipe_qk"]:
         if fp8 or kernel is not _grouped_shared_attention_kernel:
@@ -234,6 +236,7 @@ def grouped_shared_attention(
         **mma,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
     merge_tile_splits(
         work, meta, o_part, lse_part, o, lse, g, cfg["block_m"], cfg["merge_m"], cfg["split_b"]

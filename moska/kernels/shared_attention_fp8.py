@@ -156,6 +156,7 @@ def _grouped_fp8_mma_kernel(
     TOKEN_V2: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 0,
     QSPLIT_ACC: tl.constexpr = False, SCALE_SIDES: tl.constexpr = 3,
     SC_NOMASK: tl.constexpr = False, EX2_F16: tl.constexpr = 0,
+    HALF_TAIL: tl.constexpr = False,
 ):
     # fmt: on
     # The arguments of `_grouped_shared_attention_kernel` (PRECISION, KV_FP8, FP8_DOT and
@@ -171,22 +172,41 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16,
+                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16, BLOCK_M,
             )
             # fmt: on
     else:
         w = tl.program_id(0)
         if w < n_items:
-            # fmt: off
-            _fp8_item(
-                w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
-                sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr, lse_part_ptr,
-                stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
-                G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
-                PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16,
-            )
-            # fmt: on
+            # HALF_TAIL: a group's last tile of <= BLOCK_M / 2 rows computes BLOCK_M / 2 rows
+            # (the bf16 program's half tail: 128-row tiles at 64-row granularity)
+            tail = BLOCK_M
+            if HALF_TAIL:
+                tail = tl.load(work_ptr + W + w) * G - tl.load(work_ptr + 2 * W + w) * BLOCK_M
+            if tail <= BLOCK_M // 2:
+                # fmt: off
+                _fp8_item(
+                    w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
+                    sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr,
+                    lse_part_ptr, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn,
+                    stride_vh, W, qk_scale, G, D, BLOCK_M // 2, BLOCK_N, USE_TMA, V_T,
+                    k_scale_ptr, v_scale_ptr, stride_sc, PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE,
+                    Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
+                    SC_NOMASK, EX2_F16, BLOCK_M,
+                )
+                # fmt: on
+            else:
+                # fmt: off
+                _fp8_item(
+                    w, q_ptr, k_ptr, v_ptr, k_desc, v_desc, starts_ptr, ends_ptr, sel_req_ptr,
+                    sel_kv_ptr, sel_chunk_ptr, work_ptr, o_ptr, lse_ptr, o_part_ptr,
+                    lse_part_ptr, stride_qb, stride_qh, stride_kn, stride_kh, stride_vn,
+                    stride_vh, W, qk_scale, G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T,
+                    k_scale_ptr, v_scale_ptr, stride_sc, PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE,
+                    Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
+                    SC_NOMASK, EX2_F16, BLOCK_M,
+                )
+                # fmt: on
 
 
 # fmt: off
@@ -200,9 +220,10 @@ def _fp8_item(
     PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
     RAW_MAX: tl.constexpr, WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr,
     SCALE_BLOCK: tl.constexpr, QSPLIT_ACC: tl.constexpr, SCALE_SIDES: tl.constexpr,
-    SC_NOMASK: tl.constexpr, EX2_F16: tl.constexpr,
+    SC_NOMASK: tl.constexpr, EX2_F16: tl.constexpr, TILE_M: tl.constexpr,
 ):
     # fmt: on
+    # TILE_M: the work list's rows per tile; BLOCK_M (<= TILE_M) of them are computed
     # work item w: one row tile of one (chunk, KV head) group over one split of the chunk
     start = tl.load(work_ptr + w)
     n_sel = tl.load(work_ptr + W + w)
@@ -215,7 +236,7 @@ def _fp8_item(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    rows = tile * BLOCK_M + offs_m
+    rows = tile * TILE_M + offs_m
     row_ok = rows < n_sel * G
     req = tl.load(sel_req_ptr + start + rows // G, mask=row_ok, other=0)
     head = kv * G + rows % G
@@ -297,6 +318,6 @@ def _fp8_item(
         )
         tl.store(lse_ptr + out_rows, lse, mask=row_ok)
     else:
-        part = w.to(tl.int64) * BLOCK_M + offs_m
+        part = w.to(tl.int64) * TILE_M + offs_m
         tl.store(o_part_ptr + part[:, None] * D + offs_d[None, :], o)
         tl.store(lse_part_ptr + part, lse)

@@ -332,3 +332,25 @@ def test_q_rotation_equals_the_unrotated_attention():
     assert rel_err(o2, ro) > 0.05
     with pytest.raises(ValueError, match="q_rotation must be"):
         grouped_shared_attention(q, k, v, offs, sel, 0.2, q_rotation=rot[:16])
+
+
+@_CPU
+def test_fp8_mma_half_tail_and_register_cap_change_no_output():
+    # HALF_TAIL (session 27, as the bf16 program's): a group's last tile of <= block_m / 2
+    # rows computes block_m / 2 rows; groups of ~34 rows at block_m 32 give full tiles, half
+    # tails and whole groups of either size: the same attention as without, every row
+    # written (poisoned outputs), near the algorithm; `maxnreg` is a compile option only
+    q, k, v, offs, sel = _inputs("cpu", torch.float16, lens=(64, 40), b=24, d=32, seed=10)
+    rows = torch.bincount(sel.chunk * 2 + sel.kv_head) * 2  # rows per (chunk, KV head) group
+    assert ((rows % 32 > 0) & (rows % 32 <= 16)).any() and (rows % 32 > 16).any(), rows
+    kq, vq = quantize(k, offs, "block"), quantize(v, offs, "block")
+    scales, sc = (kq.scale, vq.scale), q.shape[-1] ** -0.5
+    ao, al = fp8_mma_ref(q, kq.data, vq.data, offs, sel, sc, scales, 32, False, interpreter_e4m3)
+    tile = {**NOSPLIT, "block_m": 32}
+    base = _run(q, kq, vq, offs, sel, sc, False, False, tile)
+    half = _run(q, kq, vq, offs, sel, sc, False, False, {**tile, "half_tail": True})
+    capped = _run(q, kq, vq, offs, sel, sc, False, False, {**tile, "maxnreg": 128})
+    for o, lse in (half, capped):
+        assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+        assert rel_err(o, base[0]) < 1e-3 and rel_err(lse, base[1]) < 1e-4
+    assert rel_err(half[0], ao) < 1e-3 and rel_err(half[1], al) < 1e-4, rel_err(half[0], ao)
