@@ -354,3 +354,42 @@ def test_fp8_mma_half_tail_and_register_cap_change_no_output():
         assert torch.isfinite(o).all() and torch.isfinite(lse).all()
         assert rel_err(o, base[0]) < 1e-3 and rel_err(lse, base[1]) < 1e-4
     assert rel_err(half[0], ao) < 1e-3 and rel_err(half[1], al) < 1e-4, rel_err(half[0], ao)
+
+
+@_CPU
+def test_fp8_mma_split_blocks_equal_the_whole_block(monkeypatch):
+    # SPLIT_BLOCKS (session 27): each key block as two halves (two QK^T and P.V products, one
+    # softmax update), block scales on K and V, V token-major through TMA: the attention of
+    # the whole block up to the order of the row sums, unsplit and split-KV, with a masked
+    # tail block (chunks of 64, 48 and 40 rows at 32-key blocks); V scales differ x50
+    from moska.kernels import shared_attention_fp8 as sa8
+    from moska.library import fp8
+
+    monkeypatch.setattr(fp8, "BLOCK_ROWS", 32)
+    q, k, v, offs, sel = _inputs("cpu", torch.float16, lens=(64, 48, 40), b=2, d=32, seed=12)
+    v = v * torch.where(torch.arange(v.shape[0]) % 64 < 32, 1.0, 50.0)[:, None, None].half()
+    kq, vq = quantize(k, offs, "block"), quantize(v, offs, "block")
+    scales, sc = (kq.scale, vq.scale), q.shape[-1] ** -0.5
+    v_t = torch.zeros(*vq.data.shape[1:], 160, dtype=vq.data.dtype)  # S padded to 16 rows
+    v_t[..., :152] = vq.data.permute(1, 2, 0)
+    kw = {"kv_scales": scales, "fp8_mma": True, "fp8_scale_block": 32, "v_pool_t": v_t}
+    kw["use_tma"] = True
+    outs = {}
+    for split in (False, True):
+        monkeypatch.setattr(sa8, "SPLIT_BLOCKS", split)
+        assert (
+            sa8.fp8_mma_args({"PER_TOKEN": True}, False, kq.data, v_t, False, 32).get(
+                "SPLIT", False
+            )
+            is split
+        )
+        for name, sizes in (("unsplit", NOSPLIT), ("split", SMALL)):
+            outs[split, name] = grouped_shared_attention(
+                q, kq.data, vq.data, offs, sel, sc, **kw, **sizes
+            )
+    ro, rl = grouped_shared_attention_ref(q, kq.data, vq.data, offs, sel, sc, kv_scales=scales)
+    for name in ("unsplit", "split"):
+        o, lse = outs[True, name]
+        assert rel_err(o, outs[False, name][0]) < 1e-3, (name, rel_err(o, outs[False, name][0]))
+        assert rel_err(lse, outs[False, name][1]) < 1e-5
+        assert rel_err(o, ro) < 0.15 and rel_err(lse, rl) < TOL_O["cpu"] / 10
