@@ -36,13 +36,12 @@ PTRS.update(dict.fromkeys(("starts_ptr", "ends_ptr", "sel_req_ptr", "sel_kv_ptr"
 
 def compile_tile(t: dict, d: int = 128, g: int = 4):
     """The launch `fp8_occupancy` makes (block scales both sides, V token-major, one-term q)."""
-    bn = t["block_n"] // 2 if t.get("split") else t["block_n"]  # the descriptors' box
-    consts = {"G": g, "D": d, "BLOCK_M": t["block_m"], "BLOCK_N": t["block_n"], "USE_TMA": True, "WARP_SPEC": False,
+    bn = t["block_n"]
+    consts = {"G": g, "D": d, "BLOCK_M": t["block_m"], "BLOCK_N": bn, "USE_TMA": True, "WARP_SPEC": False,
                   "PRECISION": "tf32", "PERSISTENT": False, "KV_FP8": True, "FP8_DOT": False, "CDTYPE": None,
                   "PER_TOKEN": True, "chunk_scale_ptr": None, "CHUNK_SCALE": False, "V_T": True, "Q_SPLIT": False,
                   "RAW_MAX": True, "TOKEN_V2": True, "SCALE_BLOCK": 128, "QSPLIT_ACC": True, "SCALE_SIDES": 3,
-                  "SC_NOMASK": False, "EX2_F16": 0, "HALF_TAIL": bool(t.get("half_tail")),
-              "SPLIT": bool(t.get("split"))}  # fmt: skip
+                  "SC_NOMASK": False, "EX2_F16": 0, "HALF_TAIL": bool(t.get("half_tail"))}  # fmt: skip
     sig = {}
     for name in FN.arg_names:
         if name in PTRS:

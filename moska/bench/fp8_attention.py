@@ -133,17 +133,15 @@ def gsa(
     scale_sides: int = 3,
     sc_nomask: bool = False,
     ex2_f16: bool = False,
-    split_blocks: bool = False,
     **kw,
 ):
     """`grouped_shared_attention` with the FP8 program's RAW_MAX / TOKEN_V2 / QSPLIT_ACC /
-    RAW_MAX_TOKEN / SCALE_SIDES / SC_NOMASK / EX2_F16 / SPLIT_BLOCKS flags set for this call (module flags
+    RAW_MAX_TOKEN / SCALE_SIDES / SC_NOMASK / EX2_F16 flags set for this call (module flags
     `fp8_mma_args` reads at launch: compile and graph capture see them)."""
     names: tuple[str, ...] = ("RAW_MAX", "TOKEN_V2", "QSPLIT_ACC", "RAW_MAX_TOKEN")
-    names += ("SCALE_SIDES", "SC_NOMASK", "EX2_F16", "SPLIT_BLOCKS")
+    names += ("SCALE_SIDES", "SC_NOMASK", "EX2_F16")
     before = [getattr(sa8, n) for n in names]
     flags = (raw_max, token_v2, qsplit_acc, raw_max_token, scale_sides, sc_nomask, ex2_f16)
-    flags += (split_blocks,)
     for n, x in zip(names, flags):
         setattr(sa8, n, x)
     try:

@@ -56,9 +56,6 @@ FP8: dict[str, dict] = {
     "fp8_m64n64s2_r128": _tile(64, 64, 4, 2, 128),  # 4
     "fp8_m128n128s3_ht": _tile(128, 128, 8, 3, None, True),  # 1 program of 8 warps
     "fp8_m128n64s3_ht_r128": _tile(128, 64, 8, 3, 128, True),  # 2 of 8 warps
-    # each 128-key block as two halves, one softmax update (SPLIT_BLOCKS, session 27): the row
-    # max / sum chains half as long (Nsight Compute's FMNMX / FADD stalls)
-    "fp8_engine_split": {**_tile(64, 128, 4, 3), "split_blocks": True},
 }
 BF16: dict[str, dict] = {
     "bf16": {},  # the launcher's table tile (D 128 G 4: 64 x 64, 4 warps, 3 stages; 218 regs)

@@ -185,11 +185,10 @@ def grouped_shared_attention(
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     k_desc = v_desc = None
     if cfg["use_tma"] and tma_ok(k_pool, v_pool):
-        box = cfg["block_n"] // 2 if mma.get("SPLIT") else cfg["block_n"]  # half-blocks
-        k_desc = pool_descriptor(k_pool, box)
-        v_desc = pool_descriptor(v_pool, box)
+        k_desc = pool_descriptor(k_pool, cfg["block_n"])
+        v_desc = pool_descriptor(v_pool, cfg["block_n"])
         if v_pool_t is not None:
-            v_desc = v_t_descriptor(v_pool_t, box)
+            v_desc = v_t_descriptor(v_pool_t, cfg["block_n"])
     if v_pool_t is not None and v_desc is None:
         raise ValueError("v_pool_t is read through TMA: pass use_tma=True (Hopper, aligned pools)")
     grid = w_max if max_programs is None else max(1, min(w_max, max_programs))

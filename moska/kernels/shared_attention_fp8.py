@@ -65,10 +65,6 @@ SC_NOMASK = False
 # EX2_F16 (session 18): the weights' exp2 in f16, two per `ex2.approx.f16x2` (the score's
 # special-function-unit issue halved; `_pexp2`). Off until measured (fp8_reach A/B)
 EX2_F16 = False
-# SPLIT_BLOCKS (session 27; `_fp8_inner._split_step`): with K and V scales per block, V
-# token-major and one-term q, each key block runs as two halves (descriptors of BLOCK_N / 2
-# rows). Off until measured
-SPLIT_BLOCKS = False
 
 
 def fp8_mma_args(
@@ -105,10 +101,7 @@ def fp8_mma_args(
         )
     if v_pool_t.shape[2] % 16:
         raise ValueError(f"v_pool_t is read through TMA: pad S_total ({s}) to a multiple of 16")
-    flags = _flags(fp8, scale_block)
-    if SPLIT_BLOCKS and flags["SCALE_BLOCK"] and flags["SCALE_SIDES"] == 3 and not q_split:
-        flags["SPLIT"] = True
-    return {"V_T": True, "Q_SPLIT": q_split, **flags}
+    return {"V_T": True, "Q_SPLIT": q_split, **_flags(fp8, scale_block)}
 
 
 class SidedBlock(int):
@@ -163,7 +156,7 @@ def _grouped_fp8_mma_kernel(
     TOKEN_V2: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 0,
     QSPLIT_ACC: tl.constexpr = False, SCALE_SIDES: tl.constexpr = 3,
     SC_NOMASK: tl.constexpr = False, EX2_F16: tl.constexpr = 0,
-    HALF_TAIL: tl.constexpr = False, SPLIT: tl.constexpr = False,
+    HALF_TAIL: tl.constexpr = False,
 ):
     # fmt: on
     # The arguments of `_grouped_shared_attention_kernel` (PRECISION, KV_FP8, FP8_DOT and
@@ -179,7 +172,7 @@ def _grouped_fp8_mma_kernel(
                 stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, W, qk_scale,
                 G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T, k_scale_ptr, v_scale_ptr, stride_sc,
                 PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE, Q_SPLIT, RAW_MAX, WARP_SPEC,
-                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16, BLOCK_M, SPLIT,
+                TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16, BLOCK_M,
             )
             # fmt: on
     else:
@@ -199,7 +192,7 @@ def _grouped_fp8_mma_kernel(
                     stride_vh, W, qk_scale, G, D, BLOCK_M // 2, BLOCK_N, USE_TMA, V_T,
                     k_scale_ptr, v_scale_ptr, stride_sc, PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE,
                     Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
-                    SC_NOMASK, EX2_F16, BLOCK_M, SPLIT,
+                    SC_NOMASK, EX2_F16, BLOCK_M,
                 )
                 # fmt: on
             else:
@@ -211,7 +204,7 @@ def _grouped_fp8_mma_kernel(
                     stride_vh, W, qk_scale, G, D, BLOCK_M, BLOCK_N, USE_TMA, V_T,
                     k_scale_ptr, v_scale_ptr, stride_sc, PER_TOKEN, chunk_scale_ptr, CHUNK_SCALE,
                     Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2, SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES,
-                    SC_NOMASK, EX2_F16, BLOCK_M, SPLIT,
+                    SC_NOMASK, EX2_F16, BLOCK_M,
                 )
                 # fmt: on
 
@@ -227,7 +220,7 @@ def _fp8_item(
     PER_TOKEN: tl.constexpr, chunk_scale_ptr, CHUNK_SCALE: tl.constexpr, Q_SPLIT: tl.constexpr,
     RAW_MAX: tl.constexpr, WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr,
     SCALE_BLOCK: tl.constexpr, QSPLIT_ACC: tl.constexpr, SCALE_SIDES: tl.constexpr,
-    SC_NOMASK: tl.constexpr, EX2_F16: tl.constexpr, TILE_M: tl.constexpr, SPLIT: tl.constexpr,
+    SC_NOMASK: tl.constexpr, EX2_F16: tl.constexpr, TILE_M: tl.constexpr,
 ):
     # fmt: on
     # TILE_M: the work list's rows per tile; BLOCK_M (<= TILE_M) of them are computed
@@ -290,7 +283,7 @@ def _fp8_item(
         acc, m_i, l_i, vm, q8, q8lo, q_sc, k_ptrs, v_ptrs, k_desc, v_desc, kv, kv * D, lo, full_hi,
         stride_kn, stride_vn, sc_ptrs, k_scale_ptr, v_scale_ptr, stride_sc,
         BLOCK_N, False, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
-        SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16, SPLIT,
+        SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16,
     )
     if full_hi < hi:
         skip = (full_hi - lo).to(tl.int64)
@@ -299,7 +292,7 @@ def _fp8_item(
             k_desc, v_desc, kv, kv * D, full_hi, hi, stride_kn, stride_vn,
             sc_ptrs + skip * stride_sc, k_scale_ptr, v_scale_ptr, stride_sc,
             BLOCK_N, True, USE_TMA, V_T, PER_TOKEN, Q_SPLIT, RAW_MAX, WARP_SPEC, TOKEN_V2,
-            SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16, SPLIT,
+            SCALE_BLOCK, QSPLIT_ACC, SCALE_SIDES, SC_NOMASK, EX2_F16,
         )
     # fmt: on
 

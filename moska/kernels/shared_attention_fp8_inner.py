@@ -17,7 +17,7 @@ def _fp8_inner(
     PER_TOKEN: tl.constexpr, Q_SPLIT: tl.constexpr, RAW_MAX: tl.constexpr,
     WARP_SPEC: tl.constexpr, TOKEN_V2: tl.constexpr, SCALE_BLOCK: tl.constexpr,
     QSPLIT_ACC: tl.constexpr = True, SCALE_SIDES: tl.constexpr = 3,
-    SC_NOMASK: tl.constexpr = False, EX2_F16: tl.constexpr = 0, SPLIT: tl.constexpr = False,
+    SC_NOMASK: tl.constexpr = False, EX2_F16: tl.constexpr = 0,
 ):  # fmt: skip
     # Online softmax over keys [lo, hi) in blocks of BLOCK_N; q_sc [BLOCK_M]: each row's
     # q scale times the logit scale (log2 domain). Unmasked calls need (hi - lo) % BLOCK_N
@@ -38,9 +38,6 @@ def _fp8_inner(
     K_BLK: tl.constexpr = PER_TOKEN and SCALE_BLOCK > 0 and (SCALE_SIDES & 1) != 0
     V_BLK: tl.constexpr = PER_TOKEN and SCALE_BLOCK > 0 and (SCALE_SIDES & 2) != 0
     BLK: tl.constexpr = K_BLK and V_BLK
-    # SPLIT (session 27, `_split_step`): each key block as two halves, one softmax update
-    if SPLIT:
-        tl.static_assert(BLK and USE_TMA and V_T and not Q_SPLIT, "SPLIT: block scales, TMA, V_T")
     if K_BLK or V_BLK:
         tl.static_assert(SCALE_BLOCK % BLOCK_N == 0, "BLOCK_N must divide SCALE_BLOCK")
     blk_sc = lo.to(tl.int64) * stride_sc + kv
@@ -82,129 +79,91 @@ def _fp8_inner(
             else:
                 ks = tl.load(k_scale_ptr + sc_ptrs, mask=n_ok, other=1.0)
                 vs = tl.load(v_scale_ptr + sc_ptrs, mask=n_ok, other=0.0)
-        if SPLIT:  # BLK, TMA, V token-major (checked above): two half-blocks, one softmax update
-            acc, m_new, l_i, vm = _split_step(
-                acc, m_i, l_i, q8, q_sc * ks, vm, vs, k_desc, v_desc, col, start, hi,
-                BLOCK_N // 2, MASKED, EX2_F16,
-            )  # fmt: skip
-        else:
-            if USE_TMA:
-                k = k_desc.load([start, col])  # [BLOCK_N, D] e4m3
-                if V_T:
-                    v = v_desc.load([col, start]).T  # [D, BLOCK_N] tile, token-major
-                else:
-                    v = v_desc.load([start, col])
-                s = _qk(q8, q8lo, k.T, Q_SPLIT, QSPLIT_ACC)
+        if USE_TMA:
+            k = k_desc.load([start, col])  # [BLOCK_N, D] e4m3
+            if V_T:
+                v = v_desc.load([col, start]).T  # [D, BLOCK_N] tile, token-major
             else:
-                if MASKED:
-                    k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
-                    v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
-                else:
-                    k = tl.load(k_ptrs)
-                    v = tl.load(v_ptrs)
-                s = _qk(q8, q8lo, k, Q_SPLIT, QSPLIT_ACC)  # [BLOCK_M, BLOCK_N] fp32
-                k_ptrs += BLOCK_N * stride_kn
-                v_ptrs += BLOCK_N * stride_vn
-            if BLK:
-                if MASKED:
-                    s = tl.where(n_ok[None, :], s, float("-inf"))
-                qk = q_sc * ks  # the row's scale times the block's K scale
+                v = v_desc.load([start, col])
+            s = _qk(q8, q8lo, k.T, Q_SPLIT, QSPLIT_ACC)
+        else:
+            if MASKED:
+                k = tl.load(k_ptrs, mask=n_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            s = _qk(q8, q8lo, k, Q_SPLIT, QSPLIT_ACC)  # [BLOCK_M, BLOCK_N] fp32
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
+        if BLK:
+            if MASKED:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            qk = q_sc * ks  # the row's scale times the block's K scale
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk)
+            p = _pexp2(s * qk[:, None] - (m_new - P_LOG2)[:, None], EX2_F16)  # P_RANGE up
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(tl.float8e4nv), v, acc * (alpha * (vm / vs))[:, None])
+            vm = vs
+        elif K_BLK or V_BLK:  # mixed (TOKEN_V2): the per-token side as TOKEN_V2, the other as BLK
+            if MASKED:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            if K_BLK:  # the block's K scale joins the row scale; V's per token below
+                qk = q_sc * ksb
                 m_new = tl.maximum(m_i, tl.max(s, 1) * qk)
-                p = _pexp2(s * qk[:, None] - (m_new - P_LOG2)[:, None], EX2_F16)  # P_RANGE up
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = tl.dot(p.to(tl.float8e4nv), v, acc * (alpha * (vm / vs))[:, None])
-                vm = vs
-            elif (
-                K_BLK or V_BLK
-            ):  # mixed (TOKEN_V2): the per-token side as TOKEN_V2, the other as BLK
-                if MASKED:
-                    s = tl.where(n_ok[None, :], s, float("-inf"))
-                if K_BLK:  # the block's K scale joins the row scale; V's per token below
-                    qk = q_sc * ksb
-                    m_new = tl.maximum(m_i, tl.max(s, 1) * qk)
-                    p = _pexp2(s * qk[:, None] - m_new[:, None], EX2_F16)
-                else:  # K's per token on the score column; weights P_RANGE up for V's block scale
+                p = _pexp2(s * qk[:, None] - m_new[:, None], EX2_F16)
+            else:  # K's per token on the score column; weights P_RANGE up for V's block scale
+                s = s * ks[None, :]
+                m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
+                p = _pexp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None], EX2_F16)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if V_BLK:  # acc in units of P_RANGE / the block's V scale (as BLK)
+                acc = tl.dot(p.to(tl.float8e4nv), v, acc * (alpha * (vm / vsb))[:, None])
+                vm = vsb
+            else:  # acc in units of P_RANGE / v_max (as TOKEN_V2)
+                v_max = tl.maximum(tl.max(vs, 0), 1e-30)
+                pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
+                acc = tl.dot(pw, v, acc * (alpha * (vm / v_max))[:, None])
+                vm = v_max
+            sc_ptrs += BLOCK_N * stride_sc
+        else:
+            if PER_TOKEN:  # the token's K scale on its score column, after the dot
+                if RAW_MAX:
                     s = s * ks[None, :]
-                    m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
+                else:
+                    s = s * q_sc[:, None] * ks[None, :]
+            elif not RAW_MAX:
+                s = s * q_sc[:, None]
+            if MASKED:
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+            if RAW_MAX:  # q_sc > 0: the row max of s * q_sc is q_sc * (row max of s); one FMA
+                m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
+                if PER_TOKEN:
+                    p = _pexp2(s * q_sc[:, None] - m_new[:, None], EX2_F16)
+                else:  # p_RANGE weights straight from exp2: P_RANGE = 2^P_LOG2
                     p = _pexp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None], EX2_F16)
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if V_BLK:  # acc in units of P_RANGE / the block's V scale (as BLK)
-                    acc = tl.dot(p.to(tl.float8e4nv), v, acc * (alpha * (vm / vsb))[:, None])
-                    vm = vsb
-                else:  # acc in units of P_RANGE / v_max (as TOKEN_V2)
-                    v_max = tl.maximum(tl.max(vs, 0), 1e-30)
-                    pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = _pexp2(s - m_new[:, None], EX2_F16)
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if PER_TOKEN:  # the token's V scale on its weight, before the e4m3 cut
+                v_max = tl.maximum(tl.max(vs, 0), 1e-30)
+                pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
+                if TOKEN_V2:  # acc in units of P_RANGE / v_max from here on
                     acc = tl.dot(pw, v, acc * (alpha * (vm / v_max))[:, None])
                     vm = v_max
-                sc_ptrs += BLOCK_N * stride_sc
-            else:
-                if PER_TOKEN:  # the token's K scale on its score column, after the dot
-                    if RAW_MAX:
-                        s = s * ks[None, :]
-                    else:
-                        s = s * q_sc[:, None] * ks[None, :]
-                elif not RAW_MAX:
-                    s = s * q_sc[:, None]
-                if MASKED:
-                    s = tl.where(n_ok[None, :], s, float("-inf"))
-                if RAW_MAX:  # q_sc > 0: the row max of s * q_sc is q_sc * (row max of s); one FMA
-                    m_new = tl.maximum(m_i, tl.max(s, 1) * q_sc)
-                    if PER_TOKEN:
-                        p = _pexp2(s * q_sc[:, None] - m_new[:, None], EX2_F16)
-                    else:  # p_RANGE weights straight from exp2: P_RANGE = 2^P_LOG2
-                        p = _pexp2(s * q_sc[:, None] - (m_new - P_LOG2)[:, None], EX2_F16)
                 else:
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    p = _pexp2(s - m_new[:, None], EX2_F16)
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if PER_TOKEN:  # the token's V scale on its weight, before the e4m3 cut
-                    v_max = tl.maximum(tl.max(vs, 0), 1e-30)
-                    pw = (p * (vs * (P_RANGE / v_max))[None, :]).to(tl.float8e4nv)
-                    if TOKEN_V2:  # acc in units of P_RANGE / v_max from here on
-                        acc = tl.dot(pw, v, acc * (alpha * (vm / v_max))[:, None])
-                        vm = v_max
-                    else:
-                        acc = acc * alpha[:, None] + tl.dot(pw, v) * (v_max / P_RANGE)
-                    sc_ptrs += BLOCK_N * stride_sc
-                elif RAW_MAX:  # p and l_i are both in units of 1 / P_RANGE: o = acc / l_i as is
-                    acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
-                else:  # 1 / P_RANGE goes with the chunk's V scale onto the output
-                    acc = tl.dot((p * P_RANGE).to(tl.float8e4nv), v, acc * alpha[:, None])
+                    acc = acc * alpha[:, None] + tl.dot(pw, v) * (v_max / P_RANGE)
+                sc_ptrs += BLOCK_N * stride_sc
+            elif RAW_MAX:  # p and l_i are both in units of 1 / P_RANGE: o = acc / l_i as is
+                acc = tl.dot(p.to(tl.float8e4nv), v, acc * alpha[:, None])
+            else:  # 1 / P_RANGE goes with the chunk's V scale onto the output
+                acc = tl.dot((p * P_RANGE).to(tl.float8e4nv), v, acc * alpha[:, None])
         m_i = m_new
     return acc, m_i, l_i, vm
-
-
-@triton.jit
-def _split_step(
-    acc, m_i, l_i, q8, qk, vm, vs, k_desc, v_desc, col, start, hi,
-    H: tl.constexpr, MASKED: tl.constexpr, EX2_F16: tl.constexpr,
-):  # fmt: skip
-    # One key block of 2 H keys with block scales (qk: the row's scale times the block's K
-    # scale, vs: its V scale) as two H-key halves: two QK^T products, the row max and sum of
-    # each half (two independent chains of H / 4 per row, where Triton reduces a thread's
-    # columns one after another: Nsight Compute put 25 % of the stall samples of the one-block
-    # program on those FMNMX / FADD chains), one rescale, two P.V products. The same arithmetic
-    # as the block at once, the sums added in another order.
-    offs = tl.arange(0, H)
-    s_a = tl.dot(q8, k_desc.load([start, col]).T)
-    s_b = tl.dot(q8, k_desc.load([start + H, col]).T)
-    if MASKED:
-        s_a = tl.where((start + offs)[None, :] < hi, s_a, float("-inf"))
-        s_b = tl.where((start + H + offs)[None, :] < hi, s_b, float("-inf"))
-    m_new = tl.maximum(m_i, tl.maximum(tl.max(s_a, 1), tl.max(s_b, 1)) * qk)
-    shift = (m_new - P_LOG2)[:, None]
-    p_a = _pexp2(s_a * qk[:, None] - shift, EX2_F16)  # P_RANGE up
-    p_b = _pexp2(s_b * qk[:, None] - shift, EX2_F16)
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + (tl.sum(p_a, 1) + tl.sum(p_b, 1))
-    acc = tl.dot(
-        p_a.to(tl.float8e4nv), v_desc.load([col, start]).T, acc * (alpha * (vm / vs))[:, None]
-    )
-    acc = tl.dot(p_b.to(tl.float8e4nv), v_desc.load([col, start + H]).T, acc)
-    return acc, m_new, l_i, vs
 
 
 @triton.jit
