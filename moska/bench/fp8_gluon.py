@@ -87,14 +87,20 @@ def batch_row(b, s, pools, gen, sms, sample, bw) -> dict:
         )
     row: dict = {"batch": b}
     check_and_time(row, fns, q, chunks_of, s, (kq, vq), k, v, offs, sample)
-    touched = int(torch.unique(chunks_of).numel()) * s.hkv
-    fp8_bytes = touched * s.chunk * s.d * 2 + 2 * touched * s.chunk * 4 // 128  # K, V, scales
-    row["fp8_read_floor_ms"] = fp8_bytes / bw * 1e3
-    row["bf16_read_floor_ms"] = touched * s.chunk * s.d * 2 * 2 / bw * 1e3
+    read_floors(row, chunks_of, s, bw)
     base = row["ms"].get("bf16")
     if base:
         row["speedup_vs_bf16"] = {n: base / t for n, t in row["ms"].items()}
     return row
+
+
+def read_floors(row: dict, chunks_of, s, bw: float) -> None:
+    """Every touched chunk's K and V read once over the read bandwidth `bw`, as e4m3 with
+    its block scales and as bf16: row's fp8_read_floor_ms / bf16_read_floor_ms."""
+    touched = int(torch.unique(chunks_of).numel()) * s.hkv
+    fp8_bytes = touched * s.chunk * s.d * 2 + 2 * touched * s.chunk * 4 // 128  # K, V, scales
+    row["fp8_read_floor_ms"] = fp8_bytes / bw * 1e3
+    row["bf16_read_floor_ms"] = touched * s.chunk * s.d * 2 * 2 / bw * 1e3
 
 
 def check_and_time(row, fns, q, chunks_of, s, q8, k, v, offs, sample) -> None:

@@ -32,7 +32,7 @@ import torch
 from moska.bench.bandwidth import measure_ceilings
 from moska.bench.common import environment
 from moska.bench.fp8_attention import gpu_shape, gsa, make_pools, routing
-from moska.bench.fp8_gluon import check_and_time
+from moska.bench.fp8_gluon import check_and_time, read_floors
 from moska.kernels.shared_attention import grouped_shared_attention
 
 
@@ -81,10 +81,7 @@ def batch_row(b, s, pools, gen, sample, bw, names) -> dict:
     fns = {n: f for n, f in fns.items() if not names or n in names or n == "bf16"}
     row: dict = {"batch": b}
     check_and_time(row, fns, q, chunks_of, s, (kq, vq), k, v, offs, sample)
-    touched = int(torch.unique(chunks_of).numel()) * s.hkv
-    fp8_bytes = touched * s.chunk * s.d * 2 + 2 * touched * s.chunk * 4 // 128  # K, V, scales
-    row["fp8_read_floor_ms"] = fp8_bytes / bw * 1e3
-    row["bf16_read_floor_ms"] = touched * s.chunk * s.d * 2 * 2 / bw * 1e3
+    read_floors(row, chunks_of, s, bw)
     speedups(row)
     return row
 
