@@ -2,14 +2,7 @@
 # Session 26, #22.3 / #17.3: the grouped shared attention and the unique attention on the
 # same SMs (`moska.bench.step_corun`, one H200). Carry .whl-min (or .whl).
 # JSON: $OUT/step_corun_session26.json; the table last. ARGS overrides the sweep.
-set -u
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s)
-WHL=.whl-min; [ -d "$WHL" ] || WHL=.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site_corun26 "$WHL"/*.whl
-export PYTHONPATH=/tmp/site_corun26:$PWD
+. bench/device_prologue.sh corun26
 LIMIT=${LIMIT:-240}
 # shellcheck disable=SC2086
 timeout "$LIMIT" python3 -m moska.bench.step_corun ${ARGS:-} --budget-s $(( LIMIT - 60 )) \

@@ -2,14 +2,7 @@
 # Session 26, #16: the Gluon FP8 ping-pong program against the Triton FP8 program and bf16
 # (`moska.bench.fp8_gluon`, one H200; Triton 3.6's Gluon). Carry .whl-min (or .whl).
 # JSON: $OUT/fp8_gluon_session26.json; the table last.
-set -u
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s)
-WHL=.whl-min; [ -d "$WHL" ] || WHL=.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site_fp8g26 "$WHL"/*.whl
-export PYTHONPATH=/tmp/site_fp8g26:$PWD
+. bench/device_prologue.sh fp8g26
 timeout 90 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_gluon_grouped_fp8.py \
   > "$OUT/tests_fp8_gluon.log" 2>&1
 echo "cuda test rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests_fp8_gluon.log" | cut -c1-200)"

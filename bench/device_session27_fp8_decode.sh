@@ -2,14 +2,7 @@
 # Session 27, #16: end-to-end FP8 decode against bf16 at B = 256 (`moska.bench.fp8_decode`,
 # one H200) under the default key-max router and the two-stage router. Carry .whl-min (or .whl).
 # JSON: $OUT/fp8_decode_session27.json; the summary last.
-set -u
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s)
-WHL=.whl-min; [ -d "$WHL" ] || WHL=.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site_fp8d27 "$WHL"/*.whl
-export PYTHONPATH=/tmp/site_fp8d27:$PWD
+. bench/device_prologue.sh fp8d27
 # shellcheck disable=SC2086
 timeout "${LIMIT:-400}" python3 -m moska.bench.fp8_decode --batch 256 \
   --modes bf16 fp8_mma_rot_blk --scorers keymax two_stage --profile ${ARGS:-} \

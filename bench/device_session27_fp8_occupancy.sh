@@ -2,14 +2,7 @@
 # Session 27, #16: the Triton FP8 program with capped registers and half-tail 128-row tiles
 # (`moska.bench.fp8_occupancy`, one H200). Carry .whl-min (or .whl).
 # JSON: $OUT/fp8_occupancy_session27.json; the table last.
-set -u
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s)
-WHL=.whl-min; [ -d "$WHL" ] || WHL=.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site_fp8o27 "$WHL"/*.whl
-export PYTHONPATH=/tmp/site_fp8o27:$PWD
+. bench/device_prologue.sh fp8o27
 timeout 90 python3 -m pytest -q -p no:cacheprovider -m cuda tests/kernels/test_shared_attention_fp8.py \
   > "$OUT/tests_fp8.log" 2>&1
 echo "cuda test rc=$? ($(( $(date +%s) - T0 )) s): $(tail -1 "$OUT/tests_fp8.log" | cut -c1-200)"

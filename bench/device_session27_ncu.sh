@@ -2,14 +2,7 @@
 # Session 27, #16: Nsight Compute on one grouped step of bf16 and of the FP8 tensor-core
 # program at B = 1,024 (bench/fp8_ncu_probe.py, one H200). Carry .whl-min (or .whl).
 # Reports: $OUT/ncu_grouped.ncu-rep and its details as CSV ($OUT/ncu_grouped.csv).
-set -u
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s)
-WHL=.whl-min; [ -d "$WHL" ] || WHL=.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site_ncu27 "$WHL"/*.whl
-export PYTHONPATH=/tmp/site_ncu27:$PWD
+. bench/device_prologue.sh ncu27
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 SECTIONS=${SECTIONS:-"SpeedOfLight MemoryWorkloadAnalysis WarpStateStats SchedulerStats Occupancy LaunchStats ComputeWorkloadAnalysis InstructionStats"}
 ARGS=(); for s in $SECTIONS; do ARGS+=(--section "$s"); done

@@ -3,14 +3,7 @@
 # (Nsight Compute's SourceCounters over bench/fp8_ncu_probe.py, FP8 launch only, one H200).
 # Carry .whl-min (or .whl). $OUT/ncu_source.csv: every instruction with its samples; the
 # script prints the 40 instructions with the most stall samples and the totals by opcode.
-set -u
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T0=$(date +%s)
-WHL=.whl-min; [ -d "$WHL" ] || WHL=.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site_ncus27 "$WHL"/*.whl
-export PYTHONPATH=/tmp/site_ncus27:$PWD
+. bench/device_prologue.sh ncus27
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 timeout "${LIMIT:-240}" "$NCU" --clock-control none --profile-from-start off \
   -k "regex:_grouped_fp8_mma" --section SourceCounters --section WarpStateStats \

@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from moska.bench.fp8_occupancy import FP8
-from moska.bench.kernels_shapes_aot import ptxas_usage
+from moska.bench.kernels_shapes_aot import ptxas_usage, sm90_signature
 from moska.kernels.shared_attention_fp8 import _grouped_fp8_mma_kernel as FN
 
 PTRS = {
@@ -37,26 +37,16 @@ PTRS.update(dict.fromkeys(("starts_ptr", "ends_ptr", "sel_req_ptr", "sel_kv_ptr"
 def compile_tile(t: dict, d: int = 128, g: int = 4):
     """The launch `fp8_occupancy` makes (block scales both sides, V token-major, one-term q)."""
     bn = t["block_n"]
-    consts = {"G": g, "D": d, "BLOCK_M": t["block_m"], "BLOCK_N": bn, "USE_TMA": True, "WARP_SPEC": False,
-                  "PRECISION": "tf32", "PERSISTENT": False, "KV_FP8": True, "FP8_DOT": False, "CDTYPE": None,
-                  "PER_TOKEN": True, "chunk_scale_ptr": None, "CHUNK_SCALE": False, "V_T": True, "Q_SPLIT": False,
-                  "RAW_MAX": True, "TOKEN_V2": True, "SCALE_BLOCK": 128, "QSPLIT_ACC": True, "SCALE_SIDES": 3,
-                  "SC_NOMASK": False, "EX2_F16": 0, "HALF_TAIL": bool(t.get("half_tail"))}  # fmt: skip
-    sig = {}
-    for name in FN.arg_names:
-        if name in PTRS:
-            sig[name] = PTRS[name]
-        elif name.startswith("stride") or name == "W":
-            sig[name] = "i32"
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        elif name == "k_desc":
-            sig[name] = f"tensordesc<fp8e4nv[{bn},{d}]>"
-        elif name == "v_desc":
-            sig[name] = f"tensordesc<fp8e4nv[{d},{bn}]>"
-        else:
-            sig[name] = "constexpr"
-            consts.setdefault(name, None)
+    consts = {
+        "G": g, "D": d, "BLOCK_M": t["block_m"], "BLOCK_N": bn, "USE_TMA": True,
+        "WARP_SPEC": False, "PRECISION": "tf32", "PERSISTENT": False, "KV_FP8": True,
+        "FP8_DOT": False, "CDTYPE": None, "PER_TOKEN": True, "chunk_scale_ptr": None,
+        "CHUNK_SCALE": False, "V_T": True, "Q_SPLIT": False, "RAW_MAX": True, "TOKEN_V2": True,
+        "SCALE_BLOCK": 128, "QSPLIT_ACC": True, "SCALE_SIDES": 3, "SC_NOMASK": False,
+        "EX2_F16": 0, "HALF_TAIL": bool(t.get("half_tail")),
+    }  # fmt: skip
+    descs = {"k_desc": f"tensordesc<fp8e4nv[{bn},{d}]>", "v_desc": f"tensordesc<fp8e4nv[{d},{bn}]>"}
+    sig = sm90_signature(FN, PTRS, descs, consts)
     opts = {"num_warps": t["num_warps"], "num_stages": t["num_stages"]}
     if t.get("maxnreg"):
         opts["maxnreg"] = t["maxnreg"]

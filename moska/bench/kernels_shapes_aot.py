@@ -40,28 +40,38 @@ POINTERS = {
 }
 
 
+def sm90_signature(fn, pointers: dict, descs: dict, consts: dict) -> dict:
+    """`triton.compile`'s signature of a grouped attention kernel: `pointers` and `descs`
+    (name -> type), strides and W i32, qk_scale fp32, every other argument a constexpr
+    (added to `consts` as None unless given there)."""
+    sig: dict = {}
+    for name in fn.arg_names:
+        if name in pointers:
+            sig[name] = pointers[name]
+        elif name.startswith("stride") or name == "W":
+            sig[name] = "i32"
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        elif name in descs:
+            sig[name] = descs[name]
+        else:
+            sig[name] = "constexpr"
+            consts.setdefault(name, None)
+    return sig
+
+
 def compile_sm90(d: int, g: int, t: GroupedTuning) -> dict:
     """One ahead-of-time compile: {"seconds", "shared_bytes"}."""
     fn = _grouped_shared_attention_kernel
-    sig: dict = {}
     consts: dict = {
         "G": g, "D": d, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "USE_TMA": t.use_tma,
         "WARP_SPEC": t.warp_specialize, "PRECISION": "tf32", "PERSISTENT": False,
         "k_scale_ptr": None, "v_scale_ptr": None, "stride_sc": 0, "KV_FP8": False,
         "FP8_DOT": False, "CDTYPE": None, "PER_TOKEN": False, "HALF_TAIL": t.half_tail,
     }  # fmt: skip
-    for name in fn.arg_names:
-        if name in POINTERS:
-            sig[name] = POINTERS[name]
-        elif name.startswith("stride") or name == "W":
-            sig[name] = "i32"
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        elif name in ("k_desc", "v_desc") and t.use_tma:
-            sig[name] = f"tensordesc<bf16[{t.block_n},{d}]>"
-        else:
-            sig[name] = "constexpr"
-            consts.setdefault(name, None)  # no descriptors on the pointer path
+    desc = f"tensordesc<bf16[{t.block_n},{d}]>"
+    descs = {"k_desc": desc, "v_desc": desc} if t.use_tma else {}  # else: None constexprs
+    sig = sm90_signature(fn, POINTERS, descs, consts)
     t0 = time.time()
     k = triton.compile(
         ASTSource(fn, sig, consts),

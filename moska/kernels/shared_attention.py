@@ -115,9 +115,10 @@ def grouped_shared_attention(
     and the split heuristic (`target_programs` items, splits of at least `min_split` tokens)
     may be overridden, e.g. by tests and benchmarks. `merge_m` rows and `split_b` partials
     per step set the shape of the merge of split tiles. `half_tail`: a group's last tile of at
-    most block_m / 2 rows computes only those (both programs). `maxnreg` caps the registers
-    per thread (CUDA), so more programs fit on an SM. `pipe_qk`: QK^T one key block ahead of the softmax
-    (`shared_attention_pipe.py`; bf16/fp16/fp32 pools). `max_programs` caps the grid (its
+    most block_m / 2 rows computes only those (both programs; the FP8 one not with
+    `max_programs`). `maxnreg` caps the registers per thread (CUDA), so more programs fit on
+    an SM. `pipe_qk`: QK^T one key block ahead of the softmax (`shared_attention_pipe.py`;
+    bf16/fp16/fp32 pools). `max_programs` caps the grid (its
     programs then loop over the work items), to leave room beside a concurrent kernel.
     `plans`: a cache of work lists, for callers whose selections and chunk table follow
     from `plan_key` and the sizes (one chunk read by every KV head: `shared_one_chunk.py`);

@@ -179,7 +179,8 @@ def _grouped_fp8_mma_kernel(
         w = tl.program_id(0)
         if w < n_items:
             # HALF_TAIL: a group's last tile of <= BLOCK_M / 2 rows computes BLOCK_M / 2 rows
-            # (the bf16 program's half tail: 128-row tiles at 64-row granularity)
+            # (the bf16 program's half tail: 128-row tiles at 64-row granularity). The
+            # persistent grid above computes whole tiles (it was slower for FP8 in session 26)
             tail = BLOCK_M
             if HALF_TAIL:
                 tail = tl.load(work_ptr + W + w) * G - tl.load(work_ptr + 2 * W + w) * BLOCK_M
